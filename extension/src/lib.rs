@@ -1,2 +1,51 @@
+//! pgseal: the pgrx binding. One module per capability; the crypto lives in
+//! `pgseal-core`, the SQL API sources in the top-level `sql/` directory.
+#![forbid(unsafe_op_in_unsafe_fn)]
+
 use pgrx::prelude::*;
+
+mod cache;
+mod context;
+mod error;
+mod gucs;
+mod keystore;
+mod master;
+mod privilege;
+mod txn;
+mod vault;
+
 pgrx::pg_module_magic!();
+
+extension_sql_file!("../../sql/vault_schema.sql", name = "vault_schema", bootstrap);
+extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain bool global set by the postmaster while it loads
+    // shared_preload_libraries; reading it is always valid.
+    if !unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        error::SealError::NotPreloaded.raise();
+    }
+    gucs::init();
+    use cache::EPOCH;
+    pgrx::pg_shmem_init!(EPOCH);
+    txn::register_callbacks();
+    master::load_at_startup();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Settings for the `#[pg_test]` cluster.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries='pgseal'",
+            // Two development-only master key versions; version 2 is active.
+            "pgseal.master_key_command='echo 1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f; echo 2:202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f'",
+        ]
+    }
+}

@@ -1,0 +1,118 @@
+//! pgseal's typed errors, and the one place that turns them into `ereport`.
+//!
+//! Every message is a fixed phrase, or names only non-secret identifiers (a key
+//! id, a master key version number, a tenant id the caller passed as a
+//! parameter). No input value, plaintext or key byte is ever interpolated.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+use pgseal_core::CoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("pgseal must be loaded through shared_preload_libraries")]
+    NotPreloaded,
+    #[error("pgseal master key is not loaded")]
+    MasterKeyNotLoaded { hint: &'static str },
+    #[error("pgseal master key version {0} is not loaded")]
+    MasterVersionMissing(u32),
+    #[error("no tenant context: the setting {0} is not set")]
+    NoTenantContext(String),
+    #[error("sealed value belongs to another tenant")]
+    WrongTenant,
+    #[error("{0}")]
+    Malformed(CoreError),
+    #[error("sealed value names an unknown key")]
+    UnknownKey,
+    #[error("sealed value's key has been destroyed")]
+    KeyDestroyed,
+    #[error("sealed value failed authentication (wrong context, or the value was altered)")]
+    AuthFailed,
+    #[error("sealed value does not hold text")]
+    NotText,
+    #[error("{0}")]
+    InvalidArgument(&'static str),
+    #[error("{0} needs a read-write transaction")]
+    ReadOnly(&'static str),
+    #[error("{0}")]
+    NotSupported(&'static str),
+    #[error("stored key {0} could not be unwrapped: it is corrupt or was moved")]
+    CorruptKey(String),
+    #[error("pgseal internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl SealError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            SealError::NotPreloaded
+            | SealError::MasterKeyNotLoaded { .. }
+            | SealError::MasterVersionMissing(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SealError::NoTenantContext(_) | SealError::WrongTenant => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SealError::Malformed(_) => ERRCODE_INVALID_TEXT_REPRESENTATION,
+            SealError::UnknownKey
+            | SealError::KeyDestroyed
+            | SealError::AuthFailed
+            | SealError::NotText
+            | SealError::InvalidArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            SealError::ReadOnly(_) => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            SealError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
+            SealError::CorruptKey(_) => ERRCODE_DATA_CORRUPTED,
+            SealError::Internal(_) => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            SealError::NotPreloaded => Some("Add pgseal to shared_preload_libraries in postgresql.conf and restart the server."),
+            SealError::MasterKeyNotLoaded { hint } => Some(hint),
+            SealError::MasterVersionMissing(_) => Some("Add that version to the output of pgseal.master_key_command and restart."),
+            SealError::NoTenantContext(_) => Some("Call pgseal.set_tenant(...) or SET LOCAL the tenant setting in this transaction."),
+            _ => None,
+        }
+    }
+
+    /// Raises the error as a Postgres ERROR. Never returns.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), self.to_string(), "pgseal");
+        if let Some(h) = self.hint() {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+impl From<CoreError> for SealError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::Malformed(_) => SealError::Malformed(e),
+            CoreError::AuthFailed => SealError::AuthFailed,
+            CoreError::NotText => SealError::NotText,
+            CoreError::BadMasterKey(_) => SealError::MasterKeyNotLoaded { hint: "The master key could not be parsed; see the server log." },
+        }
+    }
+}
+
+impl From<pgrx::spi::SpiError> for SealError {
+    fn from(_: pgrx::spi::SpiError) -> Self {
+        SealError::Internal("unexpected result shape from pgseal's own tables")
+    }
+}
+
+pub type SealResult<T> = Result<T, SealError>;
+
+/// Unwraps a result at the SQL boundary, raising the error with its SQLSTATE.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for SealResult<T> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.raise(),
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Every pgseal setting, declared in one place. `init()` runs from `_PG_init`.
+//!
+//! No setting ever holds key bytes: the master key comes from the environment or
+//! from the stdout of `pgseal.master_key_command`, and stays in process memory.
+
+use std::ffi::CString;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MASTER_KEY_ACTIVE: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static TENANT_SETTING: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"app.tenant_id"));
+pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+pub static DEK_MAX_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"pgseal.master_key_command",
+        c"Command whose stdout holds the master key versions, one '<version>:<64 hex>' line each.",
+        c"Run once at postmaster start. Only superusers can see this setting; it names a command, never key bytes.",
+        &MASTER_KEY_COMMAND,
+        GucContext::Postmaster,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pgseal.master_key_active",
+        c"Master key version that wraps new tenant keys; 0 means the highest loaded version.",
+        c"Older loaded versions keep unwrapping. Set it in postgresql.conf; a superuser may also set it per session.",
+        &MASTER_KEY_ACTIVE,
+        0,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pgseal.tenant_setting",
+        c"Name of the setting that holds the current tenant id.",
+        c"pgseal.current_tenant() reads it and fails closed when it is unset or empty.",
+        &TENANT_SETTING,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgseal.key_cache_size",
+        c"Maximum number of unwrapped tenant keys each backend keeps in memory.",
+        c"When the cache is full it is emptied and refilled on demand.",
+        &KEY_CACHE_SIZE,
+        1,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgseal.dek_max_encryptions",
+        c"Encryptions after which a tenant data key is rotated automatically by the next seal.",
+        c"Random 96-bit nonces allow at most 2^32 encryptions per key (NIST SP 800-38D); the default is 2^30.",
+        &DEK_MAX_ENCRYPTIONS,
+        1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// The active master key version the configuration asks for, if any.
+pub fn preferred_master_version() -> Option<u32> {
+    match MASTER_KEY_ACTIVE.get() {
+        0 => None,
+        v => Some(v as u32),
+    }
+}
+
+/// Name of the tenant setting, defaulting when someone set it to empty.
+pub fn tenant_setting_name() -> CString {
+    match TENANT_SETTING.get() {
+        Some(s) if !s.as_bytes().is_empty() => s,
+        _ => c"app.tenant_id".to_owned(),
+    }
+}

@@ -1,0 +1,260 @@
+//! Rows of `pgseal.tenant_keys`: tenant data keys and ledger keys, stored only wrapped.
+//!
+//! Every query here runs as the extension owner (see `privilege`), because the
+//! table is readable by no application role.
+
+use pgrx::prelude::*;
+use pgseal_core::keyring::KeyRing;
+use pgseal_core::keys::{new_key_id, SecretKey};
+use pgseal_core::wrap::{self, Purpose, WrapLabel};
+
+use crate::error::{SealError, SealResult};
+use crate::master;
+use crate::privilege::as_owner;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Retired,
+    Destroyed,
+}
+
+impl KeyState {
+    fn parse(s: &str) -> SealResult<Self> {
+        match s {
+            "active" => Ok(KeyState::Active),
+            "retired" => Ok(KeyState::Retired),
+            "destroyed" => Ok(KeyState::Destroyed),
+            _ => Err(SealError::Internal("unknown key state in pgseal.tenant_keys")),
+        }
+    }
+}
+
+pub fn purpose_from_str(s: &str) -> SealResult<Purpose> {
+    match s {
+        "dek" => Ok(Purpose::Dek),
+        "ledger" => Ok(Purpose::Ledger),
+        _ => Err(SealError::Internal("unknown key purpose in pgseal.tenant_keys")),
+    }
+}
+
+pub struct StoredKey {
+    pub key_id: String,
+    pub tenant: String,
+    pub purpose: Purpose,
+    pub state: KeyState,
+    pub kek_version: Option<i32>,
+    pub wrapped: Option<Vec<u8>>,
+    pub encryptions: i64,
+}
+
+impl StoredKey {
+    /// Unwraps the key with the master key version it is stored under.
+    pub fn unwrap(&self) -> SealResult<SecretKey> {
+        master::with_ring(|ring| self.unwrap_with(ring))
+    }
+
+    /// As `unwrap`, for callers that already hold the ring.
+    pub fn unwrap_with(&self, ring: &KeyRing) -> SealResult<SecretKey> {
+        if self.state == KeyState::Destroyed {
+            return Err(SealError::KeyDestroyed);
+        }
+        let (Some(ver), Some(wrapped)) = (self.kek_version, self.wrapped.as_deref()) else {
+            return Err(SealError::CorruptKey(self.key_id.clone()));
+        };
+        let ver = ver as u32;
+        let kek = ring.get(ver).ok_or(SealError::MasterVersionMissing(ver))?;
+        let label = WrapLabel { purpose: self.purpose, tenant: &self.tenant, key_id: &self.key_id, kek_version: ver };
+        wrap::unwrap(kek, label, wrapped).map_err(|_| SealError::CorruptKey(self.key_id.clone()))
+    }
+}
+
+const COLUMNS: &str = "key_id, tenant_id, purpose, state, kek_version, wrapped, encryptions";
+
+fn select_one(query: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Option<StoredKey>> {
+    as_owner(|| {
+        Spi::connect(|client| {
+            let table = client.select(query, Some(1), args)?;
+            if table.is_empty() {
+                return Ok(None);
+            }
+            let row = table.first();
+            let get_text = |i: usize| -> SealResult<String> {
+                row.get::<String>(i)?.ok_or(SealError::Internal("NULL in a NOT NULL column of pgseal.tenant_keys"))
+            };
+            Ok(Some(StoredKey {
+                key_id: get_text(1)?,
+                tenant: get_text(2)?,
+                purpose: purpose_from_str(&get_text(3)?)?,
+                state: KeyState::parse(&get_text(4)?)?,
+                kek_version: row.get::<i32>(5)?,
+                wrapped: row.get::<Vec<u8>>(6)?,
+                encryptions: row.get::<i64>(7)?.unwrap_or(0),
+            }))
+        })
+    })
+}
+
+/// The key with this id, in any state.
+pub fn fetch(key_id: &str) -> SealResult<Option<StoredKey>> {
+    select_one(&format!("SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE key_id = $1"), &[key_id.into()])
+}
+
+/// The tenant's active key for `purpose`, if it has one.
+pub fn fetch_active(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredKey>> {
+    select_one(
+        &format!("SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"),
+        &[tenant.into(), purpose.as_str().into()],
+    )
+}
+
+/// Serialises key creation and rotation for one tenant and purpose until commit.
+fn lock_tenant(tenant: &str, purpose: Purpose) {
+    Spi::run_with_args(
+        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgseal.key:' || $2 || ':' || $1, 0))",
+        &[tenant.into(), purpose.as_str().into()],
+    )
+    .expect("advisory lock query has a fixed shape");
+}
+
+/// Returns the tenant's active key, creating one if it has none. With `rotate`,
+/// retires the current active key first, so the result is always a new key.
+///
+/// Concurrent callers for one tenant serialise on an advisory lock, and a partial
+/// unique index allows one active key per tenant and purpose. Under REPEATABLE READ
+/// or SERIALIZABLE a caller whose snapshot predates another's new key fails with
+/// 40001 (from ON CONFLICT) instead of creating a second one.
+pub fn ensure_active(tenant: &str, purpose: Purpose, rotate: bool) -> SealResult<(StoredKey, SecretKey)> {
+    as_owner(|| {
+        lock_tenant(tenant, purpose);
+        if !rotate {
+            if let Some(existing) = fetch_active(tenant, purpose)? {
+                let key = existing.unwrap()?;
+                return Ok((existing, key));
+            }
+        } else {
+            Spi::run_with_args(
+                "UPDATE pgseal.tenant_keys SET state = 'retired', retired_at = pg_catalog.now() \
+                 WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'",
+                &[tenant.into(), purpose.as_str().into()],
+            )?;
+        }
+        let key = SecretKey::random();
+        let key_id = new_key_id();
+        let (ver, wrapped) = master::with_active(|ver, kek| {
+            let label = WrapLabel { purpose, tenant, key_id: &key_id, kek_version: ver };
+            Ok((ver, wrap::wrap(kek, label, &key)))
+        })?;
+        let inserted = Spi::get_one_with_args::<String>(
+            "INSERT INTO pgseal.tenant_keys (key_id, tenant_id, purpose, state, kek_version, wrapped) \
+             VALUES ($1, $2, $3, 'active', $4, $5) \
+             ON CONFLICT (tenant_id, purpose) WHERE state = 'active' DO NOTHING RETURNING key_id",
+            &[key_id.as_str().into(), tenant.into(), purpose.as_str().into(), (ver as i32).into(), wrapped.into()],
+        );
+        match inserted {
+            Ok(Some(_)) => {}
+            // Another transaction committed an active key between our lock and insert
+            // (possible only under READ COMMITTED if the lock was skipped); use it.
+            _ => {
+                let existing = fetch_active(tenant, purpose)?.ok_or(SealError::Internal("active key vanished"))?;
+                let key = existing.unwrap()?;
+                return Ok((existing, key));
+            }
+        }
+        crate::txn::note_keys_written(rotate);
+        let stored = StoredKey {
+            key_id,
+            tenant: tenant.to_owned(),
+            purpose,
+            state: KeyState::Active,
+            kek_version: Some(ver as i32),
+            wrapped: None,
+            encryptions: 0,
+        };
+        Ok((stored, key))
+    })
+}
+
+/// Destroys every data key of the tenant; returns how many.
+pub fn shred(tenant: &str) -> SealResult<i64> {
+    let n = as_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH d AS (UPDATE pgseal.tenant_keys SET state = 'destroyed', wrapped = NULL, kek_version = NULL, \
+                 destroyed_at = pg_catalog.now() \
+             WHERE tenant_id = $1 AND purpose = 'dek' AND state <> 'destroyed' RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM d",
+            &[tenant.into()],
+        )
+    })?;
+    crate::txn::note_keys_written(true);
+    Ok(n.unwrap_or(0))
+}
+
+/// Rewraps up to `batch` keys not under the active master version; returns how many.
+pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
+    if batch <= 0 {
+        return Err(SealError::InvalidArgument("batch must be positive"));
+    }
+    let active = master::with_active(|v, _| Ok(v))? as i32;
+    as_owner(|| {
+        let rows: Vec<StoredKey> = Spi::connect(|client| -> SealResult<Vec<StoredKey>> {
+            let table = client.select(
+                &format!(
+                    "SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE state <> 'destroyed' AND kek_version <> $1 \
+                     ORDER BY key_id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                ),
+                None,
+                &[active.into(), batch.into()],
+            )?;
+            let mut out = Vec::new();
+            for row in table {
+                let text = |i: usize| -> SealResult<String> { row.get::<String>(i)?.ok_or(SealError::Internal("NULL key column")) };
+                out.push(StoredKey {
+                    key_id: text(1)?,
+                    tenant: text(2)?,
+                    purpose: purpose_from_str(&text(3)?)?,
+                    state: KeyState::parse(&text(4)?)?,
+                    kek_version: row.get::<i32>(5)?,
+                    wrapped: row.get::<Vec<u8>>(6)?,
+                    encryptions: row.get::<i64>(7)?.unwrap_or(0),
+                });
+            }
+            Ok(out)
+        })?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut blobs = Vec::with_capacity(rows.len());
+        master::with_ring(|ring| {
+            let pref = crate::gucs::preferred_master_version();
+            let (ver, kek) = ring.active(pref).ok_or(SealError::MasterVersionMissing(pref.unwrap_or(0)))?;
+            for r in &rows {
+                let key = r.unwrap_with(ring)?;
+                let label = WrapLabel { purpose: r.purpose, tenant: &r.tenant, key_id: &r.key_id, kek_version: ver };
+                ids.push(r.key_id.clone());
+                blobs.push(wrap::wrap(kek, label, &key));
+            }
+            Ok(())
+        })?;
+        let n = ids.len() as i32;
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_keys k SET wrapped = u.wrapped, kek_version = $3 \
+             FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::bytea[])) AS u(key_id, wrapped) WHERE k.key_id = u.key_id",
+            &[ids.into(), blobs.into(), active.into()],
+        )?;
+        Ok(n)
+    })
+}
+
+/// Adds per-key encryption counts (flushed once per transaction, at pre-commit).
+pub fn add_encryptions(ids: Vec<String>, counts: Vec<i64>) -> SealResult<()> {
+    as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_keys k SET encryptions = k.encryptions + u.n \
+             FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::int8[])) AS u(key_id, n) WHERE k.key_id = u.key_id",
+            &[ids.into(), counts.into()],
+        )?;
+        Ok(())
+    })
+}

@@ -1,0 +1,2 @@
+//! In-process tests, run by `cargo pgrx test` (see scripts/pgtest.sh).
+mod vault;

@@ -1,0 +1,46 @@
+//! Acting as the extension's owner for access to pgseal's own tables.
+//!
+//! The key table is readable by no application role. Functions that need it run
+//! their SPI queries as the extension owner, as SECURITY DEFINER would, but only
+//! around the queries themselves, so the fast paths pay nothing. Every query run
+//! this way names its objects with their schema.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+struct RestoreUser {
+    user: pg_sys::Oid,
+    sec_context: i32,
+}
+
+impl Drop for RestoreUser {
+    fn drop(&mut self) {
+        // SAFETY: restores exactly the values GetUserIdAndSecContext returned. Runs on
+        // normal return and on unwinding; an ERROR that escapes to the transaction
+        // or subtransaction abort also restores them in core PostgreSQL.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.sec_context) };
+    }
+}
+
+fn extension_owner() -> pg_sys::Oid {
+    Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgseal'")
+        .ok()
+        .flatten()
+        .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID))
+}
+
+/// Runs `f` with the current user switched to the extension owner.
+pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
+    let owner = extension_owner();
+    let mut user = pg_sys::Oid::INVALID;
+    let mut sec_context = 0;
+    // SAFETY: both out-pointers are valid locals.
+    unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut sec_context) };
+    let _restore = RestoreUser { user, sec_context };
+    // SAFETY: SECURITY_LOCAL_USERID_CHANGE is the flag SECURITY DEFINER functions
+    // use; the guard above restores the previous identity.
+    unsafe {
+        pg_sys::SetUserIdAndSecContext(owner, sec_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32)
+    };
+    f()
+}

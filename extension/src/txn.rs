@@ -1,0 +1,105 @@
+//! Per-transaction bookkeeping, driven by transaction callbacks registered in `_PG_init`.
+//!
+//! - Encryption counts per key accumulate in memory and are added to
+//!   `pgseal.tenant_keys.encryptions` once, at pre-commit.
+//! - A transaction that rotated or shredded keys bumps the shared key epoch after
+//!   it commits, so every backend drops its cached keys before its next use.
+//! - A transaction or subtransaction that wrote keys and then aborted empties this
+//!   backend's cache, so no key that was rolled back can ever be used again.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::cache;
+use crate::error::{OrRaise, SealError};
+
+#[derive(Default)]
+struct TxState {
+    encryptions: HashMap<String, i64>,
+    keys_written: bool,
+    bump_epoch: bool,
+}
+
+thread_local! {
+    static TX: RefCell<TxState> = RefCell::new(TxState::default());
+}
+
+pub fn note_encryption(key_id: &str) {
+    TX.with(|t| *t.borrow_mut().encryptions.entry(key_id.to_owned()).or_insert(0) += 1);
+}
+
+/// Pending (not yet flushed) encryptions under `key_id` in this transaction.
+pub fn pending_encryptions(key_id: &str) -> i64 {
+    TX.with(|t| t.borrow().encryptions.get(key_id).copied().unwrap_or(0))
+}
+
+pub fn note_keys_written(invalidates_other_backends: bool) {
+    TX.with(|t| {
+        let mut t = t.borrow_mut();
+        t.keys_written = true;
+        t.bump_epoch |= invalidates_other_backends;
+    });
+}
+
+fn flush_encryptions() {
+    let pending = TX.with(|t| std::mem::take(&mut t.borrow_mut().encryptions));
+    if pending.is_empty() {
+        return;
+    }
+    let (ids, counts): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
+    cache::add_counts(&ids, &counts);
+    crate::keystore::add_encryptions(ids, counts).or_raise();
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT => flush_encryptions(),
+        XACT_EVENT_PRE_PREPARE => {
+            if TX.with(|t| t.borrow().bump_epoch) {
+                SealError::NotSupported("a transaction that rotated or shredded keys cannot be prepared").raise();
+            }
+            flush_encryptions();
+        }
+        XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
+            let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
+            if st.bump_epoch {
+                cache::bump_epoch();
+            }
+        }
+        XACT_EVENT_ABORT => {
+            let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
+            if st.keys_written {
+                cache::forget_all();
+            }
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && TX.with(|t| t.borrow().keys_written) {
+        cache::forget_all();
+    }
+}
+
+/// Registers the callbacks; called once from `_PG_init` in the postmaster, so every
+/// backend inherits them.
+pub fn register_callbacks() {
+    // SAFETY: both are plain 'static functions with the signatures PostgreSQL
+    // expects; the argument pointer is unused.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}

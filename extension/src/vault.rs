@@ -1,0 +1,163 @@
+//! The vault's SQL functions: seal, decrypt, redact, rewrap, and key administration.
+//!
+//! Privileges are granted in `sql/finalize.sql`; these functions run as the caller
+//! and switch to the extension owner only around their own table access.
+
+use pgrx::prelude::*;
+use pgseal_core::envelope::{self, Envelope};
+use pgseal_core::redact::redact;
+use pgseal_core::wrap::Purpose;
+use zeroize::Zeroizing;
+
+use crate::cache;
+use crate::context;
+use crate::error::{OrRaise, SealError, SealResult};
+use crate::keystore;
+use crate::master;
+
+fn require_read_write(what: &'static str) -> SealResult<()> {
+    // SAFETY: XactReadOnly is a plain bool global maintained by the transaction
+    // machinery; reading it in a backend is always valid.
+    if unsafe { pgrx::pg_sys::XactReadOnly } {
+        return Err(SealError::ReadOnly(what));
+    }
+    Ok(())
+}
+
+fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> SealResult<String> {
+    let key = cache::active_key(tenant, Purpose::Dek)?;
+    let sealed = envelope::seal(&key.cipher, tenant, &key.key_id, context, plaintext.as_bytes());
+    crate::txn::note_encryption(&key.key_id);
+    Ok(sealed)
+}
+
+/// Opens a sealed value for the current tenant.
+fn open_for_current(sealed: &str, context: Option<&str>) -> SealResult<(String, Zeroizing<String>)> {
+    if !master::is_loaded() {
+        return master::with_ring(|_| Ok(())).map(|_| unreachable!());
+    }
+    let tenant = context::tenant()?;
+    let env = Envelope::parse(sealed)?;
+    let key = cache::key_by_id(env.key_id)?;
+    if key.tenant != tenant || key.purpose != Purpose::Dek {
+        return Err(SealError::WrongTenant);
+    }
+    let plain = envelope::open_text(&key.cipher, &tenant, context, &env)?;
+    Ok((tenant, plain))
+}
+
+/// Seals `plaintext` for the current tenant under its active data key.
+/// Returns `v2:<keyId>:<base64url(nonce ‖ ciphertext ‖ tag)>`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn vault_seal(plaintext: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
+    let plaintext = plaintext?;
+    let r = (|| {
+        master::with_ring(|_| Ok(()))?;
+        let tenant = context::tenant()?;
+        require_read_write("vault_seal")?;
+        seal_for_tenant(&tenant, plaintext, context)
+    })();
+    Some(r.or_raise())
+}
+
+/// Decrypts a value sealed for the current tenant. NULL in gives NULL out.
+#[pg_extern(volatile, parallel_unsafe)]
+fn vault_decrypt(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
+    let sealed = sealed?;
+    let (_, plain) = open_for_current(sealed, context).or_raise();
+    Some(plain.as_str().to_owned())
+}
+
+/// A display value: the first `visible` characters and `…`, never more than a
+/// quarter of the secret. It needs no decrypt privilege. `context` must match the
+/// one used at seal time (it is an addition to the documented two-argument form,
+/// because a context-bound value cannot be opened without its context).
+#[pg_extern(volatile, parallel_unsafe)]
+fn vault_redact(
+    sealed: Option<&str>,
+    visible: default!(i32, 4),
+    context: default!(Option<&str>, "NULL"),
+) -> Option<String> {
+    let sealed = sealed?;
+    if visible < 0 {
+        SealError::InvalidArgument("visible must not be negative").raise();
+    }
+    let (_, plain) = open_for_current(sealed, context).or_raise();
+    Some(redact(&plain, visible as usize))
+}
+
+/// Reseals a value under the tenant's active key. The plaintext never leaves the
+/// function. A value already under the active key is returned unchanged.
+#[pg_extern(volatile, parallel_unsafe)]
+fn vault_rewrap(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
+    let sealed = sealed?;
+    let r = (|| {
+        let (tenant, plain) = open_for_current(sealed, context)?;
+        require_read_write("vault_rewrap")?;
+        let active = cache::active_key(&tenant, Purpose::Dek)?;
+        if Envelope::parse(sealed)?.key_id == active.key_id {
+            return Ok(sealed.to_owned());
+        }
+        seal_for_tenant(&tenant, &plain, context)
+    })();
+    Some(r.or_raise())
+}
+
+fn require_tenant_arg(tenant: &str) -> SealResult<()> {
+    if tenant.is_empty() {
+        return Err(SealError::InvalidArgument("tenant must not be empty"));
+    }
+    Ok(())
+}
+
+/// Creates a new active data key for `tenant` and returns its key id. Old keys keep
+/// decrypting.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn tenant_key_rotate(tenant: &str) -> String {
+    let r = (|| {
+        require_tenant_arg(tenant)?;
+        master::with_ring(|_| Ok(()))?;
+        require_read_write("tenant_key_rotate")?;
+        let (stored, _) = keystore::ensure_active(tenant, Purpose::Dek, true)?;
+        cache::forget_all();
+        Ok(stored.key_id)
+    })();
+    r.or_raise()
+}
+
+/// Rewraps up to `batch` tenant keys that are not under the active master key
+/// version; returns how many it did (0 means done). Sealed rows are not touched.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn kek_rewrap(batch: default!(i32, 1000)) -> i32 {
+    let r = (|| {
+        require_read_write("kek_rewrap")?;
+        let n = keystore::kek_rewrap(batch)?;
+        if n > 0 {
+            cache::forget_all();
+        }
+        Ok(n)
+    })();
+    r.or_raise()
+}
+
+/// Destroys the tenant's data keys. Every value sealed for it then fails to
+/// decrypt, in every session. Returns the number of keys destroyed.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn tenant_shred(tenant: &str) -> i32 {
+    let r = (|| {
+        require_tenant_arg(tenant)?;
+        require_read_write("tenant_shred")?;
+        let n = keystore::shred(tenant)?;
+        cache::forget_all();
+        Ok(n as i32)
+    })();
+    r.or_raise()
+}
+
+/// Whether the master key is loaded, the version that wraps new keys, and every
+/// loaded version. Never shows key bytes.
+#[pg_extern(stable, parallel_safe)]
+fn vault_status() -> TableIterator<'static, (name!(loaded, bool), name!(active_version, Option<i32>), name!(versions, Vec<i32>))> {
+    let (loaded, active, versions) = master::status();
+    TableIterator::once((loaded, active, versions))
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything pgseal's build, demo and tests need, idempotently.
+# Run as root on Debian 12 (the Makefile calls it before `demo`, `test` and `bench`).
+set -euo pipefail
+
+PGV=15
+PG_CONFIG=/usr/lib/postgresql/$PGV/bin/pg_config
+PGRX_VERSION=0.18.0
+TEST_USER=${PGSEAL_TEST_USER:-pgseal-test}
+
+log() { printf '[setup] %s\n' "$*"; }
+
+need_pkgs=()
+for p in postgresql-$PGV postgresql-server-dev-$PGV postgresql-contrib sudo pgbouncer python3-cryptography clang libclang-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing Debian packages: ${need_pkgs[*]}"
+    if [ "$(id -u)" -ne 0 ]; then echo "setup.sh must run as root to install packages" >&2; exit 1; fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+# Debian's postgresql package starts a cluster of its own on port 5432; pgseal's
+# tests never use it.
+
+if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+    log "installing cargo-pgrx $PGRX_VERSION (about 5 minutes)"
+    cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+PGRX_HOME=${PGRX_HOME:-$HOME/.pgrx}
+if ! grep -qs "pg$PGV" "$PGRX_HOME/config.toml"; then
+    log "cargo pgrx init --pg$PGV $PG_CONFIG"
+    cargo pgrx init --pg$PGV "$PG_CONFIG"
+fi
+
+if ! id "$TEST_USER" >/dev/null 2>&1; then
+    log "creating OS user $TEST_USER to own throwaway clusters"
+    useradd --create-home --shell /bin/bash "$TEST_USER"
+fi
+
+# The test harness installs into the system PostgreSQL directories with `sudo cp`;
+# root needs no password for that, and the test user needs none either.
+log "ready"
