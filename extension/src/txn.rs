@@ -51,7 +51,13 @@ fn flush_encryptions() {
     }
     let (ids, counts): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
     cache::add_counts(&ids, &counts);
+    // At pre-commit no portal holds a snapshot; SPI needs one.
+    // SAFETY: we are inside a live transaction; the pushed snapshot is popped on
+    // the normal path, and an ERROR aborts the transaction, which pops it.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
     crate::keystore::add_encryptions(ids, counts).or_raise();
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
 }
 
 #[pg_guard]

@@ -1,1 +1,77 @@
+//! Harness for out-of-process tests: each test starts its own throwaway cluster
+//! through `scripts/cluster.sh` on its own port, and stops it when dropped.
+//! The extension must already be installed (`make test` does that first).
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const KEY_V1: &str = "1:4f1c2a9e8d7b6a5948372615f4e3d2c1b0a99887766554433221100ffeeddcc0";
+pub const KEY_V2: &str = "2:a1b2c3d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccddeeff00";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    /// Starts a cluster whose key command prints `keys`, with extra conf lines.
+    pub fn start(name: &str, port: u16, keys: &[&str], conf: &[&str]) -> Cluster {
+        let dir = PathBuf::from(format!("/var/tmp/pgseal-it/{name}"));
+        std::fs::create_dir_all("/var/tmp/pgseal-it").unwrap();
+        let keyfile = PathBuf::from(format!("/var/tmp/pgseal-it/{name}.keys"));
+        std::fs::write(&keyfile, keys.join("\n") + "\n").unwrap();
+        let c = Cluster { dir, port };
+        c.script(&["start", c.dir.to_str().unwrap(), &port.to_string(), keyfile.to_str().unwrap()], conf);
+        std::fs::remove_file(&keyfile).ok();
+        c
+    }
+
+    fn script(&self, args: &[&str], extra: &[&str]) {
+        let st = Command::new("bash")
+            .arg(repo_root().join("scripts/cluster.sh"))
+            .args(args)
+            .args(extra)
+            .status()
+            .expect("run cluster.sh");
+        assert!(st.success(), "cluster.sh {args:?} failed; see {}/server.log", self.dir.display());
+    }
+
+    /// Replaces the key file the server reads at its next start.
+    pub fn set_keys(&self, keys: &[&str]) {
+        std::fs::write(self.dir.join("master.keys"), keys.join("\n") + "\n").unwrap();
+    }
+
+    pub fn restart(&self) {
+        self.script(&["restart", self.dir.to_str().unwrap()], &[]);
+    }
+
+    pub fn connect(&self) -> postgres::Client {
+        postgres::Client::connect(&format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port), postgres::NoTls)
+            .expect("connect to test cluster")
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo_root().join("scripts/cluster.sh"))
+            .args(["stop", self.dir.to_str().unwrap()])
+            .status();
+    }
+}
+
+/// The SQLSTATE of an error, or "00000" for success.
+pub fn sqlstate<T>(r: Result<T, postgres::Error>) -> String {
+    match r {
+        Ok(_) => "00000".into(),
+        Err(e) => e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no sqlstate: {e}")),
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL 15 cluster with pgseal preloaded, owned by an unprivileged user.
+#   cluster.sh start DIR PORT KEYFILE [extra postgresql.conf lines...]
+#   cluster.sh stop DIR
+#   cluster.sh restart DIR
+# KEYFILE holds '<version>:<64 hex>' lines; the server reads it through
+# pgseal.master_key_command. DIR must lie outside the root-owned checkout.
+set -euo pipefail
+BIN=/usr/lib/postgresql/15/bin
+USER_=${PGSEAL_TEST_USER:-pgseal-test}
+as_user() { runuser -u "$USER_" -- "$@"; }
+
+cmd=$1; dir=$2
+case "$cmd" in
+start)
+    port=$3; keyfile=$4; shift 4
+    rm -rf "$dir"; install -d -o "$USER_" -m 700 "$dir"
+    install -o "$USER_" -m 600 "$keyfile" "$dir/master.keys"
+    as_user "$BIN/initdb" -D "$dir/data" -A trust -U postgres --no-sync >/dev/null
+    {
+        echo "port = $port"
+        echo "listen_addresses = '127.0.0.1'"
+        echo "unix_socket_directories = '$dir'"
+        echo "shared_preload_libraries = 'pgseal'"
+        echo "pgseal.master_key_command = 'cat $dir/master.keys'"
+        echo "fsync = off"
+        echo "logging_collector = off"
+        for line in "$@"; do echo "$line"; done
+    } >> "$dir/data/postgresql.conf"
+    as_user "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+    ;;
+stop)
+    [ -d "$dir/data" ] && as_user "$BIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
+    ;;
+restart)
+    as_user "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w -t 60 restart >/dev/null
+    ;;
+*) echo "usage: $0 start|stop|restart DIR ..." >&2; exit 2 ;;
+esac
