@@ -139,6 +139,18 @@ fn concurrent_first_seals_end_with_one_active_key() {
     let keys: i64 = c.query_one("SELECT count(*) FROM pgseal.tenant_keys", &[]).unwrap().get(0);
     assert_eq!(keys, 4, "a concurrent first seal created a second key");
     assert_eq!(all.len(), 160);
+
+    // pgseald status reads vault_status() and exits 0 when the key is loaded.
+    let out = pgseald_status(cl.port);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("active version:    1"));
+}
+
+fn pgseald_status(port: u16) -> std::process::Output {
+    std::process::Command::new(repo_root().join("target/debug/pgseald"))
+        .args(["status", "--database-url", &format!("postgres://postgres@127.0.0.1:{port}/postgres")])
+        .output()
+        .expect("pgseald is built by `make test` before these tests")
 }
 
 #[test]
@@ -153,4 +165,5 @@ fn server_without_master_key_starts_and_fails_closed() {
     assert_eq!(sqlstate(tx.query_one("SELECT pgseal.vault_seal('x')", &[])), "55000");
     drop(tx);
     assert!(cl.server_log().contains("master key not loaded"));
+    assert_eq!(pgseald_status(cl.port).status.code(), Some(3));
 }

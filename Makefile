@@ -1,0 +1,38 @@
+# pgseal — the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
+
+.PHONY: setup demo test test-core test-pg test-format test-cluster install bench daemon
+
+setup:
+	bash scripts/setup.sh
+
+# Installs the extension (debug build) into the system PostgreSQL 15.
+install: setup
+	cd extension && cargo pgrx install --pg-config $(PG_CONFIG)
+
+daemon:
+	cargo build -p pgseald
+
+demo: install daemon
+	bash scripts/demo.sh
+
+test-core:
+	cargo test -p pgseal-core
+
+test-format:
+	/usr/bin/python3 tests/format_check.py
+
+test-pg: setup
+	bash scripts/pgtest.sh
+
+test-cluster: install daemon
+	cargo test -p pgseal-tests -p pgseald
+
+# Every tier: core unit/property tests, the Python format check, #[pg_test]s,
+# then out-of-process tests against real clusters.
+test: setup
+	$(MAKE) test-core test-format test-pg test-cluster
+
+bench: setup
+	bash scripts/bench.sh
