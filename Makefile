@@ -27,7 +27,7 @@ test-pg: setup
 	bash scripts/pgtest.sh
 
 test-cluster: install daemon
-	cargo test -p pgseal-tests -p pgseald
+	cargo test --tests -p pgseal-tests -p pgseald
 
 # Every tier: core unit/property tests, the Python format check, #[pg_test]s,
 # then out-of-process tests against real clusters.

@@ -71,26 +71,29 @@ impl StoredKey {
 
 const COLUMNS: &str = "key_id, tenant_id, purpose, state, kek_version, wrapped, encryptions";
 
+fn row_to_key(row: &pgrx::spi::SpiHeapTupleData<'_>) -> SealResult<StoredKey> {
+    let text = |i: usize| -> SealResult<String> {
+        row.get::<String>(i)?.ok_or(SealError::Internal("NULL in a NOT NULL column of pgseal.tenant_keys"))
+    };
+    Ok(StoredKey {
+        key_id: text(1)?,
+        tenant: text(2)?,
+        purpose: purpose_from_str(&text(3)?)?,
+        state: KeyState::parse(&text(4)?)?,
+        kek_version: row.get::<i32>(5)?,
+        wrapped: row.get::<Vec<u8>>(6)?,
+        encryptions: row.get::<i64>(7)?.unwrap_or(0),
+    })
+}
+
 fn select_one(query: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Option<StoredKey>> {
     as_owner(|| {
         Spi::connect(|client| {
             let table = client.select(query, Some(1), args)?;
-            if table.is_empty() {
-                return Ok(None);
+            match table.into_iter().next() {
+                Some(row) => Ok(Some(row_to_key(&row)?)),
+                None => Ok(None),
             }
-            let row = table.first();
-            let get_text = |i: usize| -> SealResult<String> {
-                row.get::<String>(i)?.ok_or(SealError::Internal("NULL in a NOT NULL column of pgseal.tenant_keys"))
-            };
-            Ok(Some(StoredKey {
-                key_id: get_text(1)?,
-                tenant: get_text(2)?,
-                purpose: purpose_from_str(&get_text(3)?)?,
-                state: KeyState::parse(&get_text(4)?)?,
-                kek_version: row.get::<i32>(5)?,
-                wrapped: row.get::<Vec<u8>>(6)?,
-                encryptions: row.get::<i64>(7)?.unwrap_or(0),
-            }))
         })
     })
 }
@@ -206,20 +209,7 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
                 None,
                 &[active.into(), batch.into()],
             )?;
-            let mut out = Vec::new();
-            for row in table {
-                let text = |i: usize| -> SealResult<String> { row.get::<String>(i)?.ok_or(SealError::Internal("NULL key column")) };
-                out.push(StoredKey {
-                    key_id: text(1)?,
-                    tenant: text(2)?,
-                    purpose: purpose_from_str(&text(3)?)?,
-                    state: KeyState::parse(&text(4)?)?,
-                    kek_version: row.get::<i32>(5)?,
-                    wrapped: row.get::<Vec<u8>>(6)?,
-                    encryptions: row.get::<i64>(7)?.unwrap_or(0),
-                });
-            }
-            Ok(out)
+            table.into_iter().map(|row| row_to_key(&row)).collect()
         })?;
         if rows.is_empty() {
             return Ok(0);

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# make bench: one run, one table, ratios against peers measured in the same run.
+# Vault: vault_decrypt vs pgcrypto decrypt_iv (AES-256-CBC) vs pgp_sym_decrypt vs length(),
+# over N sealed 60-byte tokens (default 200000).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+N=${PGSEAL_BENCH_ROWS:-200000}
+PGP_SAMPLE=${PGSEAL_BENCH_PGP_SAMPLE:-2000}
+DIR=/var/tmp/pgseal-bench
+PORT=54395
+
+(cd "$ROOT/extension" && cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null)
+KEYFILE=$(mktemp); trap 'rm -f "$KEYFILE"; bash "$ROOT/scripts/cluster.sh" stop "$DIR"' EXIT
+printf '1:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" > "$KEYFILE"
+bash "$ROOT/scripts/cluster.sh" start "$DIR" "$PORT" "$KEYFILE" "shared_buffers = 512MB" "max_parallel_workers_per_gather = 0" "jit = off"
+psql_() { psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d postgres "$@"; }
+
+psql_ <<SQL
+CREATE EXTENSION pgseal; CREATE EXTENSION pgcrypto;
+BEGIN; SET LOCAL app.tenant_id = 'bench';
+CREATE TABLE tok AS
+  SELECT i, t AS plain,
+         pgseal.vault_seal(t) AS sealed,
+         pgcrypto_iv.ct AS cbc,
+         CASE WHEN i <= $PGP_SAMPLE THEN pgp_sym_encrypt(t, 'bench-passphrase') END AS pgp
+  FROM (SELECT i, rpad('sk-live-' || md5(i::text), 60, 'x') AS t FROM generate_series(1, $N) i) s,
+       LATERAL (SELECT encrypt_iv(convert_to(t, 'utf8'), decode(repeat('ab', 32), 'hex'), decode(repeat('cd', 16), 'hex'), 'aes-cbc') AS ct) pgcrypto_iv;
+COMMIT;
+VACUUM ANALYZE tok;
+SQL
+
+# Median of 3 runs of a scan query, in ms.
+time_q() {
+    local q=$1 best=()
+    for _ in 1 2 3; do
+        best+=("$(psql_ -c "SET app.tenant_id = 'bench'" -c '\timing on' -c "$q" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)")
+    done
+    printf '%s\n' "${best[@]}" | sort -n | sed -n 2p
+}
+floor=$(time_q "SELECT sum(length(sealed)) FROM tok")
+vault=$(time_q "SELECT sum(length(pgseal.vault_decrypt(sealed))) FROM tok")
+cbc=$(time_q "SELECT sum(length(decrypt_iv(cbc, decode(repeat('ab', 32), 'hex'), decode(repeat('cd', 16), 'hex'), 'aes-cbc'))) FROM tok")
+pgp=$(time_q "SELECT sum(length(pgp_sym_decrypt(pgp, 'bench-passphrase'))) FROM tok WHERE i <= $PGP_SAMPLE")
+pgp_floor=$(time_q "SELECT sum(length(pgp)) FROM tok WHERE i <= $PGP_SAMPLE")
+check=$(psql_ -c "SET app.tenant_id = 'bench'" -c "SELECT count(*) FROM tok WHERE pgseal.vault_decrypt(sealed) <> plain")
+[ "$check" = "0" ] || { echo "vault_decrypt returned wrong plaintext for $check rows" >&2; exit 1; }
+
+python3 - "$N" "$PGP_SAMPLE" "$floor" "$vault" "$cbc" "$pgp" "$pgp_floor" <<'PY'
+import sys
+n, sample = int(sys.argv[1]), int(sys.argv[2])
+floor, vault, cbc, pgp, pgp_floor = map(float, sys.argv[3:])
+per = lambda ms, rows, base=0.0: max(ms - base, 0.0) * 1000.0 / rows  # µs per row above the scan floor
+rows = [
+    ("vault_decrypt", per(vault, n, floor), "per row, %d rows" % n),
+    ("pgcrypto decrypt_iv (AES-256-CBC)", per(cbc, n, floor), "per row, %d rows" % n),
+    ("pgcrypto pgp_sym_decrypt", per(pgp, sample, pgp_floor * 1.0), "sample of %d, scaled" % sample),
+    ("length() scan floor", floor * 1000.0 / n, "per row, whole scan"),
+]
+v = rows[0][1]
+print("| row | µs/row | vault_decrypt ÷ row | measured as |")
+print("|---|---:|---:|---|")
+for name, us, how in rows:
+    ratio = v / us if us > 0 else float("nan")
+    print("| %s | %.3f | %.3f× | %s |" % (name, us, ratio, how))
+print()
+print("vault_decrypt vs decrypt_iv: %.2f× (target ≤ 1.0×)" % (v / rows[1][1]))
+print("pgp_sym_decrypt vs vault_decrypt: %.0f× slower (target ≥ 300×)" % (rows[2][1] / v))
+PY
