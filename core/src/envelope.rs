@@ -107,10 +107,15 @@ pub fn open_text(
     context: Option<&str>,
     env: &Envelope<'_>,
 ) -> Result<Zeroizing<String>, CoreError> {
-    let bytes = open(cipher, tenant, context, env)?;
-    match std::str::from_utf8(&bytes) {
-        Ok(s) => Ok(Zeroizing::new(s.to_owned())),
-        Err(_) => Err(CoreError::NotText),
+    let mut bytes = open(cipher, tenant, context, env)?;
+    // Move the buffer into the String (no copy); on failure take it back so that
+    // the Zeroizing wrapper wipes it.
+    match String::from_utf8(std::mem::take(&mut *bytes)) {
+        Ok(s) => Ok(Zeroizing::new(s)),
+        Err(e) => {
+            *bytes = e.into_bytes();
+            Err(CoreError::NotText)
+        }
     }
 }
 

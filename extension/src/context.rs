@@ -1,6 +1,6 @@
 //! Tenant context: which tenant the current transaction acts for.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -26,11 +26,10 @@ pub fn read_setting(name: &CStr) -> Option<String> {
 
 /// The current tenant, failing closed: NULL or '' is "no tenant context" (42501).
 pub fn tenant() -> SealResult<String> {
-    let name: CString = gucs::tenant_setting_name();
-    match read_setting(&name) {
+    gucs::with_tenant_setting_name(|name| match read_setting(name) {
         Some(t) if !t.is_empty() => Ok(t),
         _ => Err(SealError::NoTenantContext(name.to_string_lossy().into_owned())),
-    }
+    })
 }
 
 /// The tenant this transaction acts for. Fails with SQLSTATE 42501 when the tenant

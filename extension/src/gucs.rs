@@ -3,7 +3,7 @@
 //! No setting ever holds key bytes: the master key comes from the environment or
 //! from the stdout of `pgseal.master_key_command`, and stays in process memory.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
@@ -70,10 +70,15 @@ pub fn preferred_master_version() -> Option<u32> {
     }
 }
 
-/// Name of the tenant setting, defaulting when someone set it to empty.
-pub fn tenant_setting_name() -> CString {
-    match TENANT_SETTING.get() {
-        Some(s) if !s.as_bytes().is_empty() => s,
-        _ => c"app.tenant_id".to_owned(),
+/// Runs `f` with the name of the tenant setting, read in place (no copy: this is
+/// on the decrypt path), defaulting when someone set it to empty.
+pub fn with_tenant_setting_name<R>(f: impl FnOnce(&CStr) -> R) -> R {
+    // SAFETY: the GUC machinery keeps this variable either NULL or pointing to a
+    // NUL-terminated string that lives until the setting is next assigned, which
+    // cannot happen while `f` runs: `f` only reads settings.
+    let configured = unsafe { (*TENANT_SETTING.as_ptr()).as_ref().map(|p| CStr::from_ptr(p)) };
+    match configured {
+        Some(n) if !n.to_bytes().is_empty() => f(n),
+        _ => f(c"app.tenant_id"),
     }
 }
