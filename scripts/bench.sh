@@ -29,13 +29,13 @@ COMMIT;
 VACUUM ANALYZE tok;
 SQL
 
-# Median of 3 runs of a scan query, in ms.
+# Fastest of 5 runs of a scan query, in ms: on shared cores, noise only ever adds time.
 time_q() {
     local q=$1 best=()
-    for _ in 1 2 3; do
+    for _ in 1 2 3 4 5; do
         best+=("$(psql_ -c "SET app.tenant_id = 'bench'" -c '\timing on' -c "$q" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1)")
     done
-    printf '%s\n' "${best[@]}" | sort -n | sed -n 2p
+    printf '%s\n' "${best[@]}" | sort -n | head -1
 }
 floor=$(time_q "SELECT sum(length(sealed)) FROM tok")
 vault=$(time_q "SELECT sum(length(pgseal.vault_decrypt(sealed))) FROM tok")

@@ -1,7 +1,7 @@
 //! The text envelope of a sealed value: `v2:<keyId>:<base64url(nonce ‖ ciphertext ‖ tag)>`.
 
-use aes_gcm::aead::{Aead, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::{Aead, AeadInPlace, Payload};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use zeroize::Zeroizing;
@@ -100,20 +100,29 @@ pub fn open(
         .map_err(|_| CoreError::AuthFailed)
 }
 
-/// Opens and checks that the plaintext is UTF-8 text.
+/// Opens an envelope, decrypting in place in its own payload buffer (no second
+/// allocation), and checks that the plaintext is UTF-8 text.
 pub fn open_text(
     cipher: &Aes256Gcm,
     tenant: &str,
     context: Option<&str>,
-    env: &Envelope<'_>,
+    env: Envelope<'_>,
 ) -> Result<Zeroizing<String>, CoreError> {
-    let mut bytes = open(cipher, tenant, context, env)?;
-    // Move the buffer into the String (no copy); on failure take it back so that
-    // the Zeroizing wrapper wipes it.
-    match String::from_utf8(std::mem::take(&mut *bytes)) {
+    let aad = value_aad(tenant, env.key_id, context);
+    let mut buf = Zeroizing::new(env.payload);
+    let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
+    let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+    cipher
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), &aad, ct, Tag::from_slice(tag))
+        .map_err(|_| CoreError::AuthFailed)?;
+    let len = ct.len();
+    buf.copy_within(NONCE_LEN..NONCE_LEN + len, 0);
+    buf.truncate(len);
+    // Move the buffer into the String; on failure take it back so it is wiped.
+    match String::from_utf8(std::mem::take(&mut *buf)) {
         Ok(s) => Ok(Zeroizing::new(s)),
         Err(e) => {
-            *bytes = e.into_bytes();
+            *buf = e.into_bytes();
             Err(CoreError::NotText)
         }
     }
@@ -136,7 +145,7 @@ mod tests {
         for pt in ["", "sk-live-0123456789", "ünïcødé ✓"] {
             let (k, s) = sealed(pt, Some("integrations.token"));
             let env = Envelope::parse(&s).unwrap();
-            let back = open_text(&k.cipher(), "tenant-a", Some("integrations.token"), &env).unwrap();
+            let back = open_text(&k.cipher(), "tenant-a", Some("integrations.token"), env).unwrap();
             assert_eq!(back.as_str(), pt);
         }
     }

@@ -37,7 +37,7 @@ fn value_vectors_seal_and_open() {
         assert_eq!(sealed, s(&v, "sealed"));
         let env = Envelope::parse(s(&v, "sealed")).unwrap();
         assert_eq!(env.key_id, s(&v, "key_id"));
-        let pt = open_text(&dek.cipher(), s(&v, "tenant"), ctx, &env).unwrap();
+        let pt = open_text(&dek.cipher(), s(&v, "tenant"), ctx, env).unwrap();
         assert_eq!(pt.as_str(), s(&v, "plaintext"));
     }
 }

@@ -7,6 +7,7 @@
 use std::cell::Cell;
 use std::io::Read;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use pgrx::pg_sys;
@@ -47,6 +48,7 @@ pub fn load_at_startup() {
         pgrx::log!("pgseal: master key loaded, versions {:?}", r.versions());
     }
     let mut m = MASTER.lock().unwrap_or_else(|p| p.into_inner());
+    LOADED.store(ring.is_some(), Ordering::Relaxed);
     m.ring = ring;
     m.problem = if problem.is_empty() { "no master key source is configured" } else { problem };
     drop(m);
@@ -117,6 +119,7 @@ unsafe extern "C-unwind" fn wipe_on_exit(_code: i32, _arg: pg_sys::Datum) {
         }
         m.ring = None;
     }
+    LOADED.store(false, Ordering::Relaxed);
 }
 
 /// Registers the exit wipe once per process. A forked backend loses the
@@ -153,8 +156,12 @@ pub fn with_active<R>(f: impl FnOnce(u32, &SecretKey) -> SealResult<R>) -> SealR
     })
 }
 
+/// Set once in the postmaster, inherited by every backend; read without a lock on
+/// the decrypt path.
+static LOADED: AtomicBool = AtomicBool::new(false);
+
 pub fn is_loaded() -> bool {
-    MASTER.lock().unwrap_or_else(|p| p.into_inner()).ring.is_some()
+    LOADED.load(Ordering::Relaxed)
 }
 
 /// (loaded, active version, all versions) for `vault_status()`.

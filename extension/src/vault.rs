@@ -42,7 +42,7 @@ fn open_for_current(sealed: &str, context: Option<&str>) -> SealResult<(String, 
     if key.tenant != tenant || key.purpose != Purpose::Dek {
         return Err(SealError::WrongTenant);
     }
-    let plain = envelope::open_text(&key.cipher, &tenant, context, &env)?;
+    let plain = envelope::open_text(&key.cipher, &tenant, context, env)?;
     Ok((tenant, plain))
 }
 
