@@ -154,11 +154,11 @@ pub fn ensure_active(tenant: &str, purpose: Purpose, rotate: bool) -> SealResult
              ON CONFLICT (tenant_id, purpose) WHERE state = 'active' DO NOTHING RETURNING key_id",
             &[key_id.as_str().into(), tenant.into(), purpose.as_str().into(), (ver as i32).into(), wrapped.into()],
         );
-        match inserted {
-            Ok(Some(_)) => {}
-            // Another transaction committed an active key between our lock and insert
-            // (possible only under READ COMMITTED if the lock was skipped); use it.
-            _ => {
+        match inserted? {
+            Some(_) => {}
+            // Every pgseal path takes the advisory lock first, so a conflict here means
+            // a writer that bypassed it (a manual INSERT); use the key it committed.
+            None => {
                 let existing = fetch_active(tenant, purpose)?.ok_or(SealError::Internal("active key vanished"))?;
                 let key = existing.unwrap()?;
                 return Ok((existing, key));

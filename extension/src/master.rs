@@ -164,6 +164,15 @@ pub fn is_loaded() -> bool {
     LOADED.load(Ordering::Relaxed)
 }
 
+/// Fails with 55000 (and the reason the key is missing) unless a key is loaded.
+pub fn require_loaded() -> SealResult<()> {
+    if is_loaded() {
+        Ok(())
+    } else {
+        with_ring(|_| Ok(()))
+    }
+}
+
 /// (loaded, active version, all versions) for `vault_status()`.
 pub fn status() -> (bool, Option<i32>, Vec<i32>) {
     let m = MASTER.lock().unwrap_or_else(|p| p.into_inner());

@@ -33,9 +33,7 @@ fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> Seal
 
 /// Opens a sealed value for the current tenant.
 fn open_for_current(sealed: &str, context: Option<&str>) -> SealResult<(String, Zeroizing<String>)> {
-    if !master::is_loaded() {
-        return master::with_ring(|_| Ok(())).map(|_| unreachable!());
-    }
+    master::require_loaded()?;
     let tenant = context::tenant()?;
     let env = Envelope::parse(sealed)?;
     let key = cache::key_by_id(env.key_id)?;
@@ -52,7 +50,7 @@ fn open_for_current(sealed: &str, context: Option<&str>) -> SealResult<(String, 
 fn vault_seal(plaintext: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
     let plaintext = plaintext?;
     let r = (|| {
-        master::with_ring(|_| Ok(()))?;
+        master::require_loaded()?;
         let tenant = context::tenant()?;
         require_read_write("vault_seal")?;
         seal_for_tenant(&tenant, plaintext, context)
@@ -116,7 +114,7 @@ fn require_tenant_arg(tenant: &str) -> SealResult<()> {
 fn tenant_key_rotate(tenant: &str) -> String {
     let r = (|| {
         require_tenant_arg(tenant)?;
-        master::with_ring(|_| Ok(()))?;
+        master::require_loaded()?;
         require_read_write("tenant_key_rotate")?;
         let (stored, _) = keystore::ensure_active(tenant, Purpose::Dek, true)?;
         cache::forget_all();
