@@ -14,7 +14,14 @@ import pathlib
 import struct
 import sys
 
+import hashlib
+import hmac
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -55,6 +62,28 @@ def unwrap(kek, purpose, tenant, key_id, version, wrapped):
     return AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], wrap_aad(purpose, tenant, key_id, version))
 
 
+def jcs(value):
+    """RFC 8785 for the value shapes the vectors use (no floats with exponents)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_hash(prev, tenant, seq, at_us, actor, event, canonical_payload):
+    return hashlib.sha256(
+        b"pgseal:v1:ledger\x00" + prev + lp(tenant) + struct.pack(">q", seq) + struct.pack(">q", at_us)
+        + lp(actor) + lp(event) + lp(canonical_payload)
+    ).digest()
+
+
+def checkpoint_key(master):
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"pgseal:v1:checkpoint-key").derive(master)
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def checkpoint_message(cp):
+    return (b"pgseal:v1:checkpoint\x00" + lp(cp["tenant"]) + struct.pack(">q", cp["seq"]) + bytes.fromhex(cp["hash"])
+            + lp(cp["signed_at"]) + struct.pack(">I", cp["key_version"]))
+
+
 def vectors(kind):
     doc = (ROOT / "docs" / "FORMAT.md").read_text()
     fence = "```jsonl vectors:" + kind
@@ -77,6 +106,24 @@ def check_vectors():
         key = unwrap(bytes.fromhex(v["kek"]), v["purpose"], v["tenant"], v["key_id"], v["kek_version"],
                      bytes.fromhex(v["wrapped"]))
         assert key.hex() == v["key"]
+        n += 1
+    prev = bytes(32)
+    for v in vectors("ledger"):
+        canonical = jcs(json.loads(v["payload"]))
+        assert canonical == v["canonical_payload"], "canonical JSON differs"
+        assert bytes.fromhex(v["prev_hash"]) == prev, "chain link differs"
+        h = entry_hash(prev, v["tenant"], v["seq"], v["recorded_at_us"], v["actor"], v["event"], canonical)
+        assert h.hex() == v["hash"], "entry hash differs"
+        assert hmac.new(bytes.fromhex(v["mac_key"]), h, hashlib.sha256).hexdigest() == v["mac"], "MAC differs"
+        prev = h
+        n += 1
+    for v in vectors("checkpoint"):
+        sk = checkpoint_key(bytes.fromhex(v["master_key"]))
+        pk = sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        assert pk.hex() == v["public_key"], "public key differs"
+        cp = v["checkpoint"]
+        assert sk.sign(checkpoint_message(cp)).hex() == cp["signature"], "signature differs"
+        Ed25519PublicKey.from_public_bytes(pk).verify(bytes.fromhex(cp["signature"]), checkpoint_message(cp))
         n += 1
     return n
 

@@ -3,6 +3,9 @@
 
 use pgseal_core::envelope::seal_with_nonce;
 use pgseal_core::keys::SecretKey;
+use pgseal_core::canonical::canonical_payload;
+use pgseal_core::checkpoint;
+use pgseal_core::ledger::{entry_hash, EntryFields, EntryMac, GENESIS};
 use pgseal_core::wrap::{wrap_with_nonce, Purpose, WrapLabel};
 
 fn key(seed: u8) -> SecretKey {
@@ -45,6 +48,39 @@ fn main() {
             serde_json::json!({"kek": hex::encode(kek.expose()), "kek_version": ver, "purpose": purpose.as_str(),
                 "tenant": tenant, "key_id": kid, "key": hex::encode(dek.expose()), "nonce": hex::encode(n),
                 "wrapped": hex::encode(w)})
+        );
+    }
+    println!("ledger vectors:");
+    let mac_key = key(150);
+    let mut prev = GENESIS;
+    let entries: [(&str, i64, i64, &str, &str, &str); 3] = [
+        ("acme", 1, 1_795_000_000_000_000, "alice", "login", r#"{}"#),
+        ("acme", 2, 1_795_000_000_123_456, "alice", "order.update", r#"{"b": [1.50, true, null], "a": "\u00e9 \"x\"", "id": 42}"#),
+        ("acme", 3, 1_795_000_001_000_000, "svc:billing", "vault.decrypt", r#"{"count": 3, "contexts": ["ai.openai"]}"#),
+    ];
+    for (tenant, seq, at, actor, event, payload) in entries {
+        let canonical = canonical_payload(payload).unwrap();
+        let f = EntryFields { prev_hash: &prev, tenant, seq, recorded_at_us: at, actor, event, payload: &canonical };
+        let hash = entry_hash(&f);
+        let mac = EntryMac::new(&mac_key).sign(&hash);
+        println!(
+            "{}",
+            serde_json::json!({"mac_key": hex::encode(mac_key.expose()), "tenant": tenant, "seq": seq,
+                "recorded_at_us": at, "actor": actor, "event": event, "payload": payload,
+                "canonical_payload": canonical, "prev_hash": hex::encode(prev), "hash": hex::encode(hash),
+                "mac": hex::encode(mac)})
+        );
+        prev = hash;
+    }
+    println!("checkpoint vectors:");
+    for (i, (tenant, seq, signed_at, ver)) in [("acme", 3i64, "2026-11-25T12:00:00.000000Z", 1u32), ("42", 1, "2026-11-25T12:00:01.5Z", 2)].iter().enumerate() {
+        let master = key(170 + i as u8);
+        let hash = [i as u8 + 0x11; 32];
+        let cp = checkpoint::sign(&master, *ver, tenant, *seq, &hash, signed_at);
+        println!(
+            "{}",
+            serde_json::json!({"master_key": hex::encode(master.expose()), "public_key": checkpoint::public_key_hex(&master),
+                "checkpoint": cp})
         );
     }
 }

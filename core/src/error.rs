@@ -18,4 +18,7 @@ pub enum CoreError {
     /// Decrypted bytes were not valid UTF-8 text.
     #[error("sealed value does not hold text")]
     NotText,
+    /// A ledger payload number that RFC 8785 would round (see `canonical`).
+    #[error("payload holds a number that a JSON double cannot represent exactly; store it as a string")]
+    InexactNumber,
 }

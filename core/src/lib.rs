@@ -2,15 +2,21 @@
 //!
 //! Everything here is independent of PostgreSQL: sealing values under a data key,
 //! wrapping data keys under a master key, the text envelope, the master key ring,
-//! and redaction. The extension crate is a thin binding over these functions.
+//! redaction, and the tenant ledger: entry hashing, chain verification, signed
+//! checkpoints and the export format. The extension crate is a thin binding over these functions.
 //! The byte-level formats are specified in `docs/FORMAT.md`, whose vectors the
 //! tests in `tests/format_vectors.rs` read.
 
 pub mod aad;
+pub mod canonical;
+pub mod chain;
+pub mod checkpoint;
 pub mod envelope;
 pub mod error;
+pub mod export;
 pub mod keyring;
 pub mod keys;
+pub mod ledger;
 pub mod redact;
 pub mod wrap;
 
