@@ -23,3 +23,24 @@ GRANT EXECUTE ON FUNCTION
     pgseal.tenant_shred(text),
     pgseal.key_cache_entries()
 TO pgseal_admin;
+
+-- The ledger. pgseal_admin can do everything pgseal_ledger can, for any tenant.
+GRANT pgseal_ledger TO pgseal_admin;
+GRANT SELECT ON pgseal.ledger TO pgseal_ledger, pgseal_admin;
+
+GRANT EXECUTE ON FUNCTION
+    pgseal.ledger_append(text, jsonb, text),
+    pgseal._ledger_append(text, text, text),
+    pgseal.ledger_verify(text, bigint, bigint),
+    pgseal.ledger_export(text, bigint, bigint),
+    pgseal._ledger_tenant(text),
+    pgseal.ledger_public_key()
+TO pgseal_ledger;
+
+GRANT EXECUTE ON FUNCTION
+    pgseal.ledger_checkpoint(text),
+    pgseal.ledger_prune(text, bigint),
+    pgseal.ledger_audit(regclass, text[]),
+    pgseal.ledger_unaudit(regclass),
+    pgseal._audit_row()
+TO pgseal_admin;

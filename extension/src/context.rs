@@ -35,6 +35,6 @@ pub fn tenant() -> SealResult<String> {
 /// The tenant this transaction acts for. Fails with SQLSTATE 42501 when the tenant
 /// setting (`pgseal.tenant_setting`, default `app.tenant_id`) is unset or empty.
 #[pg_extern(stable, parallel_safe)]
-fn current_tenant() -> String {
+pub fn current_tenant() -> String {
     tenant().or_raise()
 }

@@ -38,6 +38,10 @@ pub enum SealError {
     NotSupported(&'static str),
     #[error("stored key {0} could not be unwrapped: it is corrupt or was moved")]
     CorruptKey(String),
+    #[error("{0} needs the pgseal_admin role")]
+    NotAdmin(&'static str),
+    #[error("the tenant's ledger fails verification at seq {0} ({1}); refusing to continue")]
+    ChainCorrupt(i64, &'static str),
     #[error("pgseal internal error: {0}")]
     Internal(&'static str),
 }
@@ -49,7 +53,10 @@ impl SealError {
             SealError::NotPreloaded
             | SealError::MasterKeyNotLoaded { .. }
             | SealError::MasterVersionMissing(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            SealError::NoTenantContext(_) | SealError::WrongTenant => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SealError::NoTenantContext(_) | SealError::WrongTenant | SealError::NotAdmin(_) => {
+                ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
+            SealError::ChainCorrupt(..) => ERRCODE_DATA_CORRUPTED,
             SealError::Malformed(_) => ERRCODE_INVALID_TEXT_REPRESENTATION,
             SealError::UnknownKey
             | SealError::KeyDestroyed
@@ -90,6 +97,9 @@ impl From<CoreError> for SealError {
             CoreError::Malformed(_) => SealError::Malformed(e),
             CoreError::AuthFailed => SealError::AuthFailed,
             CoreError::NotText => SealError::NotText,
+            CoreError::InexactNumber => SealError::InvalidArgument(
+                "payload holds a number that a JSON double cannot represent exactly; store it as a string",
+            ),
             CoreError::BadMasterKey(_) => SealError::MasterKeyNotLoaded { hint: "The master key could not be parsed; see the server log." },
         }
     }

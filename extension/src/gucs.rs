@@ -12,6 +12,8 @@ pub static MASTER_KEY_ACTIVE: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static TENANT_SETTING: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"app.tenant_id"));
 pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static DEK_MAX_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
+pub static USER_SETTING: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"app.user_id"));
+pub static AUDIT_DECRYPT: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -60,6 +62,22 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"pgseal.user_setting",
+        c"Name of the setting that holds the current application user id.",
+        c"Ledger entries take their actor from it when set, else from session_user.",
+        &USER_SETTING,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pgseal.audit_decrypt",
+        c"Append one 'vault.decrypt' ledger entry per key at the commit of a transaction that decrypted.",
+        c"Only superusers may turn it off. With it on, vault_decrypt refuses to run in a read-only transaction on a primary.",
+        &AUDIT_DECRYPT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
 }
 
 /// The active master key version the configuration asks for, if any.
@@ -67,6 +85,14 @@ pub fn preferred_master_version() -> Option<u32> {
     match MASTER_KEY_ACTIVE.get() {
         0 => None,
         v => Some(v as u32),
+    }
+}
+
+/// The name of the user-id setting, defaulting when someone set it to empty.
+pub fn user_setting_name() -> CString {
+    match USER_SETTING.get() {
+        Some(n) if !n.as_bytes().is_empty() => n,
+        _ => c"app.user_id".to_owned(),
     }
 }
 

@@ -200,8 +200,10 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
     }
     let active = master::with_active(|v, _| Ok(v))? as i32;
     as_owner(|| {
-        let rows: Vec<StoredKey> = Spi::connect(|client| -> SealResult<Vec<StoredKey>> {
-            let table = client.select(
+        // connect_mut: a locking read must not run as a read-only SPI query, which
+        // pgrx would choose when this (sub)transaction has no xid yet.
+        let rows: Vec<StoredKey> = Spi::connect_mut(|client| -> SealResult<Vec<StoredKey>> {
+            let table = client.update(
                 &format!(
                     "SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE state <> 'destroyed' AND kek_version <> $1 \
                      ORDER BY key_id LIMIT $2 FOR UPDATE SKIP LOCKED"

@@ -9,6 +9,7 @@ mod context;
 mod error;
 mod gucs;
 mod keystore;
+mod ledger;
 mod master;
 mod privilege;
 mod txn;
@@ -17,6 +18,20 @@ mod vault;
 pgrx::pg_module_magic!();
 
 extension_sql_file!("../../sql/vault_schema.sql", name = "vault_schema", bootstrap);
+extension_sql_file!("../../sql/ledger_schema.sql", name = "ledger_schema", requires = ["vault_schema"]);
+extension_sql_file!(
+    "../../sql/ledger_api.sql",
+    name = "ledger_api",
+    requires = [
+        "ledger_schema",
+        ledger::_ledger_append,
+        ledger::admin::_ledger_pruning,
+        ledger::admin::_creating_extension,
+        ledger::admin::_ledger_tenant,
+        ledger::audit::_ledger_audit_append,
+        context::current_tenant
+    ]
+);
 extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -22,11 +22,27 @@ impl Drop for RestoreUser {
     }
 }
 
+thread_local! {
+    /// The extension owner, looked up once per transaction (the ledger's append
+    /// path switches identity on every call).
+    static OWNER: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
+}
+
 fn extension_owner() -> pg_sys::Oid {
-    Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgseal'")
+    if let Some(o) = OWNER.with(|c| c.get()) {
+        return o;
+    }
+    let o = Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgseal'")
         .ok()
         .flatten()
-        .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID))
+        .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
+    OWNER.with(|c| c.set(Some(o)));
+    o
+}
+
+/// Forgets the cached owner; called at every transaction end.
+pub fn forget_owner() {
+    OWNER.with(|c| c.set(None));
 }
 
 /// Runs `f` with the current user switched to the extension owner.

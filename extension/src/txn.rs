@@ -14,7 +14,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::cache;
-use crate::error::{OrRaise, SealError};
+use crate::error::{OrRaise, SealError, SealResult};
 
 #[derive(Default)]
 struct TxState {
@@ -44,40 +44,61 @@ pub fn note_keys_written(invalidates_other_backends: bool) {
     });
 }
 
-fn flush_encryptions() {
+fn flush_encryptions() -> SealResult<()> {
     let pending = TX.with(|t| std::mem::take(&mut t.borrow_mut().encryptions));
     if pending.is_empty() {
-        return;
+        return Ok(());
     }
     let (ids, counts): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
     cache::add_counts(&ids, &counts);
+    crate::keystore::add_encryptions(ids, counts)
+}
+
+/// Pre-commit work, in order: encryption counts, the decrypt audit entries (which
+/// may create a ledger key and append), then the ledger heads those appends moved.
+fn pre_commit() {
+    if TX.with(|t| t.borrow().encryptions.is_empty()) && !crate::ledger::has_pending_work() {
+        return;
+    }
     // At pre-commit no portal holds a snapshot; SPI needs one.
     // SAFETY: we are inside a live transaction; the pushed snapshot is popped on
     // the normal path, and an ERROR aborts the transaction, which pops it.
     unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    crate::keystore::add_encryptions(ids, counts).or_raise();
+    let r = flush_encryptions()
+        .and_then(|_| crate::ledger::audit::flush_decrypts())
+        .and_then(|_| flush_encryptions())
+        .and_then(|_| crate::ledger::heads::flush());
+    r.or_raise();
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };
+}
+
+fn end_of_transaction() {
+    crate::ledger::heads::reset();
+    crate::ledger::audit::reset();
+    crate::privilege::forget_owner();
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT => flush_encryptions(),
+        XACT_EVENT_PRE_COMMIT => pre_commit(),
         XACT_EVENT_PRE_PREPARE => {
             if TX.with(|t| t.borrow().bump_epoch) {
                 SealError::NotSupported("a transaction that rotated or shredded keys cannot be prepared").raise();
             }
-            flush_encryptions();
+            pre_commit();
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
+            end_of_transaction();
             let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
             if st.bump_epoch {
                 cache::bump_epoch();
             }
         }
         XACT_EVENT_ABORT => {
+            end_of_transaction();
             let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
             if st.keys_written {
                 cache::forget_all();
@@ -94,8 +115,11 @@ unsafe extern "C-unwind" fn on_subxact(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && TX.with(|t| t.borrow().keys_written) {
-        cache::forget_all();
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        crate::ledger::heads::mark_stale();
+        if TX.with(|t| t.borrow().keys_written) {
+            cache::forget_all();
+        }
     }
 }
 

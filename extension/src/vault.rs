@@ -15,7 +15,7 @@ use crate::error::{OrRaise, SealError, SealResult};
 use crate::keystore;
 use crate::master;
 
-fn require_read_write(what: &'static str) -> SealResult<()> {
+pub fn require_read_write(what: &'static str) -> SealResult<()> {
     // SAFETY: XactReadOnly is a plain bool global maintained by the transaction
     // machinery; reading it in a backend is always valid.
     if unsafe { pgrx::pg_sys::XactReadOnly } {
@@ -32,7 +32,7 @@ fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> Seal
 }
 
 /// Opens a sealed value for the current tenant.
-fn open_for_current(sealed: &str, context: Option<&str>) -> SealResult<(String, Zeroizing<String>)> {
+fn open_for_current(sealed: &str, context: Option<&str>) -> SealResult<(String, std::rc::Rc<cache::LiveKey>, Zeroizing<String>)> {
     master::require_loaded()?;
     let tenant = context::tenant()?;
     let env = Envelope::parse(sealed)?;
@@ -41,7 +41,7 @@ fn open_for_current(sealed: &str, context: Option<&str>) -> SealResult<(String, 
         return Err(SealError::WrongTenant);
     }
     let plain = envelope::open_text(&key.cipher, &tenant, context, env)?;
-    Ok((tenant, plain))
+    Ok((tenant, key, plain))
 }
 
 /// Seals `plaintext` for the current tenant under its active data key.
@@ -62,7 +62,9 @@ fn vault_seal(plaintext: Option<&str>, context: default!(Option<&str>, "NULL")) 
 #[pg_extern(volatile, parallel_unsafe)]
 fn vault_decrypt(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
     let sealed = sealed?;
-    let (_, plain) = open_for_current(sealed, context).or_raise();
+    crate::ledger::audit::before_decrypt().or_raise();
+    let (tenant, key, plain) = open_for_current(sealed, context).or_raise();
+    crate::ledger::audit::note_decrypt(&key.key_id, &tenant, context);
     Some(plain.as_str().to_owned())
 }
 
@@ -80,7 +82,7 @@ fn vault_redact(
     if visible < 0 {
         SealError::InvalidArgument("visible must not be negative").raise();
     }
-    let (_, plain) = open_for_current(sealed, context).or_raise();
+    let (_, _, plain) = open_for_current(sealed, context).or_raise();
     Some(redact(&plain, visible as usize))
 }
 
@@ -90,7 +92,7 @@ fn vault_redact(
 fn vault_rewrap(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
     let sealed = sealed?;
     let r = (|| {
-        let (tenant, plain) = open_for_current(sealed, context)?;
+        let (tenant, _, plain) = open_for_current(sealed, context)?;
         require_read_write("vault_rewrap")?;
         let active = cache::active_key(&tenant, Purpose::Dek)?;
         if Envelope::parse(sealed)?.key_id == active.key_id {

@@ -1,2 +1,3 @@
 //! In-process tests, run by `cargo pgrx test` (see scripts/pgtest.sh).
 mod vault;
+mod ledger;

@@ -1,0 +1,116 @@
+//! The tenant ledger: appends, verification, checkpoints, pruning, audit capture.
+//!
+//! - `heads`: per-transaction chain heads, the append path, and the pre-commit flush.
+//! - `verify`: `ledger_verify`, reading the chain back through `pgseal-core`.
+//! - `admin`: checkpoints, the public key, pruning, tenant resolution for exports.
+//! - `audit`: row triggers and the per-transaction decrypt audit.
+
+pub mod admin;
+pub mod audit;
+pub mod heads;
+pub mod verify;
+
+use std::ffi::CStr;
+
+use pgrx::pg_sys;
+use pgseal_core::keys::SecretKey;
+use pgseal_core::ledger::EntryMac;
+use pgseal_core::wrap::Purpose;
+
+use crate::context;
+use crate::error::{SealError, SealResult};
+use crate::keystore;
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01 (UTC).
+pub const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// The default actor: the user-id setting when set, else `session_user`.
+pub fn default_actor() -> String {
+    let name = crate::gucs::user_setting_name();
+    if let Some(u) = context::read_setting(&name) {
+        if !u.is_empty() {
+            return u;
+        }
+    }
+    // SAFETY: GetSessionUserId is valid in any backend with a session; with
+    // noerr = false, GetUserNameFromId returns a palloc'd NUL-terminated name or
+    // raises, so the pointer is valid for the copy below.
+    unsafe {
+        let p = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false);
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    }
+}
+
+/// The tenant's ledger MAC key, created on its first append. It never rotates, so
+/// every MAC ever written keeps verifying; `kek_rewrap` rewraps it like a data key.
+pub fn mac_key(tenant: &str, create: bool) -> SealResult<Option<EntryMac>> {
+    let key: Option<SecretKey> = if create {
+        Some(keystore::ensure_active(tenant, Purpose::Ledger, false)?.1)
+    } else {
+        match keystore::fetch_active(tenant, Purpose::Ledger)? {
+            Some(stored) => Some(stored.unwrap()?),
+            None => None,
+        }
+    };
+    Ok(key.as_ref().map(EntryMac::new))
+}
+
+/// Whether the current user may act on `tenant`'s ledger: its own tenant, or any
+/// tenant for members of `pgseal_admin`.
+pub fn resolve_tenant(tenant: Option<&str>) -> SealResult<String> {
+    match tenant {
+        None => context::tenant(),
+        Some("") => Err(SealError::InvalidArgument("tenant must not be empty")),
+        Some(t) => {
+            let own = context::tenant().ok();
+            if own.as_deref() == Some(t) || is_admin()? {
+                Ok(t.to_owned())
+            } else {
+                Err(SealError::NotAdmin("acting on another tenant's ledger"))
+            }
+        }
+    }
+}
+
+/// Whether the current user is a member of `pgseal_admin` (superusers are).
+pub fn is_admin() -> SealResult<bool> {
+    Ok(pgrx::Spi::get_one::<bool>("SELECT pg_catalog.pg_has_role('pgseal_admin', 'MEMBER')")?.unwrap_or(false))
+}
+
+/// Fails unless the current user is a member of `pgseal_admin`.
+pub fn require_admin(what: &'static str) -> SealResult<()> {
+    if is_admin()? {
+        Ok(())
+    } else {
+        Err(SealError::NotAdmin(what))
+    }
+}
+
+/// Appends one entry for the current tenant. `payload` is JSON text; the public
+/// `pgseal.ledger_append(event, payload jsonb, actor)` in `sql/ledger_api.sql`
+/// passes `payload::text`, which keeps every number exactly as stored.
+#[pgrx::pg_extern(volatile, parallel_unsafe)]
+pub fn _ledger_append(
+    event: &str,
+    payload: Option<&str>,
+    actor: Option<&str>,
+) -> pgrx::iter::TableIterator<'static, (pgrx::name!(seq, i64), pgrx::name!(hash, String))> {
+    use crate::error::OrRaise;
+    let r = (|| {
+        crate::master::require_loaded()?;
+        let tenant = context::tenant()?;
+        crate::vault::require_read_write("ledger_append")?;
+        let actor = match actor {
+            Some(a) => a.to_owned(),
+            None => default_actor(),
+        };
+        heads::append(&tenant, event, payload.unwrap_or("{}"), &actor)
+    })();
+    let (seq, hash) = r.or_raise();
+    pgrx::iter::TableIterator::once((seq, hex::encode(hash)))
+}
+
+/// Whether pre-commit has ledger work: decrypts to record or heads to write.
+pub fn has_pending_work() -> bool {
+    audit::has_pending() || heads::has_dirty()
+}

@@ -1,0 +1,376 @@
+//! `#[pg_test]`s for the ledger: each function and each error path with its SQLSTATE.
+//! Every test runs in one transaction that is rolled back, so commit-time behaviour
+//! (the decrypt audit entry, the heads flush) is tested out of process.
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn sqlstate(sql: &str) -> String {
+        Spi::get_one_with_args::<String>("SELECT tests.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
+    }
+
+    fn run(sql: &str) {
+        Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    fn tenant(t: &str) {
+        run(&format!("SET LOCAL app.tenant_id = {}", pgrx::spi::quote_literal(t)));
+    }
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).unwrap_or_else(|| panic!("{sql}: NULL"))
+    }
+
+    fn append(event: &str, payload: &str) -> (i64, String) {
+        let (seq, hash) = Spi::get_two_with_args::<i64, String>(
+            "SELECT seq, hash FROM pgseal.ledger_append($1, $2::jsonb)",
+            &[event.into(), payload.into()],
+        )
+        .unwrap();
+        (seq.unwrap(), hash.unwrap())
+    }
+
+    /// (ok, checked, first_bad_seq, problem) of ledger_verify(args).
+    fn verify(args: &str) -> (bool, i64, Option<i64>, Option<String>) {
+        Spi::connect(|c| {
+            let row = c
+                .select(&format!("SELECT ok, checked, first_bad_seq, problem FROM pgseal.ledger_verify({args})"), None, &[])
+                .unwrap()
+                .first();
+            (
+                row.get::<bool>(1).unwrap().unwrap(),
+                row.get::<i64>(2).unwrap().unwrap(),
+                row.get::<i64>(3).unwrap(),
+                row.get::<String>(4).unwrap(),
+            )
+        })
+    }
+
+    /// Lets a superuser edit the ledger behind pgseal's back, as an attacker with
+    /// full database access could. Rolled back with the test.
+    fn disable_guards() {
+        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
+        run("ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard");
+    }
+
+    #[pg_test]
+    fn append_gives_gapless_seq_per_tenant_and_hex_hashes() {
+        tenant("acme");
+        let (s1, h1) = append("login", "{}");
+        let (s2, h2) = append("order.update", r#"{"id": 7, "status": "paid"}"#);
+        assert_eq!((s1, s2), (1, 2));
+        assert_eq!(h1.len(), 64);
+        assert!(h1.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{h1}");
+        assert_ne!(h1, h2);
+        tenant("globex");
+        assert_eq!(append("login", "{}").0, 1);
+        tenant("acme");
+        assert_eq!(append("logout", "{}").0, 3);
+        let prev: String = one("SELECT encode(prev_hash, 'hex') FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
+        assert_eq!(prev, h1);
+        let first_prev: String = one("SELECT encode(prev_hash, 'hex') FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 1");
+        assert_eq!(first_prev, "0".repeat(64));
+    }
+
+    #[pg_test]
+    fn append_fails_closed_without_tenant() {
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('login')"), "42501");
+        tenant("");
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('login')"), "42501");
+    }
+
+    #[pg_test]
+    fn append_rejects_bad_input() {
+        tenant("acme");
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('')"), "22023");
+        // JCS would round this number, so its hash could not tell it from its neighbour.
+        assert_eq!(sqlstate(r#"SELECT * FROM pgseal.ledger_append('x', '{"n": 12345678901234567891}')"#), "22023");
+        assert_eq!(sqlstate(r#"SELECT * FROM pgseal.ledger_append('x', '{"n": "12345678901234567891"}')"#), "00000");
+    }
+
+    #[pg_test]
+    fn actor_defaults_to_user_setting_then_session_user() {
+        tenant("acme");
+        append("a", "{}");
+        let session: String = one("SELECT session_user::text");
+        assert_eq!(one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 1"), session);
+        run("SET LOCAL app.user_id = 'user-42'");
+        append("b", "{}");
+        assert_eq!(one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2"), "user-42");
+        run("SELECT * FROM pgseal.ledger_append('c', '{}', 'svc:billing')");
+        assert_eq!(one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 3"), "svc:billing");
+    }
+
+    #[pg_test]
+    fn payload_is_stored_canonically() {
+        tenant("acme");
+        append("x", r#"{"b": 1.50, "a": [true, null]}"#);
+        let p: String = one("SELECT payload::text FROM pgseal.ledger WHERE tenant_id = 'acme'");
+        assert_eq!(p, r#"{"a": [true, null], "b": 1.5}"#);
+    }
+
+    #[pg_test]
+    fn verify_passes_on_an_intact_chain_and_ranges() {
+        tenant("acme");
+        for i in 0..5 {
+            append("e", &format!(r#"{{"i": {i}}}"#));
+        }
+        assert_eq!(verify(""), (true, 5, None, None));
+        assert_eq!(verify("NULL, 2, 4"), (true, 3, None, None));
+        assert_eq!(verify("'acme', 5"), (true, 1, None, None));
+        tenant("nobody-yet");
+        assert_eq!(verify(""), (true, 0, None, None));
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_verify(NULL, 0)"), "22023");
+    }
+
+    #[pg_test]
+    fn verify_finds_an_edited_payload() {
+        tenant("acme");
+        for _ in 0..4 {
+            append("e", r#"{"amount": 10}"#);
+        }
+        disable_guards();
+        run(r#"UPDATE pgseal.ledger SET payload = '{"amount": 1000}' WHERE tenant_id = 'acme' AND seq = 3"#);
+        assert_eq!(verify(""), (false, 2, Some(3), Some("hash mismatch".into())));
+    }
+
+    #[pg_test]
+    fn verify_finds_a_forged_mac_and_a_deleted_entry() {
+        tenant("acme");
+        for _ in 0..4 {
+            append("e", "{}");
+        }
+        disable_guards();
+        run("UPDATE pgseal.ledger SET mac = sha256(mac) WHERE tenant_id = 'acme' AND seq = 2");
+        assert_eq!(verify(""), (false, 1, Some(2), Some("mac mismatch".into())));
+        run("DELETE FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
+        assert_eq!(verify(""), (false, 1, Some(2), Some("gap".into())));
+        // Deleting the newest entry is caught against the recorded head.
+        run("DELETE FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq >= 3");
+        assert_eq!(verify("NULL, 1, 1").0, true);
+        assert_eq!(verify("").3.as_deref(), Some("gap"));
+    }
+
+    #[pg_test]
+    fn verify_finds_an_edited_link() {
+        tenant("acme");
+        for _ in 0..3 {
+            append("e", "{}");
+        }
+        disable_guards();
+        // Replace entry 2's hash with the hash of different content: entry 2
+        // then mismatches, so first rewrite entry 3's link to it.
+        run("UPDATE pgseal.ledger SET prev_hash = sha256(prev_hash) WHERE tenant_id = 'acme' AND seq = 3");
+        assert_eq!(verify("").2, Some(3));
+        assert_eq!(verify("").3.as_deref(), Some("hash mismatch"));
+    }
+
+    #[pg_test]
+    fn ledger_is_append_only() {
+        tenant("acme");
+        append("e", "{}");
+        assert_eq!(sqlstate("UPDATE pgseal.ledger SET event = 'x'"), "42501");
+        assert_eq!(sqlstate("DELETE FROM pgseal.ledger"), "42501");
+        assert_eq!(sqlstate("TRUNCATE pgseal.ledger"), "42501");
+        assert_eq!(sqlstate("TRUNCATE pgseal.ledger_heads"), "42501");
+        assert_eq!(sqlstate("ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard"), "42501");
+        assert_eq!(sqlstate("ALTER TABLE pgseal.ledger ADD COLUMN note text"), "42501");
+        assert_eq!(sqlstate("CREATE TRIGGER t BEFORE INSERT ON pgseal.ledger FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_guard()"), "42501");
+        assert_eq!(sqlstate("DROP POLICY ledger_admin ON pgseal.ledger"), "42501");
+        // A direct DROP fails on the extension's dependency; taken out of the
+        // extension first, the drop guard refuses it.
+        assert_eq!(sqlstate("DROP TABLE pgseal.ledger"), "2BP01");
+        run("ALTER EXTENSION pgseal DROP TABLE pgseal.ledger");
+        assert_eq!(sqlstate("DROP TABLE pgseal.ledger"), "42501");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger"), 1);
+        assert_eq!(verify(""), (true, 1, None, None));
+    }
+
+    #[pg_test]
+    fn other_tenants_need_admin() {
+        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
+        tenant("acme");
+        append("e", "{}");
+        run("CREATE ROLE ledger_app IN ROLE pgseal_ledger");
+        run("CREATE ROLE ledger_boss IN ROLE pgseal_admin");
+        run("CREATE ROLE nobody");
+        run("SET LOCAL ROLE ledger_app");
+        tenant("globex");
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_verify('acme')"), "42501");
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_export('acme')"), "42501");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_checkpoint()"), "42501");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('globex', 1)"), "42501");
+        // Its own tenant is fine, and RLS hides the other tenant's rows.
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('e')"), "00000");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger"), 1);
+        assert_eq!(sqlstate("UPDATE pgseal.ledger SET event = 'x'"), "42501");
+        run("RESET ROLE");
+        run("SET LOCAL ROLE ledger_boss");
+        assert_eq!(verify("'acme'").0, true);
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger_export('acme')"), 1);
+        run("RESET ROLE");
+        run("SET LOCAL ROLE nobody");
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('e')"), "42501");
+        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_verify()"), "42501");
+        assert_eq!(sqlstate("SELECT count(*) FROM pgseal.ledger"), "42501");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_public_key()"), "42501");
+        run("RESET ROLE");
+    }
+
+    #[pg_test]
+    fn export_carries_every_field_needed_to_verify() {
+        tenant("acme");
+        let (_, h1) = append("login", r#"{"ip": "10.0.0.1"}"#);
+        append("logout", "{}");
+        let lines: Vec<String> = Spi::connect(|c| {
+            c.select("SELECT e::text FROM pgseal.ledger_export() e", None, &[])
+                .unwrap()
+                .map(|r| r.get::<String>(1).unwrap().unwrap())
+                .collect()
+        });
+        assert_eq!(lines.len(), 2);
+        let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(first["hash"], h1.as_str());
+        assert_eq!(first["seq"], 1);
+        for field in ["tenant_id", "recorded_at", "recorded_at_us", "actor", "event", "payload", "prev_hash", "mac"] {
+            assert!(!first[field].is_null(), "{field} missing");
+        }
+        let report = pgseal_core::export::verify_export(lines.join("\n").as_bytes(), &[], None).unwrap();
+        assert_eq!(report.len(), 1);
+        assert!(report[0].report.ok(), "{report:?}");
+        assert_eq!(report[0].report.checked, 2);
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger_export(NULL, 2)"), 1);
+    }
+
+    #[pg_test]
+    fn checkpoint_is_signed_by_the_public_key() {
+        tenant("acme");
+        append("e", "{}");
+        let cp: pgrx::JsonB = one("SELECT pgseal.ledger_checkpoint()");
+        let cp: pgseal_core::checkpoint::Checkpoint = serde_json::from_value(cp.0).unwrap();
+        assert_eq!(cp.tenant, "acme");
+        assert_eq!(cp.key_version, 2);
+        let pk: String = one("SELECT pgseal.ledger_public_key()");
+        assert_eq!(pk.len(), 64);
+        assert!(pgseal_core::checkpoint::verify(&pk, &cp));
+        let mut forged = cp.clone();
+        forged.seq += 1;
+        assert!(!pgseal_core::checkpoint::verify(&pk, &forged));
+        assert_eq!(sqlstate("SELECT pgseal.ledger_checkpoint('never-appended')"), "22023");
+    }
+
+    #[pg_test]
+    fn prune_keeps_an_anchor_and_still_verifies() {
+        tenant("acme");
+        for _ in 0..5 {
+            append("e", "{}");
+        }
+        let anchor: String = one("SELECT encode(hash, 'hex') FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
+        assert_eq!(one::<i64>("SELECT pgseal.ledger_prune('acme', 3)"), 2);
+        assert_eq!(one::<i64>("SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = 'acme'"), 3);
+        assert_eq!(one::<String>("SELECT encode(anchor_hash, 'hex') FROM pgseal.ledger_heads WHERE tenant_id = 'acme'"), anchor);
+        let last: String = one("SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq DESC LIMIT 1");
+        assert_eq!(last, "ledger.pruned");
+        assert_eq!(verify(""), (true, 4, None, None));
+        assert_eq!(one::<i64>("SELECT pgseal.ledger_prune('acme', 2)"), 0);
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('acme', 100)"), "22023");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('acme', 0)"), "22023");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('', 1)"), "22023");
+    }
+
+    #[pg_test]
+    fn prune_refuses_a_chain_that_does_not_verify() {
+        tenant("acme");
+        for _ in 0..3 {
+            append("e", "{}");
+        }
+        disable_guards();
+        run(r#"UPDATE pgseal.ledger SET event = 'forged' WHERE tenant_id = 'acme' AND seq = 1"#);
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('acme', 3)"), "XX001");
+    }
+
+    #[pg_test]
+    fn audit_triggers_record_row_changes() {
+        run("CREATE TABLE public.orders (id int PRIMARY KEY, tenant_id text, status text, token text, amount numeric)");
+        run("SELECT pgseal.ledger_audit('public.orders')");
+        tenant("acme");
+        run("INSERT INTO public.orders VALUES (1, 'acme', 'new', pgseal.vault_seal('sk-live-secret'), 123456789012345678901.5)");
+        run("UPDATE public.orders SET status = 'paid' WHERE id = 1");
+        run("INSERT INTO public.orders VALUES (2, 'globex', 'new', NULL, 1)");
+        run("DELETE FROM public.orders WHERE id = 1");
+        let events: Vec<String> = Spi::connect(|c| {
+            c.select("SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq", None, &[])
+                .unwrap()
+                .map(|r| r.get::<String>(1).unwrap().unwrap())
+                .collect()
+        });
+        assert_eq!(events, ["row.insert", "row.update", "row.delete"]);
+        let upd: pgrx::JsonB = one("SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
+        assert_eq!(upd.0["before"], serde_json::json!({"status": "new"}));
+        assert_eq!(upd.0["after"], serde_json::json!({"status": "paid"}));
+        assert_eq!(upd.0["key"], serde_json::json!({"id": 1}));
+        assert_eq!(upd.0["table"], "public.orders");
+        let ins: pgrx::JsonB = one("SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 1");
+        let token = ins.0["after"]["token"].as_str().unwrap().to_owned();
+        assert!(token.starts_with("v2:"), "sealed values are recorded as envelopes");
+        assert!(!ins.0.to_string().contains("sk-live-secret"));
+        // A numeric a double cannot hold is kept exactly, as a string.
+        assert_eq!(ins.0["after"]["amount"], "123456789012345678901.5");
+        // The row's own tenant column decides the chain.
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'globex'"), 1);
+        assert_eq!(verify(""), (true, 3, None, None));
+        assert_eq!(verify("'globex'").0, true);
+        run("SELECT pgseal.ledger_unaudit('public.orders')");
+        run("UPDATE public.orders SET status = 'x'");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger"), 4);
+    }
+
+    #[pg_test]
+    fn audit_takes_the_context_tenant_without_a_tenant_column() {
+        run("CREATE TABLE public.notes (id int PRIMARY KEY, body text)");
+        run("SELECT pgseal.ledger_audit('public.notes', '{insert}')");
+        assert_eq!(sqlstate("INSERT INTO public.notes VALUES (1, 'x')"), "42501");
+        tenant("acme");
+        run("INSERT INTO public.notes VALUES (1, 'x')");
+        run("UPDATE public.notes SET body = 'y'");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'acme'"), 1);
+    }
+
+    #[pg_test]
+    fn audit_rejects_bad_arguments() {
+        run("CREATE TABLE public.t (id int)");
+        run("CREATE VIEW public.v AS SELECT 1 AS x");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_audit('public.t', '{}')"), "22023");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_audit('public.t', '{MERGE}')"), "22023");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_audit('public.v')"), "42809");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_audit('pgseal.ledger')"), "22023");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_audit('public.t')"), "00000");
+    }
+
+    #[pg_test]
+    fn decrypt_refuses_a_read_only_transaction_while_audited() {
+        tenant("acme");
+        let sealed: String = one("SELECT pgseal.vault_seal('s3cret')");
+        run("SET LOCAL transaction_read_only = on");
+        let q = format!("SELECT pgseal.vault_decrypt({})", pgrx::spi::quote_literal(&sealed));
+        assert_eq!(sqlstate(&q), "25006");
+        run("SET LOCAL pgseal.audit_decrypt = off");
+        assert_eq!(sqlstate(&q), "00000");
+    }
+
+    #[pg_test]
+    fn kek_rewrap_moves_ledger_keys_and_old_macs_verify() {
+        run("SET LOCAL pgseal.master_key_active = 1");
+        tenant("acme");
+        append("e", "{}");
+        append("e", "{}");
+        assert_eq!(one::<i32>("SELECT kek_version FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND purpose = 'ledger'"), 1);
+        run("SET LOCAL pgseal.master_key_active = 0");
+        assert!(one::<i32>("SELECT pgseal.kek_rewrap()") >= 1);
+        assert_eq!(one::<i32>("SELECT kek_version FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND purpose = 'ledger'"), 2);
+        assert_eq!(verify(""), (true, 2, None, None));
+        append("e", "{}");
+        assert_eq!(verify(""), (true, 3, None, None));
+    }
+}

@@ -1,0 +1,225 @@
+-- pgseal ledger: the public SQL API over the extension's internal functions, the
+-- append-only guards, and row-level security. Included after ledger_schema.sql and
+-- the functions it names; privileges are granted in finalize.sql.
+
+-- ledger_append passes the payload as jsonb text, which keeps every number exactly
+-- as stored, so the extension can refuse numbers RFC 8785 would round.
+CREATE FUNCTION pgseal.ledger_append(event text, payload jsonb DEFAULT '{}', actor text DEFAULT NULL)
+RETURNS TABLE (seq bigint, hash text)
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pgseal
+AS $$ SELECT a.seq, a.hash FROM pgseal._ledger_append(event, payload::text, actor) AS a $$;
+
+COMMENT ON FUNCTION pgseal.ledger_append(text, jsonb, text) IS
+    'Appends an entry to the current tenant''s ledger; returns its seq and hash (hex).';
+
+-- One JSON object per entry with every field needed to verify it offline
+-- (docs/FORMAT.md, "Export lines"). Runs as the caller: row-level security limits
+-- pgseal_ledger to its own tenant, and _ledger_tenant() refuses others.
+CREATE FUNCTION pgseal.ledger_export(tenant text DEFAULT NULL, from_seq bigint DEFAULT NULL, to_seq bigint DEFAULT NULL)
+RETURNS SETOF jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    -- Checked before any row is read, so a refused tenant is an error, not an empty result.
+    t text := pgseal._ledger_tenant(tenant);
+BEGIN
+    RETURN QUERY
+    SELECT pg_catalog.jsonb_build_object(
+               'tenant_id', l.tenant_id,
+               'seq', l.seq,
+               'recorded_at', pg_catalog.to_char(l.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+               'recorded_at_us', (EXTRACT(epoch FROM l.recorded_at) * 1000000)::bigint,
+               'actor', l.actor,
+               'event', l.event,
+               'payload', l.payload,
+               'prev_hash', pg_catalog.encode(l.prev_hash, 'hex'),
+               'hash', pg_catalog.encode(l.hash, 'hex'),
+               'mac', pg_catalog.encode(l.mac, 'hex'))
+    FROM pgseal.ledger AS l
+    WHERE l.tenant_id = t
+      AND l.seq BETWEEN coalesce(from_seq, 1) AND coalesce(to_seq, 9223372036854775807)
+    ORDER BY l.seq;
+END
+$$;
+
+-- Append-only: UPDATE, DELETE and TRUNCATE fail with 42501, except the deletes
+-- ledger_prune() makes. ENABLE ALWAYS keeps the guard on under
+-- session_replication_role = replica.
+CREATE FUNCTION pgseal._ledger_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' AND pgseal._ledger_pruning() THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'pgseal.ledger is append-only: % is not allowed', TG_OP
+        USING ERRCODE = '42501', HINT = 'Entries are removed only by pgseal.ledger_prune().';
+END
+$$;
+
+CREATE TRIGGER pgseal_ledger_guard BEFORE UPDATE OR DELETE ON pgseal.ledger
+    FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_guard();
+CREATE TRIGGER pgseal_ledger_truncate_guard BEFORE TRUNCATE ON pgseal.ledger
+    FOR EACH STATEMENT EXECUTE FUNCTION pgseal._ledger_guard();
+CREATE TRIGGER pgseal_heads_truncate_guard BEFORE TRUNCATE ON pgseal.ledger_heads
+    FOR EACH STATEMENT EXECUTE FUNCTION pgseal._ledger_guard();
+ALTER TABLE pgseal.ledger ENABLE ALWAYS TRIGGER pgseal_ledger_guard;
+ALTER TABLE pgseal.ledger ENABLE ALWAYS TRIGGER pgseal_ledger_truncate_guard;
+ALTER TABLE pgseal.ledger_heads ENABLE ALWAYS TRIGGER pgseal_heads_truncate_guard;
+
+-- Tenants read their own entries; pgseal_admin reads every tenant's.
+ALTER TABLE pgseal.ledger ENABLE ROW LEVEL SECURITY;
+CREATE POLICY ledger_own_tenant ON pgseal.ledger FOR SELECT TO pgseal_ledger
+    USING (tenant_id = (SELECT pgseal.current_tenant()));
+CREATE POLICY ledger_admin ON pgseal.ledger FOR SELECT TO pgseal_admin
+    USING (true);
+
+-- Row-change audit. The trigger arguments are the primary key columns and the
+-- tenant column ('' when the table has none).
+CREATE FUNCTION pgseal._audit_row() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    pk      text[] := TG_ARGV[0]::text[];
+    tcol    text := TG_ARGV[1];
+    old_img jsonb;
+    new_img jsonb;
+    before  jsonb;
+    after   jsonb;
+    row_key jsonb;
+    tenant  text;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN old_img := pg_catalog.to_jsonb(OLD); END IF;
+    IF TG_OP <> 'DELETE' THEN new_img := pg_catalog.to_jsonb(NEW); END IF;
+    IF TG_OP = 'UPDATE' THEN
+        -- Only the columns whose value changed, before and after.
+        SELECT coalesce(pg_catalog.jsonb_object_agg(n.key, old_img -> n.key), '{}'),
+               coalesce(pg_catalog.jsonb_object_agg(n.key, n.value), '{}')
+          INTO before, after
+          FROM pg_catalog.jsonb_each(new_img) AS n
+         WHERE n.value IS DISTINCT FROM old_img -> n.key;
+    ELSE
+        before := old_img;
+        after := new_img;
+    END IF;
+    SELECT pg_catalog.jsonb_object_agg(c, coalesce(old_img, new_img) -> c)
+      INTO row_key FROM pg_catalog.unnest(pk) AS c;
+    IF tcol <> '' THEN
+        tenant := coalesce(new_img, old_img) ->> tcol;
+    END IF;
+    PERFORM pgseal._ledger_audit_append(
+        tenant,
+        'row.' || pg_catalog.lower(TG_OP),
+        pg_catalog.jsonb_build_object(
+            'table', pg_catalog.quote_ident(TG_TABLE_SCHEMA) || '.' || pg_catalog.quote_ident(TG_TABLE_NAME),
+            'op', TG_OP,
+            'key', row_key,
+            'before', before,
+            'after', after)::text);
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION pgseal.ledger_audit(rel regclass, events text[] DEFAULT '{INSERT,UPDATE,DELETE}')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    ev   text[];
+    bad  text;
+    pk   text[];
+    tcol text;
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'rel must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF rel IN ('pgseal.ledger'::regclass, 'pgseal.ledger_heads'::regclass) THEN
+        RAISE EXCEPTION 'the ledger cannot audit itself' USING ERRCODE = '22023';
+    END IF;
+    IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = rel) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
+    END IF;
+    SELECT pg_catalog.array_agg(DISTINCT pg_catalog.upper(e)) INTO ev FROM pg_catalog.unnest(events) AS e;
+    IF ev IS NULL THEN
+        RAISE EXCEPTION 'events must name at least one of INSERT, UPDATE, DELETE' USING ERRCODE = '22023';
+    END IF;
+    SELECT e INTO bad FROM pg_catalog.unnest(ev) AS e WHERE e IS NULL OR e NOT IN ('INSERT', 'UPDATE', 'DELETE') LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'unknown event %; expected INSERT, UPDATE or DELETE', coalesce(bad, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord) INTO pk
+      FROM pg_catalog.pg_index i
+      CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    SELECT a.attname::text INTO tcol FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = 'tenant_id' AND a.attnum > 0 AND NOT a.attisdropped;
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit ON %s', rel);
+    EXECUTE pg_catalog.format(
+        'CREATE TRIGGER pgseal_audit AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgseal._audit_row(%L, %L)',
+        pg_catalog.array_to_string(ev, ' OR '), rel, coalesce(pk, '{}')::text, coalesce(tcol, ''));
+END
+$$;
+
+CREATE FUNCTION pgseal.ledger_unaudit(rel regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgseal
+AS $$
+BEGIN
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit ON %s', rel);
+END
+$$;
+
+-- No ALTER or DROP of the ledger tables, their triggers, policies or columns, by
+-- anyone, outside the extension's own scripts. DROP EXTENSION pgseal (superuser
+-- only) is the one exception; docs/SECURITY.md says what that means.
+CREATE FUNCTION pgseal._ledger_ddl_guard() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    ledger oid := pg_catalog.to_regclass('pgseal.ledger');
+    heads  oid := pg_catalog.to_regclass('pgseal.ledger_heads');
+    hit    boolean := false;
+BEGIN
+    IF pgseal._creating_extension() THEN
+        RETURN;
+    END IF;
+    IF TG_EVENT = 'sql_drop' THEN
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
+                   WHERE d.object_type = 'extension' AND d.object_identity = 'pgseal') THEN
+            RETURN;
+        END IF;
+        SELECT true INTO hit FROM pg_catalog.pg_event_trigger_dropped_objects() d
+         WHERE d.object_identity IN ('pgseal.ledger', 'pgseal.ledger_heads')
+            OR d.object_identity LIKE 'pgseal.ledger.%' OR d.object_identity LIKE 'pgseal.ledger_heads.%'
+            OR d.object_identity LIKE '% on pgseal.ledger' OR d.object_identity LIKE '% on pgseal.ledger_heads'
+         LIMIT 1;
+    ELSE
+        SELECT true INTO hit FROM pg_catalog.pg_event_trigger_ddl_commands() c
+         WHERE (c.classid = 'pg_catalog.pg_class'::regclass AND c.objid IN (ledger, heads))
+            OR (c.classid = 'pg_catalog.pg_trigger'::regclass
+                AND (SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE t.oid = c.objid) IN (ledger, heads))
+            OR (c.classid = 'pg_catalog.pg_policy'::regclass
+                AND (SELECT p.polrelid FROM pg_catalog.pg_policy p WHERE p.oid = c.objid) IN (ledger, heads))
+            OR (c.classid = 'pg_catalog.pg_rewrite'::regclass
+                AND (SELECT r.ev_class FROM pg_catalog.pg_rewrite r WHERE r.oid = c.objid) IN (ledger, heads))
+         LIMIT 1;
+    END IF;
+    IF hit THEN
+        RAISE EXCEPTION 'pgseal.ledger cannot be altered or dropped'
+            USING ERRCODE = '42501', HINT = 'The ledger is append-only; see docs/SECURITY.md.';
+    END IF;
+END
+$$;
+
+CREATE EVENT TRIGGER pgseal_ledger_ddl_guard ON ddl_command_end EXECUTE FUNCTION pgseal._ledger_ddl_guard();
+CREATE EVENT TRIGGER pgseal_ledger_drop_guard ON sql_drop EXECUTE FUNCTION pgseal._ledger_ddl_guard();
+ALTER EVENT TRIGGER pgseal_ledger_ddl_guard ENABLE ALWAYS;
+ALTER EVENT TRIGGER pgseal_ledger_drop_guard ENABLE ALWAYS;

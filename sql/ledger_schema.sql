@@ -1,0 +1,46 @@
+-- pgseal ledger: the per-tenant hash chain and its heads.
+-- Included by extension/src/lib.rs after vault_schema.sql; the byte format is in
+-- docs/FORMAT.md ("Ledger entries"). Guards, policies and the public wrappers that
+-- need the extension's functions are in ledger_api.sql.
+
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgseal_ledger') THEN
+        CREATE ROLE pgseal_ledger NOLOGIN;
+    END IF;
+END
+$roles$;
+
+CREATE TABLE pgseal.ledger (
+    tenant_id   text        NOT NULL CHECK (tenant_id <> ''),
+    seq         bigint      NOT NULL CHECK (seq > 0),
+    recorded_at timestamptz NOT NULL,
+    actor       text        NOT NULL,
+    event       text        NOT NULL CHECK (event <> ''),
+    payload     jsonb       NOT NULL,
+    prev_hash   bytea       NOT NULL CHECK (octet_length(prev_hash) = 32),
+    hash        bytea       NOT NULL CHECK (octet_length(hash) = 32),
+    mac         bytea       NOT NULL CHECK (octet_length(mac) = 32),
+    PRIMARY KEY (tenant_id, seq)
+);
+
+COMMENT ON TABLE pgseal.ledger IS
+    'Per-tenant tamper-evident ledger: SHA-256 hash chain, HMAC-SHA256 per entry. Append with pgseal.ledger_append().';
+
+-- One row per tenant: the last appended entry, and the anchor left by pruning.
+-- Appenders lock this row, so a snapshot older than the last append cannot fork
+-- the chain: under REPEATABLE READ and SERIALIZABLE the lock fails with 40001.
+CREATE TABLE pgseal.ledger_heads (
+    tenant_id   text   PRIMARY KEY CHECK (tenant_id <> ''),
+    seq         bigint NOT NULL CHECK (seq >= 0),
+    hash        bytea  NOT NULL CHECK (octet_length(hash) = 32),
+    anchor_seq  bigint NOT NULL DEFAULT 0 CHECK (anchor_seq >= 0),
+    anchor_hash bytea  NOT NULL DEFAULT pg_catalog.decode(pg_catalog.repeat('00', 32), 'hex')
+                       CHECK (octet_length(anchor_hash) = 32),
+    CHECK (anchor_seq <= seq)
+);
+
+REVOKE ALL ON pgseal.ledger, pgseal.ledger_heads FROM PUBLIC;
+
+SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger', '');
+SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_heads', '');
