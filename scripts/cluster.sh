@@ -3,6 +3,8 @@
 #   cluster.sh start DIR PORT KEYFILE [extra postgresql.conf lines...]
 #   cluster.sh stop DIR
 #   cluster.sh restart DIR
+#   cluster.sh crash DIR        (kill -9 of the postmaster, as after a power cut)
+#   cluster.sh resume DIR       (start an existing cluster again, e.g. after crash)
 # KEYFILE holds '<version>:<64 hex>' lines; the server reads it through
 # pgseal.master_key_command. DIR must lie outside the root-owned checkout.
 set -euo pipefail
@@ -35,5 +37,17 @@ stop)
 restart)
     as_user "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w -t 60 restart >/dev/null
     ;;
-*) echo "usage: $0 start|stop|restart DIR ..." >&2; exit 2 ;;
+crash)
+    kill -9 "$(head -1 "$dir/data/postmaster.pid")"
+    ;;
+resume)
+    # Orphaned backends notice the postmaster's death and exit; until they have,
+    # the old shared memory is still attached and a new postmaster refuses to start.
+    for _ in $(seq 1 60); do
+        as_user "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null 2>&1 && exit 0
+        sleep 0.5
+    done
+    echo "cluster in $dir did not start again; see $dir/server.log" >&2; exit 1
+    ;;
+*) echo "usage: $0 start|stop|restart|crash|resume DIR ..." >&2; exit 2 ;;
 esac

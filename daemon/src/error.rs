@@ -10,15 +10,23 @@ pub enum DaemonError {
     Connect(tokio_postgres::Error),
     #[error("query failed: {0}")]
     Query(tokio_postgres::Error),
+    #[error("{0}: {1}")]
+    File(String, String),
+    #[error("{0}")]
+    Usage(&'static str),
+    #[error("checkpoint for tenant {0} at seq {1} does not carry a valid signature for the given public key")]
+    BadCheckpoint(String, i64),
 }
 
 impl DaemonError {
-    /// Exit codes: 0 ok; 2 bad usage or configuration; 3 master key not loaded
-    /// (status); 4 database unreachable or a query failed.
+    /// Exit codes: 0 ok; 2 bad usage, configuration or input file; 3 master key
+    /// not loaded (status); 4 database unreachable or a query failed; 5 a ledger
+    /// failed verification (also returned directly by `ledger verify`).
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Runtime(_) => 1,
-            DaemonError::BadUrl => 2,
+            DaemonError::BadUrl | DaemonError::File(..) | DaemonError::Usage(_) => 2,
+            DaemonError::BadCheckpoint(..) => 5,
             DaemonError::Connect(_) | DaemonError::Query(_) => 4,
         }
     }

@@ -49,6 +49,20 @@ impl Cluster {
         self.script(&["restart", self.dir.to_str().unwrap()], &[]);
     }
 
+    /// kill -9 of the postmaster.
+    pub fn crash(&self) {
+        self.script(&["crash", self.dir.to_str().unwrap()], &[]);
+    }
+
+    /// Starts the cluster again after `crash`.
+    pub fn resume(&self) {
+        self.script(&["resume", self.dir.to_str().unwrap()], &[]);
+    }
+
+    pub fn url(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
     pub fn connect(&self) -> postgres::Client {
         postgres::Client::connect(&format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port), postgres::NoTls)
             .expect("connect to test cluster")
@@ -74,4 +88,9 @@ pub fn sqlstate<T>(r: Result<T, postgres::Error>) -> String {
         Ok(_) => "00000".into(),
         Err(e) => e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no sqlstate: {e}")),
     }
+}
+
+/// Whether an error is a retryable serialization failure or deadlock.
+pub fn is_retryable(e: &postgres::Error) -> bool {
+    matches!(e.code().map(|c| c.code()), Some("40001") | Some("40P01"))
 }

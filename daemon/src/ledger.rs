@@ -1,0 +1,111 @@
+//! `pgseald ledger verify`: online through `pgseal.ledger_verify`, or offline on a
+//! `pgseal.ledger_export()` file with no database at all.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use pgseal_core::checkpoint::Checkpoint;
+use pgseal_core::export::verify_export;
+
+use crate::error::DaemonError;
+
+/// One tenant's verification outcome, printed one line each.
+pub struct Outcome {
+    pub tenant: String,
+    pub ok: bool,
+    pub checked: i64,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.ok {
+            write!(f, "{}: ok, {} entries checked{}", self.tenant, self.checked, self.detail)
+        } else {
+            write!(f, "{}: FAILED after {} entries: {}", self.tenant, self.checked, self.detail)
+        }
+    }
+}
+
+fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>, DaemonError> {
+    let file = std::fs::File::open(path).map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let cp = serde_json::from_str(&line)
+            .map_err(|e| DaemonError::File(path.display().to_string(), format!("line {}: {e}", i + 1)))?;
+        out.push(cp);
+    }
+    Ok(out)
+}
+
+/// Verifies an export file offline: hashes, links and seq continuity, and with
+/// checkpoints and the public key, that the chain passes through each checkpoint.
+pub fn verify_file(
+    file: &Path,
+    checkpoints: Option<&Path>,
+    public_key: Option<&str>,
+    tenant: Option<&str>,
+) -> Result<Vec<Outcome>, DaemonError> {
+    let cps = match checkpoints {
+        Some(p) => read_checkpoints(p)?,
+        None => Vec::new(),
+    };
+    if !cps.is_empty() && public_key.is_none() {
+        return Err(DaemonError::Usage("--checkpoints needs --public-key"));
+    }
+    let input = std::fs::File::open(file).map_err(|e| DaemonError::File(file.display().to_string(), e.to_string()))?;
+    let results = verify_export(std::io::BufReader::new(input), &cps, public_key).map_err(|e| match e {
+        pgseal_core::export::ExportError::BadSignature(t, s) => DaemonError::BadCheckpoint(t, s),
+        other => DaemonError::File(file.display().to_string(), other.to_string()),
+    })?;
+    Ok(results
+        .into_iter()
+        .filter(|r| tenant.is_none_or(|t| t == r.tenant))
+        .map(|r| {
+            let detail = match r.report.failure {
+                Some(f) => format!("{} at seq {}", f.problem.as_str(), f.seq),
+                None if r.checkpoints_matched > 0 => format!(", {} checkpoint(s) matched", r.checkpoints_matched),
+                None => String::new(),
+            };
+            Outcome { tenant: r.tenant, ok: r.report.ok(), checked: r.report.checked, detail }
+        })
+        .collect())
+}
+
+/// Verifies tenants' chains in the database with `pgseal.ledger_verify`.
+pub async fn verify_db(client: &tokio_postgres::Client, tenant: Option<&str>) -> Result<Vec<Outcome>, DaemonError> {
+    let tenants: Vec<String> = match tenant {
+        Some(t) => vec![t.to_owned()],
+        None => client
+            .query(
+                "WITH RECURSIVE t AS ( \
+                   SELECT min(tenant_id) AS id FROM pgseal.ledger \
+                   UNION ALL SELECT (SELECT min(tenant_id) FROM pgseal.ledger WHERE tenant_id > t.id) FROM t WHERE t.id IS NOT NULL) \
+                 SELECT id FROM t WHERE id IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(DaemonError::Query)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    };
+    let mut out = Vec::with_capacity(tenants.len());
+    for t in tenants {
+        let row = client
+            .query_one("SELECT ok, checked, first_bad_seq, problem FROM pgseal.ledger_verify($1)", &[&t])
+            .await
+            .map_err(DaemonError::Query)?;
+        let ok: bool = row.get(0);
+        let detail = match (row.get::<_, Option<i64>>(2), row.get::<_, Option<String>>(3)) {
+            (Some(seq), Some(problem)) => format!("{problem} at seq {seq}"),
+            _ => String::new(),
+        };
+        out.push(Outcome { tenant: t, ok, checked: row.get(1), detail });
+    }
+    Ok(out)
+}
