@@ -11,6 +11,7 @@ mod gucs;
 mod keystore;
 mod ledger;
 mod master;
+mod plans;
 mod privilege;
 mod txn;
 mod vault;

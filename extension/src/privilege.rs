@@ -6,7 +6,6 @@
 //! this way names its objects with their schema.
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
 struct RestoreUser {
     user: pg_sys::Oid,
@@ -32,10 +31,16 @@ fn extension_owner() -> pg_sys::Oid {
     if let Some(o) = OWNER.with(|c| c.get()) {
         return o;
     }
-    let o = Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgseal'")
-        .ok()
-        .flatten()
-        .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
+    let o = crate::plans::first_row(
+        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgseal'",
+        &[],
+        &[],
+        |r| Ok(r.get::<pg_sys::Oid>(1)?),
+    )
+    .ok()
+    .flatten()
+    .flatten()
+    .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
     OWNER.with(|c| c.set(Some(o)));
     o
 }

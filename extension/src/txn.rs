@@ -73,9 +73,8 @@ fn pre_commit() {
     unsafe { pg_sys::PopActiveSnapshot() };
 }
 
-fn end_of_transaction() {
-    crate::ledger::heads::reset();
-    crate::ledger::audit::reset();
+fn end_of_transaction(committed: bool) {
+    crate::ledger::end_of_transaction(committed);
     crate::privilege::forget_owner();
 }
 
@@ -91,14 +90,14 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             pre_commit();
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
-            end_of_transaction();
+            end_of_transaction(true);
             let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
             if st.bump_epoch {
                 cache::bump_epoch();
             }
         }
         XACT_EVENT_ABORT => {
-            end_of_transaction();
+            end_of_transaction(false);
             let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
             if st.keys_written {
                 cache::forget_all();
@@ -116,7 +115,7 @@ unsafe extern "C-unwind" fn on_subxact(
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        crate::ledger::heads::mark_stale();
+        crate::ledger::subtransaction_aborted();
         if TX.with(|t| t.borrow().keys_written) {
             cache::forget_all();
         }

@@ -19,11 +19,11 @@ use std::collections::HashMap;
 use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
 use pgseal_core::canonical::canonical_payload;
 use pgseal_core::ledger::{entry_hash, EntryFields, EntryMac, Hash, GENESIS};
 
 use crate::error::{SealError, SealResult};
+use crate::plans;
 use crate::privilege::as_owner;
 
 struct Head {
@@ -38,61 +38,46 @@ struct Head {
 
 thread_local! {
     static HEADS: RefCell<HashMap<String, Head>> = RefCell::new(HashMap::new());
-    static INSERT: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
 }
 
-/// The head after which to append, loaded and locked on first use.
-fn lock_and_load(tenant: &str) -> SealResult<(i64, Hash)> {
-    Spi::run_with_args(
-        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgseal.ledger:' || $1, 0))",
-        &[tenant.into()],
-    )?;
-    let select = "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1 FOR UPDATE";
-    let mut base = Spi::get_two_with_args::<i64, Vec<u8>>(select, &[tenant.into()]);
-    if matches!(base, Err(pgrx::spi::SpiError::InvalidPosition)) {
-        // The tenant's first entry. ON CONFLICT DO NOTHING raises 40001 under
-        // REPEATABLE READ when a concurrent first append committed after our snapshot.
-        Spi::run_with_args(
-            "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING",
-            &[tenant.into(), GENESIS.to_vec().into()],
-        )?;
-        base = Spi::get_two_with_args::<i64, Vec<u8>>(select, &[tenant.into()]);
+const LOCK: &str = "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgseal.ledger:' || $1, 0))";
+const SELECT_HEAD: &str = "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1 FOR UPDATE";
+const INSERT_HEAD: &str =
+    "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING";
+const INSERT_ENTRY: &str = "INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
+     VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)";
+const UPDATE_HEAD: &str = "UPDATE pgseal.ledger_heads SET seq = $2, hash = $3 WHERE tenant_id = $1 AND seq <= $2";
+
+fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
+    plans::first_row(SELECT_HEAD, &[plans::TEXT], &[tenant.into()], |r| {
+        let seq = r.get::<i64>(1)?.unwrap_or(0);
+        let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();
+        Ok((seq, to_hash(&hash)?))
+    })
+}
+
+/// Locks the tenant's chain and returns the head after which to append. With
+/// `reload` (after a subtransaction abort), entries this transaction appended
+/// earlier lie past the committed head and are found in the table.
+fn lock_and_load(tenant: &str, reload: bool) -> SealResult<(i64, Hash)> {
+    plans::run(LOCK, &[plans::TEXT], &[tenant.into()])?;
+    let head = match select_head(tenant)? {
+        Some(h) => h,
+        None => {
+            // The tenant's first entry. ON CONFLICT DO NOTHING raises 40001 under
+            // REPEATABLE READ when a concurrent first append committed after our snapshot.
+            plans::run(INSERT_HEAD, &[plans::TEXT, plans::BYTEA], &[tenant.into(), GENESIS.to_vec().into()])?;
+            select_head(tenant)?.ok_or(SealError::Internal("pgseal.ledger_heads row vanished"))?
+        }
+    };
+    if reload {
+        return Ok(own_tail_after(tenant, head.0)?.unwrap_or(head));
     }
-    let (Some(seq), Some(hash)) = base? else { return Err(SealError::Internal("NULL in pgseal.ledger_heads")) };
-    // Entries this transaction already appended (before a subtransaction abort
-    // forced a reload) are past the committed head.
-    Ok(own_tail_after(tenant, seq)?.unwrap_or((seq, to_hash(&hash)?)))
+    Ok(head)
 }
 
 fn to_hash(bytes: &[u8]) -> SealResult<Hash> {
     bytes.try_into().map_err(|_| SealError::Internal("stored hash is not 32 bytes"))
-}
-
-fn insert_plan() -> SealResult<()> {
-    if INSERT.with(|p| p.borrow().is_some()) {
-        return Ok(());
-    }
-    let plan = Spi::connect(|client| {
-        client
-            .prepare_mut(
-                "INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
-                 VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)",
-                &[
-                    PgBuiltInOids::TEXTOID.into(),
-                    PgBuiltInOids::INT8OID.into(),
-                    PgBuiltInOids::TIMESTAMPTZOID.into(),
-                    PgBuiltInOids::TEXTOID.into(),
-                    PgBuiltInOids::TEXTOID.into(),
-                    PgBuiltInOids::TEXTOID.into(),
-                    PgBuiltInOids::BYTEAOID.into(),
-                    PgBuiltInOids::BYTEAOID.into(),
-                    PgBuiltInOids::BYTEAOID.into(),
-                ],
-            )
-            .map(|p| p.keep())
-    })?;
-    INSERT.with(|p| *p.borrow_mut() = Some(plan));
-    Ok(())
 }
 
 /// Appends one entry for `tenant`; `payload` is JSON text (checked and made
@@ -107,13 +92,13 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
     // reading it has no preconditions.
     let at = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     as_owner(|| {
-        let need_load = HEADS.with(|h| h.borrow().get(tenant).is_none_or(|x| x.stale));
-        if need_load {
-            let (seq, hash) = lock_and_load(tenant)?;
-            let mac = match HEADS.with(|h| h.borrow_mut().remove(tenant)) {
-                Some(old) => old.mac,
-                None => super::mac_key(tenant, true)?.ok_or(SealError::Internal("ledger key missing"))?,
-            };
+        let state = HEADS.with(|h| h.borrow().get(tenant).map(|x| x.stale));
+        if state != Some(false) {
+            let reload = state.is_some();
+            let (seq, hash) = lock_and_load(tenant, reload)?;
+            // After a subtransaction abort the key itself may have been rolled
+            // back, so it is looked up again too.
+            let mac = super::mac_for_append(tenant)?;
             HEADS.with(|h| h.borrow_mut().insert(tenant.to_owned(), Head { seq, hash, mac, dirty: true, stale: false }));
         }
         let (seq, prev, mac) = HEADS.with(|h| {
@@ -132,7 +117,6 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
         };
         let hash = entry_hash(&fields);
         let tag = mac.sign(&hash);
-        insert_plan()?;
         let recorded_at = TimestampWithTimeZone::try_from(at).map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
         let args: [DatumWithOid; 9] = [
             tenant.into(),
@@ -145,12 +129,21 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
             hash.to_vec().into(),
             tag.to_vec().into(),
         ];
-        INSERT.with(|p| -> SealResult<()> {
-            let plan = p.borrow();
-            let plan = plan.as_ref().ok_or(SealError::Internal("ledger insert plan missing"))?;
-            Spi::connect_mut(|client| client.update(plan, None, &args).map(|_| ()))?;
-            Ok(())
-        })?;
+        plans::run(
+            INSERT_ENTRY,
+            &[
+                plans::TEXT,
+                plans::INT8,
+                plans::TIMESTAMPTZ,
+                plans::TEXT,
+                plans::TEXT,
+                plans::TEXT,
+                plans::BYTEA,
+                plans::BYTEA,
+                plans::BYTEA,
+            ],
+            &args,
+        )?;
         HEADS.with(|h| {
             let mut h = h.borrow_mut();
             let head = h.get_mut(tenant).expect("head loaded above");
@@ -172,15 +165,16 @@ pub fn flush() -> SealResult<()> {
         for tenant in dirty {
             let stale = HEADS.with(|h| h.borrow()[&tenant].stale);
             let (seq, hash) = if stale {
-                lock_and_load(&tenant)?
+                lock_and_load(&tenant, true)?
             } else {
                 HEADS.with(|h| {
                     let h = h.borrow();
                     (h[&tenant].seq, h[&tenant].hash)
                 })
             };
-            Spi::run_with_args(
-                "UPDATE pgseal.ledger_heads SET seq = $2, hash = $3 WHERE tenant_id = $1 AND seq <= $2",
+            plans::run(
+                UPDATE_HEAD,
+                &[plans::TEXT, plans::INT8, plans::BYTEA],
                 &[tenant.as_str().into(), seq.into(), hash.to_vec().into()],
             )?;
         }
@@ -212,7 +206,8 @@ pub fn set_anchor(tenant: &str, head: (i64, Hash), anchor_seq: i64, anchor_hash:
 
 /// Locks the tenant's chain for the rest of the transaction and returns its head.
 pub fn lock(tenant: &str) -> SealResult<(i64, Hash)> {
-    as_owner(|| lock_and_load(tenant))
+    let reload = HEADS.with(|h| h.borrow().contains_key(tenant));
+    as_owner(|| lock_and_load(tenant, reload))
 }
 
 pub fn has_dirty() -> bool {

@@ -10,6 +10,8 @@ pub mod audit;
 pub mod heads;
 pub mod verify;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::CStr;
 
 use pgrx::pg_sys;
@@ -53,6 +55,49 @@ pub fn mac_key(tenant: &str, create: bool) -> SealResult<Option<EntryMac>> {
         }
     };
     Ok(key.as_ref().map(EntryMac::new))
+}
+
+thread_local! {
+    /// Ledger MAC keys of committed tenants, by tenant. A key never changes once
+    /// committed, so entries stay valid until the backend exits.
+    static MACS: RefCell<HashMap<String, EntryMac>> = RefCell::new(HashMap::new());
+    /// Keys first used in the running transaction; promoted at commit, because a
+    /// key created by a transaction that rolls back never existed.
+    static TXN_MACS: RefCell<HashMap<String, EntryMac>> = RefCell::new(HashMap::new());
+}
+
+/// The MAC key for appending to `tenant`'s chain, creating it on first use.
+pub fn mac_for_append(tenant: &str) -> SealResult<EntryMac> {
+    if let Some(m) = MACS.with(|c| c.borrow().get(tenant).cloned()) {
+        return Ok(m);
+    }
+    let m = mac_key(tenant, true)?.ok_or(SealError::Internal("ledger key missing"))?;
+    TXN_MACS.with(|c| c.borrow_mut().insert(tenant.to_owned(), m.clone()));
+    Ok(m)
+}
+
+/// Transaction end: keep the keys a committed transaction used, drop the rest.
+pub fn end_of_transaction(committed: bool) {
+    let fresh = TXN_MACS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    if committed && !fresh.is_empty() {
+        let cap = crate::gucs::KEY_CACHE_SIZE.get().max(1) as usize;
+        MACS.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.len() + fresh.len() > cap {
+                c.clear();
+            }
+            c.extend(fresh);
+        });
+    }
+    heads::reset();
+    audit::reset();
+}
+
+/// A subtransaction aborted: keys it may have created are forgotten, and every
+/// chain head is re-read before its next use.
+pub fn subtransaction_aborted() {
+    TXN_MACS.with(|c| c.borrow_mut().clear());
+    heads::mark_stale();
 }
 
 /// Whether the current user may act on `tenant`'s ledger: its own tenant, or any

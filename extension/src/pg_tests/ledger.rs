@@ -102,6 +102,31 @@ mod tests {
         assert_eq!(one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 3"), "svc:billing");
     }
 
+    /// Appends inside a subtransaction that fails.
+    fn doomed_append() {
+        run("DO $$ BEGIN
+               BEGIN
+                 PERFORM pgseal.ledger_append('doomed');
+                 RAISE EXCEPTION 'roll back the subtransaction';
+               EXCEPTION WHEN OTHERS THEN NULL;
+               END;
+             END $$");
+    }
+
+    #[pg_test]
+    fn rolled_back_subtransactions_leave_no_gap() {
+        tenant("acme");
+        // The first append (and the tenant's ledger key) rolled back entirely.
+        doomed_append();
+        assert_eq!(append("a", "{}").0, 1);
+        doomed_append();
+        assert_eq!(append("b", "{}").0, 2);
+        doomed_append();
+        assert_eq!(verify(""), (true, 2, None, None));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE event = 'doomed'"), 0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE purpose = 'ledger'"), 1);
+    }
+
     #[pg_test]
     fn payload_is_stored_canonically() {
         tenant("acme");
