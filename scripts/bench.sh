@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make bench: one run, one table, ratios against peers measured in the same run.
 # Vault: vault_decrypt vs pgcrypto decrypt_iv (AES-256-CBC) vs pgp_sym_decrypt vs length(),
-# over N sealed 60-byte tokens (default 200000).
+# over N sealed 60-byte tokens (default 200000). Ledger: scripts/bench_ledger.sh.
+# The cluster runs with fsync on, as production does, since the ledger rows commit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N=${PGSEAL_BENCH_ROWS:-200000}
@@ -12,7 +13,7 @@ PORT=54395
 (cd "$ROOT/extension" && cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null)
 KEYFILE=$(mktemp); trap 'rm -f "$KEYFILE"; bash "$ROOT/scripts/cluster.sh" stop "$DIR"' EXIT
 printf '1:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" > "$KEYFILE"
-bash "$ROOT/scripts/cluster.sh" start "$DIR" "$PORT" "$KEYFILE" "shared_buffers = 512MB" "max_parallel_workers_per_gather = 0" "jit = off"
+bash "$ROOT/scripts/cluster.sh" start "$DIR" "$PORT" "$KEYFILE" "shared_buffers = 512MB" "max_parallel_workers_per_gather = 0" "jit = off" "fsync = on" "max_connections = 40"
 psql_() { psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d postgres "$@"; }
 
 psql_ <<SQL
@@ -66,3 +67,5 @@ print()
 print("vault_decrypt vs decrypt_iv: %.2f× (target ≤ 1.0×)" % (v / rows[1][1]))
 print("pgp_sym_decrypt vs vault_decrypt: %.0f× slower (target ≥ 300×)" % (rows[2][1] / v))
 PY
+echo
+source "$ROOT/scripts/bench_ledger.sh"

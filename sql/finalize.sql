@@ -44,3 +44,21 @@ GRANT EXECUTE ON FUNCTION
     pgseal.ledger_unaudit(regclass),
     pgseal._audit_row()
 TO pgseal_admin;
+
+-- Tenancy. Policies call these as the querying user, so PUBLIC executes them; the
+-- protect functions run as the caller, so only a table's owner can protect it.
+GRANT EXECUTE ON FUNCTION
+    pgseal.current_user_id(),
+    pgseal.set_tenant(text, text),
+    pgseal._context_setting(text),
+    pgseal._my_orgs(pgseal.org_role),
+    pgseal._org_exists(text),
+    pgseal._column_type(regclass, name),
+    pgseal._with_partitions(regclass),
+    pgseal._has_leading_index(regclass, name),
+    pgseal._tenant_column_names(),
+    pgseal.tenant_protect(regclass, name),
+    pgseal.tenant_unprotect(regclass),
+    pgseal.org_protect(regclass, name, name, name),
+    pgseal.isolation_report()
+TO PUBLIC;

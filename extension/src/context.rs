@@ -38,3 +38,60 @@ pub fn tenant() -> SealResult<String> {
 pub fn current_tenant() -> String {
     tenant().or_raise()
 }
+
+/// The current application user, failing closed like `tenant()`.
+pub fn user_id() -> SealResult<String> {
+    let name = gucs::user_setting_name();
+    match read_setting(&name) {
+        Some(u) if !u.is_empty() => Ok(u),
+        _ => Err(SealError::NoUserContext(name.to_string_lossy().into_owned())),
+    }
+}
+
+/// The application user this transaction acts for. Fails with SQLSTATE 42501 when
+/// the user setting (`pgseal.user_setting`, default `app.user_id`) is unset or empty.
+#[pg_extern(stable, parallel_safe)]
+pub fn current_user_id() -> String {
+    user_id().or_raise()
+}
+
+/// The names of the tenant and user settings, for `set_tenant` and the linter.
+/// Refuses names that are not plain dotted identifiers.
+#[pg_extern(stable, parallel_safe)]
+pub fn _context_setting(which: &str) -> String {
+    let name = match which {
+        "tenant" => gucs::with_tenant_setting_name(|n| n.to_string_lossy().into_owned()),
+        "user" => gucs::user_setting_name().to_string_lossy().into_owned(),
+        _ => SealError::InvalidArgument("expected 'tenant' or 'user'").raise(),
+    };
+    let plain = name.split('.').all(|part| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    });
+    if !plain {
+        SealError::InvalidArgument("the configured setting name is not a dotted identifier").raise();
+    }
+    name
+}
+
+/// With `pgseal.strict_context` on, clears the tenant and user settings before the
+/// transaction commits, so even a session-level SET lasts one transaction. (An
+/// aborted transaction already undoes its own SETs.) Runs at pre-commit with a
+/// snapshot.
+pub fn clear_if_strict() -> SealResult<()> {
+    if !gucs::STRICT_CONTEXT.get() {
+        return Ok(());
+    }
+    let tenant = gucs::with_tenant_setting_name(|n| n.to_owned());
+    let user = gucs::user_setting_name();
+    for name in [tenant, user] {
+        if read_setting(&name).is_some_and(|v| !v.is_empty()) {
+            Spi::run_with_args(
+                "SELECT pg_catalog.set_config($1, '', false)",
+                &[name.to_string_lossy().as_ref().into()],
+            )?;
+        }
+    }
+    Ok(())
+}

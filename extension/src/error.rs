@@ -18,6 +18,8 @@ pub enum SealError {
     MasterVersionMissing(u32),
     #[error("no tenant context: the setting {0} is not set")]
     NoTenantContext(String),
+    #[error("no user context: the setting {0} is not set")]
+    NoUserContext(String),
     #[error("sealed value belongs to another tenant")]
     WrongTenant,
     #[error("{0}")]
@@ -53,7 +55,10 @@ impl SealError {
             SealError::NotPreloaded
             | SealError::MasterKeyNotLoaded { .. }
             | SealError::MasterVersionMissing(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            SealError::NoTenantContext(_) | SealError::WrongTenant | SealError::NotAdmin(_) => {
+            SealError::NoTenantContext(_)
+            | SealError::NoUserContext(_)
+            | SealError::WrongTenant
+            | SealError::NotAdmin(_) => {
                 ERRCODE_INSUFFICIENT_PRIVILEGE
             }
             SealError::ChainCorrupt(..) => ERRCODE_DATA_CORRUPTED,
@@ -75,7 +80,9 @@ impl SealError {
             SealError::NotPreloaded => Some("Add pgseal to shared_preload_libraries in postgresql.conf and restart the server."),
             SealError::MasterKeyNotLoaded { hint } => Some(hint),
             SealError::MasterVersionMissing(_) => Some("Add that version to the output of pgseal.master_key_command and restart."),
-            SealError::NoTenantContext(_) => Some("Call pgseal.set_tenant(...) or SET LOCAL the tenant setting in this transaction."),
+            SealError::NoTenantContext(_) | SealError::NoUserContext(_) => {
+                Some("Call pgseal.set_tenant(...) or SET LOCAL the setting in this transaction.")
+            }
             _ => None,
         }
     }

@@ -14,6 +14,9 @@ pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static DEK_MAX_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
 pub static USER_SETTING: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"app.user_id"));
 pub static AUDIT_DECRYPT: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static STRICT_CONTEXT: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static TENANT_COLUMN_NAMES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"{tenant_id}"));
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -75,6 +78,22 @@ pub fn init() {
         c"Append one 'vault.decrypt' ledger entry per key at the commit of a transaction that decrypted.",
         c"Only superusers may turn it off. With it on, vault_decrypt refuses to run in a read-only transaction on a primary.",
         &AUDIT_DECRYPT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pgseal.strict_context",
+        c"Clear the tenant and user settings at the end of every transaction.",
+        c"Even a session-level SET then lasts one transaction, so a pooled server connection never hands one client's tenant to the next.",
+        &STRICT_CONTEXT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pgseal.tenant_column_names",
+        c"Column names that mark a table as tenant-scoped, as a text array.",
+        c"pgseal.isolation_report() checks every table that has one of these columns.",
+        &TENANT_COLUMN_NAMES,
         GucContext::Suset,
         GucFlags::default(),
     );

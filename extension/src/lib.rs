@@ -33,6 +33,12 @@ extension_sql_file!(
         context::current_tenant
     ]
 );
+extension_sql_file!(
+    "../../sql/tenancy.sql",
+    name = "tenancy",
+    requires = ["ledger_api", context::current_tenant, context::current_user_id, context::_context_setting]
+);
+extension_sql_file!("../../sql/isolation_report.sql", name = "isolation_report", requires = ["tenancy"]);
 extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

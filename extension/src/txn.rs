@@ -55,9 +55,13 @@ fn flush_encryptions() -> SealResult<()> {
 }
 
 /// Pre-commit work, in order: encryption counts, the decrypt audit entries (which
-/// may create a ledger key and append), then the ledger heads those appends moved.
+/// may create a ledger key and append), the ledger heads those appends moved, and
+/// with `pgseal.strict_context`, clearing the tenant and user settings.
 fn pre_commit() {
-    if TX.with(|t| t.borrow().encryptions.is_empty()) && !crate::ledger::has_pending_work() {
+    if TX.with(|t| t.borrow().encryptions.is_empty())
+        && !crate::ledger::has_pending_work()
+        && !crate::gucs::STRICT_CONTEXT.get()
+    {
         return;
     }
     // At pre-commit no portal holds a snapshot; SPI needs one.
@@ -67,7 +71,8 @@ fn pre_commit() {
     let r = flush_encryptions()
         .and_then(|_| crate::ledger::audit::flush_decrypts())
         .and_then(|_| flush_encryptions())
-        .and_then(|_| crate::ledger::heads::flush());
+        .and_then(|_| crate::ledger::heads::flush())
+        .and_then(|_| crate::context::clear_if_strict());
     r.or_raise();
     // SAFETY: pops the snapshot pushed above.
     unsafe { pg_sys::PopActiveSnapshot() };

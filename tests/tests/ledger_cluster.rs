@@ -26,10 +26,23 @@ fn append_retrying(c: &mut postgres::Client, level: &str, tenant: &str, i: usize
             Err(e) if is_retryable(&e) => {
                 c.batch_execute("ROLLBACK").unwrap();
                 retries += 1;
+                // Under REPEATABLE READ a snapshot taken while another session held
+                // the tenant's lock is stale by the time this one gets it; backing
+                // off with jitter lets a retry start when the lock is free.
+                let cap = 1u64 << retries.min(5);
+                std::thread::sleep(Duration::from_micros(jitter(cap * 500)));
             }
             Err(e) => panic!("append at {level}: {e}"),
         }
     }
+}
+
+/// A pseudo-random delay below `max_us`, different per thread and call.
+fn jitter(max_us: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish() % max_us.max(1)
 }
 
 /// (ok, checked, problem) from ledger_verify for a tenant, plus count and max(seq).

@@ -1,3 +1,4 @@
 //! In-process tests, run by `cargo pgrx test` (see scripts/pgtest.sh).
 mod vault;
 mod ledger;
+mod tenancy;

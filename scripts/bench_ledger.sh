@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Ledger rows of `make bench`. Sourced by scripts/bench.sh with the bench cluster
+# running (psql_, PORT and ROOT set). Each figure is measured against a peer in the
+# same run and printed as a ratio.
+#   1. ledger_append, 1 client, one transaction each  vs  plain INSERT, same shape
+#   2. ledger_append, 16 clients over 1,000 tenants    vs  plain INSERT, same load
+#   3. appends inside one transaction (per second)
+#   4. ledger_verify                                   vs  a PL/pgSQL + pgcrypto verifier
+set -euo pipefail
+SECS=${PGSEAL_BENCH_SECONDS:-10}
+CHAIN=${PGSEAL_BENCH_CHAIN:-200000}
+PGBENCH=/usr/lib/postgresql/15/bin/pgbench
+W=$(mktemp -d); trap 'rm -rf "$W" "$KEYFILE"; bash "$ROOT/scripts/cluster.sh" stop "$DIR"' EXIT
+
+psql_ <<'SQL'
+CREATE TABLE plain_ledger (LIKE pgseal.ledger INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+ALTER TABLE plain_ledger ADD PRIMARY KEY (tenant_id, seq);
+CREATE SEQUENCE plain_seq;
+-- The PL/pgSQL peer: the same hash encoding (docs/FORMAT.md) with pgcrypto's
+-- digest() and hmac(). It checks hashes and links for real; it computes the HMAC
+-- with a stand-in key (it cannot unwrap the tenant's), so that work is counted.
+CREATE FUNCTION plpgsql_verify(t text) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    r record; prev bytea := decode(repeat('00', 32), 'hex'); h bytea; bad bigint := 0; n bigint := 0;
+    lp_t bytea := int4send(octet_length(convert_to(t, 'UTF8'))) || convert_to(t, 'UTF8');
+BEGIN
+    FOR r IN SELECT * FROM pgseal.ledger WHERE tenant_id = t ORDER BY seq LOOP
+        h := digest('pgseal:v1:ledger'::bytea || '\x00'::bytea || r.prev_hash || lp_t || int8send(r.seq)
+                    || int8send((extract(epoch FROM r.recorded_at) * 1000000)::bigint)
+                    || int4send(octet_length(convert_to(r.actor, 'UTF8'))) || convert_to(r.actor, 'UTF8')
+                    || int4send(octet_length(convert_to(r.event, 'UTF8'))) || convert_to(r.event, 'UTF8')
+                    || int4send(octet_length(convert_to(r.payload::text, 'UTF8'))) || convert_to(r.payload::text, 'UTF8'),
+                    'sha256');
+        IF h <> r.hash OR r.prev_hash <> prev THEN bad := bad + 1; END IF;
+        PERFORM hmac(h, '\x0102'::bytea, 'sha256') = r.mac;
+        prev := r.hash; n := n + 1;
+    END LOOP;
+    IF bad > 0 THEN RAISE EXCEPTION 'plpgsql_verify found % bad entries of %', bad, n; END IF;
+    RETURN n;
+END $$;
+SQL
+
+# pgbench transactions per second of a script, with C clients.
+tps() {
+    local script=$1 clients=$2
+    "$PGBENCH" -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c "$clients" -j 2 -T "$SECS" -f "$script" postgres 2>/dev/null \
+        | sed -n 's/^tps = \([0-9.]*\) .*/\1/p'
+}
+cat > "$W/append1.sql" <<'SQL'
+SELECT set_config('app.tenant_id', 'solo', false);
+SELECT seq FROM pgseal.ledger_append('order.update', '{"order": 1, "status": "paid"}');
+SQL
+cat > "$W/insert1.sql" <<'SQL'
+SELECT set_config('app.tenant_id', 'solo', false);
+INSERT INTO plain_ledger VALUES ('solo', nextval('plain_seq'), now(), 'bench', 'order.update',
+  '{"order": 1, "status": "paid"}', '\x0000000000000000000000000000000000000000000000000000000000000000',
+  '\x0000000000000000000000000000000000000000000000000000000000000000', '\x0000000000000000000000000000000000000000000000000000000000000000');
+SQL
+cat > "$W/append16.sql" <<'SQL'
+\set t random(1, 1000)
+SELECT set_config('app.tenant_id', 'm' || :t, false);
+SELECT seq FROM pgseal.ledger_append('order.update', '{"order": 1, "status": "paid"}');
+SQL
+cat > "$W/insert16.sql" <<'SQL'
+\set t random(1, 1000)
+SELECT set_config('app.tenant_id', 'm' || :t, false);
+INSERT INTO plain_ledger VALUES ('m' || :t, nextval('plain_seq'), now(), 'bench', 'order.update',
+  '{"order": 1, "status": "paid"}', '\x0000000000000000000000000000000000000000000000000000000000000000',
+  '\x0000000000000000000000000000000000000000000000000000000000000000', '\x0000000000000000000000000000000000000000000000000000000000000000');
+SQL
+
+ins1=$(tps "$W/insert1.sql" 1); app1=$(tps "$W/append1.sql" 1)
+ins16=$(tps "$W/insert16.sql" 16); app16=$(tps "$W/append16.sql" 16)
+
+# Appends inside one transaction; then verify that chain both ways (fastest of 3).
+ms_of() { psql_ -c '\timing on' -c "$1" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -1; }
+bulk=$(ms_of "BEGIN; SET LOCAL app.tenant_id = 'bulk';
+  SELECT count(*) FROM generate_series(1, $CHAIN) g, LATERAL pgseal.ledger_append('e', to_jsonb('order-' || g)) a; COMMIT;" | sort -n | tail -1)
+best() { for _ in 1 2 3; do ms_of "$1"; done | sort -n | head -1; }
+ver=$(best "SELECT checked FROM pgseal.ledger_verify('bulk') WHERE ok")
+peer=$(best "SELECT plpgsql_verify('bulk')")
+ok=$(psql_ -c "SELECT ok AND checked = $CHAIN FROM pgseal.ledger_verify('bulk')")
+[ "$ok" = "t" ] || { echo "ledger_verify did not verify the bulk chain" >&2; exit 1; }
+
+python3 - "$ins1" "$app1" "$ins16" "$app16" "$CHAIN" "$bulk" "$ver" "$peer" <<'PY'
+import sys
+ins1, app1, ins16, app16 = map(float, sys.argv[1:5])
+chain = int(sys.argv[5]); bulk, ver, peer = map(float, sys.argv[6:9])
+print("| ledger figure | measured | peer | ratio | target |")
+print("|---|---:|---:|---:|---|")
+print("| ledger_append, 1 client, 1 txn each (tps) | %.0f | plain INSERT %.0f | %.2f× the INSERT's time | ≤ 1.3× |" % (app1, ins1, ins1 / app1))
+print("| ledger_append, 16 clients, 1,000 tenants (tps) | %.0f | plain INSERT %.0f | %.2f× its throughput | ≥ 0.75× |" % (app16, ins16, app16 / ins16))
+print("| appends inside one transaction (%d) | %.0f /s | — | — | ≥ 150k/s |" % (chain, chain / bulk * 1000))
+print("| ledger_verify (%d entries) | %.0f /s | PL/pgSQL+pgcrypto %.0f /s | %.1f× faster | ≥ 1 M/s and ≥ 3× |" % (chain, chain / ver * 1000, chain / peer * 1000, peer / ver))
+PY

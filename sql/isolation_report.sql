@@ -1,0 +1,134 @@
+-- pgseal.isolation_report(): every way a tenant-scoped table can escape row level
+-- security, one row per finding. A table is tenant-scoped when it has a column named
+-- in pgseal.tenant_column_names (default {tenant_id}). Objects that belong to an
+-- extension, and the system schemas, are not checked. A clean database returns no rows.
+
+CREATE FUNCTION pgseal._tenant_column_names() RETURNS name[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal
+AS $$
+    SELECT coalesce(nullif(current_setting('pgseal.tenant_column_names', true), ''), '{tenant_id}')::name[]
+$$;
+
+CREATE FUNCTION pgseal.isolation_report()
+RETURNS TABLE (severity text, object text, problem text, fix text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal
+AS $$
+WITH user_rel AS (
+    SELECT c.oid, c.relname, c.relkind, c.relrowsecurity, c.relforcerowsecurity, c.relowner, c.relacl,
+           c.reloptions, c.relispartition, c.oid::regclass::text AS obj
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+      AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+),
+tenant_tab AS (
+    SELECT r.*, a.attname AS tcol
+    FROM user_rel r
+    JOIN LATERAL (
+        SELECT a.attname FROM pg_attribute a
+        WHERE a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attname = ANY (pgseal._tenant_column_names())
+        ORDER BY a.attnum LIMIT 1
+    ) a ON true
+    WHERE r.relkind IN ('r', 'p')
+),
+pol AS (
+    SELECT t.oid, t.obj, t.tcol, p.polname, p.polpermissive,
+           coalesce(pg_get_expr(p.polqual, p.polrelid), '') AS qual,
+           coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '') AS chk
+    FROM tenant_tab t JOIN pg_policy p ON p.polrelid = t.oid
+),
+-- A predicate mentions the tenant when it compares the tenant column.
+tenant_pred AS (
+    SELECT pol.*, (qual ~ ('(^|[^a-z0-9_."])' || quote_ident(tcol) || '([^a-z0-9_"]|$)')
+                   AND qual ~ '(current_tenant|current_setting)\(') AS has_tenant
+    FROM pol
+),
+restricted AS (
+    SELECT DISTINCT oid FROM tenant_pred WHERE NOT polpermissive AND has_tenant
+)
+-- RLS off, not forced, or no policy.
+SELECT 'error', t.obj, 'row level security is off on a tenant table',
+       format('SELECT pgseal.tenant_protect(%L, %L);', t.obj, t.tcol)
+FROM tenant_tab t WHERE NOT t.relrowsecurity
+UNION ALL
+SELECT 'error', t.obj, 'row level security is not forced, so the table owner bypasses it',
+       format('ALTER TABLE %s FORCE ROW LEVEL SECURITY;', t.obj)
+FROM tenant_tab t WHERE t.relrowsecurity AND NOT t.relforcerowsecurity
+UNION ALL
+SELECT 'error', t.obj, 'row level security is on but the table has no policy, so it shows no rows to anyone',
+       format('SELECT pgseal.tenant_protect(%L, %L);', t.obj, t.tcol)
+FROM tenant_tab t WHERE t.relrowsecurity AND NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = t.oid)
+UNION ALL
+-- A permissive policy that does not restrict to the tenant, with no restrictive one that does.
+SELECT 'error', p.obj,
+       CASE WHEN p.qual IN ('', 'true') AND p.chk IN ('', 'true')
+            THEN format('policy %s allows every row (USING (true))', p.polname)
+            ELSE format('policy %s has no tenant predicate', p.polname) END,
+       format('DROP POLICY %I ON %s; SELECT pgseal.tenant_protect(%L, %L);', p.polname, p.obj, p.obj, p.tcol)
+FROM tenant_pred p
+WHERE p.polpermissive AND NOT p.has_tenant AND p.oid NOT IN (SELECT oid FROM restricted)
+UNION ALL
+-- current_tenant()/current_setting() called directly in the predicate runs per row.
+SELECT 'warning', p.obj, format('policy %s evaluates the tenant once per row', p.polname),
+       format('DROP POLICY %I ON %s; SELECT pgseal.tenant_protect(%L, %L);', p.polname, p.obj, p.obj, p.tcol)
+FROM tenant_pred p
+WHERE (p.qual || ' ' || p.chk) ~ '(current_tenant|current_setting)\('
+  AND regexp_replace(p.qual || ' ' || p.chk, '\(\s*SELECT\s+[^()]*\([^()]*\)[^()]*\)', '', 'g')
+      ~ '(current_tenant|current_setting)\('
+UNION ALL
+SELECT 'warning', t.obj, format('no index has %s as its first column, so every tenant query scans the table', t.tcol),
+       format('CREATE INDEX ON %s (%I);', t.obj, t.tcol)
+FROM tenant_tab t WHERE t.relkind = 'r' AND NOT pgseal._has_leading_index(t.oid, t.tcol)
+UNION ALL
+-- A partition or inheritance child queried directly is protected only by its own policies.
+SELECT 'error', c.oid::regclass::text, format('child of %s lacks its parent''s row level security', par.obj),
+       format('SELECT pgseal.tenant_protect(%L, %L);', c.oid::regclass::text, par.tcol)
+FROM tenant_tab par
+JOIN pg_inherits i ON i.inhparent = par.oid
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE par.relrowsecurity
+  AND (NOT c.relrowsecurity OR NOT c.relforcerowsecurity OR NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid))
+UNION ALL
+-- Views run as their owner unless security_invoker is set, so RLS sees the owner.
+SELECT 'error', v.obj, format('view reads tenant table %s without security_invoker', t.obj),
+       format('ALTER VIEW %s SET (security_invoker = true);', v.obj)
+FROM user_rel v
+JOIN pg_rewrite rw ON rw.ev_class = v.oid
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid AND d.refclassid = 'pg_class'::regclass
+JOIN tenant_tab t ON t.oid = d.refobjid
+WHERE v.relkind = 'v' AND t.oid <> v.oid
+  AND NOT coalesce(v.reloptions @> '{security_invoker=true}' OR v.reloptions @> '{security_invoker=on}', false)
+GROUP BY v.obj, t.obj
+UNION ALL
+SELECT 'error', v.obj, format('materialized view copies tenant table %s; row level security does not apply to it', t.obj),
+       format('DROP MATERIALIZED VIEW %s;', v.obj)
+FROM user_rel v
+JOIN pg_rewrite rw ON rw.ev_class = v.oid
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid AND d.refclassid = 'pg_class'::regclass
+JOIN tenant_tab t ON t.oid = d.refobjid
+WHERE v.relkind = 'm' AND t.oid <> v.oid
+GROUP BY v.obj, t.obj
+UNION ALL
+SELECT 'error', quote_ident(r.rolname), 'role bypasses row level security (BYPASSRLS) without being a superuser',
+       format('ALTER ROLE %I NOBYPASSRLS;', r.rolname)
+FROM pg_roles r WHERE r.rolbypassrls AND NOT r.rolsuper
+UNION ALL
+-- TRUNCATE ignores row level security.
+SELECT 'error', t.obj, format('TRUNCATE is granted to %s, and TRUNCATE ignores row level security',
+                              CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END),
+       format('REVOKE TRUNCATE ON %s FROM %s;', t.obj,
+              CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)
+FROM tenant_tab t, aclexplode(t.relacl) a
+WHERE a.privilege_type = 'TRUNCATE' AND a.grantee <> t.relowner
+UNION ALL
+SELECT 'warning', p.oid::regprocedure::text, 'SECURITY DEFINER function without a pinned search_path',
+       format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp;', p.oid::regprocedure::text)
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.prosecdef
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+  AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search\_path=%')
+$$;

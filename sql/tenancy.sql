@@ -1,0 +1,194 @@
+-- pgseal tenancy: the pooler-safe context setter, RLS policy helpers, organisation
+-- roles, and the isolation linter. Policies call pgseal.current_tenant() and
+-- pgseal.current_user_id() inside a sub-select, so the planner evaluates each once per
+-- query (an InitPlan) and can use an index on the tenant column.
+
+-- Sets the tenant (and user) for the current transaction only. A real SET LOCAL,
+-- because set_config(..., true) is not propagated by Citus (docs/SECURITY.md).
+CREATE FUNCTION pgseal.set_tenant(tenant text, user_id text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal
+AS $$
+BEGIN
+    IF tenant IS NULL OR tenant = '' THEN
+        RAISE EXCEPTION 'tenant must not be NULL or empty' USING ERRCODE = '22023';
+    END IF;
+    EXECUTE format('SET LOCAL %s = %L', pgseal._context_setting('tenant'), tenant);
+    -- A NULL user clears any user left from earlier in the transaction.
+    EXECUTE format('SET LOCAL %s = %L', pgseal._context_setting('user'), coalesce(user_id, ''));
+END
+$$;
+
+-- Organisation membership. The role order is owner > admin > member > viewer.
+CREATE TYPE pgseal.org_role AS ENUM ('owner', 'admin', 'member', 'viewer');
+
+CREATE TABLE pgseal.org_members (
+    tenant_id text NOT NULL CHECK (tenant_id <> ''),
+    org_id    text NOT NULL CHECK (org_id <> ''),
+    user_id   text NOT NULL CHECK (user_id <> ''),
+    role      pgseal.org_role NOT NULL,
+    PRIMARY KEY (tenant_id, org_id, user_id)
+);
+CREATE INDEX org_members_by_user ON pgseal.org_members (tenant_id, user_id);
+
+-- The organisations in which the current user holds at least `min_role`, in the
+-- current tenant. SECURITY DEFINER so that policies on org_members itself can use it
+-- without recursing into those policies.
+CREATE FUNCTION pgseal._my_orgs(min_role pgseal.org_role) RETURNS text[]
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+    SELECT coalesce(array_agg(m.org_id), '{}')
+    FROM pgseal.org_members m
+    WHERE m.tenant_id = pgseal.current_tenant()
+      AND m.user_id = pgseal.current_user_id()
+      AND m.role <= min_role
+$$;
+
+-- Whether an organisation has any member yet (its first owner may add themselves).
+CREATE FUNCTION pgseal._org_exists(org text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pgseal.org_members m WHERE m.tenant_id = pgseal.current_tenant() AND m.org_id = org)
+$$;
+
+ALTER TABLE pgseal.org_members ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pgseal.org_members FORCE ROW LEVEL SECURITY;
+CREATE POLICY org_members_tenant ON pgseal.org_members AS RESTRICTIVE FOR ALL
+    USING (tenant_id = (SELECT pgseal.current_tenant()))
+    WITH CHECK (tenant_id = (SELECT pgseal.current_tenant()));
+CREATE POLICY org_members_read ON pgseal.org_members FOR SELECT
+    USING (true);
+-- Only an org's owners and admins change its membership; an org's first member is
+-- its creator, as owner.
+CREATE POLICY org_members_insert ON pgseal.org_members FOR INSERT
+    WITH CHECK (org_id = ANY ((SELECT pgseal._my_orgs('admin'))::text[])
+                OR (role = 'owner' AND user_id = (SELECT pgseal.current_user_id()) AND NOT pgseal._org_exists(org_id)));
+CREATE POLICY org_members_update ON pgseal.org_members FOR UPDATE
+    USING (org_id = ANY ((SELECT pgseal._my_orgs('admin'))::text[]))
+    WITH CHECK (org_id = ANY ((SELECT pgseal._my_orgs('admin'))::text[]));
+CREATE POLICY org_members_delete ON pgseal.org_members FOR DELETE
+    USING (org_id = ANY ((SELECT pgseal._my_orgs('admin'))::text[]));
+GRANT SELECT, INSERT, UPDATE, DELETE ON pgseal.org_members TO PUBLIC;
+
+-- The type of a column, as SQL text; 42703 when the table has no such column.
+CREATE FUNCTION pgseal._column_type(rel regclass, col name) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE t text;
+BEGIN
+    SELECT format_type(a.atttypid, a.atttypmod) INTO t FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF t IS NULL THEN
+        RAISE EXCEPTION 'column % of % does not exist', col, rel USING ERRCODE = '42703';
+    END IF;
+    RETURN t;
+END
+$$;
+
+-- The table and, for a partitioned table, every partition below it.
+CREATE FUNCTION pgseal._with_partitions(rel regclass) RETURNS SETOF regclass
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal
+AS $$
+    WITH RECURSIVE t(oid) AS (
+        SELECT rel::oid
+        UNION ALL
+        SELECT i.inhrelid FROM pg_inherits i JOIN t ON i.inhparent = t.oid
+    )
+    SELECT oid::regclass FROM t
+$$;
+
+-- Whether some index of rel has col as its first column.
+CREATE FUNCTION pgseal._has_leading_index(rel regclass, col name) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal
+AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indrelid = rel AND a.attname = col)
+$$;
+
+CREATE FUNCTION pgseal.tenant_protect(rel regclass, tenant_column name DEFAULT 'tenant_id') RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    t    regclass;
+    typ  text := pgseal._column_type(rel, tenant_column);
+    pred text := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, typ);
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
+    END IF;
+    FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format('DROP POLICY IF EXISTS pgseal_tenant ON %s', t);
+        EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
+        IF (SELECT relkind FROM pg_class WHERE oid = t) = 'r' AND NOT pgseal._has_leading_index(t, tenant_column) THEN
+            RAISE WARNING 'pgseal: % has no index whose first column is %', t, tenant_column
+                USING HINT = format('CREATE INDEX ON %s (%I);', t, tenant_column);
+        END IF;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pgseal.tenant_unprotect(rel regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    t regclass;
+    p name;
+BEGIN
+    FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
+            EXECUTE format('DROP POLICY %I ON %s', p, t);
+        END LOOP;
+        EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', t);
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pgseal.org_protect(rel regclass, owner_column name, org_column name, tenant_column name DEFAULT 'tenant_id')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    t       regclass;
+    tenant  text := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
+    owner   text := format('%I = (SELECT pgseal.current_user_id())::%s', owner_column, pgseal._column_type(rel, owner_column));
+    org_typ text := pgseal._column_type(rel, org_column);
+    viewer  text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
+    member  text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
+    admin   text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
+    p       name;
+BEGIN
+    IF (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
+    END IF;
+    FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
+            EXECUTE format('DROP POLICY %I ON %s', p, t);
+        END LOOP;
+        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', t);
+        -- Nothing ever crosses tenants, whatever the permissive policies allow.
+        EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
+        EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, owner, owner);
+        EXECUTE format('CREATE POLICY pgseal_org_select ON %s FOR SELECT USING (%s)', t, viewer);
+        EXECUTE format('CREATE POLICY pgseal_org_insert ON %s FOR INSERT WITH CHECK (%s)', t, member);
+        EXECUTE format('CREATE POLICY pgseal_org_update ON %s FOR UPDATE USING (%s) WITH CHECK (%s)', t, member, member);
+        EXECUTE format('CREATE POLICY pgseal_org_delete ON %s FOR DELETE USING (%s)', t, admin);
+        IF (SELECT relkind FROM pg_class WHERE oid = t) = 'r' AND NOT pgseal._has_leading_index(t, tenant_column) THEN
+            RAISE WARNING 'pgseal: % has no index whose first column is %', t, tenant_column
+                USING HINT = format('CREATE INDEX ON %s (%I);', t, tenant_column);
+        END IF;
+    END LOOP;
+END
+$$;
