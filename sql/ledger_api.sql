@@ -7,7 +7,8 @@
 CREATE FUNCTION pgseal.ledger_append(event text, payload jsonb DEFAULT '{}', actor text DEFAULT NULL)
 RETURNS TABLE (seq bigint, hash text)
 LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pgseal
+-- No SET search_path: the body names everything by schema (text is pg_catalog's),
+-- and a SET clause would cost a settings save and restore on every append.
 AS $$ SELECT a.seq, a.hash FROM pgseal._ledger_append(event, payload::text, actor) AS a $$;
 
 COMMENT ON FUNCTION pgseal.ledger_append(text, jsonb, text) IS
