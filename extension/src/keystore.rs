@@ -129,6 +129,14 @@ fn lock_tenant(tenant: &str, purpose: Purpose) {
 /// 40001 (from ON CONFLICT) instead of creating a second one.
 pub fn ensure_active(tenant: &str, purpose: Purpose, rotate: bool) -> SealResult<(StoredKey, SecretKey)> {
     as_owner(|| {
+        // The common case, a key that exists, needs no lock: active keys are only
+        // replaced under the lock, and a reader may use the one it sees.
+        if !rotate {
+            if let Some(existing) = fetch_active(tenant, purpose)? {
+                let key = existing.unwrap()?;
+                return Ok((existing, key));
+            }
+        }
         lock_tenant(tenant, purpose);
         if !rotate {
             if let Some(existing) = fetch_active(tenant, purpose)? {

@@ -22,25 +22,38 @@ impl Drop for RestoreUser {
 }
 
 thread_local! {
-    /// The extension owner, looked up once per transaction (the ledger's append
-    /// path switches identity on every call).
+    /// The extension owner for this transaction (the ledger's append path switches
+    /// identity on every call).
     static OWNER: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
+    /// (extension oid, owner) as last read from pg_extension, reused while the
+    /// extension's oid is unchanged: DROP and CREATE EXTENSION give a new oid.
+    static KNOWN: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
 }
 
 fn extension_owner() -> pg_sys::Oid {
     if let Some(o) = OWNER.with(|c| c.get()) {
         return o;
     }
-    let o = crate::plans::first_row(
-        "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgseal'",
-        &[],
-        &[],
-        |r| Ok(r.get::<pg_sys::Oid>(1)?),
-    )
-    .ok()
-    .flatten()
-    .flatten()
-    .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
+    // SAFETY: a catalog lookup by name; with missing_ok it returns InvalidOid
+    // instead of raising.
+    let ext = unsafe { pg_sys::get_extension_oid(c"pgseal".as_ptr(), true) };
+    let o = match KNOWN.with(|c| c.get()) {
+        Some((known_ext, owner)) if known_ext == ext => owner,
+        _ => {
+            let owner = crate::plans::first_row(
+                "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgseal'",
+                &[],
+                &[],
+                |r| Ok(r.get::<pg_sys::Oid>(1)?),
+            )
+            .ok()
+            .flatten()
+            .flatten()
+            .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
+            KNOWN.with(|c| c.set(Some((ext, owner))));
+            owner
+        }
+    };
     OWNER.with(|c| c.set(Some(o)));
     o
 }

@@ -46,10 +46,10 @@ pub fn _ledger_tenant(tenant: Option<&str>) -> String {
 }
 
 fn signed_at_now() -> SealResult<String> {
-    Ok(Spi::get_one::<String>(
+    Spi::get_one::<String>(
         "SELECT pg_catalog.to_char(pg_catalog.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
     )?
-    .ok_or(SealError::Internal("no timestamp"))?)
+    .ok_or(SealError::Internal("no timestamp"))
 }
 
 /// Signs the tenant's current head (seq, hash) with the Ed25519 key derived from

@@ -40,7 +40,6 @@ thread_local! {
     static HEADS: RefCell<HashMap<String, Head>> = RefCell::new(HashMap::new());
 }
 
-const LOCK: &str = "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgseal.ledger:' || $1, 0))";
 const SELECT_HEAD: &str = "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1 FOR UPDATE";
 const INSERT_HEAD: &str =
     "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING";
@@ -60,7 +59,7 @@ fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
 /// `reload` (after a subtransaction abort), entries this transaction appended
 /// earlier lie past the committed head and are found in the table.
 fn lock_and_load(tenant: &str, reload: bool) -> SealResult<(i64, Hash)> {
-    plans::run(LOCK, &[plans::TEXT], &[tenant.into()])?;
+    advisory_xact_lock(tenant);
     let head = match select_head(tenant)? {
         Some(h) => h,
         None => {
@@ -74,6 +73,32 @@ fn lock_and_load(tenant: &str, reload: bool) -> SealResult<(i64, Hash)> {
         return Ok(own_tail_after(tenant, head.0)?.unwrap_or(head));
     }
     Ok(head)
+}
+
+unsafe extern "C-unwind" {
+    /// PostgreSQL's V1 function behind `pg_advisory_xact_lock(bigint)`; declared here
+    /// because pgrx's binding is a Rust wrapper, not a function pointer.
+    fn pg_advisory_xact_lock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+}
+
+/// Takes the tenant's transaction-scoped advisory lock (as `pg_advisory_xact_lock`
+/// would), keyed by the first 8 bytes of SHA-256("pgseal.ledger:" || tenant). Called
+/// directly rather than through SQL because every appending transaction takes it.
+fn advisory_xact_lock(tenant: &str) {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new().chain_update(b"pgseal.ledger:").chain_update(tenant.as_bytes()).finalize();
+    let key = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
+    // SAFETY: pg_advisory_xact_lock_int8 is a V1 SQL function taking one int8 and
+    // returning void; DirectFunctionCall1Coll builds its call frame. It may wait,
+    // or raise (deadlock, cancel), which pgrx's guard turns into a Rust panic that
+    // propagates as the PostgreSQL ERROR.
+    unsafe {
+        pg_sys::DirectFunctionCall1Coll(
+            Some(pg_advisory_xact_lock_int8),
+            pg_sys::InvalidOid,
+            pg_sys::Datum::from(key),
+        );
+    }
 }
 
 fn to_hash(bytes: &[u8]) -> SealResult<Hash> {
