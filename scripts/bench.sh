@@ -2,6 +2,7 @@
 # make bench: one run, one table, ratios against peers measured in the same run.
 # Vault: vault_decrypt vs pgcrypto decrypt_iv (AES-256-CBC) vs pgp_sym_decrypt vs length(),
 # over N sealed 60-byte tokens (default 200000). Ledger: scripts/bench_ledger.sh.
+# Tenancy: scripts/bench_tenancy.sh.
 # The cluster runs with fsync on, as production does, since the ledger rows commit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -69,3 +70,5 @@ print("pgp_sym_decrypt vs vault_decrypt: %.0f× slower (target ≥ 300×)" % (ro
 PY
 echo
 source "$ROOT/scripts/bench_ledger.sh"
+echo
+source "$ROOT/scripts/bench_tenancy.sh"

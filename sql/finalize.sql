@@ -62,3 +62,12 @@ GRANT EXECUTE ON FUNCTION
     pgseal.org_protect(regclass, name, name, name),
     pgseal.isolation_report()
 TO PUBLIC;
+
+-- Jobs that pgseald runs, as a member of pgseal_admin.
+GRANT EXECUTE ON FUNCTION
+    pgseal.retention_set(regclass, interval, name, text),
+    pgseal.retention_hold(text, boolean),
+    pgseal.vault_register_column(regclass, name, text),
+    pgseal._key_usage(),
+    pgseal._tenants_of(regclass)
+TO pgseal_admin;

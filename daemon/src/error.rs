@@ -14,6 +14,8 @@ pub enum DaemonError {
     File(String, String),
     #[error("{0}")]
     Usage(&'static str),
+    #[error("{0}")]
+    Config(String),
     #[error("checkpoint for tenant {0} at seq {1} does not carry a valid signature for the given public key")]
     BadCheckpoint(String, i64),
 }
@@ -25,7 +27,7 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Runtime(_) => 1,
-            DaemonError::BadUrl | DaemonError::File(..) | DaemonError::Usage(_) => 2,
+            DaemonError::BadUrl | DaemonError::File(..) | DaemonError::Usage(_) | DaemonError::Config(_) => 2,
             DaemonError::BadCheckpoint(..) => 5,
             DaemonError::Connect(_) | DaemonError::Query(_) => 4,
         }

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use tokio_postgres::NoTls;
 
 mod error;
+mod jobs;
 mod ledger;
+mod progress;
+mod retention;
+mod rotate;
 use error::DaemonError;
 
 /// Exit code of a failed ledger verification.
@@ -31,10 +35,63 @@ enum Command {
         #[arg(long, env = "PGSEALD_DATABASE_URL")]
         database_url: String,
     },
+    /// Key rotation.
+    Rotate {
+        #[command(subcommand)]
+        command: RotateCommand,
+        /// libpq connection string or postgres:// URL.
+        #[arg(long, env = "PGSEALD_DATABASE_URL", global = true)]
+        database_url: Option<String>,
+    },
+    /// Per-tenant retention.
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+        /// libpq connection string or postgres:// URL.
+        #[arg(long, env = "PGSEALD_DATABASE_URL", global = true)]
+        database_url: Option<String>,
+    },
     /// Tenant ledgers.
     Ledger {
         #[command(subcommand)]
         command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RotateCommand {
+    /// Rewrap every tenant key under the active master key version (kek_rewrap until 0).
+    Kek {
+        #[arg(long, default_value_t = 1000)]
+        batch: i32,
+    },
+    /// New data key for a tenant, then reseal its registered columns under it.
+    Tenant {
+        tenant: String,
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RetentionCommand {
+    /// Delete, per tenant and table, the rows older than the tenant's window.
+    Run {
+        /// Print what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Rows per delete transaction.
+        #[arg(long, default_value_t = 5000)]
+        batch: i64,
+        /// lock_timeout of each delete transaction, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        lock_timeout_ms: u64,
+        /// Pause between batches, in milliseconds.
+        #[arg(long, default_value_t = 10)]
+        pause_ms: u64,
     },
 }
 
@@ -79,6 +136,54 @@ fn try_main(cli: Cli) -> Result<ExitCode, DaemonError> {
     rt.block_on(async {
         match cli.command {
             Command::Status { database_url } => status(&database_url).await,
+            Command::Rotate { command, database_url } => {
+                let url = database_url.ok_or(DaemonError::Usage("give --database-url or PGSEALD_DATABASE_URL"))?;
+                let mut client = connect(&url).await?;
+                match command {
+                    RotateCommand::Kek { batch } => {
+                        let run = jobs::start(&client, "rotate.kek").await?;
+                        let r = rotate::kek(&client, batch).await;
+                        let detail = serde_json::json!({ "rewrapped": r.as_ref().ok() });
+                        jobs::finish(&client, run, r.is_ok(), detail).await;
+                        println!("rewrapped {} tenant keys", r?);
+                    }
+                    RotateCommand::Tenant { tenant, batch } => {
+                        let run = jobs::start(&client, "rotate.tenant").await?;
+                        let r = rotate::tenant(&mut client, &tenant, batch).await;
+                        let detail = match &r {
+                            Ok((key, n)) => serde_json::json!({ "tenant": tenant, "key_id": key, "resealed": n }),
+                            Err(e) => serde_json::json!({ "tenant": tenant, "error": e.to_string() }),
+                        };
+                        jobs::finish(&client, run, r.is_ok(), detail).await;
+                        let (key, n) = r?;
+                        println!("tenant {tenant}: new key {key}, {n} values resealed");
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Retention { command: RetentionCommand::Run { dry_run, tenant, batch, lock_timeout_ms, pause_ms }, database_url } => {
+                if batch <= 0 {
+                    return Err(DaemonError::Usage("--batch must be positive"));
+                }
+                let url = database_url.ok_or(DaemonError::Usage("give --database-url or PGSEALD_DATABASE_URL"))?;
+                let mut client = connect(&url).await?;
+                let opts = retention::Options { dry_run, tenant, batch, lock_timeout_ms, pause: std::time::Duration::from_millis(pause_ms) };
+                let run = if dry_run { None } else { Some(jobs::start(&client, "retention").await?) };
+                let r = retention::run(&mut client, &opts).await;
+                if let Some(run) = run {
+                    let deleted: u64 = r.as_ref().map(|o| o.iter().map(|x| x.rows).sum()).unwrap_or(0);
+                    jobs::finish(&client, run, r.is_ok(), serde_json::json!({ "deleted": deleted })).await;
+                }
+                for o in r? {
+                    let verb = if dry_run { "would delete" } else { "deleted" };
+                    if o.on_hold {
+                        println!("{} tenant {}: on legal hold, nothing deleted", o.rel, o.tenant);
+                    } else {
+                        println!("{} tenant {}: {verb} {} rows older than {}", o.rel, o.tenant, o.rows, o.cutoff);
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Ledger { command: LedgerCommand::Verify { tenant, file, checkpoints, public_key, database_url } } => {
                 let outcomes = match file {
                     Some(f) => ledger::verify_file(&f, checkpoints.as_deref(), public_key.as_deref(), tenant.as_deref())?,

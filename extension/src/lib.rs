@@ -39,6 +39,7 @@ extension_sql_file!(
     requires = ["ledger_api", context::current_tenant, context::current_user_id, context::_context_setting]
 );
 extension_sql_file!("../../sql/isolation_report.sql", name = "isolation_report", requires = ["tenancy"]);
+extension_sql_file!("../../sql/jobs.sql", name = "jobs", requires = ["isolation_report"]);
 extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -55,17 +55,22 @@ fn cell(c: &mut postgres::Client, context: Option<(&str, &str)>, op: &str, table
         },
         "UPDATE" => format!("UPDATE {table} SET body = body || '!' RETURNING tenant_id"),
         "DELETE" => format!("DELETE FROM {table} RETURNING tenant_id"),
-        _ => unreachable!(),
+        "COPY" => String::new(), // below, through the COPY protocol
+        _ => unreachable!("unknown operation {op}"),
     };
     let result = match op {
         "COPY" => {
             use std::io::Read;
             let mut out = String::new();
             match tx.copy_out(&format!("COPY (SELECT tenant_id FROM {table}) TO STDOUT")) {
-                Ok(mut r) => {
-                    r.read_to_string(&mut out).unwrap();
-                    Ok(out.lines().map(str::to_owned).collect::<Vec<_>>())
-                }
+                // The server's error arrives while reading, wrapped in an io::Error.
+                Ok(mut r) => match r.read_to_string(&mut out) {
+                    Ok(_) => Ok(out.lines().map(str::to_owned).collect::<Vec<_>>()),
+                    Err(e) => Err(*e
+                        .into_inner()
+                        .and_then(|inner| inner.downcast::<postgres::Error>().ok())
+                        .expect("a COPY read fails with the server's error")),
+                },
                 Err(e) => Err(e),
             }
         }

@@ -2,3 +2,4 @@
 mod vault;
 mod ledger;
 mod tenancy;
+mod jobs;

@@ -1,0 +1,165 @@
+//! `pgseald retention run`: per-tenant hard deletes of expired rows.
+//!
+//! For every table with a rule and every tenant in it, the effective window is the
+//! tenant's override, else the table's default; a tenant on legal hold is skipped.
+//! Deletes go in keyset batches (by ctid), each one transaction under the tenant's
+//! own context with a `lock_timeout`, with a pause between batches. Each tenant ×
+//! table that had a window ends with a 'retention.deleted' ledger receipt.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::error::DaemonError;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dry_run: bool,
+    pub tenant: Option<String>,
+    pub batch: i64,
+    pub lock_timeout_ms: u64,
+    pub pause: Duration,
+}
+
+/// What one tenant × table run did (or would do, in a dry run).
+#[derive(Debug)]
+pub struct Outcome {
+    pub rel: String,
+    pub tenant: String,
+    pub cutoff: String,
+    pub rows: u64,
+    pub on_hold: bool,
+}
+
+struct Rule {
+    keep: String,
+    time_column: String,
+    /// SQL type of the table's tenant_id, so the tenant compares without a cast on
+    /// the column (which would keep its index out of use).
+    tenant_type: String,
+}
+
+pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, DaemonError> {
+    // (rel, tenant or "" for the default) → rule
+    let mut rules: BTreeMap<String, BTreeMap<String, Rule>> = BTreeMap::new();
+    for r in client
+        .query(
+            "SELECT r.rel::text, coalesce(r.tenant_id, ''), r.keep::text, quote_ident(r.time_column), \
+                    (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                      WHERE a.attrelid = r.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped) \
+             FROM pgseal.retention_rules r",
+            &[],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+    {
+        rules.entry(r.get(0)).or_default().insert(
+            r.get(1),
+            Rule { keep: r.get(2), time_column: r.get(3), tenant_type: r.get::<_, Option<String>>(4).unwrap_or_else(|| "text".into()) },
+        );
+    }
+    let holds: Vec<String> = client
+        .query("SELECT tenant_id FROM pgseal.retention_holds", &[])
+        .await
+        .map_err(DaemonError::Query)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut out = Vec::new();
+    for (rel, by_tenant) in &rules {
+        let tenants: Vec<String> = match &opts.tenant {
+            Some(t) => vec![t.clone()],
+            None => client
+                .query("SELECT pgseal._tenants_of($1::text::regclass)", &[rel])
+                .await
+                .map_err(DaemonError::Query)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        };
+        for tenant in tenants {
+            let Some(rule) = by_tenant.get(&tenant).or_else(|| by_tenant.get("")) else { continue };
+            let cutoff: String = client
+                .query_one("SELECT (now() - $1::text::interval)::text", &[&rule.keep])
+                .await
+                .map_err(DaemonError::Query)?
+                .get(0);
+            if holds.contains(&tenant) {
+                tracing::info!(table = %rel, tenant = %tenant, "legal hold: nothing deleted");
+                out.push(Outcome { rel: rel.clone(), tenant, cutoff, rows: 0, on_hold: true });
+                continue;
+            }
+            let rows = if opts.dry_run {
+                count_expired(client, rel, &tenant, rule, &cutoff).await?
+            } else {
+                let n = delete_expired(client, rel, &tenant, rule, &cutoff, opts).await?;
+                receipt(client, rel, &tenant, rule, &cutoff, n).await?;
+                n
+            };
+            out.push(Outcome { rel: rel.clone(), tenant, cutoff, rows, on_hold: false });
+        }
+    }
+    Ok(out)
+}
+
+async fn count_expired(client: &mut Client, rel: &str, tenant: &str, rule: &Rule, cutoff: &str) -> Result<u64, DaemonError> {
+    let tx = client.transaction().await.map_err(DaemonError::Query)?;
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant]).await.map_err(DaemonError::Query)?;
+    let n: i64 = tx
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {rel} WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz",
+                rule.tenant_type, rule.time_column
+            ),
+            &[&tenant, &cutoff],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+        .get(0);
+    tx.rollback().await.map_err(DaemonError::Query)?;
+    Ok(n as u64)
+}
+
+async fn delete_expired(
+    client: &mut Client,
+    rel: &str,
+    tenant: &str,
+    rule: &Rule,
+    cutoff: &str,
+    opts: &Options,
+) -> Result<u64, DaemonError> {
+    let sql = format!(
+        "DELETE FROM {rel} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {rel} \
+         WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz LIMIT $3))",
+        rule.tenant_type, rule.time_column
+    );
+    let mut total = 0u64;
+    loop {
+        let tx = client.transaction().await.map_err(DaemonError::Query)?;
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", opts.lock_timeout_ms))
+            .await
+            .map_err(DaemonError::Query)?;
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant]).await.map_err(DaemonError::Query)?;
+        let n = tx.execute(&sql, &[&tenant, &cutoff, &opts.batch]).await.map_err(DaemonError::Query)?;
+        tx.commit().await.map_err(DaemonError::Query)?;
+        total += n;
+        if (n as i64) < opts.batch {
+            return Ok(total);
+        }
+        tokio::time::sleep(opts.pause).await;
+    }
+}
+
+async fn receipt(client: &mut Client, rel: &str, tenant: &str, rule: &Rule, cutoff: &str, rows: u64) -> Result<(), DaemonError> {
+    let tx = client.transaction().await.map_err(DaemonError::Query)?;
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant]).await.map_err(DaemonError::Query)?;
+    let payload = serde_json::json!({
+        "table": rel, "cutoff": cutoff, "keep": rule.keep, "deleted": rows,
+    });
+    tx.execute("SELECT pgseal.ledger_append('retention.deleted', $1::text::jsonb, 'pgseald')", &[&payload.to_string()])
+        .await
+        .map_err(DaemonError::Query)?;
+    tx.commit().await.map_err(DaemonError::Query)?;
+    Ok(())
+}

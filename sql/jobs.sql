@@ -1,0 +1,183 @@
+-- pgseal jobs: what pgseald orchestrates. Retention windows and legal holds, the
+-- registry of sealed columns that rotation reseals, key usage, and a bounded job
+-- history. The daemon calls these as a member of pgseal_admin; deletes and reseals run
+-- under each tenant's own context (pgseal.set_tenant), never with BYPASSRLS.
+
+CREATE TABLE pgseal.retention_rules (
+    rel         regclass    NOT NULL,
+    tenant_id   text        CHECK (tenant_id <> ''),
+    keep        interval    NOT NULL CHECK (keep > interval '0'),
+    time_column name        NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+-- One default (tenant NULL) and one override per tenant, per table.
+CREATE UNIQUE INDEX retention_rules_one ON pgseal.retention_rules (rel, (coalesce(tenant_id, '')));
+
+CREATE TABLE pgseal.retention_holds (
+    tenant_id text        PRIMARY KEY CHECK (tenant_id <> ''),
+    set_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    set_by    text        NOT NULL DEFAULT session_user
+);
+
+CREATE FUNCTION pgseal.retention_set(rel regclass, keep interval, time_column name DEFAULT 'created_at', tenant text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+#variable_conflict use_column
+DECLARE
+    typ oid;
+BEGIN
+    IF rel IS NULL OR keep IS NULL OR time_column IS NULL THEN
+        RAISE EXCEPTION 'rel, keep and time_column must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF keep <= interval '0' THEN
+        RAISE EXCEPTION 'keep must be a positive interval' USING ERRCODE = '22023';
+    END IF;
+    IF tenant = '' THEN
+        RAISE EXCEPTION 'tenant must not be empty; NULL sets the default' USING ERRCODE = '22023';
+    END IF;
+    SELECT a.atttypid INTO typ FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = time_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF typ IS NULL THEN
+        RAISE EXCEPTION 'column % of % does not exist', time_column, rel USING ERRCODE = '42703';
+    END IF;
+    IF typ NOT IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype) THEN
+        RAISE EXCEPTION 'column % of % is not a timestamp or date', time_column, rel USING ERRCODE = '42804';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = 'tenant_id' AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION '% has no tenant_id column', rel USING ERRCODE = '42703';
+    END IF;
+    INSERT INTO pgseal.retention_rules AS r (rel, tenant_id, keep, time_column)
+    VALUES (rel, tenant, keep, time_column)
+    ON CONFLICT (rel, (coalesce(tenant_id, ''))) DO UPDATE
+        SET keep = excluded.keep, time_column = excluded.time_column, updated_at = now();
+END
+$$;
+
+CREATE FUNCTION pgseal.retention_hold(tenant text, "on" boolean) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+BEGIN
+    IF tenant IS NULL OR "on" IS NULL THEN
+        RAISE EXCEPTION 'tenant and on must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF tenant = '' THEN
+        RAISE EXCEPTION 'tenant must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF "on" THEN
+        INSERT INTO pgseal.retention_holds (tenant_id) VALUES (tenant) ON CONFLICT DO NOTHING;
+    ELSE
+        DELETE FROM pgseal.retention_holds h WHERE h.tenant_id = tenant;
+    END IF;
+END
+$$;
+
+-- Every rule, with whether its tenant is on hold (a default rule's tenant is NULL).
+CREATE VIEW pgseal.retention_policies AS
+    SELECT r.rel, r.tenant_id, r.keep, r.time_column,
+           (r.tenant_id IS NOT NULL AND EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = r.tenant_id)) AS on_hold,
+           r.updated_at
+    FROM pgseal.retention_rules r;
+
+-- Sealed columns that rotation reseals.
+CREATE TABLE pgseal.sealed_columns (
+    rel     regclass NOT NULL,
+    col     name     NOT NULL,
+    context text,
+    PRIMARY KEY (rel, col)
+);
+
+CREATE FUNCTION pgseal.vault_register_column(rel regclass, col name, context text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+#variable_conflict use_column
+DECLARE
+    typ oid;
+BEGIN
+    SELECT a.atttypid INTO typ FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF typ IS NULL THEN
+        RAISE EXCEPTION 'column % of % does not exist', col, rel USING ERRCODE = '42703';
+    END IF;
+    IF typ <> 'text'::regtype THEN
+        RAISE EXCEPTION 'column % of % is not text', col, rel USING ERRCODE = '42804';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary) THEN
+        RAISE EXCEPTION '% has no primary key; resealing needs one', rel USING ERRCODE = '42P10';
+    END IF;
+    INSERT INTO pgseal.sealed_columns VALUES (rel, col, context)
+    ON CONFLICT (rel, col) DO UPDATE SET context = excluded.context;
+END
+$$;
+
+-- How many registered values each key still seals. Scans every registered column.
+CREATE FUNCTION pgseal._key_usage() RETURNS TABLE (key_id text, tenant_id text, state text, rows bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    parts text := '';
+    c record;
+BEGIN
+    FOR c IN SELECT s.rel, s.col FROM pgseal.sealed_columns s LOOP
+        parts := parts || format(' UNION ALL SELECT split_part(%I, '':'', 2) AS k FROM %s WHERE %I LIKE ''v2:%%''', c.col, c.rel, c.col);
+    END LOOP;
+    RETURN QUERY EXECUTE format(
+        'WITH used AS (SELECT NULL::text AS k WHERE false%s)
+         SELECT t.key_id, t.tenant_id, t.state, coalesce(u.n, 0)::bigint
+         FROM pgseal.tenant_keys t
+         LEFT JOIN (SELECT k, count(*) AS n FROM used GROUP BY k) u ON u.k = t.key_id
+         WHERE t.purpose = ''dek''
+         ORDER BY t.tenant_id, t.created_at', parts);
+END
+$$;
+
+CREATE VIEW pgseal.key_usage AS SELECT * FROM pgseal._key_usage();
+
+-- Job history, bounded: each insert trims the table to pgseal_job_runs_keep rows.
+CREATE TABLE pgseal.job_runs (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job         text        NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    finished_at timestamptz,
+    status      text        NOT NULL CHECK (status IN ('running', 'ok', 'failed')),
+    detail      jsonb       NOT NULL DEFAULT '{}'
+);
+
+CREATE FUNCTION pgseal._job_runs_trim() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+BEGIN
+    DELETE FROM pgseal.job_runs WHERE id <= NEW.id - 1000;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER job_runs_trim AFTER INSERT ON pgseal.job_runs FOR EACH ROW EXECUTE FUNCTION pgseal._job_runs_trim();
+
+REVOKE ALL ON pgseal.retention_rules, pgseal.retention_holds, pgseal.sealed_columns, pgseal.job_runs FROM PUBLIC;
+GRANT SELECT ON pgseal.retention_policies, pgseal.key_usage, pgseal.sealed_columns TO pgseal_admin;
+GRANT SELECT, INSERT, UPDATE ON pgseal.job_runs TO pgseal_admin;
+SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_rules', '');
+SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_holds', '');
+SELECT pg_catalog.pg_extension_config_dump('pgseal.sealed_columns', '');
+
+-- The distinct tenants of a table (a loose index scan over its tenant_id), for the
+-- retention run's default rules. SECURITY DEFINER: discovering tenants must not
+-- need a tenant context or BYPASSRLS.
+CREATE FUNCTION pgseal._tenants_of(rel regclass) RETURNS SETOF text
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+BEGIN
+    RETURN QUERY EXECUTE format(
+        'WITH RECURSIVE t AS (
+             (SELECT tenant_id AS id FROM %1$s WHERE tenant_id IS NOT NULL ORDER BY tenant_id LIMIT 1)
+             UNION ALL
+             SELECT (SELECT x.tenant_id FROM %1$s x WHERE x.tenant_id > t.id ORDER BY x.tenant_id LIMIT 1) FROM t WHERE t.id IS NOT NULL)
+         SELECT id::text FROM t WHERE id IS NOT NULL', rel);
+END
+$$;

@@ -1,0 +1,179 @@
+//! pgseald's one-shot jobs against a real cluster: retention runs (windows,
+//! overrides, holds, receipts, dry run), tenant rotation with reseal (also after a
+//! kill -9 mid-run), and KEK rotation.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pgseal_tests::{repo_root, Cluster, KEY_V1, KEY_V2};
+
+fn pgseald(url: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(repo_root().join("target/debug/pgseald"))
+        .args(args)
+        .env("PGSEALD_DATABASE_URL", url)
+        .output()
+        .expect("pgseald is built by `make test` before these tests");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+fn count(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+#[test]
+fn retention_deletes_exactly_the_expired_rows_per_tenant() {
+    let cl = Cluster::start("jobs-retention", 54351, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE events (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         CREATE INDEX ON events (tenant_id, created_at);
+         -- Per tenant, one row per day of age 0..99.
+         INSERT INTO events SELECT t * 1000 + d, 't' || t, now() - d * interval '1 day' - interval '1 hour'
+           FROM generate_series(1, 3) t, generate_series(0, 99) d;
+         SELECT pgseal.tenant_protect('events');
+         SELECT pgseal.retention_set('events', '30 days');
+         SELECT pgseal.retention_set('events', '10 days', 'created_at', 't2');
+         SELECT pgseal.retention_hold('t3', true);",
+    )
+    .unwrap();
+    let url = cl.url();
+    let (code, out) = pgseald(&url, &["retention", "run", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant t1: would delete 70 rows"), "{out}");
+    assert!(out.contains("tenant t2: would delete 90 rows"), "{out}");
+    assert!(out.contains("tenant t3: on legal hold"), "{out}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM events"), 300, "a dry run deletes nothing");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.ledger"), 0);
+
+    let (code, out) = pgseald(&url, &["retention", "run", "--batch", "7"]);
+    assert_eq!(code, Some(0), "{out}");
+    let left = |c: &mut postgres::Client, t: &str| {
+        count(c, &format!("SELECT count(*) FROM events WHERE tenant_id = '{t}'"))
+    };
+    assert_eq!(left(&mut c, "t1"), 30);
+    assert_eq!(left(&mut c, "t2"), 10);
+    assert_eq!(left(&mut c, "t3"), 100, "legal hold");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM events WHERE tenant_id = 't1' AND created_at < now() - interval '30 days'"),
+        0
+    );
+    // One receipt per tenant × table, in that tenant's chain, with the count.
+    let receipts: Vec<(String, serde_json::Value)> = c
+        .query("SELECT tenant_id, payload FROM pgseal.ledger WHERE event = 'retention.deleted' ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(receipts.len(), 2, "{receipts:?}");
+    assert_eq!(receipts[0].0, "t1");
+    assert_eq!(receipts[0].1["deleted"], 70);
+    assert_eq!(receipts[1].1["deleted"], 90);
+    assert_eq!(receipts[1].1["keep"], "10 days");
+    // The job history recorded the run.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'ok'"), 1);
+    // Lifting the hold and a rerun for one tenant only.
+    c.batch_execute("SELECT pgseal.retention_hold('t3', false)").unwrap();
+    let (code, out) = pgseald(&url, &["retention", "run", "--tenant", "t3"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(left(&mut c, "t3"), 30);
+    assert_eq!(left(&mut c, "t1"), 30);
+}
+
+fn seal_rows(c: &mut postgres::Client, tenant: &str, from: i32, n: i32) {
+    c.batch_execute(&format!(
+        "BEGIN; SELECT pgseal.set_tenant('{tenant}');
+         INSERT INTO creds SELECT g, '{tenant}', pgseal.vault_seal('token-' || g, 'creds.token') FROM generate_series({from}, {}) g;
+         COMMIT;",
+        from + n - 1
+    ))
+    .unwrap();
+}
+
+/// Values of the tenant whose decrypt does not give back 'token-<id>'.
+fn wrong_values(c: &mut postgres::Client, tenant: &str) -> i64 {
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(&format!("SELECT pgseal.set_tenant('{tenant}')")).unwrap();
+    let n: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM creds WHERE tenant_id = $1 \
+             AND pgseal.vault_decrypt(token, 'creds.token') IS DISTINCT FROM 'token-' || id",
+            &[&tenant],
+        )
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    n
+}
+
+fn rows_under_non_active_keys(c: &mut postgres::Client, tenant: &str) -> i64 {
+    count(
+        c,
+        &format!("SELECT coalesce(sum(rows), 0)::bigint FROM pgseal.key_usage WHERE tenant_id = '{tenant}' AND state <> 'active'"),
+    )
+}
+
+#[test]
+fn tenant_rotation_reseals_every_value_even_after_a_kill_9() {
+    let cl = Cluster::start("jobs-rotate", 54352, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE creds (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         SELECT pgseal.vault_register_column('creds', 'token', 'creds.token');",
+    )
+    .unwrap();
+    seal_rows(&mut c, "a", 1, 3000);
+    seal_rows(&mut c, "b", 5001, 200);
+    let url = cl.url();
+
+    // A reseal killed mid-run...
+    let mut child = Command::new(repo_root().join("target/debug/pgseald"))
+        .args(["rotate", "tenant", "a", "--batch", "20"])
+        .env("PGSEALD_DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(wrong_values(&mut c, "a"), 0, "every value decrypts after the kill");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM creds"), 3200, "no row lost");
+
+    // ...and a rerun finishes the job.
+    let (code, out) = pgseald(&url, &["rotate", "tenant", "a", "--batch", "500"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(rows_under_non_active_keys(&mut c, "a"), 0, "no value left under a retired key");
+    assert_eq!(wrong_values(&mut c, "a"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'a' AND state = 'active' AND purpose = 'dek'"), 1);
+    // The other tenant was not touched.
+    assert_eq!(count(&mut c, "SELECT count(DISTINCT split_part(token, ':', 2)) FROM creds WHERE tenant_id = 'b'"), 1);
+    assert_eq!(wrong_values(&mut c, "b"), 0);
+    assert!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE job = 'rotate.tenant' AND status = 'ok'") >= 1);
+}
+
+#[test]
+fn kek_rotation_moves_every_tenant_key() {
+    let cl = Cluster::start("jobs-kek", 54353, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE creds (id int PRIMARY KEY, tenant_id text NOT NULL, token text);",
+    )
+    .unwrap();
+    for t in 0..30 {
+        seal_rows(&mut c, &format!("t{t}"), t * 10, 3);
+    }
+    drop(c);
+    cl.set_keys(&[KEY_V1, KEY_V2]);
+    cl.restart();
+    let mut c = cl.connect();
+    let (code, out) = pgseald(&cl.url(), &["rotate", "kek", "--batch", "7"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("rewrapped 30 tenant keys"), "{out}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version <> 2"), 0);
+    for t in 0..30 {
+        assert_eq!(wrong_values(&mut c, &format!("t{t}")), 0);
+    }
+}
