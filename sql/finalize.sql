@@ -69,5 +69,6 @@ GRANT EXECUTE ON FUNCTION
     pgseal.retention_hold(text, boolean),
     pgseal.vault_register_column(regclass, name, text),
     pgseal._key_usage(),
-    pgseal._tenants_of(regclass)
+    pgseal._tenants_of(regclass),
+    pgseal._rotation_due(interval)
 TO pgseal_admin;

@@ -181,3 +181,16 @@ BEGIN
          SELECT id::text FROM t WHERE id IS NOT NULL', rel);
 END
 $$;
+
+-- Tenants whose active data key is due for rotation: older than max_age, or past
+-- 90% of pgseal.dek_max_encryptions. For pgseald's rotation job.
+CREATE FUNCTION pgseal._rotation_due(max_age interval) RETURNS SETOF text
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal
+AS $$
+    SELECT k.tenant_id FROM pgseal.tenant_keys k
+    WHERE k.purpose = 'dek' AND k.state = 'active'
+      AND (k.created_at < now() - max_age
+           OR k.encryptions >= current_setting('pgseal.dek_max_encryptions')::bigint * 9 / 10)
+    ORDER BY k.tenant_id
+$$;

@@ -16,6 +16,10 @@ pub enum DaemonError {
     Usage(&'static str),
     #[error("{0}")]
     Config(String),
+    #[error("the database connection was lost")]
+    ConnectionLost,
+    #[error("ledger verification failed for tenant(s) {0:?}")]
+    VerifyFailed(Vec<String>),
     #[error("checkpoint for tenant {0} at seq {1} does not carry a valid signature for the given public key")]
     BadCheckpoint(String, i64),
 }
@@ -28,7 +32,8 @@ impl DaemonError {
         match self {
             DaemonError::Runtime(_) => 1,
             DaemonError::BadUrl | DaemonError::File(..) | DaemonError::Usage(_) | DaemonError::Config(_) => 2,
-            DaemonError::BadCheckpoint(..) => 5,
+            DaemonError::BadCheckpoint(..) | DaemonError::VerifyFailed(_) => 5,
+            DaemonError::ConnectionLost => 4,
             DaemonError::Connect(_) | DaemonError::Query(_) => 4,
         }
     }

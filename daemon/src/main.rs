@@ -9,12 +9,19 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_postgres::NoTls;
 
+mod config;
 mod error;
 mod jobs;
 mod ledger;
 mod progress;
 mod retention;
 mod rotate;
+mod scheduler;
+
+/// Set by SIGTERM/SIGINT during `pgseald run`: batch loops end after the batch in hand.
+pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Failed ledger verifications since start (logged as errors; see `scheduler`).
+pub static FAILED_VERIFICATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 use error::DaemonError;
 
 /// Exit code of a failed ledger verification.
@@ -29,6 +36,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The scheduler: runs the configured jobs on their cron schedules, as leader.
+    Run {
+        /// The configuration file (see docs/pgseald.toml.example).
+        #[arg(long, default_value = "pgseald.toml")]
+        config: std::path::PathBuf,
+        /// Overrides database_url and PGSEALD_DATABASE_URL.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
     /// Print pgseal.vault_status(): whether the master key is loaded, and its versions.
     Status {
         /// libpq connection string or postgres:// URL.
@@ -119,10 +135,39 @@ enum LedgerCommand {
     },
 }
 
+fn init_tracing(format: &str) {
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    if format == "json" {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
-    match try_main(cli) {
+    let mut cli = Cli::parse();
+    // `run` reads its configuration first: the log format is part of it.
+    let mut config = None;
+    if let Command::Run { config: path, database_url } = &mut cli.command {
+        let loaded = config::Config::load(path).and_then(|mut c| {
+            if let Some(url) = database_url.take() {
+                url.parse::<tokio_postgres::Config>().map_err(|_| DaemonError::BadUrl)?;
+                c.database_url = Some(url);
+            }
+            Ok(c)
+        });
+        match loaded {
+            Ok(c) => config = Some(c),
+            Err(e) => {
+                eprintln!("pgseald: {e}");
+                return ExitCode::from(e.exit_code());
+            }
+        }
+    }
+    init_tracing(config.as_ref().map(|c| c.log_format.as_str()).unwrap_or("text"));
+    match try_main(cli, config) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e}");
@@ -131,10 +176,32 @@ fn main() -> ExitCode {
     }
 }
 
-fn try_main(cli: Cli) -> Result<ExitCode, DaemonError> {
+fn try_main(cli: Cli, config: Option<config::Config>) -> Result<ExitCode, DaemonError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
     rt.block_on(async {
         match cli.command {
+            Command::Run { .. } => {
+                let cfg = config.expect("loaded in main");
+                tokio::spawn(async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let mut term = match signal(SignalKind::terminate()) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!("cannot watch SIGTERM: {e}");
+                            return;
+                        }
+                    };
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                    tracing::info!("stopping after the current batch");
+                    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+                });
+                scheduler::run(cfg).await?;
+                tracing::info!("stopped");
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Status { database_url } => status(&database_url).await,
             Command::Rotate { command, database_url } => {
                 let url = database_url.ok_or(DaemonError::Usage("give --database-url or PGSEALD_DATABASE_URL"))?;

@@ -144,7 +144,8 @@ async fn delete_expired(
         let n = tx.execute(&sql, &[&tenant, &cutoff, &opts.batch]).await.map_err(DaemonError::Query)?;
         tx.commit().await.map_err(DaemonError::Query)?;
         total += n;
-        if (n as i64) < opts.batch {
+        // On SIGTERM the batch in hand is committed and the run ends here.
+        if (n as i64) < opts.batch || crate::STOP.load(std::sync::atomic::Ordering::SeqCst) {
             return Ok(total);
         }
         tokio::time::sleep(opts.pause).await;

@@ -119,6 +119,9 @@ pub async fn reseal(client: &mut Client, tenant: &str, active: &str, batch: i64)
             }
             total += n;
             bar.inc(n);
+            if crate::STOP.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
         }
         bar.finish();
     }

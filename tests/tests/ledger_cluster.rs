@@ -159,8 +159,8 @@ fn audit_triggers_under_concurrent_updates() {
             let mut c = cl.connect();
             std::thread::spawn(move || {
                 for i in 0..200 {
-                    let id = (s * 7 + i) % 20 + 1;
-                    c.execute("UPDATE accounts SET balance = balance + 1 WHERE id = $1", &[&(id as i32)]).unwrap();
+                    let id: i32 = (s * 7 + i) % 20 + 1;
+                    c.execute("UPDATE accounts SET balance = balance + 1 WHERE id = $1", &[&id]).unwrap();
                 }
             })
         })

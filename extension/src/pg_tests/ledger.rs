@@ -173,7 +173,7 @@ mod tests {
         assert_eq!(verify(""), (false, 1, Some(2), Some("gap".into())));
         // Deleting the newest entry is caught against the recorded head.
         run("DELETE FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq >= 3");
-        assert_eq!(verify("NULL, 1, 1").0, true);
+        assert!(verify("NULL, 1, 1").0);
         assert_eq!(verify("").3.as_deref(), Some("gap"));
     }
 
@@ -232,7 +232,7 @@ mod tests {
         assert_eq!(sqlstate("UPDATE pgseal.ledger SET event = 'x'"), "42501");
         run("RESET ROLE");
         run("SET LOCAL ROLE ledger_boss");
-        assert_eq!(verify("'acme'").0, true);
+        assert!(verify("'acme'").0);
         assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger_export('acme')"), 1);
         run("RESET ROLE");
         run("SET LOCAL ROLE nobody");
@@ -345,7 +345,7 @@ mod tests {
         // The row's own tenant column decides the chain.
         assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'globex'"), 1);
         assert_eq!(verify(""), (true, 3, None, None));
-        assert_eq!(verify("'globex'").0, true);
+        assert!(verify("'globex'").0);
         run("SELECT pgseal.ledger_unaudit('public.orders')");
         run("UPDATE public.orders SET status = 'x'");
         assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger"), 4);

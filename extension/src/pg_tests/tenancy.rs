@@ -114,7 +114,7 @@ mod tests {
             run("RESET ROLE");
             run("RESET app.tenant_id");
         }
-        assert_eq!(one::<bool>("SELECT relforcerowsecurity FROM pg_class WHERE oid = 'public.t_uuid'::regclass"), true);
+        assert!(one::<bool>("SELECT relforcerowsecurity FROM pg_class WHERE oid = 'public.t_uuid'::regclass"));
         assert_eq!(one::<i64>("SELECT count(*) FROM pg_policy WHERE polrelid = 'public.t_uuid'::regclass"), 1);
     }
 
@@ -153,7 +153,7 @@ mod tests {
         run("CREATE TABLE public.u (id int, tenant_id text)");
         run("SELECT pgseal.tenant_protect('public.u')");
         run("SELECT pgseal.tenant_unprotect('public.u')");
-        assert_eq!(one::<bool>("SELECT relrowsecurity OR relforcerowsecurity FROM pg_class WHERE oid = 'public.u'::regclass"), false);
+        assert!(!one::<bool>("SELECT relrowsecurity OR relforcerowsecurity FROM pg_class WHERE oid = 'public.u'::regclass"));
         assert_eq!(one::<i64>("SELECT count(*) FROM pg_policy WHERE polrelid = 'public.u'::regclass"), 0);
     }
 
@@ -163,7 +163,7 @@ mod tests {
         run("CREATE TABLE public.ev_2026 PARTITION OF public.ev FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')");
         run("CREATE INDEX ON public.ev (tenant_id)");
         run("SELECT pgseal.tenant_protect('public.ev')");
-        assert_eq!(one::<bool>("SELECT relforcerowsecurity FROM pg_class WHERE oid = 'public.ev_2026'::regclass"), true);
+        assert!(one::<bool>("SELECT relforcerowsecurity FROM pg_class WHERE oid = 'public.ev_2026'::regclass"));
         assert!(findings("public.ev%").is_empty(), "{:?}", findings("public.ev%"));
         run("CREATE TABLE public.ev_2027 PARTITION OF public.ev FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')");
         assert!(has_finding("public.ev_2027", "lacks its parent"), "{:?}", findings("public.ev%"));

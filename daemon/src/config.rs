@@ -1,0 +1,189 @@
+//! `pgseald.toml`: the scheduler's configuration. Environment variables override the
+//! file (`PGSEALD_DATABASE_URL`, `PGSEALD_CHECKPOINT_DIR`, `PGSEALD_LOG_FORMAT`), and
+//! command-line flags override both. Every schedule is a cron expression (seconds
+//! first, as the `cron` crate reads it) in the configured time zone.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::error::DaemonError;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database_url: Option<String>,
+    #[serde(default = "utc")]
+    pub timezone: String,
+    #[serde(default = "text")]
+    pub log_format: String,
+    /// Seconds within which a standby takes over after the leader dies.
+    #[serde(default = "ten")]
+    pub leader_takeover_seconds: u64,
+    pub retention: Option<RetentionJob>,
+    pub rotation: Option<RotationJob>,
+    pub verification: Option<VerificationJob>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionJob {
+    pub schedule: String,
+    #[serde(default = "batch_5000")]
+    pub batch: i64,
+    #[serde(default = "ms_200")]
+    pub lock_timeout_ms: u64,
+    #[serde(default = "ms_10")]
+    pub pause_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationJob {
+    pub schedule: String,
+    /// A tenant's data key older than this is rotated.
+    #[serde(default = "days_90")]
+    pub max_key_age_days: u32,
+    #[serde(default = "batch_1000")]
+    pub batch: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationJob {
+    pub schedule: String,
+    /// Directory of the append-only `checkpoints.jsonl`, outside the database.
+    pub checkpoint_dir: PathBuf,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+fn text() -> String {
+    "text".into()
+}
+fn ten() -> u64 {
+    10
+}
+fn batch_5000() -> i64 {
+    5000
+}
+fn batch_1000() -> i64 {
+    1000
+}
+fn ms_200() -> u64 {
+    200
+}
+fn ms_10() -> u64 {
+    10
+}
+fn days_90() -> u32 {
+    90
+}
+
+impl Config {
+    /// Reads and checks the file, then applies the environment overrides.
+    pub fn load(path: &Path) -> Result<Config, DaemonError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+        let mut c: Config =
+            toml::from_str(&text).map_err(|e| DaemonError::Config(format!("{}: {e}", path.display())))?;
+        if let Ok(v) = std::env::var("PGSEALD_DATABASE_URL") {
+            c.database_url = Some(v);
+        }
+        if let Ok(v) = std::env::var("PGSEALD_LOG_FORMAT") {
+            c.log_format = v;
+        }
+        if let (Ok(v), Some(job)) = (std::env::var("PGSEALD_CHECKPOINT_DIR"), c.verification.as_mut()) {
+            job.checkpoint_dir = v.into();
+        }
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> Result<(), DaemonError> {
+        self.tz()?;
+        for (name, s) in self.schedules() {
+            cron::Schedule::from_str(s)
+                .map_err(|e| DaemonError::Config(format!("[{name}] schedule {s:?} is not a valid cron expression: {e}")))?;
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(DaemonError::Config(format!("log_format must be \"text\" or \"json\", not {:?}", self.log_format)));
+        }
+        if let Some(url) = &self.database_url {
+            url.parse::<tokio_postgres::Config>().map_err(|_| DaemonError::BadUrl)?;
+        }
+        if self.leader_takeover_seconds == 0 {
+            return Err(DaemonError::Config("leader_takeover_seconds must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn tz(&self) -> Result<chrono_tz::Tz, DaemonError> {
+        self.timezone.parse().map_err(|_| DaemonError::Config(format!("unknown timezone {:?}", self.timezone)))
+    }
+
+    pub fn schedules(&self) -> Vec<(&'static str, &str)> {
+        let mut v = Vec::new();
+        if let Some(j) = &self.retention {
+            v.push(("retention", j.schedule.as_str()));
+        }
+        if let Some(j) = &self.rotation {
+            v.push(("rotation", j.schedule.as_str()));
+        }
+        if let Some(j) = &self.verification {
+            v.push(("verification", j.schedule.as_str()));
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, DaemonError> {
+        let c: Config = toml::from_str(s).map_err(|e| DaemonError::Config(e.to_string()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn full_config_parses_with_defaults() {
+        let c = parse(
+            r#"
+            database_url = "host=localhost user=pgseald"
+            timezone = "Europe/Berlin"
+            [retention]
+            schedule = "0 */15 * * * *"
+            [rotation]
+            schedule = "0 0 3 * * *"
+            [verification]
+            schedule = "0 0 * * * *"
+            checkpoint_dir = "/var/lib/pgseald"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.retention.unwrap().batch, 5000);
+        assert_eq!(c.rotation.unwrap().max_key_age_days, 90);
+        assert_eq!(c.leader_takeover_seconds, 10);
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(include_str!("../../docs/pgseald.toml.example")).unwrap();
+        assert_eq!(c.timezone, "Europe/Berlin");
+        assert_eq!(c.schedules().len(), 3);
+        assert_eq!(c.verification.unwrap().checkpoint_dir, PathBuf::from("/var/lib/pgseald"));
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let e = parse("[retention]\nschedule = \"every tuesday\"\n").unwrap_err().to_string();
+        assert!(e.contains("not a valid cron expression"), "{e}");
+        assert!(parse("timezone = \"Mars/Olympus\"").unwrap_err().to_string().contains("unknown timezone"));
+        assert!(parse("log_format = \"xml\"").is_err());
+        assert!(parse("nonsense = 1").is_err());
+        assert!(matches!(parse("database_url = \"postgres://[::1\""), Err(DaemonError::BadUrl)));
+    }
+}

@@ -1,0 +1,138 @@
+//! `pgseald run` against a real cluster: one leader among two daemons, failover after
+//! kill -9 of the leader, recovery after a Postgres restart, scheduled jobs recorded
+//! in pgseal.job_runs, checkpoints written outside the database, and a clean exit 0
+//! on SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgseal_tests::{repo_root, Cluster, KEY_V1};
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, log: PathBuf) -> Daemon {
+        let child = Command::new(repo_root().join("target/debug/pgseald"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env_remove("PGSEALD_DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("pgseald is built by `make test` before these tests");
+        Daemon { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn times_leader(&self) -> usize {
+        self.log().matches("became leader").count()
+    }
+
+    fn terminate(&mut self) -> Option<i32> {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("pgseald did not exit within 15 s of SIGTERM:\n{}", self.log());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
+fn count(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+#[test]
+fn one_leader_failover_restart_and_sigterm() {
+    let cl = Cluster::start("daemon-run", 54361, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE events (id int PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         INSERT INTO events SELECT g, 't' || (g % 3), now() - g * interval '1 day' FROM generate_series(1, 60) g;
+         SELECT pgseal.retention_set('events', '30 days');
+         SET app.tenant_id = 'acme';
+         SELECT pgseal.ledger_append('login') FROM generate_series(1, 5);",
+    )
+    .unwrap();
+    let dir = PathBuf::from("/var/tmp/pgseal-it/daemon-run-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pgseald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\nleader_takeover_seconds = 2\n\
+             [retention]\nschedule = \"* * * * * *\"\n\
+             [verification]\nschedule = \"*/2 * * * * *\"\ncheckpoint_dir = \"{}\"\n",
+            cl.url(),
+            dir.join("checkpoints").display()
+        ),
+    )
+    .unwrap();
+
+    let mut a = Daemon::start(&config, dir.join("a.log"));
+    wait_for("daemon A to lead", 15, || a.times_leader() == 1);
+    let mut b = Daemon::start(&config, dir.join("b.log"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(b.times_leader(), 0, "exactly one leader:\n{}", b.log());
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"),
+        1
+    );
+    // The leader ran its jobs: retention deleted the expired rows, verification
+    // wrote a signed checkpoint for the tenant with a ledger.
+    wait_for("retention to run", 10, || count(&mut c, "SELECT count(*) FROM events") == 29);
+    wait_for("a checkpoint", 10, || {
+        std::fs::read_to_string(dir.join("checkpoints/checkpoints.jsonl")).is_ok_and(|t| t.contains("\"tenant\": \"acme\""))
+    });
+    assert!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'ok'") >= 1);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE status = 'failed'"), 0, "{}", a.log());
+
+    // kill -9 of the leader: the standby takes over within leader_takeover_seconds.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    wait_for("daemon B to take over", 10, || b.times_leader() == 1);
+    assert!(killed.elapsed() < Duration::from_secs(6), "takeover took {:?}", killed.elapsed());
+
+    // A Postgres restart: the leader reconnects and leads again.
+    drop(c);
+    cl.restart();
+    wait_for("daemon B to lead again after the restart", 30, || b.times_leader() >= 2);
+    let mut c = cl.connect();
+    let runs = count(&mut c, "SELECT count(*) FROM pgseal.job_runs");
+    wait_for("jobs to continue after the restart", 10, || count(&mut c, "SELECT count(*) FROM pgseal.job_runs") > runs);
+
+    // SIGTERM: finish the batch in hand and exit 0.
+    assert_eq!(b.terminate(), Some(0), "{}", b.log());
+    assert!(b.log().contains("stopped"), "{}", b.log());
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE status = 'running' AND finished_at IS NULL AND started_at < now() - interval '5 s'"), 0);
+}
