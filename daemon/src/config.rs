@@ -21,6 +21,8 @@ pub struct Config {
     /// Seconds within which a standby takes over after the leader dies.
     #[serde(default = "ten")]
     pub leader_takeover_seconds: u64,
+    /// Address of the optional Prometheus `/metrics` page, e.g. "127.0.0.1:9187".
+    pub metrics_addr: Option<String>,
     pub retention: Option<RetentionJob>,
     pub rotation: Option<RotationJob>,
     pub verification: Option<VerificationJob>,
@@ -112,6 +114,10 @@ impl Config {
         }
         if let Some(url) = &self.database_url {
             url.parse::<tokio_postgres::Config>().map_err(|_| DaemonError::BadUrl)?;
+        }
+        if let Some(a) = &self.metrics_addr {
+            a.parse::<std::net::SocketAddr>()
+                .map_err(|_| DaemonError::Config(format!("metrics_addr {a:?} is not an address like 127.0.0.1:9187")))?;
         }
         if self.leader_takeover_seconds == 0 {
             return Err(DaemonError::Config("leader_takeover_seconds must be at least 1".into()));

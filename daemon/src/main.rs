@@ -13,6 +13,7 @@ mod config;
 mod error;
 mod jobs;
 mod ledger;
+mod metrics;
 mod progress;
 mod retention;
 mod rotate;
@@ -182,6 +183,13 @@ fn try_main(cli: Cli, config: Option<config::Config>) -> Result<ExitCode, Daemon
         match cli.command {
             Command::Run { .. } => {
                 let cfg = config.expect("loaded in main");
+                if let Some(addr) = cfg.metrics_addr.clone() {
+                    tokio::spawn(async move {
+                        if let Err(e) = metrics::serve(addr).await {
+                            tracing::error!("metrics endpoint failed: {e}");
+                        }
+                    });
+                }
                 tokio::spawn(async {
                     use tokio::signal::unix::{signal, SignalKind};
                     let mut term = match signal(SignalKind::terminate()) {

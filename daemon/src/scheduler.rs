@@ -67,6 +67,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             continue;
         }
         tracing::info!("became leader");
+        crate::metrics::LEADER.store(1, Ordering::Relaxed);
         // Only the leader runs jobs, so a run still marked running was cut off (by a
         // crash, a kill or a lost connection).
         if let Err(e) = client
@@ -82,7 +83,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         let mut client = client;
         match work(&mut client, &cfg).await {
             Ok(()) => return Ok(()),
-            Err(e) => tracing::warn!("lost leadership: {e}; reconnecting"),
+            Err(e) => {
+                crate::metrics::LEADER.store(0, Ordering::Relaxed);
+                tracing::warn!("lost leadership: {e}; reconnecting")
+            }
         }
     }
     Ok(())
@@ -140,12 +144,15 @@ async fn run_job(client: &mut Client, cfg: &Config, name: &'static str) -> Resul
     };
     match result {
         Ok(detail) => {
+            crate::metrics::JOBS_RUN.fetch_add(1, Ordering::Relaxed);
             tracing::info!(job = name, %detail, "job finished");
             jobs::finish(client, id, true, detail).await;
             Ok(())
         }
         Err(e) if client.is_closed() => Err(e),
         Err(e) => {
+            crate::metrics::JOBS_RUN.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::JOBS_FAILED.fetch_add(1, Ordering::Relaxed);
             tracing::error!(job = name, "job failed: {e}");
             jobs::finish(client, id, false, serde_json::json!({ "error": e.to_string() })).await;
             Ok(())
@@ -163,7 +170,9 @@ async fn retention_job(client: &mut Client, cfg: &Config) -> Result<serde_json::
         pause: Duration::from_millis(j.pause_ms),
     };
     let out = retention::run(client, &opts).await?;
-    Ok(serde_json::json!({ "deleted": out.iter().map(|o| o.rows).sum::<u64>(), "tenant_tables": out.len() }))
+    let deleted: u64 = out.iter().map(|o| o.rows).sum();
+    crate::metrics::ROWS_DELETED.fetch_add(deleted, Ordering::Relaxed);
+    Ok(serde_json::json!({ "deleted": deleted, "tenant_tables": out.len() }))
 }
 
 async fn rotation_job(client: &mut Client, cfg: &Config) -> Result<serde_json::Value, DaemonError> {
@@ -200,6 +209,7 @@ async fn rotation_job(client: &mut Client, cfg: &Config) -> Result<serde_json::V
         let (tenant, key): (String, String) = (r.get(0), r.get(1));
         resealed += rotate::reseal(client, &tenant, &key, j.batch).await?;
     }
+    crate::metrics::ROWS_RESEALED.fetch_add(resealed, Ordering::Relaxed);
     Ok(serde_json::json!({ "rotated": due, "resealed": resealed }))
 }
 

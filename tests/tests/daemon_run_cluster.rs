@@ -65,6 +65,16 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     panic!("timed out after {secs} s waiting for {what}");
 }
 
+/// The /metrics page of the daemon listening on `port`.
+fn metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn count(c: &mut postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).unwrap().get(0)
 }
@@ -89,7 +99,7 @@ fn one_leader_failover_restart_and_sigterm() {
     std::fs::write(
         &config,
         format!(
-            "database_url = \"{}\"\nleader_takeover_seconds = 2\n\
+            "database_url = \"{}\"\nleader_takeover_seconds = 2\nmetrics_addr = \"127.0.0.1:54362\"\n\
              [retention]\nschedule = \"* * * * * *\"\n\
              [verification]\nschedule = \"*/2 * * * * *\"\ncheckpoint_dir = \"{}\"\n",
             cl.url(),
@@ -115,6 +125,10 @@ fn one_leader_failover_restart_and_sigterm() {
     });
     assert!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'ok'") >= 1);
     assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE status = 'failed'"), 0, "{}", a.log());
+    let page = metrics(54362);
+    assert!(page.contains("pgseald_leader 1"), "{page}");
+    assert!(page.contains("pgseald_rows_deleted_total 31"), "{page}");
+    assert!(page.contains("pgseald_verification_failures_total 0"), "{page}");
 
     // kill -9 of the leader: the standby takes over within leader_takeover_seconds.
     a.child.kill().unwrap();
