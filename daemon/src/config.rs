@@ -38,6 +38,9 @@ pub struct RetentionJob {
     pub lock_timeout_ms: u64,
     #[serde(default = "ms_10")]
     pub pause_ms: u64,
+    /// When set, each run also prunes every tenant's ledger to this many days with
+    /// `ledger_prune`, which keeps an anchor so the chain still verifies.
+    pub ledger_keep_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -76,36 +76,45 @@ pub fn verify_file(
         .collect())
 }
 
+/// Every tenant with a ledger (a loose index scan over the primary key).
+pub async fn tenants(client: &tokio_postgres::Client) -> Result<Vec<String>, DaemonError> {
+    Ok(client
+        .query(
+            "WITH RECURSIVE t AS ( \
+               SELECT min(tenant_id) AS id FROM pgseal.ledger \
+               UNION ALL SELECT (SELECT min(tenant_id) FROM pgseal.ledger WHERE tenant_id > t.id) FROM t WHERE t.id IS NOT NULL) \
+             SELECT id FROM t WHERE id IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Verifies one tenant's chain from `from_seq` (default: its first kept entry).
+pub async fn verify_one(client: &tokio_postgres::Client, tenant: &str, from_seq: Option<i64>) -> Result<Outcome, DaemonError> {
+    let row = client
+        .query_one("SELECT ok, checked, first_bad_seq, problem FROM pgseal.ledger_verify($1, $2)", &[&tenant, &from_seq])
+        .await
+        .map_err(DaemonError::Query)?;
+    let detail = match (row.get::<_, Option<i64>>(2), row.get::<_, Option<String>>(3)) {
+        (Some(seq), Some(problem)) => format!("{problem} at seq {seq}"),
+        _ => String::new(),
+    };
+    Ok(Outcome { tenant: tenant.to_owned(), ok: row.get(0), checked: row.get(1), detail })
+}
+
 /// Verifies tenants' chains in the database with `pgseal.ledger_verify`.
 pub async fn verify_db(client: &tokio_postgres::Client, tenant: Option<&str>) -> Result<Vec<Outcome>, DaemonError> {
-    let tenants: Vec<String> = match tenant {
+    let tenants = match tenant {
         Some(t) => vec![t.to_owned()],
-        None => client
-            .query(
-                "WITH RECURSIVE t AS ( \
-                   SELECT min(tenant_id) AS id FROM pgseal.ledger \
-                   UNION ALL SELECT (SELECT min(tenant_id) FROM pgseal.ledger WHERE tenant_id > t.id) FROM t WHERE t.id IS NOT NULL) \
-                 SELECT id FROM t WHERE id IS NOT NULL",
-                &[],
-            )
-            .await
-            .map_err(DaemonError::Query)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect(),
+        None => tenants(client).await?,
     };
     let mut out = Vec::with_capacity(tenants.len());
     for t in tenants {
-        let row = client
-            .query_one("SELECT ok, checked, first_bad_seq, problem FROM pgseal.ledger_verify($1)", &[&t])
-            .await
-            .map_err(DaemonError::Query)?;
-        let ok: bool = row.get(0);
-        let detail = match (row.get::<_, Option<i64>>(2), row.get::<_, Option<String>>(3)) {
-            (Some(seq), Some(problem)) => format!("{problem} at seq {seq}"),
-            _ => String::new(),
-        };
-        out.push(Outcome { tenant: t, ok, checked: row.get(1), detail });
+        out.push(verify_one(client, &t, None).await?);
     }
     Ok(out)
 }
