@@ -2,7 +2,7 @@
 # make bench: one run, one table, ratios against peers measured in the same run.
 # Vault: vault_decrypt vs pgcrypto decrypt_iv (AES-256-CBC) vs pgp_sym_decrypt vs length(),
 # over N sealed 60-byte tokens (default 200000). Ledger: scripts/bench_ledger.sh.
-# Tenancy: scripts/bench_tenancy.sh.
+# Tenancy: scripts/bench_tenancy.sh. pgseald's jobs: scripts/bench_jobs.sh.
 # The cluster runs with fsync on, as production does, since the ledger rows commit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,6 +12,7 @@ DIR=/var/tmp/pgseal-bench
 PORT=54395
 
 (cd "$ROOT/extension" && cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null)
+(cd "$ROOT" && cargo build --release -q -p pgseald)
 KEYFILE=$(mktemp); trap 'rm -f "$KEYFILE"; bash "$ROOT/scripts/cluster.sh" stop "$DIR"' EXIT
 printf '1:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" > "$KEYFILE"
 bash "$ROOT/scripts/cluster.sh" start "$DIR" "$PORT" "$KEYFILE" "shared_buffers = 512MB" "max_parallel_workers_per_gather = 0" "jit = off" "fsync = on" "max_connections = 40"
@@ -72,3 +73,5 @@ echo
 source "$ROOT/scripts/bench_ledger.sh"
 echo
 source "$ROOT/scripts/bench_tenancy.sh"
+echo
+source "$ROOT/scripts/bench_jobs.sh"

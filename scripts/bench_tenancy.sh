@@ -8,7 +8,7 @@
 # Per-statement latency comes from pgbench -r: the lower of two runs of each script.
 set -euo pipefail
 ROWS=${PGSEAL_BENCH_TENANCY_ROWS:-2000000}
-TXNS=${PGSEAL_BENCH_TENANCY_TXNS:-300}
+TXNS=${PGSEAL_BENCH_TENANCY_TXNS:-2000}
 PGBENCH=/usr/lib/postgresql/15/bin/pgbench
 T=$(mktemp -d)
 TENANT=00000000-0000-0000-0000-000000000007
