@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The pgseal demo: a throwaway cluster on 127.0.0.1:54390 with a generated
-# DEVELOPMENT-ONLY master key, two tenants, sealed tokens, and a key rotation.
+# DEVELOPMENT-ONLY master key, two tenants, sealed tokens, a key rotation, and the
+# ledger entries that the decrypts left.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DIR=/var/tmp/pgseal-demo
@@ -34,7 +35,9 @@ psql_ -v VERBOSITY=verbose -c "BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT p
 run "a redacted display value" "BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT name, pgseal.vault_redact(token, 4, 'integrations.token') AS shown FROM integrations WHERE tenant_id = 'acme'; COMMIT;"
 run "rotate acme's data key: the old value still decrypts" "SELECT pgseal.tenant_key_rotate('acme') AS new_key_id"
 run "rewrap acme's token under the new key, then decrypt" "BEGIN; SET LOCAL app.tenant_id = 'acme'; UPDATE integrations SET token = pgseal.vault_rewrap(token, 'integrations.token') WHERE tenant_id = 'acme'; SELECT name, split_part(token, ':', 2) AS key_id, pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE tenant_id = 'acme'; COMMIT;"
-run "keys: wrapped only, one active per tenant" "SELECT key_id, tenant_id, state, kek_version, encryptions FROM pgseal.tenant_keys ORDER BY tenant_id, created_at"
+run "keys: wrapped only, one active per tenant and purpose (data key, ledger MAC key)" "SELECT key_id, tenant_id, purpose, state, kek_version, encryptions FROM pgseal.tenant_keys ORDER BY tenant_id, purpose, created_at"
+run "acme's ledger: each decrypting transaction left one signed, hash-chained entry" "SELECT seq, event, actor, payload->>'count' AS decrypts, left(encode(hash, 'hex'), 16) || '…' AS hash FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq"
+run "verify acme's chain" "BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT * FROM pgseal.ledger_verify(); COMMIT;"
 "$ROOT/target/debug/pgseald" status --database-url "postgres://postgres@127.0.0.1:$PORT/postgres" || true
 
 cat <<EOF
