@@ -45,8 +45,11 @@ struct SealedColumn {
     rel: String,
     col: String,
     context: Option<String>,
-    /// Quoted primary key columns.
+    /// Quoted primary key columns, and their SQL types.
     pk: Vec<String>,
+    pk_types: Vec<String>,
+    /// SQL type of the table's tenant_id.
+    tenant_type: String,
 }
 
 async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonError> {
@@ -57,7 +60,14 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                        FROM pg_index i \
                        CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
                        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                      WHERE i.indrelid = s.rel AND i.indisprimary) \
+                      WHERE i.indrelid = s.rel AND i.indisprimary), \
+                    (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) \
+                       FROM pg_index i \
+                       CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                      WHERE i.indrelid = s.rel AND i.indisprimary), \
+                    (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                      WHERE a.attrelid = s.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped) \
              FROM pgseal.sealed_columns s ORDER BY 1, 2",
             &[],
         )
@@ -70,6 +80,8 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
             col: r.get(1),
             context: r.get(2),
             pk: r.get::<_, Option<Vec<String>>>(3).unwrap_or_default(),
+            pk_types: r.get::<_, Option<Vec<String>>>(4).unwrap_or_default(),
+            tenant_type: r.get::<_, Option<String>>(5).unwrap_or_else(|| "text".into()),
         })
         .collect())
 }
@@ -86,40 +98,58 @@ pub async fn tenant(client: &mut Client, tenant: &str, batch: i64) -> Result<(St
     Ok((key_id, resealed))
 }
 
+/// The statement that reseals one batch: it walks the tenant's rows in primary key
+/// order from just after `$5` (the previous batch's last key, as a JSON array; NULL
+/// to start), so each batch reads only its own rows, and returns how many it
+/// resealed and the last key it read.
+fn batch_sql(c: &SealedColumn) -> String {
+    let pk = c.pk.join(", ");
+    let last: Vec<String> = c.pk_types.iter().enumerate().map(|(i, t)| format!("($5::text::jsonb ->> {i})::{t}")).collect();
+    let join: Vec<String> = c.pk.iter().map(|k| format!("t.{k} = s.{k}")).collect();
+    let order_desc: Vec<String> = c.pk.iter().map(|k| format!("{k} DESC")).collect();
+    format!(
+        "WITH s AS (SELECT {pk}, {col} AS old FROM {rel} \
+                    WHERE tenant_id = $1::text::{tt} AND ($5::text IS NULL OR ({pk}) > ({last})) \
+                    ORDER BY {pk} LIMIT $4), \
+              u AS (UPDATE {rel} AS t SET {col} = pgseal.vault_rewrap(t.{col}, $3) FROM s \
+                    WHERE {join} AND t.{col} = s.old \
+                      AND s.old LIKE 'v2:%' AND split_part(s.old, ':', 2) <> $2 RETURNING 1) \
+         SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({pk})::text FROM s ORDER BY {desc} LIMIT 1)",
+        rel = c.rel,
+        col = c.col,
+        tt = c.tenant_type,
+        last = last.join(", "),
+        join = join.join(" AND "),
+        desc = order_desc.join(", "),
+    )
+}
+
 /// Reseals the tenant's registered values that are not under `active`, in
-/// batches of `batch` rows, each batch one transaction.
+/// batches of `batch` rows, each batch one transaction. Each row is updated only
+/// if it still holds the value read (compare-and-set: under READ COMMITTED a
+/// concurrent update makes the row fail that test, and the concurrent value wins).
 pub async fn reseal(client: &mut Client, tenant: &str, active: &str, batch: i64) -> Result<u64, DaemonError> {
     let mut total = 0u64;
     for c in sealed_columns(client).await? {
         if c.pk.is_empty() {
             return Err(DaemonError::Config(format!("{} has no primary key; it cannot be resealed", c.rel)));
         }
-        let pk = c.pk.join(", ");
-        let join: Vec<String> = c.pk.iter().map(|k| format!("t.{k} = s.{k}")).collect();
-        // Compare-and-set: the UPDATE matches only rows that still hold the value
-        // read; under READ COMMITTED a concurrent update makes the row fail that test.
-        let sql = format!(
-            "UPDATE {rel} AS t SET {col} = pgseal.vault_rewrap(t.{col}, $3) \
-             FROM (SELECT {pk}, {col} AS old FROM {rel} \
-                   WHERE tenant_id::text = $1 AND {col} LIKE 'v2:%' AND split_part({col}, ':', 2) <> $2 \
-                   LIMIT $4) AS s \
-             WHERE {join} AND t.{col} = s.old",
-            rel = c.rel,
-            col = c.col,
-            join = join.join(" AND ")
-        );
+        let sql = batch_sql(&c);
         let bar = Progress::new(&format!("resealing {}.{}", c.rel, c.col), 0);
+        let mut last: Option<String> = None;
         loop {
             let tx = client.transaction().await.map_err(DaemonError::Query)?;
             tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant]).await.map_err(DaemonError::Query)?;
-            let n = tx.execute(&sql, &[&tenant, &active, &c.context, &batch]).await.map_err(DaemonError::Query)?;
+            let row = tx
+                .query_one(&sql, &[&tenant, &active, &c.context, &batch, &last])
+                .await
+                .map_err(DaemonError::Query)?;
             tx.commit().await.map_err(DaemonError::Query)?;
-            if n == 0 {
-                break;
-            }
+            let n = row.get::<_, i64>(0) as u64;
             total += n;
             bar.inc(n);
-            if crate::STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            last = row.get::<_, Option<String>>(1);
+            if last.is_none() || crate::STOP.load(std::sync::atomic::Ordering::SeqCst) {
                 break;
             }
         }
