@@ -56,6 +56,7 @@ GRANT EXECUTE ON FUNCTION
     pgseal._column_type(regclass, name),
     pgseal._with_partitions(regclass),
     pgseal._has_leading_index(regclass, name),
+    pgseal._rls_reset(regclass, name),
     pgseal._tenant_column_names(),
     pgseal.tenant_protect(regclass, name),
     pgseal.tenant_unprotect(regclass),

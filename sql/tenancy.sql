@@ -111,6 +111,28 @@ AS $$
         WHERE i.indrelid = rel AND a.attname = col)
 $$;
 
+-- For each table that tenant_protect or org_protect covers: drop pgseal's earlier
+-- policies, ENABLE and FORCE row level security, and warn when no index leads with
+-- the tenant column.
+CREATE FUNCTION pgseal._rls_reset(t regclass, tenant_column name) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal
+AS $$
+DECLARE
+    p name;
+BEGIN
+    FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
+        EXECUTE format('DROP POLICY %I ON %s', p, t);
+    END LOOP;
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', t);
+    IF (SELECT relkind FROM pg_class WHERE oid = t) = 'r' AND NOT pgseal._has_leading_index(t, tenant_column) THEN
+        RAISE WARNING 'pgseal: % has no index whose first column is %', t, tenant_column
+            USING HINT = format('CREATE INDEX ON %s (%I);', t, tenant_column);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION pgseal.tenant_protect(rel regclass, tenant_column name DEFAULT 'tenant_id') RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pgseal
@@ -124,14 +146,8 @@ BEGIN
         RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
     END IF;
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
-        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', t);
-        EXECUTE format('DROP POLICY IF EXISTS pgseal_tenant ON %s', t);
+        PERFORM pgseal._rls_reset(t, tenant_column);
         EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
-        IF (SELECT relkind FROM pg_class WHERE oid = t) = 'r' AND NOT pgseal._has_leading_index(t, tenant_column) THEN
-            RAISE WARNING 'pgseal: % has no index whose first column is %', t, tenant_column
-                USING HINT = format('CREATE INDEX ON %s (%I);', t, tenant_column);
-        END IF;
     END LOOP;
 END
 $$;
@@ -167,17 +183,12 @@ DECLARE
     viewer  text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
     member  text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
     admin   text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
-    p       name;
 BEGIN
     IF (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
     END IF;
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
-        FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
-            EXECUTE format('DROP POLICY %I ON %s', p, t);
-        END LOOP;
-        EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t);
-        EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', t);
+        PERFORM pgseal._rls_reset(t, tenant_column);
         -- Nothing ever crosses tenants, whatever the permissive policies allow.
         EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
         EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, owner, owner);
@@ -185,10 +196,6 @@ BEGIN
         EXECUTE format('CREATE POLICY pgseal_org_insert ON %s FOR INSERT WITH CHECK (%s)', t, member);
         EXECUTE format('CREATE POLICY pgseal_org_update ON %s FOR UPDATE USING (%s) WITH CHECK (%s)', t, member, member);
         EXECUTE format('CREATE POLICY pgseal_org_delete ON %s FOR DELETE USING (%s)', t, admin);
-        IF (SELECT relkind FROM pg_class WHERE oid = t) = 'r' AND NOT pgseal._has_leading_index(t, tenant_column) THEN
-            RAISE WARNING 'pgseal: % has no index whose first column is %', t, tenant_column
-                USING HINT = format('CREATE INDEX ON %s (%I);', t, tenant_column);
-        END IF;
     END LOOP;
 END
 $$;

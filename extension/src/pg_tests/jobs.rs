@@ -5,17 +5,7 @@
 mod tests {
     use pgrx::prelude::*;
 
-    fn sqlstate(sql: &str) -> String {
-        Spi::get_one_with_args::<String>("SELECT tests.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
-    }
-
-    fn run(sql: &str) {
-        Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
-        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).unwrap_or_else(|| panic!("{sql}: NULL"))
-    }
+    use crate::pg_tests::helpers::{one, run, sqlstate};
 
     #[pg_test]
     fn retention_rules_default_override_and_hold() {

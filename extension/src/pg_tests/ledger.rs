@@ -6,21 +6,7 @@
 mod tests {
     use pgrx::prelude::*;
 
-    fn sqlstate(sql: &str) -> String {
-        Spi::get_one_with_args::<String>("SELECT tests.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
-    }
-
-    fn run(sql: &str) {
-        Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    fn tenant(t: &str) {
-        run(&format!("SET LOCAL app.tenant_id = {}", pgrx::spi::quote_literal(t)));
-    }
-
-    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
-        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).unwrap_or_else(|| panic!("{sql}: NULL"))
-    }
+    use crate::pg_tests::helpers::{one, run, sqlstate, tenant};
 
     fn append(event: &str, payload: &str) -> (i64, String) {
         let (seq, hash) = Spi::get_two_with_args::<i64, String>(

@@ -5,6 +5,8 @@
 mod tests {
     use pgrx::prelude::*;
 
+    use crate::pg_tests::helpers::{one, run, sqlstate};
+
     extension_sql!(
         r#"
         -- Runs a statement and returns how many rows it affected.
@@ -19,18 +21,6 @@ mod tests {
         "#,
         name = "tenancy_test_helpers",
     );
-
-    fn sqlstate(sql: &str) -> String {
-        Spi::get_one_with_args::<String>("SELECT tests.sqlstate_of($1)", &[sql.into()]).unwrap().unwrap()
-    }
-
-    fn run(sql: &str) {
-        Spi::run(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-    }
-
-    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
-        Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).unwrap_or_else(|| panic!("{sql}: NULL"))
-    }
 
     /// (severity, object, problem) rows of the report for objects matching `like`.
     fn findings(like: &str) -> Vec<(String, String, String)> {

@@ -7,6 +7,8 @@ use pgrx::prelude::*;
 mod tests {
     use pgrx::prelude::*;
 
+    use crate::pg_tests::helpers::{sqlstate, tenant};
+
     extension_sql!(
         r#"
         -- Runs a statement and returns the SQLSTATE it raised, or 00000.
@@ -53,16 +55,6 @@ mod tests {
 
     fn text(sql: &str) -> String {
         one::<String>(sql).expect("NULL result")
-    }
-
-    fn sqlstate(sql: &str) -> String {
-        Spi::get_one_with_args::<String>("SELECT tests.sqlstate_of($1)", &[sql.into()])
-            .unwrap()
-            .unwrap()
-    }
-
-    fn tenant(t: &str) {
-        Spi::run(&format!("SET LOCAL app.tenant_id = {}", pgrx::spi::quote_literal(t))).unwrap();
     }
 
     fn seal(pt: &str, ctx: Option<&str>) -> String {
