@@ -177,3 +177,78 @@ fn kek_rotation_moves_every_tenant_key() {
         assert_eq!(wrong_values(&mut c, &format!("t{t}")), 0);
     }
 }
+
+#[test]
+fn no_decrypt_fails_and_concurrent_updates_win_while_a_reseal_runs() {
+    let cl = Cluster::start("jobs-rotate-live", 54354, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE creds (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         SELECT pgseal.vault_register_column('creds', 'token', 'creds.token');",
+    )
+    .unwrap();
+    seal_rows(&mut c, "a", 1, 4000);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A reader decrypting every value, over and over, counting failures.
+    let reader = {
+        let (mut r, stop) = (cl.connect(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut rounds, mut failures) = (0u32, 0i64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || rounds == 0 {
+                match r.batch_execute("BEGIN; SELECT pgseal.set_tenant('a')") {
+                    Ok(()) => {}
+                    Err(_) => failures += 1,
+                }
+                match r.query_one(
+                    "SELECT count(*) FROM creds WHERE pgseal.vault_decrypt(token, 'creds.token') NOT LIKE 'token-%' \
+                     AND pgseal.vault_decrypt(token, 'creds.token') NOT LIKE 'new-%'",
+                    &[],
+                ) {
+                    Ok(row) => failures += row.get::<_, i64>(0),
+                    Err(_) => failures += 1,
+                }
+                let _ = r.batch_execute("COMMIT");
+                rounds += 1;
+            }
+            (rounds, failures)
+        })
+    };
+    // A writer replacing some values while the reseal runs.
+    let writer = {
+        let (mut w, stop) = (cl.connect(), stop.clone());
+        std::thread::spawn(move || {
+            let mut written = Vec::new();
+            let mut id = 1;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && id <= 4000 {
+                w.batch_execute(&format!(
+                    "BEGIN; SELECT pgseal.set_tenant('a');
+                     UPDATE creds SET token = pgseal.vault_seal('new-{id}', 'creds.token') WHERE id = {id}; COMMIT;"
+                ))
+                .unwrap();
+                written.push(id);
+                id += 97;
+            }
+            written
+        })
+    };
+    let (code, out) = pgseald(&cl.url(), &["rotate", "tenant", "a", "--batch", "50"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(code, Some(0), "{out}");
+    let (rounds, failures) = reader.join().unwrap();
+    let written = writer.join().unwrap();
+    assert!(rounds >= 1);
+    assert_eq!(failures, 0, "decrypts failed while the reseal ran ({rounds} rounds)");
+    // Every concurrent update survived: the reseal never wrote back an old value.
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('a')").unwrap();
+    for id in &written {
+        let v: String = tx
+            .query_one("SELECT pgseal.vault_decrypt(token, 'creds.token') FROM creds WHERE id = $1", &[id])
+            .unwrap()
+            .get(0);
+        assert_eq!(v, format!("new-{id}"), "row {id}");
+    }
+    tx.commit().unwrap();
+    assert!(!written.is_empty());
+}
