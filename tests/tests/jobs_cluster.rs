@@ -80,6 +80,18 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
     assert_eq!(left(&mut c, "t1"), 30);
 }
 
+/// The extension, and a table `creds` whose `token` column is registered for resealing.
+fn creds_table(cl: &Cluster) -> postgres::Client {
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE creds (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         SELECT pgseal.vault_register_column('creds', 'token', 'creds.token');",
+    )
+    .unwrap();
+    c
+}
+
 fn seal_rows(c: &mut postgres::Client, tenant: &str, from: i32, n: i32) {
     c.batch_execute(&format!(
         "BEGIN; SELECT pgseal.set_tenant('{tenant}');
@@ -116,13 +128,7 @@ fn rows_under_non_active_keys(c: &mut postgres::Client, tenant: &str) -> i64 {
 #[test]
 fn tenant_rotation_reseals_every_value_even_after_a_kill_9() {
     let cl = Cluster::start("jobs-rotate", 54352, &[KEY_V1], &[]);
-    let mut c = cl.connect();
-    c.batch_execute(
-        "CREATE EXTENSION pgseal;
-         CREATE TABLE creds (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
-         SELECT pgseal.vault_register_column('creds', 'token', 'creds.token');",
-    )
-    .unwrap();
+    let mut c = creds_table(&cl);
     seal_rows(&mut c, "a", 1, 3000);
     seal_rows(&mut c, "b", 5001, 200);
     let url = cl.url();
@@ -181,13 +187,7 @@ fn kek_rotation_moves_every_tenant_key() {
 #[test]
 fn no_decrypt_fails_and_concurrent_updates_win_while_a_reseal_runs() {
     let cl = Cluster::start("jobs-rotate-live", 54354, &[KEY_V1], &[]);
-    let mut c = cl.connect();
-    c.batch_execute(
-        "CREATE EXTENSION pgseal;
-         CREATE TABLE creds (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
-         SELECT pgseal.vault_register_column('creds', 'token', 'creds.token');",
-    )
-    .unwrap();
+    let mut c = creds_table(&cl);
     seal_rows(&mut c, "a", 1, 4000);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A reader decrypting every value, over and over, counting failures.
