@@ -25,8 +25,6 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal
 AS $$
 #variable_conflict use_column
-DECLARE
-    typ oid;
 BEGIN
     IF rel IS NULL OR keep IS NULL OR time_column IS NULL THEN
         RAISE EXCEPTION 'rel, keep and time_column must not be NULL' USING ERRCODE = '22004';
@@ -37,17 +35,12 @@ BEGIN
     IF tenant = '' THEN
         RAISE EXCEPTION 'tenant must not be empty; NULL sets the default' USING ERRCODE = '22023';
     END IF;
-    SELECT a.atttypid INTO typ FROM pg_attribute a
-     WHERE a.attrelid = rel AND a.attname = time_column AND a.attnum > 0 AND NOT a.attisdropped;
-    IF typ IS NULL THEN
-        RAISE EXCEPTION 'column % of % does not exist', time_column, rel USING ERRCODE = '42703';
-    END IF;
-    IF typ NOT IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype) THEN
+    -- _column_type raises 42703 for a missing column.
+    IF pgseal._column_type(rel, time_column)
+       NOT IN ('timestamp with time zone', 'timestamp without time zone', 'date') THEN
         RAISE EXCEPTION 'column % of % is not a timestamp or date', time_column, rel USING ERRCODE = '42804';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = rel AND a.attname = 'tenant_id' AND NOT a.attisdropped) THEN
-        RAISE EXCEPTION '% has no tenant_id column', rel USING ERRCODE = '42703';
-    END IF;
+    PERFORM pgseal._column_type(rel, 'tenant_id');
     INSERT INTO pgseal.retention_rules AS r (rel, tenant_id, keep, time_column)
     VALUES (rel, tenant, keep, time_column)
     ON CONFLICT (rel, (coalesce(tenant_id, ''))) DO UPDATE
@@ -94,15 +87,8 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal
 AS $$
 #variable_conflict use_column
-DECLARE
-    typ oid;
 BEGIN
-    SELECT a.atttypid INTO typ FROM pg_attribute a
-     WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
-    IF typ IS NULL THEN
-        RAISE EXCEPTION 'column % of % does not exist', col, rel USING ERRCODE = '42703';
-    END IF;
-    IF typ <> 'text'::regtype THEN
+    IF pgseal._column_type(rel, col) <> 'text' THEN
         RAISE EXCEPTION 'column % of % is not text', col, rel USING ERRCODE = '42804';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary) THEN

@@ -69,12 +69,11 @@ pub fn verify_range(tenant: &str, from_seq: Option<i64>, to_seq: Option<i64>) ->
         }
         let Some(head) = head else {
             // No head: either no entries, or entries whose head row was removed.
-            let any = hash_at(tenant, 1)?.is_some()
-                || Spi::get_one_with_args::<bool>(
-                    "SELECT EXISTS (SELECT 1 FROM pgseal.ledger WHERE tenant_id = $1)",
-                    &[tenant.into()],
-                )?
-                .unwrap_or(false);
+            let any = Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pgseal.ledger WHERE tenant_id = $1)",
+                &[tenant.into()],
+            )?
+            .unwrap_or(false);
             let failure = any.then_some(Failure { seq: 1, problem: Problem::Gap });
             return Ok(Report { checked: 0, failure, last: None });
         };
