@@ -1,15 +1,17 @@
 //! Prints the test vectors that docs/FORMAT.md carries (run when the format changes):
 //! `cargo run -p pgseal-core --example format_vectors`.
 
-use pgseal_core::envelope::seal_with_nonce;
-use pgseal_core::keys::SecretKey;
 use pgseal_core::canonical::canonical_payload;
 use pgseal_core::checkpoint;
+use pgseal_core::envelope::seal_with_nonce;
+use pgseal_core::keys::SecretKey;
 use pgseal_core::ledger::{entry_hash, EntryFields, EntryMac, GENESIS};
 use pgseal_core::wrap::{wrap_with_nonce, Purpose, WrapLabel};
 
 fn key(seed: u8) -> SecretKey {
-    let bytes: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(7).wrapping_add(seed)).collect();
+    let bytes: Vec<u8> = (0..32u8)
+        .map(|i| i.wrapping_mul(7).wrapping_add(seed))
+        .collect();
     SecretKey::from_slice(&bytes).unwrap()
 }
 
@@ -19,10 +21,25 @@ fn nonce(seed: u8) -> [u8; 12] {
 
 fn main() {
     let cases: [(&str, &str, Option<&str>, &str); 4] = [
-        ("acme", "AAECAwQFBgcICQoL", Some("integrations.token"), "sk-live-51HxExampleToken"),
+        (
+            "acme",
+            "AAECAwQFBgcICQoL",
+            Some("integrations.token"),
+            "sk-live-51HxExampleToken",
+        ),
         ("42", "kIdOfTenant42xyz", None, ""),
-        ("5f0e8a52-6c5e-4d37-9c61-0e5f1f4a2b10", "Z-_z09Z-_z09Z-_z", Some(""), "smtp p\u{e4}ssw\u{f6}rd ✓"),
-        ("acme", "AAECAwQFBgcICQoL", Some("ai.openai"), "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOP"),
+        (
+            "5f0e8a52-6c5e-4d37-9c61-0e5f1f4a2b10",
+            "Z-_z09Z-_z09Z-_z",
+            Some(""),
+            "smtp p\u{e4}ssw\u{f6}rd ✓",
+        ),
+        (
+            "acme",
+            "AAECAwQFBgcICQoL",
+            Some("ai.openai"),
+            "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOP",
+        ),
     ];
     println!("value vectors:");
     for (i, (tenant, kid, ctx, pt)) in cases.iter().enumerate() {
@@ -36,13 +53,27 @@ fn main() {
         );
     }
     println!("wrap vectors:");
-    for (i, (purpose, tenant, kid, ver)) in
-        [(Purpose::Dek, "acme", "AAECAwQFBgcICQoL", 1u32), (Purpose::Ledger, "42", "LedgerKeyId00001", 7)].iter().enumerate()
+    for (i, (purpose, tenant, kid, ver)) in [
+        (Purpose::Dek, "acme", "AAECAwQFBgcICQoL", 1u32),
+        (Purpose::Ledger, "42", "LedgerKeyId00001", 7),
+    ]
+    .iter()
+    .enumerate()
     {
         let kek = key(100 + i as u8);
         let dek = key(200 + i as u8);
         let n = nonce(50 + i as u8);
-        let w = wrap_with_nonce(&kek, WrapLabel { purpose: *purpose, tenant, key_id: kid, kek_version: *ver }, &dek, &n);
+        let w = wrap_with_nonce(
+            &kek,
+            WrapLabel {
+                purpose: *purpose,
+                tenant,
+                key_id: kid,
+                kek_version: *ver,
+            },
+            &dek,
+            &n,
+        );
         println!(
             "{}",
             serde_json::json!({"kek": hex::encode(kek.expose()), "kek_version": ver, "purpose": purpose.as_str(),
@@ -55,12 +86,34 @@ fn main() {
     let mut prev = GENESIS;
     let entries: [(&str, i64, i64, &str, &str, &str); 3] = [
         ("acme", 1, 1_795_000_000_000_000, "alice", "login", r#"{}"#),
-        ("acme", 2, 1_795_000_000_123_456, "alice", "order.update", r#"{"b": [1.50, true, null], "a": "\u00e9 \"x\"", "id": 42}"#),
-        ("acme", 3, 1_795_000_001_000_000, "svc:billing", "vault.decrypt", r#"{"count": 3, "contexts": ["ai.openai"]}"#),
+        (
+            "acme",
+            2,
+            1_795_000_000_123_456,
+            "alice",
+            "order.update",
+            r#"{"b": [1.50, true, null], "a": "\u00e9 \"x\"", "id": 42}"#,
+        ),
+        (
+            "acme",
+            3,
+            1_795_000_001_000_000,
+            "svc:billing",
+            "vault.decrypt",
+            r#"{"count": 3, "contexts": ["ai.openai"]}"#,
+        ),
     ];
     for (tenant, seq, at, actor, event, payload) in entries {
         let canonical = canonical_payload(payload).unwrap();
-        let f = EntryFields { prev_hash: &prev, tenant, seq, recorded_at_us: at, actor, event, payload: &canonical };
+        let f = EntryFields {
+            prev_hash: &prev,
+            tenant,
+            seq,
+            recorded_at_us: at,
+            actor,
+            event,
+            payload: &canonical,
+        };
         let hash = entry_hash(&f);
         let mac = EntryMac::new(&mac_key).sign(&hash);
         println!(
@@ -73,7 +126,13 @@ fn main() {
         prev = hash;
     }
     println!("checkpoint vectors:");
-    for (i, (tenant, seq, signed_at, ver)) in [("acme", 3i64, "2026-11-25T12:00:00.000000Z", 1u32), ("42", 1, "2026-11-25T12:00:01.5Z", 2)].iter().enumerate() {
+    for (i, (tenant, seq, signed_at, ver)) in [
+        ("acme", 3i64, "2026-11-25T12:00:00.000000Z", 1u32),
+        ("42", 1, "2026-11-25T12:00:01.5Z", 2),
+    ]
+    .iter()
+    .enumerate()
+    {
         let master = key(170 + i as u8);
         let hash = [i as u8 + 0x11; 32];
         let cp = checkpoint::sign(&master, *ver, tenant, *seq, &hash, signed_at);

@@ -35,7 +35,8 @@ pub fn value_aad(tenant: &str, key_id: &str, context: Option<&str>) -> Vec<u8> {
 /// AAD of a wrapped key: label, 0x00, lp(purpose), lp(tenant), lp(key id),
 /// u32 big-endian master key version.
 pub fn wrap_aad(purpose: &str, tenant: &str, key_id: &str, kek_version: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(WRAP_LABEL.len() + 17 + purpose.len() + tenant.len() + key_id.len());
+    let mut out =
+        Vec::with_capacity(WRAP_LABEL.len() + 17 + purpose.len() + tenant.len() + key_id.len());
     out.extend_from_slice(WRAP_LABEL);
     out.push(0);
     push_lp(&mut out, purpose.as_bytes());

@@ -17,7 +17,8 @@ pub fn canonical_payload(json: &str) -> Result<String, CoreError> {
             return Err(CoreError::InexactNumber);
         }
     }
-    serde_json_canonicalizer::pipe(json).map_err(|_| CoreError::Malformed("payload is not valid JSON"))
+    serde_json_canonicalizer::pipe(json)
+        .map_err(|_| CoreError::Malformed("payload is not valid JSON"))
 }
 
 /// `json` with every number that JCS would round replaced by a JSON string of
@@ -58,7 +59,8 @@ fn number_tokens(json: &str) -> Vec<&str> {
             }
             b'-' | b'0'..=b'9' => {
                 let start = i;
-                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
                     i += 1;
                 }
                 tokens.push(&json[start..i]);
@@ -72,7 +74,9 @@ fn number_tokens(json: &str) -> Vec<&str> {
 /// Whether the decimal value of `token` equals that of the shortest double text
 /// for it, i.e. JCS would not change the number.
 fn number_is_exact(token: &str) -> bool {
-    let Ok(d) = token.parse::<f64>() else { return false };
+    let Ok(d) = token.parse::<f64>() else {
+        return false;
+    };
     if !d.is_finite() {
         return false;
     }
@@ -107,14 +111,21 @@ mod tests {
 
     #[test]
     fn sorts_keys_and_formats_numbers_per_jcs() {
-        let c = canonical_payload(r#"{"b": 1.50, "a": [true, null, "x\u00e9"], "c": 1e2}"#).unwrap();
+        let c =
+            canonical_payload(r#"{"b": 1.50, "a": [true, null, "x\u00e9"], "c": 1e2}"#).unwrap();
         assert_eq!(c, r#"{"a":[true,null,"xé"],"b":1.5,"c":100}"#);
     }
 
     #[test]
     fn rejects_numbers_a_double_cannot_hold() {
-        assert_eq!(canonical_payload("12345678901234567891"), Err(CoreError::InexactNumber));
-        assert_eq!(canonical_payload(r#"{"a":0.10000000000000000001}"#), Err(CoreError::InexactNumber));
+        assert_eq!(
+            canonical_payload("12345678901234567891"),
+            Err(CoreError::InexactNumber)
+        );
+        assert_eq!(
+            canonical_payload(r#"{"a":0.10000000000000000001}"#),
+            Err(CoreError::InexactNumber)
+        );
         assert!(canonical_payload("9007199254740992").is_ok());
         assert!(canonical_payload("0.1").is_ok());
         assert!(canonical_payload("-0.0").is_ok());
@@ -127,7 +138,10 @@ mod tests {
 
     #[test]
     fn rejects_invalid_json() {
-        assert!(matches!(canonical_payload("{"), Err(CoreError::Malformed(_))));
+        assert!(matches!(
+            canonical_payload("{"),
+            Err(CoreError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -78,7 +78,14 @@ impl Verifier {
     /// Starts at `first_seq`, whose entry must link to `prev`. With `mac`, every
     /// MAC is checked too (offline verification has no MAC key).
     pub fn new(first_seq: i64, prev: Hash, mac: Option<EntryMac>) -> Self {
-        Verifier { next_seq: first_seq, prev, mac, checked: 0, failure: None, last: None }
+        Verifier {
+            next_seq: first_seq,
+            prev,
+            mac,
+            checked: 0,
+            failure: None,
+            last: None,
+        }
     }
 
     /// Checks the next entry. Returns false once a failure has been found; later
@@ -96,7 +103,10 @@ impl Verifier {
                 true
             }
             Err(problem) => {
-                self.failure = Some(Failure { seq: self.next_seq, problem });
+                self.failure = Some(Failure {
+                    seq: self.next_seq,
+                    problem,
+                });
                 false
             }
         }
@@ -110,7 +120,9 @@ impl Verifier {
             return Err(Problem::Gap);
         }
         let payload = canonical_payload(e.payload).map_err(|_| Problem::HashMismatch)?;
-        let Ok(prev_hash) = <&Hash>::try_from(e.prev_hash) else { return Err(Problem::HashMismatch) };
+        let Ok(prev_hash) = <&Hash>::try_from(e.prev_hash) else {
+            return Err(Problem::HashMismatch);
+        };
         let fields = EntryFields {
             prev_hash,
             tenant: e.tenant,
@@ -144,12 +156,22 @@ impl Verifier {
             if let Some((head_seq, head_hash)) = head {
                 let reached = self.next_seq - 1;
                 if reached < head_seq {
-                    self.failure = Some(Failure { seq: self.next_seq, problem: Problem::Gap });
+                    self.failure = Some(Failure {
+                        seq: self.next_seq,
+                        problem: Problem::Gap,
+                    });
                 } else if reached == head_seq && head_seq > 0 && self.prev != head_hash {
-                    self.failure = Some(Failure { seq: head_seq, problem: Problem::HashMismatch });
+                    self.failure = Some(Failure {
+                        seq: head_seq,
+                        problem: Problem::HashMismatch,
+                    });
                 }
             }
         }
-        Report { checked: self.checked, failure: self.failure, last: self.last }
+        Report {
+            checked: self.checked,
+            failure: self.failure,
+            last: self.last,
+        }
     }
 }

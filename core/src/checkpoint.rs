@@ -69,7 +69,14 @@ pub fn public_key_hex(master: &SecretKey) -> String {
     hex::encode(signing_key(master).verifying_key().as_bytes())
 }
 
-pub fn sign(master: &SecretKey, key_version: u32, tenant: &str, seq: i64, hash: &Hash, signed_at: &str) -> Checkpoint {
+pub fn sign(
+    master: &SecretKey,
+    key_version: u32,
+    tenant: &str,
+    seq: i64,
+    hash: &Hash,
+    signed_at: &str,
+) -> Checkpoint {
     let sig = signing_key(master).sign(&message(tenant, seq, hash, signed_at, key_version));
     Checkpoint {
         tenant: tenant.to_owned(),
@@ -85,11 +92,17 @@ pub fn sign(master: &SecretKey, key_version: u32, tenant: &str, seq: i64, hash: 
 pub fn verify(public_key_hex: &str, cp: &Checkpoint) -> bool {
     let mut pk = [0u8; 32];
     let mut sig = [0u8; 64];
-    if hex::decode_to_slice(public_key_hex.trim(), &mut pk).is_err() || hex::decode_to_slice(&cp.signature, &mut sig).is_err() {
+    if hex::decode_to_slice(public_key_hex.trim(), &mut pk).is_err()
+        || hex::decode_to_slice(&cp.signature, &mut sig).is_err()
+    {
         return false;
     }
-    let Some(hash) = crate::ledger::parse_hash(&cp.hash) else { return false };
-    let Ok(vk) = VerifyingKey::from_bytes(&pk) else { return false };
+    let Some(hash) = crate::ledger::parse_hash(&cp.hash) else {
+        return false;
+    };
+    let Ok(vk) = VerifyingKey::from_bytes(&pk) else {
+        return false;
+    };
     let msg = message(&cp.tenant, cp.seq, &hash, &cp.signed_at, cp.key_version);
     vk.verify(&msg, &Signature::from_bytes(&sig)).is_ok()
 }
@@ -105,11 +118,26 @@ mod tests {
         let pk = public_key_hex(&mk);
         assert!(verify(&pk, &cp));
         for bad in [
-            Checkpoint { seq: 43, ..cp.clone() },
-            Checkpoint { tenant: "acmf".into(), ..cp.clone() },
-            Checkpoint { hash: hex::encode([8u8; 32]), ..cp.clone() },
-            Checkpoint { signed_at: "2026-11-25T00:00:01Z".into(), ..cp.clone() },
-            Checkpoint { key_version: 4, ..cp.clone() },
+            Checkpoint {
+                seq: 43,
+                ..cp.clone()
+            },
+            Checkpoint {
+                tenant: "acmf".into(),
+                ..cp.clone()
+            },
+            Checkpoint {
+                hash: hex::encode([8u8; 32]),
+                ..cp.clone()
+            },
+            Checkpoint {
+                signed_at: "2026-11-25T00:00:01Z".into(),
+                ..cp.clone()
+            },
+            Checkpoint {
+                key_version: 4,
+                ..cp.clone()
+            },
         ] {
             assert!(!verify(&pk, &bad), "{bad:?}");
         }
@@ -120,6 +148,9 @@ mod tests {
     fn key_is_deterministic_per_master_key() {
         let mk = SecretKey::from_slice(&[1u8; 32]).unwrap();
         assert_eq!(public_key_hex(&mk), public_key_hex(&mk.clone()));
-        assert_ne!(public_key_hex(&mk), public_key_hex(&SecretKey::from_slice(&[2u8; 32]).unwrap()));
+        assert_ne!(
+            public_key_hex(&mk),
+            public_key_hex(&SecretKey::from_slice(&[2u8; 32]).unwrap())
+        );
     }
 }

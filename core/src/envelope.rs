@@ -50,7 +50,8 @@ impl<'a> Envelope<'a> {
 
 /// Formats an envelope from its key id and payload.
 pub fn format(key_id: &str, payload: &[u8]) -> String {
-    let mut s = String::with_capacity(PREFIX.len() + key_id.len() + 1 + payload.len().div_ceil(3) * 4);
+    let mut s =
+        String::with_capacity(PREFIX.len() + key_id.len() + 1 + payload.len().div_ceil(3) * 4);
     s.push_str(PREFIX);
     s.push_str(key_id);
     s.push(':');
@@ -59,7 +60,13 @@ pub fn format(key_id: &str, payload: &[u8]) -> String {
 }
 
 /// Seals `plaintext` with a fresh random 96-bit nonce.
-pub fn seal(cipher: &Aes256Gcm, tenant: &str, key_id: &str, context: Option<&str>, plaintext: &[u8]) -> String {
+pub fn seal(
+    cipher: &Aes256Gcm,
+    tenant: &str,
+    key_id: &str,
+    context: Option<&str>,
+    plaintext: &[u8],
+) -> String {
     let mut nonce = [0u8; NONCE_LEN];
     random_bytes(&mut nonce);
     seal_with_nonce(cipher, tenant, key_id, context, plaintext, &nonce)
@@ -77,7 +84,13 @@ pub fn seal_with_nonce(
 ) -> String {
     let aad = value_aad(tenant, key_id, context);
     let ct = cipher
-        .encrypt(Nonce::from_slice(nonce), Payload { msg: plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
         .expect("AES-GCM encryption of an in-memory buffer cannot fail");
     let mut payload = Vec::with_capacity(NONCE_LEN + ct.len());
     payload.extend_from_slice(nonce);
@@ -95,7 +108,13 @@ pub fn open(
 ) -> Result<Zeroizing<Vec<u8>>, CoreError> {
     let aad = value_aad(tenant, env.key_id, context);
     cipher
-        .decrypt(Nonce::from_slice(env.nonce()), Payload { msg: &env.payload[NONCE_LEN..], aad: &aad })
+        .decrypt(
+            Nonce::from_slice(env.nonce()),
+            Payload {
+                msg: &env.payload[NONCE_LEN..],
+                aad: &aad,
+            },
+        )
         .map(Zeroizing::new)
         .map_err(|_| CoreError::AuthFailed)
 }
@@ -166,19 +185,40 @@ mod tests {
         let (k, s) = sealed("secret", Some("a"));
         let env = Envelope::parse(&s).unwrap();
         let c = k.cipher();
-        assert_eq!(open(&c, "tenant-b", Some("a"), &env).unwrap_err(), CoreError::AuthFailed);
-        assert_eq!(open(&c, "tenant-a", Some("b"), &env).unwrap_err(), CoreError::AuthFailed);
-        assert_eq!(open(&c, "tenant-a", None, &env).unwrap_err(), CoreError::AuthFailed);
+        assert_eq!(
+            open(&c, "tenant-b", Some("a"), &env).unwrap_err(),
+            CoreError::AuthFailed
+        );
+        assert_eq!(
+            open(&c, "tenant-a", Some("b"), &env).unwrap_err(),
+            CoreError::AuthFailed
+        );
+        assert_eq!(
+            open(&c, "tenant-a", None, &env).unwrap_err(),
+            CoreError::AuthFailed
+        );
         assert!(open(&SecretKey::random().cipher(), "tenant-a", Some("a"), &env).is_err());
     }
 
     #[test]
     fn malformed_inputs_are_named_not_echoed() {
-        for bad in ["", "v1:abc:def", "v2:", "v2:abc", "v2::AAAA", "v2:a+b:AAAA", "v2:abc:@@@@", "v2:abc:AAAA"] {
+        for bad in [
+            "",
+            "v1:abc:def",
+            "v2:",
+            "v2:abc",
+            "v2::AAAA",
+            "v2:a+b:AAAA",
+            "v2:abc:@@@@",
+            "v2:abc:AAAA",
+        ] {
             let e = Envelope::parse(bad).unwrap_err();
             assert!(matches!(e, CoreError::Malformed(_)), "{bad}");
             if bad.len() > 3 {
-                assert!(!e.to_string().contains(&bad[3..]), "message echoes input: {e}");
+                assert!(
+                    !e.to_string().contains(&bad[3..]),
+                    "message echoes input: {e}"
+                );
             }
         }
     }
@@ -190,7 +230,10 @@ mod tests {
         let s = seal(&c, "t", "AAAAAAAAAAAAAAAA", None, b"v");
         let forged = s.replacen("AAAAAAAAAAAAAAAA", "BBBBBBBBBBBBBBBB", 1);
         let env = Envelope::parse(&forged).unwrap();
-        assert_eq!(open(&c, "t", None, &env).unwrap_err(), CoreError::AuthFailed);
+        assert_eq!(
+            open(&c, "t", None, &env).unwrap_err(),
+            CoreError::AuthFailed
+        );
     }
 
     proptest! {

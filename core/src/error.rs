@@ -19,6 +19,8 @@ pub enum CoreError {
     #[error("sealed value does not hold text")]
     NotText,
     /// A ledger payload number that RFC 8785 would round (see `canonical`).
-    #[error("payload holds a number that a JSON double cannot represent exactly; store it as a string")]
+    #[error(
+        "payload holds a number that a JSON double cannot represent exactly; store it as a string"
+    )]
     InexactNumber,
 }

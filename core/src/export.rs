@@ -75,8 +75,10 @@ pub fn verify_export(
         if line.trim().is_empty() {
             continue;
         }
-        let e: ExportLine = serde_json::from_str(&line).map_err(|err| ExportError::BadLine(i + 1, err.to_string()))?;
-        let bad = |what: &str| ExportError::BadLine(i + 1, format!("{what} is not 64 hex characters"));
+        let e: ExportLine = serde_json::from_str(&line)
+            .map_err(|err| ExportError::BadLine(i + 1, err.to_string()))?;
+        let bad =
+            |what: &str| ExportError::BadLine(i + 1, format!("{what} is not 64 hex characters"));
         let prev = parse_hash(&e.prev_hash).ok_or_else(|| bad("prev_hash"))?;
         let hash = parse_hash(&e.hash).ok_or_else(|| bad("hash"))?;
         let state = tenants.entry(e.tenant_id.clone()).or_insert_with(|| {
@@ -84,9 +86,14 @@ pub fn verify_export(
             // one that starts later (a range, or after pruning) is anchored by
             // its own first prev_hash, which checkpoints can confirm.
             let start = if e.seq == 1 { GENESIS } else { prev };
-            TenantState { verifier: Verifier::new(e.seq, start, None), hashes_at: BTreeMap::new() }
+            TenantState {
+                verifier: Verifier::new(e.seq, start, None),
+                hashes_at: BTreeMap::new(),
+            }
         });
-        let tracked = wanted.get(e.tenant_id.as_str()).is_some_and(|cps| cps.iter().any(|c| c.seq == e.seq));
+        let tracked = wanted
+            .get(e.tenant_id.as_str())
+            .is_some_and(|cps| cps.iter().any(|c| c.seq == e.seq));
         if tracked {
             state.hashes_at.insert(e.seq, e.hash.to_lowercase());
         }
@@ -111,7 +118,10 @@ pub fn verify_export(
                 match state.hashes_at.get(&cp.seq) {
                     Some(h) if *h == cp.hash.to_lowercase() => matched += 1,
                     Some(_) => {
-                        report.failure = Some(Failure { seq: cp.seq, problem: Problem::HashMismatch });
+                        report.failure = Some(Failure {
+                            seq: cp.seq,
+                            problem: Problem::HashMismatch,
+                        });
                         break;
                     }
                     // The export does not reach this checkpoint: it may be older than
@@ -120,7 +130,11 @@ pub fn verify_export(
                 }
             }
         }
-        out.push(TenantResult { tenant, report, checkpoints_matched: matched });
+        out.push(TenantResult {
+            tenant,
+            report,
+            checkpoints_matched: matched,
+        });
     }
     Ok(out)
 }

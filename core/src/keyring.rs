@@ -28,8 +28,9 @@ fn parse_hex_key(s: &str) -> Option<SecretKey> {
 impl KeyRing {
     /// The ring given by `PGSEAL_MASTER_KEY`: one key, version 1.
     pub fn from_env_value(value: &str) -> Result<Self, CoreError> {
-        let key = parse_hex_key(value)
-            .ok_or_else(|| CoreError::BadMasterKey("PGSEAL_MASTER_KEY must be 64 hex characters".into()))?;
+        let key = parse_hex_key(value).ok_or_else(|| {
+            CoreError::BadMasterKey("PGSEAL_MASTER_KEY must be 64 hex characters".into())
+        })?;
         let mut keys = BTreeMap::new();
         keys.insert(1, key);
         Ok(KeyRing { keys })
@@ -44,23 +45,30 @@ impl KeyRing {
             if line.is_empty() {
                 continue;
             }
-            let (ver, hexkey) = line
-                .split_once(':')
-                .ok_or_else(|| CoreError::BadMasterKey(format!("line {n}: expected <version>:<64 hex>")))?;
+            let (ver, hexkey) = line.split_once(':').ok_or_else(|| {
+                CoreError::BadMasterKey(format!("line {n}: expected <version>:<64 hex>"))
+            })?;
             let ver: u32 = ver
                 .trim()
                 .parse()
                 .ok()
                 .filter(|v| *v > 0 && *v <= i32::MAX as u32)
-                .ok_or_else(|| CoreError::BadMasterKey(format!("line {n}: version must be a positive integer")))?;
-            let key = parse_hex_key(hexkey)
-                .ok_or_else(|| CoreError::BadMasterKey(format!("line {n}: key must be 64 hex characters")))?;
+                .ok_or_else(|| {
+                    CoreError::BadMasterKey(format!("line {n}: version must be a positive integer"))
+                })?;
+            let key = parse_hex_key(hexkey).ok_or_else(|| {
+                CoreError::BadMasterKey(format!("line {n}: key must be 64 hex characters"))
+            })?;
             if keys.insert(ver, key).is_some() {
-                return Err(CoreError::BadMasterKey(format!("line {n}: version {ver} appears twice")));
+                return Err(CoreError::BadMasterKey(format!(
+                    "line {n}: version {ver} appears twice"
+                )));
             }
         }
         if keys.is_empty() {
-            return Err(CoreError::BadMasterKey("the key command printed no key".into()));
+            return Err(CoreError::BadMasterKey(
+                "the key command printed no key".into(),
+            ));
         }
         Ok(KeyRing { keys })
     }

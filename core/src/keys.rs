@@ -70,7 +70,8 @@ pub fn new_key_id() -> String {
 pub fn is_valid_key_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Fills `buf` from the operating system's CSPRNG.

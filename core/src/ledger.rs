@@ -89,7 +89,15 @@ mod tests {
     use super::*;
 
     fn fields<'a>(prev: &'a Hash) -> EntryFields<'a> {
-        EntryFields { prev_hash: prev, tenant: "acme", seq: 1, recorded_at_us: 0, actor: "alice", event: "login", payload: "{}" }
+        EntryFields {
+            prev_hash: prev,
+            tenant: "acme",
+            seq: 1,
+            recorded_at_us: 0,
+            actor: "alice",
+            event: "login",
+            payload: "{}",
+        }
     }
 
     #[test]
@@ -97,13 +105,34 @@ mod tests {
         let base = entry_hash(&fields(&GENESIS));
         let other = [1u8; 32];
         let variants = [
-            EntryFields { prev_hash: &other, ..fields(&GENESIS) },
-            EntryFields { tenant: "acm", ..fields(&GENESIS) },
-            EntryFields { seq: 2, ..fields(&GENESIS) },
-            EntryFields { recorded_at_us: 1, ..fields(&GENESIS) },
-            EntryFields { actor: "alicf", ..fields(&GENESIS) },
-            EntryFields { event: "logout", ..fields(&GENESIS) },
-            EntryFields { payload: "[]", ..fields(&GENESIS) },
+            EntryFields {
+                prev_hash: &other,
+                ..fields(&GENESIS)
+            },
+            EntryFields {
+                tenant: "acm",
+                ..fields(&GENESIS)
+            },
+            EntryFields {
+                seq: 2,
+                ..fields(&GENESIS)
+            },
+            EntryFields {
+                recorded_at_us: 1,
+                ..fields(&GENESIS)
+            },
+            EntryFields {
+                actor: "alicf",
+                ..fields(&GENESIS)
+            },
+            EntryFields {
+                event: "logout",
+                ..fields(&GENESIS)
+            },
+            EntryFields {
+                payload: "[]",
+                ..fields(&GENESIS)
+            },
         ];
         for v in variants {
             assert_ne!(entry_hash(&v), base, "{v:?}");
@@ -112,8 +141,16 @@ mod tests {
 
     #[test]
     fn length_prefixes_separate_adjacent_fields() {
-        let a = EntryFields { actor: "ab", event: "c", ..fields(&GENESIS) };
-        let b = EntryFields { actor: "a", event: "bc", ..fields(&GENESIS) };
+        let a = EntryFields {
+            actor: "ab",
+            event: "c",
+            ..fields(&GENESIS)
+        };
+        let b = EntryFields {
+            actor: "a",
+            event: "bc",
+            ..fields(&GENESIS)
+        };
         assert_ne!(entry_hash(&a), entry_hash(&b));
     }
 

@@ -43,7 +43,12 @@ pub struct WrapLabel<'a> {
 
 impl WrapLabel<'_> {
     fn aad(&self) -> Vec<u8> {
-        wrap_aad(self.purpose.as_str(), self.tenant, self.key_id, self.kek_version)
+        wrap_aad(
+            self.purpose.as_str(),
+            self.tenant,
+            self.key_id,
+            self.kek_version,
+        )
     }
 }
 
@@ -54,11 +59,22 @@ pub fn wrap(kek: &SecretKey, label: WrapLabel<'_>, key: &SecretKey) -> Vec<u8> {
 }
 
 /// Deterministic variant for test vectors only.
-pub fn wrap_with_nonce(kek: &SecretKey, label: WrapLabel<'_>, key: &SecretKey, nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+pub fn wrap_with_nonce(
+    kek: &SecretKey,
+    label: WrapLabel<'_>,
+    key: &SecretKey,
+    nonce: &[u8; NONCE_LEN],
+) -> Vec<u8> {
     let aad = label.aad();
     let ct = kek
         .cipher()
-        .encrypt(Nonce::from_slice(nonce), Payload { msg: key.expose(), aad: &aad })
+        .encrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: key.expose(),
+                aad: &aad,
+            },
+        )
         .expect("AES-GCM encryption of an in-memory buffer cannot fail");
     let mut out = Vec::with_capacity(WRAPPED_LEN);
     out.extend_from_slice(nonce);
@@ -66,14 +82,24 @@ pub fn wrap_with_nonce(kek: &SecretKey, label: WrapLabel<'_>, key: &SecretKey, n
     out
 }
 
-pub fn unwrap(kek: &SecretKey, label: WrapLabel<'_>, wrapped: &[u8]) -> Result<SecretKey, CoreError> {
+pub fn unwrap(
+    kek: &SecretKey,
+    label: WrapLabel<'_>,
+    wrapped: &[u8],
+) -> Result<SecretKey, CoreError> {
     if wrapped.len() != WRAPPED_LEN {
         return Err(CoreError::Malformed("wrapped key has the wrong length"));
     }
     let aad = label.aad();
     let plain = zeroize::Zeroizing::new(
         kek.cipher()
-            .decrypt(Nonce::from_slice(&wrapped[..NONCE_LEN]), Payload { msg: &wrapped[NONCE_LEN..], aad: &aad })
+            .decrypt(
+                Nonce::from_slice(&wrapped[..NONCE_LEN]),
+                Payload {
+                    msg: &wrapped[NONCE_LEN..],
+                    aad: &aad,
+                },
+            )
             .map_err(|_| CoreError::AuthFailed)?,
     );
     SecretKey::from_slice(&plain).ok_or(CoreError::Malformed("wrapped key has the wrong length"))
@@ -84,7 +110,12 @@ mod tests {
     use super::*;
 
     fn label(v: u32) -> WrapLabel<'static> {
-        WrapLabel { purpose: Purpose::Dek, tenant: "acme", key_id: "kid", kek_version: v }
+        WrapLabel {
+            purpose: Purpose::Dek,
+            tenant: "acme",
+            key_id: "kid",
+            kek_version: v,
+        }
     }
 
     #[test]
@@ -102,9 +133,15 @@ mod tests {
         let dek = SecretKey::random();
         let w = wrap(&kek, label(1), &dek);
         assert!(unwrap(&kek, label(2), &w).is_err());
-        let other_tenant = WrapLabel { tenant: "evil", ..label(1) };
+        let other_tenant = WrapLabel {
+            tenant: "evil",
+            ..label(1)
+        };
         assert!(unwrap(&kek, other_tenant, &w).is_err());
-        let other_purpose = WrapLabel { purpose: Purpose::Ledger, ..label(1) };
+        let other_purpose = WrapLabel {
+            purpose: Purpose::Ledger,
+            ..label(1)
+        };
         assert!(unwrap(&kek, other_purpose, &w).is_err());
         assert!(unwrap(&SecretKey::random(), label(1), &w).is_err());
         assert!(unwrap(&kek, label(1), &w[..59]).is_err());

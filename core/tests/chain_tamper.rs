@@ -70,7 +70,11 @@ fn chain() -> &'static Vec<Owned> {
                     seq,
                     at: 1_790_000_000_000_000 + seq * 1000,
                     actor: format!("user-{}", seq % 7),
-                    event: if seq % 3 == 0 { "order.update".into() } else { "login".into() },
+                    event: if seq % 3 == 0 {
+                        "order.update".into()
+                    } else {
+                        "login".into()
+                    },
                     payload: format!(r#"{{"n": {seq}, "items": ["a", {{"q": {}}}]}}"#, seq % 5),
                     prev: prev.clone(),
                     hash: vec![],
@@ -87,7 +91,9 @@ fn chain() -> &'static Vec<Owned> {
 
 fn verify(entries: &[Owned]) -> Report {
     let original = chain();
-    let head = original.last().map(|e| (e.seq, e.hash.clone().try_into().unwrap()));
+    let head = original
+        .last()
+        .map(|e| (e.seq, e.hash.clone().try_into().unwrap()));
     let mut v = Verifier::new(1, GENESIS, Some(mac().clone()));
     for e in entries {
         if !v.push(&e.view()) {

@@ -6,9 +6,13 @@ use pgseal_core::wrap::{unwrap, wrap_with_nonce, Purpose, WrapLabel};
 use serde_json::Value;
 
 fn vectors(kind: &str) -> Vec<Value> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FORMAT.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FORMAT.md")).unwrap();
     let fence = format!("```jsonl vectors:{kind}");
-    let start = doc.find(&fence).unwrap_or_else(|| panic!("no {fence} block")) + fence.len();
+    let start = doc
+        .find(&fence)
+        .unwrap_or_else(|| panic!("no {fence} block"))
+        + fence.len();
     let end = start + doc[start..].find("```").unwrap();
     let v: Vec<Value> = doc[start..end]
         .lines()
@@ -33,7 +37,14 @@ fn value_vectors_seal_and_open() {
         let dek = key(&v, "dek");
         let nonce: [u8; 12] = hex::decode(s(&v, "nonce")).unwrap().try_into().unwrap();
         let ctx = v["context"].as_str();
-        let sealed = seal_with_nonce(&dek.cipher(), s(&v, "tenant"), s(&v, "key_id"), ctx, s(&v, "plaintext").as_bytes(), &nonce);
+        let sealed = seal_with_nonce(
+            &dek.cipher(),
+            s(&v, "tenant"),
+            s(&v, "key_id"),
+            ctx,
+            s(&v, "plaintext").as_bytes(),
+            &nonce,
+        );
         assert_eq!(sealed, s(&v, "sealed"));
         let env = Envelope::parse(s(&v, "sealed")).unwrap();
         assert_eq!(env.key_id, s(&v, "key_id"));
@@ -60,7 +71,10 @@ fn wrap_vectors_wrap_and_unwrap() {
         let nonce: [u8; 12] = hex::decode(s(&v, "nonce")).unwrap().try_into().unwrap();
         let wrapped = wrap_with_nonce(&kek, label, &key(&v, "key"), &nonce);
         assert_eq!(hex::encode(&wrapped), s(&v, "wrapped"));
-        assert_eq!(unwrap(&kek, label, &wrapped).unwrap().expose(), key(&v, "key").expose());
+        assert_eq!(
+            unwrap(&kek, label, &wrapped).unwrap().expose(),
+            key(&v, "key").expose()
+        );
     }
 }
 
@@ -112,7 +126,14 @@ fn checkpoint_vectors_sign_and_verify() {
         let master = key(&v, "master_key");
         assert_eq!(public_key_hex(&master), s(&v, "public_key"));
         let cp: Checkpoint = serde_json::from_value(v["checkpoint"].clone()).unwrap();
-        let again = sign(&master, cp.key_version, &cp.tenant, cp.seq, &parse_hash(&cp.hash).unwrap(), &cp.signed_at);
+        let again = sign(
+            &master,
+            cp.key_version,
+            &cp.tenant,
+            cp.seq,
+            &parse_hash(&cp.hash).unwrap(),
+            &cp.signed_at,
+        );
         assert_eq!(again, cp, "Ed25519 signatures are deterministic");
         assert!(verify(s(&v, "public_key"), &cp));
     }

@@ -90,16 +90,20 @@ fn days_90() -> u32 {
 impl Config {
     /// Reads and checks the file, then applies the environment overrides.
     pub fn load(path: &Path) -> Result<Config, DaemonError> {
-        let text = std::fs::read_to_string(path).map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
-        let mut c: Config =
-            toml::from_str(&text).map_err(|e| DaemonError::Config(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+        let mut c: Config = toml::from_str(&text)
+            .map_err(|e| DaemonError::Config(format!("{}: {e}", path.display())))?;
         if let Ok(v) = std::env::var("PGSEALD_DATABASE_URL") {
             c.database_url = Some(v);
         }
         if let Ok(v) = std::env::var("PGSEALD_LOG_FORMAT") {
             c.log_format = v;
         }
-        if let (Ok(v), Some(job)) = (std::env::var("PGSEALD_CHECKPOINT_DIR"), c.verification.as_mut()) {
+        if let (Ok(v), Some(job)) = (
+            std::env::var("PGSEALD_CHECKPOINT_DIR"),
+            c.verification.as_mut(),
+        ) {
             job.checkpoint_dir = v.into();
         }
         c.check()?;
@@ -109,27 +113,41 @@ impl Config {
     fn check(&self) -> Result<(), DaemonError> {
         self.tz()?;
         for (name, s) in self.schedules() {
-            cron::Schedule::from_str(s)
-                .map_err(|e| DaemonError::Config(format!("[{name}] schedule {s:?} is not a valid cron expression: {e}")))?;
+            cron::Schedule::from_str(s).map_err(|e| {
+                DaemonError::Config(format!(
+                    "[{name}] schedule {s:?} is not a valid cron expression: {e}"
+                ))
+            })?;
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(DaemonError::Config(format!("log_format must be \"text\" or \"json\", not {:?}", self.log_format)));
+            return Err(DaemonError::Config(format!(
+                "log_format must be \"text\" or \"json\", not {:?}",
+                self.log_format
+            )));
         }
         if let Some(url) = &self.database_url {
-            url.parse::<tokio_postgres::Config>().map_err(|_| DaemonError::BadUrl)?;
+            url.parse::<tokio_postgres::Config>()
+                .map_err(|_| DaemonError::BadUrl)?;
         }
         if let Some(a) = &self.metrics_addr {
-            a.parse::<std::net::SocketAddr>()
-                .map_err(|_| DaemonError::Config(format!("metrics_addr {a:?} is not an address like 127.0.0.1:9187")))?;
+            a.parse::<std::net::SocketAddr>().map_err(|_| {
+                DaemonError::Config(format!(
+                    "metrics_addr {a:?} is not an address like 127.0.0.1:9187"
+                ))
+            })?;
         }
         if self.leader_takeover_seconds == 0 {
-            return Err(DaemonError::Config("leader_takeover_seconds must be at least 1".into()));
+            return Err(DaemonError::Config(
+                "leader_takeover_seconds must be at least 1".into(),
+            ));
         }
         Ok(())
     }
 
     pub fn tz(&self) -> Result<chrono_tz::Tz, DaemonError> {
-        self.timezone.parse().map_err(|_| DaemonError::Config(format!("unknown timezone {:?}", self.timezone)))
+        self.timezone
+            .parse()
+            .map_err(|_| DaemonError::Config(format!("unknown timezone {:?}", self.timezone)))
     }
 
     pub fn schedules(&self) -> Vec<(&'static str, &str)> {
@@ -183,16 +201,27 @@ mod tests {
         let c = parse(include_str!("../../docs/pgseald.toml.example")).unwrap();
         assert_eq!(c.timezone, "Europe/Berlin");
         assert_eq!(c.schedules().len(), 3);
-        assert_eq!(c.verification.unwrap().checkpoint_dir, PathBuf::from("/var/lib/pgseald"));
+        assert_eq!(
+            c.verification.unwrap().checkpoint_dir,
+            PathBuf::from("/var/lib/pgseald")
+        );
     }
 
     #[test]
     fn bad_values_are_clear_errors() {
-        let e = parse("[retention]\nschedule = \"every tuesday\"\n").unwrap_err().to_string();
+        let e = parse("[retention]\nschedule = \"every tuesday\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a valid cron expression"), "{e}");
-        assert!(parse("timezone = \"Mars/Olympus\"").unwrap_err().to_string().contains("unknown timezone"));
+        assert!(parse("timezone = \"Mars/Olympus\"")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown timezone"));
         assert!(parse("log_format = \"xml\"").is_err());
         assert!(parse("nonsense = 1").is_err());
-        assert!(matches!(parse("database_url = \"postgres://[::1\""), Err(DaemonError::BadUrl)));
+        assert!(matches!(
+            parse("database_url = \"postgres://[::1\""),
+            Err(DaemonError::BadUrl)
+        ));
     }
 }

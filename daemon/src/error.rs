@@ -31,7 +31,10 @@ impl DaemonError {
     pub fn exit_code(&self) -> u8 {
         match self {
             DaemonError::Runtime(_) => 1,
-            DaemonError::BadUrl | DaemonError::File(..) | DaemonError::Usage(_) | DaemonError::Config(_) => 2,
+            DaemonError::BadUrl
+            | DaemonError::File(..)
+            | DaemonError::Usage(_)
+            | DaemonError::Config(_) => 2,
             DaemonError::BadCheckpoint(..) | DaemonError::VerifyFailed(_) => 5,
             DaemonError::ConnectionLost => 4,
             DaemonError::Connect(_) | DaemonError::Query(_) => 4,

@@ -7,7 +7,10 @@ use crate::error::DaemonError;
 /// Records the start of a job; returns its run id.
 pub async fn start(client: &Client, job: &str) -> Result<i64, DaemonError> {
     Ok(client
-        .query_one("INSERT INTO pgseal.job_runs (job, status) VALUES ($1, 'running') RETURNING id", &[&job])
+        .query_one(
+            "INSERT INTO pgseal.job_runs (job, status) VALUES ($1, 'running') RETURNING id",
+            &[&job],
+        )
         .await
         .map_err(DaemonError::Query)?
         .get(0))

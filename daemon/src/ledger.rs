@@ -20,23 +20,34 @@ pub struct Outcome {
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.ok {
-            write!(f, "{}: ok, {} entries checked{}", self.tenant, self.checked, self.detail)
+            write!(
+                f,
+                "{}: ok, {} entries checked{}",
+                self.tenant, self.checked, self.detail
+            )
         } else {
-            write!(f, "{}: FAILED after {} entries: {}", self.tenant, self.checked, self.detail)
+            write!(
+                f,
+                "{}: FAILED after {} entries: {}",
+                self.tenant, self.checked, self.detail
+            )
         }
     }
 }
 
 fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>, DaemonError> {
-    let file = std::fs::File::open(path).map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+        let line =
+            line.map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
         if line.trim().is_empty() {
             continue;
         }
-        let cp = serde_json::from_str(&line)
-            .map_err(|e| DaemonError::File(path.display().to_string(), format!("line {}: {e}", i + 1)))?;
+        let cp = serde_json::from_str(&line).map_err(|e| {
+            DaemonError::File(path.display().to_string(), format!("line {}: {e}", i + 1))
+        })?;
         out.push(cp);
     }
     Ok(out)
@@ -57,21 +68,32 @@ pub fn verify_file(
     if !cps.is_empty() && public_key.is_none() {
         return Err(DaemonError::Usage("--checkpoints needs --public-key"));
     }
-    let input = std::fs::File::open(file).map_err(|e| DaemonError::File(file.display().to_string(), e.to_string()))?;
-    let results = verify_export(std::io::BufReader::new(input), &cps, public_key).map_err(|e| match e {
-        pgseal_core::export::ExportError::BadSignature(t, s) => DaemonError::BadCheckpoint(t, s),
-        other => DaemonError::File(file.display().to_string(), other.to_string()),
-    })?;
+    let input = std::fs::File::open(file)
+        .map_err(|e| DaemonError::File(file.display().to_string(), e.to_string()))?;
+    let results =
+        verify_export(std::io::BufReader::new(input), &cps, public_key).map_err(|e| match e {
+            pgseal_core::export::ExportError::BadSignature(t, s) => {
+                DaemonError::BadCheckpoint(t, s)
+            }
+            other => DaemonError::File(file.display().to_string(), other.to_string()),
+        })?;
     Ok(results
         .into_iter()
         .filter(|r| tenant.is_none_or(|t| t == r.tenant))
         .map(|r| {
             let detail = match r.report.failure {
                 Some(f) => format!("{} at seq {}", f.problem.as_str(), f.seq),
-                None if r.checkpoints_matched > 0 => format!(", {} checkpoint(s) matched", r.checkpoints_matched),
+                None if r.checkpoints_matched > 0 => {
+                    format!(", {} checkpoint(s) matched", r.checkpoints_matched)
+                }
                 None => String::new(),
             };
-            Outcome { tenant: r.tenant, ok: r.report.ok(), checked: r.report.checked, detail }
+            Outcome {
+                tenant: r.tenant,
+                ok: r.report.ok(),
+                checked: r.report.checked,
+                detail,
+            }
         })
         .collect())
 }
@@ -94,20 +116,38 @@ pub async fn tenants(client: &tokio_postgres::Client) -> Result<Vec<String>, Dae
 }
 
 /// Verifies one tenant's chain from `from_seq` (default: its first kept entry).
-pub async fn verify_one(client: &tokio_postgres::Client, tenant: &str, from_seq: Option<i64>) -> Result<Outcome, DaemonError> {
+pub async fn verify_one(
+    client: &tokio_postgres::Client,
+    tenant: &str,
+    from_seq: Option<i64>,
+) -> Result<Outcome, DaemonError> {
     let row = client
-        .query_one("SELECT ok, checked, first_bad_seq, problem FROM pgseal.ledger_verify($1, $2)", &[&tenant, &from_seq])
+        .query_one(
+            "SELECT ok, checked, first_bad_seq, problem FROM pgseal.ledger_verify($1, $2)",
+            &[&tenant, &from_seq],
+        )
         .await
         .map_err(DaemonError::Query)?;
-    let detail = match (row.get::<_, Option<i64>>(2), row.get::<_, Option<String>>(3)) {
+    let detail = match (
+        row.get::<_, Option<i64>>(2),
+        row.get::<_, Option<String>>(3),
+    ) {
         (Some(seq), Some(problem)) => format!("{problem} at seq {seq}"),
         _ => String::new(),
     };
-    Ok(Outcome { tenant: tenant.to_owned(), ok: row.get(0), checked: row.get(1), detail })
+    Ok(Outcome {
+        tenant: tenant.to_owned(),
+        ok: row.get(0),
+        checked: row.get(1),
+        detail,
+    })
 }
 
 /// Verifies tenants' chains in the database with `pgseal.ledger_verify`.
-pub async fn verify_db(client: &tokio_postgres::Client, tenant: Option<&str>) -> Result<Vec<Outcome>, DaemonError> {
+pub async fn verify_db(
+    client: &tokio_postgres::Client,
+    tenant: Option<&str>,
+) -> Result<Vec<Outcome>, DaemonError> {
     let tenants = match tenant {
         Some(t) => vec![t.to_owned()],
         None => tenants(client).await?,

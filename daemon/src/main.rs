@@ -22,14 +22,19 @@ mod scheduler;
 /// Set by SIGTERM/SIGINT during `pgseald run`: batch loops end after the batch in hand.
 pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Failed ledger verifications since start (logged as errors; see `scheduler`).
-pub static FAILED_VERIFICATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub static FAILED_VERIFICATIONS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 use error::DaemonError;
 
 /// Exit code of a failed ledger verification.
 const VERIFY_FAILED: u8 = 5;
 
 #[derive(Parser, Debug)]
-#[command(name = "pgseald", version, about = "Key rotation, retention and ledger verification for pgseal")]
+#[command(
+    name = "pgseald",
+    version,
+    about = "Key rotation, retention and ledger verification for pgseal"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -139,7 +144,10 @@ enum LedgerCommand {
 fn init_tracing(format: &str) {
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
-    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_ansi(ansi);
+    let fmt = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
     if format == "json" {
         fmt.json().init();
     } else {
@@ -151,10 +159,15 @@ fn main() -> ExitCode {
     let mut cli = Cli::parse();
     // `run` reads its configuration first: the log format is part of it.
     let mut config = None;
-    if let Command::Run { config: path, database_url } = &mut cli.command {
+    if let Command::Run {
+        config: path,
+        database_url,
+    } = &mut cli.command
+    {
         let loaded = config::Config::load(path).and_then(|mut c| {
             if let Some(url) = database_url.take() {
-                url.parse::<tokio_postgres::Config>().map_err(|_| DaemonError::BadUrl)?;
+                url.parse::<tokio_postgres::Config>()
+                    .map_err(|_| DaemonError::BadUrl)?;
                 c.database_url = Some(url);
             }
             Ok(c)
@@ -167,7 +180,12 @@ fn main() -> ExitCode {
             }
         }
     }
-    init_tracing(config.as_ref().map(|c| c.log_format.as_str()).unwrap_or("text"));
+    init_tracing(
+        config
+            .as_ref()
+            .map(|c| c.log_format.as_str())
+            .unwrap_or("text"),
+    );
     match try_main(cli, config) {
         Ok(code) => code,
         Err(e) => {
@@ -178,7 +196,10 @@ fn main() -> ExitCode {
 }
 
 fn try_main(cli: Cli, config: Option<config::Config>) -> Result<ExitCode, DaemonError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
     rt.block_on(async {
         match cli.command {
             Command::Run { .. } => {
@@ -296,7 +317,10 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, DaemonError> {
 async fn status(url: &str) -> Result<ExitCode, DaemonError> {
     let client = connect(url).await?;
     let row = client
-        .query_one("SELECT loaded, active_version, versions FROM pgseal.vault_status()", &[])
+        .query_one(
+            "SELECT loaded, active_version, versions FROM pgseal.vault_status()",
+            &[],
+        )
         .await
         .map_err(DaemonError::Query)?;
     let loaded: bool = row.get(0);
@@ -304,7 +328,21 @@ async fn status(url: &str) -> Result<ExitCode, DaemonError> {
     let versions: Vec<i32> = row.get(2);
     let versions: Vec<String> = versions.iter().map(|v| v.to_string()).collect();
     println!("master key loaded: {}", if loaded { "yes" } else { "no" });
-    println!("active version:    {}", active.map(|v| v.to_string()).unwrap_or_else(|| "-".into()));
-    println!("loaded versions:   {}", if versions.is_empty() { "-".into() } else { versions.join(", ") });
-    Ok(if loaded { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    println!(
+        "active version:    {}",
+        active.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "loaded versions:   {}",
+        if versions.is_empty() {
+            "-".into()
+        } else {
+            versions.join(", ")
+        }
+    );
+    Ok(if loaded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }

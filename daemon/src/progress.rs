@@ -14,7 +14,11 @@ impl Progress {
     /// `total` 0 means unknown.
     pub fn new(what: &str, total: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let b = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
+            let b = if total > 0 {
+                ProgressBar::new(total)
+            } else {
+                ProgressBar::new_spinner()
+            };
             b.set_style(
                 ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({per_sec})")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -22,7 +26,11 @@ impl Progress {
             b.set_message(what.to_owned());
             b
         });
-        Progress { bar, what: what.to_owned(), done: std::cell::Cell::new(0) }
+        Progress {
+            bar,
+            what: what.to_owned(),
+            done: std::cell::Cell::new(0),
+        }
     }
 
     pub fn inc(&self, n: u64) {

@@ -79,7 +79,9 @@ pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, Da
                 .collect(),
         };
         for tenant in tenants {
-            let Some(rule) = by_tenant.get(&tenant).or_else(|| by_tenant.get("")) else { continue };
+            let Some(rule) = by_tenant.get(&tenant).or_else(|| by_tenant.get("")) else {
+                continue;
+            };
             let cutoff: String = client
                 .query_one("SELECT (now() - $1::text::interval)::text", &[&rule.keep])
                 .await
@@ -87,7 +89,13 @@ pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, Da
                 .get(0);
             if holds.contains(&tenant) {
                 tracing::info!(table = %rel, tenant = %tenant, "legal hold: nothing deleted");
-                out.push(Outcome { rel: rel.clone(), tenant, cutoff, rows: 0, on_hold: true });
+                out.push(Outcome {
+                    rel: rel.clone(),
+                    tenant,
+                    cutoff,
+                    rows: 0,
+                    on_hold: true,
+                });
                 continue;
             }
             let rows = if opts.dry_run {
@@ -97,15 +105,29 @@ pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, Da
                 receipt(client, rel, &tenant, rule, &cutoff, n).await?;
                 n
             };
-            out.push(Outcome { rel: rel.clone(), tenant, cutoff, rows, on_hold: false });
+            out.push(Outcome {
+                rel: rel.clone(),
+                tenant,
+                cutoff,
+                rows,
+                on_hold: false,
+            });
         }
     }
     Ok(out)
 }
 
-async fn count_expired(client: &mut Client, rel: &str, tenant: &str, rule: &Rule, cutoff: &str) -> Result<u64, DaemonError> {
+async fn count_expired(
+    client: &mut Client,
+    rel: &str,
+    tenant: &str,
+    rule: &Rule,
+    cutoff: &str,
+) -> Result<u64, DaemonError> {
     let tx = client.transaction().await.map_err(DaemonError::Query)?;
-    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant]).await.map_err(DaemonError::Query)?;
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+        .await
+        .map_err(DaemonError::Query)?;
     let n: i64 = tx
         .query_one(
             &format!(
@@ -137,11 +159,19 @@ async fn delete_expired(
     let mut total = 0u64;
     loop {
         let tx = client.transaction().await.map_err(DaemonError::Query)?;
-        tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", opts.lock_timeout_ms))
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            opts.lock_timeout_ms
+        ))
+        .await
+        .map_err(DaemonError::Query)?;
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
             .await
             .map_err(DaemonError::Query)?;
-        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant]).await.map_err(DaemonError::Query)?;
-        let n = tx.execute(&sql, &[&tenant, &cutoff, &opts.batch]).await.map_err(DaemonError::Query)?;
+        let n = tx
+            .execute(&sql, &[&tenant, &cutoff, &opts.batch])
+            .await
+            .map_err(DaemonError::Query)?;
         tx.commit().await.map_err(DaemonError::Query)?;
         total += n;
         // On SIGTERM the batch in hand is committed and the run ends here.
@@ -152,15 +182,27 @@ async fn delete_expired(
     }
 }
 
-async fn receipt(client: &mut Client, rel: &str, tenant: &str, rule: &Rule, cutoff: &str, rows: u64) -> Result<(), DaemonError> {
+async fn receipt(
+    client: &mut Client,
+    rel: &str,
+    tenant: &str,
+    rule: &Rule,
+    cutoff: &str,
+    rows: u64,
+) -> Result<(), DaemonError> {
     let tx = client.transaction().await.map_err(DaemonError::Query)?;
-    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant]).await.map_err(DaemonError::Query)?;
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+        .await
+        .map_err(DaemonError::Query)?;
     let payload = serde_json::json!({
         "table": rel, "cutoff": cutoff, "keep": rule.keep, "deleted": rows,
     });
-    tx.execute("SELECT pgseal.ledger_append('retention.deleted', $1::text::jsonb, 'pgseald')", &[&payload.to_string()])
-        .await
-        .map_err(DaemonError::Query)?;
+    tx.execute(
+        "SELECT pgseal.ledger_append('retention.deleted', $1::text::jsonb, 'pgseald')",
+        &[&payload.to_string()],
+    )
+    .await
+    .map_err(DaemonError::Query)?;
     tx.commit().await.map_err(DaemonError::Query)?;
     Ok(())
 }

@@ -81,14 +81,20 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
             context: r.get(2),
             pk: r.get::<_, Option<Vec<String>>>(3).unwrap_or_default(),
             pk_types: r.get::<_, Option<Vec<String>>>(4).unwrap_or_default(),
-            tenant_type: r.get::<_, Option<String>>(5).unwrap_or_else(|| "text".into()),
+            tenant_type: r
+                .get::<_, Option<String>>(5)
+                .unwrap_or_else(|| "text".into()),
         })
         .collect())
 }
 
 /// Rotates the tenant's data key, then reseals every registered column's values
 /// under older keys. Returns (new key id, values resealed).
-pub async fn tenant(client: &mut Client, tenant: &str, batch: i64) -> Result<(String, u64), DaemonError> {
+pub async fn tenant(
+    client: &mut Client,
+    tenant: &str,
+    batch: i64,
+) -> Result<(String, u64), DaemonError> {
     let key_id: String = client
         .query_one("SELECT pgseal.tenant_key_rotate($1)", &[&tenant])
         .await
@@ -104,7 +110,12 @@ pub async fn tenant(client: &mut Client, tenant: &str, batch: i64) -> Result<(St
 /// resealed and the last key it read.
 fn batch_sql(c: &SealedColumn) -> String {
     let pk = c.pk.join(", ");
-    let last: Vec<String> = c.pk_types.iter().enumerate().map(|(i, t)| format!("($5::text::jsonb ->> {i})::{t}")).collect();
+    let last: Vec<String> = c
+        .pk_types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("($5::text::jsonb ->> {i})::{t}"))
+        .collect();
     let join: Vec<String> = c.pk.iter().map(|k| format!("t.{k} = s.{k}")).collect();
     let order_desc: Vec<String> = c.pk.iter().map(|k| format!("{k} DESC")).collect();
     format!(
@@ -128,18 +139,28 @@ fn batch_sql(c: &SealedColumn) -> String {
 /// batches of `batch` rows, each batch one transaction. Each row is updated only
 /// if it still holds the value read (compare-and-set: under READ COMMITTED a
 /// concurrent update makes the row fail that test, and the concurrent value wins).
-pub async fn reseal(client: &mut Client, tenant: &str, active: &str, batch: i64) -> Result<u64, DaemonError> {
+pub async fn reseal(
+    client: &mut Client,
+    tenant: &str,
+    active: &str,
+    batch: i64,
+) -> Result<u64, DaemonError> {
     let mut total = 0u64;
     for c in sealed_columns(client).await? {
         if c.pk.is_empty() {
-            return Err(DaemonError::Config(format!("{} has no primary key; it cannot be resealed", c.rel)));
+            return Err(DaemonError::Config(format!(
+                "{} has no primary key; it cannot be resealed",
+                c.rel
+            )));
         }
         let sql = batch_sql(&c);
         let bar = Progress::new(&format!("resealing {}.{}", c.rel, c.col), 0);
         let mut last: Option<String> = None;
         loop {
             let tx = client.transaction().await.map_err(DaemonError::Query)?;
-            tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant]).await.map_err(DaemonError::Query)?;
+            tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+                .await
+                .map_err(DaemonError::Query)?;
             let row = tx
                 .query_one(&sql, &[&tenant, &active, &c.context, &batch, &last])
                 .await

@@ -33,12 +33,15 @@ fn stopping() -> bool {
 async fn nap(d: Duration) {
     let until = tokio::time::Instant::now() + d;
     while !stopping() && tokio::time::Instant::now() < until {
-        tokio::time::sleep((until - tokio::time::Instant::now()).min(Duration::from_millis(100))).await;
+        tokio::time::sleep((until - tokio::time::Instant::now()).min(Duration::from_millis(100)))
+            .await;
     }
 }
 
 pub async fn run(cfg: Config) -> Result<(), DaemonError> {
-    let url = cfg.database_url.clone().ok_or(DaemonError::Usage("set database_url, PGSEALD_DATABASE_URL or --database-url"))?;
+    let url = cfg.database_url.clone().ok_or(DaemonError::Usage(
+        "set database_url, PGSEALD_DATABASE_URL or --database-url",
+    ))?;
     let poll = Duration::from_millis(cfg.leader_takeover_seconds * 500);
     let mut backoff = Duration::from_millis(250);
     while !stopping() {
@@ -57,7 +60,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             if stopping() {
                 return Ok(());
             }
-            match client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_KEY]).await {
+            match client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_KEY])
+                .await
+            {
                 Ok(row) if row.get::<_, bool>(0) => break true,
                 Ok(_) => nap(poll).await,
                 Err(_) => break false,
@@ -99,7 +105,10 @@ async fn work(client: &mut Client, cfg: &Config) -> Result<(), DaemonError> {
     let mut next: Vec<(&'static str, cron::Schedule, chrono::DateTime<Utc>)> = Vec::new();
     for (name, expr) in cfg.schedules() {
         let s = cron::Schedule::from_str(expr).map_err(|e| DaemonError::Config(e.to_string()))?;
-        let at = s.upcoming(tz).next().ok_or_else(|| DaemonError::Config(format!("[{name}] never fires")))?;
+        let at = s
+            .upcoming(tz)
+            .next()
+            .ok_or_else(|| DaemonError::Config(format!("[{name}] never fires")))?;
         next.push((name, s, at.with_timezone(&Utc)));
     }
     if next.is_empty() {
@@ -115,14 +124,25 @@ async fn work(client: &mut Client, cfg: &Config) -> Result<(), DaemonError> {
         let now = Utc::now();
         let due = next.iter().position(|(_, _, at)| *at <= now);
         let Some(i) = due else {
-            let wait = next.iter().map(|(_, _, at)| (*at - now).to_std().unwrap_or_default()).min();
-            nap(wait.unwrap_or(Duration::from_secs(1)).min(Duration::from_secs(1))).await;
+            let wait = next
+                .iter()
+                .map(|(_, _, at)| (*at - now).to_std().unwrap_or_default())
+                .min();
+            nap(wait
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1)))
+            .await;
             continue;
         };
         let name = next[i].0;
         run_job(client, cfg, name).await?;
         let after = Utc::now().with_timezone(&tz);
-        next[i].2 = next[i].1.after(&after).next().map(|t| t.with_timezone(&Utc)).unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
+        next[i].2 = next[i]
+            .1
+            .after(&after)
+            .next()
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
     }
 }
 
@@ -154,14 +174,26 @@ async fn run_job(client: &mut Client, cfg: &Config, name: &'static str) -> Resul
             crate::metrics::JOBS_RUN.fetch_add(1, Ordering::Relaxed);
             crate::metrics::JOBS_FAILED.fetch_add(1, Ordering::Relaxed);
             tracing::error!(job = name, "job failed: {e}");
-            jobs::finish(client, id, false, serde_json::json!({ "error": e.to_string() })).await;
+            jobs::finish(
+                client,
+                id,
+                false,
+                serde_json::json!({ "error": e.to_string() }),
+            )
+            .await;
             Ok(())
         }
     }
 }
 
-async fn retention_job(client: &mut Client, cfg: &Config) -> Result<serde_json::Value, DaemonError> {
-    let j = cfg.retention.as_ref().expect("scheduled only when configured");
+async fn retention_job(
+    client: &mut Client,
+    cfg: &Config,
+) -> Result<serde_json::Value, DaemonError> {
+    let j = cfg
+        .retention
+        .as_ref()
+        .expect("scheduled only when configured");
     let opts = retention::Options {
         dry_run: false,
         tenant: None,
@@ -194,11 +226,16 @@ async fn retention_job(client: &mut Client, cfg: &Config) -> Result<serde_json::
             }
         }
     }
-    Ok(serde_json::json!({ "deleted": deleted, "tenant_tables": out.len(), "ledger_entries_pruned": pruned }))
+    Ok(
+        serde_json::json!({ "deleted": deleted, "tenant_tables": out.len(), "ledger_entries_pruned": pruned }),
+    )
 }
 
 async fn rotation_job(client: &mut Client, cfg: &Config) -> Result<serde_json::Value, DaemonError> {
-    let j = cfg.rotation.as_ref().expect("scheduled only when configured");
+    let j = cfg
+        .rotation
+        .as_ref()
+        .expect("scheduled only when configured");
     let age = format!("{} days", j.max_key_age_days);
     let due: Vec<String> = client
         .query("SELECT pgseal._rotation_due($1::text::interval)", &[&age])
@@ -238,7 +275,10 @@ async fn rotation_job(client: &mut Client, cfg: &Config) -> Result<serde_json::V
 /// Verifies every tenant's chain and, when it verifies and still passes through
 /// the tenant's last checkpoint, appends a new signed checkpoint to the file.
 async fn verification_job(client: &Client, cfg: &Config) -> Result<serde_json::Value, DaemonError> {
-    let j = cfg.verification.as_ref().expect("scheduled only when configured");
+    let j = cfg
+        .verification
+        .as_ref()
+        .expect("scheduled only when configured");
     std::fs::create_dir_all(&j.checkpoint_dir)
         .map_err(|e| DaemonError::File(j.checkpoint_dir.display().to_string(), e.to_string()))?;
     let path = j.checkpoint_dir.join("checkpoints.jsonl");
@@ -284,7 +324,8 @@ async fn verification_job(client: &Client, cfg: &Config) -> Result<serde_json::V
             .append(true)
             .open(&path)
             .map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
-        writeln!(f, "{cp}").map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+        writeln!(f, "{cp}")
+            .map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
         written += 1;
     }
     if failed.is_empty() {
@@ -295,12 +336,16 @@ async fn verification_job(client: &Client, cfg: &Config) -> Result<serde_json::V
 }
 
 /// The newest (seq, hash) per tenant in the checkpoint file.
-fn last_checkpoints(path: &Path) -> Result<std::collections::HashMap<String, (i64, String)>, DaemonError> {
+fn last_checkpoints(
+    path: &Path,
+) -> Result<std::collections::HashMap<String, (i64, String)>, DaemonError> {
     let mut out = std::collections::HashMap::new();
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(out) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(out);
+    };
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let cp: pgseal_core::checkpoint::Checkpoint =
-            serde_json::from_str(line).map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+        let cp: pgseal_core::checkpoint::Checkpoint = serde_json::from_str(line)
+            .map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
         out.insert(cp.tenant.clone(), (cp.seq, cp.hash.clone()));
     }
     Ok(out)

@@ -3,7 +3,11 @@
 use std::process::Command;
 
 fn pgseald(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pgseald")).args(args).env_remove("PGSEALD_DATABASE_URL").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_pgseald"))
+        .args(args)
+        .env_remove("PGSEALD_DATABASE_URL")
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -25,7 +29,11 @@ fn bad_url_is_a_clear_error() {
 
 #[test]
 fn unreachable_database_exits_4() {
-    let out = pgseald(&["status", "--database-url", "host=127.0.0.1 port=1 user=x connect_timeout=2"]);
+    let out = pgseald(&[
+        "status",
+        "--database-url",
+        "host=127.0.0.1 port=1 user=x connect_timeout=2",
+    ]);
     assert_eq!(out.status.code(), Some(4));
 }
 
@@ -39,11 +47,17 @@ fn config(name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn run_refuses_a_bad_cron_expression() {
-    let p = config("bad-cron.toml", "database_url = \"host=127.0.0.1 port=1\"\n[retention]\nschedule = \"every 5 minutes\"\n");
+    let p = config(
+        "bad-cron.toml",
+        "database_url = \"host=127.0.0.1 port=1\"\n[retention]\nschedule = \"every 5 minutes\"\n",
+    );
     let out = pgseald(&["run", "--config", p.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("[retention] schedule \"every 5 minutes\" is not a valid cron expression"), "{err}");
+    assert!(
+        err.contains("[retention] schedule \"every 5 minutes\" is not a valid cron expression"),
+        "{err}"
+    );
 }
 
 #[test]

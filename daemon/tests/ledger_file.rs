@@ -10,7 +10,8 @@ use pgseal_core::ledger::parse_hash;
 use serde_json::Value;
 
 fn export_lines() -> Vec<Value> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FORMAT.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FORMAT.md")).unwrap();
     let fence = "```jsonl vectors:ledger";
     let start = doc.find(fence).unwrap() + fence.len();
     let end = start + doc[start..].find("```").unwrap();
@@ -45,7 +46,10 @@ fn verify(args: &[&str]) -> (Option<i32>, String) {
         .env_remove("PGSEALD_DATABASE_URL")
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
@@ -86,22 +90,46 @@ fn checkpoints_catch_a_rewritten_history() {
     let good = checkpoint::sign(&master, 1, "acme", 3, &at(2), "2026-11-25T00:00:00Z");
     let cps = write("good-cps.jsonl", &[serde_json::to_value(&good).unwrap()]);
     let f = write("export.jsonl", &lines);
-    let (code, out) = verify(&["--file", f.to_str().unwrap(), "--checkpoints", cps.to_str().unwrap(), "--public-key", &pk]);
+    let (code, out) = verify(&[
+        "--file",
+        f.to_str().unwrap(),
+        "--checkpoints",
+        cps.to_str().unwrap(),
+        "--public-key",
+        &pk,
+    ]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("1 checkpoint(s) matched"), "{out}");
 
     // An auditor's old checkpoint says seq 2 had another hash: history was rewritten
     // (consistently re-hashed, so the chain alone would still look intact).
     let rewritten = checkpoint::sign(&master, 1, "acme", 2, &[0x42; 32], "2026-11-24T00:00:00Z");
-    let cps = write("old-cps.jsonl", &[serde_json::to_value(&rewritten).unwrap()]);
-    let (code, out) = verify(&["--file", f.to_str().unwrap(), "--checkpoints", cps.to_str().unwrap(), "--public-key", &pk]);
+    let cps = write(
+        "old-cps.jsonl",
+        &[serde_json::to_value(&rewritten).unwrap()],
+    );
+    let (code, out) = verify(&[
+        "--file",
+        f.to_str().unwrap(),
+        "--checkpoints",
+        cps.to_str().unwrap(),
+        "--public-key",
+        &pk,
+    ]);
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("hash mismatch at seq 2"), "{out}");
 
     // A checkpoint under another key is refused outright.
     let other = checkpoint::public_key_hex(&SecretKey::random());
     let cps = write("good-cps2.jsonl", &[serde_json::to_value(&good).unwrap()]);
-    let (code, out) = verify(&["--file", f.to_str().unwrap(), "--checkpoints", cps.to_str().unwrap(), "--public-key", &other]);
+    let (code, out) = verify(&[
+        "--file",
+        f.to_str().unwrap(),
+        "--checkpoints",
+        cps.to_str().unwrap(),
+        "--public-key",
+        &other,
+    ]);
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("valid signature"), "{out}");
 }

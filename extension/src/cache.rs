@@ -131,7 +131,13 @@ pub fn active_key(tenant: &str, purpose: Purpose) -> SealResult<Rc<LiveKey>> {
     let live = live_from(&stored, key);
     remember(live.clone());
     CACHE.with(|c| {
-        c.borrow_mut().active.insert(slot, ActiveEntry { key: live.clone(), encryptions: stored.encryptions })
+        c.borrow_mut().active.insert(
+            slot,
+            ActiveEntry {
+                key: live.clone(),
+                encryptions: stored.encryptions,
+            },
+        )
     });
     Ok(live)
 }

@@ -28,7 +28,9 @@ pub fn read_setting(name: &CStr) -> Option<String> {
 pub fn tenant() -> SealResult<String> {
     gucs::with_tenant_setting_name(|name| match read_setting(name) {
         Some(t) if !t.is_empty() => Ok(t),
-        _ => Err(SealError::NoTenantContext(name.to_string_lossy().into_owned())),
+        _ => Err(SealError::NoTenantContext(
+            name.to_string_lossy().into_owned(),
+        )),
     })
 }
 
@@ -44,7 +46,9 @@ pub fn user_id() -> SealResult<String> {
     let name = gucs::user_setting_name();
     match read_setting(&name) {
         Some(u) if !u.is_empty() => Ok(u),
-        _ => Err(SealError::NoUserContext(name.to_string_lossy().into_owned())),
+        _ => Err(SealError::NoUserContext(
+            name.to_string_lossy().into_owned(),
+        )),
     }
 }
 
@@ -66,11 +70,14 @@ pub fn _context_setting(which: &str) -> String {
     };
     let plain = name.split('.').all(|part| {
         let mut chars = part.chars();
-        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
     });
     if !plain {
-        SealError::InvalidArgument("the configured setting name is not a dotted identifier").raise();
+        SealError::InvalidArgument("the configured setting name is not a dotted identifier")
+            .raise();
     }
     name
 }

@@ -58,9 +58,7 @@ impl SealError {
             SealError::NoTenantContext(_)
             | SealError::NoUserContext(_)
             | SealError::WrongTenant
-            | SealError::NotAdmin(_) => {
-                ERRCODE_INSUFFICIENT_PRIVILEGE
-            }
+            | SealError::NotAdmin(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
             SealError::ChainCorrupt(..) => ERRCODE_DATA_CORRUPTED,
             SealError::Malformed(_) => ERRCODE_INVALID_TEXT_REPRESENTATION,
             SealError::UnknownKey
@@ -77,9 +75,13 @@ impl SealError {
 
     fn hint(&self) -> Option<&'static str> {
         match self {
-            SealError::NotPreloaded => Some("Add pgseal to shared_preload_libraries in postgresql.conf and restart the server."),
+            SealError::NotPreloaded => Some(
+                "Add pgseal to shared_preload_libraries in postgresql.conf and restart the server.",
+            ),
             SealError::MasterKeyNotLoaded { hint } => Some(hint),
-            SealError::MasterVersionMissing(_) => Some("Add that version to the output of pgseal.master_key_command and restart."),
+            SealError::MasterVersionMissing(_) => {
+                Some("Add that version to the output of pgseal.master_key_command and restart.")
+            }
             SealError::NoTenantContext(_) | SealError::NoUserContext(_) => {
                 Some("Call pgseal.set_tenant(...) or SET LOCAL the setting in this transaction.")
             }

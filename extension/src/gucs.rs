@@ -7,12 +7,15 @@ use std::ffi::{CStr, CString};
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
 pub static MASTER_KEY_ACTIVE: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static TENANT_SETTING: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"app.tenant_id"));
+pub static TENANT_SETTING: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"app.tenant_id"));
 pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static DEK_MAX_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
-pub static USER_SETTING: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"app.user_id"));
+pub static USER_SETTING: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"app.user_id"));
 pub static AUDIT_DECRYPT: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static STRICT_CONTEXT: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static TENANT_COLUMN_NAMES: GucSetting<Option<CString>> =
@@ -121,7 +124,11 @@ pub fn with_tenant_setting_name<R>(f: impl FnOnce(&CStr) -> R) -> R {
     // SAFETY: the GUC machinery keeps this variable either NULL or pointing to a
     // NUL-terminated string that lives until the setting is next assigned, which
     // cannot happen while `f` runs: `f` only reads settings.
-    let configured = unsafe { (*TENANT_SETTING.as_ptr()).as_ref().map(|p| CStr::from_ptr(p)) };
+    let configured = unsafe {
+        (*TENANT_SETTING.as_ptr())
+            .as_ref()
+            .map(|p| CStr::from_ptr(p))
+    };
     match configured {
         Some(n) if !n.to_bytes().is_empty() => f(n),
         _ => f(c"app.tenant_id"),

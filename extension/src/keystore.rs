@@ -25,7 +25,9 @@ impl KeyState {
             "active" => Ok(KeyState::Active),
             "retired" => Ok(KeyState::Retired),
             "destroyed" => Ok(KeyState::Destroyed),
-            _ => Err(SealError::Internal("unknown key state in pgseal.tenant_keys")),
+            _ => Err(SealError::Internal(
+                "unknown key state in pgseal.tenant_keys",
+            )),
         }
     }
 }
@@ -34,7 +36,9 @@ pub fn purpose_from_str(s: &str) -> SealResult<Purpose> {
     match s {
         "dek" => Ok(Purpose::Dek),
         "ledger" => Ok(Purpose::Ledger),
-        _ => Err(SealError::Internal("unknown key purpose in pgseal.tenant_keys")),
+        _ => Err(SealError::Internal(
+            "unknown key purpose in pgseal.tenant_keys",
+        )),
     }
 }
 
@@ -64,7 +68,12 @@ impl StoredKey {
         };
         let ver = ver as u32;
         let kek = ring.get(ver).ok_or(SealError::MasterVersionMissing(ver))?;
-        let label = WrapLabel { purpose: self.purpose, tenant: &self.tenant, key_id: &self.key_id, kek_version: ver };
+        let label = WrapLabel {
+            purpose: self.purpose,
+            tenant: &self.tenant,
+            key_id: &self.key_id,
+            kek_version: ver,
+        };
         wrap::unwrap(kek, label, wrapped).map_err(|_| SealError::CorruptKey(self.key_id.clone()))
     }
 }
@@ -73,7 +82,9 @@ const COLUMNS: &str = "key_id, tenant_id, purpose, state, kek_version, wrapped, 
 
 fn row_to_key(row: &pgrx::spi::SpiHeapTupleData<'_>) -> SealResult<StoredKey> {
     let text = |i: usize| -> SealResult<String> {
-        row.get::<String>(i)?.ok_or(SealError::Internal("NULL in a NOT NULL column of pgseal.tenant_keys"))
+        row.get::<String>(i)?.ok_or(SealError::Internal(
+            "NULL in a NOT NULL column of pgseal.tenant_keys",
+        ))
     };
     Ok(StoredKey {
         key_id: text(1)?,
@@ -100,7 +111,10 @@ fn select_one(query: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Opt
 
 /// The key with this id, in any state.
 pub fn fetch(key_id: &str) -> SealResult<Option<StoredKey>> {
-    select_one(&format!("SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE key_id = $1"), &[key_id.into()])
+    select_one(
+        &format!("SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE key_id = $1"),
+        &[key_id.into()],
+    )
 }
 
 /// The tenant's active key for `purpose`, if it has one.
@@ -127,7 +141,11 @@ fn lock_tenant(tenant: &str, purpose: Purpose) {
 /// unique index allows one active key per tenant and purpose. Under REPEATABLE READ
 /// or SERIALIZABLE a caller whose snapshot predates another's new key fails with
 /// 40001 (from ON CONFLICT) instead of creating a second one.
-pub fn ensure_active(tenant: &str, purpose: Purpose, rotate: bool) -> SealResult<(StoredKey, SecretKey)> {
+pub fn ensure_active(
+    tenant: &str,
+    purpose: Purpose,
+    rotate: bool,
+) -> SealResult<(StoredKey, SecretKey)> {
     as_owner(|| {
         // The common case, a key that exists, needs no lock: active keys are only
         // replaced under the lock, and a reader may use the one it sees.
@@ -153,7 +171,12 @@ pub fn ensure_active(tenant: &str, purpose: Purpose, rotate: bool) -> SealResult
         let key = SecretKey::random();
         let key_id = new_key_id();
         let (ver, wrapped) = master::with_active(|ver, kek| {
-            let label = WrapLabel { purpose, tenant, key_id: &key_id, kek_version: ver };
+            let label = WrapLabel {
+                purpose,
+                tenant,
+                key_id: &key_id,
+                kek_version: ver,
+            };
             Ok((ver, wrap::wrap(kek, label, &key)))
         })?;
         let inserted = Spi::get_one_with_args::<String>(
@@ -167,7 +190,8 @@ pub fn ensure_active(tenant: &str, purpose: Purpose, rotate: bool) -> SealResult
             // Every pgseal path takes the advisory lock first, so a conflict here means
             // a writer that bypassed it (a manual INSERT); use the key it committed.
             None => {
-                let existing = fetch_active(tenant, purpose)?.ok_or(SealError::Internal("active key vanished"))?;
+                let existing = fetch_active(tenant, purpose)?
+                    .ok_or(SealError::Internal("active key vanished"))?;
                 let key = existing.unwrap()?;
                 return Ok((existing, key));
             }
@@ -228,10 +252,17 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
         let mut blobs = Vec::with_capacity(rows.len());
         master::with_ring(|ring| {
             let pref = crate::gucs::preferred_master_version();
-            let (ver, kek) = ring.active(pref).ok_or(SealError::MasterVersionMissing(pref.unwrap_or(0)))?;
+            let (ver, kek) = ring
+                .active(pref)
+                .ok_or(SealError::MasterVersionMissing(pref.unwrap_or(0)))?;
             for r in &rows {
                 let key = r.unwrap_with(ring)?;
-                let label = WrapLabel { purpose: r.purpose, tenant: &r.tenant, key_id: &r.key_id, kek_version: ver };
+                let label = WrapLabel {
+                    purpose: r.purpose,
+                    tenant: &r.tenant,
+                    key_id: &r.key_id,
+                    kek_version: ver,
+                };
                 ids.push(r.key_id.clone());
                 blobs.push(wrap::wrap(kek, label, &key));
             }

@@ -18,8 +18,16 @@ mod vault;
 
 pgrx::pg_module_magic!();
 
-extension_sql_file!("../../sql/vault_schema.sql", name = "vault_schema", bootstrap);
-extension_sql_file!("../../sql/ledger_schema.sql", name = "ledger_schema", requires = ["vault_schema"]);
+extension_sql_file!(
+    "../../sql/vault_schema.sql",
+    name = "vault_schema",
+    bootstrap
+);
+extension_sql_file!(
+    "../../sql/ledger_schema.sql",
+    name = "ledger_schema",
+    requires = ["vault_schema"]
+);
 extension_sql_file!(
     "../../sql/ledger_api.sql",
     name = "ledger_api",
@@ -36,10 +44,23 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/tenancy.sql",
     name = "tenancy",
-    requires = ["ledger_api", context::current_tenant, context::current_user_id, context::_context_setting]
+    requires = [
+        "ledger_api",
+        context::current_tenant,
+        context::current_user_id,
+        context::_context_setting
+    ]
 );
-extension_sql_file!("../../sql/isolation_report.sql", name = "isolation_report", requires = ["tenancy"]);
-extension_sql_file!("../../sql/jobs.sql", name = "jobs", requires = ["isolation_report"]);
+extension_sql_file!(
+    "../../sql/isolation_report.sql",
+    name = "isolation_report",
+    requires = ["tenancy"]
+);
+extension_sql_file!(
+    "../../sql/jobs.sql",
+    name = "jobs",
+    requires = ["isolation_report"]
+);
 extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]

@@ -27,7 +27,10 @@ struct MasterState {
     problem: &'static str,
 }
 
-static MASTER: Mutex<MasterState> = Mutex::new(MasterState { ring: None, problem: "no master key source is configured" });
+static MASTER: Mutex<MasterState> = Mutex::new(MasterState {
+    ring: None,
+    problem: "no master key source is configured",
+});
 
 thread_local! {
     static EXIT_HOOK: Cell<bool> = const { Cell::new(false) };
@@ -50,7 +53,11 @@ pub fn load_at_startup() {
     let mut m = MASTER.lock().unwrap_or_else(|p| p.into_inner());
     LOADED.store(ring.is_some(), Ordering::Relaxed);
     m.ring = ring;
-    m.problem = if problem.is_empty() { "no master key source is configured" } else { problem };
+    m.problem = if problem.is_empty() {
+        "no master key source is configured"
+    } else {
+        problem
+    };
     drop(m);
     register_exit_wipe();
 }
@@ -72,7 +79,9 @@ fn read_ring() -> Result<KeyRing, &'static str> {
         }
     }
     match env_value {
-        Some(v) => KeyRing::from_env_value(&v).map_err(|_| "PGSEAL_MASTER_KEY must be 64 hex characters"),
+        Some(v) => {
+            KeyRing::from_env_value(&v).map_err(|_| "PGSEAL_MASTER_KEY must be 64 hex characters")
+        }
         None => Err("neither pgseal.master_key_command nor PGSEAL_MASTER_KEY is set"),
     }
 }
@@ -87,8 +96,14 @@ fn run_key_command(cmd: &str) -> Result<Zeroizing<String>, &'static str> {
         .spawn()
         .map_err(|_| "pgseal.master_key_command could not be started")?;
     let mut out = Zeroizing::new(String::new());
-    let read_ok = child.stdout.take().map(|mut s| s.read_to_string(&mut out).is_ok()).unwrap_or(false);
-    let status = child.wait().map_err(|_| "pgseal.master_key_command could not be waited for")?;
+    let read_ok = child
+        .stdout
+        .take()
+        .map(|mut s| s.read_to_string(&mut out).is_ok())
+        .unwrap_or(false);
+    let status = child
+        .wait()
+        .map_err(|_| "pgseal.master_key_command could not be waited for")?;
     if !status.success() {
         return Err("pgseal.master_key_command exited with a failure status");
     }
@@ -179,8 +194,14 @@ pub fn status() -> (bool, Option<i32>, Vec<i32>) {
     match &m.ring {
         None => (false, None, vec![]),
         Some(r) => {
-            let active = r.active(gucs::preferred_master_version()).map(|(v, _)| v as i32);
-            (true, active, r.versions().into_iter().map(|v| v as i32).collect())
+            let active = r
+                .active(gucs::preferred_master_version())
+                .map(|(v, _)| v as i32);
+            (
+                true,
+                active,
+                r.versions().into_iter().map(|v| v as i32).collect(),
+            )
         }
     }
 }

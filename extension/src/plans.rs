@@ -21,7 +21,9 @@ fn plan(sql: &'static str, types: &[PgOid]) -> SealResult<Rc<OwnedPreparedStatem
     if let Some(p) = PLANS.with(|m| m.borrow().get(sql).cloned()) {
         return Ok(p);
     }
-    let p = Rc::new(Spi::connect(|client| client.prepare_mut(sql, types).map(|p| p.keep()))?);
+    let p = Rc::new(Spi::connect(|client| {
+        client.prepare_mut(sql, types).map(|p| p.keep())
+    })?);
     PLANS.with(|m| m.borrow_mut().insert(sql, p.clone()));
     Ok(p)
 }

@@ -74,7 +74,10 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     // SAFETY: SECURITY_LOCAL_USERID_CHANGE is the flag SECURITY DEFINER functions
     // use; the guard above restores the previous identity.
     unsafe {
-        pg_sys::SetUserIdAndSecContext(owner, sec_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32)
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            sec_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        )
     };
     f()
 }

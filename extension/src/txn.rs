@@ -28,7 +28,12 @@ thread_local! {
 }
 
 pub fn note_encryption(key_id: &str) {
-    TX.with(|t| *t.borrow_mut().encryptions.entry(key_id.to_owned()).or_insert(0) += 1);
+    TX.with(|t| {
+        *t.borrow_mut()
+            .encryptions
+            .entry(key_id.to_owned())
+            .or_insert(0) += 1
+    });
 }
 
 /// Pending (not yet flushed) encryptions under `key_id` in this transaction.
@@ -90,7 +95,10 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_PRE_COMMIT => pre_commit(),
         XACT_EVENT_PRE_PREPARE => {
             if TX.with(|t| t.borrow().bump_epoch) {
-                SealError::NotSupported("a transaction that rotated or shredded keys cannot be prepared").raise();
+                SealError::NotSupported(
+                    "a transaction that rotated or shredded keys cannot be prepared",
+                )
+                .raise();
             }
             pre_commit();
         }

@@ -26,13 +26,22 @@ pub fn require_read_write(what: &'static str) -> SealResult<()> {
 
 fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> SealResult<String> {
     let key = cache::active_key(tenant, Purpose::Dek)?;
-    let sealed = envelope::seal(&key.cipher, tenant, &key.key_id, context, plaintext.as_bytes());
+    let sealed = envelope::seal(
+        &key.cipher,
+        tenant,
+        &key.key_id,
+        context,
+        plaintext.as_bytes(),
+    );
     crate::txn::note_encryption(&key.key_id);
     Ok(sealed)
 }
 
 /// Opens a sealed value for the current tenant.
-fn open_for_current(sealed: &str, context: Option<&str>) -> SealResult<(String, std::rc::Rc<cache::LiveKey>, Zeroizing<String>)> {
+fn open_for_current(
+    sealed: &str,
+    context: Option<&str>,
+) -> SealResult<(String, std::rc::Rc<cache::LiveKey>, Zeroizing<String>)> {
     master::require_loaded()?;
     let tenant = context::tenant()?;
     let env = Envelope::parse(sealed)?;
@@ -157,7 +166,14 @@ fn tenant_shred(tenant: &str) -> i32 {
 /// Whether the master key is loaded, the version that wraps new keys, and every
 /// loaded version. Never shows key bytes.
 #[pg_extern(stable, parallel_safe)]
-fn vault_status() -> TableIterator<'static, (name!(loaded, bool), name!(active_version, Option<i32>), name!(versions, Vec<i32>))> {
+fn vault_status() -> TableIterator<
+    'static,
+    (
+        name!(loaded, bool),
+        name!(active_version, Option<i32>),
+        name!(versions, Vec<i32>),
+    ),
+> {
     let (loaded, active, versions) = master::status();
     TableIterator::once((loaded, active, versions))
 }

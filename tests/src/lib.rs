@@ -9,7 +9,10 @@ pub const KEY_V1: &str = "1:4f1c2a9e8d7b6a5948372615f4e3d2c1b0a99887766554433221
 pub const KEY_V2: &str = "2:a1b2c3d4e5f60718293a4b5c6d7e8f90112233445566778899aabbccddeeff00";
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub struct Cluster {
@@ -25,7 +28,15 @@ impl Cluster {
         let keyfile = PathBuf::from(format!("/var/tmp/pgseal-it/{name}.keys"));
         std::fs::write(&keyfile, keys.join("\n") + "\n").unwrap();
         let c = Cluster { dir, port };
-        c.script(&["start", c.dir.to_str().unwrap(), &port.to_string(), keyfile.to_str().unwrap()], conf);
+        c.script(
+            &[
+                "start",
+                c.dir.to_str().unwrap(),
+                &port.to_string(),
+                keyfile.to_str().unwrap(),
+            ],
+            conf,
+        );
         std::fs::remove_file(&keyfile).ok();
         c
     }
@@ -37,7 +48,11 @@ impl Cluster {
             .args(extra)
             .status()
             .expect("run cluster.sh");
-        assert!(st.success(), "cluster.sh {args:?} failed; see {}/server.log", self.dir.display());
+        assert!(
+            st.success(),
+            "cluster.sh {args:?} failed; see {}/server.log",
+            self.dir.display()
+        );
     }
 
     /// Replaces the key file the server reads at its next start.
@@ -60,12 +75,21 @@ impl Cluster {
     }
 
     pub fn url(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
     }
 
     pub fn connect(&self) -> postgres::Client {
-        postgres::Client::connect(&format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port), postgres::NoTls)
-            .expect("connect to test cluster")
+        postgres::Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                self.port
+            ),
+            postgres::NoTls,
+        )
+        .expect("connect to test cluster")
     }
 
     pub fn server_log(&self) -> String {
@@ -86,7 +110,10 @@ impl Drop for Cluster {
 pub fn sqlstate<T>(r: Result<T, postgres::Error>) -> String {
     match r {
         Ok(_) => "00000".into(),
-        Err(e) => e.code().map(|c| c.code().to_owned()).unwrap_or_else(|| format!("no sqlstate: {e}")),
+        Err(e) => e
+            .code()
+            .map(|c| c.code().to_owned())
+            .unwrap_or_else(|| format!("no sqlstate: {e}")),
     }
 }
 

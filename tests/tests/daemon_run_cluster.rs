@@ -35,7 +35,10 @@ impl Daemon {
     }
 
     fn terminate(&mut self) -> Option<i32> {
-        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -43,7 +46,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("pgseald did not exit within 15 s of SIGTERM:\n{}", self.log());
+        panic!(
+            "pgseald did not exit within 15 s of SIGTERM:\n{}",
+            self.log()
+        );
     }
 }
 
@@ -69,7 +75,8 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 fn metrics(port: u16) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
@@ -119,31 +126,58 @@ fn one_leader_failover_restart_and_sigterm() {
     );
     // The leader ran its jobs: retention deleted the expired rows, verification
     // wrote a signed checkpoint for the tenant with a ledger.
-    wait_for("retention to run", 10, || count(&mut c, "SELECT count(*) FROM events") == 29);
-    wait_for("a checkpoint", 10, || {
-        std::fs::read_to_string(dir.join("checkpoints/checkpoints.jsonl")).is_ok_and(|t| t.contains("\"tenant\": \"acme\""))
+    wait_for("retention to run", 10, || {
+        count(&mut c, "SELECT count(*) FROM events") == 29
     });
-    assert!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'ok'") >= 1);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE status = 'failed'"), 0, "{}", a.log());
+    wait_for("a checkpoint", 10, || {
+        std::fs::read_to_string(dir.join("checkpoints/checkpoints.jsonl"))
+            .is_ok_and(|t| t.contains("\"tenant\": \"acme\""))
+    });
+    assert!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'ok'"
+        ) >= 1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.job_runs WHERE status = 'failed'"
+        ),
+        0,
+        "{}",
+        a.log()
+    );
     let page = metrics(54362);
     assert!(page.contains("pgseald_leader 1"), "{page}");
     assert!(page.contains("pgseald_rows_deleted_total 31"), "{page}");
-    assert!(page.contains("pgseald_verification_failures_total 0"), "{page}");
+    assert!(
+        page.contains("pgseald_verification_failures_total 0"),
+        "{page}"
+    );
 
     // kill -9 of the leader: the standby takes over within leader_takeover_seconds.
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     let killed = Instant::now();
     wait_for("daemon B to take over", 10, || b.times_leader() == 1);
-    assert!(killed.elapsed() < Duration::from_secs(6), "takeover took {:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(6),
+        "takeover took {:?}",
+        killed.elapsed()
+    );
 
     // A Postgres restart: the leader reconnects and leads again.
     drop(c);
     cl.restart();
-    wait_for("daemon B to lead again after the restart", 30, || b.times_leader() >= 2);
+    wait_for("daemon B to lead again after the restart", 30, || {
+        b.times_leader() >= 2
+    });
     let mut c = cl.connect();
     let runs = count(&mut c, "SELECT count(*) FROM pgseal.job_runs");
-    wait_for("jobs to continue after the restart", 10, || count(&mut c, "SELECT count(*) FROM pgseal.job_runs") > runs);
+    wait_for("jobs to continue after the restart", 10, || {
+        count(&mut c, "SELECT count(*) FROM pgseal.job_runs") > runs
+    });
 
     // SIGTERM: finish the batch in hand and exit 0.
     assert_eq!(b.terminate(), Some(0), "{}", b.log());

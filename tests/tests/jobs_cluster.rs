@@ -13,7 +13,10 @@ fn pgseald(url: &str, args: &[&str]) -> (Option<i32>, String) {
         .env("PGSEALD_DATABASE_URL", url)
         .output()
         .expect("pgseald is built by `make test` before these tests");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 fn count(c: &mut postgres::Client, sql: &str) -> i64 {
@@ -43,13 +46,20 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
     assert!(out.contains("tenant t1: would delete 70 rows"), "{out}");
     assert!(out.contains("tenant t2: would delete 90 rows"), "{out}");
     assert!(out.contains("tenant t3: on legal hold"), "{out}");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM events"), 300, "a dry run deletes nothing");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM events"),
+        300,
+        "a dry run deletes nothing"
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.ledger"), 0);
 
     let (code, out) = pgseald(&url, &["retention", "run", "--batch", "7"]);
     assert_eq!(code, Some(0), "{out}");
     let left = |c: &mut postgres::Client, t: &str| {
-        count(c, &format!("SELECT count(*) FROM events WHERE tenant_id = '{t}'"))
+        count(
+            c,
+            &format!("SELECT count(*) FROM events WHERE tenant_id = '{t}'"),
+        )
     };
     assert_eq!(left(&mut c, "t1"), 30);
     assert_eq!(left(&mut c, "t2"), 10);
@@ -71,9 +81,16 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
     assert_eq!(receipts[1].1["deleted"], 90);
     assert_eq!(receipts[1].1["keep"], "10 days");
     // The job history recorded the run.
-    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'ok'"), 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'ok'"
+        ),
+        1
+    );
     // Lifting the hold and a rerun for one tenant only.
-    c.batch_execute("SELECT pgseal.retention_hold('t3', false)").unwrap();
+    c.batch_execute("SELECT pgseal.retention_hold('t3', false)")
+        .unwrap();
     let (code, out) = pgseald(&url, &["retention", "run", "--tenant", "t3"]);
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(left(&mut c, "t3"), 30);
@@ -105,7 +122,8 @@ fn seal_rows(c: &mut postgres::Client, tenant: &str, from: i32, n: i32) {
 /// Values of the tenant whose decrypt does not give back 'token-<id>'.
 fn wrong_values(c: &mut postgres::Client, tenant: &str) -> i64 {
     let mut tx = c.transaction().unwrap();
-    tx.batch_execute(&format!("SELECT pgseal.set_tenant('{tenant}')")).unwrap();
+    tx.batch_execute(&format!("SELECT pgseal.set_tenant('{tenant}')"))
+        .unwrap();
     let n: i64 = tx
         .query_one(
             "SELECT count(*) FROM creds WHERE tenant_id = $1 \
@@ -144,19 +162,42 @@ fn tenant_rotation_reseals_every_value_even_after_a_kill_9() {
     std::thread::sleep(Duration::from_millis(400));
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(wrong_values(&mut c, "a"), 0, "every value decrypts after the kill");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM creds"), 3200, "no row lost");
+    assert_eq!(
+        wrong_values(&mut c, "a"),
+        0,
+        "every value decrypts after the kill"
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM creds"),
+        3200,
+        "no row lost"
+    );
 
     // ...and a rerun finishes the job.
     let (code, out) = pgseald(&url, &["rotate", "tenant", "a", "--batch", "500"]);
     assert_eq!(code, Some(0), "{out}");
-    assert_eq!(rows_under_non_active_keys(&mut c, "a"), 0, "no value left under a retired key");
+    assert_eq!(
+        rows_under_non_active_keys(&mut c, "a"),
+        0,
+        "no value left under a retired key"
+    );
     assert_eq!(wrong_values(&mut c, "a"), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'a' AND state = 'active' AND purpose = 'dek'"), 1);
     // The other tenant was not touched.
-    assert_eq!(count(&mut c, "SELECT count(DISTINCT split_part(token, ':', 2)) FROM creds WHERE tenant_id = 'b'"), 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(DISTINCT split_part(token, ':', 2)) FROM creds WHERE tenant_id = 'b'"
+        ),
+        1
+    );
     assert_eq!(wrong_values(&mut c, "b"), 0);
-    assert!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE job = 'rotate.tenant' AND status = 'ok'") >= 1);
+    assert!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.job_runs WHERE job = 'rotate.tenant' AND status = 'ok'"
+        ) >= 1
+    );
 }
 
 #[test]
@@ -178,7 +219,13 @@ fn kek_rotation_moves_every_tenant_key() {
     let (code, out) = pgseald(&cl.url(), &["rotate", "kek", "--batch", "7"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("rewrapped 30 tenant keys"), "{out}");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version <> 2"), 0);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version <> 2"
+        ),
+        0
+    );
     for t in 0..30 {
         assert_eq!(wrong_values(&mut c, &format!("t{t}")), 0);
     }
@@ -238,13 +285,19 @@ fn no_decrypt_fails_and_concurrent_updates_win_while_a_reseal_runs() {
     let (rounds, failures) = reader.join().unwrap();
     let written = writer.join().unwrap();
     assert!(rounds >= 1);
-    assert_eq!(failures, 0, "decrypts failed while the reseal ran ({rounds} rounds)");
+    assert_eq!(
+        failures, 0,
+        "decrypts failed while the reseal ran ({rounds} rounds)"
+    );
     // Every concurrent update survived: the reseal never wrote back an old value.
     let mut tx = c.transaction().unwrap();
     tx.batch_execute("SELECT pgseal.set_tenant('a')").unwrap();
     for id in &written {
         let v: String = tx
-            .query_one("SELECT pgseal.vault_decrypt(token, 'creds.token') FROM creds WHERE id = $1", &[id])
+            .query_one(
+                "SELECT pgseal.vault_decrypt(token, 'creds.token') FROM creds WHERE id = $1",
+                &[id],
+            )
             .unwrap()
             .get(0);
         assert_eq!(v, format!("new-{id}"), "row {id}");

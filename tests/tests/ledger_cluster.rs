@@ -47,9 +47,17 @@ fn jitter(max_us: u64) -> u64 {
 
 /// (ok, checked, problem) from ledger_verify for a tenant, plus count and max(seq).
 fn check_tenant(c: &mut postgres::Client, tenant: &str) -> (bool, i64, Option<String>, i64, i64) {
-    let v = c.query_one("SELECT ok, checked, problem FROM pgseal.ledger_verify($1)", &[&tenant]).unwrap();
+    let v = c
+        .query_one(
+            "SELECT ok, checked, problem FROM pgseal.ledger_verify($1)",
+            &[&tenant],
+        )
+        .unwrap();
     let n = c
-        .query_one("SELECT count(*), coalesce(max(seq), 0) FROM pgseal.ledger WHERE tenant_id = $1", &[&tenant])
+        .query_one(
+            "SELECT count(*), coalesce(max(seq), 0) FROM pgseal.ledger WHERE tenant_id = $1",
+            &[&tenant],
+        )
         .unwrap();
     (v.get(0), v.get(1), v.get(2), n.get(0), n.get(1))
 }
@@ -76,11 +84,20 @@ fn run_sessions(cl: &Cluster, level: &'static str, tenant_of: fn(usize, usize) -
 
 #[test]
 fn concurrent_appends_never_fork_at_any_isolation_level() {
-    let cl = Cluster::start("ledger-concurrency", 54331, &[KEY_V1], &["max_connections = 60"]);
+    let cl = Cluster::start(
+        "ledger-concurrency",
+        54331,
+        &[KEY_V1],
+        &["max_connections = 60"],
+    );
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal").unwrap();
     let total = (SESSIONS * APPENDS_PER_SESSION) as i64;
-    for (level, tag) in [("READ COMMITTED", "rc"), ("REPEATABLE READ", "rr"), ("SERIALIZABLE", "sz")] {
+    for (level, tag) in [
+        ("READ COMMITTED", "rc"),
+        ("REPEATABLE READ", "rr"),
+        ("SERIALIZABLE", "sz"),
+    ] {
         let started = Instant::now();
         let one = match tag {
             "rc" => run_sessions(&cl, level, |_, _| "one-rc".into()),
@@ -89,7 +106,11 @@ fn concurrent_appends_never_fork_at_any_isolation_level() {
         };
         let (ok, checked, problem, count, max) = check_tenant(&mut c, &format!("one-{tag}"));
         assert!(ok, "{level}, one tenant: {problem:?}");
-        assert_eq!((checked, count, max), (total, total, total), "{level}, one tenant: no gap, no duplicate");
+        assert_eq!(
+            (checked, count, max),
+            (total, total, total),
+            "{level}, one tenant: no gap, no duplicate"
+        );
         let many = match tag {
             "rc" => run_sessions(&cl, level, |s, i| format!("rc-{}", (s * 31 + i) % 100)),
             "rr" => run_sessions(&cl, level, |s, i| format!("rr-{}", (s * 31 + i) % 100)),
@@ -99,18 +120,28 @@ fn concurrent_appends_never_fork_at_any_isolation_level() {
         for t in 0..100 {
             let (ok, checked, problem, count, max) = check_tenant(&mut c, &format!("{tag}-{t}"));
             assert!(ok, "{level}, tenant {t}: {problem:?}");
-            assert_eq!((checked, count), (max, max), "{level}, tenant {t}: no gap, no duplicate");
+            assert_eq!(
+                (checked, count),
+                (max, max),
+                "{level}, tenant {t}: no gap, no duplicate"
+            );
             sum += count;
         }
         assert_eq!(sum, total, "{level}: every append landed exactly once");
-        eprintln!("{level}: {} appends in {:?}; retries: one tenant {one}, 100 tenants {many}", 2 * total, started.elapsed());
+        eprintln!(
+            "{level}: {} appends in {:?}; retries: one tenant {one}, 100 tenants {many}",
+            2 * total,
+            started.elapsed()
+        );
     }
 }
 
 #[test]
 fn kill_9_of_the_postmaster_during_appends_leaves_no_gap() {
     let cl = Cluster::start("ledger-crash", 54332, &[KEY_V1], &[]);
-    cl.connect().batch_execute("CREATE EXTENSION pgseal").unwrap();
+    cl.connect()
+        .batch_execute("CREATE EXTENSION pgseal")
+        .unwrap();
     let acked = Arc::new(AtomicU64::new(0));
     let handles: Vec<_> = (0..4)
         .map(|_| {
@@ -118,7 +149,10 @@ fn kill_9_of_the_postmaster_during_appends_leaves_no_gap() {
             let acked = acked.clone();
             std::thread::spawn(move || {
                 // Appends until the server dies under it.
-                while c.batch_execute("SET app.tenant_id = 'k'; SELECT pgseal.ledger_append('e')").is_ok() {
+                while c
+                    .batch_execute("SET app.tenant_id = 'k'; SELECT pgseal.ledger_append('e')")
+                    .is_ok()
+                {
                     acked.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -133,13 +167,24 @@ fn kill_9_of_the_postmaster_during_appends_leaves_no_gap() {
     let mut c = cl.connect();
     let (ok, checked, problem, count, max) = check_tenant(&mut c, "k");
     assert!(ok, "after the crash: {problem:?}");
-    assert_eq!((checked, count), (max, max), "no gap, no duplicate after the crash");
+    assert_eq!(
+        (checked, count),
+        (max, max),
+        "no gap, no duplicate after the crash"
+    );
     // fsync is off in test clusters, but a crash of the postmaster alone keeps the
     // OS page cache, so every acknowledged commit survived.
-    assert!(count as u64 >= acked.load(Ordering::Relaxed), "{count} < {} acknowledged", acked.load(Ordering::Relaxed));
+    assert!(
+        count as u64 >= acked.load(Ordering::Relaxed),
+        "{count} < {} acknowledged",
+        acked.load(Ordering::Relaxed)
+    );
     // And the chain continues where it stopped.
     c.batch_execute("SET app.tenant_id = 'k'").unwrap();
-    let seq: i64 = c.query_one("SELECT seq FROM pgseal.ledger_append('after')", &[]).unwrap().get(0);
+    let seq: i64 = c
+        .query_one("SELECT seq FROM pgseal.ledger_append('after')", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(seq, max + 1);
 }
 
@@ -160,7 +205,11 @@ fn audit_triggers_under_concurrent_updates() {
             std::thread::spawn(move || {
                 for i in 0..200 {
                     let id: i32 = (s * 7 + i) % 20 + 1;
-                    c.execute("UPDATE accounts SET balance = balance + 1 WHERE id = $1", &[&id]).unwrap();
+                    c.execute(
+                        "UPDATE accounts SET balance = balance + 1 WHERE id = $1",
+                        &[&id],
+                    )
+                    .unwrap();
                 }
             })
         })
@@ -176,7 +225,10 @@ fn audit_triggers_under_concurrent_updates() {
         total += count;
     }
     assert_eq!(total, 1600, "one entry per row change");
-    let sum: i64 = c.query_one("SELECT sum(balance)::bigint FROM accounts", &[]).unwrap().get(0);
+    let sum: i64 = c
+        .query_one("SELECT sum(balance)::bigint FROM accounts", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(sum, 1600);
     // Every update entry records only the changed column.
     let other: i64 = c
@@ -196,20 +248,43 @@ fn decrypts_are_recorded_once_per_key_at_commit() {
     )
     .unwrap();
     let decrypt_entries = |c: &mut postgres::Client| -> i64 {
-        c.query_one("SELECT count(*) FROM pgseal.ledger WHERE event = 'vault.decrypt'", &[]).unwrap().get(0)
+        c.query_one(
+            "SELECT count(*) FROM pgseal.ledger WHERE event = 'vault.decrypt'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
     };
-    c.batch_execute("SELECT pgseal.vault_decrypt(v, 'ai.openai') FROM secrets").unwrap();
-    assert_eq!(decrypt_entries(&mut c), 1, "one entry for three decrypts under one key");
+    c.batch_execute("SELECT pgseal.vault_decrypt(v, 'ai.openai') FROM secrets")
+        .unwrap();
+    assert_eq!(
+        decrypt_entries(&mut c),
+        1,
+        "one entry for three decrypts under one key"
+    );
     let p = c
-        .query_one("SELECT payload FROM pgseal.ledger WHERE event = 'vault.decrypt'", &[])
+        .query_one(
+            "SELECT payload FROM pgseal.ledger WHERE event = 'vault.decrypt'",
+            &[],
+        )
         .unwrap()
         .get::<_, serde_json::Value>(0);
     assert_eq!(p["count"], 3);
     assert_eq!(p["contexts"], serde_json::json!(["ai.openai"]));
-    c.batch_execute("BEGIN; SELECT pgseal.vault_decrypt(v, 'ai.openai') FROM secrets; ROLLBACK").unwrap();
-    assert_eq!(decrypt_entries(&mut c), 1, "a rolled-back transaction leaves no entry");
-    let r = c.batch_execute("BEGIN READ ONLY; SELECT pgseal.vault_decrypt(v, 'ai.openai') FROM secrets");
-    assert_eq!(sqlstate(r), "25006", "a read-only transaction cannot be audited, so it cannot decrypt");
+    c.batch_execute("BEGIN; SELECT pgseal.vault_decrypt(v, 'ai.openai') FROM secrets; ROLLBACK")
+        .unwrap();
+    assert_eq!(
+        decrypt_entries(&mut c),
+        1,
+        "a rolled-back transaction leaves no entry"
+    );
+    let r = c
+        .batch_execute("BEGIN READ ONLY; SELECT pgseal.vault_decrypt(v, 'ai.openai') FROM secrets");
+    assert_eq!(
+        sqlstate(r),
+        "25006",
+        "a read-only transaction cannot be audited, so it cannot decrypt"
+    );
     c.batch_execute("ROLLBACK").unwrap();
     let (ok, _, problem, _, _) = check_tenant(&mut c, "acme");
     assert!(ok, "{problem:?}");
@@ -220,21 +295,32 @@ fn pgseald(args: &[&str]) -> (Option<i32>, String) {
         .args(args)
         .output()
         .expect("pgseald is built by `make test` before these tests");
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]
 fn export_is_verified_offline_by_pgseald() {
     let cl = Cluster::start("ledger-export", 54335, &[KEY_V1], &[]);
     let mut c = cl.connect();
-    c.batch_execute("CREATE EXTENSION pgseal; SET app.tenant_id = 'acme'").unwrap();
+    c.batch_execute("CREATE EXTENSION pgseal; SET app.tenant_id = 'acme'")
+        .unwrap();
     for i in 0..50 {
         c.execute("SELECT pgseal.ledger_append('order.update', jsonb_build_object('id', $1::int, 'total', 12.50))", &[&i])
             .unwrap();
     }
-    let cp: serde_json::Value = c.query_one("SELECT pgseal.ledger_checkpoint()", &[]).unwrap().get(0);
-    let pk: String = c.query_one("SELECT pgseal.ledger_public_key()", &[]).unwrap().get(0);
-    c.batch_execute("SELECT pgseal.ledger_append('after.checkpoint')").unwrap();
+    let cp: serde_json::Value = c
+        .query_one("SELECT pgseal.ledger_checkpoint()", &[])
+        .unwrap()
+        .get(0);
+    let pk: String = c
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
+    c.batch_execute("SELECT pgseal.ledger_append('after.checkpoint')")
+        .unwrap();
     let lines: Vec<String> = c
         .query("SELECT e::text FROM pgseal.ledger_export() e", &[])
         .unwrap()
@@ -249,10 +335,20 @@ fn export_is_verified_offline_by_pgseald() {
     std::fs::write(&export, lines.join("\n") + "\n").unwrap();
     std::fs::write(&cps, cp.to_string() + "\n").unwrap();
     let (code, out) = pgseald(&[
-        "ledger", "verify", "--file", export.to_str().unwrap(), "--checkpoints", cps.to_str().unwrap(), "--public-key", &pk,
+        "ledger",
+        "verify",
+        "--file",
+        export.to_str().unwrap(),
+        "--checkpoints",
+        cps.to_str().unwrap(),
+        "--public-key",
+        &pk,
     ]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("acme: ok, 51 entries checked, 1 checkpoint(s) matched"), "{out}");
+    assert!(
+        out.contains("acme: ok, 51 entries checked, 1 checkpoint(s) matched"),
+        "{out}"
+    );
     let (code, out) = pgseald(&["ledger", "verify", "--database-url", &cl.url()]);
     assert_eq!(code, Some(0), "{out}");
 
@@ -265,7 +361,14 @@ fn export_is_verified_offline_by_pgseald() {
          UPDATE pgseal.ledger SET payload = '{\"id\": 9, \"total\": 0}' WHERE tenant_id = 'acme' AND seq = 10;",
     )
     .unwrap();
-    let (code, out) = pgseald(&["ledger", "verify", "--database-url", &cl.url(), "--tenant", "acme"]);
+    let (code, out) = pgseald(&[
+        "ledger",
+        "verify",
+        "--database-url",
+        &cl.url(),
+        "--tenant",
+        "acme",
+    ]);
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("hash mismatch at seq 10"), "{out}");
     let tampered: Vec<String> = c

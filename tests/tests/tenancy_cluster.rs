@@ -40,7 +40,8 @@ struct Cell {
 fn cell(c: &mut postgres::Client, context: Option<(&str, &str)>, op: &str, table: &str) -> Cell {
     let mut tx = c.transaction().unwrap();
     if let Some((tenant, user)) = context {
-        tx.batch_execute(&format!("SELECT pgseal.set_tenant('{tenant}', '{user}')")).unwrap();
+        tx.batch_execute(&format!("SELECT pgseal.set_tenant('{tenant}', '{user}')"))
+            .unwrap();
     }
     let own = context.map(|(t, _)| t.to_owned()).unwrap_or_default();
     let sql = match op {
@@ -74,7 +75,9 @@ fn cell(c: &mut postgres::Client, context: Option<(&str, &str)>, op: &str, table
                 Err(e) => Err(e),
             }
         }
-        _ => tx.query(&sql, &[]).map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect()),
+        _ => tx
+            .query(&sql, &[])
+            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect()),
     };
     let _ = tx.rollback();
     match result {
@@ -83,30 +86,65 @@ fn cell(c: &mut postgres::Client, context: Option<(&str, &str)>, op: &str, table
             rows: tenants.len(),
             cross: tenants.iter().filter(|t| **t != own).count(),
         },
-        Err(e) => Cell { state: sqlstate::<()>(Err(e)), rows: 0, cross: 0 },
+        Err(e) => Cell {
+            state: sqlstate::<()>(Err(e)),
+            rows: 0,
+            cross: 0,
+        },
     }
 }
 
 fn ok(rows: usize) -> Cell {
-    Cell { state: "00000".into(), rows, cross: 0 }
+    Cell {
+        state: "00000".into(),
+        rows,
+        cross: 0,
+    }
 }
 
 fn denied() -> Cell {
-    Cell { state: "42501".into(), rows: 0, cross: 0 }
+    Cell {
+        state: "42501".into(),
+        rows: 0,
+        cross: 0,
+    }
 }
 
 #[test]
 fn isolation_matrix_allows_exactly_the_expected_set() {
     let cl = Cluster::start("tenancy-matrix", 54341, &[KEY_V1], &[]);
     cl.connect().batch_execute(SCHEMA).unwrap();
-    let mut app = postgres::Client::connect(&format!("{} user=app", cl.url().replace(" user=postgres", "")), postgres::NoTls).unwrap();
-    let ops = ["SELECT", "INSERT", "INSERT other", "UPDATE", "DELETE", "COPY"];
+    let mut app = postgres::Client::connect(
+        &format!("{} user=app", cl.url().replace(" user=postgres", "")),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let ops = [
+        "SELECT",
+        "INSERT",
+        "INSERT other",
+        "UPDATE",
+        "DELETE",
+        "COPY",
+    ];
 
     // notes: own tenant, other tenant, no context.
     for (who, ctx, expect) in [
-        ("own tenant", Some(("A", "u")), [ok(2), ok(1), denied(), ok(2), ok(2), ok(2)]),
-        ("other tenant", Some(("B", "u")), [ok(1), ok(1), ok(1), ok(1), ok(1), ok(1)]),
-        ("no context", None, [denied(), denied(), denied(), denied(), denied(), denied()]),
+        (
+            "own tenant",
+            Some(("A", "u")),
+            [ok(2), ok(1), denied(), ok(2), ok(2), ok(2)],
+        ),
+        (
+            "other tenant",
+            Some(("B", "u")),
+            [ok(1), ok(1), ok(1), ok(1), ok(1), ok(1)],
+        ),
+        (
+            "no context",
+            None,
+            [denied(), denied(), denied(), denied(), denied(), denied()],
+        ),
     ] {
         for (op, want) in ops.iter().zip(expect) {
             let got = cell(&mut app, ctx, op, "notes");
@@ -118,12 +156,36 @@ fn isolation_matrix_allows_exactly_the_expected_set() {
     // and is org owner; zed owns doc 2 personally; the rest see doc 1 through org1.
     let no = denied();
     for (who, user, expect) in [
-        ("owner", "olga", [ok(1), ok(1), denied(), ok(1), ok(1), ok(1)]),
-        ("admin", "adam", [ok(1), ok(1), denied(), ok(1), ok(1), ok(1)]),
-        ("member", "mia", [ok(1), ok(1), denied(), ok(1), ok(0), ok(1)]),
-        ("viewer", "vic", [ok(1), denied(), denied(), ok(0), ok(0), ok(1)]),
-        ("outsider", "nobody", [ok(0), denied(), denied(), ok(0), ok(0), ok(0)]),
-        ("personal owner", "zed", [ok(1), denied(), denied(), ok(1), ok(1), ok(1)]),
+        (
+            "owner",
+            "olga",
+            [ok(1), ok(1), denied(), ok(1), ok(1), ok(1)],
+        ),
+        (
+            "admin",
+            "adam",
+            [ok(1), ok(1), denied(), ok(1), ok(1), ok(1)],
+        ),
+        (
+            "member",
+            "mia",
+            [ok(1), ok(1), denied(), ok(1), ok(0), ok(1)],
+        ),
+        (
+            "viewer",
+            "vic",
+            [ok(1), denied(), denied(), ok(0), ok(0), ok(1)],
+        ),
+        (
+            "outsider",
+            "nobody",
+            [ok(0), denied(), denied(), ok(0), ok(0), ok(0)],
+        ),
+        (
+            "personal owner",
+            "zed",
+            [ok(1), denied(), denied(), ok(1), ok(1), ok(1)],
+        ),
     ] {
         for (op, want) in ops.iter().zip(expect) {
             let got = cell(&mut app, Some(("A", user)), op, "docs");
@@ -131,11 +193,17 @@ fn isolation_matrix_allows_exactly_the_expected_set() {
         }
     }
     for op in ops {
-        assert_eq!(cell(&mut app, None, op, "docs"), no, "docs, no context, {op}");
+        assert_eq!(
+            cell(&mut app, None, op, "docs"),
+            no,
+            "docs, no context, {op}"
+        );
     }
     // COPY FROM cannot bypass it either: PostgreSQL refuses COPY FROM into a table
     // with row level security for a role subject to it.
-    let r = app.batch_execute("BEGIN; SELECT pgseal.set_tenant('A', 'olga'); COPY notes FROM STDIN; ROLLBACK");
+    let r = app.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('A', 'olga'); COPY notes FROM STDIN; ROLLBACK",
+    );
     assert_eq!(sqlstate(r), "0A000");
 }
 
@@ -148,7 +216,14 @@ impl Bouncer {
         let ini = dir.join("pgbouncer.ini");
         let userlist = dir.join("userlist.txt");
         let pidfile = dir.join("pgbouncer.pid");
-        std::fs::write(&userlist, users.iter().map(|u| format!("\"{u}\" \"\"\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            &userlist,
+            users
+                .iter()
+                .map(|u| format!("\"{u}\" \"\"\n"))
+                .collect::<String>(),
+        )
+        .unwrap();
         std::fs::write(
             &ini,
             format!(
@@ -171,7 +246,11 @@ impl Bouncer {
             .arg(&ini)
             .status()
             .expect("start pgbouncer");
-        assert!(st.success(), "pgbouncer did not start; see {}", dir.join("pgbouncer.log").display());
+        assert!(
+            st.success(),
+            "pgbouncer did not start; see {}",
+            dir.join("pgbouncer.log").display()
+        );
         for _ in 0..50 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 break;
@@ -217,8 +296,11 @@ fn pgbouncer_transaction_mode_never_leaks_a_tenant() {
         .unwrap();
     let _bouncer = Bouncer::start(&cl.dir, 54343, 54344, &["app", "app_strict", "app_loose"]);
     let via = |user: &str| {
-        postgres::Client::connect(&format!("host=127.0.0.1 port=54344 user={user} dbname=postgres"), postgres::NoTls)
-            .expect("connect through pgbouncer")
+        postgres::Client::connect(
+            &format!("host=127.0.0.1 port=54344 user={user} dbname=postgres"),
+            postgres::NoTls,
+        )
+        .expect("connect through pgbouncer")
     };
 
     // Both clients share the single server connection of the pool.
@@ -230,8 +312,13 @@ fn pgbouncer_transaction_mode_never_leaks_a_tenant() {
     let mut leaked = 0;
     for round in 0..50 {
         for (c, t) in [(&mut c1, "A"), (&mut c2, "B")] {
-            let seen = tenants_seen(c, &format!("BEGIN; SELECT pgseal.set_tenant('{t}'); SELECT tenant_id FROM notes; COMMIT"))
-                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let seen = tenants_seen(
+                c,
+                &format!(
+                    "BEGIN; SELECT pgseal.set_tenant('{t}'); SELECT tenant_id FROM notes; COMMIT"
+                ),
+            )
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
             let seen: Vec<_> = seen.into_iter().filter(|s| s.len() == 1).collect();
             assert!(!seen.is_empty(), "round {round}: {t} saw its rows");
             leaked += seen.iter().filter(|s| s.as_str() != t).count();
@@ -257,15 +344,29 @@ fn pgbouncer_transaction_mode_never_leaks_a_tenant() {
             }
         }
         // Inside one explicit transaction a session SET still works.
-        let rows = tenants_seen(&mut s1, "BEGIN; SET app.tenant_id = 'B'; SELECT tenant_id FROM notes; COMMIT").unwrap();
-        leaked += rows.iter().filter(|r| r.len() == 1 && r.as_str() != "B").count();
+        let rows = tenants_seen(
+            &mut s1,
+            "BEGIN; SET app.tenant_id = 'B'; SELECT tenant_id FROM notes; COMMIT",
+        )
+        .unwrap();
+        leaked += rows
+            .iter()
+            .filter(|r| r.len() == 1 && r.as_str() != "B")
+            .count();
     }
-    assert_eq!(leaked, 0, "rows leaked through a session-level SET with strict_context on");
+    assert_eq!(
+        leaked, 0,
+        "rows leaked through a session-level SET with strict_context on"
+    );
 
     // Control: without strict_context the same pattern does leak, which is why the
     // setting exists (and why this test can fail).
     let (mut l1, mut l2) = (via("app_loose"), via("app_loose"));
     l1.simple_query("SET app.tenant_id = 'A'").unwrap();
-    let seen = tenants_seen(&mut l2, "SELECT tenant_id FROM notes").expect("the leak the setting prevents");
-    assert!(seen.iter().any(|t| t == "A"), "client 2 inherited client 1's tenant: {seen:?}");
+    let seen = tenants_seen(&mut l2, "SELECT tenant_id FROM notes")
+        .expect("the leak the setting prevents");
+    assert!(
+        seen.iter().any(|t| t == "A"),
+        "client 2 inherited client 1's tenant: {seen:?}"
+    );
 }

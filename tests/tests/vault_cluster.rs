@@ -4,30 +4,55 @@
 
 use pgseal_tests::{repo_root, sqlstate, Cluster, KEY_V1, KEY_V2};
 
-const PLAINTEXTS: [&str; 3] = ["sk-live-PLAINTEXT-MARKER-alpha", "smtp-PLAINTEXT-MARKER-beta", "PLAINTEXT-MARKER-gamma"];
+const PLAINTEXTS: [&str; 3] = [
+    "sk-live-PLAINTEXT-MARKER-alpha",
+    "smtp-PLAINTEXT-MARKER-beta",
+    "PLAINTEXT-MARKER-gamma",
+];
 
 fn seal(c: &mut postgres::Client, tenant: &str, pt: &str, ctx: Option<&str>) -> String {
     let mut tx = c.transaction().unwrap();
-    tx.execute("SELECT set_config('app.tenant_id', $1, true)", &[&tenant]).unwrap();
-    let s: String = tx.query_one("SELECT pgseal.vault_seal($1, $2)", &[&pt, &ctx]).unwrap().get(0);
+    tx.execute("SELECT set_config('app.tenant_id', $1, true)", &[&tenant])
+        .unwrap();
+    let s: String = tx
+        .query_one("SELECT pgseal.vault_seal($1, $2)", &[&pt, &ctx])
+        .unwrap()
+        .get(0);
     tx.commit().unwrap();
     s
 }
 
-fn decrypt(c: &mut postgres::Client, tenant: &str, sealed: &str, ctx: Option<&str>) -> Result<Option<String>, postgres::Error> {
+fn decrypt(
+    c: &mut postgres::Client,
+    tenant: &str,
+    sealed: &str,
+    ctx: Option<&str>,
+) -> Result<Option<String>, postgres::Error> {
     let mut tx = c.transaction()?;
     tx.execute("SELECT set_config('app.tenant_id', $1, true)", &[&tenant])?;
-    let r = tx.query_one("SELECT pgseal.vault_decrypt($1, $2)", &[&sealed, &ctx]).map(|row| row.get(0));
+    let r = tx
+        .query_one("SELECT pgseal.vault_decrypt($1, $2)", &[&sealed, &ctx])
+        .map(|row| row.get(0));
     tx.commit()?;
     r
 }
 
 #[test]
 fn restart_with_new_master_version_then_kek_rewrap() {
-    let cl = Cluster::start("rotate", 54321, &[KEY_V1], &["log_min_messages = debug5", "log_statement = 'none'"]);
+    let cl = Cluster::start(
+        "rotate",
+        54321,
+        &[KEY_V1],
+        &["log_min_messages = debug5", "log_statement = 'none'"],
+    );
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal").unwrap();
-    let row = c.query_one("SELECT loaded, active_version, versions FROM pgseal.vault_status()", &[]).unwrap();
+    let row = c
+        .query_one(
+            "SELECT loaded, active_version, versions FROM pgseal.vault_status()",
+            &[],
+        )
+        .unwrap();
     assert!(row.get::<_, bool>(0));
     assert_eq!(row.get::<_, Option<i32>>(1), Some(1));
 
@@ -35,31 +60,57 @@ fn restart_with_new_master_version_then_kek_rewrap() {
     for t in 0..20 {
         let tenant = format!("tenant-{t}");
         for pt in PLAINTEXTS {
-            sealed.push((tenant.clone(), pt, seal(&mut c, &tenant, pt, Some("it.ctx"))));
+            sealed.push((
+                tenant.clone(),
+                pt,
+                seal(&mut c, &tenant, pt, Some("it.ctx")),
+            ));
         }
     }
     // encryption counts reach the key table at commit
-    let n: i64 = c.query_one("SELECT sum(encryptions)::int8 FROM pgseal.tenant_keys", &[]).unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT sum(encryptions)::int8 FROM pgseal.tenant_keys", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(n, 60);
 
     // Restart with version 2 added: version 2 becomes active, version 1 still unwraps.
     cl.set_keys(&[KEY_V1, KEY_V2]);
     cl.restart();
     let mut c = cl.connect();
-    assert_eq!(c.query_one("SELECT active_version FROM pgseal.vault_status()", &[]).unwrap().get::<_, Option<i32>>(0), Some(2));
+    assert_eq!(
+        c.query_one("SELECT active_version FROM pgseal.vault_status()", &[])
+            .unwrap()
+            .get::<_, Option<i32>>(0),
+        Some(2)
+    );
     for (tenant, pt, s) in &sealed {
-        assert_eq!(decrypt(&mut c, tenant, s, Some("it.ctx")).unwrap().as_deref(), Some(*pt));
+        assert_eq!(
+            decrypt(&mut c, tenant, s, Some("it.ctx"))
+                .unwrap()
+                .as_deref(),
+            Some(*pt)
+        );
     }
     let mut total = 0;
     loop {
-        let n: i32 = c.query_one("SELECT pgseal.kek_rewrap(7)", &[]).unwrap().get(0);
+        let n: i32 = c
+            .query_one("SELECT pgseal.kek_rewrap(7)", &[])
+            .unwrap()
+            .get(0);
         if n == 0 {
             break;
         }
         total += n;
     }
     assert_eq!(total, 20);
-    let left: i64 = c.query_one("SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version <> 2", &[]).unwrap().get(0);
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version <> 2",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     assert_eq!(left, 0);
 
     // Drop version 1 entirely: everything must still decrypt in a new session.
@@ -67,22 +118,36 @@ fn restart_with_new_master_version_then_kek_rewrap() {
     cl.restart();
     let mut c = cl.connect();
     for (tenant, pt, s) in &sealed {
-        assert_eq!(decrypt(&mut c, tenant, s, Some("it.ctx")).unwrap().as_deref(), Some(*pt));
+        assert_eq!(
+            decrypt(&mut c, tenant, s, Some("it.ctx"))
+                .unwrap()
+                .as_deref(),
+            Some(*pt)
+        );
     }
 
     // Shred in one session while another has the key cached.
     let mut other = cl.connect();
     let (t0, _, s0) = &sealed[0];
     assert!(decrypt(&mut other, t0, s0, Some("it.ctx")).is_ok());
-    let shredded: i32 = c.query_one("SELECT pgseal.tenant_shred($1)", &[t0]).unwrap().get(0);
+    let shredded: i32 = c
+        .query_one("SELECT pgseal.tenant_shred($1)", &[t0])
+        .unwrap()
+        .get(0);
     assert_eq!(shredded, 1);
-    assert_eq!(sqlstate(decrypt(&mut other, t0, s0, Some("it.ctx"))), "22023");
+    assert_eq!(
+        sqlstate(decrypt(&mut other, t0, s0, Some("it.ctx"))),
+        "22023"
+    );
 
     // An independent implementation opens a live envelope (tests/format_check.py).
     let (t1, pt1, s1) = &sealed[3];
     let kid = s1.split(':').nth(1).unwrap();
     let row = c
-        .query_one("SELECT kek_version, encode(wrapped, 'hex') FROM pgseal.tenant_keys WHERE key_id = $1", &[&kid])
+        .query_one(
+            "SELECT kek_version, encode(wrapped, 'hex') FROM pgseal.tenant_keys WHERE key_id = $1",
+            &[&kid],
+        )
         .unwrap();
     let live = serde_json::json!({
         "master_key_hex": &KEY_V2[2..], "kek_version": row.get::<_, i32>(0), "wrapped_hex": row.get::<_, String>(1),
@@ -96,7 +161,11 @@ fn restart_with_new_master_version_then_kek_rewrap() {
         .arg(&live_path)
         .output()
         .unwrap();
-    assert!(out.status.success(), "format_check.py: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "format_check.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_file(&live_path).unwrap();
 
     // Errors on bad input were logged; no plaintext or key ever was.
@@ -106,7 +175,10 @@ fn restart_with_new_master_version_then_kek_rewrap() {
     drop(other);
     let log = cl.server_log();
     assert!(log.contains("DEBUG"), "debug5 logging was not on");
-    assert!(!log.contains("PLAINTEXT-MARKER"), "server log contains plaintext");
+    assert!(
+        !log.contains("PLAINTEXT-MARKER"),
+        "server log contains plaintext"
+    );
     for k in [KEY_V1, KEY_V2] {
         assert!(!log.contains(&k[2..18]), "server log contains key bytes");
     }
@@ -115,28 +187,45 @@ fn restart_with_new_master_version_then_kek_rewrap() {
 #[test]
 fn concurrent_first_seals_end_with_one_active_key() {
     let cl = Cluster::start("concurrent", 54322, &[KEY_V1], &[]);
-    cl.connect().batch_execute("CREATE EXTENSION pgseal").unwrap();
+    cl.connect()
+        .batch_execute("CREATE EXTENSION pgseal")
+        .unwrap();
     let handles: Vec<_> = (0..8)
         .map(|i| {
             let port = cl.port;
             std::thread::spawn(move || {
-                let mut c = postgres::Client::connect(&format!("host=127.0.0.1 port={port} user=postgres"), postgres::NoTls).unwrap();
+                let mut c = postgres::Client::connect(
+                    &format!("host=127.0.0.1 port={port} user=postgres"),
+                    postgres::NoTls,
+                )
+                .unwrap();
                 let mut out = Vec::new();
                 for j in 0..20 {
-                    out.push(seal(&mut c, &format!("race-{}", j % 4), &format!("v{i}-{j}"), None));
+                    out.push(seal(
+                        &mut c,
+                        &format!("race-{}", j % 4),
+                        &format!("v{i}-{j}"),
+                        None,
+                    ));
                 }
                 out
             })
         })
         .collect();
-    let all: Vec<String> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let all: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let mut c = cl.connect();
     let actives: i64 = c
         .query_one("SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id LIKE 'race-%' AND state = 'active'", &[])
         .unwrap()
         .get(0);
     assert_eq!(actives, 4);
-    let keys: i64 = c.query_one("SELECT count(*) FROM pgseal.tenant_keys", &[]).unwrap().get(0);
+    let keys: i64 = c
+        .query_one("SELECT count(*) FROM pgseal.tenant_keys", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(keys, 4, "a concurrent first seal created a second key");
     assert_eq!(all.len(), 160);
 
@@ -148,7 +237,11 @@ fn concurrent_first_seals_end_with_one_active_key() {
 
 fn pgseald_status(port: u16) -> std::process::Output {
     std::process::Command::new(repo_root().join("target/debug/pgseald"))
-        .args(["status", "--database-url", &format!("postgres://postgres@127.0.0.1:{port}/postgres")])
+        .args([
+            "status",
+            "--database-url",
+            &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        ])
         .output()
         .expect("pgseald is built by `make test` before these tests")
 }
@@ -158,11 +251,17 @@ fn server_without_master_key_starts_and_fails_closed() {
     let cl = Cluster::start("nokey", 54323, &["not a key line"], &[]);
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal").unwrap();
-    let loaded: bool = c.query_one("SELECT loaded FROM pgseal.vault_status()", &[]).unwrap().get(0);
+    let loaded: bool = c
+        .query_one("SELECT loaded FROM pgseal.vault_status()", &[])
+        .unwrap()
+        .get(0);
     assert!(!loaded);
     let mut tx = c.transaction().unwrap();
     tx.execute("SET LOCAL app.tenant_id = 'acme'", &[]).unwrap();
-    assert_eq!(sqlstate(tx.query_one("SELECT pgseal.vault_seal('x')", &[])), "55000");
+    assert_eq!(
+        sqlstate(tx.query_one("SELECT pgseal.vault_seal('x')", &[])),
+        "55000"
+    );
     drop(tx);
     assert!(cl.server_log().contains("master key not loaded"));
     assert_eq!(pgseald_status(cl.port).status.code(), Some(3));

@@ -68,9 +68,13 @@ fn ledger_checkpoint(tenant: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
         })
         .map_err(|_| SealError::InvalidArgument("the tenant has no ledger entries"))?;
         let seq = seq.unwrap_or(0);
-        let hash: Hash = hash.and_then(|h| h.try_into().ok()).ok_or(SealError::Internal("bad head hash"))?;
+        let hash: Hash = hash
+            .and_then(|h| h.try_into().ok())
+            .ok_or(SealError::Internal("bad head hash"))?;
         let signed_at = signed_at_now()?;
-        let cp = master::with_active(|ver, kek| Ok(checkpoint::sign(kek, ver, &tenant, seq, &hash, &signed_at)))?;
+        let cp = master::with_active(|ver, kek| {
+            Ok(checkpoint::sign(kek, ver, &tenant, seq, &hash, &signed_at))
+        })?;
         serde_json::to_value(&cp).map_err(|_| SealError::Internal("checkpoint serialisation"))
     })();
     pgrx::JsonB(r.or_raise())
@@ -98,7 +102,9 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
         let head = super::heads::lock(tenant)?;
         let head_seq = head.0;
         if before_seq < 1 || before_seq > head_seq + 1 {
-            return Err(SealError::InvalidArgument("before_seq must lie between 1 and the tenant's last seq + 1"));
+            return Err(SealError::InvalidArgument(
+                "before_seq must lie between 1 and the tenant's last seq + 1",
+            ));
         }
         let report = super::verify::verify_range(tenant, None, Some(before_seq - 1))?;
         if let Some(f) = report.failure {
@@ -123,7 +129,12 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
             "anchor_seq": anchor_seq,
             "anchor_hash": hex::encode(anchor_hash),
         });
-        super::heads::append(tenant, "ledger.pruned", &payload.to_string(), &super::default_actor())?;
+        super::heads::append(
+            tenant,
+            "ledger.pruned",
+            &payload.to_string(),
+            &super::default_actor(),
+        )?;
         Ok(deleted)
     })();
     r.or_raise()

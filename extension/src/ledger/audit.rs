@@ -48,7 +48,9 @@ pub fn before_decrypt() -> SealResult<()> {
     }
     // SAFETY: XactReadOnly is a plain bool global of the transaction machinery.
     if unsafe { pg_sys::XactReadOnly } {
-        return Err(SealError::ReadOnly("vault_decrypt with pgseal.audit_decrypt on"));
+        return Err(SealError::ReadOnly(
+            "vault_decrypt with pgseal.audit_decrypt on",
+        ));
     }
     Ok(())
 }
@@ -61,7 +63,13 @@ pub fn note_decrypt(key_id: &str, tenant: &str, ctx: Option<&str>) {
     DECRYPTS.with(|d| {
         let mut d = d.borrow_mut();
         if !d.contains_key(key_id) {
-            d.insert(key_id.to_owned(), KeyUse { tenant: tenant.to_owned(), ..KeyUse::default() });
+            d.insert(
+                key_id.to_owned(),
+                KeyUse {
+                    tenant: tenant.to_owned(),
+                    ..KeyUse::default()
+                },
+            );
         }
         let u = d.get_mut(key_id).expect("inserted above");
         u.count += 1;
@@ -94,7 +102,11 @@ pub fn flush_decrypts() -> SealResult<()> {
             );
             continue;
         }
-        let mut contexts: Vec<serde_json::Value> = u.contexts.into_iter().map(serde_json::Value::from).collect();
+        let mut contexts: Vec<serde_json::Value> = u
+            .contexts
+            .into_iter()
+            .map(serde_json::Value::from)
+            .collect();
         if u.no_context {
             contexts.insert(0, serde_json::Value::Null);
         }

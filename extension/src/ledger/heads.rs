@@ -40,12 +40,14 @@ thread_local! {
     static HEADS: RefCell<HashMap<String, Head>> = RefCell::new(HashMap::new());
 }
 
-const SELECT_HEAD: &str = "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1 FOR UPDATE";
+const SELECT_HEAD: &str =
+    "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1 FOR UPDATE";
 const INSERT_HEAD: &str =
     "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING";
 const INSERT_ENTRY: &str = "INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
      VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)";
-const UPDATE_HEAD: &str = "UPDATE pgseal.ledger_heads SET seq = $2, hash = $3 WHERE tenant_id = $1 AND seq <= $2";
+const UPDATE_HEAD: &str =
+    "UPDATE pgseal.ledger_heads SET seq = $2, hash = $3 WHERE tenant_id = $1 AND seq <= $2";
 
 fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
     plans::first_row(SELECT_HEAD, &[plans::TEXT], &[tenant.into()], |r| {
@@ -65,7 +67,11 @@ fn lock_and_load(tenant: &str, reload: bool) -> SealResult<(i64, Hash)> {
         None => {
             // The tenant's first entry. ON CONFLICT DO NOTHING raises 40001 under
             // REPEATABLE READ when a concurrent first append committed after our snapshot.
-            plans::run(INSERT_HEAD, &[plans::TEXT, plans::BYTEA], &[tenant.into(), GENESIS.to_vec().into()])?;
+            plans::run(
+                INSERT_HEAD,
+                &[plans::TEXT, plans::BYTEA],
+                &[tenant.into(), GENESIS.to_vec().into()],
+            )?;
             select_head(tenant)?.ok_or(SealError::Internal("pgseal.ledger_heads row vanished"))?
         }
     };
@@ -86,7 +92,10 @@ unsafe extern "C-unwind" {
 /// directly rather than through SQL because every appending transaction takes it.
 fn advisory_xact_lock(tenant: &str) {
     use sha2::Digest;
-    let digest = sha2::Sha256::new().chain_update(b"pgseal.ledger:").chain_update(tenant.as_bytes()).finalize();
+    let digest = sha2::Sha256::new()
+        .chain_update(b"pgseal.ledger:")
+        .chain_update(tenant.as_bytes())
+        .finalize();
     let key = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
     // SAFETY: pg_advisory_xact_lock_int8 is a V1 SQL function taking one int8 and
     // returning void; DirectFunctionCall1Coll builds its call frame. It may wait,
@@ -102,7 +111,9 @@ fn advisory_xact_lock(tenant: &str) {
 }
 
 fn to_hash(bytes: &[u8]) -> SealResult<Hash> {
-    bytes.try_into().map_err(|_| SealError::Internal("stored hash is not 32 bytes"))
+    bytes
+        .try_into()
+        .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))
 }
 
 /// Appends one entry for `tenant`; `payload` is JSON text (checked and made
@@ -124,7 +135,18 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
             // After a subtransaction abort the key itself may have been rolled
             // back, so it is looked up again too.
             let mac = super::mac_for_append(tenant)?;
-            HEADS.with(|h| h.borrow_mut().insert(tenant.to_owned(), Head { seq, hash, mac, dirty: true, stale: false }));
+            HEADS.with(|h| {
+                h.borrow_mut().insert(
+                    tenant.to_owned(),
+                    Head {
+                        seq,
+                        hash,
+                        mac,
+                        dirty: true,
+                        stale: false,
+                    },
+                )
+            });
         }
         let (seq, prev, mac) = HEADS.with(|h| {
             let h = h.borrow();
@@ -142,7 +164,8 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
         };
         let hash = entry_hash(&fields);
         let tag = mac.sign(&hash);
-        let recorded_at = TimestampWithTimeZone::try_from(at).map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
+        let recorded_at = TimestampWithTimeZone::try_from(at)
+            .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
         let args: [DatumWithOid; 9] = [
             tenant.into(),
             seq.into(),
@@ -182,7 +205,13 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
 
 /// Writes every head this transaction moved. Runs at pre-commit, with a snapshot.
 pub fn flush() -> SealResult<()> {
-    let dirty: Vec<String> = HEADS.with(|h| h.borrow().iter().filter(|(_, v)| v.dirty).map(|(k, _)| k.clone()).collect());
+    let dirty: Vec<String> = HEADS.with(|h| {
+        h.borrow()
+            .iter()
+            .filter(|(_, v)| v.dirty)
+            .map(|(k, _)| k.clone())
+            .collect()
+    });
     if dirty.is_empty() {
         return Ok(());
     }
@@ -219,7 +248,12 @@ pub fn reset() {
 
 /// Sets a tenant's anchor after pruning, with the head `(seq, hash)` the caller
 /// locked (it may be past the committed one); the caller holds the tenant's lock.
-pub fn set_anchor(tenant: &str, head: (i64, Hash), anchor_seq: i64, anchor_hash: &Hash) -> SealResult<()> {
+pub fn set_anchor(
+    tenant: &str,
+    head: (i64, Hash),
+    anchor_seq: i64,
+    anchor_hash: &Hash,
+) -> SealResult<()> {
     as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.ledger_heads SET seq = $4, hash = $5, anchor_seq = $2, anchor_hash = $3 WHERE tenant_id = $1",

@@ -119,7 +119,10 @@ pub fn resolve_tenant(tenant: Option<&str>) -> SealResult<String> {
 
 /// Whether the current user is a member of `pgseal_admin` (superusers are).
 pub fn is_admin() -> SealResult<bool> {
-    Ok(pgrx::Spi::get_one::<bool>("SELECT pg_catalog.pg_has_role('pgseal_admin', 'MEMBER')")?.unwrap_or(false))
+    Ok(
+        pgrx::Spi::get_one::<bool>("SELECT pg_catalog.pg_has_role('pgseal_admin', 'MEMBER')")?
+            .unwrap_or(false),
+    )
 }
 
 /// Fails unless the current user is a member of `pgseal_admin`.

@@ -26,7 +26,9 @@ fn head_row(tenant: &str) -> SealResult<Option<HeadRow>> {
             Some(1),
             &[tenant.into()],
         )?;
-        let Some(r) = t.into_iter().next() else { return Ok(None) };
+        let Some(r) = t.into_iter().next() else {
+            return Ok(None);
+        };
         let h = |i| -> SealResult<Hash> {
             r.get::<Vec<u8>>(i)?
                 .and_then(|v| v.try_into().ok())
@@ -57,7 +59,11 @@ fn hash_at(tenant: &str, seq: i64) -> SealResult<Option<Hash>> {
 
 /// Verifies `tenant`'s entries from `from_seq` to `to_seq` (both inclusive;
 /// defaults: the first kept entry and the head). Runs as the extension owner.
-pub fn verify_range(tenant: &str, from_seq: Option<i64>, to_seq: Option<i64>) -> SealResult<Report> {
+pub fn verify_range(
+    tenant: &str,
+    from_seq: Option<i64>,
+    to_seq: Option<i64>,
+) -> SealResult<Report> {
     as_owner(|| {
         let mut head = head_row(tenant)?;
         // Entries this transaction appended are verified too.
@@ -74,26 +80,57 @@ pub fn verify_range(tenant: &str, from_seq: Option<i64>, to_seq: Option<i64>) ->
                 &[tenant.into()],
             )?
             .unwrap_or(false);
-            let failure = any.then_some(Failure { seq: 1, problem: Problem::Gap });
-            return Ok(Report { checked: 0, failure, last: None });
+            let failure = any.then_some(Failure {
+                seq: 1,
+                problem: Problem::Gap,
+            });
+            return Ok(Report {
+                checked: 0,
+                failure,
+                last: None,
+            });
         };
         let first_kept = head.anchor_seq + 1;
         let from = from_seq.unwrap_or(first_kept).max(first_kept);
         let to = to_seq.unwrap_or(head.seq).min(head.seq);
         if from > to {
-            return Ok(Report { checked: 0, failure: None, last: None });
+            return Ok(Report {
+                checked: 0,
+                failure: None,
+                last: None,
+            });
         }
         let prev = if from == first_kept {
-            if head.anchor_seq == 0 { GENESIS } else { head.anchor_hash }
+            if head.anchor_seq == 0 {
+                GENESIS
+            } else {
+                head.anchor_hash
+            }
         } else {
             match hash_at(tenant, from - 1)? {
                 Some(h) => h,
-                None => return Ok(Report { checked: 0, failure: Some(Failure { seq: from - 1, problem: Problem::Gap }), last: None }),
+                None => {
+                    return Ok(Report {
+                        checked: 0,
+                        failure: Some(Failure {
+                            seq: from - 1,
+                            problem: Problem::Gap,
+                        }),
+                        last: None,
+                    })
+                }
             }
         };
         let mac = super::mac_key(tenant, false)?;
         if mac.is_none() {
-            return Ok(Report { checked: 0, failure: Some(Failure { seq: from, problem: Problem::MacMismatch }), last: None });
+            return Ok(Report {
+                checked: 0,
+                failure: Some(Failure {
+                    seq: from,
+                    problem: Problem::MacMismatch,
+                }),
+                last: None,
+            });
         }
         let mut v = Verifier::new(from, prev, mac);
         Spi::connect(|client| -> SealResult<()> {
@@ -109,8 +146,9 @@ pub fn verify_range(tenant: &str, from_seq: Option<i64>, to_seq: Option<i64>) ->
                 }
                 for row in batch {
                     let seq = row.get::<i64>(1)?.unwrap_or(0);
-                    let at: TimestampWithTimeZone =
-                        row.get(2)?.ok_or(SealError::Internal("NULL recorded_at in pgseal.ledger"))?;
+                    let at: TimestampWithTimeZone = row
+                        .get(2)?
+                        .ok_or(SealError::Internal("NULL recorded_at in pgseal.ledger"))?;
                     let actor = row.get::<String>(3)?.unwrap_or_default();
                     let event = row.get::<String>(4)?.unwrap_or_default();
                     let payload = row.get::<String>(5)?.unwrap_or_default();
@@ -161,7 +199,9 @@ fn ledger_verify(
         crate::master::require_loaded()?;
         let tenant = super::resolve_tenant(tenant)?;
         if from_seq.is_some_and(|s| s < 1) || to_seq.is_some_and(|s| s < 1) {
-            return Err(SealError::InvalidArgument("from_seq and to_seq must be positive"));
+            return Err(SealError::InvalidArgument(
+                "from_seq and to_seq must be positive",
+            ));
         }
         verify_range(&tenant, from_seq, to_seq)
     })()

@@ -17,10 +17,15 @@ pub fn run(sql: &str) {
 
 /// The single non-NULL value a query returns.
 pub fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
-    Spi::get_one::<T>(sql).unwrap_or_else(|e| panic!("{sql}: {e}")).unwrap_or_else(|| panic!("{sql}: NULL"))
+    Spi::get_one::<T>(sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|| panic!("{sql}: NULL"))
 }
 
 /// Sets the tenant for the rest of the test's transaction.
 pub fn tenant(t: &str) {
-    run(&format!("SET LOCAL app.tenant_id = {}", pgrx::spi::quote_literal(t)));
+    run(&format!(
+        "SET LOCAL app.tenant_id = {}",
+        pgrx::spi::quote_literal(t)
+    ));
 }

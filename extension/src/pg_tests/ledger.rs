@@ -47,7 +47,11 @@ mod tests {
         let (s2, h2) = append("order.update", r#"{"id": 7, "status": "paid"}"#);
         assert_eq!((s1, s2), (1, 2));
         assert_eq!(h1.len(), 64);
-        assert!(h1.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{h1}");
+        assert!(
+            h1.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{h1}"
+        );
         assert_ne!(h1, h2);
         tenant("globex");
         assert_eq!(append("login", "{}").0, 1);
@@ -61,9 +65,15 @@ mod tests {
 
     #[pg_test]
     fn append_fails_closed_without_tenant() {
-        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('login')"), "42501");
+        assert_eq!(
+            sqlstate("SELECT * FROM pgseal.ledger_append('login')"),
+            "42501"
+        );
         tenant("");
-        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('login')"), "42501");
+        assert_eq!(
+            sqlstate("SELECT * FROM pgseal.ledger_append('login')"),
+            "42501"
+        );
     }
 
     #[pg_test]
@@ -71,8 +81,14 @@ mod tests {
         tenant("acme");
         assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('')"), "22023");
         // JCS would round this number, so its hash could not tell it from its neighbour.
-        assert_eq!(sqlstate(r#"SELECT * FROM pgseal.ledger_append('x', '{"n": 12345678901234567891}')"#), "22023");
-        assert_eq!(sqlstate(r#"SELECT * FROM pgseal.ledger_append('x', '{"n": "12345678901234567891"}')"#), "00000");
+        assert_eq!(
+            sqlstate(r#"SELECT * FROM pgseal.ledger_append('x', '{"n": 12345678901234567891}')"#),
+            "22023"
+        );
+        assert_eq!(
+            sqlstate(r#"SELECT * FROM pgseal.ledger_append('x', '{"n": "12345678901234567891"}')"#),
+            "00000"
+        );
     }
 
     #[pg_test]
@@ -80,12 +96,21 @@ mod tests {
         tenant("acme");
         append("a", "{}");
         let session: String = one("SELECT session_user::text");
-        assert_eq!(one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 1"), session);
+        assert_eq!(
+            one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 1"),
+            session
+        );
         run("SET LOCAL app.user_id = 'user-42'");
         append("b", "{}");
-        assert_eq!(one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2"), "user-42");
+        assert_eq!(
+            one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2"),
+            "user-42"
+        );
         run("SELECT * FROM pgseal.ledger_append('c', '{}', 'svc:billing')");
-        assert_eq!(one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 3"), "svc:billing");
+        assert_eq!(
+            one::<String>("SELECT actor FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 3"),
+            "svc:billing"
+        );
     }
 
     /// Appends inside a subtransaction that fails.
@@ -109,8 +134,14 @@ mod tests {
         assert_eq!(append("b", "{}").0, 2);
         doomed_append();
         assert_eq!(verify(""), (true, 2, None, None));
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE event = 'doomed'"), 0);
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE purpose = 'ledger'"), 1);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE event = 'doomed'"),
+            0
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE purpose = 'ledger'"),
+            1
+        );
     }
 
     #[pg_test]
@@ -132,7 +163,10 @@ mod tests {
         assert_eq!(verify("'acme', 5"), (true, 1, None, None));
         tenant("nobody-yet");
         assert_eq!(verify(""), (true, 0, None, None));
-        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_verify(NULL, 0)"), "22023");
+        assert_eq!(
+            sqlstate("SELECT * FROM pgseal.ledger_verify(NULL, 0)"),
+            "22023"
+        );
     }
 
     #[pg_test]
@@ -142,8 +176,13 @@ mod tests {
             append("e", r#"{"amount": 10}"#);
         }
         disable_guards();
-        run(r#"UPDATE pgseal.ledger SET payload = '{"amount": 1000}' WHERE tenant_id = 'acme' AND seq = 3"#);
-        assert_eq!(verify(""), (false, 2, Some(3), Some("hash mismatch".into())));
+        run(
+            r#"UPDATE pgseal.ledger SET payload = '{"amount": 1000}' WHERE tenant_id = 'acme' AND seq = 3"#,
+        );
+        assert_eq!(
+            verify(""),
+            (false, 2, Some(3), Some("hash mismatch".into()))
+        );
     }
 
     #[pg_test]
@@ -185,10 +224,19 @@ mod tests {
         assert_eq!(sqlstate("DELETE FROM pgseal.ledger"), "42501");
         assert_eq!(sqlstate("TRUNCATE pgseal.ledger"), "42501");
         assert_eq!(sqlstate("TRUNCATE pgseal.ledger_heads"), "42501");
-        assert_eq!(sqlstate("ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard"), "42501");
-        assert_eq!(sqlstate("ALTER TABLE pgseal.ledger ADD COLUMN note text"), "42501");
+        assert_eq!(
+            sqlstate("ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard"),
+            "42501"
+        );
+        assert_eq!(
+            sqlstate("ALTER TABLE pgseal.ledger ADD COLUMN note text"),
+            "42501"
+        );
         assert_eq!(sqlstate("CREATE TRIGGER t BEFORE INSERT ON pgseal.ledger FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_guard()"), "42501");
-        assert_eq!(sqlstate("DROP POLICY ledger_admin ON pgseal.ledger"), "42501");
+        assert_eq!(
+            sqlstate("DROP POLICY ledger_admin ON pgseal.ledger"),
+            "42501"
+        );
         // A direct DROP fails on the extension's dependency; taken out of the
         // extension first, the drop guard refuses it.
         assert_eq!(sqlstate("DROP TABLE pgseal.ledger"), "2BP01");
@@ -208,8 +256,14 @@ mod tests {
         run("CREATE ROLE nobody");
         run("SET LOCAL ROLE ledger_app");
         tenant("globex");
-        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_verify('acme')"), "42501");
-        assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_export('acme')"), "42501");
+        assert_eq!(
+            sqlstate("SELECT * FROM pgseal.ledger_verify('acme')"),
+            "42501"
+        );
+        assert_eq!(
+            sqlstate("SELECT * FROM pgseal.ledger_export('acme')"),
+            "42501"
+        );
         assert_eq!(sqlstate("SELECT pgseal.ledger_checkpoint()"), "42501");
         assert_eq!(sqlstate("SELECT pgseal.ledger_prune('globex', 1)"), "42501");
         // Its own tenant is fine, and RLS hides the other tenant's rows.
@@ -219,7 +273,10 @@ mod tests {
         run("RESET ROLE");
         run("SET LOCAL ROLE ledger_boss");
         assert!(verify("'acme'").0);
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger_export('acme')"), 1);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger_export('acme')"),
+            1
+        );
         run("RESET ROLE");
         run("SET LOCAL ROLE nobody");
         assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('e')"), "42501");
@@ -244,14 +301,27 @@ mod tests {
         let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
         assert_eq!(first["hash"], h1.as_str());
         assert_eq!(first["seq"], 1);
-        for field in ["tenant_id", "recorded_at", "recorded_at_us", "actor", "event", "payload", "prev_hash", "mac"] {
+        for field in [
+            "tenant_id",
+            "recorded_at",
+            "recorded_at_us",
+            "actor",
+            "event",
+            "payload",
+            "prev_hash",
+            "mac",
+        ] {
             assert!(!first[field].is_null(), "{field} missing");
         }
-        let report = pgseal_core::export::verify_export(lines.join("\n").as_bytes(), &[], None).unwrap();
+        let report =
+            pgseal_core::export::verify_export(lines.join("\n").as_bytes(), &[], None).unwrap();
         assert_eq!(report.len(), 1);
         assert!(report[0].report.ok(), "{report:?}");
         assert_eq!(report[0].report.checked, 2);
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger_export(NULL, 2)"), 1);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger_export(NULL, 2)"),
+            1
+        );
     }
 
     #[pg_test]
@@ -268,7 +338,10 @@ mod tests {
         let mut forged = cp.clone();
         forged.seq += 1;
         assert!(!pgseal_core::checkpoint::verify(&pk, &forged));
-        assert_eq!(sqlstate("SELECT pgseal.ledger_checkpoint('never-appended')"), "22023");
+        assert_eq!(
+            sqlstate("SELECT pgseal.ledger_checkpoint('never-appended')"),
+            "22023"
+        );
     }
 
     #[pg_test]
@@ -277,11 +350,18 @@ mod tests {
         for _ in 0..5 {
             append("e", "{}");
         }
-        let anchor: String = one("SELECT encode(hash, 'hex') FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
+        let anchor: String = one(
+            "SELECT encode(hash, 'hex') FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2",
+        );
         assert_eq!(one::<i64>("SELECT pgseal.ledger_prune('acme', 3)"), 2);
-        assert_eq!(one::<i64>("SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = 'acme'"), 3);
+        assert_eq!(
+            one::<i64>("SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = 'acme'"),
+            3
+        );
         assert_eq!(one::<String>("SELECT encode(anchor_hash, 'hex') FROM pgseal.ledger_heads WHERE tenant_id = 'acme'"), anchor);
-        let last: String = one("SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq DESC LIMIT 1");
+        let last: String = one(
+            "SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq DESC LIMIT 1",
+        );
         assert_eq!(last, "ledger.pruned");
         assert_eq!(verify(""), (true, 4, None, None));
         assert_eq!(one::<i64>("SELECT pgseal.ledger_prune('acme', 2)"), 0);
@@ -311,25 +391,37 @@ mod tests {
         run("INSERT INTO public.orders VALUES (2, 'globex', 'new', NULL, 1)");
         run("DELETE FROM public.orders WHERE id = 1");
         let events: Vec<String> = Spi::connect(|c| {
-            c.select("SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq", None, &[])
-                .unwrap()
-                .map(|r| r.get::<String>(1).unwrap().unwrap())
-                .collect()
+            c.select(
+                "SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
         });
         assert_eq!(events, ["row.insert", "row.update", "row.delete"]);
-        let upd: pgrx::JsonB = one("SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
+        let upd: pgrx::JsonB =
+            one("SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
         assert_eq!(upd.0["before"], serde_json::json!({"status": "new"}));
         assert_eq!(upd.0["after"], serde_json::json!({"status": "paid"}));
         assert_eq!(upd.0["key"], serde_json::json!({"id": 1}));
         assert_eq!(upd.0["table"], "public.orders");
-        let ins: pgrx::JsonB = one("SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 1");
+        let ins: pgrx::JsonB =
+            one("SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 1");
         let token = ins.0["after"]["token"].as_str().unwrap().to_owned();
-        assert!(token.starts_with("v2:"), "sealed values are recorded as envelopes");
+        assert!(
+            token.starts_with("v2:"),
+            "sealed values are recorded as envelopes"
+        );
         assert!(!ins.0.to_string().contains("sk-live-secret"));
         // A numeric a double cannot hold is kept exactly, as a string.
         assert_eq!(ins.0["after"]["amount"], "123456789012345678901.5");
         // The row's own tenant column decides the chain.
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'globex'"), 1);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'globex'"),
+            1
+        );
         assert_eq!(verify(""), (true, 3, None, None));
         assert!(verify("'globex'").0);
         run("SELECT pgseal.ledger_unaudit('public.orders')");
@@ -341,21 +433,36 @@ mod tests {
     fn audit_takes_the_context_tenant_without_a_tenant_column() {
         run("CREATE TABLE public.notes (id int PRIMARY KEY, body text)");
         run("SELECT pgseal.ledger_audit('public.notes', '{insert}')");
-        assert_eq!(sqlstate("INSERT INTO public.notes VALUES (1, 'x')"), "42501");
+        assert_eq!(
+            sqlstate("INSERT INTO public.notes VALUES (1, 'x')"),
+            "42501"
+        );
         tenant("acme");
         run("INSERT INTO public.notes VALUES (1, 'x')");
         run("UPDATE public.notes SET body = 'y'");
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'acme'"), 1);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'acme'"),
+            1
+        );
     }
 
     #[pg_test]
     fn audit_rejects_bad_arguments() {
         run("CREATE TABLE public.t (id int)");
         run("CREATE VIEW public.v AS SELECT 1 AS x");
-        assert_eq!(sqlstate("SELECT pgseal.ledger_audit('public.t', '{}')"), "22023");
-        assert_eq!(sqlstate("SELECT pgseal.ledger_audit('public.t', '{MERGE}')"), "22023");
+        assert_eq!(
+            sqlstate("SELECT pgseal.ledger_audit('public.t', '{}')"),
+            "22023"
+        );
+        assert_eq!(
+            sqlstate("SELECT pgseal.ledger_audit('public.t', '{MERGE}')"),
+            "22023"
+        );
         assert_eq!(sqlstate("SELECT pgseal.ledger_audit('public.v')"), "42809");
-        assert_eq!(sqlstate("SELECT pgseal.ledger_audit('pgseal.ledger')"), "22023");
+        assert_eq!(
+            sqlstate("SELECT pgseal.ledger_audit('pgseal.ledger')"),
+            "22023"
+        );
         assert_eq!(sqlstate("SELECT pgseal.ledger_audit('public.t')"), "00000");
     }
 
@@ -364,7 +471,10 @@ mod tests {
         tenant("acme");
         let sealed: String = one("SELECT pgseal.vault_seal('s3cret')");
         run("SET LOCAL transaction_read_only = on");
-        let q = format!("SELECT pgseal.vault_decrypt({})", pgrx::spi::quote_literal(&sealed));
+        let q = format!(
+            "SELECT pgseal.vault_decrypt({})",
+            pgrx::spi::quote_literal(&sealed)
+        );
         assert_eq!(sqlstate(&q), "25006");
         run("SET LOCAL pgseal.audit_decrypt = off");
         assert_eq!(sqlstate(&q), "00000");

@@ -37,7 +37,9 @@ mod tests {
     }
 
     fn has_finding(like: &str, problem_part: &str) -> bool {
-        findings(like).iter().any(|(_, _, p)| p.contains(problem_part))
+        findings(like)
+            .iter()
+            .any(|(_, _, p)| p.contains(problem_part))
     }
 
     /// A correct, protected schema: the linter must say nothing about it.
@@ -68,7 +70,11 @@ mod tests {
         assert_eq!(one::<String>("SELECT pgseal.current_user_id()"), "alice");
         run("SELECT pgseal.set_tenant('globex')");
         assert_eq!(one::<String>("SELECT pgseal.current_tenant()"), "globex");
-        assert_eq!(sqlstate("SELECT pgseal.current_user_id()"), "42501", "a NULL user clears the old one");
+        assert_eq!(
+            sqlstate("SELECT pgseal.current_user_id()"),
+            "42501",
+            "a NULL user clears the old one"
+        );
         assert_eq!(sqlstate("SELECT pgseal.set_tenant('')"), "22023");
         assert_eq!(sqlstate("SELECT pgseal.set_tenant(NULL)"), "22023");
     }
@@ -86,26 +92,55 @@ mod tests {
         for (table, ty, a, b) in [
             ("t_text", "text", "'acme'", "'globex'"),
             ("t_big", "bigint", "1", "2"),
-            ("t_uuid", "uuid", "'5f0e8a52-6c5e-4d37-9c61-0e5f1f4a2b10'", "'00000000-0000-0000-0000-000000000002'"),
+            (
+                "t_uuid",
+                "uuid",
+                "'5f0e8a52-6c5e-4d37-9c61-0e5f1f4a2b10'",
+                "'00000000-0000-0000-0000-000000000002'",
+            ),
         ] {
-            run(&format!("CREATE TABLE public.{table} (id int, tenant_id {ty}, PRIMARY KEY (tenant_id, id))"));
-            run(&format!("INSERT INTO public.{table} VALUES (1, {a}), (2, {b})"));
+            run(&format!(
+                "CREATE TABLE public.{table} (id int, tenant_id {ty}, PRIMARY KEY (tenant_id, id))"
+            ));
+            run(&format!(
+                "INSERT INTO public.{table} VALUES (1, {a}), (2, {b})"
+            ));
             run(&format!("SELECT pgseal.tenant_protect('public.{table}')"));
             run(&format!("SELECT pgseal.tenant_protect('public.{table}')")); // idempotent
-            // app_user owns the table: FORCE makes the policy apply to it too.
+                                                                             // app_user owns the table: FORCE makes the policy apply to it too.
             run(&format!("ALTER TABLE public.{table} OWNER TO app_user"));
             run("SET LOCAL ROLE app_user");
-            assert_eq!(sqlstate(&format!("SELECT count(*) FROM public.{table}")), "42501", "{table}: no context");
+            assert_eq!(
+                sqlstate(&format!("SELECT count(*) FROM public.{table}")),
+                "42501",
+                "{table}: no context"
+            );
             run(&format!("SET LOCAL app.tenant_id = {a}"));
-            assert_eq!(one::<i64>(&format!("SELECT count(*) FROM public.{table}")), 1, "{table}");
-            assert_eq!(sqlstate(&format!("INSERT INTO public.{table} VALUES (3, {b})")), "42501", "{table}: WITH CHECK");
-            assert_eq!(sqlstate(&format!("INSERT INTO public.{table} VALUES (3, {a})")), "00000");
+            assert_eq!(
+                one::<i64>(&format!("SELECT count(*) FROM public.{table}")),
+                1,
+                "{table}"
+            );
+            assert_eq!(
+                sqlstate(&format!("INSERT INTO public.{table} VALUES (3, {b})")),
+                "42501",
+                "{table}: WITH CHECK"
+            );
+            assert_eq!(
+                sqlstate(&format!("INSERT INTO public.{table} VALUES (3, {a})")),
+                "00000"
+            );
             assert_eq!(one::<i64>(&format!("WITH u AS (UPDATE public.{table} SET id = id RETURNING 1) SELECT count(*) FROM u")), 2);
             run("RESET ROLE");
             run("RESET app.tenant_id");
         }
-        assert!(one::<bool>("SELECT relforcerowsecurity FROM pg_class WHERE oid = 'public.t_uuid'::regclass"));
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_policy WHERE polrelid = 'public.t_uuid'::regclass"), 1);
+        assert!(one::<bool>(
+            "SELECT relforcerowsecurity FROM pg_class WHERE oid = 'public.t_uuid'::regclass"
+        ));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_policy WHERE polrelid = 'public.t_uuid'::regclass"),
+            1
+        );
     }
 
     #[pg_test]
@@ -120,22 +155,40 @@ mod tests {
         run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         run("SET LOCAL ROLE plan_user");
         run("SET LOCAL app.tenant_id = 't7'");
-        let plan = Spi::explain("SELECT * FROM public.big").unwrap().0.to_string();
+        let plan = Spi::explain("SELECT * FROM public.big")
+            .unwrap()
+            .0
+            .to_string();
         run("RESET ROLE");
         assert!(plan.contains("InitPlan"), "{plan}");
-        assert!(plan.contains("big_tenant"), "the tenant index is used: {plan}");
+        assert!(
+            plan.contains("big_tenant"),
+            "the tenant index is used: {plan}"
+        );
     }
 
     #[pg_test]
     fn tenant_protect_warns_without_an_index_and_rejects_bad_input() {
         run("CREATE TABLE public.noidx (id int, tenant_id text)");
         let block = "DO $d$ BEGIN PERFORM pgseal.tenant_protect('public.noidx'); RAISE EXCEPTION 'done'; END $d$";
-        let warned = one::<String>(&format!("SELECT tests.error_text_of({})", pgrx::spi::quote_literal(block)));
-        assert!(warned.starts_with("done"), "the call itself succeeds: {warned}");
+        let warned = one::<String>(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(block)
+        ));
+        assert!(
+            warned.starts_with("done"),
+            "the call itself succeeds: {warned}"
+        );
         assert!(has_finding("public.noidx", "no index has tenant_id"));
-        assert_eq!(sqlstate("SELECT pgseal.tenant_protect('public.noidx', 'nope')"), "42703");
+        assert_eq!(
+            sqlstate("SELECT pgseal.tenant_protect('public.noidx', 'nope')"),
+            "42703"
+        );
         run("CREATE VIEW public.v AS SELECT 1 AS tenant_id");
-        assert_eq!(sqlstate("SELECT pgseal.tenant_protect('public.v')"), "42809");
+        assert_eq!(
+            sqlstate("SELECT pgseal.tenant_protect('public.v')"),
+            "42809"
+        );
     }
 
     #[pg_test]
@@ -144,7 +197,10 @@ mod tests {
         run("SELECT pgseal.tenant_protect('public.u')");
         run("SELECT pgseal.tenant_unprotect('public.u')");
         assert!(!one::<bool>("SELECT relrowsecurity OR relforcerowsecurity FROM pg_class WHERE oid = 'public.u'::regclass"));
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_policy WHERE polrelid = 'public.u'::regclass"), 0);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_policy WHERE polrelid = 'public.u'::regclass"),
+            0
+        );
     }
 
     #[pg_test]
@@ -153,10 +209,20 @@ mod tests {
         run("CREATE TABLE public.ev_2026 PARTITION OF public.ev FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')");
         run("CREATE INDEX ON public.ev (tenant_id)");
         run("SELECT pgseal.tenant_protect('public.ev')");
-        assert!(one::<bool>("SELECT relforcerowsecurity FROM pg_class WHERE oid = 'public.ev_2026'::regclass"));
-        assert!(findings("public.ev%").is_empty(), "{:?}", findings("public.ev%"));
+        assert!(one::<bool>(
+            "SELECT relforcerowsecurity FROM pg_class WHERE oid = 'public.ev_2026'::regclass"
+        ));
+        assert!(
+            findings("public.ev%").is_empty(),
+            "{:?}",
+            findings("public.ev%")
+        );
         run("CREATE TABLE public.ev_2027 PARTITION OF public.ev FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')");
-        assert!(has_finding("public.ev_2027", "lacks its parent"), "{:?}", findings("public.ev%"));
+        assert!(
+            has_finding("public.ev_2027", "lacks its parent"),
+            "{:?}",
+            findings("public.ev%")
+        );
     }
 
     #[pg_test]
@@ -177,7 +243,10 @@ mod tests {
         run("SELECT pgseal.set_tenant('globex', 'olga')");
         assert_eq!(one::<i64>("SELECT count(*) FROM public.docs"), 0);
         assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.org_members"), 0);
-        assert_eq!(sqlstate("INSERT INTO public.docs VALUES (9, 'acme', 'olga', 'org1', 'x')"), "42501");
+        assert_eq!(
+            sqlstate("INSERT INTO public.docs VALUES (9, 'acme', 'olga', 'org1', 'x')"),
+            "42501"
+        );
         let cases = [
             // user, SELECT count, INSERT org doc, UPDATE count, DELETE count
             ("olga", 2, "00000", 2, 1),
@@ -188,12 +257,24 @@ mod tests {
         ];
         for (user, sel, ins, upd, del) in cases {
             run(&format!("SELECT pgseal.set_tenant('acme', '{user}')"));
-            assert_eq!(one::<i64>("SELECT count(*) FROM public.docs"), sel, "{user} SELECT");
+            assert_eq!(
+                one::<i64>("SELECT count(*) FROM public.docs"),
+                sel,
+                "{user} SELECT"
+            );
             let updated = one::<i64>("SELECT tests.count_of('UPDATE public.docs SET body = body')");
             assert_eq!(updated, upd, "{user} UPDATE");
-            let deleted = one::<i64>("SELECT tests.count_of('DELETE FROM public.docs WHERE org_id = ''org1''')");
+            let deleted = one::<i64>(
+                "SELECT tests.count_of('DELETE FROM public.docs WHERE org_id = ''org1''')",
+            );
             assert_eq!(deleted, del, "{user} DELETE");
-            assert_eq!(sqlstate(&format!("INSERT INTO public.docs VALUES (100, 'acme', 'someone', 'org1', '{user}')")), ins, "{user} INSERT");
+            assert_eq!(
+                sqlstate(&format!(
+                    "INSERT INTO public.docs VALUES (100, 'acme', 'someone', 'org1', '{user}')"
+                )),
+                ins,
+                "{user} INSERT"
+            );
             run("RESET ROLE");
             run("DELETE FROM public.docs WHERE id = 100");
             run("INSERT INTO public.docs VALUES (1, 'acme', 'olga', 'org1', 'x') ON CONFLICT DO NOTHING");
@@ -201,10 +282,19 @@ mod tests {
         }
         // Only owners and admins change membership.
         run("SELECT pgseal.set_tenant('acme', 'mia')");
-        assert_eq!(sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'eve', 'owner')"), "42501");
-        assert_eq!(one::<i64>("SELECT tests.count_of('UPDATE pgseal.org_members SET role = ''owner''')"), 0);
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'eve', 'owner')"),
+            "42501"
+        );
+        assert_eq!(
+            one::<i64>("SELECT tests.count_of('UPDATE pgseal.org_members SET role = ''owner''')"),
+            0
+        );
         run("SELECT pgseal.set_tenant('acme', 'adam')");
-        assert_eq!(sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'eve', 'viewer')"), "00000");
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'eve', 'viewer')"),
+            "00000"
+        );
         run("RESET ROLE");
     }
 
@@ -247,15 +337,24 @@ mod tests {
         assert!(has_finding("sneaky", "BYPASSRLS"));
         run("CREATE ROLE cleaner");
         run("GRANT TRUNCATE ON app.invoices TO cleaner");
-        assert!(has_finding("app.invoices", "TRUNCATE is granted to cleaner"));
-        run("CREATE FUNCTION app.definer() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'");
+        assert!(has_finding(
+            "app.invoices",
+            "TRUNCATE is granted to cleaner"
+        ));
+        run(
+            "CREATE FUNCTION app.definer() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'",
+        );
         assert!(has_finding("app.definer()", "search_path"));
         // Each finding carries a fix; applying the one-statement fixes cleans up.
         let fixes: Vec<String> = Spi::connect(|c| {
-            c.select("SELECT fix FROM pgseal.isolation_report() WHERE fix NOT LIKE 'DROP MATERIALIZED%'", None, &[])
-                .unwrap()
-                .map(|r| r.get::<String>(1).unwrap().unwrap())
-                .collect()
+            c.select(
+                "SELECT fix FROM pgseal.isolation_report() WHERE fix NOT LIKE 'DROP MATERIALIZED%'",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
         });
         for f in &fixes {
             run(f);

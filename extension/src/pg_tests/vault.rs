@@ -58,17 +58,27 @@ mod tests {
     }
 
     fn seal(pt: &str, ctx: Option<&str>) -> String {
-        Spi::get_one_with_args::<String>("SELECT pgseal.vault_seal($1, $2)", &[pt.into(), ctx.into()])
-            .unwrap()
-            .unwrap()
+        Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_seal($1, $2)",
+            &[pt.into(), ctx.into()],
+        )
+        .unwrap()
+        .unwrap()
     }
 
     fn decrypt(sealed: &str, ctx: Option<&str>) -> Option<String> {
-        Spi::get_one_with_args::<String>("SELECT pgseal.vault_decrypt($1, $2)", &[sealed.into(), ctx.into()]).unwrap()
+        Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_decrypt($1, $2)",
+            &[sealed.into(), ctx.into()],
+        )
+        .unwrap()
     }
 
     fn decrypt_state(sealed: &str, ctx: &str) -> String {
-        sqlstate(&format!("SELECT pgseal.vault_decrypt({}, {ctx})", pgrx::spi::quote_literal(sealed)))
+        sqlstate(&format!(
+            "SELECT pgseal.vault_decrypt({}, {ctx})",
+            pgrx::spi::quote_literal(sealed)
+        ))
     }
 
     fn key_id(sealed: &str) -> String {
@@ -143,7 +153,13 @@ mod tests {
         let s = seal("acme's token", None);
         tenant("globex");
         assert_eq!(decrypt_state(&s, "NULL"), "42501");
-        assert_eq!(sqlstate(&format!("SELECT pgseal.vault_redact({})", pgrx::spi::quote_literal(&s))), "42501");
+        assert_eq!(
+            sqlstate(&format!(
+                "SELECT pgseal.vault_redact({})",
+                pgrx::spi::quote_literal(&s)
+            )),
+            "42501"
+        );
     }
 
     #[pg_test]
@@ -151,7 +167,14 @@ mod tests {
         tenant("acme");
         let s = seal("secret-value", Some("smtp.password"));
         // malformed envelopes
-        for bad in ["", "garbage", "v1:abc:def", "v2:abc", "v2:a+b:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "v2:abc:!!!"] {
+        for bad in [
+            "",
+            "garbage",
+            "v1:abc:def",
+            "v2:abc",
+            "v2:a+b:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "v2:abc:!!!",
+        ] {
             assert_eq!(decrypt_state(bad, "NULL"), "22P02", "{bad}");
         }
         // a well-formed envelope naming no key
@@ -180,11 +203,22 @@ mod tests {
         ];
         for input in &inputs {
             for ctx in ["NULL", "'SECRETCONTEXT'"] {
-                let sql = format!("SELECT pgseal.vault_decrypt({}, {ctx})", pgrx::spi::quote_literal(input));
-                let m = Spi::get_one_with_args::<String>("SELECT tests.error_text_of($1)", &[sql.as_str().into()])
-                    .unwrap()
-                    .unwrap();
-                assert!(!m.contains("TOPSECRET") && !m.contains("SuperSecret") && !m.contains("SECRETCONTEXT"), "{m}");
+                let sql = format!(
+                    "SELECT pgseal.vault_decrypt({}, {ctx})",
+                    pgrx::spi::quote_literal(input)
+                );
+                let m = Spi::get_one_with_args::<String>(
+                    "SELECT tests.error_text_of($1)",
+                    &[sql.as_str().into()],
+                )
+                .unwrap()
+                .unwrap();
+                assert!(
+                    !m.contains("TOPSECRET")
+                        && !m.contains("SuperSecret")
+                        && !m.contains("SECRETCONTEXT"),
+                    "{m}"
+                );
                 assert!(!m.contains(&good[20..40]), "{m}");
             }
         }
@@ -194,18 +228,39 @@ mod tests {
     fn redact_shows_a_prefix_only() {
         tenant("acme");
         let s = seal("sk-live-51HxExampleToken", None);
-        let r = Spi::get_one_with_args::<String>("SELECT pgseal.vault_redact($1)", &[s.as_str().into()]).unwrap();
+        let r = Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_redact($1)",
+            &[s.as_str().into()],
+        )
+        .unwrap();
         assert_eq!(r.as_deref(), Some("sk-l…"));
-        let r = Spi::get_one_with_args::<String>("SELECT pgseal.vault_redact($1, 2)", &[s.as_str().into()]).unwrap();
+        let r = Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_redact($1, 2)",
+            &[s.as_str().into()],
+        )
+        .unwrap();
         assert_eq!(r.as_deref(), Some("sk…"));
         let short = seal("1234", None);
-        let r = Spi::get_one_with_args::<String>("SELECT pgseal.vault_redact($1, 4)", &[short.as_str().into()]).unwrap();
+        let r = Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_redact($1, 4)",
+            &[short.as_str().into()],
+        )
+        .unwrap();
         assert_eq!(r.as_deref(), Some("1…"));
         let ctx = seal("sk-live-abcdefgh", Some("ai.key"));
-        let r = Spi::get_one_with_args::<String>("SELECT pgseal.vault_redact($1, 4, 'ai.key')", &[ctx.as_str().into()])
-            .unwrap();
+        let r = Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_redact($1, 4, 'ai.key')",
+            &[ctx.as_str().into()],
+        )
+        .unwrap();
         assert_eq!(r.as_deref(), Some("sk-l…"));
-        assert_eq!(sqlstate(&format!("SELECT pgseal.vault_redact({}, -1)", pgrx::spi::quote_literal(&s))), "22023");
+        assert_eq!(
+            sqlstate(&format!(
+                "SELECT pgseal.vault_redact({}, -1)",
+                pgrx::spi::quote_literal(&s)
+            )),
+            "22023"
+        );
     }
 
     #[pg_test]
@@ -218,15 +273,21 @@ mod tests {
         assert_eq!(decrypt(&old, Some("c")).as_deref(), Some("token-1"));
         let fresh = seal("token-2", None);
         assert_eq!(key_id(&fresh), new_id);
-        let moved = Spi::get_one_with_args::<String>("SELECT pgseal.vault_rewrap($1, 'c')", &[old.as_str().into()])
-            .unwrap()
-            .unwrap();
+        let moved = Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_rewrap($1, 'c')",
+            &[old.as_str().into()],
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(key_id(&moved), new_id);
         assert_eq!(decrypt(&moved, Some("c")).as_deref(), Some("token-1"));
         // already under the active key: unchanged
-        let again = Spi::get_one_with_args::<String>("SELECT pgseal.vault_rewrap($1, 'c')", &[moved.as_str().into()])
-            .unwrap()
-            .unwrap();
+        let again = Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_rewrap($1, 'c')",
+            &[moved.as_str().into()],
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(again, moved);
         assert_eq!(sqlstate("SELECT pgseal.tenant_key_rotate('')"), "22023");
     }
@@ -258,12 +319,18 @@ mod tests {
         let a = seal("one", None);
         tenant("t2");
         let b = seal("two", None);
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version = 1"), Some(2));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version = 1"),
+            Some(2)
+        );
         Spi::run("SET LOCAL pgseal.master_key_active = 0").unwrap();
         assert_eq!(one::<i32>("SELECT pgseal.kek_rewrap(1)"), Some(1));
         assert_eq!(one::<i32>("SELECT pgseal.kek_rewrap()"), Some(1));
         assert_eq!(one::<i32>("SELECT pgseal.kek_rewrap()"), Some(0));
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version <> 2"), Some(0));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version <> 2"),
+            Some(0)
+        );
         // the cache was emptied, so these unwrap the rewrapped keys under version 2
         assert_eq!(decrypt(&b, None).as_deref(), Some("two"));
         tenant("t1");
@@ -280,9 +347,18 @@ mod tests {
 
     #[pg_test]
     fn vault_status_reports_versions_not_bytes() {
-        assert_eq!(one::<bool>("SELECT loaded FROM pgseal.vault_status()"), Some(true));
-        assert_eq!(one::<i32>("SELECT active_version FROM pgseal.vault_status()"), Some(2));
-        assert_eq!(text("SELECT versions::text FROM pgseal.vault_status()"), "{1,2}");
+        assert_eq!(
+            one::<bool>("SELECT loaded FROM pgseal.vault_status()"),
+            Some(true)
+        );
+        assert_eq!(
+            one::<i32>("SELECT active_version FROM pgseal.vault_status()"),
+            Some(2)
+        );
+        assert_eq!(
+            text("SELECT versions::text FROM pgseal.vault_status()"),
+            "{1,2}"
+        );
         // The test cluster's key command echoes literal keys; a non-superuser must
         // not be able to read that command (GUC_SUPERUSER_ONLY).
         Spi::run("CREATE ROLE t_viewer").unwrap();
@@ -292,7 +368,10 @@ mod tests {
         )
         .unwrap_or_default();
         Spi::run("RESET ROLE").unwrap();
-        assert!(!settings.contains("0001020304050607"), "pg_settings shows master key text");
+        assert!(
+            !settings.contains("0001020304050607"),
+            "pg_settings shows master key text"
+        );
     }
 
     #[pg_test]
@@ -318,7 +397,11 @@ mod tests {
             &[key_id(&s).as_str().into()],
         )
         .unwrap();
-        assert_eq!(exists, Some(true), "the surviving value must name a stored key");
+        assert_eq!(
+            exists,
+            Some(true),
+            "the surviving value must name a stored key"
+        );
         assert_eq!(decrypt(&s, None).as_deref(), Some("kept"));
     }
 
@@ -330,7 +413,12 @@ mod tests {
         assert_eq!(sqlstate("SELECT pgseal.vault_seal('y')"), "25006");
         // Redaction needs no write; decrypt's audit rule is tested with the ledger.
         let q = pgrx::spi::quote_literal(&s);
-        assert_eq!(Spi::get_one::<String>(&format!("SELECT pgseal.vault_redact({q}, 0)")).unwrap().as_deref(), Some("…"));
+        assert_eq!(
+            Spi::get_one::<String>(&format!("SELECT pgseal.vault_redact({q}, 0)"))
+                .unwrap()
+                .as_deref(),
+            Some("…")
+        );
     }
 
     #[pg_test]
@@ -345,24 +433,68 @@ mod tests {
         let q = pgrx::spi::quote_literal(&s);
         let cases: &[(&str, String, &str)] = &[
             ("t_sealer", "SELECT pgseal.vault_seal('x')".into(), "00000"),
-            ("t_sealer", format!("SELECT pgseal.vault_redact({q})"), "00000"),
-            ("t_sealer", format!("SELECT pgseal.vault_decrypt({q})"), "42501"),
-            ("t_sealer", format!("SELECT pgseal.vault_rewrap({q})"), "42501"),
-            ("t_reader", format!("SELECT pgseal.vault_decrypt({q})"), "00000"),
-            ("t_reader", format!("SELECT pgseal.vault_rewrap({q})"), "00000"),
+            (
+                "t_sealer",
+                format!("SELECT pgseal.vault_redact({q})"),
+                "00000",
+            ),
+            (
+                "t_sealer",
+                format!("SELECT pgseal.vault_decrypt({q})"),
+                "42501",
+            ),
+            (
+                "t_sealer",
+                format!("SELECT pgseal.vault_rewrap({q})"),
+                "42501",
+            ),
+            (
+                "t_reader",
+                format!("SELECT pgseal.vault_decrypt({q})"),
+                "00000",
+            ),
+            (
+                "t_reader",
+                format!("SELECT pgseal.vault_rewrap({q})"),
+                "00000",
+            ),
             ("t_reader", "SELECT pgseal.vault_seal('x')".into(), "00000"),
-            ("t_reader", "SELECT pgseal.tenant_shred('acme')".into(), "42501"),
-            ("t_admin", "SELECT pgseal.tenant_key_rotate('acme')".into(), "00000"),
+            (
+                "t_reader",
+                "SELECT pgseal.tenant_shred('acme')".into(),
+                "42501",
+            ),
+            (
+                "t_admin",
+                "SELECT pgseal.tenant_key_rotate('acme')".into(),
+                "00000",
+            ),
             ("t_admin", "SELECT pgseal.kek_rewrap()".into(), "00000"),
-            ("t_admin", format!("SELECT pgseal.vault_decrypt({q})"), "42501"),
+            (
+                "t_admin",
+                format!("SELECT pgseal.vault_decrypt({q})"),
+                "42501",
+            ),
             ("t_nobody", "SELECT pgseal.current_tenant()".into(), "00000"),
-            ("t_nobody", "SELECT * FROM pgseal.vault_status()".into(), "00000"),
+            (
+                "t_nobody",
+                "SELECT * FROM pgseal.vault_status()".into(),
+                "00000",
+            ),
             ("t_nobody", "SELECT pgseal.vault_seal('x')".into(), "42501"),
-            ("t_nobody", format!("SELECT pgseal.vault_redact({q})"), "42501"),
+            (
+                "t_nobody",
+                format!("SELECT pgseal.vault_redact({q})"),
+                "42501",
+            ),
         ];
         for role in ["t_sealer", "t_reader", "t_admin", "t_nobody"] {
             Spi::run(&format!("SET LOCAL ROLE {role}")).unwrap();
-            assert_eq!(sqlstate("SELECT * FROM pgseal.tenant_keys"), "42501", "{role} read the key table");
+            assert_eq!(
+                sqlstate("SELECT * FROM pgseal.tenant_keys"),
+                "42501",
+                "{role} read the key table"
+            );
             Spi::run("RESET ROLE").unwrap();
         }
         for (role, sql, want) in cases {
