@@ -30,7 +30,6 @@ GRANT SELECT ON pgseal.ledger TO pgseal_ledger, pgseal_admin;
 
 GRANT EXECUTE ON FUNCTION
     pgseal.ledger_append(text, jsonb, text),
-    pgseal._ledger_append(text, text, text),
     pgseal.ledger_verify(text, bigint, bigint),
     pgseal.ledger_export(text, bigint, bigint),
     pgseal._ledger_tenant(text),

@@ -2,15 +2,6 @@
 -- append-only guards, and row-level security. Included after ledger_schema.sql and
 -- the functions it names; privileges are granted in finalize.sql.
 
--- ledger_append passes the payload as jsonb text, which keeps every number exactly
--- as stored, so the extension can refuse numbers RFC 8785 would round.
-CREATE FUNCTION pgseal.ledger_append(event text, payload jsonb DEFAULT '{}', actor text DEFAULT NULL)
-RETURNS TABLE (seq bigint, hash text)
-LANGUAGE sql VOLATILE
--- No SET search_path: the body names everything by schema (text is pg_catalog's),
--- and a SET clause would cost a settings save and restore on every append.
-AS $$ SELECT a.seq, a.hash FROM pgseal._ledger_append(event, payload::text, actor) AS a $$;
-
 COMMENT ON FUNCTION pgseal.ledger_append(text, jsonb, text) IS
     'Appends an entry to the current tenant''s ledger; returns its seq and hash (hex).';
 

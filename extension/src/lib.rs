@@ -8,6 +8,7 @@ mod cache;
 mod context;
 mod error;
 mod gucs;
+mod jsonb;
 mod keystore;
 mod ledger;
 mod master;
@@ -33,7 +34,7 @@ extension_sql_file!(
     name = "ledger_api",
     requires = [
         "ledger_schema",
-        ledger::_ledger_append,
+        ledger::ledger_append,
         ledger::admin::_ledger_pruning,
         ledger::admin::_creating_extension,
         ledger::admin::_ledger_tenant,

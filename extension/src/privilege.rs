@@ -22,40 +22,41 @@ impl Drop for RestoreUser {
 }
 
 thread_local! {
-    /// The extension owner for this transaction (the ledger's append path switches
-    /// identity on every call).
+    /// The owner for this transaction (the ledger's append path switches identity
+    /// on every call).
     static OWNER: std::cell::Cell<Option<pg_sys::Oid>> = const { std::cell::Cell::new(None) };
-    /// (extension oid, owner) as last read from pg_extension, reused while the
-    /// extension's oid is unchanged: DROP and CREATE EXTENSION give a new oid.
-    static KNOWN: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
 }
 
+/// The owner of the extension's objects: the role that ran CREATE EXTENSION owns
+/// every table its script created. Read as the owner of `pgseal.tenant_keys`,
+/// through the system caches (the pg_extension row has no cache and cost a
+/// catalog scan per transaction). If the table is missing, the current user:
+/// never a more privileged role than the caller's.
 fn extension_owner() -> pg_sys::Oid {
     if let Some(o) = OWNER.with(|c| c.get()) {
         return o;
     }
-    // SAFETY: a catalog lookup by name; with missing_ok it returns InvalidOid
-    // instead of raising.
-    let ext = unsafe { pg_sys::get_extension_oid(c"pgseal".as_ptr(), true) };
-    let o = match KNOWN.with(|c| c.get()) {
-        Some((known_ext, owner)) if known_ext == ext => owner,
-        _ => {
-            let owner = crate::plans::first_row(
-                "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'pgseal'",
-                &[],
-                &[],
-                |r| Ok(r.get::<pg_sys::Oid>(1)?),
-            )
-            .ok()
-            .flatten()
-            .flatten()
-            .unwrap_or(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID));
-            KNOWN.with(|c| c.set(Some((ext, owner))));
+    // SAFETY: syscache lookups. get_namespace_oid with missing_ok returns
+    // InvalidOid instead of raising, and get_relname_relid returns InvalidOid for
+    // a missing name. SearchSysCache1 returns a pinned tuple or NULL; a pg_class
+    // tuple's fixed part is FormData_pg_class, read before ReleaseSysCache.
+    let owner = unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"pgseal".as_ptr(), true);
+        let rel = pg_sys::get_relname_relid(c"tenant_keys".as_ptr(), nsp);
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(rel),
+        );
+        if tup.is_null() {
+            pg_sys::GetUserId()
+        } else {
+            let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tup)).relowner;
+            pg_sys::ReleaseSysCache(tup);
             owner
         }
     };
-    OWNER.with(|c| c.set(Some(o)));
-    o
+    OWNER.with(|c| c.set(Some(owner)));
+    owner
 }
 
 /// Forgets the cached owner; called at every transaction end.

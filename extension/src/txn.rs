@@ -6,6 +6,8 @@
 //!   it commits, so every backend drops its cached keys before its next use.
 //! - A transaction or subtransaction that wrote keys and then aborted empties this
 //!   backend's cache, so no key that was rolled back can ever be used again.
+//! - When a statement that appended to the ledger ends (the executor-end hook),
+//!   its pending entries are written, so the next statement sees them.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -70,17 +72,14 @@ fn pre_commit() {
         return;
     }
     // At pre-commit no portal holds a snapshot; SPI needs one.
-    // SAFETY: we are inside a live transaction; the pushed snapshot is popped on
-    // the normal path, and an ERROR aborts the transaction, which pops it.
-    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let r = flush_encryptions()
-        .and_then(|_| crate::ledger::audit::flush_decrypts())
-        .and_then(|_| flush_encryptions())
-        .and_then(|_| crate::ledger::heads::flush())
-        .and_then(|_| crate::context::clear_if_strict());
+    let r = with_snapshot(|| {
+        flush_encryptions()
+            .and_then(|_| crate::ledger::audit::flush_decrypts())
+            .and_then(|_| flush_encryptions())
+            .and_then(|_| crate::ledger::heads::flush())
+            .and_then(|_| crate::context::clear_if_strict())
+    });
     r.or_raise();
-    // SAFETY: pops the snapshot pushed above.
-    unsafe { pg_sys::PopActiveSnapshot() };
 }
 
 fn end_of_transaction(committed: bool) {
@@ -123,25 +122,69 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
 #[pg_guard]
 unsafe extern "C-unwind" fn on_subxact(
     event: pg_sys::SubXactEvent::Type,
-    _my: pg_sys::SubTransactionId,
-    _parent: pg_sys::SubTransactionId,
+    my: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB {
+        crate::ledger::subtransaction_committed(my, parent);
+    }
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        crate::ledger::subtransaction_aborted();
+        crate::ledger::subtransaction_aborted(my);
         if TX.with(|t| t.borrow().keys_written) {
             cache::forget_all();
         }
     }
 }
 
-/// Registers the callbacks; called once from `_PG_init` in the postmaster, so every
-/// backend inherits them.
+/// The executor-end hook that was installed before ours.
+static PREV_EXECUTOR_END: std::sync::OnceLock<pg_sys::ExecutorEnd_hook_type> =
+    std::sync::OnceLock::new();
+
+/// Ends the query as PostgreSQL would, then writes the ledger entries it appended.
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
+    // SAFETY: `query` is the QueryDesc PostgreSQL passed us, handed on unchanged
+    // to the previous hook or to the standard implementation, as hooks must.
+    unsafe {
+        match PREV_EXECUTOR_END.get().copied().flatten() {
+            Some(prev) => prev(query),
+            None => pg_sys::standard_ExecutorEnd(query),
+        }
+    }
+    if crate::ledger::heads::has_pending() {
+        with_snapshot(crate::ledger::heads::flush).or_raise();
+    }
+}
+
+/// Runs `f` with an active snapshot, pushing the transaction's if none is set
+/// (SPI plans and revalidates under one).
+fn with_snapshot<R>(f: impl FnOnce() -> SealResult<R>) -> SealResult<R> {
+    // SAFETY: only called inside a live transaction (at executor end or pre-commit).
+    let push = unsafe { !pg_sys::ActiveSnapshotSet() };
+    if push {
+        // SAFETY: as above; popped below on the normal path, and an ERROR aborts
+        // the transaction, which pops it.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    }
+    let r = f();
+    if push {
+        // SAFETY: pops the snapshot pushed above.
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
+    r
+}
+
+/// Registers the callbacks and the executor-end hook; called once from `_PG_init`
+/// in the postmaster, so every backend inherits them.
 pub fn register_callbacks() {
     // SAFETY: both are plain 'static functions with the signatures PostgreSQL
-    // expects; the argument pointer is unused.
+    // expects; the argument pointer is unused. The hook is chained: the previous
+    // one is kept and called first. _PG_init runs once, single-threaded.
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+        let _ = PREV_EXECUTOR_END.set(pg_sys::ExecutorEnd_hook);
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
     }
 }

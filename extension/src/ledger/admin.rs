@@ -42,7 +42,10 @@ pub fn _creating_extension() -> bool {
 /// The tenant an export may read: the caller's own, or any for `pgseal_admin`.
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn _ledger_tenant(tenant: Option<&str>) -> String {
-    super::resolve_tenant(tenant).or_raise()
+    // The export reads the table next: this transaction's appends go in first.
+    super::heads::flush()
+        .and_then(|_| super::resolve_tenant(tenant))
+        .or_raise()
 }
 
 fn signed_at_now() -> SealResult<String> {
@@ -60,17 +63,24 @@ fn ledger_checkpoint(tenant: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
         master::require_loaded()?;
         super::require_admin("ledger_checkpoint")?;
         let tenant = super::resolve_tenant(tenant)?;
-        let (seq, hash) = as_owner(|| {
-            Spi::get_two_with_args::<i64, Vec<u8>>(
-                "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1",
-                &[tenant.as_str().into()],
-            )
-        })
-        .map_err(|_| SealError::InvalidArgument("the tenant has no ledger entries"))?;
-        let seq = seq.unwrap_or(0);
-        let hash: Hash = hash
-            .and_then(|h| h.try_into().ok())
-            .ok_or(SealError::Internal("bad head hash"))?;
+        // A checkpoint covers committed entries only: this transaction's own
+        // appends (already in the heads row once written) may still roll back.
+        let (seq, hash) = match super::heads::committed_head(&tenant) {
+            Some(head) => head,
+            None => {
+                let (seq, hash) = as_owner(|| {
+                    Spi::get_two_with_args::<i64, Vec<u8>>(
+                        "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1",
+                        &[tenant.as_str().into()],
+                    )
+                })
+                .map_err(|_| SealError::InvalidArgument("the tenant has no ledger entries"))?;
+                let hash: Hash = hash
+                    .and_then(|h| h.try_into().ok())
+                    .ok_or(SealError::Internal("bad head hash"))?;
+                (seq.unwrap_or(0), hash)
+            }
+        };
         let signed_at = signed_at_now()?;
         let cp = master::with_active(|ver, kek| {
             Ok(checkpoint::sign(kek, ver, &tenant, seq, &hash, &signed_at))

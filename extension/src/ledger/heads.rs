@@ -8,10 +8,16 @@
 //! fail with 40001, a retryable error, instead of forking the chain.
 //!
 //! Later appends in the same transaction use the head kept here, so one append is
-//! one hash, one MAC and one INSERT through a kept plan. The heads row is written
-//! once, at pre-commit. A subtransaction abort releases locks taken inside it and
-//! removes its entries, so it makes every head here re-lock and re-read before
-//! the next use.
+//! one hash and one MAC. Entries are written in batches: an append adds its entry
+//! to a pending list, and one statement inserts the list and moves the heads rows
+//! to its last entries. That statement runs when the statement that appended ends
+//! (the executor-end hook in `txn.rs`), when the list grows past a bound, before
+//! the ledger functions read the chain, and at pre-commit. So the next statement
+//! of the transaction sees every entry appended before it.
+//!
+//! A subtransaction abort drops the pending entries appended inside it (the
+//! entries it wrote are rolled back by PostgreSQL, with the heads rows), and makes
+//! every head here re-lock and re-read before its next use.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -30,24 +36,67 @@ struct Head {
     seq: i64,
     hash: Hash,
     mac: EntryMac,
-    /// Appended in this transaction: the heads row needs writing at pre-commit.
-    dirty: bool,
+    /// The committed head, as this transaction first read it.
+    committed: (i64, Hash),
     /// A subtransaction aborted since the head was read: re-lock and re-read.
     stale: bool,
 }
 
+/// An entry appended but not yet inserted.
+struct Pending {
+    /// The subtransaction that appended it: dropped if that one aborts.
+    subxact: pg_sys::SubTransactionId,
+    tenant: String,
+    seq: i64,
+    recorded_at: TimestampWithTimeZone,
+    actor: String,
+    event: String,
+    payload: String,
+    prev: Hash,
+    hash: Hash,
+    mac: [u8; 32],
+}
+
+impl Pending {
+    /// Roughly the memory it holds.
+    fn size(&self) -> usize {
+        self.tenant.len()
+            + self.actor.len()
+            + self.event.len()
+            + self.payload.len()
+            + std::mem::size_of::<Self>()
+    }
+}
+
+/// Pending entries are written once this many have gathered, or this many bytes.
+const PENDING_MAX: usize = 1000;
+const PENDING_MAX_BYTES: usize = 1 << 20;
+
 thread_local! {
     static HEADS: RefCell<HashMap<String, Head>> = RefCell::new(HashMap::new());
+    static PENDING: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
+    static PENDING_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 const SELECT_HEAD: &str =
     "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1 FOR UPDATE";
 const INSERT_HEAD: &str =
     "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING";
-const INSERT_ENTRY: &str = "INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
-     VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)";
-const UPDATE_HEAD: &str =
-    "UPDATE pgseal.ledger_heads SET seq = $2, hash = $3 WHERE tenant_id = $1 AND seq <= $2";
+/// Inserts one tenant's pending entries and moves its heads row to the last, in
+/// one statement (a data-modifying WITH always runs). With one entry, and with
+/// several (as arrays).
+const WRITE_ONE: &str = "WITH e AS (\
+       INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
+       VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)) \
+     UPDATE pgseal.ledger_heads SET seq = $2, hash = $8 WHERE tenant_id = $1 AND seq <= $2";
+const WRITE_MANY: &str = "WITH e AS (\
+       INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
+       SELECT $1, s, r, a, ev, p::jsonb, ph, h, m \
+       FROM ROWS FROM (pg_catalog.unnest($2::int8[]), pg_catalog.unnest($3::timestamptz[]), \
+                       pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]), \
+                       pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::bytea[]), \
+                       pg_catalog.unnest($8::bytea[]), pg_catalog.unnest($9::bytea[])) AS u(s, r, a, ev, p, ph, h, m)) \
+     UPDATE pgseal.ledger_heads SET seq = $10, hash = $11 WHERE tenant_id = $1 AND seq <= $10";
 
 fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
     plans::first_row(SELECT_HEAD, &[plans::TEXT], &[tenant.into()], |r| {
@@ -57,10 +106,14 @@ fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
     })
 }
 
-/// Locks the tenant's chain and returns the head after which to append. With
-/// `reload` (after a subtransaction abort), entries this transaction appended
-/// earlier lie past the committed head and are found in the table.
-fn lock_and_load(tenant: &str, reload: bool) -> SealResult<(i64, Hash)> {
+/// Locks the tenant's chain and returns the head after which to append: the later
+/// of the heads row (every write of pending entries moves it, so it includes
+/// this transaction's written entries) and this transaction's last pending entry.
+/// This level's pending entries are written first, so that no write can happen
+/// between reading the row and reading the pending list (the queries below end
+/// in the executor-end hook, which writes pending entries of the current level).
+fn lock_and_load(tenant: &str) -> SealResult<(i64, Hash)> {
+    flush()?;
     advisory_xact_lock(tenant);
     let head = match select_head(tenant)? {
         Some(h) => h,
@@ -75,10 +128,21 @@ fn lock_and_load(tenant: &str, reload: bool) -> SealResult<(i64, Hash)> {
             select_head(tenant)?.ok_or(SealError::Internal("pgseal.ledger_heads row vanished"))?
         }
     };
-    if reload {
-        return Ok(own_tail_after(tenant, head.0)?.unwrap_or(head));
-    }
-    Ok(head)
+    Ok(match pending_tail(tenant) {
+        Some(p) if p.0 > head.0 => p,
+        _ => head,
+    })
+}
+
+/// This transaction's last pending entry for `tenant`.
+fn pending_tail(tenant: &str) -> Option<(i64, Hash)> {
+    PENDING.with(|p| {
+        p.borrow()
+            .iter()
+            .rev()
+            .find(|e| e.tenant == tenant)
+            .map(|e| (e.seq, e.hash))
+    })
 }
 
 unsafe extern "C-unwind" {
@@ -118,7 +182,8 @@ fn to_hash(bytes: &[u8]) -> SealResult<Hash> {
 
 /// Appends one entry for `tenant`; `payload` is JSON text (checked and made
 /// canonical here). Returns the new seq and hash. The caller has checked the
-/// tenant and the transaction's read-write state.
+/// tenant and the transaction's read-write state. The entry is written with the
+/// next batch (see the module notes).
 pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResult<(i64, Hash)> {
     if event.is_empty() {
         return Err(SealError::InvalidArgument("event must not be empty"));
@@ -127,123 +192,231 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
     // SAFETY: the transaction start timestamp is set for every transaction;
     // reading it has no preconditions.
     let at = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-    as_owner(|| {
-        let state = HEADS.with(|h| h.borrow().get(tenant).map(|x| x.stale));
-        if state != Some(false) {
-            let reload = state.is_some();
-            let (seq, hash) = lock_and_load(tenant, reload)?;
-            // After a subtransaction abort the key itself may have been rolled
-            // back, so it is looked up again too.
-            let mac = super::mac_for_append(tenant)?;
-            HEADS.with(|h| {
-                h.borrow_mut().insert(
-                    tenant.to_owned(),
-                    Head {
-                        seq,
-                        hash,
-                        mac,
-                        dirty: true,
-                        stale: false,
-                    },
-                )
-            });
-        }
-        let (seq, prev, mac) = HEADS.with(|h| {
-            let h = h.borrow();
-            let head = &h[tenant];
-            (head.seq + 1, head.hash, head.mac.clone())
-        });
-        let fields = EntryFields {
-            prev_hash: &prev,
-            tenant,
-            seq,
-            recorded_at_us: at + super::PG_EPOCH_OFFSET_US,
-            actor,
-            event,
-            payload: &payload,
-        };
-        let hash = entry_hash(&fields);
-        let tag = mac.sign(&hash);
-        let recorded_at = TimestampWithTimeZone::try_from(at)
-            .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
-        let args: [DatumWithOid; 9] = [
-            tenant.into(),
-            seq.into(),
-            recorded_at.into(),
-            actor.into(),
-            event.into(),
-            payload.as_str().into(),
-            prev.to_vec().into(),
-            hash.to_vec().into(),
-            tag.to_vec().into(),
-        ];
-        plans::run(
-            INSERT_ENTRY,
-            &[
-                plans::TEXT,
-                plans::INT8,
-                plans::TIMESTAMPTZ,
-                plans::TEXT,
-                plans::TEXT,
-                plans::TEXT,
-                plans::BYTEA,
-                plans::BYTEA,
-                plans::BYTEA,
-            ],
-            &args,
-        )?;
+    let recorded_at = TimestampWithTimeZone::try_from(at)
+        .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
+    let state = HEADS.with(|h| h.borrow().get(tenant).map(|x| x.stale));
+    if state != Some(false) {
+        let (seq, hash) = as_owner(|| lock_and_load(tenant))?;
+        // After a subtransaction abort the key itself may have been rolled back,
+        // so it is looked up again too.
+        let mac = super::mac_for_append(tenant)?;
         HEADS.with(|h| {
             let mut h = h.borrow_mut();
-            let head = h.get_mut(tenant).expect("head loaded above");
-            head.seq = seq;
-            head.hash = hash;
-            head.dirty = true;
+            let committed = h.get(tenant).map_or((seq, hash), |old| old.committed);
+            h.insert(
+                tenant.to_owned(),
+                Head {
+                    seq,
+                    hash,
+                    mac,
+                    committed,
+                    stale: false,
+                },
+            )
         });
-        Ok((seq, hash))
-    })
+    }
+    let (seq, prev, mac) = HEADS.with(|h| {
+        let h = h.borrow();
+        let head = &h[tenant];
+        (head.seq + 1, head.hash, head.mac.clone())
+    });
+    let fields = EntryFields {
+        prev_hash: &prev,
+        tenant,
+        seq,
+        recorded_at_us: at + super::PG_EPOCH_OFFSET_US,
+        actor,
+        event,
+        payload: &payload,
+    };
+    let hash = entry_hash(&fields);
+    let tag = mac.sign(&hash);
+    HEADS.with(|h| {
+        let mut h = h.borrow_mut();
+        let head = h.get_mut(tenant).expect("head loaded above");
+        head.seq = seq;
+        head.hash = hash;
+    });
+    let entry = Pending {
+        // SAFETY: reads the current subtransaction's id; no preconditions.
+        subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
+        tenant: tenant.to_owned(),
+        seq,
+        recorded_at,
+        actor: actor.to_owned(),
+        event: event.to_owned(),
+        payload,
+        prev,
+        hash,
+        mac: tag,
+    };
+    let bytes = entry.size();
+    PENDING.with(|p| p.borrow_mut().push(entry));
+    let total = PENDING_BYTES.with(|b| {
+        b.set(b.get() + bytes);
+        b.get()
+    });
+    if total >= PENDING_MAX_BYTES || PENDING.with(|p| p.borrow().len()) >= PENDING_MAX {
+        flush()?;
+    }
+    Ok((seq, hash))
 }
 
-/// Writes every head this transaction moved. Runs at pre-commit, with a snapshot.
+/// Whether appended entries wait to be written.
+pub fn has_pending() -> bool {
+    PENDING.with(|p| !p.borrow().is_empty())
+}
+
+/// Writes the pending entries, and moves each tenant's heads row to its last
+/// one: one statement per tenant. Needs a snapshot (SPI plans it).
+///
+/// Only the entries of the current subtransaction are written (those of
+/// finished inner ones were handed to it): an entry written inside a deeper
+/// subtransaction would vanish if that one rolled back, although the statement
+/// that appended it did not fail. Entries of outer levels wait for their level.
 pub fn flush() -> SealResult<()> {
-    let dirty: Vec<String> = HEADS.with(|h| {
-        h.borrow()
-            .iter()
-            .filter(|(_, v)| v.dirty)
-            .map(|(k, _)| k.clone())
-            .collect()
+    // SAFETY: reads the current subtransaction's id; no preconditions.
+    let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let pending = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let (mine, outer): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut *p)
+            .into_iter()
+            .partition(|e| e.subxact >= current);
+        *p = outer;
+        mine
     });
-    if dirty.is_empty() {
+    PENDING_BYTES.with(|b| b.set(PENDING.with(|p| p.borrow().iter().map(Pending::size).sum())));
+    if pending.is_empty() {
         return Ok(());
     }
-    as_owner(|| {
-        for tenant in dirty {
-            let stale = HEADS.with(|h| h.borrow()[&tenant].stale);
-            let (seq, hash) = if stale {
-                lock_and_load(&tenant, true)?
-            } else {
-                HEADS.with(|h| {
-                    let h = h.borrow();
-                    (h[&tenant].seq, h[&tenant].hash)
-                })
-            };
-            plans::run(
-                UPDATE_HEAD,
-                &[plans::TEXT, plans::INT8, plans::BYTEA],
-                &[tenant.as_str().into(), seq.into(), hash.to_vec().into()],
-            )?;
+    // Group by tenant, in order of first appearance; a tenant's entries stay in order.
+    let mut groups: Vec<Vec<Pending>> = Vec::new();
+    for e in pending {
+        match groups.iter_mut().find(|g| g[0].tenant == e.tenant) {
+            Some(g) => g.push(e),
+            None => groups.push(vec![e]),
         }
-        Ok(())
-    })
+    }
+    as_owner(|| groups.into_iter().try_for_each(write_group))
 }
 
-/// Marks every head as needing a reload (a subtransaction aborted).
-pub fn mark_stale() {
+fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
+    use plans::{
+        BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ, TIMESTAMPTZ_ARRAY,
+    };
+    if entries.len() == 1 {
+        let e = entries.pop().expect("one entry");
+        let args: [DatumWithOid; 9] = [
+            e.tenant.into(),
+            e.seq.into(),
+            e.recorded_at.into(),
+            e.actor.into(),
+            e.event.into(),
+            e.payload.into(),
+            e.prev.to_vec().into(),
+            e.hash.to_vec().into(),
+            e.mac.to_vec().into(),
+        ];
+        return plans::run(
+            WRITE_ONE,
+            &[
+                TEXT,
+                INT8,
+                TIMESTAMPTZ,
+                TEXT,
+                TEXT,
+                TEXT,
+                BYTEA,
+                BYTEA,
+                BYTEA,
+            ],
+            &args,
+        );
+    }
+    let n = entries.len();
+    let tenant = entries[0].tenant.clone();
+    let (last_seq, last_hash) = entries
+        .last()
+        .map(|e| (e.seq, e.hash.to_vec()))
+        .expect("entries");
+    let mut seqs = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    let mut actors = Vec::with_capacity(n);
+    let mut events = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut prevs = Vec::with_capacity(n);
+    let mut hashes = Vec::with_capacity(n);
+    let mut macs = Vec::with_capacity(n);
+    for e in entries {
+        seqs.push(e.seq);
+        times.push(e.recorded_at);
+        actors.push(e.actor);
+        events.push(e.event);
+        payloads.push(e.payload);
+        prevs.push(e.prev.to_vec());
+        hashes.push(e.hash.to_vec());
+        macs.push(e.mac.to_vec());
+    }
+    let args: [DatumWithOid; 11] = [
+        tenant.into(),
+        seqs.into(),
+        times.into(),
+        actors.into(),
+        events.into(),
+        payloads.into(),
+        prevs.into(),
+        hashes.into(),
+        macs.into(),
+        last_seq.into(),
+        last_hash.into(),
+    ];
+    plans::run(
+        WRITE_MANY,
+        &[
+            TEXT,
+            INT8_ARRAY,
+            TIMESTAMPTZ_ARRAY,
+            TEXT_ARRAY,
+            TEXT_ARRAY,
+            TEXT_ARRAY,
+            BYTEA_ARRAY,
+            BYTEA_ARRAY,
+            BYTEA_ARRAY,
+            INT8,
+            BYTEA,
+        ],
+        &args,
+    )
+}
+
+/// A subtransaction committed: its pending entries now belong to its parent.
+pub fn subtransaction_committed(
+    subxact: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+) {
+    PENDING.with(|p| {
+        p.borrow_mut()
+            .iter_mut()
+            .filter(|e| e.subxact == subxact)
+            .for_each(|e| e.subxact = parent)
+    });
+}
+
+/// A subtransaction aborted: its pending entries go, and every head is re-read
+/// (and re-locked) before its next use.
+pub fn subtransaction_aborted(subxact: pg_sys::SubTransactionId) {
+    // Subtransaction ids grow, and an aborting subtransaction's open children
+    // abort first, so the entries of `subxact` and its children are those >= it.
+    PENDING.with(|p| p.borrow_mut().retain(|e| e.subxact < subxact));
+    PENDING_BYTES.with(|b| b.set(PENDING.with(|p| p.borrow().iter().map(Pending::size).sum())));
     HEADS.with(|h| h.borrow_mut().values_mut().for_each(|v| v.stale = true));
 }
 
-/// Forgets every head (the transaction ended).
+/// Forgets every head and pending entry (the transaction ended).
 pub fn reset() {
     HEADS.with(|h| h.borrow_mut().clear());
+    PENDING.with(|p| p.borrow_mut().clear());
+    PENDING_BYTES.with(|b| b.set(0));
 }
 
 /// Sets a tenant's anchor after pruning, with the head `(seq, hash)` the caller
@@ -263,34 +436,15 @@ pub fn set_anchor(
     })
 }
 
-/// Locks the tenant's chain for the rest of the transaction and returns its head.
+/// Locks the tenant's chain for the rest of the transaction and returns its head,
+/// with this transaction's entries written first.
 pub fn lock(tenant: &str) -> SealResult<(i64, Hash)> {
-    let reload = HEADS.with(|h| h.borrow().contains_key(tenant));
-    as_owner(|| lock_and_load(tenant, reload))
+    flush()?;
+    as_owner(|| lock_and_load(tenant))
 }
 
-pub fn has_dirty() -> bool {
-    HEADS.with(|h| h.borrow().values().any(|v| v.dirty))
-}
-
-/// The head of `tenant`'s chain including this transaction's own appends, when
-/// it appended: kept in memory, or re-read after a subtransaction abort.
-pub fn own_head(tenant: &str, committed_seq: i64) -> SealResult<Option<(i64, Hash)>> {
-    match HEADS.with(|h| h.borrow().get(tenant).map(|v| (v.stale, v.seq, v.hash))) {
-        None => Ok(None),
-        Some((false, seq, hash)) => Ok(Some((seq, hash))),
-        Some((true, _, _)) => own_tail_after(tenant, committed_seq),
-    }
-}
-
-/// The newest entry past `seq` that this transaction can see (its own appends).
-pub fn own_tail_after(tenant: &str, seq: i64) -> SealResult<Option<(i64, Hash)>> {
-    match Spi::get_two_with_args::<i64, Vec<u8>>(
-        "SELECT seq, hash FROM pgseal.ledger WHERE tenant_id = $1 AND seq > $2 ORDER BY seq DESC LIMIT 1",
-        &[tenant.into(), seq.into()],
-    ) {
-        Ok((Some(s), Some(h))) => Ok(Some((s, to_hash(&h)?))),
-        Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+/// The committed head of a tenant this transaction appended to, as it was read
+/// before the first append; `None` when this transaction has not appended.
+pub fn committed_head(tenant: &str) -> Option<(i64, Hash)> {
+    HEADS.with(|h| h.borrow().get(tenant).map(|v| v.committed))
 }

@@ -93,11 +93,19 @@ pub fn end_of_transaction(committed: bool) {
     audit::reset();
 }
 
+/// A subtransaction committed: its pending entries pass to its parent.
+pub fn subtransaction_committed(
+    subxact: pgrx::pg_sys::SubTransactionId,
+    parent: pgrx::pg_sys::SubTransactionId,
+) {
+    heads::subtransaction_committed(subxact, parent);
+}
+
 /// A subtransaction aborted: keys it may have created are forgotten, and every
 /// chain head is re-read before its next use.
-pub fn subtransaction_aborted() {
+pub fn subtransaction_aborted(subxact: pgrx::pg_sys::SubTransactionId) {
     TXN_MACS.with(|c| c.borrow_mut().clear());
-    heads::mark_stale();
+    heads::subtransaction_aborted(subxact);
 }
 
 /// Whether the current user may act on `tenant`'s ledger: its own tenant, or any
@@ -134,31 +142,33 @@ pub fn require_admin(what: &'static str) -> SealResult<()> {
     }
 }
 
-/// Appends one entry for the current tenant. `payload` is JSON text; the public
-/// `pgseal.ledger_append(event, payload jsonb, actor)` in `sql/ledger_api.sql`
-/// passes `payload::text`, which keeps every number exactly as stored.
+/// `pgseal.ledger_append(event, payload jsonb, actor)`: appends an entry to the
+/// current tenant's chain. The payload arrives as `jsonb_out`'s text, which keeps
+/// every number exactly as stored.
 #[pgrx::pg_extern(volatile, parallel_unsafe)]
-pub fn _ledger_append(
-    event: &str,
-    payload: Option<&str>,
-    actor: Option<&str>,
+pub fn ledger_append(
+    event: Option<&str>,
+    payload: pgrx::default!(Option<crate::jsonb::JsonbText>, "'{}'"),
+    actor: pgrx::default!(Option<&str>, "NULL"),
 ) -> pgrx::iter::TableIterator<'static, (pgrx::name!(seq, i64), pgrx::name!(hash, String))> {
     use crate::error::OrRaise;
     let r = (|| {
         crate::master::require_loaded()?;
         let tenant = context::tenant()?;
         crate::vault::require_read_write("ledger_append")?;
+        let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;
         let actor = match actor {
             Some(a) => a.to_owned(),
             None => default_actor(),
         };
-        heads::append(&tenant, event, payload.unwrap_or("{}"), &actor)
+        let payload = payload.as_ref().map_or("{}", |p| p.0.as_str());
+        heads::append(&tenant, event, payload, &actor)
     })();
     let (seq, hash) = r.or_raise();
     pgrx::iter::TableIterator::once((seq, hex::encode(hash)))
 }
 
-/// Whether pre-commit has ledger work: decrypts to record or heads to write.
+/// Whether pre-commit has ledger work: decrypts to record or entries to write.
 pub fn has_pending_work() -> bool {
-    audit::has_pending() || heads::has_dirty()
+    audit::has_pending() || heads::has_pending()
 }

@@ -80,6 +80,10 @@ mod tests {
     fn append_rejects_bad_input() {
         tenant("acme");
         assert_eq!(sqlstate("SELECT * FROM pgseal.ledger_append('')"), "22023");
+        assert_eq!(
+            sqlstate("SELECT * FROM pgseal.ledger_append(NULL)"),
+            "22023"
+        );
         // JCS would round this number, so its hash could not tell it from its neighbour.
         assert_eq!(
             sqlstate(r#"SELECT * FROM pgseal.ledger_append('x', '{"n": 12345678901234567891}')"#),
@@ -142,6 +146,62 @@ mod tests {
             one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE purpose = 'ledger'"),
             1
         );
+    }
+
+    #[pg_test]
+    fn a_failed_subtransaction_keeps_the_statement_s_earlier_entries() {
+        tenant("acme");
+        // 'a' is appended by the statement itself and still waits to be written when
+        // the function's first subtransaction appends 'b' and commits, and its
+        // second appends, fails and rolls back.
+        run(
+            "CREATE FUNCTION pg_temp.fails_inside() RETURNS int LANGUAGE plpgsql AS $$
+             BEGIN
+               BEGIN
+                 PERFORM pgseal.ledger_append('b');
+               EXCEPTION WHEN OTHERS THEN RETURN -1;
+               END;
+               BEGIN
+                 PERFORM pgseal.ledger_append('doomed');
+                 RAISE EXCEPTION 'roll back the subtransaction';
+               EXCEPTION WHEN OTHERS THEN RETURN 0;
+               END;
+             END $$",
+        );
+        let seqs = Spi::get_three::<i64, i32, i64>(
+            "SELECT (SELECT seq FROM pgseal.ledger_append('a')), pg_temp.fails_inside(), \
+                    (SELECT seq FROM pgseal.ledger_append('c'))",
+        )
+        .unwrap();
+        assert_eq!(seqs, (Some(1), Some(0), Some(3)));
+        let events: Vec<String> = Spi::connect(|c| {
+            c.select(
+                "SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        });
+        assert_eq!(events, ["a", "b", "c"]);
+        assert_eq!(verify(""), (true, 3, None, None));
+    }
+
+    #[pg_test]
+    fn appends_beyond_one_batch_in_one_statement_are_all_written() {
+        tenant("acme");
+        let n: i64 = one("SELECT count(*) FROM generate_series(1, 2500) g, LATERAL pgseal.ledger_append('bulk', pg_catalog.to_jsonb(g)) a");
+        assert_eq!(n, 2500);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'acme'"),
+            2500
+        );
+        assert_eq!(
+            one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'acme'"),
+            2500
+        );
+        assert_eq!(verify(""), (true, 2500, None, None));
     }
 
     #[pg_test]
@@ -331,6 +391,8 @@ mod tests {
         let cp: pgrx::JsonB = one("SELECT pgseal.ledger_checkpoint()");
         let cp: pgseal_core::checkpoint::Checkpoint = serde_json::from_value(cp.0).unwrap();
         assert_eq!(cp.tenant, "acme");
+        // Only committed entries are signed; this transaction's append is not yet.
+        assert_eq!(cp.seq, 0);
         assert_eq!(cp.key_version, 2);
         let pk: String = one("SELECT pgseal.ledger_public_key()");
         assert_eq!(pk.len(), 64);
