@@ -72,9 +72,11 @@ fn vault_seal(plaintext: Option<&str>, context: default!(Option<&str>, "NULL")) 
 fn vault_decrypt(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
     let sealed = sealed?;
     crate::ledger::audit::before_decrypt().or_raise();
-    let (tenant, key, plain) = open_for_current(sealed, context).or_raise();
+    let (tenant, key, mut plain) = open_for_current(sealed, context).or_raise();
     crate::ledger::audit::note_decrypt(&key.key_id, &tenant, context);
-    Some(plain.as_str().to_owned())
+    // Handed to pgrx, which copies it into the result text and frees it; taking
+    // it (rather than copying it) leaves no second plaintext buffer behind.
+    Some(std::mem::take(&mut *plain))
 }
 
 /// A display value: the first `visible` characters and `…`, never more than a
