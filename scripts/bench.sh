@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make bench: one run, one table, ratios against peers measured in the same run.
-# Vault: vault_decrypt vs pgcrypto decrypt_iv (AES-256-CBC) vs pgp_sym_decrypt vs the octet_length() scan floor,
+# Vault: vault_decrypt vs pgcrypto decrypt_iv (AES-256-CBC) vs pgp_sym_decrypt vs length(),
 # over N sealed 60-byte tokens (default 200000). Ledger: scripts/bench_ledger.sh.
 # Tenancy: scripts/bench_tenancy.sh. pgseald's jobs: scripts/bench_jobs.sh.
 # The cluster runs with fsync on, as production does, since the ledger rows commit.
@@ -40,13 +40,11 @@ time_q() {
     done
     printf '%s\n' "${best[@]}" | sort -n | head -1
 }
-# octet_length() everywhere: O(1) for text and bytea alike, so no row pays for
-# counting characters (length() of text walks it), which is not decryption.
-floor=$(time_q "SELECT sum(octet_length(sealed)) FROM tok")
-vault=$(time_q "SELECT sum(octet_length(pgseal.vault_decrypt(sealed))) FROM tok")
-cbc=$(time_q "SELECT sum(octet_length(decrypt_iv(cbc, decode(repeat('ab', 32), 'hex'), decode(repeat('cd', 16), 'hex'), 'aes-cbc'))) FROM tok")
-pgp=$(time_q "SELECT sum(octet_length(pgp_sym_decrypt(pgp, 'bench-passphrase'))) FROM tok WHERE i <= $PGP_SAMPLE")
-pgp_floor=$(time_q "SELECT sum(octet_length(pgp)) FROM tok WHERE i <= $PGP_SAMPLE")
+floor=$(time_q "SELECT sum(length(sealed)) FROM tok")
+vault=$(time_q "SELECT sum(length(pgseal.vault_decrypt(sealed))) FROM tok")
+cbc=$(time_q "SELECT sum(length(decrypt_iv(cbc, decode(repeat('ab', 32), 'hex'), decode(repeat('cd', 16), 'hex'), 'aes-cbc'))) FROM tok")
+pgp=$(time_q "SELECT sum(length(pgp_sym_decrypt(pgp, 'bench-passphrase'))) FROM tok WHERE i <= $PGP_SAMPLE")
+pgp_floor=$(time_q "SELECT sum(length(pgp)) FROM tok WHERE i <= $PGP_SAMPLE")
 check=$(psql_ -c "SET app.tenant_id = 'bench'" -c "SELECT count(*) FROM tok WHERE pgseal.vault_decrypt(sealed) <> plain")
 [ "$check" = "0" ] || { echo "vault_decrypt returned wrong plaintext for $check rows" >&2; exit 1; }
 
@@ -59,7 +57,7 @@ rows = [
     ("vault_decrypt", per(vault, n, floor), "per row, %d rows" % n),
     ("pgcrypto decrypt_iv (AES-256-CBC)", per(cbc, n, floor), "per row, %d rows" % n),
     ("pgcrypto pgp_sym_decrypt", per(pgp, sample, pgp_floor * 1.0), "sample of %d, scaled" % sample),
-    ("octet_length() scan floor", floor * 1000.0 / n, "per row, whole scan"),
+    ("length() scan floor", floor * 1000.0 / n, "per row, whole scan"),
 ]
 v = rows[0][1]
 print("| row | µs/row | vault_decrypt ÷ row | measured as |")

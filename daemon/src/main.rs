@@ -268,14 +268,23 @@ fn try_main(cli: Cli, config: Option<config::Config>) -> Result<ExitCode, Daemon
                 let r = retention::run(&mut client, &opts).await;
                 if let Some(run) = run {
                     let deleted: u64 = r.as_ref().map(|o| o.iter().map(|x| x.rows).sum()).unwrap_or(0);
-                    jobs::finish(&client, run, r.is_ok(), serde_json::json!({ "deleted": deleted })).await;
+                    let longest = r.as_ref().map(|o| retention::longest_batch_ms(o)).unwrap_or(0.0);
+                    let detail = serde_json::json!({ "deleted": deleted, "longest_batch_ms": longest });
+                    jobs::finish(&client, run, r.is_ok(), detail).await;
                 }
                 for o in r? {
                     let verb = if dry_run { "would delete" } else { "deleted" };
                     if o.on_hold {
                         println!("{} tenant {}: on legal hold, nothing deleted", o.rel, o.tenant);
                     } else {
-                        println!("{} tenant {}: {verb} {} rows older than {}", o.rel, o.tenant, o.rows, o.cutoff);
+                        println!(
+                            "{} tenant {}: {verb} {} rows older than {} (longest batch {:.1} ms)",
+                            o.rel,
+                            o.tenant,
+                            o.rows,
+                            o.cutoff,
+                            o.longest_batch.as_secs_f64() * 1000.0
+                        );
                     }
                 }
                 Ok(ExitCode::SUCCESS)

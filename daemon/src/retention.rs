@@ -30,6 +30,14 @@ pub struct Outcome {
     pub cutoff: String,
     pub rows: u64,
     pub on_hold: bool,
+    /// The longest batch transaction, from BEGIN to COMMIT: the longest any lock
+    /// the sweep took was held. Zero when nothing was deleted.
+    pub longest_batch: std::time::Duration,
+}
+
+/// The longest batch of a run, in milliseconds.
+pub fn longest_batch_ms(out: &[Outcome]) -> f64 {
+    out.iter().map(|o| o.longest_batch.as_secs_f64() * 1000.0).fold(0.0, f64::max)
 }
 
 struct Rule {
@@ -95,15 +103,16 @@ pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, Da
                     cutoff,
                     rows: 0,
                     on_hold: true,
+                    longest_batch: Default::default(),
                 });
                 continue;
             }
-            let rows = if opts.dry_run {
-                count_expired(client, rel, &tenant, rule, &cutoff).await?
+            let (rows, longest_batch) = if opts.dry_run {
+                (count_expired(client, rel, &tenant, rule, &cutoff).await?, Default::default())
             } else {
-                let n = delete_expired(client, rel, &tenant, rule, &cutoff, opts).await?;
+                let (n, longest) = delete_expired(client, rel, &tenant, rule, &cutoff, opts).await?;
                 receipt(client, rel, &tenant, rule, &cutoff, n).await?;
-                n
+                (n, longest)
             };
             out.push(Outcome {
                 rel: rel.clone(),
@@ -111,6 +120,7 @@ pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, Da
                 cutoff,
                 rows,
                 on_hold: false,
+                longest_batch,
             });
         }
     }
@@ -150,14 +160,16 @@ async fn delete_expired(
     rule: &Rule,
     cutoff: &str,
     opts: &Options,
-) -> Result<u64, DaemonError> {
+) -> Result<(u64, std::time::Duration), DaemonError> {
     let sql = format!(
         "DELETE FROM {rel} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {rel} \
          WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz LIMIT $3))",
         rule.tenant_type, rule.time_column
     );
     let mut total = 0u64;
+    let mut longest = std::time::Duration::ZERO;
     loop {
+        let began = std::time::Instant::now();
         let tx = client.transaction().await.map_err(DaemonError::Query)?;
         tx.batch_execute(&format!(
             "SET LOCAL lock_timeout = '{}ms'",
@@ -173,10 +185,11 @@ async fn delete_expired(
             .await
             .map_err(DaemonError::Query)?;
         tx.commit().await.map_err(DaemonError::Query)?;
+        longest = longest.max(began.elapsed());
         total += n;
         // On SIGTERM the batch in hand is committed and the run ends here.
         if (n as i64) < opts.batch || crate::STOP.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(total);
+            return Ok((total, longest));
         }
         tokio::time::sleep(opts.pause).await;
     }

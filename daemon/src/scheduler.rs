@@ -227,7 +227,12 @@ async fn retention_job(
         }
     }
     Ok(
-        serde_json::json!({ "deleted": deleted, "tenant_tables": out.len(), "ledger_entries_pruned": pruned }),
+        serde_json::json!({
+            "deleted": deleted,
+            "tenant_tables": out.len(),
+            "longest_batch_ms": retention::longest_batch_ms(&out),
+            "ledger_entries_pruned": pruned,
+        }),
     )
 }
 
