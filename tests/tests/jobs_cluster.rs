@@ -80,7 +80,7 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
     assert_eq!(receipts[0].1["deleted"], 70);
     assert_eq!(receipts[1].1["deleted"], 90);
     assert_eq!(receipts[1].1["keep"], "10 days");
-    // The job history recorded the run.
+    // The job history recorded the run, with its longest batch transaction.
     assert_eq!(
         count(
             &mut c,
@@ -88,6 +88,16 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
         ),
         1
     );
+    assert!(out.contains("tenant t1: deleted 70 rows older than"), "{out}");
+    assert!(out.contains(" ms)"), "each line reports its longest batch: {out}");
+    let longest: f64 = c
+        .query_one(
+            "SELECT (detail->>'longest_batch_ms')::float8 FROM pgseal.job_runs WHERE job = 'retention'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(longest > 0.0 && longest < 60_000.0, "longest batch {longest} ms");
     // Lifting the hold and a rerun for one tenant only.
     c.batch_execute("SELECT pgseal.retention_hold('t3', false)")
         .unwrap();
