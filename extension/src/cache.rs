@@ -39,6 +39,17 @@ struct Cache {
     epoch: u64,
     by_id: HashMap<String, Rc<LiveKey>>,
     active: HashMap<(String, &'static str), ActiveEntry>,
+    /// The key `key_by_id` returned last: a scan over one tenant's values asks for
+    /// the same key every row, and a string compare is cheaper than a hash probe.
+    last: Option<Rc<LiveKey>>,
+}
+
+impl Cache {
+    fn clear(&mut self) {
+        self.by_id.clear();
+        self.active.clear();
+        self.last = None;
+    }
 }
 
 thread_local! {
@@ -51,11 +62,7 @@ pub fn bump_epoch() {
 
 /// Drops every cached key in this backend.
 pub fn forget_all() {
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        c.by_id.clear();
-        c.active.clear();
-    });
+    CACHE.with(|c| c.borrow_mut().clear());
 }
 
 /// Empties the cache if another backend changed keys since we last looked.
@@ -64,8 +71,7 @@ fn sync_epoch() {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.epoch != now {
-            c.by_id.clear();
-            c.active.clear();
+            c.clear();
             c.epoch = now;
         }
     });
@@ -76,8 +82,7 @@ fn remember(live: Rc<LiveKey>) {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.by_id.len() >= cap {
-            c.by_id.clear();
-            c.active.clear();
+            c.clear();
         }
         c.by_id.insert(live.key_id.clone(), live);
     });
@@ -95,7 +100,18 @@ fn live_from(stored: &keystore::StoredKey, key: pgseal_core::keys::SecretKey) ->
 /// The key named by `key_id`, in any usable state (active or retired).
 pub fn key_by_id(key_id: &str) -> SealResult<Rc<LiveKey>> {
     sync_epoch();
-    if let Some(k) = CACHE.with(|c| c.borrow().by_id.get(key_id).cloned()) {
+    let hit = CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        match &c.last {
+            Some(k) if k.key_id == key_id => Some(k.clone()),
+            _ => {
+                let k = c.by_id.get(key_id).cloned();
+                c.last.clone_from(&k);
+                k
+            }
+        }
+    });
+    if let Some(k) = hit {
         return Ok(k);
     }
     let stored = keystore::fetch(key_id)?.ok_or(SealError::UnknownKey)?;

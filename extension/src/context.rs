@@ -26,11 +26,40 @@ pub fn read_setting(name: &CStr) -> Option<String> {
 
 /// The current tenant, failing closed: NULL or '' is "no tenant context" (42501).
 pub fn tenant() -> SealResult<String> {
-    gucs::with_tenant_setting_name(|name| match read_setting(name) {
-        Some(t) if !t.is_empty() => Ok(t),
-        _ => Err(SealError::NoTenantContext(
-            name.to_string_lossy().into_owned(),
-        )),
+    tenant_shared().map(|t| t.to_string())
+}
+
+thread_local! {
+    /// The tenant last read, shared so that a scan decrypting many rows for one
+    /// tenant compares the setting's bytes instead of copying them every row.
+    static LAST_TENANT: std::cell::RefCell<Option<std::rc::Rc<str>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `tenant()`, without a copy when the setting still holds the tenant last read.
+pub fn tenant_shared() -> SealResult<std::rc::Rc<str>> {
+    gucs::with_tenant_setting_name(|name| {
+        // SAFETY: as in `read_setting`; the bytes are only compared or copied before
+        // anything else runs that could change the setting.
+        let value = unsafe {
+            let p = pg_sys::GetConfigOption(name.as_ptr(), true, false);
+            (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes())
+        };
+        let Some(bytes) = value.filter(|b| !b.is_empty()) else {
+            return Err(SealError::NoTenantContext(
+                name.to_string_lossy().into_owned(),
+            ));
+        };
+        LAST_TENANT.with(|last| {
+            let mut last = last.borrow_mut();
+            match &*last {
+                Some(t) if t.as_bytes() == bytes => Ok(t.clone()),
+                _ => {
+                    let t: std::rc::Rc<str> = String::from_utf8_lossy(bytes).into();
+                    *last = Some(t.clone());
+                    Ok(t)
+                }
+            }
+        })
     })
 }
 

@@ -12,6 +12,7 @@ mod jsonb;
 mod keystore;
 mod ledger;
 mod master;
+mod plaintext;
 mod plans;
 mod privilege;
 mod txn;

@@ -14,6 +14,7 @@ use crate::context;
 use crate::error::{OrRaise, SealError, SealResult};
 use crate::keystore;
 use crate::master;
+use crate::plaintext::PlainText;
 
 pub fn require_read_write(what: &'static str) -> SealResult<()> {
     // SAFETY: XactReadOnly is a plain bool global maintained by the transaction
@@ -45,12 +46,18 @@ fn open_for_current(
     master::require_loaded()?;
     let tenant = context::tenant()?;
     let env = Envelope::parse(sealed)?;
-    let key = cache::key_by_id(env.key_id)?;
+    let key = tenant_key(&tenant, env.key_id)?;
+    let plain = envelope::open_text(&key.cipher, &tenant, context, env)?;
+    Ok((tenant, key, plain))
+}
+
+/// The data key `key_id`, which must belong to `tenant`.
+fn tenant_key(tenant: &str, key_id: &str) -> SealResult<std::rc::Rc<cache::LiveKey>> {
+    let key = cache::key_by_id(key_id)?;
     if key.tenant != tenant || key.purpose != Purpose::Dek {
         return Err(SealError::WrongTenant);
     }
-    let plain = envelope::open_text(&key.cipher, &tenant, context, env)?;
-    Ok((tenant, key, plain))
+    Ok(key)
 }
 
 /// Seals `plaintext` for the current tenant under its active data key.
@@ -69,14 +76,35 @@ fn vault_seal(plaintext: Option<&str>, context: default!(Option<&str>, "NULL")) 
 
 /// Decrypts a value sealed for the current tenant. NULL in gives NULL out.
 #[pg_extern(volatile, parallel_unsafe)]
-fn vault_decrypt(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
+fn vault_decrypt(
+    sealed: Option<&str>,
+    context: default!(Option<&str>, "NULL"),
+) -> Option<PlainText> {
     let sealed = sealed?;
     crate::ledger::audit::before_decrypt().or_raise();
-    let (tenant, key, mut plain) = open_for_current(sealed, context).or_raise();
-    crate::ledger::audit::note_decrypt(&key.key_id, &tenant, context);
-    // Handed to pgrx, which copies it into the result text and frees it; taking
-    // it (rather than copying it) leaves no second plaintext buffer behind.
-    Some(std::mem::take(&mut *plain))
+    Some(decrypt_to_text(sealed, context).or_raise())
+}
+
+/// Decodes and decrypts straight into the result text (see `plaintext.rs`). The
+/// checks run in the order `open_for_current`'s do: envelope shape (22P02), then
+/// the key (22023, or 42501 for another tenant's), then authentication.
+fn decrypt_to_text(sealed: &str, context: Option<&str>) -> SealResult<PlainText> {
+    master::require_loaded()?;
+    let tenant = context::tenant_shared()?;
+    let (key_id, b64) = envelope::split(sealed)?;
+    let mut used_key = None;
+    let text = PlainText::fill(envelope::decoded_len_max(b64.len()), |out| {
+        let n = envelope::decode_into(b64, out)?;
+        let key = tenant_key(&tenant, key_id)?;
+        let len =
+            envelope::open_text_in_place(&key.cipher, &tenant, context, key_id, &mut out[..n])?;
+        used_key = Some(key);
+        Ok::<_, SealError>(len)
+    })?;
+    if let Some(key) = used_key {
+        crate::ledger::audit::note_decrypt(&key.key_id, &tenant, context);
+    }
+    Ok(text)
 }
 
 /// A display value: the first `visible` characters and `…`, never more than a

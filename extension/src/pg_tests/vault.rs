@@ -163,6 +163,24 @@ mod tests {
     }
 
     #[pg_test]
+    fn switching_tenants_between_decrypts_switches_keys() {
+        // `vault_decrypt` keeps the tenant and the key it used last; each call must
+        // still act for the tenant set now. "acme" and "acmf" differ in one byte.
+        tenant("acme");
+        let a = seal("acme's token", None);
+        tenant("acmf");
+        let f = seal("acmf's token", None);
+        tenant("acme");
+        assert_eq!(decrypt(&a, None).as_deref(), Some("acme's token"));
+        assert_eq!(decrypt_state(&f, "NULL"), "42501");
+        tenant("acmf");
+        assert_eq!(decrypt_state(&a, "NULL"), "42501");
+        assert_eq!(decrypt(&f, None).as_deref(), Some("acmf's token"));
+        tenant("acme");
+        assert_eq!(decrypt(&a, None).as_deref(), Some("acme's token"));
+    }
+
+    #[pg_test]
     fn error_paths_have_their_sqlstates() {
         tenant("acme");
         let s = seal("secret-value", Some("smtp.password"));
