@@ -45,6 +45,21 @@ pub fn first_row<R>(
     })
 }
 
+/// Runs a kept plan read-only and calls `f` with its row count while the result
+/// is still SPI's current tuple table (for readers that deform rows themselves).
+pub fn select_raw<R>(
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid],
+    f: impl FnOnce(usize) -> SealResult<R>,
+) -> SealResult<R> {
+    let p = plan(sql, types)?;
+    Spi::connect(|client| {
+        let table = client.select(&*p, None, args)?;
+        f(table.len())
+    })
+}
+
 /// Runs a kept plan for its effect.
 pub fn run(sql: &'static str, types: &[PgOid], args: &[DatumWithOid]) -> SealResult<()> {
     let p = plan(sql, types)?;
