@@ -34,13 +34,33 @@ pub fn default_actor() -> String {
             return u;
         }
     }
-    // SAFETY: GetSessionUserId is valid in any backend with a session; with
-    // noerr = false, GetUserNameFromId returns a palloc'd NUL-terminated name or
-    // raises, so the pointer is valid for the copy below.
-    unsafe {
-        let p = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), false);
-        CStr::from_ptr(p).to_string_lossy().into_owned()
-    }
+    // SAFETY: GetSessionUserId is valid in any backend with a session.
+    let user = unsafe { pg_sys::GetSessionUserId() };
+    SESSION_USER.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        match &*cached {
+            Some((oid, name)) if *oid == user => name.clone(),
+            _ => {
+                // SAFETY: with noerr = false, GetUserNameFromId returns a palloc'd
+                // NUL-terminated name or raises, so the pointer is valid for the copy.
+                let name = unsafe {
+                    CStr::from_ptr(pg_sys::GetUserNameFromId(user, false))
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                *cached = Some((user, name.clone()));
+                name
+            }
+        }
+    })
+}
+
+thread_local! {
+    /// The session user's name, by its OID, for the rest of the transaction (a
+    /// statement appending many entries looks it up once; a rename shows from the
+    /// next transaction on).
+    static SESSION_USER: std::cell::RefCell<Option<(pg_sys::Oid, String)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// The tenant's ledger MAC key, created on its first append. It never rotates, so
@@ -78,6 +98,7 @@ pub fn mac_for_append(tenant: &str) -> SealResult<EntryMac> {
 
 /// Transaction end: keep the keys a committed transaction used, drop the rest.
 pub fn end_of_transaction(committed: bool) {
+    SESSION_USER.with(|u| u.borrow_mut().take());
     let fresh = TXN_MACS.with(|c| std::mem::take(&mut *c.borrow_mut()));
     if committed && !fresh.is_empty() {
         let cap = crate::gucs::KEY_CACHE_SIZE.get().max(1) as usize;
