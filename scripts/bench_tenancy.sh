@@ -5,7 +5,9 @@
 #   1. tenant_protect: count and indexed lookup  vs  explicit WHERE with RLS off
 #   2. a naive per-row policy current_setting()::uuid = tenant_id  (peer row)
 #   3. org_protect: a membership-filtered query
-# Per-statement latency comes from pgbench -r: the lower of two runs of each script.
+# Per-statement latency comes from pgbench -r. A protected query and its explicit-WHERE
+# peer run alternately, 5 runs each after a warm-up run of each, and each side reports
+# its median run: a burst of noise on the shared cores then lands on both sides alike.
 set -euo pipefail
 ROWS=${PGSEAL_BENCH_TENANCY_ROWS:-2000000}
 TXNS=${PGSEAL_BENCH_TENANCY_TXNS:-2000}
@@ -31,14 +33,23 @@ SELECT lpad(to_hex(t), 32, '0')::uuid::text, 'org-' || o, 'user-1', 'viewer'
 FROM generate_series(0, 999) t, generate_series(0, 4) o;
 SQL
 
-# Mean latency in ms of the one statement on items in a pgbench script.
-# Lower of two runs: the first also pays for cold buffers and cached plans.
+# Mean latency in ms of the one statement on items in one pgbench run of a script.
+run_once() {
+    "$PGBENCH" -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c 1 -t "$TXNS" -r -f "$1" postgres 2>/dev/null \
+        | awk '/FROM items/ { print $1 }'
+}
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# "A B": the median latencies of two scripts run alternately (after one warm-up each).
+pair() {
+    local a=$1 b=$2 ra=() rb=()
+    run_once "$a" >/dev/null; run_once "$b" >/dev/null
+    for _ in 1 2 3 4 5; do ra+=("$(run_once "$a")"); rb+=("$(run_once "$b")"); done
+    echo "$(printf '%s\n' "${ra[@]}" | median) $(printf '%s\n' "${rb[@]}" | median)"
+}
+# One script alone: the median of 3 runs after a warm-up run.
 latency() {
-    local script=$1
-    for _ in 1 2; do
-        "$PGBENCH" -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c 1 -t "$TXNS" -r -f "$script" postgres 2>/dev/null \
-            | awk '/FROM items/ { print $1 }'
-    done | sort -n | head -1
+    run_once "$1" >/dev/null
+    for _ in 1 2 3; do run_once "$1"; done | median
 }
 as_app() { sed "s/^BEGIN;/BEGIN; SET LOCAL ROLE bench_app;/" "$1" > "$1.app"; echo "$1.app"; }
 
@@ -70,10 +81,8 @@ COMMIT;
 SQL
 
 # The explicit-WHERE peers run as the superuser, to whom RLS does not apply.
-count_rls=$(latency "$(as_app "$T/count_rls.sql")")
-count_where=$(latency "$T/count_where.sql")
-lookup_rls=$(latency "$(as_app "$T/lookup_rls.sql")")
-lookup_where=$(latency "$T/lookup_where.sql")
+read -r count_rls count_where < <(pair "$(as_app "$T/count_rls.sql")" "$T/count_where.sql")
+read -r lookup_rls lookup_where < <(pair "$(as_app "$T/lookup_rls.sql")" "$T/lookup_where.sql")
 
 # The naive policy, in place of pgseal_tenant.
 psql_ -c "DROP POLICY pgseal_tenant ON items" \
