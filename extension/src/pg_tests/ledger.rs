@@ -17,6 +17,20 @@ mod tests {
         (seq.unwrap(), hash.unwrap())
     }
 
+    /// The events of `tenant`'s stored entries, in seq order.
+    fn events(tenant: &str) -> Vec<String> {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT event FROM pgseal.ledger WHERE tenant_id = $1 ORDER BY seq",
+                None,
+                &[tenant.into()],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        })
+    }
+
     /// (ok, checked, first_bad_seq, problem) of ledger_verify(args).
     fn verify(args: &str) -> (bool, i64, Option<i64>, Option<String>) {
         Spi::connect(|c| {
@@ -174,16 +188,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(seqs, (Some(1), Some(0), Some(3)));
-        let events: Vec<String> = Spi::connect(|c| {
-            c.select(
-                "SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq",
-                None,
-                &[],
-            )
-            .unwrap()
-            .map(|r| r.get::<String>(1).unwrap().unwrap())
-            .collect()
-        });
+        let events = events("acme");
         assert_eq!(events, ["a", "b", "c"]);
         assert_eq!(verify(""), (true, 3, None, None));
     }
@@ -479,16 +484,7 @@ mod tests {
         run("UPDATE public.orders SET status = 'paid' WHERE id = 1");
         run("INSERT INTO public.orders VALUES (2, 'globex', 'new', NULL, 1)");
         run("DELETE FROM public.orders WHERE id = 1");
-        let events: Vec<String> = Spi::connect(|c| {
-            c.select(
-                "SELECT event FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq",
-                None,
-                &[],
-            )
-            .unwrap()
-            .map(|r| r.get::<String>(1).unwrap().unwrap())
-            .collect()
-        });
+        let events = events("acme");
         assert_eq!(events, ["row.insert", "row.update", "row.delete"]);
         let upd: pgrx::JsonB =
             one("SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
