@@ -95,32 +95,28 @@ pub fn open_text_in_place(
     key_id: &str,
     payload: &mut [u8],
 ) -> Result<usize, CoreError> {
-    let r = open_in_place(cipher, tenant, context, key_id, payload);
+    let mut open = || {
+        let (nonce, rest) = payload.split_at_mut(NONCE_LEN);
+        let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        with_value_aad(tenant, key_id, context, |aad| {
+            cipher.decrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                aad,
+                ct,
+                Tag::from_slice(tag),
+            )
+        })
+        .map_err(|_| CoreError::AuthFailed)?;
+        let len = ct.len();
+        payload.copy_within(NONCE_LEN..NONCE_LEN + len, 0);
+        std::str::from_utf8(&payload[..len]).map_err(|_| CoreError::NotText)?;
+        Ok(len)
+    };
+    let r = open();
     if r.is_err() {
         payload.zeroize();
     }
     r
-}
-
-/// Decrypts `payload` (nonce ‖ ciphertext ‖ tag) in place and moves the plaintext,
-/// checked to be UTF-8 text, to its start. Returns the plaintext's length.
-fn open_in_place(
-    cipher: &Aes256Gcm,
-    tenant: &str,
-    context: Option<&str>,
-    key_id: &str,
-    payload: &mut [u8],
-) -> Result<usize, CoreError> {
-    let (nonce, rest) = payload.split_at_mut(NONCE_LEN);
-    let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
-    with_value_aad(tenant, key_id, context, |aad| {
-        cipher.decrypt_in_place_detached(Nonce::from_slice(nonce), aad, ct, Tag::from_slice(tag))
-    })
-    .map_err(|_| CoreError::AuthFailed)?;
-    let len = ct.len();
-    payload.copy_within(NONCE_LEN..NONCE_LEN + len, 0);
-    std::str::from_utf8(&payload[..len]).map_err(|_| CoreError::NotText)?;
-    Ok(len)
 }
 
 /// Formats an envelope from its key id and payload.
@@ -203,7 +199,7 @@ pub fn open_text(
     env: Envelope<'_>,
 ) -> Result<Zeroizing<String>, CoreError> {
     let mut buf = Zeroizing::new(env.payload);
-    let len = open_in_place(cipher, tenant, context, env.key_id, &mut buf)?;
+    let len = open_text_in_place(cipher, tenant, context, env.key_id, &mut buf)?;
     buf.truncate(len);
     // Move the buffer into the String; on failure take it back so it is wiped.
     match String::from_utf8(std::mem::take(&mut *buf)) {
