@@ -17,6 +17,10 @@ TENANT=00000000-0000-0000-0000-000000000007
 
 psql_ <<SQL
 CREATE ROLE bench_app;
+-- The explicit-WHERE peers run as a role that bypasses RLS but is otherwise an
+-- ordinary role like bench_app, so both sides pay the same privilege checks (a
+-- superuser skips those) and differ only in RLS.
+CREATE ROLE bench_peer BYPASSRLS;
 CREATE TABLE items (id bigint NOT NULL, tenant_id uuid NOT NULL, owner_id text, org_id text, body text);
 INSERT INTO items
 SELECT g, lpad(to_hex(g % 1000), 32, '0')::uuid, 'user-' || (g % 37), 'org-' || (g % 50), 'item ' || g
@@ -24,7 +28,7 @@ FROM generate_series(1, $ROWS) g;
 ALTER TABLE items ADD PRIMARY KEY (tenant_id, id);
 CREATE INDEX items_tenant_org ON items (tenant_id, org_id);
 VACUUM ANALYZE items;
-GRANT SELECT ON items TO bench_app;
+GRANT SELECT ON items TO bench_app, bench_peer;
 CHECKPOINT;
 SELECT pgseal.tenant_protect('items');
 -- user-1 is a viewer in 5 of the tenant's 50 organisations.
@@ -51,7 +55,9 @@ latency() {
     run_once "$1" >/dev/null
     for _ in 1 2 3; do run_once "$1"; done | median
 }
-as_app() { sed "s/^BEGIN;/BEGIN; SET LOCAL ROLE bench_app;/" "$1" > "$1.app"; echo "$1.app"; }
+as_role() { sed "s/^BEGIN;/BEGIN; SET LOCAL ROLE $1;/" "$2" > "$2.$1"; echo "$2.$1"; }
+as_app() { as_role bench_app "$1"; }
+as_peer() { as_role bench_peer "$1"; }
 
 cat > "$T/count_rls.sql" <<SQL
 BEGIN;
@@ -80,9 +86,9 @@ SELECT body FROM items WHERE tenant_id = '$TENANT' AND id = :id; -- measured
 COMMIT;
 SQL
 
-# The explicit-WHERE peers run as the superuser, to whom RLS does not apply.
-read -r count_rls count_where < <(pair "$(as_app "$T/count_rls.sql")" "$T/count_where.sql")
-read -r lookup_rls lookup_where < <(pair "$(as_app "$T/lookup_rls.sql")" "$T/lookup_where.sql")
+# The explicit-WHERE peers run as bench_peer (BYPASSRLS), the protected queries as bench_app.
+read -r count_rls count_where < <(pair "$(as_app "$T/count_rls.sql")" "$(as_peer "$T/count_where.sql")")
+read -r lookup_rls lookup_where < <(pair "$(as_app "$T/lookup_rls.sql")" "$(as_peer "$T/lookup_where.sql")")
 
 # The naive policy, in place of pgseal_tenant.
 psql_ -c "DROP POLICY pgseal_tenant ON items" \
