@@ -6,8 +6,8 @@
 #   2. a naive per-row policy current_setting()::uuid = tenant_id  (peer row)
 #   3. org_protect: a membership-filtered query
 # Per-statement latency comes from pgbench -r. A protected query and its explicit-WHERE
-# peer run alternately, 5 runs each after a warm-up run of each, and each side reports
-# its median run: a burst of noise on the shared cores then lands on both sides alike.
+# peer run in the same pgbench run, their transactions interleaved (see pair()), and
+# each side reports its median over 10 runs: noise on the shared cores lands on both.
 set -euo pipefail
 ROWS=${PGSEAL_BENCH_TENANCY_ROWS:-2000000}
 TXNS=${PGSEAL_BENCH_TENANCY_TXNS:-2000}
@@ -43,11 +43,24 @@ run_once() {
         | awk '/FROM items/ { print $1 }'
 }
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-# "A B": the median latencies of two scripts run alternately (after one warm-up each).
+# "A B": the latencies of the statements on items in one pgbench run of a script that
+# holds two measured transactions, in script order.
+run_both() {
+    "$PGBENCH" -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c 1 -t "$TXNS" -r -f "$1" postgres 2>/dev/null \
+        | awk '/FROM items/ { v[++n] = $1 } END { print v[1], v[2] }'
+}
+# "A B": the median latencies of two scripts measured together. Each pgbench run
+# executes A's and B's transactions in turn within one script (each draws its own
+# ids), so both see the same moment of the machine; the order flips every run.
+# One warm-up run, then 5 runs in each order.
 pair() {
-    local a=$1 b=$2 ra=() rb=()
-    run_once "$a" >/dev/null; run_once "$b" >/dev/null
-    for _ in 1 2 3 4 5; do ra+=("$(run_once "$a")"); rb+=("$(run_once "$b")"); done
+    local ab="$1.then-peer" ba="$1.peer-first" ra=() rb=() x y
+    cat "$1" "$2" > "$ab"; cat "$2" "$1" > "$ba"
+    run_both "$ab" >/dev/null
+    for _ in 1 2 3 4 5; do
+        read -r x y < <(run_both "$ab"); ra+=("$x"); rb+=("$y")
+        read -r y x < <(run_both "$ba"); ra+=("$x"); rb+=("$y")
+    done
     echo "$(printf '%s\n' "${ra[@]}" | median) $(printf '%s\n' "${rb[@]}" | median)"
 }
 # One script alone: the median of 3 runs after a warm-up run.
