@@ -2,6 +2,13 @@
 -- append-only guards, and row-level security. Included after ledger_schema.sql and
 -- the functions it names; privileges are granted in finalize.sql.
 
+-- Written in Rust (extension/src/ledger/append_fn.rs); declared here because it
+-- returns its row in materialize mode, which pgrx's function declarations do not.
+CREATE FUNCTION pgseal.ledger_append(event text, payload jsonb DEFAULT '{}', actor text DEFAULT NULL)
+RETURNS TABLE (seq bigint, hash text)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'ledger_append_srf';
+
 COMMENT ON FUNCTION pgseal.ledger_append(text, jsonb, text) IS
     'Appends an entry to the current tenant''s ledger; returns its seq and hash (hex).';
 

@@ -2,7 +2,8 @@
 //!
 //! pgrx's `JsonB` parses into a `serde_json::Value`, which rounds large numbers; the
 //! ledger must see every number as stored so that it can refuse one RFC 8785 would
-//! round. `JsonbText` is the output of `jsonb_out` instead.
+//! round. `JsonbText` is the output of `jsonb_out` instead (read by
+//! `ledger_append`'s C entry point, `ledger/append_fn.rs`).
 
 use std::ffi::CStr;
 
@@ -29,18 +30,5 @@ impl FromDatum for JsonbText {
                 .expect("jsonb text is UTF-8 in a UTF8 database")
                 .to_owned(),
         ))
-    }
-}
-
-// The argument is declared as SQL `jsonb`, which is what `from_polymorphic_datum` reads;
-// the type is never returned.
-pgrx::impl_sql_translatable!(JsonbText, arg_only = "jsonb");
-
-// SAFETY: as pgrx does for its own `FromDatum` types: the argument is unboxed through
-// `from_polymorphic_datum` above, and a NULL reaches it only as `Nullable::Null`.
-unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonbText {
-    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
-        // SAFETY: the caller guarantees a non-null jsonb argument.
-        unsafe { arg.unbox_arg_using_from_datum() }.expect("jsonb argument must not be NULL")
     }
 }

@@ -35,7 +35,6 @@ extension_sql_file!(
     name = "ledger_api",
     requires = [
         "ledger_schema",
-        ledger::ledger_append,
         ledger::admin::_ledger_pruning,
         ledger::admin::_creating_extension,
         ledger::admin::_ledger_tenant,

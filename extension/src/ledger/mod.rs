@@ -6,6 +6,7 @@
 //! - `audit`: row triggers and the per-transaction decrypt audit.
 
 pub mod admin;
+mod append_fn;
 pub mod audit;
 pub mod heads;
 pub mod verify;
@@ -163,30 +164,25 @@ pub fn require_admin(what: &'static str) -> SealResult<()> {
     }
 }
 
-/// `pgseal.ledger_append(event, payload jsonb, actor)`: appends an entry to the
-/// current tenant's chain. The payload arrives as `jsonb_out`'s text, which keeps
-/// every number exactly as stored.
-#[pgrx::pg_extern(volatile, parallel_unsafe)]
-pub fn ledger_append(
+/// `pgseal.ledger_append(event, payload jsonb, actor)` (its C entry point is in
+/// `append_fn.rs`): appends an entry to the current tenant's chain and returns its
+/// seq and hash. The payload arrives as `jsonb_out`'s text, which keeps every number
+/// exactly as stored.
+pub fn append_entry(
     event: Option<&str>,
-    payload: pgrx::default!(Option<crate::jsonb::JsonbText>, "'{}'"),
-    actor: pgrx::default!(Option<&str>, "NULL"),
-) -> pgrx::iter::TableIterator<'static, (pgrx::name!(seq, i64), pgrx::name!(hash, String))> {
-    use crate::error::OrRaise;
-    let r = (|| {
-        crate::master::require_loaded()?;
-        let tenant = context::tenant()?;
-        crate::vault::require_read_write("ledger_append")?;
-        let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;
-        let actor = match actor {
-            Some(a) => a.to_owned(),
-            None => default_actor(),
-        };
-        let payload = payload.as_ref().map_or("{}", |p| p.0.as_str());
-        heads::append(&tenant, event, payload, &actor)
-    })();
-    let (seq, hash) = r.or_raise();
-    pgrx::iter::TableIterator::once((seq, hex::encode(hash)))
+    payload: Option<&crate::jsonb::JsonbText>,
+    actor: Option<&str>,
+) -> SealResult<(i64, pgseal_core::ledger::Hash)> {
+    crate::master::require_loaded()?;
+    let tenant = context::tenant()?;
+    crate::vault::require_read_write("ledger_append")?;
+    let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;
+    let actor = match actor {
+        Some(a) => a.to_owned(),
+        None => default_actor(),
+    };
+    let payload = payload.map_or("{}", |p| p.0.as_str());
+    heads::append(&tenant, event, payload, &actor)
 }
 
 /// Whether pre-commit has ledger work: decrypts to record or entries to write.

@@ -1,0 +1,79 @@
+//! The C entry point of `pgseal.ledger_append` (declared in `sql/ledger_api.sql`).
+//!
+//! The function returns `TABLE(seq bigint, hash text)`, one row. pgrx's table
+//! protocol sets up a value-per-call SRF on every call: it looks the result type up
+//! in the catalog (`get_call_result_type`), blesses it, creates a memory context,
+//! and the executor then copies the row into a tuplestore of its own. A statement
+//! appending many entries paid that once per entry, about a tenth of its time. In
+//! materialize mode the row goes straight into a tuplestore built from the
+//! executor's expected descriptor, which the executor reads as it is.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::error::{OrRaise, SealError};
+use crate::jsonb::JsonbText;
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_ledger_append_srf() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `ledger_append(event text, payload jsonb, actor text)`.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn ledger_append_srf(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: PostgreSQL calls this with a valid fcinfo of the declared three
+    // arguments (text, jsonb, text); pg_getarg reads argument n only when it is not
+    // NULL, as the declared SQL type.
+    let (event, payload, actor) = unsafe {
+        (
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0),
+            pgrx::fcinfo::pg_getarg::<JsonbText>(fcinfo, 1),
+            pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 2),
+        )
+    };
+    // SAFETY: resultinfo is NULL or points to a node the executor set up; the tag is
+    // checked before it is used as a ReturnSetInfo.
+    let rsinfo = unsafe {
+        let ri = (*fcinfo).resultinfo;
+        (!ri.is_null() && (*ri).type_ == pg_sys::NodeTag::T_ReturnSetInfo)
+            .then(|| &mut *ri.cast::<pg_sys::ReturnSetInfo>())
+    };
+    let Some(rsinfo) = rsinfo.filter(|r| {
+        !r.expectedDesc.is_null()
+            && (r.allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32) != 0
+    }) else {
+        SealError::NotSupported(
+            "ledger_append must be called where a set of rows is accepted (FROM or a SELECT list)",
+        )
+        .raise()
+    };
+    let (seq, hash) = super::append_entry(event, payload.as_ref(), actor).or_raise();
+    let hash = hex::encode(hash);
+    // SAFETY: the tuplestore and the descriptor copy are made in the query's memory
+    // context, which outlives the function scan that reads them; the values match
+    // the expected descriptor (bigint, text), which `expectedDesc` is for this
+    // function's declared result.
+    unsafe {
+        let per_query = (*rsinfo.econtext).ecxt_per_query_memory;
+        let old = pg_sys::MemoryContextSwitchTo(per_query);
+        let desc = pg_sys::CreateTupleDescCopy(rsinfo.expectedDesc);
+        let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
+        let mut values = [
+            seq.into_datum().expect("bigint datum"),
+            hash.as_str().into_datum().expect("text datum"),
+        ];
+        let mut nulls = [false, false];
+        pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::MemoryContextSwitchTo(old);
+        rsinfo.returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+        rsinfo.setResult = store;
+        rsinfo.setDesc = desc;
+    }
+    pg_sys::Datum::from(0usize)
+}
