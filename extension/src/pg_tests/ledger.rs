@@ -78,6 +78,35 @@ mod tests {
     }
 
     #[pg_test]
+    fn append_works_in_every_calling_form() {
+        // ledger_append returns its row in materialize mode; each place SQL can
+        // call a set-returning function must accept it.
+        tenant("acme");
+        append("from", "{}");
+        assert_eq!(
+            one::<i64>("SELECT (pgseal.ledger_append('select-list')).seq"),
+            2
+        );
+        run("DO $$ BEGIN PERFORM pgseal.ledger_append('perform'); END $$");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM generate_series(1, 3) g, LATERAL pgseal.ledger_append('lateral-' || g) a"),
+            3
+        );
+        assert_eq!(
+            events("acme"),
+            [
+                "from",
+                "select-list",
+                "perform",
+                "lateral-1",
+                "lateral-2",
+                "lateral-3"
+            ]
+        );
+        assert_eq!(verify(""), (true, 6, None, None));
+    }
+
+    #[pg_test]
     fn append_fails_closed_without_tenant() {
         assert_eq!(
             sqlstate("SELECT * FROM pgseal.ledger_append('login')"),
