@@ -31,8 +31,9 @@ COMMENT ON TABLE pgseal.ledger IS
     'Per-tenant tamper-evident ledger: SHA-256 hash chain, HMAC-SHA256 per entry. Append with pgseal.ledger_append().';
 
 -- One row per tenant: the last appended entry, and the anchor left by pruning.
--- Appenders lock this row, so a snapshot older than the last append cannot fork
--- the chain: under REPEATABLE READ and SERIALIZABLE the lock fails with 40001.
+-- Appenders read it under the tenant's advisory lock; under REPEATABLE READ and
+-- SERIALIZABLE they also lock it, so a snapshot older than the last append cannot
+-- fork the chain: the lock fails with 40001.
 -- No CHECK constraints, for the reason given above: every append moves this row.
 CREATE TABLE pgseal.ledger_heads (
     tenant_id   text   PRIMARY KEY,

@@ -1,11 +1,12 @@
 //! Appending to a tenant's chain.
 //!
 //! The first append for a tenant in a transaction takes the tenant's
-//! transaction-scoped advisory lock, then locks its row in `pgseal.ledger_heads`
-//! (FOR UPDATE). Under READ COMMITTED the statement's snapshot is taken after the
-//! lock, so it sees the last committed append. Under REPEATABLE READ and
-//! SERIALIZABLE a snapshot older than another session's append makes the row lock
-//! fail with 40001, a retryable error, instead of forking the chain.
+//! transaction-scoped advisory lock, then reads its row in `pgseal.ledger_heads`.
+//! Under READ COMMITTED the row is read directly (`head_read`) under a snapshot
+//! taken after the lock, so it sees the last committed append: every writer of the
+//! row holds the lock until it commits. Under REPEATABLE READ and SERIALIZABLE the
+//! row is locked (FOR UPDATE), and a snapshot older than another session's append
+//! makes that fail with 40001, a retryable error, instead of forking the chain.
 //!
 //! Later appends in the same transaction use the head kept here, so one append is
 //! one hash and one MAC. Entries are written in batches: an append adds its entry
@@ -78,7 +79,9 @@ thread_local! {
     static PENDING_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-const SELECT_HEAD: &str =
+/// Under REPEATABLE READ and SERIALIZABLE the heads row is locked, so that a
+/// snapshot older than the last append fails with 40001 instead of forking.
+const SELECT_HEAD_LOCKED: &str =
     "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1 FOR UPDATE";
 const INSERT_HEAD: &str =
     "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING";
@@ -99,7 +102,17 @@ const WRITE_MANY: &str = "WITH e AS (\
      UPDATE pgseal.ledger_heads SET seq = $10, hash = $11 WHERE tenant_id = $1 AND seq <= $10";
 
 fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
-    plans::first_row(SELECT_HEAD, &[plans::TEXT], &[tenant.into()], |r| {
+    // SAFETY: XactIsoLevel is a plain global set at transaction start; reading it
+    // has no preconditions.
+    let snapshot_per_xact = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
+    if !snapshot_per_xact {
+        // Under READ COMMITTED a snapshot taken after the advisory lock sees the
+        // last committed head (every writer of the row holds that lock until it
+        // commits), so the row is read directly and not locked: that spares SPI's
+        // planner and executor, and a row lock's WAL record and dirtied page.
+        return super::head_read::read(tenant);
+    }
+    plans::first_row(SELECT_HEAD_LOCKED, &[plans::TEXT], &[tenant.into()], |r| {
         let seq = r.get::<i64>(1)?.unwrap_or(0);
         let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();
         Ok((seq, to_hash(&hash)?))

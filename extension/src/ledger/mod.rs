@@ -7,6 +7,7 @@
 
 pub mod admin;
 mod append_fn;
+mod head_read;
 pub mod audit;
 pub mod heads;
 pub mod verify;

@@ -192,6 +192,30 @@ mod tests {
     }
 
     #[pg_test]
+    fn heads_are_read_back_by_exact_tenant_id() {
+        // Ids that differ only in case, an accent or a trailing space are separate
+        // chains. After a rolled-back subtransaction every head is read back from
+        // its row (under READ COMMITTED without SPI), this transaction's writes
+        // included.
+        let ids = ["Acme", "acme", "ácme", "acme "];
+        for (i, t) in ids.iter().enumerate() {
+            tenant(t);
+            for n in 1..=i as i64 + 1 {
+                assert_eq!(append("e", "{}").0, n);
+            }
+        }
+        doomed_append();
+        for (i, t) in ids.iter().enumerate() {
+            tenant(t);
+            assert_eq!(append("again", "{}").0, i as i64 + 2);
+        }
+        for (i, t) in ids.iter().enumerate() {
+            let quoted = pgrx::spi::quote_literal(t);
+            assert_eq!(verify(&quoted), (true, i as i64 + 2, None, None), "{t:?}");
+        }
+    }
+
+    #[pg_test]
     fn a_failed_subtransaction_keeps_the_statement_s_earlier_entries() {
         tenant("acme");
         // 'a' is appended by the statement itself and still waits to be written when

@@ -1,0 +1,135 @@
+//! Reading a tenant's heads row under READ COMMITTED without SPI.
+//!
+//! Every appending transaction reads its tenant's head once, right after taking
+//! the tenant's advisory lock. Through SPI (a kept plan, `FOR UPDATE`) that read
+//! was two thirds of `ledger_append`'s own CPU with 16 clients: plan-cache checks,
+//! executor start-up, a row lock with its WAL record, and a copy of the row. Here
+//! it is one probe of the heads table's primary key, under a snapshot taken after
+//! the lock, and no row lock.
+//!
+//! Only for READ COMMITTED: there a fresh snapshot is what SPI would use too, and
+//! every writer of a heads row holds the tenant's advisory lock until it commits,
+//! so the snapshot sees the last committed head. Under REPEATABLE READ and
+//! SERIALIZABLE the row is locked through SPI instead (see `heads`).
+
+use pgrx::pg_sys;
+use pgseal_core::ledger::Hash;
+
+use crate::error::{SealError, SealResult};
+
+/// Columns of `pgseal.ledger_heads` read here: tenant_id, seq, hash.
+const COLUMNS: usize = 3;
+
+/// Closes what `read` opened, on every path out of it (an ERROR aborts the
+/// transaction, which releases all of them anyway).
+struct Opened {
+    rel: pg_sys::Relation,
+    snapshot: pg_sys::Snapshot,
+    scan: pg_sys::SysScanDesc,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        // SAFETY: each pointer is NULL or was opened by `read` below and not closed
+        // since; the lock on the table is kept until the transaction ends, as
+        // PostgreSQL keeps the locks of the statements that read a table.
+        unsafe {
+            if !self.scan.is_null() {
+                pg_sys::systable_endscan(self.scan);
+            }
+            if !self.snapshot.is_null() {
+                pg_sys::UnregisterSnapshot(self.snapshot);
+            }
+            if !self.rel.is_null() {
+                pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+        }
+    }
+}
+
+/// The OID of `pgseal.ledger_heads` (two syscache lookups).
+fn heads_relid() -> SealResult<pg_sys::Oid> {
+    // SAFETY: called inside a transaction; with missing_ok the namespace lookup
+    // returns InvalidOid instead of raising, and so does the relation lookup.
+    let relid = unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"pgseal".as_ptr(), true);
+        pg_sys::get_relname_relid(c"ledger_heads".as_ptr(), nsp)
+    };
+    if relid == pg_sys::InvalidOid {
+        return Err(SealError::Internal("pgseal.ledger_heads is missing"));
+    }
+    Ok(relid)
+}
+
+/// The committed `(seq, hash)` of `tenant`'s heads row (this transaction's own
+/// writes included), or `None` when the tenant has none yet. The caller holds
+/// the tenant's advisory lock and runs as the extension's owner.
+pub fn read(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
+    let relid = heads_relid()?;
+    let mut o = Opened {
+        rel: std::ptr::null_mut(),
+        snapshot: std::ptr::null_mut(),
+        scan: std::ptr::null_mut(),
+    };
+    // SAFETY: called inside a transaction. table_open raises on a bad OID, and
+    // `o` closes what was opened. The scan key's argument is a palloc'd text that outlives the scan;
+    // the tuple returned by systable_getnext is only read (deformed, its fields
+    // copied) before the scan ends.
+    unsafe {
+        o.rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let desc = (*o.rel).rd_att;
+        let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+        if attrs.len() < COLUMNS
+            || attrs[0].atttypid != pg_sys::TEXTOID
+            || attrs[1].atttypid != pg_sys::INT8OID
+            || attrs[2].atttypid != pg_sys::BYTEAOID
+        {
+            return Err(SealError::Internal(
+                "unexpected shape of pgseal.ledger_heads",
+            ));
+        }
+        pg_sys::list_free(pg_sys::RelationGetIndexList(o.rel));
+        let pkey = (*o.rel).rd_pkindex;
+        if pkey == pg_sys::InvalidOid {
+            return Err(SealError::Internal(
+                "pgseal.ledger_heads has no primary key",
+            ));
+        }
+        // This transaction's earlier writes become visible, as before any SPI statement.
+        pg_sys::CommandCounterIncrement();
+        o.snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let key_text =
+            pg_sys::cstring_to_text_with_len(tenant.as_ptr().cast(), tenant.len() as i32);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::regproc::from(pg_sys::F_TEXTEQ),
+            pg_sys::Datum::from(key_text),
+        );
+        // Equality under the column's own collation, as the index was built with.
+        key.sk_collation = attrs[0].attcollation;
+        o.scan = pg_sys::systable_beginscan(o.rel, pkey, true, o.snapshot, 1, &mut key);
+        let tuple = pg_sys::systable_getnext(o.scan);
+        if tuple.is_null() {
+            return Ok(None);
+        }
+        let mut values = vec![pg_sys::Datum::from(0usize); attrs.len()];
+        let mut nulls = vec![true; attrs.len()];
+        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        if nulls[1] || nulls[2] {
+            return Err(SealError::Internal("NULL in pgseal.ledger_heads"));
+        }
+        let seq = values[1].value() as i64;
+        let p = pg_sys::pg_detoast_datum_packed(values[2].cast_mut_ptr());
+        let bytes = std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(p).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(p),
+        );
+        let hash: Hash = bytes
+            .try_into()
+            .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))?;
+        Ok(Some((seq, hash)))
+    }
+}
