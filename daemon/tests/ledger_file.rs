@@ -1,7 +1,7 @@
 //! `pgseald ledger verify --file`: offline verification of an export, built here
 //! from the ledger vectors in docs/FORMAT.md.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use pgseal_core::checkpoint;
@@ -52,6 +52,22 @@ fn verify(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// `pgseald ledger verify` of an export against a checkpoint file and public key.
+fn verify_with_checkpoints(
+    file: &Path,
+    checkpoints: &Path,
+    public_key: &str,
+) -> (Option<i32>, String) {
+    verify(&[
+        "--file",
+        file.to_str().unwrap(),
+        "--checkpoints",
+        checkpoints.to_str().unwrap(),
+        "--public-key",
+        public_key,
+    ])
+}
+
 #[test]
 fn intact_export_verifies() {
     let f = write("intact.jsonl", &export_lines());
@@ -90,14 +106,7 @@ fn checkpoints_catch_a_rewritten_history() {
     let good = checkpoint::sign(&master, 1, "acme", 3, &at(2), "2026-11-25T00:00:00Z");
     let cps = write("good-cps.jsonl", &[serde_json::to_value(&good).unwrap()]);
     let f = write("export.jsonl", &lines);
-    let (code, out) = verify(&[
-        "--file",
-        f.to_str().unwrap(),
-        "--checkpoints",
-        cps.to_str().unwrap(),
-        "--public-key",
-        &pk,
-    ]);
+    let (code, out) = verify_with_checkpoints(&f, &cps, &pk);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("1 checkpoint(s) matched"), "{out}");
 
@@ -108,28 +117,14 @@ fn checkpoints_catch_a_rewritten_history() {
         "old-cps.jsonl",
         &[serde_json::to_value(&rewritten).unwrap()],
     );
-    let (code, out) = verify(&[
-        "--file",
-        f.to_str().unwrap(),
-        "--checkpoints",
-        cps.to_str().unwrap(),
-        "--public-key",
-        &pk,
-    ]);
+    let (code, out) = verify_with_checkpoints(&f, &cps, &pk);
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("hash mismatch at seq 2"), "{out}");
 
     // A checkpoint under another key is refused outright.
     let other = checkpoint::public_key_hex(&SecretKey::random());
     let cps = write("good-cps2.jsonl", &[serde_json::to_value(&good).unwrap()]);
-    let (code, out) = verify(&[
-        "--file",
-        f.to_str().unwrap(),
-        "--checkpoints",
-        cps.to_str().unwrap(),
-        "--public-key",
-        &other,
-    ]);
+    let (code, out) = verify_with_checkpoints(&f, &cps, &other);
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("valid signature"), "{out}");
 }
