@@ -54,7 +54,10 @@ pub unsafe extern "C-unwind" fn ledger_append_srf(
         .raise()
     };
     let (seq, hash) = super::append_entry(event, payload.as_ref(), actor).or_raise();
-    let hash = hex::encode(hash);
+    // Lowercase hex, encoded on the stack (`hex::encode` builds it char by char).
+    let mut hex_buf = [0u8; 64];
+    hex::encode_to_slice(hash, &mut hex_buf).expect("64 bytes for a 32-byte hash");
+    let hash = std::str::from_utf8(&hex_buf).expect("hex is ASCII");
     // SAFETY: the tuplestore and the descriptor copy are made in the query's memory
     // context, which outlives the function scan that reads them; the values match
     // the expected descriptor (bigint, text), which `expectedDesc` is for this
@@ -66,7 +69,7 @@ pub unsafe extern "C-unwind" fn ledger_append_srf(
         let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
         let mut values = [
             seq.into_datum().expect("bigint datum"),
-            hash.as_str().into_datum().expect("text datum"),
+            hash.into_datum().expect("text datum"),
         ];
         let mut nulls = [false, false];
         pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
