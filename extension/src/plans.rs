@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys;
 use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiHeapTupleData};
@@ -67,6 +68,41 @@ pub fn run(sql: &'static str, types: &[PgOid], args: &[DatumWithOid]) -> SealRes
     Ok(())
 }
 
+/// A `bytea[]` argument of 32-byte values (hashes, MACs), built with one allocation
+/// for its elements: pgrx's generic conversion makes a Vec and a datum per element
+/// and accumulates them one by one, which was 7% of a bulk append.
+pub fn bytea32_array<'a>(
+    items: impl ExactSizeIterator<Item = &'a [u8; 32]>,
+) -> DatumWithOid<'static> {
+    const ELEM: usize = pg_sys::VARHDRSZ + 32;
+    let n = items.len();
+    // SAFETY: `block` has room for n elements of ELEM bytes (a multiple of 4, and
+    // palloc's result is maximally aligned, so every element meets bytea's int
+    // alignment); each gets a 4-byte varlena header and its 32 bytes before
+    // construct_array copies them all into the array, in the current memory
+    // context as pgrx's own conversion would. The iterator yields exactly n items.
+    unsafe {
+        let block = pg_sys::palloc(n.max(1) * ELEM).cast::<u8>();
+        let mut elems: Vec<pg_sys::Datum> = Vec::with_capacity(n);
+        for (i, item) in items.take(n).enumerate() {
+            let p = block.add(i * ELEM);
+            pgrx::varlena::set_varsize_4b(p.cast(), ELEM as i32);
+            std::ptr::copy_nonoverlapping(item.as_ptr(), p.add(pg_sys::VARHDRSZ), 32);
+            elems.push(pg_sys::Datum::from(p));
+        }
+        let array = pg_sys::construct_array(
+            elems.as_mut_ptr(),
+            elems.len() as i32,
+            pg_sys::BYTEAOID,
+            -1,
+            false,
+            pg_sys::TYPALIGN_INT as std::ffi::c_char,
+        );
+        pg_sys::pfree(block.cast());
+        DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::BYTEAARRAYOID)
+    }
+}
+
 pub const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
 pub const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 pub const TIMESTAMPTZ: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZOID);
@@ -74,4 +110,3 @@ pub const BYTEA: PgOid = PgOid::BuiltIn(PgBuiltInOids::BYTEAOID);
 pub const TEXT_ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
 pub const INT8_ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
 pub const BYTEA_ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::BYTEAARRAYOID);
-pub const TIMESTAMPTZ_ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TIMESTAMPTZARRAYOID);

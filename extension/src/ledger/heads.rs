@@ -87,18 +87,18 @@ const INSERT_HEAD: &str =
     "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING";
 /// Inserts one tenant's pending entries and moves its heads row to the last, in
 /// one statement (a data-modifying WITH always runs). With one entry, and with
-/// several (as arrays).
+/// several (as arrays, unnested in lockstep in the select list, which streams the
+/// rows where `ROWS FROM` would first copy them into a tuplestore). Every entry of
+/// a transaction has the same `recorded_at`, the transaction's start.
 const WRITE_ONE: &str = "WITH e AS (\
        INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
        VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)) \
      UPDATE pgseal.ledger_heads SET seq = $2, hash = $8 WHERE tenant_id = $1 AND seq <= $2";
 const WRITE_MANY: &str = "WITH e AS (\
        INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
-       SELECT $1, s, r, a, ev, p::jsonb, ph, h, m \
-       FROM ROWS FROM (pg_catalog.unnest($2::int8[]), pg_catalog.unnest($3::timestamptz[]), \
-                       pg_catalog.unnest($4::text[]), pg_catalog.unnest($5::text[]), \
-                       pg_catalog.unnest($6::text[]), pg_catalog.unnest($7::bytea[]), \
-                       pg_catalog.unnest($8::bytea[]), pg_catalog.unnest($9::bytea[])) AS u(s, r, a, ev, p, ph, h, m)) \
+       SELECT $1, pg_catalog.unnest($2::int8[]), $3, pg_catalog.unnest($4::text[]), \
+              pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[])::jsonb, \
+              pg_catalog.unnest($7::bytea[]), pg_catalog.unnest($8::bytea[]), pg_catalog.unnest($9::bytea[])) \
      UPDATE pgseal.ledger_heads SET seq = $10, hash = $11 WHERE tenant_id = $1 AND seq <= $10";
 
 fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
@@ -314,9 +314,7 @@ pub fn flush() -> SealResult<()> {
 }
 
 fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
-    use plans::{
-        BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ, TIMESTAMPTZ_ARRAY,
-    };
+    use plans::{BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ};
     if entries.len() == 1 {
         let e = entries.pop().expect("one entry");
         let args: [DatumWithOid; 9] = [
@@ -352,34 +350,35 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
         .last()
         .map(|e| (e.seq, e.hash.to_vec()))
         .expect("entries");
+    let recorded_at = entries[0].recorded_at;
+    if entries.iter().any(|e| e.recorded_at != recorded_at) {
+        return Err(SealError::Internal(
+            "pending entries of one transaction differ in time",
+        ));
+    }
+    let prevs = plans::bytea32_array(entries.iter().map(|e| &e.prev));
+    let hashes = plans::bytea32_array(entries.iter().map(|e| &e.hash));
+    let macs = plans::bytea32_array(entries.iter().map(|e| &e.mac));
     let mut seqs = Vec::with_capacity(n);
-    let mut times = Vec::with_capacity(n);
     let mut actors = Vec::with_capacity(n);
     let mut events = Vec::with_capacity(n);
     let mut payloads = Vec::with_capacity(n);
-    let mut prevs = Vec::with_capacity(n);
-    let mut hashes = Vec::with_capacity(n);
-    let mut macs = Vec::with_capacity(n);
     for e in entries {
         seqs.push(e.seq);
-        times.push(e.recorded_at);
         actors.push(e.actor);
         events.push(e.event);
         payloads.push(e.payload);
-        prevs.push(e.prev.to_vec());
-        hashes.push(e.hash.to_vec());
-        macs.push(e.mac.to_vec());
     }
     let args: [DatumWithOid; 11] = [
         tenant.into(),
         seqs.into(),
-        times.into(),
+        recorded_at.into(),
         actors.into(),
         events.into(),
         payloads.into(),
-        prevs.into(),
-        hashes.into(),
-        macs.into(),
+        prevs,
+        hashes,
+        macs,
         last_seq.into(),
         last_hash.into(),
     ];
@@ -388,7 +387,7 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
         &[
             TEXT,
             INT8_ARRAY,
-            TIMESTAMPTZ_ARRAY,
+            TIMESTAMPTZ,
             TEXT_ARRAY,
             TEXT_ARRAY,
             TEXT_ARRAY,
