@@ -20,6 +20,18 @@ use crate::error::{SealError, SealResult};
 /// Columns of `pgseal.ledger_heads` read here: tenant_id, seq, hash.
 const COLUMNS: usize = 3;
 
+/// A head `(seq, hash)`, and where its row is when it was read here.
+pub type Loaded = ((i64, Hash), Option<HeadRow>);
+
+/// Where a heads row was read, with the columns an update of it must carry over;
+/// known when the table has exactly its five columns (see `head_write`).
+#[derive(Clone)]
+pub struct HeadRow {
+    pub tid: pg_sys::ItemPointerData,
+    pub anchor_seq: i64,
+    pub anchor_hash: Vec<u8>,
+}
+
 /// Closes what `read` opened, on every path out of it (an ERROR aborts the
 /// transaction, which releases all of them anyway).
 struct Opened {
@@ -30,6 +42,11 @@ struct Opened {
 
 impl Drop for Opened {
     fn drop(&mut self) {
+        // After an ERROR the transaction's abort releases all of them, and calling
+        // into PostgreSQL while it unwinds could raise again.
+        if std::thread::panicking() {
+            return;
+        }
         // SAFETY: each pointer is NULL or was opened by `read` below and not closed
         // since; the lock on the table is kept until the transaction ends, as
         // PostgreSQL keeps the locks of the statements that read a table.
@@ -47,25 +64,26 @@ impl Drop for Opened {
     }
 }
 
-/// The OID of `pgseal.ledger_heads` (two syscache lookups).
-fn heads_relid() -> SealResult<pg_sys::Oid> {
+/// The OID of the table `pgseal.<name>` (two syscache lookups); `missing` is the
+/// error when there is none.
+pub fn relid(name: &std::ffi::CStr, missing: &'static str) -> SealResult<pg_sys::Oid> {
     // SAFETY: called inside a transaction; with missing_ok the namespace lookup
     // returns InvalidOid instead of raising, and so does the relation lookup.
     let relid = unsafe {
         let nsp = pg_sys::get_namespace_oid(c"pgseal".as_ptr(), true);
-        pg_sys::get_relname_relid(c"ledger_heads".as_ptr(), nsp)
+        pg_sys::get_relname_relid(name.as_ptr(), nsp)
     };
     if relid == pg_sys::InvalidOid {
-        return Err(SealError::Internal("pgseal.ledger_heads is missing"));
+        return Err(SealError::Internal(missing));
     }
     Ok(relid)
 }
 
 /// The committed `(seq, hash)` of `tenant`'s heads row (this transaction's own
-/// writes included), or `None` when the tenant has none yet. The caller holds
-/// the tenant's advisory lock and runs as the extension's owner.
-pub fn read(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
-    let relid = heads_relid()?;
+/// writes included) and where that row is, or `None` when the tenant has none
+/// yet. The caller holds the tenant's advisory lock and runs as the extension's owner.
+pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
+    let relid = relid(c"ledger_heads", "pgseal.ledger_heads is missing")?;
     let mut o = Opened {
         rel: std::ptr::null_mut(),
         snapshot: std::ptr::null_mut(),
@@ -130,6 +148,24 @@ pub fn read(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
         let hash: Hash = bytes
             .try_into()
             .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))?;
-        Ok(Some((seq, hash)))
+        let row = (attrs.len() == COLUMNS + 2
+            && attrs.iter().all(|a| !a.attisdropped)
+            && attrs[3].atttypid == pg_sys::INT8OID
+            && attrs[4].atttypid == pg_sys::BYTEAOID
+            && !nulls[3]
+            && !nulls[4])
+            .then(|| {
+                let p = pg_sys::pg_detoast_datum_packed(values[4].cast_mut_ptr());
+                HeadRow {
+                    tid: (*tuple).t_self,
+                    anchor_seq: values[3].value() as i64,
+                    anchor_hash: std::slice::from_raw_parts(
+                        pgrx::varlena::vardata_any(p).cast::<u8>(),
+                        pgrx::varlena::varsize_any_exhdr(p),
+                    )
+                    .to_vec(),
+                }
+            });
+        Ok(Some(((seq, hash), row)))
     }
 }

@@ -11,7 +11,8 @@
 //! Later appends in the same transaction use the head kept here, so one append is
 //! one hash and one MAC. Entries are written in batches: an append adds its entry
 //! to a pending list, and one statement inserts the list and moves the heads rows
-//! to its last entries. That statement runs when the statement that appended ends
+//! to its last entries. A single entry whose heads row was read directly is
+//! written without SPI, with the executor's insert and update calls (`head_write`). That statement runs when the statement that appended ends
 //! (the executor-end hook in `txn.rs`), when the list grows past a bound, before
 //! the ledger functions read the chain, and at pre-commit. So the next statement
 //! of the transaction sees every entry appended before it.
@@ -29,6 +30,7 @@ use pgrx::prelude::*;
 use pgseal_core::canonical::canonical_payload;
 use pgseal_core::ledger::{entry_hash, EntryFields, EntryMac, Hash, GENESIS};
 
+use super::head_read::{HeadRow, Loaded};
 use crate::error::{SealError, SealResult};
 use crate::plans;
 use crate::privilege::as_owner;
@@ -41,21 +43,25 @@ struct Head {
     committed: (i64, Hash),
     /// A subtransaction aborted since the head was read: re-lock and re-read.
     stale: bool,
+    /// Where the tenant's heads row is, when known: the row can then be moved
+    /// without SPI (`head_write`). Forgotten whenever SPI or an abort moves it.
+    row: Option<HeadRow>,
 }
 
 /// An entry appended but not yet inserted.
-struct Pending {
+pub(super) struct Pending {
     /// The subtransaction that appended it: dropped if that one aborts.
     subxact: pg_sys::SubTransactionId,
-    tenant: String,
-    seq: i64,
-    recorded_at: TimestampWithTimeZone,
-    actor: String,
-    event: String,
-    payload: String,
-    prev: Hash,
-    hash: Hash,
-    mac: [u8; 32],
+    pub(super) tenant: String,
+    pub(super) seq: i64,
+    pub(super) recorded_at: TimestampWithTimeZone,
+    pub(super) actor: String,
+    pub(super) event: String,
+    /// Canonical JSON text.
+    pub(super) payload: String,
+    pub(super) prev: Hash,
+    pub(super) hash: Hash,
+    pub(super) mac: [u8; 32],
 }
 
 impl Pending {
@@ -101,7 +107,7 @@ const WRITE_MANY: &str = "WITH e AS (\
               pg_catalog.unnest($7::bytea[]), pg_catalog.unnest($8::bytea[]), pg_catalog.unnest($9::bytea[])) \
      UPDATE pgseal.ledger_heads SET seq = $10, hash = $11 WHERE tenant_id = $1 AND seq <= $10";
 
-fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
+fn select_head(tenant: &str) -> SealResult<Option<Loaded>> {
     // SAFETY: XactIsoLevel is a plain global set at transaction start; reading it
     // has no preconditions.
     let snapshot_per_xact = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
@@ -115,7 +121,7 @@ fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
     plans::first_row(SELECT_HEAD_LOCKED, &[plans::TEXT], &[tenant.into()], |r| {
         let seq = r.get::<i64>(1)?.unwrap_or(0);
         let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();
-        Ok((seq, to_hash(&hash)?))
+        Ok(((seq, to_hash(&hash)?), None))
     })
 }
 
@@ -125,10 +131,10 @@ fn select_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
 /// This level's pending entries are written first, so that no write can happen
 /// between reading the row and reading the pending list (the queries below end
 /// in the executor-end hook, which writes pending entries of the current level).
-fn lock_and_load(tenant: &str) -> SealResult<(i64, Hash)> {
+fn lock_and_load(tenant: &str) -> SealResult<Loaded> {
     flush()?;
     advisory_xact_lock(tenant);
-    let head = match select_head(tenant)? {
+    let (head, row) = match select_head(tenant)? {
         Some(h) => h,
         None => {
             // The tenant's first entry. ON CONFLICT DO NOTHING raises 40001 under
@@ -141,10 +147,11 @@ fn lock_and_load(tenant: &str) -> SealResult<(i64, Hash)> {
             select_head(tenant)?.ok_or(SealError::Internal("pgseal.ledger_heads row vanished"))?
         }
     };
-    Ok(match pending_tail(tenant) {
+    let head = match pending_tail(tenant) {
         Some(p) if p.0 > head.0 => p,
         _ => head,
-    })
+    };
+    Ok((head, row))
 }
 
 /// This transaction's last pending entry for `tenant`.
@@ -209,7 +216,7 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
         .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
     let state = HEADS.with(|h| h.borrow().get(tenant).map(|x| x.stale));
     if state != Some(false) {
-        let (seq, hash) = as_owner(|| lock_and_load(tenant))?;
+        let ((seq, hash), row) = as_owner(|| lock_and_load(tenant))?;
         // After a subtransaction abort the key itself may have been rolled back,
         // so it is looked up again too.
         let mac = super::mac_for_append(tenant)?;
@@ -224,6 +231,7 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
                     mac,
                     committed,
                     stale: false,
+                    row,
                 },
             )
         });
@@ -313,9 +321,28 @@ pub fn flush() -> SealResult<()> {
     as_owner(|| groups.into_iter().try_for_each(write_group))
 }
 
+/// Where `tenant`'s heads row is, if known; forgotten by `take`, since the write
+/// about to happen moves it.
+fn head_row(tenant: &str) -> Option<HeadRow> {
+    HEADS.with(|h| h.borrow_mut().get_mut(tenant).and_then(|v| v.row.take()))
+}
+
 fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
     use plans::{BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ};
+    let row = head_row(&entries[0].tenant);
     if entries.len() == 1 {
+        if let Some(mut row) = row {
+            if let Some(tid) = super::head_write::write_one(&entries[0], &row)? {
+                row.tid = tid;
+                let tenant = &entries[0].tenant;
+                HEADS.with(|h| {
+                    if let Some(v) = h.borrow_mut().get_mut(tenant) {
+                        v.row = Some(row);
+                    }
+                });
+                return Ok(());
+            }
+        }
         let e = entries.pop().expect("one entry");
         let args: [DatumWithOid; 9] = [
             e.tenant.into(),
@@ -421,7 +448,13 @@ pub fn subtransaction_aborted(subxact: pg_sys::SubTransactionId) {
     // abort first, so the entries of `subxact` and its children are those >= it.
     PENDING.with(|p| p.borrow_mut().retain(|e| e.subxact < subxact));
     PENDING_BYTES.with(|b| b.set(PENDING.with(|p| p.borrow().iter().map(Pending::size).sum())));
-    HEADS.with(|h| h.borrow_mut().values_mut().for_each(|v| v.stale = true));
+    // The heads rows may have moved back: their places are forgotten too.
+    HEADS.with(|h| {
+        h.borrow_mut().values_mut().for_each(|v| {
+            v.stale = true;
+            v.row = None;
+        })
+    });
 }
 
 /// Forgets every head and pending entry (the transaction ended).
@@ -439,6 +472,7 @@ pub fn set_anchor(
     anchor_seq: i64,
     anchor_hash: &Hash,
 ) -> SealResult<()> {
+    head_row(tenant);
     as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.ledger_heads SET seq = $4, hash = $5, anchor_seq = $2, anchor_hash = $3 WHERE tenant_id = $1",
@@ -452,7 +486,7 @@ pub fn set_anchor(
 /// with this transaction's entries written first.
 pub fn lock(tenant: &str) -> SealResult<(i64, Hash)> {
     flush()?;
-    as_owner(|| lock_and_load(tenant))
+    as_owner(|| lock_and_load(tenant)).map(|(head, _)| head)
 }
 
 /// The committed head of a tenant this transaction appended to, as it was read

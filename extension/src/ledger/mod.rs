@@ -8,6 +8,7 @@
 pub mod admin;
 mod append_fn;
 mod head_read;
+pub(crate) mod head_write;
 pub mod audit;
 pub mod heads;
 pub mod verify;

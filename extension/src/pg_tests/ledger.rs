@@ -215,6 +215,63 @@ mod tests {
         }
     }
 
+    /// Entries written without SPI since the backend started.
+    #[cfg(feature = "pg15")]
+    fn written_directly() -> u64 {
+        crate::ledger::head_write::written()
+    }
+
+    #[cfg(feature = "pg15")]
+    #[pg_test]
+    fn single_entries_are_written_directly_and_keep_added_indexes_current() {
+        // Its own tenant, and both tables locked before the guard is disabled, in
+        // the order the tests that disable it after appending take them: other
+        // tests run at the same time, and would otherwise deadlock with this one.
+        tenant("direct-writes");
+        run("LOCK TABLE pgseal.ledger, pgseal.ledger_heads IN SHARE ROW EXCLUSIVE MODE");
+        // Indexes a DBA might add. The one on the heads' seq makes every move of
+        // a heads row a non-HOT update, which must insert into both indexes.
+        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
+        run("CREATE INDEX ledger_by_event ON pgseal.ledger (event)");
+        run("CREATE INDEX heads_by_seq ON pgseal.ledger_heads (seq)");
+        let before = written_directly();
+        for (n, event) in ["a", "b", "c"].iter().enumerate() {
+            assert_eq!(append(event, r#"{"k": 1}"#).0, n as i64 + 1);
+        }
+        assert_eq!(written_directly() - before, 3);
+        run("SET LOCAL enable_seqscan = off");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE event = 'b' AND tenant_id = 'direct-writes'"),
+            1
+        );
+        assert_eq!(
+            one::<String>("SELECT tenant_id FROM pgseal.ledger_heads WHERE seq = 3"),
+            "direct-writes"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger_heads WHERE seq < 3 AND tenant_id = 'direct-writes'"),
+            0
+        );
+        run("RESET enable_seqscan");
+        assert_eq!(verify(""), (true, 3, None, None));
+        // A trigger on the insert is fired: such writes go through SPI.
+        run("CREATE TEMP TABLE seen (event text)");
+        run(
+            "CREATE FUNCTION pg_temp.seen() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO seen VALUES (NEW.event); RETURN NEW; END $$",
+        );
+        run("CREATE TRIGGER seen AFTER INSERT ON pgseal.ledger FOR EACH ROW EXECUTE FUNCTION pg_temp.seen()");
+        let before = written_directly();
+        assert_eq!(append("d", "{}").0, 4);
+        assert_eq!(written_directly(), before);
+        assert_eq!(
+            one::<String>("SELECT string_agg(event, ',') FROM seen"),
+            "d"
+        );
+        assert_eq!(verify(""), (true, 4, None, None));
+        assert_eq!(events("direct-writes"), ["a", "b", "c", "d"]);
+    }
+
     #[pg_test]
     fn a_failed_subtransaction_keeps_the_statement_s_earlier_entries() {
         tenant("acme");

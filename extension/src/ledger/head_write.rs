@@ -1,0 +1,303 @@
+//! Writing one entry and moving its tenant's heads row without SPI.
+//!
+//! A transaction that appends one entry writes it at the end of the statement
+//! that appended it. Through SPI that write (`INSERT` into `pgseal.ledger` and
+//! `UPDATE` of the heads row in one statement) cost more CPU than all the rest of
+//! the append with 16 clients: plan-cache checks, executor start-up and shutdown
+//! for three plan nodes, a scan of the heads row's HOT chain to find the row that
+//! was just read. Here the entry goes through `ExecSimpleRelationInsert` and the
+//! row through `ExecSimpleRelationUpdate`, the calls logical replication applies
+//! rows with. They keep every index of both tables current (an index a DBA adds
+//! included), check NOT NULL, and make the update HOT when the page has room.
+//! The row is updated at the place `head_read` found it, or the last write here
+//! moved it to: every writer of that row holds the tenant's advisory lock, and
+//! this transaction holds it. If the row were not there (a write outside the
+//! lock), `heap_update` raises "tuple concurrently updated" and nothing is written.
+//!
+//! Only when nothing else would run on an SPI write: both tables plain, with no
+//! forced row security and no trigger on the insert or the update, and with
+//! exactly their own columns; the transaction read-write. Otherwise, and under
+//! REPEATABLE READ and SERIALIZABLE (whose rows are read through SPI, so no place
+//! is known), and for a batch, the caller writes through SPI.
+//!
+//! Built for PostgreSQL 15, the one version this project compiles and tests
+//! against; with another version the caller always writes through SPI.
+
+#[cfg(feature = "pg15")]
+pub(super) use imp::write_one;
+
+#[cfg(all(feature = "pg15", feature = "pg_test"))]
+thread_local! {
+    static WRITTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many entries this backend has written here (for the tests).
+#[cfg(all(feature = "pg15", feature = "pg_test"))]
+pub fn written() -> u64 {
+    WRITTEN.with(|w| w.get())
+}
+
+/// With another PostgreSQL version every write goes through SPI.
+#[cfg(not(feature = "pg15"))]
+pub(super) fn write_one(
+    _e: &super::heads::Pending,
+    _row: &super::head_read::HeadRow,
+) -> crate::error::SealResult<Option<pgrx::pg_sys::ItemPointerData>> {
+    Ok(None)
+}
+
+#[cfg(feature = "pg15")]
+mod imp {
+    use pgrx::{pg_sys, IntoDatum, PgMemoryContexts};
+
+    use super::super::head_read::{relid, HeadRow};
+    use super::super::heads::Pending;
+    use crate::error::{SealError, SealResult};
+
+    const LEDGER_COLUMNS: [pg_sys::Oid; 9] = [
+        pg_sys::TEXTOID,
+        pg_sys::INT8OID,
+        pg_sys::TIMESTAMPTZOID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTOID,
+        pg_sys::JSONBOID,
+        pg_sys::BYTEAOID,
+        pg_sys::BYTEAOID,
+        pg_sys::BYTEAOID,
+    ];
+    const HEADS_COLUMNS: [pg_sys::Oid; 5] = [
+        pg_sys::TEXTOID,
+        pg_sys::INT8OID,
+        pg_sys::BYTEAOID,
+        pg_sys::INT8OID,
+        pg_sys::BYTEAOID,
+    ];
+
+    /// What `write_one` opened, closed on every path out of it. After an ERROR
+    /// the transaction's abort releases all of it instead.
+    struct Opened {
+        ledger: pg_sys::Relation,
+        heads: pg_sys::Relation,
+        estate: *mut pg_sys::EState,
+        /// Result relations whose indexes are open.
+        indexed: Vec<*mut pg_sys::ResultRelInfo>,
+        slots: Vec<*mut pg_sys::TupleTableSlot>,
+        /// An active snapshot was pushed (for index expressions, as logical
+        /// replication's apply does): there was none.
+        pushed_snapshot: bool,
+    }
+
+    impl Drop for Opened {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                return;
+            }
+            // SAFETY: every pointer was opened by `write_one` and not closed since;
+            // slots and result relations live in the executor state, freed last
+            // but for the tables, whose locks are kept until the transaction ends
+            // as an SPI write keeps them.
+            unsafe {
+                for slot in self.slots.drain(..) {
+                    pg_sys::ExecDropSingleTupleTableSlot(slot);
+                }
+                for rri in self.indexed.drain(..) {
+                    pg_sys::ExecCloseIndices(rri);
+                }
+                if !self.estate.is_null() {
+                    pg_sys::FreeExecutorState(self.estate);
+                }
+                if self.pushed_snapshot {
+                    pg_sys::PopActiveSnapshot();
+                }
+                for rel in [self.heads, self.ledger] {
+                    if !rel.is_null() {
+                        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `rel` is a plain table with exactly `columns`, no forced row
+    /// security, and no trigger that an insert (or an update) would fire.
+    ///
+    /// # Safety
+    /// `rel` is an open relation.
+    unsafe fn plain(rel: pg_sys::Relation, columns: &[pg_sys::Oid], insert: bool) -> bool {
+        // SAFETY: the caller's relation is open, so its descriptors are valid.
+        unsafe {
+            let class = &*(*rel).rd_rel;
+            let desc = (*rel).rd_att;
+            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            let fires = match (*rel).trigdesc.as_ref() {
+                None => false,
+                Some(t) if insert => {
+                    t.trig_insert_before_row
+                        || t.trig_insert_after_row
+                        || t.trig_insert_instead_row
+                        || t.trig_insert_before_statement
+                        || t.trig_insert_after_statement
+                        || t.trig_insert_new_table
+                }
+                Some(t) => {
+                    t.trig_update_before_row
+                        || t.trig_update_after_row
+                        || t.trig_update_instead_row
+                        || t.trig_update_before_statement
+                        || t.trig_update_after_statement
+                        || t.trig_update_old_table
+                        || t.trig_update_new_table
+                }
+            };
+            class.relkind as u8 == pg_sys::RELKIND_RELATION
+                && !class.relispartition
+                && !class.relforcerowsecurity
+                && !fires
+                && attrs.len() == columns.len()
+                && attrs
+                    .iter()
+                    .zip(columns)
+                    .all(|(a, t)| !a.attisdropped && a.atttypid == *t)
+        }
+    }
+
+    /// A virtual slot of `rel`'s shape holding `values` (none NULL).
+    ///
+    /// # Safety
+    /// `rel` is open and `values` has one datum of the right type per column.
+    unsafe fn slot_with(
+        o: &mut Opened,
+        rel: pg_sys::Relation,
+        values: &[pg_sys::Datum],
+    ) -> *mut pg_sys::TupleTableSlot {
+        // SAFETY: a fresh virtual slot has room for one datum per column of the
+        // descriptor it was made with, which is `values.len()` as the caller says.
+        unsafe {
+            let slot = pg_sys::MakeSingleTupleTableSlot(
+                (*rel).rd_att,
+                std::ptr::addr_of!(pg_sys::TTSOpsVirtual),
+            );
+            o.slots.push(slot);
+            for (i, v) in values.iter().enumerate() {
+                *(*slot).tts_values.add(i) = *v;
+                *(*slot).tts_isnull.add(i) = false;
+            }
+            pg_sys::ExecStoreVirtualTuple(slot)
+        }
+    }
+
+    fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
+        v.into_datum().expect("a value that is not NULL")
+    }
+
+    /// Writes `e` and moves the heads row at `row` to it. Returns where the row
+    /// is now, or `None`, having written nothing, when this path does not apply;
+    /// the caller then writes through SPI. Runs as the extension's owner.
+    pub(in crate::ledger) fn write_one(e: &Pending, row: &HeadRow) -> SealResult<Option<pg_sys::ItemPointerData>> {
+        // SAFETY: XactReadOnly is a plain global; reading it has no preconditions.
+        if unsafe { pg_sys::XactReadOnly } {
+            return Ok(None);
+        }
+        let ledger_id = relid(c"ledger", "pgseal.ledger is missing")?;
+        let heads_id = relid(c"ledger_heads", "pgseal.ledger_heads is missing")?;
+        let payload = std::ffi::CString::new(e.payload.as_str())
+            .map_err(|_| SealError::Internal("canonical payload holds a NUL byte"))?;
+        let mut o = Opened {
+            ledger: std::ptr::null_mut(),
+            heads: std::ptr::null_mut(),
+            estate: std::ptr::null_mut(),
+            indexed: Vec::with_capacity(2),
+            slots: Vec::with_capacity(3),
+            pushed_snapshot: false,
+        };
+        // SAFETY: called inside a transaction, as the owner of both tables.
+        // table_open raises on a bad OID; `o` closes what is opened. The result
+        // relations and every datum are allocated in the executor state's memory,
+        // which outlives their use and is freed with it. The slots are filled
+        // with one datum per column of their table, of the types `plain` checked.
+        // ExecSimpleRelationInsert/Update expect what is set up here: a result
+        // relation per table with its indexes open, an output command id, and (for
+        // the update) a search slot whose tid is the row to replace; the EPQ state
+        // is only used by BEFORE UPDATE row triggers, which `plain` rules out.
+        unsafe {
+            // A new command, as SPI would start: this transaction's last write of
+            // the heads row becomes visible to the update.
+            pg_sys::CommandCounterIncrement();
+            o.ledger = pg_sys::table_open(ledger_id, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            o.heads = pg_sys::table_open(heads_id, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            let (ledger, heads) = (o.ledger, o.heads);
+            if !plain(ledger, &LEDGER_COLUMNS, true) || !plain(heads, &HEADS_COLUMNS, false) {
+                return Ok(None);
+            }
+            if !pg_sys::ActiveSnapshotSet() {
+                pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+                o.pushed_snapshot = true;
+            }
+            o.estate = pg_sys::CreateExecutorState();
+            (*o.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            let estate = o.estate;
+            let moved = PgMemoryContexts::For((*estate).es_query_cxt).switch_to(|_| {
+                let mut rri = [std::ptr::null_mut(); 2];
+                for (slot, rel) in rri.iter_mut().zip([ledger, heads]) {
+                    *slot = pg_sys::palloc(std::mem::size_of::<pg_sys::ResultRelInfo>())
+                        .cast::<pg_sys::ResultRelInfo>();
+                    pg_sys::InitResultRelInfo(*slot, rel, 0, std::ptr::null_mut(), 0);
+                    pg_sys::ExecOpenIndices(*slot, false);
+                    o.indexed.push(*slot);
+                }
+                let jsonb = pg_sys::OidInputFunctionCall(
+                    pg_sys::Oid::from(pg_sys::F_JSONB_IN),
+                    payload.as_ptr().cast_mut(),
+                    pg_sys::JSONBOID,
+                    -1,
+                );
+                let entry = slot_with(
+                    &mut o,
+                    ledger,
+                    &[
+                        datum(e.tenant.as_str()),
+                        datum(e.seq),
+                        datum(e.recorded_at),
+                        datum(e.actor.as_str()),
+                        datum(e.event.as_str()),
+                        jsonb,
+                        datum(&e.prev[..]),
+                        datum(&e.hash[..]),
+                        datum(&e.mac[..]),
+                    ],
+                );
+                pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
+                let search = pg_sys::MakeSingleTupleTableSlot(
+                    (*heads).rd_att,
+                    std::ptr::addr_of!(pg_sys::TTSOpsVirtual),
+                );
+                o.slots.push(search);
+                (*search).tts_tid = row.tid;
+                let head = slot_with(
+                    &mut o,
+                    heads,
+                    &[
+                        datum(e.tenant.as_str()),
+                        datum(e.seq),
+                        datum(&e.hash[..]),
+                        datum(row.anchor_seq),
+                        datum(row.anchor_hash.as_slice()),
+                    ],
+                );
+                pg_sys::ExecSimpleRelationUpdate(
+                    rri[1],
+                    estate,
+                    std::ptr::null_mut(),
+                    search,
+                    head,
+                );
+                (*head).tts_tid
+            });
+            // As after an SPI write: later commands see the entry and the row.
+            pg_sys::CommandCounterIncrement();
+            #[cfg(feature = "pg_test")]
+            super::WRITTEN.with(|w| w.set(w.get() + 1));
+            Ok(Some(moved))
+        }
+    }
+}
