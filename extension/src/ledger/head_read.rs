@@ -28,6 +28,8 @@ pub type Loaded = ((i64, Hash), Option<HeadRow>);
 #[derive(Clone)]
 pub struct HeadRow {
     pub tid: pg_sys::ItemPointerData,
+    /// The seq the row holds.
+    pub seq: i64,
     pub anchor_seq: i64,
     pub anchor_hash: Vec<u8>,
 }
@@ -158,6 +160,7 @@ pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
                 let p = pg_sys::pg_detoast_datum_packed(values[4].cast_mut_ptr());
                 HeadRow {
                     tid: (*tuple).t_self,
+                    seq,
                     anchor_seq: values[3].value() as i64,
                     anchor_hash: std::slice::from_raw_parts(
                         pgrx::varlena::vardata_any(p).cast::<u8>(),

@@ -41,9 +41,9 @@ pub fn written() -> u64 {
 #[cfg(not(feature = "pg15"))]
 pub(super) fn write_one(
     _e: &super::heads::Pending,
-    _row: &super::head_read::HeadRow,
-) -> crate::error::SealResult<Option<pgrx::pg_sys::ItemPointerData>> {
-    Ok(None)
+    _row: &mut super::head_read::HeadRow,
+) -> crate::error::SealResult<bool> {
+    Ok(false)
 }
 
 #[cfg(feature = "pg15")]
@@ -190,13 +190,16 @@ mod imp {
         v.into_datum().expect("a value that is not NULL")
     }
 
-    /// Writes `e` and moves the heads row at `row` to it. Returns where the row
-    /// is now, or `None`, having written nothing, when this path does not apply;
-    /// the caller then writes through SPI. Runs as the extension's owner.
-    pub(in crate::ledger) fn write_one(e: &Pending, row: &HeadRow) -> SealResult<Option<pg_sys::ItemPointerData>> {
+    /// Writes `e` and moves the heads row at `row` to it, unless the row is
+    /// already past it (an entry of an outer subtransaction level is written
+    /// after the inner level wrote later ones), and notes in `row` where the row
+    /// is now and what it holds. Returns false, having written nothing, when this
+    /// path does not apply; the caller then writes through SPI. Runs as the
+    /// extension's owner.
+    pub(in crate::ledger) fn write_one(e: &Pending, row: &mut HeadRow) -> SealResult<bool> {
         // SAFETY: XactReadOnly is a plain global; reading it has no preconditions.
         if unsafe { pg_sys::XactReadOnly } {
-            return Ok(None);
+            return Ok(false);
         }
         let ledger_id = relid(c"ledger", "pgseal.ledger is missing")?;
         let heads_id = relid(c"ledger_heads", "pgseal.ledger_heads is missing")?;
@@ -227,7 +230,7 @@ mod imp {
             o.heads = pg_sys::table_open(heads_id, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             let (ledger, heads) = (o.ledger, o.heads);
             if !plain(ledger, &LEDGER_COLUMNS, true) || !plain(heads, &HEADS_COLUMNS, false) {
-                return Ok(None);
+                return Ok(false);
             }
             if !pg_sys::ActiveSnapshotSet() {
                 pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
@@ -267,6 +270,9 @@ mod imp {
                     ],
                 );
                 pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
+                if e.seq <= row.seq {
+                    return row.tid;
+                }
                 let search = pg_sys::MakeSingleTupleTableSlot(
                     (*heads).rd_att,
                     std::ptr::addr_of!(pg_sys::TTSOpsVirtual),
@@ -293,11 +299,13 @@ mod imp {
                 );
                 (*head).tts_tid
             });
+            row.tid = moved;
+            row.seq = row.seq.max(e.seq);
             // As after an SPI write: later commands see the entry and the row.
             pg_sys::CommandCounterIncrement();
             #[cfg(feature = "pg_test")]
             super::WRITTEN.with(|w| w.set(w.get() + 1));
-            Ok(Some(moved))
+            Ok(true)
         }
     }
 }

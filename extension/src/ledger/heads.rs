@@ -332,8 +332,7 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
     let row = head_row(&entries[0].tenant);
     if entries.len() == 1 {
         if let Some(mut row) = row {
-            if let Some(tid) = super::head_write::write_one(&entries[0], &row)? {
-                row.tid = tid;
+            if super::head_write::write_one(&entries[0], &mut row)? {
                 let tenant = &entries[0].tenant;
                 HEADS.with(|h| {
                     if let Some(v) = h.borrow_mut().get_mut(tenant) {

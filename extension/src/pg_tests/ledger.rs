@@ -224,11 +224,20 @@ mod tests {
     #[cfg(feature = "pg15")]
     #[pg_test]
     fn single_entries_are_written_directly_and_keep_added_indexes_current() {
-        // Its own tenant, and both tables locked before the guard is disabled, in
-        // the order the tests that disable it after appending take them: other
-        // tests run at the same time, and would otherwise deadlock with this one.
+        // Other tests append at the same time. This one has its own tenant, and
+        // takes both tables' locks before the guard is disabled: all at once or
+        // none (appenders lock the two tables in either order, so waiting for the
+        // second while holding the first could deadlock).
         tenant("direct-writes");
-        run("LOCK TABLE pgseal.ledger, pgseal.ledger_heads IN SHARE ROW EXCLUSIVE MODE");
+        run("DO $$ BEGIN
+               LOOP
+                 BEGIN
+                   LOCK TABLE pgseal.ledger_heads, pgseal.ledger IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+                   EXIT;
+                 EXCEPTION WHEN lock_not_available THEN PERFORM pg_sleep(0.01);
+                 END;
+               END LOOP;
+             END $$");
         // Indexes a DBA might add. The one on the heads' seq makes every move of
         // a heads row a non-HOT update, which must insert into both indexes.
         run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
@@ -301,6 +310,41 @@ mod tests {
         let events = events("acme");
         assert_eq!(events, ["a", "b", "c"]);
         assert_eq!(verify(""), (true, 3, None, None));
+    }
+
+    #[pg_test]
+    fn a_statement_s_entry_written_after_an_inner_level_s_does_not_move_the_head_back() {
+        tenant("acme");
+        // 'a' is appended by the statement and waits for its end; 'b' is appended
+        // in a subtransaction the statement opens, and written when its PERFORM
+        // ends. 'a' is then written alone, after 'b': the heads row must stay at
+        // 'b', or the next transaction would append at seq 2 again.
+        run(
+            "CREATE FUNCTION pg_temp.appends_inside() RETURNS int LANGUAGE plpgsql AS $$
+             BEGIN
+               BEGIN
+                 PERFORM pgseal.ledger_append('b');
+               EXCEPTION WHEN OTHERS THEN RETURN -1;
+               END;
+               RETURN 0;
+             END $$",
+        );
+        let seqs = Spi::get_two::<i64, i32>(
+            "SELECT (SELECT seq FROM pgseal.ledger_append('a')), pg_temp.appends_inside()",
+        )
+        .unwrap();
+        assert_eq!(seqs, (Some(1), Some(0)));
+        assert_eq!(
+            one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'acme'"),
+            2
+        );
+        assert_eq!(events("acme"), ["a", "b"]);
+        assert_eq!(verify(""), (true, 2, None, None));
+        assert_eq!(append("c", "{}").0, 3);
+        assert_eq!(
+            one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'acme'"),
+            3
+        );
     }
 
     #[pg_test]
