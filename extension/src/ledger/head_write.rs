@@ -12,10 +12,10 @@
 //! The row is updated at the place `head_read` found it, or the last write here
 //! moved it to: every writer of that row holds the tenant's advisory lock, and
 //! this transaction holds it. If the row were not there (a write outside the
-//! lock), `heap_update` raises "tuple concurrently updated" and nothing is written.
+//! lock), `heap_update` raises an error and nothing is written.
 //!
 //! Only when nothing else would run on an SPI write: both tables plain, with no
-//! forced row security and no trigger on the insert or the update, and with
+//! rules, no forced row security and no trigger on the insert or the update, and with
 //! exactly their own columns; the transaction read-write. Otherwise, and under
 //! REPEATABLE READ and SERIALIZABLE (whose rows are read through SPI, so no place
 //! is known), and for a batch, the caller writes through SPI.
@@ -118,8 +118,8 @@ mod imp {
         }
     }
 
-    /// Whether `rel` is a plain table with exactly `columns`, no forced row
-    /// security, and no trigger that an insert (or an update) would fire.
+    /// Whether `rel` is a plain table with exactly `columns`, no rules, no forced
+    /// row security, and no trigger that an insert (or an update) would fire.
     ///
     /// # Safety
     /// `rel` is an open relation.
@@ -151,6 +151,7 @@ mod imp {
             };
             class.relkind as u8 == pg_sys::RELKIND_RELATION
                 && !class.relispartition
+                && !class.relhasrules
                 && !class.relforcerowsecurity
                 && !fires
                 && attrs.len() == columns.len()
@@ -222,6 +223,8 @@ mod imp {
         // relation per table with its indexes open, an output command id, and (for
         // the update) a search slot whose tid is the row to replace; the EPQ state
         // is only used by BEFORE UPDATE row triggers, which `plain` rules out.
+        // When no snapshot is active (a write at pre-commit), one is pushed for
+        // whatever an index expression may run, and `o` pops it.
         unsafe {
             // A new command, as SPI would start: this transaction's last write of
             // the heads row becomes visible to the update.

@@ -277,6 +277,21 @@ mod tests {
             one::<String>("SELECT string_agg(event, ',') FROM seen"),
             "d"
         );
+        // So does a rule, and there PostgreSQL refuses a DO ALSO rule on a table
+        // written inside WITH: the append fails and writes nothing, as it did
+        // before the direct write, rather than going around the rule.
+        run("ALTER EVENT TRIGGER pgseal_ledger_drop_guard DISABLE");
+        run("DROP TRIGGER seen ON pgseal.ledger");
+        // (After an SPI write the row's place is unknown until it is read again,
+        // as it is after a rolled-back subtransaction.)
+        doomed_append();
+        run("CREATE RULE seen AS ON INSERT TO pgseal.ledger DO ALSO INSERT INTO seen VALUES (NEW.event)");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_append('e')"), "0A000");
+        assert_eq!(written_directly(), before);
+        assert_eq!(
+            one::<String>("SELECT string_agg(event, ',') FROM seen"),
+            "d"
+        );
         assert_eq!(verify(""), (true, 4, None, None));
         assert_eq!(events("direct-writes"), ["a", "b", "c", "d"]);
     }
