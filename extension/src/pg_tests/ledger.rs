@@ -296,28 +296,37 @@ mod tests {
         assert_eq!(events("direct-writes"), ["a", "b", "c", "d"]);
     }
 
+    /// Creates `pg_temp.appends_inside(doomed)`: a subtransaction that appends 'b'
+    /// and commits, then, when `doomed`, one that appends and rolls back.
+    fn create_appends_inside() {
+        run(
+            "CREATE FUNCTION pg_temp.appends_inside(doomed boolean) RETURNS int LANGUAGE plpgsql AS $$
+             BEGIN
+               BEGIN
+                 PERFORM pgseal.ledger_append('b');
+               EXCEPTION WHEN OTHERS THEN RETURN -1;
+               END;
+               IF doomed THEN
+                 BEGIN
+                   PERFORM pgseal.ledger_append('doomed');
+                   RAISE EXCEPTION 'roll back the subtransaction';
+                 EXCEPTION WHEN OTHERS THEN RETURN 0;
+                 END;
+               END IF;
+               RETURN 0;
+             END $$",
+        );
+    }
+
     #[pg_test]
     fn a_failed_subtransaction_keeps_the_statement_s_earlier_entries() {
         tenant("acme");
         // 'a' is appended by the statement itself and still waits to be written when
         // the function's first subtransaction appends 'b' and commits, and its
         // second appends, fails and rolls back.
-        run(
-            "CREATE FUNCTION pg_temp.fails_inside() RETURNS int LANGUAGE plpgsql AS $$
-             BEGIN
-               BEGIN
-                 PERFORM pgseal.ledger_append('b');
-               EXCEPTION WHEN OTHERS THEN RETURN -1;
-               END;
-               BEGIN
-                 PERFORM pgseal.ledger_append('doomed');
-                 RAISE EXCEPTION 'roll back the subtransaction';
-               EXCEPTION WHEN OTHERS THEN RETURN 0;
-               END;
-             END $$",
-        );
+        create_appends_inside();
         let seqs = Spi::get_three::<i64, i32, i64>(
-            "SELECT (SELECT seq FROM pgseal.ledger_append('a')), pg_temp.fails_inside(), \
+            "SELECT (SELECT seq FROM pgseal.ledger_append('a')), pg_temp.appends_inside(true), \
                     (SELECT seq FROM pgseal.ledger_append('c'))",
         )
         .unwrap();
@@ -334,18 +343,9 @@ mod tests {
         // in a subtransaction the statement opens, and written when its PERFORM
         // ends. 'a' is then written alone, after 'b': the heads row must stay at
         // 'b', or the next transaction would append at seq 2 again.
-        run(
-            "CREATE FUNCTION pg_temp.appends_inside() RETURNS int LANGUAGE plpgsql AS $$
-             BEGIN
-               BEGIN
-                 PERFORM pgseal.ledger_append('b');
-               EXCEPTION WHEN OTHERS THEN RETURN -1;
-               END;
-               RETURN 0;
-             END $$",
-        );
+        create_appends_inside();
         let seqs = Spi::get_two::<i64, i32>(
-            "SELECT (SELECT seq FROM pgseal.ledger_append('a')), pg_temp.appends_inside()",
+            "SELECT (SELECT seq FROM pgseal.ledger_append('a')), pg_temp.appends_inside(false)",
         )
         .unwrap();
         assert_eq!(seqs, (Some(1), Some(0)));
