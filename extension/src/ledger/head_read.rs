@@ -17,8 +17,34 @@ use pgseal_core::ledger::Hash;
 
 use crate::error::{SealError, SealResult};
 
-/// Columns of `pgseal.ledger_heads` read here: tenant_id, seq, hash.
-const COLUMNS: usize = 3;
+/// The types of `pgseal.ledger_heads`' columns: tenant_id, seq, hash, anchor_seq,
+/// anchor_hash. The head is read from the first three; the row's place is kept
+/// (for `head_write`) only when the table has exactly these.
+pub const HEADS_COLUMNS: [pg_sys::Oid; 5] = [
+    pg_sys::TEXTOID,
+    pg_sys::INT8OID,
+    pg_sys::BYTEAOID,
+    pg_sys::INT8OID,
+    pg_sys::BYTEAOID,
+];
+
+/// The bytes of a non-NULL bytea or text datum, detoasted (into the current
+/// memory context) when compressed or stored out of line.
+///
+/// # Safety
+/// `d` is a non-NULL varlena datum that outlives `'a`, and so does the current
+/// memory context when it has to be detoasted.
+pub unsafe fn varlena_bytes<'a>(d: pg_sys::Datum) -> &'a [u8] {
+    // SAFETY: per the contract; pg_detoast_datum_packed returns its argument when
+    // the value is inline and uncompressed, and the pgrx helpers read its header.
+    unsafe {
+        let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(p).cast::<u8>(),
+            pgrx::varlena::varsize_any_exhdr(p),
+        )
+    }
+}
 
 /// A head `(seq, hash)`, and where its row is when it was read here.
 pub type Loaded = ((i64, Hash), Option<HeadRow>);
@@ -66,9 +92,34 @@ impl Drop for Opened {
     }
 }
 
+thread_local! {
+    /// The OIDs of `pgseal.ledger` and `pgseal.ledger_heads`, looked up once a
+    /// transaction (their read and their write both need them).
+    static RELIDS: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// The OIDs of `pgseal.ledger` and `pgseal.ledger_heads`.
+pub fn relids() -> SealResult<(pg_sys::Oid, pg_sys::Oid)> {
+    if let Some(ids) = RELIDS.with(|r| r.get()) {
+        return Ok(ids);
+    }
+    let ids = (
+        relid(c"ledger", "pgseal.ledger is missing")?,
+        relid(c"ledger_heads", "pgseal.ledger_heads is missing")?,
+    );
+    RELIDS.with(|r| r.set(Some(ids)));
+    Ok(ids)
+}
+
+/// Forgets the OIDs (the transaction ended).
+pub fn forget_relids() {
+    RELIDS.with(|r| r.set(None));
+}
+
 /// The OID of the table `pgseal.<name>` (two syscache lookups); `missing` is the
 /// error when there is none.
-pub fn relid(name: &std::ffi::CStr, missing: &'static str) -> SealResult<pg_sys::Oid> {
+fn relid(name: &std::ffi::CStr, missing: &'static str) -> SealResult<pg_sys::Oid> {
     // SAFETY: called inside a transaction; with missing_ok the namespace lookup
     // returns InvalidOid instead of raising, and so does the relation lookup.
     let relid = unsafe {
@@ -85,7 +136,7 @@ pub fn relid(name: &std::ffi::CStr, missing: &'static str) -> SealResult<pg_sys:
 /// writes included) and where that row is, or `None` when the tenant has none
 /// yet. The caller holds the tenant's advisory lock and runs as the extension's owner.
 pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
-    let relid = relid(c"ledger_heads", "pgseal.ledger_heads is missing")?;
+    let (_, relid) = relids()?;
     let mut o = Opened {
         rel: std::ptr::null_mut(),
         snapshot: std::ptr::null_mut(),
@@ -99,11 +150,14 @@ pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
         o.rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let desc = (*o.rel).rd_att;
         let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
-        if attrs.len() < COLUMNS
-            || attrs[0].atttypid != pg_sys::TEXTOID
-            || attrs[1].atttypid != pg_sys::INT8OID
-            || attrs[2].atttypid != pg_sys::BYTEAOID
-        {
+        let types_match = |n: usize| {
+            attrs.len() >= n
+                && attrs[..n]
+                    .iter()
+                    .zip(&HEADS_COLUMNS)
+                    .all(|(a, t)| !a.attisdropped && a.atttypid == *t)
+        };
+        if !types_match(3) {
             return Err(SealError::Internal(
                 "unexpected shape of pgseal.ledger_heads",
             ));
@@ -142,32 +196,18 @@ pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
             return Err(SealError::Internal("NULL in pgseal.ledger_heads"));
         }
         let seq = values[1].value() as i64;
-        let p = pg_sys::pg_detoast_datum_packed(values[2].cast_mut_ptr());
-        let bytes = std::slice::from_raw_parts(
-            pgrx::varlena::vardata_any(p).cast::<u8>(),
-            pgrx::varlena::varsize_any_exhdr(p),
-        );
-        let hash: Hash = bytes
+        let hash: Hash = varlena_bytes(values[2])
             .try_into()
             .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))?;
-        let row = (attrs.len() == COLUMNS + 2
-            && attrs.iter().all(|a| !a.attisdropped)
-            && attrs[3].atttypid == pg_sys::INT8OID
-            && attrs[4].atttypid == pg_sys::BYTEAOID
+        let row = (attrs.len() == HEADS_COLUMNS.len()
+            && types_match(HEADS_COLUMNS.len())
             && !nulls[3]
             && !nulls[4])
-            .then(|| {
-                let p = pg_sys::pg_detoast_datum_packed(values[4].cast_mut_ptr());
-                HeadRow {
-                    tid: (*tuple).t_self,
-                    seq,
-                    anchor_seq: values[3].value() as i64,
-                    anchor_hash: std::slice::from_raw_parts(
-                        pgrx::varlena::vardata_any(p).cast::<u8>(),
-                        pgrx::varlena::varsize_any_exhdr(p),
-                    )
-                    .to_vec(),
-                }
+            .then(|| HeadRow {
+                tid: (*tuple).t_self,
+                seq,
+                anchor_seq: values[3].value() as i64,
+                anchor_hash: varlena_bytes(values[4]).to_vec(),
             });
         Ok(Some(((seq, hash), row)))
     }

@@ -50,7 +50,7 @@ pub(super) fn write_one(
 mod imp {
     use pgrx::{pg_sys, IntoDatum, PgMemoryContexts};
 
-    use super::super::head_read::{relid, HeadRow};
+    use super::super::head_read::{relids, HeadRow, HEADS_COLUMNS};
     use super::super::heads::Pending;
     use crate::error::{SealError, SealResult};
 
@@ -63,13 +63,6 @@ mod imp {
         pg_sys::JSONBOID,
         pg_sys::BYTEAOID,
         pg_sys::BYTEAOID,
-        pg_sys::BYTEAOID,
-    ];
-    const HEADS_COLUMNS: [pg_sys::Oid; 5] = [
-        pg_sys::TEXTOID,
-        pg_sys::INT8OID,
-        pg_sys::BYTEAOID,
-        pg_sys::INT8OID,
         pg_sys::BYTEAOID,
     ];
 
@@ -202,8 +195,7 @@ mod imp {
         if unsafe { pg_sys::XactReadOnly } {
             return Ok(false);
         }
-        let ledger_id = relid(c"ledger", "pgseal.ledger is missing")?;
-        let heads_id = relid(c"ledger_heads", "pgseal.ledger_heads is missing")?;
+        let (ledger_id, heads_id) = relids()?;
         let payload = std::ffi::CString::new(e.payload.as_str())
             .map_err(|_| SealError::Internal("canonical payload holds a NUL byte"))?;
         let mut o = Opened {
@@ -257,18 +249,21 @@ mod imp {
                     pg_sys::JSONBOID,
                     -1,
                 );
+                // The tenant, seq and hash go into both rows.
+                let (tenant, seq, hash) =
+                    (datum(e.tenant.as_str()), datum(e.seq), datum(&e.hash[..]));
                 let entry = slot_with(
                     &mut o,
                     ledger,
                     &[
-                        datum(e.tenant.as_str()),
-                        datum(e.seq),
+                        tenant,
+                        seq,
                         datum(e.recorded_at),
                         datum(e.actor.as_str()),
                         datum(e.event.as_str()),
                         jsonb,
                         datum(&e.prev[..]),
-                        datum(&e.hash[..]),
+                        hash,
                         datum(&e.mac[..]),
                     ],
                 );
@@ -286,9 +281,9 @@ mod imp {
                     &mut o,
                     heads,
                     &[
-                        datum(e.tenant.as_str()),
-                        datum(e.seq),
-                        datum(&e.hash[..]),
+                        tenant,
+                        seq,
+                        hash,
                         datum(row.anchor_seq),
                         datum(row.anchor_hash.as_slice()),
                     ],

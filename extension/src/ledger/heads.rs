@@ -11,11 +11,12 @@
 //! Later appends in the same transaction use the head kept here, so one append is
 //! one hash and one MAC. Entries are written in batches: an append adds its entry
 //! to a pending list, and one statement inserts the list and moves the heads rows
-//! to its last entries. A single entry whose heads row was read directly is
-//! written without SPI, with the executor's insert and update calls (`head_write`). That statement runs when the statement that appended ends
+//! to its last entries. That write runs when the statement that appended ends
 //! (the executor-end hook in `txn.rs`), when the list grows past a bound, before
 //! the ledger functions read the chain, and at pre-commit. So the next statement
-//! of the transaction sees every entry appended before it.
+//! of the transaction sees every entry appended before it. A single entry whose
+//! heads row was read directly is written without SPI, with the executor's
+//! one-row insert and update (`head_write`).
 //!
 //! A subtransaction abort drops the pending entries appended inside it (the
 //! entries it wrote are rolled back by PostgreSQL, with the heads rows), and makes
@@ -323,13 +324,13 @@ pub fn flush() -> SealResult<()> {
 
 /// Where `tenant`'s heads row is, if known; forgotten by `take`, since the write
 /// about to happen moves it.
-fn head_row(tenant: &str) -> Option<HeadRow> {
+fn take_head_row(tenant: &str) -> Option<HeadRow> {
     HEADS.with(|h| h.borrow_mut().get_mut(tenant).and_then(|v| v.row.take()))
 }
 
 fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
     use plans::{BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ};
-    let row = head_row(&entries[0].tenant);
+    let row = take_head_row(&entries[0].tenant);
     if entries.len() == 1 {
         if let Some(mut row) = row {
             if super::head_write::write_one(&entries[0], &mut row)? {
@@ -458,6 +459,7 @@ pub fn subtransaction_aborted(subxact: pg_sys::SubTransactionId) {
 
 /// Forgets every head and pending entry (the transaction ended).
 pub fn reset() {
+    super::head_read::forget_relids();
     HEADS.with(|h| h.borrow_mut().clear());
     PENDING.with(|p| p.borrow_mut().clear());
     PENDING_BYTES.with(|b| b.set(0));
@@ -471,7 +473,7 @@ pub fn set_anchor(
     anchor_seq: i64,
     anchor_hash: &Hash,
 ) -> SealResult<()> {
-    head_row(tenant);
+    take_head_row(tenant);
     as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.ledger_heads SET seq = $4, hash = $5, anchor_seq = $2, anchor_hash = $3 WHERE tenant_id = $1",

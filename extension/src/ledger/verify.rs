@@ -145,18 +145,10 @@ impl<'t> RawRow<'t> {
     /// ledger row) are borrowed; a compressed or out-of-line value is detoasted into
     /// the SPI connection's memory context, which outlives the batch.
     fn bytes(&self, col: usize) -> &'t [u8] {
-        let mut p = self.values[col].cast_mut_ptr::<pg_sys::varlena>();
         // SAFETY: the column is a non-NULL varlena of a tuple that SPI keeps until the
-        // connection closes; the pgrx helpers only read its header.
-        unsafe {
-            if pgrx::varlena::varatt_is_1b_e(p) || pgrx::varlena::varatt_is_4b_c(p) {
-                p = pg_sys::pg_detoast_datum_packed(p);
-            }
-            std::slice::from_raw_parts(
-                pgrx::varlena::vardata_any(p).cast::<u8>(),
-                pgrx::varlena::varsize_any_exhdr(p),
-            )
-        }
+        // connection closes, and a detoasted copy lives in the SPI connection's memory
+        // context, which outlives the batch.
+        unsafe { super::head_read::varlena_bytes(self.values[col]) }
     }
 
     fn text(&self, col: usize) -> SealResult<&'t str> {
