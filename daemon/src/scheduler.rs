@@ -1,6 +1,7 @@
 //! `pgseald run`: the scheduler.
 //!
-//! - Leader election: a session advisory lock on a dedicated key. Every daemon keeps
+//! - Leader election: pgseal's leader lock (`pgseal._leader_try_lock()`, a lock tag SQL's
+//!   advisory-lock functions cannot produce, so no other role can hold it). Every daemon keeps
 //!   trying it every `leader_takeover_seconds / 2`; the leader's lock dies with its
 //!   connection, so a standby takes over within `leader_takeover_seconds`.
 //! - Jobs run one at a time on the leader's connection, each at its next cron time in
@@ -22,8 +23,6 @@ use crate::config::Config;
 use crate::error::DaemonError;
 use crate::{jobs, retention, rotate, STOP};
 
-/// Advisory lock key of the pgseald leader ("pgseald" in ASCII).
-const LEADER_KEY: i64 = 0x0070_6773_6561_6c64;
 
 fn stopping() -> bool {
     STOP.load(Ordering::SeqCst)
@@ -61,7 +60,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 return Ok(());
             }
             match client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_KEY])
+                .query_one("SELECT pgseal._leader_try_lock()", &[])
                 .await
             {
                 Ok(row) if row.get::<_, bool>(0) => break true,

@@ -109,6 +109,23 @@ fn select_one(query: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Opt
     })
 }
 
+/// As `fetch_active`, under a snapshot taken now (a read-write SPI statement takes
+/// a new one under READ COMMITTED): after the key-creation lock, it sees the key
+/// the previous holder committed.
+fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredKey>> {
+    Spi::connect_mut(|client| {
+        let table = client.update(
+            &format!("SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"),
+            Some(1),
+            &[tenant.into(), purpose.as_str().into()],
+        )?;
+        match table.into_iter().next() {
+            Some(row) => Ok(Some(row_to_key(&row)?)),
+            None => Ok(None),
+        }
+    })
+}
+
 /// The key with this id, in any state.
 pub fn fetch(key_id: &str) -> SealResult<Option<StoredKey>> {
     select_one(
@@ -127,17 +144,13 @@ pub fn fetch_active(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredK
 
 /// Serialises key creation and rotation for one tenant and purpose until commit.
 fn lock_tenant(tenant: &str, purpose: Purpose) {
-    Spi::run_with_args(
-        "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgseal.key:' || $2 || ':' || $1, 0))",
-        &[tenant.into(), purpose.as_str().into()],
-    )
-    .expect("advisory lock query has a fixed shape");
+    crate::locks::key_creation(tenant, purpose.as_str());
 }
 
 /// Returns the tenant's active key, creating one if it has none. With `rotate`,
 /// retires the current active key first, so the result is always a new key.
 ///
-/// Concurrent callers for one tenant serialise on an advisory lock, and a partial
+/// Concurrent callers for one tenant serialise on a pgseal lock (`locks.rs`), and a partial
 /// unique index allows one active key per tenant and purpose. Under REPEATABLE READ
 /// or SERIALIZABLE a caller whose snapshot predates another's new key fails with
 /// 40001 (from ON CONFLICT) instead of creating a second one.
@@ -157,7 +170,7 @@ pub fn ensure_active(
         }
         lock_tenant(tenant, purpose);
         if !rotate {
-            if let Some(existing) = fetch_active(tenant, purpose)? {
+            if let Some(existing) = fetch_active_fresh(tenant, purpose)? {
                 let key = existing.unwrap()?;
                 return Ok((existing, key));
             }
@@ -179,18 +192,21 @@ pub fn ensure_active(
             };
             Ok((ver, wrap::wrap(kek, label, &key)))
         })?;
-        let inserted = Spi::get_one_with_args::<String>(
+        let inserted = Spi::connect_mut(|client| {
+            client.update(
             "INSERT INTO pgseal.tenant_keys (key_id, tenant_id, purpose, state, kek_version, wrapped) \
              VALUES ($1, $2, $3, 'active', $4, $5) \
              ON CONFLICT (tenant_id, purpose) WHERE state = 'active' DO NOTHING RETURNING key_id",
+            Some(1),
             &[key_id.as_str().into(), tenant.into(), purpose.as_str().into(), (ver as i32).into(), wrapped.into()],
-        );
+        ).map(|t| (!t.is_empty()).then_some(()))
+        });
         match inserted? {
             Some(_) => {}
-            // Every pgseal path takes the advisory lock first, so a conflict here means
+            // Every pgseal path takes the key-creation lock first, so a conflict here means
             // a writer that bypassed it (a manual INSERT); use the key it committed.
             None => {
-                let existing = fetch_active(tenant, purpose)?
+                let existing = fetch_active_fresh(tenant, purpose)?
                     .ok_or(SealError::Internal("active key vanished"))?;
                 let key = existing.unwrap()?;
                 return Ok((existing, key));
@@ -271,7 +287,7 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
         let n = ids.len() as i32;
         Spi::run_with_args(
             "UPDATE pgseal.tenant_keys k SET wrapped = u.wrapped, kek_version = $3 \
-             FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::bytea[])) AS u(key_id, wrapped) WHERE k.key_id = u.key_id",
+             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(key_id, wrapped) WHERE k.key_id = u.key_id",
             &[ids.into(), blobs.into(), active.into()],
         )?;
         Ok(n)
@@ -283,7 +299,7 @@ pub fn add_encryptions(ids: Vec<String>, counts: Vec<i64>) -> SealResult<()> {
     as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.tenant_keys k SET encryptions = k.encryptions + u.n \
-             FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::int8[])) AS u(key_id, n) WHERE k.key_id = u.key_id",
+             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.int8[])) AS u(key_id, n) WHERE k.key_id = u.key_id",
             &[ids.into(), counts.into()],
         )?;
         Ok(())

@@ -2,8 +2,17 @@
 //!
 //! The key table is readable by no application role. Functions that need it run
 //! their SPI queries as the extension owner, as SECURITY DEFINER would, but only
-//! around the queries themselves, so the fast paths pay nothing. Every query run
-//! this way names its objects with their schema.
+//! around the queries themselves, so the fast paths pay nothing.
+//!
+//! Owner-run SQL is hijack-proof in two ways (docs/SECURITY.md, "Privilege
+//! boundary"):
+//! - while `as_owner` runs, `search_path` is `pg_catalog, pg_temp`, set in a GUC
+//!   nest level of its own and restored on return and on error: a caller's
+//!   `pg_temp` domain or a caller's schema with operators is never searched before
+//!   `pg_catalog` (with `pg_temp` unlisted PostgreSQL would search it first for
+//!   types);
+//! - every query run this way also names its objects, types and functions with
+//!   their schema.
 
 use pgrx::pg_sys;
 
@@ -64,7 +73,53 @@ pub fn forget_owner() {
     OWNER.with(|c| c.set(None));
 }
 
-/// Runs `f` with the current user switched to the extension owner.
+/// The `search_path` under which pgseal parses SQL it runs with more privilege than
+/// its caller: the system catalog first, the session's temporary schema last.
+const PINNED_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
+
+/// Ends the GUC nest level that `with_pinned_search_path` opened.
+struct RestoreGucs {
+    nest_level: i32,
+}
+
+impl Drop for RestoreGucs {
+    fn drop(&mut self) {
+        // SAFETY: pops exactly the nest level NewGUCNestLevel returned, restoring every
+        // setting changed inside it (as fmgr_security_definer does). While unwinding
+        // from an ERROR the values are rolled back (isCommit = false); the transaction
+        // or subtransaction abort would also pop the level.
+        unsafe { pg_sys::AtEOXact_GUC(!std::thread::panicking(), self.nest_level) };
+    }
+}
+
+/// Runs `f` with `search_path` set to `pg_catalog, pg_temp`, in a GUC nest level
+/// that is popped when `f` returns or unwinds. Used for every SQL statement pgseal
+/// parses as the owner, and for the audit trigger's own query as the invoker.
+pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: NewGUCNestLevel only increments the nesting counter. set_config_option
+    // with GUC_ACTION_SAVE records the old value in that level; the value is a
+    // constant the check hook accepts, and elevel ERROR makes a failure raise
+    // instead of returning quietly. The guard pops the level.
+    let _restore = unsafe {
+        let nest_level = pg_sys::NewGUCNestLevel();
+        let guard = RestoreGucs { nest_level };
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            PINNED_SEARCH_PATH.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+        guard
+    };
+    f()
+}
+
+/// Runs `f` with the current user switched to the extension owner and
+/// `search_path` pinned (`with_pinned_search_path`).
 pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     let owner = extension_owner();
     let mut user = pg_sys::Oid::INVALID;
@@ -80,5 +135,5 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
             sec_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
         )
     };
-    f()
+    with_pinned_search_path(f)
 }

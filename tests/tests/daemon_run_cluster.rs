@@ -121,7 +121,7 @@ fn one_leader_failover_restart_and_sigterm() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(b.times_leader(), 0, "exactly one leader:\n{}", b.log());
     assert_eq!(
-        count(&mut c, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"),
+        count(&mut c, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 21251"),
         1
     );
     // The leader ran its jobs: retention deleted the expired rows, verification

@@ -1,14 +1,14 @@
 //! Reading a tenant's heads row under READ COMMITTED without SPI.
 //!
 //! Every appending transaction reads its tenant's head once, right after taking
-//! the tenant's advisory lock. Through SPI (a kept plan, `FOR UPDATE`) that read
+//! the tenant's chain lock (`locks.rs`). Through SPI (a kept plan, `FOR UPDATE`) that read
 //! was two thirds of `ledger_append`'s own CPU with 16 clients: plan-cache checks,
 //! executor start-up, a row lock with its WAL record, and a copy of the row. Here
 //! it is one probe of the heads table's primary key, under a snapshot taken after
 //! the lock, and no row lock.
 //!
 //! Only for READ COMMITTED: there a fresh snapshot is what SPI would use too, and
-//! every writer of a heads row holds the tenant's advisory lock until it commits,
+//! every writer of a heads row holds the tenant's chain lock (`locks.rs`) until it commits,
 //! so the snapshot sees the last committed head. Under REPEATABLE READ and
 //! SERIALIZABLE the row is locked through SPI instead (see `heads`).
 
@@ -134,7 +134,7 @@ fn relid(name: &std::ffi::CStr, missing: &'static str) -> SealResult<pg_sys::Oid
 
 /// The committed `(seq, hash)` of `tenant`'s heads row (this transaction's own
 /// writes included) and where that row is, or `None` when the tenant has none
-/// yet. The caller holds the tenant's advisory lock and runs as the extension's owner.
+/// yet. The caller holds the tenant's chain lock (`locks.rs`) and runs as the extension's owner.
 pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
     let (_, relid) = relids()?;
     let mut o = Opened {

@@ -10,7 +10,7 @@
 //! rows with. They keep every index of both tables current (an index a DBA adds
 //! included), check NOT NULL, and make the update HOT when the page has room.
 //! The row is updated at the place `head_read` found it, or the last write here
-//! moved it to: every writer of that row holds the tenant's advisory lock, and
+//! moved it to: every writer of that row holds the tenant's chain lock (`locks.rs`), and
 //! this transaction holds it. If the row were not there (a write outside the
 //! lock), `heap_update` raises an error and nothing is written.
 //!

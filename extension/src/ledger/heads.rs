@@ -1,7 +1,7 @@
 //! Appending to a tenant's chain.
 //!
 //! The first append for a tenant in a transaction takes the tenant's
-//! transaction-scoped advisory lock, then reads its row in `pgseal.ledger_heads`.
+//! transaction-scoped chain lock (`locks.rs`), then reads its row in `pgseal.ledger_heads`.
 //! Under READ COMMITTED the row is read directly (`head_read`) under a snapshot
 //! taken after the lock, so it sees the last committed append: every writer of the
 //! row holds the lock until it commits. Under REPEATABLE READ and SERIALIZABLE the
@@ -99,13 +99,13 @@ const INSERT_HEAD: &str =
 /// a transaction has the same `recorded_at`, the transaction's start.
 const WRITE_ONE: &str = "WITH e AS (\
        INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
-       VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)) \
+       VALUES ($1, $2, $3, $4, $5, $6::pg_catalog.jsonb, $7, $8, $9)) \
      UPDATE pgseal.ledger_heads SET seq = $2, hash = $8 WHERE tenant_id = $1 AND seq <= $2";
 const WRITE_MANY: &str = "WITH e AS (\
        INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
-       SELECT $1, pg_catalog.unnest($2::int8[]), $3, pg_catalog.unnest($4::text[]), \
-              pg_catalog.unnest($5::text[]), pg_catalog.unnest($6::text[])::jsonb, \
-              pg_catalog.unnest($7::bytea[]), pg_catalog.unnest($8::bytea[]), pg_catalog.unnest($9::bytea[])) \
+       SELECT $1, pg_catalog.unnest($2::pg_catalog.int8[]), $3, pg_catalog.unnest($4::pg_catalog.text[]), \
+              pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.text[])::pg_catalog.jsonb, \
+              pg_catalog.unnest($7::pg_catalog.bytea[]), pg_catalog.unnest($8::pg_catalog.bytea[]), pg_catalog.unnest($9::pg_catalog.bytea[])) \
      UPDATE pgseal.ledger_heads SET seq = $10, hash = $11 WHERE tenant_id = $1 AND seq <= $10";
 
 fn select_head(tenant: &str) -> SealResult<Option<Loaded>> {
@@ -113,7 +113,7 @@ fn select_head(tenant: &str) -> SealResult<Option<Loaded>> {
     // has no preconditions.
     let snapshot_per_xact = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
     if !snapshot_per_xact {
-        // Under READ COMMITTED a snapshot taken after the advisory lock sees the
+        // Under READ COMMITTED a snapshot taken after the chain lock sees the
         // last committed head (every writer of the row holds that lock until it
         // commits), so the row is read directly and not locked: that spares SPI's
         // planner and executor, and a row lock's WAL record and dirtied page.
@@ -134,7 +134,7 @@ fn select_head(tenant: &str) -> SealResult<Option<Loaded>> {
 /// in the executor-end hook, which writes pending entries of the current level).
 fn lock_and_load(tenant: &str) -> SealResult<Loaded> {
     flush()?;
-    advisory_xact_lock(tenant);
+    crate::locks::ledger_tenant(tenant);
     let (head, row) = match select_head(tenant)? {
         Some(h) => h,
         None => {
@@ -164,35 +164,6 @@ fn pending_tail(tenant: &str) -> Option<(i64, Hash)> {
             .find(|e| e.tenant == tenant)
             .map(|e| (e.seq, e.hash))
     })
-}
-
-unsafe extern "C-unwind" {
-    /// PostgreSQL's V1 function behind `pg_advisory_xact_lock(bigint)`; declared here
-    /// because pgrx's binding is a Rust wrapper, not a function pointer.
-    fn pg_advisory_xact_lock_int8(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum;
-}
-
-/// Takes the tenant's transaction-scoped advisory lock (as `pg_advisory_xact_lock`
-/// would), keyed by the first 8 bytes of SHA-256("pgseal.ledger:" || tenant). Called
-/// directly rather than through SQL because every appending transaction takes it.
-fn advisory_xact_lock(tenant: &str) {
-    use sha2::Digest;
-    let digest = sha2::Sha256::new()
-        .chain_update(b"pgseal.ledger:")
-        .chain_update(tenant.as_bytes())
-        .finalize();
-    let key = i64::from_be_bytes(digest[..8].try_into().expect("8 bytes"));
-    // SAFETY: pg_advisory_xact_lock_int8 is a V1 SQL function taking one int8 and
-    // returning void; DirectFunctionCall1Coll builds its call frame. It may wait,
-    // or raise (deadlock, cancel), which pgrx's guard turns into a Rust panic that
-    // propagates as the PostgreSQL ERROR.
-    unsafe {
-        pg_sys::DirectFunctionCall1Coll(
-            Some(pg_advisory_xact_lock_int8),
-            pg_sys::InvalidOid,
-            pg_sys::Datum::from(key),
-        );
-    }
 }
 
 fn to_hash(bytes: &[u8]) -> SealResult<Hash> {

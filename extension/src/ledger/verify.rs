@@ -17,7 +17,7 @@ use crate::privilege::as_owner;
 const BATCH: i64 = 512;
 
 const BATCH_SQL: &str =
-    "SELECT seq, recorded_at, actor, event, payload::text, prev_hash, hash, mac \
+    "SELECT seq, recorded_at, actor, event, payload::pg_catalog.text, prev_hash, hash, mac \
      FROM pgseal.ledger WHERE tenant_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq";
 
 struct HeadRow {

@@ -1,0 +1,99 @@
+//! Every heavyweight lock pgseal takes, in one place.
+//!
+//! | lock | scope | held | taken by |
+//! |---|---|---|---|
+//! | `LedgerTenant(tenant)` | one tenant's chain | until the transaction ends | the first append of a transaction for that tenant (`ledger/heads.rs`) |
+//! | `KeyCreation(tenant, purpose)` | creating or rotating one tenant's key | until the transaction ends | `keystore::get_or_create` |
+//! | `DaemonLeader` | pgseald leadership | for the session | `pgseal._leader_try_lock()`, called by pgseald |
+//!
+//! All three are advisory locktags in PostgreSQL's user lock method, so they wait
+//! under `lock_timeout`, take part in deadlock detection and show in `pg_locks` as
+//! `locktype = 'advisory'`. What makes them pgseal's alone is `field4` (`objsubid`
+//! in `pg_locks`): SQL's advisory-lock functions only ever build field4 = 1 (one
+//! bigint key) or 2 (two integer keys); pgseal's are `0x5300 + kind` (the
+//! leader lock shows as `objsubid = 21251`). No role can
+//! take, hold or wait on them from SQL, so no role can stall a tenant's appends or
+//! keep every pgseald from leading. Row locks pgseal takes (`FOR UPDATE` on
+//! `pgseal.ledger_heads` under REPEATABLE READ and SERIALIZABLE, on
+//! `pgseal.tenant_keys` by `kek_rewrap`, on `pgseal.org_locks` for a new
+//! organisation) are on pgseal-owned rows that application roles cannot lock.
+
+use pgrx::pg_sys;
+use sha2::Digest;
+
+/// The locks, with the `field4` value that tells them apart.
+#[derive(Clone, Copy)]
+enum Kind {
+    LedgerTenant = 0x5301,
+    KeyCreation = 0x5302,
+    DaemonLeader = 0x5303,
+}
+
+/// The locktag of `kind` over `parts`: the first 8 bytes of
+/// SHA-256("pgseal.lock" ‖ kind ‖ for each part: its length and bytes), in field2
+/// and field3, and the current database in field1 (advisory locks are per database).
+fn tag(kind: Kind, parts: &[&[u8]]) -> pg_sys::LOCKTAG {
+    let mut h = sha2::Sha256::new()
+        .chain_update(b"pgseal.lock")
+        .chain_update((kind as u16).to_be_bytes());
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    let d = h.finalize();
+    pg_sys::LOCKTAG {
+        // SAFETY: MyDatabaseId is a plain global set once the backend is connected
+        // to a database, which every caller of pgseal's SQL functions is.
+        locktag_field1: unsafe { pg_sys::MyDatabaseId }.to_u32(),
+        locktag_field2: u32::from_be_bytes(d[0..4].try_into().expect("4 bytes")),
+        locktag_field3: u32::from_be_bytes(d[4..8].try_into().expect("4 bytes")),
+        locktag_field4: kind as u16,
+        locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+        locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+    }
+}
+
+/// Takes `tag` in ExclusiveLock mode; waits unless `dont_wait`. Returns whether it
+/// was granted.
+fn acquire(tag: pg_sys::LOCKTAG, session: bool, dont_wait: bool) -> bool {
+    // SAFETY: LockAcquire reads the tag (a valid local) and may wait, time out
+    // (lock_timeout) or detect a deadlock, raising an ERROR that pgrx's guard turns
+    // into a Rust panic propagating as that ERROR. A transaction-scoped lock is
+    // released at transaction end, a session lock when the session ends.
+    let r = unsafe {
+        pg_sys::LockAcquire(
+            &tag,
+            pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+            session,
+            dont_wait,
+        )
+    };
+    r != pg_sys::LockAcquireResult::LOCKACQUIRE_NOT_AVAIL
+}
+
+/// Serialises appends to one tenant's chain until the transaction ends.
+pub fn ledger_tenant(tenant: &str) {
+    acquire(tag(Kind::LedgerTenant, &[tenant.as_bytes()]), false, false);
+}
+
+/// Serialises creating and rotating one tenant's key for `purpose` until the
+/// transaction ends.
+pub fn key_creation(tenant: &str, purpose: &str) {
+    acquire(
+        tag(Kind::KeyCreation, &[tenant.as_bytes(), purpose.as_bytes()]),
+        false,
+        false,
+    );
+}
+
+/// Tries to take the pgseald leader lock for this session; true when this session
+/// holds it (also when it already did).
+pub fn daemon_leader_try() -> bool {
+    acquire(tag(Kind::DaemonLeader, &[]), true, true)
+}
+
+/// `pgseal._leader_try_lock()`: pgseald's leader election (granted to pgseal_admin).
+#[pgrx::pg_extern(volatile, parallel_unsafe)]
+fn _leader_try_lock() -> bool {
+    daemon_leader_try()
+}
