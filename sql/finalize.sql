@@ -70,5 +70,15 @@ GRANT EXECUTE ON FUNCTION
     pgseal.vault_register_column(regclass, name, text),
     pgseal._key_usage(),
     pgseal._tenants_of(regclass),
+    pgseal._tenants_scan(oid),
     pgseal._rotation_due(interval)
 TO pgseal_admin;
+
+-- pgseald's leader election (extension/src/locks.rs).
+GRANT EXECUTE ON FUNCTION pgseal._leader_try_lock() TO pgseal_admin;
+
+-- Tenancy invariants (org_members, cursors)
+-- The org_members trigger runs as the role that changed the row and locks the
+-- organisation's row in pgseal.org_locks through this narrow SECURITY DEFINER helper
+-- (the current tenant's organisations only).
+GRANT EXECUTE ON FUNCTION pgseal._org_lock(text) TO PUBLIC;

@@ -19,10 +19,39 @@ CREATE TABLE pgseal.retention_holds (
     set_by    text        NOT NULL DEFAULT session_user
 );
 
+-- Registrations point pgseald at application tables. A row of retention_rules or
+-- sealed_columns may only name a plain or partitioned table outside pgseal that
+-- the role writing the row may DELETE from (retention) or UPDATE (sealing): the
+-- check runs as that role, in a trigger, whichever way the row is written.
+CREATE FUNCTION pgseal._registration_check() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    need pg_catalog.text := TG_ARGV[0];
+    kind pg_catalog."char";
+    nsp  pg_catalog.name;
+BEGIN
+    SELECT c.relkind, n.nspname INTO kind, nsp
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+     WHERE c.oid OPERATOR(pg_catalog.=) NEW.rel;
+    IF kind IS NULL OR kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'only a plain or partitioned table can be registered' USING ERRCODE = '42809';
+    END IF;
+    IF nsp OPERATOR(pg_catalog.=) 'pgseal' THEN
+        RAISE EXCEPTION 'pgseal''s own tables cannot be registered' USING ERRCODE = '42501';
+    END IF;
+    IF NOT pg_catalog.has_table_privilege(NEW.rel, need) THEN
+        RAISE EXCEPTION 'permission denied: registering a table needs % on it', need USING ERRCODE = '42501';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
 CREATE FUNCTION pgseal.retention_set(rel regclass, keep interval, time_column name DEFAULT 'created_at', tenant text DEFAULT NULL)
 RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -50,7 +79,7 @@ $$;
 
 CREATE FUNCTION pgseal.retention_hold(tenant text, "on" boolean) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 BEGIN
     IF tenant IS NULL OR "on" IS NULL THEN
@@ -83,15 +112,15 @@ CREATE TABLE pgseal.sealed_columns (
 );
 
 CREATE FUNCTION pgseal.vault_register_column(rel regclass, col name, context text DEFAULT NULL) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
     IF pgseal._column_type(rel, col) <> 'text' THEN
         RAISE EXCEPTION 'column % of % is not text', col, rel USING ERRCODE = '42804';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = rel AND i.indisprimary) THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid OPERATOR(pg_catalog.=) rel AND i.indisprimary) THEN
         RAISE EXCEPTION '% has no primary key; resealing needs one', rel USING ERRCODE = '42P10';
     END IF;
     INSERT INTO pgseal.sealed_columns VALUES (rel, col, context)
@@ -102,14 +131,21 @@ $$;
 -- How many registered values each key still seals. Scans every registered column.
 CREATE FUNCTION pgseal._key_usage() RETURNS TABLE (key_id text, tenant_id text, state text, rows bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     parts text := '';
     c record;
 BEGIN
-    FOR c IN SELECT s.rel, s.col FROM pgseal.sealed_columns s LOOP
-        parts := parts || format(' UNION ALL SELECT split_part(%I, '':'', 2) AS k FROM %s WHERE %I LIKE ''v2:%%''', c.col, c.rel, c.col);
+    -- Only registrations that are still a plain or partitioned table with a text
+    -- column: nothing else (a view, a function, a user type's operators) is read as
+    -- the owner.
+    FOR c IN SELECT s.rel, s.col FROM pgseal.sealed_columns s
+               JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) s.rel
+               JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.rel
+                    AND a.attname OPERATOR(pg_catalog.=) s.col AND NOT a.attisdropped
+              WHERE r.relkind IN ('r', 'p') AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype LOOP
+        parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%I, '':'', 2) AS k FROM %s WHERE %I OPERATOR(pg_catalog.~~) ''v2:%%''', c.col, c.rel, c.col);
     END LOOP;
     RETURN QUERY EXECUTE format(
         'WITH used AS (SELECT NULL::text AS k WHERE false%s)
@@ -135,7 +171,7 @@ CREATE TABLE pgseal.job_runs (
 
 CREATE FUNCTION pgseal._job_runs_trim() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 BEGIN
     DELETE FROM pgseal.job_runs WHERE id <= NEW.id - 1000;
@@ -144,7 +180,17 @@ END
 $$;
 CREATE TRIGGER job_runs_trim AFTER INSERT ON pgseal.job_runs FOR EACH ROW EXECUTE FUNCTION pgseal._job_runs_trim();
 
+CREATE TRIGGER retention_rules_check BEFORE INSERT OR UPDATE ON pgseal.retention_rules
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('DELETE');
+CREATE TRIGGER sealed_columns_check BEFORE INSERT OR UPDATE ON pgseal.sealed_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('UPDATE');
+ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_check;
+ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_check;
+
 REVOKE ALL ON pgseal.retention_rules, pgseal.retention_holds, pgseal.sealed_columns, pgseal.job_runs FROM PUBLIC;
+-- retention_set and vault_register_column run as the caller (the trigger above
+-- checks what they write).
+GRANT SELECT, INSERT, UPDATE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
 GRANT SELECT ON pgseal.retention_policies, pgseal.key_usage, pgseal.sealed_columns TO pgseal_admin;
 GRANT SELECT, INSERT, UPDATE ON pgseal.job_runs TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_rules', '');
@@ -152,27 +198,20 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_holds', '');
 SELECT pg_catalog.pg_extension_config_dump('pgseal.sealed_columns', '');
 
 -- The distinct tenants of a table (a loose index scan over its tenant_id), for the
--- retention run's default rules. SECURITY DEFINER: discovering tenants must not
--- need a tenant context or BYPASSRLS.
+-- retention run's default rules. The scan runs as the owner, so that discovering
+-- tenants needs no tenant context or BYPASSRLS; _tenants_scan first checks, as the
+-- caller, that rel is a plain or partitioned table outside pgseal that the caller
+-- owns or may DELETE from (extension/src/jobs.rs).
 CREATE FUNCTION pgseal._tenants_of(rel regclass) RETURNS SETOF text
-LANGUAGE plpgsql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
-AS $$
-BEGIN
-    RETURN QUERY EXECUTE format(
-        'WITH RECURSIVE t AS (
-             (SELECT tenant_id AS id FROM %1$s WHERE tenant_id IS NOT NULL ORDER BY tenant_id LIMIT 1)
-             UNION ALL
-             SELECT (SELECT x.tenant_id FROM %1$s x WHERE x.tenant_id > t.id ORDER BY x.tenant_id LIMIT 1) FROM t WHERE t.id IS NOT NULL)
-         SELECT id::text FROM t WHERE id IS NOT NULL', rel);
-END
-$$;
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$ SELECT * FROM pgseal._tenants_scan(rel::pg_catalog.oid) $$;
 
 -- Tenants whose active data key is due for rotation: older than max_age, or past
 -- 90% of pgseal.dek_max_encryptions. For pgseald's rotation job.
 CREATE FUNCTION pgseal._rotation_due(max_age interval) RETURNS SETOF text
 LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
     SELECT k.tenant_id FROM pgseal.tenant_keys k
     WHERE k.purpose = 'dek' AND k.state = 'active'

@@ -18,7 +18,7 @@ COMMENT ON FUNCTION pgseal.ledger_append(text, jsonb, text) IS
 CREATE FUNCTION pgseal.ledger_export(tenant text DEFAULT NULL, from_seq bigint DEFAULT NULL, to_seq bigint DEFAULT NULL)
 RETURNS SETOF jsonb
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     -- Checked before any row is read, so a refused tenant is an error, not an empty result.
@@ -48,7 +48,7 @@ $$;
 -- session_replication_role = replica.
 CREATE FUNCTION pgseal._ledger_guard() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 BEGIN
     IF TG_OP = 'DELETE' AND pgseal._ledger_pruning() THEN
@@ -76,57 +76,17 @@ CREATE POLICY ledger_own_tenant ON pgseal.ledger FOR SELECT TO pgseal_ledger
 CREATE POLICY ledger_admin ON pgseal.ledger FOR SELECT TO pgseal_admin
     USING (true);
 
--- Row-change audit. The trigger arguments are the primary key columns and the
--- tenant column ('' when the table has none).
+-- Row-change audit (extension/src/ledger/audit_trigger.rs). Not SECURITY DEFINER:
+-- it builds the row images as the role that changed the row, and only the
+-- finished entry is appended as the owner. The trigger arguments are the primary
+-- key columns and the tenant column ('' when the table has none).
 CREATE FUNCTION pgseal._audit_row() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
-AS $$
-DECLARE
-    pk      text[] := TG_ARGV[0]::text[];
-    tcol    text := TG_ARGV[1];
-    old_img jsonb;
-    new_img jsonb;
-    before  jsonb;
-    after   jsonb;
-    row_key jsonb;
-    tenant  text;
-BEGIN
-    IF TG_OP <> 'INSERT' THEN old_img := pg_catalog.to_jsonb(OLD); END IF;
-    IF TG_OP <> 'DELETE' THEN new_img := pg_catalog.to_jsonb(NEW); END IF;
-    IF TG_OP = 'UPDATE' THEN
-        -- Only the columns whose value changed, before and after.
-        SELECT coalesce(pg_catalog.jsonb_object_agg(n.key, old_img -> n.key), '{}'),
-               coalesce(pg_catalog.jsonb_object_agg(n.key, n.value), '{}')
-          INTO before, after
-          FROM pg_catalog.jsonb_each(new_img) AS n
-         WHERE n.value IS DISTINCT FROM old_img -> n.key;
-    ELSE
-        before := old_img;
-        after := new_img;
-    END IF;
-    SELECT pg_catalog.jsonb_object_agg(c, coalesce(old_img, new_img) -> c)
-      INTO row_key FROM pg_catalog.unnest(pk) AS c;
-    IF tcol <> '' THEN
-        tenant := coalesce(new_img, old_img) ->> tcol;
-    END IF;
-    PERFORM pgseal._ledger_audit_append(
-        tenant,
-        'row.' || pg_catalog.lower(TG_OP),
-        pg_catalog.jsonb_build_object(
-            'table', pg_catalog.quote_ident(TG_TABLE_SCHEMA) || '.' || pg_catalog.quote_ident(TG_TABLE_NAME),
-            'op', TG_OP,
-            'key', row_key,
-            'before', before,
-            'after', after)::text);
-    RETURN NULL;
-END
-$$;
+LANGUAGE c AS 'MODULE_PATHNAME', 'audit_row_trigger';
 
 CREATE FUNCTION pgseal.ledger_audit(rel regclass, events text[] DEFAULT '{INSERT,UPDATE,DELETE}')
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     ev   text[];
@@ -168,7 +128,7 @@ $$;
 
 CREATE FUNCTION pgseal.ledger_unaudit(rel regclass) RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 BEGIN
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit ON %s', rel);
@@ -180,7 +140,7 @@ $$;
 -- only) is the one exception; docs/SECURITY.md says what that means.
 CREATE FUNCTION pgseal._ledger_ddl_guard() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     ledger oid := pg_catalog.to_regclass('pgseal.ledger');

@@ -44,6 +44,12 @@ pub enum SealError {
     NotAdmin(&'static str),
     #[error("the tenant's ledger fails verification at seq {0} ({1}); refusing to continue")]
     ChainCorrupt(i64, &'static str),
+    #[error("{0}")]
+    TriggerProtocol(&'static str),
+    #[error("{0}")]
+    WrongObjectType(&'static str),
+    #[error("permission denied: {0}")]
+    Forbidden(&'static str),
     #[error("pgseal internal error: {0}")]
     Internal(&'static str),
 }
@@ -58,7 +64,9 @@ impl SealError {
             SealError::NoTenantContext(_)
             | SealError::NoUserContext(_)
             | SealError::WrongTenant
-            | SealError::NotAdmin(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            | SealError::NotAdmin(_)
+            | SealError::Forbidden(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SealError::WrongObjectType(_) => ERRCODE_WRONG_OBJECT_TYPE,
             SealError::ChainCorrupt(..) => ERRCODE_DATA_CORRUPTED,
             SealError::Malformed(_) => ERRCODE_INVALID_TEXT_REPRESENTATION,
             SealError::UnknownKey
@@ -69,6 +77,7 @@ impl SealError {
             SealError::ReadOnly(_) => ERRCODE_READ_ONLY_SQL_TRANSACTION,
             SealError::NotSupported(_) => ERRCODE_FEATURE_NOT_SUPPORTED,
             SealError::CorruptKey(_) => ERRCODE_DATA_CORRUPTED,
+            SealError::TriggerProtocol(_) => ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
             SealError::Internal(_) => ERRCODE_INTERNAL_ERROR,
         }
     }

@@ -8,9 +8,11 @@ mod cache;
 mod context;
 mod error;
 mod gucs;
+mod jobs;
 mod jsonb;
 mod keystore;
 mod ledger;
+mod locks;
 mod master;
 mod plaintext;
 mod plans;
@@ -38,7 +40,6 @@ extension_sql_file!(
         ledger::admin::_ledger_pruning,
         ledger::admin::_creating_extension,
         ledger::admin::_ledger_tenant,
-        ledger::audit::_ledger_audit_append,
         context::current_tenant
     ]
 );
@@ -60,7 +61,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/jobs.sql",
     name = "jobs",
-    requires = ["isolation_report"]
+    requires = ["isolation_report", jobs::_tenants_scan]
 );
 extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
 

@@ -13,11 +13,10 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use pgseal_core::canonical::lossless_numbers;
 
 use crate::context;
-use crate::error::{OrRaise, SealError, SealResult};
+use crate::error::{SealError, SealResult};
 use crate::gucs;
 
 /// Distinct contexts recorded per key and transaction; more are counted only.
@@ -126,22 +125,18 @@ pub fn reset() {
     DECRYPTS.with(|d| d.borrow_mut().clear());
 }
 
-/// Appends a row-change entry for the audit trigger. The tenant is the row's
-/// tenant column when the table has one, else the current tenant context.
-/// Numbers that RFC 8785 would round are stored as strings.
-#[pg_extern(volatile, parallel_unsafe)]
-pub fn _ledger_audit_append(tenant: Option<&str>, event: &str, payload: &str) -> i64 {
-    let r = (|| {
-        crate::master::require_loaded()?;
-        let tenant = match tenant {
-            Some(t) if !t.is_empty() => t.to_owned(),
-            _ => context::tenant()?,
-        };
-        let payload = lossless_numbers(payload);
-        let (seq, _) = super::heads::append(&tenant, event, &payload, &super::default_actor())?;
-        Ok(seq)
-    })();
-    r.or_raise()
+/// Appends a row-change entry for the audit trigger (`audit_trigger.rs`). The tenant
+/// is the row's tenant column when the table has one, else the current tenant
+/// context. Numbers that RFC 8785 would round are stored as strings.
+pub fn append_row_change(tenant: Option<&str>, event: &str, payload: &str) -> SealResult<i64> {
+    crate::master::require_loaded()?;
+    let tenant = match tenant {
+        Some(t) if !t.is_empty() => t.to_owned(),
+        _ => context::tenant()?,
+    };
+    let payload = lossless_numbers(payload);
+    let (seq, _) = super::heads::append(&tenant, event, &payload, &super::default_actor())?;
+    Ok(seq)
 }
 
 pub fn has_pending() -> bool {

@@ -10,6 +10,7 @@ mod append_fn;
 mod head_read;
 pub(crate) mod head_write;
 pub mod audit;
+mod audit_trigger;
 pub mod heads;
 pub mod verify;
 

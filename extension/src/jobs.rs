@@ -1,0 +1,97 @@
+//! The owner-side parts of pgseald's jobs that read application tables.
+//!
+//! Discovering a table's tenants must not need a tenant context or BYPASSRLS, so
+//! the scan runs as the extension owner. Before it does, the relation the caller
+//! named is checked as the caller: a plain or partitioned table (42809 otherwise:
+//! a view, a foreign table or a function would run the caller's code as the
+//! owner), outside schema `pgseal`, that the caller owns or may DELETE from
+//! (42501), whose tenant column has a built-in type (so the comparisons of the
+//! scan are PostgreSQL's own code). Everything is read under the pinned
+//! `search_path`.
+
+use pgrx::prelude::*;
+
+use crate::error::{OrRaise, SealError, SealResult};
+use crate::privilege::{as_owner, with_pinned_search_path};
+
+/// What the caller may do with a relation, read as the caller.
+const CHECK: &str = "\
+SELECT c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog.\"char\"[]),
+       n.nspname OPERATOR(pg_catalog.=) 'pgseal',
+       pg_catalog.pg_has_role(c.relowner, 'USAGE')
+           OR pg_catalog.has_table_privilege(c.oid, 'DELETE'),
+       (SELECT tn.nspname OPERATOR(pg_catalog.=) 'pg_catalog'
+          FROM pg_catalog.pg_attribute a
+          JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
+          JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.typnamespace
+         WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) 'tenant_id'
+           AND NOT a.attisdropped AND t.typtype OPERATOR(pg_catalog.=) 'b')
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+ WHERE c.oid OPERATOR(pg_catalog.=) $1";
+
+/// Checks, as the caller, that pgseald may work on `rel`.
+fn check_job_table(rel: pg_sys::Oid) -> SealResult<()> {
+    let row = with_pinned_search_path(|| {
+        Spi::connect(|client| {
+            let t = client.select(CHECK, Some(1), &[rel.into()])?;
+            if t.is_empty() {
+                return Ok((None, None, None, None));
+            }
+            let t = t.first();
+            Ok::<_, pgrx::spi::Error>((t.get::<bool>(1)?, t.get::<bool>(2)?, t.get::<bool>(3)?, t.get::<bool>(4)?))
+        })
+    });
+    match row {
+        Ok((Some(true), Some(false), Some(true), Some(true))) => Ok(()),
+        Ok((Some(true), Some(false), Some(true), _)) => Err(SealError::InvalidArgument(
+            "the table's tenant_id column is missing or not of a built-in type",
+        )),
+        Ok((Some(true), Some(false), _, _)) => Err(SealError::Forbidden(
+            "pgseald works only on tables the caller owns or may DELETE from",
+        )),
+        Ok((Some(true), Some(true), _, _)) => Err(SealError::Forbidden(
+            "pgseal's own tables cannot be used here",
+        )),
+        Ok((Some(false), _, _, _)) => Err(SealError::WrongObjectType(
+            "the relation is not a plain or partitioned table",
+        )),
+        Ok(_) => Err(SealError::WrongObjectType("the relation does not exist")),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The distinct tenants of `rel` (a loose index scan over its tenant_id), for the
+/// retention run's default rules. `pgseal._tenants_of(regclass)` calls it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
+    let r = check_job_table(rel).and_then(|_| {
+        // regclass output is the name quoted and qualified as needed, in the pinned
+        // search_path the query below is parsed in.
+        as_owner(|| {
+            let name = Spi::get_one_with_args::<String>(
+                "SELECT $1::pg_catalog.regclass::pg_catalog.text",
+                &[rel.into()],
+            )?
+            .ok_or(SealError::Internal("no relation name"))?;
+            let sql = format!(
+                "WITH RECURSIVE t AS (
+                     (SELECT tenant_id AS id FROM {name} WHERE tenant_id IS NOT NULL ORDER BY tenant_id LIMIT 1)
+                     UNION ALL
+                     SELECT (SELECT x.tenant_id FROM {name} x
+                              WHERE x.tenant_id OPERATOR(pg_catalog.>) t.id ORDER BY x.tenant_id LIMIT 1)
+                       FROM t WHERE t.id IS NOT NULL)
+                 SELECT id::pg_catalog.text FROM t WHERE id IS NOT NULL"
+            );
+            Spi::connect(|client| {
+                client
+                    .select(&sql, None, &[])?
+                    .map(|row| row.get::<String>(1))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map(|v| v.into_iter().flatten().collect::<Vec<String>>())
+            .map_err(SealError::from)
+        })
+    });
+    SetOfIterator::new(r.or_raise())
+}
