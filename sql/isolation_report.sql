@@ -5,15 +5,18 @@
 
 CREATE FUNCTION pgseal._tenant_column_names() RETURNS name[]
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
     SELECT coalesce(nullif(current_setting('pgseal.tenant_column_names', true), ''), '{tenant_id}')::name[]
 $$;
 
+-- Its search_path leaves pgseal out so that every object outside pg_catalog, pgseal's
+-- own included, is named with its schema (regclass and regprocedure print a schema
+-- only for what the search_path does not find).
 CREATE FUNCTION pgseal.isolation_report()
 RETURNS TABLE (severity text, object text, problem text, fix text)
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pg_temp
 AS $$
 WITH user_rel AS (
     SELECT c.oid, c.relname, c.relkind, c.relrowsecurity, c.relforcerowsecurity, c.relowner, c.relacl,
@@ -131,4 +134,31 @@ WHERE p.prosecdef
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
   AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search\_path=%')
+UNION ALL
+-- A SECURITY DEFINER function whose search_path does not end in pg_temp: PostgreSQL
+-- then searches the caller's temporary schema first for tables, views and types, so
+-- any caller can plant one that the function then uses with its owner's rights.
+-- pgseal's own functions (in its schema or members of the extension) are errors;
+-- anyone else's are warnings (those of other extensions too, with or without a
+-- search_path; a non-extension function without one is reported above).
+SELECT CASE WHEN d.own THEN 'error' ELSE 'warning' END, d.obj,
+       CASE WHEN d.own THEN 'pgseal''s own SECURITY DEFINER function has a search_path that does not end in pg_temp'
+            ELSE 'SECURITY DEFINER function whose search_path does not end in pg_temp, so the caller''s temporary objects come first' END,
+       format('ALTER FUNCTION %s SET search_path = %s;', d.obj,
+              CASE WHEN coalesce(d.path, '') IN ('', '""') THEN 'pg_catalog, pg_temp' ELSE d.path || ', pg_temp' END)
+FROM (
+    SELECT p.oid::regprocedure::text AS obj,
+           (SELECT substr(c, length('search_path=') + 1) FROM unnest(p.proconfig) c
+             WHERE c LIKE 'search\_path=%' LIMIT 1) AS path,
+           n.nspname = 'pgseal' OR EXISTS (
+               SELECT 1 FROM pg_depend dep JOIN pg_extension e ON e.oid = dep.refobjid
+               WHERE dep.classid = 'pg_proc'::regclass AND dep.objid = p.oid AND dep.deptype = 'e'
+                 AND dep.refclassid = 'pg_extension'::regclass AND e.extname = 'pgseal') AS own,
+           EXISTS (SELECT 1 FROM pg_depend dep
+                   WHERE dep.classid = 'pg_proc'::regclass AND dep.objid = p.oid AND dep.deptype = 'e') AS ext
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+) d
+WHERE (d.path IS NOT NULL OR d.own OR d.ext)
+  AND NOT coalesce(lower(regexp_replace(d.path, '\s', '', 'g')) ~ '(^|,)"?pg_temp"?$', false)
 $$;

@@ -7,7 +7,7 @@
 -- because set_config(..., true) is not propagated by Citus (docs/SECURITY.md).
 CREATE FUNCTION pgseal.set_tenant(tenant text, user_id text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 BEGIN
     IF tenant IS NULL OR tenant = '' THEN
@@ -33,24 +33,29 @@ CREATE INDEX org_members_by_user ON pgseal.org_members (tenant_id, user_id);
 
 -- The organisations in which the current user holds at least `min_role`, in the
 -- current tenant. SECURITY DEFINER so that policies on org_members itself can use it
--- without recursing into those policies.
-CREATE FUNCTION pgseal._my_orgs(min_role pgseal.org_role) RETURNS text[]
+-- without recursing into those policies. Like every SECURITY DEFINER function of
+-- pgseal, its search_path ends in pg_temp (otherwise PostgreSQL searches the
+-- caller's temporary schema first for types and tables) and it names what it uses
+-- with its schema.
+CREATE FUNCTION pgseal._my_orgs(min_role pgseal.org_role) RETURNS pg_catalog.text[]
 LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
-    SELECT coalesce(array_agg(m.org_id), '{}')
+    SELECT coalesce(pg_catalog.array_agg(m.org_id), '{}'::pg_catalog.text[])
     FROM pgseal.org_members m
-    WHERE m.tenant_id = pgseal.current_tenant()
-      AND m.user_id = pgseal.current_user_id()
-      AND m.role <= min_role
+    WHERE m.tenant_id OPERATOR(pg_catalog.=) pgseal.current_tenant()
+      AND m.user_id OPERATOR(pg_catalog.=) pgseal.current_user_id()
+      AND m.role OPERATOR(pg_catalog.<=) min_role
 $$;
 
 -- Whether an organisation has any member yet (its first owner may add themselves).
-CREATE FUNCTION pgseal._org_exists(org text) RETURNS boolean
+CREATE FUNCTION pgseal._org_exists(org pg_catalog.text) RETURNS pg_catalog.bool
 LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
-    SELECT EXISTS (SELECT 1 FROM pgseal.org_members m WHERE m.tenant_id = pgseal.current_tenant() AND m.org_id = org)
+    SELECT EXISTS (SELECT 1 FROM pgseal.org_members m
+                   WHERE m.tenant_id OPERATOR(pg_catalog.=) pgseal.current_tenant()
+                     AND m.org_id OPERATOR(pg_catalog.=) org)
 $$;
 
 ALTER TABLE pgseal.org_members ENABLE ROW LEVEL SECURITY;
@@ -61,7 +66,8 @@ CREATE POLICY org_members_tenant ON pgseal.org_members AS RESTRICTIVE FOR ALL
 CREATE POLICY org_members_read ON pgseal.org_members FOR SELECT
     USING (true);
 -- Only an org's owners and admins change its membership; an org's first member is
--- its creator, as owner.
+-- its creator, as owner. The trigger below narrows both: who may create an
+-- organisation, and who may grant or take the owner role.
 CREATE POLICY org_members_insert ON pgseal.org_members FOR INSERT
     WITH CHECK (org_id = ANY ((SELECT pgseal._my_orgs('admin'))::text[])
                 OR (role = 'owner' AND user_id = (SELECT pgseal.current_user_id()) AND NOT pgseal._org_exists(org_id)));
@@ -72,10 +78,142 @@ CREATE POLICY org_members_delete ON pgseal.org_members FOR DELETE
     USING (org_id = ANY ((SELECT pgseal._my_orgs('admin'))::text[]));
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgseal.org_members TO PUBLIC;
 
+-- One row per organisation whose owners a transaction has changed. Every change that
+-- grants or takes the owner role first updates its organisation's row here, so such
+-- changes to one organisation run one at a time: a second one waits for the first
+-- to end and then (under READ COMMITTED) checks against what the first committed,
+-- or (under REPEATABLE READ and SERIALIZABLE) fails with 40001. A row lock on a
+-- table that only pgseal writes (through _org_lock, for the caller's own tenant):
+-- unlike an advisory lock, no role can take it for another tenant's organisations.
+CREATE TABLE pgseal.org_locks (
+    tenant_id text NOT NULL,
+    org_id    text NOT NULL,
+    changes   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, org_id)
+);
+REVOKE ALL ON pgseal.org_locks FROM PUBLIC;
+
+-- Locks (creating it if need be) the row of `org` in the current tenant until the
+-- transaction ends. The caller names only the organisation: the tenant is its own.
+CREATE FUNCTION pgseal._org_lock(org pg_catalog.text) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    INSERT INTO pgseal.org_locks AS l (tenant_id, org_id) VALUES (pgseal.current_tenant(), org)
+    ON CONFLICT (tenant_id, org_id) DO UPDATE SET changes = l.changes OPERATOR(pg_catalog.+) 1
+$$;
+
+-- The organisation invariants, for every row change of org_members:
+--   * only an owner of the organisation grants or takes the owner role (an admin
+--     cannot insert an owner row, promote anyone, nor demote or delete an owner);
+--   * only a user who already owns an organisation of the tenant creates a new
+--     organisation (inserts its first member, as its owner);
+--   * a member of pgseal_admin (superusers too) may do both.
+-- SECURITY INVOKER, so current_user is the role that changed the row, and it reads
+-- org_members through its row level security: the caller's tenant, all of it.
+-- Changes to an organisation's owners are serialized by its org_locks row, taken
+-- before anything is checked; each later query of this VOLATILE function takes a
+-- fresh snapshot, so two sessions racing to create one organisation cannot both
+-- become its owner.
+CREATE FUNCTION pgseal._org_members_guard() RETURNS trigger
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    adds    boolean := false;  -- the row change makes someone an owner
+    removes boolean := false;  -- the row change takes the owner role from someone
+    moved   boolean;
+    context pg_catalog.text := nullif(pg_catalog.current_setting(pgseal._context_setting('tenant'), true), '');
+    me      pg_catalog.text;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        adds := NEW.role = 'owner';
+    ELSIF TG_OP = 'DELETE' THEN
+        removes := OLD.role = 'owner';
+    ELSE
+        moved := (NEW.tenant_id, NEW.org_id, NEW.user_id) IS DISTINCT FROM (OLD.tenant_id, OLD.org_id, OLD.user_id);
+        removes := OLD.role = 'owner' AND (moved OR NEW.role <> 'owner');
+        adds := NEW.role = 'owner' AND (moved OR OLD.role <> 'owner');
+    END IF;
+    IF NOT (adds OR removes) THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+
+    -- Serialize every change to the owners of the organisations involved. A caller
+    -- without a tenant context (a superuser seeding rows) takes no lock.
+    IF removes AND OLD.tenant_id = context THEN
+        PERFORM pgseal._org_lock(OLD.org_id);
+    END IF;
+    IF adds AND NEW.tenant_id = context AND NOT (removes AND OLD.org_id = NEW.org_id) THEN
+        PERFORM pgseal._org_lock(NEW.org_id);
+    END IF;
+
+    IF pg_catalog.pg_has_role(current_user, 'pgseal_admin', 'MEMBER') THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+
+    me := pgseal.current_user_id();
+    IF removes AND NOT EXISTS (
+        SELECT 1 FROM pgseal.org_members m
+        WHERE m.tenant_id = OLD.tenant_id AND m.org_id = OLD.org_id AND m.user_id = me AND m.role = 'owner')
+    THEN
+        RAISE EXCEPTION 'only an owner of organisation % can demote or remove its owners', OLD.org_id
+            USING ERRCODE = '42501';
+    END IF;
+    IF adds THEN
+        IF EXISTS (SELECT 1 FROM pgseal.org_members m WHERE m.tenant_id = NEW.tenant_id AND m.org_id = NEW.org_id) THEN
+            IF NOT EXISTS (
+                SELECT 1 FROM pgseal.org_members m
+                WHERE m.tenant_id = NEW.tenant_id AND m.org_id = NEW.org_id AND m.user_id = me AND m.role = 'owner')
+            THEN
+                RAISE EXCEPTION 'only an owner of organisation % can grant the owner role', NEW.org_id
+                    USING ERRCODE = '42501';
+            END IF;
+        ELSIF NOT EXISTS (
+            SELECT 1 FROM pgseal.org_members m
+            WHERE m.tenant_id = NEW.tenant_id AND m.user_id = me AND m.role = 'owner')
+        THEN
+            RAISE EXCEPTION 'only an owner of an organisation of this tenant, or a member of pgseal_admin, can create organisation %', NEW.org_id
+                USING ERRCODE = '42501',
+                      HINT = 'An owner of an existing organisation creates it, or pgseal_admin adds its first owner.';
+        END IF;
+    END IF;
+    IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER org_members_guard BEFORE INSERT OR UPDATE OR DELETE ON pgseal.org_members
+    FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_guard();
+
+-- An organisation that has members has an owner: the last owner cannot be demoted or
+-- removed while anyone else is still a member (to hand over, make the new owner an
+-- owner first). Checked when the statement ends, against its final rows, so that
+-- deleting every member in one statement dissolves the organisation. It holds for
+-- everyone, pgseal_admin included.
+CREATE FUNCTION pgseal._org_members_keep_owner() RETURNS trigger
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pgseal.org_members m WHERE m.tenant_id = OLD.tenant_id AND m.org_id = OLD.org_id)
+       AND NOT EXISTS (SELECT 1 FROM pgseal.org_members m
+                       WHERE m.tenant_id = OLD.tenant_id AND m.org_id = OLD.org_id AND m.role = 'owner')
+    THEN
+        RAISE EXCEPTION 'organisation % must keep an owner: its last owner cannot be demoted or removed while it has other members', OLD.org_id
+            USING ERRCODE = '23514', HINT = 'Make another member an owner first.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER org_members_keep_owner AFTER UPDATE OR DELETE ON pgseal.org_members
+    FOR EACH ROW WHEN (OLD.role = 'owner') EXECUTE FUNCTION pgseal._org_members_keep_owner();
+
 -- The type of a column, as SQL text; 42703 when the table has no such column.
 CREATE FUNCTION pgseal._column_type(rel regclass, col name) RETURNS text
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE t text;
 BEGIN
@@ -91,7 +229,7 @@ $$;
 -- The table and, for a partitioned table, every partition below it.
 CREATE FUNCTION pgseal._with_partitions(rel regclass) RETURNS SETOF regclass
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
     WITH RECURSIVE t(oid) AS (
         SELECT rel::oid
@@ -104,7 +242,7 @@ $$;
 -- Whether some index of rel has col as its first column.
 CREATE FUNCTION pgseal._has_leading_index(rel regclass, col name) RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
     SELECT EXISTS (
         SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
@@ -116,7 +254,7 @@ $$;
 -- the tenant column.
 CREATE FUNCTION pgseal._rls_reset(t regclass, tenant_column name) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     p name;
@@ -135,7 +273,7 @@ $$;
 
 CREATE FUNCTION pgseal.tenant_protect(rel regclass, tenant_column name DEFAULT 'tenant_id') RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     t    regclass;
@@ -154,7 +292,7 @@ $$;
 
 CREATE FUNCTION pgseal.tenant_unprotect(rel regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     t regclass;
@@ -173,7 +311,7 @@ $$;
 CREATE FUNCTION pgseal.org_protect(rel regclass, owner_column name, org_column name, tenant_column name DEFAULT 'tenant_id')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal
+SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     t       regclass;

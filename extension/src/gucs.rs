@@ -86,7 +86,7 @@ pub fn init() {
     );
     GucRegistry::define_bool_guc(
         c"pgseal.strict_context",
-        c"Clear the tenant and user settings at the end of every transaction.",
+        c"Clear the tenant and user settings and close WITH HOLD cursors at the end of every transaction.",
         c"Even a session-level SET then lasts one transaction, so a pooled server connection never hands one client's tenant to the next.",
         &STRICT_CONTEXT,
         GucContext::Suset,

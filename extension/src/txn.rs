@@ -61,7 +61,8 @@ fn flush_encryptions() -> SealResult<()> {
     crate::keystore::add_encryptions(ids, counts)
 }
 
-/// Pre-commit work, in order: encryption counts, the decrypt audit entries (which
+/// Pre-commit work, in order: with `pgseal.strict_context`, closing `WITH HOLD`
+/// cursors; encryption counts, the decrypt audit entries (which
 /// may create a ledger key and append), the ledger heads those appends moved, and
 /// with `pgseal.strict_context`, clearing the tenant and user settings.
 fn pre_commit() {
@@ -73,7 +74,8 @@ fn pre_commit() {
     }
     // At pre-commit no portal holds a snapshot; SPI needs one.
     let r = with_snapshot(|| {
-        flush_encryptions()
+        crate::context::close_held_cursors_if_strict()
+            .and_then(|_| flush_encryptions())
             .and_then(|_| crate::ledger::audit::flush_decrypts())
             .and_then(|_| flush_encryptions())
             .and_then(|_| crate::ledger::heads::flush())

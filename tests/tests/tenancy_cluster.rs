@@ -359,6 +359,21 @@ fn pgbouncer_transaction_mode_never_leaks_a_tenant() {
         "rows leaked through a session-level SET with strict_context on"
     );
 
+    // 3. A WITH HOLD cursor declared under tenant A is closed at commit, so the next
+    // client of the server connection cannot FETCH A's rows from it.
+    tenants_seen(
+        &mut s1,
+        "BEGIN; SELECT pgseal.set_tenant('A'); \
+         DECLARE held CURSOR WITH HOLD FOR SELECT tenant_id FROM notes; COMMIT",
+    )
+    .unwrap();
+    assert_eq!(pid(&mut s1), pid(&mut s2), "one server connection");
+    assert_eq!(
+        tenants_seen(&mut s2, "FETCH ALL FROM held"),
+        Err("34000".to_owned()),
+        "the next client fetched from a WITH HOLD cursor of tenant A"
+    );
+
     // Control: without strict_context the same pattern does leak, which is why the
     // setting exists (and why this test can fail).
     let (mut l1, mut l2) = (via("app_loose"), via("app_loose"));
@@ -369,4 +384,14 @@ fn pgbouncer_transaction_mode_never_leaks_a_tenant() {
         seen.iter().any(|t| t == "A"),
         "client 2 inherited client 1's tenant: {seen:?}"
     );
+    // ... and a WITH HOLD cursor outlives its transaction for the next client.
+    l1.simple_query("RESET app.tenant_id").unwrap();
+    tenants_seen(
+        &mut l1,
+        "BEGIN; SELECT pgseal.set_tenant('A'); \
+         DECLARE held CURSOR WITH HOLD FOR SELECT tenant_id FROM notes; COMMIT",
+    )
+    .unwrap();
+    let seen = tenants_seen(&mut l2, "FETCH ALL FROM held").expect("the held cursor");
+    assert_eq!(seen, vec!["A", "A"], "client 2 read client 1's held cursor");
 }

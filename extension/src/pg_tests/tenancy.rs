@@ -233,6 +233,9 @@ mod tests {
         run("SELECT pgseal.org_protect('public.docs', 'owner_id', 'org_id')");
         run("CREATE ROLE org_app");
         run("GRANT ALL ON public.docs TO org_app");
+        // Only someone who already owns an organisation of the tenant creates one:
+        // the superuser seeds olga's first.
+        run("INSERT INTO pgseal.org_members VALUES ('acme', 'org0', 'olga', 'owner')");
         run("SET LOCAL ROLE org_app");
         // The org's creator becomes its owner and adds the others.
         run("SELECT pgseal.set_tenant('acme', 'olga')");
@@ -295,7 +298,158 @@ mod tests {
             sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'eve', 'viewer')"),
             "00000"
         );
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'eve2', 'owner')"),
+            "42501",
+            "an admin does not grant the owner role"
+        );
         run("RESET ROLE");
+    }
+
+    /// Who grants and takes the owner role, who creates an organisation, and that an
+    /// organisation with members keeps an owner. (Races are in the attack tier.)
+    #[pg_test]
+    fn org_owner_invariants_hold() {
+        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
+        run("CREATE ROLE org_app");
+        run("INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'olga', 'owner'), ('acme', 'org1', 'adam', 'admin'), ('acme', 'org1', 'mia', 'member'), ('acme', 'home', 'tom', 'owner'), ('globex', 'g1', 'mia', 'owner')");
+        run("SET LOCAL ROLE org_app");
+        let members = "SELECT string_agg(user_id || ':' || role, ',' ORDER BY user_id) FROM pgseal.org_members WHERE org_id = 'org1'";
+        run("SELECT pgseal.set_tenant('acme', 'adam')");
+        let before = one::<String>(members);
+        for (probe, sql) in [
+            ("admin inserts an owner", "INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'eve', 'owner')"),
+            ("admin promotes themself", "UPDATE pgseal.org_members SET role = 'owner' WHERE user_id = 'adam'"),
+            ("admin promotes a member", "UPDATE pgseal.org_members SET role = 'owner' WHERE user_id = 'mia'"),
+            ("admin demotes the owner", "UPDATE pgseal.org_members SET role = 'admin' WHERE user_id = 'olga'"),
+            ("admin deletes the owner", "DELETE FROM pgseal.org_members WHERE user_id = 'olga'"),
+            ("admin renames the owner's row", "UPDATE pgseal.org_members SET user_id = 'adam2' WHERE user_id = 'olga'"),
+            ("admin upserts themself to owner", "INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'adam', 'admin') ON CONFLICT (tenant_id, org_id, user_id) DO UPDATE SET role = 'owner'"),
+        ] {
+            assert_eq!(sqlstate(sql), "42501", "{probe}");
+        }
+        assert_eq!(one::<String>(members), before, "nothing changed");
+        // An admin still manages the other roles.
+        assert_eq!(
+            sqlstate("UPDATE pgseal.org_members SET role = 'viewer' WHERE user_id = 'mia'"),
+            "00000"
+        );
+
+        // Creating an organisation: only a user who owns one in this tenant.
+        run("SELECT pgseal.set_tenant('acme', 'mia')");
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'newco', 'mia', 'owner')"),
+            "42501",
+            "mia owns an organisation in globex only"
+        );
+        run("SELECT pgseal.set_tenant('acme', 'adam')");
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'newco', 'adam', 'owner')"),
+            "42501",
+            "an admin is no owner"
+        );
+        run("SELECT pgseal.set_tenant('acme', 'tom')");
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.org_members VALUES ('acme', 'newco', 'tom', 'owner')"),
+            "00000",
+            "a tenant owner creates an organisation"
+        );
+
+        // The last owner stays while the organisation has other members.
+        run("SELECT pgseal.set_tenant('acme', 'olga')");
+        assert_eq!(
+            sqlstate("UPDATE pgseal.org_members SET role = 'admin' WHERE user_id = 'olga'"),
+            "23514"
+        );
+        assert_eq!(
+            sqlstate("DELETE FROM pgseal.org_members WHERE user_id = 'olga'"),
+            "23514"
+        );
+        // Handing over: the new owner first, then the old one steps down.
+        run("UPDATE pgseal.org_members SET role = 'owner' WHERE user_id = 'adam'");
+        run("UPDATE pgseal.org_members SET role = 'admin' WHERE user_id = 'olga'");
+        assert_eq!(
+            sqlstate("UPDATE pgseal.org_members SET role = 'owner' WHERE user_id = 'olga'"),
+            "42501",
+            "a former owner cannot take it back"
+        );
+        // An owner dissolves the organisation by removing every member at once.
+        run("SELECT pgseal.set_tenant('acme', 'adam')");
+        assert_eq!(
+            sqlstate("DELETE FROM pgseal.org_members WHERE org_id = 'org1'"),
+            "00000"
+        );
+        run("RESET ROLE");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.org_members WHERE org_id = 'org1'"),
+            0
+        );
+        // The rule holds for the superuser too.
+        run("INSERT INTO pgseal.org_members VALUES ('acme', 'org2', 'ann', 'owner'), ('acme', 'org2', 'bob', 'member')");
+        assert_eq!(
+            sqlstate("DELETE FROM pgseal.org_members WHERE org_id = 'org2' AND user_id = 'ann'"),
+            "23514"
+        );
+    }
+
+    /// isolation_report() names every SECURITY DEFINER function whose search_path
+    /// does not end in pg_temp. It enumerates pg_proc, so a pgseal function added
+    /// later is covered without editing this test.
+    #[pg_test]
+    fn isolation_report_checks_definer_search_paths() {
+        let pgseal_definers = one::<i64>(
+            "SELECT count(*) FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e' \
+             JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'pgseal' WHERE p.prosecdef",
+        );
+        assert!(
+            pgseal_definers > 0,
+            "pgseal has SECURITY DEFINER functions to check"
+        );
+        let own: Vec<_> = findings("%")
+            .into_iter()
+            .filter(|(_, o, p)| o.starts_with("pgseal.") || p.contains("pgseal's own"))
+            .collect();
+        assert!(own.is_empty(), "pgseal's own functions: {own:?}");
+
+        run("CREATE FUNCTION public.leaky_definer() RETURNS int LANGUAGE sql SECURITY DEFINER SET search_path = public AS 'SELECT 1'");
+        run("CREATE FUNCTION public.pinned_definer() RETURNS int LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS 'SELECT 1'");
+        assert_eq!(
+            findings("public.%_definer()"),
+            vec![(
+                "warning".to_string(),
+                "public.leaky_definer()".to_string(),
+                "SECURITY DEFINER function whose search_path does not end in pg_temp, so the caller's temporary objects come first".to_string()
+            )]
+        );
+        // One of pgseal's own, planted here, is an error.
+        run("CREATE FUNCTION pgseal.planted() RETURNS int LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgseal AS 'SELECT 1'");
+        assert!(
+            findings("pgseal.planted()")
+                .iter()
+                .any(|(sev, _, p)| sev == "error" && p.contains("pgseal's own")),
+            "{:?}",
+            findings("pgseal.planted()")
+        );
+        // The fixes keep the path and append pg_temp.
+        let fixes: Vec<String> = Spi::connect(|c| {
+            c.select(
+                "SELECT fix FROM pgseal.isolation_report() WHERE object IN ('public.leaky_definer()', 'pgseal.planted()')",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        });
+        assert_eq!(fixes.len(), 2, "{fixes:?}");
+        for f in &fixes {
+            run(f);
+        }
+        assert_eq!(
+            one::<String>("SELECT array_to_string(proconfig, ';') FROM pg_proc WHERE oid = 'public.leaky_definer()'::regprocedure"),
+            "search_path=public, pg_temp"
+        );
+        assert!(findings("public.%").is_empty() && findings("pgseal.%").is_empty());
     }
 
     #[pg_test]

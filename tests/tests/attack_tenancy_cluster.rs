@@ -1,0 +1,457 @@
+//! Attack tier, tenancy: plays an application that tries to break the organisation
+//! invariants and to read a tenant's rows after its transaction, against a real
+//! cluster, as the non-superuser login role `app`. Each assertion names its probe.
+//!
+//! - Organisations: an admin cannot grant or take the owner role; only a user who
+//!   already owns an organisation of the tenant (or a pgseal_admin member) creates
+//!   one; the last owner stays while the organisation has members; and two sessions
+//!   racing to create one organisation, or to step down as its owners, cannot both
+//!   win.
+//! - WITH HOLD cursors: with `pgseal.strict_context = on`, a cursor declared under a
+//!   tenant does not outlive the transaction, so no later client of the connection
+//!   can FETCH that tenant's rows.
+
+use std::time::{Duration, Instant};
+
+use pgseal_tests::{sqlstate, Cluster, KEY_V1};
+
+fn connect_as(cl: &Cluster, user: &str) -> postgres::Client {
+    postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres",
+            cl.port
+        ),
+        postgres::NoTls,
+    )
+    .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+}
+
+/// Runs `sql` for app user `user` of `tenant` in a transaction of its own, committed
+/// when it succeeds; the SQLSTATE it ended with.
+fn attempt(c: &mut postgres::Client, tenant: &str, user: &str, sql: &str) -> String {
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant($1, $2)", &[&tenant, &user])
+        .unwrap();
+    let state = sqlstate(tx.batch_execute(sql));
+    if state == "00000" {
+        tx.commit().unwrap();
+    } else {
+        let _ = tx.rollback();
+    }
+    state
+}
+
+/// "user:role" for every member of an organisation, as the superuser sees them.
+fn members(admin: &mut postgres::Client, tenant: &str, org: &str) -> String {
+    admin
+        .query_one(
+            "SELECT coalesce(string_agg(user_id || ':' || role, ',' ORDER BY user_id), '') \
+             FROM pgseal.org_members WHERE tenant_id = $1 AND org_id = $2",
+            &[&tenant, &org],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Two app sessions race: the first runs `first` in an open transaction; the second
+/// runs `second` in another thread, and the first commits once the second waits for
+/// a lock (or after a few seconds, if it never does). The second's SQLSTATE, after
+/// it committed or rolled back.
+fn race(
+    cl: &Cluster,
+    isolation: &str,
+    first: (&str, &str, &str),
+    second: (&str, &str, &str),
+) -> String {
+    let begin = format!("BEGIN ISOLATION LEVEL {isolation}");
+    let mut c1 = connect_as(cl, "app");
+    c1.batch_execute(&begin).unwrap();
+    c1.execute("SELECT pgseal.set_tenant($1, $2)", &[&first.0, &first.1])
+        .unwrap();
+    c1.batch_execute(first.2)
+        .unwrap_or_else(|e| panic!("race: the first session's statement: {e}"));
+
+    let mut c2 = connect_as(cl, "app");
+    let pid2: i32 = c2.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let (tenant, user, sql) = (
+        second.0.to_owned(),
+        second.1.to_owned(),
+        second.2.to_owned(),
+    );
+    let second = std::thread::spawn(move || {
+        c2.batch_execute(&begin).unwrap();
+        c2.execute("SELECT pgseal.set_tenant($1, $2)", &[&tenant, &user])
+            .unwrap();
+        let state = sqlstate(c2.batch_execute(&sql));
+        let end = if state == "00000" {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        let commit = sqlstate(c2.batch_execute(end));
+        if state == "00000" {
+            commit
+        } else {
+            state
+        }
+    });
+
+    let mut watcher = cl.connect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !second.is_finished() {
+        let waiting: bool = watcher
+            .query_one(
+                "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid2],
+            )
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c1.batch_execute("COMMIT").unwrap();
+    second.join().expect("the second session's thread")
+}
+
+const ORGS: &str = "
+    CREATE EXTENSION pgseal;
+    CREATE ROLE app LOGIN;
+    CREATE ROLE ops LOGIN IN ROLE pgseal_admin;
+    INSERT INTO pgseal.org_members VALUES
+        ('A', 'org1', 'olga', 'owner'), ('A', 'org1', 'adam', 'admin'),
+        ('A', 'org1', 'mia', 'member'),
+        ('A', 'home', 'tom', 'owner'),
+        ('A', 'duo', 'pat', 'owner'), ('A', 'duo', 'quinn', 'owner'), ('A', 'duo', 'rex', 'member'),
+        ('A', 'solo', 'sue', 'owner'),
+        ('B', 'b1', 'nina', 'owner');
+";
+
+#[test]
+fn organisation_invariants_hold_against_an_attacker() {
+    let cl = Cluster::start("attack-tenancy-orgs", 54381, &[KEY_V1], &[]);
+    let mut admin = cl.connect();
+    admin.batch_execute(ORGS).unwrap();
+    let mut app = connect_as(&cl, "app");
+    let org1 = members(&mut admin, "A", "org1");
+
+    // An admin of org1 tries every way to the owner role, or to be rid of the owner.
+    for (probe, sql) in [
+        ("admin inserts an owner row", "INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'eve', 'owner')"),
+        ("admin promotes themself", "UPDATE pgseal.org_members SET role = 'owner' WHERE org_id = 'org1' AND user_id = 'adam'"),
+        ("admin promotes a member", "UPDATE pgseal.org_members SET role = 'owner' WHERE org_id = 'org1' AND user_id = 'mia'"),
+        ("admin upserts themself to owner", "INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'adam', 'admin') ON CONFLICT (tenant_id, org_id, user_id) DO UPDATE SET role = 'owner'"),
+        ("admin demotes the owner", "UPDATE pgseal.org_members SET role = 'member' WHERE org_id = 'org1' AND user_id = 'olga'"),
+        ("admin deletes the owner", "DELETE FROM pgseal.org_members WHERE org_id = 'org1' AND user_id = 'olga'"),
+        ("admin takes over the owner's row", "UPDATE pgseal.org_members SET user_id = 'adam2' WHERE org_id = 'org1' AND user_id = 'olga'"),
+        ("admin deletes every member of the organisation", "DELETE FROM pgseal.org_members WHERE org_id = 'org1'"),
+    ] {
+        assert_eq!(attempt(&mut app, "A", "adam", sql), "42501", "probe: {probe}");
+    }
+    assert_eq!(
+        members(&mut admin, "A", "org1"),
+        org1,
+        "probes as admin changed nothing"
+    );
+
+    // Creating an organisation, which makes its creator the first owner.
+    for (probe, tenant, user, state) in [
+        (
+            "a member who owns nothing creates an organisation",
+            "A",
+            "mia",
+            "42501",
+        ),
+        (
+            "an admin who owns nothing creates an organisation",
+            "A",
+            "adam",
+            "42501",
+        ),
+        (
+            "an outsider creates an organisation",
+            "A",
+            "nobody",
+            "42501",
+        ),
+        (
+            "an owner in tenant B only creates one in tenant A",
+            "A",
+            "nina",
+            "42501",
+        ),
+        (
+            "an owner of another organisation of the tenant creates one",
+            "A",
+            "tom",
+            "00000",
+        ),
+    ] {
+        let sql = format!(
+            "INSERT INTO pgseal.org_members VALUES ('{tenant}', 'new-{user}', '{user}', 'owner')"
+        );
+        assert_eq!(
+            attempt(&mut app, tenant, user, &sql),
+            state,
+            "probe: {probe}"
+        );
+    }
+    assert_eq!(members(&mut admin, "A", "new-tom"), "tom:owner");
+    for user in ["mia", "adam", "nobody", "nina"] {
+        assert_eq!(
+            members(&mut admin, "A", &format!("new-{user}")),
+            "",
+            "no organisation new-{user}"
+        );
+    }
+    // A member of pgseal_admin may add the first owner (for the user it acts as).
+    let mut ops = connect_as(&cl, "ops");
+    assert_eq!(
+        attempt(
+            &mut ops,
+            "A",
+            "zoe",
+            "INSERT INTO pgseal.org_members VALUES ('A', 'ops-org', 'zoe', 'owner')"
+        ),
+        "00000",
+        "probe: pgseal_admin creates an organisation's first owner"
+    );
+
+    // The last owner stays while the organisation has other members.
+    for (probe, sql) in [
+        ("last owner demotes themself", "UPDATE pgseal.org_members SET role = 'admin' WHERE org_id = 'org1' AND user_id = 'olga'"),
+        ("last owner deletes themself", "DELETE FROM pgseal.org_members WHERE org_id = 'org1' AND user_id = 'olga'"),
+        ("last owner renames themself away", "UPDATE pgseal.org_members SET org_id = 'home' WHERE org_id = 'org1' AND user_id = 'olga'"),
+    ] {
+        let state = attempt(&mut app, "A", "olga", sql);
+        assert!(state == "23514" || (state == "42501" && probe.contains("renames")), "probe: {probe}: {state}");
+    }
+    assert_eq!(
+        attempt(&mut app, "A", "olga", "UPDATE pgseal.org_members SET role = 'admin' WHERE org_id = 'org1' AND user_id = 'olga'"),
+        "23514",
+        "probe: last owner demotes themself (exact SQLSTATE)"
+    );
+    assert_eq!(
+        members(&mut admin, "A", "org1"),
+        org1,
+        "org1 still has its owner"
+    );
+    // Control: with a second owner first, the first may step down.
+    assert_eq!(attempt(&mut app, "A", "olga", "UPDATE pgseal.org_members SET role = 'owner' WHERE org_id = 'org1' AND user_id = 'adam'"), "00000", "owner promotes the admin");
+    assert_eq!(attempt(&mut app, "A", "olga", "UPDATE pgseal.org_members SET role = 'admin' WHERE org_id = 'org1' AND user_id = 'olga'"), "00000", "former last owner steps down");
+    assert_eq!(
+        members(&mut admin, "A", "org1"),
+        "adam:owner,mia:member,olga:admin"
+    );
+
+    // Races. Two owners of the tenant create the same organisation at once: the
+    // second must wait and then find it taken.
+    for (isolation, org) in [
+        ("READ COMMITTED", "raced-rc"),
+        ("REPEATABLE READ", "raced-rr"),
+        ("SERIALIZABLE", "raced-s"),
+    ] {
+        let first = format!("INSERT INTO pgseal.org_members VALUES ('A', '{org}', 'tom', 'owner')");
+        let second =
+            format!("INSERT INTO pgseal.org_members VALUES ('A', '{org}', 'sue', 'owner')");
+        let state = race(&cl, isolation, ("A", "tom", &first), ("A", "sue", &second));
+        assert!(
+            state == "42501" || state == "40001",
+            "probe: two sessions race to create an organisation ({isolation}): the second ended with {state}"
+        );
+        assert_eq!(
+            members(&mut admin, "A", org),
+            "tom:owner",
+            "probe: race to create ({isolation}): one owner"
+        );
+    }
+    // Both owners of 'duo' step down at once: one of them must stay.
+    let state = race(
+        &cl,
+        "READ COMMITTED",
+        ("A", "pat", "UPDATE pgseal.org_members SET role = 'member' WHERE org_id = 'duo' AND user_id = 'pat'"),
+        ("A", "quinn", "UPDATE pgseal.org_members SET role = 'member' WHERE org_id = 'duo' AND user_id = 'quinn'"),
+    );
+    assert_eq!(state, "23514", "probe: two owners step down at once");
+    assert_eq!(
+        members(&mut admin, "A", "duo"),
+        "pat:member,quinn:owner,rex:member",
+        "probe: two owners step down at once: one owner stays"
+    );
+    let state = race(
+        &cl,
+        "REPEATABLE READ",
+        (
+            "A",
+            "quinn",
+            "UPDATE pgseal.org_members SET role = 'owner' WHERE org_id = 'duo' AND user_id = 'rex'",
+        ),
+        (
+            "A",
+            "quinn",
+            "DELETE FROM pgseal.org_members WHERE org_id = 'duo' AND user_id = 'quinn'",
+        ),
+    );
+    // The first made rex an owner, so quinn may leave; under REPEATABLE READ the
+    // second cannot see that and must retry instead of judging by a stale snapshot.
+    assert!(
+        state == "40001" || state == "00000",
+        "probe: owner leaves while another is promoted (REPEATABLE READ): {state}"
+    );
+    let duo = members(&mut admin, "A", "duo");
+    assert!(
+        duo.contains(":owner"),
+        "probe: owner leaves while another is promoted: {duo}"
+    );
+}
+
+const CURSORS: &str = "
+    CREATE EXTENSION pgseal;
+    CREATE ROLE app LOGIN;
+    CREATE ROLE app_loose LOGIN;
+    CREATE TABLE notes (id int PRIMARY KEY, tenant_id text NOT NULL, body text);
+    CREATE INDEX ON notes (tenant_id);
+    SELECT pgseal.tenant_protect('notes');
+    INSERT INTO notes VALUES (1, 'A', 'a1'), (2, 'A', 'a2'), (11, 'B', 'b1');
+    GRANT SELECT ON notes TO app, app_loose;
+    ALTER ROLE app SET pgseal.strict_context = on;
+    -- A procedure that commits inside a loop over a query: PostgreSQL pins and holds
+    -- that loop's portal across the commit; strict_context must leave it alone.
+    CREATE PROCEDURE public.walk_notes(INOUT n int DEFAULT 0) LANGUAGE plpgsql AS $$
+    DECLARE r record;
+    BEGIN
+        PERFORM pgseal.set_tenant('A', 'u');
+        FOR r IN SELECT tenant_id FROM notes LOOP
+            n := n + 1;
+            COMMIT;
+        END LOOP;
+    END
+    $$;
+    GRANT EXECUTE ON PROCEDURE public.walk_notes(int) TO app;
+";
+
+/// The first column of every row of a simple query, or its SQLSTATE.
+fn rows(c: &mut postgres::Client, sql: &str) -> Result<Vec<String>, String> {
+    match c.simple_query(sql) {
+        Ok(msgs) => Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect()),
+        Err(e) => Err(sqlstate::<()>(Err(e))),
+    }
+}
+
+#[test]
+fn with_hold_cursor_does_not_outlive_the_tenant_context() {
+    let cl = Cluster::start("attack-tenancy-cursor", 54382, &[KEY_V1], &[]);
+    cl.connect().batch_execute(CURSORS).unwrap();
+    let mut app = connect_as(&cl, "app");
+    let mut leaked: Vec<String> = Vec::new();
+
+    // 1. Declared in an explicit transaction, fetched after its commit.
+    match rows(
+        &mut app,
+        "BEGIN; SELECT pgseal.set_tenant('A', 'u'); \
+         DECLARE c1 CURSOR WITH HOLD FOR SELECT tenant_id FROM notes; COMMIT",
+    ) {
+        Ok(_) => match rows(&mut app, "FETCH ALL FROM c1") {
+            Err(state) => assert_eq!(
+                state, "34000",
+                "probe: FETCH after COMMIT (explicit transaction)"
+            ),
+            Ok(r) => leaked.extend(r.into_iter().map(|t| format!("explicit transaction: {t}"))),
+        },
+        Err(state) => eprintln!("the COMMIT was refused ({state}); nothing to fetch"),
+    }
+
+    // 2. Inside its transaction the cursor works as usual; after the commit it is gone.
+    let inside = rows(
+        &mut app,
+        "BEGIN; SELECT pgseal.set_tenant('A', 'u'); \
+         DECLARE c2 CURSOR WITH HOLD FOR SELECT tenant_id FROM notes ORDER BY id; FETCH 1 FROM c2",
+    )
+    .expect("WITH HOLD cursor inside its transaction");
+    assert!(
+        inside.iter().any(|t| t == "A"),
+        "the cursor reads its own tenant's rows before commit: {inside:?}"
+    );
+    rows(&mut app, "COMMIT").unwrap();
+    match rows(&mut app, "FETCH ALL FROM c2") {
+        Err(state) => assert_eq!(state, "34000", "probe: FETCH the rest after COMMIT"),
+        Ok(r) => leaked.extend(r.into_iter().map(|t| format!("partly fetched cursor: {t}"))),
+    }
+
+    // 3. One implicit transaction: a session-level SET and the DECLARE in one query string.
+    match rows(
+        &mut app,
+        "SET app.tenant_id = 'A'; DECLARE c3 CURSOR WITH HOLD FOR SELECT tenant_id FROM notes",
+    ) {
+        Ok(_) => match rows(&mut app, "FETCH ALL FROM c3") {
+            Err(state) => assert_eq!(state, "34000", "probe: FETCH after an implicit transaction"),
+            Ok(r) => leaked.extend(r.into_iter().map(|t| format!("implicit transaction: {t}"))),
+        },
+        Err(state) => eprintln!("the implicit transaction was refused ({state})"),
+    }
+
+    // 4. The extended query protocol.
+    {
+        let mut tx = app.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1, 'u')", &[&"A"])
+            .unwrap();
+        tx.execute(
+            "DECLARE c4 CURSOR WITH HOLD FOR SELECT tenant_id FROM notes",
+            &[],
+        )
+        .unwrap();
+        let _ = tx.commit();
+    }
+    match app.query("FETCH ALL FROM c4", &[]) {
+        Err(e) => assert_eq!(
+            sqlstate::<()>(Err(e)),
+            "34000",
+            "probe: FETCH after COMMIT (extended protocol)"
+        ),
+        Ok(r) => leaked.extend(
+            r.iter()
+                .map(|row| format!("extended protocol: {}", row.get::<_, String>(0))),
+        ),
+    }
+    // 5. Listing cursors after the commit shows none to open by name.
+    let listed = rows(&mut app, "SELECT name FROM pg_cursors").unwrap();
+    assert!(
+        listed.is_empty(),
+        "probe: pg_cursors after commit: {listed:?}"
+    );
+    assert!(
+        leaked.is_empty(),
+        "rows of tenant A read after its transaction: {leaked:?}"
+    );
+
+    // A procedure that commits inside a loop over a query still runs to its end.
+    let n: String = rows(&mut app, "CALL public.walk_notes()")
+        .expect("probe: procedure committing inside a cursor loop")
+        .pop()
+        .unwrap();
+    assert_eq!(n, "2", "the loop saw tenant A's two rows");
+
+    // Control: without strict_context the held cursor does outlive the transaction,
+    // which is the leak this guards against (and why this test can fail).
+    let mut loose = connect_as(&cl, "app_loose");
+    rows(
+        &mut loose,
+        "BEGIN; SELECT pgseal.set_tenant('A', 'u'); \
+         DECLARE c5 CURSOR WITH HOLD FOR SELECT tenant_id FROM notes; COMMIT",
+    )
+    .unwrap();
+    let seen =
+        rows(&mut loose, "FETCH ALL FROM c5").expect("the held cursor without strict_context");
+    assert_eq!(
+        seen,
+        vec!["A", "A"],
+        "control: the cursor kept tenant A's rows"
+    );
+}
