@@ -6,7 +6,10 @@
 #   cluster.sh crash DIR        (kill -9 of the postmaster, as after a power cut)
 #   cluster.sh resume DIR       (start an existing cluster again, e.g. after crash)
 # KEYFILE holds '<version>:<64 hex>' lines; the server reads it through
-# pgseal.master_key_command. DIR must lie outside the root-owned checkout.
+# pgseal.master_key_command. KEYFILE may instead be the literal env:<64 hex>: the
+# postmaster then gets the key in PGSEAL_MASTER_KEY and no key command (a later
+# restart or resume passes only the caller's environment).
+# DIR must lie outside the root-owned checkout.
 set -euo pipefail
 BIN=/usr/lib/postgresql/15/bin
 USER_=${PGSEAL_TEST_USER:-pgseal-test}
@@ -16,19 +19,25 @@ cmd=$1; dir=$2
 case "$cmd" in
 start)
     port=$3; keyfile=$4; shift 4
+    envkey=
     rm -rf "$dir"; install -d -o "$USER_" -m 700 "$dir"
-    install -o "$USER_" -m 600 "$keyfile" "$dir/master.keys"
+    if [[ $keyfile == env:* ]]; then
+        envkey=${keyfile#env:}
+    else
+        install -o "$USER_" -m 600 "$keyfile" "$dir/master.keys"
+    fi
     as_user "$BIN/initdb" -D "$dir/data" -A trust -U postgres --no-sync >/dev/null
     {
         echo "port = $port"
         echo "listen_addresses = '127.0.0.1'"
         echo "unix_socket_directories = '$dir'"
         echo "shared_preload_libraries = 'pgseal'"
-        echo "pgseal.master_key_command = 'cat $dir/master.keys'"
+        if [ -z "$envkey" ]; then echo "pgseal.master_key_command = 'cat $dir/master.keys'"; fi
         echo "fsync = off"
         echo "logging_collector = off"
         for line in "$@"; do echo "$line"; done
     } >> "$dir/data/postgresql.conf"
+    if [ -n "$envkey" ]; then export PGSEAL_MASTER_KEY="$envkey"; fi  # runuser keeps the environment
     as_user "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
     ;;
 stop)

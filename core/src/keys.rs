@@ -1,18 +1,21 @@
 //! Data keys, master keys and key identifiers.
 
+mod locked;
+
 use aes_gcm::{Aes256Gcm, KeyInit};
 use rand_core::{OsRng, RngCore};
-use zeroize::Zeroizing;
+
+pub use locked::{protect_process, Locked};
 
 /// Length in bytes of every symmetric key pgseal uses (AES-256).
 pub const KEY_LEN: usize = 32;
 /// Random bytes behind a key id (encoded as 16 base64url characters).
 pub const KEY_ID_BYTES: usize = 12;
 
-/// 32 secret bytes that are wiped when dropped. Used for tenant data keys,
-/// tenant ledger keys and master key versions alike.
+/// 32 secret bytes in locked, dump-excluded memory, wiped when dropped. Used for
+/// tenant data keys, tenant ledger keys and master key versions alike.
 #[derive(Clone)]
-pub struct SecretKey(Box<Zeroizing<[u8; KEY_LEN]>>);
+pub struct SecretKey(Locked<[u8; KEY_LEN]>);
 
 impl SecretKey {
     /// A fresh key from the operating system's CSPRNG.
@@ -23,7 +26,7 @@ impl SecretKey {
     }
 
     fn zero() -> Self {
-        SecretKey(Box::new(Zeroizing::new([0u8; KEY_LEN])))
+        SecretKey(Locked::new_with(|| [0u8; KEY_LEN]))
     }
 
     /// Builds a key from exactly 32 bytes; `None` for any other length.
@@ -40,14 +43,21 @@ impl SecretKey {
         &self.0
     }
 
-    /// Address of the heap cell that holds the bytes, for `mlock`.
+    /// Address of the locked cell that holds the bytes.
     pub fn region(&self) -> (*const u8, usize) {
         (self.0.as_ptr(), KEY_LEN)
     }
 
-    /// An AES-256-GCM instance with the expanded key schedule, for repeated use.
+    /// An AES-256-GCM instance with the expanded key schedule, for one use: its
+    /// round keys are wiped when it is dropped.
     pub fn cipher(&self) -> Aes256Gcm {
         Aes256Gcm::new_from_slice(&self.0[..]).expect("32-byte key")
+    }
+
+    /// As [`cipher`](Self::cipher), kept in locked, dump-excluded memory: for a
+    /// cipher held for repeated use.
+    pub fn locked_cipher(&self) -> Locked<Aes256Gcm> {
+        Locked::new_with(|| self.cipher())
     }
 }
 

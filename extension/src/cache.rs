@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use aes_gcm::Aes256Gcm;
 use pgrx::prelude::*;
 use pgrx::PgAtomic;
+use pgseal_core::keys::Locked;
 use pgseal_core::wrap::Purpose;
 
 use crate::error::{SealError, SealResult};
@@ -21,12 +22,13 @@ use crate::keystore::{self, KeyState};
 
 pub static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pgseal_key_epoch") };
 
-/// An unwrapped key, ready to use.
+/// An unwrapped key, ready to use. Its expanded key lives in locked memory that is
+/// left out of core dumps and wiped when the last reference goes.
 pub struct LiveKey {
     pub key_id: String,
     pub tenant: String,
     pub purpose: Purpose,
-    pub cipher: Aes256Gcm,
+    pub cipher: Locked<Aes256Gcm>,
 }
 
 struct ActiveEntry {
@@ -65,6 +67,15 @@ pub fn forget_all() {
     CACHE.with(|c| c.borrow_mut().clear());
 }
 
+/// As `forget_all`, for the exit wipe: does nothing if the cache is in use or gone.
+pub fn forget_all_at_exit() {
+    let _ = CACHE.try_with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut() {
+            c.clear();
+        }
+    });
+}
+
 /// Empties the cache if another backend changed keys since we last looked.
 fn sync_epoch() {
     let now = EPOCH.get().load(Ordering::SeqCst);
@@ -89,11 +100,13 @@ fn remember(live: Rc<LiveKey>) {
 }
 
 fn live_from(stored: &keystore::StoredKey, key: pgseal_core::keys::SecretKey) -> Rc<LiveKey> {
+    let cipher = key.locked_cipher();
+    crate::master::protect_key_memory();
     Rc::new(LiveKey {
         key_id: stored.key_id.clone(),
         tenant: stored.tenant.clone(),
         purpose: stored.purpose,
-        cipher: key.cipher(),
+        cipher,
     })
 }
 

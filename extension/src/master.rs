@@ -1,8 +1,12 @@
 //! The master key ring, loaded once in the postmaster and inherited by every backend.
 //!
 //! The key bytes live only in this process's memory: never in a table, a setting,
-//! a message or a result. They are locked in RAM where the OS allows (`mlock`), and
-//! wiped at process exit.
+//! a message or a result. They live in memory that is locked in RAM where the OS
+//! allows (`mlock`, again in every backend that uses them) and left out of core
+//! dumps (`pgseal_core::keys::Locked`), and they are wiped at process exit. The
+//! value of `PGSEAL_MASTER_KEY` is overwritten in the environment (`environ`).
+
+mod environ;
 
 use std::cell::Cell;
 use std::io::Read;
@@ -13,7 +17,7 @@ use std::sync::Mutex;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgseal_core::keyring::KeyRing;
-use pgseal_core::keys::SecretKey;
+use pgseal_core::keys::{self, SecretKey};
 use zeroize::Zeroizing;
 
 use crate::error::{SealError, SealResult};
@@ -47,7 +51,8 @@ pub fn load_at_startup() {
         }
     };
     if let Some(r) = &ring {
-        lock_in_memory(r);
+        // The ring's keys live in locked, dump-excluded memory (`SecretKey`).
+        protect_key_memory();
         pgrx::log!("pgseal: master key loaded, versions {:?}", r.versions());
     }
     let mut m = MASTER.lock().unwrap_or_else(|p| p.into_inner());
@@ -64,9 +69,19 @@ pub fn load_at_startup() {
 
 fn read_ring() -> Result<KeyRing, &'static str> {
     // Take the variable out of the environment so that programs the server starts
-    // (archive_command, COPY ... PROGRAM) never inherit it.
-    let env_value = std::env::var(ENV_VAR).ok().map(Zeroizing::new);
+    // (archive_command, COPY ... PROGRAM) never inherit it, after overwriting its
+    // value where it would stay in memory, /proc/<pid>/environ's block included.
+    let env_value = match std::env::var(ENV_VAR) {
+        Ok(v) => Some(Zeroizing::new(v)),
+        Err(std::env::VarError::NotPresent) => None,
+        // Not UTF-8, so not 64 hex characters: wipe the copy, fail as malformed.
+        Err(std::env::VarError::NotUnicode(raw)) => {
+            drop(Zeroizing::new(raw.into_encoded_bytes()));
+            Some(Zeroizing::new(String::new()))
+        }
+    };
     if env_value.is_some() {
+        environ::scrub(ENV_VAR);
         // SAFETY: _PG_init runs in the single-threaded postmaster before any other
         // thread could read the environment.
         unsafe { std::env::remove_var(ENV_VAR) };
@@ -113,16 +128,13 @@ fn run_key_command(cmd: &str) -> Result<Zeroizing<String>, &'static str> {
     Ok(out)
 }
 
-fn lock_in_memory(ring: &KeyRing) {
-    for key in ring.keys() {
-        let (ptr, len) = key.region();
-        // SAFETY: `ptr` points to `len` bytes of a live heap allocation owned by the
-        // ring, which lives in a static for the rest of the process. mlock only pins
-        // pages; failure (e.g. RLIMIT_MEMLOCK) is harmless and reported as a LOG.
-        let rc = unsafe { libc::mlock(ptr.cast(), len) };
-        if rc != 0 {
-            pgrx::log!("pgseal: could not lock the master key in memory; it may be swapped out");
-        }
+static MEMORY_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Locks every key in this process's memory, which a forked backend must do again,
+/// and logs once (per postmaster and its backends) when the OS refuses.
+pub fn protect_key_memory() {
+    if !keys::protect_process() && !MEMORY_WARNED.swap(true, Ordering::Relaxed) {
+        pgrx::log!("pgseal: could not lock key memory in RAM or exclude it from core dumps (see RLIMIT_MEMLOCK); keys may be swapped out");
     }
 }
 
@@ -134,6 +146,7 @@ unsafe extern "C-unwind" fn wipe_on_exit(_code: i32, _arg: pg_sys::Datum) {
         }
         m.ring = None;
     }
+    crate::cache::forget_all_at_exit();
     LOADED.store(false, Ordering::Relaxed);
 }
 
@@ -146,6 +159,7 @@ fn register_exit_wipe() {
             // 'static and only touches our own Mutex-guarded state.
             unsafe { pg_sys::on_proc_exit(Some(wipe_on_exit), pg_sys::Datum::from(0)) };
             done.set(true);
+            protect_key_memory();
         }
     });
 }

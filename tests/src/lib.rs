@@ -41,6 +41,28 @@ impl Cluster {
         c
     }
 
+    /// Starts a cluster with no key command whose postmaster finds `hex` (64 hex
+    /// characters, master key version 1) in `PGSEAL_MASTER_KEY`.
+    pub fn start_env_key(name: &str, port: u16, hex: &str, conf: &[&str]) -> Cluster {
+        std::fs::create_dir_all("/var/tmp/pgseal-it").unwrap();
+        let c = Cluster {
+            dir: PathBuf::from(format!("/var/tmp/pgseal-it/{name}")),
+            port,
+        };
+        let key = format!("env:{hex}");
+        c.script(
+            &["start", c.dir.to_str().unwrap(), &port.to_string(), &key],
+            conf,
+        );
+        c
+    }
+
+    /// The postmaster's process id: the first line of `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> u32 {
+        let pidfile = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).unwrap();
+        pidfile.lines().next().unwrap().trim().parse().unwrap()
+    }
+
     fn script(&self, args: &[&str], extra: &[&str]) {
         let st = Command::new("bash")
             .arg(repo_root().join("scripts/cluster.sh"))
