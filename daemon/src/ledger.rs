@@ -5,7 +5,7 @@ use std::io::BufRead;
 use std::path::Path;
 
 use pgseal_core::checkpoint::Checkpoint;
-use pgseal_core::export::verify_export;
+use pgseal_core::export::{verify_export, CheckpointProblem, TenantResult};
 
 use crate::error::DaemonError;
 
@@ -54,19 +54,25 @@ fn read_checkpoints(path: &Path) -> Result<Vec<Checkpoint>, DaemonError> {
 }
 
 /// Verifies an export file offline: hashes, links and seq continuity, and with
-/// checkpoints and the public key, that the chain passes through each checkpoint.
+/// checkpoints and the public key, that each tenant's chain reaches and passes
+/// through every checkpoint of that tenant. A checkpoint beyond the tenant's last
+/// exported entry, or of a tenant the export lacks, fails (a cut export). With
+/// `tenant`, only that tenant's entries and checkpoints are checked.
 pub fn verify_file(
     file: &Path,
     checkpoints: Option<&Path>,
     public_key: Option<&str>,
     tenant: Option<&str>,
 ) -> Result<Vec<Outcome>, DaemonError> {
-    let cps = match checkpoints {
+    let mut cps = match checkpoints {
         Some(p) => read_checkpoints(p)?,
         None => Vec::new(),
     };
     if !cps.is_empty() && public_key.is_none() {
         return Err(DaemonError::Usage("--checkpoints needs --public-key"));
+    }
+    if let Some(t) = tenant {
+        cps.retain(|cp| cp.tenant == t);
     }
     let input = std::fs::File::open(file)
         .map_err(|e| DaemonError::File(file.display().to_string(), e.to_string()))?;
@@ -80,22 +86,47 @@ pub fn verify_file(
     Ok(results
         .into_iter()
         .filter(|r| tenant.is_none_or(|t| t == r.tenant))
-        .map(|r| {
-            let detail = match r.report.failure {
-                Some(f) => format!("{} at seq {}", f.problem.as_str(), f.seq),
-                None if r.checkpoints_matched > 0 => {
-                    format!(", {} checkpoint(s) matched", r.checkpoints_matched)
-                }
-                None => String::new(),
-            };
-            Outcome {
-                tenant: r.tenant,
-                ok: r.report.ok(),
-                checked: r.report.checked,
-                detail,
-            }
+        .map(|r| Outcome {
+            ok: r.ok(),
+            detail: detail(&r),
+            tenant: r.tenant,
+            checked: r.report.checked,
         })
         .collect())
+}
+
+/// The text after "ok, N entries checked" or "FAILED after N entries: ".
+fn detail(r: &TenantResult) -> String {
+    if let Some(f) = r.checkpoint_failure {
+        return match f.problem {
+            CheckpointProblem::NotReached { last: Some(last) } => format!(
+                "checkpoint at seq {} lies beyond the last exported entry (seq {last}): the export is cut short",
+                f.seq
+            ),
+            CheckpointProblem::NotReached { last: None } => format!(
+                "checkpoint at seq {}, but the export has no entry of this tenant",
+                f.seq
+            ),
+            CheckpointProblem::HashMismatch => format!(
+                "hash mismatch at seq {}: the export differs from the checkpoint",
+                f.seq
+            ),
+        };
+    }
+    if let Some(f) = r.report.failure {
+        return format!("{} at seq {}", f.problem.as_str(), f.seq);
+    }
+    let mut out = String::new();
+    if r.checkpoints_matched > 0 {
+        out += &format!(", {} checkpoint(s) matched", r.checkpoints_matched);
+    }
+    if r.checkpoints_before > 0 {
+        out += &format!(
+            ", {} checkpoint(s) before the export's first entry not checked",
+            r.checkpoints_before
+        );
+    }
+    out
 }
 
 /// Every tenant with a ledger (a loose index scan over the primary key).
