@@ -148,14 +148,21 @@ pub fn active_key(tenant: &str, purpose: Purpose) -> SealResult<Rc<LiveKey>> {
             .get(&slot)
             .map(|e| (e.key.clone(), e.encryptions))
     });
+    // The shared total counts every backend's seals, rolled-back ones included
+    // (`enc_counts`); without a slot, this backend's view: stored + this transaction.
     if let Some((k, n)) = cached {
-        if n + crate::txn::pending_encryptions(&k.key_id) < limit {
+        let used = crate::enc_counts::total(&k.key_id)
+            .unwrap_or_else(|| n + crate::txn::pending_encryptions(&k.key_id));
+        if used < limit {
             return Ok(k);
         }
     }
     let (mut stored, mut key) = keystore::ensure_active(tenant, purpose, false)?;
-    if stored.encryptions + crate::txn::pending_encryptions(&stored.key_id) >= limit {
+    let used = crate::enc_counts::observe(&stored.key_id, stored.encryptions)
+        .unwrap_or_else(|| stored.encryptions + crate::txn::pending_encryptions(&stored.key_id));
+    if used >= limit {
         (stored, key) = keystore::ensure_active(tenant, purpose, true)?;
+        crate::enc_counts::observe(&stored.key_id, stored.encryptions);
     }
     let live = live_from(&stored, key);
     remember(live.clone());

@@ -1,7 +1,8 @@
 //! Per-transaction bookkeeping, driven by transaction callbacks registered in `_PG_init`.
 //!
-//! - Encryption counts per key accumulate in memory and are added to
-//!   `pgseal.tenant_keys.encryptions` once, at pre-commit.
+//! - Every seal counts at once in its key's shared total (`enc_counts`), whether the
+//!   transaction commits or not; at pre-commit the keys this transaction sealed with
+//!   have their totals written back to `pgseal.tenant_keys.encryptions`.
 //! - A transaction that rotated or shredded keys bumps the shared key epoch after
 //!   it commits, so every backend drops its cached keys before its next use.
 //! - A transaction or subtransaction that wrote keys and then aborted empties this
@@ -29,7 +30,10 @@ thread_local! {
     static TX: RefCell<TxState> = RefCell::new(TxState::default());
 }
 
+/// Counts one seal under `key_id`: in the shared total at once (it counts even if the
+/// transaction rolls back), and in this transaction's list of keys to write back.
 pub fn note_encryption(key_id: &str) {
+    crate::enc_counts::count_seal(key_id);
     TX.with(|t| {
         *t.borrow_mut()
             .encryptions
@@ -58,7 +62,17 @@ fn flush_encryptions() -> SealResult<()> {
     }
     let (ids, counts): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
     cache::add_counts(&ids, &counts);
-    crate::keystore::add_encryptions(ids, counts)
+    // A key with a shared total writes that total back (it already holds this
+    // transaction's seals and every rolled-back one); a key without adds its count.
+    let (adds, totals): (Vec<i64>, Vec<Option<i64>>) = ids
+        .iter()
+        .zip(&counts)
+        .map(|(id, &n)| match crate::enc_counts::total(id) {
+            Some(t) => (0, Some(t)),
+            None => (n, None),
+        })
+        .unzip();
+    crate::keystore::add_encryptions(ids, adds, totals)
 }
 
 /// Pre-commit work, in order: with `pgseal.strict_context`, closing `WITH HOLD`

@@ -235,6 +235,56 @@ fn concurrent_first_seals_end_with_one_active_key() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("active version:    1"));
 }
 
+/// Issue 14, hole 6: 99 seals in a transaction that rolls back still spent their
+/// nonces, so they count against the key in every backend, and the limit
+/// (`pgseal.dek_max_encryptions`) rotates the key on time.
+#[test]
+fn rolled_back_seals_count_against_the_key_in_every_backend() {
+    let cl = Cluster::start(
+        "enc-counts",
+        54324,
+        &[KEY_V1],
+        &["pgseal.dek_max_encryptions = 100"],
+    );
+    let mut a = cl.connect();
+    a.batch_execute("CREATE EXTENSION pgseal").unwrap();
+    let first = seal(&mut a, "lim", "one", None);
+    let key_of = |s: &str| s.split(':').nth(1).unwrap().to_owned();
+    // 98 more seals in a transaction whose ciphertexts leave through the result,
+    // then a rollback: 99 nonces spent under the key.
+    let mut tx = a.transaction().unwrap();
+    tx.execute("SELECT set_config('app.tenant_id', 'lim', true)", &[])
+        .unwrap();
+    let rows = tx
+        .query(
+            "SELECT pgseal.vault_seal('x' || g) FROM generate_series(1, 98) g",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 98);
+    tx.rollback().unwrap();
+    // Another backend seals: the key is at 99 of 100, so the 2nd seal from here
+    // reaches the limit and the 3rd uses a new key.
+    let mut b = cl.connect();
+    let k1 = key_of(&seal(&mut b, "lim", "b1", None));
+    let k2 = key_of(&seal(&mut b, "lim", "b2", None));
+    assert_eq!(k1, key_of(&first), "the 100th encryption still uses the first key");
+    assert_ne!(
+        k2,
+        key_of(&first),
+        "the key was not rotated after 100 encryptions (rolled-back seals were not counted)"
+    );
+    // The committed count of the first key includes the rolled-back seals.
+    let n: i64 = b
+        .query_one(
+            "SELECT encryptions FROM pgseal.tenant_keys WHERE key_id = $1",
+            &[&key_of(&first)],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100, "stored count of the first key");
+}
+
 fn pgseald_status(port: u16) -> std::process::Output {
     std::process::Command::new(repo_root().join("target/debug/pgseald"))
         .args([
