@@ -82,3 +82,16 @@ GRANT EXECUTE ON FUNCTION pgseal._leader_try_lock() TO pgseal_admin;
 -- organisation's row in pgseal.org_locks through this narrow SECURITY DEFINER helper
 -- (the current tenant's organisations only).
 GRANT EXECUTE ON FUNCTION pgseal._org_lock(text) TO PUBLIC;
+
+-- Evidence (issue 14). The protect functions run as the caller and end by recording
+-- the table's protection (the caller must own it); ledger_audit, run as the caller,
+-- attaches the TRUNCATE trigger; pgseald appends its receipts through _job_receipt.
+-- The other recording triggers (_org_members_record, _retention_record) are granted
+-- to no role: triggers fire without EXECUTE, and nobody can attach them elsewhere.
+GRANT EXECUTE ON FUNCTION pgseal._protection_changed(oid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgseal._audit_truncate() TO pgseal_admin;
+GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
+
+-- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
+-- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).
+GRANT SELECT ON pgseal.ledger_checkpoints TO pgseal_admin;

@@ -187,11 +187,25 @@ CREATE TRIGGER sealed_columns_check BEFORE INSERT OR UPDATE ON pgseal.sealed_col
 ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_check;
 ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_check;
 
+-- Retention rules and legal holds are evidence: 'retention.set' / 'retention.removed'
+-- (in the rule's tenant's chain; a default rule's in the tenant context's, else the
+-- system chain '_pgseal') and 'retention.held' / 'retention.released' (the tenant's
+-- chain), whichever way the row is written (extension/src/ledger/evidence.rs). A C
+-- trigger function, executable by no role.
+CREATE FUNCTION pgseal._retention_record() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'retention_record_trigger';
+CREATE TRIGGER retention_rules_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.retention_rules
+    FOR EACH ROW EXECUTE FUNCTION pgseal._retention_record();
+CREATE TRIGGER retention_holds_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.retention_holds
+    FOR EACH ROW EXECUTE FUNCTION pgseal._retention_record();
+ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record;
+ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record;
+
 REVOKE ALL ON pgseal.retention_rules, pgseal.retention_holds, pgseal.sealed_columns, pgseal.job_runs FROM PUBLIC;
 -- retention_set and vault_register_column run as the caller (the trigger above
 -- checks what they write).
 GRANT SELECT, INSERT, UPDATE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
-GRANT SELECT ON pgseal.retention_policies, pgseal.key_usage, pgseal.sealed_columns TO pgseal_admin;
+GRANT SELECT ON pgseal.retention_policies, pgseal.key_usage, pgseal.sealed_columns, pgseal.retention_holds TO pgseal_admin;
 GRANT SELECT, INSERT, UPDATE ON pgseal.job_runs TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_rules', '');
 SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_holds', '');

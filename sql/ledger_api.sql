@@ -44,8 +44,8 @@ END
 $$;
 
 -- Append-only: UPDATE, DELETE and TRUNCATE fail with 42501, except the deletes
--- ledger_prune() makes. ENABLE ALWAYS keeps the guard on under
--- session_replication_role = replica.
+-- ledger_prune() makes (TRUNCATE of the heads and the checkpoints too). ENABLE
+-- ALWAYS keeps the guard on under session_replication_role = replica.
 CREATE FUNCTION pgseal._ledger_guard() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
@@ -65,9 +65,31 @@ CREATE TRIGGER pgseal_ledger_truncate_guard BEFORE TRUNCATE ON pgseal.ledger
     FOR EACH STATEMENT EXECUTE FUNCTION pgseal._ledger_guard();
 CREATE TRIGGER pgseal_heads_truncate_guard BEFORE TRUNCATE ON pgseal.ledger_heads
     FOR EACH STATEMENT EXECUTE FUNCTION pgseal._ledger_guard();
+CREATE TRIGGER pgseal_checkpoints_truncate_guard BEFORE TRUNCATE ON pgseal.ledger_checkpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION pgseal._ledger_guard();
 ALTER TABLE pgseal.ledger ENABLE ALWAYS TRIGGER pgseal_ledger_guard;
 ALTER TABLE pgseal.ledger ENABLE ALWAYS TRIGGER pgseal_ledger_truncate_guard;
 ALTER TABLE pgseal.ledger_heads ENABLE ALWAYS TRIGGER pgseal_heads_truncate_guard;
+ALTER TABLE pgseal.ledger_checkpoints ENABLE ALWAYS TRIGGER pgseal_checkpoints_truncate_guard;
+
+-- Row writes other than pgseal's own, refused with 42501 for everyone, superusers
+-- included (extension/src/ledger/guard.rs): INSERT into the ledger outside
+-- pgseal's append path; any write of a heads row outside the ledger functions,
+-- and a change of its anchor outside ledger_prune(); any write of a checkpoint
+-- outside ledger_checkpoint(). A C function: it runs for every appended row, and
+-- the direct single-entry write performs its check itself instead of firing it.
+CREATE FUNCTION pgseal._ledger_write_guard() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'ledger_write_guard';
+
+CREATE TRIGGER pgseal_ledger_write_guard BEFORE INSERT ON pgseal.ledger
+    FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_write_guard('ledger');
+CREATE TRIGGER pgseal_heads_write_guard BEFORE INSERT OR UPDATE OR DELETE ON pgseal.ledger_heads
+    FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_write_guard('heads');
+CREATE TRIGGER pgseal_checkpoints_write_guard BEFORE INSERT OR UPDATE OR DELETE ON pgseal.ledger_checkpoints
+    FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_write_guard('checkpoints');
+ALTER TABLE pgseal.ledger ENABLE ALWAYS TRIGGER pgseal_ledger_write_guard;
+ALTER TABLE pgseal.ledger_heads ENABLE ALWAYS TRIGGER pgseal_heads_write_guard;
+ALTER TABLE pgseal.ledger_checkpoints ENABLE ALWAYS TRIGGER pgseal_checkpoints_write_guard;
 
 -- Tenants read their own entries; pgseal_admin reads every tenant's.
 ALTER TABLE pgseal.ledger ENABLE ROW LEVEL SECURITY;
@@ -83,6 +105,19 @@ CREATE POLICY ledger_admin ON pgseal.ledger FOR SELECT TO pgseal_admin
 CREATE FUNCTION pgseal._audit_row() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'audit_row_trigger';
 
+-- TRUNCATE fires no row trigger: ledger_audit adds this statement trigger, which
+-- records 'audit.truncated' (the table's name) in the chain of the tenant context,
+-- else pgseal's system chain '_pgseal'. It reads nothing from the table.
+CREATE FUNCTION pgseal._audit_truncate() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'audit_truncate_trigger';
+
+-- pgseald's receipts ('retention.deleted'): appended to the current tenant's chain
+-- through this narrow entry point, since ledger_append refuses pgseal's reserved
+-- event names. It accepts only pgseald's job events; granted to pgseal_admin.
+CREATE FUNCTION pgseal._job_receipt(event text, payload jsonb) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'job_receipt_fn';
+
 CREATE FUNCTION pgseal.ledger_audit(rel regclass, events text[] DEFAULT '{INSERT,UPDATE,DELETE}')
 RETURNS void
 LANGUAGE plpgsql
@@ -93,11 +128,12 @@ DECLARE
     bad  text;
     pk   text[];
     tcol text;
+    part regclass;
 BEGIN
     IF rel IS NULL THEN
         RAISE EXCEPTION 'rel must not be NULL' USING ERRCODE = '22004';
     END IF;
-    IF rel IN ('pgseal.ledger'::regclass, 'pgseal.ledger_heads'::regclass) THEN
+    IF rel IN ('pgseal.ledger'::regclass, 'pgseal.ledger_heads'::regclass, 'pgseal.ledger_checkpoints'::regclass) THEN
         RAISE EXCEPTION 'the ledger cannot audit itself' USING ERRCODE = '22023';
     END IF;
     IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = rel) NOT IN ('r', 'p') THEN
@@ -123,6 +159,15 @@ BEGIN
     EXECUTE pg_catalog.format(
         'CREATE TRIGGER pgseal_audit AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgseal._audit_row(%L, %L)',
         pg_catalog.array_to_string(ev, ' OR '), rel, coalesce(pk, '{}')::text, coalesce(tcol, ''));
+    -- Statement triggers are not cloned to partitions as row triggers are: the
+    -- TRUNCATE trigger goes on the table and on each of its partitions (a partition
+    -- attached later needs ledger_audit again).
+    FOR part IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit_truncate ON %s', part);
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER pgseal_audit_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgseal._audit_truncate()',
+            part);
+    END LOOP;
 END
 $$;
 
@@ -130,8 +175,13 @@ CREATE FUNCTION pgseal.ledger_unaudit(rel regclass) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
+DECLARE
+    part regclass;
 BEGIN
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit ON %s', rel);
+    FOR part IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit_truncate ON %s', part);
+    END LOOP;
 END
 $$;
 
@@ -145,6 +195,7 @@ AS $$
 DECLARE
     ledger oid := pg_catalog.to_regclass('pgseal.ledger');
     heads  oid := pg_catalog.to_regclass('pgseal.ledger_heads');
+    cps    oid := pg_catalog.to_regclass('pgseal.ledger_checkpoints');
     hit    boolean := false;
 BEGIN
     IF pgseal._creating_extension() THEN
@@ -156,19 +207,21 @@ BEGIN
             RETURN;
         END IF;
         SELECT true INTO hit FROM pg_catalog.pg_event_trigger_dropped_objects() d
-         WHERE d.object_identity IN ('pgseal.ledger', 'pgseal.ledger_heads')
+         WHERE d.object_identity IN ('pgseal.ledger', 'pgseal.ledger_heads', 'pgseal.ledger_checkpoints')
             OR d.object_identity LIKE 'pgseal.ledger.%' OR d.object_identity LIKE 'pgseal.ledger_heads.%'
+            OR d.object_identity LIKE 'pgseal.ledger_checkpoints.%'
             OR d.object_identity LIKE '% on pgseal.ledger' OR d.object_identity LIKE '% on pgseal.ledger_heads'
+            OR d.object_identity LIKE '% on pgseal.ledger_checkpoints'
          LIMIT 1;
     ELSE
         SELECT true INTO hit FROM pg_catalog.pg_event_trigger_ddl_commands() c
-         WHERE (c.classid = 'pg_catalog.pg_class'::regclass AND c.objid IN (ledger, heads))
+         WHERE (c.classid = 'pg_catalog.pg_class'::regclass AND c.objid IN (ledger, heads, cps))
             OR (c.classid = 'pg_catalog.pg_trigger'::regclass
-                AND (SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE t.oid = c.objid) IN (ledger, heads))
+                AND (SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE t.oid = c.objid) IN (ledger, heads, cps))
             OR (c.classid = 'pg_catalog.pg_policy'::regclass
-                AND (SELECT p.polrelid FROM pg_catalog.pg_policy p WHERE p.oid = c.objid) IN (ledger, heads))
+                AND (SELECT p.polrelid FROM pg_catalog.pg_policy p WHERE p.oid = c.objid) IN (ledger, heads, cps))
             OR (c.classid = 'pg_catalog.pg_rewrite'::regclass
-                AND (SELECT r.ev_class FROM pg_catalog.pg_rewrite r WHERE r.oid = c.objid) IN (ledger, heads))
+                AND (SELECT r.ev_class FROM pg_catalog.pg_rewrite r WHERE r.oid = c.objid) IN (ledger, heads, cps))
          LIMIT 1;
     END IF;
     IF hit THEN

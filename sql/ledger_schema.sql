@@ -43,7 +43,29 @@ CREATE TABLE pgseal.ledger_heads (
     anchor_hash bytea  NOT NULL DEFAULT pg_catalog.decode(pg_catalog.repeat('00', 32), 'hex')
 );
 
-REVOKE ALL ON pgseal.ledger, pgseal.ledger_heads FROM PUBLIC;
+-- Every checkpoint ledger_checkpoint() signed (docs/FORMAT.md, "Checkpoints", v2),
+-- as it signed it. Each names the tenant's previous one, so they form a chain:
+-- unique on (tenant, prev_seq), no two can extend the same checkpoint. Written only
+-- by ledger_checkpoint(); never updated or deleted (guards in ledger_api.sql).
+CREATE TABLE pgseal.ledger_checkpoints (
+    tenant_id   text    NOT NULL,
+    seq         bigint  NOT NULL,
+    hash        bytea   NOT NULL,
+    signed_at   text    NOT NULL,
+    key_version integer NOT NULL,
+    prev_seq    bigint  NOT NULL,
+    prev_hash   bytea   NOT NULL,
+    signature   bytea   NOT NULL,
+    PRIMARY KEY (tenant_id, seq),
+    UNIQUE (tenant_id, prev_seq),
+    CHECK (prev_seq >= 0 AND prev_seq < seq)
+);
+
+COMMENT ON TABLE pgseal.ledger_checkpoints IS
+    'Signed ledger checkpoints, each extending the tenant''s previous one. Written by pgseal.ledger_checkpoint().';
+
+REVOKE ALL ON pgseal.ledger, pgseal.ledger_heads, pgseal.ledger_checkpoints FROM PUBLIC;
 
 SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger', '');
 SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_heads', '');
+SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_checkpoints', '');

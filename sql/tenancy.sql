@@ -210,6 +210,16 @@ $$;
 CREATE TRIGGER org_members_keep_owner AFTER UPDATE OR DELETE ON pgseal.org_members
     FOR EACH ROW WHEN (OLD.role = 'owner') EXECUTE FUNCTION pgseal._org_members_keep_owner();
 
+-- Every membership change is evidence: 'org.member_added', 'org.member_removed' and
+-- 'org.role_changed' in the row's tenant's chain (extension/src/ledger/evidence.rs).
+-- A C trigger function, executable by no role, so it cannot be called or attached
+-- to another table; it fires after the checks above, for everyone (ENABLE ALWAYS).
+CREATE FUNCTION pgseal._org_members_record() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'org_members_record_trigger';
+CREATE TRIGGER org_members_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.org_members
+    FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_record();
+ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_record;
+
 -- The type of a column, as SQL text; 42703 when the table has no such column.
 CREATE FUNCTION pgseal._column_type(rel regclass, col name) RETURNS text
 LANGUAGE plpgsql STABLE
@@ -287,6 +297,7 @@ BEGIN
         PERFORM pgseal._rls_reset(t, tenant_column);
         EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
     END LOOP;
+    PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;
 
@@ -305,6 +316,7 @@ BEGIN
         EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', t);
     END LOOP;
+    PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;
 
@@ -335,5 +347,6 @@ BEGIN
         EXECUTE format('CREATE POLICY pgseal_org_update ON %s FOR UPDATE USING (%s) WITH CHECK (%s)', t, member, member);
         EXECUTE format('CREATE POLICY pgseal_org_delete ON %s FOR DELETE USING (%s)', t, admin);
     END LOOP;
+    PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;

@@ -80,8 +80,14 @@ def checkpoint_key(master):
 
 
 def checkpoint_message(cp):
-    return (b"pgseal:v1:checkpoint\x00" + lp(cp["tenant"]) + struct.pack(">q", cp["seq"]) + bytes.fromhex(cp["hash"])
-            + lp(cp["signed_at"]) + struct.pack(">I", cp["key_version"]))
+    """v2 when the checkpoint names its previous one (prev_seq, prev_hash), else v1."""
+    head = lp(cp["tenant"]) + struct.pack(">q", cp["seq"]) + bytes.fromhex(cp["hash"])
+    tail = lp(cp["signed_at"]) + struct.pack(">I", cp["key_version"])
+    if "prev_seq" in cp or "prev_hash" in cp:
+        prev_hash = bytes.fromhex(cp["prev_hash"])
+        assert len(prev_hash) == 32, "prev_hash is not 32 bytes"
+        return b"pgseal:v2:checkpoint\x00" + head + struct.pack(">q", cp["prev_seq"]) + prev_hash + tail
+    return b"pgseal:v1:checkpoint\x00" + head + tail
 
 
 def vectors(kind):
@@ -117,6 +123,7 @@ def check_vectors():
         assert hmac.new(bytes.fromhex(v["mac_key"]), h, hashlib.sha256).hexdigest() == v["mac"], "MAC differs"
         prev = h
         n += 1
+    versions = set()
     for v in vectors("checkpoint"):
         sk = checkpoint_key(bytes.fromhex(v["master_key"]))
         pk = sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -124,7 +131,9 @@ def check_vectors():
         cp = v["checkpoint"]
         assert sk.sign(checkpoint_message(cp)).hex() == cp["signature"], "signature differs"
         Ed25519PublicKey.from_public_bytes(pk).verify(bytes.fromhex(cp["signature"]), checkpoint_message(cp))
+        versions.add(2 if "prev_seq" in cp else 1)
         n += 1
+    assert versions == {1, 2}, "checkpoint vectors of both versions"
     return n
 
 

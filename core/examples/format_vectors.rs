@@ -142,4 +142,30 @@ fn main() {
                 "checkpoint": cp})
         );
     }
+    // v2: the first extends the first v1 vector's (seq, hash); the second is a
+    // tenant's first checkpoint, which names (0, 32 zero bytes).
+    for (i, (tenant, seq, prev_seq, signed_at, ver)) in [
+        ("acme", 7i64, 3i64, "2026-11-26T12:00:00.000000Z", 1u32),
+        ("42", 2, 0, "2026-11-26T12:00:01.5Z", 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let master = key(170 + i as u8);
+        let hash = [i as u8 + 0x21; 32];
+        let prev_hash = if *prev_seq == 0 { GENESIS } else { [0x11; 32] };
+        let cp = checkpoint::sign_after(
+            &master,
+            *ver,
+            tenant,
+            (*seq, &hash),
+            (*prev_seq, &prev_hash),
+            signed_at,
+        );
+        println!(
+            "{}",
+            serde_json::json!({"master_key": hex::encode(master.expose()), "public_key": checkpoint::public_key_hex(&master),
+                "checkpoint": cp})
+        );
+    }
 }

@@ -15,6 +15,9 @@ pub enum Problem {
     BrokenLink,
     Gap,
     Duplicate,
+    /// The chain starts at an anchor (`ledger_heads`) that no `ledger.pruned`
+    /// entry records: the entries before it were not removed by a prune.
+    AnchorMismatch,
 }
 
 impl Problem {
@@ -26,6 +29,7 @@ impl Problem {
             Problem::BrokenLink => "broken link",
             Problem::Gap => "gap",
             Problem::Duplicate => "duplicate",
+            Problem::AnchorMismatch => "anchor mismatch",
         }
     }
 }

@@ -120,21 +120,38 @@ fn ledger_vectors_hash_mac_and_chain() {
 
 #[test]
 fn checkpoint_vectors_sign_and_verify() {
-    use pgseal_core::checkpoint::{public_key_hex, sign, verify, Checkpoint};
+    use pgseal_core::checkpoint::{public_key_hex, sign, sign_after, verify, Checkpoint};
     use pgseal_core::ledger::parse_hash;
+    let mut versions = Vec::new();
     for v in vectors("checkpoint") {
         let master = key(&v, "master_key");
         assert_eq!(public_key_hex(&master), s(&v, "public_key"));
         let cp: Checkpoint = serde_json::from_value(v["checkpoint"].clone()).unwrap();
-        let again = sign(
-            &master,
-            cp.key_version,
-            &cp.tenant,
-            cp.seq,
-            &parse_hash(&cp.hash).unwrap(),
-            &cp.signed_at,
-        );
+        let hash = parse_hash(&cp.hash).unwrap();
+        let again = match (cp.prev_seq, cp.prev_hash.as_deref()) {
+            (Some(prev_seq), Some(prev_hash)) => sign_after(
+                &master,
+                cp.key_version,
+                &cp.tenant,
+                (cp.seq, &hash),
+                (prev_seq, &parse_hash(prev_hash).unwrap()),
+                &cp.signed_at,
+            ),
+            _ => sign(
+                &master,
+                cp.key_version,
+                &cp.tenant,
+                cp.seq,
+                &hash,
+                &cp.signed_at,
+            ),
+        };
         assert_eq!(again, cp, "Ed25519 signatures are deterministic");
         assert!(verify(s(&v, "public_key"), &cp));
+        versions.push(cp.version());
     }
+    assert!(
+        versions.contains(&1) && versions.contains(&2),
+        "{versions:?}"
+    );
 }

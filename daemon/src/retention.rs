@@ -204,14 +204,18 @@ async fn receipt(
     rows: u64,
 ) -> Result<(), DaemonError> {
     let tx = client.transaction().await.map_err(DaemonError::Query)?;
-    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+    // The actor is 'pgseald' (the user setting); the entry's payload also names the
+    // database role pgseald connected as.
+    tx.execute("SELECT pgseal.set_tenant($1, 'pgseald')", &[&tenant])
         .await
         .map_err(DaemonError::Query)?;
     let payload = serde_json::json!({
         "table": rel, "cutoff": cutoff, "keep": rule.keep, "deleted": rows,
     });
+    // 'retention.' is one of pgseal's reserved event names, which ledger_append
+    // refuses; pgseald's receipts go through the narrow _job_receipt (pgseal_admin).
     tx.execute(
-        "SELECT pgseal.ledger_append('retention.deleted', $1::text::jsonb, 'pgseald')",
+        "SELECT pgseal._job_receipt('retention.deleted', $1::text::jsonb)",
         &[&payload.to_string()],
     )
     .await

@@ -207,10 +207,15 @@ async fn retention_job(
     if let Some(days) = j.ledger_keep_days {
         let keep = format!("{days} days");
         for t in crate::ledger::tenants(client).await? {
-            // The first entry young enough to keep; everything before it goes.
+            // The first entry young enough to keep; everything before it goes. Never
+            // younger than pgseal.ledger_min_retention, which ledger_prune enforces,
+            // and nothing for a tenant under a legal hold (ledger_prune refuses both).
             let first: Option<i64> = client
                 .query_one(
-                    "SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = $1 AND recorded_at >= now() - $2::text::interval",
+                    "SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = $1 \
+                     AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = $1) \
+                     AND recorded_at >= now() - greatest($2::text::interval, \
+                         current_setting('pgseal.ledger_min_retention')::interval)",
                     &[&t, &keep],
                 )
                 .await

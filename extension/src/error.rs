@@ -50,6 +50,12 @@ pub enum SealError {
     WrongObjectType(&'static str),
     #[error("permission denied: {0}")]
     Forbidden(&'static str),
+    /// 55000: the object is not in a state that allows this (a hold, a retention).
+    #[error("{0}")]
+    Refused(&'static str),
+    /// 40001: a concurrent transaction did the same; retry.
+    #[error("{0}")]
+    Conflict(&'static str),
     #[error("pgseal internal error: {0}")]
     Internal(&'static str),
 }
@@ -60,7 +66,9 @@ impl SealError {
         match self {
             SealError::NotPreloaded
             | SealError::MasterKeyNotLoaded { .. }
-            | SealError::MasterVersionMissing(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            | SealError::MasterVersionMissing(_)
+            | SealError::Refused(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SealError::Conflict(_) => ERRCODE_T_R_SERIALIZATION_FAILURE,
             SealError::NoTenantContext(_)
             | SealError::NoUserContext(_)
             | SealError::WrongTenant

@@ -20,6 +20,8 @@ pub static AUDIT_DECRYPT: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static STRICT_CONTEXT: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static TENANT_COLUMN_NAMES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"{tenant_id}"));
+pub static LEDGER_MIN_RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"10 years"));
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -100,6 +102,23 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"pgseal.ledger_min_retention",
+        c"Ledger entries younger than this interval are never pruned.",
+        c"pgseal.ledger_prune refuses (55000) to delete them. The default, 10 years, is the GoBD period. Only superusers may change it.",
+        &LEDGER_MIN_RETENTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// `pgseal.ledger_min_retention` as interval text; the default when someone set
+/// it to empty.
+pub fn ledger_min_retention() -> String {
+    match LEDGER_MIN_RETENTION.get() {
+        Some(v) if !v.as_bytes().is_empty() => v.to_string_lossy().into_owned(),
+        _ => "10 years".to_owned(),
+    }
 }
 
 /// The active master key version the configuration asks for, if any.

@@ -159,7 +159,10 @@ pub fn ensure_active(
     purpose: Purpose,
     rotate: bool,
 ) -> SealResult<(StoredKey, SecretKey)> {
-    as_owner(|| {
+    // A rotation is recorded in the tenant's ledger (`key.rotated`): the keys it
+    // retired, with their encryption counts, and the new key.
+    let mut retired: Option<Vec<serde_json::Value>> = None;
+    let made = as_owner(|| -> SealResult<(StoredKey, SecretKey)> {
         // The common case, a key that exists, needs no lock: active keys are only
         // replaced under the lock, and a reader may use the one it sees.
         if !rotate {
@@ -175,11 +178,23 @@ pub fn ensure_active(
                 return Ok((existing, key));
             }
         } else {
-            Spi::run_with_args(
-                "UPDATE pgseal.tenant_keys SET state = 'retired', retired_at = pg_catalog.now() \
-                 WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'",
-                &[tenant.into(), purpose.as_str().into()],
-            )?;
+            let old = Spi::connect_mut(|client| {
+                client
+                    .update(
+                        "UPDATE pgseal.tenant_keys SET state = 'retired', retired_at = pg_catalog.now() \
+                         WHERE tenant_id = $1 AND purpose = $2 AND state = 'active' RETURNING key_id, encryptions",
+                        None,
+                        &[tenant.into(), purpose.as_str().into()],
+                    )?
+                    .map(|row| -> Result<serde_json::Value, pgrx::spi::Error> {
+                        Ok(serde_json::json!({
+                            "key_id": row.get::<String>(1)?,
+                            "encryptions": row.get::<i64>(2)?,
+                        }))
+                    })
+                    .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+            })?;
+            retired = Some(old);
         }
         let key = SecretKey::random();
         let key_id = new_key_id();
@@ -213,6 +228,7 @@ pub fn ensure_active(
             }
         }
         crate::txn::note_keys_written(rotate);
+        // `wrapped: None` marks a key made here (the paths above return stored keys).
         let stored = StoredKey {
             key_id,
             tenant: tenant.to_owned(),
@@ -223,31 +239,51 @@ pub fn ensure_active(
             encryptions: 0,
         };
         Ok((stored, key))
-    })
+    })?;
+    if let Some(retired) = retired {
+        if purpose == Purpose::Dek && made.0.wrapped.is_none() {
+            let payload = serde_json::json!({
+                "key_id": made.0.key_id,
+                "kek_version": made.0.kek_version,
+                "retired": retired,
+            });
+            crate::ledger::evidence::record(tenant, "key.rotated", payload)?;
+        }
+    }
+    Ok(made)
 }
 
-/// Destroys every data key of the tenant; returns how many.
+/// Destroys every data key of the tenant; returns how many. Recorded in the
+/// tenant's ledger (`key.shredded`, with the key ids), also when there were none.
 pub fn shred(tenant: &str) -> SealResult<i64> {
-    let n = as_owner(|| {
-        Spi::get_one_with_args::<i64>(
+    let ids = as_owner(|| {
+        Spi::get_one_with_args::<Vec<String>>(
             "WITH d AS (UPDATE pgseal.tenant_keys SET state = 'destroyed', wrapped = NULL, kek_version = NULL, \
                  destroyed_at = pg_catalog.now() \
-             WHERE tenant_id = $1 AND purpose = 'dek' AND state <> 'destroyed' RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d",
+             WHERE tenant_id = $1 AND purpose = 'dek' AND state <> 'destroyed' RETURNING key_id) \
+             SELECT pg_catalog.array_agg(d.key_id ORDER BY d.key_id) FROM d",
             &[tenant.into()],
         )
-    })?;
+    })?
+    .unwrap_or_default();
     crate::txn::note_keys_written(true);
-    Ok(n.unwrap_or(0))
+    let n = ids.len() as i64;
+    let payload = serde_json::json!({ "keys": n, "key_ids": ids });
+    crate::ledger::evidence::record(tenant, "key.shredded", payload)?;
+    Ok(n)
 }
 
 /// Rewraps up to `batch` keys not under the active master version; returns how many.
+/// Each tenant whose keys moved gets one `key.rewrapped` entry per call, with counts.
 pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
     if batch <= 0 {
         return Err(SealError::InvalidArgument("batch must be positive"));
     }
     let active = master::with_active(|v, _| Ok(v))? as i32;
-    as_owner(|| {
+    // tenant → (data keys, ledger keys, master versions they were under)
+    let mut moved: std::collections::BTreeMap<String, (i64, i64, std::collections::BTreeSet<i32>)> =
+        Default::default();
+    let n = as_owner(|| -> SealResult<i32> {
         // connect_mut: a locking read must not run as a read-only SPI query, which
         // pgrx would choose when this (sub)transaction has no xid yet.
         let rows: Vec<StoredKey> = Spi::connect_mut(|client| -> SealResult<Vec<StoredKey>> {
@@ -281,6 +317,12 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
                 };
                 ids.push(r.key_id.clone());
                 blobs.push(wrap::wrap(kek, label, &key));
+                let m = moved.entry(r.tenant.clone()).or_default();
+                match r.purpose {
+                    Purpose::Dek => m.0 += 1,
+                    Purpose::Ledger => m.1 += 1,
+                }
+                m.2.extend(r.kek_version);
             }
             Ok(())
         })?;
@@ -291,16 +333,31 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
             &[ids.into(), blobs.into(), active.into()],
         )?;
         Ok(n)
-    })
+    })?;
+    for (tenant, (dek, ledger, from)) in moved {
+        let payload = serde_json::json!({
+            "keys": dek + ledger,
+            "dek": dek,
+            "ledger": ledger,
+            "kek_version": active,
+            "from_versions": from,
+        });
+        crate::ledger::evidence::record(&tenant, "key.rewrapped", payload)?;
+    }
+    Ok(n)
 }
 
-/// Adds per-key encryption counts (flushed once per transaction, at pre-commit).
-pub fn add_encryptions(ids: Vec<String>, counts: Vec<i64>) -> SealResult<()> {
+/// Writes per-key encryption counts back (once per transaction, at pre-commit):
+/// each key's count becomes the larger of its count plus `adds` and its shared total
+/// (NULL when the key has none; `GREATEST` ignores NULL).
+pub fn add_encryptions(ids: Vec<String>, adds: Vec<i64>, totals: Vec<Option<i64>>) -> SealResult<()> {
     as_owner(|| {
         Spi::run_with_args(
-            "UPDATE pgseal.tenant_keys k SET encryptions = k.encryptions + u.n \
-             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.int8[])) AS u(key_id, n) WHERE k.key_id = u.key_id",
-            &[ids.into(), counts.into()],
+            "UPDATE pgseal.tenant_keys k SET encryptions = GREATEST(k.encryptions OPERATOR(pg_catalog.+) u.n, u.total) \
+             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.int8[]), \
+                             pg_catalog.unnest($3::pg_catalog.int8[])) AS u(key_id, n, total) \
+             WHERE k.key_id OPERATOR(pg_catalog.=) u.key_id",
+            &[ids.into(), adds.into(), totals.into()],
         )?;
         Ok(())
     })

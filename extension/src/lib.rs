@@ -6,6 +6,7 @@ use pgrx::prelude::*;
 
 mod cache;
 mod context;
+mod enc_counts;
 mod error;
 mod gucs;
 mod jobs;
@@ -75,6 +76,8 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     use cache::EPOCH;
     pgrx::pg_shmem_init!(EPOCH);
+    use enc_counts::COUNTS;
+    pgrx::pg_shmem_init!(COUNTS);
     txn::register_callbacks();
     master::load_at_startup();
 }

@@ -150,7 +150,7 @@ fn require_tenant_arg(tenant: &str) -> SealResult<()> {
 }
 
 /// Creates a new active data key for `tenant` and returns its key id. Old keys keep
-/// decrypting.
+/// decrypting. Recorded in the tenant's ledger (`key.rotated`, by `keystore`).
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn tenant_key_rotate(tenant: &str) -> String {
     let r = (|| {
@@ -166,6 +166,7 @@ fn tenant_key_rotate(tenant: &str) -> String {
 
 /// Rewraps up to `batch` tenant keys that are not under the active master key
 /// version; returns how many it did (0 means done). Sealed rows are not touched.
+/// Each tenant whose keys moved gets a `key.rewrapped` entry (by `keystore`).
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn kek_rewrap(batch: default!(i32, 1000)) -> i32 {
     let r = (|| {
@@ -180,11 +181,13 @@ fn kek_rewrap(batch: default!(i32, 1000)) -> i32 {
 }
 
 /// Destroys the tenant's data keys. Every value sealed for it then fails to
-/// decrypt, in every session. Returns the number of keys destroyed.
+/// decrypt, in every session. Returns the number of keys destroyed. The shred is
+/// recorded in the tenant's ledger (`key.shredded`), so it needs the master key.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn tenant_shred(tenant: &str) -> i32 {
     let r = (|| {
         require_tenant_arg(tenant)?;
+        master::require_loaded()?;
         require_read_write("tenant_shred")?;
         let n = keystore::shred(tenant)?;
         cache::forget_all();

@@ -51,7 +51,11 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
         300,
         "a dry run deletes nothing"
     );
-    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.ledger"), 0);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pgseal.ledger WHERE event = 'retention.deleted'"),
+        0,
+        "a dry run leaves no receipt"
+    );
 
     let (code, out) = pgseald(&url, &["retention", "run", "--batch", "7"]);
     assert_eq!(code, Some(0), "{out}");
@@ -80,6 +84,19 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
     assert_eq!(receipts[0].1["deleted"], 70);
     assert_eq!(receipts[1].1["deleted"], 90);
     assert_eq!(receipts[1].1["keep"], "10 days");
+    assert_eq!(receipts[1].1["db_role"], "postgres", "the role pgseald connected as");
+    // The rules and the hold set up above are evidence too (issue 14).
+    let setup: Vec<(String, String)> = c
+        .query("SELECT tenant_id, event FROM pgseal.ledger WHERE event LIKE 'retention.%' AND event <> 'retention.deleted' ORDER BY 1, 2", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        setup,
+        [("_pgseal", "retention.set"), ("t2", "retention.set"), ("t3", "retention.held")]
+            .map(|(t, e)| (t.to_owned(), e.to_owned()))
+    );
     // The job history recorded the run, with its longest batch transaction.
     assert_eq!(
         count(

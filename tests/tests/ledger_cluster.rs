@@ -1,6 +1,7 @@
 //! The ledger against a real cluster: concurrent appends at every isolation level,
 //! kill -9 of the postmaster, audit triggers under concurrent updates, the decrypt
-//! audit at commit, and an export verified offline by pgseald.
+//! audit at commit, an export verified offline by pgseald, and checkpoints that
+//! sign only verified chains and extend each other.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -381,4 +382,178 @@ fn export_is_verified_offline_by_pgseald() {
     let (code, out) = pgseald(&["ledger", "verify", "--file", export.to_str().unwrap()]);
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("hash mismatch at seq 10"), "{out}");
+}
+
+/// The hash of a ledger entry as docs/FORMAT.md ("Ledger entries") defines it:
+/// anyone can compute it; only the MAC needs the master key.
+fn entry_hash(
+    prev: &[u8],
+    tenant: &str,
+    seq: i64,
+    at_us: i64,
+    actor: &str,
+    event: &str,
+    payload: &str,
+) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let lp = |h: &mut Sha256, s: &str| {
+        h.update((s.len() as u32).to_be_bytes());
+        h.update(s.as_bytes());
+    };
+    let mut h = Sha256::new();
+    h.update(b"pgseal:v1:ledger\0");
+    h.update(prev);
+    lp(&mut h, tenant);
+    h.update(seq.to_be_bytes());
+    h.update(at_us.to_be_bytes());
+    lp(&mut h, actor);
+    lp(&mut h, event);
+    lp(&mut h, payload);
+    h.finalize().to_vec()
+}
+
+#[test]
+fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
+    let cl = Cluster::start("ledger-checkpoints", 54336, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute("CREATE EXTENSION pgseal; SET app.tenant_id = 'acme'")
+        .unwrap();
+    let append = |c: &mut postgres::Client, n: usize| {
+        for _ in 0..n {
+            c.batch_execute("SELECT pgseal.ledger_append('order.paid', '{\"amount\": 10}')")
+                .unwrap();
+        }
+    };
+    let checkpoint = |c: &mut postgres::Client| {
+        c.query_one("SELECT pgseal.ledger_checkpoint('acme')", &[])
+            .map(|r| r.get::<_, serde_json::Value>(0))
+    };
+    let kept = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pgseal.ledger_checkpoints WHERE tenant_id = 'acme'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    append(&mut c, 3);
+    // Issue 14, hole 4, exactly as written: moving the anchor to the head made
+    // ledger_verify return ok with 0 entries checked.
+    assert_eq!(
+        sqlstate(
+            c.batch_execute("UPDATE pgseal.ledger_heads SET anchor_seq = seq, anchor_hash = hash")
+        ),
+        "42501"
+    );
+    let (ok, checked): (bool, i64) = {
+        let r = c
+            .query_one("SELECT ok, checked FROM pgseal.ledger_verify('acme')", &[])
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((ok, checked), (true, 3));
+    let first = checkpoint(&mut c).unwrap();
+    assert_eq!(first["seq"], 3);
+    assert_eq!(first["prev_seq"], 0, "a tenant's first checkpoint");
+    assert_eq!(first["prev_hash"], "0".repeat(64));
+    assert_eq!(
+        checkpoint(&mut c).unwrap(),
+        first,
+        "a head that has not moved gets its checkpoint again"
+    );
+    append(&mut c, 2);
+    let second = checkpoint(&mut c).unwrap();
+    assert_eq!(second["seq"], 5);
+    assert_eq!(second["prev_seq"], 3, "the checkpoint log is a chain");
+    assert_eq!(second["prev_hash"], first["hash"]);
+    assert_eq!(kept(&mut c), 2);
+    for write in [
+        "UPDATE pgseal.ledger_checkpoints SET signed_at = 'x'",
+        "DELETE FROM pgseal.ledger_checkpoints",
+        "TRUNCATE pgseal.ledger_checkpoints",
+    ] {
+        assert_eq!(sqlstate(c.batch_execute(write)), "42501", "{write}");
+    }
+
+    // Two checkpoints of one head at once: one is kept, the other fails with 40001
+    // (retry it: it then gets the kept one), and the log does not fork.
+    append(&mut c, 1);
+    let mut a = cl.connect();
+    a.batch_execute("BEGIN").unwrap();
+    let third = checkpoint(&mut a).unwrap();
+    let mut b = cl.connect();
+    let racer = std::thread::spawn(move || sqlstate(checkpoint(&mut b)));
+    std::thread::sleep(Duration::from_millis(500));
+    a.batch_execute("COMMIT").unwrap();
+    assert_eq!(racer.join().unwrap(), "40001");
+    assert_eq!(checkpoint(&mut c).unwrap(), third);
+    assert_eq!(third["prev_seq"], 5);
+    assert_eq!(kept(&mut c), 3);
+
+    // Pruned past the last checkpoint, the next one starts from the anchor, which
+    // the prune recorded and which is that checkpoint's (seq, hash).
+    c.batch_execute(
+        "SET pgseal.ledger_min_retention = '0'; SELECT pgseal.ledger_prune('acme', 7); \
+         RESET pgseal.ledger_min_retention",
+    )
+    .unwrap();
+    append(&mut c, 1);
+    let fourth = checkpoint(&mut c).unwrap();
+    assert_eq!(
+        (fourth["prev_seq"].clone(), fourth["seq"].clone()),
+        (6.into(), 8.into())
+    );
+    assert_eq!(fourth["prev_hash"], third["hash"]);
+    assert_eq!(kept(&mut c), 4);
+
+    // Issue 14, hole 3: rows written by someone without the master key (the
+    // table owner, a restored dump) were signed by the next checkpoint, and then
+    // passed offline. Writing them is refused now, superusers included ...
+    let row = c
+        .query_one(
+            "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = 'acme'",
+            &[],
+        )
+        .unwrap();
+    let (seq, head): (i64, Vec<u8>) = (row.get::<_, i64>(0) + 1, row.get(1));
+    let at_us: i64 = 1_796_083_200_000_000;
+    let payload = "{\"amount\":1000}";
+    let hash = entry_hash(
+        &head,
+        "acme",
+        seq,
+        at_us,
+        "mallory",
+        "order.refund",
+        payload,
+    );
+    let forge = |c: &mut postgres::Client| {
+        c.execute(
+            "INSERT INTO pgseal.ledger VALUES ('acme', $1, 'epoch'::timestamptz + $2::float8 * interval '1 microsecond', \
+             'mallory', 'order.refund', $3::text::jsonb, $4, $5, $6)",
+            &[&seq, &(at_us as f64), &payload, &head, &hash, &vec![0u8; 32]],
+        )
+    };
+    assert_eq!(sqlstate(forge(&mut c)), "42501");
+    // ... and when they are written anyway (the guards lifted on purpose, as
+    // only a superuser can), the next checkpoint refuses to sign them.
+    c.batch_execute(
+        "ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE;
+         ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_write_guard;
+         ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard;",
+    )
+    .unwrap();
+    forge(&mut c).unwrap();
+    c.execute(
+        "UPDATE pgseal.ledger_heads SET seq = $1, hash = $2 WHERE tenant_id = 'acme'",
+        &[&seq, &hash],
+    )
+    .unwrap();
+    assert_eq!(sqlstate(checkpoint(&mut c)), "XX001");
+    assert_eq!(kept(&mut c), 4, "nothing was signed");
+    let problem: Option<String> = c
+        .query_one("SELECT problem FROM pgseal.ledger_verify('acme')", &[])
+        .unwrap()
+        .get(0);
+    assert!(problem.is_some());
 }

@@ -1,34 +1,16 @@
-//! Checkpoints, the checkpoint public key, pruning, and tenant resolution for the
-//! SQL-side export.
-
-use std::cell::Cell;
+//! Pruning, and tenant resolution for the SQL-side export.
 
 use pgrx::prelude::*;
-use pgseal_core::checkpoint;
-use pgseal_core::ledger::Hash;
 
+use super::guard::{self, Scope};
 use crate::error::{OrRaise, SealError, SealResult};
 use crate::master;
 use crate::privilege::as_owner;
 
-thread_local! {
-    /// Set only while `ledger_prune` deletes; the ledger's guard trigger lets
-    /// deletes through only then.
-    static PRUNING: Cell<bool> = const { Cell::new(false) };
-}
-
-struct PruneGuard;
-
-impl Drop for PruneGuard {
-    fn drop(&mut self) {
-        PRUNING.with(|p| p.set(false));
-    }
-}
-
 /// Whether `ledger_prune` is deleting right now; read by the guard trigger.
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn _ledger_pruning() -> bool {
-    PRUNING.with(|p| p.get())
+    guard::active(Scope::Prune)
 }
 
 /// Whether an extension script is running (CREATE or ALTER EXTENSION); the DDL
@@ -48,58 +30,47 @@ pub fn _ledger_tenant(tenant: Option<&str>) -> String {
         .or_raise()
 }
 
-fn signed_at_now() -> SealResult<String> {
-    Spi::get_one::<String>(
-        "SELECT pg_catalog.to_char(pg_catalog.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    )?
-    .ok_or(SealError::Internal("no timestamp"))
+/// Whether `tenant` is under a legal hold (`pgseal.retention_hold`).
+fn on_hold(tenant: &str) -> SealResult<bool> {
+    as_owner(|| {
+        Ok(Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = $1)",
+            &[tenant.into()],
+        )?
+        .unwrap_or(true))
+    })
 }
 
-/// Signs the tenant's current head (seq, hash) with the Ed25519 key derived from
-/// the active master key version. Admin only.
-#[pg_extern(volatile, parallel_unsafe)]
-fn ledger_checkpoint(tenant: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
-    let r = (|| {
-        master::require_loaded()?;
-        super::require_admin("ledger_checkpoint")?;
-        let tenant = super::resolve_tenant(tenant)?;
-        // A checkpoint covers committed entries only: this transaction's own
-        // appends (already in the heads row once written) may still roll back.
-        let (seq, hash) = match super::heads::committed_head(&tenant) {
-            Some(head) => head,
-            None => {
-                let (seq, hash) = as_owner(|| {
-                    Spi::get_two_with_args::<i64, Vec<u8>>(
-                        "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1",
-                        &[tenant.as_str().into()],
-                    )
-                })
-                .map_err(|_| SealError::InvalidArgument("the tenant has no ledger entries"))?;
-                let hash: Hash = hash
-                    .and_then(|h| h.try_into().ok())
-                    .ok_or(SealError::Internal("bad head hash"))?;
-                (seq.unwrap_or(0), hash)
-            }
-        };
-        let signed_at = signed_at_now()?;
-        let cp = master::with_active(|ver, kek| {
-            Ok(checkpoint::sign(kek, ver, &tenant, seq, &hash, &signed_at))
-        })?;
-        serde_json::to_value(&cp).map_err(|_| SealError::Internal("checkpoint serialisation"))
-    })();
-    pgrx::JsonB(r.or_raise())
-}
-
-/// The Ed25519 public key (lowercase hex) that verifies checkpoints signed under
-/// the active master key version.
-#[pg_extern(volatile, parallel_unsafe)]
-fn ledger_public_key() -> String {
-    master::with_active(|_, kek| Ok(checkpoint::public_key_hex(kek))).or_raise()
+/// Fails (55000) when an entry below `before_seq` is younger than
+/// `pgseal.ledger_min_retention`.
+fn require_retained(tenant: &str, before_seq: i64) -> SealResult<()> {
+    let keep = crate::gucs::ledger_min_retention();
+    let (negative, young) = as_owner(|| {
+        Spi::get_two_with_args::<bool, bool>(
+            "SELECT $3::pg_catalog.interval OPERATOR(pg_catalog.<) '0'::pg_catalog.interval, \
+                    EXISTS (SELECT 1 FROM pgseal.ledger l WHERE l.tenant_id = $1 AND l.seq < $2 \
+                              AND l.recorded_at > pg_catalog.now() - $3::pg_catalog.interval)",
+            &[tenant.into(), before_seq.into(), keep.as_str().into()],
+        )
+    })?;
+    if negative != Some(false) {
+        return Err(SealError::InvalidArgument(
+            "pgseal.ledger_min_retention must not be negative",
+        ));
+    }
+    if young != Some(false) {
+        return Err(SealError::Refused(
+            "ledger entries younger than pgseal.ledger_min_retention are kept",
+        ));
+    }
+    Ok(())
 }
 
 /// Deletes `tenant`'s entries below `before_seq`, keeping the last deleted
 /// entry's (seq, hash) as the anchor verification starts from, and appends a
-/// 'ledger.pruned' entry. Refuses to prune a range that does not verify. Admin only.
+/// 'ledger.pruned' entry that records the anchor. Refuses to prune a range that
+/// does not verify, entries younger than `pgseal.ledger_min_retention`, and a
+/// tenant under a retention hold. Admin only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
     let r = (|| {
@@ -116,6 +87,12 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
                 "before_seq must lie between 1 and the tenant's last seq + 1",
             ));
         }
+        if on_hold(tenant)? {
+            return Err(SealError::Refused(
+                "the tenant is under a retention hold: its ledger is not pruned",
+            ));
+        }
+        require_retained(tenant, before_seq)?;
         let report = super::verify::verify_range(tenant, None, Some(before_seq - 1))?;
         if let Some(f) = report.failure {
             return Err(SealError::ChainCorrupt(f.seq, f.problem.as_str()));
@@ -124,13 +101,13 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
             return Ok(0); // Nothing below before_seq is left to prune.
         };
         let deleted = as_owner(|| -> SealResult<i64> {
-            PRUNING.with(|p| p.set(true));
-            let _guard = PruneGuard;
-            Ok(Spi::get_one_with_args::<i64>(
-                "WITH d AS (DELETE FROM pgseal.ledger WHERE tenant_id = $1 AND seq < $2 RETURNING 1) SELECT pg_catalog.count(*) FROM d",
-                &[tenant.into(), before_seq.into()],
-            )?
-            .unwrap_or(0))
+            guard::with_scope(Scope::Prune, || {
+                Ok(Spi::get_one_with_args::<i64>(
+                    "WITH d AS (DELETE FROM pgseal.ledger WHERE tenant_id = $1 AND seq < $2 RETURNING 1) SELECT pg_catalog.count(*) FROM d",
+                    &[tenant.into(), before_seq.into()],
+                )?
+                .unwrap_or(0))
+            })
         })?;
         super::heads::set_anchor(tenant, head, anchor_seq, &anchor_hash)?;
         let payload = serde_json::json!({

@@ -211,3 +211,42 @@ pub unsafe extern "C-unwind" fn audit_row_trigger(
     super::audit::append_row_change(tenant.as_deref(), &event, &payload).or_raise();
     pg_sys::Datum::from(0usize)
 }
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_audit_truncate_trigger() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// `pgseal._audit_truncate()`, the statement trigger `ledger_audit` creates next to
+/// the row trigger: TRUNCATE fires no row trigger, so it records `audit.truncated`
+/// (the table's name) in the chain of the tenant context, else the system chain
+/// (`evidence.rs`). It reads nothing from the table and runs none of its types'
+/// code; only the finished entry is appended, as the owner.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn audit_truncate_trigger(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: PostgreSQL calls this with a valid fcinfo; its context is NULL or a
+    // node, whose tag is checked before it is read as TriggerData; tg_relation is
+    // valid for a trigger call.
+    let rel = unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
+            SealError::TriggerProtocol("pgseal._audit_truncate() must be called as a trigger")
+                .raise()
+        }
+        let td = &*ctx.cast::<pg_sys::TriggerData>();
+        if td.tg_event & pg_sys::TRIGGER_EVENT_OPMASK != pg_sys::TRIGGER_EVENT_TRUNCATE {
+            SealError::TriggerProtocol("pgseal._audit_truncate() must be a TRUNCATE trigger")
+                .raise()
+        }
+        (*td.tg_relation).rd_id
+    };
+    let payload = serde_json::json!({ "table": super::evidence::qualified_name(rel) });
+    let tenant = super::evidence::context_or_system();
+    super::evidence::record(&tenant, "audit.truncated", payload).or_raise();
+    pg_sys::Datum::from(0usize)
+}

@@ -15,7 +15,9 @@
 //! lock), `heap_update` raises an error and nothing is written.
 //!
 //! Only when nothing else would run on an SPI write: both tables plain, with no
-//! rules, no forced row security and no trigger on the insert or the update, and with
+//! rules, no forced row security and no trigger on the insert or the update but
+//! pgseal's write guard (`guard.rs`, whose check this path makes itself: it is
+//! pgseal's own append, and it carries the anchor over unchanged), and with
 //! exactly their own columns; the transaction read-write. Otherwise, and under
 //! REPEATABLE READ and SERIALIZABLE (whose rows are read through SPI, so no place
 //! is known), and for a batch, the caller writes through SPI.
@@ -111,8 +113,37 @@ mod imp {
         }
     }
 
+    /// Whether every trigger of `trigdesc` that an insert (or an update) fires is
+    /// pgseal's write guard, as a BEFORE ROW trigger (`guard.rs`).
+    ///
+    /// # Safety
+    /// `trigdesc` is an open relation's trigger descriptor.
+    unsafe fn only_the_guard_fires(trigdesc: &pg_sys::TriggerDesc, insert: bool) -> bool {
+        let op = if insert {
+            pg_sys::TRIGGER_TYPE_INSERT
+        } else {
+            pg_sys::TRIGGER_TYPE_UPDATE
+        };
+        let guard = pg_sys::TRIGGER_TYPE_ROW | pg_sys::TRIGGER_TYPE_BEFORE;
+        if trigdesc.numtriggers <= 0 || trigdesc.triggers.is_null() {
+            return true;
+        }
+        // SAFETY: the descriptor holds `numtriggers` triggers (caller's contract).
+        let triggers =
+            unsafe { std::slice::from_raw_parts(trigdesc.triggers, trigdesc.numtriggers as usize) };
+        triggers.iter().all(|t| {
+            let tgtype = t.tgtype as u16 as u32;
+            tgtype & op == 0
+                || (tgtype & (guard | pg_sys::TRIGGER_TYPE_INSTEAD) == guard
+                    && t.tgoldtable.is_null()
+                    && t.tgnewtable.is_null()
+                    && crate::ledger::guard::is_guard_fn(t.tgfoid))
+        })
+    }
+
     /// Whether `rel` is a plain table with exactly `columns`, no rules, no forced
-    /// row security, and no trigger that an insert (or an update) would fire.
+    /// row security, and no trigger that an insert (or an update) would fire but
+    /// pgseal's write guard, whose check the caller makes itself.
     ///
     /// # Safety
     /// `rel` is an open relation.
@@ -124,23 +155,7 @@ mod imp {
             let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
             let fires = match (*rel).trigdesc.as_ref() {
                 None => false,
-                Some(t) if insert => {
-                    t.trig_insert_before_row
-                        || t.trig_insert_after_row
-                        || t.trig_insert_instead_row
-                        || t.trig_insert_before_statement
-                        || t.trig_insert_after_statement
-                        || t.trig_insert_new_table
-                }
-                Some(t) => {
-                    t.trig_update_before_row
-                        || t.trig_update_after_row
-                        || t.trig_update_instead_row
-                        || t.trig_update_before_statement
-                        || t.trig_update_after_statement
-                        || t.trig_update_old_table
-                        || t.trig_update_new_table
-                }
+                Some(t) => !only_the_guard_fires(t, insert),
             };
             class.relkind as u8 == pg_sys::RELKIND_RELATION
                 && !class.relispartition
@@ -240,6 +255,12 @@ mod imp {
                     *slot = pg_sys::palloc(std::mem::size_of::<pg_sys::ResultRelInfo>())
                         .cast::<pg_sys::ResultRelInfo>();
                     pg_sys::InitResultRelInfo(*slot, rel, 0, std::ptr::null_mut(), 0);
+                    // The only triggers this write would fire are pgseal's write
+                    // guard (`plain`), and this is the check it would make: the
+                    // entry is pgseal's own append, and the heads row keeps its
+                    // anchor (carried over from `row` below). Firing it would make
+                    // the update lock the row first, a WAL record per append.
+                    (**slot).ri_TrigDesc = std::ptr::null_mut();
                     pg_sys::ExecOpenIndices(*slot, false);
                     o.indexed.push(*slot);
                 }

@@ -31,6 +31,7 @@ use pgrx::prelude::*;
 use pgseal_core::canonical::canonical_payload;
 use pgseal_core::ledger::{entry_hash, EntryFields, EntryMac, Hash, GENESIS};
 
+use super::guard::Scope;
 use super::head_read::{HeadRow, Loaded};
 use crate::error::{SealError, SealResult};
 use crate::plans;
@@ -140,11 +141,13 @@ fn lock_and_load(tenant: &str) -> SealResult<Loaded> {
         None => {
             // The tenant's first entry. ON CONFLICT DO NOTHING raises 40001 under
             // REPEATABLE READ when a concurrent first append committed after our snapshot.
-            plans::run(
-                INSERT_HEAD,
-                &[plans::TEXT, plans::BYTEA],
-                &[tenant.into(), GENESIS.to_vec().into()],
-            )?;
+            super::guard::with_scope(Scope::Append, || {
+                plans::run(
+                    INSERT_HEAD,
+                    &[plans::TEXT, plans::BYTEA],
+                    &[tenant.into(), GENESIS.to_vec().into()],
+                )
+            })?;
             select_head(tenant)?.ok_or(SealError::Internal("pgseal.ledger_heads row vanished"))?
         }
     };
@@ -290,7 +293,11 @@ pub fn flush() -> SealResult<()> {
             None => groups.push(vec![e]),
         }
     }
-    as_owner(|| groups.into_iter().try_for_each(write_group))
+    as_owner(|| {
+        super::guard::with_scope(Scope::Append, || {
+            groups.into_iter().try_for_each(write_group)
+        })
+    })
 }
 
 /// Where `tenant`'s heads row is, if known; forgotten by `take`, since the write
@@ -431,6 +438,7 @@ pub fn subtransaction_aborted(subxact: pg_sys::SubTransactionId) {
 /// Forgets every head and pending entry (the transaction ended).
 pub fn reset() {
     super::head_read::forget_relids();
+    super::guard::reset();
     HEADS.with(|h| h.borrow_mut().clear());
     PENDING.with(|p| p.borrow_mut().clear());
     PENDING_BYTES.with(|b| b.set(0));
@@ -446,10 +454,12 @@ pub fn set_anchor(
 ) -> SealResult<()> {
     take_head_row(tenant);
     as_owner(|| {
-        Spi::run_with_args(
-            "UPDATE pgseal.ledger_heads SET seq = $4, hash = $5, anchor_seq = $2, anchor_hash = $3 WHERE tenant_id = $1",
-            &[tenant.into(), anchor_seq.into(), anchor_hash.to_vec().into(), head.0.into(), head.1.to_vec().into()],
-        )?;
+        super::guard::with_scope(Scope::Prune, || {
+            Spi::run_with_args(
+                "UPDATE pgseal.ledger_heads SET seq = $4, hash = $5, anchor_seq = $2, anchor_hash = $3 WHERE tenant_id = $1",
+                &[tenant.into(), anchor_seq.into(), anchor_hash.to_vec().into(), head.0.into(), head.1.to_vec().into()],
+            )
+        })?;
         Ok(())
     })
 }

@@ -2,15 +2,23 @@
 //!
 //! - `heads`: per-transaction chain heads, the append path, and the pre-commit flush.
 //! - `verify`: `ledger_verify`, reading the chain back through `pgseal-core`.
-//! - `admin`: checkpoints, the public key, pruning, tenant resolution for exports.
+//! - `admin`: pruning, and tenant resolution for exports.
+//! - `checkpoints`: signed checkpoints (each extends the tenant's previous one) and
+//!   the public key.
+//! - `guard`: the write guard on the ledger's tables, and the scopes pgseal writes in.
 //! - `audit`: row triggers and the per-transaction decrypt audit.
+//! - `evidence`: pgseal's reserved event names, the system chain, and the entries
+//!   recorded for every change that affects protection.
 
 pub mod admin;
 mod append_fn;
+mod checkpoints;
+mod guard;
 mod head_read;
 pub(crate) mod head_write;
 pub mod audit;
 mod audit_trigger;
+pub mod evidence;
 pub mod heads;
 pub mod verify;
 
@@ -180,6 +188,18 @@ pub fn append_entry(
     let tenant = context::tenant()?;
     crate::vault::require_read_write("ledger_append")?;
     let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;
+    // pgseal's own events are written only by pgseal (the message does not echo
+    // the event: it may carry whatever the caller put in it).
+    if evidence::is_reserved(event) {
+        return Err(SealError::InvalidArgument(
+            "event names under vault., ledger., key., policy., org., retention., pgseal., subject., tenant., audit. and row. are reserved for pgseal",
+        ));
+    }
+    if tenant == evidence::SYSTEM_TENANT {
+        return Err(SealError::Forbidden(
+            "the pgseal system chain takes only pgseal's own entries",
+        ));
+    }
     let actor = match actor {
         Some(a) => a.to_owned(),
         None => default_actor(),

@@ -157,6 +157,66 @@ impl<'t> RawRow<'t> {
     }
 }
 
+/// The report for a tenant with no heads row: either no entries, or entries
+/// whose head row was removed.
+fn headless(tenant: &str) -> SealResult<Report> {
+    let any = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pgseal.ledger WHERE tenant_id = $1)",
+        &[tenant.into()],
+    )?
+    .unwrap_or(false);
+    Ok(failed(any.then_some(Failure {
+        seq: 1,
+        problem: Problem::Gap,
+    })))
+}
+
+/// A report with nothing checked.
+fn failed(failure: Option<Failure>) -> Report {
+    Report {
+        checked: 0,
+        failure,
+        last: None,
+    }
+}
+
+/// The hash the first kept entry links to: the anchor, or the genesis hash.
+fn anchor_prev(head: &HeadRow) -> Hash {
+    if head.anchor_seq == 0 {
+        GENESIS
+    } else {
+        head.anchor_hash
+    }
+}
+
+/// Checks the anchor against the evidence of the prune that set it: the newest
+/// 'ledger.pruned' entry must name it (`anchor_seq`, `anchor_hash`). Only
+/// `ledger_prune` writes an anchor and that entry, and pgseal's event names are
+/// reserved, so an anchor written any other way names no prune and fails here.
+fn anchor_failure(tenant: &str, head: &HeadRow) -> SealResult<Option<Failure>> {
+    if head.anchor_seq == 0 {
+        return Ok(None);
+    }
+    let recorded = Spi::get_two_with_args::<i64, String>(
+        "SELECT (l.payload OPERATOR(pg_catalog.->>) 'anchor_seq')::pg_catalog.int8, \
+                l.payload OPERATOR(pg_catalog.->>) 'anchor_hash' \
+         FROM pgseal.ledger l WHERE l.tenant_id = $1 AND l.seq > $2 AND l.event = 'ledger.pruned' \
+         ORDER BY l.seq DESC LIMIT 1",
+        &[tenant.into(), head.anchor_seq.into()],
+    );
+    let recorded = match recorded {
+        Ok((Some(seq), Some(hash))) => Some((seq, hash)),
+        Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let matches = recorded
+        .is_some_and(|(seq, hash)| seq == head.anchor_seq && hash == hex::encode(head.anchor_hash));
+    Ok((!matches).then_some(Failure {
+        seq: head.anchor_seq,
+        problem: Problem::AnchorMismatch,
+    }))
+}
+
 /// Verifies `tenant`'s entries from `from_seq` to `to_seq` (both inclusive;
 /// defaults: the first kept entry and the head). Runs as the extension owner.
 pub fn verify_range(
@@ -168,110 +228,131 @@ pub fn verify_range(
     // are in the table and in the heads row.
     super::heads::flush()?;
     as_owner(|| {
-        let head = head_row(tenant)?;
-        let Some(head) = head else {
-            // No head: either no entries, or entries whose head row was removed.
-            let any = Spi::get_one_with_args::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM pgseal.ledger WHERE tenant_id = $1)",
-                &[tenant.into()],
-            )?
-            .unwrap_or(false);
-            let failure = any.then_some(Failure {
-                seq: 1,
-                problem: Problem::Gap,
-            });
-            return Ok(Report {
-                checked: 0,
-                failure,
-                last: None,
-            });
+        let Some(head) = head_row(tenant)? else {
+            return headless(tenant);
         };
         let first_kept = head.anchor_seq + 1;
         let from = from_seq.unwrap_or(first_kept).max(first_kept);
         let to = to_seq.unwrap_or(head.seq).min(head.seq);
+        // A range that starts at the anchor trusts it: it must be a prune's.
+        if from == first_kept {
+            if let Some(f) = anchor_failure(tenant, &head)? {
+                return Ok(failed(Some(f)));
+            }
+        }
         if from > to {
-            return Ok(Report {
-                checked: 0,
-                failure: None,
-                last: None,
-            });
+            return Ok(failed(None));
         }
         let prev = if from == first_kept {
-            if head.anchor_seq == 0 {
-                GENESIS
-            } else {
-                head.anchor_hash
-            }
+            anchor_prev(&head)
         } else {
             match hash_at(tenant, from - 1)? {
                 Some(h) => h,
                 None => {
-                    return Ok(Report {
-                        checked: 0,
-                        failure: Some(Failure {
-                            seq: from - 1,
-                            problem: Problem::Gap,
-                        }),
-                        last: None,
-                    })
+                    return Ok(failed(Some(Failure {
+                        seq: from - 1,
+                        problem: Problem::Gap,
+                    })))
                 }
             }
         };
-        let mac = super::mac_key(tenant, false)?;
-        if mac.is_none() {
-            return Ok(Report {
-                checked: 0,
-                failure: Some(Failure {
-                    seq: from,
-                    problem: Problem::MacMismatch,
-                }),
-                last: None,
-            });
-        }
-        let mut v = Verifier::new(from, prev, mac);
-        // Batches of at most BATCH consecutive seqs: whatever plan the statistics
-        // give (a never-analysed table gets a bitmap scan and a sort), a batch
-        // sorts no more than BATCH rows. (One open cursor over the range was
-        // planned that way too, and its sort spilled to disk.)
-        let mut next = from;
-        while next <= to {
-            let end = next.saturating_add(BATCH).min(to.saturating_add(1));
-            let more = plans::select_raw(
-                BATCH_SQL,
-                &[plans::TEXT, plans::INT8, plans::INT8],
-                &[tenant.into(), next.into(), end.into()],
-                |rows| {
-                    // SAFETY: select_raw calls us right after its select, with its row
-                    // count; the result stays SPI's current tuple table until we return.
-                    let table = unsafe { RawRows::of_last_result(rows) }?;
-                    for i in 0..rows {
-                        let row = table.row(i)?;
-                        let entry = StoredEntry {
-                            tenant,
-                            seq: row.int8(0),
-                            recorded_at_us: row.int8(1) + super::PG_EPOCH_OFFSET_US,
-                            actor: row.text(2)?,
-                            event: row.text(3)?,
-                            payload: row.text(4)?,
-                            prev_hash: row.bytes(5),
-                            hash: row.bytes(6),
-                            mac: Some(row.bytes(7)),
-                        };
-                        if !v.push(&entry) {
-                            return Ok(false);
-                        }
-                    }
-                    Ok(true)
-                },
-            )?;
-            if !more {
-                break;
-            }
-            next = end;
-        }
         let expect_head = (to == head.seq).then_some((head.seq, head.hash));
-        Ok(v.finish(expect_head))
+        walk(tenant, from, prev, to, expect_head)
     })
+}
+
+/// Verifies the entries after a trusted `(seq, hash)` (the tenant's previous
+/// checkpoint) up to `target`, which the chain must reach with exactly that hash.
+/// When the trusted seq has been pruned since, verification starts at the anchor,
+/// which must then be a prune's (and be the trusted hash, at the trusted seq).
+pub fn verify_since(tenant: &str, trusted: (i64, Hash), target: (i64, Hash)) -> SealResult<Report> {
+    super::heads::flush()?;
+    as_owner(|| {
+        let Some(head) = head_row(tenant)? else {
+            return headless(tenant);
+        };
+        let (from, prev) = if trusted.0 > head.anchor_seq {
+            (trusted.0 + 1, trusted.1)
+        } else {
+            if let Some(f) = anchor_failure(tenant, &head)? {
+                return Ok(failed(Some(f)));
+            }
+            if trusted.0 == head.anchor_seq && trusted.1 != anchor_prev(&head) {
+                return Ok(failed(Some(Failure {
+                    seq: trusted.0,
+                    problem: Problem::HashMismatch,
+                })));
+            }
+            (head.anchor_seq + 1, anchor_prev(&head))
+        };
+        if target.0 > head.seq {
+            return Ok(failed(Some(Failure {
+                seq: head.seq + 1,
+                problem: Problem::Gap,
+            })));
+        }
+        walk(tenant, from, prev, target.0, Some(target))
+    })
+}
+
+/// Walks the stored entries `from..=to`, the first linking to `prev`, checking
+/// each with the tenant's MAC key; `expect` is the (seq, hash) the walk must end on.
+fn walk(
+    tenant: &str,
+    from: i64,
+    prev: Hash,
+    to: i64,
+    expect: Option<(i64, Hash)>,
+) -> SealResult<Report> {
+    let mac = super::mac_key(tenant, false)?;
+    if mac.is_none() {
+        return Ok(failed(Some(Failure {
+            seq: from,
+            problem: Problem::MacMismatch,
+        })));
+    }
+    let mut v = Verifier::new(from, prev, mac);
+    // Batches of at most BATCH consecutive seqs: whatever plan the statistics
+    // give (a never-analysed table gets a bitmap scan and a sort), a batch
+    // sorts no more than BATCH rows. (One open cursor over the range was
+    // planned that way too, and its sort spilled to disk.)
+    let mut next = from;
+    while next <= to {
+        let end = next.saturating_add(BATCH).min(to.saturating_add(1));
+        let more = plans::select_raw(
+            BATCH_SQL,
+            &[plans::TEXT, plans::INT8, plans::INT8],
+            &[tenant.into(), next.into(), end.into()],
+            |rows| {
+                // SAFETY: select_raw calls us right after its select, with its row
+                // count; the result stays SPI's current tuple table until we return.
+                let table = unsafe { RawRows::of_last_result(rows) }?;
+                for i in 0..rows {
+                    let row = table.row(i)?;
+                    let entry = StoredEntry {
+                        tenant,
+                        seq: row.int8(0),
+                        recorded_at_us: row.int8(1) + super::PG_EPOCH_OFFSET_US,
+                        actor: row.text(2)?,
+                        event: row.text(3)?,
+                        payload: row.text(4)?,
+                        prev_hash: row.bytes(5),
+                        hash: row.bytes(6),
+                        mac: Some(row.bytes(7)),
+                    };
+                    if !v.push(&entry) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
+        )?;
+        if !more {
+            break;
+        }
+        next = end;
+    }
+    Ok(v.finish(expect))
 }
 
 /// Verifies a range of a tenant's chain: hashes, MACs, links and seq continuity.

@@ -586,29 +586,28 @@ mod tests {
     }
 
     #[pg_test]
-    fn checkpoint_is_signed_by_the_public_key() {
+    fn checkpoint_signs_only_committed_entries() {
+        // Only committed entries are signed (out-of-process tests sign them); this
+        // transaction's appends are not yet, so there is nothing to sign.
         tenant("acme");
         append("e", "{}");
-        let cp: pgrx::JsonB = one("SELECT pgseal.ledger_checkpoint()");
-        let cp: pgseal_core::checkpoint::Checkpoint = serde_json::from_value(cp.0).unwrap();
-        assert_eq!(cp.tenant, "acme");
-        // Only committed entries are signed; this transaction's append is not yet.
-        assert_eq!(cp.seq, 0);
-        assert_eq!(cp.key_version, 2);
-        let pk: String = one("SELECT pgseal.ledger_public_key()");
-        assert_eq!(pk.len(), 64);
-        assert!(pgseal_core::checkpoint::verify(&pk, &cp));
-        let mut forged = cp.clone();
-        forged.seq += 1;
-        assert!(!pgseal_core::checkpoint::verify(&pk, &forged));
+        assert_eq!(sqlstate("SELECT pgseal.ledger_checkpoint()"), "22023");
         assert_eq!(
             sqlstate("SELECT pgseal.ledger_checkpoint('never-appended')"),
             "22023"
         );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger_checkpoints"),
+            0
+        );
+        let pk: String = one("SELECT pgseal.ledger_public_key()");
+        assert_eq!(pk.len(), 64);
     }
 
     #[pg_test]
     fn prune_keeps_an_anchor_and_still_verifies() {
+        // These entries are fresh: only a superuser may let them go.
+        run("SET LOCAL pgseal.ledger_min_retention = '0'");
         tenant("acme");
         for _ in 0..5 {
             append("e", "{}");
@@ -641,6 +640,7 @@ mod tests {
         }
         disable_guards();
         run(r#"UPDATE pgseal.ledger SET event = 'forged' WHERE tenant_id = 'acme' AND seq = 1"#);
+        run("SET LOCAL pgseal.ledger_min_retention = '0'");
         assert_eq!(sqlstate("SELECT pgseal.ledger_prune('acme', 3)"), "XX001");
     }
 
@@ -744,8 +744,160 @@ mod tests {
         run("SET LOCAL pgseal.master_key_active = 0");
         assert!(one::<i32>("SELECT pgseal.kek_rewrap()") >= 1);
         assert_eq!(one::<i32>("SELECT kek_version FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND purpose = 'ledger'"), 2);
-        assert_eq!(verify(""), (true, 2, None, None));
-        append("e", "{}");
+        // The rewrap itself is the third entry, MACed with the rewrapped key.
+        assert_eq!(events("acme"), ["e", "e", "key.rewrapped"]);
         assert_eq!(verify(""), (true, 3, None, None));
+        append("e", "{}");
+        assert_eq!(verify(""), (true, 4, None, None));
+    }
+
+    #[pg_test]
+    fn prune_keeps_young_entries_and_held_tenants() {
+        // A tenant of its own: the hold is recorded in its chain, and no other
+        // test waits for that chain's lock.
+        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
+        tenant("held");
+        for _ in 0..3 {
+            append("e", "{}");
+        }
+        // The default keeps ten years (GoBD).
+        assert_eq!(
+            one::<String>("SHOW pgseal.ledger_min_retention"),
+            "10 years"
+        );
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('held', 3)"), "55000");
+        run("SET LOCAL pgseal.ledger_min_retention = '1 hour'");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('held', 3)"), "55000");
+        run("SET LOCAL pgseal.ledger_min_retention = '-1 day'");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('held', 3)"), "22023");
+        run("SET LOCAL pgseal.ledger_min_retention = '0'");
+        // A legal hold stops every prune of the tenant, even one of nothing.
+        run("SELECT pgseal.retention_hold('held', true)");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('held', 3)"), "55000");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('held', 1)"), "55000");
+        run("SELECT pgseal.retention_hold('held', false)");
+        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('held', 1)"), "00000");
+        assert_eq!(
+            one::<i64>("SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = 'held'"),
+            1
+        );
+        // Only a superuser changes the setting.
+        run("CREATE ROLE retention_boss IN ROLE pgseal_admin");
+        run("SET LOCAL ROLE retention_boss");
+        assert_eq!(
+            sqlstate("SET LOCAL pgseal.ledger_min_retention = '0'"),
+            "42501"
+        );
+        run("RESET ROLE");
+        assert_eq!(one::<i64>("SELECT pgseal.ledger_prune('held', 3)"), 2);
+    }
+
+    /// Takes both ledger tables' locks before a test lifts their guards (ALTER
+    /// TABLE), all at once or none, as `single_entries_are_written_directly…`
+    /// does: other tests append at the same time, and waiting for the second lock
+    /// while holding the first could deadlock with them.
+    fn lock_ledger_tables() {
+        run("DO $$ BEGIN
+               LOOP
+                 BEGIN
+                   LOCK TABLE pgseal.ledger_heads, pgseal.ledger IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+                   EXIT;
+                 EXCEPTION WHEN lock_not_available THEN PERFORM pg_sleep(0.01);
+                 END;
+               END LOOP;
+             END $$");
+    }
+
+    #[pg_test]
+    fn anchors_and_ledger_rows_are_written_only_by_pgseal() {
+        lock_ledger_tables();
+        tenant("anchor-forged");
+        for _ in 0..3 {
+            append("e", "{}");
+        }
+        // Issue 14, hole 4: a superuser set the anchor to the head, and
+        // ledger_verify then returned ok with 0 entries checked.
+        let forge_anchor = "UPDATE pgseal.ledger_heads SET anchor_seq = seq, anchor_hash = hash WHERE tenant_id = 'anchor-forged'";
+        assert_eq!(sqlstate(forge_anchor), "42501");
+        assert_eq!(
+            sqlstate(
+                "UPDATE pgseal.ledger_heads SET seq = seq - 1 WHERE tenant_id = 'anchor-forged'"
+            ),
+            "42501"
+        );
+        assert_eq!(
+            sqlstate("DELETE FROM pgseal.ledger_heads WHERE tenant_id = 'anchor-forged'"),
+            "42501"
+        );
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ('forged', 0, '\\x00')"),
+            "42501"
+        );
+        // Rows are added to the ledger only by pgseal's append path.
+        assert_eq!(
+            sqlstate(
+                "INSERT INTO pgseal.ledger SELECT tenant_id, seq + 10, recorded_at, actor, event, payload, prev_hash, hash, mac \
+                 FROM pgseal.ledger WHERE tenant_id = 'anchor-forged' AND seq = 3"
+            ),
+            "42501"
+        );
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.ledger_checkpoints VALUES ('anchor-forged', 3, '\\x00', 'now', 1, 0, '\\x00', '\\x00')"),
+            "42501"
+        );
+        // ENABLE ALWAYS: replication mode does not skip the guard, nor can it be disabled.
+        run("SET LOCAL session_replication_role = replica");
+        assert_eq!(sqlstate(forge_anchor), "42501");
+        run("SET LOCAL session_replication_role = origin");
+        assert_eq!(
+            sqlstate("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard"),
+            "42501"
+        );
+        assert_eq!(verify(""), (true, 3, None, None));
+        // A superuser who lifts the guards on purpose still cannot make
+        // verification skip the chain: no prune recorded that anchor.
+        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
+        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
+        run(forge_anchor);
+        assert_eq!(
+            verify(""),
+            (false, 0, Some(3), Some("anchor mismatch".into()))
+        );
+    }
+
+    #[pg_test]
+    fn an_anchor_moved_after_a_prune_fails_verification() {
+        run("SET LOCAL pgseal.ledger_min_retention = '0'");
+        lock_ledger_tables();
+        tenant("anchor-moved");
+        for _ in 0..4 {
+            append("e", "{}");
+        }
+        assert_eq!(
+            one::<i64>("SELECT pgseal.ledger_prune('anchor-moved', 3)"),
+            2
+        );
+        let pruned: pgrx::JsonB = one(
+            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'anchor-moved' AND event = 'ledger.pruned'",
+        );
+        assert_eq!(pruned.0["anchor_seq"], 2);
+        assert_eq!(verify(""), (true, 3, None, None));
+        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
+        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
+        // The anchor moves past an entry that was never pruned.
+        run("UPDATE pgseal.ledger_heads SET anchor_seq = 3, \
+             anchor_hash = (SELECT hash FROM pgseal.ledger WHERE tenant_id = 'anchor-moved' AND seq = 3) \
+             WHERE tenant_id = 'anchor-moved'");
+        assert_eq!(
+            verify(""),
+            (false, 0, Some(3), Some("anchor mismatch".into()))
+        );
+        // A range that does not start at the anchor does not rely on it.
+        assert!(verify("NULL, 5").0);
+        // Nor does a prune go on from a moved anchor.
+        assert_eq!(
+            sqlstate("SELECT pgseal.ledger_prune('anchor-moved', 5)"),
+            "XX001"
+        );
     }
 }

@@ -1,4 +1,5 @@
 //! In-process tests, run by `cargo pgrx test` (see scripts/pgtest.sh).
+mod evidence;
 mod helpers;
 mod jobs;
 mod ledger;

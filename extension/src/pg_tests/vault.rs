@@ -287,7 +287,7 @@ mod tests {
         let old = seal("token-1", Some("c"));
         let new_id = text("SELECT pgseal.tenant_key_rotate('acme')");
         assert_ne!(new_id, key_id(&old));
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND state = 'active'"), Some(1));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND state = 'active' AND purpose = 'dek'"), Some(1));
         assert_eq!(decrypt(&old, Some("c")).as_deref(), Some("token-1"));
         let fresh = seal("token-2", None);
         assert_eq!(key_id(&fresh), new_id);
@@ -322,7 +322,7 @@ mod tests {
         assert_eq!(decrypt_state(&s, "NULL"), "22023");
         tenant("globex");
         assert_eq!(decrypt(&other, None).as_deref(), Some("survivor"));
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND wrapped IS NOT NULL"), Some(0));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND purpose = 'dek' AND wrapped IS NOT NULL"), Some(0));
         // a later seal for the shredded tenant gets a brand-new key
         tenant("acme");
         let s2 = seal("after", None);
@@ -403,7 +403,7 @@ mod tests {
         for (i, s) in sealed.iter().enumerate() {
             assert_eq!(decrypt(s, None), Some(format!("v{i}")));
         }
-        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'busy' AND state = 'active'"), Some(1));
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'busy' AND state = 'active' AND purpose = 'dek'"), Some(1));
     }
 
     #[pg_test]

@@ -1,0 +1,406 @@
+//! `#[pg_test]`s for evidence (issue 14): pgseal's reserved event names, and the
+//! entry each change of protection leaves (event, actor, db_role, payload).
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use serde_json::json;
+
+    use crate::pg_tests::helpers::{one, run, sqlstate, tenant};
+
+    /// (event, actor, payload) of `tenant`'s newest entry, read through the export
+    /// (which writes this transaction's pending entries first).
+    fn last(tenant: &str) -> (String, String, serde_json::Value) {
+        let e = Spi::get_one_with_args::<pgrx::JsonB>(
+            "SELECT e FROM pgseal.ledger_export($1) e ORDER BY (e->>'seq')::bigint DESC LIMIT 1",
+            &[tenant.into()],
+        )
+        .unwrap()
+        .unwrap_or_else(|| panic!("{tenant} has no entries"))
+        .0;
+        (
+            e["event"].as_str().unwrap().to_owned(),
+            e["actor"].as_str().unwrap().to_owned(),
+            e["payload"].clone(),
+        )
+    }
+
+    /// The events of `tenant`'s entries, in seq order.
+    fn events(tenant: &str) -> Vec<String> {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT e->>'event' FROM pgseal.ledger_export($1) e ORDER BY (e->>'seq')::bigint",
+                None,
+                &[tenant.into()],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        })
+    }
+
+    fn verifies(tenant: &str) -> bool {
+        Spi::get_one_with_args::<bool>("SELECT ok FROM pgseal.ledger_verify($1)", &[tenant.into()])
+            .unwrap()
+            .unwrap()
+    }
+
+    fn me() -> String {
+        one("SELECT current_user::text")
+    }
+
+    fn lit(s: &str) -> String {
+        pgrx::spi::quote_literal(s).to_string()
+    }
+
+    #[pg_test]
+    fn reserved_event_names_are_refused_to_callers() {
+        tenant("ev-reserved");
+        assert_eq!(
+            sqlstate(
+                r#"SELECT * FROM pgseal.ledger_append('vault.decrypt', '{"count":1}', 'alice')"#
+            ),
+            "22023"
+        );
+        for e in [
+            "ledger.pruned",
+            "key.rotated",
+            "policy.protected",
+            "org.member_added",
+            "retention.deleted",
+            "pgseal.anything",
+            "subject.erased",
+            "tenant.offboarded",
+            "audit.truncated",
+            "row.insert",
+            "Vault.Decrypt",
+            "  KEY.shredded",
+        ] {
+            let q = format!("SELECT * FROM pgseal.ledger_append({})", lit(e));
+            assert_eq!(sqlstate(&q), "22023", "{e}");
+        }
+        // The error does not echo the event.
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            lit("SELECT * FROM pgseal.ledger_append('vault.s3cret-in-the-name')")
+        ));
+        assert!(msg.contains("reserved for pgseal"), "{msg}");
+        assert!(!msg.contains("s3cret"), "{msg}");
+        // Names that only look alike are the application's.
+        for e in [
+            "vaulted.x",
+            "order.paid",
+            "keys",
+            "app.vault.decrypt",
+            "row",
+        ] {
+            let q = format!("SELECT * FROM pgseal.ledger_append({})", lit(e));
+            assert_eq!(sqlstate(&q), "00000", "{e}");
+        }
+        assert_eq!(
+            events("ev-reserved"),
+            [
+                "vaulted.x",
+                "order.paid",
+                "keys",
+                "app.vault.decrypt",
+                "row"
+            ]
+        );
+        // pgseal's system chain takes no caller's entry.
+        tenant("_pgseal");
+        assert_eq!(
+            sqlstate("SELECT * FROM pgseal.ledger_append('order.paid')"),
+            "42501"
+        );
+    }
+
+    #[pg_test]
+    fn key_rotation_rewrap_and_shredding_are_recorded() {
+        run("SET LOCAL pgseal.master_key_active = 1");
+        tenant("ev-keys");
+        run("SET LOCAL app.user_id = 'ops-1'");
+        let old: String = one("SELECT split_part(pgseal.vault_seal('x'), ':', 2)");
+        run("SET LOCAL pgseal.master_key_active = 0");
+        let new: String = one("SELECT pgseal.tenant_key_rotate('ev-keys')");
+        let (event, actor, p) = last("ev-keys");
+        assert_eq!((event.as_str(), actor.as_str()), ("key.rotated", "ops-1"));
+        assert_eq!(p["key_id"], json!(new));
+        assert_eq!(p["kek_version"], 2);
+        assert_eq!(p["retired"][0]["key_id"], json!(old));
+        assert_eq!(p["db_role"], json!(me()));
+
+        // The retired data key is still under version 1; the ledger key was made
+        // under 2 by the entry above.
+        assert_eq!(one::<i32>("SELECT pgseal.kek_rewrap()"), 1);
+        let (event, _, p) = last("ev-keys");
+        assert_eq!(event, "key.rewrapped");
+        assert_eq!(
+            (p["keys"].clone(), p["dek"].clone(), p["ledger"].clone()),
+            (json!(1), json!(1), json!(0))
+        );
+        assert_eq!(p["kek_version"], 2);
+        assert_eq!(p["from_versions"], json!([1]));
+        assert_eq!(one::<i32>("SELECT pgseal.kek_rewrap()"), 0);
+        assert_eq!(
+            last("ev-keys").0,
+            "key.rewrapped",
+            "nothing moved: no entry"
+        );
+
+        assert_eq!(one::<i32>("SELECT pgseal.tenant_shred('ev-keys')"), 2);
+        let (event, actor, p) = last("ev-keys");
+        assert_eq!((event.as_str(), actor.as_str()), ("key.shredded", "ops-1"));
+        let mut ids = vec![old, new];
+        ids.sort();
+        assert_eq!(p["keys"], 2);
+        assert_eq!(p["key_ids"], json!(ids));
+        // A shred of a tenant without keys is recorded too.
+        assert_eq!(one::<i32>("SELECT pgseal.tenant_shred('ev-nobody')"), 0);
+        assert_eq!(last("ev-nobody").2["keys"], 0);
+        assert!(verifies("ev-keys"));
+        assert!(verifies("ev-nobody"));
+    }
+
+    #[pg_test]
+    fn table_protection_changes_are_recorded() {
+        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
+        run("CREATE TABLE public.inv (id int PRIMARY KEY, tenant_id text NOT NULL, owner_id text, org_id text)");
+        run("CREATE INDEX ON public.inv (tenant_id)");
+        // Under a tenant context: that tenant's chain.
+        tenant("ev-prot");
+        run("SET LOCAL app.user_id = 'dba'");
+        run("SELECT pgseal.tenant_protect('public.inv')");
+        let (event, actor, p) = last("ev-prot");
+        assert_eq!(
+            (event.as_str(), actor.as_str()),
+            ("policy.protected", "dba")
+        );
+        assert_eq!(p["table"], "public.inv");
+        assert_eq!(p["policies"], json!(["pgseal_tenant"]));
+        assert_eq!(
+            (p["row_security"].clone(), p["forced"].clone()),
+            (json!(true), json!(true))
+        );
+        assert_eq!(p["db_role"], json!(me()));
+        // Without one: pgseal's system chain.
+        run("SET LOCAL app.tenant_id = ''");
+        run("SELECT pgseal.tenant_unprotect('public.inv')");
+        let (event, _, p) = last("_pgseal");
+        assert_eq!(event, "policy.unprotected");
+        assert_eq!(p["policies"], json!([]));
+        assert_eq!(p["row_security"], false);
+        run("SELECT pgseal.org_protect('public.inv', 'owner_id', 'org_id')");
+        let (event, _, p) = last("_pgseal");
+        assert_eq!(event, "policy.protected");
+        assert_eq!(
+            p["policies"],
+            json!([
+                "pgseal_org_delete",
+                "pgseal_org_insert",
+                "pgseal_org_select",
+                "pgseal_org_update",
+                "pgseal_owner",
+                "pgseal_tenant_only"
+            ])
+        );
+        assert_eq!(
+            events("_pgseal"),
+            ["policy.unprotected", "policy.protected"]
+        );
+        assert!(verifies("_pgseal"));
+        // The recording function states what the catalog holds, and only for the
+        // table's owner.
+        run("CREATE ROLE evidence_other");
+        run("SET LOCAL ROLE evidence_other");
+        assert_eq!(
+            sqlstate("SELECT pgseal._protection_changed('public.inv'::regclass)"),
+            "42501"
+        );
+        run("RESET ROLE");
+        assert_eq!(sqlstate("SELECT pgseal._protection_changed(0)"), "42809");
+    }
+
+    #[pg_test]
+    fn organisation_membership_changes_are_recorded() {
+        run("SELECT pgseal.set_tenant('ev-org', 'olga')");
+        run("INSERT INTO pgseal.org_members VALUES ('ev-org', 'org1', 'olga', 'owner'), ('ev-org', 'org1', 'mia', 'member')");
+        run("UPDATE pgseal.org_members SET role = 'admin' WHERE user_id = 'mia'");
+        run("UPDATE pgseal.org_members SET role = role"); // changes nothing: no entry
+        run("DELETE FROM pgseal.org_members WHERE user_id = 'mia'");
+        assert_eq!(
+            events("ev-org"),
+            [
+                "org.member_added",
+                "org.member_added",
+                "org.role_changed",
+                "org.member_removed"
+            ]
+        );
+        let payloads: Vec<serde_json::Value> = Spi::connect(|c| {
+            c.select(
+                "SELECT (e->'payload') - 'db_role' || jsonb_build_object('actor', e->'actor') \
+                 FROM pgseal.ledger_export('ev-org') e ORDER BY (e->>'seq')::bigint",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<pgrx::JsonB>(1).unwrap().unwrap().0)
+            .collect()
+        });
+        assert_eq!(
+            payloads,
+            [
+                json!({"org": "org1", "user": "olga", "role": "owner", "actor": "olga"}),
+                json!({"org": "org1", "user": "mia", "role": "member", "actor": "olga"}),
+                json!({"org": "org1", "user": "mia", "from": "member", "to": "admin", "actor": "olga"}),
+                json!({"org": "org1", "user": "mia", "role": "admin", "actor": "olga"}),
+            ]
+        );
+        let (_, _, p) = last("ev-org");
+        assert_eq!(p["db_role"], json!(me()));
+        assert!(verifies("ev-org"));
+    }
+
+    #[pg_test]
+    fn retention_rules_and_holds_are_recorded() {
+        run("CREATE TABLE public.ev (id int, tenant_id text, created_at timestamptz)");
+        run("SELECT pgseal.retention_set('public.ev', '30 days')");
+        let (event, _, p) = last("_pgseal");
+        assert_eq!(event, "retention.set");
+        assert_eq!(
+            (
+                p["table"].clone(),
+                p["keep"].clone(),
+                p["time_column"].clone(),
+                p["scope"].clone()
+            ),
+            (
+                json!("public.ev"),
+                json!("30 days"),
+                json!("created_at"),
+                json!("default")
+            )
+        );
+        run("SELECT pgseal.retention_set('public.ev', '10 days', 'created_at', 'ev-ret')");
+        run("SELECT pgseal.retention_set('public.ev', '20 days', 'created_at', 'ev-ret')");
+        assert_eq!(events("ev-ret"), ["retention.set", "retention.set"]);
+        let (_, _, p) = last("ev-ret");
+        assert_eq!(
+            (p["keep"].clone(), p["scope"].clone()),
+            (json!("20 days"), json!("tenant"))
+        );
+        assert_eq!(p["previous"]["keep"], "10 days");
+
+        // retention_hold is SECURITY DEFINER: the role recorded is still the caller.
+        run("CREATE ROLE evidence_admin IN ROLE pgseal_admin");
+        run("SET LOCAL ROLE evidence_admin");
+        run("SELECT pgseal.retention_hold('ev-ret-hold', true)");
+        run("SELECT pgseal.retention_hold('ev-ret-hold', true)"); // already held: no change
+        run("SELECT pgseal.retention_hold('ev-ret-hold', false)");
+        run("RESET ROLE");
+        assert_eq!(
+            events("ev-ret-hold"),
+            ["retention.held", "retention.released"]
+        );
+        let (_, _, p) = last("ev-ret-hold");
+        assert_eq!(p["db_role"], "evidence_admin");
+        assert!(p["held_since"].is_string());
+        run("DELETE FROM pgseal.retention_rules WHERE tenant_id = 'ev-ret'");
+        assert_eq!(last("ev-ret").0, "retention.removed");
+        assert!(verifies("ev-ret") && verifies("ev-ret-hold") && verifies("_pgseal"));
+    }
+
+    #[pg_test]
+    fn truncate_of_an_audited_table_is_recorded() {
+        run("CREATE TABLE public.acc (id int PRIMARY KEY, tenant_id text)");
+        run("SELECT pgseal.ledger_audit('public.acc')");
+        tenant("ev-trunc");
+        run("INSERT INTO public.acc VALUES (1, 'ev-trunc')");
+        run("TRUNCATE public.acc");
+        let (event, _, p) = last("ev-trunc");
+        assert_eq!(event, "audit.truncated");
+        assert_eq!(p["table"], "public.acc");
+        assert_eq!(p["db_role"], json!(me()));
+        assert_eq!(events("ev-trunc"), ["row.insert", "audit.truncated"]);
+        // Without a tenant context: the system chain.
+        run("SET LOCAL app.tenant_id = ''");
+        run("TRUNCATE public.acc");
+        assert_eq!(last("_pgseal").0, "audit.truncated");
+        run("SELECT pgseal.ledger_unaudit('public.acc')");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.acc'::regclass"),
+            0
+        );
+        // A partitioned table: TRUNCATE of it, or of one partition, is recorded.
+        run("CREATE TABLE public.parted (id int, tenant_id text) PARTITION BY LIST (tenant_id)");
+        run("CREATE TABLE public.parted_a PARTITION OF public.parted FOR VALUES IN ('a')");
+        run("SELECT pgseal.ledger_audit('public.parted')");
+        tenant("ev-trunc");
+        let truncated = || -> Vec<String> {
+            Spi::connect(|c| {
+                c.select(
+                    "SELECT e->'payload'->>'table' FROM pgseal.ledger_export('ev-trunc') e \
+                     WHERE e->>'event' = 'audit.truncated' ORDER BY (e->>'seq')::bigint",
+                    None,
+                    &[],
+                )
+                .unwrap()
+                .map(|r| r.get::<String>(1).unwrap().unwrap())
+                .collect()
+            })
+        };
+        assert_eq!(truncated(), ["public.acc"]);
+        // One entry per table truncated: the table and each partition.
+        run("TRUNCATE public.parted");
+        assert_eq!(
+            truncated(),
+            ["public.acc", "public.parted", "public.parted_a"]
+        );
+        run("TRUNCATE public.parted_a");
+        assert_eq!(
+            truncated().len(),
+            4,
+            "a partition's own TRUNCATE is recorded"
+        );
+    }
+
+    #[pg_test]
+    fn job_receipts_take_only_job_events_from_admins() {
+        tenant("ev-job");
+        run("SET LOCAL app.user_id = 'pgseald'");
+        let seq: i64 = one(
+            r#"SELECT pgseal._job_receipt('retention.deleted', '{"table": "public.ev", "deleted": 3}')"#,
+        );
+        assert_eq!(seq, 1);
+        let (event, actor, p) = last("ev-job");
+        assert_eq!(
+            (event.as_str(), actor.as_str()),
+            ("retention.deleted", "pgseald")
+        );
+        assert_eq!(p["deleted"], 3);
+        assert_eq!(p["db_role"], json!(me()));
+        tenant("_pgseal");
+        assert_eq!(
+            sqlstate("SELECT pgseal._job_receipt('retention.deleted', '{}')"),
+            "42501"
+        );
+        tenant("ev-job");
+        for bad in [
+            "SELECT pgseal._job_receipt('vault.decrypt', '{}')",
+            "SELECT pgseal._job_receipt('order.paid', '{}')",
+            "SELECT pgseal._job_receipt('retention.deleted', '[1]')",
+        ] {
+            assert_eq!(sqlstate(bad), "22023", "{bad}");
+        }
+        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
+        run("CREATE ROLE evidence_ledger IN ROLE pgseal_ledger");
+        run("SET LOCAL ROLE evidence_ledger");
+        assert_eq!(
+            sqlstate("SELECT pgseal._job_receipt('retention.deleted', '{}')"),
+            "42501"
+        );
+        run("RESET ROLE");
+        assert_eq!(events("ev-job"), ["retention.deleted"]);
+    }
+}
