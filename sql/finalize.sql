@@ -95,3 +95,28 @@ GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
 -- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
 -- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).
 GRANT SELECT ON pgseal.ledger_checkpoints TO pgseal_admin;
+
+-- Signing identity (issue 14). The checkpoint key is a random Ed25519 key kept wrapped
+-- in pgseal.tenant_keys (tenant '_pgseal', purpose 'checkpoint'), made on first use and
+-- rewrapped by kek_rewrap like every other key. It is not made here: pg_dump carries
+-- tenant_keys, and a key made by the restore's own CREATE EXTENSION would collide with
+-- the restored one. The ledger id names this database's ledger in every checkpoint;
+-- it is made here and carried by pg_dump. A restore adds the dumped row next to the
+-- one its CREATE EXTENSION made, and the older row is the ledger's id
+-- (extension/src/ledger/checkpoints.rs).
+ALTER TABLE pgseal.tenant_keys DROP CONSTRAINT tenant_keys_purpose_check;
+ALTER TABLE pgseal.tenant_keys ADD CONSTRAINT tenant_keys_purpose_check
+    CHECK (purpose IN ('dek', 'ledger', 'checkpoint'));
+
+CREATE TABLE pgseal.ledger_identity (
+    ledger_id  text        PRIMARY KEY CHECK (ledger_id ~ '^[0-9a-f]{32}$')
+               DEFAULT pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', ''),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+COMMENT ON TABLE pgseal.ledger_identity IS
+    'The id every checkpoint of this database names (pgseal.ledger_id()). Written only at CREATE EXTENSION and by a restore.';
+INSERT INTO pgseal.ledger_identity DEFAULT VALUES;
+REVOKE ALL ON pgseal.ledger_identity FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_identity', '');
+
+GRANT EXECUTE ON FUNCTION pgseal.ledger_id() TO pgseal_ledger;

@@ -74,19 +74,27 @@ def entry_hash(prev, tenant, seq, at_us, actor, event, canonical_payload):
     ).digest()
 
 
-def checkpoint_key(master):
-    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"pgseal:v1:checkpoint-key").derive(master)
+def checkpoint_key(v):
+    """v2: the random checkpoint key, given as its seed; v1: derived from a master key."""
+    if "checkpoint_key" in v:
+        return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(v["checkpoint_key"]))
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"pgseal:v1:checkpoint-key").derive(
+        bytes.fromhex(v["master_key"]))
     return Ed25519PrivateKey.from_private_bytes(seed)
 
 
 def checkpoint_message(cp):
-    """v2 when the checkpoint names its previous one (prev_seq, prev_hash), else v1."""
+    """v2 when the checkpoint names its ledger and previous one (ledger_id, prev_seq,
+    prev_hash), v1 when it names none of them."""
     head = lp(cp["tenant"]) + struct.pack(">q", cp["seq"]) + bytes.fromhex(cp["hash"])
     tail = lp(cp["signed_at"]) + struct.pack(">I", cp["key_version"])
-    if "prev_seq" in cp or "prev_hash" in cp:
+    v2_fields = [f in cp for f in ("ledger_id", "prev_seq", "prev_hash")]
+    if any(v2_fields):
+        assert all(v2_fields), "a v2 checkpoint names ledger_id, prev_seq and prev_hash"
         prev_hash = bytes.fromhex(cp["prev_hash"])
         assert len(prev_hash) == 32, "prev_hash is not 32 bytes"
-        return b"pgseal:v2:checkpoint\x00" + head + struct.pack(">q", cp["prev_seq"]) + prev_hash + tail
+        return (b"pgseal:v2:checkpoint\x00" + lp(cp["ledger_id"]) + head + struct.pack(">q", cp["prev_seq"])
+                + prev_hash + tail)
     return b"pgseal:v1:checkpoint\x00" + head + tail
 
 
@@ -125,7 +133,7 @@ def check_vectors():
         n += 1
     versions = set()
     for v in vectors("checkpoint"):
-        sk = checkpoint_key(bytes.fromhex(v["master_key"]))
+        sk = checkpoint_key(v)
         pk = sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         assert pk.hex() == v["public_key"], "public key differs"
         cp = v["checkpoint"]

@@ -56,6 +56,7 @@ fn main() {
     for (i, (purpose, tenant, kid, ver)) in [
         (Purpose::Dek, "acme", "AAECAwQFBgcICQoL", 1u32),
         (Purpose::Ledger, "42", "LedgerKeyId00001", 7),
+        (Purpose::Checkpoint, "_pgseal", "CheckpointKey001", 3),
     ]
     .iter()
     .enumerate()
@@ -142,21 +143,38 @@ fn main() {
                 "checkpoint": cp})
         );
     }
-    // v2: the first extends the first v1 vector's (seq, hash); the second is a
+    // v2, signed by a random checkpoint key (given as its seed) and naming a ledger
+    // id: the first extends the first v1 vector's (seq, hash); the second is a
     // tenant's first checkpoint, which names (0, 32 zero bytes).
-    for (i, (tenant, seq, prev_seq, signed_at, ver)) in [
-        ("acme", 7i64, 3i64, "2026-11-26T12:00:00.000000Z", 1u32),
-        ("42", 2, 0, "2026-11-26T12:00:01.5Z", 2),
+    for (i, (ledger_id, tenant, seq, prev_seq, signed_at, ver)) in [
+        (
+            "7d3f0a1c9b2e4d5f8a6c1e0b3d2f4a5c",
+            "acme",
+            7i64,
+            3i64,
+            "2026-11-26T12:00:00.000000Z",
+            1u32,
+        ),
+        (
+            "00112233445566778899aabbccddeeff",
+            "42",
+            2,
+            0,
+            "2026-11-26T12:00:01.5Z",
+            2,
+        ),
     ]
     .iter()
     .enumerate()
     {
-        let master = key(170 + i as u8);
+        let seed = key(190 + i as u8);
+        let ck = checkpoint::key_from_seed(&seed);
         let hash = [i as u8 + 0x21; 32];
         let prev_hash = if *prev_seq == 0 { GENESIS } else { [0x11; 32] };
         let cp = checkpoint::sign_after(
-            &master,
+            &ck,
             *ver,
+            ledger_id,
             tenant,
             (*seq, &hash),
             (*prev_seq, &prev_hash),
@@ -164,7 +182,7 @@ fn main() {
         );
         println!(
             "{}",
-            serde_json::json!({"master_key": hex::encode(master.expose()), "public_key": checkpoint::public_key_hex(&master),
+            serde_json::json!({"checkpoint_key": hex::encode(seed.expose()), "public_key": checkpoint::verifying_key_hex(&ck),
                 "checkpoint": cp})
         );
     }

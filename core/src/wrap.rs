@@ -21,6 +21,8 @@ pub enum Purpose {
     Dek,
     /// A tenant ledger MAC key.
     Ledger,
+    /// The database's checkpoint signing key (an Ed25519 seed), tenant "_pgseal".
+    Checkpoint,
 }
 
 impl Purpose {
@@ -28,6 +30,7 @@ impl Purpose {
         match self {
             Purpose::Dek => "dek",
             Purpose::Ledger => "ledger",
+            Purpose::Checkpoint => "checkpoint",
         }
     }
 }

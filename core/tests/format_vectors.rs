@@ -60,6 +60,7 @@ fn wrap_vectors_wrap_and_unwrap() {
         let purpose = match s(&v, "purpose") {
             "dek" => Purpose::Dek,
             "ledger" => Purpose::Ledger,
+            "checkpoint" => Purpose::Checkpoint,
             other => panic!("unknown purpose {other}"),
         };
         let label = WrapLabel {
@@ -120,31 +121,46 @@ fn ledger_vectors_hash_mac_and_chain() {
 
 #[test]
 fn checkpoint_vectors_sign_and_verify() {
-    use pgseal_core::checkpoint::{public_key_hex, sign, sign_after, verify, Checkpoint};
+    use pgseal_core::checkpoint::{
+        key_from_seed, public_key_hex, sign, sign_after, verify, verifying_key_hex, Checkpoint,
+    };
     use pgseal_core::ledger::parse_hash;
     let mut versions = Vec::new();
     for v in vectors("checkpoint") {
-        let master = key(&v, "master_key");
-        assert_eq!(public_key_hex(&master), s(&v, "public_key"));
         let cp: Checkpoint = serde_json::from_value(v["checkpoint"].clone()).unwrap();
         let hash = parse_hash(&cp.hash).unwrap();
-        let again = match (cp.prev_seq, cp.prev_hash.as_deref()) {
-            (Some(prev_seq), Some(prev_hash)) => sign_after(
-                &master,
-                cp.key_version,
-                &cp.tenant,
-                (cp.seq, &hash),
-                (prev_seq, &parse_hash(prev_hash).unwrap()),
-                &cp.signed_at,
-            ),
-            _ => sign(
-                &master,
-                cp.key_version,
-                &cp.tenant,
-                cp.seq,
-                &hash,
-                &cp.signed_at,
-            ),
+        let again = match (
+            cp.ledger_id.as_deref(),
+            cp.prev_seq,
+            cp.prev_hash.as_deref(),
+        ) {
+            // v2: signed by the random checkpoint key, given as its 32-byte seed.
+            (Some(ledger_id), Some(prev_seq), Some(prev_hash)) => {
+                let ck = key_from_seed(&key(&v, "checkpoint_key"));
+                assert_eq!(verifying_key_hex(&ck), s(&v, "public_key"));
+                sign_after(
+                    &ck,
+                    cp.key_version,
+                    ledger_id,
+                    &cp.tenant,
+                    (cp.seq, &hash),
+                    (prev_seq, &parse_hash(prev_hash).unwrap()),
+                    &cp.signed_at,
+                )
+            }
+            // v1: signed by the key derived from a master key version.
+            _ => {
+                let master = key(&v, "master_key");
+                assert_eq!(public_key_hex(&master), s(&v, "public_key"));
+                sign(
+                    &master,
+                    cp.key_version,
+                    &cp.tenant,
+                    cp.seq,
+                    &hash,
+                    &cp.signed_at,
+                )
+            }
         };
         assert_eq!(again, cp, "Ed25519 signatures are deterministic");
         assert!(verify(s(&v, "public_key"), &cp));

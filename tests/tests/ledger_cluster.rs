@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgseal_tests::{is_retryable, repo_root, sqlstate, Cluster, KEY_V1};
+use pgseal_tests::{is_retryable, repo_root, sqlstate, Cluster, KEY_V1, KEY_V2};
 
 const SESSIONS: usize = 16;
 const APPENDS_PER_SESSION: usize = 2000;
@@ -382,6 +382,134 @@ fn export_is_verified_offline_by_pgseald() {
     let (code, out) = pgseald(&["ledger", "verify", "--file", export.to_str().unwrap()]);
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("hash mismatch at seq 10"), "{out}");
+}
+
+/// Issue 14, hole 7: the checkpoint key is a random key kept wrapped, not derived from
+/// the master key, so a master key rotation and `kek_rewrap` leave the public key and
+/// every earlier checkpoint valid; every checkpoint names the database's ledger_id.
+#[test]
+fn checkpoint_identity_survives_master_key_rotation() {
+    let cl = Cluster::start("ledger-identity", 54339, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute("CREATE EXTENSION pgseal; SET app.tenant_id = 'acme'")
+        .unwrap();
+    let ledger_id: String = c
+        .query_one("SELECT pgseal.ledger_id()", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        ledger_id.len() == 32
+            && ledger_id
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{ledger_id}"
+    );
+    // The key is made on first use, which a read-only transaction cannot store.
+    let r = c.batch_execute("BEGIN READ ONLY; SELECT pgseal.ledger_public_key()");
+    assert_eq!(sqlstate(r), "25006");
+    c.batch_execute("ROLLBACK").unwrap();
+    for i in 0..5 {
+        c.execute(
+            "SELECT pgseal.ledger_append('order.update', jsonb_build_object('id', $1::int))",
+            &[&i],
+        )
+        .unwrap();
+    }
+    let cp1: serde_json::Value = c
+        .query_one("SELECT pgseal.ledger_checkpoint()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(cp1["ledger_id"], ledger_id.as_str(), "{cp1}");
+    assert_eq!(cp1["key_version"], 1, "{cp1}");
+    let pk1: String = c
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
+    drop(c);
+
+    // A second master key version becomes active; every key moves to it.
+    cl.set_keys(&[KEY_V1, KEY_V2]);
+    cl.restart();
+    let mut c = cl.connect();
+    c.batch_execute("SET app.tenant_id = 'acme'").unwrap();
+    loop {
+        let n: i32 = c
+            .query_one("SELECT pgseal.kek_rewrap(7)", &[])
+            .unwrap()
+            .get(0);
+        if n == 0 {
+            break;
+        }
+    }
+    let (left, cp_keys): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE kek_version <> 2), \
+                        count(*) FILTER (WHERE purpose = 'checkpoint' AND kek_version = 2) \
+                 FROM pgseal.tenant_keys",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (left, cp_keys),
+        (0, 1),
+        "the checkpoint key was rewrapped too"
+    );
+    let pk2: String = c
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(pk2, pk1, "the public key survives the rotation");
+    let id2: String = c
+        .query_one("SELECT pgseal.ledger_id()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(id2, ledger_id);
+
+    c.batch_execute("SELECT pgseal.ledger_append('after.rotation')")
+        .unwrap();
+    let cp2: serde_json::Value = c
+        .query_one("SELECT pgseal.ledger_checkpoint()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(cp2["ledger_id"], ledger_id.as_str(), "{cp2}");
+    assert_eq!(cp2["key_version"], 2, "{cp2}");
+    assert_eq!(cp2["prev_seq"], cp1["seq"], "{cp2}");
+
+    // Offline, with the one public key: the checkpoint signed before the rotation
+    // and the one signed after both verify against the export.
+    let lines: Vec<String> = c
+        .query("SELECT e::text FROM pgseal.ledger_export() e", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let dir = std::path::PathBuf::from("/var/tmp/pgseal-it/ledger-identity-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let export = dir.join("export.jsonl");
+    std::fs::write(&export, lines.join("\n") + "\n").unwrap();
+    for (name, cps) in [("old.jsonl", vec![&cp1]), ("both.jsonl", vec![&cp1, &cp2])] {
+        let file = dir.join(name);
+        let text: String = cps.iter().map(|cp| cp.to_string() + "\n").collect();
+        std::fs::write(&file, text).unwrap();
+        let (code, out) = pgseald(&[
+            "ledger",
+            "verify",
+            "--file",
+            export.to_str().unwrap(),
+            "--checkpoints",
+            file.to_str().unwrap(),
+            "--public-key",
+            &pk1,
+        ]);
+        assert_eq!(code, Some(0), "{name}: {out}");
+        assert!(
+            out.contains(&format!("{} checkpoint(s) matched", cps.len())),
+            "{name}: {out}"
+        );
+    }
 }
 
 /// The hash of a ledger entry as docs/FORMAT.md ("Ledger entries") defines it:

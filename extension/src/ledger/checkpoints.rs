@@ -6,10 +6,17 @@
 //! the checkpoints of a tenant form a chain. Each one is kept in
 //! `pgseal.ledger_checkpoints`, which only this code writes (`guard.rs`) and which
 //! is unique on (tenant, previous seq): two checkpoints can never extend the same one.
+//!
+//! The signing key is the database's checkpoint key: a random Ed25519 seed kept
+//! wrapped in `pgseal.tenant_keys` (tenant `_pgseal`, purpose `checkpoint`), made on
+//! first use and rewrapped by `kek_rewrap` like every other key, so its public key
+//! outlives master key rotations. Every checkpoint names the database's `ledger_id`
+//! (`pgseal.ledger_identity`, made at CREATE EXTENSION and carried by pg_dump).
 
 use pgrx::prelude::*;
-use pgseal_core::checkpoint::{self, Checkpoint, FIRST_PREV};
+use pgseal_core::checkpoint::{self, Checkpoint, SigningKey, FIRST_PREV};
 use pgseal_core::ledger::{parse_hash, Hash};
+use pgseal_core::wrap::Purpose;
 
 use super::guard::{self, Scope};
 use crate::error::{OrRaise, SealError, SealResult};
@@ -51,8 +58,29 @@ fn committed_head(tenant: &str) -> SealResult<(i64, Hash)> {
     Ok((seq.unwrap_or(0), hash))
 }
 
+/// The database's ledger id. A restore adds the dumped row next to the one its own
+/// CREATE EXTENSION made; the older one, the original, is the ledger's id.
+fn current_ledger_id() -> SealResult<String> {
+    as_owner(|| {
+        Spi::get_one::<String>(
+            "SELECT ledger_id FROM pgseal.ledger_identity ORDER BY created_at, ledger_id LIMIT 1",
+        )
+    })
+    .ok()
+    .flatten()
+    .ok_or(SealError::Internal("pgseal.ledger_identity is empty"))
+}
+
+/// The checkpoint key, made (and stored wrapped) on first use.
+fn checkpoint_key() -> SealResult<SigningKey> {
+    let (_, seed) =
+        crate::keystore::ensure_active(super::evidence::SYSTEM_TENANT, Purpose::Checkpoint, false)?;
+    Ok(checkpoint::key_from_seed(&seed))
+}
+
 /// The tenant's newest stored checkpoint.
 fn last_stored(tenant: &str) -> SealResult<Option<Checkpoint>> {
+    let ledger_id = current_ledger_id()?;
     as_owner(|| {
         Spi::connect(|client| {
             let rows = client.select(LAST, Some(1), &[tenant.into()])?;
@@ -76,6 +104,7 @@ fn last_stored(tenant: &str) -> SealResult<Option<Checkpoint>> {
                     .get::<i32>(4)?
                     .ok_or(SealError::Internal("NULL in pgseal.ledger_checkpoints"))?
                     as u32,
+                ledger_id: Some(ledger_id),
                 prev_seq: Some(int8(5)?),
                 prev_hash: Some(text(6)?),
                 signature: text(7)?,
@@ -120,8 +149,8 @@ fn store(cp: &Checkpoint, hash: &Hash, prev_hash: &Hash) -> SealResult<()> {
 }
 
 /// Verifies the tenant's chain since its previous checkpoint, then signs its
-/// committed head (seq, hash) and the previous checkpoint's (seq, hash) with the
-/// Ed25519 key derived from the active master key version, and keeps the
+/// committed head (seq, hash), the ledger id and the previous checkpoint's (seq,
+/// hash) with the database's checkpoint key, and keeps the
 /// checkpoint. Returns the previous checkpoint again when the head has not moved.
 /// Admin only.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -155,16 +184,18 @@ fn ledger_checkpoint(tenant: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
             return Err(SealError::ChainCorrupt(f.seq, f.problem.as_str()));
         }
         let signed_at = signed_at_now()?;
-        let cp = master::with_active(|ver, kek| {
-            Ok(checkpoint::sign_after(
-                kek,
-                ver,
-                &tenant,
-                (seq, &hash),
-                (prev.0, &prev.1),
-                &signed_at,
-            ))
-        })?;
+        let ledger_id = current_ledger_id()?;
+        let key = checkpoint_key()?;
+        let ver = master::with_active(|ver, _| Ok(ver))?;
+        let cp = checkpoint::sign_after(
+            &key,
+            ver,
+            &ledger_id,
+            &tenant,
+            (seq, &hash),
+            (prev.0, &prev.1),
+            &signed_at,
+        );
         store(&cp, &hash, &prev.1)?;
         Ok(cp)
     })();
@@ -176,9 +207,19 @@ fn ledger_checkpoint(tenant: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
     )
 }
 
-/// The Ed25519 public key (lowercase hex) that verifies checkpoints signed under
-/// the active master key version.
+/// The Ed25519 public key (lowercase hex) of the database's checkpoint key, which
+/// verifies every (v2) checkpoint it signed, before and after master key rotations.
+/// Makes the key on first use (which needs a read-write transaction).
 #[pg_extern(volatile, parallel_unsafe)]
 fn ledger_public_key() -> String {
-    master::with_active(|_, kek| Ok(checkpoint::public_key_hex(kek))).or_raise()
+    master::require_loaded()
+        .and_then(|_| checkpoint_key())
+        .map(|k| checkpoint::verifying_key_hex(&k))
+        .or_raise()
+}
+
+/// The database's ledger id (32 lowercase hex characters), named by every checkpoint.
+#[pg_extern(stable, parallel_unsafe)]
+fn ledger_id() -> String {
+    current_ledger_id().or_raise()
 }
