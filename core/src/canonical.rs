@@ -17,8 +17,7 @@ pub fn canonical_payload(json: &str) -> Result<String, CoreError> {
             return Err(CoreError::InexactNumber);
         }
     }
-    serde_json_canonicalizer::pipe(json)
-        .map_err(|_| CoreError::Malformed("payload is not valid JSON"))
+    crate::jcs::canonicalize(json).map_err(|_| CoreError::NotJson)
 }
 
 /// `json` with every number that JCS would round replaced by a JSON string of
@@ -145,7 +144,7 @@ mod tests {
     fn rejects_invalid_json() {
         assert!(matches!(
             canonical_payload("{"),
-            Err(CoreError::Malformed(_))
+            Err(CoreError::NotJson)
         ));
     }
 

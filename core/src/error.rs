@@ -23,4 +23,7 @@ pub enum CoreError {
         "payload holds a number that a JSON double cannot represent exactly; store it as a string"
     )]
     InexactNumber,
+    /// A ledger payload that is not JSON.
+    #[error("ledger payload is not valid JSON")]
+    NotJson,
 }

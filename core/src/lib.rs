@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod envelope;
 pub mod error;
 pub mod export;
+pub mod jcs;
 pub mod keyring;
 pub mod keys;
 pub mod ledger;

@@ -120,7 +120,7 @@ impl SealError {
 impl From<CoreError> for SealError {
     fn from(e: CoreError) -> Self {
         match e {
-            CoreError::Malformed(_) => SealError::Malformed(e),
+            CoreError::Malformed(_) | CoreError::NotJson => SealError::Malformed(e),
             CoreError::AuthFailed => SealError::AuthFailed,
             CoreError::NotText => SealError::NotText,
             CoreError::InexactNumber => SealError::InvalidArgument(
