@@ -1,4 +1,5 @@
-//! Rows of `pgseal.tenant_keys`: tenant data keys and ledger keys, stored only wrapped.
+//! Rows of `pgseal.tenant_keys`: tenant data keys and ledger keys, and the
+//! database's checkpoint key (tenant `_pgseal`), stored only wrapped.
 //!
 //! Every query here runs as the extension owner (see `privilege`), because the
 //! table is readable by no application role.
@@ -36,6 +37,7 @@ pub fn purpose_from_str(s: &str) -> SealResult<Purpose> {
     match s {
         "dek" => Ok(Purpose::Dek),
         "ledger" => Ok(Purpose::Ledger),
+        "checkpoint" => Ok(Purpose::Checkpoint),
         _ => Err(SealError::Internal(
             "unknown key purpose in pgseal.tenant_keys",
         )),
@@ -274,15 +276,21 @@ pub fn shred(tenant: &str) -> SealResult<i64> {
 }
 
 /// Rewraps up to `batch` keys not under the active master version; returns how many.
-/// Each tenant whose keys moved gets one `key.rewrapped` entry per call, with counts.
+/// A call that moved keys appends one `key.rewrapped` entry to the system chain
+/// (`_pgseal`) with counts per tenant. Not one entry per tenant: each would hold that
+/// tenant's chain lock until commit, and a batch over thousands of tenants would run
+/// out of PostgreSQL's shared lock table (`max_locks_per_transaction` × connections).
 pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
     if batch <= 0 {
         return Err(SealError::InvalidArgument("batch must be positive"));
     }
     let active = master::with_active(|v, _| Ok(v))? as i32;
-    // tenant → (data keys, ledger keys, master versions they were under)
-    let mut moved: std::collections::BTreeMap<String, (i64, i64, std::collections::BTreeSet<i32>)> =
-        Default::default();
+    // tenant → (data keys, ledger keys, checkpoint keys, master versions they were under)
+    #[allow(clippy::type_complexity)]
+    let mut moved: std::collections::BTreeMap<
+        String,
+        (i64, i64, i64, std::collections::BTreeSet<i32>),
+    > = Default::default();
     let n = as_owner(|| -> SealResult<i32> {
         // connect_mut: a locking read must not run as a read-only SPI query, which
         // pgrx would choose when this (sub)transaction has no xid yet.
@@ -321,8 +329,10 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
                 match r.purpose {
                     Purpose::Dek => m.0 += 1,
                     Purpose::Ledger => m.1 += 1,
+                    // The database's checkpoint key (tenant `_pgseal`).
+                    Purpose::Checkpoint => m.2 += 1,
                 }
-                m.2.extend(r.kek_version);
+                m.3.extend(r.kek_version);
             }
             Ok(())
         })?;
@@ -334,15 +344,29 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
         )?;
         Ok(n)
     })?;
-    for (tenant, (dek, ledger, from)) in moved {
+    if !moved.is_empty() {
+        let mut from_versions = std::collections::BTreeSet::new();
+        let mut checkpoint_keys = 0;
+        let mut tenants = serde_json::Map::new();
+        for (tenant, (dek, ledger, checkpoint, from)) in moved {
+            from_versions.extend(from);
+            checkpoint_keys += checkpoint;
+            if dek + ledger > 0 {
+                tenants.insert(tenant, serde_json::json!({ "dek": dek, "ledger": ledger }));
+            }
+        }
         let payload = serde_json::json!({
-            "keys": dek + ledger,
-            "dek": dek,
-            "ledger": ledger,
+            "keys": n,
             "kek_version": active,
-            "from_versions": from,
+            "from_versions": from_versions,
+            "checkpoint": checkpoint_keys,
+            "tenants": tenants,
         });
-        crate::ledger::evidence::record(&tenant, "key.rewrapped", payload)?;
+        crate::ledger::evidence::record(
+            crate::ledger::evidence::SYSTEM_TENANT,
+            "key.rewrapped",
+            payload,
+        )?;
     }
     Ok(n)
 }
