@@ -143,3 +143,18 @@ pub fn sqlstate<T>(r: Result<T, postgres::Error>) -> String {
 pub fn is_retryable(e: &postgres::Error) -> bool {
     matches!(e.code().map(|c| c.code()), Some("40001") | Some("40P01"))
 }
+
+/// Calls `pgseal.kek_rewrap(7)` until it returns 0; returns how many keys moved.
+pub fn kek_rewrap_until_done(c: &mut postgres::Client) -> i64 {
+    let mut total = 0i64;
+    loop {
+        let n: i32 = c
+            .query_one("SELECT pgseal.kek_rewrap(7)", &[])
+            .unwrap()
+            .get(0);
+        if n == 0 {
+            return total;
+        }
+        total += i64::from(n);
+    }
+}

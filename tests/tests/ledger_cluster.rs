@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgseal_tests::{is_retryable, repo_root, sqlstate, Cluster, KEY_V1, KEY_V2};
+use pgseal_tests::{is_retryable, kek_rewrap_until_done, repo_root, sqlstate, Cluster, KEY_V1, KEY_V2};
 
 const SESSIONS: usize = 16;
 const APPENDS_PER_SESSION: usize = 2000;
@@ -302,6 +302,24 @@ fn pgseald(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// `pgseald ledger verify` of an export file against a checkpoints file.
+fn verify_offline(
+    export: &std::path::Path,
+    checkpoints: &std::path::Path,
+    public_key: &str,
+) -> (Option<i32>, String) {
+    pgseald(&[
+        "ledger",
+        "verify",
+        "--file",
+        export.to_str().unwrap(),
+        "--checkpoints",
+        checkpoints.to_str().unwrap(),
+        "--public-key",
+        public_key,
+    ])
+}
+
 #[test]
 fn export_is_verified_offline_by_pgseald() {
     let cl = Cluster::start("ledger-export", 54335, &[KEY_V1], &[]);
@@ -335,16 +353,7 @@ fn export_is_verified_offline_by_pgseald() {
     let cps = dir.join("checkpoints.jsonl");
     std::fs::write(&export, lines.join("\n") + "\n").unwrap();
     std::fs::write(&cps, cp.to_string() + "\n").unwrap();
-    let (code, out) = pgseald(&[
-        "ledger",
-        "verify",
-        "--file",
-        export.to_str().unwrap(),
-        "--checkpoints",
-        cps.to_str().unwrap(),
-        "--public-key",
-        &pk,
-    ]);
+    let (code, out) = verify_offline(&export, &cps, &pk);
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("acme: ok, 51 entries checked, 1 checkpoint(s) matched"),
@@ -432,15 +441,7 @@ fn checkpoint_identity_survives_master_key_rotation() {
     cl.restart();
     let mut c = cl.connect();
     c.batch_execute("SET app.tenant_id = 'acme'").unwrap();
-    loop {
-        let n: i32 = c
-            .query_one("SELECT pgseal.kek_rewrap(7)", &[])
-            .unwrap()
-            .get(0);
-        if n == 0 {
-            break;
-        }
-    }
+    kek_rewrap_until_done(&mut c);
     let (left, cp_keys): (i64, i64) = {
         let r = c
             .query_one(
@@ -494,16 +495,7 @@ fn checkpoint_identity_survives_master_key_rotation() {
         let file = dir.join(name);
         let text: String = cps.iter().map(|cp| cp.to_string() + "\n").collect();
         std::fs::write(&file, text).unwrap();
-        let (code, out) = pgseald(&[
-            "ledger",
-            "verify",
-            "--file",
-            export.to_str().unwrap(),
-            "--checkpoints",
-            file.to_str().unwrap(),
-            "--public-key",
-            &pk1,
-        ]);
+        let (code, out) = verify_offline(&export, &file, &pk1);
         assert_eq!(code, Some(0), "{name}: {out}");
         assert!(
             out.contains(&format!("{} checkpoint(s) matched", cps.len())),

@@ -2,7 +2,7 @@
 //! version, kek_rewrap, concurrent first seals, the no-key server, the server log,
 //! and the independent Python check of a live envelope.
 
-use pgseal_tests::{repo_root, sqlstate, Cluster, KEY_V1, KEY_V2};
+use pgseal_tests::{kek_rewrap_until_done, repo_root, sqlstate, Cluster, KEY_V1, KEY_V2};
 
 const PLAINTEXTS: [&str; 3] = [
     "sk-live-PLAINTEXT-MARKER-alpha",
@@ -92,18 +92,7 @@ fn restart_with_new_master_version_then_kek_rewrap() {
             Some(*pt)
         );
     }
-    let mut total = 0;
-    loop {
-        let n: i32 = c
-            .query_one("SELECT pgseal.kek_rewrap(7)", &[])
-            .unwrap()
-            .get(0);
-        if n == 0 {
-            break;
-        }
-        total += n;
-    }
-    assert_eq!(total, 20);
+    assert_eq!(kek_rewrap_until_done(&mut c), 20);
     let left: i64 = c
         .query_one(
             "SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version <> 2",
