@@ -96,6 +96,7 @@ pub fn open_text_in_place(
     payload: &mut [u8],
 ) -> Result<usize, CoreError> {
     let mut open = || {
+        check_payload_len(payload)?;
         let (nonce, rest) = payload.split_at_mut(NONCE_LEN);
         let (ct, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
         with_value_aad(tenant, key_id, context, |aad| {
@@ -117,6 +118,16 @@ pub fn open_text_in_place(
         payload.zeroize();
     }
     r
+}
+
+/// Refuses a payload too short to hold a nonce and a tag. `decode_into` and
+/// `Envelope::parse` never return one, but `Envelope`'s fields and
+/// `open_text_in_place`'s buffer can come from anywhere.
+fn check_payload_len(payload: &[u8]) -> Result<(), CoreError> {
+    if payload.len() < NONCE_LEN + TAG_LEN {
+        return Err(CoreError::Malformed("payload too short"));
+    }
+    Ok(())
 }
 
 /// Formats an envelope from its key id and payload.
@@ -177,6 +188,7 @@ pub fn open(
     context: Option<&str>,
     env: &Envelope<'_>,
 ) -> Result<Zeroizing<Vec<u8>>, CoreError> {
+    check_payload_len(&env.payload)?;
     let aad = value_aad(tenant, env.key_id, context);
     cipher
         .decrypt(
@@ -326,6 +338,25 @@ mod tests {
             }
         }
         assert!(Envelope::parse(&format!("v2:{key_id}:{spelled}")).is_err());
+    }
+
+    #[test]
+    fn payloads_shorter_than_a_nonce_and_a_tag_are_refused() {
+        let c = SecretKey::random().cipher();
+        for n in [0, 1, NONCE_LEN - 1, NONCE_LEN, NONCE_LEN + TAG_LEN - 1] {
+            let env = Envelope {
+                key_id: "kid",
+                payload: vec![0u8; n],
+            };
+            assert!(
+                matches!(open(&c, "t", None, &env), Err(CoreError::Malformed(_))),
+                "{n}"
+            );
+            let mut buf = vec![0xAAu8; n];
+            let r = open_text_in_place(&c, "t", None, "kid", &mut buf);
+            assert!(matches!(r, Err(CoreError::Malformed(_))), "{n}");
+            assert!(buf.iter().all(|&b| b == 0));
+        }
     }
 
     #[test]
