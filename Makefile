@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PG_CONFIG := /usr/lib/postgresql/15/bin/pg_config
 
-.PHONY: setup demo test test-core test-pg test-format test-cluster install bench daemon
+.PHONY: setup demo test test-core test-pg test-format test-cluster install bench daemon fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -33,6 +33,17 @@ test-cluster: install daemon
 # then out-of-process tests against real clusters.
 test: setup
 	$(MAKE) test-core test-format test-pg test-cluster
+
+# Longer random-input runs than `make test` runs: sqlsmith with more seeds and
+# queries (tests/tests/sqlsmith_cluster.rs), and more cases of the decoder
+# properties (core/tests/decoders_prop.rs). Override e.g. `make fuzz FUZZ_SEEDS=20`.
+FUZZ_SEEDS ?= 6
+FUZZ_QUERIES ?= 8000
+FUZZ_CASES ?= 5000
+fuzz: install
+	PROPTEST_CASES=$(FUZZ_CASES) cargo test -p pgseal-core --test decoders_prop
+	PGSEAL_FUZZ_SEEDS=$(FUZZ_SEEDS) PGSEAL_FUZZ_QUERIES=$(FUZZ_QUERIES) \
+		cargo test -p pgseal-tests --test sqlsmith_cluster -- --nocapture
 
 bench: setup
 	bash scripts/bench.sh
