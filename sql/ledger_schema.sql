@@ -14,16 +14,27 @@ $roles$;
 -- No CHECK constraints: only the extension writes here, it validates every field,
 -- and verification checks every byte. (PostgreSQL re-reads a table's CHECK
 -- expressions on every INSERT it plans, which was a third of an append's cost.)
+-- `fmt` says how the hash is computed (docs/FORMAT.md, "Ledger entries"): 1 for
+-- entries written before format 2 (db_role, subjects, salt and commitment NULL), 2
+-- for every entry pgseal writes now (commitment NULL unless the entry is erased:
+-- then payload and salt are NULL and commitment holds the payload commitment).
+-- The format 2 columns come last, so a row written with the first nine columns
+-- only is a format 1 row.
 CREATE TABLE pgseal.ledger (
     tenant_id   text        NOT NULL,
     seq         bigint      NOT NULL,
     recorded_at timestamptz NOT NULL,
     actor       text        NOT NULL,
     event       text        NOT NULL,
-    payload     jsonb       NOT NULL,
+    payload     jsonb,
     prev_hash   bytea       NOT NULL,
     hash        bytea       NOT NULL,
     mac         bytea       NOT NULL,
+    fmt         smallint    NOT NULL DEFAULT 1,
+    db_role     text,
+    subjects    text[],
+    salt        bytea,
+    commitment  bytea,
     PRIMARY KEY (tenant_id, seq)
 );
 

@@ -63,8 +63,17 @@ def unwrap(kek, purpose, tenant, key_id, version, wrapped):
 
 
 def jcs(value):
-    """RFC 8785 for the value shapes the vectors use (no floats with exponents)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """RFC 8785 for the value shapes the vectors use (no floats with exponents;
+    an integral float is written as an integer, as ECMAScript does)."""
+    def norm(v):
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        return v
+    return json.dumps(norm(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def entry_hash(prev, tenant, seq, at_us, actor, event, canonical_payload):
@@ -72,6 +81,40 @@ def entry_hash(prev, tenant, seq, at_us, actor, event, canonical_payload):
         b"pgseal:v1:ledger\x00" + prev + lp(tenant) + struct.pack(">q", seq) + struct.pack(">q", at_us)
         + lp(actor) + lp(event) + lp(canonical_payload)
     ).digest()
+
+
+def payload_commitment(salt, canonical_payload):
+    return hashlib.sha256(b"pgseal:v2:payload\x00" + salt + canonical_payload.encode("utf-8")).digest()
+
+
+def entry_hash_v2(prev, tenant, seq, at_us, actor, db_role, event, subjects, commitment):
+    assert len(prev) == 32 and len(commitment) == 32
+    return hashlib.sha256(
+        b"pgseal:v2:ledger\x00" + prev + lp(tenant) + struct.pack(">q", seq) + struct.pack(">q", at_us)
+        + lp(actor) + lp(db_role) + lp(event) + struct.pack(">I", len(subjects))
+        + b"".join(lp(s) for s in subjects) + commitment
+    ).digest()
+
+
+def check_v2_entry(v, prev):
+    """One format 2 vector: its commitment (from salt and payload, or as stored when
+    erased), hash and MAC. Returns the hash."""
+    assert bytes.fromhex(v["prev_hash"]) == prev, "chain link differs"
+    if v["erased"]:
+        assert v["payload"] is None and v["salt"] is None, "an erased entry has no payload or salt"
+        commitment = bytes.fromhex(v["commitment"])
+    else:
+        canonical = jcs(json.loads(v["payload"]))
+        assert canonical == v["canonical_payload"], "canonical JSON differs"
+        salt = bytes.fromhex(v["salt"])
+        assert len(salt) == 32, "salt is not 32 bytes"
+        commitment = payload_commitment(salt, canonical)
+        assert commitment.hex() == v["commitment"], "payload commitment differs"
+    h = entry_hash_v2(prev, v["tenant"], v["seq"], v["recorded_at_us"], v["actor"], v["db_role"], v["event"],
+                      v["subjects"], commitment)
+    assert h.hex() == v["hash"], "format 2 entry hash differs"
+    assert hmac.new(bytes.fromhex(v["mac_key"]), h, hashlib.sha256).hexdigest() == v["mac"], "MAC differs"
+    return h
 
 
 def checkpoint_key(v):
@@ -100,7 +143,7 @@ def checkpoint_message(cp):
 
 def vectors(kind):
     doc = (ROOT / "docs" / "FORMAT.md").read_text()
-    fence = "```jsonl vectors:" + kind
+    fence = "```jsonl vectors:" + kind + "\n"
     start = doc.index(fence) + len(fence)
     end = doc.index("```", start)
     return [json.loads(l) for l in doc[start:end].splitlines() if l.strip()]
@@ -131,6 +174,13 @@ def check_vectors():
         assert hmac.new(bytes.fromhex(v["mac_key"]), h, hashlib.sha256).hexdigest() == v["mac"], "MAC differs"
         prev = h
         n += 1
+    # The format 2 vectors continue the format 1 chain.
+    erased = 0
+    for v in vectors("ledger_v2"):
+        prev = check_v2_entry(v, prev)
+        erased += v["erased"]
+        n += 1
+    assert erased == 1, "one erased format 2 vector"
     versions = set()
     for v in vectors("checkpoint"):
         sk = checkpoint_key(v)

@@ -5,7 +5,9 @@ use pgseal_core::canonical::canonical_payload;
 use pgseal_core::checkpoint;
 use pgseal_core::envelope::seal_with_nonce;
 use pgseal_core::keys::SecretKey;
-use pgseal_core::ledger::{entry_hash, EntryFields, EntryMac, GENESIS};
+use pgseal_core::ledger::{
+    entry_hash, entry_hash_v2, payload_commitment, EntryFields, EntryFieldsV2, EntryMac, GENESIS,
+};
 use pgseal_core::wrap::{wrap_with_nonce, Purpose, WrapLabel};
 
 fn key(seed: u8) -> SecretKey {
@@ -123,6 +125,85 @@ fn main() {
                 "recorded_at_us": at, "actor": actor, "event": event, "payload": payload,
                 "canonical_payload": canonical, "prev_hash": hex::encode(prev), "hash": hex::encode(hash),
                 "mac": hex::encode(mac)})
+        );
+        prev = hash;
+    }
+    println!("ledger_v2 vectors (continuing the chain above):");
+    /// seq, recorded_at_us, actor, db_role, event, subjects, payload, erased.
+    type V2Entry<'a> = (
+        i64,
+        i64,
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        &'a str,
+        bool,
+    );
+    let v2: [V2Entry; 3] = [
+        (
+            4,
+            1_796_000_000_000_000,
+            "alice",
+            "app_rw",
+            "order.paid",
+            &[],
+            r#"{"order": 42, "to": "paid"}"#,
+            false,
+        ),
+        (
+            5,
+            1_796_000_000_000_001,
+            "svc:crm",
+            "crm_writer",
+            "subject.updated",
+            &["user:17", "user:\u{e9}"],
+            r#"{"n": 1.0, "field": "email"}"#,
+            false,
+        ),
+        (
+            6,
+            1_796_000_000_500_000,
+            "alice",
+            "app_rw",
+            "subject.contact",
+            &["user:17"],
+            r#"{"email": "a@example.com"}"#,
+            true,
+        ),
+    ];
+    for (i, (seq, at, actor, db_role, event, subjects, payload, erased)) in
+        v2.into_iter().enumerate()
+    {
+        let canonical = canonical_payload(payload).unwrap();
+        let salt: [u8; 32] =
+            std::array::from_fn(|j| (j as u8).wrapping_mul(11).wrapping_add(0x40 + i as u8));
+        let commitment = payload_commitment(&salt, &canonical);
+        let subjects: Vec<String> = subjects.iter().map(|s| (*s).to_owned()).collect();
+        let hash = entry_hash_v2(&EntryFieldsV2 {
+            prev_hash: &prev,
+            tenant: "acme",
+            seq,
+            recorded_at_us: at,
+            actor,
+            db_role,
+            event,
+            subjects: &subjects,
+            commitment: &commitment,
+        });
+        let mac = EntryMac::new(&mac_key).sign(&hash);
+        let (payload, canonical, salt) = if erased {
+            (None, None, None)
+        } else {
+            (Some(payload), Some(canonical), Some(hex::encode(salt)))
+        };
+        println!(
+            "{}",
+            serde_json::json!({"mac_key": hex::encode(mac_key.expose()), "tenant": "acme", "seq": seq,
+                "recorded_at_us": at, "actor": actor, "db_role": db_role, "event": event,
+                "subjects": subjects, "payload": payload, "canonical_payload": canonical,
+                "salt": salt, "commitment": hex::encode(commitment), "erased": erased,
+                "prev_hash": hex::encode(prev), "hash": hex::encode(hash), "mac": hex::encode(mac)})
         );
         prev = hash;
     }

@@ -12,11 +12,16 @@ use serde_json::value::RawValue;
 
 use crate::chain::{Failure, Problem, Report, StoredEntry, Verifier};
 use crate::checkpoint::{self, Checkpoint};
-use crate::ledger::{parse_hash, Hash, GENESIS};
+use crate::ledger::{parse_hash, Hash, Salt, FMT_V1, FMT_V2, GENESIS, SALT_LEN};
 
-/// One exported entry, as `pgseal.ledger_export()` writes it.
+/// One exported entry, as `pgseal.ledger_export()` writes it. A line without
+/// `fmt` is format 1 (exports made before format 2 have none); the format 2
+/// fields are absent (or null) when the entry has none.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExportLine {
+    #[serde(default = "fmt_v1")]
+    pub fmt: i16,
     pub tenant_id: String,
     pub seq: i64,
     /// Informational; the hash covers `recorded_at_us`.
@@ -24,11 +29,114 @@ pub struct ExportLine {
     pub recorded_at: Option<String>,
     pub recorded_at_us: i64,
     pub actor: String,
+    #[serde(default)]
+    pub db_role: Option<String>,
     pub event: String,
+    #[serde(default)]
+    pub subjects: Option<Vec<String>>,
+    /// JSON `null` for an erased entry (no salt, a commitment).
     pub payload: Box<RawValue>,
+    /// 64 hex characters.
+    #[serde(default)]
+    pub salt: Option<String>,
+    /// 64 hex characters; exported only when stored (erased entries).
+    #[serde(default)]
+    pub commitment: Option<String>,
     pub prev_hash: String,
     pub hash: String,
     pub mac: String,
+}
+
+fn fmt_v1() -> i16 {
+    FMT_V1
+}
+
+/// An export line decoded: hex fields as bytes, and an erased entry's payload
+/// as `None`. The MAC is kept as text: offline verification has no key to check it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedLine {
+    pub fmt: i16,
+    pub tenant_id: String,
+    pub seq: i64,
+    pub recorded_at: Option<String>,
+    pub recorded_at_us: i64,
+    pub actor: String,
+    pub db_role: Option<String>,
+    pub event: String,
+    pub subjects: Option<Vec<String>>,
+    /// The payload's JSON text as exported; `None` when erased.
+    pub payload: Option<String>,
+    pub salt: Option<Salt>,
+    pub commitment: Option<Hash>,
+    pub prev_hash: Hash,
+    pub hash: Hash,
+    pub mac: String,
+}
+
+impl DecodedLine {
+    /// The entry as the chain verifier reads it (without a MAC).
+    pub fn stored(&self) -> StoredEntry<'_> {
+        StoredEntry {
+            fmt: self.fmt,
+            tenant: &self.tenant_id,
+            seq: self.seq,
+            recorded_at_us: self.recorded_at_us,
+            actor: &self.actor,
+            event: &self.event,
+            payload: self.payload.as_deref(),
+            db_role: self.db_role.as_deref(),
+            subjects: self.subjects.as_deref(),
+            salt: self.salt.as_ref().map(|s| &s[..]),
+            commitment: self.commitment.as_ref().map(|c| &c[..]),
+            prev_hash: &self.prev_hash,
+            hash: &self.hash,
+            mac: None,
+        }
+    }
+}
+
+/// Decodes one export line. An error names the field that is wrong, never its value.
+pub fn decode_line(line: &str) -> Result<DecodedLine, String> {
+    let e: ExportLine = serde_json::from_str(line).map_err(|err| err.to_string())?;
+    let hex32 = |what: &str, text: &str| {
+        parse_hash(text).ok_or_else(|| format!("{what} is not 64 hex characters"))
+    };
+    let salt = match &e.salt {
+        Some(t) => {
+            let mut out = [0u8; SALT_LEN];
+            hex::decode_to_slice(t, &mut out)
+                .map_err(|_| "salt is not 64 hex characters".to_owned())?;
+            Some(out)
+        }
+        None => None,
+    };
+    let commitment = match &e.commitment {
+        Some(t) => Some(hex32("commitment", t)?),
+        None => None,
+    };
+    // Erased: a format 2 entry with neither payload nor salt, and a commitment.
+    let erased = e.fmt == FMT_V2 && salt.is_none() && commitment.is_some();
+    let payload = match (erased, e.payload.get()) {
+        (true, "null") => None,
+        (_, text) => Some(text.to_owned()),
+    };
+    Ok(DecodedLine {
+        fmt: e.fmt,
+        prev_hash: hex32("prev_hash", &e.prev_hash)?,
+        hash: hex32("hash", &e.hash)?,
+        tenant_id: e.tenant_id,
+        seq: e.seq,
+        recorded_at: e.recorded_at,
+        recorded_at_us: e.recorded_at_us,
+        actor: e.actor,
+        db_role: e.db_role,
+        event: e.event,
+        subjects: e.subjects,
+        payload,
+        salt,
+        commitment,
+        mac: e.mac,
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +228,8 @@ pub fn verify_export(
         if line.trim().is_empty() {
             continue;
         }
-        let e: ExportLine = serde_json::from_str(&line)
-            .map_err(|err| ExportError::BadLine(i + 1, err.to_string()))?;
-        let bad =
-            |what: &str| ExportError::BadLine(i + 1, format!("{what} is not 64 hex characters"));
-        let prev = parse_hash(&e.prev_hash).ok_or_else(|| bad("prev_hash"))?;
-        let hash = parse_hash(&e.hash).ok_or_else(|| bad("hash"))?;
+        let e = decode_line(&line).map_err(|err| ExportError::BadLine(i + 1, err))?;
+        let (prev, hash) = (e.prev_hash, e.hash);
         let state = tenants.entry(e.tenant_id.clone()).or_insert_with(|| {
             // An export that starts at seq 1 must start from the genesis hash;
             // one that starts later (a range, or after pruning) is anchored by
@@ -143,17 +247,7 @@ pub fn verify_export(
         if tracked {
             state.hashes_at.insert(e.seq, hash);
         }
-        state.verifier.push(&StoredEntry {
-            tenant: &e.tenant_id,
-            seq: e.seq,
-            recorded_at_us: e.recorded_at_us,
-            actor: &e.actor,
-            event: &e.event,
-            payload: e.payload.get(),
-            prev_hash: &prev,
-            hash: &hash,
-            mac: None,
-        });
+        state.verifier.push(&e.stored());
     }
     let mut out: BTreeMap<String, TenantResult> = BTreeMap::new();
     for (tenant, state) in tenants {
@@ -174,6 +268,7 @@ pub fn verify_export(
         if !out.contains_key(*tenant) {
             let report = Report {
                 checked: 0,
+                erased: 0,
                 failure: None,
                 last: None,
             };

@@ -26,17 +26,17 @@ struct Owned {
 
 impl Owned {
     fn view(&self) -> StoredEntry<'_> {
-        StoredEntry {
-            tenant: &self.tenant,
-            seq: self.seq,
-            recorded_at_us: self.at,
-            actor: &self.actor,
-            event: &self.event,
-            payload: &self.payload,
-            prev_hash: &self.prev,
-            hash: &self.hash,
-            mac: Some(&self.mac),
-        }
+        StoredEntry::v1(
+            &self.tenant,
+            self.seq,
+            self.at,
+            &self.actor,
+            &self.event,
+            &self.payload,
+            &self.prev,
+            &self.hash,
+            Some(&self.mac),
+        )
     }
 
     fn rehash(&mut self) {

@@ -8,7 +8,7 @@ use serde_json::Value;
 fn vectors(kind: &str) -> Vec<Value> {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FORMAT.md")).unwrap();
-    let fence = format!("```jsonl vectors:{kind}");
+    let fence = format!("```jsonl vectors:{kind}\n");
     let start = doc
         .find(&fence)
         .unwrap_or_else(|| panic!("no {fence} block"))
@@ -104,19 +104,115 @@ fn ledger_vectors_hash_mac_and_chain() {
         assert_eq!(hex::encode(hash), s(v, "hash"));
         assert_eq!(hex::encode(mac.sign(&hash)), s(v, "mac"));
         let mac_bytes = hex::decode(s(v, "mac")).unwrap();
-        assert!(verifier.push(&StoredEntry {
-            tenant: f.tenant,
-            seq: f.seq,
-            recorded_at_us: f.recorded_at_us,
-            actor: f.actor,
-            event: f.event,
-            payload: s(v, "payload"),
-            prev_hash: &prev,
-            hash: &hash,
-            mac: Some(&mac_bytes),
-        }));
+        assert!(verifier.push(&StoredEntry::v1(
+            f.tenant,
+            f.seq,
+            f.recorded_at_us,
+            f.actor,
+            f.event,
+            s(v, "payload"),
+            &prev,
+            &hash,
+            Some(&mac_bytes),
+        )));
     }
     assert!(verifier.finish(None).ok());
+}
+
+/// The format 2 vectors continue the format 1 chain: commitment, hash and MAC of
+/// each, and the six entries verified as one chain (with MACs), the erased one
+/// by its stored commitment.
+#[test]
+fn ledger_v2_vectors_continue_the_v1_chain() {
+    use pgseal_core::canonical::canonical_payload;
+    use pgseal_core::chain::{StoredEntry, Verifier};
+    use pgseal_core::ledger::{
+        entry_hash_v2, parse_hash, payload_commitment, EntryFieldsV2, EntryMac, FMT_V2, GENESIS,
+    };
+    let v1 = vectors("ledger");
+    let v2 = vectors("ledger_v2");
+    let mac = EntryMac::new(&key(&v1[0], "mac_key"));
+    let mut verifier = Verifier::new(1, GENESIS, Some(mac.clone()));
+    for v in &v1 {
+        let hash = hex::decode(s(v, "hash")).unwrap();
+        let (prev, m) = (
+            hex::decode(s(v, "prev_hash")).unwrap(),
+            hex::decode(s(v, "mac")).unwrap(),
+        );
+        let e = StoredEntry::v1(
+            s(v, "tenant"),
+            v["seq"].as_i64().unwrap(),
+            v["recorded_at_us"].as_i64().unwrap(),
+            s(v, "actor"),
+            s(v, "event"),
+            s(v, "payload"),
+            &prev,
+            &hash,
+            Some(&m),
+        );
+        assert!(verifier.push(&e));
+    }
+    let mut prev = parse_hash(s(v1.last().unwrap(), "hash")).unwrap();
+    for v in &v2 {
+        assert_eq!(parse_hash(s(v, "prev_hash")).unwrap(), prev);
+        let erased = v["erased"].as_bool().unwrap();
+        let subjects: Vec<String> = serde_json::from_value(v["subjects"].clone()).unwrap();
+        let stored_commitment = parse_hash(s(v, "commitment")).unwrap();
+        let salt: Option<[u8; 32]> = v["salt"]
+            .as_str()
+            .map(|t| hex::decode(t).unwrap().try_into().unwrap());
+        let commitment = match (&salt, v["payload"].as_str()) {
+            (Some(salt), Some(payload)) => {
+                let canonical = canonical_payload(payload).unwrap();
+                assert_eq!(canonical, s(v, "canonical_payload"));
+                payload_commitment(salt, &canonical)
+            }
+            _ => {
+                assert!(erased);
+                stored_commitment
+            }
+        };
+        assert_eq!(commitment, stored_commitment);
+        let hash = entry_hash_v2(&EntryFieldsV2 {
+            prev_hash: &prev,
+            tenant: s(v, "tenant"),
+            seq: v["seq"].as_i64().unwrap(),
+            recorded_at_us: v["recorded_at_us"].as_i64().unwrap(),
+            actor: s(v, "actor"),
+            db_role: s(v, "db_role"),
+            event: s(v, "event"),
+            subjects: &subjects,
+            commitment: &commitment,
+        });
+        assert_eq!(hex::encode(hash), s(v, "hash"));
+        assert_eq!(hex::encode(mac.sign(&hash)), s(v, "mac"));
+        let m = hex::decode(s(v, "mac")).unwrap();
+        // As stored: the commitment only for the erased entry.
+        let stored = StoredEntry {
+            fmt: FMT_V2,
+            tenant: s(v, "tenant"),
+            seq: v["seq"].as_i64().unwrap(),
+            recorded_at_us: v["recorded_at_us"].as_i64().unwrap(),
+            actor: s(v, "actor"),
+            event: s(v, "event"),
+            payload: v["payload"].as_str(),
+            db_role: Some(s(v, "db_role")),
+            subjects: Some(&subjects),
+            salt: salt.as_ref().map(|x| &x[..]),
+            commitment: erased.then_some(&stored_commitment[..]),
+            prev_hash: &prev,
+            hash: &hash,
+            mac: Some(&m),
+        };
+        assert!(verifier.push(&stored), "seq {}", v["seq"]);
+        prev = hash;
+    }
+    let report = verifier.finish(None);
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(
+        (report.checked, report.erased),
+        ((v1.len() + v2.len()) as i64, 1)
+    );
 }
 
 #[test]

@@ -117,6 +117,12 @@ fn detail(r: &TenantResult) -> String {
         return format!("{} at seq {}", f.problem.as_str(), f.seq);
     }
     let mut out = String::new();
+    if r.report.erased > 0 {
+        out += &format!(
+            ", {} erased (verified by their payload commitments)",
+            r.report.erased
+        );
+    }
     if r.checkpoints_matched > 0 {
         out += &format!(", {} checkpoint(s) matched", r.checkpoints_matched);
     }
@@ -188,4 +194,34 @@ pub async fn verify_db(
         out.push(verify_one(client, &t, None).await?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgseal_core::chain::Report;
+
+    fn result(erased: i64) -> TenantResult {
+        TenantResult {
+            tenant: "acme".into(),
+            report: Report {
+                checked: 5,
+                erased,
+                failure: None,
+                last: None,
+            },
+            checkpoints_matched: 0,
+            checkpoints_before: 0,
+            checkpoint_failure: None,
+        }
+    }
+
+    #[test]
+    fn erased_entries_are_counted_in_the_detail() {
+        assert_eq!(detail(&result(0)), "");
+        assert_eq!(
+            detail(&result(2)),
+            ", 2 erased (verified by their payload commitments)"
+        );
+    }
 }

@@ -21,8 +21,9 @@
 //!   `SYSTEM_TENANT`, which only pgseal appends to.
 //!
 //! Every entry recorded here has the usual actor (the user-id setting, else
-//! `session_user`) and, in its payload, `db_role`: the database role that made the
-//! change (the session's current role, never a SECURITY DEFINER function's owner).
+//! `session_user`) and, like every entry, the hashed `db_role` field: the database
+//! role that made the change (`ledger::db_role`, the session's current role, never
+//! a SECURITY DEFINER function's owner).
 
 use std::ffi::CStr;
 
@@ -64,33 +65,18 @@ pub fn is_reserved(event: &str) -> bool {
         .any(|p| e.len() >= p.len() && e[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
 }
 
-/// The role that made the change: the session's current role (after SET ROLE),
-/// which a SECURITY DEFINER function or pgseal's own switch to the owner does not change.
-fn acting_role() -> String {
-    // SAFETY: GetOuterUserId is valid in any backend with a session; with noerr =
-    // false GetUserNameFromId returns a palloc'd NUL-terminated name or raises.
-    unsafe {
-        CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false))
-            .to_string_lossy()
-            .into_owned()
-    }
-}
-
 /// The chain for a change that concerns every tenant: the tenant context's, else
 /// the system chain.
 pub fn context_or_system() -> String {
     context::tenant().unwrap_or_else(|_| SYSTEM_TENANT.to_owned())
 }
 
-/// Appends pgseal's entry `event` to `tenant`'s chain, with `db_role` added to the
-/// payload (an object). Fails closed: without the master key (55000) or in a
-/// read-only transaction (25006), the change it records fails with it.
-pub fn record(tenant: &str, event: &'static str, mut payload: Value) -> SealResult<i64> {
+/// Appends pgseal's entry `event` to `tenant`'s chain (its `db_role` is the
+/// session's role, see `heads::append`). Fails closed: without the master key
+/// (55000) or in a read-only transaction (25006), the change it records fails with it.
+pub fn record(tenant: &str, event: &'static str, payload: Value) -> SealResult<i64> {
     crate::master::require_loaded()?;
     crate::vault::require_read_write(event)?;
-    if let Value::Object(m) = &mut payload {
-        m.insert("db_role".into(), Value::from(acting_role()));
-    }
     let (seq, _) =
         super::heads::append(tenant, event, &payload.to_string(), &super::default_actor())?;
     Ok(seq)
@@ -213,6 +199,9 @@ pub unsafe extern "C-unwind" fn job_receipt_fn(fcinfo: pg_sys::FunctionCallInfo)
 
 fn job_receipt(event: Option<&str>, payload: Option<&JsonbText>) -> SealResult<i64> {
     super::require_admin("_job_receipt")?;
+    if let Some(e) = event {
+        crate::limits::check("event", e, crate::limits::EVENT)?;
+    }
     let event = event
         .and_then(|e| JOB_EVENTS.iter().find(|j| **j == e).copied())
         .ok_or(SealError::InvalidArgument(

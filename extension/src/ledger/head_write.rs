@@ -56,7 +56,9 @@ mod imp {
     use super::super::heads::Pending;
     use crate::error::{SealError, SealResult};
 
-    const LEDGER_COLUMNS: [pg_sys::Oid; 9] = [
+    /// `pgseal.ledger`'s columns: tenant_id, seq, recorded_at, actor, event,
+    /// payload, prev_hash, hash, mac, fmt, db_role, subjects, salt, commitment.
+    const LEDGER_COLUMNS: [pg_sys::Oid; 14] = [
         pg_sys::TEXTOID,
         pg_sys::INT8OID,
         pg_sys::TIMESTAMPTZOID,
@@ -64,6 +66,11 @@ mod imp {
         pg_sys::TEXTOID,
         pg_sys::JSONBOID,
         pg_sys::BYTEAOID,
+        pg_sys::BYTEAOID,
+        pg_sys::BYTEAOID,
+        pg_sys::INT2OID,
+        pg_sys::TEXTOID,
+        pg_sys::TEXTARRAYOID,
         pg_sys::BYTEAOID,
         pg_sys::BYTEAOID,
     ];
@@ -170,14 +177,14 @@ mod imp {
         }
     }
 
-    /// A virtual slot of `rel`'s shape holding `values` (none NULL).
+    /// A virtual slot of `rel`'s shape holding `values` (`None` is NULL).
     ///
     /// # Safety
     /// `rel` is open and `values` has one datum of the right type per column.
     unsafe fn slot_with(
         o: &mut Opened,
         rel: pg_sys::Relation,
-        values: &[pg_sys::Datum],
+        values: &[Option<pg_sys::Datum>],
     ) -> *mut pg_sys::TupleTableSlot {
         // SAFETY: a fresh virtual slot has room for one datum per column of the
         // descriptor it was made with, which is `values.len()` as the caller says.
@@ -188,8 +195,8 @@ mod imp {
             );
             o.slots.push(slot);
             for (i, v) in values.iter().enumerate() {
-                *(*slot).tts_values.add(i) = *v;
-                *(*slot).tts_isnull.add(i) = false;
+                *(*slot).tts_values.add(i) = v.unwrap_or(pg_sys::Datum::from(0usize));
+                *(*slot).tts_isnull.add(i) = v.is_none();
             }
             pg_sys::ExecStoreVirtualTuple(slot)
         }
@@ -197,6 +204,18 @@ mod imp {
 
     fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
         v.into_datum().expect("a value that is not NULL")
+    }
+
+    /// `subjects` as a `text[]` datum; the usual empty list without pgrx's array
+    /// builder.
+    fn subjects_datum(subjects: &[String]) -> pg_sys::Datum {
+        if subjects.is_empty() {
+            // SAFETY: builds a palloc'd zero-dimensional array of text in the
+            // current memory context; no preconditions.
+            pg_sys::Datum::from(unsafe { pg_sys::construct_empty_array(pg_sys::TEXTOID) })
+        } else {
+            datum(subjects.iter().map(String::as_str).collect::<Vec<_>>())
+        }
     }
 
     /// Writes `e` and moves the heads row at `row` to it, unless the row is
@@ -273,19 +292,25 @@ mod imp {
                 // The tenant, seq and hash go into both rows.
                 let (tenant, seq, hash) =
                     (datum(e.tenant.as_str()), datum(e.seq), datum(&e.hash[..]));
+                // Format 2, with no stored commitment (see `heads`).
                 let entry = slot_with(
                     &mut o,
                     ledger,
                     &[
-                        tenant,
-                        seq,
-                        datum(e.recorded_at),
-                        datum(e.actor.as_str()),
-                        datum(e.event.as_str()),
-                        jsonb,
-                        datum(&e.prev[..]),
-                        hash,
-                        datum(&e.mac[..]),
+                        Some(tenant),
+                        Some(seq),
+                        Some(datum(e.recorded_at)),
+                        Some(datum(e.actor.as_str())),
+                        Some(datum(e.event.as_str())),
+                        Some(jsonb),
+                        Some(datum(&e.prev[..])),
+                        Some(hash),
+                        Some(datum(&e.mac[..])),
+                        Some(datum(pgseal_core::ledger::FMT_V2)),
+                        Some(datum(e.db_role.as_str())),
+                        Some(subjects_datum(&e.subjects)),
+                        Some(datum(&e.salt[..])),
+                        None,
                     ],
                 );
                 pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
@@ -302,11 +327,11 @@ mod imp {
                     &mut o,
                     heads,
                     &[
-                        tenant,
-                        seq,
-                        hash,
-                        datum(row.anchor_seq),
-                        datum(row.anchor_hash.as_slice()),
+                        Some(tenant),
+                        Some(seq),
+                        Some(hash),
+                        Some(datum(row.anchor_seq)),
+                        Some(datum(row.anchor_hash.as_slice())),
                     ],
                 );
                 pg_sys::ExecSimpleRelationUpdate(

@@ -9,14 +9,16 @@
 //! makes that fail with 40001, a retryable error, instead of forking the chain.
 //!
 //! Later appends in the same transaction use the head kept here, so one append is
-//! one hash and one MAC. Entries are written in batches: an append adds its entry
-//! to a pending list, and one statement inserts the list and moves the heads rows
-//! to its last entries. That write runs when the statement that appended ends
-//! (the executor-end hook in `txn.rs`), when the list grows past a bound, before
-//! the ledger functions read the chain, and at pre-commit. So the next statement
-//! of the transaction sees every entry appended before it. A single entry whose
-//! heads row was read directly is written without SPI, with the executor's
-//! one-row insert and update (`head_write`).
+//! one payload commitment, one hash and one MAC (format 2, docs/FORMAT.md: the
+//! payload is hashed once, inside its commitment, under a fresh 32-byte salt from
+//! the backend's ChaCha20 generator). Entries are written in batches: an append
+//! adds its entry to a pending list, and one statement inserts the list and moves
+//! the heads rows to its last entries. That write runs when the statement that
+//! appended ends (the executor-end hook in `txn.rs`), when the list grows past a
+//! bound, before the ledger functions read the chain, and at pre-commit. So the
+//! next statement of the transaction sees every entry appended before it. A single
+//! entry whose heads row was read directly is written without SPI, with the
+//! executor's one-row insert and update (`head_write`).
 //!
 //! A subtransaction abort drops the pending entries appended inside it (the
 //! entries it wrote are rolled back by PostgreSQL, with the heads rows), and makes
@@ -29,7 +31,9 @@ use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgseal_core::canonical::canonical_payload;
-use pgseal_core::ledger::{entry_hash, EntryFields, EntryMac, Hash, GENESIS};
+use pgseal_core::ledger::{
+    entry_hash_v2, fresh_salt, payload_commitment, EntryFieldsV2, EntryMac, Hash, Salt, GENESIS,
+};
 
 use super::guard::Scope;
 use super::head_read::{HeadRow, Loaded};
@@ -58,9 +62,14 @@ pub(super) struct Pending {
     pub(super) seq: i64,
     pub(super) recorded_at: TimestampWithTimeZone,
     pub(super) actor: String,
+    /// The database role that appended it.
+    pub(super) db_role: String,
     pub(super) event: String,
+    /// Data-subject ids (none yet on any append path).
+    pub(super) subjects: Vec<String>,
     /// Canonical JSON text.
     pub(super) payload: String,
+    pub(super) salt: Salt,
     pub(super) prev: Hash,
     pub(super) hash: Hash,
     pub(super) mac: [u8; 32],
@@ -71,6 +80,8 @@ impl Pending {
     fn size(&self) -> usize {
         self.tenant.len()
             + self.actor.len()
+            + self.db_role.len()
+            + self.subjects.iter().map(String::len).sum::<usize>()
             + self.event.len()
             + self.payload.len()
             + std::mem::size_of::<Self>()
@@ -97,17 +108,42 @@ const INSERT_HEAD: &str =
 /// one statement (a data-modifying WITH always runs). With one entry, and with
 /// several (as arrays, unnested in lockstep in the select list, which streams the
 /// rows where `ROWS FROM` would first copy them into a tuplestore). Every entry of
-/// a transaction has the same `recorded_at`, the transaction's start.
+/// a transaction has the same `recorded_at`, the transaction's start. Entries are
+/// format 2 (`fmt` 2), with no stored commitment (it is recomputed from the salt
+/// and payload when verifying). In a batch each entry's subjects are passed as the
+/// text of a `text[]` literal (an array of arrays must be rectangular).
 const WRITE_ONE: &str = "WITH e AS (\
-       INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
-       VALUES ($1, $2, $3, $4, $5, $6::pg_catalog.jsonb, $7, $8, $9)) \
+       INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac, fmt, db_role, subjects, salt) \
+       VALUES ($1, $2, $3, $4, $5, $6::pg_catalog.jsonb, $7, $8, $9, 2, $10, $11, $12)) \
      UPDATE pgseal.ledger_heads SET seq = $2, hash = $8 WHERE tenant_id = $1 AND seq <= $2";
 const WRITE_MANY: &str = "WITH e AS (\
-       INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac) \
+       INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac, fmt, db_role, subjects, salt) \
        SELECT $1, pg_catalog.unnest($2::pg_catalog.int8[]), $3, pg_catalog.unnest($4::pg_catalog.text[]), \
               pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.text[])::pg_catalog.jsonb, \
-              pg_catalog.unnest($7::pg_catalog.bytea[]), pg_catalog.unnest($8::pg_catalog.bytea[]), pg_catalog.unnest($9::pg_catalog.bytea[])) \
+              pg_catalog.unnest($7::pg_catalog.bytea[]), pg_catalog.unnest($8::pg_catalog.bytea[]), pg_catalog.unnest($9::pg_catalog.bytea[]), \
+              2, pg_catalog.unnest($12::pg_catalog.text[]), pg_catalog.unnest($13::pg_catalog.text[])::pg_catalog.text[], \
+              pg_catalog.unnest($14::pg_catalog.bytea[])) \
      UPDATE pgseal.ledger_heads SET seq = $10, hash = $11 WHERE tenant_id = $1 AND seq <= $10";
+
+/// `subjects` as the text of a `text[]` literal, every element quoted.
+pub(crate) fn text_array_literal(subjects: &[String]) -> String {
+    let mut out = String::from("{");
+    for (i, s) in subjects.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in s.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
 
 fn select_head(tenant: &str) -> SealResult<Option<Loaded>> {
     // SAFETY: XactIsoLevel is a plain global set at transaction start; reading it
@@ -175,11 +211,25 @@ fn to_hash(bytes: &[u8]) -> SealResult<Hash> {
         .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))
 }
 
-/// Appends one entry for `tenant`; `payload` is JSON text (checked and made
-/// canonical here). Returns the new seq and hash. The caller has checked the
-/// tenant and the transaction's read-write state. The entry is written with the
-/// next batch (see the module notes).
+/// Appends one entry for `tenant`, recording the calling session's role
+/// (`super::db_role`) as its `db_role`; see `append_with_role`.
 pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResult<(i64, Hash)> {
+    append_with_role(tenant, event, payload, actor, &super::db_role())
+}
+
+/// Appends one entry for `tenant` on behalf of the database role `db_role`;
+/// `payload` is JSON text (checked and made canonical here). Returns the new seq
+/// and hash. The caller has checked the tenant and the transaction's read-write
+/// state, and vouches for `db_role` (only pgseal's own code calls this: the SQL
+/// functions go through `append`). The entry is written with the next batch (see
+/// the module notes).
+pub fn append_with_role(
+    tenant: &str,
+    event: &str,
+    payload: &str,
+    actor: &str,
+    db_role: &str,
+) -> SealResult<(i64, Hash)> {
     if event.is_empty() {
         return Err(SealError::InvalidArgument("event must not be empty"));
     }
@@ -216,16 +266,20 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
         let head = &h[tenant];
         (head.seq + 1, head.hash, head.mac.clone())
     });
-    let fields = EntryFields {
+    let salt = fresh_salt();
+    let subjects: Vec<String> = Vec::new();
+    let commitment = payload_commitment(&salt, &payload);
+    let hash = entry_hash_v2(&EntryFieldsV2 {
         prev_hash: &prev,
         tenant,
         seq,
         recorded_at_us: at + super::PG_EPOCH_OFFSET_US,
         actor,
+        db_role,
         event,
-        payload: &payload,
-    };
-    let hash = entry_hash(&fields);
+        subjects: &subjects,
+        commitment: &commitment,
+    });
     let tag = mac.sign(&hash);
     HEADS.with(|h| {
         let mut h = h.borrow_mut();
@@ -240,8 +294,11 @@ pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResu
         seq,
         recorded_at,
         actor: actor.to_owned(),
+        db_role: db_role.to_owned(),
         event: event.to_owned(),
+        subjects,
         payload,
+        salt,
         prev,
         hash,
         mac: tag,
@@ -322,7 +379,7 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
             }
         }
         let e = entries.pop().expect("one entry");
-        let args: [DatumWithOid; 9] = [
+        let args: [DatumWithOid; 12] = [
             e.tenant.into(),
             e.seq.into(),
             e.recorded_at.into(),
@@ -332,6 +389,9 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
             e.prev.to_vec().into(),
             e.hash.to_vec().into(),
             e.mac.to_vec().into(),
+            e.db_role.into(),
+            e.subjects.into(),
+            e.salt.to_vec().into(),
         ];
         return plans::run(
             WRITE_ONE,
@@ -344,6 +404,9 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
                 TEXT,
                 BYTEA,
                 BYTEA,
+                BYTEA,
+                TEXT,
+                TEXT_ARRAY,
                 BYTEA,
             ],
             &args,
@@ -364,17 +427,22 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
     let prevs = plans::bytea32_array(entries.iter().map(|e| &e.prev));
     let hashes = plans::bytea32_array(entries.iter().map(|e| &e.hash));
     let macs = plans::bytea32_array(entries.iter().map(|e| &e.mac));
+    let salts = plans::bytea32_array(entries.iter().map(|e| &e.salt));
     let mut seqs = Vec::with_capacity(n);
     let mut actors = Vec::with_capacity(n);
     let mut events = Vec::with_capacity(n);
     let mut payloads = Vec::with_capacity(n);
+    let mut roles = Vec::with_capacity(n);
+    let mut subjects = Vec::with_capacity(n);
     for e in entries {
         seqs.push(e.seq);
         actors.push(e.actor);
         events.push(e.event);
         payloads.push(e.payload);
+        roles.push(e.db_role);
+        subjects.push(text_array_literal(&e.subjects));
     }
-    let args: [DatumWithOid; 11] = [
+    let args: [DatumWithOid; 14] = [
         tenant.into(),
         seqs.into(),
         recorded_at.into(),
@@ -386,6 +454,9 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
         macs,
         last_seq.into(),
         last_hash.into(),
+        roles.into(),
+        subjects.into(),
+        salts,
     ];
     plans::run(
         WRITE_MANY,
@@ -401,6 +472,9 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
             BYTEA_ARRAY,
             INT8,
             BYTEA,
+            TEXT_ARRAY,
+            TEXT_ARRAY,
+            BYTEA_ARRAY,
         ],
         &args,
     )

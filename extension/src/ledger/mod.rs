@@ -73,6 +73,38 @@ thread_local! {
     /// next transaction on).
     static SESSION_USER: std::cell::RefCell<Option<(pg_sys::Oid, String)>> =
         const { std::cell::RefCell::new(None) };
+    /// The acting role's name, by its OID, cached like `SESSION_USER`.
+    static DB_ROLE: std::cell::RefCell<Option<(pg_sys::Oid, String)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The `db_role` of an entry appended now (docs/FORMAT.md, "Ledger entries"): the
+/// database role the calling session acts as, `current_user` as the session set it
+/// (after `SET ROLE`). It is PostgreSQL's "outer" user id, which neither pgseal's
+/// switch to the extension owner (`privilege::as_owner`) nor a SECURITY DEFINER
+/// function changes, so it is the same wherever in pgseal it is read, and a caller
+/// cannot choose it but by `SET ROLE` to a role it is a member of.
+pub fn db_role() -> String {
+    // SAFETY: GetOuterUserId reads a backend global that is valid in any backend
+    // with a session.
+    let role = unsafe { pg_sys::GetOuterUserId() };
+    DB_ROLE.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        match &*cached {
+            Some((oid, name)) if *oid == role => name.clone(),
+            _ => {
+                // SAFETY: with noerr = false, GetUserNameFromId returns a palloc'd
+                // NUL-terminated name or raises, so the pointer is valid for the copy.
+                let name = unsafe {
+                    CStr::from_ptr(pg_sys::GetUserNameFromId(role, false))
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                *cached = Some((role, name.clone()));
+                name
+            }
+        }
+    })
 }
 
 /// The tenant's ledger MAC key, created on its first append. It never rotates, so
@@ -111,6 +143,7 @@ pub fn mac_for_append(tenant: &str) -> SealResult<EntryMac> {
 /// Transaction end: keep the keys a committed transaction used, drop the rest.
 pub fn end_of_transaction(committed: bool) {
     SESSION_USER.with(|u| u.borrow_mut().take());
+    DB_ROLE.with(|u| u.borrow_mut().take());
     let fresh = TXN_MACS.with(|c| std::mem::take(&mut *c.borrow_mut()));
     if committed && !fresh.is_empty() {
         let cap = crate::gucs::KEY_CACHE_SIZE.get().max(1) as usize;
@@ -148,6 +181,7 @@ pub fn resolve_tenant(tenant: Option<&str>) -> SealResult<String> {
         None => context::tenant(),
         Some("") => Err(SealError::InvalidArgument("tenant must not be empty")),
         Some(t) => {
+            crate::limits::tenant(t)?;
             let own = context::tenant().ok();
             if own.as_deref() == Some(t) || is_admin()? {
                 Ok(t.to_owned())
@@ -204,6 +238,7 @@ pub fn append_entry(
         Some(a) => a.to_owned(),
         None => default_actor(),
     };
+    crate::limits::check("actor", &actor, crate::limits::ACTOR)?;
     let payload = payload.map_or("{}", |p| p.0.as_str());
     heads::append(&tenant, event, payload, &actor)
 }

@@ -1,5 +1,6 @@
 //! `pgseal.ledger_verify`: reads a range of a tenant's chain back and checks
-//! every hash, MAC, link and seq with `pgseal-core`'s verifier.
+//! every hash, MAC, link and seq with `pgseal-core`'s verifier, format 1 and
+//! format 2 entries alike (erased format 2 entries by their stored commitment).
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -17,7 +18,8 @@ use crate::privilege::as_owner;
 const BATCH: i64 = 512;
 
 const BATCH_SQL: &str =
-    "SELECT seq, recorded_at, actor, event, payload::pg_catalog.text, prev_hash, hash, mac \
+    "SELECT seq, recorded_at, actor, event, payload::pg_catalog.text, prev_hash, hash, mac, \
+            fmt, db_role, subjects, salt, commitment \
      FROM pgseal.ledger WHERE tenant_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq";
 
 struct HeadRow {
@@ -66,7 +68,10 @@ fn hash_at(tenant: &str, seq: i64) -> SealResult<Option<Hash>> {
 }
 
 /// The columns the batch query selects, in order.
-const COLUMNS: usize = 8;
+const COLUMNS: usize = 13;
+/// Of those, the ones that may be NULL: payload (an erased entry), db_role,
+/// subjects, salt and commitment (absent in format 1, or erased).
+const NULLABLE: [usize; 5] = [4, 9, 10, 11, 12];
 
 /// The rows of the last SPI result, each deformed once into datums that borrow
 /// from SPI's copy of the tuple. pgrx's per-field `get` walks the tuple again
@@ -126,7 +131,12 @@ impl RawRows {
                 row.nulls.as_mut_ptr(),
             )
         };
-        if row.nulls.iter().any(|&n| n) {
+        if row
+            .nulls
+            .iter()
+            .enumerate()
+            .any(|(i, &n)| n && !NULLABLE.contains(&i))
+        {
             return Err(SealError::Internal(
                 "NULL in a NOT NULL column of pgseal.ledger",
             ));
@@ -155,6 +165,49 @@ impl<'t> RawRow<'t> {
         std::str::from_utf8(self.bytes(col))
             .map_err(|_| SealError::Internal("text in pgseal.ledger is not UTF-8"))
     }
+
+    /// A smallint column.
+    fn int2(&self, col: usize) -> i16 {
+        self.values[col].value() as i16
+    }
+
+    /// A nullable bytea column's bytes.
+    fn opt_bytes(&self, col: usize) -> Option<&'t [u8]> {
+        (!self.nulls[col]).then(|| self.bytes(col))
+    }
+
+    /// A nullable text column.
+    fn opt_text(&self, col: usize) -> SealResult<Option<&'t str>> {
+        if self.nulls[col] {
+            return Ok(None);
+        }
+        self.text(col).map(Some)
+    }
+
+    /// A nullable text[] column's elements (a NULL element is refused). An empty
+    /// array, the usual value, is recognised from its header without pgrx's
+    /// array conversion.
+    fn text_array(&self, col: usize) -> SealResult<Option<Vec<String>>> {
+        if self.nulls[col] {
+            return Ok(None);
+        }
+        let body = self.bytes(col);
+        // After the varlena header an array starts with its dimension count.
+        if body.len() >= 4 && i32::from_ne_bytes([body[0], body[1], body[2], body[3]]) == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        // SAFETY: the column is a non-NULL text[] datum of a tuple SPI keeps until
+        // the connection closes; the conversion copies every element out.
+        let items = unsafe {
+            <Vec<Option<String>> as pgrx::FromDatum>::from_datum(self.values[col], false)
+        }
+        .ok_or(SealError::Internal("unreadable subjects in pgseal.ledger"))?;
+        items
+            .into_iter()
+            .collect::<Option<Vec<String>>>()
+            .map(Some)
+            .ok_or(SealError::Internal("NULL subject in pgseal.ledger"))
+    }
 }
 
 /// The report for a tenant with no heads row: either no entries, or entries
@@ -175,6 +228,7 @@ fn headless(tenant: &str) -> SealResult<Report> {
 fn failed(failure: Option<Failure>) -> Report {
     Report {
         checked: 0,
+        erased: 0,
         failure,
         last: None,
     }
@@ -329,13 +383,19 @@ fn walk(
                 let table = unsafe { RawRows::of_last_result(rows) }?;
                 for i in 0..rows {
                     let row = table.row(i)?;
+                    let subjects = row.text_array(10)?;
                     let entry = StoredEntry {
+                        fmt: row.int2(8),
                         tenant,
                         seq: row.int8(0),
                         recorded_at_us: row.int8(1) + super::PG_EPOCH_OFFSET_US,
                         actor: row.text(2)?,
                         event: row.text(3)?,
-                        payload: row.text(4)?,
+                        payload: row.opt_text(4)?,
+                        db_role: row.opt_text(9)?,
+                        subjects: subjects.as_deref(),
+                        salt: row.opt_bytes(11),
+                        commitment: row.opt_bytes(12),
                         prev_hash: row.bytes(5),
                         hash: row.bytes(6),
                         mac: Some(row.bytes(7)),

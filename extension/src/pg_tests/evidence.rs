@@ -1,5 +1,5 @@
 //! `#[pg_test]`s for evidence (issue 14): pgseal's reserved event names, and the
-//! entry each change of protection leaves (event, actor, db_role, payload).
+//! entry each change of protection leaves (event, actor, the db_role field, payload).
 
 #[pgrx::pg_schema]
 mod tests {
@@ -43,6 +43,16 @@ mod tests {
         Spi::get_one_with_args::<bool>("SELECT ok FROM pgseal.ledger_verify($1)", &[tenant.into()])
             .unwrap()
             .unwrap()
+    }
+
+    /// The `db_role` column of `tenant`'s newest entry (its payload carries none).
+    fn last_role(tenant: &str) -> String {
+        Spi::get_one_with_args::<String>(
+            "SELECT db_role FROM pgseal.ledger WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1",
+            &[tenant.into()],
+        )
+        .unwrap()
+        .unwrap_or_else(|| panic!("{tenant}'s newest entry has no db_role"))
     }
 
     fn me() -> String {
@@ -128,7 +138,11 @@ mod tests {
         assert_eq!(p["key_id"], json!(new));
         assert_eq!(p["kek_version"], 2);
         assert_eq!(p["retired"][0]["key_id"], json!(old));
-        assert_eq!(p["db_role"], json!(me()));
+        assert_eq!(last_role("ev-keys"), me());
+        assert!(
+            p.get("db_role").is_none(),
+            "db_role is a field, not payload"
+        );
 
         // The retired data key is still under version 1; the ledger key was made
         // under 2 by the entry above.
@@ -139,7 +153,8 @@ mod tests {
         assert_eq!(p["tenants"]["ev-keys"], json!({"dek": 1, "ledger": 0}));
         assert_eq!(p["kek_version"], 2);
         assert_eq!(p["from_versions"], json!([1]));
-        let entries = || one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal'");
+        let entries =
+            || one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal'");
         let before = entries();
         assert_eq!(one::<i32>("SELECT pgseal.kek_rewrap()"), 0);
         assert_eq!(entries(), before, "nothing moved: no entry");
@@ -178,7 +193,11 @@ mod tests {
             (p["row_security"].clone(), p["forced"].clone()),
             (json!(true), json!(true))
         );
-        assert_eq!(p["db_role"], json!(me()));
+        assert_eq!(last_role("ev-prot"), me());
+        assert!(
+            p.get("db_role").is_none(),
+            "db_role is a field, not payload"
+        );
         // Without one: pgseal's system chain.
         run("SET LOCAL app.tenant_id = ''");
         run("SELECT pgseal.tenant_unprotect('public.inv')");
@@ -235,7 +254,7 @@ mod tests {
         );
         let payloads: Vec<serde_json::Value> = Spi::connect(|c| {
             c.select(
-                "SELECT (e->'payload') - 'db_role' || jsonb_build_object('actor', e->'actor') \
+                "SELECT (e->'payload') || jsonb_build_object('actor', e->'actor') \
                  FROM pgseal.ledger_export('ev-org') e ORDER BY (e->>'seq')::bigint",
                 None,
                 &[],
@@ -254,7 +273,11 @@ mod tests {
             ]
         );
         let (_, _, p) = last("ev-org");
-        assert_eq!(p["db_role"], json!(me()));
+        assert_eq!(last_role("ev-org"), me());
+        assert!(
+            p.get("db_role").is_none(),
+            "db_role is a field, not payload"
+        );
         assert!(verifies("ev-org"));
     }
 
@@ -300,7 +323,11 @@ mod tests {
             ["retention.held", "retention.released"]
         );
         let (_, _, p) = last("ev-ret-hold");
-        assert_eq!(p["db_role"], "evidence_admin");
+        assert_eq!(last_role("ev-ret-hold"), "evidence_admin");
+        assert!(
+            p.get("db_role").is_none(),
+            "db_role is a field, not payload"
+        );
         assert!(p["held_since"].is_string());
         run("DELETE FROM pgseal.retention_rules WHERE tenant_id = 'ev-ret'");
         assert_eq!(last("ev-ret").0, "retention.removed");
@@ -317,7 +344,11 @@ mod tests {
         let (event, _, p) = last("ev-trunc");
         assert_eq!(event, "audit.truncated");
         assert_eq!(p["table"], "public.acc");
-        assert_eq!(p["db_role"], json!(me()));
+        assert_eq!(last_role("ev-trunc"), me());
+        assert!(
+            p.get("db_role").is_none(),
+            "db_role is a field, not payload"
+        );
         assert_eq!(events("ev-trunc"), ["row.insert", "audit.truncated"]);
         // Without a tenant context: the system chain.
         run("SET LOCAL app.tenant_id = ''");
@@ -375,7 +406,11 @@ mod tests {
             ("retention.deleted", "pgseald")
         );
         assert_eq!(p["deleted"], 3);
-        assert_eq!(p["db_role"], json!(me()));
+        assert_eq!(last_role("ev-job"), me());
+        assert!(
+            p.get("db_role").is_none(),
+            "db_role is a field, not payload"
+        );
         tenant("_pgseal");
         assert_eq!(
             sqlstate("SELECT pgseal._job_receipt('retention.deleted', '{}')"),

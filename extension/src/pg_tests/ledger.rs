@@ -294,6 +294,14 @@ mod tests {
         );
         assert_eq!(verify(""), (true, 4, None, None));
         assert_eq!(events("direct-writes"), ["a", "b", "c", "d"]);
+        // Both the direct write (a, b, c) and the SPI one (d) wrote format 2.
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'direct-writes' AND fmt = 2 \
+                 AND db_role = current_user AND length(salt) = 32 AND subjects = '{}' AND commitment IS NULL"
+            ),
+            4
+        );
     }
 
     /// Creates `pg_temp.appends_inside(doomed)`: a subtransaction that appends 'b'
@@ -408,10 +416,16 @@ mod tests {
         // ledger_verify borrows most fields straight from the stored tuple; long ones
         // are stored compressed (a repeated actor) or out of line (an event of hex
         // digits), and must be read back whole.
+        // `ledger_append` now refuses an actor or event over 1 KB, so these are
+        // appended below it (pgseal's own entries, and rows written before the
+        // limit, can still hold them).
         tenant("acme");
         append("short", "{}");
-        run("SELECT pgseal.ledger_append('order.update', '{\"n\": 1}', repeat('a', 20000))");
-        run("SELECT pgseal.ledger_append(string_agg(md5(i::text), ''), '{}') FROM generate_series(1, 400) i");
+        let actor = "a".repeat(20000);
+        crate::ledger::heads::append("acme", "order.update", r#"{"n": 1}"#, &actor).unwrap();
+        let event: String =
+            one("SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i");
+        crate::ledger::heads::append("acme", &event, "{}", "alice").unwrap();
         let compressed = one::<bool>(
             "SELECT pg_column_compression(actor) IS NOT NULL FROM pgseal.ledger \
              WHERE tenant_id = 'acme' AND seq = 2",
@@ -656,7 +670,10 @@ mod tests {
         run("SELECT * FROM pgseal.ledger_append('doc.deep', (repeat('[',3000) || repeat(']',3000))::jsonb)");
         assert_eq!(events("deep"), ["row.insert", "row.insert", "doc.deep"]);
         assert!(one::<bool>("SELECT ok FROM pgseal.ledger_verify('deep')"));
-        assert_eq!(one::<i64>("SELECT checked FROM pgseal.ledger_verify('deep')"), 3);
+        assert_eq!(
+            one::<i64>("SELECT checked FROM pgseal.ledger_verify('deep')"),
+            3
+        );
     }
 
     #[pg_test]
@@ -806,6 +823,266 @@ mod tests {
         );
         run("RESET ROLE");
         assert_eq!(one::<i64>("SELECT pgseal.ledger_prune('held', 3)"), 2);
+    }
+
+    // -----------------------------------------------------------------------
+    // Entry format 2 (docs/FORMAT.md, "Ledger entries").
+
+    /// The export lines of `tenant`'s chain.
+    fn export_lines(tenant: &str) -> Vec<String> {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT e::text FROM pgseal.ledger_export($1) e",
+                None,
+                &[tenant.into()],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        })
+    }
+
+    /// The offline verification report of `tenant`'s export.
+    fn verify_offline(tenant: &str) -> pgseal_core::chain::Report {
+        let lines = export_lines(tenant);
+        let r = pgseal_core::export::verify_export(lines.join("\n").as_bytes(), &[], None).unwrap();
+        assert_eq!(r.len(), 1);
+        r[0].report.clone()
+    }
+
+    #[pg_test]
+    fn new_entries_are_format_2_and_record_the_calling_role() {
+        tenant("fmt2-role");
+        run("CREATE ROLE fmt2_writer IN ROLE pgseal_ledger");
+        let owner: String = one(
+            "SELECT r.rolname::text FROM pg_extension e JOIN pg_roles r ON r.oid = e.extowner \
+             WHERE e.extname = 'pgseal'",
+        );
+        append("e", r#"{"k": 1}"#); // one entry: the direct write
+                                    // Several in one statement: the batch written through SPI.
+        run("SELECT pgseal.ledger_append('batch', jsonb_build_object('i', i)) FROM generate_series(1, 3) i");
+        // pgseal switches to its owner inside the append; the role recorded is the
+        // one the session acts as, after SET ROLE.
+        run("SET LOCAL ROLE fmt2_writer");
+        append("as-writer", "{}");
+        run("RESET ROLE");
+        let rows: Vec<(i64, i16, String, i32, String, bool)> = Spi::connect(|c| {
+            c.select(
+                "SELECT seq, fmt, db_role, length(salt), subjects::text, commitment IS NULL \
+                 FROM pgseal.ledger WHERE tenant_id = 'fmt2-role' ORDER BY seq",
+                None,
+                &[],
+            )
+            .unwrap()
+            .map(|r| {
+                (
+                    r.get::<i64>(1).unwrap().unwrap(),
+                    r.get::<i16>(2).unwrap().unwrap(),
+                    r.get::<String>(3).unwrap().unwrap(),
+                    r.get::<i32>(4).unwrap().unwrap(),
+                    r.get::<String>(5).unwrap().unwrap(),
+                    r.get::<bool>(6).unwrap().unwrap(),
+                )
+            })
+            .collect()
+        });
+        let me: String = one("SELECT current_user::text");
+        assert_eq!(rows.len(), 5);
+        for (seq, fmt, role, salt_len, subjects, no_commitment) in &rows {
+            let want = if *seq == 5 {
+                "fmt2_writer"
+            } else {
+                me.as_str()
+            };
+            assert_eq!(
+                (
+                    *fmt,
+                    role.as_str(),
+                    *salt_len,
+                    subjects.as_str(),
+                    *no_commitment
+                ),
+                (2, want, 32, "{}", true),
+                "seq {seq}"
+            );
+        }
+        if owner != me {
+            assert!(
+                rows.iter().all(|r| r.2 != owner),
+                "the owner is never recorded"
+            );
+        }
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(DISTINCT salt) FROM pgseal.ledger WHERE tenant_id = 'fmt2-role'"
+            ),
+            5,
+            "a fresh salt per entry"
+        );
+        assert_eq!(verify(""), (true, 5, None, None));
+        // The export carries the format 2 fields, and verifies offline.
+        let last: serde_json::Value =
+            serde_json::from_str(export_lines("fmt2-role").last().unwrap()).unwrap();
+        assert_eq!(last["fmt"], 2);
+        assert_eq!(last["db_role"], "fmt2_writer");
+        assert_eq!(last["subjects"], serde_json::json!([]));
+        assert_eq!(last["salt"].as_str().map(str::len), Some(64));
+        assert!(last.get("commitment").is_none());
+        let r = verify_offline("fmt2-role");
+        assert!(r.ok(), "{r:?}");
+        assert_eq!((r.checked, r.erased), (5, 0));
+    }
+
+    #[pg_test]
+    fn a_batch_passes_any_subjects_through_its_array_literal() {
+        // The batch write passes each entry's subjects as the text of a text[]
+        // literal, cast back in SQL: every string comes back as it was.
+        let subjects: Vec<String> = ["user:1", "a\"b", "c\\d", "", "NULL", " x ", "{,}", "é"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        for list in [&subjects[..], &subjects[..1], &[]] {
+            let literal = crate::ledger::heads::text_array_literal(list);
+            let back = Spi::get_one_with_args::<Vec<String>>(
+                "SELECT $1::text[]",
+                &[literal.as_str().into()],
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(back, list, "{literal}");
+        }
+    }
+
+    #[pg_test]
+    fn a_format_1_entry_followed_by_format_2_entries_verifies() {
+        use pgseal_core::ledger::{entry_hash, EntryFields, GENESIS};
+        lock_ledger_tables();
+        tenant("fmt1-legacy");
+        // A format 1 entry as pgseal wrote them before format 2, MAC included,
+        // written behind pgseal's back as the tenant's first entry.
+        let mac = crate::ledger::mac_key("fmt1-legacy", true)
+            .unwrap()
+            .unwrap();
+        let at_us: i64 = 1_796_000_000_000_000;
+        let hash = entry_hash(&EntryFields {
+            prev_hash: &GENESIS,
+            tenant: "fmt1-legacy",
+            seq: 1,
+            recorded_at_us: at_us,
+            actor: "alice",
+            event: "login",
+            payload: r#"{"ip":"10.0.0.1"}"#,
+        });
+        let tag = mac.sign(&hash);
+        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
+        run("ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_write_guard");
+        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
+        Spi::run_with_args(
+            "INSERT INTO pgseal.ledger VALUES ('fmt1-legacy', 1, to_timestamp(1796000000), 'alice', 'login', \
+             '{\"ip\": \"10.0.0.1\"}', $1, $2, $3)",
+            &[GENESIS.to_vec().into(), hash.to_vec().into(), tag.to_vec().into()],
+        )
+        .unwrap();
+        Spi::run_with_args(
+            "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ('fmt1-legacy', 1, $1)",
+            &[hash.to_vec().into()],
+        )
+        .unwrap();
+        run("ALTER TABLE pgseal.ledger ENABLE ALWAYS TRIGGER pgseal_ledger_write_guard");
+        run("ALTER TABLE pgseal.ledger_heads ENABLE ALWAYS TRIGGER pgseal_heads_write_guard");
+        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard ENABLE ALWAYS");
+        assert_eq!(
+            one::<i16>("SELECT fmt FROM pgseal.ledger WHERE tenant_id = 'fmt1-legacy' AND seq = 1"),
+            1
+        );
+        assert_eq!(verify(""), (true, 1, None, None));
+        assert_eq!(append("e", "{}").0, 2);
+        assert_eq!(append("e", r#"{"n": 2}"#).0, 3);
+        assert_eq!(
+            one::<String>("SELECT string_agg(fmt::text, ',' ORDER BY seq) FROM pgseal.ledger WHERE tenant_id = 'fmt1-legacy'"),
+            "1,2,2"
+        );
+        assert_eq!(verify(""), (true, 3, None, None));
+        // The export: a format 1 line has no format 2 field, and all verify offline.
+        let first: serde_json::Value =
+            serde_json::from_str(&export_lines("fmt1-legacy")[0]).unwrap();
+        assert_eq!(first["fmt"], 1);
+        for field in ["db_role", "subjects", "salt", "commitment"] {
+            assert!(first.get(field).is_none(), "{field}");
+        }
+        let r = verify_offline("fmt1-legacy");
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.checked, 3);
+        // A format 1 row cannot take a format 2 field unnoticed.
+        disable_guards();
+        run("UPDATE pgseal.ledger SET db_role = 'someone' WHERE tenant_id = 'fmt1-legacy' AND seq = 1");
+        assert_eq!(
+            verify(""),
+            (false, 0, Some(1), Some("hash mismatch".into()))
+        );
+    }
+
+    #[pg_test]
+    fn editing_a_format_2_field_fails_verification_and_erasure_verifies() {
+        lock_ledger_tables();
+        tenant("fmt2-edit");
+        for i in 0..3 {
+            append("e", &format!(r#"{{"email": "u{i}@example.com"}}"#));
+        }
+        assert_eq!(verify(""), (true, 3, None, None));
+        disable_guards();
+        let bad = (false, 1, Some(2), Some("hash mismatch".to_owned()));
+        let at2 = "WHERE tenant_id = 'fmt2-edit' AND seq = 2";
+        // Each edit, then its undo.
+        let edits = [
+            ("SET db_role = 'intruder'", "SET db_role = current_user"),
+            ("SET db_role = NULL", "SET db_role = current_user"),
+            (
+                "SET salt = set_byte(salt, 0, get_byte(salt, 0) # 1)",
+                "SET salt = set_byte(salt, 0, get_byte(salt, 0) # 1)",
+            ),
+            ("SET subjects = '{user:1}'", "SET subjects = '{}'"),
+            ("SET commitment = sha256('x')", "SET commitment = NULL"),
+            ("SET fmt = 1", "SET fmt = 2"),
+        ];
+        for (edit, undo) in edits {
+            run(&format!("UPDATE pgseal.ledger {edit} {at2}"));
+            assert_eq!(verify(""), bad, "{edit}");
+            run(&format!("UPDATE pgseal.ledger {undo} {at2}"));
+            assert_eq!(verify(""), (true, 3, None, None), "{undo}");
+        }
+        // Erasing as format 2 defines it: payload and salt gone, the commitment
+        // stored. It verifies online and offline, and offline counts it.
+        let (payload, salt) = Spi::get_two::<String, Vec<u8>>(&format!(
+            "SELECT payload::text, salt FROM pgseal.ledger {at2}"
+        ))
+        .unwrap();
+        let salt: [u8; 32] = salt.unwrap().try_into().unwrap();
+        let canonical = pgseal_core::canonical::canonical_payload(&payload.unwrap()).unwrap();
+        let commitment = pgseal_core::ledger::payload_commitment(&salt, &canonical);
+        // A wrong commitment first.
+        let mut wrong = commitment;
+        wrong[0] ^= 1;
+        for (c, ok) in [(wrong, false), (commitment, true)] {
+            Spi::run_with_args(
+                &format!(
+                    "UPDATE pgseal.ledger SET payload = NULL, salt = NULL, commitment = $1 {at2}"
+                ),
+                &[c.to_vec().into()],
+            )
+            .unwrap();
+            if ok {
+                assert_eq!(verify(""), (true, 3, None, None));
+            } else {
+                assert_eq!(verify(""), bad);
+            }
+        }
+        let line: serde_json::Value = serde_json::from_str(&export_lines("fmt2-edit")[1]).unwrap();
+        assert!(line["payload"].is_null() && line.get("salt").is_none());
+        assert_eq!(line["commitment"], hex::encode(commitment));
+        let r = verify_offline("fmt2-edit");
+        assert!(r.ok(), "{r:?}");
+        assert_eq!((r.checked, r.erased), (3, 1));
     }
 
     /// Takes both ledger tables' locks before a test lifts their guards (ALTER
