@@ -2,7 +2,8 @@
 # make bench: one run, one table, ratios against peers measured in the same run.
 # Vault: vault_decrypt vs pgcrypto decrypt_iv (AES-256-CBC) vs pgp_sym_decrypt vs length(),
 # over N sealed 60-byte tokens (default 200000). Ledger: scripts/bench_ledger.sh.
-# Tenancy: scripts/bench_tenancy.sh. pgseald's jobs: scripts/bench_jobs.sh.
+# Decrypt audit: scripts/bench_audit.sh. Tenancy: scripts/bench_tenancy.sh. pgseald's
+# jobs: scripts/bench_jobs.sh.
 # The cluster runs with fsync on, as production does, since the ledger rows commit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -69,6 +70,8 @@ print()
 print("vault_decrypt vs decrypt_iv: %.2f× (target ≤ 1.0×)" % (v / rows[1][1]))
 print("pgp_sym_decrypt vs vault_decrypt: %.0f× slower (target ≥ 300×)" % (rows[2][1] / v))
 PY
+echo
+source "$ROOT/scripts/bench_audit.sh"
 echo
 source "$ROOT/scripts/bench_ledger.sh"
 echo

@@ -54,6 +54,12 @@ pub fn tenant_shared() -> SealResult<std::rc::Rc<str>> {
             match &*last {
                 Some(t) if t.as_bytes() == bytes => Ok(t.clone()),
                 _ => {
+                    if bytes.len() > crate::limits::TENANT {
+                        return Err(SealError::TooLong {
+                            what: "tenant id",
+                            max: crate::limits::TENANT,
+                        });
+                    }
                     let t: std::rc::Rc<str> = String::from_utf8_lossy(bytes).into();
                     *last = Some(t.clone());
                     Ok(t)

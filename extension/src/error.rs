@@ -34,6 +34,9 @@ pub enum SealError {
     NotText,
     #[error("{0}")]
     InvalidArgument(&'static str),
+    /// 22004: a required argument is NULL.
+    #[error("{0} must not be NULL")]
+    NullArgument(&'static str),
     #[error("{0} needs a read-write transaction")]
     ReadOnly(&'static str),
     #[error("{0}")]
@@ -53,6 +56,12 @@ pub enum SealError {
     /// 55000: the object is not in a state that allows this (a hold, a retention).
     #[error("{0}")]
     Refused(&'static str),
+    /// 55000: a decrypt could not be recorded before its plaintext was returned.
+    #[error("{0}")]
+    AuditNotRecorded(&'static str),
+    /// 54000: an argument longer than its documented limit (`limits.rs`).
+    #[error("{what} is longer than {max} bytes")]
+    TooLong { what: &'static str, max: usize },
     /// 40001: a concurrent transaction did the same; retry.
     #[error("{0}")]
     Conflict(&'static str),
@@ -67,8 +76,11 @@ impl SealError {
             SealError::NotPreloaded
             | SealError::MasterKeyNotLoaded { .. }
             | SealError::MasterVersionMissing(_)
-            | SealError::Refused(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            | SealError::Refused(_)
+            | SealError::AuditNotRecorded(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SealError::Conflict(_) => ERRCODE_T_R_SERIALIZATION_FAILURE,
+            SealError::TooLong { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            SealError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             SealError::NoTenantContext(_)
             | SealError::NoUserContext(_)
             | SealError::WrongTenant
@@ -102,6 +114,9 @@ impl SealError {
             SealError::NoTenantContext(_) | SealError::NoUserContext(_) => {
                 Some("Call pgseal.set_tenant(...) or SET LOCAL the setting in this transaction.")
             }
+            SealError::AuditNotRecorded(_) => Some(
+                "With pgseal.audit_decrypt = on, each key's first decrypt in a transaction is committed to the ledger by the pgseal audit writer before the plaintext is returned. See the server log; a superuser may choose pgseal.audit_decrypt = commit instead.",
+            ),
             _ => None,
         }
     }

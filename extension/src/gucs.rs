@@ -16,7 +16,40 @@ pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static DEK_MAX_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
 pub static USER_SETTING: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"app.user_id"));
-pub static AUDIT_DECRYPT: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static AUDIT_DECRYPT: GucSetting<AuditDecrypt> = GucSetting::<AuditDecrypt>::new(AuditDecrypt::On);
+pub static AUDIT_DECRYPT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static RESTORE: GucSetting<bool> = GucSetting::<bool>::new(false);
+
+/// `pgseal.audit_decrypt`: when and whether decrypts are recorded in the ledger.
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AuditDecrypt {
+    /// The first decrypt of a key in a transaction is committed by the audit writer
+    /// before its plaintext is returned; the count follows when the transaction ends.
+    #[name = c"on"]
+    On,
+    /// One entry per key at the commit of the transaction (none if it rolls back).
+    #[name = c"commit"]
+    Commit,
+    #[name = c"off"]
+    Off,
+    #[name = c"true"]
+    #[hidden = true]
+    True,
+    #[name = c"false"]
+    #[hidden = true]
+    False,
+}
+
+impl AuditDecrypt {
+    /// The mode, with the boolean spellings folded in.
+    pub fn mode(self) -> AuditDecrypt {
+        match self {
+            AuditDecrypt::True => AuditDecrypt::On,
+            AuditDecrypt::False => AuditDecrypt::Off,
+            m => m,
+        }
+    }
+}
 pub static STRICT_CONTEXT: GucSetting<bool> = GucSetting::<bool>::new(false);
 pub static TENANT_COLUMN_NAMES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"{tenant_id}"));
@@ -78,13 +111,31 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    GucRegistry::define_bool_guc(
+    GucRegistry::define_enum_guc(
         c"pgseal.audit_decrypt",
-        c"Append one 'vault.decrypt' ledger entry per key at the commit of a transaction that decrypted.",
-        c"Only superusers may turn it off. With it on, vault_decrypt refuses to run in a read-only transaction on a primary.",
+        c"How decrypts are recorded in the ledger: on, commit or off.",
+        c"on: each key's first decrypt in a transaction is committed by the pgseal audit writer before the plaintext is returned, and the count follows when the transaction ends, also on rollback; decrypts fail (55000) when that cannot be done. commit: one entry per key at commit, nothing on rollback. Only superusers may change it.",
         &AUDIT_DECRYPT,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pgseal.restore",
+        c"Let a restore insert dumped rows into pgseal's ledger tables.",
+        c"Set it for the session that runs pg_restore (PGOPTIONS='-c pgseal.restore=on'); only superusers can. Updates and deletes stay refused.",
+        &RESTORE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pgseal.audit_decrypt_timeout",
+        c"How long a decrypt waits for the audit writer to record it, in milliseconds.",
+        c"After this long the decrypt fails (55000) without returning its plaintext.",
+        &AUDIT_DECRYPT_TIMEOUT,
+        100,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_bool_guc(
         c"pgseal.strict_context",

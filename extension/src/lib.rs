@@ -4,6 +4,7 @@
 
 use pgrx::prelude::*;
 
+mod audit_worker;
 mod cache;
 mod context;
 mod enc_counts;
@@ -12,6 +13,7 @@ mod gucs;
 mod jobs;
 mod jsonb;
 mod keystore;
+mod limits;
 mod ledger;
 mod locks;
 mod master;
@@ -78,6 +80,9 @@ pub extern "C-unwind" fn _PG_init() {
     pgrx::pg_shmem_init!(EPOCH);
     use enc_counts::COUNTS;
     pgrx::pg_shmem_init!(COUNTS);
+    use audit_worker::queue::QUEUE;
+    pgrx::pg_shmem_init!(QUEUE);
+    audit_worker::register();
     txn::register_callbacks();
     master::load_at_startup();
 }
@@ -93,6 +98,10 @@ pub mod pg_test {
     pub fn postgresql_conf_options() -> Vec<&'static str> {
         vec![
             "shared_preload_libraries='pgseal'",
+            // Every #[pg_test] runs in one transaction that is rolled back; the audit
+            // writer commits on its own, so `on` is tested out of process
+            // (tests/tests/decrypt_audit_cluster.rs).
+            "pgseal.audit_decrypt='commit'",
             // Two development-only master key versions; version 2 is active.
             "pgseal.master_key_command='echo 1:000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f; echo 2:202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f'",
         ]

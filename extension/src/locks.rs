@@ -76,6 +76,13 @@ pub fn ledger_tenant(tenant: &str) {
     acquire(tag(Kind::LedgerTenant, &[tenant.as_bytes()]), false, false);
 }
 
+/// Takes the tenant's chain lock if no other transaction holds it; true when this
+/// transaction holds it now (also when it already did). The audit writer uses it so
+/// that one busy chain never stalls the requests of other tenants.
+pub fn ledger_tenant_try(tenant: &str) -> bool {
+    acquire(tag(Kind::LedgerTenant, &[tenant.as_bytes()]), false, true)
+}
+
 /// Serialises creating and rotating one tenant's key for `purpose` until the
 /// transaction ends.
 pub fn key_creation(tenant: &str, purpose: &str) {

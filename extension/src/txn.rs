@@ -79,7 +79,7 @@ fn flush_encryptions() -> SealResult<()> {
 /// cursors; encryption counts, the decrypt audit entries (which
 /// may create a ledger key and append), the ledger heads those appends moved, and
 /// with `pgseal.strict_context`, clearing the tenant and user settings.
-fn pre_commit() {
+fn pre_commit(preparing: bool) {
     if TX.with(|t| t.borrow().encryptions.is_empty())
         && !crate::ledger::has_pending_work()
         && !crate::gucs::STRICT_CONTEXT.get()
@@ -90,7 +90,7 @@ fn pre_commit() {
     let r = with_snapshot(|| {
         crate::context::close_held_cursors_if_strict()
             .and_then(|_| flush_encryptions())
-            .and_then(|_| crate::ledger::audit::flush_decrypts())
+            .and_then(|_| crate::ledger::audit::flush_decrypts(preparing))
             .and_then(|_| flush_encryptions())
             .and_then(|_| crate::ledger::heads::flush())
             .and_then(|_| crate::context::clear_if_strict())
@@ -107,7 +107,7 @@ fn end_of_transaction(committed: bool) {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT => pre_commit(),
+        XACT_EVENT_PRE_COMMIT => pre_commit(false),
         XACT_EVENT_PRE_PREPARE => {
             if TX.with(|t| t.borrow().bump_epoch) {
                 SealError::NotSupported(
@@ -115,9 +115,14 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
                 )
                 .raise();
             }
-            pre_commit();
+            pre_commit(true);
         }
         XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
+            crate::ledger::audit::transaction_ended(if event == XACT_EVENT_PREPARE {
+                "prepared"
+            } else {
+                "committed"
+            });
             end_of_transaction(true);
             let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
             if st.bump_epoch {
@@ -125,6 +130,7 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
             }
         }
         XACT_EVENT_ABORT => {
+            crate::ledger::audit::transaction_ended("rolled back");
             end_of_transaction(false);
             let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
             if st.keys_written {

@@ -13,6 +13,7 @@ use crate::cache;
 use crate::context;
 use crate::error::{OrRaise, SealError, SealResult};
 use crate::keystore;
+use crate::limits;
 use crate::master;
 use crate::plaintext::PlainText;
 
@@ -26,6 +27,8 @@ pub fn require_read_write(what: &'static str) -> SealResult<()> {
 }
 
 fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> SealResult<String> {
+    limits::check("plaintext", plaintext, limits::PLAINTEXT)?;
+    limits::context(context)?;
     let key = cache::active_key(tenant, Purpose::Dek)?;
     let sealed = envelope::seal(
         &key.cipher,
@@ -44,6 +47,7 @@ fn open_for_current(
     context: Option<&str>,
 ) -> SealResult<(String, std::rc::Rc<cache::LiveKey>, Zeroizing<String>)> {
     master::require_loaded()?;
+    limits::context(context)?;
     let tenant = context::tenant()?;
     let env = Envelope::parse(sealed)?;
     let key = tenant_key(&tenant, env.key_id)?;
@@ -90,12 +94,16 @@ fn vault_decrypt(
 /// the key (22023, or 42501 for another tenant's), then authentication.
 fn decrypt_to_text(sealed: &str, context: Option<&str>) -> SealResult<PlainText> {
     master::require_loaded()?;
+    limits::context(context)?;
     let tenant = context::tenant_shared()?;
     let (key_id, b64) = envelope::split(sealed)?;
     let mut used_key = None;
     let text = PlainText::fill(envelope::decoded_len_max(b64.len()), |out| {
         let n = envelope::decode_into(b64, out)?;
         let key = tenant_key(&tenant, key_id)?;
+        // With pgseal.audit_decrypt = on this waits until the decrypt is on record,
+        // before the plaintext exists.
+        crate::ledger::audit::before_open(&key.key_id, &tenant, context)?;
         let len =
             envelope::open_text_in_place(&key.cipher, &tenant, context, key_id, &mut out[..n])?;
         used_key = Some(key);
@@ -114,10 +122,13 @@ fn decrypt_to_text(sealed: &str, context: Option<&str>) -> SealResult<PlainText>
 #[pg_extern(volatile, parallel_unsafe)]
 fn vault_redact(
     sealed: Option<&str>,
-    visible: default!(i32, 4),
+    visible: default!(Option<i32>, 4),
     context: default!(Option<&str>, "NULL"),
 ) -> Option<String> {
     let sealed = sealed?;
+    let Some(visible) = visible else {
+        SealError::NullArgument("visible").raise()
+    };
     if visible < 0 {
         SealError::InvalidArgument("visible must not be negative").raise();
     }
@@ -146,7 +157,7 @@ fn require_tenant_arg(tenant: &str) -> SealResult<()> {
     if tenant.is_empty() {
         return Err(SealError::InvalidArgument("tenant must not be empty"));
     }
-    Ok(())
+    limits::tenant(tenant)
 }
 
 /// Creates a new active data key for `tenant` and returns its key id. Old keys keep

@@ -240,8 +240,13 @@ fn audit_triggers_under_concurrent_updates() {
 }
 
 #[test]
-fn decrypts_are_recorded_once_per_key_at_commit() {
-    let cl = Cluster::start("ledger-decrypt-audit", 54334, &[KEY_V1], &[]);
+fn in_commit_mode_decrypts_are_recorded_once_per_key_at_commit() {
+    let cl = Cluster::start(
+        "ledger-decrypt-audit",
+        54334,
+        &[KEY_V1],
+        &["pgseal.audit_decrypt = commit"],
+    );
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal; SET app.tenant_id = 'acme';

@@ -79,6 +79,7 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
         if tenant.is_empty() {
             return Err(SealError::InvalidArgument("tenant must not be empty"));
         }
+        crate::limits::tenant(tenant)?;
         crate::vault::require_read_write("ledger_prune")?;
         let head = super::heads::lock(tenant)?;
         let head_seq = head.0;

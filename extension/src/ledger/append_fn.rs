@@ -53,6 +53,9 @@ pub unsafe extern "C-unwind" fn ledger_append_srf(
         )
         .raise()
     };
+    if let Some(e) = event {
+        crate::limits::check("event", e, crate::limits::EVENT).or_raise();
+    }
     let (seq, hash) = super::append_entry(event, payload.as_ref(), actor).or_raise();
     // Lowercase hex, encoded on the stack (`hex::encode` builds it char by char).
     let mut hex_buf = [0u8; 64];

@@ -1,0 +1,259 @@
+//! The audit writer: one background worker per database, started by the launcher.
+//! It appends the queued entries of its database, each in a transaction of its own
+//! that it commits before it acknowledges, and exits after a minute without work.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::pg_sys;
+use pgrx::pg_guard;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::PgTryBuilder;
+
+use super::client::Entry;
+use super::queue::{self, Failure, State, QUEUE};
+
+/// A writer with nothing to do for this long exits (µs).
+const IDLE_US: i64 = 60_000_000;
+/// A busy chain is tried again after this long (µs).
+const RETRY_US: i64 = 20_000;
+
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn pgseal_audit_writer_main(arg: pg_sys::Datum) {
+    let dboid = arg.value() as u32;
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
+    register(dboid);
+    make_commits_durable();
+    let mut last_work = queue::now();
+    while BackgroundWorker::wait_latch(Some(Duration::from_millis(500))) {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: re-reads postgresql.conf in this process, as the docs of
+            // background workers prescribe after SIGHUP.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if process(dboid) {
+            last_work = queue::now();
+        } else if queue::now() - last_work > IDLE_US && retire(dboid) {
+            break;
+        }
+    }
+}
+
+/// Enters this process as the writer of `dboid` and arranges that it leaves that
+/// entry on every exit.
+fn register(dboid: u32) {
+    {
+        let mut q = QUEUE.exclusive();
+        // SAFETY: MyProcPid is set for every process.
+        let pid = unsafe { pg_sys::MyProcPid };
+        let latch = queue::my_latch();
+        match q.writer_of_mut(dboid) {
+            Some(w) => {
+                w.pid = pid;
+                w.latch = latch;
+            }
+            None => {
+                if let Some(w) = q.writers.iter_mut().find(|w| w.dboid == 0) {
+                    *w = queue::Writer { dboid, pid, latch, requested_at: queue::now() };
+                }
+            }
+        }
+    }
+    // SAFETY: registers a plain function, called once when this process exits.
+    unsafe { pg_sys::before_shmem_exit(Some(unregister), pg_sys::Datum::from(dboid)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn unregister(_code: i32, arg: pg_sys::Datum) {
+    let dboid = arg.value() as u32;
+    // SAFETY: MyProcPid is set for every process.
+    let pid = unsafe { pg_sys::MyProcPid };
+    let mut q = QUEUE.exclusive();
+    if let Some(w) = q.writer_of_mut(dboid) {
+        if w.pid == pid {
+            *w = queue::Writer::default();
+        }
+    }
+}
+
+/// Leaves the writer's entry when no request of its database is pending.
+fn retire(dboid: u32) -> bool {
+    let mut q = QUEUE.exclusive();
+    let pending = q
+        .slots
+        .iter()
+        .any(|s| s.dboid == dboid && matches!(s.state, State::Queued | State::Taken));
+    if pending {
+        return false;
+    }
+    if let Some(w) = q.writer_of_mut(dboid) {
+        *w = queue::Writer::default();
+    }
+    true
+}
+
+/// An acknowledged entry must survive a crash: with `synchronous_commit = off` in
+/// the server's configuration, the writer still flushes its commits locally.
+fn make_commits_durable() {
+    // SAFETY: GetConfigOption returns the current value of a built-in setting as a
+    // static string; set_config_option with a valid value for it in the session
+    // scope of this process. elevel ERROR turns a failure into an ERROR.
+    unsafe {
+        let v = pg_sys::GetConfigOption(c"synchronous_commit".as_ptr(), false, false);
+        if !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"off" {
+            pg_sys::set_config_option(
+                c"synchronous_commit".as_ptr(),
+                c"local".as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SET,
+                true,
+                pgrx::PgLogLevel::ERROR as i32,
+                false,
+            );
+        }
+    }
+}
+
+/// Takes the ready requests of `dboid` and appends each; true when there were any.
+fn process(dboid: u32) -> bool {
+    let now = queue::now();
+    // A backend waiting for its entry takes the system chain at once when the
+    // tenant's is busy; an end-of-transaction count waits for the tenant's chain
+    // (the transaction that just ended may still hold it) until its last try.
+    let batch: Vec<(u64, Vec<u8>, bool)> = {
+        let mut q = QUEUE.exclusive();
+        q.slots
+            .iter_mut()
+            .filter(|s| s.dboid == dboid && s.state == State::Queued && s.retry_at <= now)
+            .map(|s| {
+                s.state = State::Taken;
+                let system_ok = s.latch != 0 || now + RETRY_US >= s.deadline;
+                (s.ticket, s.body().to_vec(), system_ok)
+            })
+            .collect()
+    };
+    for (ticket, body, system_ok) in &batch {
+        let outcome = match serde_json::from_slice::<Entry>(body) {
+            Ok(entry) => append(&entry, *system_ok),
+            Err(_) => Outcome::Failed("malformed audit request".into()),
+        };
+        finish(*ticket, outcome);
+    }
+    !batch.is_empty()
+}
+
+enum Outcome {
+    /// (in the system chain, seq)
+    Appended(bool, i64),
+    Busy,
+    Failed(String),
+}
+
+/// Appends one entry in a transaction of its own. Another transaction holding the
+/// tenant's chain is not waited for (that would stall every other request, and the
+/// holder may be the very backend waiting for this entry): with `system_ok` the
+/// entry goes to the system chain instead (its payload names the tenant); otherwise,
+/// or when that is busy too, back to the queue.
+fn append(e: &Entry, system_ok: bool) -> Outcome {
+    let system = crate::ledger::evidence::SYSTEM_TENANT;
+    let r = in_transaction(|| {
+        let chain = if crate::locks::ledger_tenant_try(&e.tenant) {
+            e.tenant.as_str()
+        } else if system_ok && crate::locks::ledger_tenant_try(system) {
+            system
+        } else {
+            return Ok(None);
+        };
+        crate::ledger::heads::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)
+            .map(|(seq, _)| Some((chain == system, seq)))
+    });
+    match r {
+        Ok(Some((in_system, seq))) => Outcome::Appended(in_system, seq),
+        Ok(None) => Outcome::Busy,
+        Err(msg) => Outcome::Failed(msg),
+    }
+}
+
+/// Runs `f` in a transaction and commits it; an error (from `f` or from the commit)
+/// aborts the transaction and is returned as its message.
+fn in_transaction<R>(f: impl FnOnce() -> crate::error::SealResult<R>) -> Result<R, String> {
+    // SAFETY: starts a transaction with a snapshot, as BackgroundWorker::transaction
+    // does; it is committed or aborted below before this function returns.
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let r = PgTryBuilder::new(AssertUnwindSafe(|| match f() {
+        Ok(v) => {
+            // SAFETY: pops the snapshot pushed above and commits; an ERROR in the
+            // commit is caught below.
+            unsafe {
+                pg_sys::PopActiveSnapshot();
+                pg_sys::CommitTransactionCommand();
+            }
+            Ok(v)
+        }
+        Err(e) => Err(e.to_string()),
+    }))
+    .catch_others(|e| {
+        Err(match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_owned(),
+            CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+        })
+    })
+    .execute();
+    if r.is_err() {
+        // SAFETY: the transaction started above is still open (the error came before
+        // or during its commit); aborting it releases its locks and snapshot.
+        unsafe { pg_sys::AbortCurrentTransaction() };
+    }
+    r
+}
+
+/// Records the outcome in the request's slot and wakes its backend.
+fn finish(ticket: u64, outcome: Outcome) {
+    let mut q = QUEUE.exclusive();
+    let Some(s) = q.slot_mut(ticket) else { return };
+    let nobody_waits = s.latch == 0 || s.state == State::Abandoned;
+    let failure = match outcome {
+        Outcome::Appended(in_system, seq) => {
+            s.seq = seq;
+            s.system = in_system;
+            None
+        }
+        Outcome::Busy if queue::now() < s.deadline => {
+            if s.state == State::Taken {
+                s.state = State::Queued;
+                s.retry_at = queue::now() + RETRY_US;
+            } else {
+                s.state = State::Free;
+            }
+            return;
+        }
+        Outcome::Busy => Some(Failure::ChainBusy),
+        Outcome::Failed(msg) => {
+            pgrx::log!("pgseal audit writer: an entry could not be appended: {msg}");
+            Some(Failure::Error)
+        }
+    };
+    if nobody_waits {
+        if failure.is_some() && s.latch == 0 {
+            pgrx::log!("pgseal audit writer: an end-of-transaction decrypt count was not recorded");
+        }
+        s.state = State::Free;
+        return;
+    }
+    match failure {
+        None => s.state = State::DoneOk,
+        Some(f) => {
+            s.state = State::DoneFailed;
+            s.failure = f;
+        }
+    }
+    queue::set_latch(s.latch);
+}

@@ -1,0 +1,272 @@
+//! The decrypt audit with `pgseal.audit_decrypt = on` (the default): the first
+//! decrypt of a key in a transaction is on disk before its plaintext is returned,
+//! whatever the transaction does next: rollback, a failed deferred constraint,
+//! PREPARE + ROLLBACK PREPARED, kill -9 of the audit writer or of the postmaster.
+//! Each test reproduces issue 14's hole 1 the way an attacker would try it.
+
+use std::time::{Duration, Instant};
+
+use pgseal_tests::{sqlstate, Cluster, KEY_V1};
+use serde_json::Value;
+
+const SETUP: &str = "
+    CREATE EXTENSION pgseal;
+    CREATE ROLE app LOGIN;
+    GRANT pgseal_decrypt, pgseal_ledger TO app;
+    CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text, token text);
+    GRANT SELECT ON integrations TO app;
+    SET app.tenant_id = 'acme';
+    INSERT INTO integrations
+        SELECT g, 'acme', pgseal.vault_seal('tok-secret-' || g, 'integrations.token')
+        FROM generate_series(1, 3) g;
+    RESET app.tenant_id;";
+
+const DECRYPT_ALL: &str = "SELECT pgseal.set_tenant('acme'); \
+     SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations";
+
+fn start(name: &str, port: u16) -> (Cluster, postgres::Client) {
+    let cl = Cluster::start(name, port, &[KEY_V1], &["max_prepared_transactions = 4"]);
+    let mut c = cl.connect();
+    c.batch_execute(SETUP).unwrap();
+    (cl, c)
+}
+
+fn app(cl: &Cluster) -> postgres::Client {
+    postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user=app dbname=postgres", cl.port),
+        postgres::NoTls,
+    )
+    .unwrap()
+}
+
+/// (chain, seq, db_role, payload) of every entry of `event`, oldest first.
+fn entries(c: &mut postgres::Client, event: &str) -> Vec<(String, i64, Option<String>, Value)> {
+    c.query(
+        "SELECT tenant_id, seq, db_role, payload FROM pgseal.ledger WHERE event = $1 ORDER BY recorded_at, seq",
+        &[&event],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+/// Waits (up to 20 s) for the writer to append the end-of-transaction counts.
+fn wait_for_counts(c: &mut postgres::Client, n: usize) -> Vec<(String, i64, Option<String>, Value)> {
+    let t0 = Instant::now();
+    loop {
+        let e = entries(c, "vault.decrypt");
+        if e.len() >= n || t0.elapsed() > Duration::from_secs(20) {
+            return e;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn verifies(c: &mut postgres::Client, tenant: &str) {
+    let r = c
+        .query_one("SELECT ok, problem FROM pgseal.ledger_verify($1)", &[&tenant])
+        .unwrap();
+    assert!(r.get::<_, bool>(0), "{tenant}: {:?}", r.get::<_, Option<String>>(1));
+}
+
+#[test]
+fn a_rolled_back_decrypt_is_on_record_with_its_count() {
+    let (cl, mut admin) = start("audit-rollback", 54401);
+    let mut c = app(&cl);
+    // The attack from the issue, word for word: decrypt every token, then roll back.
+    let rows = c
+        .simple_query(&format!("BEGIN; {DECRYPT_ALL}; ROLLBACK"))
+        .unwrap();
+    let plaintexts = rows
+        .iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .filter(|v| v.starts_with("tok-secret-"))
+        .count();
+    assert_eq!(plaintexts, 3, "the client did get the plaintexts");
+    let started = entries(&mut admin, "vault.decrypt_started");
+    assert_eq!(started.len(), 1, "one durable entry for the key's first decrypt: {started:?}");
+    let (chain, seq, role, p) = &started[0];
+    assert_eq!(chain, "acme");
+    assert_eq!(role.as_deref(), Some("app"), "the role that decrypted, not the writer's");
+    assert_eq!(p["context"], "integrations.token");
+    let done = wait_for_counts(&mut admin, 1);
+    assert_eq!(done.len(), 1, "the count is completed on rollback");
+    let p = &done[0].3;
+    assert_eq!(p["count"], 3);
+    assert_eq!(p["outcome"], "rolled back");
+    assert_eq!(p["started"], serde_json::json!({"tenant": "acme", "seq": seq}));
+    verifies(&mut admin, "acme");
+}
+
+#[test]
+fn a_failed_deferred_constraint_and_a_rolled_back_prepared_transaction_leave_the_record() {
+    let (cl, mut admin) = start("audit-deferred", 54402);
+    admin
+        .batch_execute(
+            "CREATE TABLE seen (k int UNIQUE DEFERRABLE INITIALLY DEFERRED);
+             GRANT INSERT ON seen TO app;",
+        )
+        .unwrap();
+    let mut c = app(&cl);
+    let r = c.batch_execute(&format!(
+        "BEGIN; {DECRYPT_ALL}; INSERT INTO seen VALUES (1), (1); COMMIT"
+    ));
+    assert_eq!(sqlstate(r), "23505", "the commit fails on the deferred constraint");
+    assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 1);
+    let done = wait_for_counts(&mut admin, 1);
+    assert_eq!(done[0].3["outcome"], "rolled back");
+
+    admin
+        .batch_execute(&format!("BEGIN; {DECRYPT_ALL}; PREPARE TRANSACTION 'p1'"))
+        .unwrap();
+    admin.batch_execute("ROLLBACK PREPARED 'p1'").unwrap();
+    assert_eq!(
+        entries(&mut admin, "vault.decrypt_started").len(),
+        2,
+        "the prepared transaction's decrypt is on record after ROLLBACK PREPARED"
+    );
+    let done = wait_for_counts(&mut admin, 2);
+    assert_eq!(done.len(), 2);
+    assert_eq!(done[1].3["outcome"], "prepared");
+    assert_eq!(done[1].3["count"], 3);
+    verifies(&mut admin, "acme");
+}
+
+#[test]
+fn committed_and_read_only_decrypts_are_counted_once_per_key() {
+    let (cl, mut admin) = start("audit-commit", 54403);
+    let mut c = app(&cl);
+    c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}; {DECRYPT_ALL}; COMMIT")).unwrap();
+    let started = entries(&mut admin, "vault.decrypt_started");
+    assert_eq!(started.len(), 1, "six decrypts under one key, one durable entry");
+    let done = entries(&mut admin, "vault.decrypt");
+    assert_eq!(done.len(), 1, "the count is written inside the committing transaction");
+    assert_eq!(done[0].3["count"], 6);
+    assert_eq!(done[0].3["outcome"], "committed");
+    // A read-only transaction can decrypt: the writer records it.
+    c.batch_execute(&format!("BEGIN READ ONLY; {DECRYPT_ALL}; COMMIT")).unwrap();
+    assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 2);
+    let done = wait_for_counts(&mut admin, 2);
+    assert_eq!(done.len(), 2);
+    assert_eq!(done[1].3["outcome"], "committed");
+    verifies(&mut admin, "acme");
+}
+
+#[test]
+fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_system_chain() {
+    let (cl, mut admin) = start("audit-own-lock", 54404);
+    let mut c = app(&cl);
+    // This transaction holds acme's chain until it ends, so the writer cannot append
+    // there; it must neither deadlock nor skip the record.
+    c.batch_execute(&format!(
+        "BEGIN; SELECT pgseal.set_tenant('acme'); SELECT pgseal.ledger_append('export.requested', '{{}}'); {DECRYPT_ALL}; ROLLBACK"
+    ))
+    .unwrap();
+    let started = entries(&mut admin, "vault.decrypt_started");
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].0, "_pgseal", "{started:?}");
+    assert_eq!(started[0].3["tenant"], "acme");
+    let done = wait_for_counts(&mut admin, 1);
+    assert_eq!(done[0].0, "acme", "the count goes to the tenant once its chain is free");
+    assert_eq!(done[0].3["started"]["tenant"], "_pgseal");
+    verifies(&mut admin, "acme");
+    verifies(&mut admin, "_pgseal");
+}
+
+fn decrypt_state(cl: &Cluster) -> String {
+    let mut c = app(cl);
+    sqlstate(c.query(
+        "SELECT pgseal.set_tenant('acme'), pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+        &[],
+    ))
+}
+
+#[test]
+fn without_the_audit_worker_decrypt_fails_closed() {
+    // No background worker slot at all: the launcher never runs.
+    let cl = Cluster::start("audit-no-launcher", 54405, &[KEY_V1], &["max_worker_processes = 0"]);
+    let mut admin = cl.connect();
+    admin.batch_execute(SETUP).unwrap();
+    assert_eq!(decrypt_state(&cl), "55000", "no plaintext without its record");
+    assert!(entries(&mut admin, "vault.decrypt_started").is_empty());
+    // commit mode (superuser-only) works without the worker; nobody else may choose it.
+    admin
+        .batch_execute(&format!("SET pgseal.audit_decrypt = commit; {DECRYPT_ALL}"))
+        .unwrap();
+    let r = app(&cl).batch_execute("SET pgseal.audit_decrypt = commit");
+    assert_eq!(sqlstate(r), "42501", "only a superuser may weaken the audit");
+    drop(cl);
+    // Two slots (the launcher and logical replication's): no writer can start.
+    let cl = Cluster::start("audit-no-writer", 54407, &[KEY_V1], &["max_worker_processes = 2"]);
+    let mut admin = cl.connect();
+    admin.batch_execute(SETUP).unwrap();
+    assert_eq!(decrypt_state(&cl), "55000");
+    assert!(entries(&mut admin, "vault.decrypt_started").is_empty());
+    assert!(
+        cl.server_log().contains("pgseal audit launcher: no background worker slot for a writer"),
+        "the launcher ran and said why"
+    );
+}
+
+/// Opens a transaction as `app` that has decrypted (so its record was acknowledged)
+/// and has not committed; returns the connection to keep the transaction open.
+fn decrypt_and_hold(cl: &Cluster) -> postgres::Client {
+    let mut c = app(cl);
+    c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}")).unwrap();
+    c
+}
+
+#[test]
+fn the_record_survives_kill_9_of_the_writer_and_of_the_postmaster() {
+    let (cl, mut admin) = start("audit-crash", 54406);
+    let held = decrypt_and_hold(&cl);
+    let writer: i32 = admin
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pgseal audit writer'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    // kill -9 of the writer after its acknowledgement: the postmaster restarts every
+    // backend, so the decrypting transaction never commits.
+    let st = std::process::Command::new("kill")
+        .args(["-9", &writer.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    drop(held);
+    drop(admin);
+    let mut admin = reconnect(&cl);
+    assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 1);
+    verifies(&mut admin, "acme");
+    // kill -9 of the postmaster between the acknowledgement and the commit.
+    let held = decrypt_and_hold(&cl);
+    cl.crash();
+    drop(held);
+    cl.resume();
+    let mut admin = reconnect(&cl);
+    assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 2);
+    verifies(&mut admin, "acme");
+    // And the audit works again after the restarts.
+    let mut c = app(&cl);
+    c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}; COMMIT")).unwrap();
+    assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 3);
+}
+
+fn reconnect(cl: &Cluster) -> postgres::Client {
+    let t0 = Instant::now();
+    loop {
+        match postgres::Client::connect(&cl.url(), postgres::NoTls) {
+            Ok(c) => return c,
+            Err(e) if t0.elapsed() < Duration::from_secs(30) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("server did not come back: {e}"),
+        }
+    }
+}
