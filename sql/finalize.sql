@@ -56,6 +56,8 @@ GRANT EXECUTE ON FUNCTION
     pgseal._with_partitions(regclass),
     pgseal._has_leading_index(regclass, name),
     pgseal._rls_reset(regclass, name),
+    pgseal._check_table(regclass),
+    pgseal._check_tenant_arg(text),
     pgseal._tenant_column_names(),
     pgseal.tenant_protect(regclass, name),
     pgseal.tenant_unprotect(regclass),

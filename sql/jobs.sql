@@ -64,6 +64,8 @@ BEGIN
     IF tenant = '' THEN
         RAISE EXCEPTION 'tenant must not be empty; NULL sets the default' USING ERRCODE = '22023';
     END IF;
+    PERFORM pgseal._check_tenant_arg(tenant);
+    PERFORM pgseal._check_table(rel);
     -- _column_type raises 42703 for a missing column.
     IF pgseal._column_type(rel, time_column)
        NOT IN ('timestamp with time zone', 'timestamp without time zone', 'date') THEN
@@ -88,6 +90,7 @@ BEGIN
     IF tenant = '' THEN
         RAISE EXCEPTION 'tenant must not be empty' USING ERRCODE = '22023';
     END IF;
+    PERFORM pgseal._check_tenant_arg(tenant);
     IF "on" THEN
         INSERT INTO pgseal.retention_holds (tenant_id) VALUES (tenant) ON CONFLICT DO NOTHING;
     ELSE
@@ -117,6 +120,9 @@ SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
+    IF octet_length(context) > 1024 THEN
+        RAISE EXCEPTION 'context is longer than 1024 bytes' USING ERRCODE = '54000';
+    END IF;
     IF pgseal._column_type(rel, col) <> 'text' THEN
         RAISE EXCEPTION 'column % of % is not text', col, rel USING ERRCODE = '42804';
     END IF;

@@ -25,7 +25,10 @@ DECLARE
     t text := pgseal._ledger_tenant(tenant);
 BEGIN
     RETURN QUERY
+    -- Every line has `fmt`; the format 2 fields appear when stored (not NULL), so
+    -- a format 1 row has none and an unerased format 2 row has no commitment.
     SELECT pg_catalog.jsonb_build_object(
+               'fmt', l.fmt,
                'tenant_id', l.tenant_id,
                'seq', l.seq,
                'recorded_at', pg_catalog.to_char(l.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
@@ -36,6 +39,11 @@ BEGIN
                'prev_hash', pg_catalog.encode(l.prev_hash, 'hex'),
                'hash', pg_catalog.encode(l.hash, 'hex'),
                'mac', pg_catalog.encode(l.mac, 'hex'))
+           OPERATOR(pg_catalog.||) pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+               'db_role', l.db_role,
+               'subjects', pg_catalog.to_jsonb(l.subjects),
+               'salt', pg_catalog.encode(l.salt, 'hex'),
+               'commitment', pg_catalog.encode(l.commitment, 'hex')))
     FROM pgseal.ledger AS l
     WHERE l.tenant_id = t
       AND l.seq BETWEEN coalesce(from_seq, 1) AND coalesce(to_seq, 9223372036854775807)
@@ -130,14 +138,10 @@ DECLARE
     tcol text;
     part regclass;
 BEGIN
-    IF rel IS NULL THEN
-        RAISE EXCEPTION 'rel must not be NULL' USING ERRCODE = '22004';
-    END IF;
+    -- 22004 NULL, 42P01 no such relation, 42809 not a table (sql/tenancy.sql).
+    PERFORM pgseal._check_table(rel);
     IF rel IN ('pgseal.ledger'::regclass, 'pgseal.ledger_heads'::regclass, 'pgseal.ledger_checkpoints'::regclass) THEN
         RAISE EXCEPTION 'the ledger cannot audit itself' USING ERRCODE = '22023';
-    END IF;
-    IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = rel) NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
     END IF;
     SELECT pg_catalog.array_agg(DISTINCT pg_catalog.upper(e)) INTO ev FROM pg_catalog.unnest(events) AS e;
     IF ev IS NULL THEN
@@ -178,6 +182,7 @@ AS $$
 DECLARE
     part regclass;
 BEGIN
+    PERFORM pgseal._check_table(rel);
     EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit ON %s', rel);
     FOR part IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit_truncate ON %s', part);

@@ -13,6 +13,13 @@ BEGIN
     IF tenant IS NULL OR tenant = '' THEN
         RAISE EXCEPTION 'tenant must not be NULL or empty' USING ERRCODE = '22023';
     END IF;
+    -- The limits of extension/src/limits.rs (README, "Limits").
+    IF octet_length(tenant) > 256 THEN
+        RAISE EXCEPTION 'tenant id is longer than 256 bytes' USING ERRCODE = '54000';
+    END IF;
+    IF octet_length(user_id) > 1024 THEN
+        RAISE EXCEPTION 'user id is longer than 1024 bytes' USING ERRCODE = '54000';
+    END IF;
     EXECUTE format('SET LOCAL %s = %L', pgseal._context_setting('tenant'), tenant);
     -- A NULL user clears any user left from earlier in the transaction.
     EXECUTE format('SET LOCAL %s = %L', pgseal._context_setting('user'), coalesce(user_id, ''));
@@ -96,11 +103,19 @@ REVOKE ALL ON pgseal.org_locks FROM PUBLIC;
 -- Locks (creating it if need be) the row of `org` in the current tenant until the
 -- transaction ends. The caller names only the organisation: the tenant is its own.
 CREATE FUNCTION pgseal._org_lock(org pg_catalog.text) RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
+BEGIN
+    IF org IS NULL THEN
+        RAISE EXCEPTION 'organisation id must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF pg_catalog.octet_length(org) OPERATOR(pg_catalog.>) 256 THEN
+        RAISE EXCEPTION 'organisation id is longer than 256 bytes' USING ERRCODE = '54000';
+    END IF;
     INSERT INTO pgseal.org_locks AS l (tenant_id, org_id) VALUES (pgseal.current_tenant(), org)
-    ON CONFLICT (tenant_id, org_id) DO UPDATE SET changes = l.changes OPERATOR(pg_catalog.+) 1
+    ON CONFLICT (tenant_id, org_id) DO UPDATE SET changes = l.changes OPERATOR(pg_catalog.+) 1;
+END
 $$;
 
 -- The organisation invariants, for every row change of org_members:
@@ -220,13 +235,51 @@ CREATE TRIGGER org_members_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.org
     FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_record();
 ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_record;
 
--- The type of a column, as SQL text; 42703 when the table has no such column.
+-- Checks a table argument: 22004 NULL, 42P01 no such relation (an OID that names
+-- nothing), 42809 not a plain or partitioned table.
+CREATE FUNCTION pgseal._check_table(rel regclass) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE k "char";
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'rel must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    SELECT c.relkind INTO k FROM pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel;
+    IF k IS NULL THEN
+        RAISE EXCEPTION 'relation with OID % does not exist', rel::oid USING ERRCODE = '42P01';
+    END IF;
+    IF k NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
+    END IF;
+END
+$$;
+
+-- Checks a tenant argument against the tenant id limit (extension/src/limits.rs).
+CREATE FUNCTION pgseal._check_tenant_arg(tenant text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF octet_length(tenant) > 256 THEN
+        RAISE EXCEPTION 'tenant id is longer than 256 bytes' USING ERRCODE = '54000';
+    END IF;
+END
+$$;
+
+-- The type of a column, as SQL text; 22004 for a NULL name, 42703 when the table
+-- has no such column.
 CREATE FUNCTION pgseal._column_type(rel regclass, col name) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE t text;
 BEGIN
+    IF col IS NULL THEN
+        RAISE EXCEPTION 'column name must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgseal._check_table(rel);
     SELECT format_type(a.atttypid, a.atttypmod) INTO t FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
     IF t IS NULL THEN
@@ -269,6 +322,7 @@ AS $$
 DECLARE
     p name;
 BEGIN
+    PERFORM pgseal._check_table(t);
     FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
         EXECUTE format('DROP POLICY %I ON %s', p, t);
     END LOOP;
@@ -287,12 +341,10 @@ SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     t    regclass;
-    typ  text := pgseal._column_type(rel, tenant_column);
-    pred text := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, typ);
+    pred text;
 BEGIN
-    IF (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
-    END IF;
+    PERFORM pgseal._check_table(rel);
+    pred := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
         EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
@@ -309,6 +361,7 @@ DECLARE
     t regclass;
     p name;
 BEGIN
+    PERFORM pgseal._check_table(rel);
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
             EXECUTE format('DROP POLICY %I ON %s', p, t);
@@ -327,16 +380,20 @@ SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
     t       regclass;
-    tenant  text := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
-    owner   text := format('%I = (SELECT pgseal.current_user_id())::%s', owner_column, pgseal._column_type(rel, owner_column));
-    org_typ text := pgseal._column_type(rel, org_column);
-    viewer  text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
-    member  text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
-    admin   text := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
+    tenant  text;
+    owner   text;
+    org_typ text;
+    viewer  text;
+    member  text;
+    admin   text;
 BEGIN
-    IF (SELECT relkind FROM pg_class WHERE oid = rel) NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
-    END IF;
+    PERFORM pgseal._check_table(rel);
+    tenant  := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
+    owner   := format('%I = (SELECT pgseal.current_user_id())::%s', owner_column, pgseal._column_type(rel, owner_column));
+    org_typ := pgseal._column_type(rel, org_column);
+    viewer  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
+    member  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
+    admin   := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
         -- Nothing ever crosses tenants, whatever the permissive policies allow.
