@@ -11,6 +11,9 @@
 //! - `ledger_checkpoints`: INSERT only while `ledger_checkpoint` stores the one it
 //!   signed (`Scope::Checkpoint`). UPDATE and DELETE never.
 //!
+//! - With `pgseal.restore = on` (superuser-only), INSERT into all three is allowed:
+//!   that is how pg_restore puts a dump back (README, "Backup and restore").
+//!
 //! UPDATE and DELETE of ledger rows and TRUNCATE of all three are refused by
 //! `_ledger_guard()` (sql/ledger_api.sql), which lets only `ledger_prune`'s deletes
 //! through. A scope is a backend-local flag set around pgseal's own statements
@@ -169,7 +172,12 @@ pub unsafe extern "C-unwind" fn ledger_write_guard(
         std::ffi::CStr::from_ptr(*t.tgargs).to_bytes()
     };
     let op = ev & pg_sys::TRIGGER_EVENT_OPMASK;
+    // A restore (pg_restore, or psql running a dump) inserts the dumped rows as they
+    // are: allowed only with `pgseal.restore = on`, which only a superuser can set.
+    // The rows must still verify: their MACs need the restored tenants' keys.
+    let restoring = op == pg_sys::TRIGGER_EVENT_INSERT && crate::gucs::RESTORE.get();
     let refused = match (table, op) {
+        _ if restoring => None,
         (b"ledger", pg_sys::TRIGGER_EVENT_INSERT) => (!active(Scope::Append))
             .then_some("pgseal.ledger is written only by pgseal.ledger_append()"),
         (b"heads", pg_sys::TRIGGER_EVENT_INSERT) => (!active(Scope::Append))
