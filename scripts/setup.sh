@@ -24,6 +24,19 @@ fi
 # Debian's postgresql package starts a cluster of its own on port 5432; pgseal's
 # tests never use it.
 
+# The test clusters listen on fixed ports (32215 for the #[pg_test]s, 54300-54999 for
+# the cluster tests and benchmarks), all inside Linux's ephemeral port range: a
+# client connection of one test could take a port another test's postmaster is about
+# to bind. Reserving them keeps the kernel from handing them out to clients.
+RESERVED_PORTS=32215,54300-54999
+if [ "$(cat /proc/sys/net/ipv4/ip_local_reserved_ports 2>/dev/null)" != "$RESERVED_PORTS" ]; then
+    if sysctl -q -w net.ipv4.ip_local_reserved_ports="$RESERVED_PORTS" 2>/dev/null; then
+        log "reserved the test ports $RESERVED_PORTS (net.ipv4.ip_local_reserved_ports)"
+    else
+        log "could not reserve the test ports $RESERVED_PORTS; a test may rarely fail to bind its port"
+    fi
+fi
+
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
     log "installing cargo-pgrx $PGRX_VERSION (about 5 minutes)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
