@@ -17,20 +17,23 @@ psql_ <<'SQL'
 CREATE TABLE plain_ledger (LIKE pgseal.ledger INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
 ALTER TABLE plain_ledger ADD PRIMARY KEY (tenant_id, seq);
 CREATE SEQUENCE plain_seq;
--- The PL/pgSQL peer: the same hash encoding (docs/FORMAT.md) with pgcrypto's
--- digest() and hmac(). It checks hashes and links for real; it computes the HMAC
+-- The PL/pgSQL peer: the same hash encoding (docs/FORMAT.md, ledger entries v2, the
+-- format every new entry has; subjects are empty here) with pgcrypto's digest() and
+-- hmac(). It checks commitments, hashes and links for real; it computes the HMAC
 -- with a stand-in key (it cannot unwrap the tenant's), so that work is counted.
 CREATE FUNCTION plpgsql_verify(t text) RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
-    r record; prev bytea := decode(repeat('00', 32), 'hex'); h bytea; bad bigint := 0; n bigint := 0;
+    r record; prev bytea := decode(repeat('00', 32), 'hex'); h bytea; c bytea; bad bigint := 0; n bigint := 0;
     lp_t bytea := int4send(octet_length(convert_to(t, 'UTF8'))) || convert_to(t, 'UTF8');
 BEGIN
     FOR r IN SELECT * FROM pgseal.ledger WHERE tenant_id = t ORDER BY seq LOOP
-        h := digest('pgseal:v1:ledger'::bytea || '\x00'::bytea || r.prev_hash || lp_t || int8send(r.seq)
+        c := digest('pgseal:v2:payload'::bytea || '\x00'::bytea || r.salt || convert_to(r.payload::text, 'UTF8'), 'sha256');
+        h := digest('pgseal:v2:ledger'::bytea || '\x00'::bytea || r.prev_hash || lp_t || int8send(r.seq)
                     || int8send((extract(epoch FROM r.recorded_at) * 1000000)::bigint)
                     || int4send(octet_length(convert_to(r.actor, 'UTF8'))) || convert_to(r.actor, 'UTF8')
+                    || int4send(octet_length(convert_to(r.db_role, 'UTF8'))) || convert_to(r.db_role, 'UTF8')
                     || int4send(octet_length(convert_to(r.event, 'UTF8'))) || convert_to(r.event, 'UTF8')
-                    || int4send(octet_length(convert_to(r.payload::text, 'UTF8'))) || convert_to(r.payload::text, 'UTF8'),
+                    || int4send(coalesce(cardinality(r.subjects), 0)) || c,
                     'sha256');
         IF h <> r.hash OR r.prev_hash <> prev THEN bad := bad + 1; END IF;
         PERFORM hmac(h, '\x0102'::bytea, 'sha256') = r.mac;
