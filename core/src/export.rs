@@ -160,6 +160,10 @@ pub enum CheckpointProblem {
     /// The exported entry at the checkpoint's seq (or, for the seq just before an
     /// export that starts later, the first entry's prev_hash) has another hash.
     HashMismatch,
+    /// A v2 checkpoint does not extend the tenant's previous checkpoint in the file
+    /// (its signed prev_seq and prev_hash name another): the checkpoint log was cut,
+    /// reordered or mixed with another one.
+    Unlinked,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,8 +302,15 @@ fn check_checkpoints(
     // Without entries, the chain "ends" at seq 0 with the genesis hash.
     let (anchor_seq, anchor_hash) = anchor.unwrap_or((0, GENESIS));
     let last = report.last.map_or(anchor_seq, |(seq, _)| seq);
-    for cp in cps {
-        let problem = if cp.seq > last {
+    for (i, cp) in cps.iter().enumerate() {
+        // Two v2 checkpoints in a row must link (v1 ones name no predecessor).
+        let unlinked = i > 0
+            && cp.prev_seq.is_some()
+            && cps[i - 1].prev_seq.is_some()
+            && !cp.extends(cps[i - 1]);
+        let problem = if unlinked {
+            Some(CheckpointProblem::Unlinked)
+        } else if cp.seq > last {
             Some(CheckpointProblem::NotReached {
                 last: anchor.map(|_| last),
             })
@@ -325,7 +336,7 @@ fn check_checkpoints(
                     seq: last + 1,
                     problem: Problem::Gap,
                 },
-                CheckpointProblem::HashMismatch => Failure {
+                CheckpointProblem::HashMismatch | CheckpointProblem::Unlinked => Failure {
                     seq: cp.seq,
                     problem: Problem::HashMismatch,
                 },
@@ -433,6 +444,37 @@ mod tests {
             Some((5, CheckpointProblem::HashMismatch))
         );
         assert_eq!(r[0].report.failure.map(|f| f.seq), Some(5));
+    }
+
+    #[test]
+    fn v2_checkpoints_in_a_file_must_extend_each_other() {
+        let key = checkpoint::key_from_seed(&SecretKey::random());
+        let pk = checkpoint::verifying_key_hex(&key);
+        let lines = chain("acme", 10);
+        let at = "2026-12-03T00:00:00Z";
+        let h = |seq| hash_at(&lines, seq);
+        let sign = |seq, prev: (i64, &Hash)| {
+            checkpoint::sign_after(&key, 1, "ab", "acme", (seq, &h(seq)), prev, at)
+        };
+        let cp3 = sign(3, (0, &GENESIS));
+        let cp6 = sign(6, (3, &h(3)));
+        let cp9 = sign(9, (6, &h(6)));
+        let r = run(&lines, &[cp3.clone(), cp6.clone(), cp9.clone()], &pk);
+        assert!(r[0].ok(), "{r:?}");
+        assert_eq!(r[0].checkpoints_matched, 3);
+        // The file lost cp6: cp9 names a predecessor the file does not hold.
+        let r = run(&lines, &[cp3.clone(), cp9.clone()], &pk);
+        assert_eq!(
+            r[0].checkpoint_failure.map(|f| (f.seq, f.problem)),
+            Some((9, CheckpointProblem::Unlinked))
+        );
+        // A second checkpoint at seq 6 that does not extend cp3 (a forked log).
+        let fork = sign(6, (2, &h(2)));
+        let r = run(&lines, &[cp3, fork, cp9], &pk);
+        assert_eq!(
+            r[0].checkpoint_failure.map(|f| (f.seq, f.problem)),
+            Some((6, CheckpointProblem::Unlinked))
+        );
     }
 
     #[test]

@@ -111,6 +111,10 @@ fn detail(r: &TenantResult) -> String {
                 "hash mismatch at seq {}: the export differs from the checkpoint",
                 f.seq
             ),
+            CheckpointProblem::Unlinked => format!(
+                "checkpoint at seq {} does not extend the previous checkpoint in the file: the checkpoint log is cut or forked",
+                f.seq
+            ),
         };
     }
     if let Some(f) = r.report.failure {
