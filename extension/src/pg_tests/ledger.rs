@@ -676,6 +676,26 @@ mod tests {
         );
     }
 
+    /// Issue 20: a row whose tenant column is longer than a tenant id may be, or
+    /// written under an over-long user id, is still written and still audited.
+    #[pg_test]
+    fn an_over_limit_tenant_column_never_blocks_the_write() {
+        run("CREATE TABLE public.wide_docs (id int PRIMARY KEY, tenant_id text, body text)");
+        run("SELECT pgseal.ledger_audit('public.wide_docs')");
+        run("SELECT set_config('app.user_id', repeat('u', 2000), true)");
+        run("INSERT INTO public.wide_docs VALUES (1, repeat('t', 300), 'x')");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.wide_docs"), 1);
+        let p: pgrx::JsonB = one(
+            "SELECT payload FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND event = 'row.insert'",
+        );
+        let expected = format!("sha256:{}", one::<String>("SELECT encode(sha256(convert_to(repeat('t', 300), 'UTF8')), 'hex')"));
+        assert_eq!(p.0["tenant_over_limit"], serde_json::json!(expected));
+        assert_eq!(p.0["entry"]["after"]["body"], "x");
+        let actor: String = one("SELECT actor FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND event = 'row.insert'");
+        assert!(actor.starts_with("sha256:"), "{actor}");
+        assert!(one::<bool>("SELECT ok FROM pgseal.ledger_verify('_pgseal')"));
+    }
+
     #[pg_test]
     fn audit_triggers_record_row_changes() {
         run("CREATE TABLE public.orders (id int PRIMARY KEY, tenant_id text, status text, token text, amount numeric)");
