@@ -21,7 +21,8 @@ GRANT EXECUTE ON FUNCTION
     pgseal.tenant_key_rotate(text),
     pgseal.kek_rewrap(integer),
     pgseal.tenant_shred(text),
-    pgseal.key_cache_entries()
+    pgseal.key_cache_entries(),
+    pgseal.audit_queue_status()
 TO pgseal_admin;
 
 -- The ledger. pgseal_admin can do everything pgseal_ledger can, for any tenant.

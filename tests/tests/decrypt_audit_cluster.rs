@@ -157,7 +157,7 @@ fn committed_and_read_only_decrypts_are_counted_once_per_key() {
 }
 
 #[test]
-fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_system_chain() {
+fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_audit_chain() {
     let (cl, mut admin) = start("audit-own-lock", 54404);
     let mut c = app(&cl);
     // This transaction holds acme's chain until it ends, so the writer cannot append
@@ -168,13 +168,13 @@ fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_system_chain()
     .unwrap();
     let started = entries(&mut admin, "vault.decrypt_started");
     assert_eq!(started.len(), 1);
-    assert_eq!(started[0].0, "_pgseal", "{started:?}");
+    assert_eq!(started[0].0, "_pgseal_audit", "{started:?}");
     assert_eq!(started[0].3["tenant"], "acme");
     let done = wait_for_counts(&mut admin, 1);
     assert_eq!(done[0].0, "acme", "the count goes to the tenant once its chain is free");
-    assert_eq!(done[0].3["started"]["tenant"], "_pgseal");
+    assert_eq!(done[0].3["started"]["tenant"], "_pgseal_audit");
     verifies(&mut admin, "acme");
-    verifies(&mut admin, "_pgseal");
+    verifies(&mut admin, "_pgseal_audit");
 }
 
 fn decrypt_state(cl: &Cluster) -> String {

@@ -38,16 +38,13 @@ impl Drop for Waiting {
         let Some(ticket) = self.ticket else { return };
         let mut q = QUEUE.exclusive();
         if let Some(s) = q.slot_mut(ticket) {
-            s.state = match s.state {
-                State::Queued | State::Taken => State::Abandoned,
-                _ => State::Free,
-            };
+            queue::Queue::give_up(s);
         }
     }
 }
 
 /// Appends `entry` through the writer and returns the chain it went to (the tenant's,
-/// or the system chain when the tenant's was busy) and its seq, once the writer's
+/// or the audit chain `_pgseal_audit` when the tenant's was busy) and its seq, once the writer's
 /// transaction has committed. Waits at most `timeout_ms` (and honours cancels and
 /// `statement_timeout`); fails with 55000 when no writer runs or can be started.
 pub fn append_durably(entry: &Entry, timeout_ms: i64) -> SealResult<(String, i64)> {
@@ -60,11 +57,12 @@ pub fn append_durably(entry: &Entry, timeout_ms: i64) -> SealResult<(String, i64
     }
     let db = my_database();
     let deadline = queue::now() + timeout_ms * 1000;
+    release_at_exit();
     let mut wait = Waiting { ticket: None };
     loop {
         if let Some((system, seq)) = poll(&mut wait, db, deadline, &body)? {
             let chain = if system {
-                crate::ledger::evidence::SYSTEM_TENANT.to_owned()
+                crate::ledger::evidence::AUDIT_CHAIN.to_owned()
             } else {
                 entry.tenant.clone()
             };
@@ -80,7 +78,7 @@ pub fn append_durably(entry: &Entry, timeout_ms: i64) -> SealResult<(String, i64
 }
 
 /// One look at the queue: enqueues the request if it has no slot yet, and returns
-/// (whether it went to the system chain, its seq) once it is done.
+/// (whether it went to the audit chain, its seq) once it is done.
 fn poll(
     wait: &mut Waiting,
     db: u32,
@@ -127,6 +125,29 @@ fn poll(
     }
 }
 
+thread_local! {
+    static EXIT_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A backend terminated while it waits (FATAL exits without unwinding, so `Waiting`
+/// never drops) gives its slots back on its way out.
+fn release_at_exit() {
+    if EXIT_HOOK.with(|h| h.replace(true)) {
+        return;
+    }
+    // SAFETY: registers a plain function, called once when this process exits.
+    unsafe {
+        pgrx::pg_sys::before_shmem_exit(Some(release_slots_at_exit), pgrx::pg_sys::Datum::from(0))
+    };
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn release_slots_at_exit(_code: i32, _arg: pgrx::pg_sys::Datum) {
+    // SAFETY: MyProcPid is set for every process.
+    let pid = unsafe { pgrx::pg_sys::MyProcPid };
+    QUEUE.exclusive().release_all_of(pid);
+}
+
 fn sleep_on_latch(ms: i64) {
     use pgrx::pg_sys;
     // SAFETY: waiting on and resetting this process's own latch; the wait returns on
@@ -151,7 +172,15 @@ pub fn append_later(entry: &Entry, retry_ms: i64) -> bool {
     let Ok(body) = serde_json::to_vec(entry) else {
         return false;
     };
-    let queued = body.len() <= queue::BUF && {
+    if body.len() > queue::BUF {
+        pgrx::log!(
+            "pgseal: a '{}' entry for tenant {} is longer than an audit queue slot and was not recorded",
+            entry.event,
+            entry.tenant
+        );
+        return false;
+    }
+    let queued = {
         let db = my_database();
         let mut q = QUEUE.exclusive();
         let t = q.enqueue(db, 0, queue::now() + retry_ms * 1000, &body);

@@ -41,6 +41,7 @@ pub extern "C-unwind" fn pgseal_audit_launcher_main(_arg: pg_sys::Datum) {
     // SAFETY: registers a plain function, called once when this process exits.
     unsafe { pg_sys::before_shmem_exit(Some(leave), pg_sys::Datum::from(0)) };
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(500))) {
+        sweep();
         start_missing_writers();
     }
 }
@@ -88,6 +89,36 @@ fn start_missing_writers() {
             fail_requests(&mut q, db);
         }
     }
+}
+
+/// A slot left behind is given back: one whose waiting backend has exited (a crash
+/// of a backend restarts the server; this covers exits that skipped their hooks), and
+/// one taken by a writer that is gone (requeued for the next writer).
+fn sweep() {
+    let mut q = QUEUE.exclusive();
+    let live_writers: Vec<u32> = q.writers.iter().filter(|w| w.pid != 0).map(|w| w.dboid).collect();
+    for s in q.slots.iter_mut() {
+        let waiter_gone = s.latch != 0 && s.pid != 0 && !process_exists(s.pid);
+        match s.state {
+            State::Free => {}
+            State::DoneOk | State::DoneFailed if waiter_gone => s.state = State::Free,
+            State::Queued if waiter_gone => s.state = State::Free,
+            State::Taken | State::Abandoned if !live_writers.contains(&s.dboid) => {
+                s.state = if s.state == State::Taken && !waiter_gone {
+                    State::Queued
+                } else {
+                    State::Free
+                };
+            }
+            _ => {}
+        }
+    }
+}
+
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists (and may be
+    // signalled: every backend runs as the same OS user as the launcher).
+    unsafe { libc::kill(pid, 0) == 0 }
 }
 
 /// Fails every waiting request of `db` with NoWriter and forgets a writer that did

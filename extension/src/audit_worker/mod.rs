@@ -17,3 +17,28 @@ mod writer;
 
 pub use client::{append_durably, append_later, Entry};
 pub use launcher::register;
+pub use writer::is_writer;
+
+use pgrx::prelude::*;
+
+/// `pgseal.audit_queue_status()`: whether the launcher runs, how many writers run,
+/// and how many of the queue's request slots are in use (monitoring; pgseal_admin).
+#[pg_extern(volatile, parallel_safe)]
+fn audit_queue_status() -> TableIterator<
+    'static,
+    (
+        name!(launcher_running, bool),
+        name!(writers, i32),
+        name!(slots, i32),
+        name!(slots_in_use, i32),
+    ),
+> {
+    let q = queue::QUEUE.share();
+    let writers = q.writers.iter().filter(|w| w.pid != 0).count() as i32;
+    let in_use = q
+        .slots
+        .iter()
+        .filter(|s| s.state != queue::State::Free)
+        .count() as i32;
+    TableIterator::once((q.launcher_pid != 0, writers, queue::SLOTS as i32, in_use))
+}

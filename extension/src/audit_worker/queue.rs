@@ -61,13 +61,16 @@ pub struct Slot {
     pub dboid: u32,
     /// The waiting backend's latch; 0 when nobody waits (completion entries).
     pub latch: usize,
+    /// The pid of the backend that queued it: a slot of a backend that has exited
+    /// is given back (`release_all_of`, and the launcher's sweep).
+    pub pid: i32,
     /// Until when (µs, PostgreSQL timestamp) a writer keeps retrying a busy chain.
     pub deadline: i64,
     /// Not before this time (µs) is a requeued request taken again.
     pub retry_at: i64,
     /// The appended entry's seq, once DoneOk.
     pub seq: i64,
-    /// Whether it went to the system chain (the tenant's chain was busy).
+    /// Whether it went to the audit chain (the tenant's chain was busy).
     pub system: bool,
     pub len: u32,
     pub buf: [u8; BUF],
@@ -80,6 +83,7 @@ impl Slot {
         ticket: 0,
         dboid: 0,
         latch: 0,
+        pid: 0,
         deadline: 0,
         retry_at: 0,
         seq: 0,
@@ -159,12 +163,35 @@ impl Queue {
             ticket,
             dboid,
             latch,
+            // SAFETY: MyProcPid is set for every process.
+            pid: unsafe { pg_sys::MyProcPid },
             deadline,
             len: body.len() as u32,
             ..Slot::EMPTY
         };
         slot.buf[..body.len()].copy_from_slice(body);
         Some(ticket)
+    }
+
+    /// Gives back what a waiter leaves behind: a request still queued is dropped (no
+    /// writer has it), one a writer is appending is marked for the writer to free,
+    /// and a finished one is freed.
+    pub fn give_up(slot: &mut Slot) {
+        slot.state = match slot.state {
+            State::Taken => State::Abandoned,
+            _ => State::Free,
+        };
+    }
+
+    /// Gives up every slot that backend `pid` waits on (it is exiting).
+    pub fn release_all_of(&mut self, pid: i32) {
+        for s in self
+            .slots
+            .iter_mut()
+            .filter(|s| s.pid == pid && s.latch != 0 && s.state != State::Free)
+        {
+            Queue::give_up(s);
+        }
     }
 
     /// Wakes the writer of `dboid`, or the launcher when there is none yet.

@@ -14,6 +14,14 @@ use pgrx::PgTryBuilder;
 use super::client::Entry;
 use super::queue::{self, Failure, State, QUEUE};
 
+/// Set in the writer process only: the one process that appends to the audit chain.
+static IS_WRITER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is an audit writer.
+pub fn is_writer() -> bool {
+    IS_WRITER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A writer with nothing to do for this long exits (µs).
 const IDLE_US: i64 = 60_000_000;
 /// A busy chain is tried again after this long (µs).
@@ -23,10 +31,11 @@ const RETRY_US: i64 = 20_000;
 #[no_mangle]
 pub extern "C-unwind" fn pgseal_audit_writer_main(arg: pg_sys::Datum) {
     let dboid = arg.value() as u32;
+    IS_WRITER.store(true, std::sync::atomic::Ordering::Relaxed);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
     register(dboid);
-    make_commits_durable();
+    configure_session();
     let mut last_work = queue::now();
     while BackgroundWorker::wait_latch(Some(Duration::from_millis(500))) {
         if BackgroundWorker::sighup_received() {
@@ -95,33 +104,46 @@ fn retire(dboid: u32) -> bool {
     true
 }
 
-/// An acknowledged entry must survive a crash: with `synchronous_commit = off` in
-/// the server's configuration, the writer still flushes its commits locally.
-fn make_commits_durable() {
+/// Settings of the writer's session that the server's or the database's
+/// configuration must not change: an acknowledged entry must survive a crash (with
+/// `synchronous_commit = off` configured, the writer still flushes its commits
+/// locally), and a database set read-only by default or with a short statement
+/// timeout must not stop the audit.
+fn configure_session() {
     // SAFETY: GetConfigOption returns the current value of a built-in setting as a
-    // static string; set_config_option with a valid value for it in the session
-    // scope of this process. elevel ERROR turns a failure into an ERROR.
-    unsafe {
+    // static string.
+    let sync_off = unsafe {
         let v = pg_sys::GetConfigOption(c"synchronous_commit".as_ptr(), false, false);
-        if !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"off" {
-            pg_sys::set_config_option(
-                c"synchronous_commit".as_ptr(),
-                c"local".as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SET,
-                true,
-                pgrx::PgLogLevel::ERROR as i32,
-                false,
-            );
-        }
+        !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"off"
+    };
+    if sync_off {
+        set(c"synchronous_commit", c"local");
+    }
+    set(c"default_transaction_read_only", c"off");
+    set(c"statement_timeout", c"0");
+}
+
+fn set(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: set_config_option with a valid value for a built-in setting, in the
+    // session scope of this process; elevel ERROR turns a failure into an ERROR.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SET,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
     }
 }
 
 /// Takes the ready requests of `dboid` and appends each; true when there were any.
 fn process(dboid: u32) -> bool {
     let now = queue::now();
-    // A backend waiting for its entry takes the system chain at once when the
+    // A backend waiting for its entry takes the audit chain at once when the
     // tenant's is busy; an end-of-transaction count waits for the tenant's chain
     // (the transaction that just ended may still hold it) until its last try.
     let batch: Vec<(u64, Vec<u8>, bool)> = {
@@ -147,7 +169,7 @@ fn process(dboid: u32) -> bool {
 }
 
 enum Outcome {
-    /// (in the system chain, seq)
+    /// (in the audit chain, seq)
     Appended(bool, i64),
     Busy,
     Failed(String),
@@ -156,10 +178,11 @@ enum Outcome {
 /// Appends one entry in a transaction of its own. Another transaction holding the
 /// tenant's chain is not waited for (that would stall every other request, and the
 /// holder may be the very backend waiting for this entry): with `system_ok` the
-/// entry goes to the system chain instead (its payload names the tenant); otherwise,
-/// or when that is busy too, back to the queue.
+/// entry goes to the audit chain `_pgseal_audit` instead (its payload names the
+/// tenant), which only this database's writer appends to; otherwise back to the
+/// queue.
 fn append(e: &Entry, system_ok: bool) -> Outcome {
-    let system = crate::ledger::evidence::SYSTEM_TENANT;
+    let system = crate::ledger::evidence::AUDIT_CHAIN;
     let r = in_transaction(|| {
         let chain = if crate::locks::ledger_tenant_try(&e.tenant) {
             e.tenant.as_str()

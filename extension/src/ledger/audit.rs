@@ -6,7 +6,7 @@
 //!   `vault.decrypt_started` entry to the audit writer (`crate::audit_worker`) and
 //!   waits until the writer has committed it, before the plaintext is returned, so
 //!   the record survives a rollback, a failed commit and a crash. It goes to the
-//!   tenant's chain, or to the system chain when another transaction holds the
+//!   tenant's chain, or to the audit chain `_pgseal_audit` when another transaction holds the
 //!   tenant's. When the transaction ends, one `vault.decrypt` entry per key
 //!   completes the count: at commit inside the transaction (or through the writer
 //!   in a read-only one), on rollback and at PREPARE through the writer. Read-only
@@ -33,22 +33,30 @@ const MAX_CONTEXTS: usize = 64;
 /// How long the writer keeps trying to append an end-of-transaction count (ms).
 const COMPLETION_RETRY_MS: i64 = 60_000;
 
-#[derive(Default)]
+/// One key's decrypts in this transaction by one database role (a `SET ROLE` in the
+/// middle of a transaction starts a use, and a durable record, of its own).
 struct KeyUse {
     tenant: String,
+    role_oid: pg_sys::Oid,
     count: i64,
     contexts: BTreeSet<String>,
     no_context: bool,
     more_contexts: bool,
     /// Where the durable `vault.decrypt_started` entry went: (chain, seq).
     started: Option<(String, i64)>,
-    /// The actor and database role of the first decrypt, read while the transaction
-    /// could still look them up (no catalog access is allowed once it aborted).
+    /// Its count was appended inside the transaction (pre-commit): only a commit
+    /// keeps it, so after an abort the writer still gets it.
+    written: bool,
+    /// On a hot standby: the first decrypt was logged.
+    logged: bool,
+    /// The actor and database role, read when the use began (no catalog access is
+    /// allowed once the transaction aborted).
     who: (String, String),
 }
 
 thread_local! {
-    static DECRYPTS: RefCell<BTreeMap<String, KeyUse>> = const { RefCell::new(BTreeMap::new()) };
+    /// By key id, one use per role.
+    static DECRYPTS: RefCell<BTreeMap<String, Vec<KeyUse>>> = const { RefCell::new(BTreeMap::new()) };
 }
 
 fn in_recovery() -> bool {
@@ -65,6 +73,11 @@ fn mode() -> AuditDecrypt {
     gucs::AUDIT_DECRYPT.get().mode()
 }
 
+fn current_role() -> pg_sys::Oid {
+    // SAFETY: GetOuterUserId reads a backend global; the same role `db_role` names.
+    unsafe { pg_sys::GetOuterUserId() }
+}
+
 /// Checks, before any decrypting, that this decrypt can be audited.
 pub fn before_decrypt() -> SealResult<()> {
     if mode() == AuditDecrypt::Commit && !in_recovery() && read_only() {
@@ -75,31 +88,66 @@ pub fn before_decrypt() -> SealResult<()> {
     Ok(())
 }
 
-/// Runs before a key opens a value: with `pgseal.audit_decrypt = on`, the key's
-/// first decrypt in the transaction is recorded durably first. An error here means
-/// nothing may be decrypted.
-pub fn before_open(key_id: &str, tenant: &str, ctx: Option<&str>) -> SealResult<()> {
-    let started_already = DECRYPTS.with(|d| d.borrow().get(key_id).is_some_and(|u| u.started.is_some()));
-    if mode() != AuditDecrypt::On || in_recovery() || started_already {
-        return Ok(());
-    }
-    let who = (super::default_actor(), super::db_role());
-    crate::limits::check("actor (the user id setting)", &who.0, crate::limits::ACTOR)?;
-    let at = start_durably(key_id, tenant, ctx, &who)?;
+/// Runs `f` on this transaction's use of `key_id` by the current role, creating it.
+/// Called for every decrypted row: a found use costs one map lookup, no allocation.
+fn with_use<R>(key_id: &str, tenant: &str, f: impl FnOnce(&mut KeyUse) -> R) -> R {
+    let role = current_role();
     DECRYPTS.with(|d| {
         let mut d = d.borrow_mut();
-        let u = use_of(&mut d, key_id, tenant);
-        u.started = Some(at);
-        u.who = who;
-    });
-    Ok(())
+        if let Some(u) = d
+            .get_mut(key_id)
+            .and_then(|v| v.iter_mut().find(|u| u.role_oid == role))
+        {
+            return f(u);
+        }
+        let uses = d.entry(key_id.to_owned()).or_default();
+        uses.push(KeyUse {
+            tenant: tenant.to_owned(),
+            role_oid: role,
+            count: 0,
+            contexts: BTreeSet::new(),
+            no_context: false,
+            more_contexts: false,
+            started: None,
+            written: false,
+            logged: false,
+            who: (super::default_actor(), super::db_role()),
+        });
+        f(uses.last_mut().expect("pushed above"))
+    })
 }
 
-fn use_of<'a>(d: &'a mut BTreeMap<String, KeyUse>, key_id: &str, tenant: &str) -> &'a mut KeyUse {
-    d.entry(key_id.to_owned()).or_insert_with(|| KeyUse {
-        tenant: tenant.to_owned(),
-        ..KeyUse::default()
-    })
+/// Runs before a key opens a value: with `pgseal.audit_decrypt = on`, the first
+/// decrypt of the key by this role in the transaction is recorded durably first (on
+/// a hot standby: logged). An error here means nothing may be decrypted.
+pub fn before_open(key_id: &str, tenant: &str, ctx: Option<&str>) -> SealResult<()> {
+    let mode = mode();
+    if mode == AuditDecrypt::Off {
+        return Ok(());
+    }
+    let recovery = in_recovery();
+    let (started, logged, who) =
+        with_use(key_id, tenant, |u| (u.started.is_some(), u.logged, u.who.clone()));
+    if recovery {
+        if !logged {
+            pgrx::log!(
+                "pgseal: decrypting under key {} for tenant {} by {} (role {}) on a hot standby, not recorded in the ledger",
+                key_id,
+                tenant,
+                who.0,
+                who.1
+            );
+            with_use(key_id, tenant, |u| u.logged = true);
+        }
+        return Ok(());
+    }
+    if mode != AuditDecrypt::On || started {
+        return Ok(());
+    }
+    crate::limits::check("actor (the user id setting)", &who.0, crate::limits::ACTOR)?;
+    let at = start_durably(key_id, tenant, ctx, &who)?;
+    with_use(key_id, tenant, |u| u.started = Some(at));
+    Ok(())
 }
 
 /// Counts one successful decrypt under `key_id`.
@@ -107,9 +155,7 @@ pub fn note_decrypt(key_id: &str, tenant: &str, ctx: Option<&str>) {
     if mode() == AuditDecrypt::Off {
         return;
     }
-    DECRYPTS.with(|d| {
-        let mut d = d.borrow_mut();
-        let u = use_of(&mut d, key_id, tenant);
+    with_use(key_id, tenant, |u| {
         u.count += 1;
         match ctx {
             None => u.no_context = true,
@@ -145,11 +191,11 @@ fn start_durably(
     audit_worker::append_durably(&entry, timeout)
 }
 
-fn completion_payload(key_id: &str, u: KeyUse, outcome: Option<&str>) -> serde_json::Value {
+fn completion_payload(key_id: &str, u: &KeyUse, outcome: Option<&str>) -> serde_json::Value {
     let mut contexts: Vec<serde_json::Value> = u
         .contexts
-        .into_iter()
-        .map(serde_json::Value::from)
+        .iter()
+        .map(|c| serde_json::Value::from(c.as_str()))
         .collect();
     if u.no_context {
         contexts.insert(0, serde_json::Value::Null);
@@ -160,7 +206,7 @@ fn completion_payload(key_id: &str, u: KeyUse, outcome: Option<&str>) -> serde_j
         "contexts": contexts,
         "more_contexts": u.more_contexts,
     });
-    if let Some((chain, seq)) = u.started {
+    if let Some((chain, seq)) = &u.started {
         p["started"] = serde_json::json!({ "tenant": chain, "seq": seq });
     }
     if let Some(o) = outcome {
@@ -169,66 +215,92 @@ fn completion_payload(key_id: &str, u: KeyUse, outcome: Option<&str>) -> serde_j
     p
 }
 
+fn log_standby_counts(key_id: &str, u: &KeyUse, outcome: &str) {
+    pgrx::log!(
+        "pgseal: {} decrypt(s) under key {} for tenant {} by {} (role {}) on a hot standby, transaction {}, not recorded in the ledger",
+        u.count,
+        key_id,
+        u.tenant,
+        u.who.0,
+        u.who.1,
+        outcome
+    );
+}
+
 /// Appends the transaction's 'vault.decrypt' entries inside it. Runs at pre-commit
 /// (`preparing`: at PRE_PREPARE). Counts whose start was recorded durably are left
 /// for `transaction_ended` when the transaction is being prepared (it may still
-/// roll back) or is read-only (it cannot write).
+/// roll back) or is read-only (it cannot write). Written counts stay listed, so an
+/// abort after this (the commit failed) still hands them to the writer.
 pub fn flush_decrypts(preparing: bool) -> SealResult<()> {
     let keep_for_end = preparing || read_only();
-    let uses = DECRYPTS.with(|d| {
+    let recovery = in_recovery();
+    let todo: Vec<(String, String, serde_json::Value, (String, String))> = DECRYPTS.with(|d| {
         let mut d = d.borrow_mut();
-        let all = std::mem::take(&mut *d);
-        let (later, now): (BTreeMap<_, _>, BTreeMap<_, _>) = all
-            .into_iter()
-            .partition(|(_, u)| keep_for_end && u.started.is_some());
-        *d = later;
-        now
-    });
-    if uses.is_empty() {
-        return Ok(());
-    }
-    let actor = super::default_actor();
-    for (key_id, u) in uses {
-        if in_recovery() {
-            pgrx::log!(
-                "pgseal: {} decrypt(s) under key {} for tenant {} by {} on a hot standby, not recorded in the ledger",
-                u.count,
-                key_id,
-                u.tenant,
-                actor
-            );
-            continue;
+        let mut todo = Vec::new();
+        for (key_id, uses) in d.iter_mut() {
+            for u in uses.iter_mut().filter(|u| !u.written) {
+                if recovery {
+                    log_standby_counts(key_id, u, "committed");
+                    u.written = true;
+                } else if !(keep_for_end && u.started.is_some()) {
+                    let outcome = u.started.is_some().then_some("committed");
+                    todo.push((
+                        key_id.clone(),
+                        u.tenant.clone(),
+                        completion_payload(key_id, u, outcome),
+                        u.who.clone(),
+                    ));
+                    u.written = true;
+                }
+            }
         }
-        let tenant = u.tenant.clone();
-        let outcome = u.started.is_some().then_some("committed");
-        let payload = completion_payload(&key_id, u, outcome);
-        super::heads::append(&tenant, "vault.decrypt", &payload.to_string(), &actor)?;
+        todo
+    });
+    for (_, tenant, payload, (actor, role)) in todo {
+        super::heads::append_with_role(&tenant, "vault.decrypt", &payload.to_string(), &actor, &role)?;
     }
     Ok(())
 }
 
 /// At the end of a transaction (`outcome`: committed, prepared or rolled back),
-/// hands the counts of durably started keys that were not written inside it to the
-/// audit writer, and forgets the rest. Never raises.
+/// hands the counts of durably started uses that no commit kept to the audit writer
+/// (and on a hot standby, logs a rolled-back transaction's counts); forgets the
+/// rest. Never raises.
 pub fn transaction_ended(outcome: &str) {
-    let uses = DECRYPTS.with(|d| std::mem::take(&mut *d.borrow_mut()));
-    for (key_id, u) in uses {
-        if u.started.is_none() {
-            continue;
+    let all = DECRYPTS.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    let committed = outcome == "committed";
+    for (key_id, uses) in all {
+        for mut u in uses {
+            if u.logged && !committed {
+                log_standby_counts(&key_id, &u, outcome);
+            }
+            if u.started.is_none() || (committed && u.written) {
+                continue;
+            }
+            let (actor, role) = u.who.clone();
+            let tenant = u.tenant.clone();
+            let entry = |u: &KeyUse| {
+                let mut payload = completion_payload(&key_id, u, Some(outcome));
+                // Named, for when the writer ends up putting it in the audit chain.
+                payload["tenant"] = serde_json::Value::from(tenant.as_str());
+                Entry {
+                    tenant: tenant.clone(),
+                    actor: actor.clone(),
+                    role: role.clone(),
+                    event: "vault.decrypt".to_owned(),
+                    payload: payload.to_string(),
+                }
+            };
+            let mut e = entry(&u);
+            if serde_json::to_vec(&e).map_or(true, |b| b.len() > audit_worker::queue::BUF) {
+                // Too long for a queue slot: the count matters, the context list is cut.
+                u.contexts.clear();
+                u.more_contexts = true;
+                e = entry(&u);
+            }
+            audit_worker::append_later(&e, COMPLETION_RETRY_MS);
         }
-        let (actor, role) = u.who.clone();
-        let tenant = u.tenant.clone();
-        let mut payload = completion_payload(&key_id, u, Some(outcome));
-        // Named, for when the writer ends up putting it in the system chain.
-        payload["tenant"] = serde_json::Value::from(tenant.as_str());
-        let entry = Entry {
-            tenant,
-            actor,
-            role,
-            event: "vault.decrypt".to_owned(),
-            payload: payload.to_string(),
-        };
-        audit_worker::append_later(&entry, COMPLETION_RETRY_MS);
     }
 }
 
@@ -251,10 +323,11 @@ pub fn append_row_change(tenant: Option<&str>, event: &str, payload: &str) -> Se
     if actor.len() > crate::limits::ACTOR {
         actor = over_limit_marker(&actor);
     }
-    // A row whose tenant column is longer than a tenant id may be (limits.rs) is
-    // still a valid write: its entry goes to the system chain, naming the tenant by
-    // its SHA-256, instead of failing the application's statement.
-    if tenant.len() > crate::limits::TENANT {
+    // A row whose tenant column is longer than a tenant id may be (limits.rs), or
+    // names one of pgseal's own chains, is still a valid write: its entry goes to the
+    // system chain, naming the tenant by its SHA-256, instead of failing the
+    // application's statement.
+    if tenant.len() > crate::limits::TENANT || super::evidence::is_pgseal_chain(&tenant) {
         let wrapped = format!(
             "{{\"tenant_over_limit\":\"{}\",\"entry\":{payload}}}",
             over_limit_marker(&tenant)

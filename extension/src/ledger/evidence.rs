@@ -37,6 +37,15 @@ use crate::jsonb::JsonbText;
 
 /// The chain of changes made outside any tenant context.
 pub const SYSTEM_TENANT: &str = "_pgseal";
+/// The chain only the audit writer appends to: its fallback when a tenant's chain is
+/// held by another transaction (no other session can ever hold this one).
+pub const AUDIT_CHAIN: &str = "_pgseal_audit";
+
+/// Whether `tenant` names one of pgseal's own chains (`_pgseal…`), which no caller
+/// appends to.
+pub fn is_pgseal_chain(tenant: &str) -> bool {
+    tenant.starts_with(SYSTEM_TENANT)
+}
 
 /// Event names under these prefixes are written only by pgseal (compared without
 /// regard to ASCII case and leading white space).
@@ -112,7 +121,8 @@ pub fn qualified_name(rel: pg_sys::Oid) -> String {
 /// A table's protection as the catalog holds it, read as the caller: whether the
 /// caller owns it, row level security on and forced, and pgseal's policies on it.
 const PROTECTION: &str = "\
-SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE'), c.relrowsecurity, c.relforcerowsecurity,
+SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE') AND c.relpersistence OPERATOR(pg_catalog.<>) 't',
+       c.relrowsecurity, c.relforcerowsecurity,
        ARRAY(SELECT p.polname::pg_catalog.text FROM pg_catalog.pg_policy p
               WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid
                 AND p.polname OPERATOR(pg_catalog.~~) 'pgseal\\_%'
@@ -152,7 +162,7 @@ fn protection_changed(rel: pg_sys::Oid) -> SealResult<()> {
     };
     if !owner {
         return Err(SealError::Forbidden(
-            "only the table's owner records a change of its protection",
+            "only the table's owner records a change of its protection, and never of a temporary table",
         ));
     }
     let event = if policies.is_empty() {

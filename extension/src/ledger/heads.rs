@@ -233,6 +233,11 @@ pub fn append_with_role(
     if event.is_empty() {
         return Err(SealError::InvalidArgument("event must not be empty"));
     }
+    if tenant == super::evidence::AUDIT_CHAIN && !crate::audit_worker::is_writer() {
+        return Err(SealError::Forbidden(
+            "only the pgseal audit writer appends to its own chain",
+        ));
+    }
     let payload = canonical_payload(payload)?;
     // SAFETY: the transaction start timestamp is set for every transaction;
     // reading it has no preconditions.

@@ -229,7 +229,7 @@ pub fn append_entry(
             "event names under vault., ledger., key., policy., org., retention., pgseal., subject., tenant., audit. and row. are reserved for pgseal",
         ));
     }
-    if tenant == evidence::SYSTEM_TENANT {
+    if evidence::is_pgseal_chain(&tenant) {
         return Err(SealError::Forbidden(
             "the pgseal system chain takes only pgseal's own entries",
         ));

@@ -1,0 +1,472 @@
+//! Attacks on the decrypt audit (`pgseal.audit_decrypt = on`, the audit writer).
+//! Each test asserts the behaviour docs/SECURITY.md ("Decrypt audit") promises; a
+//! failing test is a finding (see the security review report).
+
+use std::time::{Duration, Instant};
+
+use pgseal_tests::{sqlstate, Cluster, KEY_V1};
+use serde_json::Value;
+
+const SETUP: &str = "
+    CREATE EXTENSION pgseal;
+    CREATE ROLE app LOGIN;
+    CREATE ROLE app2 LOGIN;
+    CREATE ROLE nobody LOGIN;
+    GRANT pgseal_decrypt, pgseal_ledger TO app, app2;
+    CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text, token text);
+    GRANT SELECT ON integrations TO app, app2;
+    SET app.tenant_id = 'acme';
+    INSERT INTO integrations
+        SELECT g, 'acme', pgseal.vault_seal('tok-secret-' || g, 'integrations.token')
+        FROM generate_series(1, 3) g;
+    RESET app.tenant_id;";
+
+fn start(name: &str, port: u16) -> (Cluster, postgres::Client) {
+    let cl = Cluster::start(name, port, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(SETUP).unwrap();
+    (cl, c)
+}
+
+fn connect_as(cl: &Cluster, user: &str) -> postgres::Client {
+    postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user={user} dbname=postgres", cl.port),
+        postgres::NoTls,
+    )
+    .unwrap()
+}
+
+/// (chain, seq, db_role, payload) of every entry of `event`.
+fn entries(c: &mut postgres::Client, event: &str) -> Vec<(String, i64, Option<String>, Value)> {
+    c.query(
+        "SELECT tenant_id, seq, db_role, payload FROM pgseal.ledger WHERE event = $1 ORDER BY recorded_at, seq",
+        &[&event],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+/// Waits up to `secs` for a `vault.decrypt` entry matching `pred`.
+fn wait_for_count(
+    c: &mut postgres::Client,
+    secs: u64,
+    pred: impl Fn(&(String, i64, Option<String>, Value)) -> bool,
+) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if entries(c, "vault.decrypt").iter().any(&pred) {
+            return true;
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Finding 1: a request whose waiter gives up while it is still QUEUED becomes
+/// ABANDONED, and nothing ever frees an ABANDONED slot that no writer took
+/// (writer.rs `process` takes only QUEUED slots, the launcher looks only at QUEUED
+/// ones). `statement_timeout` is user-settable, so any pgseal_decrypt role leaks
+/// slots until all 128 are gone: from then on every decrypt of every tenant in every
+/// database waits `audit_decrypt_timeout` and fails with 55000, until a restart.
+#[test]
+fn statement_timeout_cancels_must_not_exhaust_the_audit_queue() {
+    let (cl, mut admin) = start("atk-audit-leak", 54431);
+    let port = cl.port;
+    let workers: Vec<_> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(
+                    &format!("host=127.0.0.1 port={port} user=app dbname=postgres"),
+                    postgres::NoTls,
+                )
+                .unwrap();
+                c.batch_execute("SET app.tenant_id = 'acme'; SET statement_timeout = '2ms'")
+                    .unwrap();
+                for _ in 0..200 {
+                    let _ = c.simple_query(
+                        "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1",
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    // Another tenant, another role (a superuser), well after the attack ended.
+    std::thread::sleep(Duration::from_secs(2));
+    admin
+        .batch_execute("SET pgseal.audit_decrypt_timeout = 2000; SET app.tenant_id = 'victim'")
+        .unwrap();
+    let sealed: String = admin
+        .query_one("SELECT pgseal.vault_seal('victim-secret')", &[])
+        .unwrap()
+        .get(0);
+    let r = admin.query_one("SELECT pgseal.vault_decrypt($1)", &[&sealed]);
+    assert_eq!(
+        sqlstate(r),
+        "00000",
+        "after app's cancelled decrypts, another tenant cannot decrypt any more (audit queue slots leaked)"
+    );
+}
+
+/// Finding 2: any role (no pgseal role at all) can hold the system chain's lock:
+/// `_protection_changed` is granted to PUBLIC and records, with no tenant set, into
+/// `_pgseal`; a TEMP table is owned by its creator. With `_pgseal` held, a decrypt
+/// whose tenant chain is held (by its own transaction, e.g. after an audited write,
+/// or by any other open transaction of that tenant) can go nowhere and fails.
+#[test]
+fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
+    let (cl, _admin) = start("atk-audit-syslock", 54432);
+    let mut nobody = connect_as(&cl, "nobody");
+    // The way in is closed: no protection change is recorded for a temporary table.
+    let r = nobody.batch_execute(
+        "BEGIN; CREATE TEMP TABLE t (); SELECT pgseal._protection_changed('t'::regclass)",
+    );
+    assert_eq!(sqlstate(r), "42501");
+    nobody.batch_execute("ROLLBACK").unwrap();
+    // And whoever holds the system chain (here an admin's open kek_rewrap), the
+    // writer's fallback is the audit chain, which only writers append to.
+    let mut holder = cl.connect();
+    holder
+        .batch_execute("BEGIN; SELECT pgseal.kek_rewrap(1)")
+        .unwrap();
+    let mut c = connect_as(&cl, "app");
+    c.batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.note', '{}')")
+        .unwrap();
+    let r = c.query(
+        "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+        &[],
+    );
+    assert_eq!(
+        sqlstate(r),
+        "00000",
+        "an unprivileged role's open transaction made another tenant's decrypt fail"
+    );
+}
+
+/// Finding 3: at commit the counts are taken out of the backend's list before they
+/// are appended; when that append fails (here: lock_timeout on the tenant's chain,
+/// held by another transaction), the transaction aborts and the count is dropped:
+/// the plaintexts were returned, and no `vault.decrypt` entry ever follows.
+#[test]
+fn a_commit_that_fails_in_the_audit_append_still_records_the_count() {
+    let (cl, mut admin) = start("atk-audit-lostcount", 54433);
+    let mut holder = connect_as(&cl, "app");
+    holder
+        .batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.note', '{}')")
+        .unwrap();
+    let mut c = connect_as(&cl, "app");
+    c.batch_execute("SET lock_timeout = '300ms'; BEGIN; SET LOCAL app.tenant_id = 'acme'")
+        .unwrap();
+    let rows = c
+        .query(
+            "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 3, "the plaintexts reached the client");
+    assert_eq!(sqlstate(c.batch_execute("COMMIT")), "55P03", "the commit fails");
+    holder.batch_execute("COMMIT").unwrap();
+    let started = entries(&mut admin, "vault.decrypt_started");
+    assert_eq!(started.len(), 1, "{started:?}");
+    let (chain, seq) = (started[0].0.clone(), started[0].1);
+    let found = wait_for_count(&mut admin, 20, |e| {
+        e.3["started"] == serde_json::json!({"tenant": chain, "seq": seq}) && e.3["count"] == 3
+    });
+    assert!(found, "3 decrypts whose plaintexts were returned have no count entry");
+}
+
+/// Finding 4: only the first decrypt of a key in a transaction is recorded with its
+/// role; after SET ROLE, the decrypts of a second role are folded into the first
+/// role's record, so the second role appears nowhere in the ledger.
+#[test]
+fn decrypts_after_set_role_are_attributed_to_the_role_that_made_them() {
+    let (cl, mut admin) = start("atk-audit-setrole", 54434);
+    admin.batch_execute("CREATE ROLE mid LOGIN; GRANT app, app2 TO mid").unwrap();
+    let mut c = connect_as(&cl, "mid");
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'acme'; SET LOCAL ROLE app;
+         SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1;
+         SET LOCAL ROLE app2;
+         SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations;
+         ROLLBACK",
+    )
+    .unwrap();
+    // One use, one durable record and one count per role.
+    assert!(wait_for_count(&mut admin, 20, |e| e.2.as_deref() == Some("app2") && e.3["count"] == 3));
+    assert!(wait_for_count(&mut admin, 20, |e| e.2.as_deref() == Some("app") && e.3["count"] == 1));
+    let roles: Vec<Option<String>> = ["vault.decrypt_started", "vault.decrypt"]
+        .iter()
+        .flat_map(|ev| entries(&mut admin, ev))
+        .map(|e| e.2)
+        .collect();
+    assert!(
+        roles.iter().any(|r| r.as_deref() == Some("app2")),
+        "app2 decrypted 3 values but the ledger names only {roles:?}"
+    );
+}
+
+/// Finding 5: the end-of-transaction count travels through one queue slot (3 KB, now
+/// 8 KB); a count whose context list is longer (up to 64 contexts of up to 1 KB each) is dropped,
+/// with a LOG line that blames a full queue. A caller who can seal adds a few values
+/// with long contexts to the transaction and its real decrypts lose their count.
+#[test]
+fn a_rolled_back_count_with_long_contexts_is_still_recorded() {
+    let (cl, mut admin) = start("atk-audit-bigcount", 54435);
+    admin
+        .batch_execute(
+            "GRANT pgseal_seal TO app;
+             CREATE TABLE padding (ctx text, v text);
+             GRANT SELECT ON padding TO app;
+             SET app.tenant_id = 'acme';
+             INSERT INTO padding SELECT c, pgseal.vault_seal('x', c)
+               FROM (SELECT g || repeat('c', 1000) AS c FROM generate_series(1, 12) g) s;
+             RESET app.tenant_id;",
+        )
+        .unwrap();
+    let mut c = connect_as(&cl, "app");
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'acme';
+         SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations;
+         SELECT pgseal.vault_decrypt(v, ctx) FROM padding;
+         ROLLBACK",
+    )
+    .unwrap();
+    assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 1);
+    assert!(
+        wait_for_count(&mut admin, 15, |e| e.3["count"] == 15),
+        "15 decrypts (3 real tokens) were returned and rolled back; their count was dropped. log: {}",
+        cl.server_log()
+            .lines()
+            .filter(|l| l.contains("pgseal"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// A hot standby cloned from a primary with `pg_basebackup`, stopped when dropped.
+struct Standby {
+    dir: std::path::PathBuf,
+}
+
+impl Standby {
+    fn clone_from(primary: &Cluster, name: &str, port: u16) -> Standby {
+        use std::process::Command;
+        let dir = std::path::PathBuf::from(format!("/var/tmp/pgseal-it/{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
+        let run = |args: &[&str]| {
+            let st = Command::new("runuser").args(["-u", &user, "--"]).args(args).status().unwrap();
+            assert!(st.success(), "{args:?}");
+        };
+        let st = Command::new("install")
+            .args(["-d", "-o", &user, "-m", "700", dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let data = dir.join("data");
+        run(&[
+            "/usr/lib/postgresql/15/bin/pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            data.to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+        ]);
+        let conf = format!("port = {port}\nunix_socket_directories = '{}'\n", dir.display());
+        let mut old = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        old.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), old).unwrap();
+        run(&[
+            "/usr/lib/postgresql/15/bin/pg_ctl",
+            "-D",
+            data.to_str().unwrap(),
+            "-l",
+            dir.join("server.log").to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+        Standby { dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", &user, "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D"])
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .status();
+    }
+}
+
+/// Finding 6: on a hot standby the counts are logged only at pre-commit, so a
+/// transaction that decrypts and then rolls back (or fails) leaves no trace at all,
+/// although docs/SECURITY.md says each transaction's counts go to the server log.
+#[test]
+fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
+    let cl = Cluster::start(
+        "atk-audit-primary",
+        54436,
+        &[KEY_V1],
+        &["wal_level = replica", "max_wal_senders = 4"],
+    );
+    cl.connect().batch_execute(SETUP).unwrap();
+    let standby = Standby::clone_from(&cl, "atk-audit-standby", 54437);
+    let mut c = postgres::Client::connect(
+        "host=127.0.0.1 port=54437 user=app dbname=postgres",
+        postgres::NoTls,
+    )
+    .unwrap();
+    let rec: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
+    assert!(rec);
+    c.batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'").unwrap();
+    let rows = c
+        .query(
+            "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 3, "the standby returned the plaintexts");
+    c.batch_execute("ROLLBACK").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let traces = standby.log().lines().filter(|l| l.contains("on a hot standby")).count();
+    assert!(traces > 0, "3 plaintexts left the standby and nothing records them");
+}
+
+/// Finding 1, second way in: `pg_terminate_backend` (which a role may use on its own
+/// sessions) ends a waiting backend with FATAL, which exits the process without
+/// unwinding, so `Waiting::drop` never runs. The backend's exit hook must give its
+/// slot back, or 128 terminations exhaust the queue for every database.
+#[test]
+fn terminated_waiters_must_not_exhaust_the_audit_queue() {
+    let (cl, mut admin) = start("atk-audit-terminate", 54438);
+    let in_use = |c: &mut postgres::Client| -> i32 {
+        c.query_one("SELECT slots_in_use FROM pgseal.audit_queue_status()", &[])
+            .unwrap()
+            .get(0)
+    };
+    // Make each wait long: a superuser holds the ledger table, so the writer's
+    // append blocks and every decrypt waits for its record.
+    let mut holder = cl.connect();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE pgseal.ledger IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut killer = connect_as(&cl, "app");
+    let port = cl.port;
+    for _wave in 0..4 {
+        let waiters: Vec<_> = (0..34)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut c = postgres::Client::connect(
+                        &format!("host=127.0.0.1 port={port} user=app dbname=postgres"),
+                        postgres::NoTls,
+                    )
+                    .unwrap();
+                    sqlstate(c.batch_execute(
+                        "SET app.tenant_id = 'acme';
+                         SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+                    ))
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1500));
+        killer
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE usename = 'app' AND pid <> pg_backend_pid() AND wait_event = 'Extension'",
+            )
+            .unwrap();
+        for w in waiters {
+            let state = w.join().unwrap();
+            assert!(
+                state == "57P01" || state.contains("connection closed") || state.contains("db error"),
+                "every waiter was terminated while it waited, not {state}"
+            );
+        }
+    }
+    holder.batch_execute("COMMIT").unwrap();
+    let t0 = Instant::now();
+    while in_use(&mut admin) > 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(in_use(&mut admin), 0, "terminated waiters left slots behind");
+    admin
+        .batch_execute("SET pgseal.audit_decrypt_timeout = 2000; SET app.tenant_id = 'victim'")
+        .unwrap();
+    let sealed: String = admin
+        .query_one("SELECT pgseal.vault_seal('victim-secret')", &[])
+        .unwrap()
+        .get(0);
+    let r = admin.query_one("SELECT pgseal.vault_decrypt($1)", &[&sealed]);
+    assert_eq!(
+        sqlstate(r),
+        "00000",
+        "after app terminated its own waiting sessions, another tenant cannot decrypt (slots leaked)"
+    );
+}
+
+/// Finding 7: writers are dynamic background workers, started on a database's first
+/// decrypt and retired after a minute idle; parallel query workers share the same
+/// `max_worker_processes` slots (and by default `max_parallel_workers` equals it).
+/// Any role, with no pgseal privilege, fills the slots with parallel queries over
+/// pg_catalog, and the next writer cannot start: every decrypt in that database
+/// fails (55000) for as long as the slots are held.
+#[test]
+fn parallel_queries_of_an_unprivileged_role_do_not_block_decrypts() {
+    // The configuration docs/SECURITY.md requires: parallel workers cannot take the
+    // slots the launcher and the writers need (8 - 1 launcher - 1 logical
+    // replication launcher - 2 writers = 4).
+    let cl = Cluster::start(
+        "atk-audit-workers",
+        54440,
+        &[KEY_V1],
+        &["max_worker_processes = 8", "max_parallel_workers = 4"],
+    );
+    let mut admin = cl.connect();
+    admin.batch_execute(SETUP).unwrap();
+    let port = cl.port;
+    let hogs: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(
+                    &format!("host=127.0.0.1 port={port} user=nobody dbname=postgres"),
+                    postgres::NoTls,
+                )
+                .unwrap();
+                let _ = c.batch_execute(
+                    "SET force_parallel_mode = on; SET parallel_setup_cost = 0;
+                     SELECT count(*) FROM pg_catalog.pg_database WHERE pg_sleep(2) IS NOT NULL",
+                );
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut c = connect_as(&cl, "app");
+    let r = c.batch_execute(
+        "SET app.tenant_id = 'acme';
+         SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+    );
+    let state = sqlstate(r);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    let _ = &mut admin;
+    assert_eq!(state, "00000", "an unprivileged role's parallel queries kept the audit writer from starting");
+}
