@@ -13,7 +13,9 @@
 set -euo pipefail
 BIN=/usr/lib/postgresql/15/bin
 USER_=${PGSEAL_TEST_USER:-pgseal-test}
-as_user() { runuser -u "$USER_" -- "$@"; }
+# The servers never inherit RUST_BACKTRACE: with it, pgrx would put a Rust backtrace
+# into the DETAIL of errors raised from Rust, which clients see.
+as_user() { runuser -u "$USER_" -- env -u RUST_BACKTRACE "$@"; }
 
 cmd=$1; dir=$2
 case "$cmd" in

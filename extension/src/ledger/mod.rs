@@ -222,6 +222,11 @@ pub fn append_entry(
     let tenant = context::tenant()?;
     crate::vault::require_read_write("ledger_append")?;
     let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;
+    if !event.is_empty() && (event.trim().is_empty() || event.chars().any(char::is_control)) {
+        return Err(SealError::InvalidArgument(
+            "event must not be blank or contain control characters",
+        ));
+    }
     // pgseal's own events are written only by pgseal (the message does not echo
     // the event: it may carry whatever the caller put in it).
     if evidence::is_reserved(event) {

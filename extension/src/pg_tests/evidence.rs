@@ -64,6 +64,22 @@ mod tests {
     }
 
     #[pg_test]
+    fn blank_and_control_character_event_names_are_refused() {
+        tenant("ev-blank");
+        for e in ["'   '", "E'order\\npaid'", "E'\\x01'", "E'a\\tb'"] {
+            assert_eq!(
+                sqlstate(&format!("SELECT * FROM pgseal.ledger_append({e}, '{{}}')")),
+                "22023",
+                "{e}"
+            );
+        }
+        assert_eq!(
+            sqlstate("SELECT * FROM pgseal.ledger_append('order.paid', '{}')"),
+            "00000"
+        );
+    }
+
+    #[pg_test]
     fn reserved_event_names_are_refused_to_callers() {
         tenant("ev-reserved");
         assert_eq!(
