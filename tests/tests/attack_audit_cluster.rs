@@ -386,13 +386,18 @@ fn terminated_waiters_must_not_exhaust_the_audit_queue() {
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(1500));
-        killer
-            .batch_execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                  WHERE usename = 'app' AND pid <> pg_backend_pid() AND wait_event = 'Extension'",
-            )
-            .unwrap();
+        // Terminate every waiting session, again and again until all have ended (on
+        // a busy host some reach their wait later than others).
+        let t0 = Instant::now();
+        while !waiters.iter().all(|w| w.is_finished()) && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(200));
+            killer
+                .batch_execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                      WHERE usename = 'app' AND pid <> pg_backend_pid() AND wait_event = 'Extension'",
+                )
+                .unwrap();
+        }
         for w in waiters {
             let state = w.join().unwrap();
             assert!(
