@@ -7,7 +7,6 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_postgres::NoTls;
 
 mod config;
 mod error;
@@ -18,6 +17,7 @@ mod progress;
 mod retention;
 mod rotate;
 mod scheduler;
+mod tls;
 
 /// Set by SIGTERM/SIGINT during `pgseald run`: batch loops end after the batch in hand.
 pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -312,9 +312,12 @@ fn try_main(cli: Cli, config: Option<config::Config>) -> Result<ExitCode, Daemon
     })
 }
 
+/// Connects with the TLS the connection string asks for (`tls.rs`: libpq's sslmode
+/// and sslrootcert).
 async fn connect(url: &str) -> Result<tokio_postgres::Client, DaemonError> {
-    let config: tokio_postgres::Config = url.parse().map_err(|_| DaemonError::BadUrl)?;
-    let (client, connection) = config.connect(NoTls).await.map_err(DaemonError::Connect)?;
+    let target = tls::parse(url)?;
+    let connector = tls::connector(&target)?;
+    let (client, connection) = target.config.connect(connector).await.map_err(DaemonError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::error!("connection error: {e}");
