@@ -87,13 +87,37 @@ fn days_90() -> u32 {
     90
 }
 
+/// A TOML error as "line N: message", without the offending line (toml's own text
+/// quotes it, and it may hold `database_url` with a password) and without quoted
+/// values in the message.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+    let mut msg = String::new();
+    let mut quoted = false;
+    for c in e.message().chars() {
+        if c == '"' {
+            quoted = !quoted;
+            msg.push_str(if quoted { "\"…" } else { "\"" });
+        } else if !quoted {
+            msg.push(c);
+        }
+    }
+    match line {
+        Some(n) => format!("line {n}: {}", msg.trim()),
+        None => msg.trim().to_owned(),
+    }
+}
+
 impl Config {
     /// Reads and checks the file, then applies the environment overrides.
     pub fn load(path: &Path) -> Result<Config, DaemonError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
-        let mut c: Config = toml::from_str(&text)
-            .map_err(|e| DaemonError::Config(format!("{}: {e}", path.display())))?;
+        let mut c: Config = toml::from_str(&text).map_err(|e| {
+            DaemonError::Config(format!("{}: {}", path.display(), toml_error(&text, &e)))
+        })?;
         if let Ok(v) = std::env::var("PGSEALD_DATABASE_URL") {
             c.database_url = Some(v);
         }
@@ -173,6 +197,20 @@ mod tests {
         let c: Config = toml::from_str(s).map_err(|e| DaemonError::Config(e.to_string()))?;
         c.check()?;
         Ok(c)
+    }
+
+    #[test]
+    fn a_config_error_never_repeats_the_file() {
+        for text in [
+            "database_url = \"postgres://u:hunter2@db/app\"\ntimezone = 5\n",
+            "database_url = \"postgres://u:hunter2@db/app\n",
+            "database_url = 7\nx = \"hunter2\"\n",
+        ] {
+            let e = toml::from_str::<Config>(text).unwrap_err();
+            let m = toml_error(text, &e);
+            assert!(!m.contains("hunter2"), "{m}");
+            assert!(m.starts_with("line "), "{m}");
+        }
     }
 
     #[test]
