@@ -1,8 +1,8 @@
 -- pgseal vault: roles and the tenant key table.
 -- Included by extension/src/lib.rs with extension_sql_file!(…, bootstrap), so it runs
--- before the generated function definitions. Released upgrade scripts live in
--- extension/sql/ (cargo-pgrx copies only that directory); this directory holds the
--- SQL API sources.
+-- before the generated function definitions. This directory holds the SQL API
+-- sources; upgrade scripts, once there is a release to upgrade from, go in
+-- extension/sql/ (cargo-pgrx installs only that directory).
 
 DO $roles$
 BEGIN

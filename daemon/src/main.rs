@@ -1,8 +1,8 @@
 //! pgseald: the companion daemon of the pgseal extension.
 //!
 //! The crypto stays in the extension, where the master key lives; the daemon calls
-//! its SQL functions. It offers `status` and `ledger verify`; rotation, retention
-//! and the scheduler follow (see the issues).
+//! its SQL functions: `status`, `ledger verify`, `rotate`, `retention`, and `run`,
+//! the scheduler that runs them on cron schedules as the one leader.
 
 use std::process::ExitCode;
 
