@@ -126,22 +126,27 @@ pub fn before_open(key_id: &str, tenant: &str, ctx: Option<&str>) -> SealResult<
         return Ok(());
     }
     let recovery = in_recovery();
-    let (started, logged, who) =
-        with_use(key_id, tenant, |u| (u.started.is_some(), u.logged, u.who.clone()));
-    if recovery {
-        if !logged {
-            pgrx::log!(
-                "pgseal: decrypting under key {} for tenant {} by {} (role {}) on a hot standby, not recorded in the ledger",
-                key_id,
-                tenant,
-                who.0,
-                who.1
-            );
-            with_use(key_id, tenant, |u| u.logged = true);
+    // Every decrypted row passes here: the actor and role are copied out only for
+    // the one that writes a record or a log line.
+    let needs = |u: &KeyUse| {
+        if recovery {
+            !u.logged
+        } else {
+            mode == AuditDecrypt::On && u.started.is_none()
         }
+    };
+    let Some(who) = with_use(key_id, tenant, |u| needs(u).then(|| u.who.clone())) else {
         return Ok(());
-    }
-    if mode != AuditDecrypt::On || started {
+    };
+    if recovery {
+        pgrx::log!(
+            "pgseal: decrypting under key {} for tenant {} by {} (role {}) on a hot standby, not recorded in the ledger",
+            key_id,
+            tenant,
+            who.0,
+            who.1
+        );
+        with_use(key_id, tenant, |u| u.logged = true);
         return Ok(());
     }
     crate::limits::check("actor (the user id setting)", &who.0, crate::limits::ACTOR)?;
