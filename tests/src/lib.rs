@@ -158,3 +158,18 @@ pub fn kek_rewrap_until_done(c: &mut postgres::Client) -> i64 {
         total += i64::from(n);
     }
 }
+
+/// (chain, seq, db_role, payload) of every ledger entry of `event`, oldest first.
+pub fn ledger_entries(
+    c: &mut postgres::Client,
+    event: &str,
+) -> Vec<(String, i64, Option<String>, serde_json::Value)> {
+    c.query(
+        "SELECT tenant_id, seq, db_role, payload FROM pgseal.ledger WHERE event = $1 ORDER BY recorded_at, seq",
+        &[&event],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}

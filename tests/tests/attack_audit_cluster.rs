@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgseal_tests::{sqlstate, Cluster, KEY_V1};
+use pgseal_tests::{ledger_entries as entries, sqlstate, Cluster, KEY_V1};
 use serde_json::Value;
 
 const SETUP: &str = "
@@ -36,16 +36,17 @@ fn connect_as(cl: &Cluster, user: &str) -> postgres::Client {
     .unwrap()
 }
 
-/// (chain, seq, db_role, payload) of every entry of `event`.
-fn entries(c: &mut postgres::Client, event: &str) -> Vec<(String, i64, Option<String>, Value)> {
-    c.query(
-        "SELECT tenant_id, seq, db_role, payload FROM pgseal.ledger WHERE event = $1 ORDER BY recorded_at, seq",
-        &[&event],
-    )
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-    .collect()
+/// A superuser seals and decrypts a value of another tenant, with a 2 s audit
+/// timeout; returns the decrypt's SQLSTATE.
+fn victim_decrypt(admin: &mut postgres::Client) -> String {
+    admin
+        .batch_execute("SET pgseal.audit_decrypt_timeout = 2000; SET app.tenant_id = 'victim'")
+        .unwrap();
+    let sealed: String = admin
+        .query_one("SELECT pgseal.vault_seal('victim-secret')", &[])
+        .unwrap()
+        .get(0);
+    sqlstate(admin.query_one("SELECT pgseal.vault_decrypt($1)", &[&sealed]))
 }
 
 /// Waits up to `secs` for a `vault.decrypt` entry matching `pred`.
@@ -99,16 +100,8 @@ fn statement_timeout_cancels_must_not_exhaust_the_audit_queue() {
     }
     // Another tenant, another role (a superuser), well after the attack ended.
     std::thread::sleep(Duration::from_secs(2));
-    admin
-        .batch_execute("SET pgseal.audit_decrypt_timeout = 2000; SET app.tenant_id = 'victim'")
-        .unwrap();
-    let sealed: String = admin
-        .query_one("SELECT pgseal.vault_seal('victim-secret')", &[])
-        .unwrap()
-        .get(0);
-    let r = admin.query_one("SELECT pgseal.vault_decrypt($1)", &[&sealed]);
     assert_eq!(
-        sqlstate(r),
+        victim_decrypt(&mut admin),
         "00000",
         "after app's cancelled decrypts, another tenant cannot decrypt any more (audit queue slots leaked)"
     );
@@ -412,16 +405,8 @@ fn terminated_waiters_must_not_exhaust_the_audit_queue() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(in_use(&mut admin), 0, "terminated waiters left slots behind");
-    admin
-        .batch_execute("SET pgseal.audit_decrypt_timeout = 2000; SET app.tenant_id = 'victim'")
-        .unwrap();
-    let sealed: String = admin
-        .query_one("SELECT pgseal.vault_seal('victim-secret')", &[])
-        .unwrap()
-        .get(0);
-    let r = admin.query_one("SELECT pgseal.vault_decrypt($1)", &[&sealed]);
     assert_eq!(
-        sqlstate(r),
+        victim_decrypt(&mut admin),
         "00000",
         "after app terminated its own waiting sessions, another tenant cannot decrypt (slots leaked)"
     );

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use pgseal_tests::{sqlstate, Cluster, KEY_V1};
+use pgseal_tests::{ledger_entries as entries, sqlstate, Cluster, KEY_V1};
 use serde_json::Value;
 
 const SETUP: &str = "
@@ -37,18 +37,6 @@ fn app(cl: &Cluster) -> postgres::Client {
         postgres::NoTls,
     )
     .unwrap()
-}
-
-/// (chain, seq, db_role, payload) of every entry of `event`, oldest first.
-fn entries(c: &mut postgres::Client, event: &str) -> Vec<(String, i64, Option<String>, Value)> {
-    c.query(
-        "SELECT tenant_id, seq, db_role, payload FROM pgseal.ledger WHERE event = $1 ORDER BY recorded_at, seq",
-        &[&event],
-    )
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-    .collect()
 }
 
 /// Waits (up to 20 s) for the writer to append the end-of-transaction counts.
