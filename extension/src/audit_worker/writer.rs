@@ -107,8 +107,8 @@ fn retire(dboid: u32) -> bool {
 /// Settings of the writer's session that the server's or the database's
 /// configuration must not change: an acknowledged entry must survive a crash (with
 /// `synchronous_commit = off` configured, the writer still flushes its commits
-/// locally), and a database set read-only by default or with a short statement
-/// timeout must not stop the audit.
+/// locally), a database set read-only by default or with a short statement
+/// timeout must not stop the audit, and no role's objects are on its search path.
 fn configure_session() {
     // SAFETY: GetConfigOption returns the current value of a built-in setting as a
     // static string.
@@ -119,6 +119,10 @@ fn configure_session() {
     if sync_off {
         set(c"synchronous_commit", c"local");
     }
+    // Nothing the writer parses resolves a name through a schema a role can create
+    // objects in (its SQL runs as the owner under a pinned path too; this covers
+    // anything outside that).
+    set(c"search_path", c"pg_catalog, pg_temp");
     set(c"default_transaction_read_only", c"off");
     set(c"statement_timeout", c"0");
 }
