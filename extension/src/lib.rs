@@ -17,6 +17,7 @@ mod limits;
 mod ledger;
 mod locks;
 mod master;
+mod pgcompat;
 mod plaintext;
 mod plans;
 mod privilege;

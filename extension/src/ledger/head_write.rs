@@ -22,33 +22,24 @@
 //! REPEATABLE READ and SERIALIZABLE (whose rows are read through SPI, so no place
 //! is known), and for a batch, the caller writes through SPI.
 //!
-//! Built for PostgreSQL 15, the one version this project compiles and tests
-//! against; with another version the caller always writes through SPI.
+//! The executor calls it uses have the same signatures and contracts in
+//! PostgreSQL 15 and 18, the versions pgseal builds and tests against; the one
+//! structure whose layout differs (the tuple descriptor) is read through
+//! `pgcompat`.
 
-#[cfg(feature = "pg15")]
 pub(super) use imp::write_one;
 
-#[cfg(all(feature = "pg15", feature = "pg_test"))]
+#[cfg(feature = "pg_test")]
 thread_local! {
     static WRITTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// How many entries this backend has written here (for the tests).
-#[cfg(all(feature = "pg15", feature = "pg_test"))]
+#[cfg(feature = "pg_test")]
 pub fn written() -> u64 {
     WRITTEN.with(|w| w.get())
 }
 
-/// With another PostgreSQL version every write goes through SPI.
-#[cfg(not(feature = "pg15"))]
-pub(super) fn write_one(
-    _e: &super::heads::Pending,
-    _row: &mut super::head_read::HeadRow,
-) -> crate::error::SealResult<bool> {
-    Ok(false)
-}
-
-#[cfg(feature = "pg15")]
 mod imp {
     use pgrx::{pg_sys, IntoDatum, PgMemoryContexts};
 
@@ -159,7 +150,7 @@ mod imp {
         unsafe {
             let class = &*(*rel).rd_rel;
             let desc = (*rel).rd_att;
-            let attrs = (*desc).attrs.as_slice((*desc).natts as usize);
+            let attrs = crate::pgcompat::tupdesc_attrs(desc);
             let fires = match (*rel).trigdesc.as_ref() {
                 None => false,
                 Some(t) => !only_the_guard_fires(t, insert),

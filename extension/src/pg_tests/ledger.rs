@@ -216,12 +216,10 @@ mod tests {
     }
 
     /// Entries written without SPI since the backend started.
-    #[cfg(feature = "pg15")]
     fn written_directly() -> u64 {
         crate::ledger::head_write::written()
     }
 
-    #[cfg(feature = "pg15")]
     #[pg_test]
     fn single_entries_are_written_directly_and_keep_added_indexes_current() {
         // Other tests append at the same time. This one has its own tenant, and
