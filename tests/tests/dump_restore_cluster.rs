@@ -7,10 +7,9 @@ use std::process::Command;
 
 use pgseal_tests::{Cluster, KEY_V1};
 
-const BIN: &str = "/usr/lib/postgresql/15/bin";
 
 fn run(tool: &str, args: &[&str]) {
-    let out = Command::new(format!("{BIN}/{tool}"))
+    let out = Command::new(pgseal_tests::pg_bindir().join(tool))
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{tool}: {e}"));
@@ -49,7 +48,7 @@ fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
     run("pg_dump", &[&conn[..], &["-Fc", "-f", &dump, "postgres"]].concat());
     c.batch_execute("CREATE DATABASE restored").unwrap();
     // Without restore mode the guards refuse the dumped ledger rows, superuser or not.
-    let refused = Command::new(format!("{BIN}/pg_restore"))
+    let refused = Command::new(pgseal_tests::pg_bindir().join("pg_restore"))
         .args([&conn[..], &["--exit-on-error", "-d", "restored", &dump]].concat())
         .output()
         .unwrap();
@@ -57,7 +56,7 @@ fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("written only by"));
     c.batch_execute("DROP DATABASE restored").unwrap();
     c.batch_execute("CREATE DATABASE restored").unwrap();
-    let out = Command::new(format!("{BIN}/pg_restore"))
+    let out = Command::new(pgseal_tests::pg_bindir().join("pg_restore"))
         .env("PGOPTIONS", "-c pgseal.restore=on")
         .args([&conn[..], &["--exit-on-error", "-d", "restored", &dump]].concat())
         .output()
