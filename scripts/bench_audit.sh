@@ -23,7 +23,7 @@ COMMIT;
 SQL
 # Mean ms of the on-transaction (statements 2-5) and of the commit one (6-10).
 audit_pair() {
-    /usr/lib/postgresql/15/bin/pgbench -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c 1 -T "$1" -r \
+    "$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench" -n -h 127.0.0.1 -p "$PORT" -U postgres -M prepared -c 1 -T "$1" -r \
         -f "$AW/pair.sql" postgres 2>/dev/null \
         | awk 'f && $1 ~ /^[0-9.]+$/ { n++; if (n >= 2 && n <= 5) on += $1; if (n >= 6) cm += $1 }
                /statement latencies/ { f = 1 } END { print on, cm }'

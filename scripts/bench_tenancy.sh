@@ -11,7 +11,7 @@
 set -euo pipefail
 ROWS=${PGSEAL_BENCH_TENANCY_ROWS:-2000000}
 TXNS=${PGSEAL_BENCH_TENANCY_TXNS:-2000}
-PGBENCH=/usr/lib/postgresql/15/bin/pgbench
+PGBENCH=$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench
 T=$(mktemp -d)
 TENANT=00000000-0000-0000-0000-000000000007
 
