@@ -45,5 +45,5 @@ cat <<EOF
 The demo cluster is still running. Connect with:
     psql -h 127.0.0.1 -p $PORT -U postgres postgres
 Stop it with:
-    bash scripts/cluster.sh stop $DIR
+    PGSEAL_PG=${PGSEAL_PG:-15} bash scripts/cluster.sh stop $DIR
 EOF
