@@ -1,0 +1,1270 @@
+-- pgseal 0.1.0 -> 0.2.0. Run by `ALTER EXTENSION pgseal UPDATE` after the 0.2.0 files
+-- are installed and the server has been restarted with them (shared_preload_libraries
+-- loads pgseal.so at postmaster start; README, "Upgrading").
+--
+-- What it migrates, block by block (each block says which 0.2.0 change it carries):
+--   1. ledger format 2: five new columns of pgseal.ledger, payload nullable. Existing
+--      rows are not rewritten: they read fmt = 1 (the column default, stored as the
+--      column's missing value, so no row is updated and no guard trigger fires) and
+--      NULL in the other new columns, which is exactly a format 1 row
+--      (docs/FORMAT.md); they keep verifying, and new appends are format 2.
+--   2. the checkpoint log pgseal.ledger_checkpoints (empty: 0.1.0 kept no
+--      checkpoints; the v1 checkpoints users kept verify offline with the public key
+--      0.1.0 gave them).
+--   3. the new C functions of 0.2.0.
+--   4. the ledger API: guards (row write guards are new), the C audit triggers, the
+--      export with the format 2 fields, pinned search_paths; _ledger_audit_append goes.
+--   5. tenancy: limits, organisation invariants (org_locks and three triggers on
+--      org_members), argument checks, protection evidence.
+--   6. isolation_report and its helpers.
+--   7. jobs: retention_set and vault_register_column run as the caller (no longer
+--      SECURITY DEFINER) behind a registration check trigger; evidence triggers on
+--      the retention tables; _tenants_of through the C _tenants_scan.
+--   8. privileges exactly as sql/finalize.sql grants them, the checkpoint purpose of
+--      tenant_keys, and the ledger id (pgseal.ledger_identity, one new random id).
+--   9. tables audited with ledger_audit under 0.1.0 get the TRUNCATE trigger that
+--      0.2.0's ledger_audit adds.
+-- Function definitions are copied verbatim from the 0.2.0 install script (generated
+-- from sql/*.sql and extension/src), as CREATE OR REPLACE, so a function keeps its
+-- OID, and the triggers and views that use it keep working; C functions whose
+-- definition did not change between the two releases are not repeated (their
+-- symbols are the same in the 0.2.0 library). tests/tests/upgrade_cluster.rs checks
+-- that the result equals a fresh 0.2.0 install (tests/sql/catalog_dump.sql).
+-- Released upgrade scripts are never edited: a later change gets its own script.
+
+\echo Use "ALTER EXTENSION pgseal UPDATE TO '0.2.0'" to load this file. \quit
+
+-- The DDL guard (pgseal._ledger_ddl_guard) lets these statements through: it returns
+-- early while pgseal._creating_extension() is true, which it is during ALTER
+-- EXTENSION ... UPDATE as during CREATE EXTENSION.
+
+------------------------------------------------------------------------------------
+-- 0. Who runs it. PostgreSQL runs an update script as the calling role, so every
+-- object it creates is owned by that role. In a fresh install the role that ran
+-- CREATE EXTENSION owns them all, and the library acts as the owner of
+-- pgseal.tenant_keys for its own tables (extension/src/privilege.rs). A different
+-- superuser would leave the new tables and functions with another owner; refuse.
+------------------------------------------------------------------------------------
+DO $owner$
+DECLARE
+    owner pg_catalog.name := (SELECT r.rolname FROM pg_catalog.pg_class c
+                               JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) c.relowner
+                              WHERE c.oid OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass);
+BEGIN
+    IF owner OPERATOR(pg_catalog.<>) current_user THEN
+        RAISE EXCEPTION 'ALTER EXTENSION pgseal UPDATE must run as %, the owner of the extension''s objects', owner
+            USING ERRCODE = '42501',
+                  HINT = pg_catalog.format('SET ROLE %I; ALTER EXTENSION pgseal UPDATE; RESET ROLE;', owner);
+    END IF;
+END
+$owner$;
+
+------------------------------------------------------------------------------------
+-- 1. Ledger format 2 (sql/ledger_schema.sql). The new columns come last, in the
+-- order a fresh install has them (attnums 10-14), so the C code's tuple layout is the
+-- same in both. ADD COLUMN with a constant default does not rewrite the table.
+------------------------------------------------------------------------------------
+ALTER TABLE pgseal.ledger
+    ALTER COLUMN payload DROP NOT NULL,
+    ADD COLUMN fmt        smallint NOT NULL DEFAULT 1,
+    ADD COLUMN db_role    text,
+    ADD COLUMN subjects   text[],
+    ADD COLUMN salt       bytea,
+    ADD COLUMN commitment bytea;
+
+------------------------------------------------------------------------------------
+-- 2. The checkpoint log (sql/ledger_schema.sql, issue 14).
+------------------------------------------------------------------------------------
+-- Every checkpoint ledger_checkpoint() signed (docs/FORMAT.md, "Checkpoints", v2),
+-- as it signed it. Each names the tenant's previous one, so they form a chain:
+-- unique on (tenant, prev_seq), no two can extend the same checkpoint. Written only
+-- by ledger_checkpoint(); never updated or deleted (guards in ledger_api.sql).
+CREATE TABLE pgseal.ledger_checkpoints (
+    tenant_id   text    NOT NULL,
+    seq         bigint  NOT NULL,
+    hash        bytea   NOT NULL,
+    signed_at   text    NOT NULL,
+    key_version integer NOT NULL,
+    prev_seq    bigint  NOT NULL,
+    prev_hash   bytea   NOT NULL,
+    signature   bytea   NOT NULL,
+    PRIMARY KEY (tenant_id, seq),
+    UNIQUE (tenant_id, prev_seq),
+    CHECK (prev_seq >= 0 AND prev_seq < seq)
+);
+
+COMMENT ON TABLE pgseal.ledger_checkpoints IS
+    'Signed ledger checkpoints, each extending the tenant''s previous one. Written by pgseal.ledger_checkpoint().';
+
+-- 0.2.0 revokes on ledger, ledger_heads and ledger_checkpoints in one statement; the
+-- first two were revoked by 0.1.0 already.
+REVOKE ALL ON pgseal.ledger_checkpoints FROM PUBLIC;
+
+SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_checkpoints', '');
+
+------------------------------------------------------------------------------------
+-- 3. C functions new in 0.2.0 (leader lock, protection evidence, tenant scan, audit
+-- queue status, ledger id). Created closed; block 8 grants them.
+------------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION pgseal."_leader_try_lock"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_leader_try_lock_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_protection_changed"(
+	"rel" oid /* pg_sys :: Oid */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_protection_changed_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_tenants_scan"(
+	"rel" oid /* pg_sys :: Oid */
+) RETURNS SETOF TEXT /* String */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_tenants_scan_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."audit_queue_status"() RETURNS TABLE (
+	"launcher_running" bool,  /* bool */
+	"writers" INT,  /* i32 */
+	"slots" INT,  /* i32 */
+	"slots_in_use" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'audit_queue_status_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."ledger_id"() RETURNS TEXT /* String */
+STRICT STABLE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'ledger_id_wrapper';
+
+------------------------------------------------------------------------------------
+-- 4. The ledger API (sql/ledger_api.sql).
+------------------------------------------------------------------------------------
+-- One JSON object per entry with every field needed to verify it offline
+-- (docs/FORMAT.md, "Export lines"). Runs as the caller: row-level security limits
+-- pgseal_ledger to its own tenant, and _ledger_tenant() refuses others.
+CREATE OR REPLACE FUNCTION pgseal.ledger_export(tenant text DEFAULT NULL, from_seq bigint DEFAULT NULL, to_seq bigint DEFAULT NULL)
+RETURNS SETOF jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    -- Checked before any row is read, so a refused tenant is an error, not an empty result.
+    t text := pgseal._ledger_tenant(tenant);
+BEGIN
+    RETURN QUERY
+    -- Every line has `fmt`; the format 2 fields appear when stored (not NULL), so
+    -- a format 1 row has none and an unerased format 2 row has no commitment.
+    SELECT pg_catalog.jsonb_build_object(
+               'fmt', l.fmt,
+               'tenant_id', l.tenant_id,
+               'seq', l.seq,
+               'recorded_at', pg_catalog.to_char(l.recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+               'recorded_at_us', (EXTRACT(epoch FROM l.recorded_at) * 1000000)::bigint,
+               'actor', l.actor,
+               'event', l.event,
+               'payload', l.payload,
+               'prev_hash', pg_catalog.encode(l.prev_hash, 'hex'),
+               'hash', pg_catalog.encode(l.hash, 'hex'),
+               'mac', pg_catalog.encode(l.mac, 'hex'))
+           OPERATOR(pg_catalog.||) pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object(
+               'db_role', l.db_role,
+               'subjects', pg_catalog.to_jsonb(l.subjects),
+               'salt', pg_catalog.encode(l.salt, 'hex'),
+               'commitment', pg_catalog.encode(l.commitment, 'hex')))
+    FROM pgseal.ledger AS l
+    WHERE l.tenant_id = t
+      AND l.seq BETWEEN coalesce(from_seq, 1) AND coalesce(to_seq, 9223372036854775807)
+    ORDER BY l.seq;
+END
+$$;
+
+-- Append-only: UPDATE, DELETE and TRUNCATE fail with 42501, except the deletes
+-- ledger_prune() makes (TRUNCATE of the heads and the checkpoints too). ENABLE
+-- ALWAYS keeps the guard on under session_replication_role = replica.
+CREATE OR REPLACE FUNCTION pgseal._ledger_guard() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' AND pgseal._ledger_pruning() THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'pgseal.ledger is append-only: % is not allowed', TG_OP
+        USING ERRCODE = '42501', HINT = 'Entries are removed only by pgseal.ledger_prune().';
+END
+$$;
+
+CREATE TRIGGER pgseal_checkpoints_truncate_guard BEFORE TRUNCATE ON pgseal.ledger_checkpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION pgseal._ledger_guard();
+ALTER TABLE pgseal.ledger_checkpoints ENABLE ALWAYS TRIGGER pgseal_checkpoints_truncate_guard;
+
+-- Row writes other than pgseal's own, refused with 42501 for everyone, superusers
+-- included (extension/src/ledger/guard.rs): INSERT into the ledger outside
+-- pgseal's append path; any write of a heads row outside the ledger functions,
+-- and a change of its anchor outside ledger_prune(); any write of a checkpoint
+-- outside ledger_checkpoint(). A C function: it runs for every appended row, and
+-- the direct single-entry write performs its check itself instead of firing it.
+CREATE OR REPLACE FUNCTION pgseal._ledger_write_guard() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'ledger_write_guard';
+
+CREATE TRIGGER pgseal_ledger_write_guard BEFORE INSERT ON pgseal.ledger
+    FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_write_guard('ledger');
+CREATE TRIGGER pgseal_heads_write_guard BEFORE INSERT OR UPDATE OR DELETE ON pgseal.ledger_heads
+    FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_write_guard('heads');
+CREATE TRIGGER pgseal_checkpoints_write_guard BEFORE INSERT OR UPDATE OR DELETE ON pgseal.ledger_checkpoints
+    FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_write_guard('checkpoints');
+ALTER TABLE pgseal.ledger ENABLE ALWAYS TRIGGER pgseal_ledger_write_guard;
+ALTER TABLE pgseal.ledger_heads ENABLE ALWAYS TRIGGER pgseal_heads_write_guard;
+ALTER TABLE pgseal.ledger_checkpoints ENABLE ALWAYS TRIGGER pgseal_checkpoints_write_guard;
+
+-- 0.1.0's _audit_row was PL/pgSQL, SECURITY DEFINER; 0.2.0's is C and runs as the
+-- invoker. CREATE OR REPLACE keeps the function's OID, so the pgseal_audit triggers
+-- of tables audited under 0.1.0 now run the C trigger (same arguments: primary key
+-- columns, tenant column).
+-- Row-change audit (extension/src/ledger/audit_trigger.rs). Not SECURITY DEFINER:
+-- it builds the row images as the role that changed the row, and only the
+-- finished entry is appended as the owner. The trigger arguments are the primary
+-- key columns and the tenant column ('' when the table has none).
+CREATE OR REPLACE FUNCTION pgseal._audit_row() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'audit_row_trigger';
+
+-- TRUNCATE fires no row trigger: ledger_audit adds this statement trigger, which
+-- records 'audit.truncated' (the table's name) in the chain of the tenant context,
+-- else pgseal's system chain '_pgseal'. It reads nothing from the table.
+CREATE OR REPLACE FUNCTION pgseal._audit_truncate() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'audit_truncate_trigger';
+
+-- pgseald's receipts ('retention.deleted'): appended to the current tenant's chain
+-- through this narrow entry point, since ledger_append refuses pgseal's reserved
+-- event names. It accepts only pgseald's job events; granted to pgseal_admin.
+CREATE OR REPLACE FUNCTION pgseal._job_receipt(event text, payload jsonb) RETURNS bigint
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'job_receipt_fn';
+
+CREATE OR REPLACE FUNCTION pgseal.ledger_audit(rel regclass, events text[] DEFAULT '{INSERT,UPDATE,DELETE}')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    ev   text[];
+    bad  text;
+    pk   text[];
+    tcol text;
+    part regclass;
+BEGIN
+    -- 22004 NULL, 42P01 no such relation, 42809 not a table (sql/tenancy.sql).
+    PERFORM pgseal._check_table(rel);
+    IF rel IN ('pgseal.ledger'::regclass, 'pgseal.ledger_heads'::regclass, 'pgseal.ledger_checkpoints'::regclass) THEN
+        RAISE EXCEPTION 'the ledger cannot audit itself' USING ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.array_agg(DISTINCT pg_catalog.upper(e)) INTO ev FROM pg_catalog.unnest(events) AS e;
+    IF ev IS NULL THEN
+        RAISE EXCEPTION 'events must name at least one of INSERT, UPDATE, DELETE' USING ERRCODE = '22023';
+    END IF;
+    SELECT e INTO bad FROM pg_catalog.unnest(ev) AS e WHERE e IS NULL OR e NOT IN ('INSERT', 'UPDATE', 'DELETE') LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'unknown event %; expected INSERT, UPDATE or DELETE', coalesce(bad, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.ord) INTO pk
+      FROM pg_catalog.pg_index i
+      CROSS JOIN LATERAL pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = rel AND i.indisprimary;
+    SELECT a.attname::text INTO tcol FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = 'tenant_id' AND a.attnum > 0 AND NOT a.attisdropped;
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit ON %s', rel);
+    EXECUTE pg_catalog.format(
+        'CREATE TRIGGER pgseal_audit AFTER %s ON %s FOR EACH ROW EXECUTE FUNCTION pgseal._audit_row(%L, %L)',
+        pg_catalog.array_to_string(ev, ' OR '), rel, coalesce(pk, '{}')::text, coalesce(tcol, ''));
+    -- Statement triggers are not cloned to partitions as row triggers are: the
+    -- TRUNCATE trigger goes on the table and on each of its partitions (a partition
+    -- attached later needs ledger_audit again).
+    FOR part IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit_truncate ON %s', part);
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER pgseal_audit_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgseal._audit_truncate()',
+            part);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgseal.ledger_unaudit(rel regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    part regclass;
+BEGIN
+    PERFORM pgseal._check_table(rel);
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit ON %s', rel);
+    FOR part IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgseal_audit_truncate ON %s', part);
+    END LOOP;
+END
+$$;
+
+-- No ALTER or DROP of the ledger tables, their triggers, policies or columns, by
+-- anyone, outside the extension's own scripts. DROP EXTENSION pgseal (superuser
+-- only) is the one exception; docs/SECURITY.md says what that means.
+CREATE OR REPLACE FUNCTION pgseal._ledger_ddl_guard() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    ledger oid := pg_catalog.to_regclass('pgseal.ledger');
+    heads  oid := pg_catalog.to_regclass('pgseal.ledger_heads');
+    cps    oid := pg_catalog.to_regclass('pgseal.ledger_checkpoints');
+    hit    boolean := false;
+BEGIN
+    IF pgseal._creating_extension() THEN
+        RETURN;
+    END IF;
+    IF TG_EVENT = 'sql_drop' THEN
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
+                   WHERE d.object_type = 'extension' AND d.object_identity = 'pgseal') THEN
+            RETURN;
+        END IF;
+        SELECT true INTO hit FROM pg_catalog.pg_event_trigger_dropped_objects() d
+         WHERE d.object_identity IN ('pgseal.ledger', 'pgseal.ledger_heads', 'pgseal.ledger_checkpoints')
+            OR d.object_identity LIKE 'pgseal.ledger.%' OR d.object_identity LIKE 'pgseal.ledger_heads.%'
+            OR d.object_identity LIKE 'pgseal.ledger_checkpoints.%'
+            OR d.object_identity LIKE '% on pgseal.ledger' OR d.object_identity LIKE '% on pgseal.ledger_heads'
+            OR d.object_identity LIKE '% on pgseal.ledger_checkpoints'
+         LIMIT 1;
+    ELSE
+        SELECT true INTO hit FROM pg_catalog.pg_event_trigger_ddl_commands() c
+         WHERE (c.classid = 'pg_catalog.pg_class'::regclass AND c.objid IN (ledger, heads, cps))
+            OR (c.classid = 'pg_catalog.pg_trigger'::regclass
+                AND (SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE t.oid = c.objid) IN (ledger, heads, cps))
+            OR (c.classid = 'pg_catalog.pg_policy'::regclass
+                AND (SELECT p.polrelid FROM pg_catalog.pg_policy p WHERE p.oid = c.objid) IN (ledger, heads, cps))
+            OR (c.classid = 'pg_catalog.pg_rewrite'::regclass
+                AND (SELECT r.ev_class FROM pg_catalog.pg_rewrite r WHERE r.oid = c.objid) IN (ledger, heads, cps))
+         LIMIT 1;
+    END IF;
+    IF hit THEN
+        RAISE EXCEPTION 'pgseal.ledger cannot be altered or dropped'
+            USING ERRCODE = '42501', HINT = 'The ledger is append-only; see docs/SECURITY.md.';
+    END IF;
+END
+$$;
+
+-- 0.1.0's row audit appended through this function; 0.2.0's C trigger appends
+-- directly, and the 0.2.0 library has no such symbol.
+DROP FUNCTION pgseal._ledger_audit_append(text, text, text);
+
+------------------------------------------------------------------------------------
+-- 5. Tenancy (sql/tenancy.sql).
+------------------------------------------------------------------------------------
+-- pgseal tenancy: the pooler-safe context setter, RLS policy helpers, organisation
+-- roles, and the isolation linter. Policies call pgseal.current_tenant() and
+-- pgseal.current_user_id() inside a sub-select, so the planner evaluates each once per
+-- query (an InitPlan) and can use an index on the tenant column.
+
+-- Sets the tenant (and user) for the current transaction only. A real SET LOCAL,
+-- because set_config(..., true) is not propagated by Citus (docs/SECURITY.md).
+CREATE OR REPLACE FUNCTION pgseal.set_tenant(tenant text, user_id text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF tenant IS NULL OR tenant = '' THEN
+        RAISE EXCEPTION 'tenant must not be NULL or empty' USING ERRCODE = '22023';
+    END IF;
+    -- The limits of extension/src/limits.rs (README, "Limits").
+    IF octet_length(tenant) > 256 THEN
+        RAISE EXCEPTION 'tenant id is longer than 256 bytes' USING ERRCODE = '54000';
+    END IF;
+    IF octet_length(user_id) > 1024 THEN
+        RAISE EXCEPTION 'user id is longer than 1024 bytes' USING ERRCODE = '54000';
+    END IF;
+    EXECUTE format('SET LOCAL %s = %L', pgseal._context_setting('tenant'), tenant);
+    -- A NULL user clears any user left from earlier in the transaction.
+    EXECUTE format('SET LOCAL %s = %L', pgseal._context_setting('user'), coalesce(user_id, ''));
+END
+$$;
+
+-- The organisations in which the current user holds at least `min_role`, in the
+-- current tenant. SECURITY DEFINER so that policies on org_members itself can use it
+-- without recursing into those policies. Like every SECURITY DEFINER function of
+-- pgseal, its search_path ends in pg_temp (otherwise PostgreSQL searches the
+-- caller's temporary schema first for types and tables) and it names what it uses
+-- with its schema.
+CREATE OR REPLACE FUNCTION pgseal._my_orgs(min_role pgseal.org_role) RETURNS pg_catalog.text[]
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    SELECT coalesce(pg_catalog.array_agg(m.org_id), '{}'::pg_catalog.text[])
+    FROM pgseal.org_members m
+    WHERE m.tenant_id OPERATOR(pg_catalog.=) pgseal.current_tenant()
+      AND m.user_id OPERATOR(pg_catalog.=) pgseal.current_user_id()
+      AND m.role OPERATOR(pg_catalog.<=) min_role
+$$;
+
+-- Whether an organisation has any member yet (its first owner may add themselves).
+CREATE OR REPLACE FUNCTION pgseal._org_exists(org pg_catalog.text) RETURNS pg_catalog.bool
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pgseal.org_members m
+                   WHERE m.tenant_id OPERATOR(pg_catalog.=) pgseal.current_tenant()
+                     AND m.org_id OPERATOR(pg_catalog.=) org)
+$$;
+
+-- One row per organisation whose owners a transaction has changed. Every change that
+-- grants or takes the owner role first updates its organisation's row here, so such
+-- changes to one organisation run one at a time: a second one waits for the first
+-- to end and then (under READ COMMITTED) checks against what the first committed,
+-- or (under REPEATABLE READ and SERIALIZABLE) fails with 40001. A row lock on a
+-- table that only pgseal writes (through _org_lock, for the caller's own tenant):
+-- unlike an advisory lock, no role can take it for another tenant's organisations.
+CREATE TABLE pgseal.org_locks (
+    tenant_id text NOT NULL,
+    org_id    text NOT NULL,
+    changes   bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (tenant_id, org_id)
+);
+REVOKE ALL ON pgseal.org_locks FROM PUBLIC;
+
+-- Locks (creating it if need be) the row of `org` in the current tenant until the
+-- transaction ends. The caller names only the organisation: the tenant is its own.
+CREATE OR REPLACE FUNCTION pgseal._org_lock(org pg_catalog.text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF org IS NULL THEN
+        RAISE EXCEPTION 'organisation id must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF pg_catalog.octet_length(org) OPERATOR(pg_catalog.>) 256 THEN
+        RAISE EXCEPTION 'organisation id is longer than 256 bytes' USING ERRCODE = '54000';
+    END IF;
+    INSERT INTO pgseal.org_locks AS l (tenant_id, org_id) VALUES (pgseal.current_tenant(), org)
+    ON CONFLICT (tenant_id, org_id) DO UPDATE SET changes = l.changes OPERATOR(pg_catalog.+) 1;
+END
+$$;
+
+-- The organisation invariants apply to changes from now on; memberships written
+-- under 0.1.0 are not re-checked (an organisation left without an owner keeps its
+-- members; only a pgseal_admin member can then add an owner).
+-- The organisation invariants, for every row change of org_members:
+--   * only an owner of the organisation grants or takes the owner role (an admin
+--     cannot insert an owner row, promote anyone, nor demote or delete an owner);
+--   * only a user who already owns an organisation of the tenant creates a new
+--     organisation (inserts its first member, as its owner);
+--   * a member of pgseal_admin (superusers too) may do both.
+-- SECURITY INVOKER, so current_user is the role that changed the row, and it reads
+-- org_members through its row level security: the caller's tenant, all of it.
+-- Changes to an organisation's owners are serialized by its org_locks row, taken
+-- before anything is checked; each later query of this VOLATILE function takes a
+-- fresh snapshot, so two sessions racing to create one organisation cannot both
+-- become its owner.
+CREATE OR REPLACE FUNCTION pgseal._org_members_guard() RETURNS trigger
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    adds    boolean := false;  -- the row change makes someone an owner
+    removes boolean := false;  -- the row change takes the owner role from someone
+    moved   boolean;
+    context pg_catalog.text := nullif(pg_catalog.current_setting(pgseal._context_setting('tenant'), true), '');
+    me      pg_catalog.text;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        adds := NEW.role = 'owner';
+    ELSIF TG_OP = 'DELETE' THEN
+        removes := OLD.role = 'owner';
+    ELSE
+        moved := (NEW.tenant_id, NEW.org_id, NEW.user_id) IS DISTINCT FROM (OLD.tenant_id, OLD.org_id, OLD.user_id);
+        removes := OLD.role = 'owner' AND (moved OR NEW.role <> 'owner');
+        adds := NEW.role = 'owner' AND (moved OR OLD.role <> 'owner');
+    END IF;
+    IF NOT (adds OR removes) THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+
+    -- Serialize every change to the owners of the organisations involved. A caller
+    -- without a tenant context (a superuser seeding rows) takes no lock.
+    IF removes AND OLD.tenant_id = context THEN
+        PERFORM pgseal._org_lock(OLD.org_id);
+    END IF;
+    IF adds AND NEW.tenant_id = context AND NOT (removes AND OLD.org_id = NEW.org_id) THEN
+        PERFORM pgseal._org_lock(NEW.org_id);
+    END IF;
+
+    IF pg_catalog.pg_has_role(current_user, 'pgseal_admin', 'MEMBER') THEN
+        IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+        RETURN NEW;
+    END IF;
+
+    me := pgseal.current_user_id();
+    IF removes AND NOT EXISTS (
+        SELECT 1 FROM pgseal.org_members m
+        WHERE m.tenant_id = OLD.tenant_id AND m.org_id = OLD.org_id AND m.user_id = me AND m.role = 'owner')
+    THEN
+        RAISE EXCEPTION 'only an owner of organisation % can demote or remove its owners', OLD.org_id
+            USING ERRCODE = '42501';
+    END IF;
+    IF adds THEN
+        IF EXISTS (SELECT 1 FROM pgseal.org_members m WHERE m.tenant_id = NEW.tenant_id AND m.org_id = NEW.org_id) THEN
+            IF NOT EXISTS (
+                SELECT 1 FROM pgseal.org_members m
+                WHERE m.tenant_id = NEW.tenant_id AND m.org_id = NEW.org_id AND m.user_id = me AND m.role = 'owner')
+            THEN
+                RAISE EXCEPTION 'only an owner of organisation % can grant the owner role', NEW.org_id
+                    USING ERRCODE = '42501';
+            END IF;
+        ELSIF NOT EXISTS (
+            SELECT 1 FROM pgseal.org_members m
+            WHERE m.tenant_id = NEW.tenant_id AND m.user_id = me AND m.role = 'owner')
+        THEN
+            RAISE EXCEPTION 'only an owner of an organisation of this tenant, or a member of pgseal_admin, can create organisation %', NEW.org_id
+                USING ERRCODE = '42501',
+                      HINT = 'An owner of an existing organisation creates it, or pgseal_admin adds its first owner.';
+        END IF;
+    END IF;
+    IF TG_OP = 'DELETE' THEN RETURN OLD; END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER org_members_guard BEFORE INSERT OR UPDATE OR DELETE ON pgseal.org_members
+    FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_guard();
+
+-- An organisation that has members has an owner: the last owner cannot be demoted or
+-- removed while anyone else is still a member (to hand over, make the new owner an
+-- owner first). Checked when the statement ends, against its final rows, so that
+-- deleting every member in one statement dissolves the organisation. It holds for
+-- everyone, pgseal_admin included.
+CREATE OR REPLACE FUNCTION pgseal._org_members_keep_owner() RETURNS trigger
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pgseal.org_members m WHERE m.tenant_id = OLD.tenant_id AND m.org_id = OLD.org_id)
+       AND NOT EXISTS (SELECT 1 FROM pgseal.org_members m
+                       WHERE m.tenant_id = OLD.tenant_id AND m.org_id = OLD.org_id AND m.role = 'owner')
+    THEN
+        RAISE EXCEPTION 'organisation % must keep an owner: its last owner cannot be demoted or removed while it has other members', OLD.org_id
+            USING ERRCODE = '23514', HINT = 'Make another member an owner first.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER org_members_keep_owner AFTER UPDATE OR DELETE ON pgseal.org_members
+    FOR EACH ROW WHEN (OLD.role = 'owner') EXECUTE FUNCTION pgseal._org_members_keep_owner();
+
+-- Every membership change is evidence: 'org.member_added', 'org.member_removed' and
+-- 'org.role_changed' in the row's tenant's chain (extension/src/ledger/evidence.rs).
+-- A C trigger function, executable by no role, so it cannot be called or attached
+-- to another table; it fires after the checks above, for everyone (ENABLE ALWAYS).
+CREATE OR REPLACE FUNCTION pgseal._org_members_record() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'org_members_record_trigger';
+CREATE TRIGGER org_members_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.org_members
+    FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_record();
+ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_record;
+
+-- Checks a table argument: 22004 NULL, 42P01 no such relation (an OID that names
+-- nothing), 42809 not a plain or partitioned table.
+CREATE OR REPLACE FUNCTION pgseal._check_table(rel regclass) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE k "char";
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'rel must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    SELECT c.relkind INTO k FROM pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel;
+    IF k IS NULL THEN
+        RAISE EXCEPTION 'relation with OID % does not exist', rel::oid USING ERRCODE = '42P01';
+    END IF;
+    IF k NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', rel USING ERRCODE = '42809';
+    END IF;
+END
+$$;
+
+-- Checks a tenant argument against the tenant id limit (extension/src/limits.rs).
+CREATE OR REPLACE FUNCTION pgseal._check_tenant_arg(tenant text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF octet_length(tenant) > 256 THEN
+        RAISE EXCEPTION 'tenant id is longer than 256 bytes' USING ERRCODE = '54000';
+    END IF;
+END
+$$;
+
+-- The type of a column, as SQL text; 22004 for a NULL name, 42703 when the table
+-- has no such column.
+CREATE OR REPLACE FUNCTION pgseal._column_type(rel regclass, col name) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE t text;
+BEGIN
+    IF col IS NULL THEN
+        RAISE EXCEPTION 'column name must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgseal._check_table(rel);
+    SELECT format_type(a.atttypid, a.atttypmod) INTO t FROM pg_attribute a
+     WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF t IS NULL THEN
+        RAISE EXCEPTION 'column % of % does not exist', col, rel USING ERRCODE = '42703';
+    END IF;
+    RETURN t;
+END
+$$;
+
+-- The table and, for a partitioned table, every partition below it.
+CREATE OR REPLACE FUNCTION pgseal._with_partitions(rel regclass) RETURNS SETOF regclass
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    WITH RECURSIVE t(oid) AS (
+        SELECT rel::oid
+        UNION ALL
+        SELECT i.inhrelid FROM pg_inherits i JOIN t ON i.inhparent = t.oid
+    )
+    SELECT oid::regclass FROM t
+$$;
+
+-- Whether some index of rel has col as its first column.
+CREATE OR REPLACE FUNCTION pgseal._has_leading_index(rel regclass, col name) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    SELECT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indrelid = rel AND a.attname = col)
+$$;
+
+-- For each table that tenant_protect or org_protect covers: drop pgseal's earlier
+-- policies, ENABLE and FORCE row level security, and warn when no index leads with
+-- the tenant column.
+CREATE OR REPLACE FUNCTION pgseal._rls_reset(t regclass, tenant_column name) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    p name;
+BEGIN
+    PERFORM pgseal._check_table(t);
+    FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
+        EXECUTE format('DROP POLICY %I ON %s', p, t);
+    END LOOP;
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', t);
+    IF (SELECT relkind FROM pg_class WHERE oid = t) = 'r' AND NOT pgseal._has_leading_index(t, tenant_column) THEN
+        RAISE WARNING 'pgseal: % has no index whose first column is %', t, tenant_column
+            USING HINT = format('CREATE INDEX ON %s (%I);', t, tenant_column);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgseal.tenant_protect(rel regclass, tenant_column name DEFAULT 'tenant_id') RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    t    regclass;
+    pred text;
+BEGIN
+    PERFORM pgseal._check_table(rel);
+    pred := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
+    FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        PERFORM pgseal._rls_reset(t, tenant_column);
+        EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
+    END LOOP;
+    PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgseal.tenant_unprotect(rel regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    t regclass;
+    p name;
+BEGIN
+    PERFORM pgseal._check_table(rel);
+    FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
+            EXECUTE format('DROP POLICY %I ON %s', p, t);
+        END LOOP;
+        EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', t);
+        EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', t);
+    END LOOP;
+    PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgseal.org_protect(rel regclass, owner_column name, org_column name, tenant_column name DEFAULT 'tenant_id')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    t       regclass;
+    tenant  text;
+    owner   text;
+    org_typ text;
+    viewer  text;
+    member  text;
+    admin   text;
+BEGIN
+    PERFORM pgseal._check_table(rel);
+    tenant  := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
+    owner   := format('%I = (SELECT pgseal.current_user_id())::%s', owner_column, pgseal._column_type(rel, owner_column));
+    org_typ := pgseal._column_type(rel, org_column);
+    viewer  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
+    member  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
+    admin   := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
+    FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
+        PERFORM pgseal._rls_reset(t, tenant_column);
+        -- Nothing ever crosses tenants, whatever the permissive policies allow.
+        EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
+        EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, owner, owner);
+        EXECUTE format('CREATE POLICY pgseal_org_select ON %s FOR SELECT USING (%s)', t, viewer);
+        EXECUTE format('CREATE POLICY pgseal_org_insert ON %s FOR INSERT WITH CHECK (%s)', t, member);
+        EXECUTE format('CREATE POLICY pgseal_org_update ON %s FOR UPDATE USING (%s) WITH CHECK (%s)', t, member, member);
+        EXECUTE format('CREATE POLICY pgseal_org_delete ON %s FOR DELETE USING (%s)', t, admin);
+    END LOOP;
+    PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
+END
+$$;
+
+------------------------------------------------------------------------------------
+-- 6. The isolation report (sql/isolation_report.sql).
+------------------------------------------------------------------------------------
+-- pgseal.isolation_report(): every way a tenant-scoped table can escape row level
+-- security, one row per finding. A table is tenant-scoped when it has a column named
+-- in pgseal.tenant_column_names (default {tenant_id}). Objects that belong to an
+-- extension, and the system schemas, are not checked. A clean database returns no rows.
+
+CREATE OR REPLACE FUNCTION pgseal._tenant_column_names() RETURNS name[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    SELECT coalesce(nullif(current_setting('pgseal.tenant_column_names', true), ''), '{tenant_id}')::name[]
+$$;
+
+-- Its search_path leaves pgseal out so that every object outside pg_catalog, pgseal's
+-- own included, is named with its schema (regclass and regprocedure print a schema
+-- only for what the search_path does not find).
+CREATE OR REPLACE FUNCTION pgseal.isolation_report()
+RETURNS TABLE (severity text, object text, problem text, fix text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+WITH user_rel AS (
+    SELECT c.oid, c.relname, c.relkind, c.relrowsecurity, c.relforcerowsecurity, c.relowner, c.relacl,
+           c.reloptions, c.relispartition, c.oid::regclass::text AS obj
+    FROM pg_class c
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+      AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+),
+tenant_tab AS (
+    SELECT r.*, a.attname AS tcol
+    FROM user_rel r
+    JOIN LATERAL (
+        SELECT a.attname FROM pg_attribute a
+        WHERE a.attrelid = r.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attname = ANY (pgseal._tenant_column_names())
+        ORDER BY a.attnum LIMIT 1
+    ) a ON true
+    WHERE r.relkind IN ('r', 'p')
+),
+pol AS (
+    SELECT t.oid, t.obj, t.tcol, p.polname, p.polpermissive,
+           coalesce(pg_get_expr(p.polqual, p.polrelid), '') AS qual,
+           coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '') AS chk
+    FROM tenant_tab t JOIN pg_policy p ON p.polrelid = t.oid
+),
+-- A predicate mentions the tenant when it compares the tenant column.
+tenant_pred AS (
+    SELECT pol.*, (qual ~ ('(^|[^a-z0-9_."])' || quote_ident(tcol) || '([^a-z0-9_"]|$)')
+                   AND qual ~ '(current_tenant|current_setting)\(') AS has_tenant
+    FROM pol
+),
+restricted AS (
+    SELECT DISTINCT oid FROM tenant_pred WHERE NOT polpermissive AND has_tenant
+)
+-- RLS off, not forced, or no policy.
+SELECT 'error', t.obj, 'row level security is off on a tenant table',
+       format('SELECT pgseal.tenant_protect(%L, %L);', t.obj, t.tcol)
+FROM tenant_tab t WHERE NOT t.relrowsecurity
+UNION ALL
+SELECT 'error', t.obj, 'row level security is not forced, so the table owner bypasses it',
+       format('ALTER TABLE %s FORCE ROW LEVEL SECURITY;', t.obj)
+FROM tenant_tab t WHERE t.relrowsecurity AND NOT t.relforcerowsecurity
+UNION ALL
+SELECT 'error', t.obj, 'row level security is on but the table has no policy, so it shows no rows to anyone',
+       format('SELECT pgseal.tenant_protect(%L, %L);', t.obj, t.tcol)
+FROM tenant_tab t WHERE t.relrowsecurity AND NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = t.oid)
+UNION ALL
+-- A permissive policy that does not restrict to the tenant, with no restrictive one that does.
+SELECT 'error', p.obj,
+       CASE WHEN p.qual IN ('', 'true') AND p.chk IN ('', 'true')
+            THEN format('policy %s allows every row (USING (true))', p.polname)
+            ELSE format('policy %s has no tenant predicate', p.polname) END,
+       format('DROP POLICY %I ON %s; SELECT pgseal.tenant_protect(%L, %L);', p.polname, p.obj, p.obj, p.tcol)
+FROM tenant_pred p
+WHERE p.polpermissive AND NOT p.has_tenant AND p.oid NOT IN (SELECT oid FROM restricted)
+UNION ALL
+-- current_tenant()/current_setting() called directly in the predicate runs per row.
+SELECT 'warning', p.obj, format('policy %s evaluates the tenant once per row', p.polname),
+       format('DROP POLICY %I ON %s; SELECT pgseal.tenant_protect(%L, %L);', p.polname, p.obj, p.obj, p.tcol)
+FROM tenant_pred p
+WHERE (p.qual || ' ' || p.chk) ~ '(current_tenant|current_setting)\('
+  AND regexp_replace(p.qual || ' ' || p.chk, '\(\s*SELECT\s+[^()]*\([^()]*\)[^()]*\)', '', 'g')
+      ~ '(current_tenant|current_setting)\('
+UNION ALL
+SELECT 'warning', t.obj, format('no index has %s as its first column, so every tenant query scans the table', t.tcol),
+       format('CREATE INDEX ON %s (%I);', t.obj, t.tcol)
+FROM tenant_tab t WHERE t.relkind = 'r' AND NOT pgseal._has_leading_index(t.oid, t.tcol)
+UNION ALL
+-- A partition or inheritance child queried directly is protected only by its own policies.
+SELECT 'error', c.oid::regclass::text, format('child of %s lacks its parent''s row level security', par.obj),
+       format('SELECT pgseal.tenant_protect(%L, %L);', c.oid::regclass::text, par.tcol)
+FROM tenant_tab par
+JOIN pg_inherits i ON i.inhparent = par.oid
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE par.relrowsecurity
+  AND (NOT c.relrowsecurity OR NOT c.relforcerowsecurity OR NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = c.oid))
+UNION ALL
+-- Views run as their owner unless security_invoker is set, so RLS sees the owner.
+SELECT 'error', v.obj, format('view reads tenant table %s without security_invoker', t.obj),
+       format('ALTER VIEW %s SET (security_invoker = true);', v.obj)
+FROM user_rel v
+JOIN pg_rewrite rw ON rw.ev_class = v.oid
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid AND d.refclassid = 'pg_class'::regclass
+JOIN tenant_tab t ON t.oid = d.refobjid
+WHERE v.relkind = 'v' AND t.oid <> v.oid
+  AND NOT coalesce(v.reloptions @> '{security_invoker=true}' OR v.reloptions @> '{security_invoker=on}', false)
+GROUP BY v.obj, t.obj
+UNION ALL
+SELECT 'error', v.obj, format('materialized view copies tenant table %s; row level security does not apply to it', t.obj),
+       format('DROP MATERIALIZED VIEW %s;', v.obj)
+FROM user_rel v
+JOIN pg_rewrite rw ON rw.ev_class = v.oid
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid AND d.refclassid = 'pg_class'::regclass
+JOIN tenant_tab t ON t.oid = d.refobjid
+WHERE v.relkind = 'm' AND t.oid <> v.oid
+GROUP BY v.obj, t.obj
+UNION ALL
+SELECT 'error', quote_ident(r.rolname), 'role bypasses row level security (BYPASSRLS) without being a superuser',
+       format('ALTER ROLE %I NOBYPASSRLS;', r.rolname)
+FROM pg_roles r WHERE r.rolbypassrls AND NOT r.rolsuper
+UNION ALL
+-- TRUNCATE ignores row level security.
+SELECT 'error', t.obj, format('TRUNCATE is granted to %s, and TRUNCATE ignores row level security',
+                              CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END),
+       format('REVOKE TRUNCATE ON %s FROM %s;', t.obj,
+              CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END)
+FROM tenant_tab t, aclexplode(t.relacl) a
+WHERE a.privilege_type = 'TRUNCATE' AND a.grantee <> t.relowner
+UNION ALL
+SELECT 'warning', p.oid::regprocedure::text, 'SECURITY DEFINER function without a pinned search_path',
+       format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp;', p.oid::regprocedure::text)
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE p.prosecdef
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.deptype = 'e')
+  AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search\_path=%')
+UNION ALL
+-- A SECURITY DEFINER function whose search_path does not end in pg_temp: PostgreSQL
+-- then searches the caller's temporary schema first for tables, views and types, so
+-- any caller can plant one that the function then uses with its owner's rights.
+-- pgseal's own functions (in its schema or members of the extension) are errors;
+-- anyone else's are warnings (those of other extensions too, with or without a
+-- search_path; a non-extension function without one is reported above).
+SELECT CASE WHEN d.own THEN 'error' ELSE 'warning' END, d.obj,
+       CASE WHEN d.own THEN 'pgseal''s own SECURITY DEFINER function has a search_path that does not end in pg_temp'
+            ELSE 'SECURITY DEFINER function whose search_path does not end in pg_temp, so the caller''s temporary objects come first' END,
+       format('ALTER FUNCTION %s SET search_path = %s;', d.obj,
+              CASE WHEN coalesce(d.path, '') IN ('', '""') THEN 'pg_catalog, pg_temp' ELSE d.path || ', pg_temp' END)
+FROM (
+    SELECT p.oid::regprocedure::text AS obj,
+           (SELECT substr(c, length('search_path=') + 1) FROM unnest(p.proconfig) c
+             WHERE c LIKE 'search\_path=%' LIMIT 1) AS path,
+           n.nspname = 'pgseal' OR EXISTS (
+               SELECT 1 FROM pg_depend dep JOIN pg_extension e ON e.oid = dep.refobjid
+               WHERE dep.classid = 'pg_proc'::regclass AND dep.objid = p.oid AND dep.deptype = 'e'
+                 AND dep.refclassid = 'pg_extension'::regclass AND e.extname = 'pgseal') AS own,
+           EXISTS (SELECT 1 FROM pg_depend dep
+                   WHERE dep.classid = 'pg_proc'::regclass AND dep.objid = p.oid AND dep.deptype = 'e') AS ext
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+) d
+WHERE (d.path IS NOT NULL OR d.own OR d.ext)
+  AND NOT coalesce(lower(regexp_replace(d.path, '\s', '', 'g')) ~ '(^|,)"?pg_temp"?$', false)
+$$;
+
+------------------------------------------------------------------------------------
+-- 7. Jobs (sql/jobs.sql). Rules and registrations written under 0.1.0 stay; the
+-- registration check and the evidence triggers apply to writes from now on.
+------------------------------------------------------------------------------------
+-- Registrations point pgseald at application tables. A row of retention_rules or
+-- sealed_columns may only name a plain or partitioned table outside pgseal that
+-- the role writing the row may DELETE from (retention) or UPDATE (sealing): the
+-- check runs as that role, in a trigger, whichever way the row is written.
+CREATE OR REPLACE FUNCTION pgseal._registration_check() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    need pg_catalog.text := TG_ARGV[0];
+    kind pg_catalog."char";
+    nsp  pg_catalog.name;
+BEGIN
+    SELECT c.relkind, n.nspname INTO kind, nsp
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+     WHERE c.oid OPERATOR(pg_catalog.=) NEW.rel;
+    IF kind IS NULL OR kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'only a plain or partitioned table can be registered' USING ERRCODE = '42809';
+    END IF;
+    IF nsp OPERATOR(pg_catalog.=) 'pgseal' THEN
+        RAISE EXCEPTION 'pgseal''s own tables cannot be registered' USING ERRCODE = '42501';
+    END IF;
+    IF NOT pg_catalog.has_table_privilege(NEW.rel, need) THEN
+        RAISE EXCEPTION 'permission denied: registering a table needs % on it', need USING ERRCODE = '42501';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgseal.retention_set(rel regclass, keep interval, time_column name DEFAULT 'created_at', tenant text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF rel IS NULL OR keep IS NULL OR time_column IS NULL THEN
+        RAISE EXCEPTION 'rel, keep and time_column must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF keep <= interval '0' THEN
+        RAISE EXCEPTION 'keep must be a positive interval' USING ERRCODE = '22023';
+    END IF;
+    IF tenant = '' THEN
+        RAISE EXCEPTION 'tenant must not be empty; NULL sets the default' USING ERRCODE = '22023';
+    END IF;
+    PERFORM pgseal._check_tenant_arg(tenant);
+    PERFORM pgseal._check_table(rel);
+    -- _column_type raises 42703 for a missing column.
+    IF pgseal._column_type(rel, time_column)
+       NOT IN ('timestamp with time zone', 'timestamp without time zone', 'date') THEN
+        RAISE EXCEPTION 'column % of % is not a timestamp or date', time_column, rel USING ERRCODE = '42804';
+    END IF;
+    PERFORM pgseal._column_type(rel, 'tenant_id');
+    INSERT INTO pgseal.retention_rules AS r (rel, tenant_id, keep, time_column)
+    VALUES (rel, tenant, keep, time_column)
+    ON CONFLICT (rel, (coalesce(tenant_id, ''))) DO UPDATE
+        SET keep = excluded.keep, time_column = excluded.time_column, updated_at = now();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgseal.retention_hold(tenant text, "on" boolean) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF tenant IS NULL OR "on" IS NULL THEN
+        RAISE EXCEPTION 'tenant and on must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF tenant = '' THEN
+        RAISE EXCEPTION 'tenant must not be empty' USING ERRCODE = '22023';
+    END IF;
+    PERFORM pgseal._check_tenant_arg(tenant);
+    IF "on" THEN
+        INSERT INTO pgseal.retention_holds (tenant_id) VALUES (tenant) ON CONFLICT DO NOTHING;
+    ELSE
+        DELETE FROM pgseal.retention_holds h WHERE h.tenant_id = tenant;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgseal.vault_register_column(rel regclass, col name, context text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF octet_length(context) > 1024 THEN
+        RAISE EXCEPTION 'context is longer than 1024 bytes' USING ERRCODE = '54000';
+    END IF;
+    IF pgseal._column_type(rel, col) <> 'text' THEN
+        RAISE EXCEPTION 'column % of % is not text', col, rel USING ERRCODE = '42804';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid OPERATOR(pg_catalog.=) rel AND i.indisprimary) THEN
+        RAISE EXCEPTION '% has no primary key; resealing needs one', rel USING ERRCODE = '42P10';
+    END IF;
+    INSERT INTO pgseal.sealed_columns VALUES (rel, col, context)
+    ON CONFLICT (rel, col) DO UPDATE SET context = excluded.context;
+END
+$$;
+
+-- How many registered values each key still seals. Scans every registered column.
+CREATE OR REPLACE FUNCTION pgseal._key_usage() RETURNS TABLE (key_id text, tenant_id text, state text, rows bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    parts text := '';
+    c record;
+BEGIN
+    -- Only registrations that are still a plain or partitioned table with a text
+    -- column: nothing else (a view, a function, a user type's operators) is read as
+    -- the owner.
+    FOR c IN SELECT s.rel, s.col FROM pgseal.sealed_columns s
+               JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) s.rel
+               JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.rel
+                    AND a.attname OPERATOR(pg_catalog.=) s.col AND NOT a.attisdropped
+              WHERE r.relkind IN ('r', 'p') AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype LOOP
+        parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%I, '':'', 2) AS k FROM %s WHERE %I OPERATOR(pg_catalog.~~) ''v2:%%''', c.col, c.rel, c.col);
+    END LOOP;
+    RETURN QUERY EXECUTE format(
+        'WITH used AS (SELECT NULL::text AS k WHERE false%s)
+         SELECT t.key_id, t.tenant_id, t.state, coalesce(u.n, 0)::bigint
+         FROM pgseal.tenant_keys t
+         LEFT JOIN (SELECT k, count(*) AS n FROM used GROUP BY k) u ON u.k = t.key_id
+         WHERE t.purpose = ''dek''
+         ORDER BY t.tenant_id, t.created_at', parts);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgseal._job_runs_trim() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    DELETE FROM pgseal.job_runs WHERE id <= NEW.id - 1000;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER retention_rules_check BEFORE INSERT OR UPDATE ON pgseal.retention_rules
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('DELETE');
+CREATE TRIGGER sealed_columns_check BEFORE INSERT OR UPDATE ON pgseal.sealed_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('UPDATE');
+ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_check;
+ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_check;
+
+-- Retention rules and legal holds are evidence: 'retention.set' / 'retention.removed'
+-- (in the rule's tenant's chain; a default rule's in the tenant context's, else the
+-- system chain '_pgseal') and 'retention.held' / 'retention.released' (the tenant's
+-- chain), whichever way the row is written (extension/src/ledger/evidence.rs). A C
+-- trigger function, executable by no role.
+CREATE OR REPLACE FUNCTION pgseal._retention_record() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'retention_record_trigger';
+CREATE TRIGGER retention_rules_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.retention_rules
+    FOR EACH ROW EXECUTE FUNCTION pgseal._retention_record();
+CREATE TRIGGER retention_holds_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.retention_holds
+    FOR EACH ROW EXECUTE FUNCTION pgseal._retention_record();
+ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record;
+ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record;
+
+-- retention_set and vault_register_column run as the caller (the trigger above
+-- checks what they write).
+GRANT SELECT, INSERT, UPDATE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
+GRANT SELECT ON pgseal.retention_policies, pgseal.key_usage, pgseal.sealed_columns, pgseal.retention_holds TO pgseal_admin;
+
+-- The distinct tenants of a table (a loose index scan over its tenant_id), for the
+-- retention run's default rules. The scan runs as the owner, so that discovering
+-- tenants needs no tenant context or BYPASSRLS; _tenants_scan first checks, as the
+-- caller, that rel is a plain or partitioned table outside pgseal that the caller
+-- owns or may DELETE from (extension/src/jobs.rs).
+CREATE OR REPLACE FUNCTION pgseal._tenants_of(rel regclass) RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$ SELECT * FROM pgseal._tenants_scan(rel::pg_catalog.oid) $$;
+
+-- Tenants whose active data key is due for rotation: older than max_age, or past
+-- 90% of pgseal.dek_max_encryptions. For pgseald's rotation job.
+CREATE OR REPLACE FUNCTION pgseal._rotation_due(max_age interval) RETURNS SETOF text
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    SELECT k.tenant_id FROM pgseal.tenant_keys k
+    WHERE k.purpose = 'dek' AND k.state = 'active'
+      AND (k.created_at < now() - max_age
+           OR k.encryptions >= current_setting('pgseal.dek_max_encryptions')::bigint * 9 / 10)
+    ORDER BY k.tenant_id
+$$;
+
+------------------------------------------------------------------------------------
+-- 8. Privileges and identity (sql/finalize.sql). As in a fresh install, every
+-- function is first closed to PUBLIC (the functions created above were created with
+-- PostgreSQL's default EXECUTE for PUBLIC), then each role gets what finalize.sql
+-- grants. Grants 0.1.0 made are repeated; repeating a grant changes nothing. No grant
+-- of 0.1.0 is withdrawn by 0.2.0. (As in a fresh install, the REVOKE also withdraws
+-- an EXECUTE that a DBA granted to PUBLIC on a pgseal function; grants to named
+-- roles stay.)
+------------------------------------------------------------------------------------
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgseal FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION pgseal.current_tenant() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgseal.vault_status() TO PUBLIC;
+
+GRANT EXECUTE ON FUNCTION
+    pgseal.vault_seal(text, text),
+    pgseal.vault_redact(text, integer, text)
+TO pgseal_seal;
+
+GRANT EXECUTE ON FUNCTION
+    pgseal.vault_decrypt(text, text),
+    pgseal.vault_rewrap(text, text)
+TO pgseal_decrypt;
+
+GRANT EXECUTE ON FUNCTION
+    pgseal.tenant_key_rotate(text),
+    pgseal.kek_rewrap(integer),
+    pgseal.tenant_shred(text),
+    pgseal.key_cache_entries(),
+    pgseal.audit_queue_status()
+TO pgseal_admin;
+
+GRANT pgseal_ledger TO pgseal_admin;
+GRANT SELECT ON pgseal.ledger TO pgseal_ledger, pgseal_admin;
+
+GRANT EXECUTE ON FUNCTION
+    pgseal.ledger_append(text, jsonb, text),
+    pgseal.ledger_verify(text, bigint, bigint),
+    pgseal.ledger_export(text, bigint, bigint),
+    pgseal._ledger_tenant(text),
+    pgseal.ledger_public_key()
+TO pgseal_ledger;
+
+GRANT EXECUTE ON FUNCTION
+    pgseal.ledger_checkpoint(text),
+    pgseal.ledger_prune(text, bigint),
+    pgseal.ledger_audit(regclass, text[]),
+    pgseal.ledger_unaudit(regclass),
+    pgseal._audit_row()
+TO pgseal_admin;
+
+-- Tenancy. Policies call these as the querying user, so PUBLIC executes them; the
+-- protect functions run as the caller, so only a table's owner can protect it.
+GRANT EXECUTE ON FUNCTION
+    pgseal.current_user_id(),
+    pgseal.set_tenant(text, text),
+    pgseal._context_setting(text),
+    pgseal._my_orgs(pgseal.org_role),
+    pgseal._org_exists(text),
+    pgseal._column_type(regclass, name),
+    pgseal._with_partitions(regclass),
+    pgseal._has_leading_index(regclass, name),
+    pgseal._rls_reset(regclass, name),
+    pgseal._check_table(regclass),
+    pgseal._check_tenant_arg(text),
+    pgseal._tenant_column_names(),
+    pgseal.tenant_protect(regclass, name),
+    pgseal.tenant_unprotect(regclass),
+    pgseal.org_protect(regclass, name, name, name),
+    pgseal.isolation_report()
+TO PUBLIC;
+
+-- Jobs that pgseald runs, as a member of pgseal_admin.
+GRANT EXECUTE ON FUNCTION
+    pgseal.retention_set(regclass, interval, name, text),
+    pgseal.retention_hold(text, boolean),
+    pgseal.vault_register_column(regclass, name, text),
+    pgseal._key_usage(),
+    pgseal._tenants_of(regclass),
+    pgseal._tenants_scan(oid),
+    pgseal._rotation_due(interval)
+TO pgseal_admin;
+
+-- pgseald's leader election (extension/src/locks.rs).
+GRANT EXECUTE ON FUNCTION pgseal._leader_try_lock() TO pgseal_admin;
+
+-- Tenancy invariants (org_members, cursors)
+-- The org_members trigger runs as the role that changed the row and locks the
+-- organisation's row in pgseal.org_locks through this narrow SECURITY DEFINER helper
+-- (the current tenant's organisations only).
+GRANT EXECUTE ON FUNCTION pgseal._org_lock(text) TO PUBLIC;
+
+-- Evidence (issue 14). The protect functions run as the caller and end by recording
+-- the table's protection (the caller must own it); ledger_audit, run as the caller,
+-- attaches the TRUNCATE trigger; pgseald appends its receipts through _job_receipt.
+-- The other recording triggers (_org_members_record, _retention_record) are granted
+-- to no role: triggers fire without EXECUTE, and nobody can attach them elsewhere.
+GRANT EXECUTE ON FUNCTION pgseal._protection_changed(oid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgseal._audit_truncate() TO pgseal_admin;
+GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
+
+-- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
+-- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).
+GRANT SELECT ON pgseal.ledger_checkpoints TO pgseal_admin;
+
+-- 0.1.0 derived its checkpoint signing key from the master key; 0.2.0 makes a random
+-- checkpoint key (purpose 'checkpoint') on first use, not here, exactly as after a
+-- fresh install. So ledger_public_key() returns a new key after the update, and the
+-- checkpoints 0.1.0 signed (v1) verify with the public key 0.1.0 returned.
+-- Signing identity (issue 14). The checkpoint key is a random Ed25519 key kept wrapped
+-- in pgseal.tenant_keys (tenant '_pgseal', purpose 'checkpoint'), made on first use and
+-- rewrapped by kek_rewrap like every other key. It is not made here: pg_dump carries
+-- tenant_keys, and a key made by the restore's own CREATE EXTENSION would collide with
+-- the restored one. The ledger id names this database's ledger in every checkpoint;
+-- it is made here and carried by pg_dump. A restore adds the dumped row next to the
+-- one its CREATE EXTENSION made, and the older row is the ledger's id
+-- (extension/src/ledger/checkpoints.rs).
+ALTER TABLE pgseal.tenant_keys DROP CONSTRAINT tenant_keys_purpose_check;
+ALTER TABLE pgseal.tenant_keys ADD CONSTRAINT tenant_keys_purpose_check
+    CHECK (purpose IN ('dek', 'ledger', 'checkpoint'));
+
+-- A new random ledger id, as CREATE EXTENSION makes one: every v2 checkpoint of this
+-- database will name it.
+CREATE TABLE pgseal.ledger_identity (
+    ledger_id  text        PRIMARY KEY CHECK (ledger_id ~ '^[0-9a-f]{32}$')
+               DEFAULT pg_catalog.replace(pg_catalog.gen_random_uuid()::text, '-', ''),
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+COMMENT ON TABLE pgseal.ledger_identity IS
+    'The id every checkpoint of this database names (pgseal.ledger_id()). Written only at CREATE EXTENSION and by a restore.';
+INSERT INTO pgseal.ledger_identity DEFAULT VALUES;
+REVOKE ALL ON pgseal.ledger_identity FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_identity', '');
+
+GRANT EXECUTE ON FUNCTION pgseal.ledger_id() TO pgseal_ledger;
+
+------------------------------------------------------------------------------------
+-- 9. Tables audited under 0.1.0. 0.2.0's ledger_audit also puts a TRUNCATE trigger
+-- (pgseal_audit_truncate, 'audit.truncated') on the table and each of its
+-- partitions; add it wherever 0.1.0's ledger_audit left its row trigger, so an
+-- upgraded database audits what a fresh 0.2.0 one does without a second
+-- ledger_audit call. (A partition's cloned row trigger has a parent trigger: only the
+-- table ledger_audit was called on is looked at, as ledger_audit does.)
+------------------------------------------------------------------------------------
+DO $audited$
+DECLARE
+    part pg_catalog.regclass;
+BEGIN
+    FOR part IN
+        SELECT DISTINCT p
+        FROM pg_catalog.pg_trigger t, pgseal._with_partitions(t.tgrelid::pg_catalog.regclass) AS p
+        WHERE t.tgname OPERATOR(pg_catalog.=) 'pgseal_audit'
+          AND t.tgfoid OPERATOR(pg_catalog.=) 'pgseal._audit_row()'::pg_catalog.regprocedure
+          AND t.tgparentid OPERATOR(pg_catalog.=) 0
+    LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                       WHERE t.tgrelid OPERATOR(pg_catalog.=) part
+                         AND t.tgname OPERATOR(pg_catalog.=) 'pgseal_audit_truncate') THEN
+            EXECUTE pg_catalog.format(
+                'CREATE TRIGGER pgseal_audit_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgseal._audit_truncate()',
+                part);
+        END IF;
+    END LOOP;
+END
+$audited$;
