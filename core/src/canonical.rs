@@ -142,10 +142,7 @@ mod tests {
 
     #[test]
     fn rejects_invalid_json() {
-        assert!(matches!(
-            canonical_payload("{"),
-            Err(CoreError::NotJson)
-        ));
+        assert!(matches!(canonical_payload("{"), Err(CoreError::NotJson)));
     }
 
     #[test]

@@ -416,8 +416,19 @@ mod tests {
     #[test]
     fn refuses_what_is_not_json() {
         for bad in [
-            "", "{", "[1,]", "{\"a\"}", "01", "1.", "-", "\"\\ud800\"", "\"a", "[1] 2", "nul",
-            "{\"a\":1,}", "\"\u{1}\"",
+            "",
+            "{",
+            "[1,]",
+            "{\"a\"}",
+            "01",
+            "1.",
+            "-",
+            "\"\\ud800\"",
+            "\"a",
+            "[1] 2",
+            "nul",
+            "{\"a\":1,}",
+            "\"\u{1}\"",
         ] {
             assert!(canonicalize(bad).is_err(), "{bad:?}");
         }
@@ -425,7 +436,10 @@ mod tests {
 
     #[test]
     fn duplicate_names_keep_the_last_value() {
-        assert_eq!(canonicalize(r#"{"b":1,"a":2,"b":3}"#).unwrap(), r#"{"a":2,"b":3}"#);
+        assert_eq!(
+            canonicalize(r#"{"b":1,"a":2,"b":3}"#).unwrap(),
+            r#"{"a":2,"b":3}"#
+        );
     }
 
     fn json_value() -> impl Strategy<Value = serde_json::Value> {

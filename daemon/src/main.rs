@@ -317,7 +317,11 @@ fn try_main(cli: Cli, config: Option<config::Config>) -> Result<ExitCode, Daemon
 async fn connect(url: &str) -> Result<tokio_postgres::Client, DaemonError> {
     let target = tls::parse(url)?;
     let connector = tls::connector(&target)?;
-    let (client, connection) = target.config.connect(connector).await.map_err(DaemonError::Connect)?;
+    let (client, connection) = target
+        .config
+        .connect(connector)
+        .await
+        .map_err(DaemonError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::error!("connection error: {e}");

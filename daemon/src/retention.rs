@@ -37,7 +37,9 @@ pub struct Outcome {
 
 /// The longest batch of a run, in milliseconds.
 pub fn longest_batch_ms(out: &[Outcome]) -> f64 {
-    out.iter().map(|o| o.longest_batch.as_secs_f64() * 1000.0).fold(0.0, f64::max)
+    out.iter()
+        .map(|o| o.longest_batch.as_secs_f64() * 1000.0)
+        .fold(0.0, f64::max)
 }
 
 struct Rule {
@@ -108,9 +110,13 @@ pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, Da
                 continue;
             }
             let (rows, longest_batch) = if opts.dry_run {
-                (count_expired(client, rel, &tenant, rule, &cutoff).await?, Default::default())
+                (
+                    count_expired(client, rel, &tenant, rule, &cutoff).await?,
+                    Default::default(),
+                )
             } else {
-                let (n, longest) = delete_expired(client, rel, &tenant, rule, &cutoff, opts).await?;
+                let (n, longest) =
+                    delete_expired(client, rel, &tenant, rule, &cutoff, opts).await?;
                 receipt(client, rel, &tenant, rule, &cutoff, n).await?;
                 (n, longest)
             };

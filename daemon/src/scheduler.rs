@@ -23,7 +23,6 @@ use crate::config::Config;
 use crate::error::DaemonError;
 use crate::{jobs, retention, rotate, STOP};
 
-
 fn stopping() -> bool {
     STOP.load(Ordering::SeqCst)
 }
@@ -230,14 +229,12 @@ async fn retention_job(
             }
         }
     }
-    Ok(
-        serde_json::json!({
-            "deleted": deleted,
-            "tenant_tables": out.len(),
-            "longest_batch_ms": retention::longest_batch_ms(&out),
-            "ledger_entries_pruned": pruned,
-        }),
-    )
+    Ok(serde_json::json!({
+        "deleted": deleted,
+        "tenant_tables": out.len(),
+        "longest_batch_ms": retention::longest_batch_ms(&out),
+        "ledger_entries_pruned": pruned,
+    }))
 }
 
 async fn rotation_job(client: &mut Client, cfg: &Config) -> Result<serde_json::Value, DaemonError> {

@@ -44,11 +44,12 @@ pub struct Target {
 /// Parses a URL (`postgres://…?sslmode=…`) or key=value connection string. The
 /// error never repeats the string: it may hold a password.
 pub fn parse(conn: &str) -> Result<Target, DaemonError> {
-    let (rest, mode, root_cert) = if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
-        split_url(conn)
-    } else {
-        split_key_values(conn)
-    }?;
+    let (rest, mode, root_cert) =
+        if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+            split_url(conn)
+        } else {
+            split_key_values(conn)
+        }?;
     let mode = match mode.as_deref() {
         None | Some("prefer") => SslMode::Prefer,
         Some("disable") => SslMode::Disable,
@@ -56,10 +57,16 @@ pub fn parse(conn: &str) -> Result<Target, DaemonError> {
         Some("require") => SslMode::Require,
         Some("verify-ca") => SslMode::VerifyCa,
         Some("verify-full") => SslMode::VerifyFull,
-        Some(_) => return Err(DaemonError::Config("sslmode must be disable, prefer, require, verify-ca or verify-full".into())),
+        Some(_) => {
+            return Err(DaemonError::Config(
+                "sslmode must be disable, prefer, require, verify-ca or verify-full".into(),
+            ))
+        }
     };
     if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && root_cert.is_none() {
-        return Err(DaemonError::Config("sslmode verify-ca and verify-full need sslrootcert (a PEM file of the CA)".into()));
+        return Err(DaemonError::Config(
+            "sslmode verify-ca and verify-full need sslrootcert (a PEM file of the CA)".into(),
+        ));
     }
     let mut config: tokio_postgres::Config = rest.parse().map_err(|_| DaemonError::BadUrl)?;
     config.ssl_mode(match mode {
@@ -67,7 +74,11 @@ pub fn parse(conn: &str) -> Result<Target, DaemonError> {
         SslMode::Prefer => PgSslMode::Prefer,
         _ => PgSslMode::Require,
     });
-    Ok(Target { config, mode, root_cert })
+    Ok(Target {
+        config,
+        mode,
+        root_cert,
+    })
 }
 
 type Split = (String, Option<String>, Option<String>);
@@ -85,7 +96,11 @@ fn split_url(url: &str) -> Result<Split, DaemonError> {
             _ => kept.push(pair),
         }
     }
-    let rest = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
     Ok((rest, mode, root))
 }
 
@@ -145,7 +160,10 @@ fn split_key_values(s: &str) -> Result<Split, DaemonError> {
         match key.as_str() {
             "sslmode" => mode = Some(value),
             "sslrootcert" => root = Some(value),
-            _ => kept.push(format!("{key}='{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))),
+            _ => kept.push(format!(
+                "{key}='{}'",
+                value.replace('\\', "\\\\").replace('\'', "\\'")
+            )),
         }
     }
     Ok((kept.join(" "), mode, root))
@@ -179,17 +197,21 @@ fn webpki_verifier(
     path: &str,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn ServerCertVerifier>, DaemonError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| DaemonError::Config(format!("sslrootcert {path}: {e}")))?;
+    let pem =
+        std::fs::read(path).map_err(|e| DaemonError::Config(format!("sslrootcert {path}: {e}")))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|_| DaemonError::Config(format!("sslrootcert {path}: not PEM certificates")))?;
+        let cert = cert.map_err(|_| {
+            DaemonError::Config(format!("sslrootcert {path}: not PEM certificates"))
+        })?;
         roots
             .add(cert)
             .map_err(|e| DaemonError::Config(format!("sslrootcert {path}: {e}")))?;
     }
     if roots.is_empty() {
-        return Err(DaemonError::Config(format!("sslrootcert {path}: no certificate in it")));
+        return Err(DaemonError::Config(format!(
+            "sslrootcert {path}: no certificate in it"
+        )));
     }
     let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
@@ -220,7 +242,12 @@ impl ServerCertVerifier for NoCheck {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -229,7 +256,12 @@ impl ServerCertVerifier for NoCheck {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -250,7 +282,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
             Err(TlsError::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -291,11 +326,19 @@ mod tests {
         assert_eq!(t.mode, SslMode::VerifyFull);
         assert_eq!(t.root_cert.as_deref(), Some("/etc/ca.pem"));
         assert_eq!(t.config.get_application_name(), Some("x"));
-        let t = parse("host=db user=u password='a b\\'c' sslmode=require sslrootcert=/ca.pem").unwrap();
-        assert_eq!(t.mode, SslMode::VerifyCa, "require with a CA file checks the chain, as libpq");
+        let t =
+            parse("host=db user=u password='a b\\'c' sslmode=require sslrootcert=/ca.pem").unwrap();
+        assert_eq!(
+            t.mode,
+            SslMode::VerifyCa,
+            "require with a CA file checks the chain, as libpq"
+        );
         assert_eq!(t.config.get_password(), Some(&b"a b'c"[..]));
         assert_eq!(parse("host=db").unwrap().mode, SslMode::Prefer);
-        assert_eq!(parse("host=db sslmode=disable").unwrap().mode, SslMode::Disable);
+        assert_eq!(
+            parse("host=db sslmode=disable").unwrap().mode,
+            SslMode::Disable
+        );
     }
 
     #[test]

@@ -106,5 +106,7 @@ pub fn count_seal(key_id: &str) -> Option<i64> {
 pub fn total(key_id: &str) -> Option<i64> {
     let t = tag(key_id);
     let c = COUNTS.share();
-    c.find(t).filter(|&i| c.slots[i].0 == t).map(|i| c.slots[i].1)
+    c.find(t)
+        .filter(|&i| c.slots[i].0 == t)
+        .map(|i| c.slots[i].1)
 }

@@ -16,7 +16,8 @@ pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static DEK_MAX_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
 pub static USER_SETTING: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"app.user_id"));
-pub static AUDIT_DECRYPT: GucSetting<AuditDecrypt> = GucSetting::<AuditDecrypt>::new(AuditDecrypt::On);
+pub static AUDIT_DECRYPT: GucSetting<AuditDecrypt> =
+    GucSetting::<AuditDecrypt>::new(AuditDecrypt::On);
 pub static AUDIT_DECRYPT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static RESTORE: GucSetting<bool> = GucSetting::<bool>::new(false);
 

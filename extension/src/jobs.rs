@@ -39,7 +39,12 @@ fn check_job_table(rel: pg_sys::Oid) -> SealResult<()> {
                 return Ok((None, None, None, None));
             }
             let t = t.first();
-            Ok::<_, pgrx::spi::Error>((t.get::<bool>(1)?, t.get::<bool>(2)?, t.get::<bool>(3)?, t.get::<bool>(4)?))
+            Ok::<_, pgrx::spi::Error>((
+                t.get::<bool>(1)?,
+                t.get::<bool>(2)?,
+                t.get::<bool>(3)?,
+                t.get::<bool>(4)?,
+            ))
         })
     });
     match row {

@@ -374,7 +374,11 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
 /// Writes per-key encryption counts back (once per transaction, at pre-commit):
 /// each key's count becomes the larger of its count plus `adds` and its shared total
 /// (NULL when the key has none; `GREATEST` ignores NULL).
-pub fn add_encryptions(ids: Vec<String>, adds: Vec<i64>, totals: Vec<Option<i64>>) -> SealResult<()> {
+pub fn add_encryptions(
+    ids: Vec<String>,
+    adds: Vec<i64>,
+    totals: Vec<Option<i64>>,
+) -> SealResult<()> {
     as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.tenant_keys k SET encryptions = GREATEST(k.encryptions OPERATOR(pg_catalog.+) u.n, u.total) \

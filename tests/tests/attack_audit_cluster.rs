@@ -30,7 +30,10 @@ fn start(name: &str, port: u16) -> (Cluster, postgres::Client) {
 
 fn connect_as(cl: &Cluster, user: &str) -> postgres::Client {
     postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user={user} dbname=postgres", cl.port),
+        &format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres",
+            cl.port
+        ),
         postgres::NoTls,
     )
     .unwrap()
@@ -129,8 +132,10 @@ fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
         .batch_execute("BEGIN; SELECT pgseal.kek_rewrap(1)")
         .unwrap();
     let mut c = connect_as(&cl, "app");
-    c.batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.note', '{}')")
-        .unwrap();
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.note', '{}')",
+    )
+    .unwrap();
     let r = c.query(
         "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
         &[],
@@ -163,7 +168,11 @@ fn a_commit_that_fails_in_the_audit_append_still_records_the_count() {
         )
         .unwrap();
     assert_eq!(rows.len(), 3, "the plaintexts reached the client");
-    assert_eq!(sqlstate(c.batch_execute("COMMIT")), "55P03", "the commit fails");
+    assert_eq!(
+        sqlstate(c.batch_execute("COMMIT")),
+        "55P03",
+        "the commit fails"
+    );
     holder.batch_execute("COMMIT").unwrap();
     let started = entries(&mut admin, "vault.decrypt_started");
     assert_eq!(started.len(), 1, "{started:?}");
@@ -171,7 +180,10 @@ fn a_commit_that_fails_in_the_audit_append_still_records_the_count() {
     let found = wait_for_count(&mut admin, 20, |e| {
         e.3["started"] == serde_json::json!({"tenant": chain, "seq": seq}) && e.3["count"] == 3
     });
-    assert!(found, "3 decrypts whose plaintexts were returned have no count entry");
+    assert!(
+        found,
+        "3 decrypts whose plaintexts were returned have no count entry"
+    );
 }
 
 /// Finding 4: only the first decrypt of a key in a transaction is recorded with its
@@ -180,7 +192,9 @@ fn a_commit_that_fails_in_the_audit_append_still_records_the_count() {
 #[test]
 fn decrypts_after_set_role_are_attributed_to_the_role_that_made_them() {
     let (cl, mut admin) = start("atk-audit-setrole", 54434);
-    admin.batch_execute("CREATE ROLE mid LOGIN; GRANT app, app2 TO mid").unwrap();
+    admin
+        .batch_execute("CREATE ROLE mid LOGIN; GRANT app, app2 TO mid")
+        .unwrap();
     let mut c = connect_as(&cl, "mid");
     c.batch_execute(
         "BEGIN; SET LOCAL app.tenant_id = 'acme'; SET LOCAL ROLE app;
@@ -191,8 +205,12 @@ fn decrypts_after_set_role_are_attributed_to_the_role_that_made_them() {
     )
     .unwrap();
     // One use, one durable record and one count per role.
-    assert!(wait_for_count(&mut admin, 20, |e| e.2.as_deref() == Some("app2") && e.3["count"] == 3));
-    assert!(wait_for_count(&mut admin, 20, |e| e.2.as_deref() == Some("app") && e.3["count"] == 1));
+    assert!(wait_for_count(&mut admin, 20, |e| e.2.as_deref()
+        == Some("app2")
+        && e.3["count"] == 3));
+    assert!(wait_for_count(&mut admin, 20, |e| e.2.as_deref()
+        == Some("app")
+        && e.3["count"] == 1));
     let roles: Vec<Option<String>> = ["vault.decrypt_started", "vault.decrypt"]
         .iter()
         .flat_map(|ev| entries(&mut admin, ev))
@@ -254,7 +272,11 @@ impl Standby {
         let _ = std::fs::remove_dir_all(&dir);
         let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
         let run = |args: &[&str]| {
-            let st = Command::new("runuser").args(["-u", &user, "--"]).args(args).status().unwrap();
+            let st = Command::new("runuser")
+                .args(["-u", &user, "--"])
+                .args(args)
+                .status()
+                .unwrap();
             assert!(st.success(), "{args:?}");
         };
         let st = Command::new("install")
@@ -278,7 +300,10 @@ impl Standby {
             "-X",
             "stream",
         ]);
-        let conf = format!("port = {port}\nunix_socket_directories = '{}'\n", dir.display());
+        let conf = format!(
+            "port = {port}\nunix_socket_directories = '{}'\n",
+            dir.display()
+        );
         let mut old = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
         old.push_str(&conf);
         std::fs::write(data.join("postgresql.conf"), old).unwrap();
@@ -330,9 +355,13 @@ fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
         postgres::NoTls,
     )
     .unwrap();
-    let rec: bool = c.query_one("SELECT pg_is_in_recovery()", &[]).unwrap().get(0);
+    let rec: bool = c
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .unwrap()
+        .get(0);
     assert!(rec);
-    c.batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'").unwrap();
+    c.batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'")
+        .unwrap();
     let rows = c
         .query(
             "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
@@ -342,8 +371,15 @@ fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
     assert_eq!(rows.len(), 3, "the standby returned the plaintexts");
     c.batch_execute("ROLLBACK").unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let traces = standby.log().lines().filter(|l| l.contains("on a hot standby")).count();
-    assert!(traces > 0, "3 plaintexts left the standby and nothing records them");
+    let traces = standby
+        .log()
+        .lines()
+        .filter(|l| l.contains("on a hot standby"))
+        .count();
+    assert!(
+        traces > 0,
+        "3 plaintexts left the standby and nothing records them"
+    );
 }
 
 /// Finding 1, second way in: `pg_terminate_backend` (which a role may use on its own
@@ -397,7 +433,9 @@ fn terminated_waiters_must_not_exhaust_the_audit_queue() {
         for w in waiters {
             let state = w.join().unwrap();
             assert!(
-                state == "57P01" || state.contains("connection closed") || state.contains("db error"),
+                state == "57P01"
+                    || state.contains("connection closed")
+                    || state.contains("db error"),
                 "every waiter was terminated while it waited, not {state}"
             );
         }
@@ -407,7 +445,11 @@ fn terminated_waiters_must_not_exhaust_the_audit_queue() {
     while in_use(&mut admin) > 0 && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(in_use(&mut admin), 0, "terminated waiters left slots behind");
+    assert_eq!(
+        in_use(&mut admin),
+        0,
+        "terminated waiters left slots behind"
+    );
     assert_eq!(
         victim_decrypt(&mut admin),
         "00000",
@@ -461,5 +503,8 @@ fn parallel_queries_of_an_unprivileged_role_do_not_block_decrypts() {
         h.join().unwrap();
     }
     let _ = &mut admin;
-    assert_eq!(state, "00000", "an unprivileged role's parallel queries kept the audit writer from starting");
+    assert_eq!(
+        state, "00000",
+        "an unprivileged role's parallel queries kept the audit writer from starting"
+    );
 }

@@ -14,7 +14,11 @@ fn openssl(dir: &Path, args: &[&str]) {
         .args(args)
         .output()
         .expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A CA, a server certificate for 127.0.0.1 only (no DNS name) signed by it, and a
@@ -24,20 +28,79 @@ fn make_certs() -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for ca in ["ca", "other-ca"] {
-        openssl(&dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", &format!("/CN=pgseal test {ca}"), "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem")]);
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=pgseal test {ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ],
+        );
     }
-    openssl(&dir, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=pgseal test server",
-        "-keyout", "server.key", "-out", "server.csr"]);
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=pgseal test server",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
     std::fs::write(dir.join("san.ext"), "subjectAltName = IP:127.0.0.1\n").unwrap();
-    openssl(&dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt"]);
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ],
+    );
     let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
-    let st = Command::new("chown").arg(format!("{user}:{user}")).arg(dir.join("server.key")).status().unwrap();
+    let st = Command::new("chown")
+        .arg(format!("{user}:{user}"))
+        .arg(dir.join("server.key"))
+        .status()
+        .unwrap();
     assert!(st.success());
-    let st = Command::new("chmod").args(["0600"]).arg(dir.join("server.key")).status().unwrap();
+    let st = Command::new("chmod")
+        .args(["0600"])
+        .arg(dir.join("server.key"))
+        .status()
+        .unwrap();
     assert!(st.success());
-    let st = Command::new("chmod").args(["a+rx"]).arg(&dir).status().unwrap();
+    let st = Command::new("chmod")
+        .args(["a+rx"])
+        .arg(&dir)
+        .status()
+        .unwrap();
     assert!(st.success());
     dir
 }
@@ -73,10 +136,17 @@ fn sslmodes_verify_what_they_promise() {
     ];
     let conf: Vec<&str> = ssl_conf.iter().map(String::as_str).collect();
     let cl = Cluster::start("daemon-tls", 54451, &[KEY_V1], &conf);
-    cl.connect().batch_execute("CREATE EXTENSION pgseal").unwrap();
+    cl.connect()
+        .batch_execute("CREATE EXTENSION pgseal")
+        .unwrap();
     let ca = certs.join("ca.pem");
     let other = certs.join("other-ca.pem");
-    let base = |host: &str| format!("host={host} port={} user=postgres password=hunter2secret dbname=postgres", cl.port);
+    let base = |host: &str| {
+        format!(
+            "host={host} port={} user=postgres password=hunter2secret dbname=postgres",
+            cl.port
+        )
+    };
     let with = |host: &str, mode: &str, root: Option<&Path>| match root {
         Some(r) => format!("{} sslmode={mode} sslrootcert={}", base(host), r.display()),
         None => format!("{} sslmode={mode}", base(host)),
@@ -107,8 +177,14 @@ fn sslmodes_verify_what_they_promise() {
 
     // A server without TLS: require fails, prefer and disable connect.
     let plain = Cluster::start("daemon-tls-plain", 54452, &[KEY_V1], &[]);
-    plain.connect().batch_execute("CREATE EXTENSION pgseal").unwrap();
-    let pbase = format!("host=127.0.0.1 port={} user=postgres password=hunter2secret dbname=postgres", plain.port);
+    plain
+        .connect()
+        .batch_execute("CREATE EXTENSION pgseal")
+        .unwrap();
+    let pbase = format!(
+        "host=127.0.0.1 port={} user=postgres password=hunter2secret dbname=postgres",
+        plain.port
+    );
     fails(format!("{pbase} sslmode=require"));
     ok(format!("{pbase} sslmode=prefer"));
     ok(format!("{pbase} sslmode=disable"));

@@ -40,7 +40,10 @@ fn app(cl: &Cluster) -> postgres::Client {
 }
 
 /// Waits (up to 20 s) for the writer to append the end-of-transaction counts.
-fn wait_for_counts(c: &mut postgres::Client, n: usize) -> Vec<(String, i64, Option<String>, Value)> {
+fn wait_for_counts(
+    c: &mut postgres::Client,
+    n: usize,
+) -> Vec<(String, i64, Option<String>, Value)> {
     let t0 = Instant::now();
     loop {
         let e = entries(c, "vault.decrypt");
@@ -53,9 +56,16 @@ fn wait_for_counts(c: &mut postgres::Client, n: usize) -> Vec<(String, i64, Opti
 
 fn verifies(c: &mut postgres::Client, tenant: &str) {
     let r = c
-        .query_one("SELECT ok, problem FROM pgseal.ledger_verify($1)", &[&tenant])
+        .query_one(
+            "SELECT ok, problem FROM pgseal.ledger_verify($1)",
+            &[&tenant],
+        )
         .unwrap();
-    assert!(r.get::<_, bool>(0), "{tenant}: {:?}", r.get::<_, Option<String>>(1));
+    assert!(
+        r.get::<_, bool>(0),
+        "{tenant}: {:?}",
+        r.get::<_, Option<String>>(1)
+    );
 }
 
 #[test]
@@ -76,17 +86,28 @@ fn a_rolled_back_decrypt_is_on_record_with_its_count() {
         .count();
     assert_eq!(plaintexts, 3, "the client did get the plaintexts");
     let started = entries(&mut admin, "vault.decrypt_started");
-    assert_eq!(started.len(), 1, "one durable entry for the key's first decrypt: {started:?}");
+    assert_eq!(
+        started.len(),
+        1,
+        "one durable entry for the key's first decrypt: {started:?}"
+    );
     let (chain, seq, role, p) = &started[0];
     assert_eq!(chain, "acme");
-    assert_eq!(role.as_deref(), Some("app"), "the role that decrypted, not the writer's");
+    assert_eq!(
+        role.as_deref(),
+        Some("app"),
+        "the role that decrypted, not the writer's"
+    );
     assert_eq!(p["context"], "integrations.token");
     let done = wait_for_counts(&mut admin, 1);
     assert_eq!(done.len(), 1, "the count is completed on rollback");
     let p = &done[0].3;
     assert_eq!(p["count"], 3);
     assert_eq!(p["outcome"], "rolled back");
-    assert_eq!(p["started"], serde_json::json!({"tenant": "acme", "seq": seq}));
+    assert_eq!(
+        p["started"],
+        serde_json::json!({"tenant": "acme", "seq": seq})
+    );
     verifies(&mut admin, "acme");
 }
 
@@ -103,7 +124,11 @@ fn a_failed_deferred_constraint_and_a_rolled_back_prepared_transaction_leave_the
     let r = c.batch_execute(&format!(
         "BEGIN; {DECRYPT_ALL}; INSERT INTO seen VALUES (1), (1); COMMIT"
     ));
-    assert_eq!(sqlstate(r), "23505", "the commit fails on the deferred constraint");
+    assert_eq!(
+        sqlstate(r),
+        "23505",
+        "the commit fails on the deferred constraint"
+    );
     assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 1);
     let done = wait_for_counts(&mut admin, 1);
     assert_eq!(done[0].3["outcome"], "rolled back");
@@ -128,15 +153,25 @@ fn a_failed_deferred_constraint_and_a_rolled_back_prepared_transaction_leave_the
 fn committed_and_read_only_decrypts_are_counted_once_per_key() {
     let (cl, mut admin) = start("audit-commit", 54403);
     let mut c = app(&cl);
-    c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}; {DECRYPT_ALL}; COMMIT")).unwrap();
+    c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}; {DECRYPT_ALL}; COMMIT"))
+        .unwrap();
     let started = entries(&mut admin, "vault.decrypt_started");
-    assert_eq!(started.len(), 1, "six decrypts under one key, one durable entry");
+    assert_eq!(
+        started.len(),
+        1,
+        "six decrypts under one key, one durable entry"
+    );
     let done = entries(&mut admin, "vault.decrypt");
-    assert_eq!(done.len(), 1, "the count is written inside the committing transaction");
+    assert_eq!(
+        done.len(),
+        1,
+        "the count is written inside the committing transaction"
+    );
     assert_eq!(done[0].3["count"], 6);
     assert_eq!(done[0].3["outcome"], "committed");
     // A read-only transaction can decrypt: the writer records it.
-    c.batch_execute(&format!("BEGIN READ ONLY; {DECRYPT_ALL}; COMMIT")).unwrap();
+    c.batch_execute(&format!("BEGIN READ ONLY; {DECRYPT_ALL}; COMMIT"))
+        .unwrap();
     assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 2);
     let done = wait_for_counts(&mut admin, 2);
     assert_eq!(done.len(), 2);
@@ -159,7 +194,10 @@ fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_audit_chain() 
     assert_eq!(started[0].0, "_pgseal_audit", "{started:?}");
     assert_eq!(started[0].3["tenant"], "acme");
     let done = wait_for_counts(&mut admin, 1);
-    assert_eq!(done[0].0, "acme", "the count goes to the tenant once its chain is free");
+    assert_eq!(
+        done[0].0, "acme",
+        "the count goes to the tenant once its chain is free"
+    );
     assert_eq!(done[0].3["started"]["tenant"], "_pgseal_audit");
     verifies(&mut admin, "acme");
     verifies(&mut admin, "_pgseal_audit");
@@ -176,26 +214,45 @@ fn decrypt_state(cl: &Cluster) -> String {
 #[test]
 fn without_the_audit_worker_decrypt_fails_closed() {
     // No background worker slot at all: the launcher never runs.
-    let cl = Cluster::start("audit-no-launcher", 54405, &[KEY_V1], &["max_worker_processes = 0"]);
+    let cl = Cluster::start(
+        "audit-no-launcher",
+        54405,
+        &[KEY_V1],
+        &["max_worker_processes = 0"],
+    );
     let mut admin = cl.connect();
     admin.batch_execute(SETUP).unwrap();
-    assert_eq!(decrypt_state(&cl), "55000", "no plaintext without its record");
+    assert_eq!(
+        decrypt_state(&cl),
+        "55000",
+        "no plaintext without its record"
+    );
     assert!(entries(&mut admin, "vault.decrypt_started").is_empty());
     // commit mode (superuser-only) works without the worker; nobody else may choose it.
     admin
         .batch_execute(&format!("SET pgseal.audit_decrypt = commit; {DECRYPT_ALL}"))
         .unwrap();
     let r = app(&cl).batch_execute("SET pgseal.audit_decrypt = commit");
-    assert_eq!(sqlstate(r), "42501", "only a superuser may weaken the audit");
+    assert_eq!(
+        sqlstate(r),
+        "42501",
+        "only a superuser may weaken the audit"
+    );
     drop(cl);
     // Two slots (the launcher and logical replication's): no writer can start.
-    let cl = Cluster::start("audit-no-writer", 54407, &[KEY_V1], &["max_worker_processes = 2"]);
+    let cl = Cluster::start(
+        "audit-no-writer",
+        54407,
+        &[KEY_V1],
+        &["max_worker_processes = 2"],
+    );
     let mut admin = cl.connect();
     admin.batch_execute(SETUP).unwrap();
     assert_eq!(decrypt_state(&cl), "55000");
     assert!(entries(&mut admin, "vault.decrypt_started").is_empty());
     assert!(
-        cl.server_log().contains("pgseal audit launcher: no background worker slot for a writer"),
+        cl.server_log()
+            .contains("pgseal audit launcher: no background worker slot for a writer"),
         "the launcher ran and said why"
     );
 }
@@ -241,7 +298,8 @@ fn the_record_survives_kill_9_of_the_writer_and_of_the_postmaster() {
     verifies(&mut admin, "acme");
     // And the audit works again after the restarts.
     let mut c = app(&cl);
-    c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}; COMMIT")).unwrap();
+    c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}; COMMIT"))
+        .unwrap();
     assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 3);
 }
 

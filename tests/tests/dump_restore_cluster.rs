@@ -7,7 +7,6 @@ use std::process::Command;
 
 use pgseal_tests::{Cluster, KEY_V1};
 
-
 fn run(tool: &str, args: &[&str]) {
     let out = Command::new(pgseal_tests::pg_bindir().join(tool))
         .args(args)
@@ -22,7 +21,10 @@ fn run(tool: &str, args: &[&str]) {
 
 fn verify(c: &mut postgres::Client, tenant: &str) -> (bool, i64) {
     let r = c
-        .query_one("SELECT ok, checked FROM pgseal.ledger_verify($1)", &[&tenant])
+        .query_one(
+            "SELECT ok, checked FROM pgseal.ledger_verify($1)",
+            &[&tenant],
+        )
         .unwrap();
     (r.get(0), r.get(1))
 }
@@ -39,13 +41,23 @@ fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
          SELECT pgseal.ledger_append('order.paid', jsonb_build_object('n', g)) FROM generate_series(1, 20) g;",
     )
     .unwrap();
-    c.batch_execute("SELECT pgseal.ledger_checkpoint('acme')").unwrap();
-    let id: String = c.query_one("SELECT pgseal.ledger_id()", &[]).unwrap().get(0);
-    let pk: String = c.query_one("SELECT pgseal.ledger_public_key()", &[]).unwrap().get(0);
+    c.batch_execute("SELECT pgseal.ledger_checkpoint('acme')")
+        .unwrap();
+    let id: String = c
+        .query_one("SELECT pgseal.ledger_id()", &[])
+        .unwrap()
+        .get(0);
+    let pk: String = c
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
     let dump = format!("{}/db.dump", cl.dir.display());
     let port = cl.port.to_string();
     let conn = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
-    run("pg_dump", &[&conn[..], &["-Fc", "-f", &dump, "postgres"]].concat());
+    run(
+        "pg_dump",
+        &[&conn[..], &["-Fc", "-f", &dump, "postgres"]].concat(),
+    );
     c.batch_execute("CREATE DATABASE restored").unwrap();
     // Without restore mode the guards refuse the dumped ledger rows, superuser or not.
     let refused = Command::new(pgseal_tests::pg_bindir().join("pg_restore"))
@@ -61,28 +73,45 @@ fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
         .args([&conn[..], &["--exit-on-error", "-d", "restored", &dump]].concat())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let mut r = postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user=postgres dbname=restored", cl.port),
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=restored",
+            cl.port
+        ),
         postgres::NoTls,
     )
     .unwrap();
-    let rid: String = r.query_one("SELECT pgseal.ledger_id()", &[]).unwrap().get(0);
+    let rid: String = r
+        .query_one("SELECT pgseal.ledger_id()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(rid, id, "the restored database names the same ledger");
-    let rpk: String = r.query_one("SELECT pgseal.ledger_public_key()", &[]).unwrap().get(0);
+    let rpk: String = r
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(rpk, pk, "and signs with the same checkpoint key");
     assert_eq!(verify(&mut r, "acme"), (true, 20));
     r.batch_execute("SET app.tenant_id = 'acme'").unwrap();
     let plain: Vec<String> = r
-        .query("SELECT pgseal.vault_decrypt(token, 'creds.token') FROM creds ORDER BY id", &[])
+        .query(
+            "SELECT pgseal.vault_decrypt(token, 'creds.token') FROM creds ORDER BY id",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|row| row.get(0))
         .collect();
     assert_eq!(plain[0], "secret-1");
     assert_eq!(plain.len(), 5);
-    r.batch_execute("SELECT pgseal.ledger_append('order.shipped', '{}')").unwrap();
+    r.batch_execute("SELECT pgseal.ledger_append('order.shipped', '{}')")
+        .unwrap();
     let (ok, checked) = verify(&mut r, "acme");
     assert!(ok, "the restored chain takes new entries");
     assert!(checked > 20, "{checked}");

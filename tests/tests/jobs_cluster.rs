@@ -52,7 +52,10 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
         "a dry run deletes nothing"
     );
     assert_eq!(
-        count(&mut c, "SELECT count(*) FROM pgseal.ledger WHERE event = 'retention.deleted'"),
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.ledger WHERE event = 'retention.deleted'"
+        ),
         0,
         "a dry run leaves no receipt"
     );
@@ -85,12 +88,19 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
     assert_eq!(receipts[1].1["deleted"], 90);
     assert_eq!(receipts[1].1["keep"], "10 days");
     let roles: Vec<Option<String>> = c
-        .query("SELECT db_role FROM pgseal.ledger WHERE event = 'retention.deleted'", &[])
+        .query(
+            "SELECT db_role FROM pgseal.ledger WHERE event = 'retention.deleted'",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(roles, vec![Some("postgres".to_owned()); 2], "the role pgseald connected as");
+    assert_eq!(
+        roles,
+        vec![Some("postgres".to_owned()); 2],
+        "the role pgseald connected as"
+    );
     // The rules and the hold set up above are evidence too (issue 14).
     let setup: Vec<(String, String)> = c
         .query("SELECT tenant_id, event FROM pgseal.ledger WHERE event LIKE 'retention.%' AND event <> 'retention.deleted' ORDER BY 1, 2", &[])
@@ -100,8 +110,12 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
         .collect();
     assert_eq!(
         setup,
-        [("_pgseal", "retention.set"), ("t2", "retention.set"), ("t3", "retention.held")]
-            .map(|(t, e)| (t.to_owned(), e.to_owned()))
+        [
+            ("_pgseal", "retention.set"),
+            ("t2", "retention.set"),
+            ("t3", "retention.held")
+        ]
+        .map(|(t, e)| (t.to_owned(), e.to_owned()))
     );
     // The job history recorded the run, with its longest batch transaction.
     assert_eq!(
@@ -111,8 +125,14 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
         ),
         1
     );
-    assert!(out.contains("tenant t1: deleted 70 rows older than"), "{out}");
-    assert!(out.contains(" ms)"), "each line reports its longest batch: {out}");
+    assert!(
+        out.contains("tenant t1: deleted 70 rows older than"),
+        "{out}"
+    );
+    assert!(
+        out.contains(" ms)"),
+        "each line reports its longest batch: {out}"
+    );
     let longest: f64 = c
         .query_one(
             "SELECT (detail->>'longest_batch_ms')::float8 FROM pgseal.job_runs WHERE job = 'retention'",
@@ -120,7 +140,10 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
         )
         .unwrap()
         .get(0);
-    assert!(longest > 0.0 && longest < 60_000.0, "longest batch {longest} ms");
+    assert!(
+        longest > 0.0 && longest < 60_000.0,
+        "longest batch {longest} ms"
+    );
     // Lifting the hold and a rerun for one tenant only.
     c.batch_execute("SELECT pgseal.retention_hold('t3', false)")
         .unwrap();

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgseal_tests::{is_retryable, kek_rewrap_until_done, repo_root, sqlstate, Cluster, KEY_V1, KEY_V2};
+use pgseal_tests::{
+    is_retryable, kek_rewrap_until_done, repo_root, sqlstate, Cluster, KEY_V1, KEY_V2,
+};
 
 const SESSIONS: usize = 16;
 const APPENDS_PER_SESSION: usize = 2000;

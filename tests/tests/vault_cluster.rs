@@ -257,7 +257,11 @@ fn rolled_back_seals_count_against_the_key_in_every_backend() {
     let mut b = cl.connect();
     let k1 = key_of(&seal(&mut b, "lim", "b1", None));
     let k2 = key_of(&seal(&mut b, "lim", "b2", None));
-    assert_eq!(k1, key_of(&first), "the 100th encryption still uses the first key");
+    assert_eq!(
+        k1,
+        key_of(&first),
+        "the 100th encryption still uses the first key"
+    );
     assert_ne!(
         k2,
         key_of(&first),

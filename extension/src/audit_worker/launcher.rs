@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
-use pgrx::pg_sys;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
+};
 use pgrx::pg_guard;
+use pgrx::pg_sys;
 
 use super::queue::{self, Failure, State, QUEUE};
 
@@ -74,7 +76,12 @@ fn start_missing_writers() {
                 Some(_) => {}
                 None => match q.writers.iter_mut().find(|w| w.dboid == 0) {
                     Some(w) => {
-                        *w = queue::Writer { dboid: db, pid: 0, latch: 0, requested_at: now };
+                        *w = queue::Writer {
+                            dboid: db,
+                            pid: 0,
+                            latch: 0,
+                            requested_at: now,
+                        };
                         to_start.push(db);
                     }
                     None => fail_requests(&mut q, db),
@@ -96,7 +103,12 @@ fn start_missing_writers() {
 /// one taken by a writer that is gone (requeued for the next writer).
 fn sweep() {
     let mut q = QUEUE.exclusive();
-    let live_writers: Vec<u32> = q.writers.iter().filter(|w| w.pid != 0).map(|w| w.dboid).collect();
+    let live_writers: Vec<u32> = q
+        .writers
+        .iter()
+        .filter(|w| w.pid != 0)
+        .map(|w| w.dboid)
+        .collect();
     for s in q.slots.iter_mut() {
         let waiter_gone = s.latch != 0 && s.pid != 0 && !process_exists(s.pid);
         match s.state {
@@ -124,7 +136,11 @@ fn process_exists(pid: i32) -> bool {
 /// Fails every waiting request of `db` with NoWriter and forgets a writer that did
 /// not start.
 fn fail_requests(q: &mut queue::Queue, db: u32) {
-    for s in q.slots.iter_mut().filter(|s| s.dboid == db && s.state == State::Queued) {
+    for s in q
+        .slots
+        .iter_mut()
+        .filter(|s| s.dboid == db && s.state == State::Queued)
+    {
         if s.latch == 0 {
             s.state = State::Free;
         } else {

@@ -6,8 +6,8 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
-use pgrx::pg_sys;
 use pgrx::pg_guard;
+use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::PgTryBuilder;
 
@@ -66,7 +66,12 @@ fn register(dboid: u32) {
             }
             None => {
                 if let Some(w) = q.writers.iter_mut().find(|w| w.dboid == 0) {
-                    *w = queue::Writer { dboid, pid, latch, requested_at: queue::now() };
+                    *w = queue::Writer {
+                        dboid,
+                        pid,
+                        latch,
+                        requested_at: queue::now(),
+                    };
                 }
             }
         }

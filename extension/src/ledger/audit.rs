@@ -263,7 +263,13 @@ pub fn flush_decrypts(preparing: bool) -> SealResult<()> {
         todo
     });
     for (_, tenant, payload, (actor, role)) in todo {
-        super::heads::append_with_role(&tenant, "vault.decrypt", &payload.to_string(), &actor, &role)?;
+        super::heads::append_with_role(
+            &tenant,
+            "vault.decrypt",
+            &payload.to_string(),
+            &actor,
+            &role,
+        )?;
     }
     Ok(())
 }
@@ -337,7 +343,8 @@ pub fn append_row_change(tenant: Option<&str>, event: &str, payload: &str) -> Se
             "{{\"tenant_over_limit\":\"{}\",\"entry\":{payload}}}",
             over_limit_marker(&tenant)
         );
-        let (seq, _) = super::heads::append(super::evidence::SYSTEM_TENANT, event, &wrapped, &actor)?;
+        let (seq, _) =
+            super::heads::append(super::evidence::SYSTEM_TENANT, event, &wrapped, &actor)?;
         return Ok(seq);
     }
     let (seq, _) = super::heads::append(&tenant, event, &payload, &actor)?;
@@ -347,7 +354,10 @@ pub fn append_row_change(tenant: Option<&str>, event: &str, payload: &str) -> Se
 /// What the audit records in place of a value over its limit: its SHA-256.
 fn over_limit_marker(value: &str) -> String {
     use sha2::Digest;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(value.as_bytes())))
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(value.as_bytes()))
+    )
 }
 
 pub fn has_pending() -> bool {

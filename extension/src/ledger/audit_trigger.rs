@@ -141,8 +141,10 @@ unsafe fn fired(fcinfo: pg_sys::FunctionCallInfo) -> Fired {
                 Some(as_datum(td.tg_trigtuple)),
                 Some(as_datum(td.tg_newtuple)),
             ),
-            _ => SealError::TriggerProtocol("pgseal._audit_row() handles INSERT, UPDATE and DELETE")
-                .raise(),
+            _ => {
+                SealError::TriggerProtocol("pgseal._audit_row() handles INSERT, UPDATE and DELETE")
+                    .raise()
+            }
         };
         let schema = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
         let name = (*(*rel).rd_rel).relname.data.as_ptr();
@@ -179,7 +181,11 @@ pub unsafe extern "C-unwind" fn audit_row_trigger(
 ) -> pg_sys::Datum {
     // SAFETY: PostgreSQL calls this with the trigger's call frame.
     let f = unsafe { fired(fcinfo) };
-    let pk = if f.pk.is_empty() { "{}".to_owned() } else { f.pk };
+    let pk = if f.pk.is_empty() {
+        "{}".to_owned()
+    } else {
+        f.pk
+    };
     let (payload, tenant) = crate::privilege::with_pinned_search_path(|| {
         let plan = plan_for(f.row_type);
         // SAFETY: the row datums are composite datums of `row_type`, built above in

@@ -12,13 +12,13 @@
 
 pub mod admin;
 mod append_fn;
+pub mod audit;
+mod audit_trigger;
 mod checkpoints;
+pub mod evidence;
 mod guard;
 mod head_read;
 pub(crate) mod head_write;
-pub mod audit;
-mod audit_trigger;
-pub mod evidence;
 pub mod heads;
 pub mod verify;
 

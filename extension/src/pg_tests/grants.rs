@@ -40,7 +40,9 @@ mod tests {
                     let name = span.split('(').next()?;
                     (span.len() > name.len()
                         && !name.is_empty()
-                        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
                     .then(|| name.to_owned())
                 })
                 .collect();
@@ -52,7 +54,10 @@ mod tests {
                 "PUBLIC" => Who::Public,
                 "extension" => Who::Owner,
                 r if r.starts_with("pgseal_") => Who::Role(r.to_owned()),
-                other => panic!("README row for {names:?}: unknown caller {other:?} in {:?}", cells[2]),
+                other => panic!(
+                    "README row for {names:?}: unknown caller {other:?} in {:?}",
+                    cells[2]
+                ),
             };
             for n in names {
                 if let Some(prev) = out.insert(n.clone(), who.clone()) {
@@ -92,11 +97,17 @@ mod tests {
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         })
         .unwrap();
-        assert!(functions.len() > 40, "pgseal's functions: {}", functions.len());
+        assert!(
+            functions.len() > 40,
+            "pgseal's functions: {}",
+            functions.len()
+        );
         let mut wrong = Vec::new();
         for (name, signature) in &functions {
             let Some(who) = readme.get(name) else {
-                wrong.push(format!("{signature}: no row in the README's function tables"));
+                wrong.push(format!(
+                    "{signature}: no row in the README's function tables"
+                ));
                 continue;
             };
             for role in &roles {
@@ -127,9 +138,15 @@ mod tests {
         // README rows that name no function left in the schema are stale.
         for name in readme.keys() {
             if !functions.iter().any(|(n, _)| n == name) {
-                wrong.push(format!("README names {name}(), which schema pgseal does not have"));
+                wrong.push(format!(
+                    "README names {name}(), which schema pgseal does not have"
+                ));
             }
         }
-        assert!(wrong.is_empty(), "grants differ from the README:\n{}", wrong.join("\n"));
+        assert!(
+            wrong.is_empty(),
+            "grants differ from the README:\n{}",
+            wrong.join("\n")
+        );
     }
 }

@@ -686,12 +686,19 @@ mod tests {
         let p: pgrx::JsonB = one(
             "SELECT payload FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND event = 'row.insert'",
         );
-        let expected = format!("sha256:{}", one::<String>("SELECT encode(sha256(convert_to(repeat('t', 300), 'UTF8')), 'hex')"));
+        let expected = format!(
+            "sha256:{}",
+            one::<String>("SELECT encode(sha256(convert_to(repeat('t', 300), 'UTF8')), 'hex')")
+        );
         assert_eq!(p.0["tenant_over_limit"], serde_json::json!(expected));
         assert_eq!(p.0["entry"]["after"]["body"], "x");
-        let actor: String = one("SELECT actor FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND event = 'row.insert'");
+        let actor: String = one(
+            "SELECT actor FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND event = 'row.insert'",
+        );
         assert!(actor.starts_with("sha256:"), "{actor}");
-        assert!(one::<bool>("SELECT ok FROM pgseal.ledger_verify('_pgseal')"));
+        assert!(one::<bool>(
+            "SELECT ok FROM pgseal.ledger_verify('_pgseal')"
+        ));
     }
 
     #[pg_test]
