@@ -29,13 +29,13 @@
 
 pub(super) use imp::write_one;
 
-#[cfg(feature = "pg_test")]
+#[cfg(any(test, feature = "pg_test"))]
 thread_local! {
     static WRITTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// How many entries this backend has written here (for the tests).
-#[cfg(feature = "pg_test")]
+#[cfg(any(test, feature = "pg_test"))]
 pub fn written() -> u64 {
     WRITTEN.with(|w| w.get())
 }
@@ -338,7 +338,7 @@ mod imp {
             row.seq = row.seq.max(e.seq);
             // As after an SPI write: later commands see the entry and the row.
             pg_sys::CommandCounterIncrement();
-            #[cfg(feature = "pg_test")]
+            #[cfg(any(test, feature = "pg_test"))]
             super::WRITTEN.with(|w| w.set(w.get() + 1));
             Ok(true)
         }
