@@ -17,7 +17,7 @@ TEST_USER=${PGSEAL_TEST_USER:-pgseal-test}
 log() { printf '[setup] %s\n' "$*"; }
 
 need_pkgs=()
-for p in postgresql-$PGV postgresql-server-dev-$PGV postgresql-contrib sudo pgbouncer python3-cryptography clang libclang-dev sqlsmith; do
+for p in postgresql-$PGV postgresql-server-dev-$PGV postgresql-contrib sudo pgbouncer python3-cryptography clang libclang-dev sqlsmith dpkg-dev binutils; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
