@@ -4,6 +4,8 @@
 //! its SQL functions: `status`, `ledger verify`, `rotate`, `retention`, and `run`,
 //! the scheduler that runs them on cron schedules as the one leader.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

@@ -20,6 +20,7 @@ use crate::error::{SealError, SealResult};
 use crate::gucs;
 use crate::keystore::{self, KeyState};
 
+// SAFETY: the name is unique to pgseal; pg_shmem_init! in _PG_init sets it up.
 pub static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pgseal_key_epoch") };
 
 /// An unwrapped key, ready to use. Its expanded key lives in locked memory that is
