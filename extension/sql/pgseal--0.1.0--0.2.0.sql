@@ -3,6 +3,9 @@
 -- loads pgseal.so at postmaster start; README, "Upgrading").
 --
 -- What it migrates, block by block (each block says which 0.2.0 change it carries):
+--   0. who runs it (the owner of the extension's objects), and (0b) whether any
+--      object of another role depends on what the script drops: if so it stops,
+--      with 2BP01 naming those objects, before changing anything.
 --   1. ledger format 2: five new columns of pgseal.ledger, payload nullable. Existing
 --      rows are not rewritten: they read fmt = 1 (the column default, stored as the
 --      column's missing value, so no row is updated and no guard trigger fires) and
@@ -19,11 +22,15 @@
 --   6. isolation_report and its helpers.
 --   7. jobs: retention_set and vault_register_column run as the caller (no longer
 --      SECURITY DEFINER) behind a registration check trigger; evidence triggers on
---      the retention tables; _tenants_of through the C _tenants_scan.
+--      the retention tables; _tenants_of through the C _tenants_scan. Before that,
+--      registrations 0.1.0 accepted that name no plain or partitioned table outside
+--      pgseal (or a dropped column) are deleted, each named in a WARNING, and the
+--      rest are listed in one WARNING for review.
 --   8. privileges exactly as sql/finalize.sql grants them, the checkpoint purpose of
 --      tenant_keys, and the ledger id (pgseal.ledger_identity, one new random id).
 --   9. tables audited with ledger_audit under 0.1.0 get the TRUNCATE trigger that
---      0.2.0's ledger_audit adds.
+--      0.2.0's ledger_audit adds (plain and partitioned tables only; anything else
+--      with a pgseal_audit trigger is named in a WARNING and skipped).
 -- Function definitions are copied verbatim from the 0.2.0 install script (generated
 -- from sql/*.sql and extension/src), as CREATE OR REPLACE, so a function keeps its
 -- OID, and the triggers and views that use it keep working; C functions whose
@@ -58,6 +65,78 @@ BEGIN
     END IF;
 END
 $owner$;
+
+------------------------------------------------------------------------------------
+-- 0b. What the script drops. It drops one object other roles can make depend on:
+-- 0.1.0's pgseal._ledger_audit_append (block 4; any role that can connect can hold a
+-- view calling it, a temporary one included), and one CHECK constraint of
+-- pgseal.tenant_keys (block 8). The drops do not CASCADE (that would drop other
+-- roles' objects); a dependent object would make the update fail with a generic
+-- error instead. So they are looked up first, and the update stops before changing
+-- anything, naming each dependent object with its schema and its owner. A view's
+-- _RETURN rule is named as the view. (Only views, rules, defaults, constraints,
+-- policies and BEGIN ATOMIC functions record such a dependency; a PL/pgSQL body
+-- does not, and calls the function it names only when it runs.)
+------------------------------------------------------------------------------------
+DO $dependents$
+DECLARE
+    found pg_catalog.text;
+    temps pg_catalog.text;
+BEGIN
+    WITH dropped(classid, objid) AS (
+        SELECT 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid, p.oid
+          FROM pg_catalog.pg_proc p
+         WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure('pgseal._ledger_audit_append(text, text, text)')
+        UNION ALL
+        SELECT 'pg_catalog.pg_constraint'::pg_catalog.regclass::pg_catalog.oid, co.oid
+          FROM pg_catalog.pg_constraint co
+         WHERE co.conrelid OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass
+           AND co.conname OPERATOR(pg_catalog.=) 'tenant_keys_purpose_check'
+    ),
+    dep AS (
+        SELECT DISTINCT x.classid AS refclassid, x.objid AS refobjid,
+               CASE WHEN rw.rulename OPERATOR(pg_catalog.=) '_RETURN'
+                    THEN 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid ELSE d.classid END AS classid,
+               CASE WHEN rw.rulename OPERATOR(pg_catalog.=) '_RETURN' THEN rw.ev_class ELSE d.objid END AS objid,
+               CASE WHEN rw.rulename OPERATOR(pg_catalog.=) '_RETURN' THEN 0 ELSE d.objsubid END AS objsubid
+          FROM dropped x
+          JOIN pg_catalog.pg_depend d
+            ON d.refclassid OPERATOR(pg_catalog.=) x.classid AND d.refobjid OPERATOR(pg_catalog.=) x.objid
+          LEFT JOIN pg_catalog.pg_rewrite rw
+            ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+           AND rw.oid OPERATOR(pg_catalog.=) d.objid
+         WHERE d.deptype IN ('n', 'a')
+    ),
+    named AS (
+        SELECT pg_catalog.format('%s %s%s depends on %s %s', i.type, i.identity,
+                   coalesce(' (owner ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(
+                       CASE dep.classid
+                           WHEN 'pg_catalog.pg_class'::pg_catalog.regclass THEN
+                               (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) dep.objid)
+                           WHEN 'pg_catalog.pg_proc'::pg_catalog.regclass THEN
+                               (SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid OPERATOR(pg_catalog.=) dep.objid)
+                       END)) OPERATOR(pg_catalog.||) ')', ''),
+                   r.type, r.identity) AS obj,
+               i.schema
+          FROM dep,
+               pg_catalog.pg_identify_object(dep.classid, dep.objid, dep.objsubid) AS i,
+               pg_catalog.pg_identify_object(dep.refclassid, dep.refobjid, 0) AS r
+    )
+    SELECT pg_catalog.string_agg(obj, '; ' ORDER BY obj),
+           pg_catalog.string_agg(DISTINCT schema, ', ') FILTER (WHERE schema OPERATOR(pg_catalog.~) '^pg_temp_[0-9]+$')
+      INTO found, temps
+      FROM named;
+    IF found IS NOT NULL THEN
+        RAISE EXCEPTION 'ALTER EXTENSION pgseal UPDATE must drop objects of 0.1.0 that other objects depend on: %', found
+            USING ERRCODE = '2BP01',
+                  DETAIL = 'Nothing was changed: the extension is still at version 0.1.0. The update does not drop other roles'' objects.',
+                  HINT = 'Drop the objects listed'
+                         OPERATOR(pg_catalog.||) CASE WHEN temps IS NULL THEN '' ELSE pg_catalog.format(
+                             '; those in %s are temporary and go when the session that made them ends: end that session (a session of the owner named above, in pg_stat_activity; pg_terminate_backend(pid) ends it)', temps) END
+                         OPERATOR(pg_catalog.||) '. Then run ALTER EXTENSION pgseal UPDATE again.';
+    END IF;
+END
+$dependents$;
 
 ------------------------------------------------------------------------------------
 -- 1. Ledger format 2 (sql/ledger_schema.sql). The new columns come last, in the
@@ -912,9 +991,130 @@ WHERE (d.path IS NOT NULL OR d.own OR d.ext)
 $$;
 
 ------------------------------------------------------------------------------------
--- 7. Jobs (sql/jobs.sql). Rules and registrations written under 0.1.0 stay; the
+-- 7. Jobs (sql/jobs.sql). Rules and registrations written under 0.1.0 that name a
+-- plain or partitioned table outside pgseal stay (listed for review); the
 -- registration check and the evidence triggers apply to writes from now on.
 ------------------------------------------------------------------------------------
+-- Registrations written under 0.1.0. Its retention_set and vault_register_column
+-- were SECURITY DEFINER and accepted any relation with the right columns: a view,
+-- a table of pgseal (tenant_keys), a system catalog, a table the registering role
+-- could not DELETE from or UPDATE; and a registration stays when its table or
+-- column is dropped later. pgseald acts on every row as its own role, so such a row
+-- would make it delete or update what the registrant could not, run a view's
+-- functions as pgseald, or (_tenants_of refusing a view or a pgseal table) stop the
+-- whole retention run. Rows that the registration check below would refuse for
+-- their relation (no plain or partitioned table, or one of pgseal), rows naming a
+-- system catalog (which that check lets a superuser register, but no application
+-- table is one), and rows whose column is gone, are deleted here, each named in a
+-- WARNING; what remains is listed in one WARNING for review, because who
+-- registered it, and whether that role could DELETE or UPDATE, is not recorded.
+-- This runs before the evidence triggers exist (they are created below), so the
+-- deletions append no 'retention.removed' entries: 0.1.0 recorded no 'retention.set'
+-- for these rows either, the WARNINGs (and the server log) are their record, and
+-- the update does not depend on appending to chains of tenants a registrant chose.
+DO $registrations$
+DECLARE
+    r       record;
+    n_rules bigint;
+    n_cols  bigint;
+    listed  pg_catalog.text;
+BEGIN
+    FOR r IN
+        WITH bad AS (
+            SELECT x.ctid AS row_ctid, x.rel::pg_catalog.oid AS relid, x.time_column AS col, x.tenant_id AS tenant,
+                   CASE
+                       WHEN c.oid IS NULL THEN 'no such relation (dropped)'
+                       WHEN c.relkind NOT IN ('r', 'p') THEN
+                           CASE c.relkind WHEN 'v' THEN 'a view' WHEN 'm' THEN 'a materialized view'
+                                          WHEN 'f' THEN 'a foreign table'
+                                          ELSE pg_catalog.format('relkind %s', c.relkind) END
+                           OPERATOR(pg_catalog.||) ', not a plain or partitioned table'
+                       WHEN n.nspname OPERATOR(pg_catalog.=) 'pgseal' THEN 'a table of pgseal'
+                       WHEN n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname OPERATOR(pg_catalog.~~) 'pg\_toast%' THEN 'a system catalog'
+                       WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                                         WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid
+                                           AND a.attname OPERATOR(pg_catalog.=) x.time_column
+                                           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped)
+                           THEN 'its time column does not exist'
+                   END AS why,
+                   CASE WHEN c.oid IS NOT NULL THEN pg_catalog.format('%I.%I', n.nspname, c.relname) END AS relname
+              FROM pgseal.retention_rules x
+              LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+              LEFT JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+        ),
+        gone AS (
+            DELETE FROM pgseal.retention_rules x USING bad
+             WHERE x.ctid OPERATOR(pg_catalog.=) bad.row_ctid AND bad.why IS NOT NULL
+            RETURNING bad.relid, bad.relname, bad.col, bad.tenant, bad.why
+        )
+        SELECT * FROM gone ORDER BY relid, tenant NULLS FIRST
+    LOOP
+        RAISE WARNING 'pgseal: removed the retention rule of relation % (%), time column %, %, written under 0.1.0: %',
+            r.relid, coalesce(r.relname, 'dropped'), pg_catalog.quote_ident(r.col),
+            coalesce('tenant ' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(r.tenant), 'default rule (all tenants)'), r.why
+            USING HINT = 'pgseal 0.2.0 registers only plain or partitioned tables outside pgseal that the registering role may DELETE from (retention_set, as that role).';
+    END LOOP;
+
+    FOR r IN
+        WITH bad AS (
+            SELECT x.ctid AS row_ctid, x.rel::pg_catalog.oid AS relid, x.col AS col,
+                   CASE
+                       WHEN c.oid IS NULL THEN 'no such relation (dropped)'
+                       WHEN c.relkind NOT IN ('r', 'p') THEN
+                           CASE c.relkind WHEN 'v' THEN 'a view' WHEN 'm' THEN 'a materialized view'
+                                          WHEN 'f' THEN 'a foreign table'
+                                          ELSE pg_catalog.format('relkind %s', c.relkind) END
+                           OPERATOR(pg_catalog.||) ', not a plain or partitioned table'
+                       WHEN n.nspname OPERATOR(pg_catalog.=) 'pgseal' THEN 'a table of pgseal'
+                       WHEN n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname OPERATOR(pg_catalog.~~) 'pg\_toast%' THEN 'a system catalog'
+                       WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                                         WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid
+                                           AND a.attname OPERATOR(pg_catalog.=) x.col
+                                           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped)
+                           THEN 'the column does not exist'
+                   END AS why,
+                   CASE WHEN c.oid IS NOT NULL THEN pg_catalog.format('%I.%I', n.nspname, c.relname) END AS relname
+              FROM pgseal.sealed_columns x
+              LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+              LEFT JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+        ),
+        gone AS (
+            DELETE FROM pgseal.sealed_columns x USING bad
+             WHERE x.ctid OPERATOR(pg_catalog.=) bad.row_ctid AND bad.why IS NOT NULL
+            RETURNING bad.relid, bad.relname, bad.col, bad.why
+        )
+        SELECT * FROM gone ORDER BY relid, col
+    LOOP
+        RAISE WARNING 'pgseal: removed the sealed column registration of relation % (%), column %, written under 0.1.0: %',
+            r.relid, coalesce(r.relname, 'dropped'), pg_catalog.quote_ident(r.col), r.why
+            USING HINT = 'pgseal 0.2.0 registers only plain or partitioned tables outside pgseal that the registering role may UPDATE (vault_register_column, as that role).';
+    END LOOP;
+
+    SELECT pg_catalog.count(*) INTO n_rules FROM pgseal.retention_rules;
+    SELECT pg_catalog.count(*) INTO n_cols FROM pgseal.sealed_columns;
+    IF n_rules OPERATOR(pg_catalog.+) n_cols OPERATOR(pg_catalog.>) 0 THEN
+        SELECT pg_catalog.string_agg(l, '; ' ORDER BY l) INTO listed FROM (
+            SELECT pg_catalog.format('retention %I.%I (time column %I, %s)', n.nspname, c.relname, x.time_column,
+                       coalesce('tenant ' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(x.tenant_id), 'default rule')) AS l
+              FROM pgseal.retention_rules x
+              JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+              JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+            UNION ALL
+            SELECT pg_catalog.format('sealed column %I.%I.%I', n.nspname, c.relname, x.col)
+              FROM pgseal.sealed_columns x
+              JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+              JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+        ) s;
+        RAISE WARNING 'pgseal: % retention rule(s) and % sealed column registration(s) were written under 0.1.0, which did not check that the registering role may DELETE from (retention) or UPDATE (sealing) the table; pgseald acts on them as its own role. Review them: %',
+            n_rules, n_cols, listed
+            USING HINT = pg_catalog.format(
+                'List them with: SELECT rel, tenant_id, time_column, keep FROM pgseal.retention_rules WHERE updated_at <= %L; SELECT rel, col FROM pgseal.sealed_columns; '
+                'delete each one that no role allowed to DELETE from (retention) or UPDATE (sealing) its table asked for, and have such a role register the others again (retention_set, vault_register_column), which checks them.',
+                pg_catalog.now());
+    END IF;
+END
+$registrations$;
+
 -- Registrations point pgseald at application tables. A row of retention_rules or
 -- sealed_columns may only name a plain or partitioned table outside pgseal that
 -- the role writing the row may DELETE from (retention) or UPDATE (sealing): the
@@ -1249,15 +1449,36 @@ GRANT EXECUTE ON FUNCTION pgseal.ledger_id() TO pgseal_ledger;
 ------------------------------------------------------------------------------------
 DO $audited$
 DECLARE
-    part pg_catalog.regclass;
+    part  pg_catalog.regclass;
+    kind  pg_catalog."char";
+    qname pg_catalog.text;
 BEGIN
-    FOR part IN
-        SELECT DISTINCT p
-        FROM pg_catalog.pg_trigger t, pgseal._with_partitions(t.tgrelid::pg_catalog.regclass) AS p
+    FOR part, kind, qname IN
+        SELECT DISTINCT p, c.relkind, pg_catalog.format('%I.%I', n.nspname, c.relname)
+        FROM pg_catalog.pg_trigger t,
+             pgseal._with_partitions(t.tgrelid::pg_catalog.regclass) AS p,
+             pg_catalog.pg_class c,
+             pg_catalog.pg_namespace n
         WHERE t.tgname OPERATOR(pg_catalog.=) 'pgseal_audit'
           AND t.tgfoid OPERATOR(pg_catalog.=) 'pgseal._audit_row()'::pg_catalog.regprocedure
           AND t.tgparentid OPERATOR(pg_catalog.=) 0
+          AND c.oid OPERATOR(pg_catalog.=) p
+          AND n.oid OPERATOR(pg_catalog.=) c.relnamespace
     LOOP
+        -- Only a plain or partitioned table can have a TRUNCATE trigger (and only
+        -- such a table can be audited with ledger_audit). A pgseal_audit trigger that
+        -- a member of pgseal_admin attached by hand to anything else (an INSTEAD OF
+        -- trigger on a view, a foreign table, a foreign partition of an audited
+        -- table) keeps its row trigger and gets no TRUNCATE trigger: skipped, with a
+        -- warning, instead of failing the update.
+        IF kind NOT IN ('r', 'p') THEN
+            RAISE WARNING 'pgseal: % (%) has a pgseal_audit trigger, but only a plain or partitioned table can have the TRUNCATE audit trigger; skipped',
+                qname,
+                CASE kind WHEN 'v' THEN 'a view' WHEN 'f' THEN 'a foreign table' WHEN 'm' THEN 'a materialized view'
+                          ELSE pg_catalog.format('relkind %s', kind) END
+                USING HINT = 'Its pgseal_audit row trigger is left as it is; a TRUNCATE of it is not recorded.';
+            CONTINUE;
+        END IF;
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                        WHERE t.tgrelid OPERATOR(pg_catalog.=) part
                          AND t.tgname OPERATOR(pg_catalog.=) 'pgseal_audit_truncate') THEN

@@ -382,6 +382,37 @@ impl CopyCluster {
         .expect("connect to the upgrade test cluster")
     }
 
+    fn connect_as(&self, db: &str, user: &str) -> postgres::Client {
+        postgres::Client::connect(
+            &format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port),
+            postgres::NoTls,
+        )
+        .unwrap_or_else(|e| panic!("connect to the upgrade test cluster as {user}: {e}"))
+    }
+
+    /// A session whose notices and warnings are kept ("SEVERITY: message HINT: hint").
+    fn connect_notices(&self, db: &str) -> (postgres::Client, Notices) {
+        let seen = Notices::default();
+        let keep = seen.clone();
+        let c = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        )
+        .parse::<postgres::Config>()
+        .unwrap()
+        .notice_callback(move |n: postgres::error::DbError| {
+            keep.lock().unwrap().push(format!(
+                "{}: {} HINT: {}",
+                n.severity(),
+                n.message(),
+                n.hint().unwrap_or("")
+            ))
+        })
+        .connect(postgres::NoTls)
+        .expect("connect to the upgrade test cluster");
+        (c, seen)
+    }
+
     fn server_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
@@ -396,6 +427,8 @@ impl Drop for CopyCluster {
             .status();
     }
 }
+
+type Notices = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 // ---------------------------------------------------------------------------------
 // The catalog comparison
@@ -662,6 +695,262 @@ fn use_release(c: &mut postgres::Client, cl: &CopyCluster, sealed: &mut Sealed) 
     assert_eq!(decrypt_all(c, sealed), sealed.len());
 }
 
+/// OIDs of the relations the 0.1.0 attacks below registered.
+struct Legacy {
+    view: u32,
+    tenant_keys: u32,
+    mine: u32,
+    dropped: u32,
+}
+
+/// What roles other than the DBA could leave behind under 0.1.0 to break or abuse
+/// the update (the security review of the 0.1.0 -> 0.2.0 script):
+/// * F3: a member of pgseal_admin attaches a `pgseal_audit` trigger calling
+///   `_audit_row` to a view (INSTEAD OF), and the DBA audits a partitioned table with
+///   a foreign partition: neither can have the TRUNCATE trigger block 9 adds;
+/// * F5: the same member, through 0.1.0's SECURITY DEFINER retention_set and
+///   vault_register_column, registers a view, pgseal.tenant_keys, a table it may not
+///   DELETE from or UPDATE, a column it then drops, a table it then drops.
+fn legacy_0_1_0(c: &mut postgres::Client, cl: &CopyCluster) -> Legacy {
+    c.batch_execute(
+        "CREATE ROLE upg_nobody LOGIN;
+         CREATE ROLE upg_admin LOGIN;
+         GRANT pgseal_admin TO upg_admin;
+         GRANT CREATE ON SCHEMA public TO upg_admin;
+         CREATE TABLE upg_not_mine (id int PRIMARY KEY, tenant_id text NOT NULL,
+                                    created_at timestamptz NOT NULL DEFAULT now(), note text);
+         GRANT SELECT ON upg_not_mine TO upg_admin;
+         INSERT INTO upg_not_mine VALUES (1, 'acme', now() - interval '1 year', 'keep me');
+         CREATE FOREIGN DATA WRAPPER upg_fdw;
+         CREATE SERVER upg_nowhere FOREIGN DATA WRAPPER upg_fdw;
+         CREATE TABLE feed (id int, tenant_id text NOT NULL) PARTITION BY LIST (tenant_id);
+         CREATE TABLE feed_local PARTITION OF feed FOR VALUES IN ('acme');
+         CREATE FOREIGN TABLE feed_remote PARTITION OF feed FOR VALUES IN ('globex') SERVER upg_nowhere;
+         SELECT pgseal.ledger_audit('feed');",
+    )
+    .unwrap();
+    let mut a = cl.connect_as("postgres", "upg_admin");
+    a.batch_execute(
+        "CREATE TABLE upg_mine (id int PRIMARY KEY, tenant_id text NOT NULL,
+                                created_at timestamptz NOT NULL DEFAULT now(), note text, gone text);
+         CREATE VIEW upg_view AS SELECT id, tenant_id, created_at, note FROM upg_mine;
+         CREATE TRIGGER pgseal_audit INSTEAD OF INSERT OR UPDATE OR DELETE ON upg_view
+             FOR EACH ROW EXECUTE FUNCTION pgseal._audit_row('{id}', 'tenant_id');
+         SELECT pgseal.retention_set('upg_view', '1 day');
+         SELECT pgseal.retention_set('pgseal.tenant_keys', '1 day', 'created_at', 'acme');
+         SELECT pgseal.vault_register_column('pgseal.tenant_keys', 'state');
+         SELECT pgseal.retention_set('upg_not_mine', '1 day');
+         SELECT pgseal.vault_register_column('upg_not_mine', 'note');
+         SELECT pgseal.vault_register_column('upg_mine', 'gone');
+         ALTER TABLE upg_mine DROP COLUMN gone;
+         CREATE TABLE upg_dropped (id int PRIMARY KEY, tenant_id text NOT NULL,
+                                   created_at timestamptz NOT NULL DEFAULT now());
+         SELECT pgseal.retention_set('upg_dropped', '7 days');",
+    )
+    .unwrap();
+    let oid = |a: &mut postgres::Client, r: &str| -> u32 {
+        a.query_one("SELECT $1::text::regclass::oid", &[&r])
+            .unwrap()
+            .get(0)
+    };
+    let l = Legacy {
+        view: oid(&mut a, "upg_view"),
+        tenant_keys: oid(&mut a, "pgseal.tenant_keys"),
+        mine: oid(&mut a, "upg_mine"),
+        dropped: oid(&mut a, "upg_dropped"),
+    };
+    a.batch_execute("DROP TABLE upg_dropped").unwrap();
+    // The member cannot delete from (or update) upg_not_mine itself.
+    assert_eq!(
+        sqlstate(a.batch_execute("DELETE FROM upg_not_mine")),
+        "42501",
+        "upg_admin may not DELETE from upg_not_mine"
+    );
+    let n: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM pgseal.retention_rules) + (SELECT count(*) FROM pgseal.sealed_columns)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3 + 7, "0.1.0 accepted every registration");
+    l
+}
+
+/// F2: a role with no pgseal privilege holds a temporary view on
+/// `_ledger_audit_append` (which the update drops) in an open session. The update
+/// stops with 2BP01 naming the view and its owner, and changes nothing; once that
+/// session has ended, the update goes through.
+fn update_blocked_by_temp_view(
+    c: &mut postgres::Client,
+    cl: &CopyCluster,
+    v: &str,
+    before: &BTreeMap<(String, i64), (String, String, i16)>,
+) {
+    let mut holder = cl.connect_as("postgres", "upg_nobody");
+    holder
+        .batch_execute(
+            "CREATE TEMP VIEW blk AS SELECT pgseal._ledger_audit_append('a', 'b', 'c') AS x",
+        )
+        .unwrap();
+    let registrations = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT (SELECT count(*) FROM pgseal.retention_rules) + (SELECT count(*) FROM pgseal.sealed_columns)",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let regs = registrations(c);
+    let err = c
+        .batch_execute("ALTER EXTENSION pgseal UPDATE")
+        .expect_err("the update must not drop another role's view, nor ignore it");
+    let db = err.as_db_error().expect("a server error");
+    let msg = db.message();
+    assert_eq!(db.code().code(), "2BP01", "{msg}");
+    assert!(
+        msg.contains("view pg_temp_")
+            && msg.contains(".blk (owner upg_nobody)")
+            && msg.contains("depends on function pgseal._ledger_audit_append("),
+        "the error names the dependent view with its schema and owner: {msg}"
+    );
+    let hint = db.hint().unwrap_or("");
+    assert!(
+        hint.contains("pg_temp_")
+            && hint.contains("pg_terminate_backend")
+            && hint.contains("ALTER EXTENSION pgseal UPDATE"),
+        "the hint says what to do: {hint}"
+    );
+    let version: String = c
+        .query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pgseal'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(version, v, "a failed update leaves {v}");
+    assert_eq!(
+        registrations(c),
+        regs,
+        "a failed update leaves the registrations"
+    );
+    assert!(
+        ledger_rows(c, false) == *before,
+        "a failed update leaves the ledger as it was"
+    );
+    // The view is gone when its session ends.
+    drop(holder);
+    let t0 = std::time::Instant::now();
+    while c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'blk' AND relpersistence = 't'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0
+    {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the temporary view outlived its session"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// F3 and F5 after the update: what the 0.1.0 attacks left was handled, and said so.
+fn check_legacy(c: &mut postgres::Client, notices: &[String], l: &Legacy) {
+    let warned = |parts: &[&str]| -> bool {
+        notices
+            .iter()
+            .any(|n| n.starts_with("WARNING: ") && parts.iter().all(|p| n.contains(p)))
+    };
+    let all = notices.join("\n");
+    // F3: skipped, named, and no TRUNCATE trigger on either.
+    assert!(
+        warned(&[
+            "public.upg_view (a view) has a pgseal_audit trigger",
+            "skipped"
+        ]),
+        "no warning names the view with a pgseal_audit trigger:\n{all}"
+    );
+    assert!(
+        warned(&[
+            "public.feed_remote (a foreign table) has a pgseal_audit trigger",
+            "skipped"
+        ]),
+        "no warning names the foreign partition:\n{all}"
+    );
+    // F5: registrations that name no plain or partitioned table outside pgseal, or a
+    // dropped column or table, are gone, each named in a warning.
+    let rules: Vec<(String, String)> = c
+        .query(
+            "SELECT rel::text, coalesce(tenant_id, '') FROM pgseal.retention_rules ORDER BY 1, 2",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            ("events".to_string(), String::new()),
+            ("events".into(), "acme".into()),
+            ("upg_not_mine".into(), String::new())
+        ],
+        "retention rules after the update"
+    );
+    let cols: Vec<(String, String)> = c
+        .query(
+            "SELECT rel::text, col::text FROM pgseal.sealed_columns ORDER BY 1, 2",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            ("secrets".to_string(), "token".to_string()),
+            ("upg_not_mine".into(), "note".into())
+        ],
+        "sealed column registrations after the update"
+    );
+    for (what, parts) in [
+        ("the view's rule", vec![format!("removed the retention rule of relation {} (public.upg_view)", l.view), "a view".into(), "default rule".into()]),
+        ("tenant_keys' rule", vec![format!("removed the retention rule of relation {} (pgseal.tenant_keys)", l.tenant_keys), "tenant 'acme'".into(), "a table of pgseal".into()]),
+        ("tenant_keys' column", vec![format!("removed the sealed column registration of relation {} (pgseal.tenant_keys), column state", l.tenant_keys), "a table of pgseal".into()]),
+        ("the dropped column", vec![format!("removed the sealed column registration of relation {} (public.upg_mine), column gone", l.mine), "does not exist".into()]),
+        ("the dropped table's rule", vec![format!("removed the retention rule of relation {} (dropped)", l.dropped), "no such relation".into()]),
+    ] {
+        let p: Vec<&str> = parts.iter().map(String::as_str).collect();
+        assert!(warned(&p), "no warning names {what} ({p:?}):\n{all}");
+    }
+    // What remains is listed once, for review, with the query to list it.
+    assert!(
+        warned(&[
+            "3 retention rule(s) and 2 sealed column registration(s) were written under 0.1.0",
+            "retention public.upg_not_mine (time column created_at, default rule)",
+            "retention public.events (time column created_at, tenant 'acme')",
+            "sealed column public.secrets.token",
+            "sealed column public.upg_not_mine.note",
+            "SELECT rel, tenant_id, time_column, keep FROM pgseal.retention_rules WHERE updated_at <=",
+        ]),
+        "no review warning lists the remaining registrations:\n{all}"
+    );
+    // Nothing was written for the removed rows (their removal is in the warnings).
+    let removed: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pgseal.ledger WHERE event = 'retention.removed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(removed, 0, "the cleanup appended retention.removed entries");
+}
+
 // ---------------------------------------------------------------------------------
 // The upgrade
 // ---------------------------------------------------------------------------------
@@ -757,6 +1046,12 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
     let v1_era = semver(v) < (0, 2, 0);
     let mut sealed = Sealed::new();
     use_release(&mut c, &cl, &mut sealed);
+    // The 0.1.0 attacks on its update (F3, F5); F2 needs an open session at update time.
+    let legacy = if v1_era {
+        Some(legacy_0_1_0(&mut c, &cl))
+    } else {
+        None
+    };
     // Two signed checkpoints, then more entries after one of them.
     let mut old_cps = Vec::new();
     for t in ["acme", "globex"] {
@@ -791,7 +1086,7 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
     cl.stop();
     copy.install(current_so, current_files);
     cl.resume();
-    let mut c = cl.connect("postgres");
+    let (mut c, notices) = cl.connect_notices("postgres");
     // Another superuser would own what the update creates: the script refuses.
     c.batch_execute("CREATE ROLE upgrade_other_dba SUPERUSER")
         .unwrap();
@@ -803,7 +1098,33 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
     );
     c.batch_execute("RESET ROLE; DROP ROLE upgrade_other_dba")
         .unwrap();
+    if v1_era {
+        update_blocked_by_temp_view(&mut c, &cl, v, &before);
+    }
+    // F3 with a temporary table: a member of pgseal_admin audits a temporary table of
+    // its own, in a session that stays open during the update.
+    let tmp_holder = if v1_era {
+        let mut h = cl.connect_as("postgres", "upg_admin");
+        h.batch_execute(
+            "CREATE TEMP TABLE upg_tmp (id int PRIMARY KEY, tenant_id text NOT NULL);
+             SELECT pgseal.ledger_audit('upg_tmp');",
+        )
+        .unwrap();
+        Some(h)
+    } else {
+        None
+    };
+    notices.lock().unwrap().clear();
+    let update_started = std::time::Instant::now();
     c.batch_execute("ALTER EXTENSION pgseal UPDATE").unwrap();
+    println!(
+        "upgrade_cluster: ALTER EXTENSION pgseal UPDATE took {:?}",
+        update_started.elapsed()
+    );
+    let update_notices = notices.lock().unwrap().clone();
+    for n in &update_notices {
+        println!("upgrade_cluster: update said {n}");
+    }
     let version: String = c
         .query_one(
             "SELECT extversion FROM pg_extension WHERE extname = 'pgseal'",
@@ -812,6 +1133,10 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
         .unwrap()
         .get(0);
     assert_eq!(version, cur);
+    if let Some(l) = &legacy {
+        check_legacy(&mut c, &update_notices, l);
+    }
+    drop(tmp_holder);
 
     // The old entries are untouched, keep their format (1 before 0.2.0), and every
     // chain verifies.
@@ -954,10 +1279,20 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(
-        truncate_triggers,
-        ["events", "events_acme", "events_globex", "orders"]
-    );
+    // Under 0.1.0 (legacy_0_1_0) also feed and its local partition, but not its
+    // foreign partition, nor the view with a pgseal_audit trigger.
+    let mut want = vec!["events", "events_acme", "events_globex", "orders"];
+    if legacy.is_some() {
+        want = vec![
+            "events",
+            "events_acme",
+            "events_globex",
+            "feed",
+            "feed_local",
+            "orders",
+        ];
+    }
+    assert_eq!(truncate_triggers, want);
 
     // Checkpoints: the old (v1) ones verify offline with the old public key, against the
     // export after the update; a new one is v2, signed by the new checkpoint key.
