@@ -17,7 +17,7 @@ mod ledger;
 mod limits;
 mod locks;
 mod master;
-mod pgcompat;
+mod pg;
 mod plaintext;
 mod plans;
 mod privilege;

@@ -28,6 +28,15 @@ pub fn tenant(value: &str) -> SealResult<()> {
     check("tenant id", value, TENANT)
 }
 
+/// A tenant passed as an argument (not read from the setting, which
+/// `context::tenant` checks): not empty (22023), and within `TENANT` (54000).
+pub fn tenant_arg(value: &str) -> SealResult<()> {
+    if value.is_empty() {
+        return Err(SealError::InvalidArgument("tenant must not be empty"));
+    }
+    tenant(value)
+}
+
 pub fn context(value: Option<&str>) -> SealResult<()> {
     value.map_or(Ok(()), |c| check("context", c, CONTEXT))
 }

@@ -15,16 +15,8 @@ use crate::error::{OrRaise, SealError, SealResult};
 use crate::keystore;
 use crate::limits;
 use crate::master;
+use crate::pg::xact::require_read_write;
 use crate::plaintext::PlainText;
-
-pub fn require_read_write(what: &'static str) -> SealResult<()> {
-    // SAFETY: XactReadOnly is a plain bool global maintained by the transaction
-    // machinery; reading it in a backend is always valid.
-    if unsafe { pgrx::pg_sys::XactReadOnly } {
-        return Err(SealError::ReadOnly(what));
-    }
-    Ok(())
-}
 
 fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> SealResult<String> {
     limits::check("plaintext", plaintext, limits::PLAINTEXT)?;
@@ -153,19 +145,12 @@ fn vault_rewrap(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -
     Some(r.or_raise())
 }
 
-fn require_tenant_arg(tenant: &str) -> SealResult<()> {
-    if tenant.is_empty() {
-        return Err(SealError::InvalidArgument("tenant must not be empty"));
-    }
-    limits::tenant(tenant)
-}
-
 /// Creates a new active data key for `tenant` and returns its key id. Old keys keep
 /// decrypting. Recorded in the tenant's ledger (`key.rotated`, by `keystore`).
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn tenant_key_rotate(tenant: &str) -> String {
     let r = (|| {
-        require_tenant_arg(tenant)?;
+        limits::tenant_arg(tenant)?;
         master::require_loaded()?;
         require_read_write("tenant_key_rotate")?;
         let (stored, _) = keystore::ensure_active(tenant, Purpose::Dek, true)?;
@@ -197,7 +182,7 @@ fn kek_rewrap(batch: default!(i32, 1000)) -> i32 {
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn tenant_shred(tenant: &str) -> i32 {
     let r = (|| {
-        require_tenant_arg(tenant)?;
+        limits::tenant_arg(tenant)?;
         master::require_loaded()?;
         require_read_write("tenant_shred")?;
         let n = keystore::shred(tenant)?;

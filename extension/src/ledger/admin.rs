@@ -76,11 +76,8 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
     let r = (|| {
         master::require_loaded()?;
         super::require_admin("ledger_prune")?;
-        if tenant.is_empty() {
-            return Err(SealError::InvalidArgument("tenant must not be empty"));
-        }
-        crate::limits::tenant(tenant)?;
-        crate::vault::require_read_write("ledger_prune")?;
+        crate::limits::tenant_arg(tenant)?;
+        crate::pg::xact::require_read_write("ledger_prune")?;
         let head = super::heads::lock(tenant)?;
         let head_seq = head.0;
         if before_seq < 1 || before_seq > head_seq + 1 {

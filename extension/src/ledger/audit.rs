@@ -27,6 +27,7 @@ use crate::audit_worker::{self, Entry};
 use crate::context;
 use crate::error::{SealError, SealResult};
 use crate::gucs::{self, AuditDecrypt};
+use crate::pg::xact::{in_recovery, read_only};
 
 /// Distinct contexts recorded per key and transaction; more are counted only.
 const MAX_CONTEXTS: usize = 64;
@@ -57,16 +58,6 @@ struct KeyUse {
 thread_local! {
     /// By key id, one use per role.
     static DECRYPTS: RefCell<BTreeMap<String, Vec<KeyUse>>> = const { RefCell::new(BTreeMap::new()) };
-}
-
-fn in_recovery() -> bool {
-    // SAFETY: RecoveryInProgress may be called at any time in a backend.
-    unsafe { pg_sys::RecoveryInProgress() }
-}
-
-fn read_only() -> bool {
-    // SAFETY: XactReadOnly is a plain bool global of the transaction machinery.
-    unsafe { pg_sys::XactReadOnly }
 }
 
 fn mode() -> AuditDecrypt {

@@ -159,7 +159,7 @@ fn ledger_checkpoint(tenant: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
         master::require_loaded()?;
         super::require_admin("ledger_checkpoint")?;
         let tenant = super::resolve_tenant(tenant)?;
-        crate::vault::require_read_write("ledger_checkpoint")?;
+        crate::pg::xact::require_read_write("ledger_checkpoint")?;
         let (seq, hash) = committed_head(&tenant)?;
         let last = last_stored(&tenant)?;
         let prev: (i64, Hash) = match &last {

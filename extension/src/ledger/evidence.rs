@@ -85,7 +85,7 @@ pub fn context_or_system() -> String {
 /// (55000) or in a read-only transaction (25006), the change it records fails with it.
 pub fn record(tenant: &str, event: &'static str, payload: Value) -> SealResult<i64> {
     crate::master::require_loaded()?;
-    crate::vault::require_read_write(event)?;
+    crate::pg::xact::require_read_write(event)?;
     let (seq, _) =
         super::heads::append(tenant, event, &payload.to_string(), &super::default_actor())?;
     Ok(seq)
@@ -141,7 +141,7 @@ fn _protection_changed(rel: pg_sys::Oid) {
 
 fn protection_changed(rel: pg_sys::Oid) -> SealResult<()> {
     crate::master::require_loaded()?;
-    crate::vault::require_read_write("changing a table's protection")?;
+    crate::pg::xact::require_read_write("changing a table's protection")?;
     let row = crate::privilege::with_pinned_search_path(|| {
         Spi::connect(|client| {
             let t = client.select(PROTECTION, Some(1), &[rel.into()])?;

@@ -115,7 +115,7 @@ unsafe fn anchor_kept(td: &pg_sys::TriggerData) -> bool {
     unsafe {
         let desc = (*td.tg_relation).rd_att;
         let natts = (*desc).natts as usize;
-        let attrs = crate::pgcompat::tupdesc_attrs(desc);
+        let attrs = crate::pg::compat::tupdesc_attrs(desc);
         if natts < HEADS_COLUMNS.len()
             || !attrs
                 .iter()

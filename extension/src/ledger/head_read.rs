@@ -149,7 +149,7 @@ pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
     unsafe {
         o.rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let desc = (*o.rel).rd_att;
-        let attrs = crate::pgcompat::tupdesc_attrs(desc);
+        let attrs = crate::pg::compat::tupdesc_attrs(desc);
         let types_match = |n: usize| {
             attrs.len() >= n
                 && attrs[..n]

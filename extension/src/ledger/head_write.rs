@@ -25,7 +25,7 @@
 //! The executor calls it uses have the same signatures and contracts in
 //! PostgreSQL 15 and 18, the versions pgseal builds and tests against; the one
 //! structure whose layout differs (the tuple descriptor) is read through
-//! `pgcompat`.
+//! `pg::compat`.
 
 pub(super) use imp::write_one;
 
@@ -150,7 +150,7 @@ mod imp {
         unsafe {
             let class = &*(*rel).rd_rel;
             let desc = (*rel).rd_att;
-            let attrs = crate::pgcompat::tupdesc_attrs(desc);
+            let attrs = crate::pg::compat::tupdesc_attrs(desc);
             let fires = match (*rel).trigdesc.as_ref() {
                 None => false,
                 Some(t) => !only_the_guard_fires(t, insert),
@@ -216,8 +216,7 @@ mod imp {
     /// path does not apply; the caller then writes through SPI. Runs as the
     /// extension's owner.
     pub(in crate::ledger) fn write_one(e: &Pending, row: &mut HeadRow) -> SealResult<bool> {
-        // SAFETY: XactReadOnly is a plain global; reading it has no preconditions.
-        if unsafe { pg_sys::XactReadOnly } {
+        if crate::pg::xact::read_only() {
             return Ok(false);
         }
         let (ledger_id, heads_id) = relids()?;

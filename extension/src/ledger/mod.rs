@@ -179,9 +179,8 @@ pub fn subtransaction_aborted(subxact: pgrx::pg_sys::SubTransactionId) {
 pub fn resolve_tenant(tenant: Option<&str>) -> SealResult<String> {
     match tenant {
         None => context::tenant(),
-        Some("") => Err(SealError::InvalidArgument("tenant must not be empty")),
         Some(t) => {
-            crate::limits::tenant(t)?;
+            crate::limits::tenant_arg(t)?;
             let own = context::tenant().ok();
             if own.as_deref() == Some(t) || is_admin()? {
                 Ok(t.to_owned())
@@ -220,7 +219,7 @@ pub fn append_entry(
 ) -> SealResult<(i64, pgseal_core::ledger::Hash)> {
     crate::master::require_loaded()?;
     let tenant = context::tenant()?;
-    crate::vault::require_read_write("ledger_append")?;
+    crate::pg::xact::require_read_write("ledger_append")?;
     let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;
     if !event.is_empty() && (event.trim().is_empty() || event.chars().any(char::is_control)) {
         return Err(SealError::InvalidArgument(
