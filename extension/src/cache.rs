@@ -90,7 +90,7 @@ fn sync_epoch() {
 }
 
 fn remember(live: Rc<LiveKey>) {
-    let cap = gucs::KEY_CACHE_SIZE.get().max(1) as usize;
+    let cap = gucs::key_cache_size();
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.by_id.len() >= cap {
@@ -141,7 +141,7 @@ pub fn key_by_id(key_id: &str) -> SealResult<Rc<LiveKey>> {
 /// first when it has reached `pgseal.dek_max_encryptions`.
 pub fn active_key(tenant: &str, purpose: Purpose) -> SealResult<Rc<LiveKey>> {
     sync_epoch();
-    let limit = gucs::DEK_MAX_ENCRYPTIONS.get() as i64;
+    let limit = gucs::dek_max_encryptions();
     let slot = (tenant.to_owned(), purpose.as_str());
     let cached = CACHE.with(|c| {
         c.borrow()

@@ -122,7 +122,7 @@ pub fn _context_setting(which: &str) -> String {
 /// its own SETs.) Runs at pre-commit with a snapshot, after
 /// `close_held_cursors_if_strict`.
 pub fn clear_if_strict() -> SealResult<()> {
-    if !gucs::STRICT_CONTEXT.get() {
+    if !gucs::strict_context() {
         return Ok(());
     }
     let tenant = gucs::with_tenant_setting_name(|n| n.to_owned());
@@ -166,7 +166,7 @@ pub fn clear_if_strict() -> SealResult<()> {
 /// It runs first at pre-commit, before any other pre-commit work that could fail:
 /// a cursor persisted at this commit survives the abort such a failure causes.
 pub fn close_held_cursors_if_strict() -> SealResult<()> {
-    if !gucs::STRICT_CONTEXT.get() {
+    if !gucs::strict_context() {
         return Ok(());
     }
     /// PostgreSQL's `InvalidSubTransactionId`: the portal belongs to no transaction.

@@ -1,4 +1,5 @@
-//! Every pgseal setting, declared in one place. `init()` runs from `_PG_init`.
+//! Every pgseal setting, declared in one place and read through a typed function
+//! here. `init()` runs from `_PG_init`.
 //!
 //! No setting ever holds key bytes: the master key comes from the environment or
 //! from the stdout of `pgseal.master_key_command`, and stays in process memory.
@@ -7,19 +8,25 @@ use std::ffi::{CStr, CString};
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
-pub static MASTER_KEY_COMMAND: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(None);
-pub static MASTER_KEY_ACTIVE: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static TENANT_SETTING: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"app.tenant_id"));
-pub static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
-pub static DEK_MAX_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
-pub static USER_SETTING: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"app.user_id"));
-pub static AUDIT_DECRYPT: GucSetting<AuditDecrypt> =
-    GucSetting::<AuditDecrypt>::new(AuditDecrypt::On);
-pub static AUDIT_DECRYPT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
-pub static RESTORE: GucSetting<bool> = GucSetting::<bool>::new(false);
+// Defaults of the settings whose value can be given as empty, which then means the
+// default.
+const DEFAULT_TENANT_SETTING: &CStr = c"app.tenant_id";
+const DEFAULT_USER_SETTING: &CStr = c"app.user_id";
+const DEFAULT_LEDGER_MIN_RETENTION: &CStr = c"10 years";
+
+// The settings' values. Private: the rest of the extension reads them through the
+// typed functions at the end of this file.
+static MASTER_KEY_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static MASTER_KEY_ACTIVE: GucSetting<i32> = GucSetting::<i32>::new(0);
+static TENANT_SETTING: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(DEFAULT_TENANT_SETTING));
+static KEY_CACHE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1024);
+static DEK_MAX_ENCRYPTIONS: GucSetting<i32> = GucSetting::<i32>::new(1 << 30);
+static USER_SETTING: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(DEFAULT_USER_SETTING));
+static AUDIT_DECRYPT: GucSetting<AuditDecrypt> = GucSetting::<AuditDecrypt>::new(AuditDecrypt::On);
+static AUDIT_DECRYPT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+static RESTORE: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// `pgseal.audit_decrypt`: when and whether decrypts are recorded in the ledger.
 #[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -51,11 +58,11 @@ impl AuditDecrypt {
         }
     }
 }
-pub static STRICT_CONTEXT: GucSetting<bool> = GucSetting::<bool>::new(false);
-pub static TENANT_COLUMN_NAMES: GucSetting<Option<CString>> =
+static STRICT_CONTEXT: GucSetting<bool> = GucSetting::<bool>::new(false);
+static TENANT_COLUMN_NAMES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"{tenant_id}"));
-pub static LEDGER_MIN_RETENTION: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"10 years"));
+static LEDGER_MIN_RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(DEFAULT_LEDGER_MIN_RETENTION));
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -169,7 +176,7 @@ pub fn init() {
 pub fn ledger_min_retention() -> String {
     match LEDGER_MIN_RETENTION.get() {
         Some(v) if !v.as_bytes().is_empty() => v.to_string_lossy().into_owned(),
-        _ => "10 years".to_owned(),
+        _ => DEFAULT_LEDGER_MIN_RETENTION.to_string_lossy().into_owned(),
     }
 }
 
@@ -185,7 +192,7 @@ pub fn preferred_master_version() -> Option<u32> {
 pub fn user_setting_name() -> CString {
     match USER_SETTING.get() {
         Some(n) if !n.as_bytes().is_empty() => n,
-        _ => c"app.user_id".to_owned(),
+        _ => DEFAULT_USER_SETTING.to_owned(),
     }
 }
 
@@ -202,6 +209,42 @@ pub fn with_tenant_setting_name<R>(f: impl FnOnce(&CStr) -> R) -> R {
     };
     match configured {
         Some(n) if !n.to_bytes().is_empty() => f(n),
-        _ => f(c"app.tenant_id"),
+        _ => f(DEFAULT_TENANT_SETTING),
     }
+}
+
+/// `pgseal.master_key_command`, if set.
+pub fn master_key_command() -> Option<CString> {
+    MASTER_KEY_COMMAND.get()
+}
+
+/// `pgseal.key_cache_size`: unwrapped keys a backend keeps (at least 1).
+pub fn key_cache_size() -> usize {
+    KEY_CACHE_SIZE.get().max(1) as usize
+}
+
+/// `pgseal.dek_max_encryptions`: seals under one data key before it is rotated.
+pub fn dek_max_encryptions() -> i64 {
+    i64::from(DEK_MAX_ENCRYPTIONS.get())
+}
+
+/// `pgseal.audit_decrypt`, with its boolean spellings folded in.
+pub fn audit_decrypt() -> AuditDecrypt {
+    AUDIT_DECRYPT.get().mode()
+}
+
+/// `pgseal.audit_decrypt_timeout`, in milliseconds.
+pub fn audit_decrypt_timeout_ms() -> i64 {
+    i64::from(AUDIT_DECRYPT_TIMEOUT.get())
+}
+
+/// `pgseal.restore`: a superuser is restoring a dump (the guard triggers let
+/// pgseal's tables be loaded).
+pub fn restore() -> bool {
+    RESTORE.get()
+}
+
+/// `pgseal.strict_context`.
+pub fn strict_context() -> bool {
+    STRICT_CONTEXT.get()
 }

@@ -86,7 +86,7 @@ fn read_ring() -> Result<KeyRing, &'static str> {
         // thread could read the environment.
         unsafe { std::env::remove_var(ENV_VAR) };
     }
-    if let Some(cmd) = gucs::MASTER_KEY_COMMAND.get() {
+    if let Some(cmd) = gucs::master_key_command() {
         let cmd = cmd.to_string_lossy().into_owned();
         if !cmd.trim().is_empty() {
             let out = run_key_command(&cmd)?;

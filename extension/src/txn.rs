@@ -82,7 +82,7 @@ fn flush_encryptions() -> SealResult<()> {
 fn pre_commit(preparing: bool) {
     if TX.with(|t| t.borrow().encryptions.is_empty())
         && !crate::ledger::has_pending_work()
-        && !crate::gucs::STRICT_CONTEXT.get()
+        && !crate::gucs::strict_context()
     {
         return;
     }

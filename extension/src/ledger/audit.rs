@@ -61,7 +61,7 @@ thread_local! {
 }
 
 fn mode() -> AuditDecrypt {
-    gucs::AUDIT_DECRYPT.get().mode()
+    gucs::audit_decrypt()
 }
 
 fn current_role() -> pg_sys::Oid {
@@ -183,7 +183,7 @@ fn start_durably(
         event: "vault.decrypt_started".to_owned(),
         payload: payload.to_string(),
     };
-    let timeout = i64::from(gucs::AUDIT_DECRYPT_TIMEOUT.get());
+    let timeout = gucs::audit_decrypt_timeout_ms();
     audit_worker::append_durably(&entry, timeout)
 }
 

@@ -175,7 +175,7 @@ pub unsafe extern "C-unwind" fn ledger_write_guard(
     // A restore (pg_restore, or psql running a dump) inserts the dumped rows as they
     // are: allowed only with `pgseal.restore = on`, which only a superuser can set.
     // The rows must still verify: their MACs need the restored tenants' keys.
-    let restoring = op == pg_sys::TRIGGER_EVENT_INSERT && crate::gucs::RESTORE.get();
+    let restoring = op == pg_sys::TRIGGER_EVENT_INSERT && crate::gucs::restore();
     let refused = match (table, op) {
         _ if restoring => None,
         (b"ledger", pg_sys::TRIGGER_EVENT_INSERT) => (!active(Scope::Append))

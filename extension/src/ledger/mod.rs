@@ -146,7 +146,7 @@ pub fn end_of_transaction(committed: bool) {
     DB_ROLE.with(|u| u.borrow_mut().take());
     let fresh = TXN_MACS.with(|c| std::mem::take(&mut *c.borrow_mut()));
     if committed && !fresh.is_empty() {
-        let cap = crate::gucs::KEY_CACHE_SIZE.get().max(1) as usize;
+        let cap = crate::gucs::key_cache_size();
         MACS.with(|c| {
             let mut c = c.borrow_mut();
             if c.len() + fresh.len() > cap {
