@@ -132,7 +132,7 @@ pub fn key_by_id(key_id: &str) -> SealResult<Rc<LiveKey>> {
     if stored.state == KeyState::Destroyed {
         return Err(SealError::KeyDestroyed);
     }
-    let live = live_from(&stored, stored.unwrap()?);
+    let live = live_from(&stored, stored.unwrap_key()?);
     remember(live.clone());
     Ok(live)
 }

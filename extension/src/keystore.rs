@@ -56,12 +56,12 @@ pub struct StoredKey {
 
 impl StoredKey {
     /// Unwraps the key with the master key version it is stored under.
-    pub fn unwrap(&self) -> SealResult<SecretKey> {
-        master::with_ring(|ring| self.unwrap_with(ring))
+    pub fn unwrap_key(&self) -> SealResult<SecretKey> {
+        master::with_ring(|ring| self.unwrap_key_with(ring))
     }
 
-    /// As `unwrap`, for callers that already hold the ring.
-    pub fn unwrap_with(&self, ring: &KeyRing) -> SealResult<SecretKey> {
+    /// As `unwrap_key`, for callers that already hold the ring.
+    pub fn unwrap_key_with(&self, ring: &KeyRing) -> SealResult<SecretKey> {
         if self.state == KeyState::Destroyed {
             return Err(SealError::KeyDestroyed);
         }
@@ -169,14 +169,14 @@ pub fn ensure_active(
         // replaced under the lock, and a reader may use the one it sees.
         if !rotate {
             if let Some(existing) = fetch_active(tenant, purpose)? {
-                let key = existing.unwrap()?;
+                let key = existing.unwrap_key()?;
                 return Ok((existing, key));
             }
         }
         lock_tenant(tenant, purpose);
         if !rotate {
             if let Some(existing) = fetch_active_fresh(tenant, purpose)? {
-                let key = existing.unwrap()?;
+                let key = existing.unwrap_key()?;
                 return Ok((existing, key));
             }
         } else {
@@ -225,7 +225,7 @@ pub fn ensure_active(
             None => {
                 let existing = fetch_active_fresh(tenant, purpose)?
                     .ok_or(SealError::Internal("active key vanished"))?;
-                let key = existing.unwrap()?;
+                let key = existing.unwrap_key()?;
                 return Ok((existing, key));
             }
         }
@@ -316,7 +316,7 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
                 .active(pref)
                 .ok_or(SealError::MasterVersionMissing(pref.unwrap_or(0)))?;
             for r in &rows {
-                let key = r.unwrap_with(ring)?;
+                let key = r.unwrap_key_with(ring)?;
                 let label = WrapLabel {
                     purpose: r.purpose,
                     tenant: &r.tenant,

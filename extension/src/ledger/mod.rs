@@ -114,7 +114,7 @@ pub fn mac_key(tenant: &str, create: bool) -> SealResult<Option<EntryMac>> {
         Some(keystore::ensure_active(tenant, Purpose::Ledger, false)?.1)
     } else {
         match keystore::fetch_active(tenant, Purpose::Ledger)? {
-            Some(stored) => Some(stored.unwrap()?),
+            Some(stored) => Some(stored.unwrap_key()?),
             None => None,
         }
     };

@@ -22,15 +22,17 @@ const BATCH_SQL: &str =
             fmt, db_role, subjects, salt, commitment \
      FROM pgseal.ledger WHERE tenant_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq";
 
-struct HeadRow {
+/// A tenant's heads row as verification reads it through SPI (the append path's
+/// `head_read::HeadRow` also knows where the row is).
+struct RecordedHead {
     seq: i64,
     hash: Hash,
     anchor_seq: i64,
     anchor_hash: Hash,
 }
 
-fn head_row(tenant: &str) -> SealResult<Option<HeadRow>> {
-    let row = Spi::connect(|client| -> SealResult<Option<HeadRow>> {
+fn head_row(tenant: &str) -> SealResult<Option<RecordedHead>> {
+    let row = Spi::connect(|client| -> SealResult<Option<RecordedHead>> {
         let t = client.select(
             "SELECT seq, hash, anchor_seq, anchor_hash FROM pgseal.ledger_heads WHERE tenant_id = $1",
             Some(1),
@@ -44,7 +46,7 @@ fn head_row(tenant: &str) -> SealResult<Option<HeadRow>> {
                 .and_then(|v| v.try_into().ok())
                 .ok_or(SealError::Internal("bad hash in pgseal.ledger_heads"))
         };
-        Ok(Some(HeadRow {
+        Ok(Some(RecordedHead {
             seq: r.get::<i64>(1)?.unwrap_or(0),
             hash: h(2)?,
             anchor_seq: r.get::<i64>(3)?.unwrap_or(0),
@@ -235,7 +237,7 @@ fn failed(failure: Option<Failure>) -> Report {
 }
 
 /// The hash the first kept entry links to: the anchor, or the genesis hash.
-fn anchor_prev(head: &HeadRow) -> Hash {
+fn anchor_prev(head: &RecordedHead) -> Hash {
     if head.anchor_seq == 0 {
         GENESIS
     } else {
@@ -247,7 +249,7 @@ fn anchor_prev(head: &HeadRow) -> Hash {
 /// 'ledger.pruned' entry must name it (`anchor_seq`, `anchor_hash`). Only
 /// `ledger_prune` writes an anchor and that entry, and pgseal's event names are
 /// reserved, so an anchor written any other way names no prune and fails here.
-fn anchor_failure(tenant: &str, head: &HeadRow) -> SealResult<Option<Failure>> {
+fn anchor_failure(tenant: &str, head: &RecordedHead) -> SealResult<Option<Failure>> {
     if head.anchor_seq == 0 {
         return Ok(None);
     }
