@@ -1,12 +1,10 @@
 //! The C entry point of `pgseal.ledger_append` (declared in `sql/ledger_api.sql`).
 //!
-//! The function returns `TABLE(seq bigint, hash text)`, one row. pgrx's table
-//! protocol sets up a value-per-call SRF on every call: it looks the result type up
-//! in the catalog (`get_call_result_type`), blesses it, creates a memory context,
-//! and the executor then copies the row into a tuplestore of its own. A statement
-//! appending many entries paid that once per entry, about a tenth of its time. In
-//! materialize mode the row goes straight into a tuplestore built from the
-//! executor's expected descriptor, which the executor reads as it is.
+//! The function returns `TABLE(seq bigint, hash text)`, one row, in materialize
+//! mode: the row goes straight into a tuplestore built from the executor's expected
+//! descriptor, which the executor reads as it is, with no per-call catalog lookup
+//! or memory context (pgrx's value-per-call table protocol cost a bulk append about
+//! a tenth of its time; docs/BENCHMARKS.md).
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;

@@ -1,11 +1,9 @@
 //! Reading a tenant's heads row under READ COMMITTED without SPI.
 //!
 //! Every appending transaction reads its tenant's head once, right after taking
-//! the tenant's chain lock (`locks.rs`). Through SPI (a kept plan, `FOR UPDATE`) that read
-//! was two thirds of `ledger_append`'s own CPU with 16 clients: plan-cache checks,
-//! executor start-up, a row lock with its WAL record, and a copy of the row. Here
-//! it is one probe of the heads table's primary key, under a snapshot taken after
-//! the lock, and no row lock.
+//! the tenant's chain lock (`locks.rs`): one probe of the heads table's primary key,
+//! under a snapshot taken after the lock, and no row lock. (Why not SPI: the
+//! 16-client ledger rows in docs/BENCHMARKS.md.)
 //!
 //! Only for READ COMMITTED: there a fresh snapshot is what SPI would use too, and
 //! every writer of a heads row holds the tenant's chain lock (`locks.rs`) until it commits,

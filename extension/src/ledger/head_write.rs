@@ -1,11 +1,8 @@
 //! Writing one entry and moving its tenant's heads row without SPI.
 //!
 //! A transaction that appends one entry writes it at the end of the statement
-//! that appended it. Through SPI that write (`INSERT` into `pgseal.ledger` and
-//! `UPDATE` of the heads row in one statement) cost more CPU than all the rest of
-//! the append with 16 clients: plan-cache checks, executor start-up and shutdown
-//! for three plan nodes, a scan of the heads row's HOT chain to find the row that
-//! was just read. Here the entry goes through `ExecSimpleRelationInsert` and the
+//! that appended it (why not SPI: the 16-client ledger rows in docs/BENCHMARKS.md).
+//! The entry goes through `ExecSimpleRelationInsert` and the
 //! row through `ExecSimpleRelationUpdate`, the calls logical replication applies
 //! rows with. They keep every index of both tables current (an index a DBA adds
 //! included), check NOT NULL, and make the update HOT when the page has room.

@@ -11,10 +11,9 @@ use crate::error::{OrRaise, SealError, SealResult};
 use crate::plans;
 use crate::privilege::as_owner;
 
-/// Seqs read per statement, through a kept plan. At 4,096 the first (custom-planned)
-/// batches got a bitmap scan and a sort; up to 2,048 they get an index scan in seq
-/// order. 512 measured fastest: SPI's copy of a smaller result reuses freed memory,
-/// where larger ones page-faulted fresh memory on every batch.
+/// Seqs read per statement, through a kept plan: small enough that every batch is an
+/// index scan in seq order and SPI's copy of it reuses freed memory (the
+/// measurements are in docs/BENCHMARKS.md, Ledger).
 const BATCH: i64 = 512;
 
 const BATCH_SQL: &str =
