@@ -3,13 +3,13 @@
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("could not start the async runtime: {0}")]
-    Runtime(std::io::Error),
+    Runtime(#[source] std::io::Error),
     #[error("the database URL is not a valid connection string or postgres:// URL")]
     BadUrl,
     #[error("could not connect to the database: {0}")]
-    Connect(tokio_postgres::Error),
+    Connect(#[source] tokio_postgres::Error),
     #[error("query failed: {0}")]
-    Query(tokio_postgres::Error),
+    Query(#[source] tokio_postgres::Error),
     #[error("{0}: {1}")]
     File(String, String),
     #[error("{0}")]
@@ -24,20 +24,42 @@ pub enum DaemonError {
     BadCheckpoint(String, i64),
 }
 
+/// pgseald's documented exit codes (README, Layout; `pgseald --help`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    Ok = 0,
+    /// pgseald itself could not run (no async runtime).
+    Internal = 1,
+    /// Bad usage, configuration or input file.
+    Usage = 2,
+    /// `status`: the master key is not loaded.
+    NoMasterKey = 3,
+    /// The database is unreachable, or a query failed.
+    Database = 4,
+    /// A ledger failed verification.
+    VerifyFailed = 5,
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> Self {
+        std::process::ExitCode::from(e as u8)
+    }
+}
+
 impl DaemonError {
-    /// Exit codes: 0 ok; 2 bad usage, configuration or input file; 3 master key
-    /// not loaded (status); 4 database unreachable or a query failed; 5 a ledger
-    /// failed verification (also returned directly by `ledger verify`).
-    pub fn exit_code(&self) -> u8 {
+    /// The exit code this error ends pgseald with.
+    pub fn exit(&self) -> Exit {
         match self {
-            DaemonError::Runtime(_) => 1,
+            DaemonError::Runtime(_) => Exit::Internal,
             DaemonError::BadUrl
             | DaemonError::File(..)
             | DaemonError::Usage(_)
-            | DaemonError::Config(_) => 2,
-            DaemonError::BadCheckpoint(..) | DaemonError::VerifyFailed(_) => 5,
-            DaemonError::ConnectionLost => 4,
-            DaemonError::Connect(_) | DaemonError::Query(_) => 4,
+            | DaemonError::Config(_) => Exit::Usage,
+            DaemonError::BadCheckpoint(..) | DaemonError::VerifyFailed(_) => Exit::VerifyFailed,
+            DaemonError::ConnectionLost | DaemonError::Connect(_) | DaemonError::Query(_) => {
+                Exit::Database
+            }
         }
     }
 }

@@ -26,10 +26,7 @@ pub static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::
 /// Failed ledger verifications since start (logged as errors; see `scheduler`).
 pub static FAILED_VERIFICATIONS: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);
-use error::DaemonError;
-
-/// Exit code of a failed ledger verification.
-const VERIFY_FAILED: u8 = 5;
+use error::{DaemonError, Exit};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -178,7 +175,7 @@ fn main() -> ExitCode {
             Ok(c) => config = Some(c),
             Err(e) => {
                 eprintln!("pgseald: {e}");
-                return ExitCode::from(e.exit_code());
+                return ExitCode::from(e.exit());
             }
         }
     }
@@ -192,7 +189,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e}");
-            ExitCode::from(e.exit_code())
+            ExitCode::from(e.exit())
         }
     }
 }
@@ -308,7 +305,7 @@ fn try_main(cli: Cli, config: Option<config::Config>) -> Result<ExitCode, Daemon
                         failed = true;
                     }
                 }
-                Ok(if failed { ExitCode::from(VERIFY_FAILED) } else { ExitCode::SUCCESS })
+                Ok(if failed { Exit::VerifyFailed.into() } else { Exit::Ok.into() })
             }
         }
     })
@@ -358,9 +355,5 @@ async fn status(url: &str) -> Result<ExitCode, DaemonError> {
             versions.join(", ")
         }
     );
-    Ok(if loaded {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    })
+    Ok(if loaded { Exit::Ok } else { Exit::NoMasterKey }.into())
 }
