@@ -24,7 +24,7 @@ demo: install daemon
 	bash scripts/demo.sh
 
 test-core:
-	cargo test -p pgseal-core
+	cargo test -p pgseal-core -p pgseal-keymem
 
 # Everything that needs no database: core, pgseald's unit and CLI tests, the format check.
 test-unit: test-core test-format

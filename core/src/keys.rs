@@ -1,11 +1,11 @@
 //! Data keys, master keys and key identifiers.
 
-mod locked;
-
 use aes_gcm::{Aes256Gcm, KeyInit};
 use rand_core::{OsRng, RngCore};
 
-pub use locked::{protect_process, Locked};
+// Key memory is a crate of its own so that this one has no unsafe code (lib.rs);
+// re-exported here, the path extension/ and daemon/ import it by.
+pub use pgseal_keymem::{protect_process, Locked};
 
 /// Length in bytes of every symmetric key pgseal uses (AES-256).
 pub const KEY_LEN: usize = 32;

@@ -6,6 +6,12 @@
 //! checkpoints and the export format. The extension crate is a thin binding over these functions.
 //! The byte-level formats are specified in `docs/FORMAT.md`, whose vectors the
 //! tests in `tests/format_vectors.rs` read.
+//!
+//! No unsafe code: the one piece that needs it, the locked, dump-excluded memory keys
+//! live in, is the `pgseal-keymem` crate, re-exported as [`keys::Locked`] and
+//! [`keys::protect_process`].
+
+#![forbid(unsafe_code)]
 
 pub mod aad;
 pub mod canonical;

@@ -1,7 +1,15 @@
-//! Memory for key material: page-aligned anonymous mappings that are locked in RAM
-//! (`mlock`: never written to swap) and left out of core dumps (`MADV_DONTDUMP`).
+//! pgseal-keymem: memory for key material: page-aligned anonymous mappings that are
+//! locked in RAM (`mlock`: never written to swap) and left out of core dumps
+//! (`MADV_DONTDUMP`).
 //!
-//! Every [`SecretKey`](super::SecretKey) and every cached cipher lives in a fixed-size
+//! This is the only unsafe code of pgseal's crypto core (`mmap`, `mlock`, `madvise`
+//! and the raw slots behind [`Locked`]). It is a crate of its own so that
+//! `pgseal-core` can `#![forbid(unsafe_code)]`; `pgseal-core` re-exports [`Locked`]
+//! and [`protect_process`] as `pgseal_core::keys::{Locked, protect_process}`, the
+//! paths the rest of pgseal uses. Every unsafe block states why it is sound in a
+//! `// SAFETY:` note (the workspace denies `clippy::undocumented_unsafe_blocks`).
+//!
+//! Every `pgseal_core::keys::SecretKey` and every cached cipher lives in a fixed-size
 //! slot of such a mapping. A slot is zeroed when its value is dropped, then reused;
 //! mappings are never unmapped, so their number is bounded by the most keys a
 //! process held at once.
