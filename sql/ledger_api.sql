@@ -2,7 +2,7 @@
 -- append-only guards, and row-level security. Included after ledger_schema.sql and
 -- the functions it names; privileges are granted in finalize.sql.
 
--- Written in Rust (extension/src/ledger/append_fn.rs); declared here because it
+-- Written in Rust (extension/src/pg/ledger_append_fn.rs); declared here because it
 -- returns its row in materialize mode, which pgrx's function declarations do not.
 CREATE FUNCTION pgseal.ledger_append(event text, payload jsonb DEFAULT '{}', actor text DEFAULT NULL)
 RETURNS TABLE (seq bigint, hash text)

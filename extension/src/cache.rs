@@ -4,6 +4,15 @@
 //! bump it when their transaction commits, and each cache use first compares it.
 //! So a shredded key stops working in every session, including those that had it
 //! cached.
+//!
+//! Its transaction-end work (`TXN`, registered with `txn`):
+//! - every seal counts at once in its key's shared total (`enc_counts`), whether the
+//!   transaction commits or not; at pre-commit the keys this transaction sealed with
+//!   have their totals written back to `pgseal.tenant_keys.encryptions`;
+//! - a transaction that rotated or shredded keys bumps the epoch after it commits,
+//!   and cannot be prepared;
+//! - a transaction or subtransaction that wrote keys and then aborted empties this
+//!   backend's cache, so no key that was rolled back can ever be used again.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -19,6 +28,7 @@ use pgseal_core::wrap::Purpose;
 use crate::error::{SealError, SealResult};
 use crate::gucs;
 use crate::keystore::{self, KeyState};
+use crate::txn::{End, Participant, Phase, PreCommit};
 
 // SAFETY: the name is unique to pgseal; pg_shmem_init! in _PG_init sets it up.
 pub static EPOCH: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"pgseal_key_epoch") };
@@ -57,6 +67,96 @@ impl Cache {
 
 thread_local! {
     static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+    /// Seals per key in the running transaction, to write back at pre-commit.
+    static SEALS: RefCell<HashMap<String, i64>> = RefCell::new(HashMap::new());
+    static EXIT_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The cache's transaction-end work (see the module notes).
+pub const TXN: Participant = Participant {
+    pre_commit: &[PreCommit {
+        phase: Phase::SealCounts,
+        has_work: has_seals,
+        run: write_seal_counts,
+    }],
+    before_prepare: Some(refuse_prepare_after_key_changes),
+    end: Some(transaction_ended),
+    subxact_aborted: Some(subtransaction_aborted),
+    ..Participant::NONE
+};
+
+/// Counts one seal under `key_id`: in the shared total at once (it counts even if the
+/// transaction rolls back), and in this transaction's list of keys to write back.
+pub fn note_seal(key_id: &str) {
+    crate::enc_counts::count_seal(key_id);
+    SEALS.with(|t| *t.borrow_mut().entry(key_id.to_owned()).or_insert(0) += 1);
+}
+
+/// Seals under `key_id` in this transaction not yet written back.
+fn pending_seals(key_id: &str) -> i64 {
+    SEALS.with(|t| t.borrow().get(key_id).copied().unwrap_or(0))
+}
+
+fn has_seals() -> bool {
+    SEALS.with(|t| !t.borrow().is_empty())
+}
+
+fn write_seal_counts(_preparing: bool) -> SealResult<()> {
+    let pending = SEALS.with(|t| std::mem::take(&mut *t.borrow_mut()));
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let (ids, counts): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
+    add_counts(&ids, &counts);
+    // A key with a shared total writes that total back (it already holds this
+    // transaction's seals and every rolled-back one); a key without adds its count.
+    let (adds, totals): (Vec<i64>, Vec<Option<i64>>) = ids
+        .iter()
+        .zip(&counts)
+        .map(|(id, &n)| match crate::enc_counts::total(id) {
+            Some(t) => (0, Some(t)),
+            None => (n, None),
+        })
+        .unzip();
+    keystore::add_encryptions(ids, adds, totals)
+}
+
+fn refuse_prepare_after_key_changes() -> SealResult<()> {
+    if keystore::writes().invalidates {
+        return Err(SealError::NotSupported(
+            "a transaction that rotated or shredded keys cannot be prepared",
+        ));
+    }
+    Ok(())
+}
+
+fn transaction_ended(how: End) {
+    SEALS.with(|t| t.borrow_mut().clear());
+    let writes = keystore::take_writes();
+    match how {
+        End::Committed | End::Prepared if writes.invalidates => bump_epoch(),
+        End::Aborted if writes.any => forget_all(),
+        _ => {}
+    }
+}
+
+fn subtransaction_aborted(_my: pgrx::pg_sys::SubTransactionId) {
+    if keystore::writes().any {
+        forget_all();
+    }
+}
+
+/// Rotates the tenant's active key for `purpose` (see `keystore::rotate`) and
+/// records a data key's rotation in the tenant's ledger (`key.rotated`).
+pub fn rotate(
+    tenant: &str,
+    purpose: Purpose,
+) -> SealResult<(keystore::StoredKey, pgseal_core::keys::SecretKey)> {
+    let (stored, key, rotated) = keystore::rotate(tenant, purpose)?;
+    if let Some(payload) = rotated {
+        crate::ledger::evidence::record(tenant, "key.rotated", payload)?;
+    }
+    Ok((stored, key))
 }
 
 pub fn bump_epoch() {
@@ -68,11 +168,25 @@ pub fn forget_all() {
     CACHE.with(|c| c.borrow_mut().clear());
 }
 
-/// As `forget_all`, for the exit wipe: does nothing if the cache is in use or gone.
-pub fn forget_all_at_exit() {
+/// Wipes the cached keys when the backend exits; does nothing if the cache is in
+/// use or gone.
+#[pg_guard]
+unsafe extern "C-unwind" fn wipe_on_exit(_code: i32, _arg: pgrx::pg_sys::Datum) {
     let _ = CACHE.try_with(|c| {
         if let Ok(mut c) = c.try_borrow_mut() {
             c.clear();
+        }
+    });
+}
+
+/// Registers the exit wipe once per backend (a forked backend does not inherit
+/// the postmaster's exit callbacks).
+fn register_exit_wipe() {
+    EXIT_HOOK.with(|done| {
+        if !done.replace(true) {
+            // SAFETY: on_proc_exit stores a plain function pointer; wipe_on_exit is
+            // 'static and only touches this thread's cache, without panicking.
+            unsafe { pgrx::pg_sys::on_proc_exit(Some(wipe_on_exit), pgrx::pg_sys::Datum::from(0)) };
         }
     });
 }
@@ -103,6 +217,7 @@ fn remember(live: Rc<LiveKey>) {
 fn live_from(stored: &keystore::StoredKey, key: pgseal_core::keys::SecretKey) -> Rc<LiveKey> {
     let cipher = key.locked_cipher();
     crate::master::protect_key_memory();
+    register_exit_wipe();
     Rc::new(LiveKey {
         key_id: stored.key_id.clone(),
         tenant: stored.tenant.clone(),
@@ -152,17 +267,17 @@ pub fn active_key(tenant: &str, purpose: Purpose) -> SealResult<Rc<LiveKey>> {
     // The shared total counts every backend's seals, rolled-back ones included
     // (`enc_counts`); without a slot, this backend's view: stored + this transaction.
     if let Some((k, n)) = cached {
-        let used = crate::enc_counts::total(&k.key_id)
-            .unwrap_or_else(|| n + crate::txn::pending_encryptions(&k.key_id));
+        let used =
+            crate::enc_counts::total(&k.key_id).unwrap_or_else(|| n + pending_seals(&k.key_id));
         if used < limit {
             return Ok(k);
         }
     }
-    let (mut stored, mut key) = keystore::ensure_active(tenant, purpose, false)?;
+    let (mut stored, mut key) = keystore::ensure_active(tenant, purpose)?;
     let used = crate::enc_counts::observe(&stored.key_id, stored.encryptions)
-        .unwrap_or_else(|| stored.encryptions + crate::txn::pending_encryptions(&stored.key_id));
+        .unwrap_or_else(|| stored.encryptions + pending_seals(&stored.key_id));
     if used >= limit {
-        (stored, key) = keystore::ensure_active(tenant, purpose, true)?;
+        (stored, key) = rotate(tenant, purpose)?;
         crate::enc_counts::observe(&stored.key_id, stored.encryptions);
     }
     let live = live_from(&stored, key);
@@ -180,7 +295,7 @@ pub fn active_key(tenant: &str, purpose: Purpose) -> SealResult<Rc<LiveKey>> {
 }
 
 /// Records flushed counts in the cached active entries.
-pub fn add_counts(ids: &[String], counts: &[i64]) {
+fn add_counts(ids: &[String], counts: &[i64]) {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         for e in c.active.values_mut() {

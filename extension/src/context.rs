@@ -121,7 +121,7 @@ pub fn _context_setting(which: &str) -> String {
 /// session-level SET lasts one transaction. (An aborted transaction already undoes
 /// its own SETs.) Runs at pre-commit with a snapshot, after
 /// `close_held_cursors_if_strict`.
-pub fn clear_if_strict() -> SealResult<()> {
+fn clear_if_strict(_preparing: bool) -> SealResult<()> {
     if !gucs::strict_context() {
         return Ok(());
     }
@@ -165,7 +165,7 @@ pub fn clear_if_strict() -> SealResult<()> {
 /// on the 2-core test machine).
 /// It runs first at pre-commit, before any other pre-commit work that could fail:
 /// a cursor persisted at this commit survives the abort such a failure causes.
-pub fn close_held_cursors_if_strict() -> SealResult<()> {
+fn close_held_cursors_if_strict(_preparing: bool) -> SealResult<()> {
     if !gucs::strict_context() {
         return Ok(());
     }
@@ -209,3 +209,21 @@ pub fn close_held_cursors_if_strict() -> SealResult<()> {
     }
     Ok(())
 }
+
+/// With `pgseal.strict_context`, the context's pre-commit work: `WITH HOLD`
+/// cursors closed first, the settings cleared last.
+pub const TXN: crate::txn::Participant = crate::txn::Participant {
+    pre_commit: &[
+        crate::txn::PreCommit {
+            phase: crate::txn::Phase::CloseCursors,
+            has_work: gucs::strict_context,
+            run: close_held_cursors_if_strict,
+        },
+        crate::txn::PreCommit {
+            phase: crate::txn::Phase::ClearContext,
+            has_work: gucs::strict_context,
+            run: clear_if_strict,
+        },
+    ],
+    ..crate::txn::Participant::NONE
+};

@@ -144,25 +144,72 @@ pub fn fetch_active(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredK
     )
 }
 
+/// What this transaction did to `pgseal.tenant_keys`, for the key cache's
+/// transaction-end work (`cache.rs`).
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Writes {
+    /// Keys were created, rotated or destroyed: an abort must empty the cache.
+    pub any: bool,
+    /// Keys other backends may hold were replaced or destroyed: a commit must
+    /// invalidate every backend's cache.
+    pub invalidates: bool,
+}
+
+thread_local! {
+    static WRITES: std::cell::Cell<Writes> = const { std::cell::Cell::new(Writes { any: false, invalidates: false }) };
+}
+
+fn note_written(invalidates_other_backends: bool) {
+    WRITES.with(|w| {
+        let mut v = w.get();
+        v.any = true;
+        v.invalidates |= invalidates_other_backends;
+        w.set(v);
+    });
+}
+
+/// This transaction's key writes so far.
+pub fn writes() -> Writes {
+    WRITES.with(|w| w.get())
+}
+
+/// This transaction's key writes, forgotten (the transaction ended).
+pub fn take_writes() -> Writes {
+    WRITES.with(|w| w.take())
+}
+
 /// Serialises key creation and rotation for one tenant and purpose until commit.
 fn lock_tenant(tenant: &str, purpose: Purpose) {
     crate::locks::key_creation(tenant, purpose.as_str());
 }
 
-/// Returns the tenant's active key, creating one if it has none. With `rotate`,
-/// retires the current active key first, so the result is always a new key.
+/// Returns the tenant's active key, creating one if it has none.
 ///
 /// Concurrent callers for one tenant serialise on a pgseal lock (`locks.rs`), and a partial
 /// unique index allows one active key per tenant and purpose. Under REPEATABLE READ
 /// or SERIALIZABLE a caller whose snapshot predates another's new key fails with
 /// 40001 (from ON CONFLICT) instead of creating a second one.
-pub fn ensure_active(
+pub fn ensure_active(tenant: &str, purpose: Purpose) -> SealResult<(StoredKey, SecretKey)> {
+    make_active(tenant, purpose, false).map(|(stored, key, _)| (stored, key))
+}
+
+/// Retires the tenant's active key for `purpose` and makes a new one. Returns the
+/// new key and, for a data key, the payload of the `key.rotated` entry the caller
+/// records (`cache::rotate`): the keys retired, with their encryption counts, and
+/// the new key.
+pub fn rotate(
+    tenant: &str,
+    purpose: Purpose,
+) -> SealResult<(StoredKey, SecretKey, Option<serde_json::Value>)> {
+    make_active(tenant, purpose, true)
+}
+
+/// `ensure_active`, or with `rotate`, `rotate`.
+fn make_active(
     tenant: &str,
     purpose: Purpose,
     rotate: bool,
-) -> SealResult<(StoredKey, SecretKey)> {
-    // A rotation is recorded in the tenant's ledger (`key.rotated`): the keys it
-    // retired, with their encryption counts, and the new key.
+) -> SealResult<(StoredKey, SecretKey, Option<serde_json::Value>)> {
     let mut retired: Option<Vec<serde_json::Value>> = None;
     let made = as_owner(|| -> SealResult<(StoredKey, SecretKey)> {
         // The common case, a key that exists, needs no lock: active keys are only
@@ -229,7 +276,7 @@ pub fn ensure_active(
                 return Ok((existing, key));
             }
         }
-        crate::txn::note_keys_written(rotate);
+        note_written(rotate);
         // `wrapped: None` marks a key made here (the paths above return stored keys).
         let stored = StoredKey {
             key_id,
@@ -242,22 +289,22 @@ pub fn ensure_active(
         };
         Ok((stored, key))
     })?;
-    if let Some(retired) = retired {
-        if purpose == Purpose::Dek && made.0.wrapped.is_none() {
-            let payload = serde_json::json!({
+    let payload = match retired {
+        Some(retired) if purpose == Purpose::Dek && made.0.wrapped.is_none() => {
+            Some(serde_json::json!({
                 "key_id": made.0.key_id,
                 "kek_version": made.0.kek_version,
                 "retired": retired,
-            });
-            crate::ledger::evidence::record(tenant, "key.rotated", payload)?;
+            }))
         }
-    }
-    Ok(made)
+        _ => None,
+    };
+    Ok((made.0, made.1, payload))
 }
 
-/// Destroys every data key of the tenant; returns how many. Recorded in the
-/// tenant's ledger (`key.shredded`, with the key ids), also when there were none.
-pub fn shred(tenant: &str) -> SealResult<i64> {
+/// Destroys every data key of the tenant; returns the ids of the keys destroyed
+/// (the caller records them: `key.shredded`).
+pub fn shred(tenant: &str) -> SealResult<Vec<String>> {
     let ids = as_owner(|| {
         Spi::get_one_with_args::<Vec<String>>(
             "WITH d AS (UPDATE pgseal.tenant_keys SET state = 'destroyed', wrapped = NULL, kek_version = NULL, \
@@ -268,19 +315,16 @@ pub fn shred(tenant: &str) -> SealResult<i64> {
         )
     })?
     .unwrap_or_default();
-    crate::txn::note_keys_written(true);
-    let n = ids.len() as i64;
-    let payload = serde_json::json!({ "keys": n, "key_ids": ids });
-    crate::ledger::evidence::record(tenant, "key.shredded", payload)?;
-    Ok(n)
+    note_written(true);
+    Ok(ids)
 }
 
-/// Rewraps up to `batch` keys not under the active master version; returns how many.
-/// A call that moved keys appends one `key.rewrapped` entry to the system chain
-/// (`_pgseal`) with counts per tenant. Not one entry per tenant: each would hold that
+/// Rewraps up to `batch` keys not under the active master version; returns how many,
+/// and when keys moved, the payload of the one `key.rewrapped` entry the caller
+/// appends to the system chain (`_pgseal`), with counts per tenant. Not one entry per tenant: each would hold that
 /// tenant's chain lock until commit, and a batch over thousands of tenants would run
 /// out of PostgreSQL's shared lock table (`max_locks_per_transaction` × connections).
-pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
+pub fn kek_rewrap(batch: i32) -> SealResult<(i32, Option<serde_json::Value>)> {
     if batch <= 0 {
         return Err(SealError::InvalidArgument("batch must be positive"));
     }
@@ -362,13 +406,9 @@ pub fn kek_rewrap(batch: i32) -> SealResult<i32> {
             "checkpoint": checkpoint_keys,
             "tenants": tenants,
         });
-        crate::ledger::evidence::record(
-            crate::ledger::evidence::SYSTEM_TENANT,
-            "key.rewrapped",
-            payload,
-        )?;
+        return Ok((n, Some(payload)));
     }
-    Ok(n)
+    Ok((n, None))
 }
 
 /// Writes per-key encryption counts back (once per transaction, at pre-commit):

@@ -11,15 +11,12 @@ mod enc_counts;
 mod error;
 mod gucs;
 mod jobs;
-mod jsonb;
 mod keystore;
 mod ledger;
 mod limits;
 mod locks;
 mod master;
 mod pg;
-mod plaintext;
-mod plans;
 mod privilege;
 mod txn;
 mod vault;
@@ -84,7 +81,9 @@ pub extern "C-unwind" fn _PG_init() {
     use audit_worker::queue::QUEUE;
     pgrx::pg_shmem_init!(QUEUE);
     audit_worker::register();
-    txn::register_callbacks();
+    // Transaction-end work; end callbacks run in this order, pre-commit work in
+    // the order of `txn::Phase`.
+    txn::register(&[ledger::TXN, privilege::TXN, cache::TXN, context::TXN]);
     master::load_at_startup();
 }
 

@@ -2,7 +2,7 @@
 //!
 //! | lock | scope | held | taken by |
 //! |---|---|---|---|
-//! | `LedgerTenant(tenant)` | one tenant's chain | until the transaction ends | the first append of a transaction for that tenant (`ledger/heads.rs`) |
+//! | `LedgerTenant(tenant)` | one tenant's chain | until the transaction ends | the first append of a transaction for that tenant (`ledger/chain_lock.rs`) |
 //! | `KeyCreation(tenant, purpose)` | creating or rotating one tenant's key | until the transaction ends | `keystore::get_or_create` |
 //! | `DaemonLeader` | pgseald leadership | for the session | `pgseal._leader_try_lock()`, called by pgseald |
 //!

@@ -146,7 +146,6 @@ unsafe extern "C-unwind" fn wipe_on_exit(_code: i32, _arg: pg_sys::Datum) {
         }
         m.ring = None;
     }
-    crate::cache::forget_all_at_exit();
     LOADED.store(false, Ordering::Relaxed);
 }
 

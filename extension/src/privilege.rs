@@ -68,10 +68,16 @@ fn extension_owner() -> pg_sys::Oid {
     owner
 }
 
-/// Forgets the cached owner; called at every transaction end.
-pub fn forget_owner() {
+/// Forgets the cached owner at every transaction end.
+fn forget_owner(_: crate::txn::End) {
     OWNER.with(|c| c.set(None));
 }
+
+/// The owner cache lasts one transaction.
+pub const TXN: crate::txn::Participant = crate::txn::Participant {
+    end: Some(forget_owner),
+    ..crate::txn::Participant::NONE
+};
 
 /// The `search_path` under which pgseal parses SQL it runs with more privilege than
 /// its caller: the system catalog first, the session's temporary schema last.

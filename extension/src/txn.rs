@@ -1,106 +1,127 @@
-//! Per-transaction bookkeeping, driven by transaction callbacks registered in `_PG_init`.
+//! Transaction-end work, registered by the capabilities that need it.
 //!
-//! - Every seal counts at once in its key's shared total (`enc_counts`), whether the
-//!   transaction commits or not; at pre-commit the keys this transaction sealed with
-//!   have their totals written back to `pgseal.tenant_keys.encryptions`.
-//! - A transaction that rotated or shredded keys bumps the shared key epoch after
-//!   it commits, so every backend drops its cached keys before its next use.
-//! - A transaction or subtransaction that wrote keys and then aborted empties this
-//!   backend's cache, so no key that was rolled back can ever be used again.
-//! - When a statement that appended to the ledger ends (the executor-end hook),
-//!   its pending entries are written, so the next statement sees them.
+//! `txn` knows no capability. Each one that keeps per-transaction state declares a
+//! [`Participant`] (a `const TXN` in its module) with the callbacks it needs, and
+//! `_PG_init` hands the list to [`register`]. This module installs PostgreSQL's
+//! transaction and subtransaction callbacks and the executor-end hook, and calls the
+//! participants from them:
+//!
+//! - at pre-commit and pre-prepare, each participant's work in the order of
+//!   [`Phase`], under a snapshot (SPI needs one), when any of them has work;
+//! - before a prepare, each participant's check (it may refuse the prepare);
+//! - when the transaction has ended ([`End`]), and when a subtransaction commits or
+//!   aborts;
+//! - when a statement ends, each participant's statement-end work (the ledger
+//!   writes the entries the statement appended, so the next statement sees them).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use crate::cache;
-use crate::error::{OrRaise, SealError, SealResult};
+use crate::error::{OrRaise, SealResult};
+use crate::pg::snapshot::with_snapshot;
 
-#[derive(Default)]
-struct TxState {
-    encryptions: HashMap<String, i64>,
-    keys_written: bool,
-    bump_epoch: bool,
+/// The pre-commit phases, run in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Close `WITH HOLD` cursors (`pgseal.strict_context`): first, before anything
+    /// that could fail, since a cursor persisted at this commit survives the abort
+    /// a later failure causes.
+    CloseCursors,
+    /// Record the transaction's decrypts in the ledger (appends entries).
+    DecryptAudit,
+    /// Write seal counts back to `pgseal.tenant_keys`.
+    SealCounts,
+    /// Write the ledger entries still pending, and move the heads rows.
+    LedgerWrite,
+    /// Clear the tenant and user settings (`pgseal.strict_context`): last, so every
+    /// earlier phase still sees the tenant.
+    ClearContext,
 }
 
-thread_local! {
-    static TX: RefCell<TxState> = RefCell::new(TxState::default());
+/// Pre-commit work of one participant.
+#[derive(Clone, Copy)]
+pub struct PreCommit {
+    pub phase: Phase,
+    /// Whether there is work; when no participant has any, no snapshot is taken.
+    pub has_work: fn() -> bool,
+    /// The work; `preparing` is true at PREPARE TRANSACTION.
+    pub run: fn(preparing: bool) -> SealResult<()>,
 }
 
-/// Counts one seal under `key_id`: in the shared total at once (it counts even if the
-/// transaction rolls back), and in this transaction's list of keys to write back.
-pub fn note_encryption(key_id: &str) {
-    crate::enc_counts::count_seal(key_id);
-    TX.with(|t| {
-        *t.borrow_mut()
-            .encryptions
-            .entry(key_id.to_owned())
-            .or_insert(0) += 1
-    });
+/// Work when a statement ends (the executor-end hook).
+#[derive(Clone, Copy)]
+pub struct StatementEnd {
+    /// Checked first, so a statement with nothing to do takes no snapshot.
+    pub has_work: fn() -> bool,
+    pub run: fn() -> SealResult<()>,
 }
 
-/// Pending (not yet flushed) encryptions under `key_id` in this transaction.
-pub fn pending_encryptions(key_id: &str) -> i64 {
-    TX.with(|t| t.borrow().encryptions.get(key_id).copied().unwrap_or(0))
+/// How a transaction ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Committed,
+    Prepared,
+    Aborted,
 }
 
-pub fn note_keys_written(invalidates_other_backends: bool) {
-    TX.with(|t| {
-        let mut t = t.borrow_mut();
-        t.keys_written = true;
-        t.bump_epoch |= invalidates_other_backends;
-    });
+/// What a capability does at transaction boundaries; every callback is optional.
+#[derive(Clone, Copy)]
+pub struct Participant {
+    /// Pre-commit work, each in its phase.
+    pub pre_commit: &'static [PreCommit],
+    /// Runs before the pre-commit work of a PREPARE TRANSACTION; an error refuses it.
+    pub before_prepare: Option<fn() -> SealResult<()>>,
+    /// Runs after the transaction ended; must not raise.
+    pub end: Option<fn(End)>,
+    /// A subtransaction (`my`) committed into its parent.
+    pub subxact_committed:
+        Option<fn(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransactionId)>,
+    /// A subtransaction (`my`) aborted.
+    pub subxact_aborted: Option<fn(my: pg_sys::SubTransactionId)>,
+    /// Work when a statement ends.
+    pub statement_end: Option<StatementEnd>,
 }
 
-fn flush_encryptions() -> SealResult<()> {
-    let pending = TX.with(|t| std::mem::take(&mut t.borrow_mut().encryptions));
-    if pending.is_empty() {
-        return Ok(());
-    }
-    let (ids, counts): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
-    cache::add_counts(&ids, &counts);
-    // A key with a shared total writes that total back (it already holds this
-    // transaction's seals and every rolled-back one); a key without adds its count.
-    let (adds, totals): (Vec<i64>, Vec<Option<i64>>) = ids
-        .iter()
-        .zip(&counts)
-        .map(|(id, &n)| match crate::enc_counts::total(id) {
-            Some(t) => (0, Some(t)),
-            None => (n, None),
-        })
-        .unzip();
-    crate::keystore::add_encryptions(ids, adds, totals)
+impl Participant {
+    /// A participant with no callbacks, for `..Participant::NONE`.
+    pub const NONE: Participant = Participant {
+        pre_commit: &[],
+        before_prepare: None,
+        end: None,
+        subxact_committed: None,
+        subxact_aborted: None,
+        statement_end: None,
+    };
 }
 
-/// Pre-commit work, in order: with `pgseal.strict_context`, closing `WITH HOLD`
-/// cursors; encryption counts, the decrypt audit entries (which
-/// may create a ledger key and append), the ledger heads those appends moved, and
-/// with `pgseal.strict_context`, clearing the tenant and user settings.
+struct Registry {
+    all: Vec<Participant>,
+    /// The pre-commit work, sorted by phase.
+    pre_commit: Vec<PreCommit>,
+}
+
+static REGISTRY: OnceLock<Registry> = OnceLock::new();
+
+fn participants() -> &'static [Participant] {
+    REGISTRY.get().map_or(&[], |r| r.all.as_slice())
+}
+
 fn pre_commit(preparing: bool) {
-    if TX.with(|t| t.borrow().encryptions.is_empty())
-        && !crate::ledger::has_pending_work()
-        && !crate::gucs::strict_context()
-    {
+    let Some(reg) = REGISTRY.get() else { return };
+    if !reg.pre_commit.iter().any(|p| (p.has_work)()) {
         return;
     }
-    // At pre-commit no portal holds a snapshot; SPI needs one.
-    let r = with_snapshot(|| {
-        crate::context::close_held_cursors_if_strict()
-            .and_then(|_| flush_encryptions())
-            .and_then(|_| crate::ledger::audit::flush_decrypts(preparing))
-            .and_then(|_| flush_encryptions())
-            .and_then(|_| crate::ledger::heads::flush())
-            .and_then(|_| crate::context::clear_if_strict())
-    });
-    r.or_raise();
+    with_snapshot(|| reg.pre_commit.iter().try_for_each(|p| (p.run)(preparing))).or_raise();
 }
 
-fn end_of_transaction(committed: bool) {
-    crate::ledger::end_of_transaction(committed);
-    crate::privilege::forget_owner();
+fn ended(how: End) {
+    for p in participants() {
+        if let Some(f) = p.end {
+            f(how);
+        }
+    }
 }
 
 #[pg_guard]
@@ -109,34 +130,16 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
     match event {
         XACT_EVENT_PRE_COMMIT => pre_commit(false),
         XACT_EVENT_PRE_PREPARE => {
-            if TX.with(|t| t.borrow().bump_epoch) {
-                SealError::NotSupported(
-                    "a transaction that rotated or shredded keys cannot be prepared",
-                )
-                .raise();
+            for p in participants() {
+                if let Some(check) = p.before_prepare {
+                    check().or_raise();
+                }
             }
             pre_commit(true);
         }
-        XACT_EVENT_COMMIT | XACT_EVENT_PREPARE => {
-            crate::ledger::audit::transaction_ended(if event == XACT_EVENT_PREPARE {
-                "prepared"
-            } else {
-                "committed"
-            });
-            end_of_transaction(true);
-            let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
-            if st.bump_epoch {
-                cache::bump_epoch();
-            }
-        }
-        XACT_EVENT_ABORT => {
-            crate::ledger::audit::transaction_ended("rolled back");
-            end_of_transaction(false);
-            let st = TX.with(|t| std::mem::take(&mut *t.borrow_mut()));
-            if st.keys_written {
-                cache::forget_all();
-            }
-        }
+        XACT_EVENT_COMMIT => ended(End::Committed),
+        XACT_EVENT_PREPARE => ended(End::Prepared),
+        XACT_EVENT_ABORT => ended(End::Aborted),
         _ => {}
     }
 }
@@ -148,22 +151,25 @@ unsafe extern "C-unwind" fn on_subxact(
     parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB {
-        crate::ledger::subtransaction_committed(my, parent);
-    }
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        crate::ledger::subtransaction_aborted(my);
-        if TX.with(|t| t.borrow().keys_written) {
-            cache::forget_all();
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+            for f in participants().iter().filter_map(|p| p.subxact_committed) {
+                f(my, parent);
+            }
         }
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            for f in participants().iter().filter_map(|p| p.subxact_aborted) {
+                f(my);
+            }
+        }
+        _ => {}
     }
 }
 
 /// The executor-end hook that was installed before ours.
-static PREV_EXECUTOR_END: std::sync::OnceLock<pg_sys::ExecutorEnd_hook_type> =
-    std::sync::OnceLock::new();
+static PREV_EXECUTOR_END: OnceLock<pg_sys::ExecutorEnd_hook_type> = OnceLock::new();
 
-/// Ends the query as PostgreSQL would, then writes the ledger entries it appended.
+/// Ends the query as PostgreSQL would, then runs the participants' statement-end work.
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
     // SAFETY: `query` is the QueryDesc PostgreSQL passed us, handed on unchanged
@@ -174,32 +180,31 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
             None => pg_sys::standard_ExecutorEnd(query),
         }
     }
-    if crate::ledger::heads::has_pending() {
-        with_snapshot(crate::ledger::heads::flush).or_raise();
+    for w in participants().iter().filter_map(|p| p.statement_end) {
+        if (w.has_work)() {
+            with_snapshot(w.run).or_raise();
+        }
     }
 }
 
-/// Runs `f` with an active snapshot, pushing the transaction's if none is set
-/// (SPI plans and revalidates under one).
-fn with_snapshot<R>(f: impl FnOnce() -> SealResult<R>) -> SealResult<R> {
-    // SAFETY: only called inside a live transaction (at executor end or pre-commit).
-    let push = unsafe { !pg_sys::ActiveSnapshotSet() };
-    if push {
-        // SAFETY: as above; popped below on the normal path, and an ERROR aborts
-        // the transaction, which pops it.
-        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+/// Registers the participants, PostgreSQL's callbacks and the executor-end hook;
+/// called once from `_PG_init` in the postmaster, so every backend inherits them.
+/// End and subtransaction callbacks run in the order of `participants`.
+pub fn register(participants: &[Participant]) {
+    let mut pre_commit: Vec<PreCommit> = participants
+        .iter()
+        .flat_map(|p| p.pre_commit.iter().copied())
+        .collect();
+    pre_commit.sort_by_key(|p| p.phase);
+    let fresh = REGISTRY
+        .set(Registry {
+            all: participants.to_vec(),
+            pre_commit,
+        })
+        .is_ok();
+    if !fresh {
+        return;
     }
-    let r = f();
-    if push {
-        // SAFETY: pops the snapshot pushed above.
-        unsafe { pg_sys::PopActiveSnapshot() };
-    }
-    r
-}
-
-/// Registers the callbacks and the executor-end hook; called once from `_PG_init`
-/// in the postmaster, so every backend inherits them.
-pub fn register_callbacks() {
     // SAFETY: both are plain 'static functions with the signatures PostgreSQL
     // expects; the argument pointer is unused. The hook is chained: the previous
     // one is kept and called first. _PG_init runs once, single-threaded.

@@ -13,10 +13,11 @@ use crate::cache;
 use crate::context;
 use crate::error::{OrRaise, SealError, SealResult};
 use crate::keystore;
+use crate::ledger::evidence;
 use crate::limits;
 use crate::master;
+use crate::pg::plaintext::PlainText;
 use crate::pg::xact::require_read_write;
-use crate::plaintext::PlainText;
 
 fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> SealResult<String> {
     limits::check("plaintext", plaintext, limits::PLAINTEXT)?;
@@ -29,7 +30,7 @@ fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> Seal
         context,
         plaintext.as_bytes(),
     );
-    crate::txn::note_encryption(&key.key_id);
+    cache::note_seal(&key.key_id);
     Ok(sealed)
 }
 
@@ -81,7 +82,7 @@ fn vault_decrypt(
     Some(decrypt_to_text(sealed, context).or_raise())
 }
 
-/// Decodes and decrypts straight into the result text (see `plaintext.rs`). The
+/// Decodes and decrypts straight into the result text (see `pg/plaintext.rs`). The
 /// checks run in the order `open_for_current`'s do: envelope shape (22P02), then
 /// the key (22023, or 42501 for another tenant's), then authentication.
 fn decrypt_to_text(sealed: &str, context: Option<&str>) -> SealResult<PlainText> {
@@ -146,14 +147,14 @@ fn vault_rewrap(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -
 }
 
 /// Creates a new active data key for `tenant` and returns its key id. Old keys keep
-/// decrypting. Recorded in the tenant's ledger (`key.rotated`, by `keystore`).
+/// decrypting. Recorded in the tenant's ledger (`key.rotated`).
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn tenant_key_rotate(tenant: &str) -> String {
     let r = (|| {
         limits::tenant_arg(tenant)?;
         master::require_loaded()?;
         require_read_write("tenant_key_rotate")?;
-        let (stored, _) = keystore::ensure_active(tenant, Purpose::Dek, true)?;
+        let (stored, _) = cache::rotate(tenant, Purpose::Dek)?;
         cache::forget_all();
         Ok(stored.key_id)
     })();
@@ -162,12 +163,20 @@ fn tenant_key_rotate(tenant: &str) -> String {
 
 /// Rewraps up to `batch` tenant keys that are not under the active master key
 /// version; returns how many it did (0 means done). Sealed rows are not touched.
-/// Each tenant whose keys moved gets a `key.rewrapped` entry (by `keystore`).
+/// A call that moved keys appends one `key.rewrapped` entry, with counts per
+/// tenant, to the system chain.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn kek_rewrap(batch: default!(i32, 1000)) -> i32 {
     let r = (|| {
         require_read_write("kek_rewrap")?;
-        let n = keystore::kek_rewrap(batch)?;
+        let (n, moved) = keystore::kek_rewrap(batch)?;
+        if let Some(payload) = moved {
+            evidence::record(
+                crate::ledger::names::SYSTEM_TENANT,
+                "key.rewrapped",
+                payload,
+            )?;
+        }
         if n > 0 {
             cache::forget_all();
         }
@@ -185,9 +194,16 @@ fn tenant_shred(tenant: &str) -> i32 {
         limits::tenant_arg(tenant)?;
         master::require_loaded()?;
         require_read_write("tenant_shred")?;
-        let n = keystore::shred(tenant)?;
+        let ids = keystore::shred(tenant)?;
         cache::forget_all();
-        Ok(n as i32)
+        let n = ids.len() as i32;
+        // Recorded also when there were no keys.
+        evidence::record(
+            tenant,
+            "key.shredded",
+            serde_json::json!({ "keys": n, "key_ids": ids }),
+        )?;
+        Ok(n)
     })();
     r.or_raise()
 }

@@ -62,7 +62,7 @@ pub fn append_durably(entry: &Entry, timeout_ms: i64) -> SealResult<(String, i64
     loop {
         if let Some((system, seq)) = poll(&mut wait, db, deadline, &body)? {
             let chain = if system {
-                crate::ledger::evidence::AUDIT_CHAIN.to_owned()
+                crate::ledger::names::AUDIT_CHAIN.to_owned()
             } else {
                 entry.tenant.clone()
             };

@@ -191,7 +191,7 @@ enum Outcome {
 /// tenant), which only this database's writer appends to; otherwise back to the
 /// queue.
 fn append(e: &Entry, system_ok: bool) -> Outcome {
-    let system = crate::ledger::evidence::AUDIT_CHAIN;
+    let system = crate::ledger::names::AUDIT_CHAIN;
     let r = in_transaction(|| {
         let chain = if crate::locks::ledger_tenant_try(&e.tenant) {
             e.tenant.as_str()
@@ -200,7 +200,7 @@ fn append(e: &Entry, system_ok: bool) -> Outcome {
         } else {
             return Ok(None);
         };
-        crate::ledger::heads::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)
+        crate::ledger::append::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)
             .map(|(seq, _)| Some((chain == system, seq)))
     });
     match r {

@@ -25,8 +25,8 @@ pub fn _creating_extension() -> bool {
 #[pg_extern(volatile, parallel_unsafe)]
 pub fn _ledger_tenant(tenant: Option<&str>) -> String {
     // The export reads the table next: this transaction's appends go in first.
-    super::heads::flush()
-        .and_then(|_| super::resolve_tenant(tenant))
+    super::writer::flush()
+        .and_then(|_| super::access::resolve_tenant(tenant))
         .or_raise()
 }
 
@@ -75,10 +75,10 @@ fn require_retained(tenant: &str, before_seq: i64) -> SealResult<()> {
 fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
     let r = (|| {
         master::require_loaded()?;
-        super::require_admin("ledger_prune")?;
+        super::access::require_admin("ledger_prune")?;
         crate::limits::tenant_arg(tenant)?;
         crate::pg::xact::require_read_write("ledger_prune")?;
-        let head = super::heads::lock(tenant)?;
+        let head = super::chain_lock::lock(tenant)?;
         let head_seq = head.0;
         if before_seq < 1 || before_seq > head_seq + 1 {
             return Err(SealError::InvalidArgument(
@@ -107,20 +107,40 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
                 .unwrap_or(0))
             })
         })?;
-        super::heads::set_anchor(tenant, head, anchor_seq, &anchor_hash)?;
+        set_anchor(tenant, head, anchor_seq, &anchor_hash)?;
         let payload = serde_json::json!({
             "before_seq": before_seq,
             "deleted": deleted,
             "anchor_seq": anchor_seq,
             "anchor_hash": hex::encode(anchor_hash),
         });
-        super::heads::append(
+        super::append::append(
             tenant,
             "ledger.pruned",
             &payload.to_string(),
-            &super::default_actor(),
+            &super::actor::default_actor(),
         )?;
         Ok(deleted)
     })();
     r.or_raise()
+}
+
+/// Sets a tenant's anchor after pruning, with the head `(seq, hash)` the caller
+/// locked (it may be past the committed one); the caller holds the tenant's lock.
+fn set_anchor(
+    tenant: &str,
+    head: (i64, pgseal_core::ledger::Hash),
+    anchor_seq: i64,
+    anchor_hash: &pgseal_core::ledger::Hash,
+) -> SealResult<()> {
+    super::heads::take_row(tenant);
+    as_owner(|| {
+        super::guard::with_scope(super::guard::Scope::Prune, || {
+            Spi::run_with_args(
+                "UPDATE pgseal.ledger_heads SET seq = $4, hash = $5, anchor_seq = $2, anchor_hash = $3 WHERE tenant_id = $1",
+                &[tenant.into(), anchor_seq.into(), anchor_hash.to_vec().into(), head.0.into(), head.1.to_vec().into()],
+            )
+        })?;
+        Ok(())
+    })
 }

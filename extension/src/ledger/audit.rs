@@ -102,7 +102,7 @@ fn with_use<R>(key_id: &str, tenant: &str, f: impl FnOnce(&mut KeyUse) -> R) -> 
             started: None,
             written: false,
             logged: false,
-            who: (super::default_actor(), super::db_role()),
+            who: (super::actor::default_actor(), super::actor::db_role()),
         });
         f(uses.last_mut().expect("pushed above"))
     })
@@ -254,7 +254,7 @@ pub fn flush_decrypts(preparing: bool) -> SealResult<()> {
         todo
     });
     for (_, tenant, payload, (actor, role)) in todo {
-        super::heads::append_with_role(
+        super::append::append_with_role(
             &tenant,
             "vault.decrypt",
             &payload.to_string(),
@@ -321,7 +321,7 @@ pub fn append_row_change(tenant: Option<&str>, event: &str, payload: &str) -> Se
         _ => context::tenant()?,
     };
     let payload = lossless_numbers(payload);
-    let mut actor = super::default_actor();
+    let mut actor = super::actor::default_actor();
     if actor.len() > crate::limits::ACTOR {
         actor = over_limit_marker(&actor);
     }
@@ -329,16 +329,15 @@ pub fn append_row_change(tenant: Option<&str>, event: &str, payload: &str) -> Se
     // names one of pgseal's own chains, is still a valid write: its entry goes to the
     // system chain, naming the tenant by its SHA-256, instead of failing the
     // application's statement.
-    if tenant.len() > crate::limits::TENANT || super::evidence::is_pgseal_chain(&tenant) {
+    if tenant.len() > crate::limits::TENANT || super::names::is_pgseal_chain(&tenant) {
         let wrapped = format!(
             "{{\"tenant_over_limit\":\"{}\",\"entry\":{payload}}}",
             over_limit_marker(&tenant)
         );
-        let (seq, _) =
-            super::heads::append(super::evidence::SYSTEM_TENANT, event, &wrapped, &actor)?;
+        let (seq, _) = super::append::append(super::names::SYSTEM_TENANT, event, &wrapped, &actor)?;
         return Ok(seq);
     }
-    let (seq, _) = super::heads::append(&tenant, event, &payload, &actor)?;
+    let (seq, _) = super::append::append(&tenant, event, &payload, &actor)?;
     Ok(seq)
 }
 

@@ -4,7 +4,7 @@
 //! images are turned into JSON by that role's own query, so whatever the row's
 //! types run on the way (a user-defined cast to `json`, a type's output function)
 //! runs with that role's privileges, never the extension owner's. Only the finished
-//! entry crosses to the owner, through the ledger's append (`heads::append`, which
+//! entry crosses to the owner, through the ledger's append (`append::append`, which
 //! switches to the owner around its own fixed SQL). The query is parsed under the
 //! pinned `search_path` (`privilege::with_pinned_search_path`) and names every
 //! function and operator with its schema.
@@ -62,10 +62,10 @@ fn plan_for(row_type: pg_sys::Oid) -> Rc<OwnedPreparedStatement> {
     let types = [
         row,
         row,
-        crate::plans::TEXT,
-        crate::plans::TEXT,
-        crate::plans::TEXT,
-        crate::plans::TEXT,
+        crate::pg::plans::TEXT,
+        crate::pg::plans::TEXT,
+        crate::pg::plans::TEXT,
+        crate::pg::plans::TEXT,
     ];
     let p = Rc::new(
         Spi::connect(|client| client.prepare(PAYLOAD, &types).map(|p| p.keep()))

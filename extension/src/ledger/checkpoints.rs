@@ -74,7 +74,7 @@ fn current_ledger_id() -> SealResult<String> {
 /// The checkpoint key, made (and stored wrapped) on first use.
 fn checkpoint_key() -> SealResult<SigningKey> {
     let (_, seed) =
-        crate::keystore::ensure_active(super::evidence::SYSTEM_TENANT, Purpose::Checkpoint, false)?;
+        crate::keystore::ensure_active(super::names::SYSTEM_TENANT, Purpose::Checkpoint)?;
     Ok(checkpoint::key_from_seed(&seed))
 }
 
@@ -157,8 +157,8 @@ fn store(cp: &Checkpoint, hash: &Hash, prev_hash: &Hash) -> SealResult<()> {
 fn ledger_checkpoint(tenant: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
     let r = (|| {
         master::require_loaded()?;
-        super::require_admin("ledger_checkpoint")?;
-        let tenant = super::resolve_tenant(tenant)?;
+        super::access::require_admin("ledger_checkpoint")?;
+        let tenant = super::access::resolve_tenant(tenant)?;
         crate::pg::xact::require_read_write("ledger_checkpoint")?;
         let (seq, hash) = committed_head(&tenant)?;
         let last = last_stored(&tenant)?;

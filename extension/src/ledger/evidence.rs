@@ -1,12 +1,13 @@
 //! Evidence of every change that affects protection, and the event names that
 //! only pgseal writes.
 //!
-//! - Event names under the prefixes in `RESERVED_PREFIXES` are pgseal's: the public
+//! - Event names under the prefixes in `names::RESERVED_PREFIXES` are pgseal's: the public
 //!   `ledger_append` refuses them (22023), so an entry under one of them was written
 //!   by pgseal itself, through `record` (or the decrypt audit, the row audit
 //!   trigger and `ledger_prune`, which append directly).
 //! - Nothing an application role can call takes an event name and a payload of its
-//!   choosing: key changes are recorded by the Rust that makes them (`keystore.rs`);
+//!   choosing: key changes are recorded by the Rust that makes them (a rotation in
+//!   `cache::rotate`, shredding and rewrapping in `vault.rs`);
 //!   organisation membership, retention rules and legal holds by C triggers on
 //!   pgseal's own tables (not callable as functions, and executable by nobody, so
 //!   no role can attach them elsewhere); TRUNCATE of an audited table by a C
@@ -18,11 +19,11 @@
 //!   that concerns every tenant (a table's policies, a default retention rule, a
 //!   TRUNCATE) is recorded in the chain of the tenant context the change was made
 //!   under, where that tenant's auditor looks, else in pgseal's system chain
-//!   `SYSTEM_TENANT`, which only pgseal appends to.
+//!   `names::SYSTEM_TENANT`, which only pgseal appends to.
 //!
 //! Every entry recorded here has the usual actor (the user-id setting, else
 //! `session_user`) and, like every entry, the hashed `db_role` field: the database
-//! role that made the change (`ledger::db_role`, the session's current role, never
+//! role that made the change (`ledger::actor::db_role`, the session's current role, never
 //! a SECURITY DEFINER function's owner).
 
 use std::ffi::CStr;
@@ -31,48 +32,13 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::{json, Value};
 
+use super::names::SYSTEM_TENANT;
 use crate::context;
 use crate::error::{OrRaise, SealError, SealResult};
-use crate::jsonb::JsonbText;
-
-/// The chain of changes made outside any tenant context.
-pub const SYSTEM_TENANT: &str = "_pgseal";
-/// The chain only the audit writer appends to: its fallback when a tenant's chain is
-/// held by another transaction (no other session can ever hold this one).
-pub const AUDIT_CHAIN: &str = "_pgseal_audit";
-
-/// Whether `tenant` names one of pgseal's own chains (`_pgseal…`), which no caller
-/// appends to.
-pub fn is_pgseal_chain(tenant: &str) -> bool {
-    tenant.starts_with(SYSTEM_TENANT)
-}
-
-/// Event names under these prefixes are written only by pgseal (compared without
-/// regard to ASCII case and leading white space).
-pub const RESERVED_PREFIXES: [&str; 11] = [
-    "vault.",
-    "ledger.",
-    "key.",
-    "policy.",
-    "org.",
-    "retention.",
-    "pgseal.",
-    "subject.",
-    "tenant.",
-    "audit.",
-    "row.",
-];
+use crate::pg::jsonb::JsonbText;
 
 /// The events pgseald records through `_job_receipt`.
 const JOB_EVENTS: [&str; 1] = ["retention.deleted"];
-
-/// Whether `event` is one of pgseal's own event names.
-pub fn is_reserved(event: &str) -> bool {
-    let e = event.trim_start().as_bytes();
-    RESERVED_PREFIXES
-        .iter()
-        .any(|p| e.len() >= p.len() && e[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
-}
 
 /// The chain for a change that concerns every tenant: the tenant context's, else
 /// the system chain.
@@ -81,13 +47,17 @@ pub fn context_or_system() -> String {
 }
 
 /// Appends pgseal's entry `event` to `tenant`'s chain (its `db_role` is the
-/// session's role, see `heads::append`). Fails closed: without the master key
+/// session's role, see `append::append`). Fails closed: without the master key
 /// (55000) or in a read-only transaction (25006), the change it records fails with it.
 pub fn record(tenant: &str, event: &'static str, payload: Value) -> SealResult<i64> {
     crate::master::require_loaded()?;
     crate::pg::xact::require_read_write(event)?;
-    let (seq, _) =
-        super::heads::append(tenant, event, &payload.to_string(), &super::default_actor())?;
+    let (seq, _) = super::append::append(
+        tenant,
+        event,
+        &payload.to_string(),
+        &super::actor::default_actor(),
+    )?;
     Ok(seq)
 }
 
@@ -208,7 +178,7 @@ pub unsafe extern "C-unwind" fn job_receipt_fn(fcinfo: pg_sys::FunctionCallInfo)
 }
 
 fn job_receipt(event: Option<&str>, payload: Option<&JsonbText>) -> SealResult<i64> {
-    super::require_admin("_job_receipt")?;
+    super::access::require_admin("_job_receipt")?;
     if let Some(e) = event {
         crate::limits::check("event", e, crate::limits::EVENT)?;
     }

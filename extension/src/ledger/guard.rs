@@ -34,7 +34,7 @@ use crate::error::SealError;
 /// What pgseal is writing right now.
 #[derive(Clone, Copy)]
 pub enum Scope {
-    /// Appended entries and their heads rows (`heads::flush`, a tenant's first heads row).
+    /// Appended entries and their heads rows (`writer::flush`, a tenant's first heads row).
     Append = 1,
     /// `ledger_prune`: its deletes and the new anchor.
     Prune = 2,
@@ -107,7 +107,7 @@ pub extern "C" fn pg_finfo_ledger_write_guard() -> &'static pg_sys::Pg_finfo_rec
 /// # Safety
 /// `td` is the TriggerData of a row UPDATE on `pgseal.ledger_heads`.
 unsafe fn anchor_kept(td: &pg_sys::TriggerData) -> bool {
-    use super::head_read::{varlena_bytes, HEADS_COLUMNS};
+    use crate::pg::head_read::{varlena_bytes, HEADS_COLUMNS};
     // SAFETY: for a row UPDATE, tg_relation's descriptor describes both tuples;
     // heap_deform_tuple fills one datum per attribute, and only the first five
     // are read, after their types were checked. The bytes are compared before

@@ -8,7 +8,7 @@ use pgseal_core::chain::{Failure, Problem, Report, StoredEntry, Verifier};
 use pgseal_core::ledger::{Hash, GENESIS};
 
 use crate::error::{OrRaise, SealError, SealResult};
-use crate::plans;
+use crate::pg::plans;
 use crate::privilege::as_owner;
 
 /// Seqs read per statement, through a kept plan: small enough that every batch is an
@@ -22,7 +22,7 @@ const BATCH_SQL: &str =
      FROM pgseal.ledger WHERE tenant_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq";
 
 /// A tenant's heads row as verification reads it through SPI (the append path's
-/// `head_read::HeadRow` also knows where the row is).
+/// `pg::head_read::HeadRow` also knows where the row is).
 struct RecordedHead {
     seq: i64,
     hash: Hash,
@@ -159,7 +159,7 @@ impl<'t> RawRow<'t> {
         // SAFETY: the column is a non-NULL varlena of a tuple that SPI keeps until the
         // connection closes, and a detoasted copy lives in the SPI connection's memory
         // context, which outlives the batch.
-        unsafe { super::head_read::varlena_bytes(self.values[col]) }
+        unsafe { crate::pg::head_read::varlena_bytes(self.values[col]) }
     }
 
     fn text(&self, col: usize) -> SealResult<&'t str> {
@@ -281,7 +281,7 @@ pub fn verify_range(
 ) -> SealResult<Report> {
     // Entries this transaction appended are verified too: written first, they
     // are in the table and in the heads row.
-    super::heads::flush()?;
+    super::writer::flush()?;
     as_owner(|| {
         let Some(head) = head_row(tenant)? else {
             return headless(tenant);
@@ -321,7 +321,7 @@ pub fn verify_range(
 /// When the trusted seq has been pruned since, verification starts at the anchor,
 /// which must then be a prune's (and be the trusted hash, at the trusted seq).
 pub fn verify_since(tenant: &str, trusted: (i64, Hash), target: (i64, Hash)) -> SealResult<Report> {
-    super::heads::flush()?;
+    super::writer::flush()?;
     as_owner(|| {
         let Some(head) = head_row(tenant)? else {
             return headless(tenant);
@@ -359,7 +359,7 @@ fn walk(
     to: i64,
     expect: Option<(i64, Hash)>,
 ) -> SealResult<Report> {
-    let mac = super::mac_key(tenant, false)?;
+    let mac = super::mac::key(tenant, false)?;
     if mac.is_none() {
         return Ok(failed(Some(Failure {
             seq: from,
@@ -435,7 +435,7 @@ fn ledger_verify(
 > {
     let r = (|| {
         crate::master::require_loaded()?;
-        let tenant = super::resolve_tenant(tenant)?;
+        let tenant = super::access::resolve_tenant(tenant)?;
         if from_seq.is_some_and(|s| s < 1) || to_seq.is_some_and(|s| s < 1) {
             return Err(SealError::InvalidArgument(
                 "from_seq and to_seq must be positive",

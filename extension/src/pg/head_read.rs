@@ -8,7 +8,7 @@
 //! Only for READ COMMITTED: there a fresh snapshot is what SPI would use too, and
 //! every writer of a heads row holds the tenant's chain lock (`locks.rs`) until it commits,
 //! so the snapshot sees the last committed head. Under REPEATABLE READ and
-//! SERIALIZABLE the row is locked through SPI instead (see `heads`).
+//! SERIALIZABLE the row is locked through SPI instead (see `ledger::chain_lock`).
 
 use pgrx::pg_sys;
 use pgseal_core::ledger::Hash;

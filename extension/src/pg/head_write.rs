@@ -24,7 +24,7 @@
 //! structure whose layout differs (the tuple descriptor) is read through
 //! `pg::compat`.
 
-pub(super) use imp::write_one;
+pub(crate) use imp::write_one;
 
 #[cfg(any(test, feature = "pg_test"))]
 thread_local! {
@@ -40,9 +40,9 @@ pub fn written() -> u64 {
 mod imp {
     use pgrx::{pg_sys, IntoDatum, PgMemoryContexts};
 
-    use super::super::head_read::{relids, HeadRow, HEADS_COLUMNS};
-    use super::super::heads::Pending;
     use crate::error::{SealError, SealResult};
+    use crate::ledger::pending::Pending;
+    use crate::pg::head_read::{relids, HeadRow, HEADS_COLUMNS};
 
     /// `pgseal.ledger`'s columns: tenant_id, seq, recorded_at, actor, event,
     /// payload, prev_hash, hash, mac, fmt, db_role, subjects, salt, commitment.
@@ -212,7 +212,7 @@ mod imp {
     /// is now and what it holds. Returns false, having written nothing, when this
     /// path does not apply; the caller then writes through SPI. Runs as the
     /// extension's owner.
-    pub(in crate::ledger) fn write_one(e: &Pending, row: &mut HeadRow) -> SealResult<bool> {
+    pub(crate) fn write_one(e: &Pending, row: &mut HeadRow) -> SealResult<bool> {
         if crate::pg::xact::read_only() {
             return Ok(false);
         }
@@ -279,7 +279,7 @@ mod imp {
                 // The tenant, seq and hash go into both rows.
                 let (tenant, seq, hash) =
                     (datum(e.tenant.as_str()), datum(e.seq), datum(&e.hash[..]));
-                // Format 2, with no stored commitment (see `heads`).
+                // Format 2, with no stored commitment (see `ledger::writer`).
                 let entry = slot_with(
                     &mut o,
                     ledger,

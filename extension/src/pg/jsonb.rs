@@ -3,7 +3,7 @@
 //! pgrx's `JsonB` parses into a `serde_json::Value`, which rounds large numbers; the
 //! ledger must see every number as stored so that it can refuse one RFC 8785 would
 //! round. `JsonbText` is the output of `jsonb_out` instead (read by
-//! `ledger_append`'s C entry point, `ledger/append_fn.rs`).
+//! `ledger_append`'s C entry point, `ledger_append_fn.rs`).
 
 use std::ffi::CStr;
 

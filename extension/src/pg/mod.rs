@@ -1,7 +1,22 @@
-//! PostgreSQL plumbing that the SQL surface uses: reads of backend globals and the
-//! structures whose layout differs between the versions pgseal builds for. Every
-//! direct read of a PostgreSQL global or struct field that is not a pgrx API goes
-//! through here, so a new PostgreSQL version is ported in one place.
+//! PostgreSQL plumbing: code that relies on PostgreSQL's internal contracts rather
+//! than on pgrx's safe API. Read `README.md` here before editing any of it.
+//!
+//! - `compat`: structures whose layout differs between the versions pgseal builds for;
+//! - `xact`: reads of transaction globals (read-only, recovery);
+//! - `snapshot`: the active snapshot SPI needs outside a statement;
+//! - `plans`: SPI plans kept for the life of the backend;
+//! - `head_read`, `head_write`: the ledger's heads row read, and one entry written,
+//!   without SPI;
+//! - `ledger_append_fn`: `ledger_append`'s materialize-mode C entry point;
+//! - `jsonb`: `jsonb` arguments read through `jsonb_out`;
+//! - `plaintext`: `vault_decrypt`'s result written in place.
 
 pub mod compat;
+pub mod head_read;
+pub mod head_write;
+pub mod jsonb;
+mod ledger_append_fn;
+pub mod plaintext;
+pub mod plans;
+pub mod snapshot;
 pub mod xact;

@@ -217,7 +217,7 @@ mod tests {
 
     /// Entries written without SPI since the backend started.
     fn written_directly() -> u64 {
-        crate::ledger::head_write::written()
+        crate::pg::head_write::written()
     }
 
     #[pg_test]
@@ -420,10 +420,10 @@ mod tests {
         tenant("acme");
         append("short", "{}");
         let actor = "a".repeat(20000);
-        crate::ledger::heads::append("acme", "order.update", r#"{"n": 1}"#, &actor).unwrap();
+        crate::ledger::append::append("acme", "order.update", r#"{"n": 1}"#, &actor).unwrap();
         let event: String =
             one("SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i");
-        crate::ledger::heads::append("acme", &event, "{}", "alice").unwrap();
+        crate::ledger::append::append("acme", &event, "{}", "alice").unwrap();
         let compressed = one::<bool>(
             "SELECT pg_column_compression(actor) IS NOT NULL FROM pgseal.ledger \
              WHERE tenant_id = 'acme' AND seq = 2",
@@ -967,7 +967,7 @@ mod tests {
             .map(|s| (*s).to_owned())
             .collect();
         for list in [&subjects[..], &subjects[..1], &[]] {
-            let literal = crate::ledger::heads::text_array_literal(list);
+            let literal = crate::ledger::writer::text_array_literal(list);
             let back = Spi::get_one_with_args::<Vec<String>>(
                 "SELECT $1::text[]",
                 &[literal.as_str().into()],
@@ -985,7 +985,7 @@ mod tests {
         tenant("fmt1-legacy");
         // A format 1 entry as pgseal wrote them before format 2, MAC included,
         // written behind pgseal's back as the tenant's first entry.
-        let mac = crate::ledger::mac_key("fmt1-legacy", true)
+        let mac = crate::ledger::mac::key("fmt1-legacy", true)
             .unwrap()
             .unwrap();
         let at_us: i64 = 1_796_000_000_000_000;

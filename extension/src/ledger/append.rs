@@ -1,0 +1,137 @@
+//! Appending an entry to a tenant's chain.
+//!
+//! `ledger_append`'s checks (`append_entry`), then for every append, pgseal's own
+//! included: the chain lock and head on the tenant's first append in the
+//! transaction (`chain_lock`), one payload commitment, one hash and one MAC
+//! (format 2, docs/FORMAT.md: the payload is hashed once, inside its commitment,
+//! under a fresh 32-byte salt from the backend's ChaCha20 generator), and the entry
+//! added to the pending list, which `writer` writes in batches.
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys;
+use pgseal_core::canonical::canonical_payload;
+use pgseal_core::ledger::{entry_hash_v2, fresh_salt, payload_commitment, EntryFieldsV2, Hash};
+
+use super::pending::{self, Pending};
+use super::{chain_lock, heads};
+use crate::context;
+use crate::error::{SealError, SealResult};
+use crate::privilege::as_owner;
+
+/// `pgseal.ledger_append(event, payload jsonb, actor)` (its C entry point is in
+/// `pg/ledger_append_fn.rs`): appends an entry to the current tenant's chain and returns its
+/// seq and hash. The payload arrives as `jsonb_out`'s text, which keeps every number
+/// exactly as stored.
+pub fn append_entry(
+    event: Option<&str>,
+    payload: Option<&crate::pg::jsonb::JsonbText>,
+    actor: Option<&str>,
+) -> SealResult<(i64, pgseal_core::ledger::Hash)> {
+    crate::master::require_loaded()?;
+    let tenant = context::tenant()?;
+    crate::pg::xact::require_read_write("ledger_append")?;
+    let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;
+    if !event.is_empty() && (event.trim().is_empty() || event.chars().any(char::is_control)) {
+        return Err(SealError::InvalidArgument(
+            "event must not be blank or contain control characters",
+        ));
+    }
+    // pgseal's own events are written only by pgseal (the message does not echo
+    // the event: it may carry whatever the caller put in it).
+    if super::names::is_reserved(event) {
+        return Err(SealError::InvalidArgument(
+            "event names under vault., ledger., key., policy., org., retention., pgseal., subject., tenant., audit. and row. are reserved for pgseal",
+        ));
+    }
+    if super::names::is_pgseal_chain(&tenant) {
+        return Err(SealError::Forbidden(
+            "the pgseal system chain takes only pgseal's own entries",
+        ));
+    }
+    let actor = match actor {
+        Some(a) => a.to_owned(),
+        None => super::actor::default_actor(),
+    };
+    crate::limits::check("actor", &actor, crate::limits::ACTOR)?;
+    let payload = payload.map_or("{}", |p| p.0.as_str());
+    append(&tenant, event, payload, &actor)
+}
+
+/// Appends one entry for `tenant`, recording the calling session's role
+/// (`actor::db_role`) as its `db_role`; see `append_with_role`.
+pub fn append(tenant: &str, event: &str, payload: &str, actor: &str) -> SealResult<(i64, Hash)> {
+    append_with_role(tenant, event, payload, actor, &super::actor::db_role())
+}
+
+/// Appends one entry for `tenant` on behalf of the database role `db_role`;
+/// `payload` is JSON text (checked and made canonical here). Returns the new seq
+/// and hash. The caller has checked the tenant and the transaction's read-write
+/// state, and vouches for `db_role` (only pgseal's own code calls this: the SQL
+/// functions go through `append`). The entry is written with the next batch (see
+/// `writer`).
+pub fn append_with_role(
+    tenant: &str,
+    event: &str,
+    payload: &str,
+    actor: &str,
+    db_role: &str,
+) -> SealResult<(i64, Hash)> {
+    if event.is_empty() {
+        return Err(SealError::InvalidArgument("event must not be empty"));
+    }
+    if tenant == super::names::AUDIT_CHAIN && !crate::audit_worker::is_writer() {
+        return Err(SealError::Forbidden(
+            "only the pgseal audit writer appends to its own chain",
+        ));
+    }
+    let payload = canonical_payload(payload)?;
+    // SAFETY: the transaction start timestamp is set for every transaction;
+    // reading it has no preconditions.
+    let at = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    let recorded_at = TimestampWithTimeZone::try_from(at)
+        .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
+    if !heads::is_current(tenant) {
+        let (head, row) = as_owner(|| chain_lock::lock_and_load(tenant))?;
+        // After a subtransaction abort the key itself may have been rolled back,
+        // so it is looked up again too.
+        let mac = super::mac::for_append(tenant)?;
+        heads::loaded(tenant, head, mac, row);
+    }
+    let (seq, prev, mac) = heads::next(tenant);
+    let salt = fresh_salt();
+    let subjects: Vec<String> = Vec::new();
+    let commitment = payload_commitment(&salt, &payload);
+    let hash = entry_hash_v2(&EntryFieldsV2 {
+        prev_hash: &prev,
+        tenant,
+        seq,
+        recorded_at_us: at + super::PG_EPOCH_OFFSET_US,
+        actor,
+        db_role,
+        event,
+        subjects: &subjects,
+        commitment: &commitment,
+    });
+    let tag = mac.sign(&hash);
+    heads::advance(tenant, seq, hash);
+    let entry = Pending {
+        // SAFETY: reads the current subtransaction's id; no preconditions.
+        subxact: unsafe { pg_sys::GetCurrentSubTransactionId() },
+        tenant: tenant.to_owned(),
+        seq,
+        recorded_at,
+        actor: actor.to_owned(),
+        db_role: db_role.to_owned(),
+        event: event.to_owned(),
+        subjects,
+        payload,
+        salt,
+        prev,
+        hash,
+        mac: tag,
+    };
+    if pending::push(entry) {
+        super::writer::flush()?;
+    }
+    Ok((seq, hash))
+}

@@ -1,0 +1,37 @@
+//! The names only pgseal uses: its own chains and its reserved event prefixes.
+
+/// The chain of changes made outside any tenant context.
+pub const SYSTEM_TENANT: &str = "_pgseal";
+/// The chain only the audit writer appends to: its fallback when a tenant's chain is
+/// held by another transaction (no other session can ever hold this one).
+pub const AUDIT_CHAIN: &str = "_pgseal_audit";
+
+/// Whether `tenant` names one of pgseal's own chains (`_pgseal…`), which no caller
+/// appends to.
+pub fn is_pgseal_chain(tenant: &str) -> bool {
+    tenant.starts_with(SYSTEM_TENANT)
+}
+
+/// Event names under these prefixes are written only by pgseal (compared without
+/// regard to ASCII case and leading white space).
+pub const RESERVED_PREFIXES: [&str; 11] = [
+    "vault.",
+    "ledger.",
+    "key.",
+    "policy.",
+    "org.",
+    "retention.",
+    "pgseal.",
+    "subject.",
+    "tenant.",
+    "audit.",
+    "row.",
+];
+
+/// Whether `event` is one of pgseal's own event names.
+pub fn is_reserved(event: &str) -> bool {
+    let e = event.trim_start().as_bytes();
+    RESERVED_PREFIXES
+        .iter()
+        .any(|p| e.len() >= p.len() && e[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
+}
