@@ -1,5 +1,6 @@
 //! Harness for out-of-process tests: each test starts its own throwaway cluster
-//! through `scripts/cluster.sh` on its own port, and stops it when dropped.
+//! through `scripts/cluster.sh` on a port of its own (`free_port`), stops it when
+//! dropped, and runs pgseald through `Pgseald`.
 //! The extension must already be installed (`make test` does that first).
 
 use std::path::{Path, PathBuf};
@@ -48,46 +49,150 @@ pub fn pg_has_ssl() -> bool {
     flags.contains("--with-ssl=openssl") || flags.contains("--with-openssl")
 }
 
+/// Where the clusters, their key files and the tests' other files live: outside the
+/// root-owned checkout, as `scripts/cluster.sh` requires.
+pub const IT_DIR: &str = "/var/tmp/pgseal-it";
+
+/// The unprivileged OS user the servers run as (`PGSEAL_TEST_USER`, as
+/// `scripts/cluster.sh` reads it).
+pub fn test_user() -> String {
+    std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into())
+}
+
+/// The ports `free_port` hands out: below Linux's default ephemeral range (32768 and
+/// up, net.ipv4.ip_local_port_range), so no outgoing connection takes one between
+/// the choice and the server's bind, and apart from the fixed ports of the demo
+/// (54390) and the benchmark (54395).
+const TEST_PORTS: std::ops::Range<u16> = 21000..23000;
+
+/// A TCP port for a server of a test: nothing listens on 127.0.0.1 at it, no
+/// PostgreSQL has a socket or lock file for it in the default socket directories, and
+/// no other caller has it, in this test binary or in any other running at the same
+/// time. The claim is an exclusive `flock` on `IT_DIR/ports/<port>`, held until this
+/// process exits (the kernel releases it then, even after a crash).
+pub fn free_port() -> u16 {
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = Path::new(IT_DIR).join("ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    for port in TEST_PORTS {
+        let claim = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap_or_else(|e| panic!("open {}/{port}: {e}", dir.display()));
+        match claim.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => continue,
+            Err(std::fs::TryLockError::Error(e)) => panic!("lock {}/{port}: {e}", dir.display()),
+        }
+        let socket_of_another_server = ["/tmp", "/var/run/postgresql"].iter().any(|d| {
+            let sock = Path::new(d).join(format!(".s.PGSQL.{port}"));
+            sock.exists() || Path::new(d).join(format!(".s.PGSQL.{port}.lock")).exists()
+        });
+        if socket_of_another_server || std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue; // the claim is dropped, and with it the lock
+        }
+        HELD.lock().unwrap().push(claim);
+        return port;
+    }
+    panic!("no free port left in {TEST_PORTS:?}");
+}
+
+/// A throwaway cluster run by `scripts/cluster.sh` on a port of its own
+/// (`free_port`), in `IT_DIR/<name>`; stopped when dropped.
 pub struct Cluster {
     pub dir: PathBuf,
     pub port: u16,
+    /// Another installation's bin directory (`PGSEAL_PG_BINDIR`), or None for the
+    /// PostgreSQL under test.
+    bindir: Option<PathBuf>,
+}
+
+/// How `Cluster::with` starts a cluster: by default with the key command printing
+/// `KEY_V1`, no extra configuration, and the PostgreSQL under test.
+pub struct ClusterOptions {
+    name: String,
+    keys: Vec<String>,
+    env_key: Option<String>,
+    conf: Vec<String>,
+    bindir: Option<PathBuf>,
+}
+
+impl ClusterOptions {
+    /// The lines the key command prints.
+    pub fn keys(mut self, keys: &[&str]) -> Self {
+        self.keys = keys.iter().map(|k| k.to_string()).collect();
+        self
+    }
+
+    /// No key command: the postmaster finds `hex` (64 hex characters, master key
+    /// version 1) in `PGSEAL_MASTER_KEY`.
+    pub fn env_key(mut self, hex: &str) -> Self {
+        self.env_key = Some(hex.into());
+        self
+    }
+
+    /// Extra postgresql.conf lines.
+    pub fn conf(mut self, conf: &[&str]) -> Self {
+        self.conf = conf.iter().map(|l| l.to_string()).collect();
+        self
+    }
+
+    /// Runs another installation's programs (a private copy of PostgreSQL that a
+    /// test installs an older release into) instead of the one under test.
+    pub fn bindir(mut self, bindir: &Path) -> Self {
+        self.bindir = Some(bindir.into());
+        self
+    }
+
+    pub fn start(self) -> Cluster {
+        std::fs::create_dir_all(IT_DIR).unwrap();
+        let c = Cluster {
+            dir: Path::new(IT_DIR).join(&self.name),
+            port: free_port(),
+            bindir: self.bindir,
+        };
+        let keyfile = Path::new(IT_DIR).join(format!("{}.keys", self.name));
+        let key_arg = match &self.env_key {
+            Some(hex) => format!("env:{hex}"),
+            None => {
+                std::fs::write(&keyfile, self.keys.join("\n") + "\n").unwrap();
+                keyfile.to_str().unwrap().to_owned()
+            }
+        };
+        let port = c.port.to_string();
+        let mut args = vec!["start", c.dir.to_str().unwrap(), &port, &key_arg];
+        args.extend(self.conf.iter().map(String::as_str));
+        c.script(&args);
+        if self.env_key.is_none() {
+            std::fs::remove_file(&keyfile).ok();
+        }
+        c
+    }
 }
 
 impl Cluster {
+    /// Options for a cluster named `name` (unique among the tests), to `start`.
+    pub fn with(name: &str) -> ClusterOptions {
+        ClusterOptions {
+            name: name.into(),
+            keys: vec![KEY_V1.into()],
+            env_key: None,
+            conf: Vec::new(),
+            bindir: None,
+        }
+    }
+
     /// Starts a cluster whose key command prints `keys`, with extra conf lines.
-    pub fn start(name: &str, port: u16, keys: &[&str], conf: &[&str]) -> Cluster {
-        let dir = PathBuf::from(format!("/var/tmp/pgseal-it/{name}"));
-        std::fs::create_dir_all("/var/tmp/pgseal-it").unwrap();
-        let keyfile = PathBuf::from(format!("/var/tmp/pgseal-it/{name}.keys"));
-        std::fs::write(&keyfile, keys.join("\n") + "\n").unwrap();
-        let c = Cluster { dir, port };
-        c.script(
-            &[
-                "start",
-                c.dir.to_str().unwrap(),
-                &port.to_string(),
-                keyfile.to_str().unwrap(),
-            ],
-            conf,
-        );
-        std::fs::remove_file(&keyfile).ok();
-        c
+    pub fn start(name: &str, keys: &[&str], conf: &[&str]) -> Cluster {
+        Cluster::with(name).keys(keys).conf(conf).start()
     }
 
     /// Starts a cluster with no key command whose postmaster finds `hex` (64 hex
     /// characters, master key version 1) in `PGSEAL_MASTER_KEY`.
-    pub fn start_env_key(name: &str, port: u16, hex: &str, conf: &[&str]) -> Cluster {
-        std::fs::create_dir_all("/var/tmp/pgseal-it").unwrap();
-        let c = Cluster {
-            dir: PathBuf::from(format!("/var/tmp/pgseal-it/{name}")),
-            port,
-        };
-        let key = format!("env:{hex}");
-        c.script(
-            &["start", c.dir.to_str().unwrap(), &port.to_string(), &key],
-            conf,
-        );
-        c
+    pub fn start_env_key(name: &str, hex: &str, conf: &[&str]) -> Cluster {
+        Cluster::with(name).env_key(hex).conf(conf).start()
     }
 
     /// The postmaster's process id: the first line of `postmaster.pid`.
@@ -96,13 +201,18 @@ impl Cluster {
         pidfile.lines().next().unwrap().trim().parse().unwrap()
     }
 
-    fn script(&self, args: &[&str], extra: &[&str]) {
-        let st = Command::new("bash")
-            .arg(repo_root().join("scripts/cluster.sh"))
-            .args(args)
-            .args(extra)
-            .status()
-            .expect("run cluster.sh");
+    /// `scripts/cluster.sh <args>`, with this cluster's installation.
+    fn cluster_sh(&self, args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo_root().join("scripts/cluster.sh")).args(args);
+        if let Some(bindir) = &self.bindir {
+            cmd.env("PGSEAL_PG_BINDIR", bindir);
+        }
+        cmd.status()
+    }
+
+    fn script(&self, args: &[&str]) {
+        let st = self.cluster_sh(args).expect("run cluster.sh");
         assert!(
             st.success(),
             "cluster.sh {args:?} failed; see {}/server.log",
@@ -116,19 +226,26 @@ impl Cluster {
     }
 
     pub fn restart(&self) {
-        self.script(&["restart", self.dir.to_str().unwrap()], &[]);
+        self.script(&["restart", self.dir.to_str().unwrap()]);
+    }
+
+    /// A clean shutdown; `resume` starts the cluster again.
+    pub fn stop(&self) {
+        self.script(&["stop", self.dir.to_str().unwrap()]);
     }
 
     /// kill -9 of the postmaster.
     pub fn crash(&self) {
-        self.script(&["crash", self.dir.to_str().unwrap()], &[]);
+        self.script(&["crash", self.dir.to_str().unwrap()]);
     }
 
-    /// Starts the cluster again after `crash`.
+    /// Starts the cluster again after `crash` or `stop`.
     pub fn resume(&self) {
-        self.script(&["resume", self.dir.to_str().unwrap()], &[]);
+        self.script(&["resume", self.dir.to_str().unwrap()]);
     }
 
+    /// The libpq connection string of the superuser `postgres` to the database
+    /// `postgres`.
     pub fn url(&self) -> String {
         format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
@@ -136,15 +253,33 @@ impl Cluster {
         )
     }
 
+    /// `url()` as a client configuration, for a caller to change (user, database,
+    /// options, a notice callback) before connecting.
+    pub fn config(&self) -> postgres::Config {
+        self.url().parse().unwrap()
+    }
+
     pub fn connect(&self) -> postgres::Client {
-        postgres::Client::connect(
-            &format!(
-                "host=127.0.0.1 port={} user=postgres dbname=postgres",
-                self.port
-            ),
-            postgres::NoTls,
-        )
-        .expect("connect to test cluster")
+        self.connect_to("postgres", "postgres")
+    }
+
+    /// A session of `user` in the database `postgres`.
+    pub fn connect_as(&self, user: &str) -> postgres::Client {
+        self.connect_to("postgres", user)
+    }
+
+    /// A session of `user` in the database `db`.
+    pub fn connect_to(&self, db: &str, user: &str) -> postgres::Client {
+        self.config()
+            .dbname(db)
+            .user(user)
+            .connect(postgres::NoTls)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "connect to test cluster {} as {user}, database {db}: {e}",
+                    self.dir.display()
+                )
+            })
     }
 
     pub fn server_log(&self) -> String {
@@ -154,12 +289,86 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo_root().join("scripts/cluster.sh"))
-            .args(["stop", self.dir.to_str().unwrap()])
-            .status();
+        let _ = self.cluster_sh(&["stop", self.dir.to_str().unwrap()]);
     }
 }
+
+/// The pgseald binary, as `make daemon` (which `make test` runs first) builds it.
+pub fn pgseald_bin() -> PathBuf {
+    repo_root().join("target/debug/pgseald")
+}
+
+/// One run of pgseald: `Pgseald::new(["ledger", "verify", ...])`, optionally
+/// `.on(&cluster)`, then `.run()`, `.output()` or `.spawn(stderr)`. It inherits no
+/// `PGSEALD_*` variable from the test's environment, so only what a test sets
+/// reaches it.
+pub struct Pgseald(Command);
+
+impl Pgseald {
+    pub fn new<I, S>(args: I) -> Pgseald
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new(pgseald_bin());
+        cmd.args(args);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("PGSEALD_") {
+                cmd.env_remove(k);
+            }
+        }
+        Pgseald(cmd)
+    }
+
+    /// `pgseald ledger verify --file` of an export (one JSON entry a line) against a
+    /// checkpoints file and the checkpoint public key: no database.
+    pub fn ledger_verify_file(export: &Path, checkpoints: &Path, public_key: &str) -> Pgseald {
+        Pgseald::new(["ledger", "verify", "--file"])
+            .args([export, Path::new("--checkpoints"), checkpoints])
+            .args(["--public-key", public_key])
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Pgseald
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.0.args(args);
+        self
+    }
+
+    /// Connects to `cluster` (its `url()`) through `PGSEALD_DATABASE_URL`.
+    pub fn on(mut self, cluster: &Cluster) -> Pgseald {
+        self.0.env("PGSEALD_DATABASE_URL", cluster.url());
+        self
+    }
+
+    /// Runs it to the end: its exit code and what it wrote, stdout then stderr.
+    pub fn run(self) -> (Option<i32>, String) {
+        let out = self.output();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// Runs it to the end, its stdout and stderr apart.
+    pub fn output(mut self) -> std::process::Output {
+        self.0.output().expect(PGSEALD_MISSING)
+    }
+
+    /// Starts it in the background, stdout discarded and stderr to `stderr`.
+    pub fn spawn(mut self, stderr: impl Into<std::process::Stdio>) -> std::process::Child {
+        self.0
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect(PGSEALD_MISSING)
+    }
+}
+
+const PGSEALD_MISSING: &str = "pgseald is built by `make test` (make daemon) before these tests";
 
 /// The SQLSTATE of an error, or "00000" for success.
 pub fn sqlstate<T>(r: Result<T, postgres::Error>) -> String {
@@ -170,6 +379,11 @@ pub fn sqlstate<T>(r: Result<T, postgres::Error>) -> String {
             .map(|c| c.code().to_owned())
             .unwrap_or_else(|| format!("no sqlstate: {e}")),
     }
+}
+
+/// The one bigint `sql` returns (a count).
+pub fn count(c: &mut postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
 }
 
 /// Whether an error is a retryable serialization failure or deadlock.
@@ -205,4 +419,38 @@ pub fn ledger_entries(
     .iter()
     .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ports handed out at once are distinct, free, and claimed against other
+    /// processes too (flock(1) cannot take a claim this process holds).
+    #[test]
+    fn free_ports_are_distinct_free_and_claimed() {
+        let threads: Vec<_> = (0..8)
+            .map(|_| std::thread::spawn(|| (0..4).map(|_| free_port()).collect::<Vec<_>>()))
+            .collect();
+        let mut ports: Vec<u16> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        ports.sort_unstable();
+        let n = ports.len();
+        ports.dedup();
+        assert_eq!(ports.len(), n, "a port was handed out twice: {ports:?}");
+        for p in ports {
+            assert!(std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+            let claim = Path::new(IT_DIR).join("ports").join(p.to_string());
+            let st = Command::new("flock")
+                .args(["-n", claim.to_str().unwrap(), "true"])
+                .status()
+                .unwrap();
+            assert!(
+                !st.success(),
+                "port {p} is not claimed against other processes"
+            );
+        }
+    }
 }

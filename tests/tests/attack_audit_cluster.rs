@@ -21,22 +21,11 @@ const SETUP: &str = "
         FROM generate_series(1, 3) g;
     RESET app.tenant_id;";
 
-fn start(name: &str, port: u16) -> (Cluster, postgres::Client) {
-    let cl = Cluster::start(name, port, &[KEY_V1], &[]);
+fn start(name: &str) -> (Cluster, postgres::Client) {
+    let cl = Cluster::start(name, &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute(SETUP).unwrap();
     (cl, c)
-}
-
-fn connect_as(cl: &Cluster, user: &str) -> postgres::Client {
-    postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user={user} dbname=postgres",
-            cl.port
-        ),
-        postgres::NoTls,
-    )
-    .unwrap()
 }
 
 /// A superuser seals and decrypts a value of another tenant, with a 2 s audit
@@ -78,7 +67,7 @@ fn wait_for_count(
 /// database waits `audit_decrypt_timeout` and fails with 55000, until a restart.
 #[test]
 fn statement_timeout_cancels_must_not_exhaust_the_audit_queue() {
-    let (cl, mut admin) = start("atk-audit-leak", 54431);
+    let (cl, mut admin) = start("atk-audit-leak");
     let port = cl.port;
     let workers: Vec<_> = (0..16)
         .map(|_| {
@@ -117,8 +106,8 @@ fn statement_timeout_cancels_must_not_exhaust_the_audit_queue() {
 /// or by any other open transaction of that tenant) can go nowhere and fails.
 #[test]
 fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
-    let (cl, _admin) = start("atk-audit-syslock", 54432);
-    let mut nobody = connect_as(&cl, "nobody");
+    let (cl, _admin) = start("atk-audit-syslock");
+    let mut nobody = cl.connect_as("nobody");
     // The way in is closed: no protection change is recorded for a temporary table.
     let r = nobody.batch_execute(
         "BEGIN; CREATE TEMP TABLE t (); SELECT pgseal._protection_changed('t'::regclass)",
@@ -131,7 +120,7 @@ fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
     holder
         .batch_execute("BEGIN; SELECT pgseal.kek_rewrap(1)")
         .unwrap();
-    let mut c = connect_as(&cl, "app");
+    let mut c = cl.connect_as("app");
     c.batch_execute(
         "BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.note', '{}')",
     )
@@ -153,12 +142,12 @@ fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
 /// the plaintexts were returned, and no `vault.decrypt` entry ever follows.
 #[test]
 fn a_commit_that_fails_in_the_audit_append_still_records_the_count() {
-    let (cl, mut admin) = start("atk-audit-lostcount", 54433);
-    let mut holder = connect_as(&cl, "app");
+    let (cl, mut admin) = start("atk-audit-lostcount");
+    let mut holder = cl.connect_as("app");
     holder
         .batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.note', '{}')")
         .unwrap();
-    let mut c = connect_as(&cl, "app");
+    let mut c = cl.connect_as("app");
     c.batch_execute("SET lock_timeout = '300ms'; BEGIN; SET LOCAL app.tenant_id = 'acme'")
         .unwrap();
     let rows = c
@@ -191,11 +180,11 @@ fn a_commit_that_fails_in_the_audit_append_still_records_the_count() {
 /// role's record, so the second role appears nowhere in the ledger.
 #[test]
 fn decrypts_after_set_role_are_attributed_to_the_role_that_made_them() {
-    let (cl, mut admin) = start("atk-audit-setrole", 54434);
+    let (cl, mut admin) = start("atk-audit-setrole");
     admin
         .batch_execute("CREATE ROLE mid LOGIN; GRANT app, app2 TO mid")
         .unwrap();
-    let mut c = connect_as(&cl, "mid");
+    let mut c = cl.connect_as("mid");
     c.batch_execute(
         "BEGIN; SET LOCAL app.tenant_id = 'acme'; SET LOCAL ROLE app;
          SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1;
@@ -228,7 +217,7 @@ fn decrypts_after_set_role_are_attributed_to_the_role_that_made_them() {
 /// with long contexts to the transaction and its real decrypts lose their count.
 #[test]
 fn a_rolled_back_count_with_long_contexts_is_still_recorded() {
-    let (cl, mut admin) = start("atk-audit-bigcount", 54435);
+    let (cl, mut admin) = start("atk-audit-bigcount");
     admin
         .batch_execute(
             "GRANT pgseal_seal TO app;
@@ -240,7 +229,7 @@ fn a_rolled_back_count_with_long_contexts_is_still_recorded() {
              RESET app.tenant_id;",
         )
         .unwrap();
-    let mut c = connect_as(&cl, "app");
+    let mut c = cl.connect_as("app");
     c.batch_execute(
         "BEGIN; SET LOCAL app.tenant_id = 'acme';
          SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations;
@@ -263,14 +252,16 @@ fn a_rolled_back_count_with_long_contexts_is_still_recorded() {
 /// A hot standby cloned from a primary with `pg_basebackup`, stopped when dropped.
 struct Standby {
     dir: std::path::PathBuf,
+    port: u16,
 }
 
 impl Standby {
-    fn clone_from(primary: &Cluster, name: &str, port: u16) -> Standby {
+    fn clone_from(primary: &Cluster, name: &str) -> Standby {
         use std::process::Command;
-        let dir = std::path::PathBuf::from(format!("/var/tmp/pgseal-it/{name}"));
+        let dir = std::path::Path::new(pgseal_tests::IT_DIR).join(name);
         let _ = std::fs::remove_dir_all(&dir);
-        let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
+        let user = pgseal_tests::test_user();
+        let port = pgseal_tests::free_port();
         let run = |args: &[&str]| {
             let st = Command::new("runuser")
                 .args(["-u", &user, "--"])
@@ -316,7 +307,7 @@ impl Standby {
             "-w",
             "start",
         ]);
-        Standby { dir }
+        Standby { dir, port }
     }
 
     fn log(&self) -> String {
@@ -326,9 +317,8 @@ impl Standby {
 
 impl Drop for Standby {
     fn drop(&mut self) {
-        let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
         let _ = std::process::Command::new("runuser")
-            .args(["-u", &user, "--"])
+            .args(["-u", &pgseal_tests::test_user(), "--"])
             .arg(pgseal_tests::pg_bindir().join("pg_ctl"))
             .arg("-D")
             .arg(self.dir.join("data"))
@@ -344,14 +334,16 @@ impl Drop for Standby {
 fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
     let cl = Cluster::start(
         "atk-audit-primary",
-        54436,
         &[KEY_V1],
         &["wal_level = replica", "max_wal_senders = 4"],
     );
     cl.connect().batch_execute(SETUP).unwrap();
-    let standby = Standby::clone_from(&cl, "atk-audit-standby", 54437);
+    let standby = Standby::clone_from(&cl, "atk-audit-standby");
     let mut c = postgres::Client::connect(
-        "host=127.0.0.1 port=54437 user=app dbname=postgres",
+        &format!(
+            "host=127.0.0.1 port={} user=app dbname=postgres",
+            standby.port
+        ),
         postgres::NoTls,
     )
     .unwrap();
@@ -388,7 +380,7 @@ fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
 /// slot back, or 128 terminations exhaust the queue for every database.
 #[test]
 fn terminated_waiters_must_not_exhaust_the_audit_queue() {
-    let (cl, mut admin) = start("atk-audit-terminate", 54438);
+    let (cl, mut admin) = start("atk-audit-terminate");
     let in_use = |c: &mut postgres::Client| -> i32 {
         c.query_one("SELECT slots_in_use FROM pgseal.audit_queue_status()", &[])
             .unwrap()
@@ -400,7 +392,7 @@ fn terminated_waiters_must_not_exhaust_the_audit_queue() {
     holder
         .batch_execute("BEGIN; LOCK TABLE pgseal.ledger IN ACCESS EXCLUSIVE MODE")
         .unwrap();
-    let mut killer = connect_as(&cl, "app");
+    let mut killer = cl.connect_as("app");
     let port = cl.port;
     for _wave in 0..4 {
         let waiters: Vec<_> = (0..34)
@@ -470,7 +462,6 @@ fn parallel_queries_of_an_unprivileged_role_do_not_block_decrypts() {
     // replication launcher - 2 writers = 4).
     let cl = Cluster::start(
         "atk-audit-workers",
-        54440,
         &[KEY_V1],
         &["max_worker_processes = 8", "max_parallel_workers = 4"],
     );
@@ -493,7 +484,7 @@ fn parallel_queries_of_an_unprivileged_role_do_not_block_decrypts() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(2000));
-    let mut c = connect_as(&cl, "app");
+    let mut c = cl.connect_as("app");
     let r = c.batch_execute(
         "SET app.tenant_id = 'acme';
          SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",

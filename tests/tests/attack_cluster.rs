@@ -58,7 +58,6 @@ use std::time::{Duration, Instant};
 use pgseal_tests::{Cluster, KEY_V1};
 use sha2::Digest;
 
-const PORT: u16 = 54371;
 const TENANT: &str = "acme";
 const USER_ID: &str = "u-atk";
 const CONTEXT: &str = "t.c";
@@ -1182,12 +1181,7 @@ fn lock_probes(
 #[test]
 fn attack_tier() {
     let started = Instant::now();
-    let c = Cluster::start(
-        "attack-tier",
-        PORT,
-        &[KEY_V1],
-        &["log_min_messages = warning"],
-    );
+    let c = Cluster::start("attack-tier", &[KEY_V1], &["log_min_messages = warning"]);
     let mut pg = c.connect();
     let (attackers, writer_schema) = setup(&c, &mut pg);
     let inv = inventory(&mut pg);

@@ -15,17 +15,6 @@ use std::time::{Duration, Instant};
 
 use pgseal_tests::{sqlstate, Cluster, KEY_V1};
 
-fn connect_as(cl: &Cluster, user: &str) -> postgres::Client {
-    postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user={user} dbname=postgres",
-            cl.port
-        ),
-        postgres::NoTls,
-    )
-    .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
-}
-
 /// Runs `sql` for app user `user` of `tenant` in a transaction of its own, committed
 /// when it succeeds; the SQLSTATE it ended with.
 fn attempt(c: &mut postgres::Client, tenant: &str, user: &str, sql: &str) -> String {
@@ -64,14 +53,14 @@ fn race(
     second: (&str, &str, &str),
 ) -> String {
     let begin = format!("BEGIN ISOLATION LEVEL {isolation}");
-    let mut c1 = connect_as(cl, "app");
+    let mut c1 = cl.connect_as("app");
     c1.batch_execute(&begin).unwrap();
     c1.execute("SELECT pgseal.set_tenant($1, $2)", &[&first.0, &first.1])
         .unwrap();
     c1.batch_execute(first.2)
         .unwrap_or_else(|e| panic!("race: the first session's statement: {e}"));
 
-    let mut c2 = connect_as(cl, "app");
+    let mut c2 = cl.connect_as("app");
     let pid2: i32 = c2.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
     let (tenant, user, sql) = (
         second.0.to_owned(),
@@ -130,10 +119,10 @@ const ORGS: &str = "
 
 #[test]
 fn organisation_invariants_hold_against_an_attacker() {
-    let cl = Cluster::start("attack-tenancy-orgs", 54381, &[KEY_V1], &[]);
+    let cl = Cluster::start("attack-tenancy-orgs", &[KEY_V1], &[]);
     let mut admin = cl.connect();
     admin.batch_execute(ORGS).unwrap();
-    let mut app = connect_as(&cl, "app");
+    let mut app = cl.connect_as("app");
     let org1 = members(&mut admin, "A", "org1");
 
     // An admin of org1 tries every way to the owner role, or to be rid of the owner.
@@ -206,7 +195,7 @@ fn organisation_invariants_hold_against_an_attacker() {
         );
     }
     // A member of pgseal_admin may add the first owner (for the user it acts as).
-    let mut ops = connect_as(&cl, "ops");
+    let mut ops = cl.connect_as("ops");
     assert_eq!(
         attempt(
             &mut ops,
@@ -347,9 +336,9 @@ fn rows(c: &mut postgres::Client, sql: &str) -> Result<Vec<String>, String> {
 
 #[test]
 fn with_hold_cursor_does_not_outlive_the_tenant_context() {
-    let cl = Cluster::start("attack-tenancy-cursor", 54382, &[KEY_V1], &[]);
+    let cl = Cluster::start("attack-tenancy-cursor", &[KEY_V1], &[]);
     cl.connect().batch_execute(CURSORS).unwrap();
-    let mut app = connect_as(&cl, "app");
+    let mut app = cl.connect_as("app");
     let mut leaked: Vec<String> = Vec::new();
 
     // 1. Declared in an explicit transaction, fetched after its commit.
@@ -440,7 +429,7 @@ fn with_hold_cursor_does_not_outlive_the_tenant_context() {
 
     // Control: without strict_context the held cursor does outlive the transaction,
     // which is the leak this guards against (and why this test can fail).
-    let mut loose = connect_as(&cl, "app_loose");
+    let mut loose = cl.connect_as("app_loose");
     rows(
         &mut loose,
         "BEGIN; SELECT pgseal.set_tenant('A', 'u'); \

@@ -42,7 +42,6 @@ use std::time::Instant;
 use pgseal_tests::{Cluster, KEY_V1};
 use postgres::types::ToSql;
 
-const PORT: u16 = 54421;
 const TENANT: &str = "acme";
 const OTHER_TENANT: &str = "globex";
 const CONTEXT: &str = "bi.ctx";
@@ -1082,12 +1081,7 @@ fn privilege_mismatches(
 #[test]
 fn every_pgseal_function_survives_bad_input() {
     let t0 = Instant::now();
-    let cl = Cluster::start(
-        "bad-input",
-        PORT,
-        &[KEY_V1],
-        &["log_min_error_statement = panic"],
-    );
+    let cl = Cluster::start("bad-input", &[KEY_V1], &["log_min_error_statement = panic"]);
     let mut admin = cl.connect();
     let (sealed, oid) = fixture(&mut admin);
     println!("short sealed value: {sealed}");
@@ -1104,13 +1098,13 @@ fn every_pgseal_function_survives_bad_input() {
         ..Report::default()
     };
     let mut m = Matrix {
-        port: PORT,
+        port: cl.port,
         admin,
         sessions: ["bi_all", "bi_none"]
             .iter()
             .map(|r| Session {
                 role: r.to_string(),
-                client: connect(PORT, r),
+                client: connect(cl.port, r),
             })
             .collect(),
         docs,

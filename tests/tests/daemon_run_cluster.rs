@@ -4,10 +4,10 @@
 //! on SIGTERM.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pgseal_tests::{repo_root, Cluster, KEY_V1};
+use pgseal_tests::{count, free_port, Cluster, Pgseald, KEY_V1};
 
 struct Daemon {
     child: Child,
@@ -16,13 +16,8 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, log: PathBuf) -> Daemon {
-        let child = Command::new(repo_root().join("target/debug/pgseald"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env_remove("PGSEALD_DATABASE_URL")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("pgseald is built by `make test` before these tests");
+        let child = Pgseald::new(["run", "--config", config.to_str().unwrap()])
+            .spawn(std::fs::File::create(&log).unwrap());
         Daemon { child, log }
     }
 
@@ -82,13 +77,9 @@ fn metrics(port: u16) -> String {
     out
 }
 
-fn count(c: &mut postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
-
 #[test]
 fn one_leader_failover_restart_and_sigterm() {
-    let cl = Cluster::start("daemon-run", 54361, &[KEY_V1], &[]);
+    let cl = Cluster::start("daemon-run", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
@@ -99,14 +90,15 @@ fn one_leader_failover_restart_and_sigterm() {
          SELECT pgseal.ledger_append('login') FROM generate_series(1, 5);",
     )
     .unwrap();
-    let dir = PathBuf::from("/var/tmp/pgseal-it/daemon-run-files");
+    let dir = Path::new(pgseal_tests::IT_DIR).join("daemon-run-files");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("pgseald.toml");
+    let metrics_port = free_port();
     std::fs::write(
         &config,
         format!(
-            "database_url = \"{}\"\nleader_takeover_seconds = 2\nmetrics_addr = \"127.0.0.1:54362\"\n\
+            "database_url = \"{}\"\nleader_takeover_seconds = 2\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n\
              [retention]\nschedule = \"* * * * * *\"\n\
              [verification]\nschedule = \"*/2 * * * * *\"\ncheckpoint_dir = \"{}\"\n",
             cl.url(),
@@ -148,7 +140,7 @@ fn one_leader_failover_restart_and_sigterm() {
         "{}",
         a.log()
     );
-    let page = metrics(54362);
+    let page = metrics(metrics_port);
     assert!(page.contains("pgseald_leader 1"), "{page}");
     assert!(page.contains("pgseald_rows_deleted_total 31"), "{page}");
     assert!(

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pgseal_tests::{repo_root, Cluster, KEY_V1};
+use pgseal_tests::{Cluster, Pgseald, KEY_V1};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -24,7 +24,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// A CA, a server certificate for 127.0.0.1 only (no DNS name) signed by it, and a
 /// second, unrelated CA. The key is readable by the test servers' OS user.
 fn make_certs() -> PathBuf {
-    let dir = PathBuf::from("/var/tmp/pgseal-it/tls-certs");
+    let dir = Path::new(pgseal_tests::IT_DIR).join("tls-certs");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     for ca in ["ca", "other-ca"] {
@@ -83,7 +83,7 @@ fn make_certs() -> PathBuf {
             "server.crt",
         ],
     );
-    let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
+    let user = pgseal_tests::test_user();
     let st = Command::new("chown")
         .arg(format!("{user}:{user}"))
         .arg(dir.join("server.key"))
@@ -105,17 +105,6 @@ fn make_certs() -> PathBuf {
     dir
 }
 
-fn status(conn: &str) -> (Option<i32>, String) {
-    let out = Command::new(repo_root().join("target/debug/pgseald"))
-        .args(["status", "--database-url", conn])
-        .output()
-        .expect("pgseald is built by `make test` before these tests");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[test]
 fn sslmodes_verify_what_they_promise() {
     if !pgseal_tests::pg_has_ssl() {
@@ -135,7 +124,7 @@ fn sslmodes_verify_what_they_promise() {
         "password_encryption = 'scram-sha-256'".to_owned(),
     ];
     let conf: Vec<&str> = ssl_conf.iter().map(String::as_str).collect();
-    let cl = Cluster::start("daemon-tls", 54451, &[KEY_V1], &conf);
+    let cl = Cluster::start("daemon-tls", &[KEY_V1], &conf);
     cl.connect()
         .batch_execute("CREATE EXTENSION pgseal")
         .unwrap();
@@ -152,11 +141,11 @@ fn sslmodes_verify_what_they_promise() {
         None => format!("{} sslmode={mode}", base(host)),
     };
     let ok = |conn: String| {
-        let (code, out) = status(&conn);
+        let (code, out) = Pgseald::new(["status", "--database-url", &conn]).run();
         assert_eq!(code, Some(0), "{conn}: {out}");
     };
     let fails = |conn: String| {
-        let (code, out) = status(&conn);
+        let (code, out) = Pgseald::new(["status", "--database-url", &conn]).run();
         assert_ne!(code, Some(0), "{conn} must fail: {out}");
         assert!(!out.contains("hunter2secret"), "the password leaked: {out}");
     };
@@ -176,7 +165,7 @@ fn sslmodes_verify_what_they_promise() {
     drop(cl);
 
     // A server without TLS: require fails, prefer and disable connect.
-    let plain = Cluster::start("daemon-tls-plain", 54452, &[KEY_V1], &[]);
+    let plain = Cluster::start("daemon-tls-plain", &[KEY_V1], &[]);
     plain
         .connect()
         .batch_execute("CREATE EXTENSION pgseal")

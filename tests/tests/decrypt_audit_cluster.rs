@@ -24,19 +24,11 @@ const SETUP: &str = "
 const DECRYPT_ALL: &str = "SELECT pgseal.set_tenant('acme'); \
      SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations";
 
-fn start(name: &str, port: u16) -> (Cluster, postgres::Client) {
-    let cl = Cluster::start(name, port, &[KEY_V1], &["max_prepared_transactions = 4"]);
+fn start(name: &str) -> (Cluster, postgres::Client) {
+    let cl = Cluster::start(name, &[KEY_V1], &["max_prepared_transactions = 4"]);
     let mut c = cl.connect();
     c.batch_execute(SETUP).unwrap();
     (cl, c)
-}
-
-fn app(cl: &Cluster) -> postgres::Client {
-    postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user=app dbname=postgres", cl.port),
-        postgres::NoTls,
-    )
-    .unwrap()
 }
 
 /// Waits (up to 20 s) for the writer to append the end-of-transaction counts.
@@ -70,8 +62,8 @@ fn verifies(c: &mut postgres::Client, tenant: &str) {
 
 #[test]
 fn a_rolled_back_decrypt_is_on_record_with_its_count() {
-    let (cl, mut admin) = start("audit-rollback", 54401);
-    let mut c = app(&cl);
+    let (cl, mut admin) = start("audit-rollback");
+    let mut c = cl.connect_as("app");
     // The attack from the issue, word for word: decrypt every token, then roll back.
     let rows = c
         .simple_query(&format!("BEGIN; {DECRYPT_ALL}; ROLLBACK"))
@@ -113,14 +105,14 @@ fn a_rolled_back_decrypt_is_on_record_with_its_count() {
 
 #[test]
 fn a_failed_deferred_constraint_and_a_rolled_back_prepared_transaction_leave_the_record() {
-    let (cl, mut admin) = start("audit-deferred", 54402);
+    let (cl, mut admin) = start("audit-deferred");
     admin
         .batch_execute(
             "CREATE TABLE seen (k int UNIQUE DEFERRABLE INITIALLY DEFERRED);
              GRANT INSERT ON seen TO app;",
         )
         .unwrap();
-    let mut c = app(&cl);
+    let mut c = cl.connect_as("app");
     let r = c.batch_execute(&format!(
         "BEGIN; {DECRYPT_ALL}; INSERT INTO seen VALUES (1), (1); COMMIT"
     ));
@@ -151,8 +143,8 @@ fn a_failed_deferred_constraint_and_a_rolled_back_prepared_transaction_leave_the
 
 #[test]
 fn committed_and_read_only_decrypts_are_counted_once_per_key() {
-    let (cl, mut admin) = start("audit-commit", 54403);
-    let mut c = app(&cl);
+    let (cl, mut admin) = start("audit-commit");
+    let mut c = cl.connect_as("app");
     c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}; {DECRYPT_ALL}; COMMIT"))
         .unwrap();
     let started = entries(&mut admin, "vault.decrypt_started");
@@ -181,8 +173,8 @@ fn committed_and_read_only_decrypts_are_counted_once_per_key() {
 
 #[test]
 fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_audit_chain() {
-    let (cl, mut admin) = start("audit-own-lock", 54404);
-    let mut c = app(&cl);
+    let (cl, mut admin) = start("audit-own-lock");
+    let mut c = cl.connect_as("app");
     // This transaction holds acme's chain until it ends, so the writer cannot append
     // there; it must neither deadlock nor skip the record.
     c.batch_execute(&format!(
@@ -204,7 +196,7 @@ fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_audit_chain() 
 }
 
 fn decrypt_state(cl: &Cluster) -> String {
-    let mut c = app(cl);
+    let mut c = cl.connect_as("app");
     sqlstate(c.query(
         "SELECT pgseal.set_tenant('acme'), pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
         &[],
@@ -216,7 +208,6 @@ fn without_the_audit_worker_decrypt_fails_closed() {
     // No background worker slot at all: the launcher never runs.
     let cl = Cluster::start(
         "audit-no-launcher",
-        54405,
         &[KEY_V1],
         &["max_worker_processes = 0"],
     );
@@ -232,7 +223,9 @@ fn without_the_audit_worker_decrypt_fails_closed() {
     admin
         .batch_execute(&format!("SET pgseal.audit_decrypt = commit; {DECRYPT_ALL}"))
         .unwrap();
-    let r = app(&cl).batch_execute("SET pgseal.audit_decrypt = commit");
+    let r = cl
+        .connect_as("app")
+        .batch_execute("SET pgseal.audit_decrypt = commit");
     assert_eq!(
         sqlstate(r),
         "42501",
@@ -240,12 +233,7 @@ fn without_the_audit_worker_decrypt_fails_closed() {
     );
     drop(cl);
     // Two slots (the launcher and logical replication's): no writer can start.
-    let cl = Cluster::start(
-        "audit-no-writer",
-        54407,
-        &[KEY_V1],
-        &["max_worker_processes = 2"],
-    );
+    let cl = Cluster::start("audit-no-writer", &[KEY_V1], &["max_worker_processes = 2"]);
     let mut admin = cl.connect();
     admin.batch_execute(SETUP).unwrap();
     assert_eq!(decrypt_state(&cl), "55000");
@@ -260,14 +248,14 @@ fn without_the_audit_worker_decrypt_fails_closed() {
 /// Opens a transaction as `app` that has decrypted (so its record was acknowledged)
 /// and has not committed; returns the connection to keep the transaction open.
 fn decrypt_and_hold(cl: &Cluster) -> postgres::Client {
-    let mut c = app(cl);
+    let mut c = cl.connect_as("app");
     c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}")).unwrap();
     c
 }
 
 #[test]
 fn the_record_survives_kill_9_of_the_writer_and_of_the_postmaster() {
-    let (cl, mut admin) = start("audit-crash", 54406);
+    let (cl, mut admin) = start("audit-crash");
     let held = decrypt_and_hold(&cl);
     let writer: i32 = admin
         .query_one(
@@ -297,7 +285,7 @@ fn the_record_survives_kill_9_of_the_writer_and_of_the_postmaster() {
     assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 2);
     verifies(&mut admin, "acme");
     // And the audit works again after the restarts.
-    let mut c = app(&cl);
+    let mut c = cl.connect_as("app");
     c.batch_execute(&format!("BEGIN; {DECRYPT_ALL}; COMMIT"))
         .unwrap();
     assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 3);

@@ -31,7 +31,7 @@ fn verify(c: &mut postgres::Client, tenant: &str) -> (bool, i64) {
 
 #[test]
 fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
-    let cl = Cluster::start("dump-restore", 54411, &[KEY_V1], &[]);
+    let cl = Cluster::start("dump-restore", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
@@ -79,14 +79,7 @@ fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let mut r = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=restored",
-            cl.port
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut r = cl.connect_to("restored", "postgres");
     let rid: String = r
         .query_one("SELECT pgseal.ledger_id()", &[])
         .unwrap()

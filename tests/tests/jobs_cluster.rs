@@ -2,30 +2,14 @@
 //! overrides, holds, receipts, dry run), tenant rotation with reseal (also after a
 //! kill -9 mid-run), and KEK rotation.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use pgseal_tests::{repo_root, Cluster, KEY_V1, KEY_V2};
-
-fn pgseald(url: &str, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(repo_root().join("target/debug/pgseald"))
-        .args(args)
-        .env("PGSEALD_DATABASE_URL", url)
-        .output()
-        .expect("pgseald is built by `make test` before these tests");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-fn count(c: &mut postgres::Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
+use pgseal_tests::{count, Cluster, Pgseald, KEY_V1, KEY_V2};
 
 #[test]
 fn retention_deletes_exactly_the_expired_rows_per_tenant() {
-    let cl = Cluster::start("jobs-retention", 54351, &[KEY_V1], &[]);
+    let cl = Cluster::start("jobs-retention", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
@@ -40,8 +24,9 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
          SELECT pgseal.retention_hold('t3', true);",
     )
     .unwrap();
-    let url = cl.url();
-    let (code, out) = pgseald(&url, &["retention", "run", "--dry-run"]);
+    let (code, out) = Pgseald::new(["retention", "run", "--dry-run"])
+        .on(&cl)
+        .run();
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("tenant t1: would delete 70 rows"), "{out}");
     assert!(out.contains("tenant t2: would delete 90 rows"), "{out}");
@@ -60,7 +45,9 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
         "a dry run leaves no receipt"
     );
 
-    let (code, out) = pgseald(&url, &["retention", "run", "--batch", "7"]);
+    let (code, out) = Pgseald::new(["retention", "run", "--batch", "7"])
+        .on(&cl)
+        .run();
     assert_eq!(code, Some(0), "{out}");
     let left = |c: &mut postgres::Client, t: &str| {
         count(
@@ -147,7 +134,9 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
     // Lifting the hold and a rerun for one tenant only.
     c.batch_execute("SELECT pgseal.retention_hold('t3', false)")
         .unwrap();
-    let (code, out) = pgseald(&url, &["retention", "run", "--tenant", "t3"]);
+    let (code, out) = Pgseald::new(["retention", "run", "--tenant", "t3"])
+        .on(&cl)
+        .run();
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(left(&mut c, "t3"), 30);
     assert_eq!(left(&mut c, "t1"), 30);
@@ -201,20 +190,15 @@ fn rows_under_non_active_keys(c: &mut postgres::Client, tenant: &str) -> i64 {
 
 #[test]
 fn tenant_rotation_reseals_every_value_even_after_a_kill_9() {
-    let cl = Cluster::start("jobs-rotate", 54352, &[KEY_V1], &[]);
+    let cl = Cluster::start("jobs-rotate", &[KEY_V1], &[]);
     let mut c = creds_table(&cl);
     seal_rows(&mut c, "a", 1, 3000);
     seal_rows(&mut c, "b", 5001, 200);
-    let url = cl.url();
 
     // A reseal killed mid-run...
-    let mut child = Command::new(repo_root().join("target/debug/pgseald"))
-        .args(["rotate", "tenant", "a", "--batch", "20"])
-        .env("PGSEALD_DATABASE_URL", &url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Pgseald::new(["rotate", "tenant", "a", "--batch", "20"])
+        .on(&cl)
+        .spawn(Stdio::null());
     std::thread::sleep(Duration::from_millis(400));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -230,7 +214,9 @@ fn tenant_rotation_reseals_every_value_even_after_a_kill_9() {
     );
 
     // ...and a rerun finishes the job.
-    let (code, out) = pgseald(&url, &["rotate", "tenant", "a", "--batch", "500"]);
+    let (code, out) = Pgseald::new(["rotate", "tenant", "a", "--batch", "500"])
+        .on(&cl)
+        .run();
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(
         rows_under_non_active_keys(&mut c, "a"),
@@ -258,7 +244,7 @@ fn tenant_rotation_reseals_every_value_even_after_a_kill_9() {
 
 #[test]
 fn kek_rotation_moves_every_tenant_key() {
-    let cl = Cluster::start("jobs-kek", 54353, &[KEY_V1], &[]);
+    let cl = Cluster::start("jobs-kek", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
@@ -272,7 +258,9 @@ fn kek_rotation_moves_every_tenant_key() {
     cl.set_keys(&[KEY_V1, KEY_V2]);
     cl.restart();
     let mut c = cl.connect();
-    let (code, out) = pgseald(&cl.url(), &["rotate", "kek", "--batch", "7"]);
+    let (code, out) = Pgseald::new(["rotate", "kek", "--batch", "7"])
+        .on(&cl)
+        .run();
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("rewrapped 30 tenant keys"), "{out}");
     assert_eq!(
@@ -289,7 +277,7 @@ fn kek_rotation_moves_every_tenant_key() {
 
 #[test]
 fn no_decrypt_fails_and_concurrent_updates_win_while_a_reseal_runs() {
-    let cl = Cluster::start("jobs-rotate-live", 54354, &[KEY_V1], &[]);
+    let cl = Cluster::start("jobs-rotate-live", &[KEY_V1], &[]);
     let mut c = creds_table(&cl);
     seal_rows(&mut c, "a", 1, 4000);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -335,7 +323,9 @@ fn no_decrypt_fails_and_concurrent_updates_win_while_a_reseal_runs() {
             written
         })
     };
-    let (code, out) = pgseald(&cl.url(), &["rotate", "tenant", "a", "--batch", "50"]);
+    let (code, out) = Pgseald::new(["rotate", "tenant", "a", "--batch", "50"])
+        .on(&cl)
+        .run();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(code, Some(0), "{out}");
     let (rounds, failures) = reader.join().unwrap();

@@ -78,7 +78,7 @@ fn dontdump_mappings(pid: u32) -> Vec<(String, Vec<String>)> {
 
 #[test]
 fn env_master_key_is_scrubbed_and_keys_are_dontdump_and_locked() {
-    let cl = Cluster::start_env_key("keymem", 54391, HEX, &[]);
+    let cl = Cluster::start_env_key("keymem", HEX, &[]);
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal").unwrap();
     let loaded: bool = c

@@ -3,13 +3,12 @@
 //! audit at commit, an export verified offline by pgseald, and checkpoints that
 //! sign only verified chains and extend each other.
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgseal_tests::{
-    is_retryable, kek_rewrap_until_done, repo_root, sqlstate, Cluster, KEY_V1, KEY_V2,
+    is_retryable, kek_rewrap_until_done, sqlstate, Cluster, Pgseald, KEY_V1, KEY_V2,
 };
 
 const SESSIONS: usize = 16;
@@ -87,12 +86,7 @@ fn run_sessions(cl: &Cluster, level: &'static str, tenant_of: fn(usize, usize) -
 
 #[test]
 fn concurrent_appends_never_fork_at_any_isolation_level() {
-    let cl = Cluster::start(
-        "ledger-concurrency",
-        54331,
-        &[KEY_V1],
-        &["max_connections = 60"],
-    );
+    let cl = Cluster::start("ledger-concurrency", &[KEY_V1], &["max_connections = 60"]);
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal").unwrap();
     let total = (SESSIONS * APPENDS_PER_SESSION) as i64;
@@ -141,7 +135,7 @@ fn concurrent_appends_never_fork_at_any_isolation_level() {
 
 #[test]
 fn kill_9_of_the_postmaster_during_appends_leaves_no_gap() {
-    let cl = Cluster::start("ledger-crash", 54332, &[KEY_V1], &[]);
+    let cl = Cluster::start("ledger-crash", &[KEY_V1], &[]);
     cl.connect()
         .batch_execute("CREATE EXTENSION pgseal")
         .unwrap();
@@ -193,7 +187,7 @@ fn kill_9_of_the_postmaster_during_appends_leaves_no_gap() {
 
 #[test]
 fn audit_triggers_under_concurrent_updates() {
-    let cl = Cluster::start("ledger-audit", 54333, &[KEY_V1], &[]);
+    let cl = Cluster::start("ledger-audit", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
@@ -245,7 +239,6 @@ fn audit_triggers_under_concurrent_updates() {
 fn in_commit_mode_decrypts_are_recorded_once_per_key_at_commit() {
     let cl = Cluster::start(
         "ledger-decrypt-audit",
-        54334,
         &[KEY_V1],
         &["pgseal.audit_decrypt = commit"],
     );
@@ -298,38 +291,9 @@ fn in_commit_mode_decrypts_are_recorded_once_per_key_at_commit() {
     assert!(ok, "{problem:?}");
 }
 
-fn pgseald(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(repo_root().join("target/debug/pgseald"))
-        .args(args)
-        .output()
-        .expect("pgseald is built by `make test` before these tests");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-/// `pgseald ledger verify` of an export file against a checkpoints file.
-fn verify_offline(
-    export: &std::path::Path,
-    checkpoints: &std::path::Path,
-    public_key: &str,
-) -> (Option<i32>, String) {
-    pgseald(&[
-        "ledger",
-        "verify",
-        "--file",
-        export.to_str().unwrap(),
-        "--checkpoints",
-        checkpoints.to_str().unwrap(),
-        "--public-key",
-        public_key,
-    ])
-}
-
 #[test]
 fn export_is_verified_offline_by_pgseald() {
-    let cl = Cluster::start("ledger-export", 54335, &[KEY_V1], &[]);
+    let cl = Cluster::start("ledger-export", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal; SET app.tenant_id = 'acme'")
         .unwrap();
@@ -354,19 +318,19 @@ fn export_is_verified_offline_by_pgseald() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(lines.len(), 51);
-    let dir = std::path::PathBuf::from("/var/tmp/pgseal-it/ledger-export-files");
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("ledger-export-files");
     std::fs::create_dir_all(&dir).unwrap();
     let export = dir.join("export.jsonl");
     let cps = dir.join("checkpoints.jsonl");
     std::fs::write(&export, lines.join("\n") + "\n").unwrap();
     std::fs::write(&cps, cp.to_string() + "\n").unwrap();
-    let (code, out) = verify_offline(&export, &cps, &pk);
+    let (code, out) = Pgseald::ledger_verify_file(&export, &cps, &pk).run();
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("acme: ok, 51 entries checked, 1 checkpoint(s) matched"),
         "{out}"
     );
-    let (code, out) = pgseald(&["ledger", "verify", "--database-url", &cl.url()]);
+    let (code, out) = Pgseald::new(["ledger", "verify", "--database-url", &cl.url()]).run();
     assert_eq!(code, Some(0), "{out}");
 
     // Someone with superuser rewrites entry 10 and re-hashes the rest of the chain;
@@ -378,14 +342,15 @@ fn export_is_verified_offline_by_pgseald() {
          UPDATE pgseal.ledger SET payload = '{\"id\": 9, \"total\": 0}' WHERE tenant_id = 'acme' AND seq = 10;",
     )
     .unwrap();
-    let (code, out) = pgseald(&[
+    let (code, out) = Pgseald::new([
         "ledger",
         "verify",
         "--database-url",
         &cl.url(),
         "--tenant",
         "acme",
-    ]);
+    ])
+    .run();
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("hash mismatch at seq 10"), "{out}");
     let tampered: Vec<String> = c
@@ -395,7 +360,7 @@ fn export_is_verified_offline_by_pgseald() {
         .map(|r| r.get(0))
         .collect();
     std::fs::write(&export, tampered.join("\n") + "\n").unwrap();
-    let (code, out) = pgseald(&["ledger", "verify", "--file", export.to_str().unwrap()]);
+    let (code, out) = Pgseald::new(["ledger", "verify", "--file", export.to_str().unwrap()]).run();
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("hash mismatch at seq 10"), "{out}");
 }
@@ -405,7 +370,7 @@ fn export_is_verified_offline_by_pgseald() {
 /// every earlier checkpoint valid; every checkpoint names the database's ledger_id.
 #[test]
 fn checkpoint_identity_survives_master_key_rotation() {
-    let cl = Cluster::start("ledger-identity", 54339, &[KEY_V1], &[]);
+    let cl = Cluster::start("ledger-identity", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal; SET app.tenant_id = 'acme'")
         .unwrap();
@@ -494,7 +459,7 @@ fn checkpoint_identity_survives_master_key_rotation() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let dir = std::path::PathBuf::from("/var/tmp/pgseal-it/ledger-identity-files");
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("ledger-identity-files");
     std::fs::create_dir_all(&dir).unwrap();
     let export = dir.join("export.jsonl");
     std::fs::write(&export, lines.join("\n") + "\n").unwrap();
@@ -502,7 +467,7 @@ fn checkpoint_identity_survives_master_key_rotation() {
         let file = dir.join(name);
         let text: String = cps.iter().map(|cp| cp.to_string() + "\n").collect();
         std::fs::write(&file, text).unwrap();
-        let (code, out) = verify_offline(&export, &file, &pk1);
+        let (code, out) = Pgseald::ledger_verify_file(&export, &file, &pk1).run();
         assert_eq!(code, Some(0), "{name}: {out}");
         assert!(
             out.contains(&format!("{} checkpoint(s) matched", cps.len())),
@@ -541,7 +506,7 @@ fn entry_hash(
 
 #[test]
 fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
-    let cl = Cluster::start("ledger-checkpoints", 54336, &[KEY_V1], &[]);
+    let cl = Cluster::start("ledger-checkpoints", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal; SET app.tenant_id = 'acme'")
         .unwrap();

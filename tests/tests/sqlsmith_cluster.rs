@@ -11,7 +11,6 @@ use std::process::Command;
 
 use pgseal_tests::{Cluster, KEY_V1};
 
-const PORT: u16 = 54461;
 const DEFAULT_QUERIES: u64 = 2000;
 const DEFAULT_SEEDS: u64 = 3;
 const TENANTS: [&str; 2] = ["acme", "globex"];
@@ -295,7 +294,6 @@ fn random_sql_crashes_no_backend_and_leaks_nothing_to_the_log() {
     let seeds = env_count("PGSEAL_FUZZ_SEEDS", DEFAULT_SEEDS);
     let cl = Cluster::start(
         "sqlsmith",
-        PORT,
         &[KEY_V1],
         &["statement_timeout = '2s'", "log_min_messages = info"],
     );

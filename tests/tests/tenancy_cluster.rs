@@ -112,7 +112,7 @@ fn denied() -> Cell {
 
 #[test]
 fn isolation_matrix_allows_exactly_the_expected_set() {
-    let cl = Cluster::start("tenancy-matrix", 54341, &[KEY_V1], &[]);
+    let cl = Cluster::start("tenancy-matrix", &[KEY_V1], &[]);
     cl.connect().batch_execute(SCHEMA).unwrap();
     let mut app = postgres::Client::connect(
         &format!("{} user=app", cl.url().replace(" user=postgres", "")),
@@ -207,12 +207,15 @@ fn isolation_matrix_allows_exactly_the_expected_set() {
     assert_eq!(sqlstate(r), "0A000");
 }
 
+/// pgbouncer on a port of its own, in front of the cluster listening on `pg_port`.
 struct Bouncer {
     pidfile: std::path::PathBuf,
+    port: u16,
 }
 
 impl Bouncer {
-    fn start(dir: &Path, pg_port: u16, port: u16, users: &[&str]) -> Bouncer {
+    fn start(dir: &Path, pg_port: u16, users: &[&str]) -> Bouncer {
+        let port = pgseal_tests::free_port();
         let ini = dir.join("pgbouncer.ini");
         let userlist = dir.join("userlist.txt");
         let pidfile = dir.join("pgbouncer.pid");
@@ -237,7 +240,7 @@ impl Bouncer {
             ),
         )
         .unwrap();
-        let user = std::env::var("PGSEAL_TEST_USER").unwrap_or_else(|_| "pgseal-test".into());
+        let user = pgseal_tests::test_user();
         for f in [&ini, &userlist] {
             Command::new("chown").arg(&user).arg(f).status().unwrap();
         }
@@ -257,7 +260,7 @@ impl Bouncer {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        Bouncer { pidfile }
+        Bouncer { pidfile, port }
     }
 }
 
@@ -285,7 +288,7 @@ fn tenants_seen(c: &mut postgres::Client, sql: &str) -> Result<Vec<String>, Stri
 
 #[test]
 fn pgbouncer_transaction_mode_never_leaks_a_tenant() {
-    let cl = Cluster::start("tenancy-pgbouncer", 54343, &[KEY_V1], &[]);
+    let cl = Cluster::start("tenancy-pgbouncer", &[KEY_V1], &[]);
     cl.connect()
         .batch_execute(&format!(
             "{SCHEMA}
@@ -294,10 +297,13 @@ fn pgbouncer_transaction_mode_never_leaks_a_tenant() {
              ALTER ROLE app_strict SET pgseal.strict_context = on;"
         ))
         .unwrap();
-    let _bouncer = Bouncer::start(&cl.dir, 54343, 54344, &["app", "app_strict", "app_loose"]);
+    let bouncer = Bouncer::start(&cl.dir, cl.port, &["app", "app_strict", "app_loose"]);
     let via = |user: &str| {
         postgres::Client::connect(
-            &format!("host=127.0.0.1 port=54344 user={user} dbname=postgres"),
+            &format!(
+                "host=127.0.0.1 port={} user={user} dbname=postgres",
+                bouncer.port
+            ),
             postgres::NoTls,
         )
         .expect("connect through pgbouncer")

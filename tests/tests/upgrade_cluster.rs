@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pgseal_tests::{pg_bindir, pg_major, repo_root, sqlstate, KEY_V1};
+use pgseal_tests::{pg_bindir, pg_major, repo_root, sqlstate, Cluster, Pgseald, KEY_V1};
 use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------------
@@ -323,83 +323,15 @@ impl PgCopy {
     }
 }
 
-/// scripts/cluster.sh with the copy's programs (`PGSEAL_PG_BINDIR`).
-struct CopyCluster {
-    dir: PathBuf,
-    port: u16,
-    bindir: PathBuf,
-}
+type Notices = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
-impl CopyCluster {
-    fn script(&self, args: &[&str]) {
-        let st = Command::new("bash")
-            .arg(repo_root().join("scripts/cluster.sh"))
-            .args(args)
-            .env("PGSEAL_PG_BINDIR", &self.bindir)
-            .status()
-            .expect("run cluster.sh");
-        assert!(
-            st.success(),
-            "cluster.sh {args:?} failed; see {}/server.log",
-            self.dir.display()
-        );
-    }
-
-    fn start(name: &str, port: u16, bindir: &Path) -> CopyCluster {
-        let keyfile = PathBuf::from(format!("/var/tmp/pgseal-it/{name}.keys"));
-        std::fs::write(&keyfile, format!("{KEY_V1}\n")).unwrap();
-        let c = CopyCluster {
-            dir: PathBuf::from(format!("/var/tmp/pgseal-it/{name}")),
-            port,
-            bindir: bindir.into(),
-        };
-        c.script(&[
-            "start",
-            c.dir.to_str().unwrap(),
-            &port.to_string(),
-            keyfile.to_str().unwrap(),
-        ]);
-        std::fs::remove_file(&keyfile).ok();
-        c
-    }
-
-    fn stop(&self) {
-        self.script(&["stop", self.dir.to_str().unwrap()]);
-    }
-
-    fn resume(&self) {
-        self.script(&["resume", self.dir.to_str().unwrap()]);
-    }
-
-    fn connect(&self, db: &str) -> postgres::Client {
-        postgres::Client::connect(
-            &format!(
-                "host=127.0.0.1 port={} user=postgres dbname={db}",
-                self.port
-            ),
-            postgres::NoTls,
-        )
-        .expect("connect to the upgrade test cluster")
-    }
-
-    fn connect_as(&self, db: &str, user: &str) -> postgres::Client {
-        postgres::Client::connect(
-            &format!("host=127.0.0.1 port={} user={user} dbname={db}", self.port),
-            postgres::NoTls,
-        )
-        .unwrap_or_else(|e| panic!("connect to the upgrade test cluster as {user}: {e}"))
-    }
-
-    /// A session whose notices and warnings are kept ("SEVERITY: message HINT: hint").
-    fn connect_notices(&self, db: &str) -> (postgres::Client, Notices) {
-        let seen = Notices::default();
-        let keep = seen.clone();
-        let c = format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db}",
-            self.port
-        )
-        .parse::<postgres::Config>()
-        .unwrap()
+/// A session of the superuser whose notices and warnings are kept ("SEVERITY:
+/// message HINT: hint").
+fn connect_notices(cl: &Cluster) -> (postgres::Client, Notices) {
+    let seen = Notices::default();
+    let keep = seen.clone();
+    let c = cl
+        .config()
         .notice_callback(move |n: postgres::error::DbError| {
             keep.lock().unwrap().push(format!(
                 "{}: {} HINT: {}",
@@ -410,25 +342,8 @@ impl CopyCluster {
         })
         .connect(postgres::NoTls)
         .expect("connect to the upgrade test cluster");
-        (c, seen)
-    }
-
-    fn server_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-    }
+    (c, seen)
 }
-
-impl Drop for CopyCluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(repo_root().join("scripts/cluster.sh"))
-            .args(["stop", self.dir.to_str().unwrap()])
-            .env("PGSEAL_PG_BINDIR", &self.bindir)
-            .status();
-    }
-}
-
-type Notices = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 // ---------------------------------------------------------------------------------
 // The catalog comparison
@@ -539,11 +454,11 @@ fn append(c: &mut postgres::Client, tenant: &str, event: &str, n: i32) {
 }
 
 /// Appends from four sessions at once, two of them to the same tenant.
-fn concurrent_appends(cl: &CopyCluster, event: &'static str) {
+fn concurrent_appends(cl: &Cluster, event: &'static str) {
     let threads: Vec<_> = [TENANTS[0], TENANTS[0], TENANTS[1], TENANTS[2]]
         .into_iter()
         .map(|tenant| {
-            let mut c = cl.connect("postgres");
+            let mut c = cl.connect();
             std::thread::spawn(move || {
                 for i in 0..10 {
                     append(&mut c, tenant, event, i);
@@ -616,31 +531,11 @@ fn export_all(c: &mut postgres::Client, path: &Path) {
     std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
-/// `pgseald ledger verify --file` an export against a checkpoints file.
-fn pgseald_verify(export: &Path, checkpoints: &Path, public_key: &str) -> (Option<i32>, String) {
-    let out = Command::new(repo_root().join("target/debug/pgseald"))
-        .args([
-            "ledger",
-            "verify",
-            "--file",
-            export.to_str().unwrap(),
-            "--checkpoints",
-        ])
-        .arg(checkpoints)
-        .args(["--public-key", public_key])
-        .output()
-        .expect("pgseald is built by `make test` (make daemon) before the cluster tests");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 /// What 0.1.0's users had (the API every later release keeps): sealed values of two
 /// tenants under two data keys of one, concurrent appends, an audited plain and an
 /// audited partitioned table, protected tables, organisations, retention rules and
 /// a legal hold, a registered sealed column, decrypts (each one a ledger entry).
-fn use_release(c: &mut postgres::Client, cl: &CopyCluster, sealed: &mut Sealed) {
+fn use_release(c: &mut postgres::Client, cl: &Cluster, sealed: &mut Sealed) {
     c.batch_execute(
         "CREATE TABLE secrets (id int PRIMARY KEY, tenant_id text NOT NULL, token text NOT NULL);
          CREATE INDEX ON secrets (tenant_id);
@@ -711,7 +606,7 @@ struct Legacy {
 /// * F5: the same member, through 0.1.0's SECURITY DEFINER retention_set and
 ///   vault_register_column, registers a view, pgseal.tenant_keys, a table it may not
 ///   DELETE from or UPDATE, a column it then drops, a table it then drops.
-fn legacy_0_1_0(c: &mut postgres::Client, cl: &CopyCluster) -> Legacy {
+fn legacy_0_1_0(c: &mut postgres::Client, cl: &Cluster) -> Legacy {
     c.batch_execute(
         "CREATE ROLE upg_nobody LOGIN;
          CREATE ROLE upg_admin LOGIN;
@@ -729,7 +624,7 @@ fn legacy_0_1_0(c: &mut postgres::Client, cl: &CopyCluster) -> Legacy {
          SELECT pgseal.ledger_audit('feed');",
     )
     .unwrap();
-    let mut a = cl.connect_as("postgres", "upg_admin");
+    let mut a = cl.connect_as("upg_admin");
     a.batch_execute(
         "CREATE TABLE upg_mine (id int PRIMARY KEY, tenant_id text NOT NULL,
                                 created_at timestamptz NOT NULL DEFAULT now(), note text, gone text);
@@ -783,11 +678,11 @@ fn legacy_0_1_0(c: &mut postgres::Client, cl: &CopyCluster) -> Legacy {
 /// session has ended, the update goes through.
 fn update_blocked_by_temp_view(
     c: &mut postgres::Client,
-    cl: &CopyCluster,
+    cl: &Cluster,
     v: &str,
     before: &BTreeMap<(String, i64), (String, String, i16)>,
 ) {
-    let mut holder = cl.connect_as("postgres", "upg_nobody");
+    let mut holder = cl.connect_as("upg_nobody");
     holder
         .batch_execute(
             "CREATE TEMP VIEW blk AS SELECT pgseal._ledger_audit_append('a', 'b', 'c') AS x",
@@ -996,22 +891,12 @@ fn every_release_upgrades_to_the_current_version_like_a_fresh_install() {
              the SQL changed without a new version and an upgrade script"
         );
     }
-    for (i, r) in releases
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.version != cur)
-    {
-        upgrade_from(
-            r,
-            &cur,
-            54481 + i as u16,
-            &sys_lib.join("pgseal.so"),
-            &current_files,
-        );
+    for r in releases.iter().filter(|r| r.version != cur) {
+        upgrade_from(r, &cur, &sys_lib.join("pgseal.so"), &current_files);
     }
 }
 
-fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_files: &[PathBuf]) {
+fn upgrade_from(r: &Release, cur: &str, current_so: &Path, current_files: &[PathBuf]) {
     let started = std::time::Instant::now();
     let v = &r.version;
     let out = sh(Command::new("bash")
@@ -1027,7 +912,7 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
         cache.display(),
         started.elapsed()
     );
-    let copy = PgCopy::make(Path::new(&format!("/var/tmp/pgseal-it/upgrade-pg-{v}")));
+    let copy = PgCopy::make(&Path::new(pgseal_tests::IT_DIR).join(format!("upgrade-pg-{v}")));
     copy.install(
         &cache.join("lib/pgseal.so"),
         &[
@@ -1036,8 +921,11 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
         ],
     );
 
-    let cl = CopyCluster::start(&format!("upgrade-{v}"), port, &copy.bindir);
-    let mut c = cl.connect("postgres");
+    let cl = Cluster::with(&format!("upgrade-{v}"))
+        .keys(&[KEY_V1])
+        .bindir(&copy.bindir)
+        .start();
+    let mut c = cl.connect();
     c.batch_execute(&format!("CREATE EXTENSION pgseal VERSION '{v}'"))
         .unwrap();
     // Releases before 0.2.0 wrote ledger format 1 and v1 checkpoints signed by a key
@@ -1078,7 +966,8 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
     std::fs::write(&v1_cps, old_cps.join("\n") + "\n").unwrap();
     // pgseald reads the release's exports (0.1.0's: lines without `fmt`).
     export_all(&mut c, &dir.join("export-old.jsonl"));
-    let (code, msg) = pgseald_verify(&dir.join("export-old.jsonl"), &v1_cps, &old_pk);
+    let (code, msg) =
+        Pgseald::ledger_verify_file(&dir.join("export-old.jsonl"), &v1_cps, &old_pk).run();
     assert_eq!(code, Some(0), "pgseald on {v}'s export: {msg}");
     drop(c);
 
@@ -1086,7 +975,7 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
     cl.stop();
     copy.install(current_so, current_files);
     cl.resume();
-    let (mut c, notices) = cl.connect_notices("postgres");
+    let (mut c, notices) = connect_notices(&cl);
     // Another superuser would own what the update creates: the script refuses.
     c.batch_execute("CREATE ROLE upgrade_other_dba SUPERUSER")
         .unwrap();
@@ -1104,7 +993,7 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
     // F3 with a temporary table: a member of pgseal_admin audits a temporary table of
     // its own, in a session that stays open during the update.
     let tmp_holder = if v1_era {
-        let mut h = cl.connect_as("postgres", "upg_admin");
+        let mut h = cl.connect_as("upg_admin");
         h.batch_execute(
             "CREATE TEMP TABLE upg_tmp (id int PRIMARY KEY, tenant_id text NOT NULL);
              SELECT pgseal.ledger_audit('upg_tmp');",
@@ -1321,7 +1210,7 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
     );
     let export = dir.join("export-new.jsonl");
     export_all(&mut c, &export);
-    let (code, msg) = pgseald_verify(&export, &v1_cps, &old_pk);
+    let (code, msg) = Pgseald::ledger_verify_file(&export, &v1_cps, &old_pk).run();
     assert_eq!(
         code,
         Some(0),
@@ -1332,14 +1221,14 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
     let mut new_cps = if v1_era { Vec::new() } else { old_cps.clone() };
     new_cps.push(cp2.to_string());
     std::fs::write(&v2_cps, new_cps.join("\n") + "\n").unwrap();
-    let (code, msg) = pgseald_verify(&export, &v2_cps, &new_pk);
+    let (code, msg) = Pgseald::ledger_verify_file(&export, &v2_cps, &new_pk).run();
     assert_eq!(
         code,
         Some(0),
         "pgseald, new checkpoint after the update: {msg}"
     );
     if v1_era {
-        let (code, _) = pgseald_verify(&export, &v1_cps, &new_pk);
+        let (code, _) = Pgseald::ledger_verify_file(&export, &v1_cps, &new_pk).run();
         assert_eq!(
             code,
             Some(5),
@@ -1364,7 +1253,7 @@ fn upgrade_from(r: &Release, cur: &str, port: u16, current_so: &Path, current_fi
 
     // The schema equals a fresh install's, in another database of the same cluster.
     c.batch_execute("CREATE DATABASE fresh").unwrap();
-    let mut f = cl.connect("fresh");
+    let mut f = cl.connect_to("fresh", "postgres");
     f.batch_execute("CREATE EXTENSION pgseal").unwrap();
     let fresh = catalog_dump(&mut f);
     let upgraded = catalog_dump(&mut c);

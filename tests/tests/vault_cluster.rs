@@ -2,7 +2,7 @@
 //! version, kek_rewrap, concurrent first seals, the no-key server, the server log,
 //! and the independent Python check of a live envelope.
 
-use pgseal_tests::{kek_rewrap_until_done, repo_root, sqlstate, Cluster, KEY_V1, KEY_V2};
+use pgseal_tests::{kek_rewrap_until_done, repo_root, sqlstate, Cluster, Pgseald, KEY_V1, KEY_V2};
 
 const PLAINTEXTS: [&str; 3] = [
     "sk-live-PLAINTEXT-MARKER-alpha",
@@ -41,7 +41,6 @@ fn decrypt(
 fn restart_with_new_master_version_then_kek_rewrap() {
     let cl = Cluster::start(
         "rotate",
-        54321,
         &[KEY_V1],
         &["log_min_messages = debug5", "log_statement = 'none'"],
     );
@@ -175,7 +174,7 @@ fn restart_with_new_master_version_then_kek_rewrap() {
 
 #[test]
 fn concurrent_first_seals_end_with_one_active_key() {
-    let cl = Cluster::start("concurrent", 54322, &[KEY_V1], &[]);
+    let cl = Cluster::start("concurrent", &[KEY_V1], &[]);
     cl.connect()
         .batch_execute("CREATE EXTENSION pgseal")
         .unwrap();
@@ -231,7 +230,6 @@ fn concurrent_first_seals_end_with_one_active_key() {
 fn rolled_back_seals_count_against_the_key_in_every_backend() {
     let cl = Cluster::start(
         "enc-counts",
-        54324,
         &[KEY_V1],
         &["pgseal.dek_max_encryptions = 100"],
     );
@@ -278,20 +276,19 @@ fn rolled_back_seals_count_against_the_key_in_every_backend() {
     assert_eq!(n, 100, "stored count of the first key");
 }
 
+/// `pgseald status` of the cluster (given as a URL, not a key=value string).
 fn pgseald_status(port: u16) -> std::process::Output {
-    std::process::Command::new(repo_root().join("target/debug/pgseald"))
-        .args([
-            "status",
-            "--database-url",
-            &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        ])
-        .output()
-        .expect("pgseald is built by `make test` before these tests")
+    Pgseald::new([
+        "status",
+        "--database-url",
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+    ])
+    .output()
 }
 
 #[test]
 fn server_without_master_key_starts_and_fails_closed() {
-    let cl = Cluster::start("nokey", 54323, &["not a key line"], &[]);
+    let cl = Cluster::start("nokey", &["not a key line"], &[]);
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal").unwrap();
     let loaded: bool = c
