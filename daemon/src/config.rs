@@ -174,18 +174,24 @@ impl Config {
             .map_err(|_| DaemonError::Config(format!("unknown timezone {:?}", self.timezone)))
     }
 
-    pub fn schedules(&self) -> Vec<(&'static str, &str)> {
-        let mut v = Vec::new();
-        if let Some(j) = &self.retention {
-            v.push(("retention", j.schedule.as_str()));
-        }
-        if let Some(j) = &self.rotation {
-            v.push(("rotation", j.schedule.as_str()));
-        }
-        if let Some(j) = &self.verification {
-            v.push(("verification", j.schedule.as_str()));
-        }
-        v
+    /// Each configured section's name and cron expression.
+    fn schedules(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            (
+                "retention",
+                self.retention.as_ref().map(|j| j.schedule.as_str()),
+            ),
+            (
+                "rotation",
+                self.rotation.as_ref().map(|j| j.schedule.as_str()),
+            ),
+            (
+                "verification",
+                self.verification.as_ref().map(|j| j.schedule.as_str()),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, s)| Some((name, s?)))
     }
 }
 
@@ -238,7 +244,8 @@ mod tests {
     fn the_documented_example_parses() {
         let c = parse(include_str!("../../docs/pgseald.toml.example")).unwrap();
         assert_eq!(c.timezone, "Europe/Berlin");
-        assert_eq!(c.schedules().len(), 3);
+        let sections: Vec<&str> = c.schedules().map(|(name, _)| name).collect();
+        assert_eq!(sections, ["retention", "rotation", "verification"]);
         assert_eq!(
             c.verification.unwrap().checkpoint_dir,
             PathBuf::from("/var/lib/pgseald")

@@ -39,6 +39,11 @@ pub enum Exit {
     Database = 4,
     /// A ledger failed verification.
     VerifyFailed = 5,
+    /// A one-shot command stopped by SIGINT after the batch in hand: the status a
+    /// shell reports for a process SIGINT ended.
+    Interrupted = 130,
+    /// A one-shot command stopped by SIGTERM after the batch in hand (as above).
+    Terminated = 143,
 }
 
 impl From<Exit> for std::process::ExitCode {

@@ -184,10 +184,12 @@ pub async fn verify_one(
     })
 }
 
-/// Verifies tenants' chains in the database with `pgseal.ledger_verify`.
+/// Verifies tenants' chains in the database with `pgseal.ledger_verify`, one
+/// tenant after another until `stop` is cancelled.
 pub async fn verify_db(
     client: &tokio_postgres::Client,
     tenant: Option<&str>,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Result<Vec<Outcome>, DaemonError> {
     let tenants = match tenant {
         Some(t) => vec![t.to_owned()],
@@ -195,6 +197,9 @@ pub async fn verify_db(
     };
     let mut out = Vec::with_capacity(tenants.len());
     for t in tenants {
+        if stop.is_cancelled() {
+            break;
+        }
         out.push(verify_one(client, &t, None).await?);
     }
     Ok(out)

@@ -1,16 +1,21 @@
-//! `pgseald retention run`: per-tenant hard deletes of expired rows.
+//! Retention: per-tenant hard deletes of expired rows, run by `pgseald retention
+//! run` and by the scheduled job, which also prunes ledgers when configured.
 //!
 //! For every table with a rule and every tenant in it, the effective window is the
 //! tenant's override, else the table's default; a tenant on legal hold is skipped.
 //! Deletes go in keyset batches (by ctid), each one transaction under the tenant's
 //! own context with a `lock_timeout`, with a pause between batches. Each tenant ×
-//! table that had a window ends with a 'retention.deleted' ledger receipt.
+//! table that had a window ends with a 'retention.deleted' ledger receipt. Once
+//! cancelled, the batch in hand is committed and receipted and the run ends.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
+use crate::config::RetentionJob;
 use crate::error::DaemonError;
 
 #[derive(Debug, Clone)]
@@ -50,7 +55,80 @@ struct Rule {
     tenant_type: String,
 }
 
-pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, DaemonError> {
+/// The scheduled job: a retention run over every tenant with the configured batches,
+/// then, with `ledger_keep_days`, every tenant's ledger pruned to that age.
+pub async fn scheduled(
+    client: &mut Client,
+    j: &RetentionJob,
+    stop: &CancellationToken,
+) -> Result<serde_json::Value, DaemonError> {
+    let opts = Options {
+        dry_run: false,
+        tenant: None,
+        batch: j.batch,
+        lock_timeout_ms: j.lock_timeout_ms,
+        pause: Duration::from_millis(j.pause_ms),
+    };
+    let out = run(client, &opts, stop).await?;
+    let deleted: u64 = out.iter().map(|o| o.rows).sum();
+    crate::metrics::ROWS_DELETED.fetch_add(deleted, Ordering::Relaxed);
+    let pruned = match j.ledger_keep_days {
+        Some(days) => prune_ledgers(client, days, stop).await?,
+        None => 0,
+    };
+    Ok(serde_json::json!({
+        "deleted": deleted,
+        "tenant_tables": out.len(),
+        "longest_batch_ms": longest_batch_ms(&out),
+        "ledger_entries_pruned": pruned,
+    }))
+}
+
+/// Prunes every tenant's ledger to `days` with `ledger_prune`, which keeps an
+/// anchor so the chain still verifies; returns the entries pruned.
+async fn prune_ledgers(
+    client: &Client,
+    days: u32,
+    stop: &CancellationToken,
+) -> Result<i64, DaemonError> {
+    let keep = format!("{days} days");
+    let mut pruned = 0i64;
+    for t in crate::ledger::tenants(client).await? {
+        if stop.is_cancelled() {
+            break;
+        }
+        // The first entry young enough to keep; everything before it goes. Never
+        // younger than pgseal.ledger_min_retention, which ledger_prune enforces,
+        // and nothing for a tenant under a legal hold (ledger_prune refuses both).
+        let first: Option<i64> = client
+            .query_one(
+                "SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = $1 \
+                 AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = $1) \
+                 AND recorded_at >= now() - greatest($2::text::interval, \
+                     current_setting('pgseal.ledger_min_retention')::interval)",
+                &[&t, &keep],
+            )
+            .await
+            .map_err(DaemonError::Query)?
+            .get(0);
+        if let Some(seq) = first {
+            pruned += client
+                .query_one("SELECT pgseal.ledger_prune($1, $2)", &[&t, &seq])
+                .await
+                .map_err(DaemonError::Query)?
+                .get::<_, i64>(0);
+        }
+    }
+    Ok(pruned)
+}
+
+/// One retention run: what each tenant × table had deleted (or would have, in a
+/// dry run), up to where `stop` ended it.
+pub async fn run(
+    client: &mut Client,
+    opts: &Options,
+    stop: &CancellationToken,
+) -> Result<Vec<Outcome>, DaemonError> {
     // (rel, tenant or "" for the default) → rule
     let mut rules: BTreeMap<String, BTreeMap<String, Rule>> = BTreeMap::new();
     for r in client
@@ -89,6 +167,9 @@ pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, Da
                 .collect(),
         };
         for tenant in tenants {
+            if stop.is_cancelled() {
+                return Ok(out);
+            }
             let Some(rule) = by_tenant.get(&tenant).or_else(|| by_tenant.get("")) else {
                 continue;
             };
@@ -116,7 +197,7 @@ pub async fn run(client: &mut Client, opts: &Options) -> Result<Vec<Outcome>, Da
                 )
             } else {
                 let (n, longest) =
-                    delete_expired(client, rel, &tenant, rule, &cutoff, opts).await?;
+                    delete_expired(client, rel, &tenant, rule, &cutoff, opts, stop).await?;
                 receipt(client, rel, &tenant, rule, &cutoff, n).await?;
                 (n, longest)
             };
@@ -166,6 +247,7 @@ async fn delete_expired(
     rule: &Rule,
     cutoff: &str,
     opts: &Options,
+    stop: &CancellationToken,
 ) -> Result<(u64, std::time::Duration), DaemonError> {
     let sql = format!(
         "DELETE FROM {rel} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {rel} \
@@ -193,11 +275,14 @@ async fn delete_expired(
         tx.commit().await.map_err(DaemonError::Query)?;
         longest = longest.max(began.elapsed());
         total += n;
-        // On SIGTERM the batch in hand is committed and the run ends here.
-        if (n as i64) < opts.batch || crate::STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        // Once cancelled, the batch just committed is the last.
+        if (n as i64) < opts.batch || stop.is_cancelled() {
             return Ok((total, longest));
         }
-        tokio::time::sleep(opts.pause).await;
+        tokio::select! {
+            _ = tokio::time::sleep(opts.pause) => {}
+            _ = stop.cancelled() => return Ok((total, longest)),
+        }
     }
 }
 

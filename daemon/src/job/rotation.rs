@@ -1,18 +1,76 @@
-//! `pgseald rotate kek` and `pgseald rotate tenant <id>`.
+//! Key rotation: `pgseald rotate kek`, `pgseald rotate tenant <id>`, and the
+//! scheduled job that rotates keys past their age.
 //!
 //! The crypto stays in the extension: `kek_rewrap` rewraps tenant keys in batches,
 //! `tenant_key_rotate` makes a new data key, and `vault_rewrap` reseals each value
 //! under it. Every batch is its own transaction under the tenant's context, and each
 //! row is updated only if it still holds the value read, so a concurrent update wins
-//! and a rerun after a crash picks up whatever is left.
+//! and a rerun after a crash picks up whatever is left. Once cancelled, the batch in
+//! hand is committed and the run ends; the values left are resealed by the next run.
+
+use std::sync::atomic::Ordering;
 
 use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
 
+use crate::config::RotationJob;
 use crate::error::DaemonError;
 use crate::progress::Progress;
 
-/// Runs `kek_rewrap(batch)` until it returns 0; returns the keys rewrapped.
-pub async fn kek(client: &Client, batch: i32) -> Result<i64, DaemonError> {
+/// `pgseal.job_runs`' name of a `pgseald rotate kek` run.
+pub const KEK_RUN: &str = "rotate.kek";
+/// `pgseal.job_runs`' name of a `pgseald rotate tenant` run.
+pub const TENANT_RUN: &str = "rotate.tenant";
+
+/// The scheduled job: rotates every tenant key that `_rotation_due` names, then
+/// reseals the values still under retired keys (left by an interrupted run).
+pub async fn scheduled(
+    client: &mut Client,
+    j: &RotationJob,
+    stop: &CancellationToken,
+) -> Result<serde_json::Value, DaemonError> {
+    let age = format!("{} days", j.max_key_age_days);
+    let due: Vec<String> = client
+        .query("SELECT pgseal._rotation_due($1::text::interval)", &[&age])
+        .await
+        .map_err(DaemonError::Query)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut resealed = 0;
+    for t in &due {
+        if stop.is_cancelled() {
+            break;
+        }
+        resealed += tenant(client, t, j.batch, stop).await?.1;
+    }
+    let leftover = client
+        .query(
+            "SELECT DISTINCT u.tenant_id, a.key_id FROM pgseal.key_usage u \
+             JOIN pgseal.key_usage a ON a.tenant_id = u.tenant_id AND a.state = 'active' \
+             WHERE u.state <> 'active' AND u.rows > 0",
+            &[],
+        )
+        .await
+        .map_err(DaemonError::Query)?;
+    for r in leftover {
+        if stop.is_cancelled() {
+            break;
+        }
+        let (tenant, key): (String, String) = (r.get(0), r.get(1));
+        resealed += reseal(client, &tenant, &key, j.batch, stop).await?;
+    }
+    crate::metrics::ROWS_RESEALED.fetch_add(resealed, Ordering::Relaxed);
+    Ok(serde_json::json!({ "rotated": due, "resealed": resealed }))
+}
+
+/// Runs `kek_rewrap(batch)` until it returns 0 or `stop` is cancelled; returns the
+/// keys rewrapped.
+pub async fn kek(
+    client: &Client,
+    batch: i32,
+    stop: &CancellationToken,
+) -> Result<i64, DaemonError> {
     let remaining: i64 = client
         .query_one(
             "SELECT count(*) FROM pgseal.tenant_keys WHERE state <> 'destroyed' \
@@ -35,6 +93,9 @@ pub async fn kek(client: &Client, batch: i32) -> Result<i64, DaemonError> {
         }
         total += n as i64;
         bar.inc(n as u64);
+        if stop.is_cancelled() {
+            break;
+        }
     }
     bar.finish();
     Ok(total)
@@ -94,13 +155,14 @@ pub async fn tenant(
     client: &mut Client,
     tenant: &str,
     batch: i64,
+    stop: &CancellationToken,
 ) -> Result<(String, u64), DaemonError> {
     let key_id: String = client
         .query_one("SELECT pgseal.tenant_key_rotate($1)", &[&tenant])
         .await
         .map_err(DaemonError::Query)?
         .get(0);
-    let resealed = reseal(client, tenant, &key_id, batch).await?;
+    let resealed = reseal(client, tenant, &key_id, batch, stop).await?;
     Ok((key_id, resealed))
 }
 
@@ -144,9 +206,13 @@ pub async fn reseal(
     tenant: &str,
     active: &str,
     batch: i64,
+    stop: &CancellationToken,
 ) -> Result<u64, DaemonError> {
     let mut total = 0u64;
     for c in sealed_columns(client).await? {
+        if stop.is_cancelled() {
+            break;
+        }
         if c.pk.is_empty() {
             return Err(DaemonError::Config(format!(
                 "{} has no primary key; it cannot be resealed",
@@ -170,7 +236,7 @@ pub async fn reseal(
             total += n;
             bar.inc(n);
             last = row.get::<_, Option<String>>(1);
-            if last.is_none() || crate::STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            if last.is_none() || stop.is_cancelled() {
                 break;
             }
         }
