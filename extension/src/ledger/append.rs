@@ -21,10 +21,11 @@ use crate::privilege::as_owner;
 /// `pgseal.ledger_append(event, payload jsonb, actor)` (its C entry point is in
 /// `pg/ledger_append_fn.rs`): appends an entry to the current tenant's chain and returns its
 /// seq and hash. The payload arrives as `jsonb_out`'s text, which keeps every number
-/// exactly as stored.
+/// exactly as stored, and that text's canonical form is what is hashed; the value
+/// itself is what is stored (`pg::jsonb`).
 pub fn append_entry(
     event: Option<&str>,
-    payload: Option<&crate::pg::jsonb::JsonbText>,
+    payload: Option<crate::pg::jsonb::JsonbArg>,
     actor: Option<&str>,
 ) -> SealResult<(i64, pgseal_core::ledger::Hash)> {
     crate::master::require_loaded()?;
@@ -53,8 +54,11 @@ pub fn append_entry(
         None => super::actor::default_actor(),
     };
     crate::limits::check("actor", &actor, crate::limits::ACTOR)?;
-    let payload = payload.map_or("{}", |p| p.0.as_str());
-    append(&tenant, event, payload, &actor)
+    let db_role = super::actor::db_role();
+    match payload {
+        Some(p) => append_stored(&tenant, event, &p.text, &actor, &db_role, Some(p.raw)),
+        None => append_stored(&tenant, event, "{}", &actor, &db_role, None),
+    }
 }
 
 /// Appends one entry for `tenant`, recording the calling session's role
@@ -75,6 +79,19 @@ pub fn append_with_role(
     payload: &str,
     actor: &str,
     db_role: &str,
+) -> SealResult<(i64, Hash)> {
+    append_stored(tenant, event, payload, actor, db_role, None)
+}
+
+/// `append_with_role`, storing `stored` (a `jsonb` varlena whose text is `payload`)
+/// in place of the canonical text's `jsonb`, when given.
+fn append_stored(
+    tenant: &str,
+    event: &str,
+    payload: &str,
+    actor: &str,
+    db_role: &str,
+    stored: Option<Vec<u8>>,
 ) -> SealResult<(i64, Hash)> {
     if event.is_empty() {
         return Err(SealError::InvalidArgument("event must not be empty"));
@@ -125,6 +142,7 @@ pub fn append_with_role(
         event: event.to_owned(),
         subjects,
         payload,
+        stored,
         salt,
         prev,
         hash,

@@ -26,6 +26,9 @@ pub(crate) struct Pending {
     pub(crate) subjects: Vec<String>,
     /// Canonical JSON text.
     pub(crate) payload: String,
+    /// The `jsonb` varlena to store in place of `payload`'s (the caller's own
+    /// value, `pg::jsonb::JsonbArg`), when there is one.
+    pub(crate) stored: Option<Vec<u8>>,
     pub(crate) salt: Salt,
     pub(crate) prev: Hash,
     pub(crate) hash: Hash,
@@ -41,6 +44,7 @@ impl Pending {
             + self.subjects.iter().map(String::len).sum::<usize>()
             + self.event.len()
             + self.payload.len()
+            + self.stored.as_ref().map_or(0, Vec::len)
             + std::mem::size_of::<Self>()
     }
 }

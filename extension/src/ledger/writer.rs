@@ -29,12 +29,12 @@ use crate::privilege::as_owner;
 /// text of a `text[]` literal (an array of arrays must be rectangular).
 const WRITE_ONE: &str = "WITH e AS (\
        INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac, fmt, db_role, subjects, salt) \
-       VALUES ($1, $2, $3, $4, $5, $6::pg_catalog.jsonb, $7, $8, $9, 2, $10, $11, $12)) \
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 2, $10, $11, $12)) \
      UPDATE pgseal.ledger_heads SET seq = $2, hash = $8 WHERE tenant_id = $1 AND seq <= $2";
 const WRITE_MANY: &str = "WITH e AS (\
        INSERT INTO pgseal.ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac, fmt, db_role, subjects, salt) \
        SELECT $1, pg_catalog.unnest($2::pg_catalog.int8[]), $3, pg_catalog.unnest($4::pg_catalog.text[]), \
-              pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.text[])::pg_catalog.jsonb, \
+              pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.jsonb[]), \
               pg_catalog.unnest($7::pg_catalog.bytea[]), pg_catalog.unnest($8::pg_catalog.bytea[]), pg_catalog.unnest($9::pg_catalog.bytea[]), \
               2, pg_catalog.unnest($12::pg_catalog.text[]), pg_catalog.unnest($13::pg_catalog.text[])::pg_catalog.text[], \
               pg_catalog.unnest($14::pg_catalog.bytea[])) \
@@ -90,7 +90,9 @@ pub fn flush() -> SealResult<()> {
 }
 
 fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
-    use plans::{BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ};
+    use plans::{
+        BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, JSONB, JSONB_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ,
+    };
     let row = heads::take_row(&entries[0].tenant);
     if entries.len() == 1 {
         if let Some(mut row) = row {
@@ -100,13 +102,17 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
             }
         }
         let e = entries.pop().expect("one entry");
+        let payload = payload_datum(&e)?;
+        // SAFETY: a jsonb datum, palloc'd in the current memory context, which
+        // outlives the statement below.
+        let payload = unsafe { DatumWithOid::new(payload, pg_sys::JSONBOID) };
         let args: [DatumWithOid; 12] = [
             e.tenant.into(),
             e.seq.into(),
             e.recorded_at.into(),
             e.actor.into(),
             e.event.into(),
-            e.payload.into(),
+            payload,
             e.prev.to_vec().into(),
             e.hash.to_vec().into(),
             e.mac.to_vec().into(),
@@ -122,7 +128,7 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
                 TIMESTAMPTZ,
                 TEXT,
                 TEXT,
-                TEXT,
+                JSONB,
                 BYTEA,
                 BYTEA,
                 BYTEA,
@@ -156,10 +162,10 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
     let mut roles = Vec::with_capacity(n);
     let mut subjects = Vec::with_capacity(n);
     for e in entries {
+        payloads.push(payload_datum(&e)?);
         seqs.push(e.seq);
         actors.push(e.actor);
         events.push(e.event);
-        payloads.push(e.payload);
         roles.push(e.db_role);
         subjects.push(text_array_literal(&e.subjects));
     }
@@ -169,7 +175,7 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
         recorded_at.into(),
         actors.into(),
         events.into(),
-        payloads.into(),
+        crate::pg::jsonb::array(payloads),
         prevs,
         hashes,
         macs,
@@ -187,7 +193,7 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
             TIMESTAMPTZ,
             TEXT_ARRAY,
             TEXT_ARRAY,
-            TEXT_ARRAY,
+            JSONB_ARRAY,
             BYTEA_ARRAY,
             BYTEA_ARRAY,
             BYTEA_ARRAY,
@@ -199,4 +205,13 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
         ],
         &args,
     )
+}
+
+/// The entry's payload as the `jsonb` to store: the caller's own value when it gave
+/// one, else its canonical text parsed.
+pub(crate) fn payload_datum(e: &Pending) -> SealResult<pg_sys::Datum> {
+    match &e.stored {
+        Some(raw) => Ok(crate::pg::jsonb::datum_of_raw(raw)),
+        None => crate::pg::jsonb::datum_of_text(&e.payload),
+    }
 }

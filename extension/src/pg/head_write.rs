@@ -217,8 +217,6 @@ mod imp {
             return Ok(false);
         }
         let (ledger_id, heads_id) = relids()?;
-        let payload = std::ffi::CString::new(e.payload.as_str())
-            .map_err(|_| SealError::Internal("canonical payload holds a NUL byte"))?;
         let mut o = Opened {
             ledger: std::ptr::null_mut(),
             heads: std::ptr::null_mut(),
@@ -270,12 +268,7 @@ mod imp {
                     pg_sys::ExecOpenIndices(*slot, false);
                     o.indexed.push(*slot);
                 }
-                let jsonb = pg_sys::OidInputFunctionCall(
-                    pg_sys::Oid::from(pg_sys::F_JSONB_IN),
-                    payload.as_ptr().cast_mut(),
-                    pg_sys::JSONBOID,
-                    -1,
-                );
+                let jsonb = crate::ledger::writer::payload_datum(e)?;
                 // The tenant, seq and hash go into both rows.
                 let (tenant, seq, hash) =
                     (datum(e.tenant.as_str()), datum(e.seq), datum(&e.hash[..]));
@@ -302,7 +295,7 @@ mod imp {
                 );
                 pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
                 if e.seq <= row.seq {
-                    return row.tid;
+                    return Ok(row.tid);
                 }
                 let search = pg_sys::MakeSingleTupleTableSlot(
                     (*heads).rd_att,
@@ -328,8 +321,8 @@ mod imp {
                     search,
                     head,
                 );
-                (*head).tts_tid
-            });
+                Ok::<_, SealError>((*head).tts_tid)
+            })?;
             row.tid = moved;
             row.seq = row.seq.max(e.seq);
             // As after an SPI write: later commands see the entry and the row.

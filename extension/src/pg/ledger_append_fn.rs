@@ -10,7 +10,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::error::{OrRaise, SealError};
-use crate::pg::jsonb::JsonbText;
+use crate::pg::jsonb::JsonbArg;
 
 #[unsafe(no_mangle)]
 #[doc(hidden)]
@@ -31,7 +31,7 @@ pub unsafe extern "C-unwind" fn ledger_append_srf(
     let (event, payload, actor) = unsafe {
         (
             pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0),
-            pgrx::fcinfo::pg_getarg::<JsonbText>(fcinfo, 1),
+            pgrx::fcinfo::pg_getarg::<JsonbArg>(fcinfo, 1),
             pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 2),
         )
     };
@@ -54,8 +54,7 @@ pub unsafe extern "C-unwind" fn ledger_append_srf(
     if let Some(e) = event {
         crate::limits::check("event", e, crate::limits::EVENT).or_raise();
     }
-    let (seq, hash) =
-        crate::ledger::append::append_entry(event, payload.as_ref(), actor).or_raise();
+    let (seq, hash) = crate::ledger::append::append_entry(event, payload, actor).or_raise();
     // Lowercase hex, encoded on the stack (`hex::encode` builds it char by char).
     let mut hex_buf = [0u8; 64];
     hex::encode_to_slice(hash, &mut hex_buf).expect("64 bytes for a 32-byte hash");

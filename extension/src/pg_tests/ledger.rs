@@ -385,11 +385,24 @@ mod tests {
     }
 
     #[pg_test]
-    fn payload_is_stored_canonically() {
+    fn payload_is_stored_as_given_and_hashed_canonically() {
+        // The caller's jsonb is stored as it is (1.50 keeps its scale); the entry
+        // commits to the canonical form of its text (1.5), which verification
+        // derives from the stored value again, in one statement and in a batch.
         tenant("acme");
         append("x", r#"{"b": 1.50, "a": [true, null]}"#);
-        let p: String = one("SELECT payload::text FROM pgseal.ledger WHERE tenant_id = 'acme'");
-        assert_eq!(p, r#"{"a": [true, null], "b": 1.5}"#);
+        Spi::run(
+            "SELECT count(*) FROM generate_series(1, 3) g, \
+             LATERAL pgseal.ledger_append('y', jsonb_build_object('n', g::numeric + 0.10))",
+        )
+        .unwrap();
+        let p: String =
+            one("SELECT payload::text FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 1");
+        assert_eq!(p, r#"{"a": [true, null], "b": 1.50}"#);
+        let p: String =
+            one("SELECT payload::text FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 4");
+        assert_eq!(p, r#"{"n": 3.10}"#);
+        assert_eq!(verify(""), (true, 4, None, None));
     }
 
     #[pg_test]
