@@ -1,98 +1,179 @@
 #!/usr/bin/env bash
 # pgseald rows of `make bench`. Sourced by scripts/bench.sh with the bench cluster
 # running (psql_, PORT, DIR, ROOT, KEYFILE set); it needs target/release/pgseald.
-#   1. retention sweep of 1 M expired rows among 2 M, with concurrent inserts (200/s for
-#      the sweep's first 8 s) whose p99 latency is compared with the same load alone
-#   2. reseal of 200,000 sealed values (pgseald rotate tenant)
-#   3. kek_rewrap over 100,000 tenant keys (pgseald rotate kek) after adding a version
+# Every job runs as a user runs it: no flags but --database-url, so with pgseald's
+# defaults. Each job runs at N and at 4N rows (or tenants); its rate at both sizes
+# and their ratio show whether its cost grows linearly (target: within 20%).
+#   1. pgseald retention run: N expired rows among 2N (100 tenants), then 4N among 8N
+#      in a second table; target ≥ 100k rows/s at both sizes, and no batch transaction
+#      over 200 ms. Beside each sweep, an insert load (200/s, 2 clients) into the
+#      swept table, in WINDOW-second pgbench windows: the p99 during the 4N sweep (the
+#      median of its windows' p99) against the p99 of the same load alone (the median
+#      of 5 windows just before it); target ≤ 2×.
+#   2. pgseald rotate tenant: one tenant's N sealed values, then another's 4N;
+#      target ≥ 100k rows/s at both sizes.
+#   3. pgseald rotate kek: N tenants' keys after a second master key version is
+#      added; then 3N tenants more and a third version, so 4N tenants' keys;
+#      target at 4N = 100,000 tenants: ≤ 10 s.
+# Sizes: PGSEAL_BENCH_SWEEP_ROWS (N = 250,000), PGSEAL_BENCH_RESEAL_ROWS (N = 50,000),
+# PGSEAL_BENCH_KEYS (N = 25,000).
 set -euo pipefail
-SWEEP=${PGSEAL_BENCH_SWEEP_ROWS:-2000000}
-RESEAL=${PGSEAL_BENCH_RESEAL_ROWS:-200000}
-KEYS=${PGSEAL_BENCH_KEYS:-100000}
+shopt -s inherit_errexit  # a failing pgseald inside $(...) fails the bench
+SWEEP=${PGSEAL_BENCH_SWEEP_ROWS:-250000}
+RESEAL=${PGSEAL_BENCH_RESEAL_ROWS:-50000}
+KEYS=${PGSEAL_BENCH_KEYS:-25000}
+WINDOW=2
+PGBENCH=$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench
 PGSEALD="$ROOT/target/release/pgseald"
 URL="host=127.0.0.1 port=$PORT user=postgres dbname=postgres"
 J=$(mktemp -d)
+now() { date +%s.%N; }
+elapsed() { python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$1" "$2"; }
 
-psql_ <<SQL
-CREATE TABLE sweep (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL, created_at timestamptz NOT NULL, body text);
--- 100 tenants; even ids are a year old (expired), odd ids are new.
-INSERT INTO sweep (tenant_id, created_at, body)
+# --- 1. Retention --------------------------------------------------------------------
+# A table of 2 x $2 rows over 100 tenants: even ids are a year old (expired), odd
+# ids new; its retention window is 30 days.
+sweep_table() {
+    psql_ <<SQL
+CREATE TABLE $1 (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL, created_at timestamptz NOT NULL, body text);
+INSERT INTO $1 (tenant_id, created_at, body)
 SELECT 't' || (g % 100), CASE WHEN g % 2 = 0 THEN now() - interval '365 days' ELSE now() END, 'row ' || g
-FROM generate_series(1, $SWEEP) g;
-CREATE INDEX ON sweep (tenant_id, created_at);
-VACUUM ANALYZE sweep;
-SELECT pgseal.retention_set('sweep', '30 days');
+FROM generate_series(1, 2 * $2) g;
+CREATE INDEX ON $1 (tenant_id, created_at);
+VACUUM ANALYZE $1;
+SELECT pgseal.retention_set('$1', '30 days');
 SQL
-cat > "$J/insert.sql" <<'SQL'
-\set t random(0, 99)
-INSERT INTO sweep (tenant_id, created_at, body) VALUES ('t' || :t, now(), 'new');
+    cat > "$J/insert_$1.sql" <<SQL
+\\set t random(0, 99)
+INSERT INTO $1 (tenant_id, created_at, body) VALUES ('t' || :t, now(), 'new');
 SQL
-# p99 of per-transaction latency (µs) from a pgbench -l log.
+}
+# p99 of per-transaction latency (µs) of one window's pgbench -l log.
 p99() { cat "$1"/pgbench_log.* | awk '{ print $3 }' | sort -n | awk '{ a[NR] = $1 } END { print a[int(NR * 0.99)] }'; }
-# The load alone: three 5 s windows, and the median window's p99 (one window's p99
-# alone moved between 1.2 and 2.5 ms). No CHECKPOINT before the sweep: one there makes
-# the sweep's first touch of every page a full-page image in WAL, the worst case
-# rather than a typical one (3.97x in the one run that had it; 0.93-1.69x in the three
-# runs before it).
-for w in 1 2 3; do
-    mkdir -p "$J/base$w"
-    (cd "$J/base$w" && "$PGBENCH" -n -h 127.0.0.1 -p "$PORT" -U postgres -c 2 -j 1 -T 5 -R 200 -l -f "$J/insert.sql" postgres >/dev/null 2>&1)
-    p99 "$J/base$w"
-done > "$J/base.p99"
-base_p99=$(sort -n "$J/base.p99" | sed -n 2p)
-mkdir -p "$J/during"
-# The sweep runs in the background; the same insert load runs beside it for 8 s.
-start=$(date +%s.%N)
-( "$PGSEALD" retention run --database-url "$URL" --batch 10000 --pause-ms 0 --lock-timeout-ms 200 > "$J/sweep.out"
-  date +%s.%N > "$J/sweep.end" ) &
-sweep_pid=$!
-(cd "$J/during" && "$PGBENCH" -n -h 127.0.0.1 -p "$PORT" -U postgres -c 2 -j 1 -T 8 -R 200 -l -f "$J/insert.sql" postgres >/dev/null 2>&1)
-wait "$sweep_pid"
-end=$(cat "$J/sweep.end")
-during_p99=$(p99 "$J/during")
-deleted=$(awk '/deleted/ { s += $5 } END { print s + 0 }' "$J/sweep.out")
-# Each batch is one transaction; its BEGIN-to-COMMIT time bounds every lock it held.
-longest=$(sed -n 's/.*(longest batch \([0-9.]*\) ms).*/\1/p' "$J/sweep.out" | sort -n | tail -1)
-sweep_s=$(python3 -c "print($end - $start)")
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+# One window of the insert load into table $1; prints "end-time p99".
+load_window() {
+    local d; d=$(mktemp -d -p "$J")
+    (cd "$d" && "$PGBENCH" -n -h 127.0.0.1 -p "$PORT" -U postgres -c 2 -j 1 -T "$WINDOW" -R 200 -l \
+        -f "$J/insert_$1.sql" postgres >/dev/null 2>&1)
+    echo "$(now) $(p99 "$d")"
+}
+# `pgseald retention run` with the load beside it, window after window until the run
+# ends. Sets sweep_s, and leaves the p99 of every window that ended within the run in
+# $J/$1.p99 (or of the one window, for a run shorter than a window). No CHECKPOINT
+# before the sweep: one there makes the sweep's first touch of every page a full-page
+# image in WAL, the worst case rather than a typical one.
+sweep() {
+    local start end pid
+    start=$(now)
+    ( "$PGSEALD" retention run --database-url "$URL" > "$J/$1.out" 2> "$J/$1.err" || { cat "$J/$1.err" >&2; exit 1; }
+      now > "$J/$1.end" ) &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do load_window "$1"; done > "$J/$1.windows"
+    wait "$pid"
+    end=$(cat "$J/$1.end")
+    sweep_s=$(elapsed "$start" "$end")
+    awk -v end="$end" '$1 <= end { print $2 }' "$J/$1.windows" > "$J/$1.p99"
+    [ -s "$J/$1.p99" ] || awk '{ print $2 }' "$J/$1.windows" > "$J/$1.p99"
+}
 
-# Reseal: one tenant's values, registered, then a new key and every value moved.
+sweep_table sweep_n "$SWEEP"
+sweep sweep_n; sweep_n_s=$sweep_s
+# The 4N run sweeps only the second table: the first one's rule goes.
+psql_ -c "DELETE FROM pgseal.retention_rules WHERE rel = 'sweep_n'::regclass"
+sweep_table sweep_4n $((4 * SWEEP))
+for _ in 1 2 3 4 5; do load_window sweep_4n; done | awk '{ print $2 }' > "$J/alone.p99"
+sweep sweep_4n; sweep_4n_s=$sweep_s
+for t in sweep_n sweep_4n; do
+    left=$(psql_ -c "SELECT count(*) FROM $t WHERE created_at < now() - interval '30 days'")
+    [ "$left" = 0 ] || { echo "retention run left $left expired rows in $t" >&2; exit 1; }
+done
+# Each batch is one transaction; its BEGIN-to-COMMIT time bounds every lock it held.
+# pgseald records the longest of a run in pgseal.job_runs.
+longest=$(psql_ -c "SELECT max((detail->>'longest_batch_ms')::float8) FROM pgseal.job_runs WHERE detail ? 'longest_batch_ms'")
+alone_p99=$(median < "$J/alone.p99")
+during_p99=$(median < "$J/sweep_4n.p99")
+during_windows=$(wc -l < "$J/sweep_4n.p99")
+
+# --- 2. Reseal -----------------------------------------------------------------------
+# Tenant r1 has N sealed values, r4 has 4N, in one registered table keyed by tenant.
 psql_ <<SQL
-CREATE TABLE creds (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
-BEGIN; SELECT pgseal.set_tenant('r');
-INSERT INTO creds SELECT g, 'r', pgseal.vault_seal(rpad('sk-live-' || g, 60, 'x'), 'creds.token') FROM generate_series(1, $RESEAL) g;
+CREATE TABLE creds (tenant_id text NOT NULL, id int NOT NULL, token text, PRIMARY KEY (tenant_id, id));
+BEGIN; SELECT pgseal.set_tenant('r1');
+INSERT INTO creds SELECT 'r1', g, pgseal.vault_seal(rpad('sk-live-' || g, 60, 'x'), 'creds.token') FROM generate_series(1, $RESEAL) g;
+COMMIT;
+BEGIN; SELECT pgseal.set_tenant('r4');
+INSERT INTO creds SELECT 'r4', g, pgseal.vault_seal(rpad('sk-live-' || g, 60, 'x'), 'creds.token') FROM generate_series(1, 4 * $RESEAL) g;
 COMMIT;
 VACUUM ANALYZE creds;
 SELECT pgseal.vault_register_column('creds', 'token', 'creds.token');
 SQL
-start=$(date +%s.%N)
-"$PGSEALD" rotate tenant r --database-url "$URL" --batch 5000 > "$J/reseal.out"
-end=$(date +%s.%N)
-reseal_s=$(python3 -c "print($end - $start)")
-left=$(psql_ -c "SELECT coalesce(sum(rows), 0) FROM pgseal.key_usage WHERE tenant_id = 'r' AND state <> 'active'")
+reseal() {
+    local start; start=$(now)
+    "$PGSEALD" rotate tenant "$1" --database-url "$URL" > "$J/reseal_$1.out" 2> "$J/reseal_$1.err" \
+        || { cat "$J/reseal_$1.err" >&2; exit 1; }
+    elapsed "$start" "$(now)"
+}
+reseal_n_s=$(reseal r1); reseal_4n_s=$(reseal r4)
+reseal_left=$(psql_ -c "SELECT coalesce(sum(rows), 0) FROM pgseal.key_usage WHERE tenant_id IN ('r1', 'r4') AND state <> 'active'")
 
-# KEK rotation: KEYS tenants with one data key each, then a second master version.
-# Committed every 1,000 tenants: each first seal takes its tenant's advisory lock until
-# commit, and one transaction cannot hold 100,000 locks.
-psql_ -c "DO \$\$ BEGIN FOR i IN 1..$KEYS LOOP PERFORM set_config('app.tenant_id', 'k' || i, true); PERFORM pgseal.vault_seal('x'); IF i % 1000 = 0 THEN COMMIT; END IF; END LOOP; END \$\$"
-printf '2:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >> "$DIR/master.keys"
-bash "$ROOT/scripts/cluster.sh" restart "$DIR"
-start=$(date +%s.%N)
-"$PGSEALD" rotate kek --database-url "$URL" --batch 5000 > "$J/kek.out"
-end=$(date +%s.%N)
-kek_s=$(python3 -c "print($end - $start)")
-under_old=$(psql_ -c "SELECT count(*) FROM pgseal.tenant_keys WHERE kek_version = 1")
+# --- 3. KEK rotation -----------------------------------------------------------------
+# Tenants k$1..k$2 with one data key each. Committed every 1,000 tenants: each first
+# seal takes its tenant's advisory lock until commit, and one transaction cannot hold
+# 100,000 locks.
+tenants() {
+    psql_ -c "DO \$\$ BEGIN FOR i IN $1..$2 LOOP PERFORM set_config('app.tenant_id', 'k' || i, true); PERFORM pgseal.vault_seal('x'); IF i % 1000 = 0 THEN COMMIT; END IF; END LOOP; END \$\$"
+}
+stale_keys() {
+    psql_ -c "SELECT count(*) FROM pgseal.tenant_keys WHERE state <> 'destroyed' AND kek_version <> (SELECT active_version FROM pgseal.vault_status())"
+}
+# A new master key version $1, then `pgseald rotate kek`; prints "keys seconds".
+kek() {
+    local start keys
+    printf '%s:%s\n' "$1" "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >> "$DIR/master.keys"
+    bash "$ROOT/scripts/cluster.sh" restart "$DIR"
+    keys=$(stale_keys)
+    start=$(now)
+    "$PGSEALD" rotate kek --database-url "$URL" > "$J/kek_$1.out" 2> "$J/kek_$1.err" \
+        || { cat "$J/kek_$1.err" >&2; exit 1; }
+    echo "$keys $(elapsed "$start" "$(now)")"
+}
+tenants 1 "$KEYS"
+out=$(kek 2); read -r kek_n_keys kek_n_s <<< "$out"
+tenants $((KEYS + 1)) $((4 * KEYS))
+out=$(kek 3); read -r kek_4n_keys kek_4n_s <<< "$out"
+kek_left=$(stale_keys)
 rm -rf "$J"
 
-python3 - "$deleted" "$sweep_s" "$base_p99" "$during_p99" "$RESEAL" "$reseal_s" "$left" "$KEYS" "$kek_s" "$under_old" "${longest:-0}" <<'PY'
+# Every expired row went (checked above), so each run deleted its N or 4N rows.
+python3 - "$SWEEP" "$sweep_n_s" $((4 * SWEEP)) "$sweep_4n_s" "${longest:-nan}" \
+    "$alone_p99" "$during_p99" "$during_windows" \
+    "$RESEAL" "$reseal_n_s" "$reseal_4n_s" "$reseal_left" \
+    "$KEYS" "$kek_n_keys" "$kek_n_s" "$kek_4n_keys" "$kek_4n_s" "$kek_left" <<'PY'
 import sys
-deleted, sweep_s, base, during, reseal, reseal_s, left, keys, kek_s, under_old, longest = sys.argv[1:]
-deleted, sweep_s, base, during = int(deleted), float(sweep_s), float(base), float(during)
-reseal, reseal_s, keys, kek_s = int(reseal), float(reseal_s), int(keys), float(kek_s)
-print("| pgseald figure | measured | target |")
-print("|---|---|---|")
-print("| retention sweep: %d expired rows of %d | %.0f rows/s (%.1f s) | ≥ 100k rows/s |" % (deleted, deleted * 2, deleted / sweep_s, sweep_s))
-print("| longest sweep batch (one transaction: the longest any of its locks was held) | %.0f ms | ≤ 200 ms |" % float(longest))
-print("| concurrent inserts during the sweep, p99 | %.2f ms vs %.2f ms without: %.2f× | ≤ 2× |" % (during / 1000, base / 1000, during / base))
-print("| reseal of %d sealed values | %.0f rows/s (%.1f s), %s left under old keys | ≥ 100k rows/s |" % (reseal, reseal / reseal_s, reseal_s, left))
-print("| kek_rewrap over %d tenant keys | %.1f s, %s left under version 1 | ≤ 10 s |" % (keys, kek_s, under_old))
+a = sys.argv[1:]
+sw_n, sw_n_s, sw_4n, sw_4n_s, longest = int(a[0]), float(a[1]), int(a[2]), float(a[3]), float(a[4])
+alone, during, windows = float(a[5]), float(a[6]), int(a[7])
+rs, rs_n_s, rs_4n_s, rs_left = int(a[8]), float(a[9]), float(a[10]), a[11]
+tenants, kk_n, kk_n_s, kk_4n, kk_4n_s, kk_left = int(a[12]), int(a[13]), float(a[14]), int(a[15]), float(a[16]), a[17]
+ok = lambda met: "PASS" if met else "MISS"
+linear = lambda r: ok(0.8 <= r <= 1.2)
+print("| pgseald job, no flags | at N | at 4N | 4N ÷ N (rows/s) | target | result |")
+print("|---|---|---|---:|---|---|")
+r_n, r_4n = sw_n / sw_n_s, sw_4n / sw_4n_s
+print("| retention run: expired rows deleted (of twice as many), rows/s | %d: %.0f/s (%.1f s) | %d: %.0f/s (%.1f s) | %.2f× | ≥ 100k rows/s at both; 4N ÷ N within 20%% | %s, %s |"
+      % (sw_n, r_n, sw_n_s, sw_4n, r_4n, sw_4n_s, r_4n / r_n, ok(min(r_n, r_4n) >= 100000), linear(r_4n / r_n)))
+print("| retention run: longest batch transaction (the longest any of its locks was held) | — | %.0f ms (of both runs) | — | ≤ 200 ms | %s |"
+      % (longest, ok(longest <= 200)))
+print("| retention run: concurrent inserts' p99 during the 4N sweep ÷ alone (median of windows) | — | %.2f ms (%d window%s) ÷ %.2f ms (5 windows): %.2f× | — | ≤ 2× | %s |"
+      % (during / 1000, windows, "" if windows == 1 else "s", alone / 1000, during / alone, ok(during / alone <= 2)))
+r_n, r_4n = rs / rs_n_s, 4 * rs / rs_4n_s
+print("| rotate tenant: sealed values resealed, rows/s | %d: %.0f/s (%.1f s) | %d: %.0f/s (%.1f s) | %.2f× | ≥ 100k rows/s at both; 4N ÷ N within 20%% | %s, %s |"
+      % (rs, r_n, rs_n_s, 4 * rs, r_4n, rs_4n_s, r_4n / r_n, ok(min(r_n, r_4n) >= 100000), linear(r_4n / r_n)))
+print("| (values left under old keys after both runs) | | %s | | 0 | %s |" % (rs_left, ok(rs_left == "0")))
+r_n, r_4n = kk_n / kk_n_s, kk_4n / kk_4n_s
+print("| rotate kek: tenant keys rewrapped, keys/s | %d tenants, %d keys: %.0f/s (%.1f s) | %d tenants, %d keys: %.0f/s (%.1f s) | %.2f× | ≤ 10 s for 100,000 tenants (scaled: %.1f s); 4N ÷ N within 20%% | %s, %s |"
+      % (tenants, kk_n, r_n, kk_n_s, 4 * tenants, kk_4n, r_4n, kk_4n_s, r_4n / r_n, kk_4n_s * 100000 / (4 * tenants),
+         ok(kk_4n_s * 100000 / (4 * tenants) <= 10), linear(r_4n / r_n)))
+print("| (keys left under an old master key version) | | %s | | 0 | %s |" % (kk_left, ok(kk_left == "0")))
 PY
