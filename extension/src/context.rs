@@ -122,7 +122,7 @@ pub fn _context_setting(which: &str) -> String {
 /// its own SETs.) Runs at pre-commit with a snapshot, after
 /// `close_held_cursors_if_strict`.
 fn clear_if_strict(_preparing: bool) -> SealResult<()> {
-    if !gucs::strict_context() {
+    if !strict_here() {
         return Ok(());
     }
     let tenant = gucs::with_tenant_setting_name(|n| n.to_owned());
@@ -166,7 +166,7 @@ fn clear_if_strict(_preparing: bool) -> SealResult<()> {
 /// It runs first at pre-commit, before any other pre-commit work that could fail:
 /// a cursor persisted at this commit survives the abort such a failure causes.
 fn close_held_cursors_if_strict(_preparing: bool) -> SealResult<()> {
-    if !gucs::strict_context() {
+    if !strict_here() {
         return Ok(());
     }
     /// PostgreSQL's `InvalidSubTransactionId`: the portal belongs to no transaction.
@@ -210,18 +210,25 @@ fn close_held_cursors_if_strict(_preparing: bool) -> SealResult<()> {
     Ok(())
 }
 
+/// `pgseal.strict_context` applies to clients' backends only: a background process
+/// has no client to hand a tenant to, and some (the autovacuum launcher) commit
+/// with no database, where the cursor query could not even run.
+fn strict_here() -> bool {
+    gucs::strict_context() && crate::pg::xact::is_client_backend()
+}
+
 /// With `pgseal.strict_context`, the context's pre-commit work: `WITH HOLD`
 /// cursors closed first, the settings cleared last.
 pub const TXN: crate::txn::Participant = crate::txn::Participant {
     pre_commit: &[
         crate::txn::PreCommit {
             phase: crate::txn::Phase::CloseCursors,
-            has_work: gucs::strict_context,
+            has_work: strict_here,
             run: close_held_cursors_if_strict,
         },
         crate::txn::PreCommit {
             phase: crate::txn::Phase::ClearContext,
-            has_work: gucs::strict_context,
+            has_work: strict_here,
             run: clear_if_strict,
         },
     ],

@@ -18,6 +18,18 @@ pub fn in_recovery() -> bool {
     unsafe { pg_sys::RecoveryInProgress() }
 }
 
+/// Whether this process is a client's backend connected to a database (not the
+/// autovacuum launcher, a WAL sender or another background process, some of which
+/// commit transactions with no database selected, where no catalog can be read).
+pub fn is_client_backend() -> bool {
+    // SAFETY: both are plain globals set when the process starts; reading them is
+    // always valid.
+    unsafe {
+        pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND
+            && pg_sys::MyDatabaseId != pg_sys::InvalidOid
+    }
+}
+
 /// Refuses `what` (25006) in a read-only transaction: it would write.
 pub fn require_read_write(what: &'static str) -> SealResult<()> {
     if read_only() {
