@@ -1,6 +1,25 @@
 -- pgseal privileges. Included last (extension_sql_file!(…, finalize)).
 -- Every function starts closed; each role gets exactly what docs/SECURITY.md lists.
 
+-- First, what sql/jobs.sql could not create, for want of vault_status() (issue 17:
+-- registrations follow the schema). A retention rule's DELETE is recorded
+-- ('retention.removed'), fail closed, except the deletion of a rule whose table or
+-- time column is gone (has_column_privilege is NULL for a missing table or column)
+-- while the master key is not loaded: a DROP must not fail for want of the key, and
+-- _registrations_follow_drops names such a rule in a WARNING instead.
+-- _master_key_loaded is vault_status()'s flag as a scalar (a trigger's WHEN takes no
+-- set-returning function); executable by the owner only, like the DELETE.
+CREATE FUNCTION pgseal._master_key_loaded() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$ SELECT s.loaded FROM pgseal.vault_status() s $$;
+CREATE TRIGGER retention_rules_record_delete AFTER DELETE ON pgseal.retention_rules
+    FOR EACH ROW
+    WHEN (pgseal._master_key_loaded()
+          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.time_attnum, 'SELECT') IS NOT NULL)
+    EXECUTE FUNCTION pgseal._retention_record();
+ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record_delete;
+
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgseal FROM PUBLIC;
 
 -- Policies call current_tenant() as the querying user; vault_status() shows no secret.

@@ -3,12 +3,22 @@
 -- history. The daemon calls these as a member of pgseal_admin; deletes and reseals run
 -- under each tenant's own context (pgseal.set_tenant), never with BYPASSRLS.
 
+-- A registration names its table by OID (rel, a regclass: renames and SET SCHEMA
+-- keep it) and its column by attribute number (time_attnum here, attnum in
+-- sealed_columns: RENAME COLUMN keeps it). The name beside it (time_column, col) is
+-- the column's current name: written by whoever registers, resolved to the number by
+-- _registration_check, and renamed along with the column by
+-- _registrations_follow_renames. pg_dump carries the name, and a restore (whose
+-- tables have no dropped columns, so their numbers may differ) resolves it again.
+-- Dropping the table or the column removes the registration
+-- (_registrations_follow_drops).
 CREATE TABLE pgseal.retention_rules (
     rel         regclass    NOT NULL,
     tenant_id   text        CHECK (tenant_id <> ''),
     keep        interval    NOT NULL CHECK (keep > interval '0'),
     time_column name        NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    time_attnum int2        NOT NULL
 );
 -- One default (tenant NULL) and one override per tenant, per table.
 CREATE UNIQUE INDEX retention_rules_one ON pgseal.retention_rules (rel, (coalesce(tenant_id, '')));
@@ -22,7 +32,17 @@ CREATE TABLE pgseal.retention_holds (
 -- Registrations point pgseald at application tables. A row of retention_rules or
 -- sealed_columns may only name a plain or partitioned table outside pgseal that
 -- the role writing the row may DELETE from (retention) or UPDATE (sealing): the
--- check runs as that role, in a trigger, whichever way the row is written.
+-- check runs as that role, in a trigger, whichever way the row is written. It then
+-- sets the column's number from its name (42703 when the table has no such column):
+-- the number is never taken from the writer, and a restored row, whose number may
+-- be stale, gets its column's number in the restored table. Resolving the dumped
+-- name is right because every rename of a column is followed by the name
+-- (_registrations_follow_renames), and pg_dump leaves out a row whose name is not
+-- its column's (the pg_extension_config_dump conditions below): a stale name, which
+-- would resolve to another column, is never restored. During a restore
+-- (pgseal.restore = on, superuser-only) a row that fails a check is skipped with a
+-- WARNING (the trigger returns NULL) instead of failing the COPY, which would lose
+-- every registration of every table.
 CREATE FUNCTION pgseal._registration_check() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pgseal, pg_temp
@@ -31,18 +51,50 @@ DECLARE
     need pg_catalog.text := TG_ARGV[0];
     kind pg_catalog."char";
     nsp  pg_catalog.name;
+    col  pg_catalog.name;
+    num  pg_catalog.int2;
+    msg  pg_catalog.text;
+    code pg_catalog.text;
 BEGIN
     SELECT c.relkind, n.nspname INTO kind, nsp
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
      WHERE c.oid OPERATOR(pg_catalog.=) NEW.rel;
+    IF TG_RELID OPERATOR(pg_catalog.=) 'pgseal.retention_rules'::pg_catalog.regclass THEN
+        col := NEW.time_column;
+    ELSE
+        col := NEW.col;
+    END IF;
     IF kind IS NULL OR kind NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION 'only a plain or partitioned table can be registered' USING ERRCODE = '42809';
+        msg := 'only a plain or partitioned table can be registered';
+        code := '42809';
+    ELSIF nsp OPERATOR(pg_catalog.=) 'pgseal' THEN
+        msg := 'pgseal''s own tables cannot be registered';
+        code := '42501';
+    ELSIF NOT pg_catalog.has_table_privilege(NEW.rel, need) THEN
+        msg := pg_catalog.format('permission denied: registering a table needs %s on it', need);
+        code := '42501';
+    ELSE
+        SELECT a.attnum INTO num FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid OPERATOR(pg_catalog.=) NEW.rel AND a.attname OPERATOR(pg_catalog.=) col
+           AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped;
+        IF num IS NULL THEN
+            msg := pg_catalog.format('column %s of %s does not exist', pg_catalog.quote_ident(col), NEW.rel);
+            code := '42703';
+        END IF;
     END IF;
-    IF nsp OPERATOR(pg_catalog.=) 'pgseal' THEN
-        RAISE EXCEPTION 'pgseal''s own tables cannot be registered' USING ERRCODE = '42501';
+    IF msg IS NOT NULL THEN
+        IF TG_OP OPERATOR(pg_catalog.=) 'INSERT'
+           AND pg_catalog.current_setting('pgseal.restore', true) OPERATOR(pg_catalog.=) 'on' THEN
+            RAISE WARNING 'pgseal: restore skipped a registration of % (column %): %',
+                NEW.rel, pg_catalog.quote_ident(col), msg;
+            RETURN NULL;
+        END IF;
+        RAISE EXCEPTION '%', msg USING ERRCODE = code;
     END IF;
-    IF NOT pg_catalog.has_table_privilege(NEW.rel, need) THEN
-        RAISE EXCEPTION 'permission denied: registering a table needs % on it', need USING ERRCODE = '42501';
+    IF TG_RELID OPERATOR(pg_catalog.=) 'pgseal.retention_rules'::pg_catalog.regclass THEN
+        NEW.time_attnum := num;
+    ELSE
+        NEW.attnum := num;
     END IF;
     RETURN NEW;
 END
@@ -100,8 +152,12 @@ END
 $$;
 
 -- Every rule, with whether its tenant is on hold (a default rule's tenant is NULL).
+-- time_column is the column's name now (NULL if it is gone), read by its number.
 CREATE VIEW pgseal.retention_policies AS
-    SELECT r.rel, r.tenant_id, r.keep, r.time_column,
+    SELECT r.rel, r.tenant_id, r.keep,
+           (SELECT a.attname FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid OPERATOR(pg_catalog.=) r.rel::pg_catalog.oid
+               AND a.attnum OPERATOR(pg_catalog.=) r.time_attnum AND NOT a.attisdropped) AS time_column,
            (r.tenant_id IS NOT NULL AND EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = r.tenant_id)) AS on_hold,
            r.updated_at
     FROM pgseal.retention_rules r;
@@ -111,7 +167,8 @@ CREATE TABLE pgseal.sealed_columns (
     rel     regclass NOT NULL,
     col     name     NOT NULL,
     context text,
-    PRIMARY KEY (rel, col)
+    attnum  int2     NOT NULL,
+    PRIMARY KEY (rel, attnum)
 );
 
 CREATE FUNCTION pgseal.vault_register_column(rel regclass, col name, context text DEFAULT NULL) RETURNS void
@@ -129,8 +186,9 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid OPERATOR(pg_catalog.=) rel AND i.indisprimary) THEN
         RAISE EXCEPTION '% has no primary key; resealing needs one', rel USING ERRCODE = '42P10';
     END IF;
-    INSERT INTO pgseal.sealed_columns VALUES (rel, col, context)
-    ON CONFLICT (rel, col) DO UPDATE SET context = excluded.context;
+    -- attnum is set from col by _registration_check.
+    INSERT INTO pgseal.sealed_columns (rel, col, context) VALUES (rel, col, context)
+    ON CONFLICT (rel, attnum) DO UPDATE SET col = excluded.col, context = excluded.context;
 END
 $$;
 
@@ -146,10 +204,10 @@ BEGIN
     -- Only registrations that are still a plain or partitioned table with a text
     -- column: nothing else (a view, a function, a user type's operators) is read as
     -- the owner.
-    FOR c IN SELECT s.rel, s.col FROM pgseal.sealed_columns s
+    FOR c IN SELECT s.rel, a.attname AS col FROM pgseal.sealed_columns s
                JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) s.rel
                JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.rel
-                    AND a.attname OPERATOR(pg_catalog.=) s.col AND NOT a.attisdropped
+                    AND a.attnum OPERATOR(pg_catalog.=) s.attnum AND NOT a.attisdropped
               WHERE r.relkind IN ('r', 'p') AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype LOOP
         parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%I, '':'', 2) AS k FROM %s WHERE %I OPERATOR(pg_catalog.~~) ''v2:%%''', c.col, c.rel, c.col);
     END LOOP;
@@ -200,12 +258,32 @@ ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_check;
 -- trigger function, executable by no role.
 CREATE FUNCTION pgseal._retention_record() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'retention_record_trigger';
-CREATE TRIGGER retention_rules_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.retention_rules
-    FOR EACH ROW EXECUTE FUNCTION pgseal._retention_record();
-CREATE TRIGGER retention_holds_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.retention_holds
+-- A rule's rows are recorded by three triggers: every INSERT but a restore's
+-- (pgseal.restore, superuser-only: the dump carries the entries that recorded the
+-- rules and holds it restores, and a new entry would collide with the restored
+-- chains; holds likewise); every UPDATE except
+-- the one that only renames time_column along with its column (same rel, tenant,
+-- keep, column number and updated_at: _registrations_follow_renames; the rule
+-- itself did not change); and every DELETE (retention_rules_record_delete, created
+-- in finalize.sql because its condition reads vault_status()).
+CREATE TRIGGER retention_rules_record AFTER INSERT ON pgseal.retention_rules
+    FOR EACH ROW WHEN (pg_catalog.current_setting('pgseal.restore', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION pgseal._retention_record();
+CREATE TRIGGER retention_rules_record_update AFTER UPDATE ON pgseal.retention_rules
+    FOR EACH ROW
+    WHEN (OLD.time_column IS NOT DISTINCT FROM NEW.time_column
+          OR (OLD.rel, OLD.tenant_id, OLD.keep, OLD.time_attnum, OLD.updated_at)
+             IS DISTINCT FROM (NEW.rel, NEW.tenant_id, NEW.keep, NEW.time_attnum, NEW.updated_at))
+    EXECUTE FUNCTION pgseal._retention_record();
+CREATE TRIGGER retention_holds_record AFTER INSERT ON pgseal.retention_holds
+    FOR EACH ROW WHEN (pg_catalog.current_setting('pgseal.restore', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION pgseal._retention_record();
+CREATE TRIGGER retention_holds_record_change AFTER UPDATE OR DELETE ON pgseal.retention_holds
     FOR EACH ROW EXECUTE FUNCTION pgseal._retention_record();
 ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record;
+ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record_update;
 ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record;
+ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record_change;
 
 REVOKE ALL ON pgseal.retention_rules, pgseal.retention_holds, pgseal.sealed_columns, pgseal.job_runs FROM PUBLIC;
 -- retention_set and vault_register_column run as the caller (the trigger above
@@ -213,9 +291,196 @@ REVOKE ALL ON pgseal.retention_rules, pgseal.retention_holds, pgseal.sealed_colu
 GRANT SELECT, INSERT, UPDATE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
 GRANT SELECT ON pgseal.retention_policies, pgseal.key_usage, pgseal.sealed_columns, pgseal.retention_holds TO pgseal_admin;
 GRANT SELECT, INSERT, UPDATE ON pgseal.job_runs TO pgseal_admin;
-SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_rules', '');
+-- pg_dump copies a registration only while its table exists and its stored name is
+-- its column's (pg_dump runs "COPY (SELECT ... FROM ONLY <table> <condition>)" with
+-- an empty search_path): a rule dropped while event triggers were off, or a name a
+-- rename could not sync, would fail the restore's COPY or resolve to another column.
+SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_rules',
+    'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) retention_rules.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) retention_rules.time_attnum AND a.attname OPERATOR(pg_catalog.=) retention_rules.time_column AND NOT a.attisdropped)');
 SELECT pg_catalog.pg_extension_config_dump('pgseal.retention_holds', '');
-SELECT pg_catalog.pg_extension_config_dump('pgseal.sealed_columns', '');
+SELECT pg_catalog.pg_extension_config_dump('pgseal.sealed_columns',
+    'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) sealed_columns.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) sealed_columns.attnum AND a.attname OPERATOR(pg_catalog.=) sealed_columns.col AND NOT a.attisdropped)');
+
+-- Registrations follow the schema (issue 17). These event triggers fire for every
+-- role's DDL and run as the extension's owner (only the owner deletes registrations,
+-- and a rename must reach registrations the renaming role cannot write), so they
+-- resolve nothing by a name anyone chose: they match the OIDs and column numbers
+-- PostgreSQL reports against the registrations and run no other role's code
+-- (pinned search_path, schema-qualified operators).
+--
+-- _registrations_follow_drops (sql_drop): a DROP of a registered table (DROP TABLE,
+-- DROP SCHEMA/OWNED ... CASCADE, DROP of a partitioned parent) or of a registered
+-- column (ALTER TABLE ... DROP COLUMN, a CASCADE from a type) deletes its retention
+-- rules and sealed column registrations, each named in a NOTICE. A rule's deletion
+-- is recorded like any other ('retention.removed', retention_rules_record_delete;
+-- the entry names the table by OID, its name being gone): a tenant's rule in that
+-- tenant's chain, a default rule in the system chain '_pgseal' (the C trigger sees
+-- in the catalog that the table or column is gone; the dropping session's tenant
+-- setting chooses nothing). Without the master key no entry can be written: the
+-- rule is deleted all the same (a dropped table cannot be sealed or swept) and a
+-- WARNING, which goes to the server log, names it instead. Any other error fails the
+-- DROP: no handler keeps a registration of a dropped table, which pgseald would skip
+-- but which a later restore could not load. The errors left are the transaction's
+-- own (a lock or statement timeout on the chain, a serialization failure), after
+-- which the DROP can simply be retried.
+CREATE FUNCTION pgseal._registrations_follow_drops() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    r      record;
+    loaded pg_catalog.bool;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
+                WHERE d.object_type OPERATOR(pg_catalog.=) 'extension'
+                  AND d.object_identity OPERATOR(pg_catalog.=) 'pgseal') THEN
+        RETURN;
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
+         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND (EXISTS (SELECT 1 FROM pgseal.retention_rules x
+                         WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
+                OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x
+                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid))) THEN
+        RETURN;
+    END IF;
+    loaded := pgseal._master_key_loaded();
+    FOR r IN
+        DELETE FROM pgseal.retention_rules x
+         USING pg_catalog.pg_event_trigger_dropped_objects() d
+         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND d.objid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+           AND (d.objsubid OPERATOR(pg_catalog.=) 0 OR d.objsubid OPERATOR(pg_catalog.=) x.time_attnum)
+        RETURNING x.rel::pg_catalog.oid AS relid, d.object_identity AS what, x.tenant_id AS tenant
+    LOOP
+        IF loaded THEN
+            RAISE NOTICE 'pgseal: removed the retention rule (%) of % (OID %): it was dropped',
+                coalesce('tenant ' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(r.tenant), 'default rule'), r.what, r.relid;
+        ELSE
+            RAISE WARNING 'pgseal: removed the retention rule (%) of % (OID %): it was dropped; not recorded in the ledger, the master key is not loaded',
+                coalesce('tenant ' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(r.tenant), 'default rule'), r.what, r.relid;
+        END IF;
+    END LOOP;
+    FOR r IN
+        DELETE FROM pgseal.sealed_columns x
+         USING pg_catalog.pg_event_trigger_dropped_objects() d
+         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND d.objid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+           AND (d.objsubid OPERATOR(pg_catalog.=) 0 OR d.objsubid OPERATOR(pg_catalog.=) x.attnum)
+        RETURNING x.rel::pg_catalog.oid AS relid, d.object_identity AS what, x.col AS col
+    LOOP
+        RAISE NOTICE 'pgseal: removed the sealed column registration of % (OID %, column %): it was dropped',
+            r.what, r.relid, pg_catalog.quote_ident(r.col);
+    END LOOP;
+END
+$$;
+
+-- _registrations_follow_renames (ddl_command_end): the stored name of a registered
+-- column follows a RENAME COLUMN (the number already does), so that pg_dump carries
+-- the current name and a restore resolves it to the same column. It fires for every
+-- tag a column rename takes (the tag names the relation kind the command was
+-- written for, not the table's: ALTER VIEW / MATERIALIZED VIEW / FOREIGN TABLE ...
+-- RENAME COLUMN rename a plain table's column too; ALTER TYPE ... RENAME ATTRIBUTE),
+-- and syncs only the registrations of the relations the command altered
+-- (pg_event_trigger_ddl_commands), of their inheritors (a rename recurses to
+-- them) and of the tables typed by an altered composite type. It never waits on a registration row: one locked by another transaction
+-- is skipped (SKIP LOCKED) with a WARNING and synced by the next DDL on its table;
+-- until then pg_dump leaves it out (its name is not its column's). Not recorded:
+-- the rule is unchanged. Event triggers do not fire while event_triggers is off
+-- (PostgreSQL 17+, superuser) or in single-user mode; a rename made then leaves the
+-- name stale, and the dump leaves that registration out likewise.
+CREATE FUNCTION pgseal._registrations_follow_renames() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    r     record;
+    rels  pg_catalog.oid[];
+    want  pg_catalog.int8;
+    done  pg_catalog.int8;
+BEGIN
+    -- A registered table is touched when the command altered it, an ancestor (a
+    -- rename recurses to inheritors and partitions) or its row type (ALTER TYPE ...
+    -- RENAME ATTRIBUTE ... CASCADE renames a typed table's column). Walked up from
+    -- the few registered tables, not down from the command's.
+    WITH RECURSIVE cmd(objid) AS (
+        SELECT d.objid FROM pg_catalog.pg_event_trigger_ddl_commands() d
+         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+    ), up(reg, relid) AS (
+        SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.retention_rules x
+        UNION
+        SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.sealed_columns x
+        UNION
+        SELECT u.reg, i.inhparent FROM up u
+          JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) u.relid
+    )
+    SELECT pg_catalog.array_agg(DISTINCT u.reg) INTO rels FROM up u
+     WHERE EXISTS (SELECT 1 FROM cmd WHERE cmd.objid OPERATOR(pg_catalog.=) u.relid)
+        OR EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                     JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) c.reloftype
+                     JOIN cmd ON cmd.objid OPERATOR(pg_catalog.=) t.typrelid
+                    WHERE c.oid OPERATOR(pg_catalog.=) u.relid);
+    IF rels IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT pg_catalog.count(*) INTO want
+      FROM pgseal.retention_rules x
+      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+           AND a.attnum OPERATOR(pg_catalog.=) x.time_attnum AND NOT a.attisdropped
+     WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (rels)
+       AND a.attname OPERATOR(pg_catalog.<>) x.time_column;
+    done := 0;
+    FOR r IN
+        SELECT x.ctid AS row_ctid, a.attname AS name
+          FROM pgseal.retention_rules x
+          JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+               AND a.attnum OPERATOR(pg_catalog.=) x.time_attnum AND NOT a.attisdropped
+         WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (rels)
+           AND a.attname OPERATOR(pg_catalog.<>) x.time_column
+           FOR UPDATE OF x SKIP LOCKED
+    LOOP
+        UPDATE pgseal.retention_rules x SET time_column = r.name WHERE x.ctid OPERATOR(pg_catalog.=) r.row_ctid;
+        done := done OPERATOR(pg_catalog.+) 1;
+    END LOOP;
+    IF done OPERATOR(pg_catalog.<) want THEN
+        RAISE WARNING 'pgseal: % retention rule(s) of a renamed column keep the old name: another transaction holds them',
+            want OPERATOR(pg_catalog.-) done
+            USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the rule out until then.';
+    END IF;
+    SELECT pg_catalog.count(*) INTO want
+      FROM pgseal.sealed_columns x
+      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+           AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
+     WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (rels)
+       AND a.attname OPERATOR(pg_catalog.<>) x.col;
+    done := 0;
+    FOR r IN
+        SELECT x.ctid AS row_ctid, a.attname AS name
+          FROM pgseal.sealed_columns x
+          JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+               AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
+         WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (rels)
+           AND a.attname OPERATOR(pg_catalog.<>) x.col
+           FOR UPDATE OF x SKIP LOCKED
+    LOOP
+        UPDATE pgseal.sealed_columns x SET col = r.name WHERE x.ctid OPERATOR(pg_catalog.=) r.row_ctid;
+        done := done OPERATOR(pg_catalog.+) 1;
+    END LOOP;
+    IF done OPERATOR(pg_catalog.<) want THEN
+        RAISE WARNING 'pgseal: % sealed column registration(s) of a renamed column keep the old name: another transaction holds them',
+            want OPERATOR(pg_catalog.-) done
+            USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the registration out until then.';
+    END IF;
+END
+$$;
+
+CREATE EVENT TRIGGER pgseal_registrations_drop ON sql_drop EXECUTE FUNCTION pgseal._registrations_follow_drops();
+CREATE EVENT TRIGGER pgseal_registrations_rename ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER VIEW', 'ALTER MATERIALIZED VIEW', 'ALTER FOREIGN TABLE', 'ALTER TYPE')
+    EXECUTE FUNCTION pgseal._registrations_follow_renames();
+ALTER EVENT TRIGGER pgseal_registrations_drop ENABLE ALWAYS;
+ALTER EVENT TRIGGER pgseal_registrations_rename ENABLE ALWAYS;
 
 -- The distinct tenants of a table (a loose index scan over its tenant_id), for the
 -- retention run's default rules. The scan runs as the owner, so that discovering

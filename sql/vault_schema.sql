@@ -46,8 +46,10 @@ COMMENT ON TABLE pgseal.tenant_keys IS
 
 -- One active key per tenant and purpose: concurrent first seals converge on one.
 CREATE UNIQUE INDEX tenant_keys_one_active ON pgseal.tenant_keys (tenant_id, purpose) WHERE state = 'active';
--- kek_rewrap finds keys still under an old master key version.
-CREATE INDEX tenant_keys_kek_version ON pgseal.tenant_keys (kek_version) WHERE state <> 'destroyed';
+-- kek_rewrap finds keys still under an old master key version: range scans below and
+-- above the active version in (kek_version, key_id) order, which stop after a batch and
+-- never pass the keys already rewrapped.
+CREATE INDEX tenant_keys_kek_version ON pgseal.tenant_keys (kek_version, key_id) WHERE state <> 'destroyed';
 
 REVOKE ALL ON pgseal.tenant_keys FROM PUBLIC;
 

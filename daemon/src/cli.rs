@@ -66,15 +66,34 @@ pub enum OneShot {
 pub enum RotateCommand {
     /// Rewrap every tenant key under the active master key version (kek_rewrap until 0).
     Kek {
-        #[arg(long, default_value_t = 1000)]
-        batch: i32,
+        #[command(flatten)]
+        batch: BatchArgs,
     },
     /// New data key for a tenant, then reseal its registered columns under it.
     Tenant {
         tenant: String,
-        #[arg(long, default_value_t = 1000)]
-        batch: i64,
+        #[command(flatten)]
+        batch: BatchArgs,
     },
+}
+
+/// How many rows each batch transaction takes.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct BatchArgs {
+    /// Rows per transaction, fixed. Without it the size adapts: each batch is sized
+    /// to take about --batch-ms.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..=i32::MAX as i64))]
+    pub batch: Option<i64>,
+    /// Without --batch: the time each batch transaction aims at, in milliseconds.
+    #[arg(long, default_value_t = crate::job::batch::DEFAULT_TARGET_MS,
+          value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "batch")]
+    pub batch_ms: u64,
+}
+
+impl BatchArgs {
+    pub fn batch(self) -> crate::job::batch::Batch {
+        crate::job::batch::Batch::new(self.batch, self.batch_ms)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,9 +106,8 @@ pub enum RetentionCommand {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
-        /// Rows per delete transaction.
-        #[arg(long, default_value_t = 5000)]
-        batch: i64,
+        #[command(flatten)]
+        batch: BatchArgs,
         /// lock_timeout of each delete transaction, in milliseconds.
         #[arg(long, default_value_t = 200)]
         lock_timeout_ms: u64,

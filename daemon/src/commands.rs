@@ -46,13 +46,10 @@ pub async fn run(command: OneShot, shutdown: &Shutdown) -> Result<Exit, DaemonEr
                 },
             database_url,
         } => {
-            if batch <= 0 {
-                return Err(DaemonError::Usage("--batch must be positive"));
-            }
             let opts = retention::Options {
                 dry_run,
                 tenant,
-                batch,
+                batch: batch.batch(),
                 lock_timeout_ms,
                 pause: std::time::Duration::from_millis(pause_ms),
             };
@@ -150,7 +147,7 @@ async fn rotate(
                     Ok(n) => serde_json::json!({ "rewrapped": n }),
                     Err(e) => serde_json::json!({ "error": e.to_string() }),
                 },
-                async |c| rotation::kek(c, batch, stop).await,
+                async |c| rotation::kek(c, batch.batch(), stop).await,
             )
             .await??;
             println!("rewrapped {n} tenant keys");
@@ -165,7 +162,7 @@ async fn rotate(
                     }
                     Err(e) => serde_json::json!({ "tenant": tenant, "error": e.to_string() }),
                 },
-                async |c| rotation::tenant(c, &tenant, batch, stop).await,
+                async |c| rotation::tenant(c, &tenant, &mut batch.batch(), stop).await,
             )
             .await??;
             println!("tenant {tenant}: new key {key}, {n} values resealed");

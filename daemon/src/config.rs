@@ -32,8 +32,11 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct RetentionJob {
     pub schedule: String,
-    #[serde(default = "batch_5000")]
-    pub batch: i64,
+    /// Rows per delete transaction. Unset (the default): adaptive, each batch sized
+    /// to take about `batch_ms`.
+    pub batch: Option<i64>,
+    #[serde(default = "batch_target_ms")]
+    pub batch_ms: u64,
     #[serde(default = "ms_200")]
     pub lock_timeout_ms: u64,
     #[serde(default = "ms_10")]
@@ -50,8 +53,10 @@ pub struct RotationJob {
     /// A tenant's data key older than this is rotated.
     #[serde(default = "days_90")]
     pub max_key_age_days: u32,
-    #[serde(default = "batch_1000")]
-    pub batch: i64,
+    /// Rows per reseal transaction. Unset (the default): adaptive, as in retention.
+    pub batch: Option<i64>,
+    #[serde(default = "batch_target_ms")]
+    pub batch_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -71,11 +76,8 @@ fn text() -> String {
 fn ten() -> u64 {
     10
 }
-fn batch_5000() -> i64 {
-    5000
-}
-fn batch_1000() -> i64 {
-    1000
+fn batch_target_ms() -> u64 {
+    crate::job::batch::DEFAULT_TARGET_MS
 }
 fn ms_200() -> u64 {
     200
@@ -165,6 +167,25 @@ impl Config {
                 "leader_takeover_seconds must be at least 1".into(),
             ));
         }
+        let batches = [
+            (
+                "retention",
+                self.retention.as_ref().map(|j| (j.batch, j.batch_ms)),
+            ),
+            (
+                "rotation",
+                self.rotation.as_ref().map(|j| (j.batch, j.batch_ms)),
+            ),
+        ];
+        for (name, (batch, batch_ms)) in
+            batches.into_iter().filter_map(|(name, b)| Some((name, b?)))
+        {
+            if batch.is_some_and(|n| n <= 0) || batch_ms == 0 {
+                return Err(DaemonError::Config(format!(
+                    "[{name}] batch and batch_ms must be positive"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -235,7 +256,9 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.retention.unwrap().batch, 5000);
+        let retention = c.retention.unwrap();
+        assert_eq!(retention.batch, None);
+        assert_eq!(retention.batch_ms, crate::job::batch::DEFAULT_TARGET_MS);
         assert_eq!(c.rotation.unwrap().max_key_age_days, 90);
         assert_eq!(c.leader_takeover_seconds, 10);
     }
@@ -263,6 +286,12 @@ mod tests {
             .to_string()
             .contains("unknown timezone"));
         assert!(parse("log_format = \"xml\"").is_err());
+        for bad in ["batch = 0", "batch_ms = 0"] {
+            let e = parse(&format!("[rotation]\nschedule = \"0 0 3 * * *\"\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("must be positive"), "{e}");
+        }
         assert!(parse("nonsense = 1").is_err());
         assert!(matches!(
             parse("database_url = \"postgres://[::1\""),

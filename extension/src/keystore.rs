@@ -319,6 +319,29 @@ pub fn shred(tenant: &str) -> SealResult<Vec<String>> {
     Ok(ids)
 }
 
+/// Runs `f` with hash and merge joins off (as SET LOCAL), then sets them back to
+/// what they were. An error in `f` aborts the (sub)transaction, which undoes the
+/// settings as well.
+fn with_nested_loops<R>(f: impl FnOnce() -> Result<R, pgrx::spi::Error>) -> SealResult<R> {
+    let (hash, merge) = Spi::get_two::<String, String>(
+        "SELECT pg_catalog.current_setting('enable_hashjoin'), pg_catalog.current_setting('enable_mergejoin')",
+    )?;
+    Spi::run(
+        "SELECT pg_catalog.set_config('enable_hashjoin', 'off', true), \
+                pg_catalog.set_config('enable_mergejoin', 'off', true)",
+    )?;
+    let r = f()?;
+    Spi::run_with_args(
+        "SELECT pg_catalog.set_config('enable_hashjoin', $1, true), \
+                pg_catalog.set_config('enable_mergejoin', $2, true)",
+        &[
+            hash.unwrap_or_else(|| "on".into()).into(),
+            merge.unwrap_or_else(|| "on".into()).into(),
+        ],
+    )?;
+    Ok(r)
+}
+
 /// Rewraps up to `batch` keys not under the active master version; returns how many,
 /// and when keys moved, the payload of the one `key.rewrapped` entry the caller
 /// appends to the system chain (`_pgseal`), with counts per tenant. Not one entry per tenant: each would hold that
@@ -338,16 +361,31 @@ pub fn kek_rewrap(batch: i32) -> SealResult<(i32, Option<serde_json::Value>)> {
     let n = as_owner(|| -> SealResult<i32> {
         // connect_mut: a locking read must not run as a read-only SPI query, which
         // pgrx would choose when this (sub)transaction has no xid yet.
+        // Two range scans of `tenant_keys_kek_version` (kek_version, key_id), below
+        // the active version and then above it, each stopping after the rows it
+        // returns: keys already rewrapped are under the active version, outside
+        // both ranges, so a batch reads only what is left (a scan in key_id order
+        // with a filter read every key rewrapped so far, on every batch).
         let rows: Vec<StoredKey> = Spi::connect_mut(|client| -> SealResult<Vec<StoredKey>> {
-            let table = client.update(
-                &format!(
-                    "SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE state <> 'destroyed' AND kek_version <> $1 \
-                     ORDER BY key_id LIMIT $2 FOR UPDATE SKIP LOCKED"
-                ),
-                None,
-                &[active.into(), batch.into()],
-            )?;
-            table.into_iter().map(|row| row_to_key(&row)).collect()
+            let mut rows = Vec::new();
+            for range in ["<", ">"] {
+                let want = batch as usize - rows.len();
+                if want == 0 {
+                    break;
+                }
+                let table = client.update(
+                    &format!(
+                        "SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE state <> 'destroyed' AND kek_version {range} $1 \
+                         ORDER BY kek_version, key_id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                    ),
+                    None,
+                    &[active.into(), (want as i32).into()],
+                )?;
+                for row in table {
+                    rows.push(row_to_key(&row)?);
+                }
+            }
+            Ok(rows)
         })?;
         if rows.is_empty() {
             return Ok(0);
@@ -381,11 +419,16 @@ pub fn kek_rewrap(batch: i32) -> SealResult<(i32, Option<serde_json::Value>)> {
             Ok(())
         })?;
         let n = ids.len() as i32;
-        Spi::run_with_args(
-            "UPDATE pgseal.tenant_keys k SET wrapped = u.wrapped, kek_version = $3 \
-             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(key_id, wrapped) WHERE k.key_id = u.key_id",
-            &[ids.into(), blobs.into(), active.into()],
-        )?;
+        // One primary-key probe per key. The planner, which sees the batch's size,
+        // otherwise hashes it and joins it with a scan of the whole table: work in
+        // proportion to every key there is, on every batch.
+        with_nested_loops(|| {
+            Spi::run_with_args(
+                "UPDATE pgseal.tenant_keys k SET wrapped = u.wrapped, kek_version = $3 \
+                 FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(key_id, wrapped) WHERE k.key_id = u.key_id",
+                &[ids.into(), blobs.into(), active.into()],
+            )
+        })?;
         Ok(n)
     })?;
     if !moved.is_empty() {

@@ -142,6 +142,40 @@ fn retention_deletes_exactly_the_expired_rows_per_tenant() {
     assert_eq!(left(&mut c, "t1"), 30);
 }
 
+#[test]
+fn retention_sweeps_every_batch_under_strict_context() {
+    // pgseal.strict_context closes every cursor WITH HOLD at commit; the sweep
+    // must not rely on one there, in fixed and in learned batch sizes.
+    let cl = Cluster::start(
+        "jobs-retention-strict",
+        &[KEY_V1],
+        &["pgseal.strict_context = on"],
+    );
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE events (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         CREATE INDEX ON events (tenant_id, created_at);
+         INSERT INTO events SELECT t * 100000 + g, 't' || t, now() - (g % 100) * interval '1 day' - interval '1 hour'
+           FROM generate_series(1, 2) t, generate_series(1, 5000) g;
+         SELECT pgseal.tenant_protect('events');
+         SELECT pgseal.retention_set('events', '30 days');",
+    )
+    .unwrap();
+    let expired = "SELECT count(*) FROM events WHERE created_at < now() - interval '30 days'";
+    assert_eq!(count(&mut c, expired), 2 * 3500);
+    let (code, out) = Pgseald::new(["retention", "run", "--batch", "500", "--tenant", "t1"])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant t1: deleted 3500 rows"), "{out}");
+    let (code, out) = Pgseald::new(["retention", "run"]).on(&cl).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant t2: deleted 3500 rows"), "{out}");
+    assert_eq!(count(&mut c, expired), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM events"), 2 * 1500);
+}
+
 /// The extension, and a table `creds` whose `token` column is registered for resealing.
 fn creds_table(cl: &Cluster) -> postgres::Client {
     let mut c = cl.connect();
@@ -350,4 +384,513 @@ fn no_decrypt_fails_and_concurrent_updates_win_while_a_reseal_runs() {
     }
     tx.commit().unwrap();
     assert!(!written.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Registrations follow the schema (issue 17).
+
+/// The one value `sql` returns.
+fn value<T: for<'a> postgres::types::FromSql<'a>>(c: &mut postgres::Client, sql: &str) -> T {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Rows of `table` (tenant 'a') whose value in `col` is sealed under `key`.
+fn sealed_under(c: &mut postgres::Client, table: &str, col: &str, key: &str) -> i64 {
+    count(
+        c,
+        &format!("SELECT count(*) FROM {table} WHERE split_part({col}, ':', 2) = '{key}'"),
+    )
+}
+
+#[test]
+fn jobs_follow_renames_and_skip_broken_registrations_after_drops() {
+    let cl = Cluster::start("jobs-schema", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute("CREATE EXTENSION pgseal; CREATE SCHEMA other;")
+        .unwrap();
+    for t in [
+        "ok", "renamed", "dropped", "dropcol", "nopk", "retyped", "ghost",
+    ] {
+        c.batch_execute(&format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL, token text);
+             SELECT pgseal.vault_register_column('{t}', 'token', 'ctx');
+             SELECT pgseal.retention_set('{t}', '30 days');
+             BEGIN; SELECT pgseal.set_tenant('a');
+             INSERT INTO {t} SELECT g, 'a', now() - g * interval '1 day', pgseal.vault_seal('v' || g, 'ctx')
+               FROM generate_series(1, 50) g;
+             COMMIT;"
+        ))
+        .unwrap();
+    }
+    let old_key: String = value(&mut c, "SELECT split_part(token, ':', 2) FROM ok LIMIT 1");
+    let ghost: i64 = value(&mut c, "SELECT 'ghost'::regclass::oid::bigint");
+    c.batch_execute(
+        "ALTER TABLE renamed RENAME COLUMN token TO secret;
+         ALTER TABLE renamed RENAME COLUMN created_at TO made_at;
+         ALTER TABLE renamed RENAME TO renamed2;
+         ALTER TABLE renamed2 SET SCHEMA other;
+         DROP TABLE dropped;
+         ALTER TABLE dropcol DROP COLUMN token;
+         ALTER TABLE nopk DROP CONSTRAINT nopk_pkey;
+         ALTER TABLE retyped ALTER COLUMN token TYPE varchar, ALTER COLUMN created_at TYPE text;
+         -- A table dropped while the event trigger is off keeps its registrations:
+         -- before issue 17 every DROP did, and rotation then failed for every table.
+         ALTER EVENT TRIGGER pgseal_registrations_drop DISABLE;
+         DROP TABLE ghost;
+         ALTER EVENT TRIGGER pgseal_registrations_drop ENABLE ALWAYS;",
+    )
+    .unwrap();
+    let regs: Vec<(String, String)> = c
+        .query(
+            "SELECT rel::text, col::text FROM pgseal.sealed_columns ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expect = [
+        (ghost.to_string(), "token"),
+        ("nopk".into(), "token"),
+        ("ok".into(), "token"),
+        ("other.renamed2".into(), "secret"),
+        ("retyped".into(), "token"),
+    ];
+    let mut expect: Vec<(String, String)> =
+        expect.into_iter().map(|(t, c)| (t, c.to_owned())).collect();
+    expect.sort();
+    assert_eq!(regs, expect, "drops removed, renames followed");
+
+    let (code, out) = Pgseald::new(["rotate", "tenant", "a", "--batch", "7"])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("cannot be resealed"), "{out}");
+    for (table, why) in [
+        (ghost.to_string(), "the table is gone"),
+        ("nopk".into(), "no primary key"),
+        ("retyped".into(), "no longer of type text"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains("WARN") && l.contains(&table) && l.contains(why)),
+            "a warning names {table}: {out}"
+        );
+    }
+    let new_key: String = value(
+        &mut c,
+        "SELECT key_id FROM pgseal.tenant_keys WHERE tenant_id = 'a' AND purpose = 'dek' AND state = 'active'",
+    );
+    assert_ne!(new_key, old_key);
+    assert_eq!(sealed_under(&mut c, "ok", "token", &new_key), 50);
+    assert_eq!(
+        sealed_under(&mut c, "other.renamed2", "secret", &new_key),
+        50,
+        "the renamed column of the renamed table is resealed"
+    );
+    assert_eq!(sealed_under(&mut c, "nopk", "token", &old_key), 50);
+    assert_eq!(sealed_under(&mut c, "retyped", "token", &old_key), 50);
+
+    let (code, out) = Pgseald::new(["retention", "run"]).on(&cl).run();
+    assert_eq!(code, Some(0), "{out}");
+    for (table, why) in [
+        (ghost.to_string(), "the table is gone"),
+        ("retyped".into(), "no longer a timestamp or date"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains("WARN") && l.contains(&table) && l.contains(why)),
+            "a warning names {table}: {out}"
+        );
+    }
+    for t in ["ok", "other.renamed2", "dropcol", "nopk"] {
+        assert_eq!(
+            count(&mut c, &format!("SELECT count(*) FROM {t}")),
+            29,
+            "{t}: rows older than 30 days deleted; {out}"
+        );
+    }
+    assert_eq!(count(&mut c, "SELECT count(*) FROM retyped"), 50);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.job_runs WHERE status <> 'ok'"
+        ),
+        0
+    );
+}
+
+#[test]
+fn a_drop_without_the_master_key_still_removes_registrations() {
+    let cl = Cluster::start("jobs-drop-nokey", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute("CREATE EXTENSION pgseal;").unwrap();
+    for t in ["gone", "kept"] {
+        c.batch_execute(&format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, tenant_id text, created_at timestamptz, token text, extra text);
+             SELECT pgseal.vault_register_column('{t}', 'token');
+             SELECT pgseal.vault_register_column('{t}', 'extra');
+             SELECT pgseal.retention_set('{t}', '30 days');
+             SELECT pgseal.retention_set('{t}', '10 days', 'created_at', 'acme');"
+        ))
+        .unwrap();
+    }
+    let before = count(&mut c, "SELECT count(*) FROM pgseal.ledger");
+    drop(c);
+    cl.set_keys(&[]);
+    cl.restart();
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = notices.clone();
+    let mut c = cl
+        .config()
+        .notice_callback(move |n| sink.lock().unwrap().push(n.message().to_owned()))
+        .connect(postgres::NoTls)
+        .unwrap();
+    assert!(!value::<bool>(
+        &mut c,
+        "SELECT loaded FROM pgseal.vault_status()"
+    ));
+    c.batch_execute("ALTER TABLE kept DROP COLUMN extra; DROP TABLE gone;")
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.retention_rules WHERE rel::text = 'kept'"
+        ),
+        2
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pgseal.retention_rules"),
+        2
+    );
+    assert_eq!(
+        c.query(
+            "SELECT col::text FROM pgseal.sealed_columns ORDER BY 1",
+            &[]
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>(),
+        ["token"]
+    );
+    let warned = notices
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.contains("public.gone") && m.contains("not recorded in the ledger"))
+        .count();
+    assert_eq!(warned, 2, "{:?}", notices.lock().unwrap());
+    // A live rule's removal still needs its ledger entry: fail closed.
+    assert_eq!(
+        pgseal_tests::sqlstate(c.batch_execute(
+            "DELETE FROM pgseal.retention_rules WHERE rel = 'kept'::regclass AND tenant_id = 'acme'"
+        )),
+        "55000"
+    );
+    drop(c);
+    cl.set_keys(&[KEY_V1]);
+    cl.restart();
+    let mut c = cl.connect();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.ledger"), before);
+    for t in ["_pgseal", "acme"] {
+        assert!(value::<bool>(
+            &mut c,
+            &format!("SELECT ok FROM pgseal.ledger_verify('{t}')")
+        ));
+    }
+}
+
+fn pg_tool(tool: &str, args: &[&str], env: &[(&str, &str)]) {
+    let out = std::process::Command::new(pgseal_tests::pg_bindir().join(tool))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// pg_dump writes a table without its dropped columns, so the restored table numbers
+/// its columns differently. Here the stale numbers would name other columns of the
+/// right types (another timestamp, another text column): the restore must resolve the
+/// names pg_dump carried instead.
+#[test]
+fn registrations_survive_a_dump_and_restore_that_renumbers_columns() {
+    let cl = Cluster::start("jobs-dump", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE ev (id int PRIMARY KEY, tenant_id text NOT NULL, junk int, created_at timestamptz,
+                          seen timestamptz, other_at timestamptz, token text, note text);
+         ALTER TABLE ev DROP COLUMN junk;
+         SELECT pgseal.retention_set('ev', '30 days', 'seen');
+         SELECT pgseal.vault_register_column('ev', 'token', 'ctx');
+         SELECT pgseal.retention_hold('b', true);
+         ALTER TABLE ev RENAME COLUMN seen TO seen_at;
+         ALTER TABLE ev RENAME COLUMN token TO secret;
+         BEGIN; SELECT pgseal.set_tenant('a');
+         INSERT INTO ev SELECT g, 'a', now(),
+                CASE WHEN g <= 10 THEN now() - interval '40 days' ELSE now() END,
+                CASE WHEN g <= 10 THEN now() ELSE now() - interval '40 days' END,
+                pgseal.vault_seal('v' || g, 'ctx'), 'plain note'
+           FROM generate_series(1, 20) g;
+         COMMIT;",
+    )
+    .unwrap();
+    assert_eq!(
+        c.query_one(
+            "SELECT (SELECT time_attnum FROM pgseal.retention_rules), (SELECT attnum FROM pgseal.sealed_columns)",
+            &[]
+        )
+        .map(|r| (r.get::<_, i16>(0), r.get::<_, i16>(1)))
+        .unwrap(),
+        (5, 7)
+    );
+    let dump = format!("{}/jobs.dump", cl.dir.display());
+    let port = cl.port.to_string();
+    let conn = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+    pg_tool(
+        "pg_dump",
+        &[&conn[..], &["-Fc", "-f", &dump, "postgres"]].concat(),
+        &[],
+    );
+    c.batch_execute("CREATE DATABASE restored").unwrap();
+    pg_tool(
+        "pg_restore",
+        &[&conn[..], &["--exit-on-error", "-d", "restored", &dump]].concat(),
+        &[("PGOPTIONS", "-c pgseal.restore=on")],
+    );
+    let mut r = cl.connect_to("restored", "postgres");
+    // In the restored table seen_at is column 4 (5 there is other_at), secret 6 (7 is note).
+    let (time_attnum, time_column, attnum, col): (i16, String, i16, String) = r
+        .query_one(
+            "SELECT x.time_attnum, x.time_column::text, s.attnum, s.col::text
+               FROM pgseal.retention_rules x, pgseal.sealed_columns s",
+            &[],
+        )
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .unwrap();
+    assert_eq!((time_attnum, time_column.as_str()), (4, "seen_at"));
+    assert_eq!((attnum, col.as_str()), (6, "secret"));
+    assert_eq!(
+        value::<String>(
+            &mut r,
+            "SELECT time_column::text FROM pgseal.retention_policies"
+        ),
+        "seen_at"
+    );
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM pgseal.retention_holds WHERE tenant_id = 'b'"
+        ),
+        1
+    );
+    // The restore recorded nothing new: the dumped entries record the rule and hold.
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM pgseal.ledger WHERE event IN ('retention.set', 'retention.held')"
+        ),
+        2
+    );
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=restored",
+        cl.port
+    );
+    let (code, out) = Pgseald::new(["retention", "run", "--database-url", &url]).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        count(&mut r, "SELECT count(*) FROM ev WHERE id <= 10"),
+        0,
+        "{out}"
+    );
+    assert_eq!(
+        count(&mut r, "SELECT count(*) FROM ev WHERE id > 10"),
+        10,
+        "rows old only by another timestamp are kept"
+    );
+    let (code, out) = Pgseald::new(["rotate", "tenant", "a", "--database-url", &url]).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM pgseal.key_usage WHERE state <> 'active' AND rows > 0"
+        ),
+        0,
+        "every value resealed"
+    );
+    assert_eq!(
+        count(&mut r, "SELECT count(*) FROM ev WHERE note <> 'plain note'"),
+        0
+    );
+    for t in ["_pgseal", "a"] {
+        assert!(value::<bool>(
+            &mut r,
+            &format!("SELECT ok FROM pgseal.ledger_verify('{t}')")
+        ));
+    }
+}
+
+/// The attack of the security review: a table owner swaps two column names through
+/// ALTER VIEW (which renames a plain table's columns, under the tag ALTER VIEW), so
+/// that a stored name would point at a column of 1970 timestamps and the restored
+/// rule would delete every tenant's rows. Now every tag syncs the name, and pg_dump
+/// leaves out registrations whose name is stale (a rename made while event triggers
+/// were off) or whose table is gone (a drop made then), which would otherwise fail
+/// the restore's COPY and lose every registration of every table.
+#[test]
+fn alter_view_renames_and_broken_registrations_cannot_poison_a_restore() {
+    let cl = Cluster::start("jobs-rename-tags", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    let table = |t: &str| {
+        format!(
+            "CREATE TABLE {t} (id int PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz,
+                               fake_ts timestamptz, token text, other text);
+             SELECT pgseal.retention_set('{t}', '30 days');
+             SELECT pgseal.vault_register_column('{t}', 'token');"
+        )
+    };
+    c.batch_execute(&format!(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE mal LOGIN; CREATE SCHEMA mal AUTHORIZATION mal;
+         {} ALTER TABLE mal.t OWNER TO mal;
+         {} {} {}
+         ALTER EVENT TRIGGER pgseal_registrations_rename DISABLE;
+         ALTER TABLE stale RENAME COLUMN created_at TO c2;
+         ALTER TABLE stale RENAME COLUMN fake_ts TO created_at;
+         ALTER EVENT TRIGGER pgseal_registrations_rename ENABLE ALWAYS;
+         ALTER EVENT TRIGGER pgseal_registrations_drop DISABLE;
+         DROP TABLE dangling;
+         ALTER EVENT TRIGGER pgseal_registrations_drop ENABLE ALWAYS;",
+        table("mal.t"),
+        table("keep"),
+        table("stale"),
+        table("dangling")
+    ))
+    .unwrap();
+    let mut m = cl.connect_as("mal");
+    m.batch_execute(
+        "ALTER VIEW mal.t RENAME COLUMN created_at TO real_created;
+         ALTER VIEW mal.t RENAME COLUMN fake_ts TO created_at;
+         ALTER FOREIGN TABLE mal.t RENAME COLUMN token TO tok;
+         ALTER MATERIALIZED VIEW mal.t RENAME COLUMN other TO token;",
+    )
+    .unwrap();
+    c.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('a');
+         INSERT INTO mal.t (id, tenant_id, real_created, created_at)
+           SELECT g, 'a', now(), '1970-01-01' FROM generate_series(1, 5) g;
+         COMMIT;",
+    )
+    .unwrap();
+    let dump = format!("{}/rename-tags.dump", cl.dir.display());
+    let port = cl.port.to_string();
+    let conn = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
+    pg_tool(
+        "pg_dump",
+        &[&conn[..], &["-Fc", "-f", &dump, "postgres"]].concat(),
+        &[],
+    );
+    c.batch_execute("CREATE DATABASE restored").unwrap();
+    pg_tool(
+        "pg_restore",
+        &[&conn[..], &["--exit-on-error", "-d", "restored", &dump]].concat(),
+        &[("PGOPTIONS", "-c pgseal.restore=on")],
+    );
+    let mut r = cl.connect_to("restored", "postgres");
+    let rows = |r: &mut postgres::Client, sql: &str| {
+        r.query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        rows(
+            &mut r,
+            "SELECT rel::text || '.' || time_column FROM pgseal.retention_rules ORDER BY 1"
+        ),
+        ["keep.created_at", "mal.t.real_created"]
+    );
+    assert_eq!(
+        rows(
+            &mut r,
+            "SELECT rel::text || '.' || col FROM pgseal.sealed_columns ORDER BY 1"
+        ),
+        ["keep.token", "mal.t.tok", "stale.token"],
+        "stale's sealed column kept its name; its rule and everything of dangling are left out"
+    );
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=restored",
+        cl.port
+    );
+    let (code, out) = Pgseald::new(["retention", "run", "--database-url", &url]).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        count(&mut r, "SELECT count(*) FROM mal.t"),
+        5,
+        "rows new by their real time column are kept: {out}"
+    );
+}
+
+/// A rename never waits on a registration row another transaction holds (the review
+/// held one open and made every other role's ALTER TABLE hang, while it held ACCESS
+/// EXCLUSIVE): it syncs only the altered table's rows, and skips a locked one.
+#[test]
+fn a_rename_never_waits_on_a_locked_registration() {
+    let cl = Cluster::start("jobs-rename-locks", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE x (id int PRIMARY KEY, tenant_id text, created_at timestamptz, token text);
+         CREATE TABLE y (id int PRIMARY KEY, tenant_id text, created_at timestamptz, token text);
+         SELECT pgseal.vault_register_column('x', 'token');
+         SELECT pgseal.vault_register_column('y', 'token');
+         SELECT pgseal.retention_set('x', '1 day');
+         ALTER EVENT TRIGGER pgseal_registrations_rename DISABLE;
+         ALTER TABLE x RENAME COLUMN token TO tok;
+         ALTER EVENT TRIGGER pgseal_registrations_rename ENABLE ALWAYS;",
+    )
+    .unwrap();
+    let mut holder = cl.connect();
+    holder
+        .batch_execute(
+            "BEGIN;
+             SELECT 1 FROM pgseal.sealed_columns WHERE rel = 'x'::regclass FOR UPDATE;
+             SELECT 1 FROM pgseal.retention_rules WHERE rel = 'x'::regclass FOR UPDATE;",
+        )
+        .unwrap();
+    c.batch_execute("SET statement_timeout = '10s'").unwrap();
+    let t = std::time::Instant::now();
+    c.batch_execute("ALTER TABLE y RENAME COLUMN token TO tok_y")
+        .unwrap();
+    c.batch_execute("ALTER TABLE x RENAME COLUMN created_at TO made_at")
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let names = |c: &mut postgres::Client| {
+        c.query_one(
+            "SELECT (SELECT string_agg(col, ',' ORDER BY col) FROM pgseal.sealed_columns),
+                    (SELECT time_column::text FROM pgseal.retention_rules)",
+            &[],
+        )
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .unwrap()
+    };
+    assert_eq!(
+        names(&mut c),
+        ("tok_y,token".to_owned(), "created_at".to_owned()),
+        "x's locked rows are left for later"
+    );
+    holder.batch_execute("COMMIT").unwrap();
+    c.batch_execute("ALTER TABLE x ALTER COLUMN tok SET STATISTICS 200")
+        .unwrap();
+    assert_eq!(
+        names(&mut c),
+        ("tok,tok_y".to_owned(), "made_at".to_owned())
+    );
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::DaemonError;
 
+pub mod batch;
 pub mod record;
 pub mod retention;
 pub mod rotation;

@@ -3,8 +3,10 @@
 //!
 //! For every table with a rule and every tenant in it, the effective window is the
 //! tenant's override, else the table's default; a tenant on legal hold is skipped.
-//! Deletes go in keyset batches (by ctid), each one transaction under the tenant's
-//! own context with a `lock_timeout`, with a pause between batches. Each tenant ×
+//! The expired rows of a tenant are found once (their ctids, in a held cursor) and
+//! deleted in batches, each one transaction under the tenant's own context with a
+//! `lock_timeout`, with a pause between batches; a batch's size is fixed or adapts
+//! to a target time per transaction (`batch.rs`). Each tenant ×
 //! table that had a window ends with a 'retention.deleted' ledger receipt. Once
 //! cancelled, the batch in hand is committed and receipted and the run ends.
 
@@ -15,6 +17,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Batch;
 use crate::config::RetentionJob;
 use crate::error::DaemonError;
 
@@ -22,7 +25,8 @@ use crate::error::DaemonError;
 pub struct Options {
     pub dry_run: bool,
     pub tenant: Option<String>,
-    pub batch: i64,
+    /// Rows per delete transaction: fixed, or adapted to a target time per batch.
+    pub batch: Batch,
     pub lock_timeout_ms: u64,
     pub pause: Duration,
 }
@@ -53,6 +57,10 @@ struct Rule {
     /// SQL type of the table's tenant_id, so the tenant compares without a cast on
     /// the column (which would keep its index out of use).
     tenant_type: String,
+    /// Why the rule cannot be applied (its time column is gone or no longer a
+    /// timestamp or date). The tenants it governs are skipped with a warning, never
+    /// swept under another rule.
+    broken: Option<&'static str>,
 }
 
 /// The scheduled job: a retention run over every tenant with the configured batches,
@@ -65,7 +73,7 @@ pub async fn scheduled(
     let opts = Options {
         dry_run: false,
         tenant: None,
-        batch: j.batch,
+        batch: Batch::new(j.batch, j.batch_ms),
         lock_timeout_ms: j.lock_timeout_ms,
         pause: Duration::from_millis(j.pause_ms),
     };
@@ -131,20 +139,54 @@ pub async fn run(
 ) -> Result<Vec<Outcome>, DaemonError> {
     // (rel, tenant or "" for the default) → rule
     let mut rules: BTreeMap<String, BTreeMap<String, Rule>> = BTreeMap::new();
+    // The time column by its number, so a RENAME COLUMN is followed. A rule the
+    // schema broke (issue 17) is skipped with a warning and the run goes on: a table
+    // that is gone, no longer a plain or partitioned table, or without tenant_id, as
+    // a whole; a rule whose time column is gone or of another type, alone.
     for r in client
         .query(
-            "SELECT r.rel::text, coalesce(r.tenant_id, ''), r.keep::text, quote_ident(r.time_column), \
-                    (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-                      WHERE a.attrelid = r.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped) \
-             FROM pgseal.retention_rules r",
+            "SELECT r.rel::text, coalesce(r.tenant_id, ''), r.keep::text, quote_ident(a.attname), \
+                    (SELECT format_type(t.atttypid, t.atttypmod) FROM pg_attribute t \
+                      WHERE t.attrelid = r.rel AND t.attname = 'tenant_id' AND NOT t.attisdropped), \
+                    coalesce(c.relkind IN ('r', 'p'), false), \
+                    a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype) \
+             FROM pgseal.retention_rules r \
+             LEFT JOIN pg_class c ON c.oid = r.rel \
+             LEFT JOIN pg_attribute a ON a.attrelid = r.rel AND a.attnum = r.time_attnum AND NOT a.attisdropped",
             &[],
         )
         .await
         .map_err(DaemonError::Query)?
     {
-        rules.entry(r.get(0)).or_default().insert(
-            r.get(1),
-            Rule { keep: r.get(2), time_column: r.get(3), tenant_type: r.get::<_, Option<String>>(4).unwrap_or_else(|| "text".into()) },
+        let (rel, tenant): (String, String) = (r.get(0), r.get(1));
+        let time_column: Option<String> = r.get(3);
+        let tenant_type: Option<String> = r.get(4);
+        let table_broken = if !r.get::<_, bool>(5) {
+            Some("the table is gone, or is no longer a plain or partitioned table")
+        } else if tenant_type.is_none() {
+            Some("the table has no tenant_id column")
+        } else {
+            None
+        };
+        if let Some(why) = table_broken {
+            tracing::warn!(table = %rel, tenant = %tenant, "skipping a retention rule: {why}");
+            continue;
+        }
+        let broken = if time_column.is_none() {
+            Some("its time column is gone")
+        } else if r.get::<_, Option<bool>>(6) != Some(true) {
+            Some("its time column is no longer a timestamp or date")
+        } else {
+            None
+        };
+        rules.entry(rel).or_default().insert(
+            tenant,
+            Rule {
+                keep: r.get(2),
+                time_column: time_column.unwrap_or_default(),
+                tenant_type: tenant_type.unwrap_or_default(),
+                broken,
+            },
         );
     }
     let holds: Vec<String> = client
@@ -155,6 +197,8 @@ pub async fn run(
         .map(|r| r.get(0))
         .collect();
     let mut out = Vec::new();
+    // One batch size for the whole run: what one tenant's batches taught carries over.
+    let mut batch = opts.batch;
     for (rel, by_tenant) in &rules {
         let tenants: Vec<String> = match &opts.tenant {
             Some(t) => vec![t.clone()],
@@ -173,6 +217,10 @@ pub async fn run(
             let Some(rule) = by_tenant.get(&tenant).or_else(|| by_tenant.get("")) else {
                 continue;
             };
+            if let Some(why) = rule.broken {
+                tracing::warn!(table = %rel, tenant = %tenant, "skipping a retention rule: {why}");
+                continue;
+            }
             let cutoff: String = client
                 .query_one("SELECT (now() - $1::text::interval)::text", &[&rule.keep])
                 .await
@@ -197,7 +245,8 @@ pub async fn run(
                 )
             } else {
                 let (n, longest) =
-                    delete_expired(client, rel, &tenant, rule, &cutoff, opts, stop).await?;
+                    delete_expired(client, rel, &tenant, rule, &cutoff, opts, &mut batch, stop)
+                        .await?;
                 receipt(client, rel, &tenant, rule, &cutoff, n).await?;
                 (n, longest)
             };
@@ -240,6 +289,22 @@ async fn count_expired(
     Ok(n as u64)
 }
 
+/// The held cursor over one tenant's expired rows (`delete_expired`).
+const CURSOR: &str = "pgseald_expired";
+
+/// Deletes the tenant's expired rows in batch transactions sized by `batch`, which
+/// learns from each; returns the rows deleted and the longest batch.
+///
+/// The expired rows are found once: their ctids are kept in a cursor WITH HOLD,
+/// which PostgreSQL materialises when its transaction commits, and each batch takes
+/// the next ones from it and deletes them by ctid. A batch that searched the table
+/// again would pass every row the batches before it deleted: a bitmap heap scan
+/// visits their dead tuples' pages again (they stay in the index until vacuum), so
+/// a tenant's sweep grew with the square of its batches. Each delete re-checks the
+/// tenant and the cutoff: a ctid whose row was updated or deleted meanwhile names
+/// a dead version and is skipped, and one a vacuum gave to a new row deletes it
+/// only if that row is expired too.
+#[allow(clippy::too_many_arguments)]
 async fn delete_expired(
     client: &mut Client,
     rel: &str,
@@ -247,16 +312,49 @@ async fn delete_expired(
     rule: &Rule,
     cutoff: &str,
     opts: &Options,
+    batch: &mut Batch,
     stop: &CancellationToken,
 ) -> Result<(u64, std::time::Duration), DaemonError> {
-    let sql = format!(
-        "DELETE FROM {rel} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {rel} \
-         WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz LIMIT $3))",
+    let expired = format!(
+        "FROM {rel} WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz",
         rule.tenant_type, rule.time_column
     );
+    // Under `pgseal.strict_context` every cursor WITH HOLD is closed when its
+    // transaction commits (so none carries a tenant's rows to the next client of a
+    // pooled connection); each batch then searches the table again instead.
+    let strict: bool = client
+        .query_one(
+            "SELECT coalesce(current_setting('pgseal.strict_context', true), 'off')::bool",
+            &[],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+        .get(0);
+    if strict {
+        return delete_expired_by_search(client, &expired, tenant, cutoff, opts, batch, stop).await;
+    }
+    {
+        let tx = client.transaction().await.map_err(DaemonError::Query)?;
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+            .await
+            .map_err(DaemonError::Query)?;
+        // A cursor an earlier failed run left on this connection.
+        tx.batch_execute("CLOSE ALL")
+            .await
+            .map_err(DaemonError::Query)?;
+        tx.execute(
+            &format!("DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR SELECT ctid::text {expired}"),
+            &[&tenant, &cutoff],
+        )
+        .await
+        .map_err(DaemonError::Query)?;
+        tx.commit().await.map_err(DaemonError::Query)?;
+    }
+    let delete = format!("DELETE {expired} AND ctid = ANY ($3::text[]::tid[])");
     let mut total = 0u64;
     let mut longest = std::time::Duration::ZERO;
     loop {
+        let size = batch.size();
         let began = std::time::Instant::now();
         let tx = client.transaction().await.map_err(DaemonError::Query)?;
         tx.batch_execute(&format!(
@@ -268,22 +366,39 @@ async fn delete_expired(
         tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
             .await
             .map_err(DaemonError::Query)?;
-        let n = tx
-            .execute(&sql, &[&tenant, &cutoff, &opts.batch])
+        let ctids: Vec<String> = tx
+            .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
             .await
-            .map_err(DaemonError::Query)?;
+            .map_err(DaemonError::Query)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let n = if ctids.is_empty() {
+            0
+        } else {
+            tx.execute(&delete, &[&tenant, &cutoff, &ctids])
+                .await
+                .map_err(DaemonError::Query)?
+        };
         tx.commit().await.map_err(DaemonError::Query)?;
-        longest = longest.max(began.elapsed());
+        let took = began.elapsed();
+        batch.observe(ctids.len() as u64, took);
+        longest = longest.max(took);
         total += n;
         // Once cancelled, the batch just committed is the last.
-        if (n as i64) < opts.batch || stop.is_cancelled() {
-            return Ok((total, longest));
+        if (ctids.len() as i64) < size || stop.is_cancelled() {
+            break;
         }
         tokio::select! {
             _ = tokio::time::sleep(opts.pause) => {}
-            _ = stop.cancelled() => return Ok((total, longest)),
+            _ = stop.cancelled() => break,
         }
     }
+    client
+        .batch_execute(&format!("CLOSE {CURSOR}"))
+        .await
+        .map_err(DaemonError::Query)?;
+    Ok((total, longest))
 }
 
 async fn receipt(
@@ -313,4 +428,57 @@ async fn receipt(
     .map_err(DaemonError::Query)?;
     tx.commit().await.map_err(DaemonError::Query)?;
     Ok(())
+}
+
+/// `delete_expired` without a held cursor: each batch deletes the next expired rows
+/// it finds, searching the table again (it passes the dead versions of the rows the
+/// batches before it deleted until a vacuum, so a large sweep slows as it goes).
+async fn delete_expired_by_search(
+    client: &mut Client,
+    expired: &str,
+    tenant: &str,
+    cutoff: &str,
+    opts: &Options,
+    batch: &mut Batch,
+    stop: &CancellationToken,
+) -> Result<(u64, std::time::Duration), DaemonError> {
+    let rel_and_filter = expired.trim_start_matches("FROM ");
+    let (rel, filter) = rel_and_filter
+        .split_once(" WHERE ")
+        .ok_or_else(|| DaemonError::Config("unexpected retention query".into()))?;
+    let delete = format!(
+        "DELETE FROM {rel} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {rel} WHERE {filter} LIMIT $3))"
+    );
+    let mut total = 0u64;
+    let mut longest = std::time::Duration::ZERO;
+    loop {
+        let size = batch.size();
+        let began = std::time::Instant::now();
+        let tx = client.transaction().await.map_err(DaemonError::Query)?;
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            opts.lock_timeout_ms
+        ))
+        .await
+        .map_err(DaemonError::Query)?;
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+            .await
+            .map_err(DaemonError::Query)?;
+        let n = tx
+            .execute(&delete, &[&tenant, &cutoff, &size])
+            .await
+            .map_err(DaemonError::Query)?;
+        tx.commit().await.map_err(DaemonError::Query)?;
+        let took = began.elapsed();
+        batch.observe(n, took);
+        longest = longest.max(took);
+        total += n;
+        if (n as i64) < size || stop.is_cancelled() {
+            return Ok((total, longest));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(opts.pause) => {}
+            _ = stop.cancelled() => return Ok((total, longest)),
+        }
+    }
 }

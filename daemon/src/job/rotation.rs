@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::Batch;
 use crate::config::RotationJob;
 use crate::error::DaemonError;
 use crate::progress::Progress;
@@ -38,11 +39,13 @@ pub async fn scheduled(
         .map(|r| r.get(0))
         .collect();
     let mut resealed = 0;
+    // One batch size for the whole run: what one tenant's batches taught carries over.
+    let mut batch = Batch::new(j.batch, j.batch_ms);
     for t in &due {
         if stop.is_cancelled() {
             break;
         }
-        resealed += tenant(client, t, j.batch, stop).await?.1;
+        resealed += tenant(client, t, &mut batch, stop).await?.1;
     }
     let leftover = client
         .query(
@@ -58,17 +61,17 @@ pub async fn scheduled(
             break;
         }
         let (tenant, key): (String, String) = (r.get(0), r.get(1));
-        resealed += reseal(client, &tenant, &key, j.batch, stop).await?;
+        resealed += reseal(client, &tenant, &key, &mut batch, stop).await?;
     }
     crate::metrics::ROWS_RESEALED.fetch_add(resealed, Ordering::Relaxed);
     Ok(serde_json::json!({ "rotated": due, "resealed": resealed }))
 }
 
 /// Runs `kek_rewrap(batch)` until it returns 0 or `stop` is cancelled; returns the
-/// keys rewrapped.
+/// keys rewrapped. Each call is one transaction: `batch` sizes it.
 pub async fn kek(
     client: &Client,
-    batch: i32,
+    mut batch: Batch,
     stop: &CancellationToken,
 ) -> Result<i64, DaemonError> {
     let remaining: i64 = client
@@ -83,11 +86,14 @@ pub async fn kek(
     let bar = Progress::new("rewrapping tenant keys", remaining as u64);
     let mut total = 0i64;
     loop {
+        let size = batch.size().clamp(1, i32::MAX as i64) as i32;
+        let began = std::time::Instant::now();
         let n: i32 = client
-            .query_one("SELECT pgseal.kek_rewrap($1)", &[&batch])
+            .query_one("SELECT pgseal.kek_rewrap($1)", &[&size])
             .await
             .map_err(DaemonError::Query)?
             .get(0);
+        batch.observe(n.max(0) as u64, began.elapsed());
         if n == 0 {
             break;
         }
@@ -104,6 +110,8 @@ pub async fn kek(
 /// One registered sealed column.
 struct SealedColumn {
     rel: String,
+    /// The column's current name, quoted (found by its number, so a RENAME COLUMN
+    /// is followed); empty when the column is gone.
     col: String,
     context: Option<String>,
     /// Quoted primary key columns, and their SQL types.
@@ -111,12 +119,15 @@ struct SealedColumn {
     pk_types: Vec<String>,
     /// SQL type of the table's tenant_id.
     tenant_type: String,
+    /// Why the registration cannot be resealed (table or column gone, not text, no
+    /// primary key, no tenant_id); such a registration is skipped with a warning.
+    broken: Option<&'static str>,
 }
 
 async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonError> {
     let rows = client
         .query(
-            "SELECT s.rel::text, quote_ident(s.col), s.context, \
+            "SELECT s.rel::text, quote_ident(c.attname), s.context, \
                     (SELECT array_agg(quote_ident(a.attname) ORDER BY k.ord) \
                        FROM pg_index i \
                        CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
@@ -128,23 +139,44 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
                       WHERE i.indrelid = s.rel AND i.indisprimary), \
                     (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-                      WHERE a.attrelid = s.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped) \
-             FROM pgseal.sealed_columns s ORDER BY 1, 2",
+                      WHERE a.attrelid = s.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped), \
+                    coalesce(r.relkind IN ('r', 'p'), false), c.atttypid = 'text'::regtype \
+             FROM pgseal.sealed_columns s \
+             LEFT JOIN pg_class r ON r.oid = s.rel \
+             LEFT JOIN pg_attribute c ON c.attrelid = s.rel AND c.attnum = s.attnum AND NOT c.attisdropped \
+             ORDER BY 1, 2",
             &[],
         )
         .await
         .map_err(DaemonError::Query)?;
     Ok(rows
         .iter()
-        .map(|r| SealedColumn {
-            rel: r.get(0),
-            col: r.get(1),
-            context: r.get(2),
-            pk: r.get::<_, Option<Vec<String>>>(3).unwrap_or_default(),
-            pk_types: r.get::<_, Option<Vec<String>>>(4).unwrap_or_default(),
-            tenant_type: r
-                .get::<_, Option<String>>(5)
-                .unwrap_or_else(|| "text".into()),
+        .map(|r| {
+            let col: Option<String> = r.get(1);
+            let pk = r.get::<_, Option<Vec<String>>>(3).unwrap_or_default();
+            let tenant_type: Option<String> = r.get(5);
+            let broken = if !r.get::<_, bool>(6) {
+                Some("the table is gone, or is no longer a plain or partitioned table")
+            } else if col.is_none() {
+                Some("the column is gone")
+            } else if r.get::<_, Option<bool>>(7) != Some(true) {
+                Some("the column is no longer of type text")
+            } else if pk.is_empty() {
+                Some("the table has no primary key")
+            } else if tenant_type.is_none() {
+                Some("the table has no tenant_id column")
+            } else {
+                None
+            };
+            SealedColumn {
+                rel: r.get(0),
+                col: col.unwrap_or_default(),
+                context: r.get(2),
+                pk,
+                pk_types: r.get::<_, Option<Vec<String>>>(4).unwrap_or_default(),
+                tenant_type: tenant_type.unwrap_or_default(),
+                broken,
+            }
         })
         .collect())
 }
@@ -154,7 +186,7 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
 pub async fn tenant(
     client: &mut Client,
     tenant: &str,
-    batch: i64,
+    batch: &mut Batch,
     stop: &CancellationToken,
 ) -> Result<(String, u64), DaemonError> {
     let key_id: String = client
@@ -169,43 +201,59 @@ pub async fn tenant(
 /// The statement that reseals one batch: it walks the tenant's rows in primary key
 /// order from just after `$5` (the previous batch's last key, as a JSON array; NULL
 /// to start), so each batch reads only its own rows, and returns how many it
-/// resealed and the last key it read.
+/// resealed, the last key it read and how many rows it read. The update reaches
+/// the rows it read by their ctids (a TID scan) before it joins them by primary key:
+/// joined by primary key alone, PostgreSQL 18 plans a hash join over a scan of the
+/// whole table, on every batch.
 fn batch_sql(c: &SealedColumn) -> String {
     let pk = c.pk.join(", ");
-    let last: Vec<String> = c
-        .pk_types
-        .iter()
-        .enumerate()
-        .map(|(i, t)| format!("($5::text::jsonb ->> {i})::{t}"))
-        .collect();
+    // The keyset compares the key after a leading tenant_id, which `tenant_id = $1`
+    // already fixes: a row comparison that starts with it makes the btree start each
+    // batch at the tenant's first row and filter its way to the last batch's end.
+    let after: Vec<(usize, &String)> =
+        c.pk.iter()
+            .enumerate()
+            .skip_while(|(_, k)| k.as_str() == "tenant_id")
+            .collect();
+    let keyset = if after.is_empty() {
+        "FALSE".to_owned()
+    } else {
+        let cols: Vec<&str> = after.iter().map(|(_, k)| k.as_str()).collect();
+        let last: Vec<String> = after
+            .iter()
+            .map(|(i, _)| format!("($5::text::jsonb ->> {i})::{}", c.pk_types[*i]))
+            .collect();
+        format!("({}) > ({})", cols.join(", "), last.join(", "))
+    };
     let join: Vec<String> = c.pk.iter().map(|k| format!("t.{k} = s.{k}")).collect();
     let order_desc: Vec<String> = c.pk.iter().map(|k| format!("{k} DESC")).collect();
     format!(
-        "WITH s AS (SELECT {pk}, {col} AS old FROM {rel} \
-                    WHERE tenant_id = $1::text::{tt} AND ($5::text IS NULL OR ({pk}) > ({last})) \
+        "WITH s AS (SELECT ctid AS pgseal_tid, {pk}, {col} AS old FROM {rel} \
+                    WHERE tenant_id = $1::text::{tt} AND ($5::text IS NULL OR {keyset}) \
                     ORDER BY {pk} LIMIT $4), \
               u AS (UPDATE {rel} AS t SET {col} = pgseal.vault_rewrap(t.{col}, $3) FROM s \
-                    WHERE {join} AND t.{col} = s.old \
+                    WHERE t.ctid = ANY (ARRAY(SELECT pgseal_tid FROM s)) AND {join} AND t.{col} = s.old \
                       AND s.old LIKE 'v2:%' AND split_part(s.old, ':', 2) <> $2 RETURNING 1) \
-         SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({pk})::text FROM s ORDER BY {desc} LIMIT 1)",
+         SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({pk})::text FROM s ORDER BY {desc} LIMIT 1), \
+                (SELECT count(*) FROM s)",
         rel = c.rel,
         col = c.col,
         tt = c.tenant_type,
-        last = last.join(", "),
         join = join.join(" AND "),
         desc = order_desc.join(", "),
     )
 }
 
 /// Reseals the tenant's registered values that are not under `active`, in
-/// batches of `batch` rows, each batch one transaction. Each row is updated only
-/// if it still holds the value read (compare-and-set: under READ COMMITTED a
-/// concurrent update makes the row fail that test, and the concurrent value wins).
+/// batches sized by `batch` (which learns from each), each batch one transaction.
+/// Each row is updated only if it still holds the value read (compare-and-set:
+/// under READ COMMITTED a concurrent update makes the row fail that test, and the
+/// concurrent value wins).
 pub async fn reseal(
     client: &mut Client,
     tenant: &str,
     active: &str,
-    batch: i64,
+    batch: &mut Batch,
     stop: &CancellationToken,
 ) -> Result<u64, DaemonError> {
     let mut total = 0u64;
@@ -213,26 +261,31 @@ pub async fn reseal(
         if stop.is_cancelled() {
             break;
         }
-        if c.pk.is_empty() {
-            return Err(DaemonError::Config(format!(
-                "{} has no primary key; it cannot be resealed",
-                c.rel
-            )));
+        // A registration the schema broke (issue 17) is skipped: the others are
+        // resealed all the same.
+        if let Some(why) = c.broken {
+            tracing::warn!(table = %c.rel, column = %c.col, "skipping a sealed column registration: {why}");
+            continue;
         }
         let sql = batch_sql(&c);
         let bar = Progress::new(&format!("resealing {}.{}", c.rel, c.col), 0);
         let mut last: Option<String> = None;
         loop {
+            let size = batch.size();
+            let began = std::time::Instant::now();
             let tx = client.transaction().await.map_err(DaemonError::Query)?;
             tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
                 .await
                 .map_err(DaemonError::Query)?;
             let row = tx
-                .query_one(&sql, &[&tenant, &active, &c.context, &batch, &last])
+                .query_one(&sql, &[&tenant, &active, &c.context, &size, &last])
                 .await
                 .map_err(DaemonError::Query)?;
             tx.commit().await.map_err(DaemonError::Query)?;
             let n = row.get::<_, i64>(0) as u64;
+            // Rows read, not rows resealed, measure the batch: a batch of values
+            // already under the new key reads its rows and writes none.
+            batch.observe(row.get::<_, i64>(2) as u64, began.elapsed());
             total += n;
             bar.inc(n);
             last = row.get::<_, Option<String>>(1);

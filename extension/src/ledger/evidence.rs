@@ -19,7 +19,9 @@
 //!   that concerns every tenant (a table's policies, a default retention rule, a
 //!   TRUNCATE) is recorded in the chain of the tenant context the change was made
 //!   under, where that tenant's auditor looks, else in pgseal's system chain
-//!   `names::SYSTEM_TENANT`, which only pgseal appends to.
+//!   `names::SYSTEM_TENANT`, which only pgseal appends to. One exception: the
+//!   removal of a default retention rule whose table or time column the catalog no
+//!   longer has (a DROP, by whichever role) always goes to the system chain.
 //!
 //! Every entry recorded here has the usual actor (the user-id setting, else
 //! `session_user`) and, like every entry, the hashed `db_role` field: the database
@@ -236,10 +238,10 @@ impl Row {
         ))
     }
 
-    /// An `oid`-valued column (regclass) as a qualified name.
-    fn relation(&self, name: &CStr) -> SealResult<String> {
+    /// A NOT NULL column's datum, converted by `T` (an `oid`-valued or `int2` column).
+    fn datum<T: FromDatum>(&self, name: &CStr) -> SealResult<T> {
         // SAFETY: as in `text`; SPI_getbinval sets `isnull` and returns the datum,
-        // an OID for the regclass column read here.
+        // of the column's type, which the caller names by `T`.
         unsafe {
             let n = pg_sys::SPI_fnumber(self.desc, name.as_ptr());
             if n <= 0 {
@@ -249,11 +251,34 @@ impl Row {
             }
             let mut isnull = false;
             let d = pg_sys::SPI_getbinval(self.tuple, self.desc, n, &mut isnull);
-            let oid = pg_sys::Oid::from_datum(d, isnull).ok_or(SealError::TriggerProtocol(
+            T::from_datum(d, isnull).ok_or(SealError::TriggerProtocol(
                 "a NOT NULL column pgseal records is NULL",
-            ))?;
-            Ok(qualified_name(oid))
+            ))
         }
+    }
+
+    /// An `oid`-valued column (regclass) as a qualified name.
+    fn relation(&self, name: &CStr) -> SealResult<String> {
+        Ok(qualified_name(self.datum::<pg_sys::Oid>(name)?))
+    }
+}
+
+/// Whether relation `rel` or its column `attnum` no longer exists, as the catalog
+/// (not any setting of the session) says: a table or column dropped in this
+/// transaction is already gone from the syscache when its registrations are deleted.
+fn column_gone(rel: pg_sys::Oid, attnum: i16) -> bool {
+    // SAFETY: syscache lookups; SearchSysCacheAttNum returns NULL for a missing or
+    // dropped column, else a tuple released here and not read.
+    unsafe {
+        if pg_sys::get_rel_relkind(rel) == 0 {
+            return true;
+        }
+        let tup = pg_sys::SearchSysCacheAttNum(rel, attnum);
+        if tup.is_null() {
+            return true;
+        }
+        pg_sys::ReleaseSysCache(tup);
+        false
     }
 }
 
@@ -417,22 +442,43 @@ pub unsafe extern "C-unwind" fn retention_record_trigger(
 struct Rule {
     /// The tenant of an override; None for the table's default.
     tenant: Option<String>,
+    /// The rule's table or time column no longer exists (a DROP is removing it).
+    gone: bool,
     payload: Value,
 }
 
 fn rule(row: &Row) -> SealResult<Rule> {
     let tenant = row.text(c"tenant_id")?;
+    let gone = column_gone(
+        row.datum::<pg_sys::Oid>(c"rel")?,
+        row.datum::<i16>(c"time_attnum")?,
+    );
     let payload = json!({
         "table": row.relation(c"rel")?,
         "keep": row.required(c"keep")?,
         "time_column": row.required(c"time_column")?,
         "scope": if tenant.is_some() { "tenant" } else { "default" },
     });
-    Ok(Rule { tenant, payload })
+    Ok(Rule {
+        tenant,
+        gone,
+        payload,
+    })
 }
 
+/// A tenant's rule is recorded in that tenant's chain. A default rule concerns
+/// every tenant: recorded in the tenant context's chain, else the system chain;
+/// but a default rule whose table or time column is gone (its removal by
+/// `_registrations_follow_drops`, fired by whichever role dropped it) always in the
+/// system chain: the dropping session's settings choose no chain (a context naming
+/// `_pgseal_audit` would make the append fail, one naming a victim tenant would
+/// write into the victim's chain).
 fn rule_event(event: &'static str, r: Rule) -> SealResult<()> {
-    let tenant = r.tenant.unwrap_or_else(context_or_system);
+    let tenant = match r.tenant {
+        Some(t) => t,
+        None if r.gone => SYSTEM_TENANT.to_owned(),
+        None => context_or_system(),
+    };
     record(&tenant, event, r.payload).map(|_| ())
 }
 

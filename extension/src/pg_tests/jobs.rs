@@ -1,11 +1,12 @@
 //! `#[pg_test]`s for the SQL side of pgseald's jobs: retention rules and holds, the
-//! sealed-column registry, key usage and the bounded job history.
+//! sealed-column registry, key usage and the bounded job history; registrations
+//! following the schema (drops, renames, the column number taken from the name).
 
 #[pgrx::pg_schema]
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::pg_tests::helpers::{one, run, sqlstate};
+    use crate::pg_tests::helpers::{one, run, sqlstate, tenant};
 
     #[pg_test]
     fn retention_rules_default_override_and_hold() {
@@ -113,6 +114,426 @@ mod tests {
             )),
             "retired"
         );
+    }
+
+    /// The newest ledger entry of `tenant`: (event, payload).
+    fn newest(tenant: &str) -> (String, pgrx::JsonB) {
+        Spi::connect(|c| {
+            let t = c
+                .select(
+                    "SELECT event, payload FROM pgseal.ledger WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1",
+                    Some(1),
+                    &[tenant.into()],
+                )
+                .unwrap()
+                .first();
+            (
+                t.get::<String>(1).unwrap().unwrap(),
+                t.get::<pgrx::JsonB>(2).unwrap().unwrap(),
+            )
+        })
+    }
+
+    fn entries(tenant: &str) -> i64 {
+        Spi::get_one_with_args::<i64>(
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = $1",
+            &[tenant.into()],
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    /// Two registered tables, each with a default and a tenant's retention rule on
+    /// different time columns and two registered sealed columns.
+    fn two_registered_tables() {
+        for t in ["public.reg_a", "public.reg_b"] {
+            run(&format!(
+                "CREATE TABLE {t} (id int PRIMARY KEY, tenant_id text, created_at timestamptz, \
+                 seen_at timestamptz, token text, token2 text)"
+            ));
+            run(&format!("SELECT pgseal.retention_set('{t}', '30 days')"));
+            run(&format!(
+                "SELECT pgseal.retention_set('{t}', '10 days', 'seen_at', 'reg-t')"
+            ));
+            run(&format!(
+                "SELECT pgseal.vault_register_column('{t}', 'token', 'ctx')"
+            ));
+            run(&format!(
+                "SELECT pgseal.vault_register_column('{t}', 'token2', 'ctx')"
+            ));
+        }
+    }
+
+    fn registrations(rel: &str) -> (i64, i64) {
+        (
+            one::<i64>(&format!(
+                "SELECT count(*) FROM pgseal.retention_rules WHERE rel::text = '{rel}'"
+            )),
+            one::<i64>(&format!(
+                "SELECT count(*) FROM pgseal.sealed_columns WHERE rel::text = '{rel}'"
+            )),
+        )
+    }
+
+    #[pg_test]
+    fn dropping_a_column_or_table_removes_its_registrations_only() {
+        two_registered_tables();
+        let oid: i64 = one("SELECT 'public.reg_a'::regclass::oid::bigint");
+        // A dropped sealed column: that registration only.
+        run("ALTER TABLE public.reg_a DROP COLUMN token2");
+        assert_eq!(registrations("reg_a"), (2, 1));
+        assert_eq!(
+            one::<String>(
+                "SELECT col::text FROM pgseal.sealed_columns WHERE rel = 'public.reg_a'::regclass"
+            ),
+            "token"
+        );
+        // A dropped time column: the tenant's rule on it, recorded as any removal.
+        run("ALTER TABLE public.reg_a DROP COLUMN seen_at");
+        assert_eq!(registrations("reg_a"), (1, 1));
+        let (event, p) = newest("reg-t");
+        assert_eq!(event, "retention.removed");
+        assert_eq!(p.0["time_column"], "seen_at");
+        assert_eq!(p.0["scope"], "tenant");
+        // A dropped table: everything of it, the other table untouched.
+        run("DROP TABLE public.reg_a");
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT count(*) FROM pgseal.retention_rules WHERE rel::oid = {oid}"
+            )) + one::<i64>(&format!(
+                "SELECT count(*) FROM pgseal.sealed_columns WHERE rel::oid = {oid}"
+            )),
+            0
+        );
+        assert_eq!(registrations("reg_b"), (2, 2));
+        let (event, p) = newest("_pgseal");
+        assert_eq!(event, "retention.removed");
+        assert_eq!(p.0["scope"], "default");
+        assert_eq!(
+            p.0["table"],
+            serde_json::json!(oid.to_string()),
+            "the table's name is gone: its OID"
+        );
+        // DROP SCHEMA ... CASCADE reaches them too.
+        run("CREATE SCHEMA reg_s");
+        run("ALTER TABLE public.reg_b SET SCHEMA reg_s");
+        run("DROP SCHEMA reg_s CASCADE");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.retention_rules"), 0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.sealed_columns"), 0);
+        assert!(one::<bool>(
+            "SELECT ok FROM pgseal.ledger_verify('_pgseal')"
+        ));
+    }
+
+    #[pg_test]
+    fn renames_of_columns_tables_and_schemas_are_followed_unrecorded() {
+        two_registered_tables();
+        let before = (entries("_pgseal"), entries("reg-t"));
+        let nums: (i16, i16) = (
+            one("SELECT attnum FROM pgseal.sealed_columns WHERE rel = 'public.reg_a'::regclass AND col = 'token'"),
+            one("SELECT time_attnum FROM pgseal.retention_rules WHERE rel = 'public.reg_a'::regclass AND tenant_id = 'reg-t'"),
+        );
+        run("ALTER TABLE public.reg_a RENAME COLUMN token TO secret");
+        run("ALTER TABLE public.reg_a RENAME COLUMN seen_at TO last_seen");
+        run("ALTER TABLE public.reg_a RENAME TO reg_renamed");
+        run("CREATE SCHEMA reg_s");
+        run("ALTER TABLE public.reg_renamed SET SCHEMA reg_s");
+        assert_eq!(registrations("reg_s.reg_renamed"), (2, 2));
+        assert_eq!(
+            one::<i16>("SELECT attnum FROM pgseal.sealed_columns WHERE rel = 'reg_s.reg_renamed'::regclass AND col = 'secret'"),
+            nums.0
+        );
+        assert_eq!(
+            one::<i16>("SELECT time_attnum FROM pgseal.retention_rules WHERE rel = 'reg_s.reg_renamed'::regclass AND time_column = 'last_seen'"),
+            nums.1
+        );
+        assert_eq!(
+            one::<String>("SELECT time_column::text FROM pgseal.retention_policies WHERE tenant_id = 'reg-t' AND rel = 'reg_s.reg_renamed'::regclass"),
+            "last_seen"
+        );
+        assert_eq!(
+            (entries("_pgseal"), entries("reg-t")),
+            before,
+            "a rename changes no rule: nothing recorded"
+        );
+        // The renamed column is still scanned by key_usage.
+        tenant("reg-t");
+        run("INSERT INTO reg_s.reg_renamed (id, tenant_id, secret) VALUES (1, 'reg-t', pgseal.vault_seal('x', 'ctx'))");
+        assert_eq!(
+            one::<i64>("SELECT sum(rows)::bigint FROM pgseal.key_usage WHERE tenant_id = 'reg-t'"),
+            1
+        );
+        // Setting the rule again by its new name updates it, recorded with the name.
+        run("SELECT pgseal.retention_set('reg_s.reg_renamed', '20 days', 'last_seen', 'reg-t')");
+        let (event, p) = newest("reg-t");
+        assert_eq!(event, "retention.set");
+        assert_eq!(p.0["previous"]["time_column"], "last_seen");
+        assert_eq!(registrations("reg_s.reg_renamed"), (2, 2));
+        // The other table kept its names.
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.sealed_columns WHERE rel = 'public.reg_b'::regclass AND col IN ('token', 'token2')"),
+            2
+        );
+    }
+
+    #[pg_test]
+    fn a_registrations_column_number_comes_from_its_name() {
+        run("CREATE TABLE public.reg_n (id int PRIMARY KEY, tenant_id text, gone int, created_at timestamptz, token text)");
+        run("ALTER TABLE public.reg_n DROP COLUMN gone");
+        run("SELECT pgseal.vault_register_column('public.reg_n', 'token')");
+        run("SELECT pgseal.retention_set('public.reg_n', '1 day')");
+        assert_eq!(
+            one::<i16>(
+                "SELECT attnum FROM pgseal.sealed_columns WHERE rel = 'public.reg_n'::regclass"
+            ),
+            5
+        );
+        assert_eq!(
+            one::<i16>("SELECT time_attnum FROM pgseal.retention_rules WHERE rel = 'public.reg_n'::regclass"),
+            4
+        );
+        // A number written directly (as a restore writes a dumped one) is replaced by
+        // the named column's.
+        run("DELETE FROM pgseal.sealed_columns");
+        run("INSERT INTO pgseal.sealed_columns (rel, col, context, attnum) VALUES ('public.reg_n', 'token', NULL, 2)");
+        assert_eq!(
+            one::<i16>(
+                "SELECT attnum FROM pgseal.sealed_columns WHERE rel = 'public.reg_n'::regclass"
+            ),
+            5
+        );
+        run("UPDATE pgseal.retention_rules SET time_attnum = 1");
+        assert_eq!(
+            one::<i16>("SELECT time_attnum FROM pgseal.retention_rules WHERE rel = 'public.reg_n'::regclass"),
+            4
+        );
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.sealed_columns (rel, col, attnum) VALUES ('public.reg_n', 'nope', 5)"),
+            "42703"
+        );
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.sealed_columns (rel, col, attnum) VALUES ('public.reg_n', '........pg.dropped.3........', 3)"),
+            "42703"
+        );
+    }
+
+    #[pg_test]
+    fn a_roles_drop_removes_only_its_own_tables_registrations_and_runs_none_of_its_code() {
+        two_registered_tables();
+        run("CREATE ROLE reg_app");
+        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
+        run("GRANT CREATE ON SCHEMA public TO reg_app");
+        run("CREATE SCHEMA reg_atk AUTHORIZATION reg_app");
+        run("CREATE TABLE public.reg_own (id int PRIMARY KEY, tenant_id text, created_at timestamptz, token text)");
+        run("ALTER TABLE public.reg_own OWNER TO reg_app");
+        run("SELECT pgseal.vault_register_column('public.reg_own', 'token')");
+        run("SELECT pgseal.retention_set('public.reg_own', '5 days')");
+        run("SET LOCAL ROLE reg_app");
+        // The attacker's hijacks: a log of who ran its code, and `=` / `<>` on oid,
+        // int4/int2 and name in a schema first in its search_path, plus pg_temp views
+        // named like the catalogs the event triggers read.
+        run("CREATE TABLE reg_atk.ran (who text)");
+        run("GRANT INSERT ON reg_atk.ran TO PUBLIC");
+        run("CREATE FUNCTION reg_atk.pwn() RETURNS boolean LANGUAGE sql AS $$ INSERT INTO reg_atk.ran VALUES (current_user::text) RETURNING true $$");
+        for (l, r) in [
+            ("oid", "oid"),
+            ("int4", "int2"),
+            ("name", "name"),
+            ("oid", "regclass"),
+        ] {
+            run(&format!(
+                "CREATE FUNCTION reg_atk.eq(a {l}, b {r}) RETURNS boolean LANGUAGE sql AS $$ SELECT reg_atk.pwn() AND a::text = b::text $$"
+            ));
+            run(&format!(
+                "CREATE OPERATOR reg_atk.= (LEFTARG = {l}, RIGHTARG = {r}, FUNCTION = reg_atk.eq)"
+            ));
+        }
+        run("CREATE TEMP VIEW pg_attribute AS SELECT attrelid, attname, attnum, atttypid, attisdropped FROM pg_catalog.pg_attribute WHERE reg_atk.pwn()");
+        run("CREATE TEMP VIEW retention_rules AS SELECT * FROM pgseal.retention_rules WHERE reg_atk.pwn()");
+        run("SET LOCAL search_path = reg_atk, pg_temp, pg_catalog, public");
+        run("CREATE TABLE reg_atk.mine (id int, tenant_id text, created_at timestamptz)");
+        run("ALTER TABLE reg_atk.mine RENAME COLUMN id TO ident");
+        run("DROP TABLE reg_atk.mine");
+        run("ALTER TABLE public.reg_own RENAME COLUMN token TO tok");
+        run("ALTER TABLE public.reg_own DROP COLUMN tok");
+        run("DROP TABLE public.reg_own");
+        run("RESET search_path");
+        run("RESET ROLE");
+        assert_eq!(registrations("reg_a"), (2, 2));
+        assert_eq!(registrations("reg_b"), (2, 2));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.retention_rules")
+                + one::<i64>("SELECT count(*) FROM pgseal.sealed_columns"),
+            8,
+            "the role's own table's registrations are gone, nothing else"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM reg_atk.ran WHERE who <> 'reg_app'"),
+            0,
+            "the attacker's code never ran as anyone else"
+        );
+        // The role cannot reach the registrations by any other way either.
+        run("SET LOCAL ROLE reg_app");
+        assert_eq!(sqlstate("DELETE FROM pgseal.sealed_columns"), "42501");
+        assert_eq!(sqlstate("SELECT pgseal._master_key_loaded()"), "42501");
+        run("RESET ROLE");
+    }
+
+    /// Every command tag that renames a column of a plain table (ALTER VIEW /
+    /// MATERIALIZED VIEW / FOREIGN TABLE ... RENAME COLUMN too) syncs the stored name:
+    /// swapping two column names through ALTER VIEW leaves no name on another column.
+    #[pg_test]
+    fn renames_by_every_alter_tag_are_followed() {
+        run("CREATE TABLE public.reg_v (id int PRIMARY KEY, tenant_id text, created_at timestamptz, \
+             fake_ts timestamptz, token text, other text)");
+        run("SELECT pgseal.retention_set('public.reg_v', '30 days')");
+        run("SELECT pgseal.vault_register_column('public.reg_v', 'token')");
+        let (t, c): (i16, i16) = (
+            one("SELECT time_attnum FROM pgseal.retention_rules"),
+            one("SELECT attnum FROM pgseal.sealed_columns"),
+        );
+        run("ALTER VIEW public.reg_v RENAME COLUMN created_at TO real_created");
+        run("ALTER VIEW public.reg_v RENAME COLUMN fake_ts TO created_at");
+        run("ALTER FOREIGN TABLE public.reg_v RENAME COLUMN token TO tok");
+        run("ALTER MATERIALIZED VIEW public.reg_v RENAME COLUMN other TO token");
+        assert_eq!(
+            one::<String>("SELECT time_column::text FROM pgseal.retention_rules"),
+            "real_created"
+        );
+        assert_eq!(
+            one::<String>("SELECT col::text FROM pgseal.sealed_columns"),
+            "tok"
+        );
+        assert_eq!(
+            one::<i16>("SELECT time_attnum FROM pgseal.retention_rules"),
+            t
+        );
+        assert_eq!(one::<i16>("SELECT attnum FROM pgseal.sealed_columns"), c);
+        // ALTER TYPE ... RENAME ATTRIBUTE ... CASCADE renames a typed table's column.
+        run("CREATE TYPE public.reg_ty AS (id int, tenant_id text, created_at timestamptz)");
+        run("CREATE TABLE public.reg_typed OF public.reg_ty (PRIMARY KEY (id))");
+        run("SELECT pgseal.retention_set('public.reg_typed', '1 day')");
+        run("ALTER TYPE public.reg_ty RENAME ATTRIBUTE created_at TO born_at CASCADE");
+        assert_eq!(
+            one::<String>(
+                "SELECT time_column::text FROM pgseal.retention_rules WHERE rel = 'public.reg_typed'::regclass"
+            ),
+            "born_at"
+        );
+    }
+
+    /// A rename syncs only the registrations of the relations it altered (and their
+    /// inheritors), never other tables' rows.
+    #[pg_test]
+    fn a_rename_syncs_only_the_altered_tables_registrations() {
+        two_registered_tables();
+        run("ALTER EVENT TRIGGER pgseal_registrations_rename DISABLE");
+        run("ALTER TABLE public.reg_b RENAME COLUMN token TO tok_b");
+        run("ALTER EVENT TRIGGER pgseal_registrations_rename ENABLE ALWAYS");
+        run("ALTER TABLE public.reg_a RENAME COLUMN token TO tok_a");
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM pgseal.sealed_columns WHERE col IN ('tok_a', 'token')"
+            ),
+            2,
+            "reg_a synced, reg_b's stale row untouched"
+        );
+        // The next DDL on reg_b syncs its row.
+        run("ALTER TABLE public.reg_b ALTER COLUMN token2 SET STATISTICS 200");
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM pgseal.sealed_columns WHERE col IN ('tok_a', 'tok_b')"
+            ),
+            2
+        );
+        // A rename of a partitioned parent reaches a registered partition.
+        run("CREATE TABLE public.reg_p (id int, tenant_id text, created_at timestamptz) PARTITION BY RANGE (id)");
+        run("CREATE TABLE public.reg_p1 PARTITION OF public.reg_p FOR VALUES FROM (0) TO (10)");
+        run("ALTER TABLE public.reg_p1 ADD PRIMARY KEY (id)");
+        run("SELECT pgseal.retention_set('public.reg_p1', '1 day')");
+        run("ALTER TABLE public.reg_p RENAME COLUMN created_at TO made_at");
+        assert_eq!(
+            one::<String>("SELECT time_column::text FROM pgseal.retention_rules WHERE rel = 'public.reg_p1'::regclass"),
+            "made_at"
+        );
+    }
+
+    /// During a restore a registration that cannot be resolved is skipped with a
+    /// WARNING instead of failing the COPY (which would lose every registration);
+    /// outside a restore it is refused as before.
+    #[pg_test]
+    fn a_restore_skips_an_unresolvable_registration() {
+        run("CREATE TABLE public.reg_r (id int PRIMARY KEY, tenant_id text, created_at timestamptz, token text)");
+        run("CREATE VIEW public.reg_rv AS SELECT * FROM public.reg_r");
+        assert_eq!(
+            sqlstate("INSERT INTO pgseal.retention_rules (rel, keep, time_column, time_attnum) VALUES ('public.reg_r', '1 day', 'nope', 3)"),
+            "42703"
+        );
+        run("SET LOCAL pgseal.restore = on");
+        run("INSERT INTO pgseal.retention_rules (rel, keep, time_column, time_attnum) VALUES ('public.reg_r', '1 day', 'nope', 3)");
+        run("INSERT INTO pgseal.retention_rules (rel, keep, time_column, time_attnum) VALUES ('public.reg_rv', '1 day', 'created_at', 3)");
+        run("INSERT INTO pgseal.sealed_columns (rel, col, attnum) VALUES ('public.reg_r', 'gone', 4)");
+        run("INSERT INTO pgseal.retention_rules (rel, keep, time_column, time_attnum) VALUES ('public.reg_r', '1 day', 'created_at', 9)");
+        run("INSERT INTO pgseal.sealed_columns (rel, col, attnum) VALUES ('public.reg_r', 'token', 9)");
+        assert_eq!(
+            one::<String>("SELECT time_column::text || time_attnum FROM pgseal.retention_rules"),
+            "created_at3"
+        );
+        assert_eq!(
+            one::<String>("SELECT col::text || attnum FROM pgseal.sealed_columns"),
+            "token4"
+        );
+        // An UPDATE is checked as always, restore or not.
+        assert_eq!(
+            sqlstate("UPDATE pgseal.sealed_columns SET col = 'nope'"),
+            "42703"
+        );
+        run("RESET pgseal.restore");
+    }
+
+    /// The removal of a dropped table's default rule goes to the system chain,
+    /// whatever tenant the dropping session names: not the append-only audit chain
+    /// (which refused it, and the rule was kept dangling), not a victim's chain.
+    #[pg_test]
+    fn a_dropped_tables_rule_removal_goes_to_the_system_chain_whatever_the_context() {
+        for t in ["reg_d1", "reg_d2", "reg_d3"] {
+            run(&format!(
+                "CREATE TABLE public.{t} (id int PRIMARY KEY, tenant_id text, created_at timestamptz)"
+            ));
+            run(&format!(
+                "SELECT pgseal.retention_set('public.{t}', '30 days')"
+            ));
+        }
+        run("SELECT pgseal.retention_set('public.reg_d3', '5 days', 'created_at', 'reg-owner')");
+        let audit = entries("_pgseal_audit");
+        let system = entries("_pgseal");
+        tenant("_pgseal_audit");
+        run("DROP TABLE public.reg_d1");
+        tenant("reg-victim");
+        run("DROP TABLE public.reg_d2");
+        run("DROP TABLE public.reg_d3");
+        run("RESET app.tenant_id");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.retention_rules"),
+            0,
+            "no dangling rule"
+        );
+        assert_eq!(entries("_pgseal_audit"), audit);
+        assert_eq!(entries("reg-victim"), 0);
+        assert_eq!(entries("_pgseal"), system + 3);
+        let (event, p) = newest("reg-owner");
+        assert_eq!(event, "retention.removed");
+        assert_eq!(p.0["scope"], "tenant");
+        // A default rule of a table that still exists still goes to the context's chain.
+        run("CREATE TABLE public.reg_d4 (id int PRIMARY KEY, tenant_id text, created_at timestamptz)");
+        run("SELECT pgseal.retention_set('public.reg_d4', '30 days')");
+        tenant("reg-ctx");
+        run("DELETE FROM pgseal.retention_rules WHERE rel = 'public.reg_d4'::regclass");
+        assert_eq!(newest("reg-ctx").0, "retention.removed");
+        run("RESET app.tenant_id");
+        assert!(one::<bool>(
+            "SELECT ok FROM pgseal.ledger_verify('_pgseal')"
+        ));
     }
 
     #[pg_test]
