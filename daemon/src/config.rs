@@ -180,9 +180,10 @@ impl Config {
         for (name, (batch, batch_ms)) in
             batches.into_iter().filter_map(|(name, b)| Some((name, b?)))
         {
-            if batch.is_some_and(|n| n <= 0) || batch_ms == 0 {
+            // A batch is a FETCH or LIMIT count, which PostgreSQL takes as a 32-bit int.
+            if batch.is_some_and(|n| n <= 0 || n > i64::from(i32::MAX)) || batch_ms == 0 {
                 return Err(DaemonError::Config(format!(
-                    "[{name}] batch and batch_ms must be positive"
+                    "[{name}] batch and batch_ms must be positive (batch at most 2147483647)"
                 )));
             }
         }
@@ -286,7 +287,7 @@ mod tests {
             .to_string()
             .contains("unknown timezone"));
         assert!(parse("log_format = \"xml\"").is_err());
-        for bad in ["batch = 0", "batch_ms = 0"] {
+        for bad in ["batch = 0", "batch_ms = 0", "batch = 2147483648"] {
             let e = parse(&format!("[rotation]\nschedule = \"0 0 3 * * *\"\n{bad}\n"))
                 .unwrap_err()
                 .to_string();

@@ -154,7 +154,12 @@ fn retention_sweeps_every_batch_under_strict_context() {
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
-         CREATE TABLE events (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         -- Partitioned by time: the partitions reuse ctids, and a ctid of an
+         -- expired row must never delete the live row at the same place.
+         CREATE TABLE events (id bigint, tenant_id text NOT NULL, created_at timestamptz NOT NULL,
+                              PRIMARY KEY (id, created_at)) PARTITION BY RANGE (created_at);
+         CREATE TABLE events_old PARTITION OF events FOR VALUES FROM (MINVALUE) TO (now() - interval '30 days');
+         CREATE TABLE events_new PARTITION OF events FOR VALUES FROM (now() - interval '30 days') TO (MAXVALUE);
          CREATE INDEX ON events (tenant_id, created_at);
          INSERT INTO events SELECT t * 100000 + g, 't' || t, now() - (g % 100) * interval '1 day' - interval '1 hour'
            FROM generate_series(1, 2) t, generate_series(1, 5000) g;

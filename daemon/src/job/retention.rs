@@ -433,6 +433,10 @@ async fn receipt(
 /// `delete_expired` without a held cursor: each batch deletes the next expired rows
 /// it finds, searching the table again (it passes the dead versions of the rows the
 /// batches before it deleted until a vacuum, so a large sweep slows as it goes).
+/// The delete re-checks the tenant and the cutoff as the cursor's does: partitions
+/// reuse ctids, so a ctid alone could name a live row of another partition. A batch
+/// that found fewer rows than asked is the last; one whose rows were changed under
+/// it (deleted fewer than it found) is not.
 async fn delete_expired_by_search(
     client: &mut Client,
     expired: &str,
@@ -442,12 +446,10 @@ async fn delete_expired_by_search(
     batch: &mut Batch,
     stop: &CancellationToken,
 ) -> Result<(u64, std::time::Duration), DaemonError> {
-    let rel_and_filter = expired.trim_start_matches("FROM ");
-    let (rel, filter) = rel_and_filter
-        .split_once(" WHERE ")
-        .ok_or_else(|| DaemonError::Config("unexpected retention query".into()))?;
     let delete = format!(
-        "DELETE FROM {rel} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {rel} WHERE {filter} LIMIT $3))"
+        "WITH s AS (SELECT ctid {expired} LIMIT $3), \
+              d AS (DELETE {expired} AND ctid = ANY (ARRAY(SELECT ctid FROM s)) RETURNING 1) \
+         SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM d)"
     );
     let mut total = 0u64;
     let mut longest = std::time::Duration::ZERO;
@@ -464,16 +466,17 @@ async fn delete_expired_by_search(
         tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
             .await
             .map_err(DaemonError::Query)?;
-        let n = tx
-            .execute(&delete, &[&tenant, &cutoff, &size])
+        let row = tx
+            .query_one(&delete, &[&tenant, &cutoff, &size])
             .await
             .map_err(DaemonError::Query)?;
         tx.commit().await.map_err(DaemonError::Query)?;
+        let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
         let took = began.elapsed();
-        batch.observe(n, took);
+        batch.observe(found as u64, took);
         longest = longest.max(took);
         total += n;
-        if (n as i64) < size || stop.is_cancelled() {
+        if found < size || stop.is_cancelled() {
             return Ok((total, longest));
         }
         tokio::select! {

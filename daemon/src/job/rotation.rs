@@ -235,7 +235,8 @@ fn batch_sql(c: &SealedColumn) -> String {
                     WHERE t.ctid = ANY (ARRAY(SELECT pgseal_tid FROM s)) AND {join} AND t.{col} = s.old \
                       AND s.old LIKE 'v2:%' AND split_part(s.old, ':', 2) <> $2 RETURNING 1) \
          SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({pk})::text FROM s ORDER BY {desc} LIMIT 1), \
-                (SELECT count(*) FROM s)",
+                (SELECT count(*) FROM s), \
+                (SELECT count(*) FROM s WHERE s.old LIKE 'v2:%' AND split_part(s.old, ':', 2) <> $2)",
         rel = c.rel,
         col = c.col,
         tt = c.tenant_type,
@@ -243,6 +244,9 @@ fn batch_sql(c: &SealedColumn) -> String {
         desc = order_desc.join(", "),
     )
 }
+
+/// How often a batch runs again when rows were updated under it (`reseal`).
+const RESEAL_RETRIES: u32 = 3;
 
 /// Reseals the tenant's registered values that are not under `active`, in
 /// batches sized by `batch` (which learns from each), each batch one transaction.
@@ -270,6 +274,7 @@ pub async fn reseal(
         let sql = batch_sql(&c);
         let bar = Progress::new(&format!("resealing {}.{}", c.rel, c.col), 0);
         let mut last: Option<String> = None;
+        let mut retries = 0;
         loop {
             let size = batch.size();
             let began = std::time::Instant::now();
@@ -288,6 +293,16 @@ pub async fn reseal(
             batch.observe(row.get::<_, i64>(2) as u64, began.elapsed());
             total += n;
             bar.inc(n);
+            // A row another transaction updated while the batch ran has a new ctid,
+            // and the update passed it by: the same batch runs again (a row whose
+            // sealed value itself changed no longer needs resealing then), up to
+            // RESEAL_RETRIES times; a row still left is the next run's.
+            let needed = row.get::<_, i64>(3) as u64;
+            if n < needed && retries < RESEAL_RETRIES && !stop.is_cancelled() {
+                retries += 1;
+                continue;
+            }
+            retries = 0;
             last = row.get::<_, Option<String>>(1);
             if last.is_none() || stop.is_cancelled() {
                 break;
