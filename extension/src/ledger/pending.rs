@@ -36,6 +36,15 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
+    /// The payload as the `jsonb` to store: the caller's own value when it gave
+    /// one, else the canonical text parsed.
+    pub(crate) fn payload_datum(&self) -> crate::error::SealResult<pg_sys::Datum> {
+        match &self.stored {
+            Some(raw) => Ok(crate::pg::jsonb::datum_of_raw(raw)),
+            None => crate::pg::jsonb::datum_of_text(&self.payload),
+        }
+    }
+
     /// Roughly the memory it holds.
     fn size(&self) -> usize {
         self.tenant.len()

@@ -102,7 +102,7 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
             }
         }
         let e = entries.pop().expect("one entry");
-        let payload = payload_datum(&e)?;
+        let payload = e.payload_datum()?;
         // SAFETY: a jsonb datum, palloc'd in the current memory context, which
         // outlives the statement below.
         let payload = unsafe { DatumWithOid::new(payload, pg_sys::JSONBOID) };
@@ -162,7 +162,7 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
     let mut roles = Vec::with_capacity(n);
     let mut subjects = Vec::with_capacity(n);
     for e in entries {
-        payloads.push(payload_datum(&e)?);
+        payloads.push(e.payload_datum()?);
         seqs.push(e.seq);
         actors.push(e.actor);
         events.push(e.event);
@@ -205,13 +205,4 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
         ],
         &args,
     )
-}
-
-/// The entry's payload as the `jsonb` to store: the caller's own value when it gave
-/// one, else its canonical text parsed.
-pub(crate) fn payload_datum(e: &Pending) -> SealResult<pg_sys::Datum> {
-    match &e.stored {
-        Some(raw) => Ok(crate::pg::jsonb::datum_of_raw(raw)),
-        None => crate::pg::jsonb::datum_of_text(&e.payload),
-    }
 }

@@ -268,7 +268,7 @@ mod imp {
                     pg_sys::ExecOpenIndices(*slot, false);
                     o.indexed.push(*slot);
                 }
-                let jsonb = crate::ledger::writer::payload_datum(e)?;
+                let jsonb = e.payload_datum()?;
                 // The tenant, seq and hash go into both rows.
                 let (tenant, seq, hash) =
                     (datum(e.tenant.as_str()), datum(e.seq), datum(&e.hash[..]));
