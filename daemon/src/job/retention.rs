@@ -356,16 +356,7 @@ async fn delete_expired(
     loop {
         let size = batch.size();
         let began = std::time::Instant::now();
-        let tx = client.transaction().await.map_err(DaemonError::Query)?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            opts.lock_timeout_ms
-        ))
-        .await
-        .map_err(DaemonError::Query)?;
-        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-            .await
-            .map_err(DaemonError::Query)?;
+        let tx = batch_transaction(client, tenant, opts).await?;
         let ctids: Vec<String> = tx
             .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
             .await
@@ -456,16 +447,7 @@ async fn delete_expired_by_search(
     loop {
         let size = batch.size();
         let began = std::time::Instant::now();
-        let tx = client.transaction().await.map_err(DaemonError::Query)?;
-        tx.batch_execute(&format!(
-            "SET LOCAL lock_timeout = '{}ms'",
-            opts.lock_timeout_ms
-        ))
-        .await
-        .map_err(DaemonError::Query)?;
-        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-            .await
-            .map_err(DaemonError::Query)?;
+        let tx = batch_transaction(client, tenant, opts).await?;
         let row = tx
             .query_one(&delete, &[&tenant, &cutoff, &size])
             .await
@@ -484,4 +466,24 @@ async fn delete_expired_by_search(
             _ = stop.cancelled() => return Ok((total, longest)),
         }
     }
+}
+
+/// Opens one batch's transaction: its lock timeout bounds every lock the batch
+/// waits for, and the tenant's context is set for row-level security.
+async fn batch_transaction<'a>(
+    client: &'a mut Client,
+    tenant: &str,
+    opts: &Options,
+) -> Result<tokio_postgres::Transaction<'a>, DaemonError> {
+    let tx = client.transaction().await.map_err(DaemonError::Query)?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        opts.lock_timeout_ms
+    ))
+    .await
+    .map_err(DaemonError::Query)?;
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+        .await
+        .map_err(DaemonError::Query)?;
+    Ok(tx)
 }
