@@ -72,7 +72,7 @@ fn number_tokens(json: &str) -> Vec<&str> {
 
 /// Whether the decimal value of `token` equals that of the shortest double text
 /// for it, i.e. JCS would not change the number.
-fn number_is_exact(token: &str) -> bool {
+pub(crate) fn number_is_exact(token: &str) -> bool {
     // Fast path: an integer of at most 15 digits is a double exactly.
     let digits = token.strip_prefix('-').unwrap_or(token);
     if !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit()) {

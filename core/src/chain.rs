@@ -52,8 +52,29 @@ pub struct Failure {
     pub problem: Problem,
 }
 
-/// One entry as stored: `payload` is the stored JSON text (any formatting), absent
-/// when erased. The format 2 fields (`db_role`, `subjects`, `salt`, `commitment`)
+/// A stored payload as the verifier is handed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload<'a> {
+    /// JSON text in any formatting; the verifier makes it canonical.
+    Json(&'a str),
+    /// Text already in RFC 8785 form: `jsonb::canonical_from_jsonb` of the stored
+    /// value, which skips the text round trip.
+    Canonical(&'a str),
+}
+
+impl<'a> Payload<'a> {
+    /// The canonical text that was hashed.
+    fn canonical(self) -> Result<std::borrow::Cow<'a, str>, Problem> {
+        match self {
+            Payload::Json(text) => canonical_payload(text)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|_| Problem::HashMismatch),
+            Payload::Canonical(text) => Ok(std::borrow::Cow::Borrowed(text)),
+        }
+    }
+}
+
+/// One entry as stored: `payload` is the stored JSON, absent when erased. The format 2 fields (`db_role`, `subjects`, `salt`, `commitment`)
 /// are absent in a format 1 entry; `subjects` absent and empty are the same.
 #[derive(Debug, Clone)]
 pub struct StoredEntry<'a> {
@@ -64,7 +85,7 @@ pub struct StoredEntry<'a> {
     pub recorded_at_us: i64,
     pub actor: &'a str,
     pub event: &'a str,
-    pub payload: Option<&'a str>,
+    pub payload: Option<Payload<'a>>,
     pub db_role: Option<&'a str>,
     pub subjects: Option<&'a [String]>,
     pub salt: Option<&'a [u8]>,
@@ -95,7 +116,7 @@ impl<'a> StoredEntry<'a> {
             recorded_at_us,
             actor,
             event,
-            payload: Some(payload),
+            payload: Some(Payload::Json(payload)),
             db_role: None,
             subjects: None,
             salt: None,
@@ -247,7 +268,7 @@ fn hash_v1(e: &StoredEntry<'_>, prev_hash: &Hash) -> Result<Hash, Problem> {
     let (Some(payload), false) = (e.payload, v2_field) else {
         return Err(Problem::HashMismatch);
     };
-    let payload = canonical_payload(payload).map_err(|_| Problem::HashMismatch)?;
+    let payload = payload.canonical()?;
     Ok(entry_hash(&EntryFields {
         prev_hash,
         tenant: e.tenant,
@@ -270,7 +291,7 @@ fn commitment_v2(e: &StoredEntry<'_>) -> Result<(Hash, bool), Problem> {
     match (e.payload, e.salt, stored) {
         (Some(payload), Some(salt), stored) => {
             let salt = <&Salt>::try_from(salt).map_err(|_| Problem::HashMismatch)?;
-            let payload = canonical_payload(payload).map_err(|_| Problem::HashMismatch)?;
+            let payload = payload.canonical()?;
             let c = payload_commitment(salt, &payload);
             match stored {
                 Some(s) if !bool::from(subtle::ConstantTimeEq::ct_eq(&s[..], &c[..])) => {

@@ -10,7 +10,7 @@ use std::io::BufRead;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::chain::{Failure, Problem, Report, StoredEntry, Verifier};
+use crate::chain::{Failure, Payload, Problem, Report, StoredEntry, Verifier};
 use crate::checkpoint::{self, Checkpoint};
 use crate::ledger::{parse_hash, Hash, Salt, FMT_V1, FMT_V2, GENESIS, SALT_LEN};
 
@@ -83,7 +83,7 @@ impl DecodedLine {
             recorded_at_us: self.recorded_at_us,
             actor: &self.actor,
             event: &self.event,
-            payload: self.payload.as_deref(),
+            payload: self.payload.as_deref().map(Payload::Json),
             db_role: self.db_role.as_deref(),
             subjects: self.subjects.as_deref(),
             salt: self.salt.as_ref().map(|s| &s[..]),

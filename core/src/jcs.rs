@@ -296,7 +296,7 @@ impl<'a> Parser<'a> {
     }
 }
 
-fn write_string(out: &mut String, s: &str) {
+pub(crate) fn write_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -316,7 +316,7 @@ fn write_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-fn write_number(out: &mut String, d: f64) {
+pub(crate) fn write_number(out: &mut String, d: f64) {
     if d == 0.0 {
         out.push('0'); // -0 too, as JCS requires
     } else {

@@ -21,6 +21,7 @@ pub mod envelope;
 pub mod error;
 pub mod export;
 pub mod jcs;
+pub mod jsonb;
 pub mod keyring;
 pub mod keys;
 pub mod ledger;

@@ -2,7 +2,7 @@
 //! entries verify by their stored commitment, and chains go from format 1 to 2.
 
 use pgseal_core::canonical::canonical_payload;
-use pgseal_core::chain::{Problem, Report, StoredEntry, Verifier};
+use pgseal_core::chain::{Payload, Problem, Report, StoredEntry, Verifier};
 use pgseal_core::keys::SecretKey;
 use pgseal_core::ledger::{
     entry_hash, entry_hash_v2, payload_commitment, EntryFields, EntryFieldsV2, EntryMac, Hash,
@@ -41,7 +41,7 @@ impl Row {
             recorded_at_us: self.seq * 1000,
             actor: &self.actor,
             event: &self.event,
-            payload: self.payload.as_deref(),
+            payload: self.payload.as_deref().map(Payload::Json),
             db_role: self.db_role.as_deref(),
             subjects: self.subjects.as_deref(),
             salt: self.salt.as_deref(),

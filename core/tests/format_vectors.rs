@@ -125,7 +125,7 @@ fn ledger_vectors_hash_mac_and_chain() {
 #[test]
 fn ledger_v2_vectors_continue_the_v1_chain() {
     use pgseal_core::canonical::canonical_payload;
-    use pgseal_core::chain::{StoredEntry, Verifier};
+    use pgseal_core::chain::{Payload, StoredEntry, Verifier};
     use pgseal_core::ledger::{
         entry_hash_v2, parse_hash, payload_commitment, EntryFieldsV2, EntryMac, FMT_V2, GENESIS,
     };
@@ -195,7 +195,7 @@ fn ledger_v2_vectors_continue_the_v1_chain() {
             recorded_at_us: v["recorded_at_us"].as_i64().unwrap(),
             actor: s(v, "actor"),
             event: s(v, "event"),
-            payload: v["payload"].as_str(),
+            payload: v["payload"].as_str().map(Payload::Json),
             db_role: Some(s(v, "db_role")),
             subjects: Some(&subjects),
             salt: salt.as_ref().map(|x| &x[..]),

@@ -20,9 +20,9 @@ use crate::privilege::as_owner;
 
 /// `pgseal.ledger_append(event, payload jsonb, actor)` (its C entry point is in
 /// `pg/ledger_append_fn.rs`): appends an entry to the current tenant's chain and returns its
-/// seq and hash. The payload arrives as `jsonb_out`'s text, which keeps every number
-/// exactly as stored, and that text's canonical form is what is hashed; the value
-/// itself is what is stored (`pg::jsonb`).
+/// seq and hash. The payload's canonical form is read from its binary form, which
+/// keeps every number exactly as stored, and is what is hashed; the value itself is
+/// what is stored (`pg::jsonb`).
 pub fn append_entry(
     event: Option<&str>,
     payload: Option<crate::pg::jsonb::JsonbArg>,
@@ -56,8 +56,10 @@ pub fn append_entry(
     crate::limits::check("actor", &actor, crate::limits::ACTOR)?;
     let db_role = super::actor::db_role();
     match payload {
-        Some(p) => append_stored(&tenant, event, &p.text, &actor, &db_role, Some(p.raw)),
-        None => append_stored(&tenant, event, "{}", &actor, &db_role, None),
+        Some(p) => append_stored(&tenant, event, &actor, &db_role, move || {
+            p.canonical().map(|c| (c, Some(p.raw)))
+        }),
+        None => append_stored(&tenant, event, &actor, &db_role, || Ok(("{}".into(), None))),
     }
 }
 
@@ -80,18 +82,20 @@ pub fn append_with_role(
     actor: &str,
     db_role: &str,
 ) -> SealResult<(i64, Hash)> {
-    append_stored(tenant, event, payload, actor, db_role, None)
+    append_stored(tenant, event, actor, db_role, || {
+        Ok((canonical_payload(payload)?, None))
+    })
 }
 
-/// `append_with_role`, storing `stored` (a `jsonb` varlena whose text is `payload`)
-/// in place of the canonical text's `jsonb`, when given.
+/// `append_with_role` of the canonical text `payload()` returns with, when given,
+/// the `jsonb` varlena it was read from, which is stored in place of the canonical
+/// text's `jsonb`.
 fn append_stored(
     tenant: &str,
     event: &str,
-    payload: &str,
     actor: &str,
     db_role: &str,
-    stored: Option<Vec<u8>>,
+    payload: impl FnOnce() -> Result<(String, Option<Vec<u8>>), pgseal_core::CoreError>,
 ) -> SealResult<(i64, Hash)> {
     if event.is_empty() {
         return Err(SealError::InvalidArgument("event must not be empty"));
@@ -101,7 +105,7 @@ fn append_stored(
             "only the pgseal audit writer appends to its own chain",
         ));
     }
-    let payload = canonical_payload(payload)?;
+    let (payload, stored) = payload()?;
     // SAFETY: the transaction start timestamp is set for every transaction;
     // reading it has no preconditions.
     let at = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };

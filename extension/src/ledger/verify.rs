@@ -4,7 +4,7 @@
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgseal_core::chain::{Failure, Problem, Report, StoredEntry, Verifier};
+use pgseal_core::chain::{Failure, Payload, Problem, Report, StoredEntry, Verifier};
 use pgseal_core::ledger::{Hash, GENESIS};
 
 use crate::error::{OrRaise, SealError, SealResult};
@@ -16,8 +16,7 @@ use crate::privilege::as_owner;
 /// measurements are in docs/BENCHMARKS.md, Ledger).
 const BATCH: i64 = 512;
 
-const BATCH_SQL: &str =
-    "SELECT seq, recorded_at, actor, event, payload::pg_catalog.text, prev_hash, hash, mac, \
+const BATCH_SQL: &str = "SELECT seq, recorded_at, actor, event, payload, prev_hash, hash, mac, \
             fmt, db_role, subjects, salt, commitment \
      FROM pgseal.ledger WHERE tenant_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq";
 
@@ -177,6 +176,22 @@ impl<'t> RawRow<'t> {
         (!self.nulls[col]).then(|| self.bytes(col))
     }
 
+    /// A nullable jsonb column's RFC 8785 text, read from its binary form
+    /// (`pg::jsonb::canonical`); where that fails (a number RFC 8785 would round),
+    /// its `jsonb_out` text, which the verifier then refuses as a hash mismatch.
+    fn opt_jsonb(&self, col: usize) -> Option<JsonbPayload> {
+        if self.nulls[col] {
+            return None;
+        }
+        let datum = self.values[col];
+        // SAFETY: a non-NULL jsonb column of a tuple SPI keeps for the batch.
+        let text = || unsafe { crate::pg::jsonb::text_of(datum) };
+        Some(match crate::pg::jsonb::canonical(self.bytes(col), text) {
+            Ok(c) => JsonbPayload::Canonical(c),
+            Err(_) => JsonbPayload::Json(text()),
+        })
+    }
+
     /// A nullable text column.
     fn opt_text(&self, col: usize) -> SealResult<Option<&'t str>> {
         if self.nulls[col] {
@@ -208,6 +223,21 @@ impl<'t> RawRow<'t> {
             .collect::<Option<Vec<String>>>()
             .map(Some)
             .ok_or(SealError::Internal("NULL subject in pgseal.ledger"))
+    }
+}
+
+/// A stored payload, owned, as `RawRow::opt_jsonb` read it.
+enum JsonbPayload {
+    Canonical(String),
+    Json(String),
+}
+
+impl JsonbPayload {
+    fn as_payload(&self) -> Payload<'_> {
+        match self {
+            JsonbPayload::Canonical(c) => Payload::Canonical(c),
+            JsonbPayload::Json(t) => Payload::Json(t),
+        }
     }
 }
 
@@ -385,6 +415,7 @@ fn walk(
                 for i in 0..rows {
                     let row = table.row(i)?;
                     let subjects = row.text_array(10)?;
+                    let payload = row.opt_jsonb(4);
                     let entry = StoredEntry {
                         fmt: row.int2(8),
                         tenant,
@@ -392,7 +423,7 @@ fn walk(
                         recorded_at_us: row.int8(1) + super::PG_EPOCH_OFFSET_US,
                         actor: row.text(2)?,
                         event: row.text(3)?,
-                        payload: row.opt_text(4)?,
+                        payload: payload.as_ref().map(JsonbPayload::as_payload),
                         db_role: row.opt_text(9)?,
                         subjects: subjects.as_deref(),
                         salt: row.opt_bytes(11),

@@ -1,49 +1,86 @@
-//! `jsonb` arguments read as text, exactly as PostgreSQL stores them.
+//! `jsonb` values as the ledger reads them: their RFC 8785 text, and their stored form.
 //!
 //! pgrx's `JsonB` parses into a `serde_json::Value`, which rounds large numbers; the
 //! ledger must see every number as stored so that it can refuse one RFC 8785 would
-//! round. `JsonbText` is the output of `jsonb_out` instead (read by `_job_receipt`).
-//! `JsonbArg` (read by `ledger_append`'s C entry point, `ledger_append_fn.rs`) is
-//! that text and the value's stored form, which the ledger writes as it is: the
-//! entry then needs no second parse of its payload (`jsonb_in` of the canonical
-//! text, which sorted every object's keys again), and a verifier reads the same
-//! text back, whose canonical form is what was hashed.
+//! round. `canonical` reads a value's binary form with `pgseal_core::jsonb` (no
+//! `jsonb_out` text and no parse of it), and falls back to the text form where that
+//! reader does not apply. `JsonbArg` (read by `ledger_append`'s C entry point,
+//! `ledger_append_fn.rs`) is the value's stored form, which the ledger writes as it
+//! is: the entry then needs no second parse of its payload, and a verifier reads
+//! the same value back, whose canonical form is what was hashed. `JsonbText` is
+//! `jsonb_out`'s text (read by `_job_receipt`).
 
 use std::ffi::CStr;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::{direct_function_call, FromDatum};
+use pgseal_core::canonical::canonical_payload;
+use pgseal_core::jsonb::{canonical_from_jsonb, JsonbError};
+use pgseal_core::CoreError;
 
 use crate::error::{SealError, SealResult};
 
 /// The text form of a `jsonb` argument.
 pub struct JsonbText(pub String);
 
-/// A `jsonb` argument: its text, as `JsonbText`, and its varlena, detoasted, with
-/// its 4-byte header.
+/// A `jsonb` argument: its varlena, detoasted, with its 4-byte header.
 pub struct JsonbArg {
-    pub text: String,
     pub raw: Vec<u8>,
+}
+
+impl JsonbArg {
+    /// The value's RFC 8785 text; `InexactNumber` for a number that form would round.
+    pub fn canonical(&self) -> Result<String, CoreError> {
+        canonical(&self.raw[pg_sys::VARHDRSZ..], || {
+            // SAFETY: `raw` is a whole jsonb varlena (see FromDatum below).
+            unsafe { text_of(datum_of_raw(&self.raw)) }
+        })
+    }
+}
+
+/// The RFC 8785 text of the jsonb value whose bytes after the varlena header are
+/// `container`: read from the binary form, or from `text()` (the value's
+/// `jsonb_out` text) where `pgseal_core::jsonb` does not read it.
+pub fn canonical(container: &[u8], text: impl FnOnce() -> String) -> Result<String, CoreError> {
+    match canonical_from_jsonb(container) {
+        Ok(c) => Ok(c),
+        Err(JsonbError::InexactNumber) => Err(CoreError::InexactNumber),
+        Err(JsonbError::Malformed(_) | JsonbError::Unsupported) => canonical_payload(&text()),
+    }
+}
+
+/// `jsonb_out`'s text of a jsonb datum.
+///
+/// # Safety
+/// `datum` is a non-null datum of SQL type jsonb.
+pub unsafe fn text_of(datum: pg_sys::Datum) -> String {
+    // SAFETY: per the contract; jsonb_out detoasts it and returns a palloc'd C string.
+    let text = unsafe { direct_function_call::<&CStr>(pg_sys::jsonb_out, &[Some(datum)]) }
+        .expect("jsonb_out returns a string");
+    text.to_str()
+        .expect("jsonb text is UTF-8 in a UTF8 database")
+        .to_owned()
 }
 
 impl FromDatum for JsonbArg {
     unsafe fn from_polymorphic_datum(
         datum: pg_sys::Datum,
         is_null: bool,
-        oid: pg_sys::Oid,
+        _: pg_sys::Oid,
     ) -> Option<Self> {
-        // SAFETY: as for JsonbText: a datum of SQL type jsonb.
-        let JsonbText(text) = unsafe { JsonbText::from_polymorphic_datum(datum, is_null, oid) }?;
-        // SAFETY: a non-null jsonb datum; pg_detoast_datum returns it, or a palloc'd
-        // copy, as a plain varlena with a 4-byte header (a short header is
-        // expanded), whose VARSIZE bytes are read.
+        if is_null {
+            return None;
+        }
+        // SAFETY: a non-null jsonb datum (the function's declared argument type);
+        // pg_detoast_datum returns it, or a palloc'd copy, as a plain varlena with a
+        // 4-byte header (a short header is expanded), whose VARSIZE bytes are read.
         let raw = unsafe {
             let p = pg_sys::pg_detoast_datum(datum.cast_mut_ptr());
             let len = pgrx::varlena::varsize_any(p);
             std::slice::from_raw_parts(p.cast::<u8>(), len).to_vec()
         };
-        Some(JsonbArg { text, raw })
+        Some(JsonbArg { raw })
     }
 }
 
@@ -102,12 +139,7 @@ impl FromDatum for JsonbText {
             return None;
         }
         // SAFETY: the caller passes a non-null datum of SQL type jsonb (the function's
-        // declared argument type); jsonb_out detoasts it and returns a palloc'd C string.
-        let text = unsafe { direct_function_call::<&CStr>(pg_sys::jsonb_out, &[Some(datum)]) }?;
-        Some(JsonbText(
-            text.to_str()
-                .expect("jsonb text is UTF-8 in a UTF8 database")
-                .to_owned(),
-        ))
+        // declared argument type).
+        Some(JsonbText(unsafe { text_of(datum) }))
     }
 }

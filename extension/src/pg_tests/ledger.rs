@@ -405,6 +405,77 @@ mod tests {
         assert_eq!(verify(""), (true, 4, None, None));
     }
 
+    /// Values of every shape the binary reader must agree on: fixed edge cases
+    /// (escapes, UTF-16 member order, numbers at the edges of a double, deep
+    /// nesting, containers past the 32-child offset stride), generated objects with
+    /// numbers of every scale, and audit-style row images.
+    const JSONB_CORPUS: &str = r#"
+        WITH fixed(v) AS (VALUES
+            ('{}'::jsonb), ('[]'), ('"x"'), ('0'), ('-0.0'), ('1.50'), ('1e2'), ('1e-7'),
+            ('1e21'), ('1e-320'), ('1e308'), ('1e309'), ('0.1'), ('123456789012345678'),
+            ('9007199254740992'), ('9007199254740993'), ('-0.000001'), ('1234.5678e10'),
+            ('true'), ('false'), ('null'), ('[[[]]]'), ('{"a":{"b":{}}}'),
+            ('"a\"b\\c\n\t\r\b\f\u0001\u001f é 😀 \u2028 /"'),
+            ('{"\ue000":1,"\ud800\udc00":2,"a":3,"aa":4,"b":5,"":6,"é":7}'),
+            ((repeat('[', 2000) || '1' || repeat(']', 2000))::jsonb),
+            ((repeat('{"k":', 500) || '[]' || repeat('}', 500))::jsonb)
+        ),
+        generated AS (
+            SELECT jsonb_build_object(
+                'i', (random() * 1e6)::int - 500000,
+                'n', round((random() * 1e8)::numeric, g % 12),
+                'big', (random() * 1e18)::numeric(30, 0),
+                'f', random(),
+                'p', round(random()::numeric, 3 + g % 15) * power(10::numeric, (g % 80) - 40),
+                's', md5(g::text) || chr(32 + g % 500) || chr(57344 + g % 50) || chr(65536 + g),
+                'b', g % 2 = 0, 'z', NULL,
+                'a', (SELECT jsonb_agg(x * 1.1) FROM generate_series(1, g % 40) x),
+                'o', (SELECT jsonb_object_agg('k' || x || repeat('é', x % 3), x)
+                      FROM generate_series(1, g % 45) x),
+                'u', jsonb_build_object(chr(57344 + g % 50), 1, chr(65536 + g % 50), 2, 'x', 3)
+            ) FROM generate_series(1, 3000) g
+        ),
+        images AS (
+            SELECT to_jsonb(r) FROM (
+                SELECT g AS id, timestamptz '2026-12-03 10:00+00' + g * interval '1 minute' AS at,
+                       g * 1.25 AS amount, g % 3 = 0 AS paid, NULL::text AS note,
+                       'customer ' || g AS name, (g * 7919) % 1000003 AS ref,
+                       ARRAY[g, g + 1] AS pair, g::numeric / 7 AS ratio
+                FROM generate_series(1, 500) g) r
+        )
+        SELECT v, v::text FROM fixed
+        UNION ALL SELECT *, jsonb_build_object::text FROM generated
+        UNION ALL SELECT *, to_jsonb::text FROM images"#;
+
+    #[pg_test]
+    fn jsonb_binary_canonical_matches_text() {
+        // The ledger hashes the canonical form that `pgseal_core::jsonb` reads
+        // from a value's binary form; it must be, for every value, the canonical
+        // form of the value's text (what entries written before were hashed over),
+        // refusals of numbers RFC 8785 would round included.
+        Spi::run("SELECT setseed(0.42)").unwrap();
+        let (mut checked, mut inexact) = (0, 0);
+        Spi::connect(|c| {
+            let mut t = c.select(JSONB_CORPUS, None, &[]).unwrap();
+            while t.next().is_some() {
+                let datum = t.get_datum_by_ordinal(1).unwrap().unwrap();
+                let text: String = t.get(2).unwrap().unwrap();
+                // SAFETY: a non-NULL jsonb datum of the current row, which SPI keeps
+                // for the connection.
+                let bytes = unsafe { crate::pg::head_read::varlena_bytes(datum) };
+                let binary = pgseal_core::jsonb::canonical_from_jsonb(bytes)
+                    .map_err(pgseal_core::CoreError::from);
+                let from_text = pgseal_core::canonical::canonical_payload(&text);
+                assert_eq!(binary, from_text, "{text}");
+                checked += 1;
+                inexact += usize::from(from_text.is_err());
+            }
+        });
+        assert_eq!(checked, 27 + 3000 + 500);
+        // Both outcomes are exercised.
+        assert!(inexact > 100 && inexact < 3000, "{inexact} inexact");
+    }
+
     #[pg_test]
     fn verify_passes_on_an_intact_chain_and_ranges() {
         tenant("acme");

@@ -1,0 +1,472 @@
+//! RFC 8785 (JCS) text straight from PostgreSQL's `jsonb` binary form.
+//!
+//! The ledger hashes the canonical text of every payload. Reading it from the
+//! stored binary form skips `jsonb_out`'s text and a parse of that text: the
+//! verifier and `ledger_append` call [`canonical_from_jsonb`] on the value's bytes.
+//! Its output equals [`crate::canonical::canonical_payload`] of `jsonb_out`'s text
+//! for every value, including the refusal of numbers RFC 8785 would round; the
+//! extension's tests check that against PostgreSQL over generated values.
+//!
+//! The layout (PostgreSQL's `src/include/utils/jsonb.h`, unchanged since 9.4):
+//! a *container* is a `u32` header (child count in the low 28 bits; flags for
+//! scalar, object, array), one `u32` *JEntry* per child (an object's keys first,
+//! then its values, each in the same order), then the children's data. A JEntry
+//! holds the child's type in bits 28–30 and either its length or, when bit 31 is
+//! set (every 32nd child), the end offset of its data. Strings are raw UTF-8;
+//! `numeric`s and nested containers start at the next 4-byte boundary, the
+//! padding counted in their length. A top-level scalar is a one-element array
+//! flagged scalar. Words are in the machine's byte order, and the varlena headers
+//! of numbers are read in the little-endian layout: on a big-endian machine this
+//! returns `Unsupported` and the caller reads the text form instead.
+
+use crate::canonical::number_is_exact;
+use crate::jcs::{write_number, write_string};
+use crate::CoreError;
+
+const JB_CMASK: u32 = 0x0FFF_FFFF;
+const JB_FSCALAR: u32 = 0x1000_0000;
+const JB_FOBJECT: u32 = 0x2000_0000;
+const JB_FARRAY: u32 = 0x4000_0000;
+
+const JENTRY_OFFLENMASK: u32 = 0x0FFF_FFFF;
+const JENTRY_TYPEMASK: u32 = 0x7000_0000;
+const JENTRY_HAS_OFF: u32 = 0x8000_0000;
+const JENTRY_ISSTRING: u32 = 0x0000_0000;
+const JENTRY_ISNUMERIC: u32 = 0x1000_0000;
+const JENTRY_ISBOOL_FALSE: u32 = 0x2000_0000;
+const JENTRY_ISBOOL_TRUE: u32 = 0x3000_0000;
+const JENTRY_ISNULL: u32 = 0x4000_0000;
+const JENTRY_ISCONTAINER: u32 = 0x5000_0000;
+
+/// numeric.c's header bits.
+const NUMERIC_SIGN_MASK: u16 = 0xC000;
+const NUMERIC_NEG: u16 = 0x4000;
+const NUMERIC_SHORT: u16 = 0x8000;
+const NUMERIC_SPECIAL: u16 = 0xC000;
+const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
+const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
+const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
+
+/// Why the bytes could not be read; the caller falls back to the text form on
+/// `Unsupported` and `Malformed`. Fixed phrases: never any input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonbError {
+    /// Not PostgreSQL's jsonb layout as this module knows it.
+    Malformed(&'static str),
+    /// A big-endian machine (see the module comment).
+    Unsupported,
+    /// A number RFC 8785 would round (as `CoreError::InexactNumber`).
+    InexactNumber,
+}
+
+impl From<JsonbError> for CoreError {
+    fn from(e: JsonbError) -> Self {
+        match e {
+            JsonbError::InexactNumber => CoreError::InexactNumber,
+            JsonbError::Malformed(_) | JsonbError::Unsupported => CoreError::NotJson,
+        }
+    }
+}
+
+fn bad(why: &'static str) -> JsonbError {
+    JsonbError::Malformed(why)
+}
+
+fn u32_at(b: &[u8], at: usize) -> Result<u32, JsonbError> {
+    let w = b.get(at..at + 4).ok_or(bad("truncated"))?;
+    Ok(u32::from_ne_bytes(w.try_into().expect("4 bytes")))
+}
+
+fn u16_at(b: &[u8], at: usize) -> Result<u16, JsonbError> {
+    let w = b.get(at..at + 2).ok_or(bad("truncated"))?;
+    Ok(u16::from_ne_bytes(w.try_into().expect("2 bytes")))
+}
+
+fn int_align(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// One child of a container: its JEntry type and its data (padding removed for
+/// numbers and containers).
+#[derive(Clone, Copy)]
+struct Child<'a> {
+    kind: u32,
+    data: &'a [u8],
+}
+
+/// The children of the container at the start of `c`, and its header.
+fn children(c: &[u8]) -> Result<(u32, Vec<Child<'_>>), JsonbError> {
+    let header = u32_at(c, 0)?;
+    let count = (header & JB_CMASK) as usize;
+    let n = if header & JB_FOBJECT != 0 {
+        count.checked_mul(2).ok_or(bad("count"))?
+    } else {
+        count
+    };
+    let entries_end = n
+        .checked_mul(4)
+        .and_then(|x| x.checked_add(4))
+        .ok_or(bad("count"))?;
+    let data = c.get(entries_end..).ok_or(bad("truncated"))?;
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0usize;
+    for i in 0..n {
+        let e = u32_at(c, 4 + 4 * i)?;
+        let offlen = (e & JENTRY_OFFLENMASK) as usize;
+        let end = if e & JENTRY_HAS_OFF != 0 {
+            offlen
+        } else {
+            start.checked_add(offlen).ok_or(bad("length"))?
+        };
+        if end < start || end > data.len() {
+            return Err(bad("child out of bounds"));
+        }
+        let kind = e & JENTRY_TYPEMASK;
+        let from = match kind {
+            JENTRY_ISNUMERIC | JENTRY_ISCONTAINER => int_align(start).min(end),
+            _ => start,
+        };
+        out.push(Child {
+            kind,
+            data: &data[from..end],
+        });
+        start = end;
+    }
+    Ok((header, out))
+}
+
+/// The decimal text of a stored `numeric` (with its varlena header), as
+/// `digits` and an exponent: `"-1234e-2"`; `"0"` for zero.
+fn numeric_text(v: &[u8]) -> Result<String, JsonbError> {
+    let first = *v.first().ok_or(bad("empty number"))?;
+    let (hdr, len) = if first & 1 == 1 {
+        // 1-byte varlena header; 0x01 alone would be a TOAST pointer.
+        if first == 1 {
+            return Err(bad("external number"));
+        }
+        (1, (first >> 1) as usize)
+    } else {
+        let w = u32_at(v, 0)?;
+        if w & 3 != 0 {
+            return Err(bad("compressed number"));
+        }
+        (4, (w >> 2) as usize)
+    };
+    let body = v.get(hdr..len).ok_or(bad("number length"))?;
+    let h = u16_at(body, 0)?;
+    let (neg, weight, digits_at) = match h & NUMERIC_SIGN_MASK {
+        NUMERIC_SPECIAL => return Err(bad("NaN or infinity")),
+        NUMERIC_SHORT => {
+            let w = (h & NUMERIC_SHORT_WEIGHT_MASK) as i32;
+            let w = if h & NUMERIC_SHORT_WEIGHT_SIGN_MASK != 0 {
+                w | !(NUMERIC_SHORT_WEIGHT_MASK as i32)
+            } else {
+                w
+            };
+            (h & NUMERIC_SHORT_SIGN_MASK != 0, w, 2)
+        }
+        sign => (sign == NUMERIC_NEG, u16_at(body, 2)? as i16 as i32, 4),
+    };
+    let digits = body.get(digits_at..).ok_or(bad("number length"))?;
+    if digits.len() % 2 != 0 {
+        return Err(bad("number digits"));
+    }
+    let n = digits.len() / 2;
+    if n == 0 {
+        return Ok("0".to_owned());
+    }
+    let mut s = String::with_capacity(4 * n + 8);
+    if neg {
+        s.push('-');
+    }
+    for k in 0..n {
+        let d = u16_at(digits, 2 * k)?;
+        if d > 9999 {
+            return Err(bad("number digit"));
+        }
+        let mut buf = [b'0'; 4];
+        let mut x = d;
+        for slot in buf.iter_mut().rev() {
+            *slot = b'0' + (x % 10) as u8;
+            x /= 10;
+        }
+        s.push_str(std::str::from_utf8(&buf).expect("ASCII digits"));
+    }
+    let exp = 4 * (weight - n as i32 + 1);
+    if exp != 0 {
+        s.push('e');
+        s.push_str(&exp.to_string());
+    }
+    Ok(s)
+}
+
+/// Whether the decimal `text` (`numeric_text`'s form) is a double exactly in the
+/// sense of `canonical::number_is_exact`. A decimal of at most 15 significant
+/// digits (DBL_DIG) in the normal range always is: it converts to a double whose
+/// shortest text is that decimal. Others take the general test.
+fn numeric_is_exact(text: &str) -> bool {
+    let (digits, exp) = match text.split_once('e') {
+        Some((d, e)) => (d, e.parse::<i64>().unwrap_or(i64::MAX)),
+        None => (text, 0),
+    };
+    let digits = digits.trim_start_matches('-').trim_matches('0');
+    let magnitude = exp.saturating_add(digits.len() as i64);
+    if digits.len() <= 15 && (-290..=290).contains(&magnitude) {
+        return true;
+    }
+    number_is_exact(text)
+}
+
+/// Writes the JCS form of a stored `numeric`.
+fn write_numeric(out: &mut String, v: &[u8]) -> Result<(), JsonbError> {
+    let text = numeric_text(v)?;
+    if !numeric_is_exact(&text) {
+        return Err(JsonbError::InexactNumber);
+    }
+    let d: f64 = text.parse().map_err(|_| bad("number"))?;
+    write_number(out, d);
+    Ok(())
+}
+
+fn utf8(b: &[u8]) -> Result<&str, JsonbError> {
+    std::str::from_utf8(b).map_err(|_| bad("string is not UTF-8"))
+}
+
+/// RFC 8785 member order: by UTF-16 code units (for ASCII, by bytes).
+fn member_order(a: &str, b: &str) -> std::cmp::Ordering {
+    if a.is_ascii() && b.is_ascii() {
+        a.cmp(b)
+    } else {
+        a.encode_utf16().cmp(b.encode_utf16())
+    }
+}
+
+/// The RFC 8785 text of the `jsonb` value whose bytes, after the varlena header,
+/// are `container`.
+pub fn canonical_from_jsonb(container: &[u8]) -> Result<String, JsonbError> {
+    if cfg!(target_endian = "big") {
+        return Err(JsonbError::Unsupported);
+    }
+    enum Item<'a> {
+        Value(Child<'a>),
+        Text(&'static str),
+        Name(&'a str),
+    }
+    let mut out = String::with_capacity(container.len() + container.len() / 4);
+    let mut stack = vec![Item::Value(Child {
+        kind: JENTRY_ISCONTAINER,
+        data: container,
+    })];
+    let mut top = true;
+    while let Some(item) = stack.pop() {
+        let child = match item {
+            Item::Text(t) => {
+                out.push_str(t);
+                continue;
+            }
+            Item::Name(n) => {
+                write_string(&mut out, n);
+                out.push(':');
+                continue;
+            }
+            Item::Value(c) => c,
+        };
+        match child.kind {
+            JENTRY_ISSTRING => write_string(&mut out, utf8(child.data)?),
+            JENTRY_ISNUMERIC => write_numeric(&mut out, child.data)?,
+            JENTRY_ISBOOL_FALSE => out.push_str("false"),
+            JENTRY_ISBOOL_TRUE => out.push_str("true"),
+            JENTRY_ISNULL => out.push_str("null"),
+            JENTRY_ISCONTAINER => {
+                let (header, kids) = children(child.data)?;
+                let scalar = header & JB_FSCALAR != 0;
+                if scalar {
+                    // Only the top level is a wrapped scalar.
+                    if !top || header & JB_FARRAY == 0 || kids.len() != 1 {
+                        return Err(bad("misplaced scalar"));
+                    }
+                    if kids[0].kind == JENTRY_ISCONTAINER {
+                        return Err(bad("scalar container"));
+                    }
+                    stack.push(Item::Value(kids[0]));
+                } else if header & JB_FOBJECT != 0 {
+                    let pairs = kids.len() / 2;
+                    let mut members = Vec::with_capacity(pairs);
+                    for k in 0..pairs {
+                        if kids[k].kind != JENTRY_ISSTRING {
+                            return Err(bad("object key is not a string"));
+                        }
+                        members.push((utf8(kids[k].data)?, kids[pairs + k]));
+                    }
+                    members.sort_by(|a, b| member_order(a.0, b.0));
+                    out.push('{');
+                    stack.push(Item::Text("}"));
+                    for (k, (name, value)) in members.into_iter().enumerate().rev() {
+                        stack.push(Item::Value(value));
+                        stack.push(Item::Name(name));
+                        if k > 0 {
+                            stack.push(Item::Text(","));
+                        }
+                    }
+                } else if header & JB_FARRAY != 0 {
+                    out.push('[');
+                    stack.push(Item::Text("]"));
+                    for (k, value) in kids.into_iter().enumerate().rev() {
+                        stack.push(Item::Value(value));
+                        if k > 0 {
+                            stack.push(Item::Text(","));
+                        }
+                    }
+                } else {
+                    return Err(bad("container type"));
+                }
+            }
+            _ => return Err(bad("entry type")),
+        }
+        top = false;
+    }
+    Ok(out)
+}
+
+#[cfg(all(test, target_endian = "little"))]
+mod tests {
+    //! Layouts built by hand from jsonb.h and numeric.c. The extension's test
+    //! `jsonb_binary_canonical_matches_text` checks the server's own bytes.
+    use super::*;
+
+    /// A container with `header` (flags and count) and `kids` (JEntry type, data),
+    /// padding numbers and containers to 4 bytes as PostgreSQL does.
+    fn container(header: u32, kids: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let mut entries = Vec::new();
+        let mut data: Vec<u8> = Vec::new();
+        for (kind, bytes) in kids {
+            let start = data.len();
+            if matches!(*kind, JENTRY_ISNUMERIC | JENTRY_ISCONTAINER) {
+                data.resize(int_align(start), 0);
+            }
+            data.extend_from_slice(bytes);
+            entries.push(kind | (data.len() - start) as u32);
+        }
+        let mut v = header.to_le_bytes().to_vec();
+        for e in entries {
+            v.extend_from_slice(&e.to_le_bytes());
+        }
+        v.extend_from_slice(&data);
+        v
+    }
+
+    /// A short-header numeric (1-byte varlena header) of base-10000 `digits`.
+    fn short_numeric(neg: bool, weight: i32, digits: &[u16]) -> Vec<u8> {
+        let mut h: u16 = NUMERIC_SHORT;
+        if neg {
+            h |= NUMERIC_SHORT_SIGN_MASK;
+        }
+        if weight < 0 {
+            h |= NUMERIC_SHORT_WEIGHT_SIGN_MASK;
+        }
+        h |= (weight as u16) & NUMERIC_SHORT_WEIGHT_MASK;
+        let len = 1 + 2 + 2 * digits.len();
+        let mut v = vec![((len as u8) << 1) | 1];
+        v.extend_from_slice(&h.to_le_bytes());
+        for d in digits {
+            v.extend_from_slice(&d.to_le_bytes());
+        }
+        v
+    }
+
+    /// A long-header numeric (4-byte varlena header, dscale 0).
+    fn long_numeric(neg: bool, weight: i16, digits: &[u16]) -> Vec<u8> {
+        let len = 4 + 4 + 2 * digits.len();
+        let mut v = ((len as u32) << 2).to_le_bytes().to_vec();
+        v.extend_from_slice(&(if neg { NUMERIC_NEG } else { 0 }).to_le_bytes());
+        v.extend_from_slice(&weight.to_le_bytes());
+        for d in digits {
+            v.extend_from_slice(&d.to_le_bytes());
+        }
+        v
+    }
+
+    fn scalar(kind: u32, bytes: Vec<u8>) -> Vec<u8> {
+        container(JB_FSCALAR | JB_FARRAY | 1, &[(kind, bytes)])
+    }
+
+    #[test]
+    fn scalars() {
+        let s = scalar(JENTRY_ISSTRING, b"a\"b\n".to_vec());
+        assert_eq!(canonical_from_jsonb(&s).unwrap(), r#""a\"b\n""#);
+        let t = scalar(JENTRY_ISBOOL_TRUE, vec![]);
+        assert_eq!(canonical_from_jsonb(&t).unwrap(), "true");
+        let n = scalar(JENTRY_ISNULL, vec![]);
+        assert_eq!(canonical_from_jsonb(&n).unwrap(), "null");
+    }
+
+    #[test]
+    fn objects_sort_by_utf16_and_numbers_are_jcs() {
+        // {"bb": 1.5, "a": -12, "\u{e000}": [], "\u{10000}": {}}, keys as jsonb
+        // stores them (by length, then bytes); JCS puts U+10000 (a surrogate
+        // pair) before U+E000.
+        let keys: [&str; 4] = ["a", "bb", "\u{e000}", "\u{10000}"];
+        let values = [
+            (JENTRY_ISNUMERIC, short_numeric(true, 0, &[12])),
+            (JENTRY_ISNUMERIC, long_numeric(false, 0, &[1, 5000])),
+            (JENTRY_ISCONTAINER, container(JB_FARRAY, &[])),
+            (JENTRY_ISCONTAINER, container(JB_FOBJECT, &[])),
+        ];
+        let mut kids: Vec<(u32, Vec<u8>)> = keys
+            .iter()
+            .map(|k| (JENTRY_ISSTRING, k.as_bytes().to_vec()))
+            .collect();
+        kids.extend(values);
+        let c = container(JB_FOBJECT | 4, &kids);
+        assert_eq!(
+            canonical_from_jsonb(&c).unwrap(),
+            "{\"a\":-12,\"bb\":1.5,\"\u{10000}\":{},\"\u{e000}\":[]}"
+        );
+    }
+
+    #[test]
+    fn numeric_text_reads_weights_and_signs() {
+        let t = |v: Vec<u8>| numeric_text(&v).unwrap();
+        assert_eq!(t(short_numeric(false, 1, &[12, 3400])), "00123400");
+        assert_eq!(t(short_numeric(true, -1, &[5000])), "-5000e-4");
+        assert_eq!(t(short_numeric(false, 0, &[])), "0");
+        assert_eq!(t(long_numeric(true, -3, &[25])), "-0025e-12");
+    }
+
+    #[test]
+    fn short_decimals_are_exact_as_the_general_test_says() {
+        for t in ["0012345678901234e-4", "-5000e-4", "1e290", "25e-12", "0"] {
+            assert!(numeric_is_exact(t), "{t}");
+            assert_eq!(numeric_is_exact(t), number_is_exact(t), "{t}");
+        }
+        for t in ["12345678901234567891", "10000000000000000001e-20"] {
+            assert!(!numeric_is_exact(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn inexact_numbers_are_refused() {
+        // 12345678901234567891 = 1234 5678 9012 3456 7891, weight 4.
+        let n = short_numeric(false, 4, &[1234, 5678, 9012, 3456, 7891]);
+        let c = scalar(JENTRY_ISNUMERIC, n);
+        assert_eq!(canonical_from_jsonb(&c), Err(JsonbError::InexactNumber));
+    }
+
+    #[test]
+    fn garbage_is_malformed_never_a_panic() {
+        let five = (JB_FARRAY | 5).to_le_bytes();
+        for bytes in [&b""[..], &[1, 2, 3], &[0xff; 16], &five] {
+            assert!(matches!(
+                canonical_from_jsonb(bytes),
+                Err(JsonbError::Malformed(_))
+            ));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(b in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = canonical_from_jsonb(&b);
+        }
+    }
+}
