@@ -44,11 +44,26 @@ const NUMERIC_NEG: u16 = 0x4000;
 const NUMERIC_SHORT: u16 = 0x8000;
 const NUMERIC_SPECIAL: u16 = 0xC000;
 const NUMERIC_SHORT_SIGN_MASK: u16 = 0x2000;
+const NUMERIC_SHORT_DSCALE_MASK: u16 = 0x1F80;
+const NUMERIC_SHORT_DSCALE_SHIFT: u16 = 7;
+const NUMERIC_DSCALE_MASK: u16 = 0x3FFF;
+
+/// PostgreSQL's MaxAllocSize: no text longer than this can be made, so a value
+/// whose text might be (the bound `canonical_from_jsonb` keeps) is left to the
+/// text path, which fails as it always did.
+const MAX_TEXT: u64 = 0x3FFF_FFFF;
 const NUMERIC_SHORT_WEIGHT_SIGN_MASK: u16 = 0x0040;
 const NUMERIC_SHORT_WEIGHT_MASK: u16 = 0x003F;
 
 /// Why the bytes could not be read; the caller falls back to the text form on
 /// `Unsupported` and `Malformed`. Fixed phrases: never any input.
+///
+/// `Malformed` covers every layout PostgreSQL does not write, so that the reader
+/// never sees a value differently from `jsonb_out`: object keys not strictly in
+/// jsonb's order (by length, then bytes; so no duplicates), a NUL in a string,
+/// and a `numeric` that is not in `make_result`'s normal form (a zero first or
+/// last digit group, or stored digits beyond its display scale, which
+/// `numeric_out` would not print).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JsonbError {
     /// Not PostgreSQL's jsonb layout as this module knows it.
@@ -135,9 +150,10 @@ fn children(c: &[u8]) -> Result<(u32, Vec<Child<'_>>), JsonbError> {
     Ok((header, out))
 }
 
-/// The decimal text of a stored `numeric` (with its varlena header), as
-/// `digits` and an exponent: `"-1234e-2"`; `"0"` for zero.
-fn numeric_text(v: &[u8]) -> Result<String, JsonbError> {
+/// A stored `numeric` (with its varlena header): its decimal text, as `digits`
+/// and an exponent (`"-1234e-2"`; `"0"` for zero), and an upper bound of the
+/// length of `numeric_out`'s text of it.
+fn numeric_text(v: &[u8]) -> Result<(String, u64), JsonbError> {
     let first = *v.first().ok_or(bad("empty number"))?;
     let (hdr, len) = if first & 1 == 1 {
         // 1-byte varlena header; 0x01 alone would be a TOAST pointer.
@@ -154,7 +170,7 @@ fn numeric_text(v: &[u8]) -> Result<String, JsonbError> {
     };
     let body = v.get(hdr..len).ok_or(bad("number length"))?;
     let h = u16_at(body, 0)?;
-    let (neg, weight, digits_at) = match h & NUMERIC_SIGN_MASK {
+    let (neg, weight, dscale, digits_at) = match h & NUMERIC_SIGN_MASK {
         NUMERIC_SPECIAL => return Err(bad("NaN or infinity")),
         NUMERIC_SHORT => {
             let w = (h & NUMERIC_SHORT_WEIGHT_MASK) as i32;
@@ -163,17 +179,35 @@ fn numeric_text(v: &[u8]) -> Result<String, JsonbError> {
             } else {
                 w
             };
-            (h & NUMERIC_SHORT_SIGN_MASK != 0, w, 2)
+            let dscale = (h & NUMERIC_SHORT_DSCALE_MASK) >> NUMERIC_SHORT_DSCALE_SHIFT;
+            (h & NUMERIC_SHORT_SIGN_MASK != 0, w, dscale, 2)
         }
-        sign => (sign == NUMERIC_NEG, u16_at(body, 2)? as i16 as i32, 4),
+        sign => (
+            sign == NUMERIC_NEG,
+            u16_at(body, 2)? as i16 as i32,
+            h & NUMERIC_DSCALE_MASK,
+            4,
+        ),
     };
     let digits = body.get(digits_at..).ok_or(bad("number length"))?;
     if digits.len() % 2 != 0 {
         return Err(bad("number digits"));
     }
     let n = digits.len() / 2;
+    // numeric_out's text: sign, integer digits (at least one), point, dscale digits.
+    let bound = 3 + 4 * (weight.max(0) as u64 + 1) + u64::from(dscale);
     if n == 0 {
-        return Ok("0".to_owned());
+        return Ok(("0".to_owned(), bound));
+    }
+    let last = u16_at(digits, 2 * (n - 1))?;
+    if u16_at(digits, 0)? == 0 || last == 0 {
+        return Err(bad("number not normalised"));
+    }
+    // Decimal places the stored digits need; numeric_out prints only dscale.
+    let places = 4 * (n as i64 - 1 - i64::from(weight));
+    let trailing = (1..=4u32).take_while(|k| last % 10u16.pow(*k) == 0).count() as i64;
+    if places - trailing > i64::from(dscale) {
+        return Err(bad("digits beyond the display scale"));
     }
     let mut s = String::with_capacity(4 * n + 8);
     if neg {
@@ -192,12 +226,12 @@ fn numeric_text(v: &[u8]) -> Result<String, JsonbError> {
         }
         s.push_str(std::str::from_utf8(&buf).expect("ASCII digits"));
     }
-    let exp = 4 * (weight - n as i32 + 1);
+    let exp = 4 * (i64::from(weight) - n as i64 + 1);
     if exp != 0 {
         s.push('e');
         s.push_str(&exp.to_string());
     }
-    Ok(s)
+    Ok((s, bound))
 }
 
 /// Whether the decimal `text` (`numeric_text`'s form) is a double exactly in the
@@ -217,19 +251,27 @@ fn numeric_is_exact(text: &str) -> bool {
     number_is_exact(text)
 }
 
-/// Writes the JCS form of a stored `numeric`.
-fn write_numeric(out: &mut String, v: &[u8]) -> Result<(), JsonbError> {
-    let text = numeric_text(v)?;
+/// Writes the JCS form of a stored `numeric`; returns `numeric_text`'s bound.
+fn write_numeric(out: &mut String, v: &[u8]) -> Result<u64, JsonbError> {
+    let (text, bound) = numeric_text(v)?;
     if !numeric_is_exact(&text) {
         return Err(JsonbError::InexactNumber);
     }
     let d: f64 = text.parse().map_err(|_| bad("number"))?;
     write_number(out, d);
-    Ok(())
+    Ok(bound)
 }
 
 fn utf8(b: &[u8]) -> Result<&str, JsonbError> {
+    if b.contains(&0) {
+        return Err(bad("NUL in a string"));
+    }
     std::str::from_utf8(b).map_err(|_| bad("string is not UTF-8"))
+}
+
+/// jsonb's order of object keys: by length, then bytes.
+fn jsonb_key_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
 /// RFC 8785 member order: by UTF-16 code units (for ASCII, by bytes).
@@ -258,6 +300,9 @@ pub fn canonical_from_jsonb(container: &[u8]) -> Result<String, JsonbError> {
         data: container,
     })];
     let mut top = true;
+    // An upper bound of the length of jsonb_out's text (an escape is at most 6
+    // bytes a byte; numbers by numeric_text), checked at the end.
+    let mut text_bound: u64 = 0;
     while let Some(item) = stack.pop() {
         let child = match item {
             Item::Text(t) => {
@@ -271,9 +316,16 @@ pub fn canonical_from_jsonb(container: &[u8]) -> Result<String, JsonbError> {
             }
             Item::Value(c) => c,
         };
+        text_bound = text_bound.saturating_add(8);
         match child.kind {
-            JENTRY_ISSTRING => write_string(&mut out, utf8(child.data)?),
-            JENTRY_ISNUMERIC => write_numeric(&mut out, child.data)?,
+            JENTRY_ISSTRING => {
+                text_bound = text_bound.saturating_add(6 * child.data.len() as u64);
+                write_string(&mut out, utf8(child.data)?)
+            }
+            JENTRY_ISNUMERIC => {
+                let bound = write_numeric(&mut out, child.data)?;
+                text_bound = text_bound.saturating_add(bound);
+            }
             JENTRY_ISBOOL_FALSE => out.push_str("false"),
             JENTRY_ISBOOL_TRUE => out.push_str("true"),
             JENTRY_ISNULL => out.push_str("null"),
@@ -289,13 +341,20 @@ pub fn canonical_from_jsonb(container: &[u8]) -> Result<String, JsonbError> {
                         return Err(bad("scalar container"));
                     }
                     stack.push(Item::Value(kids[0]));
-                } else if header & JB_FOBJECT != 0 {
+                } else if header & JB_FOBJECT != 0 && header & JB_FARRAY == 0 {
                     let pairs = kids.len() / 2;
                     let mut members = Vec::with_capacity(pairs);
                     for k in 0..pairs {
                         if kids[k].kind != JENTRY_ISSTRING {
                             return Err(bad("object key is not a string"));
                         }
+                        if k > 0
+                            && jsonb_key_order(kids[k - 1].data, kids[k].data)
+                                != std::cmp::Ordering::Less
+                        {
+                            return Err(bad("object keys out of order"));
+                        }
+                        text_bound = text_bound.saturating_add(6 * kids[k].data.len() as u64 + 8);
                         members.push((utf8(kids[k].data)?, kids[pairs + k]));
                     }
                     members.sort_by(|a, b| member_order(a.0, b.0));
@@ -308,7 +367,7 @@ pub fn canonical_from_jsonb(container: &[u8]) -> Result<String, JsonbError> {
                             stack.push(Item::Text(","));
                         }
                     }
-                } else if header & JB_FARRAY != 0 {
+                } else if header & JB_FARRAY != 0 && header & JB_FOBJECT == 0 {
                     out.push('[');
                     stack.push(Item::Text("]"));
                     for (k, value) in kids.into_iter().enumerate().rev() {
@@ -324,6 +383,9 @@ pub fn canonical_from_jsonb(container: &[u8]) -> Result<String, JsonbError> {
             _ => return Err(bad("entry type")),
         }
         top = false;
+    }
+    if text_bound > MAX_TEXT {
+        return Err(bad("text form may exceed PostgreSQL's allocation limit"));
     }
     Ok(out)
 }
@@ -355,9 +417,14 @@ mod tests {
         v
     }
 
-    /// A short-header numeric (1-byte varlena header) of base-10000 `digits`.
+    /// A short-header numeric (1-byte varlena header) of base-10000 `digits`,
+    /// display scale 0.
     fn short_numeric(neg: bool, weight: i32, digits: &[u16]) -> Vec<u8> {
-        let mut h: u16 = NUMERIC_SHORT;
+        short_numeric_scaled(neg, weight, 0, digits)
+    }
+
+    fn short_numeric_scaled(neg: bool, weight: i32, dscale: u16, digits: &[u16]) -> Vec<u8> {
+        let mut h: u16 = NUMERIC_SHORT | (dscale << NUMERIC_SHORT_DSCALE_SHIFT);
         if neg {
             h |= NUMERIC_SHORT_SIGN_MASK;
         }
@@ -374,11 +441,11 @@ mod tests {
         v
     }
 
-    /// A long-header numeric (4-byte varlena header, dscale 0).
-    fn long_numeric(neg: bool, weight: i16, digits: &[u16]) -> Vec<u8> {
+    /// A long-header numeric (4-byte varlena header).
+    fn long_numeric(neg: bool, weight: i16, dscale: u16, digits: &[u16]) -> Vec<u8> {
         let len = 4 + 4 + 2 * digits.len();
         let mut v = ((len as u32) << 2).to_le_bytes().to_vec();
-        v.extend_from_slice(&(if neg { NUMERIC_NEG } else { 0 }).to_le_bytes());
+        v.extend_from_slice(&(if neg { NUMERIC_NEG } else { 0 } | dscale).to_le_bytes());
         v.extend_from_slice(&weight.to_le_bytes());
         for d in digits {
             v.extend_from_slice(&d.to_le_bytes());
@@ -408,7 +475,7 @@ mod tests {
         let keys: [&str; 4] = ["a", "bb", "\u{e000}", "\u{10000}"];
         let values = [
             (JENTRY_ISNUMERIC, short_numeric(true, 0, &[12])),
-            (JENTRY_ISNUMERIC, long_numeric(false, 0, &[1, 5000])),
+            (JENTRY_ISNUMERIC, long_numeric(false, 0, 1, &[1, 5000])),
             (JENTRY_ISCONTAINER, container(JB_FARRAY, &[])),
             (JENTRY_ISCONTAINER, container(JB_FOBJECT, &[])),
         ];
@@ -426,11 +493,63 @@ mod tests {
 
     #[test]
     fn numeric_text_reads_weights_and_signs() {
-        let t = |v: Vec<u8>| numeric_text(&v).unwrap();
+        let t = |v: Vec<u8>| numeric_text(&v).unwrap().0;
         assert_eq!(t(short_numeric(false, 1, &[12, 3400])), "00123400");
-        assert_eq!(t(short_numeric(true, -1, &[5000])), "-5000e-4");
+        assert_eq!(t(short_numeric_scaled(true, -1, 1, &[5000])), "-5000e-4");
         assert_eq!(t(short_numeric(false, 0, &[])), "0");
-        assert_eq!(t(long_numeric(true, -3, &[25])), "-0025e-12");
+        assert_eq!(t(long_numeric(true, -3, 14, &[25])), "-0025e-12");
+    }
+
+    #[test]
+    fn numerics_numeric_out_would_print_differently_are_left_to_the_text_path() {
+        let m = |v: Vec<u8>| matches!(numeric_text(&v), Err(JsonbError::Malformed(_)));
+        // 1500.75 with display scale 0: numeric_out prints 1500.
+        assert!(m(short_numeric_scaled(false, 0, 0, &[1500, 7500])));
+        assert!(m(short_numeric_scaled(false, 0, 1, &[1500, 7500])));
+        assert!(!m(short_numeric_scaled(false, 0, 2, &[1500, 7500])));
+        // Leading or trailing zero digit groups: make_result strips them.
+        assert!(m(short_numeric(false, 1, &[0, 5])));
+        assert!(m(short_numeric(false, 1, &[5, 0])));
+    }
+
+    #[test]
+    fn keys_out_of_jsonb_order_or_repeated_are_malformed() {
+        for keys in [["b", "a"], ["a", "a"], ["aa", "b"]] {
+            let kids: Vec<(u32, Vec<u8>)> = keys
+                .iter()
+                .map(|k| (JENTRY_ISSTRING, k.as_bytes().to_vec()))
+                .chain([(JENTRY_ISNULL, vec![]), (JENTRY_ISNULL, vec![])])
+                .collect();
+            let c = container(JB_FOBJECT | 2, &kids);
+            let r = canonical_from_jsonb(&c);
+            assert!(matches!(r, Err(JsonbError::Malformed(_))), "{keys:?}");
+        }
+        let both = container(JB_FOBJECT | JB_FARRAY, &[]);
+        assert!(matches!(
+            canonical_from_jsonb(&both),
+            Err(JsonbError::Malformed(_))
+        ));
+        let nul = scalar(JENTRY_ISSTRING, b"a\0b".to_vec());
+        assert!(matches!(
+            canonical_from_jsonb(&nul),
+            Err(JsonbError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_huge_display_scale_is_left_to_the_text_path() {
+        // 1.000…0 with 16,383 zeros, 70,000 times: 1.1 GB of text from 1 MB.
+        let one = long_numeric(false, 0, NUMERIC_DSCALE_MASK, &[1]);
+        let kids: Vec<(u32, Vec<u8>)> = (0..70_000)
+            .map(|_| (JENTRY_ISNUMERIC, one.clone()))
+            .collect();
+        let c = container(JB_FARRAY | 70_000, &kids);
+        assert!(matches!(
+            canonical_from_jsonb(&c),
+            Err(JsonbError::Malformed(_))
+        ));
+        let few = container(JB_FARRAY | 2, &kids[..2]);
+        assert_eq!(canonical_from_jsonb(&few).unwrap(), "[1,1]");
     }
 
     #[test]

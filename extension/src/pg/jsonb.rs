@@ -41,8 +41,15 @@ impl JsonbArg {
 
 /// The RFC 8785 text of the jsonb value whose bytes after the varlena header are
 /// `container`: read from the binary form, or from `text()` (the value's
-/// `jsonb_out` text) where `pgseal_core::jsonb` does not read it.
+/// `jsonb_out` text) where `pgseal_core::jsonb` does not read it, and in a
+/// database whose encoding is not UTF-8.
 pub fn canonical(container: &[u8], text: impl FnOnce() -> String) -> Result<String, CoreError> {
+    // SAFETY: reads the database encoding, set at backend start; no preconditions.
+    let utf8 = unsafe { pg_sys::GetDatabaseEncoding() } == pg_sys::pg_enc::PG_UTF8 as i32;
+    if !utf8 {
+        // The stored strings are in the database's encoding, not UTF-8.
+        return canonical_payload(&text());
+    }
     match canonical_from_jsonb(container) {
         Ok(c) => Ok(c),
         Err(JsonbError::InexactNumber) => Err(CoreError::InexactNumber),

@@ -418,7 +418,28 @@ mod tests {
             ('"a\"b\\c\n\t\r\b\f\u0001\u001f é 😀 \u2028 /"'),
             ('{"\ue000":1,"\ud800\udc00":2,"a":3,"aa":4,"b":5,"":6,"é":7}'),
             ((repeat('[', 2000) || '1' || repeat(']', 2000))::jsonb),
-            ((repeat('{"k":', 500) || '[]' || repeat('}', 500))::jsonb)
+            ((repeat('{"k":', 500) || '[]' || repeat('}', 500))::jsonb),
+            ('1e-290'), ('1e290'), ('123456789012345e278'), ('9.99999999999999e292'),
+            ('2.2250738585072014e-308'), ('5e-324'), ('4.9406564584124654e-324'),
+            ('1.7976931348623157e308'), ('1.7976931348623158e308'), ('-1e-300'), ('1e-400'),
+            ('123456789012345.6'), ('0.30000000000000004'), ('1e23'), ('-0e5'), ('0.000'),
+            (jsonb_build_object('n', round(1.5::numeric, 100))),
+            (to_jsonb(1e-310::float8)), (to_jsonb(0.1::float4)),
+            (jsonb_path_query_first('{"a":1.5}', '$.a * 3')),
+            (jsonb_path_query_first('"1.23"', '$.double()')),
+            ('{"a":[1,2.50,{"b":3}]}'::jsonb -> 'a'), ('{"a":1.50}'::jsonb -> 'a'),
+            (jsonb_build_array('1.50'::jsonb, '"s"'::jsonb)),
+            ('{"b":1}'::jsonb || '{"a":2.0,"b":3}'), ('[1]'::jsonb || '2'),
+            (jsonb_set('{"a":[1,2]}', '{a,1}', '"x\u0001"')),
+            (jsonb_build_object('a', 1, 'a', 2)), (to_jsonb(ARRAY[[1.5, 2], [3, 4]]::numeric[])),
+            (to_jsonb(chr(127) || chr(8232) || chr(8233) || chr(65279) || chr(65534) || E'\x01')),
+            (to_jsonb(('1.' || repeat('0', 16000))::numeric)),
+            ((SELECT jsonb_agg(CASE WHEN x % 2 = 0 THEN to_jsonb(repeat('s', x % 5))
+                                    ELSE to_jsonb(x * 1.5) END) FROM generate_series(1, 31) x)),
+            ((SELECT jsonb_agg(CASE WHEN x % 2 = 0 THEN to_jsonb(repeat('s', x % 5))
+                                    ELSE to_jsonb(x * 1.5) END) FROM generate_series(1, 65) x)),
+            ((SELECT jsonb_object_agg(repeat('k', x % 7) || x, CASE WHEN x % 3 = 0 THEN '[1.25]'::jsonb
+                                      ELSE to_jsonb(repeat('v', x % 3)) END) FROM generate_series(1, 64) x))
         ),
         generated AS (
             SELECT jsonb_build_object(
@@ -471,7 +492,7 @@ mod tests {
                 inexact += usize::from(from_text.is_err());
             }
         });
-        assert_eq!(checked, 27 + 3000 + 500);
+        assert_eq!(checked, 27 + 34 + 3000 + 500);
         // Both outcomes are exercised.
         assert!(inexact > 100 && inexact < 3000, "{inexact} inexact");
     }
