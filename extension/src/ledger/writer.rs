@@ -5,9 +5,9 @@
 //! runs when the statement that appended ends (the executor-end work this module
 //! registers with `txn`, through the ledger's `TXN`), when the list grows past its
 //! bound, before the ledger functions read the chain, and at pre-commit. So the
-//! next statement of the transaction sees every entry appended before it. A single
-//! entry whose heads row was read directly is written without SPI, with the
-//! executor's one-row insert and update (`pg::head_write`).
+//! next statement of the transaction sees every entry appended before it. A
+//! tenant's entries whose heads row was read directly are written without SPI,
+//! with the executor's one-row insert (per entry) and update (`pg::head_write`).
 
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
@@ -93,14 +93,13 @@ fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
     use plans::{
         BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, JSONB, JSONB_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ,
     };
-    let row = heads::take_row(&entries[0].tenant);
-    if entries.len() == 1 {
-        if let Some(mut row) = row {
-            if crate::pg::head_write::write_one(&entries[0], &mut row)? {
-                heads::put_row(&entries[0].tenant, row);
-                return Ok(());
-            }
+    if let Some(mut row) = heads::take_row(&entries[0].tenant) {
+        if crate::pg::head_write::write(&entries, &mut row)? {
+            heads::put_row(&entries[0].tenant, row);
+            return Ok(());
         }
+    }
+    if entries.len() == 1 {
         let e = entries.pop().expect("one entry");
         let payload = e.payload_datum()?;
         // SAFETY: a jsonb datum, palloc'd in the current memory context, which

@@ -1,7 +1,9 @@
-//! Writing one entry and moving its tenant's heads row without SPI.
+//! Writing a tenant's pending entries and moving its heads row without SPI.
 //!
 //! A transaction that appends one entry writes it at the end of the statement
-//! that appended it (why not SPI: the 16-client ledger rows in docs/BENCHMARKS.md).
+//! that appended it (why not SPI: the 16-client ledger rows in docs/BENCHMARKS.md);
+//! a bulk append writes each batch of its entries here too, with no array built
+//! and unnested.
 //! The entry goes through `ExecSimpleRelationInsert` and the
 //! row through `ExecSimpleRelationUpdate`, the calls logical replication applies
 //! rows with. They keep every index of both tables current (an index a DBA adds
@@ -17,14 +19,14 @@
 //! pgseal's own append, and it carries the anchor over unchanged), and with
 //! exactly their own columns; the transaction read-write. Otherwise, and under
 //! REPEATABLE READ and SERIALIZABLE (whose rows are read through SPI, so no place
-//! is known), and for a batch, the caller writes through SPI.
+//! is known), the caller writes through SPI.
 //!
 //! The executor calls it uses have the same signatures and contracts in
 //! PostgreSQL 15 and 18, the versions pgseal builds and tests against; the one
 //! structure whose layout differs (the tuple descriptor) is read through
 //! `pg::compat`.
 
-pub(crate) use imp::write_one;
+pub(crate) use imp::write;
 
 #[cfg(any(test, feature = "pg_test"))]
 thread_local! {
@@ -174,20 +176,56 @@ mod imp {
         rel: pg_sys::Relation,
         values: &[Option<pg_sys::Datum>],
     ) -> *mut pg_sys::TupleTableSlot {
-        // SAFETY: a fresh virtual slot has room for one datum per column of the
-        // descriptor it was made with, which is `values.len()` as the caller says.
+        // SAFETY: a fresh virtual slot of `rel`'s descriptor, filled as `refill` says.
         unsafe {
             let slot = pg_sys::MakeSingleTupleTableSlot(
                 (*rel).rd_att,
                 std::ptr::addr_of!(pg_sys::TTSOpsVirtual),
             );
             o.slots.push(slot);
+            refill(slot, values)
+        }
+    }
+
+    /// `slot`, emptied and holding `values` (`None` is NULL).
+    ///
+    /// # Safety
+    /// `slot` is a virtual slot whose descriptor has one column of the right type
+    /// per value.
+    unsafe fn refill(
+        slot: *mut pg_sys::TupleTableSlot,
+        values: &[Option<pg_sys::Datum>],
+    ) -> *mut pg_sys::TupleTableSlot {
+        // SAFETY: per the contract, the slot has room for one datum per value.
+        unsafe {
+            pg_sys::ExecClearTuple(slot);
             for (i, v) in values.iter().enumerate() {
                 *(*slot).tts_values.add(i) = v.unwrap_or(pg_sys::Datum::from(0usize));
                 *(*slot).tts_isnull.add(i) = v.is_none();
             }
             pg_sys::ExecStoreVirtualTuple(slot)
         }
+    }
+
+    /// The ledger row of `e` (format 2, with no stored commitment: see
+    /// `ledger::writer`), its datums palloc'd in the current memory context.
+    fn entry_values(e: &Pending, tenant: pg_sys::Datum) -> SealResult<[Option<pg_sys::Datum>; 14]> {
+        Ok([
+            Some(tenant),
+            Some(datum(e.seq)),
+            Some(datum(e.recorded_at)),
+            Some(datum(e.actor.as_str())),
+            Some(datum(e.event.as_str())),
+            Some(e.payload_datum()?),
+            Some(datum(&e.prev[..])),
+            Some(datum(&e.hash[..])),
+            Some(datum(&e.mac[..])),
+            Some(datum(pgseal_core::ledger::FMT_V2)),
+            Some(datum(e.db_role.as_str())),
+            Some(subjects_datum(&e.subjects)),
+            Some(datum(&e.salt[..])),
+            None,
+        ])
     }
 
     fn datum<T: IntoDatum>(v: T) -> pg_sys::Datum {
@@ -206,14 +244,17 @@ mod imp {
         }
     }
 
-    /// Writes `e` and moves the heads row at `row` to it, unless the row is
-    /// already past it (an entry of an outer subtransaction level is written
-    /// after the inner level wrote later ones), and notes in `row` where the row
-    /// is now and what it holds. Returns false, having written nothing, when this
-    /// path does not apply; the caller then writes through SPI. Runs as the
-    /// extension's owner.
-    pub(crate) fn write_one(e: &Pending, row: &mut HeadRow) -> SealResult<bool> {
-        if crate::pg::xact::read_only() {
+    /// Writes `entries` (one tenant's, in seq order) and moves the heads row at
+    /// `row` to the last, unless the row is already past it (entries of an outer
+    /// subtransaction level are written after the inner level wrote later ones),
+    /// and notes in `row` where the row is now and what it holds. Returns false,
+    /// having written nothing, when this path does not apply; the caller then
+    /// writes through SPI. Runs as the extension's owner.
+    pub(crate) fn write(entries: &[Pending], row: &mut HeadRow) -> SealResult<bool> {
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(true);
+        };
+        if crate::pg::xact::read_only() || entries.iter().any(|e| e.tenant != first.tenant) {
             return Ok(false);
         }
         let (ledger_id, heads_id) = relids()?;
@@ -229,7 +270,10 @@ mod imp {
         // table_open raises on a bad OID; `o` closes what is opened. The result
         // relations and every datum are allocated in the executor state's memory,
         // which outlives their use and is freed with it. The slots are filled
-        // with one datum per column of their table, of the types `plain` checked.
+        // with one datum per column of their table, of the types `plain` checked;
+        // the entry slot is refilled per entry after the insert has copied the
+        // previous one into the table, and the per-tuple memory index maintenance
+        // used is reset (nothing of it outlives the insert).
         // ExecSimpleRelationInsert/Update expect what is set up here: a result
         // relation per table with its indexes open, an output command id, and (for
         // the update) a search slot whose tid is the row to replace; the EPQ state
@@ -268,35 +312,23 @@ mod imp {
                     pg_sys::ExecOpenIndices(*slot, false);
                     o.indexed.push(*slot);
                 }
-                let jsonb = e.payload_datum()?;
-                // The tenant, seq and hash go into both rows.
-                let (tenant, seq, hash) =
-                    (datum(e.tenant.as_str()), datum(e.seq), datum(&e.hash[..]));
-                // Format 2, with no stored commitment (see `ledger::writer`).
-                let entry = slot_with(
-                    &mut o,
-                    ledger,
-                    &[
-                        Some(tenant),
-                        Some(seq),
-                        Some(datum(e.recorded_at)),
-                        Some(datum(e.actor.as_str())),
-                        Some(datum(e.event.as_str())),
-                        Some(jsonb),
-                        Some(datum(&e.prev[..])),
-                        Some(hash),
-                        Some(datum(&e.mac[..])),
-                        Some(datum(pgseal_core::ledger::FMT_V2)),
-                        Some(datum(e.db_role.as_str())),
-                        Some(subjects_datum(&e.subjects)),
-                        Some(datum(&e.salt[..])),
-                        None,
-                    ],
-                );
+                // The tenant goes into every row; the last entry's seq and hash
+                // into the heads row.
+                let tenant = datum(first.tenant.as_str());
+                let entry = slot_with(&mut o, ledger, &entry_values(first, tenant)?);
                 pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
-                if e.seq <= row.seq {
+                for e in &entries[1..] {
+                    // What the previous insert's index maintenance allocated.
+                    if let Some(cx) = (*estate).es_per_tuple_exprcontext.as_mut() {
+                        pg_sys::MemoryContextReset(cx.ecxt_per_tuple_memory);
+                    }
+                    refill(entry, &entry_values(e, tenant)?);
+                    pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
+                }
+                if last.seq <= row.seq {
                     return Ok(row.tid);
                 }
+                let (seq, hash) = (datum(last.seq), datum(&last.hash[..]));
                 let search = pg_sys::MakeSingleTupleTableSlot(
                     (*heads).rd_att,
                     std::ptr::addr_of!(pg_sys::TTSOpsVirtual),
@@ -324,11 +356,11 @@ mod imp {
                 Ok::<_, SealError>((*head).tts_tid)
             })?;
             row.tid = moved;
-            row.seq = row.seq.max(e.seq);
-            // As after an SPI write: later commands see the entry and the row.
+            row.seq = row.seq.max(last.seq);
+            // As after an SPI write: later commands see the entries and the row.
             pg_sys::CommandCounterIncrement();
             #[cfg(any(test, feature = "pg_test"))]
-            super::WRITTEN.with(|w| w.set(w.get() + 1));
+            super::WRITTEN.with(|w| w.set(w.get() + entries.len() as u64));
             Ok(true)
         }
     }

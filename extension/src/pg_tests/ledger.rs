@@ -371,6 +371,7 @@ mod tests {
     #[pg_test]
     fn appends_beyond_one_batch_in_one_statement_are_all_written() {
         tenant("acme");
+        let before = written_directly();
         let n: i64 = one("SELECT count(*) FROM generate_series(1, 2500) g, LATERAL pgseal.ledger_append('bulk', pg_catalog.to_jsonb(g)) a");
         assert_eq!(n, 2500);
         assert_eq!(
@@ -381,6 +382,8 @@ mod tests {
             one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'acme'"),
             2500
         );
+        // Every batch without SPI (its heads row was read directly).
+        assert_eq!(written_directly() - before, 2500);
         assert_eq!(verify(""), (true, 2500, None, None));
     }
 
