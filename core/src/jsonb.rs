@@ -234,27 +234,73 @@ fn numeric_text(v: &[u8]) -> Result<(String, u64), JsonbError> {
     Ok((s, bound))
 }
 
-/// Whether the decimal `text` (`numeric_text`'s form) is a double exactly in the
-/// sense of `canonical::number_is_exact`. A decimal of at most 15 significant
-/// digits (DBL_DIG) in the normal range always is: it converts to a double whose
-/// shortest text is that decimal. Others take the general test.
-fn numeric_is_exact(text: &str) -> bool {
-    let (digits, exp) = match text.split_once('e') {
-        Some((d, e)) => (d, e.parse::<i64>().unwrap_or(i64::MAX)),
+/// Writes a decimal of at most 15 significant digits (DBL_DIG) whose magnitude
+/// is in the normal range of a double straight in RFC 8785's form (ECMAScript's
+/// Number::toString), and returns true; returns false, writing nothing, for any
+/// other. Such a decimal is a double exactly in the sense of
+/// `canonical::number_is_exact`: it converts to a double whose shortest text is
+/// that decimal, so the double's text is the decimal's digits laid out by
+/// ECMAScript's rules (a test compares it with `ryu-js` over generated decimals).
+fn write_short_decimal(out: &mut String, text: &str) -> bool {
+    let (mantissa, exp) = match text.split_once('e') {
+        Some((m, e)) => match e.parse::<i64>() {
+            Ok(e) => (m, e),
+            Err(_) => return false,
+        },
         None => (text, 0),
     };
-    let digits = digits.trim_start_matches('-').trim_matches('0');
-    let magnitude = exp.saturating_add(digits.len() as i64);
-    if digits.len() <= 15 && (-290..=290).contains(&magnitude) {
+    let (neg, digits) = match mantissa.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, mantissa),
+    };
+    let digits = digits.trim_start_matches('0');
+    let sig = digits.trim_end_matches('0');
+    if sig.is_empty() {
+        out.push('0');
         return true;
     }
-    number_is_exact(text)
+    let k = sig.len() as i64;
+    // value = sig × 10^(n − k): n is the position of the decimal point after
+    // the first significant digit.
+    let n = exp + digits.len() as i64;
+    if k > 15 || !(-290..=290).contains(&n) {
+        return false;
+    }
+    if neg {
+        out.push('-');
+    }
+    let zeros = |out: &mut String, count: i64| (0..count).for_each(|_| out.push('0'));
+    if k <= n && n <= 21 {
+        out.push_str(sig);
+        zeros(out, n - k);
+    } else if 0 < n && n <= 21 {
+        out.push_str(&sig[..n as usize]);
+        out.push('.');
+        out.push_str(&sig[n as usize..]);
+    } else if -6 < n && n <= 0 {
+        out.push_str("0.");
+        zeros(out, -n);
+        out.push_str(sig);
+    } else {
+        out.push_str(&sig[..1]);
+        if k > 1 {
+            out.push('.');
+            out.push_str(&sig[1..]);
+        }
+        out.push('e');
+        out.push(if n > 0 { '+' } else { '-' });
+        out.push_str(&(n - 1).abs().to_string());
+    }
+    true
 }
 
 /// Writes the JCS form of a stored `numeric`; returns `numeric_text`'s bound.
 fn write_numeric(out: &mut String, v: &[u8]) -> Result<u64, JsonbError> {
     let (text, bound) = numeric_text(v)?;
-    if !numeric_is_exact(&text) {
+    if write_short_decimal(out, &text) {
+        return Ok(bound);
+    }
+    if !number_is_exact(&text) {
         return Err(JsonbError::InexactNumber);
     }
     let d: f64 = text.parse().map_err(|_| bad("number"))?;
@@ -552,14 +598,58 @@ mod tests {
         assert_eq!(canonical_from_jsonb(&few).unwrap(), "[1,1]");
     }
 
-    #[test]
-    fn short_decimals_are_exact_as_the_general_test_says() {
-        for t in ["0012345678901234e-4", "-5000e-4", "1e290", "25e-12", "0"] {
-            assert!(numeric_is_exact(t), "{t}");
-            assert_eq!(numeric_is_exact(t), number_is_exact(t), "{t}");
+    /// What `write_numeric` writes for `text` by the general path: parse, check,
+    /// shortest double text.
+    fn via_double(text: &str) -> Option<String> {
+        if !number_is_exact(text) {
+            return None;
         }
-        for t in ["12345678901234567891", "10000000000000000001e-20"] {
-            assert!(!numeric_is_exact(t), "{t}");
+        let mut out = String::new();
+        write_number(&mut out, text.parse().unwrap());
+        Some(out)
+    }
+
+    #[test]
+    fn short_decimals_are_written_as_their_double() {
+        for t in [
+            "0012345678901234e-4",
+            "-5000e-4",
+            "1e290",
+            "25e-12",
+            "0",
+            "1e21",
+            "1e20",
+            "123e18",
+            "1e-6",
+            "1e-7",
+            "-15e-7",
+            "1234567890123450000",
+            "00010000e-8",
+        ] {
+            let mut out = String::new();
+            if write_short_decimal(&mut out, t) {
+                assert_eq!(Some(out), via_double(t), "{t}");
+            }
+        }
+        let mut out = String::new();
+        assert!(!write_short_decimal(&mut out, "12345678901234567891"));
+        assert!(!write_short_decimal(&mut out, "1e300"));
+        assert!(out.is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn short_decimals_agree_with_ryu(
+            neg in proptest::bool::ANY,
+            sig in 1u64..1_000_000_000_000_000,
+            pad in 0usize..6,
+            exp in -300i64..300,
+        ) {
+            let text = format!("{}{}{}e{exp}", if neg { "-" } else { "" }, "0".repeat(pad), sig);
+            let mut out = String::new();
+            if write_short_decimal(&mut out, &text) {
+                proptest::prop_assert_eq!(Some(out), via_double(&text), "{}", text);
+            }
         }
     }
 

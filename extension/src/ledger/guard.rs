@@ -19,7 +19,7 @@
 //! through. A scope is a backend-local flag set around pgseal's own statements
 //! (fixed SQL, run as the extension owner), so no SQL a caller sends can be in one.
 //!
-//! The direct single-entry write (`head_write`) fires no trigger: it accepts a
+//! The direct write of entries (`head_write`) fires no trigger: it accepts a
 //! table whose only triggers for its write are this guard, and performs the
 //! guard's check itself (it is pgseal's append path, and it carries the anchor
 //! over unchanged), so the guard does not send every append back to SPI.

@@ -65,7 +65,7 @@ mod imp {
         pg_sys::BYTEAOID,
     ];
 
-    /// What `write_one` opened, closed on every path out of it. After an ERROR
+    /// What `write` opened, closed on every path out of it. After an ERROR
     /// the transaction's abort releases all of it instead.
     struct Opened {
         ledger: pg_sys::Relation,
@@ -84,7 +84,7 @@ mod imp {
             if std::thread::panicking() {
                 return;
             }
-            // SAFETY: every pointer was opened by `write_one` and not closed since;
+            // SAFETY: every pointer was opened by `write` and not closed since;
             // slots and result relations live in the executor state, freed last
             // but for the tables, whose locks are kept until the transaction ends
             // as an SPI write keeps them.
@@ -315,14 +315,20 @@ mod imp {
                 // The tenant goes into every row; the last entry's seq and hash
                 // into the heads row.
                 let tenant = datum(first.tenant.as_str());
-                let entry = slot_with(&mut o, ledger, &entry_values(first, tenant)?);
+                // Every row built before the first insert: an error returns with
+                // nothing written.
+                let rows = entries
+                    .iter()
+                    .map(|e| entry_values(e, tenant))
+                    .collect::<SealResult<Vec<_>>>()?;
+                let entry = slot_with(&mut o, ledger, &rows[0]);
                 pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
-                for e in &entries[1..] {
+                for values in &rows[1..] {
                     // What the previous insert's index maintenance allocated.
                     if let Some(cx) = (*estate).es_per_tuple_exprcontext.as_mut() {
                         pg_sys::MemoryContextReset(cx.ecxt_per_tuple_memory);
                     }
-                    refill(entry, &entry_values(e, tenant)?);
+                    refill(entry, values);
                     pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
                 }
                 if last.seq <= row.seq {
