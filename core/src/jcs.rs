@@ -333,6 +333,106 @@ pub(crate) fn write_number(out: &mut String, d: f64) {
     }
 }
 
+/// RFC 8785 member order: by UTF-16 code units (for ASCII names, by bytes).
+pub(crate) fn member_order(a: &str, b: &str) -> std::cmp::Ordering {
+    if a.is_ascii() && b.is_ascii() {
+        a.cmp(b)
+    } else {
+        a.encode_utf16().cmp(b.encode_utf16())
+    }
+}
+
+/// Work items of `Writer`: a value still to write, text to emit after a
+/// container's members, or a member name.
+enum Item<'a, V> {
+    Value(V),
+    Text(&'static str),
+    Name(&'a str),
+}
+
+/// Writes a tree of values as RFC 8785 text with an explicit stack, so that any
+/// depth works: the caller's function writes a scalar into `out`, or hands a
+/// container's elements to `array` or its members to `object`, which lay out the
+/// brackets, commas and names. Shared by the text parser's tree here and the
+/// `jsonb` reader (`crate::jsonb`).
+pub(crate) struct Writer<'a, V> {
+    pub(crate) out: String,
+    stack: Vec<Item<'a, V>>,
+}
+
+impl<'a, V> Writer<'a, V> {
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        Writer {
+            out: String::with_capacity(bytes),
+            stack: Vec::new(),
+        }
+    }
+
+    /// Writes `root`, calling `value` for it and for every value handed on.
+    pub(crate) fn write<E>(
+        mut self,
+        root: V,
+        mut value: impl FnMut(&mut Self, V) -> Result<(), E>,
+    ) -> Result<String, E> {
+        self.stack.push(Item::Value(root));
+        while let Some(item) = self.stack.pop() {
+            match item {
+                Item::Text(t) => self.out.push_str(t),
+                Item::Name(n) => {
+                    write_string(&mut self.out, n);
+                    self.out.push(':');
+                }
+                Item::Value(v) => value(&mut self, v)?,
+            }
+        }
+        Ok(self.out)
+    }
+
+    /// Writes `v` next, in place of the value being written (a wrapped scalar).
+    pub(crate) fn then(&mut self, v: V) {
+        self.stack.push(Item::Value(v));
+    }
+
+    /// An array of `items`, in order.
+    pub(crate) fn array<I>(&mut self, items: I)
+    where
+        I: IntoIterator<Item = V>,
+        I::IntoIter: DoubleEndedIterator + ExactSizeIterator,
+    {
+        self.out.push('[');
+        self.stack.push(Item::Text("]"));
+        for (k, v) in items.into_iter().enumerate().rev() {
+            self.stack.push(Item::Value(v));
+            if k > 0 {
+                self.stack.push(Item::Text(","));
+            }
+        }
+    }
+
+    /// An object of `members` in any order: sorted by `member_order` (a stable
+    /// sort keeps equal names in input order), then the last value of each name
+    /// kept, as `jsonb` and serde_json keep it.
+    pub(crate) fn object(&mut self, mut members: Vec<(&'a str, V)>) {
+        members.sort_by(|a, b| member_order(a.0, b.0));
+        let mut deduped: Vec<(&'a str, V)> = Vec::with_capacity(members.len());
+        for m in members {
+            match deduped.last_mut() {
+                Some(last) if last.0 == m.0 => *last = m,
+                _ => deduped.push(m),
+            }
+        }
+        self.out.push('{');
+        self.stack.push(Item::Text("}"));
+        for (k, (name, v)) in deduped.into_iter().enumerate().rev() {
+            self.stack.push(Item::Value(v));
+            self.stack.push(Item::Name(name));
+            if k > 0 {
+                self.stack.push(Item::Text(","));
+            }
+        }
+    }
+}
+
 /// The RFC 8785 text of the JSON text `json`, at any nesting depth.
 pub fn canonicalize(json: &str) -> Result<String, NotJson> {
     let mut p = Parser {
@@ -342,69 +442,19 @@ pub fn canonicalize(json: &str) -> Result<String, NotJson> {
     };
     let root = p.parse()?;
     let nodes = p.nodes;
-    let mut out = String::with_capacity(json.len());
-    // Work items: a node to write, or text to emit after a container's members.
-    enum Item<'n> {
-        Node(usize),
-        Text(&'static str),
-        Name(&'n str),
-    }
-    let mut stack = vec![Item::Node(root)];
-    while let Some(item) = stack.pop() {
-        let id = match item {
-            Item::Text(t) => {
-                out.push_str(t);
-                continue;
-            }
-            Item::Name(n) => {
-                write_string(&mut out, n);
-                out.push(':');
-                continue;
-            }
-            Item::Node(id) => id,
-        };
+    Writer::with_capacity(json.len()).write(root, |w, id: usize| {
         match &nodes[id] {
-            Node::Null => out.push_str("null"),
-            Node::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Node::Number(d) => write_number(&mut out, *d),
-            Node::Str(s) => write_string(&mut out, s),
-            Node::Array(items) => {
-                out.push('[');
-                stack.push(Item::Text("]"));
-                for (k, &child) in items.iter().enumerate().rev() {
-                    stack.push(Item::Node(child));
-                    if k > 0 {
-                        stack.push(Item::Text(","));
-                    }
-                }
-            }
+            Node::Null => w.out.push_str("null"),
+            Node::Bool(b) => w.out.push_str(if *b { "true" } else { "false" }),
+            Node::Number(d) => write_number(&mut w.out, *d),
+            Node::Str(s) => write_string(&mut w.out, s),
+            Node::Array(items) => w.array(items.iter().copied()),
             Node::Object(members) => {
-                // Order by UTF-16 code units (a stable sort keeps equal names in
-                // input order), then keep the last value of each name.
-                let mut sorted: Vec<(&str, usize)> =
-                    members.iter().map(|(n, c)| (n.as_str(), *c)).collect();
-                sorted.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
-                let mut deduped: Vec<(&str, usize)> = Vec::with_capacity(sorted.len());
-                for m in sorted {
-                    match deduped.last_mut() {
-                        Some(last) if last.0 == m.0 => *last = m,
-                        _ => deduped.push(m),
-                    }
-                }
-                let sorted = deduped;
-                out.push('{');
-                stack.push(Item::Text("}"));
-                for (k, (name, child)) in sorted.into_iter().enumerate().rev() {
-                    stack.push(Item::Node(child));
-                    stack.push(Item::Name(name));
-                    if k > 0 {
-                        stack.push(Item::Text(","));
-                    }
-                }
+                w.object(members.iter().map(|(n, c)| (n.as_str(), *c)).collect())
             }
         }
-    }
-    Ok(out)
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 //! returns `Unsupported` and the caller reads the text form instead.
 
 use crate::canonical::number_is_exact;
-use crate::jcs::{write_number, write_string};
+use crate::jcs::{write_number, write_string, Writer};
 use crate::CoreError;
 
 const JB_CMASK: u32 = 0x0FFF_FFFF;
@@ -320,73 +320,47 @@ fn jsonb_key_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
     a.len().cmp(&b.len()).then_with(|| a.cmp(b))
 }
 
-/// RFC 8785 member order: by UTF-16 code units (for ASCII, by bytes).
-fn member_order(a: &str, b: &str) -> std::cmp::Ordering {
-    if a.is_ascii() && b.is_ascii() {
-        a.cmp(b)
-    } else {
-        a.encode_utf16().cmp(b.encode_utf16())
-    }
-}
-
 /// The RFC 8785 text of the `jsonb` value whose bytes, after the varlena header,
 /// are `container`.
 pub fn canonical_from_jsonb(container: &[u8]) -> Result<String, JsonbError> {
     if cfg!(target_endian = "big") {
         return Err(JsonbError::Unsupported);
     }
-    enum Item<'a> {
-        Value(Child<'a>),
-        Text(&'static str),
-        Name(&'a str),
-    }
-    let mut out = String::with_capacity(container.len() + container.len() / 4);
-    let mut stack = vec![Item::Value(Child {
-        kind: JENTRY_ISCONTAINER,
-        data: container,
-    })];
     let mut top = true;
     // An upper bound of the length of jsonb_out's text (an escape is at most 6
     // bytes a byte; numbers by numeric_text), checked at the end.
     let mut text_bound: u64 = 0;
-    while let Some(item) = stack.pop() {
-        let child = match item {
-            Item::Text(t) => {
-                out.push_str(t);
-                continue;
-            }
-            Item::Name(n) => {
-                write_string(&mut out, n);
-                out.push(':');
-                continue;
-            }
-            Item::Value(c) => c,
-        };
+    let root = Child {
+        kind: JENTRY_ISCONTAINER,
+        data: container,
+    };
+    let writer = Writer::with_capacity(container.len() + container.len() / 4);
+    let out = writer.write(root, |w, child: Child<'_>| {
+        let is_top = std::mem::replace(&mut top, false);
         text_bound = text_bound.saturating_add(8);
         match child.kind {
             JENTRY_ISSTRING => {
                 text_bound = text_bound.saturating_add(6 * child.data.len() as u64);
-                write_string(&mut out, utf8(child.data)?)
+                write_string(&mut w.out, utf8(child.data)?)
             }
             JENTRY_ISNUMERIC => {
-                let bound = write_numeric(&mut out, child.data)?;
+                let bound = write_numeric(&mut w.out, child.data)?;
                 text_bound = text_bound.saturating_add(bound);
             }
-            JENTRY_ISBOOL_FALSE => out.push_str("false"),
-            JENTRY_ISBOOL_TRUE => out.push_str("true"),
-            JENTRY_ISNULL => out.push_str("null"),
+            JENTRY_ISBOOL_FALSE => w.out.push_str("false"),
+            JENTRY_ISBOOL_TRUE => w.out.push_str("true"),
+            JENTRY_ISNULL => w.out.push_str("null"),
             JENTRY_ISCONTAINER => {
                 let (header, kids) = children(child.data)?;
-                let scalar = header & JB_FSCALAR != 0;
-                if scalar {
+                if header & JB_FSCALAR != 0 {
                     // Only the top level is a wrapped scalar.
-                    if !top || header & JB_FARRAY == 0 || kids.len() != 1 {
+                    if !is_top || header & JB_FARRAY == 0 || kids.len() != 1 {
                         return Err(bad("misplaced scalar"));
                     }
                     if kids[0].kind == JENTRY_ISCONTAINER {
                         return Err(bad("scalar container"));
                     }
-                    stack.push(Item::Value(kids[0]));
+                    w.then(kids[0]);
                 } else if header & JB_FOBJECT != 0 && header & JB_FARRAY == 0 {
                     let pairs = kids.len() / 2;
                     let mut members = Vec::with_capacity(pairs);
@@ -403,33 +377,17 @@ pub fn canonical_from_jsonb(container: &[u8]) -> Result<String, JsonbError> {
                         text_bound = text_bound.saturating_add(6 * kids[k].data.len() as u64 + 8);
                         members.push((utf8(kids[k].data)?, kids[pairs + k]));
                     }
-                    members.sort_by(|a, b| member_order(a.0, b.0));
-                    out.push('{');
-                    stack.push(Item::Text("}"));
-                    for (k, (name, value)) in members.into_iter().enumerate().rev() {
-                        stack.push(Item::Value(value));
-                        stack.push(Item::Name(name));
-                        if k > 0 {
-                            stack.push(Item::Text(","));
-                        }
-                    }
+                    w.object(members);
                 } else if header & JB_FARRAY != 0 && header & JB_FOBJECT == 0 {
-                    out.push('[');
-                    stack.push(Item::Text("]"));
-                    for (k, value) in kids.into_iter().enumerate().rev() {
-                        stack.push(Item::Value(value));
-                        if k > 0 {
-                            stack.push(Item::Text(","));
-                        }
-                    }
+                    w.array(kids);
                 } else {
                     return Err(bad("container type"));
                 }
             }
             _ => return Err(bad("entry type")),
         }
-        top = false;
-    }
+        Ok(())
+    })?;
     if text_bound > MAX_TEXT {
         return Err(bad("text form may exceed PostgreSQL's allocation limit"));
     }
