@@ -89,6 +89,32 @@ fn concurrent_appends_never_fork_at_any_isolation_level() {
     let cl = Cluster::start("ledger-concurrency", &[KEY_V1], &["max_connections = 60"]);
     let mut c = cl.connect();
     c.batch_execute("CREATE EXTENSION pgseal").unwrap();
+    // A REPEATABLE READ or SERIALIZABLE transaction whose snapshot predates
+    // another session's append fails with 40001 (retry it), rather than append
+    // after entries it cannot see: the tenant's first entry, and a later one.
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        let tenant = format!("stale-{}", level.len());
+        for event in ["first", "later"] {
+            let mut stale = cl.connect();
+            stale
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL {level}; SET LOCAL app.tenant_id = '{tenant}'; SELECT 1"
+                ))
+                .unwrap();
+            c.batch_execute(&format!(
+                "SET app.tenant_id = '{tenant}'; SELECT pgseal.ledger_append('{event}'); RESET app.tenant_id"
+            ))
+            .unwrap();
+            assert_eq!(
+                sqlstate(stale.batch_execute("SELECT pgseal.ledger_append('stale')")),
+                "40001",
+                "{level}, {event} entry"
+            );
+            stale.batch_execute("ROLLBACK").unwrap();
+        }
+        let (ok, checked, ..) = check_tenant(&mut c, &tenant);
+        assert!(ok && checked == 2, "{level}");
+    }
     let total = (SESSIONS * APPENDS_PER_SESSION) as i64;
     for (level, tag) in [
         ("READ COMMITTED", "rc"),
@@ -603,7 +629,7 @@ fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
     // passed offline. Writing them is refused now, superusers included ...
     let row = c
         .query_one(
-            "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = 'acme'",
+            "SELECT seq, hash FROM pgseal.ledger WHERE tenant_id = 'acme' ORDER BY seq DESC LIMIT 1",
             &[],
         )
         .unwrap();
@@ -648,4 +674,32 @@ fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
         .unwrap()
         .get(0);
     assert!(problem.is_some());
+
+    // A tail cut after the tenant's heads row (which appends move only every
+    // HEAD_STRIDE entries) leaves a chain that verifies; the next checkpoint
+    // finds the head behind the one it signed, and refuses.
+    c.batch_execute(
+        "SET app.tenant_id = 'cut'; SELECT pgseal.ledger_append('e'); \
+         SELECT pgseal.ledger_append('e'); SELECT pgseal.ledger_append('e')",
+    )
+    .unwrap();
+    let signed = c
+        .query_one("SELECT pgseal.ledger_checkpoint('cut')", &[])
+        .unwrap()
+        .get::<_, serde_json::Value>(0);
+    assert_eq!(signed["seq"], 3);
+    c.batch_execute(
+        "ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard; \
+         DELETE FROM pgseal.ledger WHERE tenant_id = 'cut' AND seq = 3",
+    )
+    .unwrap();
+    let ok: bool = c
+        .query_one("SELECT ok FROM pgseal.ledger_verify('cut')", &[])
+        .unwrap()
+        .get(0);
+    assert!(ok, "a cut after the heads row is not visible to ledger_verify");
+    assert_eq!(
+        sqlstate(c.query_one("SELECT pgseal.ledger_checkpoint('cut')", &[])),
+        "XX001"
+    );
 }

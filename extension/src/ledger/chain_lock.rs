@@ -1,13 +1,12 @@
 //! Locking a tenant's chain and reading its head.
 //!
 //! The first append for a tenant in a transaction takes the tenant's
-//! transaction-scoped chain lock (`locks.rs`), then reads its row in
-//! `pgseal.ledger_heads`. Under READ COMMITTED the row is read directly
-//! (`pg::head_read`) under a snapshot taken after the lock, so it sees the last
-//! committed append: every writer of the row holds the lock until it commits.
-//! Under REPEATABLE READ and SERIALIZABLE the row is locked (FOR UPDATE), and a
-//! snapshot older than another session's append makes that fail with 40001, a
-//! retryable error, instead of forking the chain.
+//! transaction-scoped chain lock (`locks.rs`), then reads its head: the later of
+//! its last entry and its heads row (`pg::head_read`), under a snapshot taken
+//! after the lock, so it sees the last committed append: every writer of both
+//! holds the lock until it commits. Under REPEATABLE READ and SERIALIZABLE a
+//! transaction whose snapshot predates another session's append fails there with
+//! 40001, a retryable error, instead of appending after entries it cannot see.
 
 use pgrx::pg_sys;
 use pgseal_core::ledger::{Hash, GENESIS};
@@ -18,10 +17,6 @@ use crate::pg::head_read::Loaded;
 use crate::pg::plans;
 use crate::privilege::as_owner;
 
-/// Under REPEATABLE READ and SERIALIZABLE the heads row is locked, so that a
-/// snapshot older than the last append fails with 40001 instead of forking.
-const SELECT_HEAD_LOCKED: &str =
-    "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1 FOR UPDATE";
 const INSERT_HEAD: &str =
     "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING";
 
@@ -29,23 +24,12 @@ fn select_head(tenant: &str) -> SealResult<Option<Loaded>> {
     // SAFETY: XactIsoLevel is a plain global set at transaction start; reading it
     // has no preconditions.
     let snapshot_per_xact = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
-    if !snapshot_per_xact {
-        // Under READ COMMITTED a snapshot taken after the chain lock sees the
-        // last committed head (every writer of the row holds that lock until it
-        // commits), so the row is read directly and not locked: that spares SPI's
-        // planner and executor, and a row lock's WAL record and dirtied page.
-        return crate::pg::head_read::read(tenant);
-    }
-    plans::first_row(SELECT_HEAD_LOCKED, &[plans::TEXT], &[tenant.into()], |r| {
-        let seq = r.get::<i64>(1)?.unwrap_or(0);
-        let hash = r.get::<Vec<u8>>(2)?.unwrap_or_default();
-        Ok(((seq, to_hash(&hash)?), None))
-    })
+    crate::pg::head_read::read(tenant, snapshot_per_xact)
 }
 
 /// Locks the tenant's chain and returns the head after which to append: the later
-/// of the heads row (every write of pending entries moves it, so it includes
-/// this transaction's written entries) and this transaction's last pending entry.
+/// of the stored head (which includes this transaction's written entries) and
+/// this transaction's last pending entry.
 /// This level's pending entries are written first, so that no write can happen
 /// between reading the row and reading the pending list (the queries below end
 /// in the executor-end hook, which writes pending entries of the current level).
@@ -72,12 +56,6 @@ pub(super) fn lock_and_load(tenant: &str) -> SealResult<Loaded> {
         _ => head,
     };
     Ok((head, row))
-}
-
-fn to_hash(bytes: &[u8]) -> SealResult<Hash> {
-    bytes
-        .try_into()
-        .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))
 }
 
 /// Locks the tenant's chain for the rest of the transaction and returns its head,

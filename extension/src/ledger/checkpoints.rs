@@ -39,23 +39,15 @@ fn signed_at_now() -> SealResult<String> {
 }
 
 /// The tenant's committed head. A checkpoint covers committed entries only: this
-/// transaction's own appends (already in the heads row once written) may still
-/// roll back.
+/// transaction's own appends (already in the table once written) may still roll
+/// back, so a tenant this transaction appended to is signed at the head it read
+/// before its first append.
 fn committed_head(tenant: &str) -> SealResult<(i64, Hash)> {
     if let Some(head) = super::heads::committed_head(tenant) {
         return Ok(head);
     }
-    let (seq, hash) = as_owner(|| {
-        Spi::get_two_with_args::<i64, Vec<u8>>(
-            "SELECT seq, hash FROM pgseal.ledger_heads WHERE tenant_id = $1",
-            &[tenant.into()],
-        )
-    })
-    .map_err(|_| SealError::InvalidArgument("the tenant has no ledger entries"))?;
-    let hash: Hash = hash
-        .and_then(|h| h.try_into().ok())
-        .ok_or(SealError::Internal("bad head hash"))?;
-    Ok((seq.unwrap_or(0), hash))
+    as_owner(|| super::verify::recorded_head(tenant))?
+        .ok_or(SealError::InvalidArgument("the tenant has no ledger entries"))
 }
 
 /// The database's ledger id. A restore adds the dumped row next to the one its own

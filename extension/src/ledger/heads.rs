@@ -12,6 +12,13 @@ use pgseal_core::ledger::{EntryMac, Hash};
 
 use crate::pg::head_read::HeadRow;
 
+/// How far a tenant's heads row may fall behind its last entry. Appends move it
+/// only when it is this many entries behind (and pruning moves it), so a single
+/// append inserts its entry and writes nothing else; the head is read from the
+/// last entry (`pg::head_read`). Verification checks that the chain passes through
+/// the row's (seq, hash), and reaches it: a tail cut off behind the row is a gap.
+pub(crate) const HEAD_STRIDE: i64 = 64;
+
 struct Head {
     seq: i64,
     hash: Hash,

@@ -67,6 +67,64 @@ fn hash_at(tenant: &str, seq: i64) -> SealResult<Option<Hash>> {
     }
 }
 
+/// The `(seq, hash)` of `tenant`'s last stored entry, if any.
+fn last_entry(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
+    let r = Spi::get_two_with_args::<i64, Vec<u8>>(
+        "SELECT seq, hash FROM pgseal.ledger WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1",
+        &[tenant.into()],
+    );
+    match r {
+        Ok((Some(seq), Some(hash))) => Ok(Some((
+            seq,
+            hash.try_into()
+                .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))?,
+        ))),
+        Ok(_) | Err(pgrx::spi::SpiError::InvalidPosition) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The head verification walks to: the tenant's last entry, or its heads row's
+/// (seq, hash) when that is later (the heads row lags the last entry by less than
+/// `HEAD_STRIDE`, so entries after the last are missing: a cut tail, which the
+/// walk then reports as a gap).
+fn top(tenant: &str, head: &RecordedHead) -> SealResult<(i64, Hash)> {
+    Ok(match last_entry(tenant)? {
+        Some(entry) if entry.0 >= head.seq => entry,
+        _ => (head.seq, head.hash),
+    })
+}
+
+/// The head a checkpoint signs when this transaction has not appended to the
+/// tenant: the later of its last entry and its heads row; `None` when it has
+/// no heads row. Runs as the extension owner.
+pub(super) fn recorded_head(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
+    match head_row(tenant)? {
+        Some(head) => top(tenant, &head).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A walk that ended well must also have passed through the heads row's
+/// (seq, hash) when its range covers it (and it is not the anchor's): an entry
+/// replaced since the row was moved fails here.
+fn through_heads_row(
+    tenant: &str,
+    head: &RecordedHead,
+    from: i64,
+    to: i64,
+    mut report: Report,
+) -> SealResult<Report> {
+    let covered = head.seq > head.anchor_seq && from <= head.seq && head.seq <= to;
+    if report.failure.is_none() && covered && hash_at(tenant, head.seq)? != Some(head.hash) {
+        report.failure = Some(Failure {
+            seq: head.seq,
+            problem: Problem::HashMismatch,
+        });
+    }
+    Ok(report)
+}
+
 /// The columns the batch query selects, in order.
 const COLUMNS: usize = 13;
 /// Of those, the ones that may be NULL: payload (an erased entry), db_role,
@@ -316,9 +374,10 @@ pub fn verify_range(
         let Some(head) = head_row(tenant)? else {
             return headless(tenant);
         };
+        let top = top(tenant, &head)?;
         let first_kept = head.anchor_seq + 1;
         let from = from_seq.unwrap_or(first_kept).max(first_kept);
-        let to = to_seq.unwrap_or(head.seq).min(head.seq);
+        let to = to_seq.unwrap_or(top.0).min(top.0);
         // A range that starts at the anchor trusts it: it must be a prune's.
         if from == first_kept {
             if let Some(f) = anchor_failure(tenant, &head)? {
@@ -341,8 +400,9 @@ pub fn verify_range(
                 }
             }
         };
-        let expect_head = (to == head.seq).then_some((head.seq, head.hash));
-        walk(tenant, from, prev, to, expect_head)
+        let expect_head = (to == top.0).then_some(top);
+        let report = walk(tenant, from, prev, to, expect_head)?;
+        through_heads_row(tenant, &head, from, to, report)
     })
 }
 
@@ -370,13 +430,15 @@ pub fn verify_since(tenant: &str, trusted: (i64, Hash), target: (i64, Hash)) -> 
             }
             (head.anchor_seq + 1, anchor_prev(&head))
         };
-        if target.0 > head.seq {
+        let top = top(tenant, &head)?;
+        if target.0 > top.0 {
             return Ok(failed(Some(Failure {
-                seq: head.seq + 1,
+                seq: top.0 + 1,
                 problem: Problem::Gap,
             })));
         }
-        walk(tenant, from, prev, target.0, Some(target))
+        let report = walk(tenant, from, prev, target.0, Some(target))?;
+        through_heads_row(tenant, &head, from, target.0, report)
     })
 }
 

@@ -1,14 +1,22 @@
-//! Reading a tenant's heads row under READ COMMITTED without SPI.
+//! Reading a tenant's head without SPI.
 //!
 //! Every appending transaction reads its tenant's head once, right after taking
-//! the tenant's chain lock (`locks.rs`): one probe of the heads table's primary key,
-//! under a snapshot taken after the lock, and no row lock. (Why not SPI: the
-//! 16-client ledger rows in docs/BENCHMARKS.md.)
+//! the tenant's chain lock (`locks.rs`): a probe of the heads table's primary key
+//! (the row exists, its anchor, where it is) and a backward probe of the ledger's
+//! primary key (the last entry), both under a snapshot taken after the lock, with
+//! no row lock. The head is the later of the two: the heads row is moved only
+//! every `ledger::heads::HEAD_STRIDE` entries (and by pruning), so it is at most
+//! that far behind the last entry; when it is ahead, entries after the last one
+//! are missing (a cut tail), and appending after the heads row leaves the gap that
+//! verification reports. (Why not SPI, and why not move the heads row on every
+//! append: the 16-client ledger rows in docs/BENCHMARKS.md.)
 //!
-//! Only for READ COMMITTED: there a fresh snapshot is what SPI would use too, and
-//! every writer of a heads row holds the tenant's chain lock (`locks.rs`) until it commits,
-//! so the snapshot sees the last committed head. Under REPEATABLE READ and
-//! SERIALIZABLE the row is locked through SPI instead (see `ledger::chain_lock`).
+//! Every writer of a tenant's entries and heads row holds the tenant's chain lock
+//! until it commits, so the snapshot sees the last committed head. Under
+//! REPEATABLE READ and SERIALIZABLE the transaction's own snapshot must see that
+//! head too: if it does not (another append committed after it was taken), the
+//! read fails with 40001, a retryable error, rather than order this transaction's
+//! entries after changes it cannot see.
 
 use pgrx::pg_sys;
 use pgseal_core::ledger::Hash;
@@ -130,11 +138,14 @@ fn relid(name: &std::ffi::CStr, missing: &'static str) -> SealResult<pg_sys::Oid
     Ok(relid)
 }
 
-/// The committed `(seq, hash)` of `tenant`'s heads row (this transaction's own
-/// writes included) and where that row is, or `None` when the tenant has none
-/// yet. The caller holds the tenant's chain lock (`locks.rs`) and runs as the extension's owner.
-pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
-    let (_, relid) = relids()?;
+/// `tenant`'s head: the later of its last entry and its heads row, as committed
+/// (this transaction's own writes included), and where the heads row is; `None`
+/// when the tenant has no heads row yet. With `xact_snapshot` (REPEATABLE READ,
+/// SERIALIZABLE) the transaction's snapshot must see the same last entry, or this
+/// fails with 40001. The caller holds the tenant's chain lock (`locks.rs`) and runs
+/// as the extension's owner.
+pub fn read(tenant: &str, xact_snapshot: bool) -> SealResult<Option<Loaded>> {
+    let (ledger_id, heads_id) = relids()?;
     let mut o = Opened {
         rel: std::ptr::null_mut(),
         snapshot: std::ptr::null_mut(),
@@ -145,7 +156,7 @@ pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
     // the tuple returned by systable_getnext is only read (deformed, its fields
     // copied) before the scan ends.
     unsafe {
-        o.rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        o.rel = pg_sys::table_open(heads_id, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let desc = (*o.rel).rd_att;
         let attrs = crate::pg::compat::tupdesc_attrs(desc);
         let types_match = |n: usize| {
@@ -160,28 +171,13 @@ pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
                 "unexpected shape of pgseal.ledger_heads",
             ));
         }
-        pg_sys::list_free(pg_sys::RelationGetIndexList(o.rel));
-        let pkey = (*o.rel).rd_pkindex;
-        if pkey == pg_sys::InvalidOid {
-            return Err(SealError::Internal(
-                "pgseal.ledger_heads has no primary key",
-            ));
-        }
+        let pkey = primary_key(o.rel).ok_or(SealError::Internal(
+            "pgseal.ledger_heads has no primary key",
+        ))?;
         // This transaction's earlier writes become visible, as before any SPI statement.
         pg_sys::CommandCounterIncrement();
         o.snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-        let key_text =
-            pg_sys::cstring_to_text_with_len(tenant.as_ptr().cast(), tenant.len() as i32);
-        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(
-            &mut key,
-            1,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::regproc::from(pg_sys::F_TEXTEQ),
-            pg_sys::Datum::from(key_text),
-        );
-        // Equality under the column's own collation, as the index was built with.
-        key.sk_collation = attrs[0].attcollation;
+        let mut key = tenant_key(tenant, attrs[0].attcollation);
         o.scan = pg_sys::systable_beginscan(o.rel, pkey, true, o.snapshot, 1, &mut key);
         let tuple = pg_sys::systable_getnext(o.scan);
         if tuple.is_null() {
@@ -194,9 +190,7 @@ pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
             return Err(SealError::Internal("NULL in pgseal.ledger_heads"));
         }
         let seq = values[1].value() as i64;
-        let hash: Hash = varlena_bytes(values[2])
-            .try_into()
-            .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))?;
+        let hash = to_hash(varlena_bytes(values[2]))?;
         let row = (attrs.len() == HEADS_COLUMNS.len()
             && types_match(HEADS_COLUMNS.len())
             && !nulls[3]
@@ -207,6 +201,150 @@ pub fn read(tenant: &str) -> SealResult<Option<Loaded>> {
                 anchor_seq: values[3].value() as i64,
                 anchor_hash: varlena_bytes(values[4]).to_vec(),
             });
-        Ok(Some(((seq, hash), row)))
+        let last = last_entry(ledger_id, o.snapshot, tenant)?;
+        if xact_snapshot {
+            // The transaction snapshot, with this transaction's writes up to the
+            // increment above.
+            let mine = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
+            let seen = last_entry(ledger_id, mine, tenant);
+            pg_sys::UnregisterSnapshot(mine);
+            if seen?.map(|e| e.0) != last.map(|e| e.0) {
+                return Err(SealError::Conflict(
+                    "another transaction appended to this tenant's ledger after this transaction's snapshot was taken; retry the transaction",
+                ));
+            }
+        }
+        let head = match last {
+            Some(entry) if entry.0 >= seq => entry,
+            _ => (seq, hash),
+        };
+        Ok(Some((head, row)))
+    }
+}
+
+fn to_hash(bytes: &[u8]) -> SealResult<Hash> {
+    bytes
+        .try_into()
+        .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))
+}
+
+/// The OID of `rel`'s primary key index, if it has one.
+///
+/// # Safety
+/// `rel` is an open relation.
+unsafe fn primary_key(rel: pg_sys::Relation) -> Option<pg_sys::Oid> {
+    // SAFETY: the caller's relation is open; building its index list fills in
+    // rd_pkindex, and the list itself is not needed.
+    unsafe {
+        pg_sys::list_free(pg_sys::RelationGetIndexList(rel));
+        let pkey = (*rel).rd_pkindex;
+        (pkey != pg_sys::InvalidOid).then_some(pkey)
+    }
+}
+
+/// A scan key `tenant_id = tenant` on the first column (of the table, and of
+/// both primary keys), compared under `collation`, the column's own, as the
+/// indexes were built with. Its argument is palloc'd in the current memory context.
+fn tenant_key(tenant: &str, collation: pg_sys::Oid) -> pg_sys::ScanKeyData {
+    // SAFETY: a zeroed ScanKeyData is what ScanKeyInit fills in; the text is a
+    // fresh palloc'd copy of `tenant`.
+    unsafe {
+        let key_text =
+            pg_sys::cstring_to_text_with_len(tenant.as_ptr().cast(), tenant.len() as i32);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::regproc::from(pg_sys::F_TEXTEQ),
+            pg_sys::Datum::from(key_text),
+        );
+        key.sk_collation = collation;
+        key
+    }
+}
+
+/// Closes what `last_entry` opened, on every path out of it.
+struct OpenedLedger {
+    rel: pg_sys::Relation,
+    index: pg_sys::Relation,
+    scan: pg_sys::SysScanDesc,
+}
+
+impl Drop for OpenedLedger {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        // SAFETY: each pointer is NULL or was opened by `last_entry` and not closed
+        // since; the locks are kept until the transaction ends, as for `Opened`.
+        unsafe {
+            if !self.scan.is_null() {
+                pg_sys::systable_endscan_ordered(self.scan);
+            }
+            if !self.index.is_null() {
+                pg_sys::index_close(self.index, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+            if !self.rel.is_null() {
+                pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            }
+        }
+    }
+}
+
+/// The `(seq, hash)` of `tenant`'s last entry visible under `snapshot`: one
+/// backward probe of the ledger's primary key, which must be `(tenant_id, seq)`.
+///
+/// # Safety
+/// Called inside a transaction with `snapshot` registered, as the extension's owner.
+unsafe fn last_entry(
+    ledger_id: pg_sys::Oid,
+    snapshot: pg_sys::Snapshot,
+    tenant: &str,
+) -> SealResult<Option<(i64, Hash)>> {
+    let mut o = OpenedLedger {
+        rel: std::ptr::null_mut(),
+        index: std::ptr::null_mut(),
+        scan: std::ptr::null_mut(),
+    };
+    // SAFETY: table_open and index_open raise on a bad OID, and `o` closes what
+    // was opened. The primary key's columns are checked to be (tenant_id, seq)
+    // before it is scanned; the tuple returned is only read (its seq and hash
+    // copied) before the scan ends.
+    unsafe {
+        o.rel = pg_sys::table_open(ledger_id, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let desc = (*o.rel).rd_att;
+        let attrs = crate::pg::compat::tupdesc_attrs(desc);
+        let shaped = attrs.len() >= 8
+            && [(0, pg_sys::TEXTOID), (1, pg_sys::INT8OID), (7, pg_sys::BYTEAOID)]
+                .iter()
+                .all(|&(i, t)| !attrs[i].attisdropped && attrs[i].atttypid == t);
+        if !shaped {
+            return Err(SealError::Internal("unexpected shape of pgseal.ledger"));
+        }
+        let pkey = primary_key(o.rel)
+            .ok_or(SealError::Internal("pgseal.ledger has no primary key"))?;
+        o.index = pg_sys::index_open(pkey, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let index = &*(*o.index).rd_index;
+        let keys = index.indkey.values.as_slice(index.indnkeyatts.max(0) as usize);
+        if keys != [1, 2] {
+            return Err(SealError::Internal(
+                "the primary key of pgseal.ledger is not (tenant_id, seq)",
+            ));
+        }
+        let mut key = tenant_key(tenant, attrs[0].attcollation);
+        o.scan = pg_sys::systable_beginscan_ordered(o.rel, o.index, snapshot, 1, &mut key);
+        let tuple =
+            pg_sys::systable_getnext_ordered(o.scan, pg_sys::ScanDirection::BackwardScanDirection);
+        if tuple.is_null() {
+            return Ok(None);
+        }
+        let mut values = vec![pg_sys::Datum::from(0usize); attrs.len()];
+        let mut nulls = vec![true; attrs.len()];
+        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        if nulls[1] || nulls[7] {
+            return Err(SealError::Internal("NULL in pgseal.ledger"));
+        }
+        Ok(Some((values[1].value() as i64, to_hash(varlena_bytes(values[7]))?)))
     }
 }

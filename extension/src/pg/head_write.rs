@@ -1,4 +1,5 @@
-//! Writing a tenant's pending entries and moving its heads row without SPI.
+//! Writing a tenant's pending entries, and moving its heads row when it is due,
+//! without SPI.
 //!
 //! A transaction that appends one entry writes it at the end of the statement
 //! that appended it (why not SPI: the 16-client ledger rows in docs/BENCHMARKS.md);
@@ -8,8 +9,10 @@
 //! row through `ExecSimpleRelationUpdate`, the calls logical replication applies
 //! rows with. They keep every index of both tables current (an index a DBA adds
 //! included), check NOT NULL, and make the update HOT when the page has room.
-//! The row is updated at the place `head_read` found it, or the last write here
-//! moved it to: every writer of that row holds the tenant's chain lock (`locks.rs`), and
+//! The heads row moves only when it is `ledger::heads::HEAD_STRIDE` entries
+//! behind the last entry written (the head is read from the last entry), and
+//! only then is its table opened. It is updated at the place `head_read` found
+//! it, or the last write here moved it to: every writer of that row holds the tenant's chain lock (`locks.rs`), and
 //! this transaction holds it. If the row were not there (a write outside the
 //! lock), `heap_update` raises an error and nothing is written.
 //!
@@ -17,9 +20,8 @@
 //! rules, no forced row security and no trigger on the insert or the update but
 //! pgseal's write guard (`guard.rs`, whose check this path makes itself: it is
 //! pgseal's own append, and it carries the anchor over unchanged), and with
-//! exactly their own columns; the transaction read-write. Otherwise, and under
-//! REPEATABLE READ and SERIALIZABLE (whose rows are read through SPI, so no place
-//! is known), the caller writes through SPI.
+//! exactly their own columns; the transaction read-write. Otherwise the caller
+//! writes through SPI.
 //!
 //! The executor calls it uses have the same signatures and contracts in
 //! PostgreSQL 15 and 18, the versions pgseal builds and tests against; the one
@@ -43,6 +45,7 @@ mod imp {
     use pgrx::{pg_sys, IntoDatum, PgMemoryContexts};
 
     use crate::error::{SealError, SealResult};
+    use crate::ledger::heads::HEAD_STRIDE;
     use crate::ledger::pending::Pending;
     use crate::pg::head_read::{relids, HeadRow, HEADS_COLUMNS};
 
@@ -245,8 +248,7 @@ mod imp {
     }
 
     /// Writes `entries` (one tenant's, in seq order) and moves the heads row at
-    /// `row` to the last, unless the row is already past it (entries of an outer
-    /// subtransaction level are written after the inner level wrote later ones),
+    /// `row` to the last when the row is `HEAD_STRIDE` or more entries behind it,
     /// and notes in `row` where the row is now and what it holds. Returns false,
     /// having written nothing, when this path does not apply; the caller then
     /// writes through SPI. Runs as the extension's owner.
@@ -284,10 +286,20 @@ mod imp {
             // A new command, as SPI would start: this transaction's last write of
             // the heads row becomes visible to the update.
             pg_sys::CommandCounterIncrement();
+            // The heads row moves only when it is HEAD_STRIDE entries behind
+            // (and never back: entries of an outer subtransaction level may be
+            // written after an inner level wrote later ones); only then is the
+            // heads table opened.
+            let move_head = last.seq >= row.seq.saturating_add(HEAD_STRIDE);
             o.ledger = pg_sys::table_open(ledger_id, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-            o.heads = pg_sys::table_open(heads_id, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            if move_head {
+                o.heads =
+                    pg_sys::table_open(heads_id, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            }
             let (ledger, heads) = (o.ledger, o.heads);
-            if !plain(ledger, &LEDGER_COLUMNS, true) || !plain(heads, &HEADS_COLUMNS, false) {
+            if !plain(ledger, &LEDGER_COLUMNS, true)
+                || (move_head && !plain(heads, &HEADS_COLUMNS, false))
+            {
                 return Ok(false);
             }
             if !pg_sys::ActiveSnapshotSet() {
@@ -299,7 +311,8 @@ mod imp {
             let estate = o.estate;
             let moved = PgMemoryContexts::For((*estate).es_query_cxt).switch_to(|_| {
                 let mut rri = [std::ptr::null_mut(); 2];
-                for (slot, rel) in rri.iter_mut().zip([ledger, heads]) {
+                let opened = if move_head { 2 } else { 1 };
+                for (slot, rel) in rri.iter_mut().zip([ledger, heads]).take(opened) {
                     *slot = pg_sys::palloc(std::mem::size_of::<pg_sys::ResultRelInfo>())
                         .cast::<pg_sys::ResultRelInfo>();
                     pg_sys::InitResultRelInfo(*slot, rel, 0, std::ptr::null_mut(), 0);
@@ -331,7 +344,7 @@ mod imp {
                     refill(entry, values);
                     pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
                 }
-                if last.seq <= row.seq {
+                if !move_head {
                     return Ok(row.tid);
                 }
                 let (seq, hash) = (datum(last.seq), datum(&last.hash[..]));
@@ -361,8 +374,10 @@ mod imp {
                 );
                 Ok::<_, SealError>((*head).tts_tid)
             })?;
-            row.tid = moved;
-            row.seq = row.seq.max(last.seq);
+            if move_head {
+                row.tid = moved;
+                row.seq = last.seq;
+            }
             // As after an SPI write: later commands see the entries and the row.
             pg_sys::CommandCounterIncrement();
             #[cfg(any(test, feature = "pg_test"))]

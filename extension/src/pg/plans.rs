@@ -10,7 +10,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiHeapTupleData};
+use pgrx::spi::OwnedPreparedStatement;
 
 use crate::error::SealResult;
 
@@ -27,23 +27,6 @@ fn plan(sql: &'static str, types: &[PgOid]) -> SealResult<Rc<OwnedPreparedStatem
     })?);
     PLANS.with(|m| m.borrow_mut().insert(sql, p.clone()));
     Ok(p)
-}
-
-/// Runs a kept plan (as a read-write SPI call) and maps its first row, if any.
-pub fn first_row<R>(
-    sql: &'static str,
-    types: &[PgOid],
-    args: &[DatumWithOid],
-    f: impl FnOnce(&SpiHeapTupleData) -> SealResult<R>,
-) -> SealResult<Option<R>> {
-    let p = plan(sql, types)?;
-    Spi::connect_mut(|client| {
-        let table = client.update(&*p, Some(1), args)?;
-        match table.into_iter().next() {
-            Some(row) => Ok(Some(f(&row)?)),
-            None => Ok(None),
-        }
-    })
 }
 
 /// Runs a kept plan read-only and calls `f` with its row count while the result

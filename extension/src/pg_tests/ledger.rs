@@ -241,18 +241,31 @@ mod tests {
         run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
         run("CREATE INDEX ledger_by_event ON pgseal.ledger (event)");
         run("CREATE INDEX heads_by_seq ON pgseal.ledger_heads (seq)");
+        let head_row = || {
+            one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'direct-writes'")
+        };
         let before = written_directly();
         for (n, event) in ["a", "b", "c"].iter().enumerate() {
             assert_eq!(append(event, r#"{"k": 1}"#).0, n as i64 + 1);
         }
         assert_eq!(written_directly() - before, 3);
+        // A single append inserts its entry and nothing else: the heads row moves
+        // only once it is HEAD_STRIDE entries behind, and the head is read from
+        // the last entry.
+        assert_eq!(head_row(), 0);
+        let stride = crate::ledger::heads::HEAD_STRIDE;
+        for n in 4..=stride + 2 {
+            assert_eq!(append("x", r#"{"k": 2}"#).0, n);
+            assert_eq!(head_row(), if n < stride { 0 } else { stride });
+        }
+        assert_eq!(written_directly() - before, stride as u64 + 2);
         run("SET LOCAL enable_seqscan = off");
         assert_eq!(
             one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE event = 'b' AND tenant_id = 'direct-writes'"),
             1
         );
         assert_eq!(
-            one::<String>("SELECT tenant_id FROM pgseal.ledger_heads WHERE seq = 3"),
+            one::<String>(&format!("SELECT tenant_id FROM pgseal.ledger_heads WHERE seq = {stride}")),
             "direct-writes"
         );
         assert_eq!(
@@ -260,7 +273,7 @@ mod tests {
             0
         );
         run("RESET enable_seqscan");
-        assert_eq!(verify(""), (true, 3, None, None));
+        assert_eq!(verify(""), (true, stride + 2, None, None));
         // A trigger on the insert is fired: such writes go through SPI.
         run("CREATE TEMP TABLE seen (event text)");
         run(
@@ -269,7 +282,7 @@ mod tests {
         );
         run("CREATE TRIGGER seen AFTER INSERT ON pgseal.ledger FOR EACH ROW EXECUTE FUNCTION pg_temp.seen()");
         let before = written_directly();
-        assert_eq!(append("d", "{}").0, 4);
+        assert_eq!(append("d", "{}").0, stride + 3);
         assert_eq!(written_directly(), before);
         assert_eq!(
             one::<String>("SELECT string_agg(event, ',') FROM seen"),
@@ -290,15 +303,17 @@ mod tests {
             one::<String>("SELECT string_agg(event, ',') FROM seen"),
             "d"
         );
-        assert_eq!(verify(""), (true, 4, None, None));
-        assert_eq!(events("direct-writes"), ["a", "b", "c", "d"]);
-        // Both the direct write (a, b, c) and the SPI one (d) wrote format 2.
+        assert_eq!(verify(""), (true, stride + 3, None, None));
+        let events = events("direct-writes");
+        assert_eq!(events.len() as i64, stride + 3);
+        assert_eq!((&events[..3], &events[stride as usize + 2]), (&["a", "b", "c"].map(String::from)[..], &"d".to_owned()));
+        // Both the direct writes (a, b, c, x…) and the SPI one (d) wrote format 2.
         assert_eq!(
             one::<i64>(
                 "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'direct-writes' AND fmt = 2 \
                  AND db_role = current_user AND length(salt) = 32 AND subjects = '{}' AND commitment IS NULL"
             ),
-            4
+            stride + 3
         );
     }
 
@@ -355,17 +370,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(seqs, (Some(1), Some(0)));
-        assert_eq!(
-            one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'acme'"),
-            2
-        );
         assert_eq!(events("acme"), ["a", "b"]);
         assert_eq!(verify(""), (true, 2, None, None));
         assert_eq!(append("c", "{}").0, 3);
-        assert_eq!(
-            one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'acme'"),
-            3
-        );
+        assert_eq!(verify(""), (true, 3, None, None));
     }
 
     #[pg_test]
@@ -577,10 +585,10 @@ mod tests {
         assert_eq!(verify(""), (false, 1, Some(2), Some("mac mismatch".into())));
         run("DELETE FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
         assert_eq!(verify(""), (false, 1, Some(2), Some("gap".into())));
-        // Deleting the newest entry is caught against the recorded head.
-        run("DELETE FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq >= 3");
+        // A range that ends before the gap verifies.
         assert!(verify("NULL, 1, 1").0);
-        assert_eq!(verify("").3.as_deref(), Some("gap"));
+        // (Cut-off tails: `a_tail_cut_behind_the_heads_row_is_a_gap…` here, and
+        // the checkpoint test in tests/tests/ledger_cluster.rs.)
     }
 
     #[pg_test]
@@ -1243,7 +1251,9 @@ mod tests {
         }
         // Issue 14, hole 4: a superuser set the anchor to the head, and
         // ledger_verify then returned ok with 0 entries checked.
-        let forge_anchor = "UPDATE pgseal.ledger_heads SET anchor_seq = seq, anchor_hash = hash WHERE tenant_id = 'anchor-forged'";
+        let forge_anchor = "UPDATE pgseal.ledger_heads h SET anchor_seq = l.seq, anchor_hash = l.hash \
+             FROM (SELECT seq, hash FROM pgseal.ledger WHERE tenant_id = 'anchor-forged' ORDER BY seq DESC LIMIT 1) l \
+             WHERE h.tenant_id = 'anchor-forged'";
         assert_eq!(sqlstate(forge_anchor), "42501");
         assert_eq!(
             sqlstate(
@@ -1289,6 +1299,65 @@ mod tests {
             verify(""),
             (false, 0, Some(3), Some("anchor mismatch".into()))
         );
+    }
+
+    #[pg_test]
+    fn a_tail_cut_behind_the_heads_row_is_a_gap() {
+        lock_ledger_tables();
+        tenant("cut-tail");
+        let stride = crate::ledger::heads::HEAD_STRIDE;
+        // One batch moves the heads row to its last entry; single appends after
+        // it leave the row behind.
+        one::<i64>(&format!(
+            "SELECT count(*) FROM generate_series(1, {stride}) g, LATERAL pgseal.ledger_append('e', pg_catalog.to_jsonb(g)) a"
+        ));
+        for _ in 0..6 {
+            append("e", "{}");
+        }
+        let last = stride + 6;
+        assert_eq!(
+            one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'cut-tail'"),
+            stride
+        );
+        assert_eq!(verify(""), (true, last, None, None));
+        disable_guards();
+        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
+        // The chain must pass through the heads row's (seq, hash): a chain
+        // rewritten behind the row (by whoever can compute MACs) ends elsewhere.
+        let set_row_hash = |hash: &str| {
+            run(&format!(
+                "UPDATE pgseal.ledger_heads SET hash = {hash} WHERE tenant_id = 'cut-tail'"
+            ))
+        };
+        set_row_hash("decode(repeat('ab', 32), 'hex')");
+        assert_eq!(
+            verify(""),
+            (false, last, Some(stride), Some("hash mismatch".into()))
+        );
+        set_row_hash(&format!(
+            "(SELECT hash FROM pgseal.ledger WHERE tenant_id = 'cut-tail' AND seq = {stride})"
+        ));
+        assert_eq!(verify(""), (true, last, None, None));
+        let cut = |after: i64| {
+            run(&format!(
+                "DELETE FROM pgseal.ledger WHERE tenant_id = 'cut-tail' AND seq > {after}"
+            ))
+        };
+        // Entries cut after the heads row leave a chain that verifies: what
+        // catches them is the next checkpoint (tests/tests/ledger_cluster.rs).
+        cut(last - 2);
+        assert_eq!(verify(""), (true, last - 2, None, None));
+        // Cut behind the heads row: verification must reach the row's entry, and
+        // reports the first missing one.
+        cut(stride - 5);
+        assert_eq!(
+            verify(""),
+            (false, stride - 5, Some(stride - 4), Some("gap".into()))
+        );
+        // Appending goes on after the heads row (here after the head this
+        // transaction holds), never at a cut seq: the gap stays visible.
+        assert!(append("e", "{}").0 > stride);
+        assert_eq!(verify("").2, Some(stride - 4));
     }
 
     #[pg_test]
