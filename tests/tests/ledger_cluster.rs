@@ -697,7 +697,10 @@ fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
         .query_one("SELECT ok FROM pgseal.ledger_verify('cut')", &[])
         .unwrap()
         .get(0);
-    assert!(ok, "a cut after the heads row is not visible to ledger_verify");
+    assert!(
+        ok,
+        "a cut after the heads row is not visible to ledger_verify"
+    );
     assert_eq!(
         sqlstate(c.query_one("SELECT pgseal.ledger_checkpoint('cut')", &[])),
         "XX001"

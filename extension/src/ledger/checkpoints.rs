@@ -46,8 +46,9 @@ fn committed_head(tenant: &str) -> SealResult<(i64, Hash)> {
     if let Some(head) = super::heads::committed_head(tenant) {
         return Ok(head);
     }
-    as_owner(|| super::verify::recorded_head(tenant))?
-        .ok_or(SealError::InvalidArgument("the tenant has no ledger entries"))
+    as_owner(|| super::verify::recorded_head(tenant))?.ok_or(SealError::InvalidArgument(
+        "the tenant has no ledger entries",
+    ))
 }
 
 /// The database's ledger id. A restore adds the dumped row next to the one its own

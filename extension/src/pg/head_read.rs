@@ -316,17 +316,24 @@ unsafe fn last_entry(
         let desc = (*o.rel).rd_att;
         let attrs = crate::pg::compat::tupdesc_attrs(desc);
         let shaped = attrs.len() >= 8
-            && [(0, pg_sys::TEXTOID), (1, pg_sys::INT8OID), (7, pg_sys::BYTEAOID)]
-                .iter()
-                .all(|&(i, t)| !attrs[i].attisdropped && attrs[i].atttypid == t);
+            && [
+                (0, pg_sys::TEXTOID),
+                (1, pg_sys::INT8OID),
+                (7, pg_sys::BYTEAOID),
+            ]
+            .iter()
+            .all(|&(i, t)| !attrs[i].attisdropped && attrs[i].atttypid == t);
         if !shaped {
             return Err(SealError::Internal("unexpected shape of pgseal.ledger"));
         }
-        let pkey = primary_key(o.rel)
-            .ok_or(SealError::Internal("pgseal.ledger has no primary key"))?;
+        let pkey =
+            primary_key(o.rel).ok_or(SealError::Internal("pgseal.ledger has no primary key"))?;
         o.index = pg_sys::index_open(pkey, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let index = &*(*o.index).rd_index;
-        let keys = index.indkey.values.as_slice(index.indnkeyatts.max(0) as usize);
+        let keys = index
+            .indkey
+            .values
+            .as_slice(index.indnkeyatts.max(0) as usize);
         if keys != [1, 2] {
             return Err(SealError::Internal(
                 "the primary key of pgseal.ledger is not (tenant_id, seq)",
@@ -345,6 +352,9 @@ unsafe fn last_entry(
         if nulls[1] || nulls[7] {
             return Err(SealError::Internal("NULL in pgseal.ledger"));
         }
-        Ok(Some((values[1].value() as i64, to_hash(varlena_bytes(values[7]))?)))
+        Ok(Some((
+            values[1].value() as i64,
+            to_hash(varlena_bytes(values[7]))?,
+        )))
     }
 }

@@ -241,9 +241,8 @@ mod tests {
         run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
         run("CREATE INDEX ledger_by_event ON pgseal.ledger (event)");
         run("CREATE INDEX heads_by_seq ON pgseal.ledger_heads (seq)");
-        let head_row = || {
-            one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'direct-writes'")
-        };
+        let head_row =
+            || one::<i64>("SELECT seq FROM pgseal.ledger_heads WHERE tenant_id = 'direct-writes'");
         let before = written_directly();
         for (n, event) in ["a", "b", "c"].iter().enumerate() {
             assert_eq!(append(event, r#"{"k": 1}"#).0, n as i64 + 1);
@@ -265,7 +264,9 @@ mod tests {
             1
         );
         assert_eq!(
-            one::<String>(&format!("SELECT tenant_id FROM pgseal.ledger_heads WHERE seq = {stride}")),
+            one::<String>(&format!(
+                "SELECT tenant_id FROM pgseal.ledger_heads WHERE seq = {stride}"
+            )),
             "direct-writes"
         );
         assert_eq!(
@@ -306,7 +307,10 @@ mod tests {
         assert_eq!(verify(""), (true, stride + 3, None, None));
         let events = events("direct-writes");
         assert_eq!(events.len() as i64, stride + 3);
-        assert_eq!((&events[..3], &events[stride as usize + 2]), (&["a", "b", "c"].map(String::from)[..], &"d".to_owned()));
+        assert_eq!(
+            (&events[..3], &events[stride as usize + 2]),
+            (&["a", "b", "c"].map(String::from)[..], &"d".to_owned())
+        );
         // Both the direct writes (a, b, c, x…) and the SPI one (d) wrote format 2.
         assert_eq!(
             one::<i64>(
