@@ -80,6 +80,8 @@ pub extern "C-unwind" fn _PG_init() {
     pgrx::pg_shmem_init!(COUNTS);
     use audit_worker::queue::QUEUE;
     pgrx::pg_shmem_init!(QUEUE);
+    use ledger::shared_heads::SHARED_HEADS;
+    pgrx::pg_shmem_init!(SHARED_HEADS = false);
     audit_worker::register();
     // Transaction-end work; end callbacks run in this order, pre-commit work in
     // the order of `txn::Phase`.

@@ -676,8 +676,9 @@ fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
     assert!(problem.is_some());
 
     // A tail cut after the tenant's heads row (which appends move only every
-    // HEAD_STRIDE entries) leaves a chain that verifies; the next checkpoint
-    // finds the head behind the one it signed, and refuses.
+    // HEAD_STRIDE entries): while the server runs, the head its last appender
+    // published at commit still names the cut entry, so verification reports
+    // the gap and the next checkpoint refuses.
     c.batch_execute(
         "SET app.tenant_id = 'cut'; SELECT pgseal.ledger_append('e'); \
          SELECT pgseal.ledger_append('e'); SELECT pgseal.ledger_append('e')",
@@ -693,16 +694,124 @@ fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
          DELETE FROM pgseal.ledger WHERE tenant_id = 'cut' AND seq = 3",
     )
     .unwrap();
-    let ok: bool = c
-        .query_one("SELECT ok FROM pgseal.ledger_verify('cut')", &[])
+    let verified = |c: &mut postgres::Client| -> (bool, Option<i64>) {
+        let r = c
+            .query_one(
+                "SELECT ok, first_bad_seq FROM pgseal.ledger_verify('cut')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(verified(&mut c), (false, Some(3)));
+    // The checkpoint of that head is returned again; nothing new is signed.
+    let again = c
+        .query_one("SELECT pgseal.ledger_checkpoint('cut')", &[])
         .unwrap()
-        .get(0);
-    assert!(
-        ok,
-        "a cut after the heads row is not visible to ledger_verify"
-    );
+        .get::<_, serde_json::Value>(0);
+    assert_eq!(again, signed);
+    // After a restart nothing in the database remembers the cut entry (the heads
+    // row is behind it): the chain verifies, and what catches the cut is the
+    // checkpoint that signed it, which the next one must extend.
+    cl.restart();
+    let mut c = cl.connect();
+    assert_eq!(verified(&mut c), (true, None));
     assert_eq!(
         sqlstate(c.query_one("SELECT pgseal.ledger_checkpoint('cut')", &[])),
         "XX001"
     );
+}
+
+/// Each way a chain's head moves, other than a plain append, followed by another
+/// session's append, which takes the head the last committer published
+/// (`ledger::shared_heads`) unless that head was removed: the append must land
+/// right after the last entry, and the chain must verify.
+#[test]
+fn published_heads_follow_aborts_prepares_restores_and_truncates() {
+    let cl = Cluster::start(
+        "ledger-published",
+        &[KEY_V1],
+        &["max_prepared_transactions = 4"],
+    );
+    let mut c = cl.connect();
+    c.batch_execute("CREATE EXTENSION pgseal").unwrap();
+    let mut other = cl.connect();
+    let append = |c: &mut postgres::Client, tenant: &str| -> i64 {
+        c.execute("SELECT set_config('app.tenant_id', $1, false)", &[&tenant])
+            .unwrap();
+        c.query_one("SELECT seq FROM pgseal.ledger_append('e')", &[])
+            .unwrap()
+            .get(0)
+    };
+    let verified = |c: &mut postgres::Client, tenant: &str| -> (bool, i64, Option<i64>) {
+        let r = c
+            .query_one(
+                "SELECT ok, checked, first_bad_seq FROM pgseal.ledger_verify($1)",
+                &[&tenant],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+
+    // A rolled-back savepoint: the committed head is the last entry written
+    // after it, not the one rolled back.
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'sub'; SELECT pgseal.ledger_append('a'); \
+         SAVEPOINT s; SELECT pgseal.ledger_append('b'); ROLLBACK TO s; COMMIT",
+    )
+    .unwrap();
+    assert_eq!(append(&mut other, "sub"), 2);
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'sub'; SELECT pgseal.ledger_append('c'); \
+         SAVEPOINT s; SELECT pgseal.ledger_append('d'); ROLLBACK TO s; \
+         SELECT pgseal.ledger_append('e'); COMMIT",
+    )
+    .unwrap();
+    assert_eq!(append(&mut other, "sub"), 5);
+    assert_eq!(verified(&mut c, "sub"), (true, 5, None));
+
+    // A prepared transaction commits in another session, which publishes nothing.
+    append(&mut c, "prep");
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'prep'; SELECT pgseal.ledger_append('p'); \
+         PREPARE TRANSACTION 'p'",
+    )
+    .unwrap();
+    other.batch_execute("COMMIT PREPARED 'p'").unwrap();
+    assert_eq!(append(&mut c, "prep"), 3);
+    assert_eq!(verified(&mut other, "prep"), (true, 3, None));
+
+    // A restore writes entries past the head last published. Set up: entries 4
+    // and 5 saved and cut; a REPEATABLE READ append (which reads the table) then
+    // commits entry 4 of another history and publishes it; that entry is cut too.
+    for _ in 0..5 {
+        append(&mut c, "restored");
+    }
+    for sql in [
+        "CREATE TABLE saved AS SELECT * FROM pgseal.ledger WHERE tenant_id = 'restored' AND seq > 3",
+        "ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE",
+        "ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard",
+        "DELETE FROM pgseal.ledger WHERE tenant_id = 'restored' AND seq > 3",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL app.tenant_id = 'restored'; \
+         SELECT pgseal.ledger_append('other'); COMMIT",
+        "DELETE FROM pgseal.ledger WHERE tenant_id = 'restored' AND seq > 3",
+        "SET pgseal.restore = on; INSERT INTO pgseal.ledger SELECT * FROM saved; RESET pgseal.restore",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    // Taken from the restored entries, not from the head published before.
+    assert_eq!(append(&mut other, "restored"), 6);
+    assert_eq!(verified(&mut c, "restored"), (true, 6, None));
+
+    // TRUNCATE with the guards lifted: appends go on after the published head,
+    // so the loss stays a gap. (The restore above removed the heads published
+    // before it.)
+    assert_eq!(append(&mut c, "sub"), 6);
+    c.batch_execute(
+        "ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_truncate_guard;
+         TRUNCATE pgseal.ledger",
+    )
+    .unwrap();
+    assert_eq!(append(&mut other, "sub"), 7);
+    assert_eq!(verified(&mut c, "sub"), (false, 0, Some(1)));
 }

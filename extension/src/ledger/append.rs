@@ -112,11 +112,11 @@ fn append_stored(
     let recorded_at = TimestampWithTimeZone::try_from(at)
         .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
     if !heads::is_current(tenant) {
-        let (head, row) = as_owner(|| chain_lock::lock_and_load(tenant))?;
+        let (head, row, key) = as_owner(|| chain_lock::lock_and_load(tenant))?;
         // After a subtransaction abort the key itself may have been rolled back,
         // so it is looked up again too.
         let mac = super::mac::for_append(tenant)?;
-        heads::loaded(tenant, head, mac, row);
+        heads::loaded(tenant, head, mac, row, key);
     }
     let (seq, prev, mac) = heads::next(tenant);
     let salt = fresh_salt();

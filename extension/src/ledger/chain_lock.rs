@@ -12,6 +12,8 @@ use pgrx::pg_sys;
 use pgseal_core::ledger::{Hash, GENESIS};
 
 use super::guard::Scope;
+use super::heads::Row;
+use super::shared_heads::{self, ChainKey};
 use crate::error::{SealError, SealResult};
 use crate::pg::head_read::Loaded;
 use crate::pg::plans;
@@ -20,47 +22,61 @@ use crate::privilege::as_owner;
 const INSERT_HEAD: &str =
     "INSERT INTO pgseal.ledger_heads (tenant_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT (tenant_id) DO NOTHING";
 
-fn select_head(tenant: &str) -> SealResult<Option<Loaded>> {
-    // SAFETY: XactIsoLevel is a plain global set at transaction start; reading it
-    // has no preconditions.
-    let snapshot_per_xact = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
+fn select_head(tenant: &str, snapshot_per_xact: bool) -> SealResult<Option<Loaded>> {
     crate::pg::head_read::read(tenant, snapshot_per_xact)
 }
 
 /// Locks the tenant's chain and returns the head after which to append: the later
 /// of the stored head (which includes this transaction's written entries) and
-/// this transaction's last pending entry.
-/// This level's pending entries are written first, so that no write can happen
-/// between reading the row and reading the pending list (the queries below end
-/// in the executor-end hook, which writes pending entries of the current level).
-pub(super) fn lock_and_load(tenant: &str) -> SealResult<Loaded> {
+/// this transaction's last pending entry; with what is known of its heads row, and
+/// the chain's key in `shared_heads`. Under READ COMMITTED a transaction's first
+/// load takes the head its previous holder published at commit, when there is
+/// one; otherwise it is read from the table. This level's pending entries are
+/// written first, so that no write can happen between reading the head and
+/// reading the pending list (the queries below end in the executor-end hook,
+/// which writes pending entries of the current level).
+pub(super) fn lock_and_load(tenant: &str) -> SealResult<((i64, Hash), Row, ChainKey)> {
     super::writer::flush()?;
     crate::locks::ledger_tenant(tenant);
-    let (head, row) = match select_head(tenant)? {
-        Some(h) => h,
+    let key = ChainKey::new(crate::pg::head_read::relids()?.0, tenant);
+    // SAFETY: XactIsoLevel is a plain global set at transaction start; reading it
+    // has no preconditions.
+    let snapshot_per_xact = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
+    let published = (!snapshot_per_xact && !super::heads::was_loaded(tenant))
+        .then(|| shared_heads::get(&key))
+        .flatten();
+    let (head, row) = match published {
+        Some(p) => ((p.seq, p.hash), Row::Behind(p.row_seq)),
         None => {
-            // The tenant's first entry. ON CONFLICT DO NOTHING raises 40001 under
-            // REPEATABLE READ when a concurrent first append committed after our snapshot.
-            super::guard::with_scope(Scope::Append, || {
-                plans::run(
-                    INSERT_HEAD,
-                    &[plans::TEXT, plans::BYTEA],
-                    &[tenant.into(), GENESIS.to_vec().into()],
-                )
-            })?;
-            select_head(tenant)?.ok_or(SealError::Internal("pgseal.ledger_heads row vanished"))?
+            let (head, row) = match select_head(tenant, snapshot_per_xact)? {
+                Some(h) => h,
+                None => {
+                    // The tenant's first entry. ON CONFLICT DO NOTHING raises 40001 under
+                    // REPEATABLE READ when a concurrent first append committed after our snapshot.
+                    super::guard::with_scope(Scope::Append, || {
+                        plans::run(
+                            INSERT_HEAD,
+                            &[plans::TEXT, plans::BYTEA],
+                            &[tenant.into(), GENESIS.to_vec().into()],
+                        )
+                    })?;
+                    select_head(tenant, snapshot_per_xact)?
+                        .ok_or(SealError::Internal("pgseal.ledger_heads row vanished"))?
+                }
+            };
+            (head, row.map_or(Row::Unknown, Row::Known))
         }
     };
     let head = match super::pending::tail(tenant) {
         Some(p) if p.0 > head.0 => p,
         _ => head,
     };
-    Ok((head, row))
+    Ok((head, row, key))
 }
 
 /// Locks the tenant's chain for the rest of the transaction and returns its head,
 /// with this transaction's entries written first.
 pub fn lock(tenant: &str) -> SealResult<(i64, Hash)> {
     super::writer::flush()?;
-    as_owner(|| lock_and_load(tenant)).map(|(head, _)| head)
+    as_owner(|| lock_and_load(tenant)).map(|(head, ..)| head)
 }

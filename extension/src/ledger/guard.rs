@@ -176,6 +176,10 @@ pub unsafe extern "C-unwind" fn ledger_write_guard(
     // are: allowed only with `pgseal.restore = on`, which only a superuser can set.
     // The rows must still verify: their MACs need the restored tenants' keys.
     let restoring = op == pg_sys::TRIGGER_EVENT_INSERT && crate::gucs::restore();
+    if restoring && table != b"checkpoints" {
+        // A restored row may be past a chain's published head.
+        super::shared_heads::restore_wrote();
+    }
     let refused = match (table, op) {
         _ if restoring => None,
         (b"ledger", pg_sys::TRIGGER_EVENT_INSERT) => (!active(Scope::Append))

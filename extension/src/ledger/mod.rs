@@ -36,6 +36,7 @@ pub mod heads;
 pub mod mac;
 pub mod names;
 pub(crate) mod pending;
+pub mod shared_heads;
 pub mod verify;
 pub mod writer;
 
@@ -88,7 +89,8 @@ fn transaction_ended(how: End) {
     mac::transaction_ended(how != End::Aborted);
     crate::pg::head_read::forget_relids();
     guard::reset();
-    heads::clear();
+    heads::transaction_ended(how == End::Committed, how == End::Prepared);
+    shared_heads::transaction_ended();
     pending::clear();
     audit::reset();
 }

@@ -84,15 +84,24 @@ fn last_entry(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
     }
 }
 
-/// The head verification walks to: the tenant's last entry, or its heads row's
-/// (seq, hash) when that is later (the heads row lags the last entry by less than
-/// `HEAD_STRIDE`, so entries after the last are missing: a cut tail, which the
-/// walk then reports as a gap).
+/// The head verification walks to: the latest of the tenant's last entry, its
+/// heads row's (seq, hash) and the head its last appender published at commit
+/// (`shared_heads`, kept since the server started). Either witness being later
+/// than the last entry means entries after it are missing: a cut tail, which the
+/// walk then reports as a gap. (The heads row lags the last entry by less than
+/// `HEAD_STRIDE`; the published head does not lag.)
 fn top(tenant: &str, head: &RecordedHead) -> SealResult<(i64, Hash)> {
-    Ok(match last_entry(tenant)? {
+    let mut top = match last_entry(tenant)? {
         Some(entry) if entry.0 >= head.seq => entry,
         _ => (head.seq, head.hash),
-    })
+    };
+    let key = super::shared_heads::ChainKey::new(crate::pg::head_read::relids()?.0, tenant);
+    if let Some(p) = super::shared_heads::get(&key) {
+        if p.seq > top.0 {
+            top = (p.seq, p.hash);
+        }
+    }
+    Ok(top)
 }
 
 /// The head a checkpoint signs when this transaction has not appended to the

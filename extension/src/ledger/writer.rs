@@ -13,7 +13,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 
 use super::guard::Scope;
-use super::heads;
+use super::heads::{self, Row};
 use super::pending::{self, Pending};
 use crate::error::{SealError, SealResult};
 use crate::pg::plans;
@@ -89,15 +89,41 @@ pub fn flush() -> SealResult<()> {
     })
 }
 
+/// Writes one tenant's entries without SPI (`pg::head_write`) when that path
+/// applies and enough is known of the heads row: where it is, or (a published
+/// head) the seq it holds, when it is not yet due to move. A row due to move whose
+/// place is not known is located first. False when nothing was written.
+fn write_directly(entries: &[Pending]) -> SealResult<bool> {
+    use crate::pg::head_write::write;
+    let tenant = &entries[0].tenant;
+    let last = entries.last().map_or(0, |e| e.seq);
+    let row = match heads::take_row(tenant) {
+        Row::Behind(seq) if last < seq.saturating_add(heads::HEAD_STRIDE) => {
+            let written = write(entries, None)?;
+            heads::put_row(tenant, Row::Behind(seq));
+            return Ok(written);
+        }
+        Row::Behind(_) => match crate::pg::head_read::read(tenant, false)? {
+            Some((_, Some(row))) => row,
+            _ => return Ok(false),
+        },
+        Row::Known(row) => row,
+        Row::Unknown => return Ok(false),
+    };
+    let mut row = row;
+    if write(entries, Some(&mut row))? {
+        heads::put_row(tenant, Row::Known(row));
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 fn write_group(mut entries: Vec<Pending>) -> SealResult<()> {
     use plans::{
         BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, JSONB, JSONB_ARRAY, TEXT, TEXT_ARRAY, TIMESTAMPTZ,
     };
-    if let Some(mut row) = heads::take_row(&entries[0].tenant) {
-        if crate::pg::head_write::write(&entries, &mut row)? {
-            heads::put_row(&entries[0].tenant, row);
-            return Ok(());
-        }
+    if write_directly(&entries)? {
+        return Ok(());
     }
     if entries.len() == 1 {
         let e = entries.pop().expect("one entry");

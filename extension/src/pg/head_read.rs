@@ -171,9 +171,10 @@ pub fn read(tenant: &str, xact_snapshot: bool) -> SealResult<Option<Loaded>> {
                 "unexpected shape of pgseal.ledger_heads",
             ));
         }
-        let pkey = primary_key(o.rel).ok_or(SealError::Internal(
-            "pgseal.ledger_heads has no primary key",
-        ))?;
+        let pkey = primary_key(
+            o.rel,
+            "pgseal.ledger_heads must be a plain table with its primary key (tenant_id)",
+        )?;
         // This transaction's earlier writes become visible, as before any SPI statement.
         pg_sys::CommandCounterIncrement();
         o.snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
@@ -181,6 +182,12 @@ pub fn read(tenant: &str, xact_snapshot: bool) -> SealResult<Option<Loaded>> {
         o.scan = pg_sys::systable_beginscan(o.rel, pkey, true, o.snapshot, 1, &mut key);
         let tuple = pg_sys::systable_getnext(o.scan);
         if tuple.is_null() {
+            // Entries without a heads row: the row was removed (only with the
+            // guards lifted). Appending would start the chain again at seq 1 and
+            // hide the removal; verification reports it as a gap at 1.
+            if last_entry(ledger_id, o.snapshot, tenant)?.is_some() {
+                return Err(SealError::ChainCorrupt(1, "gap"));
+            }
             return Ok(None);
         }
         let mut values = vec![pg_sys::Datum::from(0usize); attrs.len()];
@@ -228,17 +235,26 @@ fn to_hash(bytes: &[u8]) -> SealResult<Hash> {
         .map_err(|_| SealError::Internal("stored hash is not 32 bytes"))
 }
 
-/// The OID of `rel`'s primary key index, if it has one.
+/// The OID of `rel`'s primary key index, which this module scans; `rel` must be a
+/// plain table (a partitioned one has no storage to scan: it is refused rather
+/// than read through SPI, with the same result for every append).
 ///
 /// # Safety
 /// `rel` is an open relation.
-unsafe fn primary_key(rel: pg_sys::Relation) -> Option<pg_sys::Oid> {
+unsafe fn primary_key(rel: pg_sys::Relation, refused: &'static str) -> SealResult<pg_sys::Oid> {
     // SAFETY: the caller's relation is open; building its index list fills in
     // rd_pkindex, and the list itself is not needed.
     unsafe {
+        let class = &*(*rel).rd_rel;
+        if class.relkind as u8 != pg_sys::RELKIND_RELATION || (*rel).rd_tableam.is_null() {
+            return Err(SealError::WrongObjectType(refused));
+        }
         pg_sys::list_free(pg_sys::RelationGetIndexList(rel));
         let pkey = (*rel).rd_pkindex;
-        (pkey != pg_sys::InvalidOid).then_some(pkey)
+        if pkey == pg_sys::InvalidOid {
+            return Err(SealError::WrongObjectType(refused));
+        }
+        Ok(pkey)
     }
 }
 
@@ -263,6 +279,9 @@ fn tenant_key(tenant: &str, collation: pg_sys::Oid) -> pg_sys::ScanKeyData {
         key
     }
 }
+
+const LEDGER_SHAPE: &str =
+    "pgseal.ledger must be a plain table with its primary key (tenant_id, seq)";
 
 /// Closes what `last_entry` opened, on every path out of it.
 struct OpenedLedger {
@@ -326,18 +345,15 @@ unsafe fn last_entry(
         if !shaped {
             return Err(SealError::Internal("unexpected shape of pgseal.ledger"));
         }
-        let pkey =
-            primary_key(o.rel).ok_or(SealError::Internal("pgseal.ledger has no primary key"))?;
+        let pkey = primary_key(o.rel, LEDGER_SHAPE)?;
         o.index = pg_sys::index_open(pkey, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let index = &*(*o.index).rd_index;
         let keys = index
             .indkey
             .values
             .as_slice(index.indnkeyatts.max(0) as usize);
-        if keys != [1, 2] {
-            return Err(SealError::Internal(
-                "the primary key of pgseal.ledger is not (tenant_id, seq)",
-            ));
+        if keys != [1, 2] || !index.indisvalid {
+            return Err(SealError::WrongObjectType(LEDGER_SHAPE));
         }
         let mut key = tenant_key(tenant, attrs[0].attcollation);
         o.scan = pg_sys::systable_beginscan_ordered(o.rel, o.index, snapshot, 1, &mut key);

@@ -248,11 +248,12 @@ mod imp {
     }
 
     /// Writes `entries` (one tenant's, in seq order) and moves the heads row at
-    /// `row` to the last when the row is `HEAD_STRIDE` or more entries behind it,
-    /// and notes in `row` where the row is now and what it holds. Returns false,
+    /// `row`, when given, to the last when the row is `HEAD_STRIDE` or more
+    /// entries behind it, and notes in `row` where the row is now and what it
+    /// holds. Without `row` the heads row is not touched. Returns false,
     /// having written nothing, when this path does not apply; the caller then
     /// writes through SPI. Runs as the extension's owner.
-    pub(crate) fn write(entries: &[Pending], row: &mut HeadRow) -> SealResult<bool> {
+    pub(crate) fn write(entries: &[Pending], row: Option<&mut HeadRow>) -> SealResult<bool> {
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(true);
         };
@@ -290,7 +291,9 @@ mod imp {
             // (and never back: entries of an outer subtransaction level may be
             // written after an inner level wrote later ones); only then is the
             // heads table opened.
-            let move_head = last.seq >= row.seq.saturating_add(HEAD_STRIDE);
+            let move_head = row
+                .as_ref()
+                .is_some_and(|r| last.seq >= r.seq.saturating_add(HEAD_STRIDE));
             o.ledger = pg_sys::table_open(ledger_id, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
             if move_head {
                 o.heads =
@@ -344,9 +347,9 @@ mod imp {
                     refill(entry, values);
                     pg_sys::ExecSimpleRelationInsert(rri[0], estate, entry);
                 }
-                if !move_head {
-                    return Ok(row.tid);
-                }
+                let Some(row) = row.as_deref().filter(|_| move_head) else {
+                    return Ok(None);
+                };
                 let (seq, hash) = (datum(last.seq), datum(&last.hash[..]));
                 let search = pg_sys::MakeSingleTupleTableSlot(
                     (*heads).rd_att,
@@ -372,9 +375,9 @@ mod imp {
                     search,
                     head,
                 );
-                Ok::<_, SealError>((*head).tts_tid)
+                Ok::<_, SealError>(Some((*head).tts_tid))
             })?;
-            if move_head {
+            if let (Some(row), Some(moved)) = (row, moved) {
                 row.tid = moved;
                 row.seq = last.seq;
             }

@@ -1362,6 +1362,12 @@ mod tests {
         // transaction holds), never at a cut seq: the gap stays visible.
         assert!(append("e", "{}").0 > stride);
         assert_eq!(verify("").2, Some(stride - 4));
+        // Entries without a heads row: appending would start over at seq 1 and
+        // hide the removal. The head is re-read after a rolled-back subtransaction.
+        run("DELETE FROM pgseal.ledger_heads WHERE tenant_id = 'cut-tail'");
+        doomed_append();
+        assert_eq!(sqlstate("SELECT pgseal.ledger_append('e')"), "XX001");
+        assert_eq!(verify("").2, Some(1));
     }
 
     #[pg_test]

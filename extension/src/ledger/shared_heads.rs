@@ -1,0 +1,247 @@
+//! Chain heads shared by every backend.
+//!
+//! A transaction's first append for a tenant needs the tenant's committed head.
+//! Reading it from the table is two index probes (`pg::head_read`), a tenth of a
+//! one-entry append's work with 16 clients (docs/BENCHMARKS.md). So every
+//! transaction that appended publishes its heads here when it commits, while it
+//! still holds the tenants' chain locks (`locks.rs`; PostgreSQL calls commit
+//! callbacks after the commit is recorded and before it releases locks), and the
+//! next holder of a tenant's lock takes the head from here instead.
+//!
+//! What keeps a published head right:
+//! - Only the holder of a tenant's chain lock publishes or reads its head, so a
+//!   head is published in commit order and read after the publisher committed.
+//! - It is used only for a transaction's first load of the tenant under READ
+//!   COMMITTED. After a subtransaction abort the head is re-read from the table
+//!   (the transaction's own written entries are there, not here); under
+//!   REPEATABLE READ and SERIALIZABLE it is read from the table, where the
+//!   transaction's snapshot is checked against it (`pg::head_read`).
+//! - A transaction publishes only heads it knows to be its last entry: a head
+//!   marked stale by a subtransaction abort, or whose heads row was moved where
+//!   this transaction does not know (the SPI write, pruning), is removed instead,
+//!   and so are the heads of a prepared transaction (its commit happens elsewhere).
+//!   An aborted transaction leaves the published heads as they were: they are
+//!   still the committed ones.
+//! - A head is keyed by database, the ledger table's OID (a new table after DROP
+//!   EXTENSION has another) and the tenant's SHA-256. A restore
+//!   (`pgseal.restore`), the one other way rows enter the ledger, removes every
+//!   head of its database when it writes its first row and again when its
+//!   transaction ends.
+//! - Shared memory starts empty with the server (and after a crash), so a head is
+//!   never older than the server's last start.
+//!
+//! Rows changed with the guards lifted (a superuser's deliberate act, TRUNCATE
+//! included) are not seen here: appends then go on from the published head, so a
+//! cut tail stays a gap, and `ledger_verify` and `ledger_checkpoint` treat a
+//! published head past the last entry as one (`verify::top`).
+//!
+//! The table is direct-mapped: a tenant's slot is fixed by its digest, a newer
+//! tenant in the same slot replaces an older one, and a miss reads the table.
+//! Tenant ids an attacker chooses can only cause misses.
+
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use pgrx::pg_sys;
+use pgrx::shmem::PgSharedMemoryInitialization;
+use pgseal_core::ledger::Hash;
+use sha2::{Digest, Sha256};
+
+/// Heads kept at once (88 bytes each: 704 KiB of shared memory).
+const SLOTS: usize = 8192;
+
+/// Which chain: the database, the ledger table, and the tenant. A backend's
+/// database is never InvalidOid (0), so an all-zero slot is empty.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ChainKey {
+    db: u32,
+    ledger: u32,
+    tenant: [u8; 32],
+}
+
+impl ChainKey {
+    /// The key of `tenant`'s chain in the current database's `pgseal.ledger`,
+    /// whose OID is `ledger`.
+    pub fn new(ledger: pg_sys::Oid, tenant: &str) -> Self {
+        ChainKey {
+            db: current_db(),
+            ledger: ledger.to_u32(),
+            tenant: Sha256::digest(tenant.as_bytes()).into(),
+        }
+    }
+
+    fn slot(&self) -> usize {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.tenant[..8]);
+        (u64::from_le_bytes(first) % SLOTS as u64) as usize
+    }
+}
+
+fn current_db() -> u32 {
+    // SAFETY: a plain global set when the backend connected to its database.
+    unsafe { pg_sys::MyDatabaseId }.to_u32()
+}
+
+/// A published head: the tenant's last committed entry, and the seq its heads
+/// row holds (`ledger::heads::HEAD_STRIDE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct Published {
+    pub seq: i64,
+    pub hash: Hash,
+    pub row_seq: i64,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Slot {
+    key: ChainKey,
+    head: Published,
+}
+
+impl Slot {
+    fn holds(&self, key: &ChainKey) -> bool {
+        self.key.db != 0 && self.key == *key
+    }
+}
+
+/// The slots, in shared memory (zeroed at server start: every slot empty), and
+/// the lock that guards them.
+pub struct Table {
+    slots: AtomicPtr<[Slot; SLOTS]>,
+    lock: AtomicPtr<pg_sys::LWLock>,
+}
+
+/// Set up by `pg_shmem_init!(SHARED_HEADS)` in `_PG_init`. (Not a `PgLwLock`:
+/// pgrx builds such a value on the stack of nested startup hooks, and 704 KiB
+/// there overflows the postmaster's stack.)
+pub static SHARED_HEADS: Table = Table {
+    slots: AtomicPtr::new(std::ptr::null_mut()),
+    lock: AtomicPtr::new(std::ptr::null_mut()),
+};
+
+const NAME: &std::ffi::CStr = c"pgseal_chain_heads";
+
+impl PgSharedMemoryInitialization for Table {
+    type Value = bool;
+
+    unsafe fn on_shmem_request(&'static self) {
+        // SAFETY: called from the shmem request hook, as the trait requires.
+        unsafe {
+            pg_sys::RequestAddinShmemSpace(std::mem::size_of::<[Slot; SLOTS]>());
+            pg_sys::RequestNamedLWLockTranche(NAME.as_ptr(), 1);
+        }
+    }
+
+    unsafe fn on_shmem_startup(&'static self, _: bool) {
+        // SAFETY: called from the shmem startup hook, as the trait requires; the
+        // space and the tranche were requested above. AddinShmemInitLock (the
+        // 22nd of the main LWLocks) serialises the lookup and first zeroing.
+        unsafe {
+            let init = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+            pg_sys::LWLockAcquire(init, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let mut found = false;
+            let size = std::mem::size_of::<[Slot; SLOTS]>();
+            let slots = pg_sys::ShmemInitStruct(NAME.as_ptr(), size, &mut found);
+            if !found {
+                std::ptr::write_bytes(slots.cast::<u8>(), 0, size);
+            }
+            self.slots.store(slots.cast(), Ordering::Release);
+            self.lock.store(
+                &raw mut (*pg_sys::GetNamedLWLockTranche(NAME.as_ptr())).lock,
+                Ordering::Release,
+            );
+            pg_sys::LWLockRelease(init);
+        }
+    }
+}
+
+impl Table {
+    /// Runs `f` on the slots under the lock, shared or exclusive; not at all when
+    /// the table was never set up (then nothing is published or found).
+    fn with<R>(&self, exclusive: bool, f: impl FnOnce(&mut [Slot; SLOTS]) -> R) -> Option<R> {
+        let (slots, lock) = (
+            self.slots.load(Ordering::Acquire),
+            self.lock.load(Ordering::Acquire),
+        );
+        if slots.is_null() || lock.is_null() {
+            return None;
+        }
+        let mode = if exclusive {
+            pg_sys::LWLockMode::LW_EXCLUSIVE
+        } else {
+            pg_sys::LWLockMode::LW_SHARED
+        };
+        // SAFETY: both pointers were set at shared memory startup and stay valid
+        // for the server's life. The slots are only touched under the lock, in
+        // the mode given (`f` only reads under a shared lock: `get` below), and
+        // `f` copies plain data, so it cannot raise while the lock is held.
+        unsafe {
+            pg_sys::LWLockAcquire(lock, mode);
+            let r = f(&mut *slots);
+            pg_sys::LWLockRelease(lock);
+            Some(r)
+        }
+    }
+}
+
+/// The head published for `key`, if any.
+pub fn get(key: &ChainKey) -> Option<Published> {
+    SHARED_HEADS
+        .with(false, |slots| {
+            let slot = &slots[key.slot()];
+            slot.holds(key).then_some(slot.head)
+        })
+        .flatten()
+}
+
+/// Publishes `head` for `key`. The caller holds the chain's lock and has committed.
+pub fn publish(key: &ChainKey, head: Published) {
+    SHARED_HEADS.with(true, |slots| {
+        slots[key.slot()] = Slot { key: *key, head };
+    });
+}
+
+/// Removes the head published for `key`, if any.
+pub fn forget(key: &ChainKey) {
+    SHARED_HEADS.with(true, |slots| {
+        let slot = &mut slots[key.slot()];
+        if slot.holds(key) {
+            // SAFETY: an all-zero slot is a valid, empty one (plain integers and bytes).
+            *slot = unsafe { std::mem::zeroed() };
+        }
+    });
+}
+
+/// Removes every head published for the current database.
+fn forget_database() {
+    let db = current_db();
+    SHARED_HEADS.with(true, |slots| {
+        for slot in slots.iter_mut().filter(|s| s.key.db == db) {
+            // SAFETY: as in `forget`.
+            *slot = unsafe { std::mem::zeroed() };
+        }
+    });
+}
+
+thread_local! {
+    /// This transaction wrote rows into the ledger's tables as a restore.
+    static RESTORING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A restore wrote a row into `pgseal.ledger` or `pgseal.ledger_heads`: the heads
+/// published for this database may no longer be the last entries. They are
+/// removed now (once per transaction) and again when the transaction ends, so no
+/// head published meanwhile outlives the restored rows.
+pub fn restore_wrote() {
+    if !RESTORING.with(|r| r.replace(true)) {
+        forget_database();
+    }
+}
+
+/// The transaction ended: a restore's removal is repeated.
+pub fn transaction_ended() {
+    if RESTORING.with(|r| r.replace(false)) {
+        forget_database();
+    }
+}
