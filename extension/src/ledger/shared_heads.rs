@@ -35,9 +35,9 @@
 //! cut tail stays a gap, and `ledger_verify` and `ledger_checkpoint` treat a
 //! published head past the last entry as one (`verify::top`).
 //!
-//! The table is direct-mapped: a tenant's slot is fixed by its digest, a newer
-//! tenant in the same slot replaces an older one, and a miss reads the table.
-//! Tenant ids an attacker chooses can only cause misses.
+//! The table is two-way set-associative: a tenant's two slots are fixed by its
+//! digest, a newer tenant replaces an older one in a full pair, and a miss reads
+//! the table. Tenant ids an attacker chooses can only cause misses.
 
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -48,6 +48,8 @@ use sha2::{Digest, Sha256};
 
 /// Heads kept at once (88 bytes each: 704 KiB of shared memory).
 const SLOTS: usize = 8192;
+/// A chain is kept in one of this many slots, fixed by its digest.
+const WAYS: usize = 2;
 
 /// Which chain: the database, the ledger table, and the tenant. A backend's
 /// database is never InvalidOid (0), so an all-zero slot is empty.
@@ -70,10 +72,16 @@ impl ChainKey {
         }
     }
 
-    fn slot(&self) -> usize {
+    /// The first of the two slots the chain may be kept in (`WAYS`).
+    pub(crate) fn set(&self) -> usize {
         let mut first = [0u8; 8];
         first.copy_from_slice(&self.tenant[..8]);
-        (u64::from_le_bytes(first) % SLOTS as u64) as usize
+        (u64::from_le_bytes(first) % (SLOTS / WAYS) as u64) as usize * WAYS
+    }
+
+    /// The slot `publish` replaces when neither holds the chain nor is empty.
+    fn victim(&self) -> usize {
+        self.set() + (self.tenant[8] as usize) % WAYS
     }
 }
 
@@ -189,26 +197,37 @@ impl Table {
 pub fn get(key: &ChainKey) -> Option<Published> {
     SHARED_HEADS
         .with(false, |slots| {
-            let slot = &slots[key.slot()];
-            slot.holds(key).then_some(slot.head)
+            slots[key.set()..key.set() + WAYS]
+                .iter()
+                .find(|s| s.holds(key))
+                .map(|s| s.head)
         })
         .flatten()
 }
 
-/// Publishes `head` for `key`. The caller holds the chain's lock and has committed.
+/// Publishes `head` for `key`, in the slot that holds the chain, else an empty
+/// one, else the chain's victim. The caller holds the chain's lock and has
+/// committed.
 pub fn publish(key: &ChainKey, head: Published) {
     SHARED_HEADS.with(true, |slots| {
-        slots[key.slot()] = Slot { key: *key, head };
+        let set = key.set()..key.set() + WAYS;
+        let at = set
+            .clone()
+            .find(|&i| slots[i].holds(key))
+            .or_else(|| set.clone().find(|&i| slots[i].key.db == 0))
+            .unwrap_or_else(|| key.victim());
+        slots[at] = Slot { key: *key, head };
     });
 }
 
 /// Removes the head published for `key`, if any.
 pub fn forget(key: &ChainKey) {
     SHARED_HEADS.with(true, |slots| {
-        let slot = &mut slots[key.slot()];
-        if slot.holds(key) {
-            // SAFETY: an all-zero slot is a valid, empty one (plain integers and bytes).
-            *slot = unsafe { std::mem::zeroed() };
+        for slot in slots[key.set()..key.set() + WAYS].iter_mut() {
+            if slot.holds(key) {
+                // SAFETY: an all-zero slot is a valid, empty one (plain integers and bytes).
+                *slot = unsafe { std::mem::zeroed() };
+            }
         }
     });
 }

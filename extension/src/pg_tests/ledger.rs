@@ -1371,6 +1371,47 @@ mod tests {
     }
 
     #[pg_test]
+    fn published_heads_of_colliding_tenants_are_missed_never_mixed_up() {
+        use crate::ledger::shared_heads::{forget, get, publish, ChainKey, Published};
+        // Tenant ids chosen so that three chains share one pair of slots, as an
+        // attacker who picks tenant ids could arrange.
+        let ledger = pgrx::pg_sys::Oid::from(4_000_000_000u32);
+        let mut by_set = std::collections::HashMap::<usize, Vec<String>>::new();
+        let names = (0..)
+            .map(|i| format!("collide-{i}"))
+            .find_map(|t| {
+                let v = by_set.entry(ChainKey::new(ledger, &t).set()).or_default();
+                v.push(t);
+                (v.len() == 3).then(|| v.clone())
+            })
+            .unwrap();
+        let key = |t: &str| ChainKey::new(ledger, t);
+        let head = |n: i64| Published {
+            seq: n,
+            hash: [n as u8; 32],
+            row_seq: n - 1,
+        };
+        for (n, t) in names.iter().enumerate() {
+            assert_eq!(get(&key(t)), None);
+            publish(&key(t), head(n as i64 + 1));
+            assert_eq!(get(&key(t)), Some(head(n as i64 + 1)), "{t}");
+        }
+        // Two slots for three chains: one was replaced, and is missed.
+        let found: Vec<_> = names.iter().map(|t| get(&key(t))).collect();
+        assert_eq!(found.iter().filter(|f| f.is_none()).count(), 1, "{found:?}");
+        for (n, f) in found.iter().enumerate() {
+            assert!(f.is_none() || *f == Some(head(n as i64 + 1)));
+        }
+        // Another database's or ledger's chain of the same tenant is another chain.
+        let other = ChainKey::new(pgrx::pg_sys::Oid::from(4_000_000_001u32), &names[2]);
+        assert_eq!(get(&other), None);
+        for t in &names {
+            forget(&key(t));
+            assert_eq!(get(&key(t)), None);
+        }
+    }
+
+    #[pg_test]
     fn an_anchor_moved_after_a_prune_fails_verification() {
         run("SET LOCAL pgseal.ledger_min_retention = '0'");
         lock_ledger_tables();
