@@ -41,11 +41,11 @@ CREATE TABLE pgseal.ledger (
 COMMENT ON TABLE pgseal.ledger IS
     'Per-tenant tamper-evident ledger: SHA-256 hash chain, HMAC-SHA256 per entry. Append with pgseal.ledger_append().';
 
--- One row per tenant: the last appended entry, and the anchor left by pruning.
--- Appenders read it under the tenant's advisory lock; under REPEATABLE READ and
--- SERIALIZABLE they also lock it, so a snapshot older than the last append cannot
--- fork the chain: the lock fails with 40001.
--- No CHECK constraints, for the reason given above: every append moves this row.
+-- One row per tenant: an entry the chain has reached (appends move the row when it
+-- is 64 entries behind the last, and pruning moves it), and the anchor left by
+-- pruning. Verification walks at least to it and through its (seq, hash); the
+-- head appenders link to is the last entry (docs/SECURITY.md, "Sequencing").
+-- No CHECK constraints, for the reason given above.
 CREATE TABLE pgseal.ledger_heads (
     tenant_id   text   PRIMARY KEY,
     seq         bigint NOT NULL,

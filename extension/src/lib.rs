@@ -82,6 +82,7 @@ pub extern "C-unwind" fn _PG_init() {
     pgrx::pg_shmem_init!(QUEUE);
     use ledger::shared_heads::SHARED_HEADS;
     pgrx::pg_shmem_init!(SHARED_HEADS = false);
+    ledger::shared_heads::register_drop_hook();
     audit_worker::register();
     // Transaction-end work; end callbacks run in this order, pre-commit work in
     // the order of `txn::Phase`.

@@ -13,8 +13,7 @@
 //! bigint key) or 2 (two integer keys); pgseal's are `0x5300 + kind` (the
 //! leader lock shows as `objsubid = 21251`). No role can
 //! take, hold or wait on them from SQL, so no role can stall a tenant's appends or
-//! keep every pgseald from leading. Row locks pgseal takes (`FOR UPDATE` on
-//! `pgseal.ledger_heads` under REPEATABLE READ and SERIALIZABLE, on
+//! keep every pgseald from leading. Row locks pgseal takes (on
 //! `pgseal.tenant_keys` by `kek_rewrap`, on `pgseal.org_locks` for a new
 //! organisation) are on pgseal-owned rows that application roles cannot lock.
 

@@ -33,7 +33,7 @@ pub enum Phase {
     DecryptAudit,
     /// Write seal counts back to `pgseal.tenant_keys`.
     SealCounts,
-    /// Write the ledger entries still pending, and move the heads rows.
+    /// Write the ledger entries still pending.
     LedgerWrite,
     /// Clear the tenant and user settings (`pgseal.strict_context`): last, so every
     /// earlier phase still sees the tenant.

@@ -704,6 +704,14 @@ fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
         (r.get(0), r.get(1))
     };
     assert_eq!(verified(&mut c), (false, Some(3)));
+    // An append rolled back to a savepoint (whose committer cannot publish its
+    // own head) leaves the published one as a witness.
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'cut'; SAVEPOINT s; SELECT pgseal.ledger_append('e'); \
+         ROLLBACK TO s; COMMIT",
+    )
+    .unwrap();
+    assert_eq!(verified(&mut c), (false, Some(3)));
     // The checkpoint of that head is returned again; nothing new is signed.
     let again = c
         .query_one("SELECT pgseal.ledger_checkpoint('cut')", &[])
@@ -770,6 +778,15 @@ fn published_heads_follow_aborts_prepares_restores_and_truncates() {
     assert_eq!(append(&mut other, "sub"), 5);
     assert_eq!(verified(&mut c, "sub"), (true, 5, None));
 
+    // A REPEATABLE READ snapshot taken before another session's append does not
+    // see its entry, nor is that head a cut: verification is ok, as of the snapshot.
+    other
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .unwrap();
+    assert_eq!(append(&mut c, "sub"), 6);
+    assert_eq!(verified(&mut other, "sub"), (true, 5, None));
+    other.batch_execute("COMMIT").unwrap();
+
     // A prepared transaction commits in another session, which publishes nothing.
     append(&mut c, "prep");
     c.batch_execute(
@@ -806,12 +823,36 @@ fn published_heads_follow_aborts_prepares_restores_and_truncates() {
     // TRUNCATE with the guards lifted: appends go on after the published head,
     // so the loss stays a gap. (The restore above removed the heads published
     // before it.)
-    assert_eq!(append(&mut c, "sub"), 6);
+    assert_eq!(append(&mut c, "sub"), 7);
     c.batch_execute(
         "ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_truncate_guard;
          TRUNCATE pgseal.ledger",
     )
     .unwrap();
-    assert_eq!(append(&mut other, "sub"), 7);
+    assert_eq!(append(&mut other, "sub"), 8);
     assert_eq!(verified(&mut c, "sub"), (false, 0, Some(1)));
+
+    // A database dropped and created again with the same OID, from a template
+    // holding pgseal (so its ledger has the same OID too), starts its chains at 1.
+    c.batch_execute("CREATE DATABASE tpl").unwrap();
+    cl.connect_to("tpl", "postgres")
+        .batch_execute("CREATE EXTENSION pgseal")
+        .unwrap();
+    c.batch_execute("CREATE DATABASE again TEMPLATE tpl")
+        .unwrap();
+    let oid: u32 = c
+        .query_one("SELECT oid FROM pg_database WHERE datname = 'again'", &[])
+        .unwrap()
+        .get(0);
+    let mut again = cl.connect_to("again", "postgres");
+    for n in 1..=3 {
+        assert_eq!(append(&mut again, "acme"), n);
+    }
+    drop(again);
+    c.batch_execute("DROP DATABASE again WITH (FORCE)").unwrap();
+    c.batch_execute(&format!("CREATE DATABASE again TEMPLATE tpl OID {oid}"))
+        .unwrap();
+    let mut again = cl.connect_to("again", "postgres");
+    assert_eq!(append(&mut again, "acme"), 1);
+    assert_eq!(verified(&mut again, "acme"), (true, 1, None));
 }

@@ -16,7 +16,6 @@ use super::pending::{self, Pending};
 use super::{chain_lock, heads};
 use crate::context;
 use crate::error::{SealError, SealResult};
-use crate::privilege::as_owner;
 
 /// `pgseal.ledger_append(event, payload jsonb, actor)` (its C entry point is in
 /// `pg/ledger_append_fn.rs`): appends an entry to the current tenant's chain and returns its
@@ -112,7 +111,7 @@ fn append_stored(
     let recorded_at = TimestampWithTimeZone::try_from(at)
         .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
     if !heads::is_current(tenant) {
-        let (head, row, key) = as_owner(|| chain_lock::lock_and_load(tenant))?;
+        let (head, row, key) = chain_lock::lock_and_load(tenant)?;
         // After a subtransaction abort the key itself may have been rolled back,
         // so it is looked up again too.
         let mac = super::mac::for_append(tenant)?;

@@ -34,7 +34,10 @@ fn select_head(tenant: &str, snapshot_per_xact: bool) -> SealResult<Option<Loade
 /// one; otherwise it is read from the table. This level's pending entries are
 /// written first, so that no write can happen between reading the head and
 /// reading the pending list (the queries below end in the executor-end hook,
-/// which writes pending entries of the current level).
+/// which writes pending entries of the current level). Reading the table runs as
+/// the extension's owner; taking a published head needs no privilege, so it
+/// does without the owner switch and the pinned `search_path` (whose setting and
+/// restoring also makes the session's next statement recompute its path).
 pub(super) fn lock_and_load(tenant: &str) -> SealResult<((i64, Hash), Row, ChainKey)> {
     super::writer::flush()?;
     crate::locks::ledger_tenant(tenant);
@@ -47,12 +50,14 @@ pub(super) fn lock_and_load(tenant: &str) -> SealResult<((i64, Hash), Row, Chain
         .flatten();
     let (head, row) = match published {
         Some(p) => ((p.seq, p.hash), Row::Behind(p.row_seq)),
-        None => {
+        None => as_owner(|| -> SealResult<_> {
             let (head, row) = match select_head(tenant, snapshot_per_xact)? {
                 Some(h) => h,
                 None => {
-                    // The tenant's first entry. ON CONFLICT DO NOTHING raises 40001 under
-                    // REPEATABLE READ when a concurrent first append committed after our snapshot.
+                    // The tenant's first entry: no committed row, as the read above saw
+                    // under a snapshot taken after the lock. (Under REPEATABLE READ a
+                    // first append committed after the transaction's snapshot fails
+                    // there with 40001.)
                     super::guard::with_scope(Scope::Append, || {
                         plans::run(
                             INSERT_HEAD,
@@ -64,8 +69,8 @@ pub(super) fn lock_and_load(tenant: &str) -> SealResult<((i64, Hash), Row, Chain
                         .ok_or(SealError::Internal("pgseal.ledger_heads row vanished"))?
                 }
             };
-            (head, row.map_or(Row::Unknown, Row::Known))
-        }
+            Ok((head, row.map_or(Row::Unknown, Row::Known)))
+        })?,
     };
     let head = match super::pending::tail(tenant) {
         Some(p) if p.0 > head.0 => p,

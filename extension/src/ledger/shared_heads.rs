@@ -27,13 +27,21 @@
 //!   (`pgseal.restore`), the one other way rows enter the ledger, removes every
 //!   head of its database when it writes its first row and again when its
 //!   transaction ends.
+//! - Dropping a database or `pgseal.ledger` removes their heads (an object
+//!   access hook), so a database created again with the same OID finds none.
 //! - Shared memory starts empty with the server (and after a crash), so a head is
 //!   never older than the server's last start.
+//!
+//! A head a committer could not replace with its own (stale, prepared) stays as a
+//! lower bound for verification (`witness`): it is still a committed entry.
 //!
 //! Rows changed with the guards lifted (a superuser's deliberate act, TRUNCATE
 //! included) are not seen here: appends then go on from the published head, so a
 //! cut tail stays a gap, and `ledger_verify` and `ledger_checkpoint` treat a
-//! published head past the last entry as one (`verify::top`).
+//! published head past the last entry as one (`verify::top`). That witness is
+//! not kept for certain: a restart, a restore, or a newer chain in the same pair
+//! of slots removes it; what always catches a cut tail is a signed checkpoint
+//! past it (docs/SECURITY.md).
 //!
 //! The table is two-way set-associative: a tenant's two slots are fixed by its
 //! digest, a newer tenant replaces an older one in a full pair, and a miss reads
@@ -46,7 +54,7 @@ use pgrx::shmem::PgSharedMemoryInitialization;
 use pgseal_core::ledger::Hash;
 use sha2::{Digest, Sha256};
 
-/// Heads kept at once (88 bytes each: 704 KiB of shared memory).
+/// Heads kept at once (96 bytes each: 768 KiB of shared memory).
 const SLOTS: usize = 8192;
 /// A chain is kept in one of this many slots, fixed by its digest.
 const WAYS: usize = 2;
@@ -105,6 +113,10 @@ pub struct Published {
 struct Slot {
     key: ChainKey,
     head: Published,
+    /// The head may be appended to. Cleared when a committer could not publish
+    /// its own head (`forget`): the head is then only a lower bound of the chain,
+    /// a witness for verification (`witness`).
+    current: bool,
 }
 
 impl Slot {
@@ -193,14 +205,25 @@ impl Table {
     }
 }
 
-/// The head published for `key`, if any.
+/// The head published for `key`, if any and current: the chain's last committed
+/// entry, to append after.
 pub fn get(key: &ChainKey) -> Option<Published> {
+    find(key).filter(|s| s.current).map(|s| s.head)
+}
+
+/// The head last published for `key`, current or not: a committed entry the
+/// chain has reached, which verification must find (unless the slot was reused).
+pub fn witness(key: &ChainKey) -> Option<Published> {
+    find(key).map(|s| s.head)
+}
+
+fn find(key: &ChainKey) -> Option<Slot> {
     SHARED_HEADS
         .with(false, |slots| {
             slots[key.set()..key.set() + WAYS]
                 .iter()
                 .find(|s| s.holds(key))
-                .map(|s| s.head)
+                .copied()
         })
         .flatten()
 }
@@ -216,18 +239,34 @@ pub fn publish(key: &ChainKey, head: Published) {
             .find(|&i| slots[i].holds(key))
             .or_else(|| set.clone().find(|&i| slots[i].key.db == 0))
             .unwrap_or_else(|| key.victim());
-        slots[at] = Slot { key: *key, head };
+        slots[at] = Slot {
+            key: *key,
+            head,
+            current: true,
+        };
     });
 }
 
-/// Removes the head published for `key`, if any.
+/// Marks the head published for `key`, if any, as no longer current: appends
+/// read the table, verification still uses it as a lower bound. (A committer that
+/// cannot publish its own head calls this: the one published before is still a
+/// committed entry of the chain.)
 pub fn forget(key: &ChainKey) {
     SHARED_HEADS.with(true, |slots| {
         for slot in slots[key.set()..key.set() + WAYS].iter_mut() {
             if slot.holds(key) {
-                // SAFETY: an all-zero slot is a valid, empty one (plain integers and bytes).
-                *slot = unsafe { std::mem::zeroed() };
+                slot.current = false;
             }
+        }
+    });
+}
+
+/// Empties every slot `drop` selects.
+fn remove(drop: impl Fn(&ChainKey) -> bool) {
+    SHARED_HEADS.with(true, |slots| {
+        for slot in slots.iter_mut().filter(|s| s.key.db != 0 && drop(&s.key)) {
+            // SAFETY: an all-zero slot is a valid, empty one (plain integers and bytes).
+            *slot = unsafe { std::mem::zeroed() };
         }
     });
 }
@@ -235,12 +274,52 @@ pub fn forget(key: &ChainKey) {
 /// Removes every head published for the current database.
 fn forget_database() {
     let db = current_db();
-    SHARED_HEADS.with(true, |slots| {
-        for slot in slots.iter_mut().filter(|s| s.key.db == db) {
-            // SAFETY: as in `forget`.
-            *slot = unsafe { std::mem::zeroed() };
+    remove(|k| k.db == db);
+}
+
+/// The object access hook that was installed before ours.
+static mut PREV_OBJECT_ACCESS_HOOK: pg_sys::object_access_hook_type = None;
+
+/// Removes the heads of a database being dropped, and of a `pgseal.ledger`
+/// being dropped (DROP EXTENSION), before anything reuses their OIDs: a database
+/// created again with the same OID (`CREATE DATABASE … OID`, or from the same
+/// template) would otherwise find the old chains' heads. Removing early is always
+/// safe: it only makes appends read the table.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: std::ffi::c_int,
+    arg: *mut std::ffi::c_void,
+) {
+    // SAFETY: the previous hook, if any, is called with the arguments PostgreSQL
+    // passed us, as hooks must; it was read once at registration.
+    unsafe {
+        if let Some(prev) = PREV_OBJECT_ACCESS_HOOK {
+            prev(access, class_id, object_id, sub_id, arg);
         }
-    });
+    }
+    if access != pg_sys::ObjectAccessType::OAT_DROP || sub_id != 0 {
+        return;
+    }
+    let object = object_id.to_u32();
+    if class_id == pg_sys::DatabaseRelationId {
+        remove(|k| k.db == object);
+    } else if class_id == pg_sys::RelationRelationId {
+        let db = current_db();
+        remove(|k| k.db == db && k.ledger == object);
+    }
+}
+
+/// Installs the object access hook; called once from `_PG_init`.
+pub fn register_drop_hook() {
+    // SAFETY: `_PG_init` runs once, in the postmaster, before any backend: the
+    // hook chain is not read concurrently.
+    unsafe {
+        PREV_OBJECT_ACCESS_HOOK = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(on_object_access);
+    }
 }
 
 thread_local! {

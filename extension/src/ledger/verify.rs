@@ -96,8 +96,13 @@ fn top(tenant: &str, head: &RecordedHead) -> SealResult<(i64, Hash)> {
         _ => (head.seq, head.hash),
     };
     let key = super::shared_heads::ChainKey::new(crate::pg::head_read::relids()?.0, tenant);
-    if let Some(p) = super::shared_heads::get(&key) {
-        if p.seq > top.0 {
+    if let Some(p) = super::shared_heads::witness(&key) {
+        // A head published after this transaction's snapshot was taken (under
+        // REPEATABLE READ and SERIALIZABLE) is past what the snapshot sees without
+        // any cut: it is a cut only if the latest snapshot does not see it either.
+        if p.seq > top.0
+            && crate::pg::head_read::last_entry_now(tenant)?.is_none_or(|e| e.0 < p.seq)
+        {
             top = (p.seq, p.hash);
         }
     }
@@ -377,7 +382,7 @@ pub fn verify_range(
     to_seq: Option<i64>,
 ) -> SealResult<Report> {
     // Entries this transaction appended are verified too: written first, they
-    // are in the table and in the heads row.
+    // are in the table.
     super::writer::flush()?;
     as_owner(|| {
         let Some(head) = head_row(tenant)? else {

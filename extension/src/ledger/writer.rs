@@ -1,13 +1,14 @@
 //! Writing pending entries.
 //!
-//! An append adds its entry to the pending list, and one statement per tenant
-//! inserts the tenant's entries and moves its heads row to the last. That write
-//! runs when the statement that appended ends (the executor-end work this module
-//! registers with `txn`, through the ledger's `TXN`), when the list grows past its
-//! bound, before the ledger functions read the chain, and at pre-commit. So the
-//! next statement of the transaction sees every entry appended before it. A
-//! tenant's entries whose heads row was read directly are written without SPI,
-//! with the executor's one-row insert (per entry) and update (`pg::head_write`).
+//! An append adds its entry to the pending list, and each tenant's entries are
+//! written together. That write runs when the statement that appended ends (the
+//! executor-end work this module registers with `txn`, through the ledger's
+//! `TXN`), when the list grows past its bound, before the ledger functions read
+//! the chain, and at pre-commit. So the next statement of the transaction sees
+//! every entry appended before it. Entries are written without SPI, with the
+//! executor's one-row insert per entry (`pg::head_write`), which also moves the
+//! tenant's heads row when it is `HEAD_STRIDE` entries behind; where that path
+//! does not apply, one SQL statement per tenant inserts them and moves the row.
 
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
@@ -60,8 +61,10 @@ pub(crate) fn text_array_literal(subjects: &[String]) -> String {
     out
 }
 
-/// Writes the pending entries, and moves each tenant's heads row to its last
-/// one: one statement per tenant. Needs a snapshot (SPI plans it).
+/// Writes the pending entries, one tenant at a time: without SPI where
+/// `write_directly` can (the heads row moved only when due), else one statement
+/// per tenant that also moves its heads row to the last. Needs a snapshot (SPI
+/// plans it).
 ///
 /// Only the entries of the current subtransaction are written (those of
 /// finished inner ones were handed to it): an entry written inside a deeper

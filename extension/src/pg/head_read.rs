@@ -280,6 +280,20 @@ fn tenant_key(tenant: &str, collation: pg_sys::Oid) -> pg_sys::ScanKeyData {
     }
 }
 
+/// The `(seq, hash)` of `tenant`'s last entry that any transaction committed
+/// (this one's written entries included), whatever the transaction's snapshot.
+pub fn last_entry_now(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
+    let (ledger_id, _) = relids()?;
+    // SAFETY: called inside a transaction; the snapshot is registered for the
+    // probe and unregistered after it (an ERROR releases it with the abort).
+    unsafe {
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
+        let last = last_entry(ledger_id, snapshot, tenant);
+        pg_sys::UnregisterSnapshot(snapshot);
+        last
+    }
+}
+
 const LEDGER_SHAPE: &str =
     "pgseal.ledger must be a plain table with its primary key (tenant_id, seq)";
 

@@ -5,7 +5,7 @@
 //! - `xact`: reads of transaction globals (read-only, recovery);
 //! - `snapshot`: the active snapshot SPI needs outside a statement;
 //! - `plans`: SPI plans kept for the life of the backend;
-//! - `head_read`, `head_write`: the ledger's heads row read, and one entry written,
+//! - `head_read`, `head_write`: a chain's head read, and its entries written,
 //!   without SPI;
 //! - `ledger_append_fn`: `ledger_append`'s materialize-mode C entry point;
 //! - `jsonb`: `jsonb` arguments read through `jsonb_out`;
