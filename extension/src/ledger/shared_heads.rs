@@ -16,10 +16,11 @@
 //!   (the transaction's own written entries are there, not here); under
 //!   REPEATABLE READ and SERIALIZABLE it is read from the table, where the
 //!   transaction's snapshot is checked against it (`pg::head_read`).
-//! - A transaction publishes only heads it knows to be its last entry: a head
+//! - A transaction publishes only heads it knows to be its last entry: for a head
 //!   marked stale by a subtransaction abort, or whose heads row was moved where
-//!   this transaction does not know (the SPI write, pruning), is removed instead,
-//!   and so are the heads of a prepared transaction (its commit happens elsewhere).
+//!   this transaction does not know (the SPI write, pruning), and for the heads of
+//!   a prepared transaction (its commit happens elsewhere), the head published
+//!   before is kept, no longer to be appended to, as verification's lower bound.
 //!   An aborted transaction leaves the published heads as they were: they are
 //!   still the committed ones.
 //! - A head is keyed by database, the ledger table's OID (a new table after DROP
@@ -27,8 +28,10 @@
 //!   (`pgseal.restore`), the one other way rows enter the ledger, removes every
 //!   head of its database when it writes its first row and again when its
 //!   transaction ends.
-//! - Dropping a database or `pgseal.ledger` removes their heads (an object
-//!   access hook), so a database created again with the same OID finds none.
+//! - Dropping a database or `pgseal.ledger`, and creating a database, removes
+//!   the heads of that OID (an object access hook), so a database created again
+//!   with the same OID finds none; a transaction that dropped its ledger does not
+//!   publish heads of it.
 //! - Shared memory starts empty with the server (and after a crash), so a head is
 //!   never older than the server's last start.
 //!
@@ -39,9 +42,10 @@
 //! included) are not seen here: appends then go on from the published head, so a
 //! cut tail stays a gap, and `ledger_verify` and `ledger_checkpoint` treat a
 //! published head past the last entry as one (`verify::top`). That witness is
-//! not kept for certain: a restart, a restore, or a newer chain in the same pair
-//! of slots removes it; what always catches a cut tail is a signed checkpoint
-//! past it (docs/SECURITY.md).
+//! not kept for certain: a restart, a restore, dropping the database (even a
+//! drop that then fails) or a newer chain in the same pair of slots removes it;
+//! what always catches a cut tail is a signed checkpoint past it
+//! (docs/SECURITY.md).
 //!
 //! The table is two-way set-associative: a tenant's two slots are fixed by its
 //! digest, a newer tenant replaces an older one in a full pair, and a miss reads
@@ -230,8 +234,11 @@ fn find(key: &ChainKey) -> Option<Slot> {
 
 /// Publishes `head` for `key`, in the slot that holds the chain, else an empty
 /// one, else the chain's victim. The caller holds the chain's lock and has
-/// committed.
+/// committed. Nothing is published for a ledger this transaction dropped.
 pub fn publish(key: &ChainKey, head: Published) {
+    if DROPPED_LEDGERS.with(|d| d.borrow().contains(&key.ledger)) {
+        return;
+    }
     SHARED_HEADS.with(true, |slots| {
         let set = key.set()..key.set() + WAYS;
         let at = set
@@ -300,15 +307,42 @@ unsafe extern "C-unwind" fn on_object_access(
             prev(access, class_id, object_id, sub_id, arg);
         }
     }
-    if access != pg_sys::ObjectAccessType::OAT_DROP || sub_id != 0 {
+    if sub_id != 0 {
         return;
     }
     let object = object_id.to_u32();
-    if class_id == pg_sys::DatabaseRelationId {
-        remove(|k| k.db == object);
-    } else if class_id == pg_sys::RelationRelationId {
-        let db = current_db();
-        remove(|k| k.db == db && k.ledger == object);
+    match access {
+        // A database is created: nothing of an older one with its OID may be
+        // left (a backend of a dropped database can publish while it exits).
+        pg_sys::ObjectAccessType::OAT_POST_CREATE if class_id == pg_sys::DatabaseRelationId => {
+            remove(|k| k.db == object)
+        }
+        pg_sys::ObjectAccessType::OAT_DROP if class_id == pg_sys::DatabaseRelationId => {
+            remove(|k| k.db == object)
+        }
+        pg_sys::ObjectAccessType::OAT_DROP
+            if class_id == pg_sys::RelationRelationId && is_pgseal_ledger(object_id) =>
+        {
+            DROPPED_LEDGERS.with(|d| d.borrow_mut().push(object));
+            let db = current_db();
+            remove(|k| k.db == db && k.ledger == object);
+        }
+        _ => {}
+    }
+}
+
+/// Whether `relid` is `pgseal.ledger` (its catalog row still exists while its
+/// drop hook runs): every other relation drop returns here, without the lock.
+fn is_pgseal_ledger(relid: pg_sys::Oid) -> bool {
+    // SAFETY: syscache lookups; get_namespace_oid with missing_ok returns
+    // InvalidOid instead of raising, get_rel_name returns NULL or a palloc'd name.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"pgseal".as_ptr(), true);
+        if nsp == pg_sys::InvalidOid || pg_sys::get_rel_namespace(relid) != nsp {
+            return false;
+        }
+        let name = pg_sys::get_rel_name(relid);
+        !name.is_null() && std::ffi::CStr::from_ptr(name).to_bytes() == b"ledger"
     }
 }
 
@@ -325,6 +359,9 @@ pub fn register_drop_hook() {
 thread_local! {
     /// This transaction wrote rows into the ledger's tables as a restore.
     static RESTORING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// OIDs of `pgseal.ledger` tables this transaction dropped: its heads of them
+    /// are not published at commit.
+    static DROPPED_LEDGERS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A restore wrote a row into `pgseal.ledger` or `pgseal.ledger_heads`: the heads
@@ -337,9 +374,11 @@ pub fn restore_wrote() {
     }
 }
 
-/// The transaction ended: a restore's removal is repeated.
+/// The transaction ended (after its heads were published): a restore's removal
+/// is repeated, and the dropped ledgers are forgotten.
 pub fn transaction_ended() {
     if RESTORING.with(|r| r.replace(false)) {
         forget_database();
     }
+    DROPPED_LEDGERS.with(|d| d.borrow_mut().clear());
 }

@@ -99,10 +99,9 @@ fn top(tenant: &str, head: &RecordedHead) -> SealResult<(i64, Hash)> {
     if let Some(p) = super::shared_heads::witness(&key) {
         // A head published after this transaction's snapshot was taken (under
         // REPEATABLE READ and SERIALIZABLE) is past what the snapshot sees without
-        // any cut: it is a cut only if the latest snapshot does not see it either.
-        if p.seq > top.0
-            && crate::pg::head_read::last_entry_now(tenant)?.is_none_or(|e| e.0 < p.seq)
-        {
+        // any cut: it is a cut only if the latest snapshot does not hold that
+        // very entry either.
+        if p.seq > top.0 && crate::pg::head_read::entry_now(tenant, p.seq)? != Some(p.hash) {
             top = (p.seq, p.hash);
         }
     }

@@ -280,17 +280,17 @@ fn tenant_key(tenant: &str, collation: pg_sys::Oid) -> pg_sys::ScanKeyData {
     }
 }
 
-/// The `(seq, hash)` of `tenant`'s last entry that any transaction committed
-/// (this one's written entries included), whatever the transaction's snapshot.
-pub fn last_entry_now(tenant: &str) -> SealResult<Option<(i64, Hash)>> {
+/// The hash of `tenant`'s entry `seq` as committed (this transaction's written
+/// entries included), whatever the transaction's snapshot; `None` when there is none.
+pub fn entry_now(tenant: &str, seq: i64) -> SealResult<Option<Hash>> {
     let (ledger_id, _) = relids()?;
     // SAFETY: called inside a transaction; the snapshot is registered for the
     // probe and unregistered after it (an ERROR releases it with the abort).
     unsafe {
         let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot());
-        let last = last_entry(ledger_id, snapshot, tenant);
+        let entry = probe(ledger_id, snapshot, tenant, Some(seq));
         pg_sys::UnregisterSnapshot(snapshot);
-        last
+        Ok(entry?.map(|(_, hash)| hash))
     }
 }
 
@@ -335,6 +335,21 @@ unsafe fn last_entry(
     snapshot: pg_sys::Snapshot,
     tenant: &str,
 ) -> SealResult<Option<(i64, Hash)>> {
+    // SAFETY: the caller's contract.
+    unsafe { probe(ledger_id, snapshot, tenant, None) }
+}
+
+/// The `(seq, hash)` of `tenant`'s last entry visible under `snapshot`, or with
+/// `at`, of its entry `at`.
+///
+/// # Safety
+/// As `last_entry`.
+unsafe fn probe(
+    ledger_id: pg_sys::Oid,
+    snapshot: pg_sys::Snapshot,
+    tenant: &str,
+    at: Option<i64>,
+) -> SealResult<Option<(i64, Hash)>> {
     let mut o = OpenedLedger {
         rel: std::ptr::null_mut(),
         index: std::ptr::null_mut(),
@@ -369,8 +384,22 @@ unsafe fn last_entry(
         if keys != [1, 2] || !index.indisvalid {
             return Err(SealError::WrongObjectType(LEDGER_SHAPE));
         }
-        let mut key = tenant_key(tenant, attrs[0].attcollation);
-        o.scan = pg_sys::systable_beginscan_ordered(o.rel, o.index, snapshot, 1, &mut key);
+        let mut keys = [
+            tenant_key(tenant, attrs[0].attcollation),
+            std::mem::zeroed(),
+        ];
+        if let Some(seq) = at {
+            pg_sys::ScanKeyInit(
+                &mut keys[1],
+                2,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::regproc::from(pg_sys::F_INT8EQ),
+                pg_sys::Datum::from(seq),
+            );
+        }
+        let nkeys = if at.is_some() { 2 } else { 1 };
+        o.scan =
+            pg_sys::systable_beginscan_ordered(o.rel, o.index, snapshot, nkeys, keys.as_mut_ptr());
         let tuple =
             pg_sys::systable_getnext_ordered(o.scan, pg_sys::ScanDirection::BackwardScanDirection);
         if tuple.is_null() {
