@@ -66,12 +66,25 @@ pub struct HeadRow {
     pub anchor_hash: Vec<u8>,
 }
 
-/// Closes what `read` opened, on every path out of it (an ERROR aborts the
-/// transaction, which releases all of them anyway).
+/// Closes what `read` and `probe` opened, on every path out of it (an ERROR
+/// aborts the transaction, which releases all of them anyway). A scan over an
+/// opened `index` is an ordered one.
 struct Opened {
     rel: pg_sys::Relation,
+    index: pg_sys::Relation,
     snapshot: pg_sys::Snapshot,
     scan: pg_sys::SysScanDesc,
+}
+
+impl Opened {
+    fn none() -> Self {
+        Opened {
+            rel: std::ptr::null_mut(),
+            index: std::ptr::null_mut(),
+            snapshot: std::ptr::null_mut(),
+            scan: std::ptr::null_mut(),
+        }
+    }
 }
 
 impl Drop for Opened {
@@ -81,15 +94,22 @@ impl Drop for Opened {
         if std::thread::panicking() {
             return;
         }
-        // SAFETY: each pointer is NULL or was opened by `read` below and not closed
-        // since; the lock on the table is kept until the transaction ends, as
+        // SAFETY: each pointer is NULL or was opened by `read` or `probe` and not
+        // closed since; the locks are kept until the transaction ends, as
         // PostgreSQL keeps the locks of the statements that read a table.
         unsafe {
             if !self.scan.is_null() {
-                pg_sys::systable_endscan(self.scan);
+                if self.index.is_null() {
+                    pg_sys::systable_endscan(self.scan);
+                } else {
+                    pg_sys::systable_endscan_ordered(self.scan);
+                }
             }
             if !self.snapshot.is_null() {
                 pg_sys::UnregisterSnapshot(self.snapshot);
+            }
+            if !self.index.is_null() {
+                pg_sys::index_close(self.index, pg_sys::NoLock as pg_sys::LOCKMODE);
             }
             if !self.rel.is_null() {
                 pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE);
@@ -146,11 +166,7 @@ fn relid(name: &std::ffi::CStr, missing: &'static str) -> SealResult<pg_sys::Oid
 /// as the extension's owner.
 pub fn read(tenant: &str, xact_snapshot: bool) -> SealResult<Option<Loaded>> {
     let (ledger_id, heads_id) = relids()?;
-    let mut o = Opened {
-        rel: std::ptr::null_mut(),
-        snapshot: std::ptr::null_mut(),
-        scan: std::ptr::null_mut(),
-    };
+    let mut o = Opened::none();
     // SAFETY: called inside a transaction. table_open raises on a bad OID, and
     // `o` closes what was opened. The scan key's argument is a palloc'd text that outlives the scan;
     // the tuple returned by systable_getnext is only read (deformed, its fields
@@ -297,34 +313,6 @@ pub fn entry_now(tenant: &str, seq: i64) -> SealResult<Option<Hash>> {
 const LEDGER_SHAPE: &str =
     "pgseal.ledger must be a plain table with its primary key (tenant_id, seq)";
 
-/// Closes what `last_entry` opened, on every path out of it.
-struct OpenedLedger {
-    rel: pg_sys::Relation,
-    index: pg_sys::Relation,
-    scan: pg_sys::SysScanDesc,
-}
-
-impl Drop for OpenedLedger {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            return;
-        }
-        // SAFETY: each pointer is NULL or was opened by `last_entry` and not closed
-        // since; the locks are kept until the transaction ends, as for `Opened`.
-        unsafe {
-            if !self.scan.is_null() {
-                pg_sys::systable_endscan_ordered(self.scan);
-            }
-            if !self.index.is_null() {
-                pg_sys::index_close(self.index, pg_sys::NoLock as pg_sys::LOCKMODE);
-            }
-            if !self.rel.is_null() {
-                pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-            }
-        }
-    }
-}
-
 /// The `(seq, hash)` of `tenant`'s last entry visible under `snapshot`: one
 /// backward probe of the ledger's primary key, which must be `(tenant_id, seq)`.
 ///
@@ -350,11 +338,7 @@ unsafe fn probe(
     tenant: &str,
     at: Option<i64>,
 ) -> SealResult<Option<(i64, Hash)>> {
-    let mut o = OpenedLedger {
-        rel: std::ptr::null_mut(),
-        index: std::ptr::null_mut(),
-        scan: std::ptr::null_mut(),
-    };
+    let mut o = Opened::none();
     // SAFETY: table_open and index_open raise on a bad OID, and `o` closes what
     // was opened. The primary key's columns are checked to be (tenant_id, seq)
     // before it is scanned; the tuple returned is only read (its seq and hash
