@@ -3,9 +3,11 @@
 //! The append path, in the order an entry takes it:
 //! - `append`: `ledger_append`'s checks, then the entry's commitment, hash and MAC;
 //! - `chain_lock`: the tenant's chain lock and head, on its first append in a
-//!   transaction; `heads` keeps the head for the transaction's later appends;
+//!   transaction; `heads` keeps the head for the transaction's later appends and
+//!   publishes it at commit to `shared_heads`, where the next holder of the lock
+//!   takes it;
 //! - `pending`: the entries appended and not yet written, by subtransaction;
-//! - `writer`: writes them in batches (one statement per tenant), at statement
+//! - `writer`: writes them in batches (one tenant at a time), at statement
 //!   end, past a bound, before a read of the chain, and at pre-commit;
 //! - `mac`: each tenant's MAC key; `actor`: the actor and `db_role` an entry names.
 //!
