@@ -44,8 +44,16 @@ lint: setup
 test-pg: setup
 	bash scripts/pgtest.sh
 
+# On PostgreSQL 16 and later they include the Citus tier (tests/tests/citus_cluster.rs):
+# scripts/citus.sh builds Citus once from the vendored source (exit 3: no source, and
+# the tier says it is skipped).
 test-cluster: install daemon
-	cargo test --tests -p pgseal-tests
+	citus=0; \
+	if [ "$(PG)" -ge 16 ]; then \
+		if bash scripts/citus.sh build; then citus=1; else rc=$$?; [ $$rc = 3 ] || exit $$rc; \
+			echo "Citus tier: skipped (no vendored Citus source; see scripts/citus.sh)"; fi; \
+	else echo "Citus tier: skipped on PostgreSQL $(PG) (Citus 14 supports 16 to 18)"; fi; \
+	PGSEAL_CITUS=$$citus cargo test --tests -p pgseal-tests
 
 # Every tier: formatting and clippy, and the tests that need no database (core,
 # pgseald, the Python format check) once; then, on

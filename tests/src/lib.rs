@@ -3,6 +3,9 @@
 //! dropped, and runs pgseald through `Pgseald`.
 //! The extension must already be installed (`make test` does that first).
 
+pub mod citus;
+pub mod matrix;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

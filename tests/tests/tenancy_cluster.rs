@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use pgseal_tests::matrix::{self, cell, denied, ok};
 use pgseal_tests::{sqlstate, Cluster, KEY_V1};
 
 const SCHEMA: &str = "
@@ -28,88 +29,6 @@ const SCHEMA: &str = "
     GRANT SELECT, INSERT, UPDATE, DELETE ON notes, docs TO app;
 ";
 
-/// The result of one cell: the SQLSTATE, rows seen or affected, and how many of
-/// them belonged to another tenant than the context's.
-#[derive(Debug, PartialEq)]
-struct Cell {
-    state: String,
-    rows: usize,
-    cross: usize,
-}
-
-fn cell(c: &mut postgres::Client, context: Option<(&str, &str)>, op: &str, table: &str) -> Cell {
-    let mut tx = c.transaction().unwrap();
-    if let Some((tenant, user)) = context {
-        tx.batch_execute(&format!("SELECT pgseal.set_tenant('{tenant}', '{user}')"))
-            .unwrap();
-    }
-    let own = context.map(|(t, _)| t.to_owned()).unwrap_or_default();
-    let sql = match op {
-        "SELECT" => format!("SELECT tenant_id FROM {table}"),
-        "INSERT" => match table {
-            "docs" => format!("INSERT INTO docs VALUES (100, '{own}', 'someone', 'org1', 'new') RETURNING tenant_id"),
-            _ => format!("INSERT INTO notes VALUES (100, '{own}', 'new') RETURNING tenant_id"),
-        },
-        "INSERT other" => match table {
-            "docs" => "INSERT INTO docs VALUES (101, 'B', 'someone', 'org1', 'new') RETURNING tenant_id".into(),
-            _ => "INSERT INTO notes VALUES (101, 'B', 'new') RETURNING tenant_id".into(),
-        },
-        "UPDATE" => format!("UPDATE {table} SET body = body || '!' RETURNING tenant_id"),
-        "DELETE" => format!("DELETE FROM {table} RETURNING tenant_id"),
-        "COPY" => String::new(), // below, through the COPY protocol
-        _ => unreachable!("unknown operation {op}"),
-    };
-    let result = match op {
-        "COPY" => {
-            use std::io::Read;
-            let mut out = String::new();
-            match tx.copy_out(&format!("COPY (SELECT tenant_id FROM {table}) TO STDOUT")) {
-                // The server's error arrives while reading, wrapped in an io::Error.
-                Ok(mut r) => match r.read_to_string(&mut out) {
-                    Ok(_) => Ok(out.lines().map(str::to_owned).collect::<Vec<_>>()),
-                    Err(e) => Err(*e
-                        .into_inner()
-                        .and_then(|inner| inner.downcast::<postgres::Error>().ok())
-                        .expect("a COPY read fails with the server's error")),
-                },
-                Err(e) => Err(e),
-            }
-        }
-        _ => tx
-            .query(&sql, &[])
-            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect()),
-    };
-    let _ = tx.rollback();
-    match result {
-        Ok(tenants) => Cell {
-            state: "00000".into(),
-            rows: tenants.len(),
-            cross: tenants.iter().filter(|t| **t != own).count(),
-        },
-        Err(e) => Cell {
-            state: sqlstate::<()>(Err(e)),
-            rows: 0,
-            cross: 0,
-        },
-    }
-}
-
-fn ok(rows: usize) -> Cell {
-    Cell {
-        state: "00000".into(),
-        rows,
-        cross: 0,
-    }
-}
-
-fn denied() -> Cell {
-    Cell {
-        state: "42501".into(),
-        rows: 0,
-        cross: 0,
-    }
-}
-
 #[test]
 fn isolation_matrix_allows_exactly_the_expected_set() {
     let cl = Cluster::start("tenancy-matrix", &[KEY_V1], &[]);
@@ -119,39 +38,10 @@ fn isolation_matrix_allows_exactly_the_expected_set() {
         postgres::NoTls,
     )
     .unwrap();
-    let ops = [
-        "SELECT",
-        "INSERT",
-        "INSERT other",
-        "UPDATE",
-        "DELETE",
-        "COPY",
-    ];
-
     // notes: own tenant, other tenant, no context.
-    for (who, ctx, expect) in [
-        (
-            "own tenant",
-            Some(("A", "u")),
-            [ok(2), ok(1), denied(), ok(2), ok(2), ok(2)],
-        ),
-        (
-            "other tenant",
-            Some(("B", "u")),
-            [ok(1), ok(1), ok(1), ok(1), ok(1), ok(1)],
-        ),
-        (
-            "no context",
-            None,
-            [denied(), denied(), denied(), denied(), denied(), denied()],
-        ),
-    ] {
-        for (op, want) in ops.iter().zip(expect) {
-            let got = cell(&mut app, ctx, op, "notes");
-            assert_eq!(got, want, "notes, {who}, {op}");
-        }
-    }
+    matrix::notes(&mut app, "notes");
 
+    let ops = matrix::OPS;
     // docs: organisation roles in tenant A. Rows visible to each: olga owns doc 1
     // and is org owner; zed owns doc 2 personally; the rest see doc 1 through org1.
     let no = denied();
