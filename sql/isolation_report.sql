@@ -10,6 +10,24 @@ AS $$
     SELECT coalesce(nullif(current_setting('pgseal.tenant_column_names', true), ''), '{tenant_id}')::name[]
 $$;
 
+-- The tables Citus distributes ('h', with the column they are distributed by) or
+-- replicates to every node ('n': reference tables and local tables in Citus's
+-- metadata); no rows without Citus. Its catalog is read by name at run time, as it
+-- exists only where Citus is installed.
+CREATE FUNCTION pgseal._citus_tables() RETURNS TABLE (rel oid, method "char", dist_column name)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF pgseal._citus_present() THEN
+        RETURN QUERY EXECUTE
+            'SELECT logicalrelid::pg_catalog.oid, partmethod, '
+            'pg_catalog.column_to_column_name(logicalrelid, partkey)::pg_catalog.name '
+            'FROM pg_catalog.pg_dist_partition';
+    END IF;
+END
+$$;
+
 -- Its search_path leaves pgseal out so that every object outside pg_catalog, pgseal's
 -- own included, is named with its schema (regclass and regprocedure print a schema
 -- only for what the search_path does not find).
@@ -74,17 +92,36 @@ SELECT 'error', p.obj,
 FROM tenant_pred p
 WHERE p.polpermissive AND NOT p.has_tenant AND p.oid NOT IN (SELECT oid FROM restricted)
 UNION ALL
--- current_tenant()/current_setting() called directly in the predicate runs per row.
+-- current_tenant()/current_setting() called directly in the predicate runs per row;
+-- under Citus that is the only form a distributed table's policy may take.
 SELECT 'warning', p.obj, format('policy %s evaluates the tenant once per row', p.polname),
        format('DROP POLICY %I ON %s; SELECT pgseal.tenant_protect(%L, %L);', p.polname, p.obj, p.obj, p.tcol)
 FROM tenant_pred p
-WHERE (p.qual || ' ' || p.chk) ~ '(current_tenant|current_setting)\('
+WHERE NOT pgseal._citus_present()
+  AND (p.qual || ' ' || p.chk) ~ '(current_tenant|current_setting)\('
   AND regexp_replace(p.qual || ' ' || p.chk, '\(\s*SELECT\s+[^()]*\([^()]*\)[^()]*\)', '', 'g')
       ~ '(current_tenant|current_setting)\('
 UNION ALL
 SELECT 'warning', t.obj, format('no index has %s as its first column, so every tenant query scans the table', t.tcol),
        format('CREATE INDEX ON %s (%I);', t.obj, t.tcol)
 FROM tenant_tab t WHERE t.relkind = 'r' AND NOT pgseal._has_leading_index(t.oid, t.tcol)
+UNION ALL
+-- Citus: a tenant table distributed by another column spreads each tenant over every
+-- node (every tenant query fans out, and the rows do not share a node with the
+-- tenant's keys and ledger).
+SELECT 'warning', t.obj, format('distributed by %s, not by its tenant column %s', d.dist_column, t.tcol),
+       format('SELECT alter_distributed_table(%L, distribution_column := %L);', t.obj, t.tcol)
+FROM tenant_tab t JOIN pgseal._citus_tables() d ON d.rel = t.oid
+WHERE d.method = 'h' AND d.dist_column IS DISTINCT FROM t.tcol
+UNION ALL
+-- Citus: a SET LOCAL of the tenant setting outside pgseal.set_tenant() reaches the
+-- workers only when citus.propagate_set_commands is 'local' (set_tenant sets it for
+-- its transaction); otherwise the workers' policies fail closed.
+SELECT 'warning', 'citus.propagate_set_commands',
+       'is not ''local'': a SET LOCAL of the tenant setting outside pgseal.set_tenant() does not reach the workers, and their queries fail',
+       'ALTER SYSTEM SET citus.propagate_set_commands = ''local''; SELECT pg_reload_conf();'
+WHERE pgseal._citus_present()
+  AND (SELECT s.reset_val FROM pg_settings s WHERE s.name = 'citus.propagate_set_commands') IS DISTINCT FROM 'local'
 UNION ALL
 -- A partition or inheritance child queried directly is protected only by its own policies.
 SELECT 'error', c.oid::regclass::text, format('child of %s lacks its parent''s row level security', par.obj),

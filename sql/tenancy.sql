@@ -1,7 +1,27 @@
 -- pgseal tenancy: the pooler-safe context setter, RLS policy helpers, organisation
 -- roles, and the isolation linter. Policies call pgseal.current_tenant() and
 -- pgseal.current_user_id() inside a sub-select, so the planner evaluates each once per
--- query (an InitPlan) and can use an index on the tenant column.
+-- query (an InitPlan) and can use an index on the tenant column; in a database with
+-- Citus they call them directly, for Citus refuses sub-selects in the policies of
+-- distributed tables (docs/SCALING.md).
+
+-- Whether this database has Citus (docs/SCALING.md).
+CREATE FUNCTION pgseal._citus_present() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$ SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') $$;
+
+-- A policy's value of the function call `call`, cast to `typ`: in a sub-select (an
+-- InitPlan, evaluated once a query), or, where Citus is installed, the call itself. A
+-- table may be distributed after it is protected, so the form follows the database,
+-- not the table.
+CREATE FUNCTION pgseal._policy_value(call text, typ text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    SELECT CASE WHEN pgseal._citus_present() THEN format('%s::%s', call, typ)
+                ELSE format('(SELECT %s)::%s', call, typ) END
+$$;
 
 -- Sets the tenant (and user) for the current transaction only. A real SET LOCAL,
 -- because set_config(..., true) is not propagated by Citus (docs/SECURITY.md).
@@ -19,6 +39,12 @@ BEGIN
     END IF;
     IF octet_length(user_id) > 1024 THEN
         RAISE EXCEPTION 'user id is longer than 1024 bytes' USING ERRCODE = '54000';
+    END IF;
+    -- Under Citus the two SET LOCALs below reach the workers only when
+    -- citus.propagate_set_commands is 'local'; without them the workers' policies
+    -- fail closed. Set so for the rest of the transaction, like any SET LOCAL.
+    IF current_setting('citus.propagate_set_commands', true) IS DISTINCT FROM NULL THEN
+        SET LOCAL citus.propagate_set_commands = 'local';
     END IF;
     EXECUTE format('SET LOCAL %s = %L', pgseal._context_setting('tenant'), tenant);
     -- A NULL user clears any user left from earlier in the transaction.
@@ -335,16 +361,19 @@ BEGIN
 END
 $$;
 
+-- The protect functions' search_path leaves pgseal out: Citus sends a new policy to
+-- the other nodes as the text PostgreSQL prints for it, which names pgseal's
+-- functions with their schema only where the search_path does not find them.
 CREATE FUNCTION pgseal.tenant_protect(rel regclass, tenant_column name DEFAULT 'tenant_id') RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     t    regclass;
     pred text;
 BEGIN
     PERFORM pgseal._check_table(rel);
-    pred := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
+    pred := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
         EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
@@ -376,7 +405,7 @@ $$;
 CREATE FUNCTION pgseal.org_protect(rel regclass, owner_column name, org_column name, tenant_column name DEFAULT 'tenant_id')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     t       regclass;
@@ -388,12 +417,18 @@ DECLARE
     admin   text;
 BEGIN
     PERFORM pgseal._check_table(rel);
-    tenant  := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
-    owner   := format('%I = (SELECT pgseal.current_user_id())::%s', owner_column, pgseal._column_type(rel, owner_column));
+    tenant  := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
+    owner   := format('%I = %s', owner_column, pgseal._policy_value('pgseal.current_user_id()', pgseal._column_type(rel, owner_column)));
     org_typ := pgseal._column_type(rel, org_column);
-    viewer  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
-    member  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
-    admin   := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
+    IF pgseal._citus_present() THEN
+        viewer := format('%I = ANY (pgseal._my_orgs(''viewer'')::%s[])', org_column, org_typ);
+        member := format('%I = ANY (pgseal._my_orgs(''member'')::%s[])', org_column, org_typ);
+        admin  := format('%I = ANY (pgseal._my_orgs(''admin'')::%s[])', org_column, org_typ);
+    ELSE
+        viewer := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
+        member := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
+        admin  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
+    END IF;
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
         -- Nothing ever crosses tenants, whatever the permissive policies allow.

@@ -448,7 +448,28 @@ DROP FUNCTION pgseal._ledger_audit_append(text, text, text);
 -- pgseal tenancy: the pooler-safe context setter, RLS policy helpers, organisation
 -- roles, and the isolation linter. Policies call pgseal.current_tenant() and
 -- pgseal.current_user_id() inside a sub-select, so the planner evaluates each once per
--- query (an InitPlan) and can use an index on the tenant column.
+-- query (an InitPlan) and can use an index on the tenant column; in a database with
+-- Citus they call them directly, for Citus refuses sub-selects in the policies of
+-- distributed tables (docs/SCALING.md).
+
+-- Whether this database has Citus (docs/SCALING.md).
+CREATE OR REPLACE FUNCTION pgseal._citus_present() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$ SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') $$;
+
+-- A policy's value of the function call `call`, cast to `typ`: in a sub-select (an
+-- InitPlan, evaluated once a query), or, where Citus is installed, the call itself. A
+-- table may be distributed after it is protected, so the form follows the database,
+-- not the table.
+CREATE OR REPLACE FUNCTION pgseal._policy_value(call text, typ text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    SELECT CASE WHEN pgseal._citus_present() THEN format('%s::%s', call, typ)
+                ELSE format('(SELECT %s)::%s', call, typ) END
+$$;
+
 
 -- Sets the tenant (and user) for the current transaction only. A real SET LOCAL,
 -- because set_config(..., true) is not propagated by Citus (docs/SECURITY.md).
@@ -466,6 +487,12 @@ BEGIN
     END IF;
     IF octet_length(user_id) > 1024 THEN
         RAISE EXCEPTION 'user id is longer than 1024 bytes' USING ERRCODE = '54000';
+    END IF;
+    -- Under Citus the two SET LOCALs below reach the workers only when
+    -- citus.propagate_set_commands is 'local'; without them the workers' policies
+    -- fail closed. Set so for the rest of the transaction, like any SET LOCAL.
+    IF current_setting('citus.propagate_set_commands', true) IS DISTINCT FROM NULL THEN
+        SET LOCAL citus.propagate_set_commands = 'local';
     END IF;
     EXECUTE format('SET LOCAL %s = %L', pgseal._context_setting('tenant'), tenant);
     -- A NULL user clears any user left from earlier in the transaction.
@@ -753,16 +780,19 @@ BEGIN
 END
 $$;
 
+-- The protect functions' search_path leaves pgseal out: Citus sends a new policy to
+-- the other nodes as the text PostgreSQL prints for it, which names pgseal's
+-- functions with their schema only where the search_path does not find them.
 CREATE OR REPLACE FUNCTION pgseal.tenant_protect(rel regclass, tenant_column name DEFAULT 'tenant_id') RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     t    regclass;
     pred text;
 BEGIN
     PERFORM pgseal._check_table(rel);
-    pred := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
+    pred := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
         EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
@@ -794,7 +824,7 @@ $$;
 CREATE OR REPLACE FUNCTION pgseal.org_protect(rel regclass, owner_column name, org_column name, tenant_column name DEFAULT 'tenant_id')
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pgseal, pg_temp
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     t       regclass;
@@ -806,12 +836,18 @@ DECLARE
     admin   text;
 BEGIN
     PERFORM pgseal._check_table(rel);
-    tenant  := format('%I = (SELECT pgseal.current_tenant())::%s', tenant_column, pgseal._column_type(rel, tenant_column));
-    owner   := format('%I = (SELECT pgseal.current_user_id())::%s', owner_column, pgseal._column_type(rel, owner_column));
+    tenant  := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
+    owner   := format('%I = %s', owner_column, pgseal._policy_value('pgseal.current_user_id()', pgseal._column_type(rel, owner_column)));
     org_typ := pgseal._column_type(rel, org_column);
-    viewer  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
-    member  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
-    admin   := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
+    IF pgseal._citus_present() THEN
+        viewer := format('%I = ANY (pgseal._my_orgs(''viewer'')::%s[])', org_column, org_typ);
+        member := format('%I = ANY (pgseal._my_orgs(''member'')::%s[])', org_column, org_typ);
+        admin  := format('%I = ANY (pgseal._my_orgs(''admin'')::%s[])', org_column, org_typ);
+    ELSE
+        viewer := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''viewer'')) o))', org_column, org_typ);
+        member := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
+        admin  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
+    END IF;
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
         -- Nothing ever crosses tenants, whatever the permissive policies allow.
@@ -839,6 +875,24 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
     SELECT coalesce(nullif(current_setting('pgseal.tenant_column_names', true), ''), '{tenant_id}')::name[]
+$$;
+
+-- The tables Citus distributes ('h', with the column they are distributed by) or
+-- replicates to every node ('n': reference tables and local tables in Citus's
+-- metadata); no rows without Citus. Its catalog is read by name at run time, as it
+-- exists only where Citus is installed.
+CREATE OR REPLACE FUNCTION pgseal._citus_tables() RETURNS TABLE (rel oid, method "char", dist_column name)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF pgseal._citus_present() THEN
+        RETURN QUERY EXECUTE
+            'SELECT logicalrelid::pg_catalog.oid, partmethod, '
+            'pg_catalog.column_to_column_name(logicalrelid, partkey)::pg_catalog.name '
+            'FROM pg_catalog.pg_dist_partition';
+    END IF;
+END
 $$;
 
 -- Its search_path leaves pgseal out so that every object outside pg_catalog, pgseal's
@@ -905,17 +959,36 @@ SELECT 'error', p.obj,
 FROM tenant_pred p
 WHERE p.polpermissive AND NOT p.has_tenant AND p.oid NOT IN (SELECT oid FROM restricted)
 UNION ALL
--- current_tenant()/current_setting() called directly in the predicate runs per row.
+-- current_tenant()/current_setting() called directly in the predicate runs per row;
+-- under Citus that is the only form a distributed table's policy may take.
 SELECT 'warning', p.obj, format('policy %s evaluates the tenant once per row', p.polname),
        format('DROP POLICY %I ON %s; SELECT pgseal.tenant_protect(%L, %L);', p.polname, p.obj, p.obj, p.tcol)
 FROM tenant_pred p
-WHERE (p.qual || ' ' || p.chk) ~ '(current_tenant|current_setting)\('
+WHERE NOT pgseal._citus_present()
+  AND (p.qual || ' ' || p.chk) ~ '(current_tenant|current_setting)\('
   AND regexp_replace(p.qual || ' ' || p.chk, '\(\s*SELECT\s+[^()]*\([^()]*\)[^()]*\)', '', 'g')
       ~ '(current_tenant|current_setting)\('
 UNION ALL
 SELECT 'warning', t.obj, format('no index has %s as its first column, so every tenant query scans the table', t.tcol),
        format('CREATE INDEX ON %s (%I);', t.obj, t.tcol)
 FROM tenant_tab t WHERE t.relkind = 'r' AND NOT pgseal._has_leading_index(t.oid, t.tcol)
+UNION ALL
+-- Citus: a tenant table distributed by another column spreads each tenant over every
+-- node (every tenant query fans out, and the rows do not share a node with the
+-- tenant's keys and ledger).
+SELECT 'warning', t.obj, format('distributed by %s, not by its tenant column %s', d.dist_column, t.tcol),
+       format('SELECT alter_distributed_table(%L, distribution_column := %L);', t.obj, t.tcol)
+FROM tenant_tab t JOIN pgseal._citus_tables() d ON d.rel = t.oid
+WHERE d.method = 'h' AND d.dist_column IS DISTINCT FROM t.tcol
+UNION ALL
+-- Citus: a SET LOCAL of the tenant setting outside pgseal.set_tenant() reaches the
+-- workers only when citus.propagate_set_commands is 'local' (set_tenant sets it for
+-- its transaction); otherwise the workers' policies fail closed.
+SELECT 'warning', 'citus.propagate_set_commands',
+       'is not ''local'': a SET LOCAL of the tenant setting outside pgseal.set_tenant() does not reach the workers, and their queries fail',
+       'ALTER SYSTEM SET citus.propagate_set_commands = ''local''; SELECT pg_reload_conf();'
+WHERE pgseal._citus_present()
+  AND (SELECT s.reset_val FROM pg_settings s WHERE s.name = 'citus.propagate_set_commands') IS DISTINCT FROM 'local'
 UNION ALL
 -- A partition or inheritance child queried directly is protected only by its own policies.
 SELECT 'error', c.oid::regclass::text, format('child of %s lacks its parent''s row level security', par.obj),
@@ -1672,6 +1745,9 @@ GRANT EXECUTE ON FUNCTION
     pgseal._check_table(regclass),
     pgseal._check_tenant_arg(text),
     pgseal._tenant_column_names(),
+    pgseal._citus_present(),
+    pgseal._policy_value(text, text),
+    pgseal._citus_tables(),
     pgseal.tenant_protect(regclass, name),
     pgseal.tenant_unprotect(regclass),
     pgseal.org_protect(regclass, name, name, name),
