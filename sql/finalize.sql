@@ -82,6 +82,8 @@ GRANT EXECUTE ON FUNCTION
     pgseal._citus_present(),
     pgseal._policy_value(text, text),
     pgseal._citus_tables(),
+    pgseal._citus_shard_problems(oid[]),
+    pgseal._citus_ddl_propagation(text),
     pgseal.tenant_protect(regclass, name),
     pgseal.tenant_unprotect(regclass),
     pgseal.org_protect(regclass, name, name, name),

@@ -28,6 +28,49 @@ BEGIN
 END
 $$;
 
+-- Citus: how the shards of the Citus tables among `rels` differ from the table on
+-- this node in row level security (on, forced) and policies (name, command,
+-- permissive), read on every placement; one row per differing placement, or per
+-- table whose placements could not be read. No rows without Citus.
+CREATE FUNCTION pgseal._citus_shard_problems(rels oid[]) RETURNS TABLE (rel oid, problem text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    r    oid;
+    want text;
+    -- run_command_on_placements puts each shard's name for %s (and % for %%).
+    cmd  text := 'SELECT format(''%%s|%%s|%%s'', c.relrowsecurity, c.relforcerowsecurity, '
+                 '(SELECT string_agg(format(''%%s:%%s:%%s'', p.polname, p.polcmd, p.polpermissive), '','' ORDER BY p.polname) '
+                 'FROM pg_catalog.pg_policy p WHERE p.polrelid = c.oid)) '
+                 'FROM pg_catalog.pg_class c WHERE c.oid = ''%s''::pg_catalog.regclass';
+BEGIN
+    IF NOT pgseal._citus_present() THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT d.rel FROM pgseal._citus_tables() d WHERE d.rel = ANY (rels) LOOP
+        SELECT format('%s|%s|%s', c.relrowsecurity, c.relforcerowsecurity,
+                      (SELECT string_agg(format('%s:%s:%s', p.polname, p.polcmd, p.polpermissive), ',' ORDER BY p.polname)
+                       FROM pg_policy p WHERE p.polrelid = c.oid))
+          INTO want FROM pg_class c WHERE c.oid = r;
+        BEGIN
+            RETURN QUERY EXECUTE
+                'SELECT $1, CASE WHEN success '
+                'THEN format(''shard %s on %s:%s differs from the table (row security|forced|policies): %s, not %s'', '
+                '            shardid, nodename, nodeport, result, $2) '
+                'ELSE format(''shard %s on %s:%s could not be read: %s'', shardid, nodename, nodeport, result) END '
+                'FROM pg_catalog.run_command_on_placements($1::pg_catalog.regclass, $3) '
+                'WHERE NOT success OR result IS DISTINCT FROM $2'
+                USING r, want, cmd;
+        EXCEPTION WHEN OTHERS THEN
+            rel := r;
+            problem := 'its shards could not be read: ' || SQLERRM;
+            RETURN NEXT;
+        END;
+    END LOOP;
+END
+$$;
+
 -- Its search_path leaves pgseal out so that every object outside pg_catalog, pgseal's
 -- own included, is named with its schema (regclass and regprocedure print a schema
 -- only for what the search_path does not find).
@@ -56,16 +99,17 @@ tenant_tab AS (
     WHERE r.relkind IN ('r', 'p')
 ),
 pol AS (
-    SELECT t.oid, t.obj, t.tcol, p.polname, p.polpermissive,
+    SELECT t.oid, t.obj, t.tcol, p.polname, p.polpermissive, p.polcmd,
            coalesce(pg_get_expr(p.polqual, p.polrelid), '') AS qual,
            coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '') AS chk
     FROM tenant_tab t JOIN pg_policy p ON p.polrelid = t.oid
 ),
--- A predicate mentions the tenant when it compares the tenant column.
+-- A predicate mentions the tenant when it compares the tenant column: the USING
+-- clause's, or an INSERT policy's WITH CHECK (it has no USING).
 tenant_pred AS (
-    SELECT pol.*, (qual ~ ('(^|[^a-z0-9_."])' || quote_ident(tcol) || '([^a-z0-9_"]|$)')
-                   AND qual ~ '(current_tenant|current_setting)\(') AS has_tenant
-    FROM pol
+    SELECT pol.*, (pred ~ ('(^|[^a-z0-9_."])' || quote_ident(tcol) || '([^a-z0-9_"]|$)')
+                   AND pred ~ '(current_tenant|current_setting)\(') AS has_tenant
+    FROM (SELECT pol.*, CASE WHEN polcmd = 'a' THEN chk ELSE qual END AS pred FROM pol) pol
 ),
 restricted AS (
     SELECT DISTINCT oid FROM tenant_pred WHERE NOT polpermissive AND has_tenant
@@ -93,11 +137,11 @@ FROM tenant_pred p
 WHERE p.polpermissive AND NOT p.has_tenant AND p.oid NOT IN (SELECT oid FROM restricted)
 UNION ALL
 -- current_tenant()/current_setting() called directly in the predicate runs per row;
--- under Citus that is the only form a distributed table's policy may take.
+-- on a Citus table that is the only form a policy may take.
 SELECT 'warning', p.obj, format('policy %s evaluates the tenant once per row', p.polname),
        format('DROP POLICY %I ON %s; SELECT pgseal.tenant_protect(%L, %L);', p.polname, p.obj, p.obj, p.tcol)
 FROM tenant_pred p
-WHERE NOT pgseal._citus_present()
+WHERE p.oid NOT IN (SELECT d.rel FROM pgseal._citus_tables() d)
   AND (p.qual || ' ' || p.chk) ~ '(current_tenant|current_setting)\('
   AND regexp_replace(p.qual || ' ' || p.chk, '\(\s*SELECT\s+[^()]*\([^()]*\)[^()]*\)', '', 'g')
       ~ '(current_tenant|current_setting)\('
@@ -113,6 +157,20 @@ SELECT 'warning', t.obj, format('distributed by %s, not by its tenant column %s'
        format('SELECT alter_distributed_table(%L, distribution_column := %L);', t.obj, t.tcol)
 FROM tenant_tab t JOIN pgseal._citus_tables() d ON d.rel = t.oid
 WHERE d.method = 'h' AND d.dist_column IS DISTINCT FROM t.tcol
+UNION ALL
+-- Citus: a restrictive policy reaches the shards as a permissive one (Citus does not
+-- copy the kind), where it then allows what it meant to forbid.
+SELECT 'error', p.obj,
+       format('policy %s is restrictive, and Citus creates it as permissive on the shards', p.polname),
+       format('DROP POLICY %I ON %s; -- and put its condition into each permissive policy', p.polname, p.obj)
+FROM pol p JOIN pgseal._citus_tables() d ON d.rel = p.oid
+WHERE NOT p.polpermissive
+UNION ALL
+-- Citus: shards without the row level security the table shows (a protect function
+-- run with DDL propagation off, a shard changed on its node).
+SELECT 'error', t.obj, s.problem,
+       format('-- run pgseal.tenant_protect or pgseal.org_protect on %s again', t.obj)
+FROM tenant_tab t JOIN pgseal._citus_shard_problems(ARRAY(SELECT oid FROM tenant_tab)) s ON s.rel = t.oid
 UNION ALL
 -- Citus: a SET LOCAL of the tenant setting outside pgseal.set_tenant() reaches the
 -- workers only when citus.propagate_set_commands is 'local' (set_tenant sets it for

@@ -23,6 +23,25 @@ AS $$
                 ELSE format('(SELECT %s)::%s', call, typ) END
 $$;
 
+-- Sets Citus's citus.enable_ddl_propagation for the rest of the transaction and
+-- returns its value before, when Citus's setting exists (NULL and nothing set
+-- otherwise, or when `value` is NULL). The protect functions turn it on for their
+-- call, so a session that turned it off cannot leave the shards without the
+-- policies that the coordinator's table shows.
+CREATE FUNCTION pgseal._citus_ddl_propagation(value text) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    prev text := current_setting('citus.enable_ddl_propagation', true);
+BEGIN
+    IF prev IS NOT NULL AND value IS NOT NULL THEN
+        PERFORM set_config('citus.enable_ddl_propagation', value, true);
+    END IF;
+    RETURN prev;
+END
+$$;
+
 -- Sets the tenant (and user) for the current transaction only. A real SET LOCAL,
 -- because set_config(..., true) is not propagated by Citus (docs/SECURITY.md).
 CREATE FUNCTION pgseal.set_tenant(tenant text, user_id text DEFAULT NULL) RETURNS void
@@ -306,7 +325,9 @@ BEGIN
         RAISE EXCEPTION 'column name must not be NULL' USING ERRCODE = '22004';
     END IF;
     PERFORM pgseal._check_table(rel);
-    SELECT format_type(a.atttypid, a.atttypmod) INTO t FROM pg_attribute a
+    -- The type without its modifier: a cast to varchar(8) would cut a longer tenant
+    -- id down to one that matches another tenant's rows.
+    SELECT format_type(a.atttypid, NULL) INTO t FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
     IF t IS NULL THEN
         RAISE EXCEPTION 'column % of % does not exist', col, rel USING ERRCODE = '42703';
@@ -371,13 +392,16 @@ AS $$
 DECLARE
     t    regclass;
     pred text;
+    ddl  text;
 BEGIN
     PERFORM pgseal._check_table(rel);
     pred := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
+    ddl := pgseal._citus_ddl_propagation('on');
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
         EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
     END LOOP;
+    PERFORM pgseal._citus_ddl_propagation(ddl);
     PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;
@@ -387,10 +411,12 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
-    t regclass;
-    p name;
+    t   regclass;
+    p   name;
+    ddl text;
 BEGIN
     PERFORM pgseal._check_table(rel);
+    ddl := pgseal._citus_ddl_propagation('on');
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
             EXECUTE format('DROP POLICY %I ON %s', p, t);
@@ -398,6 +424,7 @@ BEGIN
         EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', t);
     END LOOP;
+    PERFORM pgseal._citus_ddl_propagation(ddl);
     PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;
@@ -415,12 +442,15 @@ DECLARE
     viewer  text;
     member  text;
     admin   text;
+    citus   boolean := pgseal._citus_present();
+    mine    text;
+    ddl     text;
 BEGIN
     PERFORM pgseal._check_table(rel);
     tenant  := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
     owner   := format('%I = %s', owner_column, pgseal._policy_value('pgseal.current_user_id()', pgseal._column_type(rel, owner_column)));
     org_typ := pgseal._column_type(rel, org_column);
-    IF pgseal._citus_present() THEN
+    IF citus THEN
         viewer := format('%I = ANY (pgseal._my_orgs(''viewer'')::%s[])', org_column, org_typ);
         member := format('%I = ANY (pgseal._my_orgs(''member'')::%s[])', org_column, org_typ);
         admin  := format('%I = ANY (pgseal._my_orgs(''admin'')::%s[])', org_column, org_typ);
@@ -429,16 +459,31 @@ BEGIN
         member := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
         admin  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
     END IF;
+    -- Nothing ever crosses tenants, whatever the permissive policies allow: a
+    -- restrictive policy on the tenant. Citus creates every policy on the shards as
+    -- permissive (a restrictive one would there allow the whole tenant), so under
+    -- Citus the tenant is part of each permissive policy instead.
+    IF citus THEN
+        mine   := format('(%s) AND (%s)', tenant, owner);
+        viewer := format('(%s) AND (%s)', tenant, viewer);
+        member := format('(%s) AND (%s)', tenant, member);
+        admin  := format('(%s) AND (%s)', tenant, admin);
+    ELSE
+        mine := owner;
+    END IF;
+    ddl := pgseal._citus_ddl_propagation('on');
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
-        -- Nothing ever crosses tenants, whatever the permissive policies allow.
-        EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
-        EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, owner, owner);
+        IF NOT citus THEN
+            EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
+        END IF;
+        EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, mine, mine);
         EXECUTE format('CREATE POLICY pgseal_org_select ON %s FOR SELECT USING (%s)', t, viewer);
         EXECUTE format('CREATE POLICY pgseal_org_insert ON %s FOR INSERT WITH CHECK (%s)', t, member);
         EXECUTE format('CREATE POLICY pgseal_org_update ON %s FOR UPDATE USING (%s) WITH CHECK (%s)', t, member, member);
         EXECUTE format('CREATE POLICY pgseal_org_delete ON %s FOR DELETE USING (%s)', t, admin);
     END LOOP;
+    PERFORM pgseal._citus_ddl_propagation(ddl);
     PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;

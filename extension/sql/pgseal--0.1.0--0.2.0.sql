@@ -471,6 +471,25 @@ AS $$
 $$;
 
 
+-- Sets Citus's citus.enable_ddl_propagation for the rest of the transaction and
+-- returns its value before, when Citus's setting exists (NULL and nothing set
+-- otherwise, or when `value` is NULL). The protect functions turn it on for their
+-- call, so a session that turned it off cannot leave the shards without the
+-- policies that the coordinator's table shows.
+CREATE OR REPLACE FUNCTION pgseal._citus_ddl_propagation(value text) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    prev text := current_setting('citus.enable_ddl_propagation', true);
+BEGIN
+    IF prev IS NOT NULL AND value IS NOT NULL THEN
+        PERFORM set_config('citus.enable_ddl_propagation', value, true);
+    END IF;
+    RETURN prev;
+END
+$$;
+
 -- Sets the tenant (and user) for the current transaction only. A real SET LOCAL,
 -- because set_config(..., true) is not propagated by Citus (docs/SECURITY.md).
 CREATE OR REPLACE FUNCTION pgseal.set_tenant(tenant text, user_id text DEFAULT NULL) RETURNS void
@@ -725,7 +744,9 @@ BEGIN
         RAISE EXCEPTION 'column name must not be NULL' USING ERRCODE = '22004';
     END IF;
     PERFORM pgseal._check_table(rel);
-    SELECT format_type(a.atttypid, a.atttypmod) INTO t FROM pg_attribute a
+    -- The type without its modifier: a cast to varchar(8) would cut a longer tenant
+    -- id down to one that matches another tenant's rows.
+    SELECT format_type(a.atttypid, NULL) INTO t FROM pg_attribute a
      WHERE a.attrelid = rel AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
     IF t IS NULL THEN
         RAISE EXCEPTION 'column % of % does not exist', col, rel USING ERRCODE = '42703';
@@ -790,13 +811,16 @@ AS $$
 DECLARE
     t    regclass;
     pred text;
+    ddl  text;
 BEGIN
     PERFORM pgseal._check_table(rel);
     pred := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
+    ddl := pgseal._citus_ddl_propagation('on');
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
         EXECUTE format('CREATE POLICY pgseal_tenant ON %s AS PERMISSIVE FOR ALL USING (%s) WITH CHECK (%s)', t, pred, pred);
     END LOOP;
+    PERFORM pgseal._citus_ddl_propagation(ddl);
     PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;
@@ -806,10 +830,12 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
-    t regclass;
-    p name;
+    t   regclass;
+    p   name;
+    ddl text;
 BEGIN
     PERFORM pgseal._check_table(rel);
+    ddl := pgseal._citus_ddl_propagation('on');
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         FOR p IN SELECT polname FROM pg_policy WHERE polrelid = t AND polname LIKE 'pgseal\_%' LOOP
             EXECUTE format('DROP POLICY %I ON %s', p, t);
@@ -817,6 +843,7 @@ BEGIN
         EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', t);
         EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', t);
     END LOOP;
+    PERFORM pgseal._citus_ddl_propagation(ddl);
     PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;
@@ -834,12 +861,15 @@ DECLARE
     viewer  text;
     member  text;
     admin   text;
+    citus   boolean := pgseal._citus_present();
+    mine    text;
+    ddl     text;
 BEGIN
     PERFORM pgseal._check_table(rel);
     tenant  := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
     owner   := format('%I = %s', owner_column, pgseal._policy_value('pgseal.current_user_id()', pgseal._column_type(rel, owner_column)));
     org_typ := pgseal._column_type(rel, org_column);
-    IF pgseal._citus_present() THEN
+    IF citus THEN
         viewer := format('%I = ANY (pgseal._my_orgs(''viewer'')::%s[])', org_column, org_typ);
         member := format('%I = ANY (pgseal._my_orgs(''member'')::%s[])', org_column, org_typ);
         admin  := format('%I = ANY (pgseal._my_orgs(''admin'')::%s[])', org_column, org_typ);
@@ -848,16 +878,31 @@ BEGIN
         member := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''member'')) o))', org_column, org_typ);
         admin  := format('%I = ANY (ARRAY(SELECT o::%s FROM unnest(pgseal._my_orgs(''admin'')) o))', org_column, org_typ);
     END IF;
+    -- Nothing ever crosses tenants, whatever the permissive policies allow: a
+    -- restrictive policy on the tenant. Citus creates every policy on the shards as
+    -- permissive (a restrictive one would there allow the whole tenant), so under
+    -- Citus the tenant is part of each permissive policy instead.
+    IF citus THEN
+        mine   := format('(%s) AND (%s)', tenant, owner);
+        viewer := format('(%s) AND (%s)', tenant, viewer);
+        member := format('(%s) AND (%s)', tenant, member);
+        admin  := format('(%s) AND (%s)', tenant, admin);
+    ELSE
+        mine := owner;
+    END IF;
+    ddl := pgseal._citus_ddl_propagation('on');
     FOR t IN SELECT * FROM pgseal._with_partitions(rel) LOOP
         PERFORM pgseal._rls_reset(t, tenant_column);
-        -- Nothing ever crosses tenants, whatever the permissive policies allow.
-        EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
-        EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, owner, owner);
+        IF NOT citus THEN
+            EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
+        END IF;
+        EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, mine, mine);
         EXECUTE format('CREATE POLICY pgseal_org_select ON %s FOR SELECT USING (%s)', t, viewer);
         EXECUTE format('CREATE POLICY pgseal_org_insert ON %s FOR INSERT WITH CHECK (%s)', t, member);
         EXECUTE format('CREATE POLICY pgseal_org_update ON %s FOR UPDATE USING (%s) WITH CHECK (%s)', t, member, member);
         EXECUTE format('CREATE POLICY pgseal_org_delete ON %s FOR DELETE USING (%s)', t, admin);
     END LOOP;
+    PERFORM pgseal._citus_ddl_propagation(ddl);
     PERFORM pgseal._protection_changed(rel::pg_catalog.oid);
 END
 $$;
@@ -895,6 +940,49 @@ BEGIN
 END
 $$;
 
+-- Citus: how the shards of the Citus tables among `rels` differ from the table on
+-- this node in row level security (on, forced) and policies (name, command,
+-- permissive), read on every placement; one row per differing placement, or per
+-- table whose placements could not be read. No rows without Citus.
+CREATE OR REPLACE FUNCTION pgseal._citus_shard_problems(rels oid[]) RETURNS TABLE (rel oid, problem text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    r    oid;
+    want text;
+    -- run_command_on_placements puts each shard's name for %s (and % for %%).
+    cmd  text := 'SELECT format(''%%s|%%s|%%s'', c.relrowsecurity, c.relforcerowsecurity, '
+                 '(SELECT string_agg(format(''%%s:%%s:%%s'', p.polname, p.polcmd, p.polpermissive), '','' ORDER BY p.polname) '
+                 'FROM pg_catalog.pg_policy p WHERE p.polrelid = c.oid)) '
+                 'FROM pg_catalog.pg_class c WHERE c.oid = ''%s''::pg_catalog.regclass';
+BEGIN
+    IF NOT pgseal._citus_present() THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT d.rel FROM pgseal._citus_tables() d WHERE d.rel = ANY (rels) LOOP
+        SELECT format('%s|%s|%s', c.relrowsecurity, c.relforcerowsecurity,
+                      (SELECT string_agg(format('%s:%s:%s', p.polname, p.polcmd, p.polpermissive), ',' ORDER BY p.polname)
+                       FROM pg_policy p WHERE p.polrelid = c.oid))
+          INTO want FROM pg_class c WHERE c.oid = r;
+        BEGIN
+            RETURN QUERY EXECUTE
+                'SELECT $1, CASE WHEN success '
+                'THEN format(''shard %s on %s:%s differs from the table (row security|forced|policies): %s, not %s'', '
+                '            shardid, nodename, nodeport, result, $2) '
+                'ELSE format(''shard %s on %s:%s could not be read: %s'', shardid, nodename, nodeport, result) END '
+                'FROM pg_catalog.run_command_on_placements($1::pg_catalog.regclass, $3) '
+                'WHERE NOT success OR result IS DISTINCT FROM $2'
+                USING r, want, cmd;
+        EXCEPTION WHEN OTHERS THEN
+            rel := r;
+            problem := 'its shards could not be read: ' || SQLERRM;
+            RETURN NEXT;
+        END;
+    END LOOP;
+END
+$$;
+
 -- Its search_path leaves pgseal out so that every object outside pg_catalog, pgseal's
 -- own included, is named with its schema (regclass and regprocedure print a schema
 -- only for what the search_path does not find).
@@ -923,16 +1011,17 @@ tenant_tab AS (
     WHERE r.relkind IN ('r', 'p')
 ),
 pol AS (
-    SELECT t.oid, t.obj, t.tcol, p.polname, p.polpermissive,
+    SELECT t.oid, t.obj, t.tcol, p.polname, p.polpermissive, p.polcmd,
            coalesce(pg_get_expr(p.polqual, p.polrelid), '') AS qual,
            coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '') AS chk
     FROM tenant_tab t JOIN pg_policy p ON p.polrelid = t.oid
 ),
--- A predicate mentions the tenant when it compares the tenant column.
+-- A predicate mentions the tenant when it compares the tenant column: the USING
+-- clause's, or an INSERT policy's WITH CHECK (it has no USING).
 tenant_pred AS (
-    SELECT pol.*, (qual ~ ('(^|[^a-z0-9_."])' || quote_ident(tcol) || '([^a-z0-9_"]|$)')
-                   AND qual ~ '(current_tenant|current_setting)\(') AS has_tenant
-    FROM pol
+    SELECT pol.*, (pred ~ ('(^|[^a-z0-9_."])' || quote_ident(tcol) || '([^a-z0-9_"]|$)')
+                   AND pred ~ '(current_tenant|current_setting)\(') AS has_tenant
+    FROM (SELECT pol.*, CASE WHEN polcmd = 'a' THEN chk ELSE qual END AS pred FROM pol) pol
 ),
 restricted AS (
     SELECT DISTINCT oid FROM tenant_pred WHERE NOT polpermissive AND has_tenant
@@ -960,11 +1049,11 @@ FROM tenant_pred p
 WHERE p.polpermissive AND NOT p.has_tenant AND p.oid NOT IN (SELECT oid FROM restricted)
 UNION ALL
 -- current_tenant()/current_setting() called directly in the predicate runs per row;
--- under Citus that is the only form a distributed table's policy may take.
+-- on a Citus table that is the only form a policy may take.
 SELECT 'warning', p.obj, format('policy %s evaluates the tenant once per row', p.polname),
        format('DROP POLICY %I ON %s; SELECT pgseal.tenant_protect(%L, %L);', p.polname, p.obj, p.obj, p.tcol)
 FROM tenant_pred p
-WHERE NOT pgseal._citus_present()
+WHERE p.oid NOT IN (SELECT d.rel FROM pgseal._citus_tables() d)
   AND (p.qual || ' ' || p.chk) ~ '(current_tenant|current_setting)\('
   AND regexp_replace(p.qual || ' ' || p.chk, '\(\s*SELECT\s+[^()]*\([^()]*\)[^()]*\)', '', 'g')
       ~ '(current_tenant|current_setting)\('
@@ -980,6 +1069,20 @@ SELECT 'warning', t.obj, format('distributed by %s, not by its tenant column %s'
        format('SELECT alter_distributed_table(%L, distribution_column := %L);', t.obj, t.tcol)
 FROM tenant_tab t JOIN pgseal._citus_tables() d ON d.rel = t.oid
 WHERE d.method = 'h' AND d.dist_column IS DISTINCT FROM t.tcol
+UNION ALL
+-- Citus: a restrictive policy reaches the shards as a permissive one (Citus does not
+-- copy the kind), where it then allows what it meant to forbid.
+SELECT 'error', p.obj,
+       format('policy %s is restrictive, and Citus creates it as permissive on the shards', p.polname),
+       format('DROP POLICY %I ON %s; -- and put its condition into each permissive policy', p.polname, p.obj)
+FROM pol p JOIN pgseal._citus_tables() d ON d.rel = p.oid
+WHERE NOT p.polpermissive
+UNION ALL
+-- Citus: shards without the row level security the table shows (a protect function
+-- run with DDL propagation off, a shard changed on its node).
+SELECT 'error', t.obj, s.problem,
+       format('-- run pgseal.tenant_protect or pgseal.org_protect on %s again', t.obj)
+FROM tenant_tab t JOIN pgseal._citus_shard_problems(ARRAY(SELECT oid FROM tenant_tab)) s ON s.rel = t.oid
 UNION ALL
 -- Citus: a SET LOCAL of the tenant setting outside pgseal.set_tenant() reaches the
 -- workers only when citus.propagate_set_commands is 'local' (set_tenant sets it for
@@ -1748,6 +1851,8 @@ GRANT EXECUTE ON FUNCTION
     pgseal._citus_present(),
     pgseal._policy_value(text, text),
     pgseal._citus_tables(),
+    pgseal._citus_shard_problems(oid[]),
+    pgseal._citus_ddl_propagation(text),
     pgseal.tenant_protect(regclass, name),
     pgseal.tenant_unprotect(regclass),
     pgseal.org_protect(regclass, name, name, name),

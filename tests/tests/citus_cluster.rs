@@ -52,6 +52,38 @@ fn tenants(c: &mut postgres::Client, setup: &str, sql: &str) -> Result<Vec<Strin
     }
 }
 
+/// Every placement of `tables`' shards, read directly on its node by `app`: never a
+/// row without a tenant (42501, or nothing where the plan never evaluates the
+/// policy on an empty shard), only tenant B's rows with tenant B.
+fn assert_shards_hold(cc: &CitusCluster, tables: &[&str]) {
+    let mut c = cc.coordinator.connect();
+    let shards: Vec<(String, i32)> = c
+        .query(
+            "SELECT shard_name, nodeport FROM citus_shards \
+             WHERE table_name::text = ANY ($1) ORDER BY 1, 2",
+            &[&tables.to_vec()],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(shards.len() >= 32, "{} shard placements", shards.len());
+    for (shard, port) in &shards {
+        let mut on = app(cc.node_at(*port as u16));
+        let sql = format!("SELECT tenant_id FROM {shard}");
+        match tenants(&mut on, "", &sql) {
+            Err(state) => assert_eq!(state, "42501", "{shard} on {port}"),
+            Ok(rows) => assert!(
+                rows.is_empty(),
+                "{shard} on {port} without a tenant: {rows:?}"
+            ),
+        }
+        let seen = tenants(&mut on, "SELECT pgseal.set_tenant('B')", &sql)
+            .unwrap_or_else(|e| panic!("{shard} on {port}: {e}"));
+        assert!(seen.iter().all(|t| t == "B"), "{shard} on {port}: {seen:?}");
+    }
+}
+
 #[test]
 fn pgseal_created_on_the_coordinator_is_usable_on_every_node() {
     if !citus::enabled("pgseal_created_on_the_coordinator_is_usable_on_every_node") {
@@ -176,30 +208,7 @@ fn the_tenant_reaches_every_shard_whatever_the_session_did() {
     assert_eq!(tenants(&mut a, "", all), Err("42501".into()));
 
     // Each shard, read directly on the node that holds it: its own policy.
-    let mut c = cc.coordinator.connect();
-    let shards: Vec<(String, i32)> = c
-        .query(
-            "SELECT shard_name, nodeport FROM citus_shards \
-             WHERE table_name::text = ANY ($1) ORDER BY 1, 2",
-            &[&TABLES.to_vec()],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert!(shards.len() >= 2 * 32, "{} shard placements", shards.len());
-    for (shard, port) in &shards {
-        let mut on = app(cc.node_at(*port as u16));
-        let sql = format!("SELECT tenant_id FROM {shard}");
-        assert_eq!(
-            tenants(&mut on, "", &sql),
-            Err("42501".into()),
-            "{shard} on {port}"
-        );
-        let seen = tenants(&mut on, "SELECT pgseal.set_tenant('B')", &sql)
-            .unwrap_or_else(|e| panic!("{shard} on {port}: {e}"));
-        assert!(seen.iter().all(|t| t == "B"), "{shard} on {port}: {seen:?}");
-    }
+    assert_shards_hold(&cc, &TABLES);
 }
 
 #[test]
@@ -274,4 +283,203 @@ fn isolation_report_understands_citus_tables() {
         tenants(&mut a, "", "SELECT tenant_id FROM by_id"),
         Err("42501".into())
     );
+}
+
+/// A session with Citus's DDL propagation off cannot protect a table on the
+/// coordinator only: the protect functions turn it on for their call. A shard that
+/// lost its policy on its node anyway is named by the isolation report.
+#[test]
+fn protection_reaches_the_shards_whatever_the_session_set() {
+    if !citus::enabled("protection_reaches_the_shards_whatever_the_session_set") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-ddl");
+    let mut c = cc.coordinator.connect();
+    c.batch_execute(SCHEMA).unwrap();
+    c.batch_execute(
+        "SELECT pgseal.tenant_unprotect('notes');
+         SET citus.enable_ddl_propagation = off;
+         SELECT pgseal.tenant_protect('notes');
+         RESET citus.enable_ddl_propagation;",
+    )
+    .unwrap();
+    assert_shards_hold(&cc, &["notes"]);
+    let report = |c: &mut postgres::Client| -> Vec<String> {
+        c.query(
+            "SELECT problem FROM pgseal.isolation_report() WHERE object = 'public.notes'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert_eq!(report(&mut c), Vec::<String>::new());
+
+    // One shard's policy dropped on its node: the report names that placement.
+    let (shard, port): (String, i32) = {
+        let r = c
+            .query_one(
+                "SELECT shard_name, nodeport FROM citus_shards WHERE table_name = 'notes'::regclass \
+                 ORDER BY shardid LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    cc.node_at(port as u16)
+        .connect()
+        .batch_execute(&format!("DROP POLICY pgseal_tenant ON {shard}"))
+        .unwrap();
+    let found = report(&mut c);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].contains("differs from the table") && found[0].contains(&port.to_string()),
+        "{found:?}"
+    );
+}
+
+/// Citus copies into a shard on the same node without PostgreSQL's check that
+/// refuses COPY FROM under row level security; pgseal's hook refuses it first, on
+/// every node, with a tenant or without.
+#[test]
+fn copy_from_cannot_write_another_tenants_rows() {
+    if !citus::enabled("copy_from_cannot_write_another_tenants_rows") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-copy");
+    let mut c = cc.coordinator.connect();
+    c.batch_execute(SCHEMA).unwrap();
+    let before = pgseal_tests::count(&mut c, "SELECT count(*) FROM notes WHERE tenant_id = 'B'");
+    for node in cc.nodes() {
+        for setup in ["SELECT pgseal.set_tenant('A')", ""] {
+            for table in TABLES {
+                let mut a = app(node);
+                let mut tx = a.transaction().unwrap();
+                if !setup.is_empty() {
+                    tx.batch_execute(setup).unwrap();
+                    // A read first, as an application would: it opens the local
+                    // shards (without a tenant it would fail, and end the test).
+                    tx.query(&format!("SELECT count(*) FROM {table}"), &[])
+                        .unwrap();
+                }
+                let r = tx
+                    .copy_in(&format!("COPY {table} (id, tenant_id, body) FROM STDIN"))
+                    .and_then(|mut w| {
+                        use std::io::Write;
+                        w.write_all(b"900\tB\tplanted\n").unwrap();
+                        w.finish()
+                    });
+                assert_eq!(
+                    sqlstate(r),
+                    "0A000",
+                    "{table} through {} ({setup:?})",
+                    node.port
+                );
+                let _ = tx.rollback();
+            }
+        }
+    }
+    for table in TABLES {
+        let n = pgseal_tests::count(
+            &mut c,
+            &format!("SELECT count(*) FROM {table} WHERE tenant_id = 'B'"),
+        );
+        assert_eq!(n, before, "{table}");
+    }
+}
+
+/// org_protect under Citus: Citus makes every policy permissive on the shards, so
+/// the tenant is part of each; no role of the organisation, and no command, reaches
+/// another tenant's rows through any node.
+#[test]
+fn org_protect_never_crosses_tenants_on_citus() {
+    if !citus::enabled("org_protect_never_crosses_tenants_on_citus") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-org");
+    let mut c = cc.coordinator.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE app LOGIN;
+         CREATE TABLE docs (id int, tenant_id text NOT NULL, owner_id text, org_id text, body text,
+                            PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('docs', 'tenant_id');
+         SELECT pgseal.org_protect('docs', 'owner_id', 'org_id');
+         INSERT INTO docs VALUES
+             (1, 'A', 'olga', 'org1', 'org doc'), (2, 'A', 'zed', NULL, 'zed personal'),
+             (11, 'B', 'olga', 'org1', 'other tenant org doc'), (12, 'B', 'vic', NULL, 'vic in B');
+         INSERT INTO pgseal.org_members VALUES
+             ('A', 'org1', 'olga', 'owner'), ('A', 'org1', 'adam', 'admin'),
+             ('A', 'org1', 'mia', 'member'), ('A', 'org1', 'vic', 'viewer');
+         GRANT SELECT, INSERT, UPDATE, DELETE ON docs TO app;",
+    )
+    .unwrap();
+    let b_rows = || {
+        let mut c = cc.coordinator.connect();
+        c.query(
+            "SELECT id, owner_id, body FROM docs WHERE tenant_id = 'B' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i32>(0),
+                r.get::<_, Option<String>>(1),
+                r.get::<_, String>(2),
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    let b_before = b_rows();
+    for node in cc.nodes() {
+        let mut a = app(node);
+        for user in ["olga", "adam", "mia", "vic", "zed", "nobody"] {
+            for op in matrix::OPS {
+                let got = matrix::cell(&mut a, Some(("A", user)), op, "docs");
+                assert_eq!(got.cross, 0, "{user} {op} through {}: {got:?}", node.port);
+                assert!(
+                    got.state == "00000" || got.state == "42501",
+                    "{user} {op} through {}: {got:?}",
+                    node.port
+                );
+            }
+            // The review's attacks: a row of tenant B owned by oneself, and moving
+            // one's own row to tenant B, are both refused.
+            for sql in [
+                format!("INSERT INTO docs VALUES (900, 'B', '{user}', 'org1', 'planted')"),
+                "UPDATE docs SET tenant_id = 'B' WHERE tenant_id = 'A'".to_string(),
+            ] {
+                let mut tx = a.transaction().unwrap();
+                tx.batch_execute(&format!("SELECT pgseal.set_tenant('A', '{user}')"))
+                    .unwrap();
+                let r = tx.execute(&sql, &[]);
+                let moved = matches!(r, Ok(n) if n > 0);
+                assert!(!moved, "{sql} as {user} through {}: {r:?}", node.port);
+                let _ = tx.commit();
+            }
+        }
+        // vic owns a row in tenant B; in tenant A's context vic sees nothing of it.
+        assert_eq!(
+            tenants(
+                &mut a,
+                "SELECT pgseal.set_tenant('A', 'vic')",
+                "SELECT tenant_id FROM docs WHERE owner_id = 'vic'"
+            ),
+            Ok(vec![])
+        );
+    }
+    assert_eq!(b_rows(), b_before);
+    // The report finds nothing on it: no restrictive policy, the shards as the table.
+    let found: Vec<String> = c
+        .query(
+            "SELECT problem FROM pgseal.isolation_report() WHERE object = 'public.docs'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(found.is_empty(), "{found:?}");
 }

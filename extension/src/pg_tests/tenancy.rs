@@ -167,6 +167,28 @@ mod tests {
         );
     }
 
+    /// A tenant column with a length limit: a longer tenant id must not be cut down
+    /// to another tenant's id by the policy's cast, for either protect function.
+    #[pg_test]
+    fn a_longer_tenant_id_is_not_cut_down_to_a_shorter_one() {
+        run("CREATE TABLE public.short_ids (id int, tenant_id varchar(8) NOT NULL, owner_id varchar(4), org_id varchar(4))");
+        run("INSERT INTO public.short_ids VALUES (1, 'acmecorp', 'bob', 'o1')");
+        run("CREATE TABLE public.short_orgs (LIKE public.short_ids)");
+        run("INSERT INTO public.short_orgs SELECT * FROM public.short_ids");
+        run("SELECT pgseal.tenant_protect('public.short_ids')");
+        run("SELECT pgseal.org_protect('public.short_orgs', 'owner_id', 'org_id')");
+        run("CREATE ROLE short_user");
+        run("GRANT SELECT ON public.short_ids, public.short_orgs TO short_user");
+        run("SET LOCAL ROLE short_user");
+        run("SELECT pgseal.set_tenant('acmecorpX', 'bobby')");
+        let seen = one::<i64>("SELECT (SELECT count(*) FROM public.short_ids) + (SELECT count(*) FROM public.short_orgs)");
+        run("SELECT pgseal.set_tenant('acmecorp', 'bob')");
+        let own = one::<i64>("SELECT (SELECT count(*) FROM public.short_ids) + (SELECT count(*) FROM public.short_orgs)");
+        run("RESET ROLE");
+        assert_eq!(seen, 0, "tenant acmecorpX saw acmecorp's rows");
+        assert_eq!(own, 2);
+    }
+
     #[pg_test]
     fn tenant_protect_warns_without_an_index_and_rejects_bad_input() {
         run("CREATE TABLE public.noidx (id int, tenant_id text)");
