@@ -83,6 +83,8 @@ GRANT EXECUTE ON FUNCTION
     pgseal._policy_value(text, text),
     pgseal._citus_tables(),
     pgseal._citus_shard_problems(oid[]),
+    pgseal._rls_signature(regclass),
+    pgseal._names_tenant(text, name),
     pgseal._citus_ddl_propagation(text),
     pgseal.tenant_protect(regclass, name),
     pgseal.tenant_unprotect(regclass),

@@ -940,40 +940,50 @@ BEGIN
 END
 $$;
 
+-- A relation's row level security as one text: on, forced, and every policy (name,
+-- command, permissive, roles, USING, WITH CHECK), each part quoted. The same on
+-- every node for the same protection: it prints expressions under a fixed
+-- search_path, so names print the same way everywhere.
+CREATE OR REPLACE FUNCTION pgseal._rls_signature(rel regclass) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('%L %L %s', c.relrowsecurity, c.relforcerowsecurity,
+                  coalesce((SELECT string_agg(format('(%L %L %L %L %L %L)', p.polname, p.polcmd, p.polpermissive,
+                                                     (SELECT array_agg(CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END ORDER BY 1)
+                                                      FROM unnest(p.polroles) r),
+                                                     pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)),
+                                              ' ' ORDER BY p.polname)
+                            FROM pg_policy p WHERE p.polrelid = c.oid), ''))
+    FROM pg_class c WHERE c.oid = rel
+$$;
+
 -- Citus: how the shards of the Citus tables among `rels` differ from the table on
--- this node in row level security (on, forced) and policies (name, command,
--- permissive), read on every placement; one row per differing placement, or per
--- table whose placements could not be read. No rows without Citus.
+-- this node in row level security (_rls_signature), read on every placement; one row
+-- per differing placement, or per table whose placements could not be read. No rows
+-- without Citus.
 CREATE OR REPLACE FUNCTION pgseal._citus_shard_problems(rels oid[]) RETURNS TABLE (rel oid, problem text)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
-    r    oid;
-    want text;
-    -- run_command_on_placements puts each shard's name for %s (and % for %%).
-    cmd  text := 'SELECT format(''%%s|%%s|%%s'', c.relrowsecurity, c.relforcerowsecurity, '
-                 '(SELECT string_agg(format(''%%s:%%s:%%s'', p.polname, p.polcmd, p.polpermissive), '','' ORDER BY p.polname) '
-                 'FROM pg_catalog.pg_policy p WHERE p.polrelid = c.oid)) '
-                 'FROM pg_catalog.pg_class c WHERE c.oid = ''%s''::pg_catalog.regclass';
+    r oid;
 BEGIN
     IF NOT pgseal._citus_present() THEN
         RETURN;
     END IF;
     FOR r IN SELECT d.rel FROM pgseal._citus_tables() d WHERE d.rel = ANY (rels) LOOP
-        SELECT format('%s|%s|%s', c.relrowsecurity, c.relforcerowsecurity,
-                      (SELECT string_agg(format('%s:%s:%s', p.polname, p.polcmd, p.polpermissive), ',' ORDER BY p.polname)
-                       FROM pg_policy p WHERE p.polrelid = c.oid))
-          INTO want FROM pg_class c WHERE c.oid = r;
         BEGIN
+            -- run_command_on_placements puts each shard's name for %L, quoted.
             RETURN QUERY EXECUTE
                 'SELECT $1, CASE WHEN success '
-                'THEN format(''shard %s on %s:%s differs from the table (row security|forced|policies): %s, not %s'', '
-                '            shardid, nodename, nodeport, result, $2) '
+                'THEN format(''shard %s on %s:%s differs from the table in its row level security or policies'', '
+                '            shardid, nodename, nodeport) '
                 'ELSE format(''shard %s on %s:%s could not be read: %s'', shardid, nodename, nodeport, result) END '
-                'FROM pg_catalog.run_command_on_placements($1::pg_catalog.regclass, $3) '
-                'WHERE NOT success OR result IS DISTINCT FROM $2'
-                USING r, want, cmd;
+                'FROM pg_catalog.run_command_on_placements($1::pg_catalog.regclass, '
+                '     ''SELECT pgseal._rls_signature(%L::pg_catalog.regclass)'') '
+                'WHERE NOT success OR result IS DISTINCT FROM pgseal._rls_signature($1::pg_catalog.regclass)'
+                USING r;
         EXCEPTION WHEN OTHERS THEN
             rel := r;
             problem := 'its shards could not be read: ' || SQLERRM;
@@ -981,6 +991,16 @@ BEGIN
         END;
     END LOOP;
 END
+$$;
+
+-- Whether a policy clause's text compares the tenant column `col` with the tenant
+-- (current_tenant() or current_setting()).
+CREATE OR REPLACE FUNCTION pgseal._names_tenant(clause text, col name) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT clause ~ ('(^|[^a-z0-9_."])' || quote_ident(col) || '([^a-z0-9_"]|$)')
+       AND clause ~ '(current_tenant|current_setting)\('
 $$;
 
 -- Its search_path leaves pgseal out so that every object outside pg_catalog, pgseal's
@@ -1016,12 +1036,15 @@ pol AS (
            coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '') AS chk
     FROM tenant_tab t JOIN pg_policy p ON p.polrelid = t.oid
 ),
--- A predicate mentions the tenant when it compares the tenant column: the USING
--- clause's, or an INSERT policy's WITH CHECK (it has no USING).
+-- A policy restricts to the tenant when each clause that applies compares the tenant
+-- column with the tenant: USING for what it reads (SELECT, UPDATE, DELETE, ALL), and
+-- WITH CHECK for what it writes (INSERT, UPDATE, ALL; without one, UPDATE and ALL
+-- check USING).
 tenant_pred AS (
-    SELECT pol.*, (pred ~ ('(^|[^a-z0-9_."])' || quote_ident(tcol) || '([^a-z0-9_"]|$)')
-                   AND pred ~ '(current_tenant|current_setting)\(') AS has_tenant
-    FROM (SELECT pol.*, CASE WHEN polcmd = 'a' THEN chk ELSE qual END AS pred FROM pol) pol
+    SELECT pol.*,
+           (polcmd = 'a' OR pgseal._names_tenant(qual, tcol))
+           AND (polcmd NOT IN ('a', 'w', '*') OR (chk = '' AND polcmd <> 'a') OR pgseal._names_tenant(chk, tcol)) AS has_tenant
+    FROM pol
 ),
 restricted AS (
     SELECT DISTINCT oid FROM tenant_pred WHERE NOT polpermissive AND has_tenant
@@ -1852,6 +1875,8 @@ GRANT EXECUTE ON FUNCTION
     pgseal._policy_value(text, text),
     pgseal._citus_tables(),
     pgseal._citus_shard_problems(oid[]),
+    pgseal._rls_signature(regclass),
+    pgseal._names_tenant(text, name),
     pgseal._citus_ddl_propagation(text),
     pgseal.tenant_protect(regclass, name),
     pgseal.tenant_unprotect(regclass),

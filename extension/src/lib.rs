@@ -83,7 +83,7 @@ pub extern "C-unwind" fn _PG_init() {
     use ledger::shared_heads::SHARED_HEADS;
     pgrx::pg_shmem_init!(SHARED_HEADS = false);
     ledger::shared_heads::register_drop_hook();
-    pg::copy_guard::register();
+    pg::rls_guard::register();
     audit_worker::register();
     // Transaction-end work; end callbacks run in this order, pre-commit work in
     // the order of `txn::Phase`.

@@ -285,6 +285,24 @@ fn isolation_report_understands_citus_tables() {
     );
 }
 
+/// The statement failed with 0A000 and pgseal's message (not PostgreSQL's own
+/// refusal, which a remote shard would give without pgseal's hook).
+fn refused_by_pgseal<T: std::fmt::Debug>(r: Result<T, postgres::Error>, what: &str) {
+    match r {
+        Ok(v) => panic!("{what}: accepted ({v:?})"),
+        Err(e) => {
+            let db = e.as_db_error().unwrap_or_else(|| panic!("{what}: {e}"));
+            assert_eq!(db.code().code(), "0A000", "{what}: {db:?}");
+            assert!(
+                db.message()
+                    .contains("is not supported on a table with row level security"),
+                "{what}: {}",
+                db.message()
+            );
+        }
+    }
+}
+
 /// A session with Citus's DDL propagation off cannot protect a table on the
 /// coordinator only: the protect functions turn it on for their call. A shard that
 /// lost its policy on its node anyway is named by the isolation report.
@@ -340,11 +358,12 @@ fn protection_reaches_the_shards_whatever_the_session_set() {
 }
 
 /// Citus copies into a shard on the same node without PostgreSQL's check that
-/// refuses COPY FROM under row level security; pgseal's hook refuses it first, on
-/// every node, with a tenant or without.
+/// refuses COPY FROM under row level security, for a COPY and for an INSERT … SELECT
+/// it does not push down; pgseal's hooks refuse both first (their message, not
+/// PostgreSQL's), on every node, with a tenant or without.
 #[test]
-fn copy_from_cannot_write_another_tenants_rows() {
-    if !citus::enabled("copy_from_cannot_write_another_tenants_rows") {
+fn copy_and_insert_select_cannot_write_another_tenants_rows() {
+    if !citus::enabled("copy_and_insert_select_cannot_write_another_tenants_rows") {
         return;
     }
     let cc = CitusCluster::start("citus-copy");
@@ -370,11 +389,29 @@ fn copy_from_cannot_write_another_tenants_rows() {
                         w.write_all(b"900\tB\tplanted\n").unwrap();
                         w.finish()
                     });
-                assert_eq!(
-                    sqlstate(r),
-                    "0A000",
-                    "{table} through {} ({setup:?})",
-                    node.port
+                refused_by_pgseal(
+                    r,
+                    &format!("COPY into {table} through {} ({setup:?})", node.port),
+                );
+                let _ = tx.rollback();
+                // An INSERT … SELECT that Citus does not push down (no distributed
+                // table in its SELECT) is copied into the shards the same way.
+                // A COPY that failed closes the client's connection: a new one.
+                let mut a = app(node);
+                let mut tx = a.transaction().unwrap();
+                if !setup.is_empty() {
+                    tx.batch_execute(setup).unwrap();
+                }
+                let r = tx.execute(
+                    &format!("INSERT INTO {table} (id, tenant_id, body) SELECT 901, 'B', 'planted' FROM generate_series(1, 1)"),
+                    &[],
+                );
+                refused_by_pgseal(
+                    r,
+                    &format!(
+                        "INSERT … SELECT into {table} through {} ({setup:?})",
+                        node.port
+                    ),
                 );
                 let _ = tx.rollback();
             }

@@ -2,8 +2,8 @@
 //! than on pgrx's safe API. Read `README.md` here before editing any of it.
 //!
 //! - `compat`: structures whose layout differs between the versions pgseal builds for;
-//! - `copy_guard`: refuses COPY FROM into a table under row level security before
-//!   any other hook (Citus) can copy without the check;
+//! - `rls_guard`: refuses COPY FROM, and INSERT … SELECT that Citus copies, into a
+//!   table under row level security, before Citus can write without the check;
 //! - `xact`: reads of transaction globals (read-only, recovery);
 //! - `snapshot`: the active snapshot SPI needs outside a statement;
 //! - `plans`: SPI plans kept for the life of the backend;
@@ -14,12 +14,12 @@
 //! - `plaintext`: `vault_decrypt`'s result written in place.
 
 pub mod compat;
-pub mod copy_guard;
 pub mod head_read;
 pub mod head_write;
 pub mod jsonb;
 mod ledger_append_fn;
 pub mod plaintext;
 pub mod plans;
+pub mod rls_guard;
 pub mod snapshot;
 pub mod xact;
