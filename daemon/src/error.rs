@@ -6,9 +6,9 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error("the database URL is not a valid connection string or postgres:// URL")]
     BadUrl,
-    #[error("could not connect to the database: {0}")]
+    #[error("could not connect to the database: {}", describe(.0))]
     Connect(#[source] tokio_postgres::Error),
-    #[error("query failed: {0}")]
+    #[error("query failed: {}", describe(.0))]
     Query(#[source] tokio_postgres::Error),
     #[error("{0}: {1}")]
     File(String, String),
@@ -22,6 +22,18 @@ pub enum DaemonError {
     VerifyFailed(Vec<String>),
     #[error("checkpoint for tenant {0} at seq {1} does not carry a valid signature for the given public key")]
     BadCheckpoint(String, i64),
+}
+
+/// A database error as the server reported it: its message and SQLSTATE (never its
+/// DETAIL, which may quote row values); other errors as the driver words them.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 /// pgseald's documented exit codes (README, Layout; `pgseald --help`).

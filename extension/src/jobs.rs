@@ -66,8 +66,9 @@ fn check_job_table(rel: pg_sys::Oid) -> SealResult<()> {
     }
 }
 
-/// The distinct tenants of `rel` (a loose index scan over its tenant_id), for the
-/// retention run's default rules. `pgseal._tenants_of(regclass)` calls it.
+/// The distinct tenants of `rel` (a loose index scan over its tenant_id, or on a
+/// Citus table a DISTINCT that each shard answers), for the retention run's default
+/// rules. `pgseal._tenants_of(regclass)` calls it.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
     let r = check_job_table(rel).and_then(|_| {
@@ -79,7 +80,19 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
                 &[rel.into()],
             )?
             .ok_or(SealError::Internal("no relation name"))?;
-            let sql = format!(
+            // Citus refuses the recursive scan on its tables; a DISTINCT over the
+            // distribution column runs on each shard instead (docs/SCALING.md).
+            let citus = Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pgseal._citus_tables() d WHERE d.rel OPERATOR(pg_catalog.=) $1)",
+                &[rel.into()],
+            )?
+            .unwrap_or(false);
+            let sql = if citus {
+                format!(
+                    "SELECT DISTINCT tenant_id::pg_catalog.text FROM {name} WHERE tenant_id IS NOT NULL"
+                )
+            } else {
+                format!(
                 "WITH RECURSIVE t AS (
                      (SELECT tenant_id AS id FROM {name} WHERE tenant_id IS NOT NULL ORDER BY tenant_id LIMIT 1)
                      UNION ALL
@@ -87,7 +100,8 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
                               WHERE x.tenant_id OPERATOR(pg_catalog.>) t.id ORDER BY x.tenant_id LIMIT 1)
                        FROM t WHERE t.id IS NOT NULL)
                  SELECT id::pg_catalog.text FROM t WHERE id IS NOT NULL"
-            );
+                )
+            };
             Spi::connect(|client| {
                 client
                     .select(&sql, None, &[])?
