@@ -204,6 +204,14 @@ SELECT 'warning', 'citus.propagate_set_commands',
 WHERE pgseal._citus_present()
   AND (SELECT s.reset_val FROM pg_settings s WHERE s.name = 'citus.propagate_set_commands') IS DISTINCT FROM 'local'
 UNION ALL
+-- Citus: without pgseal.citus_distribute() the keys are on the node that made them,
+-- and vault_decrypt in a query Citus sends to another node fails there.
+SELECT 'warning', 'pgseal.tenant_keys',
+       'is not a Citus reference table: sealed values of Citus tables decrypt only on the node that made their key',
+       'SELECT pgseal.citus_distribute();'
+WHERE EXISTS (SELECT 1 FROM pgseal._citus_tables() d JOIN tenant_tab t ON t.oid = d.rel)
+  AND NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d WHERE d.rel = 'pgseal.tenant_keys'::regclass)
+UNION ALL
 -- A partition or inheritance child queried directly is protected only by its own policies.
 SELECT 'error', c.oid::regclass::text, format('child of %s lacks its parent''s row level security', par.obj),
        format('SELECT pgseal.tenant_protect(%L, %L);', c.oid::regclass::text, par.tcol)

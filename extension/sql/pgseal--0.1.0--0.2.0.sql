@@ -19,7 +19,7 @@
 --      export with the format 2 fields, pinned search_paths; _ledger_audit_append goes.
 --   5. tenancy: limits, organisation invariants (org_locks and three triggers on
 --      org_members), argument checks, protection evidence.
---   6. isolation_report and its helpers.
+--   6. isolation_report and its helpers; (6b) the key table on every Citus node.
 --   7. jobs: retention_set and vault_register_column run as the caller (no longer
 --      SECURITY DEFINER) behind a registration check trigger; evidence triggers on
 --      the retention tables; _tenants_of through the C _tenants_scan. Before that,
@@ -1116,6 +1116,14 @@ SELECT 'warning', 'citus.propagate_set_commands',
 WHERE pgseal._citus_present()
   AND (SELECT s.reset_val FROM pg_settings s WHERE s.name = 'citus.propagate_set_commands') IS DISTINCT FROM 'local'
 UNION ALL
+-- Citus: without pgseal.citus_distribute() the keys are on the node that made them,
+-- and vault_decrypt in a query Citus sends to another node fails there.
+SELECT 'warning', 'pgseal.tenant_keys',
+       'is not a Citus reference table: sealed values of Citus tables decrypt only on the node that made their key',
+       'SELECT pgseal.citus_distribute();'
+WHERE EXISTS (SELECT 1 FROM pgseal._citus_tables() d JOIN tenant_tab t ON t.oid = d.rel)
+  AND NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d WHERE d.rel = 'pgseal.tenant_keys'::regclass)
+UNION ALL
 -- A partition or inheritance child queried directly is protected only by its own policies.
 SELECT 'error', c.oid::regclass::text, format('child of %s lacks its parent''s row level security', par.obj),
        format('SELECT pgseal.tenant_protect(%L, %L);', c.oid::regclass::text, par.tcol)
@@ -1191,6 +1199,82 @@ FROM (
 ) d
 WHERE (d.path IS NOT NULL OR d.own OR d.ext)
   AND NOT coalesce(lower(regexp_replace(d.path, '\s', '', 'g')) ~ '(^|,)"?pg_temp"?$', false)
+$$;
+
+------------------------------------------------------------------------------------
+-- 6b. Keys on every Citus node (sql/citus.sql, issue 18): pgseal.citus_distribute()
+-- makes pgseal.tenant_keys a reference table; keys are read from this node's copy.
+------------------------------------------------------------------------------------
+-- Where this node reads pgseal.tenant_keys from: its local placement when Citus
+-- replicates the table (`replicated`), the table itself otherwise (no Citus, not
+-- distributed yet, or no placement here). The placement is found in Citus's metadata,
+-- which only a superuser writes, and is a table of pgseal's schema, where only
+-- pgseal's owner creates tables.
+CREATE OR REPLACE FUNCTION pgseal._keys_relation(OUT rel text, OUT replicated boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shard text;
+BEGIN
+    rel := 'pgseal.tenant_keys';
+    replicated := false;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RETURN;
+    END IF;
+    -- Read by name at run time: Citus's catalog exists only where it is installed.
+    -- The placement is named by its shard id; Citus hides it from pg_class queries.
+    EXECUTE $q$
+        SELECT pg_catalog.format('%I.%I', 'pgseal', 'tenant_keys_' || s.shardid)
+        FROM pg_catalog.pg_dist_shard s
+        JOIN pg_catalog.pg_dist_placement p ON p.shardid OPERATOR(pg_catalog.=) s.shardid
+        WHERE s.logicalrelid OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass
+          AND p.groupid OPERATOR(pg_catalog.=) (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)
+        LIMIT 1 $q$ INTO shard;
+    IF pg_catalog.to_regclass(shard) IS NOT NULL THEN
+        rel := shard;
+        replicated := true;
+    ELSIF EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                  WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
+        -- Replicated, but not to this node: read through Citus (top-level queries only).
+        replicated := true;
+    END IF;
+END
+$$;
+
+-- Makes pgseal.tenant_keys a reference table (run once, on the coordinator, after
+-- CREATE EXTENSION pgseal and adding the workers). Keys made on the coordinator so
+-- far are copied to every node; keys that exist only in a worker's own table would
+-- be hidden by the distribution, so it refuses while any worker has one. Returns
+-- what it did.
+CREATE OR REPLACE FUNCTION pgseal.citus_distribute() RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    stray text;
+BEGIN
+    IF NOT pgseal._citus_present() THEN
+        RAISE EXCEPTION 'Citus is not installed in this database'
+            USING ERRCODE = '55000';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+               WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
+        RETURN 'pgseal.tenant_keys is already a reference table';
+    END IF;
+    EXECUTE $q$
+        SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s', r.nodename, r.nodeport), ', ')
+        FROM pg_catalog.run_command_on_workers('SELECT pg_catalog.count(*) FROM pgseal.tenant_keys') r
+        WHERE NOT r.success OR r.result OPERATOR(pg_catalog.<>) '0' $q$ INTO stray;
+    IF stray IS NOT NULL THEN
+        RAISE EXCEPTION 'workers % have keys of their own in pgseal.tenant_keys (or could not be read)', stray
+            USING ERRCODE = '55000',
+                  HINT = 'Keys made on a worker before pgseal.citus_distribute() would be hidden by it; decrypt and seal those values again through the coordinator.';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal.tenant_keys'')';
+    EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal.tenant_keys'')';
+    RETURN 'pgseal.tenant_keys is now a reference table';
+END
 $$;
 
 ------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@
 //! - a transaction that rotated or shredded keys bumps the epoch after it commits,
 //!   and cannot be prepared;
 //! - a transaction or subtransaction that wrote keys and then aborted empties this
-//!   backend's cache, so no key that was rolled back can ever be used again.
+//!   backend's cache, so no key that was rolled back can ever be used again;
+//! - on Citus, where `pgseal.tenant_keys` is a reference table changed through any
+//!   node (docs/SCALING.md), a transaction that read keys empties the cache when it
+//!   ends: a rotation or shred on another node cannot bump this node's epoch.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -137,6 +140,11 @@ fn transaction_ended(how: End) {
         End::Committed | End::Prepared if writes.invalidates => bump_epoch(),
         End::Aborted if writes.any => forget_all(),
         _ => {}
+    }
+    // Keys that Citus replicates change through other nodes, which cannot bump this
+    // node's epoch: they are cached for the transaction that read them only.
+    if keystore::take_replicated_read() {
+        forget_all();
     }
 }
 

@@ -99,10 +99,46 @@ fn row_to_key(row: &pgrx::spi::SpiHeapTupleData<'_>) -> SealResult<StoredKey> {
     })
 }
 
+thread_local! {
+    /// A key was read from a table that Citus replicates (since the last
+    /// `take_replicated_read`).
+    static REPLICATED_READ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The table this node reads keys from: `pgseal.tenant_keys`, or where Citus
+/// replicates it (`pgseal.citus_distribute()`), its placement on this node, which a
+/// function inside a query Citus pushed to this node can read (it may not run a
+/// distributed query). Run as the owner.
+fn key_table() -> SealResult<String> {
+    // SAFETY: get_extension_oid looks the name up in pg_extension inside the running
+    // transaction; with missing_ok it returns InvalidOid instead of raising.
+    let citus = unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) } != pg_sys::InvalidOid;
+    if !citus {
+        return Ok("pgseal.tenant_keys".to_owned());
+    }
+    let (rel, replicated) =
+        Spi::get_two::<String, bool>("SELECT rel, replicated FROM pgseal._keys_relation()")?;
+    if replicated == Some(true) {
+        REPLICATED_READ.with(|r| r.set(true));
+    }
+    rel.ok_or(SealError::Internal(
+        "pgseal._keys_relation() returned no table",
+    ))
+}
+
+/// Whether keys were read from a table Citus replicates since the last call. Their
+/// changes arrive from other nodes, which cannot tell this node's backends, so the
+/// key cache keeps such keys for one transaction only (`cache.rs`).
+pub fn take_replicated_read() -> bool {
+    REPLICATED_READ.with(|r| r.replace(false))
+}
+
+/// The first key that `query`'s `{table}` (the key table, `key_table`) returns.
 fn select_one(query: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Option<StoredKey>> {
     as_owner(|| {
+        let query = query.replace("{table}", &key_table()?);
         Spi::connect(|client| {
-            let table = client.select(query, Some(1), args)?;
+            let table = client.select(&query, Some(1), args)?;
             match table.into_iter().next() {
                 Some(row) => Ok(Some(row_to_key(&row)?)),
                 None => Ok(None),
@@ -115,9 +151,10 @@ fn select_one(query: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Opt
 /// a new one under READ COMMITTED): after the key-creation lock, it sees the key
 /// the previous holder committed.
 fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredKey>> {
+    let rel = key_table()?;
     Spi::connect_mut(|client| {
         let table = client.update(
-            &format!("SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"),
+            &format!("SELECT {COLUMNS} FROM {rel} WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"),
             Some(1),
             &[tenant.into(), purpose.as_str().into()],
         )?;
@@ -131,7 +168,7 @@ fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<Store
 /// The key with this id, in any state.
 pub fn fetch(key_id: &str) -> SealResult<Option<StoredKey>> {
     select_one(
-        &format!("SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE key_id = $1"),
+        &format!("SELECT {COLUMNS} FROM {{table}} WHERE key_id = $1"),
         &[key_id.into()],
     )
 }
@@ -139,7 +176,7 @@ pub fn fetch(key_id: &str) -> SealResult<Option<StoredKey>> {
 /// The tenant's active key for `purpose`, if it has one.
 pub fn fetch_active(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredKey>> {
     select_one(
-        &format!("SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"),
+        &format!("SELECT {COLUMNS} FROM {{table}} WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"),
         &[tenant.into(), purpose.as_str().into()],
     )
 }

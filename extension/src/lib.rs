@@ -60,9 +60,14 @@ extension_sql_file!(
     requires = ["tenancy"]
 );
 extension_sql_file!(
+    "../../sql/citus.sql",
+    name = "citus",
+    requires = ["isolation_report"]
+);
+extension_sql_file!(
     "../../sql/jobs.sql",
     name = "jobs",
-    requires = ["isolation_report", jobs::_tenants_scan]
+    requires = ["citus", jobs::_tenants_scan]
 );
 extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
 

@@ -4,7 +4,7 @@
 //! is skipped.
 
 use pgseal_tests::citus::{self, CitusCluster};
-use pgseal_tests::{matrix, sqlstate};
+use pgseal_tests::{matrix, sqlstate, Pgseald};
 
 /// Three tables shaped like the single-node matrix's `notes`, each under
 /// `tenant_protect`: distributed and then protected, protected and then distributed
@@ -257,9 +257,16 @@ fn isolation_report_understands_citus_tables() {
         .filter(|(o, _, _)| o == "citus.propagate_set_commands")
         .collect();
     assert_eq!(propagate.len(), 1, "{found:?}");
+    let keys: Vec<_> = found
+        .iter()
+        .filter(|(o, _, _)| o == "pgseal.tenant_keys")
+        .collect();
+    assert_eq!(keys.len(), 1, "{found:?}");
+    assert_eq!(keys[0].2, "SELECT pgseal.citus_distribute();");
 
     // Each fix it names clears its finding, and the table is still protected.
     c.batch_execute(&by_id[0].2).unwrap();
+    c.batch_execute(&keys[0].2).unwrap();
     // ALTER SYSTEM runs outside a transaction block: one statement at a time, as psql
     // sends them.
     for stmt in propagate[0].2.split_inclusive(';') {
@@ -519,4 +526,285 @@ fn org_protect_never_crosses_tenants_on_citus() {
         .map(|r| r.get(0))
         .collect();
     assert!(found.is_empty(), "{found:?}");
+}
+
+/// `pgseald retention run` against the coordinator deletes every expired row of a
+/// distributed, protected table on every shard (it enumerates the tenants with a
+/// query Citus can run), keeps the rest, and records its receipts in a chain that
+/// verifies.
+#[test]
+fn pgseald_retention_runs_against_the_coordinator() {
+    if !citus::enabled("pgseald_retention_runs_against_the_coordinator") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-retention");
+    let mut c = cc.coordinator.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL,
+                              created_at timestamptz NOT NULL, body text, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('events', 'tenant_id');
+         SELECT pgseal.tenant_protect('events');
+         INSERT INTO events (tenant_id, created_at, body)
+         SELECT 't' || (g % 12), CASE WHEN g % 3 = 0 THEN now() - interval '365 days' ELSE now() END, 'row'
+         FROM generate_series(1, 6000) g;
+         SELECT pgseal.retention_set('events', '30 days');",
+    )
+    .unwrap();
+    let (code, out) = Pgseald::new(["retention", "run"]).on(&cc.coordinator).run();
+    assert_eq!(code, Some(0), "{out}");
+    let expired = "SELECT count(*) FROM events WHERE created_at < now() - interval '30 days'";
+    assert_eq!(pgseal_tests::count(&mut c, expired), 0, "{out}");
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM events"),
+        4000
+    );
+    // Every tenant has a receipt with its count (those of g % 3 = 0, t0, t3, t6 and
+    // t9, had 500 expired rows each), and its chain verifies.
+    let receipts: Vec<(String, String)> = c
+        .query(
+            "SELECT tenant_id, payload->>'deleted' FROM pgseal.ledger \
+             WHERE event = 'retention.deleted' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut want: Vec<(String, String)> = (0..12)
+        .map(|i| {
+            let n = if i % 3 == 0 { "500" } else { "0" };
+            (format!("t{i}"), n.to_string())
+        })
+        .collect();
+    want.sort();
+    assert_eq!(receipts, want, "{out}");
+    let receipts: Vec<String> = receipts.into_iter().map(|(t, _)| t).collect();
+    for t in &receipts {
+        let ok: bool = c
+            .query_one("SELECT ok FROM pgseal.ledger_verify($1)", &[t])
+            .unwrap()
+            .get(0);
+        assert!(ok, "{t}");
+    }
+}
+
+/// The message of `r`'s database error (or "ok").
+fn message<T>(r: Result<T, postgres::Error>) -> String {
+    match r {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_else(|| e.to_string()),
+    }
+}
+
+/// (id, plaintext) of the tenant's rows of `integrations`, decrypted by a query that
+/// Citus sends to the shard's node, in a transaction of its own; or the error.
+fn decrypted(c: &mut postgres::Client, tenant: &str) -> Result<Vec<(i32, String)>, String> {
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+        .unwrap();
+    let r = tx.query(
+        "SELECT id, pgseal.vault_decrypt(token, 'integrations.token') FROM integrations ORDER BY id",
+        &[],
+    );
+    let _ = tx.commit();
+    r.map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        .map_err(|e| message::<()>(Err(e)))
+}
+
+/// Sealed credentials on a distributed table. With `pgseal.citus_distribute()` the
+/// key table is a reference table: values sealed through the coordinator decrypt in
+/// queries that Citus runs on the workers (routed to one shard, and fanned out to
+/// all), through the coordinator and through each worker; seal counts reach every
+/// copy; a rotation, a shred and a master key rewrap through the coordinator take
+/// effect on every node, also in sessions that had the key cached.
+#[test]
+fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
+    if !citus::enabled("sealed_values_decrypt_on_every_node_and_key_changes_reach_them") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-vault");
+    let mut c = cc.coordinator.connect();
+    // The GRANT in a transaction of its own: Citus sends it to the workers over
+    // another connection than the CREATE ROLE, which would wait for the first.
+    c.batch_execute("CREATE EXTENSION pgseal; CREATE ROLE app LOGIN")
+        .unwrap();
+    c.batch_execute(
+        "GRANT pgseal_decrypt TO app;
+         CREATE TABLE integrations (id int, tenant_id text NOT NULL, token text,
+                                    PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('integrations', 'tenant_id');
+         SELECT pgseal.tenant_protect('integrations');
+         GRANT SELECT, INSERT ON integrations TO app;",
+    )
+    .unwrap();
+    let done: String = c
+        .query_one("SELECT pgseal.citus_distribute()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(done, "pgseal.tenant_keys is now a reference table");
+    let again: String = c
+        .query_one("SELECT pgseal.citus_distribute()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(again, "pgseal.tenant_keys is already a reference table");
+
+    // Eight tenants, three values each, sealed through the coordinator.
+    let tenants: Vec<String> = (0..8).map(|i| format!("t{i}")).collect();
+    let secret = |t: &str, id: i32| format!("secret-{t}-{id}");
+    let mut a = app(&cc.coordinator);
+    for t in &tenants {
+        let mut tx = a.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[t]).unwrap();
+        for id in 1..=3 {
+            tx.execute(
+                "INSERT INTO integrations VALUES ($1, $2, pgseal.vault_seal($3, 'integrations.token'))",
+                &[&id, t, &secret(t, id)],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let want = |t: &str| -> Vec<(i32, String)> { (1..=3).map(|id| (id, secret(t, id))).collect() };
+    // The tenants' shards are on both workers.
+    let nodes: i64 = pgseal_tests::count(
+        &mut c,
+        "SELECT count(DISTINCT nodeport) FROM citus_shards s \
+         WHERE s.table_name = 'integrations'::regclass AND s.shard_size > 0",
+    );
+    assert!(nodes >= 2, "rows on {nodes} node(s)");
+
+    // Every tenant decrypts through every node; each node has the keys locally.
+    let mut sessions: Vec<postgres::Client> = cc.nodes().map(app).collect();
+    for s in sessions.iter_mut() {
+        for t in &tenants {
+            assert_eq!(decrypted(s, t), Ok(want(t)), "{t}");
+        }
+        // A query over every shard, each decrypting on its node.
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('t3')", &[]).unwrap();
+        let n: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM integrations \
+                 WHERE pgseal.vault_decrypt(token, 'integrations.token') LIKE 'secret-t3-%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 3);
+        tx.commit().unwrap();
+    }
+    for node in cc.nodes() {
+        let placements = pgseal_tests::count(
+            &mut node.connect(),
+            "SELECT count(*) FROM pg_dist_placement p JOIN pg_dist_shard s USING (shardid) \
+             WHERE s.logicalrelid = 'pgseal.tenant_keys'::regclass",
+        );
+        assert_eq!(placements, 3, "port {}", node.port);
+    }
+    // Every copy of the key table counts the 24 seals.
+    let counts: Vec<String> = c
+        .query(
+            "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', \
+             'SELECT sum(encryptions) FROM %s') ORDER BY nodeport",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(counts, vec!["24"; 3]);
+
+    // A rotation through the coordinator: new values name the new key; old and new
+    // values decrypt on every node.
+    let old_key: String = c
+        .query_one(
+            "SELECT key_id FROM pgseal.tenant_keys WHERE tenant_id = 't2' AND purpose = 'dek' AND state = 'active'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.batch_execute("SELECT pgseal.tenant_key_rotate('t2')")
+        .unwrap();
+    {
+        let mut tx = a.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('t2')", &[]).unwrap();
+        tx.execute(
+            "INSERT INTO integrations VALUES (4, 't2', pgseal.vault_seal($1, 'integrations.token'))",
+            &[&secret("t2", 4)],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let tokens: Vec<String> = c
+        .query(
+            "SELECT token FROM integrations WHERE tenant_id = 't2' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tokens[0].contains(&old_key), "{}", tokens[0]);
+    assert!(!tokens[3].contains(&old_key), "{}", tokens[3]);
+    for s in sessions.iter_mut() {
+        let mut w = want("t2");
+        w.push((4, secret("t2", 4)));
+        assert_eq!(decrypted(s, "t2"), Ok(w));
+    }
+
+    // A shred through the coordinator reaches every node, also the sessions that
+    // decrypted t1 a moment ago; the other tenants still decrypt there.
+    for s in sessions.iter_mut() {
+        assert_eq!(decrypted(s, "t1"), Ok(want("t1")));
+    }
+    c.batch_execute("SELECT pgseal.tenant_shred('t1')").unwrap();
+    for (s, node) in sessions.iter_mut().zip(cc.nodes()) {
+        assert_eq!(
+            decrypted(s, "t1"),
+            Err("sealed value's key has been destroyed".to_owned()),
+            "port {}",
+            node.port
+        );
+        assert_eq!(decrypted(s, "t5"), Ok(want("t5")), "port {}", node.port);
+        assert_eq!(
+            decrypted(&mut app(node), "t1"),
+            Err("sealed value's key has been destroyed".to_owned()),
+            "port {}",
+            node.port
+        );
+    }
+    drop(sessions);
+    drop(a);
+    drop(c);
+
+    // A new master key version on every node, and kek_rewrap through the
+    // coordinator: every copy is under version 2, and every node still decrypts.
+    for n in cc.nodes() {
+        n.set_keys(&[pgseal_tests::KEY_V1, pgseal_tests::KEY_V2]);
+        n.restart();
+    }
+    let mut c = cc.coordinator.connect();
+    assert!(pgseal_tests::kek_rewrap_until_done(&mut c) > 0);
+    let versions: Vec<String> = c
+        .query(
+            "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', \
+             'SELECT string_agg(DISTINCT kek_version::text, '','') FROM %s WHERE state <> ''destroyed''') \
+             ORDER BY nodeport",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec!["2"; 3]);
+    for node in cc.nodes() {
+        let mut s = app(node);
+        for t in ["t0", "t7"] {
+            assert_eq!(decrypted(&mut s, t), Ok(want(t)), "port {}", node.port);
+        }
+    }
 }

@@ -1,0 +1,79 @@
+-- pgseal on Citus (docs/SCALING.md): the tenant keys on every node.
+--
+-- pgseal.citus_distribute() makes pgseal.tenant_keys a Citus reference table, so
+-- every node holds every tenant's wrapped keys, and vault_decrypt in a query that
+-- Citus pushes to a worker finds the key there. Inside such a query a function may
+-- not run a distributed query, so pgseal reads the key table's placement on its own
+-- node (pgseal._keys_relation()), a plain table, directly.
+
+-- Where this node reads pgseal.tenant_keys from: its local placement when Citus
+-- replicates the table (`replicated`), the table itself otherwise (no Citus, not
+-- distributed yet, or no placement here). The placement is found in Citus's metadata,
+-- which only a superuser writes, and is a table of pgseal's schema, where only
+-- pgseal's owner creates tables.
+CREATE FUNCTION pgseal._keys_relation(OUT rel text, OUT replicated boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    shard text;
+BEGIN
+    rel := 'pgseal.tenant_keys';
+    replicated := false;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RETURN;
+    END IF;
+    -- Read by name at run time: Citus's catalog exists only where it is installed.
+    -- The placement is named by its shard id; Citus hides it from pg_class queries.
+    EXECUTE $q$
+        SELECT pg_catalog.format('%I.%I', 'pgseal', 'tenant_keys_' || s.shardid)
+        FROM pg_catalog.pg_dist_shard s
+        JOIN pg_catalog.pg_dist_placement p ON p.shardid OPERATOR(pg_catalog.=) s.shardid
+        WHERE s.logicalrelid OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass
+          AND p.groupid OPERATOR(pg_catalog.=) (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)
+        LIMIT 1 $q$ INTO shard;
+    IF pg_catalog.to_regclass(shard) IS NOT NULL THEN
+        rel := shard;
+        replicated := true;
+    ELSIF EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                  WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
+        -- Replicated, but not to this node: read through Citus (top-level queries only).
+        replicated := true;
+    END IF;
+END
+$$;
+
+-- Makes pgseal.tenant_keys a reference table (run once, on the coordinator, after
+-- CREATE EXTENSION pgseal and adding the workers). Keys made on the coordinator so
+-- far are copied to every node; keys that exist only in a worker's own table would
+-- be hidden by the distribution, so it refuses while any worker has one. Returns
+-- what it did.
+CREATE FUNCTION pgseal.citus_distribute() RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    stray text;
+BEGIN
+    IF NOT pgseal._citus_present() THEN
+        RAISE EXCEPTION 'Citus is not installed in this database'
+            USING ERRCODE = '55000';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+               WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
+        RETURN 'pgseal.tenant_keys is already a reference table';
+    END IF;
+    EXECUTE $q$
+        SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s', r.nodename, r.nodeport), ', ')
+        FROM pg_catalog.run_command_on_workers('SELECT pg_catalog.count(*) FROM pgseal.tenant_keys') r
+        WHERE NOT r.success OR r.result OPERATOR(pg_catalog.<>) '0' $q$ INTO stray;
+    IF stray IS NOT NULL THEN
+        RAISE EXCEPTION 'workers % have keys of their own in pgseal.tenant_keys (or could not be read)', stray
+            USING ERRCODE = '55000',
+                  HINT = 'Keys made on a worker before pgseal.citus_distribute() would be hidden by it; decrypt and seal those values again through the coordinator.';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal.tenant_keys'')';
+    EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal.tenant_keys'')';
+    RETURN 'pgseal.tenant_keys is now a reference table';
+END
+$$;
