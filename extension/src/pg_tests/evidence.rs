@@ -191,7 +191,6 @@ mod tests {
 
     #[pg_test]
     fn table_protection_changes_are_recorded() {
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         run("CREATE TABLE public.inv (id int PRIMARY KEY, tenant_id text NOT NULL, owner_id text, org_id text)");
         run("CREATE INDEX ON public.inv (tenant_id)");
         // Under a tenant context: that tenant's chain.
@@ -440,7 +439,6 @@ mod tests {
         ] {
             assert_eq!(sqlstate(bad), "22023", "{bad}");
         }
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         run("CREATE ROLE evidence_ledger IN ROLE pgseal_ledger");
         run("SET LOCAL ROLE evidence_ledger");
         assert_eq!(

@@ -321,7 +321,6 @@ mod tests {
     fn a_roles_drop_removes_only_its_own_tables_registrations_and_runs_none_of_its_code() {
         two_registered_tables();
         run("CREATE ROLE reg_app");
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         run("GRANT CREATE ON SCHEMA public TO reg_app");
         run("CREATE SCHEMA reg_atk AUTHORIZATION reg_app");
         run("CREATE TABLE public.reg_own (id int PRIMARY KEY, tenant_id text, created_at timestamptz, token text)");

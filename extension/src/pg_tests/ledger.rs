@@ -641,7 +641,6 @@ mod tests {
 
     #[pg_test]
     fn other_tenants_need_admin() {
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         tenant("acme");
         append("e", "{}");
         run("CREATE ROLE ledger_app IN ROLE pgseal_ledger");
@@ -933,7 +932,6 @@ mod tests {
     fn prune_keeps_young_entries_and_held_tenants() {
         // A tenant of its own: the hold is recorded in its chain, and no other
         // test waits for that chain's lock.
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         tenant("held");
         for _ in 0..3 {
             append("e", "{}");

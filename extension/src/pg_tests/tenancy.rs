@@ -9,6 +9,10 @@ mod tests {
 
     extension_sql!(
         r#"
+        -- Tests switch to roles of their own that call tests.* helpers. Granted once
+        -- here: tests run concurrently, and a GRANT in each rewrote the schema's row
+        -- while other tests held pgseal's chain locks (a deadlock, in either order).
+        GRANT USAGE ON SCHEMA tests TO PUBLIC;
         -- Runs a statement and returns how many rows it affected.
         CREATE FUNCTION tests.count_of(q text) RETURNS bigint LANGUAGE plpgsql AS $f$
         DECLARE n bigint;
@@ -87,7 +91,6 @@ mod tests {
 
     #[pg_test]
     fn tenant_protect_policy_filters_and_checks_for_each_key_type() {
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         run("CREATE ROLE app_user");
         for (table, ty, a, b) in [
             ("t_text", "text", "'acme'", "'globex'"),
@@ -152,7 +155,6 @@ mod tests {
         run("SELECT pgseal.tenant_protect('public.big')");
         run("CREATE ROLE plan_user");
         run("GRANT SELECT ON public.big TO plan_user");
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         run("SET LOCAL ROLE plan_user");
         run("SET LOCAL app.tenant_id = 't7'");
         let plan = Spi::explain("SELECT * FROM public.big")
@@ -249,7 +251,6 @@ mod tests {
 
     #[pg_test]
     fn org_roles_grant_exactly_their_commands() {
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         run("CREATE TABLE public.docs (id int PRIMARY KEY, tenant_id text NOT NULL, owner_id text, org_id text, body text)");
         run("CREATE INDEX ON public.docs (tenant_id)");
         run("SELECT pgseal.org_protect('public.docs', 'owner_id', 'org_id')");
@@ -332,7 +333,6 @@ mod tests {
     /// organisation with members keeps an owner. (Races are in the attack tier.)
     #[pg_test]
     fn org_owner_invariants_hold() {
-        run("GRANT USAGE ON SCHEMA tests TO PUBLIC");
         run("CREATE ROLE org_app");
         run("INSERT INTO pgseal.org_members VALUES ('acme', 'org1', 'olga', 'owner'), ('acme', 'org1', 'adam', 'admin'), ('acme', 'org1', 'mia', 'member'), ('acme', 'home', 'tom', 'owner'), ('globex', 'g1', 'mia', 'owner')");
         run("SET LOCAL ROLE org_app");

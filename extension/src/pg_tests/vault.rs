@@ -445,7 +445,6 @@ mod tests {
         Spi::run("CREATE ROLE t_reader IN ROLE pgseal_decrypt").unwrap();
         Spi::run("CREATE ROLE t_admin IN ROLE pgseal_admin").unwrap();
         Spi::run("CREATE ROLE t_nobody").unwrap();
-        Spi::run("GRANT USAGE ON SCHEMA tests TO PUBLIC").unwrap();
         tenant("acme");
         let s = seal("token-value", None);
         let q = pgrx::spi::quote_literal(&s);
