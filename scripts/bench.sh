@@ -14,6 +14,9 @@
 #             (scripts/bench_tenancy.sh)
 #   jobs      pgseald retention run, rotate tenant, rotate kek with no flags, each at
 #             N and 4N (scripts/bench_jobs.sh)
+#   citus     vault_decrypt through a Citus coordinator with two workers  vs  the one
+#             node, PostgreSQL 16 and later (scripts/bench_citus.sh)
+# PGSEAL_BENCH_PARTS picks parts after vault (default: all of them, in this order).
 # Sizes: PGSEAL_BENCH_ROWS (vault, 200000), PGSEAL_BENCH_CHAIN (bulk appends, 200000),
 # PGSEAL_BENCH_SECONDS / PGSEAL_BENCH_SECONDS16 (pgbench runs), and each part's own.
 # The cluster runs with fsync on, as production does, since the ledger rows commit.
@@ -23,6 +26,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/pg.sh"
 N=${PGSEAL_BENCH_ROWS:-200000}
+PARTS=${PGSEAL_BENCH_PARTS:-audit ledger tenancy jobs citus}
 PGP_SAMPLE=${PGSEAL_BENCH_PGP_SAMPLE:-2000}
 DIR=/var/tmp/pgseal-bench
 PORT=54395
@@ -102,13 +106,11 @@ PY
 # Where the time goes: each part's seconds, printed after its table.
 took() { echo "($1: $((SECONDS - t0)) s)"; t0=$SECONDS; }
 t0=0; took "build and vault"
-echo
-source "$ROOT/scripts/bench_audit.sh"; took audit
-echo
-source "$ROOT/scripts/bench_ledger.sh"; took ledger
-echo
-source "$ROOT/scripts/bench_tenancy.sh"; took tenancy
-echo
-source "$ROOT/scripts/bench_jobs.sh"; took "pgseald jobs"
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+if part audit; then echo; source "$ROOT/scripts/bench_audit.sh"; took audit; fi
+if part ledger; then echo; source "$ROOT/scripts/bench_ledger.sh"; took ledger; fi
+if part tenancy; then echo; source "$ROOT/scripts/bench_tenancy.sh"; took tenancy; fi
+if part jobs; then echo; source "$ROOT/scripts/bench_jobs.sh"; took "pgseald jobs"; fi
+if part citus; then echo; source "$ROOT/scripts/bench_citus.sh"; took citus; fi
 echo
 echo "(make bench took $((SECONDS / 60)) min $((SECONDS % 60)) s)"

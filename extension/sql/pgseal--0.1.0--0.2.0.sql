@@ -187,7 +187,8 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_checkpoints', '');
 
 ------------------------------------------------------------------------------------
 -- 3. C functions new in 0.2.0 (leader lock, protection evidence, tenant scan, audit
--- queue status, ledger id). Created closed; block 8 grants them.
+-- queue status, ledger id, the Citus workers' forwarded audit entries). Created
+-- closed; block 8 grants them.
 ------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION pgseal."_leader_try_lock"() RETURNS bool /* bool */
 STRICT VOLATILE PARALLEL UNSAFE
@@ -222,6 +223,18 @@ CREATE OR REPLACE FUNCTION pgseal."ledger_id"() RETURNS TEXT /* String */
 STRICT STABLE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'ledger_id_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_audit_append_forwarded"(
+	"tenant" TEXT, /* &str */
+	"event" TEXT, /* &str */
+	"payload" TEXT, /* &str */
+	"actor" TEXT, /* &str */
+	"db_role" TEXT, /* &str */
+	"system_ok" bool /* bool */
+) RETURNS TEXT /* alloc::string::String */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_audit_append_forwarded_wrapper';
 
 ------------------------------------------------------------------------------------
 -- 4. The ledger API (sql/ledger_api.sql).

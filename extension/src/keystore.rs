@@ -110,10 +110,7 @@ thread_local! {
 /// function inside a query Citus pushed to this node can read (it may not run a
 /// distributed query). Run as the owner.
 fn key_table() -> SealResult<String> {
-    // SAFETY: get_extension_oid looks the name up in pg_extension inside the running
-    // transaction; with missing_ok it returns InvalidOid instead of raising.
-    let citus = unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) } != pg_sys::InvalidOid;
-    if !citus {
+    if !crate::pg::citus::present() {
         return Ok("pgseal.tenant_keys".to_owned());
     }
     let (rel, replicated) =

@@ -92,7 +92,13 @@ pub extern "C-unwind" fn _PG_init() {
     audit_worker::register();
     // Transaction-end work; end callbacks run in this order, pre-commit work in
     // the order of `txn::Phase`.
-    txn::register(&[ledger::TXN, privilege::TXN, cache::TXN, context::TXN]);
+    txn::register(&[
+        ledger::TXN,
+        privilege::TXN,
+        cache::TXN,
+        context::TXN,
+        pg::citus::TXN,
+    ]);
     master::load_at_startup();
 }
 

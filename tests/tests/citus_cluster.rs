@@ -603,9 +603,9 @@ fn message<T>(r: Result<T, postgres::Error>) -> String {
 /// (id, plaintext) of the tenant's rows of `integrations`, decrypted by a query that
 /// Citus sends to the shard's node, in a transaction of its own; or the error.
 fn decrypted(c: &mut postgres::Client, tenant: &str) -> Result<Vec<(i32, String)>, String> {
-    let mut tx = c.transaction().unwrap();
+    let mut tx = c.transaction().map_err(|e| message::<()>(Err(e)))?;
     tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-        .unwrap();
+        .map_err(|e| message::<()>(Err(e)))?;
     let r = tx.query(
         "SELECT id, pgseal.vault_decrypt(token, 'integrations.token') FROM integrations ORDER BY id",
         &[],
@@ -615,18 +615,10 @@ fn decrypted(c: &mut postgres::Client, tenant: &str) -> Result<Vec<(i32, String)
         .map_err(|e| message::<()>(Err(e)))
 }
 
-/// Sealed credentials on a distributed table. With `pgseal.citus_distribute()` the
-/// key table is a reference table: values sealed through the coordinator decrypt in
-/// queries that Citus runs on the workers (routed to one shard, and fanned out to
-/// all), through the coordinator and through each worker; seal counts reach every
-/// copy; a rotation, a shred and a master key rewrap through the coordinator take
-/// effect on every node, also in sessions that had the key cached.
-#[test]
-fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
-    if !citus::enabled("sealed_values_decrypt_on_every_node_and_key_changes_reach_them") {
-        return;
-    }
-    let cc = CitusCluster::start("citus-vault");
+/// `secret-<tenant>-<id>` sealed by tenants t0 … t7, three each, in a distributed,
+/// protected `integrations` table, through the coordinator, after
+/// `pgseal.citus_distribute()`; `app` may decrypt. Returns the tenants.
+fn sealed_integrations(cc: &CitusCluster) -> Vec<String> {
     let mut c = cc.coordinator.connect();
     // The GRANT in a transaction of its own: Citus sends it to the workers over
     // another connection than the CREATE ROLE, which would wait for the first.
@@ -646,15 +638,7 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
         .unwrap()
         .get(0);
     assert_eq!(done, "pgseal.tenant_keys is now a reference table");
-    let again: String = c
-        .query_one("SELECT pgseal.citus_distribute()", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(again, "pgseal.tenant_keys is already a reference table");
-
-    // Eight tenants, three values each, sealed through the coordinator.
     let tenants: Vec<String> = (0..8).map(|i| format!("t{i}")).collect();
-    let secret = |t: &str, id: i32| format!("secret-{t}-{id}");
     let mut a = app(&cc.coordinator);
     for t in &tenants {
         let mut tx = a.transaction().unwrap();
@@ -662,12 +646,36 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
         for id in 1..=3 {
             tx.execute(
                 "INSERT INTO integrations VALUES ($1, $2, pgseal.vault_seal($3, 'integrations.token'))",
-                &[&id, t, &secret(t, id)],
+                &[&id, t, &format!("secret-{t}-{id}")],
             )
             .unwrap();
         }
         tx.commit().unwrap();
     }
+    tenants
+}
+
+/// Sealed credentials on a distributed table. With `pgseal.citus_distribute()` the
+/// key table is a reference table: values sealed through the coordinator decrypt in
+/// queries that Citus runs on the workers (routed to one shard, and fanned out to
+/// all), through the coordinator and through each worker; seal counts reach every
+/// copy; a rotation, a shred and a master key rewrap through the coordinator take
+/// effect on every node, also in sessions that had the key cached.
+#[test]
+fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
+    if !citus::enabled("sealed_values_decrypt_on_every_node_and_key_changes_reach_them") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-vault");
+    let tenants = sealed_integrations(&cc);
+    let mut c = cc.coordinator.connect();
+    let again: String = c
+        .query_one("SELECT pgseal.citus_distribute()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(again, "pgseal.tenant_keys is already a reference table");
+    let secret = |t: &str, id: i32| format!("secret-{t}-{id}");
+    let mut a = app(&cc.coordinator);
     let want = |t: &str| -> Vec<(i32, String)> { (1..=3).map(|id| (id, secret(t, id))).collect() };
     // The tenants' shards are on both workers.
     let nodes: i64 = pgseal_tests::count(
@@ -806,5 +814,188 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
         for t in ["t0", "t7"] {
             assert_eq!(decrypted(&mut s, t), Ok(want(t)), "port {}", node.port);
         }
+    }
+}
+
+/// Each tenant's (entries, highest seq, ledger_verify ok) in the coordinator's ledger.
+fn chains(c: &mut postgres::Client, tenants: &[String]) -> Vec<(String, i64, i64, bool)> {
+    tenants
+        .iter()
+        .map(|t| {
+            let r = c
+                .query_one(
+                    "SELECT count(*), coalesce(max(seq), 0), (SELECT ok FROM pgseal.ledger_verify($1)) \
+                     FROM pgseal.ledger WHERE tenant_id = $1",
+                    &[t],
+                )
+                .unwrap();
+            (t.clone(), r.get(0), r.get(1), r.get(2))
+        })
+        .collect()
+}
+
+/// The number of `event` entries of `tenant` in the coordinator's ledger.
+fn entries(c: &mut postgres::Client, tenant: &str, event: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = $1 AND event = $2",
+        &[&tenant, &event],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// The ledger is kept on the coordinator, one chain per tenant. A decrypt that Citus
+/// runs on a worker is recorded there before its plaintext returns (also when its
+/// transaction then rolls back, with the count at its end); an append on a worker
+/// is refused (0A000), as is a decrypt there under `audit_decrypt = commit`,
+/// rather than start a second chain; decrypts through every node at once, and a
+/// worker killed (-9) in the middle of them, leave every tenant one gapless chain
+/// that verifies, and nothing in the workers' own ledgers.
+#[test]
+fn the_ledger_is_one_chain_per_tenant_on_the_coordinator() {
+    if !citus::enabled("the_ledger_is_one_chain_per_tenant_on_the_coordinator") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-ledger");
+    let tenants = sealed_integrations(&cc);
+    let want = |t: &str| -> Vec<(i32, String)> {
+        (1..=3).map(|id| (id, format!("secret-{t}-{id}"))).collect()
+    };
+    let mut c = cc.coordinator.connect();
+
+    // Through a worker, in a transaction left open: the start is on the coordinator
+    // before the plaintext is back; after the rollback, the count is too.
+    let mut w = app(&cc.workers[0]);
+    let started = entries(&mut c, "t4", "vault.decrypt_started");
+    let counted = entries(&mut c, "t4", "vault.decrypt");
+    let mut tx = w.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('t4')", &[]).unwrap();
+    let n = tx
+        .query(
+            "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+            &[],
+        )
+        .unwrap()
+        .len();
+    assert_eq!(n, 3);
+    assert_eq!(entries(&mut c, "t4", "vault.decrypt_started"), started + 1);
+    tx.rollback().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while entries(&mut c, "t4", "vault.decrypt") == counted {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no count after the rollback"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let outcome: String = c
+        .query_one(
+            "SELECT payload->>'outcome' FROM pgseal.ledger WHERE tenant_id = 't4' \
+             AND event = 'vault.decrypt' ORDER BY seq DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(outcome, "rolled back");
+
+    // On a worker, an append and a commit-mode decrypt are refused.
+    let mut su = cc.workers[1].connect();
+    let mut tx = su.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('t1')", &[]).unwrap();
+    let r = tx.query(
+        "SELECT * FROM pgseal.ledger_append('order.paid', '{}')",
+        &[],
+    );
+    assert_eq!(sqlstate(r), "0A000");
+    tx.rollback().unwrap();
+    let mut tx = su.transaction().unwrap();
+    // After set_tenant, so Citus sends the setting along to the worker with t1's rows.
+    tx.batch_execute("SELECT pgseal.set_tenant('t1'); SET LOCAL pgseal.audit_decrypt = commit")
+        .unwrap();
+    let r = tx.query(
+        "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE tenant_id = 't1'",
+        &[],
+    );
+    assert_eq!(
+        message(r),
+        "on a Citus worker, vault_decrypt needs pgseal.audit_decrypt = on (the decrypts are recorded on the coordinator by the audit writer)"
+    );
+    tx.rollback().unwrap();
+
+    // Decrypts through the coordinator and both workers at once, then more through
+    // the coordinator while a worker is killed and started again.
+    let threads: Vec<_> = cc
+        .nodes()
+        .map(|node| {
+            let mut s = app(node);
+            let tenants = tenants.clone();
+            std::thread::spawn(move || {
+                for round in 0..15 {
+                    let t = &tenants[round % tenants.len()];
+                    let got = decrypted(&mut s, t);
+                    assert_eq!(
+                        got,
+                        Ok((1..=3).map(|id| (id, format!("secret-{t}-{id}"))).collect())
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let tenants = tenants.clone();
+        let config = cc.coordinator.config();
+        std::thread::spawn(move || {
+            let mut ok = 0;
+            let mut i = 0;
+            let connect = || config.clone().user("app").connect(postgres::NoTls).ok();
+            let mut s = connect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Transactions whose shard is on the killed worker fail, and Citus
+                // passes the worker's FATAL on to the session: connect again.
+                match s.as_mut() {
+                    Some(c) if !c.is_closed() => {
+                        if decrypted(c, &tenants[i % tenants.len()]).is_ok() {
+                            ok += 1;
+                        }
+                    }
+                    _ => s = connect(),
+                }
+                i += 1;
+            }
+            ok
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    cc.workers[1].crash();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    cc.workers[1].resume();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ok = load.join().unwrap();
+    assert!(ok > 0, "no decrypt got through");
+    for node in cc.nodes() {
+        assert_eq!(decrypted(&mut app(node), "t6"), Ok(want("t6")));
+    }
+
+    // Every tenant: one chain on the coordinator, gapless, verifying; nothing on the
+    // workers.
+    for (t, n, max, ok) in chains(&mut c, &tenants) {
+        assert!(
+            n > 0 && n == max && ok,
+            "{t}: {n} entries, last seq {max}, ok {ok}"
+        );
+    }
+    for wk in &cc.workers {
+        assert_eq!(
+            pgseal_tests::count(&mut wk.connect(), "SELECT count(*) FROM pgseal.ledger"),
+            0,
+            "port {}",
+            wk.port
+        );
     }
 }

@@ -9,6 +9,7 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_guard;
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
 
 use super::client::Entry;
@@ -17,9 +18,15 @@ use super::queue::{self, Failure, State, QUEUE};
 /// Set in the writer process only: the one process that appends to the audit chain.
 static IS_WRITER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether this process is an audit writer.
+thread_local! {
+    /// Set while `_audit_append_forwarded` appends a Citus worker's entry on the
+    /// coordinator, on that writer's behalf.
+    static FORWARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this process is an audit writer, or is appending for a worker's writer.
 pub fn is_writer() -> bool {
-    IS_WRITER.load(std::sync::atomic::Ordering::Relaxed)
+    IS_WRITER.load(std::sync::atomic::Ordering::Relaxed) || FORWARDED.with(|f| f.get())
 }
 
 /// A writer with nothing to do for this long exits (µs).
@@ -190,23 +197,125 @@ enum Outcome {
 /// entry goes to the audit chain `_pgseal_audit` instead (its payload names the
 /// tenant), which only this database's writer appends to; otherwise back to the
 /// queue.
+///
+/// On a Citus worker the entry is appended on the coordinator, where pgseal's ledger
+/// is kept (docs/SCALING.md): `forward`.
 fn append(e: &Entry, system_ok: bool) -> Outcome {
-    let system = crate::ledger::names::AUDIT_CHAIN;
     let r = in_transaction(|| {
-        let chain = if crate::locks::ledger_tenant_try(&e.tenant) {
-            e.tenant.as_str()
-        } else if system_ok && crate::locks::ledger_tenant_try(system) {
-            system
-        } else {
-            return Ok(None);
-        };
-        crate::ledger::append::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)
-            .map(|(seq, _)| Some((chain == system, seq)))
+        if crate::pg::citus::is_worker()? {
+            return Ok(forward(e, system_ok));
+        }
+        append_here(e, system_ok).map(Ok)
     });
     match r {
-        Ok(Some((in_system, seq))) => Outcome::Appended(in_system, seq),
-        Ok(None) => Outcome::Busy,
-        Err(msg) => Outcome::Failed(msg),
+        Ok(Ok(Some((in_system, seq)))) => Outcome::Appended(in_system, seq),
+        Ok(Ok(None)) => Outcome::Busy,
+        Ok(Err(msg)) | Err(msg) => Outcome::Failed(msg),
+    }
+}
+
+/// `append`'s work on the node that keeps the ledger: (in the audit chain, seq), or
+/// None when the chains it may use are busy.
+fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(bool, i64)>> {
+    let system = crate::ledger::names::AUDIT_CHAIN;
+    let chain = if crate::locks::ledger_tenant_try(&e.tenant) {
+        e.tenant.as_str()
+    } else if system_ok && crate::locks::ledger_tenant_try(system) {
+        system
+    } else {
+        return Ok(None);
+    };
+    crate::ledger::append::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)
+        .map(|(seq, _)| Some((chain == system, seq)))
+}
+
+/// Appends `e` on the Citus coordinator: `pgseal._audit_append_forwarded` there, over
+/// a connection of its own (Citus's `run_command_on_coordinator`), which commits
+/// before it answers, so the entry is durable there when this returns Ok(Some).
+fn forward(e: &Entry, system_ok: bool) -> Result<Option<(bool, i64)>, String> {
+    let row = Spi::get_two_with_args::<bool, String>(
+        "SELECT r.success, r.result FROM pg_catalog.run_command_on_coordinator(pg_catalog.format(\
+             'SELECT pgseal._audit_append_forwarded(%L, %L, %L, %L, %L, %L)', $1, $2, $3, $4, $5, $6)) r",
+        &[
+            e.tenant.as_str().into(),
+            e.event.as_str().into(),
+            e.payload.as_str().into(),
+            e.actor.as_str().into(),
+            e.role.as_str().into(),
+            system_ok.into(),
+        ],
+    )
+    .map_err(|err| err.to_string())?;
+    match row {
+        (Some(true), Some(result)) => parse_forwarded(&result)
+            .ok_or_else(|| "the coordinator answered the forwarded entry unexpectedly".to_owned()),
+        (_, result) => Err(format!(
+            "the coordinator did not record the entry: {}",
+            result.unwrap_or_default()
+        )),
+    }
+}
+
+/// `_audit_append_forwarded`'s answer: `busy`, or `<in audit chain t|f>:<seq>`.
+fn parse_forwarded(result: &str) -> Option<Option<(bool, i64)>> {
+    if result == "busy" {
+        return Some(None);
+    }
+    let (system, seq) = result.split_once(':')?;
+    let system = match system {
+        "t" => true,
+        "f" => false,
+        _ => return None,
+    };
+    Some(Some((system, seq.parse().ok()?)))
+}
+
+/// `pgseal._audit_append_forwarded(tenant, event, payload, actor, db_role,
+/// system_ok)`: a Citus worker's audit writer appends its entry here, on the
+/// coordinator, as `append` would (the tenant's chain, else with `system_ok` the
+/// audit chain, else `busy`), in the calling connection's transaction, which
+/// commits before the worker reads the answer. Superuser only (it records any role
+/// and pgseal's reserved events): no role is granted it, and it checks.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _audit_append_forwarded(
+    tenant: &str,
+    event: &str,
+    payload: &str,
+    actor: &str,
+    db_role: &str,
+    system_ok: bool,
+) -> String {
+    use crate::error::OrRaise;
+    // SAFETY: superuser() reads the current user's role attributes; no preconditions
+    // inside a transaction.
+    if !unsafe { pg_sys::superuser() } {
+        Err::<(), _>(crate::error::SealError::Forbidden(
+            "only a superuser (a Citus worker's audit writer) appends forwarded audit entries",
+        ))
+        .or_raise();
+    }
+    crate::pg::xact::require_read_write("_audit_append_forwarded").or_raise();
+    let e = Entry {
+        tenant: tenant.to_owned(),
+        actor: actor.to_owned(),
+        role: db_role.to_owned(),
+        event: event.to_owned(),
+        payload: payload.to_owned(),
+    };
+    /// Clears `FORWARDED` however the append ends (an ERROR unwinds through it).
+    struct Forwarding;
+    impl Drop for Forwarding {
+        fn drop(&mut self) {
+            FORWARDED.with(|f| f.set(false));
+        }
+    }
+    FORWARDED.with(|f| f.set(true));
+    let forwarding = Forwarding;
+    let r = append_here(&e, system_ok);
+    drop(forwarding);
+    match r.or_raise() {
+        None => "busy".to_owned(),
+        Some((system, seq)) => format!("{}:{seq}", if system { "t" } else { "f" }),
     }
 }
 

@@ -111,6 +111,14 @@ fn append_stored(
     let recorded_at = TimestampWithTimeZone::try_from(at)
         .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
     if !heads::is_current(tenant) {
+        // On Citus the ledger is kept on the coordinator (docs/SCALING.md): a chain
+        // appended to on a worker too would fork. A worker's decrypt audit reaches
+        // the coordinator through its audit writer (`audit_worker::writer`).
+        if crate::pg::citus::is_worker()? {
+            return Err(SealError::NotSupported(
+                "on Citus, pgseal's ledger is kept on the coordinator: append through the coordinator (this node is a worker)",
+            ));
+        }
         let (head, row, key) = chain_lock::lock_and_load(tenant)?;
         // After a subtransaction abort the key itself may have been rolled back,
         // so it is looked up again too.

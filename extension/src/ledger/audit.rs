@@ -71,10 +71,19 @@ fn current_role() -> pg_sys::Oid {
 
 /// Checks, before any decrypting, that this decrypt can be audited.
 pub fn before_decrypt() -> SealResult<()> {
-    if mode() == AuditDecrypt::Commit && !in_recovery() && read_only() {
-        return Err(SealError::ReadOnly(
-            "vault_decrypt with pgseal.audit_decrypt = commit",
-        ));
+    if mode() == AuditDecrypt::Commit && !in_recovery() {
+        if read_only() {
+            return Err(SealError::ReadOnly(
+                "vault_decrypt with pgseal.audit_decrypt = commit",
+            ));
+        }
+        // A Citus worker keeps no ledger, and a failure of its commit may never reach
+        // the coordinator's client: only the audit writer (`on`) records there.
+        if crate::pg::citus::is_worker()? {
+            return Err(SealError::NotSupported(
+                "on a Citus worker, vault_decrypt needs pgseal.audit_decrypt = on (the decrypts are recorded on the coordinator by the audit writer)",
+            ));
+        }
     }
     Ok(())
 }
@@ -229,7 +238,9 @@ fn log_standby_counts(key_id: &str, u: &KeyUse, outcome: &str) {
 /// roll back) or is read-only (it cannot write). Written counts stay listed, so an
 /// abort after this (the commit failed) still hands them to the writer.
 pub fn flush_decrypts(preparing: bool) -> SealResult<()> {
-    let keep_for_end = preparing || read_only();
+    // A Citus worker keeps no ledger: its counts go to the audit writer at the end,
+    // which appends them on the coordinator.
+    let keep_for_end = preparing || read_only() || crate::pg::citus::is_worker()?;
     let recovery = in_recovery();
     let todo: Vec<(String, String, serde_json::Value, (String, String))> = DECRYPTS.with(|d| {
         let mut d = d.borrow_mut();

@@ -1,6 +1,7 @@
 //! PostgreSQL plumbing: code that relies on PostgreSQL's internal contracts rather
 //! than on pgrx's safe API. Read `README.md` here before editing any of it.
 //!
+//! - `citus`: whether Citus is installed, and whether this node is a Citus worker;
 //! - `compat`: structures whose layout differs between the versions pgseal builds for;
 //! - `rls_guard`: refuses COPY FROM, and INSERT … SELECT that Citus copies, into a
 //!   table under row level security, before Citus can write without the check;
@@ -13,6 +14,7 @@
 //! - `jsonb`: `jsonb` arguments read through `jsonb_out`;
 //! - `plaintext`: `vault_decrypt`'s result written in place.
 
+pub mod citus;
 pub mod compat;
 pub mod head_read;
 pub mod head_write;

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Citus rows of `make bench` (docs/SCALING.md). Sourced by scripts/bench.sh with the
+# bench cluster running (psql_, PORT, N, ROOT, KEYFILE set): that one node is the peer.
+# On PostgreSQL 16 and later with Citus installed (scripts/citus.sh build), it starts a
+# coordinator and two workers on this machine with the bench cluster's settings and
+# pgseal's keys distributed (pgseal.citus_distribute()), and measures, as ratios
+# against the one node:
+#   1. vault_decrypt over N sealed tokens of one tenant, one statement (the tenant's
+#      shard is on one worker, where the decrypts run; the sum comes back): µs per
+#      row, through the coordinator ÷ on the one node        target: ≤ 1.5×
+#   2. a transaction that decrypts one token of one of 1,000 tenants (set_tenant, one
+#      SELECT by primary key, commit; audit_decrypt = on, the default), 1 client:
+#      ms per transaction through the coordinator ÷ on the one node   target: ≤ 3×
+#      and the same sent to the worker that holds the rows (no hop; the key is read
+#      again each transaction on Citus), for what the hop itself costs.
+# Ledger appends are not measured: the ledger is not distributed yet (docs/SCALING.md).
+set -euo pipefail
+CITUS_SECS=${PGSEAL_BENCH_SECONDS:-10}
+if [ "$PGSEAL_PG" -lt 16 ]; then
+    echo "Citus rows: skipped on PostgreSQL $PGSEAL_PG (Citus 14 supports 16 to 18; make bench PG=18)"
+    return 0
+fi
+citus_rc=0
+bash "$ROOT/scripts/citus.sh" build >/dev/null 2>&1 || citus_rc=$?
+if [ "$citus_rc" = 3 ]; then
+    echo "Citus rows: skipped (no vendored Citus source; see scripts/citus.sh)"
+    return 0
+elif [ "$citus_rc" != 0 ]; then
+    echo "scripts/citus.sh build failed ($citus_rc)" >&2
+    return "$citus_rc"
+fi
+
+CW=$(mktemp -d)
+CPORTS=(54396 54397 54398)
+trap 'rm -rf "$CW" "$KEYFILE"; for p in 0 1 2; do bash "$ROOT/scripts/cluster.sh" stop "$DIR-citus$p" >/dev/null 2>&1 || true; done; bash "$ROOT/scripts/cluster.sh" stop "$DIR"' EXIT
+for i in 0 1 2; do
+    bash "$ROOT/scripts/cluster.sh" start "$DIR-citus$i" "${CPORTS[$i]}" "$KEYFILE" \
+        "shared_preload_libraries = 'citus,pgseal'" "max_prepared_transactions = 100" \
+        "shared_buffers = 512MB" "max_parallel_workers_per_gather = 0" "jit = off" "fsync = on" "max_connections = 60"
+done
+cpsql() { local p=$1; shift; psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$p" -U postgres -d postgres "$@"; }
+for p in "${CPORTS[@]}"; do cpsql "$p" -c "CREATE EXTENSION citus"; done
+cpsql "${CPORTS[0]}" -c "SELECT citus_set_coordinator_host('127.0.0.1', ${CPORTS[0]})" \
+    -c "SELECT citus_add_node('127.0.0.1', ${CPORTS[1]})" -c "SELECT citus_add_node('127.0.0.1', ${CPORTS[2]})" >/dev/null
+cpsql "${CPORTS[0]}" -c "CREATE EXTENSION pgseal" -c "SELECT pgseal.citus_distribute()" >/dev/null
+
+# The same data on both sides: N tokens of tenant 'bench' (row 1) and 1,000 tenants
+# with 20 tokens each (row 2), sealed by their tenants.
+load() {
+    local p=$1 dist=$2
+    cpsql "$p" <<SQL
+CREATE TABLE ctok (tenant_id text NOT NULL, i int NOT NULL, sealed text, PRIMARY KEY (tenant_id, i));
+$dist
+BEGIN; SELECT pgseal.set_tenant('bench');
+INSERT INTO ctok SELECT 'bench', i, pgseal.vault_seal(rpad('sk-live-' || md5(i::text), 60, 'x'), 'ctok') FROM generate_series(1, $N) i;
+COMMIT;
+SQL
+    for t in $(seq 1 1000); do
+        printf "BEGIN; SELECT pgseal.set_tenant('t%s'); INSERT INTO ctok SELECT 't%s', i, pgseal.vault_seal(rpad('sk-live-' || md5(i::text), 60, 'x'), 'ctok') FROM generate_series(1, 20) i; COMMIT;\n" "$t" "$t"
+    done | cpsql "$p" >/dev/null
+    cpsql "$p" -c "VACUUM ANALYZE ctok"
+}
+load "$PORT" ""
+# Citus evaluates vault_seal on the coordinator for INSERT ... SELECT from
+# generate_series, then routes the rows.
+load "${CPORTS[0]}" "SELECT create_distributed_table('ctok', 'tenant_id');" >/dev/null
+W1=${CPORTS[1]}
+
+# Row 1: fastest of 5 runs of the one-statement decrypt, ms.
+time_at() {
+    local p=$1 q=$2 best=()
+    for _ in 1 2 3 4 5; do
+        # set_tenant: Citus sends the tenant to the worker only as a SET LOCAL.
+        best+=("$(cpsql "$p" -c BEGIN -c "SELECT pgseal.set_tenant('bench')" -c '\timing on' -c "$q" -c COMMIT \
+            | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | head -1)")
+    done
+    printf '%s\n' "${best[@]}" | sort -n | head -1
+}
+Q1="SELECT sum(length(pgseal.vault_decrypt(sealed, 'ctok'))) FROM ctok WHERE tenant_id = 'bench'"
+F1="SELECT sum(length(sealed)) FROM ctok WHERE tenant_id = 'bench'"
+one_ms=$(time_at "$PORT" "$Q1"); one_floor=$(time_at "$PORT" "$F1")
+co_ms=$(time_at "${CPORTS[0]}" "$Q1"); co_floor=$(time_at "${CPORTS[0]}" "$F1")
+[ "$(cpsql "${CPORTS[0]}" -c BEGIN -c "SELECT pgseal.set_tenant('bench')" -c "SELECT count(*) FROM ctok WHERE tenant_id = 'bench' AND pgseal.vault_decrypt(sealed, 'ctok') <> rpad('sk-live-' || md5(i::text), 60, 'x')" -c COMMIT | sed -n 2p)" = 0 ] \
+    || { echo "vault_decrypt through the coordinator returned wrong plaintext" >&2; exit 1; }
+
+# Row 2: one decrypting transaction per tenant drawn at random, pgbench, 1 client;
+# mean ms per transaction. The worker run uses the tenants whose rows it holds.
+cat > "$CW/one.sql" <<'SQL'
+\set t random(1, 1000)
+\set i random(1, 20)
+BEGIN;
+SELECT pgseal.set_tenant('t' || :t);
+SELECT length(pgseal.vault_decrypt(sealed, 'ctok')) FROM ctok WHERE tenant_id = 't' || :t AND i = :i;
+COMMIT;
+SQL
+txn_ms() {
+    "$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench" -n -h 127.0.0.1 -p "$1" -U postgres -M prepared -c 1 -T "$2" \
+        -f "$3" postgres 2>/dev/null | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p'
+}
+txn_ms "$PORT" 2 "$CW/one.sql" >/dev/null
+one_txn=$(txn_ms "$PORT" "$CITUS_SECS" "$CW/one.sql")
+co_txn=$(txn_ms "${CPORTS[0]}" "$CITUS_SECS" "$CW/one.sql")
+# On the worker: only tenants whose shard it holds (read from its own placements).
+wk_tenants=$(cpsql "${CPORTS[0]}" -c "SELECT string_agg(r.result, ',') FROM run_command_on_placements('ctok', 'SELECT string_agg(DISTINCT substr(tenant_id, 2), '','') FROM %s WHERE tenant_id LIKE ''t%%''') r WHERE r.nodeport = $W1 AND r.result <> ''")
+cat > "$CW/worker.sql" <<SQL
+\\set k random(1, $(echo "$wk_tenants" | tr ',' '\n' | grep -c .))
+\\set i random(1, 20)
+BEGIN;
+SELECT pgseal.set_tenant('t' || (('{$wk_tenants}'::int[])[:k]));
+SELECT length(pgseal.vault_decrypt(sealed, 'ctok')) FROM ctok WHERE tenant_id = 't' || (('{$wk_tenants}'::int[])[:k]) AND i = :i;
+COMMIT;
+SQL
+wk_txn=$(txn_ms "$W1" "$CITUS_SECS" "$CW/worker.sql")
+
+python3 - "$N" "$one_ms" "$one_floor" "$co_ms" "$co_floor" "$one_txn" "$co_txn" "$wk_txn" <<'PY'
+import sys
+n = int(sys.argv[1])
+one_ms, one_floor, co_ms, co_floor, one_txn, co_txn, wk_txn = map(float, sys.argv[2:])
+ok = lambda met: "PASS" if met else "MISS"
+one_us = one_ms * 1000.0 / n
+co_us = co_ms * 1000.0 / n
+print("| Citus figure | through the coordinator | one node | ratio | target |")
+print("|---|---:|---:|---:|---|")
+r1 = co_us / one_us
+print("| vault_decrypt, %d rows of one tenant in one statement (µs/row; scan alone: %.3f / %.3f) | %.3f | %.3f | %.2f× | ≤ 1.5× %s |"
+      % (n, co_floor * 1000.0 / n, one_floor * 1000.0 / n, co_us, one_us, r1, ok(r1 <= 1.5)))
+r2 = co_txn / one_txn
+print("| one decrypting transaction, 1 of 1,000 tenants, 1 client (ms/txn) | %.3f | %.3f | %.2f× | ≤ 3× %s |"
+      % (co_txn, one_txn, r2, ok(r2 <= 3.0)))
+print("(the same transaction sent to the worker holding the rows: %.3f ms, %.2f× the one node; the hop through the coordinator adds %.3f ms)"
+      % (wk_txn, wk_txn / one_txn, co_txn - wk_txn))
+print("(ledger appends through the coordinator: not measured, the ledger is not distributed yet; docs/SCALING.md)")
+PY
