@@ -74,6 +74,8 @@ BEGIN
     END IF;
     EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal.tenant_keys'')';
     EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal.tenant_keys'')';
+    -- Keys cached so far were read from this node's own table: empty every cache.
+    PERFORM pgseal._keys_changed();
     RETURN 'pgseal.tenant_keys is now a reference table';
 END
 $$;

@@ -224,6 +224,11 @@ STRICT STABLE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'ledger_id_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_keys_changed"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_keys_changed_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_audit_append_forwarded"(
 	"tenant" TEXT, /* &str */
 	"event" TEXT, /* &str */
@@ -1286,6 +1291,8 @@ BEGIN
     END IF;
     EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal.tenant_keys'')';
     EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal.tenant_keys'')';
+    -- Keys cached so far were read from this node's own table: empty every cache.
+    PERFORM pgseal._keys_changed();
     RETURN 'pgseal.tenant_keys is now a reference table';
 END
 $$;

@@ -11,6 +11,7 @@ use pgseal_core::wrap::{self, Purpose, WrapLabel};
 
 use crate::error::{SealError, SealResult};
 use crate::master;
+use crate::pg::citus;
 use crate::privilege::as_owner;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,15 +133,25 @@ pub fn take_replicated_read() -> bool {
 
 /// The first key that `query`'s `{table}` (the key table, `key_table`) returns.
 fn select_one(query: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Option<StoredKey>> {
+    let caller = citus::caller_parsing()?;
     as_owner(|| {
-        let query = query.replace("{table}", &key_table()?);
-        Spi::connect(|client| {
-            let table = client.select(&query, Some(1), args)?;
-            match table.into_iter().next() {
-                Some(row) => Ok(Some(row_to_key(&row)?)),
-                None => Ok(None),
-            }
-        })
+        let rel = key_table()?;
+        let query = query.replace("{table}", &rel);
+        let read = || {
+            Spi::connect(|client| {
+                let table = client.select(&query, Some(1), args)?;
+                match table.into_iter().next() {
+                    Some(row) => Ok(Some(row_to_key(&row)?)),
+                    None => Ok(None),
+                }
+            })
+        };
+        // Read through Citus (no copy on this node): sent to another node as text.
+        if rel == "pgseal.tenant_keys" {
+            citus::with_remote_parsing_pinned(caller.as_ref(), read)
+        } else {
+            read()
+        }
     })
 }
 
@@ -202,6 +213,15 @@ fn note_written(invalidates_other_backends: bool) {
     });
 }
 
+/// `pgseal._keys_changed()`: every backend's key cache is emptied when this
+/// transaction commits. `citus_distribute()` calls it: a key cached before the key
+/// table became a reference table would otherwise stay in use with no read of the
+/// table, so a change made through another node would never reach it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _keys_changed() {
+    note_written(true);
+}
+
 /// This transaction's key writes so far.
 pub fn writes() -> Writes {
     WRITES.with(|w| w.get())
@@ -245,6 +265,7 @@ fn make_active(
     rotate: bool,
 ) -> SealResult<(StoredKey, SecretKey, Option<serde_json::Value>)> {
     let mut retired: Option<Vec<serde_json::Value>> = None;
+    let caller = citus::caller_parsing()?;
     let made = as_owner(|| -> SealResult<(StoredKey, SecretKey)> {
         // The common case, a key that exists, needs no lock: active keys are only
         // replaced under the lock, and a reader may use the one it sees.
@@ -254,74 +275,9 @@ fn make_active(
                 return Ok((existing, key));
             }
         }
-        lock_tenant(tenant, purpose);
-        if !rotate {
-            if let Some(existing) = fetch_active_fresh(tenant, purpose)? {
-                let key = existing.unwrap_key()?;
-                return Ok((existing, key));
-            }
-        } else {
-            let old = Spi::connect_mut(|client| {
-                client
-                    .update(
-                        "UPDATE pgseal.tenant_keys SET state = 'retired', retired_at = pg_catalog.now() \
-                         WHERE tenant_id = $1 AND purpose = $2 AND state = 'active' RETURNING key_id, encryptions",
-                        None,
-                        &[tenant.into(), purpose.as_str().into()],
-                    )?
-                    .map(|row| -> Result<serde_json::Value, pgrx::spi::Error> {
-                        Ok(serde_json::json!({
-                            "key_id": row.get::<String>(1)?,
-                            "encryptions": row.get::<i64>(2)?,
-                        }))
-                    })
-                    .collect::<Result<Vec<_>, pgrx::spi::Error>>()
-            })?;
-            retired = Some(old);
-        }
-        let key = SecretKey::random();
-        let key_id = new_key_id();
-        let (ver, wrapped) = master::with_active(|ver, kek| {
-            let label = WrapLabel {
-                purpose,
-                tenant,
-                key_id: &key_id,
-                kek_version: ver,
-            };
-            Ok((ver, wrap::wrap(kek, label, &key)))
-        })?;
-        let inserted = Spi::connect_mut(|client| {
-            client.update(
-            "INSERT INTO pgseal.tenant_keys (key_id, tenant_id, purpose, state, kek_version, wrapped) \
-             VALUES ($1, $2, $3, 'active', $4, $5) \
-             ON CONFLICT (tenant_id, purpose) WHERE state = 'active' DO NOTHING RETURNING key_id",
-            Some(1),
-            &[key_id.as_str().into(), tenant.into(), purpose.as_str().into(), (ver as i32).into(), wrapped.into()],
-        ).map(|t| (!t.is_empty()).then_some(()))
-        });
-        match inserted? {
-            Some(_) => {}
-            // Every pgseal path takes the key-creation lock first, so a conflict here means
-            // a writer that bypassed it (a manual INSERT); use the key it committed.
-            None => {
-                let existing = fetch_active_fresh(tenant, purpose)?
-                    .ok_or(SealError::Internal("active key vanished"))?;
-                let key = existing.unwrap_key()?;
-                return Ok((existing, key));
-            }
-        }
-        note_written(rotate);
-        // `wrapped: None` marks a key made here (the paths above return stored keys).
-        let stored = StoredKey {
-            key_id,
-            tenant: tenant.to_owned(),
-            purpose,
-            state: KeyState::Active,
-            kek_version: Some(ver as i32),
-            wrapped: None,
-            encryptions: 0,
-        };
-        Ok((stored, key))
+        citus::with_remote_parsing_pinned(caller.as_ref(), || {
+            make_under_lock(tenant, purpose, rotate, &mut retired)
+        })
     })?;
     let payload = match retired {
         Some(retired) if purpose == Purpose::Dek && made.0.wrapped.is_none() => {
@@ -336,17 +292,99 @@ fn make_active(
     Ok((made.0, made.1, payload))
 }
 
+/// `make_active` past the fast path: under the tenant's key-creation lock, the key
+/// another transaction made meanwhile, or (with `rotate`, after retiring the active
+/// key into `retired`) a new key. Runs as the owner.
+fn make_under_lock(
+    tenant: &str,
+    purpose: Purpose,
+    rotate: bool,
+    retired: &mut Option<Vec<serde_json::Value>>,
+) -> SealResult<(StoredKey, SecretKey)> {
+    lock_tenant(tenant, purpose);
+    if !rotate {
+        if let Some(existing) = fetch_active_fresh(tenant, purpose)? {
+            let key = existing.unwrap_key()?;
+            return Ok((existing, key));
+        }
+    } else {
+        let old = Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE pgseal.tenant_keys SET state = 'retired', retired_at = pg_catalog.now() \
+                     WHERE tenant_id = $1 AND purpose = $2 AND state = 'active' RETURNING key_id, encryptions",
+                    None,
+                    &[tenant.into(), purpose.as_str().into()],
+                )?
+                .map(|row| -> Result<serde_json::Value, pgrx::spi::Error> {
+                    Ok(serde_json::json!({
+                        "key_id": row.get::<String>(1)?,
+                        "encryptions": row.get::<i64>(2)?,
+                    }))
+                })
+                .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        })?;
+        *retired = Some(old);
+    }
+    let key = SecretKey::random();
+    let key_id = new_key_id();
+    let (ver, wrapped) = master::with_active(|ver, kek| {
+        let label = WrapLabel {
+            purpose,
+            tenant,
+            key_id: &key_id,
+            kek_version: ver,
+        };
+        Ok((ver, wrap::wrap(kek, label, &key)))
+    })?;
+    let inserted = Spi::connect_mut(|client| {
+        client.update(
+        "INSERT INTO pgseal.tenant_keys (key_id, tenant_id, purpose, state, kek_version, wrapped) \
+         VALUES ($1, $2, $3, 'active', $4, $5) \
+         ON CONFLICT (tenant_id, purpose) WHERE state = 'active' DO NOTHING RETURNING key_id",
+        Some(1),
+        &[key_id.as_str().into(), tenant.into(), purpose.as_str().into(), (ver as i32).into(), wrapped.into()],
+    ).map(|t| (!t.is_empty()).then_some(()))
+    });
+    match inserted? {
+        Some(_) => {}
+        // Every pgseal path takes the key-creation lock first, so a conflict here means
+        // a writer that bypassed it (a manual INSERT); use the key it committed.
+        None => {
+            let existing = fetch_active_fresh(tenant, purpose)?
+                .ok_or(SealError::Internal("active key vanished"))?;
+            let key = existing.unwrap_key()?;
+            return Ok((existing, key));
+        }
+    }
+    note_written(rotate);
+    // `wrapped: None` marks a key made here (the paths above return stored keys).
+    let stored = StoredKey {
+        key_id,
+        tenant: tenant.to_owned(),
+        purpose,
+        state: KeyState::Active,
+        kek_version: Some(ver as i32),
+        wrapped: None,
+        encryptions: 0,
+    };
+    Ok((stored, key))
+}
+
 /// Destroys every data key of the tenant; returns the ids of the keys destroyed
 /// (the caller records them: `key.shredded`).
 pub fn shred(tenant: &str) -> SealResult<Vec<String>> {
+    let caller = citus::caller_parsing()?;
     let ids = as_owner(|| {
-        Spi::get_one_with_args::<Vec<String>>(
+        citus::with_remote_parsing_pinned(caller.as_ref(), || {
+        Ok(Spi::get_one_with_args::<Vec<String>>(
             "WITH d AS (UPDATE pgseal.tenant_keys SET state = 'destroyed', wrapped = NULL, kek_version = NULL, \
                  destroyed_at = pg_catalog.now() \
              WHERE tenant_id = $1 AND purpose = 'dek' AND state <> 'destroyed' RETURNING key_id) \
              SELECT pg_catalog.array_agg(d.key_id ORDER BY d.key_id) FROM d",
             &[tenant.into()],
-        )
+        )?)
+        })
     })?
     .unwrap_or_default();
     note_written(true);
@@ -387,83 +425,12 @@ pub fn kek_rewrap(batch: i32) -> SealResult<(i32, Option<serde_json::Value>)> {
     }
     let active = master::with_active(|v, _| Ok(v))? as i32;
     // tenant → (data keys, ledger keys, checkpoint keys, master versions they were under)
-    #[allow(clippy::type_complexity)]
-    let mut moved: std::collections::BTreeMap<
-        String,
-        (i64, i64, i64, std::collections::BTreeSet<i32>),
-    > = Default::default();
+    let mut moved: Moved = Default::default();
+    let caller = citus::caller_parsing()?;
     let n = as_owner(|| -> SealResult<i32> {
-        // connect_mut: a locking read must not run as a read-only SPI query, which
-        // pgrx would choose when this (sub)transaction has no xid yet.
-        // Two range scans of `tenant_keys_kek_version` (kek_version, key_id), below
-        // the active version and then above it, each stopping after the rows it
-        // returns: keys already rewrapped are under the active version, outside
-        // both ranges, so a batch reads only what is left (a scan in key_id order
-        // with a filter read every key rewrapped so far, on every batch).
-        let rows: Vec<StoredKey> = Spi::connect_mut(|client| -> SealResult<Vec<StoredKey>> {
-            let mut rows = Vec::new();
-            for range in ["<", ">"] {
-                let want = batch as usize - rows.len();
-                if want == 0 {
-                    break;
-                }
-                let table = client.update(
-                    &format!(
-                        "SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE state <> 'destroyed' AND kek_version {range} $1 \
-                         ORDER BY kek_version, key_id LIMIT $2 FOR UPDATE SKIP LOCKED"
-                    ),
-                    None,
-                    &[active.into(), (want as i32).into()],
-                )?;
-                for row in table {
-                    rows.push(row_to_key(&row)?);
-                }
-            }
-            Ok(rows)
-        })?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut blobs = Vec::with_capacity(rows.len());
-        master::with_ring(|ring| {
-            let pref = crate::gucs::preferred_master_version();
-            let (ver, kek) = ring
-                .active(pref)
-                .ok_or(SealError::MasterVersionMissing(pref.unwrap_or(0)))?;
-            for r in &rows {
-                let key = r.unwrap_key_with(ring)?;
-                let label = WrapLabel {
-                    purpose: r.purpose,
-                    tenant: &r.tenant,
-                    key_id: &r.key_id,
-                    kek_version: ver,
-                };
-                ids.push(r.key_id.clone());
-                blobs.push(wrap::wrap(kek, label, &key));
-                let m = moved.entry(r.tenant.clone()).or_default();
-                match r.purpose {
-                    Purpose::Dek => m.0 += 1,
-                    Purpose::Ledger => m.1 += 1,
-                    // The database's checkpoint key (tenant `_pgseal`).
-                    Purpose::Checkpoint => m.2 += 1,
-                }
-                m.3.extend(r.kek_version);
-            }
-            Ok(())
-        })?;
-        let n = ids.len() as i32;
-        // One primary-key probe per key. The planner, which sees the batch's size,
-        // otherwise hashes it and joins it with a scan of the whole table: work in
-        // proportion to every key there is, on every batch.
-        with_nested_loops(|| {
-            Spi::run_with_args(
-                "UPDATE pgseal.tenant_keys k SET wrapped = u.wrapped, kek_version = $3 \
-                 FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(key_id, wrapped) WHERE k.key_id = u.key_id",
-                &[ids.into(), blobs.into(), active.into()],
-            )
-        })?;
-        Ok(n)
+        citus::with_remote_parsing_pinned(caller.as_ref(), || {
+            rewrap_batch(batch, active, &mut moved)
+        })
     })?;
     if !moved.is_empty() {
         let mut from_versions = std::collections::BTreeSet::new();
@@ -488,6 +455,85 @@ pub fn kek_rewrap(batch: i32) -> SealResult<(i32, Option<serde_json::Value>)> {
     Ok((n, None))
 }
 
+/// Per tenant: (data keys, ledger keys, checkpoint keys, master versions they were under).
+type Moved = std::collections::BTreeMap<String, (i64, i64, i64, std::collections::BTreeSet<i32>)>;
+
+/// One batch of `kek_rewrap`, as the owner: rewraps up to `batch` keys not under
+/// master version `active` and counts them into `moved`; returns how many.
+fn rewrap_batch(batch: i32, active: i32, moved: &mut Moved) -> SealResult<i32> {
+    // connect_mut: a locking read must not run as a read-only SPI query, which
+    // pgrx would choose when this (sub)transaction has no xid yet.
+    // Two range scans of `tenant_keys_kek_version` (kek_version, key_id), below
+    // the active version and then above it, each stopping after the rows it
+    // returns: keys already rewrapped are under the active version, outside
+    // both ranges, so a batch reads only what is left (a scan in key_id order
+    // with a filter read every key rewrapped so far, on every batch).
+    let rows: Vec<StoredKey> = Spi::connect_mut(|client| -> SealResult<Vec<StoredKey>> {
+        let mut rows = Vec::new();
+        for range in ["<", ">"] {
+            let want = batch as usize - rows.len();
+            if want == 0 {
+                break;
+            }
+            let table = client.update(
+                &format!(
+                    "SELECT {COLUMNS} FROM pgseal.tenant_keys WHERE state <> 'destroyed' AND kek_version {range} $1 \
+                     ORDER BY kek_version, key_id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                ),
+                None,
+                &[active.into(), (want as i32).into()],
+            )?;
+            for row in table {
+                rows.push(row_to_key(&row)?);
+            }
+        }
+        Ok(rows)
+    })?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut blobs = Vec::with_capacity(rows.len());
+    master::with_ring(|ring| {
+        let pref = crate::gucs::preferred_master_version();
+        let (ver, kek) = ring
+            .active(pref)
+            .ok_or(SealError::MasterVersionMissing(pref.unwrap_or(0)))?;
+        for r in &rows {
+            let key = r.unwrap_key_with(ring)?;
+            let label = WrapLabel {
+                purpose: r.purpose,
+                tenant: &r.tenant,
+                key_id: &r.key_id,
+                kek_version: ver,
+            };
+            ids.push(r.key_id.clone());
+            blobs.push(wrap::wrap(kek, label, &key));
+            let m = moved.entry(r.tenant.clone()).or_default();
+            match r.purpose {
+                Purpose::Dek => m.0 += 1,
+                Purpose::Ledger => m.1 += 1,
+                // The database's checkpoint key (tenant `_pgseal`).
+                Purpose::Checkpoint => m.2 += 1,
+            }
+            m.3.extend(r.kek_version);
+        }
+        Ok(())
+    })?;
+    let n = ids.len() as i32;
+    // One primary-key probe per key. The planner, which sees the batch's size,
+    // otherwise hashes it and joins it with a scan of the whole table: work in
+    // proportion to every key there is, on every batch.
+    with_nested_loops(|| {
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_keys k SET wrapped = u.wrapped, kek_version = $3 \
+             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.bytea[])) AS u(key_id, wrapped) WHERE k.key_id = u.key_id",
+            &[ids.into(), blobs.into(), active.into()],
+        )
+    })?;
+    Ok(n)
+}
+
 /// Writes per-key encryption counts back (once per transaction, at pre-commit):
 /// each key's count becomes the larger of its count plus `adds` and its shared total
 /// (NULL when the key has none; `GREATEST` ignores NULL).
@@ -496,14 +542,17 @@ pub fn add_encryptions(
     adds: Vec<i64>,
     totals: Vec<Option<i64>>,
 ) -> SealResult<()> {
+    let caller = citus::caller_parsing()?;
     as_owner(|| {
-        Spi::run_with_args(
+        citus::with_remote_parsing_pinned(caller.as_ref(), || {
+            Spi::run_with_args(
             "UPDATE pgseal.tenant_keys k SET encryptions = GREATEST(k.encryptions OPERATOR(pg_catalog.+) u.n, u.total) \
              FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.int8[]), \
                              pg_catalog.unnest($3::pg_catalog.int8[])) AS u(key_id, n, total) \
              WHERE k.key_id OPERATOR(pg_catalog.=) u.key_id",
             &[ids.into(), adds.into(), totals.into()],
         )?;
-        Ok(())
+            Ok(())
+        })
     })
 }

@@ -999,3 +999,156 @@ fn the_ledger_is_one_chain_per_tenant_on_the_coordinator() {
         );
     }
 }
+
+/// pgseal's own statements on the key table run as the extension owner and Citus
+/// sends them to every node as text, after replaying the caller's `SET LOCAL`s there:
+/// an application role that sets its `search_path` to a schema with its own `bytea`
+/// and `text` (domains whose check calls its function) must not get that function
+/// run as the owner on another node when its first seal makes a key, nor see the
+/// wrapped key in Citus's logging of the commands it sends.
+#[test]
+fn key_writes_through_citus_ignore_the_callers_settings() {
+    if !citus::enabled("key_writes_through_citus_ignore_the_callers_settings") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-keywrite");
+    let mut c = cc.coordinator.connect();
+    c.batch_execute("CREATE EXTENSION pgseal; CREATE ROLE app LOGIN")
+        .unwrap();
+    c.batch_execute(
+        "GRANT pgseal_seal TO app;
+         CREATE SCHEMA evil AUTHORIZATION app;
+         SELECT pgseal.citus_distribute();",
+    )
+    .unwrap();
+    let mut a = app(&cc.coordinator);
+    a.batch_execute(
+        "CREATE FUNCTION evil.pwn(x anyelement) RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_setting('is_superuser') = 'on' THEN
+                 EXECUTE 'CREATE TABLE IF NOT EXISTS public.ran_as_superuser (x int)';
+             END IF;
+             RETURN true;
+         END $$;
+         CREATE DOMAIN evil.bytea AS pg_catalog.bytea CHECK (evil.pwn(VALUE));
+         CREATE DOMAIN evil.text AS pg_catalog.text CHECK (evil.pwn(VALUE));
+         CREATE DOMAIN evil.int4 AS pg_catalog.int4 CHECK (evil.pwn(VALUE));
+         CREATE DOMAIN evil.int8 AS pg_catalog.int8 CHECK (evil.pwn(VALUE));",
+    )
+    .unwrap();
+    // Through every node: seal (a new key, written to every copy), and seal again
+    // (the count written back to every copy).
+    for (i, node) in cc.nodes().enumerate() {
+        let tenant = format!("victim{i}");
+        // The notices the session receives.
+        let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = notices.clone();
+        let mut cfg = node.config();
+        cfg.user("app").notice_callback(move |n| {
+            seen.lock().unwrap().push(n.message().to_owned());
+        });
+        let mut s = cfg.connect(postgres::NoTls).unwrap();
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+            .unwrap();
+        tx.batch_execute(
+            "SET LOCAL search_path = evil, pg_catalog;
+             SET LOCAL citus.log_remote_commands = on;
+             SET LOCAL citus.log_local_commands = on;
+             SET LOCAL standard_conforming_strings = off;",
+        )
+        .unwrap();
+        let sealed: String = tx
+            .query_one("SELECT pgseal.vault_seal('s3cret', 'c')", &[])
+            .unwrap()
+            .get(0);
+        tx.query_one("SELECT pgseal.vault_seal('again', 'c')", &[])
+            .unwrap();
+        // The caller's settings are as it left them, here and for its later queries.
+        let path: String = tx
+            .query_one("SELECT current_setting('search_path')", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(path, "evil, pg_catalog");
+        tx.commit().unwrap();
+        assert!(sealed.starts_with("v2:"), "{sealed}");
+        let notices = notices.lock().unwrap();
+        assert!(
+            notices.iter().all(|n| !n.contains("tenant_keys")),
+            "port {}: {notices:?}",
+            node.port
+        );
+    }
+    for node in cc.nodes() {
+        let ran = pgseal_tests::count(
+            &mut node.connect(),
+            "SELECT count(*) FROM pg_class WHERE relname = 'ran_as_superuser'",
+        );
+        assert_eq!(
+            ran, 0,
+            "the caller's function ran as a superuser on port {}",
+            node.port
+        );
+    }
+    // Every copy holds the same keys, byte for byte, and the same counts.
+    let copies: Vec<String> = c
+        .query(
+            "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', \
+             'SELECT md5(string_agg(key_id || encode(wrapped, ''hex'') || encryptions, '','' ORDER BY key_id)) FROM %s') \
+             ORDER BY nodeport",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(copies.len(), 3);
+    assert!(copies.iter().all(|h| *h == copies[0]), "{copies:?}");
+}
+
+/// A key cached on the coordinator before `citus_distribute()` is read again after
+/// it: a change to the key table made through a worker then reaches a session that
+/// had the key cached all along.
+#[test]
+fn keys_cached_before_distribution_follow_the_reference_table() {
+    if !citus::enabled("keys_cached_before_distribution_follow_the_reference_table") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-precache");
+    let mut c = cc.coordinator.connect();
+    c.batch_execute("CREATE EXTENSION pgseal").unwrap();
+    let mut s = cc.coordinator.connect();
+    let decrypt = |s: &mut postgres::Client, sealed: &str| -> Result<String, String> {
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('tx')", &[]).unwrap();
+        let r = tx.query_one("SELECT pgseal.vault_decrypt($1, 'c')", &[&sealed]);
+        let _ = tx.commit();
+        r.map(|r| r.get(0)).map_err(|e| message::<()>(Err(e)))
+    };
+    let sealed: String = {
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('tx')", &[]).unwrap();
+        let v = tx
+            .query_one("SELECT pgseal.vault_seal('secret-x', 'c')", &[])
+            .unwrap()
+            .get(0);
+        tx.commit().unwrap();
+        v
+    };
+    assert_eq!(decrypt(&mut s, &sealed), Ok("secret-x".to_owned()));
+    c.batch_execute("SELECT pgseal.citus_distribute()").unwrap();
+    assert_eq!(decrypt(&mut s, &sealed), Ok("secret-x".to_owned()));
+    // Destroyed in every copy, through a worker (as tenant_shred would, were it not
+    // recorded in the coordinator's ledger).
+    cc.workers[0]
+        .connect()
+        .batch_execute(
+            "UPDATE pgseal.tenant_keys SET state = 'destroyed', wrapped = NULL, kek_version = NULL \
+             WHERE tenant_id = 'tx' AND purpose = 'dek'",
+        )
+        .unwrap();
+    assert_eq!(
+        decrypt(&mut s, &sealed),
+        Err("sealed value's key has been destroyed".to_owned())
+    );
+}

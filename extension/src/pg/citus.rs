@@ -45,3 +45,69 @@ pub const TXN: Participant = Participant {
     end: Some(|_| WORKER.with(|w| w.set(None))),
     ..Participant::NONE
 };
+
+/// How the caller's session parses SQL, to restore on the other nodes after
+/// `with_remote_parsing_pinned`: its `search_path` (the schemas it resolves to, each
+/// quoted) and `standard_conforming_strings`. None without Citus. Read before
+/// `as_owner` pins the path, under the caller's own settings (the query names
+/// everything with its schema).
+pub struct CallerParsing {
+    search_path: String,
+    standard_conforming_strings: String,
+}
+
+pub fn caller_parsing() -> SealResult<Option<CallerParsing>> {
+    if !present() {
+        return Ok(None);
+    }
+    let (path, scs) = Spi::get_two::<String, String>(
+        "SELECT (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(s.n), ', ' ORDER BY s.i) \
+                 FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS s(n, i) \
+                 WHERE s.n OPERATOR(pg_catalog.!~) '^pg_(toast_)?temp_'), \
+                pg_catalog.current_setting('standard_conforming_strings')",
+    )?;
+    Ok(Some(CallerParsing {
+        search_path: path.unwrap_or_else(|| "''".to_owned()),
+        standard_conforming_strings: if scs.as_deref() == Some("off") {
+            "off"
+        } else {
+            "on"
+        }
+        .to_owned(),
+    }))
+}
+
+/// Runs `f`, whose statements on a Citus table Citus sends to other nodes as text
+/// under the extension owner, with how those nodes parse them pinned: Citus first
+/// replays the caller's `SET LOCAL`s of the transaction there, so a caller's
+/// `search_path` (a schema with its own `bytea` or `text`, whose checks run its
+/// functions) would steer the owner's statements on every other node. `f` runs
+/// after a propagated `SET LOCAL search_path = pg_catalog, pg_temp` and
+/// `standard_conforming_strings = on`; the caller's values are set again after it.
+/// Citus's logging of the commands it sends (which would show wrapped keys to the
+/// caller) is off meanwhile. Call it inside `as_owner`, whose GUC nest level takes
+/// back these settings on this node when it returns. Without Citus (`caller` None),
+/// just `f`.
+pub fn with_remote_parsing_pinned<R>(
+    caller: Option<&CallerParsing>,
+    f: impl FnOnce() -> SealResult<R>,
+) -> SealResult<R> {
+    let Some(caller) = caller else {
+        return f();
+    };
+    Spi::run(
+        "SELECT pg_catalog.set_config('citus.propagate_set_commands', 'local', true), \
+                pg_catalog.set_config('citus.log_remote_commands', 'off', true), \
+                pg_catalog.set_config('citus.log_local_commands', 'off', true)",
+    )?;
+    // One statement per SPI call: Citus sends a SET's whole query string along.
+    Spi::run("SET LOCAL search_path TO pg_catalog, pg_temp")?;
+    Spi::run("SET LOCAL standard_conforming_strings TO on")?;
+    let r = f()?;
+    Spi::run(&format!("SET LOCAL search_path TO {}", caller.search_path))?;
+    Spi::run(&format!(
+        "SET LOCAL standard_conforming_strings TO {}",
+        caller.standard_conforming_strings
+    ))?;
+    Ok(r)
+}
