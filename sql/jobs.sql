@@ -201,6 +201,8 @@ DECLARE
     parts text := '';
     c record;
 BEGIN
+    -- Registered tables in Citus are read on the workers as the owner.
+    PERFORM pgseal._citus_owner_check();
     -- Only registrations that are still a plain or partitioned table with a text
     -- column: nothing else (a view, a function, a user type's operators) is read as
     -- the owner.
@@ -499,7 +501,8 @@ LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
     SELECT k.tenant_id FROM pgseal.tenant_keys k
-    WHERE k.purpose = 'dek' AND k.state = 'active'
+    WHERE (SELECT pgseal._citus_owner_check())  -- the key table may be in Citus
+      AND k.purpose = 'dek' AND k.state = 'active'
       AND (k.created_at < now() - max_age
            OR k.encryptions >= current_setting('pgseal.dek_max_encryptions')::bigint * 9 / 10)
     ORDER BY k.tenant_id

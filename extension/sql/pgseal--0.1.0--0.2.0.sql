@@ -224,6 +224,11 @@ STRICT STABLE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'ledger_id_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_citus_owner_check"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_citus_owner_check_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_keys_changed"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -1602,6 +1607,8 @@ DECLARE
     parts text := '';
     c record;
 BEGIN
+    -- Registered tables in Citus are read on the workers as the owner.
+    PERFORM pgseal._citus_owner_check();
     -- Only registrations that are still a plain or partitioned table with a text
     -- column: nothing else (a view, a function, a user type's operators) is read as
     -- the owner.
@@ -1884,7 +1891,8 @@ LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
     SELECT k.tenant_id FROM pgseal.tenant_keys k
-    WHERE k.purpose = 'dek' AND k.state = 'active'
+    WHERE (SELECT pgseal._citus_owner_check())  -- the key table may be in Citus
+      AND k.purpose = 'dek' AND k.state = 'active'
       AND (k.created_at < now() - max_age
            OR k.encryptions >= current_setting('pgseal.dek_max_encryptions')::bigint * 9 / 10)
     ORDER BY k.tenant_id

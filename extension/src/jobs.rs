@@ -72,6 +72,7 @@ fn check_job_table(rel: pg_sys::Oid) -> SealResult<()> {
 #[pg_extern(volatile, parallel_unsafe)]
 fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
     let r = check_job_table(rel).and_then(|_| {
+        let caller = crate::pg::citus::caller_parsing()?;
         // regclass output is the name quoted and qualified as needed, in the pinned
         // search_path the query below is parsed in.
         as_owner(|| {
@@ -102,14 +103,22 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
                  SELECT id::pg_catalog.text FROM t WHERE id IS NOT NULL"
                 )
             };
-            Spi::connect(|client| {
-                client
-                    .select(&sql, None, &[])?
-                    .map(|row| row.get::<String>(1))
-                    .collect::<Result<Vec<_>, _>>()
-            })
+            let scan = || {
+                Spi::connect(|client| {
+                    client
+                        .select(&sql, None, &[])?
+                        .map(|row| row.get::<String>(1))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .map_err(SealError::from)
+            };
+            // A Citus table's query is sent to the workers as the owner.
+            if citus {
+                crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), scan)
+            } else {
+                scan()
+            }
             .map(|v| v.into_iter().flatten().collect::<Vec<String>>())
-            .map_err(SealError::from)
         })
     });
     SetOfIterator::new(r.or_raise())

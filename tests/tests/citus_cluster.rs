@@ -1048,13 +1048,18 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
             seen.lock().unwrap().push(n.message().to_owned());
         });
         let mut s = cfg.connect(postgres::NoTls).unwrap();
+        // Citus's command logging for the session (not sent to the workers), and
+        // the parse settings pgseal pins, sent to the workers.
+        s.batch_execute(
+            "SET citus.log_remote_commands = on; SET citus.log_local_commands = on;
+             SET client_min_messages = debug1; SET debug_print_parse = on",
+        )
+        .unwrap();
         let mut tx = s.transaction().unwrap();
         tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
             .unwrap();
         tx.batch_execute(
             "SET LOCAL search_path = evil, pg_catalog;
-             SET LOCAL citus.log_remote_commands = on;
-             SET LOCAL citus.log_local_commands = on;
              SET LOCAL standard_conforming_strings = off;",
         )
         .unwrap();
@@ -1074,7 +1079,9 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
         assert!(sealed.starts_with("v2:"), "{sealed}");
         let notices = notices.lock().unwrap();
         assert!(
-            notices.iter().all(|n| !n.contains("tenant_keys")),
+            notices
+                .iter()
+                .all(|n| !n.contains("tenant_keys") && !n.contains(":constvalue")),
             "port {}: {notices:?}",
             node.port
         );
@@ -1090,6 +1097,111 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
             node.port
         );
     }
+    // A SET LOCAL sent in one message with other statements: Citus is given the SET
+    // alone, so the DO is not replayed on the owner's connections; and a setting
+    // pgseal does not pin (work_mem here, client_min_messages or debug output
+    // elsewhere) makes pgseal refuse to send its own statements (0A000) rather than
+    // have them run under it.
+    let mut s = app(&cc.workers[0]);
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('victim9')", &[])
+        .unwrap();
+    tx.batch_execute(
+        "SET LOCAL work_mem = '4MB'; DO $x$ BEGIN
+             IF current_setting('is_superuser') = 'on' THEN
+                 PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+                 EXECUTE 'ALTER ROLE app SUPERUSER';
+             END IF;
+         END $x$",
+    )
+    .unwrap();
+    let r = tx.query_one("SELECT pgseal.vault_seal('x', 'c')", &[]);
+    assert_eq!(sqlstate(r), "0A000");
+    drop(tx);
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('victim9')", &[])
+        .unwrap();
+    tx.batch_execute("SET LOCAL client_min_messages = debug1; SET LOCAL debug_print_parse = on")
+        .unwrap();
+    let r = tx.query_one("SELECT pgseal.vault_seal('x', 'c')", &[]);
+    assert_eq!(sqlstate(r), "0A000");
+    drop(tx);
+    // Time limits are harmless to replay, so pgseal's statements go ahead: the DO
+    // sent along must not be replayed with them.
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('victim9')", &[])
+        .unwrap();
+    tx.batch_execute(
+        "SET LOCAL statement_timeout = '30s'; DO $x$ BEGIN
+             IF current_setting('is_superuser') = 'on' THEN
+                 PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+                 EXECUTE 'ALTER ROLE app SUPERUSER';
+             END IF;
+         END $x$",
+    )
+    .unwrap();
+    tx.query_one("SELECT pgseal.vault_seal('x', 'c')", &[])
+        .unwrap();
+    tx.commit().unwrap();
+    for node in cc.nodes() {
+        let su: bool = node
+            .connect()
+            .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'", &[])
+            .unwrap()
+            .get(0);
+        assert!(!su, "app became a superuser on port {}", node.port);
+    }
+
+    // pgseald's reads of Citus tables as the owner, called by a pgseal_admin with
+    // its search_path sent along: the tenant scan pins the workers' parsing (a
+    // varchar tenant column's cast to text would find evil.text), the key usage and
+    // rotation reads refuse.
+    c.batch_execute(
+        "GRANT pgseal_admin TO app;
+         CREATE TABLE things (id int, tenant_id varchar(20) NOT NULL, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('things', 'tenant_id');
+         INSERT INTO things VALUES (1, 'a'), (2, 'b');
+         GRANT SELECT, DELETE ON things TO app;",
+    )
+    .unwrap();
+    let mut a = app(&cc.coordinator);
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('ops'); SET LOCAL search_path = evil, pg_catalog")
+        .unwrap();
+    let scanned: Vec<String> = tx
+        .query(
+            "SELECT * FROM pgseal._tenants_of('public.things') ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(scanned, vec!["a", "b"]);
+    drop(tx);
+    for q in [
+        "SELECT count(*) FROM pgseal._key_usage()",
+        "SELECT count(*) FROM pgseal._rotation_due('1 day')",
+    ] {
+        let mut tx = a.transaction().unwrap();
+        tx.batch_execute(
+            "SELECT pgseal.set_tenant('ops'); SET LOCAL search_path = evil, pg_catalog",
+        )
+        .unwrap();
+        assert_eq!(sqlstate(tx.query_one(q, &[])), "0A000", "{q}");
+    }
+    for node in cc.nodes() {
+        let ran = pgseal_tests::count(
+            &mut node.connect(),
+            "SELECT count(*) FROM pg_class WHERE relname = 'ran_as_superuser'",
+        );
+        assert_eq!(
+            ran, 0,
+            "the caller's function ran as a superuser on port {}",
+            node.port
+        );
+    }
+
     // Every copy holds the same keys, byte for byte, and the same counts.
     let copies: Vec<String> = c
         .query(
@@ -1151,4 +1263,54 @@ fn keys_cached_before_distribution_follow_the_reference_table() {
         decrypt(&mut s, &sealed),
         Err("sealed value's key has been destroyed".to_owned())
     );
+}
+
+/// pgseald against the coordinator: `rotate kek` moves every copy of every key to
+/// the new master key version, and `ledger verify` checks the coordinator's chains.
+#[test]
+fn pgseald_rotation_and_verification_run_against_the_coordinator() {
+    if !citus::enabled("pgseald_rotation_and_verification_run_against_the_coordinator") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-pgseald");
+    let tenants = sealed_integrations(&cc);
+    let mut c = cc.coordinator.connect();
+    c.batch_execute(
+        "SELECT pgseal.vault_register_column('integrations', 'token', 'integrations.token');
+         SELECT pgseal.tenant_key_rotate('t3');",
+    )
+    .unwrap();
+    let (code, out) = Pgseald::new(["rotate", "tenant", "t3"])
+        .on(&cc.coordinator)
+        .run();
+    eprintln!("rotate tenant: {code:?} {out}");
+    let (code, out) = Pgseald::new(["ledger", "verify"]).on(&cc.coordinator).run();
+    assert_eq!(code, Some(0), "{out}");
+    for n in cc.nodes() {
+        n.set_keys(&[pgseal_tests::KEY_V1, pgseal_tests::KEY_V2]);
+        n.restart();
+    }
+    let (code, out) = Pgseald::new(["rotate", "kek"]).on(&cc.coordinator).run();
+    assert_eq!(code, Some(0), "{out}");
+    let mut c = cc.coordinator.connect();
+    let versions: Vec<String> = c
+        .query(
+            "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', \
+             'SELECT string_agg(DISTINCT kek_version::text, '','') FROM %s WHERE state <> ''destroyed''') \
+             ORDER BY nodeport",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, vec!["2"; 3]);
+    for node in cc.nodes() {
+        assert_eq!(
+            decrypted(&mut app(node), &tenants[5]),
+            Ok((1..=3).map(|id| (id, format!("secret-t5-{id}"))).collect())
+        );
+    }
+    let (code, out) = Pgseald::new(["ledger", "verify"]).on(&cc.coordinator).run();
+    assert_eq!(code, Some(0), "{out}");
 }

@@ -44,13 +44,21 @@ pub extern "C-unwind" fn pgseal_audit_writer_main(arg: pg_sys::Datum) {
     register(dboid);
     configure_session();
     let mut last_work = queue::now();
-    while BackgroundWorker::wait_latch(Some(Duration::from_millis(500))) {
+    let mut worked = false;
+    // After work the queue is read again at once, without waiting for the latch: a
+    // backend's wake-up that came during the work may have been consumed by it (a
+    // lock wait, or Citus's wait for the coordinator, resets this process's latch),
+    // and would otherwise wait for the timeout.
+    while (worked && !BackgroundWorker::sigterm_received())
+        || BackgroundWorker::wait_latch(Some(Duration::from_millis(500)))
+    {
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reads postgresql.conf in this process, as the docs of
             // background workers prescribe after SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        if process(dboid) {
+        worked = process(dboid);
+        if worked {
             last_work = queue::now();
         } else if queue::now() - last_work > IDLE_US && retire(dboid) {
             break;

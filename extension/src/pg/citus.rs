@@ -39,10 +39,14 @@ thread_local! {
     static WORKER: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// Forgets `is_worker`'s answer when a transaction ends: Citus may be installed, or
-/// this node added to a cluster, before the next.
+/// Forgets `is_worker`'s answer and the settings sent to the workers when a
+/// transaction ends: Citus may be installed, or this node added to a cluster,
+/// before the next.
 pub const TXN: Participant = Participant {
-    end: Some(|_| WORKER.with(|w| w.set(None))),
+    end: Some(|_| {
+        WORKER.with(|w| w.set(None));
+        REPLAYED.with(|r| r.borrow_mut().clear());
+    }),
     ..Participant::NONE
 };
 
@@ -84,8 +88,10 @@ pub fn caller_parsing() -> SealResult<Option<CallerParsing>> {
 /// functions) would steer the owner's statements on every other node. `f` runs
 /// after a propagated `SET LOCAL search_path = pg_catalog, pg_temp` and
 /// `standard_conforming_strings = on`; the caller's values are set again after it.
-/// Citus's logging of the commands it sends (which would show wrapped keys to the
-/// caller) is off meanwhile. Call it inside `as_owner`, whose GUC nest level takes
+/// Citus's logging of the commands it sends, the relaying of the workers' messages,
+/// and this session's debug output (which would show wrapped keys to the caller)
+/// are off meanwhile. Refused when the transaction sent other settings that Citus
+/// replays (`check_replayed_settings`). Call it inside `as_owner`, whose GUC nest level takes
 /// back these settings on this node when it returns. Without Citus (`caller` None),
 /// just `f`.
 pub fn with_remote_parsing_pinned<R>(
@@ -95,19 +101,188 @@ pub fn with_remote_parsing_pinned<R>(
     let Some(caller) = caller else {
         return f();
     };
+    check_replayed_settings(true)?;
+    pin_remote()?;
+    let r = f()?;
+    PINNING.with(|p| p.set(true));
+    let restored =
+        Spi::run(&format!("SET LOCAL search_path TO {}", caller.search_path)).and_then(|_| {
+            Spi::run(&format!(
+                "SET LOCAL standard_conforming_strings TO {}",
+                caller.standard_conforming_strings
+            ))
+        });
+    PINNING.with(|p| p.set(false));
+    restored?;
+    Ok(r)
+}
+
+thread_local! {
+    /// Settings this transaction sent to the Citus workers with `SET LOCAL` (or
+    /// RESET) that pgseal does not pin itself: Citus replays them on every
+    /// connection of the transaction, those pgseal opens as its owner included.
+    static REPLAYED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Set while pgseal issues its own `SET LOCAL`s (`with_remote_parsing_pinned`).
+    static PINNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Settings whose replay on the owner's connections is harmless: the tenant and
+/// user settings, time limits, and the transaction's isolation.
+fn replay_is_harmless(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    let tenant =
+        crate::gucs::with_tenant_setting_name(|n| n.to_string_lossy().to_ascii_lowercase());
+    let user = crate::gucs::user_setting_name()
+        .to_string_lossy()
+        .to_ascii_lowercase();
+    name == tenant
+        || name == user
+        || matches!(
+            name.as_str(),
+            "statement_timeout"
+                | "lock_timeout"
+                | "idle_in_transaction_session_timeout"
+                | "transaction"
+        )
+}
+
+/// For the `ProcessUtility` hook: a `SET`/`RESET` statement that Citus will send to
+/// the workers (and replay on every later connection of the transaction) is
+/// recorded when it is not harmless (`replay_is_harmless`), and the query string
+/// Citus is given is cut down to the statement itself. Citus replays the whole
+/// string it is given, so `SET LOCAL a = 1; DO $$ … $$` sent as one message would
+/// run the `DO` again on each connection, including those pgseal opens as its
+/// owner. Returns the query string to pass on (palloc'd when cut).
+///
+/// # Safety
+/// `pstmt` is the statement being run and `query_string` its source text, as
+/// PostgreSQL passes them to the hook; `set` is its VariableSetStmt.
+pub unsafe fn on_set_statement(
+    pstmt: *mut pg_sys::PlannedStmt,
+    set: *const pg_sys::VariableSetStmt,
+    query_string: *const std::ffi::c_char,
+) -> *const std::ffi::c_char {
+    if !present() {
+        return query_string;
+    }
+    // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown setting, else
+    // its current value as a string PostgreSQL keeps.
+    let propagating = unsafe {
+        let v = pg_sys::GetConfigOption(c"citus.propagate_set_commands".as_ptr(), true, false);
+        !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"local"
+    };
+    if !propagating {
+        return query_string;
+    }
+    // SAFETY: the caller passes the statement's VariableSetStmt.
+    let set = unsafe { &*set };
+    use pg_sys::VariableSetKind::*;
+    let name = if set.name.is_null() {
+        String::new()
+    } else {
+        // SAFETY: a VariableSetStmt's name is a NUL-terminated string when set.
+        unsafe { std::ffi::CStr::from_ptr(set.name) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let replayed = match set.kind {
+        VAR_SET_VALUE | VAR_SET_CURRENT | VAR_SET_DEFAULT => set.is_local,
+        VAR_RESET => true,
+        VAR_RESET_ALL => true,
+        VAR_SET_MULTI => name.eq_ignore_ascii_case("TRANSACTION"),
+        _ => false,
+    };
+    if !replayed {
+        return query_string;
+    }
+    if !PINNING.with(|p| p.get()) {
+        let what = if set.kind == VAR_RESET_ALL {
+            "RESET ALL".to_owned()
+        } else {
+            name
+        };
+        if set.kind == VAR_RESET_ALL || !replay_is_harmless(&what) {
+            REPLAYED.with(|r| r.borrow_mut().push(what));
+        }
+    }
+    // SAFETY: stmt_location and stmt_len delimit this statement in query_string
+    // (a length of 0 means to the end); pnstrdup copies that part into the current
+    // memory context, which lives as long as the statement.
+    unsafe {
+        let loc = (*pstmt).stmt_location;
+        if loc < 0 || query_string.is_null() {
+            return query_string;
+        }
+        let total = std::ffi::CStr::from_ptr(query_string).to_bytes().len() as i32;
+        let len = if (*pstmt).stmt_len > 0 {
+            (*pstmt).stmt_len
+        } else {
+            total - loc
+        };
+        if loc == 0 && len >= total {
+            return query_string;
+        }
+        pg_sys::pnstrdup(query_string.add(loc as usize), len as usize)
+    }
+}
+
+/// Refuses (0A000) statements that pgseal runs as its owner through Citus when this
+/// transaction sent settings to the workers that Citus would replay on the owner's
+/// connections (`on_set_statement`); `pinned_path` says whether the caller pins
+/// `search_path` and `standard_conforming_strings` on the other nodes itself.
+pub fn check_replayed_settings(pinned_path: bool) -> SealResult<()> {
+    let found = REPLAYED.with(|r| {
+        r.borrow().iter().any(|n| {
+            !(pinned_path
+                && (n.eq_ignore_ascii_case("search_path")
+                    || n.eq_ignore_ascii_case("standard_conforming_strings")))
+        })
+    });
+    if found {
+        return Err(crate::error::SealError::NotSupported(
+            "pgseal does not run its statements through Citus in a transaction that sent settings to the workers with SET LOCAL or RESET (other than the tenant and user settings, search_path and time limits): set them before set_tenant(), or in another transaction",
+        ));
+    }
+    Ok(())
+}
+
+/// `pgseal._citus_owner_check() → true`: for pgseal's SECURITY DEFINER functions
+/// that read Citus tables; refuses as `check_replayed_settings` (the caller's
+/// `search_path` counted too), then sends `SET LOCAL search_path = pg_catalog,
+/// pg_temp` and `standard_conforming_strings = on` to the workers for the rest of the
+/// transaction.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _citus_owner_check() -> bool {
+    use crate::error::OrRaise;
+    if present() {
+        check_replayed_settings(false).or_raise();
+        pin_remote().or_raise();
+    }
+    true
+}
+
+/// Sends pgseal's parse settings to the workers (see `with_remote_parsing_pinned`).
+fn pin_remote() -> SealResult<()> {
+    struct Unpin;
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            PINNING.with(|p| p.set(false));
+        }
+    }
+    PINNING.with(|p| p.set(true));
+    let _unpin = Unpin;
     Spi::run(
         "SELECT pg_catalog.set_config('citus.propagate_set_commands', 'local', true), \
                 pg_catalog.set_config('citus.log_remote_commands', 'off', true), \
-                pg_catalog.set_config('citus.log_local_commands', 'off', true)",
+                pg_catalog.set_config('citus.log_local_commands', 'off', true), \
+                pg_catalog.set_config('citus.worker_min_messages', 'warning', true), \
+                pg_catalog.set_config('client_min_messages', 'warning', true), \
+                pg_catalog.set_config('debug_print_parse', 'off', true), \
+                pg_catalog.set_config('debug_print_rewritten', 'off', true), \
+                pg_catalog.set_config('debug_print_plan', 'off', true)",
     )?;
     // One statement per SPI call: Citus sends a SET's whole query string along.
     Spi::run("SET LOCAL search_path TO pg_catalog, pg_temp")?;
     Spi::run("SET LOCAL standard_conforming_strings TO on")?;
-    let r = f()?;
-    Spi::run(&format!("SET LOCAL search_path TO {}", caller.search_path))?;
-    Spi::run(&format!(
-        "SET LOCAL standard_conforming_strings TO {}",
-        caller.standard_conforming_strings
-    ))?;
-    Ok(r)
+    Ok(())
 }

@@ -125,8 +125,24 @@ unsafe extern "C-unwind" fn on_utility(
             .raise();
         }
     }
+    // SAFETY: `stmt` is a Node (or NULL, which is_a treats as no match).
+    let query_string =
+        if !stmt.is_null() && unsafe { pgrx::is_a(stmt, pg_sys::NodeTag::T_VariableSetStmt) } {
+            // SAFETY: the tag says it is a VariableSetStmt; pstmt and query_string
+            // are what PostgreSQL passed us.
+            unsafe {
+                crate::pg::citus::on_set_statement(
+                    pstmt,
+                    stmt as *const pg_sys::VariableSetStmt,
+                    query_string,
+                )
+            }
+        } else {
+            query_string
+        };
     // SAFETY: the previous hook, or PostgreSQL's own, is called with the arguments
-    // PostgreSQL passed us, as hooks must.
+    // PostgreSQL passed us (the query string cut down to a SET statement for Citus),
+    // as hooks must.
     unsafe {
         match PREV_PROCESS_UTILITY {
             Some(prev) => prev(
