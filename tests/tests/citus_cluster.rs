@@ -1075,6 +1075,15 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
             .unwrap()
             .get(0);
         assert_eq!(path, "evil, pg_catalog");
+        let kept: Vec<String> = tx
+            .query_one(
+                "SELECT ARRAY[current_setting('client_min_messages'), current_setting('debug_print_parse'), \
+                 current_setting('citus.log_remote_commands'), current_setting('standard_conforming_strings')]",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(kept, vec!["debug1", "on", "on", "off"]);
         tx.commit().unwrap();
         assert!(sealed.starts_with("v2:"), "{sealed}");
         let notices = notices.lock().unwrap();

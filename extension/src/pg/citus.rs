@@ -271,16 +271,33 @@ fn pin_remote() -> SealResult<()> {
     }
     PINNING.with(|p| p.set(true));
     let _unpin = Unpin;
-    Spi::run(
-        "SELECT pg_catalog.set_config('citus.propagate_set_commands', 'local', true), \
-                pg_catalog.set_config('citus.log_remote_commands', 'off', true), \
-                pg_catalog.set_config('citus.log_local_commands', 'off', true), \
-                pg_catalog.set_config('citus.worker_min_messages', 'warning', true), \
-                pg_catalog.set_config('client_min_messages', 'warning', true), \
-                pg_catalog.set_config('debug_print_parse', 'off', true), \
-                pg_catalog.set_config('debug_print_rewritten', 'off', true), \
-                pg_catalog.set_config('debug_print_plan', 'off', true)",
-    )?;
+    for (name, value) in [
+        (c"citus.propagate_set_commands", c"local"),
+        (c"citus.log_remote_commands", c"off"),
+        (c"citus.log_local_commands", c"off"),
+        (c"citus.worker_min_messages", c"warning"),
+        (c"client_min_messages", c"warning"),
+        (c"debug_print_parse", c"off"),
+        (c"debug_print_rewritten", c"off"),
+        (c"debug_print_plan", c"off"),
+    ] {
+        // SAFETY: set_config_option with GUC_ACTION_SAVE records the old value in the
+        // innermost GUC nest level (as_owner's, or the calling function's SET
+        // clause), which restores it when it pops; the values are valid for these
+        // settings, and elevel ERROR raises on a failure.
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                pgrx::PgLogLevel::ERROR as i32,
+                false,
+            );
+        }
+    }
     // One statement per SPI call: Citus sends a SET's whole query string along.
     Spi::run("SET LOCAL search_path TO pg_catalog, pg_temp")?;
     Spi::run("SET LOCAL standard_conforming_strings TO on")?;
