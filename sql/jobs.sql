@@ -497,13 +497,18 @@ AS $$ SELECT * FROM pgseal._tenants_scan(rel::pg_catalog.oid) $$;
 -- Tenants whose active data key is due for rotation: older than max_age, or past
 -- 90% of pgseal.dek_max_encryptions. For pgseald's rotation job.
 CREATE FUNCTION pgseal._rotation_due(max_age interval) RETURNS SETOF text
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
+BEGIN
+    -- First, on this node: the key table may be in Citus, and the query below is
+    -- then sent to another node as the owner.
+    PERFORM pgseal._citus_owner_check();
+    RETURN QUERY
     SELECT k.tenant_id FROM pgseal.tenant_keys k
-    WHERE (SELECT pgseal._citus_owner_check())  -- the key table may be in Citus
-      AND k.purpose = 'dek' AND k.state = 'active'
+    WHERE k.purpose = 'dek' AND k.state = 'active'
       AND (k.created_at < now() - max_age
            OR k.encryptions >= current_setting('pgseal.dek_max_encryptions')::bigint * 9 / 10)
-    ORDER BY k.tenant_id
+    ORDER BY k.tenant_id;
+END
 $$;

@@ -1152,6 +1152,26 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
     tx.query_one("SELECT pgseal.vault_seal('x', 'c')", &[])
         .unwrap();
     tx.commit().unwrap();
+    // Two harmless settings whose texts, joined by Citus into the message that
+    // begins each new connection, would comment a DO into it: Citus is given texts
+    // pgseal rebuilt from the parsed SETs instead.
+    let escalate = "DO $x$ BEGIN IF current_setting($q$is_superuser$q$) = $q$on$q$ THEN \
+         PERFORM set_config($q$citus.enable_ddl_propagation$q$, $q$off$q$, true); \
+         EXECUTE $q$ALTER ROLE app SUPERUSER$q$; END IF; END $x$;";
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('victim10')", &[])
+        .unwrap();
+    tx.batch_execute(&format!(
+        "DO $d$ BEGIN
+             EXECUTE 'SET LOCAL statement_timeout = ''30s'' --';
+             EXECUTE E'SET LOCAL lock_timeout = ''30s'' /*\\n{} --*/\\n';
+         END $d$",
+        escalate.replace('\'', "''")
+    ))
+    .unwrap();
+    tx.query_one("SELECT pgseal.vault_seal('x', 'c')", &[])
+        .unwrap();
+    tx.commit().unwrap();
     for node in cc.nodes() {
         let su: bool = node
             .connect()
@@ -1188,6 +1208,9 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
         .collect();
     assert_eq!(scanned, vec!["a", "b"]);
     drop(tx);
+    // Local execution off: the coordinator's own copy is read through Citus too.
+    a.batch_execute("SET citus.enable_local_execution = off")
+        .unwrap();
     for q in [
         "SELECT count(*) FROM pgseal._key_usage()",
         "SELECT count(*) FROM pgseal._rotation_due('1 day')",

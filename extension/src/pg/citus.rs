@@ -46,6 +46,7 @@ pub const TXN: Participant = Participant {
     end: Some(|_| {
         WORKER.with(|w| w.set(None));
         REPLAYED.with(|r| r.borrow_mut().clear());
+        PINNING.with(|p| p.set(false));
     }),
     ..Participant::NONE
 };
@@ -104,16 +105,12 @@ pub fn with_remote_parsing_pinned<R>(
     check_replayed_settings(true)?;
     pin_remote()?;
     let r = f()?;
-    PINNING.with(|p| p.set(true));
-    let restored =
-        Spi::run(&format!("SET LOCAL search_path TO {}", caller.search_path)).and_then(|_| {
-            Spi::run(&format!(
-                "SET LOCAL standard_conforming_strings TO {}",
-                caller.standard_conforming_strings
-            ))
-        });
-    PINNING.with(|p| p.set(false));
-    restored?;
+    let _pinning = Pinning::start();
+    Spi::run(&format!("SET LOCAL search_path TO {}", caller.search_path))?;
+    Spi::run(&format!(
+        "SET LOCAL standard_conforming_strings TO {}",
+        caller.standard_conforming_strings
+    ))?;
     Ok(r)
 }
 
@@ -148,11 +145,11 @@ fn replay_is_harmless(name: &str) -> bool {
 
 /// For the `ProcessUtility` hook: a `SET`/`RESET` statement that Citus will send to
 /// the workers (and replay on every later connection of the transaction) is
-/// recorded when it is not harmless (`replay_is_harmless`), and the query string
-/// Citus is given is cut down to the statement itself. Citus replays the whole
-/// string it is given, so `SET LOCAL a = 1; DO $$ … $$` sent as one message would
-/// run the `DO` again on each connection, including those pgseal opens as its
-/// owner. Returns the query string to pass on (palloc'd when cut).
+/// recorded when it is not harmless (`replay_is_harmless`), and Citus is given a
+/// text rebuilt from the parsed statement (`rebuilt_set`) instead of the caller's:
+/// Citus replays the text it is given, so `SET LOCAL a = 1; DO $$ … $$` sent as one
+/// message would run the `DO` again on each connection, including those pgseal
+/// opens as its owner. Returns the query string to pass on.
 ///
 /// # Safety
 /// `pstmt` is the statement being run and `query_string` its source text, as
@@ -177,14 +174,7 @@ pub unsafe fn on_set_statement(
     // SAFETY: the caller passes the statement's VariableSetStmt.
     let set = unsafe { &*set };
     use pg_sys::VariableSetKind::*;
-    let name = if set.name.is_null() {
-        String::new()
-    } else {
-        // SAFETY: a VariableSetStmt's name is a NUL-terminated string when set.
-        unsafe { std::ffi::CStr::from_ptr(set.name) }
-            .to_string_lossy()
-            .into_owned()
-    };
+    let name = name_of(set);
     let replayed = match set.kind {
         VAR_SET_VALUE | VAR_SET_CURRENT | VAR_SET_DEFAULT => set.is_local,
         VAR_RESET => true,
@@ -205,25 +195,117 @@ pub unsafe fn on_set_statement(
             REPLAYED.with(|r| r.borrow_mut().push(what));
         }
     }
-    // SAFETY: stmt_location and stmt_len delimit this statement in query_string
-    // (a length of 0 means to the end); pnstrdup copies that part into the current
-    // memory context, which lives as long as the statement.
-    unsafe {
-        let loc = (*pstmt).stmt_location;
-        if loc < 0 || query_string.is_null() {
-            return query_string;
-        }
-        let total = std::ffi::CStr::from_ptr(query_string).to_bytes().len() as i32;
-        let len = if (*pstmt).stmt_len > 0 {
-            (*pstmt).stmt_len
-        } else {
-            total - loc
-        };
-        if loc == 0 && len >= total {
-            return query_string;
-        }
-        pg_sys::pnstrdup(query_string.add(loc as usize), len as usize)
+    // SAFETY: the arguments are the statement's, as PostgreSQL passed them.
+    unsafe { rebuilt_set(pstmt, set, &name_of(set), query_string) }
+}
+
+/// The statement's setting name, as written (empty for RESET ALL).
+fn name_of(set: &pg_sys::VariableSetStmt) -> String {
+    if set.name.is_null() {
+        return String::new();
     }
+    // SAFETY: a VariableSetStmt's name is a NUL-terminated string when set.
+    unsafe { std::ffi::CStr::from_ptr(set.name) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The text Citus is given for a SET it will replay: rebuilt from the parsed
+/// statement, never a slice of the caller's text. Citus joins the texts of all the
+/// transaction's SETs into the message that begins each new connection, so a slice
+/// ending in `--` or `/*`, or a string literal read under another
+/// `standard_conforming_strings` there, could turn the next part into a statement
+/// of the caller's (run as whoever opened the connection: pgseal's owner too).
+/// Values go through `set_config()` with quoted literals (`E''` where a backslash
+/// is), names through `quote_identifier`; `SET TRANSACTION` is passed on only when
+/// it is made of words and commas, else refused (0A000).
+///
+/// # Safety
+/// As `on_set_statement`.
+unsafe fn rebuilt_set(
+    pstmt: *mut pg_sys::PlannedStmt,
+    set: &pg_sys::VariableSetStmt,
+    name: &str,
+    query_string: *const std::ffi::c_char,
+) -> *const std::ffi::c_char {
+    use pg_sys::VariableSetKind::*;
+    let lit = |v: &std::ffi::CStr| -> String {
+        // SAFETY: quote_literal_cstr returns a palloc'd quoted copy of a C string.
+        unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_literal_cstr(v.as_ptr())) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let ident = |v: &std::ffi::CStr| -> String {
+        // SAFETY: quote_identifier returns its argument or a palloc'd quoted copy.
+        unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_identifier(v.as_ptr())) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let cname = std::ffi::CString::new(name).unwrap_or_default();
+    let text = match set.kind {
+        VAR_SET_VALUE | VAR_SET_CURRENT => {
+            // SAFETY: ExtractSetVariableArgs flattens a SET's arguments the way the
+            // setting's parser reads them (palloc'd; NULL for none). FROM CURRENT
+            // takes the value the setting has now.
+            let value = unsafe {
+                if set.kind == VAR_SET_VALUE {
+                    pg_sys::ExtractSetVariableArgs(set as *const _ as *mut _)
+                } else {
+                    pg_sys::GetConfigOptionByName(cname.as_ptr(), std::ptr::null_mut(), false)
+                }
+            };
+            let value = if value.is_null() {
+                String::new()
+            } else {
+                // SAFETY: a NUL-terminated palloc'd string from above.
+                lit(unsafe { std::ffi::CStr::from_ptr(value) })
+            };
+            let value = if value.is_empty() {
+                "''".to_owned()
+            } else {
+                value
+            };
+            format!(
+                "SELECT pg_catalog.set_config({}, {value}, true)",
+                lit(&cname)
+            )
+        }
+        VAR_SET_DEFAULT => format!("SET LOCAL {} TO DEFAULT", ident(&cname)),
+        VAR_RESET => format!("RESET {}", ident(&cname)),
+        VAR_RESET_ALL => "RESET ALL".to_owned(),
+        _ => {
+            // SET TRANSACTION …: its text, when it is only words, spaces and commas.
+            // SAFETY: stmt_location and stmt_len delimit this statement in
+            // query_string (a length of 0 means to the end).
+            let slice = unsafe {
+                let loc = (*pstmt).stmt_location.max(0) as usize;
+                let all = std::ffi::CStr::from_ptr(query_string).to_bytes();
+                let len = if (*pstmt).stmt_len > 0 {
+                    (*pstmt).stmt_len as usize
+                } else {
+                    all.len().saturating_sub(loc)
+                };
+                all.get(loc..loc + len).unwrap_or_default().to_vec()
+            };
+            let slice = String::from_utf8_lossy(&slice);
+            let slice = slice.trim().trim_end_matches(';').trim_end();
+            if slice.is_empty()
+                || !slice.chars().all(|c| {
+                    c.is_ascii_alphabetic() || c == ' ' || c == ',' || c == '\n' || c == '\t'
+                })
+            {
+                crate::error::SealError::NotSupported(
+                    "on Citus, write SET TRANSACTION as words alone, or before set_tenant()",
+                )
+                .raise();
+            }
+            slice.to_owned()
+        }
+    };
+    let text = std::ffi::CString::new(text).unwrap_or_default();
+    // SAFETY: pstrdup copies into the current memory context, which lives as long
+    // as the statement.
+    unsafe { pg_sys::pstrdup(text.as_ptr()) }
 }
 
 /// Refuses (0A000) statements that pgseal runs as its owner through Citus when this
@@ -262,15 +344,24 @@ fn _citus_owner_check() -> bool {
 }
 
 /// Sends pgseal's parse settings to the workers (see `with_remote_parsing_pinned`).
-fn pin_remote() -> SealResult<()> {
-    struct Unpin;
-    impl Drop for Unpin {
-        fn drop(&mut self) {
-            PINNING.with(|p| p.set(false));
-        }
+/// Marks pgseal's own SETs (not recorded) until dropped, also when an ERROR unwinds.
+struct Pinning;
+
+impl Pinning {
+    fn start() -> Pinning {
+        PINNING.with(|p| p.set(true));
+        Pinning
     }
-    PINNING.with(|p| p.set(true));
-    let _unpin = Unpin;
+}
+
+impl Drop for Pinning {
+    fn drop(&mut self) {
+        PINNING.with(|p| p.set(false));
+    }
+}
+
+fn pin_remote() -> SealResult<()> {
+    let _pinning = Pinning::start();
     for (name, value) in [
         (c"citus.propagate_set_commands", c"local"),
         (c"citus.log_remote_commands", c"off"),
