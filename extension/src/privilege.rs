@@ -102,16 +102,28 @@ impl Drop for RestoreGucs {
 /// that is popped when `f` returns or unwinds. Used for every SQL statement pgseal
 /// parses as the owner, and for the audit trigger's own query as the invoker.
 pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: NewGUCNestLevel only increments the nesting counter. set_config_option
-    // with GUC_ACTION_SAVE records the old value in that level; the value is a
-    // constant the check hook accepts, and elevel ERROR makes a failure raise
-    // instead of returning quietly. The guard pops the level.
+    // SAFETY: NewGUCNestLevel only increments the nesting counter; the guard pops
+    // the level.
     let _restore = unsafe {
-        let nest_level = pg_sys::NewGUCNestLevel();
-        let guard = RestoreGucs { nest_level };
+        RestoreGucs {
+            nest_level: pg_sys::NewGUCNestLevel(),
+        }
+    };
+    save_setting(c"search_path", PINNED_SEARCH_PATH);
+    f()
+}
+
+/// Sets `name` to `value` for this session, saving the old value in the innermost
+/// GUC nest level (`with_pinned_search_path`'s, or a function's SET clause), which
+/// restores it when it pops. Raises on a value the setting refuses.
+pub fn save_setting(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: set_config_option with GUC_ACTION_SAVE records the old value in the
+    // current nest level; both strings are NUL-terminated, and elevel ERROR makes a
+    // failure raise instead of returning quietly.
+    unsafe {
         pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            PINNED_SEARCH_PATH.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_SAVE,
@@ -119,9 +131,7 @@ pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
             pgrx::PgLogLevel::ERROR as i32,
             false,
         );
-        guard
-    };
-    f()
+    }
 }
 
 /// Runs `f` with the current user switched to the extension owner and

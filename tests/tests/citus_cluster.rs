@@ -589,6 +589,19 @@ fn pgseald_retention_runs_against_the_coordinator() {
     }
 }
 
+/// What `sql` (with `%s` for the table) returns on each copy of the key table, in
+/// the order of the copies' ports.
+fn on_key_copies(c: &mut postgres::Client, sql: &str) -> Vec<String> {
+    c.query(
+        "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', $1) ORDER BY nodeport",
+        &[&sql],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 /// The message of `r`'s database error (or "ok").
 fn message<T>(r: Result<T, postgres::Error>) -> String {
     match r {
@@ -714,16 +727,7 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
         assert_eq!(placements, 3, "port {}", node.port);
     }
     // Every copy of the key table counts the 24 seals.
-    let counts: Vec<String> = c
-        .query(
-            "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', \
-             'SELECT sum(encryptions) FROM %s') ORDER BY nodeport",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let counts = on_key_copies(&mut c, "SELECT sum(encryptions) FROM %s");
     assert_eq!(counts, vec!["24"; 3]);
 
     // A rotation through the coordinator: new values name the new key; old and new
@@ -797,17 +801,10 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
     }
     let mut c = cc.coordinator.connect();
     assert!(pgseal_tests::kek_rewrap_until_done(&mut c) > 0);
-    let versions: Vec<String> = c
-        .query(
-            "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', \
-             'SELECT string_agg(DISTINCT kek_version::text, '','') FROM %s WHERE state <> ''destroyed''') \
-             ORDER BY nodeport",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let versions = on_key_copies(
+        &mut c,
+        "SELECT string_agg(DISTINCT kek_version::text, ',') FROM %s WHERE state <> 'destroyed'",
+    );
     assert_eq!(versions, vec!["2"; 3]);
     for node in cc.nodes() {
         let mut s = app(node);
@@ -1235,17 +1232,7 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
     }
 
     // Every copy holds the same keys, byte for byte, and the same counts.
-    let copies: Vec<String> = c
-        .query(
-            "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', \
-             'SELECT md5(string_agg(key_id || encode(wrapped, ''hex'') || encryptions, '','' ORDER BY key_id)) FROM %s') \
-             ORDER BY nodeport",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let copies = on_key_copies(&mut c, "SELECT md5(string_agg(key_id || encode(wrapped, 'hex') || encryptions, ',' ORDER BY key_id)) FROM %s");
     assert_eq!(copies.len(), 3);
     assert!(copies.iter().all(|h| *h == copies[0]), "{copies:?}");
 }
@@ -1325,17 +1312,10 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
     let (code, out) = Pgseald::new(["rotate", "kek"]).on(&cc.coordinator).run();
     assert_eq!(code, Some(0), "{out}");
     let mut c = cc.coordinator.connect();
-    let versions: Vec<String> = c
-        .query(
-            "SELECT result FROM run_command_on_placements('pgseal.tenant_keys', \
-             'SELECT string_agg(DISTINCT kek_version::text, '','') FROM %s WHERE state <> ''destroyed''') \
-             ORDER BY nodeport",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let versions = on_key_copies(
+        &mut c,
+        "SELECT string_agg(DISTINCT kek_version::text, ',') FROM %s WHERE state <> 'destroyed'",
+    );
     assert_eq!(versions, vec!["2"; 3]);
     for node in cc.nodes() {
         assert_eq!(

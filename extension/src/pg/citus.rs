@@ -159,16 +159,15 @@ pub unsafe fn on_set_statement(
     set: *const pg_sys::VariableSetStmt,
     query_string: *const std::ffi::c_char,
 ) -> *const std::ffi::c_char {
-    if !present() {
-        return query_string;
-    }
+    // The setting first (a lookup in memory; it is unknown without Citus loaded),
+    // the catalog only then: this runs for every SET, set_tenant's included.
     // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown setting, else
     // its current value as a string PostgreSQL keeps.
     let propagating = unsafe {
         let v = pg_sys::GetConfigOption(c"citus.propagate_set_commands".as_ptr(), true, false);
         !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"local"
     };
-    if !propagating {
+    if !propagating || !present() {
         return query_string;
     }
     // SAFETY: the caller passes the statement's VariableSetStmt.
@@ -372,22 +371,7 @@ fn pin_remote() -> SealResult<()> {
         (c"debug_print_rewritten", c"off"),
         (c"debug_print_plan", c"off"),
     ] {
-        // SAFETY: set_config_option with GUC_ACTION_SAVE records the old value in the
-        // innermost GUC nest level (as_owner's, or the calling function's SET
-        // clause), which restores it when it pops; the values are valid for these
-        // settings, and elevel ERROR raises on a failure.
-        unsafe {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SAVE,
-                true,
-                pgrx::PgLogLevel::ERROR as i32,
-                false,
-            );
-        }
+        crate::privilege::save_setting(name, value);
     }
     // One statement per SPI call: Citus sends a SET's whole query string along.
     Spi::run("SET LOCAL search_path TO pg_catalog, pg_temp")?;
