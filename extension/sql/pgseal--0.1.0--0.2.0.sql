@@ -246,6 +246,14 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_audit_append_forwarded_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_seal_counts_forwarded"(
+	"key_ids" TEXT[], /* Vec < String > */
+	"seals" bigint[] /* Vec < i64 > */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_seal_counts_forwarded_wrapper';
+
 ------------------------------------------------------------------------------------
 -- 4. The ledger API (sql/ledger_api.sql).
 ------------------------------------------------------------------------------------
@@ -1268,8 +1276,9 @@ $$;
 -- Makes pgseal.tenant_keys a reference table (run once, on the coordinator, after
 -- CREATE EXTENSION pgseal and adding the workers). Keys made on the coordinator so
 -- far are copied to every node; keys that exist only in a worker's own table would
--- be hidden by the distribution, so it refuses while any worker has one. Returns
--- what it did.
+-- be hidden by the distribution, so it refuses while any worker has one. It also
+-- hands pgseal._two_phase to Citus, which pgseal's ledger needs on a Citus
+-- coordinator. Returns what it did.
 CREATE OR REPLACE FUNCTION pgseal.citus_distribute() RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -1280,6 +1289,21 @@ BEGIN
     IF NOT pgseal._citus_present() THEN
         RAISE EXCEPTION 'Citus is not installed in this database'
             USING ERRCODE = '55000';
+    END IF;
+    -- An empty table for Citus, made here on the coordinator only (Citus makes its
+    -- copies on the workers, which would clash with a table of the extension
+    -- there). pgseal's first ledger write of a transaction on a Citus coordinator
+    -- deletes nothing from it: Citus then commits the transaction's writes on the
+    -- workers with two-phase commit, so they and the ledger entries written here
+    -- commit together or not at all (pgseal::pg::citus::commit_remote_writes_in_two_phases).
+    IF pg_catalog.to_regclass('pgseal._two_phase') IS NULL THEN
+        CREATE TABLE pgseal._two_phase ();
+        REVOKE ALL ON pgseal._two_phase FROM PUBLIC;
+        ALTER EXTENSION pgseal ADD TABLE pgseal._two_phase;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                   WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._two_phase'::pg_catalog.regclass) THEN
+        EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata(''pgseal._two_phase'')';
     END IF;
     IF EXISTS (SELECT 1 FROM pgseal._citus_tables() d
                WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN

@@ -111,14 +111,24 @@ fn write_seal_counts(_preparing: bool) -> SealResult<()> {
     }
     let (ids, counts): (Vec<String>, Vec<i64>) = pending.into_iter().unzip();
     add_counts(&ids, &counts);
+    // On a Citus worker the key table is a copy Citus writes from the coordinator;
+    // while a shard's statement runs in this transaction the worker cannot write it,
+    // so the audit writer adds the counts there (docs/SCALING.md).
+    if crate::pg::citus::is_worker()? {
+        crate::audit_worker::seal_counts_later(&ids, &counts);
+        return Ok(());
+    }
     // A key with a shared total writes that total back (it already holds this
     // transaction's seals and every rolled-back one); a key without adds its count.
+    // With Citus every node seals and has its own total, so every node adds: a
+    // total would overwrite the other nodes' seals.
+    let citus = crate::pg::citus::present();
     let (adds, totals): (Vec<i64>, Vec<Option<i64>>) = ids
         .iter()
         .zip(&counts)
         .map(|(id, &n)| match crate::enc_counts::total(id) {
-            Some(t) => (0, Some(t)),
-            None => (n, None),
+            Some(t) if !citus => (0, Some(t)),
+            _ => (n, None),
         })
         .unzip();
     keystore::add_encryptions(ids, adds, totals)

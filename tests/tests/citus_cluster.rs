@@ -12,7 +12,6 @@ use pgseal_tests::{matrix, sqlstate, Pgseald};
 const TABLES: [&str; 3] = ["notes", "notes_early", "notes_ref"];
 
 const SCHEMA: &str = "
-    CREATE EXTENSION pgseal;
     CREATE ROLE app LOGIN;
     CREATE TABLE notes (id int, tenant_id text NOT NULL, body text, PRIMARY KEY (tenant_id, id));
     SELECT create_distributed_table('notes', 'tenant_id');
@@ -28,6 +27,25 @@ const SCHEMA: &str = "
     INSERT INTO notes_ref SELECT * FROM notes;
     GRANT SELECT, INSERT, UPDATE, DELETE ON notes, notes_early, notes_ref TO app;
 ";
+
+/// pgseal on the coordinator, distributed (`citus_distribute()`, in a transaction of
+/// its own: it reads the workers' key tables over other connections, which must see
+/// the extension), then `SCHEMA`.
+fn schema(cc: &CitusCluster) {
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(SCHEMA).unwrap();
+}
+
+/// `CREATE EXTENSION pgseal` and `pgseal.citus_distribute()`, one after the other.
+fn distributed_pgseal(c: &mut postgres::Client) {
+    c.batch_execute("CREATE EXTENSION pgseal").unwrap();
+    let done: String = c
+        .query_one("SELECT pgseal.citus_distribute()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(done, "pgseal.tenant_keys is now a reference table");
+}
 
 fn app(node: &pgseal_tests::Cluster) -> postgres::Client {
     node.connect_as("app")
@@ -140,7 +158,7 @@ fn the_isolation_matrix_holds_through_every_node() {
         return;
     }
     let cc = CitusCluster::start("citus-matrix");
-    cc.coordinator.connect().batch_execute(SCHEMA).unwrap();
+    schema(&cc);
     // Through the coordinator and through each worker (Citus's metadata is on every
     // node, so a worker plans distributed queries too).
     for node in cc.nodes() {
@@ -157,7 +175,7 @@ fn the_tenant_reaches_every_shard_whatever_the_session_did() {
         return;
     }
     let cc = CitusCluster::start("citus-context");
-    cc.coordinator.connect().batch_execute(SCHEMA).unwrap();
+    schema(&cc);
     let mut a = app(&cc.coordinator);
     let all = "SELECT tenant_id FROM notes";
     let a_rows = Ok(vec!["A".to_string(), "A".to_string()]);
@@ -218,14 +236,6 @@ fn isolation_report_understands_citus_tables() {
     }
     let cc = CitusCluster::start("citus-report");
     let mut c = cc.coordinator.connect();
-    c.batch_execute(SCHEMA).unwrap();
-    c.batch_execute(
-        "CREATE TABLE by_id (id int, tenant_id text NOT NULL, PRIMARY KEY (id, tenant_id));
-         CREATE INDEX ON by_id (tenant_id);
-         SELECT create_distributed_table('by_id', 'id');
-         SELECT pgseal.tenant_protect('by_id');",
-    )
-    .unwrap();
     let report = |c: &mut postgres::Client| -> Vec<(String, String, String)> {
         c.query(
             "SELECT object, problem, fix FROM pgseal.isolation_report() ORDER BY 1, 2",
@@ -236,6 +246,38 @@ fn isolation_report_understands_citus_tables() {
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
     };
+    // Before pgseal.citus_distribute(): the report names it for a tenant table in
+    // Citus, and pgseal writes no ledger entry on the coordinator (tenant_protect
+    // records the protection), as it could commit apart from the workers' writes.
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE early (id int, tenant_id text NOT NULL, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('early', 'tenant_id');",
+    )
+    .unwrap();
+    let found = report(&mut c);
+    let keys: Vec<_> = found
+        .iter()
+        .filter(|(o, _, _)| o == "pgseal.tenant_keys")
+        .collect();
+    assert_eq!(keys.len(), 1, "{found:?}");
+    assert_eq!(keys[0].2, "SELECT pgseal.citus_distribute();");
+    let r = c.batch_execute("SELECT pgseal.tenant_protect('early')");
+    assert_eq!(
+        message(r),
+        "on a Citus coordinator pgseal writes its ledger only after pgseal.citus_distribute() (without it a ledger entry could commit apart from the transaction's writes on the workers)"
+    );
+    c.batch_execute(&keys[0].2).unwrap();
+    c.batch_execute("SELECT pgseal.tenant_protect('early'); DROP TABLE early")
+        .unwrap();
+    c.batch_execute(SCHEMA).unwrap();
+    c.batch_execute(
+        "CREATE TABLE by_id (id int, tenant_id text NOT NULL, PRIMARY KEY (id, tenant_id));
+         CREATE INDEX ON by_id (tenant_id);
+         SELECT create_distributed_table('by_id', 'id');
+         SELECT pgseal.tenant_protect('by_id');",
+    )
+    .unwrap();
     let found = report(&mut c);
     // Protected tables, distributed or not, are clean: their policies call the tenant
     // functions directly (Citus allows no sub-select there) and that is no finding.
@@ -257,16 +299,9 @@ fn isolation_report_understands_citus_tables() {
         .filter(|(o, _, _)| o == "citus.propagate_set_commands")
         .collect();
     assert_eq!(propagate.len(), 1, "{found:?}");
-    let keys: Vec<_> = found
-        .iter()
-        .filter(|(o, _, _)| o == "pgseal.tenant_keys")
-        .collect();
-    assert_eq!(keys.len(), 1, "{found:?}");
-    assert_eq!(keys[0].2, "SELECT pgseal.citus_distribute();");
 
     // Each fix it names clears its finding, and the table is still protected.
     c.batch_execute(&by_id[0].2).unwrap();
-    c.batch_execute(&keys[0].2).unwrap();
     // ALTER SYSTEM runs outside a transaction block: one statement at a time, as psql
     // sends them.
     for stmt in propagate[0].2.split_inclusive(';') {
@@ -319,8 +354,8 @@ fn protection_reaches_the_shards_whatever_the_session_set() {
         return;
     }
     let cc = CitusCluster::start("citus-ddl");
+    schema(&cc);
     let mut c = cc.coordinator.connect();
-    c.batch_execute(SCHEMA).unwrap();
     c.batch_execute(
         "SELECT pgseal.tenant_unprotect('notes');
          SET citus.enable_ddl_propagation = off;
@@ -374,8 +409,8 @@ fn copy_and_insert_select_cannot_write_another_tenants_rows() {
         return;
     }
     let cc = CitusCluster::start("citus-copy");
+    schema(&cc);
     let mut c = cc.coordinator.connect();
-    c.batch_execute(SCHEMA).unwrap();
     let before = pgseal_tests::count(&mut c, "SELECT count(*) FROM notes WHERE tenant_id = 'B'");
     for node in cc.nodes() {
         for setup in ["SELECT pgseal.set_tenant('A')", ""] {
@@ -443,9 +478,9 @@ fn org_protect_never_crosses_tenants_on_citus() {
     }
     let cc = CitusCluster::start("citus-org");
     let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
     c.batch_execute(
-        "CREATE EXTENSION pgseal;
-         CREATE ROLE app LOGIN;
+        "CREATE ROLE app LOGIN;
          CREATE TABLE docs (id int, tenant_id text NOT NULL, owner_id text, org_id text, body text,
                             PRIMARY KEY (tenant_id, id));
          SELECT create_distributed_table('docs', 'tenant_id');
@@ -539,9 +574,9 @@ fn pgseald_retention_runs_against_the_coordinator() {
     }
     let cc = CitusCluster::start("citus-retention");
     let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
     c.batch_execute(
-        "CREATE EXTENSION pgseal;
-         CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL,
+        "CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL,
                               created_at timestamptz NOT NULL, body text, PRIMARY KEY (tenant_id, id));
          SELECT create_distributed_table('events', 'tenant_id');
          SELECT pgseal.tenant_protect('events');
@@ -635,8 +670,8 @@ fn sealed_integrations(cc: &CitusCluster) -> Vec<String> {
     let mut c = cc.coordinator.connect();
     // The GRANT in a transaction of its own: Citus sends it to the workers over
     // another connection than the CREATE ROLE, which would wait for the first.
-    c.batch_execute("CREATE EXTENSION pgseal; CREATE ROLE app LOGIN")
-        .unwrap();
+    distributed_pgseal(&mut c);
+    c.batch_execute("CREATE ROLE app LOGIN").unwrap();
     c.batch_execute(
         "GRANT pgseal_decrypt TO app;
          CREATE TABLE integrations (id int, tenant_id text NOT NULL, token text,
@@ -646,11 +681,6 @@ fn sealed_integrations(cc: &CitusCluster) -> Vec<String> {
          GRANT SELECT, INSERT ON integrations TO app;",
     )
     .unwrap();
-    let done: String = c
-        .query_one("SELECT pgseal.citus_distribute()", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(done, "pgseal.tenant_keys is now a reference table");
     let tenants: Vec<String> = (0..8).map(|i| format!("t{i}")).collect();
     let mut a = app(&cc.coordinator);
     for t in &tenants {
@@ -1284,8 +1314,11 @@ fn keys_cached_before_distribution_follow_the_reference_table() {
     );
 }
 
-/// pgseald against the coordinator: `rotate kek` moves every copy of every key to
-/// the new master key version, and `ledger verify` checks the coordinator's chains.
+/// pgseald against the coordinator: `rotate tenant` reseals a distributed table's
+/// values (the new values are made on the tenant's worker), `rotate kek` moves every
+/// copy of every key to the new master key version, and `ledger verify` checks the
+/// coordinator's chains. Seals made on a worker (the reseal's, and a query's) commit
+/// there and are counted on every copy of the key table.
 #[test]
 fn pgseald_rotation_and_verification_run_against_the_coordinator() {
     if !citus::enabled("pgseald_rotation_and_verification_run_against_the_coordinator") {
@@ -1299,10 +1332,114 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
          SELECT pgseal.tenant_key_rotate('t3');",
     )
     .unwrap();
+    let counted = |c: &mut postgres::Client| -> Vec<String> {
+        on_key_copies(
+            c,
+            "SELECT coalesce(sum(encryptions), 0)::text FROM %s WHERE tenant_id = 't3'",
+        )
+    };
+    let before = counted(&mut c);
+    assert_eq!(before.len(), 3);
+    assert!(before.iter().all(|n| n == &before[0]), "{before:?}");
     let (code, out) = Pgseald::new(["rotate", "tenant", "t3"])
         .on(&cc.coordinator)
         .run();
-    eprintln!("rotate tenant: {code:?} {out}");
+    assert_eq!(code, Some(0), "{out}");
+    let active: String = c
+        .query_one(
+            "SELECT key_id FROM pgseal.tenant_keys WHERE tenant_id = 't3' AND state = 'active' AND purpose = 'dek'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut a = app(&cc.coordinator);
+    let mut tx = a.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('t3')", &[]).unwrap();
+    let keys: Vec<String> = tx
+        .query(
+            "SELECT split_part(token, ':', 2) FROM integrations ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, vec![active.clone(); 3]);
+    // A query that seals on the worker, in a transaction that commits there.
+    let sealed = tx
+        .query(
+            "SELECT pgseal.vault_seal(token, 'x') FROM integrations WHERE tenant_id = 't3'",
+            &[],
+        )
+        .unwrap()
+        .len();
+    assert_eq!(sealed, 3);
+    tx.commit().unwrap();
+    assert_eq!(
+        decrypted(&mut app(&cc.coordinator), "t3"),
+        Ok((1..=3).map(|id| (id, format!("secret-t3-{id}"))).collect())
+    );
+    // The reseal's 3 seals and the query's 3, on every copy.
+    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 6).to_string(); 3];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while counted(&mut c) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seal counts {:?}, want {want:?}",
+            counted(&mut c)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // A role sealing on a worker in many short transactions as fast as it can takes
+    // no more than a few slots of the worker's audit queue (the counts are merged
+    // while they wait; one slot each would fill the queue and fail every audited
+    // decrypt there), and every seal is counted.
+    let worker = cc.node_at(
+        c.query_one(
+            "SELECT nodeport FROM citus_shards WHERE table_name = 'integrations'::regclass \
+             AND shardid = get_shard_id_for_distribution_column('integrations', 't3')",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i32>(0) as u16,
+    );
+    let flood: Vec<_> = (0..2)
+        .map(|_| {
+            let mut a = app(worker);
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    a.batch_execute(
+                        "SELECT pgseal.set_tenant('t3'); SELECT pgseal.vault_seal('x', 'x')",
+                    )
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut busiest = 0;
+    let mut su = worker.connect();
+    while !flood.iter().all(|t| t.is_finished()) {
+        let in_use: i32 = su
+            .query_one("SELECT slots_in_use FROM pgseal.audit_queue_status()", &[])
+            .unwrap()
+            .get(0);
+        busiest = busiest.max(in_use);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    for t in flood {
+        t.join().unwrap();
+    }
+    assert!(busiest <= 3, "{busiest} queue slots in use at once");
+    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 406).to_string(); 3];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while counted(&mut c) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seal counts {:?}, want {want:?}",
+            counted(&mut c)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let (code, out) = Pgseald::new(["ledger", "verify"]).on(&cc.coordinator).run();
     assert_eq!(code, Some(0), "{out}");
     for n in cc.nodes() {
@@ -1325,4 +1462,155 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
     }
     let (code, out) = Pgseald::new(["ledger", "verify"]).on(&cc.coordinator).run();
     assert_eq!(code, Some(0), "{out}");
+}
+
+/// One business write and its ledger entry in one transaction through the
+/// coordinator, at `level`: a row of the distributed `orders` (on the tenant's
+/// worker) and `ledger_append` (on the coordinator), committed by Citus's two-phase
+/// commit. Retries what may be retried (serialization failures, and the errors of a
+/// worker that is down, after connecting again); returns the session's client.
+fn order_and_entry(
+    mut c: postgres::Client,
+    connect: &dyn Fn() -> postgres::Client,
+    level: &str,
+    tenant: &str,
+    s: usize,
+    i: usize,
+) -> postgres::Client {
+    let sql = format!(
+        "BEGIN ISOLATION LEVEL {level}; SELECT pgseal.set_tenant('{tenant}'); \
+         INSERT INTO orders VALUES ('{tenant}', {s}, {i}); \
+         SELECT pgseal.ledger_append('order.created', '{{\"s\": {s}, \"i\": {i}}}'); COMMIT"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{level}: {tenant} {s}/{i} never committed"
+        );
+        let e = match c.batch_execute(&sql) {
+            Ok(()) => return c,
+            Err(e) => e,
+        };
+        let code = e.code().map(|c| c.code().to_owned());
+        // A unique violation would be a retry of a write that had committed: the
+        // coordinator reported a failure for a commit that happened.
+        assert_ne!(
+            code.as_deref(),
+            Some("23505"),
+            "{level}, {tenant} {s}/{i}: {:?}",
+            e.as_db_error()
+        );
+        if c.is_closed() || c.batch_execute("ROLLBACK").is_err() {
+            c = connect();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(
+            if pgseal_tests::is_retryable(&e) {
+                2
+            } else {
+                50
+            },
+        ));
+    }
+}
+
+/// The ledger's concurrency matrix on Citus: 16 sessions through the coordinator at
+/// each isolation level, each transaction writing an order on the tenant's worker
+/// and its ledger entry, over one tenant and over 40; a worker killed (-9) and
+/// started again during the READ COMMITTED round. Every tenant's chain is gapless
+/// and verifies, and the orders and the entries match one for one: no entry without
+/// its order, no order without its entry, whatever failed.
+#[test]
+fn ledger_appends_beside_distributed_writes_never_fork_or_part() {
+    if !citus::enabled("ledger_appends_beside_distributed_writes_never_fork_or_part") {
+        return;
+    }
+    const SESSIONS: usize = 16;
+    const PER_SESSION: usize = 120;
+    let cc = CitusCluster::start("citus-ledger-matrix");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE TABLE orders (tenant_id text NOT NULL, s int, i int, PRIMARY KEY (tenant_id, s, i));
+         SELECT create_distributed_table('orders', 'tenant_id');
+         SELECT pgseal.tenant_protect('orders');",
+    )
+    .unwrap();
+    let config = cc.coordinator.config();
+    for (level, tag) in [
+        ("READ COMMITTED", "rc"),
+        ("REPEATABLE READ", "rr"),
+        ("SERIALIZABLE", "sz"),
+    ] {
+        for tenants in [1usize, 40] {
+            let threads: Vec<_> = (0..SESSIONS)
+                .map(|s| {
+                    let config = config.clone();
+                    std::thread::spawn(move || {
+                        let connect = move || loop {
+                            match config.connect(postgres::NoTls) {
+                                Ok(c) => return c,
+                                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                            }
+                        };
+                        let mut c = connect();
+                        for i in 0..PER_SESSION {
+                            let t = format!("{tag}{tenants}-{}", (s * 31 + i) % tenants);
+                            c = order_and_entry(c, &connect, level, &t, s, i);
+                        }
+                    })
+                })
+                .collect();
+            if tag == "rc" && tenants == 40 {
+                std::thread::sleep(std::time::Duration::from_millis(800));
+                cc.workers[1].crash();
+                std::thread::sleep(std::time::Duration::from_millis(800));
+                cc.workers[1].resume();
+            }
+            for t in threads {
+                t.join().expect("appending session panicked");
+            }
+        }
+    }
+    // Transactions prepared on the killed worker are finished by Citus's recovery
+    // (in a new session: this one's cached connection to that worker is dead).
+    let mut c = cc.coordinator.connect();
+    c.batch_execute("SELECT recover_prepared_transactions()")
+        .unwrap();
+    let tenants: Vec<String> = c
+        .query(
+            "SELECT DISTINCT tenant_id FROM pgseal.ledger WHERE event = 'order.created' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tenants.len(), 3 * 41, "{tenants:?}");
+    let mut total = 0;
+    for (t, n, max, ok) in chains(&mut c, &tenants) {
+        assert!(
+            n > 0 && n == max && ok,
+            "{t}: {n} entries, last seq {max}, ok {ok}"
+        );
+        total += n;
+    }
+    assert_eq!(total as usize, 3 * 2 * SESSIONS * PER_SESSION);
+    // The orders (read as the superuser: every tenant) against the entries.
+    c.batch_execute(
+        "CREATE TEMP TABLE o AS SELECT tenant_id, s, i FROM orders;
+         CREATE TEMP TABLE e AS SELECT tenant_id, (payload->>'s')::int AS s, (payload->>'i')::int AS i
+                                FROM pgseal.ledger WHERE event = 'order.created';",
+    )
+    .unwrap();
+    let unmatched: i64 = c
+        .query_one(
+            "SELECT count(*) FROM ((SELECT * FROM o EXCEPT ALL SELECT * FROM e)
+                                   UNION ALL (SELECT * FROM e EXCEPT ALL SELECT * FROM o)) d",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pgseal_tests::count(&mut c, "SELECT count(*) FROM o"), total);
+    assert_eq!(unmatched, 0, "orders and ledger entries differ");
 }

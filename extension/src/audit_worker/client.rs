@@ -4,6 +4,8 @@
 //!   closed): it runs before a decrypt returns its plaintext.
 //! - `append_later` hands an entry over without waiting: it runs when a transaction
 //!   has ended, where nothing may raise an error.
+//! - `seal_counts_later` hands a Citus worker's seal counts over without waiting, for
+//!   the writer to add to the key table's counts on the coordinator.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +13,7 @@ use super::queue::{self, Failure, State, QUEUE};
 use crate::error::{SealError, SealResult};
 
 /// One ledger entry for a writer to append on a backend's behalf.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Entry {
     pub tenant: String,
     pub actor: String,
@@ -20,6 +22,20 @@ pub struct Entry {
     pub event: String,
     /// JSON text.
     pub payload: String,
+}
+
+/// What a backend asks of the writer (a slot's body, as JSON).
+#[derive(Serialize, Deserialize, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    /// A ledger entry to append.
+    Append(Entry),
+    /// Seals made on a Citus worker, per key: added to `pgseal.tenant_keys.encryptions`
+    /// on the coordinator, which Citus writes to every copy of the table.
+    SealCounts {
+        key_ids: Vec<String>,
+        seals: Vec<i64>,
+    },
 }
 
 fn my_database() -> u32 {
@@ -48,7 +64,8 @@ impl Drop for Waiting {
 /// transaction has committed. Waits at most `timeout_ms` (and honours cancels and
 /// `statement_timeout`); fails with 55000 when no writer runs or can be started.
 pub fn append_durably(entry: &Entry, timeout_ms: i64) -> SealResult<(String, i64)> {
-    let body = serde_json::to_vec(entry).map_err(|_| SealError::Internal("audit entry"))?;
+    let body = serde_json::to_vec(&Request::Append(entry.clone()))
+        .map_err(|_| SealError::Internal("audit entry"))?;
     if body.len() > queue::BUF {
         return Err(SealError::TooLong {
             what: "the decrypt's audit entry (tenant id, actor and context together)",
@@ -169,7 +186,7 @@ fn sleep_on_latch(ms: i64) {
 /// Hands `entry` to the writer without waiting; it keeps retrying a busy chain for
 /// `retry_ms`. Never raises. Returns false (and logs) when it could not be queued.
 pub fn append_later(entry: &Entry, retry_ms: i64) -> bool {
-    let Ok(body) = serde_json::to_vec(entry) else {
+    let Ok(body) = serde_json::to_vec(&Request::Append(entry.clone())) else {
         return false;
     };
     if body.len() > queue::BUF {
@@ -180,13 +197,7 @@ pub fn append_later(entry: &Entry, retry_ms: i64) -> bool {
         );
         return false;
     }
-    let queued = {
-        let db = my_database();
-        let mut q = QUEUE.exclusive();
-        let t = q.enqueue(db, 0, queue::now() + retry_ms * 1000, &body);
-        q.wake_for(db);
-        t.is_some()
-    };
+    let queued = enqueue_unwaited(&body, retry_ms);
     if !queued {
         pgrx::log!(
             "pgseal: the audit queue is full; a '{}' entry for tenant {} was not recorded",
@@ -195,4 +206,103 @@ pub fn append_later(entry: &Entry, retry_ms: i64) -> bool {
         );
     }
     queued
+}
+
+/// Queues `body` for the writer of this database, nobody waiting for it.
+fn enqueue_unwaited(body: &[u8], retry_ms: i64) -> bool {
+    let db = my_database();
+    let mut q = QUEUE.exclusive();
+    let t = q.enqueue(db, 0, queue::now() + retry_ms * 1000, body);
+    q.wake_for(db);
+    t.is_some()
+}
+
+/// Hands seal counts (per key id) made in this Citus worker's transaction to the
+/// writer, which adds them on the coordinator; does not wait. Counts are merged into
+/// a request of this database that still waits in the queue, so sealing
+/// transactions take one slot between them rather than one each, however fast they
+/// come; a request the coordinator did not take is queued again (`writer::finish`).
+/// Never raises: counts with no room in the queue are logged (the worker's
+/// shared-memory total still has them until it restarts; docs/SCALING.md).
+pub fn seal_counts_later(key_ids: &[String], seals: &[i64]) {
+    for (ids, n) in key_ids
+        .chunks(KEYS_PER_REQUEST)
+        .zip(seals.chunks(KEYS_PER_REQUEST))
+    {
+        if !queue_seal_counts(ids, n) {
+            pgrx::log!(
+                "pgseal: the seal counts of {} keys could not be queued for the coordinator",
+                ids.len()
+            );
+        }
+    }
+}
+
+/// Keys per `SealCounts` request of one transaction: 200 key ids of pgseal's 16
+/// characters with their counts take under 6 KB of JSON, within a slot
+/// (`queue::BUF`).
+const KEYS_PER_REQUEST: usize = 200;
+
+/// Merges the counts into this database's waiting request, or queues a request of
+/// their own when there is none or it is full; false when no slot was free.
+fn queue_seal_counts(key_ids: &[String], seals: &[i64]) -> bool {
+    let db = my_database();
+    let mut q = QUEUE.exclusive();
+    let waiting = q
+        .slots
+        .iter()
+        .position(|s| s.dboid == db && s.counts && s.state == State::Queued);
+    let mut merged: Vec<(String, i64)> = Vec::new();
+    let mut into = None;
+    if let Some(i) = waiting {
+        if let Ok(Request::SealCounts { key_ids, seals }) =
+            serde_json::from_slice::<Request>(q.slots[i].body())
+        {
+            merged = key_ids.into_iter().zip(seals).collect();
+            into = Some(i);
+        }
+    }
+    for (id, n) in key_ids.iter().zip(seals) {
+        match merged.iter_mut().find(|(k, _)| k == id) {
+            Some((_, m)) => *m += n,
+            None => merged.push((id.clone(), *n)),
+        }
+    }
+    let (ids, counts): (Vec<String>, Vec<i64>) = merged.into_iter().unzip();
+    let request = Request::SealCounts {
+        key_ids: ids,
+        seals: counts,
+    };
+    let body = serde_json::to_vec(&request).ok();
+    let stored = match (body, into) {
+        (Some(body), Some(i)) if body.len() <= queue::BUF => {
+            let slot = &mut q.slots[i];
+            slot.buf[..body.len()].copy_from_slice(&body);
+            slot.len = body.len() as u32;
+            true
+        }
+        // The waiting request is full: these counts go in a request of their own.
+        _ => {
+            let own = Request::SealCounts {
+                key_ids: key_ids.to_vec(),
+                seals: seals.to_vec(),
+            };
+            match serde_json::to_vec(&own) {
+                Ok(body) if body.len() <= queue::BUF => {
+                    match q.enqueue(db, 0, queue::now(), &body) {
+                        Some(ticket) => {
+                            if let Some(s) = q.slot_mut(ticket) {
+                                s.counts = true;
+                            }
+                            true
+                        }
+                        None => false,
+                    }
+                }
+                _ => false,
+            }
+        }
+    };
+    q.wake_for(db);
+    stored
 }

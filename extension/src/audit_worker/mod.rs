@@ -8,14 +8,15 @@
 //! - `queue`: the shared-memory request slots between backends and writers;
 //! - `client`: the backend's side (wait for the commit, or hand over and go on);
 //! - `launcher`: the worker registered from `_PG_init`, which starts writers;
-//! - `writer`: one worker per database, appending the queued entries.
+//! - `writer`: one worker per database, appending the queued entries (and, on a
+//!   Citus worker, adding its seal counts on the coordinator).
 
 mod client;
 mod launcher;
 pub mod queue;
 mod writer;
 
-pub use client::{append_durably, append_later, Entry};
+pub use client::{append_durably, append_later, seal_counts_later, Entry};
 pub use launcher::register;
 pub use writer::is_writer;
 

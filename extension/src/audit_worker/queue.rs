@@ -72,6 +72,10 @@ pub struct Slot {
     pub seq: i64,
     /// Whether it went to the audit chain (the tenant's chain was busy).
     pub system: bool,
+    /// Whether it carries a Citus worker's seal counts (`Request::SealCounts`),
+    /// which later counts are merged into while it waits, and which is queued
+    /// again when it fails.
+    pub counts: bool,
     pub len: u32,
     pub buf: [u8; BUF],
 }
@@ -88,6 +92,7 @@ impl Slot {
         retry_at: 0,
         seq: 0,
         system: false,
+        counts: false,
         len: 0,
         buf: [0; BUF],
     };

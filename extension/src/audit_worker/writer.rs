@@ -12,7 +12,7 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::PgTryBuilder;
 
-use super::client::Entry;
+use super::client::{Entry, Request};
 use super::queue::{self, Failure, State, QUEUE};
 
 /// Set in the writer process only: the one process that appends to the audit chain.
@@ -33,6 +33,8 @@ pub fn is_writer() -> bool {
 const IDLE_US: i64 = 60_000_000;
 /// A busy chain is tried again after this long (µs).
 const RETRY_US: i64 = 20_000;
+/// Seal counts the coordinator did not take are sent again after this long (µs).
+const COUNTS_RETRY_US: i64 = 1_000_000;
 
 #[pg_guard]
 #[no_mangle]
@@ -183,8 +185,9 @@ fn process(dboid: u32) -> bool {
             .collect()
     };
     for (ticket, body, system_ok) in &batch {
-        let outcome = match serde_json::from_slice::<Entry>(body) {
-            Ok(entry) => append(&entry, *system_ok),
+        let outcome = match serde_json::from_slice::<Request>(body) {
+            Ok(Request::Append(entry)) => append(&entry, *system_ok),
+            Ok(Request::SealCounts { key_ids, seals }) => add_seal_counts(&key_ids, &seals),
             Err(_) => Outcome::Failed("malformed audit request".into()),
         };
         finish(*ticket, outcome);
@@ -262,6 +265,71 @@ fn forward(e: &Entry, system_ok: bool) -> Result<Option<(bool, i64)>, String> {
             result.unwrap_or_default()
         )),
     }
+}
+
+/// Adds a Citus worker's seal counts to the key table: on the coordinator through
+/// `pgseal._seal_counts_forwarded` (a worker cannot write the reference table
+/// itself while Citus runs a shard's statement in its transaction), here otherwise.
+fn add_seal_counts(key_ids: &[String], seals: &[i64]) -> Outcome {
+    let r = in_transaction(|| {
+        if crate::pg::citus::is_worker()? {
+            return Ok(forward_seal_counts(key_ids, seals));
+        }
+        crate::keystore::add_encryptions(key_ids.to_vec(), seals.to_vec(), vec![None; seals.len()])
+            .map(Ok)
+    });
+    match r {
+        Ok(Ok(())) => Outcome::Appended(false, 0),
+        Ok(Err(msg)) | Err(msg) => Outcome::Failed(msg),
+    }
+}
+
+fn forward_seal_counts(key_ids: &[String], seals: &[i64]) -> Result<(), String> {
+    let row = Spi::get_two_with_args::<bool, String>(
+        "SELECT r.success, r.result FROM pg_catalog.run_command_on_coordinator(pg_catalog.format(\
+             'SELECT pgseal._seal_counts_forwarded(%L::pg_catalog.text[], %L::pg_catalog.int8[])', $1, $2)) r",
+        &[key_ids.to_vec().into(), seals.to_vec().into()],
+    )
+    .map_err(|err| err.to_string())?;
+    match row {
+        (Some(true), _) => Ok(()),
+        (_, result) => Err(format!(
+            "the coordinator did not add the seal counts: {}",
+            result.unwrap_or_default()
+        )),
+    }
+}
+
+/// `pgseal._seal_counts_forwarded(key_ids, seals)`: a Citus worker's audit writer
+/// adds the seals made on its node to the keys' counts here, on the coordinator.
+/// Superuser only (a count only ever grows, but a role could otherwise push a key
+/// to its limit): no role is granted it, and it checks.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _seal_counts_forwarded(key_ids: Vec<String>, seals: Vec<i64>) {
+    use crate::error::{OrRaise, SealError};
+    // SAFETY: superuser() reads the current user's role attributes; no preconditions
+    // inside a transaction.
+    if !unsafe { pg_sys::superuser() } {
+        Err::<(), _>(SealError::Forbidden(
+            "only a superuser (a Citus worker's audit writer) adds forwarded seal counts",
+        ))
+        .or_raise();
+    }
+    crate::pg::xact::require_read_write("_seal_counts_forwarded").or_raise();
+    // A key row held by another transaction (a rotation, a prepared transaction)
+    // must not hold up the worker's audit writer: fail, and the worker sends the
+    // counts again later.
+    let timeout: crate::error::SealResult<()> =
+        Spi::run("SELECT pg_catalog.set_config('lock_timeout', '2s', true)").map_err(Into::into);
+    timeout.or_raise();
+    if key_ids.len() != seals.len() || seals.iter().any(|&n| n < 0) {
+        Err::<(), _>(SealError::InvalidArgument(
+            "key_ids and seals must be arrays of the same length, with no negative count",
+        ))
+        .or_raise();
+    }
+    let n = seals.len();
+    crate::keystore::add_encryptions(key_ids, seals, vec![None; n]).or_raise();
 }
 
 /// `_audit_append_forwarded`'s answer: `busy`, or `<in audit chain t|f>:<seq>`.
@@ -386,13 +454,20 @@ fn finish(ticket: u64, outcome: Outcome) {
         }
         Outcome::Busy => Some(Failure::ChainBusy),
         Outcome::Failed(msg) => {
-            pgrx::log!("pgseal audit writer: an entry could not be appended: {msg}");
+            pgrx::log!("pgseal audit writer: a request could not be completed: {msg}");
             Some(Failure::Error)
         }
     };
+    // A Citus worker's seal counts the coordinator did not take are tried again
+    // (later counts are merged into them meanwhile), not dropped.
+    if s.counts && failure.is_some() && s.state == State::Taken {
+        s.state = State::Queued;
+        s.retry_at = queue::now() + COUNTS_RETRY_US;
+        return;
+    }
     if nobody_waits {
         if failure.is_some() && s.latch == 0 {
-            pgrx::log!("pgseal audit writer: an end-of-transaction decrypt count was not recorded");
+            pgrx::log!("pgseal audit writer: an end-of-transaction request (a decrypt count, or a Citus worker's seal counts) was not recorded");
         }
         s.state = State::Free;
         return;

@@ -119,6 +119,10 @@ fn append_stored(
                 "on Citus, pgseal's ledger is kept on the coordinator: append through the coordinator (this node is a worker)",
             ));
         }
+        // The audit writer's own transactions write nothing else.
+        if crate::pg::citus::present() && !crate::audit_worker::is_writer() {
+            crate::pg::citus::commit_remote_writes_in_two_phases()?;
+        }
         let (head, row, key) = chain_lock::lock_and_load(tenant)?;
         // After a subtransaction abort the key itself may have been rolled back,
         // so it is looked up again too.

@@ -34,6 +34,43 @@ pub fn is_worker() -> SealResult<bool> {
     Ok(worker)
 }
 
+/// Makes Citus commit this transaction's writes on other nodes with two-phase commit.
+///
+/// Citus sees only the writes it sends to other nodes. When they all went to one
+/// node, it commits that node's part at pre-commit, before this node's own commit,
+/// which can still fail (a serialization failure at commit under SERIALIZABLE): a
+/// business row on a worker then stays committed while the ledger entry that
+/// records it, written here, is rolled back. With two-phase commit the other nodes
+/// only prepare at pre-commit, and are committed after this node commits, or rolled
+/// back when it does not. Citus turns it on for every transaction that modifies a
+/// table of its own on this node, so pgseal's first ledger write of a transaction on
+/// a Citus coordinator deletes nothing from `pgseal._two_phase`, an empty table that
+/// `citus_distribute()` makes and hands to Citus (tested: an order on a worker and its entry
+/// here never part). Refuses (55000) before `citus_distribute()` has run, rather
+/// than let the two commit apart.
+pub fn commit_remote_writes_in_two_phases() -> SealResult<()> {
+    thread_local! {
+        /// Whether `pgseal._two_phase` was found in Citus's metadata (it stays there).
+        static MANAGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    as_owner(|| {
+        if !MANAGED.with(|m| m.get()) {
+            let managed = Spi::get_one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p \
+                 WHERE p.logicalrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('pgseal._two_phase'))",
+            )?;
+            if managed != Some(true) {
+                return Err(crate::error::SealError::Refused(
+                    "on a Citus coordinator pgseal writes its ledger only after pgseal.citus_distribute() (without it a ledger entry could commit apart from the transaction's writes on the workers)",
+                ));
+            }
+            MANAGED.with(|m| m.set(true));
+        }
+        Spi::run("DELETE FROM pgseal._two_phase WHERE false")?;
+        Ok(())
+    })
+}
+
 thread_local! {
     /// `is_worker`'s answer in the running transaction.
     static WORKER: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
