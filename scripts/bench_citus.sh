@@ -13,7 +13,14 @@
 #      ms per transaction through the coordinator ÷ on the one node   target: ≤ 3×
 #      and the same sent to the worker that holds the rows (no hop; the key is read
 #      again each transaction on Citus), for what the hop itself costs.
-# Ledger appends are not measured: the ledger is not distributed yet (docs/SCALING.md).
+#   3. ledger appends of 1,000 tenants by 16 clients (pgbench, one transaction per
+#      append: set_tenant, ledger_append of a small object, commit): transactions/s
+#      on the one node ÷ through the coordinator (where the ledger is kept)
+#                                                                    target: ≤ 1.5×
+#   4. the same with the business write each entry records: an order row inserted
+#      into a table distributed by tenant (on the one node, a plain table) and its
+#      entry, one transaction; through the coordinator Citus commits it in two
+#      phases (the order on a worker, the entry on the coordinator)  target: ≤ 3×
 set -euo pipefail
 CITUS_SECS=${PGSEAL_BENCH_SECONDS:-10}
 if [ "$PGSEAL_PG" -lt 16 ]; then
@@ -112,10 +119,51 @@ COMMIT;
 SQL
 wk_txn=$(txn_ms "$W1" "$CITUS_SECS" "$CW/worker.sql")
 
-python3 - "$N" "$one_ms" "$one_floor" "$co_ms" "$co_floor" "$one_txn" "$co_txn" "$wk_txn" <<'PY'
+# Rows 3 and 4: 16 clients, 1,000 tenants; every tenant's ledger key made first.
+for p in "$PORT" "${CPORTS[0]}"; do
+    dist=""
+    [ "$p" = "$PORT" ] || dist="SELECT create_distributed_table('corders', 'tenant_id');"
+    cpsql "$p" -c "CREATE TABLE corders (tenant_id text NOT NULL, n int NOT NULL, amount numeric NOT NULL, placed_at timestamptz NOT NULL DEFAULT now())" \
+        -c "${dist:-SELECT 1}" -c "CREATE INDEX ON corders (tenant_id)" -c "SELECT pgseal.tenant_protect('corders')" >/dev/null
+    for t in $(seq 1 1000); do
+        printf "BEGIN; SELECT pgseal.set_tenant('t%s'); SELECT pgseal.ledger_append('bench.start'); COMMIT;\n" "$t"
+    done | cpsql "$p" >/dev/null
+done
+cat > "$CW/append.sql" <<'SQL'
+\set t random(1, 1000)
+\set n random(1, 1000000)
+BEGIN;
+SELECT pgseal.set_tenant('t' || :t);
+SELECT seq FROM pgseal.ledger_append('order.placed', jsonb_build_object('order', (:n)::int, 'amount', 19.90, 'currency', 'EUR'));
+COMMIT;
+SQL
+cat > "$CW/order.sql" <<'SQL'
+\set t random(1, 1000)
+\set n random(1, 1000000)
+BEGIN;
+SELECT pgseal.set_tenant('t' || :t);
+INSERT INTO corders (tenant_id, n, amount) VALUES ('t' || :t, :n, 19.90);
+SELECT seq FROM pgseal.ledger_append('order.placed', jsonb_build_object('order', (:n)::int, 'amount', 19.90, 'currency', 'EUR'));
+COMMIT;
+SQL
+tps16() {
+    "$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench" -n -h 127.0.0.1 -p "$1" -U postgres -M prepared -c 16 -j 2 -T "$2" \
+        -f "$3" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\) .*/\1/p'
+}
+one_app=$(tps16 "$PORT" "$CITUS_SECS" "$CW/append.sql")
+co_app=$(tps16 "${CPORTS[0]}" "$CITUS_SECS" "$CW/append.sql")
+one_ord=$(tps16 "$PORT" "$CITUS_SECS" "$CW/order.sql")
+co_ord=$(tps16 "${CPORTS[0]}" "$CITUS_SECS" "$CW/order.sql")
+for p in "$PORT" "${CPORTS[0]}"; do
+    bad=$(cpsql "$p" -c "SELECT count(*) FROM (SELECT DISTINCT tenant_id FROM pgseal.ledger) t, pgseal.ledger_verify(t.tenant_id) v WHERE NOT v.ok" 2>/dev/null || echo "?")
+    [ "$bad" = 0 ] || { echo "a chain fails verification after the append rows (port $p): $bad" >&2; exit 1; }
+done
+
+python3 - "$N" "$one_ms" "$one_floor" "$co_ms" "$co_floor" "$one_txn" "$co_txn" "$wk_txn" \
+    "$one_app" "$co_app" "$one_ord" "$co_ord" <<'PY'
 import sys
 n = int(sys.argv[1])
-one_ms, one_floor, co_ms, co_floor, one_txn, co_txn, wk_txn = map(float, sys.argv[2:])
+one_ms, one_floor, co_ms, co_floor, one_txn, co_txn, wk_txn, one_app, co_app, one_ord, co_ord = map(float, sys.argv[2:])
 ok = lambda met: "PASS" if met else "MISS"
 one_us = one_ms * 1000.0 / n
 co_us = co_ms * 1000.0 / n
@@ -129,5 +177,12 @@ print("| one decrypting transaction, 1 of 1,000 tenants, 1 client (ms/txn) | %.3
       % (co_txn, one_txn, r2, ok(r2 <= 3.0)))
 print("(the same transaction sent to the worker holding the rows: %.3f ms, %.2f× the one node; the hop through the coordinator adds %.3f ms)"
       % (wk_txn, wk_txn / one_txn, co_txn - wk_txn))
-print("(ledger appends through the coordinator: not measured, the ledger is not distributed yet; docs/SCALING.md)")
+r3 = one_app / co_app
+print("| ledger appends, 1,000 tenants × 16 clients (txn/s; the ledger is on the coordinator) | %.0f | %.0f | %.2f× | ≤ 1.5× %s |"
+      % (co_app, one_app, r3, ok(r3 <= 1.5)))
+r4 = one_ord / co_ord
+print("| an order row and its ledger entry, 1,000 tenants × 16 clients (txn/s; two-phase commit through Citus) | %.0f | %.0f | %.2f× | ≤ 3× %s |"
+      % (co_ord, one_ord, r4, ok(r4 <= 3.0)))
+print("(per transaction at 16 clients: an append costs %.3f ms more through the coordinator, an order with its entry %.3f ms more)"
+      % (16e3 / co_app - 16e3 / one_app, 16e3 / co_ord - 16e3 / one_ord))
 PY

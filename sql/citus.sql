@@ -63,7 +63,7 @@ BEGIN
     -- An empty table for Citus, made here on the coordinator only (Citus makes its
     -- copies on the workers, which would clash with a table of the extension
     -- there). pgseal's first ledger write of a transaction on a Citus coordinator
-    -- deletes nothing from it: Citus then commits the transaction's writes on the
+    -- deletes from it (nothing is ever in it): Citus then commits the transaction's writes on the
     -- workers with two-phase commit, so they and the ledger entries written here
     -- commit together or not at all (pgseal::pg::citus::commit_remote_writes_in_two_phases).
     IF pg_catalog.to_regclass('pgseal._two_phase') IS NULL THEN
@@ -71,6 +71,12 @@ BEGIN
         REVOKE ALL ON pgseal._two_phase FROM PUBLIC;
         ALTER EXTENSION pgseal ADD TABLE pgseal._two_phase;
     END IF;
+    -- pgseal deletes from it as the extension owner, who may not be the superuser
+    -- running this.
+    EXECUTE pg_catalog.format('ALTER TABLE pgseal._two_phase OWNER TO %I',
+        (SELECT r.rolname FROM pg_catalog.pg_extension e
+         JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) e.extowner
+         WHERE e.extname OPERATOR(pg_catalog.=) 'pgseal'));
     IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
                    WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._two_phase'::pg_catalog.regclass) THEN
         EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata(''pgseal._two_phase'')';

@@ -1614,3 +1614,127 @@ fn ledger_appends_beside_distributed_writes_never_fork_or_part() {
     assert_eq!(pgseal_tests::count(&mut c, "SELECT count(*) FROM o"), total);
     assert_eq!(unmatched, 0, "orders and ledger entries differ");
 }
+
+/// The two-phase commit that keeps a ledger entry with its transaction's writes on
+/// the workers holds whatever the caller set: Citus prepares the worker's part (its
+/// logged `PREPARE TRANSACTION`) with Citus's local execution off, its fast-path
+/// planner off, the transaction reaching the coordinator's own placements over a
+/// connection first, and the append before or after the write; and the owner's
+/// statement behind it, which Citus then sends over a connection to the coordinator
+/// itself, runs none of the caller's functions (a caller's `search_path` naming its
+/// own `assign_distributed_transaction_id`, which Citus calls unqualified on each
+/// connection it opens).
+#[test]
+fn ledger_entries_commit_in_two_phases_whatever_the_caller_set() {
+    if !citus::enabled("ledger_entries_commit_in_two_phases_whatever_the_caller_set") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-2pc");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute("CREATE ROLE app LOGIN").unwrap();
+    c.batch_execute(
+        "GRANT pgseal_ledger TO app;
+         CREATE SCHEMA evil AUTHORIZATION app;
+         CREATE TABLE orders (tenant_id text NOT NULL, n int NOT NULL);
+         SELECT create_distributed_table('orders', 'tenant_id');
+         SELECT pgseal.tenant_protect('orders');
+         GRANT SELECT, INSERT ON orders TO app;",
+    )
+    .unwrap();
+    let mut a = app(&cc.coordinator);
+    a.batch_execute(
+        "CREATE FUNCTION evil.pwn() RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_setting('is_superuser') = 'on' THEN
+                 EXECUTE 'CREATE TABLE IF NOT EXISTS public.ran_as_superuser (x int)';
+             END IF;
+         END $$;
+         CREATE FUNCTION evil.assign_distributed_transaction_id(int, int, text) RETURNS void
+             LANGUAGE sql AS 'SELECT evil.pwn()';
+         CREATE FUNCTION evil.assign_distributed_transaction_id(int, bigint, text) RETURNS void
+             LANGUAGE sql AS 'SELECT evil.pwn()';
+         CREATE TABLE evil.ref (x int);
+         SELECT create_reference_table('evil.ref');",
+    )
+    .unwrap();
+    let cases = [
+        ("", false, false),
+        ("SET citus.enable_local_execution = off", false, false),
+        ("SET citus.enable_local_execution = off", true, false),
+        ("SET citus.enable_local_execution = off", true, true),
+        ("SET citus.enable_fast_path_router_planner = off", false, false),
+        (
+            "SET citus.enable_fast_path_router_planner = off; SET citus.enable_local_execution = off",
+            true,
+            true,
+        ),
+    ];
+    // Each tenant's ledger key first: making it writes the key table on every node,
+    // which Citus commits in two phases anyway.
+    for n in 0..cases.len() {
+        c.batch_execute(&format!(
+            "BEGIN; SELECT pgseal.set_tenant('t{n}'); SELECT pgseal.ledger_append('setup'); COMMIT"
+        ))
+        .unwrap();
+    }
+    for (n, (settings, reach_coordinator, append_first)) in cases.iter().enumerate() {
+        let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = notices.clone();
+        let mut cfg = cc.coordinator.config();
+        cfg.user("app").notice_callback(move |m| {
+            seen.lock().unwrap().push(m.message().to_owned());
+        });
+        let mut s = cfg.connect(postgres::NoTls).unwrap();
+        s.batch_execute(settings).unwrap();
+        let tenant = format!("t{n}");
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+            .unwrap();
+        tx.batch_execute("SET LOCAL search_path = evil, pg_catalog")
+            .unwrap();
+        if *reach_coordinator {
+            // Over a connection to the coordinator's own placement: Citus then turns
+            // local execution off for the rest of the transaction.
+            tx.batch_execute("SELECT count(*) FROM evil.ref").unwrap();
+        }
+        let append = "SELECT pgseal.ledger_append('order.placed', '{\"n\": 1}')";
+        let insert = format!("INSERT INTO public.orders VALUES ('{tenant}', {n})");
+        if *append_first {
+            tx.batch_execute(append).unwrap();
+            tx.batch_execute(&insert).unwrap();
+        } else {
+            tx.batch_execute(&insert).unwrap();
+            tx.batch_execute(append).unwrap();
+        }
+        tx.batch_execute("SET LOCAL citus.log_remote_commands = on")
+            .unwrap();
+        tx.commit().unwrap();
+        let got = notices.lock().unwrap().clone();
+        assert!(
+            got.iter().any(|m| m.contains("PREPARE TRANSACTION")),
+            "case {n} ({settings:?}, reach coordinator {reach_coordinator}, append first {append_first}): no two-phase commit: {got:?}"
+        );
+    }
+    // Outside a transaction block with citus.function_opens_transaction_block off, a
+    // function's writes on the workers commit before anything here: refused.
+    let mut s = app(&cc.coordinator);
+    s.batch_execute("SET citus.function_opens_transaction_block = off; SET app.tenant_id = 't0'")
+        .unwrap();
+    assert_eq!(
+        sqlstate(s.execute("SELECT pgseal.ledger_append('order.placed')", &[])),
+        "0A000"
+    );
+    let pwned = pgseal_tests::count(
+        &mut c,
+        "SELECT count(*) FROM pg_class WHERE relname = 'ran_as_superuser'",
+    );
+    assert_eq!(pwned, 0, "the caller's function ran as a superuser");
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.ledger WHERE event = 'order.placed'"
+        ),
+        cases.len() as i64
+    );
+}

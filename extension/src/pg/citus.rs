@@ -43,16 +43,45 @@ pub fn is_worker() -> SealResult<bool> {
 /// records it, written here, is rolled back. With two-phase commit the other nodes
 /// only prepare at pre-commit, and are committed after this node commits, or rolled
 /// back when it does not. Citus turns it on for every transaction that modifies a
-/// table of its own on this node, so pgseal's first ledger write of a transaction on
-/// a Citus coordinator deletes nothing from `pgseal._two_phase`, an empty table that
-/// `citus_distribute()` makes and hands to Citus (tested: an order on a worker and its entry
-/// here never part). Refuses (55000) before `citus_distribute()` has run, rather
-/// than let the two commit apart.
+/// table of its own on this node (its local execution; or, where the transaction
+/// reaches this node's tables over a connection, a modification over a second
+/// connection), so pgseal's first ledger write of a transaction on a Citus
+/// coordinator deletes from `pgseal._two_phase`, an empty table that
+/// `citus_distribute()` makes and hands to Citus (tested: an order on a worker and
+/// its entry here never part, and Citus prepares the worker's part whatever the
+/// caller set). The DELETE has no condition (one that is always false lets Citus's
+/// planner prune the table's one shard away when the caller turned its fast path
+/// off, and nothing would run) and, as every owner statement that Citus may send
+/// over a connection (here: to this node itself, when the caller turned Citus's
+/// local execution off; a transaction may not switch between the two, so the
+/// caller's choice stands), with the remote parsing pinned. Refuses (55000) before `citus_distribute()` has run; and (0A000) outside
+/// a transaction block when the caller turned `citus.function_opens_transaction_block`
+/// off, where a function's writes on the workers commit at once, before anything
+/// here.
 pub fn commit_remote_writes_in_two_phases() -> SealResult<()> {
     thread_local! {
         /// Whether `pgseal._two_phase` was found in Citus's metadata (it stays there).
         static MANAGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
+    // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown setting,
+    // else its current value as a string PostgreSQL keeps; IsTransactionBlock reads
+    // the transaction state.
+    let unblocked = unsafe {
+        let v = pg_sys::GetConfigOption(
+            c"citus.function_opens_transaction_block".as_ptr(),
+            true,
+            false,
+        );
+        !v.is_null()
+            && std::ffi::CStr::from_ptr(v).to_bytes() == b"off"
+            && !pg_sys::IsTransactionBlock()
+    };
+    if unblocked {
+        return Err(crate::error::SealError::NotSupported(
+            "with citus.function_opens_transaction_block off, pgseal writes its ledger only inside a transaction block (BEGIN … COMMIT): a function's writes on the workers would commit before its ledger entry",
+        ));
+    }
+    let caller = caller_parsing()?;
     as_owner(|| {
         if !MANAGED.with(|m| m.get()) {
             let managed = Spi::get_one::<bool>(
@@ -66,8 +95,10 @@ pub fn commit_remote_writes_in_two_phases() -> SealResult<()> {
             }
             MANAGED.with(|m| m.set(true));
         }
-        Spi::run("DELETE FROM pgseal._two_phase WHERE false")?;
-        Ok(())
+        with_remote_parsing_pinned(caller.as_ref(), || {
+            Spi::run("DELETE FROM pgseal._two_phase")?;
+            Ok(())
+        })
     })
 }
 
