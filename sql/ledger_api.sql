@@ -137,11 +137,27 @@ DECLARE
     pk   text[];
     tcol text;
     part regclass;
+    on_workers boolean;
 BEGIN
     -- 22004 NULL, 42P01 no such relation, 42809 not a table (sql/tenancy.sql).
     PERFORM pgseal._check_table(rel);
     IF rel IN ('pgseal.ledger'::regclass, 'pgseal.ledger_heads'::regclass, 'pgseal.ledger_checkpoints'::regclass) THEN
         RAISE EXCEPTION 'the ledger cannot audit itself' USING ERRCODE = '22023';
+    END IF;
+    -- On Citus the ledger is kept on the coordinator (docs/SCALING.md): the trigger
+    -- on a table whose rows Citus keeps on the workers (distributed, or a reference
+    -- table) would fire there, where every append is refused, and fail every write.
+    IF pgseal._citus_present() THEN
+        EXECUTE $q$
+            SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM pg_catalog.pg_dist_partition p
+            WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1
+              AND (p.partmethod OPERATOR(pg_catalog.=) 'h' OR p.repmodel OPERATOR(pg_catalog.=) 't') $q$
+            INTO on_workers USING rel;
+        IF on_workers THEN
+            RAISE EXCEPTION '% is a Citus table whose rows are kept on the workers, and pgseal''s ledger is on the coordinator', rel
+                USING ERRCODE = '0A000',
+                      HINT = 'Record its changes with pgseal.ledger_append() in the transactions that make them (docs/SCALING.md).';
+        END IF;
     END IF;
     SELECT pg_catalog.array_agg(DISTINCT pg_catalog.upper(e)) INTO ev FROM pg_catalog.unnest(events) AS e;
     IF ev IS NULL THEN

@@ -1440,6 +1440,51 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // While another transaction holds the data keys' rows, the forwarded counts give up
+    // on the coordinator (its 2 s lock_timeout) rather than hold the worker's audit
+    // writer, which meanwhile records a decrypt on that worker; they are sent again,
+    // and arrive once the rows are free.
+    let mut holder = cc.coordinator.connect();
+    let mut held = holder.transaction().unwrap();
+    held.execute(
+        "SELECT key_id FROM pgseal.tenant_keys WHERE tenant_id = 't3' AND purpose = 'dek' FOR UPDATE",
+        &[],
+    )
+    .unwrap();
+    let mut a = app(worker);
+    for _ in 0..5 {
+        a.batch_execute("SELECT pgseal.set_tenant('t3'); SELECT pgseal.vault_seal('y', 'y')")
+            .unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let decrypting = std::time::Instant::now();
+    assert_eq!(
+        decrypted(&mut app(worker), "t3"),
+        Ok((1..=3).map(|id| (id, format!("secret-t3-{id}"))).collect())
+    );
+    assert!(
+        decrypting.elapsed() < std::time::Duration::from_secs(8),
+        "the decrypt waited {:?} for the audit writer",
+        decrypting.elapsed()
+    );
+    assert_eq!(counted(&mut c), want, "counted while the rows were held");
+    held.rollback().unwrap();
+    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 411).to_string(); 3];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while counted(&mut c) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seal counts {:?} after the rows were free, want {want:?}; the worker's log: {}",
+            counted(&mut c),
+            worker
+                .server_log()
+                .lines()
+                .filter(|l| l.contains("pgseal"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let (code, out) = Pgseald::new(["ledger", "verify"]).on(&cc.coordinator).run();
     assert_eq!(code, Some(0), "{out}");
     for n in cc.nodes() {
@@ -1714,6 +1759,15 @@ fn ledger_entries_commit_in_two_phases_whatever_the_caller_set() {
         assert!(
             got.iter().any(|m| m.contains("PREPARE TRANSACTION")),
             "case {n} ({settings:?}, reach coordinator {reach_coordinator}, append first {append_first}): no two-phase commit: {got:?}"
+        );
+    }
+    // ledger_audit on a table whose rows are on the workers, where no entry can be
+    // appended, is refused rather than fail every write there.
+    for rel in ["orders", "evil.ref"] {
+        assert_eq!(
+            sqlstate(c.execute("SELECT pgseal.ledger_audit($1::text::regclass)", &[&rel])),
+            "0A000",
+            "{rel}"
         );
     }
     // Outside a transaction block with citus.function_opens_transaction_block off, a

@@ -284,15 +284,21 @@ fn add_seal_counts(key_ids: &[String], seals: &[i64]) -> Outcome {
     }
 }
 
+/// Sends the counts to the coordinator in a `DO` block whose `lock_timeout` Citus
+/// sends on to every node the update reaches (see `_seal_counts_forwarded`). The
+/// key ids (letters, digits, `_`, `-`) and counts are quoted literals in the block.
 fn forward_seal_counts(key_ids: &[String], seals: &[i64]) -> Result<(), String> {
     let row = Spi::get_two_with_args::<bool, String>(
         "SELECT r.success, r.result FROM pg_catalog.run_command_on_coordinator(pg_catalog.format(\
-             'SELECT pgseal._seal_counts_forwarded(%L::pg_catalog.text[], %L::pg_catalog.int8[])', $1, $2)) r",
+             'DO $pgseal$ BEGIN SET LOCAL citus.propagate_set_commands = local; SET LOCAL lock_timeout = ''2s''; \
+              PERFORM pgseal._seal_counts_forwarded(%L::pg_catalog.text[], %L::pg_catalog.int8[]); END $pgseal$', $1, $2)) r",
         &[key_ids.to_vec().into(), seals.to_vec().into()],
     )
     .map_err(|err| err.to_string())?;
+    // One statement (Citus answers a string of them with the first one's status,
+    // and success even when a later one failed).
     match row {
-        (Some(true), _) => Ok(()),
+        (Some(true), Some(result)) if result == "DO" => Ok(()),
         (_, result) => Err(format!(
             "the coordinator did not add the seal counts: {}",
             result.unwrap_or_default()
@@ -317,8 +323,12 @@ fn _seal_counts_forwarded(key_ids: Vec<String>, seals: Vec<i64>) {
     }
     crate::pg::xact::require_read_write("_seal_counts_forwarded").or_raise();
     // A key row held by another transaction (a rotation, a prepared transaction)
-    // must not hold up the worker's audit writer: fail, and the worker sends the
-    // counts again later.
+    // must not hold up the worker's audit writer, which waits for this call: give
+    // up after 2 s, and the worker sends the counts again later. The writer calls
+    // it in a `DO` block that has set the same `lock_timeout` with `SET LOCAL` and
+    // propagation on, so Citus sends it to every node it updates (it propagates no
+    // `SET LOCAL` of a function's own statements outside a block); this covers the
+    // waits on this node whoever calls.
     let timeout: crate::error::SealResult<()> =
         Spi::run("SELECT pg_catalog.set_config('lock_timeout', '2s', true)").map_err(Into::into);
     timeout.or_raise();
