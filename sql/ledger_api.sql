@@ -145,13 +145,15 @@ BEGIN
         RAISE EXCEPTION 'the ledger cannot audit itself' USING ERRCODE = '22023';
     END IF;
     -- On Citus the ledger is kept on the coordinator (docs/SCALING.md): the trigger
-    -- on a table whose rows Citus keeps on the workers (distributed, or a reference
+    -- on a table whose rows Citus keeps on the workers (distributed by any method,
+    -- single-shard or schema-sharded, or a reference table: all but a Citus local
     -- table) would fire there, where every append is refused, and fail every write.
     IF pgseal._citus_present() THEN
         EXECUTE $q$
             SELECT pg_catalog.count(*) OPERATOR(pg_catalog.>) 0 FROM pg_catalog.pg_dist_partition p
             WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1
-              AND (p.partmethod OPERATOR(pg_catalog.=) 'h' OR p.repmodel OPERATOR(pg_catalog.=) 't') $q$
+              AND (p.partmethod OPERATOR(pg_catalog.<>) 'n' OR p.repmodel OPERATOR(pg_catalog.=) 't'
+                   OR p.colocationid OPERATOR(pg_catalog.<>) 0) $q$
             INTO on_workers USING rel;
         IF on_workers THEN
             RAISE EXCEPTION '% is a Citus table whose rows are kept on the workers, and pgseal''s ledger is on the coordinator', rel

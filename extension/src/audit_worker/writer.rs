@@ -286,11 +286,26 @@ fn add_seal_counts(key_ids: &[String], seals: &[i64]) -> Outcome {
 
 /// Sends the counts to the coordinator in a `DO` block whose `lock_timeout` Citus
 /// sends on to every node the update reaches (see `_seal_counts_forwarded`). The
-/// key ids (letters, digits, `_`, `-`) and counts are quoted literals in the block.
+/// block turns propagation on with `set_config` (a `SET LOCAL` of it would count,
+/// where propagation is already on server-wide, as a setting sent to the workers,
+/// and pgseal's owner statements would then be refused). The key ids (letters,
+/// digits, `_`, `-`) and counts are quoted literals in the block.
 fn forward_seal_counts(key_ids: &[String], seals: &[i64]) -> Result<(), String> {
+    // Key ids are checked to be what the key table allows (letters, digits, `_`,
+    // `-`) before they go into the block's text, whatever quoting `%L` gives them.
+    if !key_ids.iter().all(|id| {
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    }) {
+        return Err("a seal count names a malformed key id".to_owned());
+    }
     let row = Spi::get_two_with_args::<bool, String>(
         "SELECT r.success, r.result FROM pg_catalog.run_command_on_coordinator(pg_catalog.format(\
-             'DO $pgseal$ BEGIN SET LOCAL citus.propagate_set_commands = local; SET LOCAL lock_timeout = ''2s''; \
+             'DO $pgseal$ BEGIN PERFORM pg_catalog.set_config(''citus.propagate_set_commands'', ''local'', true); \
+              SET LOCAL lock_timeout = ''2s''; \
               PERFORM pgseal._seal_counts_forwarded(%L::pg_catalog.text[], %L::pg_catalog.int8[]); END $pgseal$', $1, $2)) r",
         &[key_ids.to_vec().into(), seals.to_vec().into()],
     )
