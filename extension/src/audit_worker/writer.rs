@@ -51,9 +51,17 @@ pub extern "C-unwind" fn pgseal_audit_writer_main(arg: pg_sys::Datum) {
     // backend's wake-up that came during the work may have been consumed by it (a
     // lock wait, or Citus's wait for the coordinator, resets this process's latch),
     // and would otherwise wait for the timeout.
-    while (worked && !BackgroundWorker::sigterm_received())
-        || BackgroundWorker::wait_latch(Some(Duration::from_millis(500)))
-    {
+    // pgrx's `sigterm_received()` clears the flag it reads (and `wait_latch` reads it
+    // too), so it is read once per turn: read twice in one condition, a SIGTERM
+    // seen by the first read was lost, and a writer with a busy entry to retry kept
+    // a fast shutdown waiting for the entry's whole retry window (60 s).
+    loop {
+        if BackgroundWorker::sigterm_received() {
+            break;
+        }
+        if !worked && !BackgroundWorker::wait_latch(Some(Duration::from_millis(500))) {
+            break;
+        }
         if BackgroundWorker::sighup_received() {
             // SAFETY: re-reads postgresql.conf in this process, as the docs of
             // background workers prescribe after SIGHUP.
