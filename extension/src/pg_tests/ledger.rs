@@ -48,10 +48,35 @@ mod tests {
     }
 
     /// Lets a superuser edit the ledger behind pgseal's back, as an attacker with
-    /// full database access could. Rolled back with the test.
+    /// full database access could. Rolled back with the test. The test must have
+    /// called `lock_ledger_tables()` before its first append (asserted).
     fn disable_guards() {
+        assert_ledger_tables_locked();
         run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
         run("ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard");
+    }
+
+    /// `disable_guards()` for `pgseal.ledger_heads` as well.
+    fn disable_heads_guard() {
+        assert_ledger_tables_locked();
+        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
+        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
+    }
+
+    /// The `#[pg_test]`s run in parallel against one database, and most append.
+    /// A test that appends (RowExclusiveLock) and then lifts a guard (ALTER
+    /// TABLE, ShareRowExclusiveLock) upgrades its lock while others hold theirs:
+    /// the deadlock CI met. So a test takes both tables' strong locks first.
+    fn assert_ledger_tables_locked() {
+        let held = one::<i64>(
+            "SELECT count(*) FROM pg_catalog.pg_locks WHERE pid = pg_catalog.pg_backend_pid() \
+             AND granted AND mode = 'ShareRowExclusiveLock' \
+             AND relation IN ('pgseal.ledger'::pg_catalog.regclass, 'pgseal.ledger_heads'::pg_catalog.regclass)",
+        );
+        assert_eq!(
+            held, 2,
+            "call lock_ledger_tables() first in a test that lifts the ledger's guards"
+        );
     }
 
     #[pg_test]
@@ -227,15 +252,7 @@ mod tests {
         // none (appenders lock the two tables in either order, so waiting for the
         // second while holding the first could deadlock).
         tenant("direct-writes");
-        run("DO $$ BEGIN
-               LOOP
-                 BEGIN
-                   LOCK TABLE pgseal.ledger_heads, pgseal.ledger IN SHARE ROW EXCLUSIVE MODE NOWAIT;
-                   EXIT;
-                 EXCEPTION WHEN lock_not_available THEN PERFORM pg_sleep(0.01);
-                 END;
-               END LOOP;
-             END $$");
+        lock_ledger_tables();
         // Indexes a DBA might add. The one on the heads' seq makes every move of
         // a heads row a non-HOT update, which must insert into both indexes.
         run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
@@ -531,6 +548,7 @@ mod tests {
 
     #[pg_test]
     fn verify_reads_compressed_and_out_of_line_fields() {
+        lock_ledger_tables();
         // ledger_verify borrows most fields straight from the stored tuple; long ones
         // are stored compressed (a repeated actor) or out of line (an event of hex
         // digits), and must be read back whole.
@@ -564,6 +582,7 @@ mod tests {
 
     #[pg_test]
     fn verify_finds_an_edited_payload() {
+        lock_ledger_tables();
         tenant("acme");
         for _ in 0..4 {
             append("e", r#"{"amount": 10}"#);
@@ -580,6 +599,7 @@ mod tests {
 
     #[pg_test]
     fn verify_finds_a_forged_mac_and_a_deleted_entry() {
+        lock_ledger_tables();
         tenant("acme");
         for _ in 0..4 {
             append("e", "{}");
@@ -597,6 +617,7 @@ mod tests {
 
     #[pg_test]
     fn verify_finds_an_edited_link() {
+        lock_ledger_tables();
         tenant("acme");
         for _ in 0..3 {
             append("e", "{}");
@@ -765,6 +786,7 @@ mod tests {
 
     #[pg_test]
     fn prune_refuses_a_chain_that_does_not_verify() {
+        lock_ledger_tables();
         tenant("acme");
         for _ in 0..3 {
             append("e", "{}");
@@ -1117,9 +1139,8 @@ mod tests {
             payload: r#"{"ip":"10.0.0.1"}"#,
         });
         let tag = mac.sign(&hash);
-        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
+        disable_heads_guard();
         run("ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_write_guard");
-        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
         Spi::run_with_args(
             "INSERT INTO pgseal.ledger VALUES ('fmt1-legacy', 1, to_timestamp(1796000000), 'alice', 'login', \
              '{\"ip\": \"10.0.0.1\"}', $1, $2, $3)",
@@ -1294,8 +1315,7 @@ mod tests {
         assert_eq!(verify(""), (true, 3, None, None));
         // A superuser who lifts the guards on purpose still cannot make
         // verification skip the chain: no prune recorded that anchor.
-        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
-        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
+        disable_heads_guard();
         run(forge_anchor);
         assert_eq!(
             verify(""),
@@ -1323,7 +1343,7 @@ mod tests {
         );
         assert_eq!(verify(""), (true, last, None, None));
         disable_guards();
-        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
+        disable_heads_guard();
         // The chain must pass through the heads row's (seq, hash): a chain
         // rewritten behind the row (by whoever can compute MACs) ends elsewhere.
         let set_row_hash = |hash: &str| {
@@ -1426,8 +1446,7 @@ mod tests {
         );
         assert_eq!(pruned.0["anchor_seq"], 2);
         assert_eq!(verify(""), (true, 3, None, None));
-        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
-        run("ALTER TABLE pgseal.ledger_heads DISABLE TRIGGER pgseal_heads_write_guard");
+        disable_heads_guard();
         // The anchor moves past an entry that was never pruned.
         run("UPDATE pgseal.ledger_heads SET anchor_seq = 3, \
              anchor_hash = (SELECT hash FROM pgseal.ledger WHERE tenant_id = 'anchor-moved' AND seq = 3) \
