@@ -49,7 +49,7 @@ GRANT pgseal_ledger TO pgseal_admin;
 GRANT SELECT ON pgseal.ledger TO pgseal_ledger, pgseal_admin;
 
 GRANT EXECUTE ON FUNCTION
-    pgseal.ledger_append(text, jsonb, text),
+    pgseal.ledger_append(text, jsonb, text, text[]),
     pgseal.ledger_verify(text, bigint, bigint),
     pgseal.ledger_export(text, bigint, bigint),
     pgseal._ledger_tenant(text),
@@ -91,6 +91,15 @@ GRANT EXECUTE ON FUNCTION
     pgseal.org_protect(regclass, name, name, name),
     pgseal.isolation_report()
 TO PUBLIC;
+
+-- Data subjects (issue 19, extension/src/subjects.rs). Export runs as the caller
+-- and reads the ledger as pgseal_ledger does; erasure is for pgseal_admin, and
+-- registering a column runs as the caller (the registration check above).
+GRANT EXECUTE ON FUNCTION pgseal.subject_export(text, text) TO pgseal_ledger;
+GRANT EXECUTE ON FUNCTION
+    pgseal.subject_erase(text, text),
+    pgseal.subject_register(regclass, name)
+TO pgseal_admin;
 
 -- Jobs that pgseald runs, as a member of pgseal_admin.
 GRANT EXECUTE ON FUNCTION

@@ -330,8 +330,9 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
-    r      record;
-    loaded pg_catalog.bool;
+    r        record;
+    loaded   pg_catalog.bool;
+    registry pg_catalog.text;
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
                 WHERE d.object_type OPERATOR(pg_catalog.=) 'extension'
@@ -344,6 +345,8 @@ BEGIN
            AND (EXISTS (SELECT 1 FROM pgseal.retention_rules x
                          WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
                 OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x
+                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
+                OR EXISTS (SELECT 1 FROM pgseal.subject_columns x
                             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid))) THEN
         RETURN;
     END IF;
@@ -364,16 +367,19 @@ BEGIN
                 coalesce('tenant ' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(r.tenant), 'default rule'), r.what, r.relid;
         END IF;
     END LOOP;
-    FOR r IN
-        DELETE FROM pgseal.sealed_columns x
-         USING pg_catalog.pg_event_trigger_dropped_objects() d
-         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-           AND d.objid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
-           AND (d.objsubid OPERATOR(pg_catalog.=) 0 OR d.objsubid OPERATOR(pg_catalog.=) x.attnum)
-        RETURNING x.rel::pg_catalog.oid AS relid, d.object_identity AS what, x.col AS col
-    LOOP
-        RAISE NOTICE 'pgseal: removed the sealed column registration of % (OID %, column %): it was dropped',
-            r.what, r.relid, pg_catalog.quote_ident(r.col);
+    -- The column registries have one shape (rel, col, attnum).
+    FOREACH registry IN ARRAY ARRAY['sealed_columns', 'subject_columns'] LOOP
+        FOR r IN EXECUTE pg_catalog.format($q$
+            DELETE FROM pgseal.%I x
+             USING pg_catalog.pg_event_trigger_dropped_objects() d
+             WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.objid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+               AND (d.objsubid OPERATOR(pg_catalog.=) 0 OR d.objsubid OPERATOR(pg_catalog.=) x.attnum)
+            RETURNING x.rel::pg_catalog.oid AS relid, d.object_identity AS what, x.col AS col $q$, registry)
+        LOOP
+            RAISE NOTICE 'pgseal: removed the % column registration of % (OID %, column %): it was dropped',
+                pg_catalog.split_part(registry, '_', 1), r.what, r.relid, pg_catalog.quote_ident(r.col);
+        END LOOP;
     END LOOP;
 END
 $$;
@@ -397,10 +403,11 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
-    r     record;
-    rels  pg_catalog.oid[];
-    want  pg_catalog.int8;
-    done  pg_catalog.int8;
+    r        record;
+    rels     pg_catalog.oid[];
+    want     pg_catalog.int8;
+    done     pg_catalog.int8;
+    registry pg_catalog.text;
 BEGIN
     -- A registered table is touched when the command altered it, an ancestor (a
     -- rename recurses to inheritors and partitions) or its row type (ALTER TYPE ...
@@ -413,6 +420,8 @@ BEGIN
         SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.retention_rules x
         UNION
         SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.sealed_columns x
+        UNION
+        SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.subject_columns x
         UNION
         SELECT u.reg, i.inhparent FROM up u
           JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) u.relid
@@ -450,30 +459,35 @@ BEGIN
             want OPERATOR(pg_catalog.-) done
             USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the rule out until then.';
     END IF;
-    SELECT pg_catalog.count(*) INTO want
-      FROM pgseal.sealed_columns x
-      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
-           AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
-     WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (rels)
-       AND a.attname OPERATOR(pg_catalog.<>) x.col;
-    done := 0;
-    FOR r IN
-        SELECT x.ctid AS row_ctid, a.attname AS name
-          FROM pgseal.sealed_columns x
-          JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
-               AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
-         WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (rels)
-           AND a.attname OPERATOR(pg_catalog.<>) x.col
-           FOR UPDATE OF x SKIP LOCKED
-    LOOP
-        UPDATE pgseal.sealed_columns x SET col = r.name WHERE x.ctid OPERATOR(pg_catalog.=) r.row_ctid;
-        done := done OPERATOR(pg_catalog.+) 1;
+    -- The column registries have one shape (rel, col, attnum).
+    FOREACH registry IN ARRAY ARRAY['sealed_columns', 'subject_columns'] LOOP
+        EXECUTE pg_catalog.format($q$
+            SELECT pg_catalog.count(*)
+              FROM pgseal.%I x
+              JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+                   AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
+             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1)
+               AND a.attname OPERATOR(pg_catalog.<>) x.col $q$, registry) INTO want USING rels;
+        done := 0;
+        FOR r IN EXECUTE pg_catalog.format($q$
+            SELECT x.ctid AS row_ctid, a.attname AS name
+              FROM pgseal.%I x
+              JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+                   AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
+             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1)
+               AND a.attname OPERATOR(pg_catalog.<>) x.col
+               FOR UPDATE OF x SKIP LOCKED $q$, registry) USING rels
+        LOOP
+            EXECUTE pg_catalog.format('UPDATE pgseal.%I x SET col = $1 WHERE x.ctid OPERATOR(pg_catalog.=) $2', registry)
+                USING r.name, r.row_ctid;
+            done := done OPERATOR(pg_catalog.+) 1;
+        END LOOP;
+        IF done OPERATOR(pg_catalog.<) want THEN
+            RAISE WARNING 'pgseal: % % column registration(s) of a renamed column keep the old name: another transaction holds them',
+                want OPERATOR(pg_catalog.-) done, pg_catalog.split_part(registry, '_', 1)
+                USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the registration out until then.';
+        END IF;
     END LOOP;
-    IF done OPERATOR(pg_catalog.<) want THEN
-        RAISE WARNING 'pgseal: % sealed column registration(s) of a renamed column keep the old name: another transaction holds them',
-            want OPERATOR(pg_catalog.-) done
-            USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the registration out until then.';
-    END IF;
 END
 $$;
 

@@ -4,13 +4,16 @@
 
 -- Written in Rust (extension/src/pg/ledger_append_fn.rs); declared here because it
 -- returns its row in materialize mode, which pgrx's function declarations do not.
-CREATE FUNCTION pgseal.ledger_append(event text, payload jsonb DEFAULT '{}', actor text DEFAULT NULL)
+-- `subjects` names the data subjects the entry concerns (pseudonymous ids: they
+-- are hashed into the entry and never erased); subject_erase() erases the payloads
+-- of the entries that name a subject.
+CREATE FUNCTION pgseal.ledger_append(event text, payload jsonb DEFAULT '{}', actor text DEFAULT NULL, subjects text[] DEFAULT NULL)
 RETURNS TABLE (seq bigint, hash text)
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c AS 'MODULE_PATHNAME', 'ledger_append_srf';
 
-COMMENT ON FUNCTION pgseal.ledger_append(text, jsonb, text) IS
-    'Appends an entry to the current tenant''s ledger; returns its seq and hash (hex).';
+COMMENT ON FUNCTION pgseal.ledger_append(text, jsonb, text, text[]) IS
+    'Appends an entry to the current tenant''s ledger, naming the data subjects it concerns; returns its seq and hash (hex).';
 
 -- One JSON object per entry with every field needed to verify it offline
 -- (docs/FORMAT.md, "Export lines"). Runs as the caller: row-level security limits
@@ -62,8 +65,21 @@ BEGIN
     IF TG_OP = 'DELETE' AND pgseal._ledger_pruning() THEN
         RETURN OLD;
     END IF;
+    -- An erasure (subject_erase, extension/src/ledger/erase.rs) replaces a format 2
+    -- entry's payload and salt by their commitment and changes nothing else.
+    IF TG_OP = 'UPDATE' AND pgseal._ledger_erasing() THEN
+        IF OLD.fmt = 2 AND OLD.salt IS NOT NULL AND OLD.commitment IS NULL
+           AND NEW.payload IS NULL AND NEW.salt IS NULL AND pg_catalog.length(NEW.commitment) = 32
+           AND (NEW.tenant_id, NEW.seq, NEW.recorded_at, NEW.actor, NEW.event, NEW.prev_hash,
+                NEW.hash, NEW.mac, NEW.fmt, NEW.db_role, NEW.subjects)
+               IS NOT DISTINCT FROM
+               (OLD.tenant_id, OLD.seq, OLD.recorded_at, OLD.actor, OLD.event, OLD.prev_hash,
+                OLD.hash, OLD.mac, OLD.fmt, OLD.db_role, OLD.subjects) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
     RAISE EXCEPTION 'pgseal.ledger is append-only: % is not allowed', TG_OP
-        USING ERRCODE = '42501', HINT = 'Entries are removed only by pgseal.ledger_prune().';
+        USING ERRCODE = '42501', HINT = 'Entries are removed only by pgseal.ledger_prune(), and payloads erased only by pgseal.subject_erase().';
 END
 $$;
 

@@ -29,6 +29,9 @@
 --      columns' numbers, the event triggers that make them follow renames and
 --      drops (issue 17), and pg_dump conditions that dump only the registrations
 --      whose table and column name still hold.
+--  7b. data subjects (issue 19): the registry pgseal.subject_columns and
+--      subject_register (ledger_append's subjects, the erasure guard and
+--      ledger_verify's erased count are in blocks 3 and 4).
 --   8. privileges exactly as sql/finalize.sql grants them, the checkpoint purpose of
 --      tenant_keys, and the ledger id (pgseal.ledger_identity, one new random id).
 --   9. tables audited with ledger_audit under 0.1.0 get the TRUNCATE trigger that
@@ -71,9 +74,10 @@ END
 $owner$;
 
 ------------------------------------------------------------------------------------
--- 0b. What the script drops. It drops one object other roles can make depend on:
--- 0.1.0's pgseal._ledger_audit_append (block 4; any role that can connect can hold a
--- view calling it, a temporary one included), and one CHECK constraint of
+-- 0b. What the script drops. It drops objects other roles can make depend on:
+-- 0.1.0's pgseal._ledger_audit_append, pgseal.ledger_append(text, jsonb, text)
+-- (block 4) and pgseal.ledger_verify(text, bigint, bigint) (block 3; any role that can connect can hold a view calling them, a temporary one
+-- included), and one CHECK constraint of
 -- pgseal.tenant_keys (block 8). The drops do not CASCADE (that would drop other
 -- roles' objects); a dependent object would make the update fail with a generic
 -- error instead. So they are looked up first, and the update stops before changing
@@ -91,6 +95,14 @@ BEGIN
         SELECT 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid, p.oid
           FROM pg_catalog.pg_proc p
          WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure('pgseal._ledger_audit_append(text, text, text)')
+        UNION ALL
+        SELECT 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid, p.oid
+          FROM pg_catalog.pg_proc p
+         WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure('pgseal.ledger_append(text, jsonb, text)')
+        UNION ALL
+        SELECT 'pg_catalog.pg_proc'::pg_catalog.regclass::pg_catalog.oid, p.oid
+          FROM pg_catalog.pg_proc p
+         WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure('pgseal.ledger_verify(text, bigint, bigint)')
         UNION ALL
         SELECT 'pg_catalog.pg_constraint'::pg_catalog.regclass::pg_catalog.oid, co.oid
           FROM pg_catalog.pg_constraint co
@@ -187,8 +199,9 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_checkpoints', '');
 
 ------------------------------------------------------------------------------------
 -- 3. C functions new in 0.2.0 (leader lock, protection evidence, tenant scan, audit
--- queue status, ledger id, the Citus workers' forwarded audit entries). Created
--- closed; block 8 grants them.
+-- queue status, ledger id, the Citus workers' forwarded audit entries, data subjects'
+-- export and erasure), and ledger_verify with its erased count. Created closed;
+-- block 8 grants them.
 ------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION pgseal."_leader_try_lock"() RETURNS bool /* bool */
 STRICT VOLATILE PARALLEL UNSAFE
@@ -254,6 +267,45 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_seal_counts_forwarded_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_ledger_erasing"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_ledger_erasing_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."subject_erase"(
+	"tenant" TEXT, /* Option < & str > */
+	"subject" TEXT /* Option < & str > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'subject_erase_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."subject_export"(
+	"tenant" TEXT, /* Option < & str > */
+	"subject" TEXT /* Option < & str > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'subject_export_wrapper';
+
+-- ledger_verify reports the erased entries it checked (a new result column, which
+-- CREATE OR REPLACE cannot add: 0b checked that nothing depends on it).
+DROP FUNCTION pgseal.ledger_verify(text, bigint, bigint);
+CREATE FUNCTION pgseal."ledger_verify"(
+	"tenant" TEXT DEFAULT NULL, /* Option < & str > */
+	"from_seq" bigint DEFAULT NULL, /* Option < i64 > */
+	"to_seq" bigint DEFAULT NULL /* Option < i64 > */
+) RETURNS TABLE (
+	"ok" bool,  /* bool */
+	"checked" bigint,  /* i64 */
+	"first_bad_seq" bigint,  /* Option < i64 > */
+	"problem" TEXT,  /* Option < String > */
+	"erased" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'ledger_verify_wrapper';
+
 ------------------------------------------------------------------------------------
 -- 4. The ledger API (sql/ledger_api.sql).
 ------------------------------------------------------------------------------------
@@ -307,8 +359,21 @@ BEGIN
     IF TG_OP = 'DELETE' AND pgseal._ledger_pruning() THEN
         RETURN OLD;
     END IF;
+    -- An erasure (subject_erase, extension/src/ledger/erase.rs) replaces a format 2
+    -- entry's payload and salt by their commitment and changes nothing else.
+    IF TG_OP = 'UPDATE' AND pgseal._ledger_erasing() THEN
+        IF OLD.fmt = 2 AND OLD.salt IS NOT NULL AND OLD.commitment IS NULL
+           AND NEW.payload IS NULL AND NEW.salt IS NULL AND pg_catalog.length(NEW.commitment) = 32
+           AND (NEW.tenant_id, NEW.seq, NEW.recorded_at, NEW.actor, NEW.event, NEW.prev_hash,
+                NEW.hash, NEW.mac, NEW.fmt, NEW.db_role, NEW.subjects)
+               IS NOT DISTINCT FROM
+               (OLD.tenant_id, OLD.seq, OLD.recorded_at, OLD.actor, OLD.event, OLD.prev_hash,
+                OLD.hash, OLD.mac, OLD.fmt, OLD.db_role, OLD.subjects) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
     RAISE EXCEPTION 'pgseal.ledger is append-only: % is not allowed', TG_OP
-        USING ERRCODE = '42501', HINT = 'Entries are removed only by pgseal.ledger_prune().';
+        USING ERRCODE = '42501', HINT = 'Entries are removed only by pgseal.ledger_prune(), and payloads erased only by pgseal.subject_erase().';
 END
 $$;
 
@@ -490,6 +555,19 @@ $$;
 -- 0.1.0's row audit appended through this function; 0.2.0's C trigger appends
 -- directly, and the 0.2.0 library has no such symbol.
 DROP FUNCTION pgseal._ledger_audit_append(text, text, text);
+
+-- ledger_append takes the entry's data subjects (issue 19): a fourth argument with a
+-- default, which cannot sit beside the three-argument function (every call with three
+-- arguments would be ambiguous), so that one goes (0b checked that nothing depends on
+-- it) and the new one is created with 0.2.0's grant (block 8).
+DROP FUNCTION pgseal.ledger_append(text, jsonb, text);
+CREATE FUNCTION pgseal.ledger_append(event text, payload jsonb DEFAULT '{}', actor text DEFAULT NULL, subjects text[] DEFAULT NULL)
+RETURNS TABLE (seq bigint, hash text)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'ledger_append_srf';
+
+COMMENT ON FUNCTION pgseal.ledger_append(text, jsonb, text, text[]) IS
+    'Appends an entry to the current tenant''s ledger, naming the data subjects it concerns; returns its seq and hash (hex).';
 
 ------------------------------------------------------------------------------------
 -- 5. Tenancy (sql/tenancy.sql).
@@ -1768,8 +1846,9 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
-    r      record;
-    loaded pg_catalog.bool;
+    r        record;
+    loaded   pg_catalog.bool;
+    registry pg_catalog.text;
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
                 WHERE d.object_type OPERATOR(pg_catalog.=) 'extension'
@@ -1782,6 +1861,8 @@ BEGIN
            AND (EXISTS (SELECT 1 FROM pgseal.retention_rules x
                          WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
                 OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x
+                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
+                OR EXISTS (SELECT 1 FROM pgseal.subject_columns x
                             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid))) THEN
         RETURN;
     END IF;
@@ -1802,16 +1883,19 @@ BEGIN
                 coalesce('tenant ' OPERATOR(pg_catalog.||) pg_catalog.quote_literal(r.tenant), 'default rule'), r.what, r.relid;
         END IF;
     END LOOP;
-    FOR r IN
-        DELETE FROM pgseal.sealed_columns x
-         USING pg_catalog.pg_event_trigger_dropped_objects() d
-         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-           AND d.objid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
-           AND (d.objsubid OPERATOR(pg_catalog.=) 0 OR d.objsubid OPERATOR(pg_catalog.=) x.attnum)
-        RETURNING x.rel::pg_catalog.oid AS relid, d.object_identity AS what, x.col AS col
-    LOOP
-        RAISE NOTICE 'pgseal: removed the sealed column registration of % (OID %, column %): it was dropped',
-            r.what, r.relid, pg_catalog.quote_ident(r.col);
+    -- The column registries have one shape (rel, col, attnum).
+    FOREACH registry IN ARRAY ARRAY['sealed_columns', 'subject_columns'] LOOP
+        FOR r IN EXECUTE pg_catalog.format($q$
+            DELETE FROM pgseal.%I x
+             USING pg_catalog.pg_event_trigger_dropped_objects() d
+             WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+               AND d.objid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+               AND (d.objsubid OPERATOR(pg_catalog.=) 0 OR d.objsubid OPERATOR(pg_catalog.=) x.attnum)
+            RETURNING x.rel::pg_catalog.oid AS relid, d.object_identity AS what, x.col AS col $q$, registry)
+        LOOP
+            RAISE NOTICE 'pgseal: removed the % column registration of % (OID %, column %): it was dropped',
+                pg_catalog.split_part(registry, '_', 1), r.what, r.relid, pg_catalog.quote_ident(r.col);
+        END LOOP;
     END LOOP;
 END
 $$;
@@ -1835,10 +1919,11 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 DECLARE
-    r     record;
-    rels  pg_catalog.oid[];
-    want  pg_catalog.int8;
-    done  pg_catalog.int8;
+    r        record;
+    rels     pg_catalog.oid[];
+    want     pg_catalog.int8;
+    done     pg_catalog.int8;
+    registry pg_catalog.text;
 BEGIN
     -- A registered table is touched when the command altered it, an ancestor (a
     -- rename recurses to inheritors and partitions) or its row type (ALTER TYPE ...
@@ -1851,6 +1936,8 @@ BEGIN
         SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.retention_rules x
         UNION
         SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.sealed_columns x
+        UNION
+        SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.subject_columns x
         UNION
         SELECT u.reg, i.inhparent FROM up u
           JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) u.relid
@@ -1888,30 +1975,35 @@ BEGIN
             want OPERATOR(pg_catalog.-) done
             USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the rule out until then.';
     END IF;
-    SELECT pg_catalog.count(*) INTO want
-      FROM pgseal.sealed_columns x
-      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
-           AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
-     WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (rels)
-       AND a.attname OPERATOR(pg_catalog.<>) x.col;
-    done := 0;
-    FOR r IN
-        SELECT x.ctid AS row_ctid, a.attname AS name
-          FROM pgseal.sealed_columns x
-          JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
-               AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
-         WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (rels)
-           AND a.attname OPERATOR(pg_catalog.<>) x.col
-           FOR UPDATE OF x SKIP LOCKED
-    LOOP
-        UPDATE pgseal.sealed_columns x SET col = r.name WHERE x.ctid OPERATOR(pg_catalog.=) r.row_ctid;
-        done := done OPERATOR(pg_catalog.+) 1;
+    -- The column registries have one shape (rel, col, attnum).
+    FOREACH registry IN ARRAY ARRAY['sealed_columns', 'subject_columns'] LOOP
+        EXECUTE pg_catalog.format($q$
+            SELECT pg_catalog.count(*)
+              FROM pgseal.%I x
+              JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+                   AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
+             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1)
+               AND a.attname OPERATOR(pg_catalog.<>) x.col $q$, registry) INTO want USING rels;
+        done := 0;
+        FOR r IN EXECUTE pg_catalog.format($q$
+            SELECT x.ctid AS row_ctid, a.attname AS name
+              FROM pgseal.%I x
+              JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+                   AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
+             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) ANY ($1)
+               AND a.attname OPERATOR(pg_catalog.<>) x.col
+               FOR UPDATE OF x SKIP LOCKED $q$, registry) USING rels
+        LOOP
+            EXECUTE pg_catalog.format('UPDATE pgseal.%I x SET col = $1 WHERE x.ctid OPERATOR(pg_catalog.=) $2', registry)
+                USING r.name, r.row_ctid;
+            done := done OPERATOR(pg_catalog.+) 1;
+        END LOOP;
+        IF done OPERATOR(pg_catalog.<) want THEN
+            RAISE WARNING 'pgseal: % % column registration(s) of a renamed column keep the old name: another transaction holds them',
+                want OPERATOR(pg_catalog.-) done, pg_catalog.split_part(registry, '_', 1)
+                USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the registration out until then.';
+        END IF;
     END LOOP;
-    IF done OPERATOR(pg_catalog.<) want THEN
-        RAISE WARNING 'pgseal: % sealed column registration(s) of a renamed column keep the old name: another transaction holds them',
-            want OPERATOR(pg_catalog.-) done
-            USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the registration out until then.';
-    END IF;
 END
 $$;
 
@@ -1921,6 +2013,67 @@ CREATE EVENT TRIGGER pgseal_registrations_rename ON ddl_command_end
     EXECUTE FUNCTION pgseal._registrations_follow_renames();
 ALTER EVENT TRIGGER pgseal_registrations_drop ENABLE ALWAYS;
 ALTER EVENT TRIGGER pgseal_registrations_rename ENABLE ALWAYS;
+
+-- 7b. Data subjects (sql/subjects.sql, issue 19).
+-- A registration names its table by OID and its column by number, with the
+-- column's current name beside it, exactly as sealed_columns does (sql/jobs.sql):
+-- _registration_check resolves the name as the writing role, which must be allowed
+-- to DELETE from the table (erasure deletes its rows); renames and drops follow
+-- (_registrations_follow_renames, _registrations_follow_drops).
+CREATE TABLE pgseal.subject_columns (
+    rel    regclass NOT NULL,
+    col    name     NOT NULL,
+    attnum int2     NOT NULL,
+    PRIMARY KEY (rel, attnum)
+);
+
+COMMENT ON TABLE pgseal.subject_columns IS
+    'Columns that hold a data subject''s id (pgseal.subject_register()); read by the row audit and by subject_export()/subject_erase().';
+
+CREATE TRIGGER subject_columns_check BEFORE INSERT OR UPDATE ON pgseal.subject_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('DELETE');
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check;
+
+-- Declares that rel's subject_column holds the id of the data subject a row is
+-- about. Several columns of a table may be registered; the table needs a text
+-- tenant_id column, which limits export and erasure to the tenant. The id's text form is what
+-- ledger entries name in `subjects`, so the column is text, varchar, uuid, integer
+-- or bigint. Runs as the caller (the trigger above checks the table).
+CREATE FUNCTION pgseal.subject_register(rel regclass, subject_column name) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF rel IS NULL OR subject_column IS NULL THEN
+        RAISE EXCEPTION 'rel and subject_column must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgseal._check_table(rel);
+    IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel) = 't' THEN
+        RAISE EXCEPTION 'a temporary table cannot be registered' USING ERRCODE = '42809';
+    END IF;
+    -- Export and erasure limit every statement to the tenant by this column.
+    -- _column_type raises 42703 for a missing column.
+    IF pgseal._column_type(rel, 'tenant_id') NOT IN ('text', 'character varying') THEN
+        RAISE EXCEPTION 'column tenant_id of % is not text or varchar', rel USING ERRCODE = '42804';
+    END IF;
+    IF pgseal._column_type(rel, subject_column)
+       NOT IN ('text', 'character varying', 'uuid', 'integer', 'bigint') THEN
+        RAISE EXCEPTION 'column % of % is not text, varchar, uuid, integer or bigint', subject_column, rel
+            USING ERRCODE = '42804';
+    END IF;
+    INSERT INTO pgseal.subject_columns AS x (rel, col) VALUES (rel, subject_column)
+    ON CONFLICT ON CONSTRAINT subject_columns_pkey DO NOTHING;
+END
+$$;
+
+REVOKE ALL ON pgseal.subject_columns FROM PUBLIC;
+-- The row audit reads the registrations as the role that changed the row
+-- (extension/src/ledger/audit_trigger.rs): table and column names, no data.
+GRANT SELECT ON pgseal.subject_columns TO PUBLIC;
+GRANT INSERT ON pgseal.subject_columns TO pgseal_admin;
+SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_columns',
+    'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) subject_columns.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) subject_columns.attnum AND a.attname OPERATOR(pg_catalog.=) subject_columns.col AND NOT a.attisdropped)');
 
 -- The distinct tenants of a table (a loose index scan over its tenant_id), for the
 -- retention run's default rules. The scan runs as the owner, so that discovering
@@ -2006,7 +2159,7 @@ GRANT pgseal_ledger TO pgseal_admin;
 GRANT SELECT ON pgseal.ledger TO pgseal_ledger, pgseal_admin;
 
 GRANT EXECUTE ON FUNCTION
-    pgseal.ledger_append(text, jsonb, text),
+    pgseal.ledger_append(text, jsonb, text, text[]),
     pgseal.ledger_verify(text, bigint, bigint),
     pgseal.ledger_export(text, bigint, bigint),
     pgseal._ledger_tenant(text),
@@ -2048,6 +2201,15 @@ GRANT EXECUTE ON FUNCTION
     pgseal.org_protect(regclass, name, name, name),
     pgseal.isolation_report()
 TO PUBLIC;
+
+-- Data subjects (issue 19, extension/src/subjects.rs). Export runs as the caller
+-- and reads the ledger as pgseal_ledger does; erasure is for pgseal_admin, and
+-- registering a column runs as the caller (the registration check above).
+GRANT EXECUTE ON FUNCTION pgseal.subject_export(text, text) TO pgseal_ledger;
+GRANT EXECUTE ON FUNCTION
+    pgseal.subject_erase(text, text),
+    pgseal.subject_register(regclass, name)
+TO pgseal_admin;
 
 -- Jobs that pgseald runs, as a member of pgseal_admin.
 GRANT EXECUTE ON FUNCTION

@@ -62,6 +62,9 @@ pub enum SealError {
     /// 54000: an argument longer than its documented limit (`limits.rs`).
     #[error("{what} is longer than {max} bytes")]
     TooLong { what: &'static str, max: usize },
+    /// 54000: a list with more elements than its documented limit.
+    #[error("more than {max} {what}")]
+    TooMany { what: &'static str, max: usize },
     /// 40001: a concurrent transaction did the same; retry.
     #[error("{0}")]
     Conflict(&'static str),
@@ -79,7 +82,7 @@ impl SealError {
             | SealError::Refused(_)
             | SealError::AuditNotRecorded(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SealError::Conflict(_) => ERRCODE_T_R_SERIALIZATION_FAILURE,
-            SealError::TooLong { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            SealError::TooLong { .. } | SealError::TooMany { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             SealError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             SealError::NoTenantContext(_)
             | SealError::NoUserContext(_)

@@ -18,6 +18,7 @@ mod locks;
 mod master;
 mod pg;
 mod privilege;
+mod subjects;
 mod txn;
 mod vault;
 
@@ -39,6 +40,7 @@ extension_sql_file!(
     requires = [
         "ledger_schema",
         ledger::admin::_ledger_pruning,
+        ledger::erase::_ledger_erasing,
         ledger::admin::_creating_extension,
         ledger::admin::_ledger_tenant,
         context::current_tenant
@@ -68,6 +70,11 @@ extension_sql_file!(
     "../../sql/jobs.sql",
     name = "jobs",
     requires = ["citus", jobs::_tenants_scan]
+);
+extension_sql_file!(
+    "../../sql/subjects.sql",
+    name = "subjects",
+    requires = ["jobs"]
 );
 extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
 

@@ -12,6 +12,10 @@ pub const CONTEXT: usize = 1024;
 pub const EVENT: usize = 1024;
 /// Ledger actors.
 pub const ACTOR: usize = 1024;
+/// A data subject's id in a ledger entry (`subjects`), and a subject argument.
+pub const SUBJECT: usize = 256;
+/// How many subjects one ledger entry may name.
+pub const SUBJECTS: usize = 64;
 /// A plaintext to seal (16 MiB): its sealed form must stay far below PostgreSQL's
 /// 1 GB value limit, and credentials are small.
 pub const PLAINTEXT: usize = 16 << 20;

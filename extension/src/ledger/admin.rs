@@ -31,7 +31,7 @@ pub fn _ledger_tenant(tenant: Option<&str>) -> String {
 }
 
 /// Whether `tenant` is under a legal hold (`pgseal.retention_hold`).
-fn on_hold(tenant: &str) -> SealResult<bool> {
+pub(crate) fn on_hold(tenant: &str) -> SealResult<bool> {
     as_owner(|| {
         Ok(Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = $1)",

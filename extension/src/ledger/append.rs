@@ -26,6 +26,7 @@ pub fn append_entry(
     event: Option<&str>,
     payload: Option<crate::pg::jsonb::JsonbArg>,
     actor: Option<&str>,
+    subjects: Option<Vec<Option<String>>>,
 ) -> SealResult<(i64, pgseal_core::ledger::Hash)> {
     crate::master::require_loaded()?;
     let tenant = context::tenant()?;
@@ -53,13 +54,46 @@ pub fn append_entry(
         None => super::actor::default_actor(),
     };
     crate::limits::check("actor", &actor, crate::limits::ACTOR)?;
+    let subjects = match subjects {
+        Some(s) => checked_subjects(s)?,
+        None => Vec::new(),
+    };
     let db_role = super::actor::db_role();
     match payload {
-        Some(p) => append_stored(&tenant, event, &actor, &db_role, move || {
+        Some(p) => append_stored(&tenant, event, &actor, &db_role, subjects, move || {
             p.canonical().map(|c| (c, Some(p.raw)))
         }),
-        None => append_stored(&tenant, event, &actor, &db_role, || Ok(("{}".into(), None))),
+        None => append_stored(&tenant, event, &actor, &db_role, subjects, || {
+            Ok(("{}".into(), None))
+        }),
     }
+}
+
+/// The data subjects an entry names (issue 19, docs/FORMAT.md): each a non-blank
+/// id without control characters, within `limits::SUBJECT` bytes, at most
+/// `limits::SUBJECTS` of them; stored sorted and without repeats, so that the same
+/// set is always hashed the same way.
+pub fn checked_subjects(subjects: Vec<Option<String>>) -> SealResult<Vec<String>> {
+    if subjects.len() > crate::limits::SUBJECTS {
+        return Err(SealError::TooMany {
+            what: "subjects",
+            max: crate::limits::SUBJECTS,
+        });
+    }
+    let mut out = Vec::with_capacity(subjects.len());
+    for s in subjects {
+        let s = s.ok_or(SealError::NullArgument("a subject"))?;
+        crate::limits::check("subject", &s, crate::limits::SUBJECT)?;
+        if s.trim().is_empty() || s.chars().any(char::is_control) {
+            return Err(SealError::InvalidArgument(
+                "a subject must not be empty, blank or contain control characters",
+            ));
+        }
+        out.push(s);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// Appends one entry for `tenant`, recording the calling session's role
@@ -81,9 +115,28 @@ pub fn append_with_role(
     actor: &str,
     db_role: &str,
 ) -> SealResult<(i64, Hash)> {
-    append_stored(tenant, event, actor, db_role, || {
+    append_stored(tenant, event, actor, db_role, Vec::new(), || {
         Ok((canonical_payload(payload)?, None))
     })
+}
+
+/// `append` of an entry that names `subjects` (already checked by
+/// `checked_subjects`): pgseal's row audit and its `subject.*` receipts.
+pub fn append_naming(
+    tenant: &str,
+    event: &str,
+    payload: &str,
+    actor: &str,
+    subjects: Vec<String>,
+) -> SealResult<(i64, Hash)> {
+    append_stored(
+        tenant,
+        event,
+        actor,
+        &super::actor::db_role(),
+        subjects,
+        || Ok((canonical_payload(payload)?, None)),
+    )
 }
 
 /// `append_with_role` of the canonical text `payload()` returns with, when given,
@@ -94,6 +147,7 @@ fn append_stored(
     event: &str,
     actor: &str,
     db_role: &str,
+    subjects: Vec<String>,
     payload: impl FnOnce() -> Result<(String, Option<Vec<u8>>), pgseal_core::CoreError>,
 ) -> SealResult<(i64, Hash)> {
     if event.is_empty() {
@@ -131,7 +185,6 @@ fn append_stored(
     }
     let (seq, prev, mac) = heads::next(tenant);
     let salt = fresh_salt();
-    let subjects: Vec<String> = Vec::new();
     let commitment = payload_commitment(&salt, &payload);
     let hash = entry_hash_v2(&EntryFieldsV2 {
         prev_hash: &prev,

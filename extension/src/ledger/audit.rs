@@ -325,7 +325,12 @@ pub fn reset() {
 /// Appends a row-change entry for the audit trigger (`audit_trigger.rs`). The tenant
 /// is the row's tenant column when the table has one, else the current tenant
 /// context. Numbers that RFC 8785 would round are stored as strings.
-pub fn append_row_change(tenant: Option<&str>, event: &str, payload: &str) -> SealResult<i64> {
+pub fn append_row_change(
+    tenant: Option<&str>,
+    event: &str,
+    payload: &str,
+    subjects: Vec<String>,
+) -> SealResult<i64> {
     crate::master::require_loaded()?;
     let tenant = match tenant {
         Some(t) if !t.is_empty() => t.to_owned(),
@@ -348,7 +353,24 @@ pub fn append_row_change(tenant: Option<&str>, event: &str, payload: &str) -> Se
         let (seq, _) = super::append::append(super::names::SYSTEM_TENANT, event, &wrapped, &actor)?;
         return Ok(seq);
     }
-    let (seq, _) = super::append::append(&tenant, event, &payload, &actor)?;
+    // A subject id that `ledger_append` would refuse (blank, with control
+    // characters, over its limit) is named by its SHA-256, like an over-long actor:
+    // the application's write does not fail, and erasure finds it by that name.
+    let mut subjects: Vec<String> = subjects
+        .into_iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            if s.len() > crate::limits::SUBJECT || s.chars().any(char::is_control) {
+                over_limit_marker(&s)
+            } else {
+                s
+            }
+        })
+        .collect();
+    subjects.sort_unstable();
+    subjects.dedup();
+    subjects.truncate(crate::limits::SUBJECTS);
+    let (seq, _) = super::append::append_naming(&tenant, event, &payload, &actor, subjects)?;
     Ok(seq)
 }
 

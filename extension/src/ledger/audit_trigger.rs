@@ -25,10 +25,12 @@ use pgrx::spi::OwnedPreparedStatement;
 
 use crate::error::{OrRaise, SealError};
 
-/// The payload and the row's tenant, from the old and new row ($1, $2: the table's
-/// row type), the table's name ($3), the operation ($4), the primary key columns
-/// ($5, a text array literal) and the tenant column ($6). UPDATE records only the columns whose value
-/// changed, before and after.
+/// The payload, the row's tenant and its data subjects, from the old and new row
+/// ($1, $2: the table's row type), the table's name ($3), the operation ($4), the
+/// primary key columns ($5, a text array literal), the tenant column ($6) and the
+/// table's OID ($7). UPDATE records only the columns whose value changed, before
+/// and after. The subjects are the values, old and new, of the table's columns
+/// registered with `subject_register` (issue 19).
 const PAYLOAD: &str = "\
 SELECT pg_catalog.jsonb_build_object(
            'table', $3::pg_catalog.text,
@@ -38,7 +40,14 @@ SELECT pg_catalog.jsonb_build_object(
            'after', CASE WHEN $4::pg_catalog.text OPERATOR(pg_catalog.=) 'UPDATE' THEN d.after ELSE s.n END
        )::pg_catalog.text,
        CASE WHEN $6::pg_catalog.text OPERATOR(pg_catalog.<>) ''
-            THEN COALESCE(s.n, s.o) OPERATOR(pg_catalog.->>) $6::pg_catalog.text END
+            THEN COALESCE(s.n, s.o) OPERATOR(pg_catalog.->>) $6::pg_catalog.text END,
+       (SELECT pg_catalog.array_agg(DISTINCT v.v)
+          FROM pgseal.subject_columns x
+          JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid
+               AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
+          CROSS JOIN LATERAL (VALUES (s.o OPERATOR(pg_catalog.->>) a.attname::pg_catalog.text),
+                                     (s.n OPERATOR(pg_catalog.->>) a.attname::pg_catalog.text)) AS v(v)
+         WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) $7::pg_catalog.oid AND v.v IS NOT NULL)
 FROM (SELECT pg_catalog.to_jsonb($1) AS o, pg_catalog.to_jsonb($2) AS n) AS s
 CROSS JOIN LATERAL (
     SELECT pg_catalog.jsonb_object_agg(c.c, COALESCE(s.o, s.n) OPERATOR(pg_catalog.->) c.c) AS key
@@ -66,6 +75,7 @@ fn plan_for(row_type: pg_sys::Oid) -> Rc<OwnedPreparedStatement> {
         crate::pg::plans::TEXT,
         crate::pg::plans::TEXT,
         crate::pg::plans::TEXT,
+        PgOid::from(pg_sys::OIDOID),
     ];
     let p = Rc::new(
         Spi::connect(|client| client.prepare(PAYLOAD, &types).map(|p| p.keep()))
@@ -89,6 +99,7 @@ struct Fired {
     old: Option<pg_sys::Datum>,
     new: Option<pg_sys::Datum>,
     row_type: pg_sys::Oid,
+    relid: pg_sys::Oid,
     table: String,
     pk: String,
     tenant_column: String,
@@ -166,6 +177,7 @@ unsafe fn fired(fcinfo: pg_sys::FunctionCallInfo) -> Fired {
             old,
             new,
             row_type: (*desc).tdtypeid,
+            relid: (*rel).rd_id,
             table,
             pk: arg(0),
             tenant_column: arg(1),
@@ -186,7 +198,7 @@ pub unsafe extern "C-unwind" fn audit_row_trigger(
     } else {
         f.pk
     };
-    let (payload, tenant) = crate::privilege::with_pinned_search_path(|| {
+    let (payload, tenant, subjects) = crate::privilege::with_pinned_search_path(|| {
         let plan = plan_for(f.row_type);
         // SAFETY: the row datums are composite datums of `row_type`, built above in
         // this call's memory context.
@@ -204,17 +216,23 @@ pub unsafe extern "C-unwind" fn audit_row_trigger(
             f.op.into(),
             pk.as_str().into(),
             f.tenant_column.as_str().into(),
+            f.relid.into(),
         ];
         Spi::connect(|client| {
             let row = client.select(&*plan, Some(1), &args)?.first();
-            Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<String>(2)?))
+            Ok::<_, pgrx::spi::Error>((
+                row.get::<String>(1)?,
+                row.get::<String>(2)?,
+                row.get::<Vec<Option<String>>>(3)?,
+            ))
         })
         .map_err(SealError::from)
         .or_raise()
     });
     let payload = payload.unwrap_or_else(|| "{}".to_owned());
     let event = format!("row.{}", f.op.to_ascii_lowercase());
-    super::audit::append_row_change(tenant.as_deref(), &event, &payload).or_raise();
+    let subjects = subjects.unwrap_or_default().into_iter().flatten().collect();
+    super::audit::append_row_change(tenant.as_deref(), &event, &payload, subjects).or_raise();
     pg_sys::Datum::from(0usize)
 }
 

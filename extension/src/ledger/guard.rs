@@ -16,7 +16,8 @@
 //!
 //! UPDATE and DELETE of ledger rows and TRUNCATE of all three are refused by
 //! `_ledger_guard()` (sql/ledger_api.sql), which lets only `ledger_prune`'s deletes
-//! through. A scope is a backend-local flag set around pgseal's own statements
+//! and an erasure's updates (`Scope::Erase`, payload and salt for the commitment,
+//! nothing else changed) through. A scope is a backend-local flag set around pgseal's own statements
 //! (fixed SQL, run as the extension owner), so no SQL a caller sends can be in one.
 //!
 //! The direct write of entries (`head_write`) fires no trigger: it accepts a
@@ -40,6 +41,8 @@ pub enum Scope {
     Prune = 2,
     /// `ledger_checkpoint` storing a checkpoint.
     Checkpoint = 4,
+    /// `subject_erase` replacing payloads by their commitments (`erase`).
+    Erase = 8,
 }
 
 thread_local! {

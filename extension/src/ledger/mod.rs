@@ -20,7 +20,8 @@
 //! - `guard`: the write guard on the ledger's tables, and the scopes pgseal writes in;
 //! - `audit`: row triggers and the per-transaction decrypt audit;
 //! - `names`: pgseal's own chains and reserved event names;
-//! - `evidence`: the entries recorded for every change that affects protection.
+//! - `evidence`: the entries recorded for every change that affects protection;
+//! - `erase`: erasing the payloads of a data subject's entries (issue 19).
 //!
 //! Its transaction-end work is `TXN`, registered with `txn`.
 
@@ -32,6 +33,7 @@ pub mod audit;
 mod audit_trigger;
 mod chain_lock;
 mod checkpoints;
+pub mod erase;
 pub mod evidence;
 pub(crate) mod guard;
 pub mod heads;

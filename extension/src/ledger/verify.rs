@@ -524,8 +524,10 @@ fn walk(
 
 /// Verifies a range of a tenant's chain: hashes, MACs, links and seq continuity.
 /// Without `tenant` it verifies the current tenant; members of `pgseal_admin` may
-/// verify any tenant. `problem` is NULL when `ok`.
+/// verify any tenant. `problem` is NULL when `ok`; `erased` counts the checked
+/// entries whose payload `subject_erase` erased (verified by their commitment).
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)] // the SQL result's columns, spelled out for pgrx
 fn ledger_verify(
     tenant: default!(Option<&str>, "NULL"),
     from_seq: default!(Option<i64>, "NULL"),
@@ -537,6 +539,7 @@ fn ledger_verify(
         name!(checked, i64),
         name!(first_bad_seq, Option<i64>),
         name!(problem, Option<String>),
+        name!(erased, i64),
     ),
 > {
     let r = (|| {
@@ -555,5 +558,6 @@ fn ledger_verify(
         r.checked,
         r.failure.map(|f| f.seq),
         r.failure.map(|f| f.problem.as_str().to_owned()),
+        r.erased,
     ))
 }

@@ -19,20 +19,30 @@ pub extern "C" fn pg_finfo_ledger_append_srf() -> &'static pg_sys::Pg_finfo_reco
     &V1
 }
 
-/// `ledger_append(event text, payload jsonb, actor text)`.
+/// `ledger_append(event text, payload jsonb, actor text, subjects text[])`.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn ledger_append_srf(
     fcinfo: pg_sys::FunctionCallInfo,
 ) -> pg_sys::Datum {
-    // SAFETY: PostgreSQL calls this with a valid fcinfo of the declared three
-    // arguments (text, jsonb, text); pg_getarg reads argument n only when it is not
-    // NULL, as the declared SQL type.
-    let (event, payload, actor) = unsafe {
+    // SAFETY: PostgreSQL calls this with a valid fcinfo of the declared arguments
+    // (text, jsonb, text, text[]); pg_getarg reads argument n only when it is not
+    // NULL, as the declared SQL type. The fourth is read only when it was passed (a
+    // declaration left from before it had three).
+    let (event, payload, actor, subjects) = unsafe {
+        if (*fcinfo).nargs < 3 {
+            SealError::NotSupported("pgseal.ledger_append is declared with too few arguments")
+                .raise()
+        }
         (
             pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 0),
             pgrx::fcinfo::pg_getarg::<JsonbArg>(fcinfo, 1),
             pgrx::fcinfo::pg_getarg::<&str>(fcinfo, 2),
+            if (*fcinfo).nargs >= 4 {
+                pgrx::fcinfo::pg_getarg::<Vec<Option<String>>>(fcinfo, 3)
+            } else {
+                None
+            },
         )
     };
     // SAFETY: resultinfo is NULL or points to a node the executor set up; the tag is
@@ -54,7 +64,8 @@ pub unsafe extern "C-unwind" fn ledger_append_srf(
     if let Some(e) = event {
         crate::limits::check("event", e, crate::limits::EVENT).or_raise();
     }
-    let (seq, hash) = crate::ledger::append::append_entry(event, payload, actor).or_raise();
+    let (seq, hash) =
+        crate::ledger::append::append_entry(event, payload, actor, subjects).or_raise();
     // Lowercase hex, encoded on the stack (`hex::encode` builds it char by char).
     let mut hex_buf = [0u8; 64];
     hex::encode_to_slice(hash, &mut hex_buf).expect("64 bytes for a 32-byte hash");

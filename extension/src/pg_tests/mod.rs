@@ -4,5 +4,6 @@ mod grants;
 mod helpers;
 mod jobs;
 mod ledger;
+mod subjects;
 mod tenancy;
 mod vault;

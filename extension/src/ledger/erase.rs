@@ -1,0 +1,119 @@
+//! Erasing the payloads of a data subject's entries (issue 19, docs/FORMAT.md,
+//! "Format 2").
+//!
+//! An erased entry keeps every hashed field but its payload: the payload and its
+//! salt are deleted and the payload commitment `H(salt ‖ JCS(payload))`, which the
+//! entry's hash covers, is stored in their place. Verification then proves the
+//! entry's order, links and MAC from the commitment, and counts it as erased; with
+//! the salt gone nobody can test a guessed payload against it.
+//!
+//! Before an entry is erased its hash is recomputed from its stored fields with the
+//! commitment computed here: an entry that does not verify is not erased (XX001),
+//! so an erasure never stores a commitment of an edited payload. Only format 2
+//! entries with a payload are erased, and never pgseal's own `subject.*` receipts,
+//! which record erasures and exports by counts only.
+//!
+//! The update is pgseal's fixed statement, run as the extension owner inside
+//! `Scope::Erase`, which `pgseal._ledger_guard()` checks: in that scope it lets an
+//! UPDATE of a ledger row through only when the row keeps every other column and
+//! loses its payload and salt for a commitment (sql/ledger_api.sql).
+
+use pgrx::prelude::*;
+use pgseal_core::canonical::canonical_payload;
+use pgseal_core::ledger::{entry_hash_v2, payload_commitment, EntryFieldsV2, Hash, Salt};
+
+use super::guard::{self, Scope};
+use crate::error::{SealError, SealResult};
+use crate::privilege::as_owner;
+
+/// The entries of `tenant` that name `subject` and still hold a payload.
+const SELECT_SQL: &str = "\
+SELECT l.seq, (EXTRACT(epoch FROM l.recorded_at) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,
+       l.actor, l.db_role, l.event, l.subjects, l.payload::pg_catalog.text, l.salt, l.prev_hash, l.hash
+  FROM pgseal.ledger l
+ WHERE l.tenant_id OPERATOR(pg_catalog.=) $1
+   AND l.subjects OPERATOR(pg_catalog.@>) pg_catalog.array_fill($2::pg_catalog.text, ARRAY[1])
+   AND l.fmt OPERATOR(pg_catalog.=) 2 AND l.salt IS NOT NULL AND l.payload IS NOT NULL
+   AND NOT pg_catalog.starts_with(l.event, 'subject.')
+ ORDER BY l.seq";
+
+const UPDATE_SQL: &str = "\
+UPDATE pgseal.ledger l SET payload = NULL, salt = NULL, commitment = u.c
+  FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.int8[]), pg_catalog.unnest($3::pg_catalog.bytea[])) AS u(seq, c)
+ WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 AND l.seq OPERATOR(pg_catalog.=) u.seq";
+
+/// Whether an erasure is updating the ledger right now; read by the guard trigger.
+#[pg_extern(volatile, parallel_unsafe)]
+pub fn _ledger_erasing() -> bool {
+    guard::active(Scope::Erase)
+}
+
+/// Takes `tenant`'s chain lock for the rest of the transaction (an erasure checks
+/// the tenant's hold under it).
+pub fn lock_chain(tenant: &str) -> SealResult<()> {
+    super::chain_lock::lock(tenant).map(|_| ())
+}
+
+/// Erases the payloads of `tenant`'s entries that name `subject`; returns their
+/// seqs, ascending. The caller has checked who may erase, the tenant and the hold.
+pub fn erase_subject(tenant: &str, subject: &str) -> SealResult<Vec<i64>> {
+    // This transaction's own appends go into the table first.
+    super::writer::flush()?;
+    let (seqs, commitments) = as_owner(|| -> SealResult<(Vec<i64>, Vec<Vec<u8>>)> {
+        Spi::connect(|c| {
+            let rows = c.select(SELECT_SQL, None, &[tenant.into(), subject.into()])?;
+            let mut seqs = Vec::new();
+            let mut commitments = Vec::new();
+            for r in rows {
+                let seq: i64 = r.get(1)?.ok_or(SealError::Internal("ledger seq"))?;
+                let bad = || SealError::ChainCorrupt(seq, "hash mismatch");
+                let at: i64 = r.get(2)?.ok_or_else(bad)?;
+                let actor: String = r.get(3)?.ok_or_else(bad)?;
+                let db_role: String = r.get(4)?.ok_or_else(bad)?;
+                let event: String = r.get(5)?.ok_or_else(bad)?;
+                let subjects: Vec<Option<String>> = r.get(6)?.ok_or_else(bad)?;
+                let subjects: Vec<String> = subjects
+                    .into_iter()
+                    .collect::<Option<_>>()
+                    .ok_or_else(bad)?;
+                let payload: String = r.get(7)?.ok_or_else(bad)?;
+                let salt: Vec<u8> = r.get(8)?.ok_or_else(bad)?;
+                let prev: Vec<u8> = r.get(9)?.ok_or_else(bad)?;
+                let hash: Vec<u8> = r.get(10)?.ok_or_else(bad)?;
+                let salt = Salt::try_from(salt.as_slice()).map_err(|_| bad())?;
+                let prev = Hash::try_from(prev.as_slice()).map_err(|_| bad())?;
+                let canonical = canonical_payload(&payload).map_err(|_| bad())?;
+                let commitment = payload_commitment(&salt, &canonical);
+                let recomputed = entry_hash_v2(&EntryFieldsV2 {
+                    prev_hash: &prev,
+                    tenant,
+                    seq,
+                    recorded_at_us: at,
+                    actor: &actor,
+                    db_role: &db_role,
+                    event: &event,
+                    subjects: &subjects,
+                    commitment: &commitment,
+                });
+                if recomputed[..] != hash[..] {
+                    return Err(bad());
+                }
+                seqs.push(seq);
+                commitments.push(commitment.to_vec());
+            }
+            Ok((seqs, commitments))
+        })
+    })?;
+    if seqs.is_empty() {
+        return Ok(seqs);
+    }
+    as_owner(|| {
+        guard::with_scope(Scope::Erase, || {
+            Spi::run_with_args(
+                UPDATE_SQL,
+                &[tenant.into(), seqs.clone().into(), commitments.into()],
+            )
+        })
+    })?;
+    Ok(seqs)
+}

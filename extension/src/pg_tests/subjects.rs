@@ -1,0 +1,477 @@
+//! `#[pg_test]`s for data subjects (issue 19): subjects in entries, registration,
+//! export and erasure, and the ways an attacker would try to erase or restore
+//! evidence around them.
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    use crate::pg_tests::helpers::{one, run, sqlstate, tenant};
+
+    fn append_naming(event: &str, payload: &str, subjects: &str) -> i64 {
+        one::<i64>(&format!(
+            "SELECT seq FROM pgseal.ledger_append({}, {}::jsonb, NULL, {subjects})",
+            pgrx::spi::quote_literal(event),
+            pgrx::spi::quote_literal(payload)
+        ))
+    }
+
+    /// (ok, checked, erased) of the tenant context's chain.
+    fn verify() -> (bool, i64, i64) {
+        let (ok, checked, erased) = Spi::get_three::<bool, i64, i64>(
+            "SELECT ok, checked, erased FROM pgseal.ledger_verify()",
+        )
+        .unwrap();
+        (ok.unwrap(), checked.unwrap(), erased.unwrap())
+    }
+
+    /// The offline verifier's report on the tenant's export.
+    fn verify_offline(tenant: &str) -> pgseal_core::chain::Report {
+        let lines: Vec<String> = Spi::connect(|c| {
+            c.select(
+                "SELECT e::text FROM pgseal.ledger_export($1) e",
+                None,
+                &[tenant.into()],
+            )
+            .unwrap()
+            .map(|r| r.get::<String>(1).unwrap().unwrap())
+            .collect()
+        });
+        let r = pgseal_core::export::verify_export(lines.join("\n").as_bytes(), &[], None).unwrap();
+        assert_eq!(r.len(), 1);
+        r[0].report.clone()
+    }
+
+    /// A table of users with a subject column and a sealed column, two users of
+    /// tenant `tenant` and one of another tenant, and an audit trigger.
+    fn users(tenant_id: &str) {
+        run("CREATE TABLE public.subj_users (id text PRIMARY KEY, tenant_id text NOT NULL, email text, token text)");
+        run("CREATE TABLE public.subj_orders (id int PRIMARY KEY, tenant_id text NOT NULL, buyer uuid, note text)");
+        run("SELECT pgseal.subject_register('public.subj_users', 'id')");
+        run("SELECT pgseal.vault_register_column('public.subj_users', 'token', 'users.token')");
+        run("SELECT pgseal.ledger_audit('public.subj_users')");
+        tenant(tenant_id);
+        run(&format!(
+            "INSERT INTO public.subj_users VALUES \
+             ('u1', '{tenant_id}', 'one@example.com', pgseal.vault_seal('tok-1', 'users.token')), \
+             ('u2', '{tenant_id}', 'two@example.com', NULL)"
+        ));
+    }
+
+    #[pg_test]
+    fn entries_name_their_subjects_sorted_and_bad_subjects_are_refused() {
+        tenant("subj-append");
+        let seq = append_naming("e", "{}", "ARRAY['b', 'a', 'a']");
+        assert_eq!(
+            one::<String>(&format!(
+                "SELECT subjects::text FROM pgseal.ledger WHERE tenant_id = 'subj-append' AND seq = {seq}"
+            )),
+            "{a,b}"
+        );
+        append_naming("e", "{}", "NULL");
+        append_naming("e", "{}", "'{}'");
+        for (subjects, code) in [
+            ("ARRAY['a', NULL]", "22004"),
+            ("ARRAY['']", "22023"),
+            ("ARRAY['  ']", "22023"),
+            ("ARRAY[E'a\\nb']", "22023"),
+            ("ARRAY[repeat('x', 257)]", "54000"),
+            (
+                "(SELECT array_agg(g::text) FROM generate_series(1, 65) g)",
+                "54000",
+            ),
+        ] {
+            assert_eq!(
+                sqlstate(&format!(
+                    "SELECT pgseal.ledger_append('e', '{{}}', NULL, {subjects})"
+                )),
+                code,
+                "{subjects}"
+            );
+        }
+        assert_eq!(verify(), (true, 3, 0));
+        // Subjects are hashed: changing them breaks the entry.
+        let r = verify_offline("subj-append");
+        assert!(r.ok(), "{r:?}");
+    }
+
+    #[pg_test]
+    fn erasure_deletes_the_rows_and_payloads_and_the_chain_still_verifies() {
+        users("subj-erase");
+        append_naming(
+            "profile.changed",
+            r#"{"email": "one@example.com"}"#,
+            "ARRAY['u1']",
+        );
+        append_naming(
+            "profile.changed",
+            r#"{"email": "two@example.com"}"#,
+            "ARRAY['u2']",
+        );
+        append_naming("shared", r#"{"both": true}"#, "ARRAY['u1', 'u2']");
+        // The audit named each inserted row's subject.
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(subjects::text, ' ' ORDER BY seq) FROM pgseal.ledger \
+                 WHERE tenant_id = 'subj-erase' AND event = 'row.insert'"
+            ),
+            "{u1} {u2}"
+        );
+        let before: i64 = one("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'subj-erase'");
+        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-erase', 'u1')");
+        // Its row insert, its two entries, and the audit of the delete just made.
+        assert_eq!(receipt.0["ledger_entries_erased"], 4, "{:?}", receipt.0);
+        assert_eq!(receipt.0["tables"][0]["deleted"], 1, "{:?}", receipt.0);
+        assert_eq!(receipt.0["tables"][0]["table"], "public.subj_users");
+        assert_eq!(
+            one::<String>("SELECT string_agg(id, ',' ORDER BY id) FROM public.subj_users"),
+            "u2"
+        );
+        // u1's entries (its row insert, its own and the shared one) lost payload and
+        // salt and kept a commitment; u2's own entries are whole.
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(seq::text || ':' || (payload IS NULL)::text || (salt IS NULL)::text \
+                        || coalesce(length(commitment), 0)::text, ' ' ORDER BY seq) \
+                 FROM pgseal.ledger WHERE tenant_id = 'subj-erase' AND subjects @> ARRAY['u1']"
+            ),
+            one::<String>(
+                "SELECT string_agg(seq::text || ':truetrue32', ' ' ORDER BY seq) \
+                 FROM pgseal.ledger WHERE tenant_id = 'subj-erase' AND subjects @> ARRAY['u1'] \
+                   AND event <> 'subject.erased'"
+            ) + " "
+                + &one::<String>(
+                    "SELECT seq::text || ':falsefalse0' FROM pgseal.ledger \
+                     WHERE tenant_id = 'subj-erase' AND event = 'subject.erased'"
+                )
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'subj-erase' \
+                 AND subjects = ARRAY['u2'] AND payload IS NOT NULL"
+            ),
+            2
+        );
+        // The receipt names the subject, never its data.
+        let receipt_payload: String = one(
+            "SELECT payload::text FROM pgseal.ledger WHERE tenant_id = 'subj-erase' AND event = 'subject.erased'",
+        );
+        assert!(
+            !receipt_payload.contains("one@example.com"),
+            "{receipt_payload}"
+        );
+        // The receipt lists the erased entries' seqs as runs.
+        let runs = receipt.0["seqs"].as_array().unwrap();
+        let listed: i64 = runs
+            .iter()
+            .map(|r| r[1].as_i64().unwrap() - r[0].as_i64().unwrap() + 1)
+            .sum();
+        assert_eq!(listed, 4, "{runs:?}");
+        // Nothing else was removed; online and offline verification count the erased.
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'subj-erase'"),
+            before + 2 // the row delete's audit entry and the receipt
+        );
+        assert_eq!(verify(), (true, before + 2, 4));
+        let r = verify_offline("subj-erase");
+        assert!(r.ok(), "{r:?}");
+        assert_eq!((r.checked, r.erased), (before + 2, 4));
+        // Erasing again finds nothing left, and keeps the receipts.
+        let again: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-erase', 'u1')");
+        assert_eq!(again.0["ledger_entries_erased"], 0);
+        assert!(verify().0);
+    }
+
+    #[pg_test]
+    fn nobody_erases_or_restores_a_payload_by_hand() {
+        tenant("subj-hand");
+        let seq = append_naming("e", r#"{"secret": 1}"#, "ARRAY['u1']");
+        assert!(!one::<bool>("SELECT pgseal._ledger_erasing()"));
+        // A superuser's UPDATE, erasure-shaped or not, is refused.
+        for sql in [
+            format!("UPDATE pgseal.ledger SET payload = NULL, salt = NULL, commitment = sha256('x') WHERE tenant_id = 'subj-hand' AND seq = {seq}"),
+            format!("UPDATE pgseal.ledger SET subjects = '{{}}' WHERE tenant_id = 'subj-hand' AND seq = {seq}"),
+        ] {
+            assert_eq!(sqlstate(&sql), "42501", "{sql}");
+        }
+        run("SET LOCAL session_replication_role = replica");
+        assert_eq!(
+            sqlstate(&format!("UPDATE pgseal.ledger SET payload = NULL WHERE tenant_id = 'subj-hand' AND seq = {seq}")),
+            "42501"
+        );
+        run("SET LOCAL session_replication_role = origin");
+        // After an erasure the salt is gone: the payload cannot be put back.
+        run("SELECT pgseal.subject_erase('subj-hand', 'u1')");
+        assert!(one::<bool>(&format!(
+            "SELECT salt IS NULL AND payload IS NULL FROM pgseal.ledger WHERE tenant_id = 'subj-hand' AND seq = {seq}"
+        )));
+        assert_eq!(
+            sqlstate(&format!("UPDATE pgseal.ledger SET payload = '{{\"secret\": 1}}' WHERE tenant_id = 'subj-hand' AND seq = {seq}")),
+            "42501"
+        );
+    }
+
+    #[pg_test]
+    fn an_edited_entry_is_not_erased() {
+        // Takes the ledger's locks before lifting a guard (see ledger.rs's
+        // lock_ledger_tables: the tests run in parallel).
+        run("LOCK TABLE pgseal.ledger_heads, pgseal.ledger IN SHARE ROW EXCLUSIVE MODE");
+        tenant("subj-edited");
+        append_naming("e", r#"{"amount": 10}"#, "ARRAY['u1']");
+        let seq = append_naming("e", r#"{"amount": 20}"#, "ARRAY['u1']");
+        run("ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE");
+        run("ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard");
+        run(&format!(
+            r#"UPDATE pgseal.ledger SET payload = '{{"amount": 1}}' WHERE tenant_id = 'subj-edited' AND seq = {seq}"#
+        ));
+        run("ALTER TABLE pgseal.ledger ENABLE ALWAYS TRIGGER pgseal_ledger_guard");
+        // Erasing would store a commitment of the edited payload and hide the edit
+        // behind "erased": refused, and nothing is erased.
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-edited', 'u1')"),
+            "XX001"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'subj-edited' AND salt IS NULL"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn erasure_is_refused_under_a_hold_for_another_tenant_and_for_non_admins() {
+        users("subj-refused");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('other', 'u1')"),
+            "22023"
+        );
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-refused', NULL)"),
+            "22004"
+        );
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-refused', '')"),
+            "22023"
+        );
+        run("SELECT pgseal.retention_hold('subj-refused', true)");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-refused', 'u1')"),
+            "55000"
+        );
+        run("SELECT pgseal.retention_hold('subj-refused', false)");
+        run("CREATE ROLE subj_ledger IN ROLE pgseal_ledger");
+        run("GRANT SELECT, DELETE ON public.subj_users TO subj_ledger");
+        run("SET LOCAL ROLE subj_ledger");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-refused', 'u1')"),
+            "42501"
+        );
+        run("RESET ROLE");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.subj_users"), 2);
+    }
+
+    #[pg_test]
+    fn export_returns_rows_decrypted_and_entries_and_is_recorded() {
+        users("subj-export");
+        run("INSERT INTO public.subj_orders VALUES (1, 'subj-export', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'n')");
+        run("SELECT pgseal.subject_register('public.subj_orders', 'buyer')");
+        append_naming("profile.changed", r#"{"k": 1}"#, "ARRAY['u1']");
+        let out: pgrx::JsonB = one("SELECT pgseal.subject_export('subj-export', 'u1')");
+        let tables = out.0["tables"].as_array().unwrap();
+        let users = tables
+            .iter()
+            .find(|t| t["table"] == "public.subj_users")
+            .unwrap();
+        let rows = users["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["email"], "one@example.com");
+        assert_eq!(rows[0]["token"], "tok-1");
+        // Entries naming u1: its row insert and the append.
+        let ledger = out.0["ledger"].as_array().unwrap();
+        assert_eq!(
+            ledger
+                .iter()
+                .map(|e| e["event"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            ["row.insert", "profile.changed"]
+        );
+        // The uuid column matches by its text form.
+        let by_uuid: pgrx::JsonB = one(
+            "SELECT pgseal.subject_export('subj-export', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')",
+        );
+        let orders = by_uuid.0["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == "public.subj_orders")
+            .unwrap()
+            .clone();
+        assert_eq!(orders["rows"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'subj-export' \
+                 AND event = 'subject.exported' AND subjects = ARRAY['u1']"
+            ),
+            1
+        );
+        // Without pgseal_decrypt the sealed column stays sealed.
+        run("CREATE ROLE subj_reader IN ROLE pgseal_ledger");
+        run("GRANT SELECT ON public.subj_users, public.subj_orders TO subj_reader");
+        run("SET LOCAL ROLE subj_reader");
+        let sealed: pgrx::JsonB = one("SELECT pgseal.subject_export('subj-export', 'u1')");
+        run("RESET ROLE");
+        let token = sealed.0["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == "public.subj_users")
+            .unwrap()["rows"][0]["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(token.starts_with("v2:"), "{token}");
+    }
+
+    #[pg_test]
+    fn registrations_need_delete_and_follow_renames_and_drops() {
+        run("CREATE TABLE public.subj_untenanted (id text PRIMARY KEY)");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_register('public.subj_untenanted', 'id')"),
+            "42703"
+        );
+        run("CREATE TABLE public.subj_int_tenant (id text PRIMARY KEY, tenant_id int)");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_register('public.subj_int_tenant', 'id')"),
+            "42804"
+        );
+        run("CREATE TEMP TABLE subj_temp (id text PRIMARY KEY, tenant_id text)");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_register('subj_temp', 'id')"),
+            "42809"
+        );
+        run("CREATE TABLE public.subj_reg (id bigint PRIMARY KEY, tenant_id text, who text, at timestamptz)");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_register('public.subj_reg', 'at')"),
+            "42804"
+        );
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_register('public.subj_reg', 'nope')"),
+            "42703"
+        );
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_register('pgseal.ledger', 'actor')"),
+            "42501"
+        );
+        run("CREATE ROLE subj_admin IN ROLE pgseal_admin");
+        run("GRANT SELECT ON public.subj_reg TO subj_admin");
+        run("SET LOCAL ROLE subj_admin");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_register('public.subj_reg', 'who')"),
+            "42501"
+        );
+        run("RESET ROLE");
+        run("SELECT pgseal.subject_register('public.subj_reg', 'who')");
+        run("SELECT pgseal.subject_register('public.subj_reg', 'id')");
+        run("ALTER TABLE public.subj_reg RENAME COLUMN who TO owner_id");
+        assert_eq!(
+            one::<String>("SELECT string_agg(col, ',' ORDER BY col) FROM pgseal.subject_columns WHERE rel = 'public.subj_reg'::regclass"),
+            "id,owner_id"
+        );
+        run("ALTER TABLE public.subj_reg DROP COLUMN owner_id");
+        run("DROP TABLE public.subj_reg");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pgseal.subject_columns"), 0);
+    }
+
+    #[pg_test]
+    fn another_tenants_rows_with_the_same_subject_id_are_untouched() {
+        users("subj-mine");
+        // Another tenant's users with the id u1, in the same table, which has no
+        // row-level security: only the tenant_id filter keeps them out.
+        run("ALTER TABLE public.subj_users DROP CONSTRAINT subj_users_pkey");
+        run("INSERT INTO public.subj_users VALUES ('u1', 'subj-theirs', 'x@example.com', NULL), ('u1', 'subj-theirs', 'y@example.com', NULL)");
+        let out: pgrx::JsonB = one("SELECT pgseal.subject_export('subj-mine', 'u1')");
+        let rows = out.0["tables"][0]["rows"].as_array().unwrap().clone();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0]["tenant_id"], "subj-mine");
+        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-mine', 'u1')");
+        assert_eq!(receipt.0["tables"][0]["deleted"], 1);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.subj_users WHERE id = 'u1' AND tenant_id = 'subj-theirs'"),
+            2
+        );
+    }
+
+    #[pg_test]
+    fn a_table_owners_code_runs_as_the_owner_not_as_the_erasing_superuser() {
+        run("CREATE ROLE subj_owner");
+        run("CREATE TABLE public.subj_trojan (id text PRIMARY KEY, tenant_id text NOT NULL)");
+        run("CREATE TABLE public.subj_seen (who text, escalated boolean)");
+        run("ALTER TABLE public.subj_trojan OWNER TO subj_owner");
+        run("ALTER TABLE public.subj_seen OWNER TO subj_owner");
+        // The owner's trigger tries to make its owner a superuser with the
+        // privileges of whoever deletes, and records who it ran as.
+        run(
+            r#"CREATE FUNCTION public.subj_trojan_fn() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                 BEGIN
+                   EXECUTE 'ALTER ROLE subj_owner SUPERUSER';
+                   INSERT INTO public.subj_seen VALUES (current_user, true);
+                 EXCEPTION WHEN OTHERS THEN
+                   INSERT INTO public.subj_seen VALUES (current_user, false);
+                 END;
+                 RETURN OLD;
+               END $$"#,
+        );
+        run("ALTER FUNCTION public.subj_trojan_fn() OWNER TO subj_owner");
+        run("CREATE TRIGGER t BEFORE DELETE ON public.subj_trojan FOR EACH ROW EXECUTE FUNCTION public.subj_trojan_fn()");
+        run("SELECT pgseal.subject_register('public.subj_trojan', 'id')");
+        tenant("subj-trojan");
+        run("INSERT INTO public.subj_trojan VALUES ('u1', 'subj-trojan')");
+        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-trojan', 'u1')");
+        assert_eq!(receipt.0["tables"][0]["deleted"], 1);
+        assert_eq!(
+            one::<String>("SELECT who || ':' || escalated FROM public.subj_seen"),
+            "subj_owner:false"
+        );
+        assert!(!one::<bool>(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = 'subj_owner'"
+        ));
+    }
+
+    #[pg_test]
+    fn subjects_that_are_not_a_columns_text_form_match_nothing() {
+        run("CREATE TABLE public.subj_typed (n bigint, u uuid, tenant_id text NOT NULL)");
+        run("SELECT pgseal.subject_register('public.subj_typed', 'n')");
+        run("SELECT pgseal.subject_register('public.subj_typed', 'u')");
+        tenant("subj-typed");
+        run("INSERT INTO public.subj_typed VALUES (42, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 'subj-typed')");
+        let rows = |subject: &str| -> i64 {
+            let out: pgrx::JsonB = one(&format!(
+                "SELECT pgseal.subject_export('subj-typed', {})",
+                pgrx::spi::quote_literal(subject)
+            ));
+            out.0["tables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["rows"].as_array().unwrap().len() as i64)
+                .sum()
+        };
+        assert_eq!(rows("42"), 1);
+        assert_eq!(rows("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), 1);
+        for other in [
+            "+42",
+            "042",
+            "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+            "u1",
+            "99999999999999999999",
+        ] {
+            assert_eq!(rows(other), 0, "{other}");
+        }
+        // pgseal's own chains have no subjects.
+        tenant("_pgseal");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_export('_pgseal', 'u1')"),
+            "42501"
+        );
+    }
+}

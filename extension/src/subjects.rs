@@ -1,0 +1,369 @@
+//! Data subjects (issue 19): export and erasure of one subject's data in one
+//! tenant, across the tables registered with `pgseal.subject_register` and the
+//! ledger entries that name the subject.
+//!
+//! Both run in the caller's tenant context (the `tenant` argument must be it).
+//! A statement on a registered table:
+//! - is limited to the tenant by the table's `tenant_id` column (which
+//!   `subject_register` requires), whatever row-level security the table has;
+//! - needs the caller's own privilege on the table (SELECT to export, DELETE to
+//!   erase), checked first;
+//! - runs as the table's owner in a security-restricted operation
+//!   (`privilege::as_table_owner`), so the owner's triggers, rules, policies and
+//!   casts never run with the caller's rights (the caller may be a superuser);
+//! - is built from the catalog (the table's and column's names as they are now,
+//!   quoted) and parsed under the pinned `search_path`, with schema-qualified
+//!   operators and casts; the subject and tenant are parameters.
+//!
+//! Sealed columns are decrypted for an exporting member of `pgseal_decrypt` by
+//! `vault_decrypt` called as the caller, each decrypt audited as usual. The ledger
+//! work runs as the extension owner: reading the registrations, erasing payloads
+//! (`ledger::erase`) and the receipts.
+
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{json, Value};
+
+use crate::error::{OrRaise, SealError, SealResult};
+use crate::privilege::{as_owner, as_table_owner, with_pinned_search_path};
+
+/// One registered subject column, as the catalog names it now.
+struct Registration {
+    /// `schema.table`, quoted.
+    table: String,
+    /// The column, quoted.
+    column: String,
+    /// The column's type, schema-qualified (one of the types `subject_register`
+    /// accepts).
+    cast: String,
+    rel: pg_sys::Oid,
+    owner: pg_sys::Oid,
+}
+
+impl Registration {
+    /// Whether `subject` is the text form of a value of the column: a value whose
+    /// input would fail, or would be stored as another text (`+42`, an upper-case
+    /// uuid), is not one, and the row audit names a row by that text form.
+    fn can_hold(&self, subject: &str) -> bool {
+        match self.cast.as_str() {
+            "pg_catalog.int4" => subject
+                .parse::<i32>()
+                .is_ok_and(|v| v.to_string() == subject),
+            "pg_catalog.int8" => subject
+                .parse::<i64>()
+                .is_ok_and(|v| v.to_string() == subject),
+            "pg_catalog.uuid" => {
+                let b = subject.as_bytes();
+                b.len() == 36
+                    && b.iter().enumerate().all(|(i, c)| match i {
+                        8 | 13 | 18 | 23 => *c == b'-',
+                        _ => c.is_ascii_digit() || (b'a'..=b'f').contains(c),
+                    })
+            }
+            _ => true,
+        }
+    }
+
+    /// Fails (42501) unless the caller has `privilege` on the table.
+    fn require(&self, privilege: &str, refused: &'static str) -> SealResult<()> {
+        let ok = with_pinned_search_path(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT pg_catalog.has_table_privilege($1, $2)",
+                &[self.rel.into(), privilege.into()],
+            )
+        })?;
+        if ok == Some(true) {
+            Ok(())
+        } else {
+            Err(SealError::Forbidden(refused))
+        }
+    }
+}
+
+/// The registrations of plain or partitioned, non-temporary tables that can hold
+/// `subject`, in a stable order. A registered table that no longer has a text
+/// `tenant_id` column stops both functions (55000): its rows could not be limited
+/// to the tenant.
+fn registrations(subject: &str) -> SealResult<Vec<Registration>> {
+    let mut out = as_owner(|| {
+        Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT pg_catalog.format('%I.%I', n.nspname, r.relname), pg_catalog.quote_ident(a.attname), \
+                        CASE a.atttypid WHEN 'pg_catalog.text'::pg_catalog.regtype THEN 'pg_catalog.text' \
+                                        WHEN 'pg_catalog.varchar'::pg_catalog.regtype THEN 'pg_catalog.text' \
+                                        WHEN 'pg_catalog.uuid'::pg_catalog.regtype THEN 'pg_catalog.uuid' \
+                                        WHEN 'pg_catalog.int4'::pg_catalog.regtype THEN 'pg_catalog.int4' \
+                                        WHEN 'pg_catalog.int8'::pg_catalog.regtype THEN 'pg_catalog.int8' END, \
+                        r.oid, r.relowner, \
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_attribute t \
+                                 WHERE t.attrelid OPERATOR(pg_catalog.=) r.oid AND t.attname OPERATOR(pg_catalog.=) 'tenant_id' \
+                                   AND NOT t.attisdropped \
+                                   AND t.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)) \
+                   FROM pgseal.subject_columns x \
+                   JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid \
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) r.relnamespace \
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) r.oid \
+                        AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped \
+                  WHERE r.relkind IN ('r', 'p') AND r.relpersistence OPERATOR(pg_catalog.<>) 't' \
+                    AND n.nspname OPERATOR(pg_catalog.<>) 'pgseal' \
+                    AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype, \
+                                       'pg_catalog.uuid'::pg_catalog.regtype, 'pg_catalog.int4'::pg_catalog.regtype, \
+                                       'pg_catalog.int8'::pg_catalog.regtype) \
+                  ORDER BY 1, 2",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                let missing = || SealError::Internal("a subject registration's catalog row");
+                if r.get::<bool>(6)? != Some(true) {
+                    return Err(SealError::Refused(
+                        "a table registered with subject_register has no text tenant_id column",
+                    ));
+                }
+                out.push(Registration {
+                    table: r.get::<String>(1)?.ok_or_else(missing)?,
+                    column: r.get::<String>(2)?.ok_or_else(missing)?,
+                    cast: r.get::<String>(3)?.ok_or_else(missing)?,
+                    rel: r.get::<pg_sys::Oid>(4)?.ok_or_else(missing)?,
+                    owner: r.get::<pg_sys::Oid>(5)?.ok_or_else(missing)?,
+                });
+            }
+            Ok::<_, SealError>(out)
+        })
+    })?;
+    out.retain(|r| r.can_hold(subject));
+    Ok(out)
+}
+
+/// The checks both functions make: the master key, the arguments, and that
+/// `tenant` is the caller's tenant context and not one of pgseal's own chains.
+fn checked(tenant: Option<&str>, subject: Option<&str>) -> SealResult<(String, String)> {
+    crate::master::require_loaded()?;
+    let tenant = tenant.ok_or(SealError::NullArgument("tenant"))?;
+    let subject = subject.ok_or(SealError::NullArgument("subject"))?;
+    crate::limits::tenant_arg(tenant)?;
+    let subject = crate::ledger::append::checked_subjects(vec![Some(subject.to_owned())])?
+        .pop()
+        .ok_or(SealError::Internal("one subject"))?;
+    if crate::context::tenant()? != tenant {
+        return Err(SealError::InvalidArgument(
+            "tenant must be the tenant context: call pgseal.set_tenant(tenant) first",
+        ));
+    }
+    if crate::ledger::names::is_pgseal_chain(tenant) {
+        return Err(SealError::Forbidden(
+            "pgseal's own chains have no data subjects",
+        ));
+    }
+    Ok((tenant.to_owned(), subject))
+}
+
+/// Whether the caller may decrypt (is a member of `pgseal_decrypt`).
+fn may_decrypt() -> SealResult<bool> {
+    Ok(
+        Spi::get_one::<bool>("SELECT pg_catalog.pg_has_role('pgseal_decrypt', 'MEMBER')")?
+            .unwrap_or(false),
+    )
+}
+
+/// The sealed columns (`vault_register_column`) of `rel`: (name, context).
+fn sealed_columns(rel: pg_sys::Oid) -> SealResult<Vec<(String, Option<String>)>> {
+    as_owner(|| {
+        Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT a.attname::pg_catalog.text, s.context FROM pgseal.sealed_columns s \
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.rel::pg_catalog.oid \
+                        AND a.attnum OPERATOR(pg_catalog.=) s.attnum AND NOT a.attisdropped \
+                  WHERE s.rel::pg_catalog.oid OPERATOR(pg_catalog.=) $1 \
+                    AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype \
+                  ORDER BY 1",
+                None,
+                &[rel.into()],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                let name = r
+                    .get::<String>(1)?
+                    .ok_or(SealError::Internal("a sealed column's name"))?;
+                out.push((name, r.get::<String>(2)?));
+            }
+            Ok(out)
+        })
+    })
+}
+
+/// `vault_decrypt(sealed, context)`, called as the caller (its privileges, its
+/// decrypt audit).
+fn decrypt(sealed: &str, context: Option<&str>) -> SealResult<Option<String>> {
+    Ok(with_pinned_search_path(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT pgseal.vault_decrypt($1, $2)::pg_catalog.text",
+            &[sealed.into(), context.into()],
+        )
+    })?)
+}
+
+/// `pgseal.subject_export(tenant, subject)`: every registered row of `subject` in
+/// `tenant`, with the registered sealed columns decrypted when the caller is a
+/// member of `pgseal_decrypt`, and the subject's ledger entries as `ledger_export`
+/// lines (read as the caller). Recorded as a `subject.exported` entry (counts
+/// only) naming the subject.
+#[pg_extern(volatile, parallel_unsafe)]
+fn subject_export(tenant: Option<&str>, subject: Option<&str>) -> JsonB {
+    JsonB(export(tenant, subject).or_raise())
+}
+
+fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
+    let (tenant, subject) = checked(tenant, subject)?;
+    crate::pg::xact::require_read_write("subject_export")?;
+    let decrypt_sealed = may_decrypt()?;
+    let mut tables = Vec::new();
+    let mut counts = Vec::new();
+    for r in registrations(&subject)? {
+        r.require(
+            "SELECT",
+            "subject_export needs SELECT on every registered table",
+        )?;
+        let sql = format!(
+            "SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(_pgseal_row.*)), '[]'::pg_catalog.jsonb) \
+               FROM {} AS _pgseal_row \
+              WHERE _pgseal_row.{} OPERATOR(pg_catalog.=) $1::{} \
+                AND _pgseal_row.tenant_id OPERATOR(pg_catalog.=) $2::pg_catalog.text",
+            r.table, r.column, r.cast
+        );
+        let mut rows = as_table_owner(r.owner, || {
+            Spi::get_one_with_args::<JsonB>(
+                &sql,
+                &[subject.as_str().into(), tenant.as_str().into()],
+            )
+        })?
+        .map_or(Value::Array(Vec::new()), |j| j.0);
+        if decrypt_sealed {
+            let sealed = sealed_columns(r.rel)?;
+            for row in rows.as_array_mut().into_iter().flatten() {
+                for (name, context) in &sealed {
+                    if let Some(Value::String(v)) = row.get(name) {
+                        let plain = decrypt(v, context.as_deref())?;
+                        row[name] = plain.map_or(Value::Null, Value::String);
+                    }
+                }
+            }
+        }
+        let n = rows.as_array().map_or(0, Vec::len);
+        counts.push(json!({ "table": r.table, "column": r.column, "rows": n }));
+        tables.push(json!({ "table": r.table, "column": r.column, "rows": rows }));
+    }
+    // The subject's entries, read as the caller (row-level security of the ledger).
+    crate::ledger::writer::flush()?;
+    let ledger = with_pinned_search_path(|| {
+        Spi::get_one_with_args::<JsonB>(
+            "SELECT COALESCE(pg_catalog.jsonb_agg(e ORDER BY (e OPERATOR(pg_catalog.->>) 'seq')::pg_catalog.int8), '[]'::pg_catalog.jsonb) \
+               FROM pgseal.ledger_export($1) e \
+              WHERE (e OPERATOR(pg_catalog.->) 'subjects') OPERATOR(pg_catalog.?) $2",
+            &[tenant.as_str().into(), subject.as_str().into()],
+        )
+    })?
+    .map_or(Value::Array(Vec::new()), |j| j.0);
+    let entries = ledger.as_array().map_or(0, Vec::len);
+    let receipt =
+        json!({ "tables": counts, "ledger_entries": entries, "decrypted": decrypt_sealed });
+    receipt_entry(&tenant, "subject.exported", &receipt, &subject)?;
+    Ok(json!({
+        "tenant": tenant,
+        "subject": subject,
+        "tables": tables,
+        "ledger": ledger,
+    }))
+}
+
+/// `pgseal.subject_erase(tenant, subject)`: deletes `subject`'s rows of `tenant` in
+/// every registered table, erases the payloads of the tenant's ledger entries that
+/// name the subject, and appends a `subject.erased` receipt naming the subject
+/// with the counts and the erased entries' seqs, which it returns. For members of
+/// `pgseal_admin`; refused (55000) for a tenant under a retention hold.
+#[pg_extern(volatile, parallel_unsafe)]
+fn subject_erase(tenant: Option<&str>, subject: Option<&str>) -> JsonB {
+    JsonB(erase(tenant, subject).or_raise())
+}
+
+fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
+    let (tenant, subject) = checked(tenant, subject)?;
+    crate::pg::xact::require_read_write("subject_erase")?;
+    crate::ledger::access::require_admin("subject_erase")?;
+    // The tenant's chain lock first: a hold is recorded in the chain, so one set
+    // concurrently is either seen here or waits for this erasure to end.
+    crate::ledger::erase::lock_chain(&tenant)?;
+    if crate::ledger::admin::on_hold(&tenant)? {
+        return Err(SealError::Refused(
+            "the tenant is under a retention hold: its subjects' data is not erased",
+        ));
+    }
+    let registered = registrations(&subject)?;
+    for r in &registered {
+        r.require(
+            "DELETE",
+            "subject_erase needs DELETE on every registered table",
+        )?;
+    }
+    let mut counts = Vec::new();
+    for r in registered {
+        let sql = format!(
+            "WITH d AS (DELETE FROM {} AS _pgseal_row \
+                         WHERE _pgseal_row.{} OPERATOR(pg_catalog.=) $1::{} \
+                           AND _pgseal_row.tenant_id OPERATOR(pg_catalog.=) $2::pg_catalog.text \
+                        RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM d",
+            r.table, r.column, r.cast
+        );
+        let n = as_table_owner(r.owner, || {
+            Spi::get_one_with_args::<i64>(&sql, &[subject.as_str().into(), tenant.as_str().into()])
+        })?
+        .unwrap_or(0);
+        counts.push(json!({ "table": r.table, "column": r.column, "deleted": n }));
+    }
+    let seqs = crate::ledger::erase::erase_subject(&tenant, &subject)?;
+    let receipt = json!({
+        "tables": counts,
+        "ledger_entries_erased": seqs.len(),
+        "seqs": ranges(&seqs),
+    });
+    receipt_entry(&tenant, "subject.erased", &receipt, &subject)?;
+    Ok(receipt)
+}
+
+/// Ascending `seqs` as `[first, last]` runs.
+fn ranges(seqs: &[i64]) -> Vec<[i64; 2]> {
+    let mut out: Vec<[i64; 2]> = Vec::new();
+    for &s in seqs {
+        match out.last_mut() {
+            Some(run) if run[1] + 1 == s => run[1] = s,
+            _ => out.push([s, s]),
+        }
+    }
+    out
+}
+
+/// Appends pgseal's receipt `event` naming `subject`.
+fn receipt_entry(tenant: &str, event: &str, payload: &Value, subject: &str) -> SealResult<()> {
+    crate::ledger::append::append_naming(
+        tenant,
+        event,
+        &payload.to_string(),
+        &crate::ledger::actor::default_actor(),
+        vec![subject.to_owned()],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn seqs_fold_into_runs() {
+        assert_eq!(ranges(&[]), Vec::<[i64; 2]>::new());
+        assert_eq!(ranges(&[3]), vec![[3, 3]]);
+        assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), vec![[1, 3], [7, 7], [9, 10]]);
+    }
+}

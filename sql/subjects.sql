@@ -1,0 +1,65 @@
+-- pgseal subjects (issue 19): where a data subject's personal data lives, so that
+-- pgseal.subject_export() can return it and pgseal.subject_erase() can delete it,
+-- with the payloads of the ledger entries that name the subject
+-- (extension/src/subjects.rs). Included after jobs.sql, whose registration check
+-- and event triggers this registry shares.
+
+-- A registration names its table by OID and its column by number, with the
+-- column's current name beside it, exactly as sealed_columns does (sql/jobs.sql):
+-- _registration_check resolves the name as the writing role, which must be allowed
+-- to DELETE from the table (erasure deletes its rows); renames and drops follow
+-- (_registrations_follow_renames, _registrations_follow_drops).
+CREATE TABLE pgseal.subject_columns (
+    rel    regclass NOT NULL,
+    col    name     NOT NULL,
+    attnum int2     NOT NULL,
+    PRIMARY KEY (rel, attnum)
+);
+
+COMMENT ON TABLE pgseal.subject_columns IS
+    'Columns that hold a data subject''s id (pgseal.subject_register()); read by the row audit and by subject_export()/subject_erase().';
+
+CREATE TRIGGER subject_columns_check BEFORE INSERT OR UPDATE ON pgseal.subject_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('DELETE');
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check;
+
+-- Declares that rel's subject_column holds the id of the data subject a row is
+-- about. Several columns of a table may be registered; the table needs a text
+-- tenant_id column, which limits export and erasure to the tenant. The id's text form is what
+-- ledger entries name in `subjects`, so the column is text, varchar, uuid, integer
+-- or bigint. Runs as the caller (the trigger above checks the table).
+CREATE FUNCTION pgseal.subject_register(rel regclass, subject_column name) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF rel IS NULL OR subject_column IS NULL THEN
+        RAISE EXCEPTION 'rel and subject_column must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgseal._check_table(rel);
+    IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel) = 't' THEN
+        RAISE EXCEPTION 'a temporary table cannot be registered' USING ERRCODE = '42809';
+    END IF;
+    -- Export and erasure limit every statement to the tenant by this column.
+    -- _column_type raises 42703 for a missing column.
+    IF pgseal._column_type(rel, 'tenant_id') NOT IN ('text', 'character varying') THEN
+        RAISE EXCEPTION 'column tenant_id of % is not text or varchar', rel USING ERRCODE = '42804';
+    END IF;
+    IF pgseal._column_type(rel, subject_column)
+       NOT IN ('text', 'character varying', 'uuid', 'integer', 'bigint') THEN
+        RAISE EXCEPTION 'column % of % is not text, varchar, uuid, integer or bigint', subject_column, rel
+            USING ERRCODE = '42804';
+    END IF;
+    INSERT INTO pgseal.subject_columns AS x (rel, col) VALUES (rel, subject_column)
+    ON CONFLICT ON CONSTRAINT subject_columns_pkey DO NOTHING;
+END
+$$;
+
+REVOKE ALL ON pgseal.subject_columns FROM PUBLIC;
+-- The row audit reads the registrations as the role that changed the row
+-- (extension/src/ledger/audit_trigger.rs): table and column names, no data.
+GRANT SELECT ON pgseal.subject_columns TO PUBLIC;
+GRANT INSERT ON pgseal.subject_columns TO pgseal_admin;
+SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_columns',
+    'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) subject_columns.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) subject_columns.attnum AND a.attname OPERATOR(pg_catalog.=) subject_columns.col AND NOT a.attisdropped)');
