@@ -1,7 +1,7 @@
 //! The ledger against a real cluster: concurrent appends at every isolation level,
 //! kill -9 of the postmaster, audit triggers under concurrent updates, the decrypt
-//! audit at commit, an export verified offline by pgseald, and checkpoints that
-//! sign only verified chains and extend each other.
+//! audit at commit, an export verified offline by pgseald, checkpoints that sign
+//! only verified chains and extend each other, and a subject's erasure.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -389,6 +389,102 @@ fn export_is_verified_offline_by_pgseald() {
     let (code, out) = Pgseald::new(["ledger", "verify", "--file", export.to_str().unwrap()]).run();
     assert_eq!(code, Some(5), "{out}");
     assert!(out.contains("hash mismatch at seq 10"), "{out}");
+}
+
+/// Issue 19: a subject's rows and the payloads of the entries that name it are
+/// erased, and the chain still verifies, in the database and offline against a
+/// checkpoint signed before the erasure; putting a payload back, even with a new
+/// salt, is detected.
+#[test]
+fn an_erased_subject_still_verifies_offline_against_earlier_checkpoints() {
+    let cl = Cluster::start("ledger-erasure", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE users (id text PRIMARY KEY, tenant_id text NOT NULL, email text);
+         SELECT pgseal.subject_register('users', 'id');
+         SELECT pgseal.ledger_audit('users');
+         SET app.tenant_id = 'acme';
+         INSERT INTO users VALUES ('u1', 'acme', 'one@example.com'), ('u2', 'acme', 'two@example.com');
+         UPDATE users SET email = 'uno@example.com' WHERE id = 'u1';",
+    )
+    .unwrap();
+    for i in 0..20 {
+        let who = if i % 2 == 0 { "u1" } else { "u2" };
+        c.execute(
+            "SELECT pgseal.ledger_append('profile.viewed', jsonb_build_object('n', $1::int), NULL, ARRAY[$2])",
+            &[&i, &who],
+        )
+        .unwrap();
+    }
+    let cp: serde_json::Value = c
+        .query_one("SELECT pgseal.ledger_checkpoint()", &[])
+        .unwrap()
+        .get(0);
+    let pk: String = c
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
+    let receipt: serde_json::Value = c
+        .query_one("SELECT pgseal.subject_erase('acme', 'u1')", &[])
+        .unwrap()
+        .get(0);
+    // u1's insert and update, its ten entries, and the audit of its delete.
+    assert_eq!(receipt["ledger_entries_erased"], 13, "{receipt}");
+    let (ok, checked, erased): (bool, i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT ok, checked, erased FROM pgseal.ledger_verify()",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    // 2 inserts, 1 update, 20 appends, 1 delete, the receipt.
+    assert_eq!((ok, checked, erased), (true, 25, 13));
+    let lines: Vec<String> = c
+        .query("SELECT e::text FROM pgseal.ledger_export() e", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let joined = lines.join("\n");
+    assert!(!joined.contains("one@example.com") && !joined.contains("uno@example.com"));
+    assert!(joined.contains("two@example.com"));
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("ledger-erasure-files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let export = dir.join("export.jsonl");
+    let cps = dir.join("checkpoints.jsonl");
+    std::fs::write(&export, joined.clone() + "\n").unwrap();
+    std::fs::write(&cps, cp.to_string() + "\n").unwrap();
+    let (code, out) = Pgseald::ledger_verify_file(&export, &cps, &pk).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("acme: ok, 25 entries checked, 13 erased (verified by their payload commitments), 1 checkpoint(s) matched"),
+        "{out}"
+    );
+    // A superuser puts the first erased payload back, with a fresh salt (the old
+    // one is gone): the entry no longer matches its hash.
+    let first: i64 = c
+        .query_one(
+            "SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = 'acme' AND salt IS NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.batch_execute(&format!(
+        "ALTER EVENT TRIGGER pgseal_ledger_ddl_guard DISABLE;
+         ALTER TABLE pgseal.ledger DISABLE TRIGGER pgseal_ledger_guard;
+         UPDATE pgseal.ledger SET payload = '{{\"table\": \"public.users\"}}', salt = gen_random_bytes_fallback.b, commitment = NULL
+           FROM (SELECT sha256(random()::text::bytea) AS b) gen_random_bytes_fallback
+          WHERE tenant_id = 'acme' AND seq = {first};"
+    ))
+    .unwrap();
+    let problem: Option<String> = c
+        .query_one("SELECT problem FROM pgseal.ledger_verify()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(problem.as_deref(), Some("hash mismatch"));
 }
 
 /// Issue 14, hole 7: the checkpoint key is a random key kept wrapped, not derived from
