@@ -14,6 +14,8 @@
 #             (scripts/bench_tenancy.sh)
 #   jobs      pgseald retention run, rotate tenant, rotate kek with no flags, each at
 #             N and 4N (scripts/bench_jobs.sh)
+#   erasure   subject_erase of one subject's entries in a chain of N and 4N  vs  the
+#             same UPDATE on a plain copy (scripts/bench_erasure.sh)
 #   citus     vault_decrypt through a Citus coordinator with two workers  vs  the one
 #             node, PostgreSQL 16 and later (scripts/bench_citus.sh)
 # PGSEAL_BENCH_PARTS picks parts after vault (default: all of them, in this order).
@@ -26,7 +28,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/pg.sh"
 N=${PGSEAL_BENCH_ROWS:-200000}
-PARTS=${PGSEAL_BENCH_PARTS:-audit ledger tenancy jobs citus}
+PARTS=${PGSEAL_BENCH_PARTS:-audit ledger tenancy jobs erasure citus}
 PGP_SAMPLE=${PGSEAL_BENCH_PGP_SAMPLE:-2000}
 DIR=/var/tmp/pgseal-bench
 PORT=54395
@@ -111,6 +113,7 @@ if part audit; then echo; source "$ROOT/scripts/bench_audit.sh"; took audit; fi
 if part ledger; then echo; source "$ROOT/scripts/bench_ledger.sh"; took ledger; fi
 if part tenancy; then echo; source "$ROOT/scripts/bench_tenancy.sh"; took tenancy; fi
 if part jobs; then echo; source "$ROOT/scripts/bench_jobs.sh"; took "pgseald jobs"; fi
+if part erasure; then echo; source "$ROOT/scripts/bench_erasure.sh"; took erasure; fi
 if part citus; then echo; source "$ROOT/scripts/bench_citus.sh"; took citus; fi
 echo
 echo "(make bench took $((SECONDS / 60)) min $((SECONDS % 60)) s)"
