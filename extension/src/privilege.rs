@@ -154,19 +154,69 @@ pub fn as_owner<R>(f: impl FnOnce() -> R) -> R {
     with_pinned_search_path(f)
 }
 
+/// Ends a GUC nest level discarding every setting changed in it, as PostgreSQL ends
+/// a security-restricted operation (`AtEOXact_GUC(false, …)`): a `SET` or
+/// `set_config(…, false)` made by a table owner's code does not reach the caller.
+struct DiscardGucs {
+    nest_level: i32,
+}
+
+impl Drop for DiscardGucs {
+    fn drop(&mut self) {
+        // SAFETY: pops exactly the nest level NewGUCNestLevel returned, restoring
+        // every setting changed inside it, committed or not.
+        unsafe { pg_sys::AtEOXact_GUC(false, self.nest_level) };
+    }
+}
+
+thread_local! {
+    /// Set while `as_table_owner` runs a table owner's statement.
+    static IN_TABLE_OWNER_SCOPE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+struct LeaveTableOwnerScope(bool);
+
+impl Drop for LeaveTableOwnerScope {
+    fn drop(&mut self) {
+        IN_TABLE_OWNER_SCOPE.with(|s| s.set(self.0));
+    }
+}
+
+/// Fails (42501) while a table owner's code runs inside `as_table_owner`: the
+/// session's role (an entry's `db_role`, a decrypt's role) is then the caller's,
+/// not the role whose code it is, so pgseal's public entry points that record a
+/// role refuse to run there.
+pub fn require_no_table_owner_code(what: &'static str) -> crate::error::SealResult<()> {
+    if IN_TABLE_OWNER_SCOPE.with(|s| s.get()) {
+        return Err(crate::error::SealError::Forbidden(what));
+    }
+    Ok(())
+}
+
 /// Runs `f` as `role`, the owner of an application table, in a security-restricted
 /// operation, with `search_path` pinned: how PostgreSQL itself runs a table owner's
 /// code for another role (VACUUM, ANALYZE, REFRESH MATERIALIZED VIEW). The owner's
 /// triggers, rules, policies and casts then run with the owner's rights, never the
-/// caller's, and cannot change the session's role or leave temporary objects
-/// behind. Used by `subjects` for its statements on registered tables; the caller's
-/// own privilege on the table is checked before.
+/// caller's, cannot change the session's role or leave temporary objects behind,
+/// and every setting they change is discarded on return. pgseal's entry points that
+/// record the session's role refuse to run meanwhile
+/// (`require_no_table_owner_code`). Used by `subjects` for its statements on
+/// registered tables; the caller's own privilege on the table is checked before.
 pub fn as_table_owner<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     let mut user = pg_sys::Oid::INVALID;
     let mut sec_context = 0;
     // SAFETY: both out-pointers are valid locals.
     unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut sec_context) };
     let _restore = RestoreUser { user, sec_context };
+    // SAFETY: NewGUCNestLevel only increments the nesting counter; the guard pops
+    // the level (declared after `_restore`, so it is dropped first).
+    let _discard = unsafe {
+        DiscardGucs {
+            nest_level: pg_sys::NewGUCNestLevel(),
+        }
+    };
+    save_setting(c"search_path", PINNED_SEARCH_PATH);
+    let _scope = LeaveTableOwnerScope(IN_TABLE_OWNER_SCOPE.with(|s| s.replace(true)));
     // SAFETY: the flags are those ExecRefreshMatView and vacuum use; the guard
     // above restores the previous identity and context.
     unsafe {
@@ -177,5 +227,5 @@ pub fn as_table_owner<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
                 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
         )
     };
-    with_pinned_search_path(f)
+    f()
 }

@@ -64,27 +64,52 @@ impl Registration {
         }
     }
 
-    /// Fails (42501) unless the caller has `privilege` on the table.
+    /// ` COLLATE "C"` for a text column: a nondeterministic collation (one that
+    /// ignores case) must not make another subject's id match.
+    fn collate(&self) -> &'static str {
+        if self.cast == "pg_catalog.text" {
+            " COLLATE pg_catalog.\"C\""
+        } else {
+            ""
+        }
+    }
+
+    /// Fails (42501) unless the caller has `privilege` on the table, and when
+    /// row-level security applies to the caller on it but not to its owner (not
+    /// FORCEd): run as the owner, the statement would reach rows the caller's
+    /// policies hide.
     fn require(&self, privilege: &str, refused: &'static str) -> SealResult<()> {
-        let ok = with_pinned_search_path(|| {
-            Spi::get_one_with_args::<bool>(
-                "SELECT pg_catalog.has_table_privilege($1, $2)",
+        let (ok, rls_caller) = with_pinned_search_path(|| {
+            Spi::get_two_with_args::<bool, bool>(
+                "SELECT pg_catalog.has_table_privilege($1, $2), pg_catalog.row_security_active($1)",
                 &[self.rel.into(), privilege.into()],
             )
         })?;
-        if ok == Some(true) {
-            Ok(())
-        } else {
-            Err(SealError::Forbidden(refused))
+        if ok != Some(true) {
+            return Err(SealError::Forbidden(refused));
         }
+        if rls_caller != Some(false) {
+            let rls_owner = as_table_owner(self.owner, || {
+                Spi::get_one_with_args::<bool>(
+                    "SELECT pg_catalog.row_security_active($1)",
+                    &[self.rel.into()],
+                )
+            })?;
+            if rls_owner != Some(true) {
+                return Err(SealError::Forbidden(
+                    "a registered table has row-level security for the caller that its owner is exempt from (FORCE ROW LEVEL SECURITY, and an owner that is neither superuser nor BYPASSRLS, make it hold for both)",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
 /// The registrations of plain or partitioned, non-temporary tables that can hold
-/// `subject`, in a stable order. A registered table that no longer has a text
-/// `tenant_id` column stops both functions (55000): its rows could not be limited
-/// to the tenant.
-fn registrations(subject: &str) -> SealResult<Vec<Registration>> {
+/// `subject`, in a stable order, and the registered tables skipped because they no
+/// longer have a text `tenant_id` column (their rows could not be limited to the
+/// tenant; each is named in a WARNING and in the receipt).
+fn registrations(subject: &str) -> SealResult<(Vec<Registration>, Vec<String>)> {
     let mut out = as_owner(|| {
         Spi::connect(|c| {
             let rows = c.select(
@@ -114,12 +139,16 @@ fn registrations(subject: &str) -> SealResult<Vec<Registration>> {
                 &[],
             )?;
             let mut out = Vec::new();
+            let mut skipped = Vec::new();
             for r in rows {
                 let missing = || SealError::Internal("a subject registration's catalog row");
                 if r.get::<bool>(6)? != Some(true) {
-                    return Err(SealError::Refused(
-                        "a table registered with subject_register has no text tenant_id column",
-                    ));
+                    let table = r.get::<String>(1)?.ok_or_else(missing)?;
+                    pgrx::warning!(
+                        "pgseal: skipped {table}, registered with subject_register: it has no text tenant_id column"
+                    );
+                    skipped.push(table);
+                    continue;
                 }
                 out.push(Registration {
                     table: r.get::<String>(1)?.ok_or_else(missing)?,
@@ -129,10 +158,11 @@ fn registrations(subject: &str) -> SealResult<Vec<Registration>> {
                     owner: r.get::<pg_sys::Oid>(5)?.ok_or_else(missing)?,
                 });
             }
-            Ok::<_, SealError>(out)
+            skipped.dedup();
+            Ok::<_, SealError>((out, skipped))
         })
     })?;
-    out.retain(|r| r.can_hold(subject));
+    out.0.retain(|r| r.can_hold(subject));
     Ok(out)
 }
 
@@ -220,7 +250,8 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
     let decrypt_sealed = may_decrypt()?;
     let mut tables = Vec::new();
     let mut counts = Vec::new();
-    for r in registrations(&subject)? {
+    let (registered, skipped) = registrations(&subject)?;
+    for r in registered {
         r.require(
             "SELECT",
             "subject_export needs SELECT on every registered table",
@@ -228,9 +259,9 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
         let sql = format!(
             "SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(_pgseal_row.*)), '[]'::pg_catalog.jsonb) \
                FROM {} AS _pgseal_row \
-              WHERE _pgseal_row.{} OPERATOR(pg_catalog.=) $1::{} \
-                AND _pgseal_row.tenant_id OPERATOR(pg_catalog.=) $2::pg_catalog.text",
-            r.table, r.column, r.cast
+              WHERE _pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
+                AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text",
+            r.table, r.column, r.collate(), r.cast
         );
         let mut rows = as_table_owner(r.owner, || {
             Spi::get_one_with_args::<JsonB>(
@@ -266,8 +297,12 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
     })?
     .map_or(Value::Array(Vec::new()), |j| j.0);
     let entries = ledger.as_array().map_or(0, Vec::len);
-    let receipt =
-        json!({ "tables": counts, "ledger_entries": entries, "decrypted": decrypt_sealed });
+    let receipt = json!({
+        "tables": counts,
+        "skipped_tables": skipped,
+        "ledger_entries": entries,
+        "decrypted": decrypt_sealed,
+    });
     receipt_entry(&tenant, "subject.exported", &receipt, &subject)?;
     Ok(json!({
         "tenant": tenant,
@@ -299,7 +334,7 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             "the tenant is under a retention hold: its subjects' data is not erased",
         ));
     }
-    let registered = registrations(&subject)?;
+    let (registered, skipped) = registrations(&subject)?;
     for r in &registered {
         r.require(
             "DELETE",
@@ -310,11 +345,11 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
     for r in registered {
         let sql = format!(
             "WITH d AS (DELETE FROM {} AS _pgseal_row \
-                         WHERE _pgseal_row.{} OPERATOR(pg_catalog.=) $1::{} \
-                           AND _pgseal_row.tenant_id OPERATOR(pg_catalog.=) $2::pg_catalog.text \
+                         WHERE _pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
+                           AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text \
                         RETURNING 1) \
              SELECT pg_catalog.count(*) FROM d",
-            r.table, r.column, r.cast
+            r.table, r.column, r.collate(), r.cast
         );
         let n = as_table_owner(r.owner, || {
             Spi::get_one_with_args::<i64>(&sql, &[subject.as_str().into(), tenant.as_str().into()])
@@ -322,9 +357,11 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
         .unwrap_or(0);
         counts.push(json!({ "table": r.table, "column": r.column, "deleted": n }));
     }
-    let seqs = crate::ledger::erase::erase_subject(&tenant, &subject)?;
+    let seqs =
+        crate::ledger::erase::erase(&tenant, crate::ledger::erase::Which::Subject(&subject))?;
     let receipt = json!({
         "tables": counts,
+        "skipped_tables": skipped,
         "ledger_entries_erased": seqs.len(),
         "seqs": ranges(&seqs),
     });

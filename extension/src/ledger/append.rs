@@ -29,6 +29,9 @@ pub fn append_entry(
     subjects: Option<Vec<Option<String>>>,
 ) -> SealResult<(i64, pgseal_core::ledger::Hash)> {
     crate::master::require_loaded()?;
+    crate::privilege::require_no_table_owner_code(
+        "ledger_append cannot run in a table owner's code during subject_export or subject_erase",
+    )?;
     let tenant = context::tenant()?;
     crate::pg::xact::require_read_write("ledger_append")?;
     let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;

@@ -71,6 +71,9 @@ fn current_role() -> pg_sys::Oid {
 
 /// Checks, before any decrypting, that this decrypt can be audited.
 pub fn before_decrypt() -> SealResult<()> {
+    crate::privilege::require_no_table_owner_code(
+        "vault_decrypt cannot run in a table owner's code during subject_export or subject_erase",
+    )?;
     if mode() == AuditDecrypt::Commit && !in_recovery() {
         if read_only() {
             return Err(SealError::ReadOnly(

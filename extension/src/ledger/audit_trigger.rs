@@ -29,8 +29,9 @@ use crate::error::{OrRaise, SealError};
 /// ($1, $2: the table's row type), the table's name ($3), the operation ($4), the
 /// primary key columns ($5, a text array literal), the tenant column ($6) and the
 /// table's OID ($7). UPDATE records only the columns whose value changed, before
-/// and after. The subjects are the values, old and new, of the table's columns
-/// registered with `subject_register` (issue 19).
+/// and after. The subjects are the values, old and new, of the columns registered
+/// with `subject_register` (issue 19) on the table or, for a partition, on any of
+/// its ancestors (the row trigger fires on the partition), looked up by name.
 const PAYLOAD: &str = "\
 SELECT pg_catalog.jsonb_build_object(
            'table', $3::pg_catalog.text,
@@ -47,7 +48,9 @@ SELECT pg_catalog.jsonb_build_object(
                AND a.attnum OPERATOR(pg_catalog.=) x.attnum AND NOT a.attisdropped
           CROSS JOIN LATERAL (VALUES (s.o OPERATOR(pg_catalog.->>) a.attname::pg_catalog.text),
                                      (s.n OPERATOR(pg_catalog.->>) a.attname::pg_catalog.text)) AS v(v)
-         WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) $7::pg_catalog.oid AND v.v IS NOT NULL)
+         WHERE (x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) $7::pg_catalog.oid
+                OR x.rel::pg_catalog.oid IN (SELECT pg_catalog.pg_partition_ancestors($7::pg_catalog.oid)))
+           AND v.v IS NOT NULL)
 FROM (SELECT pg_catalog.to_jsonb($1) AS o, pg_catalog.to_jsonb($2) AS n) AS s
 CROSS JOIN LATERAL (
     SELECT pg_catalog.jsonb_object_agg(c.c, COALESCE(s.o, s.n) OPERATOR(pg_catalog.->) c.c) AS key

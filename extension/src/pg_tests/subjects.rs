@@ -408,7 +408,9 @@ mod tests {
         run("ALTER TABLE public.subj_trojan OWNER TO subj_owner");
         run("ALTER TABLE public.subj_seen OWNER TO subj_owner");
         // The owner's trigger tries to make its owner a superuser with the
-        // privileges of whoever deletes, and records who it ran as.
+        // privileges of whoever deletes, and records who it ran as; it also leaves
+        // settings behind for the caller's later statements, and appends an entry
+        // that would carry the caller's role as its db_role.
         run(
             r#"CREATE FUNCTION public.subj_trojan_fn() RETURNS trigger LANGUAGE plpgsql AS $$
                BEGIN
@@ -418,9 +420,20 @@ mod tests {
                  EXCEPTION WHEN OTHERS THEN
                    INSERT INTO public.subj_seen VALUES (current_user, false);
                  END;
+                 PERFORM set_config('search_path', 'public, pg_catalog', false);
+                 PERFORM set_config('app.tenant_id', 'somebody-else', false);
+                 PERFORM set_config('app.user_id', 'forged', false);
+                 BEGIN
+                   PERFORM pgseal.ledger_append('owner.was.here');
+                   INSERT INTO public.subj_tries VALUES ('append', '00000');
+                 EXCEPTION WHEN OTHERS THEN
+                   INSERT INTO public.subj_tries VALUES ('append', SQLSTATE);
+                 END;
                  RETURN OLD;
                END $$"#,
         );
+        run("CREATE TABLE public.subj_tries (what text, sqlstate text)");
+        run("ALTER TABLE public.subj_tries OWNER TO subj_owner");
         run("ALTER FUNCTION public.subj_trojan_fn() OWNER TO subj_owner");
         run("CREATE TRIGGER t BEFORE DELETE ON public.subj_trojan FOR EACH ROW EXECUTE FUNCTION public.subj_trojan_fn()");
         run("SELECT pgseal.subject_register('public.subj_trojan', 'id')");
@@ -435,6 +448,76 @@ mod tests {
         assert!(!one::<bool>(
             "SELECT rolsuper FROM pg_roles WHERE rolname = 'subj_owner'"
         ));
+        // Nothing the owner's code set reached the caller's session.
+        assert_eq!(
+            one::<String>("SELECT current_setting('app.tenant_id')"),
+            "subj-trojan"
+        );
+        assert_eq!(
+            one::<String>("SELECT coalesce(current_setting('app.user_id', true), '')"),
+            ""
+        );
+        assert!(!one::<String>("SHOW search_path").starts_with("public, pg_catalog"));
+        assert_eq!(
+            one::<String>("SELECT string_agg(what || ':' || sqlstate, ',') FROM public.subj_tries"),
+            "append:42501"
+        );
+    }
+
+    #[pg_test]
+    fn a_table_whose_policies_bind_the_caller_but_not_its_owner_is_refused() {
+        run("CREATE TABLE public.subj_rls (id text, tenant_id text NOT NULL, secret text)");
+        run("SELECT pgseal.subject_register('public.subj_rls', 'id')");
+        run("ALTER TABLE public.subj_rls ENABLE ROW LEVEL SECURITY");
+        run("CREATE POLICY only_mine ON public.subj_rls USING (secret IS NULL)");
+        tenant("subj-rls");
+        run("INSERT INTO public.subj_rls VALUES ('u1', 'subj-rls', 'hidden'), ('u1', 'subj-rls', NULL)");
+        run("CREATE ROLE subj_rls_reader IN ROLE pgseal_ledger");
+        run("GRANT SELECT ON public.subj_rls TO subj_rls_reader");
+        run("SET LOCAL ROLE subj_rls_reader");
+        // As its owner the export would return the row the policy hides.
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_export('subj-rls', 'u1')"),
+            "42501"
+        );
+        run("RESET ROLE");
+        // FORCE does not bind an owner that is a superuser (as here).
+        run("ALTER TABLE public.subj_rls FORCE ROW LEVEL SECURITY");
+        run("SET LOCAL ROLE subj_rls_reader");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_export('subj-rls', 'u1')"),
+            "42501"
+        );
+        run("RESET ROLE");
+        // An ordinary owner, forced: the policy holds for both.
+        run("CREATE ROLE subj_rls_owner");
+        run("ALTER TABLE public.subj_rls OWNER TO subj_rls_owner");
+        run("SET LOCAL ROLE subj_rls_reader");
+        let out: pgrx::JsonB = one("SELECT pgseal.subject_export('subj-rls', 'u1')");
+        run("RESET ROLE");
+        let rows = out.0["tables"][0]["rows"].as_array().unwrap().clone();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(rows[0]["secret"].is_null());
+    }
+
+    #[pg_test]
+    fn a_partitioned_tables_rows_name_their_subject_and_are_erased() {
+        run("CREATE TABLE public.subj_parted (id text, tenant_id text NOT NULL, email text) PARTITION BY LIST (tenant_id)");
+        run("CREATE TABLE public.subj_parted_a PARTITION OF public.subj_parted FOR VALUES IN ('subj-parted')");
+        run("CREATE TABLE public.subj_parted_b PARTITION OF public.subj_parted DEFAULT");
+        run("SELECT pgseal.subject_register('public.subj_parted', 'id')");
+        run("SELECT pgseal.ledger_audit('public.subj_parted')");
+        tenant("subj-parted");
+        run("INSERT INTO public.subj_parted VALUES ('u1', 'subj-parted', 'p@example.com'), ('u1', 'elsewhere', 'q@example.com')");
+        assert_eq!(
+            one::<String>("SELECT string_agg(subjects::text, ' ') FROM pgseal.ledger WHERE tenant_id = 'subj-parted' AND event = 'row.insert'"),
+            "{u1}"
+        );
+        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-parted', 'u1')");
+        assert_eq!(receipt.0["tables"][0]["deleted"], 1, "{:?}", receipt.0);
+        // The insert and the delete's audit entries.
+        assert_eq!(receipt.0["ledger_entries_erased"], 2, "{:?}", receipt.0);
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.subj_parted"), 1);
     }
 
     #[pg_test]
