@@ -101,6 +101,20 @@ GRANT EXECUTE ON FUNCTION
     pgseal.subject_register(regclass, name)
 TO pgseal_admin;
 
+-- Tenant offboarding (issue 19, extension/src/offboard.rs): scheduled and cancelled
+-- by pgseal_admin, carried out by pgseald (a member of pgseal_admin) through the
+-- internal step functions.
+GRANT EXECUTE ON FUNCTION
+    pgseal.tenant_offboard(text, interval),
+    pgseal.tenant_offboard_cancel(text),
+    pgseal._offboard_due(),
+    pgseal._offboard_tables(),
+    pgseal._offboard_advance(text, text, text, text),
+    pgseal._offboard_deleted(text, text, bigint),
+    pgseal._offboard_erase(text, integer),
+    pgseal._offboard_finish(text)
+TO pgseal_admin;
+
 -- Jobs that pgseald runs, as a member of pgseal_admin.
 GRANT EXECUTE ON FUNCTION
     pgseal.retention_set(regclass, interval, name, text),

@@ -55,6 +55,14 @@ pub enum OneShot {
         #[arg(long, env = "PGSEALD_DATABASE_URL", global = true)]
         database_url: Option<String>,
     },
+    /// Tenant offboarding (pgseal.tenant_offboard).
+    Offboard {
+        #[command(subcommand)]
+        command: OffboardCommand,
+        /// libpq connection string or postgres:// URL.
+        #[arg(long, env = "PGSEALD_DATABASE_URL", global = true)]
+        database_url: Option<String>,
+    },
     /// Tenant ledgers.
     Ledger {
         #[command(subcommand)]
@@ -114,6 +122,22 @@ pub enum RetentionCommand {
         /// Pause between batches, in milliseconds.
         #[arg(long, default_value_t = 10)]
         pause_ms: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OffboardCommand {
+    /// Carry out every offboarding whose grace period is over, each from the step
+    /// it reached: export, delete, shred, erase, receipt, checkpoint.
+    Run {
+        /// The directory for the export files and final checkpoints.
+        #[arg(long)]
+        export_dir: PathBuf,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        batch: BatchArgs,
     },
 }
 

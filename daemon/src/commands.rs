@@ -6,11 +6,11 @@
 
 use std::path::PathBuf;
 
-use crate::cli::{LedgerCommand, OneShot, RetentionCommand, RotateCommand};
+use crate::cli::{LedgerCommand, OffboardCommand, OneShot, RetentionCommand, RotateCommand};
 use crate::db::connect;
 use crate::error::{DaemonError, Exit};
 use crate::job::record::recorded;
-use crate::job::{retention, rotation, Job};
+use crate::job::{offboarding, retention, rotation, Job};
 use crate::ledger;
 use crate::shutdown::Shutdown;
 
@@ -20,7 +20,7 @@ impl OneShot {
     pub fn stops_between_batches(&self) -> bool {
         match self {
             OneShot::Status { .. } => false,
-            OneShot::Rotate { .. } | OneShot::Retention { .. } => true,
+            OneShot::Rotate { .. } | OneShot::Retention { .. } | OneShot::Offboard { .. } => true,
             OneShot::Ledger {
                 command: LedgerCommand::Verify { file, .. },
             } => file.is_none(),
@@ -54,6 +54,22 @@ pub async fn run(command: OneShot, shutdown: &Shutdown) -> Result<Exit, DaemonEr
                 pause: std::time::Duration::from_millis(pause_ms),
             };
             retention_run(&opts, database_url, shutdown).await
+        }
+        OneShot::Offboard {
+            command:
+                OffboardCommand::Run {
+                    export_dir,
+                    tenant,
+                    batch,
+                },
+            database_url,
+        } => {
+            let opts = offboarding::Options {
+                export_dir,
+                tenant,
+                batch: batch.batch(),
+            };
+            offboard_run(&opts, database_url, shutdown).await
         }
         OneShot::Ledger {
             command:
@@ -217,6 +233,46 @@ async fn retention_run(
                 o.longest_batch.as_secs_f64() * 1000.0
             );
         }
+    }
+    Ok(done(shutdown))
+}
+
+/// `offboard run`: one line per due tenant, with the step it reached.
+async fn offboard_run(
+    opts: &offboarding::Options,
+    database_url: Option<String>,
+    shutdown: &Shutdown,
+) -> Result<Exit, DaemonError> {
+    let mut client = connect(&url(database_url)?).await?;
+    let stop = shutdown.token();
+    let outcomes = recorded(
+        &mut client,
+        Job::Offboarding.name(),
+        |r: Result<&Vec<offboarding::Outcome>, &DaemonError>| match r {
+            Ok(o) => serde_json::json!({
+                "tenants": o.iter().map(|x| serde_json::json!({
+                    "tenant": x.tenant, "step": x.step, "rows_deleted": x.rows_deleted,
+                    "entries_erased": x.entries_erased, "stopped": x.stopped,
+                })).collect::<Vec<_>>(),
+            }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        },
+        async |c| offboarding::run(c, opts, stop).await,
+    )
+    .await??;
+    for o in outcomes {
+        let why = o
+            .stopped
+            .map(|s| format!(" (stopped: {s})"))
+            .unwrap_or_default();
+        println!(
+            "tenant {}: {}; {} rows deleted, {} ledger entries erased in this run; export {}{why}",
+            o.tenant,
+            o.step,
+            o.rows_deleted,
+            o.entries_erased,
+            o.export_file.as_deref().unwrap_or("-"),
+        );
     }
     Ok(done(shutdown))
 }

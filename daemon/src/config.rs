@@ -26,6 +26,7 @@ pub struct Config {
     pub retention: Option<RetentionJob>,
     pub rotation: Option<RotationJob>,
     pub verification: Option<VerificationJob>,
+    pub offboarding: Option<OffboardingJob>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +66,18 @@ pub struct VerificationJob {
     pub schedule: String,
     /// Directory of the append-only `checkpoints.jsonl`, outside the database.
     pub checkpoint_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffboardingJob {
+    pub schedule: String,
+    /// Directory of the offboarded tenants' export files and final checkpoints.
+    pub export_dir: PathBuf,
+    /// Rows (and ledger entries) per transaction, fixed. Unset: adaptive.
+    pub batch: Option<i64>,
+    #[serde(default = "batch_target_ms")]
+    pub batch_ms: u64,
 }
 
 fn utc() -> String {

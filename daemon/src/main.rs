@@ -35,7 +35,7 @@ use shutdown::Shutdown;
 /// A command with what it needs loaded before tracing and the runtime start.
 enum Task {
     /// `run`, with its configuration.
-    Run(Config),
+    Run(Box<Config>),
     OneShot(OneShot),
 }
 
@@ -75,7 +75,7 @@ fn load(command: Command) -> Result<Task, DaemonError> {
                     .map_err(|_| DaemonError::BadUrl)?;
                 cfg.database_url = Some(url);
             }
-            Ok(Task::Run(cfg))
+            Ok(Task::Run(Box::new(cfg)))
         }
         Command::OneShot(c) => Ok(Task::OneShot(c)),
     }
@@ -117,7 +117,7 @@ async fn dispatch(task: Task) -> Result<Exit, DaemonError> {
                     }
                 });
             }
-            scheduler::run(cfg, shutdown.token()).await?;
+            scheduler::run(*cfg, shutdown.token()).await?;
             tracing::info!("stopped");
             Ok(Exit::Ok)
         }

@@ -31,7 +31,8 @@
 --      whose table and column name still hold.
 --  7b. data subjects (issue 19): the registry pgseal.subject_columns and
 --      subject_register (ledger_append's subjects, the erasure guard and
---      ledger_verify's erased count are in blocks 3 and 4).
+--      ledger_verify's erased count are in blocks 3 and 4); 7c. tenant offboarding:
+--      pgseal.tenant_offboardings and _offboard_tables (its C functions in block 3).
 --   8. privileges exactly as sql/finalize.sql grants them, the checkpoint purpose of
 --      tenant_keys, and the ledger id (pgseal.ledger_identity, one new random id).
 --   9. tables audited with ledger_audit under 0.1.0 get the TRUNCATE trigger that
@@ -287,6 +288,60 @@ CREATE OR REPLACE FUNCTION pgseal."subject_export"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'subject_export_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."tenant_offboard"(
+	"tenant" TEXT, /* Option < & str > */
+	"grace" interval /* Option < pgrx :: datum :: Interval > */
+) RETURNS timestamp with time zone /* pgrx :: datum :: TimestampWithTimeZone */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'tenant_offboard_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."tenant_offboard_cancel"(
+	"tenant" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'tenant_offboard_cancel_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_offboard_due"() RETURNS SETOF TEXT /* String */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_due_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_offboard_advance"(
+	"tenant" TEXT, /* Option < & str > */
+	"from_step" TEXT, /* Option < & str > */
+	"to_step" TEXT, /* Option < & str > */
+	"export_file" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_advance_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_offboard_deleted"(
+	"tenant" TEXT, /* Option < & str > */
+	"tbl" TEXT, /* Option < & str > */
+	"n" bigint /* Option < i64 > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_deleted_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_offboard_erase"(
+	"tenant" TEXT, /* Option < & str > */
+	"batch" INT /* Option < i32 > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_erase_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_offboard_finish"(
+	"tenant" TEXT /* Option < & str > */
+) RETURNS jsonb /* JsonB */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_finish_wrapper';
 
 -- ledger_verify reports the erased entries it checked (a new result column, which
 -- CREATE OR REPLACE cannot add: 0b checked that nothing depends on it).
@@ -2075,6 +2130,60 @@ GRANT INSERT ON pgseal.subject_columns TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_columns',
     'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) subject_columns.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) subject_columns.attnum AND a.attname OPERATOR(pg_catalog.=) subject_columns.col AND NOT a.attisdropped)');
 
+-- 7c. Tenant offboarding (sql/offboarding.sql, issue 19).
+-- One row per tenant being offboarded. `step` is the last step done, in order:
+-- scheduled → exported (the export file written) → deleted (the tenant's rows in
+-- every protected or registered table) → shredded (its data keys) → erased (its
+-- ledger payloads) → receipted ('tenant.offboarded') → done (a signed checkpoint of
+-- the final chain). pgseald resumes a tenant from its step after any crash; every
+-- step is idempotent up to its own commit. `deleted` counts the rows deleted per
+-- table, committed with each batch. Written only by pgseal's functions (as the
+-- extension owner); pgseal_admin reads it.
+CREATE TABLE pgseal.tenant_offboardings (
+    tenant_id    text        PRIMARY KEY CHECK (tenant_id <> ''),
+    requested_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    due_at       timestamptz NOT NULL,
+    requested_by text        NOT NULL DEFAULT session_user,
+    step         text        NOT NULL DEFAULT 'scheduled'
+                 CHECK (step IN ('scheduled', 'exported', 'deleted', 'shredded', 'erased', 'receipted', 'done')),
+    step_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    export_file  text,
+    deleted      jsonb       NOT NULL DEFAULT '{}'
+);
+
+COMMENT ON TABLE pgseal.tenant_offboardings IS
+    'Tenants being offboarded and the last step done (pgseal.tenant_offboard(); pgseald carries the steps out).';
+
+REVOKE ALL ON pgseal.tenant_offboardings FROM PUBLIC;
+GRANT SELECT ON pgseal.tenant_offboardings TO pgseal_admin;
+SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
+
+-- The tables whose rows an offboarding deletes: plain or partitioned, permanent
+-- tables outside pgseal with a text tenant_id column that are registered
+-- (subject_register, vault_register_column, retention_set) or protected by pgseal's
+-- policies (tenant_protect, org_protect); a partition only through its root.
+CREATE FUNCTION pgseal._offboard_tables() RETURNS SETOF regclass
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+    SELECT c.oid::pg_catalog.regclass
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+     WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition
+       AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema')
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) 'tenant_id'
+                      AND NOT a.attisdropped
+                      AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype))
+       AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)
+            OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)
+            OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)
+            OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p
+                        WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid
+                          AND pg_catalog.starts_with(p.polname::pg_catalog.text, 'pgseal_')))
+     ORDER BY n.nspname, c.relname
+$$;
+
 -- The distinct tenants of a table (a loose index scan over its tenant_id), for the
 -- retention run's default rules. The scan runs as the owner, so that discovering
 -- tenants needs no tenant context or BYPASSRLS; _tenants_scan first checks, as the
@@ -2209,6 +2318,20 @@ GRANT EXECUTE ON FUNCTION pgseal.subject_export(text, text) TO pgseal_ledger;
 GRANT EXECUTE ON FUNCTION
     pgseal.subject_erase(text, text),
     pgseal.subject_register(regclass, name)
+TO pgseal_admin;
+
+-- Tenant offboarding (issue 19, extension/src/offboard.rs): scheduled and cancelled
+-- by pgseal_admin, carried out by pgseald (a member of pgseal_admin) through the
+-- internal step functions.
+GRANT EXECUTE ON FUNCTION
+    pgseal.tenant_offboard(text, interval),
+    pgseal.tenant_offboard_cancel(text),
+    pgseal._offboard_due(),
+    pgseal._offboard_tables(),
+    pgseal._offboard_advance(text, text, text, text),
+    pgseal._offboard_deleted(text, text, bigint),
+    pgseal._offboard_erase(text, integer),
+    pgseal._offboard_finish(text)
 TO pgseal_admin;
 
 -- Jobs that pgseald runs, as a member of pgseal_admin.

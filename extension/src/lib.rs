@@ -16,6 +16,7 @@ mod ledger;
 mod limits;
 mod locks;
 mod master;
+mod offboard;
 mod pg;
 mod privilege;
 mod subjects;
@@ -75,6 +76,11 @@ extension_sql_file!(
     "../../sql/subjects.sql",
     name = "subjects",
     requires = ["jobs"]
+);
+extension_sql_file!(
+    "../../sql/offboarding.sql",
+    name = "offboarding",
+    requires = ["subjects"]
 );
 extension_sql_file!("../../sql/finalize.sql", name = "finalize", finalize);
 

@@ -340,6 +340,12 @@ impl Pgseald {
         self
     }
 
+    /// Sets an environment variable for it (a test's `PGSEALD_FAILPOINT`).
+    pub fn env(mut self, key: &str, value: &str) -> Pgseald {
+        self.0.env(key, value);
+        self
+    }
+
     /// Connects to `cluster` (its `url()`) through `PGSEALD_DATABASE_URL`.
     pub fn on(mut self, cluster: &Cluster) -> Pgseald {
         self.0.env("PGSEALD_DATABASE_URL", cluster.url());

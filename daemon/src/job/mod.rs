@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::error::DaemonError;
 
 pub mod batch;
+pub mod offboarding;
 pub mod record;
 pub mod retention;
 pub mod rotation;
@@ -31,17 +32,25 @@ pub enum Job {
     Rotation,
     /// Ledger verification, with a signed checkpoint per verified tenant.
     Verification,
+    /// The end of the tenants whose offboarding grace period is over.
+    Offboarding,
 }
 
 impl Job {
     /// Every job, in the order the scheduler lists them.
-    pub const ALL: [Job; 3] = [Job::Retention, Job::Rotation, Job::Verification];
+    pub const ALL: [Job; 4] = [
+        Job::Retention,
+        Job::Rotation,
+        Job::Verification,
+        Job::Offboarding,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Job::Retention => "retention",
             Job::Rotation => "rotation",
             Job::Verification => "verification",
+            Job::Offboarding => "offboarding",
         }
     }
 
@@ -51,6 +60,7 @@ impl Job {
             Job::Retention => cfg.retention.as_ref().map(|j| j.schedule.as_str()),
             Job::Rotation => cfg.rotation.as_ref().map(|j| j.schedule.as_str()),
             Job::Verification => cfg.verification.as_ref().map(|j| j.schedule.as_str()),
+            Job::Offboarding => cfg.offboarding.as_ref().map(|j| j.schedule.as_str()),
         }
     }
 
@@ -77,6 +87,9 @@ impl Job {
             Job::Rotation => rotation::scheduled(client, section(self, &cfg.rotation)?, stop).await,
             Job::Verification => {
                 verification::scheduled(client, section(self, &cfg.verification)?, stop).await
+            }
+            Job::Offboarding => {
+                offboarding::scheduled(client, section(self, &cfg.offboarding)?, stop).await
             }
         }
     }
@@ -136,6 +149,9 @@ mod tests {
     #[test]
     fn the_names_are_those_job_runs_and_the_config_use() {
         let names: Vec<_> = Job::ALL.iter().map(|j| j.name()).collect();
-        assert_eq!(names, ["retention", "rotation", "verification"]);
+        assert_eq!(
+            names,
+            ["retention", "rotation", "verification", "offboarding"]
+        );
     }
 }

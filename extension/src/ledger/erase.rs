@@ -10,8 +10,8 @@
 //! Before an entry is erased its hash is recomputed from its stored fields with the
 //! commitment computed here: an entry that does not verify is not erased (XX001),
 //! so an erasure never stores a commitment of an edited payload. Only format 2
-//! entries with a payload are erased, and never pgseal's own `subject.*` receipts,
-//! which record erasures and exports by counts only.
+//! entries with a payload are erased, and never pgseal's own `subject.*` and
+//! `tenant.*` receipts, which record erasures, exports and offboardings by counts.
 //!
 //! The update is pgseal's fixed statement, run as the extension owner inside
 //! `Scope::Erase`, which `pgseal._ledger_guard()` checks: in that scope it lets an
@@ -26,16 +26,23 @@ use super::guard::{self, Scope};
 use crate::error::{SealError, SealResult};
 use crate::privilege::as_owner;
 
-/// The entries of `tenant` that name `subject` and still hold a payload.
-const SELECT_SQL: &str = "\
-SELECT l.seq, (EXTRACT(epoch FROM l.recorded_at) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8,
-       l.actor, l.db_role, l.event, l.subjects, l.payload::pg_catalog.text, l.salt, l.prev_hash, l.hash
-  FROM pgseal.ledger l
- WHERE l.tenant_id OPERATOR(pg_catalog.=) $1
-   AND l.subjects OPERATOR(pg_catalog.@>) pg_catalog.array_fill($2::pg_catalog.text, ARRAY[1])
-   AND l.fmt OPERATOR(pg_catalog.=) 2 AND l.salt IS NOT NULL AND l.payload IS NOT NULL
-   AND NOT pg_catalog.starts_with(l.event, 'subject.')
- ORDER BY l.seq";
+/// The columns an erasure reads of an entry, in the order `erase` reads them.
+const COLUMNS: &str = "l.seq, (EXTRACT(epoch FROM l.recorded_at) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8, \
+       l.actor, l.db_role, l.event, l.subjects, l.payload::pg_catalog.text, l.salt, l.prev_hash, l.hash";
+
+/// What every erasure leaves: entries without a payload to erase (format 1, which
+/// has no commitment; already erased), and pgseal's receipts of erasures and
+/// offboardings (`subject.*`, `tenant.*`), which hold counts, never data.
+const ERASABLE: &str = "l.fmt OPERATOR(pg_catalog.=) 2 AND l.salt IS NOT NULL AND l.payload IS NOT NULL \
+   AND NOT pg_catalog.starts_with(l.event, 'subject.') AND NOT pg_catalog.starts_with(l.event, 'tenant.')";
+
+/// Which of a tenant's entries an erasure takes.
+pub enum Which<'a> {
+    /// Those that name the subject.
+    Subject(&'a str),
+    /// All of them, the first `limit` still to erase (offboarding, in batches).
+    All { limit: i64 },
+}
 
 const UPDATE_SQL: &str = "\
 UPDATE pgseal.ledger l SET payload = NULL, salt = NULL, commitment = u.c
@@ -54,14 +61,32 @@ pub fn lock_chain(tenant: &str) -> SealResult<()> {
     super::chain_lock::lock(tenant).map(|_| ())
 }
 
-/// Erases the payloads of `tenant`'s entries that name `subject`; returns their
+/// Erases the payloads of `tenant`'s entries that `which` takes; returns their
 /// seqs, ascending. The caller has checked who may erase, the tenant and the hold.
-pub fn erase_subject(tenant: &str, subject: &str) -> SealResult<Vec<i64>> {
+pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
     // This transaction's own appends go into the table first.
     super::writer::flush()?;
     let (seqs, commitments) = as_owner(|| -> SealResult<(Vec<i64>, Vec<Vec<u8>>)> {
         Spi::connect(|c| {
-            let rows = c.select(SELECT_SQL, None, &[tenant.into(), subject.into()])?;
+            let rows = match which {
+                Which::Subject(subject) => c.select(
+                    &format!(
+                        "SELECT {COLUMNS} FROM pgseal.ledger l WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 \
+                           AND l.subjects OPERATOR(pg_catalog.@>) pg_catalog.array_fill($2::pg_catalog.text, ARRAY[1]) \
+                           AND {ERASABLE} ORDER BY l.seq"
+                    ),
+                    None,
+                    &[tenant.into(), subject.into()],
+                )?,
+                Which::All { limit } => c.select(
+                    &format!(
+                        "SELECT {COLUMNS} FROM pgseal.ledger l WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 \
+                           AND {ERASABLE} ORDER BY l.seq LIMIT $2"
+                    ),
+                    None,
+                    &[tenant.into(), limit.into()],
+                )?,
+            };
             let mut seqs = Vec::new();
             let mut commitments = Vec::new();
             for r in rows {

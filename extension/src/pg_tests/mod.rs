@@ -4,6 +4,7 @@ mod grants;
 mod helpers;
 mod jobs;
 mod ledger;
+mod offboard;
 mod subjects;
 mod tenancy;
 mod vault;

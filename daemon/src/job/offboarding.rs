@@ -1,0 +1,478 @@
+//! Tenant offboarding (issue 19): `pgseald offboard run` and the scheduled
+//! `[offboarding]` job end every tenant whose `pgseal.tenant_offboard()` grace
+//! period is over, one step at a time (sql/offboarding.sql):
+//!
+//! 1. **export**: the tenant's rows of every offboarded table (`_offboard_tables()`,
+//!    read under the tenant's context in one REPEATABLE READ snapshot; sealed
+//!    values stay sealed) and its ledger export, to `<export_dir>/<tenant>.offboard.jsonl`,
+//!    written to a temporary file, synced and renamed into place;
+//! 2. **delete**: the tenant's rows of each of those tables, in batch transactions
+//!    under its context, each batch counted (`_offboard_deleted`) in its own
+//!    transaction;
+//! 3. **shred**: `tenant_shred`, in the transaction that records the step;
+//! 4. **erase**: its ledger payloads, in batches (`_offboard_erase`);
+//! 5. **receipt**: `_offboard_finish`, which checks that no key and no payload is
+//!    left and appends `tenant.offboarded`;
+//! 6. **checkpoint**: `ledger_checkpoint` of the final chain, in the transaction
+//!    that marks the offboarding done; its JSON goes next to the export.
+//!
+//! Every step's work commits with the step (`_offboard_advance`, compare-and-set),
+//! or is idempotent up to it (the export is rewritten; deleting and erasing go on
+//! where they stopped), so a run killed at any point, pgseald or the server,
+//! resumes from the recorded step. The database refuses every step of a tenant
+//! under a legal hold; such a tenant is skipped and logged.
+//!
+//! `PGSEALD_FAILPOINT=offboard.<point>` (tests only) pauses the run at a point
+//! just after the work named there committed, and says so on stderr, for a test
+//! to kill pgseald or the server there.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tokio_postgres::{Client, IsolationLevel};
+use tokio_util::sync::CancellationToken;
+
+use super::batch::Batch;
+use crate::config::OffboardingJob;
+use crate::error::DaemonError;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub export_dir: PathBuf,
+    /// Only this tenant (it must be due).
+    pub tenant: Option<String>,
+    pub batch: Batch,
+}
+
+/// What one tenant's run did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub tenant: String,
+    /// The step the tenant is at after the run ('done' when finished).
+    pub step: String,
+    pub export_file: Option<String>,
+    pub rows_deleted: u64,
+    pub entries_erased: u64,
+    /// Why it stopped before 'done' (a hold, a signal), if it did.
+    pub stopped: Option<String>,
+}
+
+/// The scheduled job: every due tenant.
+pub async fn scheduled(
+    client: &mut Client,
+    j: &OffboardingJob,
+    stop: &CancellationToken,
+) -> Result<serde_json::Value, DaemonError> {
+    let opts = Options {
+        export_dir: j.export_dir.clone(),
+        tenant: None,
+        batch: Batch::new(j.batch, j.batch_ms),
+    };
+    let out = run(client, &opts, stop).await?;
+    Ok(serde_json::json!({
+        "tenants": out.iter().map(|o| serde_json::json!({
+            "tenant": o.tenant, "step": o.step, "rows_deleted": o.rows_deleted,
+            "entries_erased": o.entries_erased, "stopped": o.stopped,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+/// One run over the due tenants (or `opts.tenant`), each taken as far as it goes.
+pub async fn run(
+    client: &mut Client,
+    opts: &Options,
+    stop: &CancellationToken,
+) -> Result<Vec<Outcome>, DaemonError> {
+    let due: Vec<String> = client
+        .query("SELECT t FROM pgseal._offboard_due() t", &[])
+        .await
+        .map_err(DaemonError::Query)?
+        .iter()
+        .map(|r| r.get(0))
+        .filter(|t: &String| opts.tenant.as_ref().is_none_or(|only| only == t))
+        .collect();
+    let mut out = Vec::new();
+    let mut batch = opts.batch;
+    for tenant in due {
+        if stop.is_cancelled() {
+            break;
+        }
+        out.push(offboard(client, &tenant, opts, &mut batch, stop).await?);
+    }
+    Ok(out)
+}
+
+/// The tenant's recorded step.
+async fn step_of(client: &Client, tenant: &str) -> Result<(String, Option<String>), DaemonError> {
+    let r = client
+        .query_one(
+            "SELECT step, export_file FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .await
+        .map_err(DaemonError::Query)?;
+    Ok((r.get(0), r.get(1)))
+}
+
+async fn offboard(
+    client: &mut Client,
+    tenant: &str,
+    opts: &Options,
+    batch: &mut Batch,
+    stop: &CancellationToken,
+) -> Result<Outcome, DaemonError> {
+    let mut o = Outcome {
+        tenant: tenant.to_owned(),
+        step: String::new(),
+        export_file: None,
+        rows_deleted: 0,
+        entries_erased: 0,
+        stopped: None,
+    };
+    loop {
+        let (step, file) = step_of(client, tenant).await?;
+        o.step = step.clone();
+        o.export_file = file;
+        if step == "done" {
+            return Ok(o);
+        }
+        if stop.is_cancelled() {
+            o.stopped = Some("stopped by a signal".into());
+            return Ok(o);
+        }
+        let r = match step.as_str() {
+            "scheduled" => export(client, tenant, &opts.export_dir).await,
+            "exported" => delete_rows(client, tenant, batch, stop, &mut o).await,
+            "deleted" => shred(client, tenant).await,
+            "shredded" => erase(client, tenant, batch, stop, &mut o).await,
+            "erased" => receipt(client, tenant).await,
+            "receipted" => checkpoint(client, tenant, &opts.export_dir).await,
+            other => Err(DaemonError::Config(format!(
+                "tenant {tenant}: unknown offboarding step {other:?}"
+            ))),
+        };
+        match r {
+            Ok(()) => failpoint(&format!("offboard.{}", next_step(&step))).await,
+            // A hold set meanwhile: the database refused the step.
+            Err(DaemonError::Query(e)) if e.code().map(|c| c.code()) == Some("55000") => {
+                tracing::warn!(tenant = %tenant, step = %step, "offboarding stopped: {e}");
+                o.stopped = Some(e.to_string());
+                return Ok(o);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn next_step(step: &str) -> &'static str {
+    match step {
+        "scheduled" => "exported",
+        "exported" => "deleted",
+        "deleted" => "shredded",
+        "shredded" => "erased",
+        "erased" => "receipted",
+        _ => "done",
+    }
+}
+
+/// Pauses here when the test failpoint names `point` (module docs).
+async fn failpoint(point: &str) {
+    if std::env::var("PGSEALD_FAILPOINT").is_ok_and(|v| v == point) {
+        eprintln!("failpoint {point} reached");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The tenant's export file: its id with every byte but ASCII letters, digits,
+/// '-' and '_' written as %XX, so no id names another path.
+fn export_path(dir: &Path, tenant: &str, suffix: &str) -> PathBuf {
+    let mut name = String::new();
+    for b in tenant.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            name.push(b as char);
+        } else {
+            name.push_str(&format!("%{b:02X}"));
+        }
+    }
+    dir.join(format!("{name}{suffix}"))
+}
+
+/// Writes `lines` to `path` atomically: a temporary file beside it, synced, renamed,
+/// and the directory synced.
+fn write_atomically(path: &Path, lines: &[String]) -> Result<(), DaemonError> {
+    let io = |e: std::io::Error| DaemonError::File(path.display().to_string(), e.to_string());
+    let tmp = path.with_extension("partial");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    for l in lines {
+        f.write_all(l.as_bytes()).map_err(io)?;
+        f.write_all(b"\n").map_err(io)?;
+    }
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
+/// The tables an offboarding deletes from, schema-qualified and quoted.
+async fn tables(client: &Client) -> Result<Vec<String>, DaemonError> {
+    Ok(client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pgseal._offboard_tables() t \
+             JOIN pg_class c ON c.oid = t JOIN pg_namespace n ON n.oid = c.relnamespace",
+            &[],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Step 1: the export file, then 'exported'.
+async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), DaemonError> {
+    let tables = tables(client).await?;
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(DaemonError::Query)?;
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+        .await
+        .map_err(DaemonError::Query)?;
+    let mut lines = Vec::new();
+    for t in &tables {
+        for r in tx
+            .query(
+                &format!(
+                    "SELECT jsonb_build_object('table', $2::text, 'row', to_jsonb(x.*))::text \
+                     FROM {t} x WHERE x.tenant_id = $1::text"
+                ),
+                &[&tenant, t],
+            )
+            .await
+            .map_err(DaemonError::Query)?
+        {
+            lines.push(r.get(0));
+        }
+    }
+    for r in tx
+        .query(
+            "SELECT jsonb_build_object('ledger', e)::text FROM pgseal.ledger_export($1) e",
+            &[&tenant],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+    {
+        lines.push(r.get(0));
+    }
+    tx.commit().await.map_err(DaemonError::Query)?;
+    let path = export_path(dir, tenant, ".offboard.jsonl");
+    write_atomically(&path, &lines)?;
+    failpoint("offboard.export_written").await;
+    let file = path.to_string_lossy().into_owned();
+    client
+        .execute(
+            "SELECT pgseal._offboard_advance($1, 'scheduled', 'exported', $2)",
+            &[&tenant, &file],
+        )
+        .await
+        .map_err(DaemonError::Query)?;
+    tracing::info!(tenant = %tenant, file = %file, lines = lines.len(), "offboarding: exported");
+    Ok(())
+}
+
+/// Step 2: the tenant's rows, table by table, in batches; then 'deleted'.
+async fn delete_rows(
+    client: &mut Client,
+    tenant: &str,
+    batch: &mut Batch,
+    stop: &CancellationToken,
+    o: &mut Outcome,
+) -> Result<(), DaemonError> {
+    for t in tables(client).await? {
+        loop {
+            if stop.is_cancelled() {
+                return Ok(());
+            }
+            let size = batch.size();
+            let began = Instant::now();
+            let tx = client.transaction().await.map_err(DaemonError::Query)?;
+            tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+                .await
+                .map_err(DaemonError::Query)?;
+            // (tableoid, ctid): a partitioned table's ctids repeat across partitions.
+            let n: i64 = tx
+                .query_one(
+                    &format!(
+                        "WITH d AS (DELETE FROM {t} x WHERE x.tenant_id = $1::text AND (x.tableoid, x.ctid) IN \
+                           (SELECT y.tableoid, y.ctid FROM {t} y WHERE y.tenant_id = $1::text LIMIT $2) RETURNING 1) \
+                         SELECT count(*) FROM d"
+                    ),
+                    &[&tenant, &size],
+                )
+                .await
+                .map_err(DaemonError::Query)?
+                .get(0);
+            if n > 0 {
+                tx.execute(
+                    "SELECT pgseal._offboard_deleted($1, $2, $3)",
+                    &[&tenant, &t, &n],
+                )
+                .await
+                .map_err(DaemonError::Query)?;
+            }
+            tx.commit().await.map_err(DaemonError::Query)?;
+            batch.observe(n as u64, began.elapsed());
+            o.rows_deleted += n as u64;
+            if n == 0 {
+                break;
+            }
+            failpoint("offboard.delete_batch").await;
+        }
+    }
+    client
+        .execute(
+            "SELECT pgseal._offboard_advance($1, 'exported', 'deleted')",
+            &[&tenant],
+        )
+        .await
+        .map_err(DaemonError::Query)?;
+    Ok(())
+}
+
+/// Step 3: the data keys, with 'shredded', in one transaction.
+async fn shred(client: &mut Client, tenant: &str) -> Result<(), DaemonError> {
+    let tx = client.transaction().await.map_err(DaemonError::Query)?;
+    tx.execute("SELECT pgseal.tenant_shred($1)", &[&tenant])
+        .await
+        .map_err(DaemonError::Query)?;
+    tx.execute(
+        "SELECT pgseal._offboard_advance($1, 'deleted', 'shredded')",
+        &[&tenant],
+    )
+    .await
+    .map_err(DaemonError::Query)?;
+    tx.commit().await.map_err(DaemonError::Query)
+}
+
+/// Step 4: the ledger payloads, in batches; then 'erased'.
+async fn erase(
+    client: &mut Client,
+    tenant: &str,
+    batch: &mut Batch,
+    stop: &CancellationToken,
+    o: &mut Outcome,
+) -> Result<(), DaemonError> {
+    loop {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        let size = i32::try_from(batch.size()).unwrap_or(i32::MAX);
+        let began = Instant::now();
+        let n: i64 = client
+            .query_one("SELECT pgseal._offboard_erase($1, $2)", &[&tenant, &size])
+            .await
+            .map_err(DaemonError::Query)?
+            .get(0);
+        batch.observe(n as u64, began.elapsed());
+        o.entries_erased += n as u64;
+        if n == 0 {
+            break;
+        }
+        failpoint("offboard.erase_batch").await;
+    }
+    client
+        .execute(
+            "SELECT pgseal._offboard_advance($1, 'shredded', 'erased')",
+            &[&tenant],
+        )
+        .await
+        .map_err(DaemonError::Query)?;
+    Ok(())
+}
+
+/// Step 5: the 'tenant.offboarded' receipt.
+async fn receipt(client: &mut Client, tenant: &str) -> Result<(), DaemonError> {
+    client
+        .execute("SELECT pgseal._offboard_finish($1)", &[&tenant])
+        .await
+        .map_err(DaemonError::Query)?;
+    Ok(())
+}
+
+/// Step 6: a checkpoint of the final chain, with 'done'; its JSON next to the export.
+async fn checkpoint(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), DaemonError> {
+    let tx = client.transaction().await.map_err(DaemonError::Query)?;
+    let cp: String = tx
+        .query_one("SELECT pgseal.ledger_checkpoint($1)::text", &[&tenant])
+        .await
+        .map_err(DaemonError::Query)?
+        .get(0);
+    tx.execute(
+        "SELECT pgseal._offboard_advance($1, 'receipted', 'done')",
+        &[&tenant],
+    )
+    .await
+    .map_err(DaemonError::Query)?;
+    tx.commit().await.map_err(DaemonError::Query)?;
+    // After the commit: a crash before the file is written leaves the checkpoint in
+    // pgseal.ledger_checkpoints, where ledger_checkpoint keeps every one.
+    write_atomically(
+        &export_path(dir, tenant, ".checkpoint.json"),
+        &[cp.to_string()],
+    )?;
+    tracing::info!(tenant = %tenant, "offboarding: done");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_file_name_never_leaves_its_directory() {
+        let dir = Path::new("/exports");
+        assert_eq!(
+            export_path(dir, "acme-1_x", ".offboard.jsonl"),
+            Path::new("/exports/acme-1_x.offboard.jsonl")
+        );
+        for t in ["../etc/passwd", "..", "a/b", "/abs", "a\0b", "ü"] {
+            let p = export_path(dir, t, ".offboard.jsonl");
+            assert_eq!(p.parent(), Some(dir), "{t:?} → {p:?}");
+            assert!(!p.file_name().unwrap().to_string_lossy().contains('/'));
+        }
+        assert_eq!(
+            export_path(dir, "../x", ""),
+            Path::new("/exports/%2E%2E%2Fx")
+        );
+    }
+
+    #[test]
+    fn the_steps_follow_each_other_to_done() {
+        let mut s = "scheduled";
+        let mut seen = vec![s];
+        while s != "done" {
+            s = next_step(s);
+            seen.push(s);
+        }
+        assert_eq!(
+            seen,
+            [
+                "scheduled",
+                "exported",
+                "deleted",
+                "shredded",
+                "erased",
+                "receipted",
+                "done"
+            ]
+        );
+    }
+}

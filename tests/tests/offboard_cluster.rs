@@ -1,0 +1,230 @@
+//! Tenant offboarding (issue 19) against a real cluster: `pgseald offboard run`
+//! killed with kill -9 just after every step and batch it commits (and the
+//! postmaster killed too, at every other one), then run again, until the tenant is
+//! done: its rows deleted, its keys shredded, its ledger payloads erased, a receipt
+//! and a checkpoint that verify offline; another tenant untouched, a held tenant
+//! never offboarded.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use pgseal_tests::{count, Cluster, Pgseald, KEY_V1};
+
+/// Runs `pgseald offboard run` until it reports `failpoint` on stderr, then kills
+/// it with SIGKILL. Panics when it exits first.
+fn run_until(cl: &Cluster, dir: &std::path::Path, failpoint: &str) {
+    let log = dir.join(format!("pgseald-{failpoint}.log"));
+    let f = std::fs::File::create(&log).unwrap();
+    let mut child = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap(), "--batch", "3"])
+        .on(cl)
+        .env("PGSEALD_FAILPOINT", failpoint)
+        .spawn(Stdio::from(f));
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&format!("failpoint {failpoint} reached")) {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("pgseald exited ({status}) before {failpoint}: {text}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no {failpoint} within 60 s: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+#[test]
+fn offboarding_survives_kill_9_at_every_step_and_completes() {
+    let cl = Cluster::start("offboard", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE users (id text, tenant_id text NOT NULL, email text, token text, PRIMARY KEY (tenant_id, id));
+         SELECT pgseal.subject_register('users', 'id');
+         SELECT pgseal.vault_register_column('users', 'token', 'users.token');
+         CREATE TABLE orders (id bigint PRIMARY KEY, tenant_id text NOT NULL, total numeric);
+         SELECT pgseal.tenant_protect('orders');
+         CREATE TABLE scratch (tenant_id text, note text);   -- neither registered nor protected
+         SET app.tenant_id = 'acme';
+         INSERT INTO users SELECT 'u' || g, 'acme', 'u' || g || '@acme.example', pgseal.vault_seal('tok-' || g, 'users.token')
+           FROM generate_series(1, 7) g;
+         INSERT INTO orders SELECT g, 'acme', g * 10 FROM generate_series(1, 11) g;
+         INSERT INTO scratch VALUES ('acme', 'kept');
+         SELECT pgseal.ledger_append('order.paid', jsonb_build_object('n', g), NULL, ARRAY['u' || (g % 7 + 1)])
+           FROM generate_series(1, 10) g;
+         SET app.tenant_id = 'globex';
+         INSERT INTO users VALUES ('u1', 'globex', 'u1@globex.example', pgseal.vault_seal('g-tok', 'users.token'));
+         INSERT INTO orders VALUES (100, 'globex', 5);
+         SELECT pgseal.ledger_append('order.paid', '{\"n\": 1}');
+         RESET app.tenant_id;
+         SELECT pgseal.tenant_offboard('acme', '0');
+         SELECT pgseal.tenant_offboard('held', '0');
+         SELECT pgseal.retention_hold('held', true);",
+    )
+    .unwrap();
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("offboard-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let points = [
+        "offboard.export_written",
+        "offboard.exported",
+        "offboard.delete_batch",
+        "offboard.deleted",
+        "offboard.shredded",
+        "offboard.erase_batch",
+        "offboard.erased",
+        "offboard.receipted",
+    ];
+    for (i, point) in points.iter().enumerate() {
+        run_until(&cl, &dir, point);
+        if i % 2 == 1 {
+            cl.crash();
+            cl.resume();
+        }
+    }
+    c = cl.connect();
+    let step = |c: &mut postgres::Client, t: &str| -> String {
+        c.query_one(
+            "SELECT step FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+            &[&t],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(step(&mut c, "acme"), "receipted");
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap()])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: done"), "{out}");
+    assert_eq!(step(&mut c, "acme"), "done");
+    assert_eq!(
+        step(&mut c, "held"),
+        "scheduled",
+        "a held tenant is never offboarded"
+    );
+
+    // The rows: acme's gone from the offboarded tables, globex's and the
+    // unregistered table's kept.
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM users WHERE tenant_id = 'acme'"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM orders WHERE tenant_id = 'acme'"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM users WHERE tenant_id = 'globex'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM orders WHERE tenant_id = 'globex'"
+        ),
+        1
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM scratch"), 1);
+    // The keys: acme's shredded, globex's values still decrypt.
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND purpose = 'dek' AND state <> 'destroyed'"),
+        0
+    );
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('globex')", &[])
+        .unwrap();
+    let plain: String = tx
+        .query_one(
+            "SELECT pgseal.vault_decrypt(token, 'users.token') FROM users WHERE tenant_id = 'globex'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    assert_eq!(plain, "g-tok");
+    // The receipt counts each row once, whatever the kills repeated.
+    let receipt: serde_json::Value = c
+        .query_one(
+            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(receipt["deleted"]["public.users"], 7, "{receipt}");
+    assert_eq!(receipt["deleted"]["public.orders"], 11, "{receipt}");
+    // The ledger: every payload erased but pgseal's tenant.* receipts, and the chain
+    // verifies, in the database and offline against the final checkpoint.
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'acme' AND payload IS NOT NULL AND event NOT LIKE 'tenant.%'"),
+        0
+    );
+    let (ok, erased): (bool, i64) = {
+        let r = c
+            .query_one("SELECT ok, erased FROM pgseal.ledger_verify('acme')", &[])
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(ok);
+    assert!(erased >= 11, "{erased}"); // the ten entries and the shred's
+    let lines: Vec<String> = c
+        .query("SELECT e::text FROM pgseal.ledger_export('acme') e", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let after = dir.join("after.jsonl");
+    std::fs::write(&after, lines.join("\n") + "\n").unwrap();
+    let pk: String = c
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
+    let cp = dir.join("acme.checkpoint.json");
+    let (code, out) = Pgseald::ledger_verify_file(&after, &cp, &pk).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("1 checkpoint(s) matched"), "{out}");
+    // The export holds acme's rows, once each, and no one else's.
+    let export = std::fs::read_to_string(dir.join("acme.offboard.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |table: &str| rows.iter().filter(|r| r["table"] == table).count();
+    assert_eq!((of("public.users"), of("public.orders")), (7, 11));
+    assert!(rows
+        .iter()
+        .filter(|r| r.get("row").is_some())
+        .all(|r| r["row"]["tenant_id"] == "acme"));
+    assert!(rows.iter().any(|r| r.get("ledger").is_some()));
+    assert!(
+        !export.contains("tok-1"),
+        "sealed values stay sealed in the export"
+    );
+    // Every run is in job_runs: the killed ones closed as interrupted by the next
+    // leader, or still 'running' (one-shot runs close no one else's), and the last ok.
+    let last: String = c
+        .query_one(
+            "SELECT status FROM pgseal.job_runs WHERE job = 'offboarding' ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(last, "ok");
+}
