@@ -10,6 +10,7 @@
 # salt set NULL, a SHA-256 in commitment) without what erasure adds: reading each
 # entry back, canonicalising its payload and recomputing its hash before erasing it.
 # Each figure is the fastest of 3 runs (each on a fresh copy of the chain).
+# Then offboarding (below): rows offboarded per second at N and 4N.
 set -euo pipefail
 E=${PGSEAL_BENCH_ERASE_ENTRIES:-40000}
 
@@ -73,4 +74,60 @@ for chain, n, e, p in ((E, n1, e1, p1), (4 * E, n4, e4, p4)):
     print("| chain of %d entries | %d | %.0f | %.0f | %.0f | %.2f× | ≤ 3× %s |" % (chain, n, e, n / e * 1000, p, e / p, ok(e / p <= 3)))
 lin = (e4 / n4) / (e1 / n1)
 print("| cost per erased entry, 4N ÷ N | | | | | %.2f× | within 20%% %s |" % (lin, ok(0.8 <= lin <= 1.2)))
+PY
+
+# Offboarding: `pgseald offboard run` (no flags but the export directory) of a tenant
+# with R rows in a registered table and R in a protected one, and R/4 ledger entries,
+# at R and 4R; against the peer, the same rows deleted by two plain DELETEs in one
+# transaction (no export, no batches, no shred or erasure).
+OFF_R=${PGSEAL_BENCH_OFFBOARD_ROWS:-50000}
+OFF_DIR=$(mktemp -d)
+offboard_at() {
+    local r=$1 t="off-$1" began ended secs peer
+    psql_ >/dev/null <<SQL
+CREATE TABLE IF NOT EXISTS off_users (id bigint, tenant_id text NOT NULL, email text, PRIMARY KEY (tenant_id, id));
+CREATE TABLE IF NOT EXISTS off_orders (id bigint, tenant_id text NOT NULL, total numeric, note text, PRIMARY KEY (tenant_id, id));
+SELECT pgseal.subject_register('off_users', 'id') WHERE NOT EXISTS (SELECT 1 FROM pgseal.subject_columns WHERE rel = 'off_users'::regclass);
+SELECT pgseal.tenant_protect('off_orders') WHERE NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = 'off_orders'::regclass);
+BEGIN;
+SELECT pgseal.set_tenant('$t');
+INSERT INTO off_users SELECT g, '$t', 'user' || g || '@example.com' FROM generate_series(1, $r) g;
+INSERT INTO off_orders SELECT g, '$t', g * 1.5, 'order note ' || g FROM generate_series(1, $r) g;
+SELECT count(*) FROM generate_series(1, $r / 4) g, LATERAL pgseal.ledger_append('order.paid', jsonb_build_object('order', g, 'total', g * 1.5)) a;
+COMMIT;
+CREATE TABLE off_peer_u AS SELECT * FROM off_users WHERE tenant_id = '$t';
+CREATE TABLE off_peer_o AS SELECT * FROM off_orders WHERE tenant_id = '$t';
+ALTER TABLE off_peer_u ADD PRIMARY KEY (tenant_id, id);
+ALTER TABLE off_peer_o ADD PRIMARY KEY (tenant_id, id);
+VACUUM ANALYZE off_users, off_orders, off_peer_u, off_peer_o;
+SELECT pgseal.tenant_offboard('$t', '0');
+CHECKPOINT;
+SQL
+    began=$(date +%s.%N)
+    "$ROOT/target/release/pgseald" offboard run --export-dir "$OFF_DIR" --tenant "$t" \
+        --database-url "host=127.0.0.1 port=$PORT user=postgres dbname=postgres" > /dev/null
+    ended=$(date +%s.%N)
+    secs=$(python3 -c "print($ended - $began)")
+    [ "$(psql_ -c "SELECT step FROM pgseal.tenant_offboardings WHERE tenant_id = '$t'")" = done ] \
+        || { echo "offboarding bench: $t is not done" >&2; exit 1; }
+    peer=$(psql_ -c '\timing on' -c "BEGIN" -c "DELETE FROM off_peer_u WHERE tenant_id = '$t'" \
+        -c "DELETE FROM off_peer_o WHERE tenant_id = '$t'" -c "COMMIT" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' \
+        | awk '{ s += $1 } END { print s / 1000 }')
+    psql_ -c "DROP TABLE off_peer_u, off_peer_o" >/dev/null
+    echo "$secs $peer"
+}
+read -r os1 op1 < <(offboard_at "$OFF_R")
+read -r os4 op4 < <(offboard_at "$((4 * OFF_R))")
+rm -rf "$OFF_DIR"
+python3 - "$OFF_R" "$os1" "$op1" "$os4" "$op4" <<'PY'
+import sys
+r = int(sys.argv[1]); s1, p1, s4, p4 = map(float, sys.argv[2:6])
+ok = lambda c: "PASS" if c else "MISS"
+print()
+print("| offboarding figure (pgseald offboard run, no flags) | rows | s | rows/s | plain DELETEs (s) | ratio | target |")
+print("|---|---:|---:|---:|---:|---:|---|")
+for rows, s, p in ((2 * r, s1, p1), (8 * r, s4, p4)):
+    print("| %d rows in 2 tables, %d entries | %d | %.2f | %.0f | %.2f | %.2f× | reported |" % (rows, rows // 8, rows, s, rows / s, p, s / p))
+lin = (s4 / (8 * r)) / (s1 / (2 * r))
+print("| cost per row, 4N ÷ N | | | | | %.2f× | within 20%% %s |" % (lin, ok(0.8 <= lin <= 1.2)))
 PY

@@ -108,9 +108,9 @@ GRANT EXECUTE ON FUNCTION
     pgseal.tenant_offboard(text, interval),
     pgseal.tenant_offboard_cancel(text),
     pgseal._offboard_due(),
-    pgseal._offboard_tables(),
+    pgseal._offboard_export(text),
+    pgseal._offboard_delete(text, integer),
     pgseal._offboard_advance(text, text, text, text),
-    pgseal._offboard_deleted(text, text, bigint),
     pgseal._offboard_erase(text, integer),
     pgseal._offboard_finish(text)
 TO pgseal_admin;

@@ -224,6 +224,10 @@ impl Config {
                 "verification",
                 self.verification.as_ref().map(|j| j.schedule.as_str()),
             ),
+            (
+                "offboarding",
+                self.offboarding.as_ref().map(|j| j.schedule.as_str()),
+            ),
         ]
         .into_iter()
         .filter_map(|(name, s)| Some((name, s?)))
@@ -282,7 +286,9 @@ mod tests {
         let c = parse(include_str!("../../docs/pgseald.toml.example")).unwrap();
         assert_eq!(c.timezone, "Europe/Berlin");
         let sections: Vec<&str> = c.schedules().map(|(name, _)| name).collect();
-        assert_eq!(sections, ["retention", "rotation", "verification"]);
+        // Every job has its section in the example, in Job::ALL's order.
+        let jobs: Vec<&str> = crate::job::Job::ALL.iter().map(|j| j.name()).collect();
+        assert_eq!(sections, jobs);
         assert_eq!(
             c.verification.unwrap().checkpoint_dir,
             PathBuf::from("/var/lib/pgseald")

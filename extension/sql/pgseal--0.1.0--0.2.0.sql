@@ -14,6 +14,9 @@
 --   2. the checkpoint log pgseal.ledger_checkpoints (empty: 0.1.0 kept no
 --      checkpoints; the v1 checkpoints users kept verify offline with the public key
 --      0.1.0 gave them).
+--  2b. EXECUTE grants other roles had on ledger_append and ledger_verify, which
+--      this script drops and creates again: each named in a WARNING with the GRANT
+--      that restores it.
 --   3. the new C functions of 0.2.0.
 --   4. the ledger API: guards (row write guards are new), the C audit triggers, the
 --      export with the format 2 fields, pinned search_paths; _ledger_audit_append goes.
@@ -32,7 +35,7 @@
 --  7b. data subjects (issue 19): the registry pgseal.subject_columns and
 --      subject_register (ledger_append's subjects, the erasure guard and
 --      ledger_verify's erased count are in blocks 3 and 4); 7c. tenant offboarding:
---      pgseal.tenant_offboardings and _offboard_tables (its C functions in block 3).
+--      pgseal.tenant_offboardings (its C functions in block 3).
 --   8. privileges exactly as sql/finalize.sql grants them, the checkpoint purpose of
 --      tenant_keys, and the ledger id (pgseal.ledger_identity, one new random id).
 --   9. tables audited with ledger_audit under 0.1.0 get the TRUNCATE trigger that
@@ -199,6 +202,37 @@ REVOKE ALL ON pgseal.ledger_checkpoints FROM PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.ledger_checkpoints', '');
 
 ------------------------------------------------------------------------------------
+-- 2b. EXECUTE grants that roles other than pgseal's were given on the two functions
+-- this script drops and creates again with another signature (ledger_append) or
+-- result (ledger_verify) go with them. A grant made inside an extension script
+-- would become one of the extension's initial privileges (pg_init_privs), which
+-- pg_dump leaves out, so the script does not make them again: a WARNING names each
+-- one with the GRANT that restores it after the update.
+------------------------------------------------------------------------------------
+DO $grants$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I%s',
+                   f.newsig, r.rolname, CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) AS stmt,
+               f.oldsig, r.rolname
+          FROM (VALUES ('pgseal.ledger_append(text, jsonb, text)', 'pgseal.ledger_append(text, jsonb, text, text[])'),
+                       ('pgseal.ledger_verify(text, bigint, bigint)', 'pgseal.ledger_verify(text, bigint, bigint)')) AS f(oldsig, newsig)
+          JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure(f.oldsig)
+          CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) AS a
+          JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) a.grantee
+         WHERE a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
+           AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
+           AND r.rolname NOT IN ('pgseal_ledger', 'pgseal_admin', 'pgseal_seal', 'pgseal_decrypt')
+    LOOP
+        RAISE WARNING 'pgseal: the EXECUTE grant on % to % goes with the function, which the update replaces', g.oldsig, g.rolname
+            USING HINT = pg_catalog.format('After the update: %s;', g.stmt);
+    END LOOP;
+END
+$grants$;
+
+------------------------------------------------------------------------------------
 -- 3. C functions new in 0.2.0 (leader lock, protection evidence, tenant scan, audit
 -- queue status, ledger id, the Citus workers' forwarded audit entries, data subjects'
 -- export and erasure), and ledger_verify with its erased count. Created closed;
@@ -309,6 +343,21 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_offboard_due_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_offboard_export"(
+	"tenant" TEXT /* Option < & str > */
+) RETURNS SETOF TEXT /* alloc::string::String */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_export_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_offboard_delete"(
+	"tenant" TEXT, /* Option < & str > */
+	"batch" INT /* Option < i32 > */
+) RETURNS bigint /* i64 */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_delete_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_offboard_advance"(
 	"tenant" TEXT, /* Option < & str > */
 	"from_step" TEXT, /* Option < & str > */
@@ -318,15 +367,6 @@ CREATE OR REPLACE FUNCTION pgseal."_offboard_advance"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_offboard_advance_wrapper';
-
-CREATE OR REPLACE FUNCTION pgseal."_offboard_deleted"(
-	"tenant" TEXT, /* Option < & str > */
-	"tbl" TEXT, /* Option < & str > */
-	"n" bigint /* Option < i64 > */
-) RETURNS void
-VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_offboard_deleted_wrapper';
 
 CREATE OR REPLACE FUNCTION pgseal."_offboard_erase"(
 	"tenant" TEXT, /* Option < & str > */
@@ -2158,32 +2198,6 @@ REVOKE ALL ON pgseal.tenant_offboardings FROM PUBLIC;
 GRANT SELECT ON pgseal.tenant_offboardings TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
 
--- The tables whose rows an offboarding deletes: plain or partitioned, permanent
--- tables outside pgseal with a text tenant_id column that are registered
--- (subject_register, vault_register_column, retention_set) or protected by pgseal's
--- policies (tenant_protect, org_protect); a partition only through its root.
-CREATE FUNCTION pgseal._offboard_tables() RETURNS SETOF regclass
-LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pgseal, pg_temp
-AS $$
-    SELECT c.oid::pg_catalog.regclass
-      FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-     WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition
-       AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema')
-       AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                    WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) 'tenant_id'
-                      AND NOT a.attisdropped
-                      AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype))
-       AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)
-            OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)
-            OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)
-            OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p
-                        WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid
-                          AND pg_catalog.starts_with(p.polname::pg_catalog.text, 'pgseal_')))
-     ORDER BY n.nspname, c.relname
-$$;
-
 -- The distinct tenants of a table (a loose index scan over its tenant_id), for the
 -- retention run's default rules. The scan runs as the owner, so that discovering
 -- tenants needs no tenant context or BYPASSRLS; _tenants_scan first checks, as the
@@ -2327,9 +2341,9 @@ GRANT EXECUTE ON FUNCTION
     pgseal.tenant_offboard(text, interval),
     pgseal.tenant_offboard_cancel(text),
     pgseal._offboard_due(),
-    pgseal._offboard_tables(),
+    pgseal._offboard_export(text),
+    pgseal._offboard_delete(text, integer),
     pgseal._offboard_advance(text, text, text, text),
-    pgseal._offboard_deleted(text, text, bigint),
     pgseal._offboard_erase(text, integer),
     pgseal._offboard_finish(text)
 TO pgseal_admin;

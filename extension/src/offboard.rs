@@ -4,6 +4,17 @@
 //! checks the tenant's step (compare-and-set), its due time and its legal hold under
 //! the tenant's chain lock. The state is `pgseal.tenant_offboardings`
 //! (sql/offboarding.sql), written only here, as the extension owner.
+//!
+//! The tables offboarded are those an administrator registered (`subject_register`,
+//! `vault_register_column`, `retention_set`) that have a text `tenant_id` column;
+//! their rows are read and deleted here, never by pgseald's own SQL, each statement
+//! limited to the tenant (`COLLATE "C"`), after the caller's privilege check, and
+//! run as the table's owner in a security-restricted operation, as `subjects` does.
+//! Before the step after deleting is recorded, and again before the receipt, the
+//! tenant's rows left in those tables are counted as the extension owner (no
+//! policy, trigger or rule of the table's owner can hide one); the receipt is
+//! refused while any row, data key or payload is left, and the offboarding goes
+//! back to deleting instead.
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -12,7 +23,7 @@ use serde_json::json;
 use crate::error::{OrRaise, SealError, SealResult};
 use crate::ledger::erase::{self, Which};
 use crate::ledger::evidence;
-use crate::privilege::as_owner;
+use crate::privilege::{as_owner, as_table_owner, with_pinned_search_path};
 
 /// The steps, in order (`tenant_offboardings.step`).
 const STEPS: [&str; 7] = [
@@ -157,6 +168,178 @@ fn require_step(tenant: &str, step: &str) -> SealResult<()> {
     }
 }
 
+/// A table an offboarding deletes from.
+struct Table {
+    /// `schema.table`, quoted.
+    name: String,
+    rel: pg_sys::Oid,
+    owner: pg_sys::Oid,
+}
+
+/// The registered plain or partitioned, permanent tables outside pgseal with a
+/// text `tenant_id` column (a partition only through its root), in name order.
+fn tables() -> SealResult<Vec<Table>> {
+    as_owner(|| {
+        Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.oid, c.relowner \
+                   FROM pg_catalog.pg_class c \
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition \
+                    AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema') \
+                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                 WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' \
+                                   AND NOT a.attisdropped \
+                                   AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)) \
+                    AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
+                         OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
+                         OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)) \
+                  ORDER BY 1",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                let missing = || SealError::Internal("an offboarded table's catalog row");
+                out.push(Table {
+                    name: r.get::<String>(1)?.ok_or_else(missing)?,
+                    rel: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
+                    owner: r.get::<pg_sys::Oid>(3)?.ok_or_else(missing)?,
+                });
+            }
+            Ok::<_, SealError>(out)
+        })
+    })
+}
+
+/// The tenant's rows left in the offboarded tables, counted as the extension owner
+/// (a superuser, whom no row-level security binds; a count runs no trigger or rule).
+fn rows_left(tenant: &str) -> SealResult<i64> {
+    let mut left = 0;
+    for t in tables()? {
+        left += as_owner(|| {
+            Spi::get_one_with_args::<i64>(
+                &format!(
+                    "SELECT pg_catalog.count(*) FROM {} x \
+                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+                    t.name
+                ),
+                &[tenant.into()],
+            )
+        })?
+        .unwrap_or(0);
+    }
+    Ok(left)
+}
+
+/// `pgseal._offboard_export(tenant)`: at step 'scheduled', the lines of the
+/// tenant's export: `{"table", "row"}` for each of its rows in the offboarded
+/// tables (read as each table's owner, sealed values as stored), then `{"ledger"}`
+/// for each `ledger_export` line (read as the caller).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
+    let lines = (|| {
+        let tenant = checked(tenant, "_offboard_export")?;
+        require_step(&tenant, "scheduled")?;
+        let mut lines = Vec::new();
+        for t in tables()? {
+            crate::subjects::require_table_access(
+                t.rel,
+                t.owner,
+                "SELECT",
+                "_offboard_export needs SELECT on every offboarded table",
+            )?;
+            let sql = format!(
+                "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', pg_catalog.to_jsonb(_pgseal_row.*))::pg_catalog.text \
+                   FROM {} AS _pgseal_row \
+                  WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+                t.name
+            );
+            as_table_owner(t.owner, || {
+                Spi::connect(|c| {
+                    for r in c.select(&sql, None, &[tenant.as_str().into(), t.name.as_str().into()])? {
+                        if let Some(line) = r.get::<String>(1)? {
+                            lines.push(line);
+                        }
+                    }
+                    Ok::<_, pgrx::spi::Error>(())
+                })
+            })?;
+        }
+        crate::ledger::writer::flush()?;
+        with_pinned_search_path(|| {
+            Spi::connect(|c| {
+                for r in c.select(
+                    "SELECT pg_catalog.jsonb_build_object('ledger', e)::pg_catalog.text FROM pgseal.ledger_export($1) e",
+                    None,
+                    &[tenant.as_str().into()],
+                )? {
+                    if let Some(line) = r.get::<String>(1)? {
+                        lines.push(line);
+                    }
+                }
+                Ok::<_, pgrx::spi::Error>(())
+            })
+        })?;
+        Ok::<_, SealError>(lines)
+    })()
+    .or_raise();
+    SetOfIterator::new(lines)
+}
+
+/// `pgseal._offboard_delete(tenant, batch)`: at step 'exported', deletes up to
+/// `batch` of the tenant's rows from the first offboarded table that has some (as
+/// its owner), counts them in the offboarding, and returns how many (0: none left
+/// that the deletes can reach).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
+    (|| {
+        let tenant = checked(tenant, "_offboard_delete")?;
+        let batch = batch.filter(|b| *b > 0).ok_or(SealError::InvalidArgument(
+            "batch must be a positive number",
+        ))?;
+        require_step(&tenant, "exported")?;
+        for t in tables()? {
+            crate::subjects::require_table_access(
+                t.rel,
+                t.owner,
+                "DELETE",
+                "_offboard_delete needs DELETE on every offboarded table",
+            )?;
+            // (tableoid, ctid): a partitioned table's ctids repeat across partitions.
+            let sql = format!(
+                "WITH d AS (DELETE FROM {0} AS x \
+                              WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                                AND (x.tableoid, x.ctid) IN \
+                                    (SELECT y.tableoid, y.ctid FROM {0} AS y \
+                                      WHERE y.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                                      LIMIT $2) \
+                             RETURNING 1) \
+                 SELECT pg_catalog.count(*) FROM d",
+                t.name
+            );
+            let n = as_table_owner(t.owner, || {
+                Spi::get_one_with_args::<i64>(&sql, &[tenant.as_str().into(), batch.into()])
+            })?
+            .unwrap_or(0);
+            if n > 0 {
+                as_owner(|| {
+                    Spi::run_with_args(
+                        "UPDATE pgseal.tenant_offboardings \
+                            SET deleted = deleted OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object($2::pg_catalog.text, \
+                                COALESCE((deleted OPERATOR(pg_catalog.->>) $2::pg_catalog.text)::pg_catalog.int8, 0) OPERATOR(pg_catalog.+) $3) \
+                          WHERE tenant_id = $1",
+                        &[tenant.as_str().into(), t.name.as_str().into(), n.into()],
+                    )
+                })?;
+                return Ok(n);
+            }
+        }
+        Ok(0)
+    })()
+    .or_raise()
+}
+
 /// `pgseal._offboard_due()`: the tenants whose offboarding is due and not done,
 /// and not under a hold, earliest first.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -215,34 +398,16 @@ fn _offboard_advance(
             return Err(SealError::NullArgument("export_file"));
         }
         require_step(&tenant, from)?;
+        if to == "deleted" && rows_left(&tenant)? > 0 {
+            return Err(SealError::Refused(
+                "rows of the tenant remain in an offboarded table (a trigger, rule or policy of the table kept them)",
+            ));
+        }
         as_owner(|| {
             Spi::run_with_args(
                 "UPDATE pgseal.tenant_offboardings SET step = $2, step_at = pg_catalog.now(), \
                         export_file = COALESCE($3, export_file) WHERE tenant_id = $1",
                 &[tenant.as_str().into(), to.into(), export_file.into()],
-            )
-        })?;
-        Ok(())
-    })()
-    .or_raise()
-}
-
-/// `pgseal._offboard_deleted(tenant, tbl, n)`: adds `n` rows deleted from `tbl` to
-/// the offboarding's counts, in the transaction that deleted them.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _offboard_deleted(tenant: Option<&str>, tbl: Option<&str>, n: Option<i64>) {
-    (|| {
-        let tenant = checked(tenant, "_offboard_deleted")?;
-        let tbl = tbl.ok_or(SealError::NullArgument("tbl"))?;
-        let n = n.ok_or(SealError::NullArgument("n"))?;
-        require_step(&tenant, "exported")?;
-        as_owner(|| {
-            Spi::run_with_args(
-                "UPDATE pgseal.tenant_offboardings \
-                    SET deleted = deleted OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object($2::pg_catalog.text, \
-                        COALESCE((deleted OPERATOR(pg_catalog.->>) $2::pg_catalog.text)::pg_catalog.int8, 0) OPERATOR(pg_catalog.+) $3) \
-                  WHERE tenant_id = $1",
-                &[tenant.as_str().into(), tbl.into(), n.into()],
             )
         })?;
         Ok(())
@@ -273,8 +438,10 @@ fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
 }
 
 /// `pgseal._offboard_finish(tenant)`: at step 'erased', checks that the work is
-/// done (no data key left, no payload left to erase), appends the
-/// `tenant.offboarded` receipt and moves to 'receipted'; returns the receipt.
+/// done (no row left in an offboarded table, no data key, no payload to erase),
+/// appends the `tenant.offboarded` receipt and moves to 'receipted'; returns the
+/// receipt. When something was written after its step, it goes back to 'exported'
+/// instead and returns `{"redo": …}`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _offboard_finish(tenant: Option<&str>) -> JsonB {
     (|| {
@@ -291,10 +458,18 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                 &[tenant.as_str().into()],
             )
         })?;
-        if keys != Some(0) || left != Some(0) {
-            return Err(SealError::Refused(
-                "the tenant still has data keys or ledger payloads: the offboarding's steps are not done",
-            ));
+        if keys != Some(0) || left != Some(0) || rows_left(&tenant)? > 0 {
+            // Written after their step (the application went on writing): back to
+            // deleting, which the steps after it follow again.
+            as_owner(|| {
+                Spi::run_with_args(
+                    "UPDATE pgseal.tenant_offboardings SET step = 'exported', step_at = pg_catalog.now() WHERE tenant_id = $1",
+                    &[tenant.as_str().into()],
+                )
+            })?;
+            return Ok(JsonB(json!({
+                "redo": "rows, data keys or ledger payloads of the tenant were written after their step; back to deleting"
+            })));
         }
         let (file, deleted, erased, kept) = as_owner(|| {
             Spi::connect(|c| {

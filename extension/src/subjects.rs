@@ -74,35 +74,45 @@ impl Registration {
         }
     }
 
-    /// Fails (42501) unless the caller has `privilege` on the table, and when
-    /// row-level security applies to the caller on it but not to its owner (not
-    /// FORCEd): run as the owner, the statement would reach rows the caller's
-    /// policies hide.
+    /// `require_table_access` on this registration's table.
     fn require(&self, privilege: &str, refused: &'static str) -> SealResult<()> {
-        let (ok, rls_caller) = with_pinned_search_path(|| {
-            Spi::get_two_with_args::<bool, bool>(
-                "SELECT pg_catalog.has_table_privilege($1, $2), pg_catalog.row_security_active($1)",
-                &[self.rel.into(), privilege.into()],
+        require_table_access(self.rel, self.owner, privilege, refused)
+    }
+}
+
+/// Fails (42501) unless the caller has `privilege` on table `rel` (owned by
+/// `owner`), and when row-level security binds the caller on it but not its owner
+/// (not FORCEd, or an owner that is superuser or BYPASSRLS): a statement run as the
+/// owner (`as_table_owner`) would reach rows the caller's policies hide.
+pub(crate) fn require_table_access(
+    rel: pg_sys::Oid,
+    owner: pg_sys::Oid,
+    privilege: &str,
+    refused: &'static str,
+) -> SealResult<()> {
+    let (ok, rls_caller) = with_pinned_search_path(|| {
+        Spi::get_two_with_args::<bool, bool>(
+            "SELECT pg_catalog.has_table_privilege($1, $2), pg_catalog.row_security_active($1)",
+            &[rel.into(), privilege.into()],
+        )
+    })?;
+    if ok != Some(true) {
+        return Err(SealError::Forbidden(refused));
+    }
+    if rls_caller != Some(false) {
+        let rls_owner = as_table_owner(owner, || {
+            Spi::get_one_with_args::<bool>(
+                "SELECT pg_catalog.row_security_active($1)",
+                &[rel.into()],
             )
         })?;
-        if ok != Some(true) {
-            return Err(SealError::Forbidden(refused));
+        if rls_owner != Some(true) {
+            return Err(SealError::Forbidden(
+                "a registered table has row-level security for the caller that its owner is exempt from (FORCE ROW LEVEL SECURITY, and an owner that is neither superuser nor BYPASSRLS, make it hold for both)",
+            ));
         }
-        if rls_caller != Some(false) {
-            let rls_owner = as_table_owner(self.owner, || {
-                Spi::get_one_with_args::<bool>(
-                    "SELECT pg_catalog.row_security_active($1)",
-                    &[self.rel.into()],
-                )
-            })?;
-            if rls_owner != Some(true) {
-                return Err(SealError::Forbidden(
-                    "a registered table has row-level security for the caller that its owner is exempt from (FORCE ROW LEVEL SECURITY, and an owner that is neither superuser nor BYPASSRLS, make it hold for both)",
-                ));
-            }
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The registrations of plain or partitioned, non-temporary tables that can hold

@@ -48,19 +48,21 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
          CREATE TABLE users (id text, tenant_id text NOT NULL, email text, token text, PRIMARY KEY (tenant_id, id));
          SELECT pgseal.subject_register('users', 'id');
          SELECT pgseal.vault_register_column('users', 'token', 'users.token');
-         CREATE TABLE orders (id bigint PRIMARY KEY, tenant_id text NOT NULL, total numeric);
+         CREATE TABLE orders (id bigint PRIMARY KEY, tenant_id text NOT NULL, buyer text, total numeric);
+         SELECT pgseal.subject_register('orders', 'buyer');
          SELECT pgseal.tenant_protect('orders');
-         CREATE TABLE scratch (tenant_id text, note text);   -- neither registered nor protected
+         CREATE TABLE scratch (tenant_id text, note text);   -- protected, not registered: kept
+         SELECT pgseal.tenant_protect('scratch');
          SET app.tenant_id = 'acme';
          INSERT INTO users SELECT 'u' || g, 'acme', 'u' || g || '@acme.example', pgseal.vault_seal('tok-' || g, 'users.token')
            FROM generate_series(1, 7) g;
-         INSERT INTO orders SELECT g, 'acme', g * 10 FROM generate_series(1, 11) g;
+         INSERT INTO orders SELECT g, 'acme', 'u' || (g % 7 + 1), g * 10 FROM generate_series(1, 11) g;
          INSERT INTO scratch VALUES ('acme', 'kept');
          SELECT pgseal.ledger_append('order.paid', jsonb_build_object('n', g), NULL, ARRAY['u' || (g % 7 + 1)])
            FROM generate_series(1, 10) g;
          SET app.tenant_id = 'globex';
          INSERT INTO users VALUES ('u1', 'globex', 'u1@globex.example', pgseal.vault_seal('g-tok', 'users.token'));
-         INSERT INTO orders VALUES (100, 'globex', 5);
+         INSERT INTO orders VALUES (100, 'globex', 'u1', 5);
          SELECT pgseal.ledger_append('order.paid', '{\"n\": 1}');
          RESET app.tenant_id;
          SELECT pgseal.tenant_offboard('acme', '0');
@@ -142,7 +144,13 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
         ),
         1
     );
-    assert_eq!(count(&mut c, "SELECT count(*) FROM scratch"), 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM scratch WHERE tenant_id = 'acme'"
+        ),
+        1
+    );
     // The keys: acme's shredded, globex's values still decrypt.
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = 'acme' AND purpose = 'dek' AND state <> 'destroyed'"),

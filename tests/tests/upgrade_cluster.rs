@@ -610,6 +610,10 @@ fn legacy_0_1_0(c: &mut postgres::Client, cl: &Cluster) -> Legacy {
     c.batch_execute(
         "CREATE ROLE upg_nobody LOGIN;
          CREATE ROLE upg_admin LOGIN;
+         -- Grants the update must carry over to the functions it drops and creates again.
+         CREATE ROLE upg_app;
+         GRANT EXECUTE ON FUNCTION pgseal.ledger_append(text, jsonb, text) TO upg_app;
+         GRANT EXECUTE ON FUNCTION pgseal.ledger_verify(text, bigint, bigint) TO upg_app WITH GRANT OPTION;
          GRANT pgseal_admin TO upg_admin;
          GRANT CREATE ON SCHEMA public TO upg_admin;
          CREATE TABLE upg_not_mine (id int PRIMARY KEY, tenant_id text NOT NULL,
@@ -755,6 +759,34 @@ fn update_blocked_by_temp_view(
 
 /// F3 and F5 after the update: what the 0.1.0 attacks left was handled, and said so.
 fn check_legacy(c: &mut postgres::Client, notices: &[String], l: &Legacy) {
+    // The EXECUTE grants on the functions the update dropped and created again
+    // (block 2b) are gone with them, each named in a WARNING with its GRANT.
+    for (old, stmt) in [
+        (
+            "pgseal.ledger_append(text, jsonb, text) to upg_app",
+            "GRANT EXECUTE ON FUNCTION pgseal.ledger_append(text, jsonb, text, text[]) TO upg_app;",
+        ),
+        (
+            "pgseal.ledger_verify(text, bigint, bigint) to upg_app",
+            "GRANT EXECUTE ON FUNCTION pgseal.ledger_verify(text, bigint, bigint) TO upg_app WITH GRANT OPTION;",
+        ),
+    ] {
+        assert!(
+            notices
+                .iter()
+                .any(|n| n.starts_with("WARNING: ") && n.contains(old) && n.contains(stmt)),
+            "no warning names the grant on {old}:\n{}",
+            notices.join("\n")
+        );
+    }
+    let kept: bool = c
+        .query_one(
+            "SELECT has_function_privilege('upg_app', 'pgseal.ledger_append(text, jsonb, text, text[])', 'EXECUTE')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!kept);
     let warned = |parts: &[&str]| -> bool {
         notices
             .iter()

@@ -1,36 +1,38 @@
 //! Tenant offboarding (issue 19): `pgseald offboard run` and the scheduled
 //! `[offboarding]` job end every tenant whose `pgseal.tenant_offboard()` grace
-//! period is over, one step at a time (sql/offboarding.sql):
+//! period is over, one step at a time (sql/offboarding.sql, extension/src/offboard.rs):
 //!
-//! 1. **export**: the tenant's rows of every offboarded table (`_offboard_tables()`,
-//!    read under the tenant's context in one REPEATABLE READ snapshot; sealed
-//!    values stay sealed) and its ledger export, to `<export_dir>/<tenant>.offboard.jsonl`,
-//!    written to a temporary file, synced and renamed into place;
-//! 2. **delete**: the tenant's rows of each of those tables, in batch transactions
-//!    under its context, each batch counted (`_offboard_deleted`) in its own
-//!    transaction;
+//! 1. **export**: `_offboard_export` (the tenant's rows of every offboarded table,
+//!    sealed values as stored, and its ledger export) to
+//!    `<export_dir>/<tenant>.offboard.jsonl`, written to a new file (mode 0600) under
+//!    a random name, synced and renamed into place;
+//! 2. **delete**: `_offboard_delete` in batch transactions until none is left;
 //! 3. **shred**: `tenant_shred`, in the transaction that records the step;
 //! 4. **erase**: its ledger payloads, in batches (`_offboard_erase`);
-//! 5. **receipt**: `_offboard_finish`, which checks that no key and no payload is
-//!    left and appends `tenant.offboarded`;
+//! 5. **receipt**: `_offboard_finish`, which appends `tenant.offboarded` once no row,
+//!    key or payload is left, or sends the tenant back to step 2 when the
+//!    application wrote more meanwhile;
 //! 6. **checkpoint**: `ledger_checkpoint` of the final chain, in the transaction
 //!    that marks the offboarding done; its JSON goes next to the export.
 //!
-//! Every step's work commits with the step (`_offboard_advance`, compare-and-set),
-//! or is idempotent up to it (the export is rewritten; deleting and erasing go on
-//! where they stopped), so a run killed at any point, pgseald or the server,
+//! pgseald runs no SQL of its own on the tenant's tables: the extension reads and
+//! deletes the rows (as each table's owner, restricted), so no table owner's code
+//! runs with pgseald's rights. Every step's work commits with the step, or is
+//! idempotent up to it, so a run killed at any point, pgseald or the server,
 //! resumes from the recorded step. The database refuses every step of a tenant
-//! under a legal hold; such a tenant is skipped and logged.
+//! under a legal hold; such a tenant is skipped and logged, and an error with one
+//! tenant is reported without stopping the others.
 //!
-//! `PGSEALD_FAILPOINT=offboard.<point>` (tests only) pauses the run at a point
-//! just after the work named there committed, and says so on stderr, for a test
-//! to kill pgseald or the server there.
+//! In debug builds, `PGSEALD_FAILPOINT=offboard.<point>` (tests only) pauses the run
+//! just after the work named there committed, and says so on stderr, for a test to
+//! kill pgseald or the server there.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Batch;
@@ -98,7 +100,22 @@ pub async fn run(
         if stop.is_cancelled() {
             break;
         }
-        out.push(offboard(client, &tenant, opts, &mut batch, stop).await?);
+        match offboard(client, &tenant, opts, &mut batch, stop).await {
+            Ok(o) => out.push(o),
+            Err(e) if client.is_closed() => return Err(e),
+            Err(e) => {
+                tracing::error!(tenant = %tenant, "offboarding failed: {e}");
+                let (step, export_file) = step_of(client, &tenant).await.unwrap_or_default();
+                out.push(Outcome {
+                    tenant,
+                    step,
+                    export_file,
+                    rows_deleted: 0,
+                    entries_erased: 0,
+                    stopped: Some(e.to_string()),
+                });
+            }
+        }
     }
     Ok(out)
 }
@@ -130,6 +147,7 @@ async fn offboard(
         entries_erased: 0,
         stopped: None,
     };
+    let mut redos = 0;
     loop {
         let (step, file) = step_of(client, tenant).await?;
         o.step = step.clone();
@@ -146,7 +164,22 @@ async fn offboard(
             "exported" => delete_rows(client, tenant, batch, stop, &mut o).await,
             "deleted" => shred(client, tenant).await,
             "shredded" => erase(client, tenant, batch, stop, &mut o).await,
-            "erased" => receipt(client, tenant).await,
+            "erased" => match receipt(client, tenant).await {
+                Ok(true) => Ok(()),
+                Ok(false) if redos < 3 => {
+                    redos += 1;
+                    tracing::warn!(tenant = %tenant, "offboarding: rows, keys or payloads were written after their step; deleting again");
+                    continue;
+                }
+                Ok(false) => {
+                    o.stopped = Some(
+                        "the tenant's application keeps writing: run again once it has stopped"
+                            .into(),
+                    );
+                    return Ok(o);
+                }
+                Err(e) => Err(e),
+            },
             "receipted" => checkpoint(client, tenant, &opts.export_dir).await,
             other => Err(DaemonError::Config(format!(
                 "tenant {tenant}: unknown offboarding step {other:?}"
@@ -178,15 +211,17 @@ fn next_step(step: &str) -> &'static str {
 
 /// Pauses here when the test failpoint names `point` (module docs).
 async fn failpoint(point: &str) {
-    if std::env::var("PGSEALD_FAILPOINT").is_ok_and(|v| v == point) {
+    if cfg!(debug_assertions) && std::env::var("PGSEALD_FAILPOINT").is_ok_and(|v| v == point) {
         eprintln!("failpoint {point} reached");
         std::future::pending::<()>().await;
     }
 }
 
 /// The tenant's export file: its id with every byte but ASCII letters, digits,
-/// '-' and '_' written as %XX, so no id names another path.
+/// '-' and '_' written as %XX, so no id names another path; an id whose name would
+/// pass 200 bytes is named by its SHA-256 instead (file names end at 255).
 fn export_path(dir: &Path, tenant: &str, suffix: &str) -> PathBuf {
+    use sha2::Digest;
     let mut name = String::new();
     for b in tenant.bytes() {
         if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
@@ -195,6 +230,12 @@ fn export_path(dir: &Path, tenant: &str, suffix: &str) -> PathBuf {
             name.push_str(&format!("%{b:02X}"));
         }
     }
+    if name.len() > 200 {
+        name = format!(
+            "sha256-{}",
+            hex::encode(sha2::Sha256::digest(tenant.as_bytes()))
+        );
+    }
     dir.join(format!("{name}{suffix}"))
 }
 
@@ -202,8 +243,21 @@ fn export_path(dir: &Path, tenant: &str, suffix: &str) -> PathBuf {
 /// and the directory synced.
 fn write_atomically(path: &Path, lines: &[String]) -> Result<(), DaemonError> {
     let io = |e: std::io::Error| DaemonError::File(path.display().to_string(), e.to_string());
-    let tmp = path.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    // A new file (never one that exists, nor a symbolic link planted there), that
+    // only pgseald's user can read, under a name no one can guess.
+    let tmp = path.with_file_name(format!(
+        ".{}.{:016x}.partial",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
     for l in lines {
         f.write_all(l.as_bytes()).map_err(io)?;
         f.write_all(b"\n").map_err(io)?;
@@ -218,61 +272,15 @@ fn write_atomically(path: &Path, lines: &[String]) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// The tables an offboarding deletes from, schema-qualified and quoted.
-async fn tables(client: &Client) -> Result<Vec<String>, DaemonError> {
-    Ok(client
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pgseal._offboard_tables() t \
-             JOIN pg_class c ON c.oid = t JOIN pg_namespace n ON n.oid = c.relnamespace",
-            &[],
-        )
+/// Step 1: the export file, then 'exported'.
+async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), DaemonError> {
+    let lines: Vec<String> = client
+        .query("SELECT l FROM pgseal._offboard_export($1) l", &[&tenant])
         .await
         .map_err(DaemonError::Query)?
         .iter()
         .map(|r| r.get(0))
-        .collect())
-}
-
-/// Step 1: the export file, then 'exported'.
-async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), DaemonError> {
-    let tables = tables(client).await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(DaemonError::Query)?;
-    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-        .await
-        .map_err(DaemonError::Query)?;
-    let mut lines = Vec::new();
-    for t in &tables {
-        for r in tx
-            .query(
-                &format!(
-                    "SELECT jsonb_build_object('table', $2::text, 'row', to_jsonb(x.*))::text \
-                     FROM {t} x WHERE x.tenant_id = $1::text"
-                ),
-                &[&tenant, t],
-            )
-            .await
-            .map_err(DaemonError::Query)?
-        {
-            lines.push(r.get(0));
-        }
-    }
-    for r in tx
-        .query(
-            "SELECT jsonb_build_object('ledger', e)::text FROM pgseal.ledger_export($1) e",
-            &[&tenant],
-        )
-        .await
-        .map_err(DaemonError::Query)?
-    {
-        lines.push(r.get(0));
-    }
-    tx.commit().await.map_err(DaemonError::Query)?;
+        .collect();
     let path = export_path(dir, tenant, ".offboard.jsonl");
     write_atomically(&path, &lines)?;
     failpoint("offboard.export_written").await;
@@ -288,7 +296,8 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
     Ok(())
 }
 
-/// Step 2: the tenant's rows, table by table, in batches; then 'deleted'.
+/// Step 2: the tenant's rows, in batch transactions; then 'deleted' (which the
+/// database refuses while a row is left).
 async fn delete_rows(
     client: &mut Client,
     tenant: &str,
@@ -296,46 +305,23 @@ async fn delete_rows(
     stop: &CancellationToken,
     o: &mut Outcome,
 ) -> Result<(), DaemonError> {
-    for t in tables(client).await? {
-        loop {
-            if stop.is_cancelled() {
-                return Ok(());
-            }
-            let size = batch.size();
-            let began = Instant::now();
-            let tx = client.transaction().await.map_err(DaemonError::Query)?;
-            tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-                .await
-                .map_err(DaemonError::Query)?;
-            // (tableoid, ctid): a partitioned table's ctids repeat across partitions.
-            let n: i64 = tx
-                .query_one(
-                    &format!(
-                        "WITH d AS (DELETE FROM {t} x WHERE x.tenant_id = $1::text AND (x.tableoid, x.ctid) IN \
-                           (SELECT y.tableoid, y.ctid FROM {t} y WHERE y.tenant_id = $1::text LIMIT $2) RETURNING 1) \
-                         SELECT count(*) FROM d"
-                    ),
-                    &[&tenant, &size],
-                )
-                .await
-                .map_err(DaemonError::Query)?
-                .get(0);
-            if n > 0 {
-                tx.execute(
-                    "SELECT pgseal._offboard_deleted($1, $2, $3)",
-                    &[&tenant, &t, &n],
-                )
-                .await
-                .map_err(DaemonError::Query)?;
-            }
-            tx.commit().await.map_err(DaemonError::Query)?;
-            batch.observe(n as u64, began.elapsed());
-            o.rows_deleted += n as u64;
-            if n == 0 {
-                break;
-            }
-            failpoint("offboard.delete_batch").await;
+    loop {
+        if stop.is_cancelled() {
+            return Ok(());
         }
+        let size = i32::try_from(batch.size()).unwrap_or(i32::MAX);
+        let began = Instant::now();
+        let n: i64 = client
+            .query_one("SELECT pgseal._offboard_delete($1, $2)", &[&tenant, &size])
+            .await
+            .map_err(DaemonError::Query)?
+            .get(0);
+        batch.observe(n as u64, began.elapsed());
+        o.rows_deleted += n as u64;
+        if n == 0 {
+            break;
+        }
+        failpoint("offboard.delete_batch").await;
     }
     client
         .execute(
@@ -398,13 +384,17 @@ async fn erase(
     Ok(())
 }
 
-/// Step 5: the 'tenant.offboarded' receipt.
-async fn receipt(client: &mut Client, tenant: &str) -> Result<(), DaemonError> {
-    client
-        .execute("SELECT pgseal._offboard_finish($1)", &[&tenant])
+/// Step 5: the 'tenant.offboarded' receipt; false when the database sent the
+/// tenant back to deleting instead.
+async fn receipt(client: &mut Client, tenant: &str) -> Result<bool, DaemonError> {
+    let r: String = client
+        .query_one("SELECT pgseal._offboard_finish($1)::text", &[&tenant])
         .await
-        .map_err(DaemonError::Query)?;
-    Ok(())
+        .map_err(DaemonError::Query)?
+        .get(0);
+    let r: serde_json::Value =
+        serde_json::from_str(&r).map_err(|e| DaemonError::Config(format!("receipt: {e}")))?;
+    Ok(r.get("redo").is_none())
 }
 
 /// Step 6: a checkpoint of the final chain, with 'done'; its JSON next to the export.

@@ -120,9 +120,6 @@ mod tests {
         assert!(one::<bool>(
             "SELECT 'off-steps' IN (SELECT * FROM pgseal._offboard_due())"
         ));
-        assert!(one::<bool>(
-            "SELECT 'public.off_users'::regclass IN (SELECT * FROM pgseal._offboard_tables())"
-        ));
         // Out of order, skipping, or without its export file: refused.
         for (sql, code) in [
             (
@@ -146,18 +143,37 @@ mod tests {
         ] {
             assert_eq!(sqlstate(sql), code, "{sql}");
         }
+        // The export: the tenant's rows, then its ledger.
+        let export: String =
+            one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-steps') l");
+        assert_eq!(
+            export.matches("\"table\": \"public.off_users\"").count(),
+            2,
+            "{export}"
+        );
+        assert!(!export.contains("off-bystander"), "{export}");
+        assert_eq!(export.matches("\"ledger\"").count(), 6, "{export}");
         run("SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/exports/off-steps.jsonl')");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_export('off-steps')"),
+            "55000"
+        );
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/x')"),
             "55000"
         );
-        let n: i64 = one("WITH d AS (DELETE FROM public.off_users WHERE tenant_id = 'off-steps' RETURNING 1) SELECT count(*) FROM d");
-        run(&format!(
-            "SELECT pgseal._offboard_deleted('off-steps', 'public.off_users', {n})"
-        ));
+        let mut n = 0;
+        loop {
+            let k: i64 = one("SELECT pgseal._offboard_delete('off-steps', 1)");
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, 2);
         run("SELECT pgseal._offboard_advance('off-steps', 'exported', 'deleted')");
         assert_eq!(
-            sqlstate("SELECT pgseal._offboard_deleted('off-steps', 'public.off_users', 1)"),
+            sqlstate("SELECT pgseal._offboard_delete('off-steps', 1)"),
             "55000"
         );
         run("SELECT pgseal.tenant_shred('off-steps')");
@@ -207,15 +223,20 @@ mod tests {
         tenant_data("off-undone");
         run("SELECT pgseal.tenant_offboard('off-undone', '0')");
         run("SELECT pgseal._offboard_advance('off-undone', 'scheduled', 'exported', '/x')");
-        run("SELECT pgseal._offboard_advance('off-undone', 'exported', 'deleted')");
-        // Advanced without shredding or erasing.
-        run("SELECT pgseal._offboard_advance('off-undone', 'deleted', 'shredded')");
-        run("SELECT pgseal._offboard_advance('off-undone', 'shredded', 'erased')");
+        // Not past deleting while rows are left.
         assert_eq!(
-            sqlstate("SELECT pgseal._offboard_finish('off-undone')"),
+            sqlstate("SELECT pgseal._offboard_advance('off-undone', 'exported', 'deleted')"),
             "55000"
         );
-        assert_eq!(step("off-undone"), "erased");
+        while one::<i64>("SELECT pgseal._offboard_delete('off-undone', 10)") > 0 {}
+        run("SELECT pgseal._offboard_advance('off-undone', 'exported', 'deleted')");
+        // Advanced without shredding or erasing: no receipt, back to deleting.
+        run("SELECT pgseal._offboard_advance('off-undone', 'deleted', 'shredded')");
+        run("SELECT pgseal._offboard_advance('off-undone', 'shredded', 'erased')");
+        let r: pgrx::JsonB = one("SELECT pgseal._offboard_finish('off-undone')");
+        assert!(r.0.get("redo").is_some(), "{:?}", r.0);
+        assert_eq!(step("off-undone"), "exported");
+        assert!(!events("off-undone").contains("tenant.offboarded"));
     }
 
     #[pg_test]
@@ -238,5 +259,63 @@ mod tests {
             "55000"
         );
         assert_eq!(step("off-held"), "exported");
+    }
+
+    #[pg_test]
+    fn rows_a_trigger_keeps_stop_the_offboarding() {
+        tenant_data("off-kept");
+        // The table's owner keeps one row from being deleted.
+        run(
+            "CREATE FUNCTION public.off_keep() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF OLD.id = 'u2' THEN RETURN NULL; END IF; RETURN OLD; END $$",
+        );
+        run("CREATE TRIGGER keep BEFORE DELETE ON public.off_users FOR EACH ROW EXECUTE FUNCTION public.off_keep()");
+        run("SELECT pgseal.tenant_offboard('off-kept', '0')");
+        run("SELECT pgseal._offboard_advance('off-kept', 'scheduled', 'exported', '/x')");
+        while one::<i64>("SELECT pgseal._offboard_delete('off-kept', 10)") > 0 {}
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_advance('off-kept', 'exported', 'deleted')"),
+            "55000"
+        );
+        assert_eq!(step("off-kept"), "exported");
+    }
+
+    #[pg_test]
+    fn what_is_written_after_its_step_sends_the_offboarding_back() {
+        tenant_data("off-late");
+        run("SELECT pgseal.tenant_offboard('off-late', '0')");
+        run("SELECT pgseal._offboard_advance('off-late', 'scheduled', 'exported', '/x')");
+        while one::<i64>("SELECT pgseal._offboard_delete('off-late', 10)") > 0 {}
+        run("SELECT pgseal._offboard_advance('off-late', 'exported', 'deleted')");
+        run("SELECT pgseal.tenant_shred('off-late')");
+        run("SELECT pgseal._offboard_advance('off-late', 'deleted', 'shredded')");
+        while one::<i64>("SELECT pgseal._offboard_erase('off-late', 10)") > 0 {}
+        run("SELECT pgseal._offboard_advance('off-late', 'shredded', 'erased')");
+        // The application goes on: a row and a sealed value (a new key).
+        run("INSERT INTO public.off_users VALUES ('u9', 'off-late', 'late@example.com', pgseal.vault_seal('late'))");
+        let r: pgrx::JsonB = one("SELECT pgseal._offboard_finish('off-late')");
+        assert!(r.0.get("redo").is_some(), "{:?}", r.0);
+        assert_eq!(step("off-late"), "exported");
+        assert!(!events("off-late").contains("tenant.offboarded"));
+    }
+
+    #[pg_test]
+    fn only_registered_tables_are_offboarded() {
+        // A table protected by pgseal's policies, or with a policy named like
+        // pgseal's, but registered by no administrator, is not touched.
+        run("CREATE TABLE public.off_unregistered (tenant_id text NOT NULL, note text)");
+        run("CREATE POLICY pgseal_lookalike ON public.off_unregistered USING (true)");
+        tenant_data("off-only");
+        run("INSERT INTO public.off_unregistered VALUES ('off-only', 'kept')");
+        run("SELECT pgseal.tenant_offboard('off-only', '0')");
+        let export: String =
+            one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-only') l");
+        assert!(!export.contains("off_unregistered"), "{export}");
+        run("SELECT pgseal._offboard_advance('off-only', 'scheduled', 'exported', '/x')");
+        while one::<i64>("SELECT pgseal._offboard_delete('off-only', 10)") > 0 {}
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_unregistered"),
+            1
+        );
     }
 }
