@@ -11,10 +11,10 @@
 //! limited to the tenant (`COLLATE "C"`), after the caller's privilege check, and
 //! run as the table's owner in a security-restricted operation, as `subjects` does.
 //! Before the step after deleting is recorded, and again before the receipt, the
-//! tenant's rows left in those tables are counted as the extension owner (no
-//! policy, trigger or rule of the table's owner can hide one); the receipt is
-//! refused while any row, data key or payload is left, and the offboarding goes
-//! back to deleting instead.
+//! tenant's rows left in those tables are counted (as each table's owner, under
+//! the tenant's context: `rows_left`); the receipt is refused while any row, data
+//! key or payload is left, and the offboarding goes back to deleting instead.
+//! Reading, deleting and counting need the tenant context to be the tenant.
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -66,11 +66,14 @@ fn tenant_offboard(
         erase::lock_chain(&tenant)?;
         let (due, due_text) = as_owner(|| -> SealResult<_> {
             if Spi::get_one_with_args::<bool>(
-                "SELECT $1::pg_catalog.interval OPERATOR(pg_catalog.<) '0'::pg_catalog.interval",
+                "SELECT $1::pg_catalog.interval OPERATOR(pg_catalog.<) '0'::pg_catalog.interval \
+                     OR $1::pg_catalog.interval OPERATOR(pg_catalog.>) '100 years'::pg_catalog.interval",
                 &[grace.into()],
             )? != Some(false)
             {
-                return Err(SealError::InvalidArgument("grace must not be negative"));
+                return Err(SealError::InvalidArgument(
+                    "grace must lie between 0 and 100 years",
+                ));
             }
             let row = Spi::get_two_with_args::<pgrx::datum::TimestampWithTimeZone, String>(
                 "INSERT INTO pgseal.tenant_offboardings (tenant_id, due_at) \
@@ -170,8 +173,6 @@ fn require_step(tenant: &str, step: &str) -> SealResult<()> {
 
 /// A table an offboarding deletes from.
 struct Table {
-    /// `schema.table`, quoted.
-    name: String,
     rel: pg_sys::Oid,
     owner: pg_sys::Oid,
 }
@@ -202,7 +203,6 @@ fn tables() -> SealResult<Vec<Table>> {
             for r in rows {
                 let missing = || SealError::Internal("an offboarded table's catalog row");
                 out.push(Table {
-                    name: r.get::<String>(1)?.ok_or_else(missing)?,
                     rel: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
                     owner: r.get::<pg_sys::Oid>(3)?.ok_or_else(missing)?,
                 });
@@ -212,22 +212,69 @@ fn tables() -> SealResult<Vec<Table>> {
     })
 }
 
-/// The tenant's rows left in the offboarded tables, counted as the extension owner
-/// (a superuser, whom no row-level security binds; a count runs no trigger or rule).
-fn rows_left(tenant: &str) -> SealResult<i64> {
-    let mut left = 0;
-    for t in tables()? {
-        left += as_owner(|| {
-            Spi::get_one_with_args::<i64>(
-                &format!(
-                    "SELECT pg_catalog.count(*) FROM {} x \
-                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
-                    t.name
-                ),
-                &[tenant.into()],
+impl Table {
+    /// Locks the table by its OID (`lockmode`), so that no rename or DROP moves its
+    /// name to another relation meanwhile, and returns its name as it is now, quoted
+    /// (the name `tables()` read may already name something else: a view put in its
+    /// place after a rename).
+    fn lock(&self, lockmode: u32) -> SealResult<String> {
+        // SAFETY: LockRelationOid takes a heavyweight lock on an OID that need not
+        // exist (it raises nothing for a missing one), held to transaction end.
+        unsafe { pg_sys::LockRelationOid(self.rel, lockmode as pg_sys::LOCKMODE) };
+        as_owner(|| {
+            Spi::get_one_with_args::<String>(
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c \
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                  WHERE c.oid OPERATOR(pg_catalog.=) $1 AND c.relkind IN ('r', 'p')",
+                &[self.rel.into()],
             )
         })?
-        .unwrap_or(0);
+        .ok_or(SealError::Refused("an offboarded table was dropped or replaced meanwhile"))
+    }
+}
+
+/// Fails (22023) unless the tenant context is `tenant`: the statements on the
+/// tables run under it (their policies see the tenant's rows by it).
+fn require_context(tenant: &str) -> SealResult<()> {
+    if crate::context::tenant()? != tenant {
+        return Err(SealError::InvalidArgument(
+            "the tenant context must be the tenant being offboarded: call pgseal.set_tenant(tenant) first",
+        ));
+    }
+    Ok(())
+}
+
+/// The tenant's rows left in the offboarded tables, counted as each table's owner
+/// in a security-restricted operation under the tenant's context (never as the
+/// extension owner: planning a query runs the table owner's index, statistics and
+/// partition-key expressions as whoever plans it). Where row-level security binds
+/// the owner, a policy other than `tenant_protect`'s could hide rows from the count,
+/// so such a table stops the offboarding (55000).
+fn rows_left(tenant: &str) -> SealResult<i64> {
+    require_context(tenant)?;
+    let mut left = 0;
+    for t in tables()? {
+        let name = t.lock(pg_sys::AccessShareLock)?;
+        left += as_table_owner(t.owner, || -> SealResult<i64> {
+            let other_policies = Spi::get_one_with_args::<bool>(
+                "SELECT pg_catalog.row_security_active($1) AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
+                   WHERE p.polrelid OPERATOR(pg_catalog.=) $1 AND p.polname OPERATOR(pg_catalog.<>) 'pgseal_tenant')",
+                &[t.rel.into()],
+            )?;
+            if other_policies != Some(false) {
+                return Err(SealError::Refused(
+                    "row-level security other than tenant_protect's binds an offboarded table's owner: the tenant's rows left cannot all be counted",
+                ));
+            }
+            Ok(Spi::get_one_with_args::<i64>(
+                &format!(
+                    "SELECT pg_catalog.count(*) FROM {name} x \
+                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text"
+                ),
+                &[tenant.into()],
+            )?
+            .unwrap_or(0))
+        })?;
     }
     Ok(left)
 }
@@ -241,8 +288,10 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
     let lines = (|| {
         let tenant = checked(tenant, "_offboard_export")?;
         require_step(&tenant, "scheduled")?;
+        require_context(&tenant)?;
         let mut lines = Vec::new();
         for t in tables()? {
+            let name = t.lock(pg_sys::AccessShareLock)?;
             crate::subjects::require_table_access(
                 t.rel,
                 t.owner,
@@ -253,11 +302,11 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
                 "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', pg_catalog.to_jsonb(_pgseal_row.*))::pg_catalog.text \
                    FROM {} AS _pgseal_row \
                   WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
-                t.name
+                name
             );
             as_table_owner(t.owner, || {
                 Spi::connect(|c| {
-                    for r in c.select(&sql, None, &[tenant.as_str().into(), t.name.as_str().into()])? {
+                    for r in c.select(&sql, None, &[tenant.as_str().into(), name.as_str().into()])? {
                         if let Some(line) = r.get::<String>(1)? {
                             lines.push(line);
                         }
@@ -299,7 +348,9 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             "batch must be a positive number",
         ))?;
         require_step(&tenant, "exported")?;
+        require_context(&tenant)?;
         for t in tables()? {
+            let name = t.lock(pg_sys::RowExclusiveLock)?;
             crate::subjects::require_table_access(
                 t.rel,
                 t.owner,
@@ -316,7 +367,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                                       LIMIT $2) \
                              RETURNING 1) \
                  SELECT pg_catalog.count(*) FROM d",
-                t.name
+                name
             );
             let n = as_table_owner(t.owner, || {
                 Spi::get_one_with_args::<i64>(&sql, &[tenant.as_str().into(), batch.into()])
@@ -329,7 +380,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                             SET deleted = deleted OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object($2::pg_catalog.text, \
                                 COALESCE((deleted OPERATOR(pg_catalog.->>) $2::pg_catalog.text)::pg_catalog.int8, 0) OPERATOR(pg_catalog.+) $3) \
                           WHERE tenant_id = $1",
-                        &[tenant.as_str().into(), t.name.as_str().into(), n.into()],
+                        &[tenant.as_str().into(), name.as_str().into(), n.into()],
                     )
                 })?;
                 return Ok(n);

@@ -219,7 +219,7 @@ async fn failpoint(point: &str) {
 
 /// The tenant's export file: its id with every byte but ASCII letters, digits,
 /// '-' and '_' written as %XX, so no id names another path; an id whose name would
-/// pass 200 bytes is named by its SHA-256 instead (file names end at 255).
+/// pass 200 bytes is named `%sha256-<hex>` instead (file names end at 255).
 fn export_path(dir: &Path, tenant: &str, suffix: &str) -> PathBuf {
     use sha2::Digest;
     let mut name = String::new();
@@ -231,8 +231,9 @@ fn export_path(dir: &Path, tenant: &str, suffix: &str) -> PathBuf {
         }
     }
     if name.len() > 200 {
+        // '%s' is no escape the loop above writes: no id's own name is this one.
         name = format!(
-            "sha256-{}",
+            "%sha256-{}",
             hex::encode(sha2::Sha256::digest(tenant.as_bytes()))
         );
     }
@@ -272,15 +273,35 @@ fn write_atomically(path: &Path, lines: &[String]) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Runs `sql` in a transaction under `tenant`'s context (the extension reads,
+/// deletes and counts the tenant's rows under it); returns its rows.
+async fn in_tenant(
+    client: &mut Client,
+    tenant: &str,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<tokio_postgres::Row>, DaemonError> {
+    let tx = client.transaction().await.map_err(DaemonError::Query)?;
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+        .await
+        .map_err(DaemonError::Query)?;
+    let rows = tx.query(sql, params).await.map_err(DaemonError::Query)?;
+    tx.commit().await.map_err(DaemonError::Query)?;
+    Ok(rows)
+}
+
 /// Step 1: the export file, then 'exported'.
 async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), DaemonError> {
-    let lines: Vec<String> = client
-        .query("SELECT l FROM pgseal._offboard_export($1) l", &[&tenant])
-        .await
-        .map_err(DaemonError::Query)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let lines: Vec<String> = in_tenant(
+        client,
+        tenant,
+        "SELECT l FROM pgseal._offboard_export($1) l",
+        &[&tenant],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
     let path = export_path(dir, tenant, ".offboard.jsonl");
     write_atomically(&path, &lines)?;
     failpoint("offboard.export_written").await;
@@ -311,10 +332,13 @@ async fn delete_rows(
         }
         let size = i32::try_from(batch.size()).unwrap_or(i32::MAX);
         let began = Instant::now();
-        let n: i64 = client
-            .query_one("SELECT pgseal._offboard_delete($1, $2)", &[&tenant, &size])
-            .await
-            .map_err(DaemonError::Query)?
+        let n: i64 = in_tenant(
+            client,
+            tenant,
+            "SELECT pgseal._offboard_delete($1, $2)",
+            &[&tenant, &size],
+        )
+        .await?[0]
             .get(0);
         batch.observe(n as u64, began.elapsed());
         o.rows_deleted += n as u64;
@@ -323,13 +347,13 @@ async fn delete_rows(
         }
         failpoint("offboard.delete_batch").await;
     }
-    client
-        .execute(
-            "SELECT pgseal._offboard_advance($1, 'exported', 'deleted')",
-            &[&tenant],
-        )
-        .await
-        .map_err(DaemonError::Query)?;
+    in_tenant(
+        client,
+        tenant,
+        "SELECT pgseal._offboard_advance($1, 'exported', 'deleted')",
+        &[&tenant],
+    )
+    .await?;
     Ok(())
 }
 
@@ -387,10 +411,13 @@ async fn erase(
 /// Step 5: the 'tenant.offboarded' receipt; false when the database sent the
 /// tenant back to deleting instead.
 async fn receipt(client: &mut Client, tenant: &str) -> Result<bool, DaemonError> {
-    let r: String = client
-        .query_one("SELECT pgseal._offboard_finish($1)::text", &[&tenant])
-        .await
-        .map_err(DaemonError::Query)?
+    let r: String = in_tenant(
+        client,
+        tenant,
+        "SELECT pgseal._offboard_finish($1)::text",
+        &[&tenant],
+    )
+    .await?[0]
         .get(0);
     let r: serde_json::Value =
         serde_json::from_str(&r).map_err(|e| DaemonError::Config(format!("receipt: {e}")))?;
@@ -442,6 +469,13 @@ mod tests {
             export_path(dir, "../x", ""),
             Path::new("/exports/%2E%2E%2Fx")
         );
+        // A long id is hashed, and no short id's own name is its hash's.
+        let long = "t".repeat(256);
+        let hashed = export_path(dir, &long, "");
+        let name = hashed.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("%sha256-") && name.len() < 100, "{name}");
+        let spoof = name.trim_start_matches('%');
+        assert_ne!(export_path(dir, spoof, ""), hashed);
     }
 
     #[test]

@@ -46,6 +46,10 @@ mod tests {
                 "22023",
             ),
             ("SELECT pgseal.tenant_offboard('off-null', NULL)", "22004"),
+            (
+                "SELECT pgseal.tenant_offboard('off-far', '101 years')",
+                "22023",
+            ),
             ("SELECT pgseal.tenant_offboard(NULL, '1 day')", "22004"),
             ("SELECT pgseal.tenant_offboard('', '1 day')", "22023"),
             ("SELECT pgseal.tenant_offboard('_pgseal', '1 day')", "42501"),
@@ -316,6 +320,83 @@ mod tests {
         assert_eq!(
             one::<i64>("SELECT count(*) FROM public.off_unregistered"),
             1
+        );
+    }
+
+    #[pg_test]
+    fn a_table_owners_planner_code_never_runs_as_the_extension_owner() {
+        // Planning a query on a table runs the expressions of its extended
+        // statistics as whoever plans it: the count of rows left must be planned as
+        // the table's owner.
+        run("CREATE ROLE off_owner");
+        run("GRANT CREATE ON SCHEMA public TO off_owner");
+        run("CREATE TABLE public.off_seen (who text)");
+        run("GRANT INSERT ON public.off_seen TO PUBLIC");
+        run(
+            "CREATE FUNCTION public.off_note() RETURNS text LANGUAGE plpgsql VOLATILE AS $$
+             BEGIN INSERT INTO public.off_seen VALUES (current_user); RETURN ''; END $$",
+        );
+        run(
+            "CREATE FUNCTION public.off_imm(t text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+             BEGIN PERFORM public.off_note(); RETURN t; END $$",
+        );
+        run("ALTER FUNCTION public.off_note() OWNER TO off_owner");
+        run("ALTER FUNCTION public.off_imm(text) OWNER TO off_owner");
+        run("CREATE TABLE public.off_stats (id text, tenant_id text NOT NULL)");
+        run("SELECT pgseal.subject_register('public.off_stats', 'id')");
+        run("ALTER TABLE public.off_stats OWNER TO off_owner");
+        run("SET LOCAL ROLE off_owner");
+        run("CREATE STATISTICS public.off_st ON (tenant_id || public.off_imm('x')), tenant_id FROM public.off_stats");
+        run("RESET ROLE");
+        tenant("off-stats");
+        run("SELECT pgseal.tenant_offboard('off-stats', '0')");
+        run("SELECT pgseal._offboard_advance('off-stats', 'scheduled', 'exported', '/x')");
+        run("TRUNCATE public.off_seen");
+        run("SELECT pgseal._offboard_advance('off-stats', 'exported', 'deleted')");
+        let who: String =
+            one("SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM public.off_seen");
+        assert!(!who.contains("postgres") && !who.is_empty(), "{who}");
+        assert_eq!(who, "off_owner");
+    }
+
+    #[pg_test]
+    fn the_statements_need_the_tenants_own_context() {
+        tenant_data("off-ctx");
+        run("SELECT pgseal.tenant_offboard('off-ctx', '0')");
+        tenant("someone-else");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_export('off-ctx')"),
+            "22023"
+        );
+        tenant("off-ctx");
+        run("SELECT pgseal._offboard_advance('off-ctx', 'scheduled', 'exported', '/x')");
+        tenant("someone-else");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_delete('off-ctx', 5)"),
+            "22023"
+        );
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_advance('off-ctx', 'exported', 'deleted')"),
+            "22023"
+        );
+    }
+
+    #[pg_test]
+    fn other_policies_binding_the_owner_stop_the_count() {
+        run("CREATE ROLE off_rls_owner");
+        run("CREATE TABLE public.off_rls (id text, tenant_id text NOT NULL)");
+        run("SELECT pgseal.subject_register('public.off_rls', 'id')");
+        run("ALTER TABLE public.off_rls OWNER TO off_rls_owner");
+        run("ALTER TABLE public.off_rls ENABLE ROW LEVEL SECURITY");
+        run("ALTER TABLE public.off_rls FORCE ROW LEVEL SECURITY");
+        run("CREATE POLICY hide_some ON public.off_rls USING (id <> 'hidden')");
+        tenant("off-rls");
+        run("INSERT INTO public.off_rls VALUES ('hidden', 'off-rls')");
+        run("SELECT pgseal.tenant_offboard('off-rls', '0')");
+        run("SELECT pgseal._offboard_advance('off-rls', 'scheduled', 'exported', '/x')");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_advance('off-rls', 'exported', 'deleted')"),
+            "55000"
         );
     }
 }
