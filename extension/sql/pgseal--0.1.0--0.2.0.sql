@@ -257,6 +257,13 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_tenants_scan_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_planning_runs_owner_code"(
+	"rel" oid /* pg_sys :: Oid */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_planning_runs_owner_code_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."audit_queue_status"() RETURNS TABLE (
 	"launcher_running" bool,  /* bool */
 	"writers" INT,  /* i32 */
@@ -1838,6 +1845,12 @@ BEGIN
                JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.rel
                     AND a.attnum OPERATOR(pg_catalog.=) s.attnum AND NOT a.attisdropped
               WHERE r.relkind IN ('r', 'p') AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype LOOP
+        -- Planning a scan of it would run code its owner wrote, as this function's
+        -- owner: not counted (docs/SECURITY.md, "Privilege boundary").
+        IF pgseal._planning_runs_owner_code(c.rel::pg_catalog.oid) THEN
+            RAISE WARNING 'pgseal: key_usage does not count %: planning a query on it would run code its owner wrote (an index, statistics, partition key or constraint expression calling a function outside the system catalogs, or a foreign table)', c.rel;
+            CONTINUE;
+        END IF;
         parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%I, '':'', 2) AS k FROM %s WHERE %I OPERATOR(pg_catalog.~~) ''v2:%%''', c.col, c.rel, c.col);
     END LOOP;
     RETURN QUERY EXECUTE format(

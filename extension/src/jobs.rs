@@ -1,7 +1,8 @@
 //! The owner-side parts of pgseald's jobs that read application tables.
 //!
 //! Discovering a table's tenants must not need a tenant context or BYPASSRLS, so
-//! the scan runs as the extension owner. Before it does, the relation the caller
+//! the scan runs as the extension owner, unless planning it would run code the
+//! table's owner wrote (`privilege::planning_runs_owner_code`): then as that owner. Before it does, the relation the caller
 //! named is checked as the caller: a plain or partitioned table (42809 otherwise:
 //! a view, a foreign table or a function would run the caller's code as the
 //! owner), outside schema `pgseal`, that the caller owns or may DELETE from
@@ -73,9 +74,29 @@ fn check_job_table(rel: pg_sys::Oid) -> SealResult<()> {
 fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
     let r = check_job_table(rel).and_then(|_| {
         let caller = crate::pg::citus::caller_parsing()?;
+        // Planning the scan would run code the table's owner wrote (an index or
+        // statistics expression calling its function): scanned as that owner,
+        // restricted, instead of as the extension owner. Row-level security that
+        // binds the owner then applies (a policy that needs a tenant context makes
+        // the scan fail: set a rule per tenant for such a table).
+        let owner_code = crate::privilege::planning_runs_owner_code(rel)?;
+        let table_owner = as_owner(|| {
+            Spi::get_one_with_args::<pg_sys::Oid>(
+                "SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1",
+                &[rel.into()],
+            )
+        })?
+        .ok_or(SealError::Internal("no relation owner"))?;
+        let run_as = |f: &mut dyn FnMut() -> SealResult<Vec<String>>| {
+            if owner_code {
+                crate::privilege::as_table_owner(table_owner, f)
+            } else {
+                as_owner(f)
+            }
+        };
         // regclass output is the name quoted and qualified as needed, in the pinned
         // search_path the query below is parsed in.
-        as_owner(|| {
+        run_as(&mut || {
             let name = Spi::get_one_with_args::<String>(
                 "SELECT $1::pg_catalog.regclass::pg_catalog.text",
                 &[rel.into()],
@@ -122,4 +143,12 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
         })
     });
     SetOfIterator::new(r.or_raise())
+}
+
+/// `pgseal._planning_runs_owner_code(rel)`: `privilege::planning_runs_owner_code`,
+/// for `_key_usage` (SQL), which skips such a table rather than scan it as the
+/// extension owner. Executable by the owner only.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn _planning_runs_owner_code(rel: pg_sys::Oid) -> bool {
+    crate::privilege::planning_runs_owner_code(rel).or_raise()
 }

@@ -70,7 +70,11 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/jobs.sql",
     name = "jobs",
-    requires = ["citus", jobs::_tenants_scan]
+    requires = [
+        "citus",
+        jobs::_tenants_scan,
+        jobs::_planning_runs_owner_code
+    ]
 );
 extension_sql_file!(
     "../../sql/subjects.sql",

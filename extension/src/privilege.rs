@@ -229,3 +229,43 @@ pub fn as_table_owner<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     };
     f()
 }
+
+/// Whether planning a query on `rel` could run code that a role other than a
+/// superuser wrote: PostgreSQL's planner simplifies, as whoever plans the query,
+/// the expressions of the table's indexes (and their predicates), extended
+/// statistics, partition key and CHECK constraints, on the table and on each
+/// partition or inheritance child it scans; an expression that calls a function or
+/// operator outside the system catalogs (OID 16384 and up) runs there, and a
+/// foreign table's scan runs its wrapper. pgseal scans a table as the extension
+/// owner only when this is false, and otherwise as the table's owner
+/// (`as_table_owner`).
+pub fn planning_runs_owner_code(rel: pg_sys::Oid) -> crate::error::SealResult<bool> {
+    Ok(as_owner(|| {
+        pgrx::Spi::get_one_with_args::<bool>(
+            "WITH RECURSIVE tree(oid) AS ( \
+                 SELECT $1::pg_catalog.oid \
+                 UNION \
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
+             ), objs(classid, objid) AS ( \
+                 SELECT 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid, t.oid FROM tree t \
+                 UNION ALL \
+                 SELECT 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid, x.indexrelid \
+                   FROM pg_catalog.pg_index x JOIN tree t ON x.indrelid OPERATOR(pg_catalog.=) t.oid \
+                 UNION ALL \
+                 SELECT 'pg_catalog.pg_statistic_ext'::pg_catalog.regclass::pg_catalog.oid, s.oid \
+                   FROM pg_catalog.pg_statistic_ext s JOIN tree t ON s.stxrelid OPERATOR(pg_catalog.=) t.oid \
+                 UNION ALL \
+                 SELECT 'pg_catalog.pg_constraint'::pg_catalog.regclass::pg_catalog.oid, c.oid \
+                   FROM pg_catalog.pg_constraint c JOIN tree t ON c.conrelid OPERATOR(pg_catalog.=) t.oid \
+             ) \
+             SELECT EXISTS (SELECT 1 FROM tree t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.oid \
+                             WHERE c.relkind OPERATOR(pg_catalog.=) 'f') \
+                 OR EXISTS (SELECT 1 FROM objs o JOIN pg_catalog.pg_depend d \
+                              ON d.classid OPERATOR(pg_catalog.=) o.classid AND d.objid OPERATOR(pg_catalog.=) o.objid \
+                             WHERE d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass, 'pg_catalog.pg_operator'::pg_catalog.regclass) \
+                               AND d.refobjid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid)",
+            &[rel.into()],
+        )
+    })?
+    .unwrap_or(true))
+}
