@@ -234,18 +234,62 @@ pub fn as_table_owner<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
 /// superuser wrote: PostgreSQL's planner simplifies, as whoever plans the query,
 /// the expressions of the table's indexes (and their predicates), extended
 /// statistics, partition key and CHECK constraints, on the table and on each
-/// partition or inheritance child it scans; an expression that calls a function or
-/// operator outside the system catalogs (OID 16384 and up) runs there, and a
-/// foreign table's scan runs its wrapper. pgseal scans a table as the extension
-/// owner only when this is false, and otherwise as the table's owner
+/// partition or inheritance child it scans, and the partition constraint a
+/// partition inherits from every ancestor's partition key; an expression that
+/// calls a function or operator outside the system catalogs (OID 16384 and up)
+/// runs there, and a foreign table's scan runs its wrapper. pgseal scans a table as
+/// the extension owner only when this is false, and otherwise as the table's owner
 /// (`as_table_owner`).
+///
+/// First the table, then its descendants and ancestors, are locked in SHARE UPDATE
+/// EXCLUSIVE mode until the transaction ends: no statistics object, index,
+/// constraint, rule or partition can be added to them between this check and the
+/// scan that relies on it. Under REPEATABLE READ or SERIALIZABLE the answer is
+/// always true (the check could not see what the planner will).
 pub fn planning_runs_owner_code(rel: pg_sys::Oid) -> crate::error::SealResult<bool> {
-    Ok(as_owner(|| {
-        pgrx::Spi::get_one_with_args::<bool>(
-            "WITH RECURSIVE tree(oid) AS ( \
+    const TREE: &str = "WITH RECURSIVE down(oid) AS ( \
                  SELECT $1::pg_catalog.oid \
                  UNION \
-                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
+             ) \
+             SELECT oid FROM down \
+             UNION \
+             SELECT a.relid::pg_catalog.oid FROM pg_catalog.pg_partition_ancestors($1::pg_catalog.oid) a";
+    let lock = |oid: pg_sys::Oid| {
+        // SAFETY: LockRelationOid takes a heavyweight lock on an OID that need
+        // not exist (it raises nothing for a missing one), held to transaction end.
+        unsafe {
+            pg_sys::LockRelationOid(oid, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE)
+        }
+    };
+    lock(rel);
+    // Under REPEATABLE READ or SERIALIZABLE the catalog queries below read the
+    // transaction's snapshot, while planning reads the catalog as it is now: a change
+    // committed in between would be planned but not seen here.
+    // SAFETY: XactIsoLevel is a plain int global set for every transaction.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Ok(true);
+    }
+    let tree = as_owner(|| {
+        pgrx::Spi::connect(|c| {
+            c.select(TREE, None, &[rel.into()])?
+                .map(|r| r.get::<pg_sys::Oid>(1))
+                .collect::<Result<Vec<_>, _>>()
+        })
+    })?;
+    for oid in tree.into_iter().flatten() {
+        lock(oid);
+    }
+    Ok(as_owner(|| {
+        pgrx::Spi::get_one_with_args::<bool>(
+            "WITH RECURSIVE down(oid) AS ( \
+                 SELECT $1::pg_catalog.oid \
+                 UNION \
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
+             ), tree(oid) AS ( \
+                 SELECT oid FROM down \
+                 UNION \
+                 SELECT a.relid::pg_catalog.oid FROM pg_catalog.pg_partition_ancestors($1::pg_catalog.oid) a \
              ), objs(classid, objid) AS ( \
                  SELECT 'pg_catalog.pg_class'::pg_catalog.regclass::pg_catalog.oid, t.oid FROM tree t \
                  UNION ALL \
@@ -259,7 +303,7 @@ pub fn planning_runs_owner_code(rel: pg_sys::Oid) -> crate::error::SealResult<bo
                    FROM pg_catalog.pg_constraint c JOIN tree t ON c.conrelid OPERATOR(pg_catalog.=) t.oid \
              ) \
              SELECT EXISTS (SELECT 1 FROM tree t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.oid \
-                             WHERE c.relkind OPERATOR(pg_catalog.=) 'f') \
+                             WHERE c.relkind NOT IN ('r', 'p')) \
                  OR EXISTS (SELECT 1 FROM objs o JOIN pg_catalog.pg_depend d \
                               ON d.classid OPERATOR(pg_catalog.=) o.classid AND d.objid OPERATOR(pg_catalog.=) o.objid \
                              WHERE d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass, 'pg_catalog.pg_operator'::pg_catalog.regclass) \

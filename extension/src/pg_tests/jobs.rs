@@ -603,4 +603,26 @@ mod tests {
             one("SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM public.job_seen");
         assert_eq!(who, "job_owner", "the owner's code ran as: {who}");
     }
+
+    #[pg_test]
+    fn an_ancestors_partition_key_and_late_changes_count_as_owner_code() {
+        run("CREATE FUNCTION public.job_key(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT t $$");
+        // A partition inherits, as its partition constraint, every ancestor's
+        // partition key expression, which planning a scan of it simplifies.
+        run("CREATE TABLE public.job_parent (id int, tenant_id text) PARTITION BY LIST ((public.job_key(tenant_id)))");
+        run("CREATE TABLE public.job_child PARTITION OF public.job_parent FOR VALUES IN ('acme')");
+        assert!(one::<bool>(
+            "SELECT pgseal._planning_runs_owner_code('public.job_child'::regclass)"
+        ));
+        // Whatever the check saw stays true until the scan: the table and its tree
+        // are locked against new statistics, indexes, constraints and partitions.
+        run("CREATE TABLE public.job_plain (id int, tenant_id text)");
+        assert!(!one::<bool>(
+            "SELECT pgseal._planning_runs_owner_code('public.job_plain'::regclass)"
+        ));
+        assert!(one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() \
+               AND relation = 'public.job_plain'::regclass AND mode = 'ShareUpdateExclusiveLock' AND granted)"
+        ));
+    }
 }
