@@ -680,6 +680,12 @@ fn refresh(pg: &mut postgres::Client) -> (String, Vec<String>) {
         format!("SELECT pgseal.vault_register_column('{AUDITED}', 'v', '{CONTEXT}')"),
         format!("SELECT pgseal.retention_set('{AUDITED}', '30 days', 'created_at')"),
         format!("SELECT pgseal.retention_set('{AUDITED}', '10 days', 'created_at', '{TENANT}')"),
+        // Subject export and erasure plan their statements on it as its owner.
+        format!("SELECT pgseal.subject_register('{AUDITED}', 'tenant_id')"),
+        format!(
+            "SELECT pgseal.tenant_offboard('{TENANT}', '0') \
+             WHERE NOT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings WHERE tenant_id = '{TENANT}')"
+        ),
         format!(
             "BEGIN; SET LOCAL app.tenant_id = '{TENANT}'; \
              SELECT * FROM pgseal.ledger_append('fixture.tick', '{{\"n\": 1}}'); \
