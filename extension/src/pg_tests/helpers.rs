@@ -29,3 +29,46 @@ pub fn tenant(t: &str) {
         pgrx::spi::quote_literal(t)
     ));
 }
+
+/// An attacker's planner trap: role `owner` (created, with CREATE on `public`)
+/// owns `public.<prefix>_imm(text)`, an IMMUTABLE function that records
+/// `current_user` in `public.<prefix>_seen` whenever it runs. An expression
+/// statistic over it (`owner_trap_statistic`) is simplified by whoever plans a
+/// query on the table.
+pub fn owner_trap(owner: &str, prefix: &str) {
+    run(&format!("CREATE ROLE {owner}"));
+    run(&format!("GRANT CREATE ON SCHEMA public TO {owner}"));
+    run(&format!("CREATE TABLE public.{prefix}_seen (who text)"));
+    run(&format!("GRANT INSERT ON public.{prefix}_seen TO PUBLIC"));
+    run(&format!(
+        "CREATE FUNCTION public.{prefix}_note() RETURNS text LANGUAGE plpgsql VOLATILE AS $$
+         BEGIN INSERT INTO public.{prefix}_seen VALUES (current_user); RETURN ''; END $$"
+    ));
+    run(&format!(
+        "CREATE FUNCTION public.{prefix}_imm(t text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+         BEGIN PERFORM public.{prefix}_note(); RETURN t; END $$"
+    ));
+    run(&format!(
+        "ALTER FUNCTION public.{prefix}_note() OWNER TO {owner}"
+    ));
+    run(&format!(
+        "ALTER FUNCTION public.{prefix}_imm(text) OWNER TO {owner}"
+    ));
+}
+
+/// Gives `table` to `owner` and, as that owner, the trap's expression statistic.
+pub fn owner_trap_statistic(owner: &str, prefix: &str, table: &str) {
+    run(&format!("ALTER TABLE {table} OWNER TO {owner}"));
+    run(&format!("SET LOCAL ROLE {owner}"));
+    run(&format!(
+        "CREATE STATISTICS public.{prefix}_st ON (tenant_id || public.{prefix}_imm('x')), tenant_id FROM {table}"
+    ));
+    run("RESET ROLE");
+}
+
+/// The roles the trap ran as, comma-separated.
+pub fn owner_trap_ran_as(prefix: &str) -> String {
+    one(&format!(
+        "SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM public.{prefix}_seen"
+    ))
+}

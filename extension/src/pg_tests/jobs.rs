@@ -6,7 +6,9 @@
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::pg_tests::helpers::{one, run, sqlstate, tenant};
+    use crate::pg_tests::helpers::{
+        one, owner_trap, owner_trap_ran_as, owner_trap_statistic, run, sqlstate, tenant,
+    };
 
     #[pg_test]
     fn retention_rules_default_override_and_hold() {
@@ -565,20 +567,7 @@ mod tests {
         // Planning a query on a table runs its statistics' expressions as whoever
         // plans it: tenant discovery and key usage must not plan one as the
         // extension owner. The owner's function records who ran it.
-        run("CREATE ROLE job_owner");
-        run("GRANT CREATE ON SCHEMA public TO job_owner");
-        run("CREATE TABLE public.job_seen (who text)");
-        run("GRANT INSERT ON public.job_seen TO PUBLIC");
-        run(
-            "CREATE FUNCTION public.job_note() RETURNS text LANGUAGE plpgsql VOLATILE AS $$
-             BEGIN INSERT INTO public.job_seen VALUES (current_user); RETURN ''; END $$",
-        );
-        run(
-            "CREATE FUNCTION public.job_imm(t text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
-             BEGIN PERFORM public.job_note(); RETURN t; END $$",
-        );
-        run("ALTER FUNCTION public.job_note() OWNER TO job_owner");
-        run("ALTER FUNCTION public.job_imm(text) OWNER TO job_owner");
+        owner_trap("job_owner", "job");
         run("CREATE TABLE public.job_trap (id int PRIMARY KEY, tenant_id text, created_at timestamptz, tok text)");
         run("INSERT INTO public.job_trap VALUES (1, 'acme', now(), 'v2:k1:x')");
         run("SELECT pgseal.retention_set('public.job_trap', '30 days')");
@@ -587,9 +576,7 @@ mod tests {
         assert!(!one::<bool>(
             "SELECT pgseal._planning_runs_owner_code('public.job_trap'::regclass)"
         ));
-        run("SET LOCAL ROLE job_owner");
-        run("CREATE STATISTICS public.job_st ON (tenant_id || public.job_imm('x')), tenant_id FROM public.job_trap");
-        run("RESET ROLE");
+        owner_trap_statistic("job_owner", "job", "public.job_trap");
         assert!(one::<bool>(
             "SELECT pgseal._planning_runs_owner_code('public.job_trap'::regclass)"
         ));
@@ -599,8 +586,7 @@ mod tests {
             "acme"
         );
         one::<i64>("SELECT count(*) FROM pgseal.key_usage");
-        let who: String =
-            one("SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM public.job_seen");
+        let who = owner_trap_ran_as("job");
         assert_eq!(who, "job_owner", "the owner's code ran as: {who}");
     }
 

@@ -7,7 +7,9 @@
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::pg_tests::helpers::{one, run, sqlstate, tenant};
+    use crate::pg_tests::helpers::{
+        one, owner_trap, owner_trap_ran_as, owner_trap_statistic, run, sqlstate, tenant,
+    };
 
     fn step(t: &str) -> String {
         one(&format!(
@@ -328,35 +330,16 @@ mod tests {
         // Planning a query on a table runs the expressions of its extended
         // statistics as whoever plans it: the count of rows left must be planned as
         // the table's owner.
-        run("CREATE ROLE off_owner");
-        run("GRANT CREATE ON SCHEMA public TO off_owner");
-        run("CREATE TABLE public.off_seen (who text)");
-        run("GRANT INSERT ON public.off_seen TO PUBLIC");
-        run(
-            "CREATE FUNCTION public.off_note() RETURNS text LANGUAGE plpgsql VOLATILE AS $$
-             BEGIN INSERT INTO public.off_seen VALUES (current_user); RETURN ''; END $$",
-        );
-        run(
-            "CREATE FUNCTION public.off_imm(t text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
-             BEGIN PERFORM public.off_note(); RETURN t; END $$",
-        );
-        run("ALTER FUNCTION public.off_note() OWNER TO off_owner");
-        run("ALTER FUNCTION public.off_imm(text) OWNER TO off_owner");
+        owner_trap("off_owner", "off");
         run("CREATE TABLE public.off_stats (id text, tenant_id text NOT NULL)");
         run("SELECT pgseal.subject_register('public.off_stats', 'id')");
-        run("ALTER TABLE public.off_stats OWNER TO off_owner");
-        run("SET LOCAL ROLE off_owner");
-        run("CREATE STATISTICS public.off_st ON (tenant_id || public.off_imm('x')), tenant_id FROM public.off_stats");
-        run("RESET ROLE");
+        owner_trap_statistic("off_owner", "off", "public.off_stats");
         tenant("off-stats");
         run("SELECT pgseal.tenant_offboard('off-stats', '0')");
         run("SELECT pgseal._offboard_advance('off-stats', 'scheduled', 'exported', '/x')");
         run("TRUNCATE public.off_seen");
         run("SELECT pgseal._offboard_advance('off-stats', 'exported', 'deleted')");
-        let who: String =
-            one("SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM public.off_seen");
-        assert!(!who.contains("postgres") && !who.is_empty(), "{who}");
-        assert_eq!(who, "off_owner");
+        assert_eq!(owner_trap_ran_as("off"), "off_owner");
     }
 
     #[pg_test]
