@@ -299,9 +299,10 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
                 "_offboard_export needs SELECT on every offboarded table",
             )?;
             let sql = format!(
-                "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', pg_catalog.to_jsonb(_pgseal_row.*))::pg_catalog.text \
+                "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text \
                    FROM {} AS _pgseal_row \
                   WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+                crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
                 name
             );
             as_table_owner(t.owner, || {

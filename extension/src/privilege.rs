@@ -313,3 +313,67 @@ pub fn planning_runs_owner_code(rel: pg_sys::Oid) -> crate::error::SealResult<bo
     })?
     .unwrap_or(true))
 }
+
+/// A jsonb expression for the image of a row of table `rel`, named `alias` in the
+/// statement, equal to `to_jsonb(alias.*)` except that it runs no code but
+/// PostgreSQL's own: `to_jsonb` turns a value of a type outside the system
+/// catalogs (OID 16384 and up, after domains) with its cast to json, and such a
+/// cast may belong to any role that owns the type, while statements on
+/// application tables run as the table's owner (`as_table_owner`). A column of a
+/// system type (a domain over one included) is turned by `to_jsonb`, which looks
+/// up no cast for it; any other column becomes its text form through the type's
+/// output function (`format('%s', …)`; output functions are C, written only by
+/// superusers), or null.
+///
+/// The table is locked ACCESS SHARE until the transaction ends and its columns
+/// are read from the relation cache after the lock, so they are the columns the
+/// statement will see, whatever the transaction's snapshot.
+pub fn row_image_sql(rel: pg_sys::Oid, alias: &str) -> crate::error::SealResult<String> {
+    // SAFETY: try_relation_open takes the lock and returns null for a relation
+    // that no longer exists; a non-null relation is valid until relation_close,
+    // which keeps the lock (NoLock) to transaction end.
+    let relation =
+        unsafe { pg_sys::try_relation_open(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+    if relation.is_null() {
+        return Err(crate::error::SealError::Refused(
+            "a table was dropped while pgseal read it",
+        ));
+    }
+    let mut columns = Vec::new();
+    // SAFETY: rd_att is the open relation's tuple descriptor, read before closing.
+    let desc = unsafe { pgrx::PgTupleDesc::from_pg_unchecked((*relation).rd_att) };
+    for a in desc.iter().filter(|a| !a.is_dropped()) {
+        columns.push((a.name().to_owned(), a.type_oid().value()));
+    }
+    drop(desc);
+    // SAFETY: closes the relation opened above; NoLock keeps its lock.
+    unsafe { pg_sys::relation_close(relation, pg_sys::NoLock as pg_sys::LOCKMODE) };
+    let mut pairs = Vec::with_capacity(columns.len());
+    for (name, typ) in columns {
+        // SAFETY: a syscache lookup of the column's type (locked with the table);
+        // a missing type raises an ERROR, which pgrx turns into a Rust panic.
+        let base = unsafe { pg_sys::getBaseType(typ) };
+        let value = format!("{alias}.{}", pgrx::spi::quote_identifier(&name));
+        let json = if base.to_u32() < pg_sys::FirstNormalObjectId {
+            format!("pg_catalog.to_jsonb({value})")
+        } else {
+            format!(
+                "CASE WHEN pg_catalog.num_nulls({value}) OPERATOR(pg_catalog.=) 0 \
+                 THEN pg_catalog.to_jsonb(pg_catalog.format('%s', {value})) END"
+            )
+        };
+        pairs.push(format!(
+            "{}::pg_catalog.text, {json}",
+            pgrx::spi::quote_literal(&name)
+        ));
+    }
+    if pairs.is_empty() {
+        return Ok("'{}'::pg_catalog.jsonb".to_owned());
+    }
+    // jsonb_build_object takes at most 100 arguments.
+    Ok(pairs
+        .chunks(50)
+        .map(|c| format!("pg_catalog.jsonb_build_object({})", c.join(", ")))
+        .collect::<Vec<_>>()
+        .join(" OPERATOR(pg_catalog.||) "))
+}

@@ -267,11 +267,15 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             "subject_export needs SELECT on every registered table",
         )?;
         let sql = format!(
-            "SELECT COALESCE(pg_catalog.jsonb_agg(pg_catalog.to_jsonb(_pgseal_row.*)), '[]'::pg_catalog.jsonb) \
+            "SELECT COALESCE(pg_catalog.jsonb_agg({}), '[]'::pg_catalog.jsonb) \
                FROM {} AS _pgseal_row \
               WHERE _pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
                 AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text",
-            r.table, r.column, r.collate(), r.cast
+            crate::privilege::row_image_sql(r.rel, "_pgseal_row")?,
+            r.table,
+            r.column,
+            r.collate(),
+            r.cast
         );
         let mut rows = as_table_owner(r.owner, || {
             Spi::get_one_with_args::<JsonB>(

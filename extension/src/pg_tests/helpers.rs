@@ -66,6 +66,24 @@ pub fn owner_trap_statistic(owner: &str, prefix: &str, table: &str) {
     run("RESET ROLE");
 }
 
+/// As `owner` (after `owner_trap`): an enum type `public.<prefix>_mood` ('calm',
+/// 'angry') whose cast to json runs the trap, as `to_jsonb` of a row with such a
+/// column would.
+pub fn owner_trap_json_cast(owner: &str, prefix: &str) {
+    run(&format!("SET LOCAL ROLE {owner}"));
+    run(&format!(
+        "CREATE TYPE public.{prefix}_mood AS ENUM ('calm', 'angry')"
+    ));
+    run(&format!(
+        "CREATE FUNCTION public.{prefix}_mood_json(m public.{prefix}_mood) RETURNS json LANGUAGE plpgsql AS $$
+         BEGIN PERFORM public.{prefix}_note(); RETURN pg_catalog.to_json(m::text); END $$"
+    ));
+    run(&format!(
+        "CREATE CAST (public.{prefix}_mood AS json) WITH FUNCTION public.{prefix}_mood_json(public.{prefix}_mood)"
+    ));
+    run("RESET ROLE");
+}
+
 /// The roles the trap ran as, comma-separated.
 pub fn owner_trap_ran_as(prefix: &str) -> String {
     one(&format!(

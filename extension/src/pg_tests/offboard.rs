@@ -8,7 +8,8 @@ mod tests {
     use pgrx::prelude::*;
 
     use crate::pg_tests::helpers::{
-        one, owner_trap, owner_trap_ran_as, owner_trap_statistic, run, sqlstate, tenant,
+        one, owner_trap, owner_trap_json_cast, owner_trap_ran_as, owner_trap_statistic, run,
+        sqlstate, tenant,
     };
 
     fn step(t: &str) -> String {
@@ -340,6 +341,28 @@ mod tests {
         run("TRUNCATE public.off_seen");
         run("SELECT pgseal._offboard_advance('off-stats', 'exported', 'deleted')");
         assert_eq!(owner_trap_ran_as("off"), "off_owner");
+    }
+
+    #[pg_test]
+    fn the_export_never_runs_a_column_types_json_cast() {
+        owner_trap("off_typer", "off_jc");
+        owner_trap_json_cast("off_typer", "off_jc");
+        run("CREATE ROLE off_jc_owner");
+        run("CREATE TABLE public.off_jc (id text, tenant_id text NOT NULL, mood public.off_jc_mood)");
+        run("ALTER TABLE public.off_jc OWNER TO off_jc_owner");
+        run("SELECT pgseal.subject_register('public.off_jc', 'id')");
+        tenant("off-jc");
+        run("INSERT INTO public.off_jc VALUES ('u1', 'off-jc', 'calm')");
+        run("SELECT pg_catalog.to_jsonb(j) FROM public.off_jc j");
+        assert_ne!(owner_trap_ran_as("off_jc"), "");
+        run("TRUNCATE public.off_jc_seen");
+        run("SELECT pgseal.tenant_offboard('off-jc', '0')");
+        let line: String =
+            one("SELECT l FROM pgseal._offboard_export('off-jc') l WHERE l::jsonb ? 'table'");
+        assert_eq!(owner_trap_ran_as("off_jc"), "");
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(line["row"]["mood"], "calm");
+        assert_eq!(line["table"], "public.off_jc");
     }
 
     #[pg_test]

@@ -6,7 +6,9 @@
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::pg_tests::helpers::{one, run, sqlstate, tenant};
+    use crate::pg_tests::helpers::{
+        one, owner_trap, owner_trap_json_cast, owner_trap_ran_as, run, sqlstate, tenant,
+    };
 
     fn append_naming(event: &str, payload: &str, subjects: &str) -> i64 {
         one::<i64>(&format!(
@@ -461,6 +463,56 @@ mod tests {
         assert_eq!(
             one::<String>("SELECT string_agg(what || ':' || sqlstate, ',') FROM public.subj_tries"),
             "append:42501"
+        );
+    }
+
+    #[pg_test]
+    fn a_column_types_json_cast_never_runs_as_the_table_owner() {
+        // Another role owns a column's type and its cast to json; the export reads
+        // rows as the table's owner, so `to_jsonb` of the row would run that role's
+        // cast with the owner's rights.
+        owner_trap("subj_typer", "subj_jc");
+        owner_trap_json_cast("subj_typer", "subj_jc");
+        run("CREATE ROLE subj_jc_owner");
+        run("CREATE DOMAIN public.subj_jc_count AS int CHECK (VALUE >= 0)");
+        run(
+            "CREATE TABLE public.subj_jc (id text, tenant_id text NOT NULL, mood public.subj_jc_mood, \
+             moods public.subj_jc_mood[], n public.subj_jc_count, at timestamptz, tags text[])",
+        );
+        run("ALTER TABLE public.subj_jc OWNER TO subj_jc_owner");
+        run("SELECT pgseal.subject_register('public.subj_jc', 'id')");
+        tenant("subj-jc");
+        run("INSERT INTO public.subj_jc VALUES \
+             ('u1', 'subj-jc', 'angry', '{angry,calm}', 5, '2026-01-02 03:04:05+00', '{a,b}'), \
+             ('u1', 'subj-jc', NULL, NULL, NULL, NULL, NULL)");
+        // The trap works: to_jsonb of the row runs the cast as whoever reads.
+        run("SELECT pg_catalog.to_jsonb(j) FROM public.subj_jc j");
+        assert_ne!(owner_trap_ran_as("subj_jc"), "");
+        run("TRUNCATE public.subj_jc_seen");
+
+        let export: pgrx::JsonB = one("SELECT pgseal.subject_export('subj-jc', 'u1')");
+        assert_eq!(owner_trap_ran_as("subj_jc"), "");
+        let rows = export.0["tables"][0]["rows"].as_array().unwrap().clone();
+        assert_eq!(rows.len(), 2);
+        let full = rows.iter().find(|r| !r["mood"].is_null()).unwrap();
+        // Types of others become their text form; system types (and domains over
+        // them) stay as to_jsonb gives them.
+        assert_eq!(full["mood"], "angry");
+        assert_eq!(full["moods"], "{angry,calm}");
+        assert_eq!(full["n"], 5);
+        let to_jsonb: pgrx::JsonB = one(
+            "SELECT jsonb_build_object('at', to_jsonb(at), 'tags', to_jsonb(tags)) FROM public.subj_jc WHERE n = 5",
+        );
+        assert_eq!(full["at"], to_jsonb.0["at"]);
+        assert_eq!(full["tags"], serde_json::json!(["a", "b"]));
+        let empty = rows.iter().find(|r| r["mood"].is_null()).unwrap();
+        for column in ["moods", "n", "at", "tags"] {
+            assert!(empty[column].is_null(), "{column}");
+        }
+        assert_eq!(
+            empty.as_object().unwrap().len(),
+            7,
+            "every column is in the image"
         );
     }
 
