@@ -98,7 +98,8 @@ TO PUBLIC;
 GRANT EXECUTE ON FUNCTION pgseal.subject_export(text, text) TO pgseal_ledger;
 GRANT EXECUTE ON FUNCTION
     pgseal.subject_erase(text, text),
-    pgseal.subject_register(regclass, name)
+    pgseal.subject_register(regclass, name),
+    pgseal.subject_anonymise(regclass, name[])
 TO pgseal_admin;
 
 -- Tenant offboarding (issue 19, extension/src/offboard.rs): scheduled and cancelled

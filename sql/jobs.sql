@@ -353,6 +353,8 @@ BEGIN
                 OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x
                             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
                 OR EXISTS (SELECT 1 FROM pgseal.subject_columns x
+                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
+                OR EXISTS (SELECT 1 FROM pgseal.subject_anonymised_columns x
                             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid))) THEN
         RETURN;
     END IF;
@@ -374,7 +376,7 @@ BEGIN
         END IF;
     END LOOP;
     -- The column registries have one shape (rel, col, attnum).
-    FOREACH registry IN ARRAY ARRAY['sealed_columns', 'subject_columns'] LOOP
+    FOREACH registry IN ARRAY ARRAY['sealed_columns', 'subject_columns', 'subject_anonymised_columns'] LOOP
         FOR r IN EXECUTE pg_catalog.format($q$
             DELETE FROM pgseal.%I x
              USING pg_catalog.pg_event_trigger_dropped_objects() d
@@ -429,6 +431,8 @@ BEGIN
         UNION
         SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.subject_columns x
         UNION
+        SELECT x.rel::pg_catalog.oid, x.rel::pg_catalog.oid FROM pgseal.subject_anonymised_columns x
+        UNION
         SELECT u.reg, i.inhparent FROM up u
           JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) u.relid
     )
@@ -466,7 +470,7 @@ BEGIN
             USING HINT = 'pgseal follows the column by its number; the name is synced by the next DDL on the table, and pg_dump leaves the rule out until then.';
     END IF;
     -- The column registries have one shape (rel, col, attnum).
-    FOREACH registry IN ARRAY ARRAY['sealed_columns', 'subject_columns'] LOOP
+    FOREACH registry IN ARRAY ARRAY['sealed_columns', 'subject_columns', 'subject_anonymised_columns'] LOOP
         EXECUTE pg_catalog.format($q$
             SELECT pg_catalog.count(*)
               FROM pgseal.%I x

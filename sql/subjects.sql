@@ -16,6 +16,20 @@ CREATE TABLE pgseal.subject_columns (
     PRIMARY KEY (rel, attnum)
 );
 
+-- Columns that subject_erase clears instead of deleting the row (a table that must
+-- keep its rows, such as invoices kept for ten years, declares it with
+-- subject_anonymise). Same shape and upkeep as subject_columns; the registration
+-- check asks for UPDATE on the table.
+CREATE TABLE pgseal.subject_anonymised_columns (
+    rel    regclass NOT NULL,
+    col    name     NOT NULL,
+    attnum int2     NOT NULL,
+    PRIMARY KEY (rel, attnum)
+);
+
+COMMENT ON TABLE pgseal.subject_anonymised_columns IS
+    'Columns that pgseal.subject_erase() sets to their default instead of deleting the row (pgseal.subject_anonymise()).';
+
 COMMENT ON TABLE pgseal.subject_columns IS
     'Columns that hold a data subject''s id (pgseal.subject_register()); read by the row audit and by subject_export()/subject_erase().';
 
@@ -63,3 +77,51 @@ GRANT SELECT ON pgseal.subject_columns TO PUBLIC;
 GRANT INSERT ON pgseal.subject_columns TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_columns',
     'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) subject_columns.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) subject_columns.attnum AND a.attname OPERATOR(pg_catalog.=) subject_columns.col AND NOT a.attisdropped)');
+
+CREATE TRIGGER subject_anonymised_columns_check BEFORE INSERT OR UPDATE ON pgseal.subject_anonymised_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('UPDATE');
+ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_check;
+
+-- Declares that subject_erase anonymises rel's rows of a subject instead of
+-- deleting them: it sets `columns`, and the registered subject column the row
+-- matched, to their defaults (NULL where a column has none). Replaces the table's
+-- earlier declaration; an empty array removes it (erasure deletes again). A column
+-- that is NOT NULL without a default could not be cleared (23502). Runs as the
+-- caller (the trigger above checks the table).
+CREATE FUNCTION pgseal.subject_anonymise(rel regclass, columns name[]) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    c pg_catalog.name;
+BEGIN
+    IF rel IS NULL OR columns IS NULL OR pg_catalog.array_position(columns, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'rel and columns must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    PERFORM pgseal._check_table(rel);
+    IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel) = 't' THEN
+        RAISE EXCEPTION 'a temporary table cannot be registered' USING ERRCODE = '42809';
+    END IF;
+    DELETE FROM pgseal.subject_anonymised_columns x WHERE x.rel OPERATOR(pg_catalog.=) rel;
+    FOREACH c IN ARRAY columns LOOP
+        IF c OPERATOR(pg_catalog.=) 'tenant_id' THEN
+            RAISE EXCEPTION 'tenant_id limits erasure to the tenant: it cannot be cleared' USING ERRCODE = '22023';
+        END IF;
+        -- The registration check: the table, UPDATE on it, the column (42703).
+        INSERT INTO pgseal.subject_anonymised_columns AS x (rel, col) VALUES (rel, c)
+        ON CONFLICT ON CONSTRAINT subject_anonymised_columns_pkey DO NOTHING;
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid OPERATOR(pg_catalog.=) rel AND a.attname OPERATOR(pg_catalog.=) c
+                      AND a.attnotnull AND NOT a.atthasdef) THEN
+            RAISE EXCEPTION 'column % of % is NOT NULL and has no default: it cannot be cleared', c, rel
+                USING ERRCODE = '23502';
+        END IF;
+    END LOOP;
+END
+$$;
+
+REVOKE ALL ON pgseal.subject_anonymised_columns FROM PUBLIC;
+GRANT SELECT, INSERT, DELETE ON pgseal.subject_anonymised_columns TO pgseal_admin;
+SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_anonymised_columns',
+    'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) subject_anonymised_columns.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) subject_anonymised_columns.attnum AND a.attname OPERATOR(pg_catalog.=) subject_anonymised_columns.col AND NOT a.attisdropped)');

@@ -38,6 +38,9 @@ struct Registration {
     cast: String,
     rel: pg_sys::Oid,
     owner: pg_sys::Oid,
+    /// The columns `subject_anonymise` declared for the table, quoted: erasure
+    /// sets them and `column` to their defaults instead of deleting the row.
+    clears: Vec<String>,
 }
 
 impl Registration {
@@ -72,6 +75,37 @@ impl Registration {
         } else {
             ""
         }
+    }
+
+    /// Fails (55000) when a column erasure would set to its default is NOT NULL
+    /// without one (the table changed since `subject_anonymise`): PostgreSQL's
+    /// error would show the row, personal data, in the server log.
+    fn require_clearable(&self) -> SealResult<()> {
+        let blocked = with_pinned_search_path(|| {
+            Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname), ', ') FROM pg_catalog.pg_attribute a \
+              WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+                AND a.attnotnull AND NOT a.atthasdef \
+                AND pg_catalog.quote_ident(a.attname) OPERATOR(pg_catalog.=) ANY ($2)",
+            &[
+                self.rel.into(),
+                std::iter::once(self.column.clone())
+                    .chain(self.clears.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .into(),
+            ],
+            )
+        })?;
+        if let Some(columns) = blocked {
+            pgrx::warning!(
+                "pgseal: {} cannot be anonymised: column(s) {columns} are NOT NULL without a default",
+                self.table
+            );
+            return Err(SealError::Refused(
+                "a column subject_erase would clear is NOT NULL without a default",
+            ));
+        }
+        Ok(())
     }
 
     /// `require_table_access` on this registration's table.
@@ -133,7 +167,12 @@ fn registrations(subject: &str) -> SealResult<(Vec<Registration>, Vec<String>)> 
                         EXISTS (SELECT 1 FROM pg_catalog.pg_attribute t \
                                  WHERE t.attrelid OPERATOR(pg_catalog.=) r.oid AND t.attname OPERATOR(pg_catalog.=) 'tenant_id' \
                                    AND NOT t.attisdropped \
-                                   AND t.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)) \
+                                   AND t.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)), \
+                        ARRAY(SELECT pg_catalog.quote_ident(c.attname) FROM pgseal.subject_anonymised_columns y \
+                                JOIN pg_catalog.pg_attribute c ON c.attrelid OPERATOR(pg_catalog.=) y.rel::pg_catalog.oid \
+                                     AND c.attnum OPERATOR(pg_catalog.=) y.attnum AND NOT c.attisdropped \
+                               WHERE y.rel::pg_catalog.oid OPERATOR(pg_catalog.=) r.oid \
+                                 AND c.attnum OPERATOR(pg_catalog.<>) a.attnum ORDER BY y.attnum) \
                    FROM pgseal.subject_columns x \
                    JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) x.rel::pg_catalog.oid \
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) r.relnamespace \
@@ -166,6 +205,7 @@ fn registrations(subject: &str) -> SealResult<(Vec<Registration>, Vec<String>)> 
                     cast: r.get::<String>(3)?.ok_or_else(missing)?,
                     rel: r.get::<pg_sys::Oid>(4)?.ok_or_else(missing)?,
                     owner: r.get::<pg_sys::Oid>(5)?.ok_or_else(missing)?,
+                    clears: r.get::<Vec<String>>(7)?.unwrap_or_default(),
                 });
             }
             skipped.dedup();
@@ -327,9 +367,11 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
 }
 
 /// `pgseal.subject_erase(tenant, subject)`: deletes `subject`'s rows of `tenant` in
-/// every registered table, erases the payloads of the tenant's ledger entries that
-/// name the subject, and appends a `subject.erased` receipt naming the subject
-/// with the counts and the erased entries' seqs, which it returns. For members of
+/// every registered table (in a table declared with `subject_anonymise`, sets the
+/// declared columns and the matching subject column to their defaults instead),
+/// erases the payloads of the tenant's ledger entries that name the subject, and
+/// appends a `subject.erased` receipt naming the subject with the counts and the
+/// erased entries' seqs, which it returns. For members of
 /// `pgseal_admin`; refused (55000) for a tenant under a retention hold.
 #[pg_extern(volatile, parallel_unsafe)]
 fn subject_erase(tenant: Option<&str>, subject: Option<&str>) -> JsonB {
@@ -350,26 +392,50 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
     }
     let (registered, skipped) = registrations(&subject)?;
     for r in &registered {
-        r.require(
-            "DELETE",
-            "subject_erase needs DELETE on every registered table",
-        )?;
+        if r.clears.is_empty() {
+            r.require(
+                "DELETE",
+                "subject_erase needs DELETE on every registered table",
+            )?;
+        } else {
+            r.require(
+                "UPDATE",
+                "subject_erase needs UPDATE on every table it anonymises",
+            )?;
+            r.require_clearable()?;
+        }
     }
     let mut counts = Vec::new();
     for r in registered {
-        let sql = format!(
-            "WITH d AS (DELETE FROM {} AS _pgseal_row \
-                         WHERE _pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
-                           AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text \
-                        RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d",
-            r.table, r.column, r.collate(), r.cast
+        let filter = format!(
+            "_pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
+             AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text",
+            r.column,
+            r.collate(),
+            r.cast
         );
+        let (sql, done) = if r.clears.is_empty() {
+            (
+                format!("DELETE FROM {} AS _pgseal_row WHERE {filter}", r.table),
+                "deleted",
+            )
+        } else {
+            let set = std::iter::once(&r.column)
+                .chain(&r.clears)
+                .map(|c| format!("{c} = DEFAULT"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            (
+                format!("UPDATE {} AS _pgseal_row SET {set} WHERE {filter}", r.table),
+                "anonymised",
+            )
+        };
+        let sql = format!("WITH d AS ({sql} RETURNING 1) SELECT pg_catalog.count(*) FROM d");
         let n = as_table_owner(r.owner, || {
             Spi::get_one_with_args::<i64>(&sql, &[subject.as_str().into(), tenant.as_str().into()])
         })?
         .unwrap_or(0);
-        counts.push(json!({ "table": r.table, "column": r.column, "deleted": n }));
+        counts.push(json!({ "table": r.table, "column": r.column, done: n }));
     }
     let seqs =
         crate::ledger::erase::erase(&tenant, crate::ledger::erase::Which::Subject(&subject))?;

@@ -467,6 +467,129 @@ mod tests {
     }
 
     #[pg_test]
+    fn an_anonymising_table_keeps_its_rows_without_the_subjects_data() {
+        users("subj-anon");
+        run(
+            "CREATE TABLE public.subj_invoices (id int PRIMARY KEY, tenant_id text NOT NULL, customer text, \
+             address text, amount numeric NOT NULL, phone text NOT NULL DEFAULT 'none')",
+        );
+        run("SELECT pgseal.subject_register('public.subj_invoices', 'customer')");
+        run("SELECT pgseal.ledger_audit('public.subj_invoices')");
+        for (sql, code) in [
+            (
+                "SELECT pgseal.subject_anonymise('public.subj_invoices', NULL)",
+                "22004",
+            ),
+            (
+                "SELECT pgseal.subject_anonymise('public.subj_invoices', ARRAY[NULL]::name[])",
+                "22004",
+            ),
+            (
+                "SELECT pgseal.subject_anonymise('public.subj_invoices', ARRAY['nope'])",
+                "42703",
+            ),
+            (
+                "SELECT pgseal.subject_anonymise('public.subj_invoices', ARRAY['amount'])",
+                "23502",
+            ),
+            (
+                "SELECT pgseal.subject_anonymise('public.subj_invoices', ARRAY['tenant_id'])",
+                "22023",
+            ),
+            (
+                "SELECT pgseal.subject_anonymise('pgseal.subject_columns', ARRAY['col'])",
+                "42501",
+            ),
+        ] {
+            assert_eq!(sqlstate(sql), code, "{sql}");
+        }
+        // The registration check runs as the caller: UPDATE on the table is needed.
+        run("CREATE ROLE subj_anon_admin IN ROLE pgseal_admin");
+        run("GRANT SELECT, DELETE ON public.subj_invoices TO subj_anon_admin");
+        run("SET LOCAL ROLE subj_anon_admin");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_anonymise('public.subj_invoices', ARRAY['address'])"),
+            "42501"
+        );
+        run("RESET ROLE");
+        run("SELECT pgseal.subject_anonymise('public.subj_invoices', ARRAY['address', 'phone'])");
+        run(
+            "INSERT INTO public.subj_invoices VALUES \
+             (1, 'subj-anon', 'u1', '1 Main St', 10, '555-1'), (2, 'subj-anon', 'u1', '1 Main St', 20, '555-1'), \
+             (3, 'subj-anon', 'u2', '2 Side St', 30, '555-2'), (4, 'subj-other', 'u1', '3 Far Rd', 40, '555-3')",
+        );
+        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-anon', 'u1')");
+        let tables = receipt.0["tables"].as_array().unwrap();
+        let invoices = tables
+            .iter()
+            .find(|t| t["table"] == "public.subj_invoices")
+            .unwrap();
+        assert_eq!(invoices["anonymised"], 2, "{tables:?}");
+        assert!(invoices.get("deleted").is_none());
+        let users = tables
+            .iter()
+            .find(|t| t["table"] == "public.subj_users")
+            .unwrap();
+        assert_eq!(users["deleted"], 1);
+        // The rows stay, without the subject and its declared columns; the other
+        // subject's row and the other tenant's rows are untouched.
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(id || ':' || coalesce(customer, '-') || ':' || coalesce(address, '-') \
+                        || ':' || amount || ':' || phone, ' ' ORDER BY id) FROM public.subj_invoices"
+            ),
+            "1:-:-:10:none 2:-:-:20:none 3:u2:2 Side St:30:555-2 4:u1:3 Far Rd:40:555-3"
+        );
+        // No entry of the tenant that names u1 keeps a payload: the inserts' audit
+        // and the anonymising updates' audit (its before image has the address).
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'subj-anon' AND subjects @> ARRAY['u1'] \
+                 AND payload IS NOT NULL AND event <> 'subject.erased'"
+            ),
+            0
+        );
+        assert!(!one::<bool>(
+            "SELECT bool_or(payload::text LIKE '%1 Main St%') FROM pgseal.ledger WHERE tenant_id = 'subj-anon'"
+        ));
+        assert!(verify().0);
+        // A declared column that lost its default cannot be cleared: nothing changes.
+        run("ALTER TABLE public.subj_invoices ALTER COLUMN phone DROP DEFAULT");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-anon', 'u2')"),
+            "55000"
+        );
+        assert_eq!(
+            one::<String>("SELECT customer FROM public.subj_invoices WHERE id = 3"),
+            "u2"
+        );
+        // Dropping a declared column drops its declaration; an empty declaration
+        // makes erasure delete again.
+        run("ALTER TABLE public.subj_invoices DROP COLUMN phone");
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(col, ',') FROM pgseal.subject_anonymised_columns \
+                 WHERE rel = 'public.subj_invoices'::regclass"
+            ),
+            "address"
+        );
+        run("SELECT pgseal.subject_anonymise('public.subj_invoices', '{}')");
+        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-anon', 'u2')");
+        let invoices = receipt.0["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["table"] == "public.subj_invoices")
+            .unwrap()
+            .clone();
+        assert_eq!(invoices["deleted"], 1);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.subj_invoices WHERE tenant_id = 'subj-anon'"),
+            2
+        );
+    }
+
+    #[pg_test]
     fn a_column_types_json_cast_never_runs_as_the_table_owner() {
         // Another role owns a column's type and its cast to json; the export reads
         // rows as the table's owner, so `to_jsonb` of the row would run that role's
