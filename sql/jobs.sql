@@ -217,7 +217,10 @@ BEGIN
             RAISE WARNING 'pgseal: key_usage does not count %: planning a query on it would run code its owner wrote (an index, statistics, partition key or constraint expression calling a function outside the system catalogs, or a foreign table)', c.rel;
             CONTINUE;
         END IF;
-        parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%I, '':'', 2) AS k FROM %s WHERE %I OPERATOR(pg_catalog.~~) ''v2:%%''', c.col, c.rel, c.col);
+        -- The name, pinned to the table until the transaction ends (a schema renamed
+        -- meanwhile could otherwise put another relation under it).
+        parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%I, '':'', 2) AS k FROM %s WHERE %I OPERATOR(pg_catalog.~~) ''v2:%%''',
+                                            c.col, pgseal._pinned_name(c.rel::pg_catalog.oid), c.col);
     END LOOP;
     RETURN QUERY EXECUTE format(
         'WITH used AS (SELECT NULL::text AS k WHERE false%s)

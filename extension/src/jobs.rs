@@ -94,14 +94,8 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
                 as_owner(f)
             }
         };
-        // regclass output is the name quoted and qualified as needed, in the pinned
-        // search_path the query below is parsed in.
+        let name = crate::privilege::pinned_name(rel, pg_sys::AccessShareLock)?;
         run_as(&mut || {
-            let name = Spi::get_one_with_args::<String>(
-                "SELECT $1::pg_catalog.regclass::pg_catalog.text",
-                &[rel.into()],
-            )?
-            .ok_or(SealError::Internal("no relation name"))?;
             // Citus refuses the recursive scan on its tables; a DISTINCT over the
             // distribution column runs on each shard instead (docs/SCALING.md).
             let citus = Spi::get_one_with_args::<bool>(
@@ -143,6 +137,14 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
         })
     });
     SetOfIterator::new(r.or_raise())
+}
+
+/// `pgseal._pinned_name(rel)`: `privilege::pinned_name` (ACCESS SHARE), for
+/// `_key_usage` (SQL), which builds its query from the names of the registered
+/// tables and runs it as the extension owner. Executable by the owner only.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn _pinned_name(rel: pg_sys::Oid) -> String {
+    crate::privilege::pinned_name(rel, pg_sys::AccessShareLock).or_raise()
 }
 
 /// `pgseal._planning_runs_owner_code(rel)`: `privilege::planning_runs_owner_code`,

@@ -218,18 +218,15 @@ impl Table {
     /// (the name `tables()` read may already name something else: a view put in its
     /// place after a rename).
     fn lock(&self, lockmode: u32) -> SealResult<String> {
-        // SAFETY: LockRelationOid takes a heavyweight lock on an OID that need not
-        // exist (it raises nothing for a missing one), held to transaction end.
-        unsafe { pg_sys::LockRelationOid(self.rel, lockmode as pg_sys::LOCKMODE) };
-        as_owner(|| {
-            Spi::get_one_with_args::<String>(
-                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c \
-                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-                  WHERE c.oid OPERATOR(pg_catalog.=) $1 AND c.relkind IN ('r', 'p')",
-                &[self.rel.into()],
-            )
-        })?
-        .ok_or(SealError::Refused("an offboarded table was dropped or replaced meanwhile"))
+        let name = crate::privilege::pinned_name(self.rel, lockmode)?;
+        // SAFETY: a syscache lookup of a locked relation's kind.
+        let kind = unsafe { pg_sys::get_rel_relkind(self.rel) } as u8;
+        if kind != pg_sys::RELKIND_RELATION && kind != pg_sys::RELKIND_PARTITIONED_TABLE {
+            return Err(SealError::Refused(
+                "an offboarded table was dropped or replaced meanwhile",
+            ));
+        }
+        Ok(name)
     }
 }
 

@@ -377,3 +377,67 @@ pub fn row_image_sql(rel: pg_sys::Oid, alias: &str) -> crate::error::SealResult<
         .collect::<Vec<_>>()
         .join(" OPERATOR(pg_catalog.||) "))
 }
+
+/// The schema-qualified, quoted name of table `rel`, pinned to it until the
+/// transaction ends: `rel` is locked in `lockmode` (at least ACCESS SHARE, which
+/// every rename, SET SCHEMA and DROP of the table waits for) and the row of its
+/// schema in `pg_namespace` FOR SHARE (which ALTER SCHEMA … RENAME and DROP SCHEMA
+/// wait for, since they update or delete that row while holding no lock on the
+/// tables in it). Without the second lock, whoever owns the schema could rename it
+/// and create another one of the old name with a view or function named like the
+/// table, between pgseal reading the name and a statement being parsed with it,
+/// and the statement, run with more rights than that role's, would run its code.
+/// Both names are read from the catalog caches after the locks, whatever the
+/// transaction's snapshot.
+pub fn pinned_name(rel: pg_sys::Oid, lockmode: u32) -> crate::error::SealResult<String> {
+    use crate::error::SealError;
+    let gone = || SealError::Refused("a table was dropped while pgseal used it");
+    // SAFETY: LockRelationOid takes a heavyweight lock on an OID that need not
+    // exist (it raises nothing for a missing one), held to transaction end.
+    unsafe {
+        pg_sys::LockRelationOid(
+            rel,
+            lockmode.max(pg_sys::AccessShareLock) as pg_sys::LOCKMODE,
+        )
+    };
+    // SAFETY: a syscache lookup; InvalidOid for a relation that no longer exists.
+    let nsp = unsafe { pg_sys::get_rel_namespace(rel) };
+    if nsp == pg_sys::InvalidOid {
+        return Err(gone());
+    }
+    let locked = as_owner(|| {
+        pgrx::Spi::connect_mut(|c| {
+            c.update(
+                "SELECT 1 FROM pg_catalog.pg_namespace n WHERE n.oid OPERATOR(pg_catalog.=) $1 FOR SHARE",
+                None,
+                &[nsp.into()],
+            )
+            .map(|t| t.len())
+        })
+    })?;
+    if locked != 1 {
+        return Err(gone());
+    }
+    // SAFETY: syscache lookups returning palloc'd copies (or null for a missing
+    // object), read before the memory context is reset.
+    let (schema, name) = unsafe {
+        let schema = pg_sys::get_namespace_name(nsp);
+        let name = pg_sys::get_rel_name(rel);
+        if schema.is_null() || name.is_null() || pg_sys::get_rel_namespace(rel) != nsp {
+            return Err(gone());
+        }
+        (
+            std::ffi::CStr::from_ptr(schema)
+                .to_string_lossy()
+                .into_owned(),
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    Ok(format!(
+        "{}.{}",
+        pgrx::spi::quote_identifier(schema),
+        pgrx::spi::quote_identifier(name)
+    ))
+}

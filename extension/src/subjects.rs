@@ -306,13 +306,14 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             "SELECT",
             "subject_export needs SELECT on every registered table",
         )?;
+        let name = crate::privilege::pinned_name(r.rel, pg_sys::AccessShareLock)?;
         let sql = format!(
             "SELECT COALESCE(pg_catalog.jsonb_agg({}), '[]'::pg_catalog.jsonb) \
                FROM {} AS _pgseal_row \
               WHERE _pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
                 AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text",
             crate::privilege::row_image_sql(r.rel, "_pgseal_row")?,
-            r.table,
+            name,
             r.column,
             r.collate(),
             r.cast
@@ -407,6 +408,7 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
     }
     let mut counts = Vec::new();
     for r in registered {
+        let name = crate::privilege::pinned_name(r.rel, pg_sys::RowExclusiveLock)?;
         let filter = format!(
             "_pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
              AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text",
@@ -416,7 +418,7 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
         );
         let (sql, done) = if r.clears.is_empty() {
             (
-                format!("DELETE FROM {} AS _pgseal_row WHERE {filter}", r.table),
+                format!("DELETE FROM {name} AS _pgseal_row WHERE {filter}"),
                 "deleted",
             )
         } else {
@@ -426,7 +428,7 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
                 .collect::<Vec<_>>()
                 .join(", ");
             (
-                format!("UPDATE {} AS _pgseal_row SET {set} WHERE {filter}", r.table),
+                format!("UPDATE {name} AS _pgseal_row SET {set} WHERE {filter}"),
                 "anonymised",
             )
         };

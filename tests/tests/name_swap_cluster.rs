@@ -1,0 +1,171 @@
+//! The schema swap (a finding of the attacker review of issue 19's exports): pgseal
+//! builds some statements from a registered table's name and runs them with more
+//! rights than the role that owns the table's schema. That role cannot rename the
+//! table while pgseal holds a lock on it, but ALTER SCHEMA … RENAME takes no lock on
+//! the tables inside. So it holds the table's lock from another session (an
+//! uncommitted DROP TABLE), lets pgseal block on it, renames the schema, creates a
+//! schema of the old name with a view named like the table, whose scan calls its
+//! function, and rolls the DROP back. Had pgseal read the name before the swap, it
+//! would now parse that name into the view and run the function with its own
+//! rights. Each statement that names a registered table is played this way; the
+//! function records who it ran as, and must never have run as anyone but the
+//! attacker.
+
+use std::time::{Duration, Instant};
+
+use pgseal_tests::{Cluster, KEY_V1};
+
+const SETUP: &str = "
+    CREATE EXTENSION pgseal;
+    CREATE ROLE mallory LOGIN;
+    CREATE ROLE victim;
+    GRANT CREATE ON DATABASE postgres TO mallory;
+    CREATE SCHEMA app AUTHORIZATION mallory;
+    CREATE SCHEMA mallory_s AUTHORIZATION mallory;
+    CREATE TABLE public.seen (who text);
+    GRANT INSERT ON public.seen TO PUBLIC;
+    CREATE TABLE app.t (id text PRIMARY KEY, tenant_id text NOT NULL, token text);
+    ALTER TABLE app.t OWNER TO victim;
+    GRANT USAGE ON SCHEMA app TO victim;
+    SELECT pgseal.subject_register('app.t', 'id');
+    SELECT pgseal.vault_register_column('app.t', 'token', 'c');
+";
+
+/// The attacker's function and trigger function, in its own schema.
+const PWN: &str = "
+    CREATE FUNCTION mallory_s.pwn() RETURNS boolean LANGUAGE plpgsql AS $$
+    BEGIN INSERT INTO public.seen VALUES (current_user); RETURN true; END $$;
+    CREATE FUNCTION mallory_s.pwn_trg() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN PERFORM mallory_s.pwn(); RETURN OLD; END $$;
+";
+
+/// Plays the swap against `call` (run by `caller` in a session of its own, which
+/// first runs `prelude`), and returns the call's outcome (00000, or the error's
+/// SQLSTATE and message).
+fn swap_during(cl: &Cluster, caller: &str, prelude: &str, call: &str) -> String {
+    let mut holder = cl.connect_as("mallory");
+    holder.batch_execute("BEGIN; DROP TABLE app.t").unwrap();
+    let mut victim = cl.connect_as(caller);
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let script = format!("BEGIN; {prelude}; {call}; COMMIT");
+    let handle = std::thread::spawn(move || {
+        match victim.batch_execute(&script) {
+            Ok(()) => "00000".to_owned(),
+            Err(e) => format!(
+                "{}: {}",
+                e.code().map_or("?", |c| c.code()),
+                e.as_db_error().map_or(String::new(), |d| d.message().to_owned())
+            ),
+        }
+    });
+    let mut watch = cl.connect();
+    let started = Instant::now();
+    loop {
+        let waiting: bool = watch
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock')",
+                &[&pid],
+            )
+            .unwrap()
+            .get(0);
+        if waiting {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{call}: never waited for the table's lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut swapper = cl.connect_as("mallory");
+    swapper
+        .batch_execute(
+            "ALTER SCHEMA app RENAME TO app_old;
+             CREATE SCHEMA app;
+             CREATE VIEW app.t AS SELECT 'u1'::text AS id, 'acme'::text AS tenant_id, NULL::text AS token
+              WHERE mallory_s.pwn();
+             CREATE TRIGGER t INSTEAD OF DELETE OR UPDATE ON app.t FOR EACH ROW EXECUTE FUNCTION mallory_s.pwn_trg();
+             GRANT USAGE ON SCHEMA app TO PUBLIC;
+             GRANT ALL ON app.t TO PUBLIC;",
+        )
+        .unwrap();
+    holder.batch_execute("ROLLBACK").unwrap();
+    let outcome = handle.join().unwrap();
+    // Back as it was, for the next call.
+    swapper
+        .batch_execute(
+            "DROP SCHEMA app CASCADE;
+             ALTER SCHEMA app_old RENAME TO app;",
+        )
+        .unwrap();
+    outcome
+}
+
+#[test]
+fn a_schema_renamed_while_pgseal_waits_never_puts_another_relation_under_the_name() {
+    let cl = Cluster::start("name_swap", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(SETUP).unwrap();
+    cl.connect_as("mallory").batch_execute(PWN).unwrap();
+    c.batch_execute(
+        "SELECT pgseal.set_tenant('acme');
+         INSERT INTO app.t VALUES ('u1', 'acme', pgseal.vault_seal('s', 'c')), ('u2', 'acme', NULL);",
+    )
+    .unwrap();
+    // The trap works: scanning the view runs the function as whoever scans.
+    cl.connect_as("mallory")
+        .batch_execute(
+            "CREATE VIEW mallory_s.probe AS SELECT 1 AS x WHERE mallory_s.pwn();
+             SELECT * FROM mallory_s.probe;
+             DROP VIEW mallory_s.probe;",
+        )
+        .unwrap();
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM public.seen"),
+        1
+    );
+    c.batch_execute("TRUNCATE public.seen").unwrap();
+
+    let tenant = "SELECT pgseal.set_tenant('acme')";
+    let calls = [
+        (tenant, "SELECT pgseal.subject_export('acme', 'u1')"),
+        (tenant, "SELECT * FROM pgseal.key_usage"),
+        (tenant, "SELECT * FROM pgseal._tenants_of('app.t')"),
+        (tenant, "SELECT pgseal.subject_erase('acme', 'u1')"),
+        // Last: it leaves the tenant's offboarding scheduled.
+        (
+            "SELECT pgseal.set_tenant('acme'); SELECT pgseal.tenant_offboard('acme', '0')",
+            "SELECT * FROM pgseal._offboard_export('acme')",
+        ),
+    ];
+    let mut findings = Vec::new();
+    for (prelude, call) in calls {
+        let outcome = swap_during(&cl, "postgres", prelude, call);
+        let ran_as: Vec<String> = c
+            .query(
+                "SELECT DISTINCT who FROM public.seen WHERE who <> 'mallory'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !ran_as.is_empty() {
+            findings.push(format!("{call} ({outcome}): ran as {ran_as:?}"));
+        }
+        // The call worked, on the real table.
+        if outcome != "00000" {
+            findings.push(format!("{call}: {outcome}"));
+        }
+        c.batch_execute("TRUNCATE public.seen").unwrap();
+    }
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+    // The erasure reached the real table.
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM app.t WHERE id = 'u1'"),
+        0
+    );
+}
