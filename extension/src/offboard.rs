@@ -252,6 +252,7 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
     let mut left = 0;
     for t in tables()? {
         let name = t.lock(pg_sys::AccessShareLock)?;
+        crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])?;
         left += as_table_owner(t.owner, || -> SealResult<i64> {
             let other_policies = Spi::get_one_with_args::<bool>(
                 "SELECT pg_catalog.row_security_active($1) AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
@@ -289,6 +290,7 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
         let mut lines = Vec::new();
         for t in tables()? {
             let name = t.lock(pg_sys::AccessShareLock)?;
+            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])?;
             crate::subjects::require_table_access(
                 t.rel,
                 t.owner,
@@ -349,6 +351,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         require_context(&tenant)?;
         for t in tables()? {
             let name = t.lock(pg_sys::RowExclusiveLock)?;
+            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])?;
             crate::subjects::require_table_access(
                 t.rel,
                 t.owner,

@@ -441,3 +441,95 @@ pub fn pinned_name(rel: pg_sys::Oid, lockmode: u32) -> crate::error::SealResult<
         pgrx::spi::quote_identifier(name)
     ))
 }
+
+/// Fails (42501) when a statement on table `rel` run as its owner `owner`
+/// (`as_table_owner`) could run code that a third role wrote, with the owner's
+/// rights: a partition or inheritance child (locked here in `lockmode`, with
+/// `rel`) owned by another role (its triggers, indexes, statistics); an enabled
+/// user trigger on any of them whose function, or a function or operator of its
+/// WHEN condition, is SECURITY INVOKER and belongs to neither the owner, the
+/// extension's owner nor a superuser (whoever holds the TRIGGER privilege can create one); or, among
+/// `set_columns` (quoted names, set to their defaults by an UPDATE), a column
+/// whose type is a domain (or a domain over one) of such a role, whose default
+/// and CHECK constraints would run. The owner's own code is trusted, as
+/// PostgreSQL's VACUUM and ANALYZE trust it.
+pub fn require_only_owners_code(
+    rel: pg_sys::Oid,
+    owner: pg_sys::Oid,
+    lockmode: u32,
+    set_columns: &[String],
+) -> crate::error::SealResult<()> {
+    let tree = as_owner(|| {
+        pgrx::Spi::connect(|c| {
+            c.select(
+                "WITH RECURSIVE down(oid) AS ( \
+                     SELECT $1::pg_catalog.oid \
+                     UNION \
+                     SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
+                 ) SELECT oid FROM down",
+                None,
+                &[rel.into()],
+            )?
+            .map(|r| r.get::<pg_sys::Oid>(1))
+            .collect::<Result<Vec<_>, _>>()
+        })
+    })?;
+    for oid in tree.into_iter().flatten() {
+        // SAFETY: LockRelationOid takes a heavyweight lock on an OID that need not
+        // exist, held to transaction end: no trigger is created on a member of the
+        // tree (SHARE ROW EXCLUSIVE) between this check and a DML statement.
+        unsafe { pg_sys::LockRelationOid(oid, lockmode as pg_sys::LOCKMODE) };
+    }
+    let foreign = as_owner(|| {
+        pgrx::Spi::get_one_with_args::<bool>(
+            "WITH RECURSIVE down(oid) AS ( \
+                 SELECT $1::pg_catalog.oid \
+                 UNION \
+                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
+             ), others(oid) AS ( \
+                 SELECT r.oid FROM pg_catalog.pg_roles r \
+                  WHERE r.oid OPERATOR(pg_catalog.<>) $2 AND r.oid OPERATOR(pg_catalog.<>) $4 AND NOT r.rolsuper \
+             ), trigger_funcs(oid) AS ( \
+                 SELECT d.refobjid FROM down t \
+                   JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) t.oid \
+                   JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_trigger'::pg_catalog.regclass \
+                        AND d.objid OPERATOR(pg_catalog.=) g.oid \
+                        AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+                  WHERE NOT g.tgisinternal AND g.tgenabled OPERATOR(pg_catalog.<>) 'D' \
+                 UNION \
+                 SELECT o.oprcode::pg_catalog.oid FROM down t \
+                   JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) t.oid \
+                   JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_trigger'::pg_catalog.regclass \
+                        AND d.objid OPERATOR(pg_catalog.=) g.oid \
+                        AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_operator'::pg_catalog.regclass \
+                   JOIN pg_catalog.pg_operator o ON o.oid OPERATOR(pg_catalog.=) d.refobjid \
+                  WHERE NOT g.tgisinternal AND g.tgenabled OPERATOR(pg_catalog.<>) 'D' \
+             ), domains(oid) AS ( \
+                 SELECT a.atttypid FROM pg_catalog.pg_attribute a \
+                  WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
+                    AND pg_catalog.quote_ident(a.attname) OPERATOR(pg_catalog.=) ANY ($3) \
+                 UNION \
+                 SELECT y.typbasetype FROM pg_catalog.pg_type y JOIN domains m ON y.oid OPERATOR(pg_catalog.=) m.oid \
+                  WHERE y.typtype OPERATOR(pg_catalog.=) 'd' \
+             ) \
+             SELECT EXISTS (SELECT 1 FROM down t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.oid \
+                             WHERE c.relowner OPERATOR(pg_catalog.<>) $2) \
+                 OR EXISTS (SELECT 1 FROM trigger_funcs f JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) f.oid \
+                             WHERE NOT p.prosecdef AND p.proowner IN (SELECT oid FROM others)) \
+                 OR EXISTS (SELECT 1 FROM domains m JOIN pg_catalog.pg_type y ON y.oid OPERATOR(pg_catalog.=) m.oid \
+                             WHERE y.typtype OPERATOR(pg_catalog.=) 'd' AND y.typowner IN (SELECT oid FROM others))",
+            &[
+                rel.into(),
+                owner.into(),
+                set_columns.to_vec().into(),
+                extension_owner().into(),
+            ],
+        )
+    })?;
+    if foreign != Some(false) {
+        return Err(crate::error::SealError::Forbidden(
+            "a registered table has a partition or child of another owner, a trigger that runs another role's function, or a column to clear whose domain belongs to another role: pgseal would run that code as the table's owner",
+        ));
+    }
+    Ok(())
+}

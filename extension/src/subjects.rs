@@ -307,6 +307,7 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             "subject_export needs SELECT on every registered table",
         )?;
         let name = crate::privilege::pinned_name(r.rel, pg_sys::AccessShareLock)?;
+        crate::privilege::require_only_owners_code(r.rel, r.owner, pg_sys::AccessShareLock, &[])?;
         let sql = format!(
             "SELECT COALESCE(pg_catalog.jsonb_agg({}), '[]'::pg_catalog.jsonb) \
                FROM {} AS _pgseal_row \
@@ -405,6 +406,19 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             )?;
             r.require_clearable()?;
         }
+        let clears = if r.clears.is_empty() {
+            Vec::new()
+        } else {
+            std::iter::once(r.column.clone())
+                .chain(r.clears.iter().cloned())
+                .collect()
+        };
+        crate::privilege::require_only_owners_code(
+            r.rel,
+            r.owner,
+            pg_sys::RowExclusiveLock,
+            &clears,
+        )?;
     }
     let mut counts = Vec::new();
     for r in registered {

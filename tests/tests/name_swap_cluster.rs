@@ -51,15 +51,14 @@ fn swap_during(cl: &Cluster, caller: &str, prelude: &str, call: &str) -> String 
         .unwrap()
         .get(0);
     let script = format!("BEGIN; {prelude}; {call}; COMMIT");
-    let handle = std::thread::spawn(move || {
-        match victim.batch_execute(&script) {
-            Ok(()) => "00000".to_owned(),
-            Err(e) => format!(
-                "{}: {}",
-                e.code().map_or("?", |c| c.code()),
-                e.as_db_error().map_or(String::new(), |d| d.message().to_owned())
-            ),
-        }
+    let handle = std::thread::spawn(move || match victim.batch_execute(&script) {
+        Ok(()) => "00000".to_owned(),
+        Err(e) => format!(
+            "{}: {}",
+            e.code().map_or("?", |c| c.code()),
+            e.as_db_error()
+                .map_or(String::new(), |d| d.message().to_owned())
+        ),
     });
     let mut watch = cl.connect();
     let started = Instant::now();

@@ -590,6 +590,74 @@ mod tests {
     }
 
     #[pg_test]
+    fn another_roles_trigger_partition_or_domain_is_never_run_as_the_table_owner() {
+        owner_trap("subj_third", "subj_third");
+        run("CREATE ROLE subj_tbl_owner");
+        run(
+            "CREATE TABLE public.subj_trig (id text, tenant_id text NOT NULL, note text) PARTITION BY LIST (tenant_id)",
+        );
+        run("CREATE TABLE public.subj_trig_a PARTITION OF public.subj_trig FOR VALUES IN ('subj-trig')");
+        run("ALTER TABLE public.subj_trig OWNER TO subj_tbl_owner");
+        run("ALTER TABLE public.subj_trig_a OWNER TO subj_tbl_owner");
+        run("SELECT pgseal.subject_register('public.subj_trig', 'id')");
+        tenant("subj-trig");
+        run("INSERT INTO public.subj_trig VALUES ('u1', 'subj-trig', 'n')");
+        // A holder of the TRIGGER privilege adds a trigger with its own function.
+        run("GRANT TRIGGER ON public.subj_trig_a TO subj_third");
+        run("SET LOCAL ROLE subj_third");
+        run(
+            "CREATE FUNCTION public.subj_third_trg() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM public.subj_third_note(); RETURN OLD; END $$",
+        );
+        run(
+            "CREATE TRIGGER z BEFORE DELETE ON public.subj_trig_a FOR EACH ROW \
+             EXECUTE FUNCTION public.subj_third_trg()",
+        );
+        run("RESET ROLE");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-trig', 'u1')"),
+            "42501"
+        );
+        assert_eq!(owner_trap_ran_as("subj_third"), "");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.subj_trig"), 1);
+        // Disabled, or SECURITY DEFINER (it then runs as its own owner): allowed.
+        run("ALTER TABLE public.subj_trig_a DISABLE TRIGGER z");
+        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-trig', 'u1')");
+        assert_eq!(receipt.0["tables"][0]["deleted"], 1);
+        run("INSERT INTO public.subj_trig VALUES ('u1', 'subj-trig', 'n')");
+        run("ALTER TABLE public.subj_trig_a ENABLE TRIGGER z");
+        run("ALTER FUNCTION public.subj_third_trg() SECURITY DEFINER");
+        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-trig', 'u1')");
+        assert_eq!(receipt.0["tables"][0]["deleted"], 1);
+        assert_eq!(owner_trap_ran_as("subj_third"), "subj_third");
+        run("INSERT INTO public.subj_trig VALUES ('u1', 'subj-trig', 'n')");
+        run("DROP TRIGGER z ON public.subj_trig_a");
+        // A partition of another owner: its triggers and index expressions are its
+        // owner's, so export and erasure refuse the tree.
+        run("ALTER TABLE public.subj_trig_a OWNER TO subj_third");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_export('subj-trig', 'u1')"),
+            "42501"
+        );
+        run("ALTER TABLE public.subj_trig_a OWNER TO subj_tbl_owner");
+        // A column to clear whose domain (default, CHECK) is another role's.
+        run("SET LOCAL ROLE subj_third");
+        run("CREATE DOMAIN public.subj_third_dom AS text CHECK (public.subj_third_imm(VALUE) IS NOT NULL)");
+        run("RESET ROLE");
+        run("CREATE TABLE public.subj_dom (id text, tenant_id text NOT NULL, note public.subj_third_dom)");
+        run("ALTER TABLE public.subj_dom OWNER TO subj_tbl_owner");
+        run("SELECT pgseal.subject_register('public.subj_dom', 'id')");
+        run("SELECT pgseal.subject_anonymise('public.subj_dom', ARRAY['note'])");
+        run("INSERT INTO public.subj_dom VALUES ('u1', 'subj-trig', 'x')");
+        run("TRUNCATE public.subj_third_seen");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-trig', 'u1')"),
+            "42501"
+        );
+        assert_eq!(owner_trap_ran_as("subj_third"), "");
+    }
+
+    #[pg_test]
     fn a_column_types_json_cast_never_runs_as_the_table_owner() {
         // Another role owns a column's type and its cast to json; the export reads
         // rows as the table's owner, so `to_jsonb` of the row would run that role's
