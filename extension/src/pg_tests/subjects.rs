@@ -741,6 +741,32 @@ mod tests {
         let rows = out.0["tables"][0]["rows"].as_array().unwrap().clone();
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert!(rows[0]["secret"].is_null());
+        // A policy for particular roles, or one that names the current role, would
+        // be the owner's and not the caller's: refused, each of them.
+        for policy in [
+            "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE TO subj_rls_reader USING (id = 'u2')",
+            "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE USING (secret IS DISTINCT FROM current_user)",
+            "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE WITH CHECK (session_user IS NOT NULL)",
+        ] {
+            run(policy);
+            run("SET LOCAL ROLE subj_rls_reader");
+            assert_eq!(
+                sqlstate("SELECT pgseal.subject_export('subj-rls', 'u1')"),
+                "42501",
+                "{policy}"
+            );
+            run("RESET ROLE");
+            run("DROP POLICY readers ON public.subj_rls");
+        }
+        // Under standard_conforming_strings = off the check still reads the policy.
+        run("CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE USING (secret IS DISTINCT FROM current_user)");
+        run("SET LOCAL standard_conforming_strings = off");
+        run("SET LOCAL ROLE subj_rls_reader");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_export('subj-rls', 'u1')"),
+            "42501"
+        );
+        run("RESET ROLE");
     }
 
     #[pg_test]
