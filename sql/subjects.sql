@@ -96,8 +96,14 @@ AS $$
 DECLARE
     c pg_catalog.name;
 BEGIN
-    IF rel IS NULL OR columns IS NULL OR pg_catalog.array_position(columns, NULL) IS NOT NULL THEN
+    IF rel IS NULL OR columns IS NULL THEN
         RAISE EXCEPTION 'rel and columns must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF pg_catalog.array_ndims(columns) OPERATOR(pg_catalog.>) 1 THEN
+        RAISE EXCEPTION 'columns must be a one-dimensional array' USING ERRCODE = '22023';
+    END IF;
+    IF pg_catalog.array_position(columns, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'columns must not contain NULL' USING ERRCODE = '22004';
     END IF;
     PERFORM pgseal._check_table(rel);
     IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel) = 't' THEN

@@ -351,6 +351,8 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         require_context(&tenant)?;
         for t in tables()? {
             let name = t.lock(pg_sys::RowExclusiveLock)?;
+            // SAFETY: a syscache lookup of the locked table's kind.
+            let plain = unsafe { pg_sys::get_rel_relkind(t.rel) } as u8 == pg_sys::RELKIND_RELATION;
             crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])?;
             crate::subjects::require_table_access(
                 t.rel,
@@ -358,6 +360,14 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                 "DELETE",
                 "_offboard_delete needs DELETE on every offboarded table",
             )?;
+            if plain {
+                let n = delete_from_plain(&tenant, &t, &name, batch)?;
+                if n > 0 {
+                    count_deleted(&tenant, &name, n)?;
+                    return Ok(n);
+                }
+                continue;
+            }
             // (tableoid, ctid): a partitioned table's ctids repeat across partitions.
             let sql = format!(
                 "WITH d AS (DELETE FROM {0} AS x \
@@ -375,21 +385,87 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             })?
             .unwrap_or(0);
             if n > 0 {
-                as_owner(|| {
-                    Spi::run_with_args(
-                        "UPDATE pgseal.tenant_offboardings \
-                            SET deleted = deleted OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object($2::pg_catalog.text, \
-                                COALESCE((deleted OPERATOR(pg_catalog.->>) $2::pg_catalog.text)::pg_catalog.int8, 0) OPERATOR(pg_catalog.+) $3) \
-                          WHERE tenant_id = $1",
-                        &[tenant.as_str().into(), name.as_str().into(), n.into()],
-                    )
-                })?;
+                count_deleted(&tenant, &name, n)?;
                 return Ok(n);
             }
         }
         Ok(0)
     })()
     .or_raise()
+}
+
+thread_local! {
+    /// Where this backend's last batch of `_offboard_delete` ended in a plain
+    /// table (a ctid), and of `_offboard_erase` in a tenant's chain (a seq, under
+    /// the invalid OID), per (tenant, table): the next batch goes on from there, so
+    /// offboarding costs one pass over a table or chain, not one per batch over
+    /// what the batches before it deleted or erased. A hint only: a batch that finds
+    /// nothing after it looks again from the start before it reports none left (a
+    /// batch rolled back, or a row written below it meanwhile), and pgseald's next
+    /// connection starts from the start.
+    static RESUME: std::cell::RefCell<std::collections::HashMap<(String, u32), String>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Sets the resume hint of (`tenant`, `rel`), for the tests of the pass that
+/// `_offboard_delete` and `_offboard_erase` make from the start.
+#[cfg(any(test, feature = "pg_test"))]
+pub(crate) fn set_resume_hint(tenant: &str, rel: pg_sys::Oid, at: &str) {
+    RESUME.with(|r| {
+        r.borrow_mut()
+            .insert((tenant.to_owned(), rel.to_u32()), at.to_owned())
+    });
+}
+
+/// Deletes up to `batch` of `tenant`'s rows from plain table `t` (named `name`,
+/// pinned), as its owner: those after the last batch's end (a TID range scan)
+/// or, when there are none, from the start.
+fn delete_from_plain(tenant: &str, t: &Table, name: &str, batch: i32) -> SealResult<i64> {
+    let key = (tenant.to_owned(), t.rel.to_u32());
+    let sql = format!(
+        "WITH d AS (DELETE FROM {name} AS x \
+                     WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                       AND x.ctid OPERATOR(pg_catalog.=) ANY (ARRAY( \
+                           SELECT y.ctid FROM {name} AS y \
+                            WHERE y.ctid OPERATOR(pg_catalog.>) $3::pg_catalog.tid \
+                              AND y.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                            LIMIT $2)) \
+                    RETURNING x.ctid) \
+         SELECT pg_catalog.count(*), pg_catalog.max(d.ctid)::pg_catalog.text FROM d"
+    );
+    let delete_after = |after: &str| {
+        as_table_owner(t.owner, || {
+            Spi::get_two_with_args::<i64, String>(
+                &sql,
+                &[tenant.into(), batch.into(), after.into()],
+            )
+        })
+    };
+    let after = RESUME
+        .with(|r| r.borrow().get(&key).cloned())
+        .unwrap_or_else(|| "(0,0)".to_owned());
+    let (mut n, mut last) = delete_after(&after)?;
+    if n.unwrap_or(0) == 0 && after != "(0,0)" {
+        (n, last) = delete_after("(0,0)")?;
+    }
+    match last {
+        Some(last) => RESUME.with(|r| r.borrow_mut().insert(key, last)),
+        None => RESUME.with(|r| r.borrow_mut().remove(&key)),
+    };
+    Ok(n.unwrap_or(0))
+}
+
+/// Adds `n` rows deleted from `name` to the tenant's offboarding.
+fn count_deleted(tenant: &str, name: &str, n: i64) -> SealResult<()> {
+    Ok(as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_offboardings \
+                SET deleted = deleted OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object($2::pg_catalog.text, \
+                    COALESCE((deleted OPERATOR(pg_catalog.->>) $2::pg_catalog.text)::pg_catalog.int8, 0) OPERATOR(pg_catalog.+) $3) \
+              WHERE tenant_id = $1",
+            &[tenant.into(), name.into(), n.into()],
+        )
+    })?)
 }
 
 /// `pgseal._offboard_due()`: the tenants whose offboarding is due and not done,
@@ -478,13 +554,29 @@ fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             "batch must be a positive number",
         ))?;
         require_step(&tenant, "shredded")?;
-        Ok(erase::erase(
-            &tenant,
-            Which::All {
-                limit: batch.into(),
-            },
-        )?
-        .len() as i64)
+        let key = (tenant.clone(), pg_sys::InvalidOid.to_u32());
+        let after = RESUME
+            .with(|r| r.borrow().get(&key).cloned())
+            .and_then(|s| s.parse::<i64>().ok())
+            .unwrap_or(0);
+        let erase_after = |after: i64| {
+            erase::erase(
+                &tenant,
+                Which::All {
+                    limit: batch.into(),
+                    after,
+                },
+            )
+        };
+        let mut seqs = erase_after(after)?;
+        if seqs.is_empty() && after > 0 {
+            seqs = erase_after(0)?;
+        }
+        match seqs.last() {
+            Some(last) => RESUME.with(|r| r.borrow_mut().insert(key, last.to_string())),
+            None => RESUME.with(|r| r.borrow_mut().remove(&key)),
+        };
+        Ok(seqs.len() as i64)
     })()
     .or_raise()
 }

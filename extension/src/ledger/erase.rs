@@ -40,8 +40,9 @@ const ERASABLE: &str = "l.fmt OPERATOR(pg_catalog.=) 2 AND l.salt IS NOT NULL AN
 pub enum Which<'a> {
     /// Those that name the subject.
     Subject(&'a str),
-    /// All of them, the first `limit` still to erase (offboarding, in batches).
-    All { limit: i64 },
+    /// All of them, the first `limit` still to erase after seq `after`
+    /// (offboarding, in batches).
+    All { limit: i64, after: i64 },
 }
 
 const UPDATE_SQL: &str = "\
@@ -78,13 +79,13 @@ pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
                     None,
                     &[tenant.into(), subject.into()],
                 )?,
-                Which::All { limit } => c.select(
+                Which::All { limit, after } => c.select(
                     &format!(
                         "SELECT {COLUMNS} FROM pgseal.ledger l WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 \
-                           AND {ERASABLE} ORDER BY l.seq LIMIT $2"
+                           AND l.seq OPERATOR(pg_catalog.>) $3 AND {ERASABLE} ORDER BY l.seq LIMIT $2"
                     ),
                     None,
-                    &[tenant.into(), limit.into()],
+                    &[tenant.into(), limit.into(), after.into()],
                 )?,
             };
             let mut seqs = Vec::new();

@@ -226,6 +226,44 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_resume_hint_past_what_is_left_never_hides_it() {
+        // The batches go on from where the last one ended; a hint past rows or
+        // entries still there (a batch rolled back, a row written below it) must not
+        // make a batch report none left.
+        tenant_data("off-hint");
+        run("SELECT pgseal.tenant_offboard('off-hint', '0')");
+        run("SELECT pgseal._offboard_advance('off-hint', 'scheduled', 'exported', '/x')");
+        let rel: pg_sys::Oid = one("SELECT 'public.off_users'::regclass::oid");
+        crate::offboard::set_resume_hint("off-hint", rel, "(1000,1)");
+        let mut n = 0;
+        loop {
+            let k: i64 = one("SELECT pgseal._offboard_delete('off-hint', 1)");
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, 2);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-hint'"),
+            0
+        );
+        run("SELECT pgseal._offboard_advance('off-hint', 'exported', 'deleted')");
+        run("SELECT pgseal.tenant_shred('off-hint')");
+        run("SELECT pgseal._offboard_advance('off-hint', 'deleted', 'shredded')");
+        crate::offboard::set_resume_hint("off-hint", pg_sys::InvalidOid, "1000000");
+        let mut total = 0;
+        loop {
+            let k: i64 = one("SELECT pgseal._offboard_erase('off-hint', 2)");
+            if k == 0 {
+                break;
+            }
+            total += k;
+        }
+        assert_eq!(total, 6);
+    }
+
+    #[pg_test]
     fn the_receipt_is_refused_while_keys_or_payloads_remain() {
         tenant_data("off-undone");
         run("SELECT pgseal.tenant_offboard('off-undone', '0')");
