@@ -111,7 +111,7 @@ GRANT EXECUTE ON FUNCTION
     pgseal._offboard_due(),
     pgseal._offboard_export(text),
     pgseal._offboard_delete(text, integer),
-    pgseal._offboard_advance(text, text, text, text),
+    pgseal._offboard_advance(text, text, text, text, text),
     pgseal._offboard_erase(text, integer),
     pgseal._offboard_finish(text)
 TO pgseal_admin;

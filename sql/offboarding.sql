@@ -20,6 +20,7 @@ CREATE TABLE pgseal.tenant_offboardings (
                  CHECK (step IN ('scheduled', 'exported', 'deleted', 'shredded', 'erased', 'receipted', 'done')),
     step_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     export_file  text,
+    export_sha256 text       CHECK (export_sha256 ~ '^[0-9a-f]{64}$'),
     deleted      jsonb       NOT NULL DEFAULT '{}'
 );
 

@@ -376,7 +376,8 @@ CREATE OR REPLACE FUNCTION pgseal."_offboard_advance"(
 	"tenant" TEXT, /* Option < & str > */
 	"from_step" TEXT, /* Option < & str > */
 	"to_step" TEXT, /* Option < & str > */
-	"export_file" TEXT DEFAULT NULL /* Option < & str > */
+	"export_file" TEXT DEFAULT NULL, /* Option < & str > */
+	"export_sha256" TEXT DEFAULT NULL /* Option < & str > */
 ) RETURNS void
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -2283,6 +2284,7 @@ CREATE TABLE pgseal.tenant_offboardings (
                  CHECK (step IN ('scheduled', 'exported', 'deleted', 'shredded', 'erased', 'receipted', 'done')),
     step_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     export_file  text,
+    export_sha256 text       CHECK (export_sha256 ~ '^[0-9a-f]{64}$'),
     deleted      jsonb       NOT NULL DEFAULT '{}'
 );
 
@@ -2439,7 +2441,7 @@ GRANT EXECUTE ON FUNCTION
     pgseal._offboard_due(),
     pgseal._offboard_export(text),
     pgseal._offboard_delete(text, integer),
-    pgseal._offboard_advance(text, text, text, text),
+    pgseal._offboard_advance(text, text, text, text, text),
     pgseal._offboard_erase(text, integer),
     pgseal._offboard_finish(text)
 TO pgseal_admin;

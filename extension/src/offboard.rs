@@ -497,15 +497,17 @@ fn _offboard_due() -> SetOfIterator<'static, String> {
     SetOfIterator::new(tenants)
 }
 
-/// `pgseal._offboard_advance(tenant, from_step, to_step, export_file)`: records that
+/// `pgseal._offboard_advance(tenant, from_step, to_step, export_file, export_sha256)`: records that
 /// the step after `from_step` is done (pgseald calls it in the transaction that did
-/// the step's work). `export_file` is kept with 'exported'.
+/// the step's work). `export_file` and the file's SHA-256 (hex), which the receipt
+/// names, are required with 'exported' and refused with any other step.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _offboard_advance(
     tenant: Option<&str>,
     from_step: Option<&str>,
     to_step: Option<&str>,
     export_file: default!(Option<&str>, "NULL"),
+    export_sha256: default!(Option<&str>, "NULL"),
 ) {
     (|| {
         let tenant = checked(tenant, "_offboard_advance")?;
@@ -522,8 +524,18 @@ fn _offboard_advance(
                 "to_step must be the step after from_step",
             ));
         }
-        if to == "exported" && export_file.is_none() {
-            return Err(SealError::NullArgument("export_file"));
+        if to == "exported" {
+            export_file.ok_or(SealError::NullArgument("export_file"))?;
+            let hash = export_sha256.ok_or(SealError::NullArgument("export_sha256"))?;
+            if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(SealError::InvalidArgument(
+                    "export_sha256 must be the export file's SHA-256 in 64 lower-case hex digits",
+                ));
+            }
+        } else if export_file.is_some() || export_sha256.is_some() {
+            return Err(SealError::InvalidArgument(
+                "export_file and export_sha256 go with the step to 'exported' only",
+            ));
         }
         require_step(&tenant, from)?;
         if to == "deleted" && rows_left(&tenant)? > 0 {
@@ -534,8 +546,14 @@ fn _offboard_advance(
         as_owner(|| {
             Spi::run_with_args(
                 "UPDATE pgseal.tenant_offboardings SET step = $2, step_at = pg_catalog.now(), \
-                        export_file = COALESCE($3, export_file) WHERE tenant_id = $1",
-                &[tenant.as_str().into(), to.into(), export_file.into()],
+                        export_file = COALESCE($3, export_file), export_sha256 = COALESCE($4, export_sha256) \
+                  WHERE tenant_id = $1",
+                &[
+                    tenant.as_str().into(),
+                    to.into(),
+                    export_file.into(),
+                    export_sha256.into(),
+                ],
             )
         })?;
         Ok(())
@@ -615,11 +633,11 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                 "redo": "rows, data keys or ledger payloads of the tenant were written after their step; back to deleting"
             })));
         }
-        let (file, deleted, erased, kept) = as_owner(|| {
+        let (file, sha256, deleted, erased, kept) = as_owner(|| {
             Spi::connect(|c| {
                 let row = c
                     .select(
-                        "SELECT o.export_file, o.deleted, \
+                        "SELECT o.export_file, o.export_sha256, o.deleted, \
                                 (SELECT pg_catalog.count(*) FROM pgseal.ledger l WHERE l.tenant_id = $1 AND l.commitment IS NOT NULL), \
                                 (SELECT pg_catalog.count(*) FROM pgseal.ledger l WHERE l.tenant_id = $1 AND l.fmt = 1) \
                            FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $1",
@@ -629,14 +647,16 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                     .first();
                 Ok::<_, pgrx::spi::Error>((
                     row.get::<String>(1)?,
-                    row.get::<JsonB>(2)?.map(|j| j.0),
-                    row.get::<i64>(3)?,
+                    row.get::<String>(2)?,
+                    row.get::<JsonB>(3)?.map(|j| j.0),
                     row.get::<i64>(4)?,
+                    row.get::<i64>(5)?,
                 ))
             })
         })?;
         let receipt = json!({
             "export_file": file,
+            "export_sha256": sha256,
             "deleted": deleted,
             "ledger_entries_erased": erased,
             "format_1_entries_kept": kept,

@@ -9,6 +9,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pgseal_tests::{count, Cluster, Pgseald, KEY_V1};
+use sha2::Digest;
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Runs `pgseald offboard run` until it reports `failpoint` on stderr, then kills
 /// it with SIGKILL. Panics when it exits first.
@@ -178,6 +183,14 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
         .get(0);
     assert_eq!(receipt["deleted"]["public.users"], 7, "{receipt}");
     assert_eq!(receipt["deleted"]["public.orders"], 11, "{receipt}");
+    // It names the export file and its SHA-256, which the file on disk has.
+    let file = receipt["export_file"].as_str().unwrap();
+    let bytes = std::fs::read(file).unwrap();
+    assert_eq!(
+        receipt["export_sha256"],
+        hex_of(&sha2::Sha256::digest(&bytes)),
+        "{receipt}"
+    );
     // The ledger: every payload erased but pgseal's tenant.* receipts, and the chain
     // verifies, in the database and offline against the final checkpoint.
     assert_eq!(

@@ -241,8 +241,8 @@ fn export_path(dir: &Path, tenant: &str, suffix: &str) -> PathBuf {
 }
 
 /// Writes `lines` to `path` atomically: a temporary file beside it, synced, renamed,
-/// and the directory synced.
-fn write_atomically(path: &Path, lines: &[String]) -> Result<(), DaemonError> {
+/// and the directory synced. Returns the SHA-256 of the bytes written, in hex.
+fn write_atomically(path: &Path, lines: &[String]) -> Result<String, DaemonError> {
     let io = |e: std::io::Error| DaemonError::File(path.display().to_string(), e.to_string());
     // A new file (never one that exists, nor a symbolic link planted there), that
     // only pgseald's user can read, under a name no one can guess.
@@ -259,9 +259,13 @@ fn write_atomically(path: &Path, lines: &[String]) -> Result<(), DaemonError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io)?;
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
     for l in lines {
         f.write_all(l.as_bytes()).map_err(io)?;
         f.write_all(b"\n").map_err(io)?;
+        hash.update(l.as_bytes());
+        hash.update(b"\n");
     }
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
@@ -270,7 +274,7 @@ fn write_atomically(path: &Path, lines: &[String]) -> Result<(), DaemonError> {
             .and_then(|d| d.sync_all())
             .map_err(io)?;
     }
-    Ok(())
+    Ok(hex::encode(hash.finalize()))
 }
 
 /// Runs `sql` in a transaction under `tenant`'s context (the extension reads,
@@ -303,13 +307,13 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
     .map(|r| r.get(0))
     .collect();
     let path = export_path(dir, tenant, ".offboard.jsonl");
-    write_atomically(&path, &lines)?;
+    let sha256 = write_atomically(&path, &lines)?;
     failpoint("offboard.export_written").await;
     let file = path.to_string_lossy().into_owned();
     client
         .execute(
-            "SELECT pgseal._offboard_advance($1, 'scheduled', 'exported', $2)",
-            &[&tenant, &file],
+            "SELECT pgseal._offboard_advance($1, 'scheduled', 'exported', $2, $3)",
+            &[&tenant, &file, &sha256],
         )
         .await
         .map_err(DaemonError::Query)?;

@@ -138,6 +138,22 @@ mod tests {
                 "22004",
             ),
             (
+                "SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/x')",
+                "22004",
+            ),
+            (
+                "SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/x', repeat('A', 64))",
+                "22023",
+            ),
+            (
+                "SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/x', repeat('a', 63))",
+                "22023",
+            ),
+            (
+                "SELECT pgseal._offboard_advance('off-steps', 'exported', 'deleted', '/x', repeat('a', 64))",
+                "22023",
+            ),
+            (
                 "SELECT pgseal._offboard_advance('off-steps', 'exported', 'deleted')",
                 "55000",
             ),
@@ -160,13 +176,13 @@ mod tests {
         );
         assert!(!export.contains("off-bystander"), "{export}");
         assert_eq!(export.matches("\"ledger\"").count(), 6, "{export}");
-        run("SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/exports/off-steps.jsonl')");
+        run("SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/exports/off-steps.jsonl', repeat('a', 64))");
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_export('off-steps')"),
             "55000"
         );
         assert_eq!(
-            sqlstate("SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/x')"),
+            sqlstate("SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/x', repeat('a', 64))"),
             "55000"
         );
         let mut n = 0;
@@ -208,6 +224,7 @@ mod tests {
         );
         assert_eq!(receipt.0["ledger_entries_erased"], 6);
         assert_eq!(receipt.0["export_file"], "/exports/off-steps.jsonl");
+        assert_eq!(receipt.0["export_sha256"], "a".repeat(64));
         assert_eq!(step("off-steps"), "receipted");
         assert!(events("off-steps").ends_with(",tenant.offboarded"));
         let (ok, erased) =
@@ -232,7 +249,7 @@ mod tests {
         // make a batch report none left.
         tenant_data("off-hint");
         run("SELECT pgseal.tenant_offboard('off-hint', '0')");
-        run("SELECT pgseal._offboard_advance('off-hint', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-hint', 'scheduled', 'exported', '/x', repeat('a', 64))");
         let rel: pg_sys::Oid = one("SELECT 'public.off_users'::regclass::oid");
         crate::offboard::set_resume_hint("off-hint", rel, "(1000,1)");
         let mut n = 0;
@@ -267,7 +284,7 @@ mod tests {
     fn the_receipt_is_refused_while_keys_or_payloads_remain() {
         tenant_data("off-undone");
         run("SELECT pgseal.tenant_offboard('off-undone', '0')");
-        run("SELECT pgseal._offboard_advance('off-undone', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-undone', 'scheduled', 'exported', '/x', repeat('a', 64))");
         // Not past deleting while rows are left.
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-undone', 'exported', 'deleted')"),
@@ -293,11 +310,11 @@ mod tests {
             "SELECT 'off-held' IN (SELECT * FROM pgseal._offboard_due())"
         ));
         assert_eq!(
-            sqlstate("SELECT pgseal._offboard_advance('off-held', 'scheduled', 'exported', '/x')"),
+            sqlstate("SELECT pgseal._offboard_advance('off-held', 'scheduled', 'exported', '/x', repeat('a', 64))"),
             "55000"
         );
         run("SELECT pgseal.retention_hold('off-held', false)");
-        run("SELECT pgseal._offboard_advance('off-held', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-held', 'scheduled', 'exported', '/x', repeat('a', 64))");
         run("SELECT pgseal.retention_hold('off-held', true)");
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-held', 'exported', 'deleted')"),
@@ -316,7 +333,7 @@ mod tests {
         );
         run("CREATE TRIGGER keep BEFORE DELETE ON public.off_users FOR EACH ROW EXECUTE FUNCTION public.off_keep()");
         run("SELECT pgseal.tenant_offboard('off-kept', '0')");
-        run("SELECT pgseal._offboard_advance('off-kept', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-kept', 'scheduled', 'exported', '/x', repeat('a', 64))");
         while one::<i64>("SELECT pgseal._offboard_delete('off-kept', 10)") > 0 {}
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-kept', 'exported', 'deleted')"),
@@ -329,7 +346,7 @@ mod tests {
     fn what_is_written_after_its_step_sends_the_offboarding_back() {
         tenant_data("off-late");
         run("SELECT pgseal.tenant_offboard('off-late', '0')");
-        run("SELECT pgseal._offboard_advance('off-late', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-late', 'scheduled', 'exported', '/x', repeat('a', 64))");
         while one::<i64>("SELECT pgseal._offboard_delete('off-late', 10)") > 0 {}
         run("SELECT pgseal._offboard_advance('off-late', 'exported', 'deleted')");
         run("SELECT pgseal.tenant_shred('off-late')");
@@ -356,7 +373,7 @@ mod tests {
         let export: String =
             one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-only') l");
         assert!(!export.contains("off_unregistered"), "{export}");
-        run("SELECT pgseal._offboard_advance('off-only', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-only', 'scheduled', 'exported', '/x', repeat('a', 64))");
         while one::<i64>("SELECT pgseal._offboard_delete('off-only', 10)") > 0 {}
         assert_eq!(
             one::<i64>("SELECT count(*) FROM public.off_unregistered"),
@@ -375,7 +392,7 @@ mod tests {
         owner_trap_statistic("off_owner", "off", "public.off_stats");
         tenant("off-stats");
         run("SELECT pgseal.tenant_offboard('off-stats', '0')");
-        run("SELECT pgseal._offboard_advance('off-stats', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-stats', 'scheduled', 'exported', '/x', repeat('a', 64))");
         run("TRUNCATE public.off_seen");
         run("SELECT pgseal._offboard_advance('off-stats', 'exported', 'deleted')");
         assert_eq!(owner_trap_ran_as("off"), "off_owner");
@@ -413,7 +430,7 @@ mod tests {
             "22023"
         );
         tenant("off-ctx");
-        run("SELECT pgseal._offboard_advance('off-ctx', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-ctx', 'scheduled', 'exported', '/x', repeat('a', 64))");
         tenant("someone-else");
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_delete('off-ctx', 5)"),
@@ -437,7 +454,7 @@ mod tests {
         tenant("off-rls");
         run("INSERT INTO public.off_rls VALUES ('hidden', 'off-rls')");
         run("SELECT pgseal.tenant_offboard('off-rls', '0')");
-        run("SELECT pgseal._offboard_advance('off-rls', 'scheduled', 'exported', '/x')");
+        run("SELECT pgseal._offboard_advance('off-rls', 'scheduled', 'exported', '/x', repeat('a', 64))");
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-rls', 'exported', 'deleted')"),
             "55000"
