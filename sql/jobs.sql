@@ -210,7 +210,8 @@ BEGIN
                JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) s.rel
                JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.rel
                     AND a.attnum OPERATOR(pg_catalog.=) s.attnum AND NOT a.attisdropped
-              WHERE r.relkind IN ('r', 'p') AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype LOOP
+              WHERE r.relkind IN ('r', 'p') AND r.relpersistence OPERATOR(pg_catalog.<>) 't'
+                AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype LOOP
         -- Planning a scan of it would run code its owner wrote, as this function's
         -- owner: not counted (docs/SECURITY.md, "Privilege boundary").
         IF pgseal._planning_runs_owner_code(c.rel::pg_catalog.oid) THEN

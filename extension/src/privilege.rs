@@ -230,6 +230,38 @@ pub fn as_table_owner<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Locks, in `lockmode`, every relation that `tree` (a query of `rel`'s
+/// relatives, `$1` being `rel`, already locked) returns, until the set is the
+/// same twice: each read takes a fresh snapshot (read-write SPI, under READ
+/// COMMITTED), so a relative attached while pgseal waited for a lock is seen and
+/// locked too. A child is attached under a lock on its parent, so the set settles.
+fn lock_tree(tree: &str, rel: pg_sys::Oid, lockmode: u32) -> crate::error::SealResult<()> {
+    let mut locked = vec![rel];
+    loop {
+        let now = as_owner(|| {
+            pgrx::Spi::connect_mut(|c| {
+                c.update(tree, None, &[rel.into()])?
+                    .map(|r| r.get::<pg_sys::Oid>(1))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+        })?;
+        let mut grew = false;
+        for oid in now.into_iter().flatten() {
+            if !locked.contains(&oid) {
+                // SAFETY: LockRelationOid takes a heavyweight lock on an OID that
+                // need not exist (it raises nothing for a missing one), held to
+                // transaction end.
+                unsafe { pg_sys::LockRelationOid(oid, lockmode as pg_sys::LOCKMODE) };
+                locked.push(oid);
+                grew = true;
+            }
+        }
+        if !grew {
+            return Ok(());
+        }
+    }
+}
+
 /// Whether planning a query on `rel` could run code that a role other than a
 /// superuser wrote: PostgreSQL's planner simplifies, as whoever plans the query,
 /// the expressions of the table's indexes (and their predicates), extended
@@ -270,16 +302,7 @@ pub fn planning_runs_owner_code(rel: pg_sys::Oid) -> crate::error::SealResult<bo
     if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
         return Ok(true);
     }
-    let tree = as_owner(|| {
-        pgrx::Spi::connect(|c| {
-            c.select(TREE, None, &[rel.into()])?
-                .map(|r| r.get::<pg_sys::Oid>(1))
-                .collect::<Result<Vec<_>, _>>()
-        })
-    })?;
-    for oid in tree.into_iter().flatten() {
-        lock(oid);
-    }
+    lock_tree(TREE, rel, pg_sys::ShareUpdateExclusiveLock)?;
     Ok(as_owner(|| {
         pgrx::Spi::get_one_with_args::<bool>(
             "WITH RECURSIVE down(oid) AS ( \
@@ -443,43 +466,49 @@ pub fn pinned_name(rel: pg_sys::Oid, lockmode: u32) -> crate::error::SealResult<
 }
 
 /// Fails (42501) when a statement on table `rel` run as its owner `owner`
-/// (`as_table_owner`) could run code that a third role wrote, with the owner's
-/// rights: a partition or inheritance child (locked here in `lockmode`, with
-/// `rel`) owned by another role (its triggers, indexes, statistics); an enabled
-/// user trigger on any of them whose function, or a function or operator of its
-/// WHEN condition, is SECURITY INVOKER and belongs to neither the owner, the
-/// extension's owner nor a superuser (whoever holds the TRIGGER privilege can create one); or, among
-/// `set_columns` (quoted names, set to their defaults by an UPDATE), a column
-/// whose type is a domain (or a domain over one) of such a role, whose default
-/// and CHECK constraints would run. The owner's own code is trusted, as
-/// PostgreSQL's VACUUM and ANALYZE trust it.
+/// (`as_table_owner`) could run code that a third role (neither the owner, the
+/// extension's owner nor a superuser) wrote, with the owner's rights:
+/// - a partition or inheritance child (locked here in `lockmode`, with `rel`)
+///   owned by another role (its triggers, indexes, statistics);
+/// - an enabled user trigger on any of them whose function, or a function or
+///   operator of its WHEN condition, belongs to a third role (whoever holds the
+///   TRIGGER privilege can create one; SECURITY DEFINER is no excuse, since its
+///   owner can make it SECURITY INVOKER at any time);
+/// - where pgseal's row audit is on, a column whose type reaches (through
+///   domains, arrays, ranges and composites) a type of a third role, whose cast
+///   to json the audit's `to_jsonb` would run;
+/// - among `set_columns` (quoted names, set to their defaults by an UPDATE), a
+///   column whose type is a domain (or a domain over one) of a third role, whose
+///   default and CHECK constraints would run.
+///
+/// The owner's own code is trusted, as PostgreSQL's VACUUM and ANALYZE trust it.
+/// Refused (0A000) under REPEATABLE READ and SERIALIZABLE, whose snapshot would
+/// hide a trigger or child added while pgseal waited for its locks.
 pub fn require_only_owners_code(
     rel: pg_sys::Oid,
     owner: pg_sys::Oid,
     lockmode: u32,
     set_columns: &[String],
 ) -> crate::error::SealResult<()> {
-    let tree = as_owner(|| {
-        pgrx::Spi::connect(|c| {
-            c.select(
-                "WITH RECURSIVE down(oid) AS ( \
-                     SELECT $1::pg_catalog.oid \
-                     UNION \
-                     SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
-                 ) SELECT oid FROM down",
-                None,
-                &[rel.into()],
-            )?
-            .map(|r| r.get::<pg_sys::Oid>(1))
-            .collect::<Result<Vec<_>, _>>()
-        })
-    })?;
-    for oid in tree.into_iter().flatten() {
-        // SAFETY: LockRelationOid takes a heavyweight lock on an OID that need not
-        // exist, held to transaction end: no trigger is created on a member of the
-        // tree (SHARE ROW EXCLUSIVE) between this check and a DML statement.
-        unsafe { pg_sys::LockRelationOid(oid, lockmode as pg_sys::LOCKMODE) };
+    // SAFETY: XactIsoLevel is a plain int global set for every transaction.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        // The catalog reads below would see the transaction's snapshot, not a
+        // trigger or child added while pgseal waited for its locks.
+        return Err(crate::error::SealError::NotSupported(
+            "statements on registered tables run in READ COMMITTED transactions only",
+        ));
     }
+    // SAFETY: as in lock_tree.
+    unsafe { pg_sys::LockRelationOid(rel, lockmode as pg_sys::LOCKMODE) };
+    lock_tree(
+        "WITH RECURSIVE down(oid) AS ( \
+             SELECT $1::pg_catalog.oid \
+             UNION \
+             SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
+         ) SELECT oid FROM down",
+        rel,
+        lockmode,
+    )?;
     let foreign = as_owner(|| {
         pgrx::Spi::get_one_with_args::<bool>(
             "WITH RECURSIVE down(oid) AS ( \
@@ -511,11 +540,31 @@ pub fn require_only_owners_code(
                  UNION \
                  SELECT y.typbasetype FROM pg_catalog.pg_type y JOIN domains m ON y.oid OPERATOR(pg_catalog.=) m.oid \
                   WHERE y.typtype OPERATOR(pg_catalog.=) 'd' \
+             ), audited AS ( \
+                 SELECT 1 FROM down t JOIN pg_catalog.pg_trigger g ON g.tgrelid OPERATOR(pg_catalog.=) t.oid \
+                  WHERE g.tgfoid OPERATOR(pg_catalog.=) 'pgseal._audit_row'::pg_catalog.regproc \
+                    AND g.tgenabled OPERATOR(pg_catalog.<>) 'D' \
+             ), reachable(oid) AS ( \
+                 SELECT a.atttypid FROM down t JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) t.oid \
+                  WHERE a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped AND EXISTS (SELECT 1 FROM audited) \
+                 UNION \
+                 SELECT n.next FROM reachable m JOIN pg_catalog.pg_type y ON y.oid OPERATOR(pg_catalog.=) m.oid \
+                 CROSS JOIN LATERAL ( \
+                     SELECT y.typbasetype WHERE y.typtype OPERATOR(pg_catalog.=) 'd' \
+                     UNION ALL SELECT y.typelem WHERE y.typelem OPERATOR(pg_catalog.<>) 0 \
+                     UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r \
+                                WHERE r.rngtypid OPERATOR(pg_catalog.=) y.oid OR r.rngmultitypid OPERATOR(pg_catalog.=) y.oid \
+                     UNION ALL SELECT ca.atttypid FROM pg_catalog.pg_attribute ca \
+                                WHERE ca.attrelid OPERATOR(pg_catalog.=) y.typrelid AND y.typrelid OPERATOR(pg_catalog.<>) 0 \
+                                  AND ca.attnum OPERATOR(pg_catalog.>) 0 AND NOT ca.attisdropped \
+                 ) AS n(next) \
              ) \
              SELECT EXISTS (SELECT 1 FROM down t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.oid \
                              WHERE c.relowner OPERATOR(pg_catalog.<>) $2) \
+                 OR EXISTS (SELECT 1 FROM reachable m JOIN pg_catalog.pg_type y ON y.oid OPERATOR(pg_catalog.=) m.oid \
+                             WHERE y.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid AND y.typowner IN (SELECT oid FROM others)) \
                  OR EXISTS (SELECT 1 FROM trigger_funcs f JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) f.oid \
-                             WHERE NOT p.prosecdef AND p.proowner IN (SELECT oid FROM others)) \
+                             WHERE p.proowner IN (SELECT oid FROM others)) \
                  OR EXISTS (SELECT 1 FROM domains m JOIN pg_catalog.pg_type y ON y.oid OPERATOR(pg_catalog.=) m.oid \
                              WHERE y.typtype OPERATOR(pg_catalog.=) 'd' AND y.typowner IN (SELECT oid FROM others))",
             &[

@@ -117,10 +117,12 @@ impl Registration {
 /// Fails (42501) unless the caller has `privilege` on table `rel` (owned by
 /// `owner`), and when row-level security binds the caller on it but not its owner
 /// (not FORCEd, or an owner that is superuser or BYPASSRLS), or binds both with a
-/// policy for particular roles (`TO …`) or one whose expressions name the current
-/// role (`current_user`, …): a statement run as the owner (`as_table_owner`) would
-/// reach rows the caller's policies hide. (A policy that calls a function which
-/// reads the current role is not seen; docs/SECURITY.md says so.)
+/// policy for particular roles (`TO …`), one whose expressions name the current
+/// role (`current_user`, `pg_has_role`, `has_…_privilege`, …), or one that reads
+/// another table (whose own policies would be the owner's): a statement run as the
+/// owner (`as_table_owner`) would reach rows the caller's policies hide. (A policy
+/// that calls a function which reads the current role is not seen; docs/SECURITY.md
+/// says so.)
 pub(crate) fn require_table_access(
     rel: pg_sys::Oid,
     owner: pg_sys::Oid,
@@ -157,7 +159,12 @@ pub(crate) fn require_table_access(
                                    AND (p.polroles OPERATOR(pg_catalog.<>) '{0}'::pg_catalog.oid[] \
                                         OR pg_catalog.concat(pg_catalog.pg_get_expr(p.polqual, p.polrelid), ' ', \
                                                              pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid)) \
-                                           OPERATOR(pg_catalog.~*) E'\\\\m(current_user|session_user|current_role|user)\\\\M'))",
+                                           OPERATOR(pg_catalog.~*) E'\\\\m(current_user|session_user|current_role|user|getpgusername|pg_has_role|has_[a-z_]+_privilege|row_security_active)\\\\M' \
+                                        OR EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+                                                    WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
+                                                      AND d.objid OPERATOR(pg_catalog.=) p.oid \
+                                                      AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+                                                      AND d.refobjid OPERATOR(pg_catalog.<>) p.polrelid)))",
                 &[rel.into()],
             )
         })?;

@@ -168,3 +168,29 @@ fn a_schema_renamed_while_pgseal_waits_never_puts_another_relation_under_the_nam
         0
     );
 }
+
+#[test]
+fn statements_on_registered_tables_refuse_a_snapshot_older_than_their_locks() {
+    // Under REPEATABLE READ the catalog checks made before a statement runs as the
+    // table's owner would read the transaction's snapshot, blind to a trigger added
+    // while pgseal waited for its lock: refused (0A000), nothing done.
+    let cl = Cluster::start("name_swap_rr", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(SETUP).unwrap();
+    c.batch_execute(
+        "SELECT pgseal.set_tenant('acme');
+         INSERT INTO app.t VALUES ('u1', 'acme', NULL);",
+    )
+    .unwrap();
+    for call in [
+        "SELECT pgseal.subject_erase('acme', 'u1')",
+        "SELECT pgseal.subject_export('acme', 'u1')",
+    ] {
+        let r = c.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pgseal.set_tenant('acme'); {call}; COMMIT"
+        ));
+        assert_eq!(pgseal_tests::sqlstate(r), "0A000", "{call}");
+        c.batch_execute("ROLLBACK").unwrap();
+    }
+    assert_eq!(pgseal_tests::count(&mut c, "SELECT count(*) FROM app.t"), 1);
+}

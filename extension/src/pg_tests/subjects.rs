@@ -620,18 +620,38 @@ mod tests {
         );
         assert_eq!(owner_trap_ran_as("subj_third"), "");
         assert_eq!(one::<i64>("SELECT count(*) FROM public.subj_trig"), 1);
-        // Disabled, or SECURITY DEFINER (it then runs as its own owner): allowed.
+        // SECURITY DEFINER does not make it safe: its owner can turn it back into
+        // SECURITY INVOKER at any time, between the check and the delete.
+        run("ALTER FUNCTION public.subj_third_trg() SECURITY DEFINER");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-trig', 'u1')"),
+            "42501"
+        );
+        // Disabled, it runs nowhere: allowed.
         run("ALTER TABLE public.subj_trig_a DISABLE TRIGGER z");
         let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-trig', 'u1')");
         assert_eq!(receipt.0["tables"][0]["deleted"], 1);
-        run("INSERT INTO public.subj_trig VALUES ('u1', 'subj-trig', 'n')");
-        run("ALTER TABLE public.subj_trig_a ENABLE TRIGGER z");
-        run("ALTER FUNCTION public.subj_third_trg() SECURITY DEFINER");
-        let receipt: pgrx::JsonB = one("SELECT pgseal.subject_erase('subj-trig', 'u1')");
-        assert_eq!(receipt.0["tables"][0]["deleted"], 1);
-        assert_eq!(owner_trap_ran_as("subj_third"), "subj_third");
+        assert_eq!(owner_trap_ran_as("subj_third"), "");
         run("INSERT INTO public.subj_trig VALUES ('u1', 'subj-trig', 'n')");
         run("DROP TRIGGER z ON public.subj_trig_a");
+        // Where the row audit is on, a column of a third role's type (whose cast to
+        // json the audit would run as the owner) stops the erasure.
+        owner_trap_json_cast("subj_third", "subj_third");
+        run("CREATE TABLE public.subj_aud (id text, tenant_id text NOT NULL, mood public.subj_third_mood[])");
+        run("ALTER TABLE public.subj_aud OWNER TO subj_tbl_owner");
+        run("SELECT pgseal.subject_register('public.subj_aud', 'id')");
+        run("INSERT INTO public.subj_aud VALUES ('u9', 'subj-trig', '{calm}')");
+        run("TRUNCATE public.subj_third_seen");
+        one::<pgrx::JsonB>("SELECT pgseal.subject_erase('subj-trig', 'u9')");
+        run("INSERT INTO public.subj_aud VALUES ('u9', 'subj-trig', '{calm}')");
+        run("SELECT pgseal.ledger_audit('public.subj_aud')");
+        run("TRUNCATE public.subj_third_seen");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-trig', 'u9')"),
+            "42501"
+        );
+        assert_eq!(owner_trap_ran_as("subj_third"), "");
+        run("SELECT pgseal.ledger_unaudit('public.subj_aud')");
         // A partition of another owner: its triggers and index expressions are its
         // owner's, so export and erasure refuse the tree.
         run("ALTER TABLE public.subj_trig_a OWNER TO subj_third");
@@ -741,12 +761,19 @@ mod tests {
         let rows = out.0["tables"][0]["rows"].as_array().unwrap().clone();
         assert_eq!(rows.len(), 1, "{rows:?}");
         assert!(rows[0]["secret"].is_null());
-        // A policy for particular roles, or one that names the current role, would
-        // be the owner's and not the caller's: refused, each of them.
+        // A policy for particular roles, one that names the current role, or one
+        // that reads another table (with policies of its own) would be the owner's
+        // and not the caller's: refused, each of them.
+        run("CREATE TABLE public.subj_rls_acl (id text)");
+        run("ALTER TABLE public.subj_rls_acl OWNER TO subj_rls_owner");
         for policy in [
             "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE TO subj_rls_reader USING (id = 'u2')",
             "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE USING (secret IS DISTINCT FROM current_user)",
             "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE WITH CHECK (session_user IS NOT NULL)",
+            "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE USING (pg_has_role('pg_monitor', 'MEMBER'))",
+            "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE USING (has_table_privilege('public.subj_rls', 'UPDATE'))",
+            "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE USING (getpgusername() IS NOT NULL)",
+            "CREATE POLICY readers ON public.subj_rls AS RESTRICTIVE USING (id IN (SELECT a.id FROM public.subj_rls_acl a))",
         ] {
             run(policy);
             run("SET LOCAL ROLE subj_rls_reader");
