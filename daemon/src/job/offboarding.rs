@@ -277,8 +277,16 @@ fn write_atomically(path: &Path, lines: &[String]) -> Result<String, DaemonError
     Ok(hex::encode(hash.finalize()))
 }
 
+/// How long a statement on the application's tables waits for a lock. Whoever can
+/// hold a lock on a registered table, or on its schema's catalog row (an open
+/// GRANT or ALTER SCHEMA), could otherwise stall the offboarding of every tenant
+/// behind it; past this the tenant's step fails for this run (with the error in
+/// `job_runs` and the log) and is taken up again by the next.
+const LOCK_TIMEOUT: &str = "10s";
+
 /// Runs `sql` in a transaction under `tenant`'s context (the extension reads,
-/// deletes and counts the tenant's rows under it); returns its rows.
+/// deletes and counts the tenant's rows under it), with `LOCK_TIMEOUT`; returns
+/// its rows.
 async fn in_tenant(
     client: &mut Client,
     tenant: &str,
@@ -286,6 +294,9 @@ async fn in_tenant(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, DaemonError> {
     let tx = client.transaction().await.map_err(DaemonError::Query)?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        .await
+        .map_err(DaemonError::Query)?;
     tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
         .await
         .map_err(DaemonError::Query)?;
