@@ -249,3 +249,46 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
         .get(0);
     assert_eq!(last, "ok");
 }
+
+#[test]
+fn a_lock_held_on_a_table_fails_the_step_instead_of_stalling_it() {
+    // Whoever can hold a lock on a registered table (its owner, its schema's owner
+    // through an uncommitted DROP) could stall pgseald's offboarding for every
+    // tenant: its transactions wait at most 10 s, then the tenant's step fails for
+    // the run and is taken up by the next.
+    let cl = Cluster::start("offboard_lock", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE users (id text PRIMARY KEY, tenant_id text NOT NULL);
+         SELECT pgseal.subject_register('users', 'id');
+         INSERT INTO users VALUES ('u1', 'acme');
+         SELECT pgseal.tenant_offboard('acme', '0');",
+    )
+    .unwrap();
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("offboard-lock-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut holder = cl.connect();
+    holder
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let began = Instant::now();
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap()])
+        .on(&cl)
+        .run();
+    let took = began.elapsed();
+    // A tenant's failure is reported, and the run goes on with the others.
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: scheduled"), "{out}");
+    assert!(out.contains("lock timeout"), "{out}");
+    assert!(took < Duration::from_secs(40), "{took:?}: {out}");
+    holder.batch_execute("ROLLBACK").unwrap();
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap()])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: done"), "{out}");
+}
