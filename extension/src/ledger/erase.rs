@@ -19,7 +19,6 @@
 //! loses its payload and salt for a commitment (sql/ledger_api.sql).
 
 use pgrx::prelude::*;
-use pgseal_core::canonical::canonical_payload;
 use pgseal_core::ledger::{entry_hash_v2, payload_commitment, EntryFieldsV2, Hash, Salt};
 
 use super::guard::{self, Scope};
@@ -27,8 +26,9 @@ use crate::error::{SealError, SealResult};
 use crate::privilege::as_owner;
 
 /// The columns an erasure reads of an entry, in the order `erase` reads them.
-const COLUMNS: &str = "l.seq, (EXTRACT(epoch FROM l.recorded_at) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8, \
-       l.actor, l.db_role, l.event, l.subjects, l.payload::pg_catalog.text, l.salt, l.prev_hash, l.hash";
+const COLUMNS: &str =
+    "l.seq, (EXTRACT(epoch FROM l.recorded_at) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8, \
+       l.actor, l.db_role, l.event, l.subjects, l.payload, l.salt, l.prev_hash, l.hash";
 
 /// What every erasure leaves: entries without a payload to erase (format 1, which
 /// has no commitment; already erased), and pgseal's receipts of erasures and
@@ -102,13 +102,14 @@ pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
                     .into_iter()
                     .collect::<Option<_>>()
                     .ok_or_else(bad)?;
-                let payload: String = r.get(7)?.ok_or_else(bad)?;
+                let payload: crate::pg::jsonb::JsonbArg = r.get(7)?.ok_or_else(bad)?;
                 let salt: Vec<u8> = r.get(8)?.ok_or_else(bad)?;
                 let prev: Vec<u8> = r.get(9)?.ok_or_else(bad)?;
                 let hash: Vec<u8> = r.get(10)?.ok_or_else(bad)?;
                 let salt = Salt::try_from(salt.as_slice()).map_err(|_| bad())?;
                 let prev = Hash::try_from(prev.as_slice()).map_err(|_| bad())?;
-                let canonical = canonical_payload(&payload).map_err(|_| bad())?;
+                // From the stored binary form, as the verifier reads it.
+                let canonical = payload.canonical().map_err(|_| bad())?;
                 let commitment = payload_commitment(&salt, &canonical);
                 let recomputed = entry_hash_v2(&EntryFieldsV2 {
                     prev_hash: &prev,

@@ -91,6 +91,17 @@ impl FromDatum for JsonbArg {
     }
 }
 
+/// Read from SPI rows too (the erasure reads each entry's payload this way).
+impl pgrx::IntoDatum for JsonbArg {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(datum_of_raw(&self.raw))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
 /// A `jsonb` datum holding `raw` (a `JsonbArg`'s varlena), palloc'd in the current
 /// memory context.
 pub fn datum_of_raw(raw: &[u8]) -> pg_sys::Datum {
