@@ -159,6 +159,7 @@ async fn offboard(
             o.stopped = Some("stopped by a signal".into());
             return Ok(o);
         }
+        let began = Instant::now();
         let r = match step.as_str() {
             "scheduled" => export(client, tenant, &opts.export_dir).await,
             "exported" => delete_rows(client, tenant, batch, stop, &mut o).await,
@@ -186,7 +187,16 @@ async fn offboard(
             ))),
         };
         match r {
-            Ok(()) => failpoint(&format!("offboard.{}", next_step(&step))).await,
+            Ok(()) => {
+                tracing::info!(
+                    tenant = %tenant,
+                    step = %next_step(&step),
+                    seconds = began.elapsed().as_secs_f64(),
+                    batch = batch.size(),
+                    "offboarding: step done"
+                );
+                failpoint(&format!("offboard.{}", next_step(&step))).await
+            }
             // A hold set meanwhile: the database refused the step.
             Err(DaemonError::Query(e)) if e.code().map(|c| c.code()) == Some("55000") => {
                 tracing::warn!(tenant = %tenant, step = %step, "offboarding stopped: {e}");
