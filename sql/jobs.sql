@@ -206,7 +206,7 @@ BEGIN
     -- Only registrations that are still a plain or partitioned table with a text
     -- column: nothing else (a view, a function, a user type's operators) is read as
     -- the owner.
-    FOR c IN SELECT s.rel, a.attname AS col FROM pgseal.sealed_columns s
+    FOR c IN SELECT s.rel, s.attnum, a.attname AS col FROM pgseal.sealed_columns s
                JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) s.rel
                JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.rel
                     AND a.attnum OPERATOR(pg_catalog.=) s.attnum AND NOT a.attisdropped
@@ -219,9 +219,10 @@ BEGIN
             CONTINUE;
         END IF;
         -- The name, pinned to the table until the transaction ends (a schema renamed
-        -- meanwhile could otherwise put another relation under it).
+        -- meanwhile could otherwise put another relation under it), once the column
+        -- is seen, after the lock, to be text still.
         parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%I, '':'', 2) AS k FROM %s WHERE %I OPERATOR(pg_catalog.~~) ''v2:%%''',
-                                            c.col, pgseal._pinned_name(c.rel::pg_catalog.oid), c.col);
+                                            c.col, pgseal._pinned_name(c.rel::pg_catalog.oid, c.attnum), c.col);
     END LOOP;
     RETURN QUERY EXECUTE format(
         'WITH used AS (SELECT NULL::text AS k WHERE false%s)

@@ -33,9 +33,12 @@ SELECT c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog.\"char\
 
 /// Checks, as the caller, that pgseald may work on `rel`.
 fn check_job_table(rel: pg_sys::Oid) -> SealResult<()> {
+    // Read-write SPI: a fresh snapshot, so that the check made again after the
+    // scan's locks sees the table as it is then (a column's type changed while the
+    // scan waited would otherwise pass).
     let row = with_pinned_search_path(|| {
-        Spi::connect(|client| {
-            let t = client.select(CHECK, Some(1), &[rel.into()])?;
+        Spi::connect_mut(|client| {
+            let t = client.update(CHECK, Some(1), &[rel.into()])?;
             if t.is_empty() {
                 return Ok((None, None, None, None));
             }
@@ -95,6 +98,9 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
             }
         };
         let name = crate::privilege::pinned_name(rel, pg_sys::AccessShareLock)?;
+        // Again, now that the table is locked: its tenant_id may have changed type
+        // while the locks were awaited (to one whose cast to text its owner wrote).
+        check_job_table(rel)?;
         run_as(&mut || {
             // Citus refuses the recursive scan on its tables; a DISTINCT over the
             // distribution column runs on each shard instead (docs/SCALING.md).
@@ -139,12 +145,27 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
     SetOfIterator::new(r.or_raise())
 }
 
-/// `pgseal._pinned_name(rel)`: `privilege::pinned_name` (ACCESS SHARE), for
-/// `_key_usage` (SQL), which builds its query from the names of the registered
-/// tables and runs it as the extension owner. Executable by the owner only.
+/// `pgseal._pinned_name(rel, attnum)`: `privilege::pinned_name` (ACCESS SHARE),
+/// for `_key_usage` (SQL), which builds its query from the names of the
+/// registered tables and runs it as the extension owner; fails (55000) unless
+/// column `attnum` is, now that the table is locked, a `text` column (its type may
+/// have changed while the lock was awaited, to one whose casts its owner wrote).
+/// Executable by the owner only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
-fn _pinned_name(rel: pg_sys::Oid) -> String {
-    crate::privilege::pinned_name(rel, pg_sys::AccessShareLock).or_raise()
+fn _pinned_name(rel: pg_sys::Oid, attnum: i16) -> String {
+    (|| {
+        let name = crate::privilege::pinned_name(rel, pg_sys::AccessShareLock)?;
+        // SAFETY: a syscache lookup of the locked table's column; InvalidOid for a
+        // missing column (a dropped one has no type).
+        let typ = unsafe { pg_sys::get_atttype(rel, attnum) };
+        if typ != pg_sys::TEXTOID {
+            return Err(SealError::Refused(
+                "a registered sealed column is no longer a text column",
+            ));
+        }
+        Ok(name)
+    })()
+    .or_raise()
 }
 
 /// `pgseal._planning_runs_owner_code(rel)`: `privilege::planning_runs_owner_code`,

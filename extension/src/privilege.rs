@@ -498,17 +498,20 @@ pub fn require_only_owners_code(
             "statements on registered tables run in READ COMMITTED transactions only",
         ));
     }
-    // SAFETY: as in lock_tree.
-    unsafe { pg_sys::LockRelationOid(rel, lockmode as pg_sys::LOCKMODE) };
-    lock_tree(
-        "WITH RECURSIVE down(oid) AS ( \
+    // The statement's own lock mode, and SHARE UPDATE EXCLUSIVE, which ATTACH
+    // PARTITION, DETACH PARTITION CONCURRENTLY and ALTER TABLE … INHERIT take on
+    // the parent (the statement's ROW EXCLUSIVE or ACCESS SHARE would not stop
+    // them): the tree checked is the tree the statement runs on.
+    const DOWN: &str = "WITH RECURSIVE down(oid) AS ( \
              SELECT $1::pg_catalog.oid \
              UNION \
              SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN down t ON i.inhparent OPERATOR(pg_catalog.=) t.oid \
-         ) SELECT oid FROM down",
-        rel,
-        lockmode,
-    )?;
+         ) SELECT oid FROM down";
+    for mode in [lockmode, pg_sys::ShareUpdateExclusiveLock] {
+        // SAFETY: as in lock_tree.
+        unsafe { pg_sys::LockRelationOid(rel, mode as pg_sys::LOCKMODE) };
+        lock_tree(DOWN, rel, mode)?;
+    }
     let foreign = as_owner(|| {
         pgrx::Spi::get_one_with_args::<bool>(
             "WITH RECURSIVE down(oid) AS ( \

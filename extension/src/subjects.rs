@@ -434,6 +434,13 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             )?;
             r.require_clearable()?;
         }
+    }
+    let mut counts = Vec::new();
+    for r in registered {
+        let name = crate::privilege::pinned_name(r.rel, pg_sys::RowExclusiveLock)?;
+        // Checked right before the statement, not with the others up front: code
+        // that ran as an earlier table's owner could have changed this table since
+        // (this transaction's own locks do not stop it).
         let clears = if r.clears.is_empty() {
             Vec::new()
         } else {
@@ -447,10 +454,6 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             pg_sys::RowExclusiveLock,
             &clears,
         )?;
-    }
-    let mut counts = Vec::new();
-    for r in registered {
-        let name = crate::privilege::pinned_name(r.rel, pg_sys::RowExclusiveLock)?;
         let filter = format!(
             "_pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
              AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text",

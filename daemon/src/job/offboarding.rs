@@ -95,12 +95,14 @@ pub async fn run(
         .filter(|t: &String| opts.tenant.as_ref().is_none_or(|only| only == t))
         .collect();
     let mut out = Vec::new();
-    let mut batch = opts.batch;
+    // Rows deleted and payloads erased cost differently: each step sizes its own
+    // batches (a size learned on one would start the other far off its target).
+    let mut batches = (opts.batch, opts.batch);
     for tenant in due {
         if stop.is_cancelled() {
             break;
         }
-        match offboard(client, &tenant, opts, &mut batch, stop).await {
+        match offboard(client, &tenant, opts, &mut batches, stop).await {
             Ok(o) => out.push(o),
             Err(e) if client.is_closed() => return Err(e),
             Err(e) => {
@@ -136,7 +138,7 @@ async fn offboard(
     client: &mut Client,
     tenant: &str,
     opts: &Options,
-    batch: &mut Batch,
+    batches: &mut (Batch, Batch),
     stop: &CancellationToken,
 ) -> Result<Outcome, DaemonError> {
     let mut o = Outcome {
@@ -162,9 +164,9 @@ async fn offboard(
         let began = Instant::now();
         let r = match step.as_str() {
             "scheduled" => export(client, tenant, &opts.export_dir).await,
-            "exported" => delete_rows(client, tenant, batch, stop, &mut o).await,
+            "exported" => delete_rows(client, tenant, &mut batches.0, stop, &mut o).await,
             "deleted" => shred(client, tenant).await,
-            "shredded" => erase(client, tenant, batch, stop, &mut o).await,
+            "shredded" => erase(client, tenant, &mut batches.1, stop, &mut o).await,
             "erased" => match receipt(client, tenant).await {
                 Ok(true) => Ok(()),
                 Ok(false) if redos < 3 => {
@@ -192,7 +194,8 @@ async fn offboard(
                     tenant = %tenant,
                     step = %next_step(&step),
                     seconds = began.elapsed().as_secs_f64(),
-                    batch = batch.size(),
+                    delete_batch = batches.0.size(),
+                    erase_batch = batches.1.size(),
                     "offboarding: step done"
                 );
                 failpoint(&format!("offboard.{}", next_step(&step))).await

@@ -678,6 +678,49 @@ mod tests {
     }
 
     #[pg_test]
+    fn code_run_for_one_table_cannot_plant_a_trigger_on_the_next() {
+        // The owner of one registered table (statements on it run as that owner)
+        // holds TRIGGER on the next one; its trigger adds one there mid-erasure.
+        // Each table is checked right before its own statement, so the planted
+        // trigger is seen and refused, never run as the next table's owner.
+        owner_trap("subj_ord_x", "subj_ord");
+        run("CREATE ROLE subj_ord_o");
+        run("CREATE TABLE public.subj_ord_a (id text, tenant_id text NOT NULL)");
+        run("CREATE TABLE public.subj_ord_b (id text, tenant_id text NOT NULL)");
+        run("ALTER TABLE public.subj_ord_a OWNER TO subj_ord_x");
+        run("ALTER TABLE public.subj_ord_b OWNER TO subj_ord_o");
+        run("GRANT TRIGGER ON public.subj_ord_b TO subj_ord_x");
+        run("SELECT pgseal.subject_register('public.subj_ord_a', 'id')");
+        run("SELECT pgseal.subject_register('public.subj_ord_b', 'id')");
+        run("SET LOCAL ROLE subj_ord_x");
+        run(
+            "CREATE FUNCTION public.subj_ord_trg() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM public.subj_ord_note(); RETURN NULL; END $$",
+        );
+        run(
+            "CREATE FUNCTION public.subj_ord_plant() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               EXECUTE 'CREATE TRIGGER z AFTER DELETE ON public.subj_ord_b FOR EACH ROW EXECUTE FUNCTION public.subj_ord_trg()';
+               RETURN NULL;
+             END $$",
+        );
+        run(
+            "CREATE TRIGGER plant AFTER DELETE ON public.subj_ord_a FOR EACH STATEMENT \
+             EXECUTE FUNCTION public.subj_ord_plant()",
+        );
+        run("RESET ROLE");
+        tenant("subj-ord");
+        run("INSERT INTO public.subj_ord_a VALUES ('u1', 'subj-ord')");
+        run("INSERT INTO public.subj_ord_b VALUES ('u1', 'subj-ord')");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_erase('subj-ord', 'u1')"),
+            "42501"
+        );
+        assert_eq!(owner_trap_ran_as("subj_ord"), "");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.subj_ord_b"), 1);
+    }
+
+    #[pg_test]
     fn a_column_types_json_cast_never_runs_as_the_table_owner() {
         // Another role owns a column's type and its cast to json; the export reads
         // rows as the table's owner, so `to_jsonb` of the row would run that role's
