@@ -194,3 +194,99 @@ fn statements_on_registered_tables_refuse_a_snapshot_older_than_their_locks() {
     }
     assert_eq!(pgseal_tests::count(&mut c, "SELECT count(*) FROM app.t"), 1);
 }
+
+#[test]
+fn a_column_type_changed_while_pgseal_waits_is_seen_after_the_lock() {
+    // The table's owner changes the tenant and sealed columns to its own enum,
+    // whose cast to text is its function, in a transaction it commits once pgseal
+    // waits for the table's lock. Checked only before the lock, the column would
+    // pass as text and the scan, run as the extension owner, would call the cast.
+    let cl = Cluster::start("type_swap", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE mallory LOGIN;
+         CREATE SCHEMA mallory_s AUTHORIZATION mallory;
+         CREATE TABLE public.seen (who text);
+         GRANT INSERT ON public.seen TO PUBLIC;
+         CREATE TABLE public.m (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         ALTER TABLE public.m OWNER TO mallory;
+         SELECT pgseal.vault_register_column('public.m', 'token', 'c');
+         SELECT pgseal.set_tenant('acme');
+         INSERT INTO public.m VALUES (1, 'acme', 'v2:x');",
+    )
+    .unwrap();
+    cl.connect_as("mallory")
+        .batch_execute(
+            "CREATE TYPE mallory_s.e1 AS ENUM ('acme');
+             CREATE FUNCTION mallory_s.pwn(v mallory_s.e1) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.seen VALUES (current_user); RETURN pg_catalog.format('%s', v); END $$;
+             CREATE CAST (mallory_s.e1 AS text) WITH FUNCTION mallory_s.pwn(mallory_s.e1);
+             CREATE TYPE mallory_s.e2 AS ENUM ('v2:x');
+             CREATE FUNCTION mallory_s.pwn(v mallory_s.e2) RETURNS text LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.seen VALUES (current_user); RETURN pg_catalog.format('%s', v); END $$;
+             CREATE CAST (mallory_s.e2 AS text) WITH FUNCTION mallory_s.pwn(mallory_s.e2) AS IMPLICIT;",
+        )
+        .unwrap();
+    // The tenant column to an enum whose cast to text `_tenants_scan`'s `::text`
+    // would call; the sealed column to one whose implicit cast `_key_usage`'s text
+    // functions would call.
+    for (call, change) in [
+        (
+            "SELECT * FROM pgseal._tenants_of('public.m')",
+            "ALTER TABLE public.m ALTER tenant_id TYPE mallory_s.e1 USING tenant_id::mallory_s.e1",
+        ),
+        (
+            "SELECT * FROM pgseal.key_usage",
+            "ALTER TABLE public.m ALTER token TYPE mallory_s.e2 USING token::mallory_s.e2",
+        ),
+    ] {
+        let mut holder = cl.connect_as("mallory");
+        holder.batch_execute(&format!("BEGIN; {change}")).unwrap();
+        let mut victim = cl.connect();
+        let pid: i32 = victim
+            .query_one("SELECT pg_backend_pid()", &[])
+            .unwrap()
+            .get(0);
+        let script = call.to_owned();
+        let handle =
+            std::thread::spawn(move || pgseal_tests::sqlstate(victim.batch_execute(&script)));
+        let mut watch = cl.connect();
+        let started = Instant::now();
+        while !watch
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock')",
+                &[&pid],
+            )
+            .unwrap()
+            .get::<_, bool>(0)
+        {
+            assert!(started.elapsed() < Duration::from_secs(30), "{call}: never waited");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        holder.batch_execute("COMMIT").unwrap();
+        let outcome = handle.join().unwrap();
+        let ran_as: Vec<String> = c
+            .query(
+                "SELECT DISTINCT who FROM public.seen WHERE who <> 'mallory'",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            ran_as.is_empty(),
+            "{call} ({outcome}): the cast ran as {ran_as:?}"
+        );
+        assert_ne!(outcome, "00000", "{call}: the changed column was used");
+        // Back to text for the next call.
+        cl.connect_as("mallory")
+            .batch_execute(
+                "ALTER TABLE public.m ALTER tenant_id TYPE text USING pg_catalog.format('%s', tenant_id),
+                                     ALTER token TYPE text USING pg_catalog.format('%s', token);",
+            )
+            .unwrap();
+        c.batch_execute("TRUNCATE public.seen").unwrap();
+    }
+}
