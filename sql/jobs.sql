@@ -200,6 +200,7 @@ AS $$
 DECLARE
     parts text := '';
     c record;
+    pinned text[];
 BEGIN
     -- Registered tables in Citus are read on the workers as the owner.
     PERFORM pgseal._citus_owner_check();
@@ -218,11 +219,13 @@ BEGIN
             RAISE WARNING 'pgseal: key_usage does not count %: planning a query on it would run code its owner wrote (an index, statistics, partition key or constraint expression calling a function outside the system catalogs, or a foreign table)', c.rel;
             CONTINUE;
         END IF;
-        -- The name, pinned to the table until the transaction ends (a schema renamed
-        -- meanwhile could otherwise put another relation under it), once the column
-        -- is seen, after the lock, to be text still.
-        parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%I, '':'', 2) AS k FROM %s WHERE %I OPERATOR(pg_catalog.~~) ''v2:%%''',
-                                            c.col, pgseal._pinned_name(c.rel::pg_catalog.oid, c.attnum), c.col);
+        -- The table's name, pinned to it until the transaction ends (a schema
+        -- renamed meanwhile could otherwise put another relation under it), and the
+        -- column's, both read after the lock, once the column is seen to be text
+        -- still (one renamed or retyped meanwhile is never used by its old name).
+        pinned := pgseal._pinned_name(c.rel::pg_catalog.oid, c.attnum);
+        parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%s, '':'', 2) AS k FROM %s WHERE %s OPERATOR(pg_catalog.~~) ''v2:%%''',
+                                            pinned[2], pinned[1], pinned[2]);
     END LOOP;
     RETURN QUERY EXECUTE format(
         'WITH used AS (SELECT NULL::text AS k WHERE false%s)

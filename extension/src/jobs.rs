@@ -145,25 +145,32 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
     SetOfIterator::new(r.or_raise())
 }
 
-/// `pgseal._pinned_name(rel, attnum)`: `privilege::pinned_name` (ACCESS SHARE),
-/// for `_key_usage` (SQL), which builds its query from the names of the
-/// registered tables and runs it as the extension owner; fails (55000) unless
-/// column `attnum` is, now that the table is locked, a `text` column (its type may
-/// have changed while the lock was awaited, to one whose casts its owner wrote).
-/// Executable by the owner only.
+/// `pgseal._pinned_name(rel, attnum)`: for `_key_usage` (SQL), which builds its
+/// query from the names of the registered tables and columns and runs it as the
+/// extension owner: `{table, column}`, the table's name pinned
+/// (`privilege::pinned_name`, ACCESS SHARE) and column `attnum`'s name, both read
+/// after the lock; fails (55000) unless that column is a `text` column then. A
+/// column renamed, or retyped to one whose casts its owner wrote, while the lock
+/// was awaited is never used under the name or type read before it. Executable by
+/// the owner only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
-fn _pinned_name(rel: pg_sys::Oid, attnum: i16) -> String {
+fn _pinned_name(rel: pg_sys::Oid, attnum: i16) -> Vec<String> {
     (|| {
         let name = crate::privilege::pinned_name(rel, pg_sys::AccessShareLock)?;
-        // SAFETY: a syscache lookup of the locked table's column; InvalidOid for a
-        // missing column (a dropped one has no type).
-        let typ = unsafe { pg_sys::get_atttype(rel, attnum) };
-        if typ != pg_sys::TEXTOID {
-            return Err(SealError::Refused(
-                "a registered sealed column is no longer a text column",
-            ));
-        }
-        Ok(name)
+        let gone = || SealError::Refused("a registered sealed column is no longer a text column");
+        // SAFETY: syscache lookups of the locked table's column: InvalidOid for a
+        // missing column (a dropped one has no type), and a palloc'd name or null.
+        let column = unsafe {
+            if pg_sys::get_atttype(rel, attnum) != pg_sys::TEXTOID {
+                return Err(gone());
+            }
+            let p = pg_sys::get_attname(rel, attnum, true);
+            if p.is_null() {
+                return Err(gone());
+            }
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        };
+        Ok(vec![name, pgrx::spi::quote_identifier(column)])
     })()
     .or_raise()
 }
