@@ -90,3 +90,22 @@ pub fn owner_trap_ran_as(prefix: &str) -> String {
         "SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM public.{prefix}_seen"
     ))
 }
+
+/// Takes both ledger tables' locks before a test lifts their guards (ALTER
+/// TABLE), all at once or none, as `single_entries_are_written_directly…`
+/// does: other tests append at the same time, and waiting for the second lock
+/// while holding the first could deadlock with them. A test that takes them
+/// appends to a tenant of its own: one shared with a test that appends without
+/// them would deadlock on the tenant's chain lock (that test holds the chain
+/// and waits for the tables to write its entries).
+pub fn lock_ledger_tables() {
+    run("DO $$ BEGIN
+           LOOP
+             BEGIN
+               LOCK TABLE pgseal.ledger_heads, pgseal.ledger IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+               EXIT;
+             EXCEPTION WHEN lock_not_available THEN PERFORM pg_sleep(0.01);
+             END;
+           END LOOP;
+         END $$");
+}

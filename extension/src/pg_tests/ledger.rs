@@ -6,7 +6,7 @@
 mod tests {
     use pgrx::prelude::*;
 
-    use crate::pg_tests::helpers::{one, run, sqlstate, tenant};
+    use crate::pg_tests::helpers::{lock_ledger_tables, one, run, sqlstate, tenant};
 
     fn append(event: &str, payload: &str) -> (i64, String) {
         let (seq, hash) = Spi::get_two_with_args::<i64, String>(
@@ -555,25 +555,25 @@ mod tests {
         // `ledger_append` now refuses an actor or event over 1 KB, so these are
         // appended below it (pgseal's own entries, and rows written before the
         // limit, can still hold them).
-        tenant("acme");
+        tenant("acme-long");
         append("short", "{}");
         let actor = "a".repeat(20000);
-        crate::ledger::append::append("acme", "order.update", r#"{"n": 1}"#, &actor).unwrap();
+        crate::ledger::append::append("acme-long", "order.update", r#"{"n": 1}"#, &actor).unwrap();
         let event: String =
             one("SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i");
-        crate::ledger::append::append("acme", &event, "{}", "alice").unwrap();
+        crate::ledger::append::append("acme-long", &event, "{}", "alice").unwrap();
         let compressed = one::<bool>(
             "SELECT pg_column_compression(actor) IS NOT NULL FROM pgseal.ledger \
-             WHERE tenant_id = 'acme' AND seq = 2",
+             WHERE tenant_id = 'acme-long' AND seq = 2",
         );
         assert!(compressed);
         let event_len = one::<i32>(
-            "SELECT length(event) FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 3",
+            "SELECT length(event) FROM pgseal.ledger WHERE tenant_id = 'acme-long' AND seq = 3",
         );
         assert_eq!(event_len, 12800);
         assert_eq!(verify(""), (true, 3, None, None));
         disable_guards();
-        run("UPDATE pgseal.ledger SET actor = repeat('a', 19999) || 'b' WHERE tenant_id = 'acme' AND seq = 2");
+        run("UPDATE pgseal.ledger SET actor = repeat('a', 19999) || 'b' WHERE tenant_id = 'acme-long' AND seq = 2");
         assert_eq!(
             verify(""),
             (false, 1, Some(2), Some("hash mismatch".into()))
@@ -583,13 +583,13 @@ mod tests {
     #[pg_test]
     fn verify_finds_an_edited_payload() {
         lock_ledger_tables();
-        tenant("acme");
+        tenant("acme-edit");
         for _ in 0..4 {
             append("e", r#"{"amount": 10}"#);
         }
         disable_guards();
         run(
-            r#"UPDATE pgseal.ledger SET payload = '{"amount": 1000}' WHERE tenant_id = 'acme' AND seq = 3"#,
+            r#"UPDATE pgseal.ledger SET payload = '{"amount": 1000}' WHERE tenant_id = 'acme-edit' AND seq = 3"#,
         );
         assert_eq!(
             verify(""),
@@ -600,14 +600,14 @@ mod tests {
     #[pg_test]
     fn verify_finds_a_forged_mac_and_a_deleted_entry() {
         lock_ledger_tables();
-        tenant("acme");
+        tenant("acme-mac");
         for _ in 0..4 {
             append("e", "{}");
         }
         disable_guards();
-        run("UPDATE pgseal.ledger SET mac = sha256(mac) WHERE tenant_id = 'acme' AND seq = 2");
+        run("UPDATE pgseal.ledger SET mac = sha256(mac) WHERE tenant_id = 'acme-mac' AND seq = 2");
         assert_eq!(verify(""), (false, 1, Some(2), Some("mac mismatch".into())));
-        run("DELETE FROM pgseal.ledger WHERE tenant_id = 'acme' AND seq = 2");
+        run("DELETE FROM pgseal.ledger WHERE tenant_id = 'acme-mac' AND seq = 2");
         assert_eq!(verify(""), (false, 1, Some(2), Some("gap".into())));
         // A range that ends before the gap verifies.
         assert!(verify("NULL, 1, 1").0);
@@ -618,14 +618,14 @@ mod tests {
     #[pg_test]
     fn verify_finds_an_edited_link() {
         lock_ledger_tables();
-        tenant("acme");
+        tenant("acme-link");
         for _ in 0..3 {
             append("e", "{}");
         }
         disable_guards();
         // Replace entry 2's hash with the hash of different content: entry 2
         // then mismatches, so first rewrite entry 3's link to it.
-        run("UPDATE pgseal.ledger SET prev_hash = sha256(prev_hash) WHERE tenant_id = 'acme' AND seq = 3");
+        run("UPDATE pgseal.ledger SET prev_hash = sha256(prev_hash) WHERE tenant_id = 'acme-link' AND seq = 3");
         assert_eq!(verify("").2, Some(3));
         assert_eq!(verify("").3.as_deref(), Some("hash mismatch"));
     }
@@ -787,14 +787,19 @@ mod tests {
     #[pg_test]
     fn prune_refuses_a_chain_that_does_not_verify() {
         lock_ledger_tables();
-        tenant("acme");
+        tenant("acme-prune");
         for _ in 0..3 {
             append("e", "{}");
         }
         disable_guards();
-        run(r#"UPDATE pgseal.ledger SET event = 'forged' WHERE tenant_id = 'acme' AND seq = 1"#);
+        run(
+            r#"UPDATE pgseal.ledger SET event = 'forged' WHERE tenant_id = 'acme-prune' AND seq = 1"#,
+        );
         run("SET LOCAL pgseal.ledger_min_retention = '0'");
-        assert_eq!(sqlstate("SELECT pgseal.ledger_prune('acme', 3)"), "XX001");
+        assert_eq!(
+            sqlstate("SELECT pgseal.ledger_prune('acme-prune', 3)"),
+            "XX001"
+        );
     }
 
     /// Issue 20: a value jsonb accepts at any depth is audited, appended and
@@ -1247,22 +1252,6 @@ mod tests {
         let r = verify_offline("fmt2-edit");
         assert!(r.ok(), "{r:?}");
         assert_eq!((r.checked, r.erased), (3, 1));
-    }
-
-    /// Takes both ledger tables' locks before a test lifts their guards (ALTER
-    /// TABLE), all at once or none, as `single_entries_are_written_directly…`
-    /// does: other tests append at the same time, and waiting for the second lock
-    /// while holding the first could deadlock with them.
-    fn lock_ledger_tables() {
-        run("DO $$ BEGIN
-               LOOP
-                 BEGIN
-                   LOCK TABLE pgseal.ledger_heads, pgseal.ledger IN SHARE ROW EXCLUSIVE MODE NOWAIT;
-                   EXIT;
-                 EXCEPTION WHEN lock_not_available THEN PERFORM pg_sleep(0.01);
-                 END;
-               END LOOP;
-             END $$");
     }
 
     #[pg_test]

@@ -7,7 +7,8 @@ mod tests {
     use pgrx::prelude::*;
 
     use crate::pg_tests::helpers::{
-        one, owner_trap, owner_trap_json_cast, owner_trap_ran_as, run, sqlstate, tenant,
+        lock_ledger_tables, one, owner_trap, owner_trap_json_cast, owner_trap_ran_as, run,
+        sqlstate, tenant,
     };
 
     fn append_naming(event: &str, payload: &str, subjects: &str) -> i64 {
@@ -215,9 +216,9 @@ mod tests {
 
     #[pg_test]
     fn an_edited_entry_is_not_erased() {
-        // Takes the ledger's locks before lifting a guard (see ledger.rs's
-        // lock_ledger_tables: the tests run in parallel).
-        run("LOCK TABLE pgseal.ledger_heads, pgseal.ledger IN SHARE ROW EXCLUSIVE MODE");
+        // Takes the ledger's locks before lifting a guard (the tests run in
+        // parallel).
+        lock_ledger_tables();
         tenant("subj-edited");
         append_naming("e", r#"{"amount": 10}"#, "ARRAY['u1']");
         let seq = append_naming("e", r#"{"amount": 20}"#, "ARRAY['u1']");
