@@ -39,6 +39,26 @@ const PWN: &str = "
     BEGIN PERFORM mallory_s.pwn(); RETURN OLD; END $$;
 ";
 
+/// Waits until backend `pid` (running `call`) waits for a heavyweight lock.
+fn wait_for_a_lock(cl: &Cluster, pid: i32, call: &str) {
+    let mut watch = cl.connect();
+    let started = Instant::now();
+    while !watch
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock')",
+            &[&pid],
+        )
+        .unwrap()
+        .get::<_, bool>(0)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{call}: never waited for the table's lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Plays the swap against `call` (run by `caller` in a session of its own, which
 /// first runs `prelude`), and returns the call's outcome (00000, or the error's
 /// SQLSTATE and message).
@@ -60,25 +80,7 @@ fn swap_during(cl: &Cluster, caller: &str, prelude: &str, call: &str) -> String 
                 .map_or(String::new(), |d| d.message().to_owned())
         ),
     });
-    let mut watch = cl.connect();
-    let started = Instant::now();
-    loop {
-        let waiting: bool = watch
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock')",
-                &[&pid],
-            )
-            .unwrap()
-            .get(0);
-        if waiting {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "{call}: never waited for the table's lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_a_lock(cl, pid, call);
     let mut swapper = cl.connect_as("mallory");
     swapper
         .batch_execute(
@@ -265,19 +267,7 @@ fn a_column_type_changed_while_pgseal_waits_is_seen_after_the_lock() {
         let script = call.to_owned();
         let handle =
             std::thread::spawn(move || pgseal_tests::sqlstate(victim.batch_execute(&script)));
-        let mut watch = cl.connect();
-        let started = Instant::now();
-        while !watch
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock')",
-                &[&pid],
-            )
-            .unwrap()
-            .get::<_, bool>(0)
-        {
-            assert!(started.elapsed() < Duration::from_secs(30), "{call}: never waited");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_a_lock(&cl, pid, call);
         holder.batch_execute("COMMIT").unwrap();
         let outcome = handle.join().unwrap();
         let ran_as: Vec<String> = c
