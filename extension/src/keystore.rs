@@ -81,7 +81,13 @@ impl StoredKey {
     }
 }
 
-const COLUMNS: &str = "key_id, tenant_id, purpose, state, kek_version, wrapped, encryptions";
+/// The columns `row_to_key` reads, in its order.
+macro_rules! key_columns {
+    () => {
+        "key_id, tenant_id, purpose, state, kek_version, wrapped, encryptions"
+    };
+}
+const COLUMNS: &str = key_columns!();
 
 fn row_to_key(row: &pgrx::spi::SpiHeapTupleData<'_>) -> SealResult<StoredKey> {
     let text = |i: usize| -> SealResult<String> {
@@ -131,12 +137,40 @@ pub fn take_replicated_read() -> bool {
     REPLICATED_READ.with(|r| r.replace(false))
 }
 
-/// The first key that `query`'s `{table}` (the key table, `key_table`) returns.
-fn select_one(query: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Option<StoredKey>> {
+/// A statement on the key table, written for `pgseal.tenant_keys`.
+macro_rules! key_query {
+    ($where:literal) => {
+        concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM pgseal.tenant_keys WHERE ",
+            $where
+        )
+    };
+}
+
+const BY_ID: &str = key_query!("key_id = $1");
+const ACTIVE: &str = key_query!("tenant_id = $1 AND purpose = $2 AND state = 'active'");
+
+/// The first key that `query` (a `key_query!`) returns, with `types` its parameters'.
+///
+/// Without Citus the statement runs through a plan kept for the backend's life
+/// (`pg::plans`): a backend meets each tenant's keys once, and parsing and planning
+/// the statement every time was most of a key load (and a key load most of a
+/// tenant's first append in a backend). With Citus it reads the key table this
+/// node may read (`key_table`).
+fn select_one(
+    query: &'static str,
+    types: &[pgrx::pg_sys::PgOid],
+    args: &[pgrx::datum::DatumWithOid],
+) -> SealResult<Option<StoredKey>> {
+    if !citus::present() {
+        return as_owner(|| crate::pg::plans::select_first(query, types, args, row_to_key));
+    }
     let caller = citus::caller_parsing()?;
     as_owner(|| {
         let rel = key_table()?;
-        let query = query.replace("{table}", &rel);
+        let query = query.replacen("pgseal.tenant_keys", &rel, 1);
         let read = || {
             Spi::connect(|client| {
                 let table = client.select(&query, Some(1), args)?;
@@ -162,7 +196,7 @@ fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<Store
     let rel = key_table()?;
     Spi::connect_mut(|client| {
         let table = client.update(
-            &format!("SELECT {COLUMNS} FROM {rel} WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"),
+            &ACTIVE.replacen("pgseal.tenant_keys", &rel, 1),
             Some(1),
             &[tenant.into(), purpose.as_str().into()],
         )?;
@@ -175,16 +209,15 @@ fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<Store
 
 /// The key with this id, in any state.
 pub fn fetch(key_id: &str) -> SealResult<Option<StoredKey>> {
-    select_one(
-        &format!("SELECT {COLUMNS} FROM {{table}} WHERE key_id = $1"),
-        &[key_id.into()],
-    )
+    select_one(BY_ID, &[crate::pg::plans::TEXT], &[key_id.into()])
 }
 
 /// The tenant's active key for `purpose`, if it has one.
 pub fn fetch_active(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredKey>> {
+    use crate::pg::plans::TEXT;
     select_one(
-        &format!("SELECT {COLUMNS} FROM {{table}} WHERE tenant_id = $1 AND purpose = $2 AND state = 'active'"),
+        ACTIVE,
+        &[TEXT, TEXT],
         &[tenant.into(), purpose.as_str().into()],
     )
 }

@@ -13,10 +13,69 @@ use crate::privilege::as_owner;
 use crate::txn::Participant;
 
 /// Whether the `citus` extension is installed in this database.
+///
+/// Citus can be installed only where the server preloads its library (its
+/// `CREATE EXTENSION` refuses otherwise), so without that no catalog is read: the
+/// hot paths (every append, every key load) ask this, and the lookup in
+/// `pg_extension` (an index scan, not a cached one) was a visible share of them.
 pub fn present() -> bool {
+    if !preloaded() {
+        return false;
+    }
     // SAFETY: get_extension_oid looks the name up in pg_extension inside the running
     // transaction; with missing_ok it returns InvalidOid instead of raising.
     unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+thread_local! {
+    /// `preloaded`'s answer: `shared_preload_libraries` is fixed at server start.
+    static PRELOADED: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
+}
+
+/// Whether `shared_preload_libraries` names Citus's library (`citus`, with or
+/// without a directory or `$libdir/`, and with or without a suffix).
+fn preloaded() -> bool {
+    PRELOADED.with(|p| {
+        *p.get_or_init(|| {
+            // SAFETY: GetConfigOption returns the setting's current value (a string
+            // owned by the GUC machinery, valid until the setting changes, which a
+            // PGC_POSTMASTER setting does not); it is copied out at once.
+            let list = unsafe {
+                let v = pg_sys::GetConfigOption(c"shared_preload_libraries".as_ptr(), true, false);
+                (!v.is_null()).then(|| std::ffi::CStr::from_ptr(v).to_string_lossy().into_owned())
+            };
+            list.is_some_and(|l| names_citus(&l))
+        })
+    })
+}
+
+/// Whether a `shared_preload_libraries` value lists Citus.
+fn names_citus(list: &str) -> bool {
+    list.split(',').any(|item| {
+        let item = item.trim().trim_matches('"');
+        let base = item.rsplit('/').next().unwrap_or(item);
+        let stem = base.split('.').next().unwrap_or(base);
+        stem == "citus"
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_citus;
+
+    #[test]
+    fn preload_lists_are_read_as_postgresql_lists_them() {
+        assert!(names_citus("citus"));
+        assert!(names_citus("citus,pgseal"));
+        assert!(names_citus(" pgseal , citus "));
+        assert!(names_citus("'$libdir/citus'".trim_matches('\'')));
+        assert!(names_citus("$libdir/citus.so, pgseal"));
+        assert!(names_citus("\"citus\""));
+        assert!(!names_citus("pgseal"));
+        assert!(!names_citus(""));
+        assert!(!names_citus("citus_columnar_x, pgseal"));
+        assert!(!names_citus("pg_stat_statements,pgseal"));
+    }
 }
 
 /// Whether this node is a Citus worker: Citus is installed and this node's group is

@@ -44,6 +44,24 @@ pub fn select_raw<R>(
     })
 }
 
+/// Runs a kept plan read-only (under the statement's snapshot, as `Spi::connect`'s
+/// selects do) and maps its first row, if any, with `f`.
+pub fn select_first<R>(
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid],
+    f: impl FnOnce(&pgrx::spi::SpiHeapTupleData<'_>) -> SealResult<R>,
+) -> SealResult<Option<R>> {
+    let p = plan(sql, types)?;
+    Spi::connect(|client| {
+        let table = client.select(&*p, Some(1), args)?;
+        match table.into_iter().next() {
+            Some(row) => f(&row).map(Some),
+            None => Ok(None),
+        }
+    })
+}
+
 /// Runs a kept plan for its effect.
 pub fn run(sql: &'static str, types: &[PgOid], args: &[DatumWithOid]) -> SealResult<()> {
     let p = plan(sql, types)?;
