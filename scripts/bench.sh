@@ -39,7 +39,11 @@ echo "PostgreSQL $PGSEAL_PG: $("$(pg_config_of "$PGSEAL_PG")" --version)"
 (cd "$ROOT" && cargo build --release -q -p pgseald)
 KEYFILE=$(mktemp); trap 'rm -f "$KEYFILE"; bash "$ROOT/scripts/cluster.sh" stop "$DIR"' EXIT
 printf '1:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" > "$KEYFILE"
-bash "$ROOT/scripts/cluster.sh" start "$DIR" "$PORT" "$KEYFILE" "shared_buffers = 512MB" "max_parallel_workers_per_gather = 0" "jit = off" "fsync = on" "max_connections = 40"
+# PGSEAL_BENCH_CONF: extra postgresql.conf lines for a diagnosing run, separated by
+# ';' (for example "log_autovacuum_min_duration = 0; log_checkpoints = on"); the
+# server log is left in $DIR/server.log.
+IFS=';' read -ra extra_conf <<< "${PGSEAL_BENCH_CONF:-}"
+bash "$ROOT/scripts/cluster.sh" start "$DIR" "$PORT" "$KEYFILE" "shared_buffers = 512MB" "max_parallel_workers_per_gather = 0" "jit = off" "fsync = on" "max_connections = 40" "${extra_conf[@]}"
 psql_() { psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d postgres "$@"; }
 
 HAVE_PGCRYPTO=$(psql_ -c "SELECT count(*) FROM pg_available_extensions WHERE name = 'pgcrypto'")

@@ -94,6 +94,16 @@ longest=$(psql_ -c "SELECT max((detail->>'longest_batch_ms')::float8) FROM pgsea
 alone_p99=$(median < "$J/alone.p99")
 during_p99=$(median < "$J/sweep_4n.p99")
 during_windows=$(wc -l < "$J/sweep_4n.p99")
+# Every window of the 4N sweep, for reading beside the server's log: when it ended
+# and its p99.
+echo "4N sweep's load windows (end time UTC, p99 ms):" \
+    $(awk '{ printf "%s %.2f;", strftime("%H:%M:%S", $1, 1), $2 / 1000 }' "$J/sweep_4n.windows")
+
+# The sweeps leave 1,250,000 dead rows and the WAL of deleting them: vacuum them and
+# checkpoint now, so that neither autovacuum nor a checkpoint the sweeps set off runs
+# beside the jobs measured next (one did in a run of 704a5cc: reseal at N measured
+# 16k rows/s beside a 12 s checkpoint and the vacuum of sweep_4n, 62k/s alone).
+psql_ -c "VACUUM (ANALYZE) sweep_n, sweep_4n" -c "CHECKPOINT" >/dev/null
 
 # --- 2. Reseal -----------------------------------------------------------------------
 # Tenant r1 has N sealed values, r4 has 4N, in one registered table keyed by tenant.
@@ -107,6 +117,7 @@ INSERT INTO creds SELECT 'r4', g, pgseal.vault_seal(rpad('sk-live-' || g, 60, 'x
 COMMIT;
 VACUUM ANALYZE creds;
 SELECT pgseal.vault_register_column('creds', 'token', 'creds.token');
+CHECKPOINT;
 SQL
 reseal() {
     local start; start=$(now)
@@ -131,6 +142,8 @@ stale_keys() {
 kek() {
     local start keys
     printf '%s:%s\n' "$1" "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >> "$DIR/master.keys"
+    # The keys just made, vacuumed now rather than by autovacuum during the rewrap.
+    psql_ -c "VACUUM (ANALYZE) pgseal.tenant_keys" >/dev/null
     bash "$ROOT/scripts/cluster.sh" restart "$DIR"
     keys=$(stale_keys)
     start=$(now)
