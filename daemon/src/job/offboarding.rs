@@ -253,41 +253,89 @@ fn export_path(dir: &Path, tenant: &str, suffix: &str) -> PathBuf {
     dir.join(format!("{name}{suffix}"))
 }
 
-/// Writes `lines` to `path` atomically: a temporary file beside it, synced, renamed,
-/// and the directory synced. Returns the SHA-256 of the bytes written, in hex.
+/// A file written line by line under a temporary name and renamed into place when
+/// finished, with the SHA-256 of its bytes: a new file (never one that exists, nor
+/// a symbolic link planted there), that only pgseald's user can read, under a name no
+/// one can guess; synced, and its directory synced after the rename. Dropped
+/// unfinished, it removes what it wrote.
+struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+    hash: sha2::Sha256,
+}
+
+impl AtomicFile {
+    fn create(path: &Path) -> Result<AtomicFile, DaemonError> {
+        let tmp = path.with_file_name(format!(
+            ".{}.{:016x}.partial",
+            path.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            rand_core::RngCore::next_u64(&mut rand_core::OsRng)
+        ));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| DaemonError::File(path.display().to_string(), e.to_string()))?;
+        Ok(AtomicFile {
+            path: path.to_owned(),
+            tmp,
+            out: Some(std::io::BufWriter::with_capacity(1 << 20, f)),
+            hash: sha2::Digest::new(),
+        })
+    }
+
+    fn io(&self, e: std::io::Error) -> DaemonError {
+        DaemonError::File(self.path.display().to_string(), e.to_string())
+    }
+
+    fn write_line(&mut self, line: &str) -> Result<(), DaemonError> {
+        use sha2::Digest;
+        let out = self.out.as_mut().expect("an unfinished file");
+        let written = out
+            .write_all(line.as_bytes())
+            .and_then(|()| out.write_all(b"\n"));
+        written.map_err(|e| self.io(e))?;
+        self.hash.update(line.as_bytes());
+        self.hash.update(b"\n");
+        Ok(())
+    }
+
+    /// Syncs the file, renames it into place and syncs its directory; returns the
+    /// SHA-256 of its bytes, hex.
+    fn finish(mut self) -> Result<String, DaemonError> {
+        use sha2::Digest;
+        let out = self.out.take().expect("an unfinished file");
+        let f = out.into_inner().map_err(|e| self.io(e.into_error()))?;
+        f.sync_all().map_err(|e| self.io(e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| self.io(e))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| self.io(e))?;
+        }
+        Ok(hex::encode(std::mem::take(&mut self.hash).finalize()))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// `lines` written to `path` as an `AtomicFile`; returns the SHA-256 of its bytes.
 fn write_atomically(path: &Path, lines: &[String]) -> Result<String, DaemonError> {
-    let io = |e: std::io::Error| DaemonError::File(path.display().to_string(), e.to_string());
-    // A new file (never one that exists, nor a symbolic link planted there), that
-    // only pgseald's user can read, under a name no one can guess.
-    let tmp = path.with_file_name(format!(
-        ".{}.{:016x}.partial",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        rand_core::RngCore::next_u64(&mut rand_core::OsRng)
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    use sha2::Digest;
-    let mut hash = sha2::Sha256::new();
+    let mut f = AtomicFile::create(path)?;
     for l in lines {
-        f.write_all(l.as_bytes()).map_err(io)?;
-        f.write_all(b"\n").map_err(io)?;
-        hash.update(l.as_bytes());
-        hash.update(b"\n");
+        f.write_line(l)?;
     }
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(hex::encode(hash.finalize()))
+    f.finish()
 }
 
 /// How long a statement on the application's tables waits for a lock. Whoever can
@@ -318,20 +366,44 @@ async fn in_tenant(
     Ok(rows)
 }
 
-/// Step 1: the export file, then 'exported'.
+/// Lines of the export fetched at a time (`export`).
+const EXPORT_FETCH: i64 = 10_000;
+
+/// Step 1: the export file, then 'exported'. The lines come through a cursor, a
+/// fetch at a time, and go to the file as they come: pgseald holds one fetch, not
+/// the tenant's whole export.
 async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), DaemonError> {
-    let lines: Vec<String> = in_tenant(
-        client,
-        tenant,
-        "SELECT l FROM pgseal._offboard_export($1) l",
-        &[&tenant],
-    )
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect();
     let path = export_path(dir, tenant, ".offboard.jsonl");
-    let sha256 = write_atomically(&path, &lines)?;
+    let mut file = AtomicFile::create(&path)?;
+    let mut lines = 0u64;
+    {
+        let tx = client.transaction().await.map_err(DaemonError::Query)?;
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            .await
+            .map_err(DaemonError::Query)?;
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+            .await
+            .map_err(DaemonError::Query)?;
+        tx.execute(
+            "DECLARE pgseald_export NO SCROLL CURSOR FOR SELECT l FROM pgseal._offboard_export($1) l",
+            &[&tenant],
+        )
+        .await
+        .map_err(DaemonError::Query)?;
+        let fetch = format!("FETCH FORWARD {EXPORT_FETCH} FROM pgseald_export");
+        loop {
+            let rows = tx.query(&fetch, &[]).await.map_err(DaemonError::Query)?;
+            for r in &rows {
+                file.write_line(r.get(0))?;
+            }
+            lines += rows.len() as u64;
+            if (rows.len() as i64) < EXPORT_FETCH {
+                break;
+            }
+        }
+        tx.commit().await.map_err(DaemonError::Query)?;
+    }
+    let sha256 = file.finish()?;
     failpoint("offboard.export_written").await;
     let file = path.to_string_lossy().into_owned();
     client
@@ -341,7 +413,7 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
         )
         .await
         .map_err(DaemonError::Query)?;
-    tracing::info!(tenant = %tenant, file = %file, lines = lines.len(), "offboarding: exported");
+    tracing::info!(tenant = %tenant, file = %file, lines, "offboarding: exported");
     Ok(())
 }
 
@@ -480,6 +552,7 @@ async fn checkpoint(client: &mut Client, tenant: &str, dir: &Path) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn an_export_file_name_never_leaves_its_directory() {
@@ -504,6 +577,38 @@ mod tests {
         assert!(name.starts_with("%sha256-") && name.len() < 100, "{name}");
         let spoof = name.trim_start_matches('%');
         assert_ne!(export_path(dir, spoof, ""), hashed);
+    }
+
+    #[test]
+    fn a_file_appears_whole_with_its_hash_or_not_at_all() {
+        use sha2::Digest;
+        let dir = std::env::temp_dir().join(format!("pgseald-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.offboard.jsonl");
+        let mut f = AtomicFile::create(&path).unwrap();
+        for l in ["{\"a\": 1}", "{\"b\": \"é\"}"] {
+            f.write_line(l).unwrap();
+        }
+        assert!(!path.exists(), "visible before it is finished");
+        let sha = f.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes, "{\"a\": 1}\n{\"b\": \"é\"}\n".as_bytes());
+        assert_eq!(sha, hex::encode(sha2::Sha256::digest(&bytes)));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Dropped unfinished (a failed fetch): nothing is left, under any name.
+        let other = dir.join("u.offboard.jsonl");
+        let mut g = AtomicFile::create(&other).unwrap();
+        g.write_line("partial").unwrap();
+        drop(g);
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("t.offboard.jsonl")]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
