@@ -5,13 +5,11 @@
 //! the tenant's chain lock. The state is `pgseal.tenant_offboardings`
 //! (sql/offboarding.sql), written only here, as the extension owner.
 //!
-//! The tables offboarded are those `tenant_protect` protects (by the column its
-//! policy tests) and those an administrator registered (`subject_register`,
-//! `vault_register_column`, `retention_set`) that have a `tenant_id` column, in
-//! either case a `text` or `varchar` one; their rows are read and deleted here,
-//! never by pgseald's own SQL, each statement limited to the tenant (`COLLATE "C"`),
-//! after the caller's privilege check, and run as the table's owner in a
-//! security-restricted operation, as `subjects` does.
+//! The tables offboarded are those an administrator registered (`subject_register`,
+//! `vault_register_column`, `retention_set`) that have a text `tenant_id` column;
+//! their rows are read and deleted here, never by pgseald's own SQL, each statement
+//! limited to the tenant (`COLLATE "C"`), after the caller's privilege check, and
+//! run as the table's owner in a security-restricted operation, as `subjects` does.
 //! Before the step after deleting is recorded, and again before the receipt, the
 //! tenant's rows left in those tables are counted (as each table's owner, under
 //! the tenant's context: `rows_left`); the receipt is refused while any row, data
@@ -177,45 +175,26 @@ fn require_step(tenant: &str, step: &str) -> SealResult<()> {
 struct Table {
     rel: pg_sys::Oid,
     owner: pg_sys::Oid,
-    /// The tenant column: the one the table's `pgseal_tenant` policy tests where
-    /// `tenant_protect` protects it, `tenant_id` otherwise.
-    tenant_attnum: i16,
 }
 
-/// The offboarded tables, in name order: the plain or partitioned, permanent tables
-/// outside pgseal (a partition only through its root) that `tenant_protect`
-/// protects or that an administrator registered and have a `tenant_id` column.
-/// Refused (0A000) when a protected table's tenant column is not `text` or
-/// `varchar`, or its policy does not test one column: its rows could not be
-/// found the way its policy finds them, and they would be left behind.
+/// The registered plain or partitioned, permanent tables outside pgseal with a
+/// text `tenant_id` column (a partition only through its root), in name order.
 fn tables() -> SealResult<Vec<Table>> {
     as_owner(|| {
         Spi::connect(|c| {
             let rows = c.select(
-                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.oid, c.relowner, \
-                        k.attnum, k.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.oid, c.relowner \
                    FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-                   LEFT JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) c.oid AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' \
-                   LEFT JOIN LATERAL ( \
-                        SELECT a.attnum, a.atttypid FROM pg_catalog.pg_attribute a \
-                         WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped \
-                           AND CASE WHEN p.oid IS NULL THEN a.attname OPERATOR(pg_catalog.=) 'tenant_id' \
-                                    ELSE a.attnum OPERATOR(pg_catalog.=) ( \
-                                         SELECT pg_catalog.min(d.refobjsubid) FROM pg_catalog.pg_depend d \
-                                          WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
-                                            AND d.objid OPERATOR(pg_catalog.=) p.oid \
-                                            AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
-                                            AND d.refobjid OPERATOR(pg_catalog.=) c.oid AND d.refobjsubid OPERATOR(pg_catalog.>) 0 \
-                                         HAVING pg_catalog.count(DISTINCT d.refobjsubid) OPERATOR(pg_catalog.=) 1) END) k ON true \
                   WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition \
                     AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema') \
-                    AND (p.oid IS NOT NULL \
-                         OR (k.attnum IS NOT NULL \
-                             AND k.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
-                             AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
-                                  OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
-                                  OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)))) \
+                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                 WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' \
+                                   AND NOT a.attisdropped \
+                                   AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)) \
+                    AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
+                         OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
+                         OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)) \
                   ORDER BY 1",
                 None,
                 &[],
@@ -223,16 +202,9 @@ fn tables() -> SealResult<Vec<Table>> {
             let mut out = Vec::new();
             for r in rows {
                 let missing = || SealError::Internal("an offboarded table's catalog row");
-                let (attnum, texty) = (r.get::<i16>(4)?, r.get::<bool>(5)?);
-                let Some(tenant_attnum) = attnum.filter(|_| texty == Some(true)) else {
-                    return Err(SealError::NotSupported(
-                        "a table tenant_protect protects has a tenant column that is not text or varchar (or a pgseal_tenant policy that does not test one column): offboarding cannot find its rows as its policy does, so it stops rather than leave them",
-                    ));
-                };
                 out.push(Table {
                     rel: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
                     owner: r.get::<pg_sys::Oid>(3)?.ok_or_else(missing)?,
-                    tenant_attnum,
                 });
             }
             Ok::<_, SealError>(out)
@@ -240,54 +212,21 @@ fn tables() -> SealResult<Vec<Table>> {
     })
 }
 
-/// A table locked, with its name and its tenant column's, quoted, as they are
-/// once the lock is held.
-struct Locked {
-    name: String,
-    tenant_column: String,
-}
-
-impl Locked {
-    /// `<alias>.<tenant column> = $1`, the tenant, compared byte for byte.
-    fn tenant_is(&self, alias: &str) -> String {
-        format!(
-            "{alias}.{} COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
-            self.tenant_column
-        )
-    }
-}
-
 impl Table {
     /// Locks the table by its OID (`lockmode`), so that no rename or DROP moves its
-    /// name to another relation meanwhile, and returns its name and its tenant
-    /// column's as they are now, quoted (the names `tables()` saw may already name
-    /// something else: a view put in the table's place after a rename, another
-    /// column renamed to the tenant column's name). Refused when the column is no
-    /// longer a `text` or `varchar` one.
-    fn lock(&self, lockmode: u32) -> SealResult<Locked> {
+    /// name to another relation meanwhile, and returns its name as it is now, quoted
+    /// (the name `tables()` read may already name something else: a view put in its
+    /// place after a rename).
+    fn lock(&self, lockmode: u32) -> SealResult<String> {
         let name = crate::privilege::pinned_name(self.rel, lockmode)?;
-        // SAFETY: syscache lookups of the locked relation's kind and of its column
-        // (InvalidOid for a dropped column; a palloc'd name, or null).
-        let (kind, column) = unsafe {
-            let kind = pg_sys::get_rel_relkind(self.rel) as u8;
-            let ty = pg_sys::get_atttype(self.rel, self.tenant_attnum);
-            let p = pg_sys::get_attname(self.rel, self.tenant_attnum, true);
-            let column = (!p.is_null() && (ty == pg_sys::TEXTOID || ty == pg_sys::VARCHAROID))
-                .then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned());
-            (kind, column)
-        };
+        // SAFETY: a syscache lookup of a locked relation's kind.
+        let kind = unsafe { pg_sys::get_rel_relkind(self.rel) } as u8;
         if kind != pg_sys::RELKIND_RELATION && kind != pg_sys::RELKIND_PARTITIONED_TABLE {
             return Err(SealError::Refused(
                 "an offboarded table was dropped or replaced meanwhile",
             ));
         }
-        let column = column.ok_or(SealError::Refused(
-            "an offboarded table's tenant column was dropped or retyped meanwhile",
-        ))?;
-        Ok(Locked {
-            name,
-            tenant_column: pgrx::spi::quote_identifier(column),
-        })
+        Ok(name)
     }
 }
 
@@ -312,7 +251,7 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
     require_context(tenant)?;
     let mut left = 0;
     for t in tables()? {
-        let locked = t.lock(pg_sys::AccessShareLock)?;
+        let name = t.lock(pg_sys::AccessShareLock)?;
         crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])?;
         left += as_table_owner(t.owner, || -> SealResult<i64> {
             let other_policies = Spi::get_one_with_args::<bool>(
@@ -327,9 +266,8 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
             }
             Ok(Spi::get_one_with_args::<i64>(
                 &format!(
-                    "SELECT pg_catalog.count(*) FROM {} x WHERE {}",
-                    locked.name,
-                    locked.tenant_is("x")
+                    "SELECT pg_catalog.count(*) FROM {name} x \
+                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text"
                 ),
                 &[tenant.into()],
             )?
@@ -351,8 +289,7 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
         require_context(&tenant)?;
         let mut lines = Vec::new();
         for t in tables()? {
-            let locked = t.lock(pg_sys::AccessShareLock)?;
-            let name = &locked.name;
+            let name = t.lock(pg_sys::AccessShareLock)?;
             crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])?;
             crate::subjects::require_table_access(
                 t.rel,
@@ -362,10 +299,10 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
             )?;
             let sql = format!(
                 "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text \
-                   FROM {} AS _pgseal_row WHERE {}",
+                   FROM {} AS _pgseal_row \
+                  WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
                 crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
-                name,
-                locked.tenant_is("_pgseal_row")
+                name
             );
             as_table_owner(t.owner, || {
                 Spi::connect(|c| {
@@ -413,16 +350,10 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         require_step(&tenant, "exported")?;
         require_context(&tenant)?;
         for t in tables()? {
-            let locked = t.lock(pg_sys::RowExclusiveLock)?;
-            let name = &locked.name;
+            let name = t.lock(pg_sys::RowExclusiveLock)?;
             // SAFETY: a syscache lookup of the locked table's kind.
             let plain = unsafe { pg_sys::get_rel_relkind(t.rel) } as u8 == pg_sys::RELKIND_RELATION;
-            crate::privilege::require_only_owners_code(
-                t.rel,
-                t.owner,
-                pg_sys::RowExclusiveLock,
-                &[],
-            )?;
+            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])?;
             crate::subjects::require_table_access(
                 t.rel,
                 t.owner,
@@ -430,9 +361,9 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                 "_offboard_delete needs DELETE on every offboarded table",
             )?;
             if plain {
-                let n = delete_from_plain(&tenant, &t, &locked, batch)?;
+                let n = delete_from_plain(&tenant, &t, &name, batch)?;
                 if n > 0 {
-                    count_deleted(&tenant, name, n)?;
+                    count_deleted(&tenant, &name, n)?;
                     return Ok(n);
                 }
                 continue;
@@ -440,21 +371,21 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             // (tableoid, ctid): a partitioned table's ctids repeat across partitions.
             let sql = format!(
                 "WITH d AS (DELETE FROM {0} AS x \
-                              WHERE {1} \
+                              WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
                                 AND (x.tableoid, x.ctid) IN \
-                                    (SELECT y.tableoid, y.ctid FROM {0} AS y WHERE {2} LIMIT $2) \
+                                    (SELECT y.tableoid, y.ctid FROM {0} AS y \
+                                      WHERE y.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                                      LIMIT $2) \
                              RETURNING 1) \
                  SELECT pg_catalog.count(*) FROM d",
-                name,
-                locked.tenant_is("x"),
-                locked.tenant_is("y")
+                name
             );
             let n = as_table_owner(t.owner, || {
                 Spi::get_one_with_args::<i64>(&sql, &[tenant.as_str().into(), batch.into()])
             })?
             .unwrap_or(0);
             if n > 0 {
-                count_deleted(&tenant, name, n)?;
+                count_deleted(&tenant, &name, n)?;
                 return Ok(n);
             }
         }
@@ -486,23 +417,21 @@ pub(crate) fn set_resume_hint(tenant: &str, rel: pg_sys::Oid, at: &str) {
     });
 }
 
-/// Deletes up to `batch` of `tenant`'s rows from plain table `t` (`locked`, its
-/// names pinned), as its owner: those after the last batch's end (a TID range
-/// scan) or, when there are none, from the start.
-fn delete_from_plain(tenant: &str, t: &Table, locked: &Locked, batch: i32) -> SealResult<i64> {
+/// Deletes up to `batch` of `tenant`'s rows from plain table `t` (named `name`,
+/// pinned), as its owner: those after the last batch's end (a TID range scan)
+/// or, when there are none, from the start.
+fn delete_from_plain(tenant: &str, t: &Table, name: &str, batch: i32) -> SealResult<i64> {
     let key = (tenant.to_owned(), t.rel.to_u32());
     let sql = format!(
         "WITH d AS (DELETE FROM {name} AS x \
-                     WHERE {x_tenant} \
+                     WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
                        AND x.ctid OPERATOR(pg_catalog.=) ANY (ARRAY( \
                            SELECT y.ctid FROM {name} AS y \
-                            WHERE y.ctid OPERATOR(pg_catalog.>) $3::pg_catalog.tid AND {y_tenant} \
+                            WHERE y.ctid OPERATOR(pg_catalog.>) $3::pg_catalog.tid \
+                              AND y.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
                             LIMIT $2)) \
                     RETURNING x.ctid) \
-         SELECT pg_catalog.count(*), pg_catalog.max(d.ctid)::pg_catalog.text FROM d",
-        name = locked.name,
-        x_tenant = locked.tenant_is("x"),
-        y_tenant = locked.tenant_is("y"),
+         SELECT pg_catalog.count(*), pg_catalog.max(d.ctid)::pg_catalog.text FROM d"
     );
     let delete_after = |after: &str| {
         as_table_owner(t.owner, || {
