@@ -77,7 +77,8 @@ print("| cost per erased entry, 4N ÷ N | | | | | %.2f× | within 20%% %s |" % (
 PY
 
 # Offboarding: `pgseald offboard run` (no flags but the export directory) of a tenant
-# with R rows in a registered table and R in a protected one, and R/4 ledger entries,
+# with R rows in each of two registered tables (the second also protected: registration,
+# not protection, is what offboards a table), and R/4 ledger entries,
 # at R and 4R; against the peer, the same rows deleted by two plain DELETEs in one
 # transaction (no export, no batches, no shred or erasure).
 OFF_R=${PGSEAL_BENCH_OFFBOARD_ROWS:-50000}
@@ -89,6 +90,7 @@ CREATE TABLE IF NOT EXISTS off_users (id bigint, tenant_id text NOT NULL, email 
 CREATE TABLE IF NOT EXISTS off_orders (id bigint, tenant_id text NOT NULL, total numeric, note text, PRIMARY KEY (tenant_id, id));
 SELECT pgseal.subject_register('off_users', 'id') WHERE NOT EXISTS (SELECT 1 FROM pgseal.subject_columns WHERE rel = 'off_users'::regclass);
 SELECT pgseal.tenant_protect('off_orders') WHERE NOT EXISTS (SELECT 1 FROM pg_policy WHERE polrelid = 'off_orders'::regclass);
+SELECT pgseal.subject_register('off_orders', 'id') WHERE NOT EXISTS (SELECT 1 FROM pgseal.subject_columns WHERE rel = 'off_orders'::regclass);
 BEGIN;
 SELECT pgseal.set_tenant('$t');
 INSERT INTO off_users SELECT g, '$t', 'user' || g || '@example.com' FROM generate_series(1, $r) g;
@@ -110,6 +112,9 @@ SQL
     secs=$(python3 -c "print($ended - $began)")
     [ "$(psql_ -c "SELECT step FROM pgseal.tenant_offboardings WHERE tenant_id = '$t'")" = done ] \
         || { echo "offboarding bench: $t is not done" >&2; exit 1; }
+    # The figure counts both tables' rows: each must have none of the tenant's left.
+    [ "$(psql_ -c "SELECT (SELECT count(*) FROM off_users WHERE tenant_id = '$t') + (SELECT count(*) FROM off_orders WHERE tenant_id = '$t')")" = 0 ] \
+        || { echo "offboarding bench: rows of $t are left" >&2; exit 1; }
     peer=$(psql_ -c '\timing on' -c "BEGIN" -c "DELETE FROM off_peer_u WHERE tenant_id = '$t'" \
         -c "DELETE FROM off_peer_o WHERE tenant_id = '$t'" -c "COMMIT" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' \
         | awk '{ s += $1 } END { print s / 1000 }')
