@@ -168,7 +168,7 @@ fn _pinned_name(rel: pg_sys::Oid, attnum: i16) -> Vec<String> {
             if p.is_null() {
                 return Err(gone());
             }
-            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+            crate::privilege::exact_name(std::ffi::CStr::from_ptr(p))?
         };
         Ok(vec![name, pgrx::spi::quote_identifier(column)])
     })()

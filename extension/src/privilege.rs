@@ -450,12 +450,8 @@ pub fn pinned_name(rel: pg_sys::Oid, lockmode: u32) -> crate::error::SealResult<
             return Err(gone());
         }
         (
-            std::ffi::CStr::from_ptr(schema)
-                .to_string_lossy()
-                .into_owned(),
-            std::ffi::CStr::from_ptr(name)
-                .to_string_lossy()
-                .into_owned(),
+            exact_name(std::ffi::CStr::from_ptr(schema))?,
+            exact_name(std::ffi::CStr::from_ptr(name))?,
         )
     };
     Ok(format!(
@@ -463,6 +459,20 @@ pub fn pinned_name(rel: pg_sys::Oid, lockmode: u32) -> crate::error::SealResult<
         pgrx::spi::quote_identifier(schema),
         pgrx::spi::quote_identifier(name)
     ))
+}
+
+/// A catalog name as a Rust string with the same bytes, for a statement pgseal
+/// builds: refused (55000) where the bytes are not UTF-8 (a name with non-ASCII
+/// letters in a database of another encoding, such as LATIN1). A lossy conversion
+/// would put U+FFFD in the statement, whose bytes the server reads back in its own
+/// encoding as another name, one whoever may create objects there could have taken
+/// with a view that runs their code as the statement's role.
+pub fn exact_name(name: &std::ffi::CStr) -> crate::error::SealResult<String> {
+    name.to_str().map(str::to_owned).map_err(|_| {
+        crate::error::SealError::Refused(
+            "a table, schema or column name is not UTF-8 in this database's encoding: pgseal cannot name it exactly in a statement",
+        )
+    })
 }
 
 /// Fails (42501) when a statement on table `rel` run as its owner `owner`

@@ -292,3 +292,91 @@ fn a_column_type_changed_while_pgseal_waits_is_seen_after_the_lock() {
         c.batch_execute("TRUNCATE public.seen").unwrap();
     }
 }
+
+#[test]
+fn a_name_the_database_cannot_spell_in_utf8_is_refused_not_approximated() {
+    // In a LATIN1 database, a table named "société" has bytes that are not UTF-8.
+    // Turned into a Rust string lossily, its name in pgseal's statement would read
+    // back as "sociï¿½tï¿½" (U+FFFD's UTF-8 bytes, read as LATIN1): a name the
+    // schema's owner can take first, with a view that runs its code as the table's
+    // owner. pgseal must refuse the name instead.
+    let cl = Cluster::start("name_latin1", &[KEY_V1], &[]);
+    let mut admin = cl.connect();
+    admin
+        .batch_execute(
+            "CREATE DATABASE lat ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE mallory LOGIN;
+             CREATE ROLE victim LOGIN;
+             GRANT CREATE ON DATABASE lat TO mallory;",
+        )
+        .unwrap();
+    let mut c = cl.connect_to("lat", "postgres");
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE SCHEMA app AUTHORIZATION mallory;
+         CREATE SCHEMA mallory_s AUTHORIZATION mallory;
+         CREATE TABLE public.seen (who text);
+         GRANT INSERT ON public.seen TO PUBLIC;
+         CREATE SEQUENCE public.hits;  -- counts the trap's runs, rolled back or not
+         GRANT USAGE ON SEQUENCE public.hits TO PUBLIC;
+         CREATE TABLE app.\"société\" (id text PRIMARY KEY, tenant_id text NOT NULL);
+         ALTER TABLE app.\"société\" OWNER TO victim;
+         GRANT USAGE ON SCHEMA app TO victim;
+         SELECT pgseal.subject_register('app.\"société\"', 'id');
+         SELECT pgseal.set_tenant('acme');
+         INSERT INTO app.\"société\" VALUES ('u1', 'acme');",
+    )
+    .unwrap();
+    let mut m = cl.connect_to("lat", "mallory");
+    m.batch_execute(
+        "CREATE FUNCTION mallory_s.pwn() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN PERFORM nextval('public.hits'); INSERT INTO public.seen VALUES (current_user); RETURN true; END $$;",
+    )
+    .unwrap();
+    m.batch_execute(
+        "CREATE VIEW app.\"sociï¿½tï¿½\" AS SELECT 'u1'::text AS id, 'acme'::text AS tenant_id WHERE mallory_s.pwn();
+         GRANT SELECT ON app.\"sociï¿½tï¿½\" TO PUBLIC;",
+    )
+    .unwrap();
+    // The trap works: reading the view runs the function as whoever reads it.
+    cl.connect_to("lat", "victim")
+        .batch_execute("SELECT * FROM app.\"sociï¿½tï¿½\"")
+        .unwrap_or_else(|e| panic!("victim cannot read the planted view: {e}"));
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM public.seen"),
+        1
+    );
+    let hits = || -> i64 {
+        let mut c = cl.connect_to("lat", "postgres");
+        pgseal_tests::count(
+            &mut c,
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM public.hits",
+        )
+    };
+    assert_eq!(hits(), 1);
+
+    c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
+        .unwrap();
+    for call in [
+        "SELECT pgseal.subject_export('acme', 'u1')",
+        "SELECT count(*) FROM pgseal._offboard_export('acme')",
+    ] {
+        let err = c
+            .batch_execute(&format!(
+                "BEGIN; SELECT pgseal.set_tenant('acme'); {call}; COMMIT"
+            ))
+            .expect_err(call);
+        c.batch_execute("ROLLBACK").unwrap();
+        // subject_export fails earlier, reading the registered name back as text
+        // (pgrx refuses a datum that is not UTF-8: XX000); the offboarding export
+        // reaches the pinned name, which refuses it.
+        assert_eq!(hits(), 1, "{call}: the planted view's function ran");
+        if call.contains("_offboard_export") {
+            assert_eq!(err.code().map(|s| s.code()), Some("55000"), "{call}: {err}");
+        }
+    }
+}
