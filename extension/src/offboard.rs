@@ -8,7 +8,9 @@
 //! The tables offboarded are those an administrator registered (`subject_register`,
 //! `vault_register_column`, `retention_set`) that have a text `tenant_id` column;
 //! their rows are read and deleted here, never by pgseald's own SQL, each statement
-//! limited to the tenant (`COLLATE "C"`), after the caller's privilege check, and
+//! limited to the tenant (`COLLATE "C"`, and again under the column's collation,
+//! which the first implies and an index on the column can serve; the plain-table
+//! delete walks the table by TID instead), after the caller's privilege check, and
 //! run as the table's owner in a security-restricted operation, as `subjects` does.
 //! Before the step after deleting is recorded, and again before the receipt, the
 //! tenant's rows left in those tables are counted (as each table's owner, under
@@ -267,7 +269,8 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
             Ok(Spi::get_one_with_args::<i64>(
                 &format!(
                     "SELECT pg_catalog.count(*) FROM {name} x \
-                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text"
+                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                        AND x.tenant_id OPERATOR(pg_catalog.=) $1::pg_catalog.text"
                 ),
                 &[tenant.into()],
             )?
@@ -300,7 +303,8 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
             let sql = format!(
                 "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text \
                    FROM {} AS _pgseal_row \
-                  WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+                  WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                    AND _pgseal_row.tenant_id OPERATOR(pg_catalog.=) $1::pg_catalog.text",
                 crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
                 name
             );
@@ -375,6 +379,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                                 AND (x.tableoid, x.ctid) IN \
                                     (SELECT y.tableoid, y.ctid FROM {0} AS y \
                                       WHERE y.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                                        AND y.tenant_id OPERATOR(pg_catalog.=) $1::pg_catalog.text \
                                       LIMIT $2) \
                              RETURNING 1) \
                  SELECT pg_catalog.count(*) FROM d",

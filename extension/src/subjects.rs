@@ -77,6 +77,30 @@ impl Registration {
         }
     }
 
+    /// The rows of subject `$1` and tenant `$2` in this table, as `alias`: each id
+    /// compared byte for byte (`collate`), and again under the column's own
+    /// collation, which that comparison implies (equal bytes are equal under every
+    /// collation) and which an index on the columns can serve (a comparison under
+    /// "C" cannot use an index built under another collation: every call scanned
+    /// the whole table).
+    fn rows_of_subject(&self, alias: &str) -> String {
+        let mut filter = format!(
+            "{alias}.{col}{collate} OPERATOR(pg_catalog.=) $1::{cast} \
+             AND {alias}.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text \
+             AND {alias}.tenant_id OPERATOR(pg_catalog.=) $2::pg_catalog.text",
+            col = self.column,
+            collate = self.collate(),
+            cast = self.cast
+        );
+        if !self.collate().is_empty() {
+            filter.push_str(&format!(
+                " AND {alias}.{} OPERATOR(pg_catalog.=) $1::{}",
+                self.column, self.cast
+            ));
+        }
+        filter
+    }
+
     /// Fails (55000) when a column erasure would set to its default is NOT NULL
     /// without one (the table changed since `subject_anonymise`): PostgreSQL's
     /// error would show the row, personal data, in the server log.
@@ -339,13 +363,10 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
         let sql = format!(
             "SELECT COALESCE(pg_catalog.jsonb_agg({}), '[]'::pg_catalog.jsonb) \
                FROM {} AS _pgseal_row \
-              WHERE _pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
-                AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text",
+              WHERE {}",
             crate::privilege::row_image_sql(r.rel, "_pgseal_row")?,
             name,
-            r.column,
-            r.collate(),
-            r.cast
+            r.rows_of_subject("_pgseal_row")
         );
         let mut rows = as_table_owner(r.owner, || {
             Spi::get_one_with_args::<JsonB>(
@@ -454,13 +475,7 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             pg_sys::RowExclusiveLock,
             &clears,
         )?;
-        let filter = format!(
-            "_pgseal_row.{}{} OPERATOR(pg_catalog.=) $1::{} \
-             AND _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $2::pg_catalog.text",
-            r.column,
-            r.collate(),
-            r.cast
-        );
+        let filter = r.rows_of_subject("_pgseal_row");
         let (sql, done) = if r.clears.is_empty() {
             (
                 format!("DELETE FROM {name} AS _pgseal_row WHERE {filter}"),
