@@ -10,7 +10,8 @@
 //! their rows are read and deleted here, never by pgseald's own SQL, each statement
 //! limited to the tenant (`COLLATE "C"`, and again under the column's collation,
 //! which the first implies and an index on the column can serve; the plain-table
-//! delete walks the table by TID instead), after the caller's privilege check, and
+//! delete walks the table by TID instead, and the count of rows left reads every
+//! row), after the caller's privilege check, and
 //! run as the table's owner in a security-restricted operation, as `subjects` does.
 //! Before the step after deleting is recorded, and again before the receipt, the
 //! tenant's rows left in those tables are counted (as each table's owner, under
@@ -248,7 +249,10 @@ fn require_context(tenant: &str) -> SealResult<()> {
 /// extension owner: planning a query runs the table owner's index, statistics and
 /// partition-key expressions as whoever plans it). Where row-level security binds
 /// the owner, a policy other than `tenant_protect`'s could hide rows from the count,
-/// so such a table stops the offboarding (55000).
+/// so such a table stops the offboarding (55000). The count compares the tenant under
+/// "C" only, which no index on the column can serve: it reads the table itself, so
+/// an index that misses a row (a collation's sort order changed under it, or a
+/// partial index its owner made to hide one) cannot hide it from this last check.
 fn rows_left(tenant: &str) -> SealResult<i64> {
     require_context(tenant)?;
     let mut left = 0;
@@ -269,8 +273,7 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
             Ok(Spi::get_one_with_args::<i64>(
                 &format!(
                     "SELECT pg_catalog.count(*) FROM {name} x \
-                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                        AND x.tenant_id OPERATOR(pg_catalog.=) $1::pg_catalog.text"
+                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text"
                 ),
                 &[tenant.into()],
             )?
