@@ -354,6 +354,17 @@ async fn in_tenant(
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, DaemonError> {
+    let tx = begin_in_tenant(client, tenant).await?;
+    let rows = tx.query(sql, params).await.map_err(DaemonError::Query)?;
+    tx.commit().await.map_err(DaemonError::Query)?;
+    Ok(rows)
+}
+
+/// A transaction under `tenant`'s context, with `LOCK_TIMEOUT`.
+async fn begin_in_tenant<'c>(
+    client: &'c mut Client,
+    tenant: &str,
+) -> Result<tokio_postgres::Transaction<'c>, DaemonError> {
     let tx = client.transaction().await.map_err(DaemonError::Query)?;
     tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         .await
@@ -361,9 +372,7 @@ async fn in_tenant(
     tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
         .await
         .map_err(DaemonError::Query)?;
-    let rows = tx.query(sql, params).await.map_err(DaemonError::Query)?;
-    tx.commit().await.map_err(DaemonError::Query)?;
-    Ok(rows)
+    Ok(tx)
 }
 
 /// Lines of the export fetched at a time (`export`).
@@ -377,13 +386,7 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
     let mut file = AtomicFile::create(&path)?;
     let mut lines = 0u64;
     {
-        let tx = client.transaction().await.map_err(DaemonError::Query)?;
-        tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-            .await
-            .map_err(DaemonError::Query)?;
-        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-            .await
-            .map_err(DaemonError::Query)?;
+        let tx = begin_in_tenant(client, tenant).await?;
         tx.execute(
             "DECLARE pgseald_export NO SCROLL CURSOR FOR SELECT l FROM pgseal._offboard_export($1) l",
             &[&tenant],
