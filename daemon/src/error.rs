@@ -20,6 +20,12 @@ pub enum DaemonError {
     ConnectionLost,
     #[error("ledger verification failed for tenant(s) {0:?}")]
     VerifyFailed(Vec<String>),
+    #[error("{job} failed for tenant(s) {failed:?} ({done})")]
+    TenantsFailed {
+        job: &'static str,
+        failed: Vec<String>,
+        done: String,
+    },
     #[error("checkpoint for tenant {0} at seq {1} does not carry a valid signature for the given public key")]
     BadCheckpoint(String, i64),
 }
@@ -74,9 +80,10 @@ impl DaemonError {
             | DaemonError::Usage(_)
             | DaemonError::Config(_) => Exit::Usage,
             DaemonError::BadCheckpoint(..) | DaemonError::VerifyFailed(_) => Exit::VerifyFailed,
-            DaemonError::ConnectionLost | DaemonError::Connect(_) | DaemonError::Query(_) => {
-                Exit::Database
-            }
+            DaemonError::ConnectionLost
+            | DaemonError::Connect(_)
+            | DaemonError::Query(_)
+            | DaemonError::TenantsFailed { .. } => Exit::Database,
         }
     }
 }

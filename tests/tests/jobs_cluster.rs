@@ -281,6 +281,103 @@ fn tenant_rotation_reseals_every_value_even_after_a_kill_9() {
     );
 }
 
+/// The scheduled rotation (`pgseald run` with a [rotation] section) goes on past a
+/// tenant whose reseal fails: tenant "a" plants a value under its key that no key
+/// opens, which fails every reseal batch of its rows. Tenants "b" and "c", after it
+/// in the run's order, are rotated and resealed all the same, and the run is
+/// recorded as failed, naming "a" and only "a".
+#[test]
+fn scheduled_rotation_goes_on_past_a_tenant_whose_reseal_fails() {
+    let cl = Cluster::start("jobs-rotate-sched", &[KEY_V1], &[]);
+    let mut c = creds_table(&cl);
+    seal_rows(&mut c, "a", 1, 50);
+    seal_rows(&mut c, "b", 101, 50);
+    seal_rows(&mut c, "c", 201, 50);
+    let old: Vec<String> = c
+        .query("SELECT key_id FROM pgseal.tenant_keys WHERE purpose = 'dek' AND state = 'active' ORDER BY tenant_id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(old.len(), 3);
+    // What the tenant's own writes can put in its rows: a value naming its key
+    // whose ciphertext is not one.
+    c.batch_execute(&format!(
+        "BEGIN; SELECT pgseal.set_tenant('a');
+         INSERT INTO creds VALUES (51, 'a', 'v2:{}:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA');
+         COMMIT;",
+        old[0]
+    ))
+    .unwrap();
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("jobs-rotate-sched-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pgseald.toml");
+    // Every key is due (age 0 days); the run starts within a second.
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[rotation]\nschedule = \"* * * * * *\"\nmax_key_age_days = 0\n",
+            cl.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Pgseald::new(["run", "--config", config.to_str().unwrap()])
+        .spawn(std::fs::File::create(dir.join("pgseald.log")).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let row = c
+            .query_opt(
+                "SELECT status, detail::text FROM pgseal.job_runs \
+                 WHERE job = 'rotation' AND status <> 'running' ORDER BY id LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        if let Some(r) = row {
+            break (r.get::<_, String>(0), r.get::<_, String>(1));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rotation run ended within 60 s:\n{}",
+            std::fs::read_to_string(dir.join("pgseald.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(run.0, "failed", "{run:?}");
+    assert!(
+        run.1.contains(r#"failed for tenant(s) [\"a\"]"#),
+        "the run names tenant a, and only a: {run:?}"
+    );
+    for (i, t) in ["b", "c"].iter().enumerate() {
+        assert_eq!(
+            count(&mut c, &format!("SELECT count(*) FROM creds WHERE tenant_id = '{t}' AND split_part(token, ':', 2) = '{}'", old[i + 1])),
+            0,
+            "tenant {t}'s values are all under its new key"
+        );
+        assert_ne!(
+            count(&mut c, &format!("SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id = '{t}' AND purpose = 'dek' AND state = 'active' AND key_id <> '{}'", old[i + 1])),
+            0,
+            "tenant {t}'s key was rotated"
+        );
+        assert_eq!(wrong_values(&mut c, t), 0);
+    }
+    // Tenant a's own values all still open, under whichever key they are.
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('a')").unwrap();
+    let a_wrong: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM creds WHERE tenant_id = 'a' AND id <= 50 \
+             AND pgseal.vault_decrypt(token, 'creds.token') IS DISTINCT FROM 'token-' || id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    assert_eq!(a_wrong, 0);
+}
+
 #[test]
 fn kek_rotation_moves_every_tenant_key() {
     let cl = Cluster::start("jobs-kek", &[KEY_V1], &[]);

@@ -25,6 +25,12 @@ pub const TENANT_RUN: &str = "rotate.tenant";
 
 /// The scheduled job: rotates every tenant key that `_rotation_due` names, then
 /// reseals the values still under retired keys (left by an interrupted run).
+///
+/// A tenant whose rotation or reseal fails (a value in its rows that no key opens,
+/// a lock it holds) is logged and passed over: the tenants after it are rotated all
+/// the same, and the run then fails naming the tenants it could not finish, so
+/// `job_runs` shows it. One tenant's rows must not stop every other tenant's keys
+/// from rotating. A lost connection still ends the run at once.
 pub async fn scheduled(
     client: &mut Client,
     j: &RotationJob,
@@ -39,13 +45,21 @@ pub async fn scheduled(
         .map(|r| r.get(0))
         .collect();
     let mut resealed = 0;
+    let mut rotated = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
     // One batch size for the whole run: what one tenant's batches taught carries over.
     let mut batch = Batch::new(j.batch, j.batch_ms);
     for t in &due {
         if stop.is_cancelled() {
             break;
         }
-        resealed += tenant(client, t, &mut batch, stop).await?.1;
+        match tenant(client, t, &mut batch, stop).await {
+            Ok((_, n)) => {
+                resealed += n;
+                rotated.push(t.clone());
+            }
+            Err(e) => passed_over(client, t, e, &mut failed)?,
+        }
     }
     let leftover = client
         .query(
@@ -61,10 +75,43 @@ pub async fn scheduled(
             break;
         }
         let (tenant, key): (String, String) = (r.get(0), r.get(1));
-        resealed += reseal(client, &tenant, &key, &mut batch, stop).await?;
+        // A tenant that failed above would fail again the same way.
+        if failed.contains(&tenant) {
+            continue;
+        }
+        match reseal(client, &tenant, &key, &mut batch, stop).await {
+            Ok(n) => resealed += n,
+            Err(e) => passed_over(client, &tenant, e, &mut failed)?,
+        }
     }
     crate::metrics::ROWS_RESEALED.fetch_add(resealed, Ordering::Relaxed);
-    Ok(serde_json::json!({ "rotated": due, "resealed": resealed }))
+    if !failed.is_empty() {
+        return Err(DaemonError::TenantsFailed {
+            job: "rotation",
+            failed,
+            done: format!(
+                "{} tenant keys rotated, {resealed} values resealed",
+                rotated.len()
+            ),
+        });
+    }
+    Ok(serde_json::json!({ "rotated": rotated, "resealed": resealed }))
+}
+
+/// A tenant's failed rotation or reseal: logged and added to `failed`, unless the
+/// connection is gone (then the run cannot go on, and the error ends it).
+fn passed_over(
+    client: &Client,
+    tenant: &str,
+    e: DaemonError,
+    failed: &mut Vec<String>,
+) -> Result<(), DaemonError> {
+    if client.is_closed() {
+        return Err(e);
+    }
+    tracing::error!(tenant = %tenant, "rotation of this tenant failed, going on with the others: {e}");
+    failed.push(tenant.to_owned());
+    Ok(())
 }
 
 /// Runs `kek_rewrap(batch)` until it returns 0 or `stop` is cancelled; returns the
