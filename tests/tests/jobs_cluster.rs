@@ -504,6 +504,101 @@ fn sealed_under(c: &mut postgres::Client, table: &str, col: &str, key: &str) -> 
     )
 }
 
+/// A reseal walks every primary key shape in batches: tenant_id first, last, alone,
+/// and before several columns of other types. Every value of tenant "a" ends under
+/// its new key and opens to what was sealed; tenant "b", in the same tables and key
+/// ranges, is not touched. Batches of 7 rows make every table take several, with
+/// keys that are equal in a leading column across a batch's end.
+#[test]
+fn reseal_walks_every_primary_key_shape_in_batches() {
+    let cl = Cluster::start("jobs-reseal-keys", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE k_first (tenant_id text, id int, token text, PRIMARY KEY (tenant_id, id));
+         CREATE TABLE k_last (id int, tenant_id text, token text, PRIMARY KEY (id, tenant_id));
+         CREATE TABLE k_alone (tenant_id text PRIMARY KEY, token text);
+         CREATE TABLE k_mixed (tenant_id text, name text, at timestamptz, n numeric, new int DEFAULT 0, token text,
+                               PRIMARY KEY (tenant_id, name, at, n, new));",
+    )
+    .unwrap();
+    for t in ["k_first", "k_last", "k_alone", "k_mixed"] {
+        c.batch_execute(&format!(
+            "SELECT pgseal.vault_register_column('{t}', 'token', 'keys.token')"
+        ))
+        .unwrap();
+    }
+    for tenant in ["a", "b"] {
+        c.batch_execute(&format!(
+            "BEGIN; SELECT pgseal.set_tenant('{tenant}');
+             INSERT INTO k_first SELECT '{tenant}', g, pgseal.vault_seal('{tenant}-' || g, 'keys.token') FROM generate_series(1, 40) g;
+             INSERT INTO k_last SELECT g, '{tenant}', pgseal.vault_seal('{tenant}-' || g, 'keys.token') FROM generate_series(1, 40) g;
+             INSERT INTO k_alone VALUES ('{tenant}', pgseal.vault_seal('{tenant}-0', 'keys.token'));
+             INSERT INTO k_mixed (tenant_id, name, at, n, token) SELECT '{tenant}', 'n' || (g % 3), timestamptz '2026-01-01' + (g % 5) * interval '1 hour', g / 10.0,
+                                        pgseal.vault_seal('{tenant}-' || g, 'keys.token') FROM generate_series(1, 40) g;
+             COMMIT;"
+        ))
+        .unwrap();
+    }
+    let key = |c: &mut postgres::Client, t: &str| -> String {
+        value(c, &format!("SELECT key_id FROM pgseal.tenant_keys WHERE tenant_id = '{t}' AND purpose = 'dek' AND state = 'active'"))
+    };
+    let (old_a, old_b) = (key(&mut c, "a"), key(&mut c, "b"));
+    for batch in [Some("7"), None] {
+        let mut args = vec!["rotate", "tenant", "a"];
+        if let Some(n) = batch {
+            args.extend(["--batch", n]);
+        }
+        let (code, out) = Pgseald::new(args).on(&cl).run();
+        assert_eq!(code, Some(0), "{out}");
+        let new_a = key(&mut c, "a");
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("SELECT pgseal.set_tenant('a')").unwrap();
+        for (t, rows) in [
+            ("k_first", 40),
+            ("k_last", 40),
+            ("k_alone", 1),
+            ("k_mixed", 40),
+        ] {
+            let (under_new, total): (i64, i64) = {
+                let r = tx
+                    .query_one(
+                        &format!("SELECT count(*) FILTER (WHERE split_part(token, ':', 2) = $1), count(*) FROM {t} WHERE tenant_id = 'a'"),
+                        &[&new_a],
+                    )
+                    .unwrap();
+                (r.get(0), r.get(1))
+            };
+            assert_eq!(
+                (under_new, total),
+                (rows, rows),
+                "{t}, batch {batch:?}: {out}"
+            );
+            let opened: Vec<String> = tx
+                .query(&format!("SELECT pgseal.vault_decrypt(token, 'keys.token') FROM {t} WHERE tenant_id = 'a'"), &[])
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(
+                opened.iter().all(|v| v.starts_with("a-")),
+                "{t}: {opened:?}"
+            );
+            let distinct: std::collections::BTreeSet<&String> = opened.iter().collect();
+            assert_eq!(distinct.len() as i64, rows, "{t}: every value kept apart");
+        }
+        tx.commit().unwrap();
+        for t in ["k_first", "k_last", "k_alone", "k_mixed"] {
+            assert_eq!(
+                count(&mut c, &format!("SELECT count(*) FROM {t} WHERE tenant_id = 'b' AND split_part(token, ':', 2) <> '{old_b}'")),
+                0,
+                "{t}: tenant b untouched"
+            );
+        }
+        assert_ne!(new_a, old_a);
+    }
+}
+
 #[test]
 fn jobs_follow_renames_and_skip_broken_registrations_after_drops() {
     let cl = Cluster::start("jobs-schema", &[KEY_V1], &[]);

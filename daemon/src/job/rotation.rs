@@ -248,14 +248,26 @@ pub async fn tenant(
 /// The statement that reseals one batch: it walks the tenant's rows in primary key
 /// order from just after `$5` (the previous batch's last key, as a JSON array; NULL
 /// to start), so each batch reads only its own rows, and returns how many it
-/// resealed, the last key it read and how many rows it read. The update reaches
-/// the rows it read by their ctids (a TID scan) before it joins them by primary key:
-/// joined by primary key alone, PostgreSQL 18 plans a hash join over a scan of the
-/// whole table, on every batch. The new values are made in the read, not in the
-/// update: Citus refuses a volatile function in an UPDATE of a distributed table,
-/// and with `tenant_id = $1` on both the read and the update, the whole statement
-/// goes to the tenant's shard as it is (without it on the update, Citus cannot plan it).
-fn batch_sql(c: &SealedColumn) -> String {
+/// resealed, the last key it read, how many rows it read, and how many of them
+/// needed a new seal. `$4` rows make a batch.
+///
+/// Without Citus (`routed` false) the batch is one UPDATE over a key range: the
+/// range's end is the `$4`-th key after `$5` (read from the index alone), and the
+/// UPDATE reseals the rows of the range whose value is under another key. Under
+/// READ COMMITTED a row another transaction updated meanwhile is checked again in
+/// its new version, and resealed from its new value if that still needs it, so a
+/// concurrent update is never overwritten. This is a quarter cheaper than the
+/// routed form below (no materialised read, no TID scan, no join).
+///
+/// With Citus the new values are made in the read, not in the update: Citus refuses
+/// a volatile function in an UPDATE of a distributed table. The update then reaches
+/// the rows read by their ctids (a TID scan) and joins them by primary key (joined
+/// by primary key alone, PostgreSQL 18 plans a hash join over a scan of the whole
+/// table, on every batch), and sets a row only if it still holds the value read
+/// (compare-and-set: a concurrent update wins, and the batch runs again). With
+/// `tenant_id = $1` on both the read and the update, the whole statement goes to
+/// the tenant's shard as it is (without it on the update, Citus cannot plan it).
+fn batch_sql(c: &SealedColumn, routed: bool) -> String {
     let pk = c.pk.join(", ");
     // The keyset compares the key after a leading tenant_id, which `tenant_id = $1`
     // already fixes: a row comparison that starts with it makes the btree start each
@@ -265,16 +277,51 @@ fn batch_sql(c: &SealedColumn) -> String {
             .enumerate()
             .skip_while(|(_, k)| k.as_str() == "tenant_id")
             .collect();
-    let keyset = if after.is_empty() {
-        "FALSE".to_owned()
-    } else {
-        let cols: Vec<&str> = after.iter().map(|(_, k)| k.as_str()).collect();
+    let cols = |prefix: &str| -> String {
+        let v: Vec<String> = after.iter().map(|(_, k)| format!("{prefix}{k}")).collect();
+        v.join(", ")
+    };
+    let keyset = |prefix: &str| -> String {
+        if after.is_empty() {
+            return "FALSE".to_owned();
+        }
         let last: Vec<String> = after
             .iter()
             .map(|(i, _)| format!("($5::text::jsonb ->> {i})::{}", c.pk_types[*i]))
             .collect();
-        format!("({}) > ({})", cols.join(", "), last.join(", "))
+        format!("({}) > ({})", cols(prefix), last.join(", "))
     };
+    let order_desc: Vec<String> = c.pk.iter().map(|k| format!("{k} DESC")).collect();
+    if !routed {
+        // The range's end: the batch's last key, each column read from `b`. A key of
+        // tenant_id alone (one row per tenant) has no range but the tenant's row.
+        let upper = if after.is_empty() {
+            "EXISTS (SELECT FROM b)".to_owned()
+        } else {
+            let ends: Vec<String> = after
+                .iter()
+                .map(|(_, k)| format!("(SELECT {k} FROM b)"))
+                .collect();
+            format!("({}) <= ({})", cols("t."), ends.join(", "))
+        };
+        return format!(
+            "WITH r AS (SELECT {pk} FROM {rel} \
+                        WHERE tenant_id = $1::text::{tt} AND ($5::text IS NULL OR {keyset}) \
+                        ORDER BY {pk} LIMIT $4), \
+                  b AS (SELECT {pk}, (SELECT count(*) FROM r) AS pgseal_rows FROM r ORDER BY {desc} LIMIT 1), \
+                  u AS (UPDATE {rel} AS t SET {col} = pgseal.vault_rewrap(t.{col}, $3) \
+                        WHERE t.tenant_id = $1::text::{tt} AND ($5::text IS NULL OR {keyset_t}) AND {upper} \
+                          AND t.{col} LIKE 'v2:%' AND split_part(t.{col}, ':', 2) <> $2 RETURNING 1) \
+             SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({pk})::text FROM b), \
+                    coalesce((SELECT pgseal_rows FROM b), 0), (SELECT count(*) FROM u)",
+            rel = c.rel,
+            col = c.col,
+            tt = c.tenant_type,
+            keyset = keyset(""),
+            keyset_t = keyset("t."),
+            desc = order_desc.join(", "),
+        );
+    }
     // The update finds each row by its ctid, then checks it is the row read by the
     // rest of its primary key: tenant_id is left out of that join, since both sides
     // already fix it to $1. With it in, the planner carries `tenant_id = $1` over to
@@ -293,23 +340,23 @@ fn batch_sql(c: &SealedColumn) -> String {
     } else {
         join
     };
-    let order_desc: Vec<String> = c.pk.iter().map(|k| format!("{k} DESC")).collect();
     format!(
-        "WITH s AS (SELECT ctid AS pgseal_tid, {pk}, {col} AS old, \
+        "WITH s AS (SELECT ctid AS pgseal_tid, {pk}, {col} AS pgseal_old, \
                            CASE WHEN {col} LIKE 'v2:%' AND split_part({col}, ':', 2) <> $2 \
-                                THEN pgseal.vault_rewrap({col}, $3) END AS new \
+                                THEN pgseal.vault_rewrap({col}, $3) END AS pgseal_new \
                     FROM {rel} \
                     WHERE tenant_id = $1::text::{tt} AND ($5::text IS NULL OR {keyset}) \
                     ORDER BY {pk} LIMIT $4), \
-              u AS (UPDATE {rel} AS t SET {col} = s.new FROM s \
-                    WHERE t.tenant_id = $1::text::{tt} AND t.ctid = ANY (ARRAY(SELECT pgseal_tid FROM s)) AND {join} AND t.{col} = s.old \
-                      AND s.new IS NOT NULL RETURNING 1) \
+              u AS (UPDATE {rel} AS t SET {col} = s.pgseal_new FROM s \
+                    WHERE t.tenant_id = $1::text::{tt} AND t.ctid = ANY (ARRAY(SELECT pgseal_tid FROM s)) AND {join} AND t.{col} = s.pgseal_old \
+                      AND s.pgseal_new IS NOT NULL RETURNING 1) \
          SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({pk})::text FROM s ORDER BY {desc} LIMIT 1), \
                 (SELECT count(*) FROM s), \
-                (SELECT count(*) FROM s WHERE s.new IS NOT NULL)",
+                (SELECT count(*) FROM s WHERE s.pgseal_new IS NOT NULL)",
         rel = c.rel,
         col = c.col,
         tt = c.tenant_type,
+        keyset = keyset(""),
         join = join.join(" AND "),
         desc = order_desc.join(", "),
     )
@@ -320,9 +367,9 @@ const RESEAL_RETRIES: u32 = 3;
 
 /// Reseals the tenant's registered values that are not under `active`, in
 /// batches sized by `batch` (which learns from each), each batch one transaction.
-/// Each row is updated only if it still holds the value read (compare-and-set:
-/// under READ COMMITTED a concurrent update makes the row fail that test, and the
-/// concurrent value wins).
+/// A concurrent update is never overwritten: a row updated under the batch is
+/// resealed from its new value, or (on Citus) left to the concurrent value
+/// (`batch_sql`).
 pub async fn reseal(
     client: &mut Client,
     tenant: &str,
@@ -331,6 +378,15 @@ pub async fn reseal(
     stop: &CancellationToken,
 ) -> Result<u64, DaemonError> {
     let mut total = 0u64;
+    // Citus tables take the routed form of the batch (see `batch_sql`).
+    let routed: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+        .get(0);
     for c in sealed_columns(client).await? {
         if stop.is_cancelled() {
             break;
@@ -341,7 +397,7 @@ pub async fn reseal(
             tracing::warn!(table = %c.rel, column = %c.col, "skipping a sealed column registration: {why}");
             continue;
         }
-        let sql = batch_sql(&c);
+        let sql = batch_sql(&c, routed);
         let bar = Progress::new(&format!("resealing {}.{}", c.rel, c.col), 0);
         let mut last: Option<String> = None;
         let mut retries = 0;
