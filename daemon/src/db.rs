@@ -7,6 +7,15 @@ use crate::tls;
 
 /// Connects with the TLS the connection string asks for (`tls.rs`: libpq's sslmode
 /// and sslrootcert), and drives the connection on a task of its own.
+///
+/// The session's search_path is `pg_catalog, pg_temp` before any statement runs.
+/// pgseald puts names it read from the catalogs into its statements (registered
+/// tables as `regclass::text`, key types by `format_type`); those print a name
+/// unqualified when the search_path makes it visible, and a schema another role
+/// creates later (a `"$user"` schema named after pgseald's role, say) could then
+/// take it over between the read and the statement, with a view or a domain whose
+/// functions would run as pgseald. With no schema but the catalog on the path,
+/// every such name is printed with its schema, and means that table and no other.
 pub async fn connect(url: &str) -> Result<Client, DaemonError> {
     let target = tls::parse(url)?;
     let connector = tls::connector(&target)?;
@@ -20,5 +29,9 @@ pub async fn connect(url: &str) -> Result<Client, DaemonError> {
             tracing::error!("connection error: {e}");
         }
     });
+    client
+        .batch_execute("SET search_path = pg_catalog, pg_temp")
+        .await
+        .map_err(DaemonError::Query)?;
     Ok(client)
 }

@@ -378,6 +378,61 @@ fn scheduled_rotation_goes_on_past_a_tenant_whose_reseal_fails() {
     assert_eq!(a_wrong, 0);
 }
 
+/// A role with CREATE on the database makes a schema named after pgseald's role
+/// (the first entry of the default search_path, `"$user"`) while a reseal runs, with
+/// an updatable view of the registered table's name whose condition calls its own
+/// function. pgseald read the table's name before the schema existed; the statements
+/// it runs after must still mean the registered table, so the function never runs,
+/// and never as pgseald's role (here a superuser).
+#[test]
+fn a_schema_made_during_a_reseal_cannot_take_over_its_table_name() {
+    let cl = Cluster::start("jobs-name-race", &[KEY_V1], &[]);
+    let mut c = creds_table(&cl);
+    seal_rows(&mut c, "a", 1, 4000);
+    c.batch_execute(
+        "CREATE ROLE mallory LOGIN;
+         GRANT CREATE ON DATABASE postgres TO mallory;",
+    )
+    .unwrap();
+    let mut m = cl.connect_as("mallory");
+    m.batch_execute(
+        "CREATE SCHEMA trap;
+         CREATE TABLE trap.ran (who text);
+         GRANT USAGE ON SCHEMA trap TO PUBLIC;
+         GRANT INSERT ON trap.ran TO PUBLIC;
+         CREATE FUNCTION trap.evil() RETURNS boolean LANGUAGE sql VOLATILE
+           AS $$ INSERT INTO trap.ran VALUES (current_user) RETURNING true $$;
+         CREATE TABLE trap.rows (id int PRIMARY KEY, tenant_id text, token text);
+         INSERT INTO trap.rows VALUES (1, 'a', 'v2:x:y');",
+    )
+    .unwrap();
+    // Batches of one row: the reseal runs for seconds.
+    let mut child = Pgseald::new(["rotate", "tenant", "a", "--batch", "1"])
+        .on(&cl)
+        .spawn(Stdio::null());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the reseal must still be running when the schema appears"
+    );
+    m.batch_execute(
+        "CREATE SCHEMA postgres;
+         CREATE VIEW postgres.creds AS SELECT * FROM trap.rows WHERE trap.evil();",
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the reseal completes: {status:?}");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM trap.ran"),
+        0,
+        "the view's function ran inside pgseald's statements"
+    );
+    // The view would take over this test's own unqualified queries as well.
+    m.batch_execute("DROP SCHEMA postgres CASCADE").unwrap();
+    assert_eq!(rows_under_non_active_keys(&mut c, "a"), 0);
+    assert_eq!(wrong_values(&mut c, "a"), 0);
+}
+
 #[test]
 fn kek_rotation_moves_every_tenant_key() {
     let cl = Cluster::start("jobs-kek", &[KEY_V1], &[]);
