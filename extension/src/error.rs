@@ -70,12 +70,26 @@ pub enum SealError {
     Conflict(&'static str),
     #[error("pgseal internal error: {0}")]
     Internal(&'static str),
+    /// An error about one of the several tables a statement works through, with
+    /// that table's name (a quoted, qualified identifier: no data) after it. Its
+    /// SQLSTATE and hint are the inner error's.
+    #[error("{1} (table {0})")]
+    OnTable(String, Box<SealError>),
 }
 
 impl SealError {
+    /// This error, about table `name` (see `OnTable`).
+    pub fn on_table(self, name: &str) -> SealError {
+        match self {
+            SealError::OnTable(..) => self,
+            e => SealError::OnTable(name.to_owned(), Box::new(e)),
+        }
+    }
+
     pub fn sqlstate(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
+            SealError::OnTable(_, e) => e.sqlstate(),
             SealError::NotPreloaded
             | SealError::MasterKeyNotLoaded { .. }
             | SealError::MasterVersionMissing(_)
@@ -107,6 +121,7 @@ impl SealError {
 
     fn hint(&self) -> Option<&'static str> {
         match self {
+            SealError::OnTable(_, e) => e.hint(),
             SealError::NotPreloaded => Some(
                 "Add pgseal to shared_preload_libraries in postgresql.conf and restart the server.",
             ),

@@ -258,7 +258,8 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
     let mut left = 0;
     for t in tables()? {
         let name = t.lock(pg_sys::AccessShareLock)?;
-        crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])?;
+        crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
+            .map_err(|e| e.on_table(&name))?;
         left += as_table_owner(t.owner, || -> SealResult<i64> {
             let other_policies = Spi::get_one_with_args::<bool>(
                 "SELECT pg_catalog.row_security_active($1) AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
@@ -278,7 +279,8 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
                 &[tenant.into()],
             )?
             .unwrap_or(0))
-        })?;
+        })
+        .map_err(|e| e.on_table(&name))?;
     }
     Ok(left)
 }
@@ -296,13 +298,16 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
         let mut lines = Vec::new();
         for t in tables()? {
             let name = t.lock(pg_sys::AccessShareLock)?;
-            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])?;
-            crate::subjects::require_table_access(
-                t.rel,
-                t.owner,
-                "SELECT",
-                "_offboard_export needs SELECT on every offboarded table",
-            )?;
+            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
+                .and_then(|()| {
+                    crate::subjects::require_table_access(
+                        t.rel,
+                        t.owner,
+                        "SELECT",
+                        "_offboard_export needs SELECT on every offboarded table",
+                    )
+                })
+                .map_err(|e| e.on_table(&name))?;
             let sql = format!(
                 "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text \
                    FROM {} AS _pgseal_row \
@@ -360,13 +365,16 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             let name = t.lock(pg_sys::RowExclusiveLock)?;
             // SAFETY: a syscache lookup of the locked table's kind.
             let plain = unsafe { pg_sys::get_rel_relkind(t.rel) } as u8 == pg_sys::RELKIND_RELATION;
-            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])?;
-            crate::subjects::require_table_access(
-                t.rel,
-                t.owner,
-                "DELETE",
-                "_offboard_delete needs DELETE on every offboarded table",
-            )?;
+            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
+                .and_then(|()| {
+                    crate::subjects::require_table_access(
+                        t.rel,
+                        t.owner,
+                        "DELETE",
+                        "_offboard_delete needs DELETE on every offboarded table",
+                    )
+                })
+                .map_err(|e| e.on_table(&name))?;
             if plain {
                 let n = delete_from_plain(&tenant, &t, &name, batch)?;
                 if n > 0 {

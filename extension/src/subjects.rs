@@ -135,6 +135,7 @@ impl Registration {
     /// `require_table_access` on this registration's table.
     fn require(&self, privilege: &str, refused: &'static str) -> SealResult<()> {
         require_table_access(self.rel, self.owner, privilege, refused)
+            .map_err(|e| e.on_table(&self.table))
     }
 }
 
@@ -359,7 +360,8 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             "subject_export needs SELECT on every registered table",
         )?;
         let name = crate::privilege::pinned_name(r.rel, pg_sys::AccessShareLock)?;
-        crate::privilege::require_only_owners_code(r.rel, r.owner, pg_sys::AccessShareLock, &[])?;
+        crate::privilege::require_only_owners_code(r.rel, r.owner, pg_sys::AccessShareLock, &[])
+            .map_err(|e| e.on_table(&name))?;
         let sql = format!(
             "SELECT COALESCE(pg_catalog.jsonb_agg({}), '[]'::pg_catalog.jsonb) \
                FROM {} AS _pgseal_row \
@@ -453,7 +455,7 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
                 "UPDATE",
                 "subject_erase needs UPDATE on every table it anonymises",
             )?;
-            r.require_clearable()?;
+            r.require_clearable().map_err(|e| e.on_table(&r.table))?;
         }
     }
     let mut counts = Vec::new();
@@ -474,7 +476,8 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             r.owner,
             pg_sys::RowExclusiveLock,
             &clears,
-        )?;
+        )
+        .map_err(|e| e.on_table(&name))?;
         let filter = r.rows_of_subject("_pgseal_row");
         let (sql, done) = if r.clears.is_empty() {
             (

@@ -302,6 +302,28 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_refused_table_is_named() {
+        tenant_data("off-named");
+        run("SELECT pgseal.tenant_offboard('off-named', '0')");
+        run("SELECT pgseal._offboard_advance('off-named', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        run("CREATE ROLE off_no_delete IN ROLE pgseal_admin");
+        run("GRANT SELECT ON public.off_users TO off_no_delete");
+        run("SET LOCAL ROLE off_no_delete");
+        let q = "SELECT pgseal._offboard_delete('off-named', 10)";
+        assert_eq!(sqlstate(q), "42501");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(
+            msg.contains("needs DELETE on every offboarded table (table public.off_users)"),
+            "{msg}"
+        );
+        run("RESET ROLE");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_users"), 3);
+    }
+
+    #[pg_test]
     fn a_held_tenant_is_never_offboarded() {
         tenant_data("off-held");
         run("SELECT pgseal.tenant_offboard('off-held', '0')");

@@ -619,6 +619,12 @@ mod tests {
             sqlstate("SELECT pgseal.subject_erase('subj-trig', 'u1')"),
             "42501"
         );
+        // The refusal names the table it is about.
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal("SELECT pgseal.subject_erase('subj-trig', 'u1')")
+        ));
+        assert!(msg.contains("(table public.subj_trig)"), "{msg}");
         assert_eq!(owner_trap_ran_as("subj_third"), "");
         assert_eq!(one::<i64>("SELECT count(*) FROM public.subj_trig"), 1);
         // SECURITY DEFINER does not make it safe: its owner can turn it back into
@@ -786,6 +792,15 @@ mod tests {
         assert_eq!(
             sqlstate("SELECT pgseal.subject_export('subj-rls', 'u1')"),
             "42501"
+        );
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal("SELECT pgseal.subject_export('subj-rls', 'u1')")
+        ));
+        assert!(
+            msg.contains("that its owner is exempt from")
+                && msg.contains("(table public.subj_rls)"),
+            "{msg}"
         );
         run("RESET ROLE");
         // FORCE does not bind an owner that is a superuser (as here).
