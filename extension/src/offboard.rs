@@ -289,63 +289,175 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
 /// tenant's export: `{"table", "row"}` for each of its rows in the offboarded
 /// tables (read as each table's owner, sealed values as stored), then `{"ledger"}`
 /// for each `ledger_export` line (read as the caller).
+///
+/// The lines are read through cursors, `EXPORT_CHUNK` at a time, as the function
+/// returns them: a backend holds one chunk, however large the tenant (PostgreSQL
+/// keeps what the function returned in a tuplestore, which spills to disk past
+/// `work_mem`). Each table is checked and locked when its turn comes, as before its
+/// one statement; its cursor is read as its owner, restricted, at every fetch.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
     let lines = (|| {
         let tenant = checked(tenant, "_offboard_export")?;
         require_step(&tenant, "scheduled")?;
         require_context(&tenant)?;
-        let mut lines = Vec::new();
-        for t in tables()? {
-            let name = t.lock(pg_sys::AccessShareLock)?;
-            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
-                .and_then(|()| {
-                    crate::subjects::require_table_access(
-                        t.rel,
-                        t.owner,
-                        "SELECT",
-                        "_offboard_export needs SELECT on every offboarded table",
-                    )
-                })
-                .map_err(|e| e.on_table(&name))?;
-            let sql = format!(
-                "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text \
-                   FROM {} AS _pgseal_row \
-                  WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                    AND _pgseal_row.tenant_id OPERATOR(pg_catalog.=) $1::pg_catalog.text",
-                crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
-                name
-            );
-            as_table_owner(t.owner, || {
-                Spi::connect(|c| {
-                    for r in c.select(&sql, None, &[tenant.as_str().into(), name.as_str().into()])? {
-                        if let Some(line) = r.get::<String>(1)? {
-                            lines.push(line);
-                        }
-                    }
-                    Ok::<_, pgrx::spi::Error>(())
-                })
-            })?;
-        }
-        crate::ledger::writer::flush()?;
-        with_pinned_search_path(|| {
-            Spi::connect(|c| {
-                for r in c.select(
-                    "SELECT pg_catalog.jsonb_build_object('ledger', e)::pg_catalog.text FROM pgseal.ledger_export($1) e",
-                    None,
-                    &[tenant.as_str().into()],
-                )? {
-                    if let Some(line) = r.get::<String>(1)? {
-                        lines.push(line);
-                    }
-                }
-                Ok::<_, pgrx::spi::Error>(())
-            })
-        })?;
-        Ok::<_, SealError>(lines)
+        Ok::<_, SealError>(ExportLines {
+            tables: tables()?.into_iter(),
+            tenant,
+            stage: ExportStage::Tables,
+            buffer: std::collections::VecDeque::new(),
+        })
     })()
     .or_raise();
     SetOfIterator::new(lines)
+}
+
+/// Lines an export reads per fetch, and so holds at once.
+const EXPORT_CHUNK: i64 = 1_000;
+
+/// Where `_offboard_export` is in its reading.
+enum ExportStage {
+    /// Between tables: the next one is opened (or, after the last, the ledger).
+    Tables,
+    /// A table's open cursor, fetched as the table's owner.
+    Table {
+        owner: pg_sys::Oid,
+        cursor: String,
+    },
+    /// The `ledger_export` cursor, fetched as the caller.
+    Ledger {
+        cursor: String,
+    },
+    Done,
+}
+
+/// `_offboard_export`'s lines, read a chunk at a time.
+struct ExportLines {
+    tenant: String,
+    tables: std::vec::IntoIter<Table>,
+    stage: ExportStage,
+    buffer: std::collections::VecDeque<String>,
+}
+
+impl Iterator for ExportLines {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(line) = self.buffer.pop_front() {
+                return Some(line);
+            }
+            if matches!(self.stage, ExportStage::Done) {
+                return None;
+            }
+            self.advance().or_raise();
+        }
+    }
+}
+
+impl ExportLines {
+    /// Fills the buffer from the cursor at hand, or moves to the next cursor.
+    fn advance(&mut self) -> SealResult<()> {
+        self.stage = match std::mem::replace(&mut self.stage, ExportStage::Done) {
+            ExportStage::Tables => match self.tables.next() {
+                Some(t) => self.open_table(&t)?,
+                None => {
+                    crate::ledger::writer::flush()?;
+                    let cursor = with_pinned_search_path(|| {
+                        Spi::connect(|c| {
+                            c.try_open_cursor(
+                                "SELECT pg_catalog.jsonb_build_object('ledger', e)::pg_catalog.text FROM pgseal.ledger_export($1) e",
+                                &[self.tenant.as_str().into()],
+                            )
+                            .map(|cur| cur.detach_into_name())
+                        })
+                    })?;
+                    ExportStage::Ledger { cursor }
+                }
+            },
+            ExportStage::Table { owner, cursor } => {
+                if as_table_owner(owner, || fetch_lines(&cursor, &mut self.buffer))? {
+                    ExportStage::Table { owner, cursor }
+                } else {
+                    ExportStage::Tables
+                }
+            }
+            ExportStage::Ledger { cursor } => {
+                if with_pinned_search_path(|| fetch_lines(&cursor, &mut self.buffer))? {
+                    ExportStage::Ledger { cursor }
+                } else {
+                    ExportStage::Done
+                }
+            }
+            ExportStage::Done => ExportStage::Done,
+        };
+        Ok(())
+    }
+
+    /// Locks and checks table `t`, then opens the cursor over its tenant's rows as
+    /// its owner.
+    fn open_table(&self, t: &Table) -> SealResult<ExportStage> {
+        let name = t.lock(pg_sys::AccessShareLock)?;
+        crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
+            .and_then(|()| {
+                crate::subjects::require_table_access(
+                    t.rel,
+                    t.owner,
+                    "SELECT",
+                    "_offboard_export needs SELECT on every offboarded table",
+                )
+            })
+            .map_err(|e| e.on_table(&name))?;
+        let sql = format!(
+            "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text \
+               FROM {} AS _pgseal_row \
+              WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                AND _pgseal_row.tenant_id OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+            crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
+            name
+        );
+        let cursor = as_table_owner(t.owner, || {
+            Spi::connect(|c| {
+                c.try_open_cursor(
+                    sql.as_str(),
+                    &[self.tenant.as_str().into(), name.as_str().into()],
+                )
+                .map(|cur| cur.detach_into_name())
+            })
+        })?;
+        Ok(ExportStage::Table {
+            owner: t.owner,
+            cursor,
+        })
+    }
+}
+
+/// Fetches up to `EXPORT_CHUNK` lines of the open cursor `cursor` into `buffer`.
+/// Returns whether the cursor may have more; at its end it is closed. Each call is
+/// its own SPI connection, so the fetched rows are freed with it.
+fn fetch_lines(
+    cursor: &str,
+    buffer: &mut std::collections::VecDeque<String>,
+) -> Result<bool, pgrx::spi::Error> {
+    Spi::connect(|c| {
+        let mut cur = c.find_cursor(cursor)?;
+        let fetched = {
+            let rows = cur.fetch(EXPORT_CHUNK)?;
+            let n = rows.len();
+            for r in rows {
+                if let Some(line) = r.get::<String>(1)? {
+                    buffer.push_back(line);
+                }
+            }
+            n
+        };
+        if (fetched as i64) < EXPORT_CHUNK {
+            // Dropping the cursor closes it.
+            return Ok(false);
+        }
+        cur.detach_into_name();
+        Ok(true)
+    })
 }
 
 /// `pgseal._offboard_delete(tenant, batch)`: at step 'exported', deletes up to

@@ -292,3 +292,57 @@ fn a_lock_held_on_a_table_fails_the_step_instead_of_stalling_it() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("tenant acme: done"), "{out}");
 }
+
+/// Peak resident memory of a server backend, in kB (`VmHWM` of /proc/<pid>/status).
+fn backend_peak_kb(c: &mut postgres::Client) -> u64 {
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+/// A tenant's export much larger than work_mem does not grow the backend by its
+/// size: `_offboard_export` reads each table through a cursor, a chunk at a time,
+/// and what it returns goes to a tuplestore that spills to disk. 100,000 rows of
+/// 1 kB each: kept in memory whole, they would add well over 100 MB to the peak.
+#[test]
+fn a_large_export_is_read_in_chunks_not_held_in_memory() {
+    let cl = Cluster::start("offboard-large", &[KEY_V1], &["work_mem = '4MB'"]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE notes (id int, tenant_id text NOT NULL, body text);
+         ALTER TABLE notes ALTER COLUMN body SET STORAGE EXTERNAL;
+         SELECT pgseal.subject_register('notes', 'id');
+         INSERT INTO notes SELECT g, 'big', repeat(md5(g::text), 32) FROM generate_series(1, 100000) g;
+         SELECT pgseal.tenant_offboard('big', '0');",
+    )
+    .unwrap();
+    // The table's pages, read once first: the shared buffers a backend touches count
+    // in its resident memory, and are not what is measured here.
+    c.batch_execute("SELECT count(*), sum(length(body)) FROM notes")
+        .unwrap();
+    let before = backend_peak_kb(&mut c);
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('big')").unwrap();
+    let (lines, bytes): (i64, i64) = {
+        let r = tx
+            .query_one(
+                "SELECT count(*), sum(length(l))::bigint FROM pgseal._offboard_export('big') l",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    tx.commit().unwrap();
+    let grew_kb = backend_peak_kb(&mut c).saturating_sub(before);
+    assert!(lines > 100_000, "every row and the ledger: {lines}");
+    assert!(bytes > 100_000_000, "the export is over 100 MB: {bytes}");
+    assert!(
+        grew_kb < 48 * 1024,
+        "the backend's peak grew by {grew_kb} kB for a {bytes}-byte export"
+    );
+}

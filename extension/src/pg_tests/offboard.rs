@@ -384,6 +384,51 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_export_reads_every_row_across_its_chunks_in_order() {
+        // More rows than one fetch takes (1,000), in a table read after another,
+        // and the ledger after every table.
+        run("CREATE TABLE public.off_many (id int, tenant_id text NOT NULL, note text)");
+        run("SELECT pgseal.subject_register('public.off_many', 'id')");
+        tenant_data("off-many");
+        run("INSERT INTO public.off_many SELECT g, 'off-many', 'n' || g FROM generate_series(1, 2345) g");
+        run(
+            "INSERT INTO public.off_many SELECT g, 'off-other', 'x' FROM generate_series(1, 100) g",
+        );
+        run("SELECT pgseal.tenant_offboard('off-many', '0')");
+        run("CREATE TEMP TABLE off_lines AS SELECT n, l::jsonb AS j FROM pgseal._offboard_export('off-many') WITH ORDINALITY AS e(l, n)");
+        assert_eq!(
+            one::<i64>("SELECT count(DISTINCT j -> 'row' ->> 'id') FROM off_lines WHERE j ->> 'table' = 'public.off_many'"),
+            2345
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM off_lines WHERE j ->> 'table' = 'public.off_many'"),
+            2345
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM off_lines WHERE j ->> 'table' = 'public.off_users'"),
+            2
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM off_lines WHERE j -> 'row' ->> 'tenant_id' <> 'off-many'"
+            ),
+            0
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM off_lines WHERE j ? 'ledger'"),
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'off-many'")
+        );
+        assert!(one::<bool>(
+            "SELECT max(n) FILTER (WHERE j ? 'table') < min(n) FILTER (WHERE j ? 'ledger') FROM off_lines"
+        ));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM off_lines"),
+            2345 + 2
+                + one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'off-many'")
+        );
+    }
+
+    #[pg_test]
     fn only_registered_tables_are_offboarded() {
         // A table protected by pgseal's policies, or with a policy named like
         // pgseal's, but registered by no administrator, is not touched.
