@@ -291,10 +291,13 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
 /// for each `ledger_export` line (read as the caller).
 ///
 /// The lines are read through cursors, `EXPORT_CHUNK` at a time, as the function
-/// returns them: a backend holds one chunk, however large the tenant (PostgreSQL
-/// keeps what the function returned in a tuplestore, which spills to disk past
-/// `work_mem`). Each table is checked and locked when its turn comes, as before its
-/// one statement; its cursor is read as its owner, restricted, at every fetch.
+/// returns them, so the tenant's rows are never all in memory (PostgreSQL keeps
+/// what the function returned in a tuplestore, which spills to disk past
+/// `work_mem`). Each returned line still stays in the function's multi-call memory
+/// until it ends (pgrx's value-per-call functions box what they return there):
+/// about 0.6 of the export's size, against 3.4 times it when the rows were read
+/// whole (tests/tests/offboard_cluster.rs). Each table is checked and locked when
+/// its turn comes; its cursor is read as its owner, restricted, at every fetch.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
     let lines = (|| {
