@@ -16,6 +16,9 @@ use crate::tls;
 /// take it over between the read and the statement, with a view or a domain whose
 /// functions would run as pgseald. With no schema but the catalog on the path,
 /// every such name is printed with its schema, and means that table and no other.
+/// (A reseal batch adds the schemas of its key's types for its own transaction:
+/// `job::rotation`.) extra_float_digits = 3 makes a float's text form exact, so a
+/// key read back from it is the key written.
 pub async fn connect(url: &str) -> Result<Client, DaemonError> {
     let target = tls::parse(url)?;
     let connector = tls::connector(&target)?;
@@ -30,7 +33,7 @@ pub async fn connect(url: &str) -> Result<Client, DaemonError> {
         }
     });
     client
-        .batch_execute("SET search_path = pg_catalog, pg_temp")
+        .batch_execute("SET search_path = pg_catalog, pg_temp; SET extra_float_digits = 3")
         .await
         .map_err(DaemonError::Query)?;
     Ok(client)

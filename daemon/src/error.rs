@@ -20,6 +20,8 @@ pub enum DaemonError {
     ConnectionLost,
     #[error("ledger verification failed for tenant(s) {0:?}")]
     VerifyFailed(Vec<String>),
+    #[error("{0}")]
+    NoProgress(String),
     #[error("{job} failed for tenant(s) {failed:?} ({done})")]
     TenantsFailed {
         job: &'static str,
@@ -83,7 +85,8 @@ impl DaemonError {
             DaemonError::ConnectionLost
             | DaemonError::Connect(_)
             | DaemonError::Query(_)
-            | DaemonError::TenantsFailed { .. } => Exit::Database,
+            | DaemonError::TenantsFailed { .. }
+            | DaemonError::NoProgress(_) => Exit::Database,
         }
     }
 }

@@ -574,10 +574,13 @@ fn reseal_walks_every_primary_key_shape_in_batches() {
          CREATE TABLE k_last (id int, tenant_id text, token text, PRIMARY KEY (id, tenant_id));
          CREATE TABLE k_alone (tenant_id text PRIMARY KEY, token text);
          CREATE TABLE k_mixed (tenant_id text, name text, at timestamptz, n numeric, new int DEFAULT 0, token text,
-                               PRIMARY KEY (tenant_id, name, at, n, new));",
+                               PRIMARY KEY (tenant_id, name, at, n, new));
+         -- A key whose JSON form is not its text form: the string \"5\" and the number 5.
+         CREATE TABLE k_json (tenant_id text, k jsonb, f float8, pgseal_rows int DEFAULT 0, pgseal_k0 int DEFAULT 0,
+                              token text, PRIMARY KEY (tenant_id, k, f, pgseal_rows, pgseal_k0));",
     )
     .unwrap();
-    for t in ["k_first", "k_last", "k_alone", "k_mixed"] {
+    for t in ["k_first", "k_last", "k_alone", "k_mixed", "k_json"] {
         c.batch_execute(&format!(
             "SELECT pgseal.vault_register_column('{t}', 'token', 'keys.token')"
         ))
@@ -591,6 +594,9 @@ fn reseal_walks_every_primary_key_shape_in_batches() {
              INSERT INTO k_alone VALUES ('{tenant}', pgseal.vault_seal('{tenant}-0', 'keys.token'));
              INSERT INTO k_mixed (tenant_id, name, at, n, token) SELECT '{tenant}', 'n' || (g % 3), timestamptz '2026-01-01' + (g % 5) * interval '1 hour', g / 10.0,
                                         pgseal.vault_seal('{tenant}-' || g, 'keys.token') FROM generate_series(1, 40) g;
+             INSERT INTO k_json (tenant_id, k, f, token)
+               SELECT '{tenant}', CASE WHEN g % 2 = 0 THEN to_jsonb(g / 2) ELSE to_jsonb((g / 2)::text) END, 0.1 * g,
+                      pgseal.vault_seal('{tenant}-' || g, 'keys.token') FROM generate_series(1, 40) g;
              COMMIT;"
         ))
         .unwrap();
@@ -643,7 +649,7 @@ fn reseal_walks_every_primary_key_shape_in_batches() {
             assert_eq!(distinct.len() as i64, rows, "{t}: every value kept apart");
         }
         tx.commit().unwrap();
-        for t in ["k_first", "k_last", "k_alone", "k_mixed"] {
+        for t in ["k_first", "k_last", "k_alone", "k_mixed", "k_json"] {
             assert_eq!(
                 count(&mut c, &format!("SELECT count(*) FROM {t} WHERE tenant_id = 'b' AND split_part(token, ':', 2) <> '{old_b}'")),
                 0,

@@ -10,6 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -109,7 +110,7 @@ fn passed_over(
     if client.is_closed() {
         return Err(e);
     }
-    tracing::error!(tenant = %tenant, "rotation of this tenant failed, going on with the others: {e}");
+    tracing::error!(tenant = ?tenant, "rotation of this tenant failed, going on with the others: {e}");
     failed.push(tenant.to_owned());
     Ok(())
 }
@@ -166,6 +167,10 @@ struct SealedColumn {
     pk_types: Vec<String>,
     /// SQL type of the table's tenant_id.
     tenant_type: String,
+    /// The search_path a batch runs under: pg_catalog, then the schemas of the
+    /// key's and tenant_id's types (and of their base types) that are not built
+    /// in, such as citext's, whose operators the batch's comparisons must be.
+    search_path: String,
     /// Why the registration cannot be resealed (table or column gone, not text, no
     /// primary key, no tenant_id); such a registration is skipped with a warning.
     broken: Option<&'static str>,
@@ -187,7 +192,16 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                       WHERE i.indrelid = s.rel AND i.indisprimary), \
                     (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
                       WHERE a.attrelid = s.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped), \
-                    coalesce(r.relkind IN ('r', 'p'), false), c.atttypid = 'text'::regtype \
+                    coalesce(r.relkind IN ('r', 'p'), false), c.atttypid = 'text'::regtype, \
+                    (SELECT string_agg(DISTINCT quote_ident(n.nspname), ', ') \
+                       FROM pg_attribute a \
+                       JOIN pg_type t ON t.oid = a.atttypid \
+                       JOIN pg_namespace n ON n.oid IN (t.typnamespace, \
+                            (SELECT b.typnamespace FROM pg_type b WHERE b.oid = t.typbasetype)) \
+                      WHERE a.attrelid = s.rel AND NOT a.attisdropped AND n.nspname <> 'pg_catalog' \
+                        AND (a.attname = 'tenant_id' OR a.attnum = ANY ( \
+                             SELECT unnest(i.indkey::int2[]) FROM pg_index i \
+                              WHERE i.indrelid = s.rel AND i.indisprimary))) \
              FROM pgseal.sealed_columns s \
              LEFT JOIN pg_class r ON r.oid = s.rel \
              LEFT JOIN pg_attribute c ON c.attrelid = s.rel AND c.attnum = s.attnum AND NOT c.attisdropped \
@@ -222,6 +236,10 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                 pk,
                 pk_types: r.get::<_, Option<Vec<String>>>(4).unwrap_or_default(),
                 tenant_type: tenant_type.unwrap_or_default(),
+                search_path: match r.get::<_, Option<String>>(8) {
+                    Some(schemas) => format!("pg_catalog, {schemas}, pg_temp"),
+                    None => "pg_catalog, pg_temp".to_owned(),
+                },
                 broken,
             }
         })
@@ -269,6 +287,22 @@ pub async fn tenant(
 /// the tenant's shard as it is (without it on the update, Citus cannot plan it).
 fn batch_sql(c: &SealedColumn, routed: bool) -> String {
     let pk = c.pk.join(", ");
+    // The statement's own names for the key's columns (pgseal_k0, …), given by
+    // column alias lists, so that no column of the table can shadow them.
+    let k: Vec<String> = (0..c.pk.len()).map(|i| format!("pgseal_k{i}")).collect();
+    // The last key goes back to pgseald as a JSON array of each column's text form
+    // (a JSON number or string could change the value: a jsonb column holding "5"),
+    // and each column is read back with its type's input function.
+    let last_key = k
+        .iter()
+        .map(|k| format!("{k}::text"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let k_desc = k
+        .iter()
+        .map(|k| format!("{k} DESC"))
+        .collect::<Vec<_>>()
+        .join(", ");
     // The keyset compares the key after a leading tenant_id, which `tenant_id = $1`
     // already fixes: a row comparison that starts with it makes the btree start each
     // batch at the tenant's first row and filter its way to the last batch's end.
@@ -291,7 +325,6 @@ fn batch_sql(c: &SealedColumn, routed: bool) -> String {
             .collect();
         format!("({}) > ({})", cols(prefix), last.join(", "))
     };
-    let order_desc: Vec<String> = c.pk.iter().map(|k| format!("{k} DESC")).collect();
     if !routed {
         // The range's end: the batch's last key, each column read from `b`. A key of
         // tenant_id alone (one row per tenant) has no range but the tenant's row.
@@ -300,7 +333,7 @@ fn batch_sql(c: &SealedColumn, routed: bool) -> String {
         } else {
             let ends: Vec<String> = after
                 .iter()
-                .map(|(_, k)| format!("(SELECT {k} FROM b)"))
+                .map(|(i, _)| format!("(SELECT {} FROM b)", k[*i]))
                 .collect();
             format!("({}) <= ({})", cols("t."), ends.join(", "))
         };
@@ -308,18 +341,25 @@ fn batch_sql(c: &SealedColumn, routed: bool) -> String {
             "WITH r AS (SELECT {pk} FROM {rel} \
                         WHERE tenant_id = $1::text::{tt} AND ($5::text IS NULL OR {keyset}) \
                         ORDER BY {pk} LIMIT $4), \
-                  b AS (SELECT {pk}, (SELECT count(*) FROM r) AS pgseal_rows FROM r ORDER BY {desc} LIMIT 1), \
+                  b({ks}, pgseal_rows) AS ( \
+                        SELECT {pk}, (SELECT count(*) FROM r) FROM r ORDER BY {desc} LIMIT 1), \
                   u AS (UPDATE {rel} AS t SET {col} = pgseal.vault_rewrap(t.{col}, $3) \
                         WHERE t.tenant_id = $1::text::{tt} AND ($5::text IS NULL OR {keyset_t}) AND {upper} \
                           AND t.{col} LIKE 'v2:%' AND split_part(t.{col}, ':', 2) <> $2 RETURNING 1) \
-             SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({pk})::text FROM b), \
+             SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({last_key})::text FROM b), \
                     coalesce((SELECT pgseal_rows FROM b), 0), (SELECT count(*) FROM u)",
             rel = c.rel,
             col = c.col,
             tt = c.tenant_type,
+            ks = k.join(", "),
             keyset = keyset(""),
             keyset_t = keyset("t."),
-            desc = order_desc.join(", "),
+            desc = c
+                .pk
+                .iter()
+                .map(|k| format!("{k} DESC"))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
     // The update finds each row by its ctid, then checks it is the row read by the
@@ -330,8 +370,9 @@ fn batch_sql(c: &SealedColumn, routed: bool) -> String {
     // 80 ms for a batch of 1,000 where the hash join it picks without it takes 5.
     let join: Vec<String> =
         c.pk.iter()
-            .filter(|k| k.as_str() != "tenant_id")
-            .map(|k| format!("t.{k} = s.{k}"))
+            .zip(&k)
+            .filter(|(c, _)| c.as_str() != "tenant_id")
+            .map(|(c, k)| format!("t.{c} = s.{k}"))
             .collect();
     // A primary key of tenant_id alone (one row per tenant) leaves nothing to join on
     // but the ctid.
@@ -341,29 +382,69 @@ fn batch_sql(c: &SealedColumn, routed: bool) -> String {
         join
     };
     format!(
-        "WITH s AS (SELECT ctid AS pgseal_tid, {pk}, {col} AS pgseal_old, \
+        "WITH s(pgseal_tid, {ks}, pgseal_old, pgseal_new) AS ( \
+                    SELECT ctid, {pk}, {col}, \
                            CASE WHEN {col} LIKE 'v2:%' AND split_part({col}, ':', 2) <> $2 \
-                                THEN pgseal.vault_rewrap({col}, $3) END AS pgseal_new \
+                                THEN pgseal.vault_rewrap({col}, $3) END \
                     FROM {rel} \
                     WHERE tenant_id = $1::text::{tt} AND ($5::text IS NULL OR {keyset}) \
                     ORDER BY {pk} LIMIT $4), \
               u AS (UPDATE {rel} AS t SET {col} = s.pgseal_new FROM s \
                     WHERE t.tenant_id = $1::text::{tt} AND t.ctid = ANY (ARRAY(SELECT pgseal_tid FROM s)) AND {join} AND t.{col} = s.pgseal_old \
                       AND s.pgseal_new IS NOT NULL RETURNING 1) \
-         SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({pk})::text FROM s ORDER BY {desc} LIMIT 1), \
+         SELECT (SELECT count(*) FROM u), (SELECT jsonb_build_array({last_key})::text FROM s ORDER BY {k_desc} LIMIT 1), \
                 (SELECT count(*) FROM s), \
                 (SELECT count(*) FROM s WHERE s.pgseal_new IS NOT NULL)",
         rel = c.rel,
         col = c.col,
         tt = c.tenant_type,
+        ks = k.join(", "),
         keyset = keyset(""),
         join = join.join(" AND "),
-        desc = order_desc.join(", "),
     )
 }
 
 /// How often a batch runs again when rows were updated under it (`reseal`).
 const RESEAL_RETRIES: u32 = 3;
+
+/// How long a reseal batch waits for a row lock, and how often it is tried again
+/// after such a wait (or a deadlock, or a serialization failure) before the
+/// tenant's reseal fails.
+const RESEAL_LOCK_TIMEOUT: &str = "1s";
+const RESEAL_LOCK_RETRIES: u32 = 5;
+
+/// One batch, in its own READ COMMITTED transaction (whatever the database's
+/// default; `batch_sql` relies on its re-check of updated rows) under the tenant's
+/// context, the key types' search_path and `RESEAL_LOCK_TIMEOUT`.
+async fn reseal_batch(
+    client: &mut Client,
+    tenant: &str,
+    active: &str,
+    c: &SealedColumn,
+    sql: &str,
+    size: i64,
+    last: &Option<String>,
+) -> Result<tokio_postgres::Row, DaemonError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(DaemonError::Query)?;
+    tx.execute(
+        "SELECT pgseal.set_tenant($1), pg_catalog.set_config('search_path', $2, true), \
+                pg_catalog.set_config('lock_timeout', $3, true)",
+        &[&tenant, &c.search_path, &RESEAL_LOCK_TIMEOUT],
+    )
+    .await
+    .map_err(DaemonError::Query)?;
+    let row = tx
+        .query_one(sql, &[&tenant, &active, &c.context, &size, last])
+        .await
+        .map_err(DaemonError::Query)?;
+    tx.commit().await.map_err(DaemonError::Query)?;
+    Ok(row)
+}
 
 /// Reseals the tenant's registered values that are not under `active`, in
 /// batches sized by `batch` (which learns from each), each batch one transaction.
@@ -401,35 +482,61 @@ pub async fn reseal(
         let bar = Progress::new(&format!("resealing {}.{}", c.rel, c.col), 0);
         let mut last: Option<String> = None;
         let mut retries = 0;
+        let mut lock_retries = 0;
         loop {
             let size = batch.size();
             let began = std::time::Instant::now();
-            let tx = client.transaction().await.map_err(DaemonError::Query)?;
-            tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-                .await
-                .map_err(DaemonError::Query)?;
-            let row = tx
-                .query_one(&sql, &[&tenant, &active, &c.context, &size, &last])
-                .await
-                .map_err(DaemonError::Query)?;
-            tx.commit().await.map_err(DaemonError::Query)?;
+            let row = match reseal_batch(client, tenant, active, &c, &sql, size, &last).await {
+                Ok(row) => row,
+                // A row lock held past the batch's lock_timeout (or a deadlock, or a
+                // serialization failure): the batch is tried again a few times, then
+                // the error ends this tenant's reseal, and the scheduled job goes on
+                // to the next tenant. A session that holds a lock cannot stall it.
+                Err(DaemonError::Query(e))
+                    if lock_retries < RESEAL_LOCK_RETRIES
+                        && !stop.is_cancelled()
+                        && e.code().is_some_and(|c| {
+                            [
+                                SqlState::LOCK_NOT_AVAILABLE,
+                                SqlState::T_R_DEADLOCK_DETECTED,
+                                SqlState::T_R_SERIALIZATION_FAILURE,
+                            ]
+                            .contains(c)
+                        }) =>
+                {
+                    lock_retries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            lock_retries = 0;
             let n = row.get::<_, i64>(0) as u64;
             // Rows read, not rows resealed, measure the batch: a batch of values
             // already under the new key reads its rows and writes none.
             batch.observe(row.get::<_, i64>(2) as u64, began.elapsed());
             total += n;
             bar.inc(n);
-            // A row another transaction updated while the batch ran has a new ctid,
-            // and the update passed it by: the same batch runs again (a row whose
-            // sealed value itself changed no longer needs resealing then), up to
-            // RESEAL_RETRIES times; a row still left is the next run's.
+            // On Citus a row another transaction updated while the batch ran has a
+            // new ctid, and the update passed it by: the same batch runs again (a row
+            // whose sealed value itself changed no longer needs resealing then), up
+            // to RESEAL_RETRIES times; a row still left is the next run's.
             let needed = row.get::<_, i64>(3) as u64;
             if n < needed && retries < RESEAL_RETRIES && !stop.is_cancelled() {
                 retries += 1;
                 continue;
             }
             retries = 0;
-            last = row.get::<_, Option<String>>(1);
+            let next = row.get::<_, Option<String>>(1);
+            // The key must move on: one that reads back as itself (a type whose text
+            // form is not exact) would repeat the same batch for ever.
+            if next.is_some() && next == last {
+                return Err(DaemonError::NoProgress(format!(
+                    "the reseal of {}.{} did not move past a key: its primary key's text form does not read back exactly",
+                    c.rel, c.col
+                )));
+            }
+            last = next;
             if last.is_none() || stop.is_cancelled() {
                 break;
             }
