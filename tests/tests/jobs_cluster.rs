@@ -620,6 +620,7 @@ fn reseal_walks_every_primary_key_shape_in_batches() {
             ("k_last", 40),
             ("k_alone", 1),
             ("k_mixed", 40),
+            ("k_json", 40),
         ] {
             let (under_new, total): (i64, i64) = {
                 let r = tx
