@@ -433,6 +433,37 @@ fn a_schema_made_during_a_reseal_cannot_take_over_its_table_name() {
     assert_eq!(wrong_values(&mut c, "a"), 0);
 }
 
+/// A session of the tenant that holds a lock on one of its rows (and stays idle)
+/// cannot stall a reseal: each batch waits for a row lock at most its lock_timeout,
+/// is tried again a few times, and then the run fails for that tenant (exit 4)
+/// instead of waiting for ever. Once the lock is gone, a rerun finishes.
+#[test]
+fn a_held_row_lock_fails_the_reseal_instead_of_stalling_it() {
+    let cl = Cluster::start("jobs-rotate-lock", &[KEY_V1], &[]);
+    let mut c = creds_table(&cl);
+    seal_rows(&mut c, "a", 1, 100);
+    let mut holder = cl.connect();
+    holder
+        .batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('a'); SELECT 1 FROM creds WHERE id = 50 FOR UPDATE;",
+        )
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (code, out) = Pgseald::new(["rotate", "tenant", "a"]).on(&cl).run();
+    let took = started.elapsed();
+    assert_eq!(code, Some(4), "{out}");
+    assert!(
+        out.contains("55P03"),
+        "the lock timeout is what it reports: {out}"
+    );
+    assert!(took < Duration::from_secs(30), "it gave up after {took:?}");
+    holder.batch_execute("COMMIT").unwrap();
+    let (code, out) = Pgseald::new(["rotate", "tenant", "a"]).on(&cl).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(rows_under_non_active_keys(&mut c, "a"), 0);
+    assert_eq!(wrong_values(&mut c, "a"), 0);
+}
+
 #[test]
 fn kek_rotation_moves_every_tenant_key() {
     let cl = Cluster::start("jobs-kek", &[KEY_V1], &[]);
