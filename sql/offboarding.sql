@@ -30,3 +30,13 @@ COMMENT ON TABLE pgseal.tenant_offboardings IS
 REVOKE ALL ON pgseal.tenant_offboardings FROM PUBLIC;
 GRANT SELECT ON pgseal.tenant_offboardings TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
+
+-- The lines of a tenant's export (pgseald's export step). A C function of pgseal's
+-- library in materialize mode, so that the whole export runs in one call
+-- (extension/src/offboard.rs says why): declared here, under the name pgrx gave it
+-- when it was one of its set-returning functions, so that 0.2.0 installs and
+-- upgrades declare it alike.
+CREATE FUNCTION pgseal."_offboard_export"("tenant" text) RETURNS SETOF text
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', '_offboard_export_wrapper';

@@ -21,6 +21,7 @@
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
+use pgrx::PgMemoryContexts;
 use serde_json::json;
 
 use crate::error::{OrRaise, SealError, SealResult};
@@ -290,16 +291,27 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
 /// tables (read as each table's owner, sealed values as stored), then `{"ledger"}`
 /// for each `ledger_export` line (read as the caller).
 ///
-/// The lines are read through cursors, `EXPORT_CHUNK` at a time, as the function
-/// returns them: the backend holds one chunk, however large the tenant (PostgreSQL
-/// keeps what the function returned in a tuplestore, which spills to disk past
-/// `work_mem`; tests/tests/offboard_cluster.rs measures the backend's peak). Each
-/// table is checked and locked when its turn comes; its cursor is read as its
-/// owner, restricted, at every fetch.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
+/// The lines are read through cursors, `EXPORT_CHUNK` at a time, and written to
+/// the result's tuplestore as they come, which spills to disk past `work_mem`: the
+/// backend holds one chunk, however large the tenant. The whole export runs in one
+/// call (materialize mode), so no code of the caller runs between two fetches. A
+/// set-returning function of pgrx's returns one line a call, and in a select list
+/// (or a plpgsql loop) the caller's code runs between calls: it could find the
+/// table's cursor by name (`pg_cursors`), close it and open its own under that
+/// name, which the next fetch would then run as the table's owner. This is a C-ABI
+/// function for that reason, declared in sql/offboarding.sql under the name pgrx
+/// gave it before. Each table is checked and locked when its turn comes; its cursor
+/// is read as its owner, restricted, at every fetch.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: PostgreSQL calls this with the function's call frame; argument 0 is
+    // the text `tenant` (NULL allowed: the function is not STRICT).
+    let tenant: Option<String> = unsafe { pgrx::fcinfo::pg_getarg::<String>(fcinfo, 0) };
     let lines = (|| {
-        let tenant = checked(tenant, "_offboard_export")?;
+        let tenant = checked(tenant.as_deref(), "_offboard_export")?;
         require_step(&tenant, "scheduled")?;
         require_context(&tenant)?;
         Ok::<_, SealError>(ExportLines {
@@ -310,7 +322,72 @@ fn _offboard_export(tenant: Option<&str>) -> SetOfIterator<'static, String> {
         })
     })()
     .or_raise();
-    SetOfIterator::new(lines)
+    // SAFETY: the call frame's result info, checked before use.
+    let (store, desc) = unsafe { materialize_text(fcinfo) };
+    let mut scratch = PgMemoryContexts::new("pgseal export line");
+    for (i, line) in lines.enumerate() {
+        // SAFETY: the tuplestore and its one-column text descriptor were made for
+        // this call; putvalues copies the tuple into the tuplestore's own memory,
+        // so the datum made in `scratch` can go with it.
+        unsafe {
+            scratch.switch_to(|_| {
+                let mut value = line.into_datum().expect("a text datum");
+                let mut null = false;
+                pg_sys::tuplestore_putvalues(store, desc, &mut value, &mut null);
+            });
+        }
+        if i % 1_000 == 999 {
+            // SAFETY: nothing made in `scratch` is used after its line was put.
+            unsafe { scratch.reset() };
+        }
+    }
+    pg_sys::Datum::from(0usize)
+}
+
+#[unsafe(no_mangle)]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo__offboard_export_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// Sets up the call's result as a tuplestore of one text column (materialize
+/// mode), in the query's memory; returns it and its descriptor. Refuses (0A000) a
+/// caller that cannot take a set that way.
+///
+/// # Safety
+/// `fcinfo` must be the call frame of a function PostgreSQL is calling.
+unsafe fn materialize_text(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> (*mut pg_sys::Tuplestorestate, pg_sys::TupleDesc) {
+    // SAFETY: the caller's contract; resultinfo is a node or null.
+    unsafe {
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        if rsinfo.is_null()
+            || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
+            || ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32)
+                == 0
+        {
+            SealError::NotSupported("_offboard_export must be called in FROM").raise();
+        }
+        let query_memory = (*(*rsinfo).econtext).ecxt_per_query_memory;
+        let previous = pg_sys::MemoryContextSwitchTo(query_memory);
+        let desc = pg_sys::CreateTemplateTupleDesc(1);
+        pg_sys::TupleDescInitEntry(
+            desc,
+            1,
+            c"_offboard_export".as_ptr(),
+            pg_sys::TEXTOID,
+            -1,
+            0,
+        );
+        let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
+        (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+        (*rsinfo).setResult = store;
+        (*rsinfo).setDesc = desc;
+        pg_sys::MemoryContextSwitchTo(previous);
+        (store, desc)
+    }
 }
 
 /// Lines an export reads per fetch, and so holds at once.

@@ -429,6 +429,53 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_caller_cannot_swap_the_tables_cursor_between_fetches() {
+        // The attack on a set-returning export that returns a line a call: called in
+        // a select list, the caller's function runs between calls, finds the table's
+        // cursor in pg_cursors, closes it and opens its own under that name, which
+        // the next fetch would run as the table's owner.
+        run("CREATE ROLE off_victim_owner");
+        run("CREATE ROLE off_mallory IN ROLE pgseal_admin");
+        run("CREATE TABLE public.off_victim (id int, tenant_id text NOT NULL)");
+        run("SELECT pgseal.subject_register('public.off_victim', 'id')");
+        run("ALTER TABLE public.off_victim OWNER TO off_victim_owner");
+        run("GRANT SELECT ON public.off_victim TO off_mallory");
+        run("CREATE TABLE public.off_ran (who text)");
+        run("GRANT INSERT, SELECT ON public.off_ran TO PUBLIC");
+        run(
+            "CREATE FUNCTION public.off_payload() RETURNS text LANGUAGE sql VOLATILE \
+             AS $$ INSERT INTO public.off_ran VALUES (current_user) RETURNING 'payload' $$",
+        );
+        run(
+            "CREATE FUNCTION public.off_swap(l text) RETURNS text LANGUAGE plpgsql AS $$
+             DECLARE n text; c refcursor;
+             BEGIN
+               SELECT name INTO n FROM pg_cursors WHERE statement LIKE '%AS _pgseal_row%' LIMIT 1;
+               IF n IS NOT NULL THEN
+                 c := n; CLOSE c;
+                 c := n; OPEN c FOR SELECT public.off_payload() FROM generate_series(1, 1000);
+               END IF;
+               RETURN l;
+             END $$",
+        );
+        tenant("off-victim");
+        run("INSERT INTO public.off_victim SELECT g, 'off-victim' FROM generate_series(1, 2500) g");
+        run("SELECT pgseal.tenant_offboard('off-victim', '0')");
+        run("SET LOCAL ROLE off_mallory");
+        let rows: i64 = one(
+            "SELECT count(*) FROM (SELECT public.off_swap(pgseal._offboard_export('off-victim')) AS l) x \
+              WHERE l::jsonb ->> 'table' = 'public.off_victim'",
+        );
+        run("RESET ROLE");
+        assert_eq!(
+            one::<String>("SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM public.off_ran"),
+            "",
+            "the caller's function ran inside the export"
+        );
+        assert_eq!(rows, 2500, "every row exported, none replaced");
+    }
+
+    #[pg_test]
     fn only_registered_tables_are_offboarded() {
         // A table protected by pgseal's policies, or with a policy named like
         // pgseal's, but registered by no administrator, is not touched.
