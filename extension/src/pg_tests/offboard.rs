@@ -462,17 +462,24 @@ mod tests {
         run("INSERT INTO public.off_victim SELECT g, 'off-victim' FROM generate_series(1, 2500) g");
         run("SELECT pgseal.tenant_offboard('off-victim', '0')");
         run("SET LOCAL ROLE off_mallory");
-        let rows: i64 = one(
-            "SELECT count(*) FROM (SELECT public.off_swap(pgseal._offboard_export('off-victim')) AS l) x \
-              WHERE l::jsonb ->> 'table' = 'public.off_victim'",
-        );
+        run("CREATE TEMP TABLE off_out AS \
+             SELECT public.off_swap(pgseal._offboard_export('off-victim')) AS l");
         run("RESET ROLE");
         assert_eq!(
             one::<String>("SELECT coalesce(string_agg(DISTINCT who, ','), '') FROM public.off_ran"),
             "",
             "the caller's function ran inside the export"
         );
-        assert_eq!(rows, 2500, "every row exported, none replaced");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM off_out WHERE l = 'payload'"),
+            0,
+            "lines of the caller's cursor in the export"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM off_out WHERE l LIKE '%\"public.off_victim\"%'"),
+            2500,
+            "every row exported"
+        );
     }
 
     #[pg_test]
