@@ -333,7 +333,13 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
             scratch.switch_to(|_| {
                 let mut value = line.into_datum().expect("a text datum");
                 let mut null = false;
-                pg_sys::tuplestore_putvalues(store, desc, &mut value, &mut null);
+                // A raw pointer each: PostgreSQL 15 declares them mutable, 18 const.
+                pg_sys::tuplestore_putvalues(
+                    store,
+                    desc,
+                    std::ptr::addr_of_mut!(value),
+                    std::ptr::addr_of_mut!(null),
+                );
             });
         }
         if i % 1_000 == 999 {
