@@ -310,6 +310,9 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
     // SAFETY: PostgreSQL calls this with the function's call frame; argument 0 is
     // the text `tenant` (NULL allowed: the function is not STRICT).
     let tenant: Option<String> = unsafe { pgrx::fcinfo::pg_getarg::<String>(fcinfo, 0) };
+    // SAFETY: the call frame's result info, checked before use. First, so that a
+    // caller that cannot take a set this way is told so (0A000) before anything.
+    let (store, desc) = unsafe { materialize_text(fcinfo) };
     let lines = (|| {
         let tenant = checked(tenant.as_deref(), "_offboard_export")?;
         require_step(&tenant, "scheduled")?;
@@ -322,10 +325,8 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
         })
     })()
     .or_raise();
-    // SAFETY: the call frame's result info, checked before use.
-    let (store, desc) = unsafe { materialize_text(fcinfo) };
     let mut scratch = PgMemoryContexts::new("pgseal export line");
-    for (i, line) in lines.enumerate() {
+    for line in lines {
         // SAFETY: the tuplestore and its one-column text descriptor were made for
         // this call; putvalues copies the tuple into the tuplestore's own memory,
         // so the datum made in `scratch` can go with it.
@@ -342,10 +343,8 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
                 );
             });
         }
-        if i % 1_000 == 999 {
-            // SAFETY: nothing made in `scratch` is used after its line was put.
-            unsafe { scratch.reset() };
-        }
+        // SAFETY: nothing made in `scratch` is used after its line was put.
+        unsafe { scratch.reset() };
     }
     pg_sys::Datum::from(0usize)
 }
@@ -374,7 +373,10 @@ unsafe fn materialize_text(
             || ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32)
                 == 0
         {
-            SealError::NotSupported("_offboard_export must be called in FROM").raise();
+            SealError::NotSupported(
+                "_offboard_export needs a caller that accepts a set in materialize mode",
+            )
+            .raise();
         }
         let query_memory = (*(*rsinfo).econtext).ecxt_per_query_memory;
         let previous = pg_sys::MemoryContextSwitchTo(query_memory);
@@ -387,7 +389,11 @@ unsafe fn materialize_text(
             -1,
             0,
         );
-        let store = pg_sys::tuplestore_begin_heap(true, false, pg_sys::work_mem);
+        // Random access only when the caller asks for it (a scroll cursor).
+        let random = ((*rsinfo).allowedModes
+            & pg_sys::SetFunctionReturnMode::SFRM_Materialize_Random as i32)
+            != 0;
+        let store = pg_sys::tuplestore_begin_heap(random, false, pg_sys::work_mem);
         (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
         (*rsinfo).setResult = store;
         (*rsinfo).setDesc = desc;
