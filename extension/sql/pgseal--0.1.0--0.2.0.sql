@@ -2279,7 +2279,10 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_anonymised_columns',
 -- ledger payloads) → receipted ('tenant.offboarded') → done (a signed checkpoint of
 -- the final chain). pgseald resumes a tenant from its step after any crash; every
 -- step is idempotent up to its own commit. `deleted` counts the rows deleted per
--- table, committed with each batch. Written only by pgseal's functions (as the
+-- table, committed with each batch. `export_tables` are the tables the export read
+-- (set by the export, in its transaction): a table registered after it is deleted
+-- from only when it holds none of the tenant's rows (otherwise the offboarding goes
+-- back to exporting, or stops once rows were deleted). Written only by pgseal's functions (as the
 -- extension owner); pgseal_admin reads it.
 CREATE TABLE pgseal.tenant_offboardings (
     tenant_id    text        PRIMARY KEY CHECK (tenant_id <> ''),
@@ -2291,7 +2294,8 @@ CREATE TABLE pgseal.tenant_offboardings (
     step_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
     export_file  text,
     export_sha256 text       CHECK (export_sha256 ~ '^[0-9a-f]{64}$'),
-    deleted      jsonb       NOT NULL DEFAULT '{}'
+    deleted      jsonb       NOT NULL DEFAULT '{}',
+    export_tables regclass[]
 );
 
 COMMENT ON TABLE pgseal.tenant_offboardings IS

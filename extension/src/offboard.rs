@@ -18,6 +18,8 @@
 //! the tenant's context: `rows_left`); the receipt is refused while any row, data
 //! key or payload is left, and the offboarding goes back to deleting instead.
 //! Reading, deleting and counting need the tenant context to be the tenant.
+//! The export records the tables it read; the deletes never take a row from a
+//! table registered after it unless it was exported (`late_tables`).
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -258,10 +260,19 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
     require_context(tenant)?;
     let mut left = 0;
     for t in tables()? {
+        left += t.rows_of(tenant)?;
+    }
+    Ok(left)
+}
+
+impl Table {
+    /// The tenant's rows in this table (`rows_left` says how they are counted).
+    fn rows_of(&self, tenant: &str) -> SealResult<i64> {
+        let t = self;
         let name = t.lock(pg_sys::AccessShareLock)?;
         crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
             .map_err(|e| e.on_table(&name))?;
-        left += as_table_owner(t.owner, || -> SealResult<i64> {
+        as_table_owner(t.owner, || -> SealResult<i64> {
             let other_policies = Spi::get_one_with_args::<bool>(
                 "SELECT pg_catalog.row_security_active($1) AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
                    WHERE p.polrelid OPERATOR(pg_catalog.=) $1 AND p.polname OPERATOR(pg_catalog.<>) 'pgseal_tenant')",
@@ -281,9 +292,65 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
             )?
             .unwrap_or(0))
         })
-        .map_err(|e| e.on_table(&name))?;
+        .map_err(|e| e.on_table(&name))
     }
-    Ok(left)
+}
+
+/// Records the tables the tenant's export reads (`export_tables`), in the export's
+/// transaction: `_offboard_advance` to 'exported' needs them, and `_offboard_delete`
+/// compares them with the tables registered when it runs.
+fn record_export_tables(tenant: &str, tables: &[Table]) -> SealResult<()> {
+    let oids: Vec<pg_sys::Oid> = tables.iter().map(|t| t.rel).collect();
+    Ok(as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_offboardings SET export_tables = $2::pg_catalog.regclass[] WHERE tenant_id = $1",
+            &[tenant.into(), oids.into()],
+        )
+    })?)
+}
+
+/// What `_offboard_delete` does about the tables registered after the tenant's
+/// export: none of them holds a row of the tenant, so the deletes may go on; or
+/// one does and nothing was deleted yet, so the offboarding goes back to exporting
+/// (step 'scheduled'). Once rows were deleted it refuses (55000) instead, naming the
+/// table: a new export would no longer hold what was deleted, and deleting these
+/// rows would lose them. An administrator exports and deletes them (or removes the
+/// registration), and the offboarding goes on.
+enum LateTables {
+    None,
+    ExportAgain,
+}
+
+fn late_tables(tenant: &str, tables: &[Table]) -> SealResult<LateTables> {
+    let (exported, deleted_any) = as_owner(|| {
+        Spi::get_two_with_args::<Vec<pg_sys::Oid>, bool>(
+            "SELECT export_tables::pg_catalog.oid[], deleted OPERATOR(pg_catalog.<>) '{}'::pg_catalog.jsonb \
+               FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+            &[tenant.into()],
+        )
+    })?;
+    let exported = exported.unwrap_or_default();
+    for t in tables.iter().filter(|t| !exported.contains(&t.rel)) {
+        if t.rows_of(tenant)? == 0 {
+            continue;
+        }
+        if deleted_any == Some(false) {
+            as_owner(|| {
+                Spi::run_with_args(
+                    "UPDATE pgseal.tenant_offboardings SET step = 'scheduled', step_at = pg_catalog.now(), \
+                            export_tables = NULL WHERE tenant_id = $1",
+                    &[tenant.into()],
+                )
+            })?;
+            return Ok(LateTables::ExportAgain);
+        }
+        let name = t.lock(pg_sys::AccessShareLock)?;
+        return Err(SealError::Refused(
+            "a table registered after the tenant's export holds rows of the tenant, and rows were deleted since: they are not deleted unexported (export and delete them, then run the offboarding again)",
+        )
+        .on_table(&name));
+    }
+    Ok(LateTables::None)
 }
 
 /// `pgseal._offboard_export(tenant)`: at step 'scheduled', the lines of the
@@ -317,8 +384,10 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
         let tenant = checked(tenant.as_deref(), "_offboard_export")?;
         require_step(&tenant, "scheduled")?;
         require_context(&tenant)?;
+        let tables = tables()?;
+        record_export_tables(&tenant, &tables)?;
         Ok::<_, SealError>(ExportLines {
-            tables: tables()?.into_iter(),
+            tables: tables.into_iter(),
             tenant,
             stage: ExportStage::Tables,
             buffer: std::collections::VecDeque::new(),
@@ -563,7 +632,11 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         ))?;
         require_step(&tenant, "exported")?;
         require_context(&tenant)?;
-        for t in tables()? {
+        let tables = tables()?;
+        if let LateTables::ExportAgain = late_tables(&tenant, &tables)? {
+            return Ok(0);
+        }
+        for t in tables {
             let name = t.lock(pg_sys::RowExclusiveLock)?;
             // SAFETY: a syscache lookup of the locked table's kind.
             let plain = unsafe { pg_sys::get_rel_relkind(t.rel) } as u8 == pg_sys::RELKIND_RELATION;
@@ -756,6 +829,18 @@ fn _offboard_advance(
             ));
         }
         require_step(&tenant, from)?;
+        if to == "exported"
+            && as_owner(|| {
+                Spi::get_one_with_args::<bool>(
+                    "SELECT export_tables IS NULL FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+                    &[tenant.as_str().into()],
+                )
+            })? != Some(false)
+        {
+            return Err(SealError::Refused(
+                "the tenant's export was not read in this step: pgseal._offboard_export comes first",
+            ));
+        }
         if to == "deleted" && rows_left(&tenant)? > 0 {
             return Err(SealError::Refused(
                 "rows of the tenant remain in an offboarded table (a trigger, rule or policy of the table kept them)",

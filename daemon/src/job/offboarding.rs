@@ -6,7 +6,9 @@
 //!    sealed values as stored, and its ledger export) to
 //!    `<export_dir>/<tenant>.offboard.jsonl`, written to a new file (mode 0600) under
 //!    a random name, synced and renamed into place;
-//! 2. **delete**: `_offboard_delete` in batch transactions until none is left;
+//! 2. **delete**: `_offboard_delete` in batch transactions until none is left
+//!    (back to step 1 when a table registered after the export holds the tenant's
+//!    rows and nothing was deleted yet; stopped, 55000, once rows were);
 //! 3. **shred**: `tenant_shred`, in the transaction that records the step;
 //! 4. **erase**: its ledger payloads, in batches (`_offboard_erase`);
 //! 5. **receipt**: `_offboard_finish`, which appends `tenant.offboarded` once no row,
@@ -164,7 +166,14 @@ async fn offboard(
         let began = Instant::now();
         let r = match step.as_str() {
             "scheduled" => export(client, tenant, &opts.export_dir).await,
-            "exported" => delete_rows(client, tenant, &mut batches.0, stop, &mut o).await,
+            "exported" => match delete_rows(client, tenant, &mut batches.0, stop, &mut o).await {
+                Ok(Deleted::ExportAgain) => {
+                    tracing::warn!(tenant = %tenant, "offboarding: a table registered after the export holds the tenant's rows; exporting again");
+                    continue;
+                }
+                Ok(Deleted::Done) => Ok(()),
+                Err(e) => Err(e),
+            },
             "deleted" => shred(client, tenant).await,
             "shredded" => erase(client, tenant, &mut batches.1, stop, &mut o).await,
             "erased" => match receipt(client, tenant).await {
@@ -420,6 +429,15 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
     Ok(())
 }
 
+/// How the delete step ended.
+enum Deleted {
+    /// Every row deleted and the step recorded (or stopped by a signal).
+    Done,
+    /// A table registered after the export holds rows of the tenant and nothing was
+    /// deleted yet: the database sent the offboarding back to exporting.
+    ExportAgain,
+}
+
 /// Step 2: the tenant's rows, in batch transactions; then 'deleted' (which the
 /// database refuses while a row is left).
 async fn delete_rows(
@@ -428,10 +446,10 @@ async fn delete_rows(
     batch: &mut Batch,
     stop: &CancellationToken,
     o: &mut Outcome,
-) -> Result<(), DaemonError> {
+) -> Result<Deleted, DaemonError> {
     loop {
         if stop.is_cancelled() {
-            return Ok(());
+            return Ok(Deleted::Done);
         }
         let size = i32::try_from(batch.size()).unwrap_or(i32::MAX);
         let began = Instant::now();
@@ -446,6 +464,9 @@ async fn delete_rows(
         batch.observe(n as u64, began.elapsed());
         o.rows_deleted += n as u64;
         if n == 0 {
+            if step_of(client, tenant).await?.0 != "exported" {
+                return Ok(Deleted::ExportAgain);
+            }
             break;
         }
         failpoint("offboard.delete_batch").await;
@@ -457,7 +478,7 @@ async fn delete_rows(
         &[&tenant],
     )
     .await?;
-    Ok(())
+    Ok(Deleted::Done)
 }
 
 /// Step 3: the data keys, with 'shredded', in one transaction.

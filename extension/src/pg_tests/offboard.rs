@@ -19,6 +19,18 @@ mod tests {
         ))
     }
 
+    /// The export step as pgseald takes it: the export read (which records its
+    /// tables), then 'exported'.
+    fn exported(t: &str) {
+        let q = pgrx::spi::quote_literal(t);
+        run(&format!(
+            "SELECT count(*) FROM pgseal._offboard_export({q})"
+        ));
+        run(&format!(
+            "SELECT pgseal._offboard_advance({q}, 'scheduled', 'exported', '/x', repeat('a', 64))"
+        ));
+    }
+
     fn events(t: &str) -> String {
         one(&format!(
             "SELECT string_agg(event, ',' ORDER BY seq) FROM pgseal.ledger WHERE tenant_id = {}",
@@ -118,6 +130,14 @@ mod tests {
                 "SELECT pgseal.ledger_append('order.paid', '{{\"n\": {i}}}', NULL, ARRAY['u1'])"
             ));
         }
+    }
+
+    /// Two rows of another tenant in `tenant_data`'s table, under its context.
+    fn more_tenant_data(t: &str) {
+        tenant(t);
+        run(&format!(
+            "INSERT INTO public.off_users VALUES ('u1', '{t}', 'a@example.com', NULL), ('u2', '{t}', NULL, NULL)"
+        ));
     }
 
     #[pg_test]
@@ -249,7 +269,7 @@ mod tests {
         // make a batch report none left.
         tenant_data("off-hint");
         run("SELECT pgseal.tenant_offboard('off-hint', '0')");
-        run("SELECT pgseal._offboard_advance('off-hint', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-hint");
         let rel: pg_sys::Oid = one("SELECT 'public.off_users'::regclass::oid");
         crate::offboard::set_resume_hint("off-hint", rel, "(1000,1)");
         let mut n = 0;
@@ -284,7 +304,7 @@ mod tests {
     fn the_receipt_is_refused_while_keys_or_payloads_remain() {
         tenant_data("off-undone");
         run("SELECT pgseal.tenant_offboard('off-undone', '0')");
-        run("SELECT pgseal._offboard_advance('off-undone', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-undone");
         // Not past deleting while rows are left.
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-undone', 'exported', 'deleted')"),
@@ -305,7 +325,7 @@ mod tests {
     fn a_refused_table_is_named() {
         tenant_data("off-named");
         run("SELECT pgseal.tenant_offboard('off-named', '0')");
-        run("SELECT pgseal._offboard_advance('off-named', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-named");
         run("CREATE ROLE off_no_delete IN ROLE pgseal_admin");
         run("GRANT SELECT ON public.off_users TO off_no_delete");
         run("SET LOCAL ROLE off_no_delete");
@@ -336,7 +356,7 @@ mod tests {
             "55000"
         );
         run("SELECT pgseal.retention_hold('off-held', false)");
-        run("SELECT pgseal._offboard_advance('off-held', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-held");
         run("SELECT pgseal.retention_hold('off-held', true)");
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-held', 'exported', 'deleted')"),
@@ -355,7 +375,7 @@ mod tests {
         );
         run("CREATE TRIGGER keep BEFORE DELETE ON public.off_users FOR EACH ROW EXECUTE FUNCTION public.off_keep()");
         run("SELECT pgseal.tenant_offboard('off-kept', '0')");
-        run("SELECT pgseal._offboard_advance('off-kept', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-kept");
         while one::<i64>("SELECT pgseal._offboard_delete('off-kept', 10)") > 0 {}
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-kept', 'exported', 'deleted')"),
@@ -368,7 +388,7 @@ mod tests {
     fn what_is_written_after_its_step_sends_the_offboarding_back() {
         tenant_data("off-late");
         run("SELECT pgseal.tenant_offboard('off-late', '0')");
-        run("SELECT pgseal._offboard_advance('off-late', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-late");
         while one::<i64>("SELECT pgseal._offboard_delete('off-late', 10)") > 0 {}
         run("SELECT pgseal._offboard_advance('off-late', 'exported', 'deleted')");
         run("SELECT pgseal.tenant_shred('off-late')");
@@ -494,7 +514,7 @@ mod tests {
         let export: String =
             one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-only') l");
         assert!(!export.contains("off_unregistered"), "{export}");
-        run("SELECT pgseal._offboard_advance('off-only', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-only");
         while one::<i64>("SELECT pgseal._offboard_delete('off-only', 10)") > 0 {}
         assert_eq!(
             one::<i64>("SELECT count(*) FROM public.off_unregistered"),
@@ -513,7 +533,7 @@ mod tests {
         owner_trap_statistic("off_owner", "off", "public.off_stats");
         tenant("off-stats");
         run("SELECT pgseal.tenant_offboard('off-stats', '0')");
-        run("SELECT pgseal._offboard_advance('off-stats', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-stats");
         run("TRUNCATE public.off_seen");
         run("SELECT pgseal._offboard_advance('off-stats', 'exported', 'deleted')");
         assert_eq!(owner_trap_ran_as("off"), "off_owner");
@@ -551,7 +571,7 @@ mod tests {
             "22023"
         );
         tenant("off-ctx");
-        run("SELECT pgseal._offboard_advance('off-ctx', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-ctx");
         tenant("someone-else");
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_delete('off-ctx', 5)"),
@@ -561,6 +581,107 @@ mod tests {
             sqlstate("SELECT pgseal._offboard_advance('off-ctx', 'exported', 'deleted')"),
             "22023"
         );
+    }
+
+    #[pg_test]
+    fn the_export_step_needs_the_export_read() {
+        tenant_data("off-unread");
+        run("SELECT pgseal.tenant_offboard('off-unread', '0')");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_advance('off-unread', 'scheduled', 'exported', '/x', repeat('a', 64))"),
+            "55000"
+        );
+        // An export that failed (rolled back) recorded nothing either.
+        assert_eq!(
+            sqlstate("SELECT count(*) / 0 FROM pgseal._offboard_export('off-unread')"),
+            "22012"
+        );
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_advance('off-unread', 'scheduled', 'exported', '/x', repeat('a', 64))"),
+            "55000"
+        );
+        exported("off-unread");
+        assert_eq!(step("off-unread"), "exported");
+    }
+
+    #[pg_test]
+    fn a_table_registered_after_the_export_is_never_deleted_from_unexported() {
+        // An administrator registers a table holding the tenant's rows after the
+        // export was written: before any row is deleted, the offboarding goes back
+        // to exporting, and the next export holds the table's rows.
+        tenant_data("off-reg");
+        run("CREATE TABLE public.off_late_reg (id text, tenant_id text NOT NULL, note text)");
+        run("INSERT INTO public.off_late_reg VALUES ('u1', 'off-reg', 'not in the export')");
+        run("SELECT pgseal.tenant_offboard('off-reg', '0')");
+        exported("off-reg");
+        run("SELECT pgseal.subject_register('public.off_late_reg', 'id')");
+        assert_eq!(
+            one::<i64>("SELECT pgseal._offboard_delete('off-reg', 10)"),
+            0
+        );
+        assert_eq!(step("off-reg"), "scheduled");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-reg'"),
+            2
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_late_reg"), 1);
+        let export: String =
+            one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-reg') l");
+        assert!(export.contains("not in the export"), "{export}");
+        run("SELECT pgseal._offboard_advance('off-reg', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        let mut n = 0;
+        loop {
+            let k: i64 = one("SELECT pgseal._offboard_delete('off-reg', 10)");
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, 3);
+        run("SELECT pgseal._offboard_advance('off-reg', 'exported', 'deleted')");
+
+        // Once rows were deleted, a new export would no longer hold them: a table
+        // registered then stops the offboarding, its rows kept, and it is named.
+        more_tenant_data("off-reg2");
+        run("INSERT INTO public.off_late_reg VALUES ('u1', 'off-reg2', 'kept')");
+        run("CREATE TABLE public.off_late_reg2 (id text, tenant_id text NOT NULL)");
+        run("INSERT INTO public.off_late_reg2 VALUES ('u1', 'off-reg2')");
+        run("SELECT pgseal.tenant_offboard('off-reg2', '0')");
+        exported("off-reg2");
+        assert!(one::<i64>("SELECT pgseal._offboard_delete('off-reg2', 1)") > 0);
+        run("SELECT pgseal.subject_register('public.off_late_reg2', 'id')");
+        let q = "SELECT pgseal._offboard_delete('off-reg2', 10)";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(msg.contains("(table public.off_late_reg2)"), "{msg}");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_late_reg2"), 1);
+        assert_eq!(step("off-reg2"), "exported");
+        // The administrator takes the rows out; the offboarding goes on.
+        run("DELETE FROM public.off_late_reg2");
+        while one::<i64>("SELECT pgseal._offboard_delete('off-reg2', 10)") > 0 {}
+        run("SELECT pgseal._offboard_advance('off-reg2', 'exported', 'deleted')");
+
+        // A table registered after the export with none of the tenant's rows does
+        // not stop it.
+        more_tenant_data("off-reg3");
+        run("SELECT pgseal.tenant_offboard('off-reg3', '0')");
+        exported("off-reg3");
+        run("CREATE TABLE public.off_late_reg3 (id text, tenant_id text NOT NULL)");
+        run("INSERT INTO public.off_late_reg3 VALUES ('u1', 'someone-else')");
+        run("SELECT pgseal.subject_register('public.off_late_reg3', 'id')");
+        let mut n = 0;
+        loop {
+            let k: i64 = one("SELECT pgseal._offboard_delete('off-reg3', 10)");
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, 2);
+        assert_eq!(step("off-reg3"), "exported");
     }
 
     #[pg_test]
@@ -575,7 +696,7 @@ mod tests {
         tenant("off-rls");
         run("INSERT INTO public.off_rls VALUES ('hidden', 'off-rls')");
         run("SELECT pgseal.tenant_offboard('off-rls', '0')");
-        run("SELECT pgseal._offboard_advance('off-rls', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        exported("off-rls");
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-rls', 'exported', 'deleted')"),
             "55000"
