@@ -293,6 +293,54 @@ fn a_lock_held_on_a_table_fails_the_step_instead_of_stalling_it() {
     assert!(out.contains("tenant acme: done"), "{out}");
 }
 
+#[test]
+fn a_table_registered_after_the_export_is_exported_before_it_is_deleted_from() {
+    // pgseald is killed just after the export step; an administrator then registers
+    // a table holding the tenant's rows. The next run must not delete them
+    // unexported: it exports again, and the file then holds them.
+    let cl = Cluster::start("offboard_late", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE users (id text PRIMARY KEY, tenant_id text NOT NULL);
+         SELECT pgseal.subject_register('users', 'id');
+         INSERT INTO users VALUES ('u1', 'acme');
+         CREATE TABLE notes (author text, tenant_id text NOT NULL, body text);
+         INSERT INTO notes VALUES ('u1', 'acme', 'registered late');
+         SELECT pgseal.tenant_offboard('acme', '0');",
+    )
+    .unwrap();
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("offboard-late-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    run_until(&cl, &dir, "offboard.exported");
+    let file = dir.join("acme.offboard.jsonl");
+    let first = std::fs::read_to_string(&file).unwrap();
+    assert!(!first.contains("registered late"), "{first}");
+    c.batch_execute("SELECT pgseal.subject_register('notes', 'author')")
+        .unwrap();
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap()])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: done"), "{out}");
+    let again = std::fs::read_to_string(&file).unwrap();
+    assert!(again.contains("registered late"), "{again}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM notes"), 0);
+    let receipt: String = c
+        .query_one(
+            "SELECT payload::text FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        receipt.contains(&hex_of(&sha2::Sha256::digest(again.as_bytes()))),
+        "{receipt}"
+    );
+}
+
 /// Peak resident memory of a server backend, in kB (`VmHWM` of /proc/<pid>/status).
 fn backend_peak_kb(c: &mut postgres::Client) -> u64 {
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
