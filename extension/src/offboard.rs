@@ -650,8 +650,10 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                     )
                 })
                 .map_err(|e| e.on_table(&name))?;
+            let written = writes_to(t.rel)?;
             if plain {
                 let n = delete_from_plain(&tenant, &t, &name, batch)?;
+                require_no_writes_back(t.rel, written, &name)?;
                 if n > 0 {
                     count_deleted(&tenant, &name, n)?;
                     return Ok(n);
@@ -675,6 +677,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                 Spi::get_one_with_args::<i64>(&sql, &[tenant.as_str().into(), batch.into()])
             })?
             .unwrap_or(0);
+            require_no_writes_back(t.rel, written, &name)?;
             if n > 0 {
                 count_deleted(&tenant, &name, n)?;
                 return Ok(n);
@@ -744,6 +747,36 @@ fn delete_from_plain(tenant: &str, t: &Table, name: &str, batch: i32) -> SealRes
         None => RESUME.with(|r| r.borrow_mut().remove(&key)),
     };
     Ok(n.unwrap_or(0))
+}
+
+/// Rows this transaction has inserted into or updated in `rel` (and its
+/// partitions: `pg_partition_tree` lists no plain table), by the statistics it
+/// keeps of its own writes.
+fn writes_to(rel: pg_sys::Oid) -> SealResult<i64> {
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT COALESCE(pg_catalog.sum(pg_catalog.pg_stat_get_xact_tuples_inserted(p.relid) \
+                    OPERATOR(pg_catalog.+) pg_catalog.pg_stat_get_xact_tuples_updated(p.relid)), 0)::pg_catalog.int8 \
+               FROM (SELECT $1::pg_catalog.regclass AS relid \
+                      UNION SELECT t.relid FROM pg_catalog.pg_partition_tree($1) t) p",
+            &[rel.into()],
+        )
+    })?
+    .unwrap_or(0))
+}
+
+/// Fails (55000, naming the table) when the delete just made wrote rows into its
+/// own table (`written` is `writes_to` before it): a trigger or rule of the table's
+/// owner that puts deleted rows back, or moves other rows in, would otherwise keep
+/// `_offboard_delete` finding rows for ever, and pgseald deleting them.
+fn require_no_writes_back(rel: pg_sys::Oid, written: i64, name: &str) -> SealResult<()> {
+    if writes_to(rel)? != written {
+        return Err(SealError::Refused(
+            "a trigger or rule of the table wrote rows into it while the tenant's rows were deleted: the offboarding would never end",
+        )
+        .on_table(name));
+    }
+    Ok(())
 }
 
 /// Adds `n` rows deleted from `name` to the tenant's offboarding.

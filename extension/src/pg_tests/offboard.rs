@@ -385,6 +385,56 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_trigger_that_puts_rows_back_stops_the_offboarding() {
+        // The table's owner puts every deleted row back: the deletes would find
+        // rows for ever (pgseald's loop would never end).
+        tenant_data("off-back");
+        run(
+            "CREATE FUNCTION public.off_put_back() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.off_users VALUES (OLD.*); RETURN OLD; END $$",
+        );
+        run("CREATE TRIGGER put_back AFTER DELETE ON public.off_users FOR EACH ROW EXECUTE FUNCTION public.off_put_back()");
+        run("SELECT pgseal.tenant_offboard('off-back', '0')");
+        exported("off-back");
+        // Rows the caller's own transaction wrote before are no trigger's.
+        run("INSERT INTO public.off_users VALUES ('u3', 'off-back', NULL, NULL)");
+        let q = "SELECT pgseal._offboard_delete('off-back', 10)";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(msg.contains("(table public.off_users)"), "{msg}");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-back'"),
+            3
+        );
+        // Without the trigger, the same rows go.
+        run("DROP TRIGGER put_back ON public.off_users");
+        while one::<i64>("SELECT pgseal._offboard_delete('off-back', 10)") > 0 {}
+        run("SELECT pgseal._offboard_advance('off-back', 'exported', 'deleted')");
+        // The same through a partitioned table's trigger, which its partitions
+        // take: the writes are counted in the partitions.
+        run("CREATE TABLE public.off_parts (id text, tenant_id text NOT NULL) PARTITION BY LIST (tenant_id)");
+        run("CREATE TABLE public.off_parts_1 PARTITION OF public.off_parts FOR VALUES IN ('off-back-p')");
+        run("SELECT pgseal.subject_register('public.off_parts', 'id')");
+        run(
+            "CREATE FUNCTION public.off_parts_back() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.off_parts VALUES (OLD.*); RETURN OLD; END $$",
+        );
+        run("CREATE TRIGGER put_back AFTER DELETE ON public.off_parts FOR EACH ROW EXECUTE FUNCTION public.off_parts_back()");
+        tenant("off-back-p");
+        run("INSERT INTO public.off_parts VALUES ('u1', 'off-back-p')");
+        run("SELECT pgseal.tenant_offboard('off-back-p', '0')");
+        exported("off-back-p");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_delete('off-back-p', 10)"),
+            "55000"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_parts"), 1);
+    }
+
+    #[pg_test]
     fn what_is_written_after_its_step_sends_the_offboarding_back() {
         tenant_data("off-late");
         run("SELECT pgseal.tenant_offboard('off-late', '0')");
