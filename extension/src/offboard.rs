@@ -314,8 +314,8 @@ fn record_export_tables(tenant: &str, tables: &[Table]) -> SealResult<()> {
 /// one does and nothing was deleted yet, so the offboarding goes back to exporting
 /// (step 'scheduled'). Once rows were deleted it refuses (55000) instead, naming the
 /// table: a new export would no longer hold what was deleted, and deleting these
-/// rows would lose them. An administrator exports and deletes them (or removes the
-/// registration), and the offboarding goes on.
+/// rows would lose them. An administrator exports and deletes them, and the
+/// offboarding goes on.
 enum LateTables {
     None,
     ExportAgain,
