@@ -16,8 +16,8 @@ use crate::tls;
 /// take it over between the read and the statement, with a view or a domain whose
 /// functions would run as pgseald. With no schema but the catalog on the path,
 /// every such name is printed with its schema, and means that table and no other.
-/// (A reseal batch adds the schemas of its key's types for its own transaction:
-/// `job::rotation`.) extra_float_digits = 3 makes a float's text form exact, so a
+/// (A job's transaction on a tenant's rows adds the schemas of its columns'
+/// types for itself: `job::tenant_tx`.) extra_float_digits = 3 makes a float's text form exact, so a
 /// key read back from it is the key written.
 pub async fn connect(url: &str) -> Result<Client, DaemonError> {
     let target = tls::parse(url)?;

@@ -520,6 +520,49 @@ fn reseal_compares_keys_of_extension_types_with_their_own_operators() {
 }
 
 #[test]
+fn retention_compares_a_tenant_id_of_an_extension_type_with_its_own_operators() {
+    // pgseald's statements run under `pg_catalog, pg_temp`, where an extension
+    // type's operators are not visible: ltree has no cast to text to fall back on,
+    // so the sweep failed; citext fell back to text's (case-sensitive, its index
+    // unused).
+    let cl = Cluster::start("jobs-retention-exttypes", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    if count(
+        &mut c,
+        "SELECT count(*) FROM pg_available_extensions WHERE name IN ('citext', 'ltree')",
+    ) < 2
+    {
+        eprintln!("SKIPPED: this server has no citext or no ltree extension");
+        return;
+    }
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE SCHEMA ext;
+         CREATE EXTENSION citext SCHEMA ext;
+         CREATE EXTENSION ltree SCHEMA ext;
+         CREATE TABLE ev_lt (tenant_id ext.ltree NOT NULL, created_at timestamptz NOT NULL);
+         CREATE TABLE ev_ci (tenant_id ext.citext NOT NULL, created_at timestamptz NOT NULL);
+         INSERT INTO ev_lt SELECT 'acme', now() - g * interval '1 day' FROM generate_series(0, 9) g;
+         INSERT INTO ev_ci SELECT CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'ACME' END, now() - g * interval '1 day'
+           FROM generate_series(0, 9) g;
+         SELECT pgseal.retention_set('ev_lt', '3 days 1 hour');
+         SELECT pgseal.retention_set('ev_ci', '3 days 1 hour');",
+    )
+    .unwrap();
+    for dry in [true, false] {
+        let mut args = vec!["retention", "run", "--tenant", "acme"];
+        if dry {
+            args.push("--dry-run");
+        }
+        let (code, out) = Pgseald::new(args).on(&cl).run();
+        assert_eq!(code, Some(0), "{out}");
+    }
+    // Days 0..3 kept; under citext 'ACME' is 'acme'.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev_lt"), 4);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev_ci"), 4);
+}
+
+#[test]
 fn kek_rotation_moves_every_tenant_key() {
     let cl = Cluster::start("jobs-kek", &[KEY_V1], &[]);
     let mut c = cl.connect();

@@ -20,6 +20,7 @@ pub mod offboarding;
 pub mod record;
 pub mod retention;
 pub mod rotation;
+pub mod tenant_tx;
 pub mod verification;
 
 /// A scheduled job. Its name is its section in `pgseald.toml` and its `job` in

@@ -369,19 +369,14 @@ async fn in_tenant(
     Ok(rows)
 }
 
-/// A transaction under `tenant`'s context, with `LOCK_TIMEOUT`.
+/// A transaction under `tenant`'s context, with `LOCK_TIMEOUT` (`tenant_tx`: READ
+/// COMMITTED, which the extension's step functions require; the extension, not
+/// pgseald, builds the statements on the tables).
 async fn begin_in_tenant<'c>(
     client: &'c mut Client,
     tenant: &str,
 ) -> Result<tokio_postgres::Transaction<'c>, DaemonError> {
-    let tx = client.transaction().await.map_err(DaemonError::Query)?;
-    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-        .await
-        .map_err(DaemonError::Query)?;
-    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-        .await
-        .map_err(DaemonError::Query)?;
-    Ok(tx)
+    super::tenant_tx::begin(client, tenant, super::tenant_tx::CATALOG_ONLY, LOCK_TIMEOUT).await
 }
 
 /// Lines of the export fetched at a time (`export`).

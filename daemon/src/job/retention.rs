@@ -57,6 +57,9 @@ struct Rule {
     /// SQL type of the table's tenant_id, so the tenant compares without a cast on
     /// the column (which would keep its index out of use).
     tenant_type: String,
+    /// The search_path the sweep's statements run under: with the schemas of
+    /// tenant_id's type, whose operators compare it (`tenant_tx`).
+    search_path: String,
     /// Why the rule cannot be applied (its time column is gone or no longer a
     /// timestamp or date). The tenants it governs are skipped with a warning, never
     /// swept under another rule.
@@ -143,16 +146,20 @@ pub async fn run(
     // schema broke (issue 17) is skipped with a warning and the run goes on: a table
     // that is gone, no longer a plain or partitioned table, or without tenant_id, as
     // a whole; a rule whose time column is gone or of another type, alone.
+    let schemas = super::tenant_tx::type_schemas_sql("r.rel", "a.attname = 'tenant_id'");
     for r in client
         .query(
-            "SELECT r.rel::text, coalesce(r.tenant_id, ''), r.keep::text, quote_ident(a.attname), \
+            &format!("SELECT r.rel::text, coalesce(r.tenant_id, ''), r.keep::text, quote_ident(a.attname), \
                     (SELECT format_type(t.atttypid, t.atttypmod) FROM pg_attribute t \
                       WHERE t.attrelid = r.rel AND t.attname = 'tenant_id' AND NOT t.attisdropped), \
                     coalesce(c.relkind IN ('r', 'p'), false), \
-                    a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype) \
+                    a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype), \
+                    {} \
              FROM pgseal.retention_rules r \
              LEFT JOIN pg_class c ON c.oid = r.rel \
              LEFT JOIN pg_attribute a ON a.attrelid = r.rel AND a.attnum = r.time_attnum AND NOT a.attisdropped",
+                schemas
+            ),
             &[],
         )
         .await
@@ -185,6 +192,7 @@ pub async fn run(
                 keep: r.get(2),
                 time_column: time_column.unwrap_or_default(),
                 tenant_type: tenant_type.unwrap_or_default(),
+                search_path: super::tenant_tx::search_path(r.get(7)),
                 broken,
             },
         );
@@ -240,7 +248,7 @@ pub async fn run(
             }
             let (rows, longest_batch) = if opts.dry_run {
                 (
-                    count_expired(client, rel, &tenant, rule, &cutoff).await?,
+                    count_expired(client, rel, &tenant, rule, &cutoff, opts).await?,
                     Default::default(),
                 )
             } else {
@@ -269,11 +277,9 @@ async fn count_expired(
     tenant: &str,
     rule: &Rule,
     cutoff: &str,
+    opts: &Options,
 ) -> Result<u64, DaemonError> {
-    let tx = client.transaction().await.map_err(DaemonError::Query)?;
-    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-        .await
-        .map_err(DaemonError::Query)?;
+    let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
     let n: i64 = tx
         .query_one(
             &format!(
@@ -331,13 +337,11 @@ async fn delete_expired(
         .map_err(DaemonError::Query)?
         .get(0);
     if strict {
-        return delete_expired_by_search(client, &expired, tenant, cutoff, opts, batch, stop).await;
+        return delete_expired_by_search(client, &expired, tenant, rule, cutoff, opts, batch, stop)
+            .await;
     }
     {
-        let tx = client.transaction().await.map_err(DaemonError::Query)?;
-        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-            .await
-            .map_err(DaemonError::Query)?;
+        let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
         // A cursor an earlier failed run left on this connection.
         tx.batch_execute("CLOSE ALL")
             .await
@@ -356,7 +360,7 @@ async fn delete_expired(
     loop {
         let size = batch.size();
         let began = std::time::Instant::now();
-        let tx = batch_transaction(client, tenant, opts).await?;
+        let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
         let ctids: Vec<String> = tx
             .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
             .await
@@ -428,10 +432,12 @@ async fn receipt(
 /// reuse ctids, so a ctid alone could name a live row of another partition. A batch
 /// that found fewer rows than asked is the last; one whose rows were changed under
 /// it (deleted fewer than it found) is not.
+#[allow(clippy::too_many_arguments)]
 async fn delete_expired_by_search(
     client: &mut Client,
     expired: &str,
     tenant: &str,
+    rule: &Rule,
     cutoff: &str,
     opts: &Options,
     batch: &mut Batch,
@@ -447,7 +453,7 @@ async fn delete_expired_by_search(
     loop {
         let size = batch.size();
         let began = std::time::Instant::now();
-        let tx = batch_transaction(client, tenant, opts).await?;
+        let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
         let row = tx
             .query_one(&delete, &[&tenant, &cutoff, &size])
             .await
@@ -468,22 +474,20 @@ async fn delete_expired_by_search(
     }
 }
 
-/// Opens one batch's transaction: its lock timeout bounds every lock the batch
-/// waits for, and the tenant's context is set for row-level security.
+/// Opens one batch's transaction (`tenant_tx`): its lock timeout bounds every
+/// lock the batch waits for, the tenant's context is set for row-level security,
+/// and `search_path` holds the schemas of tenant_id's type.
 async fn batch_transaction<'a>(
     client: &'a mut Client,
     tenant: &str,
+    search_path: &str,
     opts: &Options,
 ) -> Result<tokio_postgres::Transaction<'a>, DaemonError> {
-    let tx = client.transaction().await.map_err(DaemonError::Query)?;
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        opts.lock_timeout_ms
-    ))
+    super::tenant_tx::begin(
+        client,
+        tenant,
+        search_path,
+        &format!("{}ms", opts.lock_timeout_ms),
+    )
     .await
-    .map_err(DaemonError::Query)?;
-    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
-        .await
-        .map_err(DaemonError::Query)?;
-    Ok(tx)
 }

@@ -177,9 +177,15 @@ struct SealedColumn {
 }
 
 async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonError> {
+    let schemas = super::tenant_tx::type_schemas_sql(
+        "s.rel",
+        "a.attname = 'tenant_id' OR a.attnum = ANY ( \
+           SELECT unnest(i.indkey::int2[]) FROM pg_index i \
+            WHERE i.indrelid = s.rel AND i.indisprimary)",
+    );
     let rows = client
         .query(
-            "SELECT s.rel::text, quote_ident(c.attname), s.context, \
+            &format!("SELECT s.rel::text, quote_ident(c.attname), s.context, \
                     (SELECT array_agg(quote_ident(a.attname) ORDER BY k.ord) \
                        FROM pg_index i \
                        CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
@@ -193,19 +199,11 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                     (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
                       WHERE a.attrelid = s.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped), \
                     coalesce(r.relkind IN ('r', 'p'), false), c.atttypid = 'text'::regtype, \
-                    (SELECT string_agg(DISTINCT quote_ident(n.nspname), ', ') \
-                       FROM pg_attribute a \
-                       JOIN pg_type t ON t.oid = a.atttypid \
-                       JOIN pg_namespace n ON n.oid IN (t.typnamespace, \
-                            (SELECT b.typnamespace FROM pg_type b WHERE b.oid = t.typbasetype)) \
-                      WHERE a.attrelid = s.rel AND NOT a.attisdropped AND n.nspname <> 'pg_catalog' \
-                        AND (a.attname = 'tenant_id' OR a.attnum = ANY ( \
-                             SELECT unnest(i.indkey::int2[]) FROM pg_index i \
-                              WHERE i.indrelid = s.rel AND i.indisprimary))) \
+                    {} \
              FROM pgseal.sealed_columns s \
              LEFT JOIN pg_class r ON r.oid = s.rel \
              LEFT JOIN pg_attribute c ON c.attrelid = s.rel AND c.attnum = s.attnum AND NOT c.attisdropped \
-             ORDER BY 1, 2",
+             ORDER BY 1, 2", schemas),
             &[],
         )
         .await
@@ -236,10 +234,7 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                 pk,
                 pk_types: r.get::<_, Option<Vec<String>>>(4).unwrap_or_default(),
                 tenant_type: tenant_type.unwrap_or_default(),
-                search_path: match r.get::<_, Option<String>>(8) {
-                    Some(schemas) => format!("pg_catalog, {schemas}, pg_temp"),
-                    None => "pg_catalog, pg_temp".to_owned(),
-                },
+                search_path: super::tenant_tx::search_path(r.get(8)),
                 broken,
             }
         })
@@ -413,9 +408,9 @@ const RESEAL_RETRIES: u32 = 3;
 const RESEAL_LOCK_TIMEOUT: &str = "1s";
 const RESEAL_LOCK_RETRIES: u32 = 5;
 
-/// One batch, in its own READ COMMITTED transaction (whatever the database's
-/// default; `batch_sql` relies on its re-check of updated rows) under the tenant's
-/// context, the key types' search_path and `RESEAL_LOCK_TIMEOUT`.
+/// One batch, in its own transaction (`tenant_tx`: READ COMMITTED whatever the
+/// database's default, which `batch_sql`'s re-check of updated rows relies on)
+/// under the tenant's context, the key types' search_path and `RESEAL_LOCK_TIMEOUT`.
 async fn reseal_batch(
     client: &mut Client,
     tenant: &str,
@@ -425,19 +420,7 @@ async fn reseal_batch(
     size: i64,
     last: &Option<String>,
 ) -> Result<tokio_postgres::Row, DaemonError> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
-        .start()
-        .await
-        .map_err(DaemonError::Query)?;
-    tx.execute(
-        "SELECT pgseal.set_tenant($1), pg_catalog.set_config('search_path', $2, true), \
-                pg_catalog.set_config('lock_timeout', $3, true)",
-        &[&tenant, &c.search_path, &RESEAL_LOCK_TIMEOUT],
-    )
-    .await
-    .map_err(DaemonError::Query)?;
+    let tx = super::tenant_tx::begin(client, tenant, &c.search_path, RESEAL_LOCK_TIMEOUT).await?;
     let row = tx
         .query_one(sql, &[&tenant, &active, &c.context, &size, last])
         .await
