@@ -418,12 +418,7 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
     pg_sys::Datum::from(0usize)
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo__offboard_export_wrapper() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg::v1_finfo!(pg_finfo__offboard_export_wrapper);
 
 /// Sets up the call's result as a tuplestore of one text column (materialize
 /// mode), in the query's memory; returns it and its descriptor. Refuses (0A000) a

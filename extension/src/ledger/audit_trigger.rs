@@ -89,12 +89,7 @@ fn plan_for(row_type: pg_sys::Oid) -> Rc<OwnedPreparedStatement> {
     p
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_audit_row_trigger() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg::v1_finfo!(pg_finfo_audit_row_trigger);
 
 /// What the trigger needs from its `TriggerData`.
 struct Fired {
@@ -239,12 +234,7 @@ pub unsafe extern "C-unwind" fn audit_row_trigger(
     pg_sys::Datum::from(0usize)
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_audit_truncate_trigger() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg::v1_finfo!(pg_finfo_audit_truncate_trigger);
 
 /// `pgseal._audit_truncate()`, the statement trigger `ledger_audit` creates next to
 /// the row trigger: TRUNCATE fires no row trigger, so it records `audit.truncated`

@@ -154,12 +154,7 @@ fn protection_changed(rel: pg_sys::Oid) -> SealResult<()> {
 // ---------------------------------------------------------------------------
 // pgseald's receipts.
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_job_receipt_fn() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg::v1_finfo!(pg_finfo_job_receipt_fn);
 
 /// `pgseal._job_receipt(event text, payload jsonb) → bigint` (STRICT): appends one
 /// of `JOB_EVENTS` to the current tenant's chain and returns its seq. Granted to
@@ -350,12 +345,7 @@ unsafe fn row_change(fcinfo: pg_sys::FunctionCallInfo, tables: &[&CStr]) -> RowC
     }
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_org_members_record_trigger() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg::v1_finfo!(pg_finfo_org_members_record_trigger);
 
 /// `pgseal._org_members_record()`: AFTER each row change of `pgseal.org_members`,
 /// `org.member_added`, `org.member_removed` or `org.role_changed` in the row's
@@ -413,12 +403,7 @@ fn org_members_changed(c: &RowChange) -> SealResult<()> {
     }
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_retention_record_trigger() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg::v1_finfo!(pg_finfo_retention_record_trigger);
 
 /// `pgseal._retention_record()`: AFTER each row change of `pgseal.retention_rules`
 /// (`retention.set`, `retention.removed`) and `pgseal.retention_holds`

@@ -98,12 +98,7 @@ pub fn is_guard_fn(oid: pg_sys::Oid) -> bool {
     ours
 }
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_ledger_write_guard() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg::v1_finfo!(pg_finfo_ledger_write_guard);
 
 /// Whether an UPDATE of a heads row keeps its anchor (columns 4 and 5).
 ///

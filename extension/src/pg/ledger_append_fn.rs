@@ -12,12 +12,7 @@ use pgrx::prelude::*;
 use crate::error::{OrRaise, SealError};
 use crate::pg::jsonb::JsonbArg;
 
-#[unsafe(no_mangle)]
-#[doc(hidden)]
-pub extern "C" fn pg_finfo_ledger_append_srf() -> &'static pg_sys::Pg_finfo_record {
-    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-    &V1
-}
+crate::pg::v1_finfo!(pg_finfo_ledger_append_srf);
 
 /// `ledger_append(event text, payload jsonb, actor text, subjects text[])`.
 #[pg_guard]

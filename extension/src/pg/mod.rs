@@ -14,6 +14,23 @@
 //! - `jsonb`: `jsonb` arguments read through `jsonb_out`;
 //! - `plaintext`: `vault_decrypt`'s result written in place.
 
+/// Declares the version-1 calling convention record PostgreSQL's loader looks up
+/// for a C function of pgseal's library that pgrx does not declare (`#[pg_extern]`
+/// writes it for its own): `v1_finfo!(pg_finfo_<symbol>)` next to the
+/// `#[unsafe(no_mangle)]` function `<symbol>`.
+macro_rules! v1_finfo {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        #[doc(hidden)]
+        pub extern "C" fn $finfo() -> &'static ::pgrx::pg_sys::Pg_finfo_record {
+            const V1: ::pgrx::pg_sys::Pg_finfo_record =
+                ::pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
+}
+pub(crate) use v1_finfo;
+
 pub mod citus;
 pub mod compat;
 pub mod head_read;
