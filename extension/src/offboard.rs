@@ -518,13 +518,10 @@ impl ExportLines {
                 None => {
                     crate::ledger::writer::flush()?;
                     let cursor = with_pinned_search_path(|| {
-                        Spi::connect(|c| {
-                            c.try_open_cursor(
-                                "SELECT pg_catalog.jsonb_build_object('ledger', e)::pg_catalog.text FROM pgseal.ledger_export($1) e",
-                                &[self.tenant.as_str().into()],
-                            )
-                            .map(|cur| cur.detach_into_name())
-                        })
+                        open_cursor(
+                            "SELECT pg_catalog.jsonb_build_object('ledger', e)::pg_catalog.text FROM pgseal.ledger_export($1) e",
+                            &[self.tenant.as_str().into()],
+                        )
                     })?;
                     ExportStage::Ledger { cursor }
                 }
@@ -571,19 +568,22 @@ impl ExportLines {
             name
         );
         let cursor = as_table_owner(t.owner, || {
-            Spi::connect(|c| {
-                c.try_open_cursor(
-                    sql.as_str(),
-                    &[self.tenant.as_str().into(), name.as_str().into()],
-                )
-                .map(|cur| cur.detach_into_name())
-            })
+            open_cursor(&sql, &[self.tenant.as_str().into(), name.as_str().into()])
         })?;
         Ok(ExportStage::Table {
             owner: t.owner,
             cursor,
         })
     }
+}
+
+/// Opens a cursor over `sql` that outlives its SPI connection (as whoever calls
+/// this), and returns its name for `fetch_lines`.
+fn open_cursor(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<String, pgrx::spi::Error> {
+    Spi::connect(|c| {
+        c.try_open_cursor(sql, args)
+            .map(|cur| cur.detach_into_name())
+    })
 }
 
 /// Fetches up to `EXPORT_CHUNK` lines of the open cursor `cursor` into `buffer`.
