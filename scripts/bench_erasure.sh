@@ -9,6 +9,7 @@
 # The peer, in the same run: the same UPDATE on a copy of the same rows (payload and
 # salt set NULL, a SHA-256 in commitment) without what erasure adds: reading each
 # entry back, canonicalising its payload and recomputing its hash before erasing it.
+# Both the chain and its copy are vacuumed and analysed before either is measured.
 # Each figure is the fastest of 3 runs (each on a fresh copy of the chain).
 # Then offboarding (below): rows offboarded per second at N and 4N.
 set -euo pipefail
@@ -32,7 +33,10 @@ COMMIT;
 DROP TABLE IF EXISTS erase_peer;
 CREATE TABLE erase_peer AS SELECT * FROM pgseal.ledger WHERE tenant_id = '$1';
 ALTER TABLE erase_peer ADD PRIMARY KEY (tenant_id, seq);
+-- Both tables as a subject's entries are when an erasure comes, days after they were
+-- written: vacuumed (hint bits set, the visibility map current), analysed.
 VACUUM ANALYZE erase_peer;
+VACUUM ANALYZE pgseal.ledger;
 CHECKPOINT;
 SQL
 }
