@@ -1954,7 +1954,8 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.sealed_columns',
 -- _registrations_follow_drops (sql_drop): a DROP of a registered table (DROP TABLE,
 -- DROP SCHEMA/OWNED ... CASCADE, DROP of a partitioned parent) or of a registered
 -- column (ALTER TABLE ... DROP COLUMN, a CASCADE from a type) deletes its retention
--- rules and sealed column registrations, each named in a NOTICE. A rule's deletion
+-- rules and sealed column registrations, each named in a NOTICE, and takes a
+-- dropped table out of the tables an offboarding's export read. A rule's deletion
 -- is recorded like any other ('retention.removed', retention_rules_record_delete;
 -- the entry names the table by OID, its name being gone): a tenant's rule in that
 -- tenant's chain, a default rule in the system chain '_pgseal' (the C trigger sees
@@ -1990,9 +1991,20 @@ BEGIN
                 OR EXISTS (SELECT 1 FROM pgseal.subject_columns x
                             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
                 OR EXISTS (SELECT 1 FROM pgseal.subject_anonymised_columns x
-                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid))) THEN
+                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
+                OR EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o
+                            WHERE d.objid OPERATOR(pg_catalog.=) ANY (o.export_tables::pg_catalog.oid[])))) THEN
         RETURN;
     END IF;
+    -- A dropped table leaves the tables an offboarding's export read: its OID could
+    -- name another table later (after a restore, or when OIDs wrap around).
+    UPDATE pgseal.tenant_offboardings o
+       SET export_tables = ARRAY(SELECT t FROM pg_catalog.unnest(o.export_tables) t
+                                  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
+                                                     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                                                       AND d.objsubid OPERATOR(pg_catalog.=) 0
+                                                       AND d.objid OPERATOR(pg_catalog.=) t::pg_catalog.oid))
+     WHERE o.export_tables IS NOT NULL;
     loaded := pgseal._master_key_loaded();
     FOR r IN
         DELETE FROM pgseal.retention_rules x
@@ -2280,9 +2292,10 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_anonymised_columns',
 -- the final chain). pgseald resumes a tenant from its step after any crash; every
 -- step is idempotent up to its own commit. `deleted` counts the rows deleted per
 -- table, committed with each batch. `export_tables` are the tables the export read
--- (set by the export, in its transaction): a table registered after it is deleted
--- from only when it holds none of the tenant's rows (otherwise the offboarding goes
--- back to exporting, or stops once rows were deleted). Written only by pgseal's functions (as the
+-- and every table under them (set by the export, in its transaction): a table
+-- registered or attached after it is deleted from only when it holds none of the
+-- tenant's rows (otherwise the offboarding goes back to exporting, or stops once
+-- rows were deleted or `past_export`, set when it first passed deleting). Written only by pgseal's functions (as the
 -- extension owner); pgseal_admin reads it.
 CREATE TABLE pgseal.tenant_offboardings (
     tenant_id    text        PRIMARY KEY CHECK (tenant_id <> ''),
@@ -2295,7 +2308,8 @@ CREATE TABLE pgseal.tenant_offboardings (
     export_file  text,
     export_sha256 text       CHECK (export_sha256 ~ '^[0-9a-f]{64}$'),
     deleted      jsonb       NOT NULL DEFAULT '{}',
-    export_tables regclass[]
+    export_tables regclass[],
+    past_export  boolean     NOT NULL DEFAULT false
 );
 
 COMMENT ON TABLE pgseal.tenant_offboardings IS

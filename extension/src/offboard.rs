@@ -266,8 +266,18 @@ fn rows_left(tenant: &str) -> SealResult<i64> {
 }
 
 impl Table {
-    /// The tenant's rows in this table (`rows_left` says how they are counted).
+    /// The tenant's rows in this table and the tables under it (`rows_left` says
+    /// how they are counted).
     fn rows_of(&self, tenant: &str) -> SealResult<i64> {
+        self.count(tenant, "")
+    }
+
+    /// `rows_of`, in this table alone (`ONLY`).
+    fn rows_of_only(&self, tenant: &str) -> SealResult<i64> {
+        self.count(tenant, "ONLY")
+    }
+
+    fn count(&self, tenant: &str, only: &str) -> SealResult<i64> {
         let t = self;
         let name = t.lock(pg_sys::AccessShareLock)?;
         crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
@@ -285,7 +295,7 @@ impl Table {
             }
             Ok(Spi::get_one_with_args::<i64>(
                 &format!(
-                    "SELECT pg_catalog.count(*) FROM {name} x \
+                    "SELECT pg_catalog.count(*) FROM {only} {name} x \
                       WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text"
                 ),
                 &[tenant.into()],
@@ -296,11 +306,40 @@ impl Table {
     }
 }
 
-/// Records the tables the tenant's export reads (`export_tables`), in the export's
-/// transaction: `_offboard_advance` to 'exported' needs them, and `_offboard_delete`
-/// compares them with the tables registered when it runs.
+/// `rel` and every table under it (its partitions and inheritance children, at
+/// every level), with their owners.
+fn tree_of(rel: pg_sys::Oid) -> SealResult<Vec<Table>> {
+    as_owner(|| {
+        Spi::connect(|c| {
+            let rows = c.select(
+                "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
+                   UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
+                 SELECT t.rel, c.relowner FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel",
+                None,
+                &[rel.into()],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                let missing = || SealError::Internal("a table's catalog row");
+                out.push(Table {
+                    rel: r.get::<pg_sys::Oid>(1)?.ok_or_else(missing)?,
+                    owner: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
+                });
+            }
+            Ok::<_, SealError>(out)
+        })
+    })
+}
+
+/// Records the tables the tenant's export reads, with every table under them
+/// (`export_tables`), in the export's transaction: `_offboard_advance` to
+/// 'exported' needs them, and `_offboard_delete` compares them with the tables
+/// there when it runs (`late_tables`).
 fn record_export_tables(tenant: &str, tables: &[Table]) -> SealResult<()> {
-    let oids: Vec<pg_sys::Oid> = tables.iter().map(|t| t.rel).collect();
+    let mut oids: Vec<pg_sys::Oid> = Vec::new();
+    for t in tables {
+        oids.extend(tree_of(t.rel)?.into_iter().map(|m| m.rel));
+    }
     Ok(as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.tenant_offboardings SET export_tables = $2::pg_catalog.regclass[] WHERE tenant_id = $1",
@@ -309,46 +348,66 @@ fn record_export_tables(tenant: &str, tables: &[Table]) -> SealResult<()> {
     })?)
 }
 
-/// What `_offboard_delete` does about the tables registered after the tenant's
-/// export: none of them holds a row of the tenant, so the deletes may go on; or
-/// one does and nothing was deleted yet, so the offboarding goes back to exporting
-/// (step 'scheduled'). Once rows were deleted it refuses (55000) instead, naming the
-/// table: a new export would no longer hold what was deleted, and deleting these
-/// rows would lose them. An administrator exports and deletes them, and the
-/// offboarding goes on.
+/// What `_offboard_delete` does about the tables its export did not read: tables
+/// registered after it, and partitions or inheritance children attached under an
+/// exported table since. None of them holds a row of the tenant: they are added to
+/// the export's tables (so they are not counted again) and the deletes go on. One
+/// does, and the offboarding never went past exporting and deleted nothing yet: it
+/// goes back to exporting (step 'scheduled'), and the next export holds the table.
+/// Otherwise it refuses (55000), naming the table: a new export would no longer hold
+/// what was deleted or erased since, and deleting these rows would lose them. An
+/// administrator exports and deletes them, and the offboarding goes on.
 enum LateTables {
     None,
     ExportAgain,
 }
 
 fn late_tables(tenant: &str, tables: &[Table]) -> SealResult<LateTables> {
-    let (exported, deleted_any) = as_owner(|| {
+    let (exported, may_export_again) = as_owner(|| {
         Spi::get_two_with_args::<Vec<pg_sys::Oid>, bool>(
-            "SELECT export_tables::pg_catalog.oid[], deleted OPERATOR(pg_catalog.<>) '{}'::pg_catalog.jsonb \
+            "SELECT export_tables::pg_catalog.oid[], \
+                    deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export \
                FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
             &[tenant.into()],
         )
     })?;
     let exported = exported.unwrap_or_default();
-    for t in tables.iter().filter(|t| !exported.contains(&t.rel)) {
-        if t.rows_of(tenant)? == 0 {
-            continue;
+    let mut empty = Vec::new();
+    for t in tables {
+        for m in tree_of(t.rel)?
+            .into_iter()
+            .filter(|m| !exported.contains(&m.rel))
+        {
+            if m.rows_of_only(tenant)? == 0 {
+                empty.push(m.rel);
+                continue;
+            }
+            if may_export_again == Some(true) {
+                as_owner(|| {
+                    Spi::run_with_args(
+                        "UPDATE pgseal.tenant_offboardings SET step = 'scheduled', step_at = pg_catalog.now(), \
+                                export_tables = NULL WHERE tenant_id = $1",
+                        &[tenant.into()],
+                    )
+                })?;
+                return Ok(LateTables::ExportAgain);
+            }
+            let name = m.lock(pg_sys::AccessShareLock)?;
+            return Err(SealError::Refused(
+                "a table the tenant's export did not read (registered or attached after it) holds rows of the tenant, and the offboarding has gone past its export: they are not deleted unexported (export and delete them, then run the offboarding again)",
+            )
+            .on_table(&name));
         }
-        if deleted_any == Some(false) {
-            as_owner(|| {
-                Spi::run_with_args(
-                    "UPDATE pgseal.tenant_offboardings SET step = 'scheduled', step_at = pg_catalog.now(), \
-                            export_tables = NULL WHERE tenant_id = $1",
-                    &[tenant.into()],
-                )
-            })?;
-            return Ok(LateTables::ExportAgain);
-        }
-        let name = t.lock(pg_sys::AccessShareLock)?;
-        return Err(SealError::Refused(
-            "a table registered after the tenant's export holds rows of the tenant, and rows were deleted since: they are not deleted unexported (export and delete them, then run the offboarding again)",
-        )
-        .on_table(&name));
+    }
+    if !empty.is_empty() {
+        as_owner(|| {
+            Spi::run_with_args(
+                "UPDATE pgseal.tenant_offboardings \
+                    SET export_tables = export_tables OPERATOR(pg_catalog.||) $2::pg_catalog.regclass[] \
+                  WHERE tenant_id = $1",
+                &[tenant.into(), empty.into()],
+            )
+        })?;
     }
     Ok(LateTables::None)
 }
@@ -631,6 +690,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         if let LateTables::ExportAgain = late_tables(&tenant, &tables)? {
             return Ok(0);
         }
+        start_budget(&tenant)?;
         for t in tables {
             let name = t.lock(pg_sys::RowExclusiveLock)?;
             // SAFETY: a syscache lookup of the locked table's kind.
@@ -645,11 +705,10 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                     )
                 })
                 .map_err(|e| e.on_table(&name))?;
-            let written = writes_to(t.rel)?;
             if plain {
                 let n = delete_from_plain(&tenant, &t, &name, batch)?;
-                require_no_writes_back(t.rel, written, &name)?;
                 if n > 0 {
+                    spend_budget(&tenant, n)?;
                     count_deleted(&tenant, &name, n)?;
                     return Ok(n);
                 }
@@ -672,8 +731,8 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                 Spi::get_one_with_args::<i64>(&sql, &[tenant.as_str().into(), batch.into()])
             })?
             .unwrap_or(0);
-            require_no_writes_back(t.rel, written, &name)?;
             if n > 0 {
+                spend_budget(&tenant, n)?;
                 count_deleted(&tenant, &name, n)?;
                 return Ok(n);
             }
@@ -744,33 +803,57 @@ fn delete_from_plain(tenant: &str, t: &Table, name: &str, batch: i32) -> SealRes
     Ok(n.unwrap_or(0))
 }
 
-/// Rows this transaction has inserted into or updated in `rel` (and its
-/// partitions: `pg_partition_tree` lists no plain table), by the statistics it
-/// keeps of its own writes.
-fn writes_to(rel: pg_sys::Oid) -> SealResult<i64> {
-    Ok(as_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "SELECT COALESCE(pg_catalog.sum(pg_catalog.pg_stat_get_xact_tuples_inserted(p.relid) \
-                    OPERATOR(pg_catalog.+) pg_catalog.pg_stat_get_xact_tuples_updated(p.relid)), 0)::pg_catalog.int8 \
-               FROM (SELECT $1::pg_catalog.regclass AS relid \
-                      UNION SELECT t.relid FROM pg_catalog.pg_partition_tree($1) t) p",
-            &[rel.into()],
-        )
-    })?
-    .unwrap_or(0))
+thread_local! {
+    /// How many more of a tenant's rows this backend's `_offboard_delete` may
+    /// delete in the step it is at (keyed by the step's `step_at`): the rows there
+    /// were when it began. A trigger or rule that puts deleted rows back, or moves
+    /// rows between offboarded tables, or an application that goes on writing,
+    /// would otherwise keep the deletes finding rows for ever, and pgseald deleting
+    /// them. A new session (pgseald's next run) counts again.
+    static BUDGET: std::cell::RefCell<std::collections::HashMap<String, (String, i64)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-/// Fails (55000, naming the table) when the delete just made wrote rows into its
-/// own table (`written` is `writes_to` before it): a trigger or rule of the table's
-/// owner that puts deleted rows back, or moves other rows in, would otherwise keep
-/// `_offboard_delete` finding rows for ever, and pgseald deleting them.
-fn require_no_writes_back(rel: pg_sys::Oid, written: i64, name: &str) -> SealResult<()> {
-    if writes_to(rel)? != written {
-        return Err(SealError::Refused(
-            "a trigger or rule of the table wrote rows into it while the tenant's rows were deleted: the offboarding would never end",
-        )
-        .on_table(name));
+/// Counts the tenant's rows for this session's budget (`BUDGET`) when it has none
+/// for the step it is at: before its first batch deletes anything.
+fn start_budget(tenant: &str) -> SealResult<()> {
+    let step_at = step_at(tenant)?;
+    let known = BUDGET.with(|b| b.borrow().get(tenant).is_some_and(|(at, _)| *at == step_at));
+    if !known {
+        let rows = rows_left(tenant)?;
+        BUDGET.with(|b| b.borrow_mut().insert(tenant.to_owned(), (step_at, rows)));
     }
+    Ok(())
+}
+
+fn step_at(tenant: &str) -> SealResult<String> {
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT step_at::pg_catalog.text FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+            &[tenant.into()],
+        )
+    })?
+    .unwrap_or_default())
+}
+
+/// Takes `n` rows deleted off this session's budget for the tenant; fails (55000)
+/// when they are more than it has left, which rolls the batch back.
+fn spend_budget(tenant: &str, n: i64) -> SealResult<()> {
+    let left = BUDGET
+        .with(|b| b.borrow().get(tenant).map(|(_, left)| *left))
+        .ok_or(SealError::Internal("an offboarding's delete budget"))?;
+    if n > left {
+        // The next call in this session counts again.
+        BUDGET.with(|b| b.borrow_mut().remove(tenant));
+        return Err(SealError::Refused(
+            "more of the tenant's rows were deleted than there were when these deletes began: a trigger or rule of an offboarded table puts rows back, or the tenant's application goes on writing (the offboarding goes on in the next run)",
+        ));
+    }
+    BUDGET.with(|b| {
+        if let Some(e) = b.borrow_mut().get_mut(tenant) {
+            e.1 = left - n;
+        }
+    });
     Ok(())
 }
 
@@ -877,7 +960,8 @@ fn _offboard_advance(
         as_owner(|| {
             Spi::run_with_args(
                 "UPDATE pgseal.tenant_offboardings SET step = $2, step_at = pg_catalog.now(), \
-                        export_file = COALESCE($3, export_file), export_sha256 = COALESCE($4, export_sha256) \
+                        export_file = COALESCE($3, export_file), export_sha256 = COALESCE($4, export_sha256), \
+                        past_export = past_export OR $2 OPERATOR(pg_catalog.=) 'deleted' \
                   WHERE tenant_id = $1",
                 &[
                     tenant.as_str().into(),

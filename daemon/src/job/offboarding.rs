@@ -152,6 +152,7 @@ async fn offboard(
         stopped: None,
     };
     let mut redos = 0;
+    let mut exports_again = 0;
     loop {
         let (step, file) = step_of(client, tenant).await?;
         o.step = step.clone();
@@ -167,9 +168,17 @@ async fn offboard(
         let r = match step.as_str() {
             "scheduled" => export(client, tenant, &opts.export_dir).await,
             "exported" => match delete_rows(client, tenant, &mut batches.0, stop, &mut o).await {
-                Ok(Deleted::ExportAgain) => {
-                    tracing::warn!(tenant = %tenant, "offboarding: a table registered after the export holds the tenant's rows; exporting again");
+                Ok(Deleted::ExportAgain) if exports_again < 3 => {
+                    exports_again += 1;
+                    tracing::warn!(tenant = %tenant, "offboarding: a table the export did not read holds the tenant's rows; exporting again");
                     continue;
+                }
+                Ok(Deleted::ExportAgain) => {
+                    o.stopped = Some(
+                        "tables holding the tenant's rows keep appearing after its export: run again once they have stopped"
+                            .into(),
+                    );
+                    return Ok(o);
                 }
                 Ok(Deleted::Done) => Ok(()),
                 Err(e) => Err(e),
@@ -408,19 +417,23 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
                 break;
             }
         }
-        tx.commit().await.map_err(DaemonError::Query)?;
-    }
-    let sha256 = file.finish()?;
-    failpoint("offboard.export_written").await;
-    let file = path.to_string_lossy().into_owned();
-    client
-        .execute(
+        // The step is recorded in the export's own transaction, which holds the
+        // tenant's chain lock from the export's first fetch: a second export (another
+        // pgseald, or `offboard run` beside the scheduled job) waits for it and then
+        // finds the step taken, so the tables the export recorded, the file in place
+        // and the hash recorded are one export's.
+        let sha256 = file.finish()?;
+        failpoint("offboard.export_written").await;
+        let name = path.to_string_lossy().into_owned();
+        tx.execute(
             "SELECT pgseal._offboard_advance($1, 'scheduled', 'exported', $2, $3)",
-            &[&tenant, &file, &sha256],
+            &[&tenant, &name, &sha256],
         )
         .await
         .map_err(DaemonError::Query)?;
-    tracing::info!(tenant = %tenant, file = %file, lines, "offboarding: exported");
+        tx.commit().await.map_err(DaemonError::Query)?;
+        tracing::info!(tenant = %tenant, file = %name, lines, "offboarding: exported");
+    }
     Ok(())
 }
 
@@ -459,7 +472,7 @@ async fn delete_rows(
         batch.observe(n as u64, began.elapsed());
         o.rows_deleted += n as u64;
         if n == 0 {
-            if step_of(client, tenant).await?.0 != "exported" {
+            if step_of(client, tenant).await?.0 == "scheduled" {
                 return Ok(Deleted::ExportAgain);
             }
             break;

@@ -384,10 +384,30 @@ mod tests {
         assert_eq!(step("off-kept"), "exported");
     }
 
+    /// Calls `q` until it is refused for deleting more rows than there were, at
+    /// most `max` times; returns how many calls succeeded before (panics when none
+    /// was refused, or one failed otherwise).
+    fn calls_until_refused(q: &str, max: usize) -> usize {
+        let checked = format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        );
+        for i in 0..max {
+            let msg: String = one(&checked);
+            if msg.is_empty() {
+                continue;
+            }
+            assert!(msg.contains("puts rows back"), "{q}: {msg}");
+            return i;
+        }
+        panic!("{q} was never refused in {max} calls");
+    }
+
     #[pg_test]
     fn a_trigger_that_puts_rows_back_stops_the_offboarding() {
         // The table's owner puts every deleted row back: the deletes would find
-        // rows for ever (pgseald's loop would never end).
+        // rows for ever (pgseald's loop would never end). A session deletes at most
+        // the rows there were when its deletes began.
         tenant_data("off-back");
         run(
             "CREATE FUNCTION public.off_put_back() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -396,25 +416,18 @@ mod tests {
         run("CREATE TRIGGER put_back AFTER DELETE ON public.off_users FOR EACH ROW EXECUTE FUNCTION public.off_put_back()");
         run("SELECT pgseal.tenant_offboard('off-back', '0')");
         exported("off-back");
-        // Rows the caller's own transaction wrote before are no trigger's.
-        run("INSERT INTO public.off_users VALUES ('u3', 'off-back', NULL, NULL)");
-        let q = "SELECT pgseal._offboard_delete('off-back', 10)";
-        assert_eq!(sqlstate(q), "55000");
-        let msg: String = one(&format!(
-            "SELECT tests.error_text_of({})",
-            pgrx::spi::quote_literal(q)
-        ));
-        assert!(msg.contains("(table public.off_users)"), "{msg}");
+        let q = "SELECT pgseal._offboard_delete('off-back', 1)";
+        // Two rows: two batches of one, the third refused.
+        assert_eq!(calls_until_refused(q, 10), 2);
         assert_eq!(
             one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-back'"),
-            3
+            2
         );
         // Without the trigger, the same rows go.
         run("DROP TRIGGER put_back ON public.off_users");
         while one::<i64>("SELECT pgseal._offboard_delete('off-back', 10)") > 0 {}
         run("SELECT pgseal._offboard_advance('off-back', 'exported', 'deleted')");
-        // The same through a partitioned table's trigger, which its partitions
-        // take: the writes are counted in the partitions.
+        // The same through a partitioned table's trigger, which its partitions take.
         run("CREATE TABLE public.off_parts (id text, tenant_id text NOT NULL) PARTITION BY LIST (tenant_id)");
         run("CREATE TABLE public.off_parts_1 PARTITION OF public.off_parts FOR VALUES IN ('off-back-p')");
         run("SELECT pgseal.subject_register('public.off_parts', 'id')");
@@ -428,10 +441,59 @@ mod tests {
         run("SELECT pgseal.tenant_offboard('off-back-p', '0')");
         exported("off-back-p");
         assert_eq!(
-            sqlstate("SELECT pgseal._offboard_delete('off-back-p', 10)"),
-            "55000"
+            calls_until_refused("SELECT pgseal._offboard_delete('off-back-p', 10)", 10),
+            1
         );
         assert_eq!(one::<i64>("SELECT count(*) FROM public.off_parts"), 1);
+        // Rows moved between two offboarded tables by their triggers: the same.
+        run("CREATE TABLE public.off_ping (id text, tenant_id text NOT NULL)");
+        run("CREATE TABLE public.off_pong (id text, tenant_id text NOT NULL)");
+        run("SELECT pgseal.subject_register('public.off_ping', 'id')");
+        run("SELECT pgseal.subject_register('public.off_pong', 'id')");
+        run(
+            "CREATE FUNCTION public.off_to_pong() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.off_pong VALUES (OLD.*); RETURN OLD; END $$",
+        );
+        run(
+            "CREATE FUNCTION public.off_to_ping() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO public.off_ping VALUES (OLD.*); RETURN OLD; END $$",
+        );
+        run("CREATE TRIGGER t AFTER DELETE ON public.off_ping FOR EACH ROW EXECUTE FUNCTION public.off_to_pong()");
+        run("CREATE TRIGGER t AFTER DELETE ON public.off_pong FOR EACH ROW EXECUTE FUNCTION public.off_to_ping()");
+        tenant("off-ping");
+        run("INSERT INTO public.off_ping VALUES ('u1', 'off-ping')");
+        run("SELECT pgseal.tenant_offboard('off-ping', '0')");
+        exported("off-ping");
+        assert_eq!(
+            calls_until_refused("SELECT pgseal._offboard_delete('off-ping', 10)", 10),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn a_self_referencing_foreign_key_does_not_stop_the_offboarding() {
+        // ON DELETE SET NULL updates the children of a deleted row in the same
+        // table; the offboarding deletes them all the same.
+        run(
+            "CREATE TABLE public.off_tree (id text PRIMARY KEY, tenant_id text NOT NULL, \
+             parent text REFERENCES public.off_tree ON DELETE SET NULL)",
+        );
+        run("SELECT pgseal.subject_register('public.off_tree', 'id')");
+        tenant("off-tree");
+        run("INSERT INTO public.off_tree SELECT 'n' || g, 'off-tree', CASE WHEN g > 1 THEN 'n' || (g / 2) END \
+             FROM generate_series(1, 20) g");
+        run("SELECT pgseal.tenant_offboard('off-tree', '0')");
+        exported("off-tree");
+        let mut n = 0;
+        loop {
+            let k: i64 = one("SELECT pgseal._offboard_delete('off-tree', 3)");
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, 20);
+        run("SELECT pgseal._offboard_advance('off-tree', 'exported', 'deleted')");
     }
 
     #[pg_test]
@@ -732,6 +794,74 @@ mod tests {
         }
         assert_eq!(n, 2);
         assert_eq!(step("off-reg3"), "exported");
+        // The late table without the tenant's rows joined the export's tables.
+        assert!(one::<bool>(
+            "SELECT 'public.off_late_reg3'::regclass = ANY (export_tables) FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-reg3'"
+        ));
+        // A dropped table leaves them (its OID could name another table later).
+        let oid: pg_sys::Oid = one("SELECT 'public.off_late_reg3'::regclass::oid");
+        run("DROP TABLE public.off_late_reg3");
+        assert!(!one::<bool>(&format!(
+            "SELECT {} = ANY (export_tables::oid[]) FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-reg3'",
+            oid.to_u32()
+        )));
+        assert!(one::<bool>(
+            "SELECT 'public.off_users'::regclass = ANY (export_tables) FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-reg3'"
+        ));
+    }
+
+    #[pg_test]
+    fn a_partition_attached_after_the_export_is_never_deleted_from_unexported() {
+        run("CREATE TABLE public.off_ev (id text, tenant_id text NOT NULL, at date NOT NULL) PARTITION BY RANGE (at)");
+        run("CREATE TABLE public.off_ev_2026 PARTITION OF public.off_ev FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')");
+        run("SELECT pgseal.subject_register('public.off_ev', 'id')");
+        tenant("off-att");
+        run("INSERT INTO public.off_ev VALUES ('u1', 'off-att', '2026-05-01')");
+        run("SELECT pgseal.tenant_offboard('off-att', '0')");
+        exported("off-att");
+        assert!(one::<i64>("SELECT pgseal._offboard_delete('off-att', 1)") > 0);
+        run("CREATE TABLE public.off_ev_2023 (id text, tenant_id text NOT NULL, at date NOT NULL)");
+        run("INSERT INTO public.off_ev_2023 VALUES ('old', 'off-att', '2023-05-01')");
+        run("ALTER TABLE public.off_ev ATTACH PARTITION public.off_ev_2023 FOR VALUES FROM ('2023-01-01') TO ('2024-01-01')");
+        let q = "SELECT pgseal._offboard_delete('off-att', 10)";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(msg.contains("(table public.off_ev_2023)"), "{msg}");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_ev_2023"), 1);
+    }
+
+    #[pg_test]
+    fn past_its_export_an_offboarding_never_exports_again() {
+        // A tenant with no rows went through every step; a table registered then
+        // with its rows must not send it back to exporting, which would write a
+        // new export over the first (whose ledger lines still had their payloads).
+        run("CREATE TABLE public.off_none (id text, tenant_id text NOT NULL)");
+        run("SELECT pgseal.subject_register('public.off_none', 'id')");
+        tenant("off-past");
+        run("SELECT pgseal.ledger_append('order.paid', '{\"n\": 1}')");
+        run("SELECT pgseal.tenant_offboard('off-past', '0')");
+        exported("off-past");
+        while one::<i64>("SELECT pgseal._offboard_delete('off-past', 10)") > 0 {}
+        run("SELECT pgseal._offboard_advance('off-past', 'exported', 'deleted')");
+        run("SELECT pgseal.tenant_shred('off-past')");
+        run("SELECT pgseal._offboard_advance('off-past', 'deleted', 'shredded')");
+        while one::<i64>("SELECT pgseal._offboard_erase('off-past', 10)") > 0 {}
+        run("SELECT pgseal._offboard_advance('off-past', 'shredded', 'erased')");
+        run("CREATE TABLE public.off_later (id text, tenant_id text NOT NULL)");
+        run("INSERT INTO public.off_later VALUES ('u1', 'off-past')");
+        run("SELECT pgseal.subject_register('public.off_later', 'id')");
+        let r: pgrx::JsonB = one("SELECT pgseal._offboard_finish('off-past')");
+        assert!(r.0.get("redo").is_some(), "{:?}", r.0);
+        assert_eq!(step("off-past"), "exported");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_delete('off-past', 10)"),
+            "55000"
+        );
+        assert_eq!(step("off-past"), "exported");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_later"), 1);
     }
 
     #[pg_test]
