@@ -8,10 +8,11 @@
 //! The tables offboarded are those an administrator registered (`subject_register`,
 //! `vault_register_column`, `retention_set`) that have a text `tenant_id` column;
 //! their rows are read and deleted here, never by pgseald's own SQL, each statement
-//! limited to the tenant (`COLLATE "C"`, and again under the column's collation,
-//! which the first implies and an index on the column can serve; the plain-table
-//! delete walks the table by TID instead, and the count of rows left reads every
-//! row), after the caller's privilege check, and
+//! limited to the tenant (`COLLATE "C"`; a partitioned table's export and delete
+//! again under the column's collation, which the first implies and an index on the
+//! column can serve; a plain table's export and delete, and the count of rows left,
+//! read every row, so that an index that misses a row cannot keep it from the
+//! export while the deletes take it), after the caller's privilege check, and
 //! run as the table's owner in a security-restricted operation, as `subjects` does.
 //! Before the step after deleting is recorded, and again before the receipt, the
 //! tenant's rows left in those tables are counted (as each table's owner, under
