@@ -1808,3 +1808,96 @@ fn ledger_entries_commit_in_two_phases_whatever_the_caller_set() {
         cases.len() as i64
     );
 }
+
+#[test]
+fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator() {
+    if !citus::enabled(
+        "subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator",
+    ) {
+        return;
+    }
+    let cc = CitusCluster::start("citus-offboard");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE TABLE users (id text, tenant_id text NOT NULL, email text, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('users', 'tenant_id');
+         SELECT pgseal.tenant_protect('users');
+         SELECT pgseal.subject_register('users', 'id');
+         CREATE TABLE plans (id text PRIMARY KEY, tenant_id text NOT NULL, name text);
+         SELECT create_reference_table('plans');
+         SELECT pgseal.subject_register('plans', 'id');
+         SET app.tenant_id = 'acme';
+         INSERT INTO users SELECT 'u' || g, 'acme', 'u' || g || '@acme.example' FROM generate_series(1, 250) g;
+         INSERT INTO plans VALUES ('p-acme', 'acme', 'gold');
+         SELECT pgseal.ledger_append('order.paid', jsonb_build_object('n', g), NULL, ARRAY['u1'])
+           FROM generate_series(1, 5) g;
+         SET app.tenant_id = 'globex';
+         INSERT INTO users SELECT 'u' || g, 'globex', 'u' || g || '@globex.example' FROM generate_series(1, 40) g;
+         INSERT INTO plans VALUES ('p-globex', 'globex', 'silver');
+         RESET app.tenant_id;
+         SELECT pgseal.tenant_offboard('acme', '0');",
+    )
+    .unwrap();
+    // A subject's export and erasure, through the coordinator, under its tenant.
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('globex')", &[])
+        .unwrap();
+    let exported: String = tx
+        .query_one("SELECT pgseal.subject_export('globex', 'u7')::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(exported.contains("u7@globex.example"), "{exported}");
+    let receipt: String = tx
+        .query_one("SELECT pgseal.subject_erase('globex', 'u7')::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(receipt.contains("\"deleted\": 1"), "{receipt}");
+    tx.commit().unwrap();
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM users WHERE tenant_id = 'globex' AND id = 'u7'"
+        ),
+        0
+    );
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("citus-offboard-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap()])
+        .on(&cc.coordinator)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: done"), "{out}");
+    let export = std::fs::read_to_string(dir.join("acme.offboard.jsonl")).unwrap();
+    assert_eq!(
+        export.matches("\"table\": \"public.users\"").count(),
+        250,
+        "{out}"
+    );
+    assert_eq!(
+        export.matches("\"table\": \"public.plans\"").count(),
+        1,
+        "{out}"
+    );
+    assert!(!export.contains("globex"), "{export}");
+    let left = |c: &mut postgres::Client, t: &str| {
+        pgseal_tests::count(
+            c,
+            &format!(
+                "SELECT (SELECT count(*) FROM users WHERE tenant_id = '{t}') + (SELECT count(*) FROM plans WHERE tenant_id = '{t}')"
+            ),
+        )
+    };
+    assert_eq!(left(&mut c, "acme"), 0);
+    assert_eq!(left(&mut c, "globex"), 40);
+    let (ok, erased): (bool, i64) = {
+        let r = c
+            .query_one("SELECT ok, erased FROM pgseal.ledger_verify('acme')", &[])
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(ok);
+    assert!(erased >= 5, "{erased}");
+}
