@@ -348,11 +348,24 @@ DECLARE
     r        record;
     loaded   pg_catalog.bool;
     registry pg_catalog.text;
+    dropped  pg_catalog.oid[];
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
                 WHERE d.object_type OPERATOR(pg_catalog.=) 'extension'
                   AND d.object_identity OPERATOR(pg_catalog.=) 'pgseal') THEN
         RETURN;
+    END IF;
+    -- A dropped table leaves the tables a running offboarding's export read: its OID
+    -- could name another table later (after a restore, or when OIDs wrap around).
+    SELECT pg_catalog.array_agg(d.objid) INTO dropped FROM pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND d.objsubid OPERATOR(pg_catalog.=) 0 AND NOT d.is_temporary;
+    IF dropped IS NOT NULL THEN
+        UPDATE pgseal.tenant_offboardings o
+           SET export_tables = ARRAY(SELECT t FROM pg_catalog.unnest(o.export_tables) t
+                                      WHERE NOT t::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (dropped))
+         WHERE o.step OPERATOR(pg_catalog.<>) 'done'
+           AND o.export_tables::pg_catalog.oid[] OPERATOR(pg_catalog.&&) dropped;
     END IF;
     IF NOT EXISTS (
         SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
@@ -364,20 +377,9 @@ BEGIN
                 OR EXISTS (SELECT 1 FROM pgseal.subject_columns x
                             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
                 OR EXISTS (SELECT 1 FROM pgseal.subject_anonymised_columns x
-                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
-                OR EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o
-                            WHERE d.objid OPERATOR(pg_catalog.=) ANY (o.export_tables::pg_catalog.oid[])))) THEN
+                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid))) THEN
         RETURN;
     END IF;
-    -- A dropped table leaves the tables an offboarding's export read: its OID could
-    -- name another table later (after a restore, or when OIDs wrap around).
-    UPDATE pgseal.tenant_offboardings o
-       SET export_tables = ARRAY(SELECT t FROM pg_catalog.unnest(o.export_tables) t
-                                  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
-                                                     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-                                                       AND d.objsubid OPERATOR(pg_catalog.=) 0
-                                                       AND d.objid OPERATOR(pg_catalog.=) t::pg_catalog.oid))
-     WHERE o.export_tables IS NOT NULL;
     loaded := pgseal._master_key_loaded();
     FOR r IN
         DELETE FROM pgseal.retention_rules x

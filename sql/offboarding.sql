@@ -10,10 +10,12 @@
 -- the final chain). pgseald resumes a tenant from its step after any crash; every
 -- step is idempotent up to its own commit. `deleted` counts the rows deleted per
 -- table, committed with each batch. `export_tables` are the tables the export read
--- and every table under them (set by the export, in its transaction): a table
--- registered or attached after it is deleted from only when it holds none of the
--- tenant's rows (otherwise the offboarding goes back to exporting, or stops once
--- rows were deleted or `past_export`, set when it first passed deleting). Written only by pgseal's functions (as the
+-- and every table under them, `export_rows` the table rows it held, `export_xact`
+-- its transaction (set by the export, in that transaction, which must also record
+-- the step): a table registered or attached after it is deleted from only when it
+-- holds none of the tenant's rows, and more rows than it held send the offboarding
+-- back to exporting before anything is deleted (it stops instead once rows were
+-- deleted or `past_export`, set when it first passed deleting). Cleared at 'done'. Written only by pgseal's functions (as the
 -- extension owner); pgseal_admin reads it.
 CREATE TABLE pgseal.tenant_offboardings (
     tenant_id    text        PRIMARY KEY CHECK (tenant_id <> ''),
@@ -27,6 +29,8 @@ CREATE TABLE pgseal.tenant_offboardings (
     export_sha256 text       CHECK (export_sha256 ~ '^[0-9a-f]{64}$'),
     deleted      jsonb       NOT NULL DEFAULT '{}',
     export_tables regclass[],
+    export_rows  int8,
+    export_xact  xid8,
     past_export  boolean     NOT NULL DEFAULT false
 );
 

@@ -1975,11 +1975,24 @@ DECLARE
     r        record;
     loaded   pg_catalog.bool;
     registry pg_catalog.text;
+    dropped  pg_catalog.oid[];
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
                 WHERE d.object_type OPERATOR(pg_catalog.=) 'extension'
                   AND d.object_identity OPERATOR(pg_catalog.=) 'pgseal') THEN
         RETURN;
+    END IF;
+    -- A dropped table leaves the tables a running offboarding's export read: its OID
+    -- could name another table later (after a restore, or when OIDs wrap around).
+    SELECT pg_catalog.array_agg(d.objid) INTO dropped FROM pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND d.objsubid OPERATOR(pg_catalog.=) 0 AND NOT d.is_temporary;
+    IF dropped IS NOT NULL THEN
+        UPDATE pgseal.tenant_offboardings o
+           SET export_tables = ARRAY(SELECT t FROM pg_catalog.unnest(o.export_tables) t
+                                      WHERE NOT t::pg_catalog.oid OPERATOR(pg_catalog.=) ANY (dropped))
+         WHERE o.step OPERATOR(pg_catalog.<>) 'done'
+           AND o.export_tables::pg_catalog.oid[] OPERATOR(pg_catalog.&&) dropped;
     END IF;
     IF NOT EXISTS (
         SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
@@ -1991,20 +2004,9 @@ BEGIN
                 OR EXISTS (SELECT 1 FROM pgseal.subject_columns x
                             WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
                 OR EXISTS (SELECT 1 FROM pgseal.subject_anonymised_columns x
-                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid)
-                OR EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o
-                            WHERE d.objid OPERATOR(pg_catalog.=) ANY (o.export_tables::pg_catalog.oid[])))) THEN
+                            WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid))) THEN
         RETURN;
     END IF;
-    -- A dropped table leaves the tables an offboarding's export read: its OID could
-    -- name another table later (after a restore, or when OIDs wrap around).
-    UPDATE pgseal.tenant_offboardings o
-       SET export_tables = ARRAY(SELECT t FROM pg_catalog.unnest(o.export_tables) t
-                                  WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
-                                                     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
-                                                       AND d.objsubid OPERATOR(pg_catalog.=) 0
-                                                       AND d.objid OPERATOR(pg_catalog.=) t::pg_catalog.oid))
-     WHERE o.export_tables IS NOT NULL;
     loaded := pgseal._master_key_loaded();
     FOR r IN
         DELETE FROM pgseal.retention_rules x
@@ -2292,10 +2294,12 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_anonymised_columns',
 -- the final chain). pgseald resumes a tenant from its step after any crash; every
 -- step is idempotent up to its own commit. `deleted` counts the rows deleted per
 -- table, committed with each batch. `export_tables` are the tables the export read
--- and every table under them (set by the export, in its transaction): a table
--- registered or attached after it is deleted from only when it holds none of the
--- tenant's rows (otherwise the offboarding goes back to exporting, or stops once
--- rows were deleted or `past_export`, set when it first passed deleting). Written only by pgseal's functions (as the
+-- and every table under them, `export_rows` the table rows it held, `export_xact`
+-- its transaction (set by the export, in that transaction, which must also record
+-- the step): a table registered or attached after it is deleted from only when it
+-- holds none of the tenant's rows, and more rows than it held send the offboarding
+-- back to exporting before anything is deleted (it stops instead once rows were
+-- deleted or `past_export`, set when it first passed deleting). Cleared at 'done'. Written only by pgseal's functions (as the
 -- extension owner); pgseal_admin reads it.
 CREATE TABLE pgseal.tenant_offboardings (
     tenant_id    text        PRIMARY KEY CHECK (tenant_id <> ''),
@@ -2309,6 +2313,8 @@ CREATE TABLE pgseal.tenant_offboardings (
     export_sha256 text       CHECK (export_sha256 ~ '^[0-9a-f]{64}$'),
     deleted      jsonb       NOT NULL DEFAULT '{}',
     export_tables regclass[],
+    export_rows  int8,
+    export_xact  xid8,
     past_export  boolean     NOT NULL DEFAULT false
 );
 

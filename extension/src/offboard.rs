@@ -307,15 +307,17 @@ impl Table {
     }
 }
 
-/// `rel` and every table under it (its partitions and inheritance children, at
-/// every level), with their owners.
+/// `rel` and every permanent table under it (its partitions and inheritance
+/// children, at every level; a temporary child is another session's, and its rows
+/// are its), with their owners.
 fn tree_of(rel: pg_sys::Oid) -> SealResult<Vec<Table>> {
     as_owner(|| {
         Spi::connect(|c| {
             let rows = c.select(
                 "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
                    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
-                 SELECT t.rel, c.relowner FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel",
+                 SELECT t.rel, c.relowner FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
+                  WHERE c.relpersistence OPERATOR(pg_catalog.<>) 't'",
                 None,
                 &[rel.into()],
             )?;
@@ -332,32 +334,50 @@ fn tree_of(rel: pg_sys::Oid) -> SealResult<Vec<Table>> {
     })
 }
 
-/// Records the tables the tenant's export reads, with every table under them
-/// (`export_tables`), in the export's transaction: `_offboard_advance` to
-/// 'exported' needs them, and `_offboard_delete` compares them with the tables
-/// there when it runs (`late_tables`).
-fn record_export_tables(tenant: &str, tables: &[Table]) -> SealResult<()> {
-    let mut oids: Vec<pg_sys::Oid> = Vec::new();
-    for t in tables {
-        oids.extend(tree_of(t.rel)?.into_iter().map(|m| m.rel));
-    }
+/// Starts the record of the tenant's export, in its transaction: no tables yet,
+/// no row count, and the transaction, which `_offboard_advance` to 'exported'
+/// requires to be its own (so the tables, the file and the hash recorded are one
+/// export's).
+fn start_export_record(tenant: &str) -> SealResult<()> {
     Ok(as_owner(|| {
         Spi::run_with_args(
-            "UPDATE pgseal.tenant_offboardings SET export_tables = $2::pg_catalog.regclass[] WHERE tenant_id = $1",
-            &[tenant.into(), oids.into()],
+            "UPDATE pgseal.tenant_offboardings SET export_tables = '{}', export_rows = NULL, \
+                    export_xact = pg_catalog.pg_current_xact_id() WHERE tenant_id = $1",
+            &[tenant.into()],
         )
     })?)
 }
 
-/// What `_offboard_delete` does about the tables its export did not read: tables
-/// registered after it, and partitions or inheritance children attached under an
-/// exported table since. None of them holds a row of the tenant: they are added to
-/// the export's tables (so they are not counted again) and the deletes go on. One
-/// does, and the offboarding never went past exporting and deleted nothing yet: it
-/// goes back to exporting (step 'scheduled'), and the next export holds the table.
-/// Otherwise it refuses (55000), naming the table: a new export would no longer hold
-/// what was deleted or erased since, and deleting these rows would lose them. An
-/// administrator exports and deletes them, and the offboarding goes on.
+/// Adds `tables` to the tables the tenant's export read (`export_tables`), which
+/// `_offboard_delete` compares with the tables there when it runs (`late_tables`).
+fn add_export_tables(tenant: &str, tables: Vec<pg_sys::Oid>) -> SealResult<()> {
+    Ok(as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_offboardings \
+                SET export_tables = export_tables OPERATOR(pg_catalog.||) $2::pg_catalog.regclass[] \
+              WHERE tenant_id = $1",
+            &[tenant.into(), tables.into()],
+        )
+    })?)
+}
+
+/// What `_offboard_delete` does about rows its export did not hold: in tables
+/// registered after it, in partitions or inheritance children attached under an
+/// exported table since, or written into the exported tables after it (more rows
+/// than it held, counted before this session's first delete). None: the deletes go
+/// on (a late table without the tenant's rows joins the export's tables). Some, and
+/// the offboarding never went past exporting and deleted nothing yet: it goes back
+/// to exporting (step 'scheduled'), and the next export holds them. Otherwise it
+/// refuses (55000), naming a late table: a new export would no longer hold what was
+/// deleted or erased since, and deleting these rows would lose them. An
+/// administrator exports and deletes them, and the offboarding goes on. Rows written
+/// into the exported tables once deleting began are deleted with the rest (stop the
+/// tenant's application before its offboarding is due).
+///
+/// It also refuses (55000) while a table outside the export's has a foreign key
+/// with ON DELETE CASCADE to one of them: the deletes would take its rows unexported.
+/// The caller has locked every table's tree (`require_only_owners_code`), so no
+/// partition comes or goes between this check and the deletes.
 enum LateTables {
     None,
     ExportAgain,
@@ -372,45 +392,63 @@ fn late_tables(tenant: &str, tables: &[Table]) -> SealResult<LateTables> {
             &[tenant.into()],
         )
     })?;
+    let may_export_again = may_export_again == Some(true);
     let exported = exported.unwrap_or_default();
-    let mut empty = Vec::new();
+    let mut members = Vec::new();
     for t in tables {
-        for m in tree_of(t.rel)?
-            .into_iter()
-            .filter(|m| !exported.contains(&m.rel))
-        {
-            if m.rows_of_only(tenant)? == 0 {
-                empty.push(m.rel);
-                continue;
-            }
-            if may_export_again == Some(true) {
-                as_owner(|| {
-                    Spi::run_with_args(
-                        "UPDATE pgseal.tenant_offboardings SET step = 'scheduled', step_at = pg_catalog.now(), \
-                                export_tables = NULL WHERE tenant_id = $1",
-                        &[tenant.into()],
-                    )
-                })?;
-                return Ok(LateTables::ExportAgain);
-            }
-            let name = m.lock(pg_sys::AccessShareLock)?;
-            return Err(SealError::Refused(
-                "a table the tenant's export did not read (registered or attached after it) holds rows of the tenant, and the offboarding has gone past its export: they are not deleted unexported (export and delete them, then run the offboarding again)",
-            )
-            .on_table(&name));
+        members.extend(tree_of(t.rel)?);
+    }
+    let all: Vec<pg_sys::Oid> = members.iter().map(|m| m.rel).collect();
+    let cascading = as_owner(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT (SELECT c.conrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_constraint c \
+                      WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype OPERATOR(pg_catalog.=) 'c' \
+                        AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1) AND NOT c.conrelid OPERATOR(pg_catalog.=) ANY ($1) \
+                      ORDER BY 1 LIMIT 1)",
+            &[all.clone().into()],
+        )
+    })?;
+    if let Some(table) = cascading {
+        return Err(SealError::Refused(
+            "a table outside the offboarded ones has a foreign key with ON DELETE CASCADE to one of them: the deletes would take its rows unexported (register it, or change the key's action)",
+        )
+        .on_table(&table));
+    }
+    let mut empty = Vec::new();
+    for m in members.into_iter().filter(|m| !exported.contains(&m.rel)) {
+        // SAFETY: a syscache lookup of a locked relation's kind.
+        let kind = unsafe { pg_sys::get_rel_relkind(m.rel) } as u8;
+        // A foreign table's rows cannot be counted here: taken as holding some.
+        let holds_rows = kind == pg_sys::RELKIND_FOREIGN_TABLE || m.rows_of_only(tenant)? > 0;
+        if !holds_rows {
+            empty.push(m.rel);
+            continue;
         }
+        if may_export_again {
+            export_again(tenant)?;
+            return Ok(LateTables::ExportAgain);
+        }
+        let name = crate::privilege::pinned_name(m.rel, pg_sys::AccessShareLock)?;
+        return Err(SealError::Refused(
+            "a table the tenant's export did not read (registered or attached after it) holds rows of the tenant, and the offboarding has gone past its export: they are not deleted unexported (export and delete them, then run the offboarding again)",
+        )
+        .on_table(&name));
     }
     if !empty.is_empty() {
-        as_owner(|| {
-            Spi::run_with_args(
-                "UPDATE pgseal.tenant_offboardings \
-                    SET export_tables = export_tables OPERATOR(pg_catalog.||) $2::pg_catalog.regclass[] \
-                  WHERE tenant_id = $1",
-                &[tenant.into(), empty.into()],
-            )
-        })?;
+        add_export_tables(tenant, empty)?;
     }
     Ok(LateTables::None)
+}
+
+/// Sends the tenant's offboarding back to exporting.
+fn export_again(tenant: &str) -> SealResult<()> {
+    Ok(as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_offboardings SET step = 'scheduled', step_at = pg_catalog.now(), \
+                    export_tables = NULL, export_rows = NULL, export_xact = NULL WHERE tenant_id = $1",
+            &[tenant.into()],
+        )
+    })?)
 }
 
 /// `pgseal._offboard_export(tenant)`: at step 'scheduled', the lines of the
@@ -444,18 +482,19 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
         let tenant = checked(tenant.as_deref(), "_offboard_export")?;
         require_step(&tenant, "scheduled")?;
         require_context(&tenant)?;
-        let tables = tables()?;
-        record_export_tables(&tenant, &tables)?;
+        start_export_record(&tenant)?;
         Ok::<_, SealError>(ExportLines {
-            tables: tables.into_iter(),
+            tables: tables()?.into_iter(),
+            table_rows: 0,
             tenant,
             stage: ExportStage::Tables,
             buffer: std::collections::VecDeque::new(),
         })
     })()
     .or_raise();
+    let mut lines = lines;
     let mut scratch = PgMemoryContexts::new("pgseal export line");
-    for line in lines {
+    for line in lines.by_ref() {
         // SAFETY: the tuplestore and its one-column text descriptor were made for
         // this call; putvalues copies the tuple into the tuplestore's own memory,
         // so the datum made in `scratch` can go with it.
@@ -475,6 +514,14 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
         // SAFETY: nothing made in `scratch` is used after its line was put.
         unsafe { scratch.reset() };
     }
+    as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_offboardings SET export_rows = $2 WHERE tenant_id = $1",
+            &[lines.tenant.as_str().into(), lines.table_rows.into()],
+        )
+    })
+    .map_err(SealError::from)
+    .or_raise();
     pg_sys::Datum::from(0usize)
 }
 
@@ -549,6 +596,8 @@ enum ExportStage {
 struct ExportLines {
     tenant: String,
     tables: std::vec::IntoIter<Table>,
+    /// The table rows read so far (`export_rows`).
+    table_rows: i64,
     stage: ExportStage,
     buffer: std::collections::VecDeque<String>,
 }
@@ -587,7 +636,10 @@ impl ExportLines {
                 }
             },
             ExportStage::Table { owner, cursor } => {
-                if as_table_owner(owner, || fetch_lines(&cursor, &mut self.buffer))? {
+                let before = self.buffer.len();
+                let more = as_table_owner(owner, || fetch_lines(&cursor, &mut self.buffer))?;
+                self.table_rows += (self.buffer.len() - before) as i64;
+                if more {
                     ExportStage::Table { owner, cursor }
                 } else {
                     ExportStage::Tables
@@ -619,6 +671,12 @@ impl ExportLines {
                 )
             })
             .map_err(|e| e.on_table(&name))?;
+        // The tree is locked now (no partition attached or detached until the
+        // transaction ends): the tables recorded are the tables read.
+        add_export_tables(
+            &self.tenant,
+            tree_of(t.rel)?.into_iter().map(|m| m.rel).collect(),
+        )?;
         // A plain table's rows are deleted by a walk of the table under "C" alone
         // (`delete_from_plain`): the export reads them the same way, so that no
         // index that misses a row (a collation whose order changed under it, a
@@ -700,10 +758,19 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         require_step(&tenant, "exported")?;
         require_context(&tenant)?;
         let tables = tables()?;
+        // Every table's tree locked first (until the transaction ends), so that what
+        // `late_tables` checks is what the deletes run on.
+        for t in &tables {
+            let name = t.lock(pg_sys::RowExclusiveLock)?;
+            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
+                .map_err(|e| e.on_table(&name))?;
+        }
         if let LateTables::ExportAgain = late_tables(&tenant, &tables)? {
             return Ok(0);
         }
-        start_budget(&tenant)?;
+        if let LateTables::ExportAgain = start_budget(&tenant)? {
+            return Ok(0);
+        }
         for t in tables {
             let name = t.lock(pg_sys::RowExclusiveLock)?;
             // SAFETY: a syscache lookup of the locked table's kind.
@@ -816,58 +883,103 @@ fn delete_from_plain(tenant: &str, t: &Table, name: &str, batch: i32) -> SealRes
     Ok(n.unwrap_or(0))
 }
 
+/// A session's bound on the rows `_offboard_delete` takes in a step (`BUDGET`).
+struct Budget {
+    /// The step's `step_at`: a new step (a redo) counts again.
+    step_at: String,
+    /// The tenant's rows when the bound was set.
+    counted: i64,
+    /// How many more may be deleted.
+    left: i64,
+}
+
 thread_local! {
-    /// How many more of a tenant's rows this backend's `_offboard_delete` may
-    /// delete in the step it is at (keyed by the step's `step_at`): the rows there
-    /// were when it began. A trigger or rule that puts deleted rows back, or moves
-    /// rows between offboarded tables, or an application that goes on writing,
-    /// would otherwise keep the deletes finding rows for ever, and pgseald deleting
-    /// them. A new session (pgseald's next run) counts again.
-    static BUDGET: std::cell::RefCell<std::collections::HashMap<String, (String, i64)>> =
+    /// How many more of a tenant's rows this backend's `_offboard_delete` may take
+    /// before it counts again: a trigger or rule that puts deleted rows back, or
+    /// moves rows between offboarded tables, would otherwise keep the deletes
+    /// finding rows for ever, and pgseald deleting them. When the bound is used up
+    /// the rows are counted again: fewer than before, and the deletes go on (the
+    /// bound is reset to them); as many or more, and the batch is refused.
+    static BUDGET: std::cell::RefCell<std::collections::HashMap<String, Budget>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-/// Counts the tenant's rows for this session's budget (`BUDGET`) when it has none
-/// for the step it is at: before its first batch deletes anything.
-fn start_budget(tenant: &str) -> SealResult<()> {
-    let step_at = step_at(tenant)?;
-    let known = BUDGET.with(|b| b.borrow().get(tenant).is_some_and(|(at, _)| *at == step_at));
-    if !known {
-        let rows = rows_left(tenant)?;
-        BUDGET.with(|b| b.borrow_mut().insert(tenant.to_owned(), (step_at, rows)));
+/// Counts the tenant's rows for this session's bound when it has none for the
+/// step it is at, before its first batch deletes anything. While the offboarding
+/// has deleted nothing and never went past deleting, more rows than the export held
+/// send it back to exporting (they were written after it).
+fn start_budget(tenant: &str) -> SealResult<LateTables> {
+    let (step_at, export_rows, may_export_again) = as_owner(|| {
+        Spi::connect(|c| {
+            let row = c
+                .select(
+                    "SELECT step_at::pg_catalog.text, export_rows, \
+                            deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export \
+                       FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+                    Some(1),
+                    &[tenant.into()],
+                )?
+                .first();
+            Ok::<_, pgrx::spi::Error>((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<i64>(2)?,
+                row.get::<bool>(3)? == Some(true),
+            ))
+        })
+    })?;
+    let known = BUDGET.with(|b| b.borrow().get(tenant).is_some_and(|x| x.step_at == step_at));
+    if known {
+        return Ok(LateTables::None);
     }
-    Ok(())
-}
-
-fn step_at(tenant: &str) -> SealResult<String> {
-    Ok(as_owner(|| {
-        Spi::get_one_with_args::<String>(
-            "SELECT step_at::pg_catalog.text FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
-            &[tenant.into()],
-        )
-    })?
-    .unwrap_or_default())
-}
-
-/// Takes `n` rows deleted off this session's budget for the tenant; fails (55000)
-/// when they are more than it has left, which rolls the batch back.
-fn spend_budget(tenant: &str, n: i64) -> SealResult<()> {
-    let left = BUDGET
-        .with(|b| b.borrow().get(tenant).map(|(_, left)| *left))
-        .ok_or(SealError::Internal("an offboarding's delete budget"))?;
-    if n > left {
-        // The next call in this session counts again.
-        BUDGET.with(|b| b.borrow_mut().remove(tenant));
-        return Err(SealError::Refused(
-            "more of the tenant's rows were deleted than there were when these deletes began: a trigger or rule of an offboarded table puts rows back, or the tenant's application goes on writing (the offboarding goes on in the next run)",
-        ));
+    let rows = rows_left(tenant)?;
+    if may_export_again && export_rows.is_some_and(|held| rows > held) {
+        export_again(tenant)?;
+        return Ok(LateTables::ExportAgain);
     }
     BUDGET.with(|b| {
-        if let Some(e) = b.borrow_mut().get_mut(tenant) {
-            e.1 = left - n;
-        }
+        b.borrow_mut().insert(
+            tenant.to_owned(),
+            Budget {
+                step_at,
+                counted: rows,
+                left: rows,
+            },
+        )
     });
-    Ok(())
+    Ok(LateTables::None)
+}
+
+/// Takes `n` rows just deleted off this session's bound for the tenant. When they
+/// are more than it has left, counts the rows again (after this batch): fewer than
+/// when the bound was set, and the bound is reset to them; otherwise the batch is
+/// refused (55000, which rolls it back).
+fn spend_budget(tenant: &str, n: i64) -> SealResult<()> {
+    let (counted, left) = BUDGET
+        .with(|b| b.borrow().get(tenant).map(|x| (x.counted, x.left)))
+        .ok_or(SealError::Internal("an offboarding's delete bound"))?;
+    if n <= left {
+        BUDGET.with(|b| {
+            if let Some(x) = b.borrow_mut().get_mut(tenant) {
+                x.left = left - n;
+            }
+        });
+        return Ok(());
+    }
+    let now = rows_left(tenant)?;
+    if now < counted {
+        BUDGET.with(|b| {
+            if let Some(x) = b.borrow_mut().get_mut(tenant) {
+                x.counted = now;
+                x.left = now;
+            }
+        });
+        return Ok(());
+    }
+    // The next call counts again.
+    BUDGET.with(|b| b.borrow_mut().remove(tenant));
+    Err(SealError::Refused(
+        "the tenant's rows do not grow fewer as they are deleted: a trigger or rule of an offboarded table puts rows back, or the tenant's application goes on writing (run the offboarding again once it has stopped)",
+    ))
 }
 
 /// Adds `n` rows deleted from `name` to the tenant's offboarding.
@@ -956,13 +1068,15 @@ fn _offboard_advance(
         if to == "exported"
             && as_owner(|| {
                 Spi::get_one_with_args::<bool>(
-                    "SELECT export_tables IS NULL FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+                    "SELECT export_tables IS NOT NULL AND export_rows IS NOT NULL \
+                            AND export_xact OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id() \
+                       FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
                     &[tenant.as_str().into()],
                 )
-            })? != Some(false)
+            })? != Some(true)
         {
             return Err(SealError::Refused(
-                "the tenant's export was not read in this step: pgseal._offboard_export comes first",
+                "the tenant's export was not read in this transaction: pgseal._offboard_export comes first, in the transaction that records the step",
             ));
         }
         if to == "deleted" && rows_left(&tenant)? > 0 {
@@ -974,7 +1088,8 @@ fn _offboard_advance(
             Spi::run_with_args(
                 "UPDATE pgseal.tenant_offboardings SET step = $2, step_at = pg_catalog.now(), \
                         export_file = COALESCE($3, export_file), export_sha256 = COALESCE($4, export_sha256), \
-                        past_export = past_export OR $2 OPERATOR(pg_catalog.=) 'deleted' \
+                        past_export = past_export OR $2 OPERATOR(pg_catalog.=) 'deleted', \
+                        export_tables = CASE WHEN $2 OPERATOR(pg_catalog.=) 'done' THEN NULL ELSE export_tables END \
                   WHERE tenant_id = $1",
                 &[
                     tenant.as_str().into(),

@@ -341,6 +341,42 @@ fn a_table_registered_after_the_export_is_exported_before_it_is_deleted_from() {
     );
 }
 
+#[test]
+fn the_export_step_is_recorded_only_in_the_exports_own_transaction() {
+    // Otherwise a second export could replace the tables the first one recorded
+    // between the first one's commit and its step (the tables, the file and the
+    // hash recorded must be one export's).
+    let cl = Cluster::start("offboard_xact", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE users (id text PRIMARY KEY, tenant_id text NOT NULL);
+         SELECT pgseal.subject_register('users', 'id');
+         INSERT INTO users VALUES ('u1', 'acme');
+         SELECT pgseal.tenant_offboard('acme', '0');
+         BEGIN; SELECT pgseal.set_tenant('acme');
+         SELECT count(*) FROM pgseal._offboard_export('acme');
+         COMMIT;",
+    )
+    .unwrap();
+    let advance =
+        "SELECT pgseal._offboard_advance('acme', 'scheduled', 'exported', '/x', repeat('a', 64))";
+    assert_eq!(pgseal_tests::sqlstate(c.batch_execute(advance)), "55000");
+    c.batch_execute(&format!(
+        "BEGIN; SELECT pgseal.set_tenant('acme');
+         SELECT count(*) FROM pgseal._offboard_export('acme');
+         {advance}; COMMIT;"
+    ))
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.tenant_offboardings WHERE step = 'exported'"
+        ),
+        1
+    );
+}
+
 /// Peak resident memory of a server backend, in kB (`VmHWM` of /proc/<pid>/status).
 fn backend_peak_kb(c: &mut postgres::Client) -> u64 {
     let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);

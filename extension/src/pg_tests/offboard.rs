@@ -862,6 +862,54 @@ mod tests {
     }
 
     #[pg_test]
+    fn rows_written_after_the_export_send_it_back_before_anything_is_deleted() {
+        tenant_data("off-after");
+        run("SELECT pgseal.tenant_offboard('off-after', '0')");
+        exported("off-after");
+        run("INSERT INTO public.off_users VALUES ('u3', 'off-after', 'late@example.com', NULL)");
+        assert_eq!(
+            one::<i64>("SELECT pgseal._offboard_delete('off-after', 10)"),
+            0
+        );
+        assert_eq!(step("off-after"), "scheduled");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-after'"),
+            3
+        );
+        let export: String =
+            one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-after') l");
+        assert!(export.contains("late@example.com"), "{export}");
+    }
+
+    #[pg_test]
+    fn a_cascade_into_an_unregistered_table_stops_the_deletes() {
+        tenant_data("off-casc");
+        run("ALTER TABLE public.off_users ADD PRIMARY KEY (tenant_id, id)");
+        run(
+            "CREATE TABLE public.off_notes (tenant_id text NOT NULL, user_id text, note text, \
+             FOREIGN KEY (tenant_id, user_id) REFERENCES public.off_users ON DELETE CASCADE)",
+        );
+        run("INSERT INTO public.off_notes VALUES ('off-casc', 'u1', 'not in the export')");
+        run("SELECT pgseal.tenant_offboard('off-casc', '0')");
+        exported("off-casc");
+        let q = "SELECT pgseal._offboard_delete('off-casc', 10)";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(
+            msg.contains("ON DELETE CASCADE") && msg.contains("(table public.off_notes)"),
+            "{msg}"
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_notes"), 1);
+        // Registered, it is a late table with the tenant's rows: exported first.
+        run("SELECT pgseal.subject_register('public.off_notes', 'user_id')");
+        assert_eq!(one::<i64>(q), 0);
+        assert_eq!(step("off-casc"), "scheduled");
+    }
+
+    #[pg_test]
     fn past_its_export_an_offboarding_never_exports_again() {
         // A tenant with no rows went through every step; a table registered then
         // with its rows must not send it back to exporting, which would write a
