@@ -374,8 +374,11 @@ fn add_export_tables(tenant: &str, tables: Vec<pg_sys::Oid>) -> SealResult<()> {
 /// into the exported tables once deleting began are deleted with the rest (stop the
 /// tenant's application before its offboarding is due).
 ///
-/// It also refuses (55000) while a table outside the export's has a foreign key
-/// with ON DELETE CASCADE to one of them: the deletes would take its rows unexported.
+/// It also refuses (55000) while a table outside the export's with a `tenant_id`
+/// column (one an administrator can register) has a foreign key with ON DELETE
+/// CASCADE to one of them: the deletes would take its rows unexported. A table
+/// without one cannot be offboarded itself; its rows go with the rows they
+/// reference, as the key says.
 /// The caller has locked every table's tree (`require_only_owners_code`), so no
 /// partition comes or goes between this check and the deletes.
 enum LateTables {
@@ -404,6 +407,9 @@ fn late_tables(tenant: &str, tables: &[Table]) -> SealResult<LateTables> {
             "SELECT (SELECT c.conrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_constraint c \
                       WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype OPERATOR(pg_catalog.=) 'c' \
                         AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1) AND NOT c.conrelid OPERATOR(pg_catalog.=) ANY ($1) \
+                        AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                     WHERE a.attrelid OPERATOR(pg_catalog.=) c.conrelid \
+                                       AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' AND NOT a.attisdropped) \
                       ORDER BY 1 LIMIT 1)",
             &[all.clone().into()],
         )
@@ -445,7 +451,8 @@ fn export_again(tenant: &str) -> SealResult<()> {
     Ok(as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.tenant_offboardings SET step = 'scheduled', step_at = pg_catalog.now(), \
-                    export_tables = NULL, export_rows = NULL, export_xact = NULL WHERE tenant_id = $1",
+                    export_tables = NULL, export_rows = NULL, export_xact = NULL, \
+                    export_round = export_round OPERATOR(pg_catalog.+) 1 WHERE tenant_id = $1",
             &[tenant.into()],
         )
     })?)
@@ -758,23 +765,34 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         require_step(&tenant, "exported")?;
         require_context(&tenant)?;
         let tables = tables()?;
-        // Every table's tree locked first (until the transaction ends), so that what
-        // `late_tables` checks is what the deletes run on.
-        for t in &tables {
-            let name = t.lock(pg_sys::RowExclusiveLock)?;
-            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
-                .map_err(|e| e.on_table(&name))?;
-        }
-        if let LateTables::ExportAgain = late_tables(&tenant, &tables)? {
-            return Ok(0);
-        }
-        if let LateTables::ExportAgain = start_budget(&tenant)? {
-            return Ok(0);
+        // Once per session and step, before the count that bounds its deletes:
+        // every table's tree locked (until the transaction ends) and compared with
+        // the export's, so that what is checked is what the deletes run on.
+        if !budget_known(&tenant)? {
+            for t in &tables {
+                let name = t.lock(pg_sys::RowExclusiveLock)?;
+                crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
+                    .map_err(|e| e.on_table(&name))?;
+            }
+            if let LateTables::ExportAgain = late_tables(&tenant, &tables)? {
+                return Ok(0);
+            }
+            if let LateTables::ExportAgain = start_budget(&tenant)? {
+                return Ok(0);
+            }
         }
         for t in tables {
             let name = t.lock(pg_sys::RowExclusiveLock)?;
             // SAFETY: a syscache lookup of the locked table's kind.
             let plain = unsafe { pg_sys::get_rel_relkind(t.rel) } as u8 == pg_sys::RELKIND_RELATION;
+            // Each batch locks the trees of the tables it reaches, up to the first
+            // with rows, and compares each with the export's again (a partition
+            // attached since the session began).
+            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
+                .map_err(|e| e.on_table(&name))?;
+            if let LateTables::ExportAgain = late_tables(&tenant, std::slice::from_ref(&t))? {
+                return Ok(0);
+            }
             crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
                 .and_then(|()| {
                     crate::subjects::require_table_access(
@@ -909,12 +927,12 @@ thread_local! {
 /// has deleted nothing and never went past deleting, more rows than the export held
 /// send it back to exporting (they were written after it).
 fn start_budget(tenant: &str) -> SealResult<LateTables> {
-    let (step_at, export_rows, may_export_again) = as_owner(|| {
+    let (step_at, export_rows, may_export_again, export_round) = as_owner(|| {
         Spi::connect(|c| {
             let row = c
                 .select(
                     "SELECT step_at::pg_catalog.text, export_rows, \
-                            deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export \
+                            deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export, export_round \
                        FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
                     Some(1),
                     &[tenant.into()],
@@ -924,6 +942,7 @@ fn start_budget(tenant: &str) -> SealResult<LateTables> {
                 row.get::<String>(1)?.unwrap_or_default(),
                 row.get::<i64>(2)?,
                 row.get::<bool>(3)? == Some(true),
+                row.get::<i32>(4)?.unwrap_or(0),
             ))
         })
     })?;
@@ -933,6 +952,14 @@ fn start_budget(tenant: &str) -> SealResult<LateTables> {
     }
     let rows = rows_left(tenant)?;
     if may_export_again && export_rows.is_some_and(|held| rows > held) {
+        if export_round > 0 {
+            // Exported again already, and still more rows than it read: an export
+            // that cannot read them (an index that misses rows) or an application
+            // that goes on writing. Exporting again would not end it.
+            return Err(SealError::Refused(
+                "the offboarded tables hold more of the tenant's rows than its export read, after exporting again: an index misses rows, or the tenant's application goes on writing (stop it, reindex, then run the offboarding again)",
+            ));
+        }
         export_again(tenant)?;
         return Ok(LateTables::ExportAgain);
     }
@@ -947,6 +974,21 @@ fn start_budget(tenant: &str) -> SealResult<LateTables> {
         )
     });
     Ok(LateTables::None)
+}
+
+/// Whether this session has its bound for the tenant's step (`start_budget`).
+fn budget_known(tenant: &str) -> SealResult<bool> {
+    let step_at = as_owner(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT step_at::pg_catalog.text FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+            &[tenant.into()],
+        )
+    })?;
+    Ok(BUDGET.with(|b| {
+        b.borrow()
+            .get(tenant)
+            .is_some_and(|x| Some(&x.step_at) == step_at.as_ref())
+    }))
 }
 
 /// Takes `n` rows just deleted off this session's bound for the tenant. When they
@@ -1089,7 +1131,8 @@ fn _offboard_advance(
                 "UPDATE pgseal.tenant_offboardings SET step = $2, step_at = pg_catalog.now(), \
                         export_file = COALESCE($3, export_file), export_sha256 = COALESCE($4, export_sha256), \
                         past_export = past_export OR $2 OPERATOR(pg_catalog.=) 'deleted', \
-                        export_tables = CASE WHEN $2 OPERATOR(pg_catalog.=) 'done' THEN NULL ELSE export_tables END \
+                        export_tables = CASE WHEN $2 OPERATOR(pg_catalog.=) 'done' THEN NULL ELSE export_tables END, \
+                        export_xact = NULL \
                   WHERE tenant_id = $1",
                 &[
                     tenant.as_str().into(),

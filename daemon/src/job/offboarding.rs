@@ -400,11 +400,12 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
     let mut lines = 0u64;
     {
         let tx = begin_in_tenant(client, tenant).await?;
-        // The transaction waits while pgseald writes and syncs the file: a session
-        // or transaction timeout set for pgseald's role must not end it meanwhile
-        // (the step would fail on every run).
+        // The transaction waits while pgseald writes and syncs the file: a short
+        // session or transaction timeout set for pgseald's role must not end it
+        // meanwhile (the step would fail on every run), but a hung file system must
+        // not keep its locks for ever either.
         tx.execute(
-            "SELECT pg_catalog.set_config(s.name, '0', true) FROM pg_catalog.pg_settings s \
+            "SELECT pg_catalog.set_config(s.name, '1h', true) FROM pg_catalog.pg_settings s \
               WHERE s.name IN ('idle_in_transaction_session_timeout', 'transaction_timeout')",
             &[],
         )

@@ -879,6 +879,39 @@ mod tests {
         let export: String =
             one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-after') l");
         assert!(export.contains("late@example.com"), "{export}");
+        run("SELECT pgseal._offboard_advance('off-after', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        // More rows again after exporting again: refused, not exported for ever.
+        run("INSERT INTO public.off_users VALUES ('u4', 'off-after', 'later@example.com', NULL)");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_delete('off-after', 10)"),
+            "55000"
+        );
+        assert_eq!(step("off-after"), "exported");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-after'"),
+            4
+        );
+    }
+
+    #[pg_test]
+    fn a_cascade_into_a_table_without_tenant_id_goes_with_its_rows() {
+        // Such a table cannot be registered: its rows go with the rows they
+        // reference, as its key says, and the offboarding is not stopped.
+        tenant_data("off-lines");
+        run("ALTER TABLE public.off_users ADD PRIMARY KEY (tenant_id, id)");
+        run(
+            "CREATE TABLE public.off_lines (owner_tenant text, owner_id text, \
+             FOREIGN KEY (owner_tenant, owner_id) REFERENCES public.off_users ON DELETE CASCADE)",
+        );
+        run("INSERT INTO public.off_lines VALUES ('off-lines', 'u1'), ('off-bystander', 'u1')");
+        run("SELECT pgseal.tenant_offboard('off-lines', '0')");
+        exported("off-lines");
+        while one::<i64>("SELECT pgseal._offboard_delete('off-lines', 10)") > 0 {}
+        run("SELECT pgseal._offboard_advance('off-lines', 'exported', 'deleted')");
+        assert_eq!(
+            one::<String>("SELECT string_agg(owner_tenant, ',') FROM public.off_lines"),
+            "off-bystander"
+        );
     }
 
     #[pg_test]
