@@ -789,11 +789,6 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             // with rows, and compares each with the export's again (a partition
             // attached since the session began).
             crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
-                .map_err(|e| e.on_table(&name))?;
-            if let LateTables::ExportAgain = late_tables(&tenant, std::slice::from_ref(&t))? {
-                return Ok(0);
-            }
-            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
                 .and_then(|()| {
                     crate::subjects::require_table_access(
                         t.rel,
@@ -803,6 +798,9 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                     )
                 })
                 .map_err(|e| e.on_table(&name))?;
+            if let LateTables::ExportAgain = late_tables(&tenant, std::slice::from_ref(&t))? {
+                return Ok(0);
+            }
             if plain {
                 let n = delete_from_plain(&tenant, &t, &name, batch)?;
                 if n > 0 {
