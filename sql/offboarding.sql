@@ -15,9 +15,7 @@
 -- the step): a table registered or attached after it is deleted from only when it
 -- holds none of the tenant's rows, and more rows than it held send the offboarding
 -- back to exporting before anything is deleted (it stops instead once rows were
--- deleted or `past_export`, set when it first passed deleting; and when more rows
--- than an export held are found after it was already exported again,
--- `export_round`). Cleared at 'done'. Written only by pgseal's functions (as the
+-- deleted or `past_export`, set when it first passed deleting). Cleared at 'done'. Written only by pgseal's functions (as the
 -- extension owner); pgseal_admin reads it.
 CREATE TABLE pgseal.tenant_offboardings (
     tenant_id    text        PRIMARY KEY CHECK (tenant_id <> ''),
@@ -33,7 +31,6 @@ CREATE TABLE pgseal.tenant_offboardings (
     export_tables regclass[],
     export_rows  int8,
     export_xact  xid8,
-    export_round int4        NOT NULL DEFAULT 0,
     past_export  boolean     NOT NULL DEFAULT false
 );
 

@@ -8,11 +8,11 @@
 //! The tables offboarded are those an administrator registered (`subject_register`,
 //! `vault_register_column`, `retention_set`) that have a text `tenant_id` column;
 //! their rows are read and deleted here, never by pgseald's own SQL, each statement
-//! limited to the tenant (`COLLATE "C"`; a partitioned table's export and delete
-//! again under the column's collation, which the first implies and an index on the
-//! column can serve; a plain table's export and delete, and the count of rows left,
-//! read every row, so that an index that misses a row cannot keep it from the
-//! export while the deletes take it), after the caller's privilege check, and
+//! limited to the tenant (`COLLATE "C"`; a partitioned table's delete again under
+//! the column's collation, which the first implies and an index on the column can
+//! serve; the export, a plain table's delete and the count of rows left read every
+//! row, so that an index that misses a row cannot keep it from the export while
+//! the deletes take it), after the caller's privilege check, and
 //! run as the table's owner in a security-restricted operation, as `subjects` does.
 //! Before the step after deleting is recorded, and again before the receipt, the
 //! tenant's rows left in those tables are counted (as each table's owner, under
@@ -396,7 +396,8 @@ fn late_tables(tenant: &str, tables: &[Table]) -> SealResult<LateTables> {
         )
     })?;
     let may_export_again = may_export_again == Some(true);
-    let exported = exported.unwrap_or_default();
+    let exported: std::collections::HashSet<pg_sys::Oid> =
+        exported.unwrap_or_default().into_iter().collect();
     let mut members = Vec::new();
     for t in tables {
         members.extend(tree_of(t.rel)?);
@@ -408,8 +409,13 @@ fn late_tables(tenant: &str, tables: &[Table]) -> SealResult<LateTables> {
                       WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype OPERATOR(pg_catalog.=) 'c' \
                         AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1) AND NOT c.conrelid OPERATOR(pg_catalog.=) ANY ($1) \
                         AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                     JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) a.attrelid \
+                                     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) r.relnamespace \
                                      WHERE a.attrelid OPERATOR(pg_catalog.=) c.conrelid \
-                                       AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' AND NOT a.attisdropped) \
+                                       AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' AND NOT a.attisdropped \
+                                       AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
+                                       AND r.relpersistence OPERATOR(pg_catalog.<>) 't' \
+                                       AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema')) \
                       ORDER BY 1 LIMIT 1)",
             &[all.clone().into()],
         )
@@ -448,14 +454,16 @@ fn late_tables(tenant: &str, tables: &[Table]) -> SealResult<LateTables> {
 
 /// Sends the tenant's offboarding back to exporting.
 fn export_again(tenant: &str) -> SealResult<()> {
-    Ok(as_owner(|| {
+    as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.tenant_offboardings SET step = 'scheduled', step_at = pg_catalog.now(), \
-                    export_tables = NULL, export_rows = NULL, export_xact = NULL, \
-                    export_round = export_round OPERATOR(pg_catalog.+) 1 WHERE tenant_id = $1",
+                    export_tables = NULL, export_rows = NULL, export_xact = NULL WHERE tenant_id = $1",
             &[tenant.into()],
         )
-    })?)
+    })?;
+    // The next delete counts again.
+    BUDGET.with(|b| b.borrow_mut().remove(tenant));
+    Ok(())
 }
 
 /// `pgseal._offboard_export(tenant)`: at step 'scheduled', the lines of the
@@ -684,23 +692,15 @@ impl ExportLines {
             &self.tenant,
             tree_of(t.rel)?.into_iter().map(|m| m.rel).collect(),
         )?;
-        // A plain table's rows are deleted by a walk of the table under "C" alone
-        // (`delete_from_plain`): the export reads them the same way, so that no
-        // index that misses a row (a collation whose order changed under it, a
-        // partial index) keeps a row from the export that the deletes then take.
-        // A partitioned table's deletes find their rows as its export does, under
-        // the column's collation too, which an index can serve.
-        // SAFETY: a syscache lookup of the locked table's kind.
-        let plain = unsafe { pg_sys::get_rel_relkind(t.rel) } as u8 == pg_sys::RELKIND_RELATION;
-        let indexable = if plain {
-            ""
-        } else {
-            "AND _pgseal_row.tenant_id OPERATOR(pg_catalog.=) $1::pg_catalog.text"
-        };
+        // Every table is read whole under "C" alone, as `rows_left` counts it and
+        // a plain table's deletes walk it (`delete_from_plain`): no index that
+        // misses a row (a collation whose order changed under it) keeps a row from
+        // the export that the deletes then take, and the export's row count is
+        // comparable with the count of rows left (`start_budget`).
         let sql = format!(
             "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text \
                FROM {} AS _pgseal_row \
-              WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text {indexable}",
+              WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
             crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
             name
         );
@@ -925,12 +925,12 @@ thread_local! {
 /// has deleted nothing and never went past deleting, more rows than the export held
 /// send it back to exporting (they were written after it).
 fn start_budget(tenant: &str) -> SealResult<LateTables> {
-    let (step_at, export_rows, may_export_again, export_round) = as_owner(|| {
+    let (step_at, export_rows, may_export_again) = as_owner(|| {
         Spi::connect(|c| {
             let row = c
                 .select(
                     "SELECT step_at::pg_catalog.text, export_rows, \
-                            deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export, export_round \
+                            deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export \
                        FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
                     Some(1),
                     &[tenant.into()],
@@ -940,7 +940,6 @@ fn start_budget(tenant: &str) -> SealResult<LateTables> {
                 row.get::<String>(1)?.unwrap_or_default(),
                 row.get::<i64>(2)?,
                 row.get::<bool>(3)? == Some(true),
-                row.get::<i32>(4)?.unwrap_or(0),
             ))
         })
     })?;
@@ -950,14 +949,7 @@ fn start_budget(tenant: &str) -> SealResult<LateTables> {
     }
     let rows = rows_left(tenant)?;
     if may_export_again && export_rows.is_some_and(|held| rows > held) {
-        if export_round > 0 {
-            // Exported again already, and still more rows than it read: an export
-            // that cannot read them (an index that misses rows) or an application
-            // that goes on writing. Exporting again would not end it.
-            return Err(SealError::Refused(
-                "the offboarded tables hold more of the tenant's rows than its export read, after exporting again: an index misses rows, or the tenant's application goes on writing (stop it, reindex, then run the offboarding again)",
-            ));
-        }
+        // Written after the export (it reads every table as this count does).
         export_again(tenant)?;
         return Ok(LateTables::ExportAgain);
     }

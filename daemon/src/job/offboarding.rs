@@ -401,11 +401,14 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
     {
         let tx = begin_in_tenant(client, tenant).await?;
         // The transaction waits while pgseald writes and syncs the file: a short
-        // session or transaction timeout set for pgseald's role must not end it
+        // idle or transaction timeout set for pgseald's role must not end it
         // meanwhile (the step would fail on every run), but a hung file system must
-        // not keep its locks for ever either.
+        // not keep its locks for ever either: an hour idle at most, and no limit on
+        // the whole (PostgreSQL 17's transaction_timeout cannot be lengthened while
+        // it runs, only turned off; a large tenant's export may take long).
         tx.execute(
-            "SELECT pg_catalog.set_config(s.name, '1h', true) FROM pg_catalog.pg_settings s \
+            "SELECT pg_catalog.set_config(s.name, CASE s.name WHEN 'transaction_timeout' THEN '0' ELSE '1h' END, true) \
+               FROM pg_catalog.pg_settings s \
               WHERE s.name IN ('idle_in_transaction_session_timeout', 'transaction_timeout')",
             &[],
         )
