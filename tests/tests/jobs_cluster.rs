@@ -563,6 +563,39 @@ fn retention_compares_a_tenant_id_of_an_extension_type_with_its_own_operators() 
 }
 
 #[test]
+fn an_operator_made_in_a_schema_anyone_may_write_never_runs_as_pgseald() {
+    // A domain tenant_id in a schema where every role may create objects: another
+    // role makes an `=` for the domain there, an exact match that PostgreSQL would
+    // pick over pg_catalog's had pgseald put that schema on its path.
+    let cl = Cluster::start("jobs-retention-open-schema", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE SCHEMA open_schema;
+         GRANT CREATE, USAGE ON SCHEMA open_schema TO PUBLIC;
+         CREATE DOMAIN open_schema.tid AS text;
+         CREATE TABLE ev_dom (tenant_id open_schema.tid NOT NULL, created_at timestamptz NOT NULL);
+         INSERT INTO ev_dom SELECT 'acme', now() - g * interval '1 day' FROM generate_series(0, 9) g;
+         SELECT pgseal.retention_set('ev_dom', '3 days 1 hour');
+         CREATE TABLE ran_as (who text);
+         GRANT INSERT ON ran_as TO PUBLIC;
+         CREATE ROLE mallory;
+         SET ROLE mallory;
+         CREATE FUNCTION open_schema.eq(open_schema.tid, open_schema.tid) RETURNS boolean
+           LANGUAGE plpgsql AS $$ BEGIN INSERT INTO public.ran_as VALUES (current_user); RETURN $1::text = $2::text; END $$;
+         CREATE OPERATOR open_schema.= (leftarg = open_schema.tid, rightarg = open_schema.tid, function = open_schema.eq);
+         RESET ROLE;",
+    )
+    .unwrap();
+    let (code, out) = Pgseald::new(["retention", "run", "--tenant", "acme"])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev_dom"), 4, "{out}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ran_as"), 0, "{out}");
+}
+
+#[test]
 fn kek_rotation_moves_every_tenant_key() {
     let cl = Cluster::start("jobs-kek", &[KEY_V1], &[]);
     let mut c = cl.connect();

@@ -12,7 +12,10 @@
 //! ignores case), and an index on the column unused. A job's statement on such
 //! columns runs with their types' schemas after pg_catalog ([`search_path`]):
 //! pg_catalog's operators still come first, and the column's own operator is the
-//! one exact match for its type.
+//! one exact match for its type. A schema every role may create in is never put on
+//! the path (an operator made there for a domain would be an exact match and run as
+//! pgseald); a role granted CREATE on a type's schema can do the same, so grant it
+//! to trusted roles only.
 
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
@@ -24,7 +27,10 @@ pub const CATALOG_ONLY: &str = "pg_catalog, pg_temp";
 /// SQL for the schemas (quoted, comma-separated; NULL when none) of the types of
 /// the columns of relation `rel` (an SQL expression) that `attrs` (a condition on
 /// `a`, the column's `pg_attribute` row) selects, and of their base types, other
-/// than pg_catalog.
+/// than pg_catalog and other than any schema every role may create objects in: an
+/// operator another role made there for a column's type (a domain's, say) would be
+/// a closer match than pg_catalog's and run as pgseald. Such a type compares as
+/// the session's path allows (a domain as its base type).
 pub fn type_schemas_sql(rel: &str, attrs: &str) -> String {
     format!(
         "(SELECT string_agg(DISTINCT quote_ident(n.nspname), ', ') \
@@ -33,6 +39,7 @@ pub fn type_schemas_sql(rel: &str, attrs: &str) -> String {
             JOIN pg_namespace n ON n.oid IN (t.typnamespace, \
                  (SELECT b.typnamespace FROM pg_type b WHERE b.oid = t.typbasetype)) \
            WHERE a.attrelid = {rel} AND NOT a.attisdropped AND n.nspname <> 'pg_catalog' \
+             AND NOT has_schema_privilege('public', n.oid, 'CREATE') \
              AND ({attrs}))"
     )
 }
