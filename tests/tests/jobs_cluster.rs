@@ -596,6 +596,62 @@ fn an_operator_made_in_a_schema_anyone_may_write_never_runs_as_pgseald() {
 }
 
 #[test]
+fn a_sweep_stopped_between_batches_leaves_the_receipt_of_what_it_deleted() {
+    // The receipt commits with a sweep's last batch; a sweep stopped by SIGTERM in
+    // the pause between two batches still records what it deleted.
+    let cl = Cluster::start("jobs-retention-stop", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE ev (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         INSERT INTO ev SELECT g, 'acme', now() - interval '365 days' FROM generate_series(1, 50) g;
+         SELECT pgseal.retention_set('ev', '30 days');",
+    )
+    .unwrap();
+    let log = std::path::Path::new(pgseal_tests::IT_DIR).join("jobs-retention-stop.log");
+    let mut child = Pgseald::new(["retention", "run", "--batch", "10", "--pause-ms", "3000"])
+        .on(&cl)
+        .spawn(Stdio::from(std::fs::File::create(&log).unwrap()));
+    // The first batch commits at once; then the sweep pauses for 3 s.
+    let began = std::time::Instant::now();
+    while count(&mut c, "SELECT count(*) FROM ev") > 40 {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "no batch committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "pgseald did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !status.success() || out.contains("stopped"),
+        "{status:?}: {out}"
+    );
+    let left = count(&mut c, "SELECT count(*) FROM ev");
+    assert!(left > 0, "the sweep was not stopped before its end: {out}");
+    let recorded: i64 = c
+        .query_one(
+            "SELECT (payload->>'deleted')::int8 FROM pgseal.ledger WHERE event = 'retention.deleted' AND tenant_id = 'acme'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 50 - left, "{out}");
+}
+
+#[test]
 fn kek_rotation_moves_every_tenant_key() {
     let cl = Cluster::start("jobs-kek", &[KEY_V1], &[]);
     let mut c = cl.connect();

@@ -252,11 +252,8 @@ pub async fn run(
                     Default::default(),
                 )
             } else {
-                let (n, longest) =
-                    delete_expired(client, rel, &tenant, rule, &cutoff, opts, &mut batch, stop)
-                        .await?;
-                receipt(client, rel, &tenant, rule, &cutoff, n).await?;
-                (n, longest)
+                // The receipt commits with the last batch (`append_receipt`).
+                delete_expired(client, rel, &tenant, rule, &cutoff, opts, &mut batch, stop).await?
             };
             out.push(Outcome {
                 rel: rel.clone(),
@@ -337,8 +334,10 @@ async fn delete_expired(
         .map_err(DaemonError::Query)?
         .get(0);
     if strict {
-        return delete_expired_by_search(client, &expired, tenant, rule, cutoff, opts, batch, stop)
-            .await;
+        return delete_expired_by_search(
+            client, rel, &expired, tenant, rule, cutoff, opts, batch, stop,
+        )
+        .await;
     }
     {
         let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
@@ -375,18 +374,26 @@ async fn delete_expired(
                 .await
                 .map_err(DaemonError::Query)?
         };
+        total += n;
+        // Once cancelled, the batch in hand is the last.
+        let last = (ctids.len() as i64) < size || stop.is_cancelled();
+        if last {
+            append_receipt(&tx, rel, tenant, rule, cutoff, total).await?;
+        }
         tx.commit().await.map_err(DaemonError::Query)?;
         let took = began.elapsed();
         batch.observe(ctids.len() as u64, took);
         longest = longest.max(took);
-        total += n;
-        // Once cancelled, the batch just committed is the last.
-        if (ctids.len() as i64) < size || stop.is_cancelled() {
+        if last {
             break;
         }
         tokio::select! {
             _ = tokio::time::sleep(opts.pause) => {}
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => {
+                // Stopped between batches: the receipt in a transaction of its own.
+                receipt_alone(client, rel, tenant, rule, cutoff, total, opts).await?;
+                break;
+            }
         }
     }
     client
@@ -396,15 +403,33 @@ async fn delete_expired(
     Ok((total, longest))
 }
 
-async fn receipt(
+/// `append_receipt` in a transaction of its own.
+async fn receipt_alone(
     client: &mut Client,
     rel: &str,
     tenant: &str,
     rule: &Rule,
     cutoff: &str,
     rows: u64,
+    opts: &Options,
 ) -> Result<(), DaemonError> {
-    let tx = client.transaction().await.map_err(DaemonError::Query)?;
+    let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
+    append_receipt(&tx, rel, tenant, rule, cutoff, rows).await?;
+    tx.commit().await.map_err(DaemonError::Query)
+}
+
+/// Appends the tenant's `retention.deleted` receipt (`rows` deleted from `rel`) in
+/// `tx`, the transaction of its sweep's last batch, so that the receipt costs no
+/// commit of its own (a sweep of many small tenants spent a commit per tenant on it)
+/// and commits with the last of the deletes it counts.
+async fn append_receipt(
+    tx: &tokio_postgres::Transaction<'_>,
+    rel: &str,
+    tenant: &str,
+    rule: &Rule,
+    cutoff: &str,
+    rows: u64,
+) -> Result<(), DaemonError> {
     // The actor is 'pgseald' (the user setting); the entry's payload also names the
     // database role pgseald connected as.
     tx.execute("SELECT pgseal.set_tenant($1, 'pgseald')", &[&tenant])
@@ -421,7 +446,6 @@ async fn receipt(
     )
     .await
     .map_err(DaemonError::Query)?;
-    tx.commit().await.map_err(DaemonError::Query)?;
     Ok(())
 }
 
@@ -435,6 +459,7 @@ async fn receipt(
 #[allow(clippy::too_many_arguments)]
 async fn delete_expired_by_search(
     client: &mut Client,
+    rel: &str,
     expired: &str,
     tenant: &str,
     rule: &Rule,
@@ -458,18 +483,25 @@ async fn delete_expired_by_search(
             .query_one(&delete, &[&tenant, &cutoff, &size])
             .await
             .map_err(DaemonError::Query)?;
-        tx.commit().await.map_err(DaemonError::Query)?;
         let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
+        total += n;
+        let last = found < size || stop.is_cancelled();
+        if last {
+            append_receipt(&tx, rel, tenant, rule, cutoff, total).await?;
+        }
+        tx.commit().await.map_err(DaemonError::Query)?;
         let took = began.elapsed();
         batch.observe(found as u64, took);
         longest = longest.max(took);
-        total += n;
-        if found < size || stop.is_cancelled() {
+        if last {
             return Ok((total, longest));
         }
         tokio::select! {
             _ = tokio::time::sleep(opts.pause) => {}
-            _ = stop.cancelled() => return Ok((total, longest)),
+            _ = stop.cancelled() => {
+                receipt_alone(client, rel, tenant, rule, cutoff, total, opts).await?;
+                return Ok((total, longest));
+            }
         }
     }
 }
