@@ -207,6 +207,17 @@ pub async fn run(
     let mut out = Vec::new();
     // One batch size for the whole run: what one tenant's batches taught carries over.
     let mut batch = opts.batch;
+    // On Citus the receipt keeps a transaction of its own: pgseal refuses its
+    // statements through Citus in a transaction that sent the batch's settings to
+    // the workers.
+    let receipt_in_batch: bool = !client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+        .get::<_, bool>(0);
     for (rel, by_tenant) in &rules {
         let tenants: Vec<String> = match &opts.tenant {
             Some(t) => vec![t.clone()],
@@ -252,8 +263,24 @@ pub async fn run(
                     Default::default(),
                 )
             } else {
-                // The receipt commits with the last batch (`append_receipt`).
-                delete_expired(client, rel, &tenant, rule, &cutoff, opts, &mut batch, stop).await?
+                // The receipt commits with the last batch (`append_receipt`), but on
+                // Citus.
+                let (n, longest) = delete_expired(
+                    client,
+                    rel,
+                    &tenant,
+                    rule,
+                    &cutoff,
+                    opts,
+                    &mut batch,
+                    stop,
+                    receipt_in_batch,
+                )
+                .await?;
+                if !receipt_in_batch {
+                    receipt_alone(client, rel, &tenant, rule, &cutoff, n).await?;
+                }
+                (n, longest)
             };
             out.push(Outcome {
                 rel: rel.clone(),
@@ -317,6 +344,7 @@ async fn delete_expired(
     opts: &Options,
     batch: &mut Batch,
     stop: &CancellationToken,
+    receipt_in_batch: bool,
 ) -> Result<(u64, std::time::Duration), DaemonError> {
     let expired = format!(
         "FROM {rel} WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz",
@@ -335,7 +363,16 @@ async fn delete_expired(
         .get(0);
     if strict {
         return delete_expired_by_search(
-            client, rel, &expired, tenant, rule, cutoff, opts, batch, stop,
+            client,
+            rel,
+            &expired,
+            tenant,
+            rule,
+            cutoff,
+            opts,
+            batch,
+            stop,
+            receipt_in_batch,
         )
         .await;
     }
@@ -377,7 +414,7 @@ async fn delete_expired(
         total += n;
         // Once cancelled, the batch in hand is the last.
         let last = (ctids.len() as i64) < size || stop.is_cancelled();
-        if last {
+        if last && receipt_in_batch {
             append_receipt(&tx, rel, tenant, rule, cutoff, total).await?;
         }
         tx.commit().await.map_err(DaemonError::Query)?;
@@ -391,7 +428,9 @@ async fn delete_expired(
             _ = tokio::time::sleep(opts.pause) => {}
             _ = stop.cancelled() => {
                 // Stopped between batches: the receipt in a transaction of its own.
-                receipt_alone(client, rel, tenant, rule, cutoff, total, opts).await?;
+                if receipt_in_batch {
+                    receipt_alone(client, rel, tenant, rule, cutoff, total).await?;
+                }
                 break;
             }
         }
@@ -403,7 +442,9 @@ async fn delete_expired(
     Ok((total, longest))
 }
 
-/// `append_receipt` in a transaction of its own.
+/// `append_receipt` in a transaction of its own (nothing set in it before: on
+/// Citus, pgseal refuses its statements in a transaction that sent other settings
+/// to the workers).
 async fn receipt_alone(
     client: &mut Client,
     rel: &str,
@@ -411,9 +452,8 @@ async fn receipt_alone(
     rule: &Rule,
     cutoff: &str,
     rows: u64,
-    opts: &Options,
 ) -> Result<(), DaemonError> {
-    let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
+    let tx = client.transaction().await.map_err(DaemonError::Query)?;
     append_receipt(&tx, rel, tenant, rule, cutoff, rows).await?;
     tx.commit().await.map_err(DaemonError::Query)
 }
@@ -467,6 +507,7 @@ async fn delete_expired_by_search(
     opts: &Options,
     batch: &mut Batch,
     stop: &CancellationToken,
+    receipt_in_batch: bool,
 ) -> Result<(u64, std::time::Duration), DaemonError> {
     let delete = format!(
         "WITH s AS (SELECT ctid {expired} LIMIT $3), \
@@ -486,7 +527,7 @@ async fn delete_expired_by_search(
         let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
         total += n;
         let last = found < size || stop.is_cancelled();
-        if last {
+        if last && receipt_in_batch {
             append_receipt(&tx, rel, tenant, rule, cutoff, total).await?;
         }
         tx.commit().await.map_err(DaemonError::Query)?;
@@ -499,7 +540,9 @@ async fn delete_expired_by_search(
         tokio::select! {
             _ = tokio::time::sleep(opts.pause) => {}
             _ = stop.cancelled() => {
-                receipt_alone(client, rel, tenant, rule, cutoff, total, opts).await?;
+                if receipt_in_batch {
+                    receipt_alone(client, rel, tenant, rule, cutoff, total).await?;
+                }
                 return Ok((total, longest));
             }
         }
