@@ -19,7 +19,8 @@
 #      added; then 3N tenants more and a third version, so 4N tenants' keys;
 #      target at 4N = 100,000 tenants: ≤ 10 s.
 # Sizes: PGSEAL_BENCH_SWEEP_ROWS (N = 500,000), PGSEAL_BENCH_RESEAL_ROWS (N = 50,000),
-# PGSEAL_BENCH_KEYS (N = 25,000).
+# PGSEAL_BENCH_KEYS (N = 25,000). PGSEAL_BENCH_RETENTION_FLAGS adds flags to the
+# retention runs, for a diagnosing run only (the recorded rows use none).
 set -euo pipefail
 shopt -s inherit_errexit  # a failing pgseald inside $(...) fails the bench
 SWEEP=${PGSEAL_BENCH_SWEEP_ROWS:-500000}
@@ -69,7 +70,8 @@ load_window() {
 sweep() {
     local start end pid
     start=$(now)
-    ( "$PGSEALD" retention run --database-url "$URL" > "$J/$1.out" 2> "$J/$1.err" || { cat "$J/$1.err" >&2; exit 1; }
+    # shellcheck disable=SC2086 # PGSEAL_BENCH_RETENTION_FLAGS: words, for a diagnosing run
+    ( "$PGSEALD" retention run --database-url "$URL" ${PGSEAL_BENCH_RETENTION_FLAGS:-} > "$J/$1.out" 2> "$J/$1.err" || { cat "$J/$1.err" >&2; exit 1; }
       now > "$J/$1.end" ) &
     pid=$!
     while kill -0 "$pid" 2>/dev/null; do load_window "$1"; done > "$J/$1.windows"
