@@ -597,8 +597,8 @@ fn an_operator_made_in_a_schema_anyone_may_write_never_runs_as_pgseald() {
 
 #[test]
 fn a_sweep_stopped_between_batches_leaves_the_receipt_of_what_it_deleted() {
-    // The receipt commits with a sweep's last batch; a sweep stopped by SIGTERM in
-    // the pause between two batches still records what it deleted.
+    // A sweep stopped by SIGTERM in the pause between two batches still records
+    // what it deleted.
     let cl = Cluster::start("jobs-retention-stop", &[KEY_V1], &[]);
     let mut c = cl.connect();
     c.batch_execute(

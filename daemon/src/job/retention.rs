@@ -207,17 +207,6 @@ pub async fn run(
     let mut out = Vec::new();
     // One batch size for the whole run: what one tenant's batches taught carries over.
     let mut batch = opts.batch;
-    // On Citus the receipt keeps a transaction of its own: pgseal refuses its
-    // statements through Citus in a transaction that sent the batch's settings to
-    // the workers.
-    let receipt_in_batch: bool = !client
-        .query_one(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus')",
-            &[],
-        )
-        .await
-        .map_err(DaemonError::Query)?
-        .get::<_, bool>(0);
     for (rel, by_tenant) in &rules {
         let tenants: Vec<String> = match &opts.tenant {
             Some(t) => vec![t.clone()],
@@ -263,23 +252,10 @@ pub async fn run(
                     Default::default(),
                 )
             } else {
-                // The receipt commits with the last batch (`append_receipt`), but on
-                // Citus.
-                let (n, longest) = delete_expired(
-                    client,
-                    rel,
-                    &tenant,
-                    rule,
-                    &cutoff,
-                    opts,
-                    &mut batch,
-                    stop,
-                    receipt_in_batch,
-                )
-                .await?;
-                if !receipt_in_batch {
-                    receipt_alone(client, rel, &tenant, rule, &cutoff, n).await?;
-                }
+                let (n, longest) =
+                    delete_expired(client, rel, &tenant, rule, &cutoff, opts, &mut batch, stop)
+                        .await?;
+                receipt(client, rel, &tenant, rule, &cutoff, n).await?;
                 (n, longest)
             };
             out.push(Outcome {
@@ -344,7 +320,6 @@ async fn delete_expired(
     opts: &Options,
     batch: &mut Batch,
     stop: &CancellationToken,
-    receipt_in_batch: bool,
 ) -> Result<(u64, std::time::Duration), DaemonError> {
     let expired = format!(
         "FROM {rel} WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz",
@@ -362,19 +337,8 @@ async fn delete_expired(
         .map_err(DaemonError::Query)?
         .get(0);
     if strict {
-        return delete_expired_by_search(
-            client,
-            rel,
-            &expired,
-            tenant,
-            rule,
-            cutoff,
-            opts,
-            batch,
-            stop,
-            receipt_in_batch,
-        )
-        .await;
+        return delete_expired_by_search(client, &expired, tenant, rule, cutoff, opts, batch, stop)
+            .await;
     }
     {
         let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
@@ -411,28 +375,18 @@ async fn delete_expired(
                 .await
                 .map_err(DaemonError::Query)?
         };
-        total += n;
-        // Once cancelled, the batch in hand is the last.
-        let last = (ctids.len() as i64) < size || stop.is_cancelled();
-        if last && receipt_in_batch {
-            append_receipt(&tx, rel, tenant, rule, cutoff, total).await?;
-        }
         tx.commit().await.map_err(DaemonError::Query)?;
         let took = began.elapsed();
         batch.observe(ctids.len() as u64, took);
         longest = longest.max(took);
-        if last {
+        total += n;
+        // Once cancelled, the batch just committed is the last.
+        if (ctids.len() as i64) < size || stop.is_cancelled() {
             break;
         }
         tokio::select! {
             _ = tokio::time::sleep(opts.pause) => {}
-            _ = stop.cancelled() => {
-                // Stopped between batches: the receipt in a transaction of its own.
-                if receipt_in_batch {
-                    receipt_alone(client, rel, tenant, rule, cutoff, total).await?;
-                }
-                break;
-            }
+            _ = stop.cancelled() => break,
         }
     }
     client
@@ -442,10 +396,7 @@ async fn delete_expired(
     Ok((total, longest))
 }
 
-/// `append_receipt` in a transaction of its own (nothing set in it before: on
-/// Citus, pgseal refuses its statements in a transaction that sent other settings
-/// to the workers).
-async fn receipt_alone(
+async fn receipt(
     client: &mut Client,
     rel: &str,
     tenant: &str,
@@ -454,22 +405,6 @@ async fn receipt_alone(
     rows: u64,
 ) -> Result<(), DaemonError> {
     let tx = client.transaction().await.map_err(DaemonError::Query)?;
-    append_receipt(&tx, rel, tenant, rule, cutoff, rows).await?;
-    tx.commit().await.map_err(DaemonError::Query)
-}
-
-/// Appends the tenant's `retention.deleted` receipt (`rows` deleted from `rel`) in
-/// `tx`, the transaction of its sweep's last batch, so that the receipt costs no
-/// commit of its own (a sweep of many small tenants spent a commit per tenant on it)
-/// and commits with the last of the deletes it counts.
-async fn append_receipt(
-    tx: &tokio_postgres::Transaction<'_>,
-    rel: &str,
-    tenant: &str,
-    rule: &Rule,
-    cutoff: &str,
-    rows: u64,
-) -> Result<(), DaemonError> {
     // The actor is 'pgseald' (the user setting); the entry's payload also names the
     // database role pgseald connected as.
     tx.execute("SELECT pgseal.set_tenant($1, 'pgseald')", &[&tenant])
@@ -486,6 +421,7 @@ async fn append_receipt(
     )
     .await
     .map_err(DaemonError::Query)?;
+    tx.commit().await.map_err(DaemonError::Query)?;
     Ok(())
 }
 
@@ -499,7 +435,6 @@ async fn append_receipt(
 #[allow(clippy::too_many_arguments)]
 async fn delete_expired_by_search(
     client: &mut Client,
-    rel: &str,
     expired: &str,
     tenant: &str,
     rule: &Rule,
@@ -507,7 +442,6 @@ async fn delete_expired_by_search(
     opts: &Options,
     batch: &mut Batch,
     stop: &CancellationToken,
-    receipt_in_batch: bool,
 ) -> Result<(u64, std::time::Duration), DaemonError> {
     let delete = format!(
         "WITH s AS (SELECT ctid {expired} LIMIT $3), \
@@ -524,27 +458,18 @@ async fn delete_expired_by_search(
             .query_one(&delete, &[&tenant, &cutoff, &size])
             .await
             .map_err(DaemonError::Query)?;
-        let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
-        total += n;
-        let last = found < size || stop.is_cancelled();
-        if last && receipt_in_batch {
-            append_receipt(&tx, rel, tenant, rule, cutoff, total).await?;
-        }
         tx.commit().await.map_err(DaemonError::Query)?;
+        let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
         let took = began.elapsed();
         batch.observe(found as u64, took);
         longest = longest.max(took);
-        if last {
+        total += n;
+        if found < size || stop.is_cancelled() {
             return Ok((total, longest));
         }
         tokio::select! {
             _ = tokio::time::sleep(opts.pause) => {}
-            _ = stop.cancelled() => {
-                if receipt_in_batch {
-                    receipt_alone(client, rel, tenant, rule, cutoff, total).await?;
-                }
-                return Ok((total, longest));
-            }
+            _ = stop.cancelled() => return Ok((total, longest)),
         }
     }
 }
