@@ -177,12 +177,11 @@ struct SealedColumn {
 }
 
 async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonError> {
-    let schemas = super::tenant_tx::type_schemas_sql(
-        "s.rel",
-        "a.attname = 'tenant_id' OR a.attnum = ANY ( \
+    let key_columns = "a.attname = 'tenant_id' OR a.attnum = ANY ( \
            SELECT unnest(i.indkey::int2[]) FROM pg_index i \
-            WHERE i.indrelid = s.rel AND i.indisprimary)",
-    );
+            WHERE i.indrelid = s.rel AND i.indisprimary)";
+    let schemas = super::tenant_tx::type_schemas_sql("s.rel", key_columns);
+    let open_schemas = super::tenant_tx::open_type_schemas_sql("s.rel", key_columns);
     let rows = client
         .query(
             &format!("SELECT s.rel::text, quote_ident(c.attname), s.context, \
@@ -199,11 +198,11 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                     (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
                       WHERE a.attrelid = s.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped), \
                     coalesce(r.relkind IN ('r', 'p'), false), c.atttypid = 'text'::regtype, \
-                    {} \
+                    {}, {} \
              FROM pgseal.sealed_columns s \
              LEFT JOIN pg_class r ON r.oid = s.rel \
              LEFT JOIN pg_attribute c ON c.attrelid = s.rel AND c.attnum = s.attnum AND NOT c.attisdropped \
-             ORDER BY 1, 2", schemas),
+             ORDER BY 1, 2", schemas, open_schemas),
             &[],
         )
         .await
@@ -224,6 +223,11 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                 Some("the table has no primary key")
             } else if tenant_type.is_none() {
                 Some("the table has no tenant_id column")
+            } else if r.get::<_, bool>(9) {
+                // Left off the batch's path (`tenant_tx`), such a type would compare
+                // by its base type's operators, in another order than its index's:
+                // the key ranges would skip rows.
+                Some("a key or tenant_id column's type lives in a schema every role may create in, which pgseald does not put on its path (revoke CREATE on that schema from PUBLIC)")
             } else {
                 None
             };

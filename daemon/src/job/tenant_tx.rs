@@ -44,6 +44,21 @@ pub fn type_schemas_sql(rel: &str, attrs: &str) -> String {
     )
 }
 
+/// SQL for whether any of those columns' types (or base types) lives in a schema
+/// every role may create objects in, which `type_schemas_sql` leaves off the path.
+pub fn open_type_schemas_sql(rel: &str, attrs: &str) -> String {
+    format!(
+        "(SELECT EXISTS (SELECT 1 \
+            FROM pg_attribute a \
+            JOIN pg_type t ON t.oid = a.atttypid \
+            JOIN pg_namespace n ON n.oid IN (t.typnamespace, \
+                 (SELECT b.typnamespace FROM pg_type b WHERE b.oid = t.typbasetype)) \
+           WHERE a.attrelid = {rel} AND NOT a.attisdropped AND n.nspname <> 'pg_catalog' \
+             AND has_schema_privilege('public', n.oid, 'CREATE') \
+             AND ({attrs})))"
+    )
+}
+
 /// The search_path for statements on columns whose types live in `schemas` (as
 /// `type_schemas_sql` returns them).
 pub fn search_path(schemas: Option<String>) -> String {
