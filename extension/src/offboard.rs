@@ -187,10 +187,8 @@ struct Table {
 /// The registered plain or partitioned, permanent tables outside pgseal with a
 /// text `tenant_id` column (a partition only through its root), in name order.
 fn tables() -> SealResult<Vec<Table>> {
-    as_owner(|| {
-        Spi::connect(|c| {
-            let rows = c.select(
-                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.oid, c.relowner \
+    tables_of(
+                "SELECT c.oid, c.relowner \
                    FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
                   WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition \
@@ -202,16 +200,21 @@ fn tables() -> SealResult<Vec<Table>> {
                     AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
                          OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
                          OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)) \
-                  ORDER BY 1",
-                None,
-                &[],
-            )?;
+                  ORDER BY pg_catalog.format('%I.%I', n.nspname, c.relname)",
+        &[],
+    )
+}
+
+/// The tables `sql` names, as its rows (OID, owner), read as the extension owner.
+fn tables_of(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Vec<Table>> {
+    as_owner(|| {
+        Spi::connect(|c| {
             let mut out = Vec::new();
-            for r in rows {
-                let missing = || SealError::Internal("an offboarded table's catalog row");
+            for r in c.select(sql, None, args)? {
+                let missing = || SealError::Internal("a table's catalog row");
                 out.push(Table {
-                    rel: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
-                    owner: r.get::<pg_sys::Oid>(3)?.ok_or_else(missing)?,
+                    rel: r.get::<pg_sys::Oid>(1)?.ok_or_else(missing)?,
+                    owner: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
                 });
             }
             Ok::<_, SealError>(out)
@@ -311,27 +314,13 @@ impl Table {
 /// children, at every level; a temporary child is another session's, and its rows
 /// are its), with their owners.
 fn tree_of(rel: pg_sys::Oid) -> SealResult<Vec<Table>> {
-    as_owner(|| {
-        Spi::connect(|c| {
-            let rows = c.select(
+    tables_of(
                 "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
                    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
                  SELECT t.rel, c.relowner FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
                   WHERE c.relpersistence OPERATOR(pg_catalog.<>) 't'",
-                None,
-                &[rel.into()],
-            )?;
-            let mut out = Vec::new();
-            for r in rows {
-                let missing = || SealError::Internal("a table's catalog row");
-                out.push(Table {
-                    rel: r.get::<pg_sys::Oid>(1)?.ok_or_else(missing)?,
-                    owner: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
-                });
-            }
-            Ok::<_, SealError>(out)
-        })
-    })
+        &[rel.into()],
+    )
 }
 
 /// Starts the record of the tenant's export, in its transaction: no tables yet,
