@@ -11,20 +11,22 @@
 #      p99 is its 4th-slowest insert, its latency counted from when pgbench scheduled
 #      it; N is large enough that the 4N sweep spans several): the p99 during the 4N sweep (the
 #      median of its windows' p99) against the p99 of the same load alone (the median
-#      of 5 windows just before it); target ≤ 2×.
+#      of 5 windows just before it); target ≤ 2×. Beside it, for reading the p99: the
+#      same load's p99 while the same rows of a third table built alike are deleted
+#      by hand (a plain batched DELETE, `peer_delete`).
 #   2. pgseald rotate tenant: one tenant's N sealed values, then another's 4N;
 #      target ≥ 100k rows/s at both sizes; and the 4N run against its peer, the same
 #      rows rewritten by plain batched UPDATEs: target ≤ 1.5× its time.
 #   3. pgseald rotate kek: N tenants' keys after a second master key version is
 #      added; then 3N tenants more and a third version, so 4N tenants' keys;
 #      target at 4N = 100,000 tenants: ≤ 10 s.
-# Sizes: PGSEAL_BENCH_SWEEP_ROWS (N = 500,000), PGSEAL_BENCH_RESEAL_ROWS (N = 50,000),
+# Sizes: PGSEAL_BENCH_SWEEP_ROWS (N = 500,000), PGSEAL_BENCH_RESEAL_ROWS (N = 100,000),
 # PGSEAL_BENCH_KEYS (N = 25,000). PGSEAL_BENCH_RETENTION_FLAGS adds flags to the
 # retention runs, for a diagnosing run only (the recorded rows use none).
 set -euo pipefail
 shopt -s inherit_errexit  # a failing pgseald inside $(...) fails the bench
 SWEEP=${PGSEAL_BENCH_SWEEP_ROWS:-500000}
-RESEAL=${PGSEAL_BENCH_RESEAL_ROWS:-50000}
+RESEAL=${PGSEAL_BENCH_RESEAL_ROWS:-100000}
 KEYS=${PGSEAL_BENCH_KEYS:-25000}
 WINDOW=2
 PGBENCH=$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench
@@ -45,8 +47,8 @@ SELECT 't' || (g % 100), CASE WHEN g % 2 = 0 THEN now() - interval '365 days' EL
 FROM generate_series(1, 2 * $2) g;
 CREATE INDEX ON $1 (tenant_id, created_at);
 VACUUM ANALYZE $1;
-SELECT pgseal.retention_set('$1', '30 days');
 SQL
+    [ "${3:-}" = peer ] || psql_ -c "SELECT pgseal.retention_set('$1', '30 days')" >/dev/null
     cat > "$J/insert_$1.sql" <<SQL
 \\set t random(0, 99)
 INSERT INTO $1 (tenant_id, created_at, body) VALUES ('t' || :t, now(), 'new');
@@ -62,16 +64,27 @@ load_window() {
         -f "$J/insert_$1.sql" postgres >/dev/null 2>&1)
     echo "$(now) $(p99 "$d")"
 }
-# `pgseald retention run` with the load beside it, window after window until the run
-# ends. Sets sweep_s, and leaves the p99 of every window that ended within the run in
-# $J/$1.p99 (or of the one window, for a run shorter than a window). No CHECKPOINT
-# before the sweep: one there makes the sweep's first touch of every page a full-page
-# image in WAL, the worst case rather than a typical one.
+# `pgseald retention run` (or, with "peer" as $2, `peer_delete` of table $1) with
+# the load into table $1 beside it, window after window until the run ends. Sets
+# sweep_s, and leaves the p99 of every window that ended within the run in $J/$1.p99
+# (or of the one window, for a run shorter than a window).
+#
+# Each table is checkpointed after it is built and before anything is measured on it
+# (`settle`). Expired rows are old: their pages have seen many checkpoints since they
+# last changed, so a real sweep writes a full-page image of each page it first
+# touches, as a sweep after a checkpoint does. And building the 4N table writes about
+# 500 MB of WAL, which sets off a checkpoint spread over the next 25 s: without one
+# of our own the sweep ran beside it with no WAL segment to recycle, zero-filling a
+# new one every 16 MB while the inserts waited (docs/BENCHMARKS.md, "What sets the
+# insert p99 during a retention sweep"), a cost of the bench's own setup.
+settle() { psql_ -c "CHECKPOINT" >/dev/null; }
 sweep() {
     local start end pid
     start=$(now)
     # shellcheck disable=SC2086 # PGSEAL_BENCH_RETENTION_FLAGS: words, for a diagnosing run
-    ( "$PGSEALD" retention run --database-url "$URL" ${PGSEAL_BENCH_RETENTION_FLAGS:-} > "$J/$1.out" 2> "$J/$1.err" || { cat "$J/$1.err" >&2; exit 1; }
+    ( if [ "${2:-}" = peer ]; then peer_delete "$1"; else
+          "$PGSEALD" retention run --database-url "$URL" ${PGSEAL_BENCH_RETENTION_FLAGS:-} > "$J/$1.out" 2> "$J/$1.err" || { cat "$J/$1.err" >&2; exit 1; }
+      fi
       now > "$J/$1.end" ) &
     pid=$!
     while kill -0 "$pid" 2>/dev/null; do load_window "$1"; done > "$J/$1.windows"
@@ -82,14 +95,36 @@ sweep() {
     [ -s "$J/$1.p99" ] || awk '{ print $2 }' "$J/$1.windows" > "$J/$1.p99"
 }
 
-sweep_table sweep_n "$SWEEP"
+# The peer of the 4N sweep: what a user would write by hand to delete the same rows,
+# every tenant at once, in one pass over the table by ctid (a TID range scan, which
+# reads in ctid order and stops at the LIMIT; an ORDER BY would sort the rest of the
+# table every batch), 10,000 rows a transaction, paced to the 4N sweep's rate
+# ($PEER_RATE rows/s; unpaced it deletes several times faster than any per-tenant
+# sweep and is over within one window).
+peer_delete() {
+    psql_ -c "DO \$\$ DECLARE last tid := '(0,0)'; ids tid[]; t0 timestamptz; BEGIN LOOP
+                t0 := clock_timestamp();
+                ids := ARRAY(SELECT ctid FROM $1 WHERE ctid > last AND created_at < now() - interval '30 days' LIMIT 10000);
+                EXIT WHEN cardinality(ids) = 0;
+                DELETE FROM $1 WHERE ctid = ANY (ids);
+                last := (SELECT max(t) FROM unnest(ids) t);
+                COMMIT;
+                PERFORM pg_sleep(greatest(0, 10000.0 / $PEER_RATE - extract(epoch FROM clock_timestamp() - t0)));
+              END LOOP; END \$\$" >/dev/null
+}
+
+sweep_table sweep_n "$SWEEP"; settle
 sweep sweep_n; sweep_n_s=$sweep_s
 # The 4N run sweeps only the second table: the first one's rule goes.
 psql_ -c "DELETE FROM pgseal.retention_rules WHERE rel = 'sweep_n'::regclass"
-sweep_table sweep_4n $((4 * SWEEP))
+sweep_table sweep_4n $((4 * SWEEP)); settle
 for _ in 1 2 3 4 5; do load_window sweep_4n; done | awk '{ print $2 }' > "$J/alone.p99"
 sweep sweep_4n; sweep_4n_s=$sweep_s
-for t in sweep_n sweep_4n; do
+# The peer, on a table built as the 4N one was, just before it, as the 4N one was.
+PEER_RATE=$(python3 -c "import sys; print(int(4 * int(sys.argv[1]) / float(sys.argv[2])))" "$SWEEP" "$sweep_4n_s")
+sweep_table sweep_peer $((4 * SWEEP)) peer; settle
+sweep sweep_peer peer; peer_s=$sweep_s
+for t in sweep_n sweep_4n sweep_peer; do
     left=$(psql_ -c "SELECT count(*) FROM $t WHERE created_at < now() - interval '30 days'")
     [ "$left" = 0 ] || { echo "retention run left $left expired rows in $t" >&2; exit 1; }
 done
@@ -99,6 +134,8 @@ longest=$(psql_ -c "SELECT max((detail->>'longest_batch_ms')::float8) FROM pgsea
 alone_p99=$(median < "$J/alone.p99")
 during_p99=$(median < "$J/sweep_4n.p99")
 during_windows=$(wc -l < "$J/sweep_4n.p99")
+peer_p99=$(median < "$J/sweep_peer.p99")
+peer_windows=$(wc -l < "$J/sweep_peer.p99")
 # Every window of the 4N sweep, for reading beside the server's log: when it ended
 # and its p99.
 echo "4N sweep's load windows (end time UTC, p99 ms):" \
@@ -108,7 +145,7 @@ echo "4N sweep's load windows (end time UTC, p99 ms):" \
 # checkpoint now, so that neither autovacuum nor a checkpoint the sweeps set off runs
 # beside the jobs measured next (one did in a run of 704a5cc: reseal at N measured
 # 16k rows/s beside a 12 s checkpoint and the vacuum of sweep_4n, 62k/s alone).
-psql_ -c "VACUUM (ANALYZE) sweep_n, sweep_4n" -c "CHECKPOINT" >/dev/null
+psql_ -c "VACUUM (ANALYZE) sweep_n, sweep_4n, sweep_peer" -c "CHECKPOINT" >/dev/null
 
 # --- 2. Reseal -----------------------------------------------------------------------
 # Tenant r1 has N sealed values, r4 has 4N, in one registered table keyed by tenant.
@@ -185,13 +222,15 @@ rm -rf "$J"
 
 # Every expired row went (checked above), so each run deleted its N or 4N rows.
 python3 - "$SWEEP" "$sweep_n_s" $((4 * SWEEP)) "$sweep_4n_s" "${longest:-nan}" \
-    "$alone_p99" "$during_p99" "$during_windows" \
+    "$alone_p99" "$during_p99" "$during_windows" "$peer_p99" "$peer_windows" "$peer_s" \
     "$RESEAL" "$reseal_n_s" "$reseal_4n_s" "$reseal_left" "$rewrite_4n_s" \
     "$KEYS" "$kek_n_keys" "$kek_n_s" "$kek_4n_keys" "$kek_4n_s" "$kek_left" <<'PY'
 import sys
 a = sys.argv[1:]
 sw_n, sw_n_s, sw_4n, sw_4n_s, longest = int(a[0]), float(a[1]), int(a[2]), float(a[3]), float(a[4])
 alone, during, windows = float(a[5]), float(a[6]), int(a[7])
+peer, peer_windows, peer_s = float(a[8]), int(a[9]), float(a[10])
+a = a[3:]
 rs, rs_n_s, rs_4n_s, rs_left = int(a[8]), float(a[9]), float(a[10]), a[11]
 rw_4n_s = float(a[12])
 tenants, kk_n, kk_n_s, kk_4n, kk_4n_s, kk_left = int(a[13]), int(a[14]), float(a[15]), int(a[16]), float(a[17]), a[18]
@@ -206,6 +245,8 @@ print("| retention run: longest batch transaction (the longest any of its locks 
       % (longest, ok(longest <= 200)))
 print("| retention run: concurrent inserts' p99 during the 4N sweep ÷ alone (median of windows) | — | %.2f ms (%d window%s) ÷ %.2f ms (5 windows): %.2f× | — | ≤ 2× | %s |"
       % (during / 1000, windows, "" if windows == 1 else "s", alone / 1000, during / alone, ok(during / alone <= 2)))
+print("| (the same p99 during the peer: the same rows deleted by a plain batched DELETE at the sweep's rate, %.0f rows/s) | — | %.2f ms (%d window%s); the sweep's ÷ the peer's: %.2f× | — | information | — |"
+      % (sw_4n / peer_s, peer / 1000, peer_windows, "" if peer_windows == 1 else "s", during / peer))
 r_n, r_4n = rs / rs_n_s, 4 * rs / rs_4n_s
 print("| rotate tenant: sealed values resealed, rows/s | %d: %.0f/s (%.1f s) | %d: %.0f/s (%.1f s) | %.2f× | ≥ 100k rows/s at both; 4N ÷ N within 20%% | %s, %s |"
       % (rs, r_n, rs_n_s, 4 * rs, r_4n, rs_4n_s, r_4n / r_n, ok(min(r_n, r_4n) >= 100000), linear(r_4n / r_n)))
