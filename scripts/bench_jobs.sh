@@ -123,7 +123,8 @@ psql_ -c "VACUUM sweep_n" >/dev/null
 sweep_table sweep_4n $((4 * SWEEP)); settle
 for _ in 1 2 3 4 5; do load_window sweep_4n; done | awk '{ print $2 }' > "$J/alone.p99"
 sweep sweep_4n; sweep_4n_s=$sweep_s
-# The peer, on a table built as the 4N one was, just before it, as the 4N one was.
+# The peer: a third table built and checkpointed as the 4N one was (after the 4N
+# table's dead rows are vacuumed), with load-alone windows of its own.
 PEER_RATE=$(python3 -c "import sys; print(max(1, int(4 * int(sys.argv[1]) / float(sys.argv[2]))))" "$SWEEP" "$sweep_4n_s")
 psql_ -c "VACUUM sweep_4n" >/dev/null
 sweep_table sweep_peer $((4 * SWEEP)) peer; settle
@@ -147,7 +148,7 @@ peer_windows=$(wc -l < "$J/sweep_peer.p99")
 echo "4N sweep's load windows (end time UTC, p99 ms):" \
     $(awk '{ printf "%s %.2f;", strftime("%H:%M:%S", $1, 1), $2 / 1000 }' "$J/sweep_4n.windows")
 
-# The sweeps leave 1,250,000 dead rows and the WAL of deleting them: vacuum them and
+# The peer leaves 4N dead rows and the WAL of deleting them: vacuum them and
 # checkpoint now, so that neither autovacuum nor a checkpoint the sweeps set off runs
 # beside the jobs measured next (one did in a run of 704a5cc: reseal at N measured
 # 16k rows/s beside a 12 s checkpoint and the vacuum of sweep_4n, 62k/s alone).
