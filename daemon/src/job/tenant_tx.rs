@@ -33,14 +33,8 @@ pub const CATALOG_ONLY: &str = "pg_catalog, pg_temp";
 /// the session's path allows (a domain as its base type).
 pub fn type_schemas_sql(rel: &str, attrs: &str) -> String {
     format!(
-        "(SELECT string_agg(DISTINCT quote_ident(n.nspname), ', ') \
-            FROM pg_attribute a \
-            JOIN pg_type t ON t.oid = a.atttypid \
-            JOIN pg_namespace n ON n.oid IN (t.typnamespace, \
-                 (SELECT b.typnamespace FROM pg_type b WHERE b.oid = t.typbasetype)) \
-           WHERE a.attrelid = {rel} AND NOT a.attisdropped AND n.nspname <> 'pg_catalog' \
-             AND NOT has_schema_privilege('public', n.oid, 'CREATE') \
-             AND ({attrs}))"
+        "(SELECT string_agg(DISTINCT quote_ident(n.nspname), ', ') {})",
+        column_type_schemas(rel, attrs, false)
     )
 }
 
@@ -48,14 +42,24 @@ pub fn type_schemas_sql(rel: &str, attrs: &str) -> String {
 /// every role may create objects in, which `type_schemas_sql` leaves off the path.
 pub fn open_type_schemas_sql(rel: &str, attrs: &str) -> String {
     format!(
-        "(SELECT EXISTS (SELECT 1 \
-            FROM pg_attribute a \
-            JOIN pg_type t ON t.oid = a.atttypid \
-            JOIN pg_namespace n ON n.oid IN (t.typnamespace, \
-                 (SELECT b.typnamespace FROM pg_type b WHERE b.oid = t.typbasetype)) \
-           WHERE a.attrelid = {rel} AND NOT a.attisdropped AND n.nspname <> 'pg_catalog' \
-             AND has_schema_privilege('public', n.oid, 'CREATE') \
-             AND ({attrs})))"
+        "(SELECT EXISTS (SELECT 1 {}))",
+        column_type_schemas(rel, attrs, true)
+    )
+}
+
+/// The FROM and WHERE of both: the schemas, other than pg_catalog, of the types and
+/// base types of `rel`'s columns `attrs`, where every role may (`open`) or may not
+/// create objects.
+fn column_type_schemas(rel: &str, attrs: &str, open: bool) -> String {
+    let not = if open { "" } else { "NOT " };
+    format!(
+        "FROM pg_attribute a \
+         JOIN pg_type t ON t.oid = a.atttypid \
+         JOIN pg_namespace n ON n.oid IN (t.typnamespace, \
+              (SELECT b.typnamespace FROM pg_type b WHERE b.oid = t.typbasetype)) \
+        WHERE a.attrelid = {rel} AND NOT a.attisdropped AND n.nspname <> 'pg_catalog' \
+          AND {not}has_schema_privilege('public', n.oid, 'CREATE') \
+          AND ({attrs})"
     )
 }
 
