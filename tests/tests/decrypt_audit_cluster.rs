@@ -271,7 +271,9 @@ fn the_record_survives_kill_9_of_the_writer_and_of_the_postmaster() {
         .status()
         .unwrap();
     assert!(st.success());
-    drop(held);
+    // Wait until the postmaster has reacted (it ends every backend, the held one
+    // too): a connection opened before that could be accepted and then reset.
+    wait_until_ended(held);
     drop(admin);
     let mut admin = reconnect(&cl);
     assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 1);
@@ -291,10 +293,25 @@ fn the_record_survives_kill_9_of_the_writer_and_of_the_postmaster() {
     assert_eq!(entries(&mut admin, "vault.decrypt_started").len(), 3);
 }
 
+/// Returns once the server has ended `c`'s backend.
+fn wait_until_ended(mut c: postgres::Client) {
+    let t0 = Instant::now();
+    while c.simple_query("SELECT 1").is_ok() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the postmaster did not end the backends after the writer's kill -9"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connects once the server accepts connections and answers a query on them.
 fn reconnect(cl: &Cluster) -> postgres::Client {
     let t0 = Instant::now();
     loop {
-        match postgres::Client::connect(&cl.url(), postgres::NoTls) {
+        match postgres::Client::connect(&cl.url(), postgres::NoTls)
+            .and_then(|mut c| c.simple_query("SELECT 1").map(|_| c))
+        {
             Ok(c) => return c,
             Err(e) if t0.elapsed() < Duration::from_secs(30) => {
                 let _ = e;
