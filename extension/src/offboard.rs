@@ -8,19 +8,16 @@
 //! The tables offboarded are those an administrator registered (`subject_register`,
 //! `vault_register_column`, `retention_set`) that have a text `tenant_id` column;
 //! their rows are read and deleted here, never by pgseald's own SQL, each statement
-//! limited to the tenant (`COLLATE "C"`; a partitioned table's delete again under
-//! the column's collation, which the first implies and an index on the column can
-//! serve; the export, a plain table's delete and the count of rows left read every
-//! row, so that an index that misses a row cannot keep it from the export while
-//! the deletes take it), after the caller's privilege check, and
-//! run as the table's owner in a security-restricted operation, as `subjects` does.
+//! limited to the tenant (`COLLATE "C"`, which no index on the column serves: the
+//! export and the count of rows left read every row, so that an index that misses a
+//! row cannot keep it from either), after the caller's privilege check, and run as
+//! the table's owner in a security-restricted operation, as `subjects` does. The
+//! deletes take only rows the export held, as it read them (`delete`).
 //! Before the step after deleting is recorded, and again before the receipt, the
 //! tenant's rows left in those tables are counted (as each table's owner, under
 //! the tenant's context: `rows_left`); the receipt is refused while any row, data
 //! key or payload is left, and the offboarding goes back to deleting instead.
 //! Reading, deleting and counting need the tenant context to be the tenant.
-//! The export records the tables it read; the deletes never take a row from a
-//! table registered after it unless it was exported (`late_tables`).
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -31,6 +28,9 @@ use crate::error::{OrRaise, SealError, SealResult};
 use crate::ledger::erase::{self, Which};
 use crate::ledger::evidence;
 use crate::privilege::{as_owner, as_table_owner, with_pinned_search_path};
+
+mod delete;
+mod exported;
 
 /// The steps, in order (`tenant_offboardings.step`).
 const STEPS: [&str; 7] = [
@@ -282,11 +282,24 @@ impl Table {
     }
 
     fn count(&self, tenant: &str, only: &str) -> SealResult<i64> {
+        Ok(self.tally(tenant, only, "NULL", Vec::new())?.0)
+    }
+
+    /// The tenant's rows in this table (`only`: "ONLY", or "" with the tables
+    /// under it), counted as `rows_left` says, and `second`, a select-list item over
+    /// them (alias `x`, parameters after `$1`, the tenant: `extra`), as text.
+    fn tally(
+        &self,
+        tenant: &str,
+        only: &str,
+        second: &str,
+        extra: Vec<pgrx::datum::DatumWithOid>,
+    ) -> SealResult<(i64, Option<String>)> {
         let t = self;
         let name = t.lock(pg_sys::AccessShareLock)?;
         crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
             .map_err(|e| e.on_table(&name))?;
-        as_table_owner(t.owner, || -> SealResult<i64> {
+        as_table_owner(t.owner, || -> SealResult<(i64, Option<String>)> {
             let other_policies = Spi::get_one_with_args::<bool>(
                 "SELECT pg_catalog.row_security_active($1) AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
                    WHERE p.polrelid OPERATOR(pg_catalog.=) $1 AND p.polname OPERATOR(pg_catalog.<>) 'pgseal_tenant')",
@@ -297,14 +310,16 @@ impl Table {
                     "row-level security other than tenant_protect's binds an offboarded table's owner: the tenant's rows left cannot all be counted",
                 ));
             }
-            Ok(Spi::get_one_with_args::<i64>(
+            let mut args = vec![tenant.into()];
+            args.extend(extra);
+            let (rows, second) = Spi::get_two_with_args::<i64, String>(
                 &format!(
-                    "SELECT pg_catalog.count(*) FROM {only} {name} x \
+                    "SELECT pg_catalog.count(*), ({second})::pg_catalog.text FROM {only} {name} x \
                       WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text"
                 ),
-                &[tenant.into()],
-            )?
-            .unwrap_or(0))
+                &args,
+            )?;
+            Ok((rows.unwrap_or(0), second))
         })
         .map_err(|e| e.on_table(&name))
     }
@@ -323,22 +338,23 @@ fn tree_of(rel: pg_sys::Oid) -> SealResult<Vec<Table>> {
     )
 }
 
-/// Starts the record of the tenant's export, in its transaction: no tables yet,
-/// no row count, and the transaction, which `_offboard_advance` to 'exported'
-/// requires to be its own (so the tables, the file and the hash recorded are one
-/// export's).
+/// Starts the record of the tenant's export, in its transaction: no tables and no
+/// rows yet, no row count, and the transaction, which `_offboard_advance` to
+/// 'exported' requires to be its own (so the tables, the rows, the file and the
+/// hash recorded are one export's).
 fn start_export_record(tenant: &str) -> SealResult<()> {
-    Ok(as_owner(|| {
+    as_owner(|| {
         Spi::run_with_args(
             "UPDATE pgseal.tenant_offboardings SET export_tables = '{}', export_rows = NULL, \
                     export_xact = pg_catalog.pg_current_xact_id() WHERE tenant_id = $1",
             &[tenant.into()],
         )
-    })?)
+    })?;
+    exported::clear(tenant)
 }
 
-/// Adds `tables` to the tables the tenant's export read (`export_tables`), which
-/// `_offboard_delete` compares with the tables there when it runs (`late_tables`).
+/// Adds `tables` to the tables the tenant's export read (`export_tables`): rows the
+/// delete batches write or change there are deleted too (`delete`).
 fn add_export_tables(tenant: &str, tables: Vec<pg_sys::Oid>) -> SealResult<()> {
     Ok(as_owner(|| {
         Spi::run_with_args(
@@ -350,97 +366,6 @@ fn add_export_tables(tenant: &str, tables: Vec<pg_sys::Oid>) -> SealResult<()> {
     })?)
 }
 
-/// What `_offboard_delete` does about rows its export did not hold: in tables
-/// registered after it, in partitions or inheritance children attached under an
-/// exported table since, or written into the exported tables after it (more rows
-/// than it held, counted before this session's first delete). None: the deletes go
-/// on (a late table without the tenant's rows joins the export's tables). Some, and
-/// the offboarding never went past exporting and deleted nothing yet: it goes back
-/// to exporting (step 'scheduled'), and the next export holds them. Otherwise it
-/// refuses (55000), naming a late table: a new export would no longer hold what was
-/// deleted or erased since, and deleting these rows would lose them. An
-/// administrator exports and deletes them, and the offboarding goes on. Rows written
-/// into the exported tables once deleting began are deleted with the rest (stop the
-/// tenant's application before its offboarding is due).
-///
-/// It also refuses (55000) while a table outside the export's with a `tenant_id`
-/// column (one an administrator can register) has a foreign key with ON DELETE
-/// CASCADE to one of them: the deletes would take its rows unexported. A table
-/// without one cannot be offboarded itself; its rows go with the rows they
-/// reference, as the key says.
-/// The caller has locked every table's tree (`require_only_owners_code`), so no
-/// partition comes or goes between this check and the deletes.
-enum LateTables {
-    None,
-    ExportAgain,
-}
-
-fn late_tables(tenant: &str, tables: &[Table]) -> SealResult<LateTables> {
-    let (exported, may_export_again) = as_owner(|| {
-        Spi::get_two_with_args::<Vec<pg_sys::Oid>, bool>(
-            "SELECT export_tables::pg_catalog.oid[], \
-                    deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export \
-               FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
-            &[tenant.into()],
-        )
-    })?;
-    let may_export_again = may_export_again == Some(true);
-    let exported: std::collections::HashSet<pg_sys::Oid> =
-        exported.unwrap_or_default().into_iter().collect();
-    let mut members = Vec::new();
-    for t in tables {
-        members.extend(tree_of(t.rel)?);
-    }
-    let all: Vec<pg_sys::Oid> = members.iter().map(|m| m.rel).collect();
-    let cascading = as_owner(|| {
-        Spi::get_one_with_args::<String>(
-            "SELECT (SELECT c.conrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_constraint c \
-                      WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype OPERATOR(pg_catalog.=) 'c' \
-                        AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1) AND NOT c.conrelid OPERATOR(pg_catalog.=) ANY ($1) \
-                        AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
-                                     JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) a.attrelid \
-                                     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) r.relnamespace \
-                                     WHERE a.attrelid OPERATOR(pg_catalog.=) c.conrelid \
-                                       AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' AND NOT a.attisdropped \
-                                       AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
-                                       AND r.relpersistence OPERATOR(pg_catalog.<>) 't' \
-                                       AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema')) \
-                      ORDER BY 1 LIMIT 1)",
-            &[all.clone().into()],
-        )
-    })?;
-    if let Some(table) = cascading {
-        return Err(SealError::Refused(
-            "a table outside the offboarded ones has a foreign key with ON DELETE CASCADE to one of them: the deletes would take its rows unexported (register it, or change the key's action)",
-        )
-        .on_table(&table));
-    }
-    let mut empty = Vec::new();
-    for m in members.into_iter().filter(|m| !exported.contains(&m.rel)) {
-        // SAFETY: a syscache lookup of a locked relation's kind.
-        let kind = unsafe { pg_sys::get_rel_relkind(m.rel) } as u8;
-        // A foreign table's rows cannot be counted here: taken as holding some.
-        let holds_rows = kind == pg_sys::RELKIND_FOREIGN_TABLE || m.rows_of_only(tenant)? > 0;
-        if !holds_rows {
-            empty.push(m.rel);
-            continue;
-        }
-        if may_export_again {
-            export_again(tenant)?;
-            return Ok(LateTables::ExportAgain);
-        }
-        let name = crate::privilege::pinned_name(m.rel, pg_sys::AccessShareLock)?;
-        return Err(SealError::Refused(
-            "a table the tenant's export did not read (registered or attached after it) holds rows of the tenant, and the offboarding has gone past its export: they are not deleted unexported (export and delete them, then run the offboarding again)",
-        )
-        .on_table(&name));
-    }
-    if !empty.is_empty() {
-        add_export_tables(tenant, empty)?;
-    }
-    Ok(LateTables::None)
-}
-
 /// Sends the tenant's offboarding back to exporting.
 fn export_again(tenant: &str) -> SealResult<()> {
     as_owner(|| {
@@ -450,9 +375,8 @@ fn export_again(tenant: &str) -> SealResult<()> {
             &[tenant.into()],
         )
     })?;
-    // The next delete counts again.
-    BUDGET.with(|b| b.borrow_mut().remove(tenant));
-    Ok(())
+    exported::clear(tenant)?;
+    exported::clear_xacts(tenant)
 }
 
 /// `pgseal._offboard_export(tenant)`: at step 'scheduled', the lines of the
@@ -490,6 +414,7 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
         Ok::<_, SealError>(ExportLines {
             tables: tables()?.into_iter(),
             table_rows: 0,
+            chunks: 0,
             tenant,
             stage: ExportStage::Tables,
             buffer: std::collections::VecDeque::new(),
@@ -584,9 +509,11 @@ const EXPORT_CHUNK: i64 = 1_000;
 enum ExportStage {
     /// Between tables: the next one is opened (or, after the last, the ledger).
     Tables,
-    /// A table's open cursor, fetched as the table's owner.
+    /// A table's open cursor, fetched as the table's owner; `root` is the
+    /// registered table it reads.
     Table {
         owner: pg_sys::Oid,
+        root: pg_sys::Oid,
         cursor: String,
     },
     /// The `ledger_export` cursor, fetched as the caller.
@@ -602,6 +529,8 @@ struct ExportLines {
     tables: std::vec::IntoIter<Table>,
     /// The table rows read so far (`export_rows`).
     table_rows: i64,
+    /// The chunks of rows recorded so far (`exported::record`).
+    chunks: i32,
     stage: ExportStage,
     buffer: std::collections::VecDeque<String>,
 }
@@ -639,18 +568,33 @@ impl ExportLines {
                     ExportStage::Ledger { cursor }
                 }
             },
-            ExportStage::Table { owner, cursor } => {
+            ExportStage::Table {
+                owner,
+                root,
+                cursor,
+            } => {
                 let before = self.buffer.len();
-                let more = as_table_owner(owner, || fetch_lines(&cursor, &mut self.buffer))?;
+                let mut keys = Vec::new();
+                let more = as_table_owner(owner, || {
+                    fetch_lines(&cursor, &mut self.buffer, Some(&mut keys))
+                })?;
                 self.table_rows += (self.buffer.len() - before) as i64;
+                if !keys.is_empty() {
+                    self.chunks += 1;
+                    exported::record(&self.tenant, self.chunks, root, keys)?;
+                }
                 if more {
-                    ExportStage::Table { owner, cursor }
+                    ExportStage::Table {
+                        owner,
+                        root,
+                        cursor,
+                    }
                 } else {
                     ExportStage::Tables
                 }
             }
             ExportStage::Ledger { cursor } => {
-                if with_pinned_search_path(|| fetch_lines(&cursor, &mut self.buffer))? {
+                if with_pinned_search_path(|| fetch_lines(&cursor, &mut self.buffer, None))? {
                     ExportStage::Ledger { cursor }
                 } else {
                     ExportStage::Done
@@ -685,12 +629,14 @@ impl ExportLines {
         // a plain table's deletes walk it (`delete_from_plain`): no index that
         // misses a row (a collation whose order changed under it) keeps a row from
         // the export that the deletes then take, and the export's row count is
-        // comparable with the count of rows left (`start_budget`).
+        // comparable with the rows left (`delete`). Each line comes with its row's
+        // key, which the deletes go by.
         let sql = format!(
-            "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text \
+            "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text, {} \
                FROM {} AS _pgseal_row \
               WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
             crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
+            exported::row_key("_pgseal_row"),
             name
         );
         let cursor = as_table_owner(t.owner, || {
@@ -698,6 +644,7 @@ impl ExportLines {
         })?;
         Ok(ExportStage::Table {
             owner: t.owner,
+            root: t.rel,
             cursor,
         })
     }
@@ -712,12 +659,14 @@ fn open_cursor(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<String, 
     })
 }
 
-/// Fetches up to `EXPORT_CHUNK` lines of the open cursor `cursor` into `buffer`.
+/// Fetches up to `EXPORT_CHUNK` lines of the open cursor `cursor` into `buffer`,
+/// and with `keys`, each line's row key (the cursor's second column) into it.
 /// Returns whether the cursor may have more; at its end it is closed. Each call is
 /// its own SPI connection, so the fetched rows are freed with it.
 fn fetch_lines(
     cursor: &str,
     buffer: &mut std::collections::VecDeque<String>,
+    mut keys: Option<&mut Vec<String>>,
 ) -> Result<bool, pgrx::spi::Error> {
     Spi::connect(|c| {
         let mut cur = c.find_cursor(cursor)?;
@@ -727,6 +676,9 @@ fn fetch_lines(
             for r in rows {
                 if let Some(line) = r.get::<String>(1)? {
                     buffer.push_back(line);
+                    if let Some(keys) = keys.as_deref_mut() {
+                        keys.push(r.get::<String>(2)?.unwrap_or_default());
+                    }
                 }
             }
             n
@@ -740,267 +692,22 @@ fn fetch_lines(
     })
 }
 
-/// `pgseal._offboard_delete(tenant, batch)`: at step 'exported', deletes up to
-/// `batch` of the tenant's rows from the first offboarded table that has some (as
-/// its owner), counts them in the offboarding, and returns how many (0: none left
-/// that the deletes can reach).
-#[pg_extern(volatile, parallel_unsafe)]
-fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
-    (|| {
-        let tenant = checked(tenant, "_offboard_delete")?;
-        let batch = batch.filter(|b| *b > 0).ok_or(SealError::InvalidArgument(
-            "batch must be a positive number",
-        ))?;
-        require_step(&tenant, "exported")?;
-        require_context(&tenant)?;
-        let tables = tables()?;
-        // Once per session and step, before the count that bounds its deletes:
-        // every table's tree locked (until the transaction ends) and compared with
-        // the export's, so that what is checked is what the deletes run on.
-        if !budget_known(&tenant)? {
-            for t in &tables {
-                let name = t.lock(pg_sys::RowExclusiveLock)?;
-                crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
-                    .map_err(|e| e.on_table(&name))?;
-            }
-            if let LateTables::ExportAgain = late_tables(&tenant, &tables)? {
-                return Ok(0);
-            }
-            if let LateTables::ExportAgain = start_budget(&tenant)? {
-                return Ok(0);
-            }
-        }
-        for t in tables {
-            let name = t.lock(pg_sys::RowExclusiveLock)?;
-            // SAFETY: a syscache lookup of the locked table's kind.
-            let plain = unsafe { pg_sys::get_rel_relkind(t.rel) } as u8 == pg_sys::RELKIND_RELATION;
-            // Each batch locks the trees of the tables it reaches, up to the first
-            // with rows, and compares each with the export's again (a partition
-            // attached since the session began).
-            crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
-                .and_then(|()| {
-                    crate::subjects::require_table_access(
-                        t.rel,
-                        t.owner,
-                        "DELETE",
-                        "_offboard_delete needs DELETE on every offboarded table",
-                    )
-                })
-                .map_err(|e| e.on_table(&name))?;
-            if let LateTables::ExportAgain = late_tables(&tenant, std::slice::from_ref(&t))? {
-                return Ok(0);
-            }
-            if plain {
-                let n = delete_from_plain(&tenant, &t, &name, batch)?;
-                if n > 0 {
-                    spend_budget(&tenant, n)?;
-                    count_deleted(&tenant, &name, n)?;
-                    return Ok(n);
-                }
-                continue;
-            }
-            // (tableoid, ctid): a partitioned table's ctids repeat across partitions.
-            let sql = format!(
-                "WITH d AS (DELETE FROM {0} AS x \
-                              WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                                AND (x.tableoid, x.ctid) IN \
-                                    (SELECT y.tableoid, y.ctid FROM {0} AS y \
-                                      WHERE y.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                                        AND y.tenant_id OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                                      LIMIT $2) \
-                             RETURNING 1) \
-                 SELECT pg_catalog.count(*) FROM d",
-                name
-            );
-            let n = as_table_owner(t.owner, || {
-                Spi::get_one_with_args::<i64>(&sql, &[tenant.as_str().into(), batch.into()])
-            })?
-            .unwrap_or(0);
-            if n > 0 {
-                spend_budget(&tenant, n)?;
-                count_deleted(&tenant, &name, n)?;
-                return Ok(n);
-            }
-        }
-        Ok(0)
-    })()
-    .or_raise()
-}
-
 thread_local! {
-    /// Where this backend's last batch of `_offboard_delete` ended in a plain
-    /// table (a ctid), and of `_offboard_erase` in a tenant's chain (a seq, under
-    /// the invalid OID), per (tenant, table): the next batch goes on from there, so
-    /// offboarding costs one pass over a table or chain, not one per batch over
-    /// what the batches before it deleted or erased. A hint only: a batch that finds
-    /// nothing after it looks again from the start before it reports none left (a
-    /// batch rolled back, or a row written below it meanwhile), and pgseald's next
-    /// connection starts from the start.
-    static RESUME: std::cell::RefCell<std::collections::HashMap<(String, u32), String>> =
+    /// Where this backend's last batch of `_offboard_erase` ended in a tenant's
+    /// chain (a seq): the next batch goes on from there, so erasing costs one pass
+    /// over the chain, not one per batch over what the batches before it erased. A
+    /// hint only: a batch that finds nothing after it looks again from the start
+    /// before it reports none left (a batch rolled back, or an entry written below
+    /// it meanwhile), and pgseald's next connection starts from the start.
+    static RESUME: std::cell::RefCell<std::collections::HashMap<String, i64>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
-/// Sets the resume hint of (`tenant`, `rel`), for the tests of the pass that
-/// `_offboard_delete` and `_offboard_erase` make from the start.
+/// Sets the tenant's resume hint, for the test of the pass that `_offboard_erase`
+/// makes from the start.
 #[cfg(any(test, feature = "pg_test"))]
-pub(crate) fn set_resume_hint(tenant: &str, rel: pg_sys::Oid, at: &str) {
-    RESUME.with(|r| {
-        r.borrow_mut()
-            .insert((tenant.to_owned(), rel.to_u32()), at.to_owned())
-    });
-}
-
-/// Deletes up to `batch` of `tenant`'s rows from plain table `t` (named `name`,
-/// pinned), as its owner: those after the last batch's end (a TID range scan)
-/// or, when there are none, from the start.
-fn delete_from_plain(tenant: &str, t: &Table, name: &str, batch: i32) -> SealResult<i64> {
-    let key = (tenant.to_owned(), t.rel.to_u32());
-    let sql = format!(
-        "WITH d AS (DELETE FROM {name} AS x \
-                     WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                       AND x.ctid OPERATOR(pg_catalog.=) ANY (ARRAY( \
-                           SELECT y.ctid FROM {name} AS y \
-                            WHERE y.ctid OPERATOR(pg_catalog.>) $3::pg_catalog.tid \
-                              AND y.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                            LIMIT $2)) \
-                    RETURNING x.ctid) \
-         SELECT pg_catalog.count(*), pg_catalog.max(d.ctid)::pg_catalog.text FROM d"
-    );
-    let delete_after = |after: &str| {
-        as_table_owner(t.owner, || {
-            Spi::get_two_with_args::<i64, String>(
-                &sql,
-                &[tenant.into(), batch.into(), after.into()],
-            )
-        })
-    };
-    let after = RESUME
-        .with(|r| r.borrow().get(&key).cloned())
-        .unwrap_or_else(|| "(0,0)".to_owned());
-    let (mut n, mut last) = delete_after(&after)?;
-    if n.unwrap_or(0) == 0 && after != "(0,0)" {
-        (n, last) = delete_after("(0,0)")?;
-    }
-    match last {
-        Some(last) => RESUME.with(|r| r.borrow_mut().insert(key, last)),
-        None => RESUME.with(|r| r.borrow_mut().remove(&key)),
-    };
-    Ok(n.unwrap_or(0))
-}
-
-/// A session's bound on the rows `_offboard_delete` takes in a step (`BUDGET`).
-struct Budget {
-    /// The step's `step_at`: a new step (a redo) counts again.
-    step_at: String,
-    /// The tenant's rows when the bound was set.
-    counted: i64,
-    /// How many more may be deleted.
-    left: i64,
-}
-
-thread_local! {
-    /// How many more of a tenant's rows this backend's `_offboard_delete` may take
-    /// before it counts again: a trigger or rule that puts deleted rows back, or
-    /// moves rows between offboarded tables, would otherwise keep the deletes
-    /// finding rows for ever, and pgseald deleting them. When the bound is used up
-    /// the rows are counted again: fewer than before, and the deletes go on (the
-    /// bound is reset to them); as many or more, and the batch is refused.
-    static BUDGET: std::cell::RefCell<std::collections::HashMap<String, Budget>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
-}
-
-/// Counts the tenant's rows for this session's bound when it has none for the
-/// step it is at, before its first batch deletes anything. While the offboarding
-/// has deleted nothing and never went past deleting, more rows than the export held
-/// send it back to exporting (they were written after it).
-fn start_budget(tenant: &str) -> SealResult<LateTables> {
-    let (step_at, export_rows, may_export_again) = as_owner(|| {
-        Spi::connect(|c| {
-            let row = c
-                .select(
-                    "SELECT step_at::pg_catalog.text, export_rows, \
-                            deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export \
-                       FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
-                    Some(1),
-                    &[tenant.into()],
-                )?
-                .first();
-            Ok::<_, pgrx::spi::Error>((
-                row.get::<String>(1)?.unwrap_or_default(),
-                row.get::<i64>(2)?,
-                row.get::<bool>(3)? == Some(true),
-            ))
-        })
-    })?;
-    let known = BUDGET.with(|b| b.borrow().get(tenant).is_some_and(|x| x.step_at == step_at));
-    if known {
-        return Ok(LateTables::None);
-    }
-    let rows = rows_left(tenant)?;
-    if may_export_again && export_rows.is_some_and(|held| rows > held) {
-        // Written after the export (it reads every table as this count does).
-        export_again(tenant)?;
-        return Ok(LateTables::ExportAgain);
-    }
-    BUDGET.with(|b| {
-        b.borrow_mut().insert(
-            tenant.to_owned(),
-            Budget {
-                step_at,
-                counted: rows,
-                left: rows,
-            },
-        )
-    });
-    Ok(LateTables::None)
-}
-
-/// Whether this session has its bound for the tenant's step (`start_budget`).
-fn budget_known(tenant: &str) -> SealResult<bool> {
-    let step_at = as_owner(|| {
-        Spi::get_one_with_args::<String>(
-            "SELECT step_at::pg_catalog.text FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
-            &[tenant.into()],
-        )
-    })?;
-    Ok(BUDGET.with(|b| {
-        b.borrow()
-            .get(tenant)
-            .is_some_and(|x| Some(&x.step_at) == step_at.as_ref())
-    }))
-}
-
-/// Takes `n` rows just deleted off this session's bound for the tenant. When they
-/// are more than it has left, counts the rows again (after this batch): fewer than
-/// when the bound was set, and the bound is reset to them; otherwise the batch is
-/// refused (55000, which rolls it back).
-fn spend_budget(tenant: &str, n: i64) -> SealResult<()> {
-    let (counted, left) = BUDGET
-        .with(|b| b.borrow().get(tenant).map(|x| (x.counted, x.left)))
-        .ok_or(SealError::Internal("an offboarding's delete bound"))?;
-    if n <= left {
-        BUDGET.with(|b| {
-            if let Some(x) = b.borrow_mut().get_mut(tenant) {
-                x.left = left - n;
-            }
-        });
-        return Ok(());
-    }
-    let now = rows_left(tenant)?;
-    if now < counted {
-        BUDGET.with(|b| {
-            if let Some(x) = b.borrow_mut().get_mut(tenant) {
-                x.counted = now;
-                x.left = now;
-            }
-        });
-        return Ok(());
-    }
-    // The next call counts again.
-    BUDGET.with(|b| b.borrow_mut().remove(tenant));
-    Err(SealError::Refused(
-        "the tenant's rows do not grow fewer as they are deleted: a trigger or rule of an offboarded table puts rows back, or the tenant's application goes on writing (run the offboarding again once it has stopped)",
-    ))
+pub(crate) fn set_resume_hint(tenant: &str, seq: i64) {
+    RESUME.with(|r| r.borrow_mut().insert(tenant.to_owned(), seq));
 }
 
 /// Adds `n` rows deleted from `name` to the tenant's offboarding.
@@ -1100,10 +807,15 @@ fn _offboard_advance(
                 "the tenant's export was not read in this transaction: pgseal._offboard_export comes first, in the transaction that records the step",
             ));
         }
-        if to == "deleted" && rows_left(&tenant)? > 0 {
-            return Err(SealError::Refused(
-                "rows of the tenant remain in an offboarded table (a trigger, rule or policy of the table kept them)",
-            ));
+        if to == "deleted" {
+            if rows_left(&tenant)? > 0 {
+                return Err(SealError::Refused(
+                    "rows of the tenant remain in an offboarded table (a trigger, rule or policy of the table kept them)",
+                ));
+            }
+            // What the deletes went by is done with.
+            exported::clear(&tenant)?;
+            exported::clear_xacts(&tenant)?;
         }
         as_owner(|| {
             Spi::run_with_args(
@@ -1137,10 +849,8 @@ fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             "batch must be a positive number",
         ))?;
         require_step(&tenant, "shredded")?;
-        let key = (tenant.clone(), pg_sys::InvalidOid.to_u32());
         let after = RESUME
-            .with(|r| r.borrow().get(&key).cloned())
-            .and_then(|s| s.parse::<i64>().ok())
+            .with(|r| r.borrow().get(&tenant).copied())
             .unwrap_or(0);
         let erase_after = |after: i64| {
             erase::erase(
@@ -1156,8 +866,8 @@ fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             seqs = erase_after(0)?;
         }
         match seqs.last() {
-            Some(last) => RESUME.with(|r| r.borrow_mut().insert(key, last.to_string())),
-            None => RESUME.with(|r| r.borrow_mut().remove(&key)),
+            Some(last) => RESUME.with(|r| r.borrow_mut().insert(tenant.clone(), *last)),
+            None => RESUME.with(|r| r.borrow_mut().remove(&tenant)),
         };
         Ok(seqs.len() as i64)
     })()

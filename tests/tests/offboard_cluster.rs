@@ -438,3 +438,125 @@ fn a_large_export_is_read_in_chunks_not_held_in_memory() {
         "the backend's peak grew by {grew_kb} kB for a {bytes}-byte export"
     );
 }
+
+/// `pgseald offboard run` for every due tenant; returns its output (exit 0).
+fn offboard_run(cl: &Cluster, dir: &std::path::Path) -> String {
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap(), "--batch", "3"])
+        .on(cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    out
+}
+
+#[test]
+fn rows_the_deletes_change_go_with_them_and_nothing_else_does() {
+    // The deletes take only rows the export held as it read them, and rows their
+    // own batches wrote or changed: a foreign key's ON DELETE SET NULL and a
+    // trigger's counter go with the rest; rows the application changes after the
+    // export, and rows a trigger puts back, stay and stop the offboarding.
+    let cl = Cluster::start("offboard_changes", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE nodes (id text PRIMARY KEY, tenant_id text NOT NULL, parent text REFERENCES nodes ON DELETE SET NULL);
+         CREATE TABLE orders (id int PRIMARY KEY, tenant_id text NOT NULL, note text);
+         CREATE TABLE totals (tenant_id text PRIMARY KEY, orders int NOT NULL);
+         CREATE FUNCTION count_down() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN UPDATE public.totals SET orders = orders - 1 WHERE tenant_id = OLD.tenant_id; RETURN OLD; END $$;
+         CREATE TRIGGER count_down AFTER DELETE ON orders FOR EACH ROW EXECUTE FUNCTION count_down();
+         CREATE FUNCTION put_back() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF OLD.tenant_id = 'globex' THEN INSERT INTO public.orders VALUES (OLD.id + 1000, OLD.tenant_id, OLD.note); END IF; RETURN OLD; END $$;
+         CREATE TRIGGER put_back AFTER DELETE ON orders FOR EACH ROW EXECUTE FUNCTION put_back();
+         SELECT pgseal.subject_register('nodes', 'id');
+         SELECT pgseal.subject_register('orders', 'note');
+         SELECT pgseal.subject_register('totals', 'tenant_id');
+         INSERT INTO nodes SELECT t || g, t, CASE WHEN g > 1 THEN t || (g / 2) END
+           FROM unnest(ARRAY['acme', 'initech', 'umbrella']) t, generate_series(1, 20) g;
+         INSERT INTO orders SELECT g, (ARRAY['acme', 'globex', 'initech'])[g % 3 + 1], 'o' || g FROM generate_series(1, 30) g;
+         INSERT INTO totals SELECT t, 10 FROM unnest(ARRAY['acme', 'globex', 'initech']) t;",
+    )
+    .unwrap();
+    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("offboard-changes-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let left = |c: &mut postgres::Client, t: &str| -> i64 {
+        count(
+            c,
+            &format!(
+                "SELECT (SELECT count(*) FROM nodes WHERE tenant_id = '{t}') \
+                      + (SELECT count(*) FROM orders WHERE tenant_id = '{t}') \
+                      + (SELECT count(*) FROM totals WHERE tenant_id = '{t}')"
+            ),
+        )
+    };
+
+    // acme: its nodes' children are set to NULL and its total counted down by the
+    // batches that delete their parents and orders; all go, in batches of three.
+    c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
+        .unwrap();
+    let out = offboard_run(&cl, &dir);
+    assert!(out.contains("tenant acme: done; 31 rows deleted"), "{out}");
+    assert_eq!(left(&mut c, "acme"), 0);
+    assert_eq!(left(&mut c, "initech"), 31, "another tenant's rows stay");
+
+    // globex: every order deleted is put back by its owner's trigger. The copies
+    // the batches wrote are deleted once more, by batches that record nothing; the
+    // copies those write stay, and the offboarding stops naming the table.
+    c.batch_execute("SELECT pgseal.tenant_offboard('globex', '0')")
+        .unwrap();
+    let out = offboard_run(&cl, &dir);
+    assert!(
+        out.contains("tenant globex: exported;")
+            && out.contains("not deleted unexported")
+            && out.contains("(table public.orders)"),
+        "{out}"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM orders WHERE tenant_id = 'globex' AND id > 2000"
+        ),
+        10
+    );
+    // (and its total, which the last of those batches counted down)
+    assert_eq!(left(&mut c, "globex"), 11);
+
+    // initech: the application changes a row after a batch was deleted: the row
+    // stays with its new value, and so does the offboarding's step.
+    c.batch_execute("SELECT pgseal.tenant_offboard('initech', '0')")
+        .unwrap();
+    run_until(&cl, &dir, "offboard.delete_batch");
+    c.batch_execute(
+        "UPDATE orders SET note = 'changed after the export' WHERE tenant_id = 'initech' AND id = 29",
+    )
+    .unwrap();
+    let out = offboard_run(&cl, &dir);
+    assert!(
+        out.contains("tenant initech: exported;") && out.contains("not deleted unexported"),
+        "{out}"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM orders WHERE tenant_id = 'initech' AND note = 'changed after the export'"
+        ),
+        1
+    );
+    assert_eq!(left(&mut c, "initech"), 1);
+
+    // umbrella: VACUUM FULL after the export moves every row; nothing matches,
+    // nothing was deleted yet, so it exports again and then completes.
+    c.batch_execute("SELECT pgseal.tenant_offboard('umbrella', '0')")
+        .unwrap();
+    run_until(&cl, &dir, "offboard.exported");
+    c.batch_execute("VACUUM FULL nodes").unwrap();
+    let out = offboard_run(&cl, &dir);
+    assert!(
+        out.contains("tenant umbrella: done; 20 rows deleted"),
+        "{out}"
+    );
+    assert_eq!(left(&mut c, "umbrella"), 0);
+    let again = std::fs::read_to_string(dir.join("umbrella.offboard.jsonl")).unwrap();
+    assert_eq!(again.matches("\"table\": \"public.nodes\"").count(), 20);
+}

@@ -219,7 +219,9 @@ async fn offboard(
                 failpoint(&format!("offboard.{}", next_step(&step))).await
             }
             // A hold set meanwhile: the database refused the step.
-            Err(DaemonError::Query(e)) if e.code().map(|c| c.code()) == Some("55000") => {
+            Err(e @ DaemonError::Query(_)) if matches!(&e, DaemonError::Query(q) if q.code().map(|c| c.code()) == Some("55000")) =>
+            {
+                // The server's message says why (the table, the hold).
                 tracing::warn!(tenant = %tenant, step = %step, "offboarding stopped: {e}");
                 o.stopped = Some(e.to_string());
                 return Ok(o);

@@ -263,15 +263,13 @@ mod tests {
     }
 
     #[pg_test]
-    fn a_resume_hint_past_what_is_left_never_hides_it() {
-        // The batches go on from where the last one ended; a hint past rows or
-        // entries still there (a batch rolled back, a row written below it) must not
-        // make a batch report none left.
+    fn an_erase_resume_hint_past_what_is_left_never_hides_it() {
+        // The erase batches go on from where the last one ended; a hint past
+        // entries still there (a batch rolled back, an entry written below it) must
+        // not make a batch report none left.
         tenant_data("off-hint");
         run("SELECT pgseal.tenant_offboard('off-hint', '0')");
         exported("off-hint");
-        let rel: pg_sys::Oid = one("SELECT 'public.off_users'::regclass::oid");
-        crate::offboard::set_resume_hint("off-hint", rel, "(1000,1)");
         let mut n = 0;
         loop {
             let k: i64 = one("SELECT pgseal._offboard_delete('off-hint', 1)");
@@ -288,7 +286,7 @@ mod tests {
         run("SELECT pgseal._offboard_advance('off-hint', 'exported', 'deleted')");
         run("SELECT pgseal.tenant_shred('off-hint')");
         run("SELECT pgseal._offboard_advance('off-hint', 'deleted', 'shredded')");
-        crate::offboard::set_resume_hint("off-hint", pg_sys::InvalidOid, "1000000");
+        crate::offboard::set_resume_hint("off-hint", 1_000_000);
         let mut total = 0;
         loop {
             let k: i64 = one("SELECT pgseal._offboard_erase('off-hint', 2)");
@@ -376,7 +374,17 @@ mod tests {
         run("CREATE TRIGGER keep BEFORE DELETE ON public.off_users FOR EACH ROW EXECUTE FUNCTION public.off_keep()");
         run("SELECT pgseal.tenant_offboard('off-kept', '0')");
         exported("off-kept");
-        while one::<i64>("SELECT pgseal._offboard_delete('off-kept', 10)") > 0 {}
+        // The batch deletes u1; the next finds u2 left and stops, naming the table.
+        assert_eq!(
+            calls_until_refused("SELECT pgseal._offboard_delete('off-kept', 10)", 5),
+            1
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(id, ',') FROM public.off_users WHERE tenant_id = 'off-kept'"
+            ),
+            "u2"
+        );
         assert_eq!(
             sqlstate("SELECT pgseal._offboard_advance('off-kept', 'exported', 'deleted')"),
             "55000"
@@ -384,9 +392,9 @@ mod tests {
         assert_eq!(step("off-kept"), "exported");
     }
 
-    /// Calls `q` until it is refused for deleting more rows than there were, at
-    /// most `max` times; returns how many calls succeeded before (panics when none
-    /// was refused, or one failed otherwise).
+    /// Calls `q` until it is refused for rows left that the export does not hold,
+    /// at most `max` times; returns how many calls succeeded before (panics when
+    /// none was refused, or one failed otherwise). The refusal names the table.
     fn calls_until_refused(q: &str, max: usize) -> usize {
         let checked = format!(
             "SELECT tests.error_text_of({})",
@@ -397,7 +405,10 @@ mod tests {
             if msg.is_empty() {
                 continue;
             }
-            assert!(msg.contains("puts rows back"), "{q}: {msg}");
+            assert!(
+                msg.contains("not deleted unexported") && msg.contains("(table public."),
+                "{q}: {msg}"
+            );
             return i;
         }
         panic!("{q} was never refused in {max} calls");
@@ -406,8 +417,10 @@ mod tests {
     #[pg_test]
     fn a_trigger_that_puts_rows_back_stops_the_offboarding() {
         // The table's owner puts every deleted row back: the deletes would find
-        // rows for ever (pgseald's loop would never end). A session deletes at most
-        // the rows there were when its deletes began.
+        // rows for ever (pgseald's loop would never end). They take only the rows
+        // the export held, each once. (Rows put back by a batch of another
+        // transaction are deleted once more, by a batch that records none:
+        // offboard_cluster's `rows_the_deletes_change_go_with_them_and_nothing_else_does`.)
         tenant_data("off-back");
         run(
             "CREATE FUNCTION public.off_put_back() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -423,9 +436,15 @@ mod tests {
             one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-back'"),
             2
         );
-        // Without the trigger, the same rows go.
+        // Its step stays; once an administrator has taken the rows put back (the
+        // export holds what they copy), the offboarding goes on.
+        assert_eq!(step("off-back"), "exported");
         run("DROP TRIGGER put_back ON public.off_users");
-        while one::<i64>("SELECT pgseal._offboard_delete('off-back', 10)") > 0 {}
+        run("DELETE FROM public.off_users WHERE tenant_id = 'off-back'");
+        assert_eq!(
+            one::<i64>("SELECT pgseal._offboard_delete('off-back', 10)"),
+            0
+        );
         run("SELECT pgseal._offboard_advance('off-back', 'exported', 'deleted')");
         // The same through a partitioned table's trigger, which its partitions take.
         run("CREATE TABLE public.off_parts (id text, tenant_id text NOT NULL) PARTITION BY LIST (tenant_id)");
@@ -468,32 +487,6 @@ mod tests {
             calls_until_refused("SELECT pgseal._offboard_delete('off-ping', 10)", 10),
             1
         );
-    }
-
-    #[pg_test]
-    fn a_self_referencing_foreign_key_does_not_stop_the_offboarding() {
-        // ON DELETE SET NULL updates the children of a deleted row in the same
-        // table; the offboarding deletes them all the same.
-        run(
-            "CREATE TABLE public.off_tree (id text PRIMARY KEY, tenant_id text NOT NULL, \
-             parent text REFERENCES public.off_tree ON DELETE SET NULL)",
-        );
-        run("SELECT pgseal.subject_register('public.off_tree', 'id')");
-        tenant("off-tree");
-        run("INSERT INTO public.off_tree SELECT 'n' || g, 'off-tree', CASE WHEN g > 1 THEN 'n' || (g / 2) END \
-             FROM generate_series(1, 20) g");
-        run("SELECT pgseal.tenant_offboard('off-tree', '0')");
-        exported("off-tree");
-        let mut n = 0;
-        loop {
-            let k: i64 = one("SELECT pgseal._offboard_delete('off-tree', 3)");
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
-        assert_eq!(n, 20);
-        run("SELECT pgseal._offboard_advance('off-tree', 'exported', 'deleted')");
     }
 
     #[pg_test]
@@ -762,7 +755,9 @@ mod tests {
         exported("off-reg2");
         assert!(one::<i64>("SELECT pgseal._offboard_delete('off-reg2', 1)") > 0);
         run("SELECT pgseal.subject_register('public.off_late_reg2', 'id')");
+        // The rows the export held go; the late table's stop the deletes.
         let q = "SELECT pgseal._offboard_delete('off-reg2', 10)";
+        assert_eq!(calls_until_refused(q, 5), 1);
         assert_eq!(sqlstate(q), "55000");
         let msg: String = one(&format!(
             "SELECT tests.error_text_of({})",
@@ -793,14 +788,14 @@ mod tests {
             n += k;
         }
         assert_eq!(n, 2);
-        assert_eq!(step("off-reg3"), "exported");
-        // The late table without the tenant's rows joined the export's tables.
+        run("SELECT pgseal._offboard_advance('off-reg3', 'exported', 'deleted')");
+        // A dropped table leaves the export's tables (its OID could name another
+        // table later).
         assert!(one::<bool>(
-            "SELECT 'public.off_late_reg3'::regclass = ANY (export_tables) FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-reg3'"
+            "SELECT 'public.off_late_reg'::regclass = ANY (export_tables) FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-reg3'"
         ));
-        // A dropped table leaves them (its OID could name another table later).
-        let oid: pg_sys::Oid = one("SELECT 'public.off_late_reg3'::regclass::oid");
-        run("DROP TABLE public.off_late_reg3");
+        let oid: pg_sys::Oid = one("SELECT 'public.off_late_reg'::regclass::oid");
+        run("DROP TABLE public.off_late_reg");
         assert!(!one::<bool>(&format!(
             "SELECT {} = ANY (export_tables::oid[]) FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-reg3'",
             oid.to_u32()
@@ -891,6 +886,113 @@ mod tests {
         assert_eq!(
             one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-after'"),
             4
+        );
+    }
+
+    #[pg_test]
+    fn a_row_changed_after_the_export_is_never_deleted_unexported() {
+        // Before any row is deleted, a changed row sends the offboarding back to
+        // exporting, and the next export holds the new value.
+        tenant_data("off-chg");
+        run("SELECT pgseal.tenant_offboard('off-chg', '0')");
+        exported("off-chg");
+        run("UPDATE public.off_users SET email = 'new@example.com' WHERE tenant_id = 'off-chg' AND id = 'u2'");
+        assert_eq!(
+            one::<i64>("SELECT pgseal._offboard_delete('off-chg', 10)"),
+            0
+        );
+        assert_eq!(step("off-chg"), "scheduled");
+        let export: String =
+            one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-chg') l");
+        assert!(export.contains("new@example.com"), "{export}");
+        run("SELECT pgseal._offboard_advance('off-chg', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        // Once a row was deleted: a row changed, one deleted and put back as it
+        // was, and one moved (the same values in a new place) are all kept, and the
+        // deletes stop naming the table.
+        run("INSERT INTO public.off_users SELECT 'm' || g, 'off-chg', NULL, NULL FROM generate_series(1, 4) g");
+        exported_again("off-chg");
+        assert_eq!(
+            one::<i64>("SELECT pgseal._offboard_delete('off-chg', 1)"),
+            1
+        );
+        run("UPDATE public.off_users SET email = 'newer@example.com' WHERE tenant_id = 'off-chg' AND id = 'u2'");
+        run("DELETE FROM public.off_users WHERE tenant_id = 'off-chg' AND id = 'm1'");
+        run("INSERT INTO public.off_users VALUES ('m1', 'off-chg', NULL, NULL)");
+        run("UPDATE public.off_users SET id = id WHERE tenant_id = 'off-chg' AND id = 'm2'");
+        let q = "SELECT pgseal._offboard_delete('off-chg', 10)";
+        assert_eq!(calls_until_refused(q, 5), 1);
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(id || ':' || coalesce(email, ''), ',' ORDER BY id) FROM public.off_users WHERE tenant_id = 'off-chg'"
+            ),
+            "m1:,m2:,u2:newer@example.com"
+        );
+        assert_eq!(step("off-chg"), "exported");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_advance('off-chg', 'exported', 'deleted')"),
+            "55000"
+        );
+    }
+
+    /// The export step again at step 'exported' as pgseald would take it after
+    /// going back: the deletes sent it back first (rows written since).
+    fn exported_again(t: &str) {
+        assert_eq!(
+            one::<i64>(&format!(
+                "SELECT pgseal._offboard_delete({}, 10)",
+                pgrx::spi::quote_literal(t)
+            )),
+            0
+        );
+        assert_eq!(step(t), "scheduled");
+        exported(t);
+    }
+
+    #[pg_test]
+    fn a_forged_or_stale_key_deletes_nothing() {
+        // The keys are the extension owner's: nobody else may write them, and a key
+        // whose row is gone, moved or of another tenant matches no row.
+        tenant_data("off-keys");
+        run("SELECT pgseal.tenant_offboard('off-keys', '0')");
+        exported("off-keys");
+        for sql in [
+            "INSERT INTO pgseal.offboard_export_rows VALUES ('off-keys', 99, 'public.off_users'::regclass, '{}')",
+            "DELETE FROM pgseal.offboard_export_rows",
+            "INSERT INTO pgseal.offboard_delete_xacts VALUES ('off-keys', pg_current_xact_id())",
+        ] {
+            run("SET LOCAL ROLE pgseal_admin");
+            assert_eq!(sqlstate(sql), "42501", "{sql}");
+            run("RESET ROLE");
+        }
+        // The bystander's row, under off-keys' key list once the deletes began:
+        // another tenant's row at an exported place is never taken.
+        assert_eq!(
+            one::<i64>("SELECT pgseal._offboard_delete('off-keys', 1)"),
+            1
+        );
+        run(
+            "UPDATE pgseal.offboard_export_rows SET keys = keys || ARRAY(SELECT concat_ws(' ', x.tableoid, x.ctid, x.xmin) \
+               FROM public.off_users x WHERE x.tenant_id = 'off-bystander') WHERE tenant_id = 'off-keys'",
+        );
+        let mut n = 1;
+        loop {
+            let k: i64 = one("SELECT pgseal._offboard_delete('off-keys', 10)");
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, 2);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-bystander'"),
+            1
+        );
+        run("SELECT pgseal._offboard_advance('off-keys', 'exported', 'deleted')");
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM pgseal.offboard_export_rows WHERE tenant_id = 'off-keys'"
+            ),
+            0
         );
     }
 
