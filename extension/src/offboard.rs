@@ -579,6 +579,7 @@ impl ExportLines {
                     fetch_lines(&cursor, &mut self.buffer, Some(&mut keys))
                 })?;
                 self.table_rows += (self.buffer.len() - before) as i64;
+                keys.retain(|k| !k.is_empty());
                 if !keys.is_empty() {
                     self.chunks += 1;
                     exported::record(&self.tenant, self.chunks, root, keys)?;
@@ -630,13 +631,19 @@ impl ExportLines {
         // misses a row (a collation whose order changed under it) keeps a row from
         // the export that the deletes then take, and the export's row count is
         // comparable with the rows left (`delete`). Each line comes with its row's
-        // key, which the deletes go by.
+        // key, which the deletes go by (none for a table Citus manages: its rows'
+        // places and transactions are other nodes').
+        let key = if crate::pg::citus::manages(t.rel)? {
+            "NULL::pg_catalog.text".to_owned()
+        } else {
+            exported::row_key("_pgseal_row")
+        };
         let sql = format!(
             "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text, {} \
                FROM {} AS _pgseal_row \
               WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
             crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
-            exported::row_key("_pgseal_row"),
+            key,
             name
         );
         let cursor = as_table_owner(t.owner, || {

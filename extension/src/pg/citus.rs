@@ -27,6 +27,22 @@ pub fn present() -> bool {
     unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) != pg_sys::InvalidOid }
 }
 
+/// Whether Citus manages `rel` (a distributed or reference table, listed in
+/// `pg_dist_partition`): its rows live on other nodes, where a row's place and
+/// inserting transaction mean nothing to this one.
+pub fn manages(rel: pg_sys::Oid) -> SealResult<bool> {
+    if !present() {
+        return Ok(false);
+    }
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p \
+              WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid)",
+            &[rel.into()],
+        )
+    })? == Some(true))
+}
+
 thread_local! {
     /// `preloaded`'s answer: `shared_preload_libraries` is fixed at server start.
     static PRELOADED: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
