@@ -13,10 +13,9 @@
 -- and every table under them, `export_rows` the table rows it held, `export_xact`
 -- its transaction (set by the export, in that transaction, which must also record
 -- the step). The deletes take only rows the export held, as it read them
--- (pgseal.offboard_export_rows), and rows their own batches wrote or changed in the
--- exported tables (pgseal.offboard_delete_xacts). Rows left beyond those send the
--- offboarding back to exporting while nothing is deleted, and stop it (55000) once
--- rows were deleted or `past_export` (set when it first passed deleting).
+-- (pgseal.offboard_export_rows). Rows left beyond those send the offboarding back
+-- to exporting while nothing is deleted, and stop it (55000) once rows were deleted
+-- or `past_export` (set when it first passed deleting).
 -- export_tables is cleared at 'done'. Written only by pgseal's functions (as the
 -- extension owner); pgseal_admin reads it.
 CREATE TABLE pgseal.tenant_offboardings (
@@ -45,33 +44,22 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
 
 -- The rows a tenant's export held, as it read them: per chunk of a table's cursor,
 -- `keys` holds each row's `tableoid ctid xmin` (as concat_ws(' ', …) prints them),
--- and `root` the registered table it was read through. Written by the export in its
--- transaction; each batch of the deletes takes (removes) the keys it deletes by,
--- and deletes a row only while it is still the version exported (same place, same
--- inserting transaction): a row updated, replaced or written since never matches.
--- Not dumped: after a restore no row would match (every place and transaction is
--- new), and the offboarding exports again or stops rather than delete unexported.
+-- `root` the registered table it was read through and `xact` the export's
+-- transaction. Written by the export in its transaction; each batch of the deletes
+-- takes (removes) the keys it deletes by, and deletes a row only while it is still
+-- the version exported (same place, same inserting transaction): a row updated,
+-- replaced or written since never matches (extension/src/offboard/exported.rs).
+-- Not dumped: after a restore nothing is recorded, and the offboarding exports
+-- again or stops rather than delete unexported.
 CREATE TABLE pgseal.offboard_export_rows (
     tenant_id text NOT NULL,
     chunk     int4 NOT NULL,
     root      oid  NOT NULL,
     keys      text[] NOT NULL,
+    xact      xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
     PRIMARY KEY (tenant_id, chunk)
 );
 REVOKE ALL ON pgseal.offboard_export_rows FROM PUBLIC;
-
--- The transactions of a tenant's delete batches that deleted rows: rows they wrote
--- or changed in the exported tables (a foreign key's ON DELETE SET NULL, a trigger's
--- counter) come from rows the export held, and are deleted after the export's rows
--- are used up, by a batch that adds no transaction here (so a trigger that puts rows
--- back cannot keep the deletes going). Not dumped (a restored database's
--- transactions are new ones).
-CREATE TABLE pgseal.offboard_delete_xacts (
-    tenant_id text NOT NULL,
-    xact      xid8 NOT NULL,
-    PRIMARY KEY (tenant_id, xact)
-);
-REVOKE ALL ON pgseal.offboard_delete_xacts FROM PUBLIC;
 
 -- The lines of a tenant's export (pgseald's export step). A C function of pgseal's
 -- library in materialize mode, so that the whole export runs in one call

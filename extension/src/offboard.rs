@@ -375,8 +375,7 @@ fn export_again(tenant: &str) -> SealResult<()> {
             &[tenant.into()],
         )
     })?;
-    exported::clear(tenant)?;
-    exported::clear_xacts(tenant)
+    exported::clear(tenant)
 }
 
 /// `pgseal._offboard_export(tenant)`: at step 'scheduled', the lines of the
@@ -412,7 +411,7 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
         require_context(&tenant)?;
         start_export_record(&tenant)?;
         Ok::<_, SealError>(ExportLines {
-            tables: tables()?.into_iter(),
+            tables: delete::delete_order(tables()?)?.into_iter(),
             table_rows: 0,
             chunks: 0,
             tenant,
@@ -631,9 +630,8 @@ impl ExportLines {
         // misses a row (a collation whose order changed under it) keeps a row from
         // the export that the deletes then take, and the export's row count is
         // comparable with the rows left (`delete`). Each line comes with its row's
-        // key, which the deletes go by (none for a table Citus manages: its rows'
-        // places and transactions are other nodes').
-        let key = if crate::pg::citus::manages(t.rel)? {
+        // key, which the deletes go by (none where `exported::keyed` says so).
+        let key = if !exported::keyed(t.rel)? {
             "NULL::pg_catalog.text".to_owned()
         } else {
             exported::row_key("_pgseal_row")
@@ -822,7 +820,6 @@ fn _offboard_advance(
             }
             // What the deletes went by is done with.
             exported::clear(&tenant)?;
-            exported::clear_xacts(&tenant)?;
         }
         as_owner(|| {
             Spi::run_with_args(

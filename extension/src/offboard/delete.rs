@@ -5,16 +5,22 @@
 //!
 //! A batch takes the next keys the export recorded for one registered table and
 //! deletes, as the table's owner (restricted), the rows still at those places with
-//! those inserting transactions (a TID scan). Its transaction is recorded when it
-//! deleted some. Once the keys are used up, rows that those batches wrote or changed
-//! in the exported tables (a foreign key's ON DELETE SET NULL, a trigger's counter)
-//! are deleted too, by batches that record no transaction, so rows their own
-//! triggers write stay. Any row of the tenant left then was not in the export as it
-//! is: while nothing was deleted the offboarding goes back to exporting, and
-//! otherwise it stops (55000, naming the table) for an administrator to export and
-//! delete those rows by hand. Before the first row is deleted, the rows in the
+//! those inserting transactions (a TID scan). Tables come referencing before
+//! referenced (the export reads them in that order), and a table's keys last-read
+//! first, so that a foreign key's ON DELETE action finds the rows that reference a
+//! deleted one already gone (a tree written parents first loses its leaves
+//! first). A batch that changed or deleted any other row of an offboarded table (a
+//! foreign key's action, a trigger's counter) is refused (55000, which rolls it
+//! back): that row may have changed since the export. Once the keys are used up,
+//! any row of the tenant left was not in the export as it is: while nothing was
+//! deleted and it differs from the export, the offboarding goes back to exporting,
+//! and otherwise it stops (55000, naming the table) for an administrator to export
+//! and delete those rows by hand. Before the first row is deleted, the rows in the
 //! tables are compared with the export's (`Digest`): a row written, changed or
 //! removed since sends it back to exporting at once.
+//!
+//! A table Citus manages has no keys (its rows' places and transactions are other
+//! nodes'): its tenant rows are deleted in one statement, once per export.
 
 use pgrx::prelude::*;
 
@@ -36,53 +42,50 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         ))?;
         require_step(&tenant, "exported")?;
         require_context(&tenant)?;
+        require_track_counts()?;
+        // Every table locked and checked before anything is read or deleted.
         let tables = tables()?;
+        let mut names = Vec::with_capacity(tables.len());
+        for t in &tables {
+            names.push(checked_for_delete(t)?);
+        }
+        refuse_cascades_out(&tables)?;
         if nothing_deleted_yet(&tenant)? && export_differs(&tenant, &tables)? {
             super::export_again(&tenant)?;
             return Ok(0);
         }
+        let watched = watched_tables(&tenant, &tables)?;
         while let Some((root, keys)) = exported::take(&tenant, batch)? {
             // A table no longer registered (or dropped) is no longer offboarded:
             // its keys go unused.
-            let Some(t) = tables.iter().find(|t| t.rel == root) else {
+            let Some(i) = tables.iter().position(|t| t.rel == root) else {
                 continue;
             };
-            let name = checked_for_delete(t)?;
-            let n = t.delete_exported(&tenant, &name, keys)?;
+            let before = write_counts(&watched)?;
+            let deleted = tables[i].delete_exported(&tenant, &names[i], keys)?;
+            refuse_other_writes(&watched, &before, &deleted)?;
+            let n: i64 = deleted.iter().map(|(_, n)| n).sum();
             if n > 0 {
-                exported::add_xact(&tenant)?;
-                super::count_deleted(&tenant, &name, n)?;
+                super::count_deleted(&tenant, &names[i], n)?;
                 return Ok(n);
             }
         }
-        let xacts = exported::earlier_xacts(&tenant)?;
-        let exported_tables = export_tables(&tenant)?;
         let mut left: Option<&Table> = None;
-        for t in &tables {
-            let name = checked_for_delete(t)?;
-            if crate::pg::citus::manages(t.rel)? {
-                let n = t.delete_all(&tenant, &name)?;
+        for (t, name) in tables.iter().zip(&names) {
+            if crate::pg::citus::manages(t.rel)? && !already_deleted_from(&tenant, name)? {
+                let n = t.delete_all(&tenant, name)?;
                 if n > 0 {
-                    super::count_deleted(&tenant, &name, n)?;
-                    return Ok(n);
-                }
-                continue;
-            }
-            let (candidates, rows) = t.left(&tenant, &exported_tables, &xacts)?;
-            if candidates > 0 {
-                let n = t.delete_written_by_batches(&tenant, &name, &exported_tables, &xacts, batch)?;
-                if n > 0 {
-                    super::count_deleted(&tenant, &name, n)?;
+                    super::count_deleted(&tenant, name, n)?;
                     return Ok(n);
                 }
             }
-            if rows > 0 && left.is_none() {
+            if left.is_none() && t.rows_of(&tenant)? > 0 {
                 left = Some(t);
             }
         }
         match left {
             None => Ok(0),
-            Some(_) if nothing_deleted_yet(&tenant)? => {
+            Some(_) if nothing_deleted_yet(&tenant)? && export_differs(&tenant, &tables)? => {
                 super::export_again(&tenant)?;
                 Ok(0)
             }
@@ -93,6 +96,141 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         }
     })()
     .or_raise()
+}
+
+/// `tables` in the order the export reads them and the deletes take them: a table
+/// before every table its tree references by a foreign key (so that the key's ON
+/// DELETE action finds the referencing rows already gone), otherwise in name order;
+/// tables in a cycle of keys keep name order among themselves.
+pub(super) fn delete_order(tables: Vec<Table>) -> SealResult<Vec<Table>> {
+    let mut root_of = std::collections::HashMap::new();
+    for (i, t) in tables.iter().enumerate() {
+        for m in tree_of(t.rel)? {
+            root_of.entry(m.rel).or_insert(i);
+        }
+    }
+    let members: Vec<pg_sys::Oid> = root_of.keys().copied().collect();
+    let edges = as_owner(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT DISTINCT c.conrelid, c.confrelid FROM pg_catalog.pg_constraint c \
+                  WHERE c.contype OPERATOR(pg_catalog.=) 'f' \
+                    AND c.conrelid OPERATOR(pg_catalog.=) ANY ($1) AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1)",
+                None,
+                &[members.into()],
+            )?
+            .map(|r| {
+                Ok((
+                    r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                    r.get::<pg_sys::Oid>(2)?.unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        })
+    })?;
+    // before[j]: the tables that must come before table j (those referencing it).
+    let mut before: Vec<std::collections::BTreeSet<usize>> = vec![Default::default(); tables.len()];
+    for (from, to) in edges {
+        if let (Some(&a), Some(&b)) = (root_of.get(&from), root_of.get(&to)) {
+            if a != b {
+                before[b].insert(a);
+            }
+        }
+    }
+    let mut order = Vec::with_capacity(tables.len());
+    let mut placed = vec![false; tables.len()];
+    while order.len() < tables.len() {
+        // The first table (in name order) whose referencing tables are all placed;
+        // in a cycle, the first not placed.
+        let next = (0..tables.len())
+            .find(|&j| !placed[j] && before[j].iter().all(|&a| placed[a]))
+            .or_else(|| (0..tables.len()).find(|&j| !placed[j]))
+            .ok_or(SealError::Internal("the order of the offboarded tables"))?;
+        placed[next] = true;
+        order.push(next);
+    }
+    let mut slots: Vec<Option<Table>> = tables.into_iter().map(Some).collect();
+    Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
+}
+
+/// Refuses (55000) unless `track_counts` is on: a batch's writes beyond its own
+/// deletes are found in the transaction's table counters (`refuse_other_writes`).
+fn require_track_counts() -> SealResult<()> {
+    // SAFETY: pgstat_track_counts is a plain bool GUC variable of the server.
+    if unsafe { pg_sys::pgstat_track_counts } {
+        Ok(())
+    } else {
+        Err(SealError::Refused(
+            "the offboarding's deletes need track_counts on (they check each batch's writes in the transaction's table counters)",
+        ))
+    }
+}
+
+/// Whether the tenant's offboarding already deleted rows from `name` (a Citus
+/// table is deleted from once per export, so that a trigger that puts rows back
+/// cannot keep the deletes going).
+fn already_deleted_from(tenant: &str, name: &str) -> SealResult<bool> {
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT deleted OPERATOR(pg_catalog.?) $2 FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+            &[tenant.into(), name.into()],
+        )
+    })? == Some(true))
+}
+
+/// The tables whose rows a batch must not change or delete beyond its own: every
+/// table the export read and every table of the registered tables' trees now.
+fn watched_tables(tenant: &str, tables: &[Table]) -> SealResult<Vec<pg_sys::Oid>> {
+    let mut watched = export_tables(tenant)?;
+    for t in tables {
+        watched.extend(tree_of(t.rel)?.iter().map(|m| m.rel));
+    }
+    watched.sort_unstable_by_key(|r| r.to_u32());
+    watched.dedup();
+    Ok(watched)
+}
+
+/// The transaction's updated and deleted tuples so far, per table of `rels`.
+fn write_counts(rels: &[pg_sys::Oid]) -> SealResult<Vec<(i64, i64)>> {
+    Ok(as_owner(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT pg_catalog.pg_stat_get_xact_tuples_updated(r), pg_catalog.pg_stat_get_xact_tuples_deleted(r) \
+                   FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS u(r, i) ORDER BY i",
+                None,
+                &[rels.to_vec().into()],
+            )?
+            .map(|r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i64>(2)?.unwrap_or(0))))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        })
+    })?)
+}
+
+/// Refuses (55000, naming the table) a batch that updated a row of a watched table,
+/// or deleted more from one than its own `deleted` (per table): a foreign key's ON
+/// DELETE action or a trigger changed or took a row that may have changed since the
+/// export. The error rolls the batch back.
+fn refuse_other_writes(
+    watched: &[pg_sys::Oid],
+    before: &[(i64, i64)],
+    deleted: &[(pg_sys::Oid, i64)],
+) -> SealResult<()> {
+    let after = write_counts(watched)?;
+    for ((rel, (u0, d0)), (u1, d1)) in watched.iter().zip(before).zip(&after) {
+        let own: i64 = deleted
+            .iter()
+            .filter(|(r, _)| r == rel)
+            .map(|(_, n)| n)
+            .sum();
+        if u1 - u0 > 0 || d1 - d0 > own {
+            let name = crate::privilege::pinned_name(*rel, pg_sys::AccessShareLock)?;
+            return Err(SealError::Refused(
+                "deleting the tenant's exported rows changed or deleted other rows of an offboarded table (a foreign key's ON DELETE action, or a trigger): they may have changed since the export, so the batch is undone (drop the trigger or change the key's action for the offboarding, or export and delete those rows by hand)",
+            )
+            .on_table(&name));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the offboarding has deleted no row and never went past deleting: a new
@@ -112,12 +250,12 @@ fn nothing_deleted_yet(tenant: &str) -> SealResult<bool> {
 fn export_differs(tenant: &str, tables: &[Table]) -> SealResult<bool> {
     let mut now = Digest::default();
     for t in tables {
-        // The export records no key for a table Citus manages.
-        if crate::pg::citus::manages(t.rel)? {
+        // The export records no key for a table without them (`exported::keyed`).
+        if !exported::keyed(t.rel)? {
             continue;
         }
-        let (rows, sum) = t.tally(tenant, "", &Digest::sum_sql(), Vec::new())?;
-        now = now.add(Digest::of(Some(rows), sum)?);
+        let (_, digest) = t.tally(tenant, "", &Digest::sql(), Vec::new())?;
+        now = now.add(Digest::parse(digest)?);
     }
     Ok(now != exported::digest(tenant)?)
 }
@@ -148,18 +286,21 @@ fn checked_for_delete(t: &Table) -> SealResult<String> {
             )
         })
         .map_err(|e| e.on_table(&name))?;
-    refuse_cascades_out(t.rel)?;
     Ok(name)
 }
 
-/// Refuses (55000, naming it) a table outside `rel`'s tree with a text `tenant_id`
-/// column (one an administrator can register) and a foreign key ON DELETE CASCADE
-/// to a table of the tree: the deletes would take its rows unexported. A table
-/// without one cannot be offboarded itself; its rows go with the rows they
-/// reference, as the key says. The caller has locked the tree, so no partition
-/// comes or goes between this check and the deletes.
-fn refuse_cascades_out(rel: pg_sys::Oid) -> SealResult<()> {
-    let members: Vec<pg_sys::Oid> = tree_of(rel)?.iter().map(|m| m.rel).collect();
+/// Refuses (55000, naming it) a table outside the offboarded tables' trees with a
+/// text `tenant_id` column (one an administrator can register) and a foreign key
+/// ON DELETE CASCADE to one of them: the deletes would take its rows unexported. A
+/// table without one cannot be offboarded itself; its rows go with the rows they
+/// reference, as the key says. Cascades among the offboarded tables are checked as
+/// they happen (`refuse_other_writes`). The caller has locked the trees, so no
+/// partition comes or goes between this check and the deletes.
+fn refuse_cascades_out(tables: &[Table]) -> SealResult<()> {
+    let mut members: Vec<pg_sys::Oid> = Vec::new();
+    for t in tables {
+        members.extend(tree_of(t.rel)?.iter().map(|m| m.rel));
+    }
     let cascading = as_owner(|| {
         Spi::get_one_with_args::<String>(
             "SELECT (SELECT c.conrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_constraint c \
@@ -190,7 +331,13 @@ impl Table {
     /// Deletes, as the owner, the tenant's rows of this table (named `name`,
     /// pinned) whose keys are `keys`: each still the row version the export read.
     /// A TID scan over their places; a partitioned table probes each partition.
-    fn delete_exported(&self, tenant: &str, name: &str, keys: Vec<String>) -> SealResult<i64> {
+    /// Returns the rows deleted per table of the tree.
+    fn delete_exported(
+        &self,
+        tenant: &str,
+        name: &str,
+        keys: Vec<String>,
+    ) -> SealResult<Vec<(pg_sys::Oid, i64)>> {
         let places = keys
             .iter()
             .map(|k| exported::place_of(k).map(str::to_owned))
@@ -201,13 +348,21 @@ impl Table {
                          WHERE x.ctid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[]::pg_catalog.tid[]) \
                            AND {key} OPERATOR(pg_catalog.=) ANY ($3::pg_catalog.text[]) \
                            AND x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                        RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d"
+                        RETURNING x.tableoid) \
+             SELECT d.tableoid, pg_catalog.count(*) FROM d GROUP BY d.tableoid"
         );
         Ok(as_table_owner(self.owner, || {
-            Spi::get_one_with_args::<i64>(&sql, &[tenant.into(), places.into(), keys.into()])
-        })?
-        .unwrap_or(0))
+            Spi::connect(|c| {
+                c.select(&sql, None, &[tenant.into(), places.into(), keys.into()])?
+                    .map(|r| {
+                        Ok((
+                            r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                            r.get::<i64>(2)?.unwrap_or(0),
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+            })
+        })?)
     }
 
     /// Deletes, as the owner, all the tenant's rows of this table, which Citus
@@ -224,73 +379,6 @@ impl Table {
         );
         Ok(as_table_owner(self.owner, || {
             Spi::get_one_with_args::<i64>(&sql, &[tenant.into()])
-        })?
-        .unwrap_or(0))
-    }
-
-    /// The condition, over alias `x`, of a row the delete batches wrote or changed
-    /// in a table the export read ($2: those tables, $3: the batches'
-    /// transactions).
-    const WRITTEN_BY_BATCHES: &'static str =
-        "x.tableoid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.oid[]) \
-         AND x.xmin OPERATOR(pg_catalog.=) ANY ($3::pg_catalog.text[]::pg_catalog.xid[])";
-
-    /// The tenant's rows left in this table's tree: those the delete batches wrote
-    /// or changed (`WRITTEN_BY_BATCHES`), and all.
-    fn left(
-        &self,
-        tenant: &str,
-        exported_tables: &[pg_sys::Oid],
-        xacts: &[String],
-    ) -> SealResult<(i64, i64)> {
-        let (rows, written) = self.tally(
-            tenant,
-            "",
-            &format!(
-                "pg_catalog.count(*) FILTER (WHERE {})",
-                Self::WRITTEN_BY_BATCHES
-            ),
-            vec![exported_tables.to_vec().into(), xacts.to_vec().into()],
-        )?;
-        let written = written
-            .and_then(|w| w.parse::<i64>().ok())
-            .ok_or(SealError::Internal("a count of rows"))?;
-        Ok((written, rows))
-    }
-
-    /// Deletes, as the owner, up to `batch` of the tenant's rows of this table that
-    /// the delete batches wrote or changed.
-    fn delete_written_by_batches(
-        &self,
-        tenant: &str,
-        name: &str,
-        exported_tables: &[pg_sys::Oid],
-        xacts: &[String],
-        batch: i32,
-    ) -> SealResult<i64> {
-        let written = Self::WRITTEN_BY_BATCHES;
-        let written_y = written.replace("x.", "y.");
-        let sql = format!(
-            "WITH d AS (DELETE FROM {name} AS x \
-                         WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                           AND {written} \
-                           AND (x.tableoid, x.ctid) IN \
-                               (SELECT y.tableoid, y.ctid FROM {name} AS y \
-                                 WHERE y.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                                   AND {written_y} LIMIT $4) \
-                        RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d"
-        );
-        Ok(as_table_owner(self.owner, || {
-            Spi::get_one_with_args::<i64>(
-                &sql,
-                &[
-                    tenant.into(),
-                    exported_tables.to_vec().into(),
-                    xacts.to_vec().into(),
-                    batch.into(),
-                ],
-            )
         })?
         .unwrap_or(0))
     }

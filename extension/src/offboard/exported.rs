@@ -1,17 +1,18 @@
 //! What an offboarding's deletes may take: the rows its export held, recorded as the
-//! export read them (`pgseal.offboard_export_rows`), and the transactions of the
-//! delete batches that took some (`pgseal.offboard_delete_xacts`), whose writes to
-//! the exported tables come from rows the export held. Both tables are written and
-//! read only here, as the extension owner (sql/offboarding.sql).
+//! export read them (`pgseal.offboard_export_rows`), written and read only here, as
+//! the extension owner (sql/offboarding.sql).
 //!
-//! A row is identified by its `tableoid ctid xmin`, as `concat_ws(' ', …)` prints
-//! them (`row_key`): the table, the place and the inserting transaction of the row
-//! version the export read. An update, a delete and a new insert all make a new
-//! version (a new place, a new transaction), so a row changed or replaced since the
-//! export never matches. Freezing keeps a tuple's raw xmin, which the `xmin` column
-//! shows, so a row frozen after the export still matches. A rewrite (VACUUM FULL,
-//! CLUSTER, a dump and restore) moves every row: nothing matches, and the offboarding
-//! exports again or stops rather than delete.
+//! A row is identified by its `tableoid ctid xmin` (`row_key`): the table, the place
+//! and the inserting transaction of the row version the export read. An update, a
+//! delete and a new insert all make a new version (a new place, a new transaction),
+//! so a row changed or replaced since the export never matches. Freezing keeps a
+//! tuple's raw xmin, which the `xmin` column shows, so a row frozen after the export
+//! still matches. A rewrite (VACUUM FULL, CLUSTER) keeps each row's xmin and may move
+//! rows: a key then matches only a row of the same inserting transaction unchanged
+//! since, which the export held as it is. A key's xmin is a 32-bit number, which
+//! names one transaction only within 2^31 of now: a record older than 2^30
+//! transactions is refused. Only heap tables' rows have keys (`keyed`); a foreign
+//! table's rows (xmin 0) have none. A dump and restore does not carry the record.
 
 use pgrx::prelude::*;
 
@@ -19,9 +20,32 @@ use crate::error::{SealError, SealResult};
 use crate::privilege::as_owner;
 
 /// A row's key, over the table alias `alias`: its table, place and inserting
-/// transaction.
+/// transaction (NULL for a row without them: a foreign table's).
 pub(super) fn row_key(alias: &str) -> String {
-    format!("pg_catalog.concat_ws(' ', {alias}.tableoid, {alias}.ctid, {alias}.xmin)")
+    format!(
+        "CASE WHEN {alias}.xmin OPERATOR(pg_catalog.=) '0'::pg_catalog.xid THEN NULL \
+              ELSE pg_catalog.concat_ws(' ', {alias}.tableoid, {alias}.ctid, {alias}.xmin) END"
+    )
+}
+
+/// Whether the export records keys for registered table `rel`: not when Citus
+/// manages it (its rows' places and transactions are other nodes'), nor when a
+/// table of its tree stores rows other than in the heap (another access method's
+/// row places need not mean what a heap's do).
+pub(super) fn keyed(rel: pg_sys::Oid) -> SealResult<bool> {
+    if crate::pg::citus::manages(rel)? {
+        return Ok(false);
+    }
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
+               UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
+             SELECT NOT EXISTS (SELECT 1 FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
+                                 WHERE c.relkind IN ('r', 'm') \
+                                   AND c.relam OPERATOR(pg_catalog.<>) $2::pg_catalog.oid)",
+            &[rel.into(), pg_sys::HEAP_TABLE_AM_OID.into()],
+        )
+    })? == Some(true))
 }
 
 /// The place (`ctid`, as text) in a key `row_key` printed.
@@ -62,20 +86,22 @@ pub(super) fn record(
 /// hashes (`hashtextextended`), to compare with the same over the tables' rows
 /// (`Digest`).
 pub(super) fn digest(tenant: &str) -> SealResult<Digest> {
-    let (rows, sum) = as_owner(|| {
-        Spi::get_two_with_args::<i64, String>(
-            "SELECT pg_catalog.count(*), COALESCE(pg_catalog.sum(pg_catalog.hashtextextended(k, 0)), 0)::pg_catalog.text \
-               FROM pgseal.offboard_export_rows e, pg_catalog.unnest(e.keys) k WHERE e.tenant_id = $1",
+    let digest = as_owner(|| {
+        Spi::get_one_with_args::<String>(
+            &format!(
+                "SELECT {} FROM pgseal.offboard_export_rows e, pg_catalog.unnest(e.keys) k WHERE e.tenant_id = $1",
+                Digest::sql_of("k")
+            ),
             &[tenant.into()],
         )
     })?;
-    Digest::of(rows, sum)
+    Digest::parse(digest)
 }
 
-/// A count of rows and the sum of their keys' hashes: equal for the rows the export
-/// recorded and the rows in the tables when none was written, changed or removed
-/// since (a collision only lets the deletes begin; they still take no row that is
-/// not the version exported).
+/// A count of keyed rows and the sum of their keys' hashes: equal for the rows the
+/// export recorded and the rows in the tables when none was written, changed or
+/// removed since (a collision only lets the deletes begin; they still take no row
+/// that is not the version exported).
 #[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
 pub(super) struct Digest {
     pub rows: i64,
@@ -83,23 +109,27 @@ pub(super) struct Digest {
 }
 
 impl Digest {
-    /// The hash sum over the table alias `x`, as a select-list item (`Digest::of`
-    /// reads it as text).
-    pub(super) fn sum_sql() -> String {
+    /// The digest of the rows of table alias `x`, as a select-list item (text).
+    pub(super) fn sql() -> String {
+        Self::sql_of(&row_key("x"))
+    }
+
+    /// The digest of the keys `key` (an expression; NULLs left out), as text:
+    /// the count and the sum.
+    fn sql_of(key: &str) -> String {
         format!(
-            "COALESCE(pg_catalog.sum(pg_catalog.hashtextextended({}, 0)), 0)",
-            row_key("x")
+            "pg_catalog.count({key})::pg_catalog.text OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) \
+             COALESCE(pg_catalog.sum(pg_catalog.hashtextextended({key}, 0)), 0)::pg_catalog.text"
         )
     }
 
-    pub(super) fn of(rows: Option<i64>, sum: Option<String>) -> SealResult<Digest> {
-        let sum = sum
-            .unwrap_or_else(|| "0".to_owned())
-            .parse::<i128>()
-            .map_err(|_| SealError::Internal("a sum of row hashes"))?;
+    pub(super) fn parse(digest: Option<String>) -> SealResult<Digest> {
+        let bad = || SealError::Internal("a digest of row keys");
+        let digest = digest.ok_or_else(bad)?;
+        let (rows, sum) = digest.split_once(' ').ok_or_else(bad)?;
         Ok(Digest {
-            rows: rows.unwrap_or(0),
-            sum,
+            rows: rows.parse().map_err(|_| bad())?,
+            sum: sum.parse().map_err(|_| bad())?,
         })
     }
 
@@ -111,22 +141,30 @@ impl Digest {
     }
 }
 
-/// Takes (removes) up to `batch` of the tenant's recorded keys, in the order the
-/// export read them, all of one registered table: returns the table and the keys,
-/// or None when none is left. Removed in the caller's transaction, which deletes
-/// by them: a batch rolled back puts them back.
+/// Takes (removes) up to `batch` of the tenant's recorded keys, all of one
+/// registered table: the first table the export read (`delete::delete_order`), its
+/// keys last-read first. Returns the table and the keys, or None when none is left.
+/// Removed in the caller's transaction, which deletes by them: a batch rolled back
+/// puts them back. Refuses (55000) a record older than 2^30 transactions.
 pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<(pg_sys::Oid, Vec<String>)>> {
     let batch = usize::try_from(batch).unwrap_or(0);
     let mut taken: Vec<String> = Vec::new();
     let mut root: Option<pg_sys::Oid> = None;
     while taken.len() < batch {
-        let first = as_owner(|| {
+        let last = as_owner(|| {
             Spi::connect(|c| {
                 let rows = c.select(
-                    "SELECT chunk, root, keys FROM pgseal.offboard_export_rows \
-                      WHERE tenant_id = $1 ORDER BY chunk LIMIT 1",
+                    "SELECT e.chunk, e.root, e.keys, \
+                            pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.numeric \
+                              OPERATOR(pg_catalog.-) e.xact::pg_catalog.text::pg_catalog.numeric \
+                              OPERATOR(pg_catalog.>) 1073741824 \
+                       FROM pgseal.offboard_export_rows e \
+                      WHERE e.tenant_id = $1 \
+                        AND e.root OPERATOR(pg_catalog.=) COALESCE($2, (SELECT f.root FROM pgseal.offboard_export_rows f \
+                                                  WHERE f.tenant_id = $1 ORDER BY f.chunk LIMIT 1)) \
+                      ORDER BY e.chunk DESC LIMIT 1",
                     None,
-                    &[tenant.into()],
+                    &[tenant.into(), root.into()],
                 )?;
                 let mut out = None;
                 for r in rows {
@@ -134,16 +172,19 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<(pg_sys::Oid, 
                         r.get::<i32>(1)?.unwrap_or_default(),
                         r.get::<pg_sys::Oid>(2)?.unwrap_or_default(),
                         r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                        r.get::<bool>(4)?.unwrap_or(true),
                     ));
                 }
                 Ok::<_, pgrx::spi::Error>(out)
             })
         })?;
-        let Some((chunk, chunk_root, mut keys)) = first else {
+        let Some((chunk, chunk_root, mut keys, too_old)) = last else {
             break;
         };
-        if root.is_some_and(|r| r != chunk_root) {
-            break;
+        if too_old {
+            return Err(SealError::Refused(
+                "the tenant's export was read more than 2^30 transactions ago: its rows' transactions can no longer be told apart (export and delete the rows left by hand)",
+            ));
         }
         root = Some(chunk_root);
         let need = batch - taken.len();
@@ -154,57 +195,19 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<(pg_sys::Oid, 
                     &[tenant.into(), chunk.into()],
                 )
             })?;
-            taken.append(&mut keys);
         } else {
-            let rest = keys.split_off(need);
+            let rest = keys.len() - need;
+            let first = keys[..rest].to_vec();
+            keys.drain(..rest);
             as_owner(|| {
                 Spi::run_with_args(
                     "UPDATE pgseal.offboard_export_rows SET keys = $3 WHERE tenant_id = $1 AND chunk = $2",
-                    &[tenant.into(), chunk.into(), rest.into()],
+                    &[tenant.into(), chunk.into(), first.into()],
                 )
             })?;
-            taken.append(&mut keys);
         }
+        keys.reverse();
+        taken.append(&mut keys);
     }
     Ok(root.map(|r| (r, taken)))
-}
-
-/// Records the caller's transaction as one of the tenant's delete batches.
-pub(super) fn add_xact(tenant: &str) -> SealResult<()> {
-    Ok(as_owner(|| {
-        Spi::run_with_args(
-            "INSERT INTO pgseal.offboard_delete_xacts VALUES ($1, pg_catalog.pg_current_xact_id()) \
-             ON CONFLICT DO NOTHING",
-            &[tenant.into()],
-        )
-    })?)
-}
-
-/// The tenant's delete batches' transactions (as `xid` text) other than the
-/// caller's, and less than 2^30 transactions old: a row's `xmin` is compared with
-/// them as a 32-bit number, which names one transaction only within 2^31 of now
-/// (an older one is left out, and its rows stop the deletes instead).
-pub(super) fn earlier_xacts(tenant: &str) -> SealResult<Vec<String>> {
-    Ok(as_owner(|| {
-        Spi::get_one_with_args::<Vec<String>>(
-            "SELECT COALESCE(pg_catalog.array_agg(pg_catalog.xid(d.xact)::pg_catalog.text), '{}') \
-               FROM pgseal.offboard_delete_xacts d \
-              WHERE d.tenant_id = $1 AND d.xact OPERATOR(pg_catalog.<>) pg_catalog.pg_current_xact_id() \
-                AND pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.numeric \
-                    OPERATOR(pg_catalog.-) d.xact::pg_catalog.text::pg_catalog.numeric \
-                    OPERATOR(pg_catalog.<) 1073741824",
-            &[tenant.into()],
-        )
-    })?
-    .unwrap_or_default())
-}
-
-/// Forgets the tenant's delete batches' transactions (its deletes are done).
-pub(super) fn clear_xacts(tenant: &str) -> SealResult<()> {
-    Ok(as_owner(|| {
-        Spi::run_with_args(
-            "DELETE FROM pgseal.offboard_delete_xacts WHERE tenant_id = $1",
-            &[tenant.into()],
-        )
-    })?)
 }

@@ -418,9 +418,7 @@ mod tests {
     fn a_trigger_that_puts_rows_back_stops_the_offboarding() {
         // The table's owner puts every deleted row back: the deletes would find
         // rows for ever (pgseald's loop would never end). They take only the rows
-        // the export held, each once. (Rows put back by a batch of another
-        // transaction are deleted once more, by a batch that records none:
-        // offboard_cluster's `rows_the_deletes_change_go_with_them_and_nothing_else_does`.)
+        // the export held, each once, and stop on the copies.
         tenant_data("off-back");
         run(
             "CREATE FUNCTION public.off_put_back() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -956,9 +954,9 @@ mod tests {
         run("SELECT pgseal.tenant_offboard('off-keys', '0')");
         exported("off-keys");
         for sql in [
-            "INSERT INTO pgseal.offboard_export_rows VALUES ('off-keys', 99, 'public.off_users'::regclass, '{}')",
+            "INSERT INTO pgseal.offboard_export_rows (tenant_id, chunk, root, keys) VALUES ('off-keys', 99, 'public.off_users'::regclass, '{}')",
             "DELETE FROM pgseal.offboard_export_rows",
-            "INSERT INTO pgseal.offboard_delete_xacts VALUES ('off-keys', pg_current_xact_id())",
+            "UPDATE pgseal.offboard_export_rows SET keys = '{}'",
         ] {
             run("SET LOCAL ROLE pgseal_admin");
             assert_eq!(sqlstate(sql), "42501", "{sql}");
@@ -993,6 +991,86 @@ mod tests {
                 "SELECT count(*) FROM pgseal.offboard_export_rows WHERE tenant_id = 'off-keys'"
             ),
             0
+        );
+    }
+
+    #[pg_test]
+    fn referencing_rows_go_first_and_a_batch_that_changes_others_is_undone() {
+        // A child table that sorts after its parent, with ON DELETE CASCADE, and a
+        // tree written parents first with ON DELETE SET NULL: the deletes take the
+        // children first and the tree leaves first, so neither key acts.
+        run("CREATE TABLE public.off_a_parent (id int PRIMARY KEY, tenant_id text NOT NULL)");
+        run(
+            "CREATE TABLE public.off_b_child (parent int REFERENCES public.off_a_parent ON DELETE CASCADE, \
+             tenant_id text NOT NULL, note text)",
+        );
+        run(
+            "CREATE TABLE public.off_c_tree (id text PRIMARY KEY, tenant_id text NOT NULL, \
+             up text REFERENCES public.off_c_tree ON DELETE SET NULL)",
+        );
+        // (the child's name sorts after its parent's)
+        run("ALTER TABLE public.off_b_child RENAME TO off_z_child");
+        for t in ["off_a_parent", "off_z_child", "off_c_tree"] {
+            run(&format!(
+                "SELECT pgseal.subject_register('public.{t}', 'tenant_id')"
+            ));
+        }
+        tenant("off-fk");
+        run("INSERT INTO public.off_a_parent SELECT g, 'off-fk' FROM generate_series(1, 5) g");
+        run("INSERT INTO public.off_z_child SELECT g, 'off-fk', 'n' || g FROM generate_series(1, 5) g");
+        run("INSERT INTO public.off_c_tree SELECT 't' || g, 'off-fk', CASE WHEN g > 1 THEN 't' || (g / 2) END \
+             FROM generate_series(1, 9) g");
+        run("SELECT pgseal.tenant_offboard('off-fk', '0')");
+        exported("off-fk");
+        let mut n = 0;
+        loop {
+            let k: i64 = one("SELECT pgseal._offboard_delete('off-fk', 2)");
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, 19);
+        run("SELECT pgseal._offboard_advance('off-fk', 'exported', 'deleted')");
+        let deleted: pgrx::JsonB =
+            one("SELECT deleted FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-fk'");
+        assert_eq!(deleted.0["public.off_z_child"], 5, "{:?}", deleted.0);
+        assert_eq!(deleted.0["public.off_a_parent"], 5, "{:?}", deleted.0);
+        assert_eq!(deleted.0["public.off_c_tree"], 9, "{:?}", deleted.0);
+
+        // A trigger that counts down another offboarded row (one the deletes take
+        // after the parents): the batch that would change it is undone and
+        // refused, naming that table.
+        run("CREATE TABLE public.off_zz_counts (tenant_id text PRIMARY KEY, n int)");
+        run("SELECT pgseal.subject_register('public.off_zz_counts', 'tenant_id')");
+        run(
+            "CREATE FUNCTION public.off_count_down() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN UPDATE public.off_zz_counts SET n = n - 1 WHERE tenant_id = OLD.tenant_id; RETURN OLD; END $$",
+        );
+        run("CREATE TRIGGER count_down AFTER DELETE ON public.off_a_parent FOR EACH ROW EXECUTE FUNCTION public.off_count_down()");
+        tenant("off-cnt");
+        run("INSERT INTO public.off_a_parent SELECT g, 'off-cnt' FROM generate_series(11, 13) g");
+        run("INSERT INTO public.off_zz_counts VALUES ('off-cnt', 3)");
+        run("SELECT pgseal.tenant_offboard('off-cnt', '0')");
+        exported("off-cnt");
+        let q = "SELECT pgseal._offboard_delete('off-cnt', 10)";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(
+            msg.contains("changed or deleted other rows")
+                && msg.contains("(table public.off_zz_counts)"),
+            "{msg}"
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_a_parent WHERE tenant_id = 'off-cnt'"),
+            3
+        );
+        assert_eq!(
+            one::<i32>("SELECT n FROM public.off_zz_counts WHERE tenant_id = 'off-cnt'"),
+            3
         );
     }
 
