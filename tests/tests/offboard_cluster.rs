@@ -590,4 +590,51 @@ fn rows_changed_after_the_export_or_by_the_deletes_are_never_deleted_unexported(
     assert_eq!(left(&mut c, "umbrella"), 0);
     let again = std::fs::read_to_string(dir.join("umbrella.offboard.jsonl")).unwrap();
     assert_eq!(again.matches("\"table\": \"public.nodes\"").count(), 20);
+
+    // hooli: once deleting began, the application deletes an exported row, VACUUM
+    // frees its place, and a new row of the tenant lands in it: the key of the row
+    // exported there names another inserting transaction, and the new row stays.
+    c.batch_execute(
+        "CREATE TABLE slots (id int, tenant_id text NOT NULL, body text);
+         SELECT pgseal.subject_register('slots', 'body');
+         INSERT INTO slots SELECT g, 'hooli', 'exported' FROM generate_series(1, 5) g;
+         SELECT pgseal.tenant_offboard('hooli', '0');",
+    )
+    .unwrap();
+    run_until(&cl, &dir, "offboard.delete_batch");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM slots WHERE ctid = '(0,2)' AND id = 2"
+        ),
+        1
+    );
+    for sql in [
+        "DELETE FROM slots WHERE id = 2",
+        "VACUUM slots",
+        "INSERT INTO slots VALUES (6, 'hooli', 'written after the export')",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM slots WHERE ctid = '(0,2)' AND id = 6"
+        ),
+        1,
+        "the new row took the exported row's place"
+    );
+    let out = offboard_run(&cl, &dir);
+    assert!(
+        out.contains("tenant hooli: exported;") && out.contains("(table public.slots)"),
+        "{out}"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM slots WHERE body = 'written after the export'"
+        ),
+        1
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM slots"), 1);
 }
