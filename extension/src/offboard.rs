@@ -414,6 +414,7 @@ pub unsafe extern "C-unwind" fn _offboard_export_wrapper(
             tables: delete::delete_order(tables()?)?.into_iter(),
             table_rows: 0,
             chunks: 0,
+            keys: Vec::new(),
             tenant,
             stage: ExportStage::Tables,
             buffer: std::collections::VecDeque::new(),
@@ -530,6 +531,8 @@ struct ExportLines {
     table_rows: i64,
     /// The chunks of rows recorded so far (`exported::record`).
     chunks: i32,
+    /// The keys of the table read but not recorded yet.
+    keys: Vec<String>,
     stage: ExportStage,
     buffer: std::collections::VecDeque<String>,
 }
@@ -573,14 +576,16 @@ impl ExportLines {
                 cursor,
             } => {
                 let before = self.buffer.len();
-                let mut keys = Vec::new();
                 let more = as_table_owner(owner, || {
-                    fetch_lines(&cursor, &mut self.buffer, Some(&mut keys))
+                    fetch_lines(&cursor, &mut self.buffer, Some(&mut self.keys))
                 })?;
                 self.table_rows += (self.buffer.len() - before) as i64;
-                keys.retain(|k| !k.is_empty());
-                if !keys.is_empty() {
+                self.keys.retain(|k| !k.is_empty());
+                // Recorded ten fetches at a time, and at the table's end: the
+                // deletes take a chunk with a query of their own.
+                if self.keys.len() >= 10 * EXPORT_CHUNK as usize || !more && !self.keys.is_empty() {
                     self.chunks += 1;
+                    let keys = std::mem::take(&mut self.keys);
                     exported::record(&self.tenant, self.chunks, root, keys)?;
                 }
                 if more {
