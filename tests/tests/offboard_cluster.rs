@@ -637,4 +637,36 @@ fn rows_changed_after_the_export_or_by_the_deletes_are_never_deleted_unexported(
         1
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM slots"), 1);
+
+    // wayne: a trigger that empties another offboarded table (TRUNCATE resets the
+    // transaction's counts; the table's new storage gives it away).
+    c.batch_execute(
+        "CREATE TABLE visits (tenant_id text NOT NULL, at int);
+         CREATE TABLE visit_log (tenant_id text NOT NULL, note text);
+         SELECT pgseal.subject_register('visits', 'at');
+         SELECT pgseal.subject_register('visit_log', 'note');
+         CREATE FUNCTION empty_log() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN TRUNCATE public.visit_log; RETURN NULL; END $$;
+         CREATE TRIGGER empty_log AFTER DELETE ON visits FOR EACH STATEMENT EXECUTE FUNCTION empty_log();
+         INSERT INTO visits SELECT 'wayne', g FROM generate_series(1, 3) g;
+         INSERT INTO visit_log VALUES ('wayne', 'kept'), ('other', 'not the tenant''s');
+         SELECT pgseal.tenant_offboard('wayne', '0');",
+    )
+    .unwrap();
+    let out = offboard_run(&cl, &dir);
+    assert!(
+        out.contains("tenant wayne: exported; 1 rows deleted")
+            && out.contains("(table public.visit_log)"),
+        "{out}"
+    );
+    // (visit_log's own row of the tenant went first, by its key; another
+    // tenant's row, which the TRUNCATE took, is back)
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM visit_log WHERE tenant_id = 'other'"
+        ),
+        1
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM visits"), 3);
 }

@@ -55,14 +55,25 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             return Ok(0);
         }
         let watched = watched_tables(&tenant, &tables)?;
-        while let Some((root, keys)) = exported::take(&tenant, batch)? {
+        loop {
+            // A table whose foreign key acts on its own rows (ON DELETE CASCADE,
+            // SET NULL or SET DEFAULT) goes in one statement, which its key's action
+            // then finds nothing left of (a tree's rows need not lie leaves last).
+            let size = match exported::first_root(&tenant)? {
+                None => break,
+                Some(r) if acts_on_itself(r)? => i32::MAX,
+                Some(_) => batch,
+            };
+            let Some((root, keys, span)) = exported::take(&tenant, size)? else {
+                break;
+            };
             // A table no longer registered (or dropped) is no longer offboarded:
             // its keys go unused.
             let Some(i) = tables.iter().position(|t| t.rel == root) else {
                 continue;
             };
             let before = write_counts(&watched)?;
-            let deleted = tables[i].delete_exported(&tenant, &names[i], keys)?;
+            let deleted = tables[i].delete_exported(&tenant, &names[i], keys, span)?;
             refuse_other_writes(&watched, &before, &deleted)?;
             let n: i64 = deleted.iter().map(|(_, n)| n).sum();
             if n > 0 {
@@ -73,9 +84,10 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         let mut left: Option<&Table> = None;
         for (t, name) in tables.iter().zip(&names) {
             if crate::pg::citus::manages(t.rel)? && !already_deleted_from(&tenant, name)? {
+                // Recorded even when none was there, so that it runs once.
                 let n = t.delete_all(&tenant, name)?;
+                super::count_deleted(&tenant, name, n)?;
                 if n > 0 {
-                    super::count_deleted(&tenant, name, n)?;
                     return Ok(n);
                 }
             }
@@ -153,6 +165,20 @@ pub(super) fn delete_order(tables: Vec<Table>) -> SealResult<Vec<Table>> {
     Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
 }
 
+/// Whether a foreign key of `rel`'s tree references the tree with an ON DELETE
+/// action (CASCADE, SET NULL, SET DEFAULT).
+fn acts_on_itself(rel: pg_sys::Oid) -> SealResult<bool> {
+    let members: Vec<pg_sys::Oid> = tree_of(rel)?.iter().map(|m| m.rel).collect();
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c \
+                WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype IN ('c', 'n', 'd') \
+                  AND c.conrelid OPERATOR(pg_catalog.=) ANY ($1) AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1))",
+            &[members.into()],
+        )
+    })? == Some(true))
+}
+
 /// Refuses (55000) unless `track_counts` is on: a batch's writes beyond its own
 /// deletes are found in the transaction's table counters (`refuse_other_writes`).
 fn require_track_counts() -> SealResult<()> {
@@ -166,13 +192,14 @@ fn require_track_counts() -> SealResult<()> {
     }
 }
 
-/// Whether the tenant's offboarding already deleted rows from `name` (a Citus
-/// table is deleted from once per export, so that a trigger that puts rows back
-/// cannot keep the deletes going).
+/// Whether the tenant's offboarding already deleted from `name`, or went past
+/// deleting once (a Citus table is deleted from once per export, so that a trigger
+/// that puts rows back cannot keep the deletes going, and rows written after the
+/// step are not deleted unexported).
 fn already_deleted_from(tenant: &str, name: &str) -> SealResult<bool> {
     Ok(as_owner(|| {
         Spi::get_one_with_args::<bool>(
-            "SELECT deleted OPERATOR(pg_catalog.?) $2 FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+            "SELECT past_export OR deleted OPERATOR(pg_catalog.?) $2 FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
             &[tenant.into(), name.into()],
         )
     })? == Some(true))
@@ -190,39 +217,51 @@ fn watched_tables(tenant: &str, tables: &[Table]) -> SealResult<Vec<pg_sys::Oid>
     Ok(watched)
 }
 
-/// The transaction's updated and deleted tuples so far, per table of `rels`.
-fn write_counts(rels: &[pg_sys::Oid]) -> SealResult<Vec<(i64, i64)>> {
+/// A table's writes in the transaction so far: updated and deleted tuples, and its
+/// storage (a TRUNCATE gives it new storage and resets the counts).
+type Writes = (i64, i64, Option<String>);
+
+/// `Writes` of each table of `rels`.
+fn write_counts(rels: &[pg_sys::Oid]) -> SealResult<Vec<Writes>> {
     Ok(as_owner(|| {
         Spi::connect(|c| {
             c.select(
-                "SELECT pg_catalog.pg_stat_get_xact_tuples_updated(r), pg_catalog.pg_stat_get_xact_tuples_deleted(r) \
+                "SELECT pg_catalog.pg_stat_get_xact_tuples_updated(r), pg_catalog.pg_stat_get_xact_tuples_deleted(r), \
+                        pg_catalog.pg_relation_filenode(r)::pg_catalog.text \
                    FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS u(r, i) ORDER BY i",
                 None,
                 &[rels.to_vec().into()],
             )?
-            .map(|r| Ok((r.get::<i64>(1)?.unwrap_or(0), r.get::<i64>(2)?.unwrap_or(0))))
+            .map(|r| {
+                Ok((
+                    r.get::<i64>(1)?.unwrap_or(0),
+                    r.get::<i64>(2)?.unwrap_or(0),
+                    r.get::<String>(3)?,
+                ))
+            })
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         })
     })?)
 }
 
 /// Refuses (55000, naming the table) a batch that updated a row of a watched table,
-/// or deleted more from one than its own `deleted` (per table): a foreign key's ON
-/// DELETE action or a trigger changed or took a row that may have changed since the
-/// export. The error rolls the batch back.
+/// or deleted more from one than its own `deleted` (per table), or truncated or
+/// dropped one: a foreign key's ON DELETE action or a trigger changed or took a row
+/// that may have changed since the export. The error rolls the batch back.
 fn refuse_other_writes(
     watched: &[pg_sys::Oid],
-    before: &[(i64, i64)],
+    before: &[Writes],
     deleted: &[(pg_sys::Oid, i64)],
 ) -> SealResult<()> {
     let after = write_counts(watched)?;
-    for ((rel, (u0, d0)), (u1, d1)) in watched.iter().zip(before).zip(&after) {
+    for ((rel, (u0, d0, f0)), (u1, d1, f1)) in watched.iter().zip(before).zip(&after) {
         let own: i64 = deleted
             .iter()
             .filter(|(r, _)| r == rel)
             .map(|(_, n)| n)
             .sum();
-        if u1 - u0 > 0 || d1 - d0 > own {
+        // A TRUNCATE (new storage, counts reset) or a DROP counts as other writes.
+        if f0 != f1 || u1 < u0 || d1 < d0 || u1 - u0 > 0 || d1 - d0 > own {
             let name = crate::privilege::pinned_name(*rel, pg_sys::AccessShareLock)?;
             return Err(SealError::Refused(
                 "deleting the tenant's exported rows changed or deleted other rows of an offboarded table (a foreign key's ON DELETE action, or a trigger): they may have changed since the export, so the batch is undone (drop the trigger or change the key's action for the offboarding, or export and delete those rows by hand)",
@@ -290,8 +329,9 @@ fn checked_for_delete(t: &Table) -> SealResult<String> {
 }
 
 /// Refuses (55000, naming it) a table outside the offboarded tables' trees with a
-/// text `tenant_id` column (one an administrator can register) and a foreign key
-/// ON DELETE CASCADE to one of them: the deletes would take its rows unexported. A
+/// text `tenant_id` column (one an administrator can register) that a chain of
+/// foreign keys ON DELETE CASCADE reaches from one of them (directly, or through
+/// tables without such a column): the deletes would take its rows unexported. A
 /// table without one cannot be offboarded itself; its rows go with the rows they
 /// reference, as the key says. Cascades among the offboarded tables are checked as
 /// they happen (`refuse_other_writes`). The caller has locked the trees, so no
@@ -303,16 +343,22 @@ fn refuse_cascades_out(tables: &[Table]) -> SealResult<()> {
     }
     let cascading = as_owner(|| {
         Spi::get_one_with_args::<String>(
-            "SELECT (SELECT c.conrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_constraint c \
-                      WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype OPERATOR(pg_catalog.=) 'c' \
-                        AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1) AND NOT c.conrelid OPERATOR(pg_catalog.=) ANY ($1) \
-                        AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
-                                     JOIN pg_catalog.pg_class r ON r.oid OPERATOR(pg_catalog.=) a.attrelid \
-                                     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) r.relnamespace \
-                                     WHERE a.attrelid OPERATOR(pg_catalog.=) c.conrelid \
+            "WITH RECURSIVE reached(rel) AS ( \
+                 SELECT c.conrelid FROM pg_catalog.pg_constraint c \
+                  WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype OPERATOR(pg_catalog.=) 'c' \
+                    AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1) AND NOT c.conrelid OPERATOR(pg_catalog.=) ANY ($1) \
+                 UNION \
+                 SELECT c.conrelid FROM pg_catalog.pg_constraint c JOIN reached r ON c.confrelid OPERATOR(pg_catalog.=) r.rel \
+                  WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype OPERATOR(pg_catalog.=) 'c' \
+                    AND NOT c.conrelid OPERATOR(pg_catalog.=) ANY ($1)) \
+             SELECT (SELECT r.rel::pg_catalog.regclass::pg_catalog.text FROM reached r \
+                      WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                     JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) a.attrelid \
+                                     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) t.relnamespace \
+                                     WHERE a.attrelid OPERATOR(pg_catalog.=) r.rel \
                                        AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' AND NOT a.attisdropped \
                                        AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
-                                       AND r.relpersistence OPERATOR(pg_catalog.<>) 't' \
+                                       AND t.relpersistence OPERATOR(pg_catalog.<>) 't' \
                                        AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema')) \
                       ORDER BY 1 LIMIT 1)",
             &[members.into()],
@@ -321,7 +367,7 @@ fn refuse_cascades_out(tables: &[Table]) -> SealResult<()> {
     match cascading {
         None => Ok(()),
         Some(table) => Err(SealError::Refused(
-            "a table outside the offboarded ones has a foreign key with ON DELETE CASCADE to one of them: the deletes would take its rows unexported (register it, or change the key's action)",
+            "a table outside the offboarded ones is reached from one of them by foreign keys with ON DELETE CASCADE: the deletes would take its rows unexported (register it, or change the key's action)",
         )
         .on_table(&table)),
     }
@@ -332,11 +378,17 @@ impl Table {
     /// pinned) whose keys are `keys`: each still the row version the export read.
     /// A TID scan over their places; a partitioned table probes each partition.
     /// Returns the rows deleted per table of the tree.
+    ///
+    /// `span` is `(x, n)`: the export's transaction as a 32-bit number and how many
+    /// transactions were handed out since. A row whose xmin is one of those is
+    /// newer than the export whatever its key says (a frozen row's raw xmin from
+    /// an earlier epoch can read as the same 32-bit number), and stays.
     fn delete_exported(
         &self,
         tenant: &str,
         name: &str,
         keys: Vec<String>,
+        span: (i64, i64),
     ) -> SealResult<Vec<(pg_sys::Oid, i64)>> {
         let places = keys
             .iter()
@@ -348,19 +400,32 @@ impl Table {
                          WHERE x.ctid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[]::pg_catalog.tid[]) \
                            AND {key} OPERATOR(pg_catalog.=) ANY ($3::pg_catalog.text[]) \
                            AND x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                           AND NOT (((x.xmin::pg_catalog.text::pg_catalog.int8 OPERATOR(pg_catalog.-) $4) \
+                                     OPERATOR(pg_catalog.%) 4294967296 OPERATOR(pg_catalog.+) 4294967296) \
+                                    OPERATOR(pg_catalog.%) 4294967296 BETWEEN 1 AND $5) \
                         RETURNING x.tableoid) \
              SELECT d.tableoid, pg_catalog.count(*) FROM d GROUP BY d.tableoid"
         );
         Ok(as_table_owner(self.owner, || {
             Spi::connect(|c| {
-                c.select(&sql, None, &[tenant.into(), places.into(), keys.into()])?
-                    .map(|r| {
-                        Ok((
-                            r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
-                            r.get::<i64>(2)?.unwrap_or(0),
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+                c.select(
+                    &sql,
+                    None,
+                    &[
+                        tenant.into(),
+                        places.into(),
+                        keys.into(),
+                        span.0.into(),
+                        span.1.into(),
+                    ],
+                )?
+                .map(|r| {
+                    Ok((
+                        r.get::<pg_sys::Oid>(1)?.unwrap_or_default(),
+                        r.get::<i64>(2)?.unwrap_or(0),
+                    ))
+                })
+                .collect::<Result<Vec<_>, pgrx::spi::Error>>()
             })
         })?)
     }

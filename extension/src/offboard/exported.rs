@@ -11,8 +11,10 @@
 //! rows: a key then matches only a row of the same inserting transaction unchanged
 //! since, which the export held as it is. A key's xmin is a 32-bit number, which
 //! names one transaction only within 2^31 of now: a record older than 2^30
-//! transactions is refused. Only heap tables' rows have keys (`keyed`); a foreign
-//! table's rows (xmin 0) have none. A dump and restore does not carry the record.
+//! transactions is refused, and a row whose xmin was handed out after the export is
+//! never taken (a frozen row's raw xmin from an earlier epoch can read the same).
+//! Only heap tables' rows have keys (`keyed`). A dump and restore does not carry
+//! the record.
 
 use pgrx::prelude::*;
 
@@ -20,18 +22,17 @@ use crate::error::{SealError, SealResult};
 use crate::privilege::as_owner;
 
 /// A row's key, over the table alias `alias`: its table, place and inserting
-/// transaction (NULL for a row without them: a foreign table's).
+/// transaction (for a table `keyed` says has them).
 pub(super) fn row_key(alias: &str) -> String {
-    format!(
-        "CASE WHEN {alias}.xmin OPERATOR(pg_catalog.=) '0'::pg_catalog.xid THEN NULL \
-              ELSE pg_catalog.concat_ws(' ', {alias}.tableoid, {alias}.ctid, {alias}.xmin) END"
-    )
+    format!("pg_catalog.concat_ws(' ', {alias}.tableoid, {alias}.ctid, {alias}.xmin)")
 }
 
 /// Whether the export records keys for registered table `rel`: not when Citus
 /// manages it (its rows' places and transactions are other nodes'), nor when a
-/// table of its tree stores rows other than in the heap (another access method's
-/// row places need not mean what a heap's do).
+/// table of its tree stores rows other than in the heap (a foreign table's rows
+/// have no place or transaction of this server's, and another access method's row
+/// places need not mean what a heap's do). Its rows are then never deleted: they
+/// stop the deletes for an administrator.
 pub(super) fn keyed(rel: pg_sys::Oid) -> SealResult<bool> {
     if crate::pg::citus::manages(rel)? {
         return Ok(false);
@@ -41,8 +42,8 @@ pub(super) fn keyed(rel: pg_sys::Oid) -> SealResult<bool> {
             "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
                UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
              SELECT NOT EXISTS (SELECT 1 FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
-                                 WHERE c.relkind IN ('r', 'm') \
-                                   AND c.relam OPERATOR(pg_catalog.<>) $2::pg_catalog.oid)",
+                                 WHERE c.relkind OPERATOR(pg_catalog.=) 'f' \
+                                    OR (c.relkind IN ('r', 'm') AND c.relam OPERATOR(pg_catalog.<>) $2::pg_catalog.oid))",
             &[rel.into(), pg_sys::HEAP_TABLE_AM_OID.into()],
         )
     })? == Some(true))
@@ -146,10 +147,18 @@ impl Digest {
 /// keys last-read first. Returns the table and the keys, or None when none is left.
 /// Removed in the caller's transaction, which deletes by them: a batch rolled back
 /// puts them back. Refuses (55000) a record older than 2^30 transactions.
-pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<(pg_sys::Oid, Vec<String>)>> {
+///
+/// With the keys comes the export's transaction as a 32-bit number and how many
+/// transactions were handed out since (`Table::delete_exported`).
+#[allow(clippy::type_complexity)]
+pub(super) fn take(
+    tenant: &str,
+    batch: i32,
+) -> SealResult<Option<(pg_sys::Oid, Vec<String>, (i64, i64))>> {
     let batch = usize::try_from(batch).unwrap_or(0);
     let mut taken: Vec<String> = Vec::new();
     let mut root: Option<pg_sys::Oid> = None;
+    let mut span = (0i64, 0i64);
     while taken.len() < batch {
         let last = as_owner(|| {
             Spi::connect(|c| {
@@ -157,7 +166,10 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<(pg_sys::Oid, 
                     "SELECT e.chunk, e.root, e.keys, \
                             pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.numeric \
                               OPERATOR(pg_catalog.-) e.xact::pg_catalog.text::pg_catalog.numeric \
-                              OPERATOR(pg_catalog.>) 1073741824 \
+                              OPERATOR(pg_catalog.>) 1073741824, \
+                            e.xact::pg_catalog.text::pg_catalog.int8 OPERATOR(pg_catalog.%) 4294967296, \
+                            pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.int8 \
+                              OPERATOR(pg_catalog.-) e.xact::pg_catalog.text::pg_catalog.int8 \
                        FROM pgseal.offboard_export_rows e \
                       WHERE e.tenant_id = $1 \
                         AND e.root OPERATOR(pg_catalog.=) COALESCE($2, (SELECT f.root FROM pgseal.offboard_export_rows f \
@@ -173,12 +185,13 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<(pg_sys::Oid, 
                         r.get::<pg_sys::Oid>(2)?.unwrap_or_default(),
                         r.get::<Vec<String>>(3)?.unwrap_or_default(),
                         r.get::<bool>(4)?.unwrap_or(true),
+                        (r.get::<i64>(5)?.unwrap_or(0), r.get::<i64>(6)?.unwrap_or(0)),
                     ));
                 }
                 Ok::<_, pgrx::spi::Error>(out)
             })
         })?;
-        let Some((chunk, chunk_root, mut keys, too_old)) = last else {
+        let Some((chunk, chunk_root, mut keys, too_old, chunk_span)) = last else {
             break;
         };
         if too_old {
@@ -187,6 +200,7 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<(pg_sys::Oid, 
             ));
         }
         root = Some(chunk_root);
+        span = chunk_span;
         let need = batch - taken.len();
         if keys.len() <= need {
             as_owner(|| {
@@ -209,5 +223,19 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<(pg_sys::Oid, 
         keys.reverse();
         taken.append(&mut keys);
     }
-    Ok(root.map(|r| (r, taken)))
+    Ok(root.map(|r| (r, taken, span)))
+}
+
+/// The registered table whose keys `take` takes next, if any are left.
+pub(super) fn first_root(tenant: &str) -> SealResult<Option<pg_sys::Oid>> {
+    match as_owner(|| {
+        Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT root FROM pgseal.offboard_export_rows WHERE tenant_id = $1 ORDER BY chunk LIMIT 1",
+            &[tenant.into()],
+        )
+    }) {
+        Ok(r) => Ok(r),
+        Err(pgrx::spi::Error::InvalidPosition) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -1124,6 +1124,34 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_cascade_through_a_table_without_tenant_id_stops_the_deletes() {
+        // off_users → off_mid (no tenant_id, not offboarded) → off_deep (has
+        // tenant_id, could be registered): deleting a user would take off_deep's
+        // rows unexported, two keys away.
+        tenant_data("off-deep");
+        run("ALTER TABLE public.off_users ADD PRIMARY KEY (tenant_id, id)");
+        run(
+            "CREATE TABLE public.off_mid (id int PRIMARY KEY, owner_tenant text, owner_id text, \
+             FOREIGN KEY (owner_tenant, owner_id) REFERENCES public.off_users ON DELETE CASCADE)",
+        );
+        run(
+            "CREATE TABLE public.off_deep (tenant_id text NOT NULL, mid int REFERENCES public.off_mid ON DELETE CASCADE, note text)",
+        );
+        run("INSERT INTO public.off_mid VALUES (1, 'off-deep', 'u1')");
+        run("INSERT INTO public.off_deep VALUES ('off-deep', 1, 'not in the export')");
+        run("SELECT pgseal.tenant_offboard('off-deep', '0')");
+        exported("off-deep");
+        let q = "SELECT pgseal._offboard_delete('off-deep', 10)";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(msg.contains("(table public.off_deep)"), "{msg}");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_deep"), 1);
+    }
+
+    #[pg_test]
     fn past_its_export_an_offboarding_never_exports_again() {
         // A tenant with no rows went through every step; a table registered then
         // with its rows must not send it back to exporting, which would write a
