@@ -353,8 +353,8 @@ fn start_export_record(tenant: &str) -> SealResult<()> {
     exported::clear(tenant)
 }
 
-/// Adds `tables` to the tables the tenant's export read (`export_tables`): rows the
-/// delete batches write or change there are deleted too (`delete`).
+/// Adds `tables` to the tables the tenant's export read (`export_tables`), whose
+/// writes each delete batch checks (`delete`).
 fn add_export_tables(tenant: &str, tables: Vec<pg_sys::Oid>) -> SealResult<()> {
     Ok(as_owner(|| {
         Spi::run_with_args(
@@ -630,12 +630,11 @@ impl ExportLines {
             &self.tenant,
             tree_of(t.rel)?.into_iter().map(|m| m.rel).collect(),
         )?;
-        // Every table is read whole under "C" alone, as `rows_left` counts it and
-        // a plain table's deletes walk it (`delete_from_plain`): no index that
-        // misses a row (a collation whose order changed under it) keeps a row from
-        // the export that the deletes then take, and the export's row count is
-        // comparable with the rows left (`delete`). Each line comes with its row's
-        // key, which the deletes go by (none where `exported::keyed` says so).
+        // Every table is read whole under "C" alone, as `rows_left` counts it: no
+        // index that misses a row (a collation whose order changed under it) keeps
+        // a row from the export, and what it read compares with the rows left
+        // (`delete`). Each line comes with its row's key, which the deletes go by
+        // (none where `exported::keyed` says so).
         let key = if !exported::keyed(t.rel)? {
             "NULL::pg_catalog.text".to_owned()
         } else {

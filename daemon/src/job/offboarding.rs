@@ -7,8 +7,8 @@
 //!    `<export_dir>/<tenant>.offboard.jsonl`, written to a new file (mode 0600) under
 //!    a random name, synced and renamed into place;
 //! 2. **delete**: `_offboard_delete` in batch transactions until none is left
-//!    (back to step 1 when a table registered after the export holds the tenant's
-//!    rows and nothing was deleted yet; stopped, 55000, once rows were);
+//!    (back to step 1 when the tenant's rows differ from what the export held
+//!    and nothing was deleted yet; stopped, 55000, once rows were);
 //! 3. **shred**: `tenant_shred`, in the transaction that records the step;
 //! 4. **erase**: its ledger payloads, in batches (`_offboard_erase`);
 //! 5. **receipt**: `_offboard_finish`, which appends `tenant.offboarded` once no row,
@@ -170,7 +170,7 @@ async fn offboard(
             "exported" => match delete_rows(client, tenant, &mut batches.0, stop, &mut o).await {
                 Ok(Deleted::ExportAgain) if exports_again < 3 => {
                     exports_again += 1;
-                    tracing::warn!(tenant = %tenant, "offboarding: a table the export did not read holds the tenant's rows; exporting again");
+                    tracing::warn!(tenant = %tenant, "offboarding: the tenant's rows differ from what the export held; exporting again");
                     continue;
                 }
                 Ok(Deleted::ExportAgain) => {
@@ -457,8 +457,8 @@ async fn export(client: &mut Client, tenant: &str, dir: &Path) -> Result<(), Dae
 enum Deleted {
     /// Every row deleted and the step recorded (or stopped by a signal).
     Done,
-    /// A table registered after the export holds rows of the tenant and nothing was
-    /// deleted yet: the database sent the offboarding back to exporting.
+    /// The tenant's rows differ from what the export held and nothing was deleted
+    /// yet: the database sent the offboarding back to exporting.
     ExportAgain,
 }
 
