@@ -145,6 +145,11 @@ GRANT EXECUTE ON FUNCTION pgseal._protection_changed(oid) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION pgseal._audit_truncate() TO pgseal_admin;
 GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
 
+-- Offboarding (issue 19): the export and the deletes compute each row's key in
+-- statements run as the table's owner (extension/src/offboard/exported.rs); a pure
+-- function of its arguments.
+GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
+
 -- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
 -- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).
 GRANT SELECT ON pgseal.ledger_checkpoints TO pgseal_admin;

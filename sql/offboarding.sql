@@ -43,7 +43,8 @@ GRANT SELECT ON pgseal.tenant_offboardings TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
 
 -- The rows a tenant's export held, as it read them: per chunk of a table's cursor,
--- `keys` holds each row's `tableoid ctid xmin` (as concat_ws(' ', …) prints them),
+-- `keys` holds each row's table, place and inserting transaction (14 bytes, as
+-- pgseal._offboard_row_key packs them),
 -- `root` the registered table it was read through and `xact` the export's
 -- transaction. Written by the export in its transaction; each batch of the deletes
 -- takes (removes) the keys it deletes by, and deletes a row only while it is still
@@ -55,7 +56,7 @@ CREATE TABLE pgseal.offboard_export_rows (
     tenant_id text NOT NULL,
     chunk     int4 NOT NULL,
     root      oid  NOT NULL,
-    keys      text[] NOT NULL,
+    keys      bytea[] NOT NULL,
     xact      xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
     PRIMARY KEY (tenant_id, chunk)
 );

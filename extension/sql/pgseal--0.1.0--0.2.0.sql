@@ -373,6 +373,15 @@ VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_offboard_delete_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_offboard_row_key"(
+	"rel" oid, /* pgrx::pg_sys::Oid */
+	"place" tid, /* pgrx::pg_sys::ItemPointerData */
+	"xmin" xid /* pgrx::pg_sys::TransactionId */
+) RETURNS bytea /* alloc::vec::Vec<u8> */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_row_key_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_offboard_advance"(
 	"tenant" TEXT, /* Option < & str > */
 	"from_step" TEXT, /* Option < & str > */
@@ -2327,7 +2336,8 @@ GRANT SELECT ON pgseal.tenant_offboardings TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
 
 -- The rows a tenant's export held, as it read them: per chunk of a table's cursor,
--- `keys` holds each row's `tableoid ctid xmin` (as concat_ws(' ', …) prints them),
+-- `keys` holds each row's table, place and inserting transaction (14 bytes, as
+-- pgseal._offboard_row_key packs them),
 -- `root` the registered table it was read through and `xact` the export's
 -- transaction. Written by the export in its transaction; each batch of the deletes
 -- takes (removes) the keys it deletes by, and deletes a row only while it is still
@@ -2339,7 +2349,7 @@ CREATE TABLE pgseal.offboard_export_rows (
     tenant_id text NOT NULL,
     chunk     int4 NOT NULL,
     root      oid  NOT NULL,
-    keys      text[] NOT NULL,
+    keys      bytea[] NOT NULL,
     xact      xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
     PRIMARY KEY (tenant_id, chunk)
 );
@@ -2524,6 +2534,11 @@ GRANT EXECUTE ON FUNCTION pgseal._org_lock(text) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION pgseal._protection_changed(oid) TO PUBLIC;
 GRANT EXECUTE ON FUNCTION pgseal._audit_truncate() TO pgseal_admin;
 GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
+
+-- Offboarding (issue 19): the export and the deletes compute each row's key in
+-- statements run as the table's owner (extension/src/offboard/exported.rs); a pure
+-- function of its arguments.
+GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
 
 -- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
 -- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).

@@ -532,7 +532,7 @@ struct ExportLines {
     /// The chunks of rows recorded so far (`exported::record`).
     chunks: i32,
     /// The keys of the table read but not recorded yet.
-    keys: Vec<String>,
+    keys: Vec<Vec<u8>>,
     stage: ExportStage,
     buffer: std::collections::VecDeque<String>,
 }
@@ -636,7 +636,7 @@ impl ExportLines {
         // (`delete`). Each line comes with its row's key, which the deletes go by
         // (none where `exported::keyed` says so).
         let key = if !exported::keyed(t.rel)? {
-            "NULL::pg_catalog.text".to_owned()
+            "NULL::pg_catalog.bytea".to_owned()
         } else {
             exported::row_key("_pgseal_row")
         };
@@ -675,7 +675,7 @@ fn open_cursor(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Result<String, 
 fn fetch_lines(
     cursor: &str,
     buffer: &mut std::collections::VecDeque<String>,
-    mut keys: Option<&mut Vec<String>>,
+    mut keys: Option<&mut Vec<Vec<u8>>>,
 ) -> Result<bool, pgrx::spi::Error> {
     Spi::connect(|c| {
         let mut cur = c.find_cursor(cursor)?;
@@ -686,7 +686,7 @@ fn fetch_lines(
                 if let Some(line) = r.get::<String>(1)? {
                     buffer.push_back(line);
                     if let Some(keys) = keys.as_deref_mut() {
-                        keys.push(r.get::<String>(2)?.unwrap_or_default());
+                        keys.push(r.get::<Vec<u8>>(2)?.unwrap_or_default());
                     }
                 }
             }

@@ -387,18 +387,18 @@ impl Table {
         &self,
         tenant: &str,
         name: &str,
-        keys: Vec<String>,
+        keys: Vec<Vec<u8>>,
         span: (i64, i64),
     ) -> SealResult<Vec<(pg_sys::Oid, i64)>> {
         let places = keys
             .iter()
-            .map(|k| exported::place_of(k).map(str::to_owned))
+            .map(|k| exported::place_of(k))
             .collect::<SealResult<Vec<String>>>()?;
         let key = exported::row_key("x");
         let sql = format!(
             "WITH d AS (DELETE FROM {name} AS x \
                          WHERE x.ctid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[]::pg_catalog.tid[]) \
-                           AND {key} OPERATOR(pg_catalog.=) ANY ($3::pg_catalog.text[]) \
+                           AND {key} OPERATOR(pg_catalog.=) ANY ($3::pg_catalog.bytea[]) \
                            AND x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
                            AND NOT (((x.xmin::pg_catalog.text::pg_catalog.int8 OPERATOR(pg_catalog.-) $4) \
                                      OPERATOR(pg_catalog.%) 4294967296 OPERATOR(pg_catalog.+) 4294967296) \

@@ -22,9 +22,30 @@ use crate::error::{SealError, SealResult};
 use crate::privilege::as_owner;
 
 /// A row's key, over the table alias `alias`: its table, place and inserting
-/// transaction (for a table `keyed` says has them).
+/// transaction (for a table `keyed` says has them), as `_offboard_row_key` packs
+/// them.
 pub(super) fn row_key(alias: &str) -> String {
-    format!("pg_catalog.concat_ws(' ', {alias}.tableoid, {alias}.ctid, {alias}.xmin)")
+    format!("pgseal._offboard_row_key({alias}.tableoid, {alias}.ctid, {alias}.xmin)")
+}
+
+/// `pgseal._offboard_row_key(rel, place, xmin) → bytea`: a row's table, place and
+/// inserting transaction packed in 14 bytes (big-endian: the table's OID, the
+/// place's block and offset, the transaction), so that a batch compares each row's
+/// key with the batch's hashed set without printing three values as text. A pure
+/// function of its arguments, which the statements run as a table's owner call.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _offboard_row_key(
+    rel: pg_sys::Oid,
+    place: pg_sys::ItemPointerData,
+    xmin: pg_sys::TransactionId,
+) -> Vec<u8> {
+    let (block, offset) = pgrx::itemptr::item_pointer_get_both(place);
+    let mut key = Vec::with_capacity(14);
+    key.extend_from_slice(&rel.to_u32().to_be_bytes());
+    key.extend_from_slice(&block.to_be_bytes());
+    key.extend_from_slice(&offset.to_be_bytes());
+    key.extend_from_slice(&xmin.into_inner().to_be_bytes());
+    key
 }
 
 /// Whether the export records keys for registered table `rel`: not when Citus
@@ -49,11 +70,22 @@ pub(super) fn keyed(rel: pg_sys::Oid) -> SealResult<bool> {
     })? == Some(true))
 }
 
-/// The place (`ctid`, as text) in a key `row_key` printed.
-pub(super) fn place_of(key: &str) -> SealResult<&str> {
-    key.split(' ')
-        .nth(1)
-        .ok_or(SealError::Internal("an exported row's key"))
+/// The place (`ctid`, as text) in a key `_offboard_row_key` packed.
+pub(super) fn place_of(key: &[u8]) -> SealResult<String> {
+    let bad = || SealError::Internal("an exported row's key");
+    let block = u32::from_be_bytes(
+        key.get(4..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    let offset = u16::from_be_bytes(
+        key.get(8..10)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    Ok(format!("({block},{offset})"))
 }
 
 /// Forgets what the tenant's last export recorded (a new export begins, or the
@@ -73,7 +105,7 @@ pub(super) fn record(
     tenant: &str,
     chunk: i32,
     root: pg_sys::Oid,
-    keys: Vec<String>,
+    keys: Vec<Vec<u8>>,
 ) -> SealResult<()> {
     Ok(as_owner(|| {
         Spi::run_with_args(
@@ -120,7 +152,7 @@ impl Digest {
     fn sql_of(key: &str) -> String {
         format!(
             "pg_catalog.count({key})::pg_catalog.text OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) \
-             COALESCE(pg_catalog.sum(pg_catalog.hashtextextended({key}, 0)), 0)::pg_catalog.text"
+             COALESCE(pg_catalog.sum(pg_catalog.hashtextextended(pg_catalog.encode({key}, 'hex'), 0)), 0)::pg_catalog.text"
         )
     }
 
@@ -154,9 +186,9 @@ impl Digest {
 pub(super) fn take(
     tenant: &str,
     batch: i32,
-) -> SealResult<Option<(pg_sys::Oid, Vec<String>, (i64, i64))>> {
+) -> SealResult<Option<(pg_sys::Oid, Vec<Vec<u8>>, (i64, i64))>> {
     let batch = usize::try_from(batch).unwrap_or(0);
-    let mut taken: Vec<String> = Vec::new();
+    let mut taken: Vec<Vec<u8>> = Vec::new();
     let mut root: Option<pg_sys::Oid> = None;
     let mut span = (0i64, 0i64);
     while taken.len() < batch {
@@ -183,7 +215,13 @@ pub(super) fn take(
                     out = Some((
                         r.get::<i32>(1)?.unwrap_or_default(),
                         r.get::<pg_sys::Oid>(2)?.unwrap_or_default(),
-                        r.get::<Vec<String>>(3)?.unwrap_or_default(),
+                        r.get::<pgrx::Array<&[u8]>>(3)?
+                            .map(|a| {
+                                a.iter()
+                                    .map(|k| k.unwrap_or_default().to_vec())
+                                    .collect::<Vec<Vec<u8>>>()
+                            })
+                            .unwrap_or_default(),
                         r.get::<bool>(4)?.unwrap_or(true),
                         (r.get::<i64>(5)?.unwrap_or(0), r.get::<i64>(6)?.unwrap_or(0)),
                     ));

@@ -969,7 +969,7 @@ mod tests {
             1
         );
         run(
-            "UPDATE pgseal.offboard_export_rows SET keys = keys || ARRAY(SELECT concat_ws(' ', x.tableoid, x.ctid, x.xmin) \
+            "UPDATE pgseal.offboard_export_rows SET keys = keys || ARRAY(SELECT pgseal._offboard_row_key(x.tableoid, x.ctid, x.xmin) \
                FROM public.off_users x WHERE x.tenant_id = 'off-bystander') WHERE tenant_id = 'off-keys'",
         );
         let mut n = 1;
