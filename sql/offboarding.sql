@@ -45,8 +45,9 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
 -- The rows a tenant's export held, as it read them: per chunk of a table's cursor,
 -- `keys` holds each row's table, place and inserting transaction (14 bytes, as
 -- pgseal._offboard_row_key packs them),
--- `root` the registered table it was read through and `xact` the export's
--- transaction. Written by the export in its transaction; each batch of the deletes
+-- `root` the registered table it was read through and `horizon` the first
+-- transaction the table's cursor could not see (its snapshot's xmax, read once it
+-- was open): a row inserted at or after it was not exported, whatever its key. Written by the export in its transaction; each batch of the deletes
 -- takes (removes) the keys it deletes by, and deletes a row only while it is still
 -- the version exported (same place, same inserting transaction): a row updated,
 -- replaced or written since never matches (extension/src/offboard/exported.rs).
@@ -57,7 +58,7 @@ CREATE TABLE pgseal.offboard_export_rows (
     chunk     int4 NOT NULL,
     root      oid  NOT NULL,
     keys      bytea[] NOT NULL,
-    xact      xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    horizon   xid8 NOT NULL,
     PRIMARY KEY (tenant_id, chunk)
 );
 REVOKE ALL ON pgseal.offboard_export_rows FROM PUBLIC;

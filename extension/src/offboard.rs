@@ -510,10 +510,12 @@ enum ExportStage {
     /// Between tables: the next one is opened (or, after the last, the ledger).
     Tables,
     /// A table's open cursor, fetched as the table's owner; `root` is the
-    /// registered table it reads.
+    /// registered table it reads, `horizon` the first transaction it cannot see
+    /// (`exported::horizon`).
     Table {
         owner: pg_sys::Oid,
         root: pg_sys::Oid,
+        horizon: i64,
         cursor: String,
     },
     /// The `ledger_export` cursor, fetched as the caller.
@@ -573,6 +575,7 @@ impl ExportLines {
             ExportStage::Table {
                 owner,
                 root,
+                horizon,
                 cursor,
             } => {
                 let before = self.buffer.len();
@@ -586,12 +589,13 @@ impl ExportLines {
                 if self.keys.len() >= 10 * EXPORT_CHUNK as usize || !more && !self.keys.is_empty() {
                     self.chunks += 1;
                     let keys = std::mem::take(&mut self.keys);
-                    exported::record(&self.tenant, self.chunks, root, keys)?;
+                    exported::record(&self.tenant, self.chunks, root, horizon, keys)?;
                 }
                 if more {
                     ExportStage::Table {
                         owner,
                         root,
+                        horizon,
                         cursor,
                     }
                 } else {
@@ -624,8 +628,9 @@ impl ExportLines {
                 )
             })
             .map_err(|e| e.on_table(&name))?;
-        // The tree is locked now (no partition attached or detached until the
-        // transaction ends): the tables recorded are the tables read.
+        // The tree is locked now (no partition detached until the transaction
+        // ends; one attached meanwhile is not read, and its rows get no keys): the
+        // tables recorded are the tables read.
         add_export_tables(
             &self.tenant,
             tree_of(t.rel)?.into_iter().map(|m| m.rel).collect(),
@@ -651,9 +656,12 @@ impl ExportLines {
         let cursor = as_table_owner(t.owner, || {
             open_cursor(&sql, &[self.tenant.as_str().into(), name.as_str().into()])
         })?;
+        // Read once the cursor is open: every row it reads was inserted before.
+        let horizon = exported::horizon()?;
         Ok(ExportStage::Table {
             owner: t.owner,
             root: t.rel,
+            horizon,
             cursor,
         })
     }

@@ -20,7 +20,7 @@
 //! removed since sends it back to exporting at once.
 //!
 //! A table Citus manages has no keys (its rows' places and transactions are other
-//! nodes'): its tenant rows are deleted in one statement, once per export.
+//! nodes'): its tenant rows are deleted in one statement, once per offboarding.
 
 use pgrx::prelude::*;
 
@@ -64,7 +64,12 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                 Some(r) if acts_on_itself(r)? => i32::MAX,
                 Some(_) => batch,
             };
-            let Some((root, keys, span)) = exported::take(&tenant, size)? else {
+            let Some(exported::Taken {
+                root,
+                keys,
+                horizon,
+            }) = exported::take(&tenant, size)?
+            else {
                 break;
             };
             // A table no longer registered (or dropped) is no longer offboarded:
@@ -73,7 +78,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                 continue;
             };
             let before = write_counts(&watched)?;
-            let deleted = tables[i].delete_exported(&tenant, &names[i], keys, span)?;
+            let deleted = tables[i].delete_exported(&tenant, &names[i], keys, horizon)?;
             refuse_other_writes(&watched, &before, &deleted)?;
             let n: i64 = deleted.iter().map(|(_, n)| n).sum();
             if n > 0 {
@@ -165,14 +170,15 @@ pub(super) fn delete_order(tables: Vec<Table>) -> SealResult<Vec<Table>> {
     Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
 }
 
-/// Whether a foreign key of `rel`'s tree references the tree with an ON DELETE
-/// action (CASCADE, SET NULL, SET DEFAULT).
+/// Whether a foreign key of `rel`'s tree references the tree: with an ON DELETE
+/// action the action would find rows a batch left, and without one a batch that
+/// takes a referenced row before the rows referencing it would fail every time.
 fn acts_on_itself(rel: pg_sys::Oid) -> SealResult<bool> {
     let members: Vec<pg_sys::Oid> = tree_of(rel)?.iter().map(|m| m.rel).collect();
     Ok(as_owner(|| {
         Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c \
-                WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype IN ('c', 'n', 'd') \
+                WHERE c.contype OPERATOR(pg_catalog.=) 'f' \
                   AND c.conrelid OPERATOR(pg_catalog.=) ANY ($1) AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1))",
             &[members.into()],
         )
@@ -193,7 +199,7 @@ fn require_track_counts() -> SealResult<()> {
 }
 
 /// Whether the tenant's offboarding already deleted from `name`, or went past
-/// deleting once (a Citus table is deleted from once per export, so that a trigger
+/// deleting once (a Citus table is deleted from once per offboarding, so that a trigger
 /// that puts rows back cannot keep the deletes going, and rows written after the
 /// step are not deleted unexported).
 fn already_deleted_from(tenant: &str, name: &str) -> SealResult<bool> {
@@ -277,7 +283,8 @@ fn refuse_other_writes(
 fn nothing_deleted_yet(tenant: &str) -> SealResult<bool> {
     Ok(as_owner(|| {
         Spi::get_one_with_args::<bool>(
-            "SELECT deleted OPERATOR(pg_catalog.=) '{}'::pg_catalog.jsonb AND NOT past_export \
+            "SELECT NOT past_export AND NOT EXISTS (SELECT 1 FROM pg_catalog.jsonb_each_text(deleted) d \
+                     WHERE d.value::pg_catalog.int8 OPERATOR(pg_catalog.>) 0) \
                FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
             &[tenant.into()],
         )
@@ -334,8 +341,8 @@ fn checked_for_delete(t: &Table) -> SealResult<String> {
 /// tables without such a column): the deletes would take its rows unexported. A
 /// table without one cannot be offboarded itself; its rows go with the rows they
 /// reference, as the key says. Cascades among the offboarded tables are checked as
-/// they happen (`refuse_other_writes`). The caller has locked the trees, so no
-/// partition comes or goes between this check and the deletes.
+/// they happen (`refuse_other_writes`). A partition attached after this check (its
+/// parent's lock does not keep ATTACH out) has no keys: its rows are not deleted.
 fn refuse_cascades_out(tables: &[Table]) -> SealResult<()> {
     let mut members: Vec<pg_sys::Oid> = Vec::new();
     for t in tables {
@@ -379,16 +386,17 @@ impl Table {
     /// A TID scan over their places; a partitioned table probes each partition.
     /// Returns the rows deleted per table of the tree.
     ///
-    /// `span` is `(x, n)`: the export's transaction as a 32-bit number and how many
-    /// transactions were handed out since. A row whose xmin is one of those is
-    /// newer than the export whatever its key says (a frozen row's raw xmin from
-    /// an earlier epoch can read as the same 32-bit number), and stays.
+    /// `horizon` is the first transaction the export's cursor over the table could
+    /// not see. A row whose xmin is that one or a later one (up to what the
+    /// statement's snapshot sees, compared as 32-bit numbers) is newer than the
+    /// export whatever its key says (a frozen row's raw xmin from an earlier epoch
+    /// can read as the same 32-bit number), and stays.
     fn delete_exported(
         &self,
         tenant: &str,
         name: &str,
         keys: Vec<Vec<u8>>,
-        span: (i64, i64),
+        horizon: i64,
     ) -> SealResult<Vec<(pg_sys::Oid, i64)>> {
         let places = keys
             .iter()
@@ -400,9 +408,11 @@ impl Table {
                          WHERE x.ctid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[]::pg_catalog.tid[]) \
                            AND {key} OPERATOR(pg_catalog.=) ANY ($3::pg_catalog.bytea[]) \
                            AND x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                           AND NOT (((x.xmin::pg_catalog.text::pg_catalog.int8 OPERATOR(pg_catalog.-) $4) \
-                                     OPERATOR(pg_catalog.%) 4294967296 OPERATOR(pg_catalog.+) 4294967296) \
-                                    OPERATOR(pg_catalog.%) 4294967296 BETWEEN 1 AND $5) \
+                           AND (((x.xmin::pg_catalog.text::pg_catalog.int8 OPERATOR(pg_catalog.-) $4) \
+                                 OPERATOR(pg_catalog.%) 4294967296 OPERATOR(pg_catalog.+) 4294967296) \
+                                OPERATOR(pg_catalog.%) 4294967296) OPERATOR(pg_catalog.>=) \
+                               (SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8 \
+                                       OPERATOR(pg_catalog.-) $5) \
                         RETURNING x.tableoid) \
              SELECT d.tableoid, pg_catalog.count(*) FROM d GROUP BY d.tableoid"
         );
@@ -415,8 +425,8 @@ impl Table {
                         tenant.into(),
                         places.into(),
                         keys.into(),
-                        span.0.into(),
-                        span.1.into(),
+                        (horizon % 4_294_967_296).into(),
+                        horizon.into(),
                     ],
                 )?
                 .map(|r| {

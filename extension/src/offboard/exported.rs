@@ -105,14 +105,36 @@ pub(super) fn record(
     tenant: &str,
     chunk: i32,
     root: pg_sys::Oid,
+    horizon: i64,
     keys: Vec<Vec<u8>>,
 ) -> SealResult<()> {
     Ok(as_owner(|| {
         Spi::run_with_args(
-            "INSERT INTO pgseal.offboard_export_rows (tenant_id, chunk, root, keys) VALUES ($1, $2, $3, $4)",
-            &[tenant.into(), chunk.into(), root.into(), keys.into()],
+            "INSERT INTO pgseal.offboard_export_rows (tenant_id, chunk, root, horizon, keys) \
+             VALUES ($1, $2, $3, $4::pg_catalog.text::pg_catalog.xid8, $5)",
+            &[
+                tenant.into(),
+                chunk.into(),
+                root.into(),
+                horizon.to_string().into(),
+                keys.into(),
+            ],
         )
     })?)
+}
+
+/// The first transaction the caller's latest snapshot cannot see (its xmax, or past
+/// the caller's own transaction, whose rows it sees), as a full transaction id:
+/// read just after a cursor opened, every row the cursor reads was inserted before.
+pub(super) fn horizon() -> SealResult<i64> {
+    as_owner(|| {
+        Spi::get_one::<i64>(
+            "SELECT GREATEST(pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::pg_catalog.text::pg_catalog.int8, \
+                             COALESCE(pg_catalog.pg_current_xact_id_if_assigned()::pg_catalog.text::pg_catalog.int8 \
+                                      OPERATOR(pg_catalog.+) 1, 0))",
+        )
+    })?
+    .ok_or(SealError::Internal("a snapshot's horizon"))
 }
 
 /// The number of rows recorded for the tenant and the sum of their keys' 64-bit
@@ -180,28 +202,28 @@ impl Digest {
 /// Removed in the caller's transaction, which deletes by them: a batch rolled back
 /// puts them back. Refuses (55000) a record older than 2^30 transactions.
 ///
-/// With the keys comes the export's transaction as a 32-bit number and how many
-/// transactions were handed out since (`Table::delete_exported`).
-#[allow(clippy::type_complexity)]
-pub(super) fn take(
-    tenant: &str,
-    batch: i32,
-) -> SealResult<Option<(pg_sys::Oid, Vec<Vec<u8>>, (i64, i64))>> {
+/// With the keys comes the table's export horizon (`horizon`, a full transaction
+/// id; `Table::delete_exported`). `batch` `i32::MAX` takes all the table's keys, up
+/// to `WHOLE_TABLE_KEYS` (more are refused, 55000).
+pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<Taken>> {
     let batch = usize::try_from(batch).unwrap_or(0);
     let mut taken: Vec<Vec<u8>> = Vec::new();
     let mut root: Option<pg_sys::Oid> = None;
-    let mut span = (0i64, 0i64);
+    let mut horizon = 0i64;
     while taken.len() < batch {
+        if taken.len() > WHOLE_TABLE_KEYS {
+            return Err(SealError::Refused(
+                "a table whose foreign key references itself is deleted from in one statement, and this one holds more than 1,000,000 of the tenant's exported rows (delete them by hand, or drop the key for the offboarding)",
+            ));
+        }
         let last = as_owner(|| {
             Spi::connect(|c| {
                 let rows = c.select(
                     "SELECT e.chunk, e.root, e.keys, \
                             pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.numeric \
-                              OPERATOR(pg_catalog.-) e.xact::pg_catalog.text::pg_catalog.numeric \
+                              OPERATOR(pg_catalog.-) e.horizon::pg_catalog.text::pg_catalog.numeric \
                               OPERATOR(pg_catalog.>) 1073741824, \
-                            e.xact::pg_catalog.text::pg_catalog.int8 OPERATOR(pg_catalog.%) 4294967296, \
-                            pg_catalog.pg_current_xact_id()::pg_catalog.text::pg_catalog.int8 \
-                              OPERATOR(pg_catalog.-) e.xact::pg_catalog.text::pg_catalog.int8 \
+                            e.horizon::pg_catalog.text::pg_catalog.int8 \
                        FROM pgseal.offboard_export_rows e \
                       WHERE e.tenant_id = $1 \
                         AND e.root OPERATOR(pg_catalog.=) COALESCE($2, (SELECT f.root FROM pgseal.offboard_export_rows f \
@@ -223,13 +245,13 @@ pub(super) fn take(
                             })
                             .unwrap_or_default(),
                         r.get::<bool>(4)?.unwrap_or(true),
-                        (r.get::<i64>(5)?.unwrap_or(0), r.get::<i64>(6)?.unwrap_or(0)),
+                        r.get::<i64>(5)?.unwrap_or(0),
                     ));
                 }
                 Ok::<_, pgrx::spi::Error>(out)
             })
         })?;
-        let Some((chunk, chunk_root, mut keys, too_old, chunk_span)) = last else {
+        let Some((chunk, chunk_root, mut keys, too_old, chunk_horizon)) = last else {
             break;
         };
         if too_old {
@@ -238,7 +260,7 @@ pub(super) fn take(
             ));
         }
         root = Some(chunk_root);
-        span = chunk_span;
+        horizon = chunk_horizon;
         let need = batch - taken.len();
         if keys.len() <= need {
             as_owner(|| {
@@ -261,8 +283,22 @@ pub(super) fn take(
         keys.reverse();
         taken.append(&mut keys);
     }
-    Ok(root.map(|r| (r, taken, span)))
+    Ok(root.map(|root| Taken {
+        root,
+        keys: taken,
+        horizon,
+    }))
 }
+
+/// What `take` took: the registered table, its keys, and its export horizon.
+pub(super) struct Taken {
+    pub root: pg_sys::Oid,
+    pub keys: Vec<Vec<u8>>,
+    pub horizon: i64,
+}
+
+/// The most keys `take` gathers for one statement over a whole table.
+const WHOLE_TABLE_KEYS: usize = 1_000_000;
 
 /// The registered table whose keys `take` takes next, if any are left.
 pub(super) fn first_root(tenant: &str) -> SealResult<Option<pg_sys::Oid>> {

@@ -996,9 +996,11 @@ mod tests {
 
     #[pg_test]
     fn referencing_rows_go_first_and_a_batch_that_changes_others_is_undone() {
-        // A child table that sorts after its parent, with ON DELETE CASCADE, and a
-        // tree written parents first with ON DELETE SET NULL: the deletes take the
-        // children first and the tree leaves first, so neither key acts.
+        // A child table that sorts after its parent, with ON DELETE CASCADE, a tree
+        // with ON DELETE SET NULL, and a table whose NO ACTION key references a row
+        // that lies after the row referencing it: the deletes take the child table
+        // first and each self-referencing table in one statement, so no key acts
+        // or refuses.
         run("CREATE TABLE public.off_a_parent (id int PRIMARY KEY, tenant_id text NOT NULL)");
         run(
             "CREATE TABLE public.off_b_child (parent int REFERENCES public.off_a_parent ON DELETE CASCADE, \
@@ -1010,7 +1012,11 @@ mod tests {
         );
         // (the child's name sorts after its parent's)
         run("ALTER TABLE public.off_b_child RENAME TO off_z_child");
-        for t in ["off_a_parent", "off_z_child", "off_c_tree"] {
+        run(
+            "CREATE TABLE public.off_d_self (id text PRIMARY KEY, tenant_id text NOT NULL, \
+             up text REFERENCES public.off_d_self, note text)",
+        );
+        for t in ["off_a_parent", "off_z_child", "off_c_tree", "off_d_self"] {
             run(&format!(
                 "SELECT pgseal.subject_register('public.{t}', 'tenant_id')"
             ));
@@ -1020,6 +1026,11 @@ mod tests {
         run("INSERT INTO public.off_z_child SELECT g, 'off-fk', 'n' || g FROM generate_series(1, 5) g");
         run("INSERT INTO public.off_c_tree SELECT 't' || g, 'off-fk', CASE WHEN g > 1 THEN 't' || (g / 2) END \
              FROM generate_series(1, 9) g");
+        run("INSERT INTO public.off_d_self VALUES ('p', 'off-fk', NULL, 'first'), ('c', 'off-fk', 'p', NULL)");
+        run("UPDATE public.off_d_self SET note = 'moved after its child' WHERE id = 'p'");
+        assert!(one::<bool>(
+            "SELECT (SELECT ctid FROM public.off_d_self WHERE id = 'p') > (SELECT ctid FROM public.off_d_self WHERE id = 'c')"
+        ));
         run("SELECT pgseal.tenant_offboard('off-fk', '0')");
         exported("off-fk");
         let mut n = 0;
@@ -1030,13 +1041,14 @@ mod tests {
             }
             n += k;
         }
-        assert_eq!(n, 19);
+        assert_eq!(n, 21);
         run("SELECT pgseal._offboard_advance('off-fk', 'exported', 'deleted')");
         let deleted: pgrx::JsonB =
             one("SELECT deleted FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-fk'");
         assert_eq!(deleted.0["public.off_z_child"], 5, "{:?}", deleted.0);
         assert_eq!(deleted.0["public.off_a_parent"], 5, "{:?}", deleted.0);
         assert_eq!(deleted.0["public.off_c_tree"], 9, "{:?}", deleted.0);
+        assert_eq!(deleted.0["public.off_d_self"], 2, "{:?}", deleted.0);
 
         // A trigger that counts down another offboarded row (one the deletes take
         // after the parents): the batch that would change it is undone and
