@@ -5,13 +5,14 @@
 //!
 //! A batch takes the next keys the export recorded for one registered table and
 //! deletes, as the table's owner (restricted), the rows still at those places with
-//! those inserting transactions (a TID scan). Tables come referencing before
-//! referenced (the export reads them in that order), and a table's keys last-read
-//! first, so that a foreign key's ON DELETE action finds the rows that reference a
-//! deleted one already gone (a tree written parents first loses its leaves
-//! first). A batch that changed or deleted any other row of an offboarded table (a
-//! foreign key's action, a trigger's counter) is refused (55000, which rolls it
-//! back): that row may have changed since the export. Once the keys are used up,
+//! those inserting transactions (a TID scan), and never a row inserted by a
+//! transaction the export's cursor could not see. Tables come referencing before
+//! referenced (the export reads them in that order), so that a foreign key's ON
+//! DELETE action finds the rows that reference a deleted one already gone; a table
+//! whose foreign key references its own tree goes in one statement. A batch that
+//! changed, deleted, truncated or dropped any other row or table of the offboarded
+//! ones (a foreign key's action, a trigger's counter) is refused (55000, which rolls
+//! it back): that row may have changed since the export. Once the keys are used up,
 //! any row of the tenant left was not in the export as it is: while nothing was
 //! deleted and it differs from the export, the offboarding goes back to exporting,
 //! and otherwise it stops (55000, naming the table) for an administrator to export
@@ -56,9 +57,9 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         }
         let watched = watched_tables(&tenant, &tables)?;
         loop {
-            // A table whose foreign key acts on its own rows (ON DELETE CASCADE,
-            // SET NULL or SET DEFAULT) goes in one statement, which its key's action
-            // then finds nothing left of (a tree's rows need not lie leaves last).
+            // A table whose foreign key references its own tree goes in one
+            // statement, which the key's action or check then finds nothing left
+            // of (a tree's rows need not lie leaves last).
             let size = match exported::first_root(&tenant)? {
                 None => break,
                 Some(r) if acts_on_itself(r)? => i32::MAX,
