@@ -223,6 +223,24 @@ fn tables_of(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Vec<Ta
 }
 
 impl Table {
+    /// `lock`, then checks the table: no third role's code runs as its owner
+    /// (`require_only_owners_code`), and the caller holds `privilege` on it
+    /// (`denied` says which step needs it). Returns its name as it is now.
+    fn lock_checked(
+        &self,
+        lockmode: u32,
+        privilege: &str,
+        denied: &'static str,
+    ) -> SealResult<String> {
+        let name = self.lock(lockmode)?;
+        crate::privilege::require_only_owners_code(self.rel, self.owner, lockmode, &[])
+            .and_then(|()| {
+                crate::subjects::require_table_access(self.rel, self.owner, privilege, denied)
+            })
+            .map_err(|e| e.on_table(&name))?;
+        Ok(name)
+    }
+
     /// Locks the table by its OID (`lockmode`), so that no rename or DROP moves its
     /// name to another relation meanwhile, and returns its name as it is now, quoted
     /// (the name `tables()` read may already name something else: a view put in its
@@ -617,17 +635,11 @@ impl ExportLines {
     /// Locks and checks table `t`, then opens the cursor over its tenant's rows as
     /// its owner.
     fn open_table(&self, t: &Table) -> SealResult<ExportStage> {
-        let name = t.lock(pg_sys::AccessShareLock)?;
-        crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
-            .and_then(|()| {
-                crate::subjects::require_table_access(
-                    t.rel,
-                    t.owner,
-                    "SELECT",
-                    "_offboard_export needs SELECT on every offboarded table",
-                )
-            })
-            .map_err(|e| e.on_table(&name))?;
+        let name = t.lock_checked(
+            pg_sys::AccessShareLock,
+            "SELECT",
+            "_offboard_export needs SELECT on every offboarded table",
+        )?;
         // The tree is locked now (no partition detached until the transaction
         // ends; one attached meanwhile is not read, and its rows get no keys): the
         // tables recorded are the tables read.

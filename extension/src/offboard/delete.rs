@@ -47,23 +47,27 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         // Every table locked and checked before anything is read or deleted.
         let tables = tables()?;
         let mut names = Vec::with_capacity(tables.len());
+        let mut trees = Vec::with_capacity(tables.len());
         for t in &tables {
             names.push(checked_for_delete(t)?);
+            trees.push(tree_of(t.rel)?.iter().map(|m| m.rel).collect::<Vec<_>>());
         }
-        refuse_cascades_out(&tables)?;
+        refuse_cascades_out(&trees)?;
         if nothing_deleted_yet(&tenant)? && export_differs(&tenant, &tables)? {
             super::export_again(&tenant)?;
             return Ok(0);
         }
-        let watched = watched_tables(&tenant, &tables)?;
+        let watched = watched_tables(&tenant, &trees)?;
         loop {
             // A table whose foreign key references its own tree goes in one
             // statement, which the key's action or check then finds nothing left
             // of (a tree's rows need not lie leaves last).
             let size = match exported::first_root(&tenant)? {
                 None => break,
-                Some(r) if acts_on_itself(r)? => i32::MAX,
-                Some(_) => batch,
+                Some(r) => match tables.iter().position(|t| t.rel == r) {
+                    Some(i) if acts_on_itself(&trees[i])? => i32::MAX,
+                    _ => batch,
+                },
             };
             let Some(exported::Taken {
                 root,
@@ -171,17 +175,16 @@ pub(super) fn delete_order(tables: Vec<Table>) -> SealResult<Vec<Table>> {
     Ok(order.into_iter().filter_map(|i| slots[i].take()).collect())
 }
 
-/// Whether a foreign key of `rel`'s tree references the tree: with an ON DELETE
+/// Whether a foreign key of `tree` (a table and the tables under it) references it: with an ON DELETE
 /// action the action would find rows a batch left, and without one a batch that
 /// takes a referenced row before the rows referencing it would fail every time.
-fn acts_on_itself(rel: pg_sys::Oid) -> SealResult<bool> {
-    let members: Vec<pg_sys::Oid> = tree_of(rel)?.iter().map(|m| m.rel).collect();
+fn acts_on_itself(tree: &[pg_sys::Oid]) -> SealResult<bool> {
     Ok(as_owner(|| {
         Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c \
                 WHERE c.contype OPERATOR(pg_catalog.=) 'f' \
                   AND c.conrelid OPERATOR(pg_catalog.=) ANY ($1) AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1))",
-            &[members.into()],
+            &[tree.to_vec().into()],
         )
     })? == Some(true))
 }
@@ -214,10 +217,10 @@ fn already_deleted_from(tenant: &str, name: &str) -> SealResult<bool> {
 
 /// The tables whose rows a batch must not change or delete beyond its own: every
 /// table the export read and every table of the registered tables' trees now.
-fn watched_tables(tenant: &str, tables: &[Table]) -> SealResult<Vec<pg_sys::Oid>> {
+fn watched_tables(tenant: &str, trees: &[Vec<pg_sys::Oid>]) -> SealResult<Vec<pg_sys::Oid>> {
     let mut watched = export_tables(tenant)?;
-    for t in tables {
-        watched.extend(tree_of(t.rel)?.iter().map(|m| m.rel));
+    for tree in trees {
+        watched.extend_from_slice(tree);
     }
     watched.sort_unstable_by_key(|r| r.to_u32());
     watched.dedup();
@@ -318,22 +321,14 @@ fn export_tables(tenant: &str) -> SealResult<Vec<pg_sys::Oid>> {
     .unwrap_or_default())
 }
 
-/// Locks `t`'s tree for the deletes and checks it: no third role's code runs as its
-/// owner, the caller may DELETE from it, and no table outside the offboarded ones
-/// that could be registered cascades from it. Returns its name as it is now.
+/// Locks `t`'s tree for the deletes and checks it (`Table::lock_checked`, with
+/// DELETE). Returns its name as it is now.
 fn checked_for_delete(t: &Table) -> SealResult<String> {
-    let name = t.lock(pg_sys::RowExclusiveLock)?;
-    crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::RowExclusiveLock, &[])
-        .and_then(|()| {
-            crate::subjects::require_table_access(
-                t.rel,
-                t.owner,
-                "DELETE",
-                "_offboard_delete needs DELETE on every offboarded table",
-            )
-        })
-        .map_err(|e| e.on_table(&name))?;
-    Ok(name)
+    t.lock_checked(
+        pg_sys::RowExclusiveLock,
+        "DELETE",
+        "_offboard_delete needs DELETE on every offboarded table",
+    )
 }
 
 /// Refuses (55000, naming it) a table outside the offboarded tables' trees with a
@@ -344,11 +339,8 @@ fn checked_for_delete(t: &Table) -> SealResult<String> {
 /// reference, as the key says. Cascades among the offboarded tables are checked as
 /// they happen (`refuse_other_writes`). A partition attached after this check (its
 /// parent's lock does not keep ATTACH out) has no keys: its rows are not deleted.
-fn refuse_cascades_out(tables: &[Table]) -> SealResult<()> {
-    let mut members: Vec<pg_sys::Oid> = Vec::new();
-    for t in tables {
-        members.extend(tree_of(t.rel)?.iter().map(|m| m.rel));
-    }
+fn refuse_cascades_out(trees: &[Vec<pg_sys::Oid>]) -> SealResult<()> {
+    let members: Vec<pg_sys::Oid> = trees.concat();
     let cascading = as_owner(|| {
         Spi::get_one_with_args::<String>(
             "WITH RECURSIVE reached(rel) AS ( \
