@@ -31,6 +31,19 @@ mod tests {
         ));
     }
 
+    /// Calls `q` (a batch step returning how many it did) until it returns 0;
+    /// returns the total.
+    fn drain(q: &str) -> i64 {
+        let mut total = 0;
+        loop {
+            let k: i64 = one(q);
+            if k == 0 {
+                return total;
+            }
+            total += k;
+        }
+    }
+
     fn events(t: &str) -> String {
         one(&format!(
             "SELECT string_agg(event, ',' ORDER BY seq) FROM pgseal.ledger WHERE tenant_id = {}",
@@ -205,14 +218,7 @@ mod tests {
             sqlstate("SELECT pgseal._offboard_advance('off-steps', 'scheduled', 'exported', '/x', repeat('a', 64))"),
             "55000"
         );
-        let mut n = 0;
-        loop {
-            let k: i64 = one("SELECT pgseal._offboard_delete('off-steps', 1)");
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
+        let n = drain("SELECT pgseal._offboard_delete('off-steps', 1)");
         assert_eq!(n, 2);
         run("SELECT pgseal._offboard_advance('off-steps', 'exported', 'deleted')");
         assert_eq!(
@@ -270,14 +276,7 @@ mod tests {
         tenant_data("off-hint");
         run("SELECT pgseal.tenant_offboard('off-hint', '0')");
         exported("off-hint");
-        let mut n = 0;
-        loop {
-            let k: i64 = one("SELECT pgseal._offboard_delete('off-hint', 1)");
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
+        let n = drain("SELECT pgseal._offboard_delete('off-hint', 1)");
         assert_eq!(n, 2);
         assert_eq!(
             one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-hint'"),
@@ -287,14 +286,7 @@ mod tests {
         run("SELECT pgseal.tenant_shred('off-hint')");
         run("SELECT pgseal._offboard_advance('off-hint', 'deleted', 'shredded')");
         crate::offboard::set_resume_hint("off-hint", 1_000_000);
-        let mut total = 0;
-        loop {
-            let k: i64 = one("SELECT pgseal._offboard_erase('off-hint', 2)");
-            if k == 0 {
-                break;
-            }
-            total += k;
-        }
+        let total = drain("SELECT pgseal._offboard_erase('off-hint', 2)");
         assert_eq!(total, 6);
     }
 
@@ -732,14 +724,7 @@ mod tests {
             one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-reg') l");
         assert!(export.contains("not in the export"), "{export}");
         run("SELECT pgseal._offboard_advance('off-reg', 'scheduled', 'exported', '/x', repeat('a', 64))");
-        let mut n = 0;
-        loop {
-            let k: i64 = one("SELECT pgseal._offboard_delete('off-reg', 10)");
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
+        let n = drain("SELECT pgseal._offboard_delete('off-reg', 10)");
         assert_eq!(n, 3);
         run("SELECT pgseal._offboard_advance('off-reg', 'exported', 'deleted')");
 
@@ -777,14 +762,7 @@ mod tests {
         run("CREATE TABLE public.off_late_reg3 (id text, tenant_id text NOT NULL)");
         run("INSERT INTO public.off_late_reg3 VALUES ('u1', 'someone-else')");
         run("SELECT pgseal.subject_register('public.off_late_reg3', 'id')");
-        let mut n = 0;
-        loop {
-            let k: i64 = one("SELECT pgseal._offboard_delete('off-reg3', 10)");
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
+        let n = drain("SELECT pgseal._offboard_delete('off-reg3', 10)");
         assert_eq!(n, 2);
         run("SELECT pgseal._offboard_advance('off-reg3', 'exported', 'deleted')");
         // A dropped table leaves the export's tables (its OID could name another
@@ -972,14 +950,7 @@ mod tests {
             "UPDATE pgseal.offboard_export_rows SET keys = keys || ARRAY(SELECT pgseal._offboard_row_key(x.tableoid, x.ctid, x.xmin) \
                FROM public.off_users x WHERE x.tenant_id = 'off-bystander') WHERE tenant_id = 'off-keys'",
         );
-        let mut n = 1;
-        loop {
-            let k: i64 = one("SELECT pgseal._offboard_delete('off-keys', 10)");
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
+        let n = 1 + drain("SELECT pgseal._offboard_delete('off-keys', 10)");
         assert_eq!(n, 2);
         assert_eq!(
             one::<i64>("SELECT count(*) FROM public.off_users WHERE tenant_id = 'off-bystander'"),
@@ -1033,14 +1004,7 @@ mod tests {
         ));
         run("SELECT pgseal.tenant_offboard('off-fk', '0')");
         exported("off-fk");
-        let mut n = 0;
-        loop {
-            let k: i64 = one("SELECT pgseal._offboard_delete('off-fk', 2)");
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
+        let n = drain("SELECT pgseal._offboard_delete('off-fk', 2)");
         assert_eq!(n, 21);
         run("SELECT pgseal._offboard_advance('off-fk', 'exported', 'deleted')");
         let deleted: pgrx::JsonB =
