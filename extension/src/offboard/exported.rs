@@ -58,14 +58,14 @@ pub(super) fn keyed(rel: pg_sys::Oid) -> SealResult<bool> {
     if crate::pg::citus::manages(rel)? {
         return Ok(false);
     }
+    let tree: Vec<pg_sys::Oid> = super::tree_of(rel)?.iter().map(|m| m.rel).collect();
     Ok(as_owner(|| {
         Spi::get_one_with_args::<bool>(
-            "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
-               UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
-             SELECT NOT EXISTS (SELECT 1 FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
-                                 WHERE c.relkind OPERATOR(pg_catalog.=) 'f' \
-                                    OR (c.relkind IN ('r', 'm') AND c.relam OPERATOR(pg_catalog.<>) $2::pg_catalog.oid))",
-            &[rel.into(), pg_sys::HEAP_TABLE_AM_OID.into()],
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+                                 WHERE c.oid OPERATOR(pg_catalog.=) ANY ($1) \
+                                   AND (c.relkind OPERATOR(pg_catalog.=) 'f' \
+                                        OR (c.relkind IN ('r', 'm') AND c.relam OPERATOR(pg_catalog.<>) $2::pg_catalog.oid)))",
+            &[tree.into(), pg_sys::HEAP_TABLE_AM_OID.into()],
         )
     })? == Some(true))
 }
