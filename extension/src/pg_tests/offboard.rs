@@ -635,6 +635,42 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_keyed_deletes_run_a_table_owners_code_only_as_that_owner() {
+        // The deletes plan their digest and their keyed DELETE on a table holding
+        // the tenant's rows, and the DELETE fires the table's triggers: a planted
+        // statistic expression and a delete trigger must both run as the table's
+        // owner, never as the extension owner the step functions switch to.
+        owner_trap("off_del_owner", "off_del");
+        run("CREATE TABLE public.off_del (id text, tenant_id text NOT NULL)");
+        run("SELECT pgseal.subject_register('public.off_del', 'id')");
+        owner_trap_statistic("off_del_owner", "off_del", "public.off_del");
+        run(
+            "CREATE FUNCTION public.off_del_trg() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM public.off_del_note(); RETURN OLD; END $$",
+        );
+        run("ALTER FUNCTION public.off_del_trg() OWNER TO off_del_owner");
+        run("CREATE TRIGGER off_del_t BEFORE DELETE ON public.off_del FOR EACH ROW EXECUTE FUNCTION public.off_del_trg()");
+        tenant("off-del");
+        run("INSERT INTO public.off_del SELECT 'u' || g, 'off-del' FROM generate_series(1, 25) g");
+        run("SELECT pgseal.tenant_offboard('off-del', '0')");
+        exported("off-del");
+        run("TRUNCATE public.off_del_seen");
+        assert_eq!(drain("SELECT pgseal._offboard_delete('off-del', 10)"), 25);
+        // The trigger ran once a row, each time as the owner; nothing else ran it.
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_del_seen WHERE who = 'off_del_owner'"),
+            one::<i64>("SELECT count(*) FROM public.off_del_seen")
+        );
+        assert!(one::<i64>("SELECT count(*) FROM public.off_del_seen") >= 25);
+        assert_eq!(owner_trap_ran_as("off_del"), "off_del_owner");
+        run("SELECT pgseal._offboard_advance('off-del', 'exported', 'deleted')");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_del WHERE tenant_id = 'off-del'"),
+            0
+        );
+    }
+
+    #[pg_test]
     fn the_export_never_runs_a_column_types_json_cast() {
         owner_trap("off_typer", "off_jc");
         owner_trap_json_cast("off_typer", "off_jc");
