@@ -9,9 +9,12 @@
 //! - `client`: the backend's side (wait for the commit, or hand over and go on);
 //! - `launcher`: the worker registered from `_PG_init`, which starts writers;
 //! - `writer`: one worker per database, appending the queued entries (and, on a
-//!   Citus worker, adding its seal counts on the coordinator).
+//!   Citus worker, adding its seal counts on the coordinator);
+//! - `coordinator`: a Citus worker's writer's connection to the coordinator, kept
+//!   across entries.
 
 mod client;
+mod coordinator;
 mod launcher;
 pub mod queue;
 mod writer;

@@ -249,29 +249,26 @@ fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(b
 }
 
 /// Appends `e` on the Citus coordinator: `pgseal._audit_append_forwarded` there, over
-/// a connection of its own (Citus's `run_command_on_coordinator`), which commits
-/// before it answers, so the entry is durable there when this returns Ok(Some).
+/// the writer's connection to it (`coordinator`), in a transaction of its own that
+/// commits before it answers, so the entry is durable there when this returns
+/// Ok(Some).
 fn forward(e: &Entry, system_ok: bool) -> Result<Option<(bool, i64)>, String> {
-    let row = Spi::get_two_with_args::<bool, String>(
-        "SELECT r.success, r.result FROM pg_catalog.run_command_on_coordinator(pg_catalog.format(\
-             'SELECT pgseal._audit_append_forwarded(%L, %L, %L, %L, %L, %L)', $1, $2, $3, $4, $5, $6)) r",
+    let row = super::coordinator::query_row(
+        c"SELECT pgseal._audit_append_forwarded($1, $2, $3, $4, $5, $6::pg_catalog.bool)",
         &[
-            e.tenant.as_str().into(),
-            e.event.as_str().into(),
-            e.payload.as_str().into(),
-            e.actor.as_str().into(),
-            e.role.as_str().into(),
-            system_ok.into(),
+            &e.tenant,
+            &e.event,
+            &e.payload,
+            &e.actor,
+            &e.role,
+            if system_ok { "t" } else { "f" },
         ],
     )
-    .map_err(|err| err.to_string())?;
-    match row {
-        (Some(true), Some(result)) => parse_forwarded(&result)
+    .map_err(|err| format!("the coordinator did not record the entry: {err}"))?;
+    match row.first() {
+        Some(Some(result)) => parse_forwarded(result)
             .ok_or_else(|| "the coordinator answered the forwarded entry unexpectedly".to_owned()),
-        (_, result) => Err(format!(
-            "the coordinator did not record the entry: {}",
-            result.unwrap_or_default()
-        )),
+        _ => Err("the coordinator answered the forwarded entry unexpectedly".to_owned()),
     }
 }
 

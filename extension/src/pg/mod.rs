@@ -12,7 +12,8 @@
 //!   without SPI;
 //! - `ledger_append_fn`: `ledger_append`'s materialize-mode C entry point;
 //! - `jsonb`: `jsonb` arguments read through `jsonb_out`;
-//! - `plaintext`: `vault_decrypt`'s result written in place.
+//! - `plaintext`: `vault_decrypt`'s result written in place;
+//! - `libpq`: a client connection to another node through the libpq Citus loaded.
 
 /// Declares the version-1 calling convention record PostgreSQL's loader looks up
 /// for a C function of pgseal's library that pgrx does not declare (`#[pg_extern]`
@@ -37,6 +38,7 @@ pub mod head_read;
 pub mod head_write;
 pub mod jsonb;
 mod ledger_append_fn;
+pub mod libpq;
 pub mod plaintext;
 pub mod plans;
 pub mod rls_guard;

@@ -1,0 +1,287 @@
+//! A client connection to another PostgreSQL server through the libpq that Citus
+//! loaded into this process (`citus.so` links `libpq.so.5`, and Citus is in
+//! `shared_preload_libraries` wherever pgseal talks to another node). pgseal itself
+//! does not link libpq: its functions are looked up at run time, and on a server
+//! without it `Conn::open` fails with a message instead of the library failing to
+//! load.
+//!
+//! What it relies on: libpq's documented C API (stable across its versions); the
+//! library is already loaded (`dlopen` with `RTLD_NOLOAD`, so pgseal never loads
+//! another copy). Results are read through a wait on the process latch and the
+//! connection's socket (`WaitLatchOrSocket`), so a postmaster death ends the wait,
+//! and no wait outlasts its deadline.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::time::{Duration, Instant};
+
+use pgrx::pg_sys;
+
+type PgConn = c_void;
+type PgResult = c_void;
+
+/// libpq's `CONNECTION_OK`.
+const CONNECTION_OK: c_int = 0;
+/// libpq's `PGRES_TUPLES_OK`.
+const PGRES_TUPLES_OK: c_int = 2;
+
+// The C signatures of the libpq functions used here (libpq-fe.h).
+type ConnectdbFn = unsafe extern "C" fn(*const c_char) -> *mut PgConn;
+type StatusFn = unsafe extern "C" fn(*const PgConn) -> c_int;
+type ErrorMessageFn = unsafe extern "C" fn(*const PgConn) -> *const c_char;
+type FinishFn = unsafe extern "C" fn(*mut PgConn);
+type SendQueryParamsFn = unsafe extern "C" fn(
+    *mut PgConn,
+    *const c_char,
+    c_int,
+    *const pg_sys::Oid,
+    *const *const c_char,
+    *const c_int,
+    *const c_int,
+    c_int,
+) -> c_int;
+type SocketFn = unsafe extern "C" fn(*const PgConn) -> c_int;
+type ConsumeInputFn = unsafe extern "C" fn(*mut PgConn) -> c_int;
+type IsBusyFn = unsafe extern "C" fn(*mut PgConn) -> c_int;
+type GetResultFn = unsafe extern "C" fn(*mut PgConn) -> *mut PgResult;
+type ResultStatusFn = unsafe extern "C" fn(*const PgResult) -> c_int;
+type ResultErrorMessageFn = unsafe extern "C" fn(*const PgResult) -> *const c_char;
+type NtuplesFn = unsafe extern "C" fn(*const PgResult) -> c_int;
+type NfieldsFn = unsafe extern "C" fn(*const PgResult) -> c_int;
+type GetValueFn = unsafe extern "C" fn(*const PgResult, c_int, c_int) -> *const c_char;
+type GetIsNullFn = unsafe extern "C" fn(*const PgResult, c_int, c_int) -> c_int;
+type ClearFn = unsafe extern "C" fn(*mut PgResult);
+
+/// The libpq functions used here, resolved once per process.
+struct Api {
+    connectdb: ConnectdbFn,
+    status: StatusFn,
+    error_message: ErrorMessageFn,
+    finish: FinishFn,
+    send_query_params: SendQueryParamsFn,
+    socket: SocketFn,
+    consume_input: ConsumeInputFn,
+    is_busy: IsBusyFn,
+    get_result: GetResultFn,
+    result_status: ResultStatusFn,
+    result_error_message: ResultErrorMessageFn,
+    ntuples: NtuplesFn,
+    nfields: NfieldsFn,
+    get_value: GetValueFn,
+    get_is_null: GetIsNullFn,
+    clear: ClearFn,
+}
+
+fn api() -> Result<&'static Api, String> {
+    static API: std::sync::OnceLock<Option<Api>> = std::sync::OnceLock::new();
+    API.get_or_init(load)
+        .as_ref()
+        .ok_or_else(|| "libpq is not loaded in this server (pgseal reaches other nodes only where Citus is preloaded)".to_owned())
+}
+
+fn load() -> Option<Api> {
+    // SAFETY: dlopen with RTLD_NOLOAD only returns a handle to a library already
+    // loaded (never runs another copy's initialisers); the handle is kept for the
+    // life of the process, so the symbols stay valid.
+    let lib = unsafe {
+        libc::dlopen(
+            c"libpq.so.5".as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_GLOBAL,
+        )
+    };
+    if lib.is_null() {
+        return None;
+    }
+    macro_rules! sym {
+        ($name:literal, $ty:ty) => {{
+            // SAFETY: looks up a libpq function by its documented name; the
+            // pointer is transmuted to the C signature libpq declares for it
+            // (libpq-fe.h), which is the field's type.
+            let p = unsafe { libc::dlsym(lib, $name.as_ptr()) };
+            if p.is_null() {
+                return None;
+            }
+            // SAFETY: see above: p is that function, of that signature.
+            unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
+        }};
+    }
+    Some(Api {
+        connectdb: sym!(c"PQconnectdb", ConnectdbFn),
+        status: sym!(c"PQstatus", StatusFn),
+        error_message: sym!(c"PQerrorMessage", ErrorMessageFn),
+        finish: sym!(c"PQfinish", FinishFn),
+        send_query_params: sym!(c"PQsendQueryParams", SendQueryParamsFn),
+        socket: sym!(c"PQsocket", SocketFn),
+        consume_input: sym!(c"PQconsumeInput", ConsumeInputFn),
+        is_busy: sym!(c"PQisBusy", IsBusyFn),
+        get_result: sym!(c"PQgetResult", GetResultFn),
+        result_status: sym!(c"PQresultStatus", ResultStatusFn),
+        result_error_message: sym!(c"PQresultErrorMessage", ResultErrorMessageFn),
+        ntuples: sym!(c"PQntuples", NtuplesFn),
+        nfields: sym!(c"PQnfields", NfieldsFn),
+        get_value: sym!(c"PQgetvalue", GetValueFn),
+        get_is_null: sym!(c"PQgetisnull", GetIsNullFn),
+        clear: sym!(c"PQclear", ClearFn),
+    })
+}
+
+/// Quotes `v` as a value of a libpq connection string.
+pub fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// An open connection; closed when dropped.
+pub struct Conn {
+    api: &'static Api,
+    conn: *mut PgConn,
+}
+
+impl Conn {
+    /// Connects with the connection string `conninfo` (which may hold a password:
+    /// it is never part of a message). Blocks for at most the string's
+    /// `connect_timeout`.
+    pub fn open(conninfo: &str) -> Result<Conn, String> {
+        let api = api()?;
+        let c = CString::new(conninfo).map_err(|_| "a connection string with a NUL byte")?;
+        // SAFETY: c is a NUL-terminated string that outlives the call.
+        let conn = unsafe { (api.connectdb)(c.as_ptr()) };
+        if conn.is_null() {
+            return Err("out of memory for a connection".to_owned());
+        }
+        let conn = Conn { api, conn };
+        // SAFETY: conn is a live connection object until it is dropped.
+        if unsafe { (api.status)(conn.conn) } != CONNECTION_OK {
+            return Err(format!("could not connect: {}", conn.error()));
+        }
+        Ok(conn)
+    }
+
+    fn error(&self) -> String {
+        // SAFETY: PQerrorMessage returns a string owned by the live connection.
+        unsafe { cstr((self.api.error_message)(self.conn)) }
+    }
+
+    /// Runs `sql` with the text parameters `params` and returns its first row's
+    /// columns (None for NULL), or None when it returned no row. Waits for the
+    /// answer until `deadline` has passed; past it the connection is of no further
+    /// use (the caller drops it).
+    pub fn query_row(
+        &mut self,
+        sql: &CStr,
+        params: &[&str],
+        deadline: Duration,
+    ) -> Result<Option<Vec<Option<String>>>, String> {
+        let owned = params
+            .iter()
+            .map(|p| CString::new(*p).map_err(|_| "a parameter with a NUL byte".to_owned()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ptrs: Vec<*const c_char> = owned.iter().map(|p| p.as_ptr()).collect();
+        let n = c_int::try_from(ptrs.len()).map_err(|_| "too many parameters")?;
+        // SAFETY: the statement and parameter strings are NUL-terminated and live
+        // until the call returns (libpq copies them into its output buffer); NULL
+        // types, lengths and formats mean text parameters of inferred type.
+        let sent = unsafe {
+            (self.api.send_query_params)(
+                self.conn,
+                sql.as_ptr(),
+                n,
+                std::ptr::null(),
+                ptrs.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            )
+        };
+        if sent != 1 {
+            return Err(format!("could not send: {}", self.error()));
+        }
+        let until = Instant::now() + deadline;
+        let mut row = None;
+        let mut failure = None;
+        loop {
+            self.wait_readable(until)?;
+            // SAFETY: the connection is live; PQgetResult returns NULL once the
+            // command's results are all read, and each result is cleared here.
+            let res = unsafe { (self.api.get_result)(self.conn) };
+            if res.is_null() {
+                break;
+            }
+            // SAFETY: res is a live result until PQclear below.
+            unsafe {
+                if (self.api.result_status)(res) == PGRES_TUPLES_OK {
+                    if (self.api.ntuples)(res) > 0 && row.is_none() {
+                        let cols = (0..(self.api.nfields)(res))
+                            .map(|i| {
+                                ((self.api.get_is_null)(res, 0, i) == 0)
+                                    .then(|| cstr((self.api.get_value)(res, 0, i)))
+                            })
+                            .collect::<Vec<_>>();
+                        row = Some(cols);
+                    }
+                } else if failure.is_none() {
+                    failure = Some(cstr((self.api.result_error_message)(res)));
+                }
+                (self.api.clear)(res);
+            }
+        }
+        match failure {
+            Some(f) => Err(f.trim_end().to_owned()),
+            None => Ok(row),
+        }
+    }
+
+    /// Waits until a result can be read without blocking, or fails at `until`.
+    fn wait_readable(&mut self, until: Instant) -> Result<(), String> {
+        loop {
+            // SAFETY: the connection is live; PQconsumeInput reads what the socket
+            // has without blocking, PQisBusy tells whether a result is complete.
+            unsafe {
+                if (self.api.consume_input)(self.conn) != 1 {
+                    return Err(format!("the connection failed: {}", self.error()));
+                }
+                if (self.api.is_busy)(self.conn) == 0 {
+                    return Ok(());
+                }
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("no answer within the deadline".to_owned());
+            }
+            // SAFETY: waits on this process's latch and the connection's socket;
+            // a set latch is reset after the wait (whoever set it is served by the
+            // caller's loop, which reads its queue again after any work).
+            unsafe {
+                let sock = (self.api.socket)(self.conn);
+                pg_sys::WaitLatchOrSocket(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET
+                        | pg_sys::WL_SOCKET_READABLE
+                        | pg_sys::WL_TIMEOUT
+                        | pg_sys::WL_EXIT_ON_PM_DEATH) as c_int,
+                    sock,
+                    left.as_millis().clamp(1, 60_000) as std::ffi::c_long,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // SAFETY: closes the connection this value owns, once.
+        unsafe { (self.api.finish)(self.conn) }
+    }
+}
+
+/// An owned copy of a C string libpq returned (empty for NULL).
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string valid for the call.
+unsafe fn cstr(p: *const c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: the caller's promise.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
