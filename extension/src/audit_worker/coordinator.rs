@@ -27,14 +27,19 @@ thread_local! {
     static LINK: RefCell<Option<(String, Conn)>> = const { RefCell::new(None) };
 }
 
-/// Runs `sql` with `params` on the coordinator and returns its first row. A
-/// connection kept from an earlier entry that fails is dropped and the statement
-/// sent once more over a new one, unless it had been sent and may have run there.
+/// Runs `sql` with `params` on the coordinator and returns its first row. A kept
+/// connection found closed before sending is made again; a failure after sending
+/// is returned (the statement may have run) and the connection dropped.
 pub fn query_row(sql: &std::ffi::CStr, params: &[&str]) -> Result<Vec<Option<String>>, String> {
     let conninfo = conninfo()?;
     LINK.with(|link| {
         let mut link = link.borrow_mut();
-        if link.as_ref().is_some_and(|(c, _)| *c != conninfo) {
+        // A connection made with other settings, or one the coordinator has ended
+        // (a restart) while it was idle, is made again before anything is sent.
+        if link
+            .as_mut()
+            .is_some_and(|(c, conn)| *c != conninfo || !conn.alive())
+        {
             *link = None;
         }
         if link.is_none() {

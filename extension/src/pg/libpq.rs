@@ -155,6 +155,16 @@ impl Conn {
         Ok(conn)
     }
 
+    /// Whether the connection is still open: reads what the server sent while it
+    /// was idle (a server that shut down has ended it), without blocking.
+    pub fn alive(&mut self) -> bool {
+        // SAFETY: the connection is live; PQconsumeInput reads without blocking.
+        unsafe {
+            (self.api.consume_input)(self.conn) == 1
+                && (self.api.status)(self.conn) == CONNECTION_OK
+        }
+    }
+
     fn error(&self) -> String {
         // SAFETY: PQerrorMessage returns a string owned by the live connection.
         unsafe { cstr((self.api.error_message)(self.conn)) }
