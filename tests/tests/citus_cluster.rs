@@ -925,6 +925,47 @@ fn the_ledger_is_one_chain_per_tenant_on_the_coordinator() {
         .get(0);
     assert_eq!(outcome, "rolled back");
 
+    // The worker's audit writer keeps its one connection to the coordinator across
+    // entries; after a restart of the coordinator it makes a new one, and the next
+    // decrypt is recorded.
+    let links = |c: &mut postgres::Client| -> Vec<i32> {
+        c.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgseal audit writer' ORDER BY pid",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let decrypt_on_worker = |w: &mut postgres::Client| {
+        let mut tx = w.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('t4')", &[]).unwrap();
+        let n = tx
+            .query(
+                "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+                &[],
+            )
+            .unwrap()
+            .len();
+        assert_eq!(n, 3);
+        tx.commit().unwrap();
+    };
+    let first = links(&mut c);
+    assert_eq!(first.len(), 1, "{first:?}");
+    decrypt_on_worker(&mut w);
+    decrypt_on_worker(&mut w);
+    assert_eq!(links(&mut c), first);
+    assert_eq!(entries(&mut c, "t4", "vault.decrypt_started"), started + 3);
+    drop(c);
+    cc.coordinator.restart();
+    let mut c = cc.coordinator.connect();
+    let mut w = app(&cc.workers[0]);
+    decrypt_on_worker(&mut w);
+    assert_eq!(entries(&mut c, "t4", "vault.decrypt_started"), started + 4);
+    let again = links(&mut c);
+    assert_eq!(again.len(), 1, "{again:?}");
+
     // On a worker, an append and a commit-mode decrypt are refused.
     let mut su = cc.workers[1].connect();
     let mut tx = su.transaction().unwrap();

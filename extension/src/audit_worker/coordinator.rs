@@ -68,12 +68,12 @@ fn conninfo() -> Result<String, String> {
         let t = c.select(
             "SELECT n.nodename::pg_catalog.text, n.nodeport::pg_catalog.text, \
                     pg_catalog.current_database()::pg_catalog.text, \
-                    pg_catalog.current_user::pg_catalog.text, \
+                    CURRENT_USER::pg_catalog.text, \
                     pg_catalog.getdatabaseencoding()::pg_catalog.text, \
                     COALESCE(pg_catalog.current_setting('citus.node_conninfo', true), ''), \
                     COALESCE(pg_catalog.current_setting('citus.node_connection_timeout', true), '30000'), \
                     COALESCE((SELECT a.authinfo FROM pg_catalog.pg_dist_authinfo a \
-                               WHERE a.rolename OPERATOR(pg_catalog.=) pg_catalog.current_user \
+                               WHERE a.rolename OPERATOR(pg_catalog.=) CURRENT_USER \
                                  AND a.nodeid OPERATOR(pg_catalog.=) ANY (ARRAY[n.nodeid, 0]) \
                                ORDER BY a.nodeid OPERATOR(pg_catalog.=) 0 LIMIT 1), ''), \
                     COALESCE((SELECT p.poolinfo FROM pg_catalog.pg_dist_poolinfo p \

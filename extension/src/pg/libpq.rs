@@ -156,13 +156,20 @@ impl Conn {
     }
 
     /// Whether the connection is still open: reads what the server sent while it
-    /// was idle (a server that shut down has ended it), without blocking.
+    /// was idle, without blocking. A server that shut down sent a message and then
+    /// ended the connection; libpq sees the end only on a read after the one that
+    /// returned the message, so this reads until a read finds nothing (a few
+    /// reads at most).
     pub fn alive(&mut self) -> bool {
-        // SAFETY: the connection is live; PQconsumeInput reads without blocking.
-        unsafe {
-            (self.api.consume_input)(self.conn) == 1
-                && (self.api.status)(self.conn) == CONNECTION_OK
+        for _ in 0..4 {
+            // SAFETY: the connection is live; PQconsumeInput reads without blocking
+            // and returns 0 once the connection has failed or ended.
+            if unsafe { (self.api.consume_input)(self.conn) } != 1 {
+                return false;
+            }
         }
+        // SAFETY: as above.
+        unsafe { (self.api.status)(self.conn) == CONNECTION_OK }
     }
 
     fn error(&self) -> String {
