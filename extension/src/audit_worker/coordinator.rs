@@ -111,6 +111,16 @@ fn conninfo() -> Result<String, String> {
     }))
 }
 
+/// The coordinator session's settings that the coordinator's, its database's or
+/// the role's configuration must not change, as in the writer's own session
+/// (`writer::configure_session`): a database set read-only by default or with a
+/// short statement timeout must not stop the audit (the answer's deadline bounds
+/// the wait here), and nothing the session parses resolves a name through a schema
+/// a role can create objects in. A commit that would not be flushed is made
+/// durable by `_audit_append_forwarded` itself.
+const SESSION: &str =
+    "-c default_transaction_read_only=off -c statement_timeout=0 -c search_path=pg_catalog,pg_temp";
+
 struct Parts<'a> {
     host: &'a str,
     port: &'a str,
@@ -137,7 +147,7 @@ fn build(p: &Parts) -> String {
         .parse::<u64>()
         .map_or(30, |ms| ms.div_ceil(1000).max(2));
     format!(
-        "{} {}={} port={} dbname={} user={} client_encoding={} application_name={} connect_timeout={} {} {}",
+        "{} {}={} port={} dbname={} user={} client_encoding={} application_name={} connect_timeout={} options={} {} {}",
         p.node_conninfo,
         if names_host { "hostaddr" } else { "host" },
         quote(p.host),
@@ -147,6 +157,7 @@ fn build(p: &Parts) -> String {
         quote(p.encoding),
         quote("pgseal audit writer"),
         timeout_s,
+        quote(SESSION),
         p.authinfo,
         p.poolinfo,
     )
@@ -176,7 +187,9 @@ mod tests {
         assert_eq!(
             s,
             "sslmode=require host='coord\\'s host' port='5432' dbname='app' user='postgres' \
-             client_encoding='UTF8' application_name='pgseal audit writer' connect_timeout=31 password=s3cret "
+             client_encoding='UTF8' application_name='pgseal audit writer' connect_timeout=31 \
+             options='-c default_transaction_read_only=off -c statement_timeout=0 -c search_path=pg_catalog,pg_temp' \
+             password=s3cret "
         );
         let s = build(&parts("host=coord.example sslmode=verify-full", ""));
         assert!(s.contains(" hostaddr='coord\\'s host' "), "{s}");

@@ -401,6 +401,10 @@ fn _audit_append_forwarded(
         .or_raise();
     }
     crate::pg::xact::require_read_write("_audit_append_forwarded").or_raise();
+    // The worker's writer acknowledges the entry once this answers, which is after
+    // this transaction commits: with `synchronous_commit = off` configured here the
+    // commit is flushed all the same (as in the writer's own session).
+    durable_commit();
     let e = Entry {
         tenant: tenant.to_owned(),
         actor: actor.to_owned(),
@@ -422,6 +426,34 @@ fn _audit_append_forwarded(
     match r.or_raise() {
         None => "busy".to_owned(),
         Some((system, seq)) => format!("{}:{seq}", if system { "t" } else { "f" }),
+    }
+}
+
+/// Makes the current transaction's commit wait for its local flush when
+/// `synchronous_commit` is `off` (a stronger setting is left as it is).
+fn durable_commit() {
+    // SAFETY: GetConfigOption returns the current value of a built-in setting as a
+    // string valid until the setting changes; it is copied at once.
+    let off = unsafe {
+        let v = pg_sys::GetConfigOption(c"synchronous_commit".as_ptr(), false, false);
+        !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"off"
+    };
+    if off {
+        // SAFETY: set_config_option with a valid value for a built-in setting, for
+        // the current transaction only (GUC_ACTION_LOCAL); elevel ERROR turns a
+        // failure into an ERROR.
+        unsafe {
+            pg_sys::set_config_option(
+                c"synchronous_commit".as_ptr(),
+                c"local".as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_LOCAL,
+                true,
+                pgrx::PgLogLevel::ERROR as i32,
+                false,
+            );
+        }
     }
 }
 

@@ -448,4 +448,43 @@ mod tests {
         run("RESET ROLE");
         assert_eq!(events("ev-job"), ["retention.deleted"]);
     }
+
+    #[pg_test]
+    fn a_forwarded_audit_entry_is_a_superusers_and_its_commit_is_flushed() {
+        // What a Citus worker's audit writer calls on the coordinator: only a
+        // superuser may (it records any role and reserved events), and an entry it
+        // acknowledges is flushed at commit even where synchronous_commit is off.
+        run("CREATE ROLE fw_app");
+        run("GRANT USAGE ON SCHEMA pgseal TO fw_app");
+        let call = "SELECT pgseal._audit_append_forwarded('fw-t', 'vault.decrypt_started', '{\"keys\": 1}', 'alice', 'fw_app', false)";
+        run("SET LOCAL ROLE fw_app");
+        assert_eq!(sqlstate(call), "42501");
+        run("RESET ROLE");
+        run("SET LOCAL synchronous_commit = off");
+        let answer: String = one(call);
+        assert_eq!(
+            one::<String>("SELECT current_setting('synchronous_commit')"),
+            "local"
+        );
+        let (event, actor, payload) = last("fw-t");
+        assert_eq!(
+            answer,
+            format!(
+                "f:{}",
+                one::<i64>("SELECT max((e->>'seq')::bigint) FROM pgseal.ledger_export('fw-t') e")
+            )
+        );
+        assert_eq!(
+            (event.as_str(), actor.as_str()),
+            ("vault.decrypt_started", "alice")
+        );
+        assert_eq!(payload, json!({"keys": 1}));
+        // A stronger setting is left as it is.
+        run("SET LOCAL synchronous_commit = remote_apply");
+        one::<String>(call);
+        assert_eq!(
+            one::<String>("SELECT current_setting('synchronous_commit')"),
+            "remote_apply"
+        );
+    }
 }
