@@ -6,44 +6,94 @@
 //! The connection is made as Citus makes its own to that node: the coordinator's
 //! name and port from `pg_dist_node`, `citus.node_conninfo` (TLS settings), the
 //! role's `pg_dist_authinfo` entry for the node (or for every node) and the node's
-//! `pg_dist_poolinfo`, this database and the writer's role, with
-//! `citus.node_connection_timeout`. The settings are read again in every
-//! transaction; when they change (a new coordinator, a new password) the
-//! connection is made again. Each entry is sent with its values as parameters, and
-//! the coordinator commits it before it answers.
+//! `pg_dist_poolinfo` (each read by libpq's own parser, as Citus reads them), this
+//! database and the writer's role, waiting at most `citus.node_connection_timeout`
+//! (10 s at the most). The settings are read again for every entry; when they
+//! change (a new coordinator, a new password) the connection is made again. Each
+//! entry is sent with its values as parameters, and the coordinator commits it
+//! before it answers.
+//!
+//! Where `citus.node_conninfo` does not verify the coordinator's certificate (the
+//! default, `sslmode=require`, does not), someone on the network path could answer
+//! for it: docs/SCALING.md asks for `sslmode=verify-full`.
 
-use std::cell::RefCell;
-use std::time::Duration;
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 
-use crate::pg::libpq::{quote, Conn};
+use crate::pg::libpq::{self, Conn};
 
 /// How long a forwarded entry may take on the coordinator, its answer included.
 const ANSWER: Duration = Duration::from_secs(10);
+/// The longest wait for a connection (`citus.node_connection_timeout` is used when
+/// shorter): the writer serves every backend of its database in turn.
+const CONNECT_MAX: Duration = Duration::from_secs(10);
+/// After a connection failed, entries fail at once for this long rather than each
+/// wait for a coordinator that cannot be reached.
+const BACKOFF: Duration = Duration::from_secs(1);
+
+/// The coordinator session's settings that the coordinator's, its database's or
+/// the role's configuration must not change, set once a connection is made (a
+/// pooler may refuse them as startup options): as in the writer's own session
+/// (`writer::configure_session`), a database set read-only by default, with a
+/// short timeout of any kind or another role must not stop the audit (the
+/// answer's deadline bounds the wait here), nothing the session parses resolves a
+/// name through a schema a role can create objects in, and the server sends no
+/// notices. Settings the coordinator's version lacks are left out. A commit that
+/// would not be flushed is made durable by `_audit_append_forwarded` itself.
+const SETUP: &std::ffi::CStr = c"SELECT pg_catalog.count(pg_catalog.set_config(s.name, v.setting, false)) \
+      FROM (VALUES ('role', 'none'), ('default_transaction_read_only', 'off'), \
+                   ('default_transaction_isolation', 'read committed'), ('statement_timeout', '0'), \
+                   ('lock_timeout', '0'), ('idle_in_transaction_session_timeout', '0'), \
+                   ('idle_session_timeout', '0'), ('transaction_timeout', '0'), \
+                   ('client_min_messages', 'warning'), ('search_path', 'pg_catalog, pg_temp')) \
+           AS v(name, setting) \
+      JOIN pg_catalog.pg_settings s ON s.name OPERATOR(pg_catalog.=) v.name";
+
+/// A connection's settings (keyword, value), in order.
+type Settings = Vec<(String, String)>;
 
 thread_local! {
-    /// The open connection and the connection string it was made with.
-    static LINK: RefCell<Option<(String, Conn)>> = const { RefCell::new(None) };
+    /// The open connection and the settings it was made with.
+    static LINK: RefCell<Option<(Settings, Conn)>> = const { RefCell::new(None) };
+    /// When the last connection failed.
+    static FAILED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
 /// Runs `sql` with `params` on the coordinator and returns its first row. A kept
 /// connection found closed before sending is made again; a failure after sending
 /// is returned (the statement may have run) and the connection dropped.
 pub fn query_row(sql: &std::ffi::CStr, params: &[&str]) -> Result<Vec<Option<String>>, String> {
-    let conninfo = conninfo()?;
+    let (settings, connect_within) = settings()?;
     LINK.with(|link| {
         let mut link = link.borrow_mut();
         // A connection made with other settings, or one the coordinator has ended
         // (a restart) while it was idle, is made again before anything is sent.
         if link
             .as_mut()
-            .is_some_and(|(c, conn)| *c != conninfo || !conn.alive())
+            .is_some_and(|(made_with, conn)| *made_with != settings || !conn.alive())
         {
             *link = None;
         }
         if link.is_none() {
-            *link = Some((conninfo.clone(), Conn::open(&conninfo)?));
+            if FAILED_AT.get().is_some_and(|t| t.elapsed() < BACKOFF) {
+                return Err("the coordinator could not be reached a moment ago".to_owned());
+            }
+            let made = Conn::open(&settings, connect_within).and_then(|mut conn| {
+                conn.query_row(SETUP, &[], ANSWER)?;
+                Ok(conn)
+            });
+            match made {
+                Ok(conn) => {
+                    FAILED_AT.set(None);
+                    *link = Some((settings, conn));
+                }
+                Err(e) => {
+                    FAILED_AT.set(Some(Instant::now()));
+                    return Err(e);
+                }
+            }
         }
         let (_, conn) = link.as_mut().expect("a connection was just made");
         match conn.query_row(sql, params, ANSWER) {
@@ -60,10 +110,11 @@ pub fn query_row(sql: &std::ffi::CStr, params: &[&str]) -> Result<Vec<Option<Str
     })
 }
 
-/// The connection string for the coordinator, built in the current transaction
-/// from Citus's catalog and settings (see the module's header). Holds the
-/// authinfo's password when there is one: it never goes into a message.
-fn conninfo() -> Result<String, String> {
+/// The settings for a connection to the coordinator, read in the current
+/// transaction from Citus's catalog and settings (see the module's header), and
+/// how long to wait for it. Hold the authinfo's password when there is one: it
+/// never goes into a message.
+fn settings() -> Result<(Settings, Duration), String> {
     let row = Spi::connect(|c| {
         let t = c.select(
             "SELECT n.nodename::pg_catalog.text, n.nodeport::pg_catalog.text, \
@@ -71,7 +122,8 @@ fn conninfo() -> Result<String, String> {
                     CURRENT_USER::pg_catalog.text, \
                     pg_catalog.getdatabaseencoding()::pg_catalog.text, \
                     COALESCE(pg_catalog.current_setting('citus.node_conninfo', true), ''), \
-                    COALESCE(pg_catalog.current_setting('citus.node_connection_timeout', true), '30000'), \
+                    COALESCE((SELECT s.setting FROM pg_catalog.pg_settings s \
+                               WHERE s.name OPERATOR(pg_catalog.=) 'citus.node_connection_timeout'), ''), \
                     COALESCE((SELECT a.authinfo FROM pg_catalog.pg_dist_authinfo a \
                                WHERE a.rolename OPERATOR(pg_catalog.=) CURRENT_USER \
                                  AND a.nodeid OPERATOR(pg_catalog.=) ANY (ARRAY[n.nodeid, 0]) \
@@ -98,100 +150,95 @@ fn conninfo() -> Result<String, String> {
         <[String; 9]>::try_from(row).map_err(|_| {
             "the coordinator is not in pg_dist_node (citus_set_coordinator_host)".to_owned()
         })?;
-    Ok(build(&Parts {
-        host: &host,
-        port: &port,
-        db: &db,
-        user: &user,
-        encoding: &encoding,
-        node_conninfo: &node_conninfo,
-        timeout_ms: &timeout_ms,
-        authinfo: &authinfo,
-        poolinfo: &poolinfo,
-    }))
-}
-
-/// The coordinator session's settings that the coordinator's, its database's or
-/// the role's configuration must not change, as in the writer's own session
-/// (`writer::configure_session`): a database set read-only by default or with a
-/// short statement timeout must not stop the audit (the answer's deadline bounds
-/// the wait here), and nothing the session parses resolves a name through a schema
-/// a role can create objects in. A commit that would not be flushed is made
-/// durable by `_audit_append_forwarded` itself.
-const SESSION: &str =
-    "-c default_transaction_read_only=off -c statement_timeout=0 -c search_path=pg_catalog,pg_temp";
-
-struct Parts<'a> {
-    host: &'a str,
-    port: &'a str,
-    db: &'a str,
-    user: &'a str,
-    encoding: &'a str,
-    node_conninfo: &'a str,
-    timeout_ms: &'a str,
-    authinfo: &'a str,
-    poolinfo: &'a str,
-}
-
-/// The connection string, in Citus's order: `citus.node_conninfo` first, then the
-/// node, database, role and encoding (the node as `hostaddr` where the settings
-/// name a `host`, as Citus does), then the authinfo and the poolinfo, which libpq
-/// lets override what comes before them.
-fn build(p: &Parts) -> String {
-    let names_host = p
-        .node_conninfo
-        .split_whitespace()
-        .any(|w| w.split('=').next().is_some_and(|k| k.trim() == "host"));
-    let timeout_s = p
-        .timeout_ms
+    let within = timeout_ms
         .parse::<u64>()
-        .map_or(30, |ms| ms.div_ceil(1000).max(2));
-    format!(
-        "{} {}={} port={} dbname={} user={} client_encoding={} application_name={} connect_timeout={} options={} {} {}",
-        p.node_conninfo,
-        if names_host { "hostaddr" } else { "host" },
-        quote(p.host),
-        quote(p.port),
-        quote(p.db),
-        quote(p.user),
-        quote(p.encoding),
-        quote("pgseal audit writer"),
-        timeout_s,
-        quote(SESSION),
-        p.authinfo,
-        p.poolinfo,
-    )
+        .map_or(CONNECT_MAX, Duration::from_millis)
+        .clamp(Duration::from_secs(1), CONNECT_MAX);
+    let params = build(
+        &libpq::parse(&node_conninfo).map_err(|e| format!("citus.node_conninfo: {e}"))?,
+        &[
+            ("host", host),
+            ("port", port),
+            ("dbname", db),
+            ("user", user),
+            ("client_encoding", encoding),
+        ],
+        &libpq::parse(&authinfo).map_err(|e| format!("pg_dist_authinfo: {e}"))?,
+        &libpq::parse(&poolinfo).map_err(|e| format!("pg_dist_poolinfo: {e}"))?,
+    );
+    Ok((params, within))
+}
+
+/// The connection's settings, in Citus's order (a later keyword overrides an
+/// earlier one): `citus.node_conninfo`, then the node, database, role and
+/// encoding and pgseal's application name, then the authinfo's and the
+/// poolinfo's settings.
+fn build(
+    node_conninfo: &[(String, String)],
+    node: &[(&str, String)],
+    authinfo: &[(String, String)],
+    poolinfo: &[(String, String)],
+) -> Settings {
+    node_conninfo
+        .iter()
+        .cloned()
+        .chain(node.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
+        .chain(std::iter::once((
+            "application_name".to_owned(),
+            "pgseal audit writer".to_owned(),
+        )))
+        .chain(authinfo.iter().cloned())
+        .chain(poolinfo.iter().cloned())
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{build, Parts};
+    use super::build;
 
-    fn parts<'a>(node_conninfo: &'a str, authinfo: &'a str) -> Parts<'a> {
-        Parts {
-            host: "coord's host",
-            port: "5432",
-            db: "app",
-            user: "postgres",
-            encoding: "UTF8",
-            node_conninfo,
-            timeout_ms: "30500",
-            authinfo,
-            poolinfo: "",
-        }
+    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     #[test]
-    fn the_coordinators_connection_string_is_built_as_citus_builds_its_own() {
-        let s = build(&parts("sslmode=require", "password=s3cret"));
-        assert_eq!(
-            s,
-            "sslmode=require host='coord\\'s host' port='5432' dbname='app' user='postgres' \
-             client_encoding='UTF8' application_name='pgseal audit writer' connect_timeout=31 \
-             options='-c default_transaction_read_only=off -c statement_timeout=0 -c search_path=pg_catalog,pg_temp' \
-             password=s3cret "
+    fn the_coordinators_settings_come_in_citus_order() {
+        let node = [
+            ("host", "coord".to_owned()),
+            ("user", "postgres".to_owned()),
+        ];
+        let got = build(
+            &kv(&[("sslmode", "verify-full"), ("host", "ignored")]),
+            &node,
+            &kv(&[("password", "s3cret")]),
+            &kv(&[("host", "pooler"), ("port", "6432")]),
         );
-        let s = build(&parts("host=coord.example sslmode=verify-full", ""));
-        assert!(s.contains(" hostaddr='coord\\'s host' "), "{s}");
+        assert_eq!(
+            got,
+            kv(&[
+                ("sslmode", "verify-full"),
+                ("host", "ignored"),
+                ("host", "coord"),
+                ("user", "postgres"),
+                ("application_name", "pgseal audit writer"),
+                ("password", "s3cret"),
+                ("host", "pooler"),
+                ("port", "6432"),
+            ])
+        );
+        // libpq takes the last value of a keyword: the node's over the settings',
+        // the pooler's over the node's.
+        let last = |k: &str| {
+            got.iter()
+                .rev()
+                .find(|(key, _)| key == k)
+                .unwrap()
+                .1
+                .clone()
+        };
+        assert_eq!(last("host"), "pooler");
+        assert_eq!(last("password"), "s3cret");
     }
 }

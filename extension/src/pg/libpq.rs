@@ -23,9 +23,35 @@ type PgResult = c_void;
 const CONNECTION_OK: c_int = 0;
 /// libpq's `PGRES_TUPLES_OK`.
 const PGRES_TUPLES_OK: c_int = 2;
+/// libpq's `PostgresPollingStatusType` values.
+const PGRES_POLLING_FAILED: c_int = 0;
+const PGRES_POLLING_READING: c_int = 1;
+const PGRES_POLLING_OK: c_int = 3;
+
+/// libpq's `PQconninfoOption` (libpq-fe.h).
+#[repr(C)]
+struct ConninfoOption {
+    keyword: *mut c_char,
+    envvar: *mut c_char,
+    compiled: *mut c_char,
+    val: *mut c_char,
+    label: *mut c_char,
+    dispchar: *mut c_char,
+    dispsize: c_int,
+}
 
 // The C signatures of the libpq functions used here (libpq-fe.h).
-type ConnectdbFn = unsafe extern "C" fn(*const c_char) -> *mut PgConn;
+type ConnectStartParamsFn =
+    unsafe extern "C" fn(*const *const c_char, *const *const c_char, c_int) -> *mut PgConn;
+type ConnectPollFn = unsafe extern "C" fn(*mut PgConn) -> c_int;
+type SetNoticeProcessorFn = unsafe extern "C" fn(
+    *mut PgConn,
+    Option<unsafe extern "C" fn(*mut c_void, *const c_char)>,
+    *mut c_void,
+) -> *mut c_void;
+type ConninfoParseFn = unsafe extern "C" fn(*const c_char, *mut *mut c_char) -> *mut ConninfoOption;
+type ConninfoFreeFn = unsafe extern "C" fn(*mut ConninfoOption);
+type FreememFn = unsafe extern "C" fn(*mut c_void);
 type StatusFn = unsafe extern "C" fn(*const PgConn) -> c_int;
 type ErrorMessageFn = unsafe extern "C" fn(*const PgConn) -> *const c_char;
 type FinishFn = unsafe extern "C" fn(*mut PgConn);
@@ -53,7 +79,12 @@ type ClearFn = unsafe extern "C" fn(*mut PgResult);
 
 /// The libpq functions used here, resolved once per process.
 struct Api {
-    connectdb: ConnectdbFn,
+    connect_start_params: ConnectStartParamsFn,
+    connect_poll: ConnectPollFn,
+    set_notice_processor: SetNoticeProcessorFn,
+    conninfo_parse: ConninfoParseFn,
+    conninfo_free: ConninfoFreeFn,
+    freemem: FreememFn,
     status: StatusFn,
     error_message: ErrorMessageFn,
     finish: FinishFn,
@@ -105,7 +136,12 @@ fn load() -> Option<Api> {
         }};
     }
     Some(Api {
-        connectdb: sym!(c"PQconnectdb", ConnectdbFn),
+        connect_start_params: sym!(c"PQconnectStartParams", ConnectStartParamsFn),
+        connect_poll: sym!(c"PQconnectPoll", ConnectPollFn),
+        set_notice_processor: sym!(c"PQsetNoticeProcessor", SetNoticeProcessorFn),
+        conninfo_parse: sym!(c"PQconninfoParse", ConninfoParseFn),
+        conninfo_free: sym!(c"PQconninfoFree", ConninfoFreeFn),
+        freemem: sym!(c"PQfreemem", FreememFn),
         status: sym!(c"PQstatus", StatusFn),
         error_message: sym!(c"PQerrorMessage", ErrorMessageFn),
         finish: sym!(c"PQfinish", FinishFn),
@@ -124,9 +160,36 @@ fn load() -> Option<Api> {
     })
 }
 
-/// Quotes `v` as a value of a libpq connection string.
-pub fn quote(v: &str) -> String {
-    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+/// The settings a connection string fragment (`citus.node_conninfo`, a
+/// `pg_dist_authinfo` or `pg_dist_poolinfo` entry) gives, as libpq reads it, in
+/// order. A malformed fragment is refused without libpq's message, which can quote
+/// a piece of it (a password).
+pub fn parse(fragment: &str) -> Result<Vec<(String, String)>, String> {
+    let api = api()?;
+    let c = CString::new(fragment).map_err(|_| "a connection setting with a NUL byte")?;
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: c outlives the call; libpq returns an array it allocated (ended by an
+    // entry without keyword), freed below with PQconninfoFree, or NULL with an
+    // error message it allocated, freed with PQfreemem.
+    unsafe {
+        let opts = (api.conninfo_parse)(c.as_ptr(), &mut err);
+        if opts.is_null() {
+            if !err.is_null() {
+                (api.freemem)(err.cast());
+            }
+            return Err("a malformed connection setting".to_owned());
+        }
+        let mut out = Vec::new();
+        let mut o = opts;
+        while !(*o).keyword.is_null() {
+            if !(*o).val.is_null() && *(*o).val != 0 {
+                out.push((cstr((*o).keyword), cstr((*o).val)));
+            }
+            o = o.add(1);
+        }
+        (api.conninfo_free)(opts);
+        Ok(out)
+    }
 }
 
 /// An open connection; closed when dropped.
@@ -135,24 +198,59 @@ pub struct Conn {
     conn: *mut PgConn,
 }
 
+/// Drops what the server sends outside a result (notices, warnings, the message
+/// of a server that shuts down): libpq's default would write it to the server's
+/// standard error, past its logging settings.
+unsafe extern "C" fn ignore_notice(_arg: *mut c_void, _message: *const c_char) {}
+
 impl Conn {
-    /// Connects with the connection string `conninfo` (which may hold a password:
-    /// it is never part of a message). Blocks for at most the string's
-    /// `connect_timeout`.
-    pub fn open(conninfo: &str) -> Result<Conn, String> {
+    /// Connects with the settings `params` (keyword, value; a later keyword
+    /// overrides an earlier one; they may hold a password, which is never part of
+    /// a message), waiting on the latch and the socket for at most `deadline`.
+    pub fn open(params: &[(String, String)], deadline: Duration) -> Result<Conn, String> {
         let api = api()?;
-        let c = CString::new(conninfo).map_err(|_| "a connection string with a NUL byte")?;
-        // SAFETY: c is a NUL-terminated string that outlives the call.
-        let conn = unsafe { (api.connectdb)(c.as_ptr()) };
+        let owned = params
+            .iter()
+            .map(|(k, v)| Ok((CString::new(k.as_str())?, CString::new(v.as_str())?)))
+            .collect::<Result<Vec<_>, std::ffi::NulError>>()
+            .map_err(|_| "a connection setting with a NUL byte")?;
+        let mut keys: Vec<*const c_char> = owned.iter().map(|(k, _)| k.as_ptr()).collect();
+        let mut values: Vec<*const c_char> = owned.iter().map(|(_, v)| v.as_ptr()).collect();
+        keys.push(std::ptr::null());
+        values.push(std::ptr::null());
+        // SAFETY: both arrays end with NULL and, with the strings they point to,
+        // outlive the call (libpq copies the values); expand_dbname 0 reads the
+        // dbname as a name only.
+        let conn = unsafe { (api.connect_start_params)(keys.as_ptr(), values.as_ptr(), 0) };
         if conn.is_null() {
             return Err("out of memory for a connection".to_owned());
         }
-        let conn = Conn { api, conn };
-        // SAFETY: conn is a live connection object until it is dropped.
-        if unsafe { (api.status)(conn.conn) } != CONNECTION_OK {
-            return Err(format!("could not connect: {}", conn.error()));
+        let mut conn = Conn { api, conn };
+        // SAFETY: the connection object is live; the processor is a plain function
+        // that ignores its arguments.
+        unsafe { (api.set_notice_processor)(conn.conn, Some(ignore_notice), std::ptr::null_mut()) };
+        let until = Instant::now() + deadline;
+        // As libpq prescribes: after PQconnectStart, wait as if PQconnectPoll had
+        // returned PGRES_POLLING_WRITING, then poll after every wait.
+        let mut status = 2;
+        loop {
+            match status {
+                PGRES_POLLING_OK => return Ok(conn),
+                PGRES_POLLING_FAILED => return Err(format!("could not connect: {}", conn.error())),
+                _ => {
+                    let event = if status == PGRES_POLLING_READING {
+                        pg_sys::WL_SOCKET_READABLE
+                    } else {
+                        pg_sys::WL_SOCKET_WRITEABLE
+                    };
+                    if !conn.wait(event, until) {
+                        return Err("could not connect within the deadline".to_owned());
+                    }
+                }
+            }
+            // SAFETY: the connection is live and being made.
+            status = unsafe { (api.connect_poll)(conn.conn) };
         }
-        Ok(conn)
     }
 
     /// Whether the connection is still open: reads what the server sent while it
@@ -259,28 +357,40 @@ impl Conn {
                     return Ok(());
                 }
             }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !self.wait(pg_sys::WL_SOCKET_READABLE, until) {
                 return Err("no answer within the deadline".to_owned());
             }
-            // SAFETY: waits on this process's latch and the connection's socket;
-            // a set latch is reset after the wait (whoever set it is served by the
-            // caller's loop, which reads its queue again after any work).
-            unsafe {
-                let sock = (self.api.socket)(self.conn);
-                pg_sys::WaitLatchOrSocket(
-                    pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET
-                        | pg_sys::WL_SOCKET_READABLE
-                        | pg_sys::WL_TIMEOUT
-                        | pg_sys::WL_EXIT_ON_PM_DEATH) as c_int,
-                    sock,
-                    left.as_millis().clamp(1, 60_000) as std::ffi::c_long,
-                    pg_sys::PG_WAIT_EXTENSION,
-                );
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-            }
         }
+    }
+
+    /// Waits until the connection's socket has `event` (or the latch is set), at
+    /// most until `until`; false once `until` has passed.
+    fn wait(&mut self, event: u32, until: Instant) -> bool {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // SAFETY: waits on this process's latch and the connection's socket (read
+        // again each time: libpq may open another while connecting); a set latch is
+        // reset after the wait (whoever set it is served by the caller's loop,
+        // which reads its queue again after any work). A postmaster death ends the
+        // process.
+        unsafe {
+            let sock = (self.api.socket)(self.conn);
+            if sock < 0 {
+                return false;
+            }
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | event | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                    as c_int,
+                sock,
+                left.as_millis().clamp(1, 60_000) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        true
     }
 }
 
