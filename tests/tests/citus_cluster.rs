@@ -966,6 +966,38 @@ fn the_ledger_is_one_chain_per_tenant_on_the_coordinator() {
     let again = links(&mut c);
     assert_eq!(again.len(), 1, "{again:?}");
 
+    // What the coordinator's database owner may set for every session there (read
+    // only by default, idle sessions ended) neither stops the audit nor ends the
+    // writer's connection.
+    let db: String = c
+        .query_one("SELECT current_database()", &[])
+        .unwrap()
+        .get(0);
+    c.batch_execute(&format!(
+        "ALTER DATABASE \"{db}\" SET default_transaction_read_only = on; \
+         ALTER DATABASE \"{db}\" SET idle_session_timeout = '300ms'"
+    ))
+    .unwrap();
+    drop(c);
+    cc.coordinator.restart();
+    decrypt_on_worker(&mut w);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    decrypt_on_worker(&mut w);
+    let mut c = cc.coordinator.connect();
+    assert_eq!(entries(&mut c, "t4", "vault.decrypt_started"), started + 6);
+    let kept = links(&mut c);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    c.batch_execute(&format!(
+        "BEGIN READ WRITE; ALTER DATABASE \"{db}\" RESET default_transaction_read_only; \
+         ALTER DATABASE \"{db}\" RESET idle_session_timeout; COMMIT"
+    ))
+    .unwrap();
+    let pid_before = kept[0];
+    drop(c);
+    let mut c = cc.coordinator.connect();
+    decrypt_on_worker(&mut w);
+    assert_eq!(links(&mut c), vec![pid_before]);
+
     // On a worker, an append and a commit-mode decrypt are refused.
     let mut su = cc.workers[1].connect();
     let mut tx = su.transaction().unwrap();
