@@ -122,8 +122,7 @@ fn settings() -> Result<(Settings, Duration), String> {
                     CURRENT_USER::pg_catalog.text, \
                     pg_catalog.getdatabaseencoding()::pg_catalog.text, \
                     COALESCE(pg_catalog.current_setting('citus.node_conninfo', true), ''), \
-                    COALESCE((SELECT s.setting FROM pg_catalog.pg_settings s \
-                               WHERE s.name OPERATOR(pg_catalog.=) 'citus.node_connection_timeout'), ''), \
+                    COALESCE(pg_catalog.current_setting('citus.node_connection_timeout', true), ''), \
                     COALESCE((SELECT a.authinfo FROM pg_catalog.pg_dist_authinfo a \
                                WHERE a.rolename OPERATOR(pg_catalog.=) CURRENT_USER \
                                  AND a.nodeid OPERATOR(pg_catalog.=) ANY (ARRAY[n.nodeid, 0]) \
@@ -146,13 +145,12 @@ fn settings() -> Result<(Settings, Duration), String> {
         Ok::<_, pgrx::spi::Error>(out)
     })
     .map_err(|e| format!("reading the coordinator's address: {e}"))?;
-    let [host, port, db, user, encoding, node_conninfo, timeout_ms, authinfo, poolinfo] =
+    let [host, port, db, user, encoding, node_conninfo, timeout, authinfo, poolinfo] =
         <[String; 9]>::try_from(row).map_err(|_| {
             "the coordinator is not in pg_dist_node (citus_set_coordinator_host)".to_owned()
         })?;
-    let within = timeout_ms
-        .parse::<u64>()
-        .map_or(CONNECT_MAX, Duration::from_millis)
+    let within = setting_duration(&timeout)
+        .unwrap_or(CONNECT_MAX)
         .clamp(Duration::from_secs(1), CONNECT_MAX);
     let params = build(
         &libpq::parse(&node_conninfo).map_err(|e| format!("citus.node_conninfo: {e}"))?,
@@ -167,6 +165,22 @@ fn settings() -> Result<(Settings, Duration), String> {
         &libpq::parse(&poolinfo).map_err(|e| format!("pg_dist_poolinfo: {e}"))?,
     );
     Ok((params, within))
+}
+
+/// A time setting as `current_setting` shows it (`30s`, `500ms`, `2min`, `1h`, or
+/// a bare number of milliseconds).
+fn setting_duration(v: &str) -> Option<Duration> {
+    let digits = v.bytes().take_while(u8::is_ascii_digit).count();
+    let n: u64 = v[..digits].parse().ok()?;
+    let ms = match v[digits..].trim() {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(n.checked_mul(ms)?))
 }
 
 /// The connection's settings, in Citus's order (a later keyword overrides an
@@ -194,7 +208,19 @@ fn build(
 
 #[cfg(test)]
 mod tests {
-    use super::build;
+    use super::{build, setting_duration};
+    use std::time::Duration;
+
+    #[test]
+    fn time_settings_are_read_with_their_units() {
+        assert_eq!(setting_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(setting_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(setting_duration("2min"), Some(Duration::from_secs(120)));
+        assert_eq!(setting_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(setting_duration("1500"), Some(Duration::from_millis(1500)));
+        assert_eq!(setting_duration(""), None);
+        assert_eq!(setting_duration("5 parsecs"), None);
+    }
 
     fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
