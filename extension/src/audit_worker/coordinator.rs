@@ -33,23 +33,35 @@ const CONNECT_MAX: Duration = Duration::from_secs(10);
 /// wait for a coordinator that cannot be reached.
 const BACKOFF: Duration = Duration::from_secs(1);
 
-/// The coordinator session's settings that the coordinator's, its database's or
-/// the role's configuration must not change, set once a connection is made (a
-/// pooler may refuse them as startup options): as in the writer's own session
-/// (`writer::configure_session`), a database set read-only by default, with a
-/// short timeout of any kind or another role must not stop the audit (the
-/// answer's deadline bounds the wait here), nothing the session parses resolves a
-/// name through a schema a role can create objects in, and the server sends no
-/// notices. Settings the coordinator's version lacks are left out. A commit that
-/// would not be flushed is made durable by `_audit_append_forwarded` itself.
-const SETUP: &std::ffi::CStr = c"SELECT pg_catalog.count(pg_catalog.set_config(s.name, v.setting, false)) \
-      FROM (VALUES ('role', 'none'), ('default_transaction_read_only', 'off'), \
-                   ('default_transaction_isolation', 'read committed'), ('statement_timeout', '0'), \
-                   ('lock_timeout', '0'), ('idle_in_transaction_session_timeout', '0'), \
-                   ('idle_session_timeout', '0'), ('transaction_timeout', '0'), \
-                   ('client_min_messages', 'warning'), ('search_path', 'pg_catalog, pg_temp')) \
-           AS v(name, setting) \
-      JOIN pg_catalog.pg_settings s ON s.name OPERATOR(pg_catalog.=) v.name";
+/// The coordinator session's settings that the coordinator's database's or the
+/// role's configuration must not change, as in the writer's own session
+/// (`writer::configure_session`): a database set read-only by default, with a short
+/// timeout of any kind or another role must not stop the audit (the answer's
+/// deadline bounds the wait here), nothing the session parses resolves a name
+/// through a schema a role can create objects in, and the server sends no notices.
+///
+/// They are given twice. As startup options (`STARTUP`), which take precedence over
+/// a database's or role's settings from the session's first statement on, except
+/// through a pooler (`pg_dist_poolinfo`), which may refuse them. And by `SETUP`, the
+/// first statement, for everything (settings the coordinator's version lacks are
+/// left out), then `CHECK`: the session must be the writer's role, a superuser, or
+/// the connection is not used. A commit that would not be flushed is made durable
+/// by `_audit_append_forwarded` itself.
+const STARTUP: &str =
+    "-c statement_timeout=0 -c lock_timeout=0 -c idle_in_transaction_session_timeout=0 \
+     -c idle_session_timeout=0 -c default_transaction_read_only=off";
+const SETUP: &std::ffi::CStr = c"SELECT pg_catalog.set_config('role', 'none', false), \
+      (SELECT pg_catalog.count(pg_catalog.set_config(s.name, v.setting, false)) \
+         FROM (VALUES ('default_transaction_read_only', 'off'), \
+                      ('default_transaction_isolation', 'read committed'), ('statement_timeout', '0'), \
+                      ('lock_timeout', '0'), ('idle_in_transaction_session_timeout', '0'), \
+                      ('idle_session_timeout', '0'), ('transaction_timeout', '0'), \
+                      ('client_min_messages', 'warning'), ('search_path', 'pg_catalog, pg_temp')) \
+              AS v(name, setting) \
+         JOIN pg_catalog.pg_settings s ON s.name OPERATOR(pg_catalog.=) v.name)";
+const CHECK: &std::ffi::CStr =
+    c"SELECT pg_catalog.current_setting('is_superuser') OPERATOR(pg_catalog.=) 'on' \
+        AND SESSION_USER OPERATOR(pg_catalog.=) $1 AND CURRENT_USER OPERATOR(pg_catalog.=) $1";
 
 /// A connection's settings (keyword, value), in order.
 type Settings = Vec<(String, String)>;
@@ -80,9 +92,21 @@ pub fn query_row(sql: &std::ffi::CStr, params: &[&str]) -> Result<Vec<Option<Str
             if FAILED_AT.get().is_some_and(|t| t.elapsed() < BACKOFF) {
                 return Err("the coordinator could not be reached a moment ago".to_owned());
             }
+            let user = settings
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "user")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
             let made = Conn::open(&settings, connect_within).and_then(|mut conn| {
                 conn.query_row(SETUP, &[], ANSWER)?;
-                Ok(conn)
+                match conn.query_row(CHECK, &[&user], ANSWER)? {
+                    Some(row) if row.first() == Some(&Some("t".to_owned())) => Ok(conn),
+                    _ => Err(
+                        "the coordinator's session is not the audit writer's superuser role"
+                            .to_owned(),
+                    ),
+                }
             });
             match made {
                 Ok(conn) => {
@@ -152,15 +176,19 @@ fn settings() -> Result<(Settings, Duration), String> {
     let within = setting_duration(&timeout)
         .unwrap_or(CONNECT_MAX)
         .clamp(Duration::from_secs(1), CONNECT_MAX);
+    let mut node = vec![
+        ("host", host),
+        ("port", port),
+        ("dbname", db),
+        ("user", user),
+        ("client_encoding", encoding),
+    ];
+    if poolinfo.trim().is_empty() {
+        node.push(("options", STARTUP.to_owned()));
+    }
     let params = build(
         &libpq::parse(&node_conninfo).map_err(|e| format!("citus.node_conninfo: {e}"))?,
-        &[
-            ("host", host),
-            ("port", port),
-            ("dbname", db),
-            ("user", user),
-            ("client_encoding", encoding),
-        ],
+        &node,
         &libpq::parse(&authinfo).map_err(|e| format!("pg_dist_authinfo: {e}"))?,
         &libpq::parse(&poolinfo).map_err(|e| format!("pg_dist_poolinfo: {e}"))?,
     );
@@ -236,7 +264,7 @@ mod tests {
             ("user", "postgres".to_owned()),
         ];
         let got = build(
-            &kv(&[("sslmode", "verify-full"), ("host", "ignored")]),
+            &kv(&[("sslmode", "verify-full"), ("connect_timeout", "5")]),
             &node,
             &kv(&[("password", "s3cret")]),
             &kv(&[("host", "pooler"), ("port", "6432")]),
@@ -245,7 +273,7 @@ mod tests {
             got,
             kv(&[
                 ("sslmode", "verify-full"),
-                ("host", "ignored"),
+                ("connect_timeout", "5"),
                 ("host", "coord"),
                 ("user", "postgres"),
                 ("application_name", "pgseal audit writer"),
@@ -254,17 +282,5 @@ mod tests {
                 ("port", "6432"),
             ])
         );
-        // libpq takes the last value of a keyword: the node's over the settings',
-        // the pooler's over the node's.
-        let last = |k: &str| {
-            got.iter()
-                .rev()
-                .find(|(key, _)| key == k)
-                .unwrap()
-                .1
-                .clone()
-        };
-        assert_eq!(last("host"), "pooler");
-        assert_eq!(last("password"), "s3cret");
     }
 }

@@ -21,6 +21,8 @@ type PgResult = c_void;
 
 /// libpq's `CONNECTION_OK`.
 const CONNECTION_OK: c_int = 0;
+/// libpq's `CONNECTION_BAD`: what `PQstatus` is not while a connection is made.
+const CONNECTION_BAD: c_int = 1;
 /// libpq's `PGRES_TUPLES_OK`.
 const PGRES_TUPLES_OK: c_int = 2;
 /// libpq's `PostgresPollingStatusType` values.
@@ -229,9 +231,14 @@ impl Conn {
         // SAFETY: the connection object is live; the processor is a plain function
         // that ignores its arguments.
         unsafe { (api.set_notice_processor)(conn.conn, Some(ignore_notice), std::ptr::null_mut()) };
+        // SAFETY: as above.
+        if unsafe { (api.status)(conn.conn) } == CONNECTION_BAD {
+            return Err(format!("could not connect: {}", conn.error()));
+        }
         let until = Instant::now() + deadline;
         // As libpq prescribes: after PQconnectStart, wait as if PQconnectPoll had
-        // returned PGRES_POLLING_WRITING, then poll after every wait.
+        // returned PGRES_POLLING_WRITING; poll only once the socket is ready (a
+        // poll before it is would make libpq wait, blocking and untimed).
         let mut status = 2;
         loop {
             match status {
@@ -363,34 +370,43 @@ impl Conn {
         }
     }
 
-    /// Waits until the connection's socket has `event` (or the latch is set), at
-    /// most until `until`; false once `until` has passed.
+    /// Waits until the connection's socket has `event`: true once it has, false
+    /// once `until` has passed or the connection has no socket. A set latch is
+    /// reset and the wait goes on (whoever set it is served by the caller's loop,
+    /// which reads its queue again after any work); a postmaster death ends the
+    /// process.
     fn wait(&mut self, event: u32, until: Instant) -> bool {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        // SAFETY: waits on this process's latch and the connection's socket (read
-        // again each time: libpq may open another while connecting); a set latch is
-        // reset after the wait (whoever set it is served by the caller's loop,
-        // which reads its queue again after any work). A postmaster death ends the
-        // process.
-        unsafe {
-            let sock = (self.api.socket)(self.conn);
-            if sock < 0 {
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return false;
             }
-            pg_sys::WaitLatchOrSocket(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | event | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
-                    as c_int,
-                sock,
-                left.as_millis().clamp(1, 60_000) as std::ffi::c_long,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
+            // SAFETY: waits on this process's latch and the connection's socket
+            // (read again each time: libpq may open another while connecting).
+            let happened = unsafe {
+                let sock = (self.api.socket)(self.conn);
+                if sock < 0 {
+                    return false;
+                }
+                let happened = pg_sys::WaitLatchOrSocket(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET
+                        | event
+                        | pg_sys::WL_TIMEOUT
+                        | pg_sys::WL_EXIT_ON_PM_DEATH) as c_int,
+                    sock,
+                    left.as_millis().clamp(1, 60_000) as std::ffi::c_long,
+                    pg_sys::PG_WAIT_EXTENSION,
+                ) as u32;
+                if happened & pg_sys::WL_LATCH_SET != 0 {
+                    pg_sys::ResetLatch(pg_sys::MyLatch);
+                }
+                happened
+            };
+            if happened & event != 0 {
+                return true;
+            }
         }
-        true
     }
 }
 
