@@ -966,16 +966,19 @@ fn the_ledger_is_one_chain_per_tenant_on_the_coordinator() {
     let again = links(&mut c);
     assert_eq!(again.len(), 1, "{again:?}");
 
-    // What the coordinator's database owner may set for every session there (read
-    // only by default, idle sessions ended) neither stops the audit nor ends the
-    // writer's connection.
+    // What the coordinator's database owner may set for every session there (kept
+    // to the coordinator: Citus would send them to the workers too) (read
+    // only by default, idle sessions ended, another role) neither stops the audit
+    // nor ends the writer's connection.
     let db: String = c
         .query_one("SELECT current_database()", &[])
         .unwrap()
         .get(0);
     c.batch_execute(&format!(
-        "ALTER DATABASE \"{db}\" SET default_transaction_read_only = on; \
-         ALTER DATABASE \"{db}\" SET idle_session_timeout = '300ms'"
+        "SET citus.enable_ddl_propagation = off; CREATE ROLE audit_nobody; \
+         ALTER DATABASE \"{db}\" SET default_transaction_read_only = on; \
+         ALTER DATABASE \"{db}\" SET idle_session_timeout = '300ms'; \
+         ALTER DATABASE \"{db}\" SET role = audit_nobody"
     ))
     .unwrap();
     drop(c);
@@ -984,12 +987,13 @@ fn the_ledger_is_one_chain_per_tenant_on_the_coordinator() {
     std::thread::sleep(std::time::Duration::from_millis(800));
     decrypt_on_worker(&mut w);
     let mut c = cc.coordinator.connect();
+    c.batch_execute("SET ROLE NONE").unwrap();
     assert_eq!(entries(&mut c, "t4", "vault.decrypt_started"), started + 6);
     let kept = links(&mut c);
     assert_eq!(kept.len(), 1, "{kept:?}");
     c.batch_execute(&format!(
-        "BEGIN READ WRITE; ALTER DATABASE \"{db}\" RESET default_transaction_read_only; \
-         ALTER DATABASE \"{db}\" RESET idle_session_timeout; COMMIT"
+        "BEGIN READ WRITE; SET LOCAL citus.enable_ddl_propagation = off; ALTER DATABASE \"{db}\" RESET default_transaction_read_only; \
+         ALTER DATABASE \"{db}\" RESET idle_session_timeout; ALTER DATABASE \"{db}\" RESET role; COMMIT"
     ))
     .unwrap();
     let pid_before = kept[0];
