@@ -20,8 +20,6 @@
 use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
-use pgrx::prelude::*;
-
 use crate::pg::libpq::{self, Conn};
 
 /// How long a forwarded entry may take on the coordinator, its answer included.
@@ -134,14 +132,9 @@ pub fn query_row(sql: &std::ffi::CStr, params: &[&str]) -> Result<Vec<Option<Str
     })
 }
 
-/// The settings for a connection to the coordinator, read in the current
-/// transaction from Citus's catalog and settings (see the module's header), and
-/// how long to wait for it. Hold the authinfo's password when there is one: it
-/// never goes into a message.
-fn settings() -> Result<(Settings, Duration), String> {
-    let row = Spi::connect(|c| {
-        let t = c.select(
-            "SELECT n.nodename::pg_catalog.text, n.nodeport::pg_catalog.text, \
+/// Where the coordinator is and how to connect to it (see `settings`): a plan kept
+/// for the writer's life, since it runs for every forwarded entry.
+const COORDINATOR: &str = "SELECT n.nodename::pg_catalog.text, n.nodeport::pg_catalog.text, \
                     pg_catalog.current_database()::pg_catalog.text, \
                     CURRENT_USER::pg_catalog.text, \
                     pg_catalog.getdatabaseencoding()::pg_catalog.text, \
@@ -156,18 +149,19 @@ fn settings() -> Result<(Settings, Duration), String> {
                FROM pg_catalog.pg_dist_node n \
               WHERE n.groupid OPERATOR(pg_catalog.=) 0 \
                 AND n.noderole OPERATOR(pg_catalog.=) 'primary' \
-              LIMIT 1",
-            None,
-            &[],
-        )?;
-        let mut out = Vec::new();
-        for r in t {
-            for i in 1..=9 {
-                out.push(r.get::<String>(i)?.unwrap_or_default());
-            }
-        }
-        Ok::<_, pgrx::spi::Error>(out)
+              LIMIT 1";
+
+/// The settings for a connection to the coordinator, read in the current
+/// transaction from Citus's catalog and settings (see the module's header), and
+/// how long to wait for it. Hold the authinfo's password when there is one: it
+/// never goes into a message.
+fn settings() -> Result<(Settings, Duration), String> {
+    let row = crate::pg::plans::select_first(COORDINATOR, &[], &[], |r| {
+        (1..=9)
+            .map(|i| Ok(r.get::<String>(i)?.unwrap_or_default()))
+            .collect::<crate::error::SealResult<Vec<String>>>()
     })
+    .map(Option::unwrap_or_default)
     .map_err(|e| format!("reading the coordinator's address: {e}"))?;
     let [host, port, db, user, encoding, node_conninfo, timeout, authinfo, poolinfo] =
         <[String; 9]>::try_from(row).map_err(|_| {
