@@ -120,14 +120,78 @@ fn key_table() -> SealResult<String> {
     if !crate::pg::citus::present() {
         return Ok("pgseal.tenant_keys".to_owned());
     }
-    let (rel, replicated) =
-        Spi::get_two::<String, bool>("SELECT rel, replicated FROM pgseal._keys_relation()")?;
+    if let Some(placement) = placement() {
+        REPLICATED_READ.with(|r| r.set(true));
+        return Ok(placement);
+    }
+    let (rel, replicated, oid) = Spi::get_three::<String, bool, pg_sys::Oid>(
+        "SELECT k.rel, k.replicated, pg_catalog.to_regclass(k.rel)::pg_catalog.oid FROM pgseal._keys_relation() k",
+    )?;
+    let rel = rel.ok_or(SealError::Internal(
+        "pgseal._keys_relation() returned no table",
+    ))?;
     if replicated == Some(true) {
         REPLICATED_READ.with(|r| r.set(true));
+        if let Some(oid) = oid.filter(|_| rel != "pgseal.tenant_keys") {
+            PLACEMENT.with(|p| *p.borrow_mut() = Some((rel.clone(), oid)));
+        }
     }
-    rel.ok_or(SealError::Internal(
-        "pgseal._keys_relation() returned no table",
-    ))
+    Ok(rel)
+}
+
+thread_local! {
+    /// This node's placement of the replicated key table (its qualified name and
+    /// oid), once `_keys_relation()` named it: a placement keeps its name for the
+    /// table's life, so it is looked up again only when it is gone.
+    static PLACEMENT: std::cell::RefCell<Option<(String, pg_sys::Oid)>> =
+        const { std::cell::RefCell::new(None) };
+    /// Key statements written for the placement, kept as plans (`pg::plans`) by
+    /// their text: (statement for `pgseal.tenant_keys`, placement) → its text.
+    static PLACED: std::cell::RefCell<std::collections::HashMap<(&'static str, String), &'static str>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// The placement `key_table` found, while a relation of pgseal's schema with that
+/// name and oid still exists (checked in the catalog caches).
+fn placement() -> Option<String> {
+    let (name, oid) = PLACEMENT.with(|p| p.borrow().clone())?;
+    let table = name.strip_prefix("pgseal.")?;
+    // SAFETY: catalog cache lookups by oid; the returned name is palloc'd (or NULL
+    // for a relation that no longer exists) and read at once.
+    let same = unsafe {
+        let n = pg_sys::get_rel_name(oid);
+        !n.is_null()
+            && std::ffi::CStr::from_ptr(n).to_bytes() == table.as_bytes()
+            && pg_sys::get_rel_namespace(oid) == pg_sys::get_namespace_oid(c"pgseal".as_ptr(), true)
+    };
+    if same {
+        Some(name)
+    } else {
+        PLACEMENT.with(|p| *p.borrow_mut() = None);
+        None
+    }
+}
+
+/// `query` (a `key_query!`) written for the placement `rel`, as a text kept for the
+/// backend's life so that its plan is kept too; None past a few (a placement that
+/// changed more than a few times in one backend is read as before).
+fn placed(query: &'static str, rel: &str) -> Option<&'static str> {
+    PLACED.with(|m| {
+        let mut m = m.borrow_mut();
+        if let Some(q) = m.get(&(query, rel.to_owned())) {
+            return Some(*q);
+        }
+        if m.len() >= 8 {
+            return None;
+        }
+        let q: &'static str = Box::leak(
+            query
+                .replacen("pgseal.tenant_keys", rel, 1)
+                .into_boxed_str(),
+        );
+        m.insert((query, rel.to_owned()), q);
+        Some(q)
+    })
 }
 
 /// Whether keys were read from a table Citus replicates since the last call. Their
@@ -158,7 +222,9 @@ const ACTIVE: &str = key_query!("tenant_id = $1 AND purpose = $2 AND state = 'ac
 /// (`pg::plans`): a backend meets each tenant's keys once, and parsing and planning
 /// the statement every time was most of a key load (and a key load most of a
 /// tenant's first append in a backend). With Citus it reads the key table this
-/// node may read (`key_table`).
+/// node may read (`key_table`): its placement on this node through a kept plan too
+/// once it is known (Citus's key cache lasts one transaction, so every transaction
+/// reads its keys again).
 fn select_one(
     query: &'static str,
     types: &[pgrx::pg_sys::PgOid],
@@ -166,6 +232,14 @@ fn select_one(
 ) -> SealResult<Option<StoredKey>> {
     if !citus::present() {
         return as_owner(|| crate::pg::plans::select_first(query, types, args, row_to_key));
+    }
+    // This node's placement, found before: read there through a kept plan (a
+    // statement on a plain table of this node, which Citus does not send on).
+    if let Some(rel) = placement() {
+        if let Some(placed) = placed(query, &rel) {
+            REPLICATED_READ.with(|r| r.set(true));
+            return as_owner(|| crate::pg::plans::select_first(placed, types, args, row_to_key));
+        }
     }
     let caller = citus::caller_parsing()?;
     as_owner(|| {
