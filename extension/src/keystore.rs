@@ -142,20 +142,26 @@ fn key_table() -> SealResult<String> {
 thread_local! {
     /// This node's placement of the replicated key table (its qualified name and
     /// oid), once `_keys_relation()` named it: a placement keeps its name for the
-    /// table's life, so it is looked up again only when it is gone.
+    /// table's life. Each transaction checks once that Citus still lists it as this
+    /// node's (`CHECKED`): a node taken out of the table's placements (disabled,
+    /// removed) may keep the table, which Citus then no longer updates.
     static PLACEMENT: std::cell::RefCell<Option<(String, pg_sys::Oid)>> =
         const { std::cell::RefCell::new(None) };
     /// Key statements written for the placement, kept as plans (`pg::plans`) by
     /// their text: (statement for `pgseal.tenant_keys`, placement) → its text.
+    /// The placement was checked against Citus's metadata in this transaction.
+    static CHECKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static PLACED: std::cell::RefCell<std::collections::HashMap<(&'static str, String), &'static str>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
 
 /// The placement `key_table` found, while a relation of pgseal's schema with that
-/// name and oid still exists (checked in the catalog caches).
+/// name and oid still exists (checked in the catalog caches) and, checked once a
+/// transaction, Citus still lists it as this node's placement. Run as the owner.
 fn placement() -> Option<String> {
     let (name, oid) = PLACEMENT.with(|p| p.borrow().clone())?;
     let table = name.strip_prefix("pgseal.")?;
+    let shard: i64 = table.strip_prefix("tenant_keys_")?.parse().ok()?;
     // SAFETY: catalog cache lookups by oid; the returned name is palloc'd (or NULL
     // for a relation that no longer exists) and read at once.
     let same = unsafe {
@@ -164,7 +170,21 @@ fn placement() -> Option<String> {
             && std::ffi::CStr::from_ptr(n).to_bytes() == table.as_bytes()
             && pg_sys::get_rel_namespace(oid) == pg_sys::get_namespace_oid(c"pgseal".as_ptr(), true)
     };
-    if same {
+    let listed = same
+        && (CHECKED.get()
+            || crate::pg::plans::select_first(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_placement p \
+                   JOIN pg_catalog.pg_dist_local_group g ON g.groupid OPERATOR(pg_catalog.=) p.groupid \
+                  WHERE p.shardid OPERATOR(pg_catalog.=) $1)",
+                &[crate::pg::plans::INT8],
+                &[shard.into()],
+                |r| Ok(r.get::<bool>(1)?.unwrap_or(false)),
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false));
+    if listed {
+        CHECKED.set(true);
         Some(name)
     } else {
         PLACEMENT.with(|p| *p.borrow_mut() = None);
@@ -198,6 +218,7 @@ fn placed(query: &'static str, rel: &str) -> Option<&'static str> {
 /// changes arrive from other nodes, which cannot tell this node's backends, so the
 /// key cache keeps such keys for one transaction only (`cache.rs`).
 pub fn take_replicated_read() -> bool {
+    CHECKED.set(false);
     REPLICATED_READ.with(|r| r.replace(false))
 }
 
@@ -235,7 +256,7 @@ fn select_one(
     }
     // This node's placement, found before: read there through a kept plan (a
     // statement on a plain table of this node, which Citus does not send on).
-    if let Some(rel) = placement() {
+    if let Some(rel) = as_owner(placement) {
         if let Some(placed) = placed(query, &rel) {
             REPLICATED_READ.with(|r| r.set(true));
             return as_owner(|| crate::pg::plans::select_first(placed, types, args, row_to_key));

@@ -698,6 +698,84 @@ fn sealed_integrations(cc: &CitusCluster) -> Vec<String> {
     tenants
 }
 
+/// A node that Citus no longer lists among the key table's placements (taken out by
+/// hand here, as disabling or removing a node does) may keep its copy, which Citus
+/// then no longer updates: a session there that read keys from its copy before
+/// stops reading it, and a shred made since reaches it.
+#[test]
+fn a_node_taken_out_of_the_key_tables_placements_stops_reading_its_copy() {
+    if !citus::enabled("a_node_taken_out_of_the_key_tables_placements_stops_reading_its_copy") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-stale-copy");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    let sealed: String = {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('tx')", &[]).unwrap();
+        let v = tx
+            .query_one("SELECT pgseal.vault_seal('the secret', 'c')", &[])
+            .unwrap()
+            .get(0);
+        tx.commit().unwrap();
+        v
+    };
+    let decrypt = |s: &mut postgres::Client| -> Result<String, String> {
+        let mut tx = s.transaction().map_err(|e| message::<()>(Err(e)))?;
+        tx.execute("SELECT pgseal.set_tenant('tx')", &[])
+            .map_err(|e| message::<()>(Err(e)))?;
+        let r = tx.query_one("SELECT pgseal.vault_decrypt($1, 'c')", &[&sealed]);
+        let _ = tx.commit();
+        r.map(|r| r.get(0)).map_err(|e| message::<()>(Err(e)))
+    };
+    // A session on the first worker reads the key from that worker's copy.
+    let mut s = cc.workers[0].connect();
+    assert_eq!(decrypt(&mut s), Ok("the secret".to_owned()));
+    assert_eq!(decrypt(&mut s), Ok("the secret".to_owned()));
+    // The worker's placement leaves Citus's metadata on every node; its table stays.
+    let group: i32 = cc.workers[0]
+        .connect()
+        .query_one("SELECT groupid FROM pg_dist_local_group", &[])
+        .unwrap()
+        .get(0);
+    let forget = format!(
+        "DELETE FROM pg_dist_placement WHERE groupid = {group} AND shardid IN \
+           (SELECT shardid FROM pg_dist_shard WHERE logicalrelid = 'pgseal.tenant_keys'::regclass)"
+    );
+    for node in cc.nodes() {
+        let n = node.connect().execute(&forget, &[]).unwrap();
+        assert_eq!(n, 1, "port {}", node.port);
+    }
+    // A shred through the coordinator now skips that copy, which still holds the key.
+    c.batch_execute("SELECT pgseal.tenant_shred('tx')").unwrap();
+    let copy_still_active: i64 = cc.workers[0]
+        .connect()
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM pgseal.tenant_keys_{} WHERE tenant_id = 'tx' AND state = 'active'",
+                c.query_one(
+                    "SELECT shardid FROM pg_dist_shard WHERE logicalrelid = 'pgseal.tenant_keys'::regclass",
+                    &[]
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(copy_still_active > 0);
+    // The session that had read from the copy reads the table through Citus now.
+    assert_eq!(
+        decrypt(&mut s),
+        Err("sealed value's key has been destroyed".to_owned())
+    );
+    assert_eq!(
+        decrypt(&mut cc.workers[0].connect()),
+        Err("sealed value's key has been destroyed".to_owned())
+    );
+}
+
 /// Sealed credentials on a distributed table. With `pgseal.citus_distribute()` the
 /// key table is a reference table: values sealed through the coordinator decrypt in
 /// queries that Citus runs on the workers (routed to one shard, and fanned out to
