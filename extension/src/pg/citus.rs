@@ -103,7 +103,15 @@ pub fn is_worker() -> SealResult<bool> {
         return Ok(known);
     }
     let worker = present()
-        && as_owner(|| Spi::get_one::<i32>("SELECT groupid FROM pg_catalog.pg_dist_local_group"))?
+        && as_owner(|| {
+            crate::pg::plans::select_first(
+                "SELECT groupid FROM pg_catalog.pg_dist_local_group",
+                &[],
+                &[],
+                |r| Ok(r.get::<i32>(1)?),
+            )
+        })?
+        .flatten()
             != Some(0);
     WORKER.with(|w| w.set(Some(worker)));
     Ok(worker)
@@ -171,8 +179,7 @@ pub fn commit_remote_writes_in_two_phases() -> SealResult<()> {
             MANAGED.with(|m| m.set(true));
         }
         with_remote_parsing_pinned(caller.as_ref(), || {
-            Spi::run("DELETE FROM pgseal._two_phase")?;
-            Ok(())
+            crate::pg::plans::run("DELETE FROM pgseal._two_phase", &[], &[])
         })
     })
 }
@@ -204,16 +211,21 @@ pub struct CallerParsing {
     standard_conforming_strings: String,
 }
 
+/// `caller_parsing`'s statement (every name qualified: it runs under the caller's
+/// settings, through a plan kept for the backend's life).
+const CALLER_PARSING: &str = "SELECT (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(s.n), ', ' ORDER BY s.i) \
+                 FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS s(n, i) \
+                 WHERE s.n OPERATOR(pg_catalog.!~) '^pg_(toast_)?temp_'), \
+                pg_catalog.current_setting('standard_conforming_strings')";
+
 pub fn caller_parsing() -> SealResult<Option<CallerParsing>> {
     if !present() {
         return Ok(None);
     }
-    let (path, scs) = Spi::get_two::<String, String>(
-        "SELECT (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(s.n), ', ' ORDER BY s.i) \
-                 FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS s(n, i) \
-                 WHERE s.n OPERATOR(pg_catalog.!~) '^pg_(toast_)?temp_'), \
-                pg_catalog.current_setting('standard_conforming_strings')",
-    )?;
+    let (path, scs) = crate::pg::plans::select_first(CALLER_PARSING, &[], &[], |r| {
+        Ok((r.get::<String>(1)?, r.get::<String>(2)?))
+    })?
+    .unwrap_or((None, None));
     Ok(Some(CallerParsing {
         search_path: path.unwrap_or_else(|| "''".to_owned()),
         standard_conforming_strings: if scs.as_deref() == Some("off") {
@@ -517,7 +529,7 @@ fn pin_remote() -> SealResult<()> {
         crate::privilege::save_setting(name, value);
     }
     // One statement per SPI call: Citus sends a SET's whole query string along.
-    Spi::run("SET LOCAL search_path TO pg_catalog, pg_temp")?;
-    Spi::run("SET LOCAL standard_conforming_strings TO on")?;
+    crate::pg::plans::run("SET LOCAL search_path TO pg_catalog, pg_temp", &[], &[])?;
+    crate::pg::plans::run("SET LOCAL standard_conforming_strings TO on", &[], &[])?;
     Ok(())
 }
