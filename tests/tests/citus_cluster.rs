@@ -1832,7 +1832,8 @@ fn ledger_appends_beside_distributed_writes_never_fork_or_part() {
 }
 
 /// The two-phase commit that keeps a ledger entry with its transaction's writes on
-/// the workers holds whatever the caller set: Citus prepares the worker's part (its
+/// the workers holds whatever the caller set, in a new session and in one that ran
+/// other cases before: Citus prepares the worker's part (its
 /// logged `PREPARE TRANSACTION`) with Citus's local execution off, its fast-path
 /// planner off, the transaction reaching the coordinator's own placements over a
 /// connection first, and the append before or after the write; and the owner's
@@ -1894,29 +1895,23 @@ fn ledger_entries_commit_in_two_phases_whatever_the_caller_set() {
         ))
         .unwrap();
     }
-    for (n, (settings, reach_coordinator, append_first)) in cases.iter().enumerate() {
-        let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let seen = notices.clone();
-        let mut cfg = cc.coordinator.config();
-        cfg.user("app").notice_callback(move |m| {
-            seen.lock().unwrap().push(m.message().to_owned());
-        });
-        let mut s = cfg.connect(postgres::NoTls).unwrap();
-        s.batch_execute(settings).unwrap();
+    // One transaction of a case: an order and its entry, with Citus's commands
+    // logged at commit.
+    let case = |s: &mut postgres::Client, n: usize, reach_coordinator: bool, append_first: bool| {
         let tenant = format!("t{n}");
         let mut tx = s.transaction().unwrap();
         tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
             .unwrap();
         tx.batch_execute("SET LOCAL search_path = evil, pg_catalog")
             .unwrap();
-        if *reach_coordinator {
+        if reach_coordinator {
             // Over a connection to the coordinator's own placement: Citus then turns
             // local execution off for the rest of the transaction.
             tx.batch_execute("SELECT count(*) FROM evil.ref").unwrap();
         }
         let append = "SELECT pgseal.ledger_append('order.placed', '{\"n\": 1}')";
         let insert = format!("INSERT INTO public.orders VALUES ('{tenant}', {n})");
-        if *append_first {
+        if append_first {
             tx.batch_execute(append).unwrap();
             tx.batch_execute(&insert).unwrap();
         } else {
@@ -1926,11 +1921,43 @@ fn ledger_entries_commit_in_two_phases_whatever_the_caller_set() {
         tx.batch_execute("SET LOCAL citus.log_remote_commands = on")
             .unwrap();
         tx.commit().unwrap();
-        let got = notices.lock().unwrap().clone();
-        assert!(
-            got.iter().any(|m| m.contains("PREPARE TRANSACTION")),
-            "case {n} ({settings:?}, reach coordinator {reach_coordinator}, append first {append_first}): no two-phase commit: {got:?}"
-        );
+    };
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let session = || {
+        let seen = notices.clone();
+        let mut cfg = cc.coordinator.config();
+        cfg.user("app").notice_callback(move |m| {
+            seen.lock().unwrap().push(m.message().to_owned());
+        });
+        cfg.connect(postgres::NoTls).unwrap()
+    };
+    // Each case in a session of its own, then all of them in one session, in
+    // reverse order: the statements pgseal keeps as plans for a backend's life (the
+    // two-phase marker's DELETE among them) are reused under other settings.
+    let mut one = session();
+    for (round, order) in [
+        (0, (0..cases.len()).collect::<Vec<_>>()),
+        (1, (0..cases.len()).rev().collect::<Vec<_>>()),
+    ] {
+        for n in order {
+            let (settings, reach_coordinator, append_first) = cases[n];
+            let mut fresh;
+            let s = if round == 0 {
+                fresh = session();
+                &mut fresh
+            } else {
+                one.batch_execute("RESET ALL").unwrap();
+                &mut one
+            };
+            s.batch_execute(settings).unwrap();
+            notices.lock().unwrap().clear();
+            case(s, n, reach_coordinator, append_first);
+            let got = notices.lock().unwrap().clone();
+            assert!(
+                got.iter().any(|m| m.contains("PREPARE TRANSACTION")),
+                "round {round}, case {n} ({settings:?}, reach coordinator {reach_coordinator}, append first {append_first}): no two-phase commit: {got:?}"
+            );
+        }
     }
     // ledger_audit on a table whose rows are on the workers, where no entry can be
     // appended, is refused rather than fail every write there.
@@ -1960,7 +1987,7 @@ fn ledger_entries_commit_in_two_phases_whatever_the_caller_set() {
             &mut c,
             "SELECT count(*) FROM pgseal.ledger WHERE event = 'order.placed'"
         ),
-        cases.len() as i64
+        2 * cases.len() as i64
     );
 }
 

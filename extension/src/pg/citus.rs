@@ -111,8 +111,9 @@ pub fn is_worker() -> SealResult<bool> {
                 |r| Ok(r.get::<i32>(1)?),
             )
         })?
-        .flatten()
-            != Some(0);
+        .ok_or(crate::error::SealError::Internal(
+            "pg_dist_local_group has no row",
+        ))? != Some(0);
     WORKER.with(|w| w.set(Some(worker)));
     Ok(worker)
 }

@@ -29,8 +29,10 @@ fn plan(sql: &'static str, types: &[PgOid]) -> SealResult<Rc<OwnedPreparedStatem
     Ok(p)
 }
 
-/// Runs a kept plan read-only and calls `f` with its row count while the result
-/// is still SPI's current tuple table (for readers that deform rows themselves).
+/// Runs a kept plan and calls `f` with its row count while the result is still
+/// SPI's current tuple table (for readers that deform rows themselves). Kept plans
+/// are prepared as statements that may write: SPI runs them read-write, with the
+/// command counter advanced and, under READ COMMITTED, a new snapshot.
 pub fn select_raw<R>(
     sql: &'static str,
     types: &[PgOid],
@@ -44,8 +46,8 @@ pub fn select_raw<R>(
     })
 }
 
-/// Runs a kept plan read-only (under the statement's snapshot, as `Spi::connect`'s
-/// selects do) and maps its first row, if any, with `f`.
+/// Runs a kept plan (read-write, as `select_raw` says) and maps its first row, if
+/// any, with `f`.
 pub fn select_first<R>(
     sql: &'static str,
     types: &[PgOid],
