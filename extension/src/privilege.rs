@@ -117,20 +117,37 @@ pub fn with_pinned_search_path<R>(f: impl FnOnce() -> R) -> R {
 /// GUC nest level (`with_pinned_search_path`'s, or a function's SET clause), which
 /// restores it when it pops. Raises on a value the setting refuses.
 pub fn save_setting(name: &std::ffi::CStr, value: &std::ffi::CStr) {
-    // SAFETY: set_config_option with GUC_ACTION_SAVE records the old value in the
-    // current nest level; both strings are NUL-terminated, and elevel ERROR makes a
-    // failure raise instead of returning quietly.
+    set_setting(name, value, pg_sys::GucAction::GUC_ACTION_SAVE);
+}
+
+/// Sets `name` (a setting any role may set) to `value` as a `SET` (for the session,
+/// `GUC_ACTION_SET`), a `SET LOCAL` (`GUC_ACTION_LOCAL`) or saved in the innermost
+/// nest level (`GUC_ACTION_SAVE`). Raises on a value the setting refuses.
+pub fn set_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, action: pg_sys::GucAction::Type) {
+    // SAFETY: set_config_option with both strings NUL-terminated; a SAVE records the
+    // old value in the current nest level; elevel ERROR makes a failure raise
+    // instead of returning quietly.
     unsafe {
         pg_sys::set_config_option(
             name.as_ptr(),
             value.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
+            action,
             true,
             pgrx::PgLogLevel::ERROR as i32,
             false,
         );
+    }
+}
+
+/// Whether a built-in setting's current value is `value` (as `SHOW` prints it).
+pub fn setting_is(name: &std::ffi::CStr, value: &[u8]) -> bool {
+    // SAFETY: GetConfigOption returns the current value of a built-in setting as a
+    // string valid until the setting changes; it is compared at once.
+    unsafe {
+        let v = pg_sys::GetConfigOption(name.as_ptr(), false, false);
+        !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == value
     }
 }
 

@@ -140,38 +140,17 @@ fn retire(dboid: u32) -> bool {
 /// locally), a database set read-only by default or with a short statement
 /// timeout must not stop the audit, and no role's objects are on its search path.
 fn configure_session() {
-    // SAFETY: GetConfigOption returns the current value of a built-in setting as a
-    // static string.
-    let sync_off = unsafe {
-        let v = pg_sys::GetConfigOption(c"synchronous_commit".as_ptr(), false, false);
-        !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"off"
-    };
-    if sync_off {
-        set(c"synchronous_commit", c"local");
+    use crate::privilege::{set_setting, setting_is};
+    use pg_sys::GucAction::GUC_ACTION_SET;
+    if setting_is(c"synchronous_commit", b"off") {
+        set_setting(c"synchronous_commit", c"local", GUC_ACTION_SET);
     }
     // Nothing the writer parses resolves a name through a schema a role can create
     // objects in (its SQL runs as the owner under a pinned path too; this covers
     // anything outside that).
-    set(c"search_path", c"pg_catalog, pg_temp");
-    set(c"default_transaction_read_only", c"off");
-    set(c"statement_timeout", c"0");
-}
-
-fn set(name: &std::ffi::CStr, value: &std::ffi::CStr) {
-    // SAFETY: set_config_option with a valid value for a built-in setting, in the
-    // session scope of this process; elevel ERROR turns a failure into an ERROR.
-    unsafe {
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SET,
-            true,
-            pgrx::PgLogLevel::ERROR as i32,
-            false,
-        );
-    }
+    set_setting(c"search_path", c"pg_catalog, pg_temp", GUC_ACTION_SET);
+    set_setting(c"default_transaction_read_only", c"off", GUC_ACTION_SET);
+    set_setting(c"statement_timeout", c"0", GUC_ACTION_SET);
 }
 
 /// Takes the ready requests of `dboid` and appends each; true when there were any.
@@ -432,28 +411,13 @@ fn _audit_append_forwarded(
 /// Makes the current transaction's commit wait for its local flush when
 /// `synchronous_commit` is `off` (a stronger setting is left as it is).
 fn durable_commit() {
-    // SAFETY: GetConfigOption returns the current value of a built-in setting as a
-    // string valid until the setting changes; it is copied at once.
-    let off = unsafe {
-        let v = pg_sys::GetConfigOption(c"synchronous_commit".as_ptr(), false, false);
-        !v.is_null() && std::ffi::CStr::from_ptr(v).to_bytes() == b"off"
-    };
-    if off {
-        // SAFETY: set_config_option with a valid value for a built-in setting, for
-        // the current transaction only (GUC_ACTION_LOCAL); elevel ERROR turns a
-        // failure into an ERROR.
-        unsafe {
-            pg_sys::set_config_option(
-                c"synchronous_commit".as_ptr(),
-                c"local".as_ptr(),
-                pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_LOCAL,
-                true,
-                pgrx::PgLogLevel::ERROR as i32,
-                false,
-            );
-        }
+    use crate::privilege::{set_setting, setting_is};
+    if setting_is(c"synchronous_commit", b"off") {
+        set_setting(
+            c"synchronous_commit",
+            c"local",
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+        );
     }
 }
 
