@@ -11,6 +11,8 @@
 #   3. CHAIN appends in one transaction                 vs  INSERT INTO plain_ledger
 #      SELECT of the same generated payloads, hash and mac = sha256() of the payload
 #      text, one transaction                              target: ≥ 0.8× its throughput
+# Every peer row fills the columns an entry fills (ROW_TAIL), so both sides write
+# rows of the same width; the bulk row prints both widths.
 #   4. ledger_verify of that chain                      vs  a PL/pgSQL verifier
 #                                                          target: ≥ 3× faster
 #                                                      vs  sha256(convert_to(payload::text,
@@ -32,6 +34,11 @@ PGBENCH=$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench
 W=$(mktemp -d); trap 'rm -rf "$W" "$KEYFILE"; bash "$ROOT/scripts/cluster.sh" stop "$DIR"' EXIT
 KINDS="string object audit"
 ZERO32="'\\x$(printf '0%.0s' {1..64})'"
+# The columns a format-2 entry fills after mac (fmt, db_role, subjects, salt,
+# commitment: docs/FORMAT.md), so that every peer row is as wide as the entry the
+# append writes: the format, the session's role, no subjects and a 32-byte salt (a
+# constant: the peer does not draw one). The append stores no commitment.
+ROW_TAIL="2, 'postgres', '{}', $ZERO32, NULL"
 
 # Payload n of each kind, as SQL over a bigint column g.
 declare -A PAYLOAD=(
@@ -124,7 +131,7 @@ SELECT seq FROM pgseal.ledger_append('order.update', $lit);
 SQL
     cat > "$W/insert1_$k.sql" <<SQL
 SELECT set_config('app.tenant_id', 'solo', false);
-INSERT INTO plain_ledger VALUES ('solo', nextval('plain_seq'), now(), 'bench', 'order.update', $lit, $ZERO32, $ZERO32, $ZERO32);
+INSERT INTO plain_ledger VALUES ('solo', nextval('plain_seq'), now(), 'bench', 'order.update', $lit, $ZERO32, $ZERO32, $ZERO32, $ROW_TAIL);
 SQL
     cat > "$W/append16_$k.sql" <<SQL
 \\set t random(1, 1000)
@@ -134,7 +141,7 @@ SQL
     cat > "$W/insert16_$k.sql" <<SQL
 \\set t random(1, 1000)
 SELECT set_config('app.tenant_id', 'm' || :t, false);
-INSERT INTO plain_ledger VALUES ('m' || :t, nextval('plain_seq'), now(), 'bench', 'order.update', $lit, $ZERO32, $ZERO32, $ZERO32);
+INSERT INTO plain_ledger VALUES ('m' || :t, nextval('plain_seq'), now(), 'bench', 'order.update', $lit, $ZERO32, $ZERO32, $ZERO32, $ROW_TAIL);
 SQL
 done
 sizes=$(for k in $KINDS; do psql_ -c "SELECT '$k=' || octet_length((${PAYLOAD[$k]})::text) FROM (SELECT 1::bigint AS g) s"; done | tr '\n' ' ')
@@ -202,8 +209,9 @@ bulk_append() {
 bulk_insert() {
     psql_ -c "CHECKPOINT" >/dev/null
     ms_of "BEGIN;
-      INSERT INTO plain_ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac)
-      SELECT '$1', g, now(), 'bench', 'e', p, $ZERO32, sha256(t), sha256(t)
+      INSERT INTO plain_ledger (tenant_id, seq, recorded_at, actor, event, payload, prev_hash, hash, mac,
+                                fmt, db_role, subjects, salt, commitment)
+      SELECT '$1', g, now(), 'bench', 'e', p, $ZERO32, sha256(t), sha256(t), $ROW_TAIL
       FROM (SELECT g, p, convert_to(p::text, 'UTF8') AS t
             FROM (SELECT g, ${PAYLOAD[$2]} AS p FROM generate_series(1, $CHAIN) g OFFSET 0) s OFFSET 0) s; COMMIT;"
 }
@@ -211,7 +219,10 @@ bulk=""
 for k in $KINDS; do
     a1=$(bulk_append "bulk_$k" "$k"); i1=$(bulk_insert "bulk_$k" "$k")
     i2=$(bulk_insert "bulk_${k}_2" "$k"); a2=$(bulk_append "bulk_${k}_2" "$k")
-    bulk="$bulk $k:$(printf '%s\n' "$a1" "$a2" | sort -n | head -1):$(printf '%s\n' "$i1" "$i2" | sort -n | head -1)"
+    # The mean row width (pg_column_size of the row) of each side.
+    w=$(psql_ -c "SELECT (SELECT avg(pg_column_size(l.*))::int FROM pgseal.ledger l WHERE tenant_id = 'bulk_$k')
+                  || '/' || (SELECT avg(pg_column_size(l.*))::int FROM plain_ledger l WHERE tenant_id = 'bulk_$k')")
+    bulk="$bulk $k:$(printf '%s\n' "$a1" "$a2" | sort -n | head -1):$(printf '%s\n' "$i1" "$i2" | sort -n | head -1):$w"
 done
 
 # 4. Verify the first bulk chain of each payload, and its two peers: the fastest of 3
@@ -251,10 +262,11 @@ for k, rounds in parse(sys.argv[4]):
     print("| ledger_append, 16 clients, 1,000 tenants (tps per round, append/INSERT) | %s | %s | plain INSERT | rounds %s (median %.2f×) | ≥ 0.9× every round | %s |"
           % (k, ", ".join("%.0f/%.0f" % p for p in pairs), ", ".join("%.2f×" % r for r in ratios),
              statistics.median(ratios), ok(min(ratios) >= 0.9)))
-for k, a, i in parse(sys.argv[5]):
+for k, a, i, w in parse(sys.argv[5]):
     ra, ri = chain / float(a) * 1000, chain / float(i) * 1000
-    print("| %d appends in one transaction (rows/s) | %s | %.0f | INSERT … SELECT %.0f | %.2f× its throughput | ≥ 0.8× | %s |"
-          % (chain, k, ra, ri, ra / ri, ok(ra / ri >= 0.8)))
+    wa, wi = w.split("/")
+    print("| %d appends in one transaction (rows/s; row bytes) | %s | %.0f; %s B | INSERT … SELECT %.0f; %s B | %.2f× its throughput | ≥ 0.8× | %s |"
+          % (chain, k, ra, wa, ri, wi, ra / ri, ok(ra / ri >= 0.8)))
 for k, v, p, h in parse(sys.argv[6]):
     v, p, h = float(v), float(p), float(h)
     print("| ledger_verify, %d entries (entries/s) | %s | %.0f | PL/pgSQL verifier %.0f | %.2f× faster | ≥ 3× | %s |"
