@@ -130,22 +130,40 @@ pub fn entry_hash_v2(f: &EntryFieldsV2<'_>) -> Hash {
 /// entry). A process forked after the generator was seeded reseeds before its
 /// first salt, so parent and child never share a stream.
 pub fn fresh_salt() -> Salt {
-    use rand_chacha::rand_core::{RngCore, SeedableRng};
-    use rand_chacha::ChaCha20Rng;
+    fresh_salt_in(std::process::id())
+}
+
+/// `fresh_salt` for a caller that knows its process id without asking the kernel
+/// (a PostgreSQL backend's `MyProcPid`, which PostgreSQL sets in every child right
+/// after the fork): the same stream and the same reseeding, without a system call
+/// per salt.
+pub fn fresh_salt_in(pid: u32) -> Salt {
     thread_local! {
-        static RNG: std::cell::RefCell<Option<(u32, ChaCha20Rng)>> =
-            const { std::cell::RefCell::new(None) };
+        static SOURCE: std::cell::RefCell<SaltSource> = const { std::cell::RefCell::new(SaltSource(None)) };
     }
-    let pid = std::process::id();
-    RNG.with(|r| {
-        let mut r = r.borrow_mut();
-        if !matches!(&*r, Some((p, _)) if *p == pid) {
-            *r = Some((pid, ChaCha20Rng::from_os_rng()));
+    SOURCE.with(|s| s.borrow_mut().next(pid))
+}
+
+/// A salt generator and the process it was seeded in. A fork copies it with the
+/// rest of memory; `next` in a process other than the one that seeded it reseeds
+/// first.
+#[derive(Clone)]
+struct SaltSource(Option<(u32, rand_chacha::ChaCha20Rng)>);
+
+impl SaltSource {
+    fn next(&mut self, pid: u32) -> Salt {
+        use rand_chacha::rand_core::{RngCore, SeedableRng};
+        if !matches!(&self.0, Some((p, _)) if *p == pid) {
+            self.0 = Some((pid, rand_chacha::ChaCha20Rng::from_os_rng()));
         }
         let mut salt = [0u8; SALT_LEN];
-        r.as_mut().expect("seeded above").1.fill_bytes(&mut salt);
+        self.0
+            .as_mut()
+            .expect("seeded above")
+            .1
+            .fill_bytes(&mut salt);
         salt
-    })
+    }
 }
 
 /// A tenant's MAC key with its HMAC state precomputed, for many entries.
@@ -437,6 +455,20 @@ mod tests {
         assert_ne!(a, [0u8; SALT_LEN]);
         let other = std::thread::spawn(fresh_salt).join().unwrap();
         assert!(other != a && other != b);
+    }
+
+    /// A fork copies the generator: the child (another process id) must not draw
+    /// the parent's next salt.
+    #[test]
+    fn a_forked_copy_of_the_salt_source_reseeds() {
+        let mut parent = SaltSource(None);
+        parent.next(100);
+        let mut child = parent.clone();
+        let (from_parent, from_child) = (parent.next(100), child.next(101));
+        assert_ne!(from_parent, from_child);
+        // The same process keeps its stream: a copy that stays in it draws alike.
+        let mut copy = parent.clone();
+        assert_eq!(parent.next(100), copy.next(100));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys;
 use pgseal_core::canonical::canonical_payload;
-use pgseal_core::ledger::{entry_hash_v2, fresh_salt, payload_commitment, EntryFieldsV2, Hash};
+use pgseal_core::ledger::{entry_hash_v2, fresh_salt_in, payload_commitment, EntryFieldsV2, Hash};
 
 use super::pending::{self, Pending};
 use super::{chain_lock, heads};
@@ -187,7 +187,9 @@ fn append_stored(
         heads::loaded(tenant, head, mac, row, key);
     }
     let (seq, prev, mac) = heads::next(tenant);
-    let salt = fresh_salt();
+    // SAFETY: MyProcPid is a plain global PostgreSQL sets in every process right
+    // after it is forked; reading it has no preconditions.
+    let salt = fresh_salt_in(unsafe { pg_sys::MyProcPid } as u32);
     let commitment = payload_commitment(&salt, &payload);
     let hash = entry_hash_v2(&EntryFieldsV2 {
         prev_hash: &prev,
