@@ -149,9 +149,74 @@ pub fn seal(
     context: Option<&str>,
     plaintext: &[u8],
 ) -> String {
-    let mut nonce = [0u8; NONCE_LEN];
-    random_bytes(&mut nonce);
+    seal_in(
+        std::process::id(),
+        cipher,
+        tenant,
+        key_id,
+        context,
+        plaintext,
+    )
+}
+
+/// `seal` for a caller that knows its process id without asking the kernel (a
+/// PostgreSQL backend's `MyProcPid`, which PostgreSQL sets in every child right
+/// after the fork). The nonce is operating-system randomness fetched
+/// `NONCES_AHEAD` nonces at a time (`NonceBuffer`).
+pub fn seal_in(
+    pid: u32,
+    cipher: &Aes256Gcm,
+    tenant: &str,
+    key_id: &str,
+    context: Option<&str>,
+    plaintext: &[u8],
+) -> String {
+    thread_local! {
+        static AHEAD: std::cell::RefCell<NonceBuffer> =
+            const { std::cell::RefCell::new(NonceBuffer::empty()) };
+    }
+    let nonce = AHEAD.with(|b| b.borrow_mut().take(pid));
     seal_with_nonce(cipher, tenant, key_id, context, plaintext, &nonce)
+}
+
+/// How many nonces one `getrandom` fetches: a system call per 32 seals rather than
+/// per seal (it was a tenth of a seal's time). What is fetched ahead is at most 31
+/// nonces, used by this thread only.
+const NONCES_AHEAD: usize = 32;
+
+/// Nonces fetched ahead from the operating system's CSPRNG, and the process that
+/// fetched them. Each is handed out once (its bytes are zeroed as it is taken). A
+/// fork copies the buffer with the rest of memory: `take` in any other process
+/// fetches anew first, so a parent and its child never hand out the same nonce.
+#[derive(Clone)]
+struct NonceBuffer {
+    pid: u32,
+    bytes: [u8; NONCE_LEN * NONCES_AHEAD],
+    next: usize,
+}
+
+impl NonceBuffer {
+    const fn empty() -> Self {
+        NonceBuffer {
+            pid: 0,
+            bytes: [0; NONCE_LEN * NONCES_AHEAD],
+            next: NONCES_AHEAD,
+        }
+    }
+
+    fn take(&mut self, pid: u32) -> [u8; NONCE_LEN] {
+        if self.pid != pid || self.next == NONCES_AHEAD {
+            random_bytes(&mut self.bytes);
+            self.pid = pid;
+            self.next = 0;
+        }
+        let slot = &mut self.bytes[self.next * NONCE_LEN..(self.next + 1) * NONCE_LEN];
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(slot);
+        slot.fill(0);
+        self.next += 1;
+        nonce
+    }
 }
 
 /// Seals with a caller-chosen nonce. Only for test vectors: reusing a nonce
@@ -226,6 +291,29 @@ pub fn open_text(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every nonce is new: across refills, and in a process forked with a copy of
+    /// the buffer (another process id), which must not hand out the parent's next.
+    #[test]
+    fn nonces_fetched_ahead_are_handed_out_once_and_not_in_a_forked_copy() {
+        let mut seen = std::collections::HashSet::new();
+        let mut parent = NonceBuffer::empty();
+        for _ in 0..3 * NONCES_AHEAD + 5 {
+            assert!(
+                seen.insert(parent.take(100)),
+                "a nonce was handed out twice"
+            );
+        }
+        let mut child = parent.clone();
+        let (from_parent, from_child) = (parent.take(100), child.take(101));
+        assert_ne!(from_parent, from_child);
+        assert!(seen.insert(from_parent) && seen.insert(from_child));
+        // A copy that stays in the process hands out the same bytes: the process id
+        // is what tells a fork apart.
+        let mut copy = parent.clone();
+        assert_eq!(parent.take(100), copy.take(100));
+        assert_ne!(parent.take(100), [0u8; NONCE_LEN]);
+    }
     use crate::keys::{new_key_id, SecretKey};
     use proptest::prelude::*;
 
