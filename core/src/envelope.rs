@@ -141,30 +141,12 @@ pub fn format(key_id: &str, payload: &[u8]) -> String {
     s
 }
 
-/// Seals `plaintext` with a fresh random 96-bit nonce.
+/// Seals `plaintext` with a fresh random 96-bit nonce: operating-system randomness
+/// fetched `NONCES_AHEAD` nonces at a time (`NonceBuffer`), checked against the
+/// process id the kernel reports (`getpid`, not a value a caller keeps), so that a
+/// process forked by anything, a language handler's `fork()` included, fetches its
+/// own.
 pub fn seal(
-    cipher: &Aes256Gcm,
-    tenant: &str,
-    key_id: &str,
-    context: Option<&str>,
-    plaintext: &[u8],
-) -> String {
-    seal_in(
-        std::process::id(),
-        cipher,
-        tenant,
-        key_id,
-        context,
-        plaintext,
-    )
-}
-
-/// `seal` for a caller that knows its process id without asking the kernel (a
-/// PostgreSQL backend's `MyProcPid`, which PostgreSQL sets in every child right
-/// after the fork). The nonce is operating-system randomness fetched
-/// `NONCES_AHEAD` nonces at a time (`NonceBuffer`).
-pub fn seal_in(
-    pid: u32,
     cipher: &Aes256Gcm,
     tenant: &str,
     key_id: &str,
@@ -175,7 +157,7 @@ pub fn seal_in(
         static AHEAD: std::cell::RefCell<NonceBuffer> =
             const { std::cell::RefCell::new(NonceBuffer::empty()) };
     }
-    let nonce = AHEAD.with(|b| b.borrow_mut().take(pid));
+    let nonce = AHEAD.with(|b| b.borrow_mut().take(std::process::id()));
     seal_with_nonce(cipher, tenant, key_id, context, plaintext, &nonce)
 }
 

@@ -23,10 +23,7 @@ fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> Seal
     limits::check("plaintext", plaintext, limits::PLAINTEXT)?;
     limits::context(context)?;
     let key = cache::active_key(tenant, Purpose::Dek)?;
-    let sealed = envelope::seal_in(
-        // SAFETY: MyProcPid is a plain global PostgreSQL sets in every process
-        // right after it is forked; reading it has no preconditions.
-        unsafe { pg_sys::MyProcPid } as u32,
+    let sealed = envelope::seal(
         &key.cipher,
         tenant,
         &key.key_id,
