@@ -1182,6 +1182,81 @@ fn the_ledger_is_one_chain_per_tenant_on_the_coordinator() {
     }
 }
 
+/// A worker's audit writer waiting for the coordinator's answer to a forwarded
+/// decrypt entry gives the wait up when it is asked to stop: a fast shutdown of the
+/// worker while the coordinator is silent (its session for the writer stopped with
+/// SIGSTOP) ends within seconds, not after the answer's 10 s deadline. The decrypt
+/// that waited fails (it is never answered as recorded), and after both are running
+/// again the next decrypt is recorded.
+#[test]
+fn a_workers_audit_writer_stops_at_once_while_the_coordinator_is_silent() {
+    if !citus::enabled("a_workers_audit_writer_stops_at_once_while_the_coordinator_is_silent") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-writer-stop");
+    sealed_integrations(&cc);
+    let mut c = cc.coordinator.connect();
+    let worker = cc.node_at(
+        c.query_one(
+            "SELECT nodeport FROM citus_shards WHERE table_name = 'integrations'::regclass \
+             AND shardid = get_shard_id_for_distribution_column('integrations', 't5')",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i32>(0) as u16,
+    );
+    let want: Vec<(i32, String)> = (1..=3).map(|id| (id, format!("secret-t5-{id}"))).collect();
+    assert_eq!(decrypted(&mut app(worker), "t5"), Ok(want.clone()));
+    let recorded = entries(&mut c, "t5", "vault.decrypt_started");
+    // The coordinator's sessions of the workers' writers, stopped.
+    let writers: Vec<i32> = c
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgseal audit writer'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!writers.is_empty());
+    let signal = |sig: &str| {
+        for pid in &writers {
+            let st = std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success(), "kill {sig} {pid}");
+        }
+    };
+    signal("-STOP");
+    let waiting = {
+        let mut s = app(worker);
+        std::thread::spawn(move || decrypted(&mut s, "t5"))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let began = std::time::Instant::now();
+    worker.stop();
+    let took = began.elapsed();
+    signal("-CONT");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the worker took {took:?} to stop while its audit writer waited for the coordinator"
+    );
+    assert!(
+        waiting.join().unwrap().is_err(),
+        "the waiting decrypt returned plaintext"
+    );
+    worker.resume();
+    assert_eq!(decrypted(&mut app(worker), "t5"), Ok(want));
+    // The waiting decrypt may have been recorded (its entry was sent before the
+    // coordinator went silent) or not; the one after the restart was.
+    let now = entries(&mut c, "t5", "vault.decrypt_started");
+    assert!(
+        now == recorded + 1 || now == recorded + 2,
+        "{recorded} then {now}"
+    );
+}
+
 /// pgseal's own statements on the key table run as the extension owner and Citus
 /// sends them to every node as text, after replaying the caller's `SET LOCAL`s there:
 /// an application role that sets its `search_path` to a schema with its own `bytea`

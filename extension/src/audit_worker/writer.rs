@@ -18,6 +18,21 @@ use super::queue::{self, Failure, State, QUEUE};
 /// Set in the writer process only: the one process that appends to the audit chain.
 static IS_WRITER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set once this writer has seen its SIGTERM (`stopping`).
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this writer has been asked to stop. pgrx's `sigterm_received()` clears
+/// the flag it reads, so what it saw is kept here: the main loop and a wait on the
+/// coordinator's answer (`pg::libpq::give_up_when`) both read it, and a SIGTERM
+/// during a forward ends that wait at once instead of after the answer's deadline.
+fn stopping() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    if BackgroundWorker::sigterm_received() {
+        STOPPING.store(true, Relaxed);
+    }
+    STOPPING.load(Relaxed)
+}
+
 thread_local! {
     /// Set while `_audit_append_forwarded` appends a Citus worker's entry on the
     /// coordinator, on that writer's behalf.
@@ -51,12 +66,13 @@ pub extern "C-unwind" fn pgseal_audit_writer_main(arg: pg_sys::Datum) {
     // backend's wake-up that came during the work may have been consumed by it (a
     // lock wait, or Citus's wait for the coordinator, resets this process's latch),
     // and would otherwise wait for the timeout.
-    // pgrx's `sigterm_received()` clears the flag it reads (and `wait_latch` reads it
-    // too), so it is read once per turn: read twice in one condition, a SIGTERM
-    // seen by the first read was lost, and a writer with a busy entry to retry kept
-    // a fast shutdown waiting for the entry's whole retry window (60 s).
+    // A SIGTERM is read through `stopping`, which keeps what pgrx's clearing read
+    // saw (`wait_latch` reads and clears it too, and then returns false): a SIGTERM
+    // read and lost once kept a writer with a busy entry to retry waiting for the
+    // entry's whole retry window (60 s).
+    crate::pg::libpq::give_up_when(stopping);
     loop {
-        if BackgroundWorker::sigterm_received() {
+        if stopping() {
             break;
         }
         if !worked && !BackgroundWorker::wait_latch(Some(Duration::from_millis(500))) {

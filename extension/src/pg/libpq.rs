@@ -9,12 +9,44 @@
 //! library is already loaded (`dlopen` with `RTLD_NOLOAD`, so pgseal never loads
 //! another copy). Results are read through a wait on the process latch and the
 //! connection's socket (`WaitLatchOrSocket`), so a postmaster death ends the wait,
-//! and no wait outlasts its deadline.
+//! and no wait outlasts its deadline; a process that is asked to stop ends its waits
+//! at once (`give_up_when`).
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::time::{Duration, Instant};
 
 use pgrx::pg_sys;
+
+thread_local! {
+    /// Whether this process has been asked to stop (`give_up_when`).
+    static GIVE_UP: std::cell::Cell<Option<fn() -> bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes every wait of this process's connections end, failed, as soon as `check`
+/// says the process is stopping (a background worker's SIGTERM): the wait is
+/// woken by the latch the signal sets, and a shutdown does not wait out a silent
+/// server's deadline.
+pub fn give_up_when(check: fn() -> bool) {
+    GIVE_UP.with(|g| g.set(Some(check)));
+}
+
+/// How a wait on a connection ended.
+#[derive(PartialEq)]
+enum Waited {
+    Ready,
+    /// Its deadline passed, or the connection has no socket.
+    TimedOut,
+    /// The process is stopping (`give_up_when`).
+    GaveUp,
+}
+
+/// The message for a wait that did not end `Ready`.
+fn not_ready(w: Waited, timed_out: &str) -> String {
+    match w {
+        Waited::GaveUp => "the wait was given up: this process is stopping".to_owned(),
+        _ => timed_out.to_owned(),
+    }
+}
 
 type PgConn = c_void;
 type PgResult = c_void;
@@ -250,8 +282,9 @@ impl Conn {
                     } else {
                         pg_sys::WL_SOCKET_WRITEABLE
                     };
-                    if !conn.wait(event, until) {
-                        return Err("could not connect within the deadline".to_owned());
+                    match conn.wait(event, until) {
+                        Waited::Ready => {}
+                        w => return Err(not_ready(w, "could not connect within the deadline")),
                     }
                 }
             }
@@ -364,29 +397,34 @@ impl Conn {
                     return Ok(());
                 }
             }
-            if !self.wait(pg_sys::WL_SOCKET_READABLE, until) {
-                return Err("no answer within the deadline".to_owned());
+            match self.wait(pg_sys::WL_SOCKET_READABLE, until) {
+                Waited::Ready => {}
+                w => return Err(not_ready(w, "no answer within the deadline")),
             }
         }
     }
 
-    /// Waits until the connection's socket has `event`: true once it has, false
-    /// once `until` has passed or the connection has no socket. A set latch is
-    /// reset and the wait goes on (whoever set it is served by the caller's loop,
-    /// which reads its queue again after any work); a postmaster death ends the
-    /// process.
-    fn wait(&mut self, event: u32, until: Instant) -> bool {
+    /// Waits until the connection's socket has `event` (`Ready`), `until` has
+    /// passed or the connection has no socket (`TimedOut`), or the process is asked
+    /// to stop (`GaveUp`, `give_up_when`). A set latch is reset and, unless the
+    /// process is stopping, the wait goes on (whoever set it is served by the
+    /// caller's loop, which reads its queue again after any work); a postmaster
+    /// death ends the process.
+    fn wait(&mut self, event: u32, until: Instant) -> Waited {
         loop {
+            if GIVE_UP.with(|g| g.get()).is_some_and(|stopping| stopping()) {
+                return Waited::GaveUp;
+            }
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return Waited::TimedOut;
             }
             // SAFETY: waits on this process's latch and the connection's socket
             // (read again each time: libpq may open another while connecting).
             let happened = unsafe {
                 let sock = (self.api.socket)(self.conn);
                 if sock < 0 {
-                    return false;
+                    return Waited::TimedOut;
                 }
                 let happened = pg_sys::WaitLatchOrSocket(
                     pg_sys::MyLatch,
@@ -404,7 +442,7 @@ impl Conn {
                 happened
             };
             if happened & event != 0 {
-                return true;
+                return Waited::Ready;
             }
         }
     }
