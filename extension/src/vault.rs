@@ -23,6 +23,18 @@ fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> Seal
     limits::check("plaintext", plaintext, limits::PLAINTEXT)?;
     limits::context(context)?;
     let key = cache::active_key(tenant, Purpose::Dek)?;
+    seal_under(&key, tenant, plaintext, context)
+}
+
+/// Seals `plaintext` under `key`, the tenant's active data key as `cache::active_key`
+/// just returned it (having checked the key's encryption limit), after the caller's
+/// checks of the plaintext and context; counts the seal (`cache::note_seal`).
+fn seal_under(
+    key: &cache::LiveKey,
+    tenant: &str,
+    plaintext: &str,
+    context: Option<&str>,
+) -> SealResult<String> {
     let sealed = envelope::seal(
         &key.cipher,
         tenant,
@@ -38,10 +50,14 @@ fn seal_for_tenant(tenant: &str, plaintext: &str, context: Option<&str>) -> Seal
 fn open_for_current(
     sealed: &str,
     context: Option<&str>,
-) -> SealResult<(String, std::rc::Rc<cache::LiveKey>, Zeroizing<String>)> {
+) -> SealResult<(
+    std::rc::Rc<str>,
+    std::rc::Rc<cache::LiveKey>,
+    Zeroizing<String>,
+)> {
     master::require_loaded()?;
     limits::context(context)?;
-    let tenant = context::tenant()?;
+    let tenant = context::tenant_shared()?;
     let env = Envelope::parse(sealed)?;
     let key = tenant_key(&tenant, env.key_id)?;
     let plain = envelope::open_text(&key.cipher, &tenant, context, env)?;
@@ -135,13 +151,15 @@ fn vault_redact(
 fn vault_rewrap(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
     let sealed = sealed?;
     let r = (|| {
-        let (tenant, _, plain) = open_for_current(sealed, context)?;
+        let (tenant, opened_with, plain) = open_for_current(sealed, context)?;
         require_read_write("vault_rewrap")?;
         let active = cache::active_key(&tenant, Purpose::Dek)?;
-        if Envelope::parse(sealed)?.key_id == active.key_id {
+        // The key that opened it is the one the value names (`tenant_key`).
+        if opened_with.key_id == active.key_id {
             return Ok(sealed.to_owned());
         }
-        seal_for_tenant(&tenant, &plain, context)
+        limits::check("plaintext", &plain, limits::PLAINTEXT)?;
+        seal_under(&active, &tenant, &plain, context)
     })();
     Some(r.or_raise())
 }
