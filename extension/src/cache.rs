@@ -84,9 +84,32 @@ pub const TXN: Participant = Participant {
     }],
     before_prepare: Some(refuse_prepare_after_key_changes),
     end: Some(transaction_ended),
+    released: Some(hand_over_seal_counts),
     subxact_aborted: Some(subtransaction_aborted),
     ..Participant::NONE
 };
+
+thread_local! {
+    /// A Citus worker's seal counts of the ending transaction, for its audit writer
+    /// once the transaction's commit is complete (`hand_over_seal_counts`).
+    static COUNTS_AFTER_COMMIT: RefCell<Option<(Vec<String>, Vec<i64>)>> = const { RefCell::new(None) };
+}
+
+/// Hands a Citus worker's seal counts to its audit writer once the transaction's
+/// commit is complete, on every node: Citus sends `COMMIT PREPARED` to the other
+/// nodes after pgseal's own transaction callbacks. Counts handed over earlier could
+/// reach the coordinator before a key the transaction created was committed on some
+/// node, whose copy of the key table would then miss them while the others took
+/// them. A transaction that did not commit hands nothing over (its seals stay in
+/// this node's shared totals, docs/SECURITY.md).
+fn hand_over_seal_counts(committed: bool) {
+    let Some((ids, counts)) = COUNTS_AFTER_COMMIT.with(|c| c.borrow_mut().take()) else {
+        return;
+    };
+    if committed {
+        crate::audit_worker::seal_counts_later(&ids, &counts);
+    }
+}
 
 /// Counts one seal under `key_id`: in the shared total at once (it counts even if the
 /// transaction rolls back), and in this transaction's list of keys to write back.
@@ -115,7 +138,7 @@ fn write_seal_counts(_preparing: bool) -> SealResult<()> {
     // while a shard's statement runs in this transaction the worker cannot write it,
     // so the audit writer adds the counts there (docs/SCALING.md).
     if crate::pg::citus::is_worker()? {
-        crate::audit_worker::seal_counts_later(&ids, &counts);
+        COUNTS_AFTER_COMMIT.with(|c| *c.borrow_mut() = Some((ids, counts)));
         return Ok(());
     }
     // A key with a shared total writes that total back (it already holds this

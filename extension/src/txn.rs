@@ -11,6 +11,10 @@
 //! - before a prepare, each participant's check (it may refuse the prepare);
 //! - when the transaction has ended ([`End`]), and when a subtransaction commits or
 //!   aborts;
+//! - once the transaction's end is complete (`released`): after every transaction
+//!   callback, other extensions' included (Citus sends `COMMIT PREPARED` to the
+//!   other nodes from its own, which PostgreSQL calls after pgseal's), when the
+//!   transaction's resources are released;
 //! - when a statement ends, each participant's statement-end work (the ledger
 //!   writes the entries the statement appended, so the next statement sees them).
 
@@ -75,6 +79,9 @@ pub struct Participant {
     pub before_prepare: Option<fn() -> SealResult<()>>,
     /// Runs after the transaction ended; must not raise.
     pub end: Option<fn(End)>,
+    /// Runs once the transaction's end is complete, after every transaction callback
+    /// (`committed`: it committed or was prepared); must not raise.
+    pub released: Option<fn(committed: bool)>,
     /// A subtransaction (`my`) committed into its parent.
     pub subxact_committed:
         Option<fn(my: pg_sys::SubTransactionId, parent: pg_sys::SubTransactionId)>,
@@ -90,6 +97,7 @@ impl Participant {
         pre_commit: &[],
         before_prepare: None,
         end: None,
+        released: None,
         subxact_committed: None,
         subxact_aborted: None,
         statement_end: None,
@@ -141,6 +149,23 @@ unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut s
         XACT_EVENT_PREPARE => ended(End::Prepared),
         XACT_EVENT_ABORT => ended(End::Aborted),
         _ => {}
+    }
+}
+
+/// The top transaction's resources are released after PostgreSQL has called every
+/// transaction callback; the last phase is where `released` runs.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_release(
+    phase: pg_sys::ResourceReleasePhase::Type,
+    is_commit: bool,
+    is_top_level: bool,
+    _arg: *mut std::ffi::c_void,
+) {
+    if !is_top_level || phase != pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_AFTER_LOCKS {
+        return;
+    }
+    for f in participants().iter().filter_map(|p| p.released) {
+        f(is_commit);
     }
 }
 
@@ -205,12 +230,13 @@ pub fn register(participants: &[Participant]) {
     if !fresh {
         return;
     }
-    // SAFETY: both are plain 'static functions with the signatures PostgreSQL
+    // SAFETY: all three are plain 'static functions with the signatures PostgreSQL
     // expects; the argument pointer is unused. The hook is chained: the previous
     // one is kept and called first. _PG_init runs once, single-threaded.
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+        pg_sys::RegisterResourceReleaseCallback(Some(on_release), std::ptr::null_mut());
         let _ = PREV_EXECUTOR_END.set(pg_sys::ExecutorEnd_hook);
         pg_sys::ExecutorEnd_hook = Some(executor_end);
     }

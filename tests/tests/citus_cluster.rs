@@ -1233,7 +1233,21 @@ fn a_workers_audit_writer_stops_at_once_while_the_coordinator_is_silent() {
         let mut s = app(worker);
         std::thread::spawn(move || decrypted(&mut s, "t5"))
     };
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The decrypt is waiting for its record (its backend on the worker still runs
+    // the statement) before the worker is stopped.
+    let mut su = worker.connect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pgseal_tests::count(
+        &mut su,
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%vault_decrypt%' \
+           AND pid <> pg_backend_pid()",
+    ) == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "the decrypt is not waiting");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(su);
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let began = std::time::Instant::now();
     worker.stop();
     let took = began.elapsed();
@@ -1362,6 +1376,30 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
             "the caller's function ran as a superuser on port {}",
             node.port
         );
+    }
+    // Both seals of each node's transaction are counted on every copy, the
+    // workers' through their audit writers (handed over once the transaction's
+    // commit, the new key's included, is complete on every node: counts handed
+    // over before it missed the copy of a node that had not committed the key yet).
+    let counted = |c: &mut postgres::Client| {
+        on_key_copies(
+            c,
+            "SELECT string_agg(tenant_id || '=' || encryptions, ',' ORDER BY tenant_id) FROM %s \
+             WHERE tenant_id IN ('victim0', 'victim1', 'victim2')",
+        )
+    };
+    let want = vec!["victim0=2,victim1=2,victim2=2".to_owned(); 3];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = counted(&mut c);
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seal counts per copy: {got:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // A SET LOCAL sent in one message with other statements: Citus is given the SET
     // alone, so the DO is not replayed on the owner's connections; and a setting

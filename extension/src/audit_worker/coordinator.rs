@@ -1,7 +1,8 @@
 //! A Citus worker's audit writer keeps one connection to the coordinator, where
 //! pgseal's ledger is kept (docs/SCALING.md), and appends each forwarded entry over
 //! it: opening a connection per entry (Citus's `run_command_on_coordinator`) cost a
-//! decrypting transaction on a worker about 30 ms (docs/BENCHMARKS.md).
+//! decrypting transaction on a worker about 30 ms (docs/BENCHMARKS.md). The seal
+//! counts it forwards go over the same connection.
 //!
 //! The connection is made as Citus makes its own to that node: the coordinator's
 //! name and port from `pg_dist_node`, `citus.node_conninfo` (TLS settings), the
@@ -75,6 +76,17 @@ thread_local! {
 /// connection found closed before sending is made again; a failure after sending
 /// is returned (the statement may have run) and the connection dropped.
 pub fn query_row(sql: &std::ffi::CStr, params: &[&str]) -> Result<Vec<Option<String>>, String> {
+    run(sql, params)?.ok_or_else(|| "the coordinator returned no row".to_owned())
+}
+
+/// Runs `sql`, a statement that returns no rows (a `DO` block), on the coordinator,
+/// as `query_row` runs its statement.
+pub fn execute(sql: &std::ffi::CStr) -> Result<(), String> {
+    run(sql, &[]).map(|_| ())
+}
+
+/// `query_row`'s and `execute`'s work: the statement's first row, if it returned one.
+fn run(sql: &std::ffi::CStr, params: &[&str]) -> Result<Option<Vec<Option<String>>>, String> {
     let (settings, connect_within) = settings()?;
     LINK.with(|link| {
         let mut link = link.borrow_mut();
@@ -119,8 +131,7 @@ pub fn query_row(sql: &std::ffi::CStr, params: &[&str]) -> Result<Vec<Option<Str
         }
         let (_, conn) = link.as_mut().expect("a connection was just made");
         match conn.query_row(sql, params, ANSWER) {
-            Ok(Some(row)) => Ok(row),
-            Ok(None) => Err("the coordinator returned no row".to_owned()),
+            Ok(row) => Ok(row),
             Err(e) => {
                 // The statement may have run: it is not sent again (a forwarded
                 // entry would be recorded twice); the next one opens a new

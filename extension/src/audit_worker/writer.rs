@@ -284,15 +284,19 @@ fn add_seal_counts(key_ids: &[String], seals: &[i64]) -> Outcome {
     }
 }
 
-/// Sends the counts to the coordinator in a `DO` block whose `lock_timeout` Citus
-/// sends on to every node the update reaches (see `_seal_counts_forwarded`). The
-/// block turns propagation on with `set_config` (a `SET LOCAL` of it would count,
-/// where propagation is already on server-wide, as a setting sent to the workers,
-/// and pgseal's owner statements would then be refused). The key ids (letters,
-/// digits, `_`, `-`) and counts are quoted literals in the block.
+/// Sends the counts to the coordinator, over the writer's connection to it
+/// (`coordinator`), in a `DO` block whose `lock_timeout` Citus sends on to every
+/// node the update reaches (see `_seal_counts_forwarded`), and whose
+/// `statement_timeout` ends it there before the writer stops waiting for its
+/// answer (10 s): an answer lost after the update committed makes the writer send
+/// the counts again, and they are then counted twice (the safe direction for the
+/// encryption limit). The block turns
+/// propagation on with `set_config` (a `SET LOCAL` of it would count, where
+/// propagation is already on server-wide, as a setting sent to the workers, and
+/// pgseal's owner statements would then be refused). A `DO` block takes no
+/// parameters: the key ids, checked to be what the key table allows (letters,
+/// digits, `_`, `-`), and the counts (integers) are written into its text.
 fn forward_seal_counts(key_ids: &[String], seals: &[i64]) -> Result<(), String> {
-    // Key ids are checked to be what the key table allows (letters, digits, `_`,
-    // `-`) before they go into the block's text, whatever quoting `%L` gives them.
     if !key_ids.iter().all(|id| {
         !id.is_empty()
             && id.len() <= 64
@@ -302,23 +306,23 @@ fn forward_seal_counts(key_ids: &[String], seals: &[i64]) -> Result<(), String> 
     }) {
         return Err("a seal count names a malformed key id".to_owned());
     }
-    let row = Spi::get_two_with_args::<bool, String>(
-        "SELECT r.success, r.result FROM pg_catalog.run_command_on_coordinator(pg_catalog.format(\
-             'DO $pgseal$ BEGIN PERFORM pg_catalog.set_config(''citus.propagate_set_commands'', ''local'', true); \
-              SET LOCAL lock_timeout = ''2s''; \
-              PERFORM pgseal._seal_counts_forwarded(%L::pg_catalog.text[], %L::pg_catalog.int8[]); END $pgseal$', $1, $2)) r",
-        &[key_ids.to_vec().into(), seals.to_vec().into()],
+    let block = seal_counts_block(key_ids, seals);
+    let block = std::ffi::CString::new(block).map_err(|_| "a seal count's block".to_owned())?;
+    super::coordinator::execute(&block)
+        .map_err(|err| format!("the coordinator did not add the seal counts: {err}"))
+}
+
+/// The `DO` block of `forward_seal_counts` (its key ids already checked).
+fn seal_counts_block(key_ids: &[String], seals: &[i64]) -> String {
+    let ids: Vec<String> = key_ids.iter().map(|id| format!("'{id}'")).collect();
+    let counts: Vec<String> = seals.iter().map(i64::to_string).collect();
+    format!(
+        "DO $pgseal$ BEGIN PERFORM pg_catalog.set_config('citus.propagate_set_commands', 'local', true); \
+         SET LOCAL lock_timeout = '2s'; SET LOCAL statement_timeout = '8s'; \
+         PERFORM pgseal._seal_counts_forwarded(ARRAY[{}]::pg_catalog.text[], ARRAY[{}]::pg_catalog.int8[]); END $pgseal$",
+        ids.join(","),
+        counts.join(",")
     )
-    .map_err(|err| err.to_string())?;
-    // One statement (Citus answers a string of them with the first one's status,
-    // and success even when a later one failed).
-    match row {
-        (Some(true), Some(result)) if result == "DO" => Ok(()),
-        (_, result) => Err(format!(
-            "the coordinator did not add the seal counts: {}",
-            result.unwrap_or_default()
-        )),
-    }
 }
 
 /// `pgseal._seal_counts_forwarded(key_ids, seals)`: a Citus worker's audit writer

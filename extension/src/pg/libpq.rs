@@ -55,7 +55,8 @@ type PgResult = c_void;
 const CONNECTION_OK: c_int = 0;
 /// libpq's `CONNECTION_BAD`: what `PQstatus` is not while a connection is made.
 const CONNECTION_BAD: c_int = 1;
-/// libpq's `PGRES_TUPLES_OK`.
+/// libpq's `PGRES_COMMAND_OK` (a statement that returns no rows) and `PGRES_TUPLES_OK`.
+const PGRES_COMMAND_OK: c_int = 1;
 const PGRES_TUPLES_OK: c_int = 2;
 /// libpq's `PostgresPollingStatusType` values.
 const PGRES_POLLING_FAILED: c_int = 0;
@@ -316,7 +317,8 @@ impl Conn {
     }
 
     /// Runs `sql` with the text parameters `params` and returns its first row's
-    /// columns (None for NULL), or None when it returned no row. Waits for the
+    /// columns (None for NULL), or None when it returned no row (or is a statement
+    /// that returns none, such as `DO`). Waits for the
     /// answer until `deadline` has passed; past it the connection is of no further
     /// use (the caller drops it).
     pub fn query_row(
@@ -362,7 +364,10 @@ impl Conn {
             }
             // SAFETY: res is a live result until PQclear below.
             unsafe {
-                if (self.api.result_status)(res) == PGRES_TUPLES_OK {
+                let status = (self.api.result_status)(res);
+                if status == PGRES_COMMAND_OK {
+                    // A statement that returns no rows: nothing to read.
+                } else if status == PGRES_TUPLES_OK {
                     if (self.api.ntuples)(res) > 0 && row.is_none() {
                         let cols = (0..(self.api.nfields)(res))
                             .map(|i| {
