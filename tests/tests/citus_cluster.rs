@@ -1401,6 +1401,40 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // The same for twenty new keys made on the workers, each counted by its audit
+    // writer right after the transaction that made it.
+    for (i, worker) in cc.workers.iter().cycle().take(20).enumerate() {
+        let mut s = app(worker);
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&format!("fresh{i:02}")])
+            .unwrap();
+        tx.batch_execute("SELECT pgseal.vault_seal('a', 'c'), pgseal.vault_seal('b', 'c')")
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    let want = vec![
+        (0..20)
+            .map(|i| format!("fresh{i:02}=2"))
+            .collect::<Vec<_>>()
+            .join(",");
+        3
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = on_key_copies(
+            &mut c,
+            "SELECT string_agg(tenant_id || '=' || encryptions, ',' ORDER BY tenant_id) FROM %s \
+             WHERE tenant_id LIKE 'fresh%%'",
+        );
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seal counts per copy: {got:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // A SET LOCAL sent in one message with other statements: Citus is given the SET
     // alone, so the DO is not replayed on the owner's connections; and a setting
     // pgseal does not pin (work_mem here, client_min_messages or debug output
