@@ -96,14 +96,20 @@ thread_local! {
 }
 
 /// Hands a Citus worker's seal counts to its audit writer once the transaction's
-/// commit is complete, on every node: Citus sends `COMMIT PREPARED` to the other
-/// nodes after pgseal's own transaction callbacks. Counts handed over earlier could
-/// reach the coordinator before a key the transaction created was committed on some
-/// node, whose copy of the key table would then miss them while the others took
-/// them. A transaction that did not commit hands nothing over (its seals stay in
-/// this node's shared totals, docs/SECURITY.md).
+/// end is complete: for a transaction this node commits, after Citus's `COMMIT
+/// PREPARED` to the other nodes, which Citus sends after pgseal's own transaction
+/// callbacks. Counts handed over earlier could reach the coordinator before a key
+/// the transaction created was committed on some node, whose copy of the key table
+/// would then miss them while the others took them. A transaction that aborted
+/// hands nothing over (its seals stay in this node's shared totals,
+/// docs/SECURITY.md). A transaction prepared here for another node's two-phase
+/// commit hands its counts over at its `PREPARE` (docs/SCALING.md: a limit).
 fn hand_over_seal_counts(committed: bool) {
-    let Some((ids, counts)) = COUNTS_AFTER_COMMIT.with(|c| c.borrow_mut().take()) else {
+    let Some((ids, counts)) = COUNTS_AFTER_COMMIT
+        .try_with(|c| c.borrow_mut().take())
+        .ok()
+        .flatten()
+    else {
         return;
     };
     if committed {

@@ -161,11 +161,23 @@ unsafe extern "C-unwind" fn on_release(
     is_top_level: bool,
     _arg: *mut std::ffi::c_void,
 ) {
-    if !is_top_level || phase != pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_AFTER_LOCKS {
+    // PostgreSQL calls this for every owner of the tree being released (children
+    // first) and, in auxiliary processes, outside any transaction: only the top
+    // transaction's own owner counts.
+    // SAFETY: reads two of PostgreSQL's globals; no preconditions.
+    let top = unsafe {
+        pg_sys::CurrentResourceOwner == pg_sys::TopTransactionResourceOwner
+            && !pg_sys::TopTransactionResourceOwner.is_null()
+    };
+    if !is_top_level || !top || phase != pg_sys::ResourceReleasePhase::RESOURCE_RELEASE_AFTER_LOCKS
+    {
         return;
     }
     for f in participants().iter().filter_map(|p| p.released) {
-        f(is_commit);
+        // After a commit an ERROR would become a PANIC: a panic here is logged.
+        if std::panic::catch_unwind(|| f(is_commit)).is_err() {
+            pgrx::log!("pgseal: work after the end of a transaction failed (see above)");
+        }
     }
 }
 

@@ -1389,7 +1389,7 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
         )
     };
     let want = vec!["victim0=2,victim1=2,victim2=2".to_owned(); 3];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let got = counted(&mut c);
         if got == want {
@@ -1419,7 +1419,7 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
             .join(",");
         3
     ];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let got = on_key_copies(
             &mut c,
@@ -1435,6 +1435,16 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    // And they stay so: no count is added twice.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        on_key_copies(
+            &mut c,
+            "SELECT string_agg(tenant_id || '=' || encryptions, ',' ORDER BY tenant_id) FROM %s \
+             WHERE tenant_id LIKE 'fresh%%'",
+        ),
+        want
+    );
     // A SET LOCAL sent in one message with other statements: Citus is given the SET
     // alone, so the DO is not replayed on the owner's connections; and a setting
     // pgseal does not pin (work_mem here, client_min_messages or debug output

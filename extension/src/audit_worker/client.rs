@@ -264,7 +264,7 @@ fn queue_seal_counts(key_ids: &[String], seals: &[i64]) -> bool {
     }
     for (id, n) in key_ids.iter().zip(seals) {
         match merged.iter_mut().find(|(k, _)| k == id) {
-            Some((_, m)) => *m += n,
+            Some((_, m)) => *m = m.saturating_add(*n),
             None => merged.push((id.clone(), *n)),
         }
     }

@@ -286,11 +286,10 @@ fn add_seal_counts(key_ids: &[String], seals: &[i64]) -> Outcome {
 
 /// Sends the counts to the coordinator, over the writer's connection to it
 /// (`coordinator`), in a `DO` block whose `lock_timeout` Citus sends on to every
-/// node the update reaches (see `_seal_counts_forwarded`), and whose
-/// `statement_timeout` ends it there before the writer stops waiting for its
-/// answer (10 s): an answer lost after the update committed makes the writer send
-/// the counts again, and they are then counted twice (the safe direction for the
-/// encryption limit). The block turns
+/// node the update reaches (see `_seal_counts_forwarded`). The writer waits 10 s
+/// for the answer; an answer lost after the update committed (or later than that)
+/// makes the writer send the counts again, and they are then counted twice (the
+/// safe direction for the encryption limit). The block turns
 /// propagation on with `set_config` (a `SET LOCAL` of it would count, where
 /// propagation is already on server-wide, as a setting sent to the workers, and
 /// pgseal's owner statements would then be refused). A `DO` block takes no
@@ -318,7 +317,7 @@ fn seal_counts_block(key_ids: &[String], seals: &[i64]) -> String {
     let counts: Vec<String> = seals.iter().map(i64::to_string).collect();
     format!(
         "DO $pgseal$ BEGIN PERFORM pg_catalog.set_config('citus.propagate_set_commands', 'local', true); \
-         SET LOCAL lock_timeout = '2s'; SET LOCAL statement_timeout = '8s'; \
+         SET LOCAL lock_timeout = '2s'; \
          PERFORM pgseal._seal_counts_forwarded(ARRAY[{}]::pg_catalog.text[], ARRAY[{}]::pg_catalog.int8[]); END $pgseal$",
         ids.join(","),
         counts.join(",")
