@@ -624,6 +624,35 @@ fn pgseald_retention_runs_against_the_coordinator() {
     }
 }
 
+/// `tenant=encryptions` of the keys `filter` (a condition on the key table's
+/// columns, `%%` for a `%`) selects, in tenant order, on each copy of the key table.
+fn counts_on_copies(c: &mut postgres::Client, filter: &str) -> Vec<String> {
+    on_key_copies(
+        c,
+        &format!(
+            "SELECT string_agg(tenant_id || '=' || encryptions, ',' ORDER BY tenant_id) FROM %s WHERE {filter}"
+        ),
+    )
+}
+
+/// Waits up to 20 s until every copy of the key table shows `want` for `filter`
+/// (`counts_on_copies`): a worker's counts reach the coordinator through its audit
+/// writer, after the transaction.
+fn wait_for_counts(c: &mut postgres::Client, filter: &str, want: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = counts_on_copies(c, filter);
+        if got.iter().all(|g| g == want) && got.len() == 3 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "seal counts per copy: {got:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// What `sql` (with `%s` for the table) returns on each copy of the key table, in
 /// the order of the copies' ports.
 fn on_key_copies(c: &mut postgres::Client, sql: &str) -> Vec<String> {
@@ -1381,26 +1410,11 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
     // workers' through their audit writers (handed over once the transaction's
     // commit, the new key's included, is complete on every node: counts handed
     // over before it missed the copy of a node that had not committed the key yet).
-    let counted = |c: &mut postgres::Client| {
-        on_key_copies(
-            c,
-            "SELECT string_agg(tenant_id || '=' || encryptions, ',' ORDER BY tenant_id) FROM %s \
-             WHERE tenant_id IN ('victim0', 'victim1', 'victim2')",
-        )
-    };
-    let want = vec!["victim0=2,victim1=2,victim2=2".to_owned(); 3];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let got = counted(&mut c);
-        if got == want {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "seal counts per copy: {got:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_for_counts(
+        &mut c,
+        "tenant_id IN ('victim0', 'victim1', 'victim2')",
+        "victim0=2,victim1=2,victim2=2",
+    );
     // The same for twenty new keys made on the workers, each counted by its audit
     // writer right after the transaction that made it.
     for (i, worker) in cc.workers.iter().cycle().take(20).enumerate() {
@@ -1412,38 +1426,16 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
             .unwrap();
         tx.commit().unwrap();
     }
-    let want = vec![
-        (0..20)
-            .map(|i| format!("fresh{i:02}=2"))
-            .collect::<Vec<_>>()
-            .join(",");
-        3
-    ];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let got = on_key_copies(
-            &mut c,
-            "SELECT string_agg(tenant_id || '=' || encryptions, ',' ORDER BY tenant_id) FROM %s \
-             WHERE tenant_id LIKE 'fresh%%'",
-        );
-        if got == want {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "seal counts per copy: {got:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let want = (0..20)
+        .map(|i| format!("fresh{i:02}=2"))
+        .collect::<Vec<_>>()
+        .join(",");
+    wait_for_counts(&mut c, "tenant_id LIKE 'fresh%%'", &want);
     // And they stay so: no count is added twice.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert_eq!(
-        on_key_copies(
-            &mut c,
-            "SELECT string_agg(tenant_id || '=' || encryptions, ',' ORDER BY tenant_id) FROM %s \
-             WHERE tenant_id LIKE 'fresh%%'",
-        ),
-        want
+        counts_on_copies(&mut c, "tenant_id LIKE 'fresh%%'"),
+        vec![want; 3]
     );
     // A SET LOCAL sent in one message with other statements: Citus is given the SET
     // alone, so the DO is not replayed on the owner's connections; and a setting

@@ -293,16 +293,14 @@ fn add_seal_counts(key_ids: &[String], seals: &[i64]) -> Outcome {
 /// propagation on with `set_config` (a `SET LOCAL` of it would count, where
 /// propagation is already on server-wide, as a setting sent to the workers, and
 /// pgseal's owner statements would then be refused). A `DO` block takes no
-/// parameters: the key ids, checked to be what the key table allows (letters,
-/// digits, `_`, `-`), and the counts (integers) are written into its text.
+/// parameters: the key ids, checked to be what the key table allows
+/// (`keys::is_valid_key_id`: letters, digits, `_`, `-`), and the counts (integers)
+/// are written into its text.
 fn forward_seal_counts(key_ids: &[String], seals: &[i64]) -> Result<(), String> {
-    if !key_ids.iter().all(|id| {
-        !id.is_empty()
-            && id.len() <= 64
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    }) {
+    if !key_ids
+        .iter()
+        .all(|id| pgseal_core::keys::is_valid_key_id(id))
+    {
         return Err("a seal count names a malformed key id".to_owned());
     }
     let block = seal_counts_block(key_ids, seals);
