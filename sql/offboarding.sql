@@ -23,6 +23,9 @@ CREATE TABLE pgseal.tenant_offboardings (
     requested_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     due_at       timestamptz NOT NULL,
     requested_by text        NOT NULL DEFAULT session_user,
+    -- The role that scheduled it (current_user of tenant_offboard): the exports
+    -- and deletes need its SELECT and DELETE on each table, as well as pgseald's.
+    scheduled_by regrole     NOT NULL,
     step         text        NOT NULL DEFAULT 'scheduled'
                  CHECK (step IN ('scheduled', 'exported', 'deleted', 'shredded', 'erased', 'receipted', 'done')),
     step_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),

@@ -5,14 +5,21 @@
 //! the tenant's chain lock. The state is `pgseal.tenant_offboardings`
 //! (sql/offboarding.sql), written only here, as the extension owner.
 //!
-//! The tables offboarded are those an administrator registered (`subject_register`,
-//! `vault_register_column`, `retention_set`) that have a text `tenant_id` column;
+//! The tables offboarded (`tables`) are those `tenant_protect` protects, by the
+//! column its policy tests, and those an administrator registered
+//! (`subject_register`, `vault_register_column`, `retention_set`) by their
+//! `tenant_id` column, a `text` or `varchar` one with a deterministic collation;
 //! their rows are read and deleted here, never by pgseald's own SQL, each statement
 //! limited to the tenant (`COLLATE "C"`, which no index on the column serves: the
 //! export and the count of rows left read every row, so that an index that misses a
-//! row cannot keep it from either), after the caller's privilege check, and run as
-//! the table's owner in a security-restricted operation, as `subjects` does. The
-//! deletes take only rows the export held, as it read them (`delete`).
+//! row cannot keep it from either), after the privilege checks of the caller and
+//! of the role that scheduled the offboarding, and run as the table's owner in a
+//! security-restricted operation, as `subjects` does. Where row-level security
+//! binds that owner, its policies must be exactly `tenant_protect`'s, which show
+//! the owner the tenant's rows and no fewer (`require_own_policies`). The
+//! deletes take only rows the export held, as it read them (`delete`). Tables
+//! with pgseal's policies that cannot be offboarded so (`org_protect`'s, and
+//! `tenant_protect`'s on another column type) are named in the receipt.
 //! Before the step after deleting is recorded, and again before the receipt, the
 //! tenant's rows left in those tables are counted (as each table's owner, under
 //! the tenant's context: `rows_left`); the receipt is refused while any row, data
@@ -71,6 +78,8 @@ fn tenant_offboard(
         let tenant = checked(tenant, "tenant_offboard")?;
         let grace = grace.ok_or(SealError::NullArgument("grace"))?;
         erase::lock_chain(&tenant)?;
+        // SAFETY: reads the backend's current user id; no preconditions.
+        let scheduler = unsafe { pg_sys::GetUserId() };
         let (due, due_text) = as_owner(|| -> SealResult<_> {
             if Spi::get_one_with_args::<bool>(
                 "SELECT $1::pg_catalog.interval OPERATOR(pg_catalog.<) '0'::pg_catalog.interval \
@@ -83,11 +92,11 @@ fn tenant_offboard(
                 ));
             }
             let row = Spi::get_two_with_args::<pgrx::datum::TimestampWithTimeZone, String>(
-                "INSERT INTO pgseal.tenant_offboardings (tenant_id, due_at) \
-                 VALUES ($1, pg_catalog.now() OPERATOR(pg_catalog.+) $2::pg_catalog.interval) \
+                "INSERT INTO pgseal.tenant_offboardings (tenant_id, due_at, scheduled_by) \
+                 VALUES ($1, pg_catalog.now() OPERATOR(pg_catalog.+) $2::pg_catalog.interval, $3::pg_catalog.oid::pg_catalog.regrole) \
                  ON CONFLICT (tenant_id) DO NOTHING \
                  RETURNING due_at, pg_catalog.to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-                &[tenant.as_str().into(), grace.into()],
+                &[tenant.as_str().into(), grace.into(), scheduler.into()],
             );
             match row {
                 Ok((Some(due), Some(text))) => Ok((due, text)),
@@ -182,30 +191,79 @@ fn require_step(tenant: &str, step: &str) -> SealResult<()> {
 struct Table {
     rel: pg_sys::Oid,
     owner: pg_sys::Oid,
+    /// The tenant column's number: the column the table's `pgseal_tenant` policy
+    /// tests where `tenant_protect` protects it, `tenant_id` otherwise; None when
+    /// that policy tests no single column (`lock` refuses it).
+    attnum: Option<i16>,
 }
 
-/// The registered plain or partitioned, permanent tables outside pgseal with a
-/// text `tenant_id` column (a partition only through its root), in name order.
+/// The plain and partitioned, permanent tables outside pgseal (a partition only
+/// through its root) whose tenant's rows an offboarding deletes, in name order:
+/// - those `tenant_protect` protects (a `pgseal_tenant` policy), by the column that
+///   policy tests, when it is a `text` or `varchar` one (`not_offboarded` names
+///   those of another type);
+/// - those an administrator registered (`subject_register`,
+///   `vault_register_column`, `retention_set`) with a `text` or `varchar`
+///   `tenant_id` column and no `pgseal_tenant` policy.
 fn tables() -> SealResult<Vec<Table>> {
     tables_of(
-                "SELECT c.oid, c.relowner \
+                "SELECT c.oid, c.relowner, COALESCE(pc.attnum, tc.attnum) \
                    FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                   LEFT JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) c.oid AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' \
+                   LEFT JOIN LATERAL (SELECT pg_catalog.min(d.refobjsubid)::pg_catalog.int2 AS attnum FROM pg_catalog.pg_depend d \
+                                       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
+                                         AND d.objid OPERATOR(pg_catalog.=) p.oid \
+                                         AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+                                         AND d.refobjid OPERATOR(pg_catalog.=) c.oid AND d.refobjsubid OPERATOR(pg_catalog.>) 0 \
+                                      HAVING pg_catalog.count(DISTINCT d.refobjsubid) OPERATOR(pg_catalog.=) 1) pc ON true \
+                   LEFT JOIN pg_catalog.pg_attribute tc ON tc.attrelid OPERATOR(pg_catalog.=) c.oid \
+                         AND tc.attname OPERATOR(pg_catalog.=) 'tenant_id' AND NOT tc.attisdropped \
+                         AND tc.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
                   WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition \
                     AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema') \
-                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
-                                 WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' \
-                                   AND NOT a.attisdropped \
-                                   AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)) \
-                    AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
-                         OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
-                         OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)) \
+                    AND CASE WHEN p.oid IS NOT NULL \
+                             THEN pc.attnum IS NULL \
+                                  OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+                                              WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.=) pc.attnum \
+                                                AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)) \
+                             ELSE tc.attnum IS NOT NULL \
+                                  AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
+                                       OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
+                                       OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)) END \
                   ORDER BY pg_catalog.format('%I.%I', n.nspname, c.relname)",
         &[],
     )
 }
 
-/// The tables `sql` names, as its rows (OID, owner), read as the extension owner.
+/// The tables with pgseal's policies that `tables()` leaves out, by name:
+/// `org_protect`'s (their policies show a tenant's rows only to its members, so
+/// no statement of the offboarding could find them all) and `tenant_protect`'s on
+/// a tenant column that is neither `text` nor `varchar`. The receipt names them.
+fn not_offboarded(offboarded: &[pg_sys::Oid]) -> SealResult<Vec<String>> {
+    Ok(as_owner(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) \
+                   FROM pg_catalog.pg_class c \
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition \
+                    AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema') \
+                    AND NOT c.oid OPERATOR(pg_catalog.=) ANY ($1) \
+                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid \
+                                   AND p.polname IN ('pgseal_tenant', 'pgseal_tenant_only', 'pgseal_owner')) \
+                  ORDER BY 1",
+                None,
+                &[offboarded.to_vec().into()],
+            )?
+            .map(|r| r.get::<String>(1).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        })
+    })?)
+}
+
+/// The tables `sql` names, as its rows (OID, owner, tenant column), read as the
+/// extension owner.
 fn tables_of(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Vec<Table>> {
     as_owner(|| {
         Spi::connect(|c| {
@@ -215,6 +273,7 @@ fn tables_of(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Vec<Ta
                 out.push(Table {
                     rel: r.get::<pg_sys::Oid>(1)?.ok_or_else(missing)?,
                     owner: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
+                    attnum: r.get::<i16>(3)?,
                 });
             }
             Ok::<_, SealError>(out)
@@ -222,30 +281,81 @@ fn tables_of(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Vec<Ta
     })
 }
 
+/// A table locked, with its name and its tenant column's, quoted, as they are
+/// once the lock is held, and the column's type.
+struct Locked {
+    name: String,
+    column: String,
+    varchar: bool,
+}
+
+impl Locked {
+    /// `<alias>.<tenant column> = $1`, the tenant, compared byte for byte.
+    fn tenant_is(&self, alias: &str) -> String {
+        format!(
+            "{alias}.{} COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+            self.column
+        )
+    }
+
+    /// The texts PostgreSQL prints (`pg_get_expr`, search_path pinned) for the
+    /// condition `tenant_protect` gives its policy on this column, as it writes it
+    /// without Citus and with it.
+    fn policy_texts(&self) -> Vec<String> {
+        [
+            "( SELECT pgseal.current_tenant() AS current_tenant)",
+            "pgseal.current_tenant()",
+        ]
+        .iter()
+        .map(|v| {
+            if self.varchar {
+                format!(
+                    "(({})::text = (({v})::character varying)::text)",
+                    self.column
+                )
+            } else {
+                format!("({} = {v})", self.column)
+            }
+        })
+        .collect()
+    }
+}
+
 impl Table {
     /// `lock`, then checks the table: no third role's code runs as its owner
     /// (`require_only_owners_code`), and the caller holds `privilege` on it
     /// (`denied` says which step needs it). Returns its name as it is now.
+    ///
+    /// The role that scheduled the tenant's offboarding must hold `privilege` on
+    /// it too (42501): pgseald's grants must not let an administrator who could not
+    /// read or delete a table's rows have them exported or deleted.
     fn lock_checked(
         &self,
+        tenant: &str,
         lockmode: u32,
         privilege: &str,
         denied: &'static str,
-    ) -> SealResult<String> {
-        let name = self.lock(lockmode)?;
+    ) -> SealResult<Locked> {
+        let locked = self.lock(lockmode)?;
         crate::privilege::require_only_owners_code(self.rel, self.owner, lockmode, &[])
             .and_then(|()| {
                 crate::subjects::require_table_access(self.rel, self.owner, privilege, denied)
             })
-            .map_err(|e| e.on_table(&name))?;
-        Ok(name)
+            .and_then(|()| require_scheduler_access(tenant, self.rel, privilege))
+            .and_then(|()| self.require_own_policies(&locked))
+            .map_err(|e| e.on_table(&locked.name))?;
+        Ok(locked)
     }
 
     /// Locks the table by its OID (`lockmode`), so that no rename or DROP moves its
-    /// name to another relation meanwhile, and returns its name as it is now, quoted
-    /// (the name `tables()` read may already name something else: a view put in its
-    /// place after a rename).
-    fn lock(&self, lockmode: u32) -> SealResult<String> {
+    /// name to another relation meanwhile, and returns its name and its tenant
+    /// column's as they are now, quoted (the names `tables()` read may already name
+    /// something else: a view put in its place after a rename, another column
+    /// renamed to the tenant column's name). Refused (55000) when the column is
+    /// no longer a `text` or `varchar` one, or its collation is not deterministic
+    /// (a row its policy shows the tenant would then not be found by the tenant's
+    /// id byte for byte, and be left behind).
+    fn lock(&self, lockmode: u32) -> SealResult<Locked> {
         let name = crate::privilege::pinned_name(self.rel, lockmode)?;
         // SAFETY: a syscache lookup of a locked relation's kind.
         let kind = unsafe { pg_sys::get_rel_relkind(self.rel) } as u8;
@@ -254,7 +364,86 @@ impl Table {
                 "an offboarded table was dropped or replaced meanwhile",
             ));
         }
-        Ok(name)
+        let attnum = self.attnum.ok_or_else(|| {
+            SealError::Refused(
+                "a table's pgseal_tenant policy is not tenant_protect's (it does not test one column): run pgseal.tenant_protect on it again",
+            )
+            .on_table(&name)
+        })?;
+        let column = as_owner(|| {
+            Spi::get_three_with_args::<String, bool, bool>(
+                "SELECT pg_catalog.quote_ident(a.attname::pg_catalog.text), \
+                        a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.varchar'::pg_catalog.regtype, \
+                        a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
+                          AND COALESCE((SELECT l.collisdeterministic FROM pg_catalog.pg_collation l \
+                                         WHERE l.oid OPERATOR(pg_catalog.=) a.attcollation), false) \
+                   FROM pg_catalog.pg_attribute a \
+                  WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attnum OPERATOR(pg_catalog.=) $2 AND NOT a.attisdropped",
+                &[self.rel.into(), attnum.into()],
+            )
+        });
+        match column {
+            Ok((Some(column), Some(varchar), Some(true))) => Ok(Locked {
+                name,
+                column,
+                varchar,
+            }),
+            Ok(_) | Err(pgrx::spi::Error::InvalidPosition) => Err(SealError::Refused(
+                "an offboarded table's tenant column was dropped or retyped meanwhile, or has a collation that is not deterministic",
+            )
+            .on_table(&name)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Refuses (55000) a table whose row-level security binds its owner (by whose
+    /// rights every statement here runs) through policies other than exactly the
+    /// one `tenant_protect` makes on the tenant column: permissive, for all
+    /// commands and roles, with its condition as `tenant_protect` writes it. Any
+    /// other could hide rows of the tenant from the export, the deletes and the
+    /// count of rows left, and the receipt would then stand over rows left.
+    fn require_own_policies(&self, locked: &Locked) -> SealResult<()> {
+        let foreign = as_table_owner(self.owner, || {
+            Spi::get_one_with_args::<bool>(
+                "SELECT pg_catalog.row_security_active($1) AND NOT COALESCE(( \
+                        SELECT pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 \
+                               AND pg_catalog.bool_and(p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' AND p.polpermissive \
+                                   AND p.polcmd OPERATOR(pg_catalog.=) '*' AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
+                                   AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                   AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2)) \
+                          FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1), false)",
+                &[self.rel.into(), locked.policy_texts().into()],
+            )
+        })?;
+        if foreign != Some(false) {
+            return Err(SealError::Refused(
+                "row-level security other than tenant_protect's binds an offboarded table's owner: the tenant's rows cannot all be found (run pgseal.tenant_protect on it again)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses (42501) unless the role that scheduled the tenant's offboarding
+/// (`tenant_offboardings.scheduled_by`) holds `privilege` on `rel`.
+fn require_scheduler_access(tenant: &str, rel: pg_sys::Oid, privilege: &str) -> SealResult<()> {
+    let ok = as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.has_table_privilege(o.scheduled_by::pg_catalog.oid, $2, $3) \
+               FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $1",
+            &[tenant.into(), rel.into(), privilege.into()],
+        )
+    });
+    match ok {
+        Ok(Some(true)) => Ok(()),
+        Ok(_) | Err(pgrx::spi::Error::InvalidPosition) => {
+            Err(SealError::Forbidden(if privilege == "DELETE" {
+                "the role that scheduled the offboarding needs DELETE on every offboarded table"
+            } else {
+                "the role that scheduled the offboarding needs SELECT on every offboarded table"
+            }))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -314,32 +503,24 @@ impl Table {
         extra: Vec<pgrx::datum::DatumWithOid>,
     ) -> SealResult<(i64, Option<String>)> {
         let t = self;
-        let name = t.lock(pg_sys::AccessShareLock)?;
+        let locked = t.lock(pg_sys::AccessShareLock)?;
+        let name = &locked.name;
         crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
-            .map_err(|e| e.on_table(&name))?;
+            .and_then(|()| t.require_own_policies(&locked))
+            .map_err(|e| e.on_table(name))?;
         as_table_owner(t.owner, || -> SealResult<(i64, Option<String>)> {
-            let other_policies = Spi::get_one_with_args::<bool>(
-                "SELECT pg_catalog.row_security_active($1) AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
-                   WHERE p.polrelid OPERATOR(pg_catalog.=) $1 AND p.polname OPERATOR(pg_catalog.<>) 'pgseal_tenant')",
-                &[t.rel.into()],
-            )?;
-            if other_policies != Some(false) {
-                return Err(SealError::Refused(
-                    "row-level security other than tenant_protect's binds an offboarded table's owner: the tenant's rows left cannot all be counted",
-                ));
-            }
             let mut args = vec![tenant.into()];
             args.extend(extra);
             let (rows, second) = Spi::get_two_with_args::<i64, String>(
                 &format!(
-                    "SELECT pg_catalog.count(*), ({second})::pg_catalog.text FROM {only} {name} x \
-                      WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text"
+                    "SELECT pg_catalog.count(*), ({second})::pg_catalog.text FROM {only} {name} x WHERE {}",
+                    locked.tenant_is("x")
                 ),
                 &args,
             )?;
             Ok((rows.unwrap_or(0), second))
         })
-        .map_err(|e| e.on_table(&name))
+        .map_err(|e| e.on_table(name))
     }
 }
 
@@ -350,10 +531,29 @@ fn tree_of(rel: pg_sys::Oid) -> SealResult<Vec<Table>> {
     tables_of(
                 "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
                    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
-                 SELECT t.rel, c.relowner FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
+                 SELECT t.rel, c.relowner, NULL::pg_catalog.int2 FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
                   WHERE c.relpersistence OPERATOR(pg_catalog.<>) 't'",
         &[rel.into()],
     )
+}
+
+impl Table {
+    /// This table and every permanent table under it (`tree_of`), each with its
+    /// own number of this table's tenant column (a partition's can differ).
+    fn members(&self) -> SealResult<Vec<Table>> {
+        tables_of(
+                "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
+                   UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
+                 SELECT t.rel, c.relowner, \
+                        (SELECT m.attnum FROM pg_catalog.pg_attribute m JOIN pg_catalog.pg_attribute r \
+                             ON r.attrelid OPERATOR(pg_catalog.=) $1 AND r.attnum OPERATOR(pg_catalog.=) $2 \
+                          WHERE m.attrelid OPERATOR(pg_catalog.=) t.rel AND m.attname OPERATOR(pg_catalog.=) r.attname \
+                            AND NOT m.attisdropped) \
+                   FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
+                  WHERE c.relpersistence OPERATOR(pg_catalog.<>) 't'",
+            &[self.rel.into(), self.attnum.unwrap_or(0).into()],
+        )
+    }
 }
 
 /// Starts the record of the tenant's export, in its transaction: no tables and no
@@ -635,11 +835,13 @@ impl ExportLines {
     /// Locks and checks table `t`, then opens the cursor over its tenant's rows as
     /// its owner.
     fn open_table(&self, t: &Table) -> SealResult<ExportStage> {
-        let name = t.lock_checked(
+        let locked = t.lock_checked(
+            &self.tenant,
             pg_sys::AccessShareLock,
             "SELECT",
             "_offboard_export needs SELECT on every offboarded table",
         )?;
+        let name = &locked.name;
         // The tree is locked now (no partition detached until the transaction
         // ends; one attached meanwhile is not read, and its rows get no keys): the
         // tables recorded are the tables read.
@@ -659,11 +861,11 @@ impl ExportLines {
         };
         let sql = format!(
             "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text, {} \
-               FROM {} AS _pgseal_row \
-              WHERE _pgseal_row.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+               FROM {} AS _pgseal_row WHERE {}",
             crate::privilege::row_image_sql(t.rel, "_pgseal_row")?,
             key,
-            name
+            name,
+            locked.tenant_is("_pgseal_row")
         );
         let cursor = as_table_owner(t.owner, || {
             open_cursor(&sql, &[self.tenant.as_str().into(), name.as_str().into()])
@@ -957,12 +1159,14 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                 ))
             })
         })?;
+        let offboarded: Vec<pg_sys::Oid> = tables()?.iter().map(|t| t.rel).collect();
         let receipt = json!({
             "export_file": file,
             "export_sha256": sha256,
             "deleted": deleted,
             "ledger_entries_erased": erased,
             "format_1_entries_kept": kept,
+            "protected_tables_not_offboarded": not_offboarded(&offboarded)?,
         });
         evidence::record(&tenant, "tenant.offboarded", receipt.clone())?;
         as_owner(|| {

@@ -49,7 +49,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         let mut names = Vec::with_capacity(tables.len());
         let mut trees = Vec::with_capacity(tables.len());
         for t in &tables {
-            names.push(checked_for_delete(t)?);
+            names.push(checked_for_delete(&tenant, t)?);
             trees.push(tree_of(t.rel)?.iter().map(|m| m.rel).collect::<Vec<_>>());
         }
         refuse_cascades_out(&trees)?;
@@ -87,16 +87,16 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             refuse_other_writes(&watched, &before, &deleted)?;
             let n: i64 = deleted.iter().map(|(_, n)| n).sum();
             if n > 0 {
-                super::count_deleted(&tenant, &names[i], n)?;
+                super::count_deleted(&tenant, &names[i].name, n)?;
                 return Ok(n);
             }
         }
         let mut left: Option<&Table> = None;
-        for (t, name) in tables.iter().zip(&names) {
-            if crate::pg::citus::manages(t.rel)? && !already_deleted_from(&tenant, name)? {
+        for (t, locked) in tables.iter().zip(&names) {
+            if crate::pg::citus::manages(t.rel)? && !already_deleted_from(&tenant, &locked.name)? {
                 // Recorded even when none was there, so that it runs once.
-                let n = t.delete_all(&tenant, name)?;
-                super::count_deleted(&tenant, name, n)?;
+                let n = t.delete_all(&tenant, locked)?;
+                super::count_deleted(&tenant, &locked.name, n)?;
                 if n > 0 {
                     return Ok(n);
                 }
@@ -323,8 +323,9 @@ fn export_tables(tenant: &str) -> SealResult<Vec<pg_sys::Oid>> {
 
 /// Locks `t`'s tree for the deletes and checks it (`Table::lock_checked`, with
 /// DELETE). Returns its name as it is now.
-fn checked_for_delete(t: &Table) -> SealResult<String> {
+fn checked_for_delete(tenant: &str, t: &Table) -> SealResult<super::Locked> {
     t.lock_checked(
+        tenant,
         pg_sys::RowExclusiveLock,
         "DELETE",
         "_offboard_delete needs DELETE on every offboarded table",
@@ -332,7 +333,8 @@ fn checked_for_delete(t: &Table) -> SealResult<String> {
 }
 
 /// Refuses (55000, naming it) a table outside the offboarded tables' trees with a
-/// text `tenant_id` column (one an administrator can register) that a chain of
+/// text `tenant_id` column (one an administrator can register) or pgseal's
+/// policies (one `tenant_protect` or `org_protect` protects) that a chain of
 /// foreign keys ON DELETE CASCADE reaches from one of them (directly, or through
 /// tables without such a column): the deletes would take its rows unexported. A
 /// table without one cannot be offboarded itself; its rows go with the rows they
@@ -360,6 +362,8 @@ fn refuse_cascades_out(trees: &[Vec<pg_sys::Oid>]) -> SealResult<()> {
                                        AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
                                        AND t.relpersistence OPERATOR(pg_catalog.<>) 't' \
                                        AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema')) \
+                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) r.rel \
+                                       AND p.polname IN ('pgseal_tenant', 'pgseal_tenant_only', 'pgseal_owner')) \
                       ORDER BY 1 LIMIT 1)",
             &[members.into()],
         )
@@ -387,10 +391,12 @@ impl Table {
     fn delete_exported(
         &self,
         tenant: &str,
-        name: &str,
+        locked: &super::Locked,
         keys: Vec<Vec<u8>>,
         horizon: i64,
     ) -> SealResult<Vec<(pg_sys::Oid, i64)>> {
+        let name = &locked.name;
+        let tenant_is = locked.tenant_is("x");
         let places = keys
             .iter()
             .map(|k| exported::place_of(k))
@@ -400,7 +406,7 @@ impl Table {
             "WITH d AS (DELETE FROM {name} AS x \
                          WHERE x.ctid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[]::pg_catalog.tid[]) \
                            AND {key} OPERATOR(pg_catalog.=) ANY ($3::pg_catalog.bytea[]) \
-                           AND x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+                           AND {tenant_is} \
                            AND (((x.xmin::pg_catalog.text::pg_catalog.int8 OPERATOR(pg_catalog.-) $4) \
                                  OPERATOR(pg_catalog.%) 4294967296 OPERATOR(pg_catalog.+) 4294967296) \
                                 OPERATOR(pg_catalog.%) 4294967296) OPERATOR(pg_catalog.>=) \
@@ -438,12 +444,12 @@ impl Table {
     /// place and inserting transaction are another node's, so the export could
     /// record no key for them, and a row changed after the export is deleted as it
     /// is (docs/SCALING.md says so).
-    fn delete_all(&self, tenant: &str, name: &str) -> SealResult<i64> {
+    fn delete_all(&self, tenant: &str, locked: &super::Locked) -> SealResult<i64> {
         let sql = format!(
-            "WITH d AS (DELETE FROM {name} AS x \
-                         WHERE x.tenant_id COLLATE pg_catalog.\"C\" OPERATOR(pg_catalog.=) $1::pg_catalog.text \
-                        RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d"
+            "WITH d AS (DELETE FROM {} AS x WHERE {} RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM d",
+            locked.name,
+            locked.tenant_is("x")
         );
         Ok(as_table_owner(self.owner, || {
             Spi::get_one_with_args::<i64>(&sql, &[tenant.into()])
@@ -454,7 +460,7 @@ impl Table {
     /// The name of the first table of this tree that holds rows of the tenant
     /// itself (the tree's root when none does alone).
     fn holding(&self, tenant: &str) -> SealResult<String> {
-        for m in tree_of(self.rel)? {
+        for m in self.members()? {
             // SAFETY: a syscache lookup of a locked relation's kind.
             let kind = unsafe { pg_sys::get_rel_relkind(m.rel) } as u8;
             if kind == pg_sys::RELKIND_FOREIGN_TABLE || m.rows_of_only(tenant)? > 0 {

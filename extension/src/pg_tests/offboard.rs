@@ -598,22 +598,220 @@ mod tests {
     }
 
     #[pg_test]
-    fn only_registered_tables_are_offboarded() {
-        // A table protected by pgseal's policies, or with a policy named like
-        // pgseal's, but registered by no administrator, is not touched.
+    fn protected_and_registered_tables_are_offboarded_and_no_other() {
+        // tenant_protect's tables are offboarded by the column their policy tests
+        // (here a varchar `org`, beside a `tenant_id` that is not the tenant's); a
+        // table with a policy named like pgseal's but none of pgseal's, and no
+        // registration, is not touched; tables with pgseal's policies that cannot
+        // be offboarded (org_protect's; tenant_protect's on a uuid column) are
+        // named in the receipt and do not stop the offboarding.
         run("CREATE TABLE public.off_unregistered (tenant_id text NOT NULL, note text)");
         run("CREATE POLICY pgseal_lookalike ON public.off_unregistered USING (true)");
+        run("CREATE TABLE public.off_protected (org varchar(40) NOT NULL, tenant_id text, note text)");
+        run("SELECT pgseal.tenant_protect('public.off_protected', 'org')");
+        run("CREATE TABLE public.off_uuid (tenant uuid NOT NULL, note text)");
+        run("SELECT pgseal.tenant_protect('public.off_uuid', 'tenant')");
+        run("CREATE TABLE public.off_org (tenant_id text NOT NULL, owner_id text, org_id text, note text)");
+        run("SELECT pgseal.org_protect('public.off_org', 'owner_id', 'org_id')");
         tenant_data("off-only");
         run("INSERT INTO public.off_unregistered VALUES ('off-only', 'kept')");
+        run("INSERT INTO public.off_protected VALUES ('off-only', NULL, 'gone 1'), ('off-only', 'x', 'gone 2')");
+        tenant("off-other");
+        run("INSERT INTO public.off_protected VALUES ('off-other', 'off-only', 'kept: another tenant''s row')");
+        tenant("off-only");
         run("SELECT pgseal.tenant_offboard('off-only', '0')");
         let export: String =
             one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-only') l");
         assert!(!export.contains("off_unregistered"), "{export}");
-        exported("off-only");
+        assert_eq!(
+            export
+                .matches("\"table\": \"public.off_protected\"")
+                .count(),
+            2,
+            "{export}"
+        );
+        assert!(!export.contains("another tenant"), "{export}");
+        run("SELECT pgseal._offboard_advance('off-only', 'scheduled', 'exported', '/x', repeat('a', 64))");
         while one::<i64>("SELECT pgseal._offboard_delete('off-only', 10)") > 0 {}
         assert_eq!(
             one::<i64>("SELECT count(*) FROM public.off_unregistered"),
             1
+        );
+        run("SET LOCAL row_security = off");
+        assert_eq!(
+            one::<String>("SELECT string_agg(org || '/' || note, ',') FROM public.off_protected"),
+            "off-other/kept: another tenant's row"
+        );
+        run("RESET row_security");
+        assert_eq!(
+            one::<i64>(
+                "SELECT (deleted ->> 'public.off_protected')::int8 FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-only'"
+            ),
+            2
+        );
+        run("SELECT pgseal._offboard_advance('off-only', 'exported', 'deleted')");
+        run("SELECT pgseal.tenant_shred('off-only')");
+        run("SELECT pgseal._offboard_advance('off-only', 'deleted', 'shredded')");
+        drain("SELECT pgseal._offboard_erase('off-only', 100)");
+        run("SELECT pgseal._offboard_advance('off-only', 'shredded', 'erased')");
+        let receipt: pgrx::JsonB = one("SELECT pgseal._offboard_finish('off-only')");
+        assert_eq!(
+            receipt.0["protected_tables_not_offboarded"],
+            serde_json::json!(["public.off_org", "public.off_uuid"]),
+            "{}",
+            receipt.0
+        );
+    }
+
+    /// Table `public.<table>`, which `tenant_protect` protects by `org`, owned by
+    /// role off_pol_owner (made if missing), which its policies bind, with one
+    /// row of `t` and its offboarding scheduled.
+    fn protected_table(t: &str, table: &str) {
+        run("DO $$ BEGIN CREATE ROLE off_pol_owner; EXCEPTION WHEN duplicate_object THEN NULL; END $$");
+        run(&format!(
+            "CREATE TABLE public.{table} (org text NOT NULL, note text)"
+        ));
+        run(&format!(
+            "ALTER TABLE public.{table} OWNER TO off_pol_owner"
+        ));
+        run(&format!(
+            "SELECT pgseal.tenant_protect('public.{table}', 'org')"
+        ));
+        tenant(t);
+        run(&format!(
+            "INSERT INTO public.{table} VALUES ('{t}', 'hidden')"
+        ));
+        run(&format!("SELECT pgseal.tenant_offboard('{t}', '0')"));
+    }
+
+    #[pg_test]
+    fn a_protected_tables_policy_that_could_hide_rows_stops_the_offboarding() {
+        // Each way a table's owner (or anyone who can change its policies) could
+        // hide the tenant's row from the owner, by whose rights the export, the
+        // deletes and the count of rows left run: the export refuses (55000), and
+        // nothing is deleted.
+        let ways = [
+            "ALTER POLICY pgseal_tenant ON public.off_pol USING (false)",
+            "ALTER POLICY pgseal_tenant ON public.off_pol USING (org = pgseal.current_tenant() AND note <> 'hidden')",
+            "ALTER POLICY pgseal_tenant ON public.off_pol WITH CHECK (true)",
+            "ALTER POLICY pgseal_tenant ON public.off_pol TO pgseal_admin",
+            "CREATE POLICY hide ON public.off_pol AS RESTRICTIVE USING (note <> 'hidden')",
+            "DROP POLICY pgseal_tenant ON public.off_pol; \
+             CREATE POLICY pgseal_tenant ON public.off_pol AS RESTRICTIVE USING (org = (SELECT pgseal.current_tenant())) \
+             WITH CHECK (org = (SELECT pgseal.current_tenant()))",
+            "DROP POLICY pgseal_tenant ON public.off_pol; \
+             CREATE POLICY pgseal_tenant ON public.off_pol FOR SELECT USING (org = (SELECT pgseal.current_tenant()))",
+        ];
+        for (i, way) in ways.iter().enumerate() {
+            let t = format!("off-pol-{i}");
+            let table = format!("off_pol_{i}");
+            protected_table(&t, &table);
+            run(&way.replace("public.off_pol", &format!("public.{table}")));
+            let q = format!("SELECT count(*) FROM pgseal._offboard_export('{t}')");
+            assert_eq!(sqlstate(&q), "55000", "{way}");
+            let msg: String = one(&format!(
+                "SELECT tests.error_text_of({})",
+                pgrx::spi::quote_literal(&q)
+            ));
+            assert!(
+                msg.contains(&format!("(table public.{table})")),
+                "{way}: {msg}"
+            );
+            tenant(&t);
+            run("SET LOCAL row_security = off");
+            assert_eq!(
+                one::<i64>(&format!("SELECT count(*) FROM public.{table}")),
+                1
+            );
+            run("RESET row_security");
+            // Until it is fixed, such a table stops every offboarding.
+            run(&format!("DROP TABLE public.{table}"));
+        }
+        // Changed after the export: the count of rows left refuses the step, so
+        // no receipt stands over the row.
+        protected_table("off-pol-late", "off_pol");
+        exported("off-pol-late");
+        assert_eq!(
+            drain("SELECT pgseal._offboard_delete('off-pol-late', 10)"),
+            1
+        );
+        run("INSERT INTO public.off_pol VALUES ('off-pol-late', 'written after the deletes')");
+        run("ALTER POLICY pgseal_tenant ON public.off_pol USING (org = pgseal.current_tenant() AND note <> 'written after the deletes')");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_advance('off-pol-late', 'exported', 'deleted')"),
+            "55000"
+        );
+        assert_eq!(step("off-pol-late"), "exported");
+    }
+
+    #[pg_test]
+    fn a_protected_table_re_protected_is_offboarded() {
+        // The same table with tenant_protect's policy as it makes it is offboarded
+        // (the policies' exact form is recognised on this server's version).
+        protected_table("off-pol-ok", "off_pol");
+        exported("off-pol-ok");
+        drain("SELECT pgseal._offboard_delete('off-pol-ok', 10)");
+        run("SELECT pgseal._offboard_advance('off-pol-ok', 'exported', 'deleted')");
+        assert_eq!(step("off-pol-ok"), "deleted");
+        run("SET LOCAL row_security = off");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_pol"), 0);
+    }
+
+    #[pg_test]
+    fn the_scheduler_needs_delete_on_every_offboarded_table() {
+        // An administrator who cannot delete a protected table's rows cannot have
+        // them deleted through pgseald's grants (here the superuser's, who holds
+        // DELETE) by scheduling the tenant's offboarding.
+        run("CREATE ROLE off_sched IN ROLE pgseal_admin");
+        run("CREATE TABLE public.off_sched_t (tenant_id text NOT NULL, note text)");
+        run("SELECT pgseal.tenant_protect('public.off_sched_t')");
+        run("GRANT SELECT ON public.off_sched_t TO off_sched");
+        tenant("off-sched-t");
+        run("INSERT INTO public.off_sched_t VALUES ('off-sched-t', 'kept')");
+        run("SET LOCAL ROLE off_sched");
+        run("SELECT pgseal.tenant_offboard('off-sched-t', '0')");
+        run("RESET ROLE");
+        exported("off-sched-t");
+        let q = "SELECT pgseal._offboard_delete('off-sched-t', 10)";
+        assert_eq!(sqlstate(q), "42501");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(
+            msg.contains("scheduled the offboarding needs DELETE on every offboarded table (table public.off_sched_t)"),
+            "{msg}"
+        );
+        run("SET LOCAL row_security = off");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_sched_t"), 1);
+        run("RESET row_security");
+        // Granted, the same offboarding goes on.
+        run("GRANT DELETE ON public.off_sched_t TO off_sched");
+        assert_eq!(one::<i64>(q), 1);
+    }
+
+    #[pg_test]
+    fn a_tenant_column_whose_collation_is_not_deterministic_stops_the_offboarding() {
+        // Under a case-insensitive collation the policy shows tenant 'off-ci' the
+        // row of 'OFF-CI' too, which no byte-for-byte statement would find. Where
+        // the server has no ICU (no such collation can be made) there is nothing
+        // to refuse.
+        if sqlstate("CREATE COLLATION public.off_ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
+            != "00000"
+        {
+            assert!(!one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_collation WHERE NOT collisdeterministic)"
+            ));
+            return;
+        }
+        run("CREATE TABLE public.off_ci_t (tenant_id text COLLATE public.off_ci NOT NULL, note text)");
+        run("SELECT pgseal.tenant_protect('public.off_ci_t')");
+        tenant("off-ci");
+        run("INSERT INTO public.off_ci_t VALUES ('OFF-CI', 'the tenant sees it')");
+        run("SELECT pgseal.tenant_offboard('off-ci', '0')");
+        assert_eq!(
+            sqlstate("SELECT count(*) FROM pgseal._offboard_export('off-ci')"),
+            "55000"
         );
     }
 
@@ -1206,9 +1404,11 @@ mod tests {
         tenant("off-rls");
         run("INSERT INTO public.off_rls VALUES ('hidden', 'off-rls')");
         run("SELECT pgseal.tenant_offboard('off-rls', '0')");
-        exported("off-rls");
+        // Refused at the export already (and by the count of rows left, which
+        // `a_protected_tables_policy_that_could_hide_rows_stops_the_offboarding`
+        // reaches past the export).
         assert_eq!(
-            sqlstate("SELECT pgseal._offboard_advance('off-rls', 'exported', 'deleted')"),
+            sqlstate("SELECT count(*) FROM pgseal._offboard_export('off-rls')"),
             "55000"
         );
     }
