@@ -2150,6 +2150,7 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
     let cc = CitusCluster::start("citus-offboard");
     let mut c = cc.coordinator.connect();
     distributed_pgseal(&mut c);
+    c.batch_execute("CREATE ROLE notes_owner LOGIN").unwrap();
     c.batch_execute(
         "CREATE TABLE users (id text, tenant_id text NOT NULL, email text, PRIMARY KEY (tenant_id, id));
          SELECT create_distributed_table('users', 'tenant_id');
@@ -2158,7 +2159,12 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
          CREATE TABLE plans (id text PRIMARY KEY, tenant_id text NOT NULL, name text);
          SELECT create_reference_table('plans');
          SELECT pgseal.subject_register('plans', 'id');
+         CREATE TABLE notes (tenant_id text NOT NULL, body text);   -- protected, not registered
+         ALTER TABLE notes OWNER TO notes_owner;   -- bound by the policies: their Citus form is recognised
+         SELECT create_distributed_table('notes', 'tenant_id');
+         SELECT pgseal.tenant_protect('notes');
          SET app.tenant_id = 'acme';
+         INSERT INTO notes SELECT 'acme', 'note ' || g FROM generate_series(1, 3) g;
          INSERT INTO users SELECT 'u' || g, 'acme', 'u' || g || '@acme.example' FROM generate_series(1, 250) g;
          INSERT INTO plans VALUES ('p-acme', 'acme', 'gold');
          SELECT pgseal.ledger_append('order.paid', jsonb_build_object('n', g), NULL, ARRAY['u1'])
@@ -2166,6 +2172,7 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
          SET app.tenant_id = 'globex';
          INSERT INTO users SELECT 'u' || g, 'globex', 'u' || g || '@globex.example' FROM generate_series(1, 40) g;
          INSERT INTO plans VALUES ('p-globex', 'globex', 'silver');
+         INSERT INTO notes VALUES ('globex', 'kept');
          RESET app.tenant_id;
          SELECT pgseal.tenant_offboard('acme', '0');",
     )
@@ -2212,17 +2219,23 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
         1,
         "{out}"
     );
+    assert_eq!(
+        export.matches("\"table\": \"public.notes\"").count(),
+        3,
+        "{out}"
+    );
     assert!(!export.contains("globex"), "{export}");
     let left = |c: &mut postgres::Client, t: &str| {
         pgseal_tests::count(
             c,
             &format!(
-                "SELECT (SELECT count(*) FROM users WHERE tenant_id = '{t}') + (SELECT count(*) FROM plans WHERE tenant_id = '{t}')"
+                "SELECT (SELECT count(*) FROM users WHERE tenant_id = '{t}') + (SELECT count(*) FROM plans WHERE tenant_id = '{t}') \
+                      + (SELECT count(*) FROM notes WHERE tenant_id = '{t}')"
             ),
         )
     };
     assert_eq!(left(&mut c, "acme"), 0);
-    assert_eq!(left(&mut c, "globex"), 40);
+    assert_eq!(left(&mut c, "globex"), 41);
     let (ok, erased): (bool, i64) = {
         let r = c
             .query_one("SELECT ok, erased FROM pgseal.ledger_verify('acme')", &[])

@@ -56,7 +56,7 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
          CREATE TABLE orders (id bigint PRIMARY KEY, tenant_id text NOT NULL, buyer text, total numeric);
          SELECT pgseal.subject_register('orders', 'buyer');
          SELECT pgseal.tenant_protect('orders');
-         CREATE TABLE scratch (tenant_id text, note text);   -- protected, not registered: kept
+         CREATE TABLE scratch (tenant_id text, note text);   -- protected, not registered: offboarded too
          SELECT pgseal.tenant_protect('scratch');
          SET app.tenant_id = 'acme';
          INSERT INTO users SELECT 'u' || g, 'acme', 'u' || g || '@acme.example', pgseal.vault_seal('tok-' || g, 'users.token')
@@ -154,7 +154,7 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
             &mut c,
             "SELECT count(*) FROM scratch WHERE tenant_id = 'acme'"
         ),
-        1
+        0
     );
     // The keys: acme's shredded, globex's values still decrypt.
     assert_eq!(
@@ -183,6 +183,12 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
         .get(0);
     assert_eq!(receipt["deleted"]["public.users"], 7, "{receipt}");
     assert_eq!(receipt["deleted"]["public.orders"], 11, "{receipt}");
+    assert_eq!(receipt["deleted"]["public.scratch"], 1, "{receipt}");
+    assert_eq!(
+        receipt["protected_tables_not_offboarded"],
+        serde_json::json!([]),
+        "{receipt}"
+    );
     // It names the export file and its SHA-256, which the file on disk has.
     let file = receipt["export_file"].as_str().unwrap();
     let bytes = std::fs::read(file).unwrap();
