@@ -2163,8 +2163,13 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
          ALTER TABLE notes OWNER TO notes_owner;   -- bound by the policies: their Citus form is recognised
          SELECT create_distributed_table('notes', 'tenant_id');
          SELECT pgseal.tenant_protect('notes');
+         CREATE TABLE memos (tenant_id varchar(64) NOT NULL, body text);   -- the same on varchar
+         ALTER TABLE memos OWNER TO notes_owner;
+         SELECT create_distributed_table('memos', 'tenant_id');
+         SELECT pgseal.tenant_protect('memos');
          SET app.tenant_id = 'acme';
          INSERT INTO notes SELECT 'acme', 'note ' || g FROM generate_series(1, 3) g;
+         INSERT INTO memos VALUES ('acme', 'memo');
          INSERT INTO users SELECT 'u' || g, 'acme', 'u' || g || '@acme.example' FROM generate_series(1, 250) g;
          INSERT INTO plans VALUES ('p-acme', 'acme', 'gold');
          SELECT pgseal.ledger_append('order.paid', jsonb_build_object('n', g), NULL, ARRAY['u1'])
@@ -2224,13 +2229,18 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
         3,
         "{out}"
     );
+    assert_eq!(
+        export.matches("\"table\": \"public.memos\"").count(),
+        1,
+        "{out}"
+    );
     assert!(!export.contains("globex"), "{export}");
     let left = |c: &mut postgres::Client, t: &str| {
         pgseal_tests::count(
             c,
             &format!(
                 "SELECT (SELECT count(*) FROM users WHERE tenant_id = '{t}') + (SELECT count(*) FROM plans WHERE tenant_id = '{t}') \
-                      + (SELECT count(*) FROM notes WHERE tenant_id = '{t}')"
+                      + (SELECT count(*) FROM notes WHERE tenant_id = '{t}') + (SELECT count(*) FROM memos WHERE tenant_id = '{t}')"
             ),
         )
     };

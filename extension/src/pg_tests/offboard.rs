@@ -667,9 +667,14 @@ mod tests {
     /// role off_pol_owner (made if missing), which its policies bind, with one
     /// row of `t` and its offboarding scheduled.
     fn protected_table(t: &str, table: &str) {
+        protected_table_of(t, table, "text");
+    }
+
+    /// `protected_table`, its tenant column of type `column_type`.
+    fn protected_table_of(t: &str, table: &str, column_type: &str) {
         run("DO $$ BEGIN CREATE ROLE off_pol_owner; EXCEPTION WHEN duplicate_object THEN NULL; END $$");
         run(&format!(
-            "CREATE TABLE public.{table} (org text NOT NULL, note text)"
+            "CREATE TABLE public.{table} (org {column_type} NOT NULL, note text)"
         ));
         run(&format!(
             "ALTER TABLE public.{table} OWNER TO off_pol_owner"
@@ -747,14 +752,28 @@ mod tests {
     #[pg_test]
     fn a_protected_table_re_protected_is_offboarded() {
         // The same table with tenant_protect's policy as it makes it is offboarded
-        // (the policies' exact form is recognised on this server's version).
-        protected_table("off-pol-ok", "off_pol");
-        exported("off-pol-ok");
-        drain("SELECT pgseal._offboard_delete('off-pol-ok', 10)");
-        run("SELECT pgseal._offboard_advance('off-pol-ok', 'exported', 'deleted')");
-        assert_eq!(step("off-pol-ok"), "deleted");
-        run("SET LOCAL row_security = off");
-        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_pol"), 0);
+        // (the policies' exact form is recognised on this server's version), on
+        // a text and on a varchar column, by an owner the policies bind.
+        for (i, column_type) in ["text", "varchar(40)"].iter().enumerate() {
+            let t = format!("off-pol-ok-{i}");
+            let table = format!("off_pol_ok_{i}");
+            protected_table_of(&t, &table, column_type);
+            exported(&t);
+            assert_eq!(
+                drain(&format!("SELECT pgseal._offboard_delete('{t}', 10)")),
+                1
+            );
+            run(&format!(
+                "SELECT pgseal._offboard_advance('{t}', 'exported', 'deleted')"
+            ));
+            assert_eq!(step(&t), "deleted");
+            run("SET LOCAL row_security = off");
+            assert_eq!(
+                one::<i64>(&format!("SELECT count(*) FROM public.{table}")),
+                0
+            );
+            run("RESET row_security");
+        }
     }
 
     #[pg_test]
