@@ -63,6 +63,11 @@ fn checked(tenant: Option<&str>, what: &'static str) -> SealResult<String> {
     }
     crate::ledger::access::require_admin(what)?;
     crate::pg::xact::require_read_write(what)?;
+    // Not from a table owner's code that a step runs (a trigger on an offboarded
+    // table): the offboarding's record would name pgseald's session.
+    crate::privilege::require_no_table_owner_code(
+        "an offboarding function cannot be called from a table owner's code that pgseal runs",
+    )?;
     Ok(tenant.to_owned())
 }
 
@@ -77,6 +82,23 @@ fn tenant_offboard(
     (|| {
         let tenant = checked(tenant, "tenant_offboard")?;
         let grace = grace.ok_or(SealError::NullArgument("grace"))?;
+        // The role scheduling it needs what the steps will need of it on every
+        // table offboarded now (42501, naming the table): told now, not when due.
+        for t in tables()? {
+            let name = crate::privilege::pinned_name(t.rel, pg_sys::AccessShareLock)?;
+            for privilege in ["SELECT", "DELETE"] {
+                let ok = Spi::get_one_with_args::<bool>(
+                    "SELECT pg_catalog.has_table_privilege($1, $2)",
+                    &[t.rel.into(), privilege.into()],
+                )?;
+                if ok != Some(true) {
+                    return Err(SealError::Forbidden(
+                        "scheduling an offboarding needs SELECT and DELETE on every table it offboards",
+                    )
+                    .on_table(&name));
+                }
+            }
+        }
         erase::lock_chain(&tenant)?;
         // SAFETY: reads the backend's current user id; no preconditions.
         let scheduler = unsafe { pg_sys::GetUserId() };
@@ -197,69 +219,111 @@ struct Table {
     attnum: Option<i16>,
 }
 
-/// The plain and partitioned, permanent tables outside pgseal (a partition only
-/// through its root) whose tenant's rows an offboarding deletes, in name order:
-/// - those `tenant_protect` protects (a `pgseal_tenant` policy), by the column that
-///   policy tests, when it is a `text` or `varchar` one (`not_offboarded` names
-///   those of another type);
-/// - those an administrator registered (`subject_register`,
-///   `vault_register_column`, `retention_set`) with a `text` or `varchar`
-///   `tenant_id` column and no `pgseal_tenant` policy.
+/// The catalog's candidates for offboarding (`tables`), as a CTE `cand(oid,
+/// owner, attnum, protected, name)` over the plain and partitioned, permanent
+/// tables outside pgseal: those with a `pgseal_tenant` policy (`tenant_protect`'s;
+/// `attnum` the one column it tests, or NULL), at any level of a partition or
+/// inheritance tree, and those registered (`subject_register`,
+/// `vault_register_column`, `retention_set`) with a `text` or `varchar`
+/// `tenant_id` column and no such policy (a partition only through its root).
+/// Then `anc(child, parent)`: every ancestor of every table.
+const CANDIDATES: &str = "\
+WITH RECURSIVE cand AS ( \
+    SELECT c.oid, c.relowner AS owner, \
+           CASE WHEN p.oid IS NOT NULL THEN pc.attnum ELSE tc.attnum END AS attnum, \
+           p.oid IS NOT NULL AS protected, pg_catalog.format('%I.%I', n.nspname, c.relname) AS name \
+      FROM pg_catalog.pg_class c \
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+      LEFT JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) c.oid AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' \
+      LEFT JOIN LATERAL (SELECT pg_catalog.min(d.refobjsubid)::pg_catalog.int2 AS attnum FROM pg_catalog.pg_depend d \
+                          WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
+                            AND d.objid OPERATOR(pg_catalog.=) p.oid \
+                            AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+                            AND d.refobjid OPERATOR(pg_catalog.=) c.oid AND d.refobjsubid OPERATOR(pg_catalog.>) 0 \
+                         HAVING pg_catalog.count(DISTINCT d.refobjsubid) OPERATOR(pg_catalog.=) 1) pc ON true \
+      LEFT JOIN pg_catalog.pg_attribute tc ON tc.attrelid OPERATOR(pg_catalog.=) c.oid \
+            AND tc.attname OPERATOR(pg_catalog.=) 'tenant_id' AND NOT tc.attisdropped \
+            AND tc.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
+     WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' \
+       AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema') \
+       AND (p.oid IS NOT NULL \
+            OR (NOT c.relispartition AND tc.attnum IS NOT NULL \
+                AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
+                     OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
+                     OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid))))), \
+anc(child, parent) AS ( \
+    SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i \
+    UNION SELECT a.child, i.inhparent FROM anc a JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) a.parent) ";
+
+/// Whether candidate `c` can be offboarded: not protected, or protected by a
+/// `text` or `varchar` column (or by a policy that tests no single column, which
+/// `lock` refuses, naming it).
+const OFFBOARDABLE: &str = "\
+(NOT c.protected OR c.attnum IS NULL \
+ OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.=) c.attnum AND NOT a.attisdropped \
+               AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)))";
+
+/// The tables whose tenant's rows an offboarding deletes, in name order: the
+/// offboardable `CANDIDATES` below no offboardable candidate (a table and the tables
+/// under it are read and deleted from through it; a protected partition whose root
+/// is neither protected nor registered on its own).
+/// - `tenant_protect`'s by the column its policy tests (`not_offboarded` names
+///   those on a column of another type);
+/// - registered ones by `tenant_id`.
 fn tables() -> SealResult<Vec<Table>> {
     tables_of(
-                "SELECT c.oid, c.relowner, COALESCE(pc.attnum, tc.attnum) \
-                   FROM pg_catalog.pg_class c \
-                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-                   LEFT JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) c.oid AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' \
-                   LEFT JOIN LATERAL (SELECT pg_catalog.min(d.refobjsubid)::pg_catalog.int2 AS attnum FROM pg_catalog.pg_depend d \
-                                       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
-                                         AND d.objid OPERATOR(pg_catalog.=) p.oid \
-                                         AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
-                                         AND d.refobjid OPERATOR(pg_catalog.=) c.oid AND d.refobjsubid OPERATOR(pg_catalog.>) 0 \
-                                      HAVING pg_catalog.count(DISTINCT d.refobjsubid) OPERATOR(pg_catalog.=) 1) pc ON true \
-                   LEFT JOIN pg_catalog.pg_attribute tc ON tc.attrelid OPERATOR(pg_catalog.=) c.oid \
-                         AND tc.attname OPERATOR(pg_catalog.=) 'tenant_id' AND NOT tc.attisdropped \
-                         AND tc.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
-                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition \
-                    AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema') \
-                    AND CASE WHEN p.oid IS NOT NULL \
-                             THEN pc.attnum IS NULL \
-                                  OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a \
-                                              WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.=) pc.attnum \
-                                                AND a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)) \
-                             ELSE tc.attnum IS NOT NULL \
-                                  AND (EXISTS (SELECT 1 FROM pgseal.subject_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
-                                       OR EXISTS (SELECT 1 FROM pgseal.sealed_columns x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid) \
-                                       OR EXISTS (SELECT 1 FROM pgseal.retention_rules x WHERE x.rel::pg_catalog.oid OPERATOR(pg_catalog.=) c.oid)) END \
-                  ORDER BY pg_catalog.format('%I.%I', n.nspname, c.relname)",
+        &format!(
+            "{CANDIDATES} \
+             SELECT c.oid, c.owner, c.attnum FROM cand c \
+              WHERE {OFFBOARDABLE} \
+                AND NOT EXISTS (SELECT 1 FROM anc a JOIN cand p ON p.oid OPERATOR(pg_catalog.=) a.parent \
+                                 WHERE a.child OPERATOR(pg_catalog.=) c.oid \
+                                   AND (NOT p.protected OR p.attnum IS NULL \
+                                        OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a2 \
+                                                    WHERE a2.attrelid OPERATOR(pg_catalog.=) p.oid AND a2.attnum OPERATOR(pg_catalog.=) p.attnum \
+                                                      AND NOT a2.attisdropped \
+                                                      AND a2.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype)))) \
+              ORDER BY c.name"
+        ),
         &[],
     )
 }
 
-/// The tables with pgseal's policies that `tables()` leaves out, by name:
-/// `org_protect`'s (their policies show a tenant's rows only to its members, so
-/// no statement of the offboarding could find them all) and `tenant_protect`'s on
-/// a tenant column that is neither `text` nor `varchar`. The receipt names them.
+/// The tables with pgseal's policies that no offboarded table (`offboarded`)
+/// covers, named as the receipt shows them: `org_protect`'s (their policies show a
+/// tenant's rows only to its members, so no statement of the offboarding could
+/// find them all), `tenant_protect`'s on a tenant column that is neither `text`
+/// nor `varchar`, and partitions or children of either kind under no offboarded
+/// table.
 fn not_offboarded(offboarded: &[pg_sys::Oid]) -> SealResult<Vec<String>> {
-    Ok(as_owner(|| {
+    let rels = as_owner(|| {
         Spi::connect(|c| {
             c.select(
-                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) \
-                   FROM pg_catalog.pg_class c \
+                "WITH RECURSIVE anc(child, parent) AS ( \
+                     SELECT i.inhrelid, i.inhparent FROM pg_catalog.pg_inherits i \
+                     UNION SELECT a.child, i.inhparent FROM anc a JOIN pg_catalog.pg_inherits i ON i.inhrelid OPERATOR(pg_catalog.=) a.parent) \
+                 SELECT c.oid FROM pg_catalog.pg_class c \
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' AND NOT c.relispartition \
+                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence OPERATOR(pg_catalog.<>) 't' \
                     AND n.nspname NOT IN ('pgseal', 'pg_catalog', 'information_schema') \
                     AND NOT c.oid OPERATOR(pg_catalog.=) ANY ($1) \
+                    AND NOT EXISTS (SELECT 1 FROM anc a WHERE a.child OPERATOR(pg_catalog.=) c.oid \
+                                       AND a.parent OPERATOR(pg_catalog.=) ANY ($1)) \
                     AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid \
                                    AND p.polname IN ('pgseal_tenant', 'pgseal_tenant_only', 'pgseal_owner')) \
-                  ORDER BY 1",
+                  ORDER BY pg_catalog.format('%I.%I', n.nspname, c.relname)",
                 None,
                 &[offboarded.to_vec().into()],
             )?
-            .map(|r| r.get::<String>(1).map(Option::unwrap_or_default))
+            .map(|r| r.get::<pg_sys::Oid>(1).map(Option::unwrap_or_default))
             .collect::<Result<Vec<_>, pgrx::spi::Error>>()
         })
-    })?)
+    })?;
+    Ok(rels
+        .into_iter()
+        .map(crate::ledger::evidence::qualified_name)
+        .collect())
 }
 
 /// The tables `sql` names, as its rows (OID, owner, tenant column), read as the
@@ -342,7 +406,7 @@ impl Table {
                 crate::subjects::require_table_access(self.rel, self.owner, privilege, denied)
             })
             .and_then(|()| require_scheduler_access(tenant, self.rel, privilege))
-            .and_then(|()| self.require_own_policies(&locked))
+            .and_then(|()| self.require_own_policies(tenant, &locked))
             .map_err(|e| e.on_table(&locked.name))?;
         Ok(locked)
     }
@@ -371,9 +435,8 @@ impl Table {
             .on_table(&name)
         })?;
         let column = as_owner(|| {
-            Spi::get_three_with_args::<String, bool, bool>(
-                "SELECT pg_catalog.quote_ident(a.attname::pg_catalog.text), \
-                        a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.varchar'::pg_catalog.regtype, \
+            Spi::get_two_with_args::<bool, bool>(
+                "SELECT a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.varchar'::pg_catalog.regtype, \
                         a.atttypid IN ('pg_catalog.text'::pg_catalog.regtype, 'pg_catalog.varchar'::pg_catalog.regtype) \
                           AND COALESCE((SELECT l.collisdeterministic FROM pg_catalog.pg_collation l \
                                          WHERE l.oid OPERATOR(pg_catalog.=) a.attcollation), false) \
@@ -382,42 +445,96 @@ impl Table {
                 &[self.rel.into(), attnum.into()],
             )
         });
-        match column {
-            Ok((Some(column), Some(varchar), Some(true))) => Ok(Locked {
-                name,
-                column,
-                varchar,
-            }),
-            Ok(_) | Err(pgrx::spi::Error::InvalidPosition) => Err(SealError::Refused(
+        let refused = || {
+            SealError::Refused(
                 "an offboarded table's tenant column was dropped or retyped meanwhile, or has a collation that is not deterministic",
             )
-            .on_table(&name)),
-            Err(e) => Err(e.into()),
-        }
+            .on_table(&name)
+        };
+        let varchar = match column {
+            Ok((Some(varchar), Some(true))) => varchar,
+            Ok(_) | Err(pgrx::spi::Error::InvalidPosition) => return Err(refused()),
+            Err(e) => return Err(e.into()),
+        };
+        // SAFETY: a syscache lookup of the locked table's column (missing_ok):
+        // a palloc'd name, or null for a dropped one.
+        let column = unsafe {
+            let p = pg_sys::get_attname(self.rel, attnum, true);
+            if p.is_null() {
+                return Err(refused());
+            }
+            crate::privilege::exact_name(std::ffi::CStr::from_ptr(p))
+                .map_err(|e| e.on_table(&name))?
+        };
+        Ok(Locked {
+            name,
+            column: pgrx::spi::quote_identifier(column),
+            varchar,
+        })
     }
 
-    /// Refuses (55000) a table whose row-level security binds its owner (by whose
-    /// rights every statement here runs) through policies other than exactly the
-    /// one `tenant_protect` makes on the tenant column: permissive, for all
-    /// commands and roles, with its condition as `tenant_protect` writes it. Any
-    /// other could hide rows of the tenant from the export, the deletes and the
-    /// count of rows left, and the receipt would then stand over rows left.
-    fn require_own_policies(&self, locked: &Locked) -> SealResult<()> {
-        let foreign = as_table_owner(self.owner, || {
-            Spi::get_one_with_args::<bool>(
-                "SELECT pg_catalog.row_security_active($1) AND NOT COALESCE(( \
-                        SELECT pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 \
-                               AND pg_catalog.bool_and(p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' AND p.polpermissive \
-                                   AND p.polcmd OPERATOR(pg_catalog.=) '*' AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
-                                   AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
-                                   AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2)) \
-                          FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1), false)",
-                &[self.rel.into(), locked.policy_texts().into()],
-            )
-        })?;
-        if foreign != Some(false) {
+    /// Refuses (55000) a table whose policies could make the tenant's rows differ
+    /// from those the statements here find:
+    /// - a `pgseal_tenant` policy that is not exactly `tenant_protect`'s on the
+    ///   tenant column (permissive, for all commands and roles, its condition as
+    ///   `tenant_protect` writes it): the tenant's application would see rows as
+    ///   theirs that a byte-for-byte comparison on the column does not find;
+    /// - where row-level security binds the table's owner (by whose rights every
+    ///   statement here runs) or the role that scheduled the offboarding, any
+    ///   policy beside that one: it could hide rows of the tenant from the export,
+    ///   the deletes and the count of rows left (the receipt would stand over rows
+    ///   left), or show the scheduler fewer rows than the owner deletes.
+    fn require_own_policies(&self, tenant: &str, locked: &Locked) -> SealResult<()> {
+        let (has_own, exact, only_exact, scheduler) = crate::privilege::with_pinned_search_path(
+            || {
+                as_owner(|| {
+                    Spi::connect(|c| {
+                        let row = c
+                        .select(
+                            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1 \
+                                               AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), \
+                                    COALESCE(pg_catalog.bool_and(e.exact) FILTER (WHERE e.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), true), \
+                                    pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 AND COALESCE(pg_catalog.bool_and(e.exact), false), \
+                                    (SELECT o.scheduled_by::pg_catalog.oid FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $3) \
+                               FROM (SELECT p.polname, p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' AND p.polpermissive \
+                                            AND p.polcmd OPERATOR(pg_catalog.=) '*' AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
+                                            AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                            AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) AS exact \
+                                       FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1) e",
+                            Some(1),
+                            &[self.rel.into(), locked.policy_texts().into(), tenant.into()],
+                        )?
+                        .first();
+                        Ok::<_, pgrx::spi::Error>((
+                            row.get::<bool>(1)?.unwrap_or(true),
+                            row.get::<bool>(2)?.unwrap_or(false),
+                            row.get::<bool>(3)?.unwrap_or(false),
+                            row.get::<pg_sys::Oid>(4)?,
+                        ))
+                    })
+                })
+            },
+        )?;
+        if has_own && !exact {
             return Err(SealError::Refused(
-                "row-level security other than tenant_protect's binds an offboarded table's owner: the tenant's rows cannot all be found (run pgseal.tenant_protect on it again)",
+                "an offboarded table's pgseal_tenant policy is not tenant_protect's: the tenant's rows cannot all be found (run pgseal.tenant_protect on it again)",
+            ));
+        }
+        if only_exact {
+            return Ok(());
+        }
+        let bound = |role: pg_sys::Oid| {
+            as_table_owner(role, || {
+                Spi::get_one_with_args::<bool>(
+                    "SELECT pg_catalog.row_security_active($1)",
+                    &[self.rel.into()],
+                )
+            })
+            .map(|b| b != Some(false))
+        };
+        if bound(self.owner)? || scheduler.map(bound).transpose()? == Some(true) {
+            return Err(SealError::Refused(
+                "row-level security other than tenant_protect's binds an offboarded table's owner or the role that scheduled the offboarding: the tenant's rows cannot all be found (run pgseal.tenant_protect on it again)",
             ));
         }
         Ok(())
@@ -506,7 +623,7 @@ impl Table {
         let locked = t.lock(pg_sys::AccessShareLock)?;
         let name = &locked.name;
         crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
-            .and_then(|()| t.require_own_policies(&locked))
+            .and_then(|()| t.require_own_policies(tenant, &locked))
             .map_err(|e| e.on_table(name))?;
         as_table_owner(t.owner, || -> SealResult<(i64, Option<String>)> {
             let mut args = vec![tenant.into()];

@@ -92,8 +92,14 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             }
         }
         let mut left: Option<&Table> = None;
+        let exported_tables = export_tables(&tenant)?;
         for (t, locked) in tables.iter().zip(&names) {
-            if crate::pg::citus::manages(t.rel)? && !already_deleted_from(&tenant, &locked.name)? {
+            // A Citus table the export did not read (protected or registered
+            // since) is not deleted from: its rows are left, and stop the deletes.
+            if crate::pg::citus::manages(t.rel)?
+                && exported_tables.contains(&t.rel)
+                && !already_deleted_from(&tenant, &locked.name)?
+            {
                 // Recorded even when none was there, so that it runs once.
                 let n = t.delete_all(&tenant, locked)?;
                 super::count_deleted(&tenant, &locked.name, n)?;

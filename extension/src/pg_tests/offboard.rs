@@ -706,6 +706,10 @@ mod tests {
              WITH CHECK (org = (SELECT pgseal.current_tenant()))",
             "DROP POLICY pgseal_tenant ON public.off_pol; \
              CREATE POLICY pgseal_tenant ON public.off_pol FOR SELECT USING (org = (SELECT pgseal.current_tenant()))",
+            // The owner exempt (no FORCE), the policy no longer byte for byte: the
+            // application would see an 'OFF-POL-…' row as the tenant's.
+            "ALTER TABLE public.off_pol NO FORCE ROW LEVEL SECURITY; \
+             ALTER POLICY pgseal_tenant ON public.off_pol USING (lower(org) = pgseal.current_tenant())",
         ];
         for (i, way) in ways.iter().enumerate() {
             let t = format!("off-pol-{i}");
@@ -787,9 +791,19 @@ mod tests {
         run("GRANT SELECT ON public.off_sched_t TO off_sched");
         tenant("off-sched-t");
         run("INSERT INTO public.off_sched_t VALUES ('off-sched-t', 'kept')");
+        // Told when scheduling.
+        run("SET LOCAL ROLE off_sched");
+        assert_eq!(
+            sqlstate("SELECT pgseal.tenant_offboard('off-sched-t', '0')"),
+            "42501"
+        );
+        run("RESET ROLE");
+        // And checked when the deletes run: the grant taken back after scheduling.
+        run("GRANT DELETE ON public.off_sched_t TO off_sched");
         run("SET LOCAL ROLE off_sched");
         run("SELECT pgseal.tenant_offboard('off-sched-t', '0')");
         run("RESET ROLE");
+        run("REVOKE DELETE ON public.off_sched_t FROM off_sched");
         exported("off-sched-t");
         let q = "SELECT pgseal._offboard_delete('off-sched-t', 10)";
         assert_eq!(sqlstate(q), "42501");
@@ -807,6 +821,79 @@ mod tests {
         // Granted, the same offboarding goes on.
         run("GRANT DELETE ON public.off_sched_t TO off_sched");
         assert_eq!(one::<i64>(q), 1);
+    }
+
+    #[pg_test]
+    fn policies_that_bind_the_scheduler_alone_stop_the_offboarding() {
+        // The owner is exempt from row-level security (a superuser), the scheduler
+        // is not: a policy that keeps it from a row must not let the owner's
+        // statements delete that row on its behalf.
+        run("CREATE ROLE off_sched2 IN ROLE pgseal_admin");
+        run("CREATE TABLE public.off_sched2_t (id text, tenant_id text NOT NULL, note text)");
+        run("SELECT pgseal.subject_register('public.off_sched2_t', 'id')");
+        run("GRANT SELECT, DELETE ON public.off_sched2_t TO off_sched2");
+        run("ALTER TABLE public.off_sched2_t ENABLE ROW LEVEL SECURITY");
+        run("CREATE POLICY not_that_one ON public.off_sched2_t TO off_sched2 USING (note <> 'not yours')");
+        tenant("off-sched2");
+        run("INSERT INTO public.off_sched2_t VALUES ('u1', 'off-sched2', 'not yours')");
+        run("SET LOCAL ROLE off_sched2");
+        run("SELECT pgseal.tenant_offboard('off-sched2', '0')");
+        run("RESET ROLE");
+        assert_eq!(
+            sqlstate("SELECT count(*) FROM pgseal._offboard_export('off-sched2')"),
+            "55000"
+        );
+    }
+
+    #[pg_test]
+    fn a_protected_partition_or_child_is_offboarded_once_through_its_highest_protected_table() {
+        // A partition protected under a root nobody protected or registered is
+        // offboarded on its own; an inheritance child of a protected parent (which
+        // tenant_protect protects too) only through the parent, so its rows are
+        // exported once.
+        run("CREATE TABLE public.off_ev (tenant_id text NOT NULL, k int) PARTITION BY LIST (k)");
+        run("CREATE TABLE public.off_ev1 PARTITION OF public.off_ev FOR VALUES IN (1)");
+        run("SELECT pgseal.tenant_protect('public.off_ev1')");
+        run("CREATE TABLE public.off_par (tenant_id text NOT NULL, note text)");
+        run("CREATE TABLE public.off_kid (extra int) INHERITS (public.off_par)");
+        run("SELECT pgseal.tenant_protect('public.off_par')");
+        tenant("off-tree");
+        run("INSERT INTO public.off_ev VALUES ('off-tree', 1)");
+        run("INSERT INTO public.off_kid VALUES ('off-tree', 'in the child', 7)");
+        run("SELECT pgseal.tenant_offboard('off-tree', '0')");
+        let export: String =
+            one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-tree') l");
+        assert_eq!(export.matches("in the child").count(), 1, "{export}");
+        assert_eq!(
+            export.matches("\"table\": \"public.off_ev1\"").count(),
+            1,
+            "{export}"
+        );
+        run("SELECT pgseal._offboard_advance('off-tree', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        assert_eq!(drain("SELECT pgseal._offboard_delete('off-tree', 10)"), 2);
+        run("SELECT pgseal._offboard_advance('off-tree', 'exported', 'deleted')");
+    }
+
+    #[pg_test]
+    fn a_table_owners_trigger_cannot_schedule_an_offboarding_through_a_step() {
+        // A trigger of an offboarded table runs as its owner while a step deletes;
+        // the offboarding functions refuse to run there (they would record
+        // pgseald's session as the one that asked).
+        tenant_data("off-trig");
+        run(
+            "CREATE FUNCTION public.off_schedules() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN PERFORM pgseal.tenant_offboard('off-bystander', '0'); RETURN OLD; END $$",
+        );
+        run("CREATE TRIGGER off_schedules AFTER DELETE ON public.off_users FOR EACH ROW EXECUTE FUNCTION public.off_schedules()");
+        run("SELECT pgseal.tenant_offboard('off-trig', '0')");
+        exported("off-trig");
+        assert_eq!(
+            sqlstate("SELECT pgseal._offboard_delete('off-trig', 10)"),
+            "42501"
+        );
+        assert!(!one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-bystander')"
+        ));
     }
 
     #[pg_test]
