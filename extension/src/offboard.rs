@@ -85,7 +85,6 @@ fn tenant_offboard(
         // The role scheduling it needs what the steps will need of it on every
         // table offboarded now (42501, naming the table): told now, not when due.
         for t in tables()? {
-            let name = crate::privilege::pinned_name(t.rel, pg_sys::AccessShareLock)?;
             for privilege in ["SELECT", "DELETE"] {
                 let ok = Spi::get_one_with_args::<bool>(
                     "SELECT pg_catalog.has_table_privilege($1, $2)",
@@ -95,7 +94,7 @@ fn tenant_offboard(
                     return Err(SealError::Forbidden(
                         "scheduling an offboarding needs SELECT and DELETE on every table it offboards",
                     )
-                    .on_table(&name));
+                    .on_table(&crate::ledger::evidence::qualified_name(t.rel)));
                 }
             }
         }
