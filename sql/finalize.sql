@@ -149,6 +149,10 @@ GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
 -- statements run as the table's owner (extension/src/offboard/exported.rs); a pure
 -- function of its arguments.
 GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
+-- org_protect's offboarding policies call it as whoever reads the table: true only
+-- inside an offboarding's statement on that table, as its owner
+-- (extension/src/offboard/visible.rs).
+GRANT EXECUTE ON FUNCTION pgseal._offboard_visible(oid) TO PUBLIC;
 
 -- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
 -- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).

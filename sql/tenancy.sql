@@ -476,6 +476,13 @@ BEGIN
         PERFORM pgseal._rls_reset(t, tenant_column);
         IF NOT citus THEN
             EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
+            -- A tenant's offboarding reads and deletes all its rows as the table's
+            -- owner, whatever organisation or user they belong to: these show them
+            -- to the owner only inside those statements, for this table only
+            -- (pgseal._offboard_visible, extension/src/offboard/visible.rs), and
+            -- the restrictive policy above still limits them to the tenant.
+            EXECUTE format('CREATE POLICY pgseal_offboard_select ON %s FOR SELECT USING (pgseal._offboard_visible(%L::pg_catalog.regclass))', t, t);
+            EXECUTE format('CREATE POLICY pgseal_offboard_delete ON %s FOR DELETE USING (pgseal._offboard_visible(%L::pg_catalog.regclass))', t, t);
         END IF;
         EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, mine, mine);
         EXECUTE format('CREATE POLICY pgseal_org_select ON %s FOR SELECT USING (%s)', t, viewer);

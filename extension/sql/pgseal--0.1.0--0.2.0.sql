@@ -373,6 +373,13 @@ VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_offboard_delete_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_offboard_visible"(
+	"rel" oid /* pgrx::pg_sys::Oid */
+) RETURNS bool /* bool */
+STABLE STRICT PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_visible_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_offboard_row_key"(
 	"rel" oid, /* pgrx::pg_sys::Oid */
 	"place" tid, /* pgrx::pg_sys::ItemPointerData */
@@ -1142,6 +1149,13 @@ BEGIN
         PERFORM pgseal._rls_reset(t, tenant_column);
         IF NOT citus THEN
             EXECUTE format('CREATE POLICY pgseal_tenant_only ON %s AS RESTRICTIVE FOR ALL USING (%s) WITH CHECK (%s)', t, tenant, tenant);
+            -- A tenant's offboarding reads and deletes all its rows as the table's
+            -- owner, whatever organisation or user they belong to: these show them
+            -- to the owner only inside those statements, for this table only
+            -- (pgseal._offboard_visible, extension/src/offboard/visible.rs), and
+            -- the restrictive policy above still limits them to the tenant.
+            EXECUTE format('CREATE POLICY pgseal_offboard_select ON %s FOR SELECT USING (pgseal._offboard_visible(%L::pg_catalog.regclass))', t, t);
+            EXECUTE format('CREATE POLICY pgseal_offboard_delete ON %s FOR DELETE USING (pgseal._offboard_visible(%L::pg_catalog.regclass))', t, t);
         END IF;
         EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, mine, mine);
         EXECUTE format('CREATE POLICY pgseal_org_select ON %s FOR SELECT USING (%s)', t, viewer);
@@ -2543,6 +2557,10 @@ GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
 -- statements run as the table's owner (extension/src/offboard/exported.rs); a pure
 -- function of its arguments.
 GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
+-- org_protect's offboarding policies call it as whoever reads the table: true only
+-- inside an offboarding's statement on that table, as its owner
+-- (extension/src/offboard/visible.rs).
+GRANT EXECUTE ON FUNCTION pgseal._offboard_visible(oid) TO PUBLIC;
 
 -- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
 -- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).

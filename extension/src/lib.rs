@@ -115,6 +115,7 @@ pub extern "C-unwind" fn _PG_init() {
         cache::TXN,
         context::TXN,
         pg::citus::TXN,
+        offboard::TXN,
     ]);
     master::load_at_startup();
 }

@@ -38,6 +38,10 @@ use crate::privilege::{as_owner, as_table_owner, with_pinned_search_path};
 
 mod delete;
 mod exported;
+mod visible;
+
+use visible::as_offboarding_owner;
+pub use visible::TXN;
 
 /// The steps, in order (`tenant_offboardings.step`).
 const STEPS: [&str; 7] = [
@@ -216,13 +220,17 @@ struct Table {
     /// tests where `tenant_protect` protects it, `tenant_id` otherwise; None when
     /// that policy tests no single column (`lock` refuses it).
     attnum: Option<i16>,
+    /// Whether `org_protect` protects it (its tenant column the one its
+    /// `pgseal_tenant_only` policy tests), rather than `tenant_protect`.
+    org: bool,
 }
 
 /// The catalog's candidates for offboarding (`tables`), as a CTE `cand(oid,
-/// owner, attnum, protected, name)` over the plain and partitioned, permanent
-/// tables outside pgseal: those with a `pgseal_tenant` policy (`tenant_protect`'s;
-/// `attnum` the one column it tests, or NULL), at any level of a partition or
-/// inheritance tree, and those registered (`subject_register`,
+/// owner, attnum, protected, org, name)` over the plain and partitioned, permanent
+/// tables outside pgseal: those with a `pgseal_tenant` policy (`tenant_protect`'s)
+/// or a `pgseal_tenant_only` one with the two offboarding policies beside it
+/// (`org_protect`'s, `org`; `visible`), `attnum` the one column it tests (or NULL),
+/// at any level of a partition or inheritance tree, and those registered (`subject_register`,
 /// `vault_register_column`, `retention_set`) with a `text` or `varchar`
 /// `tenant_id` column and no such policy (a partition only through its root).
 /// Then `anc(child, parent)`: every ancestor of every table.
@@ -230,10 +238,20 @@ const CANDIDATES: &str = "\
 WITH RECURSIVE cand AS ( \
     SELECT c.oid, c.relowner AS owner, \
            CASE WHEN p.oid IS NOT NULL THEN pc.attnum ELSE tc.attnum END AS attnum, \
-           p.oid IS NOT NULL AS protected, pg_catalog.format('%I.%I', n.nspname, c.relname) AS name \
+           p.oid IS NOT NULL AS protected, COALESCE(p.org, false) AS org, \
+           pg_catalog.format('%I.%I', n.nspname, c.relname) AS name \
       FROM pg_catalog.pg_class c \
       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-      LEFT JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) c.oid AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' \
+      LEFT JOIN LATERAL (SELECT p.oid, p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant_only' AS org \
+                           FROM pg_catalog.pg_policy p \
+                          WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid \
+                            AND (p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' \
+                                 OR (p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant_only' \
+                                     AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) c.oid \
+                                                    AND q.polname OPERATOR(pg_catalog.=) 'pgseal_offboard_select') \
+                                     AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) c.oid \
+                                                    AND q.polname OPERATOR(pg_catalog.=) 'pgseal_offboard_delete'))) \
+                          ORDER BY p.polname LIMIT 1) p ON true \
       LEFT JOIN LATERAL (SELECT pg_catalog.min(d.refobjsubid)::pg_catalog.int2 AS attnum FROM pg_catalog.pg_depend d \
                           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
                             AND d.objid OPERATOR(pg_catalog.=) p.oid \
@@ -274,7 +292,7 @@ fn tables() -> SealResult<Vec<Table>> {
     tables_of(
         &format!(
             "{CANDIDATES} \
-             SELECT c.oid, c.owner, c.attnum FROM cand c \
+             SELECT c.oid, c.owner, c.attnum, c.org FROM cand c \
               WHERE {OFFBOARDABLE} \
                 AND NOT EXISTS (SELECT 1 FROM anc a JOIN cand p ON p.oid OPERATOR(pg_catalog.=) a.parent \
                                  WHERE a.child OPERATOR(pg_catalog.=) c.oid \
@@ -337,6 +355,7 @@ fn tables_of(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> SealResult<Vec<Ta
                     rel: r.get::<pg_sys::Oid>(1)?.ok_or_else(missing)?,
                     owner: r.get::<pg_sys::Oid>(2)?.ok_or_else(missing)?,
                     attnum: r.get::<i16>(3)?,
+                    org: r.get::<bool>(4)?.unwrap_or(false),
                 });
             }
             Ok::<_, SealError>(out)
@@ -484,6 +503,10 @@ impl Table {
     ///   the deletes and the count of rows left (the receipt would stand over rows
     ///   left), or show the scheduler fewer rows than the owner deletes.
     fn require_own_policies(&self, tenant: &str, locked: &Locked) -> SealResult<()> {
+        self.require_tree_policies(locked)?;
+        if self.org {
+            return self.require_org_policies(locked);
+        }
         let (has_own, exact, only_exact, scheduler) = crate::privilege::with_pinned_search_path(
             || {
                 as_owner(|| {
@@ -492,8 +515,8 @@ impl Table {
                         .select(
                             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1 \
                                                AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), \
-                                    COALESCE(pg_catalog.bool_and(e.exact) FILTER (WHERE e.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), true), \
-                                    pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 AND COALESCE(pg_catalog.bool_and(e.exact), false), \
+                                    COALESCE(pg_catalog.bool_and(e.exact IS TRUE) FILTER (WHERE e.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), true), \
+                                    pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 AND COALESCE(pg_catalog.bool_and(e.exact IS TRUE), false), \
                                     (SELECT o.scheduled_by::pg_catalog.oid FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $3) \
                                FROM (SELECT p.polname, p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' AND p.polpermissive \
                                             AND p.polcmd OPERATOR(pg_catalog.=) '*' AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
@@ -534,6 +557,84 @@ impl Table {
         if bound(self.owner)? || scheduler.map(bound).transpose()? == Some(true) {
             return Err(SealError::Refused(
                 "row-level security other than tenant_protect's binds an offboarded table's owner or the role that scheduled the offboarding: the tenant's rows cannot all be found (run pgseal.tenant_protect on it again)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Table {
+    /// Refuses (55000, naming it) a table under this one (a partition or an
+    /// inheritance child, at any level) whose own tenant policy (`pgseal_tenant`,
+    /// or `org_protect`'s `pgseal_tenant_only`) is not the one this table's would be
+    /// on the same column: the statements here go through this table and find the
+    /// tenant's rows by its column, while the tenant's application, reading that
+    /// table directly, would see others. And one with more than one parent, whose
+    /// rows the export would read twice.
+    fn require_tree_policies(&self, locked: &Locked) -> SealResult<()> {
+        let odd = crate::privilege::with_pinned_search_path(|| {
+            as_owner(|| {
+                Spi::get_one_with_args::<pg_sys::Oid>(
+                    "WITH RECURSIVE t(rel) AS (SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent OPERATOR(pg_catalog.=) $1 \
+                        UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
+                     SELECT t.rel FROM t \
+                      WHERE (SELECT pg_catalog.count(*) FROM pg_catalog.pg_inherits i WHERE i.inhrelid OPERATOR(pg_catalog.=) t.rel) \
+                              OPERATOR(pg_catalog.>) 1 \
+                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
+                                     WHERE p.polrelid OPERATOR(pg_catalog.=) t.rel \
+                                       AND p.polname IN ('pgseal_tenant', 'pgseal_tenant_only') \
+                                       AND NOT (pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                                AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2)) IS NOT FALSE) \
+                      ORDER BY t.rel LIMIT 1",
+                    &[self.rel.into(), locked.policy_texts().into()],
+                )
+            })
+        });
+        match odd {
+            Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => Ok(()),
+            Ok(Some(member)) => Err(SealError::Refused(
+                "a table under an offboarded one has a tenant policy other than its parent's (another column, or another condition), or more than one parent: the tenant's rows in it cannot all be found through its parent (run the protect function on the parent again)",
+            )
+            .on_table(&crate::ledger::evidence::qualified_name(member))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `require_own_policies` for a table `org_protect` protects: its restrictive
+    /// `pgseal_tenant_only` policy exactly `org_protect`'s on the tenant column (it
+    /// limits every statement to the tenant), its two offboarding policies exactly
+    /// `org_protect`'s (they show the owner all the tenant's rows inside the
+    /// offboarding's statements: `visible`), and no other restrictive policy (which
+    /// could hide a row); other permissive policies only ever show more rows, which
+    /// the restrictive one still limits to the tenant. Refused (55000) otherwise.
+    fn require_org_policies(&self, locked: &Locked) -> SealResult<()> {
+        let ok = crate::privilege::with_pinned_search_path(|| {
+            as_owner(|| {
+                Spi::get_one_with_args::<bool>(
+                    "SELECT COALESCE(pg_catalog.bool_and(CASE p.polname \
+                              WHEN 'pgseal_tenant_only' THEN NOT p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) '*' \
+                                   AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
+                                   AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                   AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                              WHEN 'pgseal_offboard_select' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'r' \
+                                   AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
+                                   AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
+                              WHEN 'pgseal_offboard_delete' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'd' \
+                                   AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
+                                   AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
+                              ELSE p.polpermissive END), false) \
+                        AND pg_catalog.count(*) FILTER (WHERE p.polname IN ('pgseal_tenant_only', 'pgseal_offboard_select', 'pgseal_offboard_delete')) \
+                            OPERATOR(pg_catalog.=) 3 \
+                       FROM pg_catalog.pg_policy p, \
+                            (SELECT pg_catalog.format('pgseal._offboard_visible((%L::regclass)::oid)', $1::pg_catalog.regclass::pg_catalog.text) AS text) v \
+                      WHERE p.polrelid OPERATOR(pg_catalog.=) $1",
+                    &[self.rel.into(), locked.policy_texts().into()],
+                )
+            })
+        })?;
+        if ok != Some(true) {
+            return Err(SealError::Refused(
+                "an offboarded table's policies are not org_protect's (or a restrictive policy was added beside them): the tenant's rows cannot all be found (run pgseal.org_protect on it again)",
             ));
         }
         Ok(())
@@ -624,7 +725,7 @@ impl Table {
         crate::privilege::require_only_owners_code(t.rel, t.owner, pg_sys::AccessShareLock, &[])
             .and_then(|()| t.require_own_policies(tenant, &locked))
             .map_err(|e| e.on_table(name))?;
-        as_table_owner(t.owner, || -> SealResult<(i64, Option<String>)> {
+        as_offboarding_owner(t.rel, t.owner, || -> SealResult<(i64, Option<String>)> {
             let mut args = vec![tenant.into()];
             args.extend(extra);
             let (rows, second) = Spi::get_two_with_args::<i64, String>(
@@ -647,7 +748,7 @@ fn tree_of(rel: pg_sys::Oid) -> SealResult<Vec<Table>> {
     tables_of(
                 "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
                    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
-                 SELECT t.rel, c.relowner, NULL::pg_catalog.int2 FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
+                 SELECT t.rel, c.relowner, NULL::pg_catalog.int2, false FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
                   WHERE c.relpersistence OPERATOR(pg_catalog.<>) 't'",
         &[rel.into()],
     )
@@ -664,10 +765,11 @@ impl Table {
                         (SELECT m.attnum FROM pg_catalog.pg_attribute m JOIN pg_catalog.pg_attribute r \
                              ON r.attrelid OPERATOR(pg_catalog.=) $1 AND r.attnum OPERATOR(pg_catalog.=) $2 \
                           WHERE m.attrelid OPERATOR(pg_catalog.=) t.rel AND m.attname OPERATOR(pg_catalog.=) r.attname \
-                            AND NOT m.attisdropped) \
+                            AND NOT m.attisdropped), \
+                        $3 \
                    FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
                   WHERE c.relpersistence OPERATOR(pg_catalog.<>) 't'",
-            &[self.rel.into(), self.attnum.unwrap_or(0).into()],
+            &[self.rel.into(), self.attnum.unwrap_or(0).into(), self.org.into()],
         )
     }
 }
@@ -913,7 +1015,7 @@ impl ExportLines {
                 cursor,
             } => {
                 let before = self.buffer.len();
-                let more = as_table_owner(owner, || {
+                let more = as_offboarding_owner(root, owner, || {
                     fetch_lines(&cursor, &mut self.buffer, Some(&mut self.keys))
                 })?;
                 self.table_rows += (self.buffer.len() - before) as i64;
@@ -983,7 +1085,7 @@ impl ExportLines {
             name,
             locked.tenant_is("_pgseal_row")
         );
-        let cursor = as_table_owner(t.owner, || {
+        let cursor = as_offboarding_owner(t.rel, t.owner, || {
             open_cursor(&sql, &[self.tenant.as_str().into(), name.as_str().into()])
         })?;
         // Read once the cursor is open: every row it reads was inserted before.

@@ -28,7 +28,7 @@ use pgrx::prelude::*;
 use super::exported::{self, Digest};
 use super::{require_context, require_step, tables, tree_of, Table};
 use crate::error::{OrRaise, SealError, SealResult};
-use crate::privilege::{as_owner, as_table_owner};
+use crate::privilege::as_owner;
 
 /// `pgseal._offboard_delete(tenant, batch)`: at step 'exported', deletes up to
 /// `batch` of the tenant's rows that its export held (as each table's owner),
@@ -421,7 +421,7 @@ impl Table {
                         RETURNING x.tableoid) \
              SELECT d.tableoid, pg_catalog.count(*) FROM d GROUP BY d.tableoid"
         );
-        Ok(as_table_owner(self.owner, || {
+        Ok(super::as_offboarding_owner(self.rel, self.owner, || {
             Spi::connect(|c| {
                 c.select(
                     &sql,
@@ -457,7 +457,7 @@ impl Table {
             locked.name,
             locked.tenant_is("x")
         );
-        Ok(as_table_owner(self.owner, || {
+        Ok(super::as_offboarding_owner(self.rel, self.owner, || {
             Spi::get_one_with_args::<i64>(&sql, &[tenant.into()])
         })?
         .unwrap_or(0))

@@ -613,6 +613,9 @@ mod tests {
         run("SELECT pgseal.tenant_protect('public.off_uuid', 'tenant')");
         run("CREATE TABLE public.off_org (tenant_id text NOT NULL, owner_id text, org_id text, note text)");
         run("SELECT pgseal.org_protect('public.off_org', 'owner_id', 'org_id')");
+        // As org_protect made it before it added its offboarding policies.
+        run("DROP POLICY pgseal_offboard_select ON public.off_org");
+        run("DROP POLICY pgseal_offboard_delete ON public.off_org");
         tenant_data("off-only");
         run("INSERT INTO public.off_unregistered VALUES ('off-only', 'kept')");
         run("INSERT INTO public.off_protected VALUES ('off-only', NULL, 'gone 1'), ('off-only', 'x', 'gone 2')");
@@ -661,6 +664,71 @@ mod tests {
             "{}",
             receipt.0
         );
+    }
+
+    #[pg_test]
+    fn org_protects_tables_are_offboarded_whoever_owns_the_rows() {
+        // org_protect's policies show a row to its organisation's members and its
+        // user, and bind the table's owner too; the offboarding still finds every
+        // row of the tenant, and only inside its own statements.
+        run("CREATE ROLE off_org_owner");
+        for table in ["off_org2", "off_org3"] {
+            run(&format!(
+                "CREATE TABLE public.{table} (tenant_id text NOT NULL, owner_id text, org_id text, note text)"
+            ));
+            run(&format!(
+                "ALTER TABLE public.{table} OWNER TO off_org_owner"
+            ));
+            run(&format!(
+                "SELECT pgseal.org_protect('public.{table}', 'owner_id', 'org_id')"
+            ));
+        }
+        tenant("off-org");
+        run("INSERT INTO public.off_org2 VALUES ('off-org', 'alice', 'o1', 'a'), ('off-org', 'bob', 'o2', 'b'), \
+             ('off-org', NULL, NULL, 'c')");
+        tenant("off-org-other");
+        run("INSERT INTO public.off_org2 VALUES ('off-org-other', 'alice', 'o1', 'kept')");
+        // Outside the offboarding, the owner (as any role) sees no row of another
+        // user or organisation, and the offboarding's condition is false.
+        run("SELECT pgseal.set_tenant('off-org', 'nobody')");
+        run("SET LOCAL ROLE off_org_owner");
+        assert_eq!(one::<i64>("SELECT count(*) FROM public.off_org2"), 0);
+        assert!(!one::<bool>(
+            "SELECT pgseal._offboard_visible('public.off_org2'::regclass)"
+        ));
+        run("RESET ROLE");
+        // A restrictive policy added beside org_protect's could hide a row: the
+        // offboarding stops, naming the table; without it, it goes on.
+        run("CREATE POLICY hide ON public.off_org3 AS RESTRICTIVE USING (note <> 'hidden')");
+        run("SELECT pgseal.tenant_offboard('off-org', '0')");
+        let q = "SELECT count(*) FROM pgseal._offboard_export('off-org')";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(msg.contains("(table public.off_org3)"), "{msg}");
+        run("DROP POLICY hide ON public.off_org3");
+        let export: String =
+            one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-org') l");
+        assert_eq!(
+            export.matches("\"table\": \"public.off_org2\"").count(),
+            3,
+            "{export}"
+        );
+        assert!(!export.contains("kept"), "{export}");
+        run("SELECT pgseal._offboard_advance('off-org', 'scheduled', 'exported', '/x', repeat('a', 64))");
+        assert_eq!(drain("SELECT pgseal._offboard_delete('off-org', 2)"), 3);
+        run("SELECT pgseal._offboard_advance('off-org', 'exported', 'deleted')");
+        run("SET LOCAL row_security = off");
+        assert_eq!(
+            one::<String>("SELECT string_agg(note, ',') FROM public.off_org2"),
+            "kept"
+        );
+        run("RESET row_security");
+        assert!(!one::<bool>(
+            "SELECT pgseal._offboard_visible('public.off_org2'::regclass)"
+        ));
     }
 
     /// Table `public.<table>`, which `tenant_protect` protects by `org`, owned by
@@ -839,9 +907,17 @@ mod tests {
         run("SET LOCAL ROLE off_sched2");
         run("SELECT pgseal.tenant_offboard('off-sched2', '0')");
         run("RESET ROLE");
-        assert_eq!(
-            sqlstate("SELECT count(*) FROM pgseal._offboard_export('off-sched2')"),
-            "55000"
+        let q = "SELECT count(*) FROM pgseal._offboard_export('off-sched2')";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(
+            msg.contains(
+                "binds an offboarded table's owner or the role that scheduled the offboarding"
+            ) && msg.contains("(table public.off_sched2_t)"),
+            "{msg}"
         );
     }
 
@@ -872,6 +948,23 @@ mod tests {
         run("SELECT pgseal._offboard_advance('off-tree', 'scheduled', 'exported', '/x', repeat('a', 64))");
         assert_eq!(drain("SELECT pgseal._offboard_delete('off-tree', 10)"), 2);
         run("SELECT pgseal._offboard_advance('off-tree', 'exported', 'deleted')");
+        // A partition protected on another column than its protected root: its
+        // application sees rows as the tenant's that the root's column does not
+        // find; the offboarding stops, naming the partition.
+        run("CREATE TABLE public.off_ev2 (tenant_id text NOT NULL, org text, k int) PARTITION BY LIST (k)");
+        run("CREATE TABLE public.off_ev21 PARTITION OF public.off_ev2 FOR VALUES IN (1)");
+        run("SELECT pgseal.tenant_protect('public.off_ev2')");
+        run("SELECT pgseal.tenant_protect('public.off_ev21', 'org')");
+        tenant("off-tree2");
+        run("INSERT INTO public.off_ev2 VALUES ('someone else', 'off-tree2', 1)");
+        run("SELECT pgseal.tenant_offboard('off-tree2', '0')");
+        let q = "SELECT count(*) FROM pgseal._offboard_export('off-tree2')";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(msg.contains("(table public.off_ev21)"), "{msg}");
     }
 
     #[pg_test]
@@ -887,13 +980,16 @@ mod tests {
         run("CREATE TRIGGER off_schedules AFTER DELETE ON public.off_users FOR EACH ROW EXECUTE FUNCTION public.off_schedules()");
         run("SELECT pgseal.tenant_offboard('off-trig', '0')");
         exported("off-trig");
-        assert_eq!(
-            sqlstate("SELECT pgseal._offboard_delete('off-trig', 10)"),
-            "42501"
-        );
-        assert!(!one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings WHERE tenant_id = 'off-bystander')"
+        let q = "SELECT pgseal._offboard_delete('off-trig', 10)";
+        assert_eq!(sqlstate(q), "42501");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
         ));
+        assert!(
+            msg.contains("cannot be called from a table owner's code that pgseal runs"),
+            "{msg}"
+        );
     }
 
     #[pg_test]
