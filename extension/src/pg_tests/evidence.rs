@@ -226,6 +226,8 @@ mod tests {
         assert_eq!(
             p["policies"],
             json!([
+                "pgseal_offboard_delete",
+                "pgseal_offboard_select",
                 "pgseal_org_delete",
                 "pgseal_org_insert",
                 "pgseal_org_select",
