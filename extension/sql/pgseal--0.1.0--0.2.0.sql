@@ -376,7 +376,7 @@ AS 'MODULE_PATHNAME', '_offboard_delete_wrapper';
 CREATE OR REPLACE FUNCTION pgseal."_offboard_visible"(
 	"rel" oid /* pgrx::pg_sys::Oid */
 ) RETURNS bool /* bool */
-STABLE STRICT PARALLEL UNSAFE
+STABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_offboard_visible_wrapper';
 

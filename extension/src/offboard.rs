@@ -101,6 +101,17 @@ fn tenant_offboard(
                     .on_table(&crate::ledger::evidence::qualified_name(t.rel)));
                 }
             }
+            if t.org
+                && Spi::get_one_with_args::<bool>(
+                    "SELECT pg_catalog.row_security_active($1)",
+                    &[t.rel.into()],
+                )? != Some(false)
+            {
+                return Err(SealError::Forbidden(
+                    "org_protect's policies bind the role scheduling the offboarding on a table it offboards: only a role they do not bind (a superuser, or one with BYPASSRLS) may offboard its tenants' rows",
+                )
+                .on_table(&crate::ledger::evidence::qualified_name(t.rel)));
+            }
         }
         erase::lock_chain(&tenant)?;
         // SAFETY: reads the backend's current user id; no preconditions.
@@ -505,7 +516,30 @@ impl Table {
     fn require_own_policies(&self, tenant: &str, locked: &Locked) -> SealResult<()> {
         self.require_tree_policies(locked)?;
         if self.org {
-            return self.require_org_policies(locked);
+            self.require_org_policies(locked)?;
+            // org_protect's policies show the scheduler, as any role they bind,
+            // only its own user's and organisations' rows, while the offboarding
+            // reads and deletes all of the tenant's: only a role they do not bind
+            // may have that done.
+            let scheduler = as_owner(|| {
+                Spi::get_one_with_args::<pg_sys::Oid>(
+                    "SELECT o.scheduled_by::pg_catalog.oid FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $1",
+                    &[tenant.into()],
+                )
+            });
+            let scheduler = match scheduler {
+                Ok(s) => s,
+                Err(pgrx::spi::Error::InvalidPosition) => None,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(role) = scheduler {
+                if self.bound(role)? {
+                    return Err(SealError::Forbidden(
+                        "org_protect's policies bind the role that scheduled the offboarding on an offboarded table: only a role they do not bind (a superuser, or one with BYPASSRLS) may offboard its tenants' rows",
+                    ));
+                }
+            }
+            return Ok(());
         }
         let (has_own, exact, only_exact, scheduler) = crate::privilege::with_pinned_search_path(
             || {
@@ -545,15 +579,7 @@ impl Table {
         if only_exact {
             return Ok(());
         }
-        let bound = |role: pg_sys::Oid| {
-            as_table_owner(role, || {
-                Spi::get_one_with_args::<bool>(
-                    "SELECT pg_catalog.row_security_active($1)",
-                    &[self.rel.into()],
-                )
-            })
-            .map(|b| b != Some(false))
-        };
+        let bound = |role: pg_sys::Oid| self.bound(role);
         if bound(self.owner)? || scheduler.map(bound).transpose()? == Some(true) {
             return Err(SealError::Refused(
                 "row-level security other than tenant_protect's binds an offboarded table's owner or the role that scheduled the offboarding: the tenant's rows cannot all be found (run pgseal.tenant_protect on it again)",
@@ -564,6 +590,17 @@ impl Table {
 }
 
 impl Table {
+    /// Whether row-level security binds `role` on this table (evaluated as that
+    /// role, in a security-restricted operation: only the built-in runs).
+    fn bound(&self, role: pg_sys::Oid) -> SealResult<bool> {
+        Ok(as_table_owner(role, || {
+            Spi::get_one_with_args::<bool>(
+                "SELECT pg_catalog.row_security_active($1)",
+                &[self.rel.into()],
+            )
+        })? != Some(false))
+    }
+
     /// Refuses (55000, naming it) a table under this one (a partition or an
     /// inheritance child, at any level) whose own tenant policy (`pgseal_tenant`,
     /// or `org_protect`'s `pgseal_tenant_only`) is not the one this table's would be
@@ -583,8 +620,12 @@ impl Table {
                          OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
                                      WHERE p.polrelid OPERATOR(pg_catalog.=) t.rel \
                                        AND p.polname IN ('pgseal_tenant', 'pgseal_tenant_only') \
-                                       AND NOT (pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
-                                                AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2)) IS NOT FALSE) \
+                                       AND NOT COALESCE(pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                                        AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                                        AND p.polcmd OPERATOR(pg_catalog.=) '*' \
+                                                        AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
+                                                        AND p.polpermissive OPERATOR(pg_catalog.=) (p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), \
+                                                        false)) \
                       ORDER BY t.rel LIMIT 1",
                     &[self.rel.into(), locked.policy_texts().into()],
                 )
@@ -604,37 +645,57 @@ impl Table {
     /// `pgseal_tenant_only` policy exactly `org_protect`'s on the tenant column (it
     /// limits every statement to the tenant), its two offboarding policies exactly
     /// `org_protect`'s (they show the owner all the tenant's rows inside the
-    /// offboarding's statements: `visible`), and no other restrictive policy (which
-    /// could hide a row); other permissive policies only ever show more rows, which
-    /// the restrictive one still limits to the tenant. Refused (55000) otherwise.
+    /// offboarding's statements: `visible`), and no policy but `org_protect`'s
+    /// permissive ones beside them (a restrictive one could hide a row; the
+    /// permissive ones only ever show more, which the restrictive one still limits
+    /// to the tenant), none calling a function or operator of a third role (they
+    /// run as the owner here). Refused (55000) otherwise.
     fn require_org_policies(&self, locked: &Locked) -> SealResult<()> {
         let ok = crate::privilege::with_pinned_search_path(|| {
             as_owner(|| {
                 Spi::get_one_with_args::<bool>(
-                    "SELECT COALESCE(pg_catalog.bool_and(CASE p.polname \
+                    "SELECT COALESCE(pg_catalog.bool_and((CASE p.polname \
                               WHEN 'pgseal_tenant_only' THEN NOT p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) '*' \
+                                   AND p.polqual IS NOT NULL AND p.polwithcheck IS NOT NULL \
                                    AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
                                    AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
                                    AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
                               WHEN 'pgseal_offboard_select' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'r' \
+                                   AND p.polqual IS NOT NULL \
                                    AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
                                    AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
                               WHEN 'pgseal_offboard_delete' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'd' \
+                                   AND p.polqual IS NOT NULL \
                                    AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
                                    AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
-                              ELSE p.polpermissive END), false) \
+                              WHEN 'pgseal_owner' THEN p.polpermissive \
+                              WHEN 'pgseal_org_select' THEN p.polpermissive \
+                              WHEN 'pgseal_org_insert' THEN p.polpermissive \
+                              WHEN 'pgseal_org_update' THEN p.polpermissive \
+                              WHEN 'pgseal_org_delete' THEN p.polpermissive \
+                              ELSE false END) IS TRUE), false) \
+                        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy q \
+                                          JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
+                                                                     AND d.objid OPERATOR(pg_catalog.=) q.oid \
+                                          LEFT JOIN pg_catalog.pg_proc f ON d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+                                                                        AND f.oid OPERATOR(pg_catalog.=) d.refobjid \
+                                          LEFT JOIN pg_catalog.pg_operator o ON d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_operator'::pg_catalog.regclass \
+                                                                            AND o.oid OPERATOR(pg_catalog.=) d.refobjid \
+                                          JOIN pg_catalog.pg_authid r ON r.oid OPERATOR(pg_catalog.=) COALESCE(f.proowner, o.oprowner) \
+                                         WHERE q.polrelid OPERATOR(pg_catalog.=) $1 AND NOT r.rolsuper \
+                                           AND r.oid OPERATOR(pg_catalog.<>) $3) \
                         AND pg_catalog.count(*) FILTER (WHERE p.polname IN ('pgseal_tenant_only', 'pgseal_offboard_select', 'pgseal_offboard_delete')) \
                             OPERATOR(pg_catalog.=) 3 \
                        FROM pg_catalog.pg_policy p, \
                             (SELECT pg_catalog.format('pgseal._offboard_visible((%L::regclass)::oid)', $1::pg_catalog.regclass::pg_catalog.text) AS text) v \
                       WHERE p.polrelid OPERATOR(pg_catalog.=) $1",
-                    &[self.rel.into(), locked.policy_texts().into()],
+                    &[self.rel.into(), locked.policy_texts().into(), self.owner.into()],
                 )
             })
         })?;
         if ok != Some(true) {
             return Err(SealError::Refused(
-                "an offboarded table's policies are not org_protect's (or a restrictive policy was added beside them): the tenant's rows cannot all be found (run pgseal.org_protect on it again)",
+                "an offboarded table's policies are not org_protect's (a policy changed or added beside them, or one that calls a third role's function): the tenant's rows cannot all be found (run pgseal.org_protect on it again)",
             ));
         }
         Ok(())

@@ -35,13 +35,20 @@ pub(super) fn as_offboarding_owner<R>(
     f: impl FnOnce() -> R,
 ) -> R {
     let _restore = Restore(VISIBLE.with(|v| v.replace(Some((rel, owner)))));
-    as_table_owner(owner, f)
+    as_table_owner(owner, || {
+        // No parallel worker, which has no flag, reads the table meanwhile (in
+        // `as_table_owner`'s setting level, discarded on return).
+        crate::privilege::save_setting(c"max_parallel_workers_per_gather", c"0");
+        f()
+    })
 }
 
 /// `pgseal._offboard_visible(rel) → boolean`: whether an offboarding statement on
 /// table `rel` runs now, as its owner (the condition of `org_protect`'s offboarding
-/// policies). False for every other table, role and statement.
-#[pg_extern(stable, strict, parallel_unsafe)]
+/// policies). False for every other table, role and statement, and in a parallel
+/// worker (parallel safe, so that the policies leave queries on the table free to
+/// run in parallel: the offboarding's own statements run with none).
+#[pg_extern(stable, strict, parallel_safe)]
 fn _offboard_visible(rel: pg_sys::Oid) -> bool {
     // SAFETY: reads the backend's current user id; no preconditions.
     let user = unsafe { pg_sys::GetUserId() };

@@ -697,18 +697,48 @@ mod tests {
             "SELECT pgseal._offboard_visible('public.off_org2'::regclass)"
         ));
         run("RESET ROLE");
-        // A restrictive policy added beside org_protect's could hide a row: the
-        // offboarding stops, naming the table; without it, it goes on.
-        run("CREATE POLICY hide ON public.off_org3 AS RESTRICTIVE USING (note <> 'hidden')");
+        // A role org_protect's policies bind cannot schedule it (it could not
+        // read or delete other users' rows itself), nor carry it out once they
+        // bind it.
+        run("CREATE ROLE off_org_admin IN ROLE pgseal_admin BYPASSRLS");
+        run("GRANT SELECT, DELETE ON public.off_org2, public.off_org3 TO off_org_admin");
+        run("CREATE ROLE off_org_bound IN ROLE off_org_admin");
+        run("SET LOCAL ROLE off_org_bound");
+        assert_eq!(
+            sqlstate("SELECT pgseal.tenant_offboard('off-org', '0')"),
+            "42501"
+        );
+        run("SET LOCAL ROLE off_org_admin");
         run("SELECT pgseal.tenant_offboard('off-org', '0')");
+        run("RESET ROLE");
         let q = "SELECT count(*) FROM pgseal._offboard_export('off-org')";
-        assert_eq!(sqlstate(q), "55000");
-        let msg: String = one(&format!(
-            "SELECT tests.error_text_of({})",
-            pgrx::spi::quote_literal(q)
-        ));
-        assert!(msg.contains("(table public.off_org3)"), "{msg}");
-        run("DROP POLICY hide ON public.off_org3");
+        run("ALTER ROLE off_org_admin NOBYPASSRLS");
+        assert_eq!(sqlstate(q), "42501");
+        run("ALTER ROLE off_org_admin BYPASSRLS");
+        // Each way the owner could make its policies hide a row, or run a third
+        // role's code as the owner: the offboarding stops, naming the table.
+        run("CREATE ROLE off_third");
+        run("CREATE FUNCTION public.off_third_fn() RETURNS boolean LANGUAGE sql AS 'SELECT true'");
+        run("ALTER FUNCTION public.off_third_fn() OWNER TO off_third");
+        for way in [
+            "CREATE POLICY hide ON public.off_org3 AS RESTRICTIVE USING (note <> 'hidden')",
+            "DROP POLICY pgseal_offboard_select ON public.off_org3; \
+             CREATE POLICY pgseal_offboard_select ON public.off_org3 FOR SELECT",
+            "ALTER POLICY pgseal_tenant_only ON public.off_org3 USING (true)",
+            "CREATE POLICY extra ON public.off_org3 USING (true)",
+            "ALTER POLICY pgseal_owner ON public.off_org3 USING (public.off_third_fn())",
+        ] {
+            run(way);
+            assert_eq!(sqlstate(q), "55000", "{way}");
+            let msg: String = one(&format!(
+                "SELECT tests.error_text_of({})",
+                pgrx::spi::quote_literal(q)
+            ));
+            assert!(msg.contains("(table public.off_org3)"), "{way}: {msg}");
+            run("SELECT pgseal.org_protect('public.off_org3', 'owner_id', 'org_id')");
+            run("DROP POLICY IF EXISTS hide ON public.off_org3");
+            run("DROP POLICY IF EXISTS extra ON public.off_org3");
+        }
         let export: String =
             one("SELECT string_agg(l, E'\\n') FROM pgseal._offboard_export('off-org') l");
         assert_eq!(
