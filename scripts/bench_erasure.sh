@@ -81,8 +81,8 @@ print("| cost per erased entry, 4N ÷ N | | | | | %.2f× | within 20%% %s |" % (
 PY
 
 # Offboarding: `pgseald offboard run` (no flags but the export directory) of a tenant
-# with R rows in each of two registered tables (the second also protected: registration,
-# not protection, is what offboards a table), and R/4 ledger entries,
+# with R rows in each of two registered tables (the second also protected, which alone
+# would offboard it too), and R/4 ledger entries,
 # at R and 4R; against the peer, the same rows deleted by two plain DELETEs in one
 # transaction (no export, no batches, no shred or erasure).
 OFF_R=${PGSEAL_BENCH_OFFBOARD_ROWS:-50000}
