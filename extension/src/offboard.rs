@@ -648,8 +648,12 @@ impl Table {
     /// offboarding's statements: `visible`), and no policy but `org_protect`'s
     /// permissive ones beside them (a restrictive one could hide a row; the
     /// permissive ones only ever show more, which the restrictive one still limits
-    /// to the tenant), none calling a function or operator of a third role (they
-    /// run as the owner here). Refused (55000) otherwise.
+    /// to the tenant). Their conditions run as the owner here, so they may depend
+    /// on nothing but the table itself, pgseal's own objects, PostgreSQL's built-in
+    /// ones (which `pg_depend` does not record) and types that are not domains owned
+    /// by the owner or a superuser: no function, operator, domain or relation of
+    /// anyone else (its code would run with the owner's rights). Refused (55000)
+    /// otherwise.
     fn require_org_policies(&self, locked: &Locked) -> SealResult<()> {
         let ok = crate::privilege::with_pinned_search_path(|| {
             as_owner(|| {
@@ -677,13 +681,19 @@ impl Table {
                         AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy q \
                                           JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
                                                                      AND d.objid OPERATOR(pg_catalog.=) q.oid \
-                                          LEFT JOIN pg_catalog.pg_proc f ON d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
-                                                                        AND f.oid OPERATOR(pg_catalog.=) d.refobjid \
-                                          LEFT JOIN pg_catalog.pg_operator o ON d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_operator'::pg_catalog.regclass \
-                                                                            AND o.oid OPERATOR(pg_catalog.=) d.refobjid \
-                                          JOIN pg_catalog.pg_authid r ON r.oid OPERATOR(pg_catalog.=) COALESCE(f.proowner, o.oprowner) \
-                                         WHERE q.polrelid OPERATOR(pg_catalog.=) $1 AND NOT r.rolsuper \
-                                           AND r.oid OPERATOR(pg_catalog.<>) $3) \
+                                         WHERE q.polrelid OPERATOR(pg_catalog.=) $1 \
+                                           AND NOT (d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+                                                    AND d.refobjid OPERATOR(pg_catalog.=) $1) \
+                                           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend x \
+                                                            WHERE x.classid OPERATOR(pg_catalog.=) d.refclassid AND x.objid OPERATOR(pg_catalog.=) d.refobjid \
+                                                              AND x.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass \
+                                                              AND x.deptype OPERATOR(pg_catalog.=) 'e' \
+                                                              AND x.refobjid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e \
+                                                                                                       WHERE e.extname OPERATOR(pg_catalog.=) 'pgseal')) \
+                                           AND NOT (d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass \
+                                                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_authid r ON r.oid OPERATOR(pg_catalog.=) t.typowner \
+                                                                 WHERE t.oid OPERATOR(pg_catalog.=) d.refobjid AND t.typtype OPERATOR(pg_catalog.<>) 'd' \
+                                                                   AND (r.rolsuper OR r.oid OPERATOR(pg_catalog.=) $3)))) \
                         AND pg_catalog.count(*) FILTER (WHERE p.polname IN ('pgseal_tenant_only', 'pgseal_offboard_select', 'pgseal_offboard_delete')) \
                             OPERATOR(pg_catalog.=) 3 \
                        FROM pg_catalog.pg_policy p, \

@@ -703,23 +703,49 @@ mod tests {
         run("CREATE ROLE off_org_admin IN ROLE pgseal_admin BYPASSRLS");
         run("GRANT SELECT, DELETE ON public.off_org2, public.off_org3 TO off_org_admin");
         run("CREATE ROLE off_org_bound IN ROLE off_org_admin");
+        let message_of = |q: &str| -> String {
+            one(&format!(
+                "SELECT tests.error_text_of({})",
+                pgrx::spi::quote_literal(q)
+            ))
+        };
         run("SET LOCAL ROLE off_org_bound");
-        assert_eq!(
-            sqlstate("SELECT pgseal.tenant_offboard('off-org', '0')"),
-            "42501"
+        let schedule = "SELECT pgseal.tenant_offboard('off-org', '0')";
+        assert_eq!(sqlstate(schedule), "42501");
+        let msg = message_of(schedule);
+        assert!(
+            msg.contains("org_protect's policies bind the role scheduling the offboarding"),
+            "{msg}"
         );
         run("SET LOCAL ROLE off_org_admin");
-        run("SELECT pgseal.tenant_offboard('off-org', '0')");
+        run(schedule);
         run("RESET ROLE");
         let q = "SELECT count(*) FROM pgseal._offboard_export('off-org')";
         run("ALTER ROLE off_org_admin NOBYPASSRLS");
         assert_eq!(sqlstate(q), "42501");
+        let msg = message_of(q);
+        assert!(
+            msg.contains("org_protect's policies bind the role that scheduled the offboarding"),
+            "{msg}"
+        );
         run("ALTER ROLE off_org_admin BYPASSRLS");
         // Each way the owner could make its policies hide a row, or run a third
         // role's code as the owner: the offboarding stops, naming the table.
         run("CREATE ROLE off_third");
         run("CREATE FUNCTION public.off_third_fn() RETURNS boolean LANGUAGE sql AS 'SELECT true'");
         run("ALTER FUNCTION public.off_third_fn() OWNER TO off_third");
+        // Reached indirectly: an operator (the table owner's, here the superuser's)
+        // over the third role's function, a domain whose check is the third role's,
+        // a view of the third role's.
+        run("CREATE FUNCTION public.off_third_eq(text, text) RETURNS boolean LANGUAGE sql AS 'SELECT true'");
+        run("ALTER FUNCTION public.off_third_eq(text, text) OWNER TO off_third");
+        run("CREATE OPERATOR public.=== (LEFTARG = text, RIGHTARG = text, FUNCTION = public.off_third_eq)");
+        run("CREATE FUNCTION public.off_third_ok(text) RETURNS boolean LANGUAGE sql AS 'SELECT true'");
+        run("ALTER FUNCTION public.off_third_ok(text) OWNER TO off_third");
+        run("CREATE DOMAIN public.off_third_dom AS text CHECK (public.off_third_ok(VALUE))");
+        run("ALTER DOMAIN public.off_third_dom OWNER TO off_third");
+        run("CREATE VIEW public.off_third_view AS SELECT public.off_third_fn() AS x");
+        run("ALTER VIEW public.off_third_view OWNER TO off_third");
         for way in [
             "CREATE POLICY hide ON public.off_org3 AS RESTRICTIVE USING (note <> 'hidden')",
             "DROP POLICY pgseal_offboard_select ON public.off_org3; \
@@ -727,6 +753,9 @@ mod tests {
             "ALTER POLICY pgseal_tenant_only ON public.off_org3 USING (true)",
             "CREATE POLICY extra ON public.off_org3 USING (true)",
             "ALTER POLICY pgseal_owner ON public.off_org3 USING (public.off_third_fn())",
+            "ALTER POLICY pgseal_owner ON public.off_org3 USING (owner_id OPERATOR(public.===) 'x')",
+            "ALTER POLICY pgseal_owner ON public.off_org3 USING (note::public.off_third_dom IS NOT NULL)",
+            "ALTER POLICY pgseal_owner ON public.off_org3 USING (EXISTS (SELECT 1 FROM public.off_third_view))",
         ] {
             run(way);
             assert_eq!(sqlstate(q), "55000", "{way}");
@@ -995,6 +1024,19 @@ mod tests {
             pgrx::spi::quote_literal(q)
         ));
         assert!(msg.contains("(table public.off_ev21)"), "{msg}");
+        // The same column and condition, but for SELECT only: stopped too.
+        run("DROP TABLE public.off_ev2");
+        run("CREATE TABLE public.off_ev3 (tenant_id text NOT NULL, k int) PARTITION BY LIST (k)");
+        run("CREATE TABLE public.off_ev31 PARTITION OF public.off_ev3 FOR VALUES IN (1)");
+        run("SELECT pgseal.tenant_protect('public.off_ev3')");
+        run("DROP POLICY pgseal_tenant ON public.off_ev31");
+        run("CREATE POLICY pgseal_tenant ON public.off_ev31 FOR SELECT USING (tenant_id = (SELECT pgseal.current_tenant()))");
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(msg.contains("(table public.off_ev31)"), "{msg}");
     }
 
     #[pg_test]
