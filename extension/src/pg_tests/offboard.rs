@@ -1024,13 +1024,14 @@ mod tests {
             pgrx::spi::quote_literal(q)
         ));
         assert!(msg.contains("(table public.off_ev21)"), "{msg}");
-        // The same column and condition, but for SELECT only: stopped too.
+        // The same column and conditions, but for UPDATE only: stopped too.
         run("DROP TABLE public.off_ev2");
         run("CREATE TABLE public.off_ev3 (tenant_id text NOT NULL, k int) PARTITION BY LIST (k)");
         run("CREATE TABLE public.off_ev31 PARTITION OF public.off_ev3 FOR VALUES IN (1)");
         run("SELECT pgseal.tenant_protect('public.off_ev3')");
         run("DROP POLICY pgseal_tenant ON public.off_ev31");
-        run("CREATE POLICY pgseal_tenant ON public.off_ev31 FOR SELECT USING (tenant_id = (SELECT pgseal.current_tenant()))");
+        run("CREATE POLICY pgseal_tenant ON public.off_ev31 FOR UPDATE USING (tenant_id = (SELECT pgseal.current_tenant())) \
+             WITH CHECK (tenant_id = (SELECT pgseal.current_tenant()))");
         assert_eq!(sqlstate(q), "55000");
         let msg: String = one(&format!(
             "SELECT tests.error_text_of({})",
