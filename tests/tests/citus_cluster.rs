@@ -2255,3 +2255,74 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
     assert!(ok);
     assert!(erased >= 5, "{erased}");
 }
+
+/// A distributed table that the offboarding's export did not read (protected after
+/// it) is not deleted from: a Citus table's rows have no keys, so its deletes would
+/// take its rows as they are, unexported. Its rows are left and stop the deletes.
+#[test]
+fn a_distributed_table_protected_after_the_export_is_not_deleted_from() {
+    if !citus::enabled("a_distributed_table_protected_after_the_export_is_not_deleted_from") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-offboard-late");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE TABLE users (id text, tenant_id text NOT NULL, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('users', 'tenant_id');
+         SELECT pgseal.subject_register('users', 'id');
+         CREATE TABLE late (tenant_id text NOT NULL, note text);
+         SELECT create_distributed_table('late', 'tenant_id');
+         SET app.tenant_id = 'acme';
+         INSERT INTO users SELECT 'u' || g, 'acme' FROM generate_series(1, 20) g;
+         INSERT INTO late VALUES ('acme', 'written before, protected after the export');
+         RESET app.tenant_id;
+         SELECT pgseal.tenant_offboard('acme', '0');",
+    )
+    .unwrap();
+    c.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('acme');
+         SELECT count(*) FROM pgseal._offboard_export('acme');
+         SELECT pgseal._offboard_advance('acme', 'scheduled', 'exported', '/x', repeat('a', 64));
+         COMMIT;",
+    )
+    .unwrap();
+    c.batch_execute("SELECT pgseal.tenant_protect('late')")
+        .unwrap();
+    let mut refused = None;
+    for _ in 0..10 {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('acme')", &[]).unwrap();
+        match tx.query_one("SELECT pgseal._offboard_delete('acme', 1000)", &[]) {
+            Ok(r) => {
+                let n: i64 = r.get(0);
+                tx.commit().unwrap();
+                if n == 0 {
+                    break;
+                }
+            }
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("the deletes stop on the table the export did not read");
+    assert_eq!(e.code().map(|s| s.code()), Some("55000"), "{e}");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(message.contains("(table public.late)"), "{message}");
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM late WHERE tenant_id = 'acme'"),
+        1
+    );
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM users WHERE tenant_id = 'acme'"
+        ),
+        0
+    );
+}
