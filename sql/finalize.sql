@@ -8,7 +8,8 @@
 -- while the master key is not loaded: a DROP must not fail for want of the key, and
 -- _registrations_follow_drops names such a rule in a WARNING instead.
 -- _master_key_loaded is vault_status()'s flag as a scalar (a trigger's WHEN takes no
--- set-returning function); executable by the owner only, like the DELETE.
+-- set-returning function); executable by pgseal_admin, who may DELETE a rule
+-- (retention_remove), and shows no more than vault_status(), which PUBLIC may call.
 CREATE FUNCTION pgseal._master_key_loaded() RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pgseal, pg_temp
@@ -99,6 +100,7 @@ GRANT EXECUTE ON FUNCTION pgseal.subject_export(text, text) TO pgseal_ledger;
 GRANT EXECUTE ON FUNCTION
     pgseal.subject_erase(text, text),
     pgseal.subject_register(regclass, name),
+    pgseal.subject_unregister(regclass, name),
     pgseal.subject_anonymise(regclass, name[])
 TO pgseal_admin;
 
@@ -121,6 +123,8 @@ GRANT EXECUTE ON FUNCTION
     pgseal.retention_set(regclass, interval, name, text),
     pgseal.retention_hold(text, boolean),
     pgseal.vault_register_column(regclass, name, text),
+    pgseal.vault_unregister_column(regclass, name),
+    pgseal.retention_remove(regclass, text),
     pgseal._key_usage(),
     pgseal._tenants_of(regclass),
     pgseal._tenants_scan(oid),
@@ -153,6 +157,8 @@ GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
 -- inside an offboarding's statement on that table, as its owner
 -- (extension/src/offboard/visible.rs).
 GRANT EXECUTE ON FUNCTION pgseal._offboard_visible(oid) TO PUBLIC;
+-- retention_remove's DELETE runs the retention rules' record trigger's condition.
+GRANT EXECUTE ON FUNCTION pgseal._master_key_loaded() TO pgseal_admin;
 
 -- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
 -- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).

@@ -267,6 +267,68 @@ CREATE TRIGGER sealed_columns_check BEFORE INSERT OR UPDATE ON pgseal.sealed_col
 ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_check;
 ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_check;
 
+-- A registration is removed (retention_remove, vault_unregister_column,
+-- subject_unregister, or a DELETE of its row) only by a role that could make it:
+-- one allowed to DELETE from (retention, subjects) or UPDATE (sealing) its table,
+-- or a member of its owner's role. A row whose table is gone goes (a DROP's event
+-- trigger removes those, as the extension owner).
+CREATE FUNCTION pgseal._registration_check_delete() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    owner pg_catalog.oid;
+BEGIN
+    SELECT c.relowner INTO owner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) OLD.rel;
+    IF owner IS NOT NULL AND NOT pg_catalog.pg_has_role(owner, 'USAGE')
+       AND NOT pg_catalog.has_table_privilege(OLD.rel, TG_ARGV[0]) THEN
+        RAISE EXCEPTION '%', pg_catalog.format('permission denied: removing a registration of %s needs %s on it', OLD.rel, TG_ARGV[0])
+            USING ERRCODE = '42501';
+    END IF;
+    RETURN OLD;
+END
+$$;
+CREATE TRIGGER retention_rules_check_delete BEFORE DELETE ON pgseal.retention_rules
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('DELETE');
+CREATE TRIGGER sealed_columns_check_delete BEFORE DELETE ON pgseal.sealed_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('UPDATE');
+ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_check_delete;
+ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_check_delete;
+
+-- Removes rel's retention rule for tenant (NULL: its default rule); returns whether
+-- there was one. Recorded as 'retention.removed'. Runs as the caller (the trigger
+-- above checks the table).
+CREATE FUNCTION pgseal.retention_remove(rel regclass, tenant text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'rel must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM pgseal.retention_rules r
+     WHERE r.rel OPERATOR(pg_catalog.=) rel AND r.tenant_id IS NOT DISTINCT FROM tenant;
+    RETURN FOUND;
+END
+$$;
+
+-- Removes the registration of rel's sealed column col (rotation no longer reseals
+-- it); returns whether there was one. Runs as the caller (the trigger above).
+CREATE FUNCTION pgseal.vault_unregister_column(rel regclass, col name) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF rel IS NULL OR col IS NULL THEN
+        RAISE EXCEPTION 'rel and col must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM pgseal.sealed_columns s WHERE s.rel OPERATOR(pg_catalog.=) rel AND s.col OPERATOR(pg_catalog.=) col;
+    RETURN FOUND;
+END
+$$;
+
 -- Retention rules and legal holds are evidence: 'retention.set' / 'retention.removed'
 -- (in the rule's tenant's chain; a default rule's in the tenant context's, else the
 -- system chain '_pgseal') and 'retention.held' / 'retention.released' (the tenant's
@@ -304,7 +366,7 @@ ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record_
 REVOKE ALL ON pgseal.retention_rules, pgseal.retention_holds, pgseal.sealed_columns, pgseal.job_runs FROM PUBLIC;
 -- retention_set and vault_register_column run as the caller (the trigger above
 -- checks what they write).
-GRANT SELECT, INSERT, UPDATE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
 GRANT SELECT ON pgseal.retention_policies, pgseal.key_usage, pgseal.sealed_columns, pgseal.retention_holds TO pgseal_admin;
 GRANT SELECT, INSERT, UPDATE ON pgseal.job_runs TO pgseal_admin;
 -- pg_dump copies a registration only while its table exists and its stored name is

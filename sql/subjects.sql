@@ -36,6 +36,27 @@ COMMENT ON TABLE pgseal.subject_columns IS
 CREATE TRIGGER subject_columns_check BEFORE INSERT OR UPDATE ON pgseal.subject_columns
     FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('DELETE');
 ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check;
+CREATE TRIGGER subject_columns_check_delete BEFORE DELETE ON pgseal.subject_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('DELETE');
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check_delete;
+
+-- Removes the registration of rel's subject column subject_column (export and
+-- erasure no longer read it); returns whether there was one. Runs as the caller
+-- (the trigger above checks the table).
+CREATE FUNCTION pgseal.subject_unregister(rel regclass, subject_column name) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF rel IS NULL OR subject_column IS NULL THEN
+        RAISE EXCEPTION 'rel and subject_column must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM pgseal.subject_columns x
+     WHERE x.rel OPERATOR(pg_catalog.=) rel AND x.col OPERATOR(pg_catalog.=) subject_column;
+    RETURN FOUND;
+END
+$$;
 
 -- Declares that rel's subject_column holds the id of the data subject a row is
 -- about. Several columns of a table may be registered; the table needs a text
@@ -74,7 +95,7 @@ REVOKE ALL ON pgseal.subject_columns FROM PUBLIC;
 -- The row audit reads the registrations as the role that changed the row
 -- (extension/src/ledger/audit_trigger.rs): table and column names, no data.
 GRANT SELECT ON pgseal.subject_columns TO PUBLIC;
-GRANT INSERT ON pgseal.subject_columns TO pgseal_admin;
+GRANT INSERT, DELETE ON pgseal.subject_columns TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_columns',
     'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) subject_columns.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) subject_columns.attnum AND a.attname OPERATOR(pg_catalog.=) subject_columns.col AND NOT a.attisdropped)');
 

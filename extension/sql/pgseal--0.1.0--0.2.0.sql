@@ -1920,6 +1920,68 @@ CREATE TRIGGER sealed_columns_check BEFORE INSERT OR UPDATE ON pgseal.sealed_col
 ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_check;
 ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_check;
 
+-- A registration is removed (retention_remove, vault_unregister_column,
+-- subject_unregister, or a DELETE of its row) only by a role that could make it:
+-- one allowed to DELETE from (retention, subjects) or UPDATE (sealing) its table,
+-- or a member of its owner's role. A row whose table is gone goes (a DROP's event
+-- trigger removes those, as the extension owner).
+CREATE FUNCTION pgseal._registration_check_delete() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+DECLARE
+    owner pg_catalog.oid;
+BEGIN
+    SELECT c.relowner INTO owner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) OLD.rel;
+    IF owner IS NOT NULL AND NOT pg_catalog.pg_has_role(owner, 'USAGE')
+       AND NOT pg_catalog.has_table_privilege(OLD.rel, TG_ARGV[0]) THEN
+        RAISE EXCEPTION '%', pg_catalog.format('permission denied: removing a registration of %s needs %s on it', OLD.rel, TG_ARGV[0])
+            USING ERRCODE = '42501';
+    END IF;
+    RETURN OLD;
+END
+$$;
+CREATE TRIGGER retention_rules_check_delete BEFORE DELETE ON pgseal.retention_rules
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('DELETE');
+CREATE TRIGGER sealed_columns_check_delete BEFORE DELETE ON pgseal.sealed_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('UPDATE');
+ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_check_delete;
+ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_check_delete;
+
+-- Removes rel's retention rule for tenant (NULL: its default rule); returns whether
+-- there was one. Recorded as 'retention.removed'. Runs as the caller (the trigger
+-- above checks the table).
+CREATE FUNCTION pgseal.retention_remove(rel regclass, tenant text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF rel IS NULL THEN
+        RAISE EXCEPTION 'rel must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM pgseal.retention_rules r
+     WHERE r.rel OPERATOR(pg_catalog.=) rel AND r.tenant_id IS NOT DISTINCT FROM tenant;
+    RETURN FOUND;
+END
+$$;
+
+-- Removes the registration of rel's sealed column col (rotation no longer reseals
+-- it); returns whether there was one. Runs as the caller (the trigger above).
+CREATE FUNCTION pgseal.vault_unregister_column(rel regclass, col name) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF rel IS NULL OR col IS NULL THEN
+        RAISE EXCEPTION 'rel and col must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM pgseal.sealed_columns s WHERE s.rel OPERATOR(pg_catalog.=) rel AND s.col OPERATOR(pg_catalog.=) col;
+    RETURN FOUND;
+END
+$$;
+
 -- Retention rules and legal holds are evidence: 'retention.set' / 'retention.removed'
 -- (in the rule's tenant's chain; a default rule's in the tenant context's, else the
 -- system chain '_pgseal') and 'retention.held' / 'retention.released' (the tenant's
@@ -1956,7 +2018,7 @@ ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record_
 
 -- retention_set and vault_register_column run as the caller (the trigger above
 -- checks what they write).
-GRANT SELECT, INSERT, UPDATE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
+GRANT SELECT, INSERT, UPDATE, DELETE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
 GRANT SELECT ON pgseal.retention_policies, pgseal.key_usage, pgseal.sealed_columns, pgseal.retention_holds TO pgseal_admin;
 -- pg_dump copies a registration only while its table exists and its stored name is
 -- its column's (pg_dump runs "COPY (SELECT ... FROM ONLY <table> <condition>)" with
@@ -2213,6 +2275,27 @@ COMMENT ON TABLE pgseal.subject_columns IS
 CREATE TRIGGER subject_columns_check BEFORE INSERT OR UPDATE ON pgseal.subject_columns
     FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('DELETE');
 ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check;
+CREATE TRIGGER subject_columns_check_delete BEFORE DELETE ON pgseal.subject_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('DELETE');
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check_delete;
+
+-- Removes the registration of rel's subject column subject_column (export and
+-- erasure no longer read it); returns whether there was one. Runs as the caller
+-- (the trigger above checks the table).
+CREATE FUNCTION pgseal.subject_unregister(rel regclass, subject_column name) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+#variable_conflict use_variable
+BEGIN
+    IF rel IS NULL OR subject_column IS NULL THEN
+        RAISE EXCEPTION 'rel and subject_column must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    DELETE FROM pgseal.subject_columns x
+     WHERE x.rel OPERATOR(pg_catalog.=) rel AND x.col OPERATOR(pg_catalog.=) subject_column;
+    RETURN FOUND;
+END
+$$;
 
 -- Declares that rel's subject_column holds the id of the data subject a row is
 -- about. Several columns of a table may be registered; the table needs a text
@@ -2251,7 +2334,7 @@ REVOKE ALL ON pgseal.subject_columns FROM PUBLIC;
 -- The row audit reads the registrations as the role that changed the row
 -- (extension/src/ledger/audit_trigger.rs): table and column names, no data.
 GRANT SELECT ON pgseal.subject_columns TO PUBLIC;
-GRANT INSERT ON pgseal.subject_columns TO pgseal_admin;
+GRANT INSERT, DELETE ON pgseal.subject_columns TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_columns',
     'WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) subject_columns.rel::pg_catalog.oid AND a.attnum OPERATOR(pg_catalog.=) subject_columns.attnum AND a.attname OPERATOR(pg_catalog.=) subject_columns.col AND NOT a.attisdropped)');
 
@@ -2418,7 +2501,8 @@ $$;
 -- while the master key is not loaded: a DROP must not fail for want of the key, and
 -- _registrations_follow_drops names such a rule in a WARNING instead.
 -- _master_key_loaded is vault_status()'s flag as a scalar (a trigger's WHEN takes no
--- set-returning function); executable by the owner only, like the DELETE.
+-- set-returning function); executable by pgseal_admin, who may DELETE a rule
+-- (retention_remove), and shows no more than vault_status(), which PUBLIC may call.
 CREATE FUNCTION pgseal._master_key_loaded() RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pgseal, pg_temp
@@ -2507,6 +2591,7 @@ GRANT EXECUTE ON FUNCTION pgseal.subject_export(text, text) TO pgseal_ledger;
 GRANT EXECUTE ON FUNCTION
     pgseal.subject_erase(text, text),
     pgseal.subject_register(regclass, name),
+    pgseal.subject_unregister(regclass, name),
     pgseal.subject_anonymise(regclass, name[])
 TO pgseal_admin;
 
@@ -2529,6 +2614,8 @@ GRANT EXECUTE ON FUNCTION
     pgseal.retention_set(regclass, interval, name, text),
     pgseal.retention_hold(text, boolean),
     pgseal.vault_register_column(regclass, name, text),
+    pgseal.vault_unregister_column(regclass, name),
+    pgseal.retention_remove(regclass, text),
     pgseal._key_usage(),
     pgseal._tenants_of(regclass),
     pgseal._tenants_scan(oid),
@@ -2561,6 +2648,8 @@ GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
 -- inside an offboarding's statement on that table, as its owner
 -- (extension/src/offboard/visible.rs).
 GRANT EXECUTE ON FUNCTION pgseal._offboard_visible(oid) TO PUBLIC;
+-- retention_remove's DELETE runs the retention rules' record trigger's condition.
+GRANT EXECUTE ON FUNCTION pgseal._master_key_loaded() TO pgseal_admin;
 
 -- Checkpoint log (issue 14): pgseal_admin reads the checkpoints ledger_checkpoint()
 -- kept; nobody writes them but ledger_checkpoint() itself (extension/src/ledger/guard.rs).

@@ -611,4 +611,80 @@ mod tests {
                AND relation = 'public.job_plain'::regclass AND mode = 'ShareUpdateExclusiveLock' AND granted)"
         ));
     }
+
+    #[pg_test]
+    fn registrations_are_undone_only_by_a_role_that_could_make_them() {
+        // Each registry's undo: true when it removed a registration, false after;
+        // a pgseal_admin member without the table privilege its registration needs
+        // (and not a member of the owner's role) cannot remove it, by the function
+        // or by a DELETE of the row; the owner can. A retention rule's removal is
+        // recorded.
+        run("CREATE TABLE public.undo_t (id text PRIMARY KEY, tenant_id text NOT NULL, tok text, created_at timestamptz)");
+        run("SELECT pgseal.subject_register('public.undo_t', 'id')");
+        run("SELECT pgseal.vault_register_column('public.undo_t', 'tok')");
+        run("SELECT pgseal.retention_set('public.undo_t', '30 days')");
+        run("CREATE ROLE undo_admin IN ROLE pgseal_admin");
+        run("GRANT SELECT ON public.undo_t TO undo_admin");
+        run("SET LOCAL ROLE undo_admin");
+        for (q, direct) in [
+            (
+                "SELECT pgseal.subject_unregister('public.undo_t', 'id')",
+                "DELETE FROM pgseal.subject_columns WHERE rel = 'public.undo_t'::regclass",
+            ),
+            (
+                "SELECT pgseal.vault_unregister_column('public.undo_t', 'tok')",
+                "DELETE FROM pgseal.sealed_columns WHERE rel = 'public.undo_t'::regclass",
+            ),
+            (
+                "SELECT pgseal.retention_remove('public.undo_t')",
+                "DELETE FROM pgseal.retention_rules WHERE rel = 'public.undo_t'::regclass",
+            ),
+        ] {
+            assert_eq!(sqlstate(q), "42501", "{q}");
+            assert_eq!(sqlstate(direct), "42501", "{direct}");
+        }
+        run("RESET ROLE");
+        for (table, n) in [
+            ("subject_columns", 1),
+            ("sealed_columns", 1),
+            ("retention_rules", 1),
+        ] {
+            assert_eq!(
+                one::<i64>(&format!(
+                    "SELECT count(*) FROM pgseal.{table} WHERE rel = 'public.undo_t'::regclass"
+                )),
+                n,
+                "{table}"
+            );
+        }
+        // With the privileges, each goes, once.
+        run("GRANT DELETE, UPDATE ON public.undo_t TO undo_admin");
+        run("SET LOCAL ROLE undo_admin");
+        for q in [
+            "SELECT pgseal.subject_unregister('public.undo_t', 'id')",
+            "SELECT pgseal.vault_unregister_column('public.undo_t', 'tok')",
+            "SELECT pgseal.retention_remove('public.undo_t')",
+        ] {
+            assert!(one::<bool>(q), "{q}");
+            assert!(!one::<bool>(q), "{q}");
+        }
+        run("RESET ROLE");
+        for table in ["subject_columns", "sealed_columns", "retention_rules"] {
+            assert_eq!(
+                one::<i64>(&format!(
+                    "SELECT count(*) FROM pgseal.{table} WHERE rel = 'public.undo_t'::regclass"
+                )),
+                0,
+                "{table}"
+            );
+        }
+        assert!(one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pgseal.ledger WHERE event = 'retention.removed' \
+                AND payload ->> 'table' = 'public.undo_t')"
+        ));
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_unregister(NULL, 'id')"),
+            "22004"
+        );
+    }
 }
