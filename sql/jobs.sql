@@ -56,6 +56,12 @@ DECLARE
     msg  pg_catalog.text;
     code pg_catalog.text;
 BEGIN
+    -- A registration never moves to another table: that would remove it from its
+    -- table without the removal's check (_registration_check_delete).
+    IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND OLD.rel IS DISTINCT FROM NEW.rel THEN
+        RAISE EXCEPTION 'a registration cannot move to another table: remove it and register the other'
+            USING ERRCODE = '0A000';
+    END IF;
     SELECT c.relkind, n.nspname INTO kind, nsp
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
      WHERE c.oid OPERATOR(pg_catalog.=) NEW.rel;
@@ -284,6 +290,18 @@ BEGIN
        AND NOT pg_catalog.has_table_privilege(OLD.rel, TG_ARGV[0]) THEN
         RAISE EXCEPTION '%', pg_catalog.format('permission denied: removing a registration of %s needs %s on it', OLD.rel, TG_ARGV[0])
             USING ERRCODE = '42501';
+    END IF;
+    -- Nor while an offboarding that read the table is under way: its deletes and
+    -- its count of rows left go by the registrations (a superuser's removal, such
+    -- as a DROP COLUMN's through the event trigger, goes).
+    IF owner IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                        WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER AND r.rolsuper)
+       AND EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o
+                                      WHERE o.step OPERATOR(pg_catalog.<>) 'done'
+                                        AND OLD.rel OPERATOR(pg_catalog.=) ANY (o.export_tables)) THEN
+        RAISE EXCEPTION '%', pg_catalog.format('a registration of %s cannot be removed while an offboarding that exported the table is under way', OLD.rel)
+            USING ERRCODE = '55000';
     END IF;
     RETURN OLD;
 END

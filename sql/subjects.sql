@@ -102,6 +102,9 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.subject_columns',
 CREATE TRIGGER subject_anonymised_columns_check BEFORE INSERT OR UPDATE ON pgseal.subject_anonymised_columns
     FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check('UPDATE');
 ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_check;
+CREATE TRIGGER subject_anonymised_columns_check_delete BEFORE DELETE ON pgseal.subject_anonymised_columns
+    FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('UPDATE');
+ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_check_delete;
 
 -- Declares that subject_erase anonymises rel's rows of a subject instead of
 -- deleting them: it sets `columns`, and the registered subject column the row

@@ -686,5 +686,50 @@ mod tests {
             sqlstate("SELECT pgseal.subject_unregister(NULL, 'id')"),
             "22004"
         );
+        // Nor by moving a registration to another table (an UPDATE), nor by
+        // removing a table's anonymise declaration without UPDATE on it.
+        run("CREATE TABLE public.undo_mine (id text PRIMARY KEY, tenant_id text NOT NULL, tok text)");
+        run("GRANT UPDATE, DELETE ON public.undo_mine TO undo_admin");
+        run("REVOKE DELETE, UPDATE ON public.undo_t FROM undo_admin");
+        run("SELECT pgseal.vault_register_column('public.undo_t', 'tok')");
+        run("SELECT pgseal.subject_anonymise('public.undo_t', '{tok}')");
+        run("SET LOCAL ROLE undo_admin");
+        assert_eq!(
+            sqlstate(
+                "UPDATE pgseal.sealed_columns SET rel = 'public.undo_mine'::regclass \
+                  WHERE rel = 'public.undo_t'::regclass"
+            ),
+            "0A000"
+        );
+        assert_eq!(
+            sqlstate("DELETE FROM pgseal.subject_anonymised_columns WHERE rel = 'public.undo_t'::regclass"),
+            "42501"
+        );
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_anonymise('public.undo_t', '{}')"),
+            "42501"
+        );
+        run("RESET ROLE");
+        // A member of the owner's role may, without the privilege itself.
+        run("CREATE ROLE undo_owner");
+        run("ALTER TABLE public.undo_t OWNER TO undo_owner");
+        run("REVOKE ALL ON public.undo_t FROM undo_owner");
+        run("GRANT undo_owner TO undo_admin");
+        run("SET LOCAL ROLE undo_admin");
+        assert!(one::<bool>(
+            "SELECT pgseal.vault_unregister_column('public.undo_t', 'tok')"
+        ));
+        run("RESET ROLE");
+        // Not while an offboarding that exported the table is under way.
+        run("SELECT pgseal.subject_register('public.undo_mine', 'id')");
+        tenant("undo-off");
+        run("SELECT pgseal.tenant_offboard('undo-off', '0')");
+        run("SELECT count(*) FROM pgseal._offboard_export('undo-off')");
+        run("SET LOCAL ROLE undo_admin");
+        assert_eq!(
+            sqlstate("SELECT pgseal.subject_unregister('public.undo_mine', 'id')"),
+            "55000"
+        );
+        run("RESET ROLE");
     }
 }
