@@ -1978,6 +1978,10 @@ BEGIN
     IF rel IS NULL THEN
         RAISE EXCEPTION 'rel must not be NULL' USING ERRCODE = '22004';
     END IF;
+    IF tenant = '' THEN
+        RAISE EXCEPTION 'tenant must not be empty; NULL names the default rule' USING ERRCODE = '22023';
+    END IF;
+    PERFORM pgseal._check_tenant_arg(tenant);
     DELETE FROM pgseal.retention_rules r
      WHERE r.rel OPERATOR(pg_catalog.=) rel AND r.tenant_id IS NOT DISTINCT FROM tenant;
     RETURN FOUND;
