@@ -521,18 +521,7 @@ impl Table {
             // only its own user's and organisations' rows, while the offboarding
             // reads and deletes all of the tenant's: only a role they do not bind
             // may have that done.
-            let scheduler = as_owner(|| {
-                Spi::get_one_with_args::<pg_sys::Oid>(
-                    "SELECT o.scheduled_by::pg_catalog.oid FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $1",
-                    &[tenant.into()],
-                )
-            });
-            let scheduler = match scheduler {
-                Ok(s) => s,
-                Err(pgrx::spi::Error::InvalidPosition) => None,
-                Err(e) => return Err(e.into()),
-            };
-            if let Some(role) = scheduler {
+            if let Some(role) = scheduler_of(tenant)? {
                 if self.bound(role)? {
                     return Err(SealError::Forbidden(
                         "org_protect's policies bind the role that scheduled the offboarding on an offboarded table: only a role they do not bind (a superuser, or one with BYPASSRLS) may offboard its tenants' rows",
@@ -541,36 +530,32 @@ impl Table {
             }
             return Ok(());
         }
-        let (has_own, exact, only_exact, scheduler) = crate::privilege::with_pinned_search_path(
-            || {
-                as_owner(|| {
-                    Spi::connect(|c| {
-                        let row = c
+        let (has_own, exact, only_exact) = crate::privilege::with_pinned_search_path(|| {
+            as_owner(|| {
+                Spi::connect(|c| {
+                    let row = c
                         .select(
                             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1 \
                                                AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), \
                                     COALESCE(pg_catalog.bool_and(e.exact IS TRUE) FILTER (WHERE e.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), true), \
-                                    pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 AND COALESCE(pg_catalog.bool_and(e.exact IS TRUE), false), \
-                                    (SELECT o.scheduled_by::pg_catalog.oid FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $3) \
+                                    pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 AND COALESCE(pg_catalog.bool_and(e.exact IS TRUE), false) \
                                FROM (SELECT p.polname, p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' AND p.polpermissive \
                                             AND p.polcmd OPERATOR(pg_catalog.=) '*' AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
                                             AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
                                             AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) AS exact \
                                        FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1) e",
                             Some(1),
-                            &[self.rel.into(), locked.policy_texts().into(), tenant.into()],
+                            &[self.rel.into(), locked.policy_texts().into()],
                         )?
                         .first();
-                        Ok::<_, pgrx::spi::Error>((
-                            row.get::<bool>(1)?.unwrap_or(true),
-                            row.get::<bool>(2)?.unwrap_or(false),
-                            row.get::<bool>(3)?.unwrap_or(false),
-                            row.get::<pg_sys::Oid>(4)?,
-                        ))
-                    })
+                    Ok::<_, pgrx::spi::Error>((
+                        row.get::<bool>(1)?.unwrap_or(true),
+                        row.get::<bool>(2)?.unwrap_or(false),
+                        row.get::<bool>(3)?.unwrap_or(false),
+                    ))
                 })
-            },
-        )?;
+            })
+        })?;
         if has_own && !exact {
             return Err(SealError::Refused(
                 "an offboarded table's pgseal_tenant policy is not tenant_protect's: the tenant's rows cannot all be found (run pgseal.tenant_protect on it again)",
@@ -580,7 +565,7 @@ impl Table {
             return Ok(());
         }
         let bound = |role: pg_sys::Oid| self.bound(role);
-        if bound(self.owner)? || scheduler.map(bound).transpose()? == Some(true) {
+        if bound(self.owner)? || scheduler_of(tenant)?.map(bound).transpose()? == Some(true) {
             return Err(SealError::Refused(
                 "row-level security other than tenant_protect's binds an offboarded table's owner or the role that scheduled the offboarding: the tenant's rows cannot all be found (run pgseal.tenant_protect on it again)",
             ));
@@ -712,6 +697,20 @@ impl Table {
     }
 }
 
+/// The role that scheduled the tenant's offboarding (`scheduled_by`), if one is.
+fn scheduler_of(tenant: &str) -> SealResult<Option<pg_sys::Oid>> {
+    match as_owner(|| {
+        Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT o.scheduled_by::pg_catalog.oid FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $1",
+            &[tenant.into()],
+        )
+    }) {
+        Ok(s) => Ok(s),
+        Err(pgrx::spi::Error::InvalidPosition) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Refuses (42501) unless the role that scheduled the tenant's offboarding
 /// (`tenant_offboardings.scheduled_by`) holds `privilege` on `rel`.
 fn require_scheduler_access(tenant: &str, rel: pg_sys::Oid, privilege: &str) -> SealResult<()> {
@@ -816,18 +815,19 @@ impl Table {
 /// children, at every level; a temporary child is another session's, and its rows
 /// are its), with their owners.
 fn tree_of(rel: pg_sys::Oid) -> SealResult<Vec<Table>> {
-    tables_of(
-                "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \
-                   UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
-                 SELECT t.rel, c.relowner, NULL::pg_catalog.int2, false FROM t JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.rel \
-                  WHERE c.relpersistence OPERATOR(pg_catalog.<>) 't'",
-        &[rel.into()],
-    )
+    Table {
+        rel,
+        owner: pg_sys::Oid::INVALID,
+        attnum: None,
+        org: false,
+    }
+    .members()
 }
 
 impl Table {
     /// This table and every permanent table under it (`tree_of`), each with its
-    /// own number of this table's tenant column (a partition's can differ).
+    /// own number of this table's tenant column (a partition's can differ; none
+    /// without one).
     fn members(&self) -> SealResult<Vec<Table>> {
         tables_of(
                 "WITH RECURSIVE t(rel) AS (SELECT $1::pg_catalog.oid \

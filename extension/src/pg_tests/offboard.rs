@@ -833,6 +833,13 @@ mod tests {
              WITH CHECK (org = (SELECT pgseal.current_tenant()))",
             "DROP POLICY pgseal_tenant ON public.off_pol; \
              CREATE POLICY pgseal_tenant ON public.off_pol FOR SELECT USING (org = (SELECT pgseal.current_tenant()))",
+            // An operator named like the built-in one, in a schema the owner can
+            // write to, whose function could answer anything: it must not pass for
+            // tenant_protect's `=`, whatever the search_path.
+            "CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = pg_catalog.texteq); \
+             SET LOCAL search_path = public, pg_catalog; \
+             ALTER POLICY pgseal_tenant ON public.off_pol USING (org OPERATOR(public.=) (SELECT pgseal.current_tenant())) \
+             WITH CHECK (org OPERATOR(public.=) (SELECT pgseal.current_tenant()))",
             // The owner exempt (no FORCE), the policy no longer byte for byte: the
             // application would see an 'OFF-POL-…' row as the tenant's.
             "ALTER TABLE public.off_pol NO FORCE ROW LEVEL SECURITY; \
