@@ -530,30 +530,28 @@ impl Table {
             }
             return Ok(());
         }
-        let (has_own, exact, only_exact) = crate::privilege::with_pinned_search_path(|| {
-            as_owner(|| {
-                Spi::connect(|c| {
-                    let row = c
-                        .select(
-                            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1 \
-                                               AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), \
-                                    COALESCE(pg_catalog.bool_and(e.exact IS TRUE) FILTER (WHERE e.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), true), \
-                                    pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 AND COALESCE(pg_catalog.bool_and(e.exact IS TRUE), false) \
-                               FROM (SELECT p.polname, p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' AND p.polpermissive \
-                                            AND p.polcmd OPERATOR(pg_catalog.=) '*' AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
-                                            AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
-                                            AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) AS exact \
-                                       FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1) e",
-                            Some(1),
-                            &[self.rel.into(), locked.policy_texts().into()],
-                        )?
-                        .first();
-                    Ok::<_, pgrx::spi::Error>((
-                        row.get::<bool>(1)?.unwrap_or(true),
-                        row.get::<bool>(2)?.unwrap_or(false),
-                        row.get::<bool>(3)?.unwrap_or(false),
-                    ))
-                })
+        let (has_own, exact, only_exact) = as_owner(|| {
+            Spi::connect(|c| {
+                let row = c
+                    .select(
+                        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1 \
+                                           AND p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), \
+                                COALESCE(pg_catalog.bool_and(e.exact IS TRUE) FILTER (WHERE e.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), true), \
+                                pg_catalog.count(*) OPERATOR(pg_catalog.=) 1 AND COALESCE(pg_catalog.bool_and(e.exact IS TRUE), false) \
+                           FROM (SELECT p.polname, p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' AND p.polpermissive \
+                                        AND p.polcmd OPERATOR(pg_catalog.=) '*' AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
+                                        AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                        AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) AS exact \
+                                   FROM pg_catalog.pg_policy p WHERE p.polrelid OPERATOR(pg_catalog.=) $1) e",
+                        Some(1),
+                        &[self.rel.into(), locked.policy_texts().into()],
+                    )?
+                    .first();
+                Ok::<_, pgrx::spi::Error>((
+                    row.get::<bool>(1)?.unwrap_or(true),
+                    row.get::<bool>(2)?.unwrap_or(false),
+                    row.get::<bool>(3)?.unwrap_or(false),
+                ))
             })
         })?;
         if has_own && !exact {
@@ -594,27 +592,25 @@ impl Table {
     /// table directly, would see others. And one with more than one parent, whose
     /// rows the export would read twice.
     fn require_tree_policies(&self, locked: &Locked) -> SealResult<()> {
-        let odd = crate::privilege::with_pinned_search_path(|| {
-            as_owner(|| {
-                Spi::get_one_with_args::<pg_sys::Oid>(
-                    "WITH RECURSIVE t(rel) AS (SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent OPERATOR(pg_catalog.=) $1 \
-                        UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
-                     SELECT t.rel FROM t \
-                      WHERE (SELECT pg_catalog.count(*) FROM pg_catalog.pg_inherits i WHERE i.inhrelid OPERATOR(pg_catalog.=) t.rel) \
-                              OPERATOR(pg_catalog.>) 1 \
-                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
-                                     WHERE p.polrelid OPERATOR(pg_catalog.=) t.rel \
-                                       AND p.polname IN ('pgseal_tenant', 'pgseal_tenant_only') \
-                                       AND NOT COALESCE(pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
-                                                        AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
-                                                        AND p.polcmd OPERATOR(pg_catalog.=) '*' \
-                                                        AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
-                                                        AND p.polpermissive OPERATOR(pg_catalog.=) (p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), \
-                                                        false)) \
-                      ORDER BY t.rel LIMIT 1",
-                    &[self.rel.into(), locked.policy_texts().into()],
-                )
-            })
+        let odd = as_owner(|| {
+            Spi::get_one_with_args::<pg_sys::Oid>(
+                "WITH RECURSIVE t(rel) AS (SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent OPERATOR(pg_catalog.=) $1 \
+                    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN t ON i.inhparent OPERATOR(pg_catalog.=) t.rel) \
+                 SELECT t.rel FROM t \
+                  WHERE (SELECT pg_catalog.count(*) FROM pg_catalog.pg_inherits i WHERE i.inhrelid OPERATOR(pg_catalog.=) t.rel) \
+                          OPERATOR(pg_catalog.>) 1 \
+                     OR EXISTS (SELECT 1 FROM pg_catalog.pg_policy p \
+                                 WHERE p.polrelid OPERATOR(pg_catalog.=) t.rel \
+                                   AND p.polname IN ('pgseal_tenant', 'pgseal_tenant_only') \
+                                   AND NOT COALESCE(pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                                    AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                                                    AND p.polcmd OPERATOR(pg_catalog.=) '*' \
+                                                    AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
+                                                    AND p.polpermissive OPERATOR(pg_catalog.=) (p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant'), \
+                                                    false)) \
+                  ORDER BY t.rel LIMIT 1",
+                &[self.rel.into(), locked.policy_texts().into()],
+            )
         });
         match odd {
             Ok(None) | Err(pgrx::spi::Error::InvalidPosition) => Ok(()),
@@ -640,53 +636,51 @@ impl Table {
     /// anyone else (its code would run with the owner's rights). Refused (55000)
     /// otherwise.
     fn require_org_policies(&self, locked: &Locked) -> SealResult<()> {
-        let ok = crate::privilege::with_pinned_search_path(|| {
-            as_owner(|| {
-                Spi::get_one_with_args::<bool>(
-                    "SELECT COALESCE(pg_catalog.bool_and((CASE p.polname \
-                              WHEN 'pgseal_tenant_only' THEN NOT p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) '*' \
-                                   AND p.polqual IS NOT NULL AND p.polwithcheck IS NOT NULL \
-                                   AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
-                                   AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
-                                   AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
-                              WHEN 'pgseal_offboard_select' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'r' \
-                                   AND p.polqual IS NOT NULL \
-                                   AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
-                                   AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
-                              WHEN 'pgseal_offboard_delete' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'd' \
-                                   AND p.polqual IS NOT NULL \
-                                   AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
-                                   AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
-                              WHEN 'pgseal_owner' THEN p.polpermissive \
-                              WHEN 'pgseal_org_select' THEN p.polpermissive \
-                              WHEN 'pgseal_org_insert' THEN p.polpermissive \
-                              WHEN 'pgseal_org_update' THEN p.polpermissive \
-                              WHEN 'pgseal_org_delete' THEN p.polpermissive \
-                              ELSE false END) IS TRUE), false) \
-                        AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy q \
-                                          JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
-                                                                     AND d.objid OPERATOR(pg_catalog.=) q.oid \
-                                         WHERE q.polrelid OPERATOR(pg_catalog.=) $1 \
-                                           AND NOT (d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
-                                                    AND d.refobjid OPERATOR(pg_catalog.=) $1) \
-                                           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend x \
-                                                            WHERE x.classid OPERATOR(pg_catalog.=) d.refclassid AND x.objid OPERATOR(pg_catalog.=) d.refobjid \
-                                                              AND x.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass \
-                                                              AND x.deptype OPERATOR(pg_catalog.=) 'e' \
-                                                              AND x.refobjid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e \
-                                                                                                       WHERE e.extname OPERATOR(pg_catalog.=) 'pgseal')) \
-                                           AND NOT (d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass \
-                                                    AND EXISTS (SELECT 1 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_authid r ON r.oid OPERATOR(pg_catalog.=) t.typowner \
-                                                                 WHERE t.oid OPERATOR(pg_catalog.=) d.refobjid AND t.typtype OPERATOR(pg_catalog.<>) 'd' \
-                                                                   AND (r.rolsuper OR r.oid OPERATOR(pg_catalog.=) $3)))) \
-                        AND pg_catalog.count(*) FILTER (WHERE p.polname IN ('pgseal_tenant_only', 'pgseal_offboard_select', 'pgseal_offboard_delete')) \
-                            OPERATOR(pg_catalog.=) 3 \
-                       FROM pg_catalog.pg_policy p, \
-                            (SELECT pg_catalog.format('pgseal._offboard_visible((%L::regclass)::oid)', $1::pg_catalog.regclass::pg_catalog.text) AS text) v \
-                      WHERE p.polrelid OPERATOR(pg_catalog.=) $1",
-                    &[self.rel.into(), locked.policy_texts().into(), self.owner.into()],
-                )
-            })
+        let ok = as_owner(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT COALESCE(pg_catalog.bool_and((CASE p.polname \
+                          WHEN 'pgseal_tenant_only' THEN NOT p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) '*' \
+                               AND p.polqual IS NOT NULL AND p.polwithcheck IS NOT NULL \
+                               AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] \
+                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                               AND pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid) OPERATOR(pg_catalog.=) ANY ($2) \
+                          WHEN 'pgseal_offboard_select' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'r' \
+                               AND p.polqual IS NOT NULL \
+                               AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
+                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
+                          WHEN 'pgseal_offboard_delete' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'd' \
+                               AND p.polqual IS NOT NULL \
+                               AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
+                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
+                          WHEN 'pgseal_owner' THEN p.polpermissive \
+                          WHEN 'pgseal_org_select' THEN p.polpermissive \
+                          WHEN 'pgseal_org_insert' THEN p.polpermissive \
+                          WHEN 'pgseal_org_update' THEN p.polpermissive \
+                          WHEN 'pgseal_org_delete' THEN p.polpermissive \
+                          ELSE false END) IS TRUE), false) \
+                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy q \
+                                      JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
+                                                                 AND d.objid OPERATOR(pg_catalog.=) q.oid \
+                                     WHERE q.polrelid OPERATOR(pg_catalog.=) $1 \
+                                       AND NOT (d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass \
+                                                AND d.refobjid OPERATOR(pg_catalog.=) $1) \
+                                       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend x \
+                                                        WHERE x.classid OPERATOR(pg_catalog.=) d.refclassid AND x.objid OPERATOR(pg_catalog.=) d.refobjid \
+                                                          AND x.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass \
+                                                          AND x.deptype OPERATOR(pg_catalog.=) 'e' \
+                                                          AND x.refobjid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e \
+                                                                                                   WHERE e.extname OPERATOR(pg_catalog.=) 'pgseal')) \
+                                       AND NOT (d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_type'::pg_catalog.regclass \
+                                                AND EXISTS (SELECT 1 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_authid r ON r.oid OPERATOR(pg_catalog.=) t.typowner \
+                                                             WHERE t.oid OPERATOR(pg_catalog.=) d.refobjid AND t.typtype OPERATOR(pg_catalog.<>) 'd' \
+                                                               AND (r.rolsuper OR r.oid OPERATOR(pg_catalog.=) $3)))) \
+                    AND pg_catalog.count(*) FILTER (WHERE p.polname IN ('pgseal_tenant_only', 'pgseal_offboard_select', 'pgseal_offboard_delete')) \
+                        OPERATOR(pg_catalog.=) 3 \
+                   FROM pg_catalog.pg_policy p, \
+                        (SELECT pg_catalog.format('pgseal._offboard_visible((%L::regclass)::oid)', $1::pg_catalog.regclass::pg_catalog.text) AS text) v \
+                  WHERE p.polrelid OPERATOR(pg_catalog.=) $1",
+                &[self.rel.into(), locked.policy_texts().into(), self.owner.into()],
+            )
         })?;
         if ok != Some(true) {
             return Err(SealError::Refused(
