@@ -43,10 +43,11 @@ BEGIN
 END
 $$;
 
--- Makes pgseal.tenant_keys a reference table (run once, on the coordinator, after
--- CREATE EXTENSION pgseal and adding the workers). Keys made on the coordinator so
--- far are copied to every node; keys that exist only in a worker's own table would
--- be hidden by the distribution, so it refuses while any worker has one. It also
+-- Makes pgseal.tenant_keys and pgseal._org_members_copy reference tables (run once,
+-- on the coordinator, after CREATE EXTENSION pgseal and adding the workers; run
+-- again, it does what is left). Keys and organisation members made on the
+-- coordinator so far are copied to every node; keys that exist only in a worker's own
+-- table would be hidden by the distribution, so it refuses while any worker has one. It also
 -- hands pgseal._two_phase to Citus, which pgseal's ledger needs on a Citus
 -- coordinator. Returns what it did.
 CREATE FUNCTION pgseal.citus_distribute() RETURNS text
@@ -55,6 +56,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     stray text;
+    done  text[] := '{}';
 BEGIN
     IF NOT pgseal._citus_present() THEN
         RAISE EXCEPTION 'Citus is not installed in this database'
@@ -81,23 +83,37 @@ BEGIN
                    WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._two_phase'::pg_catalog.regclass) THEN
         EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata(''pgseal._two_phase'')';
     END IF;
-    IF EXISTS (SELECT 1 FROM pgseal._citus_tables() d
-               WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
-        RETURN 'pgseal.tenant_keys is already a reference table';
+    IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                   WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
+        EXECUTE $q$
+            SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s', r.nodename, r.nodeport), ', ')
+            FROM pg_catalog.run_command_on_workers('SELECT pg_catalog.count(*) FROM pgseal.tenant_keys') r
+            WHERE NOT r.success OR r.result OPERATOR(pg_catalog.<>) '0' $q$ INTO stray;
+        IF stray IS NOT NULL THEN
+            RAISE EXCEPTION 'workers % have keys of their own in pgseal.tenant_keys (or could not be read)', stray
+                USING ERRCODE = '55000',
+                      HINT = 'Keys made on a worker before pgseal.citus_distribute() would be hidden by it; decrypt and seal those values again through the coordinator.';
+        END IF;
+        EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal.tenant_keys'')';
+        EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal.tenant_keys'')';
+        -- Keys cached so far were read from this node's own table: empty every cache.
+        PERFORM pgseal._keys_changed();
+        done := pg_catalog.array_append(done, 'pgseal.tenant_keys');
     END IF;
-    EXECUTE $q$
-        SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s', r.nodename, r.nodeport), ', ')
-        FROM pg_catalog.run_command_on_workers('SELECT pg_catalog.count(*) FROM pgseal.tenant_keys') r
-        WHERE NOT r.success OR r.result OPERATOR(pg_catalog.<>) '0' $q$ INTO stray;
-    IF stray IS NOT NULL THEN
-        RAISE EXCEPTION 'workers % have keys of their own in pgseal.tenant_keys (or could not be read)', stray
-            USING ERRCODE = '55000',
-                  HINT = 'Keys made on a worker before pgseal.citus_distribute() would be hidden by it; decrypt and seal those values again through the coordinator.';
+    -- The organisation membership the workers read (sql/tenancy.sql): this node's
+    -- org_members as it is now, then kept equal by org_members' trigger.
+    IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                   WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._org_members_copy'::pg_catalog.regclass) THEN
+        DELETE FROM pgseal._org_members_copy;
+        INSERT INTO pgseal._org_members_copy (tenant_id, org_id, user_id, role)
+            SELECT m.tenant_id, m.org_id, m.user_id, m.role FROM pgseal.org_members m;
+        EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal._org_members_copy'')';
+        EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal._org_members_copy'')';
+        done := pg_catalog.array_append(done, 'pgseal._org_members_copy');
     END IF;
-    EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal.tenant_keys'')';
-    EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal.tenant_keys'')';
-    -- Keys cached so far were read from this node's own table: empty every cache.
-    PERFORM pgseal._keys_changed();
-    RETURN 'pgseal.tenant_keys is now a reference table';
+    RETURN CASE pg_catalog.cardinality(done)
+        WHEN 0 THEN 'pgseal.tenant_keys and pgseal._org_members_copy are already reference tables'
+        WHEN 1 THEN done[1] || ' is now a reference table'
+        ELSE pg_catalog.array_to_string(done, ' and ') || ' are now reference tables' END;
 END
 $$;

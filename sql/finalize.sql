@@ -81,6 +81,7 @@ GRANT EXECUTE ON FUNCTION
     pgseal._check_tenant_arg(text),
     pgseal._tenant_column_names(),
     pgseal._citus_present(),
+    pgseal._citus_worker(),
     pgseal._policy_value(text, text),
     pgseal._citus_tables(),
     pgseal._citus_shard_problems(oid[]),

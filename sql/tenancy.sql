@@ -83,6 +83,20 @@ CREATE TABLE pgseal.org_members (
 );
 CREATE INDEX org_members_by_user ON pgseal.org_members (tenant_id, user_id);
 
+-- On Citus, the coordinator's org_members copied to every node: citus_distribute()
+-- makes it a reference table, and a trigger on org_members (below) keeps it equal
+-- to the coordinator's table in the same transaction. On a worker, _my_orgs reads
+-- this node's placement of it (extension/src/orgs.rs), never the worker's own
+-- org_members. No role but the owner reads or writes it.
+CREATE TABLE pgseal._org_members_copy (
+    tenant_id text NOT NULL,
+    org_id    text NOT NULL,
+    user_id   text NOT NULL,
+    role      pgseal.org_role NOT NULL,
+    PRIMARY KEY (tenant_id, org_id, user_id)
+);
+REVOKE ALL ON pgseal._org_members_copy FROM PUBLIC;
+
 -- The organisations in which the current user holds at least `min_role`, in the
 -- current tenant. SECURITY DEFINER so that policies on org_members itself can use it
 -- without recursing into those policies. Like every SECURITY DEFINER function of
@@ -92,12 +106,15 @@ CREATE INDEX org_members_by_user ON pgseal.org_members (tenant_id, user_id);
 CREATE FUNCTION pgseal._my_orgs(min_role pgseal.org_role) RETURNS pg_catalog.text[]
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
+-- On a Citus worker it reads the coordinator's membership from this node's copy
+-- (_replica_orgs); elsewhere _replica_orgs is NULL and it reads org_members.
 AS $$
-    SELECT coalesce(pg_catalog.array_agg(m.org_id), '{}'::pg_catalog.text[])
-    FROM pgseal.org_members m
-    WHERE m.tenant_id OPERATOR(pg_catalog.=) pgseal.current_tenant()
-      AND m.user_id OPERATOR(pg_catalog.=) pgseal.current_user_id()
-      AND m.role OPERATOR(pg_catalog.<=) min_role
+    SELECT coalesce(pgseal._replica_orgs(min_role::pg_catalog.text),
+        (SELECT coalesce(pg_catalog.array_agg(m.org_id), '{}'::pg_catalog.text[])
+         FROM pgseal.org_members m
+         WHERE m.tenant_id OPERATOR(pg_catalog.=) pgseal.current_tenant()
+           AND m.user_id OPERATOR(pg_catalog.=) pgseal.current_user_id()
+           AND m.role OPERATOR(pg_catalog.<=) min_role))
 $$;
 
 -- Whether an organisation has any member yet (its first owner may add themselves).
@@ -186,6 +203,12 @@ DECLARE
     context pg_catalog.text := nullif(pg_catalog.current_setting(pgseal._context_setting('tenant'), true), '');
     me      pg_catalog.text;
 BEGIN
+    -- On Citus the coordinator's membership is the one that counts (its copy is
+    -- what the workers read): a worker's own table is changed by no one.
+    IF pgseal._citus_worker() THEN
+        RAISE EXCEPTION 'organisation membership is changed on the Citus coordinator, not on a worker'
+            USING ERRCODE = '0A000';
+    END IF;
     IF TG_OP = 'INSERT' THEN
         adds := NEW.role = 'owner';
     ELSIF TG_OP = 'DELETE' THEN
@@ -279,6 +302,46 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'org_members_record_trigger';
 CREATE TRIGGER org_members_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.org_members
     FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_record();
 ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_record;
+
+-- Keeps pgseal._org_members_copy equal to org_members on a Citus coordinator once
+-- citus_distribute() made the copy a reference table (nothing to do elsewhere), in
+-- the transaction of the change, so the workers' placements change with it or not
+-- at all. It writes through Citus as the owner, with pgseal's parse settings sent to
+-- the workers (_citus_owner_check). For every change (ENABLE ALWAYS), TRUNCATE too.
+CREATE FUNCTION pgseal._org_members_copy_sync() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF NOT pgseal._citus_present() OR pgseal._citus_worker()
+       OR NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                      WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._org_members_copy'::pg_catalog.regclass) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pgseal._citus_owner_check();
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM pgseal._org_members_copy;
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        DELETE FROM pgseal._org_members_copy c
+         WHERE c.tenant_id OPERATOR(pg_catalog.=) OLD.tenant_id
+           AND c.org_id OPERATOR(pg_catalog.=) OLD.org_id
+           AND c.user_id OPERATOR(pg_catalog.=) OLD.user_id;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO pgseal._org_members_copy (tenant_id, org_id, user_id, role)
+        VALUES (NEW.tenant_id, NEW.org_id, NEW.user_id, NEW.role);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER org_members_copy AFTER INSERT OR UPDATE OR DELETE ON pgseal.org_members
+    FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_copy_sync();
+CREATE TRIGGER org_members_copy_truncate AFTER TRUNCATE ON pgseal.org_members
+    FOR EACH STATEMENT EXECUTE FUNCTION pgseal._org_members_copy_sync();
+ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_copy;
+ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_copy_truncate;
 
 -- Checks a table argument: 22004 NULL, 42P01 no such relation (an OID that names
 -- nothing), 42809 not a plain or partitioned table.

@@ -773,6 +773,18 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION pgseal."_citus_worker"() RETURNS bool /* bool */
+STRICT STABLE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_citus_worker_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_replica_orgs"(
+	"min_role" TEXT /* &str */
+) RETURNS TEXT[] /* core::option::Option<alloc::vec::Vec<alloc::string::String>> */
+STRICT STABLE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_replica_orgs_wrapper';
+
 -- The organisations in which the current user holds at least `min_role`, in the
 -- current tenant. SECURITY DEFINER so that policies on org_members itself can use it
 -- without recursing into those policies. Like every SECURITY DEFINER function of
@@ -782,12 +794,15 @@ $$;
 CREATE OR REPLACE FUNCTION pgseal._my_orgs(min_role pgseal.org_role) RETURNS pg_catalog.text[]
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
+-- On a Citus worker it reads the coordinator's membership from this node's copy
+-- (_replica_orgs); elsewhere _replica_orgs is NULL and it reads org_members.
 AS $$
-    SELECT coalesce(pg_catalog.array_agg(m.org_id), '{}'::pg_catalog.text[])
-    FROM pgseal.org_members m
-    WHERE m.tenant_id OPERATOR(pg_catalog.=) pgseal.current_tenant()
-      AND m.user_id OPERATOR(pg_catalog.=) pgseal.current_user_id()
-      AND m.role OPERATOR(pg_catalog.<=) min_role
+    SELECT coalesce(pgseal._replica_orgs(min_role::pg_catalog.text),
+        (SELECT coalesce(pg_catalog.array_agg(m.org_id), '{}'::pg_catalog.text[])
+         FROM pgseal.org_members m
+         WHERE m.tenant_id OPERATOR(pg_catalog.=) pgseal.current_tenant()
+           AND m.user_id OPERATOR(pg_catalog.=) pgseal.current_user_id()
+           AND m.role OPERATOR(pg_catalog.<=) min_role))
 $$;
 
 -- Whether an organisation has any member yet (its first owner may add themselves).
@@ -859,6 +874,12 @@ DECLARE
     context pg_catalog.text := nullif(pg_catalog.current_setting(pgseal._context_setting('tenant'), true), '');
     me      pg_catalog.text;
 BEGIN
+    -- On Citus the coordinator's membership is the one that counts (its copy is
+    -- what the workers read): a worker's own table is changed by no one.
+    IF pgseal._citus_worker() THEN
+        RAISE EXCEPTION 'organisation membership is changed on the Citus coordinator, not on a worker'
+            USING ERRCODE = '0A000';
+    END IF;
     IF TG_OP = 'INSERT' THEN
         adds := NEW.role = 'owner';
     ELSIF TG_OP = 'DELETE' THEN
@@ -952,6 +973,61 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'org_members_record_trigger';
 CREATE TRIGGER org_members_record AFTER INSERT OR UPDATE OR DELETE ON pgseal.org_members
     FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_record();
 ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_record;
+
+-- On Citus, the coordinator's org_members copied to every node: citus_distribute()
+-- makes it a reference table, and a trigger on org_members (below) keeps it equal
+-- to the coordinator's table in the same transaction. On a worker, _my_orgs reads
+-- this node's placement of it (extension/src/orgs.rs), never the worker's own
+-- org_members. No role but the owner reads or writes it.
+CREATE TABLE pgseal._org_members_copy (
+    tenant_id text NOT NULL,
+    org_id    text NOT NULL,
+    user_id   text NOT NULL,
+    role      pgseal.org_role NOT NULL,
+    PRIMARY KEY (tenant_id, org_id, user_id)
+);
+REVOKE ALL ON pgseal._org_members_copy FROM PUBLIC;
+
+
+-- Keeps pgseal._org_members_copy equal to org_members on a Citus coordinator once
+-- citus_distribute() made the copy a reference table (nothing to do elsewhere), in
+-- the transaction of the change, so the workers' placements change with it or not
+-- at all. It writes through Citus as the owner, with pgseal's parse settings sent to
+-- the workers (_citus_owner_check). For every change (ENABLE ALWAYS), TRUNCATE too.
+CREATE FUNCTION pgseal._org_members_copy_sync() RETURNS trigger
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pgseal, pg_temp
+AS $$
+BEGIN
+    IF NOT pgseal._citus_present() OR pgseal._citus_worker()
+       OR NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                      WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._org_members_copy'::pg_catalog.regclass) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pgseal._citus_owner_check();
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM pgseal._org_members_copy;
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        DELETE FROM pgseal._org_members_copy c
+         WHERE c.tenant_id OPERATOR(pg_catalog.=) OLD.tenant_id
+           AND c.org_id OPERATOR(pg_catalog.=) OLD.org_id
+           AND c.user_id OPERATOR(pg_catalog.=) OLD.user_id;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO pgseal._org_members_copy (tenant_id, org_id, user_id, role)
+        VALUES (NEW.tenant_id, NEW.org_id, NEW.user_id, NEW.role);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER org_members_copy AFTER INSERT OR UPDATE OR DELETE ON pgseal.org_members
+    FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_copy_sync();
+CREATE TRIGGER org_members_copy_truncate AFTER TRUNCATE ON pgseal.org_members
+    FOR EACH STATEMENT EXECUTE FUNCTION pgseal._org_members_copy_sync();
+ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_copy;
+ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_copy_truncate;
 
 -- Checks a table argument: 22004 NULL, 42P01 no such relation (an OID that names
 -- nothing), 42809 not a plain or partitioned table.
@@ -1503,10 +1579,11 @@ BEGIN
 END
 $$;
 
--- Makes pgseal.tenant_keys a reference table (run once, on the coordinator, after
--- CREATE EXTENSION pgseal and adding the workers). Keys made on the coordinator so
--- far are copied to every node; keys that exist only in a worker's own table would
--- be hidden by the distribution, so it refuses while any worker has one. It also
+-- Makes pgseal.tenant_keys and pgseal._org_members_copy reference tables (run once,
+-- on the coordinator, after CREATE EXTENSION pgseal and adding the workers; run
+-- again, it does what is left). Keys and organisation members made on the
+-- coordinator so far are copied to every node; keys that exist only in a worker's own
+-- table would be hidden by the distribution, so it refuses while any worker has one. It also
 -- hands pgseal._two_phase to Citus, which pgseal's ledger needs on a Citus
 -- coordinator. Returns what it did.
 CREATE OR REPLACE FUNCTION pgseal.citus_distribute() RETURNS text
@@ -1515,6 +1592,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     stray text;
+    done  text[] := '{}';
 BEGIN
     IF NOT pgseal._citus_present() THEN
         RAISE EXCEPTION 'Citus is not installed in this database'
@@ -1541,24 +1619,38 @@ BEGIN
                    WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._two_phase'::pg_catalog.regclass) THEN
         EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata(''pgseal._two_phase'')';
     END IF;
-    IF EXISTS (SELECT 1 FROM pgseal._citus_tables() d
-               WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
-        RETURN 'pgseal.tenant_keys is already a reference table';
+    IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                   WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
+        EXECUTE $q$
+            SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s', r.nodename, r.nodeport), ', ')
+            FROM pg_catalog.run_command_on_workers('SELECT pg_catalog.count(*) FROM pgseal.tenant_keys') r
+            WHERE NOT r.success OR r.result OPERATOR(pg_catalog.<>) '0' $q$ INTO stray;
+        IF stray IS NOT NULL THEN
+            RAISE EXCEPTION 'workers % have keys of their own in pgseal.tenant_keys (or could not be read)', stray
+                USING ERRCODE = '55000',
+                      HINT = 'Keys made on a worker before pgseal.citus_distribute() would be hidden by it; decrypt and seal those values again through the coordinator.';
+        END IF;
+        EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal.tenant_keys'')';
+        EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal.tenant_keys'')';
+        -- Keys cached so far were read from this node's own table: empty every cache.
+        PERFORM pgseal._keys_changed();
+        done := pg_catalog.array_append(done, 'pgseal.tenant_keys');
     END IF;
-    EXECUTE $q$
-        SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s', r.nodename, r.nodeport), ', ')
-        FROM pg_catalog.run_command_on_workers('SELECT pg_catalog.count(*) FROM pgseal.tenant_keys') r
-        WHERE NOT r.success OR r.result OPERATOR(pg_catalog.<>) '0' $q$ INTO stray;
-    IF stray IS NOT NULL THEN
-        RAISE EXCEPTION 'workers % have keys of their own in pgseal.tenant_keys (or could not be read)', stray
-            USING ERRCODE = '55000',
-                  HINT = 'Keys made on a worker before pgseal.citus_distribute() would be hidden by it; decrypt and seal those values again through the coordinator.';
+    -- The organisation membership the workers read (sql/tenancy.sql): this node's
+    -- org_members as it is now, then kept equal by org_members' trigger.
+    IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                   WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._org_members_copy'::pg_catalog.regclass) THEN
+        DELETE FROM pgseal._org_members_copy;
+        INSERT INTO pgseal._org_members_copy (tenant_id, org_id, user_id, role)
+            SELECT m.tenant_id, m.org_id, m.user_id, m.role FROM pgseal.org_members m;
+        EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal._org_members_copy'')';
+        EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal._org_members_copy'')';
+        done := pg_catalog.array_append(done, 'pgseal._org_members_copy');
     END IF;
-    EXECUTE 'SELECT pg_catalog.create_reference_table(''pgseal.tenant_keys'')';
-    EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table(''pgseal.tenant_keys'')';
-    -- Keys cached so far were read from this node's own table: empty every cache.
-    PERFORM pgseal._keys_changed();
-    RETURN 'pgseal.tenant_keys is now a reference table';
+    RETURN CASE pg_catalog.cardinality(done)
+        WHEN 0 THEN 'pgseal.tenant_keys and pgseal._org_members_copy are already reference tables'
+        WHEN 1 THEN done[1] || ' is now a reference table'
+        ELSE pg_catalog.array_to_string(done, ' and ') || ' are now reference tables' END;
 END
 $$;
 
@@ -2597,6 +2689,7 @@ GRANT EXECUTE ON FUNCTION
     pgseal._check_tenant_arg(text),
     pgseal._tenant_column_names(),
     pgseal._citus_present(),
+    pgseal._citus_worker(),
     pgseal._policy_value(text, text),
     pgseal._citus_tables(),
     pgseal._citus_shard_problems(oid[]),

@@ -17,6 +17,7 @@ mod limits;
 mod locks;
 mod master;
 mod offboard;
+mod orgs;
 mod pg;
 mod privilege;
 mod subjects;
@@ -54,7 +55,9 @@ extension_sql_file!(
         "ledger_api",
         context::current_tenant,
         context::current_user_id,
-        context::_context_setting
+        context::_context_setting,
+        orgs::_citus_worker,
+        orgs::_replica_orgs
     ]
 );
 extension_sql_file!(

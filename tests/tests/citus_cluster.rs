@@ -44,7 +44,10 @@ fn distributed_pgseal(c: &mut postgres::Client) {
         .query_one("SELECT pgseal.citus_distribute()", &[])
         .unwrap()
         .get(0);
-    assert_eq!(done, "pgseal.tenant_keys is now a reference table");
+    assert_eq!(
+        done,
+        "pgseal.tenant_keys and pgseal._org_members_copy are now reference tables"
+    );
 }
 
 fn app(node: &pgseal_tests::Cluster) -> postgres::Client {
@@ -563,6 +566,171 @@ fn org_protect_never_crosses_tenants_on_citus() {
     assert!(found.is_empty(), "{found:?}");
 }
 
+/// The ids of `docs` that `user` of tenant A sees through `node`, or the SQLSTATE.
+fn docs_seen(node: &pgseal_tests::Cluster, user: &str) -> Result<Vec<i32>, String> {
+    let mut a = app(node);
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute(&format!("SELECT pgseal.set_tenant('A', '{user}')"))
+        .unwrap();
+    let r = tx.query("SELECT id FROM docs ORDER BY id", &[]);
+    let _ = tx.rollback();
+    r.map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .map_err(|e| sqlstate::<()>(Err(e)))
+}
+
+/// Organisation membership reaches every node: on a worker's shards `org_protect`'s
+/// policies read the coordinator's membership (its copy, a reference table kept in the
+/// transaction of each change), so a member sees the organisation's rows through every
+/// node, and a change made through the coordinator holds on every node at its commit.
+/// A worker's own `pgseal.org_members` is no way in: no one may change it (0A000), and
+/// what a superuser writes there grants nothing.
+#[test]
+fn organisation_membership_reaches_every_node_from_the_coordinator_only() {
+    if !citus::enabled("organisation_membership_reaches_every_node_from_the_coordinator_only") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-orgcopy");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE ROLE app LOGIN;
+         CREATE TABLE docs (id int, tenant_id text NOT NULL, owner_id text, org_id text, body text,
+                            PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('docs', 'tenant_id');
+         SELECT pgseal.org_protect('docs', 'owner_id', 'org_id');
+         INSERT INTO docs VALUES
+             (1, 'A', 'owen', 'org1', 'org1 doc'), (2, 'A', 'zed', NULL, 'zed personal'),
+             (3, 'A', 'owen', 'org2', 'org2 doc'), (4, 'B', 'owen', 'org1', 'B org1 doc');
+         INSERT INTO pgseal.org_members VALUES
+             ('A', 'org1', 'olga', 'owner'), ('A', 'org1', 'mia', 'member'),
+             ('A', 'org1', 'vic', 'viewer'), ('A', 'org2', 'olga', 'owner'),
+             ('B', 'org1', 'mia', 'owner');
+         GRANT SELECT, INSERT, UPDATE, DELETE ON docs TO app;",
+    )
+    .unwrap();
+    // Tenant A's rows are on one worker; every node is asked.
+    let holder: i32 = c
+        .query_one(
+            "SELECT nodeport FROM citus_shards s WHERE table_name = 'docs'::regclass
+               AND shardid = get_shard_id_for_distribution_column('docs', 'A')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        holder as u16, cc.coordinator.port,
+        "tenant A's shard is on a worker"
+    );
+    let expect = |who: &[(&str, &[i32])]| {
+        for node in cc.nodes() {
+            for (user, ids) in who {
+                assert_eq!(
+                    docs_seen(node, user),
+                    Ok(ids.to_vec()),
+                    "{user} through {}",
+                    node.port
+                );
+            }
+        }
+    };
+    expect(&[
+        ("olga", &[1, 3]),
+        ("mia", &[1]),
+        ("vic", &[1]),
+        ("zed", &[2]),
+        ("nobody", &[]),
+    ]);
+
+    // Changes through the coordinator, by the organisation's owner: mia leaves org1,
+    // nora joins it, vic becomes a member of org2.
+    let mut olga = app(&cc.coordinator);
+    let mut tx = olga.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT pgseal.set_tenant('A', 'olga');
+         DELETE FROM pgseal.org_members WHERE org_id = 'org1' AND user_id = 'mia';
+         INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'nora', 'member');
+         UPDATE pgseal.org_members SET org_id = 'org2' WHERE org_id = 'org1' AND user_id = 'vic';",
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    expect(&[
+        ("olga", &[1, 3]),
+        ("mia", &[]),
+        ("nora", &[1]),
+        ("vic", &[3]),
+    ]);
+    // A change that rolls back reaches no node.
+    let mut tx = olga.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT pgseal.set_tenant('A', 'olga');
+         INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'zed', 'admin');",
+    )
+    .unwrap();
+    tx.rollback().unwrap();
+    expect(&[("zed", &[2])]);
+
+    for node in cc.nodes().filter(|n| n.port != cc.coordinator.port) {
+        // Through a worker, an owner cannot change membership (its own table there
+        // would otherwise be what that worker read).
+        let mut a = app(node);
+        let mut tx = a.transaction().unwrap();
+        tx.batch_execute("SELECT pgseal.set_tenant('A', 'olga')")
+            .unwrap();
+        let r = tx.execute(
+            "INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'zed', 'owner')",
+            &[],
+        );
+        assert_eq!(sqlstate(r), "0A000", "through {}", node.port);
+        drop(tx);
+        // What a superuser writes into a worker's own table, past its triggers,
+        // grants nothing.
+        node.connect()
+            .batch_execute(
+                "SET citus.enable_ddl_propagation = off;
+                 ALTER TABLE pgseal.org_members DISABLE TRIGGER ALL;
+                 INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'zed', 'owner');",
+            )
+            .unwrap();
+        // Neither the copy nor the function that reads it is open to the caller.
+        for sql in [
+            "SELECT count(*) FROM pgseal._org_members_copy",
+            "SELECT pgseal._replica_orgs('viewer')",
+        ] {
+            let mut tx = a.transaction().unwrap();
+            tx.batch_execute("SELECT pgseal.set_tenant('A', 'olga')")
+                .unwrap();
+            assert_eq!(
+                sqlstate(tx.query(sql, &[])),
+                "42501",
+                "{sql} through {}",
+                node.port
+            );
+        }
+    }
+    expect(&[("zed", &[2]), ("olga", &[1, 3])]);
+    // The coordinator's membership is unchanged by all of it.
+    let members: Vec<String> = c
+        .query(
+            "SELECT tenant_id || '/' || org_id || '/' || user_id || '/' || role
+               FROM pgseal.org_members ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        members,
+        [
+            "A/org1/nora/member",
+            "A/org1/olga/owner",
+            "A/org2/olga/owner",
+            "A/org2/vic/viewer",
+            "B/org1/mia/owner"
+        ]
+    );
+}
+
 /// `pgseald retention run` against the coordinator deletes every expired row of a
 /// distributed, protected table on every shard (it enumerates the tenants with a
 /// query Citus can run), keeps the rest, and records its receipts in a chain that
@@ -823,7 +991,10 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
         .query_one("SELECT pgseal.citus_distribute()", &[])
         .unwrap()
         .get(0);
-    assert_eq!(again, "pgseal.tenant_keys is already a reference table");
+    assert_eq!(
+        again,
+        "pgseal.tenant_keys and pgseal._org_members_copy are already reference tables"
+    );
     let secret = |t: &str, id: i32| format!("secret-{t}-{id}");
     let mut a = app(&cc.coordinator);
     let want = |t: &str| -> Vec<(i32, String)> { (1..=3).map(|id| (id, secret(t, id))).collect() };

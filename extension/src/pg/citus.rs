@@ -188,6 +188,45 @@ pub fn commit_remote_writes_in_two_phases() -> SealResult<()> {
 thread_local! {
     /// `is_worker`'s answer in the running transaction.
     static WORKER: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// `local_placement`'s answers in the running transaction, by table.
+    static PLACEMENTS: std::cell::RefCell<std::collections::HashMap<&'static str, Option<String>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// This node's placement of `pgseal.<table>` where Citus replicates that table (a
+/// reference table) to this node: the placement's qualified name, which a function
+/// inside a query Citus pushed to this node can read (it may not run a distributed
+/// query). None when Citus does not list a placement of it on this node, or the
+/// placement is not there. The placement is named by its shard id and is a table of
+/// pgseal's schema, where only pgseal's owner creates tables; Citus's metadata is
+/// written by superusers only. Read once a transaction, as the owner.
+pub fn local_placement(table: &'static str) -> SealResult<Option<String>> {
+    if let Some(known) = PLACEMENTS.with(|m| m.borrow().get(table).cloned()) {
+        return Ok(known);
+    }
+    let found = if present() {
+        as_owner(|| {
+            crate::pg::plans::select_first(
+                "SELECT pg_catalog.format('%I.%I', 'pgseal', $1 OPERATOR(pg_catalog.||) '_' OPERATOR(pg_catalog.||) s.shardid) \
+                   FROM pg_catalog.pg_dist_shard s \
+                   JOIN pg_catalog.pg_dist_placement p ON p.shardid OPERATOR(pg_catalog.=) s.shardid \
+                   JOIN pg_catalog.pg_dist_local_group g ON g.groupid OPERATOR(pg_catalog.=) p.groupid \
+                  WHERE s.logicalrelid OPERATOR(pg_catalog.=) \
+                        pg_catalog.to_regclass(pg_catalog.format('%I.%I', 'pgseal', $1)) \
+                    AND pg_catalog.to_regclass(pg_catalog.format('%I.%I', 'pgseal', \
+                        $1 OPERATOR(pg_catalog.||) '_' OPERATOR(pg_catalog.||) s.shardid)) IS NOT NULL \
+                  LIMIT 1",
+                &[crate::pg::plans::TEXT],
+                &[table.into()],
+                |r| Ok(r.get::<String>(1)?),
+            )
+        })?
+        .flatten()
+    } else {
+        None
+    };
+    PLACEMENTS.with(|m| m.borrow_mut().insert(table, found.clone()));
+    Ok(found)
 }
 
 /// Forgets `is_worker`'s answer and the settings sent to the workers when a
@@ -196,6 +235,7 @@ thread_local! {
 pub const TXN: Participant = Participant {
     end: Some(|_| {
         WORKER.with(|w| w.set(None));
+        PLACEMENTS.with(|m| m.borrow_mut().clear());
         REPLAYED.with(|r| r.borrow_mut().clear());
         PINNING.with(|p| p.set(false));
     }),
