@@ -1,4 +1,5 @@
--- pgseal on Citus (docs/SCALING.md): the tenant keys on every node.
+-- pgseal on Citus (docs/SCALING.md): the tenant keys and the organisation membership
+-- on every node.
 --
 -- pgseal.citus_distribute() makes pgseal.tenant_keys a Citus reference table, so
 -- every node holds every tenant's wrapped keys, and vault_decrypt in a query that
