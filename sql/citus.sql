@@ -47,8 +47,9 @@ $$;
 -- Makes pgseal.tenant_keys and pgseal._org_members_copy reference tables (run once,
 -- on the coordinator, after CREATE EXTENSION pgseal and adding the workers; run
 -- again, it does what is left). Keys and organisation members made on the
--- coordinator so far are copied to every node; keys that exist only in a worker's own
--- table would be hidden by the distribution, so it refuses while any worker has one. It also
+-- coordinator so far are copied to every node; keys or members that exist only in a
+-- worker's own table would be hidden by the distribution, so it refuses while any
+-- worker has one (or, for members, does not know it is a worker). It also
 -- hands pgseal._two_phase to Citus, which pgseal's ledger needs on a Citus
 -- coordinator. Returns what it did.
 CREATE FUNCTION pgseal.citus_distribute() RETURNS text
@@ -105,6 +106,22 @@ BEGIN
     -- org_members as it is now, then kept equal by org_members' trigger.
     IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
                    WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._org_members_copy'::pg_catalog.regclass) THEN
+        -- Every worker must know it is one (a node that Citus's metadata never
+        -- reached reads as a coordinator, its own org_members), and hold no
+        -- membership of its own, which would stop counting here without a word.
+        EXECUTE $q$
+            SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s', r.nodename, r.nodeport), ', ')
+            FROM pg_catalog.run_command_on_workers(
+                'SELECT (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g) OPERATOR(pg_catalog.<>) 0
+                        AND NOT EXISTS (SELECT 1 FROM pgseal.org_members)') r
+            WHERE NOT r.success OR r.result OPERATOR(pg_catalog.<>) 't' $q$ INTO stray;
+        IF stray IS NOT NULL THEN
+            RAISE EXCEPTION 'workers % do not know they are workers, or hold organisation members of their own in pgseal.org_members (or could not be read)', stray
+                USING ERRCODE = '55000',
+                      HINT = 'Sync Citus''s metadata to every worker (citus_activate_node); add the members through the coordinator, and TRUNCATE pgseal.org_members on those workers as a superuser.';
+        END IF;
+        -- No change of org_members may commit between the copy and the distribution.
+        LOCK TABLE pgseal.org_members IN EXCLUSIVE MODE;
         DELETE FROM pgseal._org_members_copy;
         INSERT INTO pgseal._org_members_copy (tenant_id, org_id, user_id, role)
             SELECT m.tenant_id, m.org_id, m.user_id, m.role FROM pgseal.org_members m;

@@ -313,6 +313,12 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pgseal, pg_temp
 AS $$
 BEGIN
+    -- Only org_members' own trigger (no role may execute this function, so no one
+    -- else can attach it; this holds even if a grant came back).
+    IF TG_RELID OPERATOR(pg_catalog.<>) 'pgseal.org_members'::pg_catalog.regclass THEN
+        RAISE EXCEPTION 'pgseal._org_members_copy_sync() is a trigger of pgseal.org_members only'
+            USING ERRCODE = '42501';
+    END IF;
     IF NOT pgseal._citus_present() OR pgseal._citus_worker()
        OR NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
                       WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._org_members_copy'::pg_catalog.regclass) THEN
@@ -329,9 +335,11 @@ BEGIN
            AND c.org_id OPERATOR(pg_catalog.=) OLD.org_id
            AND c.user_id OPERATOR(pg_catalog.=) OLD.user_id;
     END IF;
+    -- An upsert: a row the copy should not have held is put right, not a failure.
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO pgseal._org_members_copy (tenant_id, org_id, user_id, role)
-        VALUES (NEW.tenant_id, NEW.org_id, NEW.user_id, NEW.role);
+        INSERT INTO pgseal._org_members_copy AS c (tenant_id, org_id, user_id, role)
+        VALUES (NEW.tenant_id, NEW.org_id, NEW.user_id, NEW.role)
+        ON CONFLICT (tenant_id, org_id, user_id) DO UPDATE SET role = EXCLUDED.role;
     END IF;
     RETURN NULL;
 END

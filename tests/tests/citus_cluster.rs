@@ -591,9 +591,41 @@ fn organisation_membership_reaches_every_node_from_the_coordinator_only() {
     }
     let cc = CitusCluster::start("citus-orgcopy");
     let mut c = cc.coordinator.connect();
-    distributed_pgseal(&mut c);
+    c.batch_execute("CREATE EXTENSION pgseal").unwrap();
+    // A worker holding members of its own: citus_distribute() refuses (they would
+    // stop counting there without a word) until they are gone.
+    let worker = cc
+        .nodes()
+        .find(|n| n.port != cc.coordinator.port)
+        .expect("a worker");
+    let stray = "SET citus.enable_ddl_propagation = off;
+         SET session_replication_role = replica;
+         ALTER TABLE pgseal.org_members DISABLE TRIGGER org_members_record;
+         INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'zed', 'owner');
+         ALTER TABLE pgseal.org_members ENABLE ALWAYS TRIGGER org_members_record;";
+    worker.connect().batch_execute(stray).unwrap();
+    let r = c.query_one("SELECT pgseal.citus_distribute()", &[]);
+    let e = r.as_ref().err().and_then(|e| e.as_db_error()).cloned();
+    assert_eq!(sqlstate(r), "55000");
+    assert!(
+        e.unwrap().message().contains(&worker.port.to_string()),
+        "the refusal names the worker"
+    );
+    worker
+        .connect()
+        .batch_execute("TRUNCATE pgseal.org_members")
+        .unwrap();
+    let done: String = c
+        .query_one("SELECT pgseal.citus_distribute()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        done,
+        "pgseal.tenant_keys and pgseal._org_members_copy are now reference tables"
+    );
     c.batch_execute(
         "CREATE ROLE app LOGIN;
+         GRANT CREATE ON SCHEMA public TO app;
          CREATE TABLE docs (id int, tenant_id text NOT NULL, owner_id text, org_id text, body text,
                             PRIMARY KEY (tenant_id, id));
          SELECT create_distributed_table('docs', 'tenant_id');
@@ -668,6 +700,84 @@ fn organisation_membership_reaches_every_node_from_the_coordinator_only() {
     .unwrap();
     tx.rollback().unwrap();
     expect(&[("zed", &[2])]);
+
+    // A row the copy should not hold (a superuser wrote it) is put right by the next
+    // change of that member, not a failure of it.
+    c.batch_execute("INSERT INTO pgseal._org_members_copy VALUES ('A', 'org1', 'zed', 'admin')")
+        .unwrap();
+    expect(&[("zed", &[1, 2])]);
+    let mut tx = olga.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT pgseal.set_tenant('A', 'olga');
+         INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'zed', 'viewer');",
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let copied: String = c
+        .query_one(
+            "SELECT role::text FROM pgseal._org_members_copy WHERE user_id = 'zed'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(copied, "viewer");
+    let mut tx = olga.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT pgseal.set_tenant('A', 'olga');
+         DELETE FROM pgseal.org_members WHERE user_id = 'zed';",
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    expect(&[("zed", &[2])]);
+
+    // The copy's trigger writes for org_members alone: attached elsewhere by a
+    // superuser it refuses; an application role cannot attach it.
+    c.batch_execute(
+        "CREATE TABLE fake_members (tenant_id text, org_id text, user_id text, role pgseal.org_role);
+         CREATE TRIGGER fake AFTER INSERT ON fake_members
+             FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_copy_sync();",
+    )
+    .unwrap();
+    assert_eq!(
+        sqlstate(c.execute(
+            "INSERT INTO fake_members VALUES ('A', 'org1', 'zed', 'owner')",
+            &[]
+        )),
+        "42501"
+    );
+    let mut a = app(&cc.coordinator);
+    assert_eq!(
+        sqlstate(a.batch_execute(
+            "CREATE TABLE my_members (tenant_id text, org_id text, user_id text, role pgseal.org_role);
+             CREATE TRIGGER mine AFTER INSERT ON my_members
+                 FOR EACH ROW EXECUTE FUNCTION pgseal._org_members_copy_sync();"
+        )),
+        "42501"
+    );
+    expect(&[("zed", &[2])]);
+
+    // The copy's placements, on every node that has one.
+    let placements: Vec<(String, i32)> = c
+        .query(
+            "SELECT 'pgseal._org_members_copy_' || s.shardid, n.nodeport
+               FROM pg_dist_shard s JOIN pg_dist_placement p ON p.shardid = s.shardid
+               JOIN pg_dist_node n ON n.groupid = p.groupid
+              WHERE s.logicalrelid = 'pgseal._org_members_copy'::regclass ORDER BY 2",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(placements.len() >= 2, "{placements:?}");
+    for (shard, port) in &placements {
+        let mut a = app(cc.node_at(*port as u16));
+        assert_eq!(
+            sqlstate(a.query(&format!("SELECT count(*) FROM {shard}"), &[])),
+            "42501",
+            "{shard} on {port}"
+        );
+    }
 
     for node in cc.nodes().filter(|n| n.port != cc.coordinator.port) {
         // Through a worker, an owner cannot change membership (its own table there
