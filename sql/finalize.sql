@@ -6,7 +6,8 @@
 -- ('retention.removed'), fail closed, except the deletion of a rule whose table or
 -- time column is gone (has_column_privilege is NULL for a missing table or column)
 -- while the master key is not loaded: a DROP must not fail for want of the key, and
--- _registrations_follow_drops names such a rule in a WARNING instead.
+-- _registrations_follow_drops names such a rule in a WARNING instead. The same for
+-- the column registries' removals.
 -- _master_key_loaded is vault_status()'s flag as a scalar (a trigger's WHEN takes no
 -- set-returning function); executable by pgseal_admin, who may DELETE a rule
 -- (retention_remove), and shows no more than vault_status(), which PUBLIC may call.
@@ -20,6 +21,25 @@ CREATE TRIGGER retention_rules_record_delete AFTER DELETE ON pgseal.retention_ru
           OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.time_attnum, 'SELECT') IS NOT NULL)
     EXECUTE FUNCTION pgseal._retention_record();
 ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record_delete;
+-- The column registries' removals likewise (_registration_record, sql/jobs.sql).
+CREATE TRIGGER sealed_columns_record_delete AFTER DELETE ON pgseal.sealed_columns
+    FOR EACH ROW
+    WHEN (pgseal._master_key_loaded()
+          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_record_delete;
+CREATE TRIGGER subject_columns_record_delete AFTER DELETE ON pgseal.subject_columns
+    FOR EACH ROW
+    WHEN (pgseal._master_key_loaded()
+          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_record_delete;
+CREATE TRIGGER subject_anonymised_columns_record_delete AFTER DELETE ON pgseal.subject_anonymised_columns
+    FOR EACH ROW
+    WHEN (pgseal._master_key_loaded()
+          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_record_delete;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgseal FROM PUBLIC;
 

@@ -39,6 +39,16 @@ ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check;
 CREATE TRIGGER subject_columns_check_delete BEFORE DELETE ON pgseal.subject_columns
     FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('DELETE');
 ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check_delete;
+-- Recorded in the ledger (sql/jobs.sql, _registration_record; the DELETE trigger is
+-- in finalize.sql).
+CREATE TRIGGER subject_columns_record AFTER INSERT ON pgseal.subject_columns
+    FOR EACH ROW WHEN (pg_catalog.current_setting('pgseal.restore', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION pgseal._registration_record();
+CREATE TRIGGER subject_columns_record_update AFTER UPDATE ON pgseal.subject_columns
+    FOR EACH ROW WHEN ((OLD.rel, OLD.attnum) IS DISTINCT FROM (NEW.rel, NEW.attnum))
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_record;
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_record_update;
 
 -- Removes the registration of rel's subject column subject_column (export and
 -- erasure no longer read it); returns whether there was one. Runs as the caller
@@ -105,6 +115,16 @@ ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anon
 CREATE TRIGGER subject_anonymised_columns_check_delete BEFORE DELETE ON pgseal.subject_anonymised_columns
     FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('UPDATE');
 ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_check_delete;
+-- Recorded in the ledger (sql/jobs.sql, _registration_record; the DELETE trigger is
+-- in finalize.sql).
+CREATE TRIGGER subject_anonymised_columns_record AFTER INSERT ON pgseal.subject_anonymised_columns
+    FOR EACH ROW WHEN (pg_catalog.current_setting('pgseal.restore', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION pgseal._registration_record();
+CREATE TRIGGER subject_anonymised_columns_record_update AFTER UPDATE ON pgseal.subject_anonymised_columns
+    FOR EACH ROW WHEN ((OLD.rel, OLD.attnum) IS DISTINCT FROM (NEW.rel, NEW.attnum))
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_record;
+ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_record_update;
 
 -- Declares that subject_erase anonymises rel's rows of a subject instead of
 -- deleting them: it sets `columns`, and the registered subject column the row

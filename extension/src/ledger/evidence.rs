@@ -505,3 +505,101 @@ fn hold_changed(c: &RowChange) -> SealResult<()> {
     }
     Ok(())
 }
+
+crate::pg::v1_finfo!(pg_finfo_registration_record_trigger);
+
+/// The column registries, in the order `registration_record_trigger` names them,
+/// and each one's (registered, unregistered) events.
+const REGISTRIES: [(&CStr, &str, &str); 3] = [
+    (
+        c"sealed_columns",
+        "vault.column_registered",
+        "vault.column_unregistered",
+    ),
+    (
+        c"subject_columns",
+        "subject.column_registered",
+        "subject.column_unregistered",
+    ),
+    (
+        c"subject_anonymised_columns",
+        "subject.anonymised_column_registered",
+        "subject.anonymised_column_unregistered",
+    ),
+];
+
+/// `pgseal._registration_record()`: AFTER each row change of the column registries
+/// (`sealed_columns`: `vault.column_registered`, `vault.column_unregistered`;
+/// `subject_columns` and `subject_anonymised_columns`: `subject.column_…` and
+/// `subject.anonymised_column_…`). They say what pgseald reseals and what
+/// `subject_export`, `subject_erase` and offboarding reach, for every tenant: recorded
+/// in the tenant context's chain, else the system chain; always the system chain
+/// once the table or column is gone (as for a default retention rule).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn registration_record_trigger(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    let tables = REGISTRIES.map(|(t, _, _)| t);
+    // SAFETY: PostgreSQL calls this with the trigger's call frame.
+    let change = unsafe { row_change(fcinfo, &tables) };
+    registration_changed(&change).or_raise();
+    pg_sys::Datum::from(0usize)
+}
+
+struct Registration {
+    gone: bool,
+    payload: Value,
+}
+
+fn registration(row: &Row, sealed: bool) -> SealResult<Registration> {
+    let rel = row.datum::<pg_sys::Oid>(c"rel")?;
+    let attnum = row.datum::<i16>(c"attnum")?;
+    let mut payload = json!({
+        "table": row.relation(c"rel")?,
+        "column": row.required(c"col")?,
+    });
+    if sealed {
+        payload["context"] = json!(row.text(c"context")?);
+    }
+    Ok(Registration {
+        gone: column_gone(rel, attnum),
+        payload,
+    })
+}
+
+fn registration_event(event: &'static str, r: Registration) -> SealResult<()> {
+    let tenant = if r.gone {
+        SYSTEM_TENANT.to_owned()
+    } else {
+        context_or_system()
+    };
+    record(&tenant, event, r.payload).map(|_| ())
+}
+
+fn registration_changed(c: &RowChange) -> SealResult<()> {
+    let (_, registered, unregistered) = REGISTRIES[c.table];
+    let sealed = c.table == 0;
+    let old = c
+        .old
+        .as_ref()
+        .map(|r| registration(r, sealed))
+        .transpose()?;
+    let new = c
+        .new
+        .as_ref()
+        .map(|r| registration(r, sealed))
+        .transpose()?;
+    match (old, new) {
+        (Some(o), None) => registration_event(unregistered, o),
+        (None, Some(n)) => registration_event(registered, n),
+        (Some(o), Some(mut n)) => {
+            if o.payload == n.payload {
+                return Ok(()); // nothing recorded changed
+            }
+            n.payload["previous"] = o.payload;
+            registration_event(registered, n)
+        }
+        (None, None) => Ok(()),
+    }
+}

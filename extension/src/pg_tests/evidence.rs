@@ -351,6 +351,67 @@ mod tests {
         assert!(verifies("ev-ret") && verifies("ev-ret-hold") && verifies("_pgseal"));
     }
 
+    /// The column registries' changes (sealing, subjects, anonymised columns), in the
+    /// tenant context's chain, else the system chain; a rename is not a change; a
+    /// dropped column's removal goes to the system chain, whatever the context.
+    #[pg_test]
+    fn column_registrations_are_recorded() {
+        run("CREATE TABLE public.evr (id int PRIMARY KEY, tenant_id text, email text, token text, note text)");
+        let before = events("_pgseal").len();
+        run("SELECT pgseal.subject_register('public.evr', 'email')");
+        let (event, _, p) = last("_pgseal");
+        assert_eq!(event, "subject.column_registered");
+        assert_eq!(
+            (p["table"].clone(), p["column"].clone()),
+            (json!("public.evr"), json!("email"))
+        );
+        assert_eq!(last_role("_pgseal"), me());
+
+        tenant("ev-reg");
+        run("SELECT pgseal.vault_register_column('public.evr', 'token', 'ctx1')");
+        run("SELECT pgseal.vault_register_column('public.evr', 'token', 'ctx1')"); // no change
+        run("SELECT pgseal.vault_register_column('public.evr', 'token', 'ctx2')");
+        run("SELECT pgseal.subject_anonymise('public.evr', ARRAY['note']::name[])");
+        run("ALTER TABLE public.evr RENAME COLUMN token TO token2"); // followed, not a change
+        run("SELECT pgseal.vault_unregister_column('public.evr', 'token2')");
+        run("SELECT pgseal.subject_unregister('public.evr', 'email')");
+        assert_eq!(
+            events("ev-reg"),
+            [
+                "vault.column_registered",
+                "vault.column_registered",
+                "subject.anonymised_column_registered",
+                "vault.column_unregistered",
+                "subject.column_unregistered"
+            ]
+        );
+        let second = Spi::get_one::<pgrx::JsonB>(
+            "SELECT e->'payload' FROM pgseal.ledger_export('ev-reg') e WHERE (e->>'seq')::bigint = 2",
+        )
+        .unwrap()
+        .unwrap()
+        .0;
+        assert_eq!(
+            (
+                second["context"].clone(),
+                second["previous"]["context"].clone()
+            ),
+            (json!("ctx2"), json!("ctx1"))
+        );
+        let (_, _, p) = last("ev-reg");
+        assert_eq!(p["column"], "email");
+
+        // A dropped column's registration goes, recorded in the system chain (the
+        // dropping session's tenant chooses no chain).
+        run("ALTER TABLE public.evr DROP COLUMN note");
+        let (event, _, p) = last("_pgseal");
+        assert_eq!(event, "subject.anonymised_column_unregistered");
+        assert_eq!(p["column"], "note");
+        assert_eq!(events("_pgseal").len(), before + 2);
+        assert_eq!(events("ev-reg").len(), 5);
+        assert!(verifies("ev-reg") && verifies("_pgseal"));
+    }
+
     #[pg_test]
     fn truncate_of_an_audited_table_is_recorded() {
         run("CREATE TABLE public.acc (id int PRIMARY KEY, tenant_id text)");
