@@ -208,8 +208,18 @@ mod tests {
             0
         );
         assert_eq!(registrations("reg_b"), (2, 2));
+        // The sealed column's removal is the newest entry, the default rule's before it.
         let (event, p) = newest("_pgseal");
-        assert_eq!(event, "retention.removed");
+        assert_eq!(event, "vault.column_unregistered");
+        assert_eq!(
+            p.0["table"],
+            serde_json::json!(oid.to_string()),
+            "the table's name is gone: its OID"
+        );
+        let p = one::<pgrx::JsonB>(
+            "SELECT payload FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND event = 'retention.removed'
+              ORDER BY seq DESC LIMIT 1",
+        );
         assert_eq!(p.0["scope"], "default");
         assert_eq!(
             p.0["table"],
