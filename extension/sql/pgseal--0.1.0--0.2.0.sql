@@ -2155,6 +2155,27 @@ ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record_
 ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record;
 ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record_change;
 
+-- Column registrations are evidence too: they say what pgseald reseals and what
+-- subject_export, subject_erase and offboarding reach, for every tenant
+-- ('vault.column_registered' / 'vault.column_unregistered' here; 'subject.column_…'
+-- and 'subject.anonymised_column_…' in sql/subjects.sql; extension/src/ledger/evidence.rs),
+-- in the tenant context's chain, else the system chain '_pgseal' (always the system
+-- chain once the table or column is gone). Every INSERT but a restore's; every
+-- UPDATE that changes the registration (not a rename of its column, which
+-- _registrations_follow_renames follows); every DELETE (the DELETE triggers are in
+-- finalize.sql: their condition reads vault_status()). A C trigger function,
+-- executable by no role.
+CREATE FUNCTION pgseal._registration_record() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'registration_record_trigger';
+CREATE TRIGGER sealed_columns_record AFTER INSERT ON pgseal.sealed_columns
+    FOR EACH ROW WHEN (pg_catalog.current_setting('pgseal.restore', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION pgseal._registration_record();
+CREATE TRIGGER sealed_columns_record_update AFTER UPDATE ON pgseal.sealed_columns
+    FOR EACH ROW WHEN ((OLD.rel, OLD.attnum, OLD.context) IS DISTINCT FROM (NEW.rel, NEW.attnum, NEW.context))
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_record;
+ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_record_update;
+
 -- retention_set and vault_register_column run as the caller (the trigger above
 -- checks what they write).
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgseal.retention_rules, pgseal.sealed_columns TO pgseal_admin;
@@ -2178,15 +2199,17 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.sealed_columns',
 -- _registrations_follow_drops (sql_drop): a DROP of a registered table (DROP TABLE,
 -- DROP SCHEMA/OWNED ... CASCADE, DROP of a partitioned parent) or of a registered
 -- column (ALTER TABLE ... DROP COLUMN, a CASCADE from a type) deletes its retention
--- rules and sealed column registrations, each named in a NOTICE, and takes a
--- dropped table out of the tables an offboarding's export read. A rule's deletion
+-- rules and column registrations, each named in a NOTICE, and takes a
+-- dropped table out of the tables an offboarding's export read. A deletion
 -- is recorded like any other ('retention.removed', retention_rules_record_delete;
--- the entry names the table by OID, its name being gone): a tenant's rule in that
--- tenant's chain, a default rule in the system chain '_pgseal' (the C trigger sees
--- in the catalog that the table or column is gone; the dropping session's tenant
--- setting chooses nothing). Without the master key no entry can be written: the
--- rule is deleted all the same (a dropped table cannot be sealed or swept) and a
--- WARNING, which goes to the server log, names it instead. Any other error fails the
+-- 'vault.column_unregistered' and 'subject.…_unregistered', the registries'
+-- *_record_delete; the entry names the table by OID, its name being gone): a
+-- tenant's rule in that tenant's chain, a default rule and a column registration in
+-- the system chain '_pgseal' (the C trigger sees in the catalog that the table or
+-- column is gone; the dropping session's tenant setting chooses nothing). Without
+-- the master key no entry can be written: the row is deleted all the same (a
+-- dropped table cannot be sealed, swept or erased) and a WARNING, which goes to the
+-- server log, names it instead. Any other error fails the
 -- DROP: no handler keeps a registration of a dropped table, which pgseald would skip
 -- but which a later restore could not load. The errors left are the transaction's
 -- own (a lock or statement timeout on the chain, a serialization failure), after
@@ -2258,8 +2281,13 @@ BEGIN
                AND (d.objsubid OPERATOR(pg_catalog.=) 0 OR d.objsubid OPERATOR(pg_catalog.=) x.attnum)
             RETURNING x.rel::pg_catalog.oid AS relid, d.object_identity AS what, x.col AS col $q$, registry)
         LOOP
-            RAISE NOTICE 'pgseal: removed the % column registration of % (OID %, column %): it was dropped',
-                pg_catalog.split_part(registry, '_', 1), r.what, r.relid, pg_catalog.quote_ident(r.col);
+            IF loaded THEN
+                RAISE NOTICE 'pgseal: removed the % column registration of % (OID %, column %): it was dropped',
+                    pg_catalog.split_part(registry, '_', 1), r.what, r.relid, pg_catalog.quote_ident(r.col);
+            ELSE
+                RAISE WARNING 'pgseal: removed the % column registration of % (OID %, column %): it was dropped; not recorded in the ledger, the master key is not loaded',
+                    pg_catalog.split_part(registry, '_', 1), r.what, r.relid, pg_catalog.quote_ident(r.col);
+            END IF;
         END LOOP;
     END LOOP;
 END
@@ -2417,6 +2445,16 @@ ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check;
 CREATE TRIGGER subject_columns_check_delete BEFORE DELETE ON pgseal.subject_columns
     FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('DELETE');
 ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_check_delete;
+-- Recorded in the ledger (sql/jobs.sql, _registration_record; the DELETE trigger is
+-- in finalize.sql).
+CREATE TRIGGER subject_columns_record AFTER INSERT ON pgseal.subject_columns
+    FOR EACH ROW WHEN (pg_catalog.current_setting('pgseal.restore', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION pgseal._registration_record();
+CREATE TRIGGER subject_columns_record_update AFTER UPDATE ON pgseal.subject_columns
+    FOR EACH ROW WHEN ((OLD.rel, OLD.attnum) IS DISTINCT FROM (NEW.rel, NEW.attnum))
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_record;
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_record_update;
 
 -- Removes the registration of rel's subject column subject_column (export and
 -- erasure no longer read it); returns whether there was one. Runs as the caller
@@ -2483,6 +2521,16 @@ ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anon
 CREATE TRIGGER subject_anonymised_columns_check_delete BEFORE DELETE ON pgseal.subject_anonymised_columns
     FOR EACH ROW EXECUTE FUNCTION pgseal._registration_check_delete('UPDATE');
 ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_check_delete;
+-- Recorded in the ledger (sql/jobs.sql, _registration_record; the DELETE trigger is
+-- in finalize.sql).
+CREATE TRIGGER subject_anonymised_columns_record AFTER INSERT ON pgseal.subject_anonymised_columns
+    FOR EACH ROW WHEN (pg_catalog.current_setting('pgseal.restore', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION pgseal._registration_record();
+CREATE TRIGGER subject_anonymised_columns_record_update AFTER UPDATE ON pgseal.subject_anonymised_columns
+    FOR EACH ROW WHEN ((OLD.rel, OLD.attnum) IS DISTINCT FROM (NEW.rel, NEW.attnum))
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_record;
+ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_record_update;
 
 -- Declares that subject_erase anonymises rel's rows of a subject instead of
 -- deleting them: it sets `columns`, and the registered subject column the row
@@ -2641,7 +2689,8 @@ $$;
 -- ('retention.removed'), fail closed, except the deletion of a rule whose table or
 -- time column is gone (has_column_privilege is NULL for a missing table or column)
 -- while the master key is not loaded: a DROP must not fail for want of the key, and
--- _registrations_follow_drops names such a rule in a WARNING instead.
+-- _registrations_follow_drops names such a rule in a WARNING instead. The same for
+-- the column registries' removals.
 -- _master_key_loaded is vault_status()'s flag as a scalar (a trigger's WHEN takes no
 -- set-returning function); executable by pgseal_admin, who may DELETE a rule
 -- (retention_remove), and shows no more than vault_status(), which PUBLIC may call.
@@ -2655,6 +2704,25 @@ CREATE TRIGGER retention_rules_record_delete AFTER DELETE ON pgseal.retention_ru
           OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.time_attnum, 'SELECT') IS NOT NULL)
     EXECUTE FUNCTION pgseal._retention_record();
 ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record_delete;
+-- The column registries' removals likewise (_registration_record, sql/jobs.sql).
+CREATE TRIGGER sealed_columns_record_delete AFTER DELETE ON pgseal.sealed_columns
+    FOR EACH ROW
+    WHEN (pgseal._master_key_loaded()
+          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_record_delete;
+CREATE TRIGGER subject_columns_record_delete AFTER DELETE ON pgseal.subject_columns
+    FOR EACH ROW
+    WHEN (pgseal._master_key_loaded()
+          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_record_delete;
+CREATE TRIGGER subject_anonymised_columns_record_delete AFTER DELETE ON pgseal.subject_anonymised_columns
+    FOR EACH ROW
+    WHEN (pgseal._master_key_loaded()
+          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
+    EXECUTE FUNCTION pgseal._registration_record();
+ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_record_delete;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgseal FROM PUBLIC;
 
