@@ -36,6 +36,8 @@ fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
     c.batch_execute(
         "CREATE EXTENSION pgseal;
          CREATE TABLE creds (id int PRIMARY KEY, tenant_id text, token text);
+         SELECT pgseal.vault_register_column('creds', 'token', 'creds.token');
+         SELECT pgseal.subject_register('creds', 'id');
          SET app.tenant_id = 'acme';
          INSERT INTO creds SELECT g, 'acme', pgseal.vault_seal('secret-' || g, 'creds.token') FROM generate_series(1, 5) g;
          SELECT pgseal.ledger_append('order.paid', jsonb_build_object('n', g)) FROM generate_series(1, 20) g;",
@@ -51,6 +53,10 @@ fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
         .query_one("SELECT pgseal.ledger_public_key()", &[])
         .unwrap()
         .get(0);
+    // The registrations are recorded in the system chain; a restore loads them with
+    // their entries and records nothing again.
+    let system = verify(&mut c, "_pgseal");
+    assert!(system.0 && system.1 >= 2, "{system:?}");
     let dump = format!("{}/db.dump", cl.dir.display());
     let port = cl.port.to_string();
     let conn = ["-h", "127.0.0.1", "-p", port.as_str(), "-U", "postgres"];
@@ -91,6 +97,15 @@ fn a_dumped_and_restored_database_keeps_its_ledger_identity_chains_and_keys() {
         .get(0);
     assert_eq!(rpk, pk, "and signs with the same checkpoint key");
     assert_eq!(verify(&mut r, "acme"), (true, 20));
+    assert_eq!(verify(&mut r, "_pgseal"), system);
+    let registered: i64 = r
+        .query_one(
+            "SELECT (SELECT count(*) FROM pgseal.sealed_columns) + (SELECT count(*) FROM pgseal.subject_columns)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(registered, 2, "the registrations are restored");
     r.batch_execute("SET app.tenant_id = 'acme'").unwrap();
     let plain: Vec<String> = r
         .query(
