@@ -1082,12 +1082,31 @@ fn a_drop_without_the_master_key_still_removes_registrations() {
         .iter()
         .filter(|m| m.contains("public.gone") && m.contains("not recorded in the ledger"))
         .count();
-    assert_eq!(warned, 2, "{:?}", notices.lock().unwrap());
-    // A live rule's removal still needs its ledger entry: fail closed.
+    // The table's two rules and its two sealed columns, and the dropped column's
+    // registration of `kept`.
+    assert_eq!(warned, 4, "{:?}", notices.lock().unwrap());
+    assert_eq!(
+        notices
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.contains("public.kept.extra") && m.contains("not recorded in the ledger"))
+            .count(),
+        1,
+        "{:?}",
+        notices.lock().unwrap()
+    );
+    // A live rule's or registration's removal still needs its ledger entry: fail closed.
     assert_eq!(
         pgseal_tests::sqlstate(c.batch_execute(
             "DELETE FROM pgseal.retention_rules WHERE rel = 'kept'::regclass AND tenant_id = 'acme'"
         )),
+        "55000"
+    );
+    assert_eq!(
+        pgseal_tests::sqlstate(
+            c.batch_execute("SELECT pgseal.vault_unregister_column('kept', 'token')")
+        ),
         "55000"
     );
     drop(c);
