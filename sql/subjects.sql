@@ -153,7 +153,10 @@ BEGIN
     IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel) = 't' THEN
         RAISE EXCEPTION 'a temporary table cannot be registered' USING ERRCODE = '42809';
     END IF;
-    DELETE FROM pgseal.subject_anonymised_columns x WHERE x.rel OPERATOR(pg_catalog.=) rel;
+    -- Only what the new declaration leaves out goes (each removal and addition is
+    -- recorded in the ledger; a column declared again is no change).
+    DELETE FROM pgseal.subject_anonymised_columns x
+     WHERE x.rel OPERATOR(pg_catalog.=) rel AND NOT x.col OPERATOR(pg_catalog.=) ANY (columns);
     FOREACH c IN ARRAY columns LOOP
         IF c OPERATOR(pg_catalog.=) 'tenant_id' THEN
             RAISE EXCEPTION 'tenant_id limits erasure to the tenant: it cannot be cleared' USING ERRCODE = '22023';

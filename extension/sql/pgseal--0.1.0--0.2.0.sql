@@ -2159,8 +2159,8 @@ ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record_
 -- subject_export, subject_erase and offboarding reach, for every tenant
 -- ('vault.column_registered' / 'vault.column_unregistered' here; 'subject.column_…'
 -- and 'subject.anonymised_column_…' in sql/subjects.sql; extension/src/ledger/evidence.rs),
--- in the tenant context's chain, else the system chain '_pgseal' (always the system
--- chain once the table or column is gone). Every INSERT but a restore's; every
+-- always in the system chain '_pgseal' (a chain the caller's tenant setting chose
+-- could be one no auditor reads). Every INSERT but a restore's; every
 -- UPDATE that changes the registration (not a rename of its column, which
 -- _registrations_follow_renames follows); every DELETE (the DELETE triggers are in
 -- finalize.sql: their condition reads vault_status()). A C trigger function,
@@ -2205,8 +2205,8 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.sealed_columns',
 -- 'vault.column_unregistered' and 'subject.…_unregistered', the registries'
 -- *_record_delete; the entry names the table by OID, its name being gone): a
 -- tenant's rule in that tenant's chain, a default rule and a column registration in
--- the system chain '_pgseal' (the C trigger sees in the catalog that the table or
--- column is gone; the dropping session's tenant setting chooses nothing). Without
+-- the system chain '_pgseal' (for a rule, the C trigger sees in the catalog that the
+-- table or column is gone; the dropping session's tenant setting chooses nothing). Without
 -- the master key no entry can be written: the row is deleted all the same (a
 -- dropped table cannot be sealed, swept or erased) and a WARNING, which goes to the
 -- server log, names it instead. Any other error fails the
@@ -2559,7 +2559,10 @@ BEGIN
     IF (SELECT c.relpersistence FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) rel) = 't' THEN
         RAISE EXCEPTION 'a temporary table cannot be registered' USING ERRCODE = '42809';
     END IF;
-    DELETE FROM pgseal.subject_anonymised_columns x WHERE x.rel OPERATOR(pg_catalog.=) rel;
+    -- Only what the new declaration leaves out goes (each removal and addition is
+    -- recorded in the ledger; a column declared again is no change).
+    DELETE FROM pgseal.subject_anonymised_columns x
+     WHERE x.rel OPERATOR(pg_catalog.=) rel AND NOT x.col OPERATOR(pg_catalog.=) ANY (columns);
     FOREACH c IN ARRAY columns LOOP
         IF c OPERATOR(pg_catalog.=) 'tenant_id' THEN
             RAISE EXCEPTION 'tenant_id limits erasure to the tenant: it cannot be cleared' USING ERRCODE = '22023';

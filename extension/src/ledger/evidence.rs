@@ -532,9 +532,11 @@ const REGISTRIES: [(&CStr, &str, &str); 3] = [
 /// (`sealed_columns`: `vault.column_registered`, `vault.column_unregistered`;
 /// `subject_columns` and `subject_anonymised_columns`: `subject.column_…` and
 /// `subject.anonymised_column_…`). They say what pgseald reseals and what
-/// `subject_export`, `subject_erase` and offboarding reach, for every tenant: recorded
-/// in the tenant context's chain, else the system chain; always the system chain
-/// once the table or column is gone (as for a default retention rule).
+/// `subject_export`, `subject_erase` and offboarding reach, for every tenant: always
+/// recorded in the system chain, which an auditor of registrations reads (a chain
+/// the caller's tenant setting chose could be one no auditor reads). The triggers'
+/// conditions pass only the UPDATEs that change the registration (its table, column
+/// number or context), and each of those is recorded.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn registration_record_trigger(
@@ -547,34 +549,22 @@ pub unsafe extern "C-unwind" fn registration_record_trigger(
     pg_sys::Datum::from(0usize)
 }
 
-struct Registration {
-    gone: bool,
-    payload: Value,
-}
-
-fn registration(row: &Row, sealed: bool) -> SealResult<Registration> {
-    let rel = row.datum::<pg_sys::Oid>(c"rel")?;
-    let attnum = row.datum::<i16>(c"attnum")?;
+/// A registration's payload: its table (by OID once dropped), column name and
+/// number, and (sealing) context.
+fn registration(row: &Row, sealed: bool) -> SealResult<Value> {
     let mut payload = json!({
         "table": row.relation(c"rel")?,
         "column": row.required(c"col")?,
+        "attnum": row.datum::<i16>(c"attnum")?,
     });
     if sealed {
         payload["context"] = json!(row.text(c"context")?);
     }
-    Ok(Registration {
-        gone: column_gone(rel, attnum),
-        payload,
-    })
+    Ok(payload)
 }
 
-fn registration_event(event: &'static str, r: Registration) -> SealResult<()> {
-    let tenant = if r.gone {
-        SYSTEM_TENANT.to_owned()
-    } else {
-        context_or_system()
-    };
-    record(&tenant, event, r.payload).map(|_| ())
+fn registration_event(event: &'static str, payload: Value) -> SealResult<()> {
+    record(SYSTEM_TENANT, event, payload).map(|_| ())
 }
 
 fn registration_changed(c: &RowChange) -> SealResult<()> {
@@ -594,10 +584,7 @@ fn registration_changed(c: &RowChange) -> SealResult<()> {
         (Some(o), None) => registration_event(unregistered, o),
         (None, Some(n)) => registration_event(registered, n),
         (Some(o), Some(mut n)) => {
-            if o.payload == n.payload {
-                return Ok(()); // nothing recorded changed
-            }
-            n.payload["previous"] = o.payload;
+            n["previous"] = o;
             registration_event(registered, n)
         }
         (None, None) => Ok(()),

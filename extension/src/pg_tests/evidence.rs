@@ -351,42 +351,39 @@ mod tests {
         assert!(verifies("ev-ret") && verifies("ev-ret-hold") && verifies("_pgseal"));
     }
 
-    /// The column registries' changes (sealing, subjects, anonymised columns), in the
-    /// tenant context's chain, else the system chain; a rename is not a change; a
-    /// dropped column's removal goes to the system chain, whatever the context.
+    /// The column registries' changes (sealing, subjects, anonymised columns), always
+    /// in the system chain whatever the tenant context; a rename is not a change, a
+    /// declaration made again is none either, and a registration moved to another
+    /// column by any UPDATE is recorded with the column number it had.
     #[pg_test]
     fn column_registrations_are_recorded() {
-        run("CREATE TABLE public.evr (id int PRIMARY KEY, tenant_id text, email text, token text, note text)");
-        let before = events("_pgseal").len();
+        run("CREATE TABLE public.evr (id int PRIMARY KEY, tenant_id text, email text, token text, note text, memo text)");
+        let from = events("_pgseal").len();
+        let since = || events("_pgseal")[from..].to_vec();
         run("SELECT pgseal.subject_register('public.evr', 'email')");
         let (event, _, p) = last("_pgseal");
         assert_eq!(event, "subject.column_registered");
         assert_eq!(
-            (p["table"].clone(), p["column"].clone()),
-            (json!("public.evr"), json!("email"))
+            (p["table"].clone(), p["column"].clone(), p["attnum"].clone()),
+            (json!("public.evr"), json!("email"), json!(3))
         );
         assert_eq!(last_role("_pgseal"), me());
 
+        // A tenant context chooses no chain.
         tenant("ev-reg");
         run("SELECT pgseal.vault_register_column('public.evr', 'token', 'ctx1')");
         run("SELECT pgseal.vault_register_column('public.evr', 'token', 'ctx1')"); // no change
         run("SELECT pgseal.vault_register_column('public.evr', 'token', 'ctx2')");
         run("SELECT pgseal.subject_anonymise('public.evr', ARRAY['note']::name[])");
+        run("SELECT pgseal.subject_anonymise('public.evr', ARRAY['note']::name[])"); // no change
+        run("SELECT pgseal.subject_anonymise('public.evr', ARRAY['note', 'memo']::name[])");
         run("ALTER TABLE public.evr RENAME COLUMN token TO token2"); // followed, not a change
-        run("SELECT pgseal.vault_unregister_column('public.evr', 'token2')");
-        run("SELECT pgseal.subject_unregister('public.evr', 'email')");
-        assert_eq!(
-            events("ev-reg"),
-            [
-                "vault.column_registered",
-                "vault.column_registered",
-                "subject.anonymised_column_registered",
-                "vault.column_unregistered",
-                "subject.column_unregistered"
-            ]
-        );
-        let second = Spi::get_one::<pgrx::JsonB>(
-            "SELECT e->'payload' FROM pgseal.ledger_export('ev-reg') e WHERE (e->>'seq')::bigint = 2",
+        assert!(events("ev-reg").is_empty(), "{:?}", events("ev-reg"));
+        let (_, _, p) = last("_pgseal");
+        assert_eq!(p["column"], "memo");
+        let second = Spi::get_one_with_args::<pgrx::JsonB>(
+            "SELECT e->'payload' FROM pgseal.ledger_export('_pgseal') e WHERE (e->>'seq')::bigint = $1",
+            &[((from + 3) as i64).into()],
         )
         .unwrap()
         .unwrap()
@@ -398,18 +395,50 @@ mod tests {
             ),
             (json!("ctx2"), json!("ctx1"))
         );
-        let (_, _, p) = last("ev-reg");
-        assert_eq!(p["column"], "email");
 
-        // A dropped column's registration goes, recorded in the system chain (the
-        // dropping session's tenant chooses no chain).
+        // A registration whose name went stale (the rename not followed) and is then
+        // resolved again to another column by an UPDATE that changes nothing else:
+        // recorded, with the column number before and after.
+        run("ALTER EVENT TRIGGER pgseal_registrations_rename DISABLE");
+        run("ALTER TABLE public.evr RENAME COLUMN token2 TO kept_secret");
+        run("ALTER TABLE public.evr ADD COLUMN token2 text");
+        run("ALTER EVENT TRIGGER pgseal_registrations_rename ENABLE");
+        run(
+            "UPDATE pgseal.sealed_columns SET context = context WHERE rel = 'public.evr'::regclass",
+        );
+        let (event, _, p) = last("_pgseal");
+        assert_eq!(event, "vault.column_registered");
+        assert_eq!(
+            (
+                p["column"].clone(),
+                p["attnum"].clone(),
+                p["previous"]["attnum"].clone()
+            ),
+            (json!("token2"), json!(7), json!(4))
+        );
+
+        run("SELECT pgseal.vault_unregister_column('public.evr', 'token2')");
+        run("SELECT pgseal.subject_unregister('public.evr', 'email')");
+        // A dropped column's registration goes, recorded.
         run("ALTER TABLE public.evr DROP COLUMN note");
         let (event, _, p) = last("_pgseal");
         assert_eq!(event, "subject.anonymised_column_unregistered");
         assert_eq!(p["column"], "note");
-        assert_eq!(events("_pgseal").len(), before + 2);
-        assert_eq!(events("ev-reg").len(), 5);
-        assert!(verifies("ev-reg") && verifies("_pgseal"));
+        assert_eq!(
+            since(),
+            [
+                "subject.column_registered",
+                "vault.column_registered",
+                "vault.column_registered",
+                "subject.anonymised_column_registered",
+                "subject.anonymised_column_registered",
+                "vault.column_registered",
+                "vault.column_unregistered",
+                "subject.column_unregistered",
+                "subject.anonymised_column_unregistered"
+            ]
+        );
+        assert!(verifies("_pgseal"));
     }
 
     #[pg_test]
