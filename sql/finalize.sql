@@ -22,24 +22,21 @@ CREATE TRIGGER retention_rules_record_delete AFTER DELETE ON pgseal.retention_ru
     EXECUTE FUNCTION pgseal._retention_record();
 ALTER TABLE pgseal.retention_rules ENABLE ALWAYS TRIGGER retention_rules_record_delete;
 -- The column registries' removals likewise (_registration_record, sql/jobs.sql).
-CREATE TRIGGER sealed_columns_record_delete AFTER DELETE ON pgseal.sealed_columns
-    FOR EACH ROW
-    WHEN (pgseal._master_key_loaded()
-          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
-    EXECUTE FUNCTION pgseal._registration_record();
-ALTER TABLE pgseal.sealed_columns ENABLE ALWAYS TRIGGER sealed_columns_record_delete;
-CREATE TRIGGER subject_columns_record_delete AFTER DELETE ON pgseal.subject_columns
-    FOR EACH ROW
-    WHEN (pgseal._master_key_loaded()
-          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
-    EXECUTE FUNCTION pgseal._registration_record();
-ALTER TABLE pgseal.subject_columns ENABLE ALWAYS TRIGGER subject_columns_record_delete;
-CREATE TRIGGER subject_anonymised_columns_record_delete AFTER DELETE ON pgseal.subject_anonymised_columns
-    FOR EACH ROW
-    WHEN (pgseal._master_key_loaded()
-          OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
-    EXECUTE FUNCTION pgseal._registration_record();
-ALTER TABLE pgseal.subject_anonymised_columns ENABLE ALWAYS TRIGGER subject_anonymised_columns_record_delete;
+DO $$
+DECLARE
+    t pg_catalog.text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['sealed_columns', 'subject_columns', 'subject_anonymised_columns'] LOOP
+        EXECUTE pg_catalog.format($t$
+            CREATE TRIGGER %1$I AFTER DELETE ON pgseal.%2$I
+                FOR EACH ROW
+                WHEN (pgseal._master_key_loaded()
+                      OR pg_catalog.has_column_privilege(OLD.rel::pg_catalog.oid, OLD.attnum, 'SELECT') IS NOT NULL)
+                EXECUTE FUNCTION pgseal._registration_record();
+            ALTER TABLE pgseal.%2$I ENABLE ALWAYS TRIGGER %1$I $t$, t || '_record_delete', t);
+    END LOOP;
+END
+$$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgseal FROM PUBLIC;
 
