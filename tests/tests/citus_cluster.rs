@@ -801,6 +801,16 @@ fn organisation_membership_reaches_every_node_from_the_coordinator_only() {
                  INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'zed', 'owner');",
             )
             .unwrap();
+        // Column registrations are made on the coordinator, where they are recorded.
+        assert_eq!(
+            sqlstate(
+                node.connect()
+                    .query("SELECT pgseal.subject_register('docs', 'owner_id')", &[])
+            ),
+            "0A000",
+            "a registration through {}",
+            node.port
+        );
         // Neither the copy nor the function that reads it is open to the caller.
         for sql in [
             "SELECT count(*) FROM pgseal._org_members_copy",
