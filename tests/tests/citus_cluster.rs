@@ -828,6 +828,79 @@ fn organisation_membership_reaches_every_node_from_the_coordinator_only() {
         }
     }
     expect(&[("zed", &[2]), ("olga", &[1, 3])]);
+    // The paths that run as the owner under a caller's hijacks: the copy's trigger
+    // (writing through Citus, on the coordinator) and the copy's reader (on the
+    // worker holding tenant A's shard, which runs the query in the caller's backend).
+    // The caller plants, in its own session, operators of a schema of its own first
+    // in search_path and pg_temp domains over text and the role type; each calls
+    // `pwn`, which names the role it runs as.
+    let plant = "CREATE FUNCTION atk_s.pwn() RETURNS boolean LANGUAGE plpgsql AS $f$
+             BEGIN RAISE WARNING 'pwn ran as %', current_user; RETURN true; END $f$;
+         CREATE FUNCTION atk_s.eq(text, text) RETURNS boolean LANGUAGE sql AS
+             'SELECT atk_s.pwn() AND pg_catalog.texteq($1, $2)';
+         CREATE OPERATOR atk_s.= (LEFTARG = text, RIGHTARG = text, FUNCTION = atk_s.eq);
+         CREATE FUNCTION atk_s.cat(text, text) RETURNS text LANGUAGE sql AS
+             'SELECT CASE WHEN atk_s.pwn() THEN pg_catalog.textcat($1, $2) END';
+         CREATE OPERATOR atk_s.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = atk_s.cat);
+         CREATE DOMAIN pg_temp.text AS pg_catalog.text CHECK (atk_s.pwn());
+         CREATE DOMAIN pg_temp.org_role AS pgseal.org_role CHECK (atk_s.pwn());
+         SET search_path = atk_s, pg_catalog, public;";
+    c.batch_execute("CREATE ROLE atk LOGIN; GRANT SELECT ON docs TO atk;")
+        .unwrap();
+    for node in cc.nodes() {
+        node.connect()
+            .batch_execute(
+                "SET citus.enable_ddl_propagation = off;
+                 CREATE SCHEMA atk_s AUTHORIZATION atk;",
+            )
+            .unwrap();
+    }
+    let ran_as = |node: &pgseal_tests::Cluster, sql: &str| -> Vec<String> {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = seen.clone();
+        let mut a = node
+            .config()
+            .user("atk")
+            .notice_callback(move |n| sink.lock().unwrap().push(n.message().to_owned()))
+            .connect(postgres::NoTls)
+            .unwrap();
+        a.batch_execute("SET citus.enable_ddl_propagation = off")
+            .unwrap();
+        a.batch_execute(plant).unwrap();
+        a.batch_execute(sql).unwrap();
+        let pwned = seen.lock().unwrap().clone();
+        // The probe works: the caller's own statement runs its operator.
+        a.batch_execute("SELECT 'a' = 'a'").unwrap();
+        assert!(
+            seen.lock().unwrap().len() > pwned.len(),
+            "the planted operator never ran"
+        );
+        pwned
+    };
+    let pwned = ran_as(
+        &cc.coordinator,
+        "BEGIN;
+         SELECT pgseal.set_tenant('A', 'olga');
+         INSERT INTO pgseal.org_members VALUES ('A', 'org1', 'pia', 'member');
+         UPDATE pgseal.org_members SET role = 'viewer' WHERE user_id = 'pia';
+         DELETE FROM pgseal.org_members WHERE user_id = 'pia';
+         COMMIT;",
+    );
+    assert!(
+        pwned.iter().all(|m| m == "pwn ran as atk"),
+        "the copy's trigger ran the caller's code as another role: {pwned:?}"
+    );
+    let pwned = ran_as(
+        cc.node_at(holder as u16),
+        "BEGIN;
+         SELECT pgseal.set_tenant('A', 'olga');
+         SELECT id FROM docs;
+         COMMIT;",
+    );
+    assert!(
+        pwned.iter().all(|m| m == "pwn ran as atk"),
+        "the copy's reader ran the caller's code as another role: {pwned:?}"
+    );
     // The coordinator's membership is unchanged by all of it.
     let members: Vec<String> = c
         .query(
