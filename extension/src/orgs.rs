@@ -13,7 +13,6 @@ use pgrx::prelude::*;
 
 use crate::error::{OrRaise, SealResult};
 use crate::pg::{citus, plans};
-use crate::privilege::as_owner;
 
 /// The copy's name in pgseal's schema; its placements are `<name>_<shard id>`.
 const COPY: &str = "_org_members_copy";
@@ -48,14 +47,15 @@ fn replica_orgs(min_role: &str) -> SealResult<Option<Vec<String>>> {
     let Some(sql) = query_on(&placement) else {
         return Ok(Some(Vec::new()));
     };
-    let orgs = as_owner(|| {
-        plans::select_first(
-            sql,
-            &[plans::TEXT, plans::TEXT, plans::TEXT],
-            &[tenant.into(), user.into(), min_role.into()],
-            |r| Ok(r.get::<Vec<String>>(1)?),
-        )
-    })?
+    // Evaluated per row of a shard: no owner switch here. It runs inside `_my_orgs`
+    // (SECURITY DEFINER, its search_path pinned), the only role that may execute it
+    // is the owner, and its statement names everything with its schema.
+    let orgs = plans::select_first(
+        sql,
+        &[plans::TEXT, plans::TEXT, plans::TEXT],
+        &[tenant.into(), user.into(), min_role.into()],
+        |r| Ok(r.get::<Vec<String>>(1)?),
+    )?
     .flatten()
     .unwrap_or_default();
     Ok(Some(orgs))
