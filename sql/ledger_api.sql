@@ -131,7 +131,7 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'audit_row_trigger';
 
 -- TRUNCATE fires no row trigger: ledger_audit adds this statement trigger, which
 -- records 'audit.truncated' (the table's name) in the chain of the tenant context,
--- else pgseal's system chain '_pgseal'. It reads nothing from the table.
+-- else pgseal's open chain '_pgseal_open'. It reads nothing from the table.
 CREATE FUNCTION pgseal._audit_truncate() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'audit_truncate_trigger';
 

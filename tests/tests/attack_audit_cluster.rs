@@ -136,6 +136,77 @@ fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
     );
 }
 
+/// Every way a role without `pgseal_admin` can make pgseal append outside a tenant
+/// context, each kept open in a transaction: owning a table and protecting it with
+/// no tenant set, or with the tenant setting naming the system chain; writing an
+/// audited row whose tenant column is over the limit or names the system chain;
+/// truncating an audited table with no tenant set. Meanwhile an administrator's
+/// default retention rule (recorded in the system chain `_pgseal`) must not wait on
+/// any of them.
+#[test]
+fn no_application_role_can_hold_the_system_chain_and_stall_admin_work() {
+    let (cl, mut admin) = start("atk-audit-sysheld");
+    admin
+        .batch_execute(
+            "CREATE SCHEMA mine AUTHORIZATION nobody;
+             CREATE TABLE audited (id int, tenant_id text);
+             SELECT pgseal.ledger_audit('audited');
+             GRANT INSERT, TRUNCATE ON audited TO nobody;
+             CREATE TABLE kept (id int, tenant_id text, created_at timestamptz);
+             SET lock_timeout = '3s';",
+        )
+        .unwrap();
+    let attacks = [
+        "CREATE TABLE mine.t1 (id int, tenant_id text); SELECT pgseal.tenant_protect('mine.t1')",
+        "SET LOCAL app.tenant_id = '_pgseal'; CREATE TABLE mine.t2 (id int, tenant_id text);
+         SELECT pgseal.tenant_protect('mine.t2')",
+        "INSERT INTO audited VALUES (1, repeat('t', 300))",
+        "INSERT INTO audited VALUES (2, '_pgseal')",
+        "TRUNCATE audited",
+    ];
+    let system = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    for (n, attack) in attacks.iter().enumerate() {
+        let mut atk = cl.connect_as("nobody");
+        atk.batch_execute("BEGIN").unwrap();
+        atk.batch_execute(attack)
+            .unwrap_or_else(|e| panic!("the attack {attack:?} itself failed: {e}"));
+        let before = system(&mut admin);
+        let r = admin.batch_execute(&format!(
+            "SELECT pgseal.retention_set('kept', '{} days')",
+            n + 1
+        ));
+        assert_eq!(
+            sqlstate(r),
+            "00000",
+            "an open transaction of a role without pgseal_admin ({attack:?}) stalled a change \
+             recorded in the system chain"
+        );
+        assert_eq!(
+            system(&mut admin),
+            before + 1,
+            "the rule's entry is in _pgseal"
+        );
+        atk.batch_execute("COMMIT").unwrap();
+    }
+    for chain in ["_pgseal", "_pgseal_open"] {
+        let ok: bool = admin
+            .query_one(
+                "SELECT ok AND checked > 0 FROM pgseal.ledger_verify($1)",
+                &[&chain],
+            )
+            .unwrap()
+            .get(0);
+        assert!(ok, "{chain} verifies");
+    }
+}
+
 /// Finding 3: at commit the counts are taken out of the backend's list before they
 /// are appended; when that append fails (here: lock_timeout on the tenant's chain,
 /// held by another transaction), the transaction aborts and the count is dropped:

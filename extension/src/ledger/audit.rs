@@ -346,14 +346,15 @@ pub fn append_row_change(
     }
     // A row whose tenant column is longer than a tenant id may be (limits.rs), or
     // names one of pgseal's own chains, is still a valid write: its entry goes to the
-    // system chain, naming the tenant by its SHA-256, instead of failing the
-    // application's statement.
+    // open chain (any writer of an audited table can cause it, so never the system
+    // chain), naming the tenant by its SHA-256, instead of failing the application's
+    // statement.
     if tenant.len() > crate::limits::TENANT || super::names::is_pgseal_chain(&tenant) {
         let wrapped = format!(
             "{{\"tenant_over_limit\":\"{}\",\"entry\":{payload}}}",
             over_limit_marker(&tenant)
         );
-        let (seq, _) = super::append::append(super::names::SYSTEM_TENANT, event, &wrapped, &actor)?;
+        let (seq, _) = super::append::append(super::names::OPEN_CHAIN, event, &wrapped, &actor)?;
         return Ok(seq);
     }
     // A subject id that `ledger_append` would refuse (blank, with control

@@ -263,7 +263,7 @@ pub unsafe extern "C-unwind" fn audit_truncate_trigger(
         (*td.tg_relation).rd_id
     };
     let payload = serde_json::json!({ "table": super::evidence::qualified_name(rel) });
-    let tenant = super::evidence::context_or_system();
+    let tenant = super::evidence::context_or_open();
     super::evidence::record(&tenant, "audit.truncated", payload).or_raise();
     pg_sys::Datum::from(0usize)
 }

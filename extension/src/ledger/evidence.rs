@@ -18,10 +18,14 @@
 //! - A change that concerns one tenant is recorded in that tenant's chain. A change
 //!   that concerns every tenant (a table's policies, a default retention rule, a
 //!   TRUNCATE) is recorded in the chain of the tenant context the change was made
-//!   under, where that tenant's auditor looks, else in pgseal's system chain
-//!   `names::SYSTEM_TENANT`, which only pgseal appends to. One exception: the
-//!   removal of a default retention rule whose table or time column the catalog no
-//!   longer has (a DROP, by whichever role) always goes to the system chain.
+//!   under, where that tenant's auditor looks, else in one of pgseal's own chains,
+//!   which only pgseal appends to: `names::SYSTEM_TENANT` for what only trusted
+//!   roles do (column registrations, default retention rules, `kek_rewrap`),
+//!   `names::OPEN_CHAIN` for what any table owner or audited table's writer can do
+//!   (table protection, TRUNCATE), so that no such role can hold the system
+//!   chain's lock by keeping its transaction open. One exception: the removal of a
+//!   default retention rule whose table or time column the catalog no longer has (a
+//!   DROP, by whichever role) always goes to the system chain.
 //!
 //! Every entry recorded here has the usual actor (the user-id setting, else
 //! `session_user`) and, like every entry, the hashed `db_role` field: the database
@@ -34,7 +38,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::{json, Value};
 
-use super::names::SYSTEM_TENANT;
+use super::names::{OPEN_CHAIN, SYSTEM_TENANT};
 use crate::context;
 use crate::error::{OrRaise, SealError, SealResult};
 use crate::pg::jsonb::JsonbText;
@@ -42,10 +46,26 @@ use crate::pg::jsonb::JsonbText;
 /// The events pgseald records through `_job_receipt`.
 const JOB_EVENTS: [&str; 1] = ["retention.deleted"];
 
-/// The chain for a change that concerns every tenant: the tenant context's, else
-/// the system chain.
+/// The chain for a change that concerns every tenant, made by a role pgseal trusts
+/// with it (a default retention rule): the tenant context's, else the system chain.
 pub fn context_or_system() -> String {
-    context::tenant().unwrap_or_else(|_| SYSTEM_TENANT.to_owned())
+    context_or(SYSTEM_TENANT)
+}
+
+/// The chain for a change that concerns every tenant and that any role may make (a
+/// table's protection, a TRUNCATE): the tenant context's, else the open chain
+/// `OPEN_CHAIN`, so that no such role holds the system chain's lock.
+pub fn context_or_open() -> String {
+    context_or(OPEN_CHAIN)
+}
+
+/// The tenant context, else `chain`; also `chain` when the context names one of
+/// pgseal's own chains (a session's setting never chooses which of them is written).
+fn context_or(chain: &str) -> String {
+    match context::tenant() {
+        Ok(t) if !super::names::is_pgseal_chain(&t) => t,
+        _ => chain.to_owned(),
+    }
 }
 
 /// Appends pgseal's entry `event` to `tenant`'s chain (its `db_role` is the
@@ -148,7 +168,7 @@ fn protection_changed(rel: pg_sys::Oid) -> SealResult<()> {
         "row_security": row_security,
         "forced": forced,
     });
-    record(&context_or_system(), event, payload).map(|_| ())
+    record(&context_or_open(), event, payload).map(|_| ())
 }
 
 // ---------------------------------------------------------------------------
@@ -185,9 +205,9 @@ fn job_receipt(event: Option<&str>, payload: Option<&JsonbText>) -> SealResult<i
             "_job_receipt records only pgseald's job events",
         ))?;
     let tenant = context::tenant()?;
-    if tenant == SYSTEM_TENANT {
+    if super::names::is_pgseal_chain(&tenant) {
         return Err(SealError::Forbidden(
-            "the pgseal system chain takes only pgseal's own entries",
+            "pgseal's own chains take only pgseal's own entries",
         ));
     }
     let text = pgseal_core::canonical::lossless_numbers(payload.map_or("{}", |p| p.0.as_str()));

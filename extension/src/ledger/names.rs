@@ -1,7 +1,16 @@
 //! The names only pgseal uses: its own chains and its reserved event prefixes.
 
-/// The chain of changes made outside any tenant context.
+/// The chain of changes made outside any tenant context by roles pgseal trusts with
+/// them: column registrations, default retention rules, `kek_rewrap`, and the
+/// removals that follow a DROP of what they name. Nothing an application role can
+/// do on its own appends here, so none can hold this chain's lock.
 pub const SYSTEM_TENANT: &str = "_pgseal";
+/// The chain of pgseal's entries that any role can cause outside a tenant context:
+/// table protection and TRUNCATE of an audited table with no tenant set, and
+/// audited rows whose tenant column names no chain a caller may use. A role that
+/// keeps its transaction open after such a change holds this chain's lock, never
+/// `SYSTEM_TENANT`'s.
+pub const OPEN_CHAIN: &str = "_pgseal_open";
 /// The chain only the audit writer appends to: its fallback when a tenant's chain is
 /// held by another transaction (no other session can ever hold this one).
 pub const AUDIT_CHAIN: &str = "_pgseal_audit";

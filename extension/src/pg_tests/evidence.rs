@@ -213,15 +213,16 @@ mod tests {
             p.get("db_role").is_none(),
             "db_role is a field, not payload"
         );
-        // Without one: pgseal's system chain.
+        // Without one: pgseal's open chain, never the system chain (any table's
+        // owner may do this, and would then hold that chain's lock).
         run("SET LOCAL app.tenant_id = ''");
         run("SELECT pgseal.tenant_unprotect('public.inv')");
-        let (event, _, p) = last("_pgseal");
+        let (event, _, p) = last("_pgseal_open");
         assert_eq!(event, "policy.unprotected");
         assert_eq!(p["policies"], json!([]));
         assert_eq!(p["row_security"], false);
         run("SELECT pgseal.org_protect('public.inv', 'owner_id', 'org_id')");
-        let (event, _, p) = last("_pgseal");
+        let (event, _, p) = last("_pgseal_open");
         assert_eq!(event, "policy.protected");
         assert_eq!(
             p["policies"],
@@ -236,11 +237,16 @@ mod tests {
                 "pgseal_tenant_only"
             ])
         );
+        // A context naming one of pgseal's chains counts as none.
+        let system = events("_pgseal").len();
+        run("SET LOCAL app.tenant_id = '_pgseal'");
+        run("SELECT pgseal.org_protect('public.inv', 'owner_id', 'org_id')");
+        assert_eq!(events("_pgseal").len(), system);
         assert_eq!(
-            events("_pgseal"),
-            ["policy.unprotected", "policy.protected"]
+            events("_pgseal_open"),
+            ["policy.unprotected", "policy.protected", "policy.protected"]
         );
-        assert!(verifies("_pgseal"));
+        assert!(verifies("_pgseal_open"));
         // The recording function states what the catalog holds, and only for the
         // table's owner.
         run("CREATE ROLE evidence_other");
@@ -457,10 +463,12 @@ mod tests {
             "db_role is a field, not payload"
         );
         assert_eq!(events("ev-trunc"), ["row.insert", "audit.truncated"]);
-        // Without a tenant context: the system chain.
+        // Without a tenant context: pgseal's open chain, not the system chain.
         run("SET LOCAL app.tenant_id = ''");
+        let system = events("_pgseal").len();
         run("TRUNCATE public.acc");
-        assert_eq!(last("_pgseal").0, "audit.truncated");
+        assert_eq!(last("_pgseal_open").0, "audit.truncated");
+        assert_eq!(events("_pgseal").len(), system);
         run("SELECT pgseal.ledger_unaudit('public.acc')");
         assert_eq!(
             one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.acc'::regclass"),

@@ -828,9 +828,15 @@ mod tests {
         run("SELECT pgseal.ledger_audit('public.wide_docs')");
         run("SELECT set_config('app.user_id', repeat('u', 2000), true)");
         run("INSERT INTO public.wide_docs VALUES (1, repeat('t', 300), 'x')");
+        // In pgseal's open chain: any writer of an audited table can cause it, so
+        // never the system chain (whose lock it would then hold).
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal'"),
+            0
+        );
         assert_eq!(one::<i64>("SELECT count(*) FROM public.wide_docs"), 1);
         let p: pgrx::JsonB = one(
-            "SELECT payload FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND event = 'row.insert'",
+            "SELECT payload FROM pgseal.ledger WHERE tenant_id = '_pgseal_open' AND event = 'row.insert'",
         );
         let expected = format!(
             "sha256:{}",
@@ -839,11 +845,11 @@ mod tests {
         assert_eq!(p.0["tenant_over_limit"], serde_json::json!(expected));
         assert_eq!(p.0["entry"]["after"]["body"], "x");
         let actor: String = one(
-            "SELECT actor FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND event = 'row.insert'",
+            "SELECT actor FROM pgseal.ledger WHERE tenant_id = '_pgseal_open' AND event = 'row.insert'",
         );
         assert!(actor.starts_with("sha256:"), "{actor}");
         assert!(one::<bool>(
-            "SELECT ok FROM pgseal.ledger_verify('_pgseal')"
+            "SELECT ok FROM pgseal.ledger_verify('_pgseal_open')"
         ));
     }
 
