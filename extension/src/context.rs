@@ -60,6 +60,15 @@ pub fn tenant_shared() -> SealResult<std::rc::Rc<str>> {
                             max: crate::limits::TENANT,
                         });
                     }
+                    // pgseal's own chains (`_pgseal…`) are no tenant anyone acts
+                    // for: a session under such a context would read them through
+                    // the ledger's policy, key and audit its seals there, and take
+                    // their locks.
+                    if bytes.starts_with(crate::ledger::names::SYSTEM_TENANT.as_bytes()) {
+                        return Err(SealError::Forbidden(
+                            "the tenant context names one of pgseal's own chains (_pgseal…), which no session acts for",
+                        ));
+                    }
                     let t: std::rc::Rc<str> = String::from_utf8_lossy(bytes).into();
                     *last = Some(t.clone());
                     Ok(t)

@@ -207,6 +207,109 @@ fn no_application_role_can_hold_the_system_chain_and_stall_admin_work() {
     }
 }
 
+/// pgseal's own chains are no tenant a session acts for. A role with
+/// pgseal_decrypt and pgseal_ledger that sets its tenant to one of them must not
+/// read them through the ledger's policy (`_pgseal_audit` holds other tenants'
+/// decrypt records, `_pgseal_open` row images), seal under them (a data key of
+/// `_pgseal`, and its rotations recorded there), or verify them as its own; it
+/// must not take the checkpoint key's creation lock (`ledger_public_key` before an
+/// administrator made the key); and no transaction that recorded into one of them
+/// can be prepared (a prepared transaction keeps the chain's lock beyond every
+/// idle timeout).
+#[test]
+fn no_session_acts_for_or_holds_pgseal_chains() {
+    let cl = Cluster::start(
+        "atk-audit-ownchains",
+        &[KEY_V1],
+        &["max_prepared_transactions = 4"],
+    );
+    let mut admin = cl.connect();
+    admin.batch_execute(SETUP).unwrap();
+    admin
+        .batch_execute(
+            "CREATE SCHEMA mine AUTHORIZATION app;
+             CREATE TABLE audited (id int, tenant_id text);
+             SELECT pgseal.ledger_audit('audited');
+             INSERT INTO audited VALUES (1, repeat('t', 300));
+             SET app.tenant_id = 'victim';
+             SELECT pgseal.vault_decrypt(pgseal.vault_seal('v'));
+             RESET app.tenant_id;",
+        )
+        .unwrap();
+    let mut app = cl.connect_as("app");
+    // Before an administrator made the checkpoint key, its public key is refused
+    // (and the key not made); after, everyone reads the same key.
+    assert_eq!(
+        sqlstate(app.query_one("SELECT pgseal.ledger_public_key()", &[])),
+        "55000"
+    );
+    let made: String = admin
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
+    let read: String = app
+        .query_one("SELECT pgseal.ledger_public_key()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(read, made);
+    for chain in ["_pgseal", "_pgseal_audit", "_pgseal_open", "_pgseal_mine"] {
+        app.batch_execute(&format!("SET app.tenant_id = '{chain}'"))
+            .unwrap();
+        for q in [
+            "SELECT count(*) FROM pgseal.ledger",
+            "SELECT pgseal.vault_seal('x')",
+            "SELECT ok FROM pgseal.ledger_verify()",
+            "SELECT count(*) FROM pgseal.ledger_export()",
+        ] {
+            assert_eq!(
+                sqlstate(app.query_one(q, &[])),
+                "42501",
+                "{q} under the tenant context {chain}"
+            );
+        }
+    }
+    app.batch_execute("RESET app.tenant_id").unwrap();
+    let open: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_open'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(open > 0, "the over-limit row went to _pgseal_open");
+    // A protection change outside a tenant context, then PREPARE: refused.
+    app.batch_execute(
+        "BEGIN; CREATE TABLE mine.t (id int, tenant_id text); SELECT pgseal.tenant_protect('mine.t')",
+    )
+    .unwrap();
+    assert_eq!(
+        sqlstate(app.batch_execute("PREPARE TRANSACTION 'hold'")),
+        "0A000"
+    );
+    app.batch_execute("ROLLBACK").unwrap();
+    let prepared: i64 = admin
+        .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(prepared, 0);
+    // The same in a tenant's context can be prepared (its own chain's lock).
+    app.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'acme'; CREATE TABLE mine.u (id int, tenant_id text);
+         SELECT pgseal.tenant_protect('mine.u'); PREPARE TRANSACTION 'tenant'",
+    )
+    .unwrap();
+    admin.batch_execute("ROLLBACK PREPARED 'tenant'").unwrap();
+    let system = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND db_role = 'app'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(system(&mut admin), 0, "nothing app did went to _pgseal");
+}
+
 /// Finding 3: at commit the counts are taken out of the backend's list before they
 /// are appended; when that append fails (here: lock_timeout on the tenant's chain,
 /// held by another transaction), the transaction aborts and the count is dropped:

@@ -202,13 +202,29 @@ fn ledger_checkpoint(tenant: default!(Option<&str>, "NULL")) -> pgrx::JsonB {
 
 /// The Ed25519 public key (lowercase hex) of the database's checkpoint key, which
 /// verifies every (v2) checkpoint it signed, before and after master key rotations.
-/// Makes the key on first use (which needs a read-write transaction).
+/// Makes the key on first use by a member of `pgseal_admin` (which needs a
+/// read-write transaction); before that, other callers get 55000: making it takes
+/// the key-creation lock of pgseal's system chain, which only trusted roles take.
 #[pg_extern(volatile, parallel_unsafe)]
 fn ledger_public_key() -> String {
-    master::require_loaded()
-        .and_then(|_| checkpoint_key())
-        .map(|k| checkpoint::verifying_key_hex(&k))
-        .or_raise()
+    public_key().or_raise()
+}
+
+fn public_key() -> SealResult<String> {
+    master::require_loaded()?;
+    if !super::access::is_admin()? {
+        let stored = as_owner(|| {
+            crate::keystore::fetch_active(super::names::SYSTEM_TENANT, Purpose::Checkpoint)
+        })?
+        .ok_or(SealError::Refused(
+            "the checkpoint key is made by pgseal_admin's first ledger_checkpoint or ledger_public_key",
+        ))?;
+        let seed = stored.unwrap_key()?;
+        return Ok(checkpoint::verifying_key_hex(&checkpoint::key_from_seed(
+            &seed,
+        )));
+    }
+    checkpoint_key().map(|k| checkpoint::verifying_key_hex(&k))
 }
 
 /// The database's ledger id (32 lowercase hex characters), named by every checkpoint.

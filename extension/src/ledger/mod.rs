@@ -67,6 +67,7 @@ pub const TXN: Participant = Participant {
             run: write_pending,
         },
     ],
+    before_prepare: Some(refuse_prepare_holding_pgseal_chains),
     end: Some(transaction_ended),
     subxact_committed: Some(subtransaction_committed),
     subxact_aborted: Some(subtransaction_aborted),
@@ -76,6 +77,19 @@ pub const TXN: Participant = Participant {
     }),
     ..Participant::NONE
 };
+
+/// A prepared transaction keeps its locks after its session ends, beyond every idle
+/// timeout: one that appended to pgseal's own chains (a protection change or a
+/// TRUNCATE outside a tenant context, a registration) would keep every other such
+/// change waiting until an administrator ends it.
+fn refuse_prepare_holding_pgseal_chains() -> crate::error::SealResult<()> {
+    if heads::holds_pgseal_chain() {
+        return Err(crate::error::SealError::NotSupported(
+            "a transaction that recorded into pgseal's own chains (_pgseal…) cannot be prepared",
+        ));
+    }
+    Ok(())
+}
 
 fn write_pending(_preparing: bool) -> crate::error::SealResult<()> {
     writer::flush()
