@@ -761,6 +761,10 @@ BEGIN
     IF octet_length(user_id) > 1024 THEN
         RAISE EXCEPTION 'user id is longer than 1024 bytes' USING ERRCODE = '54000';
     END IF;
+    -- pgseal's own chains are no tenant a session acts for (context.rs refuses them too).
+    IF left(tenant, 7) = '_pgseal' THEN
+        RAISE EXCEPTION 'the tenant names one of pgseal''s own chains (_pgseal…), which no session acts for' USING ERRCODE = '42501';
+    END IF;
     -- Under Citus the two SET LOCALs below reach the workers only when
     -- citus.propagate_set_commands is 'local'; without them the workers' policies
     -- fail closed. Set so for the rest of the transaction, like any SET LOCAL.

@@ -269,6 +269,10 @@ fn no_session_acts_for_or_holds_pgseal_chains() {
         }
     }
     app.batch_execute("RESET app.tenant_id").unwrap();
+    assert_eq!(
+        sqlstate(app.batch_execute("SELECT pgseal.set_tenant('_pgseal_audit')")),
+        "42501"
+    );
     let open: i64 = admin
         .query_one(
             "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_open'",

@@ -238,7 +238,7 @@ crate::pg::v1_finfo!(pg_finfo_audit_truncate_trigger);
 
 /// `pgseal._audit_truncate()`, the statement trigger `ledger_audit` creates next to
 /// the row trigger: TRUNCATE fires no row trigger, so it records `audit.truncated`
-/// (the table's name) in the chain of the tenant context, else the system chain
+/// (the table's name) in the chain of the tenant context, else pgseal's open chain
 /// (`evidence.rs`). It reads nothing from the table and runs none of its types'
 /// code; only the finished entry is appended, as the owner.
 #[pg_guard]

@@ -23,9 +23,11 @@
 //!   roles do (column registrations, default retention rules, `kek_rewrap`),
 //!   `names::OPEN_CHAIN` for what any table owner or audited table's writer can do
 //!   (table protection, TRUNCATE), so that no such role can hold the system
-//!   chain's lock by keeping its transaction open. One exception: the removal of a
-//!   default retention rule whose table or time column the catalog no longer has (a
-//!   DROP, by whichever role) always goes to the system chain.
+//!   chain's lock by keeping its transaction open. A tenant context naming one of
+//!   pgseal's chains is no context (`context::tenant` refuses it). Removals that
+//!   follow a DROP (by whichever role) go to the system chain: a column
+//!   registration's always, a default retention rule's when its table or time
+//!   column is gone.
 //!
 //! Every entry recorded here has the usual actor (the user-id setting, else
 //! `session_user`) and, like every entry, the hashed `db_role` field: the database

@@ -12,7 +12,8 @@ pub const SYSTEM_TENANT: &str = "_pgseal";
 /// `SYSTEM_TENANT`'s.
 pub const OPEN_CHAIN: &str = "_pgseal_open";
 /// The chain only the audit writer appends to: its fallback when a tenant's chain is
-/// held by another transaction (no other session can ever hold this one).
+/// held by another transaction (no other session holds this one, apart from an
+/// administrator's `ledger_prune` of it).
 pub const AUDIT_CHAIN: &str = "_pgseal_audit";
 
 /// Whether `tenant` names one of pgseal's own chains (`_pgseal…`), which no caller
