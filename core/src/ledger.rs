@@ -24,6 +24,16 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::SecretKey;
 
+/// Every chain whose tenant id starts with this is one of pgseal's own (`_pgseal`,
+/// `_pgseal_open`, `_pgseal_audit`): only pgseal appends to it, and no session acts
+/// for it as its tenant.
+pub const PGSEAL_CHAIN_PREFIX: &str = "_pgseal";
+
+/// Whether `tenant` names one of pgseal's own chains.
+pub fn is_pgseal_chain(tenant: &str) -> bool {
+    tenant.starts_with(PGSEAL_CHAIN_PREFIX)
+}
+
 /// The label of a format 1 entry hash.
 pub const ENTRY_LABEL: &[u8] = b"pgseal:v1:ledger";
 /// The label of a format 2 entry hash.

@@ -64,7 +64,7 @@ pub fn tenant_shared() -> SealResult<std::rc::Rc<str>> {
                     // for: a session under such a context would read them through
                     // the ledger's policy, key and audit its seals there, and take
                     // their locks.
-                    if bytes.starts_with(crate::ledger::names::SYSTEM_TENANT.as_bytes()) {
+                    if bytes.starts_with(pgseal_core::ledger::PGSEAL_CHAIN_PREFIX.as_bytes()) {
                         return Err(SealError::Forbidden(
                             "the tenant context names one of pgseal's own chains (_pgseal…), which no session acts for",
                         ));

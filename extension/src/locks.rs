@@ -6,6 +6,11 @@
 //! | `KeyCreation(tenant, purpose)` | creating or rotating one tenant's key | until the transaction ends | `keystore::get_or_create` |
 //! | `DaemonLeader` | pgseald leadership | for the session | `pgseal._leader_try_lock()`, called by pgseald |
 //!
+//! A transaction holding a `LedgerTenant` or `KeyCreation` lock of one of pgseal's own
+//! chains (`_pgseal…`) cannot be prepared (`holds_pgseal_chain_lock`, asked at
+//! PREPARE by `ledger/mod.rs`): a prepared transaction keeps its locks beyond its
+//! session.
+//!
 //! All three are advisory locktags in PostgreSQL's user lock method, so they wait
 //! under `lock_timeout`, take part in deadlock detection and show in `pg_locks` as
 //! `locktype = 'advisory'`. What makes them pgseal's alone is `field4` (`objsubid`
@@ -72,24 +77,81 @@ fn acquire(tag: pg_sys::LOCKTAG, session: bool, dont_wait: bool) -> bool {
 
 /// Serialises appends to one tenant's chain until the transaction ends.
 pub fn ledger_tenant(tenant: &str) {
-    acquire(tag(Kind::LedgerTenant, &[tenant.as_bytes()]), false, false);
+    let t = tag(Kind::LedgerTenant, &[tenant.as_bytes()]);
+    note_pgseal_chain(tenant, t);
+    acquire(t, false, false);
+}
+
+thread_local! {
+    /// The locks of pgseal's own chains (`_pgseal…`) this backend has taken, chain
+    /// and key-creation locks alike: few, since only pgseal's code and its
+    /// administrators take them. Whether each is still held is asked of the lock
+    /// manager (`holds_pgseal_chain_lock`), so a lock a subtransaction released is
+    /// not counted.
+    static PGSEAL_CHAIN_LOCKS: std::cell::RefCell<Vec<pg_sys::LOCKTAG>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn note_pgseal_chain(tenant: &str, t: pg_sys::LOCKTAG) {
+    if !pgseal_core::ledger::is_pgseal_chain(tenant) {
+        return;
+    }
+    PGSEAL_CHAIN_LOCKS.with(|l| {
+        let mut l = l.borrow_mut();
+        let same = |o: &pg_sys::LOCKTAG| {
+            (
+                o.locktag_field1,
+                o.locktag_field2,
+                o.locktag_field3,
+                o.locktag_field4,
+            ) == (
+                t.locktag_field1,
+                t.locktag_field2,
+                t.locktag_field3,
+                t.locktag_field4,
+            )
+        };
+        if !l.iter().any(same) {
+            if l.len() >= 64 {
+                l.remove(0);
+            }
+            l.push(t);
+        }
+    });
+}
+
+/// Whether this transaction holds a lock of one of pgseal's own chains: the chain's
+/// (an append, a prune) or its key creation's.
+pub fn holds_pgseal_chain_lock() -> bool {
+    PGSEAL_CHAIN_LOCKS.with(|l| l.borrow().iter().any(held))
+}
+
+fn held(t: &pg_sys::LOCKTAG) -> bool {
+    let mode = pg_sys::ExclusiveLock as pg_sys::LOCKMODE;
+    // SAFETY: LockHeldByMe only looks the tag up in this backend's local lock table.
+    #[cfg(feature = "pg15")]
+    let held = unsafe { pg_sys::LockHeldByMe(t, mode) };
+    // SAFETY: as above.
+    #[cfg(not(feature = "pg15"))]
+    let held = unsafe { pg_sys::LockHeldByMe(t, mode, false) };
+    held
 }
 
 /// Takes the tenant's chain lock if no other transaction holds it; true when this
 /// transaction holds it now (also when it already did). The audit writer uses it so
 /// that one busy chain never stalls the requests of other tenants.
 pub fn ledger_tenant_try(tenant: &str) -> bool {
-    acquire(tag(Kind::LedgerTenant, &[tenant.as_bytes()]), false, true)
+    let t = tag(Kind::LedgerTenant, &[tenant.as_bytes()]);
+    note_pgseal_chain(tenant, t);
+    acquire(t, false, true)
 }
 
 /// Serialises creating and rotating one tenant's key for `purpose` until the
 /// transaction ends.
 pub fn key_creation(tenant: &str, purpose: &str) {
-    acquire(
-        tag(Kind::KeyCreation, &[tenant.as_bytes(), purpose.as_bytes()]),
-        false,
-        false,
-    );
+    let t = tag(Kind::KeyCreation, &[tenant.as_bytes(), purpose.as_bytes()]);
+    note_pgseal_chain(tenant, t);
+    acquire(t, false, false);
 }
 
 /// Tries to take the pgseald leader lock for this session; true when this session

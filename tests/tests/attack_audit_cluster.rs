@@ -106,7 +106,7 @@ fn statement_timeout_cancels_must_not_exhaust_the_audit_queue() {
 /// or by any other open transaction of that tenant) can go nowhere and fails.
 #[test]
 fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
-    let (cl, _admin) = start("atk-audit-syslock");
+    let (cl, _setup) = start("atk-audit-syslock");
     let mut nobody = cl.connect_as("nobody");
     // The way in is closed: no protection change is recorded for a temporary table.
     let r = nobody.batch_execute(
@@ -134,6 +134,35 @@ fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
         "00000",
         "an unprivileged role's open transaction made another tenant's decrypt fail"
     );
+    c.batch_execute("COMMIT").unwrap();
+    holder.batch_execute("COMMIT").unwrap();
+    // The audit writer's chain, where that decrypt went, is pruned like any other:
+    // its ledger.pruned entry goes there too, and the chain verifies from its anchor.
+    let mut admin = cl.connect();
+    admin
+        .batch_execute("SET pgseal.ledger_min_retention = '0 seconds'")
+        .unwrap();
+    let pruned: i64 = admin
+        .query_one(
+            "SELECT pgseal.ledger_prune('_pgseal_audit', \
+               (SELECT max(seq) + 1 FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit'))",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(pruned > 0, "the decrypt's records were in _pgseal_audit");
+    let (ok, event): (bool, String) = {
+        let r = admin
+            .query_one(
+                "SELECT (SELECT ok FROM pgseal.ledger_verify('_pgseal_audit')), \
+                        (SELECT event FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' ORDER BY seq DESC LIMIT 1)",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(ok);
+    assert_eq!(event, "ledger.pruned");
 }
 
 /// Every way a role without `pgseal_admin` can make pgseal append outside a tenant
@@ -303,6 +332,26 @@ fn no_session_acts_for_or_holds_pgseal_chains() {
     )
     .unwrap();
     admin.batch_execute("ROLLBACK PREPARED 'tenant'").unwrap();
+    // Rolled back to a savepoint, the change holds no lock of pgseal's chains any
+    // more: the transaction can be prepared.
+    app.batch_execute(
+        "BEGIN; SAVEPOINT a; CREATE TABLE mine.v (id int, tenant_id text);
+         SELECT pgseal.tenant_protect('mine.v'); ROLLBACK TO a; PREPARE TRANSACTION 'savepoint'",
+    )
+    .unwrap();
+    admin
+        .batch_execute("ROLLBACK PREPARED 'savepoint'")
+        .unwrap();
+    // An administrator's prune takes the chain's lock without appending (nothing
+    // to prune): it cannot be prepared either.
+    admin
+        .batch_execute("BEGIN; SELECT pgseal.ledger_prune('_pgseal_open', 1)")
+        .unwrap();
+    assert_eq!(
+        sqlstate(admin.batch_execute("PREPARE TRANSACTION 'prune'")),
+        "0A000"
+    );
+    admin.batch_execute("ROLLBACK").unwrap();
     let system = |c: &mut postgres::Client| -> i64 {
         c.query_one(
             "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND db_role = 'app'",

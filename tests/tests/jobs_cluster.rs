@@ -181,6 +181,47 @@ fn retention_sweeps_every_batch_under_strict_context() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM events"), 2 * 1500);
 }
 
+/// A tenant id naming one of pgseal's chains (`_pgseal…`), written into a swept table
+/// by any role that may insert there, is no tenant a session acts for (set_tenant
+/// refuses it): the sweep skips it with a warning and goes on with the others,
+/// instead of failing the run at it (it sorts first).
+#[test]
+fn retention_skips_a_tenant_id_naming_a_pgseal_chain_and_sweeps_the_rest() {
+    let cl = Cluster::start("jobs-retention-pgseal-names", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE events (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         CREATE INDEX ON events (tenant_id, created_at);
+         INSERT INTO events SELECT g, t, now() - interval '60 days'
+           FROM unnest(ARRAY['_pgseal', '_pgseal_x', 'acme']) WITH ORDINALITY AS u(t, i),
+                LATERAL generate_series(i * 1000, i * 1000 + 9) g;
+         SELECT pgseal.retention_set('events', '30 days');",
+    )
+    .unwrap();
+    let (code, out) = Pgseald::new(["retention", "run"]).on(&cl).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: deleted 10 rows"), "{out}");
+    assert!(
+        out.contains("_pgseal_x") && out.contains("skipping"),
+        "{out}"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM events WHERE tenant_id LIKE '\\_pgseal%'"
+        ),
+        20
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM events WHERE tenant_id = 'acme'"
+        ),
+        0
+    );
+}
+
 /// The extension, and a table `creds` whose `token` column is registered for resealing.
 fn creds_table(cl: &Cluster) -> postgres::Client {
     let mut c = cl.connect();

@@ -225,6 +225,9 @@ pub async fn run(
             let Some(rule) = by_tenant.get(&tenant).or_else(|| by_tenant.get("")) else {
                 continue;
             };
+            if super::tenant_tx::skip_pgseal_chain("retention", &tenant) {
+                continue;
+            }
             if let Some(why) = rule.broken {
                 tracing::warn!(table = %rel, tenant = %tenant, "skipping a retention rule: {why}");
                 continue;

@@ -54,6 +54,9 @@ pub async fn scheduled(
         if stop.is_cancelled() {
             break;
         }
+        if super::tenant_tx::skip_pgseal_chain("rotation", t) {
+            continue;
+        }
         match tenant(client, t, &mut batch, stop).await {
             Ok((_, n)) => {
                 resealed += n;
@@ -77,7 +80,7 @@ pub async fn scheduled(
         }
         let (tenant, key): (String, String) = (r.get(0), r.get(1));
         // A tenant that failed above would fail again the same way.
-        if failed.contains(&tenant) {
+        if failed.contains(&tenant) || super::tenant_tx::skip_pgseal_chain("reseal", &tenant) {
             continue;
         }
         match reseal(client, &tenant, &key, &mut batch, stop).await {

@@ -96,6 +96,22 @@ pub async fn begin<'c>(
     Ok(tx)
 }
 
+/// Whether `tenant` names one of pgseal's own chains (`_pgseal…`), which no session
+/// acts for (`set_tenant` refuses it): rows, keys or sealed values of such a tenant,
+/// made by an application or before pgseal refused it, are skipped with a warning
+/// instead of failing the job for every tenant after it.
+pub fn skip_pgseal_chain(job: &str, tenant: &str) -> bool {
+    let skip = pgseal_core::ledger::is_pgseal_chain(tenant);
+    if skip {
+        tracing::warn!(
+            job,
+            tenant = ?tenant,
+            "skipping a tenant id that names one of pgseal's own chains (_pgseal…): no session acts for it"
+        );
+    }
+    skip
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,12 +127,6 @@ pub fn committed_head(tenant: &str) -> Option<(i64, Hash)> {
     HEADS.with(|h| h.borrow().get(tenant).map(|v| v.committed))
 }
 
-/// Whether this transaction has appended to one of pgseal's own chains (`_pgseal…`),
-/// whose locks it holds until it ends.
-pub(super) fn holds_pgseal_chain() -> bool {
-    HEADS.with(|h| h.borrow().keys().any(|t| super::names::is_pgseal_chain(t)))
-}
-
 /// A subtransaction aborted: every head is re-read (and re-locked) before its
 /// next use, and the heads rows, which may have moved back, are forgotten.
 pub(super) fn mark_stale() {

@@ -79,11 +79,12 @@ pub const TXN: Participant = Participant {
 };
 
 /// A prepared transaction keeps its locks after its session ends, beyond every idle
-/// timeout: one that appended to pgseal's own chains (a protection change or a
-/// TRUNCATE outside a tenant context, a registration) would keep every other such
-/// change waiting until an administrator ends it.
+/// timeout: one that holds a lock of pgseal's own chains (it appended there: a
+/// protection change or a TRUNCATE outside a tenant context, a registration; or
+/// pruned one, or made the checkpoint key) would keep every other such change
+/// waiting until an administrator ends it.
 fn refuse_prepare_holding_pgseal_chains() -> crate::error::SealResult<()> {
-    if heads::holds_pgseal_chain() {
+    if crate::locks::holds_pgseal_chain_lock() {
         return Err(crate::error::SealError::NotSupported(
             "a transaction that recorded into pgseal's own chains (_pgseal…) cannot be prepared",
         ));

@@ -19,7 +19,7 @@ pub const AUDIT_CHAIN: &str = "_pgseal_audit";
 /// Whether `tenant` names one of pgseal's own chains (`_pgseal…`), which no caller
 /// appends to.
 pub fn is_pgseal_chain(tenant: &str) -> bool {
-    tenant.starts_with(SYSTEM_TENANT)
+    pgseal_core::ledger::is_pgseal_chain(tenant)
 }
 
 /// Event names under these prefixes are written only by pgseal (compared without
