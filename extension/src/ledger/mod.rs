@@ -86,7 +86,7 @@ pub const TXN: Participant = Participant {
 fn refuse_prepare_holding_pgseal_chains() -> crate::error::SealResult<()> {
     if crate::locks::holds_pgseal_chain_lock() {
         return Err(crate::error::SealError::NotSupported(
-            "a transaction that recorded into pgseal's own chains (_pgseal…) cannot be prepared",
+            "a transaction holding a lock of pgseal's own chains (_pgseal…) cannot be prepared",
         ));
     }
     Ok(())
