@@ -11,15 +11,14 @@
 #   3. CHAIN appends in one transaction                 vs  INSERT INTO plain_ledger
 #      SELECT of the same generated payloads, hash and mac = sha256() of the payload
 #      text, one transaction                              target: ≥ 0.8× its throughput
-# Every peer row fills the columns an entry fills (ROW_TAIL), so both sides write
-# rows of the same width; the bulk row prints both widths.
-# They run in the order 3, 4, 1, 2, so that every verified chain is laid out alike
-# (below, before row 3).
 #   4. ledger_verify of that chain                      vs  a PL/pgSQL verifier
 #                                                          target: ≥ 3× faster
 #                                                      vs  sha256(convert_to(payload::text,
 #      'UTF8')) per entry over the same entries (the hashing floor)
 #                                                          target: ≤ 1.5× its time
+# Every peer row fills the columns an entry fills (ROW_TAIL), so both sides write
+# rows of the same width; the bulk row prints both widths. The rows run in the order
+# 3, 4, 1, 2, so that every verified chain is laid out alike (below, before row 3).
 # The payloads (payload n; the pgbench scripts of rows 1-2 carry payload 1 as a literal,
 # rows 3-4 generate payloads 1..CHAIN):
 #   string  the JSON string "order-<n>"
@@ -148,7 +147,8 @@ SQL
 done
 sizes=$(for k in $KINDS; do psql_ -c "SELECT '$k=' || octet_length((${PAYLOAD[$k]})::text) FROM (SELECT 1::bigint AS g) s"; done | tr '\n' ' ')
 
-# Rows 3 and 4 run first, into a ledger that holds nothing yet. Rows 1 and 2 leave
+# Rows 3 and 4 run first, into a ledger that holds only the audit part's few entries
+# (make bench's first part), none deleted. Rows 1 and 2 leave
 # pages part-filled by the row sizes of each payload (an audit entry leaves room
 # for two or three string entries on a page); a chain appended after them fills
 # those gaps first and is then scattered over up to nine times the pages of the
@@ -202,6 +202,11 @@ for k in $KINDS; do
     pages=$(psql_ -c "SELECT count(DISTINCT (ctid::text::point)[0]) FROM pgseal.ledger WHERE tenant_id = 'bulk_$k'")
     verify="$verify $k:$ver:$plp:$hashing:$pages"
 done
+
+# Rows 3 and 4 left about 2.4 million new rows in the two tables: vacuum and analyse
+# them now (which moves no row), so that autovacuum does not run beside the rows
+# measured next.
+psql_ -c "VACUUM (ANALYZE) pgseal.ledger, pgseal.ledger_heads, plain_ledger" -c "CHECKPOINT" >/dev/null
 
 # 1. One client: the append and the plain insert interleaved in one pgbench script
 # (each statement its own transaction), so the drift of fsync latency over a run lands

@@ -2961,3 +2961,26 @@ $audited$;
 ------------------------------------------------------------------------------------
 DROP INDEX pgseal.tenant_keys_kek_version;
 CREATE INDEX tenant_keys_kek_version ON pgseal.tenant_keys (kek_version, key_id) WHERE state <> 'destroyed';
+
+------------------------------------------------------------------------------------
+-- 11. Tenant ids that name pgseal's own chains. 0.2.0 refuses a tenant context
+-- starting with '_pgseal' (set_tenant and every function and policy that reads the
+-- context: no session acts for pgseal's chains); 0.1.0 accepted any. Data keys of
+-- such a tenant are left as they are, and named here: their values no longer decrypt,
+-- and pgseald skips them.
+------------------------------------------------------------------------------------
+DO $pgseal_named$
+DECLARE
+    names pg_catalog.text;
+BEGIN
+    SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_literal(k.tenant_id), ', ')
+      INTO names
+      FROM pgseal.tenant_keys k
+     WHERE k.purpose OPERATOR(pg_catalog.=) 'dek'
+       AND pg_catalog.left(k.tenant_id, 7) OPERATOR(pg_catalog.=) '_pgseal';
+    IF names IS NOT NULL THEN
+        RAISE WARNING 'pgseal: data keys of tenants whose ids name pgseal''s own chains: %', names
+            USING HINT = 'No session acts for a tenant id starting with _pgseal from 0.2.0 on: its sealed values no longer decrypt. Decrypt them with 0.1.0 and seal them under another tenant id before the update, or accept their loss.';
+    END IF;
+END
+$pgseal_named$;

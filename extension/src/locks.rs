@@ -83,11 +83,10 @@ pub fn ledger_tenant(tenant: &str) {
 }
 
 thread_local! {
-    /// The locks of pgseal's own chains (`_pgseal…`) this backend has taken, chain
-    /// and key-creation locks alike: few, since only pgseal's code and its
-    /// administrators take them. Whether each is still held is asked of the lock
-    /// manager (`holds_pgseal_chain_lock`), so a lock a subtransaction released is
-    /// not counted.
+    /// The locks of pgseal's own chains (`_pgseal…`) this transaction has taken,
+    /// chain and key-creation locks alike (cleared when it ends). Whether each is
+    /// still held is asked of the lock manager (`holds_pgseal_chain_lock`), so a lock
+    /// a subtransaction released is not counted.
     static PGSEAL_CHAIN_LOCKS: std::cell::RefCell<Vec<pg_sys::LOCKTAG>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -112,9 +111,6 @@ fn note_pgseal_chain(tenant: &str, t: pg_sys::LOCKTAG) {
             )
         };
         if !l.iter().any(same) {
-            if l.len() >= 64 {
-                l.remove(0);
-            }
             l.push(t);
         }
     });
@@ -124,6 +120,11 @@ fn note_pgseal_chain(tenant: &str, t: pg_sys::LOCKTAG) {
 /// (an append, a prune) or its key creation's.
 pub fn holds_pgseal_chain_lock() -> bool {
     PGSEAL_CHAIN_LOCKS.with(|l| l.borrow().iter().any(held))
+}
+
+/// The transaction ended: its locks are released, and the list starts empty.
+pub fn transaction_ended() {
+    PGSEAL_CHAIN_LOCKS.with(|l| l.borrow_mut().clear());
 }
 
 fn held(t: &pg_sys::LOCKTAG) -> bool {

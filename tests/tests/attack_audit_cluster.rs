@@ -114,12 +114,29 @@ fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
     );
     assert_eq!(sqlstate(r), "42501");
     nobody.batch_execute("ROLLBACK").unwrap();
-    // And whoever holds the system chain (here an admin's open kek_rewrap), the
-    // writer's fallback is the audit chain, which only writers append to.
+    // And whoever holds the system chain and the open chain (here an admin's open
+    // transaction that set a default retention rule and protected a table outside a
+    // tenant context), the writer's fallback is the audit chain, which only writers
+    // append to.
     let mut holder = cl.connect();
     holder
-        .batch_execute("BEGIN; SELECT pgseal.kek_rewrap(1)")
+        .batch_execute(
+            "BEGIN; CREATE TABLE held (id int, tenant_id text, created_at timestamptz);
+             SELECT pgseal.retention_set('held', '1 day'); SELECT pgseal.tenant_protect('held')",
+        )
         .unwrap();
+    let held: i64 = holder
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() \
+               AND locktype = 'advisory' AND objsubid = 21249",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        held, 2,
+        "the holder holds the chain locks of _pgseal and _pgseal_open"
+    );
     let mut c = cl.connect_as("app");
     c.batch_execute(
         "BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.note', '{}')",
@@ -141,6 +158,16 @@ fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
     let mut admin = cl.connect();
     admin
         .batch_execute("SET pgseal.ledger_min_retention = '0 seconds'")
+        .unwrap();
+    let prune = "SELECT pgseal.ledger_prune('_pgseal_audit', \
+                   (SELECT max(seq) + 1 FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit'))";
+    // A hold on the decrypting tenant keeps its records there too.
+    admin
+        .batch_execute("SELECT pgseal.retention_hold('acme', true)")
+        .unwrap();
+    assert_eq!(sqlstate(admin.query_one(prune, &[])), "55000");
+    admin
+        .batch_execute("SELECT pgseal.retention_hold('acme', false)")
         .unwrap();
     let pruned: i64 = admin
         .query_one(

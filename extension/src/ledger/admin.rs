@@ -41,6 +41,21 @@ pub(crate) fn on_hold(tenant: &str) -> SealResult<bool> {
     })
 }
 
+/// Whether an entry of the audit writer's chain `_pgseal_audit` below `before_seq`
+/// records a decrypt of a tenant under a retention hold (its payload names the
+/// tenant): a hold keeps every record of its tenant, wherever the writer put it.
+fn holds_audit_records(before_seq: i64) -> SealResult<bool> {
+    as_owner(|| {
+        Ok(Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pgseal.ledger l JOIN pgseal.retention_holds h \
+                              ON h.tenant_id OPERATOR(pg_catalog.=) (l.payload OPERATOR(pg_catalog.->>) 'tenant') \
+                             WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 AND l.seq OPERATOR(pg_catalog.<) $2)",
+            &[super::names::AUDIT_CHAIN.into(), before_seq.into()],
+        )?
+        .unwrap_or(true))
+    })
+}
+
 /// Fails (55000) when an entry below `before_seq` is younger than
 /// `pgseal.ledger_min_retention`.
 fn require_retained(tenant: &str, before_seq: i64) -> SealResult<()> {
@@ -88,6 +103,11 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
         if on_hold(tenant)? {
             return Err(SealError::Refused(
                 "the tenant is under a retention hold: its ledger is not pruned",
+            ));
+        }
+        if tenant == super::names::AUDIT_CHAIN && holds_audit_records(before_seq)? {
+            return Err(SealError::Refused(
+                "decrypt records of a tenant under a retention hold lie in the range: _pgseal_audit is not pruned past them",
             ));
         }
         require_retained(tenant, before_seq)?;

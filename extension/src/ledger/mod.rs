@@ -110,6 +110,7 @@ fn transaction_ended(how: End) {
     guard::reset();
     heads::transaction_ended(how == End::Committed, how == End::Prepared);
     shared_heads::transaction_ended();
+    crate::locks::transaction_ended();
     pending::clear();
     audit::reset();
 }
