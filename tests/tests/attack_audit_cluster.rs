@@ -379,15 +379,26 @@ fn no_session_acts_for_or_holds_pgseal_chains() {
         "0A000"
     );
     admin.batch_execute("ROLLBACK").unwrap();
-    let system = |c: &mut postgres::Client| -> i64 {
+    // Committed, app's protection change outside a tenant context is recorded, as
+    // app, in the open chain and not in the system chain.
+    app.batch_execute(
+        "CREATE TABLE mine.w (id int, tenant_id text); SELECT pgseal.tenant_protect('mine.w')",
+    )
+    .unwrap();
+    let by_app = |c: &mut postgres::Client, chain: &str| -> i64 {
         c.query_one(
-            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal' AND db_role = 'app'",
-            &[],
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = $1 AND db_role = 'app'",
+            &[&chain],
         )
         .unwrap()
         .get(0)
     };
-    assert_eq!(system(&mut admin), 0, "nothing app did went to _pgseal");
+    assert_eq!(by_app(&mut admin, "_pgseal_open"), 1);
+    assert_eq!(
+        by_app(&mut admin, "_pgseal"),
+        0,
+        "nothing app did went to _pgseal"
+    );
 }
 
 /// Finding 3: at commit the counts are taken out of the backend's list before they
