@@ -134,8 +134,9 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
             "anchor_seq": anchor_seq,
             "anchor_hash": hex::encode(anchor_hash),
         });
-        super::append::append_prune_receipt(
+        super::append::append(
             tenant,
+            "ledger.pruned",
             &payload.to_string(),
             &super::actor::default_actor(),
         )?;

@@ -123,30 +123,6 @@ pub fn append_with_role(
     })
 }
 
-thread_local! {
-    /// `ledger_prune` is appending its `ledger.pruned` receipt (`append_prune_receipt`).
-    static PRUNE_RECEIPT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// `append` of `ledger_prune`'s `ledger.pruned` entry, which also goes to the audit
-/// writer's chain `_pgseal_audit` when that is the chain pruned (the prune holds
-/// its lock already).
-pub(super) fn append_prune_receipt(
-    tenant: &str,
-    payload: &str,
-    actor: &str,
-) -> SealResult<(i64, Hash)> {
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            PRUNE_RECEIPT.with(|p| p.set(false));
-        }
-    }
-    PRUNE_RECEIPT.with(|p| p.set(true));
-    let _reset = Reset;
-    append(tenant, "ledger.pruned", payload, actor)
-}
-
 /// `append` of an entry that names `subjects` (already checked by
 /// `checked_subjects`): pgseal's row audit and its `subject.*` receipts.
 pub fn append_naming(
@@ -180,9 +156,12 @@ fn append_stored(
     if event.is_empty() {
         return Err(SealError::InvalidArgument("event must not be empty"));
     }
+    // `ledger_prune`'s receipt goes to the chain it pruned, this one included (the
+    // prune holds its lock): `ledger.` names are pgseal's, and only the prune writes
+    // this one.
     if tenant == super::names::AUDIT_CHAIN
         && !crate::audit_worker::is_writer()
-        && !PRUNE_RECEIPT.with(|p| p.get())
+        && event != "ledger.pruned"
     {
         return Err(SealError::Forbidden(
             "only the pgseal audit writer appends to its own chain",

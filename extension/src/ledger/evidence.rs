@@ -61,13 +61,10 @@ pub fn context_or_open() -> String {
     context_or(OPEN_CHAIN)
 }
 
-/// The tenant context, else `chain`; also `chain` when the context names one of
-/// pgseal's own chains (a session's setting never chooses which of them is written).
+/// The tenant context, else `chain` (`context::tenant` refuses a context naming one
+/// of pgseal's own chains, so a session's setting never chooses which is written).
 fn context_or(chain: &str) -> String {
-    match context::tenant() {
-        Ok(t) if !super::names::is_pgseal_chain(&t) => t,
-        _ => chain.to_owned(),
-    }
+    context::tenant().unwrap_or_else(|_| chain.to_owned())
 }
 
 /// Appends pgseal's entry `event` to `tenant`'s chain (its `db_role` is the
