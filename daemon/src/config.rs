@@ -43,8 +43,10 @@ pub struct RetentionJob {
     #[serde(default = "ms_10")]
     pub pause_ms: u64,
     /// When set, each run also prunes every tenant's ledger to this many days with
-    /// `ledger_prune`, which keeps an anchor so the chain still verifies.
-    pub ledger_keep_days: Option<u32>,
+    /// `ledger_prune`, which keeps an anchor so the chain still verifies. A day
+    /// count, fractions allowed (0.5 is 12 hours); never below
+    /// `pgseal.ledger_min_retention`, which `ledger_prune` enforces.
+    pub ledger_keep_days: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +182,16 @@ impl Config {
                 "leader_takeover_seconds must be at least 1".into(),
             ));
         }
+        if let Some(days) = self.retention.as_ref().and_then(|j| j.ledger_keep_days) {
+            // Up to about 2,700 years: `now()` less more than about 2.46 million
+            // days is before PostgreSQL's earliest timestamp (4714 BC).
+            if !days.is_finite() || !(0.0..=1e6).contains(&days) {
+                return Err(DaemonError::Config(
+                    "[retention] ledger_keep_days must be a number of days from 0 to 1000000"
+                        .into(),
+                ));
+            }
+        }
         let batches = [
             (
                 "retention",
@@ -311,6 +323,22 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("must be positive"), "{e}");
+        }
+        for bad in ["-1", "nan", "inf", "1000001"] {
+            let e = parse(&format!(
+                "[retention]\nschedule = \"0 0 3 * * *\"\nledger_keep_days = {bad}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("ledger_keep_days must be"), "{bad}: {e}");
+        }
+        // Whole days (an integer in TOML) and fractions both read.
+        for (good, want) in [("3653", 3653.0), ("0.5", 0.5)] {
+            let c = parse(&format!(
+                "[retention]\nschedule = \"0 0 3 * * *\"\nledger_keep_days = {good}\n"
+            ))
+            .unwrap();
+            assert_eq!(c.retention.unwrap().ledger_keep_days, Some(want));
         }
         assert!(parse("nonsense = 1").is_err());
         assert!(matches!(

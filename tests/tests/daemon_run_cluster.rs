@@ -176,3 +176,153 @@ fn one_leader_failover_restart_and_sigterm() {
     assert!(b.log().contains("stopped"), "{}", b.log());
     assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE status = 'running' AND finished_at IS NULL AND started_at < now() - interval '5 s'"), 0);
 }
+
+/// `[retention] ledger_keep_days` prunes every tenant's ledger on each run: a chain
+/// with no entry that young (a tenant that appended nothing for longer) up to its
+/// last entry, and not again while only that prune's receipt is left; a held
+/// tenant's not at all; the audit writer's chain up to the first decrypt record of
+/// the held tenant (`ledger_prune` refuses to go past it, and refused the whole
+/// chain when asked to).
+#[test]
+fn scheduled_ledger_pruning_reaches_quiet_chains_and_stops_at_held_records() {
+    let cl = Cluster::start("daemon-prune", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE app LOGIN;
+         GRANT pgseal_decrypt, pgseal_ledger TO app;
+         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text, token text);
+         GRANT SELECT ON integrations TO app;
+         SET app.tenant_id = 'beta';
+         INSERT INTO integrations VALUES (2, 'beta', pgseal.vault_seal('tok-beta', 'integrations.token'));
+         SET app.tenant_id = 'acme';
+         INSERT INTO integrations VALUES (1, 'acme', pgseal.vault_seal('tok-secret', 'integrations.token'));
+         SELECT pgseal.ledger_append('login') FROM generate_series(1, 3);
+         SET app.tenant_id = 'quiet';
+         SELECT pgseal.ledger_append('login') FROM generate_series(1, 4);
+         RESET app.tenant_id;",
+    )
+    .unwrap();
+    // Decrypts by beta, then acme, each while its own transaction holds its chain:
+    // the audit writer records them in _pgseal_audit, in that order.
+    let mut app = cl.connect_as("app");
+    for t in ["beta", "acme"] {
+        app.batch_execute(&format!(
+            "BEGIN; SET LOCAL app.tenant_id = '{t}'; SELECT pgseal.ledger_append('app.note');
+             SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations
+              WHERE tenant_id = '{t}'; COMMIT"
+        ))
+        .unwrap();
+    }
+    let audited = |c: &mut postgres::Client| -> Vec<String> {
+        c.query(
+            "SELECT coalesce(payload ->> 'tenant', event) FROM pgseal.ledger \
+              WHERE tenant_id = '_pgseal_audit' ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let chain = |c: &mut postgres::Client, t: &str| {
+        count(
+            c,
+            &format!("SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '{t}'"),
+        )
+    };
+    let before = audited(&mut c);
+    assert_eq!(
+        before.first().map(String::as_str),
+        Some("beta"),
+        "{before:?}"
+    );
+    let held_from = before.iter().position(|t| t == "acme").unwrap();
+    c.batch_execute("SELECT pgseal.retention_hold('acme', true)")
+        .unwrap();
+    let acme = chain(&mut c, "acme");
+    for sql in [
+        "ALTER SYSTEM SET pgseal.ledger_min_retention = '0'",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    wait_for("the reloaded minimum retention", 10, || {
+        count(
+            &mut cl.connect(),
+            "SELECT count(*) FROM pg_settings WHERE name = 'pgseal.ledger_min_retention' AND setting = '0'",
+        ) == 1
+    });
+    // Every entry so far is older than the 0.864 s kept.
+    std::thread::sleep(Duration::from_secs(2));
+    let dir = Path::new(pgseal_tests::IT_DIR).join("daemon-prune-files");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pgseald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[retention]\nschedule = \"* * * * * *\"\nledger_keep_days = 0.00001\n",
+            cl.url()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&config, dir.join("d.log"));
+    // The quiet chain keeps only the latest prune's receipt, and verifies.
+    wait_for("the quiet chain to be pruned", 20, || {
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 'quiet' AND event = 'login'",
+        ) == 0
+    });
+    let (n, event, ok): (i64, String, bool) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), min(event), (SELECT ok FROM pgseal.ledger_verify('quiet')) \
+                   FROM pgseal.ledger WHERE tenant_id = 'quiet'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    assert_eq!((n, event.as_str(), ok), (1, "ledger.pruned", true));
+    // The audit writer's chain lost what came before acme's first record, and
+    // gained the prune's receipt; the held chain is as it was; and later runs (one
+    // a second) prune neither the quiet chain's receipt nor these again.
+    let mut want: Vec<String> = before[held_from..].to_vec();
+    want.push("ledger.pruned".to_owned());
+    wait_for("the audit writer's chain to be pruned", 10, || {
+        audited(&mut c) == want
+    });
+    let quiet_seq = |c: &mut postgres::Client| {
+        count(
+            c,
+            "SELECT max(seq) FROM pgseal.ledger WHERE tenant_id = 'quiet'",
+        )
+    };
+    let receipt = quiet_seq(&mut c);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(audited(&mut c), want, "{}", d.log());
+    assert_eq!(
+        quiet_seq(&mut c),
+        receipt,
+        "the quiet chain was pruned again"
+    );
+    assert_eq!(chain(&mut c, "acme"), acme);
+    assert!(!d.log().contains("ledger not pruned"), "{}", d.log());
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'failed'"
+        ),
+        0,
+        "{}",
+        d.log()
+    );
+    assert!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.job_runs WHERE job = 'retention' AND status = 'ok'"
+        ) >= 2
+    );
+}

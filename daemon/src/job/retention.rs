@@ -95,29 +95,49 @@ pub async fn scheduled(
     }))
 }
 
+/// The audit writer's chain (`extension/src/ledger/names.rs`), whose entries name
+/// the tenant whose decrypt they record.
+const AUDIT_CHAIN: &str = "_pgseal_audit";
+
 /// Prunes every tenant's ledger to `days` with `ledger_prune`, which keeps an
 /// anchor so the chain still verifies; returns the entries pruned.
 async fn prune_ledgers(
     client: &Client,
-    days: u32,
+    days: f64,
     stop: &CancellationToken,
 ) -> Result<i64, DaemonError> {
-    let keep = format!("{days} days");
+    // In whole microseconds, PostgreSQL's interval resolution.
+    let keep = format!("{:.6} seconds", days * 86_400.0);
     let mut pruned = 0i64;
     for t in crate::ledger::tenants(client).await? {
         if stop.is_cancelled() {
             break;
         }
-        // The first entry young enough to keep; everything before it goes. Never
-        // younger than pgseal.ledger_min_retention, which ledger_prune enforces,
-        // and nothing for a tenant under a legal hold (ledger_prune refuses both).
+        // Where the prune stops (every entry before it goes): the first entry young
+        // enough to keep, or, in a chain with none that young (a tenant that
+        // appended nothing for longer), past its last entry (the prune's receipt
+        // then starts it again). In the audit writer's chain, never past the first
+        // decrypt record of a tenant under a legal hold (ledger_prune refuses to).
+        // Nothing for a tenant under a hold, and nothing when all that would go is
+        // earlier prunes' receipts (a quiet chain is not pruned again on every run).
+        // Never younger than pgseal.ledger_min_retention, which ledger_prune
+        // enforces like the holds.
         let first: Option<i64> = client
             .query_one(
-                "SELECT min(seq) FROM pgseal.ledger WHERE tenant_id = $1 \
-                 AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = $1) \
-                 AND recorded_at >= now() - greatest($2::text::interval, \
-                     current_setting('pgseal.ledger_min_retention')::interval)",
-                &[&t, &keep],
+                "WITH c AS ( \
+                   SELECT least( \
+                            coalesce(min(l.seq) FILTER (WHERE l.recorded_at >= now() - greatest($2::text::interval, \
+                                         current_setting('pgseal.ledger_min_retention')::interval)), \
+                                     max(l.seq) + 1), \
+                            (SELECT min(a.seq) FROM pgseal.ledger a \
+                               JOIN pgseal.retention_holds h ON h.tenant_id = a.payload ->> 'tenant' \
+                              WHERE a.tenant_id = $1 AND $1 = $3)) AS cut \
+                     FROM pgseal.ledger l WHERE l.tenant_id = $1 \
+                      AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = $1) \
+                   HAVING count(*) > 0) \
+                 SELECT (SELECT c.cut FROM c WHERE EXISTS (SELECT 1 FROM pgseal.ledger l \
+                            WHERE l.tenant_id = $1 AND l.seq < c.cut AND l.event <> 'ledger.pruned'))",
+                &[&t, &keep, &AUDIT_CHAIN],
             )
             .await
             .map_err(DaemonError::Query)?
@@ -128,8 +148,8 @@ async fn prune_ledgers(
                 .await
             {
                 Ok(row) => pruned += row.get::<_, i64>(0),
-                // Refused for a hold this query cannot see: the audit writer's chain
-                // `_pgseal_audit` keeps the decrypt records of tenants under a hold.
+                // Refused for a hold or a minimum retention set after the query
+                // read them: the next run prunes what they then allow.
                 Err(e)
                     if e.code()
                         == Some(
