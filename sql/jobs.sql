@@ -389,8 +389,9 @@ ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record_
 -- subject_export, subject_erase and offboarding reach, for every tenant
 -- ('vault.column_registered' / 'vault.column_unregistered' here; 'subject.column_…'
 -- and 'subject.anonymised_column_…' in sql/subjects.sql; extension/src/ledger/evidence.rs),
--- always in the system chain '_pgseal' (a chain the caller's tenant setting chose
--- could be one no auditor reads). Every INSERT but a restore's; every
+-- in the system chain '_pgseal' (a chain the caller's tenant setting chose could be
+-- one no auditor reads), a removal by a DROP of a role that is not a pgseal_admin or
+-- superuser in '_pgseal_open' (no such role may hold the system chain's lock). Every INSERT but a restore's; every
 -- UPDATE that changes the registration (not a rename of its column, which
 -- _registrations_follow_renames follows); every DELETE (the DELETE triggers are in
 -- finalize.sql: their condition reads vault_status()). A C trigger function,
@@ -438,7 +439,8 @@ SELECT pg_catalog.pg_extension_config_dump('pgseal.sealed_columns',
 -- 'vault.column_unregistered' and 'subject.…_unregistered', the registries'
 -- *_record_delete; the entry names the table by OID, its name being gone): a
 -- tenant's rule in that tenant's chain, a default rule and a column registration in
--- the system chain '_pgseal' (for a rule, the C trigger sees in the catalog that the
+-- the system chain '_pgseal', or '_pgseal_open' when the dropping role is not a
+-- pgseal_admin or superuser (for a rule, the C trigger sees in the catalog that the
 -- table or column is gone; the dropping session's tenant setting chooses nothing). Without
 -- the master key no entry can be written: the row is deleted all the same (a
 -- dropped table cannot be sealed, swept or erased) and a WARNING, which goes to the

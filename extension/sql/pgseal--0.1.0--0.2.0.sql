@@ -42,6 +42,7 @@
 --      0.2.0's ledger_audit adds (plain and partitioned tables only; anything else
 --      with a pgseal_audit trigger is named in a WARNING and skipped).
 --  10. the index kek_rewrap reads, on (kek_version, key_id) (was kek_version alone).
+--  11. data keys of tenant ids that name pgseal's own chains, named in a WARNING.
 -- Function definitions are copied verbatim from the 0.2.0 install script (generated
 -- from sql/*.sql and extension/src), as CREATE OR REPLACE, so a function keeps its
 -- OID, and the triggers and views that use it keep working; C functions whose
@@ -2163,8 +2164,9 @@ ALTER TABLE pgseal.retention_holds ENABLE ALWAYS TRIGGER retention_holds_record_
 -- subject_export, subject_erase and offboarding reach, for every tenant
 -- ('vault.column_registered' / 'vault.column_unregistered' here; 'subject.column_…'
 -- and 'subject.anonymised_column_…' in sql/subjects.sql; extension/src/ledger/evidence.rs),
--- always in the system chain '_pgseal' (a chain the caller's tenant setting chose
--- could be one no auditor reads). Every INSERT but a restore's; every
+-- in the system chain '_pgseal' (a chain the caller's tenant setting chose could be
+-- one no auditor reads), a removal by a DROP of a role that is not a pgseal_admin or
+-- superuser in '_pgseal_open'. Every INSERT but a restore's; every
 -- UPDATE that changes the registration (not a rename of its column, which
 -- _registrations_follow_renames follows); every DELETE (the DELETE triggers are in
 -- finalize.sql: their condition reads vault_status()). A C trigger function,

@@ -196,9 +196,11 @@ fn no_role_can_hold_the_system_chain_and_block_other_tenants_decrypts() {
 /// context, each kept open in a transaction: owning a table and protecting it with
 /// no tenant set, or with the tenant setting naming the system chain; writing an
 /// audited row whose tenant column is over the limit or names the system chain;
-/// truncating an audited table with no tenant set. Meanwhile an administrator's
-/// default retention rule (recorded in the system chain `_pgseal`) must not wait on
-/// any of them.
+/// truncating an audited table with no tenant set; dropping a column of its own
+/// table that an administrator registered for sealing, or its own table that has an
+/// administrator's default retention rule (the removals are recorded). Meanwhile an
+/// administrator's default retention rule (recorded in the system chain `_pgseal`)
+/// must not wait on any of them.
 #[test]
 fn no_application_role_can_hold_the_system_chain_and_stall_admin_work() {
     let (cl, mut admin) = start("atk-audit-sysheld");
@@ -209,6 +211,12 @@ fn no_application_role_can_hold_the_system_chain_and_stall_admin_work() {
              SELECT pgseal.ledger_audit('audited');
              GRANT INSERT, TRUNCATE ON audited TO nobody;
              CREATE TABLE kept (id int, tenant_id text, created_at timestamptz);
+             CREATE TABLE mine.reg (id int PRIMARY KEY, tenant_id text, secret text);
+             SELECT pgseal.vault_register_column('mine.reg', 'secret');
+             ALTER TABLE mine.reg OWNER TO nobody;
+             CREATE TABLE mine.ruled (id int, tenant_id text, created_at timestamptz);
+             SELECT pgseal.retention_set('mine.ruled', '1 day');
+             ALTER TABLE mine.ruled OWNER TO nobody;
              SET lock_timeout = '3s';",
         )
         .unwrap();
@@ -219,6 +227,8 @@ fn no_application_role_can_hold_the_system_chain_and_stall_admin_work() {
         "INSERT INTO audited VALUES (1, repeat('t', 300))",
         "INSERT INTO audited VALUES (2, '_pgseal')",
         "TRUNCATE audited",
+        "ALTER TABLE mine.reg DROP COLUMN secret",
+        "DROP TABLE mine.ruled",
     ];
     let system = |c: &mut postgres::Client| -> i64 {
         c.query_one(
@@ -251,6 +261,24 @@ fn no_application_role_can_hold_the_system_chain_and_stall_admin_work() {
         );
         atk.batch_execute("COMMIT").unwrap();
     }
+    // The removals those DROPs made are recorded, as nobody's, in the open chain.
+    let removals: Vec<(String, String)> = admin
+        .query(
+            "SELECT event, db_role FROM pgseal.ledger WHERE tenant_id = '_pgseal_open' \
+               AND event IN ('vault.column_unregistered', 'retention.removed') ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        removals,
+        [
+            ("vault.column_unregistered".to_owned(), "nobody".to_owned()),
+            ("retention.removed".to_owned(), "nobody".to_owned())
+        ]
+    );
     for chain in ["_pgseal", "_pgseal_open"] {
         let ok: bool = admin
             .query_one(

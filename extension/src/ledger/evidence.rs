@@ -24,10 +24,11 @@
 //!   `names::OPEN_CHAIN` for what any table owner or audited table's writer can do
 //!   (table protection, TRUNCATE), so that no such role can hold the system
 //!   chain's lock by keeping its transaction open. A tenant context naming one of
-//!   pgseal's chains is no context (`context::tenant` refuses it). Removals that
-//!   follow a DROP (by whichever role) go to the system chain: a column
-//!   registration's always, a default retention rule's when its table or time
-//!   column is gone.
+//!   pgseal's chains is no context (`context::tenant` refuses it). Column
+//!   registrations, and a default retention rule's removal when its table or time
+//!   column is gone (a DROP), go to a chain the session's settings do not choose:
+//!   the system chain when the role that made the change is trusted (`trusted_role`),
+//!   else the open chain (a DROP of a registered table or column by its owner).
 //!
 //! Every entry recorded here has the usual actor (the user-id setting, else
 //! `session_user`) and, like every entry, the hashed `db_role` field: the database
@@ -65,6 +66,34 @@ pub fn context_or_open() -> String {
 /// of pgseal's own chains, so a session's setting never chooses which is written).
 fn context_or(chain: &str) -> String {
     context::tenant().unwrap_or_else(|_| chain.to_owned())
+}
+
+/// Whether the role the session acts as (`actor::db_role`'s: not the extension
+/// owner pgseal switches to, nor a SECURITY DEFINER function's owner) is one pgseal
+/// trusts with the system chain: a member of `pgseal_admin`, or a superuser.
+fn trusted_role() -> bool {
+    // SAFETY: GetOuterUserId reads a backend global; get_role_oid with missing_ok
+    // returns InvalidOid for a missing role; is_member_of_role reads the catalog
+    // inside the running transaction (and is true for superusers).
+    unsafe {
+        let me = pg_sys::GetOuterUserId();
+        let admin = pg_sys::get_role_oid(c"pgseal_admin".as_ptr(), true);
+        pg_sys::superuser_arg(me)
+            || (admin != pg_sys::InvalidOid && pg_sys::is_member_of_role(me, admin))
+    }
+}
+
+/// Where a change to pgseal's registrations goes when no tenant owns it: the system
+/// chain for a trusted role (`trusted_role`), else the open chain. Only trusted roles
+/// write the registries; other roles change them only by dropping what a
+/// registration names (its table, column or type), and must not hold the system
+/// chain's lock by keeping that transaction open.
+fn registry_chain() -> &'static str {
+    if trusted_role() {
+        SYSTEM_TENANT
+    } else {
+        OPEN_CHAIN
+    }
 }
 
 /// Appends pgseal's entry `event` to `tenant`'s chain (its `db_role` is the
@@ -473,14 +502,13 @@ fn rule(row: &Row) -> SealResult<Rule> {
 /// A tenant's rule is recorded in that tenant's chain. A default rule concerns
 /// every tenant: recorded in the tenant context's chain, else the system chain;
 /// but a default rule whose table or time column is gone (its removal by
-/// `_registrations_follow_drops`, fired by whichever role dropped it) always in the
-/// system chain: the dropping session's settings choose no chain (a context naming
-/// `_pgseal_audit` would make the append fail, one naming a victim tenant would
-/// write into the victim's chain).
+/// `_registrations_follow_drops`, fired by whichever role dropped it) in
+/// `registry_chain()`'s: the dropping session's settings choose no chain (a context
+/// naming a victim tenant would write into the victim's chain).
 fn rule_event(event: &'static str, r: Rule) -> SealResult<()> {
     let tenant = match r.tenant {
         Some(t) => t,
-        None if r.gone => SYSTEM_TENANT.to_owned(),
+        None if r.gone => registry_chain().to_owned(),
         None => context_or_system(),
     };
     record(&tenant, event, r.payload).map(|_| ())
@@ -551,9 +579,11 @@ const REGISTRIES: [(&CStr, &str, &str); 3] = [
 /// (`sealed_columns`: `vault.column_registered`, `vault.column_unregistered`;
 /// `subject_columns` and `subject_anonymised_columns`: `subject.column_…` and
 /// `subject.anonymised_column_…`). They say what pgseald reseals and what
-/// `subject_export`, `subject_erase` and offboarding reach, for every tenant: always
-/// recorded in the system chain, which an auditor of registrations reads (a chain
-/// the caller's tenant setting chose could be one no auditor reads). The triggers'
+/// `subject_export`, `subject_erase` and offboarding reach, for every tenant:
+/// recorded in one of pgseal's chains, which an auditor of registrations reads (a
+/// chain the caller's tenant setting chose could be one no auditor reads): the
+/// system chain for what trusted roles do, the open chain for the removals that a
+/// DROP by another role makes (`registry_chain`). The triggers'
 /// conditions pass only the UPDATEs that change the registration (its table, column
 /// number or context), and each of those is recorded.
 #[pg_guard]
@@ -583,7 +613,7 @@ fn registration(row: &Row, sealed: bool) -> SealResult<Value> {
 }
 
 fn registration_event(event: &'static str, payload: Value) -> SealResult<()> {
-    record(SYSTEM_TENANT, event, payload).map(|_| ())
+    record(registry_chain(), event, payload).map(|_| ())
 }
 
 fn registration_changed(c: &RowChange) -> SealResult<()> {
