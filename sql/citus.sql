@@ -7,6 +7,18 @@
 -- not run a distributed query, so pgseal reads the key table's placement on its own
 -- node (pgseal._keys_relation()), a plain table, directly.
 
+-- Seal counts of this node's transactions prepared for another node's two-phase
+-- commit (extension/src/cache.rs): written in the prepared transaction, so they
+-- appear exactly when it commits, whichever session commits it, and never if it is
+-- rolled back; this node's audit writer moves them to pgseal.tenant_keys on the
+-- coordinator (extension/src/audit_worker/writer.rs). A plain table of each node,
+-- never distributed; only pgseal writes it, as its owner.
+CREATE TABLE pgseal._seal_counts_outbox (
+    key_id text   NOT NULL,
+    seals  bigint NOT NULL CHECK (seals > 0)
+);
+REVOKE ALL ON pgseal._seal_counts_outbox FROM PUBLIC;
+
 -- Where this node reads pgseal.tenant_keys from: its local placement when Citus
 -- replicates the table (`replicated`), the table itself otherwise (no Citus, not
 -- distributed yet, or no placement here). The placement is found in Citus's metadata,

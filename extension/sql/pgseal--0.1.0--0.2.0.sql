@@ -43,6 +43,7 @@
 --      with a pgseal_audit trigger is named in a WARNING and skipped).
 --  10. the index kek_rewrap reads, on (kek_version, key_id) (was kek_version alone).
 --  11. data keys of tenant ids that name pgseal's own chains, named in a WARNING.
+--  12. the outbox of a Citus worker's prepared seal counts (sql/citus.sql).
 -- Function definitions are copied verbatim from the 0.2.0 install script (generated
 -- from sql/*.sql and extension/src), as CREATE OR REPLACE, so a function keeps its
 -- OID, and the triggers and views that use it keep working; C functions whose
@@ -2986,3 +2987,13 @@ BEGIN
     END IF;
 END
 $pgseal_named$;
+
+------------------------------------------------------------------------------------
+-- 12. Seal counts of a Citus worker's transactions prepared for another node's
+-- two-phase commit wait in this table until they commit (sql/citus.sql). Empty.
+------------------------------------------------------------------------------------
+CREATE TABLE pgseal._seal_counts_outbox (
+    key_id text   NOT NULL,
+    seals  bigint NOT NULL CHECK (seals > 0)
+);
+REVOKE ALL ON pgseal._seal_counts_outbox FROM PUBLIC;

@@ -93,6 +93,9 @@ thread_local! {
     /// A Citus worker's seal counts of the ending transaction, for its audit writer
     /// once the transaction's commit is complete (`hand_over_seal_counts`).
     static COUNTS_AFTER_COMMIT: RefCell<Option<(Vec<String>, Vec<i64>)>> = const { RefCell::new(None) };
+    /// Whether the ending transaction, prepared on a Citus worker, left its counts
+    /// in the node's outbox table for the audit writer (`write_seal_counts`).
+    static COUNTS_IN_OUTBOX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Hands a Citus worker's seal counts to its audit writer once the transaction's
@@ -103,8 +106,16 @@ thread_local! {
 /// would then miss them while the others took them. A transaction that aborted
 /// hands nothing over (its seals stay in this node's shared totals,
 /// docs/SECURITY.md). A transaction prepared here for another node's two-phase
-/// commit hands its counts over at its `PREPARE` (docs/SCALING.md: a limit).
+/// commit left its counts in the node's outbox table, where they appear when it
+/// commits: the writer is asked to move them from there.
 fn hand_over_seal_counts(committed: bool) {
+    if COUNTS_IN_OUTBOX
+        .try_with(|c| c.replace(false))
+        .unwrap_or(false)
+        && committed
+    {
+        crate::audit_worker::drain_seal_counts_later();
+    }
     let Some((ids, counts)) = COUNTS_AFTER_COMMIT
         .try_with(|c| c.borrow_mut().take())
         .ok()
@@ -133,7 +144,7 @@ fn has_seals() -> bool {
     SEALS.with(|t| !t.borrow().is_empty())
 }
 
-fn write_seal_counts(_preparing: bool) -> SealResult<()> {
+fn write_seal_counts(preparing: bool) -> SealResult<()> {
     let pending = SEALS.with(|t| std::mem::take(&mut *t.borrow_mut()));
     if pending.is_empty() {
         return Ok(());
@@ -142,9 +153,27 @@ fn write_seal_counts(_preparing: bool) -> SealResult<()> {
     add_counts(&ids, &counts);
     // On a Citus worker the key table is a copy Citus writes from the coordinator;
     // while a shard's statement runs in this transaction the worker cannot write it,
-    // so the audit writer adds the counts there (docs/SCALING.md).
+    // so the audit writer adds the counts there (docs/SCALING.md): handed over once
+    // the transaction has committed, or, for a transaction being prepared for
+    // another node's two-phase commit (which commits later, maybe in another
+    // session, or is rolled back), written in it to this node's outbox table, where
+    // they appear when it commits. Counts handed over at the PREPARE could reach the
+    // coordinator before it committed a key this transaction created, and find
+    // that key on no copy. A read-only transaction cannot write the table (and a
+    // transaction can be made read-only after it wrote a key): it is not prepared.
     if crate::pg::citus::is_worker()? {
-        COUNTS_AFTER_COMMIT.with(|c| *c.borrow_mut() = Some((ids, counts)));
+        if preparing {
+            // SAFETY: XactReadOnly is a plain global of the running transaction.
+            if unsafe { pg_sys::XactReadOnly } {
+                return Err(SealError::NotSupported(
+                    "on a Citus worker, a read-only transaction that sealed cannot be prepared",
+                ));
+            }
+            keystore::put_in_outbox(&ids, &counts)?;
+            COUNTS_IN_OUTBOX.with(|c| c.set(true));
+        } else {
+            COUNTS_AFTER_COMMIT.with(|c| *c.borrow_mut() = Some((ids, counts)));
+        }
         return Ok(());
     }
     // A key with a shared total writes that total back (it already holds this

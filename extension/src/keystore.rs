@@ -662,6 +662,21 @@ fn rewrap_batch(batch: i32, active: i32, moved: &mut Moved) -> SealResult<i32> {
     Ok(n)
 }
 
+/// Writes seal counts (per key id) into this node's `pgseal._seal_counts_outbox`,
+/// in the running transaction (`cache::write_seal_counts`, on a Citus worker): a
+/// plain table of this node, which Citus leaves alone.
+pub fn put_in_outbox(ids: &[String], counts: &[i64]) -> SealResult<()> {
+    as_owner(|| {
+        Spi::run_with_args(
+            "INSERT INTO pgseal._seal_counts_outbox (key_id, seals) \
+             SELECT u.key_id, u.n FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), \
+                                                 pg_catalog.unnest($2::pg_catalog.int8[])) AS u(key_id, n)",
+            &[ids.to_vec().into(), counts.to_vec().into()],
+        )?;
+        Ok(())
+    })
+}
+
 /// Writes per-key encryption counts back (once per transaction, at pre-commit):
 /// each key's count becomes the larger of its count plus `adds` and its shared total
 /// (NULL when the key has none; `GREATEST` ignores NULL).

@@ -5,7 +5,9 @@
 //! - `append_later` hands an entry over without waiting: it runs when a transaction
 //!   has ended, where nothing may raise an error.
 //! - `seal_counts_later` hands a Citus worker's seal counts over without waiting, for
-//!   the writer to add to the key table's counts on the coordinator.
+//!   the writer to add to the key table's counts on the coordinator;
+//!   `drain_seal_counts_later` asks it to move those that prepared transactions
+//!   left in the node's outbox table.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +38,10 @@ pub enum Request {
         key_ids: Vec<String>,
         seals: Vec<i64>,
     },
+    /// Seal counts a Citus worker's prepared transactions left in this node's
+    /// `pgseal._seal_counts_outbox`: added on the coordinator once those
+    /// transactions have committed (`writer::drain_seal_counts`).
+    DrainSealCounts,
 }
 
 fn my_database() -> u32 {
@@ -251,16 +257,17 @@ fn queue_seal_counts(key_ids: &[String], seals: &[i64]) -> bool {
     let waiting = q
         .slots
         .iter()
-        .position(|s| s.dboid == db && s.counts && s.state == State::Queued);
+        .enumerate()
+        .filter(|(_, s)| s.dboid == db && s.counts && s.state == State::Queued)
+        .find_map(|(i, s)| match serde_json::from_slice::<Request>(s.body()) {
+            Ok(Request::SealCounts { key_ids, seals }) => Some((i, key_ids, seals)),
+            _ => None,
+        });
     let mut merged: Vec<(String, i64)> = Vec::new();
     let mut into = None;
-    if let Some(i) = waiting {
-        if let Ok(Request::SealCounts { key_ids, seals }) =
-            serde_json::from_slice::<Request>(q.slots[i].body())
-        {
-            merged = key_ids.into_iter().zip(seals).collect();
-            into = Some(i);
-        }
+    if let Some((i, key_ids, seals)) = waiting {
+        merged = key_ids.into_iter().zip(seals).collect();
+        into = Some(i);
     }
     for (id, n) in key_ids.iter().zip(seals) {
         match merged.iter_mut().find(|(k, _)| k == id) {
@@ -305,4 +312,47 @@ fn queue_seal_counts(key_ids: &[String], seals: &[i64]) -> bool {
     };
     q.wake_for(db);
     stored
+}
+
+/// Asks this database's writer to move the seal counts that this Citus worker's
+/// prepared transactions left in `pgseal._seal_counts_outbox` (`cache`), without
+/// waiting: one request of this database waits for them at a time (a request still
+/// queued takes this one in). Never raises: with no free slot it is logged, and the
+/// counts wait in the table for the next request.
+pub fn drain_seal_counts_later() {
+    let db = my_database();
+    let mut q = QUEUE.exclusive();
+    let queued = q.slots.iter().any(|s| {
+        s.dboid == db
+            && s.counts
+            && s.state == State::Queued
+            && matches!(
+                serde_json::from_slice::<Request>(s.body()),
+                Ok(Request::DrainSealCounts)
+            )
+    });
+    if !queued {
+        let body = serde_json::to_vec(&Request::DrainSealCounts).expect("a unit request");
+        match q.enqueue(db, 0, queue::now(), &body) {
+            Some(ticket) => {
+                if let Some(s) = q.slot_mut(ticket) {
+                    s.counts = true;
+                }
+            }
+            None => pgrx::log!(
+                "pgseal: the audit queue is full; seal counts of prepared transactions wait in pgseal._seal_counts_outbox"
+            ),
+        }
+    }
+    q.wake_for(db);
+}
+
+/// A `COMMIT PREPARED` has just committed in this session: on a Citus node, the
+/// seal counts the prepared transaction may have left in the outbox table appear
+/// now, so the writer is asked to move them (`drain_seal_counts_later`). This also
+/// moves counts whose earlier request was lost (a restart, a full queue).
+pub fn prepared_committed() {
+    if crate::pg::citus::present() {
+        drain_seal_counts_later();
+    }
 }

@@ -19,7 +19,10 @@ mod launcher;
 pub mod queue;
 mod writer;
 
-pub use client::{append_durably, append_later, seal_counts_later, Entry};
+pub use client::{
+    append_durably, append_later, drain_seal_counts_later, prepared_committed, seal_counts_later,
+    Entry,
+};
 pub use launcher::register;
 pub use writer::is_writer;
 

@@ -60,6 +60,12 @@ pub extern "C-unwind" fn pgseal_audit_writer_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(dboid)), None);
     register(dboid);
     configure_session();
+    // Counts that prepared transactions left in the outbox table, whose request a
+    // restart or a full queue lost, are moved by each writer that starts on a Citus
+    // node (and by the next `COMMIT PREPARED`).
+    if in_transaction(|| Ok(crate::pg::citus::present())).unwrap_or(false) {
+        super::client::drain_seal_counts_later();
+    }
     let mut last_work = queue::now();
     let mut worked = false;
     // After work the queue is read again at once, without waiting for the latch: a
@@ -153,8 +159,9 @@ fn retire(dboid: u32) -> bool {
 /// Settings of the writer's session that the server's or the database's
 /// configuration must not change: an acknowledged entry must survive a crash (with
 /// `synchronous_commit = off` configured, the writer still flushes its commits
-/// locally), a database set read-only by default or with a short statement
-/// timeout must not stop the audit, and no role's objects are on its search path.
+/// locally), a database set read-only by default, with a short statement timeout or
+/// another isolation level must not stop the audit or change what it reads, and no
+/// role's objects are on its search path.
 fn configure_session() {
     use crate::privilege::{set_setting, setting_is};
     use pg_sys::GucAction::GUC_ACTION_SET;
@@ -167,6 +174,13 @@ fn configure_session() {
     set_setting(c"search_path", c"pg_catalog, pg_temp", GUC_ACTION_SET);
     set_setting(c"default_transaction_read_only", c"off", GUC_ACTION_SET);
     set_setting(c"statement_timeout", c"0", GUC_ACTION_SET);
+    // `drain_seal_counts` reads the outbox with a snapshot taken after its check for
+    // prepared transactions: each statement its own snapshot.
+    set_setting(
+        c"default_transaction_isolation",
+        c"read committed",
+        GUC_ACTION_SET,
+    );
 }
 
 /// Takes the ready requests of `dboid` and appends each; true when there were any.
@@ -191,6 +205,7 @@ fn process(dboid: u32) -> bool {
         let outcome = match serde_json::from_slice::<Request>(body) {
             Ok(Request::Append(entry)) => append(&entry, *system_ok),
             Ok(Request::SealCounts { key_ids, seals }) => add_seal_counts(&key_ids, &seals),
+            Ok(Request::DrainSealCounts) => drain_seal_counts(),
             Err(_) => Outcome::Failed("malformed audit request".into()),
         };
         finish(*ticket, outcome);
@@ -202,6 +217,8 @@ enum Outcome {
     /// (in the audit chain, seq)
     Appended(bool, i64),
     Busy,
+    /// Done for now; asked again in `COUNTS_RETRY_US` (`drain_seal_counts`).
+    Again,
     Failed(String),
 }
 
@@ -281,6 +298,64 @@ fn add_seal_counts(key_ids: &[String], seals: &[i64]) -> Outcome {
     match r {
         Ok(Ok(())) => Outcome::Appended(false, 0),
         Ok(Err(msg)) | Err(msg) => Outcome::Failed(msg),
+    }
+}
+
+/// Moves the seal counts that this Citus worker's prepared transactions left in
+/// `pgseal._seal_counts_outbox` (`cache::write_seal_counts`) to the key table on the
+/// coordinator, in one transaction that deletes them here only once the coordinator
+/// has taken them (a failure leaves them for the next try; an answer lost after the
+/// coordinator committed counts them twice, the safe direction). A prepared
+/// transaction's rows appear when it commits, whichever session commits it, and
+/// never if it is rolled back; so while this database has prepared transactions,
+/// whose rows may still appear, the request is asked again every
+/// `COUNTS_RETRY_US`. The check comes before the rows are read, so rows that appear
+/// after the read belong to a transaction the check saw prepared.
+fn drain_seal_counts() -> Outcome {
+    let r = in_transaction(|| {
+        let prepared = Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_prepared_xacts p \
+                             WHERE p.database OPERATOR(pg_catalog.=) pg_catalog.current_database())",
+        )?
+        .unwrap_or(true);
+        let (ids, seals): (Vec<String>, Vec<i64>) = Spi::connect_mut(|c| {
+            let rows = c.update(
+                "WITH d AS (DELETE FROM pgseal._seal_counts_outbox RETURNING key_id, seals) \
+                 SELECT d.key_id, pg_catalog.sum(d.seals)::pg_catalog.int8 FROM d GROUP BY d.key_id",
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                if let (Some(id), Some(n)) = (row.get::<String>(1)?, row.get::<i64>(2)?) {
+                    out.push((id, n));
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })?
+        .into_iter()
+        .unzip();
+        let added = if ids.is_empty() {
+            Ok(())
+        } else if crate::pg::citus::is_worker()? {
+            forward_seal_counts(&ids, &seals)
+        } else {
+            let n = seals.len();
+            crate::keystore::add_encryptions(ids, seals, vec![None; n]).map_err(|e| e.to_string())
+        };
+        // A failure must take the deletes back: an error, so the transaction aborts.
+        if let Err(msg) = added {
+            pgrx::log!("pgseal audit writer: {msg}");
+            return Err(crate::error::SealError::Refused(
+                "the seal counts were not added; they stay in pgseal._seal_counts_outbox",
+            ));
+        }
+        Ok(prepared)
+    });
+    match r {
+        Ok(true) => Outcome::Again,
+        Ok(false) => Outcome::Appended(false, 0),
+        Err(msg) => Outcome::Failed(msg),
     }
 }
 
@@ -496,6 +571,15 @@ fn finish(ticket: u64, outcome: Outcome) {
             return;
         }
         Outcome::Busy => Some(Failure::ChainBusy),
+        Outcome::Again => {
+            if s.state == State::Taken {
+                s.state = State::Queued;
+                s.retry_at = queue::now() + COUNTS_RETRY_US;
+            } else {
+                s.state = State::Free;
+            }
+            return;
+        }
         Outcome::Failed(msg) => {
             pgrx::log!("pgseal audit writer: a request could not be completed: {msg}");
             Some(Failure::Error)

@@ -15,6 +15,10 @@
 //! The relation of a COPY is resolved with the lock COPY FROM takes
 //! (RowExclusiveLock), so the relation checked cannot be dropped or renamed before the
 //! COPY that follows resolves the same name.
+//!
+//! The same `ProcessUtility` hook tells the audit writer when a `COMMIT PREPARED` has
+//! committed (`audit_worker::prepared_committed`): on a Citus worker, seal counts a
+//! prepared transaction left in the node's outbox table appear then.
 
 use pgrx::pg_sys;
 
@@ -140,6 +144,12 @@ unsafe extern "C-unwind" fn on_utility(
         } else {
             query_string
         };
+    // SAFETY: `stmt` is a Node (or NULL); the tag says it is a TransactionStmt
+    // before it is read as one.
+    let commit_prepared = !stmt.is_null()
+        && unsafe { pgrx::is_a(stmt, pg_sys::NodeTag::T_TransactionStmt) }
+        && unsafe { (*(stmt as *const pg_sys::TransactionStmt)).kind }
+            == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
     // SAFETY: the previous hook, or PostgreSQL's own, is called with the arguments
     // PostgreSQL passed us (the query string cut down to a SET statement for Citus),
     // as hooks must.
@@ -166,6 +176,9 @@ unsafe extern "C-unwind" fn on_utility(
                 qc,
             ),
         }
+    }
+    if commit_prepared {
+        crate::audit_worker::prepared_committed();
     }
 }
 
