@@ -291,6 +291,83 @@ fn no_application_role_can_hold_the_system_chain_and_stall_admin_work() {
     }
 }
 
+/// Which of pgseal's chains a registration's removal by a DROP goes to follows the
+/// role that made it, not the session's: a `pgseal_admin`'s own DROP goes to the
+/// system chain; after `SET ROLE` to a role without it, or when a table owner's code
+/// runs inside an administrator's statement (an index expression that ANALYZE
+/// evaluates as the table's owner, in a security-restricted operation, while the
+/// session's role is still the administrator's), to `_pgseal_open`: that code must
+/// not take the system chain's lock in the administrator's transaction (it could
+/// then hold it for as long as it likes).
+#[test]
+fn removals_go_to_the_system_chain_only_for_trusted_roles() {
+    let (cl, mut admin) = start("atk-audit-dropchain");
+    admin
+        .batch_execute(
+            "CREATE ROLE padmin LOGIN; GRANT pgseal_admin TO padmin;
+             CREATE SCHEMA mine AUTHORIZATION nobody; CREATE SCHEMA theirs AUTHORIZATION padmin;
+             CREATE TABLE theirs.reg (id int PRIMARY KEY, tenant_id text, secret text);
+             ALTER TABLE theirs.reg OWNER TO padmin;
+             SELECT pgseal.vault_register_column('theirs.reg', 'secret');
+             CREATE TABLE mine.reg2 (id int PRIMARY KEY, tenant_id text, secret text);
+             SELECT pgseal.vault_register_column('mine.reg2', 'secret');
+             ALTER TABLE mine.reg2 OWNER TO nobody;
+             CREATE TABLE mine.reg3 (id int PRIMARY KEY, tenant_id text, secret text);
+             SELECT pgseal.vault_register_column('mine.reg3', 'secret');
+             ALTER TABLE mine.reg3 OWNER TO nobody;",
+        )
+        .unwrap();
+    // nobody's table, whose index expression drops nobody's registered column when
+    // anyone else's session evaluates it.
+    let mut nobody = cl.connect_as("nobody");
+    nobody
+        .batch_execute(
+            "CREATE FUNCTION mine.g() RETURNS void LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF session_user <> 'nobody' THEN
+                     EXECUTE 'ALTER TABLE mine.reg3 DROP COLUMN IF EXISTS secret';
+                 END IF;
+             END $$;
+             CREATE FUNCTION mine.f(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+             BEGIN PERFORM mine.g(); RETURN x; END $$;
+             CREATE TABLE mine.idx (x int);
+             CREATE INDEX ON mine.idx (mine.f(x));
+             INSERT INTO mine.idx SELECT g FROM generate_series(1, 10) g;",
+        )
+        .unwrap();
+    let mut padmin = cl.connect_as("padmin");
+    padmin
+        .batch_execute("ALTER TABLE theirs.reg DROP COLUMN secret")
+        .unwrap();
+    admin
+        .batch_execute("SET ROLE nobody; ALTER TABLE mine.reg2 DROP COLUMN secret; RESET ROLE")
+        .unwrap();
+    admin.batch_execute("ANALYZE mine.idx").unwrap();
+    let removals: Vec<(String, String, String)> = admin
+        .query(
+            "SELECT tenant_id, payload ->> 'table', db_role FROM pgseal.ledger \
+              WHERE event = 'vault.column_unregistered' ORDER BY payload ->> 'table'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let me: String = admin
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
+    let row = |c: &str, t: &str, r: &str| (c.to_owned(), t.to_owned(), r.to_owned());
+    assert_eq!(
+        removals,
+        [
+            row("_pgseal_open", "mine.reg2", "nobody"),
+            row("_pgseal_open", "mine.reg3", &me),
+            row("_pgseal", "theirs.reg", "padmin"),
+        ]
+    );
+}
+
 /// pgseal's own chains are no tenant a session acts for. A role with
 /// pgseal_decrypt and pgseal_ledger that sets its tenant to one of them must not
 /// read them through the ledger's policy (`_pgseal_audit` holds other tenants'

@@ -70,12 +70,19 @@ fn context_or(chain: &str) -> String {
 
 /// Whether the role the session acts as (`actor::db_role`'s: not the extension
 /// owner pgseal switches to, nor a SECURITY DEFINER function's owner) is one pgseal
-/// trusts with the system chain: a member of `pgseal_admin`, or a superuser.
+/// trusts with the system chain: a member of `pgseal_admin`, or a superuser. Never
+/// inside a security-restricted operation: there a table's owner's code runs (an
+/// index expression under ANALYZE or VACUUM, its triggers under pgseal's offboarding
+/// and erasure) while the session's role is still the trusted caller's.
 fn trusted_role() -> bool {
-    // SAFETY: GetOuterUserId reads a backend global; get_role_oid with missing_ok
-    // returns InvalidOid for a missing role; is_member_of_role reads the catalog
-    // inside the running transaction (and is true for superusers).
+    // SAFETY: InSecurityRestrictedOperation and GetOuterUserId read backend
+    // globals; get_role_oid with missing_ok returns InvalidOid for a missing role;
+    // is_member_of_role reads the catalog inside the running transaction (and is
+    // true for superusers).
     unsafe {
+        if pg_sys::InSecurityRestrictedOperation() {
+            return false;
+        }
         let me = pg_sys::GetOuterUserId();
         let admin = pg_sys::get_role_oid(c"pgseal_admin".as_ptr(), true);
         pg_sys::superuser_arg(me)
