@@ -321,8 +321,7 @@ fn queue_seal_counts(key_ids: &[String], seals: &[i64]) -> bool {
 /// counts wait in the table for the next request.
 pub fn drain_seal_counts_later() {
     let db = my_database();
-    let mut q = QUEUE.exclusive();
-    let queued = q.slots.iter().any(|s| {
+    let is_drain = |s: &queue::Slot| {
         s.dboid == db
             && s.counts
             && s.state == State::Queued
@@ -330,8 +329,14 @@ pub fn drain_seal_counts_later() {
                 serde_json::from_slice::<Request>(s.body()),
                 Ok(Request::DrainSealCounts)
             )
-    });
-    if !queued {
+    };
+    // Asked for already (the writer runs it when it is due): a shared look, so that
+    // the `COMMIT PREPARED`s of a busy node do not queue on the exclusive lock.
+    if QUEUE.share().slots.iter().any(is_drain) {
+        return;
+    }
+    let mut q = QUEUE.exclusive();
+    if !q.slots.iter().any(is_drain) {
         let body = serde_json::to_vec(&Request::DrainSealCounts).expect("a unit request");
         match q.enqueue(db, 0, queue::now(), &body) {
             Some(ticket) => {
@@ -347,12 +352,27 @@ pub fn drain_seal_counts_later() {
     q.wake_for(db);
 }
 
+thread_local! {
+    /// Whether Citus is installed in this session's database, as first seen by
+    /// `prepared_committed` (a catalog lookup it would otherwise make at every
+    /// `COMMIT PREPARED`; Citus is not installed or dropped under a running node).
+    static CITUS_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
 /// A `COMMIT PREPARED` has just committed in this session: on a Citus node, the
 /// seal counts the prepared transaction may have left in the outbox table appear
 /// now, so the writer is asked to move them (`drain_seal_counts_later`). This also
 /// moves counts whose earlier request was lost (a restart, a full queue).
 pub fn prepared_committed() {
-    if crate::pg::citus::present() {
+    let citus = CITUS_HERE.with(|c| match c.get() {
+        Some(known) => known,
+        None => {
+            let here = crate::pg::citus::present();
+            c.set(Some(here));
+            here
+        }
+    });
+    if citus {
         drain_seal_counts_later();
     }
 }
