@@ -56,6 +56,15 @@ pub fn pg_has_ssl() -> bool {
 /// root-owned checkout, as `scripts/cluster.sh` requires.
 pub const IT_DIR: &str = "/var/tmp/pgseal-it";
 
+/// A fresh, empty directory `name` under `IT_DIR` (a test's pgseald config, logs,
+/// checkpoints, exports), emptied first if an earlier run left it.
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = Path::new(IT_DIR).join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// The unprivileged OS user the servers run as (`PGSEAL_TEST_USER`, as
 /// `scripts/cluster.sh` reads it).
 pub fn test_user() -> String {

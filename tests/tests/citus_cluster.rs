@@ -2733,9 +2733,7 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
         ),
         0
     );
-    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("citus-offboard-files");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("citus-offboard-files");
     let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
         .args([dir.to_str().unwrap()])
         .on(&cc.coordinator)

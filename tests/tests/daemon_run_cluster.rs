@@ -90,9 +90,7 @@ fn one_leader_failover_restart_and_sigterm() {
          SELECT pgseal.ledger_append('login') FROM generate_series(1, 5);",
     )
     .unwrap();
-    let dir = Path::new(pgseal_tests::IT_DIR).join("daemon-run-files");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("daemon-run-files");
     let config = dir.join("pgseald.toml");
     let metrics_port = free_port();
     std::fs::write(
@@ -255,9 +253,7 @@ fn scheduled_ledger_pruning_reaches_quiet_chains_and_stops_at_held_records() {
     });
     // Every entry so far is older than the 0.864 s kept.
     std::thread::sleep(Duration::from_secs(2));
-    let dir = Path::new(pgseal_tests::IT_DIR).join("daemon-prune-files");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("daemon-prune-files");
     let config = dir.join("pgseald.toml");
     std::fs::write(
         &config,

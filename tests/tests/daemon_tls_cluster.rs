@@ -24,9 +24,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// A CA, a server certificate for 127.0.0.1 only (no DNS name) signed by it, and a
 /// second, unrelated CA. The key is readable by the test servers' OS user.
 fn make_certs() -> PathBuf {
-    let dir = Path::new(pgseal_tests::IT_DIR).join("tls-certs");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("tls-certs");
     for ca in ["ca", "other-ca"] {
         openssl(
             &dir,

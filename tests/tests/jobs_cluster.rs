@@ -350,9 +350,7 @@ fn scheduled_rotation_goes_on_past_a_tenant_whose_reseal_fails() {
         old[0]
     ))
     .unwrap();
-    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("jobs-rotate-sched-files");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("jobs-rotate-sched-files");
     let config = dir.join("pgseald.toml");
     // Every key is due (age 0 days); the run starts within a second.
     std::fs::write(

@@ -75,9 +75,7 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
          SELECT pgseal.retention_hold('held', true);",
     )
     .unwrap();
-    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("offboard-files");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-files");
 
     let points = [
         "offboard.export_written",
@@ -272,9 +270,7 @@ fn a_lock_held_on_a_table_fails_the_step_instead_of_stalling_it() {
          SELECT pgseal.tenant_offboard('acme', '0');",
     )
     .unwrap();
-    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("offboard-lock-files");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-lock-files");
     let mut holder = cl.connect();
     holder
         .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
@@ -316,9 +312,7 @@ fn a_table_registered_after_the_export_is_exported_before_it_is_deleted_from() {
          SELECT pgseal.tenant_offboard('acme', '0');",
     )
     .unwrap();
-    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("offboard-late-files");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-late-files");
     run_until(&cl, &dir, "offboard.exported");
     let file = dir.join("acme.offboard.jsonl");
     let first = std::fs::read_to_string(&file).unwrap();
@@ -487,9 +481,7 @@ fn rows_changed_after_the_export_or_by_the_deletes_are_never_deleted_unexported(
          INSERT INTO totals SELECT t, 10 FROM unnest(ARRAY['acme', 'globex', 'initech']) t;",
     )
     .unwrap();
-    let dir = std::path::Path::new(pgseal_tests::IT_DIR).join("offboard-changes-files");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-changes-files");
     let left = |c: &mut postgres::Client, t: &str| -> i64 {
         count(
             c,

@@ -550,6 +550,17 @@ fn in_transaction<R>(f: impl FnOnce() -> crate::error::SealResult<R>) -> Result<
     r
 }
 
+/// Puts a request the writer took back in the queue, to be tried again in `after_us`
+/// (one given up meanwhile, no longer Taken, is freed).
+fn requeue(s: &mut queue::Slot, after_us: i64) {
+    if s.state == State::Taken {
+        s.state = State::Queued;
+        s.retry_at = queue::now() + after_us;
+    } else {
+        s.state = State::Free;
+    }
+}
+
 /// Records the outcome in the request's slot and wakes its backend.
 fn finish(ticket: u64, outcome: Outcome) {
     let mut q = QUEUE.exclusive();
@@ -561,25 +572,9 @@ fn finish(ticket: u64, outcome: Outcome) {
             s.system = in_system;
             None
         }
-        Outcome::Busy if queue::now() < s.deadline => {
-            if s.state == State::Taken {
-                s.state = State::Queued;
-                s.retry_at = queue::now() + RETRY_US;
-            } else {
-                s.state = State::Free;
-            }
-            return;
-        }
+        Outcome::Busy if queue::now() < s.deadline => return requeue(s, RETRY_US),
         Outcome::Busy => Some(Failure::ChainBusy),
-        Outcome::Again => {
-            if s.state == State::Taken {
-                s.state = State::Queued;
-                s.retry_at = queue::now() + COUNTS_RETRY_US;
-            } else {
-                s.state = State::Free;
-            }
-            return;
-        }
+        Outcome::Again => return requeue(s, COUNTS_RETRY_US),
         Outcome::Failed(msg) => {
             pgrx::log!("pgseal audit writer: a request could not be completed: {msg}");
             Some(Failure::Error)
