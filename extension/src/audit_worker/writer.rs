@@ -288,17 +288,24 @@ fn forward(e: &Entry, system_ok: bool) -> Result<Option<(bool, i64)>, String> {
 /// `pgseal._seal_counts_forwarded` (a worker cannot write the reference table
 /// itself while Citus runs a shard's statement in its transaction), here otherwise.
 fn add_seal_counts(key_ids: &[String], seals: &[i64]) -> Outcome {
-    let r = in_transaction(|| {
-        if crate::pg::citus::is_worker()? {
-            return Ok(forward_seal_counts(key_ids, seals));
-        }
-        crate::keystore::add_encryptions(key_ids.to_vec(), seals.to_vec(), vec![None; seals.len()])
-            .map(Ok)
-    });
+    let r = in_transaction(|| add_counts_in_transaction(key_ids, seals));
     match r {
         Ok(Ok(())) => Outcome::Appended(false, 0),
         Ok(Err(msg)) | Err(msg) => Outcome::Failed(msg),
     }
+}
+
+/// `add_seal_counts`'s work inside the writer's transaction: on a worker, the
+/// coordinator's answer (Err: its message); elsewhere, the key table updated here.
+fn add_counts_in_transaction(
+    key_ids: &[String],
+    seals: &[i64],
+) -> crate::error::SealResult<Result<(), String>> {
+    if crate::pg::citus::is_worker()? {
+        return Ok(forward_seal_counts(key_ids, seals));
+    }
+    crate::keystore::add_encryptions(key_ids.to_vec(), seals.to_vec(), vec![None; seals.len()])
+        .map(Ok)
 }
 
 /// Moves the seal counts that this Citus worker's prepared transactions left in
@@ -337,11 +344,8 @@ fn drain_seal_counts() -> Outcome {
         .unzip();
         let added = if ids.is_empty() {
             Ok(())
-        } else if crate::pg::citus::is_worker()? {
-            forward_seal_counts(&ids, &seals)
         } else {
-            let n = seals.len();
-            crate::keystore::add_encryptions(ids, seals, vec![None; n]).map_err(|e| e.to_string())
+            add_counts_in_transaction(&ids, &seals)?
         };
         // A failure must take the deletes back: an error, so the transaction aborts.
         if let Err(msg) = added {
