@@ -1600,7 +1600,9 @@ $$;
 -- worker's own table would be hidden by the distribution, so it refuses while any
 -- worker has one (or, for members, does not know it is a worker). It also
 -- hands pgseal._two_phase to Citus, which pgseal's ledger needs on a Citus
--- coordinator. Returns what it did.
+-- coordinator, and makes pgseal._ledger_forwarded and pgseal._two_phase_shards,
+-- through which a worker's ledger_append reaches the coordinator. Returns what it
+-- did.
 CREATE OR REPLACE FUNCTION pgseal.citus_distribute() RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -1633,6 +1635,42 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
                    WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._two_phase'::pg_catalog.regclass) THEN
         EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata(''pgseal._two_phase'')';
+    END IF;
+    -- Where a worker's ledger_append goes (pgseal._ledger_forwarded_append() above):
+    -- a Citus local table of the coordinator, made here for the same reason.
+    IF pg_catalog.to_regclass('pgseal._ledger_forwarded') IS NULL THEN
+        CREATE TABLE pgseal._ledger_forwarded (
+            tenant_id text NOT NULL,
+            event     text NOT NULL,
+            payload   jsonb,
+            actor     text NOT NULL,
+            db_role   text NOT NULL,
+            subjects  text[],
+            seq       bigint,
+            hash      text
+        );
+        REVOKE ALL ON pgseal._ledger_forwarded FROM PUBLIC;
+        CREATE TRIGGER ledger_forwarded_append BEFORE INSERT ON pgseal._ledger_forwarded
+            FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_forwarded_append();
+        CREATE TRIGGER ledger_forwarded_done AFTER INSERT ON pgseal._ledger_forwarded
+            FOR EACH ROW EXECUTE FUNCTION pgseal._ledger_forwarded_done();
+        ALTER TABLE pgseal._ledger_forwarded ENABLE ALWAYS TRIGGER ledger_forwarded_append;
+        ALTER TABLE pgseal._ledger_forwarded ENABLE ALWAYS TRIGGER ledger_forwarded_done;
+        ALTER EXTENSION pgseal ADD TABLE pgseal._ledger_forwarded;
+    END IF;
+    EXECUTE pg_catalog.format('ALTER TABLE pgseal._ledger_forwarded OWNER TO %I',
+        (SELECT r.rolname FROM pg_catalog.pg_extension e
+         JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) e.extowner
+         WHERE e.extname OPERATOR(pg_catalog.=) 'pgseal'));
+    IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                   WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._ledger_forwarded'::pg_catalog.regclass) THEN
+        EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata(''pgseal._ledger_forwarded'')';
+    END IF;
+    -- pgseal._two_phase_shards (above), distributed over the workers. Citus
+    -- distributes a table of the extension by finding it on every node.
+    IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
+                   WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._two_phase_shards'::pg_catalog.regclass) THEN
+        EXECUTE 'SELECT pg_catalog.create_distributed_table(''pgseal._two_phase_shards'', ''k'', colocate_with => ''none'')';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
                    WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal.tenant_keys'::pg_catalog.regclass) THEN
@@ -2997,3 +3035,33 @@ CREATE TABLE pgseal._seal_counts_outbox (
     seals  bigint NOT NULL CHECK (seals > 0)
 );
 REVOKE ALL ON pgseal._seal_counts_outbox FROM PUBLIC;
+
+------------------------------------------------------------------------------------
+-- 13. ledger_append through a Citus worker (sql/citus.sql): the table that makes its
+-- transaction commit in two phases, and the triggers of the table that
+-- citus_distribute() makes on the coordinator. On a Citus cluster, run
+-- pgseal.citus_distribute() on the coordinator after the update.
+------------------------------------------------------------------------------------
+-- An empty table that citus_distribute() distributes over the workers: a worker's
+-- first forwarded ledger entry of a transaction (below) deletes nothing from a shard
+-- of it on that worker, so that Citus commits the transaction in two phases and the
+-- entry with it (pgseal::pg::citus::commit_forwarded_entries_in_two_phases). Made
+-- on every node, as the extension's tables are; nothing is ever in it.
+CREATE TABLE pgseal._two_phase_shards (k integer NOT NULL);
+REVOKE ALL ON pgseal._two_phase_shards FROM PUBLIC;
+
+-- ledger_append on a Citus worker (extension/src/ledger/forward.rs): after its
+-- checks, the worker's ledger_append inserts the entry's fields into
+-- pgseal._ledger_forwarded, a Citus local table that citus_distribute() makes on
+-- the coordinator, as pgseal's owner (no role is granted it), and Citus sends the
+-- INSERT there in the worker's distributed transaction. These triggers run on the
+-- coordinator: the first appends the entry to the tenant's chain under the
+-- coordinator's chain lock, on behalf of the worker session's role, and returns its
+-- seq and hash to the INSERT's RETURNING; the second deletes the row, so the table
+-- holds none past the statement.
+CREATE FUNCTION pgseal._ledger_forwarded_append() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'ledger_forwarded_append';
+
+CREATE FUNCTION pgseal._ledger_forwarded_done() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'ledger_forwarded_done';
+REVOKE ALL ON FUNCTION pgseal._ledger_forwarded_append(), pgseal._ledger_forwarded_done() FROM PUBLIC;

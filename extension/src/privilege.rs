@@ -41,7 +41,7 @@ thread_local! {
 /// through the system caches (the pg_extension row has no cache and cost a
 /// catalog scan per transaction). If the table is missing, the current user:
 /// never a more privileged role than the caller's.
-fn extension_owner() -> pg_sys::Oid {
+pub(crate) fn extension_owner() -> pg_sys::Oid {
     if let Some(o) = OWNER.with(|c| c.get()) {
         return o;
     }

@@ -34,6 +34,50 @@ pub fn append_entry(
     )?;
     let tenant = context::tenant()?;
     crate::pg::xact::require_read_write("ledger_append")?;
+    let event = checked_event(event, &tenant)?;
+    let actor = match actor {
+        Some(a) => a.to_owned(),
+        None => super::actor::default_actor(),
+    };
+    crate::limits::check("actor", &actor, crate::limits::ACTOR)?;
+    let subjects = match subjects {
+        Some(s) => checked_subjects(s)?,
+        None => Vec::new(),
+    };
+    // On a Citus worker the entry is appended on the coordinator, which keeps the
+    // chain (`forward`).
+    if crate::pg::citus::present() && crate::pg::citus::is_worker()? {
+        return super::forward::to_coordinator(&tenant, event, payload, &actor, subjects);
+    }
+    append_caller_entry(&tenant, event, payload, &actor, &super::actor::db_role(), subjects)
+}
+
+/// The entry a Citus worker forwarded for `ledger_append` (`forward`), appended
+/// here on behalf of `db_role`, the worker's session role; `ledger_append`'s checks
+/// of the event, actor and subjects are made again.
+pub fn append_forwarded(
+    tenant: &str,
+    event: &str,
+    payload: Option<crate::pg::jsonb::JsonbArg>,
+    actor: &str,
+    db_role: &str,
+    subjects: Option<Vec<Option<String>>>,
+) -> SealResult<(i64, pgseal_core::ledger::Hash)> {
+    crate::master::require_loaded()?;
+    crate::pg::xact::require_read_write("ledger_append")?;
+    let event = checked_event(Some(event), tenant)?;
+    crate::limits::check("event", event, crate::limits::EVENT)?;
+    crate::limits::check("actor", actor, crate::limits::ACTOR)?;
+    let subjects = match subjects {
+        Some(s) => checked_subjects(s)?,
+        None => Vec::new(),
+    };
+    append_caller_entry(tenant, event, payload, actor, db_role, subjects)
+}
+
+/// `ledger_append`'s checks of its event (not NULL, not blank, no control
+/// characters, no name pgseal reserves) and of the chain (not pgseal's own).
+fn checked_event<'a>(event: Option<&'a str>, tenant: &str) -> SealResult<&'a str> {
     let event = event.ok_or(SealError::InvalidArgument("event must not be NULL"))?;
     if !event.is_empty() && (event.trim().is_empty() || event.chars().any(char::is_control)) {
         return Err(SealError::InvalidArgument(
@@ -47,26 +91,28 @@ pub fn append_entry(
             "event names under vault., ledger., key., policy., org., retention., pgseal., subject., tenant., audit. and row. are reserved for pgseal",
         ));
     }
-    if super::names::is_pgseal_chain(&tenant) {
+    if super::names::is_pgseal_chain(tenant) {
         return Err(SealError::Forbidden(
             "the pgseal system chain takes only pgseal's own entries",
         ));
     }
-    let actor = match actor {
-        Some(a) => a.to_owned(),
-        None => super::actor::default_actor(),
-    };
-    crate::limits::check("actor", &actor, crate::limits::ACTOR)?;
-    let subjects = match subjects {
-        Some(s) => checked_subjects(s)?,
-        None => Vec::new(),
-    };
-    let db_role = super::actor::db_role();
+    Ok(event)
+}
+
+/// Appends a caller's entry (checked) with its payload stored as given.
+fn append_caller_entry(
+    tenant: &str,
+    event: &str,
+    payload: Option<crate::pg::jsonb::JsonbArg>,
+    actor: &str,
+    db_role: &str,
+    subjects: Vec<String>,
+) -> SealResult<(i64, pgseal_core::ledger::Hash)> {
     match payload {
-        Some(p) => append_stored(&tenant, event, &actor, &db_role, subjects, move || {
+        Some(p) => append_stored(tenant, event, actor, db_role, subjects, move || {
             p.canonical().map(|c| (c, Some(p.raw)))
         }),
-        None => append_stored(&tenant, event, &actor, &db_role, subjects, || {
+        None => append_stored(tenant, event, actor, db_role, subjects, || {
             Ok(("{}".into(), None))
         }),
     }
@@ -175,15 +221,20 @@ fn append_stored(
         .map_err(|_| SealError::Internal("transaction timestamp out of range"))?;
     if !heads::is_current(tenant) {
         // On Citus the ledger is kept on the coordinator (docs/SCALING.md): a chain
-        // appended to on a worker too would fork. A worker's decrypt audit reaches
-        // the coordinator through its audit writer (`audit_worker::writer`).
+        // appended to on a worker too would fork. `ledger_append` on a worker is
+        // forwarded there (`forward`), a worker's decrypt audit through its audit
+        // writer (`audit_worker::writer`); pgseal's other appends are refused.
         if crate::pg::citus::is_worker()? {
             return Err(SealError::NotSupported(
-                "on Citus, pgseal's ledger is kept on the coordinator: append through the coordinator (this node is a worker)",
+                "on Citus, pgseal's ledger is kept on the coordinator: this entry can be appended through the coordinator only (this node is a worker)",
             ));
         }
-        // The audit writer's own transactions write nothing else.
-        if crate::pg::citus::present() && !crate::audit_worker::is_writer() {
+        // The audit writer's own transactions write nothing else; a worker that
+        // forwards an entry has asked for two-phase commit itself.
+        if crate::pg::citus::present()
+            && !crate::audit_worker::is_writer()
+            && !super::forward::appending_forwarded()
+        {
             crate::pg::citus::commit_remote_writes_in_two_phases()?;
         }
         let (head, row, key) = chain_lock::lock_and_load(tenant)?;

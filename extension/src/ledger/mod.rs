@@ -21,7 +21,8 @@
 //! - `audit`: row triggers and the per-transaction decrypt audit;
 //! - `names`: pgseal's own chains and reserved event names;
 //! - `evidence`: the entries recorded for every change that affects protection;
-//! - `erase`: erasing the payloads of a data subject's entries (issue 19).
+//! - `erase`: erasing the payloads of a data subject's entries (issue 19);
+//! - `forward`: `ledger_append` on a Citus worker, appended on the coordinator.
 //!
 //! Its transaction-end work is `TXN`, registered with `txn`.
 
@@ -35,6 +36,7 @@ mod chain_lock;
 mod checkpoints;
 pub mod erase;
 pub mod evidence;
+mod forward;
 pub(crate) mod guard;
 pub mod heads;
 pub mod mac;

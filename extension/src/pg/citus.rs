@@ -147,24 +147,7 @@ pub fn commit_remote_writes_in_two_phases() -> SealResult<()> {
         /// Whether `pgseal._two_phase` was found in Citus's metadata (it stays there).
         static MANAGED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
-    // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown setting,
-    // else its current value as a string PostgreSQL keeps; IsTransactionBlock reads
-    // the transaction state.
-    let unblocked = unsafe {
-        let v = pg_sys::GetConfigOption(
-            c"citus.function_opens_transaction_block".as_ptr(),
-            true,
-            false,
-        );
-        !v.is_null()
-            && std::ffi::CStr::from_ptr(v).to_bytes() == b"off"
-            && !pg_sys::IsTransactionBlock()
-    };
-    if unblocked {
-        return Err(crate::error::SealError::NotSupported(
-            "with citus.function_opens_transaction_block off, pgseal writes its ledger only inside a transaction block (BEGIN … COMMIT): a function's writes on the workers would commit before its ledger entry",
-        ));
-    }
+    require_function_transaction_block()?;
     let caller = caller_parsing()?;
     as_owner(|| {
         if !MANAGED.with(|m| m.get()) {
@@ -185,7 +168,102 @@ pub fn commit_remote_writes_in_two_phases() -> SealResult<()> {
     })
 }
 
+/// Refuses (0A000) a ledger write outside a transaction block when the caller
+/// turned `citus.function_opens_transaction_block` off: a function's writes on
+/// other nodes then commit at once, each on its own, and could not commit together
+/// with the ledger entry.
+pub fn require_function_transaction_block() -> SealResult<()> {
+    // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown setting,
+    // else its current value as a string PostgreSQL keeps; IsTransactionBlock reads
+    // the transaction state.
+    let unblocked = unsafe {
+        let v = pg_sys::GetConfigOption(
+            c"citus.function_opens_transaction_block".as_ptr(),
+            true,
+            false,
+        );
+        !v.is_null()
+            && std::ffi::CStr::from_ptr(v).to_bytes() == b"off"
+            && !pg_sys::IsTransactionBlock()
+    };
+    if unblocked {
+        return Err(crate::error::SealError::NotSupported(
+            "with citus.function_opens_transaction_block off, pgseal writes its ledger only inside a transaction block (BEGIN … COMMIT): a function's writes on the workers would commit before its ledger entry",
+        ));
+    }
+    Ok(())
+}
+
+/// Makes Citus commit a worker's distributed transaction in two phases, so that a
+/// ledger entry it forwarded to the coordinator (`ledger::forward`) commits after
+/// this node's own commit, or rolls back with it.
+///
+/// Citus decides that from the writes it planned: it uses two-phase commit once a
+/// transaction modifies a Citus table through its local execution on this node, or
+/// modifies over a second connection (to another node, or to this node itself with
+/// local execution turned off), but not for one modifying statement over one
+/// connection, which the forwarded entry alone is: Citus would commit the entry at
+/// this node's pre-commit, before this node's own writes (tables Citus does not
+/// manage) commit, which can still fail. So after the entry has been sent, the
+/// first forwarded append of a transaction deletes nothing from
+/// `pgseal._two_phase_shards`, a table distributed over the workers that
+/// `citus_distribute()` makes, by a key whose shard is placed on this node when one
+/// is (else on another worker): Citus runs it through its local execution, or over a
+/// second connection, and either turns two-phase commit on. Runs as the owner with
+/// the remote parsing pinned, as every owner statement Citus may send.
+pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
+    if TWO_PHASE_ASKED.with(|a| a.get()) {
+        return Ok(());
+    }
+    thread_local! {
+        /// A key of `_two_phase_shards` on a worker, this node's when it has one,
+        /// and the shard it is in (placements move only with a rebalance).
+        static KEY: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+    }
+    let caller = caller_parsing()?;
+    as_owner(|| {
+        let key = match KEY.with(|k| k.get()) {
+            Some(k) => k,
+            None => {
+                let k = crate::pg::plans::select_first(
+                    "SELECT g.k FROM ( \
+                        SELECT s.shardminvalue::pg_catalog.int4 AS lo, s.shardmaxvalue::pg_catalog.int4 AS hi, \
+                               p.groupid OPERATOR(pg_catalog.=) (SELECT l.groupid FROM pg_catalog.pg_dist_local_group l) AS here \
+                          FROM pg_catalog.pg_dist_shard s \
+                          JOIN pg_catalog.pg_dist_placement p ON p.shardid OPERATOR(pg_catalog.=) s.shardid \
+                         WHERE s.logicalrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('pgseal._two_phase_shards') \
+                           AND p.groupid OPERATOR(pg_catalog.<>) 0 \
+                         ORDER BY 3 DESC, s.shardid LIMIT 1) r, \
+                     LATERAL (SELECT k FROM pg_catalog.generate_series(0, 10000000) k \
+                               WHERE pg_catalog.worker_hash(k) OPERATOR(pg_catalog.>=) r.lo \
+                                 AND pg_catalog.worker_hash(k) OPERATOR(pg_catalog.<=) r.hi LIMIT 1) g",
+                    &[],
+                    &[],
+                    |r| Ok(r.get::<i32>(1)?),
+                )?
+                .flatten()
+                .ok_or(crate::error::SealError::Refused(
+                    "pgseal._two_phase_shards has no shard on a worker: run pgseal.citus_distribute() on the coordinator after adding the workers",
+                ))?;
+                KEY.with(|c| c.set(Some(k)));
+                k
+            }
+        };
+        with_remote_parsing_pinned(caller.as_ref(), || {
+            crate::pg::plans::run(
+                "DELETE FROM pgseal._two_phase_shards WHERE k OPERATOR(pg_catalog.=) $1",
+                &[crate::pg::plans::INT4],
+                &[key.into()],
+            )
+        })
+    })?;
+    TWO_PHASE_ASKED.with(|a| a.set(true));
+    Ok(())
+}
+
 thread_local! {
+    /// Whether `commit_forwarded_entries_in_two_phases` ran in this transaction.
+    static TWO_PHASE_ASKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// `is_worker`'s answer in the running transaction.
     static WORKER: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// `local_placement`'s answers in the running transaction, by table.
@@ -235,6 +313,7 @@ pub fn local_placement(table: &'static str) -> SealResult<Option<String>> {
 pub const TXN: Participant = Participant {
     end: Some(|_| {
         WORKER.with(|w| w.set(None));
+        TWO_PHASE_ASKED.with(|a| a.set(false));
         PLACEMENTS.with(|m| m.borrow_mut().clear());
         REPLAYED.with(|r| r.borrow_mut().clear());
         PINNING.with(|p| p.set(false));
