@@ -49,7 +49,14 @@ pub fn append_entry(
     if crate::pg::citus::present() && crate::pg::citus::is_worker()? {
         return super::forward::to_coordinator(&tenant, event, payload, &actor, subjects);
     }
-    append_caller_entry(&tenant, event, payload, &actor, &super::actor::db_role(), subjects)
+    append_caller_entry(
+        &tenant,
+        event,
+        payload,
+        &actor,
+        &super::actor::db_role(),
+        subjects,
+    )
 }
 
 /// The entry a Citus worker forwarded for `ledger_append` (`forward`), appended

@@ -52,30 +52,32 @@ pub fn to_coordinator(
     super::mac::for_append(tenant)?;
     let db_role = super::actor::db_role();
     let caller = crate::pg::citus::caller_parsing()?;
-    let forward = || crate::privilege::as_owner(|| {
-        crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), || {
-            plans::select_first(
-                FORWARD,
-                &[
-                    plans::TEXT,
-                    plans::TEXT,
-                    plans::JSONB,
-                    plans::TEXT,
-                    plans::TEXT,
-                    plans::TEXT_ARRAY,
-                ],
-                &[
-                    tenant.into(),
-                    event.into(),
-                    payload.into(),
-                    actor.into(),
-                    db_role.as_str().into(),
-                    subjects.into(),
-                ],
-                |r| Ok((r.get::<i64>(1)?, r.get::<String>(2)?)),
-            )
+    let forward = || {
+        crate::privilege::as_owner(|| {
+            crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), || {
+                plans::select_first(
+                    FORWARD,
+                    &[
+                        plans::TEXT,
+                        plans::TEXT,
+                        plans::JSONB,
+                        plans::TEXT,
+                        plans::TEXT,
+                        plans::TEXT_ARRAY,
+                    ],
+                    &[
+                        tenant.into(),
+                        event.into(),
+                        payload.into(),
+                        actor.into(),
+                        db_role.as_str().into(),
+                        subjects.into(),
+                    ],
+                    |r| Ok((r.get::<i64>(1)?, r.get::<String>(2)?)),
+                )
+            })
         })
-    });
+    };
     // Inside a statement Citus runs on a shard (a query pushed to this node that
     // calls ledger_append per row) Citus refuses the INSERT as a nested distributed
     // query, with an internal error; it is told as what it is.
@@ -209,8 +211,10 @@ pub unsafe extern "C-unwind" fn ledger_forwarded_append(
         // A worker's own copy of the table (Citus keeps a shell of it there) is never
         // where an entry is appended: forwarding from here would start over.
         if crate::pg::citus::is_worker().or_raise() {
-            SealError::NotSupported("pgseal._ledger_forwarded takes entries on the coordinator only")
-                .raise()
+            SealError::NotSupported(
+                "pgseal._ledger_forwarded takes entries on the coordinator only",
+            )
+            .raise()
         }
         // The row's role and tenant are taken as they are: only pgseal's code,
         // as the extension owner, inserts (no role is granted INSERT), or a superuser.
@@ -220,7 +224,12 @@ pub unsafe extern "C-unwind" fn ledger_forwarded_append(
         }
         let mut values = [pg_sys::Datum::from(0usize); COLUMNS.len()];
         let mut nulls = [true; COLUMNS.len()];
-        pg_sys::heap_deform_tuple(td.tg_trigtuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::heap_deform_tuple(
+            td.tg_trigtuple,
+            desc,
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        );
         let text = |i: usize| -> Option<String> { String::from_datum(values[i], nulls[i]) };
         let (Some(tenant), Some(event), Some(actor), Some(db_role)) =
             (text(0), text(1), text(3), text(4))
@@ -281,8 +290,10 @@ pub unsafe extern "C-unwind" fn ledger_forwarded_done(
     unsafe {
         let ctx = (*fcinfo).context;
         if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
-            SealError::TriggerProtocol("pgseal._ledger_forwarded_done() must be called as a trigger")
-                .raise()
+            SealError::TriggerProtocol(
+                "pgseal._ledger_forwarded_done() must be called as a trigger",
+            )
+            .raise()
         }
         let td = &*ctx.cast::<pg_sys::TriggerData>();
         let ev = td.tg_event;
