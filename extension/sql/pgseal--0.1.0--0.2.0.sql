@@ -1639,8 +1639,11 @@ BEGIN
     -- Where a worker's ledger_append goes (pgseal._ledger_forwarded_append() above):
     -- a Citus local table of the coordinator, made here for the same reason.
     IF pg_catalog.to_regclass('pgseal._ledger_forwarded') IS NULL THEN
+        -- The tenant's column is not named as a tenant table's would be: the
+        -- isolation report reads no table of pgseal's as an application's, and
+        -- Citus's shell of it is not a member of the extension.
         CREATE TABLE pgseal._ledger_forwarded (
-            tenant_id text NOT NULL,
+            chain     text NOT NULL,
             event     text NOT NULL,
             payload   jsonb,
             actor     text NOT NULL,

@@ -2522,14 +2522,14 @@ fn a_workers_ledger_append_is_appended_on_the_coordinator() {
         let mut tx = a.transaction().unwrap();
         tx.execute("SELECT pgseal.set_tenant('f0')", &[]).unwrap();
         let r = tx.execute(
-            "INSERT INTO pgseal._ledger_forwarded (tenant_id, event, actor, db_role) \
+            "INSERT INTO pgseal._ledger_forwarded (chain, event, actor, db_role) \
              VALUES ('f0', 'order.forged', 'mallory', 'postgres')",
             &[],
         );
         assert_eq!(sqlstate(r), "42501", "through {}", n.port);
     }
     c.batch_execute(
-        "CREATE TABLE evil (tenant_id text, event text, payload jsonb, actor text, db_role text, \
+        "CREATE TABLE evil (chain text, event text, payload jsonb, actor text, db_role text, \
                             subjects text[], seq bigint, hash text);
          GRANT ALL ON evil TO app; GRANT CREATE ON SCHEMA public TO app;",
     )

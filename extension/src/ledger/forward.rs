@@ -27,7 +27,7 @@ use crate::pg::jsonb::JsonbArg;
 use crate::pg::plans;
 
 const FORWARD: &str = "INSERT INTO pgseal._ledger_forwarded \
-       (tenant_id, event, payload, actor, db_role, subjects) \
+       (chain, event, payload, actor, db_role, subjects) \
      VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq, hash";
 
 /// Appends through the coordinator (this node is a Citus worker). The caller's
@@ -133,7 +133,7 @@ fn require_forwarding_table() -> SealResult<()> {
 
 /// `pgseal._ledger_forwarded`'s columns, in order, with their types.
 const COLUMNS: [pg_sys::Oid; 8] = [
-    pg_sys::TEXTOID,      // tenant_id
+    pg_sys::TEXTOID,      // chain (the tenant)
     pg_sys::TEXTOID,      // event
     pg_sys::JSONBOID,     // payload
     pg_sys::TEXTOID,      // actor
@@ -159,10 +159,11 @@ crate::pg::v1_finfo!(pg_finfo_ledger_forwarded_append);
 
 /// `pgseal._ledger_forwarded_append()`: the BEFORE ROW INSERT trigger of
 /// `pgseal._ledger_forwarded` (on the coordinator, its placement). Appends the entry
-/// the row carries as `ledger_append` would for the role the row was inserted as,
-/// with `ledger_append`'s checks, to the chain of the tenant context, which must be
-/// the row's `tenant_id` (42501 otherwise), and returns the row with the entry's seq
-/// and hash for the INSERT's `RETURNING`. Refuses any other use.
+/// the row carries (`append::append_forwarded`: `ledger_append`'s checks of its
+/// event, actor and subjects, made again) to the row's chain, on behalf of the
+/// row's `db_role`, and returns the row with the entry's seq and hash for the
+/// INSERT's `RETURNING`. Only pgseal's owner (the worker's `to_coordinator`) or a
+/// superuser inserts such a row; refuses any other use.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn ledger_forwarded_append(
