@@ -2445,7 +2445,10 @@ fn a_workers_ledger_append_is_appended_on_the_coordinator() {
         // manage) that another session then wrote, and wrote into the range that
         // session read (write skew), and the other committed first. PostgreSQL
         // finds it after Citus's pre-commit, where Citus commits what it does not
-        // commit in two phases.
+        // commit in two phases. A new tenant's: its ledger key, made in that
+        // transaction, goes too, and the coordinator's session that held it must
+        // not sign the next entry with it.
+        let tn = format!("{t}-new");
         w.connect()
             .batch_execute(&format!(
                 "CREATE TABLE skew_{k} (n int); GRANT SELECT, INSERT ON skew_{k} TO app"
@@ -2454,7 +2457,7 @@ fn a_workers_ledger_append_is_appended_on_the_coordinator() {
         let mut a2 = app(w);
         let mut t1 = a.transaction().unwrap();
         t1.batch_execute(&format!(
-            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SELECT pgseal.set_tenant('{t}')"
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; SELECT pgseal.set_tenant('{tn}')"
         ))
         .unwrap();
         t1.query(&format!("SELECT count(*) FROM skew_{k} WHERE n > 100"), &[])
@@ -2473,6 +2476,23 @@ fn a_workers_ledger_append_is_appended_on_the_coordinator() {
             pgseal_tests::count(&mut w.connect(), &format!("SELECT count(*) FROM skew_{k}")),
             1
         );
+        let mut tx = a.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tn]).unwrap();
+        let seq: i64 = tx
+            .query_one("SELECT seq FROM pgseal.ledger_append('order.retried')", &[])
+            .unwrap()
+            .get(0);
+        tx.commit().unwrap();
+        assert_eq!(seq, 1);
+        assert_eq!(
+            events_of(&mut c, &tn),
+            vec![(1, "order.retried".to_owned())]
+        );
+        let ok: bool = c
+            .query_one("SELECT ok FROM pgseal.ledger_verify($1)", &[&tn])
+            .unwrap()
+            .get(0);
+        assert!(ok, "{tn}: signed with the rolled-back key");
         let want: Vec<(i64, String)> = ["order.created", "order.kept", "order.after"]
             .iter()
             .enumerate()

@@ -829,7 +829,8 @@ fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
 /// Each way a chain's head moves, other than a plain append, followed by another
 /// session's append, which takes the head the last committer published
 /// (`ledger::shared_heads`) unless that head was removed: the append must land
-/// right after the last entry, and the chain must verify.
+/// right after the last entry, and the chain must verify. A prepared transaction
+/// rolled back takes the ledger key it made with it, from its session's cache too.
 #[test]
 fn published_heads_follow_aborts_prepares_restores_and_truncates() {
     let cl = Cluster::start(
@@ -893,6 +894,18 @@ fn published_heads_follow_aborts_prepares_restores_and_truncates() {
     other.batch_execute("COMMIT PREPARED 'p'").unwrap();
     assert_eq!(append(&mut c, "prep"), 3);
     assert_eq!(verified(&mut other, "prep"), (true, 3, None));
+
+    // A prepared transaction that made a new tenant's ledger key, rolled back: the
+    // key is gone, and the session that prepared it signs its next entry with the
+    // key made then, not with the one it held.
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'unprep'; SELECT pgseal.ledger_append('p'); \
+         PREPARE TRANSACTION 'u'",
+    )
+    .unwrap();
+    other.batch_execute("ROLLBACK PREPARED 'u'").unwrap();
+    assert_eq!(append(&mut c, "unprep"), 1);
+    assert_eq!(verified(&mut other, "unprep"), (true, 1, None));
 
     // A restore writes entries past the head last published. Set up: entries 4
     // and 5 saved and cut; a REPEATABLE READ append (which reads the table) then

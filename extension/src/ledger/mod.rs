@@ -99,7 +99,8 @@ fn write_pending(_preparing: bool) -> crate::error::SealResult<()> {
 }
 
 /// Transaction end: hands the decrypt audit's unrecorded counts on, keeps the MAC
-/// keys a committed transaction used, and forgets every head and pending entry.
+/// keys a committed (not a prepared) transaction used, and forgets every head and
+/// pending entry.
 fn transaction_ended(how: End) {
     audit::transaction_ended(match how {
         End::Committed => "committed",
@@ -107,7 +108,10 @@ fn transaction_ended(how: End) {
         End::Aborted => "rolled back",
     });
     actor::forget();
-    mac::transaction_ended(how != End::Aborted);
+    // A prepared transaction may still be rolled back (ROLLBACK PREPARED, or Citus
+    // rolling back a worker's forwarded entry), taking a key it made with it: its
+    // keys are read again by the next transaction that needs them.
+    mac::transaction_ended(how == End::Committed);
     crate::pg::head_read::forget_relids();
     guard::reset();
     heads::transaction_ended(how == End::Committed, how == End::Prepared);

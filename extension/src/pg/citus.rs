@@ -216,36 +216,53 @@ pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
         return Ok(());
     }
     thread_local! {
-        /// A key of `_two_phase_shards` on a worker, this node's when it has one,
-        /// and the shard it is in (placements move only with a rebalance).
-        static KEY: std::cell::Cell<Option<i32>> = const { std::cell::Cell::new(None) };
+        /// A shard of `_two_phase_shards` on a worker, this node's when it has one,
+        /// and a key in it; checked each transaction (a rebalance moves shards,
+        /// maybe to the coordinator, where the DELETE would ride the connection the
+        /// entry went over and turn nothing on).
+        static KEY: std::cell::Cell<Option<(i64, i32)>> = const { std::cell::Cell::new(None) };
     }
     let caller = caller_parsing()?;
     as_owner(|| {
-        let key = match KEY.with(|k| k.get()) {
+        let cached = match KEY.with(|k| k.get()) {
+            Some((shard, key)) => crate::pg::plans::select_first(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_placement p \
+                   JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) p.groupid \
+                  WHERE p.shardid OPERATOR(pg_catalog.=) $1 AND p.groupid OPERATOR(pg_catalog.<>) 0 \
+                    AND p.shardstate OPERATOR(pg_catalog.=) 1 AND n.isactive)",
+                &[crate::pg::plans::INT8],
+                &[shard.into()],
+                |r| Ok(r.get::<bool>(1)?.unwrap_or(false)),
+            )?
+            .unwrap_or(false)
+            .then_some(key),
+            None => None,
+        };
+        let key = match cached {
             Some(k) => k,
             None => {
-                let k = crate::pg::plans::select_first(
-                    "SELECT g.k FROM ( \
-                        SELECT s.shardminvalue::pg_catalog.int4 AS lo, s.shardmaxvalue::pg_catalog.int4 AS hi, \
+                let (shard, k) = crate::pg::plans::select_first(
+                    "SELECT r.shardid, g.k FROM ( \
+                        SELECT s.shardid, s.shardminvalue::pg_catalog.int4 AS lo, s.shardmaxvalue::pg_catalog.int4 AS hi, \
                                p.groupid OPERATOR(pg_catalog.=) (SELECT l.groupid FROM pg_catalog.pg_dist_local_group l) AS here \
                           FROM pg_catalog.pg_dist_shard s \
                           JOIN pg_catalog.pg_dist_placement p ON p.shardid OPERATOR(pg_catalog.=) s.shardid \
+                          JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) p.groupid \
                          WHERE s.logicalrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('pgseal._two_phase_shards') \
-                           AND p.groupid OPERATOR(pg_catalog.<>) 0 \
-                         ORDER BY 3 DESC, s.shardid LIMIT 1) r, \
+                           AND p.groupid OPERATOR(pg_catalog.<>) 0 AND p.shardstate OPERATOR(pg_catalog.=) 1 AND n.isactive \
+                         ORDER BY 4 DESC, s.shardid LIMIT 1) r, \
                      LATERAL (SELECT k FROM pg_catalog.generate_series(0, 10000000) k \
                                WHERE pg_catalog.worker_hash(k) OPERATOR(pg_catalog.>=) r.lo \
                                  AND pg_catalog.worker_hash(k) OPERATOR(pg_catalog.<=) r.hi LIMIT 1) g",
                     &[],
                     &[],
-                    |r| Ok(r.get::<i32>(1)?),
+                    |r| Ok(r.get::<i64>(1)?.zip(r.get::<i32>(2)?)),
                 )?
                 .flatten()
                 .ok_or(crate::error::SealError::Refused(
-                    "pgseal._two_phase_shards has no shard on a worker: run pgseal.citus_distribute() on the coordinator after adding the workers",
+                    "pgseal._two_phase_shards has no shard on an active worker: run pgseal.citus_distribute() on the coordinator after adding the workers, and keep its shards off the coordinator",
                 ))?;
-                KEY.with(|c| c.set(Some(k)));
+                KEY.with(|c| c.set(Some((shard, k))));
                 k
             }
         };
