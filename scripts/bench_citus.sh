@@ -21,6 +21,8 @@
 #      into a table distributed by tenant (on the one node, a plain table) and its
 #      entry, one transaction; through the coordinator Citus commits it in two
 #      phases (the order on a worker, the entry on the coordinator)  target: ≤ 3×
+#   5, 6. rows 3 and 4 sent to the workers, 8 clients on each (a worker's
+#      ledger_append is appended on the coordinator, in two phases)      reported
 set -euo pipefail
 CITUS_SECS=${PGSEAL_BENCH_SECONDS:-10}
 if [ "$PGSEAL_PG" -lt 16 ]; then
@@ -150,20 +152,34 @@ tps16() {
     "$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench" -n -h 127.0.0.1 -p "$1" -U postgres -M prepared -c 16 -j 2 -T "$2" \
         -f "$3" postgres 2>/dev/null | sed -n 's/^tps = \([0-9.]*\) .*/\1/p'
 }
+# Rows 5 and 6: the same through the workers, 8 clients on each at once (a
+# worker's ledger_append is appended on the coordinator, in the worker's
+# transaction, committed in two phases); the sum of both runs' tps.
+tps16_workers() {
+    local bin
+    bin="$(bash "$ROOT/scripts/pg.sh" bindir)/pgbench"
+    "$bin" -n -h 127.0.0.1 -p "${CPORTS[1]}" -U postgres -M prepared -c 8 -j 1 -T "$1" -f "$2" postgres > "$CW/w1.out" 2>/dev/null &
+    "$bin" -n -h 127.0.0.1 -p "${CPORTS[2]}" -U postgres -M prepared -c 8 -j 1 -T "$1" -f "$2" postgres > "$CW/w2.out" 2>/dev/null
+    wait
+    sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$CW/w1.out" "$CW/w2.out" | awk '{ s += $1 } END { print s + 0 }'
+}
 one_app=$(tps16 "$PORT" "$CITUS_SECS" "$CW/append.sql")
 co_app=$(tps16 "${CPORTS[0]}" "$CITUS_SECS" "$CW/append.sql")
+wk_app=$(tps16_workers "$CITUS_SECS" "$CW/append.sql")
 one_ord=$(tps16 "$PORT" "$CITUS_SECS" "$CW/order.sql")
 co_ord=$(tps16 "${CPORTS[0]}" "$CITUS_SECS" "$CW/order.sql")
+wk_ord=$(tps16_workers "$CITUS_SECS" "$CW/order.sql")
 for p in "$PORT" "${CPORTS[0]}"; do
     bad=$(cpsql "$p" -c "SELECT count(*) FROM (SELECT DISTINCT tenant_id FROM pgseal.ledger) t, pgseal.ledger_verify(t.tenant_id) v WHERE NOT v.ok" 2>/dev/null || echo "?")
     [ "$bad" = 0 ] || { echo "a chain fails verification after the append rows (port $p): $bad" >&2; exit 1; }
 done
 
 python3 - "$N" "$one_ms" "$one_floor" "$co_ms" "$co_floor" "$one_txn" "$co_txn" "$wk_txn" \
-    "$one_app" "$co_app" "$one_ord" "$co_ord" <<'PY'
+    "$one_app" "$co_app" "$one_ord" "$co_ord" "$wk_app" "$wk_ord" <<'PY'
 import sys
 n = int(sys.argv[1])
-one_ms, one_floor, co_ms, co_floor, one_txn, co_txn, wk_txn, one_app, co_app, one_ord, co_ord = map(float, sys.argv[2:])
+(one_ms, one_floor, co_ms, co_floor, one_txn, co_txn, wk_txn, one_app, co_app, one_ord, co_ord,
+ wk_app, wk_ord) = map(float, sys.argv[2:])
 ok = lambda met: "PASS" if met else "MISS"
 one_us = one_ms * 1000.0 / n
 co_us = co_ms * 1000.0 / n
@@ -185,4 +201,10 @@ print("| an order row and its ledger entry, 1,000 tenants × 16 clients (txn/s; 
       % (co_ord, one_ord, r4, ok(r4 <= 3.0)))
 print("(per transaction at 16 clients: an append costs %.3f ms more through the coordinator, an order with its entry %.3f ms more)"
       % (16e3 / co_app - 16e3 / one_app, 16e3 / co_ord - 16e3 / one_ord))
+r5 = one_app / wk_app if wk_app else float("inf")
+print("| ledger appends through the workers, 8 clients on each (txn/s; appended on the coordinator, two-phase commit) | %.0f | %.0f | %.2f× | reported |"
+      % (wk_app, one_app, r5))
+r6 = one_ord / wk_ord if wk_ord else float("inf")
+print("| an order row and its ledger entry through the workers, 8 clients on each (txn/s) | %.0f | %.0f | %.2f× | reported |"
+      % (wk_ord, one_ord, r6))
 PY
