@@ -219,7 +219,10 @@ pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
         /// A shard of `_two_phase_shards` on a worker, this node's when it has one,
         /// and a key in it; checked each transaction (a rebalance moves shards,
         /// maybe to the coordinator, where the DELETE would ride the connection the
-        /// entry went over and turn nothing on).
+        /// entry went over and turn nothing on). The key is the first integer
+        /// whose hash falls in the shard's range, found with the series in the
+        /// select list, which stops at the first match (in FROM it would be built
+        /// whole first: half a second).
         static KEY: std::cell::Cell<Option<(i64, i32)>> = const { std::cell::Cell::new(None) };
     }
     let caller = caller_parsing()?;
@@ -251,9 +254,9 @@ pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
                          WHERE s.logicalrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('pgseal._two_phase_shards') \
                            AND p.groupid OPERATOR(pg_catalog.<>) 0 AND p.shardstate OPERATOR(pg_catalog.=) 1 AND n.isactive \
                          ORDER BY 4 DESC, s.shardid LIMIT 1) r, \
-                     LATERAL (SELECT k FROM pg_catalog.generate_series(0, 10000000) k \
-                               WHERE pg_catalog.worker_hash(k) OPERATOR(pg_catalog.>=) r.lo \
-                                 AND pg_catalog.worker_hash(k) OPERATOR(pg_catalog.<=) r.hi LIMIT 1) g",
+                     LATERAL (SELECT s.k FROM (SELECT pg_catalog.generate_series(0, 10000000) AS k) s \
+                               WHERE pg_catalog.worker_hash(s.k) OPERATOR(pg_catalog.>=) r.lo \
+                                 AND pg_catalog.worker_hash(s.k) OPERATOR(pg_catalog.<=) r.hi LIMIT 1) g",
                     &[],
                     &[],
                     |r| Ok(r.get::<i64>(1)?.zip(r.get::<i32>(2)?)),
