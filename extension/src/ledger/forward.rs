@@ -75,6 +75,10 @@ pub fn to_coordinator(
                     ],
                     |r| Ok((r.get::<i64>(1)?, r.get::<String>(2)?)),
                 )
+                .and_then(|row| {
+                    crate::pg::citus::commit_forwarded_entries_in_two_phases()?;
+                    Ok(row)
+                })
             })
         })
     };
@@ -93,7 +97,6 @@ pub fn to_coordinator(
             e => e.rethrow(),
         })
         .execute()?;
-    crate::pg::citus::commit_forwarded_entries_in_two_phases()?;
     let (Some(seq), Some(hash)) = row.unwrap_or((None, None)) else {
         return Err(SealError::Internal(
             "the coordinator did not append the forwarded ledger entry",

@@ -209,8 +209,10 @@ pub fn require_function_transaction_block() -> SealResult<()> {
 /// `pgseal._two_phase_shards`, a table distributed over the workers that
 /// `citus_distribute()` makes, by a key whose shard is placed on this node when one
 /// is (else on another worker): Citus runs it through its local execution, or over a
-/// second connection, and either turns two-phase commit on. Runs as the owner with
-/// the remote parsing pinned, as every owner statement Citus may send.
+/// second connection, and either turns two-phase commit on. The caller runs it as
+/// the owner with the remote parsing pinned (`with_remote_parsing_pinned`), as every
+/// owner statement Citus may send: in the same scope as the forwarded INSERT, so
+/// that the settings are sent once.
 pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
     if TWO_PHASE_ASKED.with(|a| a.get()) {
         return Ok(());
@@ -225,8 +227,7 @@ pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
         /// whole first: half a second).
         static KEY: std::cell::Cell<Option<(i64, i32)>> = const { std::cell::Cell::new(None) };
     }
-    let caller = caller_parsing()?;
-    as_owner(|| {
+    {
         let cached = match KEY.with(|k| k.get()) {
             Some((shard, key)) => crate::pg::plans::select_first(
                 "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_placement p \
@@ -269,14 +270,12 @@ pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
                 k
             }
         };
-        with_remote_parsing_pinned(caller.as_ref(), || {
-            crate::pg::plans::run(
-                "DELETE FROM pgseal._two_phase_shards WHERE k OPERATOR(pg_catalog.=) $1",
-                &[crate::pg::plans::INT4],
-                &[key.into()],
-            )
-        })
-    })?;
+        crate::pg::plans::run(
+            "DELETE FROM pgseal._two_phase_shards WHERE k OPERATOR(pg_catalog.=) $1",
+            &[crate::pg::plans::INT4],
+            &[key.into()],
+        )?;
+    }
     TWO_PHASE_ASKED.with(|a| a.set(true));
     Ok(())
 }
