@@ -206,7 +206,10 @@ fn transaction_ended(how: End) {
     let writes = keystore::take_writes();
     match how {
         End::Committed | End::Prepared if writes.invalidates => bump_epoch(),
-        End::Aborted if writes.any => forget_all(),
+        // A prepared transaction may still be rolled back (ROLLBACK PREPARED, from
+        // any session), taking the keys it made with it: this session must not seal
+        // with them afterwards.
+        End::Aborted | End::Prepared if writes.any => forget_all(),
         _ => {}
     }
     // Keys that Citus replicates change through other nodes, which cannot bump this

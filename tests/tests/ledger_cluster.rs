@@ -830,7 +830,8 @@ fn checkpoints_sign_only_verified_chains_and_extend_each_other() {
 /// session's append, which takes the head the last committer published
 /// (`ledger::shared_heads`) unless that head was removed: the append must land
 /// right after the last entry, and the chain must verify. A prepared transaction
-/// rolled back takes the ledger key it made with it, from its session's cache too.
+/// rolled back takes the keys it made (ledger and data keys) with it, from its
+/// session's caches too.
 #[test]
 fn published_heads_follow_aborts_prepares_restores_and_truncates() {
     let cl = Cluster::start(
@@ -906,6 +907,27 @@ fn published_heads_follow_aborts_prepares_restores_and_truncates() {
     other.batch_execute("ROLLBACK PREPARED 'u'").unwrap();
     assert_eq!(append(&mut c, "unprep"), 1);
     assert_eq!(verified(&mut other, "unprep"), (true, 1, None));
+    // So does a data key: the session's next seal is one another session opens.
+    c.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'unprep'; SELECT pgseal.vault_seal('first', 'ctx'); \
+         PREPARE TRANSACTION 'v'",
+    )
+    .unwrap();
+    other.batch_execute("ROLLBACK PREPARED 'v'").unwrap();
+    c.execute("SELECT set_config('app.tenant_id', 'unprep', false)", &[])
+        .unwrap();
+    let sealed: String = c
+        .query_one("SELECT pgseal.vault_seal('second', 'ctx')", &[])
+        .unwrap()
+        .get(0);
+    other
+        .execute("SELECT set_config('app.tenant_id', 'unprep', false)", &[])
+        .unwrap();
+    let opened: String = other
+        .query_one("SELECT pgseal.vault_decrypt($1, 'ctx')", &[&sealed])
+        .unwrap()
+        .get(0);
+    assert_eq!(opened, "second");
 
     // A restore writes entries past the head last published. Set up: entries 4
     // and 5 saved and cut; a REPEATABLE READ append (which reads the table) then

@@ -26,6 +26,8 @@ use crate::error::{SealError, SealResult};
 use crate::pg::jsonb::JsonbArg;
 use crate::pg::plans;
 
+const NESTED: &str = "on a Citus worker, ledger_append cannot run inside a query that Citus runs on a shard: its entry is appended on the coordinator; call it in a statement of its own";
+
 const FORWARD: &str = "INSERT INTO pgseal._ledger_forwarded \
        (chain, event, payload, actor, db_role, subjects) \
      VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq, hash";
@@ -48,6 +50,14 @@ pub fn to_coordinator(
     subjects: Vec<String>,
 ) -> SealResult<(i64, Hash)> {
     crate::pg::citus::require_function_transaction_block()?;
+    // A session Citus opened for another node's statement (a query pushed to this
+    // node that calls ledger_append) would send the entry over a connection of its
+    // own, which that node's two-phase commit never prepares nor commits. Citus
+    // refuses such nested statements unless `citus.allow_nested_distributed_execution`
+    // is on, which any role may set.
+    if crate::pg::citus::in_citus_internal_session() {
+        return Err(SealError::NotSupported(NESTED));
+    }
     require_forwarding_table()?;
     super::mac::for_append(tenant)?;
     let db_role = super::actor::db_role();
@@ -88,11 +98,10 @@ pub fn to_coordinator(
     let row = pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(forward))
         .catch_when(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, |e| match e {
             pgrx::pg_sys::panic::CaughtError::PostgresError(ref r)
-                if r.message().starts_with("cannot execute a distributed query from a query on a shard") =>
+                if r.message()
+                    .starts_with("cannot execute a distributed query from a query on a shard") =>
             {
-                Err(SealError::NotSupported(
-                    "on a Citus worker, ledger_append cannot run inside a query that Citus runs on a shard: its entry is appended on the coordinator; call it in a statement of its own",
-                ))
+                Err(SealError::NotSupported(NESTED))
             }
             e => e.rethrow(),
         })

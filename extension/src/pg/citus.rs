@@ -194,6 +194,22 @@ pub fn require_function_transaction_block() -> SealResult<()> {
     Ok(())
 }
 
+/// Whether this session is one Citus opened to run another node's statements here:
+/// Citus names such sessions `citus_internal gpid=…` in `application_name` and tells
+/// them apart by that name itself. A client may take the name too, which only
+/// refuses it what such sessions are refused.
+pub fn in_citus_internal_session() -> bool {
+    // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown setting,
+    // else its current value as a string PostgreSQL keeps; it is read at once.
+    unsafe {
+        let v = pg_sys::GetConfigOption(c"application_name".as_ptr(), true, false);
+        !v.is_null()
+            && std::ffi::CStr::from_ptr(v)
+                .to_bytes()
+                .starts_with(b"citus_internal")
+    }
+}
+
 /// Makes Citus commit a worker's distributed transaction in two phases, so that a
 /// ledger entry it forwarded to the coordinator (`ledger::forward`) commits after
 /// this node's own commit, or rolls back with it.
@@ -229,17 +245,7 @@ pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
     }
     {
         let cached = match KEY.with(|k| k.get()) {
-            Some((shard, key)) => crate::pg::plans::select_first(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_placement p \
-                   JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) p.groupid \
-                  WHERE p.shardid OPERATOR(pg_catalog.=) $1 AND p.groupid OPERATOR(pg_catalog.<>) 0 \
-                    AND p.shardstate OPERATOR(pg_catalog.=) 1 AND n.isactive)",
-                &[crate::pg::plans::INT8],
-                &[shard.into()],
-                |r| Ok(r.get::<bool>(1)?.unwrap_or(false)),
-            )?
-            .unwrap_or(false)
-            .then_some(key),
+            Some((shard, key)) => on_a_worker(shard)?.then_some(key),
             None => None,
         };
         let key = match cached {
@@ -253,7 +259,8 @@ pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
                           JOIN pg_catalog.pg_dist_placement p ON p.shardid OPERATOR(pg_catalog.=) s.shardid \
                           JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) p.groupid \
                          WHERE s.logicalrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('pgseal._two_phase_shards') \
-                           AND p.groupid OPERATOR(pg_catalog.<>) 0 AND p.shardstate OPERATOR(pg_catalog.=) 1 AND n.isactive \
+                           AND p.groupid OPERATOR(pg_catalog.<>) 0 AND p.shardstate OPERATOR(pg_catalog.=) 1 \
+                           AND n.isactive AND n.noderole::pg_catalog.text OPERATOR(pg_catalog.=) 'primary' \
                          ORDER BY 4 DESC, s.shardid LIMIT 1) r, \
                      LATERAL (SELECT s.k FROM (SELECT pg_catalog.generate_series(0, 10000000) AS k) s \
                                WHERE pg_catalog.worker_hash(s.k) OPERATOR(pg_catalog.>=) r.lo \
@@ -275,9 +282,34 @@ pub fn commit_forwarded_entries_in_two_phases() -> SealResult<()> {
             &[crate::pg::plans::INT4],
             &[key.into()],
         )?;
+        // A move of the shard that committed between the check and the DELETE
+        // (which now holds the shard's lock, and a move waits for it) is seen here.
+        let shard = KEY.with(|k| k.get()).map(|(s, _)| s);
+        if !shard.map(on_a_worker).transpose()?.unwrap_or(false) {
+            KEY.with(|k| k.set(None));
+            return Err(crate::error::SealError::Refused(
+                "the shard of pgseal._two_phase_shards this session used moved off the workers during the append: retry the transaction",
+            ));
+        }
     }
     TWO_PHASE_ASKED.with(|a| a.set(true));
     Ok(())
+}
+
+/// Whether Citus places `shard` on an active primary worker (not the coordinator),
+/// as this transaction's snapshot of its metadata says.
+fn on_a_worker(shard: i64) -> SealResult<bool> {
+    Ok(crate::pg::plans::select_first(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_placement p \
+           JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) p.groupid \
+          WHERE p.shardid OPERATOR(pg_catalog.=) $1 AND p.groupid OPERATOR(pg_catalog.<>) 0 \
+            AND p.shardstate OPERATOR(pg_catalog.=) 1 AND n.isactive \
+            AND n.noderole::pg_catalog.text OPERATOR(pg_catalog.=) 'primary')",
+        &[crate::pg::plans::INT8],
+        &[shard.into()],
+        |r| Ok(r.get::<bool>(1)?.unwrap_or(false)),
+    )?
+    .unwrap_or(false))
 }
 
 thread_local! {
