@@ -2493,6 +2493,17 @@ fn a_workers_ledger_append_is_appended_on_the_coordinator() {
             .unwrap()
             .get(0);
         assert!(ok, "{tn}: signed with the rolled-back key");
+        // A new tenant's first entry with Citus told to open a connection per task:
+        // the entry still reaches the coordinator over the connection that made
+        // the tenant's ledger key, which it must see.
+        let tq = format!("{t}-parallel");
+        a.batch_execute(&format!(
+            "SET citus.force_max_query_parallelization = on; \
+             BEGIN; SELECT pgseal.set_tenant('{tq}'); SELECT pgseal.ledger_append('order.created'); COMMIT; \
+             RESET citus.force_max_query_parallelization"
+        ))
+        .unwrap();
+        assert_eq!(events_of(&mut c, &tq), vec![(1, "order.created".to_owned())]);
         let want: Vec<(i64, String)> = ["order.created", "order.kept", "order.after"]
             .iter()
             .enumerate()
