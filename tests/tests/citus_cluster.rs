@@ -2503,7 +2503,10 @@ fn a_workers_ledger_append_is_appended_on_the_coordinator() {
              RESET citus.force_max_query_parallelization"
         ))
         .unwrap();
-        assert_eq!(events_of(&mut c, &tq), vec![(1, "order.created".to_owned())]);
+        assert_eq!(
+            events_of(&mut c, &tq),
+            vec![(1, "order.created".to_owned())]
+        );
         let want: Vec<(i64, String)> = ["order.created", "order.kept", "order.after"]
             .iter()
             .enumerate()

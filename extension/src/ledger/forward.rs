@@ -1,15 +1,16 @@
 //! `ledger_append` through a Citus worker (docs/SCALING.md, "One chain per tenant").
 //!
 //! The ledger is kept on the coordinator, where each tenant's chain lock and head
-//! are. A worker appends by inserting the append's arguments into
-//! `pgseal._ledger_forwarded`, a Citus local table that `citus_distribute()` makes
-//! on the coordinator: Citus sends the INSERT there, inside the worker's
-//! distributed transaction and as the calling role, and the table's trigger
-//! (`pgseal._ledger_forwarded_append()`, sql/citus.sql) appends the entry with
-//! `ledger_append` itself, under the coordinator's chain lock, and returns its seq
-//! and hash; `ledger_forwarded_done` then deletes the row, so the table never
-//! holds one past its statement. Appends of one tenant through the coordinator and
-//! through any worker are sequenced by the same lock: one chain, gapless.
+//! are. A worker appends, after `ledger_append`'s checks, by inserting the entry's
+//! fields and its session's role into `pgseal._ledger_forwarded`, a Citus local
+//! table that `citus_distribute()` makes on the coordinator: Citus sends the INSERT
+//! there, inside the worker's distributed transaction, as pgseal's owner (no role
+//! is granted the table), and the table's trigger (`ledger_forwarded_append`)
+//! appends the entry (`append::append_forwarded`) under the coordinator's chain
+//! lock and returns its seq and hash; `ledger_forwarded_done` then deletes the row,
+//! so the table never holds one past its statement. Appends of one tenant through
+//! the coordinator and through any worker are sequenced by the same lock: one
+//! chain, gapless.
 //!
 //! The worker makes Citus commit in two phases
 //! (`citus::commit_forwarded_entries_in_two_phases`): the coordinator's part, the
