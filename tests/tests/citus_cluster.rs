@@ -1822,8 +1822,9 @@ fn a_workers_audit_writer_stops_at_once_while_the_coordinator_is_silent() {
 /// sends them to every node as text, after replaying the caller's `SET LOCAL`s there:
 /// an application role that sets its `search_path` to a schema with its own `bytea`
 /// and `text` (domains whose check calls its function) must not get that function
-/// run as the owner on another node when its first seal makes a key, nor see the
-/// wrapped key in Citus's logging of the commands it sends.
+/// run as the owner on another node when its first seal makes a key, or when its
+/// first ledger entry on a worker makes the tenant's ledger key and is sent to the
+/// coordinator, nor see the wrapped key in Citus's logging of the commands it sends.
 #[test]
 fn key_writes_through_citus_ignore_the_callers_settings() {
     if !citus::enabled("key_writes_through_citus_ignore_the_callers_settings") {
@@ -1834,7 +1835,7 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
     c.batch_execute("CREATE EXTENSION pgseal; CREATE ROLE app LOGIN")
         .unwrap();
     c.batch_execute(
-        "GRANT pgseal_seal TO app;
+        "GRANT pgseal_seal, pgseal_ledger TO app;
          CREATE SCHEMA evil AUTHORIZATION app;
          SELECT pgseal.citus_distribute();",
     )
@@ -1851,11 +1852,15 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
          CREATE DOMAIN evil.bytea AS pg_catalog.bytea CHECK (evil.pwn(VALUE));
          CREATE DOMAIN evil.text AS pg_catalog.text CHECK (evil.pwn(VALUE));
          CREATE DOMAIN evil.int4 AS pg_catalog.int4 CHECK (evil.pwn(VALUE));
-         CREATE DOMAIN evil.int8 AS pg_catalog.int8 CHECK (evil.pwn(VALUE));",
+         CREATE DOMAIN evil.int8 AS pg_catalog.int8 CHECK (evil.pwn(VALUE));
+         CREATE DOMAIN evil.jsonb AS pg_catalog.jsonb CHECK (evil.pwn(VALUE));
+         CREATE DOMAIN evil.text_array AS pg_catalog.text[] CHECK (evil.pwn(VALUE));",
     )
     .unwrap();
     // Through every node: seal (a new key, written to every copy), and seal again
-    // (the count written back to every copy).
+    // (the count written back to every copy); then a ledger entry, which a worker
+    // sends to the coordinator as the owner after making the tenant's ledger key,
+    // and its two-phase request.
     for (i, node) in cc.nodes().enumerate() {
         let tenant = format!("victim{i}");
         // The notices the session receives.
@@ -1887,6 +1892,14 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
             .get(0);
         tx.query_one("SELECT pgseal.vault_seal('again', 'c')", &[])
             .unwrap();
+        let seq: i64 = tx
+            .query_one(
+                "SELECT seq FROM pgseal.ledger_append('order.placed', '{\"n\": 1}', 'alice', ARRAY['s1'])",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(seq, 1);
         // The caller's settings are as it left them, here and for its later queries.
         let path: String = tx
             .query_one("SELECT current_setting('search_path')", &[])
@@ -1930,7 +1943,7 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
     // over before it missed the copy of a node that had not committed the key yet).
     wait_for_counts(
         &mut c,
-        "tenant_id IN ('victim0', 'victim1', 'victim2')",
+        "tenant_id IN ('victim0', 'victim1', 'victim2') AND purpose = 'dek'",
         "victim0=2,victim1=2,victim2=2",
     );
     // The same for twenty new keys made on the workers, each counted by its audit
