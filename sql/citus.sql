@@ -96,6 +96,11 @@ AS $$
 DECLARE
     stray text;
     done  text[] := '{}';
+    -- The extension's owner: pgseal writes the tables made here as that role, which
+    -- may not be the superuser running this.
+    ext_owner name := (SELECT r.rolname FROM pg_catalog.pg_extension e
+                       JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) e.extowner
+                       WHERE e.extname OPERATOR(pg_catalog.=) 'pgseal');
 BEGIN
     IF NOT pgseal._citus_present() THEN
         RAISE EXCEPTION 'Citus is not installed in this database'
@@ -112,12 +117,7 @@ BEGIN
         REVOKE ALL ON pgseal._two_phase FROM PUBLIC;
         ALTER EXTENSION pgseal ADD TABLE pgseal._two_phase;
     END IF;
-    -- pgseal deletes from it as the extension owner, who may not be the superuser
-    -- running this.
-    EXECUTE pg_catalog.format('ALTER TABLE pgseal._two_phase OWNER TO %I',
-        (SELECT r.rolname FROM pg_catalog.pg_extension e
-         JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) e.extowner
-         WHERE e.extname OPERATOR(pg_catalog.=) 'pgseal'));
+    EXECUTE pg_catalog.format('ALTER TABLE pgseal._two_phase OWNER TO %I', ext_owner);
     IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
                    WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._two_phase'::pg_catalog.regclass) THEN
         EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata(''pgseal._two_phase'')';
@@ -147,10 +147,7 @@ BEGIN
         ALTER TABLE pgseal._ledger_forwarded ENABLE ALWAYS TRIGGER ledger_forwarded_done;
         ALTER EXTENSION pgseal ADD TABLE pgseal._ledger_forwarded;
     END IF;
-    EXECUTE pg_catalog.format('ALTER TABLE pgseal._ledger_forwarded OWNER TO %I',
-        (SELECT r.rolname FROM pg_catalog.pg_extension e
-         JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) e.extowner
-         WHERE e.extname OPERATOR(pg_catalog.=) 'pgseal'));
+    EXECUTE pg_catalog.format('ALTER TABLE pgseal._ledger_forwarded OWNER TO %I', ext_owner);
     IF NOT EXISTS (SELECT 1 FROM pgseal._citus_tables() d
                    WHERE d.rel OPERATOR(pg_catalog.=) 'pgseal._ledger_forwarded'::pg_catalog.regclass) THEN
         EXECUTE 'SELECT pg_catalog.citus_add_local_table_to_metadata(''pgseal._ledger_forwarded'')';

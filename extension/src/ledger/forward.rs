@@ -192,26 +192,11 @@ pub unsafe extern "C-unwind" fn ledger_forwarded_append(
     // returned tuple is palloc'd in the trigger's memory context, as PostgreSQL
     // expects of a BEFORE trigger's result.
     unsafe {
-        let ctx = (*fcinfo).context;
-        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
-            SealError::TriggerProtocol(
-                "pgseal._ledger_forwarded_append() must be called as a trigger",
-            )
-            .raise()
-        }
-        let td = &*ctx.cast::<pg_sys::TriggerData>();
-        let ev = td.tg_event;
-        if ev & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_BEFORE
-            || ev & pg_sys::TRIGGER_EVENT_ROW == 0
-            || ev & pg_sys::TRIGGER_EVENT_OPMASK != pg_sys::TRIGGER_EVENT_INSERT
-            || td.tg_trigtuple.is_null()
-            || !is_forwarding_table(td.tg_relation)
-        {
-            SealError::TriggerProtocol(
-                "pgseal._ledger_forwarded_append() is pgseal._ledger_forwarded's BEFORE INSERT row trigger only",
-            )
-            .raise()
-        }
+        let td = row_insert_trigger(
+            fcinfo,
+            pg_sys::TRIGGER_EVENT_BEFORE,
+            "pgseal._ledger_forwarded_append() is pgseal._ledger_forwarded's BEFORE INSERT row trigger only",
+        );
         let desc = (*td.tg_relation).rd_att;
         let attrs = crate::pg::compat::tupdesc_attrs(desc);
         if attrs.len() != COLUMNS.len()
@@ -302,38 +287,51 @@ pub unsafe extern "C-unwind" fn ledger_forwarded_done(
     // INSERT trigger tg_relation is open (row exclusive) for the call and
     // tg_trigtuple is the inserted row, fetched by its tid (t_self).
     unsafe {
-        let ctx = (*fcinfo).context;
-        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
-            SealError::TriggerProtocol(
-                "pgseal._ledger_forwarded_done() must be called as a trigger",
-            )
-            .raise()
-        }
-        let td = &*ctx.cast::<pg_sys::TriggerData>();
-        let ev = td.tg_event;
-        if ev & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
-            || ev & pg_sys::TRIGGER_EVENT_ROW == 0
-            || ev & pg_sys::TRIGGER_EVENT_OPMASK != pg_sys::TRIGGER_EVENT_INSERT
-            || td.tg_trigtuple.is_null()
-        {
-            SealError::TriggerProtocol(
-                "pgseal._ledger_forwarded_done() must be an AFTER INSERT ... FOR EACH ROW trigger",
-            )
-            .raise()
-        }
+        let td = row_insert_trigger(
+            fcinfo,
+            pg_sys::TRIGGER_EVENT_AFTER,
+            "pgseal._ledger_forwarded_done() is pgseal._ledger_forwarded's AFTER INSERT row trigger only",
+        );
         let rel = td.tg_relation;
-        if !is_forwarding_table(rel) {
-            SealError::TriggerProtocol(
-                "pgseal._ledger_forwarded_done() is pgseal._ledger_forwarded's trigger only",
-            )
-            .raise()
-        }
         // The row was inserted by this statement's command: make it visible to the
         // delete, which runs under the next command id.
         pg_sys::CommandCounterIncrement();
         pg_sys::simple_heap_delete(rel, &mut (*td.tg_trigtuple).t_self);
     }
     pg_sys::Datum::from(0usize)
+}
+
+/// The TriggerData of a row INSERT trigger fired at `timing` (BEFORE or AFTER) on
+/// `pgseal._ledger_forwarded` or its placement; raises (39P01, `wrong_use`) for any
+/// other call.
+///
+/// # Safety
+/// `fcinfo` is the call frame PostgreSQL passed to the trigger function.
+unsafe fn row_insert_trigger<'a>(
+    fcinfo: pg_sys::FunctionCallInfo,
+    timing: u32,
+    wrong_use: &'static str,
+) -> &'a pg_sys::TriggerData {
+    // SAFETY: fcinfo is valid (caller's contract); its context is NULL or a node,
+    // whose tag is checked before it is read as TriggerData, which lives through
+    // the trigger call; tg_relation is open for a trigger call.
+    unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_TriggerData {
+            SealError::TriggerProtocol(wrong_use).raise()
+        }
+        let td = &*ctx.cast::<pg_sys::TriggerData>();
+        let ev = td.tg_event;
+        if ev & pg_sys::TRIGGER_EVENT_TIMINGMASK != timing
+            || ev & pg_sys::TRIGGER_EVENT_ROW == 0
+            || ev & pg_sys::TRIGGER_EVENT_OPMASK != pg_sys::TRIGGER_EVENT_INSERT
+            || td.tg_trigtuple.is_null()
+            || !is_forwarding_table(td.tg_relation)
+        {
+            SealError::TriggerProtocol(wrong_use).raise()
+        }
+        td
+    }
 }
 
 /// Whether `rel` is `pgseal._ledger_forwarded` or, on a Citus node, its placement
