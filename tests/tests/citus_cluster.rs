@@ -2746,7 +2746,7 @@ fn order_and_entry(
 /// and both workers (a worker's `ledger_append` is appended on the coordinator) at
 /// each isolation level, each transaction writing an order on the tenant's worker
 /// and its ledger entry, over one tenant and over 40, so that one tenant's appends
-/// arrive through three nodes at once; a worker killed (-9) and started again
+/// arrive through three nodes at once (its first ones too); a worker killed (-9) and started again
 /// during the READ COMMITTED round, while its own sessions append through it. Every
 /// tenant's chain is gapless and verifies, and the orders and the entries match one
 /// for one: no entry without its order, no order without its entry, whatever failed.
@@ -2772,20 +2772,6 @@ fn ledger_appends_beside_distributed_writes_never_fork_or_part() {
         ("REPEATABLE READ", "rr"),
         ("SERIALIZABLE", "sz"),
     ];
-    // Each chain's first entry through the coordinator: two nodes making a new
-    // tenant's ledger key at once can fail (docs/SCALING.md), which is not what
-    // this matrix is about.
-    for (_, tag) in levels {
-        for tenants in [1usize, 40] {
-            for t in 0..tenants {
-                c.batch_execute(&format!(
-                    "BEGIN; SELECT pgseal.set_tenant('{tag}{tenants}-{t}'); \
-                     SELECT pgseal.ledger_append('chain.opened'); COMMIT"
-                ))
-                .unwrap();
-            }
-        }
-    }
     for (level, tag) in levels {
         for tenants in [1usize, 40] {
             let threads: Vec<_> = (0..SESSIONS)
@@ -2844,7 +2830,7 @@ fn ledger_appends_beside_distributed_writes_never_fork_or_part() {
     assert_eq!(tenants.len(), 3 * 41, "{tenants:?}");
     for (t, n, max, ok) in chains(&mut c, &tenants) {
         assert!(
-            n > 1 && n == max && ok,
+            n >= 1 && n == max && ok,
             "{t}: {n} entries, last seq {max}, ok {ok}"
         );
     }
@@ -3229,4 +3215,103 @@ fn a_distributed_table_protected_after_the_export_is_not_deleted_from() {
         ),
         0
     );
+}
+
+/// A new tenant's first ledger entries and first seals, sent through two nodes at
+/// the same moment (the coordinator and a worker, then both workers), all commit:
+/// one key each, every chain gapless and verifying, every value opening.
+#[test]
+fn a_new_tenants_first_writes_through_two_nodes_at_once_all_commit() {
+    if !citus::enabled("a_new_tenants_first_writes_through_two_nodes_at_once_all_commit") {
+        return;
+    }
+    const TENANTS: usize = 24;
+    let cc = CitusCluster::start("citus-first-writes");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute("CREATE ROLE app LOGIN; GRANT pgseal_ledger, pgseal_seal TO app")
+        .unwrap();
+    let pairs = [
+        (cc.coordinator.config(), cc.workers[0].config()),
+        (cc.workers[0].config(), cc.workers[1].config()),
+    ];
+    let mut failures = Vec::new();
+    // (tenant, what the call returned) of every call that committed.
+    let mut done: Vec<(String, String)> = Vec::new();
+    for (p, (one, two)) in pairs.iter().enumerate() {
+        for (what, call) in [
+            (
+                "entry",
+                "SELECT hash FROM pgseal.ledger_append('first.write')",
+            ),
+            ("seal", "SELECT pgseal.vault_seal('s3cret')"),
+        ] {
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let threads: Vec<_> = [one.clone(), two.clone()]
+                .into_iter()
+                .map(|mut config| {
+                    config.user("app");
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        let mut s = config.connect(postgres::NoTls).unwrap();
+                        let mut out = Vec::new();
+                        for t in 0..TENANTS {
+                            let tenant = format!("n{p}{what}{t}");
+                            barrier.wait();
+                            let r = (|| {
+                                let mut tx = s.transaction()?;
+                                tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])?;
+                                let v: String = tx.query_one(call, &[])?.get(0);
+                                tx.commit()?;
+                                Ok(v)
+                            })();
+                            out.push(
+                                r.map(|v| (tenant.clone(), v))
+                                    .map_err(|e| format!("{tenant}: {}", message::<()>(Err(e)))),
+                            );
+                        }
+                        out
+                    })
+                })
+                .collect();
+            for t in threads {
+                for r in t.join().unwrap() {
+                    match r {
+                        Ok(v) => done.push(v),
+                        Err(e) => failures.push(e),
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(done.len(), 2 * 2 * 2 * TENANTS);
+    let entry_tenants: Vec<String> = (0..2)
+        .flat_map(|p| (0..TENANTS).map(move |t| format!("n{p}entry{t}")))
+        .collect();
+    for (t, entries, last, ok) in chains(&mut c, &entry_tenants) {
+        assert_eq!((entries, last, ok), (2, 2, true), "{t}");
+    }
+    for (tenant, sealed) in done.iter().filter(|(t, _)| t.contains("seal")) {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[tenant])
+            .unwrap();
+        let opened: String = tx
+            .query_one("SELECT pgseal.vault_decrypt($1)", &[sealed])
+            .unwrap()
+            .get(0);
+        assert_eq!(opened, "s3cret", "{tenant}");
+        tx.commit().unwrap();
+    }
+    // One key a tenant and purpose, on every copy of the key table: a ledger key
+    // for each chain, a data key for each sealing tenant (whose decrypts above were
+    // recorded in its own chain, under a ledger key of its own).
+    for copy in on_key_copies(
+        &mut c,
+        "SELECT count(*) FILTER (WHERE n <> 1) || ' ' || count(*) FILTER (WHERE purpose = 'dek') \
+         || ' ' || count(*) FILTER (WHERE purpose = 'ledger') FROM \
+         (SELECT purpose, count(*) AS n FROM %s WHERE tenant_id LIKE 'n%%' GROUP BY tenant_id, purpose) k",
+    ) {
+        assert_eq!(copy, format!("0 {} {}", 2 * TENANTS, 4 * TENANTS));
+    }
 }

@@ -244,10 +244,15 @@ fn append_stored(
         {
             crate::pg::citus::commit_remote_writes_in_two_phases()?;
         }
-        let (head, row, key) = chain_lock::lock_and_load(tenant)?;
-        // After a subtransaction abort the key itself may have been rolled back,
-        // so it is looked up again too.
+        // The MAC key first, then the chain lock: a tenant's first entry makes its
+        // key under the key-creation lock, and every path takes that lock (of any
+        // purpose) before the chain's, as a rotation does. On Citus a worker's
+        // forwarded entry makes the key before its entry reaches the chain lock on
+        // the coordinator; taken the other way round here, two first entries
+        // through two nodes deadlocked. After a subtransaction abort the key
+        // itself may have been rolled back, so it is looked up again too.
         let mac = super::mac::for_append(tenant)?;
+        let (head, row, key) = chain_lock::lock_and_load(tenant)?;
         heads::loaded(tenant, head, mac, row, key);
     }
     let (seq, prev, mac) = heads::next(tenant);
