@@ -2574,6 +2574,24 @@ fn a_workers_ledger_append_is_appended_on_the_coordinator() {
             "a call pushed down with nested execution allowed"
         );
         tx.rollback().unwrap();
+        // And with the session's name changed first, in the same query (the scan's
+        // condition, evaluated before the call): the session is still the one Citus
+        // opened.
+        let mut tx = co.transaction().unwrap();
+        tx.batch_execute(&format!(
+            "SELECT pgseal.set_tenant('{t}'); SET LOCAL citus.allow_nested_distributed_execution = on"
+        ))
+        .unwrap();
+        let r = tx.query(
+            "SELECT (pgseal.ledger_append('order.seen', jsonb_build_object('n', n))).seq FROM orders \
+             WHERE pg_catalog.set_config('application_name', 'not citus', false) IS NOT NULL",
+            &[],
+        );
+        assert!(
+            message(r).starts_with("on a Citus worker, ledger_append cannot run inside a query that Citus runs on a shard"),
+            "a call pushed down with nested execution allowed, the session renamed"
+        );
+        tx.rollback().unwrap();
         assert_eq!(events_of(&mut c, &t).len(), want.len());
     }
 

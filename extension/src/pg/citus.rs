@@ -196,18 +196,30 @@ pub fn require_function_transaction_block() -> SealResult<()> {
 
 /// Whether this session is one Citus opened to run another node's statements here:
 /// Citus names such sessions `citus_internal gpid=…` in `application_name` and tells
-/// them apart by that name itself. A client may take the name too, which only
-/// refuses it what such sessions are refused.
+/// them apart by that name itself. Either name counts: the one the session started
+/// with (the setting's reset value, from the startup packet, which no statement of
+/// the session changes: a query Citus pushed here may call
+/// `set_config('application_name', …)` before it reaches pgseal, and Citus itself
+/// then takes the session for a client's) and the current one. A client may take
+/// the name too, which only refuses it what such sessions are refused.
 pub fn in_citus_internal_session() -> bool {
-    // SAFETY: GetConfigOption with missing_ok returns NULL for an unknown setting,
-    // else its current value as a string PostgreSQL keeps; it is read at once.
-    unsafe {
-        let v = pg_sys::GetConfigOption(c"application_name".as_ptr(), true, false);
+    let internal = |v: *const std::ffi::c_char| {
+        // SAFETY: `v` is NULL or a NUL-terminated string PostgreSQL keeps for the
+        // setting; it is read at once.
         !v.is_null()
-            && std::ffi::CStr::from_ptr(v)
+            && unsafe { std::ffi::CStr::from_ptr(v) }
                 .to_bytes()
                 .starts_with(b"citus_internal")
-    }
+    };
+    // SAFETY: `application_name` is a built-in setting, so neither call fails; each
+    // returns its value as a string PostgreSQL keeps (or NULL).
+    let (started_as, now) = unsafe {
+        (
+            pg_sys::GetConfigOptionResetString(c"application_name".as_ptr()),
+            pg_sys::GetConfigOption(c"application_name".as_ptr(), true, false),
+        )
+    };
+    internal(started_as) || internal(now)
 }
 
 /// Makes Citus commit a worker's distributed transaction in two phases, so that a
