@@ -6,6 +6,12 @@
 //! | `KeyCreation(tenant, purpose)` | creating or rotating one tenant's key | until the transaction ends | `keystore::get_or_create` |
 //! | `DaemonLeader` | pgseald leadership | for the session | `pgseal._leader_try_lock()`, called by pgseald |
 //!
+//! Order: a tenant's `KeyCreation` lock (its ledger key, made on its first append)
+//! before its `LedgerTenant` lock, on every path (`ledger/append.rs`,
+//! `ledger/erase.rs`; the audit writer takes both without waiting); on Citus a
+//! worker's forwarded entry makes the key on its node before the chain lock on the
+//! coordinator, so the other order deadlocked across nodes.
+//!
 //! A transaction holding a `LedgerTenant` or `KeyCreation` lock of one of pgseal's own
 //! chains (`_pgseal…`) cannot be prepared (`holds_pgseal_chain_lock`, asked at
 //! PREPARE by `ledger/mod.rs`): a prepared transaction keeps its locks beyond its
@@ -153,6 +159,15 @@ pub fn key_creation(tenant: &str, purpose: &str) {
     let t = tag(Kind::KeyCreation, &[tenant.as_bytes(), purpose.as_bytes()]);
     note_pgseal_chain(tenant, t);
     acquire(t, false, false);
+}
+
+/// `key_creation` without waiting: true when this transaction holds the lock now
+/// (also when it already did). The audit writer uses it before a chain lock, so that
+/// a key another transaction is making never stalls it.
+pub fn key_creation_try(tenant: &str, purpose: &str) -> bool {
+    let t = tag(Kind::KeyCreation, &[tenant.as_bytes(), purpose.as_bytes()]);
+    note_pgseal_chain(tenant, t);
+    acquire(t, false, true)
 }
 
 /// Tries to take the pgseald leader lock for this session; true when this session

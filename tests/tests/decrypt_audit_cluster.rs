@@ -193,6 +193,42 @@ fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_audit_chain() 
     assert_eq!(done[0].3["started"]["tenant"], "_pgseal_audit");
     verifies(&mut admin, "acme");
     verifies(&mut admin, "_pgseal_audit");
+
+    // The same race with an erasure, which locks the chain first and then appends
+    // its receipt: it takes the key first too, and waits for the one being made.
+    admin
+        .batch_execute(
+            "CREATE TABLE people (id text, tenant_id text, email text);
+             SELECT pgseal.subject_register('people', 'id');
+             SET app.tenant_id = 'initech';
+             INSERT INTO people VALUES ('u1', 'initech', 'u1@initech.example');
+             RESET app.tenant_id;",
+        )
+        .unwrap();
+    let config = {
+        let mut c = cl.config();
+        c.user("app");
+        c
+    };
+    let first = std::thread::spawn(move || {
+        let mut b = config.connect(postgres::NoTls).unwrap();
+        b.batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('initech'); \
+             SELECT pgseal.ledger_append('first.entry'); COMMIT",
+        )
+        .map_err(|e| sqlstate::<()>(Err(e)))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let erased = admin
+        .batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('initech'); \
+             SELECT pgseal.subject_erase('initech', 'u1'); COMMIT",
+        )
+        .map_err(|e| sqlstate::<()>(Err(e)));
+    assert_eq!(erased, Ok(()), "the erasure beside the first append");
+    assert_eq!(first.join().unwrap(), Ok(()), "the first append");
+    assert_eq!(entries(&mut admin, "subject.erased").len(), 1);
+    verifies(&mut admin, "initech");
 }
 
 fn decrypt_state(cl: &Cluster) -> String {
@@ -320,4 +356,95 @@ fn reconnect(cl: &Cluster) -> postgres::Client {
             Err(e) => panic!("server did not come back: {e}"),
         }
     }
+}
+
+/// Every append takes the tenant's ledger key before its chain lock. A tenant's
+/// first append makes the key (its row written, the key-creation lock held) and then
+/// waits for the chain; the audit writer, recording a decrypt of the same tenant
+/// meanwhile, must not take the free chain lock and then wait for that key: the two
+/// would deadlock, and the decrypt's record or the append would be lost. It takes
+/// neither by waiting, and records the decrypt in its own chain.
+#[test]
+fn the_writer_never_waits_for_a_key_a_first_append_is_making() {
+    let (cl, mut admin) = start("audit-key-race");
+    // acme has sealed values but no ledger key yet. A test-only trigger on pgseal's
+    // key table holds a new ledger key of acme's (or initech's, below) for 1.5 s
+    // after its row is written, before the append goes on to the chain lock.
+    admin
+        .batch_execute(
+            "CREATE FUNCTION public.slow_ledger_key() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.purpose = 'ledger' AND NEW.tenant_id IN ('acme', 'initech') THEN
+                     PERFORM pg_catalog.pg_sleep(1.5);
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER slow_ledger_key AFTER INSERT ON pgseal.tenant_keys
+                 FOR EACH ROW EXECUTE FUNCTION public.slow_ledger_key();",
+        )
+        .unwrap();
+    let config = {
+        let mut c = cl.config();
+        c.user("app");
+        c
+    };
+    let first = std::thread::spawn(move || {
+        let mut b = config.connect(postgres::NoTls).unwrap();
+        b.batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('acme'); \
+             SELECT pgseal.ledger_append('first.entry'); COMMIT",
+        )
+        .map_err(|e| sqlstate::<()>(Err(e)))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let mut c = cl.connect_as("app");
+    let opened = c
+        .batch_execute(&format!("BEGIN; {DECRYPT_ALL}; COMMIT"))
+        .map_err(|e| sqlstate::<()>(Err(e)));
+    assert_eq!(opened, Ok(()), "the decrypt beside the first append");
+    assert_eq!(first.join().unwrap(), Ok(()), "the first append");
+    let started = entries(&mut admin, "vault.decrypt_started");
+    assert_eq!(started.len(), 1, "{started:?}");
+    assert_eq!(started[0].0, "_pgseal_audit", "{started:?}");
+    let done = wait_for_counts(&mut admin, 1);
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(entries(&mut admin, "first.entry").len(), 1);
+    verifies(&mut admin, "acme");
+    verifies(&mut admin, "_pgseal_audit");
+
+    // The same race with an erasure, which locks the chain first and then appends
+    // its receipt: it takes the key first too, and waits for the one being made.
+    admin
+        .batch_execute(
+            "CREATE TABLE people (id text, tenant_id text, email text);
+             SELECT pgseal.subject_register('people', 'id');
+             SET app.tenant_id = 'initech';
+             INSERT INTO people VALUES ('u1', 'initech', 'u1@initech.example');
+             RESET app.tenant_id;",
+        )
+        .unwrap();
+    let config = {
+        let mut c = cl.config();
+        c.user("app");
+        c
+    };
+    let first = std::thread::spawn(move || {
+        let mut b = config.connect(postgres::NoTls).unwrap();
+        b.batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('initech'); \
+             SELECT pgseal.ledger_append('first.entry'); COMMIT",
+        )
+        .map_err(|e| sqlstate::<()>(Err(e)))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let erased = admin
+        .batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('initech'); \
+             SELECT pgseal.subject_erase('initech', 'u1'); COMMIT",
+        )
+        .map_err(|e| sqlstate::<()>(Err(e)));
+    assert_eq!(erased, Ok(()), "the erasure beside the first append");
+    assert_eq!(first.join().unwrap(), Ok(()), "the first append");
+    assert_eq!(entries(&mut admin, "subject.erased").len(), 1);
+    verifies(&mut admin, "initech");
 }

@@ -249,9 +249,15 @@ fn append(e: &Entry, system_ok: bool) -> Outcome {
 /// None when the chains it may use are busy.
 fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(bool, i64)>> {
     let system = crate::ledger::names::AUDIT_CHAIN;
-    let chain = if crate::locks::ledger_tenant_try(&e.tenant) {
+    // Each chain's key before its lock, as every append takes them, and neither
+    // waited for: a key or a chain another transaction holds counts as busy.
+    let free = |chain: &str| -> crate::error::SealResult<bool> {
+        Ok(crate::ledger::mac::available_without_waiting(chain)?
+            && crate::locks::ledger_tenant_try(chain))
+    };
+    let chain = if free(&e.tenant)? {
         e.tenant.as_str()
-    } else if system_ok && crate::locks::ledger_tenant_try(system) {
+    } else if system_ok && free(system)? {
         system
     } else {
         return Ok(None);

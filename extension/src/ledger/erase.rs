@@ -60,8 +60,11 @@ pub fn _ledger_erasing() -> bool {
 }
 
 /// Takes `tenant`'s chain lock for the rest of the transaction (an erasure checks
-/// the tenant's hold under it).
+/// the tenant's hold under it), after the tenant's ledger key, which the callers'
+/// receipts need: every path takes a tenant's key before its chain lock
+/// (`append::append_stored`), or a first append elsewhere could deadlock with it.
 pub fn lock_chain(tenant: &str) -> SealResult<()> {
+    super::mac::for_append(tenant)?;
     super::chain_lock::lock(tenant).map(|_| ())
 }
 

@@ -43,6 +43,26 @@ pub fn for_append(tenant: &str) -> SealResult<EntryMac> {
     Ok(m)
 }
 
+/// Whether `for_append(tenant)` would return at once, without waiting for another
+/// transaction: the key is cached or stored, or this transaction could take the
+/// tenant's key-creation lock (and now holds it). For the audit writer, which takes
+/// chain locks only when they are free and must take the key first, as every
+/// append does (`append::append_stored`).
+pub fn available_without_waiting(tenant: &str) -> SealResult<bool> {
+    if MACS.with(|c| c.borrow().contains_key(tenant))
+        || TXN_MACS.with(|c| c.borrow().contains_key(tenant))
+    {
+        return Ok(true);
+    }
+    if keystore::fetch_active(tenant, Purpose::Ledger)?.is_some() {
+        return Ok(true);
+    }
+    Ok(crate::locks::key_creation_try(
+        tenant,
+        Purpose::Ledger.as_str(),
+    ))
+}
+
 /// Transaction end: keep the keys a committed transaction used, drop the rest.
 pub(super) fn transaction_ended(committed: bool) {
     let fresh = TXN_MACS.with(|c| std::mem::take(&mut *c.borrow_mut()));
