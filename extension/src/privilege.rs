@@ -247,6 +247,32 @@ pub fn as_table_owner<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `as_table_owner` for statements on table `rel`: when Citus manages `rel`, it
+/// sends them to the other nodes as that owner, over connections on which it first
+/// replays the caller's `SET LOCAL`s and then calls `assign_distributed_transaction_id`
+/// unqualified; so they run with the remote parsing pinned
+/// (`citus::with_remote_parsing_pinned`, the caller's parsing read here, before the
+/// switch), as pgseal's own owner statements through Citus do. A caller's
+/// `search_path` naming a function of its own by that name then runs nothing as the
+/// table's owner.
+pub fn as_table_owner_of<R, E>(
+    rel: pg_sys::Oid,
+    role: pg_sys::Oid,
+    f: impl FnOnce() -> Result<R, E>,
+) -> crate::error::SealResult<R>
+where
+    crate::error::SealError: From<E>,
+{
+    let caller = if crate::pg::citus::manages(rel)? {
+        crate::pg::citus::caller_parsing()?
+    } else {
+        None
+    };
+    as_table_owner(role, || {
+        crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), || Ok(f()?))
+    })
+}
+
 /// Locks, in `lockmode`, every relation that `tree` (a query of `rel`'s
 /// relatives, `$1` being `rel`, already locked) returns, until the set is the
 /// same twice: each read takes a fresh snapshot (read-write SPI, under READ

@@ -3333,3 +3333,82 @@ fn a_new_tenants_first_writes_through_two_nodes_at_once_all_commit() {
         assert_eq!(copy, format!("0 {} {}", 2 * TENANTS, 4 * TENANTS));
     }
 }
+
+/// `subject_export` (granted to application roles) and `subject_erase` read and
+/// write a registered Citus table as its owner, and Citus sends those statements to
+/// the workers over connections it opens as that owner, on which it first replays
+/// the caller's `SET LOCAL`s and then calls `assign_distributed_transaction_id`
+/// unqualified. A caller's `search_path` naming its own function by that name runs
+/// nothing as the table's owner, on any node.
+#[test]
+fn subject_statements_through_citus_run_nothing_of_the_callers_as_the_tables_owner() {
+    if !citus::enabled(
+        "subject_statements_through_citus_run_nothing_of_the_callers_as_the_tables_owner",
+    ) {
+        return;
+    }
+    let cc = CitusCluster::start("citus-subject-owner");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE ROLE app LOGIN; CREATE ROLE people_owner LOGIN;
+         GRANT pgseal_ledger, pgseal_admin TO app;
+         CREATE SCHEMA evil AUTHORIZATION app;
+         CREATE TABLE people (id text NOT NULL, tenant_id text NOT NULL, email text,
+                              PRIMARY KEY (tenant_id, id));
+         ALTER TABLE people OWNER TO people_owner;
+         SELECT create_distributed_table('people', 'tenant_id');
+         SELECT pgseal.tenant_protect('people');
+         SELECT pgseal.subject_register('people', 'id');
+         GRANT SELECT, DELETE ON people TO app;
+         SET app.tenant_id = 'acme';
+         INSERT INTO people SELECT 'u' || g, 'acme', 'u' || g || '@acme.example' FROM generate_series(1, 20) g;
+         RESET app.tenant_id;",
+    )
+    .unwrap();
+    let mut a = app(&cc.coordinator);
+    a.batch_execute(
+        "GRANT USAGE ON SCHEMA evil TO PUBLIC;
+         CREATE FUNCTION evil.pwn() RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_user <> 'app' THEN
+                 RAISE EXCEPTION 'evil code ran as %', current_user;
+             END IF;
+         END $$;
+         CREATE FUNCTION evil.assign_distributed_transaction_id(int, int, text) RETURNS void
+             LANGUAGE sql AS 'SELECT evil.pwn()';
+         CREATE FUNCTION evil.assign_distributed_transaction_id(int, bigint, text) RETURNS void
+             LANGUAGE sql AS 'SELECT evil.pwn()';
+         CREATE FUNCTION evil.assign_distributed_transaction_id(int, bigint, timestamptz) RETURNS void
+             LANGUAGE sql AS 'SELECT evil.pwn()';",
+    )
+    .unwrap();
+    for (call, want) in [
+        (
+            "SELECT pgseal.subject_export('acme', 'u7')::text",
+            "u7@acme.example",
+        ),
+        (
+            "SELECT pgseal.subject_erase('acme', 'u7')::text",
+            "\"deleted\": 1",
+        ),
+    ] {
+        let mut tx = a.transaction().unwrap();
+        tx.batch_execute(
+            "SELECT pgseal.set_tenant('acme'); SET LOCAL search_path = evil, pg_catalog",
+        )
+        .unwrap();
+        let r: Result<String, _> = tx.query_one(call, &[]).map(|r| r.get(0));
+        let out = r.unwrap_or_else(|e| panic!("{call}: {}", message::<()>(Err(e))));
+        assert!(out.contains(want), "{call}: {out}");
+        tx.commit().unwrap();
+    }
+    // Erased on its worker: the other rows stay.
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM people WHERE tenant_id = 'acme'"
+        ),
+        19
+    );
+}

@@ -421,7 +421,7 @@ impl Table {
                         RETURNING x.tableoid) \
              SELECT d.tableoid, pg_catalog.count(*) FROM d GROUP BY d.tableoid"
         );
-        Ok(super::as_offboarding_owner(self.rel, self.owner, || {
+        super::as_offboarding_owner(self.rel, self.owner, || {
             Spi::connect(|c| {
                 c.select(
                     &sql,
@@ -442,7 +442,7 @@ impl Table {
                 })
                 .collect::<Result<Vec<_>, pgrx::spi::Error>>()
             })
-        })?)
+        })
     }
 
     /// Deletes, as the owner, all the tenant's rows of this table, which Citus

@@ -11,7 +11,8 @@ use std::cell::Cell;
 
 use pgrx::prelude::*;
 
-use crate::privilege::as_table_owner;
+use crate::error::{SealError, SealResult};
+use crate::privilege::as_table_owner_of;
 
 thread_local! {
     /// The table an offboarding statement runs on now, and its owner.
@@ -27,15 +28,18 @@ impl Drop for Restore {
     }
 }
 
-/// Runs `f` as table `rel`'s owner `owner` (`as_table_owner`), with
+/// Runs `f` as table `rel`'s owner `owner` (`as_table_owner_of`), with
 /// `_offboard_visible(rel)` true for the owner meanwhile.
-pub(super) fn as_offboarding_owner<R>(
+pub(super) fn as_offboarding_owner<R, E>(
     rel: pg_sys::Oid,
     owner: pg_sys::Oid,
-    f: impl FnOnce() -> R,
-) -> R {
+    f: impl FnOnce() -> Result<R, E>,
+) -> SealResult<R>
+where
+    SealError: From<E>,
+{
     let _restore = Restore(VISIBLE.with(|v| v.replace(Some((rel, owner)))));
-    as_table_owner(owner, || {
+    as_table_owner_of(rel, owner, || {
         // No parallel worker, which has no flag, reads the table meanwhile (in
         // `as_table_owner`'s setting level, discarded on return).
         crate::privilege::save_setting(c"max_parallel_workers_per_gather", c"0");
