@@ -133,12 +133,9 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
                 })
                 .map_err(SealError::from)
             };
-            // A Citus table's query is sent to the workers as the owner.
-            if citus {
-                crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), scan)
-            } else {
-                scan()
-            }
+            // A Citus table's query is sent to the workers as the owner (and a
+            // table of this node's policies may reach a Citus table too).
+            crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), scan)
             .map(|v| v.into_iter().flatten().collect::<Vec<String>>())
         })
     });

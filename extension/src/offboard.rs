@@ -1397,8 +1397,13 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
     (|| {
         let tenant = checked(tenant, "_offboard_finish")?;
         require_step(&tenant, "erased")?;
+        // The key table is a Citus reference table: its read may go to another
+        // node (or to this one over a connection, local execution off) as the
+        // owner, with the caller's settings replayed there first.
+        let caller = crate::pg::citus::caller_parsing()?;
         let (keys, left) = as_owner(|| {
-            Spi::get_two_with_args::<i64, i64>(
+            crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), || {
+                Ok(Spi::get_two_with_args::<i64, i64>(
                 "SELECT (SELECT pg_catalog.count(*) FROM pgseal.tenant_keys k \
                           WHERE k.tenant_id = $1 AND k.purpose = 'dek' AND k.wrapped IS NOT NULL), \
                         (SELECT pg_catalog.count(*) FROM pgseal.ledger l \
@@ -1406,7 +1411,8 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                             AND NOT pg_catalog.starts_with(l.event, 'subject.') \
                             AND NOT pg_catalog.starts_with(l.event, 'tenant.'))",
                 &[tenant.as_str().into()],
-            )
+            )?)
+            })
         })?;
         if keys != Some(0) || left != Some(0) || rows_left(&tenant)? > 0 {
             // Written after their step (the application went on writing): back to

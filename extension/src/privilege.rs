@@ -247,27 +247,23 @@ pub fn as_table_owner<R>(role: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// `as_table_owner` for statements on table `rel`: when Citus manages `rel`, it
-/// sends them to the other nodes as that owner, over connections on which it first
-/// replays the caller's `SET LOCAL`s and then calls `assign_distributed_transaction_id`
-/// unqualified; so they run with the remote parsing pinned
-/// (`citus::with_remote_parsing_pinned`, the caller's parsing read here, before the
-/// switch), as pgseal's own owner statements through Citus do. A caller's
-/// `search_path` naming a function of its own by that name then runs nothing as the
-/// table's owner.
-pub fn as_table_owner_of<R, E>(
-    rel: pg_sys::Oid,
+/// `as_table_owner` for statements on an application table where Citus runs: Citus
+/// sends statements on its tables (the table itself, or one the owner's triggers,
+/// cascades or policies reach from a table of this node) to the other nodes as that owner, over
+/// connections on which it first replays the caller's `SET LOCAL`s and then calls
+/// `assign_distributed_transaction_id` unqualified; so they run with the remote
+/// parsing pinned (`citus::with_remote_parsing_pinned`, the caller's parsing read
+/// here, before the switch), as pgseal's own owner statements through Citus do. A
+/// caller's `search_path` naming a function of its own by that name then runs
+/// nothing as the table's owner. Without Citus, `as_table_owner`.
+pub fn as_table_owner_pinned<R, E>(
     role: pg_sys::Oid,
     f: impl FnOnce() -> Result<R, E>,
 ) -> crate::error::SealResult<R>
 where
     crate::error::SealError: From<E>,
 {
-    let caller = if crate::pg::citus::manages(rel)? {
-        crate::pg::citus::caller_parsing()?
-    } else {
-        None
-    };
+    let caller = crate::pg::citus::caller_parsing()?;
     as_table_owner(role, || {
         crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), || Ok(f()?))
     })

@@ -25,7 +25,7 @@ use pgrx::JsonB;
 use serde_json::{json, Value};
 
 use crate::error::{OrRaise, SealError, SealResult};
-use crate::privilege::{as_owner, as_table_owner, as_table_owner_of, with_pinned_search_path};
+use crate::privilege::{as_owner, as_table_owner, as_table_owner_pinned, with_pinned_search_path};
 
 /// One registered subject column, as the catalog names it now.
 struct Registration {
@@ -370,7 +370,7 @@ fn export(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             name,
             r.rows_of_subject("_pgseal_row")
         );
-        let mut rows = as_table_owner_of(r.rel, r.owner, || {
+        let mut rows = as_table_owner_pinned(r.owner, || {
             Spi::get_one_with_args::<JsonB>(
                 &sql,
                 &[subject.as_str().into(), tenant.as_str().into()],
@@ -496,7 +496,7 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
             )
         };
         let sql = format!("WITH d AS ({sql} RETURNING 1) SELECT pg_catalog.count(*) FROM d");
-        let n = as_table_owner_of(r.rel, r.owner, || {
+        let n = as_table_owner_pinned(r.owner, || {
             Spi::get_one_with_args::<i64>(&sql, &[subject.as_str().into(), tenant.as_str().into()])
         })?
         .unwrap_or(0);

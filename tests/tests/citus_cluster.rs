@@ -3334,17 +3334,18 @@ fn a_new_tenants_first_writes_through_two_nodes_at_once_all_commit() {
     }
 }
 
-/// `subject_export` (granted to application roles) and `subject_erase` read and
-/// write a registered Citus table as its owner, and Citus sends those statements to
-/// the workers over connections it opens as that owner, on which it first replays
-/// the caller's `SET LOCAL`s and then calls `assign_distributed_transaction_id`
-/// unqualified. A caller's `search_path` naming its own function by that name runs
-/// nothing as the table's owner, on any node.
+/// Statements pgseal runs as another role while Citus runs: Citus sends statements
+/// on its tables to the other nodes (or to this one, local execution off) as the
+/// current role, over connections on which it first replays the caller's
+/// `SET LOCAL`s and then calls `assign_distributed_transaction_id` unqualified. A
+/// caller's `search_path` naming its own function by that name runs nothing as
+/// that role: `subject_export` (granted to application roles) and `subject_erase`
+/// as a registered Citus table's owner; `subject_erase` of a table of the
+/// coordinator whose owner's trigger writes a Citus table; `_offboard_finish`
+/// (`pgseal_admin`) reading the key table as the extension's owner.
 #[test]
-fn subject_statements_through_citus_run_nothing_of_the_callers_as_the_tables_owner() {
-    if !citus::enabled(
-        "subject_statements_through_citus_run_nothing_of_the_callers_as_the_tables_owner",
-    ) {
+fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
+    if !citus::enabled("statements_run_as_another_role_through_citus_run_nothing_of_the_callers") {
         return;
     }
     let cc = CitusCluster::start("citus-subject-owner");
@@ -3411,4 +3412,63 @@ fn subject_statements_through_citus_run_nothing_of_the_callers_as_the_tables_own
         ),
         19
     );
+
+    // A table of the coordinator, registered, whose owner's trigger records each
+    // deletion in a Citus table: the erasure's DELETE runs it as the owner.
+    c.batch_execute(
+        "CREATE TABLE contacts (id text NOT NULL, tenant_id text NOT NULL, phone text);
+         CREATE TABLE erasures (tenant_id text NOT NULL, id text);
+         SELECT create_distributed_table('erasures', 'tenant_id');",
+    )
+    .unwrap();
+    // One statement at a time: Citus sends each DDL statement's text to the workers.
+    for sql in [
+        "CREATE FUNCTION public.note_erasure() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO public.erasures VALUES (OLD.tenant_id, OLD.id);
+             RETURN OLD;
+         END $$",
+        "ALTER TABLE contacts OWNER TO people_owner",
+        "ALTER TABLE erasures OWNER TO people_owner",
+        "ALTER FUNCTION public.note_erasure() OWNER TO people_owner",
+        "CREATE TRIGGER note_erasure AFTER DELETE ON contacts
+             FOR EACH ROW EXECUTE FUNCTION public.note_erasure()",
+        "SELECT pgseal.subject_register('contacts', 'id')",
+        "GRANT SELECT, DELETE ON contacts TO app",
+        "INSERT INTO contacts VALUES ('u8', 'acme', '555')",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('acme'); SET LOCAL search_path = evil, pg_catalog")
+        .unwrap();
+    let r: Result<String, _> = tx
+        .query_one("SELECT pgseal.subject_erase('acme', 'u8')::text", &[])
+        .map(|r| r.get(0));
+    let out = r.unwrap_or_else(|e| panic!("erasure through a trigger: {}", message::<()>(Err(e))));
+    assert!(out.contains("\"deleted\": 1"), "{out}");
+    tx.commit().unwrap();
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM erasures WHERE id = 'u8'"),
+        1
+    );
+
+    // The last step of an offboarding reads the key table (a reference table) as
+    // the extension's owner; with local execution off, over a connection.
+    c.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('gone'); SELECT pgseal.ledger_append('setup'); COMMIT;
+         INSERT INTO pgseal.tenant_offboardings (tenant_id, due_at, scheduled_by, step)
+             VALUES ('gone', now(), 'app', 'erased');",
+    )
+    .unwrap();
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute(
+        "SET LOCAL citus.propagate_set_commands = 'local';
+         SET LOCAL citus.enable_local_execution = off;
+         SET LOCAL search_path = evil, pg_catalog",
+    )
+    .unwrap();
+    let r = message(tx.query_one("SELECT pgseal._offboard_finish('gone')::text", &[]));
+    assert!(!r.contains("evil code ran"), "{r}");
+    tx.rollback().unwrap();
 }

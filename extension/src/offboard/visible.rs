@@ -12,7 +12,7 @@ use std::cell::Cell;
 use pgrx::prelude::*;
 
 use crate::error::{SealError, SealResult};
-use crate::privilege::as_table_owner_of;
+use crate::privilege::as_table_owner_pinned;
 
 thread_local! {
     /// The table an offboarding statement runs on now, and its owner.
@@ -28,7 +28,7 @@ impl Drop for Restore {
     }
 }
 
-/// Runs `f` as table `rel`'s owner `owner` (`as_table_owner_of`), with
+/// Runs `f` as table `rel`'s owner `owner` (`as_table_owner_pinned`), with
 /// `_offboard_visible(rel)` true for the owner meanwhile.
 pub(super) fn as_offboarding_owner<R, E>(
     rel: pg_sys::Oid,
@@ -39,7 +39,7 @@ where
     SealError: From<E>,
 {
     let _restore = Restore(VISIBLE.with(|v| v.replace(Some((rel, owner)))));
-    as_table_owner_of(rel, owner, || {
+    as_table_owner_pinned(owner, || {
         // No parallel worker, which has no flag, reads the table meanwhile (in
         // `as_table_owner`'s setting level, discarded on return).
         crate::privilege::save_setting(c"max_parallel_workers_per_gather", c"0");
