@@ -3342,7 +3342,8 @@ fn a_new_tenants_first_writes_through_two_nodes_at_once_all_commit() {
 /// that role: `subject_export` (granted to application roles) and `subject_erase`
 /// as a registered Citus table's owner; `subject_erase` of a table of the
 /// coordinator whose owner's trigger writes a Citus table; `_offboard_finish`
-/// (`pgseal_admin`) reading the key table as the extension's owner.
+/// (`pgseal_admin`) reading the key table as the extension's owner; an
+/// offboarding's export and deletes of a Citus table as its owner.
 #[test]
 fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     if !citus::enabled("statements_run_as_another_role_through_citus_run_nothing_of_the_callers") {
@@ -3471,4 +3472,45 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     let r = message(tx.query_one("SELECT pgseal._offboard_finish('gone')::text", &[]));
     assert!(!r.contains("evil code ran"), "{r}");
     tx.rollback().unwrap();
+
+    // An offboarding's export and deletes read and delete a Citus table's rows as
+    // its owner.
+    c.batch_execute(
+        "SET app.tenant_id = 'leaving';
+         INSERT INTO people VALUES ('l1', 'leaving', 'l1@leaving.example');
+         RESET app.tenant_id;
+         SELECT pgseal.tenant_offboard('leaving', '0');",
+    )
+    .unwrap();
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT pgseal.set_tenant('leaving'); SET LOCAL search_path = evil, pg_catalog",
+    )
+    .unwrap();
+    let lines = tx
+        .query("SELECT * FROM pgseal._offboard_export('leaving')", &[])
+        .unwrap_or_else(|e| panic!("the export: {}", message::<()>(Err(e))));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.get::<_, String>(0).contains("l1@leaving.example")),
+        "the export holds the tenant's row"
+    );
+    tx.execute(
+        "SELECT pgseal._offboard_advance('leaving', 'scheduled', 'exported', '/x', repeat('a', 64))",
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("the advance: {}", message::<()>(Err(e))));
+    tx.commit().unwrap();
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT pgseal.set_tenant('leaving'); SET LOCAL search_path = evil, pg_catalog",
+    )
+    .unwrap();
+    let deleted: i64 = tx
+        .query_one("SELECT pgseal._offboard_delete('leaving', 100)", &[])
+        .unwrap_or_else(|e| panic!("the delete: {}", message::<()>(Err(e))))
+        .get(0);
+    assert_eq!(deleted, 1);
+    tx.commit().unwrap();
 }
