@@ -3334,6 +3334,17 @@ fn a_new_tenants_first_writes_through_two_nodes_at_once_all_commit() {
     }
 }
 
+/// A transaction of `a` under `tenant`, with the caller's own schema `evil` first in
+/// its `search_path` (sent to the workers, as `set_tenant` turned propagation on).
+fn with_evil_path<'a>(a: &'a mut postgres::Client, tenant: &str) -> postgres::Transaction<'a> {
+    let mut tx = a.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+        .unwrap();
+    tx.batch_execute("SET LOCAL search_path = evil, pg_catalog")
+        .unwrap();
+    tx
+}
+
 /// Statements pgseal runs as another role while Citus runs: Citus sends statements
 /// on its tables to the other nodes (or to this one, local execution off) as the
 /// current role, over connections on which it first replays the caller's
@@ -3395,11 +3406,7 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
             "\"deleted\": 1",
         ),
     ] {
-        let mut tx = a.transaction().unwrap();
-        tx.batch_execute(
-            "SELECT pgseal.set_tenant('acme'); SET LOCAL search_path = evil, pg_catalog",
-        )
-        .unwrap();
+        let mut tx = with_evil_path(&mut a, "acme");
         let r: Result<String, _> = tx.query_one(call, &[]).map(|r| r.get(0));
         let out = r.unwrap_or_else(|e| panic!("{call}: {}", message::<()>(Err(e))));
         assert!(out.contains(want), "{call}: {out}");
@@ -3440,9 +3447,7 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     ] {
         c.batch_execute(sql).unwrap();
     }
-    let mut tx = a.transaction().unwrap();
-    tx.batch_execute("SELECT pgseal.set_tenant('acme'); SET LOCAL search_path = evil, pg_catalog")
-        .unwrap();
+    let mut tx = with_evil_path(&mut a, "acme");
     let r: Result<String, _> = tx
         .query_one("SELECT pgseal.subject_erase('acme', 'u8')::text", &[])
         .map(|r| r.get(0));
@@ -3482,11 +3487,7 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
          SELECT pgseal.tenant_offboard('leaving', '0');",
     )
     .unwrap();
-    let mut tx = a.transaction().unwrap();
-    tx.batch_execute(
-        "SELECT pgseal.set_tenant('leaving'); SET LOCAL search_path = evil, pg_catalog",
-    )
-    .unwrap();
+    let mut tx = with_evil_path(&mut a, "leaving");
     let lines = tx
         .query("SELECT * FROM pgseal._offboard_export('leaving')", &[])
         .unwrap_or_else(|e| panic!("the export: {}", message::<()>(Err(e))));
@@ -3502,11 +3503,7 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     )
     .unwrap_or_else(|e| panic!("the advance: {}", message::<()>(Err(e))));
     tx.commit().unwrap();
-    let mut tx = a.transaction().unwrap();
-    tx.batch_execute(
-        "SELECT pgseal.set_tenant('leaving'); SET LOCAL search_path = evil, pg_catalog",
-    )
-    .unwrap();
+    let mut tx = with_evil_path(&mut a, "leaving");
     let deleted: i64 = tx
         .query_one("SELECT pgseal._offboard_delete('leaving', 100)", &[])
         .unwrap_or_else(|e| panic!("the delete: {}", message::<()>(Err(e))))

@@ -193,42 +193,6 @@ fn a_decrypt_after_an_append_to_the_same_chain_is_recorded_in_the_audit_chain() 
     assert_eq!(done[0].3["started"]["tenant"], "_pgseal_audit");
     verifies(&mut admin, "acme");
     verifies(&mut admin, "_pgseal_audit");
-
-    // The same race with an erasure, which locks the chain first and then appends
-    // its receipt: it takes the key first too, and waits for the one being made.
-    admin
-        .batch_execute(
-            "CREATE TABLE people (id text, tenant_id text, email text);
-             SELECT pgseal.subject_register('people', 'id');
-             SET app.tenant_id = 'initech';
-             INSERT INTO people VALUES ('u1', 'initech', 'u1@initech.example');
-             RESET app.tenant_id;",
-        )
-        .unwrap();
-    let config = {
-        let mut c = cl.config();
-        c.user("app");
-        c
-    };
-    let first = std::thread::spawn(move || {
-        let mut b = config.connect(postgres::NoTls).unwrap();
-        b.batch_execute(
-            "BEGIN; SELECT pgseal.set_tenant('initech'); \
-             SELECT pgseal.ledger_append('first.entry'); COMMIT",
-        )
-        .map_err(|e| sqlstate::<()>(Err(e)))
-    });
-    std::thread::sleep(Duration::from_millis(400));
-    let erased = admin
-        .batch_execute(
-            "BEGIN; SELECT pgseal.set_tenant('initech'); \
-             SELECT pgseal.subject_erase('initech', 'u1'); COMMIT",
-        )
-        .map_err(|e| sqlstate::<()>(Err(e)));
-    assert_eq!(erased, Ok(()), "the erasure beside the first append");
-    assert_eq!(first.join().unwrap(), Ok(()), "the first append");
-    assert_eq!(entries(&mut admin, "subject.erased").len(), 1);
-    verifies(&mut admin, "initech");
 }
 
 fn decrypt_state(cl: &Cluster) -> String {
@@ -358,6 +322,30 @@ fn reconnect(cl: &Cluster) -> postgres::Client {
     }
 }
 
+/// Runs `during` (in this thread, with its own sessions) while `tenant`'s first
+/// ledger append, in a session of `app`, sits between making the tenant's ledger key
+/// and taking its chain lock (held there by the test's trigger on the key table);
+/// returns what `during` returned, then the append's result (a SQLSTATE on error).
+fn beside_a_first_append<T>(
+    cl: &Cluster,
+    tenant: &str,
+    during: impl FnOnce() -> T,
+) -> (T, Result<(), String>) {
+    let mut config = cl.config();
+    config.user("app");
+    let sql = format!(
+        "BEGIN; SELECT pgseal.set_tenant('{tenant}'); \
+         SELECT pgseal.ledger_append('first.entry'); COMMIT"
+    );
+    let first = std::thread::spawn(move || {
+        let mut b = config.connect(postgres::NoTls).unwrap();
+        b.batch_execute(&sql).map_err(|e| sqlstate::<()>(Err(e)))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let r = during();
+    (r, first.join().unwrap())
+}
+
 /// Every append takes the tenant's ledger key before its chain lock. A tenant's
 /// first append makes the key (its row written, the key-creation lock held) and then
 /// waits for the chain; the audit writer, recording a decrypt of the same tenant
@@ -383,26 +371,13 @@ fn the_writer_never_waits_for_a_key_a_first_append_is_making() {
                  FOR EACH ROW EXECUTE FUNCTION public.slow_ledger_key();",
         )
         .unwrap();
-    let config = {
-        let mut c = cl.config();
-        c.user("app");
-        c
-    };
-    let first = std::thread::spawn(move || {
-        let mut b = config.connect(postgres::NoTls).unwrap();
-        b.batch_execute(
-            "BEGIN; SELECT pgseal.set_tenant('acme'); \
-             SELECT pgseal.ledger_append('first.entry'); COMMIT",
-        )
-        .map_err(|e| sqlstate::<()>(Err(e)))
+    let (opened, first) = beside_a_first_append(&cl, "acme", || {
+        cl.connect_as("app")
+            .batch_execute(&format!("BEGIN; {DECRYPT_ALL}; COMMIT"))
+            .map_err(|e| sqlstate::<()>(Err(e)))
     });
-    std::thread::sleep(Duration::from_millis(400));
-    let mut c = cl.connect_as("app");
-    let opened = c
-        .batch_execute(&format!("BEGIN; {DECRYPT_ALL}; COMMIT"))
-        .map_err(|e| sqlstate::<()>(Err(e)));
     assert_eq!(opened, Ok(()), "the decrypt beside the first append");
-    assert_eq!(first.join().unwrap(), Ok(()), "the first append");
+    assert_eq!(first, Ok(()), "the first append");
     let started = entries(&mut admin, "vault.decrypt_started");
     assert_eq!(started.len(), 1, "{started:?}");
     assert_eq!(started[0].0, "_pgseal_audit", "{started:?}");
@@ -423,28 +398,16 @@ fn the_writer_never_waits_for_a_key_a_first_append_is_making() {
              RESET app.tenant_id;",
         )
         .unwrap();
-    let config = {
-        let mut c = cl.config();
-        c.user("app");
-        c
-    };
-    let first = std::thread::spawn(move || {
-        let mut b = config.connect(postgres::NoTls).unwrap();
-        b.batch_execute(
-            "BEGIN; SELECT pgseal.set_tenant('initech'); \
-             SELECT pgseal.ledger_append('first.entry'); COMMIT",
-        )
-        .map_err(|e| sqlstate::<()>(Err(e)))
+    let (erased, first) = beside_a_first_append(&cl, "initech", || {
+        admin
+            .batch_execute(
+                "BEGIN; SELECT pgseal.set_tenant('initech'); \
+                 SELECT pgseal.subject_erase('initech', 'u1'); COMMIT",
+            )
+            .map_err(|e| sqlstate::<()>(Err(e)))
     });
-    std::thread::sleep(Duration::from_millis(400));
-    let erased = admin
-        .batch_execute(
-            "BEGIN; SELECT pgseal.set_tenant('initech'); \
-             SELECT pgseal.subject_erase('initech', 'u1'); COMMIT",
-        )
-        .map_err(|e| sqlstate::<()>(Err(e)));
     assert_eq!(erased, Ok(()), "the erasure beside the first append");
-    assert_eq!(first.join().unwrap(), Ok(()), "the first append");
+    assert_eq!(first, Ok(()), "the first append");
     assert_eq!(entries(&mut admin, "subject.erased").len(), 1);
     verifies(&mut admin, "initech");
 }
