@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 use crate::error::{OrRaise, SealError, SealResult};
 use crate::gucs;
+use crate::pg::citus;
 
 /// Reads a setting by name; `None` when it does not exist.
 pub fn read_setting(name: &CStr) -> Option<String> {
@@ -126,25 +127,34 @@ pub fn _context_setting(which: &str) -> String {
     name
 }
 
-/// With `pgseal.strict_context` on, clears the tenant and user settings, so even a
-/// session-level SET lasts one transaction. (An aborted transaction already undoes
-/// its own SETs.) Runs at pre-commit with a snapshot, after
-/// `close_held_cursors_if_strict`.
-fn clear_if_strict(_preparing: bool) -> SealResult<()> {
-    if !strict_here() {
-        return Ok(());
-    }
+/// Clears the tenant and user settings at pre-commit, so even a session-level SET
+/// lasts one transaction (an aborted transaction already undoes its own SETs):
+/// - with `pgseal.strict_context` on, in every client's session;
+/// - always, in a session Citus opened to run another node's statements
+///   ([`citus::in_citus_internal_session`]). Citus keeps such a session for the
+///   coordinator session's later transactions and sends the tenant as a `SET LOCAL`
+///   in each; a session-level value there can only come from a query Citus pushed
+///   down (`set_config(…, false)` inside it), and it would let a later transaction
+///   that set no tenant run under it on that node instead of failing closed.
+///
+/// Runs last at pre-commit, after `close_held_cursors_if_strict`. A plain `SET` of
+/// '' through the GUC machinery (no SPI), only when a value is there: one string
+/// comparison per setting otherwise.
+fn clear_context(_preparing: bool) -> SealResult<()> {
     let tenant = gucs::with_tenant_setting_name(|n| n.to_owned());
     let user = gucs::user_setting_name();
     for name in [tenant, user] {
         if read_setting(&name).is_some_and(|v| !v.is_empty()) {
-            Spi::run_with_args(
-                "SELECT pg_catalog.set_config($1, '', false)",
-                &[name.to_string_lossy().as_ref().into()],
-            )?;
+            crate::privilege::set_setting(&name, c"", pg_sys::GucAction::GUC_ACTION_SET);
         }
     }
     Ok(())
+}
+
+/// Whether this commit clears the tenant and user settings ([`clear_context`]).
+fn clears_context_here() -> bool {
+    crate::pg::xact::is_client_backend()
+        && (gucs::strict_context() || citus::in_citus_internal_session())
 }
 
 /// Closes every `WITH HOLD` cursor at commit, under `pgseal.strict_context`.
@@ -226,8 +236,8 @@ fn strict_here() -> bool {
     gucs::strict_context() && crate::pg::xact::is_client_backend()
 }
 
-/// With `pgseal.strict_context`, the context's pre-commit work: `WITH HOLD`
-/// cursors closed first, the settings cleared last.
+/// The context's pre-commit work: `WITH HOLD` cursors closed first (with
+/// `pgseal.strict_context`), the settings cleared last ([`clear_context`]).
 pub const TXN: crate::txn::Participant = crate::txn::Participant {
     pre_commit: &[
         crate::txn::PreCommit {
@@ -237,8 +247,8 @@ pub const TXN: crate::txn::Participant = crate::txn::Participant {
         },
         crate::txn::PreCommit {
             phase: crate::txn::Phase::ClearContext,
-            has_work: strict_here,
-            run: clear_if_strict,
+            has_work: clears_context_here,
+            run: clear_context,
         },
     ],
     ..crate::txn::Participant::NONE

@@ -39,8 +39,8 @@ pub enum Phase {
     SealCounts,
     /// Write the ledger entries still pending.
     LedgerWrite,
-    /// Clear the tenant and user settings (`pgseal.strict_context`): last, so every
-    /// earlier phase still sees the tenant.
+    /// Clear the tenant and user settings (`pgseal.strict_context`, and always in
+    /// Citus's sessions): last, so every earlier phase still sees the tenant.
     ClearContext,
 }
 

@@ -228,6 +228,39 @@ fn the_tenant_reaches_every_shard_whatever_the_session_did() {
     // The next transaction starts without the tenant, on the workers as here.
     assert_eq!(tenants(&mut a, "", all), Err("42501".into()));
 
+    // A session-level tenant (and user) set by a query Citus ran on a worker stays
+    // in no session Citus keeps for the coordinator session's later transactions:
+    // tenant A's router query sets it on the connection to A's worker, which Citus
+    // keeps and uses again for the next transaction's router query to A's shard.
+    a.batch_execute("RESET citus.propagate_set_commands")
+        .unwrap();
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('A')").unwrap();
+    let set = "SELECT pg_catalog.set_config('app.tenant_id', 'A', false), \
+               pg_catalog.set_config('app.user_id', 'u-a', false) \
+               FROM notes WHERE tenant_id = 'A' AND id = 1";
+    assert_eq!(tx.query(set, &[]).unwrap().len(), 1);
+    tx.commit().unwrap();
+    assert_eq!(
+        tenants(
+            &mut a,
+            "SET LOCAL citus.propagate_set_commands = 'local'; SET LOCAL app.tenant_id = 'A'",
+            "SELECT coalesce(pg_catalog.current_setting('app.user_id', true), '') \
+             FROM notes WHERE tenant_id = 'A' AND id = 1"
+        ),
+        Ok(vec![String::new()]),
+        "the user a pushed-down query set stayed on the worker"
+    );
+    assert_eq!(
+        tenants(
+            &mut a,
+            "",
+            "SELECT tenant_id FROM notes WHERE tenant_id = 'A'"
+        ),
+        Err("42501".into()),
+        "a later transaction without a tenant ran under the tenant a pushed-down query set"
+    );
+
     // Each shard, read directly on the node that holds it: its own policy.
     assert_shards_hold(&cc, &TABLES);
 }
