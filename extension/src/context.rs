@@ -133,28 +133,42 @@ pub fn _context_setting(which: &str) -> String {
 /// - always, in a session Citus opened to run another node's statements
 ///   ([`citus::in_citus_internal_session`]). Citus keeps such a session for the
 ///   coordinator session's later transactions and sends the tenant as a `SET LOCAL`
-///   in each; a session-level value there can only come from a query Citus pushed
-///   down (`set_config(…, false)` inside it), and it would let a later transaction
-///   that set no tenant run under it on that node instead of failing closed.
+///   in each; a session-level value there comes from a query Citus pushed down or
+///   a function call it delegated (`set_config(…, false)` inside it), and it would
+///   let a later transaction that set no tenant run under it on that node instead
+///   of failing closed.
 ///
-/// Runs last at pre-commit, after `close_held_cursors_if_strict`. A plain `SET` of
-/// '' through the GUC machinery (no SPI), only when a value is there: one string
-/// comparison per setting otherwise.
+/// Every setting that exists is set to '' for the session, whatever its value now:
+/// a session-level value can hide under a `SET LOCAL` of '' in the same
+/// transaction, which the commit would pop to bring it back. A plain `SET`
+/// through the GUC machinery (no SPI, no snapshot): it overrides the transaction's
+/// `SET LOCAL`s of the setting and drops the value they hid. Runs last at
+/// pre-commit.
 fn clear_context(_preparing: bool) -> SealResult<()> {
-    let tenant = gucs::with_tenant_setting_name(|n| n.to_owned());
-    let user = gucs::user_setting_name();
-    for name in [tenant, user] {
-        if read_setting(&name).is_some_and(|v| !v.is_empty()) {
+    for name in context_settings() {
+        if read_setting(&name).is_some() {
             crate::privilege::set_setting(&name, c"", pg_sys::GucAction::GUC_ACTION_SET);
         }
     }
     Ok(())
 }
 
-/// Whether this commit clears the tenant and user settings ([`clear_context`]).
+/// The tenant and user settings' names.
+fn context_settings() -> [std::ffi::CString; 2] {
+    [
+        gucs::with_tenant_setting_name(|n| n.to_owned()),
+        gucs::user_setting_name(),
+    ]
+}
+
+/// Whether this commit clears the tenant and user settings ([`clear_context`]):
+/// where it applies, once either setting exists in the session.
 fn clears_context_here() -> bool {
     crate::pg::xact::is_client_backend()
         && (gucs::strict_context() || citus::in_citus_internal_session())
+        && context_settings()
+            .iter()
+            .any(|name| read_setting(name).is_some())
 }
 
 /// Closes every `WITH HOLD` cursor at commit, under `pgseal.strict_context`.

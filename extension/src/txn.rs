@@ -7,7 +7,8 @@
 //! participants from them:
 //!
 //! - at pre-commit and pre-prepare, each participant's work in the order of
-//!   [`Phase`], under a snapshot (SPI needs one), when any of them has work;
+//!   [`Phase`]: the phases that read tables under a snapshot (SPI needs one), all
+//!   of them when any has work; then the last phase, which reads none, when it has;
 //! - before a prepare, each participant's check (it may refuse the prepare);
 //! - when the transaction has ended ([`End`]), and when a subtransaction commits or
 //!   aborts;
@@ -42,6 +43,14 @@ pub enum Phase {
     /// Clear the tenant and user settings (`pgseal.strict_context`, and always in
     /// Citus's sessions): last, so every earlier phase still sees the tenant.
     ClearContext,
+}
+
+impl Phase {
+    /// Whether the phase's work reads tables (SPI needs a snapshot). The one that
+    /// does not is last, so running it after the others keeps the order.
+    fn needs_snapshot(self) -> bool {
+        self != Phase::ClearContext
+    }
 }
 
 /// Pre-commit work of one participant.
@@ -118,10 +127,17 @@ fn participants() -> &'static [Participant] {
 
 fn pre_commit(preparing: bool) {
     let Some(reg) = REGISTRY.get() else { return };
-    if !reg.pre_commit.iter().any(|p| (p.has_work)()) {
-        return;
+    let (reads, plain) = reg
+        .pre_commit
+        .split_at(reg.pre_commit.partition_point(|p| p.phase.needs_snapshot()));
+    if reads.iter().any(|p| (p.has_work)()) {
+        with_snapshot(|| reads.iter().try_for_each(|p| (p.run)(preparing))).or_raise();
     }
-    with_snapshot(|| reg.pre_commit.iter().try_for_each(|p| (p.run)(preparing))).or_raise();
+    for p in plain {
+        if (p.has_work)() {
+            (p.run)(preparing).or_raise();
+        }
+    }
 }
 
 fn ended(how: End) {

@@ -260,6 +260,24 @@ fn the_tenant_reaches_every_shard_whatever_the_session_did() {
         Err("42501".into()),
         "a later transaction without a tenant ran under the tenant a pushed-down query set"
     );
+    // The same, with the session-level value hidden under a SET LOCAL of '' when
+    // the transaction commits (which pops it back).
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('A')").unwrap();
+    let hidden = "SELECT pg_catalog.set_config('app.tenant_id', 'A', false), \
+                  pg_catalog.set_config('app.tenant_id', '', true) \
+                  FROM notes WHERE tenant_id = 'A' AND id = 1";
+    assert_eq!(tx.query(hidden, &[]).unwrap().len(), 1);
+    tx.commit().unwrap();
+    assert_eq!(
+        tenants(
+            &mut a,
+            "",
+            "SELECT tenant_id FROM notes WHERE tenant_id = 'A'"
+        ),
+        Err("42501".into()),
+        "a tenant hidden under an empty SET LOCAL outlived the pushed-down query's transaction"
+    );
 
     // Each shard, read directly on the node that holds it: its own policy.
     assert_shards_hold(&cc, &TABLES);

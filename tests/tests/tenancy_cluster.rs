@@ -250,6 +250,19 @@ fn pgbouncer_transaction_mode_never_leaks_a_tenant() {
             .filter(|r| r.len() == 1 && r.as_str() != "B")
             .count();
     }
+    // A session-level SET hidden under a SET LOCAL of '' at commit (which pops it
+    // back) ends with its transaction too.
+    tenants_seen(
+        &mut s1,
+        "BEGIN; SET app.tenant_id = 'A'; SET LOCAL app.tenant_id = ''; COMMIT",
+    )
+    .unwrap();
+    for c in [&mut s2, &mut s1] {
+        match tenants_seen(c, "SELECT tenant_id FROM notes") {
+            Err(state) => assert_eq!(state, "42501"),
+            Ok(rows) => leaked += rows.len(),
+        }
+    }
     assert_eq!(
         leaked, 0,
         "rows leaked through a session-level SET with strict_context on"
