@@ -240,6 +240,7 @@ BEGIN
          LEFT JOIN (SELECT k, count(*) AS n FROM used GROUP BY k) u ON u.k = t.key_id
          WHERE t.purpose = ''dek''
          ORDER BY t.tenant_id, t.created_at', parts);
+    PERFORM pgseal._citus_owner_done();
 END
 $$;
 
@@ -670,5 +671,6 @@ BEGIN
       AND (k.created_at < now() - max_age
            OR k.encryptions >= current_setting('pgseal.dek_max_encryptions')::bigint * 9 / 10)
     ORDER BY k.tenant_id;
+    PERFORM pgseal._citus_owner_done();
 END
 $$;

@@ -331,6 +331,7 @@ BEGIN
     PERFORM pgseal._citus_owner_check();
     IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM pgseal._org_members_copy;
+        PERFORM pgseal._citus_owner_done();
         RETURN NULL;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
@@ -345,6 +346,8 @@ BEGIN
         VALUES (NEW.tenant_id, NEW.org_id, NEW.user_id, NEW.role)
         ON CONFLICT (tenant_id, org_id, user_id) DO UPDATE SET role = EXCLUDED.role;
     END IF;
+    -- The workers parse the caller's later statements as it had them do.
+    PERFORM pgseal._citus_owner_done();
     RETURN NULL;
 END
 $$;

@@ -294,6 +294,11 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_citus_owner_check_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_citus_owner_done"() RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_citus_owner_done_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_keys_changed"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -1019,6 +1024,7 @@ BEGIN
     PERFORM pgseal._citus_owner_check();
     IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM pgseal._org_members_copy;
+        PERFORM pgseal._citus_owner_done();
         RETURN NULL;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
@@ -1033,6 +1039,8 @@ BEGIN
         VALUES (NEW.tenant_id, NEW.org_id, NEW.user_id, NEW.role)
         ON CONFLICT (tenant_id, org_id, user_id) DO UPDATE SET role = EXCLUDED.role;
     END IF;
+    -- The workers parse the caller's later statements as it had them do.
+    PERFORM pgseal._citus_owner_done();
     RETURN NULL;
 END
 $$;
@@ -2067,6 +2075,7 @@ BEGIN
          LEFT JOIN (SELECT k, count(*) AS n FROM used GROUP BY k) u ON u.k = t.key_id
          WHERE t.purpose = ''dek''
          ORDER BY t.tenant_id, t.created_at', parts);
+    PERFORM pgseal._citus_owner_done();
 END
 $$;
 
@@ -2720,6 +2729,7 @@ BEGIN
       AND (k.created_at < now() - max_age
            OR k.encryptions >= current_setting('pgseal.dek_max_encryptions')::bigint * 9 / 10)
     ORDER BY k.tenant_id;
+    PERFORM pgseal._citus_owner_done();
 END
 $$;
 

@@ -2096,8 +2096,8 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
 
     // pgseald's reads of Citus tables as the owner, called by a pgseal_admin with
     // its search_path sent along: the tenant scan pins the workers' parsing (a
-    // varchar tenant column's cast to text would find evil.text), the key usage and
-    // rotation reads refuse.
+    // varchar tenant column's cast to text would find evil.text), and so do the
+    // key usage and rotation reads (`_citus_owner_check`): none runs evil code.
     c.batch_execute(
         "GRANT pgseal_admin TO app;
          CREATE TABLE things (id int, tenant_id varchar(20) NOT NULL, PRIMARY KEY (tenant_id, id));
@@ -2133,7 +2133,17 @@ fn key_writes_through_citus_ignore_the_callers_settings() {
             "SELECT pgseal.set_tenant('ops'); SET LOCAL search_path = evil, pg_catalog",
         )
         .unwrap();
-        assert_eq!(sqlstate(tx.query_one(q, &[])), "0A000", "{q}");
+        assert_eq!(sqlstate(tx.query_one(q, &[])), "00000", "{q}");
+        // ... and the workers parse the caller's later statements as it had them.
+        let path: String = tx
+            .query_one(
+                "SELECT pg_catalog.current_setting('search_path') FROM public.things \
+                 WHERE tenant_id OPERATOR(pg_catalog.=) 'a' AND id OPERATOR(pg_catalog.=) 1",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(path, "evil, pg_catalog", "{q}");
     }
     for node in cc.nodes() {
         let ran = pgseal_tests::count(
@@ -3561,4 +3571,71 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         .get(0);
     assert_eq!(deleted, 1);
     tx.commit().unwrap();
+}
+
+#[test]
+fn pgseals_statements_leave_the_workers_parsing_as_the_caller_sent_it() {
+    if !citus::enabled("pgseals_statements_leave_the_workers_parsing_as_the_caller_sent_it") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-parsing");
+    schema(&cc);
+    let mut c = cc.coordinator.connect();
+    c.batch_execute("CREATE SCHEMA caller_s").unwrap();
+    // How tenant A's worker parses what the transaction sends it.
+    let on_worker = |tx: &mut postgres::Transaction| -> String {
+        tx.query_one(
+            "SELECT pg_catalog.current_setting('search_path') || ' / ' || \
+                    pg_catalog.current_setting('standard_conforming_strings') \
+               FROM notes WHERE tenant_id = 'A' AND id = 1",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    // Each case: what the caller sends first, and what the worker then has. The
+    // pgseal call is a SECURITY DEFINER function with its own search_path whose
+    // ledger entry (the transaction's first) runs an owner statement through Citus
+    // with the parsing pinned; the pinning sent its values to the workers first.
+    let cases = [
+        ("", "\"$user\", public / on"),
+        (
+            "SET LOCAL search_path = caller_s, public",
+            "caller_s, public / on",
+        ),
+        (
+            "SAVEPOINT s; SET LOCAL search_path = caller_s; ROLLBACK TO SAVEPOINT s",
+            "\"$user\", public / on",
+        ),
+        (
+            "SET LOCAL search_path = caller_s; RESET search_path",
+            "\"$user\", public / on",
+        ),
+        (
+            "SET LOCAL standard_conforming_strings = off",
+            "\"$user\", public / off",
+        ),
+    ];
+    // The calls: that function; and after it an organisation member added, whose
+    // copy on the workers is written by a trigger that pins the parsing too (the
+    // member's ledger entry, not the chain's first in the transaction, then sends
+    // nothing).
+    let calls = [
+        "SELECT pgseal.retention_hold('A', true)",
+        "SELECT pgseal.retention_hold('A', true); \
+         INSERT INTO pgseal.org_members VALUES ('A', 'org9', 'u1', 'owner')",
+    ];
+    for call in calls {
+        for (sent, want) in cases {
+            let mut tx = c.transaction().unwrap();
+            tx.batch_execute("SELECT pgseal.set_tenant('A')").unwrap();
+            if !sent.is_empty() {
+                tx.batch_execute(sent).unwrap();
+            }
+            assert_eq!(on_worker(&mut tx), want, "{sent}: before {call}");
+            tx.batch_execute(call).unwrap();
+            assert_eq!(on_worker(&mut tx), want, "{sent}: after {call}");
+            tx.rollback().unwrap();
+        }
+    }
 }

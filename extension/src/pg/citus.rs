@@ -379,45 +379,99 @@ pub const TXN: Participant = Participant {
         TWO_PHASE_ASKED.with(|a| a.set(false));
         PLACEMENTS.with(|m| m.borrow_mut().clear());
         REPLAYED.with(|r| r.borrow_mut().clear());
+        SENT_PARSING.with(|r| r.borrow_mut().clear());
         PINNING.with(|p| p.set(false));
     }),
+    // What a rolled-back subtransaction (and any inside it, whose ids are larger)
+    // sent is undone on the workers, and Citus no longer replays it.
+    subxact_aborted: Some(|my| SENT_PARSING.with(|r| r.borrow_mut().retain(|(id, ..)| *id < my))),
     ..Participant::NONE
 };
 
-/// How the caller's session parses SQL, to restore on the other nodes after
-/// `with_remote_parsing_pinned`: its `search_path` (the schemas it resolves to, each
-/// quoted) and `standard_conforming_strings`. None without Citus. Read before
-/// `as_owner` pins the path, under the caller's own settings (the query names
-/// everything with its schema).
-pub struct CallerParsing {
-    search_path: String,
-    standard_conforming_strings: String,
+/// Proof that Citus is present, for `with_remote_parsing_pinned`, which then sends
+/// the workers again how the caller's transaction had them parse SQL: the
+/// `search_path` and `standard_conforming_strings` the caller last sent them with
+/// `SET LOCAL` (or `RESET`) in this transaction, as `on_set_statement` recorded
+/// them, or the workers' defaults when it sent none. That is what the workers had,
+/// whatever this session's own values are where pgseal's code runs (an owner
+/// scope, or a function's `SET search_path` clause, which Citus never sends).
+pub struct CallerParsing(());
+
+/// `CallerParsing` when Citus is present, else None.
+pub fn caller_parsing() -> SealResult<Option<CallerParsing>> {
+    Ok(present().then_some(CallerParsing(())))
 }
 
-/// `caller_parsing`'s statement (every name qualified: it runs under the caller's
-/// settings, through a plan kept for the backend's life).
-const CALLER_PARSING: &str = "SELECT (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(s.n), ', ' ORDER BY s.i) \
-                 FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) WITH ORDINALITY AS s(n, i) \
-                 WHERE s.n OPERATOR(pg_catalog.!~) '^pg_(toast_)?temp_'), \
-                pg_catalog.current_setting('standard_conforming_strings')";
+/// The two settings that decide how the workers parse what Citus sends them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parsing {
+    SearchPath,
+    StandardConformingStrings,
+}
 
-pub fn caller_parsing() -> SealResult<Option<CallerParsing>> {
-    if !present() {
-        return Ok(None);
-    }
-    let (path, scs) = crate::pg::plans::select_first(CALLER_PARSING, &[], &[], |r| {
-        Ok((r.get::<String>(1)?, r.get::<String>(2)?))
-    })?
-    .unwrap_or((None, None));
-    Ok(Some(CallerParsing {
-        search_path: path.unwrap_or_else(|| "''".to_owned()),
-        standard_conforming_strings: if scs.as_deref() == Some("off") {
-            "off"
+impl Parsing {
+    const ALL: [Parsing; 2] = [Parsing::SearchPath, Parsing::StandardConformingStrings];
+
+    fn of(name: &str) -> Option<Parsing> {
+        if name.eq_ignore_ascii_case("search_path") {
+            Some(Parsing::SearchPath)
+        } else if name.eq_ignore_ascii_case("standard_conforming_strings") {
+            Some(Parsing::StandardConformingStrings)
         } else {
-            "on"
+            None
         }
-        .to_owned(),
-    }))
+    }
+
+    fn name(self) -> &'static std::ffi::CStr {
+        match self {
+            Parsing::SearchPath => c"search_path",
+            Parsing::StandardConformingStrings => c"standard_conforming_strings",
+        }
+    }
+
+    /// pgseal's own value (the owner's parsing).
+    fn pinned(self) -> &'static std::ffi::CStr {
+        match self {
+            Parsing::SearchPath => c"pg_catalog, pg_temp",
+            Parsing::StandardConformingStrings => c"on",
+        }
+    }
+}
+
+/// Sends the workers the caller's value of each parse setting again (see
+/// `CallerParsing`), then pins this node's values back for the rest of the owner
+/// scope: a `SET LOCAL` changes them here too (the nest level in which `pin_remote`
+/// saved them undoes that when it ends).
+fn restore_callers_parsing() -> SealResult<()> {
+    let _pinning = Pinning::start();
+    for which in Parsing::ALL {
+        let sent = SENT_PARSING.with(|r| {
+            r.borrow()
+                .iter()
+                .rev()
+                .find(|(_, w, _)| *w == which)
+                .and_then(|(_, _, v)| v.clone())
+        });
+        let name = which.name().to_string_lossy();
+        match sent {
+            None => Spi::run(&format!("SET LOCAL {name} TO DEFAULT"))?,
+            Some(value) => {
+                let value = std::ffi::CString::new(value).unwrap_or_default();
+                crate::privilege::set_setting(
+                    which.name(),
+                    &value,
+                    pg_sys::GucAction::GUC_ACTION_LOCAL,
+                );
+                Spi::run(&format!("SET LOCAL {name} FROM CURRENT"))?;
+            }
+        }
+        crate::privilege::set_setting(
+            which.name(),
+            which.pinned(),
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+        );
+    }
+    Ok(())
 }
 
 /// Runs `f`, whose statements on a Citus table Citus sends to other nodes as text
@@ -426,7 +480,8 @@ pub fn caller_parsing() -> SealResult<Option<CallerParsing>> {
 /// `search_path` (a schema with its own `bytea` or `text`, whose checks run its
 /// functions) would steer the owner's statements on every other node. `f` runs
 /// after a propagated `SET LOCAL search_path = pg_catalog, pg_temp` and
-/// `standard_conforming_strings = on`; the caller's values are set again after it.
+/// `standard_conforming_strings = on`; after it the workers get the values the
+/// caller had sent them again (`CallerParsing`), and this node keeps pgseal's.
 /// Citus's logging of the commands it sends, the relaying of the workers' messages,
 /// and this session's debug output (which would show wrapped keys to the caller)
 /// are off meanwhile. Refused when the transaction sent other settings that Citus
@@ -437,18 +492,13 @@ pub fn with_remote_parsing_pinned<R>(
     caller: Option<&CallerParsing>,
     f: impl FnOnce() -> SealResult<R>,
 ) -> SealResult<R> {
-    let Some(caller) = caller else {
+    let Some(CallerParsing(())) = caller else {
         return f();
     };
     check_replayed_settings(true)?;
     pin_remote()?;
     let r = f()?;
-    let _pinning = Pinning::start();
-    Spi::run(&format!("SET LOCAL search_path TO {}", caller.search_path))?;
-    Spi::run(&format!(
-        "SET LOCAL standard_conforming_strings TO {}",
-        caller.standard_conforming_strings
-    ))?;
+    restore_callers_parsing()?;
     Ok(r)
 }
 
@@ -459,6 +509,11 @@ thread_local! {
     static REPLAYED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Set while pgseal issues its own `SET LOCAL`s (`with_remote_parsing_pinned`).
     static PINNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The values of `search_path` and `standard_conforming_strings` the caller sent
+    /// the workers in this transaction (None: `RESET` or `TO DEFAULT`), in order,
+    /// by the subtransaction that sent each (`CallerParsing`).
+    static SENT_PARSING: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, Parsing, Option<String>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Settings whose replay on the owner's connections is harmless: the tenant and
@@ -531,9 +586,61 @@ pub unsafe fn on_set_statement(
         if set.kind == VAR_RESET_ALL || !replay_is_harmless(&what) {
             REPLAYED.with(|r| r.borrow_mut().push(what));
         }
+        // SAFETY: as above.
+        unsafe { record_sent_parsing(set, &name_of(set)) };
     }
     // SAFETY: the arguments are the statement's, as PostgreSQL passed them.
     unsafe { rebuilt_set(pstmt, set, &name_of(set), query_string) }
+}
+
+/// Records a caller's `SET LOCAL`/`RESET` of a parse setting that Citus replays
+/// (`SENT_PARSING`): the value as the setting's parser reads it (as `rebuilt_set`
+/// sends it), None for its default; `RESET ALL` resets both.
+///
+/// # Safety
+/// `set` is the statement being run, as PostgreSQL passed it to the hook.
+unsafe fn record_sent_parsing(set: &pg_sys::VariableSetStmt, name: &str) {
+    use pg_sys::VariableSetKind::*;
+    let sent: Vec<(Parsing, Option<String>)> = match set.kind {
+        VAR_RESET_ALL => Parsing::ALL.iter().map(|w| (*w, None)).collect(),
+        _ => {
+            let Some(which) = Parsing::of(name) else {
+                return;
+            };
+            // SAFETY: as in `rebuilt_set`: ExtractSetVariableArgs flattens the
+            // statement's arguments (NULL for none), GetConfigOptionByName reads a
+            // known setting's current value; both palloc'd.
+            let value = unsafe {
+                match set.kind {
+                    VAR_SET_VALUE => pg_sys::ExtractSetVariableArgs(set as *const _ as *mut _),
+                    VAR_SET_CURRENT => pg_sys::GetConfigOptionByName(
+                        which.name().as_ptr(),
+                        std::ptr::null_mut(),
+                        false,
+                    ),
+                    _ => std::ptr::null_mut(),
+                }
+            };
+            let value = (!value.is_null()).then(|| {
+                // SAFETY: a NUL-terminated palloc'd string from above.
+                unsafe { std::ffi::CStr::from_ptr(value) }
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            // SET … TO '' (no value) is the empty list, not the default.
+            let value = match set.kind {
+                VAR_SET_VALUE | VAR_SET_CURRENT => Some(value.unwrap_or_default()),
+                _ => None,
+            };
+            vec![(which, value)]
+        }
+    };
+    // SAFETY: reads the running subtransaction's id.
+    let id = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    SENT_PARSING.with(|r| {
+        r.borrow_mut()
+            .extend(sent.into_iter().map(|(w, v)| (id, w, v)))
+    });
 }
 
 /// The statement's setting name, as written (empty for RESET ALL).
@@ -666,16 +773,29 @@ pub fn check_replayed_settings(pinned_path: bool) -> SealResult<()> {
 }
 
 /// `pgseal._citus_owner_check() → true`: for pgseal's SECURITY DEFINER functions
-/// that read Citus tables; refuses as `check_replayed_settings` (the caller's
-/// `search_path` counted too), then sends `SET LOCAL search_path = pg_catalog,
-/// pg_temp` and `standard_conforming_strings = on` to the workers for the rest of the
-/// transaction.
+/// that read or write Citus tables; refuses as `check_replayed_settings`, then sends
+/// `SET LOCAL search_path = pg_catalog, pg_temp` and `standard_conforming_strings =
+/// on` to the workers, until `_citus_owner_done()` sends them the caller's again.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _citus_owner_check() -> bool {
     use crate::error::OrRaise;
     if present() {
-        check_replayed_settings(false).or_raise();
+        check_replayed_settings(true).or_raise();
         pin_remote().or_raise();
+    }
+    true
+}
+
+/// `pgseal._citus_owner_done() → true`: ends what `_citus_owner_check()` began, for
+/// a function whose caller goes on with its own statements in the transaction
+/// (`_org_members_copy_sync`): sends the workers the caller's parse settings again
+/// (`CallerParsing`). Without it they would parse the rest of the caller's
+/// transaction under pgseal's `pg_catalog, pg_temp`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _citus_owner_done() -> bool {
+    use crate::error::OrRaise;
+    if present() {
+        restore_callers_parsing().or_raise();
     }
     true
 }
@@ -708,6 +828,12 @@ fn pin_remote() -> SealResult<()> {
         (c"debug_print_parse", c"off"),
         (c"debug_print_rewritten", c"off"),
         (c"debug_print_plan", c"off"),
+        // Saved here as well, so that the `SET LOCAL`s below and those
+        // `restore_callers_parsing` sends leave this node's values as they were
+        // when the nest level ends (a `SET LOCAL` in a nest level where the setting
+        // was not saved outlives it).
+        (c"search_path", c"pg_catalog, pg_temp"),
+        (c"standard_conforming_strings", c"on"),
     ] {
         crate::privilege::save_setting(name, value);
     }
