@@ -3520,6 +3520,46 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         1
     );
 
+    // The same, with a pinned scope of pgseal's inside the owner's: the trigger
+    // first seals a value of a new tenant (its key is made through Citus, its
+    // parsing pinned), then writes the Citus table as the owner. The inner scope's
+    // end must leave the workers pinned for the outer scope's statements.
+    for sql in [
+        "CREATE TABLE badges (id text NOT NULL, tenant_id text NOT NULL, code text)",
+        "CREATE FUNCTION public.seal_and_note() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pgseal.vault_seal('badge', 'code');
+             INSERT INTO public.erasures VALUES (OLD.tenant_id, OLD.id);
+             RETURN OLD;
+         END $$",
+        "ALTER TABLE badges OWNER TO people_owner",
+        "ALTER FUNCTION public.seal_and_note() OWNER TO people_owner",
+        "GRANT pgseal_seal TO people_owner",
+        "CREATE TRIGGER seal_and_note AFTER DELETE ON badges
+             FOR EACH ROW EXECUTE FUNCTION public.seal_and_note()",
+        "SELECT pgseal.subject_register('badges', 'id')",
+        "GRANT SELECT, DELETE ON badges TO app",
+        "INSERT INTO badges VALUES ('u9', 'acme3', 'b-9')",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    let mut tx = with_evil_path(&mut a, "acme3");
+    let r: Result<String, _> = tx
+        .query_one("SELECT pgseal.subject_erase('acme3', 'u9')::text", &[])
+        .map(|r| r.get(0));
+    let out = r.unwrap_or_else(|e| {
+        panic!(
+            "erasure through a trigger that makes a key: {}",
+            message::<()>(Err(e))
+        )
+    });
+    assert!(out.contains("\"deleted\": 1"), "{out}");
+    tx.commit().unwrap();
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM erasures WHERE id = 'u9'"),
+        1
+    );
+
     // The last step of an offboarding reads the key table (a reference table) as
     // the extension's owner; with local execution off, over a connection.
     c.batch_execute(
@@ -3587,7 +3627,8 @@ fn pgseals_statements_leave_the_workers_parsing_as_the_caller_sent_it() {
         tx.query_one(
             "SELECT pg_catalog.current_setting('search_path') || ' / ' || \
                     pg_catalog.current_setting('standard_conforming_strings') \
-               FROM notes WHERE tenant_id = 'A' AND id = 1",
+               FROM public.notes WHERE tenant_id OPERATOR(pg_catalog.=) 'A' \
+                AND id OPERATOR(pg_catalog.=) 1",
             &[],
         )
         .unwrap()
@@ -3615,6 +3656,16 @@ fn pgseals_statements_leave_the_workers_parsing_as_the_caller_sent_it() {
             "SET LOCAL standard_conforming_strings = off",
             "\"$user\", public / off",
         ),
+        // Citus replays a released savepoint's SETs on no new connection.
+        (
+            "SAVEPOINT s; SET LOCAL search_path = caller_s; RELEASE SAVEPOINT s",
+            "\"$user\", public / on",
+        ),
+        // A session-level SET here reaches no worker.
+        (
+            "SET search_path = caller_s, public",
+            "\"$user\", public / on",
+        ),
     ];
     // The calls: that function; and after it an organisation member added, whose
     // copy on the workers is written by a trigger that pins the parsing too (the
@@ -3633,8 +3684,19 @@ fn pgseals_statements_leave_the_workers_parsing_as_the_caller_sent_it() {
                 tx.batch_execute(sent).unwrap();
             }
             assert_eq!(on_worker(&mut tx), want, "{sent}: before {call}");
+            let here = |tx: &mut postgres::Transaction| -> String {
+                tx.query_one(
+                    "SELECT pg_catalog.current_setting('search_path') || ' / ' || \
+                            pg_catalog.current_setting('standard_conforming_strings')",
+                    &[],
+                )
+                .unwrap()
+                .get(0)
+            };
+            let here_before = here(&mut tx);
             tx.batch_execute(call).unwrap();
             assert_eq!(on_worker(&mut tx), want, "{sent}: after {call}");
+            assert_eq!(here(&mut tx), here_before, "{sent}: this node after {call}");
             tx.rollback().unwrap();
         }
     }

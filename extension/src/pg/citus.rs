@@ -380,13 +380,24 @@ pub const TXN: Participant = Participant {
         PLACEMENTS.with(|m| m.borrow_mut().clear());
         REPLAYED.with(|r| r.borrow_mut().clear());
         SENT_PARSING.with(|r| r.borrow_mut().clear());
+        OPEN_PINS.with(|r| r.borrow_mut().clear());
         PINNING.with(|p| p.set(false));
     }),
-    // What a rolled-back subtransaction (and any inside it, whose ids are larger)
-    // sent is undone on the workers, and Citus no longer replays it.
-    subxact_aborted: Some(|my| SENT_PARSING.with(|r| r.borrow_mut().retain(|(id, ..)| *id < my))),
+    // Citus replays a subtransaction's SETs on new connections only until it ends,
+    // committed or not (`PopSubXact`): what it (and any inside it, whose ids are
+    // larger) sent is forgotten here too.
+    subxact_committed: Some(|my, _| forget_sent_from(my)),
+    subxact_aborted: Some(|my| {
+        forget_sent_from(my);
+        OPEN_PINS.with(|r| r.borrow_mut().retain(|id| *id < my));
+    }),
     ..Participant::NONE
 };
+
+/// Forgets the parse settings sent from subtransaction `my` on (`SENT_PARSING`).
+fn forget_sent_from(my: pg_sys::SubTransactionId) {
+    SENT_PARSING.with(|r| r.borrow_mut().retain(|(id, ..)| *id < my));
+}
 
 /// Proof that Citus is present, for `with_remote_parsing_pinned`, which then sends
 /// the workers again how the caller's transaction had them parse SQL: the
@@ -439,12 +450,19 @@ impl Parsing {
 }
 
 /// Sends the workers the caller's value of each parse setting again (see
-/// `CallerParsing`), then pins this node's values back for the rest of the owner
-/// scope: a `SET LOCAL` changes them here too (the nest level in which `pin_remote`
-/// saved them undoes that when it ends).
+/// `CallerParsing`), `search_path` last (so nothing of pgseal's is sent under the
+/// caller's), then pins this node's values back for the rest of the owner scope: a
+/// `SET LOCAL` changes them here too (the nest level in which `pin_remote` saved
+/// them undoes that when it ends). Only when no pinned scope is open any more
+/// (`OPEN_PINS`): inside another, the caller's `search_path` would be the last
+/// setting Citus replays on the connections that scope's statements open as
+/// another role.
 fn restore_callers_parsing() -> SealResult<()> {
+    if OPEN_PINS.with(|r| !r.borrow().is_empty()) {
+        return Ok(());
+    }
     let _pinning = Pinning::start();
-    for which in Parsing::ALL {
+    for which in [Parsing::StandardConformingStrings, Parsing::SearchPath] {
         let sent = SENT_PARSING.with(|r| {
             r.borrow()
                 .iter()
@@ -456,7 +474,6 @@ fn restore_callers_parsing() -> SealResult<()> {
         match sent {
             None => Spi::run(&format!("SET LOCAL {name} TO DEFAULT"))?,
             Some(value) => {
-                let value = std::ffi::CString::new(value).unwrap_or_default();
                 crate::privilege::set_setting(
                     which.name(),
                     &value,
@@ -497,9 +514,33 @@ pub fn with_remote_parsing_pinned<R>(
     };
     check_replayed_settings(true)?;
     pin_remote()?;
-    let r = f()?;
+    let r = {
+        let _open = OpenPin::open();
+        f()?
+    };
     restore_callers_parsing()?;
     Ok(r)
+}
+
+/// A pinned scope, open in `OPEN_PINS` until dropped (also when an ERROR unwinds).
+struct OpenPin(usize);
+
+impl OpenPin {
+    fn open() -> OpenPin {
+        // SAFETY: reads the running subtransaction's id.
+        let id = unsafe { pg_sys::GetCurrentSubTransactionId() };
+        OpenPin(OPEN_PINS.with(|r| {
+            let mut r = r.borrow_mut();
+            r.push(id);
+            r.len() - 1
+        }))
+    }
+}
+
+impl Drop for OpenPin {
+    fn drop(&mut self) {
+        OPEN_PINS.with(|r| r.borrow_mut().truncate(self.0));
+    }
 }
 
 thread_local! {
@@ -512,7 +553,12 @@ thread_local! {
     /// The values of `search_path` and `standard_conforming_strings` the caller sent
     /// the workers in this transaction (None: `RESET` or `TO DEFAULT`), in order,
     /// by the subtransaction that sent each (`CallerParsing`).
-    static SENT_PARSING: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, Parsing, Option<String>)>> =
+    static SENT_PARSING: std::cell::RefCell<Vec<(pg_sys::SubTransactionId, Parsing, Option<std::ffi::CString>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    /// The scopes with the workers' parsing pinned that are open now, by the
+    /// subtransaction that opened each (`with_remote_parsing_pinned`,
+    /// `_citus_owner_check` until `_citus_owner_done`).
+    static OPEN_PINS: std::cell::RefCell<Vec<pg_sys::SubTransactionId>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -601,7 +647,7 @@ pub unsafe fn on_set_statement(
 /// `set` is the statement being run, as PostgreSQL passed it to the hook.
 unsafe fn record_sent_parsing(set: &pg_sys::VariableSetStmt, name: &str) {
     use pg_sys::VariableSetKind::*;
-    let sent: Vec<(Parsing, Option<String>)> = match set.kind {
+    let sent: Vec<(Parsing, Option<std::ffi::CString>)> = match set.kind {
         VAR_RESET_ALL => Parsing::ALL.iter().map(|w| (*w, None)).collect(),
         _ => {
             let Some(which) = Parsing::of(name) else {
@@ -623,9 +669,7 @@ unsafe fn record_sent_parsing(set: &pg_sys::VariableSetStmt, name: &str) {
             };
             let value = (!value.is_null()).then(|| {
                 // SAFETY: a NUL-terminated palloc'd string from above.
-                unsafe { std::ffi::CStr::from_ptr(value) }
-                    .to_string_lossy()
-                    .into_owned()
+                unsafe { std::ffi::CStr::from_ptr(value) }.to_owned()
             });
             // SET … TO '' (no value) is the empty list, not the default.
             let value = match set.kind {
@@ -775,13 +819,15 @@ pub fn check_replayed_settings(pinned_path: bool) -> SealResult<()> {
 /// `pgseal._citus_owner_check() → true`: for pgseal's SECURITY DEFINER functions
 /// that read or write Citus tables; refuses as `check_replayed_settings`, then sends
 /// `SET LOCAL search_path = pg_catalog, pg_temp` and `standard_conforming_strings =
-/// on` to the workers, until `_citus_owner_done()` sends them the caller's again.
+/// on` to the workers, and opens a pinned scope (`OPEN_PINS`) until
+/// `_citus_owner_done()` closes it and, outermost, sends them the caller's again.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _citus_owner_check() -> bool {
     use crate::error::OrRaise;
     if present() {
         check_replayed_settings(true).or_raise();
         pin_remote().or_raise();
+        std::mem::forget(OpenPin::open());
     }
     true
 }
@@ -795,6 +841,7 @@ fn _citus_owner_check() -> bool {
 fn _citus_owner_done() -> bool {
     use crate::error::OrRaise;
     if present() {
+        OPEN_PINS.with(|r| r.borrow_mut().pop());
         restore_callers_parsing().or_raise();
     }
     true
