@@ -3611,6 +3611,116 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         .get(0);
     assert_eq!(deleted, 1);
     tx.commit().unwrap();
+
+    // Citus sends no SET LOCAL outside a transaction block once a function turned
+    // citus.function_opens_transaction_block off: the caller's earlier one stays
+    // the last Citus replays unless pgseal's pin is sent all the same. A key made
+    // for a new tenant, and an organisation member's copy, written as the
+    // extension's owner (a superuser) from such a function.
+    c.batch_execute("GRANT pgseal_seal TO app").unwrap();
+    // Citus sends a SET made inside a function called from one (not one made in
+    // the outermost function's own body).
+    a.batch_execute(
+        "CREATE FUNCTION evil.set_path() RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             SET LOCAL search_path = evil, pg_catalog;
+         END $$",
+    )
+    .unwrap();
+    for (tenant, write) in [
+        ("acme4", "PERFORM pgseal.vault_seal('x', 'c')"),
+        (
+            "acme5",
+            "INSERT INTO pgseal.org_members VALUES ('acme5', 'orgz', 'zoe', 'owner')",
+        ),
+    ] {
+        a.batch_execute(&format!(
+            "CREATE OR REPLACE FUNCTION evil.go() RETURNS void LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM pgseal.set_tenant('{tenant}', 'zoe');
+                 PERFORM evil.set_path();
+                 PERFORM pg_catalog.set_config('citus.function_opens_transaction_block', 'off', true);
+                 {write};
+             END $$"
+        ))
+        .unwrap();
+        let r = message(a.query_one("SELECT evil.go()", &[]));
+        assert!(!r.contains("evil code ran"), "{write}: {r}");
+        // A worker's error reaches this node as a lost connection: its log tells.
+        for node in cc.nodes() {
+            let log = node.server_log();
+            let ran = log.lines().find(|l| l.contains("evil code ran as"));
+            assert!(ran.is_none(), "{write}, port {}: {ran:?}", node.port);
+        }
+    }
+
+    // A table owner's code that sends its own search_path from inside pgseal's
+    // scope: afterwards the workers parse the caller's statements as the caller
+    // had them, never under the owner's path.
+    c.batch_execute(
+        "CREATE SCHEMA owner_s AUTHORIZATION people_owner;
+         GRANT USAGE ON SCHEMA owner_s TO PUBLIC;",
+    )
+    .unwrap();
+    let mut o = cc.coordinator.connect_as("people_owner");
+    o.batch_execute(
+        "CREATE FUNCTION owner_s.pwn() RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_user <> 'people_owner' THEN
+                 RAISE EXCEPTION 'owner code ran as %', current_user;
+             END IF;
+         END $$;
+         CREATE FUNCTION owner_s.assign_distributed_transaction_id(int, int, text) RETURNS void
+             LANGUAGE sql AS 'SELECT owner_s.pwn()';
+         CREATE FUNCTION owner_s.assign_distributed_transaction_id(int, bigint, text) RETURNS void
+             LANGUAGE sql AS 'SELECT owner_s.pwn()';
+         CREATE FUNCTION owner_s.assign_distributed_transaction_id(int, bigint, timestamptz) RETURNS void
+             LANGUAGE sql AS 'SELECT owner_s.pwn()';",
+    )
+    .unwrap();
+    for sql in [
+        "CREATE TABLE cards (id text NOT NULL, tenant_id text NOT NULL, pan text)",
+        "CREATE FUNCTION public.set_owner_path() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             SET LOCAL search_path = owner_s, pg_catalog;
+             RETURN OLD;
+         END $$",
+        "ALTER TABLE cards OWNER TO people_owner",
+        "ALTER FUNCTION public.set_owner_path() OWNER TO people_owner",
+        "CREATE TRIGGER set_owner_path AFTER DELETE ON cards
+             FOR EACH ROW EXECUTE FUNCTION public.set_owner_path()",
+        "SELECT pgseal.subject_register('cards', 'id')",
+        "GRANT SELECT, DELETE ON cards TO app",
+        "INSERT INTO cards VALUES ('c10', 'acme', '4111')",
+        // A table the erasure does not touch, for the caller's next query.
+        "CREATE TABLE probe (tenant_id text NOT NULL, n int)",
+        "SELECT create_distributed_table('probe', 'tenant_id', colocate_with => 'none')",
+        "INSERT INTO probe SELECT 't' || g, g FROM generate_series(1, 8) g",
+        "GRANT SELECT ON probe TO app",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('acme')")
+        .unwrap();
+    let out: String = tx
+        .query_one("SELECT pgseal.subject_erase('acme', 'c10')::text", &[])
+        .unwrap_or_else(|e| panic!("erasure of cards: {}", message::<()>(Err(e))))
+        .get(0);
+    assert!(out.contains("\"deleted\": 1"), "{out}");
+    let seen: Result<Vec<String>, String> = tx
+        .query(
+            "SELECT DISTINCT pg_catalog.current_setting('search_path') FROM public.probe",
+            &[],
+        )
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .map_err(|e| message::<()>(Err(e)));
+    assert_eq!(
+        seen,
+        Ok(vec!["\"$user\", public".to_string()]),
+        "the workers' path for the caller's next query"
+    );
+    tx.rollback().unwrap();
 }
 
 #[test]

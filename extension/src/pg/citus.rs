@@ -632,8 +632,12 @@ pub unsafe fn on_set_statement(
         if set.kind == VAR_RESET_ALL || !replay_is_harmless(&what) {
             REPLAYED.with(|r| r.borrow_mut().push(what));
         }
-        // SAFETY: as above.
-        unsafe { record_sent_parsing(set, &name_of(set)) };
+        // Inside a pinned scope no SET is the caller's: a table owner's code
+        // (a trigger) runs there, whose path must not be sent as the caller's.
+        if OPEN_PINS.with(|r| r.borrow().is_empty()) {
+            // SAFETY: as above.
+            unsafe { record_sent_parsing(set, &name_of(set)) };
+        }
     }
     // SAFETY: the arguments are the statement's, as PostgreSQL passed them.
     unsafe { rebuilt_set(pstmt, set, &name_of(set), query_string) }
@@ -884,8 +888,19 @@ fn pin_remote() -> SealResult<()> {
     ] {
         crate::privilege::save_setting(name, value);
     }
-    // One statement per SPI call: Citus sends a SET's whole query string along.
-    crate::pg::plans::run("SET LOCAL search_path TO pg_catalog, pg_temp", &[], &[])?;
-    crate::pg::plans::run("SET LOCAL standard_conforming_strings TO on", &[], &[])?;
+    // In a DO block: Citus sends a SET LOCAL to the workers only in what it takes
+    // for a transaction block of several statements, which a DO block always is,
+    // but a statement of a function called from the outermost statement outside
+    // one, or any function's once a caller turned
+    // `citus.function_opens_transaction_block` off, is not; the caller's own
+    // `search_path`, sent earlier, would then stay the last that Citus replays on
+    // the connections it begins for the owner's statements. (Each SET reaches
+    // Citus as the text `on_set_statement` rebuilds.)
+    crate::pg::plans::run(
+        "DO $pgseal$ BEGIN SET LOCAL search_path TO pg_catalog, pg_temp; \
+         SET LOCAL standard_conforming_strings TO on; END $pgseal$",
+        &[],
+        &[],
+    )?;
     Ok(())
 }
