@@ -109,6 +109,7 @@ pub extern "C-unwind" fn _PG_init() {
     pgrx::pg_shmem_init!(SHARED_HEADS = false);
     ledger::shared_heads::register_drop_hook();
     pg::rls_guard::register();
+    pg::citus_clock::register();
     audit_worker::register();
     // Transaction-end work; end callbacks run in this order, pre-commit work in
     // the order of `txn::Phase`.

@@ -3721,6 +3721,38 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         "the workers' path for the caller's next query"
     );
     tx.rollback().unwrap();
+
+    // The connections pgseal's statements began as another role stay in the
+    // transaction after them, and get every SET Citus sends later; Citus's
+    // `citus_get_transaction_clock()` (executable by every role) then sends an
+    // unqualified `citus_get_node_clock()` over each of them.
+    a.batch_execute(
+        "CREATE FUNCTION evil.citus_get_node_clock() RETURNS pg_catalog.cluster_clock
+             LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM evil.pwn();
+                 RETURN pg_catalog.citus_get_node_clock();
+             END $$",
+    )
+    .unwrap();
+    let mut tx = with_evil_path(&mut a, "acme9");
+    tx.batch_execute("SELECT pgseal.vault_seal('x', 'c')")
+        .unwrap();
+    let r = tx.query_one("SELECT pg_catalog.citus_get_transaction_clock()", &[]);
+    assert_eq!(sqlstate(r), "0A000", "the clock after pgseal's statements");
+    drop(tx);
+    // In a transaction where pgseal ran nothing as another role, the clock works.
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('acme9')")
+        .unwrap();
+    let r = message(tx.query_one("SELECT pg_catalog.citus_get_transaction_clock()", &[]));
+    assert_eq!(r, "ok", "the clock alone");
+    drop(tx);
+    for node in cc.nodes() {
+        let log = node.server_log();
+        let ran = log.lines().find(|l| l.contains("evil code ran as"));
+        assert!(ran.is_none(), "the clock, port {}: {ran:?}", node.port);
+    }
 }
 
 #[test]

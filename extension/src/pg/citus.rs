@@ -50,7 +50,7 @@ thread_local! {
 
 /// Whether `shared_preload_libraries` names Citus's library (`citus`, with or
 /// without a directory or `$libdir/`, and with or without a suffix).
-fn preloaded() -> bool {
+pub(crate) fn preloaded() -> bool {
     PRELOADED.with(|p| {
         *p.get_or_init(|| {
             // SAFETY: GetConfigOption returns the setting's current value (a string
@@ -381,6 +381,7 @@ pub const TXN: Participant = Participant {
         REPLAYED.with(|r| r.borrow_mut().clear());
         SENT_PARSING.with(|r| r.borrow_mut().clear());
         OPEN_PINS.with(|r| r.borrow_mut().clear());
+        RAN_AS_ANOTHER_ROLE.with(|r| r.set(false));
         PINNING.with(|p| p.set(false));
     }),
     // Citus replays a subtransaction's SETs on new connections only until it ends,
@@ -393,6 +394,13 @@ pub const TXN: Participant = Participant {
     }),
     ..Participant::NONE
 };
+
+/// Whether this transaction ran statements through Citus as another role (and so
+/// may hold connections begun as that role until it ends), even in a subtransaction
+/// since rolled back: Citus keeps such connections in the transaction.
+pub fn ran_as_another_role() -> bool {
+    RAN_AS_ANOTHER_ROLE.with(|r| r.get())
+}
 
 /// Forgets the parse settings sent from subtransaction `my` on (`SENT_PARSING`).
 fn forget_sent_from(my: pg_sys::SubTransactionId) {
@@ -550,6 +558,10 @@ thread_local! {
     static REPLAYED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Set while pgseal issues its own `SET LOCAL`s (`with_remote_parsing_pinned`).
     static PINNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this transaction pinned the workers' parsing for statements it ran
+    /// as another role (`pin_remote`): Citus may have begun connections as that
+    /// role, which stay in the transaction (`citus_clock`).
+    static RAN_AS_ANOTHER_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The values of `search_path` and `standard_conforming_strings` the caller sent
     /// the workers in this transaction (None: `RESET` or `TO DEFAULT`), in order,
     /// by the subtransaction that sent each (`CallerParsing`).
@@ -869,6 +881,7 @@ impl Drop for Pinning {
 }
 
 fn pin_remote() -> SealResult<()> {
+    RAN_AS_ANOTHER_ROLE.with(|r| r.set(true));
     let _pinning = Pinning::start();
     for (name, value) in [
         (c"citus.propagate_set_commands", c"local"),

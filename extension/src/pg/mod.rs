@@ -2,6 +2,8 @@
 //! than on pgrx's safe API. Read `README.md` here before editing any of it.
 //!
 //! - `citus`: whether Citus is installed, and whether this node is a Citus worker;
+//! - `citus_clock`: refuses Citus's transaction clock after pgseal's statements as
+//!   another role (it calls a function over those roles' connections);
 //! - `compat`: structures whose layout differs between the versions pgseal builds for;
 //! - `rls_guard`: refuses COPY FROM, and INSERT … SELECT that Citus copies, into a
 //!   table under row level security, before Citus can write without the check;
@@ -33,6 +35,7 @@ macro_rules! v1_finfo {
 pub(crate) use v1_finfo;
 
 pub mod citus;
+pub mod citus_clock;
 pub mod compat;
 pub mod head_read;
 pub mod head_write;
