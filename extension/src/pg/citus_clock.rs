@@ -8,8 +8,10 @@
 //! the caller sets itself). `citus_get_transaction_clock()`, which Citus lets every
 //! role execute, sends an unqualified `SELECT citus_get_node_clock();` over every
 //! connection of the transaction, whoever it is open as: a caller's own
-//! `citus_get_node_clock` ran there as the superuser (docs/SCALING.md). No other
-//! function of Citus 14 sends a command over the connections of other roles.
+//! `citus_get_node_clock` ran there as the superuser (docs/SCALING.md). Besides
+//! the propagation of SETs (whose text pgseal rebuilds) and the two-phase commit's
+//! fixed commands, it is the one place of Citus 14 that sends a command over every
+//! connection of the transaction (read in its source: `InProgressTransactions`).
 //!
 //! `needs_fmgr_hook` marks the function (looked up by its OID in the system cache:
 //! a function called from a plan or a PL/pgSQL expression is marked whenever its
