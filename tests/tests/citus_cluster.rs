@@ -3397,6 +3397,79 @@ fn a_new_tenants_first_writes_through_two_nodes_at_once_all_commit() {
 
 /// A transaction of `a` under `tenant`, with the caller's own schema `evil` first in
 /// its `search_path` (sent to the workers, as `set_tenant` turned propagation on).
+/// Plants in `schema` (owned by the connected role) `pwn()`, which raises
+/// "`what` ran as …" when run by any role but `role`, and overloads of Citus's
+/// `assign_distributed_transaction_id` (each signature Citus may call) that run it.
+fn plant_assign_overloads(c: &mut postgres::Client, schema: &str, role: &str, what: &str) {
+    let mut sql = format!(
+        "CREATE FUNCTION {schema}.pwn() RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_user <> '{role}' THEN
+                 RAISE EXCEPTION '{what} ran as %', current_user;
+             END IF;
+         END $$;"
+    );
+    for args in [
+        "int, int, text",
+        "int, bigint, text",
+        "int, bigint, timestamptz",
+    ] {
+        sql.push_str(&format!(
+            "CREATE FUNCTION {schema}.assign_distributed_transaction_id({args}) RETURNS void
+                 LANGUAGE sql AS 'SELECT {schema}.pwn()';"
+        ));
+    }
+    c.batch_execute(&sql).unwrap();
+}
+
+/// A table of the coordinator, `(id, tenant_id, v)`, owned by `people_owner`,
+/// registered for subjects by `id`, readable and deletable by `app`, holding `row`,
+/// with an AFTER DELETE trigger of its owner's that runs `body`. One statement at a
+/// time: Citus sends each DDL statement's text to the workers.
+fn owner_trigger_table(c: &mut postgres::Client, table: &str, body: &str, row: &str) {
+    for sql in [
+        format!("CREATE TABLE {table} (id text NOT NULL, tenant_id text NOT NULL, v text)"),
+        format!(
+            "CREATE FUNCTION public.{table}_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 {body}
+                 RETURN OLD;
+             END $$"
+        ),
+        format!("ALTER TABLE {table} OWNER TO people_owner"),
+        format!("ALTER FUNCTION public.{table}_deleted() OWNER TO people_owner"),
+        format!(
+            "CREATE TRIGGER {table}_deleted AFTER DELETE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION public.{table}_deleted()"
+        ),
+        format!("SELECT pgseal.subject_register('{table}', 'id')"),
+        format!("GRANT SELECT, DELETE ON {table} TO app"),
+        format!("INSERT INTO {table} VALUES {row}"),
+    ] {
+        c.batch_execute(&sql).unwrap();
+    }
+}
+
+/// `subject_erase(tenant, id)` in `tx`, which must delete one row of the first
+/// table that holds the subject.
+fn erased_one(tx: &mut postgres::Transaction, tenant: &str, id: &str, what: &str) {
+    let out: String = tx
+        .query_one("SELECT pgseal.subject_erase($1, $2)::text", &[&tenant, &id])
+        .unwrap_or_else(|e| panic!("{what}: {}", message::<()>(Err(e))))
+        .get(0);
+    assert!(out.contains("\"deleted\": 1"), "{what}: {out}");
+}
+
+/// No node's server log holds a line with `needle` (a worker's error reaches the
+/// coordinator's client only as a lost connection).
+fn assert_no_node_logged(cc: &CitusCluster, needle: &str, what: &str) {
+    for node in cc.nodes() {
+        let log = node.server_log();
+        let line = log.lines().find(|l| l.contains(needle));
+        assert!(line.is_none(), "{what}, port {}: {line:?}", node.port);
+    }
+}
+
 fn with_evil_path<'a>(a: &'a mut postgres::Client, tenant: &str) -> postgres::Transaction<'a> {
     let mut tx = a.transaction().unwrap();
     tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
@@ -3441,22 +3514,9 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     )
     .unwrap();
     let mut a = app(&cc.coordinator);
-    a.batch_execute(
-        "GRANT USAGE ON SCHEMA evil TO PUBLIC;
-         CREATE FUNCTION evil.pwn() RETURNS void LANGUAGE plpgsql AS $$
-         BEGIN
-             IF current_user <> 'app' THEN
-                 RAISE EXCEPTION 'evil code ran as %', current_user;
-             END IF;
-         END $$;
-         CREATE FUNCTION evil.assign_distributed_transaction_id(int, int, text) RETURNS void
-             LANGUAGE sql AS 'SELECT evil.pwn()';
-         CREATE FUNCTION evil.assign_distributed_transaction_id(int, bigint, text) RETURNS void
-             LANGUAGE sql AS 'SELECT evil.pwn()';
-         CREATE FUNCTION evil.assign_distributed_transaction_id(int, bigint, timestamptz) RETURNS void
-             LANGUAGE sql AS 'SELECT evil.pwn()';",
-    )
-    .unwrap();
+    a.batch_execute("GRANT USAGE ON SCHEMA evil TO PUBLIC")
+        .unwrap();
+    plant_assign_overloads(&mut a, "evil", "app", "evil code");
     for (call, want) in [
         (
             "SELECT pgseal.subject_export('acme', 'u7')::text",
@@ -3485,35 +3545,20 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     // A table of the coordinator, registered, whose owner's trigger records each
     // deletion in a Citus table: the erasure's DELETE runs it as the owner.
     c.batch_execute(
-        "CREATE TABLE contacts (id text NOT NULL, tenant_id text NOT NULL, phone text);
-         CREATE TABLE erasures (tenant_id text NOT NULL, id text);
+        "CREATE TABLE erasures (tenant_id text NOT NULL, id text);
          SELECT create_distributed_table('erasures', 'tenant_id');",
     )
     .unwrap();
-    // One statement at a time: Citus sends each DDL statement's text to the workers.
-    for sql in [
-        "CREATE FUNCTION public.note_erasure() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             INSERT INTO public.erasures VALUES (OLD.tenant_id, OLD.id);
-             RETURN OLD;
-         END $$",
-        "ALTER TABLE contacts OWNER TO people_owner",
-        "ALTER TABLE erasures OWNER TO people_owner",
-        "ALTER FUNCTION public.note_erasure() OWNER TO people_owner",
-        "CREATE TRIGGER note_erasure AFTER DELETE ON contacts
-             FOR EACH ROW EXECUTE FUNCTION public.note_erasure()",
-        "SELECT pgseal.subject_register('contacts', 'id')",
-        "GRANT SELECT, DELETE ON contacts TO app",
-        "INSERT INTO contacts VALUES ('u8', 'acme', '555')",
-    ] {
-        c.batch_execute(sql).unwrap();
-    }
+    c.batch_execute("ALTER TABLE erasures OWNER TO people_owner")
+        .unwrap();
+    owner_trigger_table(
+        &mut c,
+        "contacts",
+        "INSERT INTO public.erasures VALUES (OLD.tenant_id, OLD.id);",
+        "('u8', 'acme', '555')",
+    );
     let mut tx = with_evil_path(&mut a, "acme");
-    let r: Result<String, _> = tx
-        .query_one("SELECT pgseal.subject_erase('acme', 'u8')::text", &[])
-        .map(|r| r.get(0));
-    let out = r.unwrap_or_else(|e| panic!("erasure through a trigger: {}", message::<()>(Err(e))));
-    assert!(out.contains("\"deleted\": 1"), "{out}");
+    erased_one(&mut tx, "acme", "u8", "erasure through a trigger");
     tx.commit().unwrap();
     assert_eq!(
         pgseal_tests::count(&mut c, "SELECT count(*) FROM erasures WHERE id = 'u8'"),
@@ -3524,36 +3569,22 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     // first seals a value of a new tenant (its key is made through Citus, its
     // parsing pinned), then writes the Citus table as the owner. The inner scope's
     // end must leave the workers pinned for the outer scope's statements.
-    for sql in [
-        "CREATE TABLE badges (id text NOT NULL, tenant_id text NOT NULL, code text)",
-        "CREATE FUNCTION public.seal_and_note() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             PERFORM pgseal.vault_seal('badge', 'code');
-             INSERT INTO public.erasures VALUES (OLD.tenant_id, OLD.id);
-             RETURN OLD;
-         END $$",
-        "ALTER TABLE badges OWNER TO people_owner",
-        "ALTER FUNCTION public.seal_and_note() OWNER TO people_owner",
-        "GRANT pgseal_seal TO people_owner",
-        "CREATE TRIGGER seal_and_note AFTER DELETE ON badges
-             FOR EACH ROW EXECUTE FUNCTION public.seal_and_note()",
-        "SELECT pgseal.subject_register('badges', 'id')",
-        "GRANT SELECT, DELETE ON badges TO app",
-        "INSERT INTO badges VALUES ('u9', 'acme3', 'b-9')",
-    ] {
-        c.batch_execute(sql).unwrap();
-    }
+    c.batch_execute("GRANT pgseal_seal TO people_owner")
+        .unwrap();
+    owner_trigger_table(
+        &mut c,
+        "badges",
+        "PERFORM pgseal.vault_seal('badge', 'code');
+         INSERT INTO public.erasures VALUES (OLD.tenant_id, OLD.id);",
+        "('u9', 'acme3', 'b-9')",
+    );
     let mut tx = with_evil_path(&mut a, "acme3");
-    let r: Result<String, _> = tx
-        .query_one("SELECT pgseal.subject_erase('acme3', 'u9')::text", &[])
-        .map(|r| r.get(0));
-    let out = r.unwrap_or_else(|e| {
-        panic!(
-            "erasure through a trigger that makes a key: {}",
-            message::<()>(Err(e))
-        )
-    });
-    assert!(out.contains("\"deleted\": 1"), "{out}");
+    erased_one(
+        &mut tx,
+        "acme3",
+        "u9",
+        "erasure through a trigger that makes a key",
+    );
     tx.commit().unwrap();
     assert_eq!(
         pgseal_tests::count(&mut c, "SELECT count(*) FROM erasures WHERE id = 'u9'"),
@@ -3647,11 +3678,7 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         let r = message(a.query_one("SELECT evil.go()", &[]));
         assert!(!r.contains("evil code ran"), "{write}: {r}");
         // A worker's error reaches this node as a lost connection: its log tells.
-        for node in cc.nodes() {
-            let log = node.server_log();
-            let ran = log.lines().find(|l| l.contains("evil code ran as"));
-            assert!(ran.is_none(), "{write}, port {}: {ran:?}", node.port);
-        }
+        assert_no_node_logged(&cc, "evil code ran as", write);
     }
 
     // A table owner's code that sends its own search_path from inside pgseal's
@@ -3663,36 +3690,15 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     )
     .unwrap();
     let mut o = cc.coordinator.connect_as("people_owner");
-    o.batch_execute(
-        "CREATE FUNCTION owner_s.pwn() RETURNS void LANGUAGE plpgsql AS $$
-         BEGIN
-             IF current_user <> 'people_owner' THEN
-                 RAISE EXCEPTION 'owner code ran as %', current_user;
-             END IF;
-         END $$;
-         CREATE FUNCTION owner_s.assign_distributed_transaction_id(int, int, text) RETURNS void
-             LANGUAGE sql AS 'SELECT owner_s.pwn()';
-         CREATE FUNCTION owner_s.assign_distributed_transaction_id(int, bigint, text) RETURNS void
-             LANGUAGE sql AS 'SELECT owner_s.pwn()';
-         CREATE FUNCTION owner_s.assign_distributed_transaction_id(int, bigint, timestamptz) RETURNS void
-             LANGUAGE sql AS 'SELECT owner_s.pwn()';",
-    )
-    .unwrap();
+    plant_assign_overloads(&mut o, "owner_s", "people_owner", "owner code");
+    owner_trigger_table(
+        &mut c,
+        "cards",
+        "SET LOCAL search_path = owner_s, pg_catalog;",
+        "('c10', 'acme', '4111')",
+    );
+    // A table the erasure does not touch, for the caller's next query.
     for sql in [
-        "CREATE TABLE cards (id text NOT NULL, tenant_id text NOT NULL, pan text)",
-        "CREATE FUNCTION public.set_owner_path() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-             SET LOCAL search_path = owner_s, pg_catalog;
-             RETURN OLD;
-         END $$",
-        "ALTER TABLE cards OWNER TO people_owner",
-        "ALTER FUNCTION public.set_owner_path() OWNER TO people_owner",
-        "CREATE TRIGGER set_owner_path AFTER DELETE ON cards
-             FOR EACH ROW EXECUTE FUNCTION public.set_owner_path()",
-        "SELECT pgseal.subject_register('cards', 'id')",
-        "GRANT SELECT, DELETE ON cards TO app",
-        "INSERT INTO cards VALUES ('c10', 'acme', '4111')",
-        // A table the erasure does not touch, for the caller's next query.
         "CREATE TABLE probe (tenant_id text NOT NULL, n int)",
         "SELECT create_distributed_table('probe', 'tenant_id', colocate_with => 'none')",
         "INSERT INTO probe SELECT 't' || g, g FROM generate_series(1, 8) g",
@@ -3703,11 +3709,7 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     let mut tx = a.transaction().unwrap();
     tx.batch_execute("SELECT pgseal.set_tenant('acme')")
         .unwrap();
-    let out: String = tx
-        .query_one("SELECT pgseal.subject_erase('acme', 'c10')::text", &[])
-        .unwrap_or_else(|e| panic!("erasure of cards: {}", message::<()>(Err(e))))
-        .get(0);
-    assert!(out.contains("\"deleted\": 1"), "{out}");
+    erased_one(&mut tx, "acme", "c10", "erasure of cards");
     let seen: Result<Vec<String>, String> = tx
         .query(
             "SELECT DISTINCT pg_catalog.current_setting('search_path') FROM public.probe",
@@ -3748,11 +3750,7 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     let r = message(tx.query_one("SELECT pg_catalog.citus_get_transaction_clock()", &[]));
     assert_eq!(r, "ok", "the clock alone");
     drop(tx);
-    for node in cc.nodes() {
-        let log = node.server_log();
-        let ran = log.lines().find(|l| l.contains("evil code ran as"));
-        assert!(ran.is_none(), "the clock, port {}: {ran:?}", node.port);
-    }
+    assert_no_node_logged(&cc, "evil code ran as", "the clock");
 }
 
 #[test]
