@@ -3751,6 +3751,55 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     assert_eq!(r, "ok", "the clock alone");
     drop(tx);
     assert_no_node_logged(&cc, "evil code ran as", "the clock");
+
+    // A table owner's deferred constraint trigger fires on the workers when the
+    // transaction commits (at Citus's PREPARE or COMMIT), on the owner's
+    // connections, under the settings Citus sent there last: after pgseal's scope,
+    // the caller's own search_path, in which the trigger's unqualified lower()
+    // would be the caller's.
+    a.batch_execute(
+        "CREATE FUNCTION evil.lower(text) RETURNS text LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM evil.pwn();
+             RETURN $1;
+         END $$",
+    )
+    .unwrap();
+    for sql in [
+        "CREATE FUNCTION public.people_checked() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM lower(OLD.email);
+             RETURN OLD;
+         END $$",
+        "ALTER FUNCTION public.people_checked() OWNER TO people_owner",
+        "SET citus.enable_unsafe_triggers = on",
+        "CREATE CONSTRAINT TRIGGER people_checked AFTER DELETE ON people
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.people_checked()",
+        "RESET citus.enable_unsafe_triggers",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    let before = pgseal_tests::count(
+        &mut c,
+        "SELECT count(*) FROM people WHERE tenant_id = 'acme'",
+    );
+    let mut tx = with_evil_path(&mut a, "acme");
+    erased_one(
+        &mut tx,
+        "acme",
+        "u12",
+        "erasure of a table with its owner's deferred trigger",
+    );
+    assert_eq!(message(tx.commit()), "ok", "the erasure's commit");
+    assert_no_node_logged(&cc, "evil code ran as", "an owner's deferred trigger");
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM people WHERE tenant_id = 'acme'"
+        ),
+        before - 1,
+        "erased, with the trigger run"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 
 use crate::error::SealResult;
 use crate::privilege::as_owner;
-use crate::txn::Participant;
+use crate::txn::{Participant, Phase, PreCommit};
 
 /// Whether the `citus` extension is installed in this database.
 ///
@@ -374,6 +374,11 @@ pub fn local_placement(table: &'static str) -> SealResult<Option<String>> {
 /// transaction ends: Citus may be installed, or this node added to a cluster,
 /// before the next.
 pub const TXN: Participant = Participant {
+    pre_commit: &[PreCommit {
+        phase: Phase::PinForCommit,
+        has_work: ran_as_another_role,
+        run: pin_for_commit,
+    }],
     end: Some(|_| {
         WORKER.with(|w| w.set(None));
         TWO_PHASE_ASKED.with(|a| a.set(false));
@@ -909,11 +914,34 @@ fn pin_remote() -> SealResult<()> {
     // `search_path`, sent earlier, would then stay the last that Citus replays on
     // the connections it begins for the owner's statements. (Each SET reaches
     // Citus as the text `on_set_statement` rebuilds.)
-    crate::pg::plans::run(
-        "DO $pgseal$ BEGIN SET LOCAL search_path TO pg_catalog, pg_temp; \
-         SET LOCAL standard_conforming_strings TO on; END $pgseal$",
-        &[],
-        &[],
-    )?;
+    crate::pg::plans::run(PIN, &[], &[])?;
     Ok(())
+}
+
+/// pgseal's parse settings, sent to every connection of the transaction.
+const PIN: &str = "DO $pgseal$ BEGIN SET LOCAL search_path TO pg_catalog, pg_temp; \
+                   SET LOCAL standard_conforming_strings TO on; END $pgseal$";
+
+/// Pre-commit (last of the phases that may send statements through Citus): in a
+/// transaction in which pgseal ran statements through Citus as another role, pins
+/// the workers' parsing again. Those roles' connections stay in the transaction
+/// until Citus commits them, after this node's pre-commit work, and what fires
+/// there then (a table owner's deferred constraint triggers, at `PREPARE` or
+/// `COMMIT`) runs under the settings Citus sent last: the caller's `search_path`,
+/// sent back when pgseal's statements were done or set by the caller since, in
+/// which a trigger's unqualified call of a built-in function would be the caller's
+/// own, run as the table's owner. The caller's own connections get the same
+/// path for their deferred triggers in such a transaction (docs/SCALING.md).
+fn pin_for_commit(_preparing: bool) -> SealResult<()> {
+    if !ran_as_another_role() {
+        return Ok(());
+    }
+    let _pinning = Pinning::start();
+    // Sent whatever the caller set: Citus sends no SET otherwise.
+    crate::privilege::set_setting(
+        c"citus.propagate_set_commands",
+        c"local",
+        pg_sys::GucAction::GUC_ACTION_LOCAL,
+    );
+    crate::pg::plans::run(PIN, &[], &[])
 }
