@@ -40,10 +40,6 @@ pub enum Phase {
     SealCounts,
     /// Write the ledger entries still pending.
     LedgerWrite,
-    /// Pin the Citus workers' parsing again when pgseal ran statements there as
-    /// another role (`pg::citus`): after every phase that may send statements
-    /// through Citus.
-    PinForCommit,
     /// Clear the tenant and user settings (`pgseal.strict_context`, and always in
     /// Citus's sessions): last, so every earlier phase still sees the tenant.
     ClearContext,

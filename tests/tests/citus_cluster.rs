@@ -3800,6 +3800,93 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         before - 1,
         "erased, with the trigger run"
     );
+
+    // The caller's path sent after the erasure, before the commit.
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('acme')")
+        .unwrap();
+    erased_one(
+        &mut tx,
+        "acme",
+        "u13",
+        "erasure of a table with its owner's deferred trigger, path sent after it",
+    );
+    tx.batch_execute("SET LOCAL search_path = evil, pg_catalog")
+        .unwrap();
+    assert_eq!(
+        message(tx.commit()),
+        "ok",
+        "the erasure's commit, the caller's path sent after it"
+    );
+    assert_no_node_logged(
+        &cc,
+        "evil code ran as",
+        "an owner's deferred trigger, the caller's path sent after the erasure",
+    );
+
+    // A session that calls itself one of Citus's own (application_name, which any
+    // role may set) may prepare a transaction with its remote transactions open:
+    // Citus keeps the connections pgseal's statements began as another role (an
+    // erasure's, as the table's owner) into the session's next transaction, where
+    // the clock would call the caller's function over them.
+    let mut p = app(&cc.coordinator);
+    p.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('acme'); SELECT pgseal.subject_erase('acme', 'u14');
+         SET application_name = 'citus_internal gpid=10000000001';
+         PREPARE TRANSACTION 'pgseal_left_open'",
+    )
+    .unwrap();
+    let r = p.batch_execute(
+        "BEGIN; SAVEPOINT s;
+         SET LOCAL citus.propagate_set_commands = local;
+         SET LOCAL search_path = evil, pg_catalog;
+         SELECT pg_catalog.citus_get_transaction_clock()",
+    );
+    assert_eq!(
+        sqlstate(r),
+        "0A000",
+        "the clock after a prepared transaction"
+    );
+    p.batch_execute("ROLLBACK").unwrap();
+    c.batch_execute("ROLLBACK PREPARED 'pgseal_left_open'")
+        .unwrap();
+    assert_no_node_logged(
+        &cc,
+        "evil code ran as",
+        "the clock after a prepared transaction",
+    );
+
+    // Citus's own connections as its extension's owner (a superuser) in the
+    // caller's transaction: a new colocation group of create_distributed_table,
+    // which a table's owner may call, is written to the workers' metadata over
+    // them, after Citus replayed the caller's SETs there and called
+    // assign_distributed_transaction_id unqualified.
+    c.batch_execute("CREATE SCHEMA appdata AUTHORIZATION app")
+        .unwrap();
+    a.batch_execute("CREATE TABLE appdata.mine (tenant_id text NOT NULL, n int)")
+        .unwrap();
+    let mut tx = with_evil_path(&mut a, "acme");
+    let r = message(tx.query_one(
+        "SELECT pg_catalog.create_distributed_table('appdata.mine', 'tenant_id', colocate_with => 'none')::text",
+        &[],
+    ));
+    assert_eq!(r, "ok", "create_distributed_table under the caller's path");
+    // The caller's own connections still parse under its path.
+    let seen: Vec<String> = tx
+        .query(
+            "SELECT DISTINCT pg_catalog.current_setting('search_path') FROM appdata.mine",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        seen.iter().all(|p| p == "evil, pg_catalog"),
+        "the caller's path on its own connections: {seen:?}"
+    );
+    tx.commit().unwrap();
+    assert_no_node_logged(&cc, "evil code ran as", "Citus's superuser connections");
 }
 
 #[test]

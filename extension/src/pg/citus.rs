@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 
 use crate::error::SealResult;
 use crate::privilege::as_owner;
-use crate::txn::{Participant, Phase, PreCommit};
+use crate::txn::Participant;
 
 /// Whether the `citus` extension is installed in this database.
 ///
@@ -372,21 +372,22 @@ pub fn local_placement(table: &'static str) -> SealResult<Option<String>> {
 
 /// Forgets `is_worker`'s answer and the settings sent to the workers when a
 /// transaction ends: Citus may be installed, or this node added to a cluster,
-/// before the next.
+/// before the next. Whether it ran statements as another role outlives a
+/// `PREPARE TRANSACTION`: Citus lets a session that calls itself one of its own
+/// (by `application_name`, which any role may set) prepare with its remote
+/// transactions open, and keeps those connections, begun as that role, into the
+/// session's next transactions until one commits or aborts.
 pub const TXN: Participant = Participant {
-    pre_commit: &[PreCommit {
-        phase: Phase::PinForCommit,
-        has_work: ran_as_another_role,
-        run: pin_for_commit,
-    }],
-    end: Some(|_| {
+    end: Some(|how| {
+        if how != crate::txn::End::Prepared {
+            RAN_AS_ANOTHER_ROLE.with(|r| r.set(false));
+        }
         WORKER.with(|w| w.set(None));
         TWO_PHASE_ASKED.with(|a| a.set(false));
         PLACEMENTS.with(|m| m.borrow_mut().clear());
         REPLAYED.with(|r| r.borrow_mut().clear());
         SENT_PARSING.with(|r| r.borrow_mut().clear());
         OPEN_PINS.with(|r| r.borrow_mut().clear());
-        RAN_AS_ANOTHER_ROLE.with(|r| r.set(false));
         PINNING.with(|p| p.set(false));
     }),
     // Citus replays a subtransaction's SETs on new connections only until it ends,
@@ -563,9 +564,10 @@ thread_local! {
     static REPLAYED: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Set while pgseal issues its own `SET LOCAL`s (`with_remote_parsing_pinned`).
     static PINNING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Whether this transaction pinned the workers' parsing for statements it ran
-    /// as another role (`pin_remote`): Citus may have begun connections as that
-    /// role, which stay in the transaction (`citus_clock`).
+    /// Whether this transaction (or one this session prepared since its last
+    /// commit or abort) pinned the workers' parsing for statements it ran as
+    /// another role (`pin_remote`): Citus may have begun connections as that role,
+    /// which stay in the transaction (`citus_clock`).
     static RAN_AS_ANOTHER_ROLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// The values of `search_path` and `standard_conforming_strings` the caller sent
     /// the workers in this transaction (None: `RESET` or `TO DEFAULT`), in order,
@@ -729,6 +731,16 @@ fn name_of(set: &pg_sys::VariableSetStmt) -> String {
 /// is), names through `quote_identifier`; `SET TRANSACTION` is passed on only when
 /// it is made of words and commas, else refused (0A000).
 ///
+/// A value of `search_path` or `standard_conforming_strings` takes effect only on
+/// the connections of the role this session acts as (`GetOuterUserId`: what Citus
+/// opens for its own statements); on any other role's (pgseal's owner scopes,
+/// Citus's own superuser connections for a new colocation group or an object's
+/// dependencies, a SECURITY DEFINER function's role) the replay sets pgseal's
+/// values instead, and a reset of them is followed by those. There, Citus calls
+/// `assign_distributed_transaction_id` unqualified at once, and a table owner's
+/// deferred trigger fires at the commit: under the caller's path, the caller's own
+/// functions of those names ran as that role.
+///
 /// # Safety
 /// As `on_set_statement`.
 unsafe fn rebuilt_set(
@@ -751,6 +763,26 @@ unsafe fn rebuilt_set(
             .into_owned()
     };
     let cname = std::ffi::CString::new(name).unwrap_or_default();
+    // The role this session acts as (a SECURITY DEFINER function's or a table
+    // owner's scope aside), whose connections Citus opens for its statements.
+    // SAFETY: GetUserNameFromId returns a palloc'd copy of an existing role's name.
+    let role = lit(unsafe {
+        std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetOuterUserId(), false))
+    });
+    // After a reset of parse settings, pgseal's values on any other role's connection.
+    let pin_elsewhere = |settings: &[Parsing]| -> String {
+        settings
+            .iter()
+            .map(|w| {
+                format!(
+                    "; SELECT pg_catalog.set_config({}, {}, true) \
+                     WHERE CURRENT_USER OPERATOR(pg_catalog.<>) {role}::pg_catalog.name",
+                    lit(w.name()),
+                    lit(w.pinned())
+                )
+            })
+            .collect()
+    };
     let text = match set.kind {
         VAR_SET_VALUE | VAR_SET_CURRENT => {
             // SAFETY: ExtractSetVariableArgs flattens a SET's arguments the way the
@@ -774,14 +806,31 @@ unsafe fn rebuilt_set(
             } else {
                 value
             };
-            format!(
-                "SELECT pg_catalog.set_config({}, {value}, true)",
-                lit(&cname)
-            )
+            match Parsing::of(name) {
+                // Applied only where the role that sent it is the connection's.
+                Some(which) => format!(
+                    "SELECT pg_catalog.set_config({}, CASE WHEN CURRENT_USER OPERATOR(pg_catalog.=) {role}::pg_catalog.name \
+                     THEN {value} ELSE {} END, true)",
+                    lit(&cname),
+                    lit(which.pinned())
+                ),
+                None => format!(
+                    "SELECT pg_catalog.set_config({}, {value}, true)",
+                    lit(&cname)
+                ),
+            }
         }
-        VAR_SET_DEFAULT => format!("SET LOCAL {} TO DEFAULT", ident(&cname)),
-        VAR_RESET => format!("RESET {}", ident(&cname)),
-        VAR_RESET_ALL => "RESET ALL".to_owned(),
+        VAR_SET_DEFAULT => format!(
+            "SET LOCAL {} TO DEFAULT{}",
+            ident(&cname),
+            pin_elsewhere(Parsing::of(name).as_slice())
+        ),
+        VAR_RESET => format!(
+            "RESET {}{}",
+            ident(&cname),
+            pin_elsewhere(Parsing::of(name).as_slice())
+        ),
+        VAR_RESET_ALL => format!("RESET ALL{}", pin_elsewhere(&Parsing::ALL)),
         _ => {
             // SET TRANSACTION …: its text, when it is only words, spaces and commas.
             // SAFETY: stmt_location and stmt_len delimit this statement in
@@ -921,27 +970,3 @@ fn pin_remote() -> SealResult<()> {
 /// pgseal's parse settings, sent to every connection of the transaction.
 const PIN: &str = "DO $pgseal$ BEGIN SET LOCAL search_path TO pg_catalog, pg_temp; \
                    SET LOCAL standard_conforming_strings TO on; END $pgseal$";
-
-/// Pre-commit (last of the phases that may send statements through Citus): in a
-/// transaction in which pgseal ran statements through Citus as another role, pins
-/// the workers' parsing again. Those roles' connections stay in the transaction
-/// until Citus commits them, after this node's pre-commit work, and what fires
-/// there then (a table owner's deferred constraint triggers, at `PREPARE` or
-/// `COMMIT`) runs under the settings Citus sent last: the caller's `search_path`,
-/// sent back when pgseal's statements were done or set by the caller since, in
-/// which a trigger's unqualified call of a built-in function would be the caller's
-/// own, run as the table's owner. The caller's own connections get the same
-/// path for their deferred triggers in such a transaction (docs/SCALING.md).
-fn pin_for_commit(_preparing: bool) -> SealResult<()> {
-    if !ran_as_another_role() {
-        return Ok(());
-    }
-    let _pinning = Pinning::start();
-    // Sent whatever the caller set: Citus sends no SET otherwise.
-    crate::privilege::set_setting(
-        c"citus.propagate_set_commands",
-        c"local",
-        pg_sys::GucAction::GUC_ACTION_LOCAL,
-    );
-    crate::pg::plans::run(PIN, &[], &[])
-}
