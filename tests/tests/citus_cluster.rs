@@ -3887,6 +3887,38 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     );
     tx.commit().unwrap();
     assert_no_node_logged(&cc, "evil code ran as", "Citus's superuser connections");
+
+    // The same, with the caller's path sent while a replayed SET made the
+    // superuser's connections act as the caller, and reset after it.
+    for (table, switch, back) in [
+        ("mine_role", "SET LOCAL ROLE app", "RESET ROLE"),
+        (
+            "mine_auth",
+            "SET LOCAL SESSION AUTHORIZATION app",
+            "RESET SESSION AUTHORIZATION",
+        ),
+    ] {
+        a.batch_execute(&format!(
+            "CREATE TABLE appdata.{table} (tenant_id text NOT NULL, n int)"
+        ))
+        .unwrap();
+        let mut tx = a.transaction().unwrap();
+        tx.batch_execute("SELECT pgseal.set_tenant('acme')")
+            .unwrap();
+        tx.batch_execute(switch).unwrap();
+        tx.batch_execute("SET LOCAL search_path = evil, pg_catalog")
+            .unwrap();
+        tx.batch_execute(back).unwrap();
+        let r = message(tx.query_one(
+            &format!(
+                "SELECT pg_catalog.create_distributed_table('appdata.{table}', 'tenant_id', colocate_with => 'none')::text"
+            ),
+            &[],
+        ));
+        assert_eq!(r, "ok", "create_distributed_table after {switch}");
+        tx.commit().unwrap();
+        assert_no_node_logged(&cc, "evil code ran as", switch);
+    }
 }
 
 #[test]

@@ -642,6 +642,16 @@ pub unsafe fn on_set_statement(
     if !replayed {
         return query_string;
     }
+    // Citus would send a `SET LOCAL ROLE` (or SESSION AUTHORIZATION) to every
+    // connection of the transaction too. It opens connections as the role the
+    // session acts as anyway, so nothing is sent: a role changed by a replayed SET
+    // on another role's connection (a superuser may take any) made the caller's
+    // `search_path` pass `rebuilt_set`'s test there, to be reset right after it.
+    if name.eq_ignore_ascii_case("role") || name.eq_ignore_ascii_case("session_authorization") {
+        // SAFETY: pstrdup copies a NUL-terminated literal into the current memory
+        // context, which lives as long as the statement.
+        return unsafe { pg_sys::pstrdup(c"SELECT 1".as_ptr()) };
+    }
     if !PINNING.with(|p| p.get()) {
         let what = if set.kind == VAR_RESET_ALL {
             "RESET ALL".to_owned()
