@@ -3724,6 +3724,57 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     );
     tx.rollback().unwrap();
 
+    // The same, with the owner's code also turning propagation off, so that
+    // pgseal's sending back of the caller's values would not be sent, in an
+    // offboarding's deletes (no statement of pgseal's through Citus follows them
+    // in the call to send them back either).
+    owner_trigger_table(
+        &mut c,
+        "zz_cards",
+        "SET LOCAL search_path = owner_s, pg_catalog;
+         PERFORM pg_catalog.set_config('citus.propagate_set_commands', 'none', true);",
+        "('z10', 'leaving2', '4111')",
+    );
+    c.batch_execute("SELECT pgseal.tenant_offboard('leaving2', '0')")
+        .unwrap();
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('leaving2')")
+        .unwrap();
+    tx.query("SELECT * FROM pgseal._offboard_export('leaving2')", &[])
+        .unwrap_or_else(|e| panic!("the export: {}", message::<()>(Err(e))));
+    tx.execute(
+        "SELECT pgseal._offboard_advance('leaving2', 'scheduled', 'exported', '/x', repeat('a', 64))",
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("the advance: {}", message::<()>(Err(e))));
+    tx.commit().unwrap();
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT pgseal.set_tenant('leaving2')")
+        .unwrap();
+    let deleted: i64 = tx
+        .query_one("SELECT pgseal._offboard_delete('leaving2', 100)", &[])
+        .unwrap_or_else(|e| panic!("the delete: {}", message::<()>(Err(e))))
+        .get(0);
+    assert_eq!(deleted, 1);
+    let seen: Result<Vec<String>, String> = tx
+        .query(
+            "SELECT DISTINCT pg_catalog.current_setting('search_path') FROM public.probe",
+            &[],
+        )
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .map_err(|e| message::<()>(Err(e)));
+    assert_eq!(
+        seen,
+        Ok(vec!["\"$user\", public".to_string()]),
+        "the workers' path for the caller's next query, propagation turned off in the scope"
+    );
+    tx.rollback().unwrap();
+    assert_no_node_logged(
+        &cc,
+        "owner code ran as",
+        "propagation turned off in the scope",
+    );
+
     // The connections pgseal's statements began as another role stay in the
     // transaction after them, and get every SET Citus sends later; Citus's
     // `citus_get_transaction_clock()` (executable by every role) then sends an

@@ -476,6 +476,14 @@ fn restore_callers_parsing() -> SealResult<()> {
         return Ok(());
     }
     let _pinning = Pinning::start();
+    // Sent whatever a table owner's code in the scope set these to (its settings
+    // are discarded with the scope, after this): from a DO block, as the pin is.
+    crate::privilege::set_setting(
+        c"citus.propagate_set_commands",
+        c"local",
+        pg_sys::GucAction::GUC_ACTION_LOCAL,
+    );
+    let mut body = String::new();
     for which in [Parsing::StandardConformingStrings, Parsing::SearchPath] {
         let sent = SENT_PARSING.with(|r| {
             r.borrow()
@@ -486,16 +494,22 @@ fn restore_callers_parsing() -> SealResult<()> {
         });
         let name = which.name().to_string_lossy();
         match sent {
-            None => Spi::run(&format!("SET LOCAL {name} TO DEFAULT"))?,
+            None => body.push_str(&format!("SET LOCAL {name} TO DEFAULT; ")),
             Some(value) => {
+                // Set here first, then sent as this node's current value: the
+                // value is never part of a statement's text. The DO block below
+                // names nothing that the caller's path could resolve.
                 crate::privilege::set_setting(
                     which.name(),
                     &value,
                     pg_sys::GucAction::GUC_ACTION_LOCAL,
                 );
-                Spi::run(&format!("SET LOCAL {name} FROM CURRENT"))?;
+                body.push_str(&format!("SET LOCAL {name} FROM CURRENT; "));
             }
         }
+    }
+    Spi::run(&format!("DO $pgseal$ BEGIN {body}END $pgseal$"))?;
+    for which in [Parsing::StandardConformingStrings, Parsing::SearchPath] {
         crate::privilege::set_setting(
             which.name(),
             which.pinned(),
@@ -647,7 +661,17 @@ pub unsafe fn on_set_statement(
     // session acts as anyway, so nothing is sent: a role changed by a replayed SET
     // on another role's connection (a superuser may take any) made the caller's
     // `search_path` pass `rebuilt_set`'s test there, to be reset right after it.
-    if name.eq_ignore_ascii_case("role") || name.eq_ignore_ascii_case("session_authorization") {
+    //
+    // Nor is a parse setting (or RESET ALL) that a table owner's code sets inside
+    // one of pgseal's pinned scopes (not pgseal's own pin): `rebuilt_set` aims it
+    // at the session role's connections, where it would outlive the scope that
+    // this node discards it with (and the owner's code can turn propagation off
+    // before pgseal sends the caller's values back).
+    let owners_code = OPEN_PINS.with(|r| !r.borrow().is_empty()) && !PINNING.with(|p| p.get());
+    if name.eq_ignore_ascii_case("role")
+        || name.eq_ignore_ascii_case("session_authorization")
+        || (owners_code && (set.kind == VAR_RESET_ALL || Parsing::of(&name).is_some()))
+    {
         // SAFETY: pstrdup copies a NUL-terminated literal into the current memory
         // context, which lives as long as the statement.
         return unsafe { pg_sys::pstrdup(c"SELECT 1".as_ptr()) };
