@@ -3732,6 +3732,7 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         &mut c,
         "zz_cards",
         "SET LOCAL search_path = owner_s, pg_catalog;
+         SET LOCAL app.tenant_id = 'acme';
          PERFORM pg_catalog.set_config('citus.propagate_set_commands', 'none', true);",
         "('z10', 'leaving2', '4111')",
     );
@@ -3758,15 +3759,16 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     assert_eq!(deleted, 1);
     let seen: Result<Vec<String>, String> = tx
         .query(
-            "SELECT DISTINCT pg_catalog.current_setting('search_path') FROM public.probe",
+            "SELECT DISTINCT pg_catalog.current_setting('search_path') || ' / ' || \
+                    pg_catalog.current_setting('app.tenant_id') FROM public.probe",
             &[],
         )
         .map(|rows| rows.iter().map(|r| r.get(0)).collect())
         .map_err(|e| message::<()>(Err(e)));
     assert_eq!(
         seen,
-        Ok(vec!["\"$user\", public".to_string()]),
-        "the workers' path for the caller's next query, propagation turned off in the scope"
+        Ok(vec!["\"$user\", public / leaving2".to_string()]),
+        "the workers' path and tenant for the caller's next query, propagation turned off in the scope"
     );
     tx.rollback().unwrap();
     assert_no_node_logged(

@@ -662,15 +662,17 @@ pub unsafe fn on_set_statement(
     // on another role's connection (a superuser may take any) made the caller's
     // `search_path` pass `rebuilt_set`'s test there, to be reset right after it.
     //
-    // Nor is a parse setting (or RESET ALL) that a table owner's code sets inside
-    // one of pgseal's pinned scopes (not pgseal's own pin): `rebuilt_set` aims it
-    // at the session role's connections, where it would outlive the scope that
-    // this node discards it with (and the owner's code can turn propagation off
-    // before pgseal sends the caller's values back).
+    // Nor is any SET or RESET (SET TRANSACTION aside) that a table owner's code
+    // makes inside one of pgseal's pinned scopes (not pgseal's own pin): this
+    // node discards it when the scope ends, but the workers would keep it for the
+    // rest of the transaction, on the caller's connections too (a parse setting,
+    // which `rebuilt_set` aims at the session role's connections; the tenant and
+    // user settings, which every connection takes), and the owner's code can turn
+    // propagation off before pgseal sends the caller's values back.
     let owners_code = OPEN_PINS.with(|r| !r.borrow().is_empty()) && !PINNING.with(|p| p.get());
     if name.eq_ignore_ascii_case("role")
         || name.eq_ignore_ascii_case("session_authorization")
-        || (owners_code && (set.kind == VAR_RESET_ALL || Parsing::of(&name).is_some()))
+        || (owners_code && set.kind != VAR_SET_MULTI)
     {
         // SAFETY: pstrdup copies a NUL-terminated literal into the current memory
         // context, which lives as long as the statement.
