@@ -476,14 +476,17 @@ fn restore_callers_parsing() -> SealResult<()> {
         return Ok(());
     }
     let _pinning = Pinning::start();
-    // Sent whatever a table owner's code in the scope set these to (its settings
-    // are discarded with the scope, after this): from a DO block, as the pin is.
+    // Sent whatever a table owner's code in the scope set this to (its settings
+    // are discarded with the scope, after this). Plain SETs, not a DO block as
+    // the pin is: where Citus sends no SET from a function's statement outside a
+    // transaction block, the workers stay pinned for the rest of the statement,
+    // which is safe (a DO block here cost each ledger-writing transaction on the
+    // coordinator about a third of a millisecond).
     crate::privilege::set_setting(
         c"citus.propagate_set_commands",
         c"local",
         pg_sys::GucAction::GUC_ACTION_LOCAL,
     );
-    let mut body = String::new();
     for which in [Parsing::StandardConformingStrings, Parsing::SearchPath] {
         let sent = SENT_PARSING.with(|r| {
             r.borrow()
@@ -494,22 +497,18 @@ fn restore_callers_parsing() -> SealResult<()> {
         });
         let name = which.name().to_string_lossy();
         match sent {
-            None => body.push_str(&format!("SET LOCAL {name} TO DEFAULT; ")),
+            None => Spi::run(&format!("SET LOCAL {name} TO DEFAULT"))?,
             Some(value) => {
                 // Set here first, then sent as this node's current value: the
-                // value is never part of a statement's text. The DO block below
-                // names nothing that the caller's path could resolve.
+                // value is never part of a statement's text.
                 crate::privilege::set_setting(
                     which.name(),
                     &value,
                     pg_sys::GucAction::GUC_ACTION_LOCAL,
                 );
-                body.push_str(&format!("SET LOCAL {name} FROM CURRENT; "));
+                Spi::run(&format!("SET LOCAL {name} FROM CURRENT"))?;
             }
         }
-    }
-    Spi::run(&format!("DO $pgseal$ BEGIN {body}END $pgseal$"))?;
-    for which in [Parsing::StandardConformingStrings, Parsing::SearchPath] {
         crate::privilege::set_setting(
             which.name(),
             which.pinned(),
