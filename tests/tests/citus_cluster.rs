@@ -3909,6 +3909,16 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         "the clock after a prepared transaction",
     );
 
+    // A second set_tenant() in a transaction sets citus.propagate_set_commands
+    // again (which Citus never sends): pgseal's statements through Citus still
+    // run (a new tenant's key).
+    let mut tx = a.transaction().unwrap();
+    let r = message(tx.batch_execute(
+        "SELECT pgseal.set_tenant('acme'); SELECT pgseal.set_tenant('acme11'); SELECT pgseal.vault_seal('w', 'c')",
+    ));
+    assert_eq!(r, "ok", "a new tenant's key after a second set_tenant()");
+    tx.commit().unwrap();
+
     // Citus's own connections as its extension's owner (a superuser) in the
     // caller's transaction: a new colocation group of create_distributed_table,
     // which a table's owner may call, is written to the workers' metadata over

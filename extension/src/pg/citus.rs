@@ -652,7 +652,20 @@ pub unsafe fn on_set_statement(
         VAR_SET_MULTI => name.eq_ignore_ascii_case("TRANSACTION"),
         _ => false,
     };
-    if !replayed {
+    // Settings Citus never sends (`IsSettingSafeToPropagate`), such as
+    // `set_tenant()`'s own `citus.propagate_set_commands`, are neither replayed
+    // nor recorded.
+    if !replayed
+        || [
+            "application_name",
+            "citus.propagate_set_commands",
+            "client_encoding",
+            "exit_on_error",
+            "max_stack_depth",
+        ]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n))
+    {
         return query_string;
     }
     // Citus would send a `SET LOCAL ROLE` (or SESSION AUTHORIZATION) to every
@@ -661,7 +674,7 @@ pub unsafe fn on_set_statement(
     // on another role's connection (a superuser may take any) made the caller's
     // `search_path` pass `rebuilt_set`'s test there, to be reset right after it.
     //
-    // Nor is any SET or RESET (SET TRANSACTION aside) that a table owner's code
+    // Nor is any SET or RESET (SET TRANSACTION included) that a table owner's code
     // makes inside one of pgseal's pinned scopes (not pgseal's own pin): this
     // node discards it when the scope ends, but the workers would keep it for the
     // rest of the transaction, on the caller's connections too (a parse setting,
@@ -671,7 +684,7 @@ pub unsafe fn on_set_statement(
     let owners_code = OPEN_PINS.with(|r| !r.borrow().is_empty()) && !PINNING.with(|p| p.get());
     if name.eq_ignore_ascii_case("role")
         || name.eq_ignore_ascii_case("session_authorization")
-        || (owners_code && set.kind != VAR_SET_MULTI)
+        || owners_code
     {
         // SAFETY: pstrdup copies a NUL-terminated literal into the current memory
         // context, which lives as long as the statement.

@@ -129,6 +129,7 @@ unsafe extern "C-unwind" fn on_utility(
             .raise();
         }
     }
+    let original_query = query_string;
     // SAFETY: `stmt` is a Node (or NULL, which is_a treats as no match).
     let query_string =
         if !stmt.is_null() && unsafe { pgrx::is_a(stmt, pg_sys::NodeTag::T_VariableSetStmt) } {
@@ -144,6 +145,24 @@ unsafe extern "C-unwind" fn on_utility(
         } else {
             query_string
         };
+    // A replaced text is one statement of its own: the hooks after this one (a
+    // pg_stat_statements listed before pgseal) read the statement's place in
+    // the text from the PlannedStmt, whose offsets are the original text's.
+    let pstmt = if query_string != original_query {
+        // SAFETY: a shallow copy of the PlannedStmt PostgreSQL passed, palloc'd in
+        // the current memory context (which outlives the call); only its two
+        // offsets differ, and nothing below frees it.
+        unsafe {
+            let copy = pg_sys::palloc(std::mem::size_of::<pg_sys::PlannedStmt>())
+                .cast::<pg_sys::PlannedStmt>();
+            std::ptr::copy_nonoverlapping(pstmt, copy, 1);
+            (*copy).stmt_location = 0;
+            (*copy).stmt_len = 0;
+            copy
+        }
+    } else {
+        pstmt
+    };
     // SAFETY: `stmt` is a Node (or NULL); the tag says it is a TransactionStmt
     // before it is read as one.
     let commit_prepared = !stmt.is_null()
