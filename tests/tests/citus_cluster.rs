@@ -3470,6 +3470,18 @@ fn assert_no_node_logged(cc: &CitusCluster, needle: &str, what: &str) {
     }
 }
 
+/// The distinct values of `expr` in `table`'s shards, as the transaction's next
+/// query reads them on the workers (or its error).
+fn on_the_workers(
+    tx: &mut postgres::Transaction,
+    expr: &str,
+    table: &str,
+) -> Result<Vec<String>, String> {
+    tx.query(&format!("SELECT DISTINCT {expr} FROM {table}"), &[])
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .map_err(|e| message::<()>(Err(e)))
+}
+
 fn with_evil_path<'a>(a: &'a mut postgres::Client, tenant: &str) -> postgres::Transaction<'a> {
     let mut tx = a.transaction().unwrap();
     tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
@@ -3710,13 +3722,11 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     tx.batch_execute("SELECT pgseal.set_tenant('acme')")
         .unwrap();
     erased_one(&mut tx, "acme", "c10", "erasure of cards");
-    let seen: Result<Vec<String>, String> = tx
-        .query(
-            "SELECT DISTINCT pg_catalog.current_setting('search_path') FROM public.probe",
-            &[],
-        )
-        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-        .map_err(|e| message::<()>(Err(e)));
+    let seen = on_the_workers(
+        &mut tx,
+        "pg_catalog.current_setting('search_path')",
+        "public.probe",
+    );
     assert_eq!(
         seen,
         Ok(vec!["\"$user\", public".to_string()]),
@@ -3757,14 +3767,11 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
         .unwrap_or_else(|e| panic!("the delete: {}", message::<()>(Err(e))))
         .get(0);
     assert_eq!(deleted, 1);
-    let seen: Result<Vec<String>, String> = tx
-        .query(
-            "SELECT DISTINCT pg_catalog.current_setting('search_path') || ' / ' || \
-                    pg_catalog.current_setting('app.tenant_id') FROM public.probe",
-            &[],
-        )
-        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
-        .map_err(|e| message::<()>(Err(e)));
+    let seen = on_the_workers(
+        &mut tx,
+        "pg_catalog.current_setting('search_path') || ' / ' || pg_catalog.current_setting('app.tenant_id')",
+        "public.probe",
+    );
     assert_eq!(
         seen,
         Ok(vec!["\"$user\", public / leaving2".to_string()]),
@@ -3926,8 +3933,11 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     // assign_distributed_transaction_id unqualified.
     c.batch_execute("CREATE SCHEMA appdata AUTHORIZATION app")
         .unwrap();
-    a.batch_execute("CREATE TABLE appdata.mine (tenant_id text NOT NULL, n int)")
-        .unwrap();
+    a.batch_execute(
+        "CREATE TABLE appdata.mine (tenant_id text NOT NULL, n int);
+         INSERT INTO appdata.mine SELECT 't' || g, g FROM generate_series(1, 8) g;",
+    )
+    .unwrap();
     let mut tx = with_evil_path(&mut a, "acme");
     let r = message(tx.query_one(
         "SELECT pg_catalog.create_distributed_table('appdata.mine', 'tenant_id', colocate_with => 'none')::text",
@@ -3935,18 +3945,15 @@ fn statements_run_as_another_role_through_citus_run_nothing_of_the_callers() {
     ));
     assert_eq!(r, "ok", "create_distributed_table under the caller's path");
     // The caller's own connections still parse under its path.
-    let seen: Vec<String> = tx
-        .query(
-            "SELECT DISTINCT pg_catalog.current_setting('search_path') FROM appdata.mine",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert!(
-        seen.iter().all(|p| p == "evil, pg_catalog"),
-        "the caller's path on its own connections: {seen:?}"
+    let seen = on_the_workers(
+        &mut tx,
+        "pg_catalog.current_setting('search_path')",
+        "appdata.mine",
+    );
+    assert_eq!(
+        seen,
+        Ok(vec!["evil, pg_catalog".to_string()]),
+        "the caller's path on its own connections"
     );
     tx.commit().unwrap();
     assert_no_node_logged(&cc, "evil code ran as", "Citus's superuser connections");

@@ -699,12 +699,9 @@ pub unsafe fn on_set_statement(
         if set.kind == VAR_RESET_ALL || !replay_is_harmless(&what) {
             REPLAYED.with(|r| r.borrow_mut().push(what));
         }
-        // Inside a pinned scope no SET is the caller's: a table owner's code
-        // (a trigger) runs there, whose path must not be sent as the caller's.
-        if OPEN_PINS.with(|r| r.borrow().is_empty()) {
-            // SAFETY: as above.
-            unsafe { record_sent_parsing(set, &name_of(set)) };
-        }
+        // No pinned scope is open here (an owner's SET in one returned above).
+        // SAFETY: as above.
+        unsafe { record_sent_parsing(set, &name_of(set)) };
     }
     // SAFETY: the arguments are the statement's, as PostgreSQL passed them.
     unsafe { rebuilt_set(pstmt, set, &name_of(set), query_string) }
