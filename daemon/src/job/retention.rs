@@ -64,6 +64,9 @@ struct Rule {
     /// timestamp or date). The tenants it governs are skipped with a warning, never
     /// swept under another rule.
     broken: Option<&'static str>,
+    /// A partitioned table: its deletes by ctid are planned as PostgreSQL chooses
+    /// (`delete_expired`).
+    partitioned: bool,
 }
 
 /// The scheduled job: a retention run over every tenant with the configured batches,
@@ -186,7 +189,7 @@ pub async fn run(
                       WHERE t.attrelid = r.rel AND t.attname = 'tenant_id' AND NOT t.attisdropped), \
                     coalesce(c.relkind IN ('r', 'p'), false), \
                     a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype), \
-                    {} \
+                    {}, coalesce(c.relkind = 'p', false) \
              FROM pgseal.retention_rules r \
              LEFT JOIN pg_class c ON c.oid = r.rel \
              LEFT JOIN pg_attribute a ON a.attrelid = r.rel AND a.attnum = r.time_attnum AND NOT a.attisdropped",
@@ -225,6 +228,7 @@ pub async fn run(
                 time_column: time_column.unwrap_or_default(),
                 tenant_type: tenant_type.unwrap_or_default(),
                 search_path: super::tenant_tx::search_path(r.get(7)),
+                partitioned: r.get(8),
                 broken,
             },
         );
@@ -396,6 +400,26 @@ async fn delete_expired(
         let size = batch.size();
         let began = std::time::Instant::now();
         let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
+        // A plain table's delete is a TID scan of the batch's ctids. Without these the planner
+        // may pick a bitmap scan of the (tenant, time) index with the ctids as a
+        // filter (it did on a 4M-row table, batches of 8k of a tenant's 40k rows):
+        // that visits every expired row of the tenant, and the dead versions the
+        // batches before it left, once per batch, so a tenant's sweep grew with the
+        // square of its batches; or a scan of the whole table, for a batch of 8k
+        // rows in a 1M-row one (docs/BENCHMARKS.md, "Retention's delete as a TID
+        // scan"). Local to the batch: the cursor was planned already. Not for a
+        // partitioned table, whose every partition the cutoff leaves would be
+        // scanned for every ctid of the batch (a ctid does not name its partition).
+        if !rule.partitioned {
+            tx.execute(
+                "SELECT pg_catalog.set_config('enable_bitmapscan', 'off', true), \
+                        pg_catalog.set_config('enable_indexscan', 'off', true), \
+                        pg_catalog.set_config('enable_seqscan', 'off', true)",
+                &[],
+            )
+            .await
+            .map_err(DaemonError::Query)?;
+        }
         let ctids: Vec<String> = tx
             .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
             .await
