@@ -82,7 +82,8 @@ PY
 
 # Offboarding: `pgseald offboard run` (no flags but the export directory) of a tenant
 # with R rows in each of two registered tables (the second also protected, which alone
-# would offboard it too), and R/4 ledger entries,
+# would offboard it too), among as many rows of each of three other tenants (rows of
+# the four interleaved, as a shared table holds them), and R/4 ledger entries,
 # at R and 4R; against the peer, the same rows deleted by two plain DELETEs in one
 # transaction (no export, no batches, no shred or erasure).
 OFF_R=${PGSEAL_BENCH_OFFBOARD_ROWS:-50000}
@@ -97,8 +98,8 @@ SELECT pgseal.tenant_protect('off_orders') WHERE NOT EXISTS (SELECT 1 FROM pg_po
 SELECT pgseal.subject_register('off_orders', 'id') WHERE NOT EXISTS (SELECT 1 FROM pgseal.subject_columns WHERE rel = 'off_orders'::regclass);
 BEGIN;
 SELECT pgseal.set_tenant('$t');
-INSERT INTO off_users SELECT g, '$t', 'user' || g || '@example.com' FROM generate_series(1, $r) g;
-INSERT INTO off_orders SELECT g, '$t', g * 1.5, 'order note ' || g FROM generate_series(1, $r) g;
+INSERT INTO off_users SELECT g / 4, CASE g % 4 WHEN 0 THEN '$t' ELSE '$t-by' || g % 4 END, 'user' || g || '@example.com' FROM generate_series(4, 4 * $r + 3) g;
+INSERT INTO off_orders SELECT g / 4, CASE g % 4 WHEN 0 THEN '$t' ELSE '$t-by' || g % 4 END, g * 1.5, 'order note ' || g FROM generate_series(4, 4 * $r + 3) g;
 SELECT count(*) FROM generate_series(1, $r / 4) g, LATERAL pgseal.ledger_append('order.paid', jsonb_build_object('order', g, 'total', g * 1.5)) a;
 COMMIT;
 CREATE TABLE off_peer_u AS SELECT * FROM off_users WHERE tenant_id = '$t';

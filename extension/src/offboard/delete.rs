@@ -422,6 +422,15 @@ impl Table {
              SELECT d.tableoid, pg_catalog.count(*) FROM d GROUP BY d.tableoid"
         );
         super::as_offboarding_owner(self.rel, self.owner, || {
+            // A TID scan of the places, never a scan of the tenant's index (or of the
+            // table) with the places as a filter: the planner chose that for a
+            // tenant among others in a table, and it read all of the tenant's rows,
+            // and the dead versions the batches before it left, in every batch
+            // (docs/BENCHMARKS.md, "Retention's delete as a TID scan"). Saved in
+            // the owner scope's setting level, discarded on return.
+            for scan in [c"enable_bitmapscan", c"enable_indexscan", c"enable_seqscan"] {
+                crate::privilege::save_setting(scan, c"off");
+            }
             Spi::connect(|c| {
                 c.select(
                     &sql,
