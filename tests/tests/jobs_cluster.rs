@@ -181,6 +181,96 @@ fn retention_sweeps_every_batch_under_strict_context() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM events"), 2 * 1500);
 }
 
+/// A batch's delete by ctid is a TID scan of the batch's places, never a scan of
+/// the tenant's index with the places as a filter, which read every expired row of
+/// the tenant again in every batch (docs/BENCHMARKS.md, "Retention's delete as a TID
+/// scan"). The table is shaped for the planner to prefer that index: the tenant's
+/// expired rows lie together on a few pages among many rows of others. auto_explain
+/// logs every statement's plan. A partitioned table, whose deletes keep the
+/// planner's choice, loses exactly its expired rows in the same run, though its
+/// partitions hold rows at the same places.
+#[test]
+fn retention_deletes_each_batch_by_a_tid_scan() {
+    let cl = Cluster::start(
+        "jobs-retention-plan",
+        &[KEY_V1],
+        &[
+            "session_preload_libraries = 'auto_explain'",
+            "auto_explain.log_min_duration = 0",
+        ],
+    );
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE ev_plan (tenant_id text NOT NULL, created_at timestamptz NOT NULL, body text);
+         CREATE INDEX ON ev_plan (tenant_id, created_at);
+         INSERT INTO ev_plan SELECT 'big', now() - interval '60 days', 'old ' || g FROM generate_series(1, 5000) g;
+         INSERT INTO ev_plan SELECT 'o' || g % 50, now() - interval '60 days', 'other ' || g FROM generate_series(1, 50000) g;
+         INSERT INTO ev_plan SELECT 'big', now(), 'new ' || g FROM generate_series(1, 100) g;
+         ANALYZE ev_plan;
+         CREATE TABLE ev_parts (tenant_id text NOT NULL, created_at timestamptz NOT NULL, body text)
+           PARTITION BY RANGE (created_at);
+         CREATE TABLE ev_parts_old PARTITION OF ev_parts FOR VALUES FROM (MINVALUE) TO (now() - interval '30 days');
+         CREATE TABLE ev_parts_new PARTITION OF ev_parts FOR VALUES FROM (now() - interval '30 days') TO (MAXVALUE);
+         CREATE INDEX ON ev_parts (tenant_id, created_at);
+         INSERT INTO ev_parts SELECT 'big', now() - interval '60 days', 'old ' || g FROM generate_series(1, 3000) g;
+         INSERT INTO ev_parts SELECT 'big', now(), 'new ' || g FROM generate_series(1, 3000) g;
+         ANALYZE ev_parts;
+         SELECT pgseal.retention_set('ev_plan', '30 days');
+         SELECT pgseal.retention_set('ev_parts', '30 days');",
+    )
+    .unwrap();
+    let (code, out) = Pgseald::new(["retention", "run", "--batch", "1000", "--tenant", "big"])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant big: deleted 5000 rows"), "{out}");
+    assert!(out.contains("tenant big: deleted 3000 rows"), "{out}");
+    let left = |c: &mut postgres::Client, t: &str| {
+        count(
+            c,
+            &format!("SELECT count(*) FROM {t} WHERE tenant_id = 'big' AND created_at < now() - interval '30 days'"),
+        )
+    };
+    assert_eq!(left(&mut c, "ev_plan"), 0);
+    assert_eq!(left(&mut c, "ev_parts"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev_plan"), 50_100);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev_parts"), 3000);
+    // Each plan auto_explain logged: its LOG line, then lines that start with a tab.
+    let log = cl.server_log();
+    let mut plans: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if line.contains("plan:") {
+            plans.push(String::new());
+        } else if let (Some(p), true) = (plans.last_mut(), line.starts_with('\t')) {
+            p.push_str(line);
+            p.push('\n');
+        }
+    }
+    let deletes: Vec<&String> = plans
+        .iter()
+        .filter(|p| p.contains("Query Text: DELETE FROM") && p.contains("ev_plan WHERE"))
+        .collect();
+    assert_eq!(
+        deletes.len(),
+        5,
+        "one delete per batch of 1000: {deletes:#?}"
+    );
+    for p in deletes {
+        assert!(
+            p.contains("Tid Scan on ev_plan")
+                && !p.contains("Index Scan")
+                && !p.contains("Bitmap")
+                && !p.contains("Seq Scan"),
+            "a batch's delete is not a TID scan of its places:\n{}",
+            p.lines()
+                .filter(|l| l.contains("Scan") || l.contains("Delete on"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
 /// A tenant id naming one of pgseal's chains (`_pgseal…`), written into a swept table
 /// by any role that may insert there, is no tenant a session acts for (set_tenant
 /// refuses it): the sweep skips it with a warning and goes on with the others,

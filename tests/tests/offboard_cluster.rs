@@ -295,6 +295,80 @@ fn a_lock_held_on_a_table_fails_the_step_instead_of_stalling_it() {
     assert!(out.contains("tenant acme: done"), "{out}");
 }
 
+/// A batch of the deletes takes the exported rows by their places with a TID scan,
+/// never with a scan of the tenant's index with the places as a filter, which read
+/// all of the tenant's rows again in every batch (docs/BENCHMARKS.md, "Offboarding's
+/// deletes as a TID scan"). The table is shaped for the planner to prefer that
+/// index: the tenant's rows lie together on a few pages among many rows of others.
+/// auto_explain logs the plan of every statement, pgseal's own included.
+#[test]
+fn offboarding_deletes_each_batch_by_a_tid_scan() {
+    let cl = Cluster::start(
+        "offboard_plan",
+        &[KEY_V1],
+        &[
+            "session_preload_libraries = 'auto_explain'",
+            "auto_explain.log_min_duration = 0",
+            "auto_explain.log_nested_statements = on",
+        ],
+    );
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE users (id text, tenant_id text NOT NULL, email text, PRIMARY KEY (tenant_id, id));
+         SELECT pgseal.subject_register('users', 'id');
+         INSERT INTO users SELECT 'u' || g, 'big', 'e' || g FROM generate_series(1, 3000) g;
+         INSERT INTO users SELECT 'u' || g, 'o' || g % 50, 'e' || g FROM generate_series(1, 50000) g;
+         ANALYZE users;
+         SELECT pgseal.tenant_offboard('big', '0');",
+    )
+    .unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-plan-files");
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap(), "--batch", "1000"])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant big: done"), "{out}");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM users WHERE tenant_id = 'big'"),
+        0
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM users"), 50_000);
+    // Each plan auto_explain logged: its LOG line, then lines that start with a tab.
+    let log = cl.server_log();
+    let mut plans: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if line.contains("plan:") {
+            plans.push(String::new());
+        } else if let (Some(p), true) = (plans.last_mut(), line.starts_with('\t')) {
+            p.push_str(line);
+            p.push('\n');
+        }
+    }
+    let deletes: Vec<&String> = plans
+        .iter()
+        .filter(|p| p.contains("Query Text: WITH d AS (DELETE FROM") && p.contains("users AS x"))
+        .collect();
+    assert!(
+        deletes.len() >= 3,
+        "a delete per batch of 1000: {deletes:#?}"
+    );
+    for p in deletes {
+        assert!(
+            p.contains("Tid Scan on users")
+                && !p.contains("Index Scan")
+                && !p.contains("Bitmap")
+                && !p.contains("Seq Scan"),
+            "a batch's delete is not a TID scan of its places:\n{}",
+            p.lines()
+                .filter(|l| l.contains("Scan") || l.contains("Delete on"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
 #[test]
 fn a_table_registered_after_the_export_is_exported_before_it_is_deleted_from() {
     // pgseald is killed just after the export step; an administrator then registers

@@ -64,7 +64,8 @@ struct Rule {
     /// timestamp or date). The tenants it governs are skipped with a warning, never
     /// swept under another rule.
     broken: Option<&'static str>,
-    /// A partitioned table: its deletes by ctid are planned as PostgreSQL chooses
+    /// A partitioned table, or one with inheritance children (which its deletes
+    /// reach too): its deletes by ctid are planned as PostgreSQL chooses
     /// (`delete_expired`).
     partitioned: bool,
 }
@@ -189,7 +190,7 @@ pub async fn run(
                       WHERE t.attrelid = r.rel AND t.attname = 'tenant_id' AND NOT t.attisdropped), \
                     coalesce(c.relkind IN ('r', 'p'), false), \
                     a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype), \
-                    {}, coalesce(c.relkind = 'p', false) \
+                    {}, coalesce(c.relkind = 'p' OR c.relhassubclass, false) \
              FROM pgseal.retention_rules r \
              LEFT JOIN pg_class c ON c.oid = r.rel \
              LEFT JOIN pg_attribute a ON a.attrelid = r.rel AND a.attnum = r.time_attnum AND NOT a.attisdropped",
@@ -408,8 +409,9 @@ async fn delete_expired(
         // square of its batches; or a scan of the whole table, for a batch of 8k
         // rows in a 1M-row one (docs/BENCHMARKS.md, "Retention's delete as a TID
         // scan"). Local to the batch: the cursor was planned already. Not for a
-        // partitioned table, whose every partition the cutoff leaves would be
-        // scanned for every ctid of the batch (a ctid does not name its partition).
+        // partitioned table (or one with children), whose every partition the
+        // cutoff leaves would be probed for every ctid of the batch (a ctid does
+        // not name its partition).
         if !rule.partitioned {
             tx.execute(
                 "SELECT pg_catalog.set_config('enable_bitmapscan', 'off', true), \
