@@ -335,6 +335,14 @@ async fn count_expired(
     Ok(n as u64)
 }
 
+/// Sent in each batch transaction of a plain table before its delete by ctid
+/// (`delete_expired`). Index and bitmap scans stay on: the statements the delete
+/// runs (triggers, policies, foreign keys) plan as they would; on PostgreSQL before
+/// 18 a disabled scan on the inner side of a nested loop is costed as disabled once
+/// per outer row, which would steer their joins to scans of whole tables.
+/// A function call, not a `SET`: Citus would send a `SET LOCAL` to the workers.
+const SEQSCAN_OFF: &str = "SELECT pg_catalog.set_config('enable_seqscan', 'off', true)";
+
 /// The held cursor over one tenant's expired rows (`delete_expired`).
 const CURSOR: &str = "pgseald_expired";
 
@@ -349,7 +357,9 @@ const CURSOR: &str = "pgseald_expired";
 /// a tenant's sweep grew with the square of its batches. Each delete re-checks the
 /// tenant and the cutoff: a ctid whose row was updated or deleted meanwhile names
 /// a dead version and is skipped, and one a vacuum gave to a new row deletes it
-/// only if that row is expired too.
+/// only if that row is expired too. A row updated while the delete waits for its
+/// lock is checked again in its new version (READ COMMITTED), which goes only if it
+/// is still the tenant's and still expired.
 #[allow(clippy::too_many_arguments)]
 async fn delete_expired(
     client: &mut Client,
@@ -394,33 +404,38 @@ async fn delete_expired(
         .map_err(DaemonError::Query)?;
         tx.commit().await.map_err(DaemonError::Query)?;
     }
-    let delete = format!("DELETE {expired} AND ctid = ANY ($3::text[]::tid[])");
+    // A plain table's delete is a TID scan of the batch's ctids, never a scan of the
+    // (tenant, time) index with the ctids as a filter, which the planner chose on a
+    // 4M-row table for batches of 8k of a tenant's 40k rows: it read every expired
+    // row of the tenant, and the dead versions the batches before it left, once per
+    // batch, so a tenant's sweep grew with the square of its batches; nor a scan of
+    // the whole table, which it chose for batches of 8k rows in a 1M-row one
+    // (docs/BENCHMARKS.md, "Retention's delete as a TID scan"). The tenant and the
+    // cutoff are re-checked as `IS TRUE` tests, which no index serves (the same rows
+    // in a WHERE clause), and each batch turns sequential scans off for itself
+    // (`SEQSCAN_OFF`): no other path is left. Not for a partitioned table (or one
+    // with children): the cutoff prunes its partitions, and a TID scan would probe
+    // every partition left with every ctid of the batch (a ctid does not name its
+    // partition).
+    let delete = if rule.partitioned {
+        format!("DELETE {expired} AND ctid = ANY ($3::text[]::tid[])")
+    } else {
+        format!(
+            "DELETE FROM {rel} WHERE (tenant_id = $1::text::{}) IS TRUE \
+               AND ({} < $2::text::timestamptz) IS TRUE AND ctid = ANY ($3::text[]::tid[])",
+            rule.tenant_type, rule.time_column
+        )
+    };
     let mut total = 0u64;
     let mut longest = std::time::Duration::ZERO;
     loop {
         let size = batch.size();
         let began = std::time::Instant::now();
         let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
-        // A plain table's delete is a TID scan of the batch's ctids. Without these the planner
-        // may pick a bitmap scan of the (tenant, time) index with the ctids as a
-        // filter (it did on a 4M-row table, batches of 8k of a tenant's 40k rows):
-        // that visits every expired row of the tenant, and the dead versions the
-        // batches before it left, once per batch, so a tenant's sweep grew with the
-        // square of its batches; or a scan of the whole table, for a batch of 8k
-        // rows in a 1M-row one (docs/BENCHMARKS.md, "Retention's delete as a TID
-        // scan"). Local to the batch: the cursor was planned already. Not for a
-        // partitioned table (or one with children), whose every partition the
-        // cutoff leaves would be probed for every ctid of the batch (a ctid does
-        // not name its partition).
         if !rule.partitioned {
-            tx.execute(
-                "SELECT pg_catalog.set_config('enable_bitmapscan', 'off', true), \
-                        pg_catalog.set_config('enable_indexscan', 'off', true), \
-                        pg_catalog.set_config('enable_seqscan', 'off', true)",
-                &[],
-            )
-            .await
-            .map_err(DaemonError::Query)?;
+            tx.batch_execute(SEQSCAN_OFF)
+                .await
+                .map_err(DaemonError::Query)?;
         }
         let ctids: Vec<String> = tx
             .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])

@@ -412,7 +412,7 @@ impl Table {
             "WITH d AS (DELETE FROM {name} AS x \
                          WHERE x.ctid OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[]::pg_catalog.tid[]) \
                            AND {key} OPERATOR(pg_catalog.=) ANY ($3::pg_catalog.bytea[]) \
-                           AND {tenant_is} \
+                           AND ({tenant_is}) IS TRUE \
                            AND (((x.xmin::pg_catalog.text::pg_catalog.int8 OPERATOR(pg_catalog.-) $4) \
                                  OPERATOR(pg_catalog.%) 4294967296 OPERATOR(pg_catalog.+) 4294967296) \
                                 OPERATOR(pg_catalog.%) 4294967296) OPERATOR(pg_catalog.>=) \
@@ -422,15 +422,17 @@ impl Table {
              SELECT d.tableoid, pg_catalog.count(*) FROM d GROUP BY d.tableoid"
         );
         super::as_offboarding_owner(self.rel, self.owner, || {
-            // A TID scan of the places, never a scan of the tenant's index (or of the
-            // table) with the places as a filter: the planner chose that for a
-            // tenant among others in a table, and it read all of the tenant's rows,
-            // and the dead versions the batches before it left, in every batch
-            // (docs/BENCHMARKS.md, "Retention's delete as a TID scan"). Saved in
-            // the owner scope's setting level, discarded on return.
-            for scan in [c"enable_bitmapscan", c"enable_indexscan", c"enable_seqscan"] {
-                crate::privilege::save_setting(scan, c"off");
-            }
+            // A TID scan of the places, never a scan of the whole table with the
+            // places as a filter, which the planner chose for a tenant among
+            // others in a table: every batch read the whole table
+            // (docs/BENCHMARKS.md, "Offboarding's deletes as a TID scan"). No
+            // index serves the statement's other conditions (the tenant is tested
+            // `IS TRUE`), so with sequential scans off no other path is left. Saved
+            // in the owner scope's setting level, discarded on return. Index and
+            // bitmap scans stay on: what the delete runs (the owner's triggers,
+            // foreign keys) plans as it would (on PostgreSQL before 18 a disabled
+            // scan inside a nested loop is costed once per outer row).
+            crate::privilege::save_setting(c"enable_seqscan", c"off");
             Spi::connect(|c| {
                 c.select(
                     &sql,
