@@ -336,12 +336,21 @@ async fn count_expired(
 }
 
 /// Sent in each batch transaction of a plain table before its delete by ctid
-/// (`delete_expired`). Index and bitmap scans stay on: the statements the delete
-/// runs (triggers, policies, foreign keys) plan as they would; on PostgreSQL before
-/// 18 a disabled scan on the inner side of a nested loop is costed as disabled once
-/// per outer row, which would steer their joins to scans of whole tables.
-/// A function call, not a `SET`: Citus would send a `SET LOCAL` to the workers.
+/// (`delete_expired`), on PostgreSQL before 18. Index and bitmap scans stay on:
+/// there a disabled scan on the inner side of a nested loop is costed as disabled
+/// once per outer row, which would steer the joins of what the delete runs
+/// (triggers, policies' functions, foreign keys) to scans of whole tables. Function
+/// calls, not `SET`s: Citus would send a `SET LOCAL` to the workers.
 const SEQSCAN_OFF: &str = "SELECT pg_catalog.set_config('enable_seqscan', 'off', true)";
+
+/// `SEQSCAN_OFF` on PostgreSQL 18 and later, which plans by the number of disabled
+/// scans first and their cost after: with every kind of table scan off, a plan of
+/// what the delete runs weighs as it would (one disabled scan per table either way),
+/// and the delete's own scan needs index and bitmap scans off too when the table's
+/// row level security adds a test of the tenant an index serves.
+const SCANS_OFF: &str = "SELECT pg_catalog.set_config('enable_seqscan', 'off', true), \
+                                pg_catalog.set_config('enable_indexscan', 'off', true), \
+                                pg_catalog.set_config('enable_bitmapscan', 'off', true)";
 
 /// The held cursor over one tenant's expired rows (`delete_expired`).
 const CURSOR: &str = "pgseald_expired";
@@ -378,14 +387,15 @@ async fn delete_expired(
     // Under `pgseal.strict_context` every cursor WITH HOLD is closed when its
     // transaction commits (so none carries a tenant's rows to the next client of a
     // pooled connection); each batch then searches the table again instead.
-    let strict: bool = client
+    let row = client
         .query_one(
-            "SELECT coalesce(current_setting('pgseal.strict_context', true), 'off')::bool",
+            "SELECT coalesce(current_setting('pgseal.strict_context', true), 'off')::bool, \
+                    current_setting('server_version_num')::int4 >= 180000",
             &[],
         )
         .await
-        .map_err(DaemonError::Query)?
-        .get(0);
+        .map_err(DaemonError::Query)?;
+    let (strict, counts_disabled): (bool, bool) = (row.get(0), row.get(1));
     if strict {
         return delete_expired_by_search(client, &expired, tenant, rule, cutoff, opts, batch, stop)
             .await;
@@ -413,7 +423,9 @@ async fn delete_expired(
     // (docs/BENCHMARKS.md, "Retention's delete as a TID scan"). The tenant and the
     // cutoff are re-checked as `IS TRUE` tests, which no index serves (the same rows
     // in a WHERE clause), and each batch turns sequential scans off for itself
-    // (`SEQSCAN_OFF`): no other path is left. Not for a partitioned table (or one
+    // (`SEQSCAN_OFF`, `SCANS_OFF`): no other path is left, but one row level
+    // security may add on PostgreSQL before 18, where pgseald's role is under the
+    // table's policies (docs/BENCHMARKS.md says so). Not for a partitioned table (or one
     // with children): the cutoff prunes its partitions, and a TID scan would probe
     // every partition left with every ctid of the batch (a ctid does not name its
     // partition).
@@ -433,9 +445,13 @@ async fn delete_expired(
         let began = std::time::Instant::now();
         let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
         if !rule.partitioned {
-            tx.batch_execute(SEQSCAN_OFF)
-                .await
-                .map_err(DaemonError::Query)?;
+            tx.batch_execute(if counts_disabled {
+                SCANS_OFF
+            } else {
+                SEQSCAN_OFF
+            })
+            .await
+            .map_err(DaemonError::Query)?;
         }
         let ctids: Vec<String> = tx
             .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])

@@ -426,13 +426,20 @@ impl Table {
             // places as a filter, which the planner chose for a tenant among
             // others in a table: every batch read the whole table
             // (docs/BENCHMARKS.md, "Offboarding's deletes as a TID scan"). No
-            // index serves the statement's other conditions (the tenant is tested
-            // `IS TRUE`), so with sequential scans off no other path is left. Saved
-            // in the owner scope's setting level, discarded on return. Index and
-            // bitmap scans stay on: what the delete runs (the owner's triggers,
-            // foreign keys) plans as it would (on PostgreSQL before 18 a disabled
-            // scan inside a nested loop is costed once per outer row).
+            // index serves the statement's own other conditions (the tenant is
+            // tested `IS TRUE`), so with sequential scans off no other path is
+            // left but one the table's row level security may add (its test of the
+            // tenant). Saved in the owner scope's setting level, discarded on
+            // return. Before PostgreSQL 18 index and bitmap scans stay on: a
+            // disabled scan inside a nested loop is costed once per outer row
+            // there, which would steer the joins of what the delete runs (the
+            // owner's triggers, foreign keys) to scans of whole tables; 18 counts
+            // disabled scans, one per table whichever kind.
             crate::privilege::save_setting(c"enable_seqscan", c"off");
+            #[cfg(feature = "pg18")]
+            for scan in [c"enable_indexscan", c"enable_bitmapscan"] {
+                crate::privilege::save_setting(scan, c"off");
+            }
             Spi::connect(|c| {
                 c.select(
                     &sql,
