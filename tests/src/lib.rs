@@ -65,6 +65,49 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Server settings that make every session log the plan of every statement it
+/// runs, pgseal's own included (`Cluster::start`'s conf; `logged_plans` reads them).
+pub const LOG_EVERY_PLAN: [&str; 3] = [
+    "session_preload_libraries = 'auto_explain'",
+    "auto_explain.log_min_duration = 0",
+    "auto_explain.log_nested_statements = on",
+];
+
+/// The plans `LOG_EVERY_PLAN` wrote to `log` whose text (query and plan) contains
+/// every one of `needles`: each plan is its LOG line's continuation, the lines that
+/// start with a tab.
+pub fn logged_plans(log: &str, needles: &[&str]) -> Vec<String> {
+    let mut plans: Vec<String> = Vec::new();
+    for line in log.lines() {
+        if line.contains("plan:") {
+            plans.push(String::new());
+        } else if let (Some(p), true) = (plans.last_mut(), line.starts_with('\t')) {
+            p.push_str(line);
+            p.push('\n');
+        }
+    }
+    plans
+        .into_iter()
+        .filter(|p| needles.iter().all(|n| p.contains(n)))
+        .collect()
+}
+
+/// Fails unless `plan` reads `table` by a TID scan and no table by any other scan
+/// of a table (sequential, index, bitmap).
+pub fn assert_tid_scan(plan: &str, table: &str) {
+    assert!(
+        plan.contains(&format!("Tid Scan on {table}"))
+            && !plan.contains("Index Scan")
+            && !plan.contains("Bitmap")
+            && !plan.contains("Seq Scan"),
+        "a batch's delete is not a TID scan of its places:\n{}",
+        plan.lines()
+            .filter(|l| l.contains("Scan") || l.contains("Delete on"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 /// The unprivileged OS user the servers run as (`PGSEAL_TEST_USER`, as
 /// `scripts/cluster.sh` reads it).
 pub fn test_user() -> String {

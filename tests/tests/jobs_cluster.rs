@@ -5,7 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use pgseal_tests::{count, Cluster, Pgseald, KEY_V1, KEY_V2};
+use pgseal_tests::{
+    assert_tid_scan, count, logged_plans, Cluster, Pgseald, KEY_V1, KEY_V2, LOG_EVERY_PLAN,
+};
 
 #[test]
 fn retention_deletes_exactly_the_expired_rows_per_tenant() {
@@ -191,14 +193,7 @@ fn retention_sweeps_every_batch_under_strict_context() {
 /// partitions hold rows at the same places.
 #[test]
 fn retention_deletes_each_batch_by_a_tid_scan() {
-    let cl = Cluster::start(
-        "jobs-retention-plan",
-        &[KEY_V1],
-        &[
-            "session_preload_libraries = 'auto_explain'",
-            "auto_explain.log_min_duration = 0",
-        ],
-    );
+    let cl = Cluster::start("jobs-retention-plan", &[KEY_V1], &LOG_EVERY_PLAN);
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
@@ -236,7 +231,10 @@ fn retention_deletes_each_batch_by_a_tid_scan() {
     assert_eq!(left(&mut c, "ev_parts"), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM ev_plan"), 50_100);
     assert_eq!(count(&mut c, "SELECT count(*) FROM ev_parts"), 3000);
-    let deletes = logged_plans(&cl.server_log(), "ev_plan WHERE");
+    let deletes = logged_plans(
+        &cl.server_log(),
+        &["Query Text: DELETE FROM", "ev_plan WHERE"],
+    );
     assert_eq!(
         deletes.len(),
         5,
@@ -245,39 +243,6 @@ fn retention_deletes_each_batch_by_a_tid_scan() {
     for p in &deletes {
         assert_tid_scan(p, "ev_plan");
     }
-}
-
-/// The plans auto_explain logged for deletes whose text contains `table_where`:
-/// each plan is its LOG line, then lines that start with a tab.
-fn logged_plans(log: &str, table_where: &str) -> Vec<String> {
-    let mut plans: Vec<String> = Vec::new();
-    for line in log.lines() {
-        if line.contains("plan:") {
-            plans.push(String::new());
-        } else if let (Some(p), true) = (plans.last_mut(), line.starts_with('\t')) {
-            p.push_str(line);
-            p.push('\n');
-        }
-    }
-    plans
-        .into_iter()
-        .filter(|p| p.contains("Query Text: DELETE FROM") && p.contains(table_where))
-        .collect()
-}
-
-/// Fails unless `plan` scans `table` by a TID scan and nothing else.
-fn assert_tid_scan(plan: &str, table: &str) {
-    assert!(
-        plan.contains(&format!("Tid Scan on {table}"))
-            && !plan.contains("Index Scan")
-            && !plan.contains("Bitmap")
-            && !plan.contains("Seq Scan"),
-        "a batch's delete is not a TID scan of its places:\n{}",
-        plan.lines()
-            .filter(|l| l.contains("Scan") || l.contains("Delete on"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
 }
 
 /// `retention_deletes_each_batch_by_a_tid_scan` with pgseald's role under the
@@ -290,14 +255,7 @@ fn assert_tid_scan(plan: &str, table: &str) {
 /// there only the rows deleted are checked.
 #[test]
 fn retention_under_row_level_security_deletes_each_batch_by_a_tid_scan_on_18() {
-    let cl = Cluster::start(
-        "jobs-retention-plan-rls",
-        &[KEY_V1],
-        &[
-            "session_preload_libraries = 'auto_explain'",
-            "auto_explain.log_min_duration = 0",
-        ],
-    );
+    let cl = Cluster::start("jobs-retention-plan-rls", &[KEY_V1], &LOG_EVERY_PLAN);
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
@@ -335,7 +293,10 @@ fn retention_under_row_level_security_deletes_each_batch_by_a_tid_scan_on_18() {
         )
         .unwrap()
         .get(0);
-    let deletes = logged_plans(&cl.server_log(), "ev_rls WHERE");
+    let deletes = logged_plans(
+        &cl.server_log(),
+        &["Query Text: DELETE FROM", "ev_rls WHERE"],
+    );
     assert_eq!(
         deletes.len(),
         5,

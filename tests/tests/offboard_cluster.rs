@@ -8,7 +8,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use pgseal_tests::{count, Cluster, Pgseald, KEY_V1};
+use pgseal_tests::{
+    assert_tid_scan, count, logged_plans, Cluster, Pgseald, KEY_V1, LOG_EVERY_PLAN,
+};
 use sha2::Digest;
 
 fn hex_of(bytes: &[u8]) -> String {
@@ -304,15 +306,7 @@ fn a_lock_held_on_a_table_fails_the_step_instead_of_stalling_it() {
 /// plan of every statement, pgseal's own included.
 #[test]
 fn offboarding_deletes_each_batch_by_a_tid_scan() {
-    let cl = Cluster::start(
-        "offboard_plan",
-        &[KEY_V1],
-        &[
-            "session_preload_libraries = 'auto_explain'",
-            "auto_explain.log_min_duration = 0",
-            "auto_explain.log_nested_statements = on",
-        ],
-    );
+    let cl = Cluster::start("offboard_plan", &[KEY_V1], &LOG_EVERY_PLAN);
     let mut c = cl.connect();
     c.batch_execute(
         "CREATE EXTENSION pgseal;
@@ -338,37 +332,16 @@ fn offboarding_deletes_each_batch_by_a_tid_scan() {
         0
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM users"), 50_000);
-    // Each plan auto_explain logged: its LOG line, then lines that start with a tab.
-    let log = cl.server_log();
-    let mut plans: Vec<String> = Vec::new();
-    for line in log.lines() {
-        if line.contains("plan:") {
-            plans.push(String::new());
-        } else if let (Some(p), true) = (plans.last_mut(), line.starts_with('\t')) {
-            p.push_str(line);
-            p.push('\n');
-        }
-    }
-    let deletes: Vec<&String> = plans
-        .iter()
-        .filter(|p| p.contains("Query Text: WITH d AS (DELETE FROM") && p.contains("users AS x"))
-        .collect();
+    let deletes = logged_plans(
+        &cl.server_log(),
+        &["Query Text: WITH d AS (DELETE FROM", "users AS x"],
+    );
     assert!(
         deletes.len() >= 3,
         "a delete per batch of 1000: {deletes:#?}"
     );
-    for p in deletes {
-        assert!(
-            p.contains("Tid Scan on users")
-                && !p.contains("Index Scan")
-                && !p.contains("Bitmap")
-                && !p.contains("Seq Scan"),
-            "a batch's delete is not a TID scan of its places:\n{}",
-            p.lines()
-                .filter(|l| l.contains("Scan") || l.contains("Delete on"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+    for p in &deletes {
+        assert_tid_scan(p, "users");
     }
 }
 
