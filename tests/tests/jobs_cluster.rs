@@ -808,6 +808,129 @@ fn a_sweep_stopped_between_batches_leaves_the_receipt_of_what_it_deleted() {
     assert_eq!(recorded, 50 - left, "{out}");
 }
 
+/// A tenant's receipt commits with its last batch: a receipt that fails (here,
+/// pgseald's role may no longer call `_job_receipt`) takes the rows of that batch
+/// with it, so they are never deleted without the receipt; the batches before it
+/// stay deleted and the next run's receipt counts only what that run deleted.
+#[test]
+fn a_failed_receipt_leaves_the_rows_of_the_tenants_last_batch() {
+    let cl = Cluster::start("jobs-retention-receipt-fails", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE sweeper LOGIN;
+         GRANT pgseal_admin TO sweeper;
+         CREATE TABLE ev (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         INSERT INTO ev SELECT g, 'one', now() - interval '60 days' FROM generate_series(1, 50) g;
+         INSERT INTO ev SELECT 1000 + g, 'two', now() - interval '60 days' FROM generate_series(1, 250) g;
+         INSERT INTO ev SELECT 2000 + 10 * i + g, t, now() FROM generate_series(1, 5) g, unnest(ARRAY['one', 'two']) WITH ORDINALITY AS u(t, i);
+         SELECT pgseal.tenant_protect('ev');
+         GRANT SELECT, DELETE ON ev TO sweeper;
+         SELECT pgseal.retention_set('ev', '30 days');
+         REVOKE EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) FROM pgseal_admin;",
+    )
+    .unwrap();
+    let url = cl.url().replace("user=postgres", "user=sweeper");
+    let run = |tenant: &str| {
+        Pgseald::new(["retention", "run", "--batch", "100", "--tenant", tenant])
+            .on(&cl)
+            .env("PGSEALD_DATABASE_URL", &url)
+            .run()
+    };
+    let left = |c: &mut postgres::Client, t: &str| {
+        count(
+            c,
+            &format!("SELECT count(*) FROM ev WHERE tenant_id = '{t}' AND created_at < now() - interval '30 days'"),
+        )
+    };
+    // One batch: it is the last, and nothing goes.
+    let (code, out) = run("one");
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("_job_receipt"), "{out}");
+    assert_eq!(left(&mut c, "one"), 50, "{out}");
+    // Batches of 100, 100 and 50: the first two stay deleted, the last does not.
+    let (code, out) = run("two");
+    assert_ne!(code, Some(0), "{out}");
+    assert_eq!(left(&mut c, "two"), 50, "{out}");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.ledger WHERE event = 'retention.deleted'"
+        ),
+        0
+    );
+    c.batch_execute("GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin")
+        .unwrap();
+    for t in ["one", "two"] {
+        let (code, out) = run(t);
+        assert_eq!(code, Some(0), "{out}");
+        assert_eq!(left(&mut c, t), 0, "{out}");
+    }
+    let receipts: Vec<(String, i64)> = c
+        .query(
+            "SELECT tenant_id, (payload->>'deleted')::int8 FROM pgseal.ledger \
+              WHERE event = 'retention.deleted' ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(receipts, [("one".to_owned(), 50), ("two".to_owned(), 50)]);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM ev"),
+        10,
+        "the rows in their window stay"
+    );
+}
+
+/// The receipt in a tenant's last batch runs with the session's settings, not the
+/// batch's: it waits for the tenant's chain lock as long as the session would,
+/// where the batch's `lock_timeout` (200 ms by default) would have failed it and
+/// taken the batch with it.
+#[test]
+fn the_receipt_waits_for_the_chain_lock_past_the_batch_lock_timeout() {
+    let cl = Cluster::start("jobs-retention-receipt-waits", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE ev (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         INSERT INTO ev SELECT g, 'acme', now() - interval '60 days' FROM generate_series(1, 20) g;
+         SELECT pgseal.retention_set('ev', '30 days');",
+    )
+    .unwrap();
+    // Another session appends to acme's chain and holds its lock for 1.5 s.
+    let mut holder = cl.connect();
+    holder
+        .batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('acme'); SELECT pgseal.ledger_append('held', '{}');",
+        )
+        .unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        holder.batch_execute("COMMIT").unwrap();
+    });
+    let began = std::time::Instant::now();
+    let (code, out) = Pgseald::new(["retention", "run"]).on(&cl).run();
+    let took = began.elapsed();
+    release.join().unwrap();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        took >= Duration::from_millis(1000),
+        "the receipt did not wait for the held lock ({took:?}): {out}"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev"), 0, "{out}");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.ledger WHERE event = 'retention.deleted' AND tenant_id = 'acme' \
+                AND payload->>'deleted' = '20'"
+        ),
+        1,
+        "{out}"
+    );
+}
+
 #[test]
 fn a_key_type_in_a_schema_anyone_may_write_is_skipped_not_resealed_out_of_order() {
     // Such a schema is left off the batch's path (an operator made there would run

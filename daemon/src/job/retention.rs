@@ -3,12 +3,14 @@
 //!
 //! For every table with a rule and every tenant in it, the effective window is the
 //! tenant's override, else the table's default; a tenant on legal hold is skipped.
-//! The expired rows of a tenant are found once (their ctids, in a held cursor) and
+//! A window's cutoff is taken once per run, when a sweep first needs it. The
+//! expired rows of a tenant are found once (their ctids, in a held cursor) and
 //! deleted in batches, each one transaction under the tenant's own context with a
 //! `lock_timeout`, with a pause between batches; a batch's size is fixed or adapts
-//! to a target time per transaction (`batch.rs`). Each tenant ×
-//! table that had a window ends with a 'retention.deleted' ledger receipt. Once
-//! cancelled, the batch in hand is committed and receipted and the run ends.
+//! to a target time per transaction (`batch.rs`). Each tenant × table that had a
+//! window ends with a 'retention.deleted' ledger receipt, committed with its last
+//! batch. Once cancelled, the batch in hand is committed and receipted and the run
+//! ends.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -241,6 +243,13 @@ pub async fn run(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let session = if opts.dry_run {
+        None
+    } else {
+        Some(Session::read(client).await?)
+    };
+    // One cutoff per window per run (as of the run's first use of it), asked once.
+    let mut cutoffs: BTreeMap<String, String> = BTreeMap::new();
     let mut out = Vec::new();
     // One batch size for the whole run: what one tenant's batches taught carries over.
     let mut batch = opts.batch;
@@ -269,11 +278,18 @@ pub async fn run(
                 tracing::warn!(table = %rel, tenant = %tenant, "skipping a retention rule: {why}");
                 continue;
             }
-            let cutoff: String = client
-                .query_one("SELECT (now() - $1::text::interval)::text", &[&rule.keep])
-                .await
-                .map_err(DaemonError::Query)?
-                .get(0);
+            let cutoff = match cutoffs.get(&rule.keep) {
+                Some(c) => c.clone(),
+                None => {
+                    let c: String = client
+                        .query_one("SELECT (now() - $1::text::interval)::text", &[&rule.keep])
+                        .await
+                        .map_err(DaemonError::Query)?
+                        .get(0);
+                    cutoffs.insert(rule.keep.clone(), c.clone());
+                    c
+                }
+            };
             if holds.contains(&tenant) {
                 tracing::info!(table = %rel, tenant = %tenant, "legal hold: nothing deleted");
                 out.push(Outcome {
@@ -286,17 +302,22 @@ pub async fn run(
                 });
                 continue;
             }
-            let (rows, longest_batch) = if opts.dry_run {
-                (
+            let (rows, longest_batch) = match &session {
+                None => (
                     count_expired(client, rel, &tenant, rule, &cutoff, opts).await?,
                     Default::default(),
-                )
-            } else {
-                let (n, longest) =
-                    delete_expired(client, rel, &tenant, rule, &cutoff, opts, &mut batch, stop)
-                        .await?;
-                receipt(client, rel, &tenant, rule, &cutoff, n).await?;
-                (n, longest)
+                ),
+                Some(session) => {
+                    let sweep = Sweep {
+                        rel,
+                        tenant: &tenant,
+                        rule,
+                        cutoff: &cutoff,
+                        opts,
+                        session,
+                    };
+                    sweep.delete_expired(client, &mut batch, stop).await?
+                }
             };
             out.push(Outcome {
                 rel: rel.clone(),
@@ -336,9 +357,9 @@ async fn count_expired(
 }
 
 /// Sent in each batch transaction of a plain table before its delete by ctid
-/// (`delete_expired`), on PostgreSQL before 18. Index and bitmap scans stay on:
-/// there a disabled scan on the inner side of a nested loop is costed as disabled
-/// once per outer row, which would steer the joins of what the delete runs
+/// (`Sweep::delete_expired`), on PostgreSQL before 18. Index and bitmap scans stay
+/// on: there a disabled scan on the inner side of a nested loop is costed as
+/// disabled once per outer row, which would steer the joins of what the delete runs
 /// (triggers, policies' functions, foreign keys) to scans of whole tables. Function
 /// calls, not `SET`s: Citus would send a `SET LOCAL` to the workers.
 const SEQSCAN_OFF: &str = "SELECT pg_catalog.set_config('enable_seqscan', 'off', true)";
@@ -352,217 +373,302 @@ const SCANS_OFF: &str = "SELECT pg_catalog.set_config('enable_seqscan', 'off', t
                                 pg_catalog.set_config('enable_indexscan', 'off', true), \
                                 pg_catalog.set_config('enable_bitmapscan', 'off', true)";
 
-/// The held cursor over one tenant's expired rows (`delete_expired`).
+/// The settings a batch transaction changes for itself (`batch_transaction`,
+/// `SCANS_OFF`), which the receipt at the end of a tenant's last batch runs with
+/// the session's values of again.
+const BATCH_SETTINGS: [&str; 5] = [
+    "search_path",
+    "lock_timeout",
+    "enable_seqscan",
+    "enable_indexscan",
+    "enable_bitmapscan",
+];
+
+/// The held cursor over one tenant's expired rows (`Sweep::delete_expired`).
 const CURSOR: &str = "pgseald_expired";
 
-/// Deletes the tenant's expired rows in batch transactions sized by `batch`, which
-/// learns from each; returns the rows deleted and the longest batch.
-///
-/// The expired rows are found once: their ctids are kept in a cursor WITH HOLD,
-/// which PostgreSQL materialises when its transaction commits, and each batch takes
-/// the next ones from it and deletes them by ctid. A batch that searched the table
-/// again would pass every row the batches before it deleted: a bitmap heap scan
-/// visits their dead tuples' pages again (they stay in the index until vacuum), so
-/// a tenant's sweep grew with the square of its batches. Each delete re-checks the
-/// tenant and the cutoff: a ctid whose row was updated or deleted meanwhile names
-/// a dead version and is skipped, and one a vacuum gave to a new row deletes it
-/// only if that row is expired too. A row updated while the delete waits for its
-/// lock is checked again in its new version (READ COMMITTED), which goes only if it
-/// is still the tenant's and still expired.
-#[allow(clippy::too_many_arguments)]
-async fn delete_expired(
-    client: &mut Client,
-    rel: &str,
-    tenant: &str,
-    rule: &Rule,
-    cutoff: &str,
-    opts: &Options,
-    batch: &mut Batch,
-    stop: &CancellationToken,
-) -> Result<(u64, std::time::Duration), DaemonError> {
-    let expired = format!(
-        "FROM {rel} WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz",
-        rule.tenant_type, rule.time_column
-    );
-    // Under `pgseal.strict_context` every cursor WITH HOLD is closed when its
-    // transaction commits (so none carries a tenant's rows to the next client of a
-    // pooled connection); each batch then searches the table again instead.
-    let row = client
-        .query_one(
-            "SELECT coalesce(current_setting('pgseal.strict_context', true), 'off')::bool, \
-                    current_setting('server_version_num')::int4 >= 180000",
-            &[],
-        )
-        .await
-        .map_err(DaemonError::Query)?;
-    let (strict, counts_disabled): (bool, bool) = (row.get(0), row.get(1));
-    if strict {
-        return delete_expired_by_search(client, &expired, tenant, rule, cutoff, opts, batch, stop)
-            .await;
-    }
-    {
-        let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
-        // A cursor an earlier failed run left on this connection.
-        tx.batch_execute("CLOSE ALL")
+/// What a run asks the server once, before its first sweep.
+struct Session {
+    /// `pgseal.strict_context` is on: every cursor WITH HOLD is closed when its
+    /// transaction commits (so none carries a tenant's rows to the next client of a
+    /// pooled connection), and each batch searches the table again instead.
+    strict: bool,
+    /// PostgreSQL 18 or later, which counts disabled scans (`SCANS_OFF`).
+    counts_disabled: bool,
+    /// The session's values of `BATCH_SETTINGS`, in that order.
+    settings: Vec<String>,
+}
+
+impl Session {
+    async fn read(client: &mut Client) -> Result<Session, DaemonError> {
+        let names: Vec<&str> = BATCH_SETTINGS.to_vec();
+        let row = client
+            .query_one(
+                "SELECT coalesce(pg_catalog.current_setting('pgseal.strict_context', true), 'off')::bool, \
+                        pg_catalog.current_setting('server_version_num')::int4 >= 180000, \
+                        ARRAY(SELECT pg_catalog.current_setting(n) \
+                                FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS s(n, i) ORDER BY i)",
+                &[&names],
+            )
             .await
             .map_err(DaemonError::Query)?;
-        tx.execute(
-            &format!("DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR SELECT ctid::text {expired}"),
-            &[&tenant, &cutoff],
-        )
-        .await
-        .map_err(DaemonError::Query)?;
-        tx.commit().await.map_err(DaemonError::Query)?;
+        // A cursor an earlier failed run left on this connection (each sweep closes
+        // its own in its last batch).
+        client
+            .batch_execute("CLOSE ALL")
+            .await
+            .map_err(DaemonError::Query)?;
+        Ok(Session {
+            strict: row.get(0),
+            counts_disabled: row.get(1),
+            settings: row.get(2),
+        })
     }
-    // A plain table's delete is a TID scan of the batch's ctids, never a scan of the
-    // (tenant, time) index with the ctids as a filter, which the planner chose on a
-    // 4M-row table for batches of 8k of a tenant's 40k rows: it read every expired
-    // row of the tenant, and the dead versions the batches before it left, once per
-    // batch, so a tenant's sweep grew with the square of its batches; nor a scan of
-    // the whole table, which it chose for batches of 8k rows in a 1M-row one
-    // (docs/BENCHMARKS.md, "Retention's delete as a TID scan"). The tenant and the
-    // cutoff are re-checked as `IS TRUE` tests, which no index serves (the same rows
-    // in a WHERE clause), and each batch turns sequential scans off for itself
-    // (`SEQSCAN_OFF`, `SCANS_OFF`): no other path is left, but one row level
-    // security may add on PostgreSQL before 18, where pgseald's role is under the
-    // table's policies (docs/BENCHMARKS.md says so). Not for a partitioned table (or one
-    // with children): the cutoff prunes its partitions, and a TID scan would probe
-    // every partition left with every ctid of the batch (a ctid does not name its
-    // partition).
-    let delete = if rule.partitioned {
-        format!("DELETE {expired} AND ctid = ANY ($3::text[]::tid[])")
-    } else {
+}
+
+/// One tenant's sweep of one table.
+struct Sweep<'a> {
+    rel: &'a str,
+    tenant: &'a str,
+    rule: &'a Rule,
+    cutoff: &'a str,
+    opts: &'a Options,
+    session: &'a Session,
+}
+
+impl Sweep<'_> {
+    /// The tenant's expired rows: their FROM and WHERE, with the tenant as $1 and
+    /// the cutoff as $2.
+    fn expired(&self) -> String {
         format!(
-            "DELETE FROM {rel} WHERE (tenant_id = $1::text::{}) IS TRUE \
-               AND ({} < $2::text::timestamptz) IS TRUE AND ctid = ANY ($3::text[]::tid[])",
-            rule.tenant_type, rule.time_column
+            "FROM {} WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz",
+            self.rel, self.rule.tenant_type, self.rule.time_column
         )
-    };
-    let mut total = 0u64;
-    let mut longest = std::time::Duration::ZERO;
-    loop {
-        let size = batch.size();
-        let began = std::time::Instant::now();
-        let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
-        if !rule.partitioned {
-            tx.batch_execute(if counts_disabled {
-                SCANS_OFF
-            } else {
-                SEQSCAN_OFF
-            })
-            .await
-            .map_err(DaemonError::Query)?;
+    }
+
+    /// Deletes the tenant's expired rows in batch transactions sized by `batch`,
+    /// which learns from each, and appends the receipt in the last; returns the rows
+    /// deleted and the longest batch.
+    ///
+    /// The expired rows are found once: their ctids are kept in a cursor WITH HOLD,
+    /// declared in the first batch and materialised by PostgreSQL when that batch
+    /// commits (never, when the tenant's rows fit one batch: the last batch closes
+    /// it before its commit), and each batch takes the next ones from it and deletes
+    /// them by ctid. A batch that searched the table again would pass every row the
+    /// batches before it deleted: a bitmap heap scan visits their dead tuples' pages
+    /// again (they stay in the index until vacuum), so a tenant's sweep grew with the
+    /// square of its batches. Each delete re-checks the tenant and the cutoff: a
+    /// ctid whose row was updated or deleted meanwhile names a dead version and is
+    /// skipped, and one a vacuum gave to a new row deletes it only if that row is
+    /// expired too. A row updated while the delete waits for its lock is checked
+    /// again in its new version (READ COMMITTED), which goes only if it is still the
+    /// tenant's and still expired.
+    ///
+    /// The receipt commits with the last batch: a run that fails there leaves that
+    /// batch's rows in place, never deleted without their receipt.
+    async fn delete_expired(
+        &self,
+        client: &mut Client,
+        batch: &mut Batch,
+        stop: &CancellationToken,
+    ) -> Result<(u64, Duration), DaemonError> {
+        if self.session.strict {
+            return self.delete_expired_by_search(client, batch, stop).await;
         }
-        let ctids: Vec<String> = tx
-            .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
-            .await
-            .map_err(DaemonError::Query)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let n = if ctids.is_empty() {
-            0
+        let (rel, rule) = (self.rel, self.rule);
+        // A plain table's delete is a TID scan of the batch's ctids, never a scan of
+        // the (tenant, time) index with the ctids as a filter, which the planner chose
+        // on a 4M-row table for batches of 8k of a tenant's 40k rows: it read every
+        // expired row of the tenant, and the dead versions the batches before it left,
+        // once per batch, so a tenant's sweep grew with the square of its batches; nor
+        // a scan of the whole table, which it chose for batches of 8k rows in a 1M-row
+        // one (docs/BENCHMARKS.md, "Retention's delete as a TID scan"). The tenant and
+        // the cutoff are re-checked as `IS TRUE` tests, which no index serves (the same
+        // rows in a WHERE clause), and each batch turns sequential scans off for itself
+        // (`SEQSCAN_OFF`, `SCANS_OFF`): no other path is left, but one row level
+        // security may add on PostgreSQL before 18, where pgseald's role is under the
+        // table's policies (docs/BENCHMARKS.md says so). Not for a partitioned table
+        // (or one with children): the cutoff prunes its partitions, and a TID scan
+        // would probe every partition left with every ctid of the batch (a ctid does
+        // not name its partition).
+        let delete = if rule.partitioned {
+            format!(
+                "DELETE {} AND ctid = ANY ($3::text[]::tid[])",
+                self.expired()
+            )
         } else {
-            tx.execute(&delete, &[&tenant, &cutoff, &ctids])
+            format!(
+                "DELETE FROM {rel} WHERE (tenant_id = $1::text::{}) IS TRUE \
+                   AND ({} < $2::text::timestamptz) IS TRUE AND ctid = ANY ($3::text[]::tid[])",
+                rule.tenant_type, rule.time_column
+            )
+        };
+        let declare = format!(
+            "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR SELECT ctid::text {}",
+            self.expired()
+        );
+        let mut total = 0u64;
+        let mut longest = Duration::ZERO;
+        let mut declared = false;
+        loop {
+            let size = batch.size();
+            let began = std::time::Instant::now();
+            let tx = self.batch_transaction(client).await?;
+            if !declared {
+                // Planned before the scans go off, as any query of the tenant's rows.
+                tx.execute(&declare, &[&self.tenant, &self.cutoff])
+                    .await
+                    .map_err(DaemonError::Query)?;
+                declared = true;
+            }
+            if !rule.partitioned {
+                tx.batch_execute(if self.session.counts_disabled {
+                    SCANS_OFF
+                } else {
+                    SEQSCAN_OFF
+                })
+                .await
+                .map_err(DaemonError::Query)?;
+            }
+            let ctids: Vec<String> = tx
+                .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
                 .await
                 .map_err(DaemonError::Query)?
-        };
-        tx.commit().await.map_err(DaemonError::Query)?;
-        let took = began.elapsed();
-        batch.observe(ctids.len() as u64, took);
-        longest = longest.max(took);
-        total += n;
-        // Once cancelled, the batch just committed is the last.
-        if (ctids.len() as i64) < size || stop.is_cancelled() {
-            break;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(opts.pause) => {}
-            _ = stop.cancelled() => break,
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !ctids.is_empty() {
+                total += tx
+                    .execute(&delete, &[&self.tenant, &self.cutoff, &ctids])
+                    .await
+                    .map_err(DaemonError::Query)?;
+            }
+            // Once cancelled, the batch in hand is the last.
+            let last = (ctids.len() as i64) < size || stop.is_cancelled();
+            if last {
+                tx.batch_execute(&format!("CLOSE {CURSOR}"))
+                    .await
+                    .map_err(DaemonError::Query)?;
+                self.append_receipt(&tx, total).await?;
+            }
+            tx.commit().await.map_err(DaemonError::Query)?;
+            let took = began.elapsed();
+            batch.observe(ctids.len() as u64, took);
+            longest = longest.max(took);
+            if last {
+                return Ok((total, longest));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.opts.pause) => {}
+                _ = stop.cancelled() => {
+                    client
+                        .batch_execute(&format!("CLOSE {CURSOR}"))
+                        .await
+                        .map_err(DaemonError::Query)?;
+                    self.receipt(client, total).await?;
+                    return Ok((total, longest));
+                }
+            }
         }
     }
-    client
-        .batch_execute(&format!("CLOSE {CURSOR}"))
+
+    /// `delete_expired` without a held cursor: each batch deletes the next expired
+    /// rows it finds, searching the table again (it passes the dead versions of the
+    /// rows the batches before it deleted until a vacuum, so a large sweep slows as it
+    /// goes). The delete re-checks the tenant and the cutoff as the cursor's does:
+    /// partitions reuse ctids, so a ctid alone could name a live row of another
+    /// partition. A batch that found fewer rows than asked is the last; one whose
+    /// rows were changed under it (deleted fewer than it found) is not.
+    async fn delete_expired_by_search(
+        &self,
+        client: &mut Client,
+        batch: &mut Batch,
+        stop: &CancellationToken,
+    ) -> Result<(u64, Duration), DaemonError> {
+        let expired = self.expired();
+        let delete = format!(
+            "WITH s AS (SELECT ctid {expired} LIMIT $3), \
+                  d AS (DELETE {expired} AND ctid = ANY (ARRAY(SELECT ctid FROM s)) RETURNING 1) \
+             SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM d)"
+        );
+        let mut total = 0u64;
+        let mut longest = Duration::ZERO;
+        loop {
+            let size = batch.size();
+            let began = std::time::Instant::now();
+            let tx = self.batch_transaction(client).await?;
+            let row = tx
+                .query_one(&delete, &[&self.tenant, &self.cutoff, &size])
+                .await
+                .map_err(DaemonError::Query)?;
+            let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
+            total += n;
+            let last = found < size || stop.is_cancelled();
+            if last {
+                self.append_receipt(&tx, total).await?;
+            }
+            tx.commit().await.map_err(DaemonError::Query)?;
+            let took = began.elapsed();
+            batch.observe(found as u64, took);
+            longest = longest.max(took);
+            if last {
+                return Ok((total, longest));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.opts.pause) => {}
+                _ = stop.cancelled() => {
+                    self.receipt(client, total).await?;
+                    return Ok((total, longest));
+                }
+            }
+        }
+    }
+
+    /// The tenant's 'retention.deleted' receipt for `rows`, in a transaction of its
+    /// own (a sweep cancelled between two batches).
+    async fn receipt(&self, client: &mut Client, rows: u64) -> Result<(), DaemonError> {
+        let tx = client.transaction().await.map_err(DaemonError::Query)?;
+        self.append_receipt(&tx, rows).await?;
+        tx.commit().await.map_err(DaemonError::Query)
+    }
+
+    /// Appends the receipt in `tx`, the tenant's last batch (or a transaction of its
+    /// own), with the session's values of the settings a batch changes.
+    async fn append_receipt(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        rows: u64,
+    ) -> Result<(), DaemonError> {
+        let names: Vec<&str> = BATCH_SETTINGS.to_vec();
+        // The actor is 'pgseald' (the user setting); the entry's payload also names the
+        // database role pgseald connected as.
+        tx.execute(
+            "SELECT pgseal.set_tenant($1, 'pgseald'), \
+                    (SELECT count(pg_catalog.set_config(s.n, s.v, true)) \
+                       FROM ROWS FROM (pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])) AS s(n, v))",
+            &[&self.tenant, &names, &self.session.settings],
+        )
         .await
         .map_err(DaemonError::Query)?;
-    Ok((total, longest))
-}
-
-async fn receipt(
-    client: &mut Client,
-    rel: &str,
-    tenant: &str,
-    rule: &Rule,
-    cutoff: &str,
-    rows: u64,
-) -> Result<(), DaemonError> {
-    let tx = client.transaction().await.map_err(DaemonError::Query)?;
-    // The actor is 'pgseald' (the user setting); the entry's payload also names the
-    // database role pgseald connected as.
-    tx.execute("SELECT pgseal.set_tenant($1, 'pgseald')", &[&tenant])
+        let payload = serde_json::json!({
+            "table": self.rel, "cutoff": self.cutoff, "keep": self.rule.keep, "deleted": rows,
+        });
+        // 'retention.' is one of pgseal's reserved event names, which ledger_append
+        // refuses; pgseald's receipts go through the narrow _job_receipt (pgseal_admin).
+        tx.execute(
+            "SELECT pgseal._job_receipt('retention.deleted', $1::text::jsonb)",
+            &[&payload.to_string()],
+        )
         .await
         .map_err(DaemonError::Query)?;
-    let payload = serde_json::json!({
-        "table": rel, "cutoff": cutoff, "keep": rule.keep, "deleted": rows,
-    });
-    // 'retention.' is one of pgseal's reserved event names, which ledger_append
-    // refuses; pgseald's receipts go through the narrow _job_receipt (pgseal_admin).
-    tx.execute(
-        "SELECT pgseal._job_receipt('retention.deleted', $1::text::jsonb)",
-        &[&payload.to_string()],
-    )
-    .await
-    .map_err(DaemonError::Query)?;
-    tx.commit().await.map_err(DaemonError::Query)?;
-    Ok(())
-}
+        Ok(())
+    }
 
-/// `delete_expired` without a held cursor: each batch deletes the next expired rows
-/// it finds, searching the table again (it passes the dead versions of the rows the
-/// batches before it deleted until a vacuum, so a large sweep slows as it goes).
-/// The delete re-checks the tenant and the cutoff as the cursor's does: partitions
-/// reuse ctids, so a ctid alone could name a live row of another partition. A batch
-/// that found fewer rows than asked is the last; one whose rows were changed under
-/// it (deleted fewer than it found) is not.
-#[allow(clippy::too_many_arguments)]
-async fn delete_expired_by_search(
-    client: &mut Client,
-    expired: &str,
-    tenant: &str,
-    rule: &Rule,
-    cutoff: &str,
-    opts: &Options,
-    batch: &mut Batch,
-    stop: &CancellationToken,
-) -> Result<(u64, std::time::Duration), DaemonError> {
-    let delete = format!(
-        "WITH s AS (SELECT ctid {expired} LIMIT $3), \
-              d AS (DELETE {expired} AND ctid = ANY (ARRAY(SELECT ctid FROM s)) RETURNING 1) \
-         SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM d)"
-    );
-    let mut total = 0u64;
-    let mut longest = std::time::Duration::ZERO;
-    loop {
-        let size = batch.size();
-        let began = std::time::Instant::now();
-        let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
-        let row = tx
-            .query_one(&delete, &[&tenant, &cutoff, &size])
-            .await
-            .map_err(DaemonError::Query)?;
-        tx.commit().await.map_err(DaemonError::Query)?;
-        let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
-        let took = began.elapsed();
-        batch.observe(found as u64, took);
-        longest = longest.max(took);
-        total += n;
-        if found < size || stop.is_cancelled() {
-            return Ok((total, longest));
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(opts.pause) => {}
-            _ = stop.cancelled() => return Ok((total, longest)),
-        }
+    async fn batch_transaction<'c>(
+        &self,
+        client: &'c mut Client,
+    ) -> Result<tokio_postgres::Transaction<'c>, DaemonError> {
+        batch_transaction(client, self.tenant, &self.rule.search_path, self.opts).await
     }
 }
 
