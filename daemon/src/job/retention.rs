@@ -451,10 +451,9 @@ impl Sweep<'_> {
     /// deleted and the longest batch.
     ///
     /// The expired rows are found once: their ctids are kept in a cursor WITH HOLD,
-    /// declared in the first batch and materialised by PostgreSQL when that batch
-    /// commits (never, when the tenant's rows fit one batch: the last batch closes
-    /// it before its commit), and each batch takes the next ones from it and deletes
-    /// them by ctid. A batch that searched the table again would pass every row the
+    /// which PostgreSQL materialises when the transaction that declares it commits
+    /// (not when the tenant's rows fit one batch: it is closed there), and each batch
+    /// deletes the next ones by ctid. A batch that searched the table again would pass every row the
     /// batches before it deleted: a bitmap heap scan visits their dead tuples' pages
     /// again (they stay in the index until vacuum), so a tenant's sweep grew with the
     /// square of its batches. Each delete re-checks the tenant and the cutoff: a
@@ -507,20 +506,31 @@ impl Sweep<'_> {
             "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR SELECT ctid::text {}",
             self.expired()
         );
+        // The cursor is declared, and the first batch's ctids taken from it, in a
+        // transaction that deletes nothing: its commit materialises the cursor (a
+        // read of every expired row of the tenant), which no batch's locks then wait
+        // on. A tenant whose rows fit one batch closes it there, before its commit:
+        // nothing is materialised.
+        let mut open = true;
+        let mut first = {
+            let size = batch.size();
+            let tx = self.batch_transaction(client).await?;
+            tx.execute(&declare, &[&self.tenant, &self.cutoff])
+                .await
+                .map_err(DaemonError::Query)?;
+            let ctids = fetch(&tx, size).await?;
+            if (ctids.len() as i64) < size {
+                close(&tx).await?;
+                open = false;
+            }
+            tx.commit().await.map_err(DaemonError::Query)?;
+            Some((ctids, size))
+        };
         let mut total = 0u64;
         let mut longest = Duration::ZERO;
-        let mut declared = false;
         loop {
-            let size = batch.size();
             let began = std::time::Instant::now();
             let tx = self.batch_transaction(client).await?;
-            if !declared {
-                // Planned before the scans go off, as any query of the tenant's rows.
-                tx.execute(&declare, &[&self.tenant, &self.cutoff])
-                    .await
-                    .map_err(DaemonError::Query)?;
-                declared = true;
-            }
             if !rule.partitioned {
                 tx.batch_execute(if self.session.counts_disabled {
                     SCANS_OFF
@@ -530,13 +540,13 @@ impl Sweep<'_> {
                 .await
                 .map_err(DaemonError::Query)?;
             }
-            let ctids: Vec<String> = tx
-                .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
-                .await
-                .map_err(DaemonError::Query)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let (ctids, size) = match first.take() {
+                Some(taken) => taken,
+                None => {
+                    let size = batch.size();
+                    (fetch(&tx, size).await?, size)
+                }
+            };
             if !ctids.is_empty() {
                 total += tx
                     .execute(&delete, &[&self.tenant, &self.cutoff, &ctids])
@@ -546,9 +556,9 @@ impl Sweep<'_> {
             // Once cancelled, the batch in hand is the last.
             let last = (ctids.len() as i64) < size || stop.is_cancelled();
             if last {
-                tx.batch_execute(&format!("CLOSE {CURSOR}"))
-                    .await
-                    .map_err(DaemonError::Query)?;
+                if open {
+                    close(&tx).await?;
+                }
                 self.append_receipt(&tx, total).await?;
             }
             tx.commit().await.map_err(DaemonError::Query)?;
@@ -561,10 +571,12 @@ impl Sweep<'_> {
             tokio::select! {
                 _ = tokio::time::sleep(self.opts.pause) => {}
                 _ = stop.cancelled() => {
-                    client
-                        .batch_execute(&format!("CLOSE {CURSOR}"))
-                        .await
-                        .map_err(DaemonError::Query)?;
+                    if open {
+                        client
+                            .batch_execute(&format!("CLOSE {CURSOR}"))
+                            .await
+                            .map_err(DaemonError::Query)?;
+                    }
                     self.receipt(client, total).await?;
                     return Ok((total, longest));
                 }
@@ -670,6 +682,28 @@ impl Sweep<'_> {
     ) -> Result<tokio_postgres::Transaction<'c>, DaemonError> {
         batch_transaction(client, self.tenant, &self.rule.search_path, self.opts).await
     }
+}
+
+/// The next `size` ctids of the held cursor.
+async fn fetch(
+    tx: &tokio_postgres::Transaction<'_>,
+    size: i64,
+) -> Result<Vec<String>, DaemonError> {
+    Ok(tx
+        .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
+        .await
+        .map_err(DaemonError::Query)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Closes the held cursor in `tx`: closed before its transaction commits, it is
+/// not materialised there.
+async fn close(tx: &tokio_postgres::Transaction<'_>) -> Result<(), DaemonError> {
+    tx.batch_execute(&format!("CLOSE {CURSOR}"))
+        .await
+        .map_err(DaemonError::Query)
 }
 
 /// Opens one batch's transaction (`tenant_tx`): its lock timeout bounds every
