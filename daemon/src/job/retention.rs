@@ -374,11 +374,12 @@ const SCANS_OFF: &str = "SELECT pg_catalog.set_config('enable_seqscan', 'off', t
                                 pg_catalog.set_config('enable_bitmapscan', 'off', true)";
 
 /// The settings a batch transaction changes for itself (`batch_transaction`,
-/// `SCANS_OFF`), which the receipt at the end of a tenant's last batch runs with
-/// the session's values of again.
-const BATCH_SETTINGS: [&str; 5] = [
+/// `SCANS_OFF`) that the receipt at the end of a tenant's last batch runs with the
+/// session's values of again. Not `lock_timeout`: the receipt waits for the
+/// tenant's chain lock no longer than the batch waits for any, since the batch
+/// holds its rows' locks meanwhile (`Sweep::receipt_in_batch`).
+const BATCH_SETTINGS: [&str; 4] = [
     "search_path",
-    "lock_timeout",
     "enable_seqscan",
     "enable_indexscan",
     "enable_bitmapscan",
@@ -389,10 +390,6 @@ const CURSOR: &str = "pgseald_expired";
 
 /// What a run asks the server once, before its first sweep.
 struct Session {
-    /// `pgseal.strict_context` is on: every cursor WITH HOLD is closed when its
-    /// transaction commits (so none carries a tenant's rows to the next client of a
-    /// pooled connection), and each batch searches the table again instead.
-    strict: bool,
     /// PostgreSQL 18 or later, which counts disabled scans (`SCANS_OFF`).
     counts_disabled: bool,
     /// The session's values of `BATCH_SETTINGS`, in that order.
@@ -404,8 +401,7 @@ impl Session {
         let names: Vec<&str> = BATCH_SETTINGS.to_vec();
         let row = client
             .query_one(
-                "SELECT coalesce(pg_catalog.current_setting('pgseal.strict_context', true), 'off')::bool, \
-                        pg_catalog.current_setting('server_version_num')::int4 >= 180000, \
+                "SELECT pg_catalog.current_setting('server_version_num')::int4 >= 180000, \
                         ARRAY(SELECT pg_catalog.current_setting(n) \
                                 FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS s(n, i) ORDER BY i)",
                 &[&names],
@@ -419,9 +415,8 @@ impl Session {
             .await
             .map_err(DaemonError::Query)?;
         Ok(Session {
-            strict: row.get(0),
-            counts_disabled: row.get(1),
-            settings: row.get(2),
+            counts_disabled: row.get(0),
+            settings: row.get(1),
         })
     }
 }
@@ -471,9 +466,6 @@ impl Sweep<'_> {
         batch: &mut Batch,
         stop: &CancellationToken,
     ) -> Result<(u64, Duration), DaemonError> {
-        if self.session.strict {
-            return self.delete_expired_by_search(client, batch, stop).await;
-        }
         let (rel, rule) = (self.rel, self.rule);
         // A plain table's delete is a TID scan of the batch's ctids, never a scan of
         // the (tenant, time) index with the ctids as a filter, which the planner chose
@@ -515,6 +507,22 @@ impl Sweep<'_> {
         let mut first = {
             let size = batch.size();
             let tx = self.batch_transaction(client).await?;
+            // Under `pgseal.strict_context` every cursor WITH HOLD is closed when its
+            // transaction commits (so none carries a tenant's rows to the next client
+            // of a pooled connection); each batch then searches the table again. Asked
+            // for each sweep: a reload may change it during a run.
+            let strict = tx
+                .query_one(
+                    "SELECT coalesce(pg_catalog.current_setting('pgseal.strict_context', true), 'off')::bool",
+                    &[],
+                )
+                .await
+                .map_err(DaemonError::Query)?
+                .get::<_, bool>(0);
+            if strict {
+                tx.rollback().await.map_err(DaemonError::Query)?;
+                return self.delete_expired_by_search(client, batch, stop).await;
+            }
             tx.execute(&declare, &[&self.tenant, &self.cutoff])
                 .await
                 .map_err(DaemonError::Query)?;
@@ -555,17 +563,21 @@ impl Sweep<'_> {
             }
             // Once cancelled, the batch in hand is the last.
             let last = (ctids.len() as i64) < size || stop.is_cancelled();
+            let mut receipted = false;
             if last {
                 if open {
                     close(&tx).await?;
                 }
-                self.append_receipt(&tx, total).await?;
+                receipted = self.receipt_in_batch(&tx, total).await?;
             }
             tx.commit().await.map_err(DaemonError::Query)?;
             let took = began.elapsed();
             batch.observe(ctids.len() as u64, took);
             longest = longest.max(took);
             if last {
+                if !receipted {
+                    self.receipt(client, total).await?;
+                }
                 return Ok((total, longest));
             }
             tokio::select! {
@@ -616,14 +628,15 @@ impl Sweep<'_> {
             let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
             total += n;
             let last = found < size || stop.is_cancelled();
-            if last {
-                self.append_receipt(&tx, total).await?;
-            }
+            let receipted = last && self.receipt_in_batch(&tx, total).await?;
             tx.commit().await.map_err(DaemonError::Query)?;
             let took = began.elapsed();
             batch.observe(found as u64, took);
             longest = longest.max(took);
             if last {
+                if !receipted {
+                    self.receipt(client, total).await?;
+                }
                 return Ok((total, longest));
             }
             tokio::select! {
@@ -636,8 +649,39 @@ impl Sweep<'_> {
         }
     }
 
+    /// Appends the receipt for `rows` in `tx`, the tenant's last batch, so that the
+    /// batch's rows go only with their receipt (an error in it takes the batch with
+    /// it). The receipt waits for the tenant's chain lock no longer than the batch's
+    /// `lock_timeout`: the batch holds its rows' locks meanwhile, and a session that
+    /// holds the chain lock and then waits for one of those rows would deadlock with
+    /// it. When the lock is not had in that time, the receipt is undone (to a
+    /// savepoint) and `false` returned: the batch commits without it, and `receipt`
+    /// appends it after, holding no lock of the batch while it waits.
+    async fn receipt_in_batch(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        rows: u64,
+    ) -> Result<bool, DaemonError> {
+        tx.batch_execute("SAVEPOINT pgseald_receipt")
+            .await
+            .map_err(DaemonError::Query)?;
+        match self.append_receipt(tx, rows).await {
+            Ok(()) => Ok(true),
+            Err(DaemonError::Query(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+            {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT pgseald_receipt")
+                    .await
+                    .map_err(DaemonError::Query)?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The tenant's 'retention.deleted' receipt for `rows`, in a transaction of its
-    /// own (a sweep cancelled between two batches).
+    /// own (a sweep cancelled between two batches, or whose last batch did not get
+    /// the tenant's chain lock in its `lock_timeout`), under the session's settings.
     async fn receipt(&self, client: &mut Client, rows: u64) -> Result<(), DaemonError> {
         let tx = client.transaction().await.map_err(DaemonError::Query)?;
         self.append_receipt(&tx, rows).await?;
@@ -645,7 +689,7 @@ impl Sweep<'_> {
     }
 
     /// Appends the receipt in `tx`, the tenant's last batch (or a transaction of its
-    /// own), with the session's values of the settings a batch changes.
+    /// own), with the session's values of `BATCH_SETTINGS`.
     async fn append_receipt(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -656,7 +700,7 @@ impl Sweep<'_> {
         // database role pgseald connected as.
         tx.execute(
             "SELECT pgseal.set_tenant($1, 'pgseald'), \
-                    (SELECT count(pg_catalog.set_config(s.n, s.v, true)) \
+                    (SELECT pg_catalog.count(pg_catalog.set_config(s.n, s.v, true)) \
                        FROM ROWS FROM (pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])) AS s(n, v))",
             &[&self.tenant, &names, &self.session.settings],
         )
