@@ -811,7 +811,8 @@ fn a_sweep_stopped_between_batches_leaves_the_receipt_of_what_it_deleted() {
 /// A tenant's receipt commits with its last batch: a receipt that fails (here,
 /// pgseald's role may no longer call `_job_receipt`) takes the rows of that batch
 /// with it, so they are never deleted without the receipt; the batches before it
-/// stay deleted and the next run's receipt counts only what that run deleted.
+/// stay deleted (their receipt, tried once more after the failure, fails alike) and
+/// the next run's receipt counts only what that run deleted.
 #[test]
 fn a_failed_receipt_leaves_the_rows_of_the_tenants_last_batch() {
     let cl = Cluster::start("jobs-retention-receipt-fails", &[KEY_V1], &[]);
@@ -900,7 +901,10 @@ fn a_receipt_that_waits_for_the_chain_lock_lets_its_batch_commit_first() {
          SELECT pgseal.retention_set('ev', '30 days');",
     )
     .unwrap();
-    // Another session appends to acme's chain and holds its lock.
+    // acme's chain exists (its ledger key too: the lock the receipt waits for is the
+    // chain's); another session appends to it and holds its lock.
+    c.batch_execute("BEGIN; SELECT pgseal.set_tenant('acme'); SELECT pgseal.ledger_append('first', '{}'); COMMIT;")
+        .unwrap();
     let mut holder = cl.connect();
     holder
         .batch_execute(
@@ -940,6 +944,105 @@ fn a_receipt_that_waits_for_the_chain_lock_lets_its_batch_commit_first() {
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{status:?}: {out}");
     assert_eq!(count(&mut c, receipts), 1, "{out}");
+}
+
+/// A sweep whose later batch fails (a row lock held past its `lock_timeout`)
+/// still leaves the receipt of the batches it committed before its error ends the
+/// run.
+#[test]
+fn a_sweep_that_fails_after_committed_batches_receipts_them() {
+    let cl = Cluster::start("jobs-retention-fails-midway", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    // Physical order and time order agree, so the first batch is ids 1..10
+    // whichever way the cursor's query is planned.
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE ev (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         CREATE INDEX ON ev (tenant_id, created_at);
+         INSERT INTO ev SELECT g, 'acme', now() - interval '60 days' + g * interval '1 second' FROM generate_series(1, 30) g;
+         SELECT pgseal.retention_set('ev', '30 days');",
+    )
+    .unwrap();
+    let mut holder = cl.connect();
+    holder
+        .batch_execute("BEGIN; SELECT count(*) FROM (SELECT 1 FROM ev WHERE id > 10 FOR UPDATE) l;")
+        .unwrap();
+    let (code, out) = Pgseald::new(["retention", "run", "--batch", "10"])
+        .on(&cl)
+        .run();
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("lock timeout"), "{out}");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM ev WHERE id <= 10"),
+        0,
+        "{out}"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev"), 20, "{out}");
+    let receipts: Vec<i64> = c
+        .query(
+            "SELECT (payload->>'deleted')::int8 FROM pgseal.ledger \
+              WHERE event = 'retention.deleted' AND tenant_id = 'acme'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(receipts, [10], "{out}");
+}
+
+/// `pgseal.strict_context` turned on (a reload) during a sweep: a commit then
+/// closes the held cursor, and the sweep goes on by searching for the rest instead
+/// of failing with rows deleted; one receipt counts them all.
+#[test]
+fn a_sweep_goes_on_by_search_when_strict_context_turns_on_midway() {
+    let cl = Cluster::start("jobs-retention-strict-midway", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE ev (id bigint PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         INSERT INTO ev SELECT g, 'acme', now() - interval '60 days' FROM generate_series(1, 50) g;
+         SELECT pgseal.retention_set('ev', '30 days');",
+    )
+    .unwrap();
+    let log = std::path::Path::new(pgseal_tests::IT_DIR).join("jobs-retention-strict-midway.log");
+    let mut child = Pgseald::new(["retention", "run", "--batch", "10", "--pause-ms", "1000"])
+        .on(&cl)
+        .spawn(Stdio::from(std::fs::File::create(&log).unwrap()));
+    let began = std::time::Instant::now();
+    while count(&mut c, "SELECT count(*) FROM ev") > 40 {
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "no batch committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.batch_execute("ALTER SYSTEM SET pgseal.strict_context = on")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "pgseald did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status:?}: {out}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev"), 0, "{out}");
+    let receipts: Vec<i64> = c
+        .query(
+            "SELECT (payload->>'deleted')::int8 FROM pgseal.ledger \
+              WHERE event = 'retention.deleted' AND tenant_id = 'acme'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(receipts, [50], "{out}");
 }
 
 #[test]

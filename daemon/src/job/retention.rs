@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, IsolationLevel};
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Batch;
@@ -316,7 +317,7 @@ pub async fn run(
                         opts,
                         session,
                     };
-                    sweep.delete_expired(client, &mut batch, stop).await?
+                    sweep.run(client, &mut batch, stop).await?
                 }
             };
             out.push(Outcome {
@@ -374,16 +375,24 @@ const SCANS_OFF: &str = "SELECT pg_catalog.set_config('enable_seqscan', 'off', t
                                 pg_catalog.set_config('enable_bitmapscan', 'off', true)";
 
 /// The settings a batch transaction changes for itself (`batch_transaction`,
-/// `SCANS_OFF`) that the receipt at the end of a tenant's last batch runs with the
-/// session's values of again. Not `lock_timeout`: the receipt waits for the
-/// tenant's chain lock no longer than the batch waits for any, since the batch
-/// holds its rows' locks meanwhile (`Sweep::receipt_in_batch`).
-const BATCH_SETTINGS: [&str; 4] = [
+/// `SCANS_OFF`) that a receipt sets again (`Sweep::append_receipt`): to the
+/// session's values, but for `lock_timeout` in a tenant's last batch
+/// (`RECEIPT_LOCK_TIMEOUT_MS`). `lock_timeout` comes first.
+const BATCH_SETTINGS: [&str; 5] = [
+    "lock_timeout",
     "search_path",
     "enable_seqscan",
     "enable_indexscan",
     "enable_bitmapscan",
 ];
+
+/// The longest a receipt in a tenant's last batch waits for a lock (the tenant's
+/// chain lock, its ledger key's creation) while the batch holds its rows' locks:
+/// the batch's `lock_timeout` when shorter, and well under PostgreSQL's default
+/// `deadlock_timeout` (1 s), so that a session holding the chain lock that then
+/// waits for one of the batch's rows meets a batch that gave up waiting first
+/// (`Sweep::receipt_in_batch`).
+const RECEIPT_LOCK_TIMEOUT_MS: u64 = 200;
 
 /// The held cursor over one tenant's expired rows (`Sweep::delete_expired`).
 const CURSOR: &str = "pgseald_expired";
@@ -441,9 +450,36 @@ impl Sweep<'_> {
         )
     }
 
+    /// Deletes the tenant's expired rows and appends their receipt
+    /// (`delete_expired`); returns the rows deleted and the longest batch. A sweep
+    /// that fails after some of its batches committed still tries to append the
+    /// receipt of those (a warning says when that fails too) before its error ends
+    /// the run: no batch is left without a receipt because a later one failed.
+    async fn run(
+        &self,
+        client: &mut Client,
+        batch: &mut Batch,
+        stop: &CancellationToken,
+    ) -> Result<(u64, Duration), DaemonError> {
+        let mut committed = 0u64;
+        let result = self
+            .delete_expired(client, batch, stop, &mut committed)
+            .await;
+        if result.is_err() && committed > 0 {
+            if let Err(e) = self.receipt(client, committed).await {
+                tracing::warn!(
+                    table = %self.rel, tenant = %self.tenant, rows = committed, error = %e,
+                    "a failed retention sweep's committed deletes have no receipt"
+                );
+            }
+        }
+        result
+    }
+
     /// Deletes the tenant's expired rows in batch transactions sized by `batch`,
     /// which learns from each, and appends the receipt in the last; returns the rows
-    /// deleted and the longest batch.
+    /// deleted and the longest batch, and keeps in `committed` the rows of the
+    /// batches committed without a receipt.
     ///
     /// The expired rows are found once: their ctids are kept in a cursor WITH HOLD,
     /// which PostgreSQL materialises when the transaction that declares it commits
@@ -465,6 +501,7 @@ impl Sweep<'_> {
         client: &mut Client,
         batch: &mut Batch,
         stop: &CancellationToken,
+        committed: &mut u64,
     ) -> Result<(u64, Duration), DaemonError> {
         let (rel, rule) = (self.rel, self.rule);
         // A plain table's delete is a TID scan of the batch's ctids, never a scan of
@@ -521,7 +558,9 @@ impl Sweep<'_> {
                 .get::<_, bool>(0);
             if strict {
                 tx.rollback().await.map_err(DaemonError::Query)?;
-                return self.delete_expired_by_search(client, batch, stop).await;
+                return self
+                    .delete_expired_by_search(client, batch, stop, committed)
+                    .await;
             }
             tx.execute(&declare, &[&self.tenant, &self.cutoff])
                 .await
@@ -552,7 +591,21 @@ impl Sweep<'_> {
                 Some(taken) => taken,
                 None => {
                     let size = batch.size();
-                    (fetch(&tx, size).await?, size)
+                    match fetch(&tx, size).await {
+                        Ok(ctids) => (ctids, size),
+                        // `pgseal.strict_context` turned on during the sweep: the
+                        // commit before closed the cursor. The rest is searched for.
+                        Err(DaemonError::Query(e))
+                            if e.code() == Some(&SqlState::INVALID_CURSOR_NAME) =>
+                        {
+                            tx.rollback().await.map_err(DaemonError::Query)?;
+                            let (total, l) = self
+                                .delete_expired_by_search(client, batch, stop, committed)
+                                .await?;
+                            return Ok((total, l.max(longest)));
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
             };
             if !ctids.is_empty() {
@@ -563,33 +616,39 @@ impl Sweep<'_> {
             }
             // Once cancelled, the batch in hand is the last.
             let last = (ctids.len() as i64) < size || stop.is_cancelled();
-            let mut receipted = false;
+            let (mut receipted, mut receipt_took) = (false, Duration::ZERO);
             if last {
                 if open {
                     close(&tx).await?;
                 }
+                let at = std::time::Instant::now();
                 receipted = self.receipt_in_batch(&tx, total).await?;
+                receipt_took = at.elapsed();
             }
             tx.commit().await.map_err(DaemonError::Query)?;
             let took = began.elapsed();
-            batch.observe(ctids.len() as u64, took);
+            if !receipted {
+                *committed = total;
+            }
+            // The size learns from the deletes, not from a wait for the chain lock.
+            batch.observe(ctids.len() as u64, took.saturating_sub(receipt_took));
             longest = longest.max(took);
             if last {
                 if !receipted {
                     self.receipt(client, total).await?;
                 }
+                *committed = 0;
                 return Ok((total, longest));
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.opts.pause) => {}
                 _ = stop.cancelled() => {
-                    if open {
-                        client
-                            .batch_execute(&format!("CLOSE {CURSOR}"))
-                            .await
-                            .map_err(DaemonError::Query)?;
-                    }
+                    client
+                        .batch_execute("CLOSE ALL")
+                        .await
+                        .map_err(DaemonError::Query)?;
                     self.receipt(client, total).await?;
+                    *committed = 0;
                     return Ok((total, longest));
                 }
             }
@@ -608,6 +667,7 @@ impl Sweep<'_> {
         client: &mut Client,
         batch: &mut Batch,
         stop: &CancellationToken,
+        committed: &mut u64,
     ) -> Result<(u64, Duration), DaemonError> {
         let expired = self.expired();
         let delete = format!(
@@ -615,7 +675,7 @@ impl Sweep<'_> {
                   d AS (DELETE {expired} AND ctid = ANY (ARRAY(SELECT ctid FROM s)) RETURNING 1) \
              SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM d)"
         );
-        let mut total = 0u64;
+        let mut total = *committed;
         let mut longest = Duration::ZERO;
         loop {
             let size = batch.size();
@@ -628,21 +688,31 @@ impl Sweep<'_> {
             let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
             total += n;
             let last = found < size || stop.is_cancelled();
-            let receipted = last && self.receipt_in_batch(&tx, total).await?;
+            let (mut receipted, mut receipt_took) = (false, Duration::ZERO);
+            if last {
+                let at = std::time::Instant::now();
+                receipted = self.receipt_in_batch(&tx, total).await?;
+                receipt_took = at.elapsed();
+            }
             tx.commit().await.map_err(DaemonError::Query)?;
             let took = began.elapsed();
-            batch.observe(found as u64, took);
+            if !receipted {
+                *committed = total;
+            }
+            batch.observe(found as u64, took.saturating_sub(receipt_took));
             longest = longest.max(took);
             if last {
                 if !receipted {
                     self.receipt(client, total).await?;
                 }
+                *committed = 0;
                 return Ok((total, longest));
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.opts.pause) => {}
                 _ = stop.cancelled() => {
                     self.receipt(client, total).await?;
+                    *committed = 0;
                     return Ok((total, longest));
                 }
             }
@@ -651,12 +721,13 @@ impl Sweep<'_> {
 
     /// Appends the receipt for `rows` in `tx`, the tenant's last batch, so that the
     /// batch's rows go only with their receipt (an error in it takes the batch with
-    /// it). The receipt waits for the tenant's chain lock no longer than the batch's
-    /// `lock_timeout`: the batch holds its rows' locks meanwhile, and a session that
-    /// holds the chain lock and then waits for one of those rows would deadlock with
-    /// it. When the lock is not had in that time, the receipt is undone (to a
-    /// savepoint) and `false` returned: the batch commits without it, and `receipt`
-    /// appends it after, holding no lock of the batch while it waits.
+    /// it). The receipt waits for a lock (the tenant's chain lock) no longer than
+    /// `RECEIPT_LOCK_TIMEOUT_MS` or the batch's `lock_timeout`, whichever is shorter:
+    /// the batch holds its rows' locks meanwhile, and a session that holds the chain
+    /// lock and then waits for one of those rows would deadlock with it. When a lock
+    /// is not had in that time (or the deadlock is found first), the receipt is
+    /// undone (to a savepoint) and `false` returned: the batch commits without it,
+    /// and `receipt` appends it after, holding no lock of the batch while it waits.
     async fn receipt_in_batch(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -665,10 +736,15 @@ impl Sweep<'_> {
         tx.batch_execute("SAVEPOINT pgseald_receipt")
             .await
             .map_err(DaemonError::Query)?;
-        match self.append_receipt(tx, rows).await {
+        let wait = match self.opts.lock_timeout_ms {
+            0 => RECEIPT_LOCK_TIMEOUT_MS,
+            ms => ms.min(RECEIPT_LOCK_TIMEOUT_MS),
+        };
+        match self.append_receipt(tx, rows, Some(wait)).await {
             Ok(()) => Ok(true),
             Err(DaemonError::Query(e))
-                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    || e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) =>
             {
                 tx.batch_execute("ROLLBACK TO SAVEPOINT pgseald_receipt")
                     .await
@@ -681,28 +757,41 @@ impl Sweep<'_> {
 
     /// The tenant's 'retention.deleted' receipt for `rows`, in a transaction of its
     /// own (a sweep cancelled between two batches, or whose last batch did not get
-    /// the tenant's chain lock in its `lock_timeout`), under the session's settings.
+    /// the tenant's chain lock in time, or one that failed after some batches
+    /// committed), under the session's settings: READ COMMITTED, so that the chain's
+    /// head it appends after is the one its lock waited for.
     async fn receipt(&self, client: &mut Client, rows: u64) -> Result<(), DaemonError> {
-        let tx = client.transaction().await.map_err(DaemonError::Query)?;
-        self.append_receipt(&tx, rows).await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::ReadCommitted)
+            .start()
+            .await
+            .map_err(DaemonError::Query)?;
+        self.append_receipt(&tx, rows, None).await?;
         tx.commit().await.map_err(DaemonError::Query)
     }
 
     /// Appends the receipt in `tx`, the tenant's last batch (or a transaction of its
-    /// own), with the session's values of `BATCH_SETTINGS`.
+    /// own), with the session's values of `BATCH_SETTINGS`, but for a `lock_timeout`
+    /// of `lock_wait_ms` when given.
     async fn append_receipt(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         rows: u64,
+        lock_wait_ms: Option<u64>,
     ) -> Result<(), DaemonError> {
         let names: Vec<&str> = BATCH_SETTINGS.to_vec();
+        let mut values = self.session.settings.clone();
+        if let Some(ms) = lock_wait_ms {
+            values[0] = format!("{ms}ms");
+        }
         // The actor is 'pgseald' (the user setting); the entry's payload also names the
         // database role pgseald connected as.
         tx.execute(
             "SELECT pgseal.set_tenant($1, 'pgseald'), \
                     (SELECT pg_catalog.count(pg_catalog.set_config(s.n, s.v, true)) \
                        FROM ROWS FROM (pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])) AS s(n, v))",
-            &[&self.tenant, &names, &self.session.settings],
+            &[&self.tenant, &names, &values],
         )
         .await
         .map_err(DaemonError::Query)?;
@@ -743,9 +832,10 @@ async fn fetch(
 }
 
 /// Closes the held cursor in `tx`: closed before its transaction commits, it is
-/// not materialised there.
+/// not materialised there. `CLOSE ALL`, which does not fail when a commit under
+/// `pgseal.strict_context` closed it already (pgseald opens no other cursor).
 async fn close(tx: &tokio_postgres::Transaction<'_>) -> Result<(), DaemonError> {
-    tx.batch_execute(&format!("CLOSE {CURSOR}"))
+    tx.batch_execute("CLOSE ALL")
         .await
         .map_err(DaemonError::Query)
 }
