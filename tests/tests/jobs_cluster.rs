@@ -886,10 +886,11 @@ fn a_failed_receipt_leaves_the_rows_of_the_tenants_last_batch() {
 }
 
 /// The receipt in a tenant's last batch waits for the tenant's chain lock no
-/// longer than the batch's `lock_timeout` (200 ms by default), since the batch
-/// holds its rows' locks meanwhile (a session holding the chain lock that then
-/// waited for one of those rows would deadlock with it): the batch commits without
-/// it, and the receipt follows in a transaction of its own once the lock is free.
+/// longer than 200 ms (or the batch's `lock_timeout`, if shorter; here it is a
+/// minute), since the batch holds its rows' locks meanwhile (a session holding the
+/// chain lock that then waited for one of those rows would deadlock with it): the
+/// batch commits without it, and the receipt follows in a transaction of its own
+/// once the lock is free.
 #[test]
 fn a_receipt_that_waits_for_the_chain_lock_lets_its_batch_commit_first() {
     let cl = Cluster::start("jobs-retention-receipt-waits", &[KEY_V1], &[]);
@@ -912,7 +913,7 @@ fn a_receipt_that_waits_for_the_chain_lock_lets_its_batch_commit_first() {
         )
         .unwrap();
     let log = std::path::Path::new(pgseal_tests::IT_DIR).join("jobs-retention-receipt-waits.log");
-    let mut child = Pgseald::new(["retention", "run"])
+    let mut child = Pgseald::new(["retention", "run", "--lock-timeout-ms", "60000"])
         .on(&cl)
         .spawn(Stdio::from(std::fs::File::create(&log).unwrap()));
     // The batch's deletes commit while the chain lock is still held.

@@ -377,7 +377,7 @@ const SCANS_OFF: &str = "SELECT pg_catalog.set_config('enable_seqscan', 'off', t
 /// The settings a batch transaction changes for itself (`batch_transaction`,
 /// `SCANS_OFF`) that a receipt sets again (`Sweep::append_receipt`): to the
 /// session's values, but for `lock_timeout` in a tenant's last batch
-/// (`RECEIPT_LOCK_TIMEOUT_MS`). `lock_timeout` comes first.
+/// (`RECEIPT_LOCK_TIMEOUT_MS`).
 const BATCH_SETTINGS: [&str; 5] = [
     "lock_timeout",
     "search_path",
@@ -390,8 +390,9 @@ const BATCH_SETTINGS: [&str; 5] = [
 /// chain lock, its ledger key's creation) while the batch holds its rows' locks:
 /// the batch's `lock_timeout` when shorter, and well under PostgreSQL's default
 /// `deadlock_timeout` (1 s), so that a session holding the chain lock that then
-/// waits for one of the batch's rows meets a batch that gave up waiting first
-/// (`Sweep::receipt_in_batch`).
+/// waits for one of the batch's rows is held up at most that long, and usually finds
+/// a batch that gave up waiting (`Sweep::receipt_in_batch`; the deadlock check runs
+/// in whichever of the two waited `deadlock_timeout` first, and that one fails).
 const RECEIPT_LOCK_TIMEOUT_MS: u64 = 200;
 
 /// The held cursor over one tenant's expired rows (`Sweep::delete_expired`).
@@ -599,6 +600,10 @@ impl Sweep<'_> {
                             if e.code() == Some(&SqlState::INVALID_CURSOR_NAME) =>
                         {
                             tx.rollback().await.map_err(DaemonError::Query)?;
+                            tracing::info!(
+                                table = %self.rel, tenant = %self.tenant,
+                                "pgseal.strict_context closed the sweep's cursor: the rest is searched for"
+                            );
                             let (total, l) = self
                                 .delete_expired_by_search(client, batch, stop, committed)
                                 .await?;
@@ -782,8 +787,11 @@ impl Sweep<'_> {
     ) -> Result<(), DaemonError> {
         let names: Vec<&str> = BATCH_SETTINGS.to_vec();
         let mut values = self.session.settings.clone();
-        if let Some(ms) = lock_wait_ms {
-            values[0] = format!("{ms}ms");
+        if let (Some(ms), Some(i)) = (
+            lock_wait_ms,
+            BATCH_SETTINGS.iter().position(|n| *n == "lock_timeout"),
+        ) {
+            values[i] = format!("{ms}ms");
         }
         // The actor is 'pgseald' (the user setting); the entry's payload also names the
         // database role pgseald connected as.
