@@ -57,6 +57,9 @@ pub fn longest_batch_ms(out: &[Outcome]) -> f64 {
 struct Rule {
     keep: String,
     time_column: String,
+    /// SQL type of the time column (timestamptz, timestamp or date): a batch's time
+    /// range compares in it, so that an index on the column serves it.
+    time_type: String,
     /// SQL type of the table's tenant_id, so the tenant compares without a cast on
     /// the column (which would keep its index out of use).
     tenant_type: String,
@@ -193,6 +196,7 @@ pub async fn run(
                       WHERE t.attrelid = r.rel AND t.attname = 'tenant_id' AND NOT t.attisdropped), \
                     coalesce(c.relkind IN ('r', 'p'), false), \
                     a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype), \
+                    format_type(a.atttypid, NULL), \
                     {}, coalesce(c.relkind = 'p' OR c.relhassubclass, false) \
              FROM pgseal.retention_rules r \
              LEFT JOIN pg_class c ON c.oid = r.rel \
@@ -230,9 +234,10 @@ pub async fn run(
             Rule {
                 keep: r.get(2),
                 time_column: time_column.unwrap_or_default(),
+                time_type: r.get::<_, Option<String>>(7).unwrap_or_default(),
                 tenant_type: tenant_type.unwrap_or_default(),
-                search_path: super::tenant_tx::search_path(r.get(7)),
-                partitioned: r.get(8),
+                search_path: super::tenant_tx::search_path(r.get(8)),
+                partitioned: r.get(9),
                 broken,
             },
         );
@@ -516,25 +521,49 @@ impl Sweep<'_> {
         // rows in a WHERE clause), and each batch turns sequential scans off for itself
         // (`SEQSCAN_OFF`, `SCANS_OFF`): no other path is left, but one row level
         // security may add on PostgreSQL before 18, where pgseald's role is under the
-        // table's policies (docs/BENCHMARKS.md says so). Not for a partitioned table
-        // (or one with children): the cutoff prunes its partitions, and a TID scan
-        // would probe every partition left with every ctid of the batch (a ctid does
-        // not name its partition).
-        let delete = if rule.partitioned {
-            format!(
-                "DELETE {} AND ctid = ANY ($3::text[]::tid[])",
-                self.expired()
-            )
-        } else {
-            format!(
-                "DELETE FROM {rel} WHERE (tenant_id = $1::text::{}) IS TRUE \
-                   AND ({} < $2::text::timestamptz) IS TRUE AND ctid = ANY ($3::text[]::tid[])",
-                rule.tenant_type, rule.time_column
-            )
+        // table's policies. Not for a partitioned table (or one with children): the
+        // cutoff prunes its partitions, and a TID scan would probe every partition left
+        // with every ctid of the batch (a ctid does not name its partition).
+        //
+        // The cursor returns the rows in time order (the oldest go first). Where the
+        // planner may still choose an index of the tenant (a partitioned table; the
+        // table's row level security on pgseald's role before PostgreSQL 18, whose
+        // test of the tenant an index serves), each delete is also bounded by its
+        // batch's first and last time ($4, $5, in the column's own type), which an
+        // index of (tenant, time) serves: such a scan then reads the batch's time
+        // range, not every expired row of the tenant, and a partitioned table's batch
+        // is pruned to the partitions of its range. Not elsewhere: there the bounds
+        // would be the one test an index serves, and a misjudged range could have the
+        // planner scan a whole (tenant, time) index for them.
+        let range = format!(
+            "{time} >= $4::text::{ty} AND {time} <= $5::text::{ty}",
+            time = rule.time_column,
+            ty = rule.time_type
+        );
+        let ranged_delete = |ranged: bool| {
+            let range = if ranged {
+                range.as_str()
+            } else {
+                "$4::text IS NOT NULL AND $5::text IS NOT NULL"
+            };
+            if rule.partitioned {
+                format!(
+                    "DELETE {} AND {range} AND ctid = ANY ($3::text[]::tid[])",
+                    self.expired()
+                )
+            } else {
+                format!(
+                    "DELETE FROM {rel} WHERE (tenant_id = $1::text::{}) IS TRUE \
+                       AND ({} < $2::text::timestamptz) IS TRUE AND {range} \
+                       AND ctid = ANY ($3::text[]::tid[])",
+                    rule.tenant_type, rule.time_column
+                )
+            }
         };
         let declare = format!(
-            "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR SELECT ctid::text {}",
-            self.expired()
+            "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR SELECT ctid::text, {time}::text {} ORDER BY {time}",
+            self.expired(),
+            time = rule.time_column
         );
         // The cursor is declared, and the first batch's ctids taken from it, in a
         // transaction that deletes nothing: its commit materialises the cursor (a
@@ -542,6 +571,7 @@ impl Sweep<'_> {
         // on. A tenant whose rows fit one batch closes it there, before its commit:
         // nothing is materialised.
         let mut open = true;
+        let delete;
         let mut first = {
             let size = batch.size();
             let tx = self.batch_transaction(client).await?;
@@ -549,14 +579,17 @@ impl Sweep<'_> {
             // transaction commits (so none carries a tenant's rows to the next client
             // of a pooled connection); each batch then searches the table again. Asked
             // for each sweep: a reload may change it during a run.
-            let strict = tx
+            let row = tx
                 .query_one(
-                    "SELECT coalesce(pg_catalog.current_setting('pgseal.strict_context', true), 'off')::bool",
-                    &[],
+                    "SELECT coalesce(pg_catalog.current_setting('pgseal.strict_context', true), 'off')::bool, \
+                            pg_catalog.row_security_active($1::text::pg_catalog.regclass)",
+                    &[&rel],
                 )
                 .await
-                .map_err(DaemonError::Query)?
-                .get::<_, bool>(0);
+                .map_err(DaemonError::Query)?;
+            let (strict, under_rls): (bool, bool) = (row.get(0), row.get(1));
+            delete =
+                ranged_delete(rule.partitioned || (under_rls && !self.session.counts_disabled));
             if strict {
                 tx.rollback().await.map_err(DaemonError::Query)?;
                 return self
@@ -566,13 +599,13 @@ impl Sweep<'_> {
             tx.execute(&declare, &[&self.tenant, &self.cutoff])
                 .await
                 .map_err(DaemonError::Query)?;
-            let ctids = fetch(&tx, size).await?;
-            if (ctids.len() as i64) < size {
+            let rows = fetch(&tx, size).await?;
+            if (rows.ctids.len() as i64) < size {
                 close(&tx).await?;
                 open = false;
             }
             tx.commit().await.map_err(DaemonError::Query)?;
-            Some((ctids, size))
+            Some((rows, size))
         };
         let mut total = 0u64;
         let mut longest = Duration::ZERO;
@@ -588,12 +621,12 @@ impl Sweep<'_> {
                 .await
                 .map_err(DaemonError::Query)?;
             }
-            let (ctids, size) = match first.take() {
+            let (rows, size) = match first.take() {
                 Some(taken) => taken,
                 None => {
                     let size = batch.size();
                     match fetch(&tx, size).await {
-                        Ok(ctids) => (ctids, size),
+                        Ok(rows) => (rows, size),
                         // `pgseal.strict_context` turned on during the sweep: the
                         // commit before closed the cursor. The rest is searched for.
                         Err(DaemonError::Query(e))
@@ -613,14 +646,14 @@ impl Sweep<'_> {
                     }
                 }
             };
-            if !ctids.is_empty() {
+            if let Some((lo, hi)) = &rows.range {
                 total += tx
-                    .execute(&delete, &[&self.tenant, &self.cutoff, &ctids])
+                    .execute(&delete, &[&self.tenant, &self.cutoff, &rows.ctids, lo, hi])
                     .await
                     .map_err(DaemonError::Query)?;
             }
             // Once cancelled, the batch in hand is the last.
-            let last = (ctids.len() as i64) < size || stop.is_cancelled();
+            let last = (rows.ctids.len() as i64) < size || stop.is_cancelled();
             let (mut receipted, mut receipt_took) = (false, Duration::ZERO);
             if last {
                 if open {
@@ -636,7 +669,7 @@ impl Sweep<'_> {
                 *committed = total;
             }
             // The size learns from the deletes, not from a wait for the chain lock.
-            batch.observe(ctids.len() as u64, took.saturating_sub(receipt_took));
+            batch.observe(rows.ctids.len() as u64, took.saturating_sub(receipt_took));
             longest = longest.max(took);
             if last {
                 if !receipted {
@@ -825,18 +858,26 @@ impl Sweep<'_> {
     }
 }
 
-/// The next `size` ctids of the held cursor.
-async fn fetch(
-    tx: &tokio_postgres::Transaction<'_>,
-    size: i64,
-) -> Result<Vec<String>, DaemonError> {
-    Ok(tx
+/// A batch's rows from the held cursor: their places, and the first and last of
+/// their times (as text; the cursor returns them in time order).
+struct Fetched {
+    ctids: Vec<String>,
+    range: Option<(String, String)>,
+}
+
+/// The next `size` rows of the held cursor.
+async fn fetch(tx: &tokio_postgres::Transaction<'_>, size: i64) -> Result<Fetched, DaemonError> {
+    let rows = tx
         .query(&format!("FETCH FORWARD {size} FROM {CURSOR}"), &[])
         .await
-        .map_err(DaemonError::Query)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
+        .map_err(DaemonError::Query)?;
+    Ok(Fetched {
+        ctids: rows.iter().map(|r| r.get(0)).collect(),
+        range: rows
+            .first()
+            .zip(rows.last())
+            .map(|(a, b)| (a.get(1), b.get(1))),
+    })
 }
 
 /// Closes the held cursor in `tx`: closed before its transaction commits, it is
