@@ -2,6 +2,11 @@
 
 use tokio_postgres::Client;
 
+/// What `connect` sets for the session.
+const SESSION_SETTINGS: &str =
+    "SET search_path = pg_catalog, pg_temp; SET extra_float_digits = 3; \
+                                SET DateStyle = 'ISO, YMD'; SET IntervalStyle = postgres";
+
 use crate::error::DaemonError;
 use crate::tls;
 
@@ -18,7 +23,11 @@ use crate::tls;
 /// every such name is printed with its schema, and means that table and no other.
 /// (A job's transaction on a tenant's rows adds the schemas of its columns'
 /// types for itself: `job::tenant_tx`.) extra_float_digits = 3 makes a float's text form exact, so a
-/// key read back from it is the key written.
+/// key read back from it is the key written. `DateStyle` ISO and `IntervalStyle`
+/// postgres do the same for times and intervals (retention's cutoffs and its
+/// batches' time bounds): another style prints a zone as an abbreviation, which
+/// reads back through `timezone_abbreviations` as another zone where they differ
+/// (Asia/Shanghai's CST as US Central's), or not at all.
 pub async fn connect(url: &str) -> Result<Client, DaemonError> {
     let target = tls::parse(url)?;
     let connector = tls::connector(&target)?;
@@ -33,7 +42,7 @@ pub async fn connect(url: &str) -> Result<Client, DaemonError> {
         }
     });
     client
-        .batch_execute("SET search_path = pg_catalog, pg_temp; SET extra_float_digits = 3")
+        .batch_execute(SESSION_SETTINGS)
         .await
         .map_err(DaemonError::Query)?;
     Ok(client)

@@ -1062,6 +1062,54 @@ fn a_sweep_goes_on_by_search_when_strict_context_turns_on_midway() {
     assert_eq!(receipts, [50], "{out}");
 }
 
+/// Times go to pgseald as text and back (the cutoff, each batch's time bounds),
+/// whatever `DateStyle` and `TimeZone` the database gives pgseald's session: the
+/// batches of a partitioned table (bounded by their time range) cross a fall-back
+/// of the clocks, where the texts of two hours interleave, and delete every row;
+/// under Asia/Shanghai with the SQL style (whose zone abbreviation, CST, reads
+/// back as US Central's) the cutoff stays 30 days back, keeping a row 29 days and
+/// 17 hours old.
+#[test]
+fn retention_reads_times_back_exactly_under_any_date_style_and_zone() {
+    let cl = Cluster::start("jobs-retention-timezones", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE ev_tz (tenant_id text NOT NULL, created_at timestamptz NOT NULL) PARTITION BY RANGE (created_at);
+         CREATE TABLE ev_tz_all PARTITION OF ev_tz DEFAULT;
+         CREATE INDEX ON ev_tz (tenant_id, created_at);
+         INSERT INTO ev_tz SELECT 'dst', timestamptz '2025-10-26 00:00:00+00' + g * interval '1 second'
+           FROM generate_series(0, 7199) g;
+         CREATE TABLE ev_cut (id int PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL);
+         INSERT INTO ev_cut VALUES (1, 'cut', now() - interval '30 days 1 hour'),
+                                   (2, 'cut', now() - interval '30 days' + interval '7 hours');
+         SELECT pgseal.retention_set('ev_tz', '30 days');
+         SELECT pgseal.retention_set('ev_cut', '30 days');
+         ALTER DATABASE postgres SET TimeZone = 'Europe/Berlin';
+         ALTER DATABASE postgres SET DateStyle = 'SQL, DMY';",
+    )
+    .unwrap();
+    let (code, out) = Pgseald::new(["retention", "run", "--batch", "1000", "--tenant", "dst"])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant dst: deleted 7200 rows"), "{out}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM ev_tz"), 0, "{out}");
+    c.batch_execute("ALTER DATABASE postgres SET TimeZone = 'Asia/Shanghai'")
+        .unwrap();
+    let (code, out) = Pgseald::new(["retention", "run", "--tenant", "cut"])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    let left: Vec<i32> = c
+        .query("SELECT id FROM ev_cut ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, [2], "{out}");
+}
+
 #[test]
 fn a_key_type_in_a_schema_anyone_may_write_is_skipped_not_resealed_out_of_order() {
     // Such a schema is left off the batch's path (an operator made there would run

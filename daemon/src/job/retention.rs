@@ -560,8 +560,11 @@ impl Sweep<'_> {
                 )
             }
         };
+        // Ordered by the column itself, named with its table: a bare name would
+        // order by the output column of that name, the time's text.
         let declare = format!(
-            "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR SELECT ctid::text, {time}::text {} ORDER BY {time}",
+            "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR \
+             SELECT ctid::text AS pgseal_place, {time}::text AS pgseal_time {} ORDER BY {rel}.{time}",
             self.expired(),
             time = rule.time_column
         );

@@ -86,9 +86,14 @@ pub async fn begin<'c>(
         .start()
         .await
         .map_err(DaemonError::Query)?;
+    // DateStyle and IntervalStyle again for the transaction (`db::connect` sets
+    // them for the session): code the batch runs (a table owner's trigger) may
+    // change the session's.
     tx.execute(
         "SELECT pgseal.set_tenant($1), pg_catalog.set_config('search_path', $2, true), \
-                pg_catalog.set_config('lock_timeout', $3, true)",
+                pg_catalog.set_config('lock_timeout', $3, true), \
+                pg_catalog.set_config('DateStyle', 'ISO, YMD', true), \
+                pg_catalog.set_config('IntervalStyle', 'postgres', true)",
         &[&tenant, &search_path, &lock_timeout],
     )
     .await
