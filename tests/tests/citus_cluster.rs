@@ -1039,6 +1039,117 @@ fn pgseald_retention_runs_against_the_coordinator() {
             .get(0);
         assert!(ok, "{t}");
     }
+    // Under pgseal.strict_context (each batch searches again, by time on Citus).
+    c.batch_execute(
+        "INSERT INTO events (tenant_id, created_at, body)
+         SELECT 't' || (g % 12), now() - interval '100 days' + g * interval '1 second', 'old' FROM generate_series(1, 1200) g;",
+    )
+    .unwrap();
+    c.batch_execute("ALTER SYSTEM SET pgseal.strict_context = on")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let (code, out) = Pgseald::new(["retention", "run", "--batch", "30"])
+        .on(&cc.coordinator)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(pgseal_tests::count(&mut c, expired), 0, "{out}");
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM events"),
+        4000
+    );
+    assert_eq!(out.matches("deleted 100 rows").count(), 12, "{out}");
+}
+
+/// A reference table's copies keep its rows at different places (here one copy,
+/// vacuumed alone, gave its freed room to rows the others appended): retention
+/// deletes a Citus table's batches by their time range, never by the places of the
+/// copy its cursor read, so every copy loses exactly the expired rows and the
+/// copies stay alike.
+#[test]
+fn pgseald_retention_keeps_a_reference_tables_copies_alike() {
+    if !citus::enabled("pgseald_retention_keeps_a_reference_tables_copies_alike") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-retention-ref");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE TABLE ref_ev (id int PRIMARY KEY, tenant_id text NOT NULL, created_at timestamptz NOT NULL, body text);
+         SELECT create_reference_table('ref_ev');
+         INSERT INTO ref_ev SELECT g, 'acme', now() - interval '60 days' + g * interval '1 second', repeat('x', 100)
+           FROM generate_series(1, 2000) g;
+         DELETE FROM ref_ev WHERE id % 2 = 0;",
+    )
+    .unwrap();
+    let (shard, port): (String, i32) = {
+        let r = c
+            .query_one(
+                "SELECT shard_name, nodeport FROM citus_shards WHERE table_name = 'ref_ev'::regclass \
+                 ORDER BY nodeport DESC LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    cc.node_at(port as u16)
+        .connect()
+        .batch_execute(&format!("VACUUM {shard}"))
+        .unwrap();
+    c.batch_execute(
+        "INSERT INTO ref_ev SELECT 2000 + g, 'acme', now() - interval '50 days' + g * interval '1 second', repeat('y', 100)
+           FROM generate_series(1, 1000) g;
+         INSERT INTO ref_ev SELECT 4000 + g, 'acme', now(), 'new' FROM generate_series(1, 100) g;
+         SELECT pgseal.retention_set('ref_ev', '30 days');",
+    )
+    .unwrap();
+    let on_copies = |c: &mut postgres::Client, sql: &str| -> Vec<String> {
+        c.query(
+            "SELECT result FROM run_command_on_placements('ref_ev', $1) ORDER BY nodeport",
+            &[&sql],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let places = on_copies(
+        &mut c,
+        "SELECT md5(string_agg(id || '@' || ctid, ',' ORDER BY id)) FROM %s",
+    );
+    assert!(places.len() >= 2, "{places:?}");
+    assert!(
+        places.iter().any(|p| p != &places[0]),
+        "the copies hold their rows at the same places: {places:?}"
+    );
+    let (code, out) = Pgseald::new(["retention", "run", "--batch", "100"])
+        .on(&cc.coordinator)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: deleted 2000 rows"), "{out}");
+    let left = on_copies(
+        &mut c,
+        "SELECT count(*) || ' ' || count(*) FILTER (WHERE created_at < now() - interval '30 days') FROM %s",
+    );
+    assert!(left.iter().all(|l| l == "100 0"), "{left:?}");
+    // Under pgseal.strict_context (no held cursor: each batch searches again) too.
+    c.batch_execute(
+        "INSERT INTO ref_ev SELECT 5000 + g, 'acme', now() - interval '40 days' + g * interval '1 second', 'z'
+           FROM generate_series(1, 500) g;",
+    )
+    .unwrap();
+    c.batch_execute("ALTER SYSTEM SET pgseal.strict_context = on")
+        .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    let (code, out) = Pgseald::new(["retention", "run", "--batch", "100"])
+        .on(&cc.coordinator)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: deleted 500 rows"), "{out}");
+    let left = on_copies(
+        &mut c,
+        "SELECT count(*) || ' ' || count(*) FILTER (WHERE created_at < now() - interval '30 days') FROM %s",
+    );
+    assert!(left.iter().all(|l| l == "100 0"), "{left:?}");
 }
 
 /// `tenant=encryptions` of the keys `filter` (a condition on the key table's

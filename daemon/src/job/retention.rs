@@ -74,6 +74,10 @@ struct Rule {
     /// reach too): its deletes by ctid are planned as PostgreSQL chooses
     /// (`delete_expired`).
     partitioned: bool,
+    /// A table Citus manages (distributed or reference): its rows' places are the
+    /// shards' own, and differ between a reference table's copies, so its batches
+    /// delete by time range alone (`Sweep::delete_expired`).
+    citus: bool,
 }
 
 /// The scheduled job: a retention run over every tenant with the configured batches,
@@ -238,9 +242,40 @@ pub async fn run(
                 tenant_type: tenant_type.unwrap_or_default(),
                 search_path: super::tenant_tx::search_path(r.get(8)),
                 partitioned: r.get(9),
+                citus: false,
                 broken,
             },
         );
+    }
+    // The tables Citus manages, by the same text as the rules' (regclass printed
+    // under pgseald's path).
+    let citus_tables: Vec<String> = if client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await
+        .map_err(DaemonError::Query)?
+        .get(0)
+    {
+        client
+            .query(
+                "SELECT logicalrelid::pg_catalog.regclass::text FROM pg_catalog.pg_dist_partition",
+                &[],
+            )
+            .await
+            .map_err(DaemonError::Query)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (rel, by_tenant) in rules.iter_mut() {
+        let citus = citus_tables.contains(rel);
+        for rule in by_tenant.values_mut() {
+            rule.citus = citus;
+        }
     }
     let holds: Vec<String> = client
         .query("SELECT tenant_id FROM pgseal.retention_holds", &[])
@@ -546,7 +581,16 @@ impl Sweep<'_> {
             } else {
                 "$4::text IS NOT NULL AND $5::text IS NOT NULL"
             };
-            if rule.partitioned {
+            if rule.citus {
+                // A Citus table: by the batch's time range alone, the same rows on
+                // every copy of a reference table, and routed to the tenant's shard
+                // of a distributed one. Rows at the range's last time past the
+                // batch go with it (they are expired too).
+                format!(
+                    "DELETE {} AND {range} AND $3::text[] IS NOT NULL",
+                    self.expired()
+                )
+            } else if rule.partitioned {
                 format!(
                     "DELETE {} AND {range} AND ctid = ANY ($3::text[]::tid[])",
                     self.expired()
@@ -591,8 +635,9 @@ impl Sweep<'_> {
                 .await
                 .map_err(DaemonError::Query)?;
             let (strict, under_rls): (bool, bool) = (row.get(0), row.get(1));
-            delete =
-                ranged_delete(rule.partitioned || (under_rls && !self.session.counts_disabled));
+            delete = ranged_delete(
+                rule.citus || rule.partitioned || (under_rls && !self.session.counts_disabled),
+            );
             if strict {
                 tx.rollback().await.map_err(DaemonError::Query)?;
                 return self
@@ -615,7 +660,7 @@ impl Sweep<'_> {
         loop {
             let began = std::time::Instant::now();
             let tx = self.batch_transaction(client).await?;
-            if !rule.partitioned {
+            if !rule.partitioned && !rule.citus {
                 tx.batch_execute(if self.session.counts_disabled {
                     SCANS_OFF
                 } else {
@@ -711,11 +756,27 @@ impl Sweep<'_> {
         committed: &mut u64,
     ) -> Result<(u64, Duration), DaemonError> {
         let expired = self.expired();
-        let delete = format!(
-            "WITH s AS (SELECT ctid {expired} LIMIT $3), \
-                  d AS (DELETE {expired} AND ctid = ANY (ARRAY(SELECT ctid FROM s)) RETURNING 1) \
-             SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM d)"
-        );
+        let delete = if self.rule.citus {
+            // A Citus table (see `delete_expired`): the batch is the tenant's oldest
+            // `$3` expired rows by time, bounded by the time of the last of them
+            // (all that are left when fewer are), the same rows on every copy of a
+            // reference table.
+            format!(
+                "WITH d AS (DELETE {expired} AND {time} <= coalesce( \
+                              (SELECT {time} {expired} ORDER BY {rel}.{time} OFFSET $3::int8 - 1 LIMIT 1), \
+                              'infinity'::{ty}) RETURNING 1) \
+                 SELECT count(*), count(*) FROM d",
+                time = self.rule.time_column,
+                rel = self.rel,
+                ty = self.rule.time_type
+            )
+        } else {
+            format!(
+                "WITH s AS (SELECT ctid {expired} LIMIT $3), \
+                      d AS (DELETE {expired} AND ctid = ANY (ARRAY(SELECT ctid FROM s)) RETURNING 1) \
+                 SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM d)"
+            )
+        };
         let mut total = *committed;
         let mut longest = Duration::ZERO;
         loop {
