@@ -3,9 +3,10 @@
 use tokio_postgres::Client;
 
 /// What `connect` sets for the session.
-const SESSION_SETTINGS: &str =
-    "SET search_path = pg_catalog, pg_temp; SET extra_float_digits = 3; \
-                                SET DateStyle = 'ISO, YMD'; SET IntervalStyle = postgres";
+const SESSION_SETTINGS: &str = "SET search_path = pg_catalog, pg_temp; SET extra_float_digits = 3";
+
+/// How the session prints times and intervals (`connect`; a job sets them again).
+pub const STYLES: &str = "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = postgres";
 
 use crate::error::DaemonError;
 use crate::tls;
@@ -42,7 +43,7 @@ pub async fn connect(url: &str) -> Result<Client, DaemonError> {
         }
     });
     client
-        .batch_execute(SESSION_SETTINGS)
+        .batch_execute(&format!("{SESSION_SETTINGS}; {STYLES}"))
         .await
         .map_err(DaemonError::Query)?;
     Ok(client)

@@ -987,6 +987,16 @@ fn pgseald_retention_runs_against_the_coordinator() {
     let cc = CitusCluster::start("citus-retention");
     let mut c = cc.coordinator.connect();
     distributed_pgseal(&mut c);
+    // The workers print times in another style and zone (Citus does not send them
+    // pgseald's): the cursor's times, read on a worker, must still read back.
+    for w in &cc.workers {
+        let mut wc = w.connect();
+        wc.batch_execute("ALTER SYSTEM SET DateStyle = 'SQL, DMY'")
+            .unwrap();
+        wc.batch_execute("ALTER SYSTEM SET TimeZone = 'Asia/Shanghai'")
+            .unwrap();
+        wc.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
     c.batch_execute(
         "CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL,
                               created_at timestamptz NOT NULL, body text, PRIMARY KEY (tenant_id, id));
@@ -1048,6 +1058,7 @@ fn pgseald_retention_runs_against_the_coordinator() {
     c.batch_execute("ALTER SYSTEM SET pgseal.strict_context = on")
         .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    strict_context_on(&cc.coordinator);
     let (code, out) = Pgseald::new(["retention", "run", "--batch", "30"])
         .on(&cc.coordinator)
         .run();
@@ -1058,6 +1069,27 @@ fn pgseald_retention_runs_against_the_coordinator() {
         4000
     );
     assert_eq!(out.matches("deleted 100 rows").count(), 12, "{out}");
+}
+
+/// Waits until a new session on `node` has `pgseal.strict_context` on (after an
+/// `ALTER SYSTEM` and a reload, which the postmaster takes in its own time).
+fn strict_context_on(node: &pgseal_tests::Cluster) {
+    let began = std::time::Instant::now();
+    loop {
+        let on: String = node
+            .connect()
+            .query_one("SHOW pgseal.strict_context", &[])
+            .unwrap()
+            .get(0);
+        if on == "on" {
+            return;
+        }
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(30),
+            "never on"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// A reference table's copies keep its rows at different places (here one copy,
@@ -1140,6 +1172,7 @@ fn pgseald_retention_keeps_a_reference_tables_copies_alike() {
     c.batch_execute("ALTER SYSTEM SET pgseal.strict_context = on")
         .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    strict_context_on(&cc.coordinator);
     let (code, out) = Pgseald::new(["retention", "run", "--batch", "100"])
         .on(&cc.coordinator)
         .run();

@@ -1048,6 +1048,10 @@ fn a_sweep_goes_on_by_search_when_strict_context_turns_on_midway() {
     };
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{status:?}: {out}");
+    assert!(
+        out.contains("strict_context closed the sweep's cursor"),
+        "the sweep never met a closed cursor: {out}"
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM ev"), 0, "{out}");
     let receipts: Vec<i64> = c
         .query(

@@ -186,6 +186,12 @@ pub async fn run(
     opts: &Options,
     stop: &CancellationToken,
 ) -> Result<Vec<Outcome>, DaemonError> {
+    // The session's styles again (`db::connect` sets them; a table owner's trigger
+    // in an earlier run on this connection may have changed them).
+    client
+        .batch_execute(crate::db::STYLES)
+        .await
+        .map_err(DaemonError::Query)?;
     // (rel, tenant or "" for the default) → rule
     let mut rules: BTreeMap<String, BTreeMap<String, Rule>> = BTreeMap::new();
     // The time column by its number, so a RENAME COLUMN is followed. A rule the
@@ -323,7 +329,7 @@ pub async fn run(
                 Some(c) => c.clone(),
                 None => {
                     let c: String = client
-                        .query_one("SELECT (now() - $1::text::interval)::text", &[&rule.keep])
+                        .query_one(CUTOFF, &[&rule.keep])
                         .await
                         .map_err(DaemonError::Query)?
                         .get(0);
@@ -434,6 +440,15 @@ const BATCH_SETTINGS: [&str; 5] = [
 /// a batch that gave up waiting (`Sweep::receipt_in_batch`; the deadlock check runs
 /// in whichever of the two waited `deadlock_timeout` first, and that one fails).
 const RECEIPT_LOCK_TIMEOUT_MS: u64 = 200;
+
+/// A window's cutoff as text (`now()` less the window). Times travel as text
+/// between pgseald and the server (the cutoff; each batch's bounds, which the
+/// cursor returns alike): as JSON prints them, in ISO 8601 with a numeric offset
+/// whatever `DateStyle` the session has or a Citus worker's connection has (Citus
+/// does not send it pgseald's, and a table owner's trigger may change the
+/// session's), so that they read back as the same time.
+const CUTOFF: &str = "SELECT pg_catalog.to_jsonb(pg_catalog.now() OPERATOR(pg_catalog.-) $1::text::pg_catalog.interval) \
+                      OPERATOR(pg_catalog.#>>) '{}'";
 
 /// The held cursor over one tenant's expired rows (`Sweep::delete_expired`).
 const CURSOR: &str = "pgseald_expired";
@@ -608,7 +623,8 @@ impl Sweep<'_> {
         // order by the output column of that name, the time's text.
         let declare = format!(
             "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR \
-             SELECT ctid::text AS pgseal_place, {time}::text AS pgseal_time {} ORDER BY {rel}.{time}",
+             SELECT ctid::text AS pgseal_place, pg_catalog.to_jsonb({time}) OPERATOR(pg_catalog.#>>) '{{}}' AS pgseal_time \
+             {} ORDER BY {rel}.{time}",
             self.expired(),
             time = rule.time_column
         );
