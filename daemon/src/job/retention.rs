@@ -575,16 +575,18 @@ impl Sweep<'_> {
         // cutoff prunes its partitions, and a TID scan would probe every partition left
         // with every ctid of the batch (a ctid does not name its partition).
         //
-        // The cursor returns the rows in time order (the oldest go first). Where the
-        // planner may still choose an index of the tenant (a partitioned table; the
-        // table's row level security on pgseald's role before PostgreSQL 18, whose
-        // test of the tenant an index serves), each delete is also bounded by its
+        // Where the planner may still choose an index of the tenant (a partitioned
+        // table; the table's row level security on pgseald's role before PostgreSQL
+        // 18, whose test of the tenant an index serves), the cursor returns the rows
+        // in time order with their times, and each delete is also bounded by its
         // batch's first and last time ($4, $5, in the column's own type), which an
         // index of (tenant, time) serves: such a scan then reads the batch's time
         // range, not every expired row of the tenant, and a partitioned table's batch
         // is pruned to the partitions of its range. Not elsewhere: there the bounds
         // would be the one test an index serves, and a misjudged range could have the
-        // planner scan a whole (tenant, time) index for them.
+        // planner scan a whole (tenant, time) index for them; and the cursor returns
+        // places alone, in no order (with a time's text for every row, the bench's
+        // sweep at N measured a quarter slower: docs/BENCHMARKS.md, runs J8–J10).
         let range = format!(
             "{time} >= $4::text::{ty} AND {time} <= $5::text::{ty}",
             time = rule.time_column,
@@ -619,15 +621,6 @@ impl Sweep<'_> {
                 )
             }
         };
-        // Ordered by the column itself, named with its table: a bare name would
-        // order by the output column of that name, the time's text.
-        let declare = format!(
-            "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR \
-             SELECT ctid::text AS pgseal_place, pg_catalog.to_jsonb({time}) OPERATOR(pg_catalog.#>>) '{{}}' AS pgseal_time \
-             {} ORDER BY {rel}.{time}",
-            self.expired(),
-            time = rule.time_column
-        );
         // The cursor is declared, and the first batch's ctids taken from it, in a
         // transaction that deletes nothing: its commit materialises the cursor (a
         // read of every expired row of the tenant), which no batch's locks then wait
@@ -651,9 +644,27 @@ impl Sweep<'_> {
                 .await
                 .map_err(DaemonError::Query)?;
             let (strict, under_rls): (bool, bool) = (row.get(0), row.get(1));
-            delete = ranged_delete(
-                rule.citus || rule.partitioned || (under_rls && !self.session.counts_disabled),
-            );
+            let ranged =
+                rule.citus || rule.partitioned || (under_rls && !self.session.counts_disabled);
+            delete = ranged_delete(ranged);
+            // Ordered by the column itself, named with its table: a bare name would
+            // order by the output column of that name, the time's text.
+            let declare = if ranged {
+                format!(
+                    "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR \
+                     SELECT ctid::text AS pgseal_place, \
+                            pg_catalog.to_jsonb({time}) OPERATOR(pg_catalog.#>>) '{{}}' AS pgseal_time \
+                     {} ORDER BY {rel}.{time}",
+                    self.expired(),
+                    time = rule.time_column
+                )
+            } else {
+                format!(
+                    "DECLARE {CURSOR} NO SCROLL CURSOR WITH HOLD FOR \
+                     SELECT ctid::text AS pgseal_place, ''::text AS pgseal_time {}",
+                    self.expired()
+                )
+            };
             if strict {
                 tx.rollback().await.map_err(DaemonError::Query)?;
                 return self
