@@ -799,14 +799,7 @@ fn a_sweep_stopped_between_batches_leaves_the_receipt_of_what_it_deleted() {
         .status()
         .unwrap();
     assert!(term.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "pgseald did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_exit(&mut child, Duration::from_secs(30));
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(
         !status.success() || out.contains("stopped"),
@@ -950,14 +943,7 @@ fn a_receipt_that_waits_for_the_chain_lock_lets_its_batch_commit_first() {
                       AND tenant_id = 'acme' AND payload->>'deleted' = '20'";
     assert_eq!(count(&mut c, receipts), 0);
     holder.batch_execute("COMMIT").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "pgseald did not end");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_for_exit(&mut child, Duration::from_secs(30));
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{status:?}: {out}");
     assert_eq!(count(&mut c, receipts), 1, "{out}");
@@ -996,16 +982,7 @@ fn a_sweep_that_fails_after_committed_batches_receipts_them() {
         "{out}"
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM ev"), 20, "{out}");
-    let receipts: Vec<i64> = c
-        .query(
-            "SELECT (payload->>'deleted')::int8 FROM pgseal.ledger \
-              WHERE event = 'retention.deleted' AND tenant_id = 'acme'",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let receipts = deleted_receipts(&mut c, "acme");
     assert_eq!(receipts, [10], "{out}");
 }
 
@@ -1038,14 +1015,7 @@ fn a_sweep_goes_on_by_search_when_strict_context_turns_on_midway() {
     c.batch_execute("ALTER SYSTEM SET pgseal.strict_context = on")
         .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "pgseald did not end");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_for_exit(&mut child, Duration::from_secs(60));
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(status.success(), "{status:?}: {out}");
     assert!(
@@ -1053,16 +1023,7 @@ fn a_sweep_goes_on_by_search_when_strict_context_turns_on_midway() {
         "the sweep never met a closed cursor: {out}"
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM ev"), 0, "{out}");
-    let receipts: Vec<i64> = c
-        .query(
-            "SELECT (payload->>'deleted')::int8 FROM pgseal.ledger \
-              WHERE event = 'retention.deleted' AND tenant_id = 'acme'",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let receipts = deleted_receipts(&mut c, "acme");
     assert_eq!(receipts, [50], "{out}");
 }
 
@@ -1905,4 +1866,29 @@ fn lacks_extensions(c: &mut postgres::Client, names: &[&str]) -> bool {
         return true;
     }
     false
+}
+
+/// Waits for pgseald's `child` to end, at most `limit`.
+fn wait_for_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(std::time::Instant::now() < deadline, "pgseald did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The rows each of `tenant`'s retention receipts counts.
+fn deleted_receipts(c: &mut postgres::Client, tenant: &str) -> Vec<i64> {
+    c.query(
+        "SELECT (payload->>'deleted')::int8 FROM pgseal.ledger \
+          WHERE event = 'retention.deleted' AND tenant_id = $1",
+        &[&tenant],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
 }
