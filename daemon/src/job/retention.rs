@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::batch::Batch;
@@ -890,12 +890,7 @@ impl Sweep<'_> {
     /// committed), under the session's settings: READ COMMITTED, so that the chain's
     /// head it appends after is the one its lock waited for.
     async fn receipt(&self, client: &mut Client, rows: u64) -> Result<(), DaemonError> {
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::ReadCommitted)
-            .start()
-            .await
-            .map_err(DaemonError::Query)?;
+        let tx = super::tenant_tx::read_committed(client).await?;
         self.append_receipt(&tx, rows, None).await?;
         tx.commit().await.map_err(DaemonError::Query)
     }

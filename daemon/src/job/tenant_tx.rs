@@ -80,12 +80,7 @@ pub async fn begin<'c>(
     search_path: &str,
     lock_timeout: &str,
 ) -> Result<Transaction<'c>, DaemonError> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::ReadCommitted)
-        .start()
-        .await
-        .map_err(DaemonError::Query)?;
+    let tx = read_committed(client).await?;
     // DateStyle and IntervalStyle again for the transaction (`db::connect` sets
     // them for the session): code the batch runs (a table owner's trigger) may
     // change the session's.
@@ -99,6 +94,16 @@ pub async fn begin<'c>(
     .await
     .map_err(DaemonError::Query)?;
     Ok(tx)
+}
+
+/// Begins a READ COMMITTED transaction, whatever the database's default.
+pub async fn read_committed(client: &mut Client) -> Result<Transaction<'_>, DaemonError> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::ReadCommitted)
+        .start()
+        .await
+        .map_err(DaemonError::Query)
 }
 
 /// Whether `tenant` names one of pgseal's own chains (`_pgseal…`), which no session
