@@ -1008,6 +1008,30 @@ fn pgseald_retention_runs_against_the_coordinator() {
          SELECT pgseal.retention_set('events', '30 days');",
     )
     .unwrap();
+    // A `timestamp` column (no zone) holds local times: pgseald's session on the
+    // coordinator (UTC) cuts them off at its own local time, whatever the workers'
+    // zone (eight hours ahead here). Compared with a point in time, each value would
+    // be converted under the zone of the worker's connection, a stable function of a
+    // column, which Citus refuses in a DELETE (0A000: the run failed).
+    c.batch_execute("ALTER SYSTEM SET TimeZone = 'UTC'")
+        .unwrap();
+    c.batch_execute(
+        "SELECT pg_reload_conf();
+         CREATE TABLE visits (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL,
+                              seen_at timestamp NOT NULL, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('visits', 'tenant_id');
+         SELECT pgseal.retention_set('visits', '1 day', 'seen_at');",
+    )
+    .unwrap();
+    // Each of two tenants: 60 rows 20 hours old (kept), 60 rows 30 hours old.
+    let add_visits = "INSERT INTO visits (tenant_id, seen_at) \
+         SELECT 'v' || (g % 2), (now() AT TIME ZONE 'UTC') \
+                - CASE WHEN g % 4 < 2 THEN interval '20 hours' ELSE interval '30 hours' END \
+           FROM generate_series(1, 240) g";
+    c.batch_execute(add_visits).unwrap();
+    let visits =
+        "SELECT count(*) FROM visits WHERE seen_at < (now() AT TIME ZONE 'UTC') - interval '1 day'";
+    let visits_kept = "SELECT count(*) FROM visits WHERE seen_at >= (now() AT TIME ZONE 'UTC') - interval '1 day'";
     // Batches of 150: a tenant's 500 expired rows take four (the held cursor over
     // the distributed table materialised, the receipt in the last batch), the
     // tenants with none one (the cursor closed before it is materialised).
@@ -1021,12 +1045,14 @@ fn pgseald_retention_runs_against_the_coordinator() {
         pgseal_tests::count(&mut c, "SELECT count(*) FROM events"),
         4000
     );
+    assert_eq!(pgseal_tests::count(&mut c, visits), 0, "{out}");
+    assert_eq!(pgseal_tests::count(&mut c, visits_kept), 120, "{out}");
     // Every tenant has a receipt with its count (those of g % 3 = 0, t0, t3, t6 and
     // t9, had 500 expired rows each), and its chain verifies.
     let receipts: Vec<(String, String)> = c
         .query(
             "SELECT tenant_id, payload->>'deleted' FROM pgseal.ledger \
-             WHERE event = 'retention.deleted' ORDER BY 1",
+             WHERE event = 'retention.deleted' AND payload->>'table' = 'public.events' ORDER BY 1",
             &[],
         )
         .unwrap()
@@ -1055,6 +1081,7 @@ fn pgseald_retention_runs_against_the_coordinator() {
          SELECT 't' || (g % 12), now() - interval '100 days' + g * interval '1 second', 'old' FROM generate_series(1, 1200) g;",
     )
     .unwrap();
+    c.batch_execute(add_visits).unwrap();
     c.batch_execute("ALTER SYSTEM SET pgseal.strict_context = on")
         .unwrap();
     c.batch_execute("SELECT pg_reload_conf()").unwrap();
@@ -1069,6 +1096,8 @@ fn pgseald_retention_runs_against_the_coordinator() {
         4000
     );
     assert_eq!(out.matches("deleted 100 rows").count(), 12, "{out}");
+    assert_eq!(pgseal_tests::count(&mut c, visits), 0, "{out}");
+    assert_eq!(pgseal_tests::count(&mut c, visits_kept), 240, "{out}");
 }
 
 /// Waits until a new session on `node` has `pgseal.strict_context` on (after an
@@ -2383,10 +2412,42 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
             "SELECT coalesce(sum(encryptions), 0)::text FROM %s WHERE tenant_id = 't3'",
         )
     };
+    // A table keyed by a time: each batch's last key travels back to pgseald and
+    // into the next batch's keyset as text, printed and read on the tenant's worker,
+    // whose style and zone Citus does not set (`SQL, DMY` and Asia/Shanghai here,
+    // whose abbreviation, CST, reads back as US Central: 14 hours off).
+    for w in &cc.workers {
+        let mut wc = w.connect();
+        wc.batch_execute("ALTER SYSTEM SET DateStyle = 'SQL, DMY'")
+            .unwrap();
+        wc.batch_execute("ALTER SYSTEM SET TimeZone = 'Asia/Shanghai'")
+            .unwrap();
+        wc.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+    c.batch_execute(
+        "CREATE TABLE hooks (tenant_id text NOT NULL, made_at timestamptz NOT NULL, secret text,
+                             PRIMARY KEY (tenant_id, made_at));
+         SELECT create_distributed_table('hooks', 'tenant_id');
+         SELECT pgseal.vault_register_column('hooks', 'secret', 'hooks.secret');",
+    )
+    .unwrap();
+    {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('t3')", &[]).unwrap();
+        for h in 0..24 {
+            tx.execute(
+                "INSERT INTO hooks VALUES ('t3', timestamptz '2026-01-01 00:00+00' + $1::int * interval '1 hour', \
+                                          pgseal.vault_seal('hook-' || $1::int, 'hooks.secret'))",
+                &[&h],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
     let before = counted(&mut c);
     assert_eq!(before.len(), 3);
     assert!(before.iter().all(|n| n == &before[0]), "{before:?}");
-    let (code, out) = Pgseald::new(["rotate", "tenant", "t3"])
+    let (code, out) = Pgseald::new(["rotate", "tenant", "t3", "--batch", "2"])
         .on(&cc.coordinator)
         .run();
     assert_eq!(code, Some(0), "{out}");
@@ -2410,6 +2471,16 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(keys, vec![active.clone(); 3]);
+    let hooks: Vec<String> = c
+        .query(
+            "SELECT split_part(secret, ':', 2) FROM hooks ORDER BY made_at",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(hooks, vec![active.clone(); 24], "{out}");
     // A query that seals on the worker, in a transaction that commits there.
     let sealed = tx
         .query(
@@ -2424,8 +2495,8 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
         decrypted(&mut app(&cc.coordinator), "t3"),
         Ok((1..=3).map(|id| (id, format!("secret-t3-{id}"))).collect())
     );
-    // The reseal's 3 seals and the query's 3, on every copy.
-    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 6).to_string(); 3];
+    // The reseal's 3 + 24 seals and the query's 3, on every copy.
+    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 30).to_string(); 3];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while counted(&mut c) != want {
         assert!(
@@ -2477,7 +2548,8 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
         t.join().unwrap();
     }
     assert!(busiest <= 5, "{busiest} queue slots in use at once");
-    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 406).to_string(); 3];
+    // The 30 above and the flood's 400.
+    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 430).to_string(); 3];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while counted(&mut c) != want {
         assert!(
@@ -2519,7 +2591,7 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
     );
     assert_eq!(counted(&mut c), want, "counted while the rows were held");
     held.rollback().unwrap();
-    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 411).to_string(); 3];
+    let want: Vec<String> = vec![(before[0].parse::<i64>().unwrap() + 435).to_string(); 3];
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut settled = 0;
     while settled < 2 {

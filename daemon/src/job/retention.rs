@@ -60,6 +60,10 @@ struct Rule {
     /// SQL type of the time column (timestamptz, timestamp or date): a batch's time
     /// range compares in it, so that an index on the column serves it.
     time_type: String,
+    /// Whether the time column is a `timestamptz`: it compares with the cutoff as
+    /// a point in time; a `timestamp` or `date` with the cutoff as a local time
+    /// (`Cutoff`).
+    zoned: bool,
     /// SQL type of the table's tenant_id, so the tenant compares without a cast on
     /// the column (which would keep its index out of use).
     tenant_type: String,
@@ -207,7 +211,7 @@ pub async fn run(
                     coalesce(c.relkind IN ('r', 'p'), false), \
                     a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype), \
                     format_type(a.atttypid, NULL), \
-                    {}, coalesce(c.relkind = 'p' OR c.relhassubclass, false) \
+                    {}, coalesce(a.atttypid = 'timestamptz'::regtype, false), coalesce(c.relkind = 'p' OR c.relhassubclass, false) \
              FROM pgseal.retention_rules r \
              LEFT JOIN pg_class c ON c.oid = r.rel \
              LEFT JOIN pg_attribute a ON a.attrelid = r.rel AND a.attnum = r.time_attnum AND NOT a.attisdropped",
@@ -246,8 +250,9 @@ pub async fn run(
                 time_column: time_column.unwrap_or_default(),
                 time_type: r.get::<_, Option<String>>(7).unwrap_or_default(),
                 tenant_type: tenant_type.unwrap_or_default(),
+                zoned: r.get(9),
                 search_path: super::tenant_tx::search_path(r.get(8)),
-                partitioned: r.get(9),
+                partitioned: r.get(10),
                 citus: false,
                 broken,
             },
@@ -296,7 +301,7 @@ pub async fn run(
         Some(Session::read(client).await?)
     };
     // One cutoff per window per run (as of the run's first use of it), asked once.
-    let mut cutoffs: BTreeMap<String, String> = BTreeMap::new();
+    let mut cutoffs: BTreeMap<String, Cutoff> = BTreeMap::new();
     let mut out = Vec::new();
     // One batch size for the whole run: what one tenant's batches taught carries over.
     let mut batch = opts.batch;
@@ -328,11 +333,14 @@ pub async fn run(
             let cutoff = match cutoffs.get(&rule.keep) {
                 Some(c) => c.clone(),
                 None => {
-                    let c: String = client
+                    let r = client
                         .query_one(CUTOFF, &[&rule.keep])
                         .await
-                        .map_err(DaemonError::Query)?
-                        .get(0);
+                        .map_err(DaemonError::Query)?;
+                    let c = Cutoff {
+                        at: r.get(0),
+                        local: r.get(1),
+                    };
                     cutoffs.insert(rule.keep.clone(), c.clone());
                     c
                 }
@@ -342,7 +350,7 @@ pub async fn run(
                 out.push(Outcome {
                     rel: rel.clone(),
                     tenant,
-                    cutoff,
+                    cutoff: cutoff.at,
                     rows: 0,
                     on_hold: true,
                     longest_batch: Default::default(),
@@ -369,7 +377,7 @@ pub async fn run(
             out.push(Outcome {
                 rel: rel.clone(),
                 tenant,
-                cutoff,
+                cutoff: cutoff.at,
                 rows,
                 on_hold: false,
                 longest_batch,
@@ -384,17 +392,19 @@ async fn count_expired(
     rel: &str,
     tenant: &str,
     rule: &Rule,
-    cutoff: &str,
+    cutoff: &Cutoff,
     opts: &Options,
 ) -> Result<u64, DaemonError> {
     let tx = batch_transaction(client, tenant, &rule.search_path, opts).await?;
     let n: i64 = tx
         .query_one(
             &format!(
-                "SELECT count(*) FROM {rel} WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz",
-                rule.tenant_type, rule.time_column
+                "SELECT count(*) FROM {rel} WHERE tenant_id = $1::text::{} AND {} < {}",
+                rule.tenant_type,
+                rule.time_column,
+                rule.cutoff_sql()
             ),
-            &[&tenant, &cutoff],
+            &[&tenant, &cutoff.of(rule)],
         )
         .await
         .map_err(DaemonError::Query)?
@@ -447,8 +457,48 @@ const RECEIPT_LOCK_TIMEOUT_MS: u64 = 200;
 /// whatever `DateStyle` the session has or a Citus worker's connection has (Citus
 /// does not send it pgseald's, and a table owner's trigger may change the
 /// session's), so that they read back as the same time.
-const CUTOFF: &str = "SELECT pg_catalog.to_jsonb(pg_catalog.now() OPERATOR(pg_catalog.-) $1::text::pg_catalog.interval) \
-                      OPERATOR(pg_catalog.#>>) '{}'";
+const CUTOFF: &str = "SELECT pg_catalog.to_jsonb(x.at) OPERATOR(pg_catalog.#>>) '{}', \
+                             pg_catalog.to_jsonb(x.at::pg_catalog.timestamp) OPERATOR(pg_catalog.#>>) '{}' \
+                        FROM (SELECT pg_catalog.now() OPERATOR(pg_catalog.-) $1::text::pg_catalog.interval) x(at)";
+
+/// A window's cutoff (`CUTOFF`), as a point in time and as the local time it is in
+/// pgseald's session (its `TimeZone`). A `timestamp` or `date` column compares with
+/// the local time, a time of its own kind, with no zone in the comparison: compared
+/// with the point in time, each value would be converted under the `TimeZone` of
+/// the session that runs the comparison, which on Citus is a worker's connection
+/// (Citus does not send it pgseald's), and Citus refuses such a conversion (a
+/// stable function of a column) in a DELETE: the run failed (0A000) on a Citus
+/// table with a `timestamp` column.
+#[derive(Clone)]
+struct Cutoff {
+    /// The point in time (`now()` less the window), as JSON prints a `timestamptz`:
+    /// what the receipt records.
+    at: String,
+    /// The same, as a `timestamp` in pgseald's session.
+    local: String,
+}
+
+impl Cutoff {
+    /// The text `rule`'s column compares with (`Rule::cutoff_sql`).
+    fn of(&self, rule: &Rule) -> &str {
+        if rule.zoned {
+            &self.at
+        } else {
+            &self.local
+        }
+    }
+}
+
+impl Rule {
+    /// The cutoff as the statements read it, from `$2` (`Cutoff::of`).
+    fn cutoff_sql(&self) -> &'static str {
+        if self.zoned {
+            "$2::text::pg_catalog.timestamptz"
+        } else {
+            "$2::text::pg_catalog.timestamp"
+        }
+    }
+}
 
 /// The held cursor over one tenant's expired rows (`Sweep::delete_expired`).
 const CURSOR: &str = "pgseald_expired";
@@ -491,7 +541,7 @@ struct Sweep<'a> {
     rel: &'a str,
     tenant: &'a str,
     rule: &'a Rule,
-    cutoff: &'a str,
+    cutoff: &'a Cutoff,
     opts: &'a Options,
     session: &'a Session,
 }
@@ -501,8 +551,11 @@ impl Sweep<'_> {
     /// the cutoff as $2.
     fn expired(&self) -> String {
         format!(
-            "FROM {} WHERE tenant_id = $1::text::{} AND {} < $2::text::timestamptz",
-            self.rel, self.rule.tenant_type, self.rule.time_column
+            "FROM {} WHERE tenant_id = $1::text::{} AND {} < {}",
+            self.rel,
+            self.rule.tenant_type,
+            self.rule.time_column,
+            self.rule.cutoff_sql()
         )
     }
 
@@ -615,9 +668,11 @@ impl Sweep<'_> {
             } else {
                 format!(
                     "DELETE FROM {rel} WHERE (tenant_id = $1::text::{}) IS TRUE \
-                       AND ({} < $2::text::timestamptz) IS TRUE AND {range} \
+                       AND ({} < {}) IS TRUE AND {range} \
                        AND ctid = ANY ($3::text[]::tid[])",
-                    rule.tenant_type, rule.time_column
+                    rule.tenant_type,
+                    rule.time_column,
+                    rule.cutoff_sql()
                 )
             }
         };
@@ -671,7 +726,7 @@ impl Sweep<'_> {
                     .delete_expired_by_search(client, batch, stop, committed)
                     .await;
             }
-            tx.execute(&declare, &[&self.tenant, &self.cutoff])
+            tx.execute(&declare, &[&self.tenant, &self.cutoff.of(self.rule)])
                 .await
                 .map_err(DaemonError::Query)?;
             let rows = fetch(&tx, size).await?;
@@ -723,7 +778,16 @@ impl Sweep<'_> {
             };
             if let Some((lo, hi)) = &rows.range {
                 total += tx
-                    .execute(&delete, &[&self.tenant, &self.cutoff, &rows.ctids, lo, hi])
+                    .execute(
+                        &delete,
+                        &[
+                            &self.tenant,
+                            &self.cutoff.of(self.rule),
+                            &rows.ctids,
+                            lo,
+                            hi,
+                        ],
+                    )
                     .await
                     .map_err(DaemonError::Query)?;
             }
@@ -811,7 +875,7 @@ impl Sweep<'_> {
             let began = std::time::Instant::now();
             let tx = self.batch_transaction(client).await?;
             let row = tx
-                .query_one(&delete, &[&self.tenant, &self.cutoff, &size])
+                .query_one(&delete, &[&self.tenant, &self.cutoff.of(self.rule), &size])
                 .await
                 .map_err(DaemonError::Query)?;
             let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
@@ -923,7 +987,7 @@ impl Sweep<'_> {
         .await
         .map_err(DaemonError::Query)?;
         let payload = serde_json::json!({
-            "table": self.rel, "cutoff": self.cutoff, "keep": self.rule.keep, "deleted": rows,
+            "table": self.rel, "cutoff": self.cutoff.at, "keep": self.rule.keep, "deleted": rows,
         });
         // 'retention.' is one of pgseal's reserved event names, which ledger_append
         // refuses; pgseald's receipts go through the narrow _job_receipt (pgseal_admin).

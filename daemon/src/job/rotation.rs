@@ -168,6 +168,9 @@ struct SealedColumn {
     /// Quoted primary key columns, and their SQL types.
     pk: Vec<String>,
     pk_types: Vec<String>,
+    /// Whether each key column is a date or time (its base type's category): its
+    /// text goes back to pgseald as JSON prints it (`batch_sql`).
+    pk_dated: Vec<bool>,
     /// SQL type of the table's tenant_id.
     tenant_type: String,
     /// The search_path a batch runs under: pg_catalog, then the schemas of the
@@ -201,7 +204,13 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                     (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
                       WHERE a.attrelid = s.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped), \
                     coalesce(r.relkind IN ('r', 'p'), false), c.atttypid = 'text'::regtype, \
-                    {}, {} \
+                    {}, {}, \
+                    (SELECT array_agg(t.typcategory = 'D' ORDER BY k.ord) \
+                       FROM pg_index i \
+                       CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                       JOIN pg_type t ON t.oid = a.atttypid \
+                      WHERE i.indrelid = s.rel AND i.indisprimary) \
              FROM pgseal.sealed_columns s \
              LEFT JOIN pg_class r ON r.oid = s.rel \
              LEFT JOIN pg_attribute c ON c.attrelid = s.rel AND c.attnum = s.attnum AND NOT c.attisdropped \
@@ -240,6 +249,7 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
                 context: r.get(2),
                 pk,
                 pk_types: r.get::<_, Option<Vec<String>>>(4).unwrap_or_default(),
+                pk_dated: r.get::<_, Option<Vec<bool>>>(10).unwrap_or_default(),
                 tenant_type: tenant_type.unwrap_or_default(),
                 search_path: super::tenant_tx::search_path(r.get(8)),
                 broken,
@@ -294,10 +304,22 @@ fn batch_sql(c: &SealedColumn, routed: bool) -> String {
     let k: Vec<String> = (0..c.pk.len()).map(|i| format!("pgseal_k{i}")).collect();
     // The last key goes back to pgseald as a JSON array of each column's text form
     // (a JSON number or string could change the value: a jsonb column holding "5"),
-    // and each column is read back with its type's input function.
+    // and each column is read back with its type's input function. A date or time
+    // as JSON prints it (ISO 8601, a numeric offset), not as its output function
+    // does: on Citus the text is printed and read on the tenant's worker, under that
+    // connection's `DateStyle` and `TimeZone` (Citus does not send it pgseald's),
+    // where a zone's abbreviation can read back as another zone's (Asia/Shanghai's
+    // CST as US Central) or not at all.
     let last_key = k
         .iter()
-        .map(|k| format!("{k}::text"))
+        .enumerate()
+        .map(|(i, k)| {
+            if c.pk_dated.get(i).copied().unwrap_or(false) {
+                format!("pg_catalog.to_jsonb({k}) OPERATOR(pg_catalog.#>>) '{{}}'")
+            } else {
+                format!("{k}::text")
+            }
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let k_desc = k
