@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod envelope;
 pub mod error;
 pub mod export;
+pub mod grant;
 pub mod jcs;
 pub mod jsonb;
 pub mod keyring;
