@@ -175,6 +175,8 @@ GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
 -- inside an offboarding's statement on that table, as its owner
 -- (extension/src/offboard/visible.rs).
 GRANT EXECUTE ON FUNCTION pgseal._offboard_visible(oid) TO PUBLIC;
+-- Its form on Citus (a table's name, and the coordinator's grant on every node).
+GRANT EXECUTE ON FUNCTION pgseal._offboard_visible_in(text) TO PUBLIC;
 -- retention_remove's DELETE runs the retention rules' record trigger's condition.
 GRANT EXECUTE ON FUNCTION pgseal._master_key_loaded() TO pgseal_admin;
 

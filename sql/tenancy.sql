@@ -523,6 +523,7 @@ DECLARE
     citus   boolean := pgseal._citus_present();
     mine    text;
     ddl     text;
+    qname   text;
 BEGIN
     PERFORM pgseal._check_table(rel);
     tenant  := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
@@ -561,6 +562,16 @@ BEGIN
             -- the restrictive policy above still limits them to the tenant.
             EXECUTE format('CREATE POLICY pgseal_offboard_select ON %s FOR SELECT USING (pgseal._offboard_visible(%L::pg_catalog.regclass))', t, t);
             EXECUTE format('CREATE POLICY pgseal_offboard_delete ON %s FOR DELETE USING (pgseal._offboard_visible(%L::pg_catalog.regclass))', t, t);
+        ELSE
+            SELECT format('%I.%I', n.nspname, c.relname) INTO qname
+              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+             WHERE c.oid OPERATOR(pg_catalog.=) t::pg_catalog.oid;
+            -- On Citus, with the tenant (no restrictive policy there), and on
+            -- every node the coordinator's grant for the table, named by its
+            -- qualified name (a regclass argument cannot be resolved on a worker
+            -- in the transaction that distributed the table).
+            EXECUTE format('CREATE POLICY pgseal_offboard_select ON %s FOR SELECT USING ((%s) AND pgseal._offboard_visible_in(%L))', t, tenant, qname);
+            EXECUTE format('CREATE POLICY pgseal_offboard_delete ON %s FOR DELETE USING ((%s) AND pgseal._offboard_visible_in(%L))', t, tenant, qname);
         END IF;
         EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, mine, mine);
         EXECUTE format('CREATE POLICY pgseal_org_select ON %s FOR SELECT USING (%s)', t, viewer);

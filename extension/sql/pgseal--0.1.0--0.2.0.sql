@@ -387,6 +387,13 @@ STABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_offboard_visible_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_offboard_visible_in"(
+	"table" TEXT /* &str */
+) RETURNS bool /* bool */
+STABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_visible_in_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_offboard_row_key"(
 	"rel" oid, /* pgrx::pg_sys::Oid */
 	"place" tid, /* pgrx::pg_sys::ItemPointerData */
@@ -1216,6 +1223,7 @@ DECLARE
     citus   boolean := pgseal._citus_present();
     mine    text;
     ddl     text;
+    qname   text;
 BEGIN
     PERFORM pgseal._check_table(rel);
     tenant  := format('%I = %s', tenant_column, pgseal._policy_value('pgseal.current_tenant()', pgseal._column_type(rel, tenant_column)));
@@ -1254,6 +1262,16 @@ BEGIN
             -- the restrictive policy above still limits them to the tenant.
             EXECUTE format('CREATE POLICY pgseal_offboard_select ON %s FOR SELECT USING (pgseal._offboard_visible(%L::pg_catalog.regclass))', t, t);
             EXECUTE format('CREATE POLICY pgseal_offboard_delete ON %s FOR DELETE USING (pgseal._offboard_visible(%L::pg_catalog.regclass))', t, t);
+        ELSE
+            SELECT format('%I.%I', n.nspname, c.relname) INTO qname
+              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+             WHERE c.oid OPERATOR(pg_catalog.=) t::pg_catalog.oid;
+            -- On Citus, with the tenant (no restrictive policy there), and on
+            -- every node the coordinator's grant for the table, named by its
+            -- qualified name (a regclass argument cannot be resolved on a worker
+            -- in the transaction that distributed the table).
+            EXECUTE format('CREATE POLICY pgseal_offboard_select ON %s FOR SELECT USING ((%s) AND pgseal._offboard_visible_in(%L))', t, tenant, qname);
+            EXECUTE format('CREATE POLICY pgseal_offboard_delete ON %s FOR DELETE USING ((%s) AND pgseal._offboard_visible_in(%L))', t, tenant, qname);
         END IF;
         EXECUTE format('CREATE POLICY pgseal_owner ON %s FOR ALL USING (%s) WITH CHECK (%s)', t, mine, mine);
         EXECUTE format('CREATE POLICY pgseal_org_select ON %s FOR SELECT USING (%s)', t, viewer);
@@ -2914,6 +2932,8 @@ GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
 -- inside an offboarding's statement on that table, as its owner
 -- (extension/src/offboard/visible.rs).
 GRANT EXECUTE ON FUNCTION pgseal._offboard_visible(oid) TO PUBLIC;
+-- Its form on Citus (a table's name, and the coordinator's grant on every node).
+GRANT EXECUTE ON FUNCTION pgseal._offboard_visible_in(text) TO PUBLIC;
 -- retention_remove's DELETE runs the retention rules' record trigger's condition.
 GRANT EXECUTE ON FUNCTION pgseal._master_key_loaded() TO pgseal_admin;
 

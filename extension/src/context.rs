@@ -153,11 +153,14 @@ fn clear_context(_preparing: bool) -> SealResult<()> {
     Ok(())
 }
 
-/// The tenant and user settings' names.
-fn context_settings() -> [std::ffi::CString; 2] {
+/// The tenant and user settings' names, and the offboarding grant's (which a
+/// table owner's code on a worker could set for its session: it lasts one
+/// transaction too).
+fn context_settings() -> [std::ffi::CString; 3] {
     [
         gucs::with_tenant_setting_name(|n| n.to_owned()),
         gucs::user_setting_name(),
+        c"pgseal.offboard_grant".to_owned(),
     ]
 }
 

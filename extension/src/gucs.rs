@@ -27,6 +27,7 @@ static USER_SETTING: GucSetting<Option<CString>> =
 static AUDIT_DECRYPT: GucSetting<AuditDecrypt> = GucSetting::<AuditDecrypt>::new(AuditDecrypt::On);
 static AUDIT_DECRYPT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 static RESTORE: GucSetting<bool> = GucSetting::<bool>::new(false);
+static OFFBOARD_GRANT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// `pgseal.audit_decrypt`: when and whether decrypts are recorded in the ledger.
 #[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -162,6 +163,17 @@ pub fn init() {
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
+        c"pgseal.offboard_grant",
+        c"Set by pgseal on the nodes of a Citus cluster during an offboarding's statements.",
+        c"A MAC made under a key derived from the master key (never key bytes) that shows an offboarding's statements all of a tenant's rows in one table org_protect protects, to that table's owner, until it expires. Any value pgseal did not make grants nothing.",
+        &OFFBOARD_GRANT,
+        GucContext::Userset,
+        // Set by any role: a worker's connection runs as the table's owner, and
+        // pgseal sends the grant from the owner's scope (`SET LOCAL … FROM CURRENT`
+        // reads it as that role).
+        GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
         c"pgseal.ledger_min_retention",
         c"Ledger entries younger than this interval are never pruned.",
         c"pgseal.ledger_prune refuses (55000) to delete them. The default, 10 years, is the GoBD period. Only superusers may change it.",
@@ -211,6 +223,21 @@ pub fn with_tenant_setting_name<R>(f: impl FnOnce(&CStr) -> R) -> R {
         Some(n) if !n.to_bytes().is_empty() => f(n),
         _ => f(DEFAULT_TENANT_SETTING),
     }
+}
+
+/// Runs `f` with `pgseal.offboard_grant`'s bytes, read in place (no copy: this runs
+/// in `org_protect`'s offboarding policies, for every row they test), or None when
+/// unset or empty.
+pub fn with_offboard_grant<R>(f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    // SAFETY: the GUC machinery keeps this variable either NULL or pointing to a
+    // NUL-terminated string that lives until the setting is next assigned, which
+    // cannot happen while `f` runs: `f` only reads settings and the catalog.
+    let value = unsafe {
+        (*OFFBOARD_GRANT.as_ptr())
+            .as_ref()
+            .map(|p| CStr::from_ptr(p).to_bytes())
+    };
+    f(value.filter(|v| !v.is_empty()))
 }
 
 /// `pgseal.master_key_command`, if set.

@@ -253,7 +253,7 @@ WITH RECURSIVE cand AS ( \
            pg_catalog.format('%I.%I', n.nspname, c.relname) AS name \
       FROM pg_catalog.pg_class c \
       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-      LEFT JOIN LATERAL (SELECT p.oid, p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant_only' AS org \
+      LEFT JOIN LATERAL (SELECT p.oid, p.polname OPERATOR(pg_catalog.<>) 'pgseal_tenant' AS org \
                            FROM pg_catalog.pg_policy p \
                           WHERE p.polrelid OPERATOR(pg_catalog.=) c.oid \
                             AND (p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant' \
@@ -261,7 +261,14 @@ WITH RECURSIVE cand AS ( \
                                      AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) c.oid \
                                                     AND q.polname OPERATOR(pg_catalog.=) 'pgseal_offboard_select') \
                                      AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) c.oid \
-                                                    AND q.polname OPERATOR(pg_catalog.=) 'pgseal_offboard_delete'))) \
+                                                    AND q.polname OPERATOR(pg_catalog.=) 'pgseal_offboard_delete')) \
+                                 OR (p.polname OPERATOR(pg_catalog.=) 'pgseal_offboard_select' \
+                                     AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) c.oid \
+                                                        AND q.polname OPERATOR(pg_catalog.=) 'pgseal_tenant_only') \
+                                     AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) c.oid \
+                                                    AND q.polname OPERATOR(pg_catalog.=) 'pgseal_offboard_delete') \
+                                     AND EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) c.oid \
+                                                    AND q.polname OPERATOR(pg_catalog.=) 'pgseal_owner'))) \
                           ORDER BY p.polname LIMIT 1) p ON true \
       LEFT JOIN LATERAL (SELECT pg_catalog.min(d.refobjsubid)::pg_catalog.int2 AS attnum FROM pg_catalog.pg_depend d \
                           WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_policy'::pg_catalog.regclass \
@@ -634,7 +641,10 @@ impl Table {
     /// ones (which `pg_depend` does not record) and types that are not domains owned
     /// by the owner or a superuser: no function, operator, domain or relation of
     /// anyone else (its code would run with the owner's rights). Refused (55000)
-    /// otherwise.
+    /// otherwise. `org_protect`'s form on Citus has no restrictive policy (Citus
+    /// would make it permissive on the shards): there each offboarding policy is the
+    /// tenant's condition and the offboarding's, exactly, and the statements here
+    /// test the tenant themselves.
     fn require_org_policies(&self, locked: &Locked) -> SealResult<()> {
         let ok = as_owner(|| {
             Spi::get_one_with_args::<bool>(
@@ -647,11 +657,11 @@ impl Table {
                           WHEN 'pgseal_offboard_select' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'r' \
                                AND p.polqual IS NOT NULL \
                                AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
-                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
+                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY (v.texts) \
                           WHEN 'pgseal_offboard_delete' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'd' \
                                AND p.polqual IS NOT NULL \
                                AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
-                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) v.text \
+                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY (v.texts) \
                           WHEN 'pgseal_owner' THEN p.polpermissive \
                           WHEN 'pgseal_org_select' THEN p.polpermissive \
                           WHEN 'pgseal_org_insert' THEN p.polpermissive \
@@ -674,11 +684,22 @@ impl Table {
                                                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_authid r ON r.oid OPERATOR(pg_catalog.=) t.typowner \
                                                              WHERE t.oid OPERATOR(pg_catalog.=) d.refobjid AND t.typtype OPERATOR(pg_catalog.<>) 'd' \
                                                                AND (r.rolsuper OR r.oid OPERATOR(pg_catalog.=) $3)))) \
-                    AND pg_catalog.count(*) FILTER (WHERE p.polname IN ('pgseal_tenant_only', 'pgseal_offboard_select', 'pgseal_offboard_delete')) \
-                        OPERATOR(pg_catalog.=) 3 \
+                    AND pg_catalog.count(*) FILTER (WHERE p.polname IN ('pgseal_offboard_select', 'pgseal_offboard_delete')) \
+                        OPERATOR(pg_catalog.=) 2 \
+                    AND pg_catalog.count(*) FILTER (WHERE p.polname OPERATOR(pg_catalog.=) 'pgseal_tenant_only') \
+                        OPERATOR(pg_catalog.=) (CASE WHEN v.citus THEN 0 ELSE 1 END) \
                    FROM pg_catalog.pg_policy p, \
-                        (SELECT pg_catalog.format('pgseal._offboard_visible((%L::regclass)::oid)', $1::pg_catalog.regclass::pg_catalog.text) AS text) v \
-                  WHERE p.polrelid OPERATOR(pg_catalog.=) $1",
+                        (SELECT f.citus, CASE WHEN f.citus \
+                                     THEN ARRAY(SELECT pg_catalog.format('(%s AND %s)', x, f.visible_in) FROM pg_catalog.unnest($2::pg_catalog.text[]) x) \
+                                     ELSE ARRAY[f.visible] END AS texts \
+                           FROM (SELECT pg_catalog.format('pgseal._offboard_visible((%L::regclass)::oid)', $1::pg_catalog.regclass::pg_catalog.text) AS visible, \
+                                        (SELECT pg_catalog.format('pgseal._offboard_visible_in(%L::text)', pg_catalog.format('%I.%I', n.nspname, c.relname)) \
+                                           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+                                          WHERE c.oid OPERATOR(pg_catalog.=) $1) AS visible_in, \
+                                        NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) $1 \
+                                                       AND q.polname OPERATOR(pg_catalog.=) 'pgseal_tenant_only') AS citus) f) v \
+                  WHERE p.polrelid OPERATOR(pg_catalog.=) $1 \
+                  GROUP BY v.citus",
                 &[self.rel.into(), locked.policy_texts().into(), self.owner.into()],
             )
         })?;
@@ -687,8 +708,50 @@ impl Table {
                 "an offboarded table's policies are not org_protect's (a policy changed or added beside them, or one that calls a third role's function): the tenant's rows cannot all be found (run pgseal.org_protect on it again)",
             ));
         }
+        if policies_call_volatile(self.rel)? {
+            return Err(SealError::Refused(
+                "an offboarded table's policies call a volatile function (their conditions run for each row as its owner, and one could change the tenant or the offboarding's grant midway): the tenant's rows cannot all be found (run pgseal.org_protect on it again)",
+            ));
+        }
         Ok(())
     }
+}
+
+/// Whether a condition of a policy of `rel` calls a volatile function: such as
+/// `set_config`, which, run for each row as the table's owner, could change the
+/// tenant, or on Citus the offboarding's grant, partway through a statement (where
+/// the tenant is read for each row), and so hide the rows after it from the export
+/// alone. PostgreSQL's and pgseal's functions are marked as they behave, and no
+/// other role's may appear there (`require_org_policies`).
+fn policies_call_volatile(rel: pg_sys::Oid) -> SealResult<bool> {
+    let trees: Vec<String> = as_owner(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT x FROM pg_catalog.pg_policy p, \
+                        LATERAL (VALUES (p.polqual::pg_catalog.text), (p.polwithcheck::pg_catalog.text)) v(x) \
+                  WHERE p.polrelid OPERATOR(pg_catalog.=) $1 AND x IS NOT NULL",
+                None,
+                &[rel.into()],
+            )?
+            .map(|r| r.get::<String>(1).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+        })
+    })?;
+    for tree in trees {
+        let tree = std::ffi::CString::new(tree)
+            .map_err(|_| SealError::Internal("a policy's condition"))?;
+        // SAFETY: stringToNode reads a node tree that PostgreSQL wrote into
+        // pg_policy (palloc'd into the current memory context);
+        // contain_volatile_functions walks it without changing it.
+        let volatile = unsafe {
+            let node = pg_sys::stringToNode(tree.as_ptr()) as *mut pg_sys::Node;
+            !node.is_null() && pg_sys::contain_volatile_functions(node)
+        };
+        if volatile {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The role that scheduled the tenant's offboarding (`scheduled_by`), if one is.

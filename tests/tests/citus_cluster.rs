@@ -4300,3 +4300,179 @@ fn pgseals_statements_leave_the_workers_parsing_as_the_caller_sent_it() {
         }
     }
 }
+
+/// `org_protect`'s tables are offboarded on Citus: the coordinator sends each of the
+/// offboarding's statements a grant (`pgseal.offboard_grant`), which shows the
+/// table's owner all of the tenant's rows on the workers' shards, whatever user or
+/// organisation they belong to. A grant is a MAC under the master key: a forged one
+/// shows nothing, and a real one, read from a worker's log, shows nothing under
+/// another tenant, to another role, or on another table.
+#[test]
+fn org_protect_tables_are_offboarded_on_citus_by_a_grant_that_opens_nothing_else() {
+    if !citus::enabled(
+        "org_protect_tables_are_offboarded_on_citus_by_a_grant_that_opens_nothing_else",
+    ) {
+        return;
+    }
+    let cc = CitusCluster::start("citus-org-offboard");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute("CREATE ROLE docs_owner LOGIN").unwrap();
+    c.batch_execute("CREATE ROLE app LOGIN").unwrap();
+    c.batch_execute(
+        "CREATE TABLE docs (id int, tenant_id text NOT NULL, owner_id text, org_id text, body text,
+                            PRIMARY KEY (tenant_id, id));
+         ALTER TABLE docs OWNER TO docs_owner;
+         SELECT create_distributed_table('docs', 'tenant_id');
+         SELECT pgseal.org_protect('docs', 'owner_id', 'org_id');
+         CREATE TABLE memos (id int, tenant_id text NOT NULL, owner_id text, org_id text, body text,
+                             PRIMARY KEY (tenant_id, id));
+         ALTER TABLE memos OWNER TO docs_owner;
+         SELECT create_distributed_table('memos', 'tenant_id');
+         SELECT pgseal.org_protect('memos', 'owner_id', 'org_id');
+         GRANT SELECT ON docs, memos TO app;
+         INSERT INTO docs VALUES
+             (1, 'acme', 'olga', 'org1', 'org doc'), (2, 'acme', 'zed', NULL, 'zed personal'),
+             (3, 'acme', 'mia', 'org2', 'other org'),
+             (11, 'globex', 'olga', 'org1', 'globex doc'), (12, 'globex', 'vic', NULL, 'vic personal');
+         INSERT INTO memos VALUES (1, 'acme', 'olga', 'org1', 'memo');
+         -- A table of the coordinator alone in a database with Citus: org_protect's
+         -- Citus form, offboarded by the backend's own flag (no grant is sent).
+         CREATE TABLE drafts (id int, tenant_id text NOT NULL, owner_id text, org_id text, body text);
+         ALTER TABLE drafts OWNER TO docs_owner;
+         SELECT pgseal.org_protect('drafts', 'owner_id', 'org_id');
+         INSERT INTO drafts VALUES (1, 'acme', 'zed', NULL, 'draft'), (2, 'acme', 'olga', 'org1', 'draft 2'),
+                                   (3, 'globex', 'vic', NULL, 'kept');
+         SELECT pgseal.tenant_offboard('acme', '0');",
+    )
+    .unwrap();
+    // The statements the workers run are logged there: where the grants can be read.
+    for w in &cc.workers {
+        let mut wc = w.connect();
+        wc.batch_execute("ALTER SYSTEM SET log_statement = 'all'")
+            .unwrap();
+        wc.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+    let dir = pgseal_tests::fresh_dir("citus-org-offboard-files");
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap()])
+        .on(&cc.coordinator)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: done"), "{out}");
+    let export = std::fs::read_to_string(dir.join("acme.offboard.jsonl")).unwrap();
+    assert_eq!(
+        export.matches("\"table\": \"public.docs\"").count(),
+        3,
+        "{export}"
+    );
+    assert_eq!(
+        export.matches("\"table\": \"public.memos\"").count(),
+        1,
+        "{export}"
+    );
+    assert_eq!(
+        export.matches("\"table\": \"public.drafts\"").count(),
+        2,
+        "{export}"
+    );
+    assert!(!export.contains("globex"), "{export}");
+    let left = |c: &mut postgres::Client, t: &str| {
+        pgseal_tests::count(
+            c,
+            &format!(
+                "SELECT (SELECT count(*) FROM docs WHERE tenant_id = '{t}') + (SELECT count(*) FROM memos WHERE tenant_id = '{t}') \
+                      + (SELECT count(*) FROM drafts WHERE tenant_id = '{t}')"
+            ),
+        )
+    };
+    assert_eq!(left(&mut c, "acme"), 0);
+    assert_eq!(left(&mut c, "globex"), 3);
+    let receipt: serde_json::Value = c
+        .query_one(
+            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(receipt["deleted"]["public.docs"], 3, "{receipt}");
+    assert_eq!(receipt["deleted"]["public.memos"], 1, "{receipt}");
+    assert_eq!(receipt["deleted"]["public.drafts"], 2, "{receipt}");
+    assert_eq!(
+        receipt["protected_tables_not_offboarded"],
+        serde_json::json!([]),
+        "{receipt}"
+    );
+    // A grant the coordinator sent, as a worker logged it.
+    let logs: String = cc.workers.iter().map(|w| w.server_log()).collect();
+    let grant = logs
+        .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '.'))
+        .find(|w| w.starts_with("v1.") && w.len() > 64)
+        .unwrap_or_else(|| panic!("no grant in the workers' logs"))
+        .to_owned();
+    assert_eq!(grant.split('.').count(), 4, "{grant}");
+    // Rows the grant would show, were it taken for another scope: acme's again (one
+    // per table, of another user), and globex's.
+    c.batch_execute(
+        "INSERT INTO docs VALUES (21, 'acme', 'zed', NULL, 'back'); \
+         INSERT INTO memos VALUES (22, 'acme', 'zed', NULL, 'back');",
+    )
+    .unwrap();
+    let zeros = format!("v1.1.{}.{}", i64::MAX, "0".repeat(64));
+    let mut flipped = grant.clone().into_bytes();
+    let last = flipped.len() - 1;
+    flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    for node in cc.nodes() {
+        for (role, tenant, table, value) in [
+            // A forged grant, and the real one changed by a bit.
+            ("docs_owner", "acme", "docs", zeros.as_str()),
+            ("docs_owner", "acme", "docs", flipped.as_str()),
+            ("docs_owner", "acme", "memos", zeros.as_str()),
+            // The real one under another tenant, on another table, to another role.
+            ("docs_owner", "globex", "docs", grant.as_str()),
+            ("docs_owner", "globex", "memos", grant.as_str()),
+            ("app", "globex", "docs", grant.as_str()),
+        ] {
+            let mut s = node.connect_as(role);
+            let mut tx = s.transaction().unwrap();
+            tx.batch_execute(&format!(
+                "SELECT pgseal.set_tenant('{tenant}', 'nobody'); SET LOCAL pgseal.offboard_grant = '{value}'"
+            ))
+            .unwrap();
+            let seen: i64 = tx
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                seen, 0,
+                "{role} {tenant} {table} {value} through {}",
+                node.port
+            );
+            let _ = tx.rollback();
+        }
+    }
+    // The same for memos, whose grants name memos: a docs grant shows no memo.
+    let docs_grants: Vec<&str> = logs
+        .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '.'))
+        .filter(|w| w.starts_with("v1.") && w.len() > 64)
+        .collect();
+    assert!(docs_grants.len() >= 2, "{docs_grants:?}");
+    for g in &docs_grants {
+        let mut s = cc.workers[0].connect_as("docs_owner");
+        let mut tx = s.transaction().unwrap();
+        tx.batch_execute(&format!(
+            "SELECT pgseal.set_tenant('globex', 'nobody'); SET LOCAL pgseal.offboard_grant = '{g}'"
+        ))
+        .unwrap();
+        let seen: i64 = tx
+            .query_one(
+                "SELECT (SELECT count(*) FROM docs) + (SELECT count(*) FROM memos)",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(seen, 0, "{g}");
+        let _ = tx.rollback();
+    }
+}

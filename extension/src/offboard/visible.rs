@@ -6,25 +6,41 @@
 //! while one of those statements runs on that table (`as_offboarding_owner`), as
 //! its owner. Its restrictive policy still limits every row to the tenant. No other
 //! table's rows, no other role and no other statement of the transaction see more.
+//!
+//! On Citus the statements run on the workers, in backends of their own, which
+//! have no such flag: there each of `org_protect`'s policies tests the tenant
+//! itself (Citus makes every policy permissive on the shards), and the coordinator
+//! sends, for each statement, a grant (`pgseal.offboard_grant`,
+//! `pgseal_core::grant`): a MAC of the database, the table, its owner and the
+//! tenant, which only a node holding the master key can make, valid for an hour.
+//! There the policies' condition is `pgseal._offboard_visible_in('<the table>')`,
+//! true on any node where the grant matches its own database, the table, the
+//! current role and tenant, and has not expired; the grant is cleared when the
+//! statement returns.
+
+use std::cell::RefCell;
 
 use std::cell::Cell;
 
 use pgrx::prelude::*;
 
-use crate::error::{SealError, SealResult};
+use crate::error::{OrRaise, SealError, SealResult};
 use crate::privilege::as_table_owner_pinned;
 
 thread_local! {
     /// The table an offboarding statement runs on now, and its owner.
     static VISIBLE: Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { Cell::new(None) };
+    /// That table's qualified name (`_offboard_visible_in`).
+    static VISIBLE_NAME: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Puts the previous value back when dropped, also while unwinding from an error.
-struct Restore(Option<(pg_sys::Oid, pg_sys::Oid)>);
+/// Puts the previous values back when dropped, also while unwinding from an error.
+struct Restore(Option<(pg_sys::Oid, pg_sys::Oid)>, Option<String>);
 
 impl Drop for Restore {
     fn drop(&mut self) {
         VISIBLE.with(|v| v.set(self.0));
+        VISIBLE_NAME.with(|v| *v.borrow_mut() = self.1.take());
     }
 }
 
@@ -38,12 +54,220 @@ pub(super) fn as_offboarding_owner<R, E>(
 where
     SealError: From<E>,
 {
-    let _restore = Restore(VISIBLE.with(|v| v.replace(Some((rel, owner)))));
-    as_table_owner_pinned(owner, || {
+    let _restore = Restore(
+        VISIBLE.with(|v| v.replace(Some((rel, owner)))),
+        VISIBLE_NAME.with(|v| v.replace(Some(crate::ledger::evidence::qualified_name(rel)))),
+    );
+    // The grant names the tenant of the caller's context, which the workers have.
+    let citus = crate::pg::citus::present();
+    let grant = if citus && crate::pg::citus::manages(rel)? {
+        Some(mint(rel, owner)?)
+    } else {
+        None
+    };
+    // The caller's user and grant (an enclosing statement's), which the workers
+    // have too, sent back when the statement returns.
+    let user_setting = crate::gucs::user_setting_name();
+    let caller_user = crate::context::read_setting(&user_setting).unwrap_or_default();
+    let caller_grant = crate::context::read_setting(GRANT_SETTING).unwrap_or_default();
+    as_table_owner_pinned::<R, SealError>(owner, || {
         // No parallel worker, which has no flag, reads the table meanwhile (in
         // `as_table_owner`'s setting level, discarded on return).
         crate::privilege::save_setting(c"max_parallel_workers_per_gather", c"0");
-        f()
+        // Where Citus is, a user that is no one's (its rows are the tenant's
+        // anyway, which the offboarding's condition shows): `org_protect`'s Citus
+        // form calls `current_user_id()` for each row, which fails without one,
+        // before it reaches that condition (PostgreSQL tests the permissive
+        // policies in reverse order of their names), and Citus evaluates it on
+        // this node for a table of the workers.
+        if citus {
+            crate::privilege::save_setting(&user_setting, OFFBOARDING_USER);
+        }
+        let Some(grant) = &grant else {
+            return f().map_err(SealError::from);
+        };
+        // The grant and that user, on this node and the workers.
+        let grant = std::ffi::CString::new(grant.as_str()).unwrap_or_default();
+        crate::privilege::save_setting(GRANT_SETTING, &grant);
+        crate::pg::citus::send_own_setting(GRANT_SETTING)?;
+        crate::pg::citus::send_own_setting(&user_setting)?;
+        let r = f()?;
+        // The workers get the caller's user and grant back, with propagation on
+        // whatever a table owner's code in the statement set (an error instead
+        // ends the transaction, or the subtransaction whose SETs it undoes).
+        let caller_user = std::ffi::CString::new(caller_user.as_str()).unwrap_or_default();
+        let caller_grant = std::ffi::CString::new(caller_grant.as_str()).unwrap_or_default();
+        crate::privilege::set_setting(
+            c"citus.propagate_set_commands",
+            c"local",
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+        );
+        crate::privilege::set_setting(
+            GRANT_SETTING,
+            &caller_grant,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+        );
+        crate::privilege::set_setting(
+            &user_setting,
+            &caller_user,
+            pg_sys::GucAction::GUC_ACTION_LOCAL,
+        );
+        crate::pg::citus::send_own_setting(GRANT_SETTING)?;
+        crate::pg::citus::send_own_setting(&user_setting)?;
+        Ok(r)
+    })
+}
+
+/// The application user an offboarding's statements on a Citus table act for on
+/// the coordinator (`as_offboarding_owner`).
+const OFFBOARDING_USER: &std::ffi::CStr = c"_pgseal_offboarding";
+
+/// The setting that carries a grant to the workers.
+const GRANT_SETTING: &std::ffi::CStr = c"pgseal.offboard_grant";
+
+/// How long a grant counts: an offboarding's statement on a Citus table deletes the
+/// tenant's rows of that table in one statement, which a large tenant can make long;
+/// the grant is cleared when it returns.
+const GRANT_SECONDS: i64 = 3600;
+
+/// This node's database name and role `role`'s name, for a grant.
+fn scope_names(role: pg_sys::Oid) -> Option<(String, String)> {
+    // SAFETY: get_database_name and GetUserNameFromId (noerr) return palloc'd
+    // copies, or NULL for an object that is gone.
+    let (database, role) = unsafe {
+        let d = pg_sys::get_database_name(pg_sys::MyDatabaseId);
+        let r = pg_sys::GetUserNameFromId(role, true);
+        if d.is_null() || r.is_null() {
+            return None;
+        }
+        (
+            std::ffi::CStr::from_ptr(d).to_string_lossy().into_owned(),
+            std::ffi::CStr::from_ptr(r).to_string_lossy().into_owned(),
+        )
+    };
+    Some((database, role))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A grant for the offboarding's statements on `rel` as its owner `owner`, under
+/// the caller's tenant, signed under the active master key version.
+fn mint(rel: pg_sys::Oid, owner: pg_sys::Oid) -> SealResult<String> {
+    let tenant = crate::context::tenant()?;
+    let (database, role) =
+        scope_names(owner).ok_or(SealError::Internal("an offboarded table's owner"))?;
+    let table = crate::ledger::evidence::qualified_name(rel);
+    let scope = pgseal_core::grant::Scope {
+        database: &database,
+        table: &table,
+        role: &role,
+        tenant: &tenant,
+    };
+    crate::master::with_active(|version, key| {
+        Ok(
+            pgseal_core::grant::Grant::sign(key, version, unix_now() + GRANT_SECONDS, &scope)
+                .to_string(),
+        )
+    })
+}
+
+/// A grant checked: its text, the table, role and tenant it was checked for, and
+/// whether it granted them.
+struct Checked {
+    text: Vec<u8>,
+    table: String,
+    user: pg_sys::Oid,
+    tenant: String,
+    /// When it grants them, until when.
+    until: Option<i64>,
+}
+
+thread_local! {
+    /// The last grant this backend checked (a policy tests every row): forgotten at
+    /// every transaction end.
+    static CHECKED: RefCell<Option<Checked>> = const { RefCell::new(None) };
+}
+
+/// Whether `pgseal.offboard_grant` holds a grant, made by a node with the master
+/// key, of table `table` to role `user` under the current tenant, unexpired.
+fn granted(table: &str, user: pg_sys::Oid) -> bool {
+    if crate::gucs::with_offboard_grant(|g| g.is_none()) {
+        return false;
+    }
+    let Ok(tenant) = crate::context::tenant_shared() else {
+        return false;
+    };
+    let text = crate::gucs::with_offboard_grant(|g| {
+        let g = g?;
+        let cached = CHECKED.with(|c| {
+            c.borrow().as_ref().and_then(|c| {
+                (c.text == g && c.table == table && c.user == user && *c.tenant == *tenant)
+                    .then_some(c.until)
+            })
+        });
+        Some(match cached {
+            Some(ok) => Err(ok),
+            None => Ok(g.to_vec()),
+        })
+    });
+    let until = match text {
+        None => return false,
+        Some(Err(until)) => until,
+        Some(Ok(text)) => {
+            let until = check(&text, table, user, &tenant).or_raise();
+            CHECKED.with(|c| {
+                *c.borrow_mut() = Some(Checked {
+                    text,
+                    table: table.to_owned(),
+                    user,
+                    tenant: tenant.to_string(),
+                    until,
+                })
+            });
+            until
+        }
+    };
+    match until {
+        None => false,
+        Some(until) if unix_now() >= until => SealError::Refused(GRANT_EXPIRED).raise(),
+        Some(_) => true,
+    }
+}
+
+/// An offboarding's grant that a node made for this scope, expired: the statement
+/// fails rather than leave the tenant's rows of this node out.
+const GRANT_EXPIRED: &str = "an offboarding's grant for this table has expired on this node (it counts an hour, by this node's clock): the statement fails rather than miss the tenant's rows here (run the offboarding again)";
+
+/// Until when the grant `text` grants `table` to role `user` under `tenant` (None:
+/// it does not; not a grant, or not made for that scope by a node with this one's
+/// master key). A grant whose master key version this node lacks, or a node with no
+/// master key, fails (55000): the tenant's rows of this node would be left out.
+fn check(text: &[u8], table: &str, user: pg_sys::Oid, tenant: &str) -> SealResult<Option<i64>> {
+    let Some(grant) = std::str::from_utf8(text)
+        .ok()
+        .and_then(pgseal_core::grant::Grant::parse)
+    else {
+        return Ok(None);
+    };
+    let Some((database, role)) = scope_names(user) else {
+        return Ok(None);
+    };
+    let scope = pgseal_core::grant::Scope {
+        database: &database,
+        table,
+        role: &role,
+        tenant,
+    };
+    crate::master::with_ring(|ring| {
+        let key = ring
+            .get(grant.version)
+            .ok_or(SealError::MasterVersionMissing(grant.version))?;
+        Ok(grant.names(key, &scope).then_some(grant.expires))
     })
 }
 
@@ -59,9 +283,31 @@ fn _offboard_visible(rel: pg_sys::Oid) -> bool {
     VISIBLE.with(|v| v.get()) == Some((rel, user))
 }
 
+/// `pgseal._offboard_visible_in(table) → boolean`: the condition of `org_protect`'s
+/// offboarding policies on Citus, on every node (the coordinator sets the grant for
+/// its own backend too): whether `pgseal.offboard_grant` holds a grant of table
+/// `table` (its schema-qualified name, as `format('%I.%I')` writes it: a name, which
+/// the shards can be sent, where a regclass argument could not be resolved on a
+/// worker in the transaction that distributed the table) to the current role under
+/// the current tenant (`granted`). False at once when no grant is set, as it is
+/// outside an offboarding's statements.
+#[pg_extern(stable, strict, parallel_safe)]
+fn _offboard_visible_in(table: &str) -> bool {
+    // SAFETY: reads the backend's current user id; no preconditions.
+    let user = unsafe { pg_sys::GetUserId() };
+    // In the backend that runs the statement, its flag, as `_offboard_visible`'s (a
+    // table Citus does not manage, which gets no grant).
+    let here = VISIBLE
+        .with(|v| v.get())
+        .is_some_and(|(_, owner)| owner == user)
+        && VISIBLE_NAME.with(|v| v.borrow().as_deref() == Some(table));
+    here || granted(table, user)
+}
+
 /// Forgets the table at every transaction end (it is put back on return anyway).
 fn forget(_: crate::txn::End) {
     VISIBLE.with(|v| v.set(None));
+    CHECKED.with(|c| *c.borrow_mut() = None);
 }
 
 /// The flag lasts no longer than its transaction.

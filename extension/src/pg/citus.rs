@@ -1012,6 +1012,28 @@ fn pin_remote() -> SealResult<()> {
     Ok(())
 }
 
+/// Sends the workers setting `name` at this node's current value (`SET LOCAL name
+/// FROM CURRENT`: the value is never part of a statement's text) as pgseal's own
+/// setting, not the caller's (not recorded among the settings it sent), from a DO
+/// block as `pin_remote` sends its own, inside a pinned scope
+/// (`with_remote_parsing_pinned`): Citus replays it on every later connection of the
+/// transaction. `name` is pgseal's (letters, digits, `.` and `_` only).
+pub fn send_own_setting(name: &std::ffi::CStr) -> SealResult<()> {
+    let name = name.to_str().unwrap_or_default();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_')
+    {
+        return Err(crate::error::SealError::Internal("a setting pgseal sends"));
+    }
+    let _pinning = Pinning::start();
+    Spi::run(&format!(
+        "DO $pgseal$ BEGIN SET LOCAL {name} FROM CURRENT; END $pgseal$"
+    ))?;
+    Ok(())
+}
+
 /// pgseal's parse settings, sent to every connection of the transaction.
 const PIN: &str = "DO $pgseal$ BEGIN SET LOCAL search_path TO pg_catalog, pg_temp; \
                    SET LOCAL standard_conforming_strings TO on; END $pgseal$";
