@@ -11,7 +11,13 @@
 //! expires. A node checks it against its own database, the table the policy names, its
 //! current role and tenant, and its clock.
 //!
-//! Text form: `v1.<master key version>.<expiry, Unix seconds>.<64 hex digits of MAC>`.
+//! A grant also carries its key's check value (an HMAC of a fixed label under the
+//! grant key, 8 bytes): a node whose master key of that version differs from the
+//! coordinator's can tell it apart from a grant for another scope, and fail rather
+//! than show nothing.
+//!
+//! Text form: `v1.<master key version>.<expiry, Unix seconds>.<16 hex digits of the
+//! key check>.<64 hex digits of MAC>`.
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
@@ -24,6 +30,8 @@ use crate::keys::SecretKey;
 const KEY_INFO: &[u8] = b"pgseal offboard grant v1";
 /// The MAC's domain label, first in what it covers.
 const LABEL: &[u8] = b"pgseal.offboard_grant.v1";
+/// What the key check value is the MAC of.
+const CHECK_LABEL: &[u8] = b"pgseal.offboard_grant.v1.key_check";
 
 /// What a grant lets see: one table's rows of one tenant, to one role, in one
 /// database.
@@ -43,15 +51,31 @@ pub struct Grant {
     pub version: u32,
     /// When it stops counting, in Unix seconds.
     pub expires: i64,
+    check: [u8; 8],
     mac: [u8; 32],
 }
 
-fn grant_mac(master: &SecretKey, version: u32, expires: i64, scope: &Scope<'_>) -> Hmac<Sha256> {
+/// An HMAC under the grant key derived from `master`.
+fn keyed(master: &SecretKey) -> Hmac<Sha256> {
     let mut key = Zeroizing::new([0u8; 32]);
     Hkdf::<Sha256>::new(None, master.expose())
         .expand(KEY_INFO, &mut key[..])
         .expect("32 bytes is a valid HKDF-SHA256 output length");
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key[..]).expect("HMAC takes any key length");
+    Hmac::<Sha256>::new_from_slice(&key[..]).expect("HMAC takes any key length")
+}
+
+/// The grant key's check value.
+fn key_check(master: &SecretKey) -> [u8; 8] {
+    let mut mac = keyed(master);
+    mac.update(CHECK_LABEL);
+    let full = mac.finalize().into_bytes();
+    let mut check = [0u8; 8];
+    check.copy_from_slice(&full[..8]);
+    check
+}
+
+fn grant_mac(master: &SecretKey, version: u32, expires: i64, scope: &Scope<'_>) -> Hmac<Sha256> {
+    let mut mac = keyed(master);
     // Each field length-prefixed, so that no two scopes cover the same bytes.
     for field in [
         LABEL,
@@ -78,6 +102,7 @@ impl Grant {
         Grant {
             version,
             expires,
+            check: key_check(master),
             mac,
         }
     }
@@ -90,15 +115,19 @@ impl Grant {
         }
         let version = parts.next()?.parse::<u32>().ok()?;
         let expires = parts.next()?.parse::<i64>().ok()?;
+        let check_hex = parts.next()?;
         let mac_hex = parts.next()?;
-        if parts.next().is_some() || mac_hex.len() != 64 {
+        if parts.next().is_some() || check_hex.len() != 16 || mac_hex.len() != 64 {
             return None;
         }
+        let mut check = [0u8; 8];
+        hex::decode_to_slice(check_hex, &mut check).ok()?;
         let mut mac = [0u8; 32];
         hex::decode_to_slice(mac_hex, &mut mac).ok()?;
         Some(Grant {
             version,
             expires,
+            check,
             mac,
         })
     }
@@ -117,6 +146,12 @@ impl Grant {
             .is_ok()
     }
 
+    /// Whether it was made under `master`'s grant key, by its check value (not a
+    /// proof: anyone can copy a grant's check value; `names` is).
+    pub fn made_under(&self, master: &SecretKey) -> bool {
+        self.check == key_check(master)
+    }
+
     /// Whether it no longer counts at `now` (Unix seconds).
     pub fn expired(&self, now: i64) -> bool {
         now >= self.expires
@@ -127,9 +162,10 @@ impl std::fmt::Display for Grant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "v1.{}.{}.{}",
+            "v1.{}.{}.{}.{}",
             self.version,
             self.expires,
+            hex::encode(self.check),
             hex::encode(self.mac)
         )
     }
@@ -196,7 +232,10 @@ mod tests {
             assert!(!g.grants(&k, &other, 0), "{other:?}");
         }
         // Another master key, or another version or expiry than it was signed with.
-        assert!(!g.grants(&SecretKey::random(), &SCOPE, 0));
+        let other = SecretKey::random();
+        assert!(!g.grants(&other, &SCOPE, 0));
+        assert!(g.made_under(&k));
+        assert!(!g.made_under(&other));
         let mut moved = g.clone();
         moved.expires = 2_000;
         assert!(!moved.grants(&k, &SCOPE, 0));
@@ -210,7 +249,7 @@ mod tests {
         let k = SecretKey::random();
         let text = Grant::sign(&k, 1, 1_000, &SCOPE).to_string();
         assert!(text.starts_with("v1.1.1000."), "{text}");
-        assert_eq!(text.len(), "v1.1.1000.".len() + 64);
+        assert_eq!(text.len(), "v1.1.1000.".len() + 16 + 1 + 64);
         for bad in [
             String::new(),
             "v1".to_owned(),

@@ -722,21 +722,41 @@ impl Table {
 /// tenant, or on Citus the offboarding's grant, partway through a statement (where
 /// the tenant is read for each row), and so hide the rows after it from the export
 /// alone. PostgreSQL's and pgseal's functions are marked as they behave, and no
-/// other role's may appear there (`require_org_policies`).
+/// other role's may appear there (`require_org_policies`); but the stable
+/// `*_to_xml` functions of a schema or database (`schema_to_xml`, named by text,
+/// which records no dependency) read every view there, whose code may call one:
+/// a condition that calls any `…to_xml…` function counts as volatile too.
 fn policies_call_volatile(rel: pg_sys::Oid) -> SealResult<bool> {
-    let trees: Vec<String> = as_owner(|| {
+    let (trees, xml): (Vec<String>, bool) = as_owner(|| {
         Spi::connect(|c| {
-            c.select(
-                "SELECT x FROM pg_catalog.pg_policy p, \
-                        LATERAL (VALUES (p.polqual::pg_catalog.text), (p.polwithcheck::pg_catalog.text)) v(x) \
-                  WHERE p.polrelid OPERATOR(pg_catalog.=) $1 AND x IS NOT NULL",
-                None,
-                &[rel.into()],
-            )?
-            .map(|r| r.get::<String>(1).map(Option::unwrap_or_default))
-            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+            let trees = c
+                .select(
+                    "SELECT x FROM pg_catalog.pg_policy p, \
+                            LATERAL (VALUES (p.polqual::pg_catalog.text), (p.polwithcheck::pg_catalog.text)) v(x) \
+                      WHERE p.polrelid OPERATOR(pg_catalog.=) $1 AND x IS NOT NULL",
+                    None,
+                    &[rel.into()],
+                )?
+                .map(|r| r.get::<String>(1).map(Option::unwrap_or_default))
+                .collect::<Result<Vec<_>, pgrx::spi::Error>>()?;
+            let xml = c
+                .select(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p, \
+                            LATERAL (VALUES (p.polqual), (p.polwithcheck)) v(x) \
+                      WHERE p.polrelid OPERATOR(pg_catalog.=) $1 AND v.x IS NOT NULL \
+                        AND pg_catalog.pg_get_expr(v.x, p.polrelid) OPERATOR(pg_catalog.~) 'to_xml[a-z_]*[(]')",
+                    None,
+                    &[rel.into()],
+                )?
+                .first()
+                .get_one::<bool>()?
+                .unwrap_or(true);
+            Ok::<_, pgrx::spi::Error>((trees, xml))
         })
     })?;
+    if xml {
+        return Ok(true);
+    }
     for tree in trees {
         let tree = std::ffi::CString::new(tree)
             .map_err(|_| SealError::Internal("a policy's condition"))?;

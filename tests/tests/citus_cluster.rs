@@ -4410,7 +4410,8 @@ fn org_protect_tables_are_offboarded_on_citus_by_a_grant_that_opens_nothing_else
         .find(|w| w.starts_with("v1.") && w.len() > 64)
         .unwrap_or_else(|| panic!("no grant in the workers' logs"))
         .to_owned();
-    assert_eq!(grant.split('.').count(), 4, "{grant}");
+    let parts: Vec<&str> = grant.split('.').collect();
+    assert_eq!(parts.len(), 5, "{grant}");
     // Rows the grant would show, were it taken for another scope: acme's again (one
     // per table, of another user), and globex's.
     c.batch_execute(
@@ -4418,7 +4419,14 @@ fn org_protect_tables_are_offboarded_on_citus_by_a_grant_that_opens_nothing_else
          INSERT INTO memos VALUES (22, 'acme', 'zed', NULL, 'back');",
     )
     .unwrap();
-    let zeros = format!("v1.1.{}.{}", i64::MAX, "0".repeat(64));
+    // Its key's check value with a MAC of zeros, for ever.
+    let zeros = format!(
+        "v1.{}.{}.{}.{}",
+        parts[1],
+        i64::MAX,
+        parts[3],
+        "0".repeat(64)
+    );
     let mut flipped = grant.clone().into_bytes();
     let last = flipped.len() - 1;
     flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
@@ -4451,6 +4459,29 @@ fn org_protect_tables_are_offboarded_on_citus_by_a_grant_that_opens_nothing_else
             );
             let _ = tx.rollback();
         }
+    }
+    // A grant whose key check value is not this master key's fails (55000): a
+    // node whose key differs from the coordinator's must not show nothing.
+    let other_key = format!(
+        "v1.{}.{}.{}.{}",
+        parts[1],
+        i64::MAX,
+        "0".repeat(16),
+        "0".repeat(64)
+    );
+    for node in cc.nodes() {
+        let mut s = node.connect_as("docs_owner");
+        let mut tx = s.transaction().unwrap();
+        tx.batch_execute(&format!(
+            "SELECT pgseal.set_tenant('globex', 'nobody'); SET LOCAL pgseal.offboard_grant = '{other_key}'"
+        ))
+        .unwrap();
+        assert_eq!(
+            sqlstate(tx.query_one("SELECT count(*) FROM docs", &[])),
+            "55000",
+            "through {}",
+            node.port
+        );
     }
     // The same for memos, whose grants name memos: a docs grant shows no memo.
     let docs_grants: Vec<&str> = logs

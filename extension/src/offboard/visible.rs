@@ -45,7 +45,10 @@ impl Drop for Restore {
 }
 
 /// Runs `f` as table `rel`'s owner `owner` (`as_table_owner_pinned`), with
-/// `_offboard_visible(rel)` true for the owner meanwhile.
+/// `_offboard_visible(rel)` (and `_offboard_visible_in` of its name) true for the
+/// owner meanwhile; for a table Citus manages, with a grant for it sent to the
+/// workers too (and, with Citus, acting for the application user
+/// `OFFBOARDING_USER`).
 pub(super) fn as_offboarding_owner<R, E>(
     rel: pg_sys::Oid,
     owner: pg_sys::Oid,
@@ -118,8 +121,8 @@ where
     })
 }
 
-/// The application user an offboarding's statements on a Citus table act for on
-/// the coordinator (`as_offboarding_owner`).
+/// The application user an offboarding's statements act for where Citus is (on the
+/// workers too, for a Citus table): no one's (`as_offboarding_owner`).
 const OFFBOARDING_USER: &std::ffi::CStr = c"_pgseal_offboarding";
 
 /// The setting that carries a grant to the workers.
@@ -244,9 +247,10 @@ fn granted(table: &str, user: pg_sys::Oid) -> bool {
 const GRANT_EXPIRED: &str = "an offboarding's grant for this table has expired on this node (it counts an hour, by this node's clock): the statement fails rather than miss the tenant's rows here (run the offboarding again)";
 
 /// Until when the grant `text` grants `table` to role `user` under `tenant` (None:
-/// it does not; not a grant, or not made for that scope by a node with this one's
-/// master key). A grant whose master key version this node lacks, or a node with no
-/// master key, fails (55000): the tenant's rows of this node would be left out.
+/// it does not; not a grant, or not made for that scope). A grant whose master key
+/// version this node lacks, or made under another key of that version (its check
+/// value), or a node with no master key, fails (55000): the tenant's rows of this
+/// node would be left out.
 fn check(text: &[u8], table: &str, user: pg_sys::Oid, tenant: &str) -> SealResult<Option<i64>> {
     let Some(grant) = std::str::from_utf8(text)
         .ok()
@@ -267,9 +271,16 @@ fn check(text: &[u8], table: &str, user: pg_sys::Oid, tenant: &str) -> SealResul
         let key = ring
             .get(grant.version)
             .ok_or(SealError::MasterVersionMissing(grant.version))?;
+        if !grant.made_under(key) {
+            return Err(SealError::Refused(GRANT_OTHER_KEY));
+        }
         Ok(grant.names(key, &scope).then_some(grant.expires))
     })
 }
+
+/// A grant made under another master key of the same version than this node's:
+/// the statement fails rather than miss the tenant's rows here.
+const GRANT_OTHER_KEY: &str = "an offboarding's grant was made under another master key than this node's of the same version (the nodes' master key commands differ): the statement fails rather than miss the tenant's rows here";
 
 /// `pgseal._offboard_visible(rel) → boolean`: whether an offboarding statement on
 /// table `rel` runs now, as its owner (the condition of `org_protect`'s offboarding

@@ -1013,7 +1013,8 @@ fn pin_remote() -> SealResult<()> {
 }
 
 /// Sends the workers setting `name` at this node's current value (`SET LOCAL name
-/// FROM CURRENT`: the value is never part of a statement's text) as pgseal's own
+/// FROM CURRENT`: the value is not part of this node's statement; Citus sends it
+/// to the workers as a quoted literal of the `set_config` call it rebuilds) as pgseal's own
 /// setting, not the caller's (not recorded among the settings it sent), from a DO
 /// block as `pin_remote` sends its own, inside a pinned scope
 /// (`with_remote_parsing_pinned`): Citus replays it on every later connection of the
