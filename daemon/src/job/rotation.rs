@@ -190,30 +190,23 @@ async fn sealed_columns(client: &Client) -> Result<Vec<SealedColumn>, DaemonErro
     let open_schemas = super::tenant_tx::open_type_schemas_sql("s.rel", key_columns);
     let rows = client
         .query(
-            &format!("SELECT s.rel::text, quote_ident(c.attname), s.context, \
-                    (SELECT array_agg(quote_ident(a.attname) ORDER BY k.ord) \
-                       FROM pg_index i \
-                       CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
-                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                      WHERE i.indrelid = s.rel AND i.indisprimary), \
-                    (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) \
-                       FROM pg_index i \
-                       CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
-                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                      WHERE i.indrelid = s.rel AND i.indisprimary), \
+            &format!("SELECT s.rel::text, quote_ident(c.attname), s.context, pk.names, pk.types, \
                     (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
                       WHERE a.attrelid = s.rel AND a.attname = 'tenant_id' AND NOT a.attisdropped), \
                     coalesce(r.relkind IN ('r', 'p'), false), c.atttypid = 'text'::regtype, \
-                    {}, {}, \
-                    (SELECT array_agg(t.typcategory = 'D' ORDER BY k.ord) \
-                       FROM pg_index i \
-                       CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
-                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-                       JOIN pg_type t ON t.oid = a.atttypid \
-                      WHERE i.indrelid = s.rel AND i.indisprimary) \
+                    {}, {}, pk.dated \
              FROM pgseal.sealed_columns s \
              LEFT JOIN pg_class r ON r.oid = s.rel \
              LEFT JOIN pg_attribute c ON c.attrelid = s.rel AND c.attnum = s.attnum AND NOT c.attisdropped \
+             LEFT JOIN LATERAL ( \
+                    SELECT array_agg(quote_ident(a.attname) ORDER BY k.ord) AS names, \
+                           array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord) AS types, \
+                           array_agg(t.typcategory = 'D' ORDER BY k.ord) AS dated \
+                      FROM pg_index i \
+                      CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                      JOIN pg_type t ON t.oid = a.atttypid \
+                     WHERE i.indrelid = s.rel AND i.indisprimary) pk ON true \
              ORDER BY 1, 2", schemas, open_schemas),
             &[],
         )
