@@ -447,6 +447,43 @@ pub fn count(c: &mut postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).unwrap().get(0)
 }
 
+/// The rows of `tenant` in `tables`, together.
+pub fn tenant_rows(c: &mut postgres::Client, tables: &[&str], tenant: &str) -> i64 {
+    tables
+        .iter()
+        .map(|t| {
+            c.query_one(
+                &format!("SELECT count(*) FROM {t} WHERE tenant_id = $1"),
+                &[&tenant],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+        })
+        .sum()
+}
+
+/// The payload of `tenant`'s `tenant.offboarded` receipt.
+pub fn offboarded_receipt(c: &mut postgres::Client, tenant: &str) -> serde_json::Value {
+    c.query_one(
+        "SELECT payload FROM pgseal.ledger WHERE tenant_id = $1 AND event = 'tenant.offboarded'",
+        &[&tenant],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// The rows of an offboarding's export file, by the table each names.
+pub fn exported_per_table(export: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut per = std::collections::BTreeMap::new();
+    for line in export.lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        if let Some(t) = line["table"].as_str() {
+            *per.entry(t.to_owned()).or_default() += 1;
+        }
+    }
+    per
+}
+
 /// Whether an error is a retryable serialization failure or deadlock.
 pub fn is_retryable(e: &postgres::Error) -> bool {
     matches!(e.code().map(|c| c.code()), Some("40001") | Some("40P01"))

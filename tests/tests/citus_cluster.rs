@@ -3396,46 +3396,23 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
         ),
         0
     );
-    let dir = pgseal_tests::fresh_dir("citus-offboard-files");
-    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
-        .args([dir.to_str().unwrap()])
-        .on(&cc.coordinator)
-        .run();
-    assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("tenant acme: done"), "{out}");
-    let export = std::fs::read_to_string(dir.join("acme.offboard.jsonl")).unwrap();
+    let export = offboard_acme(&cc, "citus-offboard-files");
     assert_eq!(
-        export.matches("\"table\": \"public.users\"").count(),
-        250,
-        "{out}"
-    );
-    assert_eq!(
-        export.matches("\"table\": \"public.plans\"").count(),
-        1,
-        "{out}"
-    );
-    assert_eq!(
-        export.matches("\"table\": \"public.notes\"").count(),
-        3,
-        "{out}"
-    );
-    assert_eq!(
-        export.matches("\"table\": \"public.memos\"").count(),
-        1,
-        "{out}"
+        pgseal_tests::exported_per_table(&export),
+        [
+            ("public.memos", 1),
+            ("public.notes", 3),
+            ("public.plans", 1),
+            ("public.users", 250)
+        ]
+        .map(|(t, n)| (t.to_owned(), n))
+        .into(),
+        "{export}"
     );
     assert!(!export.contains("globex"), "{export}");
-    let left = |c: &mut postgres::Client, t: &str| {
-        pgseal_tests::count(
-            c,
-            &format!(
-                "SELECT (SELECT count(*) FROM users WHERE tenant_id = '{t}') + (SELECT count(*) FROM plans WHERE tenant_id = '{t}') \
-                      + (SELECT count(*) FROM notes WHERE tenant_id = '{t}') + (SELECT count(*) FROM memos WHERE tenant_id = '{t}')"
-            ),
-        )
-    };
-    assert_eq!(left(&mut c, "acme"), 0);
-    assert_eq!(left(&mut c, "globex"), 41);
+    let tables = ["users", "plans", "notes", "memos"];
+    assert_eq!(pgseal_tests::tenant_rows(&mut c, &tables, "acme"), 0);
+    assert_eq!(pgseal_tests::tenant_rows(&mut c, &tables, "globex"), 41);
     let (ok, erased): (bool, i64) = {
         let r = c
             .query_one("SELECT ok, erased FROM pgseal.ledger_verify('acme')", &[])
@@ -3444,6 +3421,19 @@ fn subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator()
     };
     assert!(ok);
     assert!(erased >= 5, "{erased}");
+}
+
+/// Runs pgseald's offboarding against the coordinator, exporting into a fresh
+/// directory named `files`; it must finish tenant acme's. Returns acme's export.
+fn offboard_acme(cc: &CitusCluster, files: &str) -> String {
+    let dir = pgseal_tests::fresh_dir(files);
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap()])
+        .on(&cc.coordinator)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: done"), "{out}");
+    std::fs::read_to_string(dir.join("acme.offboard.jsonl")).unwrap()
 }
 
 /// A distributed table that the offboarding's export did not read (protected after
@@ -4353,48 +4343,23 @@ fn org_protect_tables_are_offboarded_on_citus_by_a_grant_that_opens_nothing_else
             .unwrap();
         wc.batch_execute("SELECT pg_reload_conf()").unwrap();
     }
-    let dir = pgseal_tests::fresh_dir("citus-org-offboard-files");
-    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
-        .args([dir.to_str().unwrap()])
-        .on(&cc.coordinator)
-        .run();
-    assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("tenant acme: done"), "{out}");
-    let export = std::fs::read_to_string(dir.join("acme.offboard.jsonl")).unwrap();
+    let export = offboard_acme(&cc, "citus-org-offboard-files");
     assert_eq!(
-        export.matches("\"table\": \"public.docs\"").count(),
-        3,
-        "{export}"
-    );
-    assert_eq!(
-        export.matches("\"table\": \"public.memos\"").count(),
-        1,
-        "{export}"
-    );
-    assert_eq!(
-        export.matches("\"table\": \"public.drafts\"").count(),
-        2,
+        pgseal_tests::exported_per_table(&export),
+        [
+            ("public.docs", 3),
+            ("public.drafts", 2),
+            ("public.memos", 1)
+        ]
+        .map(|(t, n)| (t.to_owned(), n))
+        .into(),
         "{export}"
     );
     assert!(!export.contains("globex"), "{export}");
-    let left = |c: &mut postgres::Client, t: &str| {
-        pgseal_tests::count(
-            c,
-            &format!(
-                "SELECT (SELECT count(*) FROM docs WHERE tenant_id = '{t}') + (SELECT count(*) FROM memos WHERE tenant_id = '{t}') \
-                      + (SELECT count(*) FROM drafts WHERE tenant_id = '{t}')"
-            ),
-        )
-    };
-    assert_eq!(left(&mut c, "acme"), 0);
-    assert_eq!(left(&mut c, "globex"), 3);
-    let receipt: serde_json::Value = c
-        .query_one(
-            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let tables = ["docs", "memos", "drafts"];
+    assert_eq!(pgseal_tests::tenant_rows(&mut c, &tables, "acme"), 0);
+    assert_eq!(pgseal_tests::tenant_rows(&mut c, &tables, "globex"), 3);
+    let receipt = pgseal_tests::offboarded_receipt(&mut c, "acme");
     assert_eq!(receipt["deleted"]["public.docs"], 3, "{receipt}");
     assert_eq!(receipt["deleted"]["public.memos"], 1, "{receipt}");
     assert_eq!(receipt["deleted"]["public.drafts"], 2, "{receipt}");

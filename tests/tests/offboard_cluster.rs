@@ -174,13 +174,7 @@ fn offboarding_survives_kill_9_at_every_step_and_completes() {
     tx.commit().unwrap();
     assert_eq!(plain, "g-tok");
     // The receipt counts each row once, whatever the kills repeated.
-    let receipt: serde_json::Value = c
-        .query_one(
-            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let receipt = pgseal_tests::offboarded_receipt(&mut c, "acme");
     assert_eq!(receipt["deleted"]["public.users"], 7, "{receipt}");
     assert_eq!(receipt["deleted"]["public.orders"], 11, "{receipt}");
     assert_eq!(receipt["deleted"]["public.scratch"], 1, "{receipt}");
