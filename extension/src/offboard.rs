@@ -1219,12 +1219,9 @@ impl ExportLines {
         // index that misses a row (a collation whose order changed under it) keeps
         // a row from the export, and what it read compares with the rows left
         // (`delete`). Each line comes with its row's key, which the deletes go by
-        // (none where `exported::keyed` says so).
-        let key = if !exported::keyed(t.rel)? {
-            "NULL::pg_catalog.bytea".to_owned()
-        } else {
-            exported::row_key("_pgseal_row")
-        };
+        // (`exported::keys`).
+        let key = exported::keys(t.rel, "_pgseal_row")?
+            .unwrap_or_else(|| "NULL::pg_catalog.bytea".to_owned());
         let sql = format!(
             "SELECT pg_catalog.jsonb_build_object('table', $2::pg_catalog.text, 'row', {})::pg_catalog.text, {} \
                FROM {} AS _pgseal_row WHERE {}",

@@ -3437,8 +3437,9 @@ fn offboard_acme(cc: &CitusCluster, files: &str) -> String {
 }
 
 /// A distributed table that the offboarding's export did not read (protected after
-/// it) is not deleted from: a Citus table's rows have no keys, so its deletes would
-/// take its rows as they are, unexported. Its rows are left and stop the deletes.
+/// it) is not deleted from: protected before the first delete, its rows send the
+/// offboarding back to exporting; protected once a table was deleted from, they
+/// are left and stop the deletes.
 #[test]
 fn a_distributed_table_protected_after_the_export_is_not_deleted_from() {
     if !citus::enabled("a_distributed_table_protected_after_the_export_is_not_deleted_from") {
@@ -3464,6 +3465,44 @@ fn a_distributed_table_protected_after_the_export_is_not_deleted_from() {
         "BEGIN; SELECT pgseal.set_tenant('acme');
          SELECT count(*) FROM pgseal._offboard_export('acme');
          SELECT pgseal._offboard_advance('acme', 'scheduled', 'exported', '/x', repeat('a', 64));
+         COMMIT;",
+    )
+    .unwrap();
+    // Protected before the first delete: the tables' rows differ from the
+    // export's, and nothing is deleted yet: exported again.
+    c.batch_execute("SELECT pgseal.tenant_protect('late')")
+        .unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('acme')", &[]).unwrap();
+    let n: i64 = tx
+        .query_one("SELECT pgseal._offboard_delete('acme', 1000)", &[])
+        .unwrap()
+        .get(0);
+    tx.commit().unwrap();
+    assert_eq!(n, 0);
+    let step: String = c
+        .query_one(
+            "SELECT step FROM pgseal.tenant_offboardings WHERE tenant_id = 'acme'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(step, "scheduled");
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM users WHERE tenant_id = 'acme'"
+        ),
+        20
+    );
+    // Protected once a table was deleted from: the deletes stop on it.
+    c.batch_execute("SELECT pgseal.tenant_unprotect('late')")
+        .unwrap();
+    c.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('acme');
+         SELECT count(*) FROM pgseal._offboard_export('acme');
+         SELECT pgseal._offboard_advance('acme', 'scheduled', 'exported', '/x', repeat('a', 64));
+         SELECT pgseal._offboard_delete('acme', 1000);
          COMMIT;",
     )
     .unwrap();
@@ -4471,4 +4510,172 @@ fn org_protect_tables_are_offboarded_on_citus_by_a_grant_that_opens_nothing_else
         assert_eq!(seen, 0, "{g}");
         let _ = tx.rollback();
     }
+}
+
+/// The deletes of a Citus table take the tenant's rows in one statement: only if
+/// they are the rows the export read (their keys on the shards' nodes). A row
+/// changed after the export sends the offboarding back to exporting while nothing
+/// is deleted; a row a shard's own policy hid from the export (the offboarding
+/// checks the coordinator's policies), shown again once deletes began, stops it
+/// (55000) with every row of the table kept. A reference table's copies are
+/// compared by count (subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator).
+#[test]
+fn a_citus_tables_rows_are_deleted_only_as_the_export_read_them() {
+    if !citus::enabled("a_citus_tables_rows_are_deleted_only_as_the_export_read_them") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-offboard-whole");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute("CREATE ROLE docs_owner LOGIN").unwrap();
+    c.batch_execute(
+        "CREATE TABLE docs (id int, tenant_id text NOT NULL, body text, PRIMARY KEY (tenant_id, id));
+         ALTER TABLE docs OWNER TO docs_owner;
+         SELECT create_distributed_table('docs', 'tenant_id');
+         SELECT pgseal.tenant_protect('docs');
+         -- A table of the coordinator alone, deleted from first (name order).
+         CREATE TABLE aa_local (id int, tenant_id text NOT NULL);
+         ALTER TABLE aa_local OWNER TO docs_owner;
+         SELECT pgseal.tenant_protect('aa_local');
+         INSERT INTO docs VALUES (1, 'acme', 'one'), (2, 'acme', 'two'), (3, 'acme', 'hidden'),
+                                 (1, 'initech', 'first'), (2, 'initech', 'second'),
+                                 (1, 'globex', 'kept');
+         INSERT INTO aa_local SELECT g, t FROM generate_series(1, 3) g, unnest(ARRAY['acme', 'initech']) t;",
+    )
+    .unwrap();
+    let export_step = |c: &mut postgres::Client, tenant: &str| -> String {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+            .unwrap();
+        let lines: Vec<String> = tx
+            .query("SELECT * FROM pgseal._offboard_export($1)", &[&tenant])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        tx.execute(
+            "SELECT pgseal._offboard_advance($1, 'scheduled', 'exported', '/x', repeat('a', 64))",
+            &[&tenant],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        lines.join("\n")
+    };
+    let delete_batch = |c: &mut postgres::Client, tenant: &str, batch: i32| {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[&tenant])
+            .unwrap();
+        let n = tx
+            .query_one("SELECT pgseal._offboard_delete($1, $2)", &[&tenant, &batch])
+            .map(|r| r.get::<_, i64>(0));
+        if n.is_ok() {
+            tx.commit().unwrap();
+        }
+        n
+    };
+    let step = |c: &mut postgres::Client, tenant: &str| -> String {
+        c.query_one(
+            "SELECT step FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
+            &[&tenant],
+        )
+        .unwrap()
+        .get(0)
+    };
+
+    // A row changed after the export, before any delete: exported again.
+    c.batch_execute("SELECT pgseal.tenant_offboard('initech', '0')")
+        .unwrap();
+    let export = export_step(&mut c, "initech");
+    assert!(
+        export.contains("second") && !export.contains("changed"),
+        "{export}"
+    );
+    c.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('initech'); UPDATE docs SET body = 'changed' WHERE id = 2; COMMIT;",
+    )
+    .unwrap();
+    assert_eq!(delete_batch(&mut c, "initech", 1000).unwrap(), 0);
+    assert_eq!(step(&mut c, "initech"), "scheduled");
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM docs WHERE tenant_id = 'initech'"
+        ),
+        2
+    );
+    let export = export_step(&mut c, "initech");
+    assert!(export.contains("changed"), "{export}");
+    while delete_batch(&mut c, "initech", 1000).unwrap() > 0 {}
+    for table in ["docs", "aa_local"] {
+        let sql = format!("SELECT count(*) FROM {table} WHERE tenant_id = 'initech'");
+        assert_eq!(pgseal_tests::count(&mut c, &sql), 0, "{table}");
+    }
+
+    // A row hidden from the export by the shard's own policy, shown again once a
+    // batch was deleted: the deletes stop, and every row of the table stays.
+    c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
+        .unwrap();
+    let (shard, port): (String, i32) = {
+        let r = c
+            .query_one(
+                "SELECT shard_name, nodeport FROM citus_shards WHERE table_name = 'docs'::regclass \
+                   AND shardid = get_shard_id_for_distribution_column('docs', 'acme')",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    let mut w = cc.node_at(port as u16).connect();
+    let qual: String = w
+        .query_one(
+            "SELECT pg_get_expr(polqual, polrelid) FROM pg_policy \
+              WHERE polrelid = $1::text::regclass AND polname = 'pgseal_tenant'",
+            &[&shard],
+        )
+        .unwrap()
+        .get(0);
+    w.batch_execute(&format!(
+        "ALTER POLICY pgseal_tenant ON {shard} USING (({qual}) AND body <> 'hidden')"
+    ))
+    .unwrap();
+    let export = export_step(&mut c, "acme");
+    assert_eq!(
+        pgseal_tests::exported_per_table(&export),
+        [("public.aa_local", 3), ("public.docs", 2)]
+            .map(|(t, n)| (t.to_owned(), n))
+            .into(),
+        "{export}"
+    );
+    assert_eq!(delete_batch(&mut c, "acme", 1).unwrap(), 1);
+    w.batch_execute(&format!(
+        "ALTER POLICY pgseal_tenant ON {shard} USING ({qual})"
+    ))
+    .unwrap();
+    let refused = loop {
+        match delete_batch(&mut c, "acme", 1000) {
+            Ok(n) => assert!(n > 0, "the deletes ended with the hidden row unrefused"),
+            Err(e) => break e,
+        }
+    };
+    let message = refused.as_db_error().unwrap().to_string();
+    assert_eq!(sqlstate::<()>(Err(refused)), "55000", "{message}");
+    assert!(
+        message.contains("not the rows its export read") && message.contains("docs"),
+        "{message}"
+    );
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM docs WHERE tenant_id = 'acme'"),
+        3
+    );
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM docs WHERE body = 'hidden'"),
+        1
+    );
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM docs WHERE tenant_id = 'globex'"
+        ),
+        1
+    );
 }

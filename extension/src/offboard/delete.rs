@@ -20,8 +20,13 @@
 //! tables are compared with the export's (`Digest`): a row written, changed or
 //! removed since sends it back to exporting at once.
 //!
-//! A table Citus manages has no keys (its rows' places and transactions are other
-//! nodes'): its tenant rows are deleted in one statement, once per offboarding.
+//! A table Citus manages has keys of other nodes (or, where Citus keeps copies of
+//! its rows, one key for all): its tenant rows are deleted in one statement when its
+//! turn comes, and only if what that statement deletes is what the export read
+//! (their keys' count and sum), else the statement is undone and the deletes stop
+//! (55000): a row written or changed since, or one a shard's own policy hid from
+//! the export (the offboarding checks the coordinator's policies), is not deleted
+//! unexported.
 
 use pgrx::prelude::*;
 
@@ -65,6 +70,17 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             let size = match exported::first_root(&tenant)? {
                 None => break,
                 Some(r) => match tables.iter().position(|t| t.rel == r) {
+                    // A table Citus manages: its rows in one statement, if they
+                    // are the rows the export read (`exported::Keys::Whole`).
+                    Some(i) if crate::pg::citus::manages(r)? => {
+                        let read = exported::take_digest(&tenant, r)?;
+                        let n = tables[i].delete_whole(&tenant, &names[i], read)?;
+                        super::count_deleted(&tenant, &names[i].name, n)?;
+                        if n > 0 {
+                            return Ok(n);
+                        }
+                        continue;
+                    }
                     Some(i) if acts_on_itself(&trees[i])? => i32::MAX,
                     _ => batch,
                 },
@@ -92,21 +108,7 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             }
         }
         let mut left: Option<&Table> = None;
-        let exported_tables = export_tables(&tenant)?;
-        for (t, locked) in tables.iter().zip(&names) {
-            // A Citus table the export did not read (protected or registered
-            // since) is not deleted from: its rows are left, and stop the deletes.
-            if crate::pg::citus::manages(t.rel)?
-                && exported_tables.contains(&t.rel)
-                && !already_deleted_from(&tenant, &locked.name)?
-            {
-                // Recorded even when none was there, so that it runs once.
-                let n = t.delete_all(&tenant, locked)?;
-                super::count_deleted(&tenant, &locked.name, n)?;
-                if n > 0 {
-                    return Ok(n);
-                }
-            }
+        for t in &tables {
             if left.is_none() && t.rows_of(&tenant)? > 0 {
                 left = Some(t);
             }
@@ -208,19 +210,6 @@ fn require_track_counts() -> SealResult<()> {
     }
 }
 
-/// Whether the tenant's offboarding already deleted from `name`, or went past
-/// deleting once (a Citus table is deleted from once per offboarding, so that a trigger
-/// that puts rows back cannot keep the deletes going, and rows written after the
-/// step are not deleted unexported).
-fn already_deleted_from(tenant: &str, name: &str) -> SealResult<bool> {
-    Ok(as_owner(|| {
-        Spi::get_one_with_args::<bool>(
-            "SELECT past_export OR deleted OPERATOR(pg_catalog.?) $2 FROM pgseal.tenant_offboardings WHERE tenant_id = $1",
-            &[tenant.into(), name.into()],
-        )
-    })? == Some(true))
-}
-
 /// The tables whose rows a batch must not change or delete beyond its own: every
 /// table the export read and every table of the registered tables' trees now.
 fn watched_tables(tenant: &str, trees: &[Vec<pg_sys::Oid>]) -> SealResult<Vec<pg_sys::Oid>> {
@@ -306,11 +295,11 @@ fn nothing_deleted_yet(tenant: &str) -> SealResult<bool> {
 fn export_differs(tenant: &str, tables: &[Table]) -> SealResult<bool> {
     let mut now = Digest::default();
     for t in tables {
-        // The export records no key for a table without them (`exported::keyed`).
-        if !exported::keyed(t.rel)? {
+        // The export records no key for a table without them (`exported::keys`).
+        let Some(key) = exported::keys(t.rel, "x")? else {
             continue;
-        }
-        let (_, digest) = t.tally(tenant, "", &Digest::sql(), Vec::new())?;
+        };
+        let (_, digest) = t.tally(tenant, "", &Digest::sql_of(&key), Vec::new())?;
         now = now.add(Digest::parse(digest)?);
     }
     Ok(now != exported::digest(tenant)?)
@@ -464,21 +453,30 @@ impl Table {
     }
 
     /// Deletes, as the owner, all the tenant's rows of this table, which Citus
-    /// manages (one statement, sent to every node that holds them alike): a row's
-    /// place and inserting transaction are another node's, so the export could
-    /// record no key for them, and a row changed after the export is deleted as it
-    /// is (docs/SCALING.md says so).
-    fn delete_all(&self, tenant: &str, locked: &super::Locked) -> SealResult<i64> {
+    /// manages (one statement, which Citus sends to every node that holds them),
+    /// if they are the rows the export read: the `Digest` of the keys (`keys`) of
+    /// the rows the statement deleted must be `read`, else it fails (55000), which
+    /// undoes it. Returns how many it deleted.
+    fn delete_whole(&self, tenant: &str, locked: &super::Locked, read: Digest) -> SealResult<i64> {
+        let Some(key) = exported::keys(self.rel, "x")? else {
+            return Err(SealError::Internal("a Citus table without keys"));
+        };
         let sql = format!(
-            "WITH d AS (DELETE FROM {} AS x WHERE {} RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d",
+            "WITH d AS (DELETE FROM {} AS x WHERE {} RETURNING {key} AS k) SELECT {} FROM d",
             locked.name,
-            locked.tenant_is("x")
+            locked.tenant_is("x"),
+            Digest::sql_of("d.k")
         );
-        Ok(super::as_offboarding_owner(self.rel, self.owner, || {
-            Spi::get_one_with_args::<i64>(&sql, &[tenant.into()])
-        })?
-        .unwrap_or(0))
+        let deleted = Digest::parse(super::as_offboarding_owner(self.rel, self.owner, || {
+            Spi::get_one_with_args::<String>(&sql, &[tenant.into()])
+        })?)?;
+        if deleted != read {
+            return Err(SealError::Refused(
+                "the tenant's rows in this table are not the rows its export read (written, changed or removed since, or hidden from the export by a shard's own policy): they are not deleted unexported (export and delete them, then run the offboarding again)",
+            )
+            .on_table(&locked.name));
+        }
+        Ok(deleted.rows)
     }
 
     /// The name of the first table of this tree that holds rows of the tenant

@@ -13,8 +13,9 @@
 //! names one transaction only within 2^31 of now: a record older than 2^30
 //! transactions is refused, and a row whose xmin was handed out after the export is
 //! never taken (a frozen row's raw xmin from an earlier epoch can read the same).
-//! Only heap tables' rows have keys (`keyed`). A dump and restore does not carry
-//! the record.
+//! Only heap tables' rows and Citus tables' rows have keys (`keys`); a Citus
+//! table's are its shards' nodes' (or, where Citus keeps copies, one for every
+//! row), compared as a whole. A dump and restore does not carry the record.
 
 use pgrx::prelude::*;
 
@@ -48,18 +49,34 @@ fn _offboard_row_key(
     key
 }
 
-/// Whether the export records keys for registered table `rel`: not when Citus
-/// manages it (its rows' places and transactions are other nodes'), nor when a
-/// table of its tree stores rows other than in the heap (a foreign table's rows
-/// have no place or transaction of this server's, and another access method's row
-/// places need not mean what a heap's do). Its rows are then never deleted: they
-/// stop the deletes for an administrator.
-pub(super) fn keyed(rel: pg_sys::Oid) -> SealResult<bool> {
+/// How the export keys the rows of registered table `rel`, as an expression over
+/// the alias `alias` (None: no key, and its rows are never deleted: they stop the
+/// deletes for an administrator).
+///
+/// - A heap table of this node: `row_key`, which the deletes go by.
+/// - A table Citus manages whose shards have one copy each (a distributed table):
+///   `row_key` too, evaluated on the node that holds each shard (a shard's own
+///   table, place and inserting transaction there). The deletes cannot go by them
+///   (they are another node's): they delete the tenant's rows in one statement and
+///   compare what it deleted with what the export read (`take_digest`).
+/// - A table Citus keeps copies of (a reference table, or shards replicated): each
+///   copy holds the rows at its own places, and which copy a read or a delete's
+///   `RETURNING` comes from is Citus's choice, so every row has the same key and
+///   the comparison is of counts alone.
+/// - A table of whose tree a member stores rows other than in the heap (a foreign
+///   table's rows have no place or transaction of this server's, and another
+///   access method's row places need not mean what a heap's do): none.
+pub(super) fn keys(rel: pg_sys::Oid, alias: &str) -> SealResult<Option<String>> {
     if crate::pg::citus::manages(rel)? {
-        return Ok(false);
+        let key = if crate::pg::citus::has_copies(rel)? {
+            "pg_catalog.decode('00', 'hex')".to_owned()
+        } else {
+            row_key(alias)
+        };
+        return Ok(Some(key));
     }
     let tree: Vec<pg_sys::Oid> = super::tree_of(rel)?.iter().map(|m| m.rel).collect();
-    Ok(as_owner(|| {
+    let heap = as_owner(|| {
         Spi::get_one_with_args::<bool>(
             "SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
                                  WHERE c.oid OPERATOR(pg_catalog.=) ANY ($1) \
@@ -67,7 +84,8 @@ pub(super) fn keyed(rel: pg_sys::Oid) -> SealResult<bool> {
                                         OR (c.relkind IN ('r', 'm') AND c.relam OPERATOR(pg_catalog.<>) $2::pg_catalog.oid)))",
             &[tree.into(), pg_sys::HEAP_TABLE_AM_OID.into()],
         )
-    })? == Some(true))
+    })? == Some(true);
+    Ok(heap.then(|| row_key(alias)))
 }
 
 /// The place (`ctid`, as text) in a key `_offboard_row_key` packed.
@@ -164,14 +182,9 @@ pub(super) struct Digest {
 }
 
 impl Digest {
-    /// The digest of the rows of table alias `x`, as a select-list item (text).
-    pub(super) fn sql() -> String {
-        Self::sql_of(&row_key("x"))
-    }
-
     /// The digest of the keys `key` (an expression; NULLs left out), as text:
     /// the count and the sum.
-    fn sql_of(key: &str) -> String {
+    pub(super) fn sql_of(key: &str) -> String {
         format!(
             "pg_catalog.count({key})::pg_catalog.text OPERATOR(pg_catalog.||) ' ' OPERATOR(pg_catalog.||) \
              COALESCE(pg_catalog.sum(pg_catalog.hashtextextended(pg_catalog.encode({key}, 'hex'), 0)), 0)::pg_catalog.text"
@@ -288,6 +301,24 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<Taken>> {
         keys: taken,
         horizon,
     }))
+}
+
+/// Takes (removes) all the keys recorded for the registered table `root` and
+/// returns their `Digest` (for a table Citus manages, deleted from whole), in the
+/// caller's transaction.
+pub(super) fn take_digest(tenant: &str, root: pg_sys::Oid) -> SealResult<Digest> {
+    let digest = as_owner(|| {
+        Spi::get_one_with_args::<String>(
+            &format!(
+                "WITH e AS (DELETE FROM pgseal.offboard_export_rows e \
+                             WHERE e.tenant_id = $1 AND e.root OPERATOR(pg_catalog.=) $2 RETURNING e.keys) \
+                 SELECT {} FROM e, pg_catalog.unnest(e.keys) k",
+                Digest::sql_of("k")
+            ),
+            &[tenant.into(), root.into()],
+        )
+    })?;
+    Digest::parse(digest)
 }
 
 /// What `take` took: the registered table, its keys, and its export horizon.

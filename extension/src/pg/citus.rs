@@ -43,6 +43,23 @@ pub fn manages(rel: pg_sys::Oid) -> SealResult<bool> {
     })? == Some(true))
 }
 
+/// Whether Citus keeps more than one copy of `rel`'s rows (a reference table, or
+/// a shard with several placements), each at its own places on its node.
+pub fn has_copies(rel: pg_sys::Oid) -> SealResult<bool> {
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p \
+                             WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid \
+                               AND p.partmethod OPERATOR(pg_catalog.=) 'n' AND p.repmodel OPERATOR(pg_catalog.=) 't') \
+                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_dist_shard s \
+                              JOIN pg_catalog.pg_dist_placement l ON l.shardid OPERATOR(pg_catalog.=) s.shardid \
+                             WHERE s.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid \
+                             GROUP BY s.shardid HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 1)",
+            &[rel.into()],
+        )
+    })? == Some(true))
+}
+
 thread_local! {
     /// `preloaded`'s answer: `shared_preload_libraries` is fixed at server start.
     static PRELOADED: std::cell::OnceCell<bool> = const { std::cell::OnceCell::new() };
