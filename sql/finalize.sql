@@ -171,6 +171,7 @@ GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
 -- statements run as the table's owner (extension/src/offboard/exported.rs); a pure
 -- function of its arguments.
 GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgseal._offboard_node_row_key(oid, tid, xid) TO PUBLIC;
 -- org_protect's offboarding policies call it as whoever reads the table: true only
 -- inside an offboarding's statement on that table, as its owner
 -- (extension/src/offboard/visible.rs).

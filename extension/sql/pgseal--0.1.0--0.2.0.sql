@@ -403,6 +403,15 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_offboard_row_key_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_offboard_node_row_key"(
+	"rel" oid, /* pgrx::pg_sys::Oid */
+	"place" tid, /* pgrx::pg_sys::ItemPointerData */
+	"xmin" xid /* pgrx::pg_sys::TransactionId */
+) RETURNS bytea /* alloc::vec::Vec<u8> */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_offboard_node_row_key_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_offboard_advance"(
 	"tenant" TEXT, /* Option < & str > */
 	"from_step" TEXT, /* Option < & str > */
@@ -2928,6 +2937,7 @@ GRANT EXECUTE ON FUNCTION pgseal._job_receipt(text, jsonb) TO pgseal_admin;
 -- statements run as the table's owner (extension/src/offboard/exported.rs); a pure
 -- function of its arguments.
 GRANT EXECUTE ON FUNCTION pgseal._offboard_row_key(oid, tid, xid) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION pgseal._offboard_node_row_key(oid, tid, xid) TO PUBLIC;
 -- org_protect's offboarding policies call it as whoever reads the table: true only
 -- inside an offboarding's statement on that table, as its owner
 -- (extension/src/offboard/visible.rs).

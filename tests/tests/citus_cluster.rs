@@ -4512,13 +4512,14 @@ fn org_protect_tables_are_offboarded_on_citus_by_a_grant_that_opens_nothing_else
     }
 }
 
-/// The deletes of a Citus table take the tenant's rows in one statement: only if
-/// they are the rows the export read (their keys on the shards' nodes). A row
-/// changed after the export sends the offboarding back to exporting while nothing
-/// is deleted; a row a shard's own policy hid from the export (the offboarding
-/// checks the coordinator's policies), shown again once deletes began, stops it
-/// (55000) with every row of the table kept. A reference table's copies are
-/// compared by count (subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator).
+/// The deletes of a Citus table take only the rows the export read (their keys on
+/// the shards' nodes, sent to the shards). A row changed after the export sends the
+/// offboarding back to exporting while nothing is deleted; a row a shard's own
+/// policy hid from the export (the offboarding checks the coordinator's policies),
+/// shown again once deletes began, is left and stops them (55000); a foreign key's
+/// ON DELETE CASCADE between distributed tables that would take a row written after
+/// the export stops them too, undone. A reference table's rows are keyed by their
+/// values (subjects_and_offboarding_work_on_distributed_tables_through_the_coordinator).
 #[test]
 fn a_citus_tables_rows_are_deleted_only_as_the_export_read_them() {
     if !citus::enabled("a_citus_tables_rows_are_deleted_only_as_the_export_read_them") {
@@ -4540,7 +4541,16 @@ fn a_citus_tables_rows_are_deleted_only_as_the_export_read_them() {
          INSERT INTO docs VALUES (1, 'acme', 'one'), (2, 'acme', 'two'), (3, 'acme', 'hidden'),
                                  (1, 'initech', 'first'), (2, 'initech', 'second'),
                                  (1, 'globex', 'kept');
-         INSERT INTO aa_local SELECT g, t FROM generate_series(1, 3) g, unnest(ARRAY['acme', 'initech']) t;",
+         INSERT INTO aa_local SELECT g, t FROM generate_series(1, 3) g, unnest(ARRAY['acme', 'initech', 'hooli']) t;
+         CREATE TABLE orders (id int, tenant_id text NOT NULL, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('orders', 'tenant_id', colocate_with => 'docs');
+         CREATE TABLE items (id int, tenant_id text NOT NULL, order_id int, PRIMARY KEY (tenant_id, id),
+                             FOREIGN KEY (tenant_id, order_id) REFERENCES orders ON DELETE CASCADE);
+         SELECT create_distributed_table('items', 'tenant_id', colocate_with => 'docs');
+         SELECT pgseal.tenant_protect('orders');
+         SELECT pgseal.tenant_protect('items');
+         INSERT INTO orders VALUES (1, 'hooli'), (2, 'hooli');
+         INSERT INTO items VALUES (1, 'hooli', 1), (2, 'hooli', 2);",
     )
     .unwrap();
     let export_step = |c: &mut postgres::Client, tenant: &str| -> String {
@@ -4660,16 +4670,64 @@ fn a_citus_tables_rows_are_deleted_only_as_the_export_read_them() {
     let message = refused.as_db_error().unwrap().to_string();
     assert_eq!(sqlstate::<()>(Err(refused)), "55000", "{message}");
     assert!(
-        message.contains("not the rows its export read") && message.contains("docs"),
+        message.contains("export does not hold") && message.contains("docs"),
         "{message}"
     );
     assert_eq!(
         pgseal_tests::count(&mut c, "SELECT count(*) FROM docs WHERE tenant_id = 'acme'"),
-        3
+        1
     );
     assert_eq!(
         pgseal_tests::count(&mut c, "SELECT count(*) FROM docs WHERE body = 'hidden'"),
         1
+    );
+
+    // An item written after the export, of an order exported: the order's delete
+    // would cascade to it. Stopped, undone.
+    c.batch_execute("SELECT pgseal.tenant_offboard('hooli', '0')")
+        .unwrap();
+    let export = export_step(&mut c, "hooli");
+    assert_eq!(
+        pgseal_tests::exported_per_table(&export),
+        [
+            ("public.aa_local", 3),
+            ("public.items", 2),
+            ("public.orders", 2)
+        ]
+        .map(|(t, n)| (t.to_owned(), n))
+        .into(),
+        "{export}"
+    );
+    assert_eq!(delete_batch(&mut c, "hooli", 1).unwrap(), 1);
+    c.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('hooli'); INSERT INTO items VALUES (3, 'hooli', 2); COMMIT;",
+    )
+    .unwrap();
+    let refused = loop {
+        match delete_batch(&mut c, "hooli", 1000) {
+            Ok(n) => assert!(n > 0, "the deletes ended with the cascade unrefused"),
+            Err(e) => break e,
+        }
+    };
+    let message = refused.as_db_error().unwrap().to_string();
+    assert_eq!(sqlstate::<()>(Err(refused)), "55000", "{message}");
+    assert!(
+        message.contains("ON DELETE action") && message.contains("items"),
+        "{message}"
+    );
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM items WHERE tenant_id = 'hooli'"
+        ),
+        1
+    );
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM orders WHERE tenant_id = 'hooli'"
+        ),
+        2
     );
     assert_eq!(
         pgseal_tests::count(

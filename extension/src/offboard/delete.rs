@@ -20,13 +20,13 @@
 //! tables are compared with the export's (`Digest`): a row written, changed or
 //! removed since sends it back to exporting at once.
 //!
-//! A table Citus manages has keys of other nodes (or, where Citus keeps copies of
-//! its rows, one key for all): its tenant rows are deleted in one statement when its
-//! turn comes, and only if what that statement deletes is what the export read
-//! (their keys' count and sum), else the statement is undone and the deletes stop
-//! (55000): a row written or changed since, or one a shard's own policy hid from
-//! the export (the offboarding checks the coordinator's policies), is not deleted
-//! unexported.
+//! A table Citus manages has keys of the nodes that hold its rows (or, where Citus
+//! keeps copies of them, hashes of their values): a statement sends up to
+//! `CITUS_STATEMENT_KEYS` of them to the shards and deletes the tenant's rows that
+//! have them, so a row written or changed since the export, or one a shard's own
+//! policy hid from it (the offboarding checks the coordinator's policies), is left
+//! and stops the deletes. A foreign key's ON DELETE action that would reach rows
+//! the export does not hold stops them before the statement (`delete_on_citus`).
 
 use pgrx::prelude::*;
 
@@ -70,17 +70,24 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             let size = match exported::first_root(&tenant)? {
                 None => break,
                 Some(r) => match tables.iter().position(|t| t.rel == r) {
-                    // A table Citus manages: its rows in one statement, if they
-                    // are the rows the export read (`exported::Keys::Whole`).
-                    Some(i) if crate::pg::citus::manages(r)? => {
-                        let read = exported::take_digest(&tenant, r)?;
-                        let n = tables[i].delete_whole(&tenant, &names[i], read)?;
-                        super::count_deleted(&tenant, &names[i].name, n)?;
+                    Some(i) if crate::pg::citus::manages(r)? && crate::pg::citus::has_copies(r)? => {
+                        let read = exported::take_count(&tenant, r)?;
+                        let n = delete_on_citus(
+                            &tenant,
+                            &tables,
+                            &trees,
+                            &names,
+                            i,
+                            read,
+                            CitusRows::Count(read),
+                        )?;
                         if n > 0 {
+                            super::count_deleted(&tenant, &names[i].name, n)?;
                             return Ok(n);
                         }
                         continue;
                     }
+                    Some(_) if crate::pg::citus::manages(r)? => CITUS_STATEMENT_KEYS,
                     Some(i) if acts_on_itself(&trees[i])? => i32::MAX,
                     _ => batch,
                 },
@@ -98,6 +105,23 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             let Some(i) = tables.iter().position(|t| t.rel == root) else {
                 continue;
             };
+            if crate::pg::citus::manages(root)? {
+                let left = keys.len() as i64 + exported::count(&tenant, root)?;
+                let n = delete_on_citus(
+                    &tenant,
+                    &tables,
+                    &trees,
+                    &names,
+                    i,
+                    left,
+                    CitusRows::Keys(keys),
+                )?;
+                if n > 0 {
+                    super::count_deleted(&tenant, &names[i].name, n)?;
+                    return Ok(n);
+                }
+                continue;
+            }
             let before = write_counts(&watched)?;
             let deleted = tables[i].delete_exported(&tenant, &names[i], keys, horizon)?;
             refuse_other_writes(&watched, &before, &deleted)?;
@@ -126,6 +150,68 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
         }
     })()
     .or_raise()
+}
+
+/// The most keys of a Citus table one statement deletes by (each statement reads
+/// the tenant's rows of the table on every shard that holds them).
+const CITUS_STATEMENT_KEYS: i32 = 100_000;
+
+/// What the export read of a table Citus manages (`exported::keys`).
+enum CitusRows {
+    /// Its rows' keys on their nodes (one batch of them).
+    Keys(Vec<Vec<u8>>),
+    /// How many rows it read, of a table Citus keeps copies of.
+    Count(i64),
+}
+
+/// Deletes the rows of `tables[i]`, which Citus manages, that the export read
+/// (`Table::delete_on_citus`; `left`: how many of its rows the export read and the
+/// deletes have not taken, this batch's included). Refuses first (55000) when a
+/// foreign key's ON DELETE action (CASCADE, SET NULL, SET DEFAULT) would reach rows
+/// of the tenant that the export may not hold as they are: rows left in another
+/// offboarded Citus table whose key references this one (the deletes took its
+/// exported rows before, as they go referencing tables first), or more rows in
+/// this one than the export read, when its key references itself. Such an action
+/// runs on the workers, where this node's table counters (`refuse_other_writes`) do
+/// not see its writes; nor can the tables be counted again after the statement, in
+/// its transaction, as their other owners (Citus refuses any other role the
+/// placements a statement changed, and those of their co-located shards). Returns
+/// how many rows it deleted.
+fn delete_on_citus(
+    tenant: &str,
+    tables: &[Table],
+    trees: &[Vec<pg_sys::Oid>],
+    names: &[super::Locked],
+    i: usize,
+    left: i64,
+    read: CitusRows,
+) -> SealResult<i64> {
+    for (j, t) in tables.iter().enumerate() {
+        if !crate::pg::citus::manages(t.rel)? || !acts_on(&trees[j], &trees[i])? {
+            continue;
+        }
+        let may_hold = if j == i { left } else { 0 };
+        if t.rows_of(tenant)? > may_hold {
+            return Err(SealError::Refused(
+                "rows of the tenant that the export does not hold as they are (written or changed since) are in a Citus table whose foreign key's ON DELETE action the deletes would set off: they are not deleted or changed unexported (export and delete them, then run the offboarding again)",
+            )
+            .on_table(&names[j].name));
+        }
+    }
+    tables[i].delete_on_citus(tenant, &names[i], read)
+}
+
+/// Whether a foreign key of a table of `tree` with an ON DELETE action that writes
+/// (CASCADE, SET NULL, SET DEFAULT) references a table of `of`.
+fn acts_on(tree: &[pg_sys::Oid], of: &[pg_sys::Oid]) -> SealResult<bool> {
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c \
+                WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype IN ('c', 'n', 'd') \
+                  AND c.conrelid OPERATOR(pg_catalog.=) ANY ($1) AND c.confrelid OPERATOR(pg_catalog.=) ANY ($2))",
+            &[tree.to_vec().into(), of.to_vec().into()],
+        )
+    })? == Some(true))
 }
 
 /// `tables` in the order the export reads them and the deletes take them: a table
@@ -452,31 +538,51 @@ impl Table {
         })
     }
 
-    /// Deletes, as the owner, all the tenant's rows of this table, which Citus
-    /// manages (one statement, which Citus sends to every node that holds them),
-    /// if they are the rows the export read: the `Digest` of the keys (`keys`) of
-    /// the rows the statement deleted must be `read`, else it fails (55000), which
-    /// undoes it. Returns how many it deleted.
-    fn delete_whole(&self, tenant: &str, locked: &super::Locked, read: Digest) -> SealResult<i64> {
-        let Some(key) = exported::keys(self.rel, "x")? else {
-            return Err(SealError::Internal("a Citus table without keys"));
+    /// Deletes, as the owner, the tenant's rows of this table, which Citus manages,
+    /// that the export read (`read`), in one statement that Citus sends to every
+    /// shard of the tenant's rows. With keys (`exported::keys`, evaluated on the
+    /// nodes that hold the rows), the rows that have them, the keys sent as an array
+    /// constant, which PostgreSQL hashes: a row written or changed since the export
+    /// has a key it did not record, and stays. With a count (a table Citus keeps
+    /// copies of), all the tenant's rows, and the statement fails (55000, undoing
+    /// it) unless it deleted as many as the export read.
+    fn delete_on_citus(
+        &self,
+        tenant: &str,
+        locked: &super::Locked,
+        read: CitusRows,
+    ) -> SealResult<i64> {
+        let (matching, mut args, exported) = match read {
+            CitusRows::Keys(keys) => {
+                let Some(key) = exported::keys(self.rel, "x")? else {
+                    return Err(SealError::Internal("a Citus table without keys"));
+                };
+                (
+                    format!("AND ({key}) OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.bytea[])"),
+                    vec![keys.into()],
+                    None,
+                )
+            }
+            CitusRows::Count(n) => (String::new(), Vec::new(), Some(n)),
         };
+        args.insert(0, tenant.into());
         let sql = format!(
-            "WITH d AS (DELETE FROM {} AS x WHERE {} RETURNING {key} AS k) SELECT {} FROM d",
+            "WITH d AS (DELETE FROM {} AS x WHERE {} {matching} RETURNING 1) \
+             SELECT pg_catalog.count(*) FROM d",
             locked.name,
             locked.tenant_is("x"),
-            Digest::sql_of("d.k")
         );
-        let deleted = Digest::parse(super::as_offboarding_owner(self.rel, self.owner, || {
-            Spi::get_one_with_args::<String>(&sql, &[tenant.into()])
-        })?)?;
-        if deleted != read {
-            return Err(SealError::Refused(
-                "the tenant's rows in this table are not the rows its export read (written, changed or removed since, or hidden from the export by a shard's own policy): they are not deleted unexported (export and delete them, then run the offboarding again)",
+        let n = super::as_offboarding_owner(self.rel, self.owner, || {
+            Spi::get_one_with_args::<i64>(&sql, &args)
+        })?
+        .unwrap_or(0);
+        match exported {
+            Some(read) if read != n => Err(SealError::Refused(
+                "the tenant's rows in this table, which Citus keeps copies of, are not as many as its export read (written or removed since, or hidden from the export by a copy's own policy): they are not deleted unexported (export and delete them, then run the offboarding again)",
             )
-            .on_table(&locked.name));
+            .on_table(&locked.name)),
+            _ => Ok(n),
         }
-        Ok(deleted.rows)
     }
 
     /// The name of the first table of this tree that holds rows of the tenant

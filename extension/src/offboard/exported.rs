@@ -13,9 +13,9 @@
 //! names one transaction only within 2^31 of now: a record older than 2^30
 //! transactions is refused, and a row whose xmin was handed out after the export is
 //! never taken (a frozen row's raw xmin from an earlier epoch can read the same).
-//! Only heap tables' rows and Citus tables' rows have keys (`keys`); a Citus
-//! table's are its shards' nodes' (or, where Citus keeps copies, one for every
-//! row), compared as a whole. A dump and restore does not carry the record.
+//! Only heap tables' rows have keys (`keys`); a Citus table's are its shards'
+//! nodes' (or, where Citus keeps copies of its rows, one for all, counted). A dump
+//! and restore does not carry the record.
 
 use pgrx::prelude::*;
 
@@ -23,7 +23,7 @@ use crate::error::{SealError, SealResult};
 use crate::privilege::as_owner;
 
 /// A row's key, over the table alias `alias`: its table, place and inserting
-/// transaction (for a table `keyed` says has them), as `_offboard_row_key` packs
+/// transaction (for a heap table of this node: `keys`), as `_offboard_row_key` packs
 /// them.
 pub(super) fn row_key(alias: &str) -> String {
     format!("pgseal._offboard_row_key({alias}.tableoid, {alias}.ctid, {alias}.xmin)")
@@ -49,32 +49,46 @@ fn _offboard_row_key(
     key
 }
 
+/// `pgseal._offboard_node_row_key(rel, place, xmin) → bytea`: `_offboard_row_key`
+/// followed by this node's system identifier (8 bytes, big-endian), for the rows
+/// of a table Citus manages, evaluated on the node that holds each shard: a shard's
+/// table OID, a row's place and inserting transaction are that node's numbers, and
+/// the identifier, fixed when the node's data directory was made, tells the nodes
+/// apart. The same for the same arguments on a node, so immutable (Citus runs no
+/// other function of a row's columns in a distributed DELETE).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn _offboard_node_row_key(
+    rel: pg_sys::Oid,
+    place: pg_sys::ItemPointerData,
+    xmin: pg_sys::TransactionId,
+) -> Vec<u8> {
+    let mut key = _offboard_row_key(rel, place, xmin);
+    // SAFETY: reads the system identifier the server read from its control file
+    // at start; it does not change while the server runs.
+    let node = unsafe { pg_sys::GetSystemIdentifier() };
+    key.extend_from_slice(&node.to_be_bytes());
+    key
+}
+
 /// How the export keys the rows of registered table `rel`, as an expression over
 /// the alias `alias` (None: no key, and its rows are never deleted: they stop the
 /// deletes for an administrator).
 ///
-/// - A heap table of this node: `row_key`, which the deletes go by.
-/// - A table Citus manages whose shards have one copy each (a distributed table):
-///   `row_key` too, evaluated on the node that holds each shard (a shard's own
-///   table, place and inserting transaction there). The deletes cannot go by them
-///   (they are another node's): they delete the tenant's rows in one statement and
-///   compare what it deleted with what the export read (`take_digest`).
-/// - A table Citus keeps copies of (a reference table, or shards replicated): each
-///   copy holds the rows at its own places, and which copy a read or a delete's
-///   `RETURNING` comes from is Citus's choice, so every row has the same key and
-///   the comparison is of counts alone.
+/// - A heap table of this node: `row_key`, which the deletes go by (its rows'
+///   places, a TID scan).
+/// - A heap table Citus manages whose shards have one copy each (a distributed
+///   table): `_offboard_node_row_key` evaluated on the node that holds each shard,
+///   so that no two nodes' rows share a key. The deletes send the keys to the
+///   shards and take the rows that have them (`Table::delete_on_citus`).
+/// - A heap table Citus keeps copies of (a reference table, or shards replicated):
+///   each copy holds the rows at places of its own, and which copy a read or a
+///   delete's `RETURNING` comes from is Citus's choice, so every row has the same
+///   key, and the deletes take the tenant's rows in one statement when as many are
+///   there as the export read (counts alone: docs/SCALING.md says what that leaves).
 /// - A table of whose tree a member stores rows other than in the heap (a foreign
 ///   table's rows have no place or transaction of this server's, and another
 ///   access method's row places need not mean what a heap's do): none.
 pub(super) fn keys(rel: pg_sys::Oid, alias: &str) -> SealResult<Option<String>> {
-    if crate::pg::citus::manages(rel)? {
-        let key = if crate::pg::citus::has_copies(rel)? {
-            "pg_catalog.decode('00', 'hex')".to_owned()
-        } else {
-            row_key(alias)
-        };
-        return Ok(Some(key));
-    }
     let tree: Vec<pg_sys::Oid> = super::tree_of(rel)?.iter().map(|m| m.rel).collect();
     let heap = as_owner(|| {
         Spi::get_one_with_args::<bool>(
@@ -85,7 +99,17 @@ pub(super) fn keys(rel: pg_sys::Oid, alias: &str) -> SealResult<Option<String>> 
             &[tree.into(), pg_sys::HEAP_TABLE_AM_OID.into()],
         )
     })? == Some(true);
-    Ok(heap.then(|| row_key(alias)))
+    if !heap {
+        return Ok(None);
+    }
+    if !crate::pg::citus::manages(rel)? {
+        return Ok(Some(row_key(alias)));
+    }
+    Ok(Some(if crate::pg::citus::has_copies(rel)? {
+        "pg_catalog.decode('00', 'hex')".to_owned()
+    } else {
+        format!("pgseal._offboard_node_row_key({alias}.tableoid, {alias}.ctid, {alias}.xmin)")
+    }))
 }
 
 /// The place (`ctid`, as text) in a key `_offboard_row_key` packed.
@@ -304,21 +328,29 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<Taken>> {
 }
 
 /// Takes (removes) all the keys recorded for the registered table `root` and
-/// returns their `Digest` (for a table Citus manages, deleted from whole), in the
-/// caller's transaction.
-pub(super) fn take_digest(tenant: &str, root: pg_sys::Oid) -> SealResult<Digest> {
-    let digest = as_owner(|| {
-        Spi::get_one_with_args::<String>(
-            &format!(
-                "WITH e AS (DELETE FROM pgseal.offboard_export_rows e \
-                             WHERE e.tenant_id = $1 AND e.root OPERATOR(pg_catalog.=) $2 RETURNING e.keys) \
-                 SELECT {} FROM e, pg_catalog.unnest(e.keys) k",
-                Digest::sql_of("k")
-            ),
+/// returns how many there were, in the caller's transaction.
+pub(super) fn take_count(tenant: &str, root: pg_sys::Oid) -> SealResult<i64> {
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH e AS (DELETE FROM pgseal.offboard_export_rows e \
+                         WHERE e.tenant_id = $1 AND e.root OPERATOR(pg_catalog.=) $2 RETURNING e.keys) \
+             SELECT COALESCE(pg_catalog.sum(pg_catalog.cardinality(e.keys)), 0)::pg_catalog.int8 FROM e",
             &[tenant.into(), root.into()],
         )
-    })?;
-    Digest::parse(digest)
+    })?
+    .unwrap_or(0))
+}
+
+/// How many keys are recorded for the registered table `root`.
+pub(super) fn count(tenant: &str, root: pg_sys::Oid) -> SealResult<i64> {
+    Ok(as_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT COALESCE(pg_catalog.sum(pg_catalog.cardinality(e.keys)), 0)::pg_catalog.int8 \
+               FROM pgseal.offboard_export_rows e WHERE e.tenant_id = $1 AND e.root OPERATOR(pg_catalog.=) $2",
+            &[tenant.into(), root.into()],
+        )
+    })?
+    .unwrap_or(0))
 }
 
 /// What `take` took: the registered table, its keys, and its export horizon.

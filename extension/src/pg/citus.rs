@@ -44,7 +44,7 @@ pub fn manages(rel: pg_sys::Oid) -> SealResult<bool> {
 }
 
 /// Whether Citus keeps more than one copy of `rel`'s rows (a reference table, or
-/// a shard with several placements), each at its own places on its node.
+/// a shard with several active placements), each at its own places on its node.
 pub fn has_copies(rel: pg_sys::Oid) -> SealResult<bool> {
     Ok(as_owner(|| {
         Spi::get_one_with_args::<bool>(
@@ -54,6 +54,7 @@ pub fn has_copies(rel: pg_sys::Oid) -> SealResult<bool> {
                  OR EXISTS (SELECT 1 FROM pg_catalog.pg_dist_shard s \
                               JOIN pg_catalog.pg_dist_placement l ON l.shardid OPERATOR(pg_catalog.=) s.shardid \
                              WHERE s.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid \
+                               AND l.shardstate OPERATOR(pg_catalog.=) 1 \
                              GROUP BY s.shardid HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 1)",
             &[rel.into()],
         )
