@@ -23,6 +23,12 @@
 #      phases (the order on a worker, the entry on the coordinator)  target: ≤ 3×
 #   5, 6. rows 3 and 4 sent to the workers, 8 clients on each (a worker's
 #      ledger_append is appended on the coordinator, in two phases)      reported
+#   7. what org_protect's Citus form costs every read: a member's count of the
+#      tenant's N documents it may see (its own, its organisation's; a quarter are
+#      other users' personal ones) through the coordinator, on a table with the
+#      offboarding policies of that form (`_offboard_visible_in`, called for rows
+#      the member's policies do not show) ÷ the same table without them
+#                                                                    target: ≤ 1.2×
 set -euo pipefail
 CITUS_SECS=${PGSEAL_BENCH_SECONDS:-10}
 if [ "$PGSEAL_PG" -lt 16 ]; then
@@ -174,12 +180,48 @@ for p in "$PORT" "${CPORTS[0]}"; do
     [ "$bad" = 0 ] || { echo "a chain fails verification after the append rows (port $p): $bad" >&2; exit 1; }
 done
 
+# Row 7: as a role the policies bind, member of one organisation of tenant 'bench'.
+docs_table() {
+    cat <<SQL
+CREATE TABLE $1 (id int, tenant_id text NOT NULL, owner_id text, org_id text, body text, PRIMARY KEY (tenant_id, id));
+SELECT create_distributed_table('$1', 'tenant_id');
+SELECT pgseal.org_protect('$1', 'owner_id', 'org_id');
+INSERT INTO $1 SELECT i, 'bench', CASE WHEN i % 4 = 0 THEN 'reader' ELSE 'u' || (i % 97) END,
+                      CASE WHEN i % 4 IN (1, 2) THEN 'org1' END, 'document ' || i
+                 FROM generate_series(1, $N) i;
+GRANT SELECT ON $1 TO creader;
+SQL
+}
+cpsql "${CPORTS[0]}" >/dev/null <<SQL
+CREATE ROLE creader LOGIN;
+INSERT INTO pgseal.org_members VALUES ('bench', 'org1', 'reader', 'member');
+$(docs_table cdocs)
+$(docs_table cdocs_peer)
+DROP POLICY pgseal_offboard_select ON cdocs_peer;
+DROP POLICY pgseal_offboard_delete ON cdocs_peer;
+VACUUM ANALYZE cdocs, cdocs_peer;
+SQL
+read_ms() {
+    local best=()
+    for _ in 1 2 3 4 5; do
+        best+=("$(psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "${CPORTS[0]}" -U creader -d postgres \
+            -c BEGIN -c "SELECT pgseal.set_tenant('bench', 'reader')" -c '\timing on' \
+            -c "SELECT count(*), sum(length(body)) FROM $1" -c COMMIT \
+            | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | head -1)")
+    done
+    printf '%s\n' "${best[@]}" | sort -n | head -1
+}
+seen=$(psql -X -q -At -h 127.0.0.1 -p "${CPORTS[0]}" -U creader -d postgres -c BEGIN \
+    -c "SELECT pgseal.set_tenant('bench', 'reader')" -c "SELECT count(*) FROM cdocs" -c COMMIT | sed -n 2p)
+[ "$seen" = $((N * 3 / 4)) ] || { echo "the member saw $seen of cdocs's rows, not $((N * 3 / 4))" >&2; exit 1; }
+org_ms=$(read_ms cdocs); peer_ms=$(read_ms cdocs_peer)
+
 python3 - "$N" "$one_ms" "$one_floor" "$co_ms" "$co_floor" "$one_txn" "$co_txn" "$wk_txn" \
-    "$one_app" "$co_app" "$one_ord" "$co_ord" "$wk_app" "$wk_ord" <<'PY'
+    "$one_app" "$co_app" "$one_ord" "$co_ord" "$wk_app" "$wk_ord" "$org_ms" "$peer_ms" <<'PY'
 import sys
 n = int(sys.argv[1])
 (one_ms, one_floor, co_ms, co_floor, one_txn, co_txn, wk_txn, one_app, co_app, one_ord, co_ord,
- wk_app, wk_ord) = map(float, sys.argv[2:])
+ wk_app, wk_ord, org_ms, peer_ms) = map(float, sys.argv[2:])
 ok = lambda met: "PASS" if met else "MISS"
 one_us = one_ms * 1000.0 / n
 co_us = co_ms * 1000.0 / n
@@ -207,4 +249,7 @@ print("| ledger appends through the workers, 8 clients on each (txn/s; appended 
 r6 = one_ord / wk_ord if wk_ord else float("inf")
 print("| an order row and its ledger entry through the workers, 8 clients on each (txn/s) | %.0f | %.0f | %.2f× | reported |"
       % (wk_ord, one_ord, r6))
+r7 = org_ms / peer_ms
+print("| a member's read of %d org_protect rows, with the offboarding policies ÷ without (ms; through the coordinator) | %.1f | %.1f | %.2f× | ≤ 1.2× %s |"
+      % (n, org_ms, peer_ms, r7, ok(r7 <= 1.2)))
 PY
