@@ -737,8 +737,11 @@ impl Sweep<'_> {
             tx.commit().await.map_err(DaemonError::Query)?;
             Some((rows, size))
         };
-        let mut total = 0u64;
-        let mut longest = Duration::ZERO;
+        let mut swept = Swept {
+            total: 0,
+            longest: Duration::ZERO,
+            committed,
+        };
         loop {
             let began = std::time::Instant::now();
             let tx = self.batch_transaction(client).await?;
@@ -767,6 +770,9 @@ impl Sweep<'_> {
                                 table = %self.rel, tenant = %self.tenant,
                                 "pgseal.strict_context closed the sweep's cursor: the rest is searched for"
                             );
+                            let Swept {
+                                longest, committed, ..
+                            } = swept;
                             let (total, l) = self
                                 .delete_expired_by_search(client, batch, stop, committed)
                                 .await?;
@@ -777,7 +783,7 @@ impl Sweep<'_> {
                 }
             };
             if let Some((lo, hi)) = &rows.range {
-                total += tx
+                swept.total += tx
                     .execute(
                         &delete,
                         &[
@@ -793,41 +799,18 @@ impl Sweep<'_> {
             }
             // Once cancelled, the batch in hand is the last.
             let last = (rows.ctids.len() as i64) < size || stop.is_cancelled();
-            let (mut receipted, mut receipt_took) = (false, Duration::ZERO);
-            if last {
-                if open {
-                    close(&tx).await?;
-                }
-                let at = std::time::Instant::now();
-                receipted = self.receipt_in_batch(&tx, total).await?;
-                receipt_took = at.elapsed();
+            if last && open {
+                close(&tx).await?;
             }
-            tx.commit().await.map_err(DaemonError::Query)?;
-            let took = began.elapsed();
-            if !receipted {
-                *committed = total;
-            }
-            // The size learns from the deletes, not from a wait for the chain lock.
-            batch.observe(rows.ctids.len() as u64, took.saturating_sub(receipt_took));
-            longest = longest.max(took);
-            if last {
-                if !receipted {
-                    self.receipt(client, total).await?;
-                }
-                *committed = 0;
-                return Ok((total, longest));
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(self.opts.pause) => {}
-                _ = stop.cancelled() => {
-                    client
-                        .batch_execute("CLOSE ALL")
-                        .await
-                        .map_err(DaemonError::Query)?;
-                    self.receipt(client, total).await?;
-                    *committed = 0;
-                    return Ok((total, longest));
-                }
+            let found = rows.ctids.len() as u64;
+            let receipted = self
+                .commit_batch(tx, began, found, last, batch, &mut swept)
+                .await?;
+            if self
+                .after_batch(client, last, receipted, stop, &mut swept, true)
+                .await?
+            {
+                return Ok((swept.total, swept.longest));
             }
         }
     }
@@ -868,8 +851,11 @@ impl Sweep<'_> {
                  SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM d)"
             )
         };
-        let mut total = *committed;
-        let mut longest = Duration::ZERO;
+        let mut swept = Swept {
+            total: *committed,
+            longest: Duration::ZERO,
+            committed,
+        };
         loop {
             let size = batch.size();
             let began = std::time::Instant::now();
@@ -879,37 +865,80 @@ impl Sweep<'_> {
                 .await
                 .map_err(DaemonError::Query)?;
             let (found, n) = (row.get::<_, i64>(0), row.get::<_, i64>(1) as u64);
-            total += n;
+            swept.total += n;
             let last = found < size || stop.is_cancelled();
-            let (mut receipted, mut receipt_took) = (false, Duration::ZERO);
-            if last {
-                let at = std::time::Instant::now();
-                receipted = self.receipt_in_batch(&tx, total).await?;
-                receipt_took = at.elapsed();
-            }
-            tx.commit().await.map_err(DaemonError::Query)?;
-            let took = began.elapsed();
-            if !receipted {
-                *committed = total;
-            }
-            batch.observe(found as u64, took.saturating_sub(receipt_took));
-            longest = longest.max(took);
-            if last {
-                if !receipted {
-                    self.receipt(client, total).await?;
-                }
-                *committed = 0;
-                return Ok((total, longest));
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(self.opts.pause) => {}
-                _ = stop.cancelled() => {
-                    self.receipt(client, total).await?;
-                    *committed = 0;
-                    return Ok((total, longest));
-                }
+            let receipted = self
+                .commit_batch(tx, began, found as u64, last, batch, &mut swept)
+                .await?;
+            if self
+                .after_batch(client, last, receipted, stop, &mut swept, false)
+                .await?
+            {
+                return Ok((swept.total, swept.longest));
             }
         }
+    }
+
+    /// Ends a batch of the sweep that found `found` rows: the last one (`last`)
+    /// appends the receipt of the sweep's rows in it when it gets the chain lock in
+    /// time (`receipt_in_batch`), then it commits, and `batch` learns its pace.
+    /// Returns whether the receipt went with it.
+    async fn commit_batch(
+        &self,
+        tx: tokio_postgres::Transaction<'_>,
+        began: std::time::Instant,
+        found: u64,
+        last: bool,
+        batch: &mut Batch,
+        swept: &mut Swept<'_>,
+    ) -> Result<bool, DaemonError> {
+        let (mut receipted, mut receipt_took) = (false, Duration::ZERO);
+        if last {
+            let at = std::time::Instant::now();
+            receipted = self.receipt_in_batch(&tx, swept.total).await?;
+            receipt_took = at.elapsed();
+        }
+        tx.commit().await.map_err(DaemonError::Query)?;
+        let took = began.elapsed();
+        if !receipted {
+            *swept.committed = swept.total;
+        }
+        // The size learns from the deletes, not from a wait for the chain lock.
+        batch.observe(found, took.saturating_sub(receipt_took));
+        swept.longest = swept.longest.max(took);
+        Ok(receipted)
+    }
+
+    /// After a batch committed: the last one's receipt in a transaction of its own
+    /// when it did not go with the batch, or else the pause before the next batch,
+    /// which a stop cuts short (the held cursor closed, with `cursor`, and the
+    /// receipt of the rows so far appended). Returns whether the sweep ended.
+    async fn after_batch(
+        &self,
+        client: &mut Client,
+        last: bool,
+        receipted: bool,
+        stop: &CancellationToken,
+        swept: &mut Swept<'_>,
+        cursor: bool,
+    ) -> Result<bool, DaemonError> {
+        if !last {
+            tokio::select! {
+                _ = tokio::time::sleep(self.opts.pause) => return Ok(false),
+                _ = stop.cancelled() => {}
+            }
+            if cursor {
+                client
+                    .batch_execute("CLOSE ALL")
+                    .await
+                    .map_err(DaemonError::Query)?;
+            }
+        }
+        if !last || !receipted {
+            self.receipt(client, swept.total).await?;
+        }
+        *swept.committed = 0;
+        Ok(true)
     }
 
     /// Appends the receipt for `rows` in `tx`, the tenant's last batch, so that the
@@ -1006,6 +1035,15 @@ impl Sweep<'_> {
     ) -> Result<tokio_postgres::Transaction<'c>, DaemonError> {
         batch_transaction(client, self.tenant, &self.rule.search_path, self.opts).await
     }
+}
+
+/// A tenant's sweep so far: the rows it deleted, its longest batch, and the rows
+/// committed without their receipt (`committed`, the run's record: a failure then
+/// appends their receipt).
+struct Swept<'a> {
+    total: u64,
+    longest: Duration,
+    committed: &'a mut u64,
 }
 
 /// A batch's rows from the held cursor: their places, and the first and last of
