@@ -4550,7 +4550,22 @@ fn a_citus_tables_rows_are_deleted_only_as_the_export_read_them() {
          SELECT pgseal.tenant_protect('orders');
          SELECT pgseal.tenant_protect('items');
          INSERT INTO orders VALUES (1, 'hooli'), (2, 'hooli');
-         INSERT INTO items VALUES (1, 'hooli', 1), (2, 'hooli', 2);",
+         INSERT INTO items VALUES (1, 'hooli', 1), (2, 'hooli', 2);
+         -- A cascade through a table outside the offboarded ones (no tenant column):
+         -- a folder's delete takes its links, and a link's its pins.
+         CREATE TABLE folders (id int, tenant_id text NOT NULL, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('folders', 'tenant_id', colocate_with => 'docs');
+         CREATE TABLE links (id int, account text NOT NULL, folder_id int, PRIMARY KEY (account, id),
+                             FOREIGN KEY (account, folder_id) REFERENCES folders ON DELETE CASCADE);
+         SELECT create_distributed_table('links', 'account', colocate_with => 'docs');
+         CREATE TABLE pins (id int, tenant_id text NOT NULL, link_id int, PRIMARY KEY (tenant_id, id),
+                            FOREIGN KEY (tenant_id, link_id) REFERENCES links ON DELETE CASCADE);
+         SELECT create_distributed_table('pins', 'tenant_id', colocate_with => 'docs');
+         SELECT pgseal.tenant_protect('folders');
+         SELECT pgseal.tenant_protect('pins');
+         INSERT INTO folders SELECT 1, t FROM unnest(ARRAY['wayne', 'kent']) t;
+         INSERT INTO links SELECT g, t, 1 FROM generate_series(1, 2) g, unnest(ARRAY['wayne', 'kent']) t;
+         INSERT INTO pins SELECT g, t, g FROM generate_series(1, 2) g, unnest(ARRAY['wayne', 'kent']) t;",
     )
     .unwrap();
     let export_step = |c: &mut postgres::Client, tenant: &str| -> String {
@@ -4728,6 +4743,46 @@ fn a_citus_tables_rows_are_deleted_only_as_the_export_read_them() {
             "SELECT count(*) FROM orders WHERE tenant_id = 'hooli'"
         ),
         2
+    );
+
+    // Pins reached from folders through links: deleted before them.
+    c.batch_execute("SELECT pgseal.tenant_offboard('wayne', '0')")
+        .unwrap();
+    export_step(&mut c, "wayne");
+    while delete_batch(&mut c, "wayne", 1000).unwrap() > 0 {}
+    for table in ["folders", "pins"] {
+        let sql = format!("SELECT count(*) FROM {table} WHERE tenant_id = 'wayne'");
+        assert_eq!(pgseal_tests::count(&mut c, &sql), 0, "{table}");
+    }
+    // A pin written after the export, which the folder's delete would cascade to
+    // through its link: stopped, undone.
+    c.batch_execute("SELECT pgseal.tenant_offboard('kent', '0')")
+        .unwrap();
+    export_step(&mut c, "kent");
+    // The pins first, in one statement (a Citus table's ignores the batch size).
+    assert_eq!(delete_batch(&mut c, "kent", 1).unwrap(), 2);
+    c.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('kent'); INSERT INTO pins VALUES (3, 'kent', 2); COMMIT;",
+    )
+    .unwrap();
+    let refused = loop {
+        match delete_batch(&mut c, "kent", 1000) {
+            Ok(n) => assert!(
+                n > 0,
+                "the deletes ended with the cascade through links unrefused"
+            ),
+            Err(e) => break e,
+        }
+    };
+    let message = refused.as_db_error().unwrap().to_string();
+    assert_eq!(sqlstate::<()>(Err(refused)), "55000", "{message}");
+    assert!(message.contains("pins"), "{message}");
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(*) FROM pins WHERE tenant_id = 'kent' AND id = 3"
+        ),
+        1
     );
     assert_eq!(
         pgseal_tests::count(

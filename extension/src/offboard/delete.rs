@@ -20,13 +20,15 @@
 //! tables are compared with the export's (`Digest`): a row written, changed or
 //! removed since sends it back to exporting at once.
 //!
-//! A table Citus manages has keys of the nodes that hold its rows (or, where Citus
-//! keeps copies of them, hashes of their values): a statement sends up to
-//! `CITUS_STATEMENT_KEYS` of them to the shards and deletes the tenant's rows that
-//! have them, so a row written or changed since the export, or one a shard's own
-//! policy hid from it (the offboarding checks the coordinator's policies), is left
-//! and stops the deletes. A foreign key's ON DELETE action that would reach rows
-//! the export does not hold stops them before the statement (`delete_on_citus`).
+//! A distributed table's rows have keys of the nodes that hold them: a statement
+//! sends up to `CITUS_STATEMENT_KEYS` of them (all, for a table whose foreign key
+//! references its own tree) to the shards and deletes the tenant's rows that have
+//! them, so a row written or changed since the export, or one a shard's own policy
+//! hid from it (the offboarding checks the coordinator's policies), is left and
+//! stops the deletes. A table Citus keeps copies of is compared by count. A foreign
+//! key's ON DELETE action that would reach rows of an offboarded Citus table that
+//! the export does not hold, counted just before the statement, stops them
+//! (`delete_on_citus`; docs/SCALING.md says what that leaves).
 
 use pgrx::prelude::*;
 
@@ -71,7 +73,8 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                 None => break,
                 Some(r) => match tables.iter().position(|t| t.rel == r) {
                     Some(i) if crate::pg::citus::manages(r)? && crate::pg::citus::has_copies(r)? => {
-                        let read = exported::take_count(&tenant, r)?;
+                        let read = exported::take_count(&tenant, r)?
+                            .ok_or_else(|| copies_changed(&names[i].name))?;
                         let n = delete_on_citus(
                             &tenant,
                             &tables,
@@ -87,8 +90,8 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                         }
                         continue;
                     }
-                    Some(_) if crate::pg::citus::manages(r)? => CITUS_STATEMENT_KEYS,
                     Some(i) if acts_on_itself(&trees[i])? => i32::MAX,
+                    Some(_) if crate::pg::citus::manages(r)? => CITUS_STATEMENT_KEYS,
                     _ => batch,
                 },
             };
@@ -201,22 +204,42 @@ fn delete_on_citus(
     tables[i].delete_on_citus(tenant, &names[i], read)
 }
 
-/// Whether a foreign key of a table of `tree` with an ON DELETE action that writes
-/// (CASCADE, SET NULL, SET DEFAULT) references a table of `of`.
+/// Whether deleting rows of a table of `of` can change rows of a table of `tree`
+/// through foreign keys' ON DELETE actions that write (CASCADE, SET NULL, SET
+/// DEFAULT): a key of `tree` with such an action references `of`, or references a
+/// table whose rows a CASCADE from `of` deletes (through any tables).
 fn acts_on(tree: &[pg_sys::Oid], of: &[pg_sys::Oid]) -> SealResult<bool> {
     Ok(as_owner(|| {
         Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c \
-                WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype IN ('c', 'n', 'd') \
-                  AND c.conrelid OPERATOR(pg_catalog.=) ANY ($1) AND c.confrelid OPERATOR(pg_catalog.=) ANY ($2))",
+            "WITH RECURSIVE reached(rel, action) AS ( \
+                 SELECT c.conrelid, c.confdeltype FROM pg_catalog.pg_constraint c \
+                  WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confdeltype IN ('c', 'n', 'd') \
+                    AND c.confrelid OPERATOR(pg_catalog.=) ANY ($2) \
+                 UNION \
+                 SELECT c.conrelid, c.confdeltype FROM pg_catalog.pg_constraint c \
+                   JOIN reached r ON c.confrelid OPERATOR(pg_catalog.=) r.rel \
+                  WHERE r.action OPERATOR(pg_catalog.=) 'c' AND c.contype OPERATOR(pg_catalog.=) 'f' \
+                    AND c.confdeltype IN ('c', 'n', 'd')) \
+             SELECT EXISTS (SELECT 1 FROM reached r WHERE r.rel OPERATOR(pg_catalog.=) ANY ($1))",
             &[tree.to_vec().into(), of.to_vec().into()],
         )
     })? == Some(true))
 }
 
+/// The refusal when the export recorded a Citus table's rows in the other form
+/// than the table's copies now call for (`exported::keys`).
+fn copies_changed(name: &str) -> SealError {
+    SealError::Refused(
+        "Citus changed how many copies of this table's rows it keeps since the export (a placement added or removed): its recorded rows no longer compare (export again: cancel and schedule the offboarding, or export and delete them by hand)",
+    )
+    .on_table(name)
+}
+
 /// `tables` in the order the export reads them and the deletes take them: a table
-/// before every table its tree references by a foreign key (so that the key's ON
-/// DELETE action finds the referencing rows already gone), otherwise in name order;
+/// before every table its tree references by a foreign key, directly or through
+/// tables outside the offboarded ones whose rows a CASCADE of that table deletes
+/// (so that the key's ON DELETE action finds the referencing rows already gone),
+/// otherwise in name order;
 /// tables in a cycle of keys keep name order among themselves.
 pub(super) fn delete_order(tables: Vec<Table>) -> SealResult<Vec<Table>> {
     let mut root_of = std::collections::HashMap::new();
@@ -229,9 +252,15 @@ pub(super) fn delete_order(tables: Vec<Table>) -> SealResult<Vec<Table>> {
     let edges = as_owner(|| {
         Spi::connect(|c| {
             c.select(
-                "SELECT DISTINCT c.conrelid, c.confrelid FROM pg_catalog.pg_constraint c \
-                  WHERE c.contype OPERATOR(pg_catalog.=) 'f' \
-                    AND c.conrelid OPERATOR(pg_catalog.=) ANY ($1) AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1)",
+                "WITH RECURSIVE reach(rel, target, action) AS ( \
+                     SELECT c.conrelid, c.confrelid, c.confdeltype FROM pg_catalog.pg_constraint c \
+                      WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND c.confrelid OPERATOR(pg_catalog.=) ANY ($1) \
+                     UNION \
+                     SELECT c.conrelid, r.target, c.confdeltype FROM pg_catalog.pg_constraint c \
+                       JOIN reach r ON c.confrelid OPERATOR(pg_catalog.=) r.rel \
+                      WHERE c.contype OPERATOR(pg_catalog.=) 'f' AND r.action OPERATOR(pg_catalog.=) 'c' \
+                        AND NOT r.rel OPERATOR(pg_catalog.=) ANY ($1)) \
+                 SELECT DISTINCT r.rel, r.target FROM reach r WHERE r.rel OPERATOR(pg_catalog.=) ANY ($1)",
                 None,
                 &[members.into()],
             )?
@@ -552,30 +581,49 @@ impl Table {
         locked: &super::Locked,
         read: CitusRows,
     ) -> SealResult<i64> {
-        let (matching, mut args, exported) = match read {
+        let (matching, keys, exported) = match read {
+            // Nothing to delete: no statement, so that no placement is changed in
+            // this transaction (Citus would refuse the next table's owner the
+            // placements co-located with it).
+            CitusRows::Count(0) => return Ok(0),
+            CitusRows::Count(n) => (String::new(), None, Some(n)),
             CitusRows::Keys(keys) => {
+                if keys.iter().any(|k| k.len() != exported::NODE_KEY_LEN) {
+                    return Err(copies_changed(&locked.name));
+                }
                 let Some(key) = exported::keys(self.rel, "x")? else {
                     return Err(SealError::Internal("a Citus table without keys"));
                 };
                 (
                     format!("AND ({key}) OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.bytea[])"),
-                    vec![keys.into()],
+                    Some(keys),
                     None,
                 )
             }
-            CitusRows::Count(n) => (String::new(), Vec::new(), Some(n)),
         };
-        args.insert(0, tenant.into());
-        let sql = format!(
-            "WITH d AS (DELETE FROM {} AS x WHERE {} {matching} RETURNING 1) \
-             SELECT pg_catalog.count(*) FROM d",
+        let rows = format!(
+            "FROM {} AS x WHERE {} {matching}",
             locked.name,
-            locked.tenant_is("x"),
+            locked.tenant_is("x")
         );
-        let n = super::as_offboarding_owner(self.rel, self.owner, || {
-            Spi::get_one_with_args::<i64>(&sql, &args)
-        })?
-        .unwrap_or(0);
+        let run = |sql: String| {
+            let mut args = vec![tenant.into()];
+            if let Some(keys) = &keys {
+                args.push(keys.clone().into());
+            }
+            super::as_offboarding_owner(self.rel, self.owner, || {
+                Spi::get_one_with_args::<i64>(&sql, &args)
+            })
+            .map(|n| n.unwrap_or(0))
+        };
+        // None of the keys' rows left (all changed or removed since the export):
+        // no statement either. Read as the owner the delete runs as.
+        if keys.is_some() && run(format!("SELECT pg_catalog.count(*) {rows}"))? == 0 {
+            return Ok(0);
+        }
+        let n = run(format!(
+            "WITH d AS (DELETE {rows} RETURNING 1) SELECT pg_catalog.count(*) FROM d"
+        ))?;
         match exported {
             Some(read) if read != n => Err(SealError::Refused(
                 "the tenant's rows in this table, which Citus keeps copies of, are not as many as its export read (written or removed since, or hidden from the export by a copy's own policy): they are not deleted unexported (export and delete them, then run the offboarding again)",

@@ -327,19 +327,25 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<Taken>> {
     }))
 }
 
-/// Takes (removes) all the keys recorded for the registered table `root` and
-/// returns how many there were, in the caller's transaction.
-pub(super) fn take_count(tenant: &str, root: pg_sys::Oid) -> SealResult<i64> {
-    Ok(as_owner(|| {
-        Spi::get_one_with_args::<i64>(
+/// Takes (removes) all the keys recorded for the registered table `root`, a table
+/// Citus keeps copies of, and returns how many there were, in the caller's
+/// transaction; None when they are not all that form's one key (the export read
+/// the table when Citus kept one copy of its rows).
+pub(super) fn take_count(tenant: &str, root: pg_sys::Oid) -> SealResult<Option<i64>> {
+    let (rows, alike) = as_owner(|| {
+        Spi::get_two_with_args::<i64, bool>(
             "WITH e AS (DELETE FROM pgseal.offboard_export_rows e \
                          WHERE e.tenant_id = $1 AND e.root OPERATOR(pg_catalog.=) $2 RETURNING e.keys) \
-             SELECT COALESCE(pg_catalog.sum(pg_catalog.cardinality(e.keys)), 0)::pg_catalog.int8 FROM e",
+             SELECT pg_catalog.count(*), COALESCE(pg_catalog.bool_and(k OPERATOR(pg_catalog.=) pg_catalog.decode('00', 'hex')), true) \
+               FROM e, pg_catalog.unnest(e.keys) k",
             &[tenant.into(), root.into()],
         )
-    })?
-    .unwrap_or(0))
+    })?;
+    Ok((alike == Some(true)).then_some(rows.unwrap_or(0)))
 }
+
+/// The length of a key `_offboard_node_row_key` makes.
+pub(super) const NODE_KEY_LEN: usize = 22;
 
 /// How many keys are recorded for the registered table `root`.
 pub(super) fn count(tenant: &str, root: pg_sys::Oid) -> SealResult<i64> {
