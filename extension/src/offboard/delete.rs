@@ -194,7 +194,7 @@ fn delete_on_citus(
             continue;
         }
         let may_hold = if j == i { left } else { 0 };
-        if t.rows_every(tenant, &names[j])? > may_hold {
+        if t.rows_of(tenant)? > may_hold {
             return Err(SealError::Refused(
                 "rows of the tenant that the export does not hold as they are (written or changed since) are in a Citus table whose foreign key's ON DELETE action the deletes would set off: they are not deleted or changed unexported (export and delete them, then run the offboarding again)",
             )
@@ -631,32 +631,6 @@ impl Table {
             .on_table(&locked.name)),
             _ => Ok(n),
         }
-    }
-
-    /// The tenant's rows of this table and the tables under it, every one of them:
-    /// counted as the extension owner (a superuser, whom no policy binds), so that
-    /// a row a policy hides from the table's owner, which a foreign key's action
-    /// would still reach, counts (a shard's own policy, on a worker). For a heap
-    /// table (`exported::keys`; otherwise as its owner, `rows_of`): the statement
-    /// runs no code but PostgreSQL's (the name pinned, the tenant compared with
-    /// `pg_catalog`'s operator under "C", `count(*)`), with the workers' parsing
-    /// pinned.
-    fn rows_every(&self, tenant: &str, locked: &super::Locked) -> SealResult<i64> {
-        if exported::keys(self.rel, "x")?.is_none() {
-            return self.rows_of(tenant);
-        }
-        let sql = format!(
-            "SELECT pg_catalog.count(*) FROM {} AS x WHERE {}",
-            locked.name,
-            locked.tenant_is("x")
-        );
-        let caller = crate::pg::citus::caller_parsing()?;
-        let n = as_owner(|| {
-            crate::pg::citus::with_remote_parsing_pinned(caller.as_ref(), || {
-                Ok(Spi::get_one_with_args::<i64>(&sql, &[tenant.into()])?)
-            })
-        })?;
-        Ok(n.unwrap_or(0))
     }
 
     /// The name of the first table of this tree that holds rows of the tenant
