@@ -222,7 +222,7 @@ BEGIN
         -- Planning a scan of it would run code its owner wrote, as this function's
         -- owner: not counted (docs/SECURITY.md, "Privilege boundary").
         IF pgseal._planning_runs_owner_code(c.rel::pg_catalog.oid) THEN
-            RAISE WARNING 'pgseal: key_usage does not count %: planning a query on it would run code its owner wrote (an index, statistics, partition key or constraint expression calling a function outside the system catalogs, or a foreign table)', c.rel;
+            RAISE WARNING 'pgseal: key_usage does not count %: planning a query on it would run code its owner wrote (an index, statistics, partition key or constraint expression calling a function outside the system catalogs, or a foreign table), or may (a Citus table: its shards are planned on the workers)', c.rel;
             CONTINUE;
         END IF;
         -- The table's name, pinned to it until the transaction ends (a schema

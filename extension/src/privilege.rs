@@ -317,7 +317,15 @@ fn lock_tree(tree: &str, rel: pg_sys::Oid, lockmode: u32) -> crate::error::SealR
 /// constraint, rule or partition can be added to them between this check and the
 /// scan that relies on it. Under REPEATABLE READ or SERIALIZABLE the answer is
 /// always true (the check could not see what the planner will).
+///
+/// Also always true for a table Citus manages: the workers plan its shards' queries,
+/// and a shard's own indexes and statistics (made on its worker with Citus's
+/// `citus.enable_manual_changes_to_shards`, by the table's owner) are not in this
+/// node's catalog.
 pub fn planning_runs_owner_code(rel: pg_sys::Oid) -> crate::error::SealResult<bool> {
+    if crate::pg::citus::manages(rel)? {
+        return Ok(true);
+    }
     const TREE: &str = "WITH RECURSIVE down(oid) AS ( \
                  SELECT $1::pg_catalog.oid \
                  UNION \

@@ -4792,3 +4792,84 @@ fn a_citus_tables_rows_are_deleted_only_as_the_export_read_them() {
         1
     );
 }
+
+/// A table owner's function in an index predicate that only a shard on a worker has
+/// (made there with `citus.enable_manual_changes_to_shards`, unseen by the
+/// coordinator's catalog) runs as whoever plans the shard's query: pgseald's tenant
+/// listing and the key usage never plan a Citus table's shards as the extension owner
+/// (a superuser), but as the table's owner or not at all.
+#[test]
+fn a_shards_own_index_code_never_runs_as_the_extension_owner() {
+    if !citus::enabled("a_shards_own_index_code_never_runs_as_the_extension_owner") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-shard-code");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE ROLE trap_owner LOGIN;
+         CREATE TABLE trap (id int, tenant_id text NOT NULL, secret text, PRIMARY KEY (tenant_id, id));
+         ALTER TABLE trap OWNER TO trap_owner;
+         SELECT create_distributed_table('trap', 'tenant_id');
+         INSERT INTO trap SELECT g, t, NULL FROM generate_series(1, 3) g, unnest(ARRAY['a', 'b', 'c', 'd']) t;
+         SELECT pgseal.vault_register_column('trap', 'secret', 'trap.secret');",
+    )
+    .unwrap();
+    for w in &cc.workers {
+        w.connect()
+            .batch_execute(
+                "SET citus.enable_ddl_propagation = off;
+                 CREATE FUNCTION public.trap_pred(int) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $f$
+                 BEGIN
+                     IF pg_catalog.current_setting('is_superuser') = 'on' THEN
+                         RAISE EXCEPTION 'owner code ran as a superuser';
+                     END IF;
+                     RETURN true;
+                 END $f$;
+                 ALTER FUNCTION public.trap_pred(int) OWNER TO trap_owner;
+                 GRANT CREATE ON SCHEMA public TO trap_owner;",
+            )
+            .unwrap();
+    }
+    let shards: Vec<(String, i32)> = c
+        .query(
+            "SELECT shard_name, nodeport FROM citus_shards WHERE table_name = 'trap'::regclass",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(!shards.is_empty());
+    // Made by the table's owner, on its worker.
+    for (shard, port) in &shards {
+        cc.node_at(*port as u16)
+            .connect_as("trap_owner")
+            .batch_execute(&format!(
+                "SET citus.enable_ddl_propagation = off; SET citus.enable_manual_changes_to_shards = on; \
+                 CREATE INDEX ON {shard} (id) WHERE public.trap_pred(1)"
+            ))
+            .unwrap();
+    }
+    // The trap springs for a superuser planning a query on a shard.
+    let (shard, port) = &shards[0];
+    let sprung = cc
+        .node_at(*port as u16)
+        .connect()
+        .simple_query(&format!("SELECT count(*) FROM {shard} WHERE id = 1"));
+    assert!(
+        format!("{:?}", sprung.err()).contains("owner code ran as a superuser"),
+        "the trap does not spring"
+    );
+    let tenants: Vec<String> = c
+        .query(
+            "SELECT * FROM pgseal._tenants_of('public.trap') ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tenants, vec!["a", "b", "c", "d"]);
+    c.query("SELECT * FROM pgseal._key_usage()", &[]).unwrap();
+}

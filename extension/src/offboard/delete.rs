@@ -194,6 +194,11 @@ fn delete_on_citus(
             continue;
         }
         let may_hold = if j == i { left } else { 0 };
+        // As the table's owner, restricted, as every offboarding statement on it:
+        // a count planned as a superuser would run the owner's functions in the
+        // table's (or a shard's) index predicates and expressions as one. A row a
+        // shard's own policy hides from the owner is then not counted (a limit
+        // docs/SCALING.md names).
         if t.rows_of(tenant)? > may_hold {
             return Err(SealError::Refused(
                 "rows of the tenant that the export does not hold as they are (written or changed since) are in a Citus table whose foreign key's ON DELETE action the deletes would set off: they are not deleted or changed unexported (export and delete them, then run the offboarding again)",
