@@ -90,6 +90,18 @@ fn _tenants_scan(rel: pg_sys::Oid) -> SetOfIterator<'static, String> {
             )
         })?
         .ok_or(SealError::Internal("no relation owner"))?;
+        // As the owner, only the owner's code may run: a partition of another
+        // role's, or a third role's trigger, would run that role's code with the
+        // owner's rights (42501), as in every other statement pgseal runs as a
+        // table's owner.
+        if owner_code {
+            crate::privilege::require_only_owners_code(
+                rel,
+                table_owner,
+                pg_sys::AccessShareLock,
+                &[],
+            )?;
+        }
         let run_as = |f: &mut dyn FnMut() -> SealResult<Vec<String>>| {
             if owner_code {
                 crate::privilege::as_table_owner(table_owner, f)

@@ -601,6 +601,29 @@ mod tests {
     }
 
     #[pg_test]
+    fn tenant_discovery_as_the_owner_runs_no_third_roles_code() {
+        // A partitioned table whose planning runs its owner's code is scanned as its
+        // owner; a partition of a third role's, with that role's function in its
+        // statistics, would then run that role's code with the owner's rights.
+        owner_trap("jt_owner", "jto");
+        owner_trap("jt_third", "jt");
+        run("CREATE TABLE public.jt_parent (id int, tenant_id text) PARTITION BY LIST (tenant_id)");
+        run("CREATE TABLE public.jt_part PARTITION OF public.jt_parent FOR VALUES IN ('acme')");
+        run("INSERT INTO public.jt_parent VALUES (1, 'acme')");
+        run("ALTER TABLE public.jt_parent OWNER TO jt_owner");
+        owner_trap_statistic("jt_third", "jt", "public.jt_part");
+        assert!(one::<bool>(
+            "SELECT pgseal._planning_runs_owner_code('public.jt_parent'::regclass)"
+        ));
+        assert_eq!(
+            sqlstate("SELECT count(*) FROM pgseal._tenants_of('public.jt_parent')"),
+            "42501"
+        );
+        let who = owner_trap_ran_as("jt");
+        assert_eq!(who, "", "the third role's code ran as: {who}");
+    }
+
+    #[pg_test]
     fn an_ancestors_partition_key_and_late_changes_count_as_owner_code() {
         run("CREATE FUNCTION public.job_key(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT t $$");
         // A partition inherits, as its partition constraint, every ancestor's
