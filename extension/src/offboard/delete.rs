@@ -85,7 +85,6 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                             CitusRows::Count(read),
                         )?;
                         if n > 0 {
-                            super::count_deleted(&tenant, &names[i].name, n)?;
                             return Ok(n);
                         }
                         continue;
@@ -120,7 +119,6 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                     CitusRows::Keys(keys),
                 )?;
                 if n > 0 {
-                    super::count_deleted(&tenant, &names[i].name, n)?;
                     return Ok(n);
                 }
                 continue;
@@ -178,8 +176,8 @@ enum CitusRows {
 /// runs on the workers, where this node's table counters (`refuse_other_writes`) do
 /// not see its writes; nor can the tables be counted again after the statement, in
 /// its transaction, as their other owners (Citus refuses any other role the
-/// placements a statement changed, and those of their co-located shards). Returns
-/// how many rows it deleted.
+/// placements a statement changed, and those of their co-located shards). Counts
+/// the rows it deleted in the offboarding, and returns how many.
 fn delete_on_citus(
     tenant: &str,
     tables: &[Table],
@@ -206,7 +204,11 @@ fn delete_on_citus(
             .on_table(&names[j].name));
         }
     }
-    tables[i].delete_on_citus(tenant, &names[i], read)
+    let n = tables[i].delete_on_citus(tenant, &names[i], read)?;
+    if n > 0 {
+        super::count_deleted(tenant, &names[i].name, n)?;
+    }
+    Ok(n)
 }
 
 /// Whether deleting rows of a table of `of` can change rows of a table of `tree`
