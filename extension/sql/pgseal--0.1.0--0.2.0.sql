@@ -259,6 +259,14 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_tenants_scan_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_shard_tenants"(
+	"rel" TEXT, /* &str */
+	"shards" bigint[] /* alloc::vec::Vec<i64> */
+) RETURNS TEXT[] /* alloc::vec::Vec<alloc::string::String> */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_shard_tenants_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_pinned_name"(
 	"rel" oid, /* pg_sys :: Oid */
 	"attnum" smallint /* i16 */

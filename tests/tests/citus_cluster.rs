@@ -4821,7 +4821,7 @@ fn a_shards_own_index_code_never_runs_as_the_extension_owner() {
                 "SET citus.enable_ddl_propagation = off;
                  CREATE FUNCTION public.trap_pred(int) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $f$
                  BEGIN
-                     IF pg_catalog.current_setting('is_superuser') = 'on' THEN
+                     IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER) THEN
                          RAISE EXCEPTION 'owner code ran as a superuser';
                      END IF;
                      RETURN true;
@@ -4872,4 +4872,113 @@ fn a_shards_own_index_code_never_runs_as_the_extension_owner() {
         .collect();
     assert_eq!(tenants, vec!["a", "b", "c", "d"]);
     c.query("SELECT * FROM pgseal._key_usage()", &[]).unwrap();
+}
+
+/// pgseald lists a Citus table's tenants (for a retention rule without a tenant)
+/// on the nodes that hold its shards, each shard checked in its own node's catalog:
+/// a protected table whose row level security binds its owner (FORCE, an owner
+/// that is no superuser) is listed and swept without a tenant context, whatever its
+/// name; a shard's own index that runs its owner's code makes its node scan it as
+/// that owner, restricted, which fails the listing (no tenant context there) rather
+/// than run that code as a superuser or leave the shard's tenants out.
+#[test]
+fn a_protected_citus_tables_tenants_are_listed_on_the_nodes_that_hold_them() {
+    if !citus::enabled("a_protected_citus_tables_tenants_are_listed_on_the_nodes_that_hold_them") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-tenant-list");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE ROLE ev_owner LOGIN;
+         CREATE TABLE \"ev'$$\" (id bigint GENERATED ALWAYS AS IDENTITY, tenant_id text NOT NULL,
+                                 created_at timestamptz NOT NULL, PRIMARY KEY (tenant_id, id));
+         ALTER TABLE \"ev'$$\" OWNER TO ev_owner;
+         SELECT create_distributed_table('\"ev''$$\"', 'tenant_id');
+         SELECT pgseal.tenant_protect('\"ev''$$\"');
+         INSERT INTO \"ev'$$\" (tenant_id, created_at)
+         SELECT 't' || (g % 9), CASE WHEN g % 2 = 0 THEN now() - interval '400 days' ELSE now() END
+           FROM generate_series(1, 900) g;
+         SELECT pgseal.retention_set('\"ev''$$\"', '30 days');",
+    )
+    .unwrap();
+    let forced: bool = c
+        .query_one(
+            "SELECT relforcerowsecurity FROM pg_class WHERE oid = '\"ev''$$\"'::regclass",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(forced, "the policies do not bind the owner");
+    let list = "SELECT * FROM pgseal._tenants_of('public.\"ev''$$\"') ORDER BY 1";
+    let listed: Vec<String> = c
+        .query(list, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let all: Vec<String> = (0..9).map(|i| format!("t{i}")).collect();
+    assert_eq!(listed, all);
+    let (code, out) = Pgseald::new(["retention", "run"]).on(&cc.coordinator).run();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        pgseal_tests::count(&mut c, "SELECT count(*) FROM \"ev'$$\""),
+        450,
+        "{out}"
+    );
+    assert_eq!(
+        pgseal_tests::count(
+            &mut c,
+            "SELECT count(DISTINCT tenant_id) FROM pgseal.ledger WHERE event = 'retention.deleted'"
+        ),
+        9,
+        "{out}"
+    );
+
+    // The owner's function in a partial index that one shard alone has, on its
+    // worker: that node plans the shard's scan as the owner, restricted, where the
+    // policies need a tenant; the listing fails, naming the node's error.
+    c.batch_execute("GRANT CREATE ON SCHEMA public TO ev_owner")
+        .unwrap();
+    let (shard, port): (String, i32) = c
+        .query_one(
+            "SELECT shard_name, nodeport FROM citus_shards \
+              WHERE table_name = '\"ev''$$\"'::regclass AND shard_size >= 0 ORDER BY shardid LIMIT 1",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    let mut owner = cc.node_at(port as u16).connect_as("ev_owner");
+    owner
+        .batch_execute(&format!(
+            "SET citus.enable_ddl_propagation = off; SET citus.enable_manual_changes_to_shards = on;
+             CREATE FUNCTION public.ev_pred(int) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $f$
+             BEGIN
+                 IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER) THEN
+                     RAISE EXCEPTION 'owner code ran as a superuser';
+                 END IF;
+                 RETURN true;
+             END $f$;
+             CREATE INDEX ON {shard} (id) WHERE public.ev_pred(1);"
+        ))
+        .unwrap();
+    let err = c.query(list, &[]).unwrap_err();
+    assert_eq!(
+        err.code().map(|s| s.code().to_owned()).as_deref(),
+        Some("55000"),
+        "{err:?}"
+    );
+    assert!(
+        format!("{err:?}").contains("could not list the tenants"),
+        "{err:?}"
+    );
+    // The coordinator's warning carries the node's own error: the policies' need
+    // of a tenant, not the trap's.
+    let log = cc.coordinator.server_log();
+    assert!(
+        log.lines().any(|l| l.contains("could not list the tenants of")
+            && l.contains("no tenant context")),
+        "{log}"
+    );
+    assert!(!log.contains("owner code ran as a superuser"), "{log}");
 }
