@@ -267,6 +267,26 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_shard_tenants_wrapper';
 
+CREATE OR REPLACE FUNCTION pgseal."_citus_key_counts"(
+	"rel" oid, /* pgrx::pg_sys::Oid */
+	"attnum" smallint /* i16 */
+) RETURNS TABLE (
+	"k" TEXT,  /* alloc::string::String */
+	"n" bigint  /* i64 */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_citus_key_counts_wrapper';
+
+CREATE OR REPLACE FUNCTION pgseal."_shard_key_counts"(
+	"rel" TEXT, /* &str */
+	"column" TEXT, /* &str */
+	"shards" bigint[] /* alloc::vec::Vec<i64> */
+) RETURNS TEXT /* alloc::string::String */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_shard_key_counts_wrapper';
+
 CREATE OR REPLACE FUNCTION pgseal."_pinned_name"(
 	"rel" oid, /* pg_sys :: Oid */
 	"attnum" smallint /* i16 */
@@ -2089,10 +2109,17 @@ BEGIN
                     AND a.attnum OPERATOR(pg_catalog.=) s.attnum AND NOT a.attisdropped
               WHERE r.relkind IN ('r', 'p') AND r.relpersistence OPERATOR(pg_catalog.<>) 't'
                 AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype LOOP
+        -- A Citus table: each node that holds its shards counts theirs, each shard
+        -- checked in that node's catalog (extension/src/jobs.rs).
+        IF EXISTS (SELECT 1 FROM pgseal._citus_tables() d WHERE d.rel OPERATOR(pg_catalog.=) c.rel::pg_catalog.oid) THEN
+            parts := parts || pg_catalog.format(' UNION ALL SELECT x.k, x.n FROM pgseal._citus_key_counts(%s::pg_catalog.oid, %s::pg_catalog.int2) x',
+                                                c.rel::pg_catalog.oid, c.attnum);
+            CONTINUE;
+        END IF;
         -- Planning a scan of it would run code its owner wrote, as this function's
         -- owner: not counted (docs/SECURITY.md, "Privilege boundary").
         IF pgseal._planning_runs_owner_code(c.rel::pg_catalog.oid) THEN
-            RAISE WARNING 'pgseal: key_usage does not count %: planning a query on it would run code its owner wrote (an index, statistics, partition key or constraint expression calling a function outside the system catalogs, or a foreign table), or may (a Citus table: its shards are planned on the workers)', c.rel;
+            RAISE WARNING 'pgseal: key_usage does not count %: planning a query on it would run code its owner wrote (an index, statistics, partition key or constraint expression calling a function outside the system catalogs, or a foreign table)', c.rel;
             CONTINUE;
         END IF;
         -- The table's name, pinned to it until the transaction ends (a schema
@@ -2100,14 +2127,14 @@ BEGIN
         -- column's, both read after the lock, once the column is seen to be text
         -- still (one renamed or retyped meanwhile is never used by its old name).
         pinned := pgseal._pinned_name(c.rel::pg_catalog.oid, c.attnum);
-        parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%s, '':'', 2) AS k FROM %s WHERE %s OPERATOR(pg_catalog.~~) ''v2:%%''',
+        parts := parts || pg_catalog.format(' UNION ALL SELECT pg_catalog.split_part(%s, '':'', 2) AS k, 1::pg_catalog.int8 AS n FROM %s WHERE %s OPERATOR(pg_catalog.~~) ''v2:%%''',
                                             pinned[2], pinned[1], pinned[2]);
     END LOOP;
     RETURN QUERY EXECUTE format(
-        'WITH used AS (SELECT NULL::text AS k WHERE false%s)
+        'WITH used AS (SELECT NULL::text AS k, 0::pg_catalog.int8 AS n WHERE false%s)
          SELECT t.key_id, t.tenant_id, t.state, coalesce(u.n, 0)::bigint
          FROM pgseal.tenant_keys t
-         LEFT JOIN (SELECT k, count(*) AS n FROM used GROUP BY k) u ON u.k = t.key_id
+         LEFT JOIN (SELECT k, sum(n) AS n FROM used GROUP BY k) u ON u.k = t.key_id
          WHERE t.purpose = ''dek''
          ORDER BY t.tenant_id, t.created_at', parts);
     PERFORM pgseal._citus_owner_done();

@@ -114,7 +114,13 @@ fn local_tenants(rel: pg_sys::Oid) -> SealResult<Vec<String>> {
     }
     let run_as = |f: &mut dyn FnMut() -> SealResult<Vec<String>>| {
         if owner_code {
-            crate::privilege::as_table_owner(table_owner, f)
+            // No tenant context, whatever the session's or the database's default:
+            // policies that need one fail the scan rather than narrow it to one
+            // tenant (which would leave the others' expired rows).
+            with_pinned_search_path(|| {
+                crate::gucs::with_tenant_setting_name(|n| crate::privilege::save_setting(n, c""));
+                crate::privilege::as_table_owner(table_owner, f)
+            })
         } else {
             as_owner(f)
         }
@@ -149,111 +155,79 @@ fn local_tenants(rel: pg_sys::Oid) -> SealResult<Vec<String>> {
     })
 }
 
-/// For each node that holds an active placement of a shard of Citus table `rel`
-/// (named `name`, quoted and qualified): that node's name, port, and the command
-/// that lists the tenants of those shards there (`_shard_tenants`), one placement
-/// per shard. Also the number of shards the table has and the number covered.
-const CITUS_PLAN: &str = "\
-WITH one AS (
-    SELECT s.shardid,
-           (SELECT p.groupid FROM pg_catalog.pg_dist_placement p
-             WHERE p.shardid OPERATOR(pg_catalog.=) s.shardid AND p.shardstate OPERATOR(pg_catalog.=) 1
-             ORDER BY p.groupid LIMIT 1) AS groupid
-      FROM pg_catalog.pg_dist_shard s
-     WHERE s.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid
-), plan AS (
-    SELECT n.nodename, n.nodeport,
-           pg_catalog.format('SELECT pgseal._shard_tenants(%L, %L)', $2::pg_catalog.text,
-                             pg_catalog.array_agg(o.shardid ORDER BY o.shardid)::pg_catalog.text) AS command,
-           pg_catalog.count(*) AS shards
-      FROM one o
-      JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) o.groupid
-       AND n.noderole OPERATOR(pg_catalog.=) 'primary' AND n.isactive
-     GROUP BY n.nodename, n.nodeport
-)
-SELECT (SELECT pg_catalog.count(*) FROM one),
-       (SELECT pg_catalog.sum(shards) FROM plan)::pg_catalog.int8,
-       pg_catalog.array_agg(nodename ORDER BY nodename, nodeport),
-       pg_catalog.array_agg(nodeport ORDER BY nodename, nodeport),
-       pg_catalog.array_agg(command ORDER BY nodename, nodeport)
-  FROM plan";
-
 /// The distinct tenants of Citus table `rel` (named `name`): each node that holds
-/// its shards lists theirs (`_shard_tenants`), over a connection of its own that
-/// Citus opens as the extension owner (`master_run_on_worker`), so the node checks
-/// its shards in its own catalog before it plans their scan: a shard's own index
-/// or statistics, made on its node alone, are seen where they run. No shard is
-/// left out: a node that fails (a shard moved meanwhile, or a shard whose owner's
-/// code makes the node scan it as its owner, restricted) fails the listing (55000,
-/// the node's error in a WARNING before it).
+/// its shards lists theirs (`_shard_tenants`, `pg::shard_nodes`), checking each
+/// shard in its own catalog before it plans the shard's scan. No shard is left
+/// out: a node that fails (a shard moved meanwhile, or a shard whose owner's code
+/// makes the node scan it as its owner, restricted) fails the listing (55000, the
+/// node's error in a WARNING before it).
 fn citus_tenants(rel: pg_sys::Oid, name: &str) -> SealResult<Vec<String>> {
-    as_owner(|| {
-        let (shards, covered, nodes, ports, commands) = Spi::connect(|c| {
-            let t = c.select(CITUS_PLAN, Some(1), &[rel.into(), name.into()])?;
-            let t = t.first();
-            Ok::<_, pgrx::spi::Error>((
-                t.get::<i64>(1)?.unwrap_or(0),
-                t.get::<i64>(2)?.unwrap_or(0),
-                t.get::<Vec<String>>(3)?.unwrap_or_default(),
-                t.get::<Vec<i32>>(4)?.unwrap_or_default(),
-                t.get::<Vec<String>>(5)?.unwrap_or_default(),
-            ))
-        })?;
-        if covered != shards {
-            return Err(SealError::Refused(
-                "a shard of the table has no active placement on a node: its tenants cannot be listed",
-            ));
-        }
-        if nodes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let answers = Spi::connect(|c| {
-            c.select(
-                "SELECT r.node_name, r.node_port, r.success, r.result \
-                   FROM pg_catalog.master_run_on_worker($1, $2, $3, true) r",
-                None,
-                &[nodes.into(), ports.into(), commands.into()],
-            )?
-            .map(|row| {
-                Ok::<_, pgrx::spi::Error>((
-                    row.get::<String>(1)?.unwrap_or_default(),
-                    row.get::<i32>(2)?.unwrap_or(0),
-                    row.get::<bool>(3)?.unwrap_or(false),
-                    row.get::<String>(4)?,
-                ))
-            })
-            .collect::<Result<Vec<_>, _>>()
-        })?;
-        let mut failed = false;
-        let mut lists = Vec::new();
-        for (node, port, ok, result) in answers {
-            if ok {
-                lists.push(result);
-            } else {
+    let table = pgrx::spi::quote_literal(name);
+    let answers = crate::pg::shard_nodes::on_shard_nodes(rel, |shards| {
+        format!("SELECT pgseal._shard_tenants({table}, {shards})")
+    })?;
+    let mut lists = Vec::new();
+    let mut failed = false;
+    for a in answers {
+        match a.result {
+            Ok(list) => lists.extend(list),
+            Err(message) => {
                 failed = true;
                 pgrx::warning!(
-                    "pgseal: node {node}:{port} could not list the tenants of {name}'s shards: {}",
-                    result.unwrap_or_default()
+                    "pgseal: node {}:{} could not list the tenants of {name}'s shards: {message}",
+                    a.node,
+                    a.port
                 );
             }
         }
-        if failed {
-            return Err(SealError::Refused(
-                "a node could not list the tenants of the table's shards (its error is in the warning before this)",
-            ));
-        }
-        let mut tenants = std::collections::BTreeSet::new();
-        for list in lists.into_iter().flatten() {
-            let one = Spi::get_one_with_args::<Vec<String>>(
-                "SELECT $1::pg_catalog.text[]",
-                &[list.into()],
-            )?
-            .unwrap_or_default();
-            tenants.extend(one);
-        }
-        Ok(tenants.into_iter().collect())
-    })
+    }
+    if failed {
+        return Err(SealError::Refused(
+            "a node could not list the tenants of the table's shards (its error is in the warning before this)",
+        ));
+    }
+    // The nodes print the values in fixed styles (`_shard_tenants`); read back
+    // into the column's type, they print here as a scan of this node's table
+    // would, in the caller's session's styles, which pgseald's statements then
+    // read back in turn.
+    let typ = as_owner(|| {
+        Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a \
+              WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) 'tenant_id' \
+                AND NOT a.attisdropped",
+            &[rel.into()],
+        )
+    })?
+    .ok_or(SealError::Internal("no tenant column"))?;
+    let mut tenants = std::collections::BTreeSet::new();
+    for list in lists {
+        let one = with_pinned_search_path(|| {
+            Spi::connect(|c| {
+                c.select(
+                    &format!(
+                        "SELECT x::pg_catalog.text FROM pg_catalog.unnest($1::pg_catalog.text::{typ}[]) x"
+                    ),
+                    None,
+                    &[list.into()],
+                )?
+                .map(|r| r.get::<String>(1))
+                .collect::<Result<Vec<_>, _>>()
+            })
+        })?;
+        tenants.extend(one.into_iter().flatten());
+    }
+    Ok(tenants.into_iter().collect())
 }
+
+/// The styles in which `_shard_tenants` prints a node's tenant values: any node
+/// reads them back alike, whatever its own settings (`citus_tenants`).
+const NODE_STYLES: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
+    (c"DateStyle", c"ISO, YMD"),
+    (c"IntervalStyle", c"postgres"),
+    (c"extra_float_digits", c"3"),
+    (c"bytea_output", c"hex"),
+    (c"TimeZone", c"UTC"),
+];
 
 /// `pgseal._shard_tenants(rel, shards)`: on a node of a Citus cluster, the
 /// distinct tenants of the shards `shards` of Citus table `rel` (a quoted,
@@ -264,65 +238,153 @@ fn citus_tenants(rel: pg_sys::Oid, name: &str) -> SealResult<Vec<String>> {
 /// as the extension owner; executable by the owner only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn _shard_tenants(rel: &str, shards: Vec<i64>) -> Vec<String> {
-    (|| {
-        let not_here = || SealError::Refused("a shard of the table is not on this node");
-        let table = with_pinned_search_path(|| {
-            Spi::get_one_with_args::<pg_sys::Oid>(
-                "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",
-                &[rel.into()],
-            )
-        })?
-        .ok_or(not_here())?;
-        if !crate::pg::citus::manages(table)? {
-            return Err(not_here());
+    with_pinned_search_path(|| {
+        for (name, value) in NODE_STYLES {
+            crate::privilege::save_setting(name, value);
         }
         let mut tenants = std::collections::BTreeSet::new();
-        for shard in shards {
-            // The shard's name as Citus makes it (truncated and hashed when long),
-            // looked up without a catalog query (Citus hides shards from those).
-            let oid = as_owner(|| {
-                Spi::get_one_with_args::<pg_sys::Oid>(
-                    "SELECT pg_catalog.to_regclass(pg_catalog.shard_name(s.logicalrelid, s.shardid, false))::pg_catalog.oid \
-                       FROM pg_catalog.pg_dist_shard s \
-                      WHERE s.logicalrelid OPERATOR(pg_catalog.=) $1 AND s.shardid OPERATOR(pg_catalog.=) $2",
-                    &[table.into(), shard.into()],
-                )
-            })?
-            .ok_or(not_here())?;
-            check_job_table(oid)?;
-            tenants.extend(local_tenants(oid)?);
+        for shard in crate::pg::shard_nodes::local_shards(rel, &shards)? {
+            check_job_table(shard)?;
+            tenants.extend(local_tenants(shard)?);
         }
         Ok(tenants.into_iter().collect())
-    })()
+    })
     .or_raise()
 }
 
 /// `pgseal._pinned_name(rel, attnum)`: for `_key_usage` (SQL), which builds its
 /// query from the names of the registered tables and columns and runs it as the
-/// extension owner: `{table, column}`, the table's name pinned
-/// (`privilege::pinned_name`, ACCESS SHARE) and column `attnum`'s name, both read
-/// after the lock; fails (55000) unless that column is a `text` column then. A
-/// column renamed, or retyped to one whose casts its owner wrote, while the lock
-/// was awaited is never used under the name or type read before it. Executable by
+/// extension owner: `{table, column}`, quoted (`pinned_text_column`). Executable by
 /// the owner only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn _pinned_name(rel: pg_sys::Oid, attnum: i16) -> Vec<String> {
+    pinned_text_column(rel, attnum)
+        .map(|(name, column)| vec![name, pgrx::spi::quote_identifier(column)])
+        .or_raise()
+}
+
+/// The name of table `rel`, pinned (`privilege::pinned_name`, ACCESS SHARE), and
+/// the name of its column `attnum` as it is (unquoted), both read after the lock;
+/// fails (55000) unless that column is a `text` column then. A column renamed, or
+/// retyped to one whose casts its owner wrote, while the lock was awaited is never
+/// used under the name or type read before it.
+fn pinned_text_column(rel: pg_sys::Oid, attnum: i16) -> SealResult<(String, String)> {
+    let name = crate::privilege::pinned_name(rel, pg_sys::AccessShareLock)?;
+    let gone = || SealError::Refused("a registered sealed column is no longer a text column");
+    // SAFETY: syscache lookups of the locked table's column: InvalidOid for a
+    // missing column (a dropped one has no type), and a palloc'd name or null.
+    let column = unsafe {
+        if pg_sys::get_atttype(rel, attnum) != pg_sys::TEXTOID {
+            return Err(gone());
+        }
+        let p = pg_sys::get_attname(rel, attnum, true);
+        if p.is_null() {
+            return Err(gone());
+        }
+        crate::privilege::exact_name(std::ffi::CStr::from_ptr(p))?
+    };
+    Ok((name, column))
+}
+
+/// `pgseal._citus_key_counts(rel, attnum)`: for `_key_usage` (SQL), the sealed
+/// values of registered text column `attnum` of Citus table `rel`, counted by key
+/// id: each node that holds its shards counts theirs (`_shard_key_counts`,
+/// `pg::shard_nodes`), checking each shard in its own catalog first. When a node
+/// fails (a shard whose planning would run its owner's code, a shard moved, a
+/// column no longer text there), the table is not counted at all, with a WARNING,
+/// as `_key_usage` does for a table of this node whose planning runs its owner's
+/// code. Executable by the owner only.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn _citus_key_counts(
+    rel: pg_sys::Oid,
+    attnum: i16,
+) -> TableIterator<'static, (name!(k, String), name!(n, i64))> {
+    let r = (|| {
+        let (name, column) = pinned_text_column(rel, attnum)?;
+        let (table, column) = (
+            pgrx::spi::quote_literal(&name),
+            pgrx::spi::quote_literal(column),
+        );
+        let answers = crate::pg::shard_nodes::on_shard_nodes(rel, |shards| {
+            format!("SELECT pgseal._shard_key_counts({table}, {column}, {shards})")
+        })?;
+        let mut counts = std::collections::BTreeMap::<String, i64>::new();
+        for a in answers {
+            match a.result {
+                Ok(Some(json)) => {
+                    let one: std::collections::BTreeMap<String, i64> = serde_json::from_str(&json)
+                        .map_err(|_| {
+                            SealError::Internal("a node's key counts are not a JSON object")
+                        })?;
+                    for (k, n) in one {
+                        *counts.entry(k).or_default() += n;
+                    }
+                }
+                Ok(None) => {}
+                Err(message) => {
+                    pgrx::warning!(
+                        "pgseal: key_usage does not count {name}: node {}:{} could not count its shards: {message}",
+                        a.node,
+                        a.port
+                    );
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        Ok(counts.into_iter().collect())
+    })();
+    TableIterator::new(r.or_raise())
+}
+
+/// `pgseal._shard_key_counts(rel, column, shards)`: on a node of a Citus cluster,
+/// the sealed values of text column `column` (its name) in the shards `shards` of
+/// Citus table `rel` (a quoted, qualified name) that this node holds, counted by key
+/// id, as a JSON object. Each shard is read as the extension owner only when
+/// planning its scan runs no code its owner wrote, in this node's catalog (55000
+/// otherwise, as for a shard that is not here, or whose column is not text).
+/// `_citus_key_counts` calls it through Citus as the extension owner; executable by
+/// the owner only.
+#[pg_extern(volatile, parallel_unsafe, strict)]
+fn _shard_key_counts(rel: &str, column: &str, shards: Vec<i64>) -> String {
     (|| {
-        let name = crate::privilege::pinned_name(rel, pg_sys::AccessShareLock)?;
         let gone = || SealError::Refused("a registered sealed column is no longer a text column");
-        // SAFETY: syscache lookups of the locked table's column: InvalidOid for a
-        // missing column (a dropped one has no type), and a palloc'd name or null.
-        let column = unsafe {
-            if pg_sys::get_atttype(rel, attnum) != pg_sys::TEXTOID {
+        let column_c = std::ffi::CString::new(column).map_err(|_| gone())?;
+        let mut counts = std::collections::BTreeMap::<String, i64>::new();
+        for shard in crate::pg::shard_nodes::local_shards(rel, &shards)? {
+            if crate::privilege::planning_runs_owner_code(shard)? {
+                return Err(SealError::Refused(
+                    "planning a query on a shard would run code its owner wrote",
+                ));
+            }
+            let name = crate::privilege::pinned_name(shard, pg_sys::AccessShareLock)?;
+            // SAFETY: syscache lookups of the locked shard's column by its name:
+            // InvalidAttrNumber for a missing one, InvalidOid as the type of none.
+            let text = unsafe {
+                let attnum = pg_sys::get_attnum(shard, column_c.as_ptr());
+                attnum > 0 && pg_sys::get_atttype(shard, attnum) == pg_sys::TEXTOID
+            };
+            if !text {
                 return Err(gone());
             }
-            let p = pg_sys::get_attname(rel, attnum, true);
-            if p.is_null() {
-                return Err(gone());
+            let col = pgrx::spi::quote_identifier(column);
+            let sql = format!(
+                "SELECT pg_catalog.split_part({col}, ':', 2), pg_catalog.count(*) FROM {name} \
+                  WHERE {col} OPERATOR(pg_catalog.~~) 'v2:%' GROUP BY 1"
+            );
+            let rows = as_owner(|| {
+                with_pinned_search_path(|| {
+                    Spi::connect(|c| {
+                        c.select(&sql, None, &[])?
+                            .map(|r| Ok((r.get::<String>(1)?, r.get::<i64>(2)?)))
+                            .collect::<Result<Vec<_>, pgrx::spi::Error>>()
+                    })
+                })
+            })?;
+            for (k, n) in rows {
+                *counts.entry(k.unwrap_or_default()).or_default() += n.unwrap_or(0);
             }
-            crate::privilege::exact_name(std::ffi::CStr::from_ptr(p))?
-        };
-        Ok(vec![name, pgrx::spi::quote_identifier(column)])
+        }
+        serde_json::to_string(&counts).map_err(|_| SealError::Internal("key counts"))
     })()
     .or_raise()
 }

@@ -76,7 +76,8 @@ extension_sql_file!(
     requires = [
         "citus",
         jobs::_tenants_scan,
-        jobs::_planning_runs_owner_code
+        jobs::_planning_runs_owner_code,
+        jobs::_citus_key_counts
     ]
 );
 extension_sql_file!(

@@ -4935,11 +4935,102 @@ fn a_protected_citus_tables_tenants_are_listed_on_the_nodes_that_hold_them() {
         "{out}"
     );
 
+    // Tenant values whose text a node's settings would change: the listing gives
+    // the text this node's session prints, whatever the workers' defaults.
+    for w in &cc.workers {
+        let mut wc = w.connect();
+        for set in [
+            "ALTER SYSTEM SET bytea_output = 'escape'",
+            "ALTER SYSTEM SET extra_float_digits = -10",
+            "SELECT pg_reload_conf()",
+        ] {
+            wc.batch_execute(set).unwrap();
+        }
+    }
+    c.batch_execute(
+        "CREATE TABLE bins (id int, tenant_id bytea NOT NULL, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('bins', 'tenant_id');
+         INSERT INTO bins VALUES (1, '\\x01ff'), (2, 'ab'), (3, 'ab');
+         CREATE TABLE floats (id int, tenant_id float8 NOT NULL, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('floats', 'tenant_id');
+         INSERT INTO floats VALUES (1, '0.1'), (2, '0.3333333333333333');",
+    )
+    .unwrap();
+    for w in &cc.workers {
+        setting_reached(w, "bytea_output", "escape");
+        setting_reached(w, "extra_float_digits", "-10");
+    }
+    let of = |c: &mut postgres::Client, t: &str| -> Vec<String> {
+        c.query(
+            &format!("SELECT * FROM pgseal._tenants_of('{t}') ORDER BY 1"),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert_eq!(of(&mut c, "public.bins"), vec!["\\x01ff", "\\x6162"]);
+    assert_eq!(
+        of(&mut c, "public.floats"),
+        vec!["0.1", "0.3333333333333333"]
+    );
+
+    // A table made on a worker under the name of a shard another worker holds is
+    // not read as that shard.
+    let (moved, moved_id, elsewhere): (String, i64, i32) = c
+        .query_one(
+            "SELECT shard_name, shardid, nodeport FROM citus_shards \
+              WHERE table_name = '\"ev''$$\"'::regclass ORDER BY shardid LIMIT 1",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .unwrap();
+    let other = cc
+        .workers
+        .iter()
+        .find(|w| w.port != elsewhere as u16)
+        .unwrap();
+    let mut oc = other.connect();
+    oc.batch_execute(&format!(
+        "SET citus.enable_ddl_propagation = off;
+         CREATE TABLE public.{moved} (id int, tenant_id text);
+         INSERT INTO public.{moved} VALUES (1, 'decoy');"
+    ))
+    .unwrap();
+    // Shards are shown to this session as to the sessions Citus opens.
+    oc.batch_execute("SET citus.show_shards_for_app_name_prefixes = '*'")
+        .unwrap();
+    let err = oc
+        .query(
+            "SELECT pgseal._shard_tenants('public.\"ev''$$\"', ARRAY[$1::bigint])",
+            &[&moved_id],
+        )
+        .unwrap_err();
+    assert!(
+        format!("{err:?}").contains("a shard of the table is not on this node"),
+        "{err:?}"
+    );
+    oc.batch_execute(&format!(
+        "SET citus.enable_ddl_propagation = off; DROP TABLE public.{moved};"
+    ))
+    .unwrap();
+
     // The owner's function in a partial index that one shard alone has, on its
     // worker: that node plans the shard's scan as the owner, restricted, where the
-    // policies need a tenant; the listing fails, naming the node's error.
+    // policies need a tenant (a default tenant in the worker's settings does not
+    // stand in for one); the listing fails, naming the node's error.
     c.batch_execute("GRANT CREATE ON SCHEMA public TO ev_owner")
         .unwrap();
+    for w in &cc.workers {
+        let mut wc = w.connect();
+        wc.batch_execute("ALTER SYSTEM SET app.tenant_id = 't1'")
+            .unwrap();
+        wc.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+    for w in &cc.workers {
+        setting_reached(w, "app.tenant_id", "t1");
+    }
     let (shard, port): (String, i32) = c
         .query_one(
             "SELECT shard_name, nodeport FROM citus_shards \
@@ -4981,4 +5072,127 @@ fn a_protected_citus_tables_tenants_are_listed_on_the_nodes_that_hold_them() {
         "{log}"
     );
     assert!(!log.contains("owner code ran as a superuser"), "{log}");
+}
+
+/// `key_usage` counts a Citus table's sealed values on the nodes that hold its
+/// shards, each shard checked in its own node's catalog: every value is counted
+/// under its key; a shard's own index that runs its owner's code leaves the table
+/// uncounted, with a warning, and the code never runs as a superuser.
+#[test]
+fn a_citus_tables_sealed_values_are_counted_on_the_nodes_that_hold_them() {
+    if !citus::enabled("a_citus_tables_sealed_values_are_counted_on_the_nodes_that_hold_them") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-key-usage");
+    let mut c = cc.coordinator.connect();
+    distributed_pgseal(&mut c);
+    c.batch_execute(
+        "CREATE ROLE creds_owner LOGIN;
+         GRANT CREATE ON SCHEMA public TO creds_owner;
+         CREATE TABLE creds (id int, tenant_id text NOT NULL, token text, PRIMARY KEY (tenant_id, id));
+         ALTER TABLE creds OWNER TO creds_owner;
+         SELECT create_distributed_table('creds', 'tenant_id');
+         SELECT pgseal.vault_register_column('creds', 'token');",
+    )
+    .unwrap();
+    for (i, t) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant($1)", &[t]).unwrap();
+        tx.execute(
+            "INSERT INTO creds SELECT g, $1, pgseal.vault_seal('tok' || g) FROM generate_series(1, $2) g",
+            &[t, &(10 * (i as i32 + 1))],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let usage = |c: &mut postgres::Client| -> Vec<(String, i64)> {
+        c.query(
+            "SELECT tenant_id, sum(rows)::bigint FROM pgseal.key_usage GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
+    let want: Vec<(String, i64)> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), 10 * (i as i64 + 1)))
+        .collect();
+    assert_eq!(usage(&mut c), want);
+    // Each key's count is the number of values under it.
+    let direct: Vec<(String, i64)> = c
+        .query(
+            "SELECT split_part(token, ':', 2), count(*) FROM creds GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let counted: Vec<(String, i64)> = c
+        .query(
+            "SELECT key_id, rows FROM pgseal.key_usage WHERE rows > 0 ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(counted, direct);
+
+    // The owner's function in a partial index of one shard, made on its worker.
+    let (shard, port): (String, i32) = c
+        .query_one(
+            "SELECT shard_name, nodeport FROM citus_shards WHERE table_name = 'creds'::regclass ORDER BY shardid LIMIT 1",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    cc.node_at(port as u16)
+        .connect_as("creds_owner")
+        .batch_execute(&format!(
+            "SET citus.enable_ddl_propagation = off; SET citus.enable_manual_changes_to_shards = on;
+             CREATE FUNCTION public.creds_pred(int) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $f$
+             BEGIN
+                 IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER) THEN
+                     RAISE EXCEPTION 'owner code ran as a superuser';
+                 END IF;
+                 RETURN true;
+             END $f$;
+             CREATE INDEX ON {shard} (id) WHERE public.creds_pred(1);"
+        ))
+        .unwrap();
+    let none: Vec<(String, i64)> = want.iter().map(|(t, _)| (t.clone(), 0)).collect();
+    assert_eq!(usage(&mut c), none);
+    let log = cc.coordinator.server_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("key_usage does not count public.creds")
+                && l.contains("would run code its owner wrote")),
+        "{log}"
+    );
+    assert!(!log.contains("owner code ran as a superuser"), "{log}");
+}
+
+/// Waits until a new session on `node` shows `value` for setting `name` (after an
+/// `ALTER SYSTEM` and a reload, which the postmaster takes in its own time).
+fn setting_reached(node: &pgseal_tests::Cluster, name: &str, value: &str) {
+    let began = std::time::Instant::now();
+    loop {
+        let shown: Option<String> = node
+            .connect()
+            .query_one("SELECT current_setting($1, true)", &[&name])
+            .unwrap()
+            .get(0);
+        if shown.as_deref() == Some(value) {
+            return;
+        }
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(30),
+            "{name} never reached {value}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

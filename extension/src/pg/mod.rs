@@ -15,7 +15,8 @@
 //! - `ledger_append_fn`: `ledger_append`'s materialize-mode C entry point;
 //! - `jsonb`: `jsonb` arguments read through `jsonb_out`;
 //! - `plaintext`: `vault_decrypt`'s result written in place;
-//! - `libpq`: a client connection to another node through the libpq Citus loaded.
+//! - `libpq`: a client connection to another node through the libpq Citus loaded;
+//! - `shard_nodes`: a statement on each node that holds a Citus table's shards.
 
 /// Declares the version-1 calling convention record PostgreSQL's loader looks up
 /// for a C function of pgseal's library that pgrx does not declare (`#[pg_extern]`
@@ -45,5 +46,6 @@ pub mod libpq;
 pub mod plaintext;
 pub mod plans;
 pub mod rls_guard;
+pub mod shard_nodes;
 pub mod snapshot;
 pub mod xact;

@@ -601,6 +601,30 @@ mod tests {
     }
 
     #[pg_test]
+    fn tenant_discovery_as_the_owner_is_not_narrowed_by_a_tenant_context() {
+        // A protected table whose planning runs its owner's code is scanned as its
+        // owner, under its policies: a tenant in the session (or a database
+        // default of the setting) would narrow the listing to that tenant and
+        // leave the others' expired rows. The scan runs with no tenant instead,
+        // and fails.
+        owner_trap("jn_owner", "jn");
+        run("CREATE TABLE public.jn_t (id int PRIMARY KEY, tenant_id text NOT NULL)");
+        run("INSERT INTO public.jn_t VALUES (1, 'acme'), (2, 'globex')");
+        run("SELECT pgseal.tenant_protect('public.jn_t')");
+        run("ALTER TABLE public.jn_t OWNER TO jn_owner");
+        owner_trap_statistic("jn_owner", "jn", "public.jn_t");
+        run("SET LOCAL app.tenant_id = 'acme'");
+        assert_eq!(
+            sqlstate("SELECT count(*) FROM pgseal._tenants_of('public.jn_t')"),
+            "42501"
+        );
+        assert_eq!(
+            one::<String>("SELECT current_setting('app.tenant_id')"),
+            "acme"
+        );
+    }
+
+    #[pg_test]
     fn tenant_discovery_as_the_owner_runs_no_third_roles_code() {
         // A partitioned table whose planning runs its owner's code is scanned as its
         // owner; a partition of a third role's, with that role's function in its
