@@ -71,8 +71,10 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             // of (a tree's rows need not lie leaves last).
             let size = match exported::first_root(&tenant)? {
                 None => break,
-                Some(r) => match tables.iter().position(|t| t.rel == r) {
-                    Some(i) if crate::pg::citus::manages(r)? && crate::pg::citus::has_copies(r)? => {
+                Some(r) => {
+                    let citus = crate::pg::citus::manages(r)?;
+                    match tables.iter().position(|t| t.rel == r) {
+                    Some(i) if citus && crate::pg::citus::has_copies(r)? => {
                         let read = exported::take_count(&tenant, r)?
                             .ok_or_else(|| copies_changed(&names[i].name))?;
                         let n = delete_on_citus(
@@ -90,9 +92,10 @@ fn _offboard_delete(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                         continue;
                     }
                     Some(i) if acts_on_itself(&trees[i])? => i32::MAX,
-                    Some(_) if crate::pg::citus::manages(r)? => CITUS_STATEMENT_KEYS,
+                    Some(_) if citus => CITUS_STATEMENT_KEYS,
                     _ => batch,
-                },
+                    }
+                }
             };
             let Some(exported::Taken {
                 root,

@@ -106,11 +106,15 @@ pub(super) fn keys(rel: pg_sys::Oid, alias: &str) -> SealResult<Option<String>> 
         return Ok(Some(row_key(alias)));
     }
     Ok(Some(if crate::pg::citus::has_copies(rel)? {
-        "pg_catalog.decode('00', 'hex')".to_owned()
+        COPIES_KEY.to_owned()
     } else {
         format!("pgseal._offboard_node_row_key({alias}.tableoid, {alias}.ctid, {alias}.xmin)")
     }))
 }
+
+/// The one key recorded for every row of a table Citus keeps copies of (each copy
+/// holds its rows at its own places): such a table is compared by count.
+const COPIES_KEY: &str = "pg_catalog.decode('00', 'hex')";
 
 /// The place (`ctid`, as text) in a key `_offboard_row_key` packed.
 pub(super) fn place_of(key: &[u8]) -> SealResult<String> {
@@ -334,10 +338,12 @@ pub(super) fn take(tenant: &str, batch: i32) -> SealResult<Option<Taken>> {
 pub(super) fn take_count(tenant: &str, root: pg_sys::Oid) -> SealResult<Option<i64>> {
     let (rows, alike) = as_owner(|| {
         Spi::get_two_with_args::<i64, bool>(
-            "WITH e AS (DELETE FROM pgseal.offboard_export_rows e \
-                         WHERE e.tenant_id = $1 AND e.root OPERATOR(pg_catalog.=) $2 RETURNING e.keys) \
-             SELECT pg_catalog.count(*), COALESCE(pg_catalog.bool_and(k OPERATOR(pg_catalog.=) pg_catalog.decode('00', 'hex')), true) \
-               FROM e, pg_catalog.unnest(e.keys) k",
+            &format!(
+                "WITH e AS (DELETE FROM pgseal.offboard_export_rows e \
+                             WHERE e.tenant_id = $1 AND e.root OPERATOR(pg_catalog.=) $2 RETURNING e.keys) \
+                 SELECT pg_catalog.count(*), COALESCE(pg_catalog.bool_and(k OPERATOR(pg_catalog.=) {COPIES_KEY}), true) \
+                   FROM e, pg_catalog.unnest(e.keys) k"
+            ),
             &[tenant.into(), root.into()],
         )
     })?;
