@@ -207,6 +207,7 @@ DECLARE
     parts text := '';
     c record;
     pinned text[];
+    uncounted boolean := false;
 BEGIN
     -- Registered tables in Citus are read on the workers as the owner.
     PERFORM pgseal._citus_owner_check();
@@ -220,16 +221,19 @@ BEGIN
               WHERE r.relkind IN ('r', 'p') AND r.relpersistence OPERATOR(pg_catalog.<>) 't'
                 AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.text'::pg_catalog.regtype LOOP
         -- A Citus table: each node that holds its shards counts theirs, each shard
-        -- checked in that node's catalog (extension/src/jobs.rs).
+        -- checked in that node's catalog (extension/src/jobs.rs); a row with no key
+        -- when a node could not.
         IF EXISTS (SELECT 1 FROM pgseal._citus_tables() d WHERE d.rel OPERATOR(pg_catalog.=) c.rel::pg_catalog.oid) THEN
             parts := parts || pg_catalog.format(' UNION ALL SELECT x.k, x.n FROM pgseal._citus_key_counts(%s::pg_catalog.oid, %s::pg_catalog.int2) x',
                                                 c.rel::pg_catalog.oid, c.attnum);
             CONTINUE;
         END IF;
         -- Planning a scan of it would run code its owner wrote, as this function's
-        -- owner: not counted (docs/SECURITY.md, "Privilege boundary").
+        -- owner: not counted (docs/SECURITY.md, "Privilege boundary"), and so no
+        -- key's count is known.
         IF pgseal._planning_runs_owner_code(c.rel::pg_catalog.oid) THEN
             RAISE WARNING 'pgseal: key_usage does not count %: planning a query on it would run code its owner wrote (an index, statistics, partition key or constraint expression calling a function outside the system catalogs, or a foreign table)', c.rel;
+            uncounted := true;
             CONTINUE;
         END IF;
         -- The table's name, pinned to it until the transaction ends (a schema
@@ -242,11 +246,13 @@ BEGIN
     END LOOP;
     RETURN QUERY EXECUTE format(
         'WITH used AS (SELECT NULL::text AS k, 0::pg_catalog.int8 AS n WHERE false%s)
-         SELECT t.key_id, t.tenant_id, t.state, coalesce(u.n, 0)::bigint
+         SELECT t.key_id, t.tenant_id, t.state,
+                CASE WHEN $1 OR EXISTS (SELECT 1 FROM used x WHERE x.k IS NULL) THEN NULL
+                     ELSE coalesce(u.n, 0) END::bigint
          FROM pgseal.tenant_keys t
          LEFT JOIN (SELECT k, sum(n) AS n FROM used GROUP BY k) u ON u.k = t.key_id
          WHERE t.purpose = ''dek''
-         ORDER BY t.tenant_id, t.created_at', parts);
+         ORDER BY t.tenant_id, t.created_at', parts) USING uncounted;
     PERFORM pgseal._citus_owner_done();
 END
 $$;

@@ -140,13 +140,24 @@ fn local_tenants(rel: pg_sys::Oid) -> SealResult<Vec<String>> {
              SELECT id::pg_catalog.text FROM t WHERE id IS NOT NULL"
         );
         let scan = || {
-            Spi::connect(|client| {
+            // The owner's code (an index predicate the planner runs, a policy)
+            // could change how the values print, or the tenant the policies see,
+            // for the rest of this scope: the text would then name no tenant the
+            // caller can read back, or a narrowed list.
+            let before = printing_settings();
+            let rows = Spi::connect(|client| {
                 client
                     .select(&sql, None, &[])?
                     .map(|row| row.get::<String>(1))
                     .collect::<Result<Vec<_>, _>>()
             })
-            .map_err(SealError::from)
+            .map_err(SealError::from)?;
+            if printing_settings() != before {
+                return Err(SealError::Refused(
+                    "a setting that decides how the tenant values print, or the tenant, changed while pgseal read the table (the table owner's code ran)",
+                ));
+            }
+            Ok(rows)
         };
         // A policy of this node's table may reach a Citus table, whose query is
         // sent to the workers as the owner.
@@ -217,6 +228,21 @@ fn citus_tenants(rel: pg_sys::Oid, name: &str) -> SealResult<Vec<String>> {
         tenants.extend(one.into_iter().flatten());
     }
     Ok(tenants.into_iter().collect())
+}
+
+/// The values of the settings that decide how a tenant value prints, and of the
+/// tenant setting (`local_tenants`).
+fn printing_settings() -> Vec<Option<String>> {
+    let mut names: Vec<std::ffi::CString> = NODE_STYLES
+        .iter()
+        .map(|(name, _)| (*name).to_owned())
+        .collect();
+    names.push(c"lc_monetary".to_owned());
+    names.push(crate::gucs::with_tenant_setting_name(|n| n.to_owned()));
+    names
+        .iter()
+        .map(|n| crate::context::read_setting(n))
+        .collect()
 }
 
 /// The styles in which `_shard_tenants` prints a node's tenant values: any node
@@ -291,14 +317,15 @@ fn pinned_text_column(rel: pg_sys::Oid, attnum: i16) -> SealResult<(String, Stri
 /// id: each node that holds its shards counts theirs (`_shard_key_counts`,
 /// `pg::shard_nodes`), checking each shard in its own catalog first. When a node
 /// fails (a shard whose planning would run its owner's code, a shard moved, a
-/// column no longer text there), the table is not counted at all, with a WARNING,
-/// as `_key_usage` does for a table of this node whose planning runs its owner's
-/// code. Executable by the owner only.
+/// column no longer text there), the table's values are not known: one row with
+/// no key and no count, after a WARNING, which makes `_key_usage` report no key's
+/// count (as for a table of this node whose planning runs its owner's code).
+/// Executable by the owner only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
 fn _citus_key_counts(
     rel: pg_sys::Oid,
     attnum: i16,
-) -> TableIterator<'static, (name!(k, String), name!(n, i64))> {
+) -> TableIterator<'static, (name!(k, Option<String>), name!(n, Option<i64>))> {
     let r = (|| {
         let (name, column) = pinned_text_column(rel, attnum)?;
         let (table, column) = (
@@ -327,14 +354,21 @@ fn _citus_key_counts(
                         a.node,
                         a.port
                     );
-                    return Ok(Vec::new());
+                    return Ok(vec![(None, None)]);
                 }
             }
         }
-        Ok(counts.into_iter().collect())
+        Ok(counts
+            .into_iter()
+            .map(|(k, n)| (Some(k), Some(n)))
+            .collect())
     })();
     TableIterator::new(r.or_raise())
 }
+
+/// How many distinct key ids `_shard_key_counts` answers for at most (a key id is
+/// a sealed value's own text, which the table's writers choose).
+const KEY_IDS_PER_NODE: usize = 1_000_000;
 
 /// `pgseal._shard_key_counts(rel, column, shards)`: on a node of a Citus cluster,
 /// the sealed values of text column `column` (its name) in the shards `shards` of
@@ -382,6 +416,14 @@ fn _shard_key_counts(rel: &str, column: &str, shards: Vec<i64>) -> String {
             })?;
             for (k, n) in rows {
                 *counts.entry(k.unwrap_or_default()).or_default() += n.unwrap_or(0);
+            }
+            // Key ids are the values' own text: a column filled with made-up ones
+            // would otherwise grow the answer without bound.
+            if counts.len() > KEY_IDS_PER_NODE {
+                return Err(SealError::TooMany {
+                    what: "distinct key ids in a sealed column's shards on one node",
+                    max: KEY_IDS_PER_NODE,
+                });
             }
         }
         serde_json::to_string(&counts).map_err(|_| SealError::Internal("key counts"))

@@ -14,10 +14,9 @@ use pgrx::prelude::*;
 use crate::error::{SealError, SealResult};
 use crate::privilege::{as_owner, with_pinned_search_path};
 
-/// For each node that holds an active placement of a shard of Citus table `$1`
-/// (one placement per shard, the lowest group's): its name, port, and its shards'
-/// ids as an `int8[]` literal. Also the number of shards the table has and the
-/// number those nodes cover.
+/// Each shard of Citus table `$1` with the node that holds its active placement
+/// (one placement per shard, the lowest group's; no row for a shard that has
+/// none), by node; and the number of shards the table has.
 const PLAN: &str = "\
 WITH one AS (
     SELECT s.shardid,
@@ -26,23 +25,24 @@ WITH one AS (
              ORDER BY p.groupid LIMIT 1) AS groupid
       FROM pg_catalog.pg_dist_shard s
      WHERE s.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid
-), plan AS (
-    SELECT n.nodename, n.nodeport,
-           pg_catalog.array_agg(o.shardid ORDER BY o.shardid)::pg_catalog.text AS shards,
-           pg_catalog.count(*) AS n
-      FROM one o
-      JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) o.groupid
-       AND n.noderole OPERATOR(pg_catalog.=) 'primary' AND n.isactive
-     GROUP BY n.nodename, n.nodeport
 )
-SELECT (SELECT pg_catalog.count(*) FROM one),
-       (SELECT pg_catalog.sum(n) FROM plan)::pg_catalog.int8,
-       pg_catalog.array_agg(nodename ORDER BY nodename, nodeport),
-       pg_catalog.array_agg(nodeport ORDER BY nodename, nodeport),
-       pg_catalog.array_agg(shards ORDER BY nodename, nodeport)
-  FROM plan";
+SELECT n.nodename, n.nodeport, o.shardid, (SELECT pg_catalog.count(*) FROM one)
+  FROM one o
+  JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) o.groupid
+   AND n.noderole OPERATOR(pg_catalog.=) 'primary' AND n.isactive
+ ORDER BY n.nodename, n.nodeport, o.shardid";
 
-/// What one node answered: its single value's text, or its error's message.
+/// How many shards one statement on a node locks and reads at most: a node's
+/// shards go in several statements, each its own transaction there, so that one
+/// transaction never holds locks on thousands of shards (and their partitions
+/// and indexes), which PostgreSQL's shared lock table could not hold.
+const SHARDS_PER_STATEMENT: usize = 64;
+
+/// A node by its name and port.
+type Node = (String, i32);
+
+/// What one node answered for some of its shards: the statement's single value's
+/// text, or its error's message.
 pub struct NodeAnswer {
     pub node: String,
     pub port: i32,
@@ -50,60 +50,86 @@ pub struct NodeAnswer {
 }
 
 /// Runs, on each node that holds a shard of Citus table `rel`, the statement
-/// `command(shard ids)` makes from an `int8[]` literal of the ids of the shards it
-/// holds (each shard on one node), as the extension owner over a connection of
-/// its own; its answers, one per node. Every shard is covered: a shard without an
-/// active placement fails (55000).
+/// `command(shard ids)` makes from an `int8[]` literal of ids of shards it holds
+/// (each shard on one node, up to `SHARDS_PER_STATEMENT` a statement), as the
+/// extension owner over connections of its own, the nodes at once; the answers,
+/// one per statement. Every shard is covered: a shard without an active placement
+/// fails (55000).
 pub fn on_shard_nodes(
     rel: pg_sys::Oid,
     command: impl Fn(&str) -> String,
 ) -> SealResult<Vec<NodeAnswer>> {
     as_owner(|| {
-        let (shards, covered, nodes, ports, ids) = Spi::connect(|c| {
-            let t = c.select(PLAN, Some(1), &[rel.into()])?;
-            let t = t.first();
-            Ok::<_, pgrx::spi::Error>((
-                t.get::<i64>(1)?.unwrap_or(0),
-                t.get::<i64>(2)?.unwrap_or(0),
-                t.get::<Vec<String>>(3)?.unwrap_or_default(),
-                t.get::<Vec<i32>>(4)?.unwrap_or_default(),
-                t.get::<Vec<String>>(5)?.unwrap_or_default(),
-            ))
+        let rows = Spi::connect(|c| {
+            c.select(PLAN, None, &[rel.into()])?
+                .map(|r| {
+                    Ok::<_, pgrx::spi::Error>((
+                        r.get::<String>(1)?.unwrap_or_default(),
+                        r.get::<i32>(2)?.unwrap_or(0),
+                        r.get::<i64>(3)?.unwrap_or(0),
+                        r.get::<i64>(4)?.unwrap_or(0),
+                    ))
+                })
+                .collect::<Result<Vec<_>, _>>()
         })?;
-        if covered != shards {
+        let shards = rows.first().map_or(0, |r| r.3);
+        if rows.len() as i64 != shards {
             return Err(SealError::Refused(
                 "a shard of a Citus table has no active placement on a node",
             ));
         }
-        if nodes.is_empty() {
-            return Ok(Vec::new());
+        // Each node's shards, in statements of at most SHARDS_PER_STATEMENT.
+        let mut by_node: Vec<(Node, Vec<Vec<i64>>)> = Vec::new();
+        for (node, port, shard, _) in rows {
+            match by_node.last_mut() {
+                Some((key, chunks)) if *key == (node.clone(), port) => match chunks.last_mut() {
+                    Some(c) if c.len() < SHARDS_PER_STATEMENT => c.push(shard),
+                    _ => chunks.push(vec![shard]),
+                },
+                _ => by_node.push(((node, port), vec![vec![shard]])),
+            }
         }
-        let commands: Vec<String> = ids
-            .iter()
-            .map(|s| command(&pgrx::spi::quote_literal(s)))
-            .collect();
-        let answers = Spi::connect(|c| {
-            c.select(
-                "SELECT r.node_name, r.node_port, r.success, r.result \
-                   FROM pg_catalog.master_run_on_worker($1, $2, $3, true) r",
-                None,
-                &[nodes.into(), ports.into(), commands.into()],
-            )?
-            .map(|row| {
-                let ok = row.get::<bool>(3)?.unwrap_or(false);
-                let text = row.get::<String>(4)?;
-                Ok::<_, pgrx::spi::Error>(NodeAnswer {
-                    node: row.get::<String>(1)?.unwrap_or_default(),
-                    port: row.get::<i32>(2)?.unwrap_or(0),
-                    result: if ok {
-                        Ok(text)
-                    } else {
-                        Err(text.unwrap_or_default())
-                    },
+        // In rounds: one statement on each node at a time.
+        let rounds = by_node.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
+        let mut answers = Vec::new();
+        for round in 0..rounds {
+            let (mut nodes, mut ports, mut commands) = (Vec::new(), Vec::new(), Vec::new());
+            for ((node, port), chunks) in &by_node {
+                if let Some(chunk) = chunks.get(round) {
+                    let ids = chunk
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    nodes.push(node.clone());
+                    ports.push(*port);
+                    commands.push(command(&pgrx::spi::quote_literal(format!("{{{ids}}}"))));
+                }
+            }
+            let got = Spi::connect(|c| {
+                c.select(
+                    "SELECT r.node_name, r.node_port, r.success, r.result \
+                       FROM pg_catalog.master_run_on_worker($1, $2, $3, true) r",
+                    None,
+                    &[nodes.into(), ports.into(), commands.into()],
+                )?
+                .map(|row| {
+                    let ok = row.get::<bool>(3)?.unwrap_or(false);
+                    let text = row.get::<String>(4)?;
+                    Ok::<_, pgrx::spi::Error>(NodeAnswer {
+                        node: row.get::<String>(1)?.unwrap_or_default(),
+                        port: row.get::<i32>(2)?.unwrap_or(0),
+                        result: if ok {
+                            Ok(text)
+                        } else {
+                            Err(text.unwrap_or_default())
+                        },
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, _>>()
-        })?;
+                .collect::<Result<Vec<_>, _>>()
+            })?;
+            answers.extend(got);
+        }
         Ok(answers)
     })
 }
@@ -119,6 +145,15 @@ pub fn on_shard_nodes(
 /// node, fails (55000).
 pub fn local_shards(rel: &str, shards: &[i64]) -> SealResult<Vec<pg_sys::Oid>> {
     let not_here = || SealError::Refused("a shard of the table is not on this node");
+    // The checks below, and the caller's of each shard's planning, read the
+    // catalog as it is now only under READ COMMITTED (a statement of a session
+    // whose default is a stricter isolation would read its first snapshot).
+    // SAFETY: XactIsoLevel is a plain int global set for every transaction.
+    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+        return Err(SealError::Refused(
+            "the extension owner's sessions on this node default to REPEATABLE READ or SERIALIZABLE: pgseal cannot check a shard there",
+        ));
+    }
     let table = with_pinned_search_path(|| {
         Spi::get_one_with_args::<pg_sys::Oid>(
             "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid",

@@ -625,6 +625,32 @@ mod tests {
     }
 
     #[pg_test]
+    fn tenant_discovery_as_the_owner_refuses_a_style_its_code_changed() {
+        // The owner's code, run by the planner while pgseal scans the table as its
+        // owner, sets how dates print for the rest of that scope: the listed text
+        // would then name no tenant the caller reads back the same way.
+        run("CREATE ROLE jd_owner");
+        run("GRANT CREATE ON SCHEMA public TO jd_owner");
+        run("CREATE TABLE public.jd_t (id int PRIMARY KEY, tenant_id date NOT NULL)");
+        run("INSERT INTO public.jd_t VALUES (1, '2024-01-02')");
+        run("ALTER TABLE public.jd_t OWNER TO jd_owner");
+        run("SET LOCAL ROLE jd_owner");
+        run(
+            "CREATE FUNCTION public.jd_style(t text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+             BEGIN PERFORM pg_catalog.set_config('DateStyle', 'SQL, DMY', false); RETURN t; END $$",
+        );
+        run("CREATE STATISTICS public.jd_st ON (tenant_id::text || public.jd_style('x')), tenant_id FROM public.jd_t");
+        run("RESET ROLE");
+        assert!(one::<bool>(
+            "SELECT pgseal._planning_runs_owner_code('public.jd_t'::regclass)"
+        ));
+        assert_eq!(
+            sqlstate("SELECT count(*) FROM pgseal._tenants_of('public.jd_t')"),
+            "55000"
+        );
+    }
+
+    #[pg_test]
     fn tenant_discovery_as_the_owner_runs_no_third_roles_code() {
         // A partitioned table whose planning runs its owner's code is scanned as its
         // owner; a partition of a third role's, with that role's function in its
