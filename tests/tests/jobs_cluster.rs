@@ -466,6 +466,87 @@ fn tenant_rotation_reseals_every_value_even_after_a_kill_9() {
     );
 }
 
+/// A registered table that `key_usage` cannot count (planning a query on it runs
+/// code its owner wrote) leaves no key's count known: `key_usage` reports none
+/// (NULL, never 0), and pgseald's rotation then reseals the values another
+/// tenant's rotation left under a retired key rather than take them for none.
+#[test]
+fn rotation_reseals_values_under_a_retired_key_when_key_usage_cannot_count() {
+    let cl = Cluster::start("jobs-rotate-uncounted", &[KEY_V1], &[]);
+    let mut c = creds_table(&cl);
+    seal_rows(&mut c, "a", 1, 40);
+    // a's key rotated without a reseal: its values stay under the retired key.
+    c.batch_execute("SELECT pgseal.tenant_key_rotate('a')")
+        .unwrap();
+    assert_eq!(rows_under_non_active_keys(&mut c, "a"), 40);
+    c.batch_execute(
+        "CREATE ROLE creds_owner;
+         GRANT CREATE ON SCHEMA public TO creds_owner;
+         ALTER TABLE creds OWNER TO creds_owner;
+         SET ROLE creds_owner;
+         CREATE FUNCTION public.creds_imm(t text) RETURNS text LANGUAGE sql IMMUTABLE AS 'SELECT t';
+         CREATE STATISTICS public.creds_st ON (tenant_id || public.creds_imm('x')), tenant_id FROM creds;
+         RESET ROLE;",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pgseal.key_usage WHERE rows IS NOT NULL"
+        ),
+        0,
+        "a count pgseal could not take is reported"
+    );
+    // The scheduled rotation, with no key due: only its pass over values left
+    // under retired keys has work.
+    let dir = pgseal_tests::fresh_dir("jobs-rotate-uncounted-files");
+    let config = dir.join("pgseald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[rotation]\nschedule = \"* * * * * *\"\nmax_key_age_days = 3650\n",
+            cl.url()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("pgseald.log");
+    let mut child = Pgseald::new(["run", "--config", config.to_str().unwrap()])
+        .spawn(std::fs::File::create(&log).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let row = c
+            .query_opt(
+                "SELECT status FROM pgseal.job_runs \
+                 WHERE job = 'rotation' AND status <> 'running' ORDER BY id LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        if let Some(r) = row {
+            break r.get::<_, String>(0);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rotation run ended within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status, "ok", "{out}");
+    assert!(out.contains("key usage is not known"), "{out}");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM creds c JOIN pgseal.tenant_keys k ON k.key_id = split_part(c.token, ':', 2) \
+              WHERE c.tenant_id = 'a' AND k.state = 'active'"
+        ),
+        40,
+        "{out}"
+    );
+    assert_eq!(wrong_values(&mut c, "a"), 0);
+}
+
 /// The scheduled rotation (`pgseald run` with a [rotation] section) goes on past a
 /// tenant whose reseal fails: tenant "a" plants a value under its key that no key
 /// opens, which fails every reseal batch of its rows. Tenants "b" and "c", after it
