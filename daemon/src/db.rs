@@ -3,7 +3,9 @@
 use tokio_postgres::Client;
 
 /// What `connect` sets for the session.
-const SESSION_SETTINGS: &str = "SET search_path = pg_catalog, pg_temp; SET extra_float_digits = 3";
+const SESSION_SETTINGS: &str =
+    "SET search_path = pg_catalog, pg_temp; SET extra_float_digits = 3; \
+     SET default_transaction_isolation = 'read committed'";
 
 /// How the session prints times and intervals (`connect`; a job sets them again).
 pub const STYLES: &str = "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = postgres";

@@ -2135,12 +2135,13 @@ BEGIN
                                             pinned[2], pinned[1], pinned[2]);
     END LOOP;
     RETURN QUERY EXECUTE format(
-        'WITH used AS (SELECT NULL::text AS k, 0::pg_catalog.int8 AS n WHERE false%s)
+        'WITH used AS (SELECT NULL::text AS k, 0::pg_catalog.int8 AS n WHERE false%s),
+              agg AS (SELECT k, sum(n) AS n FROM used GROUP BY k)
          SELECT t.key_id, t.tenant_id, t.state,
-                CASE WHEN $1 OR EXISTS (SELECT 1 FROM used x WHERE x.k IS NULL) THEN NULL
+                CASE WHEN $1 OR EXISTS (SELECT 1 FROM agg x WHERE x.k IS NULL) THEN NULL
                      ELSE coalesce(u.n, 0) END::bigint
          FROM pgseal.tenant_keys t
-         LEFT JOIN (SELECT k, sum(n) AS n FROM used GROUP BY k) u ON u.k = t.key_id
+         LEFT JOIN agg u ON u.k = t.key_id
          WHERE t.purpose = ''dek''
          ORDER BY t.tenant_id, t.created_at', parts) USING uncounted;
     PERFORM pgseal._citus_owner_done();

@@ -237,7 +237,6 @@ fn printing_settings() -> Vec<Option<String>> {
         .iter()
         .map(|(name, _)| (*name).to_owned())
         .collect();
-    names.push(c"lc_monetary".to_owned());
     names.push(crate::gucs::with_tenant_setting_name(|n| n.to_owned()));
     names
         .iter()
@@ -247,12 +246,13 @@ fn printing_settings() -> Vec<Option<String>> {
 
 /// The styles in which `_shard_tenants` prints a node's tenant values: any node
 /// reads them back alike, whatever its own settings (`citus_tenants`).
-const NODE_STYLES: [(&std::ffi::CStr, &std::ffi::CStr); 5] = [
+const NODE_STYLES: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
     (c"DateStyle", c"ISO, YMD"),
     (c"IntervalStyle", c"postgres"),
     (c"extra_float_digits", c"3"),
     (c"bytea_output", c"hex"),
     (c"TimeZone", c"UTC"),
+    (c"lc_monetary", c"C"),
 ];
 
 /// `pgseal._shard_tenants(rel, shards)`: on a node of a Citus cluster, the
@@ -332,9 +332,15 @@ fn _citus_key_counts(
             pgrx::spi::quote_literal(&name),
             pgrx::spi::quote_literal(column),
         );
-        let answers = crate::pg::shard_nodes::on_shard_nodes(rel, |shards| {
+        let answers = match crate::pg::shard_nodes::on_shard_nodes(rel, |shards| {
             format!("SELECT pgseal._shard_key_counts({table}, {column}, {shards})")
-        })?;
+        }) {
+            Ok(answers) => answers,
+            Err(e) => {
+                pgrx::warning!("pgseal: key_usage does not count {name}: {e}");
+                return Ok(vec![(None, None)]);
+            }
+        };
         let mut counts = std::collections::BTreeMap::<String, i64>::new();
         for a in answers {
             match a.result {
@@ -345,6 +351,12 @@ fn _citus_key_counts(
                         })?;
                     for (k, n) in one {
                         *counts.entry(k).or_default() += n;
+                    }
+                    if counts.len() > KEY_IDS_PER_NODE {
+                        pgrx::warning!(
+                            "pgseal: key_usage does not count {name}: more than {KEY_IDS_PER_NODE} distinct key ids in it"
+                        );
+                        return Ok(vec![(None, None)]);
                     }
                 }
                 Ok(None) => {}
@@ -366,8 +378,9 @@ fn _citus_key_counts(
     TableIterator::new(r.or_raise())
 }
 
-/// How many distinct key ids `_shard_key_counts` answers for at most (a key id is
-/// a sealed value's own text, which the table's writers choose).
+/// How many distinct key ids one `_shard_key_counts` statement answers for at
+/// most, and `_citus_key_counts` sums for one table (a key id is a sealed value's
+/// own text, which the table's writers choose).
 const KEY_IDS_PER_NODE: usize = 1_000_000;
 
 /// `pgseal._shard_key_counts(rel, column, shards)`: on a node of a Citus cluster,
@@ -401,9 +414,14 @@ fn _shard_key_counts(rel: &str, column: &str, shards: Vec<i64>) -> String {
                 return Err(gone());
             }
             let col = pgrx::spi::quote_identifier(column);
+            // Only what can be a key id (docs/FORMAT.md: 1–64 of [A-Za-z0-9_-]);
+            // one more than the room left, to know the cap was passed.
+            let room = KEY_IDS_PER_NODE + 1 - counts.len();
             let sql = format!(
-                "SELECT pg_catalog.split_part({col}, ':', 2), pg_catalog.count(*) FROM {name} \
-                  WHERE {col} OPERATOR(pg_catalog.~~) 'v2:%' GROUP BY 1"
+                "SELECT k, pg_catalog.count(*) FROM \
+                   (SELECT pg_catalog.split_part({col}, ':', 2) AS k FROM {name} \
+                     WHERE {col} OPERATOR(pg_catalog.~~) 'v2:%') v \
+                  WHERE k OPERATOR(pg_catalog.~) '^[A-Za-z0-9_-]{{1,64}}$' GROUP BY 1 LIMIT {room}"
             );
             let rows = as_owner(|| {
                 with_pinned_search_path(|| {
@@ -418,7 +436,8 @@ fn _shard_key_counts(rel: &str, column: &str, shards: Vec<i64>) -> String {
                 *counts.entry(k.unwrap_or_default()).or_default() += n.unwrap_or(0);
             }
             // Key ids are the values' own text: a column filled with made-up ones
-            // would otherwise grow the answer without bound.
+            // would otherwise grow the answer without bound (the cap is per
+            // statement, of up to 64 shards).
             if counts.len() > KEY_IDS_PER_NODE {
                 return Err(SealError::TooMany {
                     what: "distinct key ids in a sealed column's shards on one node",

@@ -5144,6 +5144,36 @@ fn a_citus_tables_sealed_values_are_counted_on_the_nodes_that_hold_them() {
         .collect();
     assert_eq!(counted, direct);
 
+    // A table whose only shard has no active placement: its tenants cannot be
+    // listed (55000), and no key's count is known, rather than none.
+    c.batch_execute(
+        "SET citus.shard_count = 1;
+         CREATE TABLE lonely (id int, tenant_id text NOT NULL, token text, PRIMARY KEY (tenant_id, id));
+         SELECT create_distributed_table('lonely', 'tenant_id', colocate_with => 'none');
+         RESET citus.shard_count;
+         SELECT pgseal.vault_register_column('lonely', 'token');
+         INSERT INTO lonely VALUES (1, 'a', NULL);
+         UPDATE pg_dist_placement SET shardstate = 3
+          WHERE shardid = (SELECT shardid FROM pg_dist_shard WHERE logicalrelid = 'lonely'::regclass);",
+    )
+    .unwrap();
+    let err = c
+        .query("SELECT * FROM pgseal._tenants_of('public.lonely')", &[])
+        .unwrap_err();
+    assert_eq!(
+        err.code().map(|s| s.code().to_owned()).as_deref(),
+        Some("55000"),
+        "{err:?}"
+    );
+    let unknown: Vec<(String, Option<i64>)> = want.iter().map(|(t, _)| (t.clone(), None)).collect();
+    assert_eq!(usage(&mut c), unknown);
+    c.batch_execute(
+        "UPDATE pg_dist_placement SET shardstate = 1
+          WHERE shardid = (SELECT shardid FROM pg_dist_shard WHERE logicalrelid = 'lonely'::regclass)",
+    )
+    .unwrap();
+    assert_eq!(usage(&mut c), want);
+
     // The owner's function in a partial index of one shard, made on its worker.
     let (shard, port): (String, i32) = c
         .query_one(
@@ -5167,7 +5197,6 @@ fn a_citus_tables_sealed_values_are_counted_on_the_nodes_that_hold_them() {
         ))
         .unwrap();
     // No count is known then (none is taken for zero).
-    let unknown: Vec<(String, Option<i64>)> = want.iter().map(|(t, _)| (t.clone(), None)).collect();
     assert_eq!(usage(&mut c), unknown);
     let log = cc.coordinator.server_log();
     assert!(

@@ -513,16 +513,16 @@ fn rotation_reseals_values_under_a_retired_key_when_key_usage_cannot_count() {
     let mut child = Pgseald::new(["run", "--config", config.to_str().unwrap()])
         .spawn(std::fs::File::create(&log).unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
+    let (status, detail) = loop {
         let row = c
             .query_opt(
-                "SELECT status FROM pgseal.job_runs \
+                "SELECT status, detail::text FROM pgseal.job_runs \
                  WHERE job = 'rotation' AND status <> 'running' ORDER BY id LIMIT 1",
                 &[],
             )
             .unwrap();
         if let Some(r) = row {
-            break r.get::<_, String>(0);
+            break (r.get::<_, String>(0), r.get::<_, String>(1));
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -535,6 +535,7 @@ fn rotation_reseals_values_under_a_retired_key_when_key_usage_cannot_count() {
     let out = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status, "ok", "{out}");
     assert!(out.contains("key usage is not known"), "{out}");
+    assert!(detail.contains(r#""key_usage_known": false"#), "{detail}");
     assert_eq!(
         count(
             &mut c,

@@ -69,14 +69,16 @@ pub async fn scheduled(
     // pgseal could not count, named in the server's warnings) is not taken for zero.
     let leftover = client
         .query(
-            "SELECT DISTINCT u.tenant_id, a.key_id, u.rows IS NULL FROM pgseal.key_usage u \
-             JOIN pgseal.key_usage a ON a.tenant_id = u.tenant_id AND a.state = 'active' \
+            "WITH k AS MATERIALIZED (SELECT * FROM pgseal.key_usage) \
+             SELECT DISTINCT u.tenant_id, a.key_id, u.rows IS NULL FROM k u \
+             JOIN k a ON a.tenant_id = u.tenant_id AND a.state = 'active' \
              WHERE u.state <> 'active' AND u.rows IS DISTINCT FROM 0",
             &[],
         )
         .await
         .map_err(DaemonError::Query)?;
-    if leftover.iter().any(|r| r.get::<_, bool>(2)) {
+    let usage_known = !leftover.iter().any(|r| r.get::<_, bool>(2));
+    if !usage_known {
         tracing::warn!(
             "key usage is not known for a registered table (the server's warnings name it): every tenant with a retired key is resealed"
         );
@@ -106,7 +108,9 @@ pub async fn scheduled(
             ),
         });
     }
-    Ok(serde_json::json!({ "rotated": rotated, "resealed": resealed }))
+    Ok(
+        serde_json::json!({ "rotated": rotated, "resealed": resealed, "key_usage_known": usage_known }),
+    )
 }
 
 /// A tenant's failed rotation or reseal: logged and added to `failed`, unless the

@@ -15,8 +15,8 @@ use crate::error::{SealError, SealResult};
 use crate::privilege::{as_owner, with_pinned_search_path};
 
 /// Each shard of Citus table `$1` with the node that holds its active placement
-/// (one placement per shard, the lowest group's; no row for a shard that has
-/// none), by node; and the number of shards the table has.
+/// (one placement per shard, the lowest group's; no node for a shard whose
+/// placements are none active, or on no active primary node), by node.
 const PLAN: &str = "\
 WITH one AS (
     SELECT s.shardid,
@@ -26,9 +26,9 @@ WITH one AS (
       FROM pg_catalog.pg_dist_shard s
      WHERE s.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.oid
 )
-SELECT n.nodename, n.nodeport, o.shardid, (SELECT pg_catalog.count(*) FROM one)
+SELECT n.nodename, n.nodeport, o.shardid
   FROM one o
-  JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) o.groupid
+  LEFT JOIN pg_catalog.pg_dist_node n ON n.groupid OPERATOR(pg_catalog.=) o.groupid
    AND n.noderole OPERATOR(pg_catalog.=) 'primary' AND n.isactive
  ORDER BY n.nodename, n.nodeport, o.shardid";
 
@@ -64,23 +64,25 @@ pub fn on_shard_nodes(
             c.select(PLAN, None, &[rel.into()])?
                 .map(|r| {
                     Ok::<_, pgrx::spi::Error>((
-                        r.get::<String>(1)?.unwrap_or_default(),
-                        r.get::<i32>(2)?.unwrap_or(0),
+                        r.get::<String>(1)?,
+                        r.get::<i32>(2)?,
                         r.get::<i64>(3)?.unwrap_or(0),
-                        r.get::<i64>(4)?.unwrap_or(0),
                     ))
                 })
                 .collect::<Result<Vec<_>, _>>()
         })?;
-        let shards = rows.first().map_or(0, |r| r.3);
-        if rows.len() as i64 != shards {
-            return Err(SealError::Refused(
-                "a shard of a Citus table has no active placement on a node",
-            ));
-        }
+        let no_node = || {
+            SealError::Refused("a shard of a Citus table has no active placement on an active node")
+        };
+        let rows = rows
+            .into_iter()
+            .map(|(node, port, shard)| {
+                Ok((node.ok_or_else(no_node)?, port.ok_or_else(no_node)?, shard))
+            })
+            .collect::<SealResult<Vec<_>>>()?;
         // Each node's shards, in statements of at most SHARDS_PER_STATEMENT.
         let mut by_node: Vec<(Node, Vec<Vec<i64>>)> = Vec::new();
-        for (node, port, shard, _) in rows {
+        for (node, port, shard) in rows {
             match by_node.last_mut() {
                 Some((key, chunks)) if *key == (node.clone(), port) => match chunks.last_mut() {
                     Some(c) if c.len() < SHARDS_PER_STATEMENT => c.push(shard),
