@@ -261,7 +261,8 @@ AS 'MODULE_PATHNAME', '_tenants_scan_wrapper';
 
 CREATE OR REPLACE FUNCTION pgseal."_shard_tenants"(
 	"rel" TEXT, /* &str */
-	"shards" bigint[] /* alloc::vec::Vec<i64> */
+	"shards" bigint[], /* alloc::vec::Vec<i64> */
+	"lock_timeout" TEXT /* &str */
 ) RETURNS TEXT[] /* alloc::vec::Vec<alloc::string::String> */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
@@ -281,7 +282,8 @@ AS 'MODULE_PATHNAME', '_citus_key_counts_wrapper';
 CREATE OR REPLACE FUNCTION pgseal."_shard_key_counts"(
 	"rel" TEXT, /* &str */
 	"column" TEXT, /* &str */
-	"shards" bigint[] /* alloc::vec::Vec<i64> */
+	"shards" bigint[], /* alloc::vec::Vec<i64> */
+	"lock_timeout" TEXT /* &str */
 ) RETURNS TEXT /* alloc::string::String */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */

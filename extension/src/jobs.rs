@@ -174,8 +174,9 @@ fn local_tenants(rel: pg_sys::Oid) -> SealResult<Vec<String>> {
 /// node's error in a WARNING before it).
 fn citus_tenants(rel: pg_sys::Oid, name: &str) -> SealResult<Vec<String>> {
     let table = pgrx::spi::quote_literal(name);
+    let wait = crate::pg::shard_nodes::lock_timeout_literal();
     let answers = crate::pg::shard_nodes::on_shard_nodes(rel, |shards| {
-        format!("SELECT pgseal._shard_tenants({table}, {shards})")
+        format!("SELECT pgseal._shard_tenants({table}, {shards}, {wait})")
     })?;
     let mut lists = Vec::new();
     let mut failed = false;
@@ -255,7 +256,7 @@ const NODE_STYLES: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
     (c"lc_monetary", c"C"),
 ];
 
-/// `pgseal._shard_tenants(rel, shards)`: on a node of a Citus cluster, the
+/// `pgseal._shard_tenants(rel, shards, lock_timeout)`: on a node of a Citus cluster, the
 /// distinct tenants of the shards `shards` of Citus table `rel` (a quoted,
 /// qualified name) that this node holds, each listed as a table of this node
 /// (`local_tenants`: as the extension owner unless planning its scan would run
@@ -263,13 +264,13 @@ const NODE_STYLES: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
 /// or not of that table, fails it (55000). `citus_tenants` calls it through Citus
 /// as the extension owner; executable by the owner only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
-fn _shard_tenants(rel: &str, shards: Vec<i64>) -> Vec<String> {
+fn _shard_tenants(rel: &str, shards: Vec<i64>, lock_timeout: &str) -> Vec<String> {
     with_pinned_search_path(|| {
         for (name, value) in NODE_STYLES {
             crate::privilege::save_setting(name, value);
         }
         let mut tenants = std::collections::BTreeSet::new();
-        for shard in crate::pg::shard_nodes::local_shards(rel, &shards)? {
+        for shard in crate::pg::shard_nodes::local_shards(rel, &shards, lock_timeout)? {
             check_job_table(shard)?;
             tenants.extend(local_tenants(shard)?);
         }
@@ -332,8 +333,9 @@ fn _citus_key_counts(
             pgrx::spi::quote_literal(&name),
             pgrx::spi::quote_literal(column),
         );
+        let wait = crate::pg::shard_nodes::lock_timeout_literal();
         let answers = match crate::pg::shard_nodes::on_shard_nodes(rel, |shards| {
-            format!("SELECT pgseal._shard_key_counts({table}, {column}, {shards})")
+            format!("SELECT pgseal._shard_key_counts({table}, {column}, {shards}, {wait})")
         }) {
             Ok(answers) => answers,
             Err(e) => {
@@ -383,7 +385,7 @@ fn _citus_key_counts(
 /// own text, which the table's writers choose).
 const KEY_IDS_PER_NODE: usize = 1_000_000;
 
-/// `pgseal._shard_key_counts(rel, column, shards)`: on a node of a Citus cluster,
+/// `pgseal._shard_key_counts(rel, column, shards, lock_timeout)`: on a node of a Citus cluster,
 /// the sealed values of text column `column` (its name) in the shards `shards` of
 /// Citus table `rel` (a quoted, qualified name) that this node holds, counted by key
 /// id, as a JSON object. Each shard is read as the extension owner only when
@@ -392,12 +394,12 @@ const KEY_IDS_PER_NODE: usize = 1_000_000;
 /// `_citus_key_counts` calls it through Citus as the extension owner; executable by
 /// the owner only.
 #[pg_extern(volatile, parallel_unsafe, strict)]
-fn _shard_key_counts(rel: &str, column: &str, shards: Vec<i64>) -> String {
-    (|| {
+fn _shard_key_counts(rel: &str, column: &str, shards: Vec<i64>, lock_timeout: &str) -> String {
+    with_pinned_search_path(|| {
         let gone = || SealError::Refused("a registered sealed column is no longer a text column");
         let column_c = std::ffi::CString::new(column).map_err(|_| gone())?;
         let mut counts = std::collections::BTreeMap::<String, i64>::new();
-        for shard in crate::pg::shard_nodes::local_shards(rel, &shards)? {
+        for shard in crate::pg::shard_nodes::local_shards(rel, &shards, lock_timeout)? {
             if crate::privilege::planning_runs_owner_code(shard)? {
                 return Err(SealError::Refused(
                     "planning a query on a shard would run code its owner wrote",
@@ -446,7 +448,7 @@ fn _shard_key_counts(rel: &str, column: &str, shards: Vec<i64>) -> String {
             }
         }
         serde_json::to_string(&counts).map_err(|_| SealError::Internal("key counts"))
-    })()
+    })
     .or_raise()
 }
 

@@ -5003,7 +5003,7 @@ fn a_protected_citus_tables_tenants_are_listed_on_the_nodes_that_hold_them() {
         .unwrap();
     let err = oc
         .query(
-            "SELECT pgseal._shard_tenants('public.\"ev''$$\"', ARRAY[$1::bigint])",
+            "SELECT pgseal._shard_tenants('public.\"ev''$$\"', ARRAY[$1::bigint], '0')",
             &[&moved_id],
         )
         .unwrap_err();
@@ -5015,6 +5015,47 @@ fn a_protected_citus_tables_tenants_are_listed_on_the_nodes_that_hold_them() {
         "SET citus.enable_ddl_propagation = off; DROP TABLE public.{moved};"
     ))
     .unwrap();
+
+    // A lock held on a shard, on its worker: the node waits for it no longer than
+    // the caller's lock_timeout, and the listing fails rather than wait on.
+    let (locked, locked_port): (String, i32) = c
+        .query_one(
+            "SELECT shard_name, nodeport FROM citus_shards \
+              WHERE table_name = '\"ev''$$\"'::regclass ORDER BY shardid DESC LIMIT 1",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    let mut holder = cc.node_at(locked_port as u16).connect();
+    let mut held = holder.transaction().unwrap();
+    held.batch_execute(&format!(
+        "SET LOCAL citus.enable_manual_changes_to_shards = on; LOCK TABLE public.{locked} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .unwrap();
+    c.batch_execute("SET statement_timeout = '30s'; SET lock_timeout = '300ms'")
+        .unwrap();
+    let began = std::time::Instant::now();
+    let err = c.query(list, &[]).unwrap_err();
+    assert_eq!(
+        err.code().map(|s| s.code().to_owned()).as_deref(),
+        Some("55000"),
+        "{err:?}"
+    );
+    assert!(
+        began.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(
+        cc.coordinator
+            .server_log()
+            .lines()
+            .any(|l| l.contains("could not list the tenants of") && l.contains("lock timeout")),
+        "the node's lock wait was not cut short"
+    );
+    held.rollback().unwrap();
+    c.batch_execute("RESET statement_timeout; RESET lock_timeout")
+        .unwrap();
 
     // The owner's function in a partial index that one shard alone has, on its
     // worker: that node plans the shard's scan as the owner, restricted, where the

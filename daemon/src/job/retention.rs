@@ -308,13 +308,28 @@ pub async fn run(
     for (rel, by_tenant) in &rules {
         let tenants: Vec<String> = match &opts.tenant {
             Some(t) => vec![t.clone()],
-            None => client
-                .query("SELECT pgseal._tenants_of($1::text::regclass)", &[rel])
-                .await
-                .map_err(DaemonError::Query)?
-                .iter()
-                .map(|r| r.get(0))
-                .collect(),
+            // Waiting for a lock no longer than a batch would (on Citus, each node
+            // that lists a shard's tenants waits that long at most too).
+            None => {
+                let tx = client.transaction().await.map_err(DaemonError::Query)?;
+                if opts.lock_timeout_ms > 0 {
+                    tx.execute(
+                        "SELECT pg_catalog.set_config('lock_timeout', $1, true)",
+                        &[&format!("{}ms", opts.lock_timeout_ms)],
+                    )
+                    .await
+                    .map_err(DaemonError::Query)?;
+                }
+                let listed = tx
+                    .query("SELECT pgseal._tenants_of($1::text::regclass)", &[rel])
+                    .await
+                    .map_err(DaemonError::Query)?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                tx.commit().await.map_err(DaemonError::Query)?;
+                listed
+            }
         };
         for tenant in tenants {
             if stop.is_cancelled() {

@@ -49,6 +49,13 @@ pub struct NodeAnswer {
     pub result: Result<Option<String>, String>,
 }
 
+/// This session's `lock_timeout`, as a literal for the nodes' statements
+/// (`local_shards` waits for each shard's lock that long there, as a statement of
+/// this session would here; Citus opens the nodes' connections with their own).
+pub fn lock_timeout_literal() -> String {
+    pgrx::spi::quote_literal(crate::context::read_setting(c"lock_timeout").unwrap_or_default())
+}
+
 /// Runs, on each node that holds a shard of Citus table `rel`, the statement
 /// `command(shard ids)` makes from an `int8[]` literal of ids of shards it holds
 /// (each shard on one node, up to `SHARDS_PER_STATEMENT` a statement), as the
@@ -144,9 +151,13 @@ pub fn on_shard_nodes(
 /// the relation of that name and have an active placement on this node: a shard
 /// moved away meanwhile, and a table made under its name after, are refused. A
 /// table Citus does not manage here, or a shard that is not of it or not on this
-/// node, fails (55000).
-pub fn local_shards(rel: &str, shards: &[i64]) -> SealResult<Vec<pg_sys::Oid>> {
+/// node, fails (55000). The locks are awaited at most `lock_timeout` (the
+/// caller's, `lock_timeout_literal`; set in the caller's GUC nest level).
+pub fn local_shards(rel: &str, shards: &[i64], lock_timeout: &str) -> SealResult<Vec<pg_sys::Oid>> {
     let not_here = || SealError::Refused("a shard of the table is not on this node");
+    let wait = std::ffi::CString::new(lock_timeout)
+        .map_err(|_| SealError::InvalidArgument("lock_timeout is not a setting's value"))?;
+    crate::privilege::save_setting(c"lock_timeout", &wait);
     // The checks below, and the caller's of each shard's planning, read the
     // catalog as it is now only under READ COMMITTED (a statement of a session
     // whose default is a stricter isolation would read its first snapshot).
