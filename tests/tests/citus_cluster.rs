@@ -5072,28 +5072,7 @@ fn a_protected_citus_tables_tenants_are_listed_on_the_nodes_that_hold_them() {
     for w in &cc.workers {
         setting_reached(w, "app.tenant_id", "t1");
     }
-    let (shard, port): (String, i32) = c
-        .query_one(
-            "SELECT shard_name, nodeport FROM citus_shards \
-              WHERE table_name = '\"ev''$$\"'::regclass AND shard_size >= 0 ORDER BY shardid LIMIT 1",
-            &[],
-        )
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
-    let mut owner = cc.node_at(port as u16).connect_as("ev_owner");
-    owner
-        .batch_execute(&format!(
-            "SET citus.enable_ddl_propagation = off; SET citus.enable_manual_changes_to_shards = on;
-             CREATE FUNCTION public.ev_pred(int) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $f$
-             BEGIN
-                 IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER) THEN
-                     RAISE EXCEPTION 'owner code ran as a superuser';
-                 END IF;
-                 RETURN true;
-             END $f$;
-             CREATE INDEX ON {shard} (id) WHERE public.ev_pred(1);"
-        ))
-        .unwrap();
+    owner_code_on_one_shard(&cc, &mut c, "\"ev'$$\"", "ev_owner");
     let err = c.query(list, &[]).unwrap_err();
     assert_eq!(
         err.code().map(|s| s.code().to_owned()).as_deref(),
@@ -5216,27 +5195,7 @@ fn a_citus_tables_sealed_values_are_counted_on_the_nodes_that_hold_them() {
     assert_eq!(usage(&mut c), want);
 
     // The owner's function in a partial index of one shard, made on its worker.
-    let (shard, port): (String, i32) = c
-        .query_one(
-            "SELECT shard_name, nodeport FROM citus_shards WHERE table_name = 'creds'::regclass ORDER BY shardid LIMIT 1",
-            &[],
-        )
-        .map(|r| (r.get(0), r.get(1)))
-        .unwrap();
-    cc.node_at(port as u16)
-        .connect_as("creds_owner")
-        .batch_execute(&format!(
-            "SET citus.enable_ddl_propagation = off; SET citus.enable_manual_changes_to_shards = on;
-             CREATE FUNCTION public.creds_pred(int) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $f$
-             BEGIN
-                 IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER) THEN
-                     RAISE EXCEPTION 'owner code ran as a superuser';
-                 END IF;
-                 RETURN true;
-             END $f$;
-             CREATE INDEX ON {shard} (id) WHERE public.creds_pred(1);"
-        ))
-        .unwrap();
+    owner_code_on_one_shard(&cc, &mut c, "creds", "creds_owner");
     // No count is known then (none is taken for zero).
     assert_eq!(usage(&mut c), unknown);
     let log = cc.coordinator.server_log();
@@ -5268,4 +5227,34 @@ fn setting_reached(node: &pgseal_tests::Cluster, name: &str, value: &str) {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+/// As `owner` (who may create in schema public), on the worker that holds the
+/// first shard of `table` (a quoted name): a function of the owner's that raises
+/// when it runs as a superuser, in a partial index that only that shard has
+/// (made with DDL propagation off), so that whoever plans a query on the shard
+/// runs it.
+fn owner_code_on_one_shard(cc: &CitusCluster, c: &mut postgres::Client, table: &str, owner: &str) {
+    let (shard, port): (String, i32) = c
+        .query_one(
+            "SELECT shard_name, nodeport FROM citus_shards \
+              WHERE table_name = $1::text::regclass ORDER BY shardid LIMIT 1",
+            &[&table],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    cc.node_at(port as u16)
+        .connect_as(owner)
+        .batch_execute(&format!(
+            "SET citus.enable_ddl_propagation = off; SET citus.enable_manual_changes_to_shards = on;
+             CREATE FUNCTION public.{owner}_pred(int) RETURNS boolean IMMUTABLE LANGUAGE plpgsql AS $f$
+             BEGIN
+                 IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER) THEN
+                     RAISE EXCEPTION 'owner code ran as a superuser';
+                 END IF;
+                 RETURN true;
+             END $f$;
+             CREATE INDEX ON {shard} (id) WHERE public.{owner}_pred(1);"
+        ))
+        .unwrap();
 }

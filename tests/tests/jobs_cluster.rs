@@ -499,40 +499,8 @@ fn rotation_reseals_values_under_a_retired_key_when_key_usage_cannot_count() {
     );
     // The scheduled rotation, with no key due: only its pass over values left
     // under retired keys has work.
-    let dir = pgseal_tests::fresh_dir("jobs-rotate-uncounted-files");
-    let config = dir.join("pgseald.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "database_url = \"{}\"\n[rotation]\nschedule = \"* * * * * *\"\nmax_key_age_days = 3650\n",
-            cl.url()
-        ),
-    )
-    .unwrap();
-    let log = dir.join("pgseald.log");
-    let mut child = Pgseald::new(["run", "--config", config.to_str().unwrap()])
-        .spawn(std::fs::File::create(&log).unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let (status, detail) = loop {
-        let row = c
-            .query_opt(
-                "SELECT status, detail::text FROM pgseal.job_runs \
-                 WHERE job = 'rotation' AND status <> 'running' ORDER BY id LIMIT 1",
-                &[],
-            )
-            .unwrap();
-        if let Some(r) = row {
-            break (r.get::<_, String>(0), r.get::<_, String>(1));
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no rotation run ended within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    let (status, detail, out) =
+        scheduled_rotation_once(&cl, &mut c, "jobs-rotate-uncounted-files", 3650);
     assert_eq!(status, "ok", "{out}");
     assert!(out.contains("key usage is not known"), "{out}");
     assert!(detail.contains(r#""key_usage_known": false"#), "{detail}");
@@ -576,40 +544,9 @@ fn scheduled_rotation_goes_on_past_a_tenant_whose_reseal_fails() {
         old[0]
     ))
     .unwrap();
-    let dir = pgseal_tests::fresh_dir("jobs-rotate-sched-files");
-    let config = dir.join("pgseald.toml");
-    // Every key is due (age 0 days); the run starts within a second.
-    std::fs::write(
-        &config,
-        format!(
-            "database_url = \"{}\"\n[rotation]\nschedule = \"* * * * * *\"\nmax_key_age_days = 0\n",
-            cl.url()
-        ),
-    )
-    .unwrap();
-    let mut child = Pgseald::new(["run", "--config", config.to_str().unwrap()])
-        .spawn(std::fs::File::create(dir.join("pgseald.log")).unwrap());
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let run = loop {
-        let row = c
-            .query_opt(
-                "SELECT status, detail::text FROM pgseal.job_runs \
-                 WHERE job = 'rotation' AND status <> 'running' ORDER BY id LIMIT 1",
-                &[],
-            )
-            .unwrap();
-        if let Some(r) = row {
-            break (r.get::<_, String>(0), r.get::<_, String>(1));
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no rotation run ended within 60 s:\n{}",
-            std::fs::read_to_string(dir.join("pgseald.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let _ = child.kill();
-    let _ = child.wait();
+    // Every key is due (age 0 days).
+    let (status, detail, _) = scheduled_rotation_once(&cl, &mut c, "jobs-rotate-sched-files", 0);
+    let run = (status, detail);
     assert_eq!(run.0, "failed", "{run:?}");
     assert!(
         run.1.contains(r#"failed for tenant(s) [\"a\"]"#),
@@ -1973,4 +1910,54 @@ fn deleted_receipts(c: &mut postgres::Client, tenant: &str) -> Vec<i64> {
     .iter()
     .map(|r| r.get(0))
     .collect()
+}
+
+/// Runs `pgseald run` with a [rotation] section (every second, keys older than
+/// `max_key_age_days` due) until its first rotation run ends: that run's status,
+/// its detail, and pgseald's log.
+fn scheduled_rotation_once(
+    cl: &Cluster,
+    c: &mut postgres::Client,
+    files: &str,
+    max_key_age_days: u32,
+) -> (String, String, String) {
+    let dir = pgseal_tests::fresh_dir(files);
+    let config = dir.join("pgseald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[rotation]\nschedule = \"* * * * * *\"\nmax_key_age_days = {max_key_age_days}\n",
+            cl.url()
+        ),
+    )
+    .unwrap();
+    let log = dir.join("pgseald.log");
+    let mut child = Pgseald::new(["run", "--config", config.to_str().unwrap()])
+        .spawn(std::fs::File::create(&log).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let row = c
+            .query_opt(
+                "SELECT status, detail::text FROM pgseal.job_runs \
+                 WHERE job = 'rotation' AND status <> 'running' ORDER BY id LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        if let Some(r) = row {
+            break (r.get::<_, String>(0), r.get::<_, String>(1));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rotation run ended within 60 s:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    (
+        run.0,
+        run.1,
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
 }
