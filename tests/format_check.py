@@ -141,6 +141,22 @@ def checkpoint_message(cp):
     return b"pgseal:v1:checkpoint\x00" + head + tail
 
 
+def lp64(b: bytes) -> bytes:
+    return struct.pack(">Q", len(b)) + b
+
+
+def grant_text(v):
+    """An offboarding grant: HKDF-SHA256 of the master key, then HMAC-SHA256 over
+    length-prefixed fields (8-byte lengths)."""
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"pgseal offboard grant v1").derive(
+        bytes.fromhex(v["master_key"]))
+    check = hmac.new(key, b"pgseal.offboard_grant.v1.key_check", hashlib.sha256).digest()[:8]
+    fields = [b"pgseal.offboard_grant.v1", struct.pack(">I", v["version"]), struct.pack(">q", v["expires"])]
+    fields += [v[f].encode() for f in ("database", "table", "role", "tenant")]
+    mac = hmac.new(key, b"".join(lp64(f) for f in fields), hashlib.sha256).hexdigest()
+    return "v1.%d.%d.%s.%s" % (v["version"], v["expires"], check.hex(), mac)
+
+
 def vectors(kind):
     doc = (ROOT / "docs" / "FORMAT.md").read_text()
     fence = "```jsonl vectors:" + kind + "\n"
@@ -192,6 +208,11 @@ def check_vectors():
         versions.add(2 if "prev_seq" in cp else 1)
         n += 1
     assert versions == {1, 2}, "checkpoint vectors of both versions"
+    grants = vectors("grant")
+    assert len(grants) >= 2, "too few grant vectors"
+    for v in grants:
+        assert grant_text(v) == v["grant"], "grant differs"
+        n += 1
     return n
 
 

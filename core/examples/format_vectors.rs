@@ -4,6 +4,7 @@
 use pgseal_core::canonical::canonical_payload;
 use pgseal_core::checkpoint;
 use pgseal_core::envelope::seal_with_nonce;
+use pgseal_core::grant::{Grant, Scope};
 use pgseal_core::keys::SecretKey;
 use pgseal_core::ledger::{
     entry_hash, entry_hash_v2, payload_commitment, EntryFields, EntryFieldsV2, EntryMac, GENESIS,
@@ -265,6 +266,43 @@ fn main() {
             "{}",
             serde_json::json!({"checkpoint_key": hex::encode(seed.expose()), "public_key": checkpoint::verifying_key_hex(&ck),
                 "checkpoint": cp})
+        );
+    }
+    println!("grant vectors:");
+    for (i, (version, expires, database, table, role, tenant)) in [
+        (
+            1u32,
+            1_796_212_800i64,
+            "app",
+            "public.docs",
+            "docs_owner",
+            "acme",
+        ),
+        (
+            7,
+            1_796_216_400,
+            "saas prod",
+            "\"Tenant Data\".\"my.docs\"",
+            "app",
+            "5f0e8a52-6c5e-4d37-9c61-0e5f1f4a2b10",
+        ),
+        (4_294_967_295, 0, "d\u{e9}j\u{e0}", "s.t", "r\u{f4}le", ""),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let master = key(210 + i as u8);
+        let scope = Scope {
+            database,
+            table,
+            role,
+            tenant,
+        };
+        let grant = Grant::sign(&master, *version, *expires, &scope);
+        println!(
+            "{}",
+            serde_json::json!({"master_key": hex::encode(master.expose()), "version": version, "expires": expires,
+                "database": database, "table": table, "role": role, "tenant": tenant, "grant": grant.to_string()})
         );
     }
 }

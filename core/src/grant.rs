@@ -107,8 +107,15 @@ impl Grant {
         }
     }
 
-    /// Parses a grant's text; None for anything else.
+    /// Parses a grant's text; None for anything else, a spelling of the same values
+    /// other than the one `Display` writes included (leading zeros or `+`, uppercase
+    /// hex): one grant has one text.
     pub fn parse(text: &str) -> Option<Grant> {
+        let grant = Self::parse_fields(text)?;
+        (grant.to_string() == text).then_some(grant)
+    }
+
+    fn parse_fields(text: &str) -> Option<Grant> {
         let mut parts = text.split('.');
         if parts.next()? != "v1" {
             return None;
@@ -132,12 +139,6 @@ impl Grant {
         })
     }
 
-    /// Whether this grant, made under `master` (its version's key), grants `scope`
-    /// at time `now` (Unix seconds). The MAC is compared in constant time.
-    pub fn grants(&self, master: &SecretKey, scope: &Scope<'_>, now: i64) -> bool {
-        !self.expired(now) && self.names(master, scope)
-    }
-
     /// Whether a node holding `master` made this grant for `scope` (its MAC, in
     /// constant time), expired or not.
     pub fn names(&self, master: &SecretKey, scope: &Scope<'_>) -> bool {
@@ -154,8 +155,14 @@ impl Grant {
 
     /// Whether it no longer counts at `now` (Unix seconds).
     pub fn expired(&self, now: i64) -> bool {
-        now >= self.expires
+        expired_at(self.expires, now)
     }
+}
+
+/// Whether a grant that expires at `expires` no longer counts at `now` (Unix
+/// seconds): from its expiry second on, by the checking node's clock.
+pub fn expired_at(expires: i64, now: i64) -> bool {
+    now >= expires
 }
 
 impl std::fmt::Display for Grant {
@@ -174,6 +181,13 @@ impl std::fmt::Display for Grant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Grant {
+        /// Whether this grant, made under `master`, grants `scope` at `now`.
+        fn grants(&self, master: &SecretKey, scope: &Scope<'_>, now: i64) -> bool {
+            !self.expired(now) && self.names(master, scope)
+        }
+    }
 
     const SCOPE: Scope<'static> = Scope {
         database: "app",
@@ -258,6 +272,18 @@ mod tests {
             text[..text.len() - 2].to_owned(),
             format!("{}zz", &text[..text.len() - 2]),
             text.replacen(".1000.", ".-x.", 1),
+            // The same values spelled otherwise than pgseal writes them.
+            text.replacen("v1.1.", "v1.01.", 1),
+            text.replacen("v1.1.", "v1.+1.", 1),
+            text.replacen(".1000.", ".01000.", 1),
+            text.replacen(".1000.", ".+1000.", 1),
+            format!(
+                "{}{}",
+                &text[..text.len() - 64],
+                text[text.len() - 64..].to_uppercase()
+            ),
+            text.replacen(".1000.", ".1000..", 1),
+            format!(" {text}"),
         ] {
             assert!(Grant::parse(&bad).is_none(), "{bad}");
         }

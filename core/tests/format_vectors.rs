@@ -267,3 +267,30 @@ fn checkpoint_vectors_sign_and_verify() {
         "{versions:?}"
     );
 }
+
+#[test]
+fn grant_vectors_sign_parse_and_name_their_scope() {
+    use pgseal_core::grant::{Grant, Scope};
+    for v in vectors("grant") {
+        let master = key(&v, "master_key");
+        let scope = Scope {
+            database: s(&v, "database"),
+            table: s(&v, "table"),
+            role: s(&v, "role"),
+            tenant: s(&v, "tenant"),
+        };
+        let version = u32::try_from(v["version"].as_u64().unwrap()).unwrap();
+        let expires = v["expires"].as_i64().unwrap();
+        let signed = Grant::sign(&master, version, expires, &scope);
+        assert_eq!(signed.to_string(), s(&v, "grant"));
+        let parsed = Grant::parse(s(&v, "grant")).unwrap();
+        assert_eq!(parsed, signed);
+        assert!(parsed.made_under(&master));
+        assert!(parsed.names(&master, &scope));
+        let other = Scope {
+            tenant: "another",
+            ..scope
+        };
+        assert!(!parsed.names(&master, &other));
+    }
+}

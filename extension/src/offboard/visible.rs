@@ -237,7 +237,9 @@ fn granted(table: &str, user: pg_sys::Oid) -> bool {
     };
     match until {
         None => false,
-        Some(until) if unix_now() >= until => SealError::Refused(GRANT_EXPIRED).raise(),
+        Some(until) if pgseal_core::grant::expired_at(until, unix_now()) => {
+            SealError::Refused(GRANT_EXPIRED).raise()
+        }
         Some(_) => true,
     }
 }
