@@ -73,12 +73,17 @@ fn tenant_key(tenant: &str, key_id: &str) -> SealResult<std::rc::Rc<cache::LiveK
     Ok(key)
 }
 
+/// A seal counts against its key's limit at its transaction's commit, which a
+/// parallel worker's never reaches for it.
+const SEAL_IN_PARALLEL_WORKER: &str = "vault_seal and vault_rewrap cannot run in a parallel worker, where their seals would go uncounted against the key's limit (mark the function around them PARALLEL UNSAFE)";
+
 /// Seals `plaintext` for the current tenant under its active data key.
 /// Returns `v2:<keyId>:<base64url(nonce ‖ ciphertext ‖ tag)>`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn vault_seal(plaintext: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
     let plaintext = plaintext?;
     let r = (|| {
+        crate::pg::xact::require_not_parallel_worker(SEAL_IN_PARALLEL_WORKER)?;
         master::require_loaded()?;
         let tenant = context::tenant()?;
         require_read_write("vault_seal")?;
@@ -151,6 +156,7 @@ fn vault_redact(
 fn vault_rewrap(sealed: Option<&str>, context: default!(Option<&str>, "NULL")) -> Option<String> {
     let sealed = sealed?;
     let r = (|| {
+        crate::pg::xact::require_not_parallel_worker(SEAL_IN_PARALLEL_WORKER)?;
         let (tenant, opened_with, plain) = open_for_current(sealed, context)?;
         require_read_write("vault_rewrap")?;
         let active = cache::active_key(&tenant, Purpose::Dek)?;

@@ -744,6 +744,76 @@ fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
     );
 }
 
+/// On a hot standby the server log is the only record of a decrypt, and its lines
+/// name the actor, a setting any role chooses: an actor holding a line break and a
+/// line of its own must come out escaped on the decrypt's lines, not as a line that
+/// reads as a record of its own (PostgreSQL only indents it); and an actor over the
+/// ledger's length limit is refused there as on the primary, before anything is
+/// written.
+#[test]
+fn a_decrypt_on_a_hot_standby_cannot_forge_log_lines() {
+    let cl = Cluster::start(
+        "atk-audit-primary-log",
+        &[KEY_V1],
+        &["wal_level = replica", "max_wal_senders = 4"],
+    );
+    cl.connect().batch_execute(SETUP).unwrap();
+    let standby = Standby::clone_from(&cl, "atk-audit-standby-log");
+    let mut c = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app dbname=postgres",
+            standby.port
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let forged = "LOG:  pgseal: 0 decrypt(s) under key FORGED";
+    c.batch_execute(&format!(
+        "BEGIN; SET LOCAL app.tenant_id = 'acme'; SET LOCAL app.user_id = E'mallory\\n{forged}'"
+    ))
+    .unwrap();
+    let rows = c
+        .query(
+            "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    c.batch_execute("COMMIT").unwrap();
+    c.batch_execute(&format!(
+        "BEGIN; SET LOCAL app.tenant_id = 'acme'; SET LOCAL app.user_id = '{}'",
+        "m".repeat(100_000)
+    ))
+    .unwrap();
+    let r = c.query(
+        "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+        &[],
+    );
+    assert_eq!(
+        sqlstate(r),
+        "54000",
+        "an oversized actor decrypted on the standby"
+    );
+    c.batch_execute("ROLLBACK").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let log = standby.log();
+    assert!(
+        // PostgreSQL indents a message's later lines with a tab; a reader (or a log
+        // shipper) still takes such a line for one of its own.
+        !log.lines().any(|l| l.trim_start().starts_with(forged)),
+        "a role's actor setting wrote a log line of its own"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("on a hot standby") && l.contains("mallory\\n")),
+        "the decrypt's line does not name the actor, escaped"
+    );
+    assert!(
+        !log.contains(&"m".repeat(10_000)),
+        "an oversized actor reached the log"
+    );
+}
+
 /// Finding 1, second way in: `pg_terminate_backend` (which a role may use on its own
 /// sessions) ends a waiting backend with FATAL, which exits the process without
 /// unwinding, so `Waiting::drop` never runs. The backend's exit hook must give its
@@ -867,5 +937,83 @@ fn parallel_queries_of_an_unprivileged_role_do_not_block_decrypts() {
     assert_eq!(
         state, "00000",
         "an unprivileged role's parallel queries kept the audit writer from starting"
+    );
+}
+
+/// A role wraps pgseal's parallel-unsafe functions in a PARALLEL SAFE function of
+/// its own and forces a parallel plan: the wrapper then runs in a parallel worker,
+/// whose transaction state ends with it. There a decrypt's count (and every context
+/// after the first) and a seal's count against its key's limit would be kept in
+/// the worker and never written: both are refused instead (0A000).
+#[test]
+fn decrypts_and_seals_in_a_parallel_worker_are_refused_not_left_unrecorded() {
+    let (cl, mut admin) = start("atk-audit-parallel");
+    admin
+        .batch_execute(
+            "GRANT CREATE ON SCHEMA public TO app;
+             CREATE TABLE notes (id int PRIMARY KEY, tenant_id text, body text);
+             GRANT SELECT ON notes TO app;
+             INSERT INTO notes SELECT g, 'acme', 'note ' || g FROM generate_series(1, 3) g;",
+        )
+        .unwrap();
+    let mut c = cl.connect_as("app");
+    c.batch_execute(
+        "CREATE FUNCTION par_open(t text) RETURNS text LANGUAGE plpgsql PARALLEL SAFE
+             AS $$ BEGIN RETURN pgseal.vault_decrypt(t, 'integrations.token'); END $$;
+         CREATE FUNCTION par_seal(t text) RETURNS text LANGUAGE plpgsql PARALLEL SAFE
+             AS $$ BEGIN RETURN pgseal.vault_seal(t); END $$;
+         CREATE FUNCTION par_rewrap(t text) RETURNS text LANGUAGE plpgsql PARALLEL SAFE
+             AS $$ BEGIN RETURN pgseal.vault_rewrap(t, 'integrations.token'); END $$;
+         CREATE FUNCTION in_worker() RETURNS boolean LANGUAGE sql PARALLEL SAFE
+             AS $$ SELECT pg_catalog.pg_backend_pid() <> pg_catalog.current_setting('app.leader')::int $$;
+         SET app.tenant_id = 'acme';
+         SELECT set_config(CASE WHEN current_setting('server_version_num')::int >= 160000
+                                THEN 'debug_parallel_query' ELSE 'force_parallel_mode' END, 'on', false);
+         SELECT set_config('app.leader', pg_backend_pid()::text, false);",
+    )
+    .unwrap();
+    // The plan is run by a parallel worker, not the leader.
+    let in_worker: bool = c
+        .query_one("SELECT bool_and(in_worker()) FROM integrations", &[])
+        .unwrap()
+        .get(0);
+    assert!(in_worker, "the forced parallel plan ran in the leader");
+    for (sql, what) in [
+        ("SELECT par_open(token) FROM integrations", "vault_decrypt"),
+        ("SELECT par_seal(body) FROM notes", "vault_seal"),
+        (
+            "SELECT par_rewrap(token) FROM integrations",
+            "vault_seal and vault_rewrap",
+        ),
+    ] {
+        let r = c.query(sql, &[]);
+        let msg = r
+            .as_ref()
+            .err()
+            .and_then(|e| e.as_db_error())
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        assert_eq!(sqlstate(r), "0A000", "{sql}: {msg}");
+        assert!(
+            msg.contains(what) && msg.contains("parallel worker"),
+            "{msg}"
+        );
+    }
+    // The same wrappers in the leader work, and the decrypts are counted.
+    c.batch_execute(
+        "SELECT set_config(CASE WHEN current_setting('server_version_num')::int >= 160000
+                                THEN 'debug_parallel_query' ELSE 'force_parallel_mode' END, 'off', false)",
+    )
+    .unwrap();
+    let opened = c
+        .query("SELECT par_open(token) FROM integrations", &[])
+        .unwrap();
+    assert_eq!(opened.len(), 3);
+    assert!(
+        wait_for_count(&mut admin, 10, |(t, _, role, p)| t == "acme"
+            && role.as_deref() == Some("app")
+            && p["count"] == 3
+            && p["outcome"] == "committed"),
+        "the leader's decrypts were not counted"
     );
 }

@@ -71,6 +71,9 @@ fn current_role() -> pg_sys::Oid {
 
 /// Checks, before any decrypting, that this decrypt can be audited.
 pub fn before_decrypt() -> SealResult<()> {
+    crate::pg::xact::require_not_parallel_worker(
+        "vault_decrypt cannot run in a parallel worker, where its decrypts would go unrecorded (mark the function around it PARALLEL UNSAFE)",
+    )?;
     crate::privilege::require_no_table_owner_code(
         "vault_decrypt cannot run in a table owner's code during subject_export or subject_erase",
     )?;
@@ -141,9 +144,14 @@ pub fn before_open(key_id: &str, tenant: &str, ctx: Option<&str>) -> SealResult<
     let Some(who) = with_use(key_id, tenant, |u| needs(u).then(|| u.who.clone())) else {
         return Ok(());
     };
+    // The actor is bounded before it is written anywhere, the log included.
+    crate::limits::check("actor (the user id setting)", &who.0, crate::limits::ACTOR)?;
     if recovery {
+        // Tenant, actor and role quoted and escaped (`{:?}`): a setting any role
+        // chooses must not start a line of its own in the log, the only record of a
+        // decrypt on a standby.
         pgrx::log!(
-            "pgseal: decrypting under key {} for tenant {} by {} (role {}) on a hot standby, not recorded in the ledger",
+            "pgseal: decrypting under key {:?} for tenant {:?} by {:?} (role {:?}) on a hot standby, not recorded in the ledger",
             key_id,
             tenant,
             who.0,
@@ -152,7 +160,6 @@ pub fn before_open(key_id: &str, tenant: &str, ctx: Option<&str>) -> SealResult<
         with_use(key_id, tenant, |u| u.logged = true);
         return Ok(());
     }
-    crate::limits::check("actor (the user id setting)", &who.0, crate::limits::ACTOR)?;
     let at = start_durably(key_id, tenant, ctx, &who)?;
     with_use(key_id, tenant, |u| u.started = Some(at));
     Ok(())
@@ -225,7 +232,7 @@ fn completion_payload(key_id: &str, u: &KeyUse, outcome: Option<&str>) -> serde_
 
 fn log_standby_counts(key_id: &str, u: &KeyUse, outcome: &str) {
     pgrx::log!(
-        "pgseal: {} decrypt(s) under key {} for tenant {} by {} (role {}) on a hot standby, transaction {}, not recorded in the ledger",
+        "pgseal: {} decrypt(s) under key {:?} for tenant {:?} by {:?} (role {:?}) on a hot standby, transaction {}, not recorded in the ledger",
         u.count,
         key_id,
         u.tenant,

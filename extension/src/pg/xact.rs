@@ -30,6 +30,25 @@ pub fn is_client_backend() -> bool {
     }
 }
 
+/// Whether this process is a parallel worker of another backend's query.
+pub fn in_parallel_worker() -> bool {
+    // SAFETY: ParallelWorkerNumber is a plain global, -1 outside a parallel worker
+    // and set once when one starts; reading it is always valid.
+    unsafe { pg_sys::ParallelWorkerNumber >= 0 }
+}
+
+/// Refuses `what` (0A000) in a parallel worker: what a transaction of pgseal's
+/// records at its commit (decrypt counts, seal counts) is kept in the backend that
+/// made it, and a parallel worker's ends with the worker, unrecorded. pgseal's own
+/// functions are parallel unsafe; a caller's function marked PARALLEL SAFE around
+/// them is how one gets there.
+pub fn require_not_parallel_worker(what: &'static str) -> SealResult<()> {
+    if in_parallel_worker() {
+        return Err(SealError::NotSupported(what));
+    }
+    Ok(())
+}
+
 /// Refuses `what` (25006) in a read-only transaction: it would write.
 pub fn require_read_write(what: &'static str) -> SealResult<()> {
     if read_only() {
