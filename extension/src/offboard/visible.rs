@@ -57,9 +57,11 @@ pub(super) fn as_offboarding_owner<R, E>(
 where
     SealError: From<E>,
 {
+    let name = crate::ledger::evidence::qualified_name(rel);
+    refuse_name_named_elsewhere(rel, &name)?;
     let _restore = Restore(
         VISIBLE.with(|v| v.replace(Some((rel, owner)))),
-        VISIBLE_NAME.with(|v| v.replace(Some(crate::ledger::evidence::qualified_name(rel)))),
+        VISIBLE_NAME.with(|v| v.replace(Some(name))),
     );
     // The grant names the tenant of the caller's context, which the workers have.
     let citus = crate::pg::citus::present();
@@ -121,6 +123,34 @@ where
     })
 }
 
+/// Refuses (55000, naming that table) when a policy of another table names table
+/// `rel`'s qualified name `name` in `_offboard_visible_in`: that condition names
+/// its table by text (`org_protect`'s Citus form), so it goes stale when its table
+/// is renamed or moved to another schema, and a table made since under the old
+/// name would then hold a grant (or, in this backend, the flag) that shows the
+/// renamed table's rows too: to its owner, whose code runs in the statements here,
+/// or to whoever reads the grant sent to the workers. (Matched with or without
+/// its schema, which `pg_get_expr` prints only when the caller's `search_path`
+/// does not find the function.)
+fn refuse_name_named_elsewhere(rel: pg_sys::Oid, name: &str) -> SealResult<()> {
+    let other = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.min(p.polrelid::pg_catalog.regclass::pg_catalog.text) \
+           FROM pg_catalog.pg_policy p \
+          WHERE p.polrelid OPERATOR(pg_catalog.<>) $1 \
+            AND pg_catalog.strpos(pg_catalog.concat(pg_catalog.pg_get_expr(p.polqual, p.polrelid), ' ', \
+                                                    pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid)), \
+                                  pg_catalog.format('_offboard_visible_in(%L::text)', $2::pg_catalog.text)) \
+                OPERATOR(pg_catalog.>) 0",
+        &[rel.into(), name.into()],
+    )?;
+    match other {
+        Some(other) => Err(SealError::Refused(NAMED_ELSEWHERE).on_table(&other)),
+        None => Ok(()),
+    }
+}
+
+const NAMED_ELSEWHERE: &str = "a policy of this table names an offboarded table's name in its offboarding condition (it was renamed, or moved to another schema, after org_protect protected it, and another table now has its old name): the offboarding's grant for that table would show this one's rows too (run pgseal.org_protect on this table again)";
+
 /// The application user an offboarding's statements act for where Citus is (on the
 /// workers too, for a Citus table): no one's (`as_offboarding_owner`).
 const OFFBOARDING_USER: &std::ffi::CStr = c"_pgseal_offboarding";
@@ -151,11 +181,14 @@ fn scope_names(role: pg_sys::Oid) -> Option<(String, String)> {
     Some((database, role))
 }
 
+/// The clock in whole Unix seconds; a clock set before 1970 reads as the end of
+/// time, at which every grant has expired (fail closed: none made, none counted).
 fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+        .ok()
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+        .unwrap_or(i64::MAX)
 }
 
 /// A grant for the offboarding's statements on `rel` as its owner `owner`, under
@@ -172,10 +205,13 @@ fn mint(rel: pg_sys::Oid, owner: pg_sys::Oid) -> SealResult<String> {
         tenant: &tenant,
     };
     crate::master::with_active(|version, key| {
-        Ok(
-            pgseal_core::grant::Grant::sign(key, version, unix_now() + GRANT_SECONDS, &scope)
-                .to_string(),
+        Ok(pgseal_core::grant::Grant::sign(
+            key,
+            version,
+            unix_now().saturating_add(GRANT_SECONDS),
+            &scope,
         )
+        .to_string())
     })
 }
 
@@ -270,9 +306,12 @@ fn check(text: &[u8], table: &str, user: pg_sys::Oid, tenant: &str) -> SealResul
         tenant,
     };
     crate::master::with_ring(|ring| {
-        let key = ring
-            .get(grant.version)
-            .ok_or(SealError::MasterVersionMissing(grant.version))?;
+        // A version this node lacks and another key of that version fail alike, so
+        // that a made-up grant (any role can set one) does not tell which master
+        // key versions this node holds.
+        let Some(key) = ring.get(grant.version) else {
+            return Err(SealError::Refused(GRANT_OTHER_KEY));
+        };
         if !grant.made_under(key) {
             return Err(SealError::Refused(GRANT_OTHER_KEY));
         }
@@ -282,7 +321,7 @@ fn check(text: &[u8], table: &str, user: pg_sys::Oid, tenant: &str) -> SealResul
 
 /// A grant made under another master key of the same version than this node's:
 /// the statement fails rather than miss the tenant's rows here.
-const GRANT_OTHER_KEY: &str = "an offboarding's grant was made under another master key than this node's of the same version (the nodes' master key commands differ): the statement fails rather than miss the tenant's rows here";
+const GRANT_OTHER_KEY: &str = "an offboarding's grant was made under a master key this node does not hold (the nodes' master key commands differ): the statement fails rather than miss the tenant's rows here";
 
 /// `pgseal._offboard_visible(rel) → boolean`: whether an offboarding statement on
 /// table `rel` runs now, as its owner (the condition of `org_protect`'s offboarding

@@ -802,6 +802,52 @@ mod tests {
     /// Table `public.<table>`, which `tenant_protect` protects by `org`, owned by
     /// role off_pol_owner (made if missing), which its policies bind, with one
     /// row of `t` and its offboarding scheduled.
+    #[pg_test]
+    fn a_grant_for_a_tables_name_is_refused_while_another_tables_policy_names_it() {
+        // org_protect's Citus form names its table by text; a table renamed since
+        // keeps its old name in its policy. A role that makes a table of its own
+        // under that name (and has it offboarded) would hold the offboarding's grant,
+        // or here the backend's flag, for it: its trigger, running as its owner in
+        // the offboarding's delete, would read the renamed table's rows.
+        run("CREATE ROLE off_dec_owner");
+        run("CREATE TABLE public.off_decoy (tenant_id text NOT NULL, owner_id text, org_id text, note text)");
+        run("ALTER TABLE public.off_decoy OWNER TO off_dec_owner");
+        run("SELECT pgseal.org_protect('public.off_decoy', 'owner_id', 'org_id')");
+        run("CREATE TABLE public.off_seen (n bigint)");
+        run("GRANT INSERT ON public.off_seen TO off_dec_owner");
+        run("CREATE FUNCTION public.off_peek() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN INSERT INTO public.off_seen SELECT count(*) FROM public.off_renamed; RETURN OLD; END $$");
+        run("ALTER FUNCTION public.off_peek() OWNER TO off_dec_owner");
+        run("CREATE TRIGGER off_peek AFTER DELETE ON public.off_decoy FOR EACH ROW EXECUTE FUNCTION public.off_peek()");
+        // The renamed table, another role's, with its stale condition.
+        run("CREATE TABLE public.off_renamed (tenant_id text, secret text)");
+        run("INSERT INTO public.off_renamed VALUES ('off-dec', 's1'), ('off-dec', 's2')");
+        run("ALTER TABLE public.off_renamed ENABLE ROW LEVEL SECURITY");
+        run("CREATE POLICY stale ON public.off_renamed FOR SELECT \
+             USING (pgseal._offboard_visible_in('public.off_decoy'))");
+        run("GRANT SELECT ON public.off_renamed TO off_dec_owner");
+        run("SELECT pgseal.set_tenant('off-dec', 'mallory')");
+        run("INSERT INTO public.off_decoy VALUES ('off-dec', 'mallory', NULL, 'x')");
+        run("CREATE ROLE off_dec_admin IN ROLE pgseal_admin BYPASSRLS");
+        run("GRANT SELECT, DELETE ON public.off_decoy TO off_dec_admin");
+        run("SET LOCAL ROLE off_dec_admin");
+        run("SELECT pgseal.tenant_offboard('off-dec', '0')");
+        run("RESET ROLE");
+        let q = "SELECT count(*) FROM pgseal._offboard_export('off-dec')";
+        assert_eq!(sqlstate(q), "55000");
+        let msg: String = one(&format!(
+            "SELECT tests.error_text_of({})",
+            pgrx::spi::quote_literal(q)
+        ));
+        assert!(msg.contains("(table off_renamed)"), "{msg}");
+        // With the stale condition mended, the offboarding goes on, and the
+        // trigger finds no row of the other table.
+        run("ALTER POLICY stale ON public.off_renamed USING (false)");
+        exported("off-dec");
+        assert_eq!(drain("SELECT pgseal._offboard_delete('off-dec', 10)"), 1);
+        assert_eq!(one::<i64>("SELECT max(n) FROM public.off_seen"), 0);
+    }
+
     fn protected_table(t: &str, table: &str) {
         protected_table_of(t, table, "text");
     }
