@@ -99,6 +99,58 @@ fn statement_timeout_cancels_must_not_exhaust_the_audit_queue() {
     );
 }
 
+/// A role holds its own tenant's chain (an append in an open transaction) and
+/// decrypts in many short transactions whose commit gives up on that chain (a
+/// short `lock_timeout`; on a Citus worker the coordinator answers busy): each
+/// one's count entry, nobody waiting for it, is retried for a minute while the
+/// chain stays held, each in a slot of the queue every database shares. Had they filled it, another tenant's decrypt would
+/// find no slot for its record and fail (55000) until they drained: slots are kept
+/// for requests a backend waits on.
+#[test]
+fn count_entries_under_a_held_chain_do_not_take_other_tenants_decrypts_slots() {
+    let (cl, mut admin) = start("atk-audit-countflood");
+    let mut holder = cl.connect_as("app");
+    holder
+        .batch_execute(
+            "BEGIN; SET LOCAL app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.hold', '{}')",
+        )
+        .unwrap();
+    // A short lock_timeout (any role sets its own): the count's append at commit
+    // gives up on the held chain, and the count is handed to the writer, which
+    // retries it. The flood stops at its first decrypt whose own record found no
+    // slot.
+    let mut flood = cl.connect_as("app");
+    flood
+        .batch_execute("SET lock_timeout = '5ms'; SET statement_timeout = '1s'")
+        .unwrap();
+    for _ in 0..180 {
+        let mut tx = flood.transaction().unwrap();
+        tx.batch_execute("SET LOCAL app.tenant_id = 'acme'")
+            .unwrap();
+        let r = tx.query(
+            "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1",
+            &[],
+        );
+        if r.is_err() {
+            break;
+        }
+        let _ = tx.commit();
+    }
+    // 180 count entries were handed over under the held chain; the queue holds as
+    // many as it lets such requests take.
+    let in_use: i32 = admin
+        .query_one("SELECT slots_in_use FROM pgseal.audit_queue_status()", &[])
+        .unwrap()
+        .get(0);
+    assert!(in_use >= 64, "the flood held only {in_use} slots");
+    assert_eq!(
+        victim_decrypt(&mut admin),
+        "00000",
+        "decrypt counts under a held chain took every slot of the audit queue"
+    );
+    holder.batch_execute("COMMIT").unwrap();
+}
+
 /// Finding 2: any role (no pgseal role at all) can hold the system chain's lock:
 /// `_protection_changed` is granted to PUBLIC and records, with no tenant set, into
 /// `_pgseal`; a TEMP table is owned by its creator. With `_pgseal` held, a decrypt

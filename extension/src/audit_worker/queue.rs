@@ -22,6 +22,13 @@ use pgrx::PgLwLock;
 
 /// Requests in flight at once, over all databases.
 pub const SLOTS: usize = 128;
+/// Slots that a request nobody waits for (a transaction's decrypt counts, a Citus
+/// worker's seal counts) never takes: such a request may stay queued for a minute
+/// while its tenant's chain is held (any role can hold its own tenant's), and
+/// without these, a few hundred decrypting transactions under a held chain would
+/// fill the queue and leave every other tenant's decrypt without a slot for its
+/// record (55000) until they drained.
+pub const KEPT_FOR_WAITERS: usize = 32;
 /// Databases with an audit writer at once.
 pub const WRITERS: usize = 16;
 /// Bytes of one request (the JSON of one entry: tenant, actor, role, event, payload).
@@ -157,9 +164,16 @@ impl Queue {
             .find(|s| s.ticket == ticket && s.state != State::Free)
     }
 
-    /// Puts a request in a free slot; returns its ticket, None when every slot is taken.
+    /// Puts a request in a free slot; returns its ticket, None when every slot is
+    /// taken, or, for a request nobody waits for (`latch` 0), when only the slots
+    /// `KEPT_FOR_WAITERS` are left.
     pub fn enqueue(&mut self, dboid: u32, latch: usize, deadline: i64, body: &[u8]) -> Option<u64> {
         debug_assert!(body.len() <= BUF);
+        if latch == 0
+            && self.slots.iter().filter(|s| s.state == State::Free).count() <= KEPT_FOR_WAITERS
+        {
+            return None;
+        }
         let ticket = self.next_ticket;
         let slot = self.slots.iter_mut().find(|s| s.state == State::Free)?;
         self.next_ticket += 1;
