@@ -96,6 +96,11 @@ where
         crate::privilege::save_setting(GRANT_SETTING, &grant);
         crate::pg::citus::send_own_setting(GRANT_SETTING)?;
         crate::pg::citus::send_own_setting(&user_setting)?;
+        // An error returns at once, without sending the caller's values back: the
+        // grant and user stay set on the workers until the (sub)transaction ends,
+        // which an error here must therefore end. Every caller raises it (none
+        // handles it and goes on in the same subtransaction); one that did would
+        // leave the grant in force for its later statements.
         let r = f()?;
         // The workers get the caller's user and grant back, with propagation on
         // whatever a table owner's code in the statement set (an error instead
