@@ -692,8 +692,8 @@ impl Table {
                         (SELECT f.citus, CASE WHEN f.citus \
                                      THEN ARRAY(SELECT pg_catalog.format('(%s AND %s)', x, f.visible_in) FROM pg_catalog.unnest($2::pg_catalog.text[]) x) \
                                      ELSE ARRAY[f.visible] END AS texts \
-                           FROM (SELECT pg_catalog.format('pgseal._offboard_visible((%L::regclass)::oid)', $1::pg_catalog.regclass::pg_catalog.text) AS visible, \
-                                        (SELECT pg_catalog.format('pgseal._offboard_visible_in(%L::text)', pg_catalog.format('%I.%I', n.nspname, c.relname)) \
+                           FROM (SELECT 'pgseal._offboard_visible((''' OPERATOR(pg_catalog.||) pg_catalog.replace($1::pg_catalog.regclass::pg_catalog.text, '''', '''''') OPERATOR(pg_catalog.||) '''::regclass)::oid)' AS visible, \
+                                        (SELECT 'pgseal._offboard_visible_in(''' OPERATOR(pg_catalog.||) pg_catalog.replace(pg_catalog.format('%I.%I', n.nspname, c.relname), '''', '''''') OPERATOR(pg_catalog.||) '''::text)' \
                                            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
                                           WHERE c.oid OPERATOR(pg_catalog.=) $1) AS visible_in, \
                                         NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy q WHERE q.polrelid OPERATOR(pg_catalog.=) $1 \

@@ -102,12 +102,13 @@ fn statement_timeout_cancels_must_not_exhaust_the_audit_queue() {
 /// A role holds its own tenant's chain (an append in an open transaction) and
 /// decrypts in many short transactions whose commit gives up on that chain (a
 /// short `lock_timeout`; on a Citus worker the coordinator answers busy): each
-/// one's count entry, nobody waiting for it, is retried for a minute while the
-/// chain stays held, each in a slot of the queue every database shares. Had they filled it, another tenant's decrypt would
-/// find no slot for its record and fail (55000) until they drained: slots are kept
-/// for requests a backend waits on.
+/// one's count entry, nobody waiting for it, waits for the held chain in a slot of
+/// the queue every database shares. They were retried for a minute, so a few hundred
+/// such transactions filled the queue, and another tenant's decrypt found no slot
+/// for its record and failed (55000) until they drained; now after two seconds they
+/// go to the audit chain, which no session can hold, and give their slots back.
 #[test]
-fn count_entries_under_a_held_chain_do_not_take_other_tenants_decrypts_slots() {
+fn count_entries_under_a_held_chain_give_their_queue_slots_back() {
     let (cl, mut admin) = start("atk-audit-countflood");
     let mut holder = cl.connect_as("app");
     holder
@@ -116,38 +117,73 @@ fn count_entries_under_a_held_chain_do_not_take_other_tenants_decrypts_slots() {
         )
         .unwrap();
     // A short lock_timeout (any role sets its own): the count's append at commit
-    // gives up on the held chain, and the count is handed to the writer, which
-    // retries it. The flood stops at its first decrypt whose own record found no
-    // slot.
-    let mut flood = cl.connect_as("app");
-    flood
-        .batch_execute("SET lock_timeout = '5ms'; SET statement_timeout = '1s'")
-        .unwrap();
-    for _ in 0..180 {
-        let mut tx = flood.transaction().unwrap();
-        tx.batch_execute("SET LOCAL app.tenant_id = 'acme'")
-            .unwrap();
-        let r = tx.query(
-            "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1",
-            &[],
-        );
-        if r.is_err() {
-            break;
-        }
-        let _ = tx.commit();
-    }
-    // 180 count entries were handed over under the held chain; the queue holds as
-    // many as it lets such requests take.
+    // gives up on the held chain, and the count is handed to the writer. Four
+    // sessions at once for five seconds; another tenant decrypts in the middle.
+    let port = cl.port;
+    let until = Instant::now() + Duration::from_secs(5);
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut flood = postgres::Client::connect(
+                    &format!("host=127.0.0.1 port={port} user=app dbname=postgres"),
+                    postgres::NoTls,
+                )
+                .unwrap();
+                flood
+                    .batch_execute("SET lock_timeout = '5ms'; SET statement_timeout = '1s'")
+                    .unwrap();
+                while Instant::now() < until {
+                    let mut tx = flood.transaction().unwrap();
+                    tx.batch_execute("SET LOCAL app.tenant_id = 'acme'").unwrap();
+                    let _ = tx.query(
+                        "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1",
+                        &[],
+                    );
+                    let _ = tx.commit();
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1200));
     let in_use: i32 = admin
         .query_one("SELECT slots_in_use FROM pgseal.audit_queue_status()", &[])
         .unwrap()
         .get(0);
     assert!(in_use >= 64, "the flood held only {in_use} slots");
+    let victim = victim_decrypt(&mut admin);
+    for f in flooders {
+        f.join().unwrap();
+    }
     assert_eq!(
-        victim_decrypt(&mut admin),
-        "00000",
+        victim, "00000",
         "decrypt counts under a held chain took every slot of the audit queue"
     );
+    // Nor do they keep their slots while the chain stays held: after a moment
+    // they go to the audit chain.
+    let t0 = Instant::now();
+    loop {
+        let in_use: i32 = admin
+            .query_one("SELECT slots_in_use FROM pgseal.audit_queue_status()", &[])
+            .unwrap()
+            .get(0);
+        if in_use == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{in_use} count entries still hold their slots while the chain is held"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let recorded: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
+               AND event = 'vault.decrypt' AND payload->>'tenant' = 'acme'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(recorded > 0, "no count went to the audit chain");
     holder.batch_execute("COMMIT").unwrap();
 }
 

@@ -2047,6 +2047,67 @@ fn a_workers_audit_writer_stops_at_once_while_the_coordinator_is_silent() {
     );
 }
 
+/// A decrypting transaction on a worker ends while the coordinator is down: its
+/// count entry, which the worker's audit writer forwards after the commit and
+/// nobody waits for, fails to reach the coordinator. It is tried again until its
+/// deadline, so it is recorded once the coordinator is back (it was dropped at the
+/// first failure, with a LOG line).
+#[test]
+fn a_workers_decrypt_count_survives_a_coordinator_restart() {
+    if !citus::enabled("a_workers_decrypt_count_survives_a_coordinator_restart") {
+        return;
+    }
+    let cc = CitusCluster::start("citus-count-retry");
+    sealed_integrations(&cc);
+    let mut c = cc.coordinator.connect();
+    let worker = cc.node_at(
+        c.query_one(
+            "SELECT nodeport FROM citus_shards WHERE table_name = 'integrations'::regclass \
+             AND shardid = get_shard_id_for_distribution_column('integrations', 't6')",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i32>(0) as u16,
+    );
+    let counts = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 't6' AND event = 'vault.decrypt' \
+               AND payload->>'count' = '3' AND payload->>'outcome' = 'committed'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(counts(&mut c), 0);
+    drop(c);
+    let mut s = app(worker);
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT pgseal.set_tenant('t6')", &[]).unwrap();
+    let rows = tx
+        .query(
+            "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    // The started entry is on record; now the coordinator goes, and the
+    // transaction ends on the worker alone.
+    cc.coordinator.stop();
+    tx.commit().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    cc.coordinator.resume();
+    let mut c = cc.coordinator.connect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while counts(&mut c) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the count of a transaction that ended while the coordinator was down was never recorded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(counts(&mut c), 1);
+}
+
 /// pgseal's own statements on the key table run as the extension owner and Citus
 /// sends them to every node as text, after replaying the caller's `SET LOCAL`s there:
 /// an application role that sets its `search_path` to a schema with its own `bytea`

@@ -206,7 +206,7 @@ pub fn append_later(entry: &Entry, retry_ms: i64) -> bool {
     let queued = enqueue_unwaited(&body, retry_ms);
     if !queued {
         pgrx::log!(
-            "pgseal: the audit queue is full; a '{}' entry for tenant {} was not recorded",
+            "pgseal: the audit queue is full; a {:?} entry for tenant {:?} was not recorded",
             entry.event,
             entry.tenant
         );

@@ -22,13 +22,6 @@ use pgrx::PgLwLock;
 
 /// Requests in flight at once, over all databases.
 pub const SLOTS: usize = 128;
-/// Slots that a request nobody waits for (a transaction's decrypt counts, a Citus
-/// worker's seal counts) never takes: such a request may stay queued for a minute
-/// while its tenant's chain is held (any role can hold its own tenant's), and
-/// without these, a few hundred decrypting transactions under a held chain would
-/// fill the queue and leave every other tenant's decrypt without a slot for its
-/// record (55000) until they drained.
-pub const KEPT_FOR_WAITERS: usize = 32;
 /// Databases with an audit writer at once.
 pub const WRITERS: usize = 16;
 /// Bytes of one request (the JSON of one entry: tenant, actor, role, event, payload).
@@ -73,6 +66,8 @@ pub struct Slot {
     pub pid: i32,
     /// Until when (µs, PostgreSQL timestamp) a writer keeps retrying a busy chain.
     pub deadline: i64,
+    /// When it was queued (µs).
+    pub queued_at: i64,
     /// Not before this time (µs) is a requeued request taken again.
     pub retry_at: i64,
     /// The appended entry's seq, once DoneOk.
@@ -96,6 +91,7 @@ impl Slot {
         latch: 0,
         pid: 0,
         deadline: 0,
+        queued_at: 0,
         retry_at: 0,
         seq: 0,
         system: false,
@@ -164,16 +160,9 @@ impl Queue {
             .find(|s| s.ticket == ticket && s.state != State::Free)
     }
 
-    /// Puts a request in a free slot; returns its ticket, None when every slot is
-    /// taken, or, for a request nobody waits for (`latch` 0), when only the slots
-    /// `KEPT_FOR_WAITERS` are left.
+    /// Puts a request in a free slot; returns its ticket, None when every slot is taken.
     pub fn enqueue(&mut self, dboid: u32, latch: usize, deadline: i64, body: &[u8]) -> Option<u64> {
         debug_assert!(body.len() <= BUF);
-        if latch == 0
-            && self.slots.iter().filter(|s| s.state == State::Free).count() <= KEPT_FOR_WAITERS
-        {
-            return None;
-        }
         let ticket = self.next_ticket;
         let slot = self.slots.iter_mut().find(|s| s.state == State::Free)?;
         self.next_ticket += 1;
@@ -185,6 +174,7 @@ impl Queue {
             // SAFETY: MyProcPid is set for every process.
             pid: unsafe { pg_sys::MyProcPid },
             deadline,
+            queued_at: now(),
             len: body.len() as u32,
             ..Slot::EMPTY
         };

@@ -48,6 +48,9 @@ pub fn is_writer() -> bool {
 const IDLE_US: i64 = 60_000_000;
 /// A busy chain is tried again after this long (µs).
 const RETRY_US: i64 = 20_000;
+/// How long (µs) an end-of-transaction entry waits for its tenant's chain before it
+/// goes to the audit chain.
+const UNWAITED_CHAIN_US: i64 = 2_000_000;
 /// Seal counts the coordinator did not take are sent again after this long (µs).
 const COUNTS_RETRY_US: i64 = 1_000_000;
 
@@ -188,7 +191,10 @@ fn process(dboid: u32) -> bool {
     let now = queue::now();
     // A backend waiting for its entry takes the audit chain at once when the
     // tenant's is busy; an end-of-transaction count waits for the tenant's chain
-    // (the transaction that just ended may still hold it) until its last try.
+    // (the transaction that just ended may still hold it) for `UNWAITED_CHAIN_US`,
+    // then takes the audit chain too: a chain held longer (any role can hold its
+    // own tenant's) must not keep counts in the queue, whose slots every database
+    // shares.
     let batch: Vec<(u64, Vec<u8>, bool)> = {
         let mut q = QUEUE.exclusive();
         q.slots
@@ -196,7 +202,9 @@ fn process(dboid: u32) -> bool {
             .filter(|s| s.dboid == dboid && s.state == State::Queued && s.retry_at <= now)
             .map(|s| {
                 s.state = State::Taken;
-                let system_ok = s.latch != 0 || now + RETRY_US >= s.deadline;
+                let system_ok = s.latch != 0
+                    || now + RETRY_US >= s.deadline
+                    || now >= s.queued_at + UNWAITED_CHAIN_US;
                 (s.ticket, s.body().to_vec(), system_ok)
             })
             .collect()
@@ -585,6 +593,22 @@ fn finish(ticket: u64, outcome: Outcome) {
         Outcome::Busy if queue::now() < s.deadline => return requeue(s, RETRY_US),
         Outcome::Busy => Some(Failure::ChainBusy),
         Outcome::Again => return requeue(s, COUNTS_RETRY_US),
+        // A request nobody waits for (a transaction's decrypt count) is tried again
+        // until its deadline, as a busy chain's is: on a Citus worker a coordinator
+        // restarting or unreachable for a moment must not lose the counts of the
+        // transactions that ended meanwhile. Logged once.
+        Outcome::Failed(msg)
+            if s.latch == 0
+                && !s.counts
+                && s.state == State::Taken
+                && queue::now() < s.deadline =>
+        {
+            if s.failure != Failure::Error {
+                pgrx::log!("pgseal audit writer: an end-of-transaction request could not be completed, and is tried again until its deadline: {msg}");
+                s.failure = Failure::Error;
+            }
+            return requeue(s, COUNTS_RETRY_US);
+        }
         Outcome::Failed(msg) => {
             pgrx::log!("pgseal audit writer: a request could not be completed: {msg}");
             Some(Failure::Error)

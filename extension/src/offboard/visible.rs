@@ -128,8 +128,9 @@ where
     })
 }
 
-/// Refuses (55000, naming that table) when a policy of another table names table
-/// `rel`'s qualified name `name` in `_offboard_visible_in`: that condition names
+/// Refuses (55000, naming that table) when an offboarding policy (`org_protect`'s
+/// names) of another table, not a temporary one, names table `rel`'s qualified
+/// name `name` in `_offboard_visible_in`: that condition names
 /// its table by text (`org_protect`'s Citus form), so it goes stale when its table
 /// is renamed or moved to another schema, and a table made since under the old
 /// name would then hold a grant (or, in this backend, the flag) that shows the
@@ -138,13 +139,20 @@ where
 /// its schema, which `pg_get_expr` prints only when the caller's `search_path`
 /// does not find the function.)
 fn refuse_name_named_elsewhere(rel: pg_sys::Oid, name: &str) -> SealResult<()> {
+    // `pg_get_expr` writes a text constant as `simple_quote_literal` does: quotes
+    // doubled, no `E` prefix, backslashes doubled only where
+    // `standard_conforming_strings` is off (both forms are looked for).
     let other = Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.min(p.polrelid::pg_catalog.regclass::pg_catalog.text) \
-           FROM pg_catalog.pg_policy p \
+        "WITH n(lit) AS (SELECT pg_catalog.replace($2::pg_catalog.text, '''', '''''') \
+                         UNION ALL \
+                         SELECT pg_catalog.replace(pg_catalog.replace($2::pg_catalog.text, '''', ''''''), pg_catalog.chr(92), pg_catalog.repeat(pg_catalog.chr(92), 2))) \
+         SELECT pg_catalog.min(p.polrelid::pg_catalog.regclass::pg_catalog.text) \
+           FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.polrelid, n \
           WHERE p.polrelid OPERATOR(pg_catalog.<>) $1 \
-            AND pg_catalog.strpos(pg_catalog.concat(pg_catalog.pg_get_expr(p.polqual, p.polrelid), ' ', \
-                                                    pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid)), \
-                                  pg_catalog.format('_offboard_visible_in(%L::text)', $2::pg_catalog.text)) \
+            AND p.polname IN ('pgseal_offboard_select', 'pgseal_offboard_delete') \
+            AND c.relpersistence OPERATOR(pg_catalog.<>) 't' \
+            AND pg_catalog.strpos(pg_catalog.pg_get_expr(p.polqual, p.polrelid), \
+                                  '_offboard_visible_in(''' OPERATOR(pg_catalog.||) n.lit OPERATOR(pg_catalog.||) '''::text)') \
                 OPERATOR(pg_catalog.>) 0",
         &[rel.into(), name.into()],
     )?;
@@ -186,15 +194,18 @@ fn scope_names(role: pg_sys::Oid) -> Option<(String, String)> {
     Some((database, role))
 }
 
-/// The clock in whole Unix seconds; a clock set before 1970 reads as the end of
-/// time, at which every grant has expired (fail closed: none made, none counted).
-fn unix_now() -> i64 {
+/// The clock in whole Unix seconds; None for a clock set before 1970.
+fn unix_now() -> Option<i64> {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
         .and_then(|d| i64::try_from(d.as_secs()).ok())
-        .unwrap_or(i64::MAX)
 }
+
+/// How far a grant's expiry may lie beyond an hour from this node's clock (the
+/// nodes' clocks differ by that much at most): one further ahead was made by a
+/// node whose clock runs ahead, and would count for longer than an hour here.
+const CLOCK_SKEW_SECONDS: i64 = 300;
 
 /// A grant for the offboarding's statements on `rel` as its owner `owner`, under
 /// the caller's tenant, signed under the active master key version.
@@ -213,7 +224,9 @@ fn mint(rel: pg_sys::Oid, owner: pg_sys::Oid) -> SealResult<String> {
         Ok(pgseal_core::grant::Grant::sign(
             key,
             version,
-            unix_now().saturating_add(GRANT_SECONDS),
+            unix_now()
+                .ok_or(SealError::Refused(NO_CLOCK))?
+                .saturating_add(GRANT_SECONDS),
             &scope,
         )
         .to_string())
@@ -276,14 +289,27 @@ fn granted(table: &str, user: pg_sys::Oid) -> bool {
             until
         }
     };
-    match until {
-        None => false,
-        Some(until) if pgseal_core::grant::expired_at(until, unix_now()) => {
+    match (until, unix_now()) {
+        (None, _) => false,
+        (Some(_), None) => SealError::Refused(NO_CLOCK).raise(),
+        (Some(until), Some(now)) if pgseal_core::grant::expired_at(until, now) => {
             SealError::Refused(GRANT_EXPIRED).raise()
         }
-        Some(_) => true,
+        (Some(until), Some(now))
+            if until > now.saturating_add(GRANT_SECONDS + CLOCK_SKEW_SECONDS) =>
+        {
+            SealError::Refused(GRANT_AHEAD).raise()
+        }
+        (Some(_), Some(_)) => true,
     }
 }
+
+/// This node's clock reads before 1970: no grant is made or counted.
+const NO_CLOCK: &str =
+    "this node's clock reads before 1970: an offboarding's grant can be neither made nor checked";
+
+/// A grant that would count here for longer than it was made to.
+const GRANT_AHEAD: &str = "an offboarding's grant expires more than an hour ahead of this node's clock (the nodes' clocks differ by more than five minutes): the statement fails rather than take it";
 
 /// An offboarding's grant that a node made for this scope, expired: the statement
 /// fails rather than leave the tenant's rows of this node out.

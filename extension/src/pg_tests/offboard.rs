@@ -810,26 +810,29 @@ mod tests {
         // or here the backend's flag, for it: its trigger, running as its owner in
         // the offboarding's delete, would read the renamed table's rows.
         run("CREATE ROLE off_dec_owner");
-        run("CREATE TABLE public.off_decoy (tenant_id text NOT NULL, owner_id text, org_id text, note text)");
-        run("ALTER TABLE public.off_decoy OWNER TO off_dec_owner");
-        run("SELECT pgseal.org_protect('public.off_decoy', 'owner_id', 'org_id')");
+        run("CREATE TABLE public.\"off\\decoy\" (tenant_id text NOT NULL, owner_id text, org_id text, note text)");
+        run("ALTER TABLE public.\"off\\decoy\" OWNER TO off_dec_owner");
+        run("SELECT pgseal.org_protect('public.\"off\\decoy\"', 'owner_id', 'org_id')");
         run("CREATE TABLE public.off_seen (n bigint)");
         run("GRANT INSERT ON public.off_seen TO off_dec_owner");
         run("CREATE FUNCTION public.off_peek() RETURNS trigger LANGUAGE plpgsql AS \
              $$ BEGIN INSERT INTO public.off_seen SELECT count(*) FROM public.off_renamed; RETURN OLD; END $$");
         run("ALTER FUNCTION public.off_peek() OWNER TO off_dec_owner");
-        run("CREATE TRIGGER off_peek AFTER DELETE ON public.off_decoy FOR EACH ROW EXECUTE FUNCTION public.off_peek()");
-        // The renamed table, another role's, with its stale condition.
+        run("CREATE TRIGGER off_peek AFTER DELETE ON public.\"off\\decoy\" FOR EACH ROW EXECUTE FUNCTION public.off_peek()");
+        // The renamed table, another role's, with its stale condition (the decoy's
+        // name has a backslash, which `pg_get_expr` prints as it is).
         run("CREATE TABLE public.off_renamed (tenant_id text, secret text)");
         run("INSERT INTO public.off_renamed VALUES ('off-dec', 's1'), ('off-dec', 's2')");
         run("ALTER TABLE public.off_renamed ENABLE ROW LEVEL SECURITY");
-        run("CREATE POLICY stale ON public.off_renamed FOR SELECT \
-             USING (pgseal._offboard_visible_in('public.off_decoy'))");
+        run(
+            "CREATE POLICY pgseal_offboard_select ON public.off_renamed FOR SELECT \
+             USING (pgseal._offboard_visible_in('public.\"off\\decoy\"'))",
+        );
         run("GRANT SELECT ON public.off_renamed TO off_dec_owner");
         run("SELECT pgseal.set_tenant('off-dec', 'mallory')");
-        run("INSERT INTO public.off_decoy VALUES ('off-dec', 'mallory', NULL, 'x')");
+        run("INSERT INTO public.\"off\\decoy\" VALUES ('off-dec', 'mallory', NULL, 'x')");
         run("CREATE ROLE off_dec_admin IN ROLE pgseal_admin BYPASSRLS");
-        run("GRANT SELECT, DELETE ON public.off_decoy TO off_dec_admin");
+        run("GRANT SELECT, DELETE ON public.\"off\\decoy\" TO off_dec_admin");
         run("SET LOCAL ROLE off_dec_admin");
         run("SELECT pgseal.tenant_offboard('off-dec', '0')");
         run("RESET ROLE");
@@ -842,7 +845,7 @@ mod tests {
         assert!(msg.contains("(table off_renamed)"), "{msg}");
         // With the stale condition mended, the offboarding goes on, and the
         // trigger finds no row of the other table.
-        run("ALTER POLICY stale ON public.off_renamed USING (false)");
+        run("ALTER POLICY pgseal_offboard_select ON public.off_renamed USING (false)");
         exported("off-dec");
         assert_eq!(drain("SELECT pgseal._offboard_delete('off-dec', 10)"), 1);
         assert_eq!(one::<i64>("SELECT max(n) FROM public.off_seen"), 0);
