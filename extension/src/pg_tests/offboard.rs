@@ -799,9 +799,6 @@ mod tests {
         ));
     }
 
-    /// Table `public.<table>`, which `tenant_protect` protects by `org`, owned by
-    /// role off_pol_owner (made if missing), which its policies bind, with one
-    /// row of `t` and its offboarding scheduled.
     #[pg_test]
     fn a_grant_for_a_tables_name_is_refused_while_another_tables_policy_names_it() {
         // org_protect's Citus form names its table by text; a table renamed since
@@ -851,6 +848,9 @@ mod tests {
         assert_eq!(one::<i64>("SELECT max(n) FROM public.off_seen"), 0);
     }
 
+    /// Table `public.<table>`, which `tenant_protect` protects by `org`, owned by
+    /// role off_pol_owner (made if missing), which its policies bind, with one
+    /// row of `t` and its offboarding scheduled.
     fn protected_table(t: &str, table: &str) {
         protected_table_of(t, table, "text");
     }
