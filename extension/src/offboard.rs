@@ -657,11 +657,11 @@ impl Table {
                           WHEN 'pgseal_offboard_select' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'r' \
                                AND p.polqual IS NOT NULL \
                                AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
-                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY (v.texts) \
+                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY (v.texts OPERATOR(pg_catalog.||) v.doubled) \
                           WHEN 'pgseal_offboard_delete' THEN p.polpermissive AND p.polcmd OPERATOR(pg_catalog.=) 'd' \
                                AND p.polqual IS NOT NULL \
                                AND p.polroles OPERATOR(pg_catalog.=) '{0}'::pg_catalog.oid[] AND p.polwithcheck IS NULL \
-                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY (v.texts) \
+                               AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) OPERATOR(pg_catalog.=) ANY (v.texts OPERATOR(pg_catalog.||) v.doubled) \
                           WHEN 'pgseal_owner' THEN p.polpermissive \
                           WHEN 'pgseal_org_select' THEN p.polpermissive \
                           WHEN 'pgseal_org_insert' THEN p.polpermissive \
@@ -691,7 +691,11 @@ impl Table {
                    FROM pg_catalog.pg_policy p, \
                         (SELECT f.citus, CASE WHEN f.citus \
                                      THEN ARRAY(SELECT pg_catalog.format('(%s AND %s)', x, f.visible_in) FROM pg_catalog.unnest($2::pg_catalog.text[]) x) \
-                                     ELSE ARRAY[f.visible] END AS texts \
+                                     ELSE ARRAY[f.visible] END AS texts, \
+                                ARRAY(SELECT pg_catalog.replace(t, pg_catalog.chr(92), pg_catalog.repeat(pg_catalog.chr(92), 2)) \
+                                        FROM pg_catalog.unnest(CASE WHEN f.citus \
+                                                 THEN ARRAY(SELECT pg_catalog.format('(%s AND %s)', x, f.visible_in) FROM pg_catalog.unnest($2::pg_catalog.text[]) x) \
+                                                 ELSE ARRAY[f.visible] END) t) AS doubled \
                            FROM (SELECT 'pgseal._offboard_visible((''' OPERATOR(pg_catalog.||) pg_catalog.replace($1::pg_catalog.regclass::pg_catalog.text, '''', '''''') OPERATOR(pg_catalog.||) '''::regclass)::oid)' AS visible, \
                                         (SELECT 'pgseal._offboard_visible_in(''' OPERATOR(pg_catalog.||) pg_catalog.replace(pg_catalog.format('%I.%I', n.nspname, c.relname), '''', '''''') OPERATOR(pg_catalog.||) '''::text)' \
                                            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \

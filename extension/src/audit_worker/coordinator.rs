@@ -85,8 +85,21 @@ pub fn execute(sql: &std::ffi::CStr) -> Result<(), String> {
     run(sql, &[]).map(|_| ())
 }
 
+thread_local! {
+    /// Whether the last `run` sent its statement (set just before it is sent): a
+    /// failure before that recorded nothing on the coordinator.
+    static SENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the last statement run here was sent to the coordinator (so that, if it
+/// failed, it may still have run there).
+pub fn last_was_sent() -> bool {
+    SENT.get()
+}
+
 /// `query_row`'s and `execute`'s work: the statement's first row, if it returned one.
 fn run(sql: &std::ffi::CStr, params: &[&str]) -> Result<Option<Vec<Option<String>>>, String> {
+    SENT.set(false);
     let (settings, connect_within) = settings()?;
     LINK.with(|link| {
         let mut link = link.borrow_mut();
@@ -130,6 +143,7 @@ fn run(sql: &std::ffi::CStr, params: &[&str]) -> Result<Option<Vec<Option<String
             }
         }
         let (_, conn) = link.as_mut().expect("a connection was just made");
+        SENT.set(true);
         match conn.query_row(sql, params, ANSWER) {
             Ok(row) => Ok(row),
             Err(e) => {

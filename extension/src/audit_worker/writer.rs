@@ -228,6 +228,11 @@ enum Outcome {
     /// Done for now; asked again in `COUNTS_RETRY_US` (`drain_seal_counts`).
     Again,
     Failed(String),
+    /// Failed before anything could be recorded: a local append whose transaction
+    /// aborted, or a forward that failed before its statement was sent (tried
+    /// again for a request nobody waits for; a failure after sending is not, since
+    /// the coordinator may have recorded it).
+    Unsent(String),
 }
 
 /// Appends one entry in a transaction of its own. Another transaction holding the
@@ -240,8 +245,10 @@ enum Outcome {
 /// On a Citus worker the entry is appended on the coordinator, where pgseal's ledger
 /// is kept (docs/SCALING.md): `forward`.
 fn append(e: &Entry, system_ok: bool) -> Outcome {
+    let forwarded = std::cell::Cell::new(false);
     let r = in_transaction(|| {
         if crate::pg::citus::is_worker()? {
+            forwarded.set(true);
             return Ok(forward(e, system_ok));
         }
         append_here(e, system_ok).map(Ok)
@@ -249,7 +256,10 @@ fn append(e: &Entry, system_ok: bool) -> Outcome {
     match r {
         Ok(Ok(Some((in_system, seq)))) => Outcome::Appended(in_system, seq),
         Ok(Ok(None)) => Outcome::Busy,
-        Ok(Err(msg)) | Err(msg) => Outcome::Failed(msg),
+        Ok(Err(msg)) | Err(msg) if forwarded.get() && super::coordinator::last_was_sent() => {
+            Outcome::Failed(msg)
+        }
+        Ok(Err(msg)) | Err(msg) => Outcome::Unsent(msg),
     }
 }
 
@@ -593,11 +603,13 @@ fn finish(ticket: u64, outcome: Outcome) {
         Outcome::Busy if queue::now() < s.deadline => return requeue(s, RETRY_US),
         Outcome::Busy => Some(Failure::ChainBusy),
         Outcome::Again => return requeue(s, COUNTS_RETRY_US),
-        // A request nobody waits for (a transaction's decrypt count) is tried again
-        // until its deadline, as a busy chain's is: on a Citus worker a coordinator
-        // restarting or unreachable for a moment must not lose the counts of the
-        // transactions that ended meanwhile. Logged once.
-        Outcome::Failed(msg)
+        // A request nobody waits for (a transaction's decrypt count) that failed
+        // before anything was recorded is tried again until its deadline, as a busy
+        // chain's is: on a Citus worker a coordinator restarting or unreachable for
+        // a moment must not lose the counts of the transactions that ended
+        // meanwhile (one that failed after it was sent may be on record there, and
+        // is not sent twice). Logged once.
+        Outcome::Unsent(msg)
             if s.latch == 0
                 && !s.counts
                 && s.state == State::Taken
@@ -609,7 +621,7 @@ fn finish(ticket: u64, outcome: Outcome) {
             }
             return requeue(s, COUNTS_RETRY_US);
         }
-        Outcome::Failed(msg) => {
+        Outcome::Failed(msg) | Outcome::Unsent(msg) => {
             pgrx::log!("pgseal audit writer: a request could not be completed: {msg}");
             Some(Failure::Error)
         }

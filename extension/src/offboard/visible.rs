@@ -149,7 +149,7 @@ fn refuse_name_named_elsewhere(rel: pg_sys::Oid, name: &str) -> SealResult<()> {
          SELECT pg_catalog.min(p.polrelid::pg_catalog.regclass::pg_catalog.text) \
            FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.polrelid, n \
           WHERE p.polrelid OPERATOR(pg_catalog.<>) $1 \
-            AND p.polname IN ('pgseal_offboard_select', 'pgseal_offboard_delete') \
+            AND p.polname OPERATOR(pg_catalog.=) ANY (ARRAY['pgseal_offboard_select', 'pgseal_offboard_delete']::pg_catalog.name[]) \
             AND c.relpersistence OPERATOR(pg_catalog.<>) 't' \
             AND pg_catalog.strpos(pg_catalog.pg_get_expr(p.polqual, p.polrelid), \
                                   '_offboard_visible_in(''' OPERATOR(pg_catalog.||) n.lit OPERATOR(pg_catalog.||) '''::text)') \
