@@ -792,19 +792,17 @@ impl Drop for Standby {
     }
 }
 
-/// Finding 6: on a hot standby the counts are logged only at pre-commit, so a
-/// transaction that decrypts and then rolls back (or fails) leaves no trace at all,
-/// although docs/SECURITY.md says each transaction's counts go to the server log.
-#[test]
-fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
+/// A primary named `primary` with `SETUP`, a standby `standby` cloned from it, and
+/// `app`'s session on the standby.
+fn primary_and_standby(primary: &str, standby: &str) -> (Cluster, Standby, postgres::Client) {
     let cl = Cluster::start(
-        "atk-audit-primary",
+        primary,
         &[KEY_V1],
         &["wal_level = replica", "max_wal_senders = 4"],
     );
     cl.connect().batch_execute(SETUP).unwrap();
-    let standby = Standby::clone_from(&cl, "atk-audit-standby");
-    let mut c = postgres::Client::connect(
+    let standby = Standby::clone_from(&cl, standby);
+    let c = postgres::Client::connect(
         &format!(
             "host=127.0.0.1 port={} user=app dbname=postgres",
             standby.port
@@ -812,6 +810,15 @@ fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
         postgres::NoTls,
     )
     .unwrap();
+    (cl, standby, c)
+}
+
+/// Finding 6: on a hot standby the counts are logged only at pre-commit, so a
+/// transaction that decrypts and then rolls back (or fails) leaves no trace at all,
+/// although docs/SECURITY.md says each transaction's counts go to the server log.
+#[test]
+fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
+    let (_cl, standby, mut c) = primary_and_standby("atk-audit-primary", "atk-audit-standby");
     let rec: bool = c
         .query_one("SELECT pg_is_in_recovery()", &[])
         .unwrap()
@@ -847,21 +854,8 @@ fn a_rolled_back_decrypt_on_a_hot_standby_leaves_a_trace() {
 /// written.
 #[test]
 fn a_decrypt_on_a_hot_standby_cannot_forge_log_lines() {
-    let cl = Cluster::start(
-        "atk-audit-primary-log",
-        &[KEY_V1],
-        &["wal_level = replica", "max_wal_senders = 4"],
-    );
-    cl.connect().batch_execute(SETUP).unwrap();
-    let standby = Standby::clone_from(&cl, "atk-audit-standby-log");
-    let mut c = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=app dbname=postgres",
-            standby.port
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let (_cl, standby, mut c) =
+        primary_and_standby("atk-audit-primary-log", "atk-audit-standby-log");
     let forged = "LOG:  pgseal: 0 decrypt(s) under key FORGED";
     c.batch_execute(&format!(
         "BEGIN; SET LOCAL app.tenant_id = 'acme'; SET LOCAL app.user_id = E'mallory\\n{forged}'"

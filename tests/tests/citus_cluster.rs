@@ -1445,6 +1445,21 @@ fn decrypted(c: &mut postgres::Client, tenant: &str) -> Result<Vec<(i32, String)
         .map_err(|e| message::<()>(Err(e)))
 }
 
+/// The node that holds `tenant`'s shard of `integrations` (`sealed_integrations`).
+fn integrations_node<'a>(cc: &'a CitusCluster, tenant: &str) -> &'a pgseal_tests::Cluster {
+    let port: i32 = cc
+        .coordinator
+        .connect()
+        .query_one(
+            "SELECT nodeport FROM citus_shards WHERE table_name = 'integrations'::regclass \
+             AND shardid = get_shard_id_for_distribution_column('integrations', $1::text)",
+            &[&tenant],
+        )
+        .unwrap()
+        .get(0);
+    cc.node_at(port as u16)
+}
+
 /// `secret-<tenant>-<id>` sealed by tenants t0 … t7, three each, in a distributed,
 /// protected `integrations` table, through the coordinator, after
 /// `pgseal.citus_distribute()`; `app` may decrypt. Returns the tenants.
@@ -1972,15 +1987,7 @@ fn a_workers_audit_writer_stops_at_once_while_the_coordinator_is_silent() {
     let cc = CitusCluster::start("citus-writer-stop");
     sealed_integrations(&cc);
     let mut c = cc.coordinator.connect();
-    let worker = cc.node_at(
-        c.query_one(
-            "SELECT nodeport FROM citus_shards WHERE table_name = 'integrations'::regclass \
-             AND shardid = get_shard_id_for_distribution_column('integrations', 't5')",
-            &[],
-        )
-        .unwrap()
-        .get::<_, i32>(0) as u16,
-    );
+    let worker = integrations_node(&cc, "t5");
     let want: Vec<(i32, String)> = (1..=3).map(|id| (id, format!("secret-t5-{id}"))).collect();
     assert_eq!(decrypted(&mut app(worker), "t5"), Ok(want.clone()));
     let recorded = entries(&mut c, "t5", "vault.decrypt_started");
@@ -2060,15 +2067,7 @@ fn a_workers_decrypt_count_survives_a_coordinator_restart() {
     let cc = CitusCluster::start("citus-count-retry");
     sealed_integrations(&cc);
     let mut c = cc.coordinator.connect();
-    let worker = cc.node_at(
-        c.query_one(
-            "SELECT nodeport FROM citus_shards WHERE table_name = 'integrations'::regclass \
-             AND shardid = get_shard_id_for_distribution_column('integrations', 't6')",
-            &[],
-        )
-        .unwrap()
-        .get::<_, i32>(0) as u16,
-    );
+    let worker = integrations_node(&cc, "t6");
     let counts = |c: &mut postgres::Client| -> i64 {
         c.query_one(
             "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = 't6' AND event = 'vault.decrypt' \
@@ -2573,15 +2572,7 @@ fn pgseald_rotation_and_verification_run_against_the_coordinator() {
     // decrypt there), and every seal is counted. A few: the counts waiting and
     // those being sent, and beside them requests to drain the outbox (one waiting,
     // one being run), which Citus's two-phase commits on the node ask for.
-    let worker = cc.node_at(
-        c.query_one(
-            "SELECT nodeport FROM citus_shards WHERE table_name = 'integrations'::regclass \
-             AND shardid = get_shard_id_for_distribution_column('integrations', 't3')",
-            &[],
-        )
-        .unwrap()
-        .get::<_, i32>(0) as u16,
-    );
+    let worker = integrations_node(&cc, "t3");
     let flood: Vec<_> = (0..2)
         .map(|_| {
             let mut a = app(worker);
