@@ -2743,7 +2743,10 @@ CREATE TABLE pgseal.tenant_offboardings (
     export_tables regclass[],
     export_rows  int8,
     export_xact  xid8,
-    past_export  boolean     NOT NULL DEFAULT false
+    past_export  boolean     NOT NULL DEFAULT false,
+    -- Entries of the audit chain _pgseal_audit recording the tenant's decrypts whose
+    -- payloads the erase step erased (the receipt's audit_entries_erased).
+    audit_erased int8        NOT NULL DEFAULT 0
 );
 
 COMMENT ON TABLE pgseal.tenant_offboardings IS

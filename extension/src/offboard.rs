@@ -1436,7 +1436,8 @@ fn _offboard_advance(
 }
 
 /// `pgseal._offboard_erase(tenant, batch)`: erases the payloads of up to `batch`
-/// more of the tenant's entries (at step 'shredded'); returns how many (0: none
+/// more of the tenant's entries (at step 'shredded'), then of the entries in the
+/// audit chain `_pgseal_audit` that record its decrypts; returns how many (0: none
 /// left).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
@@ -1466,9 +1467,34 @@ fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             Some(last) => RESUME.with(|r| r.borrow_mut().insert(tenant.clone(), *last)),
             None => RESUME.with(|r| r.borrow_mut().remove(&tenant)),
         };
+        if seqs.is_empty() {
+            // The tenant's own chain is done: then its decrypt records that the audit
+            // writer put in the audit chain.
+            seqs = erase::erase(
+                &tenant,
+                Which::InAuditChain {
+                    limit: batch.into(),
+                },
+            )?;
+            count_audit_erased(&tenant, seqs.len() as i64)?;
+        }
         Ok(seqs.len() as i64)
     })()
     .or_raise()
+}
+
+/// Adds `n` entries of the audit chain erased to the tenant's offboarding.
+fn count_audit_erased(tenant: &str, n: i64) -> SealResult<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    Ok(as_owner(|| {
+        Spi::run_with_args(
+            "UPDATE pgseal.tenant_offboardings SET audit_erased = audit_erased OPERATOR(pg_catalog.+) $2 \
+              WHERE tenant_id = $1",
+            &[tenant.into(), n.into()],
+        )
+    })?)
 }
 
 /// `pgseal._offboard_finish(tenant)`: at step 'erased', checks that the work is
@@ -1491,10 +1517,15 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                 "SELECT (SELECT pg_catalog.count(*) FROM pgseal.tenant_keys k \
                           WHERE k.tenant_id = $1 AND k.purpose = 'dek' AND k.wrapped IS NOT NULL), \
                         (SELECT pg_catalog.count(*) FROM pgseal.ledger l \
-                          WHERE l.tenant_id = $1 AND l.fmt = 2 AND l.salt IS NOT NULL \
+                          WHERE (l.tenant_id = $1 \
+                                 OR (l.tenant_id = $2 AND (l.payload OPERATOR(pg_catalog.->>) 'tenant') = $1)) \
+                            AND l.fmt = 2 AND l.salt IS NOT NULL \
                             AND NOT pg_catalog.starts_with(l.event, 'subject.') \
                             AND NOT pg_catalog.starts_with(l.event, 'tenant.'))",
-                &[tenant.as_str().into()],
+                &[
+                    tenant.as_str().into(),
+                    crate::ledger::names::AUDIT_CHAIN.into(),
+                ],
             )?)
             })
         })?;
@@ -1511,13 +1542,14 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                 "redo": "rows, data keys or ledger payloads of the tenant were written after their step; back to deleting"
             })));
         }
-        let (file, sha256, deleted, erased, kept) = as_owner(|| {
+        let (file, sha256, deleted, erased, kept, audit_erased) = as_owner(|| {
             Spi::connect(|c| {
                 let row = c
                     .select(
                         "SELECT o.export_file, o.export_sha256, o.deleted, \
                                 (SELECT pg_catalog.count(*) FROM pgseal.ledger l WHERE l.tenant_id = $1 AND l.commitment IS NOT NULL), \
-                                (SELECT pg_catalog.count(*) FROM pgseal.ledger l WHERE l.tenant_id = $1 AND l.fmt = 1) \
+                                (SELECT pg_catalog.count(*) FROM pgseal.ledger l WHERE l.tenant_id = $1 AND l.fmt = 1), \
+                                o.audit_erased \
                            FROM pgseal.tenant_offboardings o WHERE o.tenant_id = $1",
                         Some(1),
                         &[tenant.as_str().into()],
@@ -1529,6 +1561,7 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                     row.get::<JsonB>(3)?.map(|j| j.0),
                     row.get::<i64>(4)?,
                     row.get::<i64>(5)?,
+                    row.get::<i64>(6)?,
                 ))
             })
         })?;
@@ -1539,6 +1572,7 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
             "deleted": deleted,
             "ledger_entries_erased": erased,
             "format_1_entries_kept": kept,
+            "audit_entries_erased": audit_erased,
             "protected_tables_not_offboarded": not_offboarded(&offboarded)?,
         });
         evidence::record(&tenant, "tenant.offboarded", receipt.clone())?;

@@ -411,3 +411,59 @@ fn the_writer_never_waits_for_a_key_a_first_append_is_making() {
     assert_eq!(entries(&mut admin, "subject.erased").len(), 1);
     verifies(&mut admin, "initech");
 }
+
+#[test]
+fn a_count_in_the_audit_chain_names_its_tenant_and_a_hold_keeps_it() {
+    // A count the writer could not append to its tenant's chain (held for longer than
+    // it waits) goes to the audit chain, alone (its start went to the tenant's). Its
+    // payload must name the tenant: a hold on the tenant keeps it from ledger_prune by
+    // that, and the tenant's offboarding finds it by that to erase it (offboard_cluster,
+    // an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain).
+    let (cl, mut admin) = start("audit-count-hold");
+    let mut c = cl.connect_as("app");
+    let mut holder = cl.connect_as("app");
+    // The start goes to acme's chain, free at that point.
+    c.batch_execute(&format!("BEGIN READ ONLY; {DECRYPT_ALL}"))
+        .unwrap();
+    holder
+        .batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('acme'); \
+             SELECT pgseal.ledger_append('export.requested', '{}')",
+        )
+        .unwrap();
+    c.batch_execute("COMMIT").unwrap();
+    let done = wait_for_counts(&mut admin, 1);
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(done.len(), 1);
+    let (chain, _, role, p) = &done[0];
+    assert_eq!(chain, "_pgseal_audit", "{done:?}");
+    assert_eq!(role.as_deref(), Some("app"));
+    assert_eq!(p["tenant"], "acme", "{p}");
+    assert_eq!(p["count"], 3);
+    let started = entries(&mut admin, "vault.decrypt_started");
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].0, "acme", "only the count is in the audit chain");
+    verifies(&mut admin, "_pgseal_audit");
+
+    admin
+        .batch_execute(
+            "SET pgseal.ledger_min_retention = '0 seconds'; \
+             SELECT pgseal.retention_hold('acme', true)",
+        )
+        .unwrap();
+    let prune = "SELECT pgseal.ledger_prune('_pgseal_audit', \
+                   (SELECT max(seq) + 1 FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit'))";
+    assert_eq!(
+        sqlstate(admin.query_one(prune, &[])),
+        "55000",
+        "a hold on acme keeps its count in the audit chain"
+    );
+    admin
+        .batch_execute("SELECT pgseal.retention_hold('acme', false)")
+        .unwrap();
+    let pruned: i64 = admin.query_one(prune, &[]).unwrap().get(0);
+    assert_eq!(
+        pruned, 1,
+        "without the hold the count is pruned like any entry"
+    );
+}

@@ -712,3 +712,92 @@ fn rows_changed_after_the_export_or_by_the_deletes_are_never_deleted_unexported(
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM visits"), 3);
 }
+
+#[test]
+fn an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain() {
+    // A decrypt's records go to the audit chain `_pgseal_audit` when the tenant's
+    // chain is held (here by another session for longer than the writer waits): the
+    // start and the count, whose contexts and actor are the tenant's. The offboarding
+    // erased only the tenant's own chain, and its receipt was given over them.
+    let cl = Cluster::start("offboard_audit_chain", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE app LOGIN;
+         GRANT pgseal_decrypt, pgseal_ledger TO app;
+         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         GRANT SELECT ON integrations TO app;
+         SELECT pgseal.vault_register_column('integrations', 'token');
+         SET app.tenant_id = 'acme';
+         INSERT INTO integrations SELECT g, 'acme', pgseal.vault_seal('acme-tok-' || g, 'integrations.token')
+           FROM generate_series(1, 3) g;
+         SET app.tenant_id = 'globex';
+         INSERT INTO integrations SELECT g, 'globex', pgseal.vault_seal('globex-tok-' || g, 'integrations.token')
+           FROM generate_series(4, 5) g;
+         RESET app.tenant_id;",
+    )
+    .unwrap();
+    let in_audit_chain = |c: &mut postgres::Client, tenant: &str| -> i64 {
+        count(
+            c,
+            &format!(
+                "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
+                   AND payload ->> 'tenant' = '{tenant}'"
+            ),
+        )
+    };
+    for tenant in ["acme", "globex"] {
+        let mut holder = cl.connect_as("app");
+        holder
+            .batch_execute(&format!(
+                "BEGIN; SELECT pgseal.set_tenant('{tenant}'); \
+                 SELECT pgseal.ledger_append('export.requested', '{{}}')"
+            ))
+            .unwrap();
+        let mut app = cl.connect_as("app");
+        app.batch_execute(&format!(
+            "BEGIN READ ONLY; SELECT pgseal.set_tenant('{tenant}'); \
+             SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations \
+             WHERE tenant_id = '{tenant}'; COMMIT"
+        ))
+        .unwrap();
+        let t0 = Instant::now();
+        while in_audit_chain(&mut c, tenant) < 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{tenant}'s start and count in the audit chain"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        holder.batch_execute("ROLLBACK").unwrap();
+    }
+    c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
+        .unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-audit-chain-files");
+    let out = offboard_run(&cl, &dir);
+    assert!(out.contains("tenant acme: done"), "{out}");
+
+    let left = count(
+        &mut c,
+        "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
+           AND payload::text LIKE '%acme%'",
+    );
+    assert_eq!(left, 0, "no payload in the audit chain names acme");
+    assert_eq!(in_audit_chain(&mut c, "globex"), 2, "globex's are kept");
+    let receipt: serde_json::Value = c
+        .query_one(
+            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(receipt["audit_entries_erased"], 2, "{receipt}");
+    let r = c
+        .query_one(
+            "SELECT ok, erased, problem FROM pgseal.ledger_verify('_pgseal_audit')",
+            &[],
+        )
+        .unwrap();
+    assert!(r.get::<_, bool>(0), "{:?}", r.get::<_, Option<String>>(2));
+    assert_eq!(r.get::<_, i64>(1), 2, "the two entries verify as erased");
+}

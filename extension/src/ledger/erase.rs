@@ -12,6 +12,9 @@
 //! so an erasure never stores a commitment of an edited payload. Only format 2
 //! entries with a payload are erased, and never pgseal's own `subject.*` and
 //! `tenant.*` receipts, which record erasures, exports and offboardings by counts.
+//! An offboarding also erases the entries of the audit chain `_pgseal_audit` that
+//! record the tenant's decrypts (the audit writer names the tenant in each one's
+//! payload); that chain's other entries keep theirs.
 //!
 //! The update is pgseal's fixed statement, run as the extension owner inside
 //! `Scope::Erase`, which `pgseal._ledger_guard()` checks: in that scope it lets an
@@ -43,6 +46,10 @@ pub enum Which<'a> {
     /// All of them, the first `limit` still to erase after seq `after`
     /// (offboarding, in batches).
     All { limit: i64, after: i64 },
+    /// The first `limit` still to erase of the entries in the audit chain
+    /// `_pgseal_audit` that record the tenant's decrypts (their payload's `tenant`;
+    /// offboarding, in batches, after the tenant's own chain).
+    InAuditChain { limit: i64 },
 }
 
 /// The entries are found by the primary key (`seq = ANY`), not by a join over the
@@ -68,9 +75,14 @@ pub fn lock_chain(tenant: &str) -> SealResult<()> {
     super::chain_lock::lock(tenant).map(|_| ())
 }
 
-/// Erases the payloads of `tenant`'s entries that `which` takes; returns their
-/// seqs, ascending. The caller has checked who may erase, the tenant and the hold.
+/// Erases the payloads of `tenant`'s entries that `which` takes (in the audit chain
+/// for `Which::InAuditChain`); returns their seqs, ascending. The caller has checked
+/// who may erase, the tenant and the hold.
 pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
+    let chain = match which {
+        Which::InAuditChain { .. } => super::names::AUDIT_CHAIN,
+        Which::Subject(_) | Which::All { .. } => tenant,
+    };
     // This transaction's own appends go into the table first.
     super::writer::flush()?;
     let (seqs, commitments) = as_owner(|| -> SealResult<(Vec<i64>, Vec<Vec<u8>>)> {
@@ -92,6 +104,15 @@ pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
                     ),
                     None,
                     &[tenant.into(), limit.into(), after.into()],
+                )?,
+                Which::InAuditChain { limit } => c.select(
+                    &format!(
+                        "SELECT {COLUMNS} FROM pgseal.ledger l WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 \
+                           AND (l.payload OPERATOR(pg_catalog.->>) 'tenant') OPERATOR(pg_catalog.=) $2 \
+                           AND {ERASABLE} ORDER BY l.seq LIMIT $3"
+                    ),
+                    None,
+                    &[chain.into(), tenant.into(), limit.into()],
                 )?,
             };
             let mut seqs = Vec::new();
@@ -119,7 +140,7 @@ pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
                 let commitment = payload_commitment(&salt, &canonical);
                 let recomputed = entry_hash_v2(&EntryFieldsV2 {
                     prev_hash: &prev,
-                    tenant,
+                    tenant: chain,
                     seq,
                     recorded_at_us: at,
                     actor: &actor,
@@ -144,7 +165,7 @@ pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
         guard::with_scope(Scope::Erase, || {
             Spi::run_with_args(
                 UPDATE_SQL,
-                &[tenant.into(), seqs.clone().into(), commitments.into()],
+                &[chain.into(), seqs.clone().into(), commitments.into()],
             )
         })
     })?;
