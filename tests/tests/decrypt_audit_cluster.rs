@@ -467,3 +467,64 @@ fn a_count_in_the_audit_chain_names_its_tenant_and_a_hold_keeps_it() {
         "without the hold the count is pruned like any entry"
     );
 }
+
+#[test]
+fn a_reload_to_asynchronous_commit_leaves_no_start_unflushed() {
+    // The writer acknowledges a decrypt's start once its transaction commits, and the
+    // plaintext is returned then: that commit must be on disk. It made its commits
+    // wait for their flush when `synchronous_commit = off` was configured as it
+    // started, not when a reload set it later: its commits then returned with their
+    // WAL still in memory (for up to wal_writer_delay), and a crash could lose the
+    // record of a decrypt whose plaintext had been returned. Nothing else writes WAL
+    // in this cluster (no autovacuum, wal_level minimal), so right after a decrypt
+    // returns everything inserted is the writer's, and must be flushed.
+    let cl = Cluster::start(
+        "audit-reload-async",
+        &[KEY_V1],
+        &[
+            "wal_writer_delay = 10000",
+            "autovacuum = off",
+            "wal_level = minimal",
+            "max_wal_senders = 0",
+        ],
+    );
+    let mut admin = cl.connect();
+    admin.batch_execute(SETUP).unwrap();
+    let mut c = cl.connect_as("app");
+    // The writer starts with the first decrypt, under synchronous_commit = on (and
+    // this sets the hint bits of the rows read, which later reads leave alone).
+    c.batch_execute(DECRYPT_ALL).unwrap();
+    admin
+        .batch_execute("ALTER SYSTEM SET synchronous_commit = off")
+        .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let starts = entries(&mut admin, "vault.decrypt_started").len();
+    let lsns = "SELECT pg_current_wal_flush_lsn()::text, pg_current_wal_insert_lsn()::text";
+    // Once before the rounds: a session's first lookup of these functions prunes dead
+    // rows of pg_proc's pages, which is WAL of its own (after the writer's commit).
+    admin.query_one(lsns, &[]).unwrap();
+    for round in 1..=3 {
+        // Read while the decrypting transaction is open: at its commit it writes its
+        // count itself (or, read-only, hands it to the writer), which would flush or
+        // add WAL of its own.
+        c.batch_execute(&format!("BEGIN READ ONLY; {DECRYPT_ALL}"))
+            .unwrap();
+        let (flushed, inserted): (String, String) = {
+            let r = admin.query_one(lsns, &[]).unwrap();
+            (r.get(0), r.get(1))
+        };
+        assert_eq!(
+            flushed, inserted,
+            "round {round}: the writer's commit was not flushed when the decrypt returned"
+        );
+        assert_eq!(
+            entries(&mut admin, "vault.decrypt_started").len(),
+            starts + round,
+            "each decrypting transaction has its start"
+        );
+        c.batch_execute("COMMIT").unwrap();
+        // The writer appends the count it was handed before the next round starts.
+        assert_eq!(wait_for_counts(&mut admin, 1 + round).len(), 1 + round);
+    }
+}

@@ -160,17 +160,13 @@ fn retire(dboid: u32) -> bool {
 }
 
 /// Settings of the writer's session that the server's or the database's
-/// configuration must not change: an acknowledged entry must survive a crash (with
-/// `synchronous_commit = off` configured, the writer still flushes its commits
-/// locally), a database set read-only by default, with a short statement timeout or
-/// another isolation level must not stop the audit or change what it reads, and no
-/// role's objects are on its search path.
+/// configuration must not change: a database set read-only by default, with a short
+/// statement timeout or another isolation level must not stop the audit or change
+/// what it reads, and no role's objects are on its search path. (That an
+/// acknowledged entry survives a crash is each transaction's: `in_transaction`.)
 fn configure_session() {
-    use crate::privilege::{set_setting, setting_is};
+    use crate::privilege::set_setting;
     use pg_sys::GucAction::GUC_ACTION_SET;
-    if setting_is(c"synchronous_commit", b"off") {
-        set_setting(c"synchronous_commit", c"local", GUC_ACTION_SET);
-    }
     // Nothing the writer parses resolves a name through a schema a role can create
     // objects in (its SQL runs as the owner under a pinned path too; this covers
     // anything outside that).
@@ -542,7 +538,10 @@ fn durable_commit() {
 }
 
 /// Runs `f` in a transaction and commits it; an error (from `f` or from the commit)
-/// aborts the transaction and is returned as its message.
+/// aborts the transaction and is returned as its message. The commit is flushed
+/// locally before this returns, also when `synchronous_commit = off` is configured
+/// (checked in each transaction: a reload may set it after the writer started), since
+/// an entry it appends is acknowledged once this returns and must survive a crash.
 fn in_transaction<R>(f: impl FnOnce() -> crate::error::SealResult<R>) -> Result<R, String> {
     // SAFETY: starts a transaction with a snapshot, as BackgroundWorker::transaction
     // does; it is committed or aborted below before this function returns.
@@ -551,6 +550,7 @@ fn in_transaction<R>(f: impl FnOnce() -> crate::error::SealResult<R>) -> Result<
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
+    durable_commit();
     let r = PgTryBuilder::new(AssertUnwindSafe(|| match f() {
         Ok(v) => {
             // SAFETY: pops the snapshot pushed above and commits; an ERROR in the
