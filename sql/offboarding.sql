@@ -36,9 +36,10 @@ CREATE TABLE pgseal.tenant_offboardings (
     export_rows  int8,
     export_xact  xid8,
     past_export  boolean     NOT NULL DEFAULT false,
-    -- Entries of the audit chain _pgseal_audit recording the tenant's decrypts whose
-    -- payloads the erase step erased (the receipt's audit_entries_erased).
-    audit_erased int8        NOT NULL DEFAULT 0
+    -- The seqs of the entries of the audit chain _pgseal_audit recording the
+    -- tenant's decrypts whose payloads the erase step erased (listed in the
+    -- receipt; a hold on the tenant keeps them from ledger_prune).
+    audit_erased int8[]      NOT NULL DEFAULT '{}'
 );
 
 COMMENT ON TABLE pgseal.tenant_offboardings IS

@@ -1106,7 +1106,8 @@ enum ExportStage {
         horizon: i64,
         cursor: String,
     },
-    /// The `ledger_export` cursor, fetched as the caller.
+    /// The `ledger_export` cursor (the tenant's chain, then its records in the
+    /// audit chain), fetched as the caller.
     Ledger {
         cursor: String,
     },
@@ -1151,10 +1152,19 @@ impl ExportLines {
                 Some(t) => self.open_table(&t)?,
                 None => {
                     crate::ledger::writer::flush()?;
+                    // The tenant's chain, then its decrypt records in the audit chain
+                    // (which the erase step erases too).
                     let cursor = with_pinned_search_path(|| {
                         open_cursor(
-                            "SELECT pg_catalog.jsonb_build_object('ledger', e)::pg_catalog.text FROM pgseal.ledger_export($1) e",
-                            &[self.tenant.as_str().into()],
+                            "SELECT pg_catalog.jsonb_build_object('ledger', e)::pg_catalog.text FROM pgseal.ledger_export($1) e \
+                             UNION ALL \
+                             SELECT pg_catalog.jsonb_build_object('audit_chain', e)::pg_catalog.text \
+                               FROM pgseal.ledger_export($2) e \
+                              WHERE ((e OPERATOR(pg_catalog.->) 'payload') OPERATOR(pg_catalog.->>) 'tenant') OPERATOR(pg_catalog.=) $1",
+                            &[
+                                self.tenant.as_str().into(),
+                                crate::ledger::names::AUDIT_CHAIN.into(),
+                            ],
                         )
                     })?;
                     ExportStage::Ledger { cursor }
@@ -1291,21 +1301,30 @@ fn fetch_lines(
 }
 
 thread_local! {
-    /// Where this backend's last batch of `_offboard_erase` ended in a tenant's
-    /// chain (a seq): the next batch goes on from there, so erasing costs one pass
+    /// Where this backend's last batch of `_offboard_erase` ended (a seq in the
+    /// tenant's own chain, or once that is done in the audit chain): the next batch
+    /// goes on from there, so erasing costs one pass
     /// over the chain, not one per batch over what the batches before it erased. A
     /// hint only: a batch that finds nothing after it looks again from the start
     /// before it reports none left (a batch rolled back, or an entry written below
     /// it meanwhile), and pgseald's next connection starts from the start.
-    static RESUME: std::cell::RefCell<std::collections::HashMap<String, i64>> =
+    static RESUME: std::cell::RefCell<std::collections::HashMap<String, Resume>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Where `_offboard_erase` goes on: in the tenant's own chain, or (that done) in the
+/// audit chain, after a seq.
+#[derive(Clone, Copy)]
+enum Resume {
+    Own(i64),
+    Audit(i64),
 }
 
 /// Sets the tenant's resume hint, for the test of the pass that `_offboard_erase`
 /// makes from the start.
 #[cfg(any(test, feature = "pg_test"))]
 pub(crate) fn set_resume_hint(tenant: &str, seq: i64) {
-    RESUME.with(|r| r.borrow_mut().insert(tenant.to_owned(), seq));
+    RESUME.with(|r| r.borrow_mut().insert(tenant.to_owned(), Resume::Own(seq)));
 }
 
 /// Adds `n` rows deleted from `name` to the tenant's offboarding.
@@ -1447,52 +1466,82 @@ fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             "batch must be a positive number",
         ))?;
         require_step(&tenant, "shredded")?;
-        let after = RESUME
+        let at = RESUME
             .with(|r| r.borrow().get(&tenant).copied())
-            .unwrap_or(0);
-        let erase_after = |after: i64| {
-            erase::erase(
-                &tenant,
-                Which::All {
-                    limit: batch.into(),
-                    after,
-                },
-            )
-        };
-        let mut seqs = erase_after(after)?;
-        if seqs.is_empty() && after > 0 {
-            seqs = erase_after(0)?;
+            .unwrap_or(Resume::Own(0));
+        let limit = i64::from(batch);
+        if let Resume::Own(after) = at {
+            let own = |after: i64| erase::erase(&tenant, Which::All { limit, after });
+            if let Some((to, n)) = erased_from(after, own)? {
+                RESUME.with(|r| r.borrow_mut().insert(tenant.clone(), Resume::Own(to)));
+                return Ok(n);
+            }
         }
-        match seqs.last() {
-            Some(last) => RESUME.with(|r| r.borrow_mut().insert(tenant.clone(), *last)),
-            None => RESUME.with(|r| r.borrow_mut().remove(&tenant)),
+        // The tenant's own chain is done: then its decrypt records that the audit
+        // writer put in the audit chain.
+        let after = match at {
+            Resume::Audit(after) => after,
+            Resume::Own(_) => 0,
         };
-        if seqs.is_empty() {
-            // The tenant's own chain is done: then its decrypt records that the audit
-            // writer put in the audit chain.
-            seqs = erase::erase(
-                &tenant,
-                Which::InAuditChain {
-                    limit: batch.into(),
-                },
-            )?;
-            count_audit_erased(&tenant, seqs.len() as i64)?;
+        let mut erased = Vec::new();
+        let audit = |after: i64| {
+            let e = erase::erase(&tenant, Which::InAuditChain { limit, after })?;
+            erased.extend_from_slice(&e.seqs);
+            Ok(e)
+        };
+        let done = erased_from(after, audit)?;
+        add_audit_erased(&tenant, &erased)?;
+        match done {
+            Some((to, n)) => {
+                RESUME.with(|r| r.borrow_mut().insert(tenant.clone(), Resume::Audit(to)));
+                Ok(n)
+            }
+            None => {
+                RESUME.with(|r| r.borrow_mut().remove(&tenant));
+                Ok(0)
+            }
         }
-        Ok(seqs.len() as i64)
     })()
     .or_raise()
 }
 
-/// Adds `n` entries of the audit chain erased to the tenant's offboarding.
-fn count_audit_erased(tenant: &str, n: i64) -> SealResult<()> {
-    if n == 0 {
+/// Runs `erase` from `after` until a batch erases something or finds nothing
+/// (a batch whose entries were all pruned meanwhile finds them and erases none);
+/// from the start once when it finds nothing after `after` (the hint may be past
+/// entries a rolled-back batch left). Returns (the last seq found, how many it
+/// erased), or None when nothing is left.
+fn erased_from(
+    mut after: i64,
+    mut erase: impl FnMut(i64) -> SealResult<erase::Erased>,
+) -> SealResult<Option<(i64, i64)>> {
+    let mut from_start = after == 0;
+    loop {
+        let e = erase(after)?;
+        match e.found_to {
+            Some(to) if e.seqs.is_empty() => after = to,
+            Some(to) => return Ok(Some((to, e.seqs.len() as i64))),
+            None if from_start => return Ok(None),
+            None => {
+                after = 0;
+                from_start = true;
+            }
+        }
+    }
+}
+
+/// Adds the seqs of the audit chain's entries erased to the tenant's offboarding
+/// (`audit_erased`): its receipt lists them, and a hold on the tenant keeps them
+/// from `ledger_prune` once their payloads no longer name it.
+fn add_audit_erased(tenant: &str, seqs: &[i64]) -> SealResult<()> {
+    if seqs.is_empty() {
         return Ok(());
     }
     Ok(as_owner(|| {
         Spi::run_with_args(
-            "UPDATE pgseal.tenant_offboardings SET audit_erased = audit_erased OPERATOR(pg_catalog.+) $2 \
+            "UPDATE pgseal.tenant_offboardings \
+                SET audit_erased = audit_erased OPERATOR(pg_catalog.||) $2::pg_catalog.int8[] \
               WHERE tenant_id = $1",
-            &[tenant.into(), n.into()],
+            &[tenant.into(), seqs.to_vec().into()],
         )
     })?)
 }
@@ -1531,7 +1580,9 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
         })?;
         if keys != Some(0) || left != Some(0) || rows_left(&tenant)? > 0 {
             // Written after their step (the application went on writing): back to
-            // deleting, which the steps after it follow again.
+            // deleting, which the steps after it follow again (erasing from the
+            // start of the tenant's chain).
+            RESUME.with(|r| r.borrow_mut().remove(&tenant));
             as_owner(|| {
                 Spi::run_with_args(
                     "UPDATE pgseal.tenant_offboardings SET step = 'exported', step_at = pg_catalog.now() WHERE tenant_id = $1",
@@ -1561,7 +1612,7 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                     row.get::<JsonB>(3)?.map(|j| j.0),
                     row.get::<i64>(4)?,
                     row.get::<i64>(5)?,
-                    row.get::<i64>(6)?,
+                    row.get::<Vec<i64>>(6)?.unwrap_or_default(),
                 ))
             })
         })?;
@@ -1572,7 +1623,8 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
             "deleted": deleted,
             "ledger_entries_erased": erased,
             "format_1_entries_kept": kept,
-            "audit_entries_erased": audit_erased,
+            "audit_entries_erased": audit_erased.len(),
+            "audit_seqs": erase::ranges(&audit_erased),
             "protected_tables_not_offboarded": not_offboarded(&offboarded)?,
         });
         evidence::record(&tenant, "tenant.offboarded", receipt.clone())?;

@@ -503,27 +503,15 @@ fn erase(tenant: Option<&str>, subject: Option<&str>) -> SealResult<Value> {
         counts.push(json!({ "table": r.table, "column": r.column, done: n }));
     }
     let seqs =
-        crate::ledger::erase::erase(&tenant, crate::ledger::erase::Which::Subject(&subject))?;
+        crate::ledger::erase::erase(&tenant, crate::ledger::erase::Which::Subject(&subject))?.seqs;
     let receipt = json!({
         "tables": counts,
         "skipped_tables": skipped,
         "ledger_entries_erased": seqs.len(),
-        "seqs": ranges(&seqs),
+        "seqs": crate::ledger::erase::ranges(&seqs),
     });
     receipt_entry(&tenant, "subject.erased", &receipt, &subject)?;
     Ok(receipt)
-}
-
-/// Ascending `seqs` as `[first, last]` runs.
-fn ranges(seqs: &[i64]) -> Vec<[i64; 2]> {
-    let mut out: Vec<[i64; 2]> = Vec::new();
-    for &s in seqs {
-        match out.last_mut() {
-            Some(run) if run[1] + 1 == s => run[1] = s,
-            _ => out.push([s, s]),
-        }
-    }
-    out
 }
 
 /// Appends pgseal's receipt `event` naming `subject`.
@@ -536,16 +524,4 @@ fn receipt_entry(tenant: &str, event: &str, payload: &Value, subject: &str) -> S
         vec![subject.to_owned()],
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ranges;
-
-    #[test]
-    fn seqs_fold_into_runs() {
-        assert_eq!(ranges(&[]), Vec::<[i64; 2]>::new());
-        assert_eq!(ranges(&[3]), vec![[3, 3]]);
-        assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), vec![[1, 3], [7, 7], [9, 10]]);
-    }
 }

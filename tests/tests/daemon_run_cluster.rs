@@ -322,3 +322,92 @@ fn scheduled_ledger_pruning_reaches_quiet_chains_and_stops_at_held_records() {
         ) >= 2
     );
 }
+
+/// A tenant's offboarding erases its decrypt records in the audit writer's chain,
+/// whose payloads then no longer name it; a hold set on the tenant afterwards still
+/// stops the scheduled pruning of that chain before them (the offboarding keeps
+/// their seqs). Without that, the prune went past them (or was refused whole).
+#[test]
+fn scheduled_ledger_pruning_stops_at_a_held_tenants_erased_records() {
+    let cl = Cluster::start("daemon-prune-erased", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE app LOGIN;
+         GRANT pgseal_decrypt, pgseal_ledger TO app;
+         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         GRANT SELECT ON integrations TO app;
+         SELECT pgseal.vault_register_column('integrations', 'token');
+         SET app.tenant_id = 'beta';
+         INSERT INTO integrations VALUES (2, 'beta', pgseal.vault_seal('tok-beta', 'integrations.token'));
+         SET app.tenant_id = 'acme';
+         INSERT INTO integrations VALUES (1, 'acme', pgseal.vault_seal('tok-secret', 'integrations.token'));
+         RESET app.tenant_id;",
+    )
+    .unwrap();
+    // beta's decrypt, then acme's, each while its own transaction holds its chain:
+    // their starts go to _pgseal_audit, in that order.
+    let mut app = cl.connect_as("app");
+    for t in ["beta", "acme"] {
+        app.batch_execute(&format!(
+            "BEGIN; SELECT pgseal.set_tenant('{t}'); SELECT pgseal.ledger_append('app.note');
+             SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations
+              WHERE tenant_id = '{t}'; COMMIT"
+        ))
+        .unwrap();
+    }
+    let of = |c: &mut postgres::Client, t: &str| {
+        count(
+            c,
+            &format!(
+                "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
+                   AND payload ->> 'tenant' = '{t}'"
+            ),
+        )
+    };
+    assert_eq!((of(&mut c, "beta"), of(&mut c, "acme")), (1, 1));
+    c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
+        .unwrap();
+    let dir = pgseal_tests::fresh_dir("daemon-prune-erased-files");
+    let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
+        .args([dir.to_str().unwrap()])
+        .on(&cl)
+        .run();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("tenant acme: done"), "{out}");
+    assert_eq!(of(&mut c, "acme"), 0, "erased");
+    let erased = "SELECT count(*) FROM pgseal.ledger l, pgseal.tenant_offboardings o \
+                   WHERE o.tenant_id = 'acme' AND l.tenant_id = '_pgseal_audit' \
+                     AND l.seq = ANY (o.audit_erased) AND l.payload IS NULL";
+    assert_eq!(count(&mut c, erased), 1);
+    c.batch_execute("SELECT pgseal.retention_hold('acme', true)")
+        .unwrap();
+    for sql in [
+        "ALTER SYSTEM SET pgseal.ledger_min_retention = '0'",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    wait_for("the reloaded minimum retention", 10, || {
+        count(
+            &mut cl.connect(),
+            "SELECT count(*) FROM pg_settings WHERE name = 'pgseal.ledger_min_retention' AND setting = '0'",
+        ) == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let config = dir.join("pgseald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[retention]\nschedule = \"* * * * * *\"\nledger_keep_days = 0.00001\n",
+            cl.url()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&config, dir.join("d.log"));
+    // beta's record, before acme's, goes; acme's erased one stays.
+    wait_for("beta's record to be pruned", 20, || of(&mut c, "beta") == 0);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(&mut c, erased), 1, "{}", d.log());
+    assert!(!d.log().contains("ledger not pruned"), "{}", d.log());
+}

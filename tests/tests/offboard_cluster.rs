@@ -746,7 +746,7 @@ fn an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain() {
             ),
         )
     };
-    for tenant in ["acme", "globex"] {
+    for tenant in ["globex", "acme"] {
         let mut holder = cl.connect_as("app");
         holder
             .batch_execute(&format!(
@@ -773,9 +773,36 @@ fn an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain() {
     }
     c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
         .unwrap();
+    let acme_seqs: Vec<i64> = c
+        .query(
+            "SELECT seq FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
+               AND payload ->> 'tenant' = 'acme' ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let dir = pgseal_tests::fresh_dir("offboard-audit-chain-files");
     let out = offboard_run(&cl, &dir);
     assert!(out.contains("tenant acme: done"), "{out}");
+    // The export holds them, after the tenant's own chain.
+    let export = std::fs::read_to_string(dir.join("acme.offboard.jsonl")).unwrap();
+    let exported: Vec<i64> = export
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("audit_chain").map(|e| e["seq"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(exported, acme_seqs, "{export}");
+    assert!(
+        export
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .starts_with("{\"audit_chain\""),
+        "{export}"
+    );
 
     let left = count(
         &mut c,
@@ -792,6 +819,13 @@ fn an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain() {
         .unwrap()
         .get(0);
     assert_eq!(receipt["audit_entries_erased"], 2, "{receipt}");
+    let listed: Vec<i64> = receipt["audit_seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|run| run[0].as_i64().unwrap()..=run[1].as_i64().unwrap())
+        .collect();
+    assert_eq!(listed, acme_seqs, "{receipt}");
     let r = c
         .query_one(
             "SELECT ok, erased, problem FROM pgseal.ledger_verify('_pgseal_audit')",
@@ -800,4 +834,122 @@ fn an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain() {
         .unwrap();
     assert!(r.get::<_, bool>(0), "{:?}", r.get::<_, Option<String>>(2));
     assert_eq!(r.get::<_, i64>(1), 2, "the two entries verify as erased");
+
+    // Their payloads no longer name acme: a hold set on it now still keeps them.
+    c.batch_execute(
+        "SET pgseal.ledger_min_retention = '0 seconds'; \
+         SELECT pgseal.retention_hold('acme', true)",
+    )
+    .unwrap();
+    let prune = "SELECT pgseal.ledger_prune('_pgseal_audit', \
+                   (SELECT max(seq) + 1 FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit'))";
+    assert_eq!(
+        pgseal_tests::sqlstate(c.query_one(prune, &[])),
+        "55000",
+        "the hold on acme keeps its erased records"
+    );
+    let before_acme = format!(
+        "SELECT pgseal.ledger_prune('_pgseal_audit', {})",
+        acme_seqs[0]
+    );
+    c.batch_execute(&before_acme).unwrap();
+    c.batch_execute("SELECT pgseal.retention_hold('acme', false)")
+        .unwrap();
+    c.query_one(prune, &[]).unwrap();
+}
+
+#[test]
+fn audit_chain_entries_pruned_under_the_erase_are_not_counted_as_erased() {
+    // The erase step reads the tenant's entries in the audit chain, then updates
+    // them; a prune of that chain committed in between deletes them first. The
+    // offboarding counted (and would list) what it read, not what it erased.
+    let cl = Cluster::start("offboard_audit_prune", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE app LOGIN;
+         GRANT pgseal_decrypt, pgseal_ledger TO app;
+         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         GRANT SELECT ON integrations TO app;
+         SELECT pgseal.vault_register_column('integrations', 'token');
+         SET app.tenant_id = 'acme';
+         INSERT INTO integrations VALUES (1, 'acme', pgseal.vault_seal('acme-tok', 'integrations.token'));
+         RESET app.tenant_id;",
+    )
+    .unwrap();
+    // The decrypting transaction holds acme's chain: its start goes to the audit chain.
+    let mut app = cl.connect_as("app");
+    app.batch_execute(
+        "BEGIN; SELECT pgseal.set_tenant('acme'); SELECT pgseal.ledger_append('app.note');
+         SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations; COMMIT",
+    )
+    .unwrap();
+    let in_audit = |c: &mut postgres::Client| {
+        count(
+            c,
+            "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
+               AND payload ->> 'tenant' = 'acme'",
+        )
+    };
+    assert_eq!(in_audit(&mut c), 1);
+    c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
+        .unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-audit-prune-files");
+    run_until(&cl, &dir, "offboard.shredded");
+
+    // The erase of acme's own chain first; then, while a prune of the audit chain
+    // holds its deleted rows, the erase of acme's records there waits on them.
+    let mut eraser = cl.connect();
+    let own: i64 = eraser
+        .query_one("SELECT pgseal._offboard_erase('acme', 1000)", &[])
+        .unwrap()
+        .get(0);
+    assert!(own > 0);
+    let mut pruner = cl.connect();
+    pruner
+        .batch_execute(
+            "SET pgseal.ledger_min_retention = '0 seconds'; BEGIN; \
+             SELECT pgseal.ledger_prune('_pgseal_audit', \
+               (SELECT max(seq) + 1 FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit'))",
+        )
+        .unwrap();
+    let pid: i32 = eraser
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let erasing = std::thread::spawn(move || -> i64 {
+        eraser
+            .query_one("SELECT pgseal._offboard_erase('acme', 1000)", &[])
+            .unwrap()
+            .get(0)
+    });
+    let t0 = Instant::now();
+    while count(
+        &mut c,
+        &format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'"
+        ),
+    ) == 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the erase never waited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    pruner.batch_execute("COMMIT").unwrap();
+    assert_eq!(erasing.join().unwrap(), 0, "nothing was left to erase");
+    assert_eq!(in_audit(&mut c), 0, "pruned");
+
+    let out = offboard_run(&cl, &dir);
+    assert!(out.contains("tenant acme: done"), "{out}");
+    let receipt: serde_json::Value = c
+        .query_one(
+            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(receipt["audit_entries_erased"], 0, "{receipt}");
+    assert_eq!(receipt["audit_seqs"], serde_json::json!([]), "{receipt}");
 }

@@ -135,7 +135,9 @@ async fn prune_ledgers(
         // enough to keep, or, in a chain with none that young (a tenant that
         // appended nothing for longer), past its last entry (the prune's receipt
         // then starts it again). In the audit writer's chain, never past the first
-        // decrypt record of a tenant under a legal hold (ledger_prune refuses to).
+        // decrypt record of a tenant under a legal hold (its payload names the
+        // tenant, or the tenant's offboarding erased it and lists it; ledger_prune
+        // refuses to).
         // Nothing for a tenant under a hold, and nothing when all that would go is
         // earlier prunes' receipts (a quiet chain is not pruned again on every run).
         // Never younger than pgseal.ledger_min_retention, which ledger_prune
@@ -149,7 +151,12 @@ async fn prune_ledgers(
                                      max(l.seq) + 1), \
                             (SELECT min(a.seq) FROM pgseal.ledger a \
                                JOIN pgseal.retention_holds h ON h.tenant_id = a.payload ->> 'tenant' \
-                              WHERE a.tenant_id = $1 AND $1 = $3)) AS cut \
+                              WHERE a.tenant_id = $1 AND $1 = $3), \
+                            (SELECT min(a.seq) FROM pgseal.retention_holds h \
+                               JOIN pgseal.tenant_offboardings o ON o.tenant_id = h.tenant_id \
+                               CROSS JOIN LATERAL unnest(o.audit_erased) AS e(seq) \
+                               JOIN pgseal.ledger a ON a.tenant_id = $1 AND a.seq = e.seq \
+                              WHERE $1 = $3)) AS cut \
                      FROM pgseal.ledger l WHERE l.tenant_id = $1 \
                       AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = $1) \
                    HAVING count(*) > 0) \

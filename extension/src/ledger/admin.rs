@@ -43,13 +43,19 @@ pub(crate) fn on_hold(tenant: &str) -> SealResult<bool> {
 
 /// Whether an entry of the audit writer's chain `_pgseal_audit` below `before_seq`
 /// records a decrypt of a tenant under a retention hold (its payload names the
-/// tenant): a hold keeps every record of its tenant, wherever the writer put it.
+/// tenant, or, erased by the tenant's offboarding, the offboarding lists it): a hold
+/// keeps every record of its tenant, wherever the writer put it.
 fn holds_audit_records(before_seq: i64) -> SealResult<bool> {
     as_owner(|| {
         Ok(Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pgseal.ledger l JOIN pgseal.retention_holds h \
                               ON h.tenant_id OPERATOR(pg_catalog.=) (l.payload OPERATOR(pg_catalog.->>) 'tenant') \
-                             WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 AND l.seq OPERATOR(pg_catalog.<) $2)",
+                             WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 AND l.seq OPERATOR(pg_catalog.<) $2) \
+                 OR EXISTS (SELECT 1 FROM pgseal.retention_holds h \
+                              JOIN pgseal.tenant_offboardings o ON o.tenant_id OPERATOR(pg_catalog.=) h.tenant_id \
+                              CROSS JOIN LATERAL pg_catalog.unnest(o.audit_erased) AS e(seq) \
+                              JOIN pgseal.ledger l ON l.tenant_id OPERATOR(pg_catalog.=) $1 AND l.seq OPERATOR(pg_catalog.=) e.seq \
+                             WHERE e.seq OPERATOR(pg_catalog.<) $2)",
             &[super::names::AUDIT_CHAIN.into(), before_seq.into()],
         )?
         .unwrap_or(true))

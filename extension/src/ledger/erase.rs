@@ -46,19 +46,31 @@ pub enum Which<'a> {
     /// All of them, the first `limit` still to erase after seq `after`
     /// (offboarding, in batches).
     All { limit: i64, after: i64 },
-    /// The first `limit` still to erase of the entries in the audit chain
-    /// `_pgseal_audit` that record the tenant's decrypts (their payload's `tenant`;
-    /// offboarding, in batches, after the tenant's own chain).
-    InAuditChain { limit: i64 },
+    /// The first `limit` still to erase after seq `after` of the entries in the
+    /// audit chain `_pgseal_audit` that record the tenant's decrypts (their
+    /// payload's `tenant`; offboarding, in batches, after the tenant's own chain).
+    InAuditChain { limit: i64, after: i64 },
+}
+
+/// What an erasure did.
+pub struct Erased {
+    /// The seqs whose payloads it erased, ascending: those it found that were still
+    /// there to update (an entry pruned meanwhile is found and not erased).
+    pub seqs: Vec<i64>,
+    /// The last seq it found (None: it found none).
+    pub found_to: Option<i64>,
 }
 
 /// The entries are found by the primary key (`seq = ANY`), not by a join over the
 /// tenant's whole chain, which made each of offboarding's batches cost the chain.
 const UPDATE_SQL: &str = "\
+WITH e AS (
 UPDATE pgseal.ledger l SET payload = NULL, salt = NULL, commitment = u.c
   FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.int8[]), pg_catalog.unnest($3::pg_catalog.bytea[])) AS u(seq, c)
  WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 AND l.seq OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.int8[])
-   AND l.seq OPERATOR(pg_catalog.=) u.seq";
+   AND l.seq OPERATOR(pg_catalog.=) u.seq
+RETURNING l.seq)
+SELECT pg_catalog.array_agg(e.seq ORDER BY e.seq) FROM e";
 
 /// Whether an erasure is updating the ledger right now; read by the guard trigger.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -76,9 +88,9 @@ pub fn lock_chain(tenant: &str) -> SealResult<()> {
 }
 
 /// Erases the payloads of `tenant`'s entries that `which` takes (in the audit chain
-/// for `Which::InAuditChain`); returns their seqs, ascending. The caller has checked
-/// who may erase, the tenant and the hold.
-pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
+/// for `Which::InAuditChain`). The caller has checked who may erase, the tenant and
+/// the hold.
+pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Erased> {
     let chain = match which {
         Which::InAuditChain { .. } => super::names::AUDIT_CHAIN,
         Which::Subject(_) | Which::All { .. } => tenant,
@@ -105,14 +117,15 @@ pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
                     None,
                     &[tenant.into(), limit.into(), after.into()],
                 )?,
-                Which::InAuditChain { limit } => c.select(
+                Which::InAuditChain { limit, after } => c.select(
                     &format!(
                         "SELECT {COLUMNS} FROM pgseal.ledger l WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 \
+                           AND l.seq OPERATOR(pg_catalog.>) $4 \
                            AND (l.payload OPERATOR(pg_catalog.->>) 'tenant') OPERATOR(pg_catalog.=) $2 \
                            AND {ERASABLE} ORDER BY l.seq LIMIT $3"
                     ),
                     None,
-                    &[chain.into(), tenant.into(), limit.into()],
+                    &[chain.into(), tenant.into(), limit.into(), after.into()],
                 )?,
             };
             let mut seqs = Vec::new();
@@ -158,16 +171,42 @@ pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Vec<i64>> {
             Ok((seqs, commitments))
         })
     })?;
+    let found_to = seqs.last().copied();
     if seqs.is_empty() {
-        return Ok(seqs);
+        return Ok(Erased { seqs, found_to });
     }
-    as_owner(|| {
+    let seqs = as_owner(|| {
         guard::with_scope(Scope::Erase, || {
-            Spi::run_with_args(
+            Spi::get_one_with_args::<Vec<i64>>(
                 UPDATE_SQL,
-                &[chain.into(), seqs.clone().into(), commitments.into()],
+                &[chain.into(), seqs.into(), commitments.into()],
             )
         })
-    })?;
-    Ok(seqs)
+    })?
+    .unwrap_or_default();
+    Ok(Erased { seqs, found_to })
+}
+
+/// Ascending `seqs` as `[first, last]` runs (receipts list erased entries so).
+pub fn ranges(seqs: &[i64]) -> Vec<[i64; 2]> {
+    let mut out: Vec<[i64; 2]> = Vec::new();
+    for &s in seqs {
+        match out.last_mut() {
+            Some(run) if run[1] + 1 == s => run[1] = s,
+            _ => out.push([s, s]),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn seqs_fold_into_runs() {
+        assert_eq!(ranges(&[]), Vec::<[i64; 2]>::new());
+        assert_eq!(ranges(&[3]), vec![[3, 3]]);
+        assert_eq!(ranges(&[1, 2, 3, 7, 9, 10]), vec![[1, 3], [7, 7], [9, 10]]);
+    }
 }
