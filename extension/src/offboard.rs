@@ -1529,6 +1529,38 @@ fn erased_from(
     }
 }
 
+/// Erases the entry the audit writer just appended for `tenant` (in its chain, or
+/// with `in_audit_chain` in the audit chain) when the tenant's offboarding is past
+/// its erase step and no hold is on it: a decrypt's count that arrives after the
+/// offboarding erased the tenant's payloads (its transaction was open across the
+/// shred, or the writer retried it) is erased as the offboarding would have; one in
+/// the audit chain is added to the offboarding's list.
+pub(crate) fn erase_if_offboarded(tenant: &str, in_audit_chain: bool, seq: i64) -> SealResult<()> {
+    let past = as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
+                             WHERE o.tenant_id OPERATOR(pg_catalog.=) $1 \
+                               AND o.step OPERATOR(pg_catalog.=) ANY (ARRAY['erased', 'receipted', 'done'])) \
+                AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id OPERATOR(pg_catalog.=) $1)",
+            &[tenant.into()],
+        )
+    })?;
+    if past != Some(true) {
+        return Ok(());
+    }
+    let e = erase::erase(
+        tenant,
+        Which::Appended {
+            in_audit_chain,
+            seq,
+        },
+    )?;
+    if in_audit_chain {
+        add_audit_erased(tenant, &e.seqs)?;
+    }
+    Ok(())
+}
+
 /// Adds the seqs of the audit chain's entries erased to the tenant's offboarding
 /// (`audit_erased`): its receipt lists them, and a hold on the tenant keeps them
 /// from `ledger_prune` once their payloads no longer name it.

@@ -953,3 +953,91 @@ fn audit_chain_entries_pruned_under_the_erase_are_not_counted_as_erased() {
     assert_eq!(receipt["audit_entries_erased"], 0, "{receipt}");
     assert_eq!(receipt["audit_seqs"], serde_json::json!([]), "{receipt}");
 }
+
+#[test]
+fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
+    // Read-only transactions that decrypted before the shred and end after the
+    // offboarding is done hand their counts (payload: contexts, the tenant) to the
+    // audit writer then: one lands in the tenant's chain, one (the chain held) in
+    // the audit chain. Both came after the erase step and kept their payloads.
+    let cl = Cluster::start("offboard_late_count", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE app LOGIN;
+         GRANT pgseal_decrypt, pgseal_ledger TO app;
+         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         GRANT SELECT ON integrations TO app;
+         SELECT pgseal.vault_register_column('integrations', 'token');
+         SET app.tenant_id = 'acme';
+         INSERT INTO integrations VALUES (1, 'acme', pgseal.vault_seal('acme-tok', 'integrations.token'));
+         RESET app.tenant_id;",
+    )
+    .unwrap();
+    let decrypting = || {
+        let mut t = cl.connect_as("app");
+        t.batch_execute(
+            "BEGIN READ ONLY; SELECT pgseal.set_tenant('acme'); \
+             SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+        )
+        .unwrap();
+        t
+    };
+    let (mut t1, mut t2) = (decrypting(), decrypting());
+    c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
+        .unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-late-count-files");
+    let out = offboard_run(&cl, &dir);
+    assert!(out.contains("tenant acme: done"), "{out}");
+    let counts = |c: &mut postgres::Client, with_payload: bool| {
+        count(
+            c,
+            &format!(
+                "SELECT count(*) FROM pgseal.ledger WHERE event = 'vault.decrypt' \
+                   AND (tenant_id = 'acme' OR payload ->> 'tenant' = 'acme' \
+                        OR (tenant_id = '_pgseal_audit' AND payload IS NULL)) \
+                   AND (payload IS NOT NULL) = {with_payload}"
+            ),
+        )
+    };
+    assert_eq!(counts(&mut c, false) + counts(&mut c, true), 0);
+
+    // t1's count goes to acme's chain.
+    t1.batch_execute("COMMIT").unwrap();
+    let t0 = Instant::now();
+    while counts(&mut c, false) + counts(&mut c, true) < 1 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "t1's count");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // t2's, with acme's chain held for longer than the writer waits, to the audit chain.
+    let mut holder = cl.connect_as("app");
+    holder
+        .batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('acme'); SELECT pgseal.ledger_append('app.note')",
+        )
+        .unwrap();
+    t2.batch_execute("COMMIT").unwrap();
+    while counts(&mut c, false) + counts(&mut c, true) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "t2's count");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    holder.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(counts(&mut c, true), 0, "no count keeps its payload");
+    let placed = count(
+        &mut c,
+        "SELECT count(*) FROM pgseal.ledger l, pgseal.tenant_offboardings o \
+          WHERE o.tenant_id = 'acme' AND l.tenant_id = '_pgseal_audit' \
+            AND l.seq = ANY (o.audit_erased) AND l.event = 'vault.decrypt'",
+    );
+    assert_eq!(
+        placed, 1,
+        "the audit chain's is listed with the offboarding's"
+    );
+    for chain in ["acme", "_pgseal_audit"] {
+        let ok: bool = c
+            .query_one("SELECT ok FROM pgseal.ledger_verify($1)", &[&chain])
+            .unwrap()
+            .get(0);
+        assert!(ok, "{chain}");
+    }
+}

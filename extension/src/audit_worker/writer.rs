@@ -276,8 +276,14 @@ fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(b
     } else {
         return Ok(None);
     };
-    crate::ledger::append::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)
-        .map(|(seq, _)| Some((chain == system, seq)))
+    let (seq, _) =
+        crate::ledger::append::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)?;
+    // A count can arrive after the tenant's offboarding erased its payloads (a start
+    // cannot: the tenant's keys are gone by then).
+    if e.event == "vault.decrypt" {
+        crate::offboard::erase_if_offboarded(&e.tenant, chain == system, seq)?;
+    }
+    Ok(Some((chain == system, seq)))
 }
 
 /// Appends `e` on the Citus coordinator: `pgseal._audit_append_forwarded` there, over

@@ -50,6 +50,9 @@ pub enum Which<'a> {
     /// audit chain `_pgseal_audit` that record the tenant's decrypts (their
     /// payload's `tenant`; offboarding, in batches, after the tenant's own chain).
     InAuditChain { limit: i64, after: i64 },
+    /// The entry at `seq` that this transaction appended for the tenant, in its
+    /// chain or (`in_audit_chain`) in the audit chain.
+    Appended { in_audit_chain: bool, seq: i64 },
 }
 
 /// What an erasure did.
@@ -92,8 +95,12 @@ pub fn lock_chain(tenant: &str) -> SealResult<()> {
 /// the hold.
 pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Erased> {
     let chain = match which {
-        Which::InAuditChain { .. } => super::names::AUDIT_CHAIN,
-        Which::Subject(_) | Which::All { .. } => tenant,
+        Which::InAuditChain { .. }
+        | Which::Appended {
+            in_audit_chain: true,
+            ..
+        } => super::names::AUDIT_CHAIN,
+        Which::Subject(_) | Which::All { .. } | Which::Appended { .. } => tenant,
     };
     // This transaction's own appends go into the table first.
     super::writer::flush()?;
@@ -126,6 +133,14 @@ pub fn erase(tenant: &str, which: Which<'_>) -> SealResult<Erased> {
                     ),
                     None,
                     &[chain.into(), tenant.into(), limit.into(), after.into()],
+                )?,
+                Which::Appended { seq, .. } => c.select(
+                    &format!(
+                        "SELECT {COLUMNS} FROM pgseal.ledger l WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 \
+                           AND l.seq OPERATOR(pg_catalog.=) $2 AND {ERASABLE}"
+                    ),
+                    None,
+                    &[chain.into(), seq.into()],
                 )?,
             };
             let mut seqs = Vec::new();
