@@ -1153,14 +1153,17 @@ impl ExportLines {
                 None => {
                     crate::ledger::writer::flush()?;
                     // The tenant's chain, then its decrypt records in the audit chain
-                    // (which the erase step erases too).
+                    // (which the erase step erases too), each exported alone: the
+                    // export function keeps its whole result before it is filtered.
                     let cursor = with_pinned_search_path(|| {
                         open_cursor(
                             "SELECT pg_catalog.jsonb_build_object('ledger', e)::pg_catalog.text FROM pgseal.ledger_export($1) e \
                              UNION ALL \
-                             SELECT pg_catalog.jsonb_build_object('audit_chain', e)::pg_catalog.text \
-                               FROM pgseal.ledger_export($2) e \
-                              WHERE ((e OPERATOR(pg_catalog.->) 'payload') OPERATOR(pg_catalog.->>) 'tenant') OPERATOR(pg_catalog.=) $1",
+                             (SELECT pg_catalog.jsonb_build_object('audit_chain', e)::pg_catalog.text \
+                                FROM pgseal.ledger l, LATERAL pgseal.ledger_export($2, l.seq, l.seq) e \
+                               WHERE l.tenant_id OPERATOR(pg_catalog.=) $2 \
+                                 AND (l.payload OPERATOR(pg_catalog.->>) 'tenant') OPERATOR(pg_catalog.=) $1 \
+                               ORDER BY l.seq)",
                             &[
                                 self.tenant.as_str().into(),
                                 crate::ledger::names::AUDIT_CHAIN.into(),
@@ -1306,8 +1309,9 @@ thread_local! {
     /// goes on from there, so erasing costs one pass
     /// over the chain, not one per batch over what the batches before it erased. A
     /// hint only: a batch that finds nothing after it looks again from the start
-    /// before it reports none left (a batch rolled back, or an entry written below
-    /// it meanwhile), and pgseald's next connection starts from the start.
+    /// (of the audit chain, then of the tenant's own) before it reports none left
+    /// (a batch rolled back, or an entry written meanwhile), and pgseald's next
+    /// connection starts from the start.
     static RESUME: std::cell::RefCell<std::collections::HashMap<String, Resume>> =
         std::cell::RefCell::new(std::collections::HashMap::new());
 }
@@ -1325,6 +1329,12 @@ enum Resume {
 #[cfg(any(test, feature = "pg_test"))]
 pub(crate) fn set_resume_hint(tenant: &str, seq: i64) {
     RESUME.with(|r| r.borrow_mut().insert(tenant.to_owned(), Resume::Own(seq)));
+}
+
+/// Sets the tenant's resume hint in the audit chain (its own chain taken as done).
+#[cfg(any(test, feature = "pg_test"))]
+pub(crate) fn set_audit_resume_hint(tenant: &str, seq: i64) {
+    RESUME.with(|r| r.borrow_mut().insert(tenant.to_owned(), Resume::Audit(seq)));
 }
 
 /// Adds `n` rows deleted from `name` to the tenant's offboarding.
@@ -1470,8 +1480,8 @@ fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
             .with(|r| r.borrow().get(&tenant).copied())
             .unwrap_or(Resume::Own(0));
         let limit = i64::from(batch);
+        let own = |after: i64| erase::erase(&tenant, Which::All { limit, after });
         if let Resume::Own(after) = at {
-            let own = |after: i64| erase::erase(&tenant, Which::All { limit, after });
             if let Some((to, n)) = erased_from(after, own)? {
                 RESUME.with(|r| r.borrow_mut().insert(tenant.clone(), Resume::Own(to)));
                 return Ok(n);
@@ -1497,6 +1507,16 @@ fn _offboard_erase(tenant: Option<&str>, batch: Option<i32>) -> i64 {
                 Ok(n)
             }
             None => {
+                // Before none left is reported, the tenant's own chain once more when
+                // this call did not look at it (the hint was in the audit chain): an
+                // entry may have been written there since (a decrypt's count), or
+                // left by a batch that rolled back.
+                if let Resume::Audit(_) = at {
+                    if let Some((to, n)) = erased_from(0, own)? {
+                        RESUME.with(|r| r.borrow_mut().insert(tenant.clone(), Resume::Own(to)));
+                        return Ok(n);
+                    }
+                }
                 RESUME.with(|r| r.borrow_mut().remove(&tenant));
                 Ok(0)
             }
@@ -1644,7 +1664,13 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                     row.get::<JsonB>(3)?.map(|j| j.0),
                     row.get::<i64>(4)?,
                     row.get::<i64>(5)?,
-                    row.get::<Vec<i64>>(6)?.unwrap_or_default(),
+                    {
+                        // In the order erased: a pass from the start after a batch
+                        // rolled back adds lower seqs after higher ones.
+                        let mut seqs = row.get::<Vec<i64>>(6)?.unwrap_or_default();
+                        seqs.sort_unstable();
+                        seqs
+                    },
                 ))
             })
         })?;

@@ -459,6 +459,9 @@ fn _seal_counts_forwarded(key_ids: Vec<String>, seals: Vec<i64>) {
         ))
         .or_raise();
     }
+    // The worker deletes its outbox rows once this answers: flushed here also with
+    // `synchronous_commit = off` configured, as `_audit_append_forwarded` is.
+    durable_commit();
     let n = seals.len();
     crate::keystore::add_encryptions(key_ids, seals, vec![None; n]).or_raise();
 }

@@ -291,6 +291,23 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_resume_hint_in_the_audit_chain_never_hides_the_tenants_own_entries() {
+        // Once the tenant's own chain is done the batches go on in the audit chain;
+        // an entry of its own chain left or written since (a batch rolled back, a
+        // decrypt's late count) must still be found before none left is reported.
+        tenant_data("off-audit-hint");
+        run("SELECT pgseal.tenant_offboard('off-audit-hint', '0')");
+        exported("off-audit-hint");
+        drain("SELECT pgseal._offboard_delete('off-audit-hint', 10)");
+        run("SELECT pgseal._offboard_advance('off-audit-hint', 'exported', 'deleted')");
+        run("SELECT pgseal.tenant_shred('off-audit-hint')");
+        run("SELECT pgseal._offboard_advance('off-audit-hint', 'deleted', 'shredded')");
+        crate::offboard::set_audit_resume_hint("off-audit-hint", 1_000_000);
+        let total = drain("SELECT pgseal._offboard_erase('off-audit-hint', 2)");
+        assert_eq!(total, 6);
+    }
+
+    #[pg_test]
     fn the_receipt_is_refused_while_keys_or_payloads_remain() {
         tenant_data("off-undone");
         run("SELECT pgseal.tenant_offboard('off-undone', '0')");
