@@ -1549,23 +1549,44 @@ fn erased_from(
     }
 }
 
-/// Erases the entry the audit writer just appended for `tenant` (in its chain, or
-/// with `in_audit_chain` in the audit chain) when the tenant's offboarding is past
-/// its erase step and no hold is on it: a decrypt's count that arrives after the
+/// Erases the `vault.decrypt` count the audit writer just appended for `tenant`
+/// (in its chain, or with `in_audit_chain` in the audit chain) under key `key_id`
+/// when that key is one the tenant's offboarding shredded, the offboarding is past
+/// its erase step and no hold is on the tenant: a count that arrives after the
 /// offboarding erased the tenant's payloads (its transaction was open across the
 /// shred, or the writer retried it) is erased as the offboarding would have; one in
-/// the audit chain is added to the offboarding's list.
-pub(crate) fn erase_if_offboarded(tenant: &str, in_audit_chain: bool, seq: i64) -> SealResult<()> {
-    let past = as_owner(|| {
-        Spi::get_one_with_args::<bool>(
+/// the audit chain is added to the offboarding's list. Nothing here waits: the
+/// offboarding's row is taken only when no other transaction holds it (otherwise
+/// the count keeps its payload, with a LOG line), since every decrypt of the
+/// database waits on this writer.
+pub(crate) fn erase_if_offboarded(
+    tenant: &str,
+    key_id: &str,
+    in_audit_chain: bool,
+    seq: i64,
+) -> SealResult<()> {
+    let (past, taken) = as_owner(|| {
+        Spi::get_two_with_args::<bool, bool>(
             "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
                              WHERE o.tenant_id OPERATOR(pg_catalog.=) $1 \
                                AND o.step OPERATOR(pg_catalog.=) ANY (ARRAY['erased', 'receipted', 'done'])) \
-                AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id OPERATOR(pg_catalog.=) $1)",
-            &[tenant.into()],
+                AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id OPERATOR(pg_catalog.=) $1) \
+                AND EXISTS (SELECT 1 FROM pgseal.tenant_keys k \
+                             WHERE k.tenant_id OPERATOR(pg_catalog.=) $1 AND k.key_id OPERATOR(pg_catalog.=) $2 \
+                               AND k.state OPERATOR(pg_catalog.=) 'destroyed'), \
+                   EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
+                            WHERE o.tenant_id OPERATOR(pg_catalog.=) $1 FOR UPDATE SKIP LOCKED)",
+            &[tenant.into(), key_id.into()],
         )
     })?;
     if past != Some(true) {
+        return Ok(());
+    }
+    if taken != Some(true) {
+        pgrx::log!(
+            "pgseal: a decrypt count of tenant {:?} (seq {seq}) arrived after its offboarding's erase step and keeps its payload: the offboarding's row was held by another transaction",
+            tenant
+        );
         return Ok(());
     }
     let e = erase::erase(
@@ -1608,6 +1629,11 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
     (|| {
         let tenant = checked(tenant, "_offboard_finish")?;
         require_step(&tenant, "erased")?;
+        // The audit writer's appends to the audit chain commit before the count
+        // below reads it: a count of the tenant's it appended there while the last
+        // erase batch ran (and that batch could not see) is then counted, not left
+        // behind the receipt. (The writer only ever tries this lock.)
+        crate::locks::ledger_tenant(crate::ledger::names::AUDIT_CHAIN);
         // The key table is a Citus reference table: its read may go to another
         // node (or to this one over a connection, local execution off) as the
         // owner, with the caller's settings replayed there first.

@@ -983,7 +983,7 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
         .unwrap();
         t
     };
-    let (mut t1, mut t2) = (decrypting(), decrypting());
+    let (mut t1, mut t2, mut t3) = (decrypting(), decrypting(), decrypting());
     c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
         .unwrap();
     let dir = pgseal_tests::fresh_dir("offboard-late-count-files");
@@ -1039,5 +1039,46 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
             .unwrap()
             .get(0);
         assert!(ok, "{chain}");
+    }
+
+    // The writer never waits for the offboarding's row (every decrypt of the
+    // database waits on the writer): held by another transaction, a late count
+    // keeps its payload instead.
+    let mut admin = cl.connect();
+    admin
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM pgseal.tenant_offboardings WHERE tenant_id = 'acme' FOR UPDATE",
+        )
+        .unwrap();
+    t3.batch_execute("COMMIT").unwrap();
+    let t0 = Instant::now();
+    while counts(&mut c, true) < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the writer waited for the offboarding's row"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    admin.batch_execute("ROLLBACK").unwrap();
+    // A tenant id used again after its offboarding: counts of its new keys are not
+    // the offboarded tenant's, and keep their payloads.
+    c.batch_execute(
+        "SET app.tenant_id = 'acme';
+         INSERT INTO integrations VALUES (2, 'acme', pgseal.vault_seal('acme-new', 'integrations.token'));
+         RESET app.tenant_id;",
+    )
+    .unwrap();
+    let mut t4 = cl.connect_as("app");
+    t4.batch_execute(
+        "BEGIN READ ONLY; SELECT pgseal.set_tenant('acme'); \
+         SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 2; COMMIT",
+    )
+    .unwrap();
+    while counts(&mut c, true) < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "the new key's count keeps its payload"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

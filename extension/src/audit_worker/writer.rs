@@ -278,10 +278,14 @@ fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(b
     };
     let (seq, _) =
         crate::ledger::append::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)?;
-    // A count can arrive after the tenant's offboarding erased its payloads (a start
-    // cannot: the tenant's keys are gone by then).
+    // A count can arrive after the tenant's offboarding erased its payloads.
     if e.event == "vault.decrypt" {
-        crate::offboard::erase_if_offboarded(&e.tenant, chain == system, seq)?;
+        let key_id = serde_json::from_str::<serde_json::Value>(&e.payload)
+            .ok()
+            .and_then(|p| p.get("key_id")?.as_str().map(str::to_owned));
+        if let Some(key_id) = key_id {
+            crate::offboard::erase_if_offboarded(&e.tenant, &key_id, chain == system, seq)?;
+        }
     }
     Ok(Some((chain == system, seq)))
 }

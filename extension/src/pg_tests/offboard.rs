@@ -865,6 +865,63 @@ mod tests {
         assert_eq!(one::<i64>("SELECT max(n) FROM public.off_seen"), 0);
     }
 
+    #[pg_test]
+    fn an_offboarding_runs_no_operator_or_function_found_on_its_callers_path() {
+        // The checks before each switch to a table's owner (the stale-name check
+        // reads every table's policies) run as the caller, pgseal_admin, with its
+        // search_path. A schema earlier on that path than pg_catalog whose
+        // operators and functions match pg_catalog's exactly would take over every
+        // unqualified one; here each raises.
+        run("CREATE ROLE off_ops_owner");
+        run("CREATE TABLE public.off_ops (tenant_id text NOT NULL, owner_id text, org_id text, note text)");
+        run("ALTER TABLE public.off_ops OWNER TO off_ops_owner");
+        run("SELECT pgseal.org_protect('public.off_ops', 'owner_id', 'org_id')");
+        run("SELECT pgseal.set_tenant('off-ops', 'mallory')");
+        run("INSERT INTO public.off_ops VALUES ('off-ops', 'mallory', NULL, 'x')");
+        run("SELECT pgseal.tenant_offboard('off-ops', '0')");
+        run("CREATE SCHEMA off_evil");
+        run(
+            "DO $d$ DECLARE t text; o text; n int := 0; BEGIN \
+               FOREACH t IN ARRAY ARRAY['oid', 'name', 'text', '\"char\"', 'int4', 'int8', 'bool'] LOOP \
+                 FOREACH o IN ARRAY ARRAY['=', '<>', '<', '>', '<=', '>='] LOOP \
+                   n := n + 1; \
+                   EXECUTE format('CREATE FUNCTION off_evil.f%s(%s, %s) RETURNS bool LANGUAGE plpgsql \
+                     AS $f$ BEGIN RAISE EXCEPTION ''off_evil %s ran''; END $f$', n, t, t, o); \
+                   EXECUTE format('CREATE OPERATOR off_evil.%s (LEFTARG = %s, RIGHTARG = %s, FUNCTION = off_evil.f%s)', o, t, t, n); \
+                 END LOOP; \
+               END LOOP; END $d$",
+        );
+        run(
+            "CREATE FUNCTION off_evil.cat(text, text) RETURNS text LANGUAGE plpgsql \
+             AS $f$ BEGIN RAISE EXCEPTION 'off_evil || ran'; END $f$",
+        );
+        run("CREATE OPERATOR off_evil.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = off_evil.cat)");
+        for f in [
+            "replace(text, text, text) RETURNS text",
+            "strpos(text, text) RETURNS int",
+            "pg_get_expr(pg_node_tree, oid) RETURNS text",
+            "starts_with(text, text) RETURNS bool",
+        ] {
+            run(&format!(
+                "CREATE FUNCTION off_evil.{f} LANGUAGE plpgsql AS $f$ BEGIN RAISE EXCEPTION 'off_evil function ran'; END $f$"
+            ));
+        }
+        let planted = |q: &str| {
+            run("SET LOCAL search_path = off_evil, pg_catalog, public");
+            run(q);
+            run("SET LOCAL search_path = public");
+        };
+        planted("SELECT count(*) FROM pgseal._offboard_export('off-ops')");
+        planted(
+            "SELECT pgseal._offboard_advance('off-ops', 'scheduled', 'exported', '/x', pg_catalog.repeat('a', 64))",
+        );
+        planted("SELECT pgseal._offboard_delete('off-ops', 10)");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM public.off_ops WHERE tenant_id = 'off-ops'"),
+            0
+        );
+    }
+
     /// Table `public.<table>`, which `tenant_protect` protects by `org`, owned by
     /// role off_pol_owner (made if missing), which its policies bind, with one
     /// row of `t` and its offboarding scheduled.
