@@ -1551,7 +1551,7 @@ fn erased_from(
 
 /// Erases the `vault.decrypt` count the audit writer just appended for `tenant`
 /// (in its chain, or with `in_audit_chain` in the audit chain) under key `key_id`
-/// when that key is one the tenant's offboarding shredded, the offboarding is past
+/// when that key is a shredded key of the tenant, the tenant's offboarding is past
 /// its erase step and no hold is on the tenant: a count that arrives after the
 /// offboarding erased the tenant's payloads (its transaction was open across the
 /// shred, or the writer retried it) is erased as the offboarding would have; one in
@@ -1565,23 +1565,32 @@ pub(crate) fn erase_if_offboarded(
     in_audit_chain: bool,
     seq: i64,
 ) -> SealResult<()> {
-    let (past, taken) = as_owner(|| {
-        Spi::get_two_with_args::<bool, bool>(
+    let past = as_owner(|| {
+        Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
                              WHERE o.tenant_id OPERATOR(pg_catalog.=) $1 \
                                AND o.step OPERATOR(pg_catalog.=) ANY (ARRAY['erased', 'receipted', 'done'])) \
-                AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id OPERATOR(pg_catalog.=) $1) \
-                AND EXISTS (SELECT 1 FROM pgseal.tenant_keys k \
-                             WHERE k.tenant_id OPERATOR(pg_catalog.=) $1 AND k.key_id OPERATOR(pg_catalog.=) $2 \
-                               AND k.state OPERATOR(pg_catalog.=) 'destroyed'), \
-                   EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
-                            WHERE o.tenant_id OPERATOR(pg_catalog.=) $1 FOR UPDATE SKIP LOCKED)",
-            &[tenant.into(), key_id.into()],
+                AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id OPERATOR(pg_catalog.=) $1)",
+            &[tenant.into()],
         )
     })?;
     if past != Some(true) {
         return Ok(());
     }
+    // The key as pgseal reads it everywhere (on Citus, this node's copy of the key
+    // table, or another node's with the settings pinned).
+    let shredded = crate::keystore::fetch(key_id)?
+        .is_some_and(|k| k.tenant == tenant && k.state == crate::keystore::KeyState::Destroyed);
+    if !shredded {
+        return Ok(());
+    }
+    let taken = as_owner(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
+                             WHERE o.tenant_id OPERATOR(pg_catalog.=) $1 FOR UPDATE SKIP LOCKED)",
+            &[tenant.into()],
+        )
+    })?;
     if taken != Some(true) {
         pgrx::log!(
             "pgseal: a decrypt count of tenant {:?} (seq {seq}) arrived after its offboarding's erase step and keeps its payload: the offboarding's row was held by another transaction",
@@ -1629,6 +1638,12 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
     (|| {
         let tenant = checked(tenant, "_offboard_finish")?;
         require_step(&tenant, "erased")?;
+        // What reads every offboarded table (the rows left) or the catalogs, first:
+        // the lock below keeps the audit writer off the audit chain meanwhile, and
+        // every decrypt whose tenant's chain is busy needs it.
+        let rows = rows_left(&tenant)?;
+        let offboarded: Vec<pg_sys::Oid> = tables()?.iter().map(|t| t.rel).collect();
+        let not_offboarded = not_offboarded(&offboarded)?;
         // The audit writer's appends to the audit chain commit before the count
         // below reads it: a count of the tenant's it appended there while the last
         // erase batch ran (and that batch could not see) is then counted, not left
@@ -1656,7 +1671,7 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
             )?)
             })
         })?;
-        if keys != Some(0) || left != Some(0) || rows_left(&tenant)? > 0 {
+        if keys != Some(0) || left != Some(0) || rows > 0 {
             // Written after their step (the application went on writing): back to
             // deleting, which the steps after it follow again (erasing from the
             // start of the tenant's chain).
@@ -1700,7 +1715,6 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
                 ))
             })
         })?;
-        let offboarded: Vec<pg_sys::Oid> = tables()?.iter().map(|t| t.rel).collect();
         let receipt = json!({
             "export_file": file,
             "export_sha256": sha256,
@@ -1709,7 +1723,7 @@ fn _offboard_finish(tenant: Option<&str>) -> JsonB {
             "format_1_entries_kept": kept,
             "audit_entries_erased": audit_erased.len(),
             "audit_seqs": erase::ranges(&audit_erased),
-            "protected_tables_not_offboarded": not_offboarded(&offboarded)?,
+            "protected_tables_not_offboarded": not_offboarded,
         });
         evidence::record(&tenant, "tenant.offboarded", receipt.clone())?;
         as_owner(|| {
