@@ -442,9 +442,49 @@ pub fn sqlstate<T>(r: Result<T, postgres::Error>) -> String {
     }
 }
 
+/// Polls `f` every 200 ms until it is true; panics, naming `what`, after `secs`.
+pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}
+
 /// The one bigint `sql` returns (a count).
 pub fn count(c: &mut postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Starts cluster `name` with pgseal, a role `app` that may decrypt and append,
+/// and a table `integrations (id, tenant_id, token)` that `app` may read, its
+/// token column registered as sealed, holding one token sealed for each of
+/// `tenants` (ids 1, 2, … in that order); returns it with a superuser connection.
+pub fn sealed_tokens_cluster(name: &str, tenants: &[&str]) -> (Cluster, postgres::Client) {
+    let cl = Cluster::start(name, &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE ROLE app LOGIN;
+         GRANT pgseal_decrypt, pgseal_ledger TO app;
+         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
+         GRANT SELECT ON integrations TO app;
+         SELECT pgseal.vault_register_column('integrations', 'token');",
+    )
+    .unwrap();
+    for (i, t) in tenants.iter().enumerate() {
+        c.batch_execute(&format!(
+            "SET app.tenant_id = '{t}';
+             INSERT INTO integrations VALUES ({}, '{t}', pgseal.vault_seal('{t}-tok', 'integrations.token'));
+             RESET app.tenant_id;",
+            i + 1
+        ))
+        .unwrap();
+    }
+    (cl, c)
 }
 
 /// The rows of `tenant` in `tables`, together.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use pgseal_tests::{count, free_port, Cluster, Pgseald, KEY_V1};
+use pgseal_tests::{count, free_port, wait_for, Cluster, Pgseald, KEY_V1};
 
 struct Daemon {
     child: Child,
@@ -53,17 +53,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {secs} s waiting for {what}");
 }
 
 /// The /metrics page of the daemon listening on `port`.
@@ -175,6 +164,36 @@ fn one_leader_failover_restart_and_sigterm() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM pgseal.job_runs WHERE status = 'running' AND finished_at IS NULL AND started_at < now() - interval '5 s'"), 0);
 }
 
+/// Sets `pgseal.ledger_min_retention` to 0 on `cl` (a reload), waits until every
+/// entry so far is older than the 0.864 s kept, and starts pgseald with a retention
+/// job every second that prunes every ledger to that age (its files in `dir`).
+fn pruning_daemon(cl: &Cluster, dir: &Path) -> Daemon {
+    let mut c = cl.connect();
+    for sql in [
+        "ALTER SYSTEM SET pgseal.ledger_min_retention = '0'",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    wait_for("the reloaded minimum retention", 10, || {
+        count(
+            &mut cl.connect(),
+            "SELECT count(*) FROM pg_settings WHERE name = 'pgseal.ledger_min_retention' AND setting = '0'",
+        ) == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let config = dir.join("pgseald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = \"{}\"\n[retention]\nschedule = \"* * * * * *\"\nledger_keep_days = 0.00001\n",
+            cl.url()
+        ),
+    )
+    .unwrap();
+    Daemon::start(&config, dir.join("d.log"))
+}
+
 /// `[retention] ledger_keep_days` prunes every tenant's ledger on each run: a chain
 /// with no entry that young (a tenant that appended nothing for longer) up to its
 /// last entry, and not again while only that prune's receipt is left; a held
@@ -239,31 +258,7 @@ fn scheduled_ledger_pruning_reaches_quiet_chains_and_stops_at_held_records() {
     c.batch_execute("SELECT pgseal.retention_hold('acme', true)")
         .unwrap();
     let acme = chain(&mut c, "acme");
-    for sql in [
-        "ALTER SYSTEM SET pgseal.ledger_min_retention = '0'",
-        "SELECT pg_reload_conf()",
-    ] {
-        c.batch_execute(sql).unwrap();
-    }
-    wait_for("the reloaded minimum retention", 10, || {
-        count(
-            &mut cl.connect(),
-            "SELECT count(*) FROM pg_settings WHERE name = 'pgseal.ledger_min_retention' AND setting = '0'",
-        ) == 1
-    });
-    // Every entry so far is older than the 0.864 s kept.
-    std::thread::sleep(Duration::from_secs(2));
-    let dir = pgseal_tests::fresh_dir("daemon-prune-files");
-    let config = dir.join("pgseald.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "database_url = \"{}\"\n[retention]\nschedule = \"* * * * * *\"\nledger_keep_days = 0.00001\n",
-            cl.url()
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(&config, dir.join("d.log"));
+    let d = pruning_daemon(&cl, &pgseal_tests::fresh_dir("daemon-prune-files"));
     // The quiet chain keeps only the latest prune's receipt, and verifies.
     wait_for("the quiet chain to be pruned", 20, || {
         count(
@@ -329,22 +324,7 @@ fn scheduled_ledger_pruning_reaches_quiet_chains_and_stops_at_held_records() {
 /// their seqs). Without that, the prune went past them (or was refused whole).
 #[test]
 fn scheduled_ledger_pruning_stops_at_a_held_tenants_erased_records() {
-    let cl = Cluster::start("daemon-prune-erased", &[KEY_V1], &[]);
-    let mut c = cl.connect();
-    c.batch_execute(
-        "CREATE EXTENSION pgseal;
-         CREATE ROLE app LOGIN;
-         GRANT pgseal_decrypt, pgseal_ledger TO app;
-         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
-         GRANT SELECT ON integrations TO app;
-         SELECT pgseal.vault_register_column('integrations', 'token');
-         SET app.tenant_id = 'beta';
-         INSERT INTO integrations VALUES (2, 'beta', pgseal.vault_seal('tok-beta', 'integrations.token'));
-         SET app.tenant_id = 'acme';
-         INSERT INTO integrations VALUES (1, 'acme', pgseal.vault_seal('tok-secret', 'integrations.token'));
-         RESET app.tenant_id;",
-    )
-    .unwrap();
+    let (cl, mut c) = pgseal_tests::sealed_tokens_cluster("daemon-prune-erased", &["acme", "beta"]);
     // beta's decrypt, then acme's, each while its own transaction holds its chain:
     // their starts go to _pgseal_audit, in that order.
     let mut app = cl.connect_as("app");
@@ -382,29 +362,7 @@ fn scheduled_ledger_pruning_stops_at_a_held_tenants_erased_records() {
     assert_eq!(count(&mut c, erased), 1);
     c.batch_execute("SELECT pgseal.retention_hold('acme', true)")
         .unwrap();
-    for sql in [
-        "ALTER SYSTEM SET pgseal.ledger_min_retention = '0'",
-        "SELECT pg_reload_conf()",
-    ] {
-        c.batch_execute(sql).unwrap();
-    }
-    wait_for("the reloaded minimum retention", 10, || {
-        count(
-            &mut cl.connect(),
-            "SELECT count(*) FROM pg_settings WHERE name = 'pgseal.ledger_min_retention' AND setting = '0'",
-        ) == 1
-    });
-    std::thread::sleep(Duration::from_secs(2));
-    let config = dir.join("pgseald.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "database_url = \"{}\"\n[retention]\nschedule = \"* * * * * *\"\nledger_keep_days = 0.00001\n",
-            cl.url()
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(&config, dir.join("d.log"));
+    let d = pruning_daemon(&cl, &dir);
     // beta's record, before acme's, goes; acme's erased one stays.
     wait_for("beta's record to be pruned", 20, || of(&mut c, "beta") == 0);
     std::thread::sleep(Duration::from_secs(2));

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pgseal_tests::{
-    assert_tid_scan, count, logged_plans, Cluster, Pgseald, KEY_V1, LOG_EVERY_PLAN,
+    assert_tid_scan, count, logged_plans, wait_for, Cluster, Pgseald, KEY_V1, LOG_EVERY_PLAN,
 };
 use sha2::Digest;
 
@@ -483,6 +483,16 @@ fn a_large_export_is_read_in_chunks_not_held_in_memory() {
     );
 }
 
+/// The payload of `tenant`'s `tenant.offboarded` receipt.
+fn receipt_of(c: &mut postgres::Client, tenant: &str) -> serde_json::Value {
+    c.query_one(
+        "SELECT payload FROM pgseal.ledger WHERE tenant_id = $1 AND event = 'tenant.offboarded'",
+        &[&tenant],
+    )
+    .unwrap()
+    .get(0)
+}
+
 /// `pgseald offboard run` for every due tenant; returns its output (exit 0).
 fn offboard_run(cl: &Cluster, dir: &std::path::Path) -> String {
     let (code, out) = Pgseald::new(["offboard", "run", "--export-dir"])
@@ -719,24 +729,8 @@ fn an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain() {
     // chain is held (here by another session for longer than the writer waits): the
     // start and the count, whose contexts and actor are the tenant's. The offboarding
     // erased only the tenant's own chain, and its receipt was given over them.
-    let cl = Cluster::start("offboard_audit_chain", &[KEY_V1], &[]);
-    let mut c = cl.connect();
-    c.batch_execute(
-        "CREATE EXTENSION pgseal;
-         CREATE ROLE app LOGIN;
-         GRANT pgseal_decrypt, pgseal_ledger TO app;
-         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
-         GRANT SELECT ON integrations TO app;
-         SELECT pgseal.vault_register_column('integrations', 'token');
-         SET app.tenant_id = 'acme';
-         INSERT INTO integrations SELECT g, 'acme', pgseal.vault_seal('acme-tok-' || g, 'integrations.token')
-           FROM generate_series(1, 3) g;
-         SET app.tenant_id = 'globex';
-         INSERT INTO integrations SELECT g, 'globex', pgseal.vault_seal('globex-tok-' || g, 'integrations.token')
-           FROM generate_series(4, 5) g;
-         RESET app.tenant_id;",
-    )
-    .unwrap();
+    let (cl, mut c) =
+        pgseal_tests::sealed_tokens_cluster("offboard_audit_chain", &["acme", "globex"]);
     let in_audit_chain = |c: &mut postgres::Client, tenant: &str| -> i64 {
         count(
             c,
@@ -761,14 +755,9 @@ fn an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain() {
              WHERE tenant_id = '{tenant}'; COMMIT"
         ))
         .unwrap();
-        let t0 = Instant::now();
-        while in_audit_chain(&mut c, tenant) < 2 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "{tenant}'s start and count in the audit chain"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for("the start and count in the audit chain", 20, || {
+            in_audit_chain(&mut c, tenant) == 2
+        });
         holder.batch_execute("ROLLBACK").unwrap();
     }
     c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
@@ -811,13 +800,7 @@ fn an_offboarding_erases_the_tenants_decrypt_records_in_the_audit_chain() {
     );
     assert_eq!(left, 0, "no payload in the audit chain names acme");
     assert_eq!(in_audit_chain(&mut c, "globex"), 2, "globex's are kept");
-    let receipt: serde_json::Value = c
-        .query_one(
-            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let receipt = receipt_of(&mut c, "acme");
     assert_eq!(receipt["audit_entries_erased"], 2, "{receipt}");
     let listed: Vec<i64> = receipt["audit_seqs"]
         .as_array()
@@ -863,20 +846,7 @@ fn audit_chain_entries_pruned_under_the_erase_are_not_counted_as_erased() {
     // The erase step reads the tenant's entries in the audit chain, then updates
     // them; a prune of that chain committed in between deletes them first. The
     // offboarding counted (and would list) what it read, not what it erased.
-    let cl = Cluster::start("offboard_audit_prune", &[KEY_V1], &[]);
-    let mut c = cl.connect();
-    c.batch_execute(
-        "CREATE EXTENSION pgseal;
-         CREATE ROLE app LOGIN;
-         GRANT pgseal_decrypt, pgseal_ledger TO app;
-         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
-         GRANT SELECT ON integrations TO app;
-         SELECT pgseal.vault_register_column('integrations', 'token');
-         SET app.tenant_id = 'acme';
-         INSERT INTO integrations VALUES (1, 'acme', pgseal.vault_seal('acme-tok', 'integrations.token'));
-         RESET app.tenant_id;",
-    )
-    .unwrap();
+    let (cl, mut c) = pgseal_tests::sealed_tokens_cluster("offboard_audit_prune", &["acme"]);
     // The decrypting transaction holds acme's chain: its start goes to the audit chain.
     let mut app = cl.connect_as("app");
     app.batch_execute(
@@ -923,33 +893,21 @@ fn audit_chain_entries_pruned_under_the_erase_are_not_counted_as_erased() {
             .unwrap()
             .get(0)
     });
-    let t0 = Instant::now();
-    while count(
-        &mut c,
-        &format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'"
-        ),
-    ) == 0
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the erase never waited"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("the erase to wait on the prune's rows", 20, || {
+        count(
+            &mut c,
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'"
+            ),
+        ) == 1
+    });
     pruner.batch_execute("COMMIT").unwrap();
     assert_eq!(erasing.join().unwrap(), 0, "nothing was left to erase");
     assert_eq!(in_audit(&mut c), 0, "pruned");
 
     let out = offboard_run(&cl, &dir);
     assert!(out.contains("tenant acme: done"), "{out}");
-    let receipt: serde_json::Value = c
-        .query_one(
-            "SELECT payload FROM pgseal.ledger WHERE tenant_id = 'acme' AND event = 'tenant.offboarded'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let receipt = receipt_of(&mut c, "acme");
     assert_eq!(receipt["audit_entries_erased"], 0, "{receipt}");
     assert_eq!(receipt["audit_seqs"], serde_json::json!([]), "{receipt}");
 }
@@ -960,20 +918,7 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
     // offboarding is done hand their counts (payload: contexts, the tenant) to the
     // audit writer then: one lands in the tenant's chain, one (the chain held) in
     // the audit chain. Both came after the erase step and kept their payloads.
-    let cl = Cluster::start("offboard_late_count", &[KEY_V1], &[]);
-    let mut c = cl.connect();
-    c.batch_execute(
-        "CREATE EXTENSION pgseal;
-         CREATE ROLE app LOGIN;
-         GRANT pgseal_decrypt, pgseal_ledger TO app;
-         CREATE TABLE integrations (id int PRIMARY KEY, tenant_id text NOT NULL, token text);
-         GRANT SELECT ON integrations TO app;
-         SELECT pgseal.vault_register_column('integrations', 'token');
-         SET app.tenant_id = 'acme';
-         INSERT INTO integrations VALUES (1, 'acme', pgseal.vault_seal('acme-tok', 'integrations.token'));
-         RESET app.tenant_id;",
-    )
-    .unwrap();
+    let (cl, mut c) = pgseal_tests::sealed_tokens_cluster("offboard_late_count", &["acme"]);
     let decrypting = || {
         let mut t = cl.connect_as("app");
         t.batch_execute(
@@ -1004,11 +949,9 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
 
     // t1's count goes to acme's chain.
     t1.batch_execute("COMMIT").unwrap();
-    let t0 = Instant::now();
-    while counts(&mut c, false) + counts(&mut c, true) < 1 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "t1's count");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("t1's count", 20, || {
+        counts(&mut c, false) + counts(&mut c, true) == 1
+    });
     // t2's, with acme's chain held for longer than the writer waits, to the audit chain.
     let mut holder = cl.connect_as("app");
     holder
@@ -1017,10 +960,9 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
         )
         .unwrap();
     t2.batch_execute("COMMIT").unwrap();
-    while counts(&mut c, false) + counts(&mut c, true) < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "t2's count");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("t2's count", 20, || {
+        counts(&mut c, false) + counts(&mut c, true) == 2
+    });
     holder.batch_execute("ROLLBACK").unwrap();
     assert_eq!(counts(&mut c, true), 0, "no count keeps its payload");
     let placed = count(
@@ -1051,14 +993,11 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
         )
         .unwrap();
     t3.batch_execute("COMMIT").unwrap();
-    let t0 = Instant::now();
-    while counts(&mut c, true) < 1 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "the writer waited for the offboarding's row"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "t3's count (the writer must not wait for the offboarding's row)",
+        20,
+        || counts(&mut c, true) == 1,
+    );
     admin.batch_execute("ROLLBACK").unwrap();
     // A tenant id used again after its offboarding: counts of its new keys are not
     // the offboarded tenant's, and keep their payloads.
@@ -1074,11 +1013,7 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
          SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 2; COMMIT",
     )
     .unwrap();
-    while counts(&mut c, true) < 2 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(40),
-            "the new key's count keeps its payload"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the new key's count, with its payload", 20, || {
+        counts(&mut c, true) == 2
+    });
 }
