@@ -77,6 +77,7 @@ TO pgseal_ledger;
 GRANT EXECUTE ON FUNCTION
     pgseal.ledger_checkpoint(text),
     pgseal.ledger_prune(text, bigint),
+    pgseal._ledger_held_from(text),
     pgseal.ledger_audit(regclass, text[]),
     pgseal.ledger_unaudit(regclass),
     pgseal._audit_row()

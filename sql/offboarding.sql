@@ -49,6 +49,32 @@ REVOKE ALL ON pgseal.tenant_offboardings FROM PUBLIC;
 GRANT SELECT ON pgseal.tenant_offboardings TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
 
+-- The first entry of a chain that a retention hold keeps, or NULL when a hold
+-- keeps none: a held tenant's whole chain; in the audit writer's chain
+-- _pgseal_audit, the first record of a held tenant's decrypt (its payload names
+-- the tenant, or the tenant's offboarding erased it and lists it in audit_erased
+-- above). ledger_prune refuses to prune past it and pgseald's ledger pruning
+-- stops before it: the one statement of what a hold keeps in the ledger. Runs as
+-- the caller (pgseal_admin reads these tables).
+CREATE FUNCTION pgseal._ledger_held_from(chain text) RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = chain)
+            THEN (SELECT min(l.seq) FROM pgseal.ledger l WHERE l.tenant_id = chain)
+        WHEN chain = '_pgseal_audit'
+            THEN LEAST(
+                (SELECT min(l.seq) FROM pgseal.ledger l
+                   JOIN pgseal.retention_holds h ON h.tenant_id = l.payload ->> 'tenant'
+                  WHERE l.tenant_id = chain),
+                (SELECT min(l.seq) FROM pgseal.retention_holds h
+                   JOIN pgseal.tenant_offboardings o ON o.tenant_id = h.tenant_id
+                   CROSS JOIN LATERAL unnest(o.audit_erased) AS e(seq)
+                   JOIN pgseal.ledger l ON l.tenant_id = chain AND l.seq = e.seq))
+    END
+$$;
+
 -- The rows a tenant's export held, as it read them: per chunk of a table's cursor,
 -- `keys` holds each row's table, place and inserting transaction (14 bytes, as
 -- pgseal._offboard_row_key packs them),

@@ -35,7 +35,8 @@
 --  7b. data subjects (issue 19): the registry pgseal.subject_columns and
 --      subject_register (ledger_append's subjects, the erasure guard and
 --      ledger_verify's erased count are in blocks 3 and 4); 7c. tenant offboarding:
---      pgseal.tenant_offboardings (its C functions in block 3).
+--      pgseal.tenant_offboardings (its C functions in block 3) and
+--      _ledger_held_from, what a retention hold keeps of the ledger.
 --   8. privileges exactly as sql/finalize.sql grants them, the checkpoint purpose of
 --      tenant_keys, and the ledger id (pgseal.ledger_identity, one new random id).
 --   9. tables audited with ledger_audit under 0.1.0 get the TRUNCATE trigger that
@@ -2757,6 +2758,32 @@ REVOKE ALL ON pgseal.tenant_offboardings FROM PUBLIC;
 GRANT SELECT ON pgseal.tenant_offboardings TO pgseal_admin;
 SELECT pg_catalog.pg_extension_config_dump('pgseal.tenant_offboardings', '');
 
+-- The first entry of a chain that a retention hold keeps, or NULL when a hold
+-- keeps none: a held tenant's whole chain; in the audit writer's chain
+-- _pgseal_audit, the first record of a held tenant's decrypt (its payload names
+-- the tenant, or the tenant's offboarding erased it and lists it in audit_erased
+-- above). ledger_prune refuses to prune past it and pgseald's ledger pruning
+-- stops before it: the one statement of what a hold keeps in the ledger. Runs as
+-- the caller (pgseal_admin reads these tables).
+CREATE FUNCTION pgseal._ledger_held_from(chain text) RETURNS bigint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = chain)
+            THEN (SELECT min(l.seq) FROM pgseal.ledger l WHERE l.tenant_id = chain)
+        WHEN chain = '_pgseal_audit'
+            THEN LEAST(
+                (SELECT min(l.seq) FROM pgseal.ledger l
+                   JOIN pgseal.retention_holds h ON h.tenant_id = l.payload ->> 'tenant'
+                  WHERE l.tenant_id = chain),
+                (SELECT min(l.seq) FROM pgseal.retention_holds h
+                   JOIN pgseal.tenant_offboardings o ON o.tenant_id = h.tenant_id
+                   CROSS JOIN LATERAL unnest(o.audit_erased) AS e(seq)
+                   JOIN pgseal.ledger l ON l.tenant_id = chain AND l.seq = e.seq))
+    END
+$$;
+
 -- The rows a tenant's export held, as it read them: per chunk of a table's cursor,
 -- `keys` holds each row's table, place and inserting transaction (14 bytes, as
 -- pgseal._offboard_row_key packs them),
@@ -2891,6 +2918,7 @@ TO pgseal_ledger;
 GRANT EXECUTE ON FUNCTION
     pgseal.ledger_checkpoint(text),
     pgseal.ledger_prune(text, bigint),
+    pgseal._ledger_held_from(text),
     pgseal.ledger_audit(regclass, text[]),
     pgseal.ledger_unaudit(regclass),
     pgseal._audit_row()

@@ -113,10 +113,6 @@ pub async fn scheduled(
     }))
 }
 
-/// The audit writer's chain (`extension/src/ledger/names.rs`), whose entries name
-/// the tenant whose decrypt they record.
-const AUDIT_CHAIN: &str = "_pgseal_audit";
-
 /// Prunes every tenant's ledger to `days` with `ledger_prune`, which keeps an
 /// anchor so the chain still verifies; returns the entries pruned.
 async fn prune_ledgers(
@@ -134,14 +130,13 @@ async fn prune_ledgers(
         // Where the prune stops (every entry before it goes): the first entry young
         // enough to keep, or, in a chain with none that young (a tenant that
         // appended nothing for longer), past its last entry (the prune's receipt
-        // then starts it again). In the audit writer's chain, never past the first
-        // decrypt record of a tenant under a legal hold (its payload names the
-        // tenant, or the tenant's offboarding erased it and lists it; ledger_prune
-        // refuses to).
-        // Nothing for a tenant under a hold, and nothing when all that would go is
-        // earlier prunes' receipts (a quiet chain is not pruned again on every run).
-        // Never younger than pgseal.ledger_min_retention, which ledger_prune
-        // enforces like the holds.
+        // then starts it again); never past the first entry a retention hold keeps
+        // (`pgseal._ledger_held_from`: a held tenant's whole chain, and in the
+        // audit writer's chain the records of a held tenant's decrypts), which
+        // ledger_prune refuses to prune. Nothing when all that would go is earlier
+        // prunes' receipts (a quiet chain is not pruned again on every run). Never
+        // younger than pgseal.ledger_min_retention, which ledger_prune enforces
+        // like the holds.
         let first: Option<i64> = client
             .query_one(
                 "WITH c AS ( \
@@ -149,20 +144,12 @@ async fn prune_ledgers(
                             coalesce(min(l.seq) FILTER (WHERE l.recorded_at >= now() - greatest($2::text::interval, \
                                          current_setting('pgseal.ledger_min_retention')::interval)), \
                                      max(l.seq) + 1), \
-                            (SELECT min(a.seq) FROM pgseal.ledger a \
-                               JOIN pgseal.retention_holds h ON h.tenant_id = a.payload ->> 'tenant' \
-                              WHERE a.tenant_id = $1 AND $1 = $3), \
-                            (SELECT min(a.seq) FROM pgseal.retention_holds h \
-                               JOIN pgseal.tenant_offboardings o ON o.tenant_id = h.tenant_id \
-                               CROSS JOIN LATERAL unnest(o.audit_erased) AS e(seq) \
-                               JOIN pgseal.ledger a ON a.tenant_id = $1 AND a.seq = e.seq \
-                              WHERE $1 = $3)) AS cut \
+                            pgseal._ledger_held_from($1)) AS cut \
                      FROM pgseal.ledger l WHERE l.tenant_id = $1 \
-                      AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id = $1) \
                    HAVING count(*) > 0) \
                  SELECT (SELECT c.cut FROM c WHERE EXISTS (SELECT 1 FROM pgseal.ledger l \
                             WHERE l.tenant_id = $1 AND l.seq < c.cut AND l.event <> 'ledger.pruned'))",
-                &[&t, &keep, &AUDIT_CHAIN],
+                &[&t, &keep],
             )
             .await
             .map_err(DaemonError::Query)?

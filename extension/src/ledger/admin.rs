@@ -41,24 +41,15 @@ pub(crate) fn on_hold(tenant: &str) -> SealResult<bool> {
     })
 }
 
-/// Whether an entry of the audit writer's chain `_pgseal_audit` below `before_seq`
-/// records a decrypt of a tenant under a retention hold (its payload names the
-/// tenant, or, erased by the tenant's offboarding, the offboarding lists it): a hold
-/// keeps every record of its tenant, wherever the writer put it.
-fn holds_audit_records(before_seq: i64) -> SealResult<bool> {
+/// The first seq of `chain` that a retention hold keeps
+/// (`pgseal._ledger_held_from`, sql/offboarding.sql: a held tenant's chain, and in
+/// the audit writer's chain the records of a held tenant's decrypts), or None.
+fn held_from(chain: &str) -> SealResult<Option<i64>> {
     as_owner(|| {
-        Ok(Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pgseal.ledger l JOIN pgseal.retention_holds h \
-                              ON h.tenant_id OPERATOR(pg_catalog.=) (l.payload OPERATOR(pg_catalog.->>) 'tenant') \
-                             WHERE l.tenant_id OPERATOR(pg_catalog.=) $1 AND l.seq OPERATOR(pg_catalog.<) $2) \
-                 OR EXISTS (SELECT 1 FROM pgseal.retention_holds h \
-                              JOIN pgseal.tenant_offboardings o ON o.tenant_id OPERATOR(pg_catalog.=) h.tenant_id \
-                              CROSS JOIN LATERAL pg_catalog.unnest(o.audit_erased) AS e(seq) \
-                              JOIN pgseal.ledger l ON l.tenant_id OPERATOR(pg_catalog.=) $1 AND l.seq OPERATOR(pg_catalog.=) e.seq \
-                             WHERE e.seq OPERATOR(pg_catalog.<) $2)",
-            &[super::names::AUDIT_CHAIN.into(), before_seq.into()],
-        )?
-        .unwrap_or(true))
+        Ok(Spi::get_one_with_args::<i64>(
+            "SELECT pgseal._ledger_held_from($1)",
+            &[chain.into()],
+        )?)
     })
 }
 
@@ -111,7 +102,8 @@ fn ledger_prune(tenant: &str, before_seq: i64) -> i64 {
                 "the tenant is under a retention hold: its ledger is not pruned",
             ));
         }
-        if tenant == super::names::AUDIT_CHAIN && holds_audit_records(before_seq)? {
+        if tenant == super::names::AUDIT_CHAIN && held_from(tenant)?.is_some_and(|s| s < before_seq)
+        {
             return Err(SealError::Refused(
                 "decrypt records of a tenant under a retention hold lie in the range: _pgseal_audit is not pruned past them",
             ));
