@@ -1017,3 +1017,62 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
         counts(&mut c, true) == 2
     });
 }
+
+#[test]
+fn a_late_decrypt_count_whose_erase_fails_is_kept_with_its_payload() {
+    // The audit writer erases a count that arrives after the offboarding in a
+    // subtransaction of the count's own: when erasing fails (here a superuser's
+    // trigger refuses the update of the offboarding's list of the audit chain's
+    // erased seqs), the count is recorded with its payload and the failure logged,
+    // not retried until its deadline and dropped.
+    let (cl, mut c) = pgseal_tests::sealed_tokens_cluster("offboard_late_count_kept", &["acme"]);
+    let mut t = cl.connect_as("app");
+    t.batch_execute(
+        "BEGIN READ ONLY; SELECT pgseal.set_tenant('acme'); \
+         SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+    )
+    .unwrap();
+    c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
+        .unwrap();
+    let dir = pgseal_tests::fresh_dir("offboard-late-count-kept-files");
+    let out = offboard_run(&cl, &dir);
+    assert!(out.contains("tenant acme: done"), "{out}");
+    c.batch_execute(
+        "CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ \
+           BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$; \
+         CREATE TRIGGER refuse BEFORE UPDATE ON pgseal.tenant_offboardings \
+           FOR EACH ROW EXECUTE FUNCTION public.refuse();",
+    )
+    .unwrap();
+    // acme's chain held for longer than the writer waits: the count goes to the
+    // audit chain, whose erase lists it with the offboarding.
+    let mut holder = cl.connect_as("app");
+    holder
+        .batch_execute(
+            "BEGIN; SELECT pgseal.set_tenant('acme'); SELECT pgseal.ledger_append('app.note')",
+        )
+        .unwrap();
+    t.batch_execute("COMMIT").unwrap();
+    let kept = "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
+                  AND event = 'vault.decrypt' AND payload ->> 'tenant' = 'acme'";
+    wait_for("the count, recorded with its payload", 20, || {
+        count(&mut c, kept) == 1
+    });
+    holder.batch_execute("ROLLBACK").unwrap();
+    let listed = count(
+        &mut c,
+        "SELECT count(*) FROM pgseal.tenant_offboardings \
+          WHERE tenant_id = 'acme' AND cardinality(audit_erased) > 0",
+    );
+    assert_eq!(listed, 0, "nothing erased, nothing listed");
+    let ok: bool = c
+        .query_one("SELECT ok FROM pgseal.ledger_verify('_pgseal_audit')", &[])
+        .unwrap()
+        .get(0);
+    assert!(ok);
+    assert!(
+        cl.server_log()
+            .contains("keeps its payload: erasing it for the tenant's offboarding failed: refused by a trigger"),
+        "the failure is logged"
+    );
+}

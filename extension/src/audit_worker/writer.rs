@@ -284,7 +284,20 @@ fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(b
             .ok()
             .and_then(|p| p.get("key_id")?.as_str().map(str::to_owned));
         if let Some(key_id) = key_id {
-            crate::offboard::erase_if_offboarded(&e.tenant, &key_id, chain == system, seq)?;
+            // The count is evidence: a failure to erase it must not lose it (the
+            // writer would try the whole append again until its deadline, then
+            // drop it). The entry is written at this level first, and the erase
+            // runs in a subtransaction that undoes only itself.
+            crate::ledger::writer::flush()?;
+            let erased = crate::pg::xact::in_subtransaction(|| {
+                crate::offboard::erase_if_offboarded(&e.tenant, &key_id, chain == system, seq)
+            });
+            if let Err(msg) = erased {
+                pgrx::log!(
+                    "pgseal audit writer: a decrypt count of tenant {:?} (seq {seq} of chain {chain:?}) keeps its payload: erasing it for the tenant's offboarding failed: {msg}",
+                    e.tenant
+                );
+            }
         }
     }
     Ok(Some((chain == system, seq)))

@@ -56,3 +56,49 @@ pub fn require_read_write(what: &'static str) -> SealResult<()> {
     }
     Ok(())
 }
+
+/// Runs `f` in a subtransaction of its own: what it changed is kept when it returns
+/// Ok, and undone, with the locks it took, when it returns Err or raises an ERROR,
+/// which comes back as Err with its message (the caller's transaction goes on). The
+/// caller's memory context and resource owner are current again on return.
+///
+/// Entries this transaction appended are written only at the level that appended
+/// them (`ledger::writer::flush`): the caller writes its own before `f` reads them.
+pub fn in_subtransaction<T>(f: impl FnOnce() -> SealResult<T>) -> Result<T, String> {
+    use pgrx::pg_sys::panic::CaughtError;
+    use pgrx::prelude::PgTryBuilder;
+    use std::panic::AssertUnwindSafe;
+    // SAFETY: called inside a transaction (every caller runs in one); the memory
+    // context and resource owner saved here are the caller's, which outlive the
+    // subtransaction, and are made current again as PL/pgSQL's exception blocks do.
+    let (context, owner) = unsafe {
+        let saved = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(saved.0);
+        saved
+    };
+    let r = PgTryBuilder::new(AssertUnwindSafe(|| f().map_err(|e| e.to_string())))
+        .catch_others(|e| {
+            Err(match e {
+                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+                    r.message().to_owned()
+                }
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
+            })
+        })
+        .execute();
+    // SAFETY: the subtransaction begun above is the current one (f's own
+    // subtransactions end within it; pgrx flushed a caught error's state); it is
+    // released or rolled back exactly once, and the caller's context and owner
+    // restored.
+    unsafe {
+        if r.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    }
+    r
+}
