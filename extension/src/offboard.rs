@@ -1549,15 +1549,16 @@ fn erased_from(
     }
 }
 
-/// Erases the `vault.decrypt` count the audit writer just appended for `tenant`
-/// (in its chain, or with `in_audit_chain` in the audit chain) under key `key_id`
-/// when that key is a shredded key of the tenant, the tenant's offboarding is past
-/// its erase step and no hold is on the tenant: a count that arrives after the
-/// offboarding erased the tenant's payloads (its transaction was open across the
-/// shred, or the writer retried it) is erased as the offboarding would have; one in
-/// the audit chain is added to the offboarding's list. Nothing here waits: the
+/// Erases the `vault.decrypt` count or `vault.decrypt_started` record the audit
+/// writer just appended for `tenant` (in its chain, or with `in_audit_chain` in the
+/// audit chain) under key `key_id` when that key is a shredded key of the tenant,
+/// the tenant's offboarding is past its erase step and no hold is on the tenant: a
+/// record that arrives after the offboarding erased the tenant's payloads (its
+/// transaction was open across the shred and read the key before it, or the writer
+/// retried it) is erased as the offboarding would have; one in the audit chain is
+/// added to the offboarding's list. Nothing here waits: the
 /// offboarding's row is taken only when no other transaction holds it (otherwise
-/// the count keeps its payload, with a LOG line), since every decrypt of the
+/// the record keeps its payload, with a LOG line), since every decrypt of the
 /// database waits on this writer.
 pub(crate) fn erase_if_offboarded(
     tenant: &str,
@@ -1565,15 +1566,19 @@ pub(crate) fn erase_if_offboarded(
     in_audit_chain: bool,
     seq: i64,
 ) -> SealResult<()> {
+    // A kept plan: the writer asks this for every decrypt start and count.
     let past = as_owner(|| {
-        Spi::get_one_with_args::<bool>(
+        crate::pg::plans::select_first(
             "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
                              WHERE o.tenant_id OPERATOR(pg_catalog.=) $1 \
                                AND o.step OPERATOR(pg_catalog.=) ANY (ARRAY['erased', 'receipted', 'done'])) \
                 AND NOT EXISTS (SELECT 1 FROM pgseal.retention_holds h WHERE h.tenant_id OPERATOR(pg_catalog.=) $1)",
+            &[crate::pg::plans::TEXT],
             &[tenant.into()],
+            |r| Ok(r.get::<bool>(1)?),
         )
-    })?;
+    })?
+    .flatten();
     if past != Some(true) {
         return Ok(());
     }
@@ -1593,7 +1598,7 @@ pub(crate) fn erase_if_offboarded(
     })?;
     if taken != Some(true) {
         pgrx::log!(
-            "pgseal: a decrypt count of tenant {:?} (seq {seq}) arrived after its offboarding's erase step and keeps its payload: the offboarding's row was held by another transaction",
+            "pgseal: a decrypt record of tenant {:?} (seq {seq}) arrived after its offboarding's erase step and keeps its payload: the offboarding's row was held by another transaction",
             tenant
         );
         return Ok(());

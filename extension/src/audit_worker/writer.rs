@@ -278,15 +278,16 @@ fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(b
     };
     let (seq, _) =
         crate::ledger::append::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)?;
-    // A count can arrive after the tenant's offboarding erased its payloads.
-    if e.event == "vault.decrypt" {
+    // A decrypt's start or count can arrive after the tenant's offboarding erased
+    // its payloads (a transaction open across the shred that read the key before).
+    if e.event == "vault.decrypt" || e.event == "vault.decrypt_started" {
         let key_id = serde_json::from_str::<serde_json::Value>(&e.payload)
             .ok()
             .and_then(|p| p.get("key_id")?.as_str().map(str::to_owned));
         if let Some(key_id) = key_id {
-            // The count is evidence: a failure to erase it must not lose it (the
+            // The record is evidence: a failure to erase it must not lose it (the
             // writer would try the whole append again until its deadline, then
-            // drop it). The entry is written at this level first, and the erase
+            // drop it or fail the decrypt). The entry is written at this level first, and the erase
             // runs in a subtransaction that undoes only itself.
             crate::ledger::writer::flush()?;
             let erased = crate::pg::xact::in_subtransaction(|| {
@@ -294,7 +295,7 @@ fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(b
             });
             if let Err(msg) = erased {
                 pgrx::log!(
-                    "pgseal audit writer: a decrypt count of tenant {:?} (seq {seq} of chain {chain:?}) keeps its payload: erasing it for the tenant's offboarding failed: {msg}",
+                    "pgseal audit writer: a decrypt record of tenant {:?} (seq {seq} of chain {chain:?}) keeps its payload: erasing it for the tenant's offboarding failed: {msg}",
                     e.tenant
                 );
             }
