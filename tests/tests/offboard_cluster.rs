@@ -1020,16 +1020,31 @@ fn a_decrypt_count_that_arrives_after_the_offboarding_is_erased_on_arrival() {
 
 #[test]
 fn a_late_decrypt_count_whose_erase_fails_is_kept_with_its_payload() {
-    // The audit writer erases a count that arrives after the offboarding in a
-    // subtransaction of the count's own: when erasing fails (here a superuser's
-    // trigger refuses the update of the offboarding's list of the audit chain's
-    // erased seqs), the count is recorded with its payload and the failure logged,
-    // not retried until its deadline and dropped.
+    // The audit writer erases a decrypt record that arrives after the offboarding
+    // in a subtransaction: when erasing fails (here a superuser's trigger refuses
+    // the update of the offboarding's list of the audit chain's erased seqs), a
+    // count is tried again until its deadline (a minute) and its last try records
+    // it with its payload, logged, rather than drop it; a decrypt's start is not
+    // recorded, and the decrypt is refused.
     let (cl, mut c) = pgseal_tests::sealed_tokens_cluster("offboard_late_count_kept", &["acme"]);
+    c.batch_execute(
+        "SET app.tenant_id = 'acme'; SELECT pgseal.ledger_append('app.note'); RESET app.tenant_id",
+    )
+    .unwrap();
+    let sealed: String = c
+        .query_one("SELECT token FROM integrations", &[])
+        .unwrap()
+        .get(0);
     let mut t = cl.connect_as("app");
     t.batch_execute(
         "BEGIN READ ONLY; SELECT pgseal.set_tenant('acme'); \
          SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+    )
+    .unwrap();
+    let mut late = cl.connect_as("app");
+    late.batch_execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT pgseal.set_tenant('acme'); \
+         SELECT count(*) FROM integrations",
     )
     .unwrap();
     c.batch_execute("SELECT pgseal.tenant_offboard('acme', '0')")
@@ -1044,20 +1059,40 @@ fn a_late_decrypt_count_whose_erase_fails_is_kept_with_its_payload() {
            FOR EACH ROW EXECUTE FUNCTION public.refuse();",
     )
     .unwrap();
-    // acme's chain held for longer than the writer waits: the count goes to the
-    // audit chain, whose erase lists it with the offboarding.
+    // acme's chain held for longer than the writer waits: the records go to the
+    // audit chain, whose erase lists them with the offboarding.
     let mut holder = cl.connect_as("app");
     holder
         .batch_execute(
             "BEGIN; SELECT pgseal.set_tenant('acme'); SELECT pgseal.ledger_append('app.note')",
         )
         .unwrap();
+    let refused = late.query_one(
+        "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
+        &[&sealed],
+    );
+    assert_eq!(pgseal_tests::sqlstate(refused), "55000", "the start");
+    let records = |c: &mut postgres::Client, event: &str| {
+        count(
+            c,
+            &format!(
+                "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
+                   AND event = '{event}' AND payload ->> 'tenant' = 'acme'"
+            ),
+        )
+    };
+    assert_eq!(records(&mut c, "vault.decrypt_started"), 0);
+    let committed = Instant::now();
     t.batch_execute("COMMIT").unwrap();
-    let kept = "SELECT count(*) FROM pgseal.ledger WHERE tenant_id = '_pgseal_audit' \
-                  AND event = 'vault.decrypt' AND payload ->> 'tenant' = 'acme'";
-    wait_for("the count, recorded with its payload", 20, || {
-        count(&mut c, kept) == 1
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(records(&mut c, "vault.decrypt"), 0, "tried again first");
+    wait_for("the count, recorded with its payload", 90, || {
+        records(&mut c, "vault.decrypt") == 1
     });
+    assert!(
+        committed.elapsed() > Duration::from_secs(50),
+        "on its last try"
+    );
     holder.batch_execute("ROLLBACK").unwrap();
     let listed = count(
         &mut c,
@@ -1071,8 +1106,9 @@ fn a_late_decrypt_count_whose_erase_fails_is_kept_with_its_payload() {
         .get(0);
     assert!(ok);
     assert!(
-        cl.server_log()
-            .contains("keeps its payload: erasing it for the tenant's offboarding failed: refused by a trigger"),
+        cl.server_log().contains(
+            "keeps its payload: erasing it for the tenant's offboarding failed on its last try: refused by a trigger"
+        ),
         "the failure is logged"
     );
 }

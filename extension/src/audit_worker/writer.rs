@@ -191,7 +191,7 @@ fn process(dboid: u32) -> bool {
     // then takes the audit chain too: a chain held longer (any role can hold its
     // own tenant's) must not keep counts in the queue, whose slots every database
     // shares.
-    let batch: Vec<(u64, Vec<u8>, bool)> = {
+    let batch: Vec<(u64, Vec<u8>, bool, bool)> = {
         let mut q = QUEUE.exclusive();
         q.slots
             .iter_mut()
@@ -201,13 +201,15 @@ fn process(dboid: u32) -> bool {
                 let system_ok = s.latch != 0
                     || now + RETRY_US >= s.deadline
                     || now >= s.queued_at + UNWAITED_CHAIN_US;
-                (s.ticket, s.body().to_vec(), system_ok)
+                // An unwaited request's last try before its deadline (`finish`).
+                let last_try = s.latch == 0 && now + COUNTS_RETRY_US >= s.deadline;
+                (s.ticket, s.body().to_vec(), system_ok, last_try)
             })
             .collect()
     };
-    for (ticket, body, system_ok) in &batch {
+    for (ticket, body, system_ok, last_try) in &batch {
         let outcome = match serde_json::from_slice::<Request>(body) {
-            Ok(Request::Append(entry)) => append(&entry, *system_ok),
+            Ok(Request::Append(entry)) => append(&entry, *system_ok, *last_try),
             Ok(Request::SealCounts { key_ids, seals }) => add_seal_counts(&key_ids, &seals),
             Ok(Request::DrainSealCounts) => drain_seal_counts(),
             Err(_) => Outcome::Failed("malformed audit request".into()),
@@ -240,14 +242,14 @@ enum Outcome {
 ///
 /// On a Citus worker the entry is appended on the coordinator, where pgseal's ledger
 /// is kept (docs/SCALING.md): `forward`.
-fn append(e: &Entry, system_ok: bool) -> Outcome {
+fn append(e: &Entry, system_ok: bool, last_try: bool) -> Outcome {
     let forwarded = std::cell::Cell::new(false);
     let r = in_transaction(|| {
         if crate::pg::citus::is_worker()? {
             forwarded.set(true);
             return Ok(forward(e, system_ok));
         }
-        append_here(e, system_ok).map(Ok)
+        append_here(e, system_ok, last_try).map(Ok)
     });
     match r {
         Ok(Ok(Some((in_system, seq)))) => Outcome::Appended(in_system, seq),
@@ -260,8 +262,13 @@ fn append(e: &Entry, system_ok: bool) -> Outcome {
 }
 
 /// `append`'s work on the node that keeps the ledger: (in the audit chain, seq), or
-/// None when the chains it may use are busy.
-fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(bool, i64)>> {
+/// None when the chains it may use are busy. `last_try`: no later try of this
+/// request will be made (`erase_late_record`).
+fn append_here(
+    e: &Entry,
+    system_ok: bool,
+    last_try: bool,
+) -> crate::error::SealResult<Option<(bool, i64)>> {
     let system = crate::ledger::names::AUDIT_CHAIN;
     // Each chain's key before its lock, as every append takes them, and neither
     // waited for: a key or a chain another transaction holds counts as busy.
@@ -278,30 +285,48 @@ fn append_here(e: &Entry, system_ok: bool) -> crate::error::SealResult<Option<(b
     };
     let (seq, _) =
         crate::ledger::append::append_with_role(chain, &e.event, &e.payload, &e.actor, &e.role)?;
-    // A decrypt's start or count can arrive after the tenant's offboarding erased
-    // its payloads (a transaction open across the shred that read the key before).
-    if e.event == "vault.decrypt" || e.event == "vault.decrypt_started" {
-        let key_id = serde_json::from_str::<serde_json::Value>(&e.payload)
-            .ok()
-            .and_then(|p| p.get("key_id")?.as_str().map(str::to_owned));
-        if let Some(key_id) = key_id {
-            // The record is evidence: a failure to erase it must not lose it (the
-            // writer would try the whole append again until its deadline, then
-            // drop it or fail the decrypt). The entry is written at this level first, and the erase
-            // runs in a subtransaction that undoes only itself.
-            crate::ledger::writer::flush()?;
-            let erased = crate::pg::xact::in_subtransaction(|| {
-                crate::offboard::erase_if_offboarded(&e.tenant, &key_id, chain == system, seq)
-            });
-            if let Err(msg) = erased {
-                pgrx::log!(
-                    "pgseal audit writer: a decrypt record of tenant {:?} (seq {seq} of chain {chain:?}) keeps its payload: erasing it for the tenant's offboarding failed: {msg}",
-                    e.tenant
-                );
-            }
-        }
-    }
+    erase_late_record(e, chain == system, seq, last_try)?;
     Ok(Some((chain == system, seq)))
+}
+
+/// A decrypt's start or count can arrive after the tenant's offboarding erased its
+/// payloads (a transaction open across the shred that read the key before it):
+/// `offboard::erase_if_offboarded` erases it, in a subtransaction after the entry
+/// is written. When that fails, a start fails (its decrypt is refused, and may be
+/// tried again), and a count is tried again until its last try, which records it
+/// with its payload (logged) rather than lose it: the count is evidence.
+fn erase_late_record(
+    e: &Entry,
+    in_audit_chain: bool,
+    seq: i64,
+    last_try: bool,
+) -> crate::error::SealResult<()> {
+    if e.event != "vault.decrypt" && e.event != "vault.decrypt_started" {
+        return Ok(());
+    }
+    let Some(key_id) = serde_json::from_str::<serde_json::Value>(&e.payload)
+        .ok()
+        .and_then(|p| p.get("key_id")?.as_str().map(str::to_owned))
+    else {
+        return Ok(());
+    };
+    crate::ledger::writer::flush()?;
+    let erased = crate::pg::xact::in_subtransaction(|| {
+        crate::offboard::erase_if_offboarded(&e.tenant, &key_id, in_audit_chain, seq)
+    });
+    match erased {
+        Ok(()) => Ok(()),
+        Err(f) if e.event == "vault.decrypt" && last_try => {
+            pgrx::log!(
+                "pgseal audit writer: a decrypt count of tenant {:?} (seq {seq}{}) keeps its payload: erasing it for the tenant's offboarding failed on its last try: {}",
+                e.tenant,
+                if in_audit_chain { " of the audit chain" } else { "" },
+                f.message()
+            );
+            Ok(())
+        }
+        Err(f) => f.raise(),
+    }
 }
 
 /// Appends `e` on the Citus coordinator: `pgseal._audit_append_forwarded` there, over
@@ -543,7 +568,9 @@ fn _audit_append_forwarded(
     }
     FORWARDED.with(|f| f.set(true));
     let forwarding = Forwarding;
-    let r = append_here(&e, system_ok);
+    // The worker does not send a request again once it was sent: this is its
+    // last try.
+    let r = append_here(&e, system_ok, true);
     drop(forwarding);
     match r.or_raise() {
         None => "busy".to_owned(),

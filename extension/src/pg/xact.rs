@@ -57,14 +57,51 @@ pub fn require_read_write(what: &'static str) -> SealResult<()> {
     Ok(())
 }
 
+/// Why `in_subtransaction`'s work failed; its subtransaction is rolled back.
+pub enum SubFailure {
+    /// It returned this error.
+    Error(SealError),
+    /// It raised an ERROR (or panicked).
+    Raised(pgrx::pg_sys::panic::CaughtError),
+}
+
+impl SubFailure {
+    /// The failure's message (never a value of the caller's: pgseal's messages
+    /// carry none, and PostgreSQL's detail is left out).
+    pub fn message(&self) -> String {
+        use pgrx::pg_sys::panic::CaughtError;
+        match self {
+            SubFailure::Error(e) => e.to_string(),
+            SubFailure::Raised(
+                CaughtError::PostgresError(r)
+                | CaughtError::ErrorReport(r)
+                | CaughtError::RustPanic { ereport: r, .. },
+            ) => r.message().to_owned(),
+        }
+    }
+
+    /// Raises the failure again in the caller's (sub)transaction.
+    pub fn raise(self) -> ! {
+        match self {
+            SubFailure::Error(e) => e.raise(),
+            SubFailure::Raised(c) => c.rethrow(),
+        }
+    }
+}
+
 /// Runs `f` in a subtransaction of its own: what it changed is kept when it returns
 /// Ok, and undone, with the locks it took, when it returns Err or raises an ERROR,
-/// which comes back as Err with its message (the caller's transaction goes on). The
-/// caller's memory context and resource owner are current again on return.
+/// which then comes back as a [`SubFailure`] for the caller to decide on (its own
+/// transaction goes on). A query cancel is raised again at once: it is never the
+/// caller's to ignore. The caller's memory context and resource owner are current
+/// again on return.
 ///
+/// The caller holds no LWLock and has interrupts allowed (the abort releases every
+/// LWLock and resets the holdoff count, as PL/pgSQL's exception blocks assume).
 /// Entries this transaction appended are written only at the level that appended
 /// them (`ledger::writer::flush`): the caller writes its own before `f` reads them.
-pub fn in_subtransaction<T>(f: impl FnOnce() -> SealResult<T>) -> Result<T, String> {
+pub fn in_subtransaction<T>(f: impl FnOnce() -> SealResult<T>) -> Result<T, SubFailure> {
+    use pgrx::pg_sys::errcodes::PgSqlErrorCode;
     use pgrx::pg_sys::panic::CaughtError;
     use pgrx::prelude::PgTryBuilder;
     use std::panic::AssertUnwindSafe;
@@ -77,15 +114,8 @@ pub fn in_subtransaction<T>(f: impl FnOnce() -> SealResult<T>) -> Result<T, Stri
         pg_sys::MemoryContextSwitchTo(saved.0);
         saved
     };
-    let r = PgTryBuilder::new(AssertUnwindSafe(|| f().map_err(|e| e.to_string())))
-        .catch_others(|e| {
-            Err(match e {
-                CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-                    r.message().to_owned()
-                }
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_owned(),
-            })
-        })
+    let r = PgTryBuilder::new(AssertUnwindSafe(|| f().map_err(SubFailure::Error)))
+        .catch_others(|e| Err(SubFailure::Raised(e)))
         .execute();
     // SAFETY: the subtransaction begun above is the current one (f's own
     // subtransactions end within it; pgrx flushed a caught error's state); it is
@@ -100,5 +130,13 @@ pub fn in_subtransaction<T>(f: impl FnOnce() -> SealResult<T>) -> Result<T, Stri
         pg_sys::MemoryContextSwitchTo(context);
         pg_sys::CurrentResourceOwner = owner;
     }
-    r
+    let cancelled = matches!(
+        &r,
+        Err(SubFailure::Raised(CaughtError::PostgresError(e) | CaughtError::ErrorReport(e)))
+            if e.sql_error_code() == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+    );
+    match r {
+        Err(f) if cancelled => f.raise(),
+        r => r,
+    }
 }
