@@ -62,7 +62,7 @@ pub enum SubFailure {
     /// It returned this error.
     Error(SealError),
     /// It raised an ERROR (or panicked).
-    Raised(pgrx::pg_sys::panic::CaughtError),
+    Raised(Box<pgrx::pg_sys::panic::CaughtError>),
 }
 
 impl SubFailure {
@@ -72,11 +72,11 @@ impl SubFailure {
         use pgrx::pg_sys::panic::CaughtError;
         match self {
             SubFailure::Error(e) => e.to_string(),
-            SubFailure::Raised(
+            SubFailure::Raised(c) => match &**c {
                 CaughtError::PostgresError(r)
                 | CaughtError::ErrorReport(r)
-                | CaughtError::RustPanic { ereport: r, .. },
-            ) => r.message().to_owned(),
+                | CaughtError::RustPanic { ereport: r, .. } => r.message().to_owned(),
+            },
         }
     }
 
@@ -84,7 +84,7 @@ impl SubFailure {
     pub fn raise(self) -> ! {
         match self {
             SubFailure::Error(e) => e.raise(),
-            SubFailure::Raised(c) => c.rethrow(),
+            SubFailure::Raised(c) => (*c).rethrow(),
         }
     }
 }
@@ -115,7 +115,7 @@ pub fn in_subtransaction<T>(f: impl FnOnce() -> SealResult<T>) -> Result<T, SubF
         saved
     };
     let r = PgTryBuilder::new(AssertUnwindSafe(|| f().map_err(SubFailure::Error)))
-        .catch_others(|e| Err(SubFailure::Raised(e)))
+        .catch_others(|e| Err(SubFailure::Raised(Box::new(e))))
         .execute();
     // SAFETY: the subtransaction begun above is the current one (f's own
     // subtransactions end within it; pgrx flushed a caught error's state); it is
@@ -130,11 +130,11 @@ pub fn in_subtransaction<T>(f: impl FnOnce() -> SealResult<T>) -> Result<T, SubF
         pg_sys::MemoryContextSwitchTo(context);
         pg_sys::CurrentResourceOwner = owner;
     }
-    let cancelled = matches!(
-        &r,
-        Err(SubFailure::Raised(CaughtError::PostgresError(e) | CaughtError::ErrorReport(e)))
+    let cancelled = matches!(&r, Err(SubFailure::Raised(c)) if matches!(
+        &**c,
+        CaughtError::PostgresError(e) | CaughtError::ErrorReport(e)
             if e.sql_error_code() == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
-    );
+    ));
     match r {
         Err(f) if cancelled => f.raise(),
         r => r,
