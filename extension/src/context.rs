@@ -25,6 +25,21 @@ pub fn read_setting(name: &CStr) -> Option<String> {
     }
 }
 
+/// Reads a setting by name as text pgseal compares or records: `None` when it
+/// does not exist; 22021 when its bytes are not UTF-8 (`what` names it), which a
+/// SQL_ASCII or single-byte database lets into a setting: replacing them would
+/// make two values one.
+pub fn read_setting_utf8(name: &CStr, what: &'static str) -> SealResult<Option<String>> {
+    // SAFETY: as in `read_setting`; the bytes are copied before anything else runs.
+    let bytes = unsafe {
+        let p = pg_sys::GetConfigOption(name.as_ptr(), true, false);
+        (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes().to_vec())
+    };
+    bytes
+        .map(|b| String::from_utf8(b).map_err(|_| SealError::NotUtf8(what)))
+        .transpose()
+}
+
 /// The current tenant, failing closed: NULL or '' is "no tenant context" (42501).
 pub fn tenant() -> SealResult<String> {
     tenant_shared().map(|t| t.to_string())
@@ -70,7 +85,12 @@ pub fn tenant_shared() -> SealResult<std::rc::Rc<str>> {
                             "the tenant context names one of pgseal's own chains (_pgseal…), which no session acts for",
                         ));
                     }
-                    let t: std::rc::Rc<str> = String::from_utf8_lossy(bytes).into();
+                    // Compared and recorded as UTF-8 text: bytes that are not
+                    // (a SQL_ASCII or single-byte database lets them in) would
+                    // have to be replaced, and two tenant ids would become one.
+                    let t: std::rc::Rc<str> = std::str::from_utf8(bytes)
+                        .map_err(|_| SealError::NotUtf8("the tenant context"))?
+                        .into();
                     *last = Some(t.clone());
                     Ok(t)
                 }
@@ -89,7 +109,7 @@ pub fn current_tenant() -> String {
 /// The current application user, failing closed like `tenant()`.
 pub fn user_id() -> SealResult<String> {
     let name = gucs::user_setting_name();
-    match read_setting(&name) {
+    match read_setting_utf8(&name, "the user context")? {
         Some(u) if !u.is_empty() => Ok(u),
         _ => Err(SealError::NoUserContext(
             name.to_string_lossy().into_owned(),

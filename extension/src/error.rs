@@ -59,6 +59,10 @@ pub enum SealError {
     /// 55000: a decrypt could not be recorded before its plaintext was returned.
     #[error("{0}")]
     AuditNotRecorded(&'static str),
+    /// 22021: a value pgseal compares or records as text is not valid UTF-8 (in a
+    /// database whose encoding lets such bytes in, SQL_ASCII or a single-byte one).
+    #[error("{0} is not valid UTF-8")]
+    NotUtf8(&'static str),
     /// 54000: an argument longer than its documented limit (`limits.rs`).
     #[error("{what} is longer than {max} bytes")]
     TooLong { what: &'static str, max: usize },
@@ -98,6 +102,7 @@ impl SealError {
             SealError::Conflict(_) => ERRCODE_T_R_SERIALIZATION_FAILURE,
             SealError::TooLong { .. } | SealError::TooMany { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             SealError::NullArgument(_) => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            SealError::NotUtf8(_) => ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
             SealError::NoTenantContext(_)
             | SealError::NoUserContext(_)
             | SealError::WrongTenant

@@ -444,3 +444,86 @@ fn with_hold_cursor_does_not_outlive_the_tenant_context() {
         "control: the cursor kept tenant A's rows"
     );
 }
+
+#[test]
+fn tenant_ids_that_are_not_utf8_never_share_a_tenant() {
+    // In a database whose encoding lets any byte into a setting (SQL_ASCII; a
+    // LATIN1 database's non-ASCII tenant ids are the same bytes), two tenant ids
+    // that differ only in bytes that are not UTF-8 must not become one tenant:
+    // neither its keys, its rows nor its chain. pgseal refuses such a tenant
+    // context (22021) wherever it reads it.
+    let cl = Cluster::start("tenant_not_utf8", &[KEY_V1], &[]);
+    let mut c = cl.connect();
+    c.batch_execute(
+        "CREATE DATABASE ascii TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'",
+    )
+    .unwrap();
+    let mut a = cl.connect_to("ascii", "postgres");
+    a.batch_execute(
+        "CREATE EXTENSION pgseal;
+         CREATE TABLE docs (id int PRIMARY KEY, tenant_id text NOT NULL, secret text);
+         SELECT pgseal.tenant_protect('docs');
+         CREATE ROLE app_ascii LOGIN;
+         GRANT pgseal_decrypt, pgseal_ledger TO app_ascii;
+         GRANT SELECT, INSERT ON docs TO app_ascii;",
+    )
+    .unwrap();
+    // Rows a superuser put in, past every policy: one under that tenant id, one
+    // under the id its bytes become when they are replaced as not UTF-8.
+    a.batch_execute(
+        "INSERT INTO docs VALUES (2, E'acme\\xff', 'x'), (3, E'acme\\xef\\xbf\\xbd', 'y')",
+    )
+    .unwrap();
+    let mut app = cl.connect_to("ascii", "app_ascii");
+    // The first tenant, 'acme' and byte 0xff, seals a value and appends.
+    let as_ff = "SET app.tenant_id = E'acme\\xff'";
+    let states: Vec<String> = [
+        "INSERT INTO docs VALUES (1, current_setting('app.tenant_id'), pgseal.vault_seal('s3cret-of-ff', 'docs.secret'))",
+        "SELECT pgseal.ledger_append('note')",
+        "SELECT pgseal.current_tenant()",
+        "SELECT count(*) FROM docs",
+    ]
+    .iter()
+    .map(|sql| {
+        app.batch_execute("BEGIN").unwrap();
+        app.batch_execute(as_ff).unwrap();
+        let s = sqlstate(app.batch_execute(sql));
+        app.batch_execute("ROLLBACK").unwrap();
+        s
+    })
+    .collect();
+    assert_eq!(states, ["22021"; 4], "refused wherever the tenant is read");
+    app.batch_execute("BEGIN").unwrap();
+    // The other tenant id ('acme' and byte 0xfe) sees neither.
+    app.batch_execute("SET LOCAL app.tenant_id = E'acme\\xfe'")
+        .unwrap();
+    let seen = sqlstate(app.query("SELECT id FROM docs", &[]));
+    app.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(seen, "22021", "no row of either id");
+    let keys: i64 = a
+        .query_one(
+            "SELECT count(*) FROM pgseal.tenant_keys WHERE tenant_id LIKE 'acme%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 0, "no key made for either id");
+    // The user id, which organisation policies compare and entries record as
+    // their actor, likewise.
+    let states: Vec<String> = [
+        "SELECT pgseal.current_user_id()",
+        "SELECT pgseal.ledger_append('note')",
+    ]
+    .iter()
+    .map(|sql| {
+        app.batch_execute(
+            "BEGIN; SET LOCAL app.tenant_id = 'acme'; SET LOCAL app.user_id = E'bob\\xff'",
+        )
+        .unwrap();
+        let s = sqlstate(app.batch_execute(sql));
+        app.batch_execute("ROLLBACK").unwrap();
+        s
+    })
+    .collect();
+    assert_eq!(states, ["22021"; 2], "the user context");
+}

@@ -6,11 +6,14 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 
 use crate::context;
+use crate::error::OrRaise;
 
 /// The default actor: the user-id setting when set, else `session_user`.
 pub fn default_actor() -> String {
     let name = crate::gucs::user_setting_name();
-    if let Some(u) = context::read_setting(&name) {
+    // Not UTF-8: refused (22021), as the tenant context is, rather than recorded
+    // with its bytes replaced (two users would read as one).
+    if let Some(u) = context::read_setting_utf8(&name, "the user context").or_raise() {
         if !u.is_empty() {
             return u;
         }
