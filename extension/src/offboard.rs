@@ -1549,24 +1549,11 @@ fn erased_from(
     }
 }
 
-/// Erases the `vault.decrypt` count or `vault.decrypt_started` record the audit
-/// writer just appended for `tenant` (in its chain, or with `in_audit_chain` in the
-/// audit chain) under key `key_id` when that key is a shredded key of the tenant,
-/// the tenant's offboarding is past its erase step and no hold is on the tenant: a
-/// record that arrives after the offboarding erased the tenant's payloads (its
-/// transaction was open across the shred and read the key before it, or the writer
-/// retried it) is erased as the offboarding would have; one in the audit chain is
-/// added to the offboarding's list. Nothing here waits: the
-/// offboarding's row is taken only when no other transaction holds it (otherwise
-/// the record keeps its payload, with a LOG line), since every decrypt of the
-/// database waits on this writer.
-pub(crate) fn erase_if_offboarded(
-    tenant: &str,
-    key_id: &str,
-    in_audit_chain: bool,
-    seq: i64,
-) -> SealResult<()> {
-    // A kept plan: the writer asks this for every decrypt start and count.
+/// Whether `tenant`'s offboarding is past its erase step and no hold is on the
+/// tenant: the audit writer asks it for every decrypt count before anything else
+/// of `erase_if_offboarded` (a kept plan, read without a subtransaction).
+pub(crate) fn past_erase_step(tenant: &str) -> SealResult<bool> {
+    // A kept plan: the writer asks this for every decrypt count.
     let past = as_owner(|| {
         crate::pg::plans::select_first(
             "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
@@ -1579,7 +1566,26 @@ pub(crate) fn erase_if_offboarded(
         )
     })?
     .flatten();
-    if past != Some(true) {
+    Ok(past == Some(true))
+}
+
+/// Erases the `vault.decrypt` count the audit writer just appended for `tenant` (in
+/// its chain, or with `in_audit_chain` in the audit chain) under key `key_id` when
+/// that key is a shredded key of the tenant, the tenant's offboarding is past its
+/// erase step and no hold is on the tenant: a count that arrives after the
+/// offboarding erased the tenant's payloads (its transaction was open across the
+/// shred, or the writer retried it) is erased as the offboarding would have; one in
+/// the audit chain is added to the offboarding's list. Nothing here waits: the
+/// offboarding's row is taken only when no other transaction holds it (otherwise
+/// the count keeps its payload, with a LOG line), since every decrypt of the
+/// database waits on this writer.
+pub(crate) fn erase_if_offboarded(
+    tenant: &str,
+    key_id: &str,
+    in_audit_chain: bool,
+    seq: i64,
+) -> SealResult<()> {
+    if !past_erase_step(tenant)? {
         return Ok(());
     }
     // The key as pgseal reads it everywhere (on Citus, this node's copy of the key
@@ -1598,7 +1604,7 @@ pub(crate) fn erase_if_offboarded(
     })?;
     if taken != Some(true) {
         pgrx::log!(
-            "pgseal: a decrypt record of tenant {:?} (seq {seq}) arrived after its offboarding's erase step and keeps its payload: the offboarding's row was held by another transaction",
+            "pgseal: a decrypt count of tenant {:?} (seq {seq}) arrived after its offboarding's erase step and keeps its payload: the offboarding's row was held by another transaction",
             tenant
         );
         return Ok(());

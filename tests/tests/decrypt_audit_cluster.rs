@@ -528,3 +528,58 @@ fn a_reload_to_asynchronous_commit_leaves_no_start_unflushed() {
         assert_eq!(wait_for_counts(&mut admin, 1 + round).len(), 1 + round);
     }
 }
+
+#[test]
+fn a_decrypt_that_starts_after_the_shred_is_refused_whatever_its_snapshot() {
+    // A REPEATABLE READ transaction whose snapshot predates a shred still reads the
+    // tenant's key as it was. Its first decrypt of that key after the shred is put
+    // on record by the audit writer, which reads the key as it is now: the decrypt
+    // is refused (22023) before its plaintext returns, and nothing is recorded for
+    // it; read-only or not. (Each tenant appended before, so the snapshot's read of
+    // its chain head does not fail first.)
+    let cl = Cluster::start("decrypt_after_shred", &[KEY_V1], &[]);
+    let mut admin = cl.connect();
+    admin.batch_execute(SETUP).unwrap();
+    let starts = |c: &mut postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pgseal.ledger WHERE event = 'vault.decrypt_started'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    for (id, tenant, read_only) in [(1, "acme", true), (11, "beta", false)] {
+        admin
+            .batch_execute(&format!(
+                "SET app.tenant_id = '{tenant}'; \
+                 INSERT INTO integrations VALUES ({id} + 100, '{tenant}', pgseal.vault_seal('t', 'integrations.token')); \
+                 SELECT pgseal.ledger_append('app.note'); RESET app.tenant_id"
+            ))
+            .unwrap();
+        let sealed: String = admin
+            .query_one(
+                "SELECT token FROM integrations WHERE id = $1",
+                &[&(id + 100)],
+            )
+            .unwrap()
+            .get(0);
+        let mut app = cl.connect_as("app");
+        app.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ{}; SELECT pgseal.set_tenant('{tenant}'); \
+             SELECT count(*) FROM integrations",
+            if read_only { " READ ONLY" } else { "" }
+        ))
+        .unwrap();
+        admin
+            .execute("SELECT pgseal.tenant_shred($1)", &[&tenant])
+            .unwrap();
+        let before = starts(&mut admin);
+        let r = app.query_one(
+            "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
+            &[&sealed],
+        );
+        assert_eq!(sqlstate(r), "22023", "{tenant}, read only: {read_only}");
+        assert_eq!(starts(&mut admin), before, "nothing recorded");
+        app.batch_execute("ROLLBACK").unwrap();
+    }
+}

@@ -135,6 +135,9 @@ fn poll(
             let failure = s.failure;
             s.state = State::Free;
             wait.ticket = None;
+            if failure == Failure::KeyDestroyed {
+                return Err(SealError::KeyDestroyed);
+            }
             Err(SealError::AuditNotRecorded(match failure {
                 Failure::ChainBusy => "the tenant's ledger stayed locked by another transaction, so the decrypt could not be recorded",
                 Failure::NoWriter => "no pgseal audit writer could be started for this database (max_worker_processes?)",

@@ -51,6 +51,9 @@ pub enum Failure {
     ChainBusy,
     /// No writer could be started for the database.
     NoWriter,
+    /// A decrypt's start under a key that has been destroyed (shredded) since the
+    /// decrypting transaction's snapshot: refused, not recorded.
+    KeyDestroyed,
 }
 
 #[derive(Copy, Clone)]

@@ -191,7 +191,7 @@ fn process(dboid: u32) -> bool {
     // then takes the audit chain too: a chain held longer (any role can hold its
     // own tenant's) must not keep counts in the queue, whose slots every database
     // shares.
-    let batch: Vec<(u64, Vec<u8>, bool, bool)> = {
+    let batch: Vec<(u64, Vec<u8>, bool, LastTry)> = {
         let mut q = QUEUE.exclusive();
         q.slots
             .iter_mut()
@@ -201,8 +201,12 @@ fn process(dboid: u32) -> bool {
                 let system_ok = s.latch != 0
                     || now + RETRY_US >= s.deadline
                     || now >= s.queued_at + UNWAITED_CHAIN_US;
-                // An unwaited request's last try before its deadline (`finish`).
-                let last_try = s.latch == 0 && now + COUNTS_RETRY_US >= s.deadline;
+                // An unwaited request is tried until its deadline (`finish`).
+                let last_try = if s.latch == 0 {
+                    LastTry::From(s.deadline - COUNTS_RETRY_US)
+                } else {
+                    LastTry::Never
+                };
                 (s.ticket, s.body().to_vec(), system_ok, last_try)
             })
             .collect()
@@ -219,9 +223,33 @@ fn process(dboid: u32) -> bool {
     !batch.is_empty()
 }
 
+/// When a request's try is its last (a failure is then not tried again).
+#[derive(Clone, Copy)]
+enum LastTry {
+    /// A request someone waits for: its failure is answered at once.
+    Never,
+    /// An unwaited request: a try that starts at this time (`queue::now`) or later
+    /// is its last before its deadline.
+    From(i64),
+    /// A request forwarded by a Citus worker, which does not send it again.
+    Always,
+}
+
+impl LastTry {
+    fn now(self) -> bool {
+        match self {
+            LastTry::Never => false,
+            LastTry::From(at) => queue::now() >= at,
+            LastTry::Always => true,
+        }
+    }
+}
+
 enum Outcome {
     /// (in the audit chain, seq)
     Appended(bool, i64),
+    /// A decrypt's start under a destroyed key: refused, nothing recorded.
+    KeyDestroyed,
     Busy,
     /// Done for now; asked again in `COUNTS_RETRY_US` (`drain_seal_counts`).
     Again,
@@ -242,9 +270,14 @@ enum Outcome {
 ///
 /// On a Citus worker the entry is appended on the coordinator, where pgseal's ledger
 /// is kept (docs/SCALING.md): `forward`.
-fn append(e: &Entry, system_ok: bool, last_try: bool) -> Outcome {
+fn append(e: &Entry, system_ok: bool, last_try: LastTry) -> Outcome {
     let forwarded = std::cell::Cell::new(false);
+    let destroyed = std::cell::Cell::new(false);
     let r = in_transaction(|| {
+        if start_under_destroyed_key(e)? {
+            destroyed.set(true);
+            return Ok(Ok(None));
+        }
         if crate::pg::citus::is_worker()? {
             forwarded.set(true);
             return Ok(forward(e, system_ok));
@@ -252,6 +285,7 @@ fn append(e: &Entry, system_ok: bool, last_try: bool) -> Outcome {
         append_here(e, system_ok, last_try).map(Ok)
     });
     match r {
+        Ok(Ok(None)) if destroyed.get() => Outcome::KeyDestroyed,
         Ok(Ok(Some((in_system, seq)))) => Outcome::Appended(in_system, seq),
         Ok(Ok(None)) => Outcome::Busy,
         Ok(Err(msg)) | Err(msg) if forwarded.get() && super::coordinator::last_was_sent() => {
@@ -261,13 +295,35 @@ fn append(e: &Entry, system_ok: bool, last_try: bool) -> Outcome {
     }
 }
 
+/// Whether `e` is a decrypt's start under a key that is destroyed now. The
+/// decrypting backend read the key under its own snapshot, which may predate the
+/// key's shred (a REPEATABLE READ transaction): the writer's transaction reads it
+/// as it is, and the decrypt is refused (22023) before its plaintext returns,
+/// as a decrypt that reads the key after the shred is.
+fn start_under_destroyed_key(e: &Entry) -> crate::error::SealResult<bool> {
+    if e.event != "vault.decrypt_started" {
+        return Ok(false);
+    }
+    let Some(key_id) = key_id_of(e) else {
+        return Ok(false);
+    };
+    Ok(crate::keystore::fetch(&key_id)?
+        .is_some_and(|k| k.state == crate::keystore::KeyState::Destroyed))
+}
+
+/// The key a decrypt record names (its payload's `key_id`).
+fn key_id_of(e: &Entry) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(&e.payload)
+        .ok()
+        .and_then(|p| p.get("key_id")?.as_str().map(str::to_owned))
+}
+
 /// `append`'s work on the node that keeps the ledger: (in the audit chain, seq), or
-/// None when the chains it may use are busy. `last_try`: no later try of this
-/// request will be made (`erase_late_record`).
+/// None when the chains it may use are busy.
 fn append_here(
     e: &Entry,
     system_ok: bool,
-    last_try: bool,
+    last_try: LastTry,
 ) -> crate::error::SealResult<Option<(bool, i64)>> {
     let system = crate::ledger::names::AUDIT_CHAIN;
     // Each chain's key before its lock, as every append takes them, and neither
@@ -289,25 +345,22 @@ fn append_here(
     Ok(Some((chain == system, seq)))
 }
 
-/// A decrypt's start or count can arrive after the tenant's offboarding erased its
-/// payloads (a transaction open across the shred that read the key before it):
+/// A decrypt's count can arrive after the tenant's offboarding erased its payloads
+/// (its transaction was open across the shred, or the writer retried it):
 /// `offboard::erase_if_offboarded` erases it, in a subtransaction after the entry
-/// is written. When that fails, a start fails (its decrypt is refused, and may be
-/// tried again), and a count is tried again until its last try, which records it
-/// with its payload (logged) rather than lose it: the count is evidence.
+/// is written. When that fails, the count is tried again, and its last try records
+/// it with its payload (logged) rather than lose it: the count is evidence. (A
+/// start never needs it: one under a destroyed key is refused.)
 fn erase_late_record(
     e: &Entry,
     in_audit_chain: bool,
     seq: i64,
-    last_try: bool,
+    last_try: LastTry,
 ) -> crate::error::SealResult<()> {
-    if e.event != "vault.decrypt" && e.event != "vault.decrypt_started" {
+    if e.event != "vault.decrypt" || !crate::offboard::past_erase_step(&e.tenant)? {
         return Ok(());
     }
-    let Some(key_id) = serde_json::from_str::<serde_json::Value>(&e.payload)
-        .ok()
-        .and_then(|p| p.get("key_id")?.as_str().map(str::to_owned))
-    else {
+    let Some(key_id) = key_id_of(e) else {
         return Ok(());
     };
     crate::ledger::writer::flush()?;
@@ -316,7 +369,7 @@ fn erase_late_record(
     });
     match erased {
         Ok(()) => Ok(()),
-        Err(f) if e.event == "vault.decrypt" && last_try => {
+        Err(f) if last_try.now() => {
             pgrx::log!(
                 "pgseal audit writer: a decrypt count of tenant {:?} (seq {seq}{}) keeps its payload: erasing it for the tenant's offboarding failed on its last try: {}",
                 e.tenant,
@@ -570,7 +623,7 @@ fn _audit_append_forwarded(
     let forwarding = Forwarding;
     // The worker does not send a request again once it was sent: this is its
     // last try.
-    let r = append_here(&e, system_ok, true);
+    let r = append_here(&e, system_ok, LastTry::Always);
     drop(forwarding);
     match r.or_raise() {
         None => "busy".to_owned(),
@@ -654,6 +707,7 @@ fn finish(ticket: u64, outcome: Outcome) {
             s.system = in_system;
             None
         }
+        Outcome::KeyDestroyed => Some(Failure::KeyDestroyed),
         Outcome::Busy if queue::now() < s.deadline => return requeue(s, RETRY_US),
         Outcome::Busy => Some(Failure::ChainBusy),
         Outcome::Again => return requeue(s, COUNTS_RETRY_US),
