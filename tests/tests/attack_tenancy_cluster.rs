@@ -526,4 +526,19 @@ fn tenant_ids_that_are_not_utf8_never_share_a_tenant() {
     })
     .collect();
     assert_eq!(states, ["22021"; 2], "the user context");
+    // A role whose name is not UTF-8 (role names are in a shared catalog: any
+    // database of the cluster can make one): its entries would record it as
+    // another role's name.
+    a.batch_execute(
+        "DO $$ BEGIN EXECUTE pg_catalog.format('CREATE ROLE %I', 'bob' || chr(255)); \
+                     EXECUTE pg_catalog.format('GRANT pgseal_ledger TO %I', 'bob' || chr(255)); \
+                     EXECUTE pg_catalog.format('SET ROLE %I', 'bob' || chr(255)); END $$",
+    )
+    .unwrap();
+    let state = sqlstate(a.batch_execute(
+        "BEGIN; SET LOCAL app.tenant_id = 'acme'; SET LOCAL app.user_id = 'bob'; \
+         SELECT pgseal.ledger_append('note')",
+    ));
+    a.batch_execute("ROLLBACK; RESET ROLE").unwrap();
+    assert_eq!(state, "22021", "the role's name");
 }

@@ -27,11 +27,8 @@ pub fn default_actor() -> String {
             _ => {
                 // SAFETY: with noerr = false, GetUserNameFromId returns a palloc'd
                 // NUL-terminated name or raises, so the pointer is valid for the copy.
-                let name = unsafe {
-                    CStr::from_ptr(pg_sys::GetUserNameFromId(user, false))
-                        .to_string_lossy()
-                        .into_owned()
-                };
+                let name =
+                    role_name(unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(user, false)) });
                 *cached = Some((user, name.clone()));
                 name
             }
@@ -67,16 +64,23 @@ pub fn db_role() -> String {
             _ => {
                 // SAFETY: with noerr = false, GetUserNameFromId returns a palloc'd
                 // NUL-terminated name or raises, so the pointer is valid for the copy.
-                let name = unsafe {
-                    CStr::from_ptr(pg_sys::GetUserNameFromId(role, false))
-                        .to_string_lossy()
-                        .into_owned()
-                };
+                let name =
+                    role_name(unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(role, false)) });
                 *cached = Some((role, name.clone()));
                 name
             }
         }
     })
+}
+
+/// A role's name as an entry records it. Role names are in a shared catalog, and a
+/// database of another encoding can give one bytes that are not UTF-8: refused
+/// (22021), since replacing them would record two roles as one.
+fn role_name(name: &CStr) -> String {
+    name.to_str()
+        .map(str::to_owned)
+        .map_err(|_| crate::error::SealError::NotUtf8("the role's name"))
+        .or_raise()
 }
 
 /// Forgets the cached names (the transaction ended: a rename shows from the next one).

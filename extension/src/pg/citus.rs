@@ -8,7 +8,7 @@
 
 use pgrx::prelude::*;
 
-use crate::error::SealResult;
+use crate::error::{OrRaise, SealError, SealResult};
 use crate::privilege::as_owner;
 use crate::txn::Participant;
 
@@ -813,17 +813,22 @@ unsafe fn rebuilt_set(
     query_string: *const std::ffi::c_char,
 ) -> *const std::ffi::c_char {
     use pg_sys::VariableSetKind::*;
+    // Values and names go to the workers as they are: bytes that are not UTF-8 (a
+    // SQL_ASCII database lets them into a setting) are refused (22021), never
+    // replaced (a tenant id would reach the workers as another one).
+    let utf8 = |v: &std::ffi::CStr| -> String {
+        v.to_str()
+            .map(str::to_owned)
+            .map_err(|_| SealError::NotUtf8("a setting sent to the Citus workers"))
+            .or_raise()
+    };
     let lit = |v: &std::ffi::CStr| -> String {
         // SAFETY: quote_literal_cstr returns a palloc'd quoted copy of a C string.
-        unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_literal_cstr(v.as_ptr())) }
-            .to_string_lossy()
-            .into_owned()
+        utf8(unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_literal_cstr(v.as_ptr())) })
     };
     let ident = |v: &std::ffi::CStr| -> String {
         // SAFETY: quote_identifier returns its argument or a palloc'd quoted copy.
-        unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_identifier(v.as_ptr())) }
-            .to_string_lossy()
-            .into_owned()
+        utf8(unsafe { std::ffi::CStr::from_ptr(pg_sys::quote_identifier(v.as_ptr())) })
     };
     let cname = std::ffi::CString::new(name).unwrap_or_default();
     // The role this session acts as (a SECURITY DEFINER function's or a table
