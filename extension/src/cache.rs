@@ -15,7 +15,11 @@
 //!   backend's cache, so no key that was rolled back can ever be used again;
 //! - on Citus, where `pgseal.tenant_keys` is a reference table changed through any
 //!   node (docs/SCALING.md), a transaction that read keys empties the cache when it
-//!   ends: a rotation or shred on another node cannot bump this node's epoch.
+//!   ends: a rotation or shred on another node cannot bump this node's epoch;
+//! - a REPEATABLE READ or SERIALIZABLE transaction that read keys empties the cache
+//!   when it ends: its snapshot may predate a shred or rotation whose epoch bump
+//!   came before the read, so the key it cached may be one that no later
+//!   transaction may use, and nothing would clear it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -73,6 +77,9 @@ thread_local! {
     /// Seals per key in the running transaction, to write back at pre-commit.
     static SEALS: RefCell<HashMap<String, i64>> = RefCell::new(HashMap::new());
     static EXIT_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this transaction cached a key it read through a transaction-wide
+    /// snapshot (`remember`).
+    static READ_UNDER_XACT_SNAPSHOT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The cache's transaction-end work (see the module notes).
@@ -213,8 +220,12 @@ fn transaction_ended(how: End) {
         _ => {}
     }
     // Keys that Citus replicates change through other nodes, which cannot bump this
-    // node's epoch: they are cached for the transaction that read them only.
-    if keystore::take_replicated_read() {
+    // node's epoch, and keys read through a snapshot older than the last bump: they
+    // are cached for the transaction that read them only.
+    let old_snapshot = READ_UNDER_XACT_SNAPSHOT
+        .try_with(|r| r.replace(false))
+        .unwrap_or(false);
+    if keystore::take_replicated_read() || old_snapshot {
         forget_all();
     }
 }
@@ -283,6 +294,10 @@ fn sync_epoch() {
 }
 
 fn remember(live: Rc<LiveKey>) {
+    // SAFETY: XactIsoLevel is a plain int global of the transaction machinery.
+    if unsafe { pgrx::pg_sys::XactIsoLevel } >= pgrx::pg_sys::XACT_REPEATABLE_READ as i32 {
+        READ_UNDER_XACT_SNAPSHOT.with(|r| r.set(true));
+    }
     let cap = gucs::key_cache_size();
     CACHE.with(|c| {
         let mut c = c.borrow_mut();

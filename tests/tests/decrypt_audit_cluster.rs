@@ -583,3 +583,44 @@ fn a_decrypt_that_starts_after_the_shred_is_refused_whatever_its_snapshot() {
         app.batch_execute("ROLLBACK").unwrap();
     }
 }
+
+#[test]
+fn a_key_read_through_a_snapshot_older_than_its_shred_dies_with_its_transaction() {
+    // A REPEATABLE READ transaction whose snapshot predates a shred reads the key's
+    // row as it was (what it reads without a decrypt record, such as vault_redact,
+    // is documented). The key it unwrapped then must not stay in the backend's
+    // cache past that transaction: the shred's epoch bump came before it, so
+    // nothing would clear it, and every later transaction of the session would
+    // read the tenant's values with a shredded key.
+    let cl = Cluster::start("key_cache_after_shred", &[KEY_V1], &[]);
+    let mut admin = cl.connect();
+    admin.batch_execute(SETUP).unwrap();
+    admin.batch_execute("GRANT pgseal_seal TO app").unwrap();
+    let redact =
+        "SELECT pgseal.vault_redact(token, 4, 'integrations.token') FROM integrations WHERE id = 1";
+    let mut app = cl.connect_as("app");
+    app.batch_execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pgseal.set_tenant('acme'); \
+         SELECT count(*) FROM integrations",
+    )
+    .unwrap();
+    admin
+        .batch_execute("SELECT pgseal.tenant_shred('acme')")
+        .unwrap();
+    let old_snapshot = sqlstate(app.batch_execute(redact));
+    app.batch_execute("COMMIT").unwrap();
+    assert_eq!(
+        old_snapshot, "00000",
+        "the old snapshot reads the key (documented in SECURITY.md)"
+    );
+    for sql in [
+        redact,
+        "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1",
+    ] {
+        app.batch_execute("BEGIN; SELECT pgseal.set_tenant('acme')")
+            .unwrap();
+        let later = sqlstate(app.batch_execute(sql));
+        app.batch_execute("ROLLBACK").unwrap();
+        assert_eq!(later, "22023", "a later transaction: {sql}");
+    }
+}
