@@ -16,6 +16,8 @@
 //! - on Citus, where `pgseal.tenant_keys` is a reference table changed through any
 //!   node (docs/SCALING.md), a transaction that read keys empties the cache when it
 //!   ends: a rotation or shred on another node cannot bump this node's epoch;
+//! - on a hot standby, where a shred or rotation arrives by WAL replay and bumps no
+//!   epoch, every transaction empties the cache when it ends;
 //! - a REPEATABLE READ or SERIALIZABLE transaction that read keys empties the cache
 //!   when it ends: its snapshot may predate a shred or rotation whose epoch bump
 //!   came before the read, so the key it cached may be one that no later
@@ -225,7 +227,9 @@ fn transaction_ended(how: End) {
     let old_snapshot = READ_UNDER_XACT_SNAPSHOT
         .try_with(|r| r.replace(false))
         .unwrap_or(false);
-    if keystore::take_replicated_read() || old_snapshot {
+    // On a hot standby a shred or rotation arrives by WAL replay, which bumps no
+    // epoch: keys are cached for one transaction there.
+    if keystore::take_replicated_read() || old_snapshot || crate::pg::xact::in_recovery() {
         forget_all();
     }
 }

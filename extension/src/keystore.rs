@@ -263,6 +263,10 @@ fn select_one(
         }
     }
     let caller = citus::caller_parsing()?;
+    // A text statement, which SPI may run under the caller's statement snapshot
+    // (one older than a shred's epoch bump): what it reads is cached for this
+    // transaction only, as a replicated read is.
+    REPLICATED_READ.with(|r| r.set(true));
     as_owner(|| {
         let rel = key_table()?;
         let query = query.replacen("pgseal.tenant_keys", &rel, 1);

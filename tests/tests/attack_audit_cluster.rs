@@ -1106,3 +1106,44 @@ fn decrypts_and_seals_in_a_parallel_worker_are_refused_not_left_unrecorded() {
         "the leader's decrypts were not counted"
     );
 }
+
+/// A shred reaches a hot standby by WAL replay, which bumps no cache epoch there: a
+/// standby session that had the tenant's key cached must not go on decrypting with
+/// it in its next transactions.
+#[test]
+fn a_shred_replayed_on_a_hot_standby_reaches_its_sessions_cached_keys() {
+    let (cl, standby, mut c) = primary_and_standby("atk-shred-primary", "atk-shred-standby");
+    let decrypt = |c: &mut postgres::Client| -> String {
+        c.batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'")
+            .unwrap();
+        let state = sqlstate(c.query(
+            "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+            &[],
+        ));
+        c.batch_execute("ROLLBACK").unwrap();
+        state
+    };
+    assert_eq!(decrypt(&mut c), "00000", "the key is cached");
+    cl.connect()
+        .batch_execute("SELECT pgseal.tenant_shred('acme')")
+        .unwrap();
+    let mut su = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            standby.port
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    pgseal_tests::wait_for("the shred's replay", 20, || {
+        su.query_one(
+            "SELECT count(*) FROM pgseal.tenant_keys \
+              WHERE tenant_id = 'acme' AND purpose = 'dek' AND wrapped IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 0
+    });
+    assert_eq!(decrypt(&mut c), "22023", "the next transaction");
+}
