@@ -79,9 +79,9 @@ thread_local! {
     /// Seals per key in the running transaction, to write back at pre-commit.
     static SEALS: RefCell<HashMap<String, i64>> = RefCell::new(HashMap::new());
     static EXIT_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Whether this transaction cached a key it read through a transaction-wide
-    /// snapshot (`remember`).
-    static READ_UNDER_XACT_SNAPSHOT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether this transaction cached a key for itself only (`remember`): read
+    /// through a transaction-wide snapshot, or on a hot standby.
+    static CACHED_FOR_TRANSACTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The cache's transaction-end work (see the module notes).
@@ -222,14 +222,15 @@ fn transaction_ended(how: End) {
         _ => {}
     }
     // Keys that Citus replicates change through other nodes, which cannot bump this
-    // node's epoch, and keys read through a snapshot older than the last bump: they
-    // are cached for the transaction that read them only.
-    let old_snapshot = READ_UNDER_XACT_SNAPSHOT
+    // node's epoch, keys read through a snapshot older than the last bump, and keys
+    // read on a hot standby, where a shred arrives by WAL replay and bumps no epoch:
+    // they are cached for the transaction that read them only.
+    // Keys cached for this transaction only (`remember`), also when a standby was
+    // promoted meanwhile.
+    let for_transaction = CACHED_FOR_TRANSACTION
         .try_with(|r| r.replace(false))
         .unwrap_or(false);
-    // On a hot standby a shred or rotation arrives by WAL replay, which bumps no
-    // epoch: keys are cached for one transaction there.
-    if keystore::take_replicated_read() || old_snapshot || crate::pg::xact::in_recovery() {
+    if keystore::take_replicated_read() || for_transaction {
         forget_all();
     }
 }
@@ -299,8 +300,10 @@ fn sync_epoch() {
 
 fn remember(live: Rc<LiveKey>) {
     // SAFETY: XactIsoLevel is a plain int global of the transaction machinery.
-    if unsafe { pgrx::pg_sys::XactIsoLevel } >= pgrx::pg_sys::XACT_REPEATABLE_READ as i32 {
-        READ_UNDER_XACT_SNAPSHOT.with(|r| r.set(true));
+    let xact_snapshot =
+        unsafe { pgrx::pg_sys::XactIsoLevel } >= pgrx::pg_sys::XACT_REPEATABLE_READ as i32;
+    if xact_snapshot || crate::pg::xact::in_recovery() {
+        CACHED_FOR_TRANSACTION.with(|r| r.set(true));
     }
     let cap = gucs::key_cache_size();
     CACHE.with(|c| {

@@ -1124,9 +1124,6 @@ fn a_shred_replayed_on_a_hot_standby_reaches_its_sessions_cached_keys() {
         state
     };
     assert_eq!(decrypt(&mut c), "00000", "the key is cached");
-    cl.connect()
-        .batch_execute("SELECT pgseal.tenant_shred('acme')")
-        .unwrap();
     let mut su = postgres::Client::connect(
         &format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
@@ -1135,6 +1132,9 @@ fn a_shred_replayed_on_a_hot_standby_reaches_its_sessions_cached_keys() {
         postgres::NoTls,
     )
     .unwrap();
+    cl.connect()
+        .batch_execute("SELECT pgseal.tenant_shred('acme')")
+        .unwrap();
     pgseal_tests::wait_for("the shred's replay", 20, || {
         su.query_one(
             "SELECT count(*) FROM pgseal.tenant_keys \
@@ -1145,5 +1145,17 @@ fn a_shred_replayed_on_a_hot_standby_reaches_its_sessions_cached_keys() {
         .get::<_, i64>(0)
             == 0
     });
-    assert_eq!(decrypt(&mut c), "22023", "the next transaction");
+    let err = c
+        .batch_execute("BEGIN; SET LOCAL app.tenant_id = 'acme'")
+        .and_then(|_| {
+            c.query(
+                "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations",
+                &[],
+            )
+        })
+        .expect_err("the next transaction");
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"), "{err}");
+    let message = err.as_db_error().map(|d| d.message()).unwrap_or_default();
+    assert!(message.contains("key has been destroyed"), "{message}");
 }
