@@ -222,11 +222,10 @@ fn transaction_ended(how: End) {
         _ => {}
     }
     // Keys that Citus replicates change through other nodes, which cannot bump this
-    // node's epoch, keys read through a snapshot older than the last bump, and keys
-    // read on a hot standby, where a shred arrives by WAL replay and bumps no epoch:
-    // they are cached for the transaction that read them only.
-    // Keys cached for this transaction only (`remember`), also when a standby was
-    // promoted meanwhile.
+    // node's epoch; keys read through a transaction-wide snapshot or on a hot
+    // standby (`remember`, which marks them as they are cached, so a standby
+    // promoted meanwhile still forgets them) may predate the last shred. Each is
+    // cached for the transaction that read it only.
     let for_transaction = CACHED_FOR_TRANSACTION
         .try_with(|r| r.replace(false))
         .unwrap_or(false);

@@ -9,35 +9,37 @@ use crate::error::{OrRaise, SealError, SealResult};
 use crate::gucs;
 use crate::pg::citus;
 
-/// Reads a setting by name; `None` when it does not exist.
-pub fn read_setting(name: &CStr) -> Option<String> {
+/// A setting's value by name, as its bytes; `None` when it does not exist.
+fn setting_bytes(name: &CStr) -> Option<Vec<u8>> {
     // SAFETY: `name` is a valid NUL-terminated string. With missing_ok = true,
     // GetConfigOption returns NULL for an unknown name instead of raising; a
     // non-NULL result points to a NUL-terminated string owned by the GUC
     // machinery, which we copy before anything can change it.
     unsafe {
         let p = pg_sys::GetConfigOption(name.as_ptr(), true, false);
-        if p.is_null() {
-            None
-        } else {
-            Some(CStr::from_ptr(p).to_string_lossy().into_owned())
-        }
+        (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes().to_vec())
     }
 }
 
-/// Reads a setting by name as text pgseal compares or records: `None` when it
-/// does not exist; 22021 when its bytes are not UTF-8 (`what` names it), which a
-/// SQL_ASCII or single-byte database lets into a setting: replacing them would
-/// make two values one.
+/// Reads a setting by name; `None` when it does not exist.
+pub fn read_setting(name: &CStr) -> Option<String> {
+    setting_bytes(name).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Text from PostgreSQL that pgseal compares or records (a setting, a role's
+/// name), refused (22021, `what` names it) when it is not UTF-8, which a SQL_ASCII
+/// or single-byte database lets in, or a shared catalog written from one:
+/// replacing those bytes would make two values one.
+pub fn utf8_text(bytes: &[u8], what: &'static str) -> SealResult<String> {
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| SealError::NotUtf8(what))
+}
+
+/// Reads a setting by name as text pgseal compares or records (`utf8_text`);
+/// `None` when it does not exist.
 pub fn read_setting_utf8(name: &CStr, what: &'static str) -> SealResult<Option<String>> {
-    // SAFETY: as in `read_setting`; the bytes are copied before anything else runs.
-    let bytes = unsafe {
-        let p = pg_sys::GetConfigOption(name.as_ptr(), true, false);
-        (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes().to_vec())
-    };
-    bytes
-        .map(|b| String::from_utf8(b).map_err(|_| SealError::NotUtf8(what)))
-        .transpose()
+    setting_bytes(name).map(|b| utf8_text(&b, what)).transpose()
 }
 
 /// The current tenant, failing closed: NULL or '' is "no tenant context" (42501).
@@ -85,12 +87,7 @@ pub fn tenant_shared() -> SealResult<std::rc::Rc<str>> {
                             "the tenant context names one of pgseal's own chains (_pgseal…), which no session acts for",
                         ));
                     }
-                    // Compared and recorded as UTF-8 text: bytes that are not
-                    // (a SQL_ASCII or single-byte database lets them in) would
-                    // have to be replaced, and two tenant ids would become one.
-                    let t: std::rc::Rc<str> = std::str::from_utf8(bytes)
-                        .map_err(|_| SealError::NotUtf8("the tenant context"))?
-                        .into();
+                    let t: std::rc::Rc<str> = utf8_text(bytes, "the tenant context")?.into();
                     *last = Some(t.clone());
                     Ok(t)
                 }

@@ -1550,10 +1550,9 @@ fn erased_from(
 }
 
 /// Whether `tenant`'s offboarding is past its erase step and no hold is on the
-/// tenant: the audit writer asks it for every decrypt count before anything else
-/// of `erase_if_offboarded` (a kept plan, read without a subtransaction).
+/// tenant: the audit writer asks it for every decrypt count (a kept plan), before
+/// and outside the subtransaction of `erase_if_offboarded`.
 pub(crate) fn past_erase_step(tenant: &str) -> SealResult<bool> {
-    // A kept plan: the writer asks this for every decrypt count.
     let past = as_owner(|| {
         crate::pg::plans::select_first(
             "SELECT EXISTS (SELECT 1 FROM pgseal.tenant_offboardings o \
@@ -1571,8 +1570,9 @@ pub(crate) fn past_erase_step(tenant: &str) -> SealResult<bool> {
 
 /// Erases the `vault.decrypt` count the audit writer just appended for `tenant` (in
 /// its chain, or with `in_audit_chain` in the audit chain) under key `key_id` when
-/// that key is a shredded key of the tenant, the tenant's offboarding is past its
-/// erase step and no hold is on the tenant: a count that arrives after the
+/// that key is a shredded key of the tenant; the caller has found the tenant's
+/// offboarding past its erase step and no hold on it (`past_erase_step`, in this
+/// transaction): a count that arrives after the
 /// offboarding erased the tenant's payloads (its transaction was open across the
 /// shred, or the writer retried it) is erased as the offboarding would have; one in
 /// the audit chain is added to the offboarding's list. Nothing here waits: the
@@ -1585,9 +1585,6 @@ pub(crate) fn erase_if_offboarded(
     in_audit_chain: bool,
     seq: i64,
 ) -> SealResult<()> {
-    if !past_erase_step(tenant)? {
-        return Ok(());
-    }
     // The key as pgseal reads it everywhere (on Citus, this node's copy of the key
     // table, or another node's with the settings pinned).
     let shredded = crate::keystore::fetch(key_id)?

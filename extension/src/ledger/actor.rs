@@ -73,14 +73,10 @@ pub fn db_role() -> String {
     })
 }
 
-/// A role's name as an entry records it. Role names are in a shared catalog, and a
-/// database of another encoding can give one bytes that are not UTF-8: refused
-/// (22021), since replacing them would record two roles as one.
+/// A role's name as an entry records it (`context::utf8_text`: role names are in a
+/// shared catalog, which a database of another encoding writes too).
 fn role_name(name: &CStr) -> String {
-    name.to_str()
-        .map(str::to_owned)
-        .map_err(|_| crate::error::SealError::NotUtf8("the role's name"))
-        .or_raise()
+    context::utf8_text(name.to_bytes(), "the role's name").or_raise()
 }
 
 /// Forgets the cached names (the transaction ended: a rename shows from the next one).

@@ -8,7 +8,7 @@
 
 use pgrx::prelude::*;
 
-use crate::error::{OrRaise, SealError, SealResult};
+use crate::error::{OrRaise, SealResult};
 use crate::privilege::as_owner;
 use crate::txn::Participant;
 
@@ -817,10 +817,7 @@ unsafe fn rebuilt_set(
     // SQL_ASCII database lets them into a setting) are refused (22021), never
     // replaced (a tenant id would reach the workers as another one).
     let utf8 = |v: &std::ffi::CStr| -> String {
-        v.to_str()
-            .map(str::to_owned)
-            .map_err(|_| SealError::NotUtf8("a setting sent to the Citus workers"))
-            .or_raise()
+        crate::context::utf8_text(v.to_bytes(), "a setting sent to the Citus workers").or_raise()
     };
     let lit = |v: &std::ffi::CStr| -> String {
         // SAFETY: quote_literal_cstr returns a palloc'd quoted copy of a C string.
