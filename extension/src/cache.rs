@@ -18,10 +18,10 @@
 //!   ends: a rotation or shred on another node cannot bump this node's epoch;
 //! - on a hot standby, where a shred or rotation arrives by WAL replay and bumps no
 //!   epoch, every transaction empties the cache when it ends;
-//! - a REPEATABLE READ or SERIALIZABLE transaction that read keys empties the cache
-//!   when it ends: its snapshot may predate a shred or rotation whose epoch bump
-//!   came before the read, so the key it cached may be one that no later
-//!   transaction may use, and nothing would clear it.
+//! - a transaction that read a key through a snapshot that may predate a shred
+//!   (in parallel mode; `keystore::select_one` otherwise reads keys as committed
+//!   now, whatever the isolation level) empties the cache when it ends: the
+//!   shred's epoch bump may have come before the read, and nothing would clear it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -79,8 +79,8 @@ thread_local! {
     /// Seals per key in the running transaction, to write back at pre-commit.
     static SEALS: RefCell<HashMap<String, i64>> = RefCell::new(HashMap::new());
     static EXIT_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Whether this transaction cached a key for itself only (`remember`): read
-    /// through a transaction-wide snapshot, or on a hot standby.
+    /// Whether this transaction cached a key for itself only (`remember`): on a
+    /// hot standby.
     static CACHED_FOR_TRANSACTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -222,14 +222,15 @@ fn transaction_ended(how: End) {
         _ => {}
     }
     // Keys that Citus replicates change through other nodes, which cannot bump this
-    // node's epoch; keys read through a transaction-wide snapshot or on a hot
-    // standby (`remember`, which marks them as they are cached, so a standby
-    // promoted meanwhile still forgets them) may predate the last shred. Each is
-    // cached for the transaction that read it only.
+    // node's epoch; keys read through a snapshot that may be older than the last
+    // shred (`keystore::take_read_for_transaction`) or on a hot standby
+    // (`remember`, which marks them as they are cached, so a standby promoted
+    // meanwhile still forgets them) may predate it. Each is cached for the
+    // transaction that read it only.
     let for_transaction = CACHED_FOR_TRANSACTION
         .try_with(|r| r.replace(false))
         .unwrap_or(false);
-    if keystore::take_replicated_read() || for_transaction {
+    if keystore::take_read_for_transaction() || for_transaction {
         forget_all();
     }
 }
@@ -298,10 +299,7 @@ fn sync_epoch() {
 }
 
 fn remember(live: Rc<LiveKey>) {
-    // SAFETY: XactIsoLevel is a plain int global of the transaction machinery.
-    let xact_snapshot =
-        unsafe { pgrx::pg_sys::XactIsoLevel } >= pgrx::pg_sys::XACT_REPEATABLE_READ as i32;
-    if xact_snapshot || crate::pg::xact::in_recovery() {
+    if crate::pg::xact::in_recovery() {
         CACHED_FOR_TRANSACTION.with(|r| r.set(true));
     }
     let cap = gucs::key_cache_size();

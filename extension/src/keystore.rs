@@ -107,9 +107,11 @@ fn row_to_key(row: &pgrx::spi::SpiHeapTupleData<'_>) -> SealResult<StoredKey> {
 }
 
 thread_local! {
-    /// A key was read from a table that Citus replicates (since the last
-    /// `take_replicated_read`).
-    static REPLICATED_READ: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// A key was read that this backend may keep for the running transaction only
+    /// (since the last `take_read_for_transaction`): from a table that Citus
+    /// replicates, whose changes through other nodes bump no epoch here, or through
+    /// a snapshot that may be older than a shred (parallel mode, a text statement).
+    static READ_FOR_TRANSACTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The table this node reads keys from: `pgseal.tenant_keys`, or where Citus
@@ -121,7 +123,7 @@ fn key_table() -> SealResult<String> {
         return Ok("pgseal.tenant_keys".to_owned());
     }
     if let Some(placement) = placement() {
-        REPLICATED_READ.with(|r| r.set(true));
+        READ_FOR_TRANSACTION.with(|r| r.set(true));
         return Ok(placement);
     }
     let (rel, replicated, oid) = Spi::get_three::<String, bool, pg_sys::Oid>(
@@ -131,7 +133,7 @@ fn key_table() -> SealResult<String> {
         "pgseal._keys_relation() returned no table",
     ))?;
     if replicated == Some(true) {
-        REPLICATED_READ.with(|r| r.set(true));
+        READ_FOR_TRANSACTION.with(|r| r.set(true));
         if let Some(oid) = oid.filter(|_| rel != "pgseal.tenant_keys") {
             PLACEMENT.with(|p| *p.borrow_mut() = Some((rel.clone(), oid)));
         }
@@ -214,12 +216,11 @@ fn placed(query: &'static str, rel: &str) -> Option<&'static str> {
     })
 }
 
-/// Whether keys were read from a table Citus replicates since the last call. Their
-/// changes arrive from other nodes, which cannot tell this node's backends, so the
-/// key cache keeps such keys for one transaction only (`cache.rs`).
-pub fn take_replicated_read() -> bool {
+/// Whether keys were read since the last call that the key cache may keep for one
+/// transaction only (`READ_FOR_TRANSACTION`, `cache.rs`).
+pub fn take_read_for_transaction() -> bool {
     CHECKED.set(false);
-    REPLICATED_READ.with(|r| r.replace(false))
+    READ_FOR_TRANSACTION.with(|r| r.replace(false))
 }
 
 /// A statement on the key table, written for `pgseal.tenant_keys`.
@@ -240,33 +241,34 @@ const ACTIVE: &str = key_query!("tenant_id = $1 AND purpose = $2 AND state = 'ac
 /// The first key that `query` (a `key_query!`) returns, with `types` its parameters'.
 ///
 /// Without Citus the statement runs through a plan kept for the backend's life
-/// (`pg::plans`): a backend meets each tenant's keys once, and parsing and planning
-/// the statement every time was most of a key load (and a key load most of a
-/// tenant's first append in a backend). With Citus it reads the key table this
-/// node may read (`key_table`): its placement on this node through a kept plan too
-/// once it is known (Citus's key cache lasts one transaction, so every transaction
-/// reads its keys again).
+/// (`pg::plans`), under a snapshot taken now (`select_latest`): a backend meets
+/// each tenant's keys once, and parsing and planning the statement every time was
+/// most of a key load (and a key load most of a tenant's first append in a
+/// backend). With Citus it reads the key table this node may read (`key_table`):
+/// its placement on this node through a kept plan too once it is known, also under
+/// a snapshot taken now (Citus's key cache lasts one transaction, so every
+/// transaction reads its keys again).
 fn select_one(
     query: &'static str,
     types: &[pgrx::pg_sys::PgOid],
     args: &[pgrx::datum::DatumWithOid],
 ) -> SealResult<Option<StoredKey>> {
     if !citus::present() {
-        return as_owner(|| crate::pg::plans::select_first(query, types, args, row_to_key));
+        return as_owner(|| select_latest(query, types, args));
     }
     // This node's placement, found before: read there through a kept plan (a
     // statement on a plain table of this node, which Citus does not send on).
     if let Some(rel) = as_owner(placement) {
         if let Some(placed) = placed(query, &rel) {
-            REPLICATED_READ.with(|r| r.set(true));
-            return as_owner(|| crate::pg::plans::select_first(placed, types, args, row_to_key));
+            READ_FOR_TRANSACTION.with(|r| r.set(true));
+            return as_owner(|| select_latest(placed, types, args));
         }
     }
     let caller = citus::caller_parsing()?;
     // A text statement, which SPI may run under the caller's statement snapshot
     // (one older than a shred's epoch bump): what it reads is cached for this
     // transaction only, as a replicated read is.
-    REPLICATED_READ.with(|r| r.set(true));
+    READ_FOR_TRANSACTION.with(|r| r.set(true));
     as_owner(|| {
         let rel = key_table()?;
         let query = query.replacen("pgseal.tenant_keys", &rel, 1);
@@ -286,6 +288,23 @@ fn select_one(
             read()
         }
     })
+}
+
+/// A key as committed now, whatever the transaction's snapshot: under REPEATABLE
+/// READ or SERIALIZABLE a snapshot taken before a shred or rotation would still
+/// read the key as it was, and decrypt with a destroyed key after the shred
+/// committed. In parallel mode, where no snapshot may be taken, the statement's
+/// snapshot is read instead, and what it returns is kept for this transaction only.
+fn select_latest(
+    query: &'static str,
+    types: &[pgrx::pg_sys::PgOid],
+    args: &[pgrx::datum::DatumWithOid],
+) -> SealResult<Option<StoredKey>> {
+    if crate::pg::xact::in_parallel_mode() {
+        READ_FOR_TRANSACTION.with(|r| r.set(true));
+        return crate::pg::plans::select_first(query, types, args, row_to_key);
+    }
+    crate::pg::plans::select_first_latest(query, types, args, row_to_key)
 }
 
 /// As `fetch_active`, under a snapshot taken now (a read-write SPI statement takes

@@ -531,12 +531,14 @@ fn a_reload_to_asynchronous_commit_leaves_no_start_unflushed() {
 
 #[test]
 fn a_decrypt_that_starts_after_the_shred_is_refused_whatever_its_snapshot() {
-    // A REPEATABLE READ transaction whose snapshot predates a shred still reads the
-    // tenant's key as it was. Its first decrypt of that key after the shred is put
-    // on record by the audit writer, which reads the key as it is now: the decrypt
-    // is refused (22023) before its plaintext returns, and nothing is recorded for
-    // it; read-only or not. (Each tenant appended before, so the snapshot's read of
-    // its chain head does not fail first.)
+    // A REPEATABLE READ transaction whose snapshot predates a shred: its first
+    // decrypt of the tenant's key after the shred is refused (22023) before its
+    // plaintext returns, and nothing is recorded for it; read-only or not. The key
+    // is read as committed now (`keystore::select_latest`; the audit writer, which
+    // reads it again before recording the start, refuses a destroyed key too, for
+    // a key read in parallel mode or a shred that commits between the two reads).
+    // (Each tenant appended before, so the snapshot's read of its chain head does
+    // not fail first.)
     let cl = Cluster::start("decrypt_after_shred", &[KEY_V1], &[]);
     let mut admin = cl.connect();
     admin.batch_execute(SETUP).unwrap();
@@ -585,42 +587,115 @@ fn a_decrypt_that_starts_after_the_shred_is_refused_whatever_its_snapshot() {
 }
 
 #[test]
-fn a_key_read_through_a_snapshot_older_than_its_shred_dies_with_its_transaction() {
-    // A REPEATABLE READ transaction whose snapshot predates a shred reads the key's
-    // row as it was (what it reads without a decrypt record, such as vault_redact,
-    // is documented). The key it unwrapped then must not stay in the backend's
-    // cache past that transaction: the shred's epoch bump came before it, so
-    // nothing would clear it, and every later transaction of the session would
-    // read the tenant's values with a shredded key.
+fn a_snapshot_older_than_a_shred_cannot_read_with_the_shredded_key() {
+    // A REPEATABLE READ or SERIALIZABLE transaction whose snapshot predates a
+    // shred would read the key's row as it was. Keys are read as committed now,
+    // whatever the snapshot, so such a transaction is refused once the shred
+    // commits: whether it had the key cached already or not, through every path
+    // that reads a value (vault_redact, and vault_decrypt under every audit mode,
+    // the superuser-only `commit` and `off` among them, which the audit writer's
+    // own check does not cover), and in the session's later transactions.
     let cl = Cluster::start("key_cache_after_shred", &[KEY_V1], &[]);
     let mut admin = cl.connect();
     admin.batch_execute(SETUP).unwrap();
     admin.batch_execute("GRANT pgseal_seal TO app").unwrap();
     let redact =
         "SELECT pgseal.vault_redact(token, 4, 'integrations.token') FROM integrations WHERE id = 1";
-    let mut app = cl.connect_as("app");
-    app.batch_execute(
-        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pgseal.set_tenant('acme'); \
-         SELECT count(*) FROM integrations",
-    )
-    .unwrap();
+    let decrypt =
+        "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1";
+    // Keys read under REPEATABLE READ stay cached past their transaction (they
+    // are read as committed now, so nothing makes them stale but an epoch bump).
+    let mut reader = cl.connect();
+    reader
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pgseal.set_tenant('acme'); {redact}; COMMIT"
+        ))
+        .unwrap();
+    let cached: i32 = reader
+        .query_one("SELECT pgseal.key_cache_entries()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(cached, 1, "a key read under REPEATABLE READ is kept");
+
+    // Sessions open before the shred, each at one stage of its transaction: with
+    // the snapshot taken and no key read yet (as the app role, and as superusers
+    // under the audit modes only they may choose), or with the key already read
+    // and cached under the old snapshot.
+    let open = |c: &mut postgres::Client, level: &str, set: &str, read_first: Option<&str>| {
+        c.batch_execute(&format!(
+            "{set} BEGIN ISOLATION LEVEL {level}; SELECT pgseal.set_tenant('acme'); \
+             SELECT count(*) FROM integrations"
+        ))
+        .unwrap();
+        if let Some(sql) = read_first {
+            c.batch_execute(sql).unwrap();
+        }
+    };
+    struct Case {
+        who: &'static str,
+        client: postgres::Client,
+        sql: &'static str,
+    }
+    let mut cases = Vec::new();
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        for (who, set, sql, read_first) in [
+            ("app, redact", "", redact, None),
+            ("app, decrypt (on)", "", decrypt, None),
+            ("app, redact after a read", "", redact, Some(redact)),
+            (
+                "superuser, decrypt (commit)",
+                "SET pgseal.audit_decrypt = commit;",
+                decrypt,
+                None,
+            ),
+            (
+                "superuser, decrypt (off)",
+                "SET pgseal.audit_decrypt = off;",
+                decrypt,
+                None,
+            ),
+            (
+                "superuser, decrypt (commit) after a decrypt",
+                "SET pgseal.audit_decrypt = commit;",
+                decrypt,
+                Some(decrypt),
+            ),
+        ] {
+            let mut client = if who.starts_with("app") {
+                cl.connect_as("app")
+            } else {
+                cl.connect()
+            };
+            open(&mut client, level, set, read_first);
+            cases.push(Case {
+                who: Box::leak(format!("{level}, {who}").into_boxed_str()),
+                client,
+                sql,
+            });
+        }
+    }
     admin
         .batch_execute("SELECT pgseal.tenant_shred('acme')")
         .unwrap();
-    let old_snapshot = sqlstate(app.batch_execute(redact));
-    app.batch_execute("COMMIT").unwrap();
-    assert_eq!(
-        old_snapshot, "00000",
-        "the old snapshot reads the key (documented in SECURITY.md)"
+    let mut not_refused = Vec::new();
+    for c in &mut cases {
+        let after = sqlstate(c.client.batch_execute(c.sql));
+        c.client.batch_execute("ROLLBACK").unwrap();
+        if after != "22023" {
+            not_refused.push((c.who, after));
+        }
+    }
+    assert!(
+        not_refused.is_empty(),
+        "reads after the shred committed that were not refused: {not_refused:?}"
     );
-    for sql in [
-        redact,
-        "SELECT pgseal.vault_decrypt(token, 'integrations.token') FROM integrations WHERE id = 1",
-    ] {
-        app.batch_execute("BEGIN; SELECT pgseal.set_tenant('acme')")
+    // The session's later transactions are refused too.
+    let c = &mut cases[2].client;
+    for sql in [redact, decrypt] {
+        c.batch_execute("BEGIN; SELECT pgseal.set_tenant('acme')")
             .unwrap();
-        let later = sqlstate(app.batch_execute(sql));
-        app.batch_execute("ROLLBACK").unwrap();
+        let later = sqlstate(c.batch_execute(sql));
+        c.batch_execute("ROLLBACK").unwrap();
         assert_eq!(later, "22023", "a later transaction: {sql}");
     }
 }

@@ -296,10 +296,11 @@ fn append(e: &Entry, system_ok: bool, last_try: LastTry) -> Outcome {
 }
 
 /// Whether `e` is a decrypt's start under a key that is destroyed now. The
-/// decrypting backend read the key under its own snapshot, which may predate the
-/// key's shred (a REPEATABLE READ transaction): the writer's transaction reads it
-/// as it is, and the decrypt is refused (22023) before its plaintext returns,
-/// as a decrypt that reads the key after the shred is.
+/// decrypting backend read the key as committed when it read it (or, in parallel
+/// mode or through a Citus text statement, under its statement's snapshot), and a
+/// shred may have committed since: the writer's transaction reads it as it is, and
+/// the decrypt is refused (22023) before its plaintext returns, as a decrypt that
+/// reads the key after the shred is.
 fn start_under_destroyed_key(e: &Entry) -> crate::error::SealResult<bool> {
     if e.event != "vault.decrypt_started" {
         return Ok(false);

@@ -12,7 +12,7 @@ use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
-use crate::error::SealResult;
+use crate::error::{SealError, SealResult};
 
 thread_local! {
     static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
@@ -60,6 +60,94 @@ pub fn select_first<R>(
         match table.into_iter().next() {
             Some(row) => f(&row).map(Some),
             None => Ok(None),
+        }
+    })
+}
+
+thread_local! {
+    /// SPI's own kept plans for `select_first_latest` (`SPI_keepplan`), which pgrx's
+    /// prepared statements cannot run under a snapshot of the caller's choosing.
+    static LATEST_PLANS: RefCell<HashMap<&'static str, std::ptr::NonNull<pg_sys::_SPI_plan>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// As `select_first`, under a snapshot taken now (`GetLatestSnapshot`, with this
+/// transaction's own writes, as a read-write statement sees them), whatever the
+/// transaction's isolation level: under REPEATABLE READ or SERIALIZABLE the row as
+/// committed since the transaction's snapshot was taken, not as that snapshot has
+/// it. Not in parallel mode, where no new snapshot may be taken (the caller checks
+/// `xact::in_parallel_mode`).
+pub fn select_first_latest<R>(
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid],
+    f: impl FnOnce(&pgrx::spi::SpiHeapTupleData<'_>) -> SealResult<R>,
+) -> SealResult<Option<R>> {
+    let (mut values, nulls): (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) = args
+        .iter()
+        .map(|a| match a.datum() {
+            Some(d) => (d.sans_lifetime(), b' ' as std::ffi::c_char),
+            None => (pg_sys::Datum::from(0usize), b'n' as std::ffi::c_char),
+        })
+        .unzip();
+    Spi::connect(|_client| {
+        let plan = match LATEST_PLANS.with(|m| m.borrow().get(sql).copied()) {
+            Some(p) => p,
+            None => {
+                let text = std::ffi::CString::new(sql)
+                    .map_err(|_| SealError::Internal("a kept statement holds a NUL"))?;
+                let mut oids: Vec<pg_sys::Oid> = types.iter().map(|t| t.value()).collect();
+                // SAFETY: inside the SPI connection this closure runs in; the text
+                // and the type array outlive the call. SPI_prepare raises on a bad
+                // statement; SPI_keepplan moves the plan out of the connection's
+                // memory, to be kept for the backend's life.
+                let plan = unsafe {
+                    let p =
+                        pg_sys::SPI_prepare(text.as_ptr(), oids.len() as i32, oids.as_mut_ptr());
+                    if !p.is_null() && pg_sys::SPI_keepplan(p) != 0 {
+                        return Err(SealError::Internal("SPI_keepplan failed"));
+                    }
+                    std::ptr::NonNull::new(p)
+                        .ok_or(SealError::Internal("SPI_prepare returned no plan"))?
+                };
+                LATEST_PLANS.with(|m| m.borrow_mut().insert(sql, plan));
+                plan
+            }
+        };
+        if values.len() != types.len() {
+            return Err(SealError::Internal(
+                "a kept statement's arguments do not match its types",
+            ));
+        }
+        // SAFETY: inside the SPI connection; the plan is kept and takes
+        // `values.len()` arguments (checked above against the types it was
+        // prepared with). GetLatestSnapshot's result is copied by SPI before the
+        // statement runs (read-write: it advances the command counter first).
+        // The result's first tuple and its descriptor are read while SPI's tuple
+        // table is live, before the connection ends.
+        unsafe {
+            let status = pg_sys::SPI_execute_snapshot(
+                plan.as_ptr(),
+                values.as_mut_ptr(),
+                nulls.as_ptr(),
+                pg_sys::GetLatestSnapshot(),
+                std::ptr::null_mut(),
+                false,
+                false,
+                1,
+            );
+            if status != pg_sys::SPI_OK_SELECT as i32 {
+                return Err(SealError::Internal(
+                    "a kept statement under the latest snapshot did not select",
+                ));
+            }
+            let table = pg_sys::SPI_tuptable;
+            if pg_sys::SPI_processed == 0 || table.is_null() {
+                return Ok(None);
+            }
+            let row = pgrx::spi::SpiHeapTupleData::new((*table).tupdesc, *(*table).vals)?
+                .ok_or(SealError::Internal("no tuple descriptor"))?;
+            f(&row).map(Some)
         }
     })
 }

@@ -37,6 +37,14 @@ pub fn in_parallel_worker() -> bool {
     unsafe { pg_sys::ParallelWorkerNumber >= 0 }
 }
 
+/// Whether this backend is in parallel mode: a parallel worker, or a leader while
+/// its parallel query runs (no new snapshot, command or write may start).
+pub fn in_parallel_mode() -> bool {
+    // SAFETY: IsInParallelMode reads a field of the current transaction state;
+    // valid in any backend.
+    unsafe { pg_sys::IsInParallelMode() }
+}
+
 /// Refuses `what` (0A000) in a parallel worker: what a transaction of pgseal's
 /// records at its commit (decrypt counts, seal counts) is kept in the backend that
 /// made it, and a parallel worker's ends with the worker, unrecorded. pgseal's own
