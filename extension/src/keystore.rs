@@ -301,16 +301,36 @@ fn select_latest(
     args: &[pgrx::datum::DatumWithOid],
 ) -> SealResult<Option<StoredKey>> {
     if crate::pg::xact::in_parallel_mode() {
+        // The statement's snapshot is the transaction's under REPEATABLE READ or
+        // SERIALIZABLE, older than any shred since: refused, as any role can put
+        // pgseal's functions in a parallel plan (a PARALLEL SAFE function around
+        // them, `debug_parallel_query`).
+        if crate::pg::xact::uses_transaction_snapshot() {
+            return Err(SealError::NotSupported(
+                "pgseal reads a key in parallel mode only under READ COMMITTED (mark the function around pgseal's PARALLEL UNSAFE)",
+            ));
+        }
         READ_FOR_TRANSACTION.with(|r| r.set(true));
         return crate::pg::plans::select_first(query, types, args, row_to_key);
     }
     crate::pg::plans::select_first_latest(query, types, args, row_to_key)
 }
 
-/// As `fetch_active`, under a snapshot taken now (a read-write SPI statement takes
-/// a new one under READ COMMITTED): after the key-creation lock, it sees the key
-/// the previous holder committed.
+/// As `fetch_active`, under a snapshot taken now: after the key-creation lock, it
+/// sees the key the previous holder committed. Without Citus through
+/// `select_latest`, whatever the isolation level; with Citus through a read-write
+/// text statement (a new snapshot under READ COMMITTED only), whose key is kept
+/// for this transaction only.
 fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredKey>> {
+    if !citus::present() {
+        use crate::pg::plans::TEXT;
+        return select_latest(
+            ACTIVE,
+            &[TEXT, TEXT],
+            &[tenant.into(), purpose.as_str().into()],
+        );
+    }
+    READ_FOR_TRANSACTION.with(|r| r.set(true));
     let rel = key_table()?;
     Spi::connect_mut(|client| {
         let table = client.update(
@@ -700,6 +720,12 @@ pub fn put_in_outbox(ids: &[String], counts: &[i64]) -> SealResult<()> {
     })
 }
 
+/// Adds a transaction's seals to its keys' totals (never below the shared total).
+const ADD_ENCRYPTIONS: &str = "UPDATE pgseal.tenant_keys k SET encryptions = GREATEST(k.encryptions OPERATOR(pg_catalog.+) u.n, u.total) \
+     FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.int8[]), \
+                     pg_catalog.unnest($3::pg_catalog.int8[])) AS u(key_id, n, total) \
+     WHERE k.key_id OPERATOR(pg_catalog.=) u.key_id";
+
 /// Writes per-key encryption counts back (once per transaction, at pre-commit):
 /// each key's count becomes the larger of its count plus `adds` and its shared total
 /// (NULL when the key has none; `GREATEST` ignores NULL).
@@ -708,16 +734,24 @@ pub fn add_encryptions(
     adds: Vec<i64>,
     totals: Vec<Option<i64>>,
 ) -> SealResult<()> {
+    // Without Citus under a snapshot taken now: a key read as committed now
+    // (`select_latest`) may be newer than a REPEATABLE READ transaction's snapshot,
+    // whose UPDATE would not see its row and lose its count.
+    if !citus::present() {
+        return as_owner(|| {
+            use crate::pg::plans::{INT8_ARRAY, TEXT_ARRAY};
+            crate::pg::plans::run_latest(
+                ADD_ENCRYPTIONS,
+                &[TEXT_ARRAY, INT8_ARRAY, INT8_ARRAY],
+                &[ids.into(), adds.into(), totals.into()],
+            )
+            .map(|_| ())
+        });
+    }
     let caller = citus::caller_parsing()?;
     as_owner(|| {
         citus::with_remote_parsing_pinned(caller.as_ref(), || {
-            Spi::run_with_args(
-            "UPDATE pgseal.tenant_keys k SET encryptions = GREATEST(k.encryptions OPERATOR(pg_catalog.+) u.n, u.total) \
-             FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]), pg_catalog.unnest($2::pg_catalog.int8[]), \
-                             pg_catalog.unnest($3::pg_catalog.int8[])) AS u(key_id, n, total) \
-             WHERE k.key_id OPERATOR(pg_catalog.=) u.key_id",
-            &[ids.into(), adds.into(), totals.into()],
-        )?;
+            Spi::run_with_args(ADD_ENCRYPTIONS, &[ids.into(), adds.into(), totals.into()])?;
             Ok(())
         })
     })

@@ -636,6 +636,11 @@ fn a_snapshot_older_than_a_shred_cannot_read_with_the_shredded_key() {
         client: postgres::Client,
         sql: &'static str,
     }
+    // A seal after the shred finds no active key as committed now and makes the
+    // tenant a new one: it never takes the shredded key back (which the old
+    // snapshot still shows as active) into the session's cache.
+    let mut sealer = cl.connect();
+    open(&mut sealer, "REPEATABLE READ", "", None);
     let mut cases = Vec::new();
     for level in ["REPEATABLE READ", "SERIALIZABLE"] {
         for (who, set, sql, read_first) in [
@@ -689,13 +694,93 @@ fn a_snapshot_older_than_a_shred_cannot_read_with_the_shredded_key() {
         not_refused.is_empty(),
         "reads after the shred committed that were not refused: {not_refused:?}"
     );
-    // The session's later transactions are refused too.
-    let c = &mut cases[2].client;
-    for sql in [redact, decrypt] {
-        c.batch_execute("BEGIN; SELECT pgseal.set_tenant('acme')")
-            .unwrap();
-        let later = sqlstate(c.batch_execute(sql));
-        c.batch_execute("ROLLBACK").unwrap();
-        assert_eq!(later, "22023", "a later transaction: {sql}");
+    sealer
+        .batch_execute("SELECT pgseal.vault_seal('new', 'integrations.token')")
+        .unwrap();
+    let after_seal = sqlstate(sealer.batch_execute(redact));
+    sealer.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(after_seal, "22023", "a read after a seal after the shred");
+    // The sessions' later transactions are refused too.
+    for c in [&mut cases[2].client, &mut sealer] {
+        for sql in [redact, decrypt] {
+            c.batch_execute("BEGIN; SELECT pgseal.set_tenant('acme')")
+                .unwrap();
+            let later = sqlstate(c.batch_execute(sql));
+            c.batch_execute("ROLLBACK").unwrap();
+            assert_eq!(later, "22023", "a later transaction: {sql}");
+        }
     }
+    // A parallel plan reads keys under the statement's snapshot, which under
+    // REPEATABLE READ is the transaction's: refused, whoever asks for the plan.
+    admin
+        .batch_execute(
+            "SET app.tenant_id = 'beta'; \
+             INSERT INTO integrations VALUES (50, 'beta', pgseal.vault_seal('b', 'integrations.token')); \
+             RESET app.tenant_id; GRANT CREATE ON SCHEMA public TO app",
+        )
+        .unwrap();
+    let mut par = cl.connect_as("app");
+    par.batch_execute(
+        "CREATE FUNCTION par_redact(t text) RETURNS text LANGUAGE plpgsql PARALLEL SAFE \
+             AS $$ BEGIN RETURN pgseal.vault_redact(t, 4, 'integrations.token'); END $$; \
+         SELECT set_config(CASE WHEN current_setting('server_version_num')::int >= 160000 \
+                                THEN 'debug_parallel_query' ELSE 'force_parallel_mode' END, 'on', false); \
+         SET app.tenant_id = 'beta'",
+    )
+    .unwrap();
+    let par_redact = "SELECT par_redact(token) FROM integrations WHERE id = 50";
+    par.batch_execute(par_redact).unwrap();
+    par.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .unwrap();
+    let refused = sqlstate(par.batch_execute(par_redact));
+    par.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(
+        refused, "0A000",
+        "a key read in parallel mode under REPEATABLE READ"
+    );
+}
+
+#[test]
+fn seals_under_a_key_newer_than_the_snapshot_are_counted() {
+    // Keys are read as committed now: a REPEATABLE READ transaction whose snapshot
+    // predates a rotation seals under the new key, and its seals are added to that
+    // key's stored count at commit (an UPDATE through the transaction's snapshot
+    // would not see the key's row and would drop them).
+    let cl = Cluster::start("seal_counts_newer_key", &[KEY_V1], &[]);
+    let mut admin = cl.connect();
+    admin.batch_execute(SETUP).unwrap();
+    let mut app = cl.connect();
+    app.batch_execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pgseal.set_tenant('acme'); \
+         SELECT count(*) FROM integrations",
+    )
+    .unwrap();
+    let new_key: String = admin
+        .query_one("SELECT pgseal.tenant_key_rotate('acme')", &[])
+        .unwrap()
+        .get(0);
+    let sealed: Vec<String> = app
+        .query(
+            "SELECT pgseal.vault_seal('s' || g, 'integrations.token') FROM generate_series(1, 3) g",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    app.batch_execute("COMMIT").unwrap();
+    for v in &sealed {
+        assert!(
+            v.contains(&format!(":{new_key}:")),
+            "sealed under the key active now"
+        );
+    }
+    let counted: i64 = admin
+        .query_one(
+            "SELECT encryptions FROM pgseal.tenant_keys WHERE key_id = $1",
+            &[&new_key],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, 3, "the seals are in the new key's stored count");
 }

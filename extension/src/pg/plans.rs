@@ -83,64 +83,18 @@ pub fn select_first_latest<R>(
     args: &[DatumWithOid],
     f: impl FnOnce(&pgrx::spi::SpiHeapTupleData<'_>) -> SealResult<R>,
 ) -> SealResult<Option<R>> {
-    let (mut values, nulls): (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) = args
-        .iter()
-        .map(|a| match a.datum() {
-            Some(d) => (d.sans_lifetime(), b' ' as std::ffi::c_char),
-            None => (pg_sys::Datum::from(0usize), b'n' as std::ffi::c_char),
-        })
-        .unzip();
     Spi::connect(|_client| {
-        let plan = match LATEST_PLANS.with(|m| m.borrow().get(sql).copied()) {
-            Some(p) => p,
-            None => {
-                let text = std::ffi::CString::new(sql)
-                    .map_err(|_| SealError::Internal("a kept statement holds a NUL"))?;
-                let mut oids: Vec<pg_sys::Oid> = types.iter().map(|t| t.value()).collect();
-                // SAFETY: inside the SPI connection this closure runs in; the text
-                // and the type array outlive the call. SPI_prepare raises on a bad
-                // statement; SPI_keepplan moves the plan out of the connection's
-                // memory, to be kept for the backend's life.
-                let plan = unsafe {
-                    let p =
-                        pg_sys::SPI_prepare(text.as_ptr(), oids.len() as i32, oids.as_mut_ptr());
-                    if !p.is_null() && pg_sys::SPI_keepplan(p) != 0 {
-                        return Err(SealError::Internal("SPI_keepplan failed"));
-                    }
-                    std::ptr::NonNull::new(p)
-                        .ok_or(SealError::Internal("SPI_prepare returned no plan"))?
-                };
-                LATEST_PLANS.with(|m| m.borrow_mut().insert(sql, plan));
-                plan
-            }
-        };
-        if values.len() != types.len() {
+        let status = execute_latest(sql, types, args, 1)?;
+        if status != pg_sys::SPI_OK_SELECT as i32 {
             return Err(SealError::Internal(
-                "a kept statement's arguments do not match its types",
+                "a kept statement under the latest snapshot did not select",
             ));
         }
-        // SAFETY: inside the SPI connection; the plan is kept and takes
-        // `values.len()` arguments (checked above against the types it was
-        // prepared with). GetLatestSnapshot's result is copied by SPI before the
-        // statement runs (read-write: it advances the command counter first).
-        // The result's first tuple and its descriptor are read while SPI's tuple
-        // table is live, before the connection ends.
+        // SAFETY: the statement above just ran in this SPI connection: SPI's tuple
+        // table (reset by every execution) holds its result until the connection
+        // ends, and its first tuple and descriptor are read, and copied out by
+        // `f`, before that.
         unsafe {
-            let status = pg_sys::SPI_execute_snapshot(
-                plan.as_ptr(),
-                values.as_mut_ptr(),
-                nulls.as_ptr(),
-                pg_sys::GetLatestSnapshot(),
-                std::ptr::null_mut(),
-                false,
-                false,
-                1,
-            );
-            if status != pg_sys::SPI_OK_SELECT as i32 {
-                return Err(SealError::Internal(
-                    "a kept statement under the latest snapshot did not select",
-                ));
-            }
             let table = pg_sys::SPI_tuptable;
             if pg_sys::SPI_processed == 0 || table.is_null() {
                 return Ok(None);
@@ -149,6 +103,84 @@ pub fn select_first_latest<R>(
                 .ok_or(SealError::Internal("no tuple descriptor"))?;
             f(&row).map(Some)
         }
+    })
+}
+
+/// Runs a kept plan for its effect under a snapshot taken now, as
+/// `select_first_latest` reads (an UPDATE then reaches rows committed after a
+/// REPEATABLE READ transaction's snapshot); returns the rows it processed.
+pub fn run_latest(sql: &'static str, types: &[PgOid], args: &[DatumWithOid]) -> SealResult<u64> {
+    Spi::connect(|_client| {
+        let status = execute_latest(sql, types, args, 0)?;
+        if status < 0 {
+            return Err(SealError::Internal(
+                "a kept statement under the latest snapshot failed",
+            ));
+        }
+        // SAFETY: SPI_processed is the count of the statement just run.
+        Ok(unsafe { pg_sys::SPI_processed })
+    })
+}
+
+/// Runs `sql` (prepared once and kept by SPI for the backend's life) under
+/// `GetLatestSnapshot()`, read-write (SPI advances the command counter first, so
+/// this transaction's own writes are seen); returns SPI's status. Called inside an
+/// SPI connection.
+fn execute_latest(
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid],
+    tcount: i64,
+) -> SealResult<i32> {
+    if args.len() != types.len() {
+        return Err(SealError::Internal(
+            "a kept statement's arguments do not match its types",
+        ));
+    }
+    let (mut values, nulls): (Vec<pg_sys::Datum>, Vec<std::ffi::c_char>) = args
+        .iter()
+        .map(|a| match a.datum() {
+            Some(d) => (d.sans_lifetime(), b' ' as std::ffi::c_char),
+            None => (pg_sys::Datum::from(0usize), b'n' as std::ffi::c_char),
+        })
+        .unzip();
+    let plan = match LATEST_PLANS.with(|m| m.borrow().get(sql).copied()) {
+        Some(p) => p,
+        None => {
+            let text = std::ffi::CString::new(sql)
+                .map_err(|_| SealError::Internal("a kept statement holds a NUL"))?;
+            let mut oids: Vec<pg_sys::Oid> = types.iter().map(|t| t.value()).collect();
+            // SAFETY: inside the caller's SPI connection; the text and the type
+            // array outlive the call. SPI_prepare raises on a bad statement;
+            // SPI_keepplan moves the plan out of the connection's memory, to be
+            // kept for the backend's life. Only a kept plan is remembered.
+            let plan = unsafe {
+                let p = pg_sys::SPI_prepare(text.as_ptr(), oids.len() as i32, oids.as_mut_ptr());
+                if !p.is_null() && pg_sys::SPI_keepplan(p) != 0 {
+                    return Err(SealError::Internal("SPI_keepplan failed"));
+                }
+                std::ptr::NonNull::new(p)
+                    .ok_or(SealError::Internal("SPI_prepare returned no plan"))?
+            };
+            LATEST_PLANS.with(|m| m.borrow_mut().insert(sql, plan));
+            plan
+        }
+    };
+    // SAFETY: inside the caller's SPI connection; the plan is kept and was
+    // prepared with `types`, as many as the values (checked above), whose datums
+    // live in the caller's memory for the call. SPI copies GetLatestSnapshot's
+    // result before the statement runs.
+    Ok(unsafe {
+        pg_sys::SPI_execute_snapshot(
+            plan.as_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            pg_sys::GetLatestSnapshot(),
+            std::ptr::null_mut(),
+            false,
+            true,
+            tcount,
+        )
     })
 }
 

@@ -45,6 +45,13 @@ pub fn in_parallel_mode() -> bool {
     unsafe { pg_sys::IsInParallelMode() }
 }
 
+/// Whether the transaction reads through one snapshot for its whole life
+/// (REPEATABLE READ or SERIALIZABLE).
+pub fn uses_transaction_snapshot() -> bool {
+    // SAFETY: XactIsoLevel is a plain int global of the transaction machinery.
+    unsafe { pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32 }
+}
+
 /// Refuses `what` (0A000) in a parallel worker: what a transaction of pgseal's
 /// records at its commit (decrypt counts, seal counts) is kept in the backend that
 /// made it, and a parallel worker's ends with the worker, unrecorded. pgseal's own
