@@ -245,8 +245,8 @@ const ACTIVE: &str = key_query!("tenant_id = $1 AND purpose = $2 AND state = 'ac
 /// each tenant's keys once, and parsing and planning the statement every time was
 /// most of a key load (and a key load most of a tenant's first append in a
 /// backend). With Citus it reads the key table this node may read (`key_table`):
-/// its placement on this node through a kept plan too once it is known, also under
-/// a snapshot taken now (Citus's key cache lasts one transaction, so every
+/// its placement on this node through a kept plan too once it is known, under the
+/// statement's snapshot (Citus's key cache lasts one transaction, so every
 /// transaction reads its keys again).
 fn select_one(
     query: &'static str,
@@ -260,8 +260,11 @@ fn select_one(
     // statement on a plain table of this node, which Citus does not send on).
     if let Some(rel) = as_owner(placement) {
         if let Some(placed) = placed(query, &rel) {
+            // Under the statement's snapshot, as every read with Citus (the key
+            // counts of `add_encryptions` go through Citus under the transaction's
+            // snapshot too, which must see the keys read here).
             READ_FOR_TRANSACTION.with(|r| r.set(true));
-            return as_owner(|| select_latest(placed, types, args));
+            return as_owner(|| crate::pg::plans::select_first(placed, types, args, row_to_key));
         }
     }
     let caller = citus::caller_parsing()?;
