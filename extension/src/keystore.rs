@@ -256,16 +256,8 @@ fn select_one(
     if !citus::present() {
         return as_owner(|| select_latest(query, types, args));
     }
-    // This node's placement, found before: read there through a kept plan (a
-    // statement on a plain table of this node, which Citus does not send on).
-    if let Some(rel) = as_owner(placement) {
-        if let Some(placed) = placed(query, &rel) {
-            // Under the statement's snapshot, as every read with Citus (the key
-            // counts of `add_encryptions` go through Citus under the transaction's
-            // snapshot too, which must see the keys read here).
-            READ_FOR_TRANSACTION.with(|r| r.set(true));
-            return as_owner(|| crate::pg::plans::select_first(placed, types, args, row_to_key));
-        }
+    if let Some(read) = read_placement(query, types, args) {
+        return read;
     }
     let caller = citus::caller_parsing()?;
     // A text statement, which SPI may run under the caller's statement snapshot
@@ -291,6 +283,43 @@ fn select_one(
             read()
         }
     })
+}
+
+/// With Citus, `query` on this node's placement of the key table once it is known
+/// (a statement on a plain table of this node, which Citus does not send on),
+/// through a kept plan; None while it is not. Read under the statement's snapshot,
+/// as every key read with Citus (the seal counts of `add_encryptions` go through
+/// Citus under the transaction's snapshot too, which must see the keys read here),
+/// and kept for this transaction only. Under REPEATABLE READ or SERIALIZABLE, whose
+/// snapshot may predate a shred or rotation, the key is read again as committed now,
+/// and one that changed since (destroyed, gone, another active key) is refused
+/// (40001: the transaction must start again, and then reads the key as it is).
+fn read_placement(
+    query: &'static str,
+    types: &[pgrx::pg_sys::PgOid],
+    args: &[pgrx::datum::DatumWithOid],
+) -> Option<SealResult<Option<StoredKey>>> {
+    let rel = as_owner(placement)?;
+    let placed = placed(query, &rel)?;
+    READ_FOR_TRANSACTION.with(|r| r.set(true));
+    Some(as_owner(|| {
+        let seen = crate::pg::plans::select_first(placed, types, args, row_to_key)?;
+        if !crate::pg::xact::uses_transaction_snapshot() {
+            return Ok(seen);
+        }
+        let now = select_latest(placed, types, args)?;
+        let same = |a: &Option<StoredKey>, b: &Option<StoredKey>| match (a, b) {
+            (Some(a), Some(b)) => a.key_id == b.key_id && a.state == b.state,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same(&seen, &now) {
+            return Err(SealError::Conflict(
+                "a key of this tenant changed (rotated or shredded) after this transaction's snapshot was taken; retry the transaction",
+            ));
+        }
+        Ok(seen)
+    }))
 }
 
 /// A key as committed now, whatever the transaction's snapshot: under REPEATABLE
@@ -321,17 +350,18 @@ fn select_latest(
 
 /// As `fetch_active`, under a snapshot taken now: after the key-creation lock, it
 /// sees the key the previous holder committed. Without Citus through
-/// `select_latest`, whatever the isolation level; with Citus through a read-write
-/// text statement (a new snapshot under READ COMMITTED only), whose key is kept
-/// for this transaction only.
+/// `select_latest`, whatever the isolation level; with Citus through
+/// `read_placement` once this node's copy is known, and before through a
+/// read-write text statement (a new snapshot under READ COMMITTED only); either
+/// way its key is kept for this transaction only.
 fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredKey>> {
+    use crate::pg::plans::TEXT;
+    let args = [tenant.into(), purpose.as_str().into()];
     if !citus::present() {
-        use crate::pg::plans::TEXT;
-        return select_latest(
-            ACTIVE,
-            &[TEXT, TEXT],
-            &[tenant.into(), purpose.as_str().into()],
-        );
+        return select_latest(ACTIVE, &[TEXT, TEXT], &args);
+    }
+    if let Some(read) = read_placement(ACTIVE, &[TEXT, TEXT], &args) {
+        return read;
     }
     READ_FOR_TRANSACTION.with(|r| r.set(true));
     let rel = key_table()?;
@@ -339,7 +369,7 @@ fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<Store
         let table = client.update(
             &ACTIVE.replacen("pgseal.tenant_keys", &rel, 1),
             Some(1),
-            &[tenant.into(), purpose.as_str().into()],
+            &args,
         )?;
         match table.into_iter().next() {
             Some(row) => Ok(Some(row_to_key(&row)?)),

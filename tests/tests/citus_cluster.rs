@@ -1681,7 +1681,59 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
     for s in sessions.iter_mut() {
         assert_eq!(decrypted(s, "t1"), Ok(want("t1")));
     }
+    // Sessions on every node whose REPEATABLE READ snapshot predates the shred,
+    // each knowing its node's copy of the key table (it decrypted there in an
+    // earlier transaction): a decrypt, a redact and a seal on that node after the
+    // shred are refused, not served with the key as the snapshot has it.
+    let t1_token: String = c
+        .query_one(
+            "SELECT token FROM integrations WHERE tenant_id = 't1' AND id = 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut old_snapshots: Vec<postgres::Client> = Vec::new();
+    for node in cc.nodes() {
+        let mut s = app(node);
+        s.batch_execute("BEGIN; SELECT pgseal.set_tenant('t1')")
+            .unwrap();
+        s.query_one(
+            "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
+            &[&t1_token],
+        )
+        .unwrap();
+        s.batch_execute(
+            "COMMIT; BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pgseal.set_tenant('t1'); SELECT 1",
+        )
+        .unwrap();
+        old_snapshots.push(s);
+    }
     c.batch_execute("SELECT pgseal.tenant_shred('t1')").unwrap();
+    for (s, node) in old_snapshots.iter_mut().zip(cc.nodes()) {
+        for sql in [
+            "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
+            "SELECT pgseal.vault_redact($1, 4, 'integrations.token')",
+            "SELECT pgseal.vault_seal($1 || 'x', 'integrations.token')",
+        ] {
+            s.batch_execute("SAVEPOINT k").unwrap();
+            let r = sqlstate(s.query_one(sql, &[&t1_token]));
+            s.batch_execute("ROLLBACK TO SAVEPOINT k").unwrap();
+            assert_eq!(r, "40001", "port {}: {sql}", node.port);
+        }
+        s.batch_execute("ROLLBACK").unwrap();
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('t1')", &[]).unwrap();
+        assert_eq!(
+            message(tx.query_one(
+                "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
+                &[&t1_token]
+            )),
+            "sealed value's key has been destroyed",
+            "port {}: the next transaction",
+            node.port
+        );
+    }
+    drop(old_snapshots);
     for (s, node) in sessions.iter_mut().zip(cc.nodes()) {
         assert_eq!(
             decrypted(s, "t1"),
