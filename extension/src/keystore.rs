@@ -114,17 +114,38 @@ thread_local! {
     static READ_FOR_TRANSACTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// The table this node reads keys from (`key_table`).
+enum KeyTable {
+    /// `pgseal.tenant_keys`, a plain table of this node: without Citus, or before
+    /// `pgseal.citus_distribute()`.
+    Local,
+    /// This node's copy of the replicated table (its qualified name).
+    Copy(String),
+    /// The replicated table, which this node holds no copy of: read through Citus
+    /// (which runs it on another node under READ COMMITTED).
+    ThroughCitus,
+}
+
+impl KeyTable {
+    fn name(&self) -> &str {
+        match self {
+            KeyTable::Copy(name) => name,
+            KeyTable::Local | KeyTable::ThroughCitus => "pgseal.tenant_keys",
+        }
+    }
+}
+
 /// The table this node reads keys from: `pgseal.tenant_keys`, or where Citus
 /// replicates it (`pgseal.citus_distribute()`), its placement on this node, which a
 /// function inside a query Citus pushed to this node can read (it may not run a
 /// distributed query). Run as the owner.
-fn key_table() -> SealResult<String> {
+fn key_table() -> SealResult<KeyTable> {
     if !crate::pg::citus::present() {
-        return Ok("pgseal.tenant_keys".to_owned());
+        return Ok(KeyTable::Local);
     }
     if let Some(placement) = placement() {
         READ_FOR_TRANSACTION.with(|r| r.set(true));
-        return Ok(placement);
+        return Ok(KeyTable::Copy(placement));
     }
     let (rel, replicated, oid) = Spi::get_three::<String, bool, pg_sys::Oid>(
         "SELECT k.rel, k.replicated, pg_catalog.to_regclass(k.rel)::pg_catalog.oid FROM pgseal._keys_relation() k",
@@ -132,13 +153,17 @@ fn key_table() -> SealResult<String> {
     let rel = rel.ok_or(SealError::Internal(
         "pgseal._keys_relation() returned no table",
     ))?;
-    if replicated == Some(true) {
-        READ_FOR_TRANSACTION.with(|r| r.set(true));
-        if let Some(oid) = oid.filter(|_| rel != "pgseal.tenant_keys") {
-            PLACEMENT.with(|p| *p.borrow_mut() = Some((rel.clone(), oid)));
-        }
+    if replicated != Some(true) {
+        return Ok(KeyTable::Local);
     }
-    Ok(rel)
+    READ_FOR_TRANSACTION.with(|r| r.set(true));
+    match oid.filter(|_| rel != "pgseal.tenant_keys") {
+        Some(oid) => {
+            PLACEMENT.with(|p| *p.borrow_mut() = Some((rel.clone(), oid)));
+            Ok(KeyTable::Copy(rel))
+        }
+        None => Ok(KeyTable::ThroughCitus),
+    }
 }
 
 thread_local! {
@@ -253,6 +278,18 @@ fn select_one(
     types: &[pgrx::pg_sys::PgOid],
     args: &[pgrx::datum::DatumWithOid],
 ) -> SealResult<Option<StoredKey>> {
+    select_one_as(query, types, args, false)
+}
+
+/// `select_one`; with Citus, a text statement on a table found only now is run
+/// read-write when `fresh` (under READ COMMITTED a new snapshot, which sees what a
+/// lock's previous holder committed), read-only (the statement's snapshot) when not.
+fn select_one_as(
+    query: &'static str,
+    types: &[pgrx::pg_sys::PgOid],
+    args: &[pgrx::datum::DatumWithOid],
+    fresh: bool,
+) -> SealResult<Option<StoredKey>> {
     if !citus::present() {
         return as_owner(|| select_latest(query, types, args));
     }
@@ -260,27 +297,41 @@ fn select_one(
         return read;
     }
     let caller = citus::caller_parsing()?;
-    // A text statement, which SPI may run under the caller's statement snapshot
-    // (one older than a shred's epoch bump): what it reads is cached for this
-    // transaction only, as a replicated read is.
+    // What is read below is cached for this transaction only, as a replicated
+    // read is.
     READ_FOR_TRANSACTION.with(|r| r.set(true));
+    let table = as_owner(key_table)?;
+    match &table {
+        // This node's copy, named just now: read there as above.
+        KeyTable::Copy(_) => {
+            if let Some(read) = read_placement(query, types, args) {
+                return read;
+            }
+        }
+        // Before `citus_distribute()`: a plain table of this node, read as
+        // committed now as without Citus.
+        KeyTable::Local => return as_owner(|| select_latest(query, types, args)),
+        KeyTable::ThroughCitus => {}
+    }
+    // A text statement: on this node's copy (past the kept plans `placed`
+    // keeps), or through Citus, which runs it on another node under READ
+    // COMMITTED, a snapshot of its own.
     as_owner(|| {
-        let rel = key_table()?;
-        let query = query.replacen("pgseal.tenant_keys", &rel, 1);
+        let query = query.replacen("pgseal.tenant_keys", table.name(), 1);
         let read = || {
-            Spi::connect(|client| {
-                let table = client.select(&query, Some(1), args)?;
-                match table.into_iter().next() {
-                    Some(row) => Ok(Some(row_to_key(&row)?)),
-                    None => Ok(None),
-                }
-            })
+            let row = |table: pgrx::spi::SpiTupleTable| match table.into_iter().next() {
+                Some(row) => Ok(Some(row_to_key(&row)?)),
+                None => Ok(None),
+            };
+            if fresh {
+                Spi::connect_mut(|client| row(client.update(&query, Some(1), args)?))
+            } else {
+                Spi::connect(|client| row(client.select(&query, Some(1), args)?))
+            }
         };
-        // Read through Citus (no copy on this node): sent to another node as text.
-        if rel == "pgseal.tenant_keys" {
-            citus::with_remote_parsing_pinned(caller.as_ref(), read)
-        } else {
-            read()
+        match table {
+            KeyTable::ThroughCitus => citus::with_remote_parsing_pinned(caller.as_ref(), read),
+            _ => read(),
         }
     })
 }
@@ -291,9 +342,10 @@ fn select_one(
 /// as every key read with Citus (the seal counts of `add_encryptions` go through
 /// Citus under the transaction's snapshot too, which must see the keys read here),
 /// and kept for this transaction only. Under REPEATABLE READ or SERIALIZABLE, whose
-/// snapshot may predate a shred or rotation, the key is read again as committed now,
-/// and one that changed since (destroyed, gone, another active key) is refused
-/// (40001: the transaction must start again, and then reads the key as it is).
+/// snapshot may predate a shred or rotation, the key is read again as committed now
+/// and returned as it is now (a shredded key destroyed); a key the snapshot does not
+/// hold as found now (made or rotated since) is refused (40001: the transaction must
+/// start again, and then reads the key as it is).
 fn read_placement(
     query: &'static str,
     types: &[pgrx::pg_sys::PgOid],
@@ -308,17 +360,19 @@ fn read_placement(
             return Ok(seen);
         }
         let now = select_latest(placed, types, args)?;
-        let same = |a: &Option<StoredKey>, b: &Option<StoredKey>| match (a, b) {
-            (Some(a), Some(b)) => a.key_id == b.key_id && a.state == b.state,
-            (None, None) => true,
-            _ => false,
-        };
-        if !same(&seen, &now) {
-            return Err(SealError::Conflict(
-                "a key of this tenant changed (rotated or shredded) after this transaction's snapshot was taken; retry the transaction",
-            ));
+        match &now {
+            // A key committed since the snapshot (another active key, one the
+            // snapshot does not hold): the seal counts of `add_encryptions` could
+            // not reach its row.
+            Some(n) if seen.as_ref().map(|k| &k.key_id) != Some(&n.key_id) => {
+                Err(SealError::Conflict(
+                    "a key of this tenant was made or rotated after this transaction's snapshot was taken; retry the transaction",
+                ))
+            }
+            // The key as it is now: destroyed, retired, rewrapped, or gone (the
+            // tenant's active key shredded: a new one is made).
+            _ => Ok(now),
         }
-        Ok(seen)
     }))
 }
 
@@ -351,31 +405,16 @@ fn select_latest(
 /// As `fetch_active`, under a snapshot taken now: after the key-creation lock, it
 /// sees the key the previous holder committed. Without Citus through
 /// `select_latest`, whatever the isolation level; with Citus through
-/// `read_placement` once this node's copy is known, and before through a
-/// read-write text statement (a new snapshot under READ COMMITTED only); either
-/// way its key is kept for this transaction only.
+/// `read_placement` where this node has a copy, and without one through a
+/// read-write text statement that Citus runs on another node.
 fn fetch_active_fresh(tenant: &str, purpose: Purpose) -> SealResult<Option<StoredKey>> {
     use crate::pg::plans::TEXT;
-    let args = [tenant.into(), purpose.as_str().into()];
-    if !citus::present() {
-        return select_latest(ACTIVE, &[TEXT, TEXT], &args);
-    }
-    if let Some(read) = read_placement(ACTIVE, &[TEXT, TEXT], &args) {
-        return read;
-    }
-    READ_FOR_TRANSACTION.with(|r| r.set(true));
-    let rel = key_table()?;
-    Spi::connect_mut(|client| {
-        let table = client.update(
-            &ACTIVE.replacen("pgseal.tenant_keys", &rel, 1),
-            Some(1),
-            &args,
-        )?;
-        match table.into_iter().next() {
-            Some(row) => Ok(Some(row_to_key(&row)?)),
-            None => Ok(None),
-        }
-    })
+    select_one_as(
+        ACTIVE,
+        &[TEXT, TEXT],
+        &[tenant.into(), purpose.as_str().into()],
+        true,
+    )
 }
 
 /// The key with this id, in any state.

@@ -1709,27 +1709,61 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
         old_snapshots.push(s);
     }
     c.batch_execute("SELECT pgseal.tenant_shred('t1')").unwrap();
+    let shredded_key = t1_token.split(':').nth(1).unwrap().to_owned();
     for (s, node) in old_snapshots.iter_mut().zip(cc.nodes()) {
         for sql in [
             "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
             "SELECT pgseal.vault_redact($1, 4, 'integrations.token')",
-            "SELECT pgseal.vault_seal($1 || 'x', 'integrations.token')",
         ] {
             s.batch_execute("SAVEPOINT k").unwrap();
-            let r = sqlstate(s.query_one(sql, &[&t1_token]));
+            let r = message(s.query_one(sql, &[&t1_token]));
             s.batch_execute("ROLLBACK TO SAVEPOINT k").unwrap();
-            assert_eq!(r, "40001", "port {}: {sql}", node.port);
+            assert_eq!(
+                r, "sealed value's key has been destroyed",
+                "port {}: {sql}",
+                node.port
+            );
+        }
+        // A seal finds no active key as committed now: it makes the tenant a new
+        // one (or is refused), never seals under the shredded key.
+        let sealed = s.query_one("SELECT pgseal.vault_seal('new', 'integrations.token')", &[]);
+        if let Ok(row) = &sealed {
+            let v: String = row.get(0);
+            assert!(
+                !v.contains(&format!(":{shredded_key}:")),
+                "port {}: sealed under the shredded key",
+                node.port
+            );
         }
         s.batch_execute("ROLLBACK").unwrap();
-        let mut tx = s.transaction().unwrap();
-        tx.execute("SELECT pgseal.set_tenant('t1')", &[]).unwrap();
+    }
+    // A session's first key read on a node, under a snapshot older than the shred.
+    let t6_token: String = c
+        .query_one(
+            "SELECT token FROM integrations WHERE tenant_id = 't6' AND id = 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut fresh_sessions: Vec<postgres::Client> = Vec::new();
+    for node in cc.nodes() {
+        let mut s = app(node);
+        s.batch_execute(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pgseal.set_tenant('t6'); SELECT 1",
+        )
+        .unwrap();
+        fresh_sessions.push(s);
+    }
+    c.batch_execute("SELECT pgseal.tenant_shred('t6')").unwrap();
+    for (s, node) in fresh_sessions.iter_mut().zip(cc.nodes()) {
+        let r = message(s.query_one(
+            "SELECT pgseal.vault_redact($1, 4, 'integrations.token')",
+            &[&t6_token],
+        ));
+        s.batch_execute("ROLLBACK").unwrap();
         assert_eq!(
-            message(tx.query_one(
-                "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
-                &[&t1_token]
-            )),
-            "sealed value's key has been destroyed",
-            "port {}: the next transaction",
+            r, "sealed value's key has been destroyed",
+            "port {}: a first read",
             node.port
         );
     }
