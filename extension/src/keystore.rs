@@ -313,6 +313,14 @@ fn select_one_as(
         KeyTable::Local => return as_owner(|| select_latest(query, types, args)),
         KeyTable::ThroughCitus => {}
     }
+    // This node's copy read by a text statement (past the kept plans `placed`
+    // keeps, or a copy Citus no longer lists) would read through the transaction's
+    // snapshot, unchecked: refused where that snapshot may predate a shred.
+    if matches!(table, KeyTable::Copy(_)) && crate::pg::xact::uses_transaction_snapshot() {
+        return Err(SealError::NotSupported(
+            "on Citus, this session reads keys under REPEATABLE READ or SERIALIZABLE only through its node's copy of the key table; run it under READ COMMITTED",
+        ));
+    }
     // A text statement: on this node's copy (past the kept plans `placed`
     // keeps), or through Citus, which runs it on another node under READ
     // COMMITTED, a snapshot of its own.
@@ -806,10 +814,11 @@ pub fn add_encryptions(
     adds: Vec<i64>,
     totals: Vec<Option<i64>>,
 ) -> SealResult<()> {
-    // Without Citus under a snapshot taken now: a key read as committed now
-    // (`select_latest`) may be newer than a REPEATABLE READ transaction's snapshot,
-    // whose UPDATE would not see its row and lose its count.
-    if !citus::present() {
+    // Where keys are read as committed now (`select_latest`: without Citus, or
+    // before `citus_distribute()`), under a snapshot taken now: such a key may be
+    // newer than a REPEATABLE READ transaction's snapshot, whose UPDATE would not
+    // see its row and lose its count.
+    if !citus::present() || matches!(as_owner(key_table)?, KeyTable::Local) {
         return as_owner(|| {
             use crate::pg::plans::{INT8_ARRAY, TEXT_ARRAY};
             crate::pg::plans::run_latest(

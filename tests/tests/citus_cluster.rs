@@ -2517,6 +2517,45 @@ fn keys_cached_before_distribution_follow_the_reference_table() {
         v
     };
     assert_eq!(decrypt(&mut s, &sealed), Ok("secret-x".to_owned()));
+    // Before distribution keys are read as committed now, as on one node: a
+    // REPEATABLE READ transaction whose snapshot predates the tenant's first key
+    // (made by another session's seal) seals under that key, and its seals reach
+    // the key's stored count.
+    let mut rr = cc.coordinator.connect();
+    rr.batch_execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pgseal.set_tenant('ty'); SELECT 1",
+    )
+    .unwrap();
+    let first: String = {
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('ty')", &[]).unwrap();
+        let v = tx
+            .query_one("SELECT pgseal.vault_seal('y', 'c')", &[])
+            .unwrap()
+            .get(0);
+        tx.commit().unwrap();
+        v
+    };
+    let key = first.split(':').nth(1).unwrap().to_owned();
+    for _ in 0..3 {
+        let v: String = rr
+            .query_one("SELECT pgseal.vault_seal('y', 'c')", &[])
+            .unwrap()
+            .get(0);
+        assert!(
+            v.contains(&format!(":{key}:")),
+            "sealed under the key made since"
+        );
+    }
+    rr.batch_execute("COMMIT").unwrap();
+    let counted: i64 = c
+        .query_one(
+            "SELECT encryptions FROM pgseal.tenant_keys WHERE key_id = $1",
+            &[&key],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, 4, "every seal is in the key's stored count");
     c.batch_execute("SELECT pgseal.citus_distribute()").unwrap();
     assert_eq!(decrypt(&mut s, &sealed), Ok("secret-x".to_owned()));
     // Destroyed in every copy, through a worker (as tenant_shred would, were it not
