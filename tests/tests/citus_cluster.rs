@@ -1647,8 +1647,67 @@ fn sealed_values_decrypt_on_every_node_and_key_changes_reach_them() {
         )
         .unwrap()
         .get(0);
+    // Sessions on every node whose REPEATABLE READ or SERIALIZABLE snapshot
+    // predates the rotation, each knowing its node's copy of the key table: the
+    // old key, retired since, still decrypts there; a seal, whose key is now one
+    // the snapshot does not hold (its count at commit could not reach it), is
+    // refused with 40001, and goes through once the transaction starts again.
+    let t2_token: String = c
+        .query_one(
+            "SELECT token FROM integrations WHERE tenant_id = 't2' AND id = 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut before_rotation: Vec<(String, postgres::Client)> = Vec::new();
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        for node in cc.nodes() {
+            let mut s = app(node);
+            s.batch_execute("BEGIN; SELECT pgseal.set_tenant('t2')")
+                .unwrap();
+            s.query_one(
+                "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
+                &[&t2_token],
+            )
+            .unwrap();
+            s.batch_execute(&format!(
+                "COMMIT; BEGIN ISOLATION LEVEL {level}; SELECT pgseal.set_tenant('t2'); SELECT 1"
+            ))
+            .unwrap();
+            before_rotation.push((format!("{level}, port {}", node.port), s));
+        }
+    }
     c.batch_execute("SELECT pgseal.tenant_key_rotate('t2')")
         .unwrap();
+    for (who, s) in before_rotation.iter_mut() {
+        let old: String = s
+            .query_one(
+                "SELECT pgseal.vault_decrypt($1, 'integrations.token')",
+                &[&t2_token],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(old, secret("t2", 1), "{who}: the retired key decrypts");
+        let seal =
+            sqlstate(s.query_one("SELECT pgseal.vault_seal('s', 'integrations.token')", &[]));
+        s.batch_execute("ROLLBACK").unwrap();
+        assert_eq!(
+            seal, "40001",
+            "{who}: a seal under a key made since the snapshot"
+        );
+        let mut tx = s.transaction().unwrap();
+        tx.execute("SELECT pgseal.set_tenant('t2')", &[]).unwrap();
+        let again: String = tx
+            .query_one("SELECT pgseal.vault_seal('s', 'integrations.token')", &[])
+            .unwrap()
+            .get(0);
+        tx.rollback().unwrap();
+        assert!(
+            !again.contains(&old_key),
+            "{who}: retried, under the new key"
+        );
+    }
+    drop(before_rotation);
     {
         let mut tx = a.transaction().unwrap();
         tx.execute("SELECT pgseal.set_tenant('t2')", &[]).unwrap();
