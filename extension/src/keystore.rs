@@ -271,7 +271,8 @@ const ACTIVE: &str = key_query!("tenant_id = $1 AND purpose = $2 AND state = 'ac
 /// most of a key load (and a key load most of a tenant's first append in a
 /// backend). With Citus it reads the key table this node may read (`key_table`):
 /// its placement on this node through a kept plan too once it is known, under the
-/// statement's snapshot (Citus's key cache lasts one transaction, so every
+/// transaction's snapshot (a new one for each read under READ COMMITTED) and
+/// checked by `read_placement` (Citus's key cache lasts one transaction, so every
 /// transaction reads its keys again).
 fn select_one(
     query: &'static str,
@@ -346,7 +347,8 @@ fn select_one_as(
 
 /// With Citus, `query` on this node's placement of the key table once it is known
 /// (a statement on a plain table of this node, which Citus does not send on),
-/// through a kept plan; None while it is not. Read under the statement's snapshot,
+/// through a kept plan; None while it is not. Read read-write as SPI runs it (under
+/// READ COMMITTED a new snapshot, else the transaction's),
 /// as every key read with Citus (the seal counts of `add_encryptions` go through
 /// Citus under the transaction's snapshot too, which must see the keys read here),
 /// and kept for this transaction only. Under REPEATABLE READ or SERIALIZABLE, whose
@@ -491,9 +493,11 @@ fn lock_tenant(tenant: &str, purpose: Purpose) {
 /// Returns the tenant's active key, creating one if it has none.
 ///
 /// Concurrent callers for one tenant serialise on a pgseal lock (`locks.rs`), and a partial
-/// unique index allows one active key per tenant and purpose. Under REPEATABLE READ
-/// or SERIALIZABLE a caller whose snapshot predates another's new key fails with
-/// 40001 (from ON CONFLICT) instead of creating a second one.
+/// unique index allows one active key per tenant and purpose. Keys are read as
+/// committed now (`select_one`), so a caller under REPEATABLE READ or SERIALIZABLE
+/// whose snapshot predates another's new key finds and uses it (on Citus it is
+/// refused with 40001 by `read_placement`; a race past the lock ends in 40001 from
+/// ON CONFLICT) instead of creating a second one.
 pub fn ensure_active(tenant: &str, purpose: Purpose) -> SealResult<(StoredKey, SecretKey)> {
     make_active(tenant, purpose, false).map(|(stored, key, _)| (stored, key))
 }

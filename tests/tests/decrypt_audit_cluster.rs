@@ -729,6 +729,16 @@ fn a_snapshot_older_than_a_shred_cannot_read_with_the_shredded_key() {
     )
     .unwrap();
     let par_redact = "SELECT par_redact(token) FROM integrations WHERE id = 50";
+    let plan: Vec<String> = par
+        .query(&format!("EXPLAIN {par_redact}"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        plan.iter().any(|l| l.contains("Gather")),
+        "a parallel plan: {plan:?}"
+    );
     par.batch_execute(par_redact).unwrap();
     par.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .unwrap();
