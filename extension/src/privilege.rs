@@ -345,8 +345,7 @@ pub fn planning_runs_owner_code(rel: pg_sys::Oid) -> crate::error::SealResult<bo
     // Under REPEATABLE READ or SERIALIZABLE the catalog queries below read the
     // transaction's snapshot, while planning reads the catalog as it is now: a change
     // committed in between would be planned but not seen here.
-    // SAFETY: XactIsoLevel is a plain int global set for every transaction.
-    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+    if crate::pg::xact::uses_transaction_snapshot() {
         return Ok(true);
     }
     lock_tree(TREE, rel, pg_sys::ShareUpdateExclusiveLock)?;
@@ -547,8 +546,7 @@ pub fn require_only_owners_code(
     lockmode: u32,
     set_columns: &[String],
 ) -> crate::error::SealResult<()> {
-    // SAFETY: XactIsoLevel is a plain int global set for every transaction.
-    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+    if crate::pg::xact::uses_transaction_snapshot() {
         // The catalog reads below would see the transaction's snapshot, not a
         // trigger or child added while pgseal waited for its locks.
         return Err(crate::error::SealError::NotSupported(

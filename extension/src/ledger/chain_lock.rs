@@ -8,7 +8,6 @@
 //! transaction whose snapshot predates another session's append fails there with
 //! 40001, a retryable error, instead of appending after entries it cannot see.
 
-use pgrx::pg_sys;
 use pgseal_core::ledger::{Hash, GENESIS};
 
 use super::guard::Scope;
@@ -42,9 +41,7 @@ pub(super) fn lock_and_load(tenant: &str) -> SealResult<((i64, Hash), Row, Chain
     super::writer::flush()?;
     crate::locks::ledger_tenant(tenant);
     let key = ChainKey::new(crate::pg::head_read::relids()?.0, tenant);
-    // SAFETY: XactIsoLevel is a plain global set at transaction start; reading it
-    // has no preconditions.
-    let snapshot_per_xact = unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32;
+    let snapshot_per_xact = crate::pg::xact::uses_transaction_snapshot();
     let published = (!snapshot_per_xact && !super::heads::was_loaded(tenant))
         .then(|| shared_heads::get(&key))
         .flatten();

@@ -161,8 +161,7 @@ pub fn local_shards(rel: &str, shards: &[i64], lock_timeout: &str) -> SealResult
     // The checks below, and the caller's of each shard's planning, read the
     // catalog as it is now only under READ COMMITTED (a statement of a session
     // whose default is a stricter isolation would read its first snapshot).
-    // SAFETY: XactIsoLevel is a plain int global set for every transaction.
-    if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+    if crate::pg::xact::uses_transaction_snapshot() {
         return Err(SealError::Refused(
             "the extension owner's sessions on this node default to REPEATABLE READ or SERIALIZABLE: pgseal cannot check a shard there",
         ));
